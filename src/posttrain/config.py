@@ -1,0 +1,342 @@
+"""Config system: one frozen dataclass per recipe, YAML recipes, dotted overrides.
+
+Every field is declared with `param(default, doc, ...)` so that its one-line doc, its allowed values
+and its range live where the field is declared (cleanrl style). `load_config` builds a config from
+a YAML recipe plus `key.sub=value` overrides; anything it cannot use is a `ConfigError` that names
+the key, the value, where it came from (file and line, or the override) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from posttrain.errors import ConfigError
+
+C = TypeVar("C")
+_MISSING = dataclasses.MISSING
+
+
+def param(default: Any, doc: str, *, choices: Sequence[Any] | None = None, ge: float | None = None,
+          gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """Declare a config field with its default, a one-line doc and its allowed values or range."""
+    meta = {"doc": doc, "choices": tuple(choices) if choices is not None else None,
+            "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(factory: Callable[[], Any], doc: str) -> Any:
+    """Declare a nested config section: a dataclass (or a factory of a customised one) with a doc."""
+    return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared sections used by several recipes.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = param("run", "Run name: the run directory is <out_dir>/<name>.")
+    out_dir: str = param("runs", "Parent directory of run directories.")
+    overwrite: bool = param(False, "Replace an existing run directory of the same name.")
+    resume: bool = param(False, "Continue the run in an existing run directory from its last checkpoint.")
+    seed: int = param(0, "Seed for python, numpy and torch RNGs.", ge=0)
+    threads: int = param(2, "torch CPU threads (0 = leave torch's default).", ge=0)
+    log_every: int = param(10, "Write metrics.jsonl and refresh the progress line every N steps.", ge=1)
+    progress: bool = param(True, "Show a live progress bar.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = param(None, "Local Hugging Face model directory to start from (None: build a new "
+                                   "model of `size`).")
+    size: str = param("tiny", "Size of a newly built Llama-style model.", choices=("tiny", "small", "custom"))
+    hidden_size: int = param(128, "Hidden size when size=custom.", ge=8)
+    num_layers: int = param(4, "Transformer layers when size=custom.", ge=1)
+    num_heads: int = param(4, "Attention heads when size=custom.", ge=1)
+    intermediate_size: int = param(512, "FFN width when size=custom.", ge=8)
+    max_position_embeddings: int = param(512, "Longest sequence a newly built model supports.", ge=16)
+    trust_remote_code: bool = param(False, "Allow model code shipped with `path` to run (off: safe default).")
+    dtype: str = param("auto", "Parameter dtype; auto = fp32 on CPU, bf16 on GPU.",
+                       choices=("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = param(1e-4, "Peak learning rate.", gt=0)
+    weight_decay: float = param(0.0, "AdamW weight decay (not applied to biases and norms).", ge=0)
+    beta1: float = param(0.9, "AdamW beta1.", ge=0, lt=1)
+    beta2: float = param(0.95, "AdamW beta2.", ge=0, lt=1)
+    eps: float = param(1e-8, "AdamW epsilon.", gt=0)
+    schedule: str = param("cosine", "Learning-rate schedule after warm-up.",
+                          choices=("constant", "linear", "cosine"))
+    warmup_steps: int = param(0, "Linear warm-up steps from 0 to lr.", ge=0)
+    min_lr_ratio: float = param(0.1, "Final lr as a fraction of lr for linear/cosine.", ge=0, le=1)
+    grad_clip: float = param(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a config from YAML + overrides.
+
+
+def load_config(cls: type[C], recipe: str | Path | Mapping[str, Any] | None = None,
+                overrides: Sequence[str] = (), *, extra: Mapping[str, Any] | None = None) -> C:
+    """Build `cls` from a recipe (YAML path or mapping), then `extra` values, then `key=value` overrides.
+
+    Every value is type-checked against the dataclass annotation and validated against its
+    declared choices or range; later sources win.
+    """
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if isinstance(recipe, Mapping):
+        data, source = dict(recipe), "<mapping>"
+    elif recipe is not None:
+        source = str(recipe)
+        data, lines = read_yaml_with_lines(Path(recipe))
+        data.pop("stage", None)
+        data.pop("description", None)
+        data.pop("quick", None)
+    flat = {key: (value, source, lines.get(key)) for key, value in _flatten(data).items()}
+    for key, value in (extra or {}).items():
+        flat[key] = (value, "<extra>", None)
+    for item in overrides:
+        key, value = parse_override(item)
+        flat[key] = (value, "override", None)
+    return _build(cls, flat, prefix="", base=None)
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """Split `key.sub=value` into its key and its (still textual) value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value", file="override")
+    key, value = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r} has an empty key", file="override")
+    return key.strip(), value
+
+
+def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping and record the 1-based line of every dotted key, for error messages."""
+    if not path.is_file():
+        raise ConfigError("recipe file not found", file=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(f"invalid YAML: {getattr(err, 'problem', err)}", file=str(path),
+                          line=mark.line + 1 if mark else None) from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError("a recipe must be a YAML mapping of keys to values", file=str(path), line=1)
+    lines: dict[str, int] = {}
+    _record_lines(node, "", lines)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}"
+        lines[key] = key_node.start_mark.line + 1
+        _record_lines(value_node, key + ".", lines)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _build(cls: type[C], flat: dict[str, tuple[Any, str, int | None]], prefix: str, base: C | None) -> C:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    mine = {key: item for key, item in flat.items() if key.startswith(prefix)}
+    for key, (value, source, line) in mine.items():
+        head = key[len(prefix):].split(".", 1)[0]
+        if head not in fields:
+            close = difflib.get_close_matches(head, list(fields), n=1)
+            hint = f" — did you mean '{prefix}{close[0]}'?" if close else "."
+            raise ConfigError(f"unknown key (value {value!r}){hint} Allowed here: {', '.join(fields)}",
+                              file=source, line=line, field=key)
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            if key in mine and mine[key][0] not in ({}, None):
+                value, source, line = mine[key]
+                raise ConfigError(f"is a section; set its fields ({key}.<field>=...), not {value!r}",
+                                  file=source, line=line, field=key)
+            default = f.default_factory() if f.default_factory is not _MISSING else None
+            kwargs[name] = _build(hints[name], flat, key + ".", default)
+        elif key in mine:
+            value, source, line = mine[key]
+            kwargs[name] = _coerce_and_check(value, hints[name], f, key, source, line)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _coerce_and_check(value: Any, annotation: Any, f: dataclasses.Field, key: str, source: str,
+                      line: int | None) -> Any:
+    try:
+        result = coerce(value, annotation)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{value!r} is not a valid {_type_name(annotation)} ({err})",
+                          file=source, line=line, field=key) from None
+    problem = _check_allowed(result, f.metadata)
+    if problem:
+        raise ConfigError(f"{result!r} is not allowed: {problem}", file=source, line=line, field=key)
+    return result
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """Convert `value` (from YAML or a textual override) to the annotated type, or raise."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        item_type = args[0] if args else Any
+        items = [coerce(v, item_type) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {type(value).__name__}")
+        key_type, value_type = args if args else (Any, Any)
+        return {coerce(k, key_type): coerce(v, value_type) for k, v in value.items()}
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        return _to_bool(value)
+    if annotation is int:
+        return _to_int(value)
+    if annotation is float:
+        return _to_float(value)
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise TypeError(f"expected text, got {type(value).__name__}")
+        return str(value)
+    raise TypeError(f"unsupported config type {annotation!r}")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("expected an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            number = float(text)
+            if number.is_integer():
+                return int(number)
+    raise ValueError("expected an integer")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("expected a number, got a boolean")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        number = float(value.strip())
+    else:
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    if math.isnan(number):
+        raise ValueError("NaN is not a usable setting")
+    return number
+
+
+def _check_allowed(value: Any, meta: Mapping[str, Any]) -> str | None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(map(repr, choices))}"
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    bounds = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
+    for name, ok, symbol in bounds:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            return f"must be {symbol} {bound}"
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a config back out.
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config dataclass (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """Yield (dotted key, value, doc) for every leaf field of a config, in declaration order."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from describe(value, f"{prefix}{f.name}.")
+        else:
+            doc = f.metadata.get("doc", "")
+            allowed = f.metadata.get("choices")
+            if allowed:
+                doc += f" [{' | '.join(map(str, allowed))}]"
+            yield f"{prefix}{f.name}", value, doc

@@ -1,0 +1,1 @@
+"""Data: built-in problem spaces and the synthetic pretraining corpus."""

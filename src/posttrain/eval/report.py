@@ -1,0 +1,58 @@
+"""A finished run's report: `report.md` with its summary table and PNG training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from posttrain.run import RunDir  # noqa: E402
+from posttrain.train.metrics import read_metrics  # noqa: E402
+
+CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
+
+
+def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """One panel per metric that the run logged, against the optimizer step."""
+    keys = [k for k in CURVE_KEYS if any(r.get(k) is not None for r in metrics)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(r["step"], r[key]) for r in metrics if r.get(key) is not None and "step" in r]
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) -> Path:
+    """Write `<run>/report.md` and `<run>/plots/curves.png` from the run's metrics.jsonl."""
+    plot = plot_curves(read_metrics(run_dir.metrics), run_dir.plots / "curves.png", title)
+    lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in summary.items()]
+    if plot is not None:
+        lines += ["", f"![training curves](plots/{plot.name})"]
+    report = run_dir.path / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,52 @@
+"""Load and save models and tokenizers in Hugging Face format, offline and safely by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.errors import ConfigError
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto` means fp32 on CPU (bf16 is ~45x slower on CPUs without bf16 units) and bf16 on GPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_model_dir(path: str | Path, field: str = "model.path") -> Path:
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{directory} is not a Hugging Face model directory (no config.json)", field=field)
+    return directory
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    directory = check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                              trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Many base models ship without a pad token; reuse EOS and rely on attention masks.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
+                   device: torch.device | str = "cpu") -> PreTrainedModel:
+    directory = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
+        dtype=resolve_dtype(dtype, device))
+    return model.to(device)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """Write model (safetensors) and tokenizer side by side: a directory `from_pretrained` can load."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,90 @@
+"""Recipes: one readable module per stage, plus the shipped YAML recipes loadable by name.
+
+A stage module exposes a frozen config dataclass and `main(cfg) -> RunResult`. A YAML recipe names
+its stage, a one-line description, its settings, and optionally a `quick:` mapping of overrides
+that `--quick` applies (small budgets that check the wiring, not the gains).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import load_config, read_yaml_with_lines
+from posttrain.errors import ConfigError
+from posttrain.run import RunResult
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# stage -> (module, config class). Modules are imported only when their stage is used.
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("posttrain.recipes.pretrain", "PretrainConfig"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path
+    stage: str
+    description: str
+    quick: dict[str, Any]
+
+
+def shipped_recipes() -> list[Recipe]:
+    return [read_recipe(path) for path in sorted(CONFIG_DIR.glob("*.yaml"))]
+
+
+def read_recipe(path: Path) -> Recipe:
+    data, lines = read_yaml_with_lines(path)
+    stage = data.get("stage")
+    if stage not in STAGES:
+        raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}", file=str(path),
+                          line=lines.get("stage"), field="stage")
+    quick = data.get("quick") or {}
+    if not isinstance(quick, dict):
+        raise ConfigError("quick must be a mapping of key: value overrides", file=str(path),
+                          line=lines.get("quick"), field="quick")
+    return Recipe(name=path.stem, path=path, stage=stage, description=str(data.get("description", "")),
+                  quick=quick)
+
+
+def find_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name (`pretrain`), or any YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError("recipe file not found", file=str(path))
+        return read_recipe(path)
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return read_recipe(shipped)
+    names = [p.stem for p in CONFIG_DIR.glob("*.yaml")]
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" — did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"no recipe named {name_or_path!r}{hint} Shipped recipes: {', '.join(sorted(names))}")
+
+
+def config_class(stage: str) -> type:
+    module, name = STAGES[stage]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_config(recipe: Recipe, overrides: list[str], quick: bool = False) -> Any:
+    return load_config(config_class(recipe.stage), recipe.path, overrides,
+                       extra=recipe.quick if quick else None)
+
+
+def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: bool = False) -> RunResult:
+    """Resolve a recipe for `stage` and run it: what `posttrain <stage> ...` does."""
+    recipe = find_recipe(recipe_name or stage)
+    if recipe.stage != stage:
+        raise ConfigError(f"recipe is for stage {recipe.stage!r}, not {stage!r}", file=str(recipe.path),
+                          field="stage")
+    cfg = build_config(recipe, overrides, quick)
+    module = importlib.import_module(STAGES[stage][0])
+    return module.main(cfg)
+

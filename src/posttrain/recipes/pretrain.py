@@ -1,0 +1,162 @@
+"""Pretraining from scratch: the offline tiny model that every later stage starts from.
+
+1. Train a byte-level BPE tokenizer (digits split one per token) on the built-in synthetic corpus.
+2. Build a fresh Llama-style model of `model.size` (or continue from `model.path`).
+3. Pack the corpus into fixed-length blocks and train next-token prediction on all of it.
+4. Save tokenizer + model in Hugging Face format to `<run>/final/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.corpus import plain_text, synthetic_documents
+from posttrain.eval.report import write_training_report
+from posttrain.models import build_model, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.models.tokenizer import train_tokenizer
+from posttrain.run import RunResult, prepare_run_dir
+from posttrain.train.metrics import MetricsWriter
+from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.progress import TrainProgress
+from posttrain.train.seed import seed_everything, set_threads
+
+# Held-out text is drawn from a generator seeded apart from the training stream.
+HELDOUT_SEED_OFFSET = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = param(1024, "BPE vocabulary size, special tokens included.", ge=300)
+    train_documents: int = param(20_000, "Corpus documents used to learn the BPE merges.", ge=100)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    train_documents: int = param(60_000, "Synthetic documents in the training stream.", ge=10)
+    heldout_documents: int = param(600, "Held-out documents for the eval loss.", ge=10)
+    chat_share: float = param(0.25, "Share of documents that are chat-formatted dialogues.", ge=0, le=1)
+    seq_len: int = param(128, "Tokens per packed training block.", ge=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainLoopConfig:
+    max_steps: int = param(1200, "Optimizer steps.", ge=1)
+    batch_size: int = param(32, "Packed blocks per step.", ge=1)
+    eval_every: int = param(200, "Held-out loss every N steps (and at the start and end).", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    run: RunConfig = section(lambda: RunConfig(name="pretrain"), "Run directory, seed, logging.")
+    model: ModelConfig = section(ModelConfig, "Model to build (or continue from).")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "Tokenizer training (ignored with model.path).")
+    corpus: CorpusConfig = section(CorpusConfig, "Built-in synthetic corpus.")
+    optim: OptimConfig = section(lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.01),
+                                 "Optimizer and schedule.")
+    train: PretrainLoopConfig = section(PretrainLoopConfig, "Loop length and batch size.")
+
+
+def main(cfg: PretrainConfig) -> RunResult:
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    run_dir = prepare_run_dir(cfg.run, cfg)
+    tokenizer, model = _tokenizer_and_model(cfg)
+    train_blocks = pack_documents(tokenizer, cfg.corpus.train_documents, cfg.run.seed, cfg.corpus)
+    heldout_blocks = pack_documents(tokenizer, cfg.corpus.heldout_documents,
+                                    cfg.run.seed + HELDOUT_SEED_OFFSET, cfg.corpus)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    params = count_parameters(model)
+
+    start = time.perf_counter()
+    tokens_seen = 0
+    initial_eval = heldout_loss(model, heldout_blocks, cfg.train.batch_size)
+    last = {"eval_loss": initial_eval}
+    with MetricsWriter(run_dir.metrics) as metrics, \
+            TrainProgress("pretrain", cfg.train.max_steps, enabled=cfg.run.progress) as progress:
+        metrics.write({"step": 0, "eval_loss": initial_eval})
+        order = _epoch_orders(len(train_blocks), generator)
+        for step in range(1, cfg.train.max_steps + 1):
+            batch = train_blocks[[next(order) for _ in range(cfg.train.batch_size)]]
+            model.train()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += batch.numel()
+
+            if step % cfg.run.log_every == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - start
+                last.update(step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0],
+                            grad_norm=grad_norm.item(), tokens=tokens_seen, tokens_per_s=tokens_seen / elapsed,
+                            elapsed_s=elapsed)
+                if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+                    last["eval_loss"] = heldout_loss(model, heldout_blocks, cfg.train.batch_size)
+                metrics.write(dict(last))
+                progress.update(step, {"loss": last["loss"], "eval": last["eval_loss"],
+                                       "lr": last["lr"], "tok/s": last["tokens_per_s"]})
+
+    final_dir = save_pretrained(model, tokenizer, run_dir.final)
+    summary = {"parameters": params, "steps": cfg.train.max_steps, "tokens": tokens_seen,
+               "initial_eval_loss": initial_eval, "final_eval_loss": last["eval_loss"],
+               "final_loss": last.get("loss"), "seconds": time.perf_counter() - start}
+    write_training_report(run_dir, "Pretraining", summary)
+    return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def _tokenizer_and_model(cfg: PretrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    if cfg.model.path:
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                               dtype=cfg.model.dtype)
+        return tokenizer, model
+    documents = itertools.islice(synthetic_documents(cfg.run.seed, cfg.corpus.chat_share),
+                                 cfg.tokenizer.train_documents)
+    tokenizer = train_tokenizer((plain_text(d) for d in documents), vocab_size=cfg.tokenizer.vocab_size)
+    return tokenizer, build_model(cfg.model, tokenizer, seed=cfg.run.seed)
+
+
+def pack_documents(tokenizer: PreTrainedTokenizerBase, count: int, seed: int, corpus: CorpusConfig) -> torch.Tensor:
+    """Tokenize `count` synthetic documents, join them into one stream and cut it into blocks.
+
+    Each document starts with BOS and ends with EOS (a chat already ends with EOS), so the model
+    learns where documents begin and end. Returns int64 [N, seq_len].
+    """
+    documents = list(itertools.islice(synthetic_documents(seed, corpus.chat_share), count))
+    texts = [tokenizer.apply_chat_template(d, tokenize=False) if isinstance(d, list)
+             else tokenizer.bos_token + d + tokenizer.eos_token for d in documents]
+    # Both kinds now carry their own BOS/EOS in the text, so no special tokens are added here.
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream = torch.tensor(list(itertools.chain.from_iterable(encoded)), dtype=torch.long)
+    blocks = stream.numel() // corpus.seq_len
+    if blocks == 0:
+        raise ValueError(f"{count} documents give fewer than {corpus.seq_len} tokens: raise corpus sizes")
+    return stream[: blocks * corpus.seq_len].view(blocks, corpus.seq_len)
+
+
+def _epoch_orders(n: int, generator: torch.Generator):
+    """Block indices, reshuffled every epoch."""
+    while True:
+        yield from torch.randperm(n, generator=generator).tolist()
+
+
+@torch.no_grad()
+def heldout_loss(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over all held-out blocks (each block weighted by its token count)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i:i + batch_size]
+        total += model(input_ids=batch, labels=batch).loss.item() * batch.numel()
+        count += batch.numel()
+    return total / count

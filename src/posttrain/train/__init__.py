@@ -1,0 +1,1 @@
+"""Shared training mechanics: optimizer and schedule, metrics, progress, seeding."""
