@@ -41,7 +41,8 @@ class ValueLossOutput(NamedTuple):
 
 
 class DPOOutput(NamedTuple):
-    """loss: scalar; chosen_rewards / rejected_rewards: implicit rewards beta * (logp - ref_logp), [B], detached."""
+    """loss: scalar; chosen_rewards / rejected_rewards: the implicit rewards
+    beta * (logp - ref_logp), [B], detached."""
 
     loss: Tensor
     chosen_rewards: Tensor
@@ -391,7 +392,9 @@ def grpo_loss(
     if ref_logprobs is None:
         if beta != 0:
             raise ValueError(f"ref_logprobs is required when beta != 0 (beta={beta})")
-        return GRPOLossOutput(pg.loss, pg.loss, torch.zeros_like(pg.approx_kl), pg.clip_fraction, pg.approx_kl)
+        return GRPOLossOutput(
+            pg.loss, pg.loss, torch.zeros_like(pg.approx_kl), pg.clip_fraction, pg.approx_kl
+        )
     kl = kl_penalty(logprobs, ref_logprobs, kl_kind)
     loss = pg.loss + beta * aggregate(kl, response_mask, agg, normaliser, max_length)
     return GRPOLossOutput(
