@@ -86,6 +86,12 @@ def _group_std(centred: Tensor, group_index: Tensor, counts: Tensor, unbiased: b
     return torch.where(dof > 0, squares / dof.clamp(min=1), torch.zeros_like(squares)).sqrt()
 
 
+def _scale(centred: Tensor, std: Tensor, eps: float) -> Tensor:
+    """centred / (std + eps), with 0 where std + eps is 0 (centred is then exactly 0 too: eps=0 is allowed)."""
+    divisor = std + eps
+    return torch.where(divisor > 0, centred / torch.where(divisor > 0, divisor, 1.0), 0.0)
+
+
 def _group_index(group_ids: Tensor) -> tuple[Tensor, int]:
     """Map arbitrary prompt ids to 0..G-1; completions of one prompt may sit anywhere in the batch."""
     unique, index = torch.unique(group_ids, return_inverse=True)
@@ -115,11 +121,11 @@ def group_advantages(
     index, num_groups = _group_index(group_ids)
     centred, counts = _centre_by_group(rewards, index, num_groups)
     if scale == "group":
-        centred = centred / (_group_std(centred, index, counts, unbiased)[index] + eps)
+        centred = _scale(centred, _group_std(centred, index, counts, unbiased)[index], eps)
     elif scale == "batch":
         everything = torch.zeros_like(index)
         batch_centred, batch_count = _centre_by_group(rewards, everything, 1)
-        centred = centred / (_group_std(batch_centred, everything, batch_count, unbiased) + eps)
+        centred = _scale(centred, _group_std(batch_centred, everything, batch_count, unbiased), eps)
     return centred.to(_float_dtype(rewards))
 
 
@@ -207,7 +213,7 @@ def process_advantages(
     index, num_groups = _group_index(group_ids)
     step_index = index[rows]
     centred, counts = _centre_by_group(step_rewards[real], step_index, num_groups)
-    normalised = centred / (_group_std(centred, step_index, counts, unbiased)[step_index] + eps)
+    normalised = _scale(centred, _group_std(centred, step_index, counts, unbiased)[step_index], eps)
     at_ends = torch.zeros(response_mask.shape, dtype=torch.float64, device=step_rewards.device)
     at_ends.index_put_((rows, ends), normalised, accumulate=True)
     # A reversed cumulative sum turns "reward placed at each step's end" into "sum over steps
