@@ -1,0 +1,40 @@
+"""Shared fixtures: a locally trained tokenizer, a fresh tiny model, and one quick pretraining run."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from posttrain.config import ModelConfig, load_config
+from posttrain.data.corpus import plain_text, synthetic_documents
+from posttrain.models import build_model, train_tokenizer
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The project's tokenizer trained on a few thousand synthetic documents (about a second)."""
+    documents = itertools.islice(synthetic_documents(seed=0), 3000)
+    return train_tokenizer((plain_text(d) for d in documents), vocab_size=1024)
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    """A randomly initialised tiny Llama model (fp32) matching `tokenizer`."""
+    return build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory):
+    """One `pretrain --quick` run shared by every test that needs a pretrained model."""
+    from posttrain.recipes import find_recipe
+    from posttrain.recipes.pretrain import PretrainConfig, main
+
+    out = tmp_path_factory.mktemp("runs")
+    recipe = find_recipe("pretrain")
+    cfg = load_config(PretrainConfig, recipe.path, [f"run.out_dir={out}", "run.progress=false"],
+                      extra=recipe.quick)
+    return main(cfg)

@@ -1,0 +1,127 @@
+"""Config system: shipped recipes validate; bad keys, types and values are named errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from posttrain.config import OptimConfig, describe, load_config, param
+from posttrain.errors import ConfigError, RunDirError
+from posttrain.recipes import build_config, find_recipe, shipped_recipes
+from posttrain.recipes.pretrain import PretrainConfig
+from posttrain.run import prepare_run_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    ratio: float = param(0.5, "A share.", ge=0, le=1)
+    names: list[str] = param(["a"], "Some names.")
+    limit: int | None = param(None, "Optional cap.", gt=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    flag: bool = param(False, "A switch.")
+    mode: str = param("x", "A mode.", choices=("x", "y"))
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+@pytest.mark.parametrize("recipe", shipped_recipes(), ids=lambda r: r.name)
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = build_config(recipe, [])
+    assert dataclasses.is_dataclass(cfg)
+    quick = build_config(recipe, [], quick=True)
+    assert quick != cfg or not recipe.quick
+    for key, _, doc in describe(cfg):
+        assert doc, f"{recipe.name}: field {key} has no doc"
+
+
+def test_every_config_field_has_a_doc():
+    for key, _, doc in describe(PretrainConfig()):
+        assert doc.strip(), key
+
+
+def test_overrides_are_converted_to_the_declared_types():
+    cfg = load_config(Outer, None, ["flag=true", "mode=y", "inner.ratio=0.25", "inner.names=[b, c]",
+                                    "inner.limit=7"])
+    assert cfg == Outer(flag=True, mode="y", inner=Inner(ratio=0.25, names=["b", "c"], limit=7))
+    assert load_config(Outer, None, ["inner.limit=null"]).inner.limit is None
+    assert load_config(OptimConfig, None, ["lr=1e-4"]).lr == 1e-4  # YAML 1.1 would read '1e-4' as text
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"inner\.ratoi.*did you mean 'inner\.ratio'"):
+        load_config(Outer, None, ["inner.ratoi=0.1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("flag=maybe", r"flag: 'maybe' is not a valid bool"),
+    ("inner.ratio=abc", r"inner\.ratio: 'abc' is not a valid float"),
+    ("inner.limit=2.5", r"inner\.limit: '2\.5' is not a valid"),
+    ("inner.ratio=nan", r"inner\.ratio: 'nan' is not a valid float"),
+])
+def test_bad_type_names_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mode=z", r"mode: 'z' is not allowed: must be one of 'x', 'y'"),
+    ("inner.ratio=1.5", r"inner\.ratio: 1\.5 is not allowed: must be <= 1"),
+    ("inner.limit=0", r"inner\.limit: 0 is not allowed: must be > 0"),
+])
+def test_out_of_range_value_names_the_allowed_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+def test_setting_a_section_to_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="inner: is a section"):
+        load_config(Outer, None, ["inner=3"])
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("stage: pretrain\noptim:\n  lr: 1.0e-3\n  schedul: cosine\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, recipe)
+    assert f"{recipe}:4: optim.schedul" in str(err.value)
+    assert "did you mean 'optim.schedule'" in str(err.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("stage: pretrain\noptim:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+: invalid YAML"):
+        load_config(PretrainConfig, recipe)
+
+
+def test_unknown_recipe_name_suggests_a_shipped_one():
+    with pytest.raises(ConfigError, match="did you mean 'pretrain'"):
+        find_recipe("pretrian")
+
+
+def test_config_is_frozen():
+    cfg = PretrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run = None  # type: ignore[misc]
+
+
+def test_run_dir_refuses_to_overwrite(tmp_path):
+    cfg = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}"])
+    run_dir = prepare_run_dir(cfg.run, cfg)
+    assert run_dir.config.read_text().startswith("run:")
+    (run_dir.path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RunDirError, match="run.overwrite=true"):
+        prepare_run_dir(cfg.run, cfg)
+    resumed = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.resume=true"])
+    assert prepare_run_dir(resumed.run, resumed).metrics.exists()
+    replaced = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.overwrite=true"])
+    assert not prepare_run_dir(replaced.run, replaced).metrics.exists()
+
+
+def test_resume_without_a_run_is_an_error(tmp_path):
+    cfg = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.resume=true"])
+    with pytest.raises(RunDirError, match="no run to resume"):
+        prepare_run_dir(cfg.run, cfg)
