@@ -275,6 +275,4 @@ def test_process_advantages_constant_rewards_give_exactly_zero() -> None:
 
 def test_process_advantages_reject_step_ends_outside_the_sequence() -> None:
     with pytest.raises(ValueError, match="step_ends"):
-        process_advantages(
-            torch.ones(1, 1), torch.ones(1, 1), torch.tensor([[4]]), torch.zeros(1), torch.ones(1, 4)
-        )
+        process_advantages(torch.ones(1, 1), torch.ones(1, 1), torch.tensor([[4]]), torch.zeros(1), torch.ones(1, 4))

@@ -203,12 +203,8 @@ def process_advantages(
     time = response_mask.shape[1]
     ends = step_ends[real].long()
     if ends.numel() and (int(ends.min()) < 0 or int(ends.max()) >= time):
-        raise ValueError(
-            f"step_ends must lie in [0, {time}) on real steps, got [{int(ends.min())}, {int(ends.max())}]"
-        )
-    rows = (
-        torch.arange(step_rewards.shape[0], device=step_rewards.device).unsqueeze(1).expand_as(step_rewards)
-    )
+        raise ValueError(f"step_ends must lie in [0, {time}) on real steps, got [{int(ends.min())}, {int(ends.max())}]")
+    rows = torch.arange(step_rewards.shape[0], device=step_rewards.device).unsqueeze(1).expand_as(step_rewards)
     rows = rows[real]
     index, num_groups = _group_index(group_ids)
     step_index = index[rows]

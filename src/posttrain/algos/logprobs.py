@@ -89,9 +89,7 @@ def token_logprobs(
     return logprobs.masked_fill(ignored, 0.0)
 
 
-def entropy_from_logits(
-    logits: Tensor, temperature: float = 1.0, chunk_elements: int = CHUNK_ELEMENTS
-) -> Tensor:
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """Entropy of the (temperature-scaled) softmax at every position.
 
     H[b, t] = -sum_v p_v log p_v = logsumexp(z) - sum_v softmax(z)_v * z_v,   z = logits / temperature

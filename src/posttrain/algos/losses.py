@@ -209,9 +209,9 @@ def dpo_loss(
     elif kind == "robust":
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-        losses = (
-            -(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)
-        ) / (1 - 2 * label_smoothing)
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (
+            1 - 2 * label_smoothing
+        )
     elif kind == "hinge":
         losses = torch.relu(1 - beta * h)
     elif kind == "ipo":
@@ -392,9 +392,7 @@ def grpo_loss(
     if ref_logprobs is None:
         if beta != 0:
             raise ValueError(f"ref_logprobs is required when beta != 0 (beta={beta})")
-        return GRPOLossOutput(
-            pg.loss, pg.loss, torch.zeros_like(pg.approx_kl), pg.clip_fraction, pg.approx_kl
-        )
+        return GRPOLossOutput(pg.loss, pg.loss, torch.zeros_like(pg.approx_kl), pg.clip_fraction, pg.approx_kl)
     kl = kl_penalty(logprobs, ref_logprobs, kl_kind)
     loss = pg.loss + beta * aggregate(kl, response_mask, agg, normaliser, max_length)
     return GRPOLossOutput(

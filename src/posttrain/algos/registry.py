@@ -62,9 +62,7 @@ class Registry(Mapping[str, Fn], Generic[Fn]):
 
     def __getitem__(self, name: str) -> Fn:
         if name not in self._entries:
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self._entries))}"
-            )
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self._entries))}")
         return self._entries[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -156,9 +154,7 @@ def _gae(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: 
 
 def _group_estimator(name: str, scale: str) -> None:
     @register_advantage_estimator(name)
-    def estimate(
-        inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6
-    ) -> Advantages:
+    def estimate(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6) -> Advantages:
         _require(inputs, name, "group_ids")
         return _outcome(inputs, group_advantages(_scores(inputs), inputs.group_ids, scale=scale, eps=eps))
 
@@ -171,9 +167,7 @@ _group_estimator("dr_grpo", "none")
 
 
 @register_advantage_estimator("grpo_process")
-def _grpo_process(
-    inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6
-) -> Advantages:
+def _grpo_process(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6) -> Advantages:
     """Process supervision: ``process_advantages`` on the step rewards (rewards, gamma, lam unused)."""
     _require(inputs, "grpo_process", "group_ids", "step_rewards", "step_mask", "step_ends")
     advantages = process_advantages(
@@ -195,9 +189,7 @@ def _rloo(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps:
 
 
 @register_advantage_estimator("reinforce_baseline")
-def _reinforce(
-    inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6
-) -> Advantages:
+def _reinforce(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6) -> Advantages:
     """``reinforce_baseline`` with the batch-mean baseline (gamma, lam, eps unused)."""
     return _outcome(inputs, reinforce_baseline(_scores(inputs)))
 
