@@ -107,7 +107,7 @@ def group_advantages(
     completion i's prompt id and ``scale`` picks std:
         "group": std of the rewards of group g(i)       (GRPO, Shao et al. 2024, eq. 3 / §4.1.2)
         "batch": std of all rewards in the batch         (Liu et al. 2025, "Tricks or Traps", Lite PPO)
-        "none":  no division, A_i = r_i - mean_{g(i)}   (Dr. GRPO, Liu et al. 2025, §3.2)
+        "none":  no division, A_i = r_i - mean_{g(i)}   (Dr. GRPO, Liu et al. 2025)
     std is the unbiased (Bessel-corrected, n - 1) standard deviation, as ``torch.std`` and the
     TRL / verl GRPO implementations use; ``unbiased=False`` divides by n. A group of one has std 0.
 
@@ -138,7 +138,7 @@ def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
     Shapes: rewards [B], group_ids [B] -> [B].
     Source: Kool et al. (2019), "Buy 4 REINFORCE Samples, Get a Baseline for Free!";
-    Ahmadian et al. (2024), "Back to Basics: Revisiting REINFORCE Style Optimization", eq. 6.
+    Ahmadian et al. (2024), "Back to Basics: Revisiting REINFORCE Style Optimization" (RLOO).
     """
     index, num_groups = _group_index(group_ids)
     centred, counts = _centre_by_group(rewards, index, num_groups)
@@ -155,7 +155,7 @@ def reinforce_baseline(rewards: Tensor, baselines: Tensor | None = None) -> Tens
     Without one, b is the batch mean of the rewards (exactly 0 advantages if all rewards are equal).
 
     Shapes: rewards [B], baselines [B] or None -> [B].
-    Source: Williams (1992), "Simple Statistical Gradient-Following Algorithms", eq. 10 (b_ij).
+    Source: Williams (1992), "Simple Statistical Gradient-Following Algorithms" (reinforcement baseline b).
     """
     if baselines is None:
         single = torch.zeros(rewards.shape, dtype=torch.long, device=rewards.device)

@@ -36,7 +36,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tens
 
     Shapes: logprobs, ref_logprobs [B, T] -> [B, T].
     Source: Schulman (2020), "Approximating KL Divergence"; k1 in the reward is the RLHF penalty of
-    Ziegler et al. (2019, eq. 2); k3 in the loss is GRPO (Shao et al. 2024, "DeepSeekMath", eq. 4).
+    Ziegler et al. (2019, §2.2); k3 in the loss is GRPO (Shao et al. 2024, "DeepSeekMath", eq. 4).
     """
     diff = logprobs - ref_logprobs
     if kind == "k1":

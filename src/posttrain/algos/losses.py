@@ -81,8 +81,9 @@ def aggregate(
     padding, so pass it). Sequences with an empty mask count in the default N of the seq modes.
 
     Shapes: loss, response_mask [B, T] -> scalar.
-    Source: token-mean is DAPO (Yu et al. 2025, eq. 8); seq-mean-token-mean is GRPO (Shao et al.
-    2024, eq. 3); seq-mean-token-sum-norm is Dr. GRPO (Liu et al. 2025, §3.2); names as in verl.
+    Source: token-mean is DAPO (Yu et al. 2025, §3.3 "Token-Level Policy Gradient Loss");
+    seq-mean-token-mean is GRPO (Shao et al. 2024, eq. 3); seq-mean-token-sum-norm is Dr. GRPO
+    (Liu et al. 2025, "Understanding R1-Zero-Like Training"); the mode names are verl's.
     """
     if mode == "token-mean":
         return masked_mean(loss, response_mask, normaliser=normaliser)
@@ -162,7 +163,7 @@ def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Shapes: scores [B, K] (best first), mask [B, K] or None -> scalar.
     Source: Plackett (1975), Luce (1959); for reward models, Zhu et al. (2023), "Principled RLHF
-    from Pairwise or K-wise Comparisons", §4.
+    from Pairwise or K-wise Comparisons".
     """
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
@@ -199,7 +200,8 @@ def dpo_loss(
 
     Shapes: the four logprobs [B] -> DPOOutput(loss scalar, chosen_rewards [B], rejected_rewards [B]).
     Source: Rafailov et al. (2023), eq. 7; cDPO: Mitchell (2023); rDPO: Chowdhury et al. (2024),
-    eq. 9; SLiC-HF: Zhao et al. (2023), eq. 2 (hinge on beta h); IPO: Azar et al. (2023), eq. 17.
+    "Provably Robust DPO"; SLiC-HF: Zhao et al. (2023), hinge as in TRL; IPO: Azar et al. (2023),
+    "A General Theoretical Paradigm to Understand Learning from Human Preferences".
     """
     chosen_ratio = chosen_logprobs - ref_chosen_logprobs
     rejected_ratio = rejected_logprobs - ref_rejected_logprobs
@@ -266,7 +268,7 @@ def policy_loss(
 
     Shapes: logprobs, old_logprobs, advantages, response_mask [B, T] -> PolicyLossOutput.
     Source: Schulman et al. (2017), "PPO", eq. 7; dual clip: Ye et al. (2020), "Mastering Complex
-    Control in MOBA Games", eq. 5; clip-higher: Yu et al. (2025), "DAPO", eq. 10.
+    Control in MOBA Games with Deep Reinforcement Learning"; clip-higher: Yu et al. (2025), "DAPO", §3.1.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     per_token, clipped = _clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
@@ -300,7 +302,7 @@ def gspo_policy_loss(
     the paper's). The paper aggregates with "seq-mean-token-mean".
 
     Shapes: as ``policy_loss``.
-    Source: Zheng et al. (2025), "Group Sequence Policy Optimization", eqs. 5-7 and 13-14 (GSPO-token).
+    Source: Zheng et al. (2025), "Group Sequence Policy Optimization" (GSPO and GSPO-token).
     """
     log_ratio = logprobs - old_logprobs
     sequence_log_ratio = masked_mean(log_ratio, response_mask, dim=-1)
