@@ -47,7 +47,7 @@ class CorpusConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainLoopConfig:
-    max_steps: int = param(1200, "Optimizer steps.", ge=1)
+    max_steps: int = param(600, "Optimizer steps.", ge=1)
     batch_size: int = param(32, "Packed blocks per step.", ge=1)
     eval_every: int = param(200, "Held-out loss every N steps (and at the start and end).", ge=1)
 

@@ -1,0 +1,79 @@
+"""The `data:` section every recipe shares: where rows come from and how they become batches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from posttrain.config import param, section
+
+# The row formats (see `schemas.py` for their columns) and which of them each stage takes.
+FORMATS = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise")
+STAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("messages", "completion"),
+    "rejection": ("verifiable",),
+    "rm": ("preference", "ranking"),
+    "prm": ("stepwise",),
+    "dpo": ("preference",),
+    "ppo": ("verifiable",),
+    "grpo": ("verifiable",),
+    "rft": ("verifiable",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnsConfig:
+    """Where each canonical column lives in the source, when its name differs (None = same name).
+
+    A dataclass, not a free mapping, so that a typo (`columns.promt=question`) is an error that
+    suggests the right key instead of a rename that silently never happens.
+    """
+
+    prompt: str | None = param(None, "Source column holding `prompt`.")
+    completion: str | None = param(None, "Source column holding `completion`.")
+    messages: str | None = param(None, "Source column holding `messages`.")
+    chosen: str | None = param(None, "Source column holding `chosen`.")
+    rejected: str | None = param(None, "Source column holding `rejected`.")
+    margin: str | None = param(None, "Source column holding `margin`.")
+    responses: str | None = param(None, "Source column holding `responses`.")
+    scores: str | None = param(None, "Source column holding `scores`.")
+    answer: str | None = param(None, "Source column holding `answer`.")
+    steps: str | None = param(None, "Source column holding `steps`.")
+    completions: str | None = param(None, "Source column holding `completions`.")
+    labels: str | None = param(None, "Source column holding `labels`.")
+
+    def renames(self) -> dict[str, str]:
+        """{source column: canonical column} for every column that is renamed."""
+        return {getattr(self, f.name): f.name for f in dataclasses.fields(self)
+                if getattr(self, f.name) not in (None, "", f.name)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = param("arith", "A .jsonl/.json/.parquet/.csv file, a `datasets` directory "
+                                 "(save_to_disk) or a built-in task: arith, multistep, sort.")
+    format: str = param("auto", "Row format; auto = the first format the stage takes whose columns "
+                                "the rows have.", choices=("auto", *FORMATS))
+    columns: ColumnsConfig = section(ColumnsConfig, "Column renames (columns.prompt=question).")
+    split: str = param("train", "Built-in task split, or the split of a `datasets` DatasetDict directory.")
+    size: int = param(2000, "Rows generated from a built-in task.", ge=1)
+    seed: int = param(0, "Seed of a built-in task's generator.", ge=0)
+    limit: int = param(0, "Use only the first N rows of a file (0 = all).", ge=0)
+    max_length: int = param(512, "Longest tokenised sequence (for verifiable rows: the longest prompt).", ge=2)
+    truncation: str = param("drop", "Too-long rows: drop them, cut the prompt from the left (keeping BOS), "
+                                    "or stop with an error.", choices=("drop", "truncate_left", "error"))
+    loss_on: str = param("all", "Assistant turns trained in a multi-turn chat: all, or only the last.",
+                         choices=("all", "last"))
+    template: str = param("chat", "chat = the tokenizer's chat template; plain = BOS + prompt + completion "
+                                  "+ EOS as raw text.", choices=("chat", "plain"))
+    thinking: str = param("on", "on: reasoning rendered as a thinking block; off: reasoning dropped, an empty "
+                                "block rendered, prompts end with it; fusion: per row, rows with reasoning "
+                                "on and rows without off (one model, both modes).",
+                          choices=("on", "off", "fusion"))
+    batch_mode: str = param("padded", "padded: one sample per row; padding_free: the batch as one row; "
+                                      "packed: rows filled best-fit decreasing up to max_length.",
+                            choices=("padded", "padding_free", "packed"))
+    packed_attention: str = param("mask", "How packed rows keep samples apart: a 4-D block-diagonal mask "
+                                          "(any attention kernel), or position_ids alone (flash/sdpa with "
+                                          "use_cache=False).", choices=("mask", "position_ids"))
+    num_proc: int = param(1, "Processes for tokenisation (datasets.map).", ge=1)
+    cache_dir: str | None = param(None, "Arrow cache directory (None: the `datasets` default).")
