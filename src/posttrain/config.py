@@ -54,6 +54,8 @@ class RunConfig:
     threads: int = param(2, "torch CPU threads (0 = leave torch's default).", ge=0)
     log_every: int = param(10, "Write metrics.jsonl and refresh the progress line every N steps.", ge=1)
     progress: bool = param(True, "Show a live progress bar.")
+    tensorboard: bool = param(False, "Also log metrics to TensorBoard (needs the `tracking` extra).")
+    wandb: bool = param(False, "Also log metrics to Weights & Biases (needs the `tracking` extra).")
 
 
 @dataclasses.dataclass(frozen=True)

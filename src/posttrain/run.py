@@ -40,7 +40,12 @@ class RunDir:
         return self.path / "plots"
 
 
-def prepare_run_dir(run: RunConfig, cfg: Any) -> RunDir:
+def config_text(stage: str, cfg: Any) -> str:
+    """The resolved config as YAML, headed by its stage so `posttrain resume <run>` can rebuild it."""
+    return f"stage: {stage}\n" + to_yaml(cfg)
+
+
+def prepare_run_dir(run: RunConfig, cfg: Any, stage: str) -> RunDir:
     """Create (or reopen, when resuming) the run directory and write the resolved config into it.
 
     An existing run is never silently replaced: it takes `run.overwrite=true` or `run.resume=true`.
@@ -56,7 +61,7 @@ def prepare_run_dir(run: RunConfig, cfg: Any) -> RunDir:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     run_dir = RunDir(path)
-    run_dir.config.write_text(to_yaml(cfg), encoding="utf-8")
+    run_dir.config.write_text(config_text(stage, cfg), encoding="utf-8")
     return run_dir
 
 

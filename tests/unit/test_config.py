@@ -110,18 +110,18 @@ def test_config_is_frozen():
 
 def test_run_dir_refuses_to_overwrite(tmp_path):
     cfg = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}"])
-    run_dir = prepare_run_dir(cfg.run, cfg)
-    assert run_dir.config.read_text().startswith("run:")
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")
+    assert run_dir.config.read_text().startswith("stage: pretrain\nrun:")
     (run_dir.path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(RunDirError, match="run.overwrite=true"):
-        prepare_run_dir(cfg.run, cfg)
+        prepare_run_dir(cfg.run, cfg, stage="pretrain")
     resumed = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.resume=true"])
-    assert prepare_run_dir(resumed.run, resumed).metrics.exists()
+    assert prepare_run_dir(resumed.run, resumed, stage="pretrain").metrics.exists()
     replaced = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.overwrite=true"])
-    assert not prepare_run_dir(replaced.run, replaced).metrics.exists()
+    assert not prepare_run_dir(replaced.run, replaced, stage="pretrain").metrics.exists()
 
 
 def test_resume_without_a_run_is_an_error(tmp_path):
     cfg = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.resume=true"])
     with pytest.raises(RunDirError, match="no run to resume"):
-        prepare_run_dir(cfg.run, cfg)
+        prepare_run_dir(cfg.run, cfg, stage="pretrain")

@@ -66,7 +66,7 @@ class PretrainConfig:
 def main(cfg: PretrainConfig) -> RunResult:
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
-    run_dir = prepare_run_dir(cfg.run, cfg)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")
     tokenizer, model = _tokenizer_and_model(cfg)
     train_blocks = pack_documents(tokenizer, cfg.corpus.train_documents, cfg.run.seed, cfg.corpus)
     heldout_blocks = pack_documents(tokenizer, cfg.corpus.heldout_documents,

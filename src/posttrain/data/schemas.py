@@ -1,0 +1,321 @@
+"""Row formats: which columns each takes, and validation of one row into its canonical form.
+
+Every conversational field (a prompt, a completion, chosen/rejected, each ranked response) is
+normalised to a list of messages `{"role", "content", "reasoning"}`: a plain string prompt becomes
+one user turn, a plain string answer one assistant turn, and a `<think>...</think>` block at the
+start of an assistant turn moves into `reasoning`. Downstream code then has one shape to handle,
+and the plain-text template still reproduces the strings exactly (it joins the contents).
+
+Every problem is a `DataError` naming the file, the line (or 1-based row) and the field, raised
+while the rows are read — before any tokenisation or training.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Features, List, Value
+
+from posttrain.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+MESSAGE = {"role": Value("string"), "content": Value("string"), "reasoning": Value("string")}
+MESSAGES = List(MESSAGE)
+
+# Canonical columns of each format (after renames and normalisation), as Arrow features. `line`
+# is the row's line in its file (or its 1-based row number) so that later errors can point at it.
+FEATURES: dict[str, Features] = {
+    "completion": Features({"prompt": MESSAGES, "completion": MESSAGES, "line": Value("int64")}),
+    "messages": Features({"messages": MESSAGES, "line": Value("int64")}),
+    "preference": Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
+                            "margin": Value("float64"), "line": Value("int64")}),
+    "ranking": Features({"prompt": MESSAGES, "responses": List(MESSAGES), "scores": List(Value("float64")),
+                         "line": Value("int64")}),
+    "verifiable": Features({"prompt": MESSAGES, "answer": Value("string"), "steps": List(Value("string")),
+                            "line": Value("int64")}),
+    "stepwise": Features({"prompt": MESSAGES, "completions": List(Value("string")),
+                          "labels": List(Value("float64")), "line": Value("int64")}),
+}
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    doc: str = ""
+
+
+SPECS: dict[str, FormatSpec] = {
+    "completion": FormatSpec("completion", ("prompt", "completion"),
+                             doc="prompt (text or messages) -> completion (text or assistant messages)"),
+    "messages": FormatSpec("messages", ("messages",),
+                           doc="a conversation; every (or the last) assistant turn is trained"),
+    "preference": FormatSpec("preference", ("prompt", "chosen", "rejected"), ("margin",),
+                             doc="prompt with a preferred and a dispreferred answer, optional margin"),
+    "ranking": FormatSpec("ranking", ("prompt", "responses"), ("scores",),
+                          doc="prompt with >= 2 responses, best first, or ordered by `scores`"),
+    "verifiable": FormatSpec("verifiable", ("prompt", "answer"), ("steps",),
+                             doc="prompt with a gold answer (and per-step gold values) for RL"),
+    "stepwise": FormatSpec("stepwise", ("prompt", "completions", "labels"),
+                           doc="prompt with a list of steps and one label per step, for process reward models"),
+}
+
+# Fields that hold lists or numbers: a CSV cell holds them as JSON text (see sources.py).
+STRUCTURED_FIELDS = ("messages", "responses", "scores", "steps", "completions", "labels", "margin")
+
+# Ambiguous column sets are resolved in this order (preference rows also have a prompt, etc.).
+_DETECTION_ORDER = ("preference", "ranking", "stepwise", "completion", "messages", "verifiable")
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a row came from: a file (or `<rows>`, `task:<name>`) and its line or 1-based row number."""
+
+    file: str
+    line: int | None = None
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(message, file=self.file, line=self.line, field=field)
+
+
+def detect_format(columns: Sequence[str], accepts: Sequence[str], where: Where) -> str:
+    """The first accepted format whose required columns are all present.
+
+    When none fits, the error names the accepted format that came closest and the column it misses,
+    with a close column name and the rename that would use it.
+    """
+    present = set(columns)
+    for name in sorted(accepts, key=_DETECTION_ORDER.index):
+        if all(column in present for column in SPECS[name].required):
+            return name
+    closest = max(accepts, key=lambda name: sum(c in present for c in SPECS[name].required))
+    missing = next(c for c in SPECS[closest].required if c not in present)
+    formats = " or ".join(f"{n} ({', '.join(SPECS[n].required)})" for n in accepts)
+    raise where.error(f"missing column {missing!r}{suggest_column(missing, columns)} This stage takes "
+                      f"{formats}; the rows have: {', '.join(columns) or 'no columns'}.", field=missing)
+
+
+def suggest_column(missing: str, columns: Sequence[str]) -> str:
+    """' — did you mean 'x'? (rename it with data.columns.missing=x).' or '.'"""
+    close = difflib.get_close_matches(missing, list(columns), n=1, cutoff=0.5)
+    if not close:
+        return "."
+    return f" — did you mean {close[0]!r}? (rename it with data.columns.{missing}={close[0]})."
+
+
+def normalise_row(raw: Mapping[str, Any], fmt: str, where: Where) -> dict[str, Any]:
+    """Validate one (renamed) row of format `fmt` and return its canonical form (see FEATURES)."""
+    if not isinstance(raw, Mapping):
+        raise where.error(f"a row must be an object of columns, got {_kind(raw)}")
+    spec = SPECS[fmt]
+    for column in spec.required:
+        if column not in raw or raw[column] is None:
+            raise where.error(f"missing column {column!r}{suggest_column(column, list(raw))}", field=column)
+    return _NORMALISERS[fmt](raw, where) | {"line": where.line}
+
+
+# ----------------------------------------------------------------------------------------------
+# One normaliser per format.
+
+
+def _completion(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    prompt = _prompt(raw["prompt"], where)
+    completion = _answer(raw["completion"], "completion", where)
+    return {"prompt": prompt, "completion": completion}
+
+
+def _messages(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    messages = _message_list(raw["messages"], "messages", where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise where.error("the conversation has no assistant turn: nothing to train on", field="messages")
+    return {"messages": messages}
+
+
+def _preference(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    prompt = _prompt(raw["prompt"], where)
+    chosen = _answer(raw["chosen"], "chosen", where)
+    rejected = _answer(raw["rejected"], "rejected", where)
+    if chosen == rejected:
+        raise where.error("chosen and rejected are identical: the pair carries no preference", field="rejected")
+    margin = raw.get("margin")
+    if margin is not None:
+        margin = _number(margin, "margin", where)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
+
+
+def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    prompt = _prompt(raw["prompt"], where)
+    items = raw["responses"]
+    if not isinstance(items, list):
+        raise where.error(f"must be a list of responses, got {_kind(items)}", field="responses")
+    if len(items) < 2:
+        raise where.error(f"a ranking needs at least 2 responses, got {len(items)}", field="responses")
+    responses = [_answer(r, f"responses[{i}]", where) for i, r in enumerate(items)]
+    scores = raw.get("scores")
+    if scores is not None:
+        if not isinstance(scores, list):
+            raise where.error(f"must be a list of numbers, got {_kind(scores)}", field="scores")
+        if len(scores) != len(responses):
+            raise where.error(f"{len(scores)} scores for {len(responses)} responses: need one score per "
+                              "response", field="scores")
+        scores = [_number(s, f"scores[{i}]", where) for i, s in enumerate(scores)]
+        # Canonical order is best first; a stable sort keeps the given order among ties.
+        order = sorted(range(len(responses)), key=lambda i: -scores[i])
+        responses, scores = [responses[i] for i in order], [scores[i] for i in order]
+    return {"prompt": prompt, "responses": responses, "scores": scores}
+
+
+def _verifiable(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    prompt = _prompt(raw["prompt"], where)
+    answer = _scalar_text(raw["answer"], "answer", where)
+    steps = raw.get("steps")
+    if steps is not None:
+        if not isinstance(steps, list) or not steps:
+            raise where.error(f"must be a non-empty list of per-step gold values, got {_kind(steps)}",
+                              field="steps")
+        steps = [_scalar_text(s, f"steps[{i}]", where) for i, s in enumerate(steps)]
+    return {"prompt": prompt, "answer": answer, "steps": steps}
+
+
+def _stepwise(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    prompt = _prompt(raw["prompt"], where)
+    steps, labels = raw["completions"], raw["labels"]
+    if not isinstance(steps, list) or not steps:
+        raise where.error(f"must be a non-empty list of steps, got {_kind(steps)}", field="completions")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str):
+            raise where.error(f"a step must be text, got {_kind(step)}", field=f"completions[{i}]")
+        if not step.strip():
+            raise where.error("empty step", field=f"completions[{i}]")
+    if not isinstance(labels, list):
+        raise where.error(f"must be a list of labels (bool or score), got {_kind(labels)}", field="labels")
+    if len(labels) != len(steps):
+        raise where.error(f"{len(labels)} labels for {len(steps)} steps: need one label per step", field="labels")
+    values = []
+    for i, label in enumerate(labels):
+        if isinstance(label, bool):
+            values.append(float(label))
+        else:
+            values.append(_number(label, f"labels[{i}]", where))
+    return {"prompt": prompt, "completions": list(steps), "labels": values}
+
+
+_NORMALISERS = {"completion": _completion, "messages": _messages, "preference": _preference,
+                "ranking": _ranking, "verifiable": _verifiable, "stepwise": _stepwise}
+
+
+# ----------------------------------------------------------------------------------------------
+# Field checks.
+
+
+def _prompt(value: Any, where: Where) -> list[dict[str, Any]]:
+    """A prompt: non-empty text (one user turn) or a message list."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise where.error("empty prompt", field="prompt")
+        return [message("user", value)]
+    messages = _message_list(value, "prompt", where)
+    if not messages:
+        raise where.error("empty prompt (no messages)", field="prompt")
+    return messages
+
+
+def _answer(value: Any, field: str, where: Where) -> list[dict[str, Any]]:
+    """An answer: non-empty text (one assistant turn) or messages with at least one assistant turn."""
+    if isinstance(value, str):
+        return [_assistant_turn(value, None, field, where)]
+    messages = _message_list(value, field, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise where.error("has no assistant turn: nothing to train on", field=field)
+    return messages
+
+
+def _message_list(value: Any, field: str, where: Where) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise where.error(f"must be text or a list of messages, got {_kind(value)}", field=field)
+    if not value:
+        raise where.error("empty list of messages", field=field)
+    out = []
+    for i, item in enumerate(value):
+        here = f"{field}[{i}]"
+        if not isinstance(item, Mapping):
+            raise where.error(f"a message must be an object with role and content, got {_kind(item)}",
+                              field=here)
+        for key in ("role", "content"):
+            if key not in item:
+                raise where.error(f"message has no {key!r}{suggest_column(key, list(item))}",
+                                  field=f"{here}.{key}")
+        role, content = item["role"], item["content"]
+        if role not in ROLES:
+            raise where.error(f"unknown role {role!r}: use one of {', '.join(ROLES)}", field=f"{here}.role")
+        if not isinstance(content, str):
+            raise where.error(f"content must be text, got {_kind(content)}", field=f"{here}.content")
+        reasoning = item.get("reasoning")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise where.error(f"reasoning must be text, got {_kind(reasoning)}", field=f"{here}.reasoning")
+        if role == "assistant":
+            out.append(_assistant_turn(content, reasoning, f"{here}.content", where))
+        else:
+            if not content.strip():
+                raise where.error(f"empty {role} message", field=f"{here}.content")
+            out.append(message(role, content))
+    return out
+
+
+def _assistant_turn(content: str, reasoning: str | None, field: str, where: Where) -> dict[str, Any]:
+    """An assistant turn with its thinking block (if any) moved into `reasoning`."""
+    text = content.strip()
+    if text.startswith(THINK_OPEN):
+        if reasoning is not None:
+            raise where.error("both a `reasoning` field and a <think> block: give the chain of thought once",
+                              field=field)
+        close = text.find(THINK_CLOSE)
+        if close < 0:
+            raise where.error("<think> block is never closed with </think>", field=field)
+        reasoning = text[len(THINK_OPEN):close].strip()
+        content = text[close + len(THINK_CLOSE):].strip()
+    if THINK_OPEN in content or THINK_CLOSE in content:
+        raise where.error("a <think>...</think> block must open the assistant turn, before the answer",
+                          field=field)
+    if not content.strip():
+        what = "empty completion" if reasoning is None else "empty answer after the thinking block"
+        raise where.error(f"{what}: nothing to train on", field=field)
+    return message("assistant", content, reasoning)
+
+
+def message(role: str, content: str, reasoning: str | None = None) -> dict[str, Any]:
+    return {"role": role, "content": content, "reasoning": reasoning}
+
+
+def _number(value: Any, field: str, where: Where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise where.error(f"must be a number, got {_kind(value)}", field=field)
+    if not math.isfinite(value):
+        raise where.error(f"must be a finite number, got {value}", field=field)
+    return float(value)
+
+
+def _scalar_text(value: Any, field: str, where: Where) -> str:
+    """Gold answers may be given as numbers; they are compared as text, so store them as text."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise where.error(f"must be text or a number, got {_kind(value)}", field=field)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise where.error(f"must be a finite number, got {value}", field=field)
+    text = str(value).strip()
+    if not text:
+        raise where.error("empty", field=field)
+    return text
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "text", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)

@@ -1,0 +1,310 @@
+"""Load rows from any source into a `datasets.Dataset` of canonical columns, validating as they are read.
+
+Sources: .jsonl, .json, .parquet, .csv, a `datasets` directory (`save_to_disk`), a built-in task
+name, or a Python iterable of dicts. Text files are read and validated line by line here — not by
+`datasets`' own JSON/CSV builders — because those report a malformed row as a pyarrow stack trace
+with no line number. The validated, normalised rows are then written once by
+`Dataset.from_generator` to an Arrow file (memory-mapped, cached under a fingerprint of the file's
+path, size and mtime and of the settings), so a second run over the same file starts instantly and
+later `map` calls are cached too.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import hashlib
+import io
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict
+from datasets.exceptions import DatasetGenerationError
+
+from posttrain.data import tasks
+from posttrain.data.config import FORMATS, DataConfig
+from posttrain.data.schemas import FEATURES, STRUCTURED_FIELDS, Where, detect_format, normalise_row
+from posttrain.errors import ConfigError, DataError
+
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
+# Bump when the canonical form changes, so stale Arrow caches are not reused.
+_CACHE_VERSION = "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Validated rows in canonical form (`schemas.FEATURES[format]`) and where they came from."""
+
+    dataset: Dataset
+    format: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything needed to (re-)read a source: picklable, and hashed into the cache fingerprint."""
+
+    kind: str  # jsonl | json | csv | parquet | disk | task
+    name: str
+    format: str
+    renames: tuple[tuple[str, str], ...]
+    limit: int
+    split: str
+    size: int
+    seed: int
+
+
+def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
+              rows: Iterable[Mapping[str, Any]] | None = None) -> Rows:
+    """Read `cfg.source` (or the in-memory `rows`) as one of the `accepts` formats.
+
+    Raises DataError (naming file, line and field) for a missing or unreadable source, a row that
+    does not fit the format, or a source with no rows at all.
+    """
+    if cfg.format != "auto" and cfg.format not in accepts:
+        raise ConfigError(f"{cfg.format!r} is not a format this stage takes: use one of {', '.join(accepts)}",
+                          field="data.format")
+    if rows is not None:
+        return _load_iterable(rows, cfg, accepts)
+    kind, name = _resolve(cfg.source)
+    spec = _Spec(kind=kind, name=name, format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
+                 limit=cfg.limit, split=cfg.split, size=cfg.size, seed=cfg.seed)
+    fmt = _choose_format(spec, accepts)
+    spec = dataclasses.replace(spec, format=fmt)
+    try:
+        dataset = Dataset.from_generator(_generate, features=FEATURES[fmt], gen_kwargs={"spec": spec},
+                                         cache_dir=cfg.cache_dir, fingerprint=_fingerprint(spec))
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, DataError):
+            raise err.__cause__ from None
+        raise
+    return Rows(dataset=dataset, format=fmt, name=name)
+
+
+def _resolve(source: str) -> tuple[str, str]:
+    """The kind of a source string: a file by suffix, a `datasets` directory, or a task name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "disk", str(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in SUFFIXES:
+            raise DataError(f"unsupported file type {suffix or '(none)'!r}: use one of {', '.join(SUFFIXES)}, "
+                            "or a `datasets` directory", file=str(path))
+        return {".ndjson": "jsonl"}.get(suffix, suffix[1:]), str(path)
+    if source in tasks.TASKS:
+        return "task", source
+    hint = ""
+    if path.suffix == "" and "/" not in source:
+        close = difflib.get_close_matches(source, list(tasks.TASKS), n=1)
+        hint = f" — did you mean the built-in task {close[0]!r}?" if close else (
+            f" (built-in tasks: {', '.join(tasks.TASKS)})")
+    raise DataError(f"file not found{hint}", file=source)
+
+
+def _choose_format(spec: _Spec, accepts: Sequence[str]) -> str:
+    if spec.kind == "task":
+        task = tasks.get_task(spec.name)
+        wanted = [spec.format] if spec.format != "auto" else list(accepts)
+        for fmt in wanted:
+            if fmt in task.formats:
+                return fmt
+        raise DataError(f"task {spec.name!r} yields {', '.join(task.formats)}, not {' or '.join(wanted)}",
+                        file=f"task:{spec.name}", field="format")
+    first = next(_renamed(_read(spec), spec), None)
+    if first is None:
+        raise DataError("empty file: no rows", file=spec.name)
+    where, row = first
+    if not isinstance(row, Mapping):
+        raise where.error(f"a row must be an object of columns, got {type(row).__name__}")
+    if spec.format != "auto":
+        return spec.format
+    return detect_format(list(row), accepts, where)
+
+
+def _generate(spec: _Spec) -> Iterator[dict[str, Any]]:
+    """Canonical rows of a source (runs inside `Dataset.from_generator`)."""
+    if spec.kind == "task":
+        task = tasks.get_task(spec.name)
+        rows = task.rows(spec.format, split=spec.split, size=spec.size, seed=spec.seed)
+        for i, row in enumerate(rows, start=1):
+            yield normalise_row(row, spec.format, Where(f"task:{spec.name}", i))
+        return
+    for where, row in _renamed(_read(spec), spec):
+        yield normalise_row(row, spec.format, where)
+
+
+def _renamed(raw: Iterator[tuple[Where, Any]], spec: _Spec) -> Iterator[tuple[Where, Any]]:
+    """Apply column renames (source name -> canonical name) and the row limit."""
+    renames = dict(spec.renames)
+    limited = itertools.islice(raw, spec.limit) if spec.limit else raw
+    first = True
+    for where, row in limited:
+        if isinstance(row, Mapping) and renames:
+            if first:
+                for source_name, canonical in renames.items():
+                    if source_name not in row:
+                        close = difflib.get_close_matches(source_name, list(row), n=1)
+                        hint = f" — did you mean {close[0]!r}?" if close else ""
+                        raise where.error(f"column {source_name!r} (to use as {canonical!r}) is not in the "
+                                          f"rows{hint} Columns: {', '.join(row)}", field=f"columns.{canonical}")
+            row = {k: v for k, v in row.items() if k not in renames.values()} | {
+                renames[k]: v for k, v in row.items() if k in renames}
+        first = False
+        yield where, row
+
+
+def _fingerprint(spec: _Spec) -> str:
+    identity = [_CACHE_VERSION, repr(spec)]
+    if spec.kind != "task":
+        path = Path(spec.name)
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        identity += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
+
+
+def _load_iterable(rows: Iterable[Mapping[str, Any]], cfg: DataConfig, accepts: Sequence[str]) -> Rows:
+    spec = _Spec(kind="rows", name="<rows>", format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
+                 limit=cfg.limit, split=cfg.split, size=cfg.size, seed=cfg.seed)
+    located = _renamed(((Where("<rows>", i), row) for i, row in enumerate(rows, start=1)), spec)
+    first = next(located, None)
+    if first is None:
+        raise DataError("no rows", file="<rows>")
+    where, row = first
+    if not isinstance(row, Mapping):
+        raise where.error(f"a row must be a dict of columns, got {type(row).__name__}")
+    fmt = cfg.format if cfg.format != "auto" else detect_format(list(row), accepts, where)
+    canonical = [normalise_row(r, fmt, w) for w, r in itertools.chain([first], located)]
+    return Rows(dataset=Dataset.from_list(canonical, features=FEATURES[fmt]), format=fmt, name="<rows>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: each yields (where, raw row) with the row's line (text files) or 1-based row number.
+
+
+def _read(spec: _Spec) -> Iterator[tuple[Where, Any]]:
+    return {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
+            "disk": lambda name: _read_disk(name, spec.split)}[spec.kind](spec.name)
+
+
+def _read_jsonl(name: str) -> Iterator[tuple[Where, Any]]:
+    with open(name, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = Where(name, number)
+            text = _decode(raw, where)
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise where.error(f"invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def _read_json(name: str) -> Iterator[tuple[Where, Any]]:
+    data = Path(name).read_bytes()
+    text = _decode_all(data, name)
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several top-level values: JSON Lines in a .json file
+            yield from _read_jsonl(name)
+            return
+        raise DataError(f"invalid JSON: {err.msg} (column {err.colno})", file=name, line=err.lineno) from None
+    if not isinstance(parsed, list):
+        raise DataError(f"a .json file must hold a list of rows (or one row per line), got "
+                        f"{type(parsed).__name__}", file=name, line=1)
+    yield from zip(_item_lines(text, name), parsed, strict=True)
+
+
+def _item_lines(text: str, name: str) -> Iterator[Where]:
+    """The line on which each item of a top-level JSON list starts (the list is already known valid)."""
+    decoder = json.JSONDecoder()
+    index, line = text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
+    while True:
+        start = index
+        while text[index] in " \t\r\n,":
+            index += 1
+        if text[index] == "]":
+            return
+        line += text.count("\n", start, index)
+        yield Where(name, line)
+        _, end = decoder.raw_decode(text, index)
+        line += text.count("\n", index, end)
+        index = end
+
+
+def _read_csv(name: str) -> Iterator[tuple[Where, Any]]:
+    text = _decode_all(Path(name).read_bytes(), name)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            where = Where(name, reader.line_num)
+            if None in row:
+                raise where.error(f"{len(row[None])} more cells than the header has columns")
+            yield where, {key: _csv_cell(key, value, where) for key, value in row.items()}
+    except csv.Error as err:
+        raise DataError(f"invalid CSV: {err}", file=name, line=reader.line_num) from None
+
+
+def _csv_cell(key: str, value: str | None, where: Where) -> Any:
+    """CSV cells are text; lists and numbers are read from their JSON spelling, empty cells as null."""
+    if value is None or value == "":
+        return None
+    if key not in STRUCTURED_FIELDS:
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise where.error(f"expected JSON (a list or a number) in this CSV cell, got {value[:40]!r}",
+                          field=key) from None
+
+
+def _read_parquet(name: str) -> Iterator[tuple[Where, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(name).iter_batches(batch_size=1024)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield Where(name, number), row
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(f"not a readable parquet file: {err}", file=name) from None
+
+
+def _read_disk(name: str, split: str) -> Iterator[tuple[Where, Any]]:
+    try:
+        loaded = datasets.load_from_disk(name)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"not a `datasets` directory (save_to_disk): {err}", file=name) from None
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise DataError(f"no split {split!r}; the directory has {', '.join(loaded)}", file=name,
+                            field="split")
+        loaded = loaded[split]
+    for number, row in enumerate(loaded, start=1):
+        yield Where(name, number), row
+
+
+def _decode(raw: bytes, where: Where) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise where.error(f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}") from None
+
+
+def _decode_all(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"not valid UTF-8: byte 0x{data[err.start]:02x} at column {column}", file=name,
+                        line=line) from None

@@ -1,0 +1,130 @@
+"""What every built-in task provides: seeded examples, rows in every format, an extractor and a verifier.
+
+A task only has to say how to draw one `Example` (a problem with its correct completion and a few
+plausible wrong ones, each with a closeness score) and how to read an answer out of a completion;
+the rows of every format follow from that in one place. The train / held-out split is a property
+of the problem (a hash of its key), so the two splits can never share a problem whatever the seed
+or size.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+HELDOUT_SHARE = 10  # one problem in HELDOUT_SHARE is held out
+SPLITS = ("train", "heldout")
+RANKING_SIZE = 4  # responses per ranking row: the correct one and 3 wrong ones
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_INTEGER = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem instance.
+
+    `completion` is the correct answer as an assistant would write it; `wrong` holds plausible wrong
+    completions, each with a closeness score in [0, 1) (1 would be correct), closest first.
+    `separator` is what joins prompt and completion in raw text (" " for `What is 2+3? 5`).
+    """
+
+    key: str
+    prompt: str
+    answer: str
+    completion: str
+    wrong: tuple[tuple[str, float], ...]
+    separator: str = " "
+    steps: tuple[str, ...] = ()  # per-step gold values, for tasks solved in steps
+
+
+def is_heldout_key(key: str) -> bool:
+    """Whether the problem with this key is held out (stable across runs, seeds and versions)."""
+    return zlib.crc32(key.encode()) % HELDOUT_SHARE == 0
+
+
+def answer_text(completion: str) -> str | None:
+    """The part of a completion after its thinking block; None while the block is still open."""
+    close = completion.rfind(THINK_CLOSE)
+    if close >= 0:
+        return completion[close + len(THINK_CLOSE):]
+    if THINK_OPEN in completion:
+        return None
+    return completion
+
+
+def first_integer(text: str) -> str | None:
+    match = _INTEGER.search(text)
+    return str(int(match.group())) if match else None
+
+
+class Task:
+    """A built-in task. Subclasses set `name`, `description`, and implement `example` and `extract_answer`."""
+
+    name: str = ""
+    description: str = ""
+    formats: tuple[str, ...] = ("completion", "messages", "preference", "ranking", "verifiable")
+
+    def example(self, rng: random.Random, split: str = "train") -> Example:
+        raise NotImplementedError
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The answer a completion gives (read after any thinking block), or None if it gives none."""
+        raise NotImplementedError
+
+    def verify(self, completion: str, answer: str) -> float:
+        """1.0 when the extracted answer equals the gold answer exactly, else 0.0 (an RL reward)."""
+        return 1.0 if self.extract_answer(completion) == answer.strip() else 0.0
+
+    def is_heldout(self, example: Example) -> bool:
+        return is_heldout_key(example.key)
+
+    def examples(self, split: str, size: int, seed: int) -> Iterator[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        # The seed is mixed with the split so that train and held-out streams are independent.
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        for _ in range(size):
+            yield self.example(rng, split)
+
+    def rows(self, fmt: str, split: str = "train", size: int = 1000, seed: int = 0) -> Iterator[dict]:
+        """`size` rows of format `fmt` (raw form, as a user's file would hold them)."""
+        if fmt not in self.formats:
+            raise ValueError(f"task {self.name!r} yields {', '.join(self.formats)}, not {fmt!r}")
+        rng = random.Random(f"{self.name}:{split}:{seed}:rows")
+        for example in self.examples(split, size, seed):
+            yield self.row(example, fmt, rng)
+
+    def row(self, example: Example, fmt: str, rng: random.Random) -> dict:
+        if fmt == "completion":
+            return {"prompt": example.prompt, "completion": example.separator + example.completion}
+        if fmt == "messages":
+            return {"messages": [{"role": "user", "content": example.prompt},
+                                 {"role": "assistant", "content": example.completion}]}
+        if fmt == "preference":
+            rejected, _ = rng.choice(example.wrong)
+            return {"prompt": example.prompt, "chosen": example.completion, "rejected": rejected}
+        if fmt == "ranking":
+            wrong = example.wrong[:RANKING_SIZE - 1]
+            return {"prompt": example.prompt, "responses": [example.completion, *(w for w, _ in wrong)],
+                    "scores": [1.0, *(score for _, score in wrong)]}
+        if fmt == "verifiable":
+            row = {"prompt": example.prompt, "answer": example.answer}
+            return row | {"steps": list(example.steps)} if example.steps else row
+        raise ValueError(f"task {self.name!r} does not yield {fmt!r} rows")
+
+
+def closest_first(candidates: dict[str, float], count: int) -> tuple[tuple[str, float], ...]:
+    """The `count` highest-scoring candidates with distinct scores, best first.
+
+    Distinct scores keep rankings strict (a Plackett-Luce order is undefined between ties); ties
+    are broken by text so the choice is deterministic.
+    """
+    chosen: list[tuple[str, float]] = []
+    for text, score in sorted(candidates.items(), key=lambda item: (-item[1], item[0])):
+        if all(score != other for _, other in chosen):
+            chosen.append((text, score))
+    return tuple(chosen[:count])

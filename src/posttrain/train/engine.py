@@ -1,0 +1,221 @@
+"""The one training loop every stage uses.
+
+A recipe supplies three things and the `Trainer` does the rest (accumulation, clipping, the optimizer
+and schedule, the non-finite guard, metrics, progress, evaluation, checkpoints, resume, signals):
+
+- a `StepSource`: `next_step()` returns the micro-batches of one optimizer step and the global
+  normaliser (token or sequence count of the *whole* step), and has a JSON-able `state_dict()` so a
+  resumed run continues from the same data position;
+- a loss function `loss_fn(model, micro_batch, normaliser) -> (loss, metrics)`: the loss is already
+  divided by the global normaliser, so summing micro-batch gradients gives the full-batch gradient
+  (1x16, 4x4 and 16x1 agree); `metrics` are weighted the same way, so they are summed too;
+- optionally `evaluate(step) -> metrics`, called every `eval_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from rich.console import Console
+
+from posttrain.config import OptimConfig, RunConfig, param, to_dict
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.run import RunDir, config_text
+from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.metrics import MetricsWriter, truncate_metrics
+from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.progress import TrainProgress, format_metrics
+from posttrain.train.signals import StopRequest
+from posttrain.train.trackers import Trackers
+
+
+class TrainingError(PosttrainError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = param(200, "Optimizer steps.", ge=1)
+    batch_size: int = param(16, "Samples per optimizer step, across all micro-batches.", ge=1)
+    micro_batch_size: int = param(16, "Samples per forward/backward pass (divides batch_size).", ge=1)
+    save_every: int = param(100, "Checkpoint every N steps (0: only when stopped by a signal).", ge=0)
+    keep_last: int = param(2, "Checkpoints to keep (older ones are deleted once a new one is complete).", ge=1)
+    eval_every: int = param(0, "Evaluate every N steps (0: only at the end).", ge=0)
+    max_nonfinite: int = param(5, "Stop after this many consecutive steps with a non-finite loss or gradient.",
+                               ge=1)
+
+
+@dataclasses.dataclass
+class StepBatch:
+    micro_batches: list[Any]
+    normaliser: float
+    tokens: int
+
+
+class StepSource(Protocol):
+    def next_step(self) -> StepBatch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[torch.nn.Module, Any, float], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int
+    interrupted: bool
+    last: dict[str, Any]
+    tokens: int
+    seconds: float
+    skipped_steps: int
+
+
+class Trainer:
+    def __init__(self, *, stage: str, cfg: Any, run: RunConfig, train: TrainConfig, optim: OptimConfig,
+                 run_dir: RunDir, model: torch.nn.Module, console: Console | None = None) -> None:
+        if train.batch_size % train.micro_batch_size:
+            raise ConfigError(f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
+                              f"{train.micro_batch_size}", field="train.micro_batch_size")
+        self.stage, self.cfg, self.run, self.train_cfg, self.optim_cfg = stage, cfg, run, train, optim
+        self.run_dir = run_dir
+        self.model = model
+        self.console = console or Console()
+        self.optimizer = build_optimizer(model, optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, train.max_steps)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.step = 0
+        self.tokens = 0
+        self.skipped_steps = 0
+        self._nonfinite_in_a_row = 0
+
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self, source: StepSource, loss_fn: LossFn, evaluate: Callable[[int], dict[str, Any]] | None = None,
+            progress_keys: tuple[str, ...] = ("loss",)) -> TrainResult:
+        resumed_from = self._maybe_resume(source)
+        start, interrupted = time.perf_counter(), False
+        session_tokens = 0
+        last: dict[str, Any] = {}
+        trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard, self.run.wandb, to_dict(self.cfg))
+        with StopRequest() as stop, MetricsWriter(self.run_dir.metrics) as metrics, \
+                TrainProgress(self.stage, self.train_cfg.max_steps, enabled=self.run.progress,
+                              console=self.console) as progress:
+            progress.update(self.step)
+            if resumed_from is not None:
+                self.console.print(f"resumed from {resumed_from} (step {self.step})")
+            while self.step < self.train_cfg.max_steps:
+                step_start = time.perf_counter()
+                batch = source.next_step()
+                record = self._optimizer_step(batch, loss_fn)
+                session_tokens += batch.tokens
+                elapsed = time.perf_counter() - start
+                record.update(step_time_s=time.perf_counter() - step_start, elapsed_s=elapsed,
+                              tokens=self.tokens, tokens_per_s=session_tokens / max(elapsed, 1e-9))
+                if evaluate is not None and self._due(self.train_cfg.eval_every, final=True):
+                    record.update(evaluate(self.step))
+                last = record
+                metrics.write(record)
+                trackers.log(record)
+                progress.update(self.step, {k: record[k] for k in (*progress_keys, "lr", "tokens_per_s")
+                                            if k in record})
+                if stop.requested:
+                    path = self.save(source)
+                    self.console.print(
+                        f"[yellow]stopped by {stop.signal_name} at step {self.step}[/]; checkpoint: {path}\n"
+                        f"resume with: posttrain resume {self.run_dir.path}")
+                    interrupted = True
+                    break
+                if self._due(self.train_cfg.save_every, final=False):
+                    self.save(source)
+        trackers.close()
+        seconds = time.perf_counter() - start
+        if not interrupted:
+            shown = {k: last[k] for k in progress_keys if k in last}
+            self.console.print(f"{self.stage}: {self.step} steps in {seconds:.0f}s, {format_metrics(shown)}, "
+                               f"{session_tokens / max(seconds, 1e-9):,.0f} tok/s, "
+                               f"{self.skipped_steps} skipped steps")
+        return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
+                           seconds=seconds, skipped_steps=self.skipped_steps)
+
+    def _due(self, every: int, final: bool) -> bool:
+        at_end = final and self.step == self.train_cfg.max_steps
+        return at_end or (every > 0 and self.step % every == 0)
+
+    def _optimizer_step(self, batch: StepBatch, loss_fn: LossFn) -> dict[str, Any]:
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float)
+        finite = True
+        for micro_batch in batch.micro_batches:
+            loss, micro_metrics = loss_fn(self.model, micro_batch, batch.normaliser)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            for key, value in micro_metrics.items():
+                sums[key] += value
+        grad_norm = math.nan
+        if finite:
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip or math.inf)
+            grad_norm = norm.item()
+            finite = math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+            self._nonfinite_in_a_row = 0
+        else:
+            # Parameters and optimizer moments stay exactly as they were; the batch is consumed.
+            self.skipped_steps += 1
+            self._nonfinite_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += batch.tokens
+        if self._nonfinite_in_a_row >= self.train_cfg.max_nonfinite:
+            raise TrainingError(
+                f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.step}); parameters were left untouched. Lower optim.lr or check the data; the last "
+                f"checkpoint is in {self.run_dir.checkpoints}", field="train.max_nonfinite")
+        record = {"step": self.step, **dict(sums), "lr": lr, "grad_norm": grad_norm,
+                  "skipped_steps": self.skipped_steps}
+        if not finite:
+            record["nonfinite"] = True
+        return record
+
+    # ------------------------------------------------------------------------------------------
+
+    def _state(self, source: StepSource) -> dict[str, Any]:
+        return {"tokens": self.tokens, "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self._nonfinite_in_a_row, "data": source.state_dict()}
+
+    def save(self, source: StepSource) -> Any:
+        return save_checkpoint(
+            self.run_dir.checkpoints, self.step, modules={"model": self.model},
+            optimizers={"model": self.optimizer}, schedulers={"model": self.scheduler},
+            trainer_state=self._state(source), config_text=config_text(self.stage, self.cfg),
+            keep_last=self.train_cfg.keep_last)
+
+    def _maybe_resume(self, source: StepSource) -> Any:
+        if not self.run.resume:
+            return None
+        path = latest_checkpoint(self.run_dir.checkpoints)
+        if path is None:
+            self.console.print("run.resume=true but no checkpoint was found: starting from step 0")
+            return None
+        state = load_checkpoint(path, modules={"model": self.model}, optimizers={"model": self.optimizer},
+                                schedulers={"model": self.scheduler})
+        self.step = state["step"]
+        self.tokens = state["tokens"]
+        self.skipped_steps = state["skipped_steps"]
+        self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        source.load_state_dict(state["data"])
+        truncate_metrics(self.run_dir.metrics, self.step)
+        return path
