@@ -61,6 +61,28 @@ def pretrain(args: RecipeArgs = None, quick: QuickOption = False) -> None:
 
 
 @app.command()
+def resume(
+    run_dir: Annotated[str, typer.Argument(help="Run directory, e.g. runs/sft-arith.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides (e.g. a longer "
+                                                                  "train.max_steps).")] = None,
+) -> None:
+    """Continue an interrupted run from its last checkpoint, bitwise identically on CPU."""
+    from pathlib import Path
+
+    _quiet_libraries()
+    config_file = Path(run_dir) / "config.yaml"
+    try:
+        if not config_file.is_file():
+            raise PosttrainError("not a run directory (no config.yaml)", file=run_dir)
+        recipe = recipes.find_recipe(str(config_file))
+        result = recipes.run_stage(recipe.stage, str(config_file), ["run.resume=true", *(overrides or [])])
+    except PosttrainError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"[green]done[/] run directory: {result.run_dir}")
+
+
+@app.command()
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny budgets: checks every stage's wiring.")] = False,
     out: Annotated[str, typer.Option(help="Directory for all the demo's runs.")] = "runs/demo",

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from posttrain.cli import app
 
 runner = CliRunner()
-COMMANDS = ["pretrain", "demo", "recipes", "config"]
+COMMANDS = ["pretrain", "resume", "demo", "recipes", "config"]
 
 
 def test_entry_point_help():

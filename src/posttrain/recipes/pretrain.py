@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-import time
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,10 +20,9 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import build_model, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.tokenizer import train_tokenizer
 from posttrain.run import RunResult, prepare_run_dir
-from posttrain.train.metrics import MetricsWriter
-from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.progress import TrainProgress
+from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.seed import seed_everything, set_threads
+from posttrain.train.sources import ShuffledStepSource
 
 # Held-out text is drawn from a generator seeded apart from the training stream.
 HELDOUT_SEED_OFFSET = 1_000_003
@@ -46,13 +43,6 @@ class CorpusConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainLoopConfig:
-    max_steps: int = param(600, "Optimizer steps.", ge=1)
-    batch_size: int = param(32, "Packed blocks per step.", ge=1)
-    eval_every: int = param(200, "Held-out loss every N steps (and at the start and end).", ge=1)
-
-
-@dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     run: RunConfig = section(lambda: RunConfig(name="pretrain"), "Run directory, seed, logging.")
     model: ModelConfig = section(ModelConfig, "Model to build (or continue from).")
@@ -60,7 +50,9 @@ class PretrainConfig:
     corpus: CorpusConfig = section(CorpusConfig, "Built-in synthetic corpus.")
     optim: OptimConfig = section(lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.01),
                                  "Optimizer and schedule.")
-    train: PretrainLoopConfig = section(PretrainLoopConfig, "Loop length and batch size.")
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=600, batch_size=32, micro_batch_size=32,
+                                                     save_every=200, eval_every=200),
+                                 "Loop length, batch size, checkpoints and evaluation.")
 
 
 def main(cfg: PretrainConfig) -> RunResult:
@@ -71,45 +63,31 @@ def main(cfg: PretrainConfig) -> RunResult:
     train_blocks = pack_documents(tokenizer, cfg.corpus.train_documents, cfg.run.seed, cfg.corpus)
     heldout_blocks = pack_documents(tokenizer, cfg.corpus.heldout_documents,
                                     cfg.run.seed + HELDOUT_SEED_OFFSET, cfg.corpus)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    generator = torch.Generator().manual_seed(cfg.run.seed)
-    params = count_parameters(model)
+    initial_eval = heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)
 
-    start = time.perf_counter()
-    tokens_seen = 0
-    initial_eval = heldout_loss(model, heldout_blocks, cfg.train.batch_size)
-    last = {"eval_loss": initial_eval}
-    with MetricsWriter(run_dir.metrics) as metrics, \
-            TrainProgress("pretrain", cfg.train.max_steps, enabled=cfg.run.progress) as progress:
-        metrics.write({"step": 0, "eval_loss": initial_eval})
-        order = _epoch_orders(len(train_blocks), generator)
-        for step in range(1, cfg.train.max_steps + 1):
-            batch = train_blocks[[next(order) for _ in range(cfg.train.batch_size)]]
-            model.train()
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += batch.numel()
+    predicted_per_block = cfg.corpus.seq_len - 1
+    source = ShuffledStepSource(
+        len(train_blocks), cfg.train.batch_size, cfg.train.micro_batch_size, cfg.run.seed,
+        collate=lambda idx: train_blocks[idx],
+        count=lambda idx: (len(idx) * predicted_per_block, len(idx) * cfg.corpus.seq_len))
 
-            if step % cfg.run.log_every == 0 or step == cfg.train.max_steps:
-                elapsed = time.perf_counter() - start
-                last.update(step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0],
-                            grad_norm=grad_norm.item(), tokens=tokens_seen, tokens_per_s=tokens_seen / elapsed,
-                            elapsed_s=elapsed)
-                if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-                    last["eval_loss"] = heldout_loss(model, heldout_blocks, cfg.train.batch_size)
-                metrics.write(dict(last))
-                progress.update(step, {"loss": last["loss"], "eval": last["eval_loss"],
-                                       "lr": last["lr"], "tok/s": last["tokens_per_s"]})
+    def loss_fn(model: PreTrainedModel, blocks: torch.Tensor, normaliser: float) -> tuple[torch.Tensor, dict]:
+        # HF's loss is the mean over this micro-batch's predicted tokens: rescale to the step's global count.
+        loss = model(input_ids=blocks, labels=blocks).loss * (len(blocks) * predicted_per_block) / normaliser
+        return loss, {"loss": loss.item()}
 
+    def evaluate(step: int) -> dict[str, float]:
+        return {"eval_loss": heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)}
+
+    trainer = Trainer(stage="pretrain", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim,
+                      run_dir=run_dir, model=model)
+    result = trainer.fit(source, loss_fn, evaluate, progress_keys=("loss", "eval_loss"))
+    if result.interrupted:
+        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
     final_dir = save_pretrained(model, tokenizer, run_dir.final)
-    summary = {"parameters": params, "steps": cfg.train.max_steps, "tokens": tokens_seen,
-               "initial_eval_loss": initial_eval, "final_eval_loss": last["eval_loss"],
-               "final_loss": last.get("loss"), "seconds": time.perf_counter() - start}
+    summary = {"parameters": count_parameters(model), "steps": result.step, "tokens": result.tokens,
+               "initial_eval_loss": initial_eval, "final_eval_loss": result.last.get("eval_loss"),
+               "final_loss": result.last.get("loss"), "seconds": result.seconds}
     write_training_report(run_dir, "Pretraining", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
@@ -142,12 +120,6 @@ def pack_documents(tokenizer: PreTrainedTokenizerBase, count: int, seed: int, co
     if blocks == 0:
         raise ValueError(f"{count} documents give fewer than {corpus.seq_len} tokens: raise corpus sizes")
     return stream[: blocks * corpus.seq_len].view(blocks, corpus.seq_len)
-
-
-def _epoch_orders(n: int, generator: torch.Generator):
-    """Block indices, reshuffled every epoch."""
-    while True:
-        yield from torch.randperm(n, generator=generator).tolist()
 
 
 @torch.no_grad()

@@ -31,9 +31,13 @@ class TrainProgress:
         self._progress.stop()
 
 
+SHORT_NAMES = {"tokens_per_s": "tok/s", "eval_loss": "eval"}
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     parts = []
     for key, value in metrics.items():
+        key = SHORT_NAMES.get(key, key)
         if isinstance(value, float):
             parts.append(f"{key} {value:.4g}" if abs(value) < 1e4 else f"{key} {value:,.0f}")
         else:

@@ -20,7 +20,7 @@ SPLITS = ("train", "heldout")
 RANKING_SIZE = 4  # responses per ranking row: the correct one and 3 wrong ones
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_INTEGER = re.compile(r"-?\d+")
+INTEGER = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def answer_text(completion: str) -> str | None:
 
 
 def first_integer(text: str) -> str | None:
-    match = _INTEGER.search(text)
+    match = INTEGER.search(text)
     return str(int(match.group())) if match else None
 
 

@@ -1,0 +1,166 @@
+"""`multistep`: a chain of 2-5 operations, solved one step per line, with a verifier for every step.
+
+    prompt:      Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?
+    completion:  7+5=12
+                 12*3=36
+                 36-4=32
+                 Answer: 32
+
+The per-step gold values (12, 36, 32) come with every RL row (`steps`), and stepwise-supervision
+rows for process reward models carry deliberately wrong steps: one step is off by a small amount
+and the later steps compute correctly from the wrong value, so every step from the mistake on is
+labelled wrong (a step is right only if it can still lead to the right answer, as in Math-Shepherd).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
+
+WORDS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}."}
+MAX_VALUE = 999  # multiplication is only offered while the result stays below this
+DELTAS = (-10, -2, -1, 1, 2, 10)
+STEP_PATTERN = re.compile(r"^[ \t]*(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t]*$", re.MULTILINE)
+_ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+_KEY_OP = re.compile(r"([+\-*])(\d+)")
+
+Chain = tuple[int, tuple[tuple[str, int], ...]]
+
+
+class MultistepTask(Task):
+    name = "multistep"
+    description = "chains of 2-5 operations written one step per line; every step is verifiable"
+    formats = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise")
+
+    def example(self, rng: random.Random, split: str = "train") -> Example:
+        while True:
+            chain = _draw_chain(rng)
+            key = _key(chain)
+            if is_heldout_key(key) == (split == "heldout"):
+                break
+        start, ops = chain
+        lines, values = _work(start, ops)
+        prompt = f"Start with {start}. " + " ".join(WORDS[op].format(x=x) for op, x in ops) + " What is the result?"
+        return Example(key=key, prompt=prompt, answer=str(values[-1]), completion=_write(lines, values[-1]),
+                       wrong=_wrong_completions(chain), separator="\n", steps=tuple(map(str, values)))
+
+    def row(self, example: Example, fmt: str, rng: random.Random) -> dict:
+        if fmt != "stepwise":
+            return super().row(example, fmt, rng)
+        start, ops = _parse_key(example.key)
+        if rng.random() < 0.5:
+            lines, _ = _work(start, ops)
+            labels = [True] * len(lines)
+        else:
+            at = rng.randrange(len(ops))
+            lines, _ = _work(start, ops, mistake=(at, rng.choice(DELTAS)))
+            labels = [i < at for i in range(len(lines))]
+        return {"prompt": example.prompt, "completions": lines, "labels": labels}
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The value after the last `Answer:`, else the last step's value."""
+        text = answer_text(completion)
+        if text is None:
+            return None
+        answers = _ANSWER.findall(text)
+        if answers:
+            return str(int(answers[-1]))
+        steps = STEP_PATTERN.findall(text)
+        return str(int(steps[-1][3])) if steps else None
+
+    def verify_steps(self, completion: str, steps: list[str]) -> list[float]:
+        """A score per gold step: 1.0 when the completion's j-th step line computes correctly and its
+        value is the gold value of step j, else 0.0 (missing steps score 0)."""
+        parsed = parse_steps(completion)
+        scores = []
+        for j, gold in enumerate(steps):
+            if j >= len(parsed):
+                scores.append(0.0)
+                continue
+            a, op, b, value, _ = parsed[j]
+            scores.append(1.0 if _apply(a, op, b) == value and str(value) == gold.strip() else 0.0)
+        return scores
+
+    def step_char_ends(self, completion: str) -> list[int]:
+        """The index of the last character of each step line (its newline when it has one): where a
+        process reward model reads the score of that step."""
+        return [end for *_, end in parse_steps(completion)]
+
+
+def parse_steps(completion: str) -> list[tuple[int, str, int, int, int]]:
+    """(a, op, b, value, end) of every `a∘b=value` line after the thinking block; `end` indexes the
+    completion (the line's newline, or its last character at the end of the text)."""
+    text = answer_text(completion)
+    if text is None:
+        return []
+    offset = len(completion) - len(text)
+    steps = []
+    for match in STEP_PATTERN.finditer(text):
+        end = match.end()
+        end = end if end < len(text) and text[end] == "\n" else end - 1
+        a, op, b, value = match.groups()
+        steps.append((int(a), op, int(b), int(value), offset + end))
+    return steps
+
+
+def _draw_chain(rng: random.Random) -> Chain:
+    start = rng.randint(2, 20)
+    value, ops = start, []
+    for _ in range(rng.randint(2, 5)):
+        # No multiplying 0 (a step that changes nothing) or past MAX_VALUE.
+        choices = "+-*" if value != 0 and abs(value) * 9 <= MAX_VALUE else "+-"
+        op = rng.choice(choices)
+        x = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
+        ops.append((op, x))
+        value = _apply(value, op, x)
+    return start, tuple(ops)
+
+
+def _work(start: int, ops: tuple[tuple[str, int], ...],
+          mistake: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
+    """The step lines and values of a chain; `mistake=(j, delta)` puts step j off by delta, and the
+    later steps compute correctly from the wrong value."""
+    value, lines, values = start, [], []
+    for j, (op, x) in enumerate(ops):
+        result = _apply(value, op, x)
+        if mistake is not None and mistake[0] == j:
+            result += mistake[1]
+        lines.append(f"{value}{op}{x}={result}")
+        values.append(result)
+        value = result
+    return lines, values
+
+
+def _wrong_completions(chain: Chain) -> tuple[tuple[str, float], ...]:
+    """One mistake at each step j (closeness j/n: the share of right steps), plus stopping one step
+    early (closeness between its neighbours). Closest first."""
+    start, ops = chain
+    n = len(ops)
+    candidates = []
+    for j in range(n):
+        delta = DELTAS[(start + j) % len(DELTAS)]
+        lines, values = _work(start, ops, mistake=(j, delta))
+        candidates.append((_write(lines, values[-1]), j / n))
+    lines, values = _work(start, ops)
+    candidates.append((_write(lines[:-1], values[-2]), (n - 1.5) / n))
+    return tuple(sorted(candidates, key=lambda c: -c[1]))
+
+
+def _write(lines: list[str], answer: int) -> str:
+    return "\n".join([*lines, f"Answer: {answer}"])
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _key(chain: Chain) -> str:
+    start, ops = chain
+    return f"{start}" + "".join(f"{op}{x}" for op, x in ops)
+
+
+def _parse_key(key: str) -> Chain:
+    digits = len(key) - len(key.lstrip("0123456789"))
+    return int(key[:digits]), tuple((op, int(x)) for op, x in _KEY_OP.findall(key[digits:]))

@@ -1,0 +1,478 @@
+"""Canonical rows -> token ids and a `response_mask` of the tokens that are trained.
+
+The mask comes from the chat template's `{% generation %}` markers when it has them
+(`apply_chat_template(..., return_assistant_tokens_mask=True)`). A template without them falls
+back to prefix tokenisation: the conversation up to each trained turn is rendered with the
+generation prompt, and its tokens must be a prefix of the whole conversation's tokens — a template
+that rewrites earlier turns (or a tokenizer that merges across the boundary) is an error, never a
+silently shifted mask. The end-of-turn EOS is always trained (it is how the model learns to stop),
+whatever the pad token is: the mask is explicit, never `input_ids != pad`. A sequence has exactly
+one BOS.
+
+Rows too long for `max_length` are dropped, cut from the left (BOS kept), or an error, by
+`truncation`; a row left with no trained token is dropped. Nothing is dropped silently: every
+row's fate is a column of the mapped dataset and `TokenStats` counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.data.config import DataConfig
+from posttrain.data.schemas import THINK_CLOSE, THINK_OPEN
+from posttrain.data.sources import Rows
+from posttrain.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+logger = logging.getLogger("posttrain.data")
+
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Columns every tokenised row carries until `tokenize_rows` has counted and filtered them.
+_BOOKKEEPING = ("original_length", "truncated", "drop", "error", "error_field")
+
+
+class _Problem(Exception):
+    """A row that cannot be tokenised (turned into a DataError naming its file and line by the caller)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStats:
+    """What tokenisation did to the rows: what a user checks before a long run."""
+
+    rows: int
+    kept: int
+    truncated: int
+    dropped_too_long: int
+    dropped_no_completion: int
+    length_min: int
+    length_mean: float
+    length_p50: float
+    length_p95: float
+    length_max: int
+    response_tokens: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    """A tokenised dataset (columns by format, see `tokenize_rows`) with its stats."""
+
+    dataset: Dataset
+    format: str
+    stats: TokenStats
+    name: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering one conversation.
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """Tokenises canonical rows with one tokenizer and one set of settings (picklable for `map`)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    template: str = "chat"
+    thinking: str = "on"
+    loss_on: str = "all"
+    max_length: int = 512
+    truncation: str = "drop"
+
+    @classmethod
+    def from_config(cls, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Encoder:
+        if cfg.template == "chat" and not isinstance(tokenizer.chat_template, str):
+            raise ConfigError("the tokenizer has no chat template: use data.template=plain, or a model whose "
+                              "tokenizer has one", field="data.template")
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no EOS token: a model trained on it could never stop",
+                              field="model.path")
+        return cls(tokenizer=tokenizer, template=cfg.template, thinking=cfg.thinking, loss_on=cfg.loss_on,
+                   max_length=cfg.max_length, truncation=cfg.truncation)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def encode(self, messages: Sequence[dict[str, Any]], prompt_turns: int = 0) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and its response mask (1 = trained).
+
+        Trained: the assistant turns at index >= `prompt_turns` (all of them, or only the last with
+        loss_on=last), each with the EOS that ends it.
+        """
+        self._check_special_text(messages)
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= prompt_turns]
+        trained = assistant[-1:] if self.loss_on == "last" else assistant
+        mode = self._mode(messages)
+        if self.template == "plain":
+            ids, spans = self._plain(messages, trained)
+        elif self._has_markers():
+            ids, spans = self._marked(messages, trained, mode)
+        else:
+            ids, spans = self._prefixes(messages, trained, mode)
+        mask = [0] * len(ids)
+        for start, end in spans:
+            mask[start:end] = [1] * (end - start)
+            # Templates that close a turn outside their generation block would leave EOS untrained.
+            if end < len(ids) and ids[end] == self.tokenizer.eos_token_id:
+                mask[end] = 1
+        return self._one_bos(ids, mask)
+
+    def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of a prompt ready for generation (the assistant header, thinking switch applied)."""
+        self._check_special_text(messages)
+        mode = self._mode(messages)
+        if self.template == "plain":
+            ids = self._tokens(self._plain_text(messages))
+        else:
+            ids = self._tokens(self._render(messages, mode, add_generation_prompt=True))
+        return self._one_bos(ids, [0] * len(ids))[0]
+
+    def render_text(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """The text a conversation renders to (what `inspect` shows)."""
+        if self.template == "plain":
+            return self._plain_text(messages)
+        return self._render(messages, self._mode(messages), add_generation_prompt)
+
+    # -- chat template paths ------------------------------------------------------------------
+
+    def _mode(self, messages: Sequence[dict[str, Any]]) -> str:
+        if self.thinking != "fusion":
+            return self.thinking
+        return "on" if any(m.get("reasoning") is not None for m in messages) else "off"
+
+    def _has_markers(self) -> bool:
+        return bool(_GENERATION_MARKER.search(self.tokenizer.chat_template or ""))
+
+    def _template_messages(self, messages: Sequence[dict[str, Any]], mode: str) -> list[dict[str, str]]:
+        """Canonical messages as the template expects them. Thinking off: an empty block on every
+        assistant turn. A template that does not read `reasoning` gets the block inline."""
+        knows_reasoning = "reasoning" in (self.tokenizer.chat_template or "")
+        out = []
+        for m in messages:
+            item = {"role": m["role"], "content": m["content"]}
+            if m["role"] == "assistant":
+                reasoning = "" if mode == "off" else m.get("reasoning")
+                if reasoning is not None:
+                    if knows_reasoning:
+                        item["reasoning"] = reasoning
+                    else:
+                        item["content"] = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{m['content']}"
+            out.append(item)
+        return out
+
+    def _render(self, messages: Sequence[dict[str, Any]], mode: str, add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                self._template_messages(messages, mode), tokenize=False,
+                add_generation_prompt=add_generation_prompt, enable_thinking=mode != "off")
+        except Exception as err:  # jinja's TemplateError, or a template's own raise_exception
+            raise _Problem(f"the chat template cannot render this conversation: {err}") from None
+
+    def _marked(self, messages: Sequence[dict[str, Any]], trained: list[int],
+                mode: str) -> tuple[list[int], list[tuple[int, int]]]:
+        try:
+            out = self.tokenizer.apply_chat_template(
+                self._template_messages(messages, mode), tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True, enable_thinking=mode != "off")
+        except Exception as err:
+            raise _Problem(f"the chat template cannot render this conversation: {err}") from None
+        ids, marks = list(out["input_ids"]), out["assistant_masks"]
+        runs = _runs(marks)
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(runs) != len(assistant):  # adjacent assistant turns merge into one run: split them by prefixes
+            return self._prefixes(messages, trained, mode)
+        return ids, [run for run, i in zip(runs, assistant, strict=True) if i in trained]
+
+    def _prefixes(self, messages: Sequence[dict[str, Any]], trained: list[int],
+                  mode: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self._tokens(self._render(messages, mode, add_generation_prompt=False))
+        spans = []
+        for i in trained:
+            if i == 0:
+                raise _Problem("the conversation opens with an assistant turn; this chat template has no "
+                               "generation markers, so its tokens can only be located after a user turn",
+                               "messages[0]")
+            before = self._tokens(self._render(messages[:i], mode, add_generation_prompt=True))
+            through = self._tokens(self._render(messages[:i + 1], mode, add_generation_prompt=False))
+            spans.append(self._span(ids, before, through, f"messages[{i}]"))
+        return ids, spans
+
+    # -- plain text path ----------------------------------------------------------------------
+
+    def _plain_pieces(self, messages: Sequence[dict[str, Any]]) -> list[str]:
+        pieces = []
+        for m in messages:
+            if m["role"] == "assistant":
+                reasoning = "" if self._mode(messages) == "off" else m.get("reasoning")
+                block = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}" if reasoning is not None else ""
+                pieces.append(block + m["content"] + self.tokenizer.eos_token)
+            else:
+                pieces.append(m["content"])
+        return pieces
+
+    def _plain_text(self, messages: Sequence[dict[str, Any]]) -> str:
+        return (self.tokenizer.bos_token or "") + "".join(self._plain_pieces(messages))
+
+    def _plain(self, messages: Sequence[dict[str, Any]], trained: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        bos = self.tokenizer.bos_token or ""
+        pieces = self._plain_pieces(messages)
+        ids = self._tokens(bos + "".join(pieces))
+        spans = [self._span(ids, self._tokens(bos + "".join(pieces[:i])),
+                            self._tokens(bos + "".join(pieces[:i + 1])), f"messages[{i}]") for i in trained]
+        return ids, spans
+
+    # -- shared checks ------------------------------------------------------------------------
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def _span(ids: list[int], before: list[int], through: list[int], field: str) -> tuple[int, int]:
+        """The trained span of one turn: tokens of `through` after `before`, both prefixes of `ids`."""
+        if ids[:len(before)] != before or ids[:len(through)] != through:
+            raise _Problem("the prompt's tokens are not a prefix of the conversation's tokens (the template "
+                           "rewrites earlier turns, or the tokenizer merges across the turn boundary), so the "
+                           "trained tokens cannot be located", field)
+        return len(before), len(through)
+
+    def _one_bos(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return ids, mask
+        count = ids.count(bos)
+        if count == 0:
+            return [bos, *ids], [0, *mask]
+        if count > 1 or ids[0] != bos:
+            raise _Problem(f"the rendered sample has {count} BOS tokens where one must open it")
+        return ids, mask
+
+    def _check_special_text(self, messages: Sequence[dict[str, Any]]) -> None:
+        """Special-token text inside a message would be tokenised as the control token itself: an EOS
+        mid-answer, a fake turn. Reject it rather than train on it."""
+        specials = [t for t in self.tokenizer.all_special_tokens if t]
+        for i, m in enumerate(messages):
+            for key in ("content", "reasoning"):
+                text = m.get(key) or ""
+                found = next((t for t in specials if t in text), None)
+                if found:
+                    raise _Problem(f"contains the special token {found!r} as text", f"messages[{i}].{key}")
+
+    # -- whole rows ---------------------------------------------------------------------------
+
+    def fit(self, ids: list[int], mask: list[int], excess: int) -> tuple[list[int], list[int]]:
+        """Cut `excess` tokens from the left, keeping a leading BOS."""
+        keep = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
+        return ids[:keep] + ids[keep + excess:], mask[:keep] + mask[keep + excess:]
+
+
+def _runs(marks: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of every run of 1s."""
+    runs, start = [], None
+    for i, mark in enumerate([*marks, 0]):
+        if mark and start is None:
+            start = i
+        elif not mark and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows of each format -> tokenised columns.
+
+
+def _fit_group(encoder: Encoder, sequences: list[tuple[list[int], list[int]]]) -> tuple[list, dict]:
+    """Apply the truncation policy to sequences that share one prompt (one sequence, a pair, a
+    ranking): the same number of prompt tokens is cut from each, so they keep one prompt."""
+    longest = max(len(ids) for ids, _ in sequences)
+    status = {"original_length": longest, "truncated": False, "drop": "", "error": "", "error_field": ""}
+    excess = longest - encoder.max_length
+    if excess > 0:
+        if encoder.truncation == "truncate_left":
+            sequences = [encoder.fit(ids, mask, excess) for ids, mask in sequences]
+            status["truncated"] = True
+        else:
+            status["drop"] = "too_long"
+            if encoder.truncation == "error":
+                prompt = min(mask.index(1) if 1 in mask else len(mask) for _, mask in sequences)
+                status["error"] = (f"the sample is {longest} tokens ({prompt} of them prompt), longer than "
+                                   f"data.max_length={encoder.max_length} (data.truncation=error)")
+                status["error_field"] = "prompt" if prompt >= encoder.max_length else "completion"
+            return sequences, status
+    if any(sum(mask) == 0 for _, mask in sequences):
+        status["drop"] = "no_completion_tokens"
+    return sequences, status
+
+
+def _problem_status(problem: _Problem) -> dict[str, Any]:
+    return {"original_length": 0, "truncated": False, "drop": "error", "error": str(problem),
+            "error_field": problem.field or ""}
+
+
+def _encode_row(row: dict[str, Any], encoder: Encoder, fmt: str) -> dict[str, Any]:
+    try:
+        return _ENCODERS[fmt](row, encoder)
+    except _Problem as problem:
+        return _EMPTY[fmt]() | _problem_status(problem)
+
+
+def _sft(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+    if "messages" in row:
+        ids, mask = encoder.encode(row["messages"])
+    else:
+        ids, mask = encoder.encode([*row["prompt"], *row["completion"]], prompt_turns=len(row["prompt"]))
+    [(ids, mask)], status = _fit_group(encoder, [(ids, mask)])
+    return {"input_ids": ids, "response_mask": mask, "length": len(ids)} | status
+
+
+def _preference(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+    pair = [encoder.encode([*row["prompt"], *row[key]], prompt_turns=len(row["prompt"]))
+            for key in ("chosen", "rejected")]
+    [(chosen, chosen_mask), (rejected, rejected_mask)], status = _fit_group(encoder, pair)
+    return {"chosen_input_ids": chosen, "chosen_response_mask": chosen_mask, "rejected_input_ids": rejected,
+            "rejected_response_mask": rejected_mask, "length": max(len(chosen), len(rejected))} | status
+
+
+def _ranking(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+    encoded = [encoder.encode([*row["prompt"], *response], prompt_turns=len(row["prompt"]))
+               for response in row["responses"]]
+    encoded, status = _fit_group(encoder, encoded)
+    return {"ranked_input_ids": [ids for ids, _ in encoded], "ranked_response_mask": [m for _, m in encoded],
+            "length": max(len(ids) for ids, _ in encoded)} | status
+
+
+def _verifiable(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+    ids = encoder.encode_prompt(row["prompt"])
+    # The prompt is all there is to fit; it counts as "completion" for the empty check (never empty).
+    [(ids, _)], status = _fit_group(encoder, [(ids, [1] * len(ids))])
+    if status["error"]:
+        status["error_field"] = "prompt"
+    return {"prompt_input_ids": ids, "length": len(ids)} | status
+
+
+def _stepwise(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+    """The steps as one assistant turn, one step per line; `step_ends` holds the token index of each
+    step's newline — where a process reward model reads that step's score."""
+    content = "".join(step + "\n" for step in row["completions"])
+    prompt = row["prompt"]
+    turn = {"role": "assistant", "content": content, "reasoning": None}
+    ids, mask = encoder.encode([*prompt, turn], prompt_turns=len(prompt))
+    step_ends = _step_token_ends(encoder, [*prompt, turn], content, row["completions"], ids)
+    [(fitted, mask)], status = _fit_group(encoder, [(ids, mask)])
+    cut = len(ids) - len(fitted)
+    if any(end - cut < 1 for end in step_ends) and not status["drop"]:
+        status["drop"] = "too_long"  # the cut reached into the steps: their labels have nowhere to go
+    return {"input_ids": fitted, "response_mask": mask, "step_ends": [max(end - cut, 0) for end in step_ends],
+            "step_labels": row["labels"], "length": len(fitted)} | status
+
+
+def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: str, steps: list[str],
+                     ids: list[int]) -> list[int]:
+    text = encoder.render_text(messages)
+    start = text.rfind(content)
+    if start < 0:
+        raise _Problem("the template does not render the steps verbatim, so step ends cannot be located",
+                       "completions")
+    encoding = encoder.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    shift = len(ids) - len(offsets)  # a BOS prepended by `_one_bos`
+    ends, position = [], start
+    for step in steps:
+        position += len(step)  # the index of this step's newline
+        token = next((t for t, (a, b) in enumerate(offsets) if a <= position < b), None)
+        if token is None:
+            raise _Problem("a step's newline is not covered by any token", "completions")
+        ends.append(token + shift)
+        position += 1
+    return ends
+
+
+_ENCODERS = {"completion": _sft, "messages": _sft, "preference": _preference, "ranking": _ranking,
+             "verifiable": _verifiable, "stepwise": _stepwise}
+_EMPTY = {
+    "completion": lambda: {"input_ids": [], "response_mask": [], "length": 0},
+    "messages": lambda: {"input_ids": [], "response_mask": [], "length": 0},
+    "preference": lambda: {"chosen_input_ids": [], "chosen_response_mask": [], "rejected_input_ids": [],
+                           "rejected_response_mask": [], "length": 0},
+    "ranking": lambda: {"ranked_input_ids": [], "ranked_response_mask": [], "length": 0},
+    "verifiable": lambda: {"prompt_input_ids": [], "length": 0},
+    "stepwise": lambda: {"input_ids": [], "response_mask": [], "step_ends": [], "step_labels": [], "length": 0},
+}
+# Canonical columns that stay beside the tokens (RL needs the prompt text and the gold answer).
+_KEEP = {"completion": ("line",), "messages": ("line",), "preference": ("line", "margin"),
+         "ranking": ("line", "scores"), "verifiable": ("line", "prompt", "answer", "steps"), "stepwise": ("line",)}
+
+
+def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Tokenized:
+    """Tokenise validated rows (cached `datasets.map`, `cfg.num_proc` processes) and drop what cannot train.
+
+    Columns by format, besides `line` and `length` (tokens, after truncation):
+      completion, messages: input_ids, response_mask
+      preference:           chosen_input_ids, chosen_response_mask, rejected_input_ids, rejected_response_mask, margin
+      ranking:              ranked_input_ids, ranked_response_mask (one list per response, best first), scores
+      verifiable:           prompt_input_ids, prompt (messages), answer, steps
+      stepwise:             input_ids, response_mask, step_ends, step_labels
+    Raises DataError (file, line, field) for a row the template cannot render or, with
+    truncation=error, the first row longer than max_length.
+    """
+    encoder = Encoder.from_config(tokenizer, cfg)
+    fmt = rows.format
+    drop_columns = [c for c in rows.dataset.column_names if c not in _KEEP[fmt]]
+    mapped = rows.dataset.map(_encode_row, fn_kwargs={"encoder": encoder, "fmt": fmt}, remove_columns=drop_columns,
+                              num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                              desc=f"tokenising {rows.name}")
+    _raise_first_error(mapped, rows.name)
+    stats = _stats(mapped, fmt)
+    if stats.dropped_too_long or stats.dropped_no_completion:
+        logger.warning("%s: dropped %d rows longer than max_length=%d and %d rows with no trained token "
+                       "(%d truncated, %d kept)", rows.name, stats.dropped_too_long, cfg.max_length,
+                       stats.dropped_no_completion, stats.truncated, stats.kept)
+    kept = mapped.filter(lambda drop: not drop, input_columns="drop")
+    return Tokenized(dataset=kept.remove_columns(list(_BOOKKEEPING)), format=fmt, stats=stats, name=rows.name)
+
+
+def _raise_first_error(mapped: Dataset, name: str) -> None:
+    errors = mapped.filter(lambda error: bool(error), input_columns="error")
+    if len(errors):
+        first = errors[0]
+        raise DataError(first["error"], file=name, line=first["line"], field=first["error_field"] or None)
+
+
+def _stats(mapped: Dataset, fmt: str) -> TokenStats:
+    columns = mapped.select_columns(["length", "truncated", "drop", *_mask_columns(fmt)])
+    drop = np.array(columns["drop"], dtype=object)
+    kept = drop == ""
+    lengths = np.array(columns["length"], dtype=np.int64)[kept]
+    response_tokens = 0
+    for column in _mask_columns(fmt):
+        for keep, mask in zip(kept, columns[column], strict=True):
+            if keep:
+                response_tokens += _nested_sum(mask)
+    if not len(lengths):
+        lengths = np.zeros(1, dtype=np.int64)
+    return TokenStats(
+        rows=len(mapped), kept=int(kept.sum()), truncated=int(np.sum(np.array(columns["truncated"]) & kept)),
+        dropped_too_long=int(np.sum(drop == "too_long")), dropped_no_completion=int(np.sum(drop == "no_completion_tokens")),
+        length_min=int(lengths.min()), length_mean=float(lengths.mean()), length_p50=float(np.percentile(lengths, 50)),
+        length_p95=float(np.percentile(lengths, 95)), length_max=int(lengths.max()), response_tokens=response_tokens)
+
+
+def _mask_columns(fmt: str) -> tuple[str, ...]:
+    return {"preference": ("chosen_response_mask", "rejected_response_mask"),
+            "ranking": ("ranked_response_mask",), "verifiable": ()}.get(fmt, ("response_mask",))
+
+
+def _nested_sum(values: list) -> int:
+    return sum(_nested_sum(v) if isinstance(v, list) else int(v) for v in values)

@@ -1,0 +1,186 @@
+"""The shared training loop: accumulation invariance, exact resume, signals, crash safety, NaN guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from posttrain.config import ModelConfig, OptimConfig, RunConfig
+from posttrain.models import build_model
+from posttrain.run import prepare_run_dir
+from posttrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_module_weights
+from posttrain.train.engine import TrainConfig, Trainer, TrainingError
+from posttrain.train.metrics import read_metrics
+from posttrain.train.sources import ShuffledStepSource
+
+SEQ = 12
+TIMING_KEYS = {"step_time_s", "elapsed_s", "tokens_per_s"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineTestConfig:
+    run: RunConfig
+    train: TrainConfig
+    optim: OptimConfig
+
+
+def _data(tokenizer, n: int = 48) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(123)
+    return torch.randint(3, len(tokenizer), (n, SEQ), generator=generator)
+
+
+def _loss_fn(model, batch, normaliser):
+    # HF's loss is a mean over this micro-batch's predicted tokens; turn it into a sum over the global count.
+    predicted = batch.shape[0] * (SEQ - 1)
+    loss = model(input_ids=batch, labels=batch).loss * predicted / normaliser
+    return loss, {"loss": loss.item()}
+
+
+def _trainer(tmp_path, tokenizer, *, name="run", steps=6, batch=8, micro=4, resume=False, seed=0, **train_kw):
+    cfg = EngineTestConfig(
+        run=RunConfig(name=name, out_dir=str(tmp_path), progress=False, resume=resume, seed=seed),
+        train=TrainConfig(max_steps=steps, batch_size=batch, micro_batch_size=micro, **train_kw),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine"),
+    )
+    torch.manual_seed(seed)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="test")
+    # A resumed model starts from different weights on purpose: the checkpoint must replace them all.
+    model = build_model(ModelConfig(size="tiny"), tokenizer, seed=seed + (99 if resume else 0))
+    trainer = Trainer(stage="test", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                      model=model)
+    data = _data(tokenizer)
+    source = ShuffledStepSource(len(data), batch, micro, seed, collate=lambda idx: data[idx],
+                                count=lambda idx: (len(idx) * (SEQ - 1), len(idx) * SEQ))
+    return trainer, source
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def _flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_accumulation_gives_the_full_batch_gradient(tmp_path, tokenizer, micro):
+    grads = {}
+    for m in (16, micro):
+        trainer, source = _trainer(tmp_path, tokenizer, name=f"acc{m}", steps=1, batch=16, micro=m)
+
+        def capture(optimizer, args, kwargs, _m=m, _model=trainer.model):
+            grads[_m] = torch.cat([p.grad.flatten() for p in _model.parameters()])
+
+        trainer.optimizer.register_step_pre_hook(capture)
+        trainer.fit(source, _loss_fn)
+    torch.testing.assert_close(grads[micro], grads[16])
+
+
+def test_two_runs_with_one_seed_log_identical_metrics(tmp_path, tokenizer):
+    for name in ("a", "b"):
+        trainer, source = _trainer(tmp_path, tokenizer, name=name, steps=4)
+        trainer.fit(source, _loss_fn)
+    a = _untimed(read_metrics(tmp_path / "a" / "metrics.jsonl"))
+    b = _untimed(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert a == b and len(a) == 4
+
+
+def test_sigterm_checkpoint_and_resume_are_bitwise_identical(tmp_path, tokenizer):
+    full, source = _trainer(tmp_path, tokenizer, name="full", steps=6, save_every=0)
+    full.fit(source, _loss_fn)
+
+    stopped, source = _trainer(tmp_path, tokenizer, name="split", steps=6, save_every=0)
+    calls = {"n": 0}
+
+    def loss_then_sigterm(model, batch, normaliser):
+        calls["n"] += 1
+        if calls["n"] == 5:  # first micro-batch of step 3: the step must still finish
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _loss_fn(model, batch, normaliser)
+
+    result = stopped.fit(source, loss_then_sigterm)
+    assert result.interrupted and result.step == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "split" / "checkpoints")] == ["step-3"]
+
+    resumed, source = _trainer(tmp_path, tokenizer, name="split", steps=6, resume=True, save_every=0)
+    result = resumed.fit(source, _loss_fn)
+    assert result.step == 6 and not result.interrupted
+    assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == \
+        _untimed(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    assert torch.equal(_flat_params(resumed.model), _flat_params(full.model))
+
+
+def test_periodic_checkpoints_keep_the_last_k(tmp_path, tokenizer):
+    trainer, source = _trainer(tmp_path, tokenizer, steps=6, save_every=2, keep_last=2)
+    trainer.fit(source, _loss_fn)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-4", "step-6"]
+    for name in ("model/model.safetensors", "model/config.json", "optimizer-model.safetensors", "state.json",
+                 "rng.safetensors", "config.yaml", "COMPLETE"):
+        assert (root / "step-6" / name).is_file(), name
+    fresh = build_model(ModelConfig(size="tiny"), tokenizer, seed=5)
+    load_module_weights(fresh, root / "step-6" / "model")
+    assert torch.equal(_flat_params(fresh), _flat_params(trainer.model))
+
+
+def test_nonfinite_step_is_skipped_with_parameters_untouched(tmp_path, tokenizer):
+    trainer, source = _trainer(tmp_path, tokenizer, steps=8, max_nonfinite=3, save_every=0)
+    snapshots = {}
+
+    def poisoned(model, batch, normaliser):
+        step = trainer.step + 1
+        snapshots.setdefault(step, _flat_params(model).clone())
+        loss, metrics = _loss_fn(model, batch, normaliser)
+        if step == 2 or step >= 4:
+            loss = loss * float("nan")
+        return loss, metrics
+
+    with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite"):
+        trainer.fit(source, poisoned)
+    assert torch.equal(snapshots[3], snapshots[2])  # step 2 was skipped
+    assert not torch.equal(snapshots[4], snapshots[3])  # step 3 trained
+    assert torch.equal(_flat_params(trainer.model), snapshots[4])  # steps 4-6 skipped, then stop
+    assert trainer.skipped_steps == 4
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import posttrain.train.checkpoint as ckpt
+        from test_engine import _trainer
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r})
+        trainer, source = _trainer(__import__("pathlib").Path({str(tmp_path)!r}), tok, steps=4, save_every=2)
+        real_fsync = ckpt._fsync_tree
+        def slow_fsync(directory):
+            real_fsync(directory)
+            if directory.name == ".tmp-step-4":
+                print("SAVING", flush=True)
+                time.sleep(60)
+        ckpt._fsync_tree = slow_fsync
+        trainer.fit(source, __import__("test_engine")._loss_fn)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "SAVING"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / ".tmp-step-4").is_dir() and latest_checkpoint(root) == root / "step-2"
+
+    resumed, source = _trainer(tmp_path, tokenizer, steps=4, resume=True, save_every=2)
+    result = resumed.fit(source, _loss_fn)
+    assert result.step == 4 and latest_checkpoint(root) == root / "step-4"
+    assert not (root / ".tmp-step-4").exists()
