@@ -464,9 +464,11 @@ def _stats(mapped: Dataset, fmt: str) -> TokenStats:
         lengths = np.zeros(1, dtype=np.int64)
     return TokenStats(
         rows=len(mapped), kept=int(kept.sum()), truncated=int(np.sum(np.array(columns["truncated"]) & kept)),
-        dropped_too_long=int(np.sum(drop == "too_long")), dropped_no_completion=int(np.sum(drop == "no_completion_tokens")),
-        length_min=int(lengths.min()), length_mean=float(lengths.mean()), length_p50=float(np.percentile(lengths, 50)),
-        length_p95=float(np.percentile(lengths, 95)), length_max=int(lengths.max()), response_tokens=response_tokens)
+        dropped_too_long=int(np.sum(drop == "too_long")),
+        dropped_no_completion=int(np.sum(drop == "no_completion_tokens")),
+        length_min=int(lengths.min()), length_mean=float(lengths.mean()),
+        length_p50=float(np.percentile(lengths, 50)), length_p95=float(np.percentile(lengths, 95)),
+        length_max=int(lengths.max()), response_tokens=response_tokens)
 
 
 def _mask_columns(fmt: str) -> tuple[str, ...]:

@@ -1,0 +1,261 @@
+"""Tokenised samples -> batches: padded (right for training, left for generation), padding-free, packed.
+
+Every training batch carries `labels` (input ids, -100 where not trained, the HF convention: the
+model shifts them) and the same information as `response_mask` (1 where `labels` is a trained
+token), aligned with `input_ids`; `position_ids` restart at 0 for every sample.
+
+Padding-free puts the whole batch in one row; packing fills rows of `capacity` tokens best-fit
+decreasing. Neither may let a sample see another: attention must be block-diagonal. transformers
+5.x derives that block structure from restarting `position_ids` only when no attention mask *and
+no cache* is passed — and a plain `model(input_ids, position_ids=...)` builds a DynamicCache
+(config.use_cache defaults to True), so the blocks silently leak into each other (measured: logits
+off by ~1.1 on the tiny Llama with SDPA on CPU). Hence packed batches carry an explicit 4-D
+block-causal additive mask by default (`attention="mask"`, works with eager and SDPA); with
+`attention="position_ids"` they carry none, for flash/SDPA kernels called with use_cache=False.
+The first token of every sample is never a target, so no loss crosses a boundary either.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import Tensor
+
+from posttrain.data.tokenize import IGNORE_INDEX
+
+Sample = Mapping[str, Any]
+
+
+def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: the longest samples first, each into the open bin it fills best.
+
+    Returns bins of sample indices (each bin's lengths sum to <= capacity). A sample longer than
+    `capacity` is an error: truncate or drop it first (the tokeniser's `max_length` does).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining space, bin index), sorted
+    for i in order:
+        size = lengths[i]
+        if size > capacity:
+            raise ValueError(f"sample {i} has {size} tokens, more than the packing capacity {capacity}")
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot < len(free):
+            remaining, b = free.pop(slot)
+        else:
+            remaining, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        bisect.insort(free, (remaining - size, b))
+    return bins
+
+
+def pack_dataset(dataset: Dataset, capacity: int) -> Dataset:
+    """Rows of concatenated samples (best-fit decreasing), with `seq_lengths` to split them again."""
+    bins = pack_bfd(dataset["length"], capacity)
+    ids, masks = dataset["input_ids"], dataset["response_mask"]
+    return Dataset.from_dict({
+        "input_ids": [[t for i in b for t in ids[i]] for b in bins],
+        "response_mask": [[m for i in b for m in masks[i]] for b in bins],
+        "seq_lengths": [[len(ids[i]) for i in b] for b in bins],
+    })
+
+
+def unpack_row(row: Sample) -> list[dict[str, list[int]]]:
+    """The samples of one packed row."""
+    samples, start = [], 0
+    for n in row["seq_lengths"]:
+        samples.append({"input_ids": row["input_ids"][start:start + n],
+                        "response_mask": row["response_mask"][start:start + n]})
+        start += n
+    return samples
+
+
+def collate_padded(samples: Sequence[Sample], pad_token_id: int, side: str = "right",
+                   ids_key: str = "input_ids", mask_key: str = "response_mask") -> dict[str, Tensor]:
+    """One sample per row, padded on `side` to the longest.
+
+    Returns input_ids, attention_mask (1 = real token), position_ids (0 at each sample's first real
+    token), labels and response_mask, all [B, T]. Left padding is for generation and for scoring a
+    batch exactly as the sampler saw it; per-token logprobs do not depend on the side.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max(len(s[ids_key]) for s in samples)
+    shape = (len(samples), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    response_mask = torch.zeros(shape, dtype=torch.long)
+    for b, sample in enumerate(samples):
+        n = len(sample[ids_key])
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        input_ids[b, cols] = torch.tensor(sample[ids_key], dtype=torch.long)
+        attention_mask[b, cols] = 1
+        position_ids[b, cols] = torch.arange(n)
+        if mask_key in sample:
+            response_mask[b, cols] = torch.tensor(sample[mask_key], dtype=torch.long)
+    response_mask[position_ids == 0] = 0  # a first token has no context to be predicted from
+    labels = input_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "labels": labels, "response_mask": response_mask}
+
+
+def collate_packed(rows: Sequence[Sequence[Sample]], pad_token_id: int, attention: str = "mask",
+                   mask_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Several samples per row (`rows[r]` = the samples of row r), right-padded to the longest row.
+
+    Returns input_ids, position_ids (restarting at 0 for every sample), labels, response_mask and
+    sample_ids (index of the sample in the flattened `rows`, -1 on padding), all [R, T], and with
+    attention="mask" an additive block-causal attention_mask [R, 1, T, T] in `mask_dtype` (0 where a
+    query may attend, the dtype's minimum elsewhere). Per-sample losses are recovered by grouping
+    target tokens by `sample_ids`.
+    """
+    if attention not in ("mask", "position_ids"):
+        raise ValueError(f"attention must be 'mask' or 'position_ids', got {attention!r}")
+    width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    response_mask = torch.zeros(shape, dtype=torch.long)
+    sample_ids = torch.full(shape, -1, dtype=torch.long)
+    segments = torch.zeros(shape, dtype=torch.long)  # block of each token within its row
+    index = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for k, sample in enumerate(row):
+            n = len(sample["input_ids"])
+            cols = slice(start, start + n)
+            input_ids[r, cols] = torch.tensor(sample["input_ids"], dtype=torch.long)
+            response_mask[r, cols] = torch.tensor(sample["response_mask"], dtype=torch.long)
+            position_ids[r, cols] = torch.arange(n)
+            sample_ids[r, cols] = index
+            segments[r, cols] = k
+            start += n
+            index += 1
+        # Padding is a block of its own (positions restart too), so it attends only to itself.
+        position_ids[r, start:] = torch.arange(width - start)
+        segments[r, start:] = len(row)
+    response_mask[position_ids == 0] = 0  # no target across a sample boundary
+    labels = input_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+             "response_mask": response_mask, "sample_ids": sample_ids}
+    if attention == "mask":
+        batch["attention_mask"] = block_causal_mask(segments, mask_dtype)
+    return batch
+
+
+def block_causal_mask(segments: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Additive [R, 1, T, T] mask: query t attends to key s iff s <= t and both are in one segment."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def collate_pairs(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
+    """Preference pairs as one right-padded batch of 2B rows: the B chosen first, then the B rejected.
+
+    Adds `margin` [B] (0 where a row has none).
+    """
+    chosen = [{"input_ids": s["chosen_input_ids"], "response_mask": s["chosen_response_mask"]} for s in samples]
+    rejected = [{"input_ids": s["rejected_input_ids"], "response_mask": s["rejected_response_mask"]}
+                for s in samples]
+    batch = collate_padded([*chosen, *rejected], pad_token_id)
+    batch["margin"] = torch.tensor([s.get("margin") or 0.0 for s in samples], dtype=torch.float32)
+    return batch
+
+
+def collate_rankings(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
+    """Every response of every ranking as one right-padded batch, best first within each ranking.
+
+    Adds ranking_ids [N] (which ranking a row belongs to), ranks [N] (0 = best) and scores [N]
+    (the given scores, or minus the rank when a row has none). `ranking_matrix` turns per-row
+    values back into [B, K] for a Plackett-Luce loss.
+    """
+    flat, ranking_ids, ranks, scores = [], [], [], []
+    for b, sample in enumerate(samples):
+        given = sample.get("scores")
+        for k, (ids, mask) in enumerate(zip(sample["ranked_input_ids"], sample["ranked_response_mask"],
+                                            strict=True)):
+            flat.append({"input_ids": ids, "response_mask": mask})
+            ranking_ids.append(b)
+            ranks.append(k)
+            scores.append(given[k] if given else -float(k))
+    batch = collate_padded(flat, pad_token_id)
+    batch["ranking_ids"] = torch.tensor(ranking_ids, dtype=torch.long)
+    batch["ranks"] = torch.tensor(ranks, dtype=torch.long)
+    batch["scores"] = torch.tensor(scores, dtype=torch.float32)
+    return batch
+
+
+def ranking_matrix(values: Tensor, ranking_ids: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-response values [N] -> ([B, K] best first, mask [B, K]) for rankings of different sizes."""
+    rows, width = int(ranking_ids.max()) + 1, int(ranks.max()) + 1
+    matrix = values.new_zeros(rows, width)
+    mask = torch.zeros(rows, width, dtype=torch.bool, device=values.device)
+    matrix[ranking_ids, ranks] = values
+    mask[ranking_ids, ranks] = True
+    return matrix, mask
+
+
+def collate_stepwise(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-padded stepwise rows plus step_ends [B, S] (token index of each step's separator, where
+    a process reward model reads its score), step_labels [B, S] and step_mask [B, S]."""
+    batch = collate_padded(samples, pad_token_id)
+    steps = max(len(s["step_ends"]) for s in samples)
+    step_ends = torch.zeros(len(samples), steps, dtype=torch.long)
+    step_labels = torch.zeros(len(samples), steps, dtype=torch.float32)
+    step_mask = torch.zeros(len(samples), steps, dtype=torch.long)
+    for b, sample in enumerate(samples):
+        n = len(sample["step_ends"])
+        step_ends[b, :n] = torch.tensor(sample["step_ends"], dtype=torch.long)
+        step_labels[b, :n] = torch.tensor(sample["step_labels"], dtype=torch.float32)
+        step_mask[b, :n] = 1
+    return batch | {"step_ends": step_ends, "step_labels": step_labels, "step_mask": step_mask}
+
+
+def collate_prompts(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Any]:
+    """Left-padded prompts for generation: input_ids, attention_mask, position_ids [B, T], plus the
+    rows' `answer`, `steps` and `prompt` (messages) as lists for the verifier and the logs."""
+    batch: dict[str, Any] = collate_padded(samples, pad_token_id, side="left", ids_key="prompt_input_ids")
+    for key in ("labels", "response_mask"):
+        batch.pop(key)
+    for key in ("answer", "steps", "prompt"):
+        if key in samples[0]:
+            batch[key] = [s[key] for s in samples]
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Collator:
+    """The collate function for a format and a batch mode (usable as a DataLoader's `collate_fn`).
+
+    In packed mode the dataset rows are packed rows (`pack_dataset`); in padding-free mode they are
+    samples, and each batch becomes one row.
+    """
+
+    format: str
+    pad_token_id: int
+    batch_mode: str = "padded"
+    packed_attention: str = "mask"
+    mask_dtype: torch.dtype = torch.float32
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        if self.format in ("completion", "messages"):
+            if self.batch_mode == "padding_free":
+                return collate_packed([samples], self.pad_token_id, self.packed_attention, self.mask_dtype)
+            if self.batch_mode == "packed":
+                return collate_packed([unpack_row(s) for s in samples], self.pad_token_id,
+                                      self.packed_attention, self.mask_dtype)
+            return collate_padded(samples, self.pad_token_id)
+        if self.batch_mode != "padded":
+            raise ValueError(f"batch_mode {self.batch_mode!r} is for SFT formats; {self.format!r} rows are padded")
+        return {"preference": collate_pairs, "ranking": collate_rankings, "stepwise": collate_stepwise,
+                "verifiable": collate_prompts}[self.format](samples, self.pad_token_id)
