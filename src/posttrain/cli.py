@@ -129,6 +129,61 @@ def config(
     console.print(table)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Look at data before training on it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: Annotated[str, typer.Argument(help="A .jsonl/.json/.parquet/.csv file, a `datasets` directory or a "
+                                               "built-in task (arith, multistep, sort).")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="data settings as key=value (max_length=256 truncation=truncate_left columns.prompt=question).",
+        show_default=False)] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="The stage (sft, rm, prm, dpo, ppo, grpo, rft, "
+                                                         "rejection) or recipe whose data settings to use.")] = "sft",
+    model: Annotated[str | None, typer.Option(help="Model directory whose tokenizer and chat template to use "
+                                                   "(default: runs/pretrain/final, else the built-in tokenizer).")
+                     ] = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Rendered samples to show.")] = 3,
+) -> None:
+    """Show rendered samples with the trained tokens highlighted, and token statistics."""
+    _quiet_libraries()
+    from pathlib import Path
+
+    import datasets
+
+    from posttrain.config import load_config, read_yaml_with_lines
+    from posttrain.data.config import STAGE_FORMATS, DataConfig
+    from posttrain.data.inspect import inspect_data
+    from posttrain.models import load_tokenizer
+
+    datasets.disable_progress_bars()
+    try:
+        stage, defaults = recipe, {}
+        if recipe not in STAGE_FORMATS:
+            found = recipes.find_recipe(recipe)
+            stage, defaults = found.stage, read_yaml_with_lines(found.path)[0].get("data") or {}
+        cfg = load_config(DataConfig, defaults, [o.removeprefix("data.") for o in overrides or []],
+                          extra={"source": source})
+        if model is None and (Path("runs/pretrain/final") / "config.json").is_file():
+            model = "runs/pretrain/final"
+        if model is not None:
+            tokenizer = load_tokenizer(model)
+        else:
+            import itertools
+
+            from posttrain.data.corpus import plain_text, synthetic_documents
+            from posttrain.models import train_tokenizer
+
+            console.print("[dim]no --model and no runs/pretrain/final: using the built-in tokenizer[/]")
+            tokenizer = train_tokenizer(plain_text(d) for d in itertools.islice(synthetic_documents(seed=0), 3000))
+        inspect_data(cfg, tokenizer, stage=stage, samples=samples, console=console)
+    except PosttrainError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+
+
 def main() -> None:
     app(prog_name="posttrain")
 

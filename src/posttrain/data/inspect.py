@@ -51,7 +51,10 @@ def render_masked(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int], 
     start = 0
     for i in range(1, len(input_ids) + 1):
         if i == len(input_ids) or styles[i] != styles[start]:
-            text.append(tokenizer.decode(list(input_ids[start:i]), skip_special_tokens=False), style=styles[start])
+            piece = tokenizer.decode(list(input_ids[start:i]), skip_special_tokens=False)
+            if styles[start] == STEP_END:  # a separator is often a bare newline: make it visible
+                piece = "↵" + piece if piece.endswith("\n") else piece + "↵"
+            text.append(piece, style=styles[start])
             start = i
     return text
 
@@ -96,7 +99,8 @@ def _stats_table(tokenized: Tokenized, cfg: DataConfig) -> Table:
     table.add_row("length min / mean / p50 / p95 / max",
                   f"{s.length_min} / {s.length_mean:.1f} / {s.length_p50:g} / {s.length_p95:g} / {s.length_max}")
     if tokenized.format != "verifiable":
-        table.add_row("trained tokens (total, per row)", f"{s.response_tokens} ({s.response_tokens / max(s.kept, 1):.1f})")
+        per_row = s.response_tokens / max(s.kept, 1)
+        table.add_row("trained tokens (total, per row)", f"{s.response_tokens} ({per_row:.1f})")
     if cfg.batch_mode == "packed" and tokenized.format in ("completion", "messages") and s.kept:
         lengths = tokenized.dataset["length"]
         bins = pack_bfd(lengths, cfg.max_length)
