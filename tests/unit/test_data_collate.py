@@ -1,0 +1,126 @@
+"""Collators and best-fit-decreasing packing (the model-level equalities are in tests/integration)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from posttrain.data import (
+    Collator,
+    collate_packed,
+    collate_padded,
+    collate_pairs,
+    collate_prompts,
+    collate_rankings,
+    collate_stepwise,
+    pack_bfd,
+    ranking_matrix,
+)
+from posttrain.data.collate import block_causal_mask, pack_dataset, unpack_row
+
+PAD = 0
+A = {"input_ids": [1, 5, 6, 7, 2], "response_mask": [0, 0, 1, 1, 1]}
+B = {"input_ids": [1, 8, 2], "response_mask": [0, 1, 1]}
+
+
+def test_pack_bfd_hand_example():
+    # Decreasing: 6, 5, 4, 3, 2 into bins of 8: 6 -> new; 5 -> new; 4 -> new; 3 best fits the 5 (3 left
+    # -> 0); 2 best fits the 6 (2 left -> 0).
+    assert pack_bfd([3, 6, 2, 5, 4], capacity=8) == [[1, 2], [3, 0], [4]]
+
+
+def test_pack_bfd_properties_on_random_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(500)]
+    bins = pack_bfd(lengths, capacity=64)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
+    assert len(bins) <= 1.25 * sum(lengths) / 64 + 1  # BFD is within 11/9 OPT + 1 of the optimum
+
+
+def test_pack_bfd_rejects_a_sample_longer_than_capacity():
+    with pytest.raises(ValueError, match="more than the packing capacity"):
+        pack_bfd([3, 9], capacity=8)
+
+
+def test_padded_right_and_left():
+    right = collate_padded([A, B], PAD)
+    assert right["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 8, 2, PAD, PAD]]
+    assert right["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert right["labels"].tolist() == [[-100, -100, 6, 7, 2], [-100, 8, 2, -100, -100]]
+    assert torch.equal(right["response_mask"], (right["labels"] != -100).long())
+    left = collate_padded([A, B], PAD, side="left")
+    assert left["input_ids"].tolist() == [[1, 5, 6, 7, 2], [PAD, PAD, 1, 8, 2]]
+    assert left["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    assert left["labels"][1].tolist() == [-100, -100, -100, 8, 2]
+
+
+def test_packed_row_restarts_positions_and_blocks_attention():
+    batch = collate_packed([[A, B], [B]], PAD)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 1, 8, 2], [1, 8, 2] + [PAD] * 5]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 0, 1, 2, 3, 4]]
+    assert batch["sample_ids"].tolist() == [[0] * 5 + [1] * 3, [2] * 3 + [-1] * 5]
+    assert batch["labels"].tolist() == [[-100, -100, 6, 7, 2, -100, 8, 2], [-100, 8, 2] + [-100] * 5]
+    allowed = batch["attention_mask"][0, 0] == 0
+    assert allowed[6].tolist() == [False] * 5 + [True, True, False]  # B's 2nd token sees only B
+    assert allowed[4].tolist() == [True] * 5 + [False] * 3
+    assert "attention_mask" not in collate_packed([[A, B]], PAD, attention="position_ids")
+
+
+def test_block_causal_mask_dtype():
+    mask = block_causal_mask(torch.tensor([[0, 0, 1]]), torch.bfloat16)
+    assert mask.shape == (1, 1, 3, 3) and mask.dtype == torch.bfloat16
+    assert mask[0, 0, 1, 0] == 0 and mask[0, 0, 2, 1] == torch.finfo(torch.bfloat16).min
+
+
+def test_padding_free_is_one_row():
+    batch = Collator("messages", PAD, batch_mode="padding_free")([A, B, B])
+    assert batch["input_ids"].shape == (1, 11)
+    assert batch["sample_ids"].tolist() == [[0] * 5 + [1] * 3 + [2] * 3]
+
+
+def test_pack_dataset_round_trip():
+    from datasets import Dataset
+
+    samples = [A, B, B, A]
+    dataset = Dataset.from_list([s | {"length": len(s["input_ids"])} for s in samples])
+    packed = pack_dataset(dataset, capacity=8)
+    rows = [unpack_row(packed[i]) for i in range(len(packed))]
+    assert sorted(len(r) for r in rows) == [2, 2]
+    assert sorted(str(s) for r in rows for s in r) == sorted(str(s) for s in samples)
+    batch = Collator("completion", PAD, batch_mode="packed")([packed[i] for i in range(len(packed))])
+    assert batch["input_ids"].shape == (2, 8)
+
+
+def test_pairs_rankings_stepwise_prompts():
+    pair = {"chosen_input_ids": A["input_ids"], "chosen_response_mask": A["response_mask"],
+            "rejected_input_ids": B["input_ids"], "rejected_response_mask": B["response_mask"], "margin": None}
+    batch = collate_pairs([pair, pair | {"margin": 2.0}], PAD)
+    assert batch["input_ids"].shape == (4, 5) and batch["margin"].tolist() == [0.0, 2.0]
+    assert batch["input_ids"][2].tolist() == [1, 8, 2, PAD, PAD]  # rejected rows follow the chosen ones
+
+    ranking = {"ranked_input_ids": [A["input_ids"], B["input_ids"], B["input_ids"]],
+               "ranked_response_mask": [A["response_mask"], B["response_mask"], B["response_mask"]], "scores": None}
+    batch = collate_rankings([ranking, ranking | {"ranked_input_ids": ranking["ranked_input_ids"][:2],
+                                                  "ranked_response_mask": ranking["ranked_response_mask"][:2],
+                                                  "scores": [3.0, 1.0]}], PAD)
+    assert batch["ranking_ids"].tolist() == [0, 0, 0, 1, 1] and batch["ranks"].tolist() == [0, 1, 2, 0, 1]
+    assert batch["scores"].tolist() == [0.0, -1.0, -2.0, 3.0, 1.0]
+    matrix, mask = ranking_matrix(torch.arange(5.0), batch["ranking_ids"], batch["ranks"])
+    assert matrix.tolist() == [[0, 1, 2], [3, 4, 0]] and mask.tolist() == [[True] * 3, [True, True, False]]
+
+    step = B | {"step_ends": [1, 2], "step_labels": [1.0, 0.0]}
+    batch = collate_stepwise([step, A | {"step_ends": [3], "step_labels": [1.0]}], PAD)
+    assert batch["step_ends"].tolist() == [[1, 2], [3, 0]] and batch["step_mask"].tolist() == [[1, 1], [1, 0]]
+
+    prompts = collate_prompts([{"prompt_input_ids": [1, 5, 6], "answer": "4"}, {"prompt_input_ids": [1, 7],
+                                                                                  "answer": "9"}], PAD)
+    assert prompts["input_ids"].tolist() == [[1, 5, 6], [PAD, 1, 7]] and prompts["answer"] == ["4", "9"]
+    assert "labels" not in prompts
+
+
+def test_packing_is_for_sft_rows_only():
+    with pytest.raises(ValueError, match="SFT formats"):
+        Collator("preference", PAD, batch_mode="packed")([])

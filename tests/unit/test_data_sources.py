@@ -1,0 +1,111 @@
+"""Every kind of source loads into the same canonical rows; renames; the Arrow cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from datasets import Dataset
+
+from posttrain.config import load_config
+from posttrain.data import ColumnsConfig, DataConfig, load_rows
+from posttrain.data.schemas import message
+
+ROWS = [{"question": "What is 2+3?", "completion": "5", "id": 1},
+        {"question": "What is 4*4?", "completion": "16", "id": 2}]
+EXPECTED = [{"prompt": [message("user", r["question"])], "completion": [message("assistant", r["completion"])],
+             "line": line} for r, line in zip(ROWS, (1, 2), strict=True)]
+
+
+def _write(tmp_path, kind: str):
+    path = tmp_path / f"data.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif kind == "json":
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in ROWS) + "\n]\n")  # items on lines 2, 3
+    elif kind == "csv":
+        path.write_text("question,completion,id\n" + "".join(f"{r['question']},{r['completion']},1\n" for r in ROWS))
+    elif kind == "parquet":
+        Dataset.from_list(ROWS).to_parquet(str(path))
+    else:
+        path = tmp_path / "saved"
+        Dataset.from_list(ROWS).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet", "disk"])
+def test_file_sources_with_a_column_rename(tmp_path, kind):
+    path = _write(tmp_path, kind)
+    cfg = load_config(DataConfig, None, [f"source={path}", "columns.prompt=question", f"cache_dir={tmp_path}/c"])
+    rows = load_rows(cfg, ("messages", "completion"))
+    assert rows.format == "completion" and rows.name == str(path)
+    # Text files give lines (after the CSV header, after the JSON list's `[`), the others 1-based rows.
+    expected = [r | {"line": r["line"] + 1} for r in EXPECTED] if kind in ("csv", "json") else EXPECTED
+    assert rows.dataset[:] == {k: [r[k] for r in expected] for k in expected[0]}
+
+
+def test_python_rows(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    rows = [{"prompt": r["question"], "completion": r["completion"]} for r in ROWS]
+    assert load_rows(cfg, ("completion",), rows=iter(rows)).dataset.to_list() == EXPECTED
+
+
+def test_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\n" + json.dumps({"prompt": "q", "completion": "a"}) + "\n\n" + json.dumps(
+        {"prompt": "q2", "completion": "b"}) + "\n")
+    rows = load_rows(DataConfig(source=str(path), cache_dir=str(tmp_path)), ("completion",))
+    assert rows.dataset["line"] == [2, 4]
+
+
+def test_formats_are_detected_from_the_columns(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    assert load_rows(cfg, ("preference", "ranking"), rows=[pair]).format == "preference"
+    ranking = {"prompt": "q", "responses": ["a", "b"]}
+    assert load_rows(cfg, ("preference", "ranking"), rows=[ranking]).format == "ranking"
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert load_rows(cfg, ("messages", "completion"), rows=[chat]).format == "messages"
+
+
+def test_preference_rows_accept_strings_or_messages_and_a_margin(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}],
+           "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b", "margin": 2}
+    loaded = load_rows(cfg, ("preference",), rows=[row]).dataset[0]
+    assert loaded["prompt"] == [message("system", "Be brief."), message("user", "q")]
+    assert loaded["rejected"] == [message("assistant", "b")] and loaded["margin"] == 2.0
+
+
+def test_ranking_with_scores_is_stored_best_first(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    row = {"prompt": "q", "responses": ["ok", "best", "bad"], "scores": [0.5, 0.9, -1]}
+    loaded = load_rows(cfg, ("ranking",), rows=[row]).dataset[0]
+    assert [r[0]["content"] for r in loaded["responses"]] == ["best", "ok", "bad"]
+    assert loaded["scores"] == [0.9, 0.5, -1.0]
+
+
+def test_csv_cells_hold_json_lists(tmp_path):
+    path = tmp_path / "steps.csv"
+    path.write_text('prompt,completions,labels\nq,"[""1+1=2"", ""2+2=5""]","[true, false]"\n')
+    loaded = load_rows(DataConfig(source=str(path), cache_dir=str(tmp_path)), ("stepwise",)).dataset[0]
+    assert loaded["completions"] == ["1+1=2", "2+2=5"] and loaded["labels"] == [1.0, 0.0]
+
+
+def test_the_arrow_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path):
+    path = _write(tmp_path, "jsonl")
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), columns=ColumnsConfig(prompt="question"))
+    first = load_rows(cfg, ("completion",)).dataset
+    second = load_rows(cfg, ("completion",)).dataset
+    assert first.cache_files and first.cache_files == second.cache_files
+    path.write_text(json.dumps({"question": "What is 1+1?", "completion": "2"}) + "\n")
+    os.utime(path, ns=(1, 1))  # a different mtime even on coarse filesystem clocks
+    third = load_rows(cfg, ("completion",)).dataset
+    assert third.cache_files != first.cache_files and third["completion"] == [[message("assistant", "2")]]
+
+
+def test_limit(tmp_path):
+    path = _write(tmp_path, "jsonl")
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path), limit=1, columns=ColumnsConfig(prompt="question"))
+    assert len(load_rows(cfg, ("completion",)).dataset) == 1

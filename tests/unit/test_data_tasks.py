@@ -1,0 +1,111 @@
+"""Built-in tasks: disjoint splits, rows of every format, answer extraction and verifiers."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.data import TASKS, DataConfig, get_task, load_rows
+from posttrain.data import arith as arith_space
+from posttrain.data.tasks.base import is_heldout_key
+from posttrain.errors import DataError
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_heldout_split_never_overlaps_the_training_split(name):
+    task = get_task(name)
+    train = {e.key for seed in (0, 1) for e in task.examples("train", 1500, seed)}
+    heldout = {e.key for e in task.examples("heldout", 300, seed=0)}
+    assert train and heldout and not train & heldout
+    assert not any(is_heldout_key(k) for k in train) and all(is_heldout_key(k) for k in heldout)
+
+
+def test_arith_split_agrees_with_the_pretraining_corpus():
+    task = get_task("arith")
+    for example in task.examples("heldout", 200, seed=3):
+        question = example.prompt.splitlines()[-1]
+        assert arith_space.is_heldout(arith_space.Problem(*_parse(example.key)))
+        assert question == f"What is {example.key}?"
+        # Few-shot lines are solved training problems: no held-out answer appears in a prompt.
+        for line in example.prompt.splitlines()[:-1]:
+            assert not is_heldout_key(line.removeprefix("What is ").split("?")[0])
+    assert 0 <= min(p.count("\n") for p in (e.prompt for e in task.examples("train", 200, 0))) < 6
+
+
+def _parse(key):
+    for op in "+-*":
+        a, sep, b = key.partition(op)
+        if sep:
+            return int(a), op, int(b)
+    raise AssertionError(key)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_format_a_task_lists_loads_and_validates(tmp_path, name):
+    task = get_task(name)
+    for fmt in task.formats:
+        cfg = DataConfig(source=name, format=fmt, size=40, seed=1, cache_dir=str(tmp_path))
+        rows = load_rows(cfg, (fmt,))
+        assert rows.format == fmt and len(rows.dataset) == 40
+        again = load_rows(cfg, (fmt,))
+        assert again.dataset[:] == rows.dataset[:]  # seeded: the same rows every time
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_rows_are_consistent_with_the_verifier(name):
+    task = get_task(name)
+    for row in task.rows("preference", size=30, seed=2):
+        answer = task.extract_answer(row["chosen"])
+        assert task.verify(row["chosen"], answer) == 1.0 and task.verify(row["rejected"], answer) == 0.0
+    for row in task.rows("ranking", size=30, seed=2):
+        assert row["scores"] == sorted(row["scores"], reverse=True) and len(set(row["scores"])) == 4
+        answer = task.extract_answer(row["responses"][0])
+        assert [task.verify(r, answer) for r in row["responses"]] == [1.0, 0.0, 0.0, 0.0]
+    for row, example in zip(task.rows("verifiable", size=30, seed=2), task.examples("train", 30, 2), strict=True):
+        assert row["answer"] == example.answer == task.extract_answer(example.completion)
+
+
+def test_answer_extraction_reads_after_the_thinking_block():
+    arith = get_task("arith")
+    assert arith.extract_answer("<think>maybe 41, no: 42</think> 42") == "42"
+    assert arith.extract_answer("<think>still thinking 41") is None
+    assert arith.verify("The answer is -7.", "-7") == 1.0
+    assert arith.verify("<think>7</think>", "7") == 0.0
+    assert get_task("sort").extract_answer("<think>hm</think>\n3 7 19\nmore 1 2") == "3 7 19"
+    assert get_task("multistep").extract_answer("2+3=5\n5*2=10\nAnswer: 10") == "10"
+    assert get_task("multistep").extract_answer("2+3=5\n5*2=10") == "10"
+
+
+def test_multistep_verifies_every_step():
+    task = get_task("multistep")
+    completion = "2+3=5\n5*4=21\n21-1=20\nAnswer: 20"
+    assert task.verify_steps(completion, ["5", "20", "19"]) == [1.0, 0.0, 0.0]
+    assert task.verify_steps("2+3=5", ["5", "20"]) == [1.0, 0.0]
+    assert task.verify_steps("3+2=5\n", ["5"]) == [1.0]
+    assert task.verify_steps("2+3=6\n", ["6"]) == [0.0]  # the right value by wrong arithmetic
+    ends = task.step_char_ends(completion)
+    assert [completion[e] for e in ends] == ["\n"] * 3 and completion[:ends[0]] == "2+3=5"
+    thought = "<think>x</think>" + completion
+    assert task.step_char_ends(thought) == [e + len("<think>x</think>") for e in ends]
+
+
+def test_multistep_stepwise_rows_label_the_first_mistake_and_after():
+    task = get_task("multistep")
+    rows = list(task.rows("stepwise", size=200, seed=0))
+    wrong = [r for r in rows if not all(r["labels"])]
+    assert 0.3 < len(wrong) / len(rows) < 0.7
+    for row, example in zip(rows, task.examples("train", 200, 0), strict=True):
+        scores = task.verify_steps("\n".join(row["completions"]), list(example.steps))
+        assert scores == [float(label) for label in row["labels"]]
+        first_wrong = row["labels"].index(False) if False in row["labels"] else len(row["labels"])
+        assert row["labels"] == [True] * first_wrong + [False] * (len(row["labels"]) - first_wrong)
+
+
+def test_multistep_rl_rows_carry_the_per_step_gold_values():
+    task = get_task("multistep")
+    for row in task.rows("verifiable", size=20, seed=0):
+        assert 2 <= len(row["steps"]) <= 5 and row["steps"][-1] == row["answer"]
+
+
+def test_unknown_task():
+    with pytest.raises(DataError, match="did you mean 'sort'"):
+        get_task("srot")

@@ -1,0 +1,217 @@
+"""Chat template rendering, assistant masks, BOS/EOS, thinking modes, truncation and its counts."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+from posttrain.data import DataConfig, Encoder, load_rows, tokenize_rows
+from posttrain.data.schemas import message
+from posttrain.models.tokenizer import CHAT_TEMPLATE
+
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+
+CHAT = [message("system", "You are terse."), message("user", "What is 2+3?"),
+        message("assistant", "5", reasoning="2 plus 3 is 5"), message("user", "And 4*4?"),
+        message("assistant", "16")]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def hand_built(tokenizer, messages, trained: set[int], empty_think: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and mask built piece by piece: special tokens split BPE, so pieces tokenise alone."""
+    ids, mask = [tokenizer.bos_token_id], [0]
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            piece = _ids(tokenizer, f"<|{m['role']}|>{m['content']}<|end|>")
+            ids, mask = ids + piece, mask + [0] * len(piece)
+            continue
+        head = _ids(tokenizer, ASSISTANT)
+        reasoning = "" if empty_think else m["reasoning"]
+        body = (_ids(tokenizer, f"<think>{reasoning}</think>") if reasoning is not None else []) + _ids(
+            tokenizer, m["content"]) + [tokenizer.eos_token_id]
+        ids += head + body
+        mask += [0] * len(head) + [int(i in trained)] * len(body)
+    return ids, mask
+
+
+def _encoder(tokenizer, **kwargs) -> Encoder:
+    return Encoder(tokenizer=tokenizer, **kwargs)
+
+
+def _without_markers(tokenizer):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = re.sub(r"\{% (end)?generation %\}", "", CHAT_TEMPLATE)
+    assert "{% generation %}" not in plain.chat_template and "endgeneration" not in plain.chat_template
+    return plain
+
+
+def test_mask_equals_hand_built_mask_on_multi_turn_chat(tokenizer):
+    ids, mask = _encoder(tokenizer).encode(CHAT)
+    assert (ids, mask) == hand_built(tokenizer, CHAT, trained={2, 4})
+
+
+def test_loss_on_last_turn_only(tokenizer):
+    ids, mask = _encoder(tokenizer, loss_on="last").encode(CHAT)
+    assert (ids, mask) == hand_built(tokenizer, CHAT, trained={4})
+
+
+def test_prompt_turns_are_never_trained(tokenizer):
+    ids, mask = _encoder(tokenizer).encode(CHAT, prompt_turns=3)
+    assert (ids, mask) == hand_built(tokenizer, CHAT, trained={4})
+
+
+def test_prefix_fallback_gives_the_same_mask(tokenizer):
+    """A template without generation markers: masks come from prompt-prefix tokenisation."""
+    for loss_on in ("all", "last"):
+        marked = _encoder(tokenizer, loss_on=loss_on).encode(CHAT)
+        assert _encoder(_without_markers(tokenizer), loss_on=loss_on).encode(CHAT) == marked
+
+
+def test_eos_is_trained_when_pad_is_eos(tokenizer):
+    pad_is_eos = copy.deepcopy(tokenizer)
+    pad_is_eos.pad_token = pad_is_eos.eos_token
+    ids, mask = _encoder(pad_is_eos).encode(CHAT)
+    assert ids[-1] == pad_is_eos.eos_token_id == pad_is_eos.pad_token_id and mask[-1] == 1
+    from posttrain.data import collate_padded
+
+    short = _encoder(pad_is_eos).encode(CHAT[:3])
+    batch = collate_padded([{"input_ids": ids, "response_mask": mask},
+                            {"input_ids": short[0], "response_mask": short[1]}], pad_is_eos.pad_token_id)
+    assert batch["labels"][1, len(short[0]) - 1] == pad_is_eos.eos_token_id  # the short row's own EOS
+    assert (batch["labels"][1, len(short[0]):] == -100).all()  # its padding (also EOS ids) is not
+
+
+def test_eos_closing_outside_the_generation_block_is_still_trained(tokenizer):
+    outside = copy.deepcopy(tokenizer)
+    outside.chat_template = CHAT_TEMPLATE.replace("<|end|>{% endgeneration %}", "{% endgeneration %}<|end|>")
+    assert outside.chat_template != CHAT_TEMPLATE
+    assert _encoder(outside).encode(CHAT) == _encoder(tokenizer).encode(CHAT)
+
+
+def test_exactly_one_bos(tokenizer):
+    ids, _ = _encoder(tokenizer).encode(CHAT)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    prompt = _encoder(tokenizer).encode_prompt(CHAT[:2])
+    assert prompt.count(tokenizer.bos_token_id) == 1 and prompt[0] == tokenizer.bos_token_id
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "")
+    assert no_bos.chat_template != CHAT_TEMPLATE
+    assert _encoder(no_bos).encode(CHAT) == (ids, _)  # a template that forgets BOS gets it added
+
+
+def test_plain_template(tokenizer):
+    """Raw text: BOS + prompt + completion + EOS, the completion (and EOS) trained."""
+    messages = [message("user", "What is 2+3?"), message("assistant", " 5")]
+    ids, mask = _encoder(tokenizer, template="plain").encode(messages, prompt_turns=1)
+    prompt = [tokenizer.bos_token_id, *_ids(tokenizer, "What is 2+3?")]
+    assert ids == prompt + _ids(tokenizer, " 5") + [tokenizer.eos_token_id]
+    assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+
+
+def test_thinking_modes(tokenizer):
+    turn = [message("user", "What is 2+3?"), message("assistant", "5", reasoning="2 plus 3")]
+    on = _encoder(tokenizer, thinking="on").render_text(turn)
+    off = _encoder(tokenizer, thinking="off").render_text(turn)
+    assert on.endswith("<|assistant|><think>2 plus 3</think>5<|end|>")
+    assert off.endswith("<|assistant|><think></think>5<|end|>")
+    assert _encoder(tokenizer, thinking="off").encode(turn) == hand_built(tokenizer, turn, {1}, empty_think=True)
+    # Generation prompts: thinking off closes an empty block so the model answers directly.
+    assert _encoder(tokenizer, thinking="off").render_text(turn[:1], True).endswith("<|assistant|><think></think>")
+    assert _encoder(tokenizer, thinking="on").render_text(turn[:1], True).endswith("<|assistant|>")
+
+
+def test_thinking_fusion_renders_each_row_in_its_own_mode(tokenizer):
+    fusion = _encoder(tokenizer, thinking="fusion")
+    with_reasoning = [message("user", "q"), message("assistant", "5", reasoning="because")]
+    without = [message("user", "q"), message("assistant", "5")]
+    assert fusion.render_text(with_reasoning).endswith("<think>because</think>5<|end|>")
+    assert fusion.render_text(without).endswith("<think></think>5<|end|>")
+
+
+def test_reasoning_is_inlined_for_templates_that_do_not_read_it(tokenizer):
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}{% else %}{{ m['content'] }}<|end|>"
+        "{% endif %}{% endfor %}")
+    assert _encoder(other).encode(CHAT) == _encoder(tokenizer).encode(CHAT)
+
+
+def test_think_block_in_content_becomes_reasoning(tmp_path, tokenizer):
+    rows = [{"prompt": "What is 2+3?", "completion": "<think>\n2 plus 3\n</think>\n5"}]
+    loaded = load_rows(DataConfig(cache_dir=str(tmp_path)), ("completion",), rows=rows)
+    assert loaded.dataset[0]["completion"] == [message("assistant", "5", reasoning="2 plus 3")]
+
+
+def _lengths_rows(tokenizer):
+    """Completion rows whose rendered lengths are known."""
+    rows = [{"prompt": "What is 1+1?" + " 1+1" * n, "completion": "2"} for n in (0, 5, 20, 40)]
+    encoder = _encoder(tokenizer)
+    lengths = [len(encoder.encode([message("user", r["prompt"]), message("assistant", "2")], 1)[0]) for r in rows]
+    return rows, lengths
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate_left"])
+def test_truncation_counts(tmp_path, tokenizer, policy):
+    rows, lengths = _lengths_rows(tokenizer)
+    max_length = sorted(lengths)[1]  # two rows fit, two do not
+    cfg = DataConfig(cache_dir=str(tmp_path), max_length=max_length, truncation=policy)
+    result = tokenize_rows(load_rows(cfg, ("completion",), rows=rows), tokenizer, cfg)
+    stats = result.stats
+    assert stats.rows == 4
+    if policy == "drop":
+        assert (stats.kept, stats.dropped_too_long, stats.truncated) == (2, 2, 0)
+        assert sorted(result.dataset["length"]) == sorted(lengths)[:2]
+    else:
+        assert (stats.kept, stats.dropped_too_long, stats.truncated) == (4, 0, 2)
+        assert max(result.dataset["length"]) == max_length == stats.length_max
+        for ids, mask in zip(result.dataset["input_ids"], result.dataset["response_mask"], strict=True):
+            assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+            assert ids[-1] == tokenizer.eos_token_id and mask[-1] == 1  # the answer survives whole
+            assert sum(mask) == 2  # "2" and EOS
+    assert stats.response_tokens == 2 * stats.kept
+
+
+def test_row_left_with_no_trained_token_is_dropped_and_counted(tmp_path, tokenizer):
+    """A conversation that ends with a long user turn: cut from the left, nothing trained remains."""
+    talk = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                          {"role": "user", "content": "Count: " + " ".join(map(str, range(40)))}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    cfg = DataConfig(cache_dir=str(tmp_path), max_length=32, truncation="truncate_left")
+    result = tokenize_rows(load_rows(cfg, ("messages",), rows=talk), tokenizer, cfg)
+    assert (result.stats.kept, result.stats.dropped_no_completion, result.stats.truncated) == (1, 1, 0)
+    assert result.dataset["line"] == [2]
+
+
+def test_pairs_share_one_prompt_after_truncation(tmp_path, tokenizer):
+    rows = [{"prompt": "Sort: " + " ".join(map(str, range(30))), "chosen": "0 1 2", "rejected": "2 1 0 5 5 5"}]
+    cfg = DataConfig(cache_dir=str(tmp_path), max_length=40, truncation="truncate_left")
+    row = tokenize_rows(load_rows(cfg, ("preference",), rows=rows), tokenizer, cfg).dataset[0]
+    chosen, rejected = row["chosen_input_ids"], row["rejected_input_ids"]
+    prompt_c = chosen[:row["chosen_response_mask"].index(1)]
+    prompt_r = rejected[:row["rejected_response_mask"].index(1)]
+    assert prompt_c == prompt_r and max(len(chosen), len(rejected)) == 40
+
+
+def test_stepwise_step_ends_sit_on_each_steps_newline(tmp_path, tokenizer):
+    rows = [{"prompt": "Start with 2. Add 3. Multiply by 4.", "completions": ["2+3=5", "5*4=20"],
+             "labels": [True, False]}]
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    row = tokenize_rows(load_rows(cfg, ("stepwise",), rows=rows), tokenizer, cfg).dataset[0]
+    ids = row["input_ids"]
+    assert [tokenizer.decode([ids[e]]) for e in row["step_ends"]] == ["\n", "\n"]
+    assert tokenizer.decode(ids[row["step_ends"][0] + 1:row["step_ends"][1]]) == "5*4=20"
+    assert row["step_labels"] == [1.0, 0.0] and all(row["response_mask"][e] for e in row["step_ends"])
+
+
+def test_verifiable_prompts_end_with_the_generation_prompt(tmp_path, tokenizer):
+    cfg = DataConfig(cache_dir=str(tmp_path), thinking="off")
+    rows = [{"prompt": "What is 2+3?", "answer": 5}]
+    row = tokenize_rows(load_rows(cfg, ("verifiable",), rows=rows), tokenizer, cfg).dataset[0]
+    assert tokenizer.decode(row["prompt_input_ids"]).endswith("<|assistant|><think></think>")
+    assert row["answer"] == "5"
