@@ -215,3 +215,14 @@ def test_verifiable_prompts_end_with_the_generation_prompt(tmp_path, tokenizer):
     row = tokenize_rows(load_rows(cfg, ("verifiable",), rows=rows), tokenizer, cfg).dataset[0]
     assert tokenizer.decode(row["prompt_input_ids"]).endswith("<|assistant|><think></think>")
     assert row["answer"] == "5"
+
+
+def test_tokenisation_is_cached_and_num_proc_changes_nothing(tmp_path, tokenizer):
+    results = {}
+    for num_proc in (1, 2):
+        cfg = DataConfig(source="multistep", size=64, num_proc=num_proc, cache_dir=str(tmp_path / str(num_proc)))
+        first = tokenize_rows(load_rows(cfg, ("messages",)), tokenizer, cfg)
+        again = tokenize_rows(load_rows(cfg, ("messages",)), tokenizer, cfg)
+        assert first.dataset.cache_files and again.dataset.cache_files == first.dataset.cache_files
+        results[num_proc] = first.dataset.to_list()
+    assert results[1] == results[2]

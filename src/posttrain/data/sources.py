@@ -83,7 +83,7 @@ def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
         if isinstance(err.__cause__, DataError):
             raise err.__cause__ from None
         raise
-    return Rows(dataset=dataset, format=fmt, name=name)
+    return Rows(dataset=dataset, format=fmt, name=f"task:{name}" if kind == "task" else name)
 
 
 def _resolve(source: str) -> tuple[str, str]:
