@@ -1,0 +1,40 @@
+"""Rollouts for the RL stages: batched sampling with a KV cache, stop handling and logprob bookkeeping.
+
+`make_engine("local", model, tokenizer).generate(prompts, SamplingParams(...))` returns a `Rollout`;
+`policy_logprobs` recomputes its logprobs on the trainer's side, `logprob_mismatch` compares the two.
+"""
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.errors import ConfigError
+from posttrain.rollout.base import (
+    FinishReason,
+    Prompts,
+    Rollout,
+    RolloutEngine,
+    SamplingParams,
+    position_ids_from_mask,
+)
+from posttrain.rollout.local import LocalRolloutEngine
+from posttrain.rollout.recompute import logprob_mismatch, policy_logprobs
+
+ENGINES = ("local", "vllm")
+
+
+def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
+    """The rollout engine called `name`: "local" samples in-process; "vllm" is planned but not available yet.
+
+    Asking for vLLM is an error, never a silent fallback to the local engine: the two differ in
+    speed by an order of magnitude on a GPU, and a run should not quietly be the slow one.
+    """
+    if name == "local":
+        return LocalRolloutEngine(model, tokenizer)
+    if name == "vllm":
+        raise ConfigError("the vLLM rollout engine is not available yet (a later issue adds it); use 'local'",
+                          field="engine")
+    raise ConfigError(f"unknown rollout engine {name!r}; choose one of: {', '.join(ENGINES)}", field="engine")
+
+
+__all__ = ["ENGINES", "FinishReason", "LocalRolloutEngine", "Prompts", "Rollout", "RolloutEngine", "SamplingParams",
+           "logprob_mismatch", "make_engine", "policy_logprobs", "position_ids_from_mask"]

@@ -1,0 +1,38 @@
+"""The trainer's side of the logprob bookkeeping: recompute the policy's logprobs of a Rollout.
+
+The sampler's logprobs come from a KV-cached, token-by-token forward; the trainer's from one padded
+forward over prompt + completion. On CPU fp32 they agree to rounding (mean |diff| ~1e-7); a larger
+mismatch means the positions, the masks or the temperature differ between the two, and it biases
+every importance ratio, so recipes report it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import masked_mean, token_logprobs
+from posttrain.rollout.base import Rollout
+
+
+def policy_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None) -> Tensor:
+    """Per-token logprobs [B, T] of the rollout's completions under `model`, 0 outside the response mask.
+
+    One forward over [prompt | completion] with the rollout's attention mask and positions (counted
+    from each row's first real token, as while sampling); only the T + 1 last positions' logits are
+    computed. `temperature` defaults to the rollout's. Gradients flow unless the caller disables them.
+    """
+    width = rollout.completion_ids.shape[1]
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                   position_ids=rollout.position_ids, logits_to_keep=width + 1).logits[:, :-1]
+    labels = rollout.completion_ids.masked_fill(rollout.response_mask == 0, -100)
+    return token_logprobs(logits, labels, rollout.temperature if temperature is None else temperature)
+
+
+def logprob_mismatch(sampler_logprobs: Tensor, trainer_logprobs: Tensor, response_mask: Tensor) -> Tensor:
+    """mean over response tokens of |sampler - trainer| logprobs (a scalar; 0 for an empty mask).
+
+    Shapes: all [B, T]. ~0 when sampler and trainer compute the same distribution; it grows with
+    precision or kernel differences (bf16, vLLM) and when the policy moved since sampling.
+    """
+    return masked_mean((sampler_logprobs - trainer_logprobs.detach()).abs(), response_mask)
