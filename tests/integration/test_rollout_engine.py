@@ -1,0 +1,211 @@
+"""The local rollout engine on the tiny model: HF-exact greedy tokens, logprobs the trainer reproduces,
+stop handling, masks, finish reasons, early exit and seeded sampling, for both decoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from posttrain.rollout import LocalRolloutEngine, SamplingParams, logprob_mismatch, make_engine, policy_logprobs
+from posttrain.rollout.forward import HFDecoder, LlamaDecoder, left_pad, make_decoder
+
+FORWARDS = ["llama", "hf"]
+QUESTIONS = ["What is 1+1?", "Count from 3 to 9.", "Hi", "What is 12*7?\nWhat is 40-13? 27\nWhat is 5+5?"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    """Chat prompts of clearly different lengths (5 to 40-odd tokens): the left padding matters."""
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                              return_dict=False) for q in QUESTIONS]
+    assert len({len(p) for p in rendered}) == len(rendered)
+    return rendered
+
+
+def _hf_greedy(model, tokenizer, prompts, max_new_tokens):
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    return out[:, input_ids.shape[1]:]
+
+
+def _eos_bias(model, bias: float):
+    """Add `bias` to the EOS logit of every forward (a hook on lm_head, which both decoders call)."""
+    eos = model.config.eos_token_id
+
+    def hook(module, inputs, output):
+        output[..., eos] += bias
+        return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+def test_greedy_matches_transformers_generate_on_a_ragged_left_padded_batch(tiny_model, tokenizer, prompts, forward):
+    rollout = LocalRolloutEngine(tiny_model, tokenizer, forward).generate(
+        prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    assert torch.equal(rollout.completion_ids, _hf_greedy(tiny_model, tokenizer, prompts, 12))
+    assert rollout.finish_reasons == ["length"] * len(prompts)  # random init: no EOS within 12 tokens
+    assert rollout.response_mask.all() and rollout.truncated.all()
+    assert rollout.prompt_ids.shape == (len(prompts), max(map(len, prompts)))
+    for row, prompt in zip(rollout.prompt_ids, prompts, strict=True):  # left-padded, prompts end together
+        assert row[-len(prompt):].tolist() == prompt
+
+
+def test_auto_picks_the_llama_decoder_for_llama_and_hf_for_others(tiny_model, tokenizer, prompts):
+    rows = torch.arange(2)
+    assert isinstance(make_decoder("auto", tiny_model, prompts[:2], rows, 4, 0), LlamaDecoder)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(config).eval()
+    assert isinstance(make_decoder("auto", qwen, prompts[:2], rows, 4, 0), HFDecoder)
+    with pytest.raises(ValueError, match="needs a Llama"):
+        make_decoder("llama", qwen, prompts[:2], rows, 4, 0)
+    # The generic path is exact on a non-Llama model too.
+    rollout = LocalRolloutEngine(qwen, tokenizer).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    assert torch.equal(rollout.completion_ids, _hf_greedy(qwen, tokenizer, prompts, 8))
+
+
+def test_llama_decoder_handles_grouped_query_attention(tokenizer, prompts):
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                         attention_bias=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    rollout = LocalRolloutEngine(model, tokenizer, "llama").generate(
+        prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    assert torch.equal(rollout.completion_ids, _hf_greedy(model, tokenizer, prompts, 8))
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=10, temperature=1.0, n=2, seed=0),
+    SamplingParams(max_new_tokens=10, temperature=0.7, n=2, seed=1),
+    SamplingParams(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9, seed=2),
+], ids=["t1", "t0.7", "t1.3-topk-topp"])
+def test_trainer_recomputes_the_sampler_logprobs(tiny_model, tokenizer, prompts, forward, params):
+    with _eos_bias(tiny_model, 4.0):  # ragged completions: some rows end early, some run to the limit
+        rollout = LocalRolloutEngine(tiny_model, tokenizer, forward).generate(prompts, params)
+        assert rollout.temperature == params.temperature
+        recomputed = policy_logprobs(tiny_model, rollout)
+    assert 0 < rollout.response_mask.sum() < rollout.response_mask.numel()
+    assert logprob_mismatch(rollout.logprobs, recomputed, rollout.response_mask) < 1e-5
+    torch.testing.assert_close(recomputed, rollout.logprobs, rtol=1e-4, atol=1e-5)
+    assert (rollout.logprobs[rollout.response_mask == 0] == 0).all()
+    # The check has teeth: recomputing at the wrong temperature is far off.
+    wrong = policy_logprobs(tiny_model, rollout, temperature=params.temperature + 0.5)
+    assert logprob_mismatch(rollout.logprobs, wrong, rollout.response_mask) > 1e-2
+
+
+def test_rollout_tensors_can_be_trained_on(tiny_model, tokenizer, prompts):
+    rollout = make_engine("local", tiny_model, tokenizer).generate(prompts, SamplingParams(max_new_tokens=6, seed=0))
+    assert not rollout.completion_ids.is_inference() and not rollout.logprobs.is_inference()
+    logprobs = policy_logprobs(tiny_model, rollout)
+    logprobs.sum().backward()
+    assert tiny_model.lm_head.weight.grad is not None
+
+
+def test_seeded_sampling_is_reproducible_and_both_decoders_agree(tiny_model, tokenizer, prompts):
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, n=3, seed=7)
+    llama = LocalRolloutEngine(tiny_model, tokenizer, "llama")
+    first, again = llama.generate(prompts, params), llama.generate(prompts, params)
+    assert torch.equal(first.completion_ids, again.completion_ids) and torch.equal(first.logprobs, again.logprobs)
+    with_generator = llama.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, n=3),
+                                    generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first.completion_ids, with_generator.completion_ids)
+    other_seed = llama.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, n=3, seed=8))
+    assert not torch.equal(first.completion_ids, other_seed.completion_ids)
+    hf = LocalRolloutEngine(tiny_model, tokenizer, "hf").generate(prompts, params)
+    assert torch.equal(first.completion_ids, hf.completion_ids)
+    torch.testing.assert_close(first.logprobs, hf.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_n_samples_per_prompt_are_prompt_major(tiny_model, tokenizer, prompts):
+    rollout = LocalRolloutEngine(tiny_model, tokenizer).generate(prompts, SamplingParams(max_new_tokens=5, n=3, seed=0))
+    assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert len(rollout.texts) == len(rollout.finish_reasons) == 12
+    greedy = LocalRolloutEngine(tiny_model, tokenizer).generate(prompts, SamplingParams(max_new_tokens=5, n=2,
+                                                                                        temperature=0))
+    assert torch.equal(greedy.completion_ids[0::2], greedy.completion_ids[1::2])  # one shared prefill, same argmax
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+def test_stop_token_ids_end_the_completion_inside_the_mask(tiny_model, tokenizer, prompts, forward):
+    engine = LocalRolloutEngine(tiny_model, tokenizer, forward)
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    stop_id = int(free.completion_ids[1, 3])
+    first = [row.tolist().index(stop_id) if stop_id in row.tolist() else None for row in free.completion_ids]
+    stopped = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop_id,)))
+    for b, at in enumerate(first):
+        if at is None:
+            assert stopped.finish_reasons[b] == "length" and stopped.response_mask[b].all()
+            continue
+        assert stopped.finish_reasons[b] == "stop"
+        assert stopped.response_mask[b].sum() == at + 1  # the stop token itself is in the mask
+        assert stopped.completion_ids[b, at] == stop_id
+        assert (stopped.completion_ids[b, at + 1:] == tokenizer.pad_token_id).all()
+        assert stopped.completion_ids[b, :at + 1].tolist() == free.completion_ids[b, :at + 1].tolist()
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+def test_stop_strings_end_the_completion_and_its_text(tiny_model, tokenizer, prompts, forward):
+    engine = LocalRolloutEngine(tiny_model, tokenizer, forward)
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    row = 3
+    tokens = free.completion_ids[row].tolist()
+    # A stop string made of the end of token 4's text and the start of token 5's: it spans a token boundary.
+    piece4, piece5 = tokenizer.decode(tokens[4:5]), tokenizer.decode(tokens[5:6])
+    stop = piece4[-2:] + piece5[:1]
+    prefix = tokenizer.decode(tokens[:5])
+    assert stop and stop not in prefix[:-2], "pick another row: the stop string occurs too early"
+    stopped = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0, stop=(stop,)))
+    assert stopped.finish_reasons[row] == "stop"
+    assert stopped.response_mask[row].sum() == 6
+    assert stopped.texts[row].endswith(stop) and stopped.texts[row].count(stop) == 1
+    assert stopped.texts[row] == tokenizer.decode(tokens[:6])[: len(prefix) + 1]
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+def test_eos_is_kept_in_the_mask_and_generation_exits_early(tiny_model, tokenizer, prompts, forward):
+    eos = tokenizer.eos_token_id
+    engine = LocalRolloutEngine(tiny_model, tokenizer, forward)
+    with _eos_bias(tiny_model, 100.0):  # EOS certain at once: every row done after one step
+        rollout = engine.generate(prompts, SamplingParams(max_new_tokens=20, seed=0))
+    assert rollout.completion_ids.shape == (len(prompts), 1)
+    assert rollout.completion_ids[:, 0].tolist() == [eos] * len(prompts)
+    assert rollout.response_mask.tolist() == [[1]] * len(prompts)
+    assert rollout.finish_reasons == ["eos"] * len(prompts) and rollout.texts == [""] * len(prompts)
+    with _eos_bias(tiny_model, 5.0):
+        ragged = engine.generate(prompts, SamplingParams(max_new_tokens=30, n=4, seed=0))
+    lengths = ragged.completion_lengths
+    assert ragged.completion_ids.shape[1] == lengths.max() < 30  # exits when the last row is done
+    assert lengths.min() < lengths.max()
+    for b, reason in enumerate(ragged.finish_reasons):
+        ids = ragged.completion_ids[b, : lengths[b]].tolist()
+        assert reason == "eos" and ids[-1] == eos and eos not in ids[:-1]
+        assert (ragged.completion_ids[b, lengths[b]:] == tokenizer.pad_token_id).all()
+
+
+def test_generation_config_eos_ids_count_as_eos(tiny_model, tokenizer, prompts):
+    engine = LocalRolloutEngine(tiny_model, tokenizer)
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    tiny_model.generation_config.eos_token_id = [tokenizer.eos_token_id, int(free.completion_ids[0, 2])]
+    rollout = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    assert rollout.finish_reasons[0] == "eos" and rollout.response_mask[0].sum() <= 3
+
+
+def test_token_batch_input_training_mode_and_weight_updates(tiny_model, tokenizer, prompts):
+    engine = make_engine("local", tiny_model, tokenizer)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    batch = tokenizer.pad({"input_ids": prompts}, padding_side="right", return_tensors="pt")
+    assert batch["attention_mask"].min() == 0  # really padded, on the right
+    tiny_model.train()
+    from_lists = engine.generate(prompts, params)
+    assert torch.equal(engine.generate(batch, params).completion_ids, from_lists.completion_ids)
+    assert tiny_model.training and all(m.training for m in tiny_model.modules())  # mode given back
+    with torch.no_grad():  # a local engine samples from the live module: an optimizer step shows at once
+        tiny_model.lm_head.weight.mul_(-1.0)
+    engine.update_weights(tiny_model)
+    assert not torch.equal(engine.generate(prompts, params).completion_ids, from_lists.completion_ids)

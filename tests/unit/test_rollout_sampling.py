@@ -1,0 +1,103 @@
+"""Rollout pieces without a model: sampling params, truncation, the sampling step, positions, the factory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posttrain.algos import token_logprobs
+from posttrain.errors import ConfigError
+from posttrain.rollout import SamplingParams, make_engine, position_ids_from_mask
+from posttrain.rollout.local import prompt_token_lists
+from posttrain.rollout.sampling import sample_next, truncate_logits
+
+NEG_INF = float("-inf")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -0.1}, "temperature"), ({"top_k": -1}, "top_k"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"n": 0}, "n must"), ({"stop": ("",)}, "stop strings"),
+])
+def test_sampling_params_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalise_lists_and_greedy_temperature():
+    params = SamplingParams(stop=["\n"], stop_token_ids=[7, 9], temperature=0)  # as read from YAML
+    assert params.stop == ("\n",) and params.stop_token_ids == (7, 9)
+    assert params.greedy and params.logprob_temperature == 1.0
+    assert SamplingParams(temperature=0.7).logprob_temperature == 0.7
+
+
+def test_top_k_keeps_the_k_largest_and_ties():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [5.0, 5.0, 1.0, 5.0]])
+    out = truncate_logits(logits, top_k=2)
+    torch.testing.assert_close(out, torch.tensor([[NEG_INF, 3.0, 2.0, NEG_INF], [5.0, 5.0, NEG_INF, 5.0]]))
+    torch.testing.assert_close(truncate_logits(logits, top_k=4), logits)  # k >= vocab: off
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    # mass strictly before each token, by decreasing probability: 0.5 -> 0, 0.3 -> 0.5, 0.15 -> 0.8, 0.05 -> 0.95
+    kept = torch.isfinite(truncate_logits(logits, top_p=0.8))
+    assert kept.tolist() == [[False, True, False, True]]
+    kept = torch.isfinite(truncate_logits(logits, top_p=0.81))
+    assert kept.tolist() == [[False, True, True, True]]
+    kept = torch.isfinite(truncate_logits(logits, top_p=0.01))  # the most likely token always stays
+    assert kept.tolist() == [[False, True, False, False]]
+
+
+def test_sample_next_logprobs_are_the_trainers_full_distribution_logprobs():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0)) * 3
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.6, top_k=3, top_p=0.9)):
+        tokens, logprobs = sample_next(logits, params, torch.Generator().manual_seed(1))
+        # Not the truncated distribution's: top-k / top-p do not change the reported logprobs.
+        expected = token_logprobs(logits.unsqueeze(1), tokens.unsqueeze(1), params.temperature).squeeze(1)
+        torch.testing.assert_close(logprobs, expected)
+
+
+def test_greedy_takes_the_argmax_with_temperature_one_logprobs():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    tokens, logprobs = sample_next(logits, SamplingParams(temperature=0))
+    assert tokens.tolist() == [1, 0]
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
+
+
+def test_sampling_stays_inside_top_k_and_follows_the_distribution():
+    logits = torch.tensor([[0.0, math.log(3.0), -1.0, -2.0]]).expand(4000, 4)
+    tokens, _ = sample_next(logits, SamplingParams(top_k=2), torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4)
+    assert counts[2:].sum() == 0
+    assert abs(counts[1].item() / 4000 - 0.75) < 0.03  # renormalised over the two kept tokens: 3 : 1
+
+
+def test_sampling_is_reproducible_under_a_generator():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    a, _ = sample_next(logits, SamplingParams(), torch.Generator().manual_seed(5))
+    b, _ = sample_next(logits, SamplingParams(), torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_positions_count_from_the_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 2, 3, 4, 5]]
+
+
+def test_prompts_from_lists_or_a_padded_token_batch():
+    batch = {"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    assert prompt_token_lists(batch) == [[5, 6], [7]] == prompt_token_lists([(5, 6), [7]])
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        prompt_token_lists([[1], []])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        prompt_token_lists([])
+
+
+def test_make_engine_refuses_vllm_for_now_and_unknown_names():
+    with pytest.raises(ConfigError, match="vLLM rollout engine is not available yet"):
+        make_engine("vllm", torch.nn.Linear(1, 1), None)
+    with pytest.raises(ConfigError, match="unknown rollout engine 'fast'.*local, vllm"):
+        make_engine("fast", torch.nn.Linear(1, 1), None)
