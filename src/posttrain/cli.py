@@ -54,10 +54,22 @@ def _run_stage(stage: str, args: list[str] | None, quick: bool) -> None:
         console.print(f"     final model: {result.final_dir}")
 
 
-@app.command()
-def pretrain(args: RecipeArgs = None, quick: QuickOption = False) -> None:
-    """Pretrain the offline tiny model and tokenizer on built-in synthetic text."""
-    _run_stage("pretrain", args, quick)
+STAGE_HELP = {
+    "pretrain": "Pretrain the offline tiny model and tokenizer on built-in synthetic text.",
+    "sft": "Supervised fine-tuning (full, LoRA or prefix-tuning) on assistant tokens.",
+}
+
+
+def _register_stage(stage: str, doc: str) -> None:
+    def command(args: RecipeArgs = None, quick: QuickOption = False) -> None:
+        _run_stage(stage, args, quick)
+
+    command.__doc__ = f"{doc}\n\nUsage: posttrain {stage} [RECIPE] [key.sub=value ...]"
+    app.command(name=stage)(command)
+
+
+for _stage, _doc in STAGE_HELP.items():
+    _register_stage(_stage, _doc)
 
 
 @app.command()

@@ -22,6 +22,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # stage -> (module, config class). Modules are imported only when their stage is used.
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("posttrain.recipes.pretrain", "PretrainConfig"),
+    "sft": ("posttrain.recipes.sft", "SFTConfig"),
 }
 
 

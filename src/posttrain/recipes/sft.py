@@ -1,0 +1,108 @@
+"""Supervised fine-tuning: maximise the likelihood of the demonstrations' assistant tokens.
+
+loss = - sum over trained tokens of log p(token | context) / (trained tokens in the whole step)
+
+Only assistant tokens (with the EOS that ends each turn) are trained; the prompt is context. The
+normaliser is the trained-token count of the whole accumulated step, so micro-batching does not
+change the gradient. Full fine-tuning by default; LoRA or prefix-tuning through peft by option.
+Padded, padding-free and packed batches give the same per-token loss (see `posttrain.data.collate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.algos import sft_loss
+from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.errors import ConfigError
+from posttrain.eval.accuracy import EvalConfig, heldout_accuracy
+from posttrain.eval.report import write_training_report
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.run import RunDir, RunResult, prepare_run_dir
+from posttrain.train.engine import Trainer, TrainConfig
+from posttrain.train.forward import response_logprobs
+from posttrain.train.metrics import append_jsonl
+from posttrain.train.seed import seed_everything, set_threads
+from posttrain.train.sources import ShuffledStepSource
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    run: RunConfig = section(lambda: RunConfig(name="sft"), "Run directory, seed, logging.")
+    model: ModelConfig = section(lambda: ModelConfig(path="runs/pretrain/final"), "The model to fine-tune.")
+    adapter: AdapterConfig = section(AdapterConfig, "Full fine-tuning, LoRA or prefix-tuning.")
+    data: DataConfig = section(lambda: DataConfig(source="arith", size=20_000), "Training data and batching.")
+    optim: OptimConfig = section(lambda: OptimConfig(lr=1e-3, warmup_steps=20), "Optimizer and schedule.")
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=300, batch_size=64, micro_batch_size=64),
+                                 "Loop length, batch size, checkpoints.")
+    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
+
+
+def main(cfg: SFTConfig) -> RunResult:
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    if not cfg.model.path:
+        raise ConfigError("SFT fine-tunes an existing model: set model.path (e.g. runs/pretrain/final, from "
+                          "`posttrain pretrain`)", field="model.path")
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="sft")
+
+    before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    model = apply_adapter(model, cfg.adapter)
+    trainer = Trainer(stage="sft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                      model=model)
+    result = trainer.fit(step_source(prepared, cfg.train, cfg.run.seed), sft_loss_fn,
+                         evaluator(model, tokenizer, cfg, run_dir), progress_keys=("loss", "eval_accuracy"))
+    if result.interrupted:
+        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
+
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    summary = {"trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
+               "trained_tokens": result.tokens, "seconds": result.seconds, "final_loss": result.last.get("loss"),
+               **({"accuracy_before": before.accuracy} if before else {}),
+               "accuracy": result.last.get("eval_accuracy"),
+               "accuracy_ci": [result.last.get("eval_accuracy_ci_low"), result.last.get("eval_accuracy_ci_high")],
+               "eval_problems": cfg.eval.problems, "data": prepared.tokenized.stats.as_dict()}
+    write_training_report(run_dir, f"SFT on {cfg.data.source}", summary)
+    return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def step_source(prepared: Prepared, train: TrainConfig, seed: int) -> ShuffledStepSource:
+    """Shuffled steps over the prepared rows; the normaliser is the step's trained-token count."""
+    dataset = prepared.dataset
+    # A sample's first token is never a target (the collators zero it), so these are exact counts.
+    trained = [sum(mask) for mask in dataset["response_mask"]]
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+
+    def count(indices: list[int]) -> tuple[float, int]:
+        return float(sum(trained[i] for i in indices)), sum(lengths[i] for i in indices)
+
+    return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
+                              collate=lambda idx: prepared.collator([dataset[i] for i in idx]), count=count)
+
+
+def sft_loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:
+    logprobs, mask = response_logprobs(model, batch)
+    loss = sft_loss(logprobs, mask, normaliser=normaliser)
+    return loss, {"loss": loss.item()}
+
+
+def evaluator(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: SFTConfig, run_dir: RunDir):
+    """Held-out accuracy at evaluation steps; a few greedy completions go to samples.jsonl."""
+
+    def evaluate(step: int) -> dict[str, float]:
+        accuracy = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval)
+        append_jsonl(run_dir.samples, [{"step": step, **s} for s in accuracy.samples])
+        return accuracy.metrics()
+
+    return evaluate

@@ -1,0 +1,34 @@
+"""Per-token logprobs of the trained tokens of a batch: the one forward every likelihood loss uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import token_logprobs
+
+IGNORE_INDEX = -100
+
+
+def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Logprobs of the tokens marked in `batch["response_mask"]`, and that mask, both [B, K].
+
+    The logits at position t predict token t + 1, so targets are the inputs shifted left. Only the
+    K positions that predict a trained token in some row are projected to the vocabulary
+    (`logits_to_keep`): prompt positions never materialise [B, T, V] logits, which is most of the
+    memory and a share of the compute in prompt-heavy batches.
+
+    Batches are those of `posttrain.data.collate` (padded 2-D or packed 4-D attention masks, with
+    position_ids restarting per sample).
+    """
+    response_mask = batch["response_mask"]
+    targets_mask = response_mask[:, 1:].bool()
+    keep = targets_mask.any(dim=0).nonzero().squeeze(-1)  # positions t whose token t+1 is trained
+    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits  # [B, K, V]
+    targets = batch["input_ids"][:, keep + 1]
+    mask = targets_mask[:, keep]
+    logprobs = token_logprobs(logits, targets.masked_fill(~mask, IGNORE_INDEX), temperature=temperature)
+    return logprobs, mask.to(logprobs.dtype)

@@ -1,0 +1,114 @@
+"""SFT: adapters behave as peft promises, the recipe trains and writes a complete run directory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain.algos import token_logprobs
+from posttrain.config import load_config
+from posttrain.data.config import DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.recipes import find_recipe
+from posttrain.recipes.sft import SFTConfig, main, sft_loss_fn
+from posttrain.train.forward import response_logprobs
+from posttrain.train.metrics import read_metrics
+
+
+@pytest.fixture()
+def batch(tokenizer):
+    prepared = prepare_data(DataConfig(source="arith", size=16, max_length=256), tokenizer,
+                            accepts=("completion", "messages"))
+    return prepared.collator([prepared.dataset[i] for i in range(8)])
+
+
+def _train_one_step(model, batch, lr=1e-2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loss, _ = sft_loss_fn(model, batch, normaliser=float(batch["response_mask"].sum()))
+    loss.backward()
+    optimizer.step()
+
+
+def test_response_logprobs_match_full_logits(tiny_model, batch):
+    logprobs, mask = response_logprobs(tiny_model, batch)
+    logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"]).logits
+    reference = token_logprobs(logits[:, :-1], batch["labels"][:, 1:])
+    torch.testing.assert_close((logprobs * mask).sum(dim=1), reference.sum(dim=1))
+    assert mask.sum() == (batch["labels"] != -100).sum()
+
+
+def test_lora_at_init_gives_the_base_outputs(tiny_model, batch):
+    base = tiny_model(input_ids=batch["input_ids"]).logits
+    lora = apply_adapter(copy.deepcopy(tiny_model), AdapterConfig(method="lora", r=4))
+    torch.testing.assert_close(lora(input_ids=batch["input_ids"]).logits, base, rtol=0, atol=0)
+
+
+def test_lora_trains_only_the_adapter_and_merges_exactly(tiny_model, tokenizer, batch, tmp_path):
+    base_state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    lora = apply_adapter(tiny_model, AdapterConfig(method="lora", r=4))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    _train_one_step(lora, batch)
+    lora.eval()
+    unmerged = lora(input_ids=batch["input_ids"]).logits
+    saved = save_trained(lora, tokenizer, tmp_path / "merged", AdapterConfig(method="lora", r=4))
+    merged = AutoModelForCausalLM.from_pretrained(saved, local_files_only=True).eval()
+    torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, unmerged, rtol=1e-5, atol=1e-5)
+    for name, value in lora.get_base_model().state_dict().items():  # the frozen base did not move
+        key = name.replace(".base_layer", "")
+        if key in base_state:
+            torch.testing.assert_close(value, base_state[key], rtol=0, atol=0)
+
+
+def test_prefix_tuning_changes_only_the_prefix(tiny_model, batch):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    prefixed = apply_adapter(tiny_model, AdapterConfig(method="prefix", num_virtual_tokens=4))
+    trainable = {n: p.detach().clone() for n, p in prefixed.named_parameters() if p.requires_grad}
+    assert trainable and all("prompt_encoder" in n for n in trainable)
+    _train_one_step(prefixed, batch)
+    for name, value in prefixed.get_base_model().state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    changed = [n for n, p in prefixed.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert changed == list(trainable)
+
+
+def test_tied_embeddings_survive_training_and_saving(tokenizer, batch, tmp_path):
+    from posttrain.config import ModelConfig
+    from posttrain.models import build_model
+
+    model = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    _train_one_step(model, batch)
+    saved = save_trained(model, tokenizer, tmp_path / "tied", AdapterConfig())
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, local_files_only=True)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(reloaded(input_ids=batch["input_ids"]).logits,
+                               model(input_ids=batch["input_ids"]).logits)
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_sft_recipe_runs_and_writes_a_complete_run(pretrained_run, tmp_path, adapter):
+    recipe = find_recipe("sft")
+    cfg = load_config(SFTConfig, recipe.path, [
+        f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+        f"adapter.method={adapter}", "data.size=32", "train.max_steps=6", "train.batch_size=16",
+        "train.micro_batch_size=8", "train.save_every=3", "eval.problems=16", "eval.samples=4", "optim.lr=3e-3",
+        "optim.warmup_steps=0"])
+    result = main(cfg)
+    run = result.run_dir
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.md", "plots/curves.png",
+                 "final/model.safetensors", "final/tokenizer.json", "checkpoints/step-6/COMPLETE"):
+        assert (run / name).is_file(), name
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    # 32 rows in steps of 16: steps 5-6 see the same rows as steps 1-2, two epochs later.
+    assert metrics[4]["loss"] + metrics[5]["loss"] < metrics[0]["loss"] + metrics[1]["loss"]
+    assert 0.0 <= result.summary["accuracy"] <= 1.0 and "accuracy_before" in result.summary
+    AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
