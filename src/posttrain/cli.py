@@ -99,13 +99,15 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny budgets: checks every stage's wiring.")] = False,
     out: Annotated[str, typer.Option(help="Directory for all the demo's runs.")] = "runs/demo",
     fresh: Annotated[bool, typer.Option("--fresh", help="Recompute stages whose output exists.")] = False,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated subset of stages, e.g. sft.")] = None,
 ) -> None:
     """Run the whole pipeline end to end on the built-in model and tasks (no network needed)."""
     _quiet_libraries()
     from posttrain.demo import run_demo
 
     try:
-        run_demo(out=out, quick=quick, fresh=fresh, console=console)
+        run_demo(out=out, quick=quick, fresh=fresh, console=console,
+                 stages=[name.strip() for name in stages.split(",")] if stages else None)
     except PosttrainError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None

@@ -193,6 +193,15 @@ def _build(cls: type[C], flat: dict[str, tuple[Any, str, int | None]], prefix: s
         elif key in mine:
             value, source, line = mine[key]
             kwargs[name] = _coerce_and_check(value, hints[name], f, key, source, line)
+        elif nested := {k[len(key) + 1:]: item for k, item in mine.items() if k.startswith(key + ".")}:
+            # `_flatten` split a mapping value (or an override named `key.sub`) into dotted keys: a
+            # dict-typed field takes them back as one mapping; any other field cannot have sub-keys.
+            (sub, (value, source, line)), *_ = nested.items()
+            if typing.get_origin(hints[name]) is not dict:
+                raise ConfigError(f"{name} is not a section: {key}.{sub} cannot be set", file=source, line=line,
+                                  field=f"{key}.{sub}")
+            mapping = {sub: item[0] for sub, item in nested.items()}
+            kwargs[name] = _coerce_and_check(mapping, hints[name], f, key, source, line)
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 

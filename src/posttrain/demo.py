@@ -1,39 +1,86 @@
 """`posttrain demo`: the whole pipeline on the built-in model and tasks, offline, on a CPU.
 
-Stages run in order; each writes its own run directory under `out`. A stage whose final model
-already exists is reused unless `fresh` (so an interrupted demo picks up where it stopped).
+Stages run in order; each is a shipped recipe run into `<out>/<stage name>/`, reading the final
+model of the stage it builds on. A stage whose final model already exists is reused unless `fresh`
+(so an interrupted demo picks up where it stopped). `demo.json` collects every stage's summary.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from posttrain import recipes
+from posttrain.errors import ConfigError
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False,
-             console: Console | None = None) -> dict[str, Path]:
+@dataclass(frozen=True)
+class DemoStage:
+    name: str
+    stage: str
+    builds_on: str | None
+    headline: Callable[[dict[str, Any]], str]
+
+
+def _pretrain_headline(summary: dict[str, Any]) -> str:
+    return f"held-out loss {summary['initial_eval_loss']:.2f} -> {summary['final_eval_loss']:.2f}"
+
+
+def _accuracy_headline(summary: dict[str, Any]) -> str:
+    low, high = summary["accuracy_ci"]
+    before = f"{summary['accuracy_before']:.1%} -> " if "accuracy_before" in summary else ""
+    return f"held-out exact match {before}{summary['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%})"
+
+
+STAGES = [
+    DemoStage("pretrain", "pretrain", None, _pretrain_headline),
+    DemoStage("sft", "sft", "pretrain", _accuracy_headline),
+]
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, stages: list[str] | None = None,
+             console: Console | None = None) -> dict[str, dict[str, Any]]:
     console = console or Console()
     out_dir = Path(out)
-    produced: dict[str, Path] = {}
-    table = Table("stage", "time", "result", "output", title="posttrain demo")
-
-    final = out_dir / "pretrain" / "final"
-    if final.is_dir() and not fresh:
-        table.add_row("pretrain", "-", "reused", str(final))
-    else:
+    wanted = stages or [s.name for s in STAGES]
+    unknown = sorted(set(wanted) - {s.name for s in STAGES})
+    if unknown:
+        raise ConfigError(f"unknown demo stage(s) {', '.join(unknown)}; stages: {', '.join(s.name for s in STAGES)}",
+                          field="--stages")
+    summary_file = out_dir / "demo.json"
+    summaries: dict[str, dict[str, Any]] = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    table = Table("stage", "time", "result", "model", title="posttrain demo" + (" (quick)" if quick else ""))
+    for stage in (s for s in STAGES if s.name in wanted):
+        final = out_dir / stage.name / "final"
+        if final.is_dir() and stage.name in summaries and not fresh:
+            table.add_row(stage.name, "reused", stage.headline(summaries[stage.name]), str(final))
+            continue
+        console.rule(f"[bold]{stage.name}")
+        overrides = [f"run.out_dir={out_dir}", f"run.name={stage.name}", "run.overwrite=true"]
+        if stage.builds_on:
+            base = out_dir / stage.builds_on / "final"
+            if not base.is_dir():
+                raise ConfigError(f"stage {stage.name!r} builds on {stage.builds_on!r}, which has not run yet "
+                                  f"(no {base})", field="--stages")
+            overrides.append(f"model.path={base}")
         start = time.perf_counter()
-        result = recipes.run_stage("pretrain", None, [f"run.out_dir={out_dir}", "run.name=pretrain",
-                                                      "run.overwrite=true"], quick=quick)
-        loss = f"held-out loss {result.summary['initial_eval_loss']:.2f} -> {result.summary['final_eval_loss']:.2f}"
-        table.add_row("pretrain", f"{time.perf_counter() - start:.0f}s", loss, str(result.final_dir))
-    produced["pretrain"] = final
-
+        result = recipes.run_stage(stage.stage, None, overrides, quick=quick)
+        if result.final_dir is None:  # stopped by a signal: the checkpoint is kept, the demo stops here
+            console.print(table)
+            return summaries
+        summaries[stage.name] = {**result.summary, "seconds": time.perf_counter() - start}
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        summary_file.write_text(json.dumps(summaries, indent=2))
+        table.add_row(stage.name, f"{summaries[stage.name]['seconds']:.0f}s", stage.headline(result.summary),
+                      str(final))
     console.print(table)
-    console.print(f"The pretrained model is in [bold]{final}[/] (Hugging Face format: "
-                  "AutoModelForCausalLM.from_pretrained loads it). Next stages build on it.")
-    return produced
+    console.print(f"Every stage's run directory (metrics.jsonl, report.md, plots/, final/) is under [bold]{out_dir}[/]; "
+                  "final/ directories load with transformers' from_pretrained.")
+    return summaries

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from posttrain.cli import app
 
 runner = CliRunner()
-COMMANDS = ["pretrain", "resume", "demo", "recipes", "config"]
+COMMANDS = ["pretrain", "sft", "resume", "demo", "recipes", "config", "data"]
 
 
 def test_entry_point_help():

@@ -125,3 +125,23 @@ def test_resume_without_a_run_is_an_error(tmp_path):
     cfg = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.resume=true"])
     with pytest.raises(RunDirError, match="no run to resume"):
         prepare_run_dir(cfg.run, cfg, stage="pretrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class WithMapping:
+    weights: dict[str, float] = param({"a": 1.0}, "Named weights.")
+    name: str = param("x", "A name.")
+
+
+def test_mapping_fields_take_nested_yaml_and_dotted_overrides(tmp_path):
+    recipe = tmp_path / "m.yaml"
+    recipe.write_text("weights:\n  b: 2\n  c: 0.5\n")
+    assert load_config(WithMapping, recipe).weights == {"b": 2.0, "c": 0.5}
+    assert load_config(WithMapping, None, ["weights.d=3"]).weights == {"d": 3.0}
+    with pytest.raises(ConfigError, match=r"weights: \{'d': 'x'\} is not a valid dict"):
+        load_config(WithMapping, None, ["weights.d=x"])
+
+
+def test_a_scalar_field_has_no_sub_keys():
+    with pytest.raises(ConfigError, match=r"name\.first: name is not a section"):
+        load_config(WithMapping, None, ["name.first=3"])

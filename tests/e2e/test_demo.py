@@ -1,0 +1,34 @@
+"""`posttrain demo --quick`: every stage runs and leaves loadable models and reports."""
+
+from __future__ import annotations
+
+import json
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from posttrain.cli import app
+from posttrain.demo import STAGES
+
+
+def test_demo_quick_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    summaries = json.loads((out / "demo.json").read_text())
+    assert list(summaries) == [s.name for s in STAGES]
+    for stage in STAGES:
+        run = out / stage.name
+        for name in ("config.yaml", "metrics.jsonl", "report.md", "plots/curves.png"):
+            assert (run / name).is_file(), f"{stage.name}/{name}"
+        AutoTokenizer.from_pretrained(run / "final", local_files_only=True)
+        AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
+    assert 0.0 <= summaries["sft"]["accuracy"] <= 1.0
+
+    again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--stages", "sft"], terminal_width=200)
+    assert again.exit_code == 0 and "reused" in again.output
+
+
+def test_demo_rejects_an_unknown_stage(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--stages", "sfx"], terminal_width=200)
+    assert result.exit_code == 2 and "unknown demo stage" in result.output
