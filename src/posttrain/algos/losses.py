@@ -21,6 +21,7 @@ from posttrain.algos.logprobs import masked_mean, masked_sum
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 DPO_KINDS = ("sigmoid", "ipo", "hinge", "robust")
+PROCESS_TARGETS = ("classification", "regression")
 
 
 class PolicyLossOutput(NamedTuple):
@@ -47,6 +48,14 @@ class DPOOutput(NamedTuple):
     loss: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+
+
+class ListwiseDPOOutput(NamedTuple):
+    """loss: scalar; rewards: the implicit rewards beta * (logp - ref_logp) of every ranked response,
+    [B, K] best first (0 where absent), detached."""
+
+    loss: Tensor
+    rewards: Tensor
 
 
 class GRPOLossOutput(NamedTuple):
@@ -225,6 +234,81 @@ def dpo_loss(
         chosen_rewards=(beta * chosen_ratio).detach(),
         rejected_rewards=(beta * rejected_ratio).detach(),
     )
+
+
+def dpo_plackett_luce_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor | None = None,
+    beta: float = 0.1,
+) -> ListwiseDPOOutput:
+    """DPO for rankings of K >= 2 responses: the Plackett–Luce likelihood of the ranking under the
+    implicit rewards, mean over rankings.
+
+    r_k  = beta * (logp_k - ref_k)                       (implicit reward of the k-th best response)
+    loss = -sum_k [r_k - logsumexp_{j >= k} r_j]          (= plackett_luce_loss(r, mask))
+
+    At K = 2 this is -log sigmoid(r_1 - r_2): the pairwise sigmoid DPO loss. ``mask`` [B, K] marks
+    the responses present (rankings of different lengths); an absent response is left out of every
+    sum. Sequence logprobs are totals over answer tokens, as for ``dpo_loss``.
+
+    Shapes: logprobs, ref_logprobs [B, K] (best first), mask [B, K] or None -> ListwiseDPOOutput.
+    Source: Rafailov et al. (2023), "Direct Preference Optimization", appendix A.3 (the
+    Plackett–Luce generalisation of the DPO objective).
+    """
+    rewards = beta * (logprobs - ref_logprobs)
+    if mask is not None:
+        rewards = rewards.masked_fill(~mask.bool(), 0.0)
+    return ListwiseDPOOutput(loss=plackett_luce_loss(rewards, mask), rewards=rewards.detach())
+
+
+def reward_centering_penalty(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Auxiliary loss that keeps a reward model's scores centred on zero, mean over comparisons.
+
+    penalty = mean_b (sum_k m_{b,k} r_{b,k})^2        (pairs: (r_chosen + r_rejected)^2)
+
+    The Bradley–Terry and Plackett–Luce losses only see reward differences, so any constant can
+    drift into the scores; this pins the free constant without touching the differences'
+    gradient direction. Add it times a small coefficient (e.g. 0.01) to the ranking loss.
+
+    Shapes: rewards [B, K], mask [B, K] or None -> scalar.
+    Source: Eisenstein et al. (2023), "Helping or Herding? Reward Model Ensembles Mitigate but do
+    not Eliminate Reward Hacking" (as TRL's center_rewards_coefficient).
+    """
+    if mask is not None:
+        rewards = rewards * mask.to(rewards.dtype)
+    return rewards.sum(-1).square().mean()
+
+
+def process_reward_loss(
+    scores: Tensor,
+    labels: Tensor,
+    step_mask: Tensor,
+    kind: str = "classification",
+    normaliser: float | Tensor | None = None,
+) -> Tensor:
+    """Per-step loss of a process reward model, summed over labelled steps and divided by N.
+
+    "classification": L_s = BCE(sigmoid(scores_s), labels_s)  (labels in [0, 1]; soft labels allowed)
+    "regression":     L_s = (scores_s - labels_s)^2
+    loss = sum_{b,s} step_mask * L / N,  N = ``normaliser`` (labelled steps of the whole accumulated
+    batch) or sum(step_mask).
+
+    The score of step s is read at the token that ends it (its separator), so one forward scores
+    every step of a solution.
+
+    Shapes: scores, labels, step_mask [B, S] -> scalar.
+    Source: Lightman et al. (2023), "Let's Verify Step by Step" (per-step correctness read at
+    each step's last token); soft step labels (the share of continuations from a step that reach
+    the right answer): Wang et al. (2023), "Math-Shepherd".
+    """
+    if kind == "classification":
+        per_step = F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype), reduction="none")
+    elif kind == "regression":
+        per_step = (scores - labels.to(scores.dtype)).square()
+    else:
+        raise ValueError(f"unknown process reward target {kind!r}; allowed: {', '.join(PROCESS_TARGETS)}")
+    return masked_mean(per_step, step_mask, normaliser=normaliser)
 
 
 def _clipped_surrogate(
