@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
 from posttrain.rollout import make_engine
 from posttrain.rollout.base import SamplingParams
+from posttrain.train.metrics import append_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +89,16 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     samples = [{"prompt": e.prompt, "completion": t, "answer": e.answer, "correct": bool(c)}
                for e, t, c in list(zip(examples, texts, correct, strict=True))[:cfg.samples]]
     return Accuracy(accuracy=hits / len(examples), ci_low=low, ci_high=high, problems=len(examples), samples=samples)
+
+
+def accuracy_evaluator(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: EvalConfig,
+                       samples: Path) -> Callable[[int], dict[str, float]]:
+    """`evaluate(step)` for the Trainer: held-out accuracy, with a few greedy completions appended to
+    `samples` (the run's samples.jsonl)."""
+
+    def evaluate(step: int) -> dict[str, float]:
+        accuracy = heldout_accuracy(model, tokenizer, data, cfg)
+        append_jsonl(samples, [{"step": step, **s} for s in accuracy.samples])
+        return accuracy.metrics()
+
+    return evaluate

@@ -14,21 +14,19 @@ import dataclasses
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from posttrain.algos import sft_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
-from posttrain.eval.accuracy import EvalConfig, heldout_accuracy
+from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
-from posttrain.run import RunDir, RunResult, prepare_run_dir
-from posttrain.train.engine import Trainer, TrainConfig
+from posttrain.run import RunResult, prepare_run_dir
+from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.forward import response_logprobs
-from posttrain.train.metrics import append_jsonl
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
@@ -62,7 +60,8 @@ def main(cfg: SFTConfig) -> RunResult:
     trainer = Trainer(stage="sft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
     result = trainer.fit(step_source(prepared, cfg.train, cfg.run.seed), sft_loss_fn,
-                         evaluator(model, tokenizer, cfg, run_dir), progress_keys=("loss", "eval_accuracy"))
+                         accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval, run_dir.samples),
+                         progress_keys=("loss", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
@@ -95,14 +94,3 @@ def sft_loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float
     logprobs, mask = response_logprobs(model, batch)
     loss = sft_loss(logprobs, mask, normaliser=normaliser)
     return loss, {"loss": loss.item()}
-
-
-def evaluator(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: SFTConfig, run_dir: RunDir):
-    """Held-out accuracy at evaluation steps; a few greedy completions go to samples.jsonl."""
-
-    def evaluate(step: int) -> dict[str, float]:
-        accuracy = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval)
-        append_jsonl(run_dir.samples, [{"step": step, **s} for s in accuracy.samples])
-        return accuracy.metrics()
-
-    return evaluate
