@@ -57,6 +57,8 @@ def _run_stage(stage: str, args: list[str] | None, quick: bool) -> None:
 STAGE_HELP = {
     "pretrain": "Pretrain the offline tiny model and tokenizer on built-in synthetic text.",
     "sft": "Supervised fine-tuning (full, LoRA or prefix-tuning) on assistant tokens.",
+    "rm": "Reward model (Bradley-Terry, Plackett-Luce) or, with kind=process, a process reward model.",
+    "dpo": "Direct preference optimisation (sigmoid, ipo, hinge, robust; Plackett-Luce for rankings).",
 }
 
 

@@ -39,9 +39,16 @@ def _accuracy_headline(summary: dict[str, Any]) -> str:
     return f"held-out exact match {before}{summary['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%})"
 
 
+def _reward_model_headline(summary: dict[str, Any]) -> str:
+    return (f"held-out pairwise accuracy {summary['eval_accuracy']:.1%} on {summary['eval_rows']} pairs, "
+            f"mean margin {summary['eval_margin']:.2f}")
+
+
 STAGES = [
     DemoStage("pretrain", "pretrain", None, _pretrain_headline),
     DemoStage("sft", "sft", "pretrain", _accuracy_headline),
+    DemoStage("rm", "rm", "sft", _reward_model_headline),
+    DemoStage("dpo", "dpo", "sft", _accuracy_headline),
 ]
 
 

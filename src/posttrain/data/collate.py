@@ -162,13 +162,15 @@ def block_causal_mask(segments: Tensor, dtype: torch.dtype = torch.float32) -> T
 def collate_pairs(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
     """Preference pairs as one right-padded batch of 2B rows: the B chosen first, then the B rejected.
 
-    Adds `margin` [B] (0 where a row has none).
+    Adds `margin` [B] (0 where a row has none) and `preference_probs` [B] (1 where a row has none).
     """
     chosen = [{"input_ids": s["chosen_input_ids"], "response_mask": s["chosen_response_mask"]} for s in samples]
     rejected = [{"input_ids": s["rejected_input_ids"], "response_mask": s["rejected_response_mask"]}
                 for s in samples]
     batch = collate_padded([*chosen, *rejected], pad_token_id)
     batch["margin"] = torch.tensor([s.get("margin") or 0.0 for s in samples], dtype=torch.float32)
+    probabilities = [s.get("preference_prob") for s in samples]
+    batch["preference_probs"] = torch.tensor([1.0 if p is None else p for p in probabilities], dtype=torch.float32)
     return batch
 
 

@@ -13,7 +13,7 @@ STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "rejection": ("verifiable",),
     "rm": ("preference", "ranking"),
     "prm": ("stepwise",),
-    "dpo": ("preference",),
+    "dpo": ("preference", "ranking"),
     "ppo": ("verifiable",),
     "grpo": ("verifiable",),
     "rft": ("verifiable",),
@@ -34,6 +34,7 @@ class ColumnsConfig:
     chosen: str | None = param(None, "Source column holding `chosen`.")
     rejected: str | None = param(None, "Source column holding `rejected`.")
     margin: str | None = param(None, "Source column holding `margin`.")
+    preference_prob: str | None = param(None, "Source column holding `preference_prob`.")
     responses: str | None = param(None, "Source column holding `responses`.")
     scores: str | None = param(None, "Source column holding `scores`.")
     answer: str | None = param(None, "Source column holding `answer`.")

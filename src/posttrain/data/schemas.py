@@ -34,7 +34,8 @@ FEATURES: dict[str, Features] = {
     "completion": Features({"prompt": MESSAGES, "completion": MESSAGES, "line": Value("int64")}),
     "messages": Features({"messages": MESSAGES, "line": Value("int64")}),
     "preference": Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
-                            "margin": Value("float64"), "line": Value("int64")}),
+                            "margin": Value("float64"), "preference_prob": Value("float64"),
+                            "line": Value("int64")}),
     "ranking": Features({"prompt": MESSAGES, "responses": List(MESSAGES), "scores": List(Value("float64")),
                          "line": Value("int64")}),
     "verifiable": Features({"prompt": MESSAGES, "answer": Value("string"), "steps": List(Value("string")),
@@ -57,8 +58,9 @@ SPECS: dict[str, FormatSpec] = {
                              doc="prompt (text or messages) -> completion (text or assistant messages)"),
     "messages": FormatSpec("messages", ("messages",),
                            doc="a conversation; every (or the last) assistant turn is trained"),
-    "preference": FormatSpec("preference", ("prompt", "chosen", "rejected"), ("margin",),
-                             doc="prompt with a preferred and a dispreferred answer, optional margin"),
+    "preference": FormatSpec("preference", ("prompt", "chosen", "rejected"), ("margin", "preference_prob"),
+                             doc="prompt with a preferred and a dispreferred answer, optional margin and "
+                                 "preference_prob (the probability that chosen is preferred: a soft label)"),
     "ranking": FormatSpec("ranking", ("prompt", "responses"), ("scores",),
                           doc="prompt with >= 2 responses, best first, or ordered by `scores`"),
     "verifiable": FormatSpec("verifiable", ("prompt", "answer"), ("steps",),
@@ -68,7 +70,8 @@ SPECS: dict[str, FormatSpec] = {
 }
 
 # Fields that hold lists or numbers: a CSV cell holds them as JSON text (see sources.py).
-STRUCTURED_FIELDS = ("messages", "responses", "scores", "steps", "completions", "labels", "margin")
+STRUCTURED_FIELDS = ("messages", "responses", "scores", "steps", "completions", "labels", "margin",
+                     "preference_prob")
 
 # Ambiguous column sets are resolved in this order (preference rows also have a prompt, etc.).
 _DETECTION_ORDER = ("preference", "ranking", "stepwise", "completion", "messages", "verifiable")
@@ -147,7 +150,13 @@ def _preference(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     margin = raw.get("margin")
     if margin is not None:
         margin = _number(margin, "margin", where)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
+    probability = raw.get("preference_prob")
+    if probability is not None:
+        probability = _number(probability, "preference_prob", where)
+        if not 0.0 <= probability <= 1.0:
+            raise where.error(f"must be a probability in [0, 1], got {probability}", field="preference_prob")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin,
+            "preference_prob": probability}
 
 
 def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:

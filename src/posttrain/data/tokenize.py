@@ -378,6 +378,21 @@ def _stepwise(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
             "step_labels": row["labels"], "length": len(fitted)} | status
 
 
+def encode_stepwise(encoder: Encoder, prompt: list[dict[str, Any]], steps: list[str]) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and its steps rendered exactly as stepwise rows are for training (one step
+    per line), and the index of each step's separator token — where a process reward model reads the
+    step's score. Raises DataError when there are no steps, they cannot be located, or do not fit."""
+    if not steps:
+        raise DataError("no steps to score", field="completions")
+    try:
+        row = _stepwise({"prompt": prompt, "completions": steps, "labels": [0.0] * len(steps)}, encoder)
+    except _Problem as problem:
+        raise DataError(str(problem), field=problem.field) from None
+    if row["drop"]:
+        raise DataError(f"the steps cannot be scored: {row['error'] or row['drop']}", field="completions")
+    return row["input_ids"], row["step_ends"]
+
+
 def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: str, steps: list[str],
                      ids: list[int]) -> list[int]:
     text = encoder.render_text(messages)
@@ -411,7 +426,7 @@ _EMPTY = {
     "stepwise": lambda: {"input_ids": [], "response_mask": [], "step_ends": [], "step_labels": [], "length": 0},
 }
 # Canonical columns that stay beside the tokens (RL needs the prompt text and the gold answer).
-_KEEP = {"completion": ("line",), "messages": ("line",), "preference": ("line", "margin"),
+_KEEP = {"completion": ("line",), "messages": ("line",), "preference": ("line", "margin", "preference_prob"),
          "ranking": ("line", "scores"), "verifiable": ("line", "prompt", "answer", "steps"), "stepwise": ("line",)}
 
 
@@ -420,7 +435,8 @@ def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfi
 
     Columns by format, besides `line` and `length` (tokens, after truncation):
       completion, messages: input_ids, response_mask
-      preference:           chosen_input_ids, chosen_response_mask, rejected_input_ids, rejected_response_mask, margin
+      preference:           chosen_input_ids, chosen_response_mask, rejected_input_ids, rejected_response_mask, margin,
+                            preference_prob
       ranking:              ranked_input_ids, ranked_response_mask (one list per response, best first), scores
       verifiable:           prompt_input_ids, prompt (messages), answer, steps
       stepwise:             input_ids, response_mask, step_ends, step_labels

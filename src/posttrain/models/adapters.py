@@ -27,17 +27,22 @@ class AdapterConfig:
                                       "the adapter alone.")
 
 
-def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig) -> torch.nn.Module:
-    """Wrap `model` with a peft adapter (only its parameters train); unchanged for method=none."""
+def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap `model` with a peft adapter (only its parameters train); unchanged for method=none.
+
+    `task_type` is peft's: CAUSAL_LM for policies, SEQ_CLS for reward models (whose `score` head
+    then trains in full beside the adapter).
+    """
     if cfg.method == "none":
         return model
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
+    task = TaskType[task_type]
     if cfg.method == "lora":
-        peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
+        peft_config = LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha,
                                  lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
     else:
-        peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        peft_config = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     return get_peft_model(model, peft_config)
 
 

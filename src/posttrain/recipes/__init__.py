@@ -23,6 +23,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("posttrain.recipes.pretrain", "PretrainConfig"),
     "sft": ("posttrain.recipes.sft", "SFTConfig"),
+    "rm": ("posttrain.recipes.rm", "RMConfig"),
+    "dpo": ("posttrain.recipes.dpo", "DPOConfig"),
 }
 
 

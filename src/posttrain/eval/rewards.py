@@ -1,0 +1,140 @@
+"""Held-out evaluation of reward models: pairwise accuracy and margins of outcome reward models, step
+accuracy and first-error detection of process reward models, and the reward distribution.
+
+The held-out rows come from the same source as the training rows (a built-in task's held-out split
+by default: problems training never saw), tokenised and collated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from posttrain.config import param  # noqa: E402
+from posttrain.data.config import DataConfig  # noqa: E402
+from posttrain.data.pipeline import Prepared  # noqa: E402
+from posttrain.data.tasks import TASKS  # noqa: E402
+from posttrain.models.reward import scores_at, sequence_scores  # noqa: E402
+from posttrain.train.comparisons import comparison_matrix, ordered_pair_accuracy, ordered_pairs  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardEvalConfig:
+    source: str | None = param(None, "Held-out rows: a file or task (None: the training task's held-out split; "
+                                     "a training file without an eval source is not evaluated).")
+    split: str = param("heldout", "Split of the held-out source (a built-in task's `heldout`, or a DatasetDict "
+                                  "split).")
+    size: int = param(500, "Held-out rows drawn from a built-in task.", ge=1)
+    seed: int = param(1234, "Seed of a built-in task's held-out rows.", ge=0)
+    batch_size: int = param(64, "Rows scored together.", ge=1)
+
+
+def heldout_data_config(data: DataConfig, cfg: RewardEvalConfig) -> DataConfig | None:
+    """The `data:` settings of the held-out rows, or None when there is no held-out source."""
+    source = cfg.source or (data.source if data.source in TASKS else None)
+    if source is None:
+        return None
+    return dataclasses.replace(data, source=source, split=cfg.split, size=cfg.size, seed=cfg.seed, limit=0)
+
+
+def _batches(prepared: Prepared, batch_size: int):
+    dataset = prepared.dataset
+    for start in range(0, len(dataset), batch_size):
+        yield prepared.collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+@torch.no_grad()
+def comparison_scores(model: torch.nn.Module, prepared: Prepared, batch_size: int) -> list[torch.Tensor]:
+    """The reward of every response of every held-out comparison, one [K] tensor (best first) per row."""
+    was_training = model.training
+    model.eval()
+    rows: list[torch.Tensor] = []
+    for batch in _batches(prepared, batch_size):
+        matrix, mask = comparison_matrix(sequence_scores(model, batch).float(), batch)
+        rows += [row[keep] for row, keep in zip(matrix, mask, strict=True)]
+    model.train(was_training)
+    return rows
+
+
+def comparison_metrics(rows: list[torch.Tensor], prefix: str = "eval_") -> dict[str, float]:
+    """Pairwise accuracy (share of ordered response pairs scored in the right order), mean margin over
+    those pairs, and the distribution of the best (chosen) and the other (rejected) responses' rewards."""
+    accuracy, margin, pairs = 0.0, 0.0, 0
+    for row in rows:
+        keep = torch.ones(1, len(row), dtype=torch.bool)
+        accuracy += ordered_pair_accuracy(row.unsqueeze(0), keep).item()
+        differences, mask = ordered_pairs(row.unsqueeze(0), keep)
+        margin += differences.sum().item()
+        pairs += int(mask.sum())
+    chosen = torch.stack([row[0] for row in rows])
+    rejected = torch.cat([row[1:] for row in rows])
+    everything = torch.cat([chosen, rejected])
+    quantiles = torch.quantile(everything, torch.tensor([0.05, 0.5, 0.95]))
+    return {f"{prefix}accuracy": accuracy / len(rows), f"{prefix}margin": margin / max(pairs, 1),
+            f"{prefix}chosen_mean": chosen.mean().item(), f"{prefix}chosen_std": chosen.std().item(),
+            f"{prefix}rejected_mean": rejected.mean().item(), f"{prefix}rejected_std": rejected.std().item(),
+            f"{prefix}reward_p05": quantiles[0].item(), f"{prefix}reward_p50": quantiles[1].item(),
+            f"{prefix}reward_p95": quantiles[2].item()}
+
+
+def plot_reward_distribution(rows: list[torch.Tensor], out: Path, title: str) -> Path:
+    """Histogram of held-out rewards, chosen (best) against rejected (the others)."""
+    chosen = [row[0].item() for row in rows]
+    rejected = [v for row in rows for v in row[1:].tolist()]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.hist([chosen, rejected], bins=40, label=["chosen (best)", "rejected"], alpha=0.75, histtype="stepfilled")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("responses")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def good_steps(scores: torch.Tensor, target: str) -> torch.Tensor:
+    """Whether each step is judged correct: sigmoid(score) > 0.5 for a classifier, score > 0.5 for a
+    regressor of step values in [0, 1]."""
+    return scores > (0.0 if target == "classification" else 0.5)
+
+
+@torch.no_grad()
+def process_metrics(model: torch.nn.Module, prepared: Prepared, batch_size: int, target: str,
+                    prefix: str = "eval_") -> dict[str, Any]:
+    """Step accuracy, first-error detection and whole-solution accuracy on held-out stepwise rows.
+
+    first-error accuracy: the first step judged wrong is the first step labelled wrong (or both find
+    none) — what a verifier that stops a chain at its first mistake needs.
+    """
+    was_training = model.training
+    model.eval()
+    right_steps = steps = first_right = solutions_right = chains = 0
+    for batch in _batches(prepared, batch_size):
+        predicted = good_steps(scores_at(model, batch, batch["step_ends"]), target)
+        labelled = batch["step_labels"] >= 0.5
+        mask = batch["step_mask"].bool()
+        right_steps += int(((predicted == labelled) & mask).sum())
+        steps += int(mask.sum())
+        first_right += int((first_bad(predicted, mask) == first_bad(labelled, mask)).sum())
+        solutions_right += int(((predicted | ~mask).all(-1) == (labelled | ~mask).all(-1)).sum())
+        chains += len(mask)
+    model.train(was_training)
+    return {f"{prefix}step_accuracy": right_steps / steps, f"{prefix}first_error_accuracy": first_right / chains,
+            f"{prefix}solution_accuracy": solutions_right / chains}
+
+
+def first_bad(good: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first step judged (or labelled) wrong in each chain, or the step count if none: [B]."""
+    bad = ~good & mask
+    steps = mask.sum(-1)
+    first = torch.where(bad.any(-1), bad.int().argmax(-1), steps)
+    return first

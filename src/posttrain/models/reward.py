@@ -1,0 +1,110 @@
+"""Reward models: a causal LM trunk with a scalar head, scored at the last real token.
+
+A reward model is `AutoModelForSequenceClassification` with `num_labels=1`, built from a causal
+LM checkpoint (the SFT model): the trunk's weights are loaded, the LM head is dropped and a fresh
+`score` head maps the final hidden state to one number. The head is linear (the transformers
+default, so the saved model loads with plain `AutoModelForSequenceClassification`) or a small MLP
+(hidden -> hidden, GELU, -> 1; recorded in the config as `reward_head`, and loaded with
+`load_reward_model`).
+
+Scores are read here, not by the transformers forward: that one finds the last token that is not
+`pad_token_id`, which is wrong whenever the tokenizer pads with its EOS (the last real token *is*
+an EOS). Here the position comes from the attention mask — the last attended token whatever the
+padding side — and the head runs only on the positions that are read (one per sequence, or one per
+reasoning step for a process reward model), never on every token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from posttrain.models.io import check_model_dir, resolve_dtype
+
+REWARD_HEADS = ("linear", "mlp")
+
+
+class MLPHead(nn.Sequential):
+    """hidden -> `width` -> 1 with a GELU between: a head with some capacity of its own, for when the
+    trunk is frozen and only the head trains."""
+
+    def __init__(self, hidden_size: int, width: int) -> None:
+        super().__init__(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, 1))
+
+
+def build_reward_model(path: str | Path, *, head: str = "linear", head_width: int = 0, pad_token_id: int | None = None,
+                       dtype: str = "auto", trust_remote_code: bool = False,
+                       device: torch.device | str = "cpu") -> PreTrainedModel:
+    """A new reward model: the trunk of the causal LM at `path`, a freshly initialised scalar head.
+
+    `head_width` is the MLP head's hidden width (0: the trunk's hidden size). `pad_token_id` is
+    written to the config so that transformers' own forward can batch too.
+    """
+    if head not in REWARD_HEADS:
+        raise ValueError(f"unknown reward head {head!r}; allowed: {', '.join(REWARD_HEADS)}")
+    directory = check_model_dir(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(directory), num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code,
+        dtype=resolve_dtype(dtype, device))
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if head == "mlp":
+        hidden = model.config.get_text_config().hidden_size
+        width = head_width or hidden
+        model.score = MLPHead(hidden, width).to(dtype=model.dtype)
+        model.config.reward_head, model.config.reward_head_width = "mlp", width
+    return model.to(device)
+
+
+def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False,
+                      device: torch.device | str = "cpu") -> PreTrainedModel:
+    """A saved reward model (either head), ready to score."""
+    directory = check_model_dir(path)
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(directory), local_files_only=True, trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype, device))
+    if getattr(config, "reward_head", "linear") == "mlp":
+        # transformers built (and could not fill) a linear `score`: put the MLP back and load its weights.
+        model.score = MLPHead(config.get_text_config().hidden_size, config.reward_head_width).to(model.dtype)
+        head = {k.removeprefix("score."): v for file in sorted(directory.glob("*.safetensors"))
+                for k, v in load_file(str(file)).items() if k.startswith("score.")}
+        model.score.load_state_dict(head)
+    return model.to(device).eval()
+
+
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer trunk (hidden states out) and the scalar head of a reward model, through any
+    peft wrapper (LoRA layers are injected in place, so the unwrapped trunk still runs them)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Train the head only: every trunk parameter stops requiring a gradient."""
+    trunk, _ = trunk_and_head(model)
+    for parameter in trunk.parameters():
+        parameter.requires_grad_(False)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last attended token of each row, [B], whatever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).argmax(-1)
+
+
+def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:
+    """Head outputs at `positions` [B, S] (token indices) of each row: [B, S]."""
+    trunk, head = trunk_and_head(model)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = trunk(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, S, H]
+    return head(picked).squeeze(-1)
+
+
+def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The reward of every row of a padded batch, read at its last real token: [B]."""
+    return scores_at(model, batch, last_token_index(batch["attention_mask"]).unsqueeze(-1)).squeeze(-1)

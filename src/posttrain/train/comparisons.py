@@ -1,0 +1,103 @@
+"""Batches of compared responses — preference pairs and rankings — as reward modelling and DPO use them.
+
+Both stages score every response of a comparison in one forward and then need the scores back in
+comparison order: `comparison_matrix` turns per-row values [N] of a `collate_pairs` batch (the B
+chosen rows, then the B rejected) or a `collate_rankings` batch (every response, best first within
+each ranking) into a [B, K] matrix, best first, with a mask for rankings of different sizes. A pair
+is a ranking of two, so one loss path can serve both.
+
+The step normaliser is the number of comparisons in the whole optimizer step: the losses are means
+over comparisons, so a micro-batch's mean times (its comparisons / the step's) adds up to the
+step's mean, whatever the micro-batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.data.collate import ranking_matrix
+from posttrain.data.pipeline import Prepared
+from posttrain.train.engine import TrainConfig
+from posttrain.train.sources import ShuffledStepSource
+
+# Tokenised columns holding each format's sequences (one list per row, or a list of lists).
+_SEQUENCE_COLUMNS = {"preference": ("chosen_input_ids", "rejected_input_ids"), "ranking": ("ranked_input_ids",)}
+
+
+def comparison_tokens(prepared: Prepared) -> list[int]:
+    """Tokens of every row: the lengths of all its compared sequences together (what one forward sees)."""
+    columns = [prepared.dataset[c] for c in _SEQUENCE_COLUMNS[prepared.format]]
+    if prepared.format == "ranking":
+        return [sum(len(ids) for ids in ranked) for ranked in columns[0]]
+    return [len(chosen) + len(rejected) for chosen, rejected in zip(*columns, strict=True)]
+
+
+def comparison_step_source(prepared: Prepared, train: TrainConfig, seed: int,
+                           collate: Callable[[list[int]], Any] | None = None) -> ShuffledStepSource:
+    """Shuffled steps of preference pairs or rankings; the normaliser is the step's comparison count.
+
+    `collate(indices)` builds a micro-batch (default: the prepared collator over those rows); DPO
+    passes one that also attaches the cached reference logprobs of the rows.
+    """
+    dataset = prepared.dataset
+    tokens = comparison_tokens(prepared)
+
+    def count(indices: list[int]) -> tuple[float, int]:
+        return float(len(indices)), sum(tokens[i] for i in indices)
+
+    return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
+                              collate=collate or (lambda idx: prepared.collator([dataset[i] for i in idx])),
+                              count=count)
+
+
+def is_ranking_batch(batch: dict[str, Any]) -> bool:
+    return "ranking_ids" in batch
+
+
+def comparison_matrix(values: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Per-row values [N] of a pair or ranking batch -> ([B, K] best first, mask [B, K] of present responses)."""
+    if is_ranking_batch(batch):
+        return ranking_matrix(values, batch["ranking_ids"], batch["ranks"])
+    pairs = values.shape[0] // 2
+    matrix = torch.stack([values[:pairs], values[pairs:]], dim=1)
+    return matrix, torch.ones_like(matrix, dtype=torch.bool)
+
+
+def ordered_pairs(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Score differences s_i - s_j of every ordered response pair (i ranked above j): ([B, K, K], pair mask).
+
+    A preference pair has one ordered pair, chosen above rejected; a ranking of K has K(K-1)/2.
+    """
+    present = mask.bool()
+    above = torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool, device=scores.device).triu(1)
+    pairs = above & present.unsqueeze(-1) & present.unsqueeze(-2)
+    return (scores.unsqueeze(-1) - scores.unsqueeze(-2)) * pairs, pairs
+
+
+def ordered_pair_accuracy(scores: Tensor, mask: Tensor) -> Tensor:
+    """Per comparison, the share of its ordered pairs that the scores order correctly (ties are wrong): [B].
+
+    For a preference pair: 1 when chosen outscores rejected, else 0.
+    """
+    differences, pairs = ordered_pairs(scores, mask)
+    right = ((differences > 0) & pairs).sum((-1, -2))
+    return right.to(scores.dtype) / pairs.sum((-1, -2)).clamp(min=1).to(scores.dtype)
+
+
+def split_rows(values: Tensor, batch: dict[str, Any]) -> list[Tensor]:
+    """Per-sequence values [N] of a pair or ranking batch -> one tensor per comparison (best first)."""
+    matrix, mask = comparison_matrix(values, batch)
+    return [row[keep] for row, keep in zip(matrix, mask, strict=True)]
+
+
+def join_rows(rows: Sequence[Tensor], ranking: bool) -> Tensor:
+    """The inverse of `split_rows`: per-comparison values -> [N] in the row order of the collated batch
+    (rankings: each ranking's responses in turn; pairs: every chosen, then every rejected)."""
+    if ranking:
+        return torch.cat(list(rows))
+    pairs = torch.stack(list(rows))
+    return torch.cat([pairs[:, 0], pairs[:, 1]])

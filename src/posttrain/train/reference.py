@@ -1,0 +1,73 @@
+"""The reference policy of DPO (and of any KL-regularised stage): a frozen copy, or the policy itself
+with its LoRA adapter disabled — the base weights are the reference, so no second copy is kept.
+
+The reference never trains, so the logprobs it gives a fixed dataset are fixed too: computing them
+once before training (`precompute_sequence_logprobs`) removes one forward per step and lets the
+reference model be freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from posttrain.data.pipeline import Prepared
+from posttrain.train.comparisons import split_rows
+from posttrain.train.forward import response_logprobs
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor:
+    """Sum (or, with `average`, mean) of the answer tokens' logprobs of every row: [N]."""
+    logprobs, mask = response_logprobs(model, batch)
+    total = (logprobs * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+@dataclasses.dataclass
+class Reference:
+    """A frozen reference model, or (`adapter_disabled`) the trained peft model with its adapter off."""
+
+    model: torch.nn.Module
+    adapter_disabled: bool = False
+
+    @classmethod
+    def frozen_copy(cls, model: torch.nn.Module) -> Reference:
+        import copy
+
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+        return cls(reference)
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[torch.nn.Module]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext():
+                yield self.model
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, batch: dict[str, Tensor], average: bool = False) -> Tensor:
+        with self._active() as model:
+            return sequence_logprobs(model, batch, average)
+
+
+@torch.no_grad()
+def precompute_sequence_logprobs(reference: Reference, prepared: Prepared, batch_size: int,
+                                 average: bool = False) -> list[Tensor]:
+    """The reference's sequence logprobs of every row of `prepared`, in dataset order: one [N_i]
+    tensor per row, in the row order of its collated batch (a pair: chosen then rejected; a ranking:
+    best first)."""
+    dataset, rows = prepared.dataset, []
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = prepared.collator(samples)
+        values = reference.sequence_logprobs(batch, average)
+        rows += split_rows(values, batch)
+    return rows
