@@ -3,8 +3,9 @@
     python -m benchmarks.sft [--size small] [--steps 12] [--modes padded,padding_free,packed]
 
 Each (library, mode) runs in its own subprocess, one after the other; the same model files and
-rows feed both. Settings (both): fp32, batch 16 (packed: 16 rows of up to 128 tokens), max_length 128, lr 1e-4 constant, no warm-up,
-weight decay 0, clip 1.0, completion-only loss, no gradient checkpointing, no eval, no saving.
+rows feed both. Settings (both): fp32, batch 16 (packed: 16 rows of up to 128 tokens), max_length 128,
+lr 1e-4 constant, no warm-up, weight decay 0, clip 1.0, completion-only loss, no gradient checkpointing,
+no eval, no saving.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def _run_stage(stage: str, args: list[str] | None, quick: bool) -> None:
@@ -167,14 +171,11 @@ def data_inspect(
     _quiet_libraries()
     from pathlib import Path
 
-    import datasets
-
     from posttrain.config import load_config, read_yaml_with_lines
     from posttrain.data.config import STAGE_FORMATS, DataConfig
     from posttrain.data.inspect import inspect_data
     from posttrain.models import load_tokenizer
 
-    datasets.disable_progress_bars()
     try:
         stage, defaults = recipe, {}
         if recipe not in STAGE_FORMATS:

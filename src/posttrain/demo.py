@@ -88,6 +88,6 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
         table.add_row(stage.name, f"{summaries[stage.name]['seconds']:.0f}s", stage.headline(result.summary),
                       str(final))
     console.print(table)
-    console.print(f"Every stage's run directory (metrics.jsonl, report.md, plots/, final/) is under [bold]{out_dir}[/]; "
-                  "final/ directories load with transformers' from_pretrained.")
+    console.print(f"Every stage's run directory (metrics.jsonl, report.md, plots/, final/) is under "
+                  f"[bold]{out_dir}[/]; final/ directories load with transformers' from_pretrained.")
     return summaries

@@ -100,7 +100,10 @@ def _dialogue(rng: random.Random) -> list[dict[str, str]]:
     return messages
 
 
+# Arithmetic dominates the mix: solved problems are what later stages build on, and every token of a
+# few-shot block is a training target here (in SFT only the answer is).
 _TEXT_KINDS: list[Callable[[random.Random], str]] = [_number_fact, _arithmetic_statement, _few_shot_block, _chain]
+_TEXT_WEIGHTS = [1, 2, 4, 1]
 
 
 def synthetic_documents(seed: int, chat_share: float = 0.25) -> Iterator[str | list[dict[str, str]]]:
@@ -110,7 +113,7 @@ def synthetic_documents(seed: int, chat_share: float = 0.25) -> Iterator[str | l
         if rng.random() < chat_share:
             yield _dialogue(rng)
         else:
-            yield rng.choice(_TEXT_KINDS)(rng)
+            yield rng.choices(_TEXT_KINDS, weights=_TEXT_WEIGHTS)[0](rng)
 
 
 def plain_text(document: str | list[dict[str, str]]) -> str:
