@@ -1,0 +1,159 @@
+"""DPO recipe: ln 2 at the first step, cached reference == live reference, the LoRA-disabled reference is
+the base model, micro-batching invariance, Plackett–Luce DPO at K=2 is pairwise DPO through the recipe."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from posttrain.config import ModelConfig, load_config
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.data.tasks import get_task
+from posttrain.models import build_model, save_pretrained
+from posttrain.models.adapters import AdapterConfig, apply_adapter
+from posttrain.recipes import find_recipe
+from posttrain.recipes.dpo import DPOConfig, DPOLossConfig, cached_step_source, dpo_loss_fn, main
+from posttrain.train.comparisons import comparison_step_source
+from posttrain.train.engine import TrainConfig
+from posttrain.train.metrics import read_metrics
+from posttrain.train.reference import Reference, precompute_sequence_logprobs, sequence_logprobs
+
+FAST = ["run.progress=false", "train.save_every=0", "optim.warmup_steps=0", "eval.problems=4", "eval.samples=2",
+        "eval_before=false"]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tokenizer, tmp_path_factory):
+    model = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("lm") / "lm"))
+
+
+def dpo_config(model_dir: str, out, *overrides: str) -> DPOConfig:
+    return load_config(DPOConfig, find_recipe("dpo").path, [f"model.path={model_dir}", f"run.out_dir={out}", *FAST,
+                                                            *overrides])
+
+
+def prepared_rows(tokenizer, fmt: str, size: int = 8):
+    return prepare_data(DataConfig(source="arith", size=size, format=fmt), tokenizer, accepts=STAGE_FORMATS["dpo"])
+
+
+def test_the_first_step_loss_is_ln2_when_the_policy_is_the_reference(pretrained_run, tmp_path):
+    cfg = dpo_config(pretrained_run.final_dir, tmp_path, "data.size=64", "train.max_steps=3", "train.batch_size=16",
+                     "train.micro_batch_size=8", "optim.lr=1e-4", "eval_before=true")
+    result = main(cfg)
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    first = metrics[0]
+    assert_close(torch.tensor(first["loss"]), torch.tensor(math.log(2)))
+    for key in ("chosen_reward", "rejected_reward", "reward_margin"):
+        assert_close(torch.tensor(first[key]), torch.tensor(0.0))
+    assert first["chosen_logprobs"] > first["rejected_logprobs"]  # the SFT-like start already prefers the answer
+    assert metrics[-1]["reward_margin"] > 0 and metrics[-1]["loss"] < math.log(2)
+    summary = result.summary
+    assert {"accuracy_before", "accuracy", "reward_accuracy", "chosen_reward"} <= set(summary)
+    for name in ("report.md", "plots/curves.png", "samples.jsonl", "final/model.safetensors"):
+        assert (result.run_dir / name).is_file(), name
+    AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
+
+
+@pytest.mark.parametrize(("fmt", "kind"), [("preference", "sigmoid"), ("ranking", "sigmoid"), ("preference", "ipo")])
+def test_cached_reference_logprobs_equal_the_live_ones(tiny_model, tokenizer, fmt, kind):
+    prepared = prepared_rows(tokenizer, fmt)
+    reference = Reference.frozen_copy(tiny_model)
+    average = kind == "ipo"
+    cached = precompute_sequence_logprobs(reference, prepared, batch_size=3, average=average)
+    source = cached_step_source(prepared, TrainConfig(batch_size=8, micro_batch_size=8), 0, cached)
+    batch = source.next_step().micro_batches[0]
+    assert_close(batch["ref_logprobs"], reference.sequence_logprobs(batch, average))
+    assert_close(batch["ref_logprobs"], sequence_logprobs(tiny_model, batch, average))
+
+
+def test_the_lora_disabled_reference_is_the_base_model(tiny_model, tokenizer):
+    prepared = prepared_rows(tokenizer, "preference")
+    batch = prepared.collator([prepared.dataset[i] for i in range(8)])
+    base = copy.deepcopy(tiny_model).eval()
+    policy = apply_adapter(tiny_model, AdapterConfig(method="lora", r=4))
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    loss, _ = dpo_loss_fn(DPOLossConfig(), Reference(policy, adapter_disabled=True))(policy, batch, 8.0)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        trained = sequence_logprobs(policy.eval(), batch)
+        want = sequence_logprobs(base, batch)
+    assert not torch.allclose(trained, want)  # the adapter moved the policy...
+    assert_close(Reference(policy, adapter_disabled=True).sequence_logprobs(batch), want)  # ...not the reference
+    assert policy.training is False  # the reference restores the mode it found
+
+
+def _accumulated_gradient(model, source, loss_fn) -> torch.Tensor:
+    step = source.next_step()
+    model.zero_grad()
+    for micro_batch in step.micro_batches:
+        loss, _ = loss_fn(model, micro_batch, step.normaliser)
+        loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize(("fmt", "kind", "cached"), [("preference", "sigmoid", True), ("ranking", "sigmoid", False),
+                                                     ("preference", "robust", False)])
+def test_micro_batching_does_not_change_the_gradient(tiny_model, tokenizer, fmt, kind, cached):
+    model = tiny_model.double()
+    prepared = prepared_rows(tokenizer, fmt, size=4)
+    reference = Reference.frozen_copy(model)
+    with torch.no_grad():  # move the policy off the reference, so the loss is not at its symmetric point
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-2)
+    loss_cfg = DPOLossConfig(kind=kind, beta=0.5, label_smoothing=0.1 if kind == "robust" else 0.0, sft_weight=0.3)
+    cache = precompute_sequence_logprobs(reference, prepared, batch_size=4) if cached else None
+    grads = []
+    for micro in (4, 1):
+        train = TrainConfig(batch_size=4, micro_batch_size=micro)
+        source = (cached_step_source(prepared, train, 0, cache) if cached
+                  else comparison_step_source(prepared, train, 0))
+        grads.append(_accumulated_gradient(model, source, dpo_loss_fn(loss_cfg, None if cached else reference)))
+    assert_close(grads[1], grads[0])
+
+
+def test_plackett_luce_dpo_with_two_responses_is_pairwise_dpo_through_the_recipe(lm_dir, tmp_path):
+    pairs = list(get_task("arith").rows("preference", size=32))
+    rankings = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]} for r in pairs]
+    runs = {}
+    for name, rows in (("pairs", pairs), ("rankings", rankings)):
+        source = tmp_path / f"{name}.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # Adam with a large epsilon: updates proportional to the gradient, so last-bit rounding differences
+        # between the two losses are not amplified into sign flips of tiny gradient components.
+        runs[name] = main(dpo_config(lm_dir, tmp_path, f"run.name={name}", f"data.source={source}",
+                                     "train.max_steps=3", "train.batch_size=16", "train.micro_batch_size=16",
+                                     "optim.lr=1e-2", "optim.eps=1e-2", "loss.beta=0.5"))
+    assert runs["rankings"].summary["format"] == "ranking"
+    pair_metrics, ranking_metrics = (read_metrics(runs[n].run_dir / "metrics.jsonl") for n in ("pairs", "rankings"))
+    assert abs(pair_metrics[-1]["loss"] - pair_metrics[0]["loss"]) > 1e-3  # it did train
+    for key in ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "chosen_logprobs"):
+        assert_close(torch.tensor([m[key] for m in ranking_metrics]), torch.tensor([m[key] for m in pair_metrics]))
+
+
+def test_lora_with_a_live_adapter_disabled_reference_on_rankings(lm_dir, tmp_path):
+    result = main(dpo_config(lm_dir, tmp_path, "data.size=16", "data.format=ranking", "adapter.method=lora",
+                             "adapter.r=4", "reference.precompute=false", "train.max_steps=2", "train.batch_size=8",
+                             "train.micro_batch_size=4", "optim.lr=1e-3"))
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    assert_close(torch.tensor(metrics[0]["loss"]), torch.tensor(metrics[0]["loss"]))
+    # LoRA starts as the identity, so the policy is the reference at step 1: the Plackett-Luce loss of
+    # equal rewards over K = 4 responses is log 4! = log 24
+    assert_close(torch.tensor(metrics[0]["loss"]), torch.tensor(math.log(24)))
+    assert result.summary["trainable_parameters"] < 100_000
+    AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)  # merged on save
+
+
+def test_rankings_take_only_the_sigmoid_loss(lm_dir, tmp_path):
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Plackett"):
+        main(dpo_config(lm_dir, tmp_path, "data.size=8", "data.format=ranking", "loss.kind=hinge"))
