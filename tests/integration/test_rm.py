@@ -164,11 +164,12 @@ def test_soft_labels_and_margins_reach_the_loss(lm_dir, tokenizer):
     assert_close(loss, want)
 
 
-def test_process_reward_model_recipe_and_scorer(lm_dir, tmp_path):
+def test_process_reward_model_recipe_with_lora_and_its_scorer(lm_dir, tmp_path):
     cfg = rm_config(lm_dir, tmp_path, "data.size=32", "train.max_steps=3", "train.batch_size=16",
-                    "train.micro_batch_size=16", "eval.size=16", recipe="prm")
+                    "train.micro_batch_size=16", "eval.size=16", "adapter.method=lora", "adapter.r=4", recipe="prm")
     result = main(cfg)
     assert result.summary["format"] == "stepwise"
+    assert result.summary["trainable_parameters"] < 100_000  # adapters and the head
     for key in ("eval_step_accuracy", "eval_first_error_accuracy", "eval_solution_accuracy"):
         assert 0 <= result.summary[key] <= 1
     scorer = ProcessRewardScorer.from_pretrained(result.final_dir)

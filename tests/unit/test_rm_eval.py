@@ -1,0 +1,75 @@
+"""Comparison batches and reward-model metrics, by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.data.collate import collate_pairs, collate_rankings
+from posttrain.eval.rewards import comparison_metrics, first_bad, good_steps
+from posttrain.train.comparisons import (
+    comparison_matrix,
+    join_rows,
+    ordered_pair_accuracy,
+    ordered_pairs,
+    split_rows,
+)
+
+
+def _pair(n: int) -> dict:
+    return {"chosen_input_ids": [1] * n, "chosen_response_mask": [0] + [1] * (n - 1),
+            "rejected_input_ids": [2] * (n + 1), "rejected_response_mask": [0] + [1] * n}
+
+
+def _ranking(k: int) -> dict:
+    return {"ranked_input_ids": [[1, 2 + i] for i in range(k)], "ranked_response_mask": [[0, 1]] * k}
+
+
+def test_comparison_matrix_of_pairs_and_ragged_rankings() -> None:
+    pairs = collate_pairs([_pair(2), _pair(3), _pair(4)], pad_token_id=0)
+    values = torch.tensor([1.0, 2.0, 3.0, -1.0, -2.0, -3.0])  # chosen rows first, then rejected
+    matrix, mask = comparison_matrix(values, pairs)
+    assert matrix.tolist() == [[1.0, -1.0], [2.0, -2.0], [3.0, -3.0]] and mask.all()
+    rankings = collate_rankings([_ranking(3), _ranking(2)], pad_token_id=0)
+    matrix, mask = comparison_matrix(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), rankings)
+    assert matrix.tolist() == [[5.0, 4.0, 3.0], [2.0, 1.0, 0.0]]
+    assert mask.tolist() == [[True, True, True], [True, True, False]]
+
+
+@pytest.mark.parametrize("ranking", [False, True])
+def test_split_and_join_rows_are_inverse(ranking: bool) -> None:
+    batch = (collate_rankings([_ranking(3), _ranking(2), _ranking(4)], 0) if ranking
+             else collate_pairs([_pair(2), _pair(3)], 0))
+    values = torch.arange(float(len(batch["input_ids"])))
+    rows = split_rows(values, batch)
+    assert [len(r) for r in rows] == ([3, 2, 4] if ranking else [2, 2])
+    assert_close(join_rows(rows, ranking), values)
+
+
+def test_ordered_pair_accuracy_and_margins_by_hand() -> None:
+    scores = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 0.0], [2.0, 2.0, 9.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, False]])
+    # row 0: (3>1 ok, 3>2 ok, 1>2 wrong); row 1: 0>1 wrong; row 2: a tie is wrong
+    assert_close(ordered_pair_accuracy(scores, mask), torch.tensor([2 / 3, 0.0, 0.0]))
+    differences, pairs = ordered_pairs(scores, mask)
+    assert pairs.sum().item() == 5
+    assert_close(differences.sum((-1, -2)), torch.tensor([2.0 + 1.0 - 1.0, -1.0, 0.0]))
+
+
+def test_comparison_metrics_by_hand() -> None:
+    rows = [torch.tensor([2.0, 0.0]), torch.tensor([1.0, 3.0]), torch.tensor([4.0, 1.0, 2.0])]
+    metrics = comparison_metrics(rows)
+    # ordered pairs: 2-0, 1-3, 4-1, 4-2, 1-2 -> accuracy per row 1, 0, 2/3; margins 2, -2, 3, 2, -1
+    assert metrics["eval_accuracy"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+    assert metrics["eval_margin"] == pytest.approx(4 / 5)
+    assert metrics["eval_chosen_mean"] == pytest.approx(7 / 3)
+    assert metrics["eval_rejected_mean"] == pytest.approx(6 / 4)
+
+
+def test_first_error_by_hand() -> None:
+    good = torch.tensor([[True, False, False], [True, True, True], [False, True, True], [True, True, False]])
+    mask = torch.tensor([[True, True, True], [True, True, True], [True, True, False], [True, True, False]])
+    assert first_bad(good, mask).tolist() == [1, 3, 0, 2]  # no error: the step count
+    assert good_steps(torch.tensor([-0.1, 0.1]), "classification").tolist() == [False, True]
+    assert good_steps(torch.tensor([0.4, 0.6]), "regression").tolist() == [False, True]
