@@ -103,7 +103,7 @@ def _dialogue(rng: random.Random) -> list[dict[str, str]]:
 # Arithmetic dominates the mix: solved problems are what later stages build on, and every token of a
 # few-shot block is a training target here (in SFT only the answer is).
 _TEXT_KINDS: list[Callable[[random.Random], str]] = [_number_fact, _arithmetic_statement, _few_shot_block, _chain]
-_TEXT_WEIGHTS = [1, 2, 4, 1]
+_TEXT_WEIGHTS = [1, 3, 8, 1]
 
 
 def synthetic_documents(seed: int, chat_share: float = 0.25) -> Iterator[str | list[dict[str, str]]]:

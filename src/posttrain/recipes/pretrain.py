@@ -50,7 +50,7 @@ class PretrainConfig:
     corpus: CorpusConfig = section(CorpusConfig, "Built-in synthetic corpus.")
     optim: OptimConfig = section(lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.01),
                                  "Optimizer and schedule.")
-    train: TrainConfig = section(lambda: TrainConfig(max_steps=600, batch_size=32, micro_batch_size=32,
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=900, batch_size=32, micro_batch_size=32,
                                                      save_every=200, eval_every=200),
                                  "Loop length, batch size, checkpoints and evaluation.")
 
