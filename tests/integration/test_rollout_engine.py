@@ -73,15 +73,14 @@ def test_greedy_matches_transformers_generate_on_a_ragged_left_padded_batch(tiny
 
 
 def test_auto_picks_the_llama_decoder_for_llama_and_hf_for_others(tiny_model, tokenizer, prompts):
-    rows = torch.arange(2)
-    assert isinstance(make_decoder("auto", tiny_model, prompts[:2], rows, 4, 0), LlamaDecoder)
+    assert isinstance(make_decoder("auto", tiny_model, prompts[:2], 1, 4, 0), LlamaDecoder)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     qwen = Qwen2ForCausalLM(config).eval()
-    assert isinstance(make_decoder("auto", qwen, prompts[:2], rows, 4, 0), HFDecoder)
+    assert isinstance(make_decoder("auto", qwen, prompts[:2], 1, 4, 0), HFDecoder)
     with pytest.raises(ValueError, match="needs a Llama"):
-        make_decoder("llama", qwen, prompts[:2], rows, 4, 0)
+        make_decoder("llama", qwen, prompts[:2], 1, 4, 0)
     # The generic path is exact on a non-Llama model too.
     rollout = LocalRolloutEngine(qwen, tokenizer).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
     assert torch.equal(rollout.completion_ids, _hf_greedy(qwen, tokenizer, prompts, 8))

@@ -29,7 +29,7 @@ FORWARDS = ("auto", "llama", "hf")
 
 
 class Decoder(abc.ABC):
-    """The state of one batched generation (rows = prompts[rows[b]] for b in range(B))."""
+    """The state of one batched generation: `n` rows per prompt, prompt-major (row b samples prompt b // n)."""
 
     @abc.abstractmethod
     def prefill(self) -> Tensor:
@@ -66,7 +66,7 @@ def supports_llama_decoder(model: torch.nn.Module) -> bool:
             and hasattr(getattr(base, "model", None), "rotary_emb"))
 
 
-def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]], rows: Tensor,
+def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]], n: int,
                  max_new_tokens: int, pad_id: int) -> Decoder:
     """`forward`: "llama" (own Llama forward + static cache), "hf" (the model's forward), "auto" (llama if it can)."""
     if forward not in FORWARDS:
@@ -74,22 +74,25 @@ def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]],
     if forward == "llama" and not supports_llama_decoder(model):
         raise ValueError("forward='llama' needs a Llama-architecture model (silu MLP, RoPE); use 'hf' or 'auto'")
     if forward == "llama" or (forward == "auto" and supports_llama_decoder(model)):
-        return LlamaDecoder(model, prompts, rows, max_new_tokens)
-    return HFDecoder(model, prompts, rows, pad_id)
+        return LlamaDecoder(model, prompts, n, max_new_tokens)
+    return HFDecoder(model, prompts, n, pad_id)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE, rotate-half form, written as in transformers' Llama so the rounding matches."""
+    """RoPE, x * cos + rotate_half(x) * sin, as transformers' Llama computes it (same rounding),
+    with two temporaries instead of four: at prefill each is a [tokens, heads, head_dim] tensor."""
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    rotated[..., :half].neg_()
+    return rotated.mul_(sin).add_(x * cos)
 
 
 def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]:
     """Split ascending `lengths` into at most `groups` contiguous runs: (start, end, longest) each.
 
-    Attention reads every key slot of its batch, padding included, and at decode time it is
-    memory-bound: attending per group of similar lengths reads each group's own width, not the
-    batch's longest prompt (about a third less for the few-shot benchmark prompts).
+    Decode-time attention is memory-bound and reads every key slot of its batch, padding
+    included: attending per group of similar lengths reads each group's own width, not the
+    longest prompt's (about a third less for the few-shot benchmark prompts).
     """
     count = len(lengths)
     bounds = sorted({round(i * count / groups) for i in range(groups + 1)})
@@ -99,16 +102,16 @@ def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]
 class LlamaDecoder(Decoder):
     """Llama forward over a preallocated KV cache [B, kv_heads, P + max_new_tokens, head_dim].
 
-    Rows are kept internally sorted by prompt length (`order`; the interface stays in the caller's
-    row order) and attention runs per group of similar lengths (`length_groups`). Cache layout:
-    prompt u's keys sit left-padded in slots [P - len_u, P), new token s in slot P + s; `valid`
-    [B, S] marks the slots a row may attend to. Masked prompt slots hold zeros, never garbage:
-    a NaN there times a 0 attention weight would still be NaN.
+    Internally the prompts are sorted by length, each prompt's n rows next to each other
+    (`order` maps internal to caller rows; the interface keeps the caller's order), so that decode
+    attention can run per group of similar lengths. Cache layout: a row's prompt keys sit
+    left-padded in slots [P - len, P), new token s in slot P + s; `valid` [B, S] marks the slots a
+    row attends to. Masked prompt slots hold zeros, never garbage: NaN times a 0 weight is NaN.
     """
 
     GROUPS = 4
 
-    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], rows: Tensor, max_new_tokens: int) -> None:
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], n: int, max_new_tokens: int) -> None:
         base = base_causal_lm(model)
         self.trunk, self.lm_head = base.model, base.lm_head
         self.layers = list(self.trunk.layers)
@@ -119,105 +122,103 @@ class LlamaDecoder(Decoder):
         weight = self.trunk.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
 
-        # Distinct prompts sorted by length (each prefilled once, even when sampled n times), and
-        # the batch rows sorted the same way, so that rows of similar length are neighbours.
-        lengths = [len(p) for p in prompts]
-        by_length = sorted(range(len(prompts)), key=lambda u: lengths[u])
-        rank = {u: i for i, u in enumerate(by_length)}
-        external = rows.tolist()
-        order = sorted(range(len(external)), key=lambda b: (rank[external[b]], b))
-        self.order = torch.tensor(order, device=self.device)
-        self.inverse = torch.argsort(self.order)
-        self.prompts = [prompts[u] for u in by_length]
-        self.prompt_lengths = torch.tensor([lengths[u] for u in by_length], device=self.device)
-        self.row_prompt = torch.tensor([rank[external[b]] for b in order], device=self.device)
-        self.width = max(lengths)  # P
-        self.prompt_groups = length_groups([lengths[u] for u in by_length], self.GROUPS)
-        self.row_groups = length_groups([lengths[external[b]] for b in order], self.GROUPS)
+        by_length = sorted(range(len(prompts)), key=lambda u: len(prompts[u]))
+        self.n, self.prompts = n, [prompts[u] for u in by_length]
+        self.prompt_lengths = torch.tensor([len(p) for p in self.prompts], device=self.device)
+        order = [by_length[r // n] * n + r % n for r in range(len(prompts) * n)]
+        self.order = torch.tensor(order, device=self.device)  # internal row -> caller's row
+        self.inverse = torch.argsort(self.order)  # caller's row -> internal row
+        self.width = max(len(p) for p in prompts)  # P
+        self.groups = length_groups([len(p) for p in self.prompts for _ in range(n)], self.GROUPS)
 
         batch, slots = len(order), self.width + max_new_tokens
         shape = (batch, self.kv_heads, slots, self.head_dim)
-        # Uninitialised on purpose (zeroing it costs ~4% of a generation): prefill writes every prompt
-        # slot, padding included (zeros), and decoding writes slot P + s before anything reads it.
+        # Uninitialised on purpose (zeroing costs ~4% of a generation): prefill writes every prompt
+        # slot, padding included, and decoding writes slot P + s before anything reads it.
         self.keys = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.values = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.valid = torch.zeros((batch, slots), dtype=torch.bool, device=self.device)
-        self.positions = self.prompt_lengths[self.row_prompt].clone()  # the next token's position, per row
+        self.positions = self.prompt_lengths.repeat_interleave(n)  # the next token's position, per row
         self.slot = self.width  # the next token's cache slot (the same for every row)
 
-    def _attend(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float,
-                groups: list[tuple[int, int, int]], end: int) -> Tensor:
-        """Attention per length group over cache columns [P - longest, end): [n, heads, q, D] -> same."""
-        if self.kv_heads != self.heads:  # grouped-query attention: each kv head serves a group of heads
-            keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = torch.empty_like(query)  # every slot read afterwards is written by one group
-        queries_from = end - query.shape[2]
-        for a, b, longest in groups:
-            first = self.width - longest
-            q_first = max(first, queries_from) - queries_from
-            out[a:b, :, q_first:] = F.scaled_dot_product_attention(
-                query[a:b, :, q_first:], keys[a:b, :, first:end], values[a:b, :, first:end],
-                attn_mask=mask[a:b, :, q_first:, first:end], scale=scale)
-        return out
+    def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
+        """down(silu(gate(x)) * up(x)) with the activation and product in place (large at prefill)."""
+        mlp = layer.mlp
+        gate = mlp.gate_proj(hidden)
+        return mlp.down_proj(F.silu(gate, inplace=True).mul_(mlp.up_proj(hidden)))
+
+    def _expand_heads(self, kv: Tensor, dim: int) -> Tensor:
+        """Grouped-query attention: each key/value head serves heads // kv_heads query heads."""
+        return kv if self.kv_heads == self.heads else kv.repeat_interleave(self.heads // self.kv_heads, dim=dim)
 
     def prefill(self) -> Tensor:
-        n_prompts, width = len(self.prompts), self.width
+        """Unpadded: the linear layers see only the real prompt tokens, packed into [N, hidden], and
+        attention runs per prompt (causal, no mask, no padding). Keys and values go straight into
+        the cache row of each prompt's first sample, and are copied to its other n - 1 rows.
+        """
+        n_prompts, width, n = len(self.prompts), self.width, self.n
+        lengths = self.prompt_lengths
         tokens = torch.tensor([t for p in self.prompts for t in p], device=self.device)
-        owner = torch.repeat_interleave(torch.arange(n_prompts, device=self.device), self.prompt_lengths)
-        starts = torch.cumsum(self.prompt_lengths, 0) - self.prompt_lengths
+        owner = torch.repeat_interleave(torch.arange(n_prompts, device=self.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(len(tokens), device=self.device) - starts[owner]
-        slots = width - self.prompt_lengths[owner] + positions  # left-padded column of each packed token
+        slots = width - lengths[owner] + positions  # left-padded column of each packed token
         prompt_valid = torch.zeros((n_prompts, width), dtype=torch.bool, device=self.device)
         prompt_valid[owner, slots] = True
-        # Causal over the padded layout, keys restricted to real tokens; padding queries attend to
-        # themselves only (an all-masked row would be NaN) and their outputs are never read.
-        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        eye = torch.eye(width, dtype=torch.bool, device=self.device)
-        mask = ((causal & prompt_valid[:, None, :]) | eye).unsqueeze(1)  # [U, 1, P, P]
+        spans = list(itertools.pairwise([0, *torch.cumsum(lengths, 0).tolist()]))
 
-        hidden = self.trunk.embed_tokens(tokens)  # [N, hidden]: real tokens only, no padding
+        hidden = self.trunk.embed_tokens(tokens)  # [N, hidden]
         cos, sin = self.trunk.rotary_emb(hidden, positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, head_dim]
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
-            q = _rotate(attn.q_proj(normed).view(-1, self.heads, self.head_dim), cos, sin)
-            k = _rotate(attn.k_proj(normed).view(-1, self.kv_heads, self.head_dim), cos, sin)
-            v = attn.v_proj(normed).view(-1, self.kv_heads, self.head_dim)
-            padded_q = q.new_zeros((n_prompts, width, self.heads, self.head_dim))
-            padded_k = k.new_zeros((n_prompts, width, self.kv_heads, self.head_dim))
-            padded_v = v.new_zeros((n_prompts, width, self.kv_heads, self.head_dim))
-            padded_q[owner, slots], padded_k[owner, slots], padded_v[owner, slots] = q, k, v
-            padded_k, padded_v = padded_k.transpose(1, 2), padded_v.transpose(1, 2)  # [U, kv_heads, P, D]
-            out = self._attend(padded_q.transpose(1, 2), padded_k, padded_v, mask, attn.scaling,
-                               self.prompt_groups, width)
-            out = out.transpose(1, 2)[owner, slots].reshape(len(tokens), -1)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            keys[:, :, :width] = padded_k[self.row_prompt]
-            values[:, :, :width] = padded_v[self.row_prompt]
-        self.valid[:, :width] = prompt_valid[self.row_prompt]
-        last = starts + self.prompt_lengths - 1
+            q = _rotate(attn.q_proj(normed).view(-1, self.heads, self.head_dim), cos, sin).transpose(0, 1)
+            k = _rotate(attn.k_proj(normed).view(-1, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            v = attn.v_proj(normed).view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv_heads, N, D]
+            out = torch.empty((len(tokens), self.heads, self.head_dim), device=self.device, dtype=self.dtype)
+            for i, (a, b) in enumerate(spans):
+                row, first = i * n, width - (b - a)  # the prompt's first sample row; its first real slot
+                for cache, new in ((keys, k), (values, v)):
+                    cache[row, :, :first] = 0.0
+                    cache[row, :, first:width] = new[:, a:b]
+                out[a:b] = F.scaled_dot_product_attention(  # [1, heads, len, D], causal, nothing padded
+                    q[None, :, a:b], self._expand_heads(keys[row : row + 1, :, first:width], 1),
+                    self._expand_heads(values[row : row + 1, :, first:width], 1), is_causal=True,
+                    scale=attn.scaling)[0].transpose(0, 1)
+            hidden = hidden.add_(attn.o_proj(out.view(len(tokens), -1)))
+            hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
+            if n > 1:  # the other samples of a prompt start from the same cache
+                for cache in (keys, values):
+                    grouped = cache.view(n_prompts, n, *cache.shape[1:])
+                    grouped[:, 1:, :, :width] = grouped[:, :1, :, :width]
+        self.valid[:, :width] = prompt_valid.repeat_interleave(n, dim=0)
+        last = starts + lengths - 1
         logits = self.lm_head(self.trunk.norm(hidden[last]))  # only the positions that predict
-        return logits[self.row_prompt][self.inverse]
+        return logits[self.inverse // n]
 
     def step(self, tokens: Tensor) -> Tensor:
         slot, batch = self.slot, len(tokens)
         self.valid[:, slot] = True
-        mask = self.valid[:, None, None, :]  # [B, 1, 1, S]
-        hidden = self.trunk.embed_tokens(tokens[self.order])  # [B, hidden], rows in length order
+        hidden = self.trunk.embed_tokens(tokens[self.order])  # [B, hidden], internal row order
         cos, sin = self.trunk.rotary_emb(hidden, self.positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
-            q = _rotate(attn.q_proj(normed).view(batch, self.heads, self.head_dim), cos, sin)
+            q = _rotate(attn.q_proj(normed).view(batch, self.heads, 1, self.head_dim), cos.unsqueeze(1),
+                        sin.unsqueeze(1))
             keys[:, :, slot] = _rotate(attn.k_proj(normed).view(batch, self.kv_heads, self.head_dim), cos, sin)
             values[:, :, slot] = attn.v_proj(normed).view(batch, self.kv_heads, self.head_dim)
-            out = self._attend(q.unsqueeze(2), keys, values, mask, attn.scaling, self.row_groups, slot + 1)
-            hidden = hidden + attn.o_proj(out.reshape(batch, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            parts = []
+            for a, b, longest in self.groups:  # each group reads only its own width of the cache
+                first = self.width - longest
+                parts.append(F.scaled_dot_product_attention(
+                    q[a:b], self._expand_heads(keys[a:b, :, first : slot + 1], 1),
+                    self._expand_heads(values[a:b, :, first : slot + 1], 1),
+                    attn_mask=self.valid[a:b, None, None, first : slot + 1], scale=attn.scaling))
+            hidden = hidden.add_(attn.o_proj(torch.cat(parts).view(batch, -1)))
+            hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
         self.slot += 1
         self.positions += 1
         return self.lm_head(self.trunk.norm(hidden))[self.inverse]
@@ -226,10 +227,10 @@ class LlamaDecoder(Decoder):
 class HFDecoder(Decoder):
     """The model's own forward and cache: works for any causal LM, with a left-padded prefill."""
 
-    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], rows: Tensor, pad_id: int) -> None:
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], n: int, pad_id: int) -> None:
         self.model = model
         device = next(model.parameters()).device
-        self.input_ids, self.attention_mask = left_pad([prompts[r] for r in rows.tolist()], pad_id, device)
+        self.input_ids, self.attention_mask = left_pad([p for p in prompts for _ in range(n)], pad_id, device)
         self.positions = position_ids_from_mask(self.attention_mask)
         # transformers 5 renamed `past_key_values` to `cache` (argument and output field).
         parameters = inspect.signature(base_causal_lm(model).forward).parameters

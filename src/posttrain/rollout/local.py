@@ -71,7 +71,7 @@ class LocalRolloutEngine(RolloutEngine):
         self.model.eval()
         try:
             with torch.inference_mode():
-                tokens, logprobs, lengths, reasons = self._sample(prompt_lists, rows, params, generator)
+                tokens, logprobs, lengths, reasons = self._sample(prompt_lists, params, generator)
         finally:
             for module, training in modes:
                 module.training = training
@@ -86,12 +86,12 @@ class LocalRolloutEngine(RolloutEngine):
                        logprobs=logprobs.masked_fill(response_mask == 0, 0.0), finish_reasons=reasons, texts=texts,
                        prompt_index=rows.to(device), temperature=params.logprob_temperature)
 
-    def _sample(self, prompts: list[list[int]], rows: Tensor, params: SamplingParams,
+    def _sample(self, prompts: list[list[int]], params: SamplingParams,
                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, list[FinishReason]]:
         """The decoding loop. Returns tokens, logprobs [B, T], lengths [B] (through the stop token), reasons."""
-        decoder = make_decoder(self.forward, self.model, prompts, rows, params.max_new_tokens, self.pad_id)
+        decoder = make_decoder(self.forward, self.model, prompts, params.n, params.max_new_tokens, self.pad_id)
         logits = decoder.prefill()
-        batch, limit, device = len(rows), params.max_new_tokens, logits.device
+        batch, limit, device = len(prompts) * params.n, params.max_new_tokens, logits.device
         tokens = torch.full((batch, limit), self.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((batch, limit), dtype=torch.float32, device=device)
         lengths = torch.full((batch,), limit, dtype=torch.long, device=device)
