@@ -38,10 +38,13 @@ class Accuracy:
     ci_high: float
     problems: int
     samples: list[dict[str, Any]]
+    step_accuracy: float | None = None
+    """Tasks solved in steps: the share of all gold steps that the completions get right."""
 
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
+        steps = {} if self.step_accuracy is None else {f"{prefix}step_accuracy": self.step_accuracy}
         return {f"{prefix}accuracy": self.accuracy, f"{prefix}accuracy_ci_low": self.ci_low,
-                f"{prefix}accuracy_ci_high": self.ci_high}
+                f"{prefix}accuracy_ci_high": self.ci_high, **steps}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -88,7 +91,17 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     low, high = wilson_interval(hits, len(examples))
     samples = [{"prompt": e.prompt, "completion": t, "answer": e.answer, "correct": bool(c)}
                for e, t, c in list(zip(examples, texts, correct, strict=True))[:cfg.samples]]
-    return Accuracy(accuracy=hits / len(examples), ci_low=low, ci_high=high, problems=len(examples), samples=samples)
+    return Accuracy(accuracy=hits / len(examples), ci_low=low, ci_high=high, problems=len(examples), samples=samples,
+                    step_accuracy=step_accuracy(task, examples, texts))
+
+
+def step_accuracy(task: Task, examples: list[Example], texts: list[str]) -> float | None:
+    """Share of all gold steps computed right (`verify_steps`), or None for a task without steps."""
+    verify_steps = getattr(task, "verify_steps", None)
+    if verify_steps is None or not any(e.steps for e in examples):
+        return None
+    scores = [s for e, t in zip(examples, texts, strict=True) for s in verify_steps(t, list(e.steps))]
+    return sum(scores) / len(scores)
 
 
 def accuracy_evaluator(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: EvalConfig,

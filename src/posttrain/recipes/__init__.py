@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("posttrain.recipes.sft", "SFTConfig"),
     "rm": ("posttrain.recipes.rm", "RMConfig"),
     "dpo": ("posttrain.recipes.dpo", "DPOConfig"),
+    "grpo": ("posttrain.recipes.grpo", "GRPOConfig"),
 }
 
 

@@ -17,7 +17,7 @@ from posttrain.rollout.base import (
     position_ids_from_mask,
 )
 from posttrain.rollout.local import LocalRolloutEngine
-from posttrain.rollout.recompute import logprob_mismatch, policy_logprobs
+from posttrain.rollout.recompute import logprob_mismatch, policy_logprobs, policy_logprobs_and_entropy
 
 ENGINES = ("local", "vllm")
 
@@ -37,4 +37,5 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
 
 
 __all__ = ["ENGINES", "FinishReason", "LocalRolloutEngine", "Prompts", "Rollout", "RolloutEngine", "SamplingParams",
-           "logprob_mismatch", "make_engine", "policy_logprobs", "position_ids_from_mask"]
+           "logprob_mismatch", "make_engine", "policy_logprobs", "policy_logprobs_and_entropy",
+           "position_ids_from_mask"]

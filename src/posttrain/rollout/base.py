@@ -125,6 +125,24 @@ class Rollout:
         """[B] number of tokens in each completion's mask."""
         return self.response_mask.sum(dim=1)
 
+    def select(self, rows: Tensor | Sequence[int]) -> Rollout:
+        """The rollout of `rows` (in that order), trimmed to their own longest prompt and completion.
+
+        Trimming keeps the layout (prompts end at one column, completions start at the next) and the
+        positions (counted from each row's first real token), so logprobs recomputed on a selection
+        equal those of the full batch; a micro-batch of short rows then pays for short rows only.
+        """
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
+        prompt_mask, response_mask = self.prompt_mask[index], self.response_mask[index]
+        start = self.prompt_ids.shape[1] - int(prompt_mask.sum(dim=1).max())
+        width = int(response_mask.sum(dim=1).max())
+        picked = index.tolist()
+        return Rollout(prompt_ids=self.prompt_ids[index, start:], prompt_mask=prompt_mask[:, start:],
+                       completion_ids=self.completion_ids[index, :width], response_mask=response_mask[:, :width],
+                       logprobs=self.logprobs[index, :width], finish_reasons=[self.finish_reasons[i] for i in picked],
+                       texts=[self.texts[i] for i in picked], prompt_index=self.prompt_index[index],
+                       temperature=self.temperature)
+
     @property
     def truncated(self) -> Tensor:
         """[B] bool: completions cut by max_new_tokens (a recipe may mask them out of the loss)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posttrain.algos import masked_mean, token_logprobs
+from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
 from posttrain.rollout.base import Rollout
 
 
@@ -22,11 +22,24 @@ def policy_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float
     from each row's first real token, as while sampling); only the T + 1 last positions' logits are
     computed. `temperature` defaults to the rollout's. Gradients flow unless the caller disables them.
     """
+    return policy_logprobs_and_entropy(model, rollout, temperature, entropy=False)[0]
+
+
+def policy_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None,
+                                entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """`policy_logprobs` and, from the same logits, the policy's entropy [B, T] at every completion
+    position (0 outside the response mask; no gradient: it is a statistic to log, not a loss term)."""
     width = rollout.completion_ids.shape[1]
+    temperature = rollout.temperature if temperature is None else temperature
     logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                    position_ids=rollout.position_ids, logits_to_keep=width + 1).logits[:, :-1]
     labels = rollout.completion_ids.masked_fill(rollout.response_mask == 0, -100)
-    return token_logprobs(logits, labels, rollout.temperature if temperature is None else temperature)
+    logprobs = token_logprobs(logits, labels, temperature)
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        values = entropy_from_logits(logits.detach(), temperature) * rollout.response_mask
+    return logprobs, values
 
 
 def logprob_mismatch(sampler_logprobs: Tensor, trainer_logprobs: Tensor, response_mask: Tensor) -> Tensor:

@@ -10,6 +10,10 @@ and schedule, the non-finite guard, metrics, progress, evaluation, checkpoints, 
   divided by the global normaliser, so summing micro-batch gradients gives the full-batch gradient
   (1x16, 4x4 and 16x1 agree); `metrics` are weighted the same way, so they are summed too;
 - optionally `evaluate(step) -> metrics`, called every `eval_every` steps and at the end.
+
+A source that samples (the RL stages) does its generation and scoring inside `next_step()` and
+reports step-level statistics in `StepBatch.metrics`; when they include `generation_s`, the record
+also gets `generation_share`, the share of the step's wall time spent producing the batch.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class StepBatch:
     micro_batches: list[Any]
     normaliser: float
     tokens: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class StepSource(Protocol):
@@ -118,8 +123,10 @@ class Trainer:
                 record = self._optimizer_step(batch, loss_fn)
                 session_tokens += batch.tokens
                 elapsed = time.perf_counter() - start
-                record.update(step_time_s=time.perf_counter() - step_start, elapsed_s=elapsed,
+                record.update(batch.metrics, step_time_s=time.perf_counter() - step_start, elapsed_s=elapsed,
                               tokens=self.tokens, tokens_per_s=session_tokens / max(elapsed, 1e-9))
+                if "generation_s" in record:
+                    record["generation_share"] = record["generation_s"] / max(record["step_time_s"], 1e-9)
                 if evaluate is not None and self._due(self.train_cfg.eval_every, final=True):
                     record.update(evaluate(self.step))
                 last = record

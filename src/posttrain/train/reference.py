@@ -1,4 +1,4 @@
-"""The reference policy of DPO (and of any KL-regularised stage): a frozen copy, or the policy itself
+"""The reference policy of DPO and of the KL-regularised RL stages: a frozen copy, or the policy itself
 with its LoRA adapter disabled — the base weights are the reference, so no second copy is kept.
 
 The reference never trains, so the logprobs it gives a fixed dataset are fixed too: computing them
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from posttrain.data.pipeline import Prepared
+from posttrain.rollout import Rollout, policy_logprobs
 from posttrain.train.comparisons import split_rows
 from posttrain.train.forward import response_logprobs
 
@@ -56,6 +57,12 @@ class Reference:
     def sequence_logprobs(self, batch: dict[str, Tensor], average: bool = False) -> Tensor:
         with self._active() as model:
             return sequence_logprobs(model, batch, average)
+
+    @torch.no_grad()
+    def rollout_logprobs(self, rollout: Rollout) -> Tensor:
+        """Per-token logprobs [B, T] of a rollout's completions under the reference (RL's KL term)."""
+        with self._active() as model:
+            return policy_logprobs(model, rollout)
 
 
 @torch.no_grad()

@@ -1,0 +1,155 @@
+"""Reward functions for RL stages, and their weighted combination.
+
+A reward function reads a batch of `Completions` (prompts, completion texts, gold answers and
+steps) and returns one score per completion. The built-ins are
+
+    correct       1 when the task's extracted answer equals the gold answer, else 0 (`Task.verify`)
+    format        1 when the task can extract an answer at all (the completion is well-formed)
+    steps         share of the gold steps the completion gets right (`Task.verify_steps`, partial credit)
+    reward_model  the score of a reward model trained by `posttrain rm`
+
+and any Python callable registered with `@register_reward_function("name")`. A recipe names the
+functions and their weights in its config (`reward.functions: {correct: 1.0, format: 0.1}`) and
+gets the total reward r = sum_k w_k f_k(completion), with every f_k kept for the logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import Registry
+from posttrain.data.tasks.base import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Completions:
+    """What every reward function and step scorer reads, one entry per completion (row order).
+
+    prompts: the prompt of each completion as chat messages; completions: the decoded completion
+    texts; answers: the gold answers; steps: the gold per-step values (empty for tasks without).
+    """
+
+    prompts: list[list[dict[str, Any]]]
+    completions: list[str]
+    answers: list[str]
+    steps: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+RewardFunction = Callable[[Completions], Sequence[float] | Tensor]
+# A factory builds a reward function from the recipe's context (the task, the reward model path).
+RewardFactory = Callable[..., RewardFunction]
+
+REWARD_FUNCTIONS: Registry[RewardFactory] = Registry("reward function")
+
+
+def register_reward_function(name: str) -> Callable[[RewardFunction], RewardFunction]:
+    """Register a plain reward function `fn(completions: Completions) -> scores` under `name`.
+
+        @register_reward_function("short")
+        def short(batch):
+            return [1.0 if len(text) < 20 else 0.0 for text in batch.completions]
+
+    after which `reward.functions.short=0.5` adds it to a recipe's reward.
+    """
+
+    def decorate(fn: RewardFunction) -> RewardFunction:
+        REWARD_FUNCTIONS.register(name)(lambda **_: fn)
+        return fn
+
+    return decorate
+
+
+@REWARD_FUNCTIONS.register("correct")
+def correct_reward(task: Task | None = None, **_: Any) -> RewardFunction:
+    """Exact match of the extracted answer with the gold answer (the verifiable reward of RLVR)."""
+    task = _need_task(task, "correct")
+    return lambda batch: [task.verify(c, a) for c, a in zip(batch.completions, batch.answers, strict=True)]
+
+
+@REWARD_FUNCTIONS.register("format")
+def format_reward(task: Task | None = None, **_: Any) -> RewardFunction:
+    """1 when an answer can be read out of the completion, right or wrong (a shaping term)."""
+    task = _need_task(task, "format")
+    return lambda batch: [float(task.extract_answer(c) is not None) for c in batch.completions]
+
+
+@REWARD_FUNCTIONS.register("steps")
+def steps_reward(task: Task | None = None, **_: Any) -> RewardFunction:
+    """Partial credit: the share of the gold steps the completion computes correctly."""
+    task = _need_task(task, "steps")
+    verify_steps = getattr(task, "verify_steps", None)
+    if verify_steps is None:
+        raise ValueError(f"task {task.name!r} has no step verifier: the `steps` reward needs one (e.g. multistep)")
+
+    def score(batch: Completions) -> list[float]:
+        out = []
+        for completion, steps in zip(batch.completions, batch.steps, strict=True):
+            scores = verify_steps(completion, steps)
+            out.append(sum(scores) / len(scores) if scores else 0.0)
+        return out
+
+    return score
+
+
+@REWARD_FUNCTIONS.register("reward_model")
+def reward_model_reward(reward_model_path: str | None = None, **_: Any) -> RewardFunction:
+    """The scalar score of a reward model (`posttrain rm`) for each (prompt, completion)."""
+    if not reward_model_path:
+        raise ValueError("the `reward_model` reward needs the reward model's directory (reward.model_path)")
+    from posttrain.rewards.reward_model import RewardModelScorer
+
+    scorer = RewardModelScorer.from_pretrained(reward_model_path)
+    return lambda batch: scorer.score(batch.prompts, batch.completions)
+
+
+def _need_task(task: Task | None, name: str) -> Task:
+    if task is None:
+        raise ValueError(f"the `{name}` reward needs a task to verify answers with (reward.task)")
+    return task
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """total: [B] weighted sum of the reward functions; by_function: each function's raw scores [B]."""
+
+    total: Tensor
+    by_function: dict[str, Tensor]
+
+
+class WeightedRewards:
+    """r = sum_k w_k f_k(completion) over named reward functions f_k with weights w_k.
+
+    Built from names (`from_config`) or directly from callables: `WeightedRewards({"mine": (fn, 1.0)})`.
+    Scores are float64 so a weighted sum of 0/1 rewards stays exact and equal rewards stay equal
+    (a group with equal rewards must get exactly zero advantage).
+    """
+
+    def __init__(self, functions: Mapping[str, tuple[RewardFunction, float]]) -> None:
+        if not functions:
+            raise ValueError("at least one reward function is needed")
+        self.functions = dict(functions)
+
+    @classmethod
+    def from_config(cls, weights: Mapping[str, float], **context: Any) -> WeightedRewards:
+        """Look every name up in `REWARD_FUNCTIONS`; `context` (task, reward_model_path) goes to the factories."""
+        return cls({name: (REWARD_FUNCTIONS[name](**context), float(w)) for name, w in weights.items()})
+
+    def __call__(self, batch: Completions) -> Scores:
+        by_function: dict[str, Tensor] = {}
+        total = torch.zeros(len(batch), dtype=torch.float64)
+        for name, (fn, weight) in self.functions.items():
+            values = torch.as_tensor(fn(batch), dtype=torch.float64).flatten().cpu()
+            if values.numel() != len(batch):
+                raise ValueError(f"reward function {name!r} returned {values.numel()} scores for {len(batch)} "
+                                 "completions")
+            by_function[name] = values
+            total += weight * values
+        return Scores(total=total, by_function=by_function)

@@ -1,0 +1,275 @@
+"""GRPO recipe on the tiny model: the first update's ratio is 1 with no clipping and no KL, equal-reward groups
+add no gradient, sampler and trainer logprobs agree, rewards and advantages follow their completion through the
+shuffle, truncation is flagged (and masked on request), EOS is trained, process advantages are those of `algos`,
+the token-mean loss is invariant to micro-batching, and a run writes a complete run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from posttrain.algos import group_advantages, process_advantages
+from posttrain.config import ModelConfig, load_config
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.data.tasks import get_task
+from posttrain.models import build_model, save_pretrained
+from posttrain.recipes import find_recipe
+from posttrain.recipes.grpo import GRPOConfig, GRPOStepSource, grpo_loss_fn, main
+from posttrain.rewards.functions import WeightedRewards
+from posttrain.rewards.steps import verifier_step_scorer
+from posttrain.rollout import Rollout, RolloutEngine, make_engine
+from posttrain.rollout.forward import left_pad
+from posttrain.train.metrics import read_metrics
+from posttrain.train.reference import Reference
+
+FAST = ["run.progress=false", "train.save_every=0", "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=4",
+        "eval_before=false", "data.size=32"]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tokenizer, tmp_path_factory):
+    model = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("lm") / "lm"))
+
+
+def grpo_config(model_dir: str, out, *overrides: str) -> GRPOConfig:
+    return load_config(GRPOConfig, find_recipe("grpo").path, [f"model.path={model_dir}", f"run.out_dir={out}", *FAST,
+                                                              *overrides])
+
+
+def text_score(text: str) -> float:
+    """A deterministic reward of the completion text alone, different for almost every text."""
+    return float(zlib.crc32(text.encode()) % 97)
+
+
+TEXT_REWARD = WeightedRewards({"text": (lambda batch: [text_score(t) for t in batch.completions], 1.0)})
+
+
+def make_source(model, tokenizer, *overrides: str, rewards=TEXT_REWARD, engine=None, source="arith", size=16,
+                **kwargs) -> GRPOStepSource:
+    cfg = load_config(GRPOConfig, None, ["model.path=unused", "train.batch_size=16", "train.micro_batch_size=16",
+                                         "sampling.group_size=4", "sampling.max_new_tokens=6", *overrides])
+    prepared = prepare_data(DataConfig(source=source, size=size), tokenizer, accepts=STAGE_FORMATS["grpo"])
+    return GRPOStepSource(cfg, prepared, engine or make_engine("local", model, tokenizer), tokenizer, rewards,
+                          **kwargs)
+
+
+def eos_bias(model, bias: float):
+    """Add `bias` to the EOS logit of every forward (a hook on lm_head, which sampler and trainer both call)."""
+    eos = model.config.eos_token_id
+
+    def hook(module, inputs, output):
+        output[..., eos] += bias
+        return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def gradient(model, step, loss_fn) -> torch.Tensor:
+    model.zero_grad()
+    for micro_batch in step.micro_batches:
+        loss, _ = loss_fn(model, micro_batch, step.normaliser)
+        loss.backward()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one(lm_dir, tmp_path):
+    result = main(grpo_config(lm_dir, tmp_path, "train.max_steps=3", "train.batch_size=16", "train.micro_batch_size=8",
+                              "sampling.group_size=4", "sampling.max_new_tokens=6", "loss.beta=0.1",
+                              "loss.num_iterations=2", "optim.lr=1e-2", "eval_before=true",
+                              "reward.functions.correct=1.0", "reward.functions.format=0.5"))
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    first, second, third = metrics
+    # First pass over a fresh batch: pi = pi_old = pi_ref, so the ratio is 1, nothing is clipped, no KL.
+    assert first["ratio"] == 1.0 and first["clip_fraction"] == 0.0 and first["approx_kl"] == 0.0
+    assert_close(torch.tensor(first["kl"]), torch.tensor(0.0))
+    assert first["logprob_mismatch"] < 1e-5
+    # Step 2 reuses the batch after one update: the ratio moved; step 3 samples a new batch.
+    assert second["iteration"] == 2 and second["generation_s"] == 0.0 and "logprob_mismatch" not in second
+    assert second["approx_kl"] > 0 and second["ratio"] != 1.0
+    assert "logprob_mismatch" in third and third["kl"] > 0
+    for key in ("reward", "reward_std", "reward_correct", "reward_format_std", "accuracy", "completion_length",
+                "truncated", "entropy", "clip_fraction", "generation_share", "zero_variance_groups", "grad_norm"):
+        assert key in first, key
+    assert 0 < first["generation_share"] < 1
+    rollouts = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    rollouts = [r for r in rollouts if "reward" in r]
+    assert [r["step"] for r in rollouts] == [1] * 16 + [3] * 16  # every generated rollout, with its step
+    assert {"completion", "reward", "rewards", "advantage", "finish_reason", "truncated"} <= set(rollouts[0])
+    summary = result.summary
+    assert {"accuracy_before", "accuracy", "reward", "kl", "steps"} <= set(summary)
+    for name in ("config.yaml", "report.md", "plots/curves.png", "final/model.safetensors"):
+        assert (result.run_dir / name).is_file(), name
+    AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_and_trainer_logprobs_agree(tiny_model, tokenizer, temperature):
+    source = make_source(tiny_model, tokenizer, f"sampling.temperature={temperature}")
+    step = source.next_step()
+    _, metrics = grpo_loss_fn(source.cfg.loss, 6)(tiny_model, step.micro_batches[0], step.normaliser)
+    assert metrics["logprob_mismatch"] < 1e-5 and metrics["ratio"] == 1.0
+
+
+def test_a_group_with_equal_rewards_contributes_no_gradient(tiny_model, tokenizer):
+    def reward(batch):  # the first prompt's completions all score 1, the others score by their text
+        return [1.0 if p == batch.prompts[0] else text_score(t) for p, t in zip(batch.prompts, batch.completions,
+                                                                                strict=True)]
+
+    source = make_source(tiny_model, tokenizer, rewards=WeightedRewards({"r": (reward, 1.0)}))
+    step = source.next_step()
+    [batch] = step.micro_batches
+    equal = batch["group_ids"] == 0
+    assert_close(batch["advantages"][equal], torch.zeros_like(batch["advantages"][equal]))
+
+    def only(rows):
+        return dataclasses.replace(step, micro_batches=[{**batch, "loss_mask": batch["loss_mask"] * rows.unsqueeze(1)}])
+
+    loss_fn = grpo_loss_fn(source.cfg.loss, 6)
+    assert torch.count_nonzero(gradient(tiny_model, only(equal), loss_fn)) == 0
+    assert_close(gradient(tiny_model, only(~equal), loss_fn), gradient(tiny_model, step, loss_fn))
+    assert torch.count_nonzero(gradient(tiny_model, step, loss_fn)) > 0
+
+
+def test_equal_reward_groups_have_zero_advantage_and_can_be_skipped(tiny_model, tokenizer):
+    def reward(batch):  # constant within the groups of even prompt index
+        return [0.5 if (hash(str(p)) % 2 == 0) else text_score(t) for p, t in zip(batch.prompts, batch.completions,
+                                                                                  strict=True)]
+
+    rewards = WeightedRewards({"r": (reward, 1.0)})
+    full = make_source(tiny_model, tokenizer, rewards=rewards).next_step()
+    skipped = make_source(tiny_model, tokenizer, "advantage.skip_zero_variance=true", rewards=rewards).next_step()
+    zero_share = full.metrics["zero_variance_groups"]
+    kept_rows = sum(len(b["rows"]) for b in skipped.micro_batches)
+    assert kept_rows == round(16 * (1 - zero_share))
+    for batch in skipped.micro_batches:
+        assert bool((batch["advantages"] != 0).any(dim=1).all())
+    assert skipped.normaliser == sum(float(b["loss_mask"].sum()) for b in skipped.micro_batches)
+
+
+def test_rewards_and_advantages_stay_with_their_completion_after_shuffling(tiny_model, tokenizer):
+    source = make_source(tiny_model, tokenizer, "train.micro_batch_size=4", "sampling.max_new_tokens=8")
+    step = source.next_step()
+    rows = torch.cat([b["rows"] for b in step.micro_batches])
+    assert sorted(rows.tolist()) == list(range(16)) and rows.tolist() != list(range(16))  # shuffled
+    texts = [t for b in step.micro_batches for t in b["rollout"].texts]
+    groups = torch.cat([b["group_ids"] for b in step.micro_batches])
+    rewards = torch.tensor([text_score(t) for t in texts], dtype=torch.float64)
+    expected = group_advantages(rewards, groups)  # recomputed from the shuffled order: grouped by id, not position
+    for batch, want in zip(step.micro_batches, expected.split(4), strict=True):
+        assert_close(batch["rewards"], torch.tensor([text_score(t) for t in batch["rollout"].texts],
+                                                    dtype=torch.float64))
+        mask = batch["rollout"].response_mask.bool()
+        assert_close(batch["advantages"], (want.unsqueeze(1) * mask).to(torch.float32))
+        assert_close(batch["group_ids"], batch["rollout"].prompt_index)
+
+
+def test_truncated_completions_are_flagged_masked_on_request_and_eos_is_trained(tiny_model, tokenizer, tmp_path):
+    handle = eos_bias(tiny_model, 4.0)  # some completions end in EOS, the others run into max_new_tokens
+    try:
+        for mask_truncated in (False, True):
+            samples = tmp_path / f"samples-{mask_truncated}.jsonl"
+            source = make_source(tiny_model, tokenizer, f"loss.mask_truncated={mask_truncated}",
+                                 "sampling.max_new_tokens=4", samples=samples)
+            batch = source.next_step().micro_batches[0]
+            rollout = batch["rollout"]
+            truncated = rollout.truncated
+            assert 0 < int(truncated.sum()) < len(truncated)
+            assert [json.loads(line)["truncated"] for line in samples.read_text().splitlines()] == [
+                r == "length" for r in source.last_rollout.finish_reasons]
+            lengths = rollout.completion_lengths
+            for row in range(len(truncated)):
+                if rollout.finish_reasons[row] == "eos":  # EOS is the last trained token
+                    last = int(lengths[row]) - 1
+                    assert int(rollout.completion_ids[row, last]) == tokenizer.eos_token_id
+                    assert batch["loss_mask"][row, last] == 1 and batch["loss_mask"][row, last + 1:].sum() == 0
+            kept = batch["loss_mask"].sum(dim=1) > 0
+            assert bool((kept == ~truncated).all()) if mask_truncated else bool(kept.all())
+    finally:
+        handle.remove()
+
+
+class TextEngine(RolloutEngine):
+    """Returns fixed completion texts for each prompt (keyed by its token ids) as a Rollout ending in EOS."""
+
+    def __init__(self, tokenizer, completions: dict[tuple[int, ...], list[str]]) -> None:
+        self.tokenizer, self.completions = tokenizer, completions
+
+    def update_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompts, params, generator=None) -> Rollout:
+        tok = self.tokenizer
+        rows = [(list(p), i, tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], text)
+                for i, p in enumerate(prompts) for text in self.completions[tuple(p)]]
+        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id)
+        width = max(len(r[2]) for r in rows)
+        completion_ids = torch.full((len(rows), width), tok.pad_token_id)
+        response_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, (_, _, ids, _) in enumerate(rows):
+            completion_ids[row, :len(ids)], response_mask[row, :len(ids)] = torch.tensor(ids), 1
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                       response_mask=response_mask, logprobs=torch.zeros(len(rows), width),
+                       finish_reasons=["eos"] * len(rows), texts=[r[3] for r in rows],
+                       prompt_index=torch.tensor([r[1] for r in rows]), temperature=1.0)
+
+
+def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer):
+    prepared = prepare_data(DataConfig(source="multistep", size=2), tokenizer, accepts=STAGE_FORMATS["grpo"])
+    task = get_task("multistep")
+    rows = {tuple(row["prompt_input_ids"]): row for row in prepared.dataset}
+    completions = {}
+    for key, row in rows.items():
+        steps, answer = row["steps"], row["answer"]
+        wrong = str(int(steps[0]) + 1)
+        completions[key] = [
+            "\n".join(f"1+1={s}" for s in steps) + f"\nAnswer: {answer}",  # values right, arithmetic wrong
+            f"0+{steps[0]}={steps[0]}\nAnswer: {steps[0]}",                # first step right, stops early
+            f"0+{wrong}={wrong}\nAnswer: {answer}",                         # wrong step, right answer
+            "I do not know."]                                              # no step at all
+    rewards = WeightedRewards.from_config({"correct": 1.0}, task=task)
+    source = make_source(tiny_model, tokenizer, "train.batch_size=8", "advantage.supervision=process",
+                         engine=TextEngine(tokenizer, completions), rewards=rewards, source="multistep", size=2,
+                         step_scorer=verifier_step_scorer(task))
+    step = source.next_step()
+    rollout = source.last_rollout
+    # Independently: a step ends at its newline token; the outcome reward is one more step at the last token.
+    newline = tokenizer.convert_tokens_to_ids("Ċ")
+    step_rewards, step_ends = [], []
+    for i, text in enumerate(rollout.texts):
+        row = rows[tuple(rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist())]
+        scores = task.verify_steps(text, row["steps"])
+        ids = rollout.completion_ids[i, :int(rollout.completion_lengths[i])].tolist()
+        ends = [t for t, token in enumerate(ids) if token == newline][:len(task.step_char_ends(text))]
+        step_rewards.append([*(scores[j] if j < len(scores) else 0.0 for j in range(len(ends))),
+                             task.verify(text, row["answer"])])
+        step_ends.append([*ends, len(ids) - 1])
+    groups = [rows[tuple(p[m.bool()].tolist())] for p, m in zip(rollout.prompt_ids[::4], rollout.prompt_mask[::4],
+                                                                  strict=True)]
+    assert [len(e) for e in step_ends] == [n for row in groups for n in (len(row["steps"]) + 1, 2, 2, 1)]
+    width = max(len(r) for r in step_rewards)
+    pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows])  # noqa: E731
+    expected = process_advantages(pad(step_rewards, 0.0).double(), pad([[1] * len(r) for r in step_rewards], 0),
+                                  pad(step_ends, 0), rollout.prompt_index, rollout.response_mask)
+    assert expected.abs().sum() > 0
+    for batch in step.micro_batches:
+        assert_close(batch["advantages"], expected[batch["rows"], :batch["advantages"].shape[1]].float())
+
+
+def test_the_token_mean_loss_is_invariant_to_micro_batching(tiny_model, tokenizer):
+    model = tiny_model.double()
+    grads = []
+    for micro in (16, 4, 1):
+        source = make_source(model, tokenizer, f"train.micro_batch_size={micro}", "loss.beta=0.2",
+                             "loss.agg=token-mean", reference=Reference.frozen_copy(model))
+        step = source.next_step()
+        grads.append(gradient(model, step, grpo_loss_fn(source.cfg.loss, 6)))
+    assert_close(grads[1], grads[0])
+    assert_close(grads[2], grads[0])
