@@ -86,6 +86,7 @@ def main() -> None:
     def run_engine(which: LocalRolloutEngine) -> Callable[[], int]:
         return lambda: which.generate(prompts, params).completion_ids.numel()
 
+    load_before = os.getloadavg()[0]
     contenders = {"hf_generate": run_hf, "engine": run_engine(engine), "engine_hf_forward": run_engine(hf_engine)}
     for fn in contenders.values():  # warm-up: allocator, thread pools, first-call paths
         fn()
@@ -116,6 +117,10 @@ def main() -> None:
         "prompt_tokens": sum(len(p) for p in prompts), "padded_prompt_tokens": input_ids.numel(),
         "new_tok_per_s": {name: round(m, 1) for name, m in medians.items()},
         "new_tok_per_s_all": {name: [round(r, 1) for r in rs] for name, rs in rates.items()},
+        # The machine is shared: the load and OpenMP's wait policy (spinning threads collapse under
+        # contention; OMP_WAIT_POLICY=PASSIVE degrades gracefully) say how far to trust the numbers.
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "ratio_engine_vs_hf": round(ratio, 3), "paired_ratio_range": [round(min(paired), 3), round(max(paired), 3)],
     }
     if not args.no_save:
