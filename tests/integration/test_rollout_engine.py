@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from posttrain.errors import ConfigError
 from posttrain.rollout import LocalRolloutEngine, SamplingParams, logprob_mismatch, make_engine, policy_logprobs
 from posttrain.rollout.forward import HFDecoder, LlamaDecoder, left_pad, make_decoder
 
@@ -234,3 +235,30 @@ def test_token_batch_input_training_mode_and_weight_updates(tiny_model, tokenize
         tiny_model.lm_head.weight.mul_(-1.0)
     engine.update_weights(tiny_model)
     assert not torch.equal(engine.generate(prompts, params).completion_ids, from_lists.completion_ids)
+
+
+def test_llama_decoder_applies_lora_adapters(tiny_model, tokenizer, prompts):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+                        init_lora_weights=False)  # random B: the adapter really changes the outputs
+    policy = get_peft_model(tiny_model, config).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    rollout = LocalRolloutEngine(policy, tokenizer, "llama").generate(prompts, params)
+    assert torch.equal(rollout.completion_ids, _hf_greedy(policy, tokenizer, prompts, 8))
+    with policy.disable_adapter():
+        assert not torch.equal(LocalRolloutEngine(policy, tokenizer, "llama").generate(prompts, params).completion_ids,
+                               rollout.completion_ids)
+    sampled = LocalRolloutEngine(policy, tokenizer).generate(prompts, SamplingParams(max_new_tokens=8, seed=0))
+    recomputed = policy_logprobs(policy, sampled)
+    assert logprob_mismatch(sampled.logprobs, recomputed, sampled.response_mask) < 1e-5
+
+
+def test_prefix_tuning_is_refused_rather_than_sampled_wrong(tiny_model, tokenizer, prompts):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    policy = get_peft_model(tiny_model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    for forward in ("auto", "hf"):
+        with pytest.raises(ConfigError, match="does not support prefix or prompt tuning"):
+            LocalRolloutEngine(policy, tokenizer, forward).generate(prompts, SamplingParams(max_new_tokens=2))

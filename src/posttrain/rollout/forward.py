@@ -2,11 +2,13 @@
 
 Two implementations behind one small interface, picked by `make_decoder`:
 
-- `LlamaDecoder` runs the Llama decoder layers itself (calling the model's own norm, projection and
-  MLP modules, so LoRA layers and biases still apply) over a KV cache it preallocates once. Prefill
+- `LlamaDecoder` runs the Llama decoder layers itself (calling the model's own norm and projection
+  modules, so LoRA layers and biases still apply) over a KV cache it preallocates once. Prefill
   is *unpadded*: the linear layers see only the real prompt tokens, packed into one [N, hidden]
   matrix, and each distinct prompt is prefilled once even when sampled n times. Only the last
-  position's logits are computed. On the small benchmark model this is ~2x `transformers.generate`.
+  position's logits are computed. On the small benchmark model it is 1.7x `transformers.generate`
+  (benchmarks/generate.py); the rest of the gap to the FLOP limit is the M=64 decode GEMMs and
+  reading the KV cache every step, which is memory-bound.
 - `HFDecoder` calls `model(...)` with the model's own cache: any causal LM, left-padded prefill.
 
 Both feed the same positions (counted from each row's first real token) and masks, so they
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posttrain.errors import ConfigError
 from posttrain.rollout.base import position_ids_from_mask
 
 FORWARDS = ("auto", "llama", "hf")
@@ -71,6 +74,12 @@ def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]],
     """`forward`: "llama" (own Llama forward + static cache), "hf" (the model's forward), "auto" (llama if it can)."""
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        # Prefix / prompt tuning prepends virtual tokens through the cache and makes PEFT ignore
+        # position_ids: both decoders would sample from the wrong distribution without a sound.
+        raise ConfigError("the rollout engine does not support prefix or prompt tuning adapters; "
+                          "use LoRA (or full fine-tuning) for the RL stages")
     if forward == "llama" and not supports_llama_decoder(model):
         raise ValueError("forward='llama' needs a Llama-architecture model (silu MLP, RoPE); use 'hf' or 'auto'")
     if forward == "llama" or (forward == "auto" and supports_llama_decoder(model)):
