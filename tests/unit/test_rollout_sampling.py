@@ -101,3 +101,11 @@ def test_make_engine_refuses_vllm_for_now_and_unknown_names():
         make_engine("vllm", torch.nn.Linear(1, 1), None)
     with pytest.raises(ConfigError, match="unknown rollout engine 'fast'.*local, vllm"):
         make_engine("fast", torch.nn.Linear(1, 1), None)
+
+
+def test_length_groups_split_sorted_lengths_into_contiguous_runs():
+    from posttrain.rollout.forward import length_groups
+
+    assert length_groups([1, 2, 3, 5, 8, 13, 21, 34], 4) == [(0, 2, 2), (2, 4, 5), (4, 6, 13), (6, 8, 34)]
+    assert length_groups([4, 9], 4) == [(0, 1, 4), (1, 2, 9)]  # never more groups than rows
+    assert length_groups([7], 4) == [(0, 1, 7)]
