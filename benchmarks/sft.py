@@ -19,13 +19,16 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
+    TRL_ARGS,
     StepClock,
+    TimedSource,
     append_result,
     arith_rows,
     model_dir,
     non_embedding_parameters,
     print_table,
     run_worker,
+    trl_clock,
 )
 
 BATCH, MAX_LENGTH, LR = 16, 128, 1e-4
@@ -55,74 +58,32 @@ def posttrain_worker(directory: Path, mode: str, steps: int) -> dict[str, Any]:
                           model=model)
         clock = StepClock()
         source = step_source(prepared, cfg.train, cfg.run.seed)
-        timed = _TimedSource(source, clock)
+        timed = TimedSource(source, clock)
         clock.start()
         trainer.fit(timed, sft_loss_fn)
         timed.finish()
         return clock.summary(non_embedding_parameters(model))
 
 
-class _TimedSource:
-    """Marks the clock each time the Trainer asks for the next step (= the previous step ended)."""
-
-    def __init__(self, source: Any, clock: StepClock) -> None:
-        self.source, self.clock, self._pending = source, clock, None
-
-    def next_step(self):
-        if self._pending is not None:
-            self.clock.step(self._pending)
-        batch = self.source.next_step()
-        self._pending = batch.tokens
-        return batch
-
-    def finish(self) -> None:
-        if self._pending is not None:
-            self.clock.step(self._pending)
-            self._pending = None
-
-    def state_dict(self):
-        return self.source.state_dict()
-
-    def load_state_dict(self, state):
-        self.source.load_state_dict(state)
-
-
 def trl_worker(directory: Path, mode: str, steps: int) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
     rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in arith_rows()]
-    clock = StepClock()
-    tokens = {"n": 0}
-
-    def count_tokens(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids")
-        tokens["n"] += int(mask.sum()) if mask is not None and mask.dim() == 2 else int(ids.numel())
-
-    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.step(tokens["n"])
-            tokens["n"] = 0
+    clock, callback = trl_clock(model)
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
+            # TRL refuses max_length with padding-free batches; the rows are all shorter than 128 tokens.
             output_dir=out, per_device_train_batch_size=BATCH,
-            max_length=MAX_LENGTH, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, max_steps=steps,
-            logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to="none",
-            completion_only_loss=True, padding_free=mode == "padding_free", packing=mode == "packed", seed=0,
-            dataloader_num_workers=0)
+            max_length=None if mode == "padding_free" else MAX_LENGTH, learning_rate=LR,
+            max_steps=steps, completion_only_loss=True, padding_free=mode == "padding_free",
+            packing=mode == "packed", **TRL_ARGS)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[Clock()])
+                             processing_class=tokenizer, callbacks=[callback])
         trainer.train()
     return clock.summary(non_embedding_parameters(model))
 
