@@ -242,7 +242,7 @@ class GRPOStepSource:
     """Samples a generation batch, scores it, computes advantages, and serves it for `num_iterations` steps.
 
     `train.batch_size` completions per step = batch_size / G prompts, drawn in a seeded shuffle of the
-    prompts (resumable by position). Rows are shuffled (seeded) into micro-batches of
+    prompts (resumable by position). Rows are reordered by length into micro-batches of
     `train.micro_batch_size`; every tensor a micro-batch carries is selected with the same row index,
     so rewards and advantages stay with their completion. A resumed run starts a fresh generation batch.
     """
@@ -310,9 +310,11 @@ class GRPOStepSource:
 
     def _micro_batches(self, rollout: Rollout, advantages: Tensor, loss_mask: Tensor, rewards: Tensor,
                        keep: Tensor) -> tuple[list[dict[str, Any]], float, int]:
-        generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.rounds + 500_000_009)
+        # Rows of similar length share a micro-batch, so each pads to its own longest row: the gradient is
+        # the same for any grouping (the normaliser is the step's), the padded compute is not.
         kept = keep.nonzero().flatten()
-        order = kept[torch.randperm(len(kept), generator=generator)]
+        lengths = rollout.prompt_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
+        order = kept[torch.sort(lengths[kept], descending=True, stable=True).indices]
         token_total = float(loss_mask[kept].sum())
         normaliser = (token_total or 1.0) if self.cfg.loss.agg == "token-mean" else float(max(len(kept), 1))
         size, batches = self.cfg.train.micro_batch_size, []
