@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+
+# Before torch starts its OpenMP pool: idle threads sleep instead of spinning, so a test run that shares
+# the 2 cores with another process slows down in proportion instead of 100x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
