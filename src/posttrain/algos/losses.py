@@ -355,12 +355,8 @@ def policy_loss(
     Control in MOBA Games with Deep Reinforcement Learning"; clip-higher: Yu et al. (2025), "DAPO", §3.1.
     """
     ratio = torch.exp(logprobs - old_logprobs)
-    per_token, clipped = _clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
-    return PolicyLossOutput(
-        loss=aggregate(per_token, response_mask, agg, normaliser, max_length),
-        clip_fraction=masked_mean(clipped.to(ratio.dtype), response_mask).detach(),
-        approx_kl=masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), response_mask).detach(),
-    )
+    return _surrogate_output(ratio, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high,
+                             dual_clip, agg, normaliser, max_length)
 
 
 def gspo_policy_loss(
@@ -391,6 +387,14 @@ def gspo_policy_loss(
     log_ratio = logprobs - old_logprobs
     sequence_log_ratio = masked_mean(log_ratio, response_mask, dim=-1)
     ratio = torch.exp(sequence_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach())
+    return _surrogate_output(ratio, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high,
+                             dual_clip, agg, normaliser, max_length)
+
+
+def _surrogate_output(ratio: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                      response_mask: Tensor, clip_low: float, clip_high: float | None, dual_clip: float | None,
+                      agg: str, normaliser: float | Tensor | None, max_length: int | None) -> PolicyLossOutput:
+    """The clipped surrogate of a given ratio, aggregated, with its clip fraction and k3 approx KL."""
     per_token, clipped = _clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
     return PolicyLossOutput(
         loss=aggregate(per_token, response_mask, agg, normaliser, max_length),
