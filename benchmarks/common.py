@@ -58,6 +58,17 @@ def arith_rows(n: int = 4096, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+def arith_pairs(n: int = 4096, seed: int = 0) -> list[dict[str, Any]]:
+    """BENCHMARK.md's preference pairs: the rows of `arith_rows`, chosen = the correct answer, rejected = a
+    wrong one (off by one or by ten)."""
+    rng = random.Random(seed + 1)
+    pairs = []
+    for row in arith_rows(n, seed):
+        wrong = int(row["answer"]) + rng.choice((-10, -1, 1, 10))
+        pairs.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": f" {wrong}"})
+    return pairs
+
+
 def non_embedding_parameters(model: torch.nn.Module) -> int:
     embedding = model.get_input_embeddings().weight.numel()
     return sum(p.numel() for p in model.parameters()) - embedding
@@ -91,6 +102,67 @@ class StepClock:
                 "trained_tok_per_s": tok_per_s, "mfu": 6 * non_embedding_params * tok_per_s / PEAK_FLOPS,
                 "tokens_per_step": statistics.mean(tokens), "measured_steps": len(durations),
                 "peak_rss_mb": peak_rss_mb()}
+
+
+class TimedSource:
+    """Wraps a posttrain StepSource: marks the clock each time the Trainer asks for the next step
+    (= the previous step ended)."""
+
+    def __init__(self, source: Any, clock: StepClock) -> None:
+        self.source, self.clock, self._pending = source, clock, None
+
+    def next_step(self):
+        if self._pending is not None:
+            self.clock.step(self._pending)
+        batch = self.source.next_step()
+        self._pending = batch.tokens
+        return batch
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            self.clock.step(self._pending)
+            self._pending = None
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+# The settings of BENCHMARK.md every TRL workload shares (fp32 on CPU: TRL's default bf16 is ~45x slower here).
+TRL_ARGS = {"lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+            "bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": False, "logging_steps": 10_000,
+            "save_strategy": "no", "eval_strategy": "no", "report_to": "none", "seed": 0,
+            "dataloader_num_workers": 0}
+
+
+def trl_clock(model: torch.nn.Module) -> tuple[StepClock, Any]:
+    """A StepClock and the transformers TrainerCallback that drives it; the trained tokens are the
+    non-pad tokens of `model`'s forwards with grad (reference or eval forwards are not counted)."""
+    from transformers import TrainerCallback
+
+    clock = StepClock()
+    tokens = {"n": 0}
+
+    def count_tokens(module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens["n"] += int(mask.sum()) if mask is not None and mask.dim() == 2 else int(ids.numel())
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step(tokens["n"])
+            tokens["n"] = 0
+
+    return clock, Clock()
 
 
 def environment() -> dict[str, Any]:

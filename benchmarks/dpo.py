@@ -1,0 +1,134 @@
+"""DPO workload of BENCHMARK.md: posttrain vs TRL's DPOTrainer.
+
+    python -m benchmarks.dpo [--size small] [--steps 12] [--variants precomputed,live]
+
+Each (library, variant) runs in its own subprocess, one after the other; the same model files and
+pairs feed both. Settings (both): fp32, 8 pairs per step, sigmoid loss, beta 0.1, lr 1e-5 constant,
+no warm-up, weight decay 0, clip 1.0, max_length 128, a frozen reference model (a copy of the
+policy), no gradient checkpointing, no eval, no saving. posttrain's default precomputes the
+reference logprobs once before training (the time it takes is reported beside the steps, never
+inside them); `live` runs the reference forward in every step, as TRL does by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    TRL_ARGS,
+    StepClock,
+    TimedSource,
+    append_result,
+    arith_pairs,
+    model_dir,
+    non_embedding_parameters,
+    print_table,
+    run_worker,
+    trl_clock,
+)
+
+PAIRS, MAX_LENGTH, LR, BETA = 8, 128, 1e-5, 0.1
+
+
+def posttrain_worker(directory: Path, variant: str, steps: int) -> dict[str, Any]:
+    from posttrain.config import load_config
+    from posttrain.data.config import STAGE_FORMATS
+    from posttrain.data.pipeline import prepare_data
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.recipes.dpo import DPOConfig, cached_step_source, dpo_loss_fn
+    from posttrain.run import prepare_run_dir
+    from posttrain.train.comparisons import comparison_step_source
+    from posttrain.train.engine import Trainer
+    from posttrain.train.reference import Reference, precompute_sequence_logprobs
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(DPOConfig, None, [
+            f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
+            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"train.max_steps={steps}",
+            f"train.batch_size={PAIRS}", f"train.micro_batch_size={PAIRS}", "train.save_every=0", f"optim.lr={LR}",
+            "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
+            "optim.grad_clip=1.0", "loss.kind=sigmoid", f"loss.beta={BETA}"])
+        tokenizer = load_tokenizer(directory)
+        model = load_causal_lm(directory)
+        prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["dpo"], rows=arith_pairs())
+        run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo")
+        reference = Reference.frozen_copy(model)
+        precompute_s = 0.0
+        if variant == "precomputed":
+            start = time.perf_counter()
+            cached = precompute_sequence_logprobs(reference, prepared, cfg.reference.batch_size)
+            precompute_s = time.perf_counter() - start
+            source, reference = cached_step_source(prepared, cfg.train, cfg.run.seed, cached), None
+        else:
+            source = comparison_step_source(prepared, cfg.train, cfg.run.seed)
+        trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                          model=model)
+        clock = StepClock()
+        timed = TimedSource(source, clock)
+        clock.start()
+        trainer.fit(timed, dpo_loss_fn(cfg.loss, reference))
+        timed.finish()
+        return {**clock.summary(non_embedding_parameters(model)), "precompute_s": precompute_s,
+                "precomputed_rows": len(prepared.dataset) if variant == "precomputed" else 0}
+
+
+def trl_worker(directory: Path, variant: str, steps: int) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    clock, callback = trl_clock(model)
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_length=MAX_LENGTH, learning_rate=LR,
+                         max_steps=steps, beta=BETA, loss_type=["sigmoid"],
+                         precompute_ref_log_probs=variant == "precomputed", **TRL_ARGS)
+        trainer = DPOTrainer(model=model, ref_model=reference, args=args,
+                             train_dataset=Dataset.from_list(arith_pairs()), processing_class=tokenizer,
+                             callbacks=[callback])
+        trainer.train()
+    return clock.summary(non_embedding_parameters(model))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--library", choices=("posttrain", "trl"))
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--variant", default="precomputed")
+    parser.add_argument("--runs", default="posttrain:precomputed,trl:live,posttrain:live",
+                        help="library:variant pairs (variant: precomputed or live reference logprobs)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.worker:
+        worker = posttrain_worker if args.library == "posttrain" else trl_worker
+        print(json.dumps(worker(model_dir(args.size), args.variant, args.steps)))
+        return
+    model_dir(args.size)  # build once, before any worker is timed
+    rows = []
+    for run in args.runs.split(","):
+        library, variant = run.split(":")
+        result = run_worker("benchmarks.dpo", ["--library", library, "--size", args.size, "--variant", variant,
+                                               "--steps", str(args.steps)])
+        rows.append({"workload": f"dpo {variant} ref", "library": library, **result})
+        append_result("dpo", {"workload": f"dpo {variant} ref", "library": library, "size": args.size, **result})
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
+    trl = [r for r in rows if r["library"] == "trl"]
+    for row in (r for r in rows if r["library"] == "posttrain" and trl):
+        print(f"{row['workload']}: posttrain is {trl[0]['s_per_step'] / row['s_per_step']:.2f}x TRL "
+              f"({trl[0]['workload']}) per step")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""GRPO workload of BENCHMARK.md: posttrain vs TRL's GRPOTrainer.
+
+    python -m benchmarks.grpo [--size small] [--steps 8] [--libraries posttrain,trl]
+
+Each library runs in its own subprocess, one after the other, on the same model files and prompts.
+Settings (both): fp32, 8 prompts x 8 completions per step, one optimizer step per generation round,
+at most 32 new tokens, temperature 1, lr 1e-5 constant, no warm-up, weight decay 0, clip 1.0,
+beta 0 (no reference model), token-level ("dapo") loss aggregation, reward = exact match of the
+first integer of the completion, no gradient checkpointing, no eval, no saving. A random-init model
+rarely emits EOS, so nearly every completion is 32 tokens long.
+
+s/step is the wall time between optimizer steps (generation, scoring, forward, backward, optimizer)
+after 2 warm-up steps; generation_share is the share of it spent generating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    TRL_ARGS,
+    WARMUP_STEPS,
+    StepClock,
+    TimedSource,
+    append_result,
+    arith_rows,
+    model_dir,
+    non_embedding_parameters,
+    print_table,
+    run_worker,
+    trl_clock,
+)
+
+PROMPTS, GROUP, NEW_TOKENS, LR = 8, 8, 32, 1e-5
+
+
+def verifiable_rows() -> list[dict[str, str]]:
+    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in arith_rows()]
+
+
+def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
+    from posttrain.config import load_config
+    from posttrain.data.config import STAGE_FORMATS
+    from posttrain.data.pipeline import prepare_data
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.recipes.grpo import GRPOConfig, GRPOStepSource, build_rewards, grpo_loss_fn, resolve_task
+    from posttrain.rollout import make_engine
+    from posttrain.run import prepare_run_dir
+    from posttrain.train.engine import Trainer
+    from posttrain.train.metrics import read_metrics
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(GRPOConfig, None, [
+            f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "data.template=plain",
+            "data.max_length=128", f"train.max_steps={steps}", f"train.batch_size={PROMPTS * GROUP}",
+            f"train.micro_batch_size={PROMPTS * GROUP}", "train.save_every=0", f"optim.lr={LR}",
+            "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
+            "optim.grad_clip=1.0", f"sampling.group_size={GROUP}", f"sampling.max_new_tokens={NEW_TOKENS}",
+            "sampling.temperature=1.0", "reward.task=arith", "loss.beta=0", "loss.agg=token-mean",
+            "loss.num_iterations=1", "eval_before=false"])
+        tokenizer = load_tokenizer(directory)
+        model = load_causal_lm(directory)
+        prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["grpo"], rows=verifiable_rows())
+        run_dir = prepare_run_dir(cfg.run, cfg, stage="grpo")
+        source = GRPOStepSource(cfg, prepared, make_engine("local", model, tokenizer), tokenizer,
+                                build_rewards(cfg.reward, resolve_task(cfg)))
+        trainer = Trainer(stage="grpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                          model=model)
+        clock = StepClock()
+        timed = TimedSource(source, clock)
+        clock.start()
+        trainer.fit(timed, grpo_loss_fn(cfg.loss, NEW_TOKENS))
+        timed.finish()
+        records = read_metrics(run_dir.metrics)[WARMUP_STEPS:]
+        return {**clock.summary(non_embedding_parameters(model)),
+                "generation_share": statistics.mean(r["generation_s"] for r in records) / statistics.mean(
+                    r["step_time_s"] for r in records),
+                "completion_length": statistics.mean(r["completion_length"] for r in records)}
+
+
+def trl_worker(directory: Path, steps: int) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.data.tasks import get_task
+
+    task = get_task("arith")
+
+    def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
+        return [task.verify(c, a) for c, a in zip(completions, answer, strict=True)]
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    clock, callback = trl_clock(model)
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+                          max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=LR, max_steps=steps,
+                          beta=0.0, loss_type="dapo", num_iterations=1, steps_per_generation=1, **TRL_ARGS)
+        trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=args,
+                              train_dataset=Dataset.from_list(verifiable_rows()), processing_class=tokenizer,
+                              callbacks=[callback])
+        generation: list[float] = []
+        generate = trainer._generate
+
+        def timed_generate(*a, **k):
+            start = time.perf_counter()
+            try:
+                return generate(*a, **k)
+            finally:
+                generation.append(time.perf_counter() - start)
+
+        trainer._generate = timed_generate
+        trainer.train()
+    summary = clock.summary(non_embedding_parameters(model))
+    return {**summary, "generation_share": statistics.mean(generation[WARMUP_STEPS:]) / summary["s_per_step"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--library", choices=("posttrain", "trl"))
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--libraries", default="posttrain,trl")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.worker:
+        worker = posttrain_worker if args.library == "posttrain" else trl_worker
+        print(json.dumps(worker(model_dir(args.size), args.steps)))
+        return
+    model_dir(args.size)  # build once, before any worker is timed
+    rows = []
+    for library in args.libraries.split(","):
+        result = run_worker("benchmarks.grpo", ["--library", library, "--size", args.size, "--steps", str(args.steps)])
+        rows.append({"workload": "grpo 8x8, 32 tokens", "library": library, **result})
+        append_result("grpo", {"workload": "grpo 8x8, 32 tokens", "library": library, "size": args.size, **result})
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb",
+                       "generation_share"])
+    ours = [r for r in rows if r["library"] == "posttrain"]
+    theirs = [r for r in rows if r["library"] == "trl"]
+    if ours and theirs:
+        print(f"grpo: posttrain is {theirs[0]['s_per_step'] / ours[0]['s_per_step']:.2f}x TRL per step, "
+              f"peak RSS {ours[0]['peak_rss_mb'] / theirs[0]['peak_rss_mb']:.2f}x TRL's")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Reward-model workload of BENCHMARK.md: posttrain vs TRL's RewardTrainer.
+
+    python -m benchmarks.rm [--size small] [--steps 12]
+
+Each library runs in its own subprocess, one after the other; the same model files and pairs feed
+both. Settings (both): fp32, 8 pairs per step, Bradley–Terry loss, a linear scalar head on the
+causal LM's trunk, lr 1e-4 constant, no warm-up, weight decay 0, clip 1.0, max_length 128, full
+training, no gradient checkpointing, no eval, no saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    TRL_ARGS,
+    StepClock,
+    TimedSource,
+    append_result,
+    arith_pairs,
+    model_dir,
+    non_embedding_parameters,
+    print_table,
+    run_worker,
+    trl_clock,
+)
+
+PAIRS, MAX_LENGTH, LR = 8, 128, 1e-4
+
+
+def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
+    from posttrain.config import load_config
+    from posttrain.data.config import STAGE_FORMATS
+    from posttrain.data.pipeline import prepare_data
+    from posttrain.models import load_tokenizer
+    from posttrain.models.reward import build_reward_model
+    from posttrain.recipes.rm import RMConfig, comparison_loss_fn
+    from posttrain.run import prepare_run_dir
+    from posttrain.train.comparisons import comparison_step_source
+    from posttrain.train.engine import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(RMConfig, None, [
+            f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
+            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"train.max_steps={steps}",
+            f"train.batch_size={PAIRS}", f"train.micro_batch_size={PAIRS}", "train.save_every=0", f"optim.lr={LR}",
+            "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
+            "optim.grad_clip=1.0"])
+        tokenizer = load_tokenizer(directory)
+        model = build_reward_model(directory, pad_token_id=tokenizer.pad_token_id)
+        prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rm"], rows=arith_pairs())
+        run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
+        trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                          model=model)
+        clock = StepClock()
+        timed = TimedSource(comparison_step_source(prepared, cfg.train, cfg.run.seed), clock)
+        clock.start()
+        trainer.fit(timed, comparison_loss_fn(cfg))
+        timed.finish()
+        return clock.summary(non_embedding_parameters(model))
+
+
+def trl_worker(directory: Path, steps: int) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32,
+                                                               attn_implementation="sdpa")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    clock, callback = trl_clock(model)
+    with tempfile.TemporaryDirectory() as out:
+        args = RewardConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_length=MAX_LENGTH, learning_rate=LR,
+                            max_steps=steps, **TRL_ARGS)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(arith_pairs()),
+                                processing_class=tokenizer, callbacks=[callback])
+        trainer.train()
+    return clock.summary(non_embedding_parameters(model))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--library", choices=("posttrain", "trl"))
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--libraries", default="posttrain,trl")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.worker:
+        worker = posttrain_worker if args.library == "posttrain" else trl_worker
+        print(json.dumps(worker(model_dir(args.size), args.steps)))
+        return
+    model_dir(args.size)  # build once, before any worker is timed
+    rows = []
+    for library in args.libraries.split(","):
+        result = run_worker("benchmarks.rm", ["--library", library, "--size", args.size, "--steps", str(args.steps)])
+        rows.append({"workload": "reward model", "library": library, **result})
+        append_result("rm", {"workload": "reward model", "library": library, "size": args.size, **result})
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
+    ours = [r for r in rows if r["library"] == "posttrain"]
+    theirs = [r for r in rows if r["library"] == "trl"]
+    if ours and theirs:
+        print(f"reward model: posttrain is {theirs[0]['s_per_step'] / ours[0]['s_per_step']:.2f}x TRL per step")
+
+
+if __name__ == "__main__":
+    main()
