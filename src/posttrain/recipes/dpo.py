@@ -21,6 +21,7 @@ is measured before and after.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import torch
@@ -103,12 +104,14 @@ def main(cfg: DPOConfig) -> RunResult:
     model = apply_adapter(model, cfg.adapter)
     reference = frozen or Reference(model, adapter_disabled=True)
     average = cfg.loss.kind == "ipo"  # IPO's h is on per-token average logprobs
+    precompute_start = time.perf_counter()
     if cfg.reference.precompute:
         cached = precompute_sequence_logprobs(reference, prepared, cfg.reference.batch_size, average)
         source, reference = cached_step_source(prepared, cfg.train, cfg.run.seed, cached), None
         del frozen  # the cache replaces the reference model: free its memory
     else:
         source = comparison_step_source(prepared, cfg.train, cfg.run.seed)
+    precompute_seconds = time.perf_counter() - precompute_start
     trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
     result = trainer.fit(source, dpo_loss_fn(cfg.loss, reference),
@@ -121,7 +124,8 @@ def main(cfg: DPOConfig) -> RunResult:
     last = result.last
     summary = {"format": prepared.format, "loss_kind": cfg.loss.kind, "beta": cfg.loss.beta,
                "trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
-               "trained_tokens": result.tokens, "seconds": result.seconds, "final_loss": last.get("loss"),
+               "trained_tokens": result.tokens, "seconds": result.seconds, "reference_seconds": precompute_seconds,
+               "final_loss": last.get("loss"),
                **{k: last.get(k) for k in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")},
                **({"accuracy_before": before.accuracy} if before else {}),
                "accuracy": last.get("eval_accuracy"),
