@@ -75,8 +75,10 @@ def posttrain_worker(directory: Path, variant: str, steps: int) -> dict[str, Any
         clock.start()
         trainer.fit(timed, dpo_loss_fn(cfg.loss, reference))
         timed.finish()
+        # The reference pass replaces one reference forward per step for a whole epoch: its share per step.
+        amortised = precompute_s * PAIRS / len(prepared.dataset)
         return {**clock.summary(non_embedding_parameters(model)), "precompute_s": precompute_s,
-                "precomputed_rows": len(prepared.dataset) if variant == "precomputed" else 0}
+                "precompute_s_per_step": amortised}
 
 
 def trl_worker(directory: Path, variant: str, steps: int) -> dict[str, Any]:
