@@ -116,11 +116,12 @@ def _accumulated_gradient(model, source, loss_fn) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("fmt", ["preference", "ranking", "stepwise"])
-def test_micro_batching_does_not_change_the_gradient(lm_dir, tokenizer, fmt):
+@pytest.mark.parametrize(("fmt", "batch_mode"), [("preference", "padded"), ("ranking", "padded"),
+                                                ("stepwise", "padded"), ("ranking", "padding_free")])
+def test_micro_batching_does_not_change_the_gradient(lm_dir, tokenizer, fmt, batch_mode):
     source_name = "multistep" if fmt == "stepwise" else "arith"
-    prepared = prepare_data(DataConfig(source=source_name, size=8, format=fmt), tokenizer,
-                            accepts=STAGE_FORMATS["prm" if fmt == "stepwise" else "rm"])
+    prepared = prepare_data(DataConfig(source=source_name, size=8, format=fmt, batch_mode=batch_mode), tokenizer,
+                            accepts=STAGE_FORMATS["prm" if fmt == "stepwise" else "rm"], mask_dtype=torch.float64)
     model = build_reward_model(lm_dir, dtype="float32").double()
     cfg = load_config(RMConfig, None, ["center_rewards=0.1", "process_target=regression"])
     grads = []

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
-from posttrain.data.collate import collate_padded
+from posttrain.data.collate import collate_packed, collate_padded
 from posttrain.models import save_pretrained
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.reward import (
@@ -16,6 +16,7 @@ from posttrain.models.reward import (
     freeze_backbone,
     last_token_index,
     load_reward_model,
+    sample_end_index,
     scores_at,
     sequence_scores,
 )
@@ -63,6 +64,15 @@ def test_scores_are_read_at_the_last_real_token_whatever_the_padding_side(lm_dir
     batch = collate_padded(samples, pad)
     ends = last_token_index(batch["attention_mask"])
     assert_close(scores_at(model, batch, torch.stack([ends, ends - 1], 1))[:, 0], right)
+
+
+def test_padding_free_batches_score_like_padded_ones(lm_dir, tokenizer, samples):
+    model = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id).eval()
+    packed = collate_packed([samples], tokenizer.pad_token_id)
+    ends = torch.tensor([len(s["input_ids"]) for s in samples]).cumsum(0) - 1
+    assert sample_end_index(packed["sample_ids"]).tolist() == [ends.tolist()]
+    padded = collate_padded(samples, tokenizer.pad_token_id)
+    assert_close(sequence_scores(model, packed), sequence_scores(model, padded))
 
 
 def test_frozen_backbone_trains_the_head_only(lm_dir, tokenizer, samples):

@@ -159,23 +159,42 @@ def block_causal_mask(segments: Tensor, dtype: torch.dtype = torch.float32) -> T
     return mask[:, None]
 
 
-def collate_pairs(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
-    """Preference pairs as one right-padded batch of 2B rows: the B chosen first, then the B rejected.
+@dataclasses.dataclass(frozen=True)
+class PackingOptions:
+    """How a padding-free comparison batch keeps its sequences apart (as `collate_packed`)."""
+
+    attention: str = "mask"
+    mask_dtype: torch.dtype = torch.float32
+
+
+def _sequences(flat: Sequence[Sample], pad_token_id: int, packing: PackingOptions | None) -> dict[str, Tensor]:
+    """Padded rows, or (padding-free) all sequences in one row: sample i is then `sample_ids == i`."""
+    if packing is None:
+        return collate_padded(flat, pad_token_id)
+    return collate_packed([flat], pad_token_id, packing.attention, packing.mask_dtype)
+
+
+def collate_pairs(samples: Sequence[Sample], pad_token_id: int,
+                  packing: PackingOptions | None = None) -> dict[str, Tensor]:
+    """Preference pairs as 2B sequences, the B chosen first, then the B rejected: one right-padded row
+    each, or with `packing` all in one row (padding-free; sequence i is `sample_ids == i`).
 
     Adds `margin` [B] (0 where a row has none) and `preference_probs` [B] (1 where a row has none).
     """
     chosen = [{"input_ids": s["chosen_input_ids"], "response_mask": s["chosen_response_mask"]} for s in samples]
     rejected = [{"input_ids": s["rejected_input_ids"], "response_mask": s["rejected_response_mask"]}
                 for s in samples]
-    batch = collate_padded([*chosen, *rejected], pad_token_id)
+    batch = _sequences([*chosen, *rejected], pad_token_id, packing)
     batch["margin"] = torch.tensor([s.get("margin") or 0.0 for s in samples], dtype=torch.float32)
     probabilities = [s.get("preference_prob") for s in samples]
     batch["preference_probs"] = torch.tensor([1.0 if p is None else p for p in probabilities], dtype=torch.float32)
     return batch
 
 
-def collate_rankings(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
-    """Every response of every ranking as one right-padded batch, best first within each ranking.
+def collate_rankings(samples: Sequence[Sample], pad_token_id: int,
+                     packing: PackingOptions | None = None) -> dict[str, Tensor]:
+    """Every response of every ranking, best first within each ranking: one right-padded row each, or
+    with `packing` all in one row (padding-free; response i is `sample_ids == i`).
 
     Adds ranking_ids [N] (which ranking a row belongs to), ranks [N] (0 = best) and scores [N]
     (the given scores, or minus the rank when a row has none). `ranking_matrix` turns per-row
@@ -190,7 +209,7 @@ def collate_rankings(samples: Sequence[Sample], pad_token_id: int) -> dict[str, 
             ranking_ids.append(b)
             ranks.append(k)
             scores.append(given[k] if given else -float(k))
-    batch = collate_padded(flat, pad_token_id)
+    batch = _sequences(flat, pad_token_id, packing)
     batch["ranking_ids"] = torch.tensor(ranking_ids, dtype=torch.long)
     batch["ranks"] = torch.tensor(ranks, dtype=torch.long)
     batch["scores"] = torch.tensor(scores, dtype=torch.float32)
@@ -257,7 +276,12 @@ class Collator:
                 return collate_packed([unpack_row(s) for s in samples], self.pad_token_id,
                                       self.packed_attention, self.mask_dtype)
             return collate_padded(samples, self.pad_token_id)
+        if self.format in ("preference", "ranking") and self.batch_mode != "packed":
+            packing = (PackingOptions(self.packed_attention, self.mask_dtype) if self.batch_mode == "padding_free"
+                       else None)
+            collate = collate_pairs if self.format == "preference" else collate_rankings
+            return collate(samples, self.pad_token_id, packing)
         if self.batch_mode != "padded":
-            raise ValueError(f"batch_mode {self.batch_mode!r} is for SFT formats; {self.format!r} rows are padded")
-        return {"preference": collate_pairs, "ranking": collate_rankings, "stepwise": collate_stepwise,
-                "verifiable": collate_prompts}[self.format](samples, self.pad_token_id)
+            raise ValueError(f"batch_mode {self.batch_mode!r} is for SFT formats (padding_free also for preference "
+                             f"and ranking rows); {self.format!r} rows are padded")
+        return {"stepwise": collate_stepwise, "verifiable": collate_prompts}[self.format](samples, self.pad_token_id)

@@ -23,6 +23,7 @@ from posttrain.data.tokenize import Tokenized, tokenize_rows
 from posttrain.errors import ConfigError, DataError
 
 SFT_FORMATS = ("completion", "messages")
+COMPARISON_FORMATS = ("preference", "ranking")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,10 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
         raise DataError(f"no row is left to train on: {stats.dropped_too_long} of {stats.rows} are longer than "
                         f"data.max_length={cfg.max_length} and {stats.dropped_no_completion} have no trained "
                         "token", file=tokenized.name)
-    if cfg.batch_mode != "padded" and tokenized.format not in SFT_FORMATS:
-        raise ConfigError(f"batch_mode {cfg.batch_mode!r} packs SFT rows only; {tokenized.format!r} rows are "
-                          "padded", field="data.batch_mode")
+    padding_free = ("padding_free",) if tokenized.format in COMPARISON_FORMATS else ()
+    if cfg.batch_mode not in ("padded", *padding_free) and tokenized.format not in SFT_FORMATS:
+        raise ConfigError(f"batch_mode {cfg.batch_mode!r} is for SFT rows (and padding_free for preference and "
+                          f"ranking rows); {tokenized.format!r} rows are padded", field="data.batch_mode")
     dataset = tokenized.dataset
     if cfg.batch_mode == "packed":
         dataset = pack_dataset(dataset, cfg.max_length)

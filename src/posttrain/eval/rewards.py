@@ -41,7 +41,9 @@ def heldout_data_config(data: DataConfig, cfg: RewardEvalConfig) -> DataConfig |
     source = cfg.source or (data.source if data.source in TASKS else None)
     if source is None:
         return None
-    return dataclasses.replace(data, source=source, split=cfg.split, size=cfg.size, seed=cfg.seed, limit=0)
+    # Padded: scoring batches are larger than training ones, too large for one padding-free row.
+    return dataclasses.replace(data, source=source, split=cfg.split, size=cfg.size, seed=cfg.seed, limit=0,
+                               batch_mode="padded")
 
 
 def _batches(prepared: Prepared, batch_size: int):

@@ -105,6 +105,20 @@ def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> 
     return head(picked).squeeze(-1)
 
 
+def sample_end_index(sample_ids: Tensor) -> Tensor:
+    """Index of the last token of every sample of one packed row (`sample_ids` [1, T], -1 on padding): [1, N]."""
+    ids = sample_ids[0]
+    real = ids >= 0
+    positions = torch.arange(len(ids), device=ids.device)
+    ends = torch.zeros(int(ids.max()) + 1, dtype=torch.long, device=ids.device)
+    return ends.scatter_reduce(0, ids[real], positions[real], reduce="amax").unsqueeze(0)
+
+
 def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The reward of every row of a padded batch, read at its last real token: [B]."""
+    """The reward of every sequence, read at its last real token: [B] for a padded batch (either
+    side), [N] in sample order for a padding-free one (all sequences in one row, `sample_ids`)."""
+    if "sample_ids" in batch:
+        if batch["sample_ids"].shape[0] != 1:
+            raise ValueError("reward models read packed batches of one row (padding-free) only")
+        return scores_at(model, batch, sample_end_index(batch["sample_ids"])).squeeze(0)
     return scores_at(model, batch, last_token_index(batch["attention_mask"]).unsqueeze(-1)).squeeze(-1)

@@ -44,7 +44,7 @@ from posttrain.train.comparisons import (
     ordered_pair_accuracy,
 )
 from posttrain.train.engine import TrainConfig, Trainer
-from posttrain.train.forward import response_logprobs
+from posttrain.train.forward import per_sequence_sums, response_logprobs
 from posttrain.train.reference import Reference, precompute_sequence_logprobs
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
@@ -164,8 +164,8 @@ def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:
         logprobs, mask = response_logprobs(model, batch)  # one forward: every response of every comparison
-        totals = (logprobs * mask).sum(-1)
-        per_token = totals / mask.sum(-1).clamp(min=1)
+        totals = per_sequence_sums(logprobs, mask, batch)
+        per_token = totals / per_sequence_sums(mask, mask, batch).clamp(min=1)
         policy, present = comparison_matrix(per_token if average else totals, batch)  # [B, K]
         ref_values = batch["ref_logprobs"] if "ref_logprobs" in batch else reference.sequence_logprobs(batch, average)
         ref, _ = comparison_matrix(ref_values.to(policy.dtype), batch)

@@ -97,7 +97,8 @@ def main(cfg: RMConfig) -> RunResult:
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
     prepared = prepare_data(cfg.data, tokenizer, accepts=accepts, mask_dtype=model.dtype)
     heldout_cfg = heldout_data_config(cfg.data, cfg.eval)
-    heldout = prepare_data(heldout_cfg, tokenizer, accepts=(prepared.format,)) if heldout_cfg else None
+    heldout = (prepare_data(heldout_cfg, tokenizer, accepts=(prepared.format,), mask_dtype=model.dtype)
+               if heldout_cfg else None)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
 
     if cfg.kind == "process":  # how ProcessRewardScorer turns head outputs into step scores

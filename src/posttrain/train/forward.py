@@ -23,12 +23,30 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], temperature
     Batches are those of `posttrain.data.collate` (padded 2-D or packed 4-D attention masks, with
     position_ids restarting per sample).
     """
-    response_mask = batch["response_mask"]
-    targets_mask = response_mask[:, 1:].bool()
-    keep = targets_mask.any(dim=0).nonzero().squeeze(-1)  # positions t whose token t+1 is trained
+    targets_mask = batch["response_mask"][:, 1:].bool()
+    keep = predicting_positions(batch)
     model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits  # [B, K, V]
     targets = batch["input_ids"][:, keep + 1]
     mask = targets_mask[:, keep]
     logprobs = token_logprobs(logits, targets.masked_fill(~mask, IGNORE_INDEX), temperature=temperature)
     return logprobs, mask.to(logprobs.dtype)
+
+
+def predicting_positions(batch: dict[str, Any]) -> Tensor:
+    """The K positions t whose token t + 1 is trained in some row: the columns of `response_logprobs`."""
+    return batch["response_mask"][:, 1:].bool().any(dim=0).nonzero().squeeze(-1)
+
+
+def per_sequence_sums(values: Tensor, mask: Tensor, batch: dict[str, Any]) -> Tensor:
+    """Sums of `response_logprobs`-shaped [B, K] values over each sequence's trained tokens.
+
+    Padded batches: one sequence per row, [B]. Packed or padding-free batches: one sum per sample of
+    `sample_ids` (a row holds several), [N] in sample order.
+    """
+    if "sample_ids" not in batch:
+        return (values * mask).sum(-1)
+    sample_ids = batch["sample_ids"][:, predicting_positions(batch) + 1]  # the sample of each target token
+    picked = mask.bool()
+    sums = values.new_zeros(int(batch["sample_ids"].max()) + 1)
+    return sums.index_add(0, sample_ids[picked], values[picked])

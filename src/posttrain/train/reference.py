@@ -18,14 +18,14 @@ from torch import Tensor
 from posttrain.data.pipeline import Prepared
 from posttrain.rollout import Rollout, policy_logprobs
 from posttrain.train.comparisons import split_rows
-from posttrain.train.forward import response_logprobs
+from posttrain.train.forward import per_sequence_sums, response_logprobs
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor:
     """Sum (or, with `average`, mean) of the answer tokens' logprobs of every row: [N]."""
     logprobs, mask = response_logprobs(model, batch)
-    total = (logprobs * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    total = per_sequence_sums(logprobs, mask, batch)
+    return total / per_sequence_sums(mask, mask, batch).clamp(min=1) if average else total
 
 
 @dataclasses.dataclass
@@ -72,9 +72,12 @@ def precompute_sequence_logprobs(reference: Reference, prepared: Prepared, batch
     tensor per row, in the row order of its collated batch (a pair: chosen then rejected; a ranking:
     best first)."""
     dataset, rows = prepared.dataset, []
+    # Padded whatever the training batches are: a padding-free row of batch_size pairs would need a
+    # (tokens x tokens) attention mask; the values are the same.
+    collator = dataclasses.replace(prepared.collator, batch_mode="padded")
     for start in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = prepared.collator(samples)
+        batch = collator(samples)
         values = reference.sequence_logprobs(batch, average)
         rows += split_rows(values, batch)
     return rows
