@@ -1,13 +1,15 @@
 """DPO workload of BENCHMARK.md: posttrain vs TRL's DPOTrainer.
 
-    python -m benchmarks.dpo [--size small] [--steps 12] [--variants precomputed,live]
+    python -m benchmarks.dpo [--size small] [--steps 12] [--runs posttrain:precomputed:padding_free,trl:live:padded]
 
 Each (library, variant) runs in its own subprocess, one after the other; the same model files and
 pairs feed both. Settings (both): fp32, 8 pairs per step, sigmoid loss, beta 0.1, lr 1e-5 constant,
 no warm-up, weight decay 0, clip 1.0, max_length 128, a frozen reference model (a copy of the
 policy), no gradient checkpointing, no eval, no saving. posttrain's default precomputes the
-reference logprobs once before training (the time it takes is reported beside the steps, never
-inside them); `live` runs the reference forward in every step, as TRL does by default.
+reference logprobs once before training, with the untrained policy itself (the time it takes is
+reported beside the steps, and per step of an epoch, never inside them); `live` runs a frozen
+copy's forward in every step, as TRL does by default. padding_free puts a step's 16 sequences in
+one row (posttrain: block-causal mask; TRL: its padding_free option).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from benchmarks.common import (
 PAIRS, MAX_LENGTH, LR, BETA = 8, 128, 1e-5, 0.1
 
 
-def posttrain_worker(directory: Path, variant: str, steps: int) -> dict[str, Any]:
+def posttrain_worker(directory: Path, variant: str, batch_mode: str, steps: int) -> dict[str, Any]:
     from posttrain.config import load_config
     from posttrain.data.config import STAGE_FORMATS
     from posttrain.data.pipeline import prepare_data
@@ -51,7 +53,8 @@ def posttrain_worker(directory: Path, variant: str, steps: int) -> dict[str, Any
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(DPOConfig, None, [
             f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
-            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"train.max_steps={steps}",
+            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"data.batch_mode={batch_mode}",
+            f"train.max_steps={steps}",
             f"train.batch_size={PAIRS}", f"train.micro_batch_size={PAIRS}", "train.save_every=0", f"optim.lr={LR}",
             "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
             "optim.grad_clip=1.0", "loss.kind=sigmoid", f"loss.beta={BETA}"])
@@ -59,15 +62,14 @@ def posttrain_worker(directory: Path, variant: str, steps: int) -> dict[str, Any
         model = load_causal_lm(directory)
         prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["dpo"], rows=arith_pairs())
         run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo")
-        reference = Reference.frozen_copy(model)
         precompute_s = 0.0
-        if variant == "precomputed":
+        if variant == "precomputed":  # as the recipe: the untrained policy is the reference, no copy
             start = time.perf_counter()
-            cached = precompute_sequence_logprobs(reference, prepared, cfg.reference.batch_size)
+            cached = precompute_sequence_logprobs(Reference(model), prepared, cfg.reference.batch_size)
             precompute_s = time.perf_counter() - start
             source, reference = cached_step_source(prepared, cfg.train, cfg.run.seed, cached), None
         else:
-            source = comparison_step_source(prepared, cfg.train, cfg.run.seed)
+            source, reference = comparison_step_source(prepared, cfg.train, cfg.run.seed), Reference.frozen_copy(model)
         trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
         clock = StepClock()
@@ -81,7 +83,7 @@ def posttrain_worker(directory: Path, variant: str, steps: int) -> dict[str, Any
                 "precompute_s_per_step": amortised}
 
 
-def trl_worker(directory: Path, variant: str, steps: int) -> dict[str, Any]:
+def trl_worker(directory: Path, variant: str, batch_mode: str, steps: int) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -93,7 +95,8 @@ def trl_worker(directory: Path, variant: str, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_length=MAX_LENGTH, learning_rate=LR,
                          max_steps=steps, beta=BETA, loss_type=["sigmoid"],
-                         precompute_ref_log_probs=variant == "precomputed", **TRL_ARGS)
+                         precompute_ref_log_probs=variant == "precomputed",
+                         padding_free=batch_mode == "padding_free", **TRL_ARGS)
         trainer = DPOTrainer(model=model, ref_model=reference, args=args,
                              train_dataset=Dataset.from_list(arith_pairs()), processing_class=tokenizer,
                              callbacks=[callback])
@@ -108,22 +111,26 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variant", default="precomputed")
-    parser.add_argument("--runs", default="posttrain:precomputed,trl:live,posttrain:live",
-                        help="library:variant pairs (variant: precomputed or live reference logprobs)")
+    parser.add_argument("--batch-mode", default="padded")
+    parser.add_argument("--runs", default="posttrain:precomputed:padding_free,trl:live:padded,"
+                                          "posttrain:precomputed:padded,posttrain:live:padded",
+                        help="library:reference:batch_mode triples (reference: precomputed or live logprobs; "
+                             "batch_mode: padded or padding_free)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.worker:
         worker = posttrain_worker if args.library == "posttrain" else trl_worker
-        print(json.dumps(worker(model_dir(args.size), args.variant, args.steps)))
+        print(json.dumps(worker(model_dir(args.size), args.variant, args.batch_mode, args.steps)))
         return
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
     for run in args.runs.split(","):
-        library, variant = run.split(":")
+        library, variant, batch_mode = run.split(":")
         result = run_worker("benchmarks.dpo", ["--library", library, "--size", args.size, "--variant", variant,
-                                               "--steps", str(args.steps)])
-        rows.append({"workload": f"dpo {variant} ref", "library": library, **result})
-        append_result("dpo", {"workload": f"dpo {variant} ref", "library": library, "size": args.size, **result})
+                                               "--batch-mode", batch_mode, "--steps", str(args.steps)])
+        workload = f"dpo {variant} ref, {batch_mode}"
+        rows.append({"workload": workload, "library": library, **result})
+        append_result("dpo", {"workload": workload, "library": library, "size": args.size, **result})
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
     trl = [r for r in rows if r["library"] == "trl"]

@@ -1,11 +1,12 @@
 """Reward-model workload of BENCHMARK.md: posttrain vs TRL's RewardTrainer.
 
-    python -m benchmarks.rm [--size small] [--steps 12]
+    python -m benchmarks.rm [--size small] [--steps 12] [--runs posttrain:padding_free,trl:padded]
 
 Each library runs in its own subprocess, one after the other; the same model files and pairs feed
 both. Settings (both): fp32, 8 pairs per step, Bradley–Terry loss, a linear scalar head on the
 causal LM's trunk, lr 1e-4 constant, no warm-up, weight decay 0, clip 1.0, max_length 128, full
-training, no gradient checkpointing, no eval, no saving.
+training, no gradient checkpointing, no eval, no saving. posttrain also runs padding-free (a step's
+16 sequences in one row, block-causal mask; TRL's RewardTrainer has no such mode).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from benchmarks.common import (
 PAIRS, MAX_LENGTH, LR = 8, 128, 1e-4
 
 
-def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
+def posttrain_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, Any]:
     from posttrain.config import load_config
     from posttrain.data.config import STAGE_FORMATS
     from posttrain.data.pipeline import prepare_data
@@ -48,13 +49,15 @@ def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(RMConfig, None, [
             f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
-            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"train.max_steps={steps}",
+            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"data.batch_mode={batch_mode}",
+            f"train.max_steps={steps}",
             f"train.batch_size={PAIRS}", f"train.micro_batch_size={PAIRS}", "train.save_every=0", f"optim.lr={LR}",
             "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
             "optim.grad_clip=1.0"])
         tokenizer = load_tokenizer(directory)
         model = build_reward_model(directory, pad_token_id=tokenizer.pad_token_id)
-        prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rm"], rows=arith_pairs())
+        prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rm"], rows=arith_pairs(),
+                                mask_dtype=model.dtype)
         run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
         trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
@@ -66,7 +69,7 @@ def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
         return clock.summary(non_embedding_parameters(model))
 
 
-def trl_worker(directory: Path, steps: int) -> dict[str, Any]:
+def trl_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -91,25 +94,30 @@ def main() -> None:
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--size", default="small")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--libraries", default="posttrain,trl")
+    parser.add_argument("--batch-mode", default="padded")
+    parser.add_argument("--runs", default="posttrain:padding_free,trl:padded,posttrain:padded",
+                        help="library:batch_mode pairs (batch_mode: padded or padding_free)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.worker:
         worker = posttrain_worker if args.library == "posttrain" else trl_worker
-        print(json.dumps(worker(model_dir(args.size), args.steps)))
+        print(json.dumps(worker(model_dir(args.size), args.batch_mode, args.steps)))
         return
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
-    for library in args.libraries.split(","):
-        result = run_worker("benchmarks.rm", ["--library", library, "--size", args.size, "--steps", str(args.steps)])
-        rows.append({"workload": "reward model", "library": library, **result})
-        append_result("rm", {"workload": "reward model", "library": library, "size": args.size, **result})
+    for run in args.runs.split(","):
+        library, batch_mode = run.split(":")
+        result = run_worker("benchmarks.rm", ["--library", library, "--size", args.size, "--batch-mode", batch_mode,
+                                              "--steps", str(args.steps)])
+        workload = f"reward model, {batch_mode}"
+        rows.append({"workload": workload, "library": library, **result})
+        append_result("rm", {"workload": workload, "library": library, "size": args.size, **result})
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
-    ours = [r for r in rows if r["library"] == "posttrain"]
-    theirs = [r for r in rows if r["library"] == "trl"]
-    if ours and theirs:
-        print(f"reward model: posttrain is {theirs[0]['s_per_step'] / ours[0]['s_per_step']:.2f}x TRL per step")
+    trl = [r for r in rows if r["library"] == "trl"]
+    for row in (r for r in rows if r["library"] == "posttrain" and trl):
+        print(f"{row['workload']}: posttrain is {trl[0]['s_per_step'] / row['s_per_step']:.2f}x TRL "
+              f"({trl[0]['workload']}) per step")
 
 
 if __name__ == "__main__":

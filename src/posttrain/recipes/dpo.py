@@ -9,11 +9,12 @@ DPO is one more weighted-likelihood objective: its gradient raises the likelihoo
 answer and lowers the rejected one's, each weighted by how wrongly the implicit reward model
 currently orders the pair (sigmoid(-beta h)).
 
-Chosen and rejected (or all K ranked responses) of a micro-batch go through one forward. The
-reference is a frozen copy of the starting model, or — with LoRA — the policy with its adapter
-disabled (the base weights, no second copy). By default the reference's logprobs of every row are
-computed once before training and the reference is freed: each step is then one forward and
-backward of the policy only. The metrics are the implicit rewards of chosen and rejected, the
+Chosen and rejected (or all K ranked responses) of a micro-batch go through one forward (padded, or
+padding-free: all in one row). By default the reference's logprobs of every row are computed once,
+before training, by the starting policy itself (before its first update it *is* the reference):
+no copy is ever made, and each step is one forward and backward of the policy only. Without the
+cache the reference is a frozen copy of the starting model or — with LoRA — the policy with its
+adapter disabled (the base weights, no second copy). The metrics are the implicit rewards of chosen and rejected, the
 preference accuracy and margin of those rewards, and the sequence logprobs; held-out exact match
 is measured before and after.
 """
@@ -67,7 +68,7 @@ class ReferenceConfig:
                                    "with its adapter disabled).")
     precompute: bool = param(True, "Compute the reference logprobs of every row once before training and free "
                                    "the reference (off: one reference forward per micro-batch).")
-    batch_size: int = param(64, "Rows per forward when precomputing.", ge=1)
+    batch_size: int = param(32, "Rows per forward when precomputing.", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,16 +101,21 @@ def main(cfg: DPOConfig) -> RunResult:
     run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo")
 
     before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
-    frozen = build_frozen_reference(cfg, model)
-    model = apply_adapter(model, cfg.adapter)
-    reference = frozen or Reference(model, adapter_disabled=True)
     average = cfg.loss.kind == "ipo"  # IPO's h is on per-token average logprobs
     precompute_start = time.perf_counter()
     if cfg.reference.precompute:
+        # Before its first update the policy *is* the reference, so no copy is made (a resumed run
+        # recomputes the cache here, from the starting model, before its checkpoint is loaded).
+        reference = load_reference(cfg) or Reference(model)
         cached = precompute_sequence_logprobs(reference, prepared, cfg.reference.batch_size, average)
+        model = apply_adapter(model, cfg.adapter)
         source, reference = cached_step_source(prepared, cfg.train, cfg.run.seed, cached), None
-        del frozen  # the cache replaces the reference model: free its memory
     else:
+        reference = load_reference(cfg)
+        if reference is None and cfg.adapter.method == "none":
+            reference = Reference.frozen_copy(model)
+        model = apply_adapter(model, cfg.adapter)
+        reference = reference or Reference(model, adapter_disabled=True)  # LoRA: the base weights, no copy
         source = comparison_step_source(prepared, cfg.train, cfg.run.seed)
     precompute_seconds = time.perf_counter() - precompute_start
     trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
@@ -135,14 +141,12 @@ def main(cfg: DPOConfig) -> RunResult:
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
 
-def build_frozen_reference(cfg: DPOConfig, model: torch.nn.Module) -> Reference | None:
-    """A frozen reference model, or None when the adapter-disabled policy serves as the reference."""
-    if cfg.reference.path:
-        return Reference(load_causal_lm(cfg.reference.path, trust_remote_code=cfg.model.trust_remote_code,
-                                        dtype=cfg.model.dtype).eval().requires_grad_(False))
-    if cfg.adapter.method != "none":
+def load_reference(cfg: DPOConfig) -> Reference | None:
+    """The frozen reference at `reference.path`, or None (the starting policy is the reference)."""
+    if not cfg.reference.path:
         return None
-    return Reference.frozen_copy(model)
+    return Reference(load_causal_lm(cfg.reference.path, trust_remote_code=cfg.model.trust_remote_code,
+                                    dtype=cfg.model.dtype).eval().requires_grad_(False))
 
 
 def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int,
