@@ -27,6 +27,8 @@ class DemoStage:
     stage: str
     builds_on: str | None
     headline: Callable[[dict[str, Any]], str]
+    recipe: str | None = None  # a shipped recipe other than the stage's own
+    overrides: tuple[str, ...] = ()  # settings of this demo stage on top of the recipe (and its quick budgets)
 
 
 def _pretrain_headline(summary: dict[str, Any]) -> str:
@@ -39,6 +41,14 @@ def _accuracy_headline(summary: dict[str, Any]) -> str:
     return f"held-out exact match {before}{summary['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%})"
 
 
+def _steps_headline(summary: dict[str, Any]) -> str:
+    """Final-answer and per-step accuracy before -> after, for tasks solved in steps."""
+    before = (f"{summary['accuracy_before']:.1%} -> " if "accuracy_before" in summary else "")
+    steps_before = (f"{summary['step_accuracy_before']:.1%} -> " if "step_accuracy_before" in summary else "")
+    return (f"held-out final answer {before}{summary['accuracy']:.1%}, "
+            f"steps right {steps_before}{summary.get('step_accuracy', float('nan')):.1%}")
+
+
 def _reward_model_headline(summary: dict[str, Any]) -> str:
     return (f"held-out pairwise accuracy {summary['eval_accuracy']:.1%} on {summary['eval_rows']} pairs, "
             f"mean margin {summary['eval_margin']:.2f}")
@@ -49,6 +59,14 @@ STAGES = [
     DemoStage("sft", "sft", "pretrain", _accuracy_headline),
     DemoStage("rm", "rm", "sft", _reward_model_headline),
     DemoStage("dpo", "dpo", "sft", _accuracy_headline),
+    DemoStage("grpo", "grpo", "sft", _accuracy_headline),
+    # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
+    # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
+    DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
+              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64")),
+    DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process"),
+    DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
+              overrides=("advantage.supervision=outcome",)),
 ]
 
 
@@ -70,7 +88,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
             table.add_row(stage.name, "reused", stage.headline(summaries[stage.name]), str(final))
             continue
         console.rule(f"[bold]{stage.name}")
-        overrides = [f"run.out_dir={out_dir}", f"run.name={stage.name}", "run.overwrite=true"]
+        overrides = [*stage.overrides, f"run.out_dir={out_dir}", f"run.name={stage.name}", "run.overwrite=true"]
         if stage.builds_on:
             base = out_dir / stage.builds_on / "final"
             if not base.is_dir():
@@ -78,7 +96,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
                                   f"(no {base})", field="--stages")
             overrides.append(f"model.path={base}")
         start = time.perf_counter()
-        result = recipes.run_stage(stage.stage, None, overrides, quick=quick)
+        result = recipes.run_stage(stage.stage, stage.recipe, overrides, quick=quick)
         if result.final_dir is None:  # stopped by a signal: the checkpoint is kept, the demo stops here
             console.print(table)
             return summaries
