@@ -7,6 +7,7 @@ steps) and returns one score per completion. The built-ins are
     format        1 when the task can extract an answer at all (the completion is well-formed)
     steps         share of the gold steps the completion gets right (`Task.verify_steps`, partial credit)
     reward_model  the score of a reward model trained by `posttrain rm`
+    grader        a grader file (`posttrain.rewards.graders`): partial credit in [0, 1]
 
 and any Python callable registered with `@register_reward_function("name")`. A recipe names the
 functions and their weights in its config (`reward.functions: {correct: 1.0, format: 0.1}`) and
@@ -110,6 +111,23 @@ def reward_model_reward(reward_model_path: str | None = None, **_: Any) -> Rewar
     return lambda batch: scorer.score(batch.prompts, batch.completions)
 
 
+@REWARD_FUNCTIONS.register("grader")
+def grader_reward(grader_path: str | None = None, **_: Any) -> RewardFunction:
+    """A grader file (`posttrain.rewards.graders`): partial credit in [0, 1], with its inner graders' scores
+    and its error count logged beside the total."""
+    if not grader_path:
+        raise ValueError("the `grader` reward needs a grader file or shipped grader name (reward.grader)")
+    from posttrain.rewards.graders import completion_records, load_grader
+
+    grader = load_grader(grader_path)
+
+    def score(batch: Completions):
+        samples, items = completion_records(batch.prompts, batch.completions, batch.answers, batch.steps)
+        return grader.grade(samples, items)
+
+    return score
+
+
 def _need_task(task: Task | None, name: str) -> Task:
     if task is None:
         raise ValueError(f"the `{name}` reward needs a task to verify answers with (reward.task)")
@@ -118,10 +136,13 @@ def _need_task(task: Task | None, name: str) -> Task:
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    """total: [B] weighted sum of the reward functions; by_function: each function's raw scores [B]."""
+    """total: [B] weighted sum of the reward functions; by_function: each function's raw scores [B] (and a
+    grader's inner scores and 0/1 error flags as `<name>.<part>`); errors: one record per grader error
+    ({"function", "row", "error"}): those rows scored 0 for that function."""
 
     total: Tensor
     by_function: dict[str, Tensor]
+    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class WeightedRewards:
@@ -144,12 +165,22 @@ class WeightedRewards:
 
     def __call__(self, batch: Completions) -> Scores:
         by_function: dict[str, Tensor] = {}
+        errors: list[dict[str, Any]] = []
         total = torch.zeros(len(batch), dtype=torch.float64)
         for name, (fn, weight) in self.functions.items():
-            values = torch.as_tensor(fn(batch), dtype=torch.float64).flatten().cpu()
+            values = fn(batch)
+            if hasattr(values, "components"):  # a grader's result: log its parts and errors, weight its total
+                by_function.update({f"{name}.{part}": torch.tensor(v, dtype=torch.float64)
+                                    for part, v in values.components.items()})
+                by_function[f"{name}.errors"] = torch.tensor([e is not None for e in values.errors],
+                                                             dtype=torch.float64)
+                errors.extend({"function": name, "row": i, "error": e}
+                                   for i, e in enumerate(values.errors) if e is not None)
+                values = values.scores
+            values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
             if values.numel() != len(batch):
                 raise ValueError(f"reward function {name!r} returned {values.numel()} scores for {len(batch)} "
                                  "completions")
             by_function[name] = values
             total += weight * values
-        return Scores(total=total, by_function=by_function)
+        return Scores(total=total, by_function=by_function, errors=errors)

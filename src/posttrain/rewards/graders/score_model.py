@@ -1,0 +1,105 @@
+"""`score_model`: a local model grades the sample; the score is mapped from `range` [lo, hi] onto [0, 1].
+
+Two kinds of model, told apart by the saved model itself:
+- a reward model (`posttrain rm`, a sequence-classification head): the rendered `input` messages are the
+  conversation, the last one the assistant turn being graded; its scalar r gives
+  (clip(r, lo, hi) - lo) / (hi - lo);
+- a chat model as judge: the rendered `input` messages are its prompt, it answers greedily
+  (`sampling_params.max_new_tokens`), and the last number of its answer, which must lie in the range,
+  gives (x - lo) / (hi - lo). An answer without a number in the range scores 0 with an error.
+
+Models load on first use, so validating a grader file costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain.rewards.graders.base import GradeResult, Item, Sample, Spec
+from posttrain.rewards.graders.extract import last_number
+from posttrain.rewards.graders.template import Template
+
+DEFAULT_INPUT = [{"role": "user", "content": "{{ item.question }}"},
+                 {"role": "assistant", "content": "{{ sample.output_text }}"}]
+
+
+class ScoreModelGrader:
+    def __init__(self, spec: Spec) -> None:
+        spec.only("type", "name", "model", "input", "range", "sampling_params")
+        self.name = spec.get("name", str, "score_model")
+        self.path = Path(spec.get("model", str))
+        config = self.path / "config.json"
+        if not config.is_file():
+            raise spec.error(f"no model directory at {self.path} (config.json missing)", "model")
+        architectures = json.loads(config.read_text()).get("architectures") or [""]
+        self.is_reward_model = architectures[0].endswith("ForSequenceClassification")
+        messages = spec.get("input", list, DEFAULT_INPUT)
+        self.messages = [_message(spec, i, m) for i, m in enumerate(messages)]
+        if self.is_reward_model and (not self.messages or self.messages[-1][0] != "assistant"):
+            raise spec.error("a reward model grades the last message: it must be the assistant's", "input")
+        bounds = spec.get("range", list, [0, 1])
+        if (len(bounds) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)
+                or not bounds[0] < bounds[1]):
+            raise spec.error("must be [low, high] with low < high", "range")
+        self.low, self.high = float(bounds[0]), float(bounds[1])
+        params = spec.child("sampling_params").data if "sampling_params" in spec.data else {}
+        self.max_new_tokens = int(params.get("max_new_tokens", 16))
+        self._scorer: Any = None
+
+    def grade(self, samples: Sequence[Sample], items: Sequence[Item]) -> GradeResult:
+        conversations = [[{"role": role, "content": content.render(s, i)} for role, content in self.messages]
+                         for s, i in zip(samples, items, strict=True)]
+        if self.is_reward_model:
+            raw = self._reward_model().score([c[:-1] for c in conversations], [c[-1]["content"] for c in conversations])
+            return GradeResult([self._scale(min(self.high, max(self.low, float(r)))) for r in raw])
+        scores, errors = [], []
+        for answer in self._judge(conversations):
+            number = last_number(answer)
+            value = float(number) if number else None
+            if value is None or not self.low <= value <= self.high:
+                scores.append(0.0)
+                errors.append(f"the judge's answer {answer!r} has no score in [{self.low:g}, {self.high:g}]")
+            else:
+                scores.append(self._scale(value))
+                errors.append(None)
+        return GradeResult(scores, errors=errors)
+
+    def _scale(self, value: float) -> float:
+        return (value - self.low) / (self.high - self.low)
+
+    def _reward_model(self):
+        if self._scorer is None:
+            from posttrain.rewards.reward_model import RewardModelScorer
+
+            self._scorer = RewardModelScorer.from_pretrained(self.path)
+        return self._scorer
+
+    def _judge(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+        import torch
+
+        from posttrain.data.config import DataConfig
+        from posttrain.data.tokenize import Encoder
+        from posttrain.models import load_causal_lm, load_tokenizer
+        from posttrain.rollout import SamplingParams, make_engine
+
+        if self._scorer is None:
+            tokenizer = load_tokenizer(self.path)
+            engine = make_engine("local", load_causal_lm(self.path).eval(), tokenizer)
+            self._scorer = (Encoder.from_config(tokenizer, DataConfig(truncation="truncate_left")), engine)
+        encoder, engine = self._scorer
+        prompts = [encoder.encode_prompt([{**m, "reasoning": None} for m in c]) for c in conversations]
+        with torch.no_grad():
+            rollout = engine.generate(prompts, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0))
+        return list(rollout.texts)
+
+
+def _message(spec: Spec, index: int, message: Any) -> tuple[str, Template]:
+    key = f"input.{index}"
+    if not isinstance(message, dict) or set(message) != {"role", "content"} or not isinstance(message["content"], str):
+        raise spec.error(f"message {index} must be a mapping with exactly `role` and `content` (text)", key)
+    if message["role"] not in ("system", "user", "assistant"):
+        raise spec.error(f"message {index}: role {message['role']!r} is not system, user or assistant", key)
+    return message["role"], Template(message["content"], spec, key)

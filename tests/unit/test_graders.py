@@ -1,0 +1,310 @@
+"""Graders against hand-computed scores; the python grader's sandbox; multi formulas; grader YAML errors."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.rewards import Completions, WeightedRewards
+from posttrain.rewards.functions import grader_reward
+from posttrain.rewards.graders import Formula, answer_line, boxed, build_grader, last_number, load_grader, regex
+
+
+def grade(spec, outputs, items):
+    return build_grader(spec).grade([{"output_text": o} for o in outputs], items)
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+def test_answer_extraction():
+    assert last_number("3 apples and 1,024 pears, so 7.5") == "7.5"
+    assert last_number("no digits") == ""
+    assert last_number("it is -12") == "-12"
+    assert boxed(r"so \boxed{1} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert boxed(r"\boxed{unclosed") == ""
+    assert answer_line("think\nAnswer: 42\nmore\nFinal answer: 43 ") == "43"
+    assert answer_line("the answer is 5") == ""
+    assert regex("x=3, x=4", r"x=(\d)") == "4"
+    assert regex("abc", r"\d") == ""
+
+
+# ---------------------------------------------------------------------------------------------- string_check
+
+
+@pytest.mark.parametrize("operation, expected", [("eq", [1, 0, 0]), ("ne", [0, 1, 1]), ("like", [1, 1, 0]),
+                                                 ("ilike", [1, 1, 1])])
+def test_string_check_operations(operation, expected):
+    spec = {"type": "string_check", "operation": operation, "input": "{{ sample.output_text }}",
+            "reference": "{{ item.answer }}"}
+    result = grade(spec, ["Paris", "in Paris!", "PARIS"], [{"answer": "Paris"}] * 3)
+    assert result.scores == [float(e) for e in expected]
+
+
+def test_string_check_with_extraction_filter():
+    spec = {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text | boxed }}",
+            "reference": "{{ item.answer }}"}
+    assert grade(spec, [r"so \boxed{12}", "12"], [{"answer": "12"}] * 2).scores == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------- text_similarity
+
+
+def similarity(metric, output, reference):
+    spec = {"type": "text_similarity", "evaluation_metric": metric, "input": "{{ sample.output_text }}",
+            "reference": "{{ item.ref }}"}
+    return grade(spec, [output], [{"ref": reference}]).scores[0]
+
+
+def test_text_similarity_by_hand():
+    # Indel similarity: LCS(kitten, sitting) = "ittn" -> distance 6 + 7 - 2*4 = 5 -> 1 - 5/13.
+    assert similarity("fuzzy_match", "kitten", "sitting") == pytest.approx(8 / 13, abs=1e-12)
+    # n-gram precisions 5/6, 3/5, 2/4, 1/3 (no zero counts, so no smoothing), brevity penalty 1.
+    bleu = (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert similarity("bleu", "the cat sat on the mat", "the cat sat on a mat") == pytest.approx(bleu, abs=1e-9)
+    assert similarity("rouge_1", "the cat sat", "the cat ran") == pytest.approx(2 / 3, abs=1e-12)
+    assert similarity("rouge_2", "the cat sat", "the cat ran") == pytest.approx(1 / 2, abs=1e-12)
+    rouge_l = 2 * (2 / 4 * 2 / 3) / (2 / 4 + 2 / 3)  # LCS "the cat": P = 2/4, R = 2/3
+    assert similarity("rouge_l", "the cat sat down", "the cat ran") == pytest.approx(rouge_l, abs=1e-12)
+    # GLEU = min(precision, recall) over 1..4-grams: 3 matches (2 + 1 + 0) of 6 n-grams on each side.
+    assert similarity("gleu", "the cat sat", "the cat ran") == pytest.approx(0.5, abs=1e-12)
+    assert similarity("fuzzy_match", "same", "same") == 1.0
+
+
+def test_text_similarity_pass_threshold():
+    spec = {"type": "text_similarity", "evaluation_metric": "fuzzy_match", "pass_threshold": 0.6,
+            "input": "{{ sample.output_text }}", "reference": "{{ item.ref }}"}
+    assert grade(spec, ["kitten", "dog"], [{"ref": "sitting"}] * 2).scores == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------- python
+
+
+SANDBOX_PROBE = textwrap.dedent("""
+    import os, socket
+
+    def grade(sample, item):
+        kind = item["kind"]
+        if kind == "loop":
+            while True:
+                pass
+        if kind == "network":
+            socket.create_connection(("127.0.0.1", 9), timeout=1)
+            return 1.0
+        if kind == "environment":
+            return 0.5 if "POSTTRAIN_TEST_SECRET" not in os.environ and "HOME" not in os.environ else 1.0
+        if kind == "cwd":
+            return 0.25 if os.listdir(".") == [] and "runs" not in os.getcwd() else 1.0
+        if kind == "memory":
+            hog = bytearray(2 * 1024 ** 3)
+            return 1.0
+        if kind == "exception":
+            raise RuntimeError("boom")
+        if kind == "text":
+            return "1.0"
+        if kind == "nan":
+            return float("nan")
+        if kind == "too_big":
+            return 1.5
+        return len(sample["output_text"]) / 10
+""")
+
+
+def test_python_grader_sandbox(monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_TEST_SECRET", "hunter2")
+    kinds = ["ok", "loop", "network", "environment", "cwd", "memory", "exception", "text", "nan", "too_big", "ok"]
+    spec = {"type": "python", "source": SANDBOX_PROBE, "timeout_s": 1.0, "memory_mb": 256}
+    result = grade(spec, ["abc"] * len(kinds), [{"kind": k} for k in kinds])
+    scores, errors = dict(zip(kinds, result.scores, strict=False)), dict(zip(kinds, result.errors, strict=False))
+    assert result.scores[0] == result.scores[-1] == pytest.approx(0.3)  # and a fresh process after the timeout
+    assert scores["environment"] == 0.5 and errors["environment"] is None
+    assert scores["cwd"] == 0.25 and errors["cwd"] is None
+    for kind in ("loop", "network", "memory", "exception", "text", "nan", "too_big"):
+        assert scores[kind] == 0.0 and errors[kind], kind
+    assert "timed out" in errors["loop"]
+    assert "PermissionError" in errors["network"] or "OSError" in errors["network"]
+    assert "MemoryError" in errors["memory"] or "killed" in errors["memory"]
+    assert "RuntimeError: boom" in errors["exception"]
+    assert "str" in errors["text"] and "finite" in errors["nan"] and "outside" in errors["too_big"]
+    assert result.error_count == 7
+
+
+def test_python_grader_source_that_fails_to_load_scores_zero_everywhere():
+    result = grade({"type": "python", "source": "import no_such_module\ndef grade(s, i):\n    return 1.0\n"},
+                   ["a", "b"], [{}, {}])
+    assert result.scores == [0.0, 0.0] and all("No module named" in e for e in result.errors)
+
+
+def test_python_grader_source_is_checked_without_running():
+    with pytest.raises(ConfigError, match="must define"):
+        build_grader({"type": "python", "source": "def score(s, i):\n    return 1\n"})
+    with pytest.raises(ConfigError, match="does not parse"):
+        build_grader({"type": "python", "source": "def grade(s, i) return 1\n"})
+
+
+# ---------------------------------------------------------------------------------------------- multi
+
+
+def test_multi_grader_combines_and_logs_parts():
+    spec = {"type": "multi", "calculate_output": "0.7 * exact + 0.3 * close", "graders": {
+        "exact": {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text | last_number }}",
+                  "reference": "{{ item.answer }}"},
+        "close": {"type": "python", "source": "def grade(s, i):\n    x = int(s['output_text'][-2:])\n"
+                                              "    return 1 / (1 + abs(x - int(i['answer'])))\n"}}}
+    result = grade(spec, ["so 12", "so 10"], [{"answer": "12"}] * 2)
+    assert result.scores == pytest.approx([1.0, 0.3 * (1 / 3)])
+    assert result.components == {"exact": [1.0, 0.0], "close": pytest.approx([1.0, 1 / 3])}
+
+
+def test_multi_formula_failure_scores_zero_with_error():
+    spec = {"type": "multi", "calculate_output": "a / b", "graders": {
+        "a": {"type": "string_check", "operation": "eq", "input": "x", "reference": "x"},
+        "b": {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text }}", "reference": "y"}}}
+    result = grade(spec, ["y", "z"], [{}, {}])
+    assert result.scores == [1.0, 0.0] and result.errors[0] is None and "ZeroDivisionError" in result.errors[1]
+
+
+def test_formula_evaluates_arithmetic_only():
+    formula = Formula("min(a, b) + 0.5 * -c ** 2 / 2 + abs(-1) - max(a, 1)", ["a", "b", "c"])
+    assert formula({"a": 0.25, "b": 0.5, "c": 2.0}) == pytest.approx(0.25 - 1.0 + 1 - 1)
+    for bad in ("__import__('os').system('true')", "a.real", "a[0]", "(lambda: 1)()", "d + a", "[a for a in b]",
+                "open('x')", "'text'", "a if b else c", "a > b", "a; b", "getattr(a, 'x')", "min(a, key=b)",
+                "True + a", "a @ b", "a // b", "(a := 1)"):
+        with pytest.raises(ValueError):
+            Formula(bad, ["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------------------------------- score_model
+
+
+def test_score_model_reward_model_is_clipped_and_scaled(tmp_path, tiny_model, tokenizer):
+    from posttrain.models import save_pretrained
+    from posttrain.models.reward import build_reward_model
+    from posttrain.rewards import RewardModelScorer
+
+    lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")
+    rm = save_pretrained(build_reward_model(lm, pad_token_id=tokenizer.pad_token_id), tokenizer, tmp_path / "rm")
+    outputs, items = ["5", "seven", "12"], [{"question": "What is 2+3?"}] * 3
+    raw = RewardModelScorer.from_pretrained(rm).score([[{"role": "user", "content": "What is 2+3?"}]] * 3, outputs)
+    low, high = float(raw.min()), float(raw.max()) - 1e-3  # the largest score is clipped to high
+    scores = grade({"type": "score_model", "model": str(rm), "range": [low, high]}, outputs, items).scores
+    expected = [(min(high, max(low, float(r))) - low) / (high - low) for r in raw]
+    assert scores == pytest.approx(expected, abs=1e-6) and max(scores) == 1.0 and min(scores) == 0.0
+
+
+def test_score_model_judge_reads_the_last_number_in_range(tmp_path, tiny_model, tokenizer, monkeypatch):
+    from posttrain.models import save_pretrained
+    from posttrain.rewards.graders.score_model import ScoreModelGrader
+
+    judge = save_pretrained(tiny_model, tokenizer, tmp_path / "judge")
+    spec = {"type": "score_model", "model": str(judge), "range": [1, 11],
+            "input": [{"role": "system", "content": "Grade 1-11."},
+                      {"role": "user", "content": "Q: {{ item.question }} A: {{ sample.output_text }}"}]}
+    grader = build_grader(spec)
+    prompts = []
+    monkeypatch.setattr(ScoreModelGrader, "_judge", lambda self, conv: prompts.extend(conv) or
+                        ["Score: 8", "no idea", "42", "I give it 3 then 6"])
+    result = grader.grade([{"output_text": o} for o in "abcd"], [{"question": "q"}] * 4)
+    assert result.scores == pytest.approx([0.7, 0.0, 0.0, 0.5])
+    assert [e is None for e in result.errors] == [True, False, False, True]
+    assert prompts[0][1] == {"role": "user", "content": "Q: q A: a"}
+    monkeypatch.undo()
+    real = grader.grade([{"output_text": "a"}], [{"question": "q"}])  # the untrained judge really generates
+    assert real.scores[0] in (0.0, *[(k - 1) / 10 for k in range(1, 12)])
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+
+
+def test_teacher_grader_matches_a_token_by_token_computation(tmp_path, tiny_model, tokenizer):
+    from posttrain.data.config import DataConfig
+    from posttrain.data.tokenize import Encoder
+    from posttrain.models import save_pretrained
+
+    student = save_pretrained(tiny_model, tokenizer, tmp_path / "student")
+    spec = {"type": "teacher", "student": str(student), "question": "{{ item.question }}",
+            "answer": "{{ item.answer }}", "penalty": 0.5, "separator": " so "}
+    result = grade(spec, ["3 plus 4 is 7"], [{"question": "What is 3+4?", "answer": "7"}])
+    # Slow and obvious: one forward per predicted token.
+    encoder = Encoder.from_config(tokenizer, DataConfig())
+    prompt = encoder.encode_prompt([{"role": "user", "content": "What is 3+4?", "reasoning": None}])
+    explain = tokenizer.encode("3 plus 4 is 7 so ", add_special_tokens=False)
+    answer = tokenizer.encode("7", add_special_tokens=False)
+    ids = prompt + explain + answer
+
+    def logp(t):
+        with torch.no_grad():
+            logits = tiny_model(input_ids=torch.tensor([ids[:t]])).logits[0, -1].double()
+        return (logits.log_softmax(-1)[ids[t]]).item()
+
+    explain_logp = sum(logp(t) for t in range(len(prompt), len(prompt) + len(explain))) / len(explain)
+    answer_logp = sum(logp(t) for t in range(len(prompt) + len(explain), len(ids))) / len(answer)
+    assert result.scores[0] == pytest.approx(math.exp(answer_logp + 0.5 * explain_logp), rel=1e-4)
+    assert 0 < result.scores[0] < 1
+
+
+# ---------------------------------------------------------------------------------------------- files, rewards
+
+
+def test_shipped_grader_as_a_weighted_reward_logs_parts_and_errors():
+    rewards = WeightedRewards({"grader": (grader_reward(grader_path="arith-partial"), 2.0)})
+    batch = Completions(prompts=[[{"role": "user", "content": "What is 6+6?"}]] * 3, completions=["12", "10", "x"],
+                        answers=["12"] * 3, steps=[[]] * 3)
+    scores = rewards(batch)
+    assert scores.total.tolist() == pytest.approx([2.0, 2 * 0.3 / 3, 0.0])
+    assert scores.by_function["grader.exact"].tolist() == [1.0, 0.0, 0.0]
+    assert scores.by_function["grader.close"].tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+    assert scores.by_function["grader.errors"].tolist() == [0.0, 0.0, 0.0] and scores.errors == []
+
+
+def test_grader_errors_become_records_in_the_scores():
+    rewards = WeightedRewards({"g": (lambda batch: build_grader(
+        {"type": "python", "source": "def grade(s, i):\n    return 1 / len(s['output_text'])\n"}).grade(
+        [{"output_text": c} for c in batch.completions], [{}] * len(batch)), 1.0)})
+    scores = rewards(Completions(prompts=[[]] * 2, completions=["ab", ""], answers=["", ""], steps=[[], []]))
+    assert scores.total.tolist() == [0.5, 0.0] and scores.by_function["g.errors"].tolist() == [0.0, 1.0]
+    assert scores.errors[0]["row"] == 1 and "ZeroDivisionError" in scores.errors[0]["error"]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "grader.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("text, field, line, message", [
+    ("type: string_check\ninput: x\nreference: y\noperation: equals\n", "operation", 4, "not one of"),
+    ("type: strng_check\n", "type", 1, "not one of"),
+    ("type: multi\ngraders:\n  a:\n    type: string_check\n    input: '{{ sample.output_text }'\n"
+     "    reference: x\n    operation: eq\ncalculate_output: a\n", "graders.a.input", 5, "syntax"),
+    ("type: multi\ngraders:\n  a: {type: string_check, input: x, reference: x, operation: eq}\n"
+     "calculate_output: a + __import__('os')\n", "calculate_output", 4, "not allowed"),
+    ("type: text_similarity\ninput: x\nreference: y\nevaluation_metric: bleu\nthreshold: 1\n", "threshold", 5,
+     "unknown key"),
+    ("type: python\nsource: 3\n", "source", 2, "not a text"),
+    ("type: score_model\nmodel: /nonexistent\n", "model", 2, "no model directory"),
+])
+def test_bad_grader_yaml_names_file_line_and_field(tmp_path, text, field, line, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_grader(path)
+    assert err.value.field == field and err.value.line == line and err.value.file == str(path)
+
+
+def test_missing_item_field_is_a_config_error_naming_the_template(tmp_path):
+    grader = load_grader(write(tmp_path, "type: string_check\ninput: x\nreference: '{{ item.anwser }}'\n"
+                                         "operation: eq\n"))
+    with pytest.raises(ConfigError, match="anwser") as err:
+        grader.grade([{"output_text": "x"}], [{"answer": "x"}])
+    assert err.value.field == "reference" and err.value.line == 3
+
+
+def test_templates_are_sandboxed():
+    spec = {"type": "string_check", "operation": "eq", "reference": "x",
+            "input": "{{ sample.__class__.__mro__[1].__subclasses__() }}"}
+    with pytest.raises(Exception, match="unsafe|not safely|access"):
+        grade(spec, ["x"], [{}])
