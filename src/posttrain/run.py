@@ -9,6 +9,7 @@ from typing import Any
 
 from posttrain.config import RunConfig, to_yaml
 from posttrain.errors import RunDirError
+from posttrain.train import dist
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,13 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str) -> RunDir:
     """Create (or reopen, when resuming) the run directory and write the resolved config into it.
 
     An existing run is never silently replaced: it takes `run.overwrite=true` or `run.resume=true`.
+    Under torchrun this joins the process group, and only rank 0 touches the directory.
     """
+    dist.init_distributed()
     path = Path(run.out_dir) / run.name
+    if not dist.is_main_process():
+        dist.barrier()  # rank 0 has checked, cleared and created the directory
+        return RunDir(path)
     if run.resume:
         if not path.is_dir():
             raise RunDirError("run.resume=true but there is no run to resume here", file=str(path))
@@ -62,6 +68,7 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str) -> RunDir:
     path.mkdir(parents=True, exist_ok=True)
     run_dir = RunDir(path)
     run_dir.config.write_text(config_text(stage, cfg), encoding="utf-8")
+    dist.barrier()
     return run_dir
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from posttrain.run import RunDir  # noqa: E402
+from posttrain.train.dist import is_main_process  # noqa: E402
 from posttrain.train.metrics import read_metrics  # noqa: E402
 
 CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
@@ -39,13 +41,18 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | 
 
 
 def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) -> Path:
-    """Write `<run>/report.md` and `<run>/plots/curves.png` from the run's metrics.jsonl."""
+    """Write `<run>/report.md` and `<run>/plots/curves.png` from the run's metrics.jsonl (rank 0 only)."""
+    report = run_dir.path / "report.md"
+    if not is_main_process():
+        return report
+    # The title and summary are kept so that `posttrain report <run>` can redraw all of it later.
+    (run_dir.path / "summary.json").write_text(json.dumps({"title": title, "summary": summary}, indent=2,
+                                                          default=str), encoding="utf-8")
     plot = plot_curves(read_metrics(run_dir.metrics), run_dir.plots / "curves.png", title)
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in summary.items()]
     if plot is not None:
         lines += ["", f"![training curves](plots/{plot.name})"]
-    report = run_dir.path / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
 
@@ -56,3 +63,9 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def rebuild_training_report(run_dir: RunDir) -> Path:
+    """Redraw a finished run's report from its summary.json and metrics.jsonl (`posttrain report <run>`)."""
+    saved = json.loads((run_dir.path / "summary.json").read_text(encoding="utf-8"))
+    return write_training_report(run_dir, saved["title"], saved["summary"])

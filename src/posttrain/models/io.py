@@ -44,9 +44,29 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """Write model (safetensors) and tokenizer side by side: a directory `from_pretrained` can load."""
+    """Write model (safetensors) and tokenizer side by side: a directory `from_pretrained` can load.
+
+    Under torchrun every rank calls this: an FSDP-sharded model is gathered into one full state dict
+    (a collective), and rank 0 alone writes it, so `final/` is an ordinary Hugging Face directory.
+    """
+    import torch.distributed as dist
+
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    state_dict = _consolidated_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(out), safe_serialization=True, **extra)
+        tokenizer.save_pretrained(str(out))
+    if dist.is_initialized():
+        dist.barrier()
     return out
+
+
+def _consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a model whose parameters are sharded DTensors (FSDP2), on rank 0; None otherwise."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

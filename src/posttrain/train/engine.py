@@ -18,6 +18,7 @@ also gets `generation_share`, the share of the step's wall time spent producing 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -31,7 +32,9 @@ from rich.console import Console
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.run import RunDir, config_text
+from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from posttrain.train.metrics import MetricsWriter, truncate_metrics
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.progress import TrainProgress, format_metrics
@@ -53,6 +56,9 @@ class TrainConfig:
     eval_every: int = param(0, "Evaluate every N steps (0: only at the end).", ge=0)
     max_nonfinite: int = param(5, "Stop after this many consecutive steps with a non-finite loss or gradient.",
                                ge=1)
+    parallel: str = param("ddp", "Under torchrun: ddp replicates the model on every rank; fsdp shards parameters, "
+                                 "gradients and optimizer state (FSDP2). batch_size stays the global batch, "
+                                 "micro_batch_size is per rank.", choices=dist.PARALLEL_MODES)
 
 
 @dataclasses.dataclass
@@ -90,10 +96,16 @@ class Trainer:
         if train.batch_size % train.micro_batch_size:
             raise ConfigError(f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
                               f"{train.micro_batch_size}", field="train.micro_batch_size")
+        self.dist = dist.init_distributed()
+        if train.batch_size % (train.micro_batch_size * self.dist.world_size):
+            raise ConfigError(f"batch_size {train.batch_size} (global) is not a multiple of micro_batch_size "
+                              f"{train.micro_batch_size} x {self.dist.world_size} ranks", field="train.batch_size")
         self.stage, self.cfg, self.run, self.train_cfg, self.optim_cfg = stage, cfg, run, train, optim
         self.run_dir = run_dir
         self.model = model
         self.console = console or Console()
+        # Wrapped (and, under FSDP, sharded) before the optimizer sees the parameters.
+        self.parallel = dist.DistributedModel(model, train.parallel)
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, train.max_steps)
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -110,16 +122,22 @@ class Trainer:
         start, interrupted = time.perf_counter(), False
         session_tokens = 0
         last: dict[str, Any] = {}
-        trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard, self.run.wandb, to_dict(self.cfg))
-        with StopRequest() as stop, MetricsWriter(self.run_dir.metrics) as metrics, \
-                TrainProgress(self.stage, self.train_cfg.max_steps, enabled=self.run.progress,
+        main = self.dist.is_main  # only rank 0 writes metrics, trackers, progress and messages
+        trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard and main, self.run.wandb and main,
+                            to_dict(self.cfg))
+        samples_from_policy = getattr(source, "samples_from_policy", False)
+        with StopRequest() as stop, MetricsWriter(self.run_dir.metrics) if main else _NoMetrics() as metrics, \
+                TrainProgress(self.stage, self.train_cfg.max_steps, enabled=self.run.progress and main,
                               console=self.console) as progress:
             progress.update(self.step)
-            if resumed_from is not None:
+            if resumed_from is not None and main:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
             while self.step < self.train_cfg.max_steps:
                 step_start = time.perf_counter()
-                batch = source.next_step()
+                # A sampling source reads the policy's weights directly: under FSDP they are gathered for it.
+                with self.parallel.full_weights() if samples_from_policy else contextlib.nullcontext():
+                    batch = source.next_step()
+                batch.metrics = dist.mean_over_ranks(batch.metrics)
                 record = self._optimizer_step(batch, loss_fn)
                 session_tokens += batch.tokens
                 elapsed = time.perf_counter() - start
@@ -128,30 +146,40 @@ class Trainer:
                 if "generation_s" in record:
                     record["generation_share"] = record["generation_s"] / max(record["step_time_s"], 1e-9)
                 if evaluate is not None and self._due(self.train_cfg.eval_every, final=True):
-                    record.update(evaluate(self.step))
+                    record.update(self._evaluate(evaluate))
                 last = record
                 metrics.write(record)
                 trackers.log(record)
                 progress.update(self.step, {k: record[k] for k in (*progress_keys, "lr", "tokens_per_s")
                                             if k in record})
-                if stop.requested:
+                # A signal may reach one rank only; every rank must stop (and save) at the same step.
+                if dist.all_reduce_sum(float(stop.requested)) > 0:
                     path = self.save(source)
-                    self.console.print(
-                        f"[yellow]stopped by {stop.signal_name} at step {self.step}[/]; checkpoint: {path}\n"
-                        f"resume with: posttrain resume {self.run_dir.path}")
+                    if main:
+                        self.console.print(
+                            f"[yellow]stopped by {stop.signal_name or 'a signal on another rank'} at step "
+                            f"{self.step}[/]; checkpoint: {path}\nresume with: posttrain resume {self.run_dir.path}")
                     interrupted = True
                     break
                 if self._due(self.train_cfg.save_every, final=False):
                     self.save(source)
         trackers.close()
         seconds = time.perf_counter() - start
-        if not interrupted:
+        if not interrupted and main:
             shown = {k: last[k] for k in progress_keys if k in last}
             self.console.print(f"{self.stage}: {self.step} steps in {seconds:.0f}s, {format_metrics(shown)}, "
                                f"{session_tokens / max(seconds, 1e-9):,.0f} tok/s, "
                                f"{self.skipped_steps} skipped steps")
         return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
                            seconds=seconds, skipped_steps=self.skipped_steps)
+
+    def _evaluate(self, evaluate: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+        """Evaluation runs on rank 0 alone (its results are what gets logged); under FSDP every rank takes
+        part in gathering the full weights first."""
+        with self.parallel.full_weights():
+            results = evaluate(self.step) if self.dist.is_main else {}
+        dist.barrier()
+        return results
 
     def _due(self, every: int, final: bool) -> bool:
         at_end = final and self.step == self.train_cfg.max_steps
@@ -161,18 +189,25 @@ class Trainer:
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
         finite = True
-        for micro_batch in batch.micro_batches:
-            loss, micro_metrics = loss_fn(self.model, micro_batch, batch.normaliser)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
+        last = len(batch.micro_batches) - 1
+        dist.same_on_all_ranks(len(batch.micro_batches), "the number of micro-batches in a step")
+        for i, micro_batch in enumerate(batch.micro_batches):
+            # Gradients are exchanged once per step, on the last micro-batch's backward.
+            with self.parallel.step_context(sync=i == last):
+                loss, micro_metrics = self.parallel.loss(loss_fn, micro_batch, batch.normaliser, sync=i == last)
+                if not torch.isfinite(loss):
+                    finite = False
+                    if not self.dist.distributed:
+                        break
+                # With several ranks every backward still runs (the others wait in its all-reduce); a
+                # non-finite loss then makes the reduced gradient norm non-finite on every rank alike.
+                loss.backward()
             for key, value in micro_metrics.items():
                 sums[key] += value
         grad_norm = math.nan
-        if finite:
+        if finite or self.dist.distributed:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip or math.inf)
-            grad_norm = norm.item()
+            grad_norm = dist.grad_norm_value(norm)
             finite = math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if finite:
@@ -191,7 +226,7 @@ class Trainer:
                 f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
                 f"{self.step}); parameters were left untouched. Lower optim.lr or check the data; the last "
                 f"checkpoint is in {self.run_dir.checkpoints}", field="train.max_nonfinite")
-        record = {"step": self.step, **dict(sums), "lr": lr, "grad_norm": grad_norm,
+        record = {"step": self.step, **dist.mean_over_ranks(sums), "lr": lr, "grad_norm": grad_norm,
                   "skipped_steps": self.skipped_steps}
         if not finite:
             record["nonfinite"] = True
@@ -204,6 +239,11 @@ class Trainer:
                 "nonfinite_in_a_row": self._nonfinite_in_a_row, "data": source.state_dict()}
 
     def save(self, source: StepSource) -> Any:
+        if self.dist.distributed:
+            return save_sharded_checkpoint(
+                self.run_dir.checkpoints, self.step, model=self.parallel, optimizer=self.optimizer,
+                scheduler=self.scheduler, trainer_state=self._state(source),
+                config_text=config_text(self.stage, self.cfg), keep_last=self.train_cfg.keep_last)
         return save_checkpoint(
             self.run_dir.checkpoints, self.step, modules={"model": self.model},
             optimizers={"model": self.optimizer}, schedulers={"model": self.scheduler},
@@ -215,14 +255,37 @@ class Trainer:
             return None
         path = latest_checkpoint(self.run_dir.checkpoints)
         if path is None:
-            self.console.print("run.resume=true but no checkpoint was found: starting from step 0")
+            if self.dist.is_main:
+                self.console.print("run.resume=true but no checkpoint was found: starting from step 0")
             return None
-        state = load_checkpoint(path, modules={"model": self.model}, optimizers={"model": self.optimizer},
-                                schedulers={"model": self.scheduler})
+        if is_sharded_checkpoint(path) != self.dist.distributed:
+            raise ConfigError(f"{path} was written by a {'multi' if is_sharded_checkpoint(path) else 'single'}-"
+                              f"process run; resume it the same way (torchrun with the same --nproc_per_node, "
+                              f"or plain posttrain)", field="run.resume")
+        if self.dist.distributed:
+            state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
+                                            scheduler=self.scheduler)
+        else:
+            state = load_checkpoint(path, modules={"model": self.model}, optimizers={"model": self.optimizer},
+                                    schedulers={"model": self.scheduler})
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.skipped_steps = state["skipped_steps"]
         self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
         source.load_state_dict(state["data"])
-        truncate_metrics(self.run_dir.metrics, self.step)
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir.metrics, self.step)
         return path
+
+
+class _NoMetrics:
+    """What ranks other than 0 log metrics to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> _NoMetrics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

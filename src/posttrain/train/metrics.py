@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from posttrain.train.dist import is_main_process
+
 
 class MetricsWriter:
     def __init__(self, path: str | Path) -> None:
@@ -44,6 +46,9 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a JSONL file; under torchrun only rank 0 writes (its own rows)."""
+    if not is_main_process():
+        return
     with Path(path).open("a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from posttrain.train.dist import rank_slice
 from posttrain.train.engine import StepBatch
 
 
@@ -18,6 +19,11 @@ class ShuffledStepSource:
 
     `collate(indices)` builds one micro-batch; `count(indices)` returns (normaliser, trained tokens)
     for the whole step — the global normaliser every micro-batch's loss is divided by.
+
+    Under torchrun every rank walks the same permutation, counts the whole global batch (so the
+    normaliser needs no communication) and collates only its own contiguous slice of it
+    (`dist.rank_slice`): the ranks together see exactly the batch a single process would, and the
+    data state stays the same two integers on every rank.
     """
 
     def __init__(self, size: int, batch_size: int, micro_batch_size: int, seed: int,
@@ -47,7 +53,8 @@ class ShuffledStepSource:
     def next_step(self) -> StepBatch:
         indices = self._take(self.batch_size)
         normaliser, tokens = self.count(indices)
-        micro = [indices[i:i + self.micro_batch_size] for i in range(0, len(indices), self.micro_batch_size)]
+        mine = rank_slice(indices)
+        micro = [mine[i:i + self.micro_batch_size] for i in range(0, len(mine), self.micro_batch_size)]
         return StepBatch(micro_batches=[self.collate(m) for m in micro], normaliser=normaliser, tokens=tokens)
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Checkpoints of a run with several ranks: `torch.distributed.checkpoint` (DCP) for model and optimizer.
+
+Layout of `checkpoints/step-N/` when WORLD_SIZE > 1 (a single process keeps `checkpoint.py`'s layout):
+  dcp/                     model + optimizer state, written by every rank in parallel (each its own
+                           shards under FSDP; replicated DDP tensors are written once)
+  state.json               step, scheduler state, trainer and data state, the world size
+  rng-<rank>.safetensors + rng-<rank>.json   each rank's RNG states (ranks sample differently)
+  config.yaml, COMPLETE    as in a single-process checkpoint; COMPLETE is written last
+
+Rank 0 creates `.tmp-step-N/`, every rank writes into it, and rank 0 renames it into place after a
+barrier, so a crash mid-save leaves the previous checkpoint loadable. DCP can load into another
+parallel layout (DDP <-> FSDP); RNG states are per rank, so a resume keeps the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from posttrain.train.checkpoint import (
+    COMPLETE,
+    _fsync_dir,
+    _fsync_tree,
+    _jsonable,
+    _restore_rng,
+    _rng_state,
+    _write_json,
+    list_checkpoints,
+)
+from posttrain.train.dist import DistributedModel, barrier, context
+
+DCP_DIR = "dcp"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / DCP_DIR).is_dir()
+
+
+def save_sharded_checkpoint(root: Path, step: int, *, model: DistributedModel, optimizer: torch.optim.Optimizer,
+                            scheduler: Any, trainer_state: dict[str, Any], config_text: str, keep_last: int) -> Path:
+    """Write `root/step-<step>/` from every rank (collective: all ranks call it) and prune old ones."""
+    ctx = context()
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    model_state, optim_state = get_state_dict(model.root, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
+    rng_tensors, rng_json = _rng_state()
+    save_file(rng_tensors, str(tmp / f"rng-{ctx.rank}.safetensors"))
+    _write_json(tmp / f"rng-{ctx.rank}.json", rng_json)
+    barrier()
+    if ctx.is_main:
+        _write_json(tmp / "state.json", {"step": step, "world_size": ctx.world_size,
+                                         "schedulers": {"model": _jsonable(scheduler.state_dict())},
+                                         "trainer": trainer_state})
+        (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
+        _fsync_tree(tmp)
+        (tmp / COMPLETE).write_text(str(step), encoding="utf-8")
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, *, model: DistributedModel, optimizer: torch.optim.Optimizer,
+                            scheduler: Any) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNGs from `path`; return the trainer state."""
+    ctx = context()
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if state["world_size"] != ctx.world_size:
+        raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks; resume it with "
+                           f"--nproc_per_node={state['world_size']} (this run has {ctx.world_size})")
+    model_state, optim_state = get_state_dict(model.root, optimizer)
+    loaded = {"model": model_state, "optim": optim_state}
+    dcp.load(loaded, checkpoint_id=str(path / DCP_DIR))
+    set_state_dict(model.root, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    scheduler.load_state_dict(state["schedulers"]["model"])
+    rng_json = json.loads((path / f"rng-{ctx.rank}.json").read_text(encoding="utf-8"))
+    _restore_rng(load_file(str(path / f"rng-{ctx.rank}.safetensors")), rng_json)
+    if dist.is_initialized():
+        barrier()
+    return {"step": state["step"], **state["trainer"]}
