@@ -22,17 +22,20 @@ from posttrain.rollout.recompute import logprob_mismatch, policy_logprobs, polic
 ENGINES = ("local", "vllm")
 
 
-def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
-    """The rollout engine called `name`: "local" samples in-process; "vllm" is planned but not available yet.
+def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, **options) -> RolloutEngine:
+    """The rollout engine called `name`: "local" samples in-process; "vllm" with a colocated vLLM engine
+    (`options`: gpu_memory_utilization, sleep, max_model_len, seed; see `posttrain.rollout.vllm_engine`).
 
-    Asking for vLLM is an error, never a silent fallback to the local engine: the two differ in
-    speed by an order of magnitude on a GPU, and a run should not quietly be the slow one.
+    Asking for vLLM where it cannot run (not installed, no GPU) is a `ConfigError`, never a silent
+    fallback to the local engine: the two differ in speed by an order of magnitude on a GPU, and a
+    run should not quietly be the slow one.
     """
     if name == "local":
         return LocalRolloutEngine(model, tokenizer)
     if name == "vllm":
-        raise ConfigError("the vLLM rollout engine is not available yet (a later issue adds it); use 'local'",
-                          field="engine")
+        from posttrain.rollout.vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(model, tokenizer, **options)
     raise ConfigError(f"unknown rollout engine {name!r}; choose one of: {', '.join(ENGINES)}", field="engine")
 
 

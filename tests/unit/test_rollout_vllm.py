@@ -1,0 +1,84 @@
+"""The vLLM rollout engine: clear errors where it cannot run, and vLLM outputs turned into a Rollout."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.rollout import SamplingParams, make_engine, policy_logprobs
+from posttrain.rollout.vllm_engine import Completion, rollout_from_outputs, sampled_logprobs
+
+HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def test_vllm_without_vllm_is_a_config_error(monkeypatch, tiny_model, tokenizer):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else object())
+    with pytest.raises(ConfigError, match=r"needs vLLM: pip install 'posttrain\[vllm\]'"):
+        make_engine("vllm", tiny_model, tokenizer)
+
+
+def test_vllm_without_a_gpu_is_a_config_error(monkeypatch, tiny_model, tokenizer):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        make_engine("vllm", tiny_model, tokenizer)
+
+
+def test_rollout_from_vllm_outputs():
+    """Two prompts x two completions: prompt-major rows, left-padded prompts, right-padded completions."""
+    prompts = [[5, 6, 7], [8]]
+    completions = [
+        [Completion([10, 2], [-0.5, -0.25], "stop", None, "a"), Completion([11, 12, 13], [-1.0, -2.0, -3.0], "length",
+                                                                            None, "bcd")],
+        [Completion([14], [-0.125], "stop", 99, "e"), Completion([15, 16], [-0.75, -1.5], "stop", "\n", "f")],
+    ]
+    rollout = rollout_from_outputs(prompts, completions, pad_id=0, temperature=0.7)
+    assert rollout.prompt_index.tolist() == [0, 0, 1, 1]
+    assert rollout.prompt_ids.tolist() == [[5, 6, 7], [5, 6, 7], [0, 0, 8], [0, 0, 8]]
+    assert rollout.prompt_mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1], [0, 0, 1]]
+    assert rollout.completion_ids.tolist() == [[10, 2, 0], [11, 12, 13], [14, 0, 0], [15, 16, 0]]
+    assert rollout.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert rollout.logprobs.tolist() == [[-0.5, -0.25, 0.0], [-1.0, -2.0, -3.0], [-0.125, 0.0, 0.0],
+                                         [-0.75, -1.5, 0.0]]
+    # EOS (no stop reason), cut at max_tokens, a stop token id, a stop string.
+    assert rollout.finish_reasons == ["eos", "length", "stop", "stop"]
+    assert rollout.texts == ["a", "bcd", "e", "f"] and rollout.temperature == 0.7
+
+
+def test_sampled_logprobs_pick_the_sampled_token():
+    logprob = lambda x: SimpleNamespace(logprob=x)  # noqa: E731 - vLLM's Logprob has more fields
+    positions = [{3: logprob(-0.1), 9: logprob(-2.0)}, {4: logprob(-0.7)}]
+    assert sampled_logprobs([3, 4], positions) == [-0.1, -0.7]
+    with pytest.raises(RuntimeError, match="logprobs=0"):
+        sampled_logprobs([3], None)
+
+
+@pytest.mark.skipif(not HAS_VLLM_GPU, reason="needs vLLM and a CUDA GPU (pip install 'posttrain[vllm]'); "
+                                              "neither is available on the CPU test machine")
+def test_vllm_engine_matches_the_policy(tmp_path, tiny_model, tokenizer):  # pragma: no cover - GPU only
+    from posttrain.models.io import save_pretrained
+
+    save_pretrained(tiny_model, tokenizer, tmp_path / "policy")
+    model = tiny_model.cuda()
+    model.config._name_or_path = str(tmp_path / "policy")
+    engine = make_engine("vllm", model, tokenizer, gpu_memory_utilization=0.2)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=4)
+    rollout = engine.generate([tokenizer("1 + 1 =")["input_ids"]], params, generator=torch.Generator().manual_seed(0))
+    assert rollout.completion_ids.shape[0] == 4
+    from posttrain.train.dist import move_to
+
+    recomputed = policy_logprobs(model, move_to(rollout, torch.device("cuda"))).float().cpu()
+    mask = rollout.response_mask.bool()
+    assert (recomputed[mask] - rollout.logprobs[mask]).abs().max() < 0.05
+    # After an update the engine samples from the new weights: greedy answers follow the policy.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    engine.update_weights(model)
+    greedy = engine.generate([[5, 6]], SamplingParams(max_new_tokens=4, temperature=0))
+    local = make_engine("local", model, tokenizer).generate([[5, 6]], SamplingParams(max_new_tokens=4, temperature=0))
+    assert greedy.completion_ids.tolist() == local.completion_ids.tolist()
