@@ -47,46 +47,42 @@ from posttrain.algos import (
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
-from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
-from posttrain.rewards.functions import REWARD_FUNCTIONS, Completions, Scores, WeightedRewards
+from posttrain.recipes.rl import (
+    PromptStream,
+    RewardConfig,
+    RolloutSampling,
+    accuracy_summary,
+    adapter_reference,
+    build_rewards,
+    check_reward_functions,
+    completions_of,
+    resolve_task,
+    reward_metrics,
+    sample_record,
+)
+from posttrain.recipes.rl import build_reference as shared_reference
+from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.steps import Step, StepScorer, locate_steps, prm_step_scorer, verifier_step_scorer
-from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams, make_engine
+from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.recompute import policy_logprobs_and_entropy
 from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.reference import Reference
 from posttrain.train.seed import seed_everything, set_threads
-from posttrain.train.sources import ShuffledStepSource
 
 OUTCOME_ESTIMATORS = {"group": "grpo", "batch": "grpo_batch_std", "none": "dr_grpo"}  # scale -> algos registry
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    engine: str = param("local", "Rollout engine.", choices=ENGINES)
+class SamplingConfig(RolloutSampling):
     group_size: int = param(8, "Completions sampled per prompt (G); train.batch_size counts completions.", ge=2)
-    max_new_tokens: int = param(32, "Most tokens per completion; longer ones are cut and flagged truncated.", ge=1)
-    temperature: float = param(1.0, "Sampling temperature (the policy's logprobs are taken at the same one).", gt=0)
-    top_k: int = param(0, "Sample among the k most likely tokens (0: off).", ge=0)
-    top_p: float = param(1.0, "Nucleus sampling mass (1: off).", gt=0, le=1)
-    stop: list[str] = param([], "Stop strings that end a completion besides EOS.")
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    functions: dict[str, float] = param({"correct": 1.0}, "Reward functions and their weights (r = sum w_k f_k): "
-                                        "correct, format, steps, reward_model, or one registered with "
-                                        "posttrain.rewards.register_reward_function.")
-    task: str | None = param(None, "Built-in task whose answer extractor and verifiers score completions "
-                                   "(None: data.source when it is a built-in task).")
-    model_path: str | None = param(None, "Reward model directory (from `posttrain rm`) for the reward_model function.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +150,7 @@ def main(cfg: GRPOConfig) -> RunResult:
     before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
     reference = build_reference(cfg, model)
     model = apply_adapter(model, cfg.adapter)
-    if cfg.loss.beta > 0 and reference is None:
-        reference = Reference(model, adapter_disabled=True)
+    reference = adapter_reference(reference, cfg.loss.beta, model)
     source = GRPOStepSource(cfg, prepared, make_engine(cfg.sampling.engine, model, tokenizer), tokenizer, rewards,
                             task=task, step_scorer=step_scorer, reference=reference, samples=run_dir.samples)
     trainer = Trainer(stage="grpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
@@ -172,13 +167,7 @@ def main(cfg: GRPOConfig) -> RunResult:
                "trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
                "trained_tokens": result.tokens, "seconds": result.seconds,
                **{k: last.get(k) for k in ("reward", "accuracy", "kl", "entropy", "completion_length")},
-               **({"accuracy_before": before.accuracy} if before else {}),
-               **({"step_accuracy_before": before.step_accuracy} if before and before.step_accuracy is not None
-                  else {}),
-               "accuracy": last.get("eval_accuracy"),
-               "accuracy_ci": [last.get("eval_accuracy_ci_low"), last.get("eval_accuracy_ci_high")],
-               **({"step_accuracy": last["eval_step_accuracy"]} if "eval_step_accuracy" in last else {}),
-               "eval_problems": cfg.eval.problems}
+               **accuracy_summary(before, last, cfg.eval)}
     write_training_report(run_dir, f"GRPO ({cfg.advantage.supervision} supervision) on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
@@ -192,23 +181,7 @@ def check_config(cfg: GRPOConfig) -> None:
     if cfg.advantage.supervision == "process" and cfg.advantage.scale != "group":
         raise ConfigError("process supervision normalises over the group's steps: advantage.scale must be 'group'",
                           field="advantage.scale")
-    unknown = sorted(set(cfg.reward.functions) - set(REWARD_FUNCTIONS))
-    if unknown:
-        raise ConfigError(f"unknown reward function(s) {', '.join(unknown)}; registered: "
-                          f"{', '.join(sorted(REWARD_FUNCTIONS))}", field="reward.functions")
-
-
-def resolve_task(cfg: GRPOConfig) -> Task | None:
-    """The task that verifies answers: reward.task, else the built-in task the prompts come from."""
-    name = cfg.reward.task or (cfg.data.source if cfg.data.source in TASKS else None)
-    return get_task(name) if name else None
-
-
-def build_rewards(cfg: RewardConfig, task: Task | None) -> WeightedRewards:
-    try:
-        return WeightedRewards.from_config(cfg.functions, task=task, reward_model_path=cfg.model_path)
-    except ValueError as err:
-        raise ConfigError(str(err), field="reward.functions") from None
+    check_reward_functions(cfg.reward)
 
 
 def build_step_scorer(cfg: AdvantageConfig, task: Task | None) -> StepScorer:
@@ -229,9 +202,7 @@ def build_step_scorer(cfg: AdvantageConfig, task: Task | None) -> StepScorer:
 
 def build_reference(cfg: GRPOConfig, model: torch.nn.Module) -> Reference | None:
     """A frozen copy of the starting policy when beta > 0 (with LoRA: None, the adapter-disabled policy is used)."""
-    if cfg.loss.beta == 0 or cfg.adapter.method != "none":
-        return None
-    return Reference.frozen_copy(model)
+    return shared_reference(cfg.loss.beta, cfg.adapter, model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,13 +225,9 @@ class GRPOStepSource:
         self.cfg, self.dataset, self.engine, self.tokenizer = cfg, prepared.dataset, engine, tokenizer
         self.rewards, self.task, self.step_scorer, self.reference, self.samples = (
             rewards, task, step_scorer, reference, samples)
-        prompts_per_step = cfg.train.batch_size // cfg.sampling.group_size
-        self.prompts = ShuffledStepSource(len(self.dataset), prompts_per_step, prompts_per_step, cfg.run.seed,
-                                          collate=list, count=lambda indices: (0.0, 0))
-        self.params = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                                     top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, stop=tuple(cfg.sampling.stop),
-                                     n=cfg.sampling.group_size)
-        self.rounds, self.steps, self.iteration = 0, 0, 0
+        self.prompts = PromptStream(self.dataset, cfg.train.batch_size // cfg.sampling.group_size, cfg.run.seed)
+        self.params = cfg.sampling.params(cfg.sampling.group_size)
+        self.steps, self.iteration = 0, 0
         self._batch: StepBatch | None = None
         self.last_rollout: Rollout | None = None
 
@@ -275,19 +242,16 @@ class GRPOStepSource:
         return dataclasses.replace(batch, metrics={**batch.metrics, "generation_s": 0.0, "iteration": self.iteration})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict(), "rounds": self.rounds, "steps": self.steps}
+        return {**self.prompts.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.prompts.load_state_dict(state["prompts"])
-        self.rounds, self.steps, self._batch = state["rounds"], state["steps"], None
+        self.prompts.load_state_dict(state)
+        self.steps, self._batch = state["steps"], None
 
     def generate(self) -> StepBatch:
         """One generation round: sample, score, compute advantages, cut into micro-batches."""
         start = time.perf_counter()
-        rows = [self.dataset[i] for i in self.prompts.next_step().micro_batches[0]]
-        generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.rounds)
-        rollout = self.engine.generate([row["prompt_input_ids"] for row in rows], self.params, generator=generator)
-        self.rounds += 1
+        rows, rollout = self.prompts.sample(self.engine, self.params)
         self.last_rollout = rollout
         generation_s = time.perf_counter() - start
         completions = completions_of(rollout, rows)
@@ -332,17 +296,8 @@ class GRPOStepSource:
 
     def _metrics(self, rollout: Rollout, completions: Completions, scores: Scores, steps: list[list[Step]] | None,
                  zero_groups: Tensor) -> dict[str, float]:
-        total = scores.total
-        metrics = {"reward": total.mean().item(), "reward_std": total.std().item() if len(total) > 1 else 0.0,
-                   "completion_length": rollout.completion_lengths.float().mean().item(),
-                   "truncated": rollout.truncated.float().mean().item(),
+        metrics = {**reward_metrics(rollout, completions, scores, self.task),
                    "zero_variance_groups": zero_groups.float().mean().item()}
-        for name, values in scores.by_function.items():
-            metrics[f"reward_{name}"] = values.mean().item()
-            metrics[f"reward_{name}_std"] = values.std().item() if len(values) > 1 else 0.0
-        if self.task is not None:
-            metrics["accuracy"] = sum(self.task.verify(c, a) for c, a in
-                                      zip(completions.completions, completions.answers, strict=True)) / len(completions)
         if steps is not None:
             scored = [s.score for row in steps for s in row]
             metrics["step_score"] = sum(scored) / len(scored) if scored else 0.0
@@ -354,25 +309,13 @@ class GRPOStepSource:
         if self.samples is None:
             return
         records = []
-        for i, text in enumerate(completions.completions):
-            record = {"step": self.steps + 1, "group": int(rollout.prompt_index[i]),
-                      "prompt": completions.prompts[i][-1]["content"], "completion": text,
-                      "answer": completions.answers[i], "reward": scores.total[i].item(),
-                      "rewards": {k: v[i].item() for k, v in scores.by_function.items()},
-                      "advantage": advantages[i, 0].item(), "finish_reason": rollout.finish_reasons[i],
-                      "truncated": rollout.finish_reasons[i] == "length"}
+        for i in range(len(completions)):
+            record = {**sample_record(self.steps + 1, i, rollout, completions, scores),
+                      "advantage": advantages[i, 0].item()}
             if steps is not None:
                 record["step_scores"] = [s.score for s in steps[i]]
             records.append(record)
         append_jsonl(self.samples, records)
-
-
-def completions_of(rollout: Rollout, rows: list[dict[str, Any]]) -> Completions:
-    """What the reward functions read, row by row of the rollout (row i completes prompt prompt_index[i])."""
-    index = rollout.prompt_index.tolist()
-    return Completions(prompts=[rows[i]["prompt"] for i in index], completions=list(rollout.texts),
-                       answers=[rows[i]["answer"] for i in index],
-                       steps=[list(rows[i].get("steps") or []) for i in index])
 
 
 def advantage_inputs(rollout: Rollout, rewards: Tensor, steps: list[list[Step]] | None,

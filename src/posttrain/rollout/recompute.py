@@ -30,16 +30,25 @@ def policy_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
     """`policy_logprobs` and, from the same logits, the policy's entropy [B, T] at every completion
     position (0 outside the response mask; no gradient: it is a statistic to log, not a loss term)."""
     width = rollout.completion_ids.shape[1]
-    temperature = rollout.temperature if temperature is None else temperature
     logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                   position_ids=rollout.position_ids, logits_to_keep=width + 1).logits[:, :-1]
+                   position_ids=rollout.position_ids, logits_to_keep=width + 1).logits
+    return completion_logprobs(logits, rollout, temperature, entropy)
+
+
+def completion_logprobs(logits: Tensor, rollout: Rollout, temperature: float | None = None, entropy: bool = True,
+                        entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Logprobs [B, T] of the rollout's completion tokens and the entropy [B, T] at each completion position
+    (both 0 outside the response mask), from the logits of the last T + 1 positions [B, T + 1, V]. The
+    entropy has a gradient only with `entropy_grad` (an entropy bonus); otherwise it is a statistic."""
+    logits = logits[:, :-1]
+    temperature = rollout.temperature if temperature is None else temperature
     labels = rollout.completion_ids.masked_fill(rollout.response_mask == 0, -100)
     logprobs = token_logprobs(logits, labels, temperature)
     if not entropy:
         return logprobs, None
-    with torch.no_grad():
-        values = entropy_from_logits(logits.detach(), temperature) * rollout.response_mask
-    return logprobs, values
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        values = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature)
+    return logprobs, values * rollout.response_mask
 
 
 def logprob_mismatch(sampler_logprobs: Tensor, trainer_logprobs: Tensor, response_mask: Tensor) -> Tensor:

@@ -1,0 +1,100 @@
+"""The value side of PPO: a critic that scores every prefix, and the actor-critic module PPO trains.
+
+The critic is either a separate value model — a causal LM trunk with a scalar head, i.e. a reward
+model's architecture, initialised from a trained reward model (trunk and head) or from the policy's
+checkpoint (trunk, with a zero head: every value starts at 0) — or a scalar head on the policy's own
+final hidden states (shared trunk: one forward gives logits and values, and no second trunk is kept).
+
+`ActorCritic` holds both, so the Trainer's one optimizer, gradient clipping and checkpoint cover the
+critic as well as the actor (as in TRL's PolicyAndValueWrapper): a resumed run restores both
+models and both sets of AdamW moments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from posttrain.models.reward import build_reward_model, load_reward_model, trunk_and_head
+
+CRITIC_KINDS = ("separate", "shared")
+CRITIC_INITS = ("policy", "reward_model")
+
+
+def build_value_model(path: str | Path, init: str, *, trust_remote_code: bool = False,
+                      dtype: str = "auto") -> nn.Module:
+    """A separate critic: the reward model at `path` (init="reward_model"), or the trunk of the causal LM
+    at `path` with a zero-initialised linear head (init="policy")."""
+    if init == "reward_model":
+        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code).train()
+    if init != "policy":
+        raise ValueError(f"unknown critic init {init!r}; allowed: {', '.join(CRITIC_INITS)}")
+    model = build_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    _, head = trunk_and_head(model)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.zero_()
+    return model
+
+
+class ActorCritic(nn.Module):
+    """The trained module of PPO: the policy (`actor`) and either a separate `critic` or a `value_head`
+    on the actor's final hidden states."""
+
+    def __init__(self, actor: nn.Module, critic: nn.Module | None = None) -> None:
+        super().__init__()
+        self.actor = actor
+        self.critic = critic
+        self.value_head: nn.Module | None = None
+        if critic is None:
+            hidden = actor.config.get_text_config().hidden_size
+            dtype = next(actor.parameters()).dtype
+            # Zero-initialised: every value starts at 0, and the head's first gradients do not disturb the trunk.
+            self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def shared(self) -> bool:
+        return self.critic is None
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                keep: int) -> tuple[Tensor, Tensor]:
+        """Logits [B, keep, V] and values [B, keep] of the last `keep` positions: the value at a position is
+        that of the prefix ending there (the state from which the next token is drawn)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        out = self.actor(**inputs, logits_to_keep=keep, output_hidden_states=self.shared)
+        if self.shared:
+            values = self.value_head(out.hidden_states[-1][:, -keep:]).squeeze(-1)
+        else:
+            trunk, head = trunk_and_head(self.critic)
+            hidden = trunk(**inputs, use_cache=False).last_hidden_state[:, -keep:]
+            values = head(hidden).squeeze(-1)
+        return out.logits, values
+
+    def _unique_tensors(self) -> tuple[dict[str, Tensor], list[str]]:
+        """The state dict with each shared (tied) tensor once, and the names of the copies left out."""
+        seen: set[int] = set()
+        tensors, copies = {}, []
+        for name, tensor in self.state_dict().items():
+            if tensor.data_ptr() in seen:
+                copies.append(name)
+                continue
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().contiguous()
+        return tensors, copies
+
+    @property
+    def _tied_weights_keys(self) -> list[str]:
+        # What a checkpoint load may find missing: loading the first copy restores the tied ones too.
+        return self._unique_tensors()[1]
+
+    def save_pretrained(self, directory: str | Path, safe_serialization: bool = True) -> None:
+        """Every tensor of actor and critic in one `model.safetensors` (what a checkpoint restores with
+        `load_state_dict`); the policy alone is saved in HF format by the recipe at the end."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self._unique_tensors()[0], str(out / "model.safetensors"))

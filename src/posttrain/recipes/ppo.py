@@ -1,0 +1,470 @@
+"""RLHF with PPO: actor, critic, reference and reward, GAE on a KL-penalised per-token reward.
+
+Each PPO iteration samples `ppo.rollout_batch_size` completions with the actor (the SFT model),
+scores them, and trains on them for `ppo.epochs` passes of minibatches of `train.batch_size`
+completions — one optimizer step per minibatch, so one iteration is
+epochs x rollout_batch_size / batch_size optimizer steps (train.max_steps counts those):
+
+    score_i  = r(prompt_i, completion_i) [- missing_eos_penalty if cut by max_new_tokens]
+    KL_t     = kl(logp_old_t, logp_ref_t)                   k1 = logp_old - logp_ref (default) or k3
+    r_t      = -beta * KL_t + [t = last real token] * score_i    (never a pad, whatever the pad id)
+    A_t, R_t = GAE(r, V_old, gamma, lambda);  R_t = A_t + V_old_t;  A whitened over the batch's valid tokens
+    ratio_t  = exp(logp_t - logp_old_t)
+    L        = clipped surrogate(ratio, A, clip) + vf_coef * 0.5 max((V - R)^2, (V_clip - R)^2) - ent_coef * H
+
+r is any weighted mix of reward functions (`posttrain.rewards.functions`): the reward model of
+`posttrain rm` (`reward_model`), a task verifier (`correct`, `format`, ...), or a registered grader.
+beta is fixed or adapted towards a target KL (Ziegler et al. 2019). logp_old and V_old come from
+one no-grad pass of the actor-critic over the rollout, on exactly the micro-batches the first
+epoch trains on, so the first update of an iteration sees ratio = 1 and (at the start) KL = 0.
+
+The critic is a separate value model (initialised from the policy's trunk or from the reward model)
+or a value head on the actor's trunk (`models.value`). Actor and critic train as one module with one
+optimizer, so checkpoints hold both, with their moments; a checkpoint taken between iterations
+resumes bitwise (one taken inside an iteration resumes with a fresh rollout).
+
+The rollout -> per-token rewards -> GAE -> epochs x minibatches core (`PPOStepSource`,
+`ppo_loss_fn`, `train_ppo`) takes its reward as a `WeightedRewards`, so other recipes reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import (
+    AGG_MODES,
+    KL_KINDS,
+    POLICY_LOSSES,
+    AdaptiveKLController,
+    Advantages,
+    FixedKLController,
+    aggregate,
+    gae,
+    get_policy_loss,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    value_loss,
+)
+from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.tasks.base import Task
+from posttrain.errors import ConfigError
+from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
+from posttrain.eval.report import write_training_report
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.reward import last_token_index
+from posttrain.models.value import CRITIC_INITS, CRITIC_KINDS, ActorCritic, build_value_model
+from posttrain.recipes.rl import (
+    PromptStream,
+    RewardConfig,
+    RolloutSampling,
+    accuracy_summary,
+    adapter_reference,
+    build_reference,
+    build_rewards,
+    check_reward_functions,
+    completions_of,
+    resolve_task,
+    reward_metrics,
+    sample_record,
+)
+from posttrain.rewards.functions import WeightedRewards
+from posttrain.rollout import Rollout, RolloutEngine, make_engine
+from posttrain.rollout.recompute import completion_logprobs
+from posttrain.run import RunResult, prepare_run_dir
+from posttrain.train.engine import StepBatch, TrainConfig, Trainer
+from posttrain.train.metrics import append_jsonl
+from posttrain.train.reference import Reference
+from posttrain.train.seed import seed_everything, set_threads
+
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig(RolloutSampling):
+    samples_per_prompt: int = param(1, "Completions sampled per prompt.", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticConfig:
+    kind: str = param("separate", "separate: a value model of its own; shared: a value head on the actor's trunk "
+                                  "(one forward, no second trunk).", choices=CRITIC_KINDS)
+    init: str = param("policy", "A separate critic starts from the policy's trunk (zero head) or from the reward "
+                                "model (trunk and head).", choices=CRITIC_INITS)
+    path: str | None = param(None, "Checkpoint to initialise the critic from (None: model.path for init=policy, "
+                                   "reward.model_path for init=reward_model).")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOAlgoConfig:
+    rollout_batch_size: int = param(64, "Completions sampled per PPO iteration (a multiple of train.batch_size, "
+                                        "the minibatch).", ge=1)
+    epochs: int = param(1, "Passes over each rollout batch (each a fresh shuffle into minibatches).", ge=1)
+    gamma: float = param(1.0, "GAE discount.", ge=0, le=1)
+    lam: float = param(0.95, "GAE lambda (0: one-step TD error; 1: Monte-Carlo return minus V).", ge=0, le=1)
+    whiten_advantages: bool = param(True, "Normalise advantages over the valid tokens of the rollout batch.")
+    policy_loss: str = param("ppo", "Policy loss from the algos registry.", choices=tuple(POLICY_LOSSES))
+    agg: str = param("token-mean", "Loss aggregation over the minibatch.", choices=AGG_MODES)
+    clip: float = param(0.2, "Policy ratio clip range.", ge=0)
+    value_clip: float | None = param(0.2, "Value clip range around the rollout's values (None: unclipped).", ge=0)
+    vf_coef: float = param(0.1, "Weight of the value loss.", ge=0)
+    entropy_coef: float = param(0.0, "Weight of the entropy bonus (0: off).", ge=0)
+    kl_coef: float = param(0.05, "beta: weight of the per-token KL penalty in the reward (0: no reference "
+                                 "model is loaded).", ge=0)
+    kl_kind: str = param("k1", "KL estimator in the reward.", choices=KL_KINDS)
+    kl_controller: str = param("fixed", "Keep beta fixed, or adapt it towards kl_target.", choices=KL_CONTROLLERS)
+    kl_target: float = param(6.0, "Adaptive controller: target KL per completion (summed over its tokens).", gt=0)
+    kl_horizon: float = param(10_000, "Adaptive controller: horizon in completions (how slowly beta moves).", gt=0)
+    missing_eos_penalty: float | None = param(None, "Subtracted from the score of completions cut by "
+                                                    "max_new_tokens (None: no penalty).", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    run: RunConfig = section(lambda: RunConfig(name="ppo"), "Run directory, seed, logging.")
+    model: ModelConfig = section(lambda: ModelConfig(path="runs/sft/final"), "The actor (the SFT model).")
+    adapter: AdapterConfig = section(AdapterConfig, "Full fine-tuning or LoRA for the actor (with LoRA, the "
+                                                    "adapter-disabled actor is the reference).")
+    data: DataConfig = section(lambda: DataConfig(source="arith", size=20_000, max_length=256),
+                               "Prompts with gold answers (verifiable rows).")
+    optim: OptimConfig = section(lambda: OptimConfig(lr=1e-5, schedule="constant"),
+                                 "Optimizer of actor and critic together.")
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=100, batch_size=64, micro_batch_size=64),
+                                 "max_steps counts minibatch updates; batch_size (the minibatch) and "
+                                 "micro_batch_size count completions.")
+    sampling: SamplingConfig = section(SamplingConfig, "How completions are sampled.")
+    reward: RewardConfig = section(RewardConfig, "What a completion is worth (the score at its last token).")
+    critic: CriticConfig = section(CriticConfig, "The value model.")
+    ppo: PPOAlgoConfig = section(PPOAlgoConfig, "GAE, the clipped losses and the KL penalty.")
+    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
+
+
+def main(cfg: PPOConfig) -> RunResult:
+    return train_ppo(cfg, stage="ppo", title=f"PPO on {cfg.data.source}")
+
+
+def train_ppo(cfg: Any, *, stage: str, title: str, rewards: WeightedRewards | None = None) -> RunResult:
+    """The PPO loop for any config with PPOConfig's sections; `rewards` replaces the one built from cfg.reward."""
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    check_config(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    actor = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["ppo"], mask_dtype=actor.dtype)
+    task = resolve_task(cfg)
+    rewards = rewards if rewards is not None else build_rewards(cfg.reward, task)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage=stage)
+
+    before = heldout_accuracy(actor, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    reference = build_reference(cfg.ppo.kl_coef, cfg.adapter, actor)
+    actor = apply_adapter(actor, cfg.adapter)
+    reference = adapter_reference(reference, cfg.ppo.kl_coef, actor)
+    model = ActorCritic(actor, build_critic(cfg))
+    source = PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
+                           make_engine(cfg.sampling.engine, actor, tokenizer), model, rewards, task=task,
+                           reference=reference, samples=run_dir.samples)
+    trainer = Trainer(stage=stage, cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                      model=model)
+    result = trainer.fit(source, ppo_loss_fn(cfg.ppo, cfg.sampling.max_new_tokens),
+                         accuracy_evaluator(actor, tokenizer, cfg.data, cfg.eval, run_dir.samples),
+                         progress_keys=("score", "kl", "accuracy", "eval_accuracy"))
+    if result.interrupted:
+        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
+
+    final_dir = save_trained(actor, tokenizer, run_dir.final, cfg.adapter)
+    last = result.last
+    summary = {"critic": cfg.critic.kind, "trainable_parameters": count_parameters(model, trainable_only=True),
+               "steps": result.step, "iterations": source.prompts.rounds, "trained_tokens": result.tokens,
+               "seconds": result.seconds,
+               **{k: last.get(k) for k in ("score", "reward", "kl", "beta", "value_explained_variance",
+                                           "entropy", "completion_length")},
+               **accuracy_summary(before, last, cfg.eval)}
+    write_training_report(run_dir, title, summary)
+    return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def check_config(cfg: Any) -> None:
+    if not cfg.model.path:
+        raise ConfigError("PPO trains an existing model: set model.path (e.g. runs/sft/final)", field="model.path")
+    if cfg.ppo.rollout_batch_size % cfg.train.batch_size:
+        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of "
+                          f"train.batch_size ({cfg.train.batch_size}, the minibatch)", field="ppo.rollout_batch_size")
+    if cfg.ppo.rollout_batch_size % cfg.sampling.samples_per_prompt:
+        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of "
+                          f"sampling.samples_per_prompt ({cfg.sampling.samples_per_prompt})",
+                          field="ppo.rollout_batch_size")
+    if cfg.adapter.method == "prefix":
+        raise ConfigError("PPO trains full weights or LoRA (prefix-tuning cannot sample exactly)",
+                          field="adapter.method")
+    if cfg.critic.kind == "separate" and cfg.critic.init == "reward_model" and not (cfg.critic.path
+                                                                                   or cfg.reward.model_path):
+        raise ConfigError("critic.init=reward_model needs the reward model's directory: set reward.model_path "
+                          "or critic.path", field="critic.path")
+    check_reward_functions(cfg.reward)
+
+
+def build_critic(cfg: Any) -> torch.nn.Module | None:
+    """The separate value model (None for a value head on the actor's trunk)."""
+    if cfg.critic.kind == "shared":
+        return None
+    default = cfg.model.path if cfg.critic.init == "policy" else cfg.reward.model_path
+    return build_value_model(cfg.critic.path or default, cfg.critic.init, dtype=cfg.model.dtype,
+                             trust_remote_code=cfg.model.trust_remote_code)
+
+
+def kl_controller(cfg: PPOAlgoConfig) -> FixedKLController | AdaptiveKLController:
+    if cfg.kl_controller == "adaptive":
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
+
+
+# ----------------------------------------------------------------------------------------------
+# The PPO math on a rollout batch (pure functions; another recipe can call them).
+
+
+def score_at_last_token(scores: Tensor, mask: Tensor) -> Tensor:
+    """[B, T]: each row's score at its last real token (the last 1 of `mask`, padded on either side), 0
+    elsewhere. Read from the mask, never from token ids: a pad that equals EOS cannot move it."""
+    out = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    out[rows, last_token_index(mask)] = scores
+    return out * mask.to(scores.dtype)
+
+
+def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """r_t = -beta * KL_t on every completion token plus the score at the last real one. Shapes: scores [B];
+    kl, mask [B, T] -> [B, T] (0 where the mask is 0)."""
+    penalty = -beta * kl.to(scores.dtype) * mask.to(scores.dtype)
+    return penalty + score_at_last_token(scores, mask)
+
+
+def ppo_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+                   whiten: bool) -> Advantages:
+    """GAE advantages (whitened over the valid tokens on request) and the value targets R = A + V (of the
+    advantages before whitening). float64 inside; shapes [B, T]."""
+    advantages, returns = gae(rewards.double(), values.double(), mask, gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return Advantages(advantages=advantages.to(values.dtype), returns=returns.to(values.dtype))
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the valid tokens (1: the critic predicts the returns; <= 0: no better
+    than a constant)."""
+    variance = masked_var(returns, mask).item()
+    return 1.0 - masked_var(returns - values, mask).item() / variance if variance > 0 else float("nan")
+
+
+def rollout_forward(model: ActorCritic, rollout: Rollout,
+                    entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The actor's logprobs, its entropy and the critic's values [B, T] of a rollout's completion tokens
+    (0 outside the response mask): value t is that of the prefix before completion token t."""
+    width = rollout.completion_ids.shape[1]
+    logits, values = model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, keep=width + 1)
+    logprobs, entropy = completion_logprobs(logits, rollout, entropy_grad=entropy_grad)
+    return logprobs, entropy, values[:, :-1] * rollout.response_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts, rewards and advantages: the step source.
+
+
+@dataclasses.dataclass
+class PPOBatch:
+    """One iteration's rollout and what was computed from it, all [B, T] but `scores` [B] (for inspection)."""
+
+    rollout: Rollout
+    scores: Tensor
+    old_logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    kl: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+    beta: float
+
+
+class PPOStepSource:
+    """Samples a rollout batch, scores it, computes per-token rewards and GAE, and serves its minibatches.
+
+    An iteration yields epochs x (rollout_batch_size / train.batch_size) optimizer steps. Rows of a
+    minibatch are ordered by length into micro-batches of train.micro_batch_size (the loss is divided by
+    the minibatch's normaliser, so the grouping changes the compute, not the gradient).
+    """
+
+    def __init__(self, algo: PPOAlgoConfig, sampling: SamplingConfig, train: TrainConfig, seed: int,
+                 prepared: Prepared, engine: RolloutEngine, model: ActorCritic, rewards: WeightedRewards, *,
+                 task: Task | None = None, reference: Reference | None = None, samples: Path | None = None) -> None:
+        self.algo, self.train, self.seed = algo, train, seed
+        self.engine, self.model, self.rewards, self.task, self.reference, self.samples = (
+            engine, model, rewards, task, reference, samples)
+        self.prompts = PromptStream(prepared.dataset, algo.rollout_batch_size // sampling.samples_per_prompt, seed)
+        self.params = sampling.params(sampling.samples_per_prompt)
+        self.kl = kl_controller(algo)
+        self.steps = 0
+        self.queue: list[StepBatch] = []
+        self.last: PPOBatch | None = None
+
+    def next_step(self) -> StepBatch:
+        if not self.queue:
+            self.queue = self.generate()
+        self.steps += 1
+        return self.queue.pop(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.prompts.state_dict(), "steps": self.steps, "kl": self.kl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.load_state_dict(state)
+        self.kl.load_state_dict(state["kl"])
+        self.steps, self.queue = state["steps"], []
+
+    def generate(self) -> list[StepBatch]:
+        """One iteration: sample, score, evaluate logprobs and values, rewards, GAE; cut into minibatches."""
+        start = time.perf_counter()
+        rows, rollout = self.prompts.sample(self.engine, self.params)
+        generation_s = time.perf_counter() - start
+        completions = completions_of(rollout, rows)
+        scores = self.rewards(completions)
+        score = scores.total.clone()
+        if self.algo.missing_eos_penalty is not None:
+            score -= self.algo.missing_eos_penalty * rollout.truncated.to(score.dtype)
+        schedule = self._schedule(rollout)
+        first_epoch = [micro for minibatch in schedule[0] for micro in minibatch]
+        old_logprobs, values = self._evaluate(rollout, first_epoch)
+        mask = rollout.response_mask.float()
+        ref_logprobs = self._reference_logprobs(rollout, first_epoch) if self.reference is not None else old_logprobs
+        kl = kl_penalty(old_logprobs, ref_logprobs, self.algo.kl_kind) * mask
+        beta = self.kl.beta
+        rewards = token_rewards(score, kl, mask, beta)
+        advantages, returns = ppo_advantages(rewards, values, mask, self.algo.gamma, self.algo.lam,
+                                             self.algo.whiten_advantages)
+        self.last = PPOBatch(rollout, score, old_logprobs, ref_logprobs, values, kl, rewards, advantages, returns,
+                             beta)
+        sequence_kl = kl.sum(dim=1)
+        self.kl.update(sequence_kl.mean().item(), len(score))
+        raw_advantages = returns - values
+        metrics = {**reward_metrics(rollout, completions, scores, self.task),
+                   "score": score.mean().item(), "kl": sequence_kl.mean().item(), "beta": beta,
+                   "non_score_reward": (-beta * sequence_kl).mean().item(),
+                   "returns": masked_mean(returns, mask).item(), "advantages": masked_mean(raw_advantages, mask).item(),
+                   "advantages_std": masked_var(raw_advantages, mask).sqrt().item(),
+                   "values": masked_mean(values, mask).item(),
+                   "value_explained_variance": explained_variance(values, returns, mask),
+                   "logprob_mismatch": masked_mean((rollout.logprobs - old_logprobs).abs(), mask).item(),
+                   "generation_s": generation_s}
+        self._write_samples(rollout, completions, scores, score, sequence_kl)
+        metrics["scoring_s"] = time.perf_counter() - start - generation_s
+        return self._step_batches(schedule, metrics)
+
+    def _schedule(self, rollout: Rollout) -> list[list[list[Tensor]]]:
+        """epochs -> minibatches -> micro-batches (row indices): a seeded shuffle per epoch, rows of a
+        minibatch ordered by length (longest first) so each micro-batch pads to its own longest row."""
+        size, lengths = rollout.response_mask.shape[0], rollout.prompt_mask.sum(1) + rollout.response_mask.sum(1)
+        schedule = []
+        for epoch in range(self.algo.epochs):
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.prompts.rounds) * 1_009 + epoch)
+            minibatches = []
+            for rows in torch.randperm(size, generator=generator).split(self.train.batch_size):
+                rows = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
+                minibatches.append(list(rows.split(self.train.micro_batch_size)))
+            schedule.append(minibatches)
+        return schedule
+
+    @torch.no_grad()
+    def _evaluate(self, rollout: Rollout, micro_batches: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """pi_old's logprobs and V_old of every row, computed on the micro-batches the first epoch trains on."""
+        dtype = next(self.model.parameters()).dtype
+        logprobs, values = (torch.zeros(rollout.logprobs.shape, dtype=dtype) for _ in range(2))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for rows in micro_batches:
+                sub = rollout.select(rows)
+                sub_logprobs, _, sub_values = rollout_forward(self.model, sub)
+                width = sub.completion_ids.shape[1]
+                logprobs[rows, :width], values[rows, :width] = sub_logprobs, sub_values
+        finally:
+            self.model.train(was_training)
+        return logprobs, values
+
+    def _reference_logprobs(self, rollout: Rollout, micro_batches: list[Tensor]) -> Tensor:
+        out = torch.zeros(rollout.logprobs.shape, dtype=next(self.model.parameters()).dtype)
+        for rows in micro_batches:
+            sub = rollout.select(rows)
+            out[rows, :sub.completion_ids.shape[1]] = self.reference.rollout_logprobs(sub)
+        return out
+
+    def _step_batches(self, schedule: list[list[list[Tensor]]], metrics: dict[str, float]) -> list[StepBatch]:
+        batch = self.last
+        rollout, mask = batch.rollout, batch.rollout.response_mask.float()
+        out = []
+        for epoch, minibatches in enumerate(schedule):
+            for index, micro_batches in enumerate(minibatches):
+                rows = torch.cat(micro_batches)
+                token_total = float(mask[rows].sum())
+                normaliser = (token_total or 1.0) if self.algo.agg == "token-mean" else float(len(rows))
+                micro = []
+                for sub_rows in micro_batches:
+                    sub = rollout.select(sub_rows)
+                    width = sub.completion_ids.shape[1]
+                    micro.append({name: getattr(batch, name)[sub_rows, :width]
+                                  for name in ("old_logprobs", "values", "advantages", "returns")}
+                                 | {"rollout": sub, "mask": mask[sub_rows, :width],
+                                    "token_share": float(mask[sub_rows].sum()) / token_total if token_total else 0.0})
+                tokens = int(rollout.prompt_mask[rows].sum() + rollout.response_mask[rows].sum())
+                step_metrics = {**metrics, "ppo_epoch": epoch + 1, "minibatch": index + 1}
+                if out:  # the rollout's cost is reported once, with the iteration's first step
+                    step_metrics.update(generation_s=0.0, scoring_s=0.0)
+                out.append(StepBatch(micro_batches=micro, normaliser=normaliser, tokens=tokens, metrics=step_metrics))
+        return out
+
+    def _write_samples(self, rollout: Rollout, completions: Any, scores: Any, score: Tensor,
+                       sequence_kl: Tensor) -> None:
+        if self.samples is None:
+            return
+        append_jsonl(self.samples, [{**sample_record(self.steps + 1, i, rollout, completions, scores),
+                                     "score": score[i].item(), "kl": sequence_kl[i].item()}
+                                    for i in range(len(completions))])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss.
+
+
+def ppo_loss_fn(cfg: PPOAlgoConfig, max_new_tokens: int):
+    """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy of a micro-batch, already
+    divided by the minibatch's normaliser; statistics are weighted by the micro-batch's token share."""
+    pg_loss_fn = get_policy_loss(cfg.policy_loss)
+
+    def loss_fn(model: ActorCritic, batch: dict[str, Any], normaliser: float) -> tuple[Tensor, dict[str, float]]:
+        mask, share = batch["mask"], batch["token_share"]
+        logprobs, entropy, values = rollout_forward(model, batch["rollout"], entropy_grad=cfg.entropy_coef > 0)
+        pg = pg_loss_fn(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_low=cfg.clip,
+                        clip_high=None, dual_clip=None, agg=cfg.agg, normaliser=normaliser, max_length=max_new_tokens)
+        vf = value_loss(values, batch["values"], batch["returns"], mask, clip=cfg.value_clip, agg=cfg.agg,
+                        normaliser=normaliser, max_length=max_new_tokens)
+        loss = pg.loss + cfg.vf_coef * vf.loss
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.agg, normaliser, max_new_tokens)
+        ratio = torch.exp(logprobs.detach() - batch["old_logprobs"])
+        metrics = {"loss": loss.item(), "pg_loss": pg.loss.item(), "value_loss": vf.loss.item(),
+                   "clip_fraction": pg.clip_fraction.item() * share, "approx_kl": pg.approx_kl.item() * share,
+                   "value_clip_fraction": vf.clip_fraction.item() * share,
+                   "ratio": masked_mean(ratio, mask).item() * share,
+                   "entropy": masked_mean(entropy.detach(), mask).item() * share}
+        return loss, metrics
+
+    return loss_fn

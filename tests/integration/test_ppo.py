@@ -1,0 +1,294 @@
+"""PPO recipe on the tiny model: the first update sees ratio 1 and KL 0; the score lands on the last real token
+(left or right padding, pad == eos); per-token rewards and GAE through the recipe are those of `algos`; the value
+loss clips exactly when it should; the adaptive controller moves beta the right way; the minibatch loss is
+invariant to micro-batching; a run resumes bitwise from a checkpoint taken between PPO iterations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from posttrain.algos import gae, kl_penalty, masked_whiten
+from posttrain.config import ModelConfig, load_config
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.models import build_model, load_causal_lm, save_pretrained
+from posttrain.models.value import ActorCritic, build_value_model
+from posttrain.recipes import find_recipe
+from posttrain.recipes.ppo import (
+    PPOConfig,
+    PPOStepSource,
+    main,
+    ppo_loss_fn,
+    rollout_forward,
+    score_at_last_token,
+)
+from posttrain.rewards.functions import WeightedRewards
+from posttrain.rollout import Rollout, RolloutEngine, make_engine
+from posttrain.rollout.forward import left_pad
+from posttrain.train.metrics import read_metrics
+from posttrain.train.reference import Reference
+
+FAST = ["run.progress=false", "train.save_every=0", "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=4",
+        "eval_before=false", "data.size=32", "sampling.max_new_tokens=6", "ppo.rollout_batch_size=16",
+        "train.batch_size=8", "train.micro_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tokenizer, tmp_path_factory):
+    model = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("lm") / "lm"))
+
+
+def ppo_config(model_dir: str, out, *overrides: str) -> PPOConfig:
+    return load_config(PPOConfig, find_recipe("ppo").path, [f"model.path={model_dir}", f"run.out_dir={out}", *FAST,
+                                                            *overrides])
+
+
+def text_score(text: str) -> float:
+    return float(sum(text.encode()) % 13) / 13
+
+
+TEXT_REWARD = WeightedRewards({"text": (lambda batch: [text_score(t) for t in batch.completions], 1.0)})
+
+
+def perturb(module: torch.nn.Module, scale: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+def actor_critic(lm_dir: str, dtype=torch.float32) -> ActorCritic:
+    critic = build_value_model(lm_dir, "policy").to(dtype)
+    perturb(critic.score, 0.5, seed=1)  # values that are not all 0, so GAE has something to work on
+    return ActorCritic(load_causal_lm(lm_dir).to(dtype), critic)
+
+
+def make_source(model: ActorCritic, tokenizer, *overrides: str, engine=None, reference=None, rewards=TEXT_REWARD,
+                size=16) -> PPOStepSource:
+    cfg = load_config(PPOConfig, None, ["model.path=unused", *FAST, *overrides])
+    prepared = prepare_data(DataConfig(source="arith", size=size), tokenizer, accepts=STAGE_FORMATS["ppo"])
+    return PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
+                         engine or make_engine("local", model.actor, tokenizer), model, rewards, reference=reference)
+
+
+def moved_reference(model: ActorCritic) -> Reference:
+    """A reference that differs from the actor, so the KL terms are not 0."""
+    reference = Reference.frozen_copy(model.actor)
+    perturb(reference.model, 0.05, seed=2)
+    return reference
+
+
+def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one_and_kl_zero(lm_dir, tmp_path):
+    result = main(ppo_config(lm_dir, tmp_path, "train.max_steps=5", "ppo.epochs=2", "train.micro_batch_size=4",
+                             "optim.lr=1e-2", "eval_before=true", "ppo.missing_eos_penalty=0.5",
+                             "ppo.entropy_coef=0.01", "reward.functions.correct=1.0", "reward.functions.format=0.5"))
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    first = metrics[0]
+    # Before the first update: pi = pi_old = pi_ref, so the ratio is 1, nothing is clipped, the KL is 0.
+    assert first["kl"] == 0.0 and first["non_score_reward"] == 0.0
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-12) and first["clip_fraction"] == 0.0
+    assert first["approx_kl"] == 0.0 and first["logprob_mismatch"] < 1e-5
+    # One iteration is 2 epochs x 2 minibatches: steps 2-4 reuse the rollout, step 5 samples a new one.
+    assert [(m["ppo_epoch"], m["minibatch"]) for m in metrics] == [(1, 1), (1, 2), (2, 1), (2, 2), (1, 1)]
+    assert [m["generation_s"] > 0 for m in metrics] == [True, False, False, False, True]
+    assert metrics[1]["approx_kl"] > 0 and metrics[4]["kl"] != 0
+    for key in ("score", "reward", "reward_correct", "reward_format", "accuracy", "kl", "beta", "clip_fraction",
+                "value_loss", "value_clip_fraction", "value_explained_variance", "returns", "advantages", "entropy",
+                "completion_length", "generation_share", "pg_loss", "grad_norm"):
+        assert key in first, key
+    truncated = first["truncated"]  # the missing-EOS penalty: score = reward - 0.5 * truncated share
+    assert first["score"] == pytest.approx(first["reward"] - 0.5 * truncated)
+    rollouts = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    rollouts = [r for r in rollouts if "score" in r]
+    assert [r["step"] for r in rollouts] == [1] * 16 + [5] * 16
+    assert {"completion", "reward", "rewards", "score", "kl", "finish_reason"} <= set(rollouts[0])
+    assert {"accuracy_before", "accuracy", "score", "kl", "steps", "iterations"} <= set(result.summary)
+    assert result.summary["iterations"] == 2
+    for name in ("config.yaml", "report.md", "plots/curves.png", "final/model.safetensors"):
+        assert (result.run_dir / name).is_file(), name
+    AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
+
+
+def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenizer):
+    model = actor_critic(lm_dir)
+    source = make_source(model, tokenizer, "train.micro_batch_size=3", "ppo.kl_coef=0.1",
+                         reference=Reference.frozen_copy(model.actor))
+    step = source.next_step()
+    assert torch.equal(source.last.kl, torch.zeros_like(source.last.kl))
+    for batch in step.micro_batches:
+        logprobs, _, values = rollout_forward(model, batch["rollout"])
+        assert torch.equal(logprobs, batch["old_logprobs"]) and torch.equal(values, batch["values"])
+
+
+def test_the_score_lands_on_the_last_real_token_with_left_and_right_padding():
+    scores = torch.tensor([1.5, -2.0, 3.0])
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    left = right.flip(-1)
+    expected_right = torch.tensor([[0, 0, 1.5, 0, 0], [-2.0, 0, 0, 0, 0], [0, 0, 0, 0, 3.0]])
+    assert torch.equal(score_at_last_token(scores, right), expected_right)
+    assert torch.equal(score_at_last_token(scores, left), torch.tensor([[0, 0, 0, 0, 1.5], [0, 0, 0, 0, -2.0],
+                                                                       [0, 0, 0, 0, 3.0]]))
+    holes = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 0, 0], [1, 1, 0, 0, 1]])  # masked positions inside a row
+    assert torch.equal(score_at_last_token(scores, holes), torch.tensor([[0, 0, 1.5, 0, 0], [0, 0, -2.0, 0, 0],
+                                                                        [0, 0, 0, 0, 3.0]]))
+
+
+class PadIsEosEngine(RolloutEngine):
+    """Fixed completions of different lengths, each ending in EOS and padded with EOS (pad == eos)."""
+
+    def __init__(self, tokenizer, lengths: list[int]) -> None:
+        self.tokenizer, self.lengths = tokenizer, lengths
+
+    def update_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompts, params, generator=None) -> Rollout:
+        eos = self.tokenizer.eos_token_id
+        prompt_ids, prompt_mask = left_pad([list(p) for p in prompts], eos)
+        width = max(self.lengths)
+        completion_ids = torch.full((len(prompts), width), eos)
+        response_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        texts = []
+        for row in range(len(prompts)):
+            length = self.lengths[row % len(self.lengths)]
+            completion_ids[row, :length - 1] = 30 + row  # some ordinary token, then EOS
+            response_mask[row, :length] = 1
+            texts.append(f"{row}" * (length - 1))
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                       response_mask=response_mask, logprobs=torch.zeros(len(prompts), width),
+                       finish_reasons=["eos"] * len(prompts), texts=texts,
+                       prompt_index=torch.arange(len(prompts)), temperature=1.0)
+
+
+def test_with_pad_equal_to_eos_the_score_is_read_at_the_real_eos_not_at_padding(lm_dir, tokenizer):
+    model = actor_critic(lm_dir)
+    lengths = [1, 3, 6, 2]
+    source = make_source(model, tokenizer, "ppo.kl_coef=0", engine=PadIsEosEngine(tokenizer, lengths))
+    source.next_step()
+    batch = source.last
+    assert bool((batch.rollout.completion_ids[:, -1] == tokenizer.eos_token_id).all())  # every row ends in "pad"
+    expected = torch.zeros_like(batch.rewards)
+    for row, text in enumerate(batch.rollout.texts):
+        expected[row, lengths[row % 4] - 1] = text_score(text)
+    assert_close(batch.rewards, expected.to(batch.rewards.dtype))
+
+
+def test_per_token_rewards_and_gae_through_the_recipe_match_algos(lm_dir, tokenizer):
+    model = actor_critic(lm_dir)
+    source = make_source(model, tokenizer, "ppo.kl_coef=0.3", "ppo.kl_kind=k3", "ppo.gamma=0.9", "ppo.lam=0.7",
+                         "train.micro_batch_size=3", reference=moved_reference(model))
+    step = source.next_step()
+    batch, rollout = source.last, source.last.rollout
+    mask = rollout.response_mask
+    # Independently: logprobs under the actor and the reference row by row, k3 KL, the score at the last token.
+    expected_kl = torch.zeros_like(batch.kl)
+    for row in range(len(mask)):
+        one = rollout.select([row])
+        width = one.completion_ids.shape[1]
+        actor_logprobs, _, values = rollout_forward(model, one)
+        assert_close(batch.values[row, :width], values[0].detach(), rtol=1e-5, atol=1e-5)
+        expected_kl[row, :width] = kl_penalty(actor_logprobs[0], source.reference.rollout_logprobs(one)[0], "k3")
+    expected_kl *= mask
+    assert_close(batch.kl, expected_kl, rtol=1e-4, atol=1e-5)
+    assert float(batch.kl.abs().sum()) > 0
+    rewards = -0.3 * batch.kl.double() * mask
+    length = mask.sum(1)
+    for row, text in enumerate(rollout.texts):
+        rewards[row, length[row] - 1] += text_score(text)
+    assert_close(batch.rewards, rewards)
+    advantages, returns = gae(batch.rewards, batch.values.double(), mask, gamma=0.9, lam=0.7)
+    assert_close(batch.returns, returns.float())
+    assert_close(batch.advantages, masked_whiten(advantages, mask).float())
+    # Each micro-batch carries its own rows' values.
+    for micro in step.micro_batches:
+        rows, width = micro["rollout"].prompt_index, micro["rollout"].completion_ids.shape[1]
+        assert_close(micro["advantages"], batch.advantages[rows, :width])
+        assert_close(micro["returns"], batch.returns[rows, :width])
+
+
+@pytest.mark.parametrize("value_clip", [None, 0.05])
+def test_value_clipping_is_active_only_beyond_the_clip_range(lm_dir, tokenizer, value_clip):
+    model = actor_critic(lm_dir)
+    source = make_source(model, tokenizer, "ppo.kl_coef=0", "ppo.vf_coef=1", "ppo.whiten_advantages=false",
+                         f"ppo.value_clip={value_clip if value_clip is not None else 'null'}")
+    step = source.next_step()
+    micro = step.micro_batches[0]
+    perturb(model.critic.score, 0.5, seed=3)  # the critic moved since the rollout: some values beyond the range
+    _, _, values = rollout_forward(model, micro["rollout"])
+    values, old, returns, mask = values.detach(), micro["values"], micro["returns"], micro["mask"]
+    error = (values - returns).square()
+    if value_clip is None:
+        per_token, clipped = 0.5 * error, torch.zeros_like(error, dtype=torch.bool)
+    else:
+        clipped_values = torch.minimum(torch.maximum(values, old - value_clip), old + value_clip)
+        clipped_error = (clipped_values - returns).square()
+        per_token, clipped = 0.5 * torch.maximum(error, clipped_error), clipped_error > error
+    expected = (per_token * mask).sum() / step.normaliser
+    _, metrics = ppo_loss_fn(source.algo, 6)(model, micro, step.normaliser)
+    assert metrics["value_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    share = (clipped.float() * mask).sum() / mask.sum()
+    assert metrics["value_clip_fraction"] == pytest.approx(share.item() * micro["token_share"], abs=1e-7)
+    assert (share > 0) == (value_clip is not None)
+
+
+@pytest.mark.parametrize("target, direction", [(1e-6, 1), (1e6, -1)])
+def test_the_adaptive_kl_controller_moves_beta_towards_the_target(lm_dir, tokenizer, target, direction):
+    model = actor_critic(lm_dir)
+    source = make_source(model, tokenizer, "ppo.kl_controller=adaptive", "ppo.kl_coef=0.1", "ppo.kl_horizon=100",
+                         f"ppo.kl_target={target}", reference=moved_reference(model))
+    first = source.next_step()
+    assert first.metrics["beta"] == 0.1 and first.metrics["kl"] > 0  # this batch's rewards used the old beta
+    # KL above the target raises beta, below lowers it: the clipped error is +-0.2, times 16 samples / 100.
+    assert source.kl.beta == pytest.approx(0.1 * (1 + direction * 0.2 * 16 / 100))
+    source.queue.clear()
+    assert source.next_step().metrics["beta"] == source.last.beta == pytest.approx(0.1 * (1 + direction * 0.032))
+
+
+def test_the_minibatch_loss_is_invariant_to_micro_batching(lm_dir, tokenizer):
+    model = actor_critic(lm_dir, dtype=torch.float64)
+    reference = moved_reference(model)
+    grads = []
+    for micro in (8, 3):
+        source = make_source(model, tokenizer, f"train.micro_batch_size={micro}", "ppo.kl_coef=0.2",
+                             "ppo.entropy_coef=0.1", "ppo.value_clip=0.01", reference=reference)
+        step = source.next_step()
+        model.zero_grad()
+        perturb(model, 1e-3, seed=4)  # off pi_old, so ratios and value clipping are not trivial
+        loss_fn = ppo_loss_fn(source.algo, 6)
+        for micro_batch in step.micro_batches:
+            loss, _ = loss_fn(model, micro_batch, step.normaliser)
+            loss.backward()
+        perturb(model, -1e-3, seed=4)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    assert_close(grads[1], grads[0])  # 8 rows in one micro-batch, or in micro-batches of 3, 3 and 2
+
+
+@pytest.mark.parametrize("overrides", [(), ("critic.kind=shared", "adapter.method=lora", "adapter.r=4")],
+                         ids=["separate-critic", "shared-trunk-lora"])
+def test_a_run_resumes_bitwise_from_a_checkpoint_between_iterations(lm_dir, tmp_path, overrides):
+    settings = ["train.max_steps=4", "ppo.epochs=1", "train.save_every=2", "optim.lr=1e-2", "ppo.kl_coef=0.1",
+                "ppo.kl_controller=adaptive", "ppo.kl_target=0.01", "ppo.kl_horizon=50", *overrides]
+    full = main(ppo_config(lm_dir, tmp_path, "run.name=full", *settings))
+    # The same run stopped after the first iteration (steps 1-2): its directory with the step-2 checkpoint only.
+    split = tmp_path / "split"
+    shutil.copytree(full.run_dir, split)
+    shutil.rmtree(split / "checkpoints" / "step-4")
+    shutil.rmtree(split / "final")
+    resumed = main(ppo_config(lm_dir, tmp_path, "run.name=split", "run.resume=true", *settings))
+
+    def untimed(path):
+        return [{k: v for k, v in m.items() if not k.endswith(("_s", "_per_s", "_share"))} for m in read_metrics(path)]
+
+    assert untimed(split / "metrics.jsonl") == untimed(full.run_dir / "metrics.jsonl")
+    assert untimed(full.run_dir / "metrics.jsonl")[2]["beta"] != 0.1  # the controller state came back too
+    a = AutoModelForCausalLM.from_pretrained(full.final_dir, local_files_only=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed.final_dir, local_files_only=True).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
