@@ -121,6 +121,74 @@ def demo(
         raise typer.Exit(2) from None
 
 
+@app.command("eval")
+def evaluate(
+    path: Annotated[str, typer.Argument(help="A run directory (runs/demo/grpo), its final/, or a model directory.")],
+    task: Annotated[str | None, typer.Option(help="Built-in task (default: the run's eval task).")] = None,
+    problems: Annotated[int, typer.Option(min=1, help="Distinct held-out problems.")] = 500,
+    samples: Annotated[int, typer.Option(min=0, help="Samples per problem at temperature 1 for pass@k, "
+                                                     "rewards and KL (0: greedy accuracy only).")] = 8,
+    k: Annotated[list[int] | None, typer.Option("--k", min=1, help="pass@k values (repeat the option).")] = None,
+    reward: Annotated[list[str] | None, typer.Option(help="Reward functions / graders to average (repeat).")
+                      ] = None,
+    reference: Annotated[str | None, typer.Option(help="Model to measure KL against (default: the model "
+                                                       "the run started from).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Generation budget (default: the run's).")
+                              ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out draw and of the samples.")] = 1234,
+) -> None:
+    """Held-out accuracy (95% CI), pass@k, rewards, KL to the starting model; reward models: pairwise accuracy."""
+    _quiet_libraries()
+    from posttrain.eval.evaluate import EvalOptions
+    from posttrain.eval.evaluate import evaluate as run_eval
+
+    options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
+                          rewards=tuple(reward or ("correct", "format")), reference=reference,
+                          max_new_tokens=max_new_tokens, seed=seed)
+    try:
+        result = run_eval(path, options)
+    except PosttrainError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    table = Table("metric", "value", title=f"eval of {result['model']} on {result['task']}")
+    for key, value in result.items():
+        if key not in ("model", "task"):
+            table.add_row(key, _format_value(value))
+    console.print(table)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A demo directory (runs/demo) or a finished run directory.")],
+) -> None:
+    """Rebuild report.md and its plots from what a finished run (or the whole demo) left on disk."""
+    from pathlib import Path
+
+    from posttrain.demo import STAGES
+    from posttrain.eval.demo_report import write_demo_report
+    from posttrain.eval.report import rebuild_training_report
+    from posttrain.run import RunDir
+
+    path = Path(run_dir)
+    if (path / "demo.json").is_file():
+        written = write_demo_report(path, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})
+    elif (path / "summary.json").is_file():
+        written = rebuild_training_report(RunDir(path))
+    else:
+        console.print(f"[bold red]error:[/] {run_dir}: neither a demo directory (demo.json) nor a finished run "
+                      "(summary.json)")
+        raise typer.Exit(2)
+    console.print(f"[green]written[/] {written}")
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    return str(value)
+
+
 @app.command("recipes")
 def list_recipes() -> None:
     """List the shipped recipes."""

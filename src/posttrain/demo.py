@@ -59,6 +59,7 @@ STAGES = [
     DemoStage("sft", "sft", "pretrain", _accuracy_headline),
     DemoStage("rm", "rm", "sft", _reward_model_headline),
     DemoStage("dpo", "dpo", "sft", _accuracy_headline),
+    DemoStage("ppo", "ppo", "sft", _accuracy_headline),
     DemoStage("grpo", "grpo", "sft", _accuracy_headline),
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from posttrain.cli import app
 
 runner = CliRunner()
-COMMANDS = ["pretrain", "sft", "resume", "demo", "recipes", "config", "data"]
+COMMANDS = ["pretrain", "sft", "resume", "demo", "eval", "report", "recipes", "config", "data"]
 
 
 def test_entry_point_help():
@@ -49,3 +49,28 @@ def test_stage_with_existing_run_refuses_to_overwrite(tmp_path):
     (tmp_path / "pretrain" / "config.yaml").write_text("x: 1\n")
     result = runner.invoke(app, ["pretrain", f"run.out_dir={tmp_path}"], terminal_width=200)
     assert result.exit_code == 2 and "run.overwrite=true" in result.output
+
+
+def test_eval_and_report_of_a_finished_run(pretrained_run):
+    import json
+
+    run = pretrained_run.run_dir
+    result = runner.invoke(app, ["eval", str(run), "--problems", "20", "--samples", "2", "--k", "1", "--k", "2"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["kind"] == "policy" and saved["problems"] == 20 and saved["task"] == "arith"
+    assert 0 <= saved["pass@1"] <= saved["pass@2"] <= 1 and saved["samples_per_problem"] == 2
+    low, high = saved["accuracy_ci"]
+    assert low <= saved["accuracy"] <= high and saved["completion_length"] > 0
+
+    (run / "report.md").unlink()
+    rebuilt = runner.invoke(app, ["report", str(run)], terminal_width=200)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (run / "report.md").is_file() and (run / "plots" / "curves.png").is_file()
+
+
+def test_eval_and_report_reject_what_is_not_a_run(tmp_path):
+    for command in ("eval", "report"):
+        result = runner.invoke(app, [command, str(tmp_path)], terminal_width=200)
+        assert result.exit_code == 2 and str(tmp_path) in result.output

@@ -24,6 +24,14 @@ def test_demo_quick_runs_every_stage(tmp_path):
         AutoTokenizer.from_pretrained(run / "final", local_files_only=True)
         AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
     assert 0.0 <= summaries["sft"]["accuracy"] <= 1.0
+    for stage in STAGES:
+        if stage.is_policy and stage.stage != "sft":  # every RL / preference stage: KL to its start, pass@k
+            assert summaries[stage.name]["kl_to_base"] is not None and "pass@1" in summaries[stage.name]
+    report = (out / "report.md").read_text()
+    for stage in STAGES:
+        assert f"| {stage.name} |" in report
+    for plot in ("accuracy", "curves", "reward_vs_kl"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
 
     again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--stages", "sft"], terminal_width=200)
     assert again.exit_code == 0 and "reused" in again.output

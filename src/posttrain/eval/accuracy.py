@@ -40,6 +40,8 @@ class Accuracy:
     samples: list[dict[str, Any]]
     step_accuracy: float | None = None
     """Tasks solved in steps: the share of all gold steps that the completions get right."""
+    completion_length: float = 0.0
+    """Mean tokens per greedy completion (EOS included)."""
 
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
         steps = {} if self.step_accuracy is None else {f"{prefix}step_accuracy": self.step_accuracy}
@@ -83,8 +85,11 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     was_training = model.training
     model.eval()
     texts: list[str] = []
+    tokens = 0
     for start in range(0, len(prompts), cfg.batch_size):
-        texts += engine.generate(prompts[start:start + cfg.batch_size], params).texts
+        rollout = engine.generate(prompts[start:start + cfg.batch_size], params)
+        texts += rollout.texts
+        tokens += int(rollout.completion_lengths.sum())
     model.train(was_training)
     correct = [task.verify(text, e.answer) for text, e in zip(texts, examples, strict=True)]
     hits = int(sum(correct))
@@ -92,7 +97,7 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     samples = [{"prompt": e.prompt, "completion": t, "answer": e.answer, "correct": bool(c)}
                for e, t, c in list(zip(examples, texts, correct, strict=True))[:cfg.samples]]
     return Accuracy(accuracy=hits / len(examples), ci_low=low, ci_high=high, problems=len(examples), samples=samples,
-                    step_accuracy=step_accuracy(task, examples, texts))
+                    step_accuracy=step_accuracy(task, examples, texts), completion_length=tokens / len(examples))
 
 
 def step_accuracy(task: Task, examples: list[Example], texts: list[str]) -> float | None:

@@ -1,0 +1,179 @@
+"""The demo's report: `<demo>/report.md` with the stage table and PNG plots across stages.
+
+    plots/accuracy.png      held-out exact match per stage with its 95% interval, one panel per task
+    plots/curves.png        each stage's training curves (loss; reward where the stage has one)
+    plots/reward_vs_kl.png  RL and preference stages: mean sampled reward against KL to the model they started from
+
+Everything is read back from the run directories (demo.json, each stage's metrics.jsonl and eval.json),
+so `posttrain report runs/demo` rebuilds it without rerunning anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from posttrain.train.metrics import read_metrics  # noqa: E402
+
+Summaries = dict[str, dict[str, Any]]
+
+
+def stage_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[str, Any]]:
+    """One row per stage: time, trained tokens, accuracy with its interval, and the change over the model
+    the stage started from when that is a supervised model (SFT), so every RL stage is compared with its
+    own starting point."""
+    rows = []
+    for name, summary in summaries.items():
+        accuracy = summary.get("accuracy")
+        base = bases.get(name)
+        base_accuracy = summaries.get(base, {}).get("accuracy") if base else None
+        delta = accuracy - base_accuracy if accuracy is not None and base_accuracy is not None else None
+        rows.append({"stage": name, "base": base, "seconds": summary.get("seconds"),
+                     "tokens": summary.get("trained_tokens", summary.get("tokens")),
+                     "accuracy": accuracy, "ci": summary.get("accuracy_ci"),
+                     "delta": delta, "step_accuracy": summary.get("step_accuracy"),
+                     "kl": summary.get("kl_to_base"), "sampled_reward": summary.get("sampled_reward"),
+                     "other": _other_result(summary)})
+    return rows
+
+
+def _other_result(summary: dict[str, Any]) -> str:
+    if "eval_accuracy" in summary and "accuracy" not in summary:  # reward models
+        return f"pairwise accuracy {summary['eval_accuracy']:.1%}"
+    if "final_eval_loss" in summary:
+        return f"held-out loss {summary['final_eval_loss']:.3f}"
+    return ""
+
+
+def plot_accuracy(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
+    """Bar chart of held-out exact match per stage with 95% error bars, one panel per task."""
+    scored = [r for r in rows if r["accuracy"] is not None]
+    if not scored:
+        return None
+    panels = sorted({tasks.get(r["stage"], "arith") for r in scored})
+    widths = [len([r for r in scored if tasks.get(r["stage"], "arith") == p]) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * sum(widths) + 2.5, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, panel in zip(axes[0], panels, strict=True):
+        mine = [r for r in scored if tasks.get(r["stage"], "arith") == panel]
+        values = [100 * r["accuracy"] for r in mine]
+        low = [100 * (r["accuracy"] - r["ci"][0]) if r["ci"] else 0 for r in mine]
+        high = [100 * (r["ci"][1] - r["accuracy"]) if r["ci"] else 0 for r in mine]
+        bars = ax.bar(range(len(mine)), values, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8)
+        for bar, value in zip(bars, values, strict=True):
+            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), xytext=(0, 3),
+                        textcoords="offset points", ha="left", fontsize=8)
+        ax.set_xticks(range(len(mine)), [r["stage"] for r in mine], rotation=30, ha="right")
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_title(f"task: {panel}")
+        ax.set_ylim(0, min(100, max(v + h for v, h in zip(values, high, strict=True)) * 1.15 + 5))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Held-out accuracy by stage (greedy, 95% Wilson interval)")
+    return _save(fig, out)
+
+
+def plot_stage_curves(demo_dir: Path, stages: list[str], out: Path) -> Path | None:
+    """One panel per stage: its training loss against the step, and its mean reward on a second axis."""
+    curves = {name: read_metrics(demo_dir / name / "metrics.jsonl") for name in stages
+              if (demo_dir / name / "metrics.jsonl").is_file()}
+    curves = {name: rows for name, rows in curves.items() if rows}
+    if not curves:
+        return None
+    columns = min(3, len(curves))
+    lines = math.ceil(len(curves) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, 3.4 * lines), squeeze=False)
+    for ax, (name, rows) in zip(axes.flat, curves.items(), strict=False):
+        _plot_series(ax, rows, "loss", "tab:blue")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss", color="tab:blue")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if any(r.get("reward") is not None for r in rows):
+            twin = ax.twinx()
+            _plot_series(twin, rows, "reward", "tab:orange")
+            twin.set_ylabel("mean reward", color="tab:orange")
+    for ax in list(axes.flat)[len(curves):]:
+        ax.set_visible(False)
+    fig.suptitle("Training curves per stage")
+    return _save(fig, out)
+
+
+def _plot_series(ax: Any, rows: list[dict[str, Any]], key: str, color: str) -> None:
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+    if points:
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, color=color, marker="o" if len(points) < 20 else None, markersize=3)
+
+
+def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Mean reward of samples at temperature 1 against KL(stage || its starting model), per RL / preference
+    stage, with the starting models at KL 0: how much reward each stage bought with how much drift."""
+    measured = [r for r in rows if r["kl"] is not None and r["sampled_reward"] is not None]
+    if not measured:
+        return None
+    by_stage = {r["stage"]: r for r in rows}
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    for r in measured:
+        start = by_stage.get(r["base"] or "", {}).get("sampled_reward")
+        points = ([(0.0, start)] if start is not None else []) + [(r["kl"], r["sampled_reward"])]
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=5, label=f"{r['stage']} (from {r['base']})")
+    ax.set_xlabel("KL to the starting model (nats per completion)")
+    ax.set_ylabel("mean reward at temperature 1 (exact match)")
+    ax.set_title("Reward gained against distance travelled")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig: Any, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_demo_report(demo_dir: str | Path, bases: dict[str, str | None], tasks: dict[str, str]) -> Path:
+    """Write `<demo_dir>/report.md` and its plots from demo.json and the stages' run directories.
+
+    bases: the stage each stage started from; tasks: the task each stage is evaluated on.
+    """
+    demo_dir = Path(demo_dir)
+    summaries: Summaries = json.loads((demo_dir / "demo.json").read_text(encoding="utf-8"))
+    rows = stage_rows(summaries, bases)
+    plots = [plot_accuracy(rows, tasks, demo_dir / "plots" / "accuracy.png"),
+             plot_reward_vs_kl(rows, demo_dir / "plots" / "reward_vs_kl.png"),
+             plot_stage_curves(demo_dir, list(summaries), demo_dir / "plots" / "curves.png")]
+    lines = ["# posttrain demo", "",
+             "Every stage from the same pretrained tiny model; each RL and preference stage starts from the SFT "
+             "model of its task, and Δ is measured against the model the stage started from. Accuracy: greedy "
+             "exact match on held-out problems no training set contains, with its 95% Wilson interval.", "",
+             "| stage | from | time | trained tokens | held-out accuracy (95% CI) | Δ vs start | steps right "
+             "| KL to start | other |",
+             "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        accuracy = (f"{r['accuracy']:.1%} ({r['ci'][0]:.1%}–{r['ci'][1]:.1%})" if r["accuracy"] is not None
+                    and r["ci"] else "")
+        lines.append(f"| {r['stage']} | {r['base'] or ''} | {_num(r['seconds'], '{:.0f} s')} | "
+                     f"{_num(r['tokens'], '{:,}')} | {accuracy} | {_num(r['delta'], '{:+.1%}')} | "
+                     f"{_num(r['step_accuracy'], '{:.1%}')} | {_num(r['kl'], '{:.3f}')} | {r['other']} |")
+    total = sum(r["seconds"] or 0 for r in rows)
+    lines += ["", f"Total time: {total / 60:.1f} min.", ""]
+    lines += [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
+    lines += ["", "Each stage's own report (curves, samples, config) is in its run directory: "
+              + ", ".join(f"[{name}]({name}/report.md)" for name in summaries) + "."]
+    report = demo_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)

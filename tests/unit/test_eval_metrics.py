@@ -1,0 +1,95 @@
+"""`posttrain eval`'s estimators against slow obvious implementations, and its held-out guarantee."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from posttrain.data.config import DataConfig
+from posttrain.data.tasks import get_task
+from posttrain.data.tokenize import Encoder
+from posttrain.errors import RunDirError
+from posttrain.eval.accuracy import heldout_problems
+from posttrain.eval.evaluate import EvalOptions, pass_at_k, resolve_target, sampled_metrics
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_pass_at_k_equals_the_share_of_k_subsets_with_a_correct_sample(n):
+    for c in range(n + 1):
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(outcomes, k))
+            expected = sum(any(s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_stays_exact_where_the_binomials_are_huge():
+    # 1 - C(150, 100) / C(200, 100), with the binomials as exact integers.
+    expected = 1 - math.comb(150, 100) / math.comb(200, 100)
+    assert pass_at_k(200, 50, 100) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="pass@k"):
+        pass_at_k(4, 5, 1)
+
+
+@pytest.mark.parametrize("task_name", ["arith", "multistep"])
+def test_heldout_problems_never_appear_in_a_training_set(task_name):
+    task = get_task(task_name)
+    heldout = heldout_problems(task, 500, seed=1234)
+    assert len({e.key for e in heldout}) == 500
+    for seed in (0, 1):
+        train = {e.key for e in task.examples("train", size=20_000, seed=seed)}
+        assert not train & {e.key for e in heldout}
+
+
+def test_resolve_target_names_the_path_it_cannot_use(tmp_path):
+    with pytest.raises(RunDirError) as err:
+        resolve_target(tmp_path)
+    assert str(tmp_path) in str(err.value)
+    (tmp_path / "config.yaml").write_text("stage: sft\n")
+    with pytest.raises(RunDirError, match="no final model"):
+        resolve_target(tmp_path)
+
+
+def _slow_sequence_logprob(model, prompt: list[int], completion: list[int]) -> float:
+    """log p(completion | prompt) from one unpadded forward of the plain sequence."""
+    ids = torch.tensor([prompt + completion])
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    return sum(logprobs[len(prompt) - 1 + t, token].item() for t, token in enumerate(completion))
+
+
+@torch.no_grad()
+def test_sampled_kl_and_rewards_match_a_slow_recomputation(tokenizer, tiny_model):
+    from posttrain.config import ModelConfig
+    from posttrain.models import build_model
+    from posttrain.rollout import make_engine
+    from posttrain.rollout.base import SamplingParams
+
+    task = get_task("arith")
+    reference = build_model(ModelConfig(size="tiny"), tokenizer, seed=1).eval()
+    model = tiny_model.eval()
+    options = EvalOptions(task="arith", problems=6, samples=3, pass_k=(1, 3), rewards=("format",), batch_size=6)
+    result = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, reference)
+
+    # The same samples again (same seeds), scored one sequence at a time.
+    encoder = Encoder.from_config(tokenizer, DataConfig())
+    examples = heldout_problems(task, 6, options.seed)
+    prompts = [encoder.encode_prompt([{"role": "user", "content": e.prompt}]) for e in examples]
+    kls, formats = [], []
+    for start in range(0, 6, 2):
+        rollout = make_engine("local", model, tokenizer).generate(
+            prompts[start:start + 2], SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=options.seed + start))
+        for row in range(len(rollout.texts)):
+            prompt = prompts[start + int(rollout.prompt_index[row])]
+            completion = rollout.completion_ids[row][rollout.response_mask[row].bool()].tolist()
+            kls.append(_slow_sequence_logprob(model, prompt, completion)
+                       - _slow_sequence_logprob(reference, prompt, completion))
+            formats.append(task.extract_answer(rollout.texts[row]) is not None)
+    assert result["kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-4)
+    assert result["reward_format"] == pytest.approx(sum(formats) / len(formats), abs=1e-12)
+    assert result["samples_per_problem"] == 3 and set(result) >= {"pass@1", "pass@3"}
+
+    same = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, model)
+    assert abs(same["kl"]) < 1e-5
