@@ -19,6 +19,8 @@ from rich.table import Table
 
 from posttrain import recipes
 from posttrain.errors import ConfigError
+from posttrain.eval.demo_report import write_demo_report
+from posttrain.eval.evaluate import EvalOptions, evaluate
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class DemoStage:
     headline: Callable[[dict[str, Any]], str]
     recipe: str | None = None  # a shipped recipe other than the stage's own
     overrides: tuple[str, ...] = ()  # settings of this demo stage on top of the recipe (and its quick budgets)
+    task: str = "arith"  # the task its held-out accuracy is measured on
+
+    @property
+    def is_policy(self) -> bool:
+        """Whether the stage trains a policy that generates (not the pretraining or a reward model)."""
+        return self.stage not in ("pretrain", "rm")
 
 
 def _pretrain_headline(summary: dict[str, Any]) -> str:
@@ -64,11 +72,27 @@ STAGES = [
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
-              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64")),
-    DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process"),
+              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64"), task="multistep"),
+    DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep"),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
-              overrides=("advantage.supervision=outcome",)),
+              overrides=("advantage.supervision=outcome",), task="multistep"),
 ]
+
+
+def _sampled_eval(stage: DemoStage, run_dir: Path, summary: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """pass@k and KL to the model the stage started from, on the held-out problems the stage was scored on
+    (the greedy accuracy is the recipe's own): what the report's reward-vs-KL picture needs."""
+    if not stage.is_policy:
+        return {}
+    samples = 2 if quick else 4
+    options = EvalOptions(task=stage.task, problems=summary.get("eval_problems") or 500, samples=samples,
+                          pass_k=(1, samples), rewards=("correct",))
+    sampled = evaluate(run_dir, options, greedy=False, write=False)
+    measured = {"sampled_reward": sampled["reward_correct"],
+                **{k: v for k, v in sampled.items() if k.startswith("pass@")}}
+    if stage.stage != "sft":  # SFT's KL to the pretrained model says nothing about the post-training stages
+        measured["kl_to_base"] = sampled.get("kl")
+    return measured
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, stages: list[str] | None = None,
@@ -101,12 +125,16 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
         if result.final_dir is None:  # stopped by a signal: the checkpoint is kept, the demo stops here
             console.print(table)
             return summaries
-        summaries[stage.name] = {**result.summary, "seconds": time.perf_counter() - start}
+        summaries[stage.name] = {**result.summary, **_sampled_eval(stage, result.run_dir, result.summary, quick),
+                                 "seconds": time.perf_counter() - start}
         summary_file.parent.mkdir(parents=True, exist_ok=True)
         summary_file.write_text(json.dumps(summaries, indent=2))
         table.add_row(stage.name, f"{summaries[stage.name]['seconds']:.0f}s", stage.headline(result.summary),
                       str(final))
     console.print(table)
+    if summaries:
+        report = write_demo_report(out_dir, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})
+        console.print(f"Report with plots: [bold]{report}[/]")
     console.print(f"Every stage's run directory (metrics.jsonl, report.md, plots/, final/) is under "
                   f"[bold]{out_dir}[/]; final/ directories load with transformers' from_pretrained.")
     return summaries
