@@ -64,6 +64,8 @@ STAGE_HELP = {
     "rm": "Reward model (Bradley-Terry, Plackett-Luce) or, with kind=process, a process reward model.",
     "dpo": "Direct preference optimisation (sigmoid, ipo, hinge, robust; Plackett-Luce for rankings).",
     "grpo": "GRPO: group-relative RL from verifiable rewards, with outcome or process (per-step) supervision.",
+    "rejection": "Rejection sampling: best-of-N (or above a threshold) by graders / verifier / RM, SFT on the kept, "
+                 "R rounds.",
     "ppo": "RLHF with PPO: actor, critic (separate or shared trunk), reference, reward model and/or verifier, GAE.",
 }
 

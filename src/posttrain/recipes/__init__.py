@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "rm": ("posttrain.recipes.rm", "RMConfig"),
     "dpo": ("posttrain.recipes.dpo", "DPOConfig"),
     "grpo": ("posttrain.recipes.grpo", "GRPOConfig"),
+    "rejection": ("posttrain.recipes.rejection", "RejectionConfig"),
     "ppo": ("posttrain.recipes.ppo", "PPOConfig"),
 }
 

@@ -42,11 +42,13 @@ class RolloutSampling:
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     functions: dict[str, float] = param({"correct": 1.0}, "Reward functions and their weights (r = sum w_k f_k): "
-                                        "correct, format, steps, reward_model, or one registered with "
+                                        "correct, format, steps, reward_model, grader, or one registered with "
                                         "posttrain.rewards.register_reward_function.")
     task: str | None = param(None, "Built-in task whose answer extractor and verifiers score completions "
                                    "(None: data.source when it is a built-in task).")
     model_path: str | None = param(None, "Reward model directory (from `posttrain rm`) for the reward_model function.")
+    grader: str | None = param(None, "Grader file (YAML, the public fine-tuning grader schema) or shipped grader "
+                                     "name (arith-partial) for the `grader` function (posttrain.rewards.graders).")
 
 
 def check_reward_functions(cfg: RewardConfig) -> None:
@@ -66,7 +68,8 @@ def resolve_task(cfg: Any) -> Task | None:
 
 def build_rewards(cfg: RewardConfig, task: Task | None) -> WeightedRewards:
     try:
-        return WeightedRewards.from_config(cfg.functions, task=task, reward_model_path=cfg.model_path)
+        return WeightedRewards.from_config(cfg.functions, task=task, reward_model_path=cfg.model_path,
+                                           grader_path=cfg.grader)
     except ValueError as err:
         raise ConfigError(str(err), field="reward.functions") from None
 

@@ -11,6 +11,7 @@ Padded, padding-free and packed batches give the same per-token loss (see `postt
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -76,21 +77,34 @@ def main(cfg: SFTConfig) -> RunResult:
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
 
-def step_source(prepared: Prepared, train: TrainConfig, seed: int) -> ShuffledStepSource:
-    """Shuffled steps over the prepared rows; the normaliser is the step's trained-token count."""
+def step_source(prepared: Prepared, train: TrainConfig, seed: int,
+                weights: Sequence[float] | None = None) -> ShuffledStepSource:
+    """Shuffled steps over the prepared rows; the normaliser is the step's trained-token count.
+
+    `weights` (one per dataset row, padded batches) make it weighted likelihood: row i's tokens count
+    w_i times in the loss and in the normaliser, sum_i w_i n_i, so all-1 weights are SFT exactly and
+    0/1 weights are SFT on the rows weighted 1 (rejection sampling, offline RFT; see `recipes.rft`).
+    """
     dataset = prepared.dataset
     # A sample's first token is never a target (the collators zero it), so these are exact counts.
     trained = [sum(mask) for mask in dataset["response_mask"]]
     lengths = [len(ids) for ids in dataset["input_ids"]]
+    row_weights = [1.0] * len(dataset) if weights is None else [float(w) for w in weights]
 
     def count(indices: list[int]) -> tuple[float, int]:
-        return float(sum(trained[i] for i in indices)), sum(lengths[i] for i in indices)
+        return float(sum(trained[i] * row_weights[i] for i in indices)), sum(lengths[i] for i in indices)
 
-    return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
-                              collate=lambda idx: prepared.collator([dataset[i] for i in idx]), count=count)
+    def collate(indices: list[int]) -> dict[str, Any]:
+        batch = prepared.collator([dataset[i] for i in indices])
+        if weights is not None:
+            batch["weights"] = torch.tensor([row_weights[i] for i in indices])
+        return batch
+
+    return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed, collate=collate,
+                              count=count)
 
 
 def sft_loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:
     logprobs, mask = response_logprobs(model, batch)
-    loss = sft_loss(logprobs, mask, normaliser=normaliser)
+    loss = sft_loss(logprobs, mask, normaliser=normaliser or 1.0, weights=batch.get("weights"))
     return loss, {"loss": loss.item()}

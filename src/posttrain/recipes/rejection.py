@@ -1,0 +1,248 @@
+"""Rejection sampling (best-of-N -> SFT), for R rounds.
+
+Each round samples N completions for each of `prompts_per_round` prompts with the current policy,
+scores them (graders, task verifiers or a reward model: `reward.functions`, `reward.grader`), keeps
+
+    best:       per prompt, the highest-scoring completion, if its score >= select.threshold
+    threshold:  every completion scoring >= select.threshold
+
+(completions cut by max_new_tokens are never kept: they are not finished answers), and trains on the
+kept (prompt, completion) pairs with the SFT loss for `train.max_steps / rounds` steps. That is
+weighted likelihood with 0/1 weights from the grader (see `recipes.rft` for the family). The next round
+samples from the improved policy. Logged per round: pass@N (share of prompts with at least one correct
+completion, by the task's verifier), the kept fraction, and the mean reward of the samples.
+
+The SFT steps are the SFT recipe's own (`recipes.sft.step_source`, `sft_loss_fn`): the kept pairs go
+through the same data pipeline (chat template, masks, EOS) as any SFT data set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.tasks.base import Task
+from posttrain.errors import ConfigError, DataError
+from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
+from posttrain.eval.report import write_training_report
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.recipes.grpo import SamplingConfig
+from posttrain.recipes.rl import (
+    PromptStream,
+    RewardConfig,
+    build_rewards,
+    check_reward_functions,
+    completions_of,
+    resolve_task,
+)
+from posttrain.recipes.sft import sft_loss_fn, step_source
+from posttrain.rewards.functions import Completions, Scores, WeightedRewards
+from posttrain.rollout import Rollout, RolloutEngine, make_engine
+from posttrain.run import RunResult, prepare_run_dir
+from posttrain.train.engine import StepBatch, TrainConfig, Trainer
+from posttrain.train.metrics import append_jsonl
+from posttrain.train.seed import seed_everything, set_threads
+from posttrain.train.sources import ShuffledStepSource
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    mode: str = param("best", "best: the top completion of each prompt; threshold: every completion scoring at "
+                              "least select.threshold.", choices=("best", "threshold"))
+    threshold: float = param(1.0, "Least reward a kept completion has (in best mode too: a prompt whose best "
+                                  "completion scores less keeps nothing).")
+    dedupe: bool = param(True, "Keep identical completions of one prompt once (threshold mode).")
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionConfig:
+    run: RunConfig = section(lambda: RunConfig(name="rejection"), "Run directory, seed, logging.")
+    model: ModelConfig = section(lambda: ModelConfig(path="runs/sft/final"), "The policy (the SFT model).")
+    adapter: AdapterConfig = section(AdapterConfig, "Full fine-tuning, LoRA or prefix-tuning.")
+    data: DataConfig = section(lambda: DataConfig(source="arith", size=20_000, max_length=256),
+                               "Prompts with gold answers (verifiable rows).")
+    optim: OptimConfig = section(lambda: OptimConfig(lr=1e-4, schedule="constant"), "Optimizer and schedule.")
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=60, batch_size=64, micro_batch_size=64),
+                                 "SFT steps over all rounds (max_steps / rounds per round); batch sizes count "
+                                 "kept completions.")
+    sampling: SamplingConfig = section(lambda: SamplingConfig(group_size=8), "How completions are sampled "
+                                                                            "(group_size = N per prompt).")
+    reward: RewardConfig = section(RewardConfig, "What a completion is worth (graders: reward.grader).")
+    select: SelectConfig = section(SelectConfig, "Which completions are kept.")
+    rounds: int = param(2, "Sample -> select -> SFT rounds.", ge=1)
+    prompts_per_round: int = param(256, "Prompts sampled each round (N completions each).", ge=1)
+    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
+
+
+def main(cfg: RejectionConfig) -> RunResult:
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    check_config(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype)
+    task = resolve_task(cfg)
+    rewards = build_rewards(cfg.reward, task)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection")
+
+    before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    model = apply_adapter(model, cfg.adapter)
+    source = RejectionStepSource(cfg, prepared, make_engine(cfg.sampling.engine, model, tokenizer), tokenizer,
+                                 rewards, task=task, samples=run_dir.samples)
+    trainer = Trainer(stage="rejection", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                      model=model)
+    result = trainer.fit(source, sft_loss_fn, accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval,
+                                                                 run_dir.samples),
+                         progress_keys=("loss", "kept_fraction", "pass_at_n", "eval_accuracy"))
+    if result.interrupted:
+        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
+
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    last = result.last
+    summary = {"rounds": source.prompts.rounds, "samples_per_prompt": cfg.sampling.group_size,
+               "select": cfg.select.mode, "trainable_parameters": count_parameters(model, trainable_only=True),
+               "steps": result.step, "trained_tokens": result.tokens, "seconds": result.seconds,
+               "per_round": source.history,
+               **({"accuracy_before": before.accuracy} if before else {}),
+               "accuracy": last.get("eval_accuracy"),
+               "accuracy_ci": [last.get("eval_accuracy_ci_low"), last.get("eval_accuracy_ci_high")],
+               "eval_problems": cfg.eval.problems}
+    write_training_report(run_dir, f"Rejection sampling (best-of-{cfg.sampling.group_size} -> SFT) on "
+                                   f"{cfg.data.source}", summary)
+    return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def check_config(cfg: RejectionConfig) -> None:
+    if not cfg.model.path:
+        raise ConfigError("rejection sampling trains an existing model: set model.path (e.g. runs/sft/final)",
+                          field="model.path")
+    if cfg.train.max_steps < cfg.rounds:
+        raise ConfigError(f"train.max_steps ({cfg.train.max_steps}) must give every one of the {cfg.rounds} rounds "
+                          "at least one step", field="train.max_steps")
+    check_reward_functions(cfg.reward)
+
+
+def select_kept(rewards: Tensor, prompt_index: Tensor, texts: Sequence[str], finished: Tensor, mode: str,
+                threshold: float, dedupe: bool = True) -> list[int]:
+    """Rows to keep (ascending): per prompt the best finished completion scoring >= threshold (ties: the
+    first sampled), or every finished one scoring >= threshold (identical texts once with dedupe)."""
+    kept: list[int] = []
+    for prompt in torch.unique(prompt_index).tolist():
+        rows = [i for i in (prompt_index == prompt).nonzero().flatten().tolist()
+                if finished[i] and rewards[i] >= threshold]
+        if mode == "best":
+            kept += [max(rows, key=lambda i: (rewards[i].item(), -i))] if rows else []
+            continue
+        seen: set[str] = set()
+        for i in rows:
+            if not (dedupe and texts[i] in seen):
+                kept.append(i)
+                seen.add(texts[i])
+    return sorted(kept)
+
+
+def pass_at_n(correct: Sequence[float], prompt_index: Tensor) -> float:
+    """Share of prompts with at least one correct completion among their N."""
+    flags = torch.tensor([c > 0 for c in correct])
+    prompts = torch.unique(prompt_index)
+    return sum(bool(flags[prompt_index == p].any()) for p in prompts) / len(prompts)
+
+
+class RejectionStepSource:
+    """Rounds of sample -> score -> select, each followed by SFT steps over the round's kept pairs.
+
+    A resumed run starts a fresh round (the prompt order and the round counter are restored).
+    """
+
+    def __init__(self, cfg: RejectionConfig, prepared: Prepared, engine: RolloutEngine,
+                 tokenizer: PreTrainedTokenizerBase, rewards: WeightedRewards, *, task: Task | None = None,
+                 samples: Any = None) -> None:
+        self.cfg, self.dataset, self.engine, self.tokenizer = cfg, prepared.dataset, engine, tokenizer
+        self.rewards, self.task, self.samples = rewards, task, samples
+        self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed)
+        self.steps_per_round = cfg.train.max_steps // cfg.rounds
+        self.params = cfg.sampling.params(cfg.sampling.group_size)
+        self.steps_in_round = 0
+        self.inner: ShuffledStepSource | None = None
+        self.round_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    def next_step(self) -> StepBatch:
+        first = self.inner is None or (self.steps_in_round == self.steps_per_round
+                                       and self.prompts.rounds < self.cfg.rounds)
+        if first:
+            self.inner = self.new_round()
+            self.steps_in_round = 0
+        self.steps_in_round += 1
+        batch = self.inner.next_step()
+        metrics = {**self.round_metrics, "round": self.prompts.rounds}
+        if not first:
+            metrics["generation_s"] = 0.0
+        return dataclasses.replace(batch, metrics={**batch.metrics, **metrics})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.load_state_dict(state["prompts"])
+        self.history, self.inner = list(state["history"]), None
+
+    def new_round(self) -> ShuffledStepSource:
+        """Sample, score, select; the SFT step source over the kept pairs."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            rows, rollout = self.prompts.sample(self.engine, self.params)
+        completions = completions_of(rollout, rows)
+        scores = self.rewards(completions)
+        select = self.cfg.select
+        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, ~rollout.truncated, select.mode,
+                           select.threshold, select.dedupe)
+        self._write_samples(rollout, completions, scores, set(kept))
+        self.round_metrics = self._metrics(rollout, completions, scores, kept)
+        self.round_metrics["generation_s"] = time.perf_counter() - start
+        self.history.append({k: v for k, v in self.round_metrics.items() if k != "generation_s"})
+        if not kept:
+            raise DataError(f"round {self.prompts.rounds}: no completion scored >= select.threshold "
+                            f"({select.threshold}); lower it or sample more (sampling.group_size)")
+        pairs = [{"prompt": completions.prompts[i], "completion": completions.completions[i]} for i in kept]
+        data = DataConfig(source="<kept>", max_length=self.cfg.data.max_length, template=self.cfg.data.template,
+                          thinking=self.cfg.data.thinking, truncation="drop")
+        prepared = prepare_data(data, self.tokenizer, accepts=("completion",), rows=pairs)
+        return step_source(prepared, self.cfg.train, self.cfg.run.seed + self.prompts.rounds)
+
+    def _metrics(self, rollout: Rollout, completions: Completions, scores: Scores, kept: list[int]) -> dict:
+        prompts = len(torch.unique(rollout.prompt_index))
+        metrics = {"reward": scores.total.mean().item(), "kept": float(len(kept)),
+                   "kept_fraction": len(kept) / len(completions), "kept_prompts": len(
+                       torch.unique(rollout.prompt_index[kept])) / prompts if kept else 0.0,
+                   "completion_length": rollout.completion_lengths.float().mean().item()}
+        metrics.update({f"reward_{name}": values.mean().item() for name, values in scores.by_function.items()})
+        if self.task is not None:
+            correct = [self.task.verify(c, a) for c, a in zip(completions.completions, completions.answers,
+                                                             strict=True)]
+            metrics["accuracy"] = sum(correct) / len(correct)
+            metrics["pass_at_n"] = pass_at_n(correct, rollout.prompt_index)
+        return metrics
+
+    def _write_samples(self, rollout: Rollout, completions: Completions, scores: Scores, kept: set[int]) -> None:
+        if self.samples is None:
+            return
+        errors = {e["row"]: e["error"] for e in scores.errors}
+        append_jsonl(self.samples, [
+            {"round": self.prompts.rounds, "group": int(rollout.prompt_index[i]),
+             "prompt": completions.prompts[i][-1]["content"], "completion": text,
+             "answer": completions.answers[i], "reward": scores.total[i].item(),
+             "rewards": {k: v[i].item() for k, v in scores.by_function.items()}, "kept": i in kept,
+             "finish_reason": rollout.finish_reasons[i], **({"error": errors[i]} if i in errors else {})}
+            for i, text in enumerate(completions.completions)])

@@ -1,0 +1,90 @@
+"""Rejection sampling: selection keeps exactly the best samples, pass@N by hand, weighted likelihood with 0/1
+weights is SFT on the rows weighted 1, and a run trains on exactly the completions it marked kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.config import load_config
+from posttrain.data.config import DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.recipes import find_recipe
+from posttrain.recipes.rejection import RejectionConfig, main, pass_at_n, select_kept
+from posttrain.recipes.sft import sft_loss_fn, step_source
+from posttrain.train.engine import TrainConfig
+from posttrain.train.metrics import read_metrics
+
+
+def test_select_best_keeps_the_top_finished_sample_of_each_prompt():
+    rewards = torch.tensor([0.2, 0.9, 0.9, 0.1, 1.0, 0.3, 0.5, 0.4, 0.0], dtype=torch.float64)
+    prompts = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    finished = torch.tensor([True, True, True, True, False, True, True, True, True])
+    texts = list("abcdefghi")
+    # prompt 0: tie 0.9 -> the first sampled (row 1); prompt 1: row 4 is cut short -> row 5; prompt 2: row 6.
+    assert select_kept(rewards, prompts, texts, finished, "best", threshold=0.0) == [1, 5, 6]
+    # A prompt whose best is below the threshold keeps nothing.
+    assert select_kept(rewards, prompts, texts, finished, "best", threshold=0.45) == [1, 6]
+
+
+def test_select_threshold_keeps_every_sample_above_it_once():
+    rewards = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.0, 1.0], dtype=torch.float64)
+    prompts = torch.tensor([0, 0, 0, 1, 1, 1])
+    finished = torch.ones(6, dtype=torch.bool)
+    texts = ["5", "5", "6", "7", "x", "8"]
+    assert select_kept(rewards, prompts, texts, finished, "threshold", 1.0) == [0, 3, 5]
+    assert select_kept(rewards, prompts, texts, finished, "threshold", 1.0, dedupe=False) == [0, 1, 3, 5]
+    assert select_kept(rewards, prompts, texts, finished, "threshold", 0.5) == [0, 2, 3, 5]
+
+
+def test_pass_at_n_by_hand():
+    assert pass_at_n([0, 1, 0, 0, 0, 0, 1, 1], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])) == 2 / 4
+
+
+def test_zero_one_weights_are_sft_on_the_rows_weighted_one(tiny_model, tokenizer):
+    rows = [{"prompt": f"What is {a}+{a}?", "completion": str(2 * a)} for a in range(1, 7)]
+    weights = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    data = DataConfig(source="<rows>")
+    train = TrainConfig(batch_size=6, micro_batch_size=6)
+    weighted = step_source(prepare_data(data, tokenizer, accepts=("completion",), rows=rows), train, 0, weights)
+    kept = [r for r, w in zip(rows, weights, strict=True) if w]
+    plain = step_source(prepare_data(data, tokenizer, accepts=("completion",), rows=kept),
+                        TrainConfig(batch_size=3, micro_batch_size=3), 0)
+    w_step, p_step = weighted.next_step(), plain.next_step()
+    assert w_step.normaliser == p_step.normaliser  # trained tokens of the kept rows only
+    w_loss, _ = sft_loss_fn(tiny_model, w_step.micro_batches[0], w_step.normaliser)
+    p_loss, _ = sft_loss_fn(tiny_model, p_step.micro_batches[0], p_step.normaliser)
+    assert_close(w_loss, p_loss)
+
+
+def test_rejection_run_trains_on_exactly_the_kept_best(pretrained_run, tmp_path):
+    overrides = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+                 "run.log_every=1",
+                 "train.save_every=0", "data.size=32", "prompts_per_round=6", "rounds=2", "train.max_steps=2",
+                 "train.batch_size=4", "train.micro_batch_size=4", "sampling.group_size=4",
+                 "sampling.max_new_tokens=8", "select.threshold=0", "reward.functions={format: 1.0}",
+                 "eval.problems=4", "eval.max_new_tokens=4", "eval_before=false"]
+    result = main(load_config(RejectionConfig, find_recipe("rejection").path, overrides))
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    rounds = [s for s in samples if "round" in s]
+    assert {s["round"] for s in rounds} == {1, 2} and len(rounds) == 2 * 6 * 4
+    for r in (1, 2):
+        for group in range(6):
+            members = [s for s in rounds if s["round"] == r and s["group"] == group]
+            finished = [s for s in members if s["finish_reason"] != "length"]
+            kept = [s for s in members if s["kept"]]
+            assert len(kept) == (1 if finished else 0)
+            if kept:
+                assert kept[0]["reward"] == max(s["reward"] for s in finished)
+                assert kept[0] is next(s for s in finished if s["reward"] == kept[0]["reward"])
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    by_round = {m["round"]: m for m in metrics}
+    for r in (1, 2):
+        members = [s for s in rounds if s["round"] == r]
+        assert by_round[r]["kept_fraction"] == pytest.approx(sum(s["kept"] for s in members) / len(members))
+        assert 0 <= by_round[r]["pass_at_n"] <= 1
+    assert result.summary["rounds"] == 2 and len(result.summary["per_round"]) == 2
+    assert (result.final_dir / "config.json").is_file()
