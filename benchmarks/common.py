@@ -209,3 +209,20 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
     return "" if value is None else str(value)
+
+
+def timed_rl_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """Run a posttrain RL Trainer under a StepClock: the clock's summary plus the generation share of the
+    step time and the mean completion length, from the run's metrics after the warm-up steps."""
+    from posttrain.train.metrics import read_metrics
+
+    clock = StepClock()
+    timed = TimedSource(source, clock)
+    clock.start()
+    trainer.fit(timed, loss_fn)
+    timed.finish()
+    records = read_metrics(trainer.run_dir.metrics)[WARMUP_STEPS:]
+    return {**clock.summary(non_embedding_parameters(model)),
+            "generation_share": statistics.mean(r["generation_s"] for r in records) / statistics.mean(
+                r["step_time_s"] for r in records),
+            "completion_length": statistics.mean(r["completion_length"] for r in records)}

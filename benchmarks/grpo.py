@@ -28,14 +28,13 @@ import torch
 from benchmarks.common import (
     TRL_ARGS,
     WARMUP_STEPS,
-    StepClock,
-    TimedSource,
     append_result,
     arith_rows,
     model_dir,
     non_embedding_parameters,
     print_table,
     run_worker,
+    timed_rl_fit,
     trl_clock,
 )
 
@@ -55,7 +54,6 @@ def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
     from posttrain.rollout import make_engine
     from posttrain.run import prepare_run_dir
     from posttrain.train.engine import Trainer
-    from posttrain.train.metrics import read_metrics
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(GRPOConfig, None, [
@@ -74,16 +72,7 @@ def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
                                 build_rewards(cfg.reward, resolve_task(cfg)))
         trainer = Trainer(stage="grpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        clock = StepClock()
-        timed = TimedSource(source, clock)
-        clock.start()
-        trainer.fit(timed, grpo_loss_fn(cfg.loss, NEW_TOKENS))
-        timed.finish()
-        records = read_metrics(run_dir.metrics)[WARMUP_STEPS:]
-        return {**clock.summary(non_embedding_parameters(model)),
-                "generation_share": statistics.mean(r["generation_s"] for r in records) / statistics.mean(
-                    r["step_time_s"] for r in records),
-                "completion_length": statistics.mean(r["completion_length"] for r in records)}
+        return timed_rl_fit(trainer, source, grpo_loss_fn(cfg.loss, NEW_TOKENS), model)
 
 
 def trl_worker(directory: Path, steps: int) -> dict[str, Any]:
