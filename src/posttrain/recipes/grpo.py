@@ -72,6 +72,7 @@ from posttrain.rewards.steps import Step, StepScorer, locate_steps, prm_step_sco
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.recompute import policy_logprobs_and_entropy
 from posttrain.run import RunResult, prepare_run_dir
+from posttrain.train import dist
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.reference import Reference
@@ -216,7 +217,13 @@ class GRPOStepSource:
     prompts (resumable by position). Rows are reordered by length into micro-batches of
     `train.micro_batch_size`; every tensor a micro-batch carries is selected with the same row index,
     so rewards and advantages stay with their completion. A resumed run starts a fresh generation batch.
+
+    Under torchrun each rank samples its share of the round's prompts (whole groups), the batch-level
+    advantage statistics and the step normaliser are taken over all ranks, and samples.jsonl holds
+    rank 0's completions.
     """
+
+    samples_from_policy = True  # the Trainer gathers FSDP-sharded weights around `next_step`
 
     def __init__(self, cfg: GRPOConfig, prepared: Prepared, engine: RolloutEngine,
                  tokenizer: PreTrainedTokenizerBase, rewards: WeightedRewards, *, task: Task | None = None,
@@ -225,6 +232,10 @@ class GRPOStepSource:
         self.cfg, self.dataset, self.engine, self.tokenizer = cfg, prepared.dataset, engine, tokenizer
         self.rewards, self.task, self.step_scorer, self.reference, self.samples = (
             rewards, task, step_scorer, reference, samples)
+        if cfg.advantage.skip_zero_variance and dist.context().distributed:
+            # Ranks would then train different numbers of micro-batches and wait on each other forever.
+            raise ConfigError("skip_zero_variance is not available with several ranks", field="advantage."
+                              "skip_zero_variance")
         self.prompts = PromptStream(self.dataset, cfg.train.batch_size // cfg.sampling.group_size, cfg.run.seed)
         self.params = cfg.sampling.params(cfg.sampling.group_size)
         self.steps, self.iteration = 0, 0
@@ -261,6 +272,10 @@ class GRPOStepSource:
         estimator = "grpo_process" if steps is not None else OUTCOME_ESTIMATORS[self.cfg.advantage.scale]
         advantages = get_advantage_estimator(estimator)(inputs, gamma=1.0, lam=1.0,
                                                         eps=self.cfg.advantage.eps).advantages
+        if steps is None and dist.context().distributed:  # scale=batch: the std of every rank's rewards
+            per_completion = dist.outcome_advantages(scores.total, inputs.group_ids, self.cfg.advantage.scale,
+                                                     self.cfg.advantage.eps)
+            advantages = per_completion.to(advantages.dtype).unsqueeze(1) * inputs.response_mask.to(advantages.dtype)
         loss_mask = rollout.response_mask.to(advantages.dtype)
         if self.cfg.loss.mask_truncated:
             loss_mask = loss_mask * (~rollout.truncated).unsqueeze(1).to(loss_mask.dtype)
@@ -279,8 +294,12 @@ class GRPOStepSource:
         kept = keep.nonzero().flatten()
         lengths = rollout.prompt_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
         order = kept[torch.sort(lengths[kept], descending=True, stable=True).indices]
-        token_total = float(loss_mask[kept].sum())
-        normaliser = (token_total or 1.0) if self.cfg.loss.agg == "token-mean" else float(max(len(kept), 1))
+        # Step totals over all ranks; a rank's token shares are relative to the mean rank's tokens, so the
+        # Trainer's average of the ranks' share-weighted statistics is the global token mean.
+        token_total = dist.all_reduce_sum(float(loss_mask[kept].sum()))
+        kept_total = dist.all_reduce_sum(float(len(kept)))
+        normaliser = (token_total or 1.0) if self.cfg.loss.agg == "token-mean" else max(kept_total, 1.0)
+        world = dist.context().world_size
         size, batches = self.cfg.train.micro_batch_size, []
         for rows in order.split(size):
             sub = rollout.select(rows)
@@ -290,8 +309,9 @@ class GRPOStepSource:
                 "rollout": sub, "advantages": advantages[rows, :width].to(torch.float32), "loss_mask": mask,
                 "rewards": rewards[rows], "group_ids": rollout.prompt_index[rows], "rows": rows,
                 "ref_logprobs": self.reference.rollout_logprobs(sub) if self.reference is not None else None,
-                "old_logprobs": None, "token_share": float(mask.sum()) / token_total if token_total else 0.0})
-        tokens = int(rollout.prompt_mask[kept].sum() + rollout.response_mask[kept].sum())
+                "old_logprobs": None,
+                "token_share": float(mask.sum()) * world / token_total if token_total else 0.0})
+        tokens = int(dist.all_reduce_sum(float(rollout.prompt_mask[kept].sum() + rollout.response_mask[kept].sum())))
         return batches, normaliser, tokens
 
     def _metrics(self, rollout: Rollout, completions: Completions, scores: Scores, steps: list[list[Step]] | None,

@@ -122,7 +122,12 @@ class VLLMRolloutEngine(RolloutEngine):
         self.update_weights(model)
 
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Load the policy's current weights into the engine (every rank calls it: FSDP gathers shards)."""
+        """Load the policy's current weights into the engine (every rank calls it: FSDP gathers shards).
+
+        `generate` calls it itself before every round after the first, from the policy it was built
+        with: the optimizer updates that module in place, so a round always samples the current policy.
+        """
+        self.model, self.stale = model, False
         weights = list(_policy_weights(model))
         self._wake()
 
@@ -136,6 +141,9 @@ class VLLMRolloutEngine(RolloutEngine):
     def generate(self, prompts: Prompts, params: SamplingParams, generator: torch.Generator | None = None) -> Rollout:
         from vllm import SamplingParams as VLLMSamplingParams
 
+        if self.stale:
+            self.update_weights(self.model)
+        self.stale = True  # the trainer may update the policy before the next round
         prompt_lists = prompt_token_lists(prompts)
         seed = params.seed
         if seed is None and generator is not None:  # the caller's generator still makes the round reproducible

@@ -216,8 +216,7 @@ class DistributedModel:
 
             # The constructor broadcasts rank 0's parameters: every replica starts identical.
             self._engine = DistributedDataParallel(
-                self.root, device_ids=[self.ctx.local_rank] if self.ctx.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                self.root, device_ids=[self.ctx.local_rank] if self.ctx.device.type == "cuda" else None)
         elif self.mode == "fsdp":
             self._shard(model)
 
