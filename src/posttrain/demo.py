@@ -76,6 +76,8 @@ STAGES = [
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep"),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
               overrides=("advantage.supervision=outcome",), task="multistep"),
+    DemoStage("rft", "rft", "sft", _accuracy_headline),
+    DemoStage("rejection", "rejection", "sft", _accuracy_headline),
 ]
 
 

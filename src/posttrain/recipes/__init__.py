@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "grpo": ("posttrain.recipes.grpo", "GRPOConfig"),
     "rejection": ("posttrain.recipes.rejection", "RejectionConfig"),
     "ppo": ("posttrain.recipes.ppo", "PPOConfig"),
+    "rft": ("posttrain.recipes.rft", "RFTConfig"),
 }
 
 

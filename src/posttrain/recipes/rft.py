@@ -1,0 +1,48 @@
+"""Reinforcement fine-tuning (RFT): PPO against graders that give partial credit in [0, 1].
+
+The policy is optimised with the PPO clipped surrogate and a critic trained under the clipped value loss
+
+    L_V = 0.5 * E[max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)]        (`algos.value_loss`)
+
+on the rollout -> per-token reward -> GAE -> epochs x minibatches core of the PPO recipe
+(`recipes.ppo.train_ppo`); the score at each completion's last token comes from the grader file named by
+`reward.grader` (the `grader` reward function: string_check, text_similarity, python, score_model, multi,
+teacher; see `posttrain.rewards.graders`), optionally mixed with task verifiers or a reward model.
+
+All roads lead to likelihood. SFT, rejection sampling, offline RFT and DPO all maximise a weighted
+log-likelihood of responses y to prompts x, and differ only in where the responses and weights come from:
+
+    SFT                 sum_i 1 * log p(y_i | x_i)                        demonstrations, weight 1
+    rejection sampling  sum_i 1[grade(y_i) >= t] * log p(y_i | x_i)        own samples, 0/1 from a grader
+    offline RFT         sum_i grade(y_i) * log p(y_i | x_i)                fixed labelled set, partial credit
+    DPO                 sum log sigmoid(beta (log p(y_w)/p_ref(y_w) - log p(y_l)/p_ref(y_l)))
+                        whose gradient is beta * sigma(-margin) * (grad log p(y_w) - grad log p(y_l)):
+                        a likelihood gradient with weight +w on the chosen and -w on the rejected response
+    online RFT / PPO    sum_t A_t * ratio_t * grad log p(y_t | ...): the weight is the advantage, the
+                        responses are fresh samples, and the clip keeps the weights' policy close
+
+In this code base `algos.sft_loss(..., weights=)` is that one objective, and `recipes.sft.step_source(...,
+weights=)` trains it: the rejection recipe feeds it 0/1 weights over its own samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from posttrain.config import RunConfig, section
+from posttrain.recipes.ppo import PPOConfig, train_ppo
+from posttrain.recipes.rl import RewardConfig
+from posttrain.run import RunResult
+
+
+@dataclasses.dataclass(frozen=True)
+class RFTConfig(PPOConfig):
+    run: RunConfig = section(lambda: RunConfig(name="rft"), "Run directory, seed, logging.")
+    reward: RewardConfig = section(lambda: RewardConfig(functions={"grader": 1.0}, grader="arith-partial"),
+                                   "Graders (reward.grader) and any other reward functions, scored at the last "
+                                   "token.")
+
+
+def main(cfg: RFTConfig) -> RunResult:
+    graders = f" (grader {cfg.reward.grader})" if cfg.reward.grader else ""
+    return train_ppo(cfg, stage="rft", title=f"RFT: PPO with graders{graders} on {cfg.data.source}")
