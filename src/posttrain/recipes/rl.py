@@ -19,6 +19,7 @@ from posttrain.errors import ConfigError
 from posttrain.models.adapters import AdapterConfig
 from posttrain.rewards.functions import REWARD_FUNCTIONS, Completions, Scores, WeightedRewards
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
+from posttrain.train import dist
 from posttrain.train.reference import Reference
 from posttrain.train.sources import ShuffledStepSource
 
@@ -92,20 +93,32 @@ def adapter_reference(reference: Reference | None, beta: float, model: torch.nn.
 
 class PromptStream:
     """Prompts for generation rounds, `per_round` at a time in a seeded shuffle (resumable by position),
-    and the round counter that seeds each round's sampling."""
+    and the round counter that seeds each round's sampling.
+
+    Under torchrun each rank samples its own share of the round's prompts (`dist.rank_slice`), and the
+    sampling seed also depends on the rank: with one seed every rank would draw the very same random
+    numbers (the same completions for the same prompt, correlated ones across prompts). Rank 0 (and a
+    single process) keeps the seed `seed * 1_000_003 + round`.
+    """
+
+    RANK_STRIDE = 1_000_000_007  # far apart from every (seed, round) seed of another rank
 
     def __init__(self, dataset: Any, per_round: int, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
+        self.dataset, self.seed, self.rank = dataset, seed, dist.context().rank
         self.order = ShuffledStepSource(len(dataset), per_round, per_round, seed, collate=list,
                                         count=lambda indices: (0.0, 0))
         self.rounds = 0
 
     def sample(self, engine: RolloutEngine, params: SamplingParams) -> tuple[list[dict[str, Any]], Rollout]:
         rows = [self.dataset[i] for i in self.order.next_step().micro_batches[0]]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds)
+        generator = torch.Generator().manual_seed(self.sampling_seed())
         rollout = engine.generate([row["prompt_input_ids"] for row in rows], params, generator=generator)
         self.rounds += 1
         return rows, rollout
+
+    def sampling_seed(self) -> int:
+        """The seed of the coming round's sampling on this rank."""
+        return self.seed * 1_000_003 + self.rounds + self.rank * self.RANK_STRIDE
 
     def state_dict(self) -> dict[str, Any]:
         return {"prompts": self.order.state_dict(), "rounds": self.rounds}

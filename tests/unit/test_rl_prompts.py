@@ -1,0 +1,49 @@
+"""The prompt stream of the RL recipes: a single process keeps its sampling seeds, and under torchrun each rank
+samples with a seed of its own."""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.recipes.rl import PromptStream
+from posttrain.rollout import RolloutEngine
+from posttrain.train import dist
+
+
+class SeedRecorder(RolloutEngine):
+    """Records the prompts and the first random number of each round's generator instead of sampling."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list, float]] = []
+
+    def update_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompts, params, generator=None):
+        self.calls.append((list(prompts), torch.rand(1, generator=generator).item()))
+
+
+def draws(seed: int, rounds: int = 2) -> list[tuple[list, float]]:
+    dataset = [{"prompt_input_ids": [i, i + 1]} for i in range(8)]
+    stream, engine = PromptStream(dataset, per_round=2, seed=seed), SeedRecorder()
+    for _ in range(rounds):
+        stream.sample(engine, params=None)
+    return engine.calls
+
+
+def first_draw(seed: int) -> float:
+    return torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+
+
+def test_a_single_process_seeds_round_r_with_seed_times_1000003_plus_r():
+    calls = draws(seed=3)
+    assert [draw for _, draw in calls] == [first_draw(3_000_009), first_draw(3_000_010)]
+
+
+def test_each_rank_samples_with_its_own_seed(monkeypatch):
+    monkeypatch.setattr(dist, "context", lambda: dist.DistContext(rank=0, world_size=2))
+    rank0 = draws(seed=3)
+    monkeypatch.setattr(dist, "context", lambda: dist.DistContext(rank=1, world_size=2))
+    rank1 = draws(seed=3)
+    assert [d for _, d in rank0] == [first_draw(3_000_009), first_draw(3_000_010)]  # rank 0: unchanged
+    assert [d for _, d in rank1] == [first_draw(3_000_009 + 1_000_000_007), first_draw(3_000_010 + 1_000_000_007)]
