@@ -1,23 +1,29 @@
 """RFT: PPO with graders. The grader's partial credit is the score at the last token, the critic's loss is
-`algos.value_loss` (clipped), and a run logs every grader's scores."""
+`algos.value_loss` (clipped), and a run logs every grader's scores. Critic-free group baselines: no critic is
+built, the advantages are the group baselines of score - beta * KL computed by hand, and the loss is the clipped
+surrogate alone. The SFT blend adds alpha times the gold answers' NLL, computed token by token."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch.testing import assert_close
 
 from posttrain.algos import value_loss
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
-from posttrain.models import build_model, load_causal_lm, save_pretrained
+from posttrain.models import build_model, count_parameters, load_causal_lm, save_pretrained
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
 from posttrain.recipes.ppo import PPOStepSource, ppo_loss_fn, rollout_forward
 from posttrain.recipes.rft import RFTConfig, main
-from posttrain.recipes.rl import build_rewards
+from posttrain.recipes.rl import GoldAnswers, build_rewards
 from posttrain.rollout import make_engine
 from posttrain.train.metrics import read_metrics
+from posttrain.train.reference import Reference
 
 FAST = ["run.progress=false", "train.save_every=0", "eval.problems=4", "eval.max_new_tokens=4", "eval_before=false",
         "data.size=32", "sampling.max_new_tokens=6", "ppo.rollout_batch_size=16", "train.batch_size=8",
@@ -32,6 +38,14 @@ def lm_dir(tokenizer, tmp_path_factory):
 
 def rft_config(*overrides: str) -> RFTConfig:
     return load_config(RFTConfig, find_recipe("rft").path, [*FAST, *overrides])
+
+
+def rft_source(cfg: RFTConfig, model: ActorCritic, tokenizer, reference: Reference | None = None,
+               gold: bool = False) -> PPOStepSource:
+    prepared = prepare_data(DataConfig(source="arith", size=16), tokenizer, accepts=STAGE_FORMATS["ppo"])
+    return PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
+                         make_engine("local", model.actor, tokenizer), model, build_rewards(cfg.reward, None),
+                         reference=reference, gold=GoldAnswers(tokenizer, cfg.data) if gold else None)
 
 
 def test_rft_scores_with_the_grader_and_its_value_loss_is_algos_value_loss(lm_dir, tokenizer):
@@ -63,3 +77,81 @@ def test_rft_run_logs_the_graders(lm_dir, tmp_path):
     metrics = read_metrics(result.run_dir / "metrics.jsonl")
     assert all("reward_grader.exact" in m and "reward_grader.close" in m for m in metrics if "loss" in m)
     assert (result.final_dir / "config.json").is_file() and result.summary["steps"] == 2
+
+
+def by_hand_baselines(rewards: torch.Tensor, groups: torch.Tensor, estimator: str) -> torch.Tensor:
+    out = torch.zeros_like(rewards)
+    for group in groups.unique():
+        rows = (groups == group).nonzero().flatten()
+        r = rewards[rows]
+        if estimator == "grpo":  # (r - group mean) / (group std + eps), Bessel-corrected std
+            out[rows] = (r - r.mean()) / (r.std() + 1e-6)
+        else:  # rloo: r minus the mean of the group's other rewards
+            out[rows] = r - (r.sum() - r) / (len(r) - 1)
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_advantages_are_group_baselines_of_score_minus_beta_kl(lm_dir, tokenizer, estimator):
+    model = ActorCritic(load_causal_lm(lm_dir), values=False)
+    assert not model.has_values and count_parameters(model) == count_parameters(model.actor)
+    reference = Reference.frozen_copy(model.actor)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term is not 0
+        for parameter in reference.model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    cfg = rft_config(f"model.path={lm_dir}", f"ppo.advantage={estimator}", "sampling.samples_per_prompt=4",
+                     "ppo.kl_coef=0.2")
+    source = rft_source(cfg, model, tokenizer, reference=reference)
+    step = source.next_step()
+    batch, mask = source.last, source.last.rollout.response_mask
+    assert batch.kl.abs().sum() > 0 and len(batch.rollout.prompt_index.unique()) == 4
+    sequence = batch.scores.double() - 0.2 * batch.kl.double().sum(1)
+    expected = by_hand_baselines(sequence, batch.rollout.prompt_index, estimator)
+    assert_close(batch.advantages.double(), expected.unsqueeze(1) * mask, rtol=1e-5, atol=1e-6)
+    # The loss is the clipped surrogate alone: no value term.
+    loss, metrics = ppo_loss_fn(cfg.ppo, cfg.sampling.max_new_tokens)(model, step.micro_batches[0], step.normaliser)
+    assert "value_loss" not in metrics and loss.item() == metrics["pg_loss"]
+
+
+def test_a_critic_free_run_builds_no_critic(lm_dir, tmp_path, monkeypatch):
+    def no_critic(*args, **kwargs):
+        raise AssertionError("a critic was built")
+
+    monkeypatch.setattr("posttrain.recipes.ppo.build_value_model", no_critic)
+    result = main(rft_config(f"model.path={lm_dir}", f"run.out_dir={tmp_path}", "train.max_steps=1", "ppo.epochs=1",
+                             "ppo.advantage=rloo", "sampling.samples_per_prompt=4"))
+    assert result.summary["critic"] == "none"
+    assert result.summary["trainable_parameters"] == count_parameters(load_causal_lm(lm_dir))
+    [record] = read_metrics(result.run_dir / "metrics.jsonl")
+    assert "value_loss" not in record and "values" not in record
+
+
+def test_the_sft_blend_adds_alpha_times_the_gold_answers_token_mean_nll(lm_dir, tokenizer):
+    model = ActorCritic(load_causal_lm(lm_dir), build_value_model(lm_dir, "policy"))
+    cfg = rft_config(f"model.path={lm_dir}", "ppo.sft_coef=0.5", "sampling.samples_per_prompt=2",
+                     "train.micro_batch_size=3")
+    source = rft_source(cfg, model, tokenizer, gold=True)
+    step = source.next_step()
+    blended_fn = ppo_loss_fn(cfg.ppo, cfg.sampling.max_new_tokens)
+    plain_fn = ppo_loss_fn(dataclasses.replace(cfg.ppo, sft_coef=0.0), cfg.sampling.max_new_tokens)
+    difference, prompts = 0.0, set()
+    for micro in step.micro_batches:  # 8 completions (2 per prompt) in micro-batches of 3, 3 and 2
+        blended, _ = blended_fn(model, micro, step.normaliser)
+        plain, _ = plain_fn(model, micro, step.normaliser)
+        without_gold, _ = plain_fn(model, {k: v for k, v in micro.items() if not k.startswith("sft")},
+                                   step.normaliser)
+        assert torch.equal(plain, without_gold)  # alpha = 0: the loss of before
+        difference += (blended - plain).item()
+        prompts |= set(micro["rollout"].prompt_index.tolist())
+    # Independently: after the exact prompt tokens the policy samples from, the answer's tokens and EOS.
+    nll, tokens = 0.0, 0
+    for prompt in prompts:
+        row = source.last.rows[prompt]
+        target = tokenizer.encode(row["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model.actor(input_ids=torch.tensor([row["prompt_input_ids"] + target])).logits[0].double()
+        logprobs = logits[len(row["prompt_input_ids"]) - 1:-1].log_softmax(-1)
+        nll -= logprobs.gather(-1, torch.tensor(target).unsqueeze(1)).sum().item()
+        tokens += len(target)
+    assert len(prompts) < 8  # some prompt has both its completions here: its gold answer counts once
+    assert difference == pytest.approx(0.5 * nll / tokens, rel=1e-5)

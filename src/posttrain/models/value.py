@@ -42,14 +42,17 @@ def build_value_model(path: str | Path, init: str, *, trust_remote_code: bool = 
 
 class ActorCritic(nn.Module):
     """The trained module of PPO: the policy (`actor`) and either a separate `critic` or a `value_head`
-    on the actor's final hidden states."""
+    on the actor's final hidden states; with `values=False` the policy alone (critic-free baselines:
+    no critic, no head, and `forward` gives no values)."""
 
-    def __init__(self, actor: nn.Module, critic: nn.Module | None = None) -> None:
+    def __init__(self, actor: nn.Module, critic: nn.Module | None = None, *, values: bool = True) -> None:
         super().__init__()
+        if critic is not None and not values:
+            raise ValueError("a critic-free ActorCritic (values=False) takes no critic")
         self.actor = actor
         self.critic = critic
         self.value_head: nn.Module | None = None
-        if critic is None:
+        if critic is None and values:
             hidden = actor.config.get_text_config().hidden_size
             dtype = next(actor.parameters()).dtype
             # Zero-initialised: every value starts at 0, and the head's first gradients do not disturb the trunk.
@@ -59,14 +62,21 @@ class ActorCritic(nn.Module):
 
     @property
     def shared(self) -> bool:
-        return self.critic is None
+        return self.value_head is not None
+
+    @property
+    def has_values(self) -> bool:
+        return self.critic is not None or self.value_head is not None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                keep: int) -> tuple[Tensor, Tensor]:
+                keep: int) -> tuple[Tensor, Tensor | None]:
         """Logits [B, keep, V] and values [B, keep] of the last `keep` positions: the value at a position is
-        that of the prefix ending there (the state from which the next token is drawn)."""
+        that of the prefix ending there (the state from which the next token is drawn). None for the values
+        of a critic-free module."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         out = self.actor(**inputs, logits_to_keep=keep, output_hidden_states=self.shared)
+        if not self.has_values:
+            return out.logits, None
         if self.shared:
             values = self.value_head(out.hidden_states[-1][:, -keep:]).squeeze(-1)
         else:

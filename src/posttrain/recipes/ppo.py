@@ -19,7 +19,10 @@ one no-grad pass of the actor-critic over the rollout, on exactly the micro-batc
 epoch trains on, so the first update of an iteration sees ratio = 1 and (at the start) KL = 0.
 
 The critic is a separate value model (initialised from the policy's trunk or from the reward model)
-or a value head on the actor's trunk (`models.value`). Actor and critic train as one module with one
+or a value head on the actor's trunk (`models.value`). Or there is none: `ppo.advantage` = grpo, rloo,
+... takes a critic-free baseline from the algos registry, on the sequence reward score - beta * sum_t KL_t
+(the completions of one prompt, sampling.samples_per_prompt of them, are each other's baseline), and the
+loss has no value term. Actor and critic train as one module with one
 optimizer, so checkpoints hold both, with their moments; a checkpoint taken between iterations
 resumes bitwise (one taken inside an iteration resumes with a fresh rollout).
 
@@ -42,15 +45,18 @@ from posttrain.algos import (
     KL_KINDS,
     POLICY_LOSSES,
     AdaptiveKLController,
+    AdvantageInputs,
     Advantages,
     FixedKLController,
     aggregate,
     gae,
+    get_advantage_estimator,
     get_policy_loss,
     kl_penalty,
     masked_mean,
     masked_var,
     masked_whiten,
+    sft_loss,
     value_loss,
 )
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
@@ -65,6 +71,7 @@ from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.reward import last_token_index
 from posttrain.models.value import CRITIC_INITS, CRITIC_KINDS, ActorCritic, build_value_model
 from posttrain.recipes.rl import (
+    GoldAnswers,
     PromptStream,
     RewardConfig,
     RolloutSampling,
@@ -83,11 +90,16 @@ from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.recompute import completion_logprobs
 from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer
+from posttrain.train.forward import response_logprobs
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.reference import Reference
 from posttrain.train.seed import seed_everything, set_threads
 
 KL_CONTROLLERS = ("fixed", "adaptive")
+# Critic-free baselines from the algos registry (the sequence reward: the score minus beta * the summed KL);
+# the group ones compare the sampling.samples_per_prompt completions of a prompt with each other.
+CRITIC_FREE = ("grpo", "grpo_batch_std", "dr_grpo", "rloo", "reinforce_baseline")
+GROUP_BASELINES = ("grpo", "grpo_batch_std", "dr_grpo", "rloo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +124,12 @@ class PPOAlgoConfig:
     epochs: int = param(1, "Passes over each rollout batch (each a fresh shuffle into minibatches).", ge=1)
     gamma: float = param(1.0, "GAE discount.", ge=0, le=1)
     lam: float = param(0.95, "GAE lambda (0: one-step TD error; 1: Monte-Carlo return minus V).", ge=0, le=1)
-    whiten_advantages: bool = param(True, "Normalise advantages over the valid tokens of the rollout batch.")
+    advantage: str = param("gae", "gae: a critic and GAE. Critic-free (no critic is built or trained): grpo, "
+                                  "grpo_batch_std, dr_grpo, rloo (group baselines over the "
+                                  "sampling.samples_per_prompt completions of each prompt) or reinforce_baseline "
+                                  "(the batch mean), on score - beta * summed KL.", choices=("gae", *CRITIC_FREE))
+    whiten_advantages: bool = param(True, "Normalise GAE advantages over the valid tokens of the rollout batch "
+                                          "(critic-free ones are used as the estimator gives them).")
     policy_loss: str = param("ppo", "Policy loss from the algos registry.", choices=tuple(POLICY_LOSSES))
     agg: str = param("token-mean", "Loss aggregation over the minibatch.", choices=AGG_MODES)
     clip: float = param(0.2, "Policy ratio clip range.", ge=0)
@@ -125,6 +142,9 @@ class PPOAlgoConfig:
     kl_controller: str = param("fixed", "Keep beta fixed, or adapt it towards kl_target.", choices=KL_CONTROLLERS)
     kl_target: float = param(6.0, "Adaptive controller: target KL per completion (summed over its tokens).", gt=0)
     kl_horizon: float = param(10_000, "Adaptive controller: horizon in completions (how slowly beta moves).", gt=0)
+    sft_coef: float = param(0.0, "alpha: loss = L_PPO + alpha * L_SFT, L_SFT the token-mean NLL of the gold answers "
+                                 "(the data's `answer`, as the assistant turn) of each minibatch's prompts (0: off).",
+                            ge=0)
     missing_eos_penalty: float | None = param(None, "Subtracted from the score of completions cut by "
                                                     "max_new_tokens (None: no penalty).", ge=0)
 
@@ -170,10 +190,12 @@ def train_ppo(cfg: Any, *, stage: str, title: str, rewards: WeightedRewards | No
     reference = build_reference(cfg.ppo.kl_coef, cfg.adapter, actor)
     actor = apply_adapter(actor, cfg.adapter)
     reference = adapter_reference(reference, cfg.ppo.kl_coef, actor)
-    model = ActorCritic(actor, build_critic(cfg))
+    critic_free = cfg.ppo.advantage in CRITIC_FREE
+    model = ActorCritic(actor, None if critic_free else build_critic(cfg), values=not critic_free)
+    gold = GoldAnswers(tokenizer, cfg.data) if cfg.ppo.sft_coef > 0 else None
     source = PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
                            make_engine(cfg.sampling.engine, actor, tokenizer), model, rewards, task=task,
-                           reference=reference, samples=run_dir.samples)
+                           reference=reference, gold=gold, samples=run_dir.samples)
     trainer = Trainer(stage=stage, cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
     result = trainer.fit(source, ppo_loss_fn(cfg.ppo, cfg.sampling.max_new_tokens),
@@ -184,7 +206,8 @@ def train_ppo(cfg: Any, *, stage: str, title: str, rewards: WeightedRewards | No
 
     final_dir = save_trained(actor, tokenizer, run_dir.final, cfg.adapter)
     last = result.last
-    summary = {"critic": cfg.critic.kind, "trainable_parameters": count_parameters(model, trainable_only=True),
+    summary = {"advantage": cfg.ppo.advantage, "critic": "none" if critic_free else cfg.critic.kind,
+               "trainable_parameters": count_parameters(model, trainable_only=True),
                "steps": result.step, "iterations": source.prompts.rounds, "trained_tokens": result.tokens,
                "seconds": result.seconds,
                **{k: last.get(k) for k in ("score", "reward", "kl", "beta", "value_explained_variance",
@@ -204,6 +227,9 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of "
                           f"sampling.samples_per_prompt ({cfg.sampling.samples_per_prompt})",
                           field="ppo.rollout_batch_size")
+    if cfg.ppo.advantage in GROUP_BASELINES and cfg.sampling.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.advantage={cfg.ppo.advantage} compares the completions of a prompt with each "
+                          "other: set sampling.samples_per_prompt >= 2", field="sampling.samples_per_prompt")
     if cfg.adapter.method == "prefix":
         raise ConfigError("PPO trains full weights or LoRA (prefix-tuning cannot sample exactly)",
                           field="adapter.method")
@@ -267,13 +293,14 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 
 
 def rollout_forward(model: ActorCritic, rollout: Rollout,
-                    entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                    entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """The actor's logprobs, its entropy and the critic's values [B, T] of a rollout's completion tokens
-    (0 outside the response mask): value t is that of the prefix before completion token t."""
+    (0 outside the response mask; None without a critic): value t is that of the prefix before
+    completion token t."""
     width = rollout.completion_ids.shape[1]
     logits, values = model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, keep=width + 1)
     logprobs, entropy = completion_logprobs(logits, rollout, entropy_grad=entropy_grad)
-    return logprobs, entropy, values[:, :-1] * rollout.response_mask
+    return logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +309,10 @@ def rollout_forward(model: ActorCritic, rollout: Rollout,
 
 @dataclasses.dataclass
 class PPOBatch:
-    """One iteration's rollout and what was computed from it, all [B, T] but `scores` [B] (for inspection)."""
+    """One iteration's rollout and what was computed from it, all [B, T] but `scores` [B] (for inspection);
+    `rows` are the round's prompt rows (rollout row i completes rows[prompt_index[i]])."""
 
+    rows: list[dict[str, Any]]
     rollout: Rollout
     scores: Tensor
     old_logprobs: Tensor
@@ -301,15 +330,18 @@ class PPOStepSource:
 
     An iteration yields epochs x (rollout_batch_size / train.batch_size) optimizer steps. Rows of a
     minibatch are ordered by length into micro-batches of train.micro_batch_size (the loss is divided by
-    the minibatch's normaliser, so the grouping changes the compute, not the gradient).
+    the minibatch's normaliser, so the grouping changes the compute, not the gradient). With `gold`, a
+    micro-batch also carries the gold answers of its prompts (each prompt once per minibatch) and the
+    minibatch's gold-token count, for the SFT term.
     """
 
     def __init__(self, algo: PPOAlgoConfig, sampling: SamplingConfig, train: TrainConfig, seed: int,
                  prepared: Prepared, engine: RolloutEngine, model: ActorCritic, rewards: WeightedRewards, *,
-                 task: Task | None = None, reference: Reference | None = None, samples: Path | None = None) -> None:
+                 task: Task | None = None, reference: Reference | None = None, gold: GoldAnswers | None = None,
+                 samples: Path | None = None) -> None:
         self.algo, self.train, self.seed = algo, train, seed
-        self.engine, self.model, self.rewards, self.task, self.reference, self.samples = (
-            engine, model, rewards, task, reference, samples)
+        self.engine, self.model, self.rewards, self.task, self.reference, self.gold, self.samples = (
+            engine, model, rewards, task, reference, gold, samples)
         self.prompts = PromptStream(prepared.dataset, algo.rollout_batch_size // sampling.samples_per_prompt, seed)
         self.params = sampling.params(sampling.samples_per_prompt)
         self.kl = kl_controller(algo)
@@ -337,6 +369,8 @@ class PPOStepSource:
         rows, rollout = self.prompts.sample(self.engine, self.params)
         generation_s = time.perf_counter() - start
         completions = completions_of(rollout, rows)
+        if self.gold is not None:
+            self.gold.prepare(rows)
         scores = self.rewards(completions)
         score = scores.total.clone()
         if self.algo.missing_eos_penalty is not None:
@@ -349,20 +383,25 @@ class PPOStepSource:
         kl = kl_penalty(old_logprobs, ref_logprobs, self.algo.kl_kind) * mask
         beta = self.kl.beta
         rewards = token_rewards(score, kl, mask, beta)
-        advantages, returns = ppo_advantages(rewards, values, mask, self.algo.gamma, self.algo.lam,
-                                             self.algo.whiten_advantages)
-        self.last = PPOBatch(rollout, score, old_logprobs, ref_logprobs, values, kl, rewards, advantages, returns,
+        if self.model.has_values:
+            advantages, returns = ppo_advantages(rewards, values, mask, self.algo.gamma, self.algo.lam,
+                                                 self.algo.whiten_advantages)
+            raw_advantages = returns - values
+            value_metrics = {"returns": masked_mean(returns, mask).item(), "values": masked_mean(values, mask).item(),
+                             "value_explained_variance": explained_variance(values, returns, mask)}
+        else:  # critic-free: the estimator reads the per-sequence sum of r_t, i.e. score - beta * summed KL
+            inputs = AdvantageInputs(rewards=rewards, response_mask=mask, group_ids=rollout.prompt_index)
+            advantages, returns = get_advantage_estimator(self.algo.advantage)(inputs, gamma=1.0, lam=1.0)
+            raw_advantages, value_metrics = advantages, {}
+        self.last = PPOBatch(rows, rollout, score, old_logprobs, ref_logprobs, values, kl, rewards, advantages, returns,
                              beta)
         sequence_kl = kl.sum(dim=1)
         self.kl.update(sequence_kl.mean().item(), len(score))
-        raw_advantages = returns - values
         metrics = {**reward_metrics(rollout, completions, scores, self.task),
                    "score": score.mean().item(), "kl": sequence_kl.mean().item(), "beta": beta,
                    "non_score_reward": (-beta * sequence_kl).mean().item(),
-                   "returns": masked_mean(returns, mask).item(), "advantages": masked_mean(raw_advantages, mask).item(),
-                   "advantages_std": masked_var(raw_advantages, mask).sqrt().item(),
-                   "values": masked_mean(values, mask).item(),
-                   "value_explained_variance": explained_variance(values, returns, mask),
+                   "advantages": masked_mean(raw_advantages, mask).item(),
+                   "advantages_std": masked_var(raw_advantages, mask).sqrt().item(), **value_metrics,
                    "logprob_mismatch": masked_mean((rollout.logprobs - old_logprobs).abs(), mask).item(),
                    "generation_s": generation_s}
         self._write_samples(rollout, completions, scores, score, sequence_kl)
@@ -385,7 +424,8 @@ class PPOStepSource:
 
     @torch.no_grad()
     def _evaluate(self, rollout: Rollout, micro_batches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """pi_old's logprobs and V_old of every row, computed on the micro-batches the first epoch trains on."""
+        """pi_old's logprobs and V_old of every row (0 without a critic), computed on the micro-batches the
+        first epoch trains on."""
         dtype = next(self.model.parameters()).dtype
         logprobs, values = (torch.zeros(rollout.logprobs.shape, dtype=dtype) for _ in range(2))
         was_training = self.model.training
@@ -395,7 +435,9 @@ class PPOStepSource:
                 sub = rollout.select(rows)
                 sub_logprobs, _, sub_values = rollout_forward(self.model, sub)
                 width = sub.completion_ids.shape[1]
-                logprobs[rows, :width], values[rows, :width] = sub_logprobs, sub_values
+                logprobs[rows, :width] = sub_logprobs
+                if sub_values is not None:
+                    values[rows, :width] = sub_values
         finally:
             self.model.train(was_training)
         return logprobs, values
@@ -424,12 +466,27 @@ class PPOStepSource:
                                   for name in ("old_logprobs", "values", "advantages", "returns")}
                                  | {"rollout": sub, "mask": mask[sub_rows, :width],
                                     "token_share": float(mask[sub_rows].sum()) / token_total if token_total else 0.0})
+                if self.gold is not None:
+                    self._add_gold(micro, [rollout.prompt_index[r] for r in micro_batches])
                 tokens = int(rollout.prompt_mask[rows].sum() + rollout.response_mask[rows].sum())
                 step_metrics = {**metrics, "ppo_epoch": epoch + 1, "minibatch": index + 1}
                 if out:  # the rollout's cost is reported once, with the iteration's first step
                     step_metrics.update(generation_s=0.0, scoring_s=0.0)
                 out.append(StepBatch(micro_batches=micro, normaliser=normaliser, tokens=tokens, metrics=step_metrics))
         return out
+
+    def _add_gold(self, micro: list[dict[str, Any]], prompt_index: list[Tensor]) -> None:
+        """Each micro-batch's gold rows (a prompt in the micro-batch that first has one of its completions)
+        and the minibatch's gold-token count, the SFT term's normaliser."""
+        seen: set[int] = set()
+        counts = []
+        for batch, prompts in zip(micro, prompt_index, strict=True):
+            fresh = [p for p in dict.fromkeys(prompts.tolist()) if p not in seen]
+            seen.update(fresh)
+            batch["sft"], count = self.gold.batch(fresh)
+            counts.append(count)
+        for batch in micro:
+            batch["sft_normaliser"] = sum(counts)
 
     def _write_samples(self, rollout: Rollout, completions: Any, scores: Any, score: Tensor,
                        sequence_kl: Tensor) -> None:
@@ -445,8 +502,9 @@ class PPOStepSource:
 
 
 def ppo_loss_fn(cfg: PPOAlgoConfig, max_new_tokens: int):
-    """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy of a micro-batch, already
-    divided by the minibatch's normaliser; statistics are weighted by the micro-batch's token share."""
+    """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy (+ sft_coef * the NLL of the
+    micro-batch's gold answers, over the minibatch's gold tokens) of a micro-batch, already divided by the
+    minibatch's normaliser; statistics are weighted by the micro-batch's token share."""
     pg_loss_fn = get_policy_loss(cfg.policy_loss)
 
     def loss_fn(model: ActorCritic, batch: dict[str, Any], normaliser: float) -> tuple[Tensor, dict[str, float]]:
@@ -454,17 +512,23 @@ def ppo_loss_fn(cfg: PPOAlgoConfig, max_new_tokens: int):
         logprobs, entropy, values = rollout_forward(model, batch["rollout"], entropy_grad=cfg.entropy_coef > 0)
         pg = pg_loss_fn(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_low=cfg.clip,
                         clip_high=None, dual_clip=None, agg=cfg.agg, normaliser=normaliser, max_length=max_new_tokens)
-        vf = value_loss(values, batch["values"], batch["returns"], mask, clip=cfg.value_clip, agg=cfg.agg,
-                        normaliser=normaliser, max_length=max_new_tokens)
-        loss = pg.loss + cfg.vf_coef * vf.loss
+        loss, metrics = pg.loss, {"pg_loss": pg.loss.item()}
+        if values is not None:  # critic-free advantages train no value
+            vf = value_loss(values, batch["values"], batch["returns"], mask, clip=cfg.value_clip, agg=cfg.agg,
+                            normaliser=normaliser, max_length=max_new_tokens)
+            loss = loss + cfg.vf_coef * vf.loss
+            metrics |= {"value_loss": vf.loss.item(), "value_clip_fraction": vf.clip_fraction.item() * share}
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.agg, normaliser, max_new_tokens)
+        if cfg.sft_coef > 0 and batch.get("sft") is not None:
+            gold_logprobs, gold_mask = response_logprobs(model.actor, batch["sft"])
+            sft = sft_loss(gold_logprobs, gold_mask, normaliser=batch["sft_normaliser"])
+            loss = loss + cfg.sft_coef * sft
+            metrics["sft_loss"] = sft.item()
         ratio = torch.exp(logprobs.detach() - batch["old_logprobs"])
-        metrics = {"loss": loss.item(), "pg_loss": pg.loss.item(), "value_loss": vf.loss.item(),
-                   "clip_fraction": pg.clip_fraction.item() * share, "approx_kl": pg.approx_kl.item() * share,
-                   "value_clip_fraction": vf.clip_fraction.item() * share,
-                   "ratio": masked_mean(ratio, mask).item() * share,
-                   "entropy": masked_mean(entropy.detach(), mask).item() * share}
+        metrics |= {"loss": loss.item(), "clip_fraction": pg.clip_fraction.item() * share,
+                    "approx_kl": pg.approx_kl.item() * share, "ratio": masked_mean(ratio, mask).item() * share,
+                    "entropy": masked_mean(entropy.detach(), mask).item() * share}
         return loss, metrics
 
     return loss_fn

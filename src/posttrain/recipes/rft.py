@@ -9,6 +9,11 @@ on the rollout -> per-token reward -> GAE -> epochs x minibatches core of the PP
 `reward.grader` (the `grader` reward function: string_check, text_similarity, python, score_model, multi,
 teacher; see `posttrain.rewards.graders`), optionally mixed with task verifiers or a reward model.
 
+Options of that core: `ppo.advantage=grpo` (or rloo, dr_grpo, ...) replaces critic and GAE by a group
+baseline over the sampling.samples_per_prompt completions of each prompt (no critic is built or trained);
+`ppo.sft_coef=alpha` blends in an SFT term on the reference answers, loss = L_PPO + alpha * L_SFT with
+L_SFT the token-mean NLL of each minibatch's prompts' gold answers rendered as the assistant turn.
+
 All roads lead to likelihood. SFT, rejection sampling, offline RFT and DPO all maximise a weighted
 log-likelihood of responses y to prompts x, and differ only in where the responses and weights come from:
 

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from posttrain.config import param
 from posttrain.data.config import DataConfig
+from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
@@ -126,6 +128,33 @@ class PromptStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order.load_state_dict(state["prompts"])
         self.rounds = state["rounds"]
+
+
+class GoldAnswers:
+    """The data of an SFT term on reference answers: a round's prompts, each with its gold answer as the
+    assistant turn (for a built-in task, exactly the completion its SFT data trains on), through the
+    data pipeline (chat template, response mask, EOS). A gold row longer than data.max_length is left out.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> None:
+        self.tokenizer = tokenizer
+        self.data = DataConfig(source="<gold>", max_length=data.max_length, template=data.template,
+                               thinking=data.thinking, truncation="drop")
+        self.prepared: Prepared | None = None
+        self.row_of: dict[int, int] = {}
+
+    def prepare(self, rows: list[dict[str, Any]]) -> None:
+        """Tokenise the gold answers of a round's prompt rows (row i is prompt index i of the rollout)."""
+        pairs = [{"prompt": row["prompt"], "completion": row["answer"]} for row in rows]
+        self.prepared = prepare_data(self.data, self.tokenizer, accepts=("completion",), rows=pairs)
+        self.row_of = {line - 1: i for i, line in enumerate(self.prepared.dataset["line"])}
+
+    def batch(self, prompts: list[int]) -> tuple[dict[str, Any] | None, float]:
+        """The collated gold rows of these prompt indices and their trained-token count (None, 0: none)."""
+        samples = [self.prepared.dataset[self.row_of[p]] for p in prompts if p in self.row_of]
+        if not samples:
+            return None, 0.0
+        return self.prepared.collator(samples), float(sum(sum(s["response_mask"]) for s in samples))
 
 
 def completions_of(rollout: Rollout, rows: list[dict[str, Any]]) -> Completions:
