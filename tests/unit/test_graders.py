@@ -308,3 +308,32 @@ def test_templates_are_sandboxed():
             "input": "{{ sample.__class__.__mro__[1].__subclasses__() }}"}
     with pytest.raises(Exception, match="unsafe|not safely|access"):
         grade(spec, ["x"], [{}])
+
+
+def test_the_shipped_teacher_grader_scores_explanations_by_the_students_likelihood(tmp_path, monkeypatch,
+                                                                                 tiny_model, tokenizer):
+    from posttrain.data.config import DataConfig
+    from posttrain.data.tokenize import Encoder
+    from posttrain.models import save_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    save_pretrained(tiny_model, tokenizer, tmp_path / "runs" / "sft" / "final")  # the config's student
+    rewards = WeightedRewards({"grader": (grader_reward(grader_path="teacher-arith"), 1.0)})
+    prompt = "What is 2+2? 4\nWhat is 3+4? The answer is 7. Explain it."
+    explanations = ["3 plus 4 is 7", "add three to four"]
+    scores = rewards(Completions(prompts=[[{"role": "user", "content": prompt}]] * 2, completions=explanations,
+                                 answers=["7", "7"], steps=[[], []]))
+    # By hand: the student reads the last "What is ...?" of the prompt, then explanation, "\nAnswer: ", answer.
+    encoder = Encoder.from_config(tokenizer, DataConfig())
+    question = encoder.encode_prompt([{"role": "user", "content": "What is 3+4?", "reasoning": None}])
+    answer = tokenizer.encode("7", add_special_tokens=False)
+    for explanation, score in zip(explanations, scores.total.tolist(), strict=True):
+        explain = tokenizer.encode(explanation + "\nAnswer: ", add_special_tokens=False)
+        ids = question + explain + answer
+        with torch.no_grad():
+            logprobs = tiny_model(input_ids=torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+        token_logprobs = logprobs.gather(-1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+        explain_logp = token_logprobs[len(question) - 1:len(question) - 1 + len(explain)].mean().item()
+        answer_logp = token_logprobs[len(question) - 1 + len(explain):].mean().item()
+        assert score == pytest.approx(math.exp(min(0.0, answer_logp + 0.1 * explain_logp)), rel=1e-4)
+    assert scores.total[0] != scores.total[1]
