@@ -97,6 +97,18 @@ def _sampled_eval(stage: DemoStage, run_dir: Path, summary: dict[str, Any], quic
     return measured
 
 
+def _measured_before(stage: DemoStage, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The accuracy of the model a post-training stage starts from, as its base stage measured it at the end
+    (the same task, seed and held-out problems: the first N distinct ones), or {} when it has to be measured."""
+    base = summaries.get(stage.builds_on or "", {})
+    if not stage.is_policy or stage.stage == "sft" or base.get("accuracy") is None:
+        return {}
+    before = {"accuracy_before": base["accuracy"]}
+    if base.get("step_accuracy") is not None:
+        before["step_accuracy_before"] = base["step_accuracy"]
+    return before
+
+
 def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, stages: list[str] | None = None,
              console: Console | None = None) -> dict[str, dict[str, Any]]:
     console = console or Console()
@@ -122,17 +134,19 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
                 raise ConfigError(f"stage {stage.name!r} builds on {stage.builds_on!r}, which has not run yet "
                                   f"(no {base})", field="--stages")
             overrides.append(f"model.path={base}")
+        before = _measured_before(stage, summaries)
+        if before:  # the base stage measured itself on the same held-out problems: not again
+            overrides.append("eval_before=false")
         start = time.perf_counter()
         result = recipes.run_stage(stage.stage, stage.recipe, overrides, quick=quick)
         if result.final_dir is None:  # stopped by a signal: the checkpoint is kept, the demo stops here
             console.print(table)
             return summaries
-        summaries[stage.name] = {**result.summary, **_sampled_eval(stage, result.run_dir, result.summary, quick),
-                                 "seconds": time.perf_counter() - start}
+        summary = {**result.summary, **before, **_sampled_eval(stage, result.run_dir, result.summary, quick)}
+        summaries[stage.name] = {**summary, "seconds": time.perf_counter() - start}
         summary_file.parent.mkdir(parents=True, exist_ok=True)
         summary_file.write_text(json.dumps(summaries, indent=2))
-        table.add_row(stage.name, f"{summaries[stage.name]['seconds']:.0f}s", stage.headline(result.summary),
-                      str(final))
+        table.add_row(stage.name, f"{summaries[stage.name]['seconds']:.0f}s", stage.headline(summary), str(final))
     console.print(table)
     if summaries:
         report = write_demo_report(out_dir, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})

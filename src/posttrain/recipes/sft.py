@@ -25,6 +25,7 @@ from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accu
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.recipes.rl import accuracy_summary
 from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.forward import response_logprobs
@@ -69,10 +70,7 @@ def main(cfg: SFTConfig) -> RunResult:
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
     summary = {"trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
                "trained_tokens": result.tokens, "seconds": result.seconds, "final_loss": result.last.get("loss"),
-               **({"accuracy_before": before.accuracy} if before else {}),
-               "accuracy": result.last.get("eval_accuracy"),
-               "accuracy_ci": [result.last.get("eval_accuracy_ci_low"), result.last.get("eval_accuracy_ci_high")],
-               "eval_problems": cfg.eval.problems, "data": prepared.tokenized.stats.as_dict()}
+               **accuracy_summary(before, result.last, cfg.eval), "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"SFT on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
