@@ -67,7 +67,8 @@ STAGE_HELP = {
     "rejection": "Rejection sampling: best-of-N (or above a threshold) by graders / verifier / RM, SFT on the kept, "
                  "R rounds.",
     "ppo": "RLHF with PPO: actor, critic (separate or shared trunk), reference, reward model and/or verifier, GAE.",
-    "rft": "Reinforcement fine-tuning: PPO (clipped surrogate, critic with the clipped value loss) against graders.",
+    "rft": "Reinforcement fine-tuning: PPO (clipped surrogate, critic with the clipped value loss) against graders; "
+           "mode=offline: grader-weighted likelihood on a fixed labelled set.",
 }
 
 

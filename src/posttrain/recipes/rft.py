@@ -27,14 +27,19 @@ log-likelihood of responses y to prompts x, and differ only in where the respons
                         responses are fresh samples, and the clip keeps the weights' policy close
 
 In this code base `algos.sft_loss(..., weights=)` is that one objective, and `recipes.sft.step_source(...,
-weights=)` trains it: the rejection recipe feeds it 0/1 weights over its own samples.
+weights=)` trains it: the rejection recipe feeds it 0/1 weights over its own samples, and offline RFT
+(`mode=offline`, `recipes.rft_offline`) the graders' scores of a fixed labelled set: every response of
+the data set (for a built-in task, each problem's correct completion and its plausible wrong ones) is
+scored once, and the responses train with their scores as weights — 0/1 scores give SFT on the responses
+scored 1 exactly, partial credit weights the near misses in between.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from posttrain.config import RunConfig, section
+from posttrain.config import RunConfig, param, section
+from posttrain.recipes import rft_offline
 from posttrain.recipes.ppo import PPOConfig, train_ppo
 from posttrain.recipes.rl import RewardConfig
 from posttrain.run import RunResult
@@ -46,8 +51,13 @@ class RFTConfig(PPOConfig):
     reward: RewardConfig = section(lambda: RewardConfig(functions={"grader": 1.0}, grader="arith-partial"),
                                    "Graders (reward.grader) and any other reward functions, scored at the last "
                                    "token.")
+    mode: str = param("online", "online: PPO on fresh samples; offline: reward-weighted likelihood on the data "
+                                "set's own responses, scored once by the graders (see recipes.rft_offline; "
+                                "sampling, critic and ppo are unused).", choices=("online", "offline"))
 
 
 def main(cfg: RFTConfig) -> RunResult:
+    if cfg.mode == "offline":
+        return rft_offline.main(cfg)
     graders = f" (grader {cfg.reward.grader})" if cfg.reward.grader else ""
     return train_ppo(cfg, stage="rft", title=f"RFT: PPO with graders{graders} on {cfg.data.source}")

@@ -1,0 +1,174 @@
+"""Offline RFT (`posttrain rft mode=offline`): reward-weighted likelihood on a fixed labelled data set.
+
+Every response of the data set is scored once by the configured graders (`reward.functions`,
+`reward.grader`), and the policy maximises the weighted likelihood
+
+    L = - sum_i w_i log p(y_i | x_i) / sum_i w_i |y_i|        w_i = the score of response y_i (>= 0)
+
+with `recipes.sft.step_source(..., weights=)` and the SFT loss: 0/1 scores make it SFT on the responses
+scored 1, partial credit in [0, 1] weights the near misses in between (`recipes.rft` spells out the
+family: SFT, rejection sampling, offline RFT, DPO). Responses scoring 0 are left out (they add nothing
+to the loss or its normaliser). No sampling, no critic, no reference model.
+
+The data: prompts with candidate responses and the gold answer the graders read (`item.answer`):
+
+    a built-in task (data.source=arith): per problem its correct completion and its plausible wrong
+        ones (the task's ranking rows), with the gold answers of its verifiable rows;
+    a file: ranking rows (prompt, responses) or completion rows (prompt, completion) with an `answer`
+        column (and optional `steps`), e.g. {"prompt": "What is 2+3?", "completion": "6", "answer": "5"}.
+
+The scored set is written to scored.jsonl in the run directory (every response with its score and the
+score of each grader).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.data.config import DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.data.sources import load_rows
+from posttrain.data.tasks.base import THINK_CLOSE, THINK_OPEN
+from posttrain.errors import ConfigError, DataError
+from posttrain.eval.accuracy import accuracy_evaluator, heldout_accuracy
+from posttrain.eval.report import write_training_report
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models.adapters import apply_adapter, save_trained
+from posttrain.recipes.rl import accuracy_summary, build_rewards, check_reward_functions, resolve_task
+from posttrain.recipes.sft import sft_loss_fn, step_source
+from posttrain.rewards.functions import Completions, Scores, WeightedRewards
+from posttrain.run import RunResult, prepare_run_dir
+from posttrain.train.dist import is_main_process
+from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.metrics import append_jsonl
+from posttrain.train.seed import seed_everything, set_threads
+from posttrain.train.sources import ShuffledStepSource
+
+RESPONSE_FORMATS = ("ranking", "completion")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One response to score and train on: its prompt and response as messages, the response's text
+    (what a grader reads as sample.output_text) and the row's gold answer and steps."""
+
+    prompt: list[dict[str, Any]]
+    response: list[dict[str, Any]]
+    text: str
+    answer: str
+    steps: list[str]
+
+
+def main(cfg: Any) -> RunResult:
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    check_config(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    rewards = build_rewards(cfg.reward, resolve_task(cfg))
+    candidates = load_candidates(cfg.data)
+    scores = score_candidates(candidates, rewards)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="rft")
+    scored_file = run_dir.path / "scored.jsonl"
+    if is_main_process():
+        scored_file.unlink(missing_ok=True)  # a resumed run scores the same set again: keep one copy
+    append_jsonl(scored_file, scored_records(candidates, scores))
+    source, trained = weighted_step_source(candidates, scores.total.tolist(), cfg.data, tokenizer, cfg.train,
+                                           cfg.run.seed)
+
+    before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    model = apply_adapter(model, cfg.adapter)
+    trainer = Trainer(stage="rft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                      model=model)
+    result = trainer.fit(source, sft_loss_fn, accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval,
+                                                                 run_dir.samples),
+                         progress_keys=("loss", "eval_accuracy"))
+    if result.interrupted:
+        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
+
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    summary = {"mode": "offline", "responses": len(candidates), "trained_responses": trained,
+               "mean_weight": scores.total.mean().item(),
+               **{f"mean_{name}": values.mean().item() for name, values in scores.by_function.items()},
+               "grader_errors": len(scores.errors),
+               "trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
+               "trained_tokens": result.tokens, "seconds": result.seconds, "final_loss": result.last.get("loss"),
+               **accuracy_summary(before, result.last, cfg.eval)}
+    write_training_report(run_dir, f"Offline RFT (reward-weighted likelihood) on {cfg.data.source}", summary)
+    return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def check_config(cfg: Any) -> None:
+    if not cfg.model.path:
+        raise ConfigError("offline RFT trains an existing model: set model.path (e.g. runs/sft/final)",
+                          field="model.path")
+    if cfg.data.batch_mode != "padded":
+        raise ConfigError("offline RFT weights each response's likelihood: it trains padded batches",
+                          field="data.batch_mode")
+    check_reward_functions(cfg.reward)
+
+
+def load_candidates(data: DataConfig) -> list[Candidate]:
+    """Every (prompt, response) of the data set with its row's gold answer: the responses of ranking or
+    completion rows, the answers of the same source read as verifiable rows (row by row)."""
+    responses = load_rows(data, accepts=RESPONSE_FORMATS)
+    gold = load_rows(dataclasses.replace(data, format="verifiable"), accepts=("verifiable",))
+    if len(gold.dataset) != len(responses.dataset):
+        raise DataError(f"{len(responses.dataset)} rows of responses but {len(gold.dataset)} with an answer",
+                        file=responses.name)
+    out = []
+    for row, item in zip(responses.dataset, gold.dataset, strict=True):
+        if row["prompt"] != item["prompt"]:
+            raise DataError("the prompt read with the responses differs from the one read with the answer",
+                            file=responses.name, line=row["line"], field="prompt")
+        for response in row["responses"] if responses.format == "ranking" else [row["completion"]]:
+            out.append(Candidate(prompt=row["prompt"], response=response, text=response_text(response),
+                                 answer=item["answer"], steps=list(item["steps"] or [])))
+    return out
+
+
+def response_text(messages: Sequence[dict[str, Any]]) -> str:
+    """What the model would have written: the last assistant turn, its reasoning as a thinking block."""
+    turn = [m for m in messages if m["role"] == "assistant"][-1]
+    thinking = f"{THINK_OPEN}{turn['reasoning']}{THINK_CLOSE}" if turn.get("reasoning") is not None else ""
+    return thinking + turn["content"]
+
+
+def score_candidates(candidates: Sequence[Candidate], rewards: WeightedRewards) -> Scores:
+    """The reward of every response, checked to be a usable likelihood weight (finite, >= 0)."""
+    scores = rewards(Completions(prompts=[c.prompt for c in candidates], completions=[c.text for c in candidates],
+                                 answers=[c.answer for c in candidates], steps=[c.steps for c in candidates]))
+    total = scores.total
+    if not bool(torch.isfinite(total).all()) or bool((total < 0).any()):
+        raise ConfigError(f"offline RFT weights each response's likelihood by its reward, which must be finite and "
+                          f">= 0 (got {total.min().item():g} .. {total.max().item():g}): use graders or "
+                          "non-negative reward functions", field="reward.functions")
+    if not bool((total > 0).any()):
+        raise DataError(f"every one of the {len(candidates)} responses scores 0: nothing to train on")
+    return scores
+
+
+def weighted_step_source(candidates: Sequence[Candidate], weights: Sequence[float], data: DataConfig,
+                         tokenizer: PreTrainedTokenizerBase, train: TrainConfig,
+                         seed: int) -> tuple[ShuffledStepSource, int]:
+    """The SFT step source over the responses weighted > 0, each with its weight; and how many those are."""
+    positive = [i for i, w in enumerate(weights) if w > 0]
+    pairs = [{"prompt": candidates[i].prompt, "completion": candidates[i].response} for i in positive]
+    scored = DataConfig(source="<scored>", max_length=data.max_length, truncation=data.truncation,
+                        loss_on=data.loss_on, template=data.template, thinking=data.thinking)
+    prepared = prepare_data(scored, tokenizer, accepts=("completion",), rows=pairs)
+    # Rows too long for data.max_length may be dropped: `line` says which candidate each kept row is.
+    row_weights = [float(weights[positive[line - 1]]) for line in prepared.dataset["line"]]
+    return step_source(prepared, train, seed, weights=row_weights), len(row_weights)
+
+
+def scored_records(candidates: Sequence[Candidate], scores: Scores) -> list[dict[str, Any]]:
+    errors = {e["row"]: e["error"] for e in scores.errors}
+    return [{"prompt": c.prompt[-1]["content"], "completion": c.text, "answer": c.answer,
+             "reward": scores.total[i].item(), "rewards": {k: v[i].item() for k, v in scores.by_function.items()},
+             **({"error": errors[i]} if i in errors else {})} for i, c in enumerate(candidates)]

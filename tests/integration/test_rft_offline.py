@@ -1,0 +1,96 @@
+"""Offline RFT: 0/1 scores train exactly like SFT on the responses scored 1; partial credit gives the weighted
+NLL computed token by token; a run scores every response of a built-in task and trains on those scored > 0."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import ModelConfig, load_config
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.data.tasks import get_task
+from posttrain.errors import ConfigError
+from posttrain.models import build_model, save_pretrained
+from posttrain.recipes import find_recipe
+from posttrain.recipes.rft import RFTConfig, main
+from posttrain.recipes.rft_offline import load_candidates, score_candidates, weighted_step_source
+from posttrain.recipes.rl import RewardConfig, build_rewards
+from posttrain.recipes.sft import sft_loss_fn, step_source
+from posttrain.rewards.functions import WeightedRewards
+from posttrain.train.engine import TrainConfig
+
+
+def test_zero_one_scores_train_exactly_like_sft_on_the_responses_scored_one(tiny_model, tokenizer):
+    data = DataConfig(source="arith", size=6)
+    candidates = load_candidates(data)  # per problem: the correct completion and 3 plausible wrong ones
+    assert len(candidates) == 24 and sum(c.text == c.answer for c in candidates) == 6
+    scores = score_candidates(candidates, build_rewards(RewardConfig(functions={"correct": 1.0}), get_task("arith")))
+    assert scores.total.tolist() == [float(c.text == c.answer) for c in candidates]
+    train = TrainConfig(batch_size=4, micro_batch_size=4)
+    offline, trained = weighted_step_source(candidates, scores.total.tolist(), data, tokenizer, train, seed=0)
+    sft = step_source(prepare_data(data, tokenizer, accepts=STAGE_FORMATS["sft"]), train, 0)
+    assert trained == 6
+    for _ in range(3):  # across an epoch boundary: the same rows in the same order
+        ours, theirs = offline.next_step(), sft.next_step()
+        assert ours.normaliser == theirs.normaliser
+        ours_loss, _ = sft_loss_fn(tiny_model, ours.micro_batches[0], ours.normaliser)
+        sft_loss, _ = sft_loss_fn(tiny_model, theirs.micro_batches[0], theirs.normaliser)
+        assert torch.equal(ours_loss, sft_loss)
+
+
+def test_partial_credit_gives_the_weighted_nll_by_hand(tiny_model, tokenizer, tmp_path):
+    rows = [("What is 2+3?", "5", "5"), ("What is 2+3?", "6", "5"), ("What is 7*8?", "54", "56"),
+            ("What is 7*8?", "no idea", "56"), ("What is 9-4?", "5", "5")]
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c, "answer": a}) + "\n" for p, c, a in rows))
+    candidates = load_candidates(DataConfig(source=str(path)))
+    rewards = build_rewards(RewardConfig(functions={"grader": 1.0}, grader="arith-partial"), None)
+    weights = score_candidates(candidates, rewards).total.tolist()
+    # arith-partial: 0.7 * exact + 0.3 / (1 + |error|); no number at all scores 0.
+    assert weights == pytest.approx([1.0, 0.15, 0.1, 0.0, 1.0])
+    source, trained = weighted_step_source(candidates, weights, DataConfig(), tokenizer,
+                                           TrainConfig(batch_size=4, micro_batch_size=4), seed=0)
+    assert trained == 4  # the response scoring 0 is left out
+    step = source.next_step()
+    loss, _ = sft_loss_fn(tiny_model, step.micro_batches[0], step.normaliser)
+    # By hand: sum_i w_i * NLL(completion_i + EOS | prompt_i) / sum_i w_i * (tokens of completion_i + EOS).
+    weighted_nll, weighted_tokens = 0.0, 0.0
+    for (prompt, completion, _), weight in zip(rows, weights, strict=True):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        target = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = tiny_model(input_ids=torch.tensor([prompt_ids + target])).logits[0].double()
+        logprobs = logits[len(prompt_ids) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(target).unsqueeze(1))
+        weighted_nll -= weight * logprobs.sum().item()
+        weighted_tokens += weight * len(target)
+    assert step.normaliser == pytest.approx(weighted_tokens)
+    assert loss.item() == pytest.approx(weighted_nll / weighted_tokens, rel=1e-5)
+
+
+def test_negative_rewards_are_refused_as_weights():
+    candidates = load_candidates(DataConfig(source="arith", size=2))
+    negative = WeightedRewards({"minus": (lambda batch: [-0.5] * len(batch.completions), 1.0)})
+    with pytest.raises(ConfigError, match="reward.functions"):
+        score_candidates(candidates, negative)
+
+
+def test_an_offline_run_scores_every_response_and_trains_on_the_credited(tokenizer, tmp_path):
+    model_dir = save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer,
+                                tmp_path / "lm")
+    overrides = [f"model.path={model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "train.save_every=0",
+                 "mode=offline", "data.size=8", "train.max_steps=2", "train.batch_size=4",
+                 "train.micro_batch_size=4", "eval.problems=4", "eval.max_new_tokens=4", "eval_before=false"]
+    result = main(load_config(RFTConfig, find_recipe("rft").path, overrides))
+    scored = [json.loads(line) for line in (result.run_dir / "scored.jsonl").read_text().splitlines()]
+    assert len(scored) == 8 * 4 and {"reward", "rewards", "completion", "answer"} <= set(scored[0])
+    for record in scored:  # the shipped arith-partial grader: full marks exactly for the right answer
+        assert (record["reward"] == 1.0) == (record["completion"] == record["answer"])
+    # Every wrong arith answer is a number near the truth: all 32 get some credit and train, with their weights.
+    assert result.summary["trained_responses"] == sum(r["reward"] > 0 for r in scored) == 32
+    assert result.summary["mean_weight"] == pytest.approx(sum(r["reward"] for r in scored) / 32)
+    assert result.summary["steps"] == 2 and (result.final_dir / "config.json").is_file()
