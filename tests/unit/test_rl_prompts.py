@@ -38,12 +38,16 @@ def first_draw(seed: int) -> float:
 def test_a_single_process_seeds_round_r_with_seed_times_1000003_plus_r():
     calls = draws(seed=3)
     assert [draw for _, draw in calls] == [first_draw(3_000_009), first_draw(3_000_010)]
+    assert all(len(prompts) == 2 for prompts, _ in calls)
 
 
-def test_each_rank_samples_with_its_own_seed(monkeypatch):
+def test_each_rank_samples_its_share_of_the_prompts_with_its_own_seed(monkeypatch):
+    single = draws(seed=3)
     monkeypatch.setattr(dist, "context", lambda: dist.DistContext(rank=0, world_size=2))
     rank0 = draws(seed=3)
     monkeypatch.setattr(dist, "context", lambda: dist.DistContext(rank=1, world_size=2))
     rank1 = draws(seed=3)
     assert [d for _, d in rank0] == [first_draw(3_000_009), first_draw(3_000_010)]  # rank 0: unchanged
+    for r in range(2):  # the two ranks' prompts together are the single process's round
+        assert rank0[r][0] + rank1[r][0] == single[r][0]
     assert [d for _, d in rank1] == [first_draw(3_000_009 + 1_000_000_007), first_draw(3_000_010 + 1_000_000_007)]
