@@ -276,3 +276,26 @@ def test_the_token_mean_loss_is_invariant_to_micro_batching(tiny_model, tokenize
         step = source.next_step()
         grads.append(gradient(model, step, grpo_loss_fn(source.cfg.loss, 6)))
     assert_close(grads[1], grads[0])  # 16 rows in one micro-batch, or in micro-batches of 5, 5, 5 and 1
+
+
+@pytest.mark.parametrize("capacity", [256, 12])
+def test_padding_free_and_padded_forwards_give_the_same_loss_gradient(tiny_model, tokenizer, capacity):
+    model = tiny_model.double()
+    reference = Reference.frozen_copy(model)
+    with torch.no_grad():  # off the reference, so the KL term has a gradient too
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-2)
+    source = make_source(model, tokenizer, "train.micro_batch_size=6", "loss.beta=0.2", reference=reference)
+    handle = eos_bias(model, 4.0)  # some completions end in EOS, the others run into max_new_tokens
+    try:
+        step = source.next_step()
+    finally:
+        handle.remove()
+    assert 0 < sum(r == "eos" for r in source.last_rollout.finish_reasons) < 16
+    grads = []
+    for padding_free in (True, False):
+        cfg = dataclasses.replace(source.cfg.loss, padding_free=padding_free, padding_free_capacity=capacity)
+        fresh = dataclasses.replace(step, micro_batches=[dict(b) for b in step.micro_batches])  # no stored old logprobs
+        grads.append(gradient(model, fresh, grpo_loss_fn(cfg, 6)))
+    assert grads[0].abs().sum() > 0
+    assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)

@@ -70,7 +70,7 @@ from posttrain.recipes.rl import build_reference as shared_reference
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.steps import Step, StepScorer, locate_steps, prm_step_scorer, verifier_step_scorer
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
-from posttrain.rollout.recompute import policy_logprobs_and_entropy
+from posttrain.rollout.recompute import policy_forward
 from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train import dist
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer
@@ -116,6 +116,12 @@ class GRPOLossConfig:
                                    "logprobs).", ge=1)
     mask_truncated: bool = param(False, "Leave completions cut by max_new_tokens out of the loss (they still "
                                         "count in their group's baseline).")
+    padding_free: bool = param(True, "Policy forward over the real tokens only (packed rows, block-diagonal "
+                                     "mask) instead of the rollout's padded layout: the same logprobs, less "
+                                     "compute. Prefix-tuning adapters always use the padded layout.")
+    padding_free_capacity: int = param(256, "Padding-free: samples are packed into rows of at most this many "
+                                            "tokens (or the longest sample's); attention costs row length x tokens.",
+                                       ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +162,8 @@ def main(cfg: GRPOConfig) -> RunResult:
                             task=task, step_scorer=step_scorer, reference=reference, samples=run_dir.samples)
     trainer = Trainer(stage="grpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
-    result = trainer.fit(source, grpo_loss_fn(cfg.loss, cfg.sampling.max_new_tokens),
+    loss_cfg = dataclasses.replace(cfg.loss, padding_free=cfg.loss.padding_free and cfg.adapter.method != "prefix")
+    result = trainer.fit(source, grpo_loss_fn(loss_cfg, cfg.sampling.max_new_tokens),
                          accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval, run_dir.samples),
                          progress_keys=("reward", "accuracy", "eval_accuracy"))
     if result.interrupted:
@@ -387,10 +394,11 @@ def grpo_loss_fn(cfg: GRPOLossConfig, max_new_tokens: int):
     tokens, so the Trainer's sum over micro-batches is the step's token mean.
     """
     pg_loss_fn = get_policy_loss(cfg.policy_loss)
+    forward = policy_forward(cfg.padding_free, cfg.padding_free_capacity)
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[Tensor, dict[str, float]]:
         rollout, mask, share = batch["rollout"], batch["loss_mask"], batch["token_share"]
-        logprobs, entropy = policy_logprobs_and_entropy(model, rollout)
+        logprobs, entropy = forward(model, rollout)
         first = batch["old_logprobs"] is None
         if first:  # pi_old is the policy that sampled: the policy before this batch's first update
             batch["old_logprobs"] = logprobs.detach()

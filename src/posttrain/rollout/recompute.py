@@ -4,14 +4,27 @@ The sampler's logprobs come from a KV-cached, token-by-token forward; the traine
 forward over prompt + completion. On CPU fp32 they agree to rounding (mean |diff| ~1e-7); a larger
 mismatch means the positions, the masks or the temperature differ between the two, and it biases
 every importance ratio, so recipes report it.
+
+The padded forward runs on the rollout's [B, P + T] layout: left-padded prompts of very different
+lengths and right-padded completions, so a third or more of its tokens can be padding.
+`packed_logprobs_and_entropy` computes the same numbers padding-free: the real tokens of the rows
+packed into a few rows (positions restarting per sample, a block-diagonal causal mask), the
+vocabulary projection only at the positions that predict a completion token, and the result
+scattered back to [B, T].
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
+from posttrain.data.collate import block_causal_mask, pack_bfd
 from posttrain.rollout.base import Rollout
 
 
@@ -33,6 +46,125 @@ def policy_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
     logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                    position_ids=rollout.position_ids, logits_to_keep=width + 1).logits
     return completion_logprobs(logits, rollout, temperature, entropy)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRollout:
+    """A rollout's real tokens (each row's real prompt tokens, then its completion tokens inside the
+    response mask) packed into R rows of width W, and where each completion token's logit comes from.
+
+    input_ids, position_ids [R, W]: positions count from each sample's first real token, as the
+    rollout's. attention_mask [R, 1, W, W]: additive and block-causal (a sample sees only its own past;
+    padding at a row's end is a block of its own). The hidden state at (source_rows[k], source_cols[k])
+    predicts completion token (target_rows[k], target_cols[k]) of the rollout's [B, T]; all four [N].
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    source_rows: Tensor
+    source_cols: Tensor
+    target_rows: Tensor
+    target_cols: Tensor
+
+
+def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
+                 pad_token_id: int = 0) -> PackedRollout:
+    """The padding-free layout of `rollout`: every sample in one row (capacity None), or samples packed
+    best-fit decreasing into rows of at most max(capacity, longest sample) tokens.
+
+    A single row costs attention over all its tokens squared (the mask hides other samples, the kernel
+    still computes them), so large batches are better cut into rows of a few hundred tokens.
+    """
+    prompt_lengths = rollout.prompt_mask.sum(dim=1)
+    completion_lengths = rollout.response_mask.sum(dim=1)
+    if bool((prompt_lengths == 0).any()):
+        raise ValueError("every rollout row needs a real prompt token: it predicts the first completion token")
+    lengths = (prompt_lengths + completion_lengths).tolist()
+    rows = ([list(range(len(lengths)))] if capacity is None
+            else pack_bfd(lengths, max(capacity, max(lengths))))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segments = torch.zeros(shape, dtype=torch.long)
+    real = rollout.attention_mask.bool()
+    all_ids, all_positions = rollout.input_ids, rollout.position_ids
+    source_rows, source_cols, target_rows = [], [], []
+    for r, samples in enumerate(rows):
+        start = 0
+        for k, i in enumerate(samples):
+            n, prompt, completion = lengths[i], int(prompt_lengths[i]), int(completion_lengths[i])
+            input_ids[r, start:start + n] = all_ids[i][real[i]]
+            position_ids[r, start:start + n] = all_positions[i][real[i]]
+            segments[r, start:start + n] = k
+            # Completion token j sits at start + prompt + j; the hidden state before it predicts it.
+            source_cols.append(torch.arange(start + prompt - 1, start + prompt - 1 + completion))
+            source_rows.append(torch.full((completion,), r))
+            target_rows.append(torch.full((completion,), i))
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)
+        segments[r, start:] = len(samples)
+    # The response mask is 1 on a prefix of each completion row: token j of a completion is at column j.
+    target_cols = torch.cat([torch.arange(int(completion_lengths[i])) for row in rows for i in row])
+    device = rollout.input_ids.device
+    return PackedRollout(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                         attention_mask=block_causal_mask(segments, mask_dtype).to(device),
+                         source_rows=torch.cat(source_rows).to(device), source_cols=torch.cat(source_cols).to(device),
+                         target_rows=torch.cat(target_rows).to(device), target_cols=target_cols.to(device))
+
+
+def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None,
+                                entropy: bool = True, capacity: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """`policy_logprobs_and_entropy` without padding: the same [B, T] logprobs (and entropy, a statistic
+    without gradient) from a forward over the rollout's real tokens only (`pack_rollout`; `capacity` as
+    there), with the output projection applied only to the hidden states that predict completion tokens.
+    """
+    packed = pack_rollout(rollout, capacity, mask_dtype=_floating_dtype(model))
+    with _output_head_reads(model, packed.source_rows, packed.source_cols):
+        logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                       position_ids=packed.position_ids, use_cache=False).logits  # [1, N, V]
+    temperature = rollout.temperature if temperature is None else temperature
+    labels = rollout.completion_ids[packed.target_rows, packed.target_cols][None]
+    flat = token_logprobs(logits, labels, temperature)[0]
+    logprobs = flat.new_zeros(rollout.completion_ids.shape).index_put((packed.target_rows, packed.target_cols), flat)
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        flat_entropy = entropy_from_logits(logits.detach(), temperature)[0]
+    values = flat_entropy.new_zeros(rollout.completion_ids.shape)
+    return logprobs, values.index_put((packed.target_rows, packed.target_cols), flat_entropy)
+
+
+def policy_forward(padding_free: bool, capacity: int | None = None) -> Callable[[torch.nn.Module, Rollout],
+                                                                              tuple[Tensor, Tensor | None]]:
+    """The (model, rollout) -> (logprobs, entropy) [B, T] a recipe trains with: padding-free (packed rows of
+    about `capacity` tokens) or on the rollout's padded layout. Both give the same numbers; prefix-tuning
+    adapters need the padded one (their virtual tokens do not fit a block-diagonal mask)."""
+    if padding_free:
+        return functools.partial(packed_logprobs_and_entropy, capacity=capacity)
+    return policy_logprobs_and_entropy
+
+
+@contextlib.contextmanager
+def _output_head_reads(model: torch.nn.Module, rows: Tensor, cols: Tensor) -> Iterator[None]:
+    """While active, the model's output embedding (lm_head) sees only the hidden states at (rows, cols),
+    as one row [1, N, H]: the [R, W, V] logits of prompt and padding positions are never computed. A
+    hook rather than calling the decoder and the head ourselves, so the model's own forward (adapters,
+    logit scaling or soft-capping after the head) stays in charge."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding to compute logits with")
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, cols][None], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _floating_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model's activations (and so an additive attention mask) are in."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def completion_logprobs(logits: Tensor, rollout: Rollout, temperature: float | None = None, entropy: bool = True,
