@@ -72,7 +72,8 @@ STAGES = [
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
-              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64"), task="multistep"),
+              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64",
+                         "train.max_steps=200"), task="multistep"),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep"),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
               overrides=("advantage.supervision=outcome",), task="multistep"),
