@@ -5,6 +5,7 @@ invariant to micro-batching; a run resumes bitwise from a checkpoint taken betwe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -24,6 +25,7 @@ from posttrain.recipes.ppo import (
     PPOConfig,
     PPOStepSource,
     main,
+    packing,
     ppo_loss_fn,
     rollout_forward,
     score_at_last_token,
@@ -123,7 +125,7 @@ def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenize
     step = source.next_step()
     assert torch.equal(source.last.kl, torch.zeros_like(source.last.kl))
     for batch in step.micro_batches:
-        logprobs, _, values = rollout_forward(model, batch["rollout"])
+        logprobs, _, values = rollout_forward(model, batch["rollout"], padding_free_capacity=packing(source.algo))
         assert torch.equal(logprobs, batch["old_logprobs"]) and torch.equal(values, batch["values"])
 
 
@@ -292,3 +294,29 @@ def test_a_run_resumes_bitwise_from_a_checkpoint_between_iterations(lm_dir, tmp_
     a = AutoModelForCausalLM.from_pretrained(full.final_dir, local_files_only=True).state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed.final_dir, local_files_only=True).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_padding_free_and_padded_forwards_give_the_same_outputs_and_loss_gradient(lm_dir, tokenizer, critic):
+    model = (actor_critic(lm_dir, torch.float64) if critic == "separate"
+             else ActorCritic(load_causal_lm(lm_dir).double()))
+    if critic == "shared":
+        perturb(model.value_head, 0.5, seed=1)
+    source = make_source(model, tokenizer, "train.micro_batch_size=3", "ppo.entropy_coef=0.01")
+    step = source.next_step()
+    assert len({int(n) for n in source.last.rollout.prompt_mask.sum(1)}) > 1  # ragged few-shot prompts
+    for batch in step.micro_batches:  # rows of 12 (or the longest sample's) tokens vs the padded layout
+        packed = rollout_forward(model, batch["rollout"], entropy_grad=True, padding_free_capacity=12)
+        padded = rollout_forward(model, batch["rollout"], entropy_grad=True)
+        for got, expected in zip(packed, padded, strict=True):
+            assert_close(got, expected, rtol=0, atol=1e-10)
+    grads = []
+    for padding_free in (True, False):
+        cfg = dataclasses.replace(source.algo, padding_free=padding_free, padding_free_capacity=12)
+        model.zero_grad()
+        for batch in step.micro_batches:
+            loss, _ = ppo_loss_fn(cfg, 6)(model, batch, step.normaliser)
+            loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from posttrain.models.heads import output_head_at
 from posttrain.models.reward import build_reward_model, load_reward_model, trunk_and_head
 
 CRITIC_KINDS = ("separate", "shared")
@@ -69,20 +70,30 @@ class ActorCritic(nn.Module):
         return self.critic is not None or self.value_head is not None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                keep: int) -> tuple[Tensor, Tensor | None]:
-        """Logits [B, keep, V] and values [B, keep] of the last `keep` positions: the value at a position is
-        that of the prefix ending there (the state from which the next token is drawn). None for the values
-        of a critic-free module."""
+                keep: int | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Logits [B, keep, V] and values [B, keep] of the last `keep` positions, or with `keep` = (rows, cols)
+        (a padding-free batch) logits [1, N, V] and values [1, N] of the N positions (rows[k], cols[k]): the
+        value at a position is that of the prefix ending there (the state from which the next token is
+        drawn). None for the values of a critic-free module."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        out = self.actor(**inputs, logits_to_keep=keep, output_hidden_states=self.shared)
+        if isinstance(keep, tuple):
+            def kept(hidden: Tensor) -> Tensor:
+                return hidden[keep][None]
+
+            with output_head_at(self.actor, *keep):
+                out = self.actor(**inputs, output_hidden_states=self.shared, use_cache=False)
+        else:
+            def kept(hidden: Tensor) -> Tensor:
+                return hidden[:, -keep:]
+
+            out = self.actor(**inputs, logits_to_keep=keep, output_hidden_states=self.shared)
         if not self.has_values:
             return out.logits, None
         if self.shared:
-            values = self.value_head(out.hidden_states[-1][:, -keep:]).squeeze(-1)
+            values = self.value_head(kept(out.hidden_states[-1])).squeeze(-1)
         else:
             trunk, head = trunk_and_head(self.critic)
-            hidden = trunk(**inputs, use_cache=False).last_hidden_state[:, -keep:]
-            values = head(hidden).squeeze(-1)
+            values = head(kept(trunk(**inputs, use_cache=False).last_hidden_state)).squeeze(-1)
         return out.logits, values
 
     def _unique_tensors(self) -> tuple[dict[str, Tensor], list[str]]:

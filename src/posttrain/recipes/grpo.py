@@ -146,6 +146,8 @@ def main(cfg: GRPOConfig) -> RunResult:
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     check_config(cfg)
+    if cfg.adapter.method == "prefix":  # its virtual tokens do not fit a block-diagonal mask
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, padding_free=False))
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["grpo"], mask_dtype=model.dtype)
@@ -162,8 +164,7 @@ def main(cfg: GRPOConfig) -> RunResult:
                             task=task, step_scorer=step_scorer, reference=reference, samples=run_dir.samples)
     trainer = Trainer(stage="grpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
-    loss_cfg = dataclasses.replace(cfg.loss, padding_free=cfg.loss.padding_free and cfg.adapter.method != "prefix")
-    result = trainer.fit(source, grpo_loss_fn(loss_cfg, cfg.sampling.max_new_tokens),
+    result = trainer.fit(source, grpo_loss_fn(cfg.loss, cfg.sampling.max_new_tokens),
                          accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval, run_dir.samples),
                          progress_keys=("reward", "accuracy", "eval_accuracy"))
     if result.interrupted:
@@ -245,6 +246,7 @@ class GRPOStepSource:
                               "skip_zero_variance")
         self.prompts = PromptStream(self.dataset, cfg.train.batch_size // cfg.sampling.group_size, cfg.run.seed)
         self.params = cfg.sampling.params(cfg.sampling.group_size)
+        self.forward = policy_forward(cfg.loss.padding_free, cfg.loss.padding_free_capacity)  # as the loss's
         self.steps, self.iteration = 0, 0
         self._batch: StepBatch | None = None
         self.last_rollout: Rollout | None = None
@@ -315,7 +317,8 @@ class GRPOStepSource:
             batches.append({
                 "rollout": sub, "advantages": advantages[rows, :width].to(torch.float32), "loss_mask": mask,
                 "rewards": rewards[rows], "group_ids": rollout.prompt_index[rows], "rows": rows,
-                "ref_logprobs": self.reference.rollout_logprobs(sub) if self.reference is not None else None,
+                "ref_logprobs": (self.reference.rollout_logprobs(sub, self.forward) if self.reference is not None
+                                 else None),
                 "old_logprobs": None,
                 "token_share": float(mask.sum()) * world / token_total if token_total else 0.0})
         tokens = int(dist.all_reduce_sum(float(rollout.prompt_mask[kept].sum() + rollout.response_mask[kept].sum())))

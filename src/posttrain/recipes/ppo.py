@@ -68,6 +68,7 @@ from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accu
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.heads import floating_dtype
 from posttrain.models.reward import last_token_index
 from posttrain.models.value import CRITIC_INITS, CRITIC_KINDS, ActorCritic, build_value_model
 from posttrain.recipes.rl import (
@@ -87,7 +88,12 @@ from posttrain.recipes.rl import (
 )
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
-from posttrain.rollout.recompute import completion_logprobs
+from posttrain.rollout.recompute import (
+    completion_logprobs,
+    pack_rollout,
+    packed_completion_logprobs,
+    policy_forward,
+)
 from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer
 from posttrain.train.forward import response_logprobs
@@ -147,6 +153,12 @@ class PPOAlgoConfig:
                             ge=0)
     missing_eos_penalty: float | None = param(None, "Subtracted from the score of completions cut by "
                                                     "max_new_tokens (None: no penalty).", ge=0)
+    padding_free: bool = param(True, "Actor and critic forwards over the real tokens only (packed rows, "
+                                     "block-diagonal mask) instead of the rollout's padded layout: the same "
+                                     "logprobs and values, less compute.")
+    padding_free_capacity: int = param(256, "Padding-free: samples are packed into rows of at most this many "
+                                            "tokens (or the longest sample's); attention costs row length x tokens.",
+                                       ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,15 +304,26 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return 1.0 - masked_var(returns - values, mask).item() / variance if variance > 0 else float("nan")
 
 
-def rollout_forward(model: ActorCritic, rollout: Rollout,
-                    entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = False,
+                    padding_free_capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The actor's logprobs, its entropy and the critic's values [B, T] of a rollout's completion tokens
     (0 outside the response mask; None without a critic): value t is that of the prefix before
-    completion token t."""
+    completion token t. With `padding_free_capacity`, over the rollout's real tokens packed into rows of
+    about that many tokens (`pack_rollout`): the same numbers, without computing padding."""
+    if padding_free_capacity is not None:
+        packed = pack_rollout(rollout, padding_free_capacity, mask_dtype=floating_dtype(model))
+        logits, values = model(packed.input_ids, packed.attention_mask, packed.position_ids, keep=packed.sources)
+        logprobs, entropy = packed_completion_logprobs(logits, rollout, packed, entropy_grad=entropy_grad)
+        return logprobs, entropy, None if values is None else packed.scatter(values)
     width = rollout.completion_ids.shape[1]
     logits, values = model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, keep=width + 1)
     logprobs, entropy = completion_logprobs(logits, rollout, entropy_grad=entropy_grad)
     return logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask
+
+
+def packing(cfg: PPOAlgoConfig) -> int | None:
+    """`rollout_forward`'s padding_free_capacity: None for the padded layout."""
+    return cfg.padding_free_capacity if cfg.padding_free else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +456,8 @@ class PPOStepSource:
         try:
             for rows in micro_batches:
                 sub = rollout.select(rows)
-                sub_logprobs, _, sub_values = rollout_forward(self.model, sub)
+                sub_logprobs, _, sub_values = rollout_forward(self.model, sub,
+                                                              padding_free_capacity=packing(self.algo))
                 width = sub.completion_ids.shape[1]
                 logprobs[rows, :width] = sub_logprobs
                 if sub_values is not None:
@@ -443,10 +467,11 @@ class PPOStepSource:
         return logprobs, values
 
     def _reference_logprobs(self, rollout: Rollout, micro_batches: list[Tensor]) -> Tensor:
+        forward = policy_forward(self.algo.padding_free, self.algo.padding_free_capacity)  # as the actor's
         out = torch.zeros(rollout.logprobs.shape, dtype=next(self.model.parameters()).dtype)
         for rows in micro_batches:
             sub = rollout.select(rows)
-            out[rows, :sub.completion_ids.shape[1]] = self.reference.rollout_logprobs(sub)
+            out[rows, :sub.completion_ids.shape[1]] = self.reference.rollout_logprobs(sub, forward)
         return out
 
     def _step_batches(self, schedule: list[list[list[Tensor]]], metrics: dict[str, float]) -> list[StepBatch]:
@@ -509,7 +534,8 @@ def ppo_loss_fn(cfg: PPOAlgoConfig, max_new_tokens: int):
 
     def loss_fn(model: ActorCritic, batch: dict[str, Any], normaliser: float) -> tuple[Tensor, dict[str, float]]:
         mask, share = batch["mask"], batch["token_share"]
-        logprobs, entropy, values = rollout_forward(model, batch["rollout"], entropy_grad=cfg.entropy_coef > 0)
+        logprobs, entropy, values = rollout_forward(model, batch["rollout"], entropy_grad=cfg.entropy_coef > 0,
+                                                    padding_free_capacity=packing(cfg))
         pg = pg_loss_fn(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_low=cfg.clip,
                         clip_high=None, dual_clip=None, agg=cfg.agg, normaliser=normaliser, max_length=max_new_tokens)
         loss, metrics = pg.loss, {"pg_loss": pg.loss.item()}

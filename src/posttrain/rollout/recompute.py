@@ -15,16 +15,16 @@ scattered back to [B, T].
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
 from posttrain.data.collate import block_causal_mask, pack_bfd
+from posttrain.models.heads import floating_dtype, output_head_at
 from posttrain.rollout.base import Rollout
 
 
@@ -66,6 +66,18 @@ class PackedRollout:
     source_cols: Tensor
     target_rows: Tensor
     target_cols: Tensor
+    completion_shape: tuple[int, int]
+    """[B, T] of the rollout's completions."""
+
+    @property
+    def sources(self) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the hidden states that predict the completion tokens, in `scatter`'s order."""
+        return self.source_rows, self.source_cols
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per-completion-token values [N] (or [1, N]) -> [B, T], 0 outside the response mask."""
+        values = values.reshape(-1)
+        return values.new_zeros(self.completion_shape).index_put((self.target_rows, self.target_cols), values)
 
 
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
@@ -111,7 +123,8 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
     return PackedRollout(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
                          attention_mask=block_causal_mask(segments, mask_dtype).to(device),
                          source_rows=torch.cat(source_rows).to(device), source_cols=torch.cat(source_cols).to(device),
-                         target_rows=torch.cat(target_rows).to(device), target_cols=target_cols.to(device))
+                         target_rows=torch.cat(target_rows).to(device), target_cols=target_cols.to(device),
+                         completion_shape=tuple(rollout.completion_ids.shape))
 
 
 def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None,
@@ -120,51 +133,39 @@ def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
     without gradient) from a forward over the rollout's real tokens only (`pack_rollout`; `capacity` as
     there), with the output projection applied only to the hidden states that predict completion tokens.
     """
-    packed = pack_rollout(rollout, capacity, mask_dtype=_floating_dtype(model))
-    with _output_head_reads(model, packed.source_rows, packed.source_cols):
+    packed = pack_rollout(rollout, capacity, mask_dtype=floating_dtype(model))
+    with output_head_at(model, *packed.sources):
         logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                        position_ids=packed.position_ids, use_cache=False).logits  # [1, N, V]
+    return packed_completion_logprobs(logits, rollout, packed, temperature, entropy)
+
+
+def packed_completion_logprobs(logits: Tensor, rollout: Rollout, packed: PackedRollout,
+                               temperature: float | None = None, entropy: bool = True,
+                               entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`completion_logprobs` of the padding-free layout: from the logits [1, N, V] at `packed.sources`,
+    the logprobs and entropy [B, T] of the rollout's completion tokens (0 outside the response mask)."""
     temperature = rollout.temperature if temperature is None else temperature
     labels = rollout.completion_ids[packed.target_rows, packed.target_cols][None]
-    flat = token_logprobs(logits, labels, temperature)[0]
-    logprobs = flat.new_zeros(rollout.completion_ids.shape).index_put((packed.target_rows, packed.target_cols), flat)
+    logprobs = packed.scatter(token_logprobs(logits, labels, temperature))
     if not entropy:
         return logprobs, None
-    with torch.no_grad():
-        flat_entropy = entropy_from_logits(logits.detach(), temperature)[0]
-    values = flat_entropy.new_zeros(rollout.completion_ids.shape)
-    return logprobs, values.index_put((packed.target_rows, packed.target_cols), flat_entropy)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        values = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature)
+    return logprobs, packed.scatter(values)
 
 
-def policy_forward(padding_free: bool, capacity: int | None = None) -> Callable[[torch.nn.Module, Rollout],
-                                                                              tuple[Tensor, Tensor | None]]:
+PolicyForward = Callable[..., tuple[Tensor, Tensor | None]]
+"""(model, rollout, temperature=None, entropy=True) -> (logprobs, entropy) [B, T]."""
+
+
+def policy_forward(padding_free: bool, capacity: int | None = None) -> PolicyForward:
     """The (model, rollout) -> (logprobs, entropy) [B, T] a recipe trains with: padding-free (packed rows of
     about `capacity` tokens) or on the rollout's padded layout. Both give the same numbers; prefix-tuning
     adapters need the padded one (their virtual tokens do not fit a block-diagonal mask)."""
     if padding_free:
         return functools.partial(packed_logprobs_and_entropy, capacity=capacity)
     return policy_logprobs_and_entropy
-
-
-@contextlib.contextmanager
-def _output_head_reads(model: torch.nn.Module, rows: Tensor, cols: Tensor) -> Iterator[None]:
-    """While active, the model's output embedding (lm_head) sees only the hidden states at (rows, cols),
-    as one row [1, N, H]: the [R, W, V] logits of prompt and padding positions are never computed. A
-    hook rather than calling the decoder and the head ourselves, so the model's own forward (adapters,
-    logit scaling or soft-capping after the head) stays in charge."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding to compute logits with")
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, cols][None], *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _floating_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the model's activations (and so an additive attention mask) are in."""
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def completion_logprobs(logits: Tensor, rollout: Rollout, temperature: float | None = None, entropy: bool = True,

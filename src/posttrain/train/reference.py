@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from posttrain.data.pipeline import Prepared
-from posttrain.rollout import Rollout, policy_logprobs
+from posttrain.rollout import Rollout, policy_logprobs_and_entropy
+from posttrain.rollout.recompute import PolicyForward
 from posttrain.train.comparisons import split_rows
 from posttrain.train.forward import per_sequence_sums, response_logprobs
 
@@ -59,10 +60,12 @@ class Reference:
             return sequence_logprobs(model, batch, average)
 
     @torch.no_grad()
-    def rollout_logprobs(self, rollout: Rollout) -> Tensor:
-        """Per-token logprobs [B, T] of a rollout's completions under the reference (RL's KL term)."""
+    def rollout_logprobs(self, rollout: Rollout, forward: PolicyForward | None = None) -> Tensor:
+        """Per-token logprobs [B, T] of a rollout's completions under the reference (RL's KL term), with the
+        policy's `forward` (`policy_forward`: padded or padding-free; default padded), so that a reference
+        equal to the policy gives exactly the policy's logprobs."""
         with self._active() as model:
-            return policy_logprobs(model, rollout)
+            return (forward or policy_logprobs_and_entropy)(model, rollout, entropy=False)[0]
 
 
 @torch.no_grad()

@@ -1,0 +1,31 @@
+"""A causal LM's output head applied to chosen positions only."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+@contextlib.contextmanager
+def output_head_at(model: torch.nn.Module, rows: Tensor, cols: Tensor) -> Iterator[None]:
+    """While active, the model's output embedding (lm_head) sees only the hidden states at (rows, cols),
+    as one row [1, N, H], so its logits are [1, N, V]: those of the other positions are never computed.
+    A hook rather than calling the decoder and the head ourselves, so the model's own forward (adapters,
+    logit scaling or soft-capping after the head) stays in charge. The forward must compute the logits
+    of every position (logits_to_keep=0, the default)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding to compute logits with")
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, cols][None], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def floating_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's activations (and so of an additive attention mask for it)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
