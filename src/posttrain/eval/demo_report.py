@@ -67,9 +67,9 @@ def plot_accuracy(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) 
         low = [100 * (r["accuracy"] - r["ci"][0]) if r["ci"] else 0 for r in mine]
         high = [100 * (r["ci"][1] - r["accuracy"]) if r["ci"] else 0 for r in mine]
         bars = ax.bar(range(len(mine)), values, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8)
-        for bar, value in zip(bars, values, strict=True):
-            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), xytext=(0, 3),
-                        textcoords="offset points", ha="left", fontsize=8)
+        for bar, value, top in zip(bars, values, high, strict=True):  # the value above its error bar
+            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value + top), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=8)
         ax.set_xticks(range(len(mine)), [r["stage"] for r in mine], rotation=30, ha="right")
         ax.set_ylabel("held-out exact match (%)")
         ax.set_title(f"task: {panel}")
@@ -134,7 +134,7 @@ def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def _save(fig: Any, out: Path) -> Path:
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if fig._suptitle is not None else None)  # room for the suptitle
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
