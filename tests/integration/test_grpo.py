@@ -139,9 +139,9 @@ def test_a_group_with_equal_rewards_contributes_no_gradient(tiny_model, tokenize
 
 
 def test_equal_reward_groups_have_zero_advantage_and_can_be_skipped(tiny_model, tokenizer):
-    def reward(batch):  # constant within the groups of even prompt index
-        return [0.5 if (hash(str(p)) % 2 == 0) else text_score(t) for p, t in zip(batch.prompts, batch.completions,
-                                                                                  strict=True)]
+    def reward(batch):  # constant within the groups of some prompts (a stable hash: hash() is randomised)
+        return [0.5 if zlib.crc32(str(p).encode()) % 2 == 0 else text_score(t)
+                for p, t in zip(batch.prompts, batch.completions, strict=True)]
 
     rewards = WeightedRewards({"r": (reward, 1.0)})
     full = make_source(tiny_model, tokenizer, rewards=rewards).next_step()
@@ -152,6 +152,10 @@ def test_equal_reward_groups_have_zero_advantage_and_can_be_skipped(tiny_model, 
     for batch in skipped.micro_batches:
         assert bool((batch["advantages"] != 0).any(dim=1).all())
     assert skipped.normaliser == sum(float(b["loss_mask"].sum()) for b in skipped.micro_batches)
+
+    constant = WeightedRewards({"r": (lambda batch: [0.5] * len(batch), 1.0)})
+    nothing = make_source(tiny_model, tokenizer, "advantage.skip_zero_variance=true", rewards=constant).next_step()
+    assert nothing.micro_batches == [] and nothing.metrics["zero_variance_groups"] == 1.0
 
 
 def test_rewards_and_advantages_stay_with_their_completion_after_reordering(tiny_model, tokenizer):

@@ -310,7 +310,8 @@ class GRPOStepSource:
         normaliser = (token_total or 1.0) if self.cfg.loss.agg == "token-mean" else max(kept_total, 1.0)
         world = dist.context().world_size
         size, batches = self.cfg.train.micro_batch_size, []
-        for rows in order.split(size):
+        # A round where every group is skipped trains nothing: no micro-batches, so the step only advances.
+        for rows in order.split(size) if len(order) else ():
             sub = rollout.select(rows)
             width = sub.completion_ids.shape[1]
             mask = loss_mask[rows, :width]
