@@ -87,7 +87,9 @@ def main() -> None:
         return lambda: which.generate(prompts, params).completion_ids.numel()
 
     load_before = os.getloadavg()[0]
-    contenders = {"hf_generate": run_hf, "engine": run_engine(engine), "engine_hf_forward": run_engine(hf_engine)}
+    mkl_engine = LocalRolloutEngine(model, tokenizer, onednn=False)  # attributes the oneDNN GEMMs' share
+    contenders = {"hf_generate": run_hf, "engine": run_engine(engine), "engine_mkl_gemm": run_engine(mkl_engine),
+                  "engine_hf_forward": run_engine(hf_engine)}
     for fn in contenders.values():  # warm-up: allocator, thread pools, first-call paths
         fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}

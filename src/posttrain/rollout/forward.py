@@ -6,9 +6,9 @@ Two implementations behind one small interface, picked by `make_decoder`:
   modules, so LoRA layers and biases still apply) over a KV cache it preallocates once. Prefill
   is *unpadded*: the linear layers see only the real prompt tokens, packed into one [N, hidden]
   matrix, and each distinct prompt is prefilled once even when sampled n times. Only the last
-  position's logits are computed. On the small benchmark model it is 1.7x `transformers.generate`
-  (benchmarks/generate.py); the rest of the gap to the FLOP limit is the M=64 decode GEMMs and
-  reading the KV cache every step, which is memory-bound.
+  position's logits are computed. Its linear layers run through oneDNN with each weight packed
+  once per generation (`posttrain.rollout.gemm`); decode attention is plain batched matmuls. On
+  the small benchmark model it is ~3x `transformers.generate` (benchmarks/generate.py).
 - `HFDecoder` calls `model(...)` with the model's own cache: any causal LM, left-padded prefill.
 
 Both feed the same positions (counted from each row's first real token) and masks, so they
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from posttrain.errors import ConfigError
 from posttrain.rollout.base import position_ids_from_mask
+from posttrain.rollout.gemm import LinearRunner
 
 FORWARDS = ("auto", "llama", "hf")
 
@@ -70,8 +71,9 @@ def supports_llama_decoder(model: torch.nn.Module) -> bool:
 
 
 def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]], n: int,
-                 max_new_tokens: int, pad_id: int) -> Decoder:
-    """`forward`: "llama" (own Llama forward + static cache), "hf" (the model's forward), "auto" (llama if it can)."""
+                 max_new_tokens: int, pad_id: int, onednn: bool = True) -> Decoder:
+    """`forward`: "llama" (own Llama forward + static cache), "hf" (the model's forward), "auto" (llama if it can).
+    `onednn`: the Llama decoder's linear layers through oneDNN (`posttrain.rollout.gemm`)."""
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
     peft_config = getattr(model, "active_peft_config", None)
@@ -83,7 +85,7 @@ def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]],
     if forward == "llama" and not supports_llama_decoder(model):
         raise ValueError("forward='llama' needs a Llama-architecture model (silu MLP, RoPE); use 'hf' or 'auto'")
     if forward == "llama" or (forward == "auto" and supports_llama_decoder(model)):
-        return LlamaDecoder(model, prompts, n, max_new_tokens)
+        return LlamaDecoder(model, prompts, n, max_new_tokens, onednn)
     return HFDecoder(model, prompts, n, pad_id)
 
 
@@ -94,6 +96,11 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     rotated[..., :half].neg_()
     return rotated.mul_(sin).add_(x * cos)
+
+
+def _projections(module: torch.nn.Module, names) -> list[torch.nn.Module]:
+    """`module.<name>_proj` for each name: the linear layers of a Llama attention or MLP block."""
+    return [getattr(module, f"{name}_proj") for name in names]
 
 
 def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]:
@@ -114,13 +121,14 @@ class LlamaDecoder(Decoder):
     Internally the prompts are sorted by length, each prompt's n rows next to each other
     (`order` maps internal to caller rows; the interface keeps the caller's order), so that decode
     attention can run per group of similar lengths. Cache layout: a row's prompt keys sit
-    left-padded in slots [P - len, P), new token s in slot P + s; `valid` [B, S] marks the slots a
-    row attends to. Masked prompt slots hold zeros, never garbage: NaN times a 0 weight is NaN.
+    left-padded in slots [P - len, P), new token s in slot P + s; `bias` [B, S] is 0 on the slots a
+    row attends to and -inf elsewhere. Masked prompt slots hold zeros, never garbage: NaN times a 0 weight is NaN.
     """
 
     GROUPS = 4
 
-    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], n: int, max_new_tokens: int) -> None:
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], n: int, max_new_tokens: int,
+                 onednn: bool = True) -> None:
         base = base_causal_lm(model)
         self.trunk, self.lm_head = base.model, base.lm_head
         self.layers = list(self.trunk.layers)
@@ -146,15 +154,18 @@ class LlamaDecoder(Decoder):
         # slot, padding included, and decoding writes slot P + s before anything reads it.
         self.keys = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.values = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.valid = torch.zeros((batch, slots), dtype=torch.bool, device=self.device)
+        self.bias = torch.full((batch, slots), float("-inf"), device=self.device, dtype=self.dtype)
         self.positions = self.prompt_lengths.repeat_interleave(n)  # the next token's position, per row
         self.slot = self.width  # the next token's cache slot (the same for every row)
+        linears = [m for layer in self.layers for m in (*_projections(layer.self_attn, "qkvo"),
+                                                         *_projections(layer.mlp, ("gate", "up", "down")))]
+        self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn)
 
     def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
         """down(silu(gate(x)) * up(x)) with the activation and product in place (large at prefill)."""
-        mlp = layer.mlp
-        gate = mlp.gate_proj(hidden)
-        return mlp.down_proj(F.silu(gate, inplace=True).mul_(mlp.up_proj(hidden)))
+        mlp, linear = layer.mlp, self.linear
+        gate = linear(mlp.gate_proj, hidden)
+        return linear(mlp.down_proj, F.silu(gate, inplace=True).mul_(linear(mlp.up_proj, hidden)))
 
     def _expand_heads(self, kv: Tensor, dim: int) -> Tensor:
         """Grouped-query attention: each key/value head serves heads // kv_heads query heads."""
@@ -182,9 +193,10 @@ class LlamaDecoder(Decoder):
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
-            q = _rotate(attn.q_proj(normed).view(-1, self.heads, self.head_dim), cos, sin).transpose(0, 1)
-            k = _rotate(attn.k_proj(normed).view(-1, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
-            v = attn.v_proj(normed).view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv_heads, N, D]
+            linear = self.linear
+            q = _rotate(linear(attn.q_proj, normed).view(-1, self.heads, self.head_dim), cos, sin).transpose(0, 1)
+            k = _rotate(linear(attn.k_proj, normed).view(-1, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            v = linear(attn.v_proj, normed).view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv, N, D]
             out = torch.empty((len(tokens), self.heads, self.head_dim), device=self.device, dtype=self.dtype)
             for i, (a, b) in enumerate(spans):
                 row, first = i * n, width - (b - a)  # the prompt's first sample row; its first real slot
@@ -195,42 +207,52 @@ class LlamaDecoder(Decoder):
                     q[None, :, a:b], self._expand_heads(keys[row : row + 1, :, first:width], 1),
                     self._expand_heads(values[row : row + 1, :, first:width], 1), is_causal=True,
                     scale=attn.scaling)[0].transpose(0, 1)
-            hidden = hidden.add_(attn.o_proj(out.view(len(tokens), -1)))
+            hidden = hidden.add_(linear(attn.o_proj, out.view(len(tokens), -1)))
             hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
             if n > 1:  # the other samples of a prompt start from the same cache
                 for cache in (keys, values):
                     grouped = cache.view(n_prompts, n, *cache.shape[1:])
                     grouped[:, 1:, :, :width] = grouped[:, :1, :, :width]
-        self.valid[:, :width] = prompt_valid.repeat_interleave(n, dim=0)
+        self.bias[:, :width].masked_fill_(prompt_valid.repeat_interleave(n, dim=0), 0.0)
         last = starts + lengths - 1
-        logits = self.lm_head(self.trunk.norm(hidden[last]))  # only the positions that predict
+        logits = self.linear(self.lm_head, self.trunk.norm(hidden[last]))  # only the positions that predict
         return logits[self.inverse // n]
 
     def step(self, tokens: Tensor) -> Tensor:
-        slot, batch = self.slot, len(tokens)
-        self.valid[:, slot] = True
+        slot, batch, heads, kv_heads, dim = self.slot, len(tokens), self.heads, self.kv_heads, self.head_dim
+        self.bias[:, slot] = 0.0
         hidden = self.trunk.embed_tokens(tokens[self.order])  # [B, hidden], internal row order
         cos, sin = self.trunk.rotary_emb(hidden, self.positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            attn = layer.self_attn
+            attn, linear = layer.self_attn, self.linear
             normed = layer.input_layernorm(hidden)
-            q = _rotate(attn.q_proj(normed).view(batch, self.heads, 1, self.head_dim), cos.unsqueeze(1),
-                        sin.unsqueeze(1))
-            keys[:, :, slot] = _rotate(attn.k_proj(normed).view(batch, self.kv_heads, self.head_dim), cos, sin)
-            values[:, :, slot] = attn.v_proj(normed).view(batch, self.kv_heads, self.head_dim)
-            parts = []
+            q = _rotate(linear(attn.q_proj, normed).view(batch, heads, dim), cos, sin)
+            keys[:, :, slot] = _rotate(linear(attn.k_proj, normed).view(batch, kv_heads, dim), cos, sin)
+            values[:, :, slot] = linear(attn.v_proj, normed).view(batch, kv_heads, dim)
+            out = torch.empty((batch, heads, dim), device=self.device, dtype=self.dtype)
             for a, b, longest in self.groups:  # each group reads only its own width of the cache
-                first = self.width - longest
-                parts.append(F.scaled_dot_product_attention(
-                    q[a:b], self._expand_heads(keys[a:b, :, first : slot + 1], 1),
-                    self._expand_heads(values[a:b, :, first : slot + 1], 1),
-                    attn_mask=self.valid[a:b, None, None, first : slot + 1], scale=attn.scaling))
-            hidden = hidden.add_(attn.o_proj(torch.cat(parts).view(batch, -1)))
+                out[a:b] = self._attend(q[a:b], keys[a:b], values[a:b], self.bias[a:b],
+                                        self.width - longest, slot + 1, attn.scaling)
+            hidden = hidden.add_(linear(attn.o_proj, out.view(batch, -1)))
             hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
         self.slot += 1
         self.positions += 1
-        return self.lm_head(self.trunk.norm(hidden))[self.inverse]
+        return self.linear(self.lm_head, self.trunk.norm(hidden))[self.inverse]
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, first: int, end: int,
+                scale: float) -> Tensor:
+        """One query per row against cache slots [first, end): softmax(q k^T * scale + bias) v.
+
+        Plain batched matmuls: for a single query per row they are ~10% faster on CPU than
+        SDPA's flash kernel, whose blocking is made for many queries. q [g, heads, D] -> [g, heads, D].
+        """
+        rows, width = len(q), end - first
+        k = self._expand_heads(keys[:, :, first:end], 1).reshape(rows * self.heads, width, self.head_dim)
+        v = self._expand_heads(values[:, :, first:end], 1).reshape(rows * self.heads, width, self.head_dim)
+        mask = bias[:, None, first:end].expand(rows, self.heads, width).reshape(rows * self.heads, 1, width)
+        scores = torch.baddbmm(mask, q.reshape(rows * self.heads, 1, self.head_dim), k.transpose(1, 2), alpha=scale)
+        return torch.bmm(scores.softmax(dim=-1), v).view(rows, self.heads, self.head_dim)
 
 
 class HFDecoder(Decoder):

@@ -35,13 +35,15 @@ class LocalRolloutEngine(RolloutEngine):
 
     `forward` picks how the model runs (see `posttrain.rollout.forward`): "auto" uses the fast
     Llama decoder when the model is a Llama, else the model's own forward; "llama" / "hf" force one.
+    `onednn=False` keeps the Llama decoder's linear layers on torch's own GEMM (see `rollout.gemm`).
     The sampling loop, stop handling and bookkeeping are the same for both.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, forward: str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, forward: str = "auto",
+                 onednn: bool = True) -> None:
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
-        self.model, self.tokenizer, self.forward = model, tokenizer, forward
+        self.model, self.tokenizer, self.forward, self.onednn = model, tokenizer, forward, onednn
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
@@ -89,7 +91,8 @@ class LocalRolloutEngine(RolloutEngine):
     def _sample(self, prompts: list[list[int]], params: SamplingParams,
                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, list[FinishReason]]:
         """The decoding loop. Returns tokens, logprobs [B, T], lengths [B] (through the stop token), reasons."""
-        decoder = make_decoder(self.forward, self.model, prompts, params.n, params.max_new_tokens, self.pad_id)
+        decoder = make_decoder(self.forward, self.model, prompts, params.n, params.max_new_tokens, self.pad_id,
+                               self.onednn)
         logits = decoder.prefill()
         batch, limit, device = len(prompts) * params.n, params.max_new_tokens, logits.device
         tokens = torch.full((batch, limit), self.pad_id, dtype=torch.long, device=device)
