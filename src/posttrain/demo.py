@@ -31,6 +31,7 @@ class DemoStage:
     headline: Callable[[dict[str, Any]], str]
     recipe: str | None = None  # a shipped recipe other than the stage's own
     overrides: tuple[str, ...] = ()  # settings of this demo stage on top of the recipe (and its quick budgets)
+    budget: tuple[str, ...] = ()  # budget settings of the full demo only (--quick keeps the recipe's quick ones)
     task: str = "arith"  # the task its held-out accuracy is measured on
 
     @property
@@ -72,8 +73,8 @@ STAGES = [
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
-              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64",
-                         "train.max_steps=200"), task="multistep"),
+              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64"),
+              budget=("train.max_steps=200",), task="multistep"),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep"),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
               overrides=("advantage.supervision=outcome",), task="multistep"),
@@ -128,7 +129,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
             table.add_row(stage.name, "reused", stage.headline(summaries[stage.name]), str(final))
             continue
         console.rule(f"[bold]{stage.name}")
-        overrides = [*stage.overrides, f"run.out_dir={out_dir}", f"run.name={stage.name}", "run.overwrite=true"]
+        overrides = [*stage.overrides, *(() if quick else stage.budget), f"run.out_dir={out_dir}",
+                     f"run.name={stage.name}", "run.overwrite=true"]
         if stage.builds_on:
             base = out_dir / stage.builds_on / "final"
             if not base.is_dir():
