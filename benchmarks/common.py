@@ -198,6 +198,13 @@ def append_result(name: str, record: dict[str, Any]) -> Path:
     return path
 
 
+def record_run(rows: list[dict[str, Any]], name: str, size: str, row: dict[str, Any]) -> None:
+    """Keep one worker's row for the table, append it to results/<name>.jsonl and print it as it lands."""
+    rows.append(row)
+    append_result(name, {**row, "size": size})
+    print(json.dumps(row), flush=True)
+
+
 def print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
     widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(widths[k]) for k in keys))

@@ -27,11 +27,11 @@ from benchmarks.common import (
     TRL_ARGS,
     StepClock,
     TimedSource,
-    append_result,
     arith_pairs,
     model_dir,
     non_embedding_parameters,
     print_table,
+    record_run,
     run_worker,
     trl_clock,
 )
@@ -128,10 +128,8 @@ def main() -> None:
         library, variant, batch_mode = run.split(":")
         result = run_worker("benchmarks.dpo", ["--library", library, "--size", args.size, "--variant", variant,
                                                "--batch-mode", batch_mode, "--steps", str(args.steps)])
-        workload = f"dpo {variant} ref, {batch_mode}"
-        rows.append({"workload": workload, "library": library, **result})
-        append_result("dpo", {"workload": workload, "library": library, "size": args.size, **result})
-        print(json.dumps(rows[-1]), flush=True)
+        record_run(rows, "dpo", args.size, {"workload": f"dpo {variant} ref, {batch_mode}", "library": library,
+                                            **result})
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
     trl = [r for r in rows if r["library"] == "trl"]
     for row in (r for r in rows if r["library"] == "posttrain" and trl):

@@ -28,11 +28,11 @@ import torch
 from benchmarks.common import (
     TRL_ARGS,
     WARMUP_STEPS,
-    append_result,
     arith_rows,
     model_dir,
     non_embedding_parameters,
     print_table,
+    record_run,
     run_worker,
     timed_rl_fit,
     trl_clock,
@@ -130,9 +130,7 @@ def main() -> None:
     rows = []
     for library in args.libraries.split(","):
         result = run_worker("benchmarks.grpo", ["--library", library, "--size", args.size, "--steps", str(args.steps)])
-        rows.append({"workload": "grpo 8x8, 32 tokens", "library": library, **result})
-        append_result("grpo", {"workload": "grpo 8x8, 32 tokens", "library": library, "size": args.size, **result})
-        print(json.dumps(rows[-1]), flush=True)
+        record_run(rows, "grpo", args.size, {"workload": "grpo 8x8, 32 tokens", "library": library, **result})
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb",
                        "generation_share"])
     ours = [r for r in rows if r["library"] == "posttrain"]

@@ -33,11 +33,11 @@ import torch
 from benchmarks.common import (
     CACHE,
     TRL_ARGS,
-    append_result,
     arith_rows,
     model_dir,
     non_embedding_parameters,
     print_table,
+    record_run,
     run_worker,
     timed_rl_fit,
     trl_clock,
@@ -168,10 +168,8 @@ def main() -> None:
     for library, critic in runs:
         result = run_worker("benchmarks.ppo", ["--library", library, "--critic", critic, "--size", args.size,
                                                "--steps", str(args.steps)])
-        row = {"workload": f"ppo {PROMPTS}x{NEW_TOKENS} tokens", "library": library, "critic": critic, **result}
-        rows.append(row)
-        append_result("ppo", {**row, "size": args.size})
-        print(json.dumps(row), flush=True)
+        record_run(rows, "ppo", args.size, {"workload": f"ppo {PROMPTS}x{NEW_TOKENS} tokens", "library": library,
+                                            "critic": critic, **result})
     print_table(rows, ["workload", "library", "critic", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb",
                        "generation_share"])
     theirs = [r for r in rows if r["library"] == "trl"]

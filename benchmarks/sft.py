@@ -22,11 +22,11 @@ from benchmarks.common import (
     TRL_ARGS,
     StepClock,
     TimedSource,
-    append_result,
     arith_rows,
     model_dir,
     non_embedding_parameters,
     print_table,
+    record_run,
     run_worker,
     trl_clock,
 )
@@ -109,9 +109,7 @@ def main() -> None:
         for library in args.libraries.split(","):
             result = run_worker("benchmarks.sft", ["--library", library, "--size", args.size, "--mode", mode,
                                                    "--steps", str(args.steps)])
-            rows.append({"workload": f"sft {mode}", "library": library, **result})
-            append_result("sft", {"workload": f"sft {mode}", "library": library, "size": args.size, **result})
-            print(json.dumps(rows[-1]), flush=True)
+            record_run(rows, "sft", args.size, {"workload": f"sft {mode}", "library": library, **result})
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
     for mode in args.modes.split(","):
         ours = [r for r in rows if r["workload"] == f"sft {mode}" and r["library"] == "posttrain"]
