@@ -218,18 +218,35 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def timed_rl_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module) -> dict[str, Any]:
-    """Run a posttrain RL Trainer under a StepClock: the clock's summary plus the generation share of the
-    step time and the mean completion length, from the run's metrics after the warm-up steps."""
-    from posttrain.train.metrics import read_metrics
+def offline_overrides(directory: Path, out: str, batch_mode: str, steps: int, batch: int, max_length: int,
+                      lr: float) -> list[str]:
+    """The settings every offline (SFT, RM, DPO) posttrain worker shares: plain-text rows, one micro-batch per
+    step, constant lr, AdamW as TRL's defaults (no weight decay, beta2 0.999), no checkpoints or progress."""
+    return [f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
+            "data.template=plain", f"data.max_length={max_length}", f"data.batch_mode={batch_mode}",
+            f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
+            "train.save_every=0", f"optim.lr={lr}", "optim.schedule=constant", "optim.warmup_steps=0",
+            "optim.weight_decay=0", "optim.beta2=0.999", "optim.grad_clip=1.0"]
 
+
+def timed_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """Run a posttrain Trainer under a StepClock and return the clock's summary."""
     clock = StepClock()
     timed = TimedSource(source, clock)
     clock.start()
     trainer.fit(timed, loss_fn)
     timed.finish()
+    return clock.summary(non_embedding_parameters(model))
+
+
+def timed_rl_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """`timed_fit` plus the generation share of the step time and the mean completion length, from the run's
+    metrics after the warm-up steps."""
+    from posttrain.train.metrics import read_metrics
+
+    summary = timed_fit(trainer, source, loss_fn, model)
     records = read_metrics(trainer.run_dir.metrics)[WARMUP_STEPS:]
-    return {**clock.summary(non_embedding_parameters(model)),
+    return {**summary,
             "generation_share": statistics.mean(r["generation_s"] for r in records) / statistics.mean(
                 r["step_time_s"] for r in records),
             "completion_length": statistics.mean(r["completion_length"] for r in records)}

@@ -25,14 +25,14 @@ import torch
 
 from benchmarks.common import (
     TRL_ARGS,
-    StepClock,
-    TimedSource,
     arith_pairs,
     model_dir,
     non_embedding_parameters,
+    offline_overrides,
     print_table,
     record_run,
     run_worker,
+    timed_fit,
     trl_clock,
 )
 
@@ -51,13 +51,8 @@ def posttrain_worker(directory: Path, variant: str, batch_mode: str, steps: int)
     from posttrain.train.reference import Reference, precompute_sequence_logprobs
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(DPOConfig, None, [
-            f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
-            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"data.batch_mode={batch_mode}",
-            f"train.max_steps={steps}",
-            f"train.batch_size={PAIRS}", f"train.micro_batch_size={PAIRS}", "train.save_every=0", f"optim.lr={LR}",
-            "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
-            "optim.grad_clip=1.0", "loss.kind=sigmoid", f"loss.beta={BETA}"])
+        overrides = offline_overrides(directory, out, batch_mode, steps, PAIRS, MAX_LENGTH, LR)
+        cfg = load_config(DPOConfig, None, [*overrides, "loss.kind=sigmoid", f"loss.beta={BETA}"])
         tokenizer = load_tokenizer(directory)
         model = load_causal_lm(directory)
         prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["dpo"], rows=arith_pairs())
@@ -72,14 +67,10 @@ def posttrain_worker(directory: Path, variant: str, batch_mode: str, steps: int)
             source, reference = comparison_step_source(prepared, cfg.train, cfg.run.seed), Reference.frozen_copy(model)
         trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        clock = StepClock()
-        timed = TimedSource(source, clock)
-        clock.start()
-        trainer.fit(timed, dpo_loss_fn(cfg.loss, reference))
-        timed.finish()
+        summary = timed_fit(trainer, source, dpo_loss_fn(cfg.loss, reference), model)
         # The reference pass replaces one reference forward per step for a whole epoch: its share per step.
         amortised = precompute_s * PAIRS / len(prepared.dataset)
-        return {**clock.summary(non_embedding_parameters(model)), "precompute_s": precompute_s,
+        return {**summary, "precompute_s": precompute_s,
                 "precompute_s_per_step": amortised}
 
 

@@ -21,14 +21,14 @@ import torch
 
 from benchmarks.common import (
     TRL_ARGS,
-    StepClock,
-    TimedSource,
     arith_pairs,
     model_dir,
     non_embedding_parameters,
+    offline_overrides,
     print_table,
     record_run,
     run_worker,
+    timed_fit,
     trl_clock,
 )
 
@@ -47,13 +47,7 @@ def posttrain_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, 
     from posttrain.train.engine import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(RMConfig, None, [
-            f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
-            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"data.batch_mode={batch_mode}",
-            f"train.max_steps={steps}",
-            f"train.batch_size={PAIRS}", f"train.micro_batch_size={PAIRS}", "train.save_every=0", f"optim.lr={LR}",
-            "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
-            "optim.grad_clip=1.0"])
+        cfg = load_config(RMConfig, None, offline_overrides(directory, out, batch_mode, steps, PAIRS, MAX_LENGTH, LR))
         tokenizer = load_tokenizer(directory)
         model = build_reward_model(directory, pad_token_id=tokenizer.pad_token_id)
         prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rm"], rows=arith_pairs(),
@@ -61,12 +55,8 @@ def posttrain_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, 
         run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
         trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        clock = StepClock()
-        timed = TimedSource(comparison_step_source(prepared, cfg.train, cfg.run.seed), clock)
-        clock.start()
-        trainer.fit(timed, comparison_loss_fn(cfg))
-        timed.finish()
-        return clock.summary(non_embedding_parameters(model))
+        return timed_fit(trainer, comparison_step_source(prepared, cfg.train, cfg.run.seed), comparison_loss_fn(cfg),
+                         model)
 
 
 def trl_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, Any]:

@@ -20,14 +20,14 @@ import torch
 
 from benchmarks.common import (
     TRL_ARGS,
-    StepClock,
-    TimedSource,
     arith_rows,
     model_dir,
     non_embedding_parameters,
+    offline_overrides,
     print_table,
     record_run,
     run_worker,
+    timed_fit,
     trl_clock,
 )
 
@@ -44,25 +44,14 @@ def posttrain_worker(directory: Path, mode: str, steps: int) -> dict[str, Any]:
     from posttrain.train.engine import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(SFTConfig, None, [
-            f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
-            "data.template=plain", f"data.max_length={MAX_LENGTH}", f"data.batch_mode={mode}",
-            f"train.max_steps={steps}", f"train.batch_size={BATCH}", f"train.micro_batch_size={BATCH}",
-            "train.save_every=0", f"optim.lr={LR}", "optim.schedule=constant", "optim.warmup_steps=0",
-            "optim.weight_decay=0", "optim.beta2=0.999", "optim.grad_clip=1.0"])
+        cfg = load_config(SFTConfig, None, offline_overrides(directory, out, mode, steps, BATCH, MAX_LENGTH, LR))
         tokenizer = load_tokenizer(directory)
         model = load_causal_lm(directory)
         prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], rows=arith_rows())
         run_dir = prepare_run_dir(cfg.run, cfg, stage="sft")
         trainer = Trainer(stage="sft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        clock = StepClock()
-        source = step_source(prepared, cfg.train, cfg.run.seed)
-        timed = TimedSource(source, clock)
-        clock.start()
-        trainer.fit(timed, sft_loss_fn)
-        timed.finish()
-        return clock.summary(non_embedding_parameters(model))
+        return timed_fit(trainer, step_source(prepared, cfg.train, cfg.run.seed), sft_loss_fn, model)
 
 
 def trl_worker(directory: Path, mode: str, steps: int) -> dict[str, Any]:
