@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from posttrain.config import ModelConfig
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -41,6 +45,12 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
         str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
         dtype=resolve_dtype(dtype, device))
     return model.to(device)
+
+
+def load_tokenizer_and_model(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and causal LM a recipe's `model:` section names (its path, trust_remote_code and dtype)."""
+    tokenizer = load_tokenizer(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    return tokenizer, load_causal_lm(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:

@@ -34,7 +34,7 @@ from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.comparisons import (
@@ -92,8 +92,7 @@ def main(cfg: DPOConfig) -> RunResult:
     seed_everything(cfg.run.seed)
     if not cfg.model.path:
         raise ConfigError("DPO trains an existing model: set model.path (e.g. runs/sft/final)", field="model.path")
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    tokenizer, model = load_tokenizer_and_model(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["dpo"], mask_dtype=model.dtype)
     if prepared.format == "ranking" and cfg.loss.kind != "sigmoid":
         raise ConfigError(f"rankings are trained with the Plackett–Luce form of the sigmoid loss, not "

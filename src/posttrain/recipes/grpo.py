@@ -51,7 +51,7 @@ from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.recipes.rl import (
     PromptStream,
@@ -148,8 +148,7 @@ def main(cfg: GRPOConfig) -> RunResult:
     check_config(cfg)
     if cfg.adapter.method == "prefix":  # its virtual tokens do not fit a block-diagonal mask
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, padding_free=False))
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    tokenizer, model = load_tokenizer_and_model(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["grpo"], mask_dtype=model.dtype)
     task = resolve_task(cfg)
     rewards = build_rewards(cfg.reward, task)

@@ -66,7 +66,7 @@ from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.heads import floating_dtype
 from posttrain.models.reward import last_token_index
@@ -191,8 +191,7 @@ def train_ppo(cfg: Any, *, stage: str, title: str, rewards: WeightedRewards | No
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     check_config(cfg)
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    actor = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    tokenizer, actor = load_tokenizer_and_model(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["ppo"], mask_dtype=actor.dtype)
     task = resolve_task(cfg)
     rewards = rewards if rewards is not None else build_rewards(cfg.reward, task)

@@ -34,7 +34,7 @@ from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.recipes.grpo import SamplingConfig
 from posttrain.recipes.rl import (
@@ -89,8 +89,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     check_config(cfg)
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    tokenizer, model = load_tokenizer_and_model(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype)
     task = resolve_task(cfg)
     rewards = build_rewards(cfg.reward, task)

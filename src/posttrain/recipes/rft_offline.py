@@ -37,7 +37,7 @@ from posttrain.data.tasks.base import THINK_CLOSE, THINK_OPEN
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
 from posttrain.recipes.rl import accuracy_summary, build_rewards, check_reward_functions, resolve_task
 from posttrain.recipes.sft import sft_loss_fn, step_source
@@ -68,8 +68,7 @@ def main(cfg: Any) -> RunResult:
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     check_config(cfg)
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    tokenizer, model = load_tokenizer_and_model(cfg.model)
     rewards = build_rewards(cfg.reward, resolve_task(cfg))
     candidates = load_candidates(cfg.data)
     scores = score_candidates(candidates, rewards)

@@ -23,7 +23,7 @@ from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.recipes.rl import accuracy_summary
 from posttrain.run import RunResult, prepare_run_dir
@@ -52,8 +52,7 @@ def main(cfg: SFTConfig) -> RunResult:
     if not cfg.model.path:
         raise ConfigError("SFT fine-tunes an existing model: set model.path (e.g. runs/pretrain/final, from "
                           "`posttrain pretrain`)", field="model.path")
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    tokenizer, model = load_tokenizer_and_model(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="sft")
 
