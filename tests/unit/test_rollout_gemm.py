@@ -2,7 +2,8 @@
 
 import torch
 
-from posttrain.rollout.gemm import LinearRunner, onednn_linear_available
+from posttrain.models.onednn import onednn_linear_available
+from posttrain.rollout.gemm import LinearRunner
 
 
 def test_packed_linear_matches_the_module_and_hooked_or_other_modules_run_as_themselves():

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError
+from posttrain.models.onednn import use_onednn_linears
 
 if TYPE_CHECKING:
     from posttrain.config import ModelConfig
@@ -44,6 +45,7 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
         dtype=resolve_dtype(dtype, device))
+    use_onednn_linears(model)
     return model.to(device)
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from posttrain.models.io import check_model_dir, resolve_dtype
+from posttrain.models.onednn import use_onednn_linears
 
 REWARD_HEADS = ("linear", "mlp")
 
@@ -57,6 +58,7 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         width = head_width or hidden
         model.score = MLPHead(hidden, width).to(dtype=model.dtype)
         model.config.reward_head, model.config.reward_head_width = "mlp", width
+    use_onednn_linears(model)
     return model.to(device)
 
 
@@ -73,6 +75,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
         head = {k.removeprefix("score."): v for file in sorted(directory.glob("*.safetensors"))
                 for k, v in load_file(str(file)).items() if k.startswith("score.")}
         model.score.load_state_dict(head)
+    use_onednn_linears(model)
     return model.to(device).eval()
 
 

@@ -18,12 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-
-def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN and the (private, inductor-used) packed linear ops."""
-    ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+from posttrain.models.onednn import OneDNNLinear, onednn_linear_available
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -42,8 +37,8 @@ class LinearRunner:
             return
         for module in modules:
             weight = getattr(module, "weight", None)
-            if (type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32
-                    and not _has_hooks(module)):
+            if (type(module) in (torch.nn.Linear, OneDNNLinear) and weight.device.type == "cpu"
+                    and weight.dtype == torch.float32 and not _has_hooks(module)):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
                 bias = None if module.bias is None else module.bias.detach()
                 self.packed[module] = (packed, bias)

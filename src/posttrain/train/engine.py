@@ -31,6 +31,7 @@ from rich.console import Console
 
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.models.onednn import use_onednn_linears
 from posttrain.run import RunDir, config_text
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -104,6 +105,7 @@ class Trainer:
         self.run_dir = run_dir
         self.model = model
         self.console = console or Console()
+        use_onednn_linears(model)  # a model built or loaded elsewhere trains on the faster GEMMs too
         # Wrapped (and, under FSDP, sharded) before the optimizer sees the parameters.
         self.parallel = dist.DistributedModel(model, train.parallel)
         self.optimizer = build_optimizer(model, optim)

@@ -1,0 +1,103 @@
+"""oneDNN linear layers compute what `nn.Linear` computes, forward and backward, and step aside elsewhere."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from posttrain.models.onednn import OneDNNLinear, onednn_linear_available, use_onednn_linears
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear ops")
+
+
+def _reference_linear(x, weight, bias):
+    """The same affine map in float64: the slow obvious reference both GEMM libraries are compared with."""
+    y = x.double() @ weight.double().T
+    return y if bias is None else y + bias.double()
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_forward_and_all_gradients_match_float64(bias, input_grad):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 40, bias=bias)
+    assert use_onednn_linears(layer) == 1 and type(layer) is OneDNNLinear
+    x = torch.randn(3, 7, 96, requires_grad=input_grad)
+    upstream = torch.randn(3, 7, 40)
+    y = layer(x)
+    (y * upstream).sum().backward()
+
+    x64 = x.detach().double().requires_grad_(input_grad)
+    w64 = layer.weight.detach().double().requires_grad_(True)
+    b64 = layer.bias.detach().double().requires_grad_(True) if bias else None
+    y64 = _reference_linear(x64, w64, b64)
+    (y64 * upstream.double()).sum().backward()
+
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    assert y.shape == (3, 7, 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(layer.weight.grad.double(), w64.grad, **tol)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad.double(), b64.grad, **tol)
+    if input_grad:
+        torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    else:
+        assert x.grad is None
+
+
+@needs_onednn
+def test_a_whole_llama_trains_to_the_same_loss_and_gradients(tiny_model):
+    torch.manual_seed(0)
+    # build_model swapped them: q, k, v, o, gate, up, down per layer + lm_head
+    assert sum(type(m) is OneDNNLinear for m in tiny_model.modules()) == 4 * 7 + 1
+    assert use_onednn_linears(tiny_model) == 0  # idempotent
+    reference = copy.deepcopy(tiny_model)
+    for module in reference.modules():
+        if type(module) is OneDNNLinear:
+            module.__class__ = torch.nn.Linear  # the reference runs torch's own GEMM
+    assert tiny_model.state_dict().keys() == reference.state_dict().keys()
+    ids = torch.randint(0, tiny_model.config.vocab_size, (4, 24))
+    losses = []
+    for model in (tiny_model, reference):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(tiny_model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_onednn
+def test_other_dtypes_and_autocast_take_torchs_own_path():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    plain = copy.deepcopy(layer)
+    use_onednn_linears(layer)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), plain(x))  # bitwise: the very same call
+    layer32 = torch.nn.Linear(16, 8)
+    plain32 = copy.deepcopy(layer32)
+    use_onednn_linears(layer32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer32(x.float()), plain32(x.float()))
+
+
+@needs_onednn
+def test_only_plain_linears_are_swapped_and_lora_wraps_them(tiny_model, monkeypatch):
+    class Custom(torch.nn.Linear):  # a subclass has its own forward: left alone
+        pass
+
+    holder = torch.nn.Sequential(torch.nn.Linear(4, 4), Custom(4, 4), torch.nn.Conv1d(4, 4, 1))
+    assert use_onednn_linears(holder) == 1 and type(holder[1]) is Custom
+    monkeypatch.setenv("POSTTRAIN_ONEDNN", "0")
+    assert not onednn_linear_available() and use_onednn_linears(torch.nn.Linear(4, 4)) == 0
+    monkeypatch.delenv("POSTTRAIN_ONEDNN")
+
+    use_onednn_linears(tiny_model)
+    lora = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 12))
+    lora(input_ids=ids, labels=ids).loss.backward()
+    trained = {name for name, p in lora.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in name for name in trained)
