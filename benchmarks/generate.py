@@ -32,6 +32,7 @@ from posttrain.config import ModelConfig
 from posttrain.data.arith import few_shot_prompt, sample_problem
 from posttrain.data.corpus import plain_text, synthetic_documents
 from posttrain.models import build_model, train_tokenizer
+from posttrain.models.onednn import use_torch_linears
 from posttrain.rollout import LocalRolloutEngine, SamplingParams
 from posttrain.rollout.forward import left_pad
 
@@ -70,6 +71,8 @@ def main() -> None:
     documents = itertools.islice(synthetic_documents(seed=0), 3000)
     tokenizer = train_tokenizer((plain_text(d) for d in documents), vocab_size=1024)
     model = build_model(ModelConfig(size=args.size), tokenizer, seed=0).eval()
+    # transformers.generate as transformers ships it (torch's GEMM); the engine packs oneDNN weights itself.
+    use_torch_linears(model)
     prompts = arith_chat_prompts(tokenizer, args.batch)
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     engine = LocalRolloutEngine(model, tokenizer)

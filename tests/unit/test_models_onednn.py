@@ -6,7 +6,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from posttrain.models.onednn import OneDNNLinear, onednn_linear_available, use_onednn_linears
+from posttrain.models.onednn import (
+    OneDNNLinear,
+    onednn_linear_available,
+    use_onednn_linears,
+    use_torch_linears,
+)
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear ops")
 
@@ -54,9 +59,8 @@ def test_a_whole_llama_trains_to_the_same_loss_and_gradients(tiny_model):
     assert sum(type(m) is OneDNNLinear for m in tiny_model.modules()) == 4 * 7 + 1
     assert use_onednn_linears(tiny_model) == 0  # idempotent
     reference = copy.deepcopy(tiny_model)
-    for module in reference.modules():
-        if type(module) is OneDNNLinear:
-            module.__class__ = torch.nn.Linear  # the reference runs torch's own GEMM
+    assert use_torch_linears(reference) == 4 * 7 + 1  # the reference runs torch's own GEMM
+    assert not any(type(m) is OneDNNLinear for m in reference.modules())
     assert tiny_model.state_dict().keys() == reference.state_dict().keys()
     ids = torch.randint(0, tiny_model.config.vocab_size, (4, 24))
     losses = []

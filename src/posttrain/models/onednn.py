@@ -86,3 +86,14 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
             module.__class__ = OneDNNLinear
             swapped += 1
     return swapped
+
+
+def use_torch_linears(model: torch.nn.Module) -> int:
+    """Undo `use_onednn_linears`: every `OneDNNLinear` of `model` back to a plain `nn.Linear` (torch's own GEMM,
+    e.g. for a baseline that must run as transformers ships it); returns how many."""
+    restored = 0
+    for module in model.modules():
+        if type(module) is OneDNNLinear:
+            module.__class__ = torch.nn.Linear
+            restored += 1
+    return restored
