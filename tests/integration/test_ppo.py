@@ -18,6 +18,7 @@ from posttrain.algos import gae, kl_penalty, masked_whiten
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
+from posttrain.errors import ConfigError
 from posttrain.models import build_model, load_causal_lm, save_pretrained
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
@@ -29,6 +30,7 @@ from posttrain.recipes.ppo import (
     ppo_loss_fn,
     rollout_forward,
     score_at_last_token,
+    split_by_tokens,
 )
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
@@ -118,10 +120,10 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one_and_kl_ze
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
 
 
-def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenizer):
+@pytest.mark.parametrize("split", ["train.micro_batch_size=3", "ppo.micro_batch_tokens=90"])
+def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenizer, split):
     model = actor_critic(lm_dir)
-    source = make_source(model, tokenizer, "train.micro_batch_size=3", "ppo.kl_coef=0.1",
-                         reference=Reference.frozen_copy(model.actor))
+    source = make_source(model, tokenizer, split, "ppo.kl_coef=0.1", reference=Reference.frozen_copy(model.actor))
     step = source.next_step()
     assert torch.equal(source.last.kl, torch.zeros_like(source.last.kl))
     for batch in step.micro_batches:
@@ -253,24 +255,68 @@ def test_the_adaptive_kl_controller_moves_beta_towards_the_target(lm_dir, tokeni
     assert source.next_step().metrics["beta"] == source.last.beta == pytest.approx(0.1 * (1 + direction * 0.032))
 
 
-def test_the_minibatch_loss_is_invariant_to_micro_batching(lm_dir, tokenizer):
+def minibatch_gradient(model: ActorCritic, tokenizer, reference: Reference, *overrides: str):
+    """The gradient of one minibatch's loss summed over its micro-batches (the Trainer's accumulation), a little
+    off pi_old so that ratios and value clipping are not trivial; and its step."""
+    source = make_source(model, tokenizer, "ppo.kl_coef=0.2", "ppo.entropy_coef=0.1", "ppo.value_clip=0.01",
+                         *overrides, reference=reference)
+    step = source.next_step()
+    model.zero_grad()
+    perturb(model, 1e-3, seed=4)
+    loss_fn = ppo_loss_fn(source.algo, 6)
+    for micro_batch in step.micro_batches:
+        loss, _ = loss_fn(model, micro_batch, step.normaliser)
+        loss.backward()
+    perturb(model, -1e-3, seed=4)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), step
+
+
+# 8 rows in one micro-batch, or in micro-batches of 3, 3 and 2 rows, or of at most 90 tokens each.
+@pytest.mark.parametrize("split", ["train.micro_batch_size=3", "ppo.micro_batch_tokens=90"])
+def test_the_minibatch_loss_is_invariant_to_micro_batching(lm_dir, tokenizer, split):
     model = actor_critic(lm_dir, dtype=torch.float64)
     reference = moved_reference(model)
-    grads = []
-    for micro in (8, 3):
-        source = make_source(model, tokenizer, f"train.micro_batch_size={micro}", "ppo.kl_coef=0.2",
-                             "ppo.entropy_coef=0.1", "ppo.value_clip=0.01", reference=reference)
-        step = source.next_step()
-        model.zero_grad()
-        perturb(model, 1e-3, seed=4)  # off pi_old, so ratios and value clipping are not trivial
-        loss_fn = ppo_loss_fn(source.algo, 6)
-        for micro_batch in step.micro_batches:
-            loss, _ = loss_fn(model, micro_batch, step.normaliser)
-            loss.backward()
-        perturb(model, -1e-3, seed=4)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert grads[0].abs().sum() > 0
-    assert_close(grads[1], grads[0])  # 8 rows in one micro-batch, or in micro-batches of 3, 3 and 2
+    whole, one = minibatch_gradient(model, tokenizer, reference, "ppo.micro_batch_tokens=null")
+    cut, several = minibatch_gradient(model, tokenizer, reference, split)
+    assert len(one.micro_batches) == 1 and len(several.micro_batches) >= 3
+    if split.startswith("ppo.micro_batch_tokens"):
+        for batch in several.micro_batches:  # within the budget, or a row alone that exceeds it
+            rollout = batch["rollout"]
+            assert int(rollout.prompt_mask.sum() + rollout.response_mask.sum()) <= 90 or len(rollout.texts) == 1
+    assert whole.abs().sum() > 0
+    assert_close(cut, whole, rtol=1e-9, atol=1e-12)
+
+
+def test_micro_batches_are_cut_to_the_token_budget_in_order():
+    # Rows of 7, 5, 4, 4 and 2 real tokens (prompt + completion), left-padded prompts, right-padded completions.
+    prompt_mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]])
+    response_mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0]])
+    rollout = Rollout(prompt_ids=prompt_mask.clone(), prompt_mask=prompt_mask, completion_ids=response_mask.clone(),
+                      response_mask=response_mask, logprobs=torch.zeros(5, 3), finish_reasons=["eos"] * 5,
+                      texts=[""] * 5, prompt_index=torch.arange(5), temperature=1.0)
+    rows = torch.tensor([0, 1, 2, 3, 4])
+
+    def cut(budget, padded):
+        return [piece.tolist() for piece in split_by_tokens(rows, rollout, budget, padded)]
+
+    assert cut(None, False) == [[0, 1, 2, 3, 4]]
+    assert cut(12, False) == [[0, 1], [2, 3, 4]]        # 7 + 5 = 12 fits, + 4 does not; 4 + 4 + 2 = 10
+    assert cut(9, False) == [[0], [1, 2], [3, 4]]       # 7; 5 + 4; 4 + 2
+    assert cut(3, False) == [[0], [1], [2], [3], [4]]   # a row over the budget goes alone
+    # Padded: rows x (longest prompt + longest completion): [0, 1] costs 2 x (4 + 3) = 14, [1, 2] 2 x (3 + 2) = 10,
+    # [1, 2, 3] 3 x (3 + 2) = 15, [3, 4] 2 x (3 + 1) = 8.
+    assert cut(12, True) == [[0], [1, 2], [3, 4]]
+    assert cut(35, True) == [[0, 1, 2, 3, 4]]           # 5 x (4 + 3)
+    assert cut(34, True) == [[0, 1, 2, 3], [4]]         # 4 x 7 = 28; 5 x 7 = 35
+
+
+@pytest.mark.parametrize("save_every", [3, 6])
+def test_a_checkpoint_interval_inside_an_iteration_is_rejected(lm_dir, tmp_path, save_every):
+    # One iteration is 2 epochs x 16 / 8 = 4 optimizer steps.
+    cfg = ppo_config(lm_dir, tmp_path, "ppo.epochs=2", f"train.save_every={save_every}")
+    with pytest.raises(ConfigError, match=r"2 x 16 / 8 = 4") as err:
+        main(cfg)
+    assert err.value.field == "train.save_every"
 
 
 @pytest.mark.parametrize("overrides", [(), ("critic.kind=shared", "adapter.method=lora", "adapter.r=4")],

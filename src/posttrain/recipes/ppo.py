@@ -24,7 +24,13 @@ or a value head on the actor's trunk (`models.value`). Or there is none: `ppo.ad
 (the completions of one prompt, sampling.samples_per_prompt of them, are each other's baseline), and the
 loss has no value term. Actor and critic train as one module with one
 optimizer, so checkpoints hold both, with their moments; a checkpoint taken between iterations
-resumes bitwise (one taken inside an iteration resumes with a fresh rollout).
+resumes bitwise (train.save_every must be a multiple of an iteration's steps; one taken inside an
+iteration, when a signal stops the run there, resumes with a fresh rollout).
+
+Memory: no pass of actor and critic, with or without gradient, holds more than `ppo.micro_batch_tokens`
+tokens: the activations saved for the backward (about 0.35 MB per token per model for the 26M-parameter
+benchmark model, fp32) then stop growing with the rollout batch; every piece's loss is divided by its
+minibatch's normaliser, so the gradient is the same.
 
 The rollout -> per-token rewards -> GAE -> epochs x minibatches core (`PPOStepSource`,
 `ppo_loss_fn`, `train_ppo`) takes its reward as a `WeightedRewards`, so other recipes reuse it.
@@ -159,6 +165,13 @@ class PPOAlgoConfig:
     padding_free_capacity: int = param(256, "Padding-free: samples are packed into rows of at most this many "
                                             "tokens (or the longest sample's); attention costs row length x tokens.",
                                        ge=1)
+    micro_batch_tokens: int | None = param(1024, "Each forward/backward pass (and no-grad scoring pass) of actor "
+                                                 "and critic holds at most this many tokens (prompt + completion; "
+                                                 "padded layout: rows x their longest): a micro-batch of "
+                                                 "train.micro_batch_size rows is cut further, with the same gradient "
+                                                 "(every piece is divided by the minibatch's normaliser) and a peak "
+                                                 "of activation memory that no longer grows with the minibatch "
+                                                 "(None: train.micro_batch_size alone).", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +247,14 @@ def check_config(cfg: Any) -> None:
     if cfg.ppo.rollout_batch_size % cfg.train.batch_size:
         raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of "
                           f"train.batch_size ({cfg.train.batch_size}, the minibatch)", field="ppo.rollout_batch_size")
+    iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch_size // cfg.train.batch_size
+    if cfg.train.save_every % iteration:
+        # A checkpoint holds no rollout: one taken inside an iteration would resume with a fresh rollout,
+        # a different run from the one that went on.
+        raise ConfigError(f"train.save_every ({cfg.train.save_every}) must be a multiple of the optimizer steps "
+                          f"of one PPO iteration, ppo.epochs x ppo.rollout_batch_size / train.batch_size = "
+                          f"{cfg.ppo.epochs} x {cfg.ppo.rollout_batch_size} / {cfg.train.batch_size} = {iteration} "
+                          f"(or 0), so that checkpoints fall between iterations", field="train.save_every")
     if cfg.ppo.rollout_batch_size % cfg.sampling.samples_per_prompt:
         raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of "
                           f"sampling.samples_per_prompt ({cfg.sampling.samples_per_prompt})",
@@ -320,6 +341,27 @@ def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = F
     return logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask
 
 
+def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None, padded: bool) -> list[Tensor]:
+    """`rows` cut, in order, into runs whose forward holds at most `budget` tokens (a row longer than the
+    budget alone): the sum of the rows' real tokens, or with `padded` the rows times their longest prompt
+    plus their longest completion (the layout of `Rollout.select`). [rows] unchanged for budget None."""
+    if budget is None:
+        return [rows]
+    prompts = rollout.prompt_mask[rows].sum(1).tolist()
+    completions = rollout.response_mask[rows].sum(1).tolist()
+    pieces, start = [], 0
+    real = longest_prompt = longest_completion = 0
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        grown = (max(longest_prompt, prompt), max(longest_completion, completion), real + prompt + completion)
+        cost = (i + 1 - start) * (grown[0] + grown[1]) if padded else grown[2]
+        if cost > budget and i > start:
+            pieces.append(rows[start:i])
+            start, grown = i, (prompt, completion, prompt + completion)
+        longest_prompt, longest_completion, real = grown
+    pieces.append(rows[start:])
+    return pieces
+
+
 def packing(cfg: PPOAlgoConfig) -> int | None:
     """`rollout_forward`'s padding_free_capacity: None for the padded layout."""
     return cfg.padding_free_capacity if cfg.padding_free else None
@@ -351,8 +393,9 @@ class PPOStepSource:
     """Samples a rollout batch, scores it, computes per-token rewards and GAE, and serves its minibatches.
 
     An iteration yields epochs x (rollout_batch_size / train.batch_size) optimizer steps. Rows of a
-    minibatch are ordered by length into micro-batches of train.micro_batch_size (the loss is divided by
-    the minibatch's normaliser, so the grouping changes the compute, not the gradient). With `gold`, a
+    minibatch are ordered by length into micro-batches of train.micro_batch_size rows and at most
+    ppo.micro_batch_tokens tokens (the loss is divided by the minibatch's normaliser, so the grouping
+    changes the compute and the memory, not the gradient). With `gold`, a
     micro-batch also carries the gold answers of its prompts (each prompt once per minibatch) and the
     minibatch's gold-token count, for the SFT term.
     """
@@ -440,7 +483,9 @@ class PPOStepSource:
             minibatches = []
             for rows in torch.randperm(size, generator=generator).split(self.train.batch_size):
                 rows = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
-                minibatches.append(list(rows.split(self.train.micro_batch_size)))
+                minibatches.append([piece for micro in rows.split(self.train.micro_batch_size)
+                                    for piece in split_by_tokens(micro, rollout, self.algo.micro_batch_tokens,
+                                                                 padded=not self.algo.padding_free)])
             schedule.append(minibatches)
         return schedule
 
