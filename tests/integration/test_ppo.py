@@ -35,6 +35,7 @@ from posttrain.recipes.ppo import (
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.forward import left_pad
+from posttrain.rollout.recompute import pack_rollout
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
 
@@ -271,43 +272,49 @@ def minibatch_gradient(model: ActorCritic, tokenizer, reference: Reference, *ove
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), step
 
 
-# 8 rows in one micro-batch, or in micro-batches of 3, 3 and 2 rows, or of at most 90 tokens each.
-@pytest.mark.parametrize("split", ["train.micro_batch_size=3", "ppo.micro_batch_tokens=90"])
-def test_the_minibatch_loss_is_invariant_to_micro_batching(lm_dir, tokenizer, split):
+# 8 rows in one micro-batch, or in micro-batches of 3, 3 and 2 rows, or of at most 200 token positions each
+# (padding-free, packed rows of up to 128 tokens; or padded).
+@pytest.mark.parametrize("settings, split", [((), "train.micro_batch_size=3"),
+                                             (("ppo.padding_free_capacity=128",), "ppo.micro_batch_tokens=200"),
+                                             (("ppo.padding_free=false",), "ppo.micro_batch_tokens=200")])
+def test_the_minibatch_loss_is_invariant_to_micro_batching(lm_dir, tokenizer, settings, split):
     model = actor_critic(lm_dir, dtype=torch.float64)
     reference = moved_reference(model)
-    whole, one = minibatch_gradient(model, tokenizer, reference, "ppo.micro_batch_tokens=null")
-    cut, several = minibatch_gradient(model, tokenizer, reference, split)
+    whole, one = minibatch_gradient(model, tokenizer, reference, *settings, "ppo.micro_batch_tokens=null")
+    cut, several = minibatch_gradient(model, tokenizer, reference, *settings, split)
     assert len(one.micro_batches) == 1 and len(several.micro_batches) >= 3
     if split.startswith("ppo.micro_batch_tokens"):
-        for batch in several.micro_batches:  # within the budget, or a row alone that exceeds it
+        for batch in several.micro_batches:  # the positions the forward computes
             rollout = batch["rollout"]
-            assert int(rollout.prompt_mask.sum() + rollout.response_mask.sum()) <= 90 or len(rollout.texts) == 1
+            layout = rollout.input_ids if "ppo.padding_free=false" in settings else pack_rollout(rollout, 128).input_ids
+            assert layout.numel() <= 200
     assert whole.abs().sum() > 0
     assert_close(cut, whole, rtol=1e-9, atol=1e-12)
 
 
-def test_micro_batches_are_cut_to_the_token_budget_in_order():
-    # Rows of 7, 5, 4, 4 and 2 real tokens (prompt + completion), left-padded prompts, right-padded completions.
-    prompt_mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]])
-    response_mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0]])
+def test_micro_batches_are_cut_to_the_token_budget():
+    # Rows of 4, 7, 2, 5 and 4 real tokens (prompt + completion), left-padded prompts, right-padded completions.
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 1, 1]])
+    response_mask = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]])
     rollout = Rollout(prompt_ids=prompt_mask.clone(), prompt_mask=prompt_mask, completion_ids=response_mask.clone(),
                       response_mask=response_mask, logprobs=torch.zeros(5, 3), finish_reasons=["eos"] * 5,
                       texts=[""] * 5, prompt_index=torch.arange(5), temperature=1.0)
-    rows = torch.tensor([0, 1, 2, 3, 4])
+    rows = torch.tensor([1, 3, 4, 0, 2])  # longest first: 7, 5, 4, 4, 2 tokens
 
-    def cut(budget, padded):
-        return [piece.tolist() for piece in split_by_tokens(rows, rollout, budget, padded)]
+    def cut(budget, capacity):
+        return [piece.tolist() for piece in split_by_tokens(rows, rollout, budget, capacity)]
 
-    assert cut(None, False) == [[0, 1, 2, 3, 4]]
-    assert cut(12, False) == [[0, 1], [2, 3, 4]]        # 7 + 5 = 12 fits, + 4 does not; 4 + 4 + 2 = 10
-    assert cut(9, False) == [[0], [1, 2], [3, 4]]       # 7; 5 + 4; 4 + 2
-    assert cut(3, False) == [[0], [1], [2], [3], [4]]   # a row over the budget goes alone
-    # Padded: rows x (longest prompt + longest completion): [0, 1] costs 2 x (4 + 3) = 14, [1, 2] 2 x (3 + 2) = 10,
-    # [1, 2, 3] 3 x (3 + 2) = 15, [3, 4] 2 x (3 + 1) = 8.
-    assert cut(12, True) == [[0], [1, 2], [3, 4]]
-    assert cut(35, True) == [[0, 1, 2, 3, 4]]           # 5 x (4 + 3)
-    assert cut(34, True) == [[0, 1, 2, 3], [4]]         # 4 x 7 = 28; 5 x 7 = 35
+    assert cut(None, 8) == cut(None, None) == [[1, 3, 4, 0, 2]]
+    # Padding-free, rows of 8 tokens: best-fit decreasing packs [1], [3, 2], [4, 0] (widths 7, 7, 8); a
+    # micro-batch takes consecutive packed rows while their count x their width fits.
+    assert cut(16, 8) == [[1, 3, 2], [4, 0]]            # 2 x 7 = 14; 3 x 8 = 24 does not fit
+    assert cut(24, 8) == [[1, 3, 4, 0, 2]]
+    assert cut(7, 8) == [[1], [3, 2], [4, 0]]           # [4, 0] (8 > 7) goes alone
+    # Padded: rows x (longest prompt + longest completion): [1, 3] costs 2 x (4 + 3) = 14, [3, 4] 2 x (3 + 2) = 10,
+    # [3, 4, 0] 3 x (3 + 2) = 15, [0, 2] 2 x (3 + 1) = 8.
+    assert cut(12, None) == [[1], [3, 4], [0, 2]]
+    assert cut(35, None) == [[1, 3, 4, 0, 2]]           # 5 x (4 + 3)
+    assert cut(34, None) == [[1, 3, 4, 0], [2]]         # 4 x 7 = 28; 5 x 7 = 35
 
 
 @pytest.mark.parametrize("save_every", [3, 6])

@@ -98,6 +98,7 @@ from posttrain.rollout.recompute import (
     completion_logprobs,
     pack_rollout,
     packed_completion_logprobs,
+    packed_rows,
     policy_forward,
 )
 from posttrain.run import RunResult, prepare_run_dir
@@ -166,12 +167,13 @@ class PPOAlgoConfig:
                                             "tokens (or the longest sample's); attention costs row length x tokens.",
                                        ge=1)
     micro_batch_tokens: int | None = param(1024, "Each forward/backward pass (and no-grad scoring pass) of actor "
-                                                 "and critic holds at most this many tokens (prompt + completion; "
-                                                 "padded layout: rows x their longest): a micro-batch of "
-                                                 "train.micro_batch_size rows is cut further, with the same gradient "
-                                                 "(every piece is divided by the minibatch's normaliser) and a peak "
-                                                 "of activation memory that no longer grows with the minibatch "
-                                                 "(None: train.micro_batch_size alone).", ge=1)
+                                                 "and critic computes at most this many token positions (packed "
+                                                 "rows x their width; padded layout: rows x their longest prompt + "
+                                                 "completion): a micro-batch of train.micro_batch_size rows is cut "
+                                                 "further, with the same gradient (every piece is divided by the "
+                                                 "minibatch's normaliser) and a peak of activation memory that no "
+                                                 "longer grows with the minibatch (None: train.micro_batch_size "
+                                                 "alone).", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,25 +343,38 @@ def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = F
     return logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask
 
 
-def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None, padded: bool) -> list[Tensor]:
-    """`rows` cut, in order, into runs whose forward holds at most `budget` tokens (a row longer than the
-    budget alone): the sum of the rows' real tokens, or with `padded` the rows times their longest prompt
-    plus their longest completion (the layout of `Rollout.select`). [rows] unchanged for budget None."""
+def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None, capacity: int | None) -> list[Tensor]:
+    """`rows` (longest first) cut into micro-batches whose forward computes at most `budget` positions.
+
+    Padding-free (`capacity` as `pack_rollout`'s): the rows' samples are packed as the forward packs them,
+    and a micro-batch takes consecutive packed rows while its forward's own packing (rows x width) fits,
+    so cutting adds next to no row padding. Padded (capacity None): consecutive rows while their count x
+    (longest prompt + longest completion) fits (the layout of `Rollout.select`). A packed row or sample over
+    the budget goes alone; budget None keeps [rows]. Rows keep their order inside a micro-batch.
+    """
     if budget is None:
         return [rows]
     prompts = rollout.prompt_mask[rows].sum(1).tolist()
     completions = rollout.response_mask[rows].sum(1).tolist()
-    pieces, start = [], 0
-    real = longest_prompt = longest_completion = 0
-    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        grown = (max(longest_prompt, prompt), max(longest_completion, completion), real + prompt + completion)
-        cost = (i + 1 - start) * (grown[0] + grown[1]) if padded else grown[2]
-        if cost > budget and i > start:
-            pieces.append(rows[start:i])
-            start, grown = i, (prompt, completion, prompt + completion)
-        longest_prompt, longest_completion, real = grown
-    pieces.append(rows[start:])
-    return pieces
+    lengths = [p + c for p, c in zip(prompts, completions, strict=True)]
+    if capacity is None:
+        units = [[i] for i in range(len(rows))]
+
+        def cost(samples: list[int]) -> int:
+            return len(samples) * (max(prompts[i] for i in samples) + max(completions[i] for i in samples))
+    else:
+        units = packed_rows(lengths, capacity)
+
+        def cost(samples: list[int]) -> int:
+            sizes = [lengths[i] for i in samples]
+            packed = packed_rows(sizes, capacity)
+            return len(packed) * max(sum(sizes[i] for i in row) for row in packed)
+    pieces: list[list[int]] = [[]]
+    for unit in units:
+        if pieces[-1] and cost(sorted(pieces[-1] + unit)) > budget:
+            pieces.append([])
+        pieces[-1].extend(unit)
+    return [rows[sorted(piece)] for piece in pieces]
 
 
 def packing(cfg: PPOAlgoConfig) -> int | None:
@@ -485,7 +500,7 @@ class PPOStepSource:
                 rows = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
                 minibatches.append([piece for micro in rows.split(self.train.micro_batch_size)
                                     for piece in split_by_tokens(micro, rollout, self.algo.micro_batch_tokens,
-                                                                 padded=not self.algo.padding_free)])
+                                                                 packing(self.algo))])
             schedule.append(minibatches)
         return schedule
 
