@@ -8,7 +8,9 @@ stop at EOS, 1 PPO epoch of 1 minibatch, kl_coef 0.05 (k1 in the reward), gamma 
 clip 0.2, value clip 0.2, vf_coef 0.1, lr 1e-5 constant, no warm-up, weight decay 0, grad clip 1.0.
 Policy, reference, critic and reward model come from the same checkpoint: the reward model and the
 critic are its trunk with a fresh scalar head (saved once as `<model>-rm`). posttrain runs with the
-separate critic (as TRL) and with a value head on the policy's trunk (`--critics`).
+separate critic (as TRL) and with a value head on the policy's trunk (`--critics`), with the recipe's
+default `ppo.micro_batch_tokens` (passes of at most 1024 token positions: the same gradient as one pass
+over the 64 completions, a peak RSS about half as large).
 
 TRL 1.12 is the last release with `trl.experimental.ppo`; it is installed next to the newer trl of
 the `bench` extra, into benchmarks/.cache/trl-1.12 with `pip install --no-deps --target ...`
