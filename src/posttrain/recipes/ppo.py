@@ -27,10 +27,10 @@ optimizer, so checkpoints hold both, with their moments; a checkpoint taken betw
 resumes bitwise (train.save_every must be a multiple of an iteration's steps; one taken inside an
 iteration, when a signal stops the run there, resumes with a fresh rollout).
 
-Memory: no pass of actor and critic, with or without gradient, holds more than `ppo.micro_batch_tokens`
-tokens: the activations saved for the backward (about 0.35 MB per token per model for the 26M-parameter
-benchmark model, fp32) then stop growing with the rollout batch; every piece's loss is divided by its
-minibatch's normaliser, so the gradient is the same.
+Memory: no pass of actor and critic, with or without gradient, computes more than
+`ppo.micro_batch_tokens` token positions (`split_by_tokens`): the activations saved for the backward
+(about 0.35 MB per token per model for the 26M-parameter benchmark model, fp32) then stop growing with
+the rollout batch; every piece's loss is divided by its minibatch's normaliser, so the gradient is the same.
 
 The rollout -> per-token rewards -> GAE -> epochs x minibatches core (`PPOStepSource`,
 `ppo_loss_fn`, `train_ppo`) takes its reward as a `WeightedRewards`, so other recipes reuse it.
