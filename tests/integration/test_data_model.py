@@ -92,3 +92,32 @@ def test_prepare_data_packed_mode_feeds_the_model(samples, tiny_model, tokenizer
     assert torch.isfinite(out.loss)
     padded = dataclasses.replace(cfg, batch_mode="padded")
     assert prepare_data(padded, tokenizer, accepts=("messages",)).tokenized.stats == prepared.tokenized.stats
+
+
+def test_padding_free_rows_capped_at_a_capacity_give_the_padded_loss(tiny_model, tokenizer, tmp_path):
+    from posttrain.recipes.sft import sft_loss_fn
+
+    cfg = DataConfig(source="arith", size=12, max_length=128, batch_mode="padding_free", padding_free_capacity=96,
+                     cache_dir=str(tmp_path))
+    losses, layouts = {}, {}
+    model = tiny_model.double()
+    for name, variant in (("padded", dataclasses.replace(cfg, batch_mode="padded")), ("capped", cfg),
+                          ("one_row", dataclasses.replace(cfg, padding_free_capacity=0))):
+        # float64 throughout (the block masks too), so that only the layout differs between the three
+        prepared = prepare_data(variant, tokenizer, accepts=("messages",), mask_dtype=torch.float64)
+        rows = [prepared.dataset[i] for i in range(len(prepared.dataset))]
+        batch = prepared.collator(rows)
+        trained = int(batch["labels"].ne(-100).sum()) if name == "padded" else None
+        losses[name] = sft_loss_fn(model, batch, float(trained or losses["trained"]))[0]
+        losses.setdefault("trained", trained)
+        layouts[name] = batch
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    capped = layouts["capped"]
+    assert layouts["one_row"]["input_ids"].shape == (1, sum(lengths))
+    assert capped["input_ids"].shape[0] > 1 and capped["input_ids"].shape[1] <= 96
+    # every sample exactly once, each whole inside one row (its ids contiguous, positions restarting at 0)
+    real = capped["sample_ids"][capped["sample_ids"] >= 0]
+    assert sorted(real.bincount().tolist()) == lengths
+    assert int(capped["position_ids"].eq(0).logical_and(capped["sample_ids"] >= 0).sum()) == len(lengths)
+    torch.testing.assert_close(losses["capped"], losses["padded"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses["one_row"], losses["padded"], rtol=1e-10, atol=1e-12)

@@ -124,3 +124,11 @@ def test_pairs_rankings_stepwise_prompts():
 def test_packing_is_for_sft_rows_only():
     with pytest.raises(ValueError, match="SFT formats"):
         Collator("preference", PAD, batch_mode="packed")([])
+
+
+def test_padding_free_rows_are_capped_best_fit_and_a_longer_sample_gets_its_own_row():
+    batch = Collator("messages", PAD, batch_mode="padding_free", row_capacity=8)([A, B, B, A])  # lengths 5, 3, 3, 5
+    assert batch["input_ids"].shape == (2, 8)  # best fit: 5 + 3 in each row
+    assert sorted(batch["sample_ids"][batch["sample_ids"] >= 0].bincount().tolist()) == [3, 3, 5, 5]
+    wide = Collator("messages", PAD, batch_mode="padding_free", row_capacity=4)([A, B])
+    assert wide["input_ids"].shape == (2, 5)  # A (5 tokens) alone; B in a row of its own

@@ -259,7 +259,10 @@ class Collator:
     """The collate function for a format and a batch mode (usable as a DataLoader's `collate_fn`).
 
     In packed mode the dataset rows are packed rows (`pack_dataset`); in padding-free mode they are
-    samples, and each batch becomes one row.
+    samples, and each batch of SFT rows is packed best-fit decreasing into rows of at most `row_capacity`
+    tokens (0: one row). Why cap: the block-causal mask hides other samples but attention still runs over
+    the whole row, so one row of a 64-sample batch (~3,600 tokens) costs more than the model's layers.
+    Comparison rows (pairs, rankings) stay one row: their sequences are indexed across it.
     """
 
     format: str
@@ -267,11 +270,13 @@ class Collator:
     batch_mode: str = "padded"
     packed_attention: str = "mask"
     mask_dtype: torch.dtype = torch.float32
+    row_capacity: int = 0
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         if self.format in ("completion", "messages"):
             if self.batch_mode == "padding_free":
-                return collate_packed([samples], self.pad_token_id, self.packed_attention, self.mask_dtype)
+                return collate_packed(self._padding_free_rows(samples), self.pad_token_id, self.packed_attention,
+                                      self.mask_dtype)
             if self.batch_mode == "packed":
                 return collate_packed([unpack_row(s) for s in samples], self.pad_token_id,
                                       self.packed_attention, self.mask_dtype)
@@ -285,3 +290,10 @@ class Collator:
             raise ValueError(f"batch_mode {self.batch_mode!r} is for SFT formats (padding_free also for preference "
                              f"and ranking rows); {self.format!r} rows are padded")
         return {"stepwise": collate_stepwise, "verifiable": collate_prompts}[self.format](samples, self.pad_token_id)
+
+    def _padding_free_rows(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        if not self.row_capacity:
+            return [list(samples)]
+        lengths = [len(s["input_ids"]) for s in samples]
+        bins = pack_bfd(lengths, max(self.row_capacity, *lengths))
+        return [[samples[i] for i in b] for b in bins]

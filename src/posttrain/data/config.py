@@ -70,9 +70,13 @@ class DataConfig:
                                 "block rendered, prompts end with it; fusion: per row, rows with reasoning "
                                 "on and rows without off (one model, both modes).",
                           choices=("on", "off", "fusion"))
-    batch_mode: str = param("padded", "padded: one sample per row; padding_free: the batch as one row; "
-                                      "packed: rows filled best-fit decreasing up to max_length.",
+    batch_mode: str = param("padded", "padded: one sample per row; padding_free: the micro-batch's samples "
+                                      "without padding (see padding_free_capacity); packed: rows filled "
+                                      "best-fit decreasing up to max_length.",
                             choices=("padded", "padding_free", "packed"))
+    padding_free_capacity: int = param(256, "padding_free SFT rows: a micro-batch's samples best-fit into rows of "
+                                            "at most this many tokens (a longer sample gets its own row), so "
+                                            "attention stays short; 0: the whole micro-batch in one row.", ge=0)
     packed_attention: str = param("mask", "How packed rows keep samples apart: a 4-D block-diagonal mask "
                                           "(any attention kernel), or position_ids alone (flash/sdpa with "
                                           "use_cache=False).", choices=("mask", "position_ids"))

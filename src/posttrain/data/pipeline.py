@@ -61,5 +61,6 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
         dataset = pack_dataset(dataset, cfg.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = Collator(format=tokenized.format, pad_token_id=pad, batch_mode=cfg.batch_mode,
-                        packed_attention=cfg.packed_attention, mask_dtype=mask_dtype)
+                        packed_attention=cfg.packed_attention, mask_dtype=mask_dtype,
+                        row_capacity=cfg.padding_free_capacity)
     return Prepared(tokenized=tokenized, dataset=dataset, collator=collator)
