@@ -62,6 +62,7 @@ from posttrain.recipes.rl import (
     build_rewards,
     check_reward_functions,
     completions_of,
+    padding_free_capacity_param,
     resolve_task,
     reward_metrics,
     sample_record,
@@ -119,9 +120,7 @@ class GRPOLossConfig:
     padding_free: bool = param(True, "Policy forward over the real tokens only (packed rows, block-diagonal "
                                      "mask) instead of the rollout's padded layout: the same logprobs, less "
                                      "compute. Prefix-tuning adapters always use the padded layout.")
-    padding_free_capacity: int = param(256, "Padding-free: samples are packed into rows of at most this many "
-                                            "tokens (or the longest sample's); attention costs row length x tokens.",
-                                       ge=1)
+    padding_free_capacity: int = padding_free_capacity_param()
 
 
 @dataclasses.dataclass(frozen=True)

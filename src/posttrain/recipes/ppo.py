@@ -88,6 +88,7 @@ from posttrain.recipes.rl import (
     build_rewards,
     check_reward_functions,
     completions_of,
+    padding_free_capacity_param,
     resolve_task,
     reward_metrics,
     sample_record,
@@ -163,9 +164,7 @@ class PPOAlgoConfig:
     padding_free: bool = param(True, "Actor and critic forwards over the real tokens only (packed rows, "
                                      "block-diagonal mask) instead of the rollout's padded layout: the same "
                                      "logprobs and values, less compute.")
-    padding_free_capacity: int = param(256, "Padding-free: samples are packed into rows of at most this many "
-                                            "tokens (or the longest sample's); attention costs row length x tokens.",
-                                       ge=1)
+    padding_free_capacity: int = padding_free_capacity_param()
     micro_batch_tokens: int | None = param(1024, "Each forward/backward pass (and no-grad scoring pass) of actor "
                                                  "and critic computes at most this many token positions (packed "
                                                  "rows x their width; padded layout: rows x their longest prompt + "
