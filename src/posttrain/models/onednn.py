@@ -24,12 +24,16 @@ import torch
 from torch import Tensor
 
 
-def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN and the (private, inductor-used) linear ops, and they are wanted."""
+def onednn_ops_available() -> bool:
+    """Whether this torch build has oneDNN and the (private, inductor-used) linear ops."""
     ops = torch.ops.mkldnn
-    return (os.environ.get("POSTTRAIN_ONEDNN", "1") != "0"
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+
+
+def onednn_linear_available() -> bool:
+    """Whether the oneDNN linear path can run (`onednn_ops_available`) and is wanted (`POSTTRAIN_ONEDNN` is not 0)."""
+    return os.environ.get("POSTTRAIN_ONEDNN", "1") != "0" and onednn_ops_available()
 
 
 def matmul_transposed(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
