@@ -31,14 +31,17 @@ WARMUP_STEPS = 2
 
 
 def model_dir(size: str) -> Path:
-    """A random-init (seed 0) fp32 Llama of `size` with the project tokenizer, built once and cached."""
+    """A random-init (seed 0) fp32 Llama of `size` with the project tokenizer, built once and cached.
+
+    posttrain is imported only to build it: a TRL worker must not import posttrain, whose import
+    settles process-wide oneDNN settings (see posttrain.models.onednn)."""
+    out = CACHE / f"model-{size}"
+    if (out / "model.safetensors").is_file():
+        return out
     from posttrain.config import ModelConfig
     from posttrain.data.corpus import plain_text, synthetic_documents
     from posttrain.models import build_model, save_pretrained, train_tokenizer
 
-    out = CACHE / f"model-{size}"
-    if (out / "model.safetensors").is_file():
-        return out
     documents = itertools.islice(synthetic_documents(seed=0), 20_000)
     tokenizer = train_tokenizer((plain_text(d) for d in documents), vocab_size=1024)
     save_pretrained(build_model(ModelConfig(size=size), tokenizer, seed=0), tokenizer, out)

@@ -1,6 +1,9 @@
 """oneDNN linear layers compute what `nn.Linear` computes, forward and backward, and step aside elsewhere."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,3 +116,15 @@ def test_only_plain_linears_are_swapped_and_lora_wraps_them(tiny_model, monkeypa
     lora(input_ids=ids, labels=ids).loss.backward()
     trained = {name for name, p in lora.named_parameters() if p.grad is not None}
     assert trained and all("lora_" in name for name in trained)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "64"), ("8", "8")])
+def test_import_caps_the_primitive_cache_unless_the_user_set_it(preset, expected):
+    """oneDNN reads the variable once, at its first primitive: it must be in the environment from import on, and a
+    user's own setting wins. (A fresh interpreter: this one has imported the module already.)"""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    code = "import os, posttrain.models.onednn; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
