@@ -78,6 +78,22 @@ def test_cached_reference_logprobs_equal_the_live_ones(tiny_model, tokenizer, fm
     assert_close(batch["ref_logprobs"], sequence_logprobs(tiny_model, batch, average))
 
 
+@pytest.mark.parametrize("fmt", ["preference", "ranking"])
+def test_padding_free_rows_capped_or_not_give_the_padded_sequence_logprobs(tiny_model, tokenizer, fmt):
+    model = tiny_model.double().eval()
+    layouts = {}
+    for name, batch_mode, capacity in (("padded", "padded", 0), ("one_row", "padding_free", 0),
+                                       ("capped", "padding_free", 96)):
+        prepared = prepare_data(DataConfig(source="arith", size=8, format=fmt, batch_mode=batch_mode,
+                                           padding_free_capacity=capacity), tokenizer, accepts=STAGE_FORMATS["dpo"],
+                                mask_dtype=torch.float64)
+        batch = prepared.collator([prepared.dataset[i] for i in range(8)])
+        layouts[name] = (batch["input_ids"].shape[0], sequence_logprobs(model, batch))
+    assert layouts["one_row"][0] == 1 and layouts["capped"][0] > 1
+    assert_close(layouts["one_row"][1], layouts["padded"][1])
+    assert_close(layouts["capped"][1], layouts["padded"][1])
+
+
 def test_the_lora_disabled_reference_is_the_base_model(tiny_model, tokenizer):
     prepared = prepared_rows(tokenizer, "preference")
     batch = prepared.collator([prepared.dataset[i] for i in range(8)])

@@ -132,3 +132,27 @@ def test_padding_free_rows_are_capped_best_fit_and_a_longer_sample_gets_its_own_
     assert sorted(batch["sample_ids"][batch["sample_ids"] >= 0].bincount().tolist()) == [3, 3, 5, 5]
     wide = Collator("messages", PAD, batch_mode="padding_free", row_capacity=4)([A, B])
     assert wide["input_ids"].shape == (2, 5)  # A (5 tokens) alone; B in a row of its own
+
+
+def test_padding_free_pairs_and_rankings_are_capped_and_keep_every_sequence_id():
+    """Sequence i of a comparison batch (chosen ones first) is `sample_ids == i` in whichever row it lands."""
+    pair_ab = {"chosen_input_ids": A["input_ids"], "chosen_response_mask": A["response_mask"],
+               "rejected_input_ids": B["input_ids"], "rejected_response_mask": B["response_mask"]}
+    pair_ba = {"chosen_input_ids": B["input_ids"], "chosen_response_mask": B["response_mask"],
+               "rejected_input_ids": A["input_ids"], "rejected_response_mask": A["response_mask"]}
+    batch = Collator("preference", PAD, batch_mode="padding_free", row_capacity=8)([pair_ab, pair_ba])
+    assert batch["input_ids"].shape == (2, 8)  # sequences A, B, B, A (5, 3, 3, 5 tokens): 5 + 3 per row
+    expected = [A, B, B, A]  # chosen of pair 0 and 1, then rejected of pair 0 and 1
+    for i, sequence in enumerate(expected):
+        assert batch["input_ids"][batch["sample_ids"] == i].tolist() == sequence["input_ids"]
+        assert batch["position_ids"][batch["sample_ids"] == i].tolist() == list(range(len(sequence["input_ids"])))
+    one_row = Collator("preference", PAD, batch_mode="padding_free")([pair_ab, pair_ba])
+    assert one_row["input_ids"].shape == (1, 16)
+
+    ranking = {"ranked_input_ids": [A["input_ids"], B["input_ids"], A["input_ids"]],
+               "ranked_response_mask": [A["response_mask"], B["response_mask"], A["response_mask"]], "scores": None}
+    ranked = Collator("ranking", PAD, batch_mode="padding_free", row_capacity=8)([ranking])
+    assert ranked["input_ids"].shape == (2, 8)
+    for i, sequence in enumerate((A, B, A)):
+        assert ranked["input_ids"][ranked["sample_ids"] == i].tolist() == sequence["input_ids"]
+    assert ranked["ranks"].tolist() == [0, 1, 2]

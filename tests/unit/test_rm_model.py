@@ -70,7 +70,24 @@ def test_padding_free_batches_score_like_padded_ones(lm_dir, tokenizer, samples)
     model = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id).eval()
     packed = collate_packed([samples], tokenizer.pad_token_id)
     ends = torch.tensor([len(s["input_ids"]) for s in samples]).cumsum(0) - 1
-    assert sample_end_index(packed["sample_ids"]).tolist() == [ends.tolist()]
+    assert sample_end_index(packed["sample_ids"]).tolist() == ends.tolist()
+    padded = collate_padded(samples, tokenizer.pad_token_id)
+    assert_close(sequence_scores(model, packed), sequence_scores(model, padded))
+
+
+def test_scores_of_sequences_packed_into_several_rows_come_back_in_sample_order(lm_dir, tokenizer, samples):
+    """Capped padding-free rows: the odd samples fill row 0, the even ones row 1; scores stay in sample order."""
+    model = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id).eval()
+    rows = [list(range(1, len(samples), 2)), list(range(0, len(samples), 2))]
+    packed = collate_packed([[samples[i] for i in row] for row in rows], tokenizer.pad_token_id, indices=rows)
+    width = packed["input_ids"].shape[1]
+    expected = {}  # sample -> flat index of its last token, counted by hand
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            start += len(samples[i]["input_ids"])
+            expected[i] = r * width + start - 1
+    assert sample_end_index(packed["sample_ids"]).tolist() == [expected[i] for i in range(len(samples))]
     padded = collate_padded(samples, tokenizer.pad_token_id)
     assert_close(sequence_scores(model, packed), sequence_scores(model, padded))
 

@@ -4,15 +4,16 @@ Every training batch carries `labels` (input ids, -100 where not trained, the HF
 model shifts them) and the same information as `response_mask` (1 where `labels` is a trained
 token), aligned with `input_ids`; `position_ids` restart at 0 for every sample.
 
-Padding-free puts the whole batch in one row; packing fills rows of `capacity` tokens best-fit
-decreasing. Neither may let a sample see another: attention must be block-diagonal. transformers
-5.x derives that block structure from restarting `position_ids` only when no attention mask *and
-no cache* is passed — and a plain `model(input_ids, position_ids=...)` builds a DynamicCache
-(config.use_cache defaults to True), so the blocks silently leak into each other (measured: logits
-off by ~1.1 on the tiny Llama with SDPA on CPU). Hence packed batches carry an explicit 4-D
-block-causal additive mask by default (`attention="mask"`, works with eager and SDPA); with
-`attention="position_ids"` they carry none, for flash/SDPA kernels called with use_cache=False.
-The first token of every sample is never a target, so no loss crosses a boundary either.
+Padding-free puts a batch's samples in rows of at most `row_capacity` tokens (or all in one row);
+packing fills rows of `capacity` tokens best-fit decreasing across batches. Neither may let a sample
+see another: attention must be block-diagonal. transformers 5.x derives that block structure from
+restarting `position_ids` only when no attention mask *and no cache* is passed — and a plain
+`model(input_ids, position_ids=...)` builds a DynamicCache (config.use_cache defaults to True), so
+the blocks silently leak into each other (measured: logits off by ~1.1 on the tiny Llama with SDPA
+on CPU). Hence packed batches carry an explicit 4-D block-causal additive mask by default
+(`attention="mask"`, works with eager and SDPA); with `attention="position_ids"` they carry none,
+for flash/SDPA kernels called with use_cache=False. The first token of every sample is never a
+target, so no loss crosses a boundary either.
 """
 
 from __future__ import annotations
@@ -107,14 +108,15 @@ def collate_padded(samples: Sequence[Sample], pad_token_id: int, side: str = "ri
 
 
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_token_id: int, attention: str = "mask",
-                   mask_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+                   mask_dtype: torch.dtype = torch.float32,
+                   indices: Sequence[Sequence[int]] | None = None) -> dict[str, Tensor]:
     """Several samples per row (`rows[r]` = the samples of row r), right-padded to the longest row.
 
     Returns input_ids, position_ids (restarting at 0 for every sample), labels, response_mask and
-    sample_ids (index of the sample in the flattened `rows`, -1 on padding), all [R, T], and with
-    attention="mask" an additive block-causal attention_mask [R, 1, T, T] in `mask_dtype` (0 where a
-    query may attend, the dtype's minimum elsewhere). Per-sample losses are recovered by grouping
-    target tokens by `sample_ids`.
+    sample_ids (-1 on padding), all [R, T], and with attention="mask" an additive block-causal
+    attention_mask [R, 1, T, T] in `mask_dtype` (0 where a query may attend, the dtype's minimum
+    elsewhere). A sample's id is `indices[r][k]` for the k-th sample of row r, by default its index in
+    the flattened `rows`. Per-sample losses are recovered by grouping target tokens by `sample_ids`.
     """
     if attention not in ("mask", "position_ids"):
         raise ValueError(f"attention must be 'mask' or 'position_ids', got {attention!r}")
@@ -134,7 +136,7 @@ def collate_packed(rows: Sequence[Sequence[Sample]], pad_token_id: int, attentio
             input_ids[r, cols] = torch.tensor(sample["input_ids"], dtype=torch.long)
             response_mask[r, cols] = torch.tensor(sample["response_mask"], dtype=torch.long)
             position_ids[r, cols] = torch.arange(n)
-            sample_ids[r, cols] = index
+            sample_ids[r, cols] = index if indices is None else indices[r][k]
             segments[r, cols] = k
             start += n
             index += 1
@@ -161,23 +163,36 @@ def block_causal_mask(segments: Tensor, dtype: torch.dtype = torch.float32) -> T
 
 @dataclasses.dataclass(frozen=True)
 class PackingOptions:
-    """How a padding-free comparison batch keeps its sequences apart (as `collate_packed`)."""
+    """How a padding-free comparison batch keeps its sequences apart (as `collate_packed`), and the most
+    tokens a row holds (`row_capacity`, 0: all sequences in one row)."""
 
     attention: str = "mask"
     mask_dtype: torch.dtype = torch.float32
+    row_capacity: int = 0
+
+
+def capped_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Sample indices per row: best-fit decreasing into rows of at most `capacity` tokens (a longer sample
+    gets a row of its own), or all in one row when `capacity` is 0."""
+    if not capacity:
+        return [list(range(len(lengths)))]
+    return pack_bfd(lengths, max(capacity, *lengths))
 
 
 def _sequences(flat: Sequence[Sample], pad_token_id: int, packing: PackingOptions | None) -> dict[str, Tensor]:
-    """Padded rows, or (padding-free) all sequences in one row: sample i is then `sample_ids == i`."""
+    """Padded rows, or (padding-free) the sequences packed into capped rows: sequence i is `sample_ids == i`
+    whichever row it lands in."""
     if packing is None:
         return collate_padded(flat, pad_token_id)
-    return collate_packed([flat], pad_token_id, packing.attention, packing.mask_dtype)
+    rows = capped_rows([len(s["input_ids"]) for s in flat], packing.row_capacity)
+    return collate_packed([[flat[i] for i in row] for row in rows], pad_token_id, packing.attention,
+                          packing.mask_dtype, indices=rows)
 
 
 def collate_pairs(samples: Sequence[Sample], pad_token_id: int,
                   packing: PackingOptions | None = None) -> dict[str, Tensor]:
     """Preference pairs as 2B sequences, the B chosen first, then the B rejected: one right-padded row
-    each, or with `packing` all in one row (padding-free; sequence i is `sample_ids == i`).
+    each, or with `packing` packed into rows without padding (sequence i is `sample_ids == i`).
 
     Adds `margin` [B] (0 where a row has none) and `preference_probs` [B] (1 where a row has none).
     """
@@ -194,7 +209,7 @@ def collate_pairs(samples: Sequence[Sample], pad_token_id: int,
 def collate_rankings(samples: Sequence[Sample], pad_token_id: int,
                      packing: PackingOptions | None = None) -> dict[str, Tensor]:
     """Every response of every ranking, best first within each ranking: one right-padded row each, or
-    with `packing` all in one row (padding-free; response i is `sample_ids == i`).
+    with `packing` packed into rows without padding (response i is `sample_ids == i`).
 
     Adds ranking_ids [N] (which ranking a row belongs to), ranks [N] (0 = best) and scores [N]
     (the given scores, or minus the rank when a row has none). `ranking_matrix` turns per-row
@@ -259,10 +274,10 @@ class Collator:
     """The collate function for a format and a batch mode (usable as a DataLoader's `collate_fn`).
 
     In packed mode the dataset rows are packed rows (`pack_dataset`); in padding-free mode they are
-    samples, and each batch of SFT rows is packed best-fit decreasing into rows of at most `row_capacity`
-    tokens (0: one row). Why cap: the block-causal mask hides other samples but attention still runs over
-    the whole row, so one row of a 64-sample batch (~3,600 tokens) costs more than the model's layers.
-    Comparison rows (pairs, rankings) stay one row: their sequences are indexed across it.
+    samples, and each batch (SFT samples, or the sequences of pairs and rankings) is packed best-fit
+    decreasing into rows of at most `row_capacity` tokens (0: one row). Why cap: the block-causal mask
+    hides other samples but attention still runs over the whole row, so one row of a 64-sample batch
+    (~3,600 tokens) costs more than the model's layers.
     """
 
     format: str
@@ -282,8 +297,8 @@ class Collator:
                                       self.packed_attention, self.mask_dtype)
             return collate_padded(samples, self.pad_token_id)
         if self.format in ("preference", "ranking") and self.batch_mode != "packed":
-            packing = (PackingOptions(self.packed_attention, self.mask_dtype) if self.batch_mode == "padding_free"
-                       else None)
+            packing = (PackingOptions(self.packed_attention, self.mask_dtype, self.row_capacity)
+                       if self.batch_mode == "padding_free" else None)
             collate = collate_pairs if self.format == "preference" else collate_rankings
             return collate(samples, self.pad_token_id, packing)
         if self.batch_mode != "padded":
@@ -292,8 +307,5 @@ class Collator:
         return {"stepwise": collate_stepwise, "verifiable": collate_prompts}[self.format](samples, self.pad_token_id)
 
     def _padding_free_rows(self, samples: Sequence[Sample]) -> list[list[Sample]]:
-        if not self.row_capacity:
-            return [list(samples)]
-        lengths = [len(s["input_ids"]) for s in samples]
-        bins = pack_bfd(lengths, max(self.row_capacity, *lengths))
-        return [[samples[i] for i in b] for b in bins]
+        rows = capped_rows([len(s["input_ids"]) for s in samples], self.row_capacity)
+        return [[samples[i] for i in row] for row in rows]

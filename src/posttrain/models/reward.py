@@ -99,29 +99,34 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return (positions * attention_mask.bool()).argmax(-1)
 
 
-def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:
-    """Head outputs at `positions` [B, S] (token indices) of each row: [B, S]."""
+def _hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:
+    """The trunk's last hidden states [B, T, H] for `batch`, and the head that scores them."""
     trunk, head = trunk_and_head(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = trunk(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+    return trunk(**inputs, use_cache=False).last_hidden_state, head
+
+
+def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:
+    """Head outputs at `positions` [B, S] (token indices) of each row: [B, S]."""
+    hidden, head = _hidden_states(model, batch)
     picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, S, H]
     return head(picked).squeeze(-1)
 
 
 def sample_end_index(sample_ids: Tensor) -> Tensor:
-    """Index of the last token of every sample of one packed row (`sample_ids` [1, T], -1 on padding): [1, N]."""
-    ids = sample_ids[0]
+    """Flat index (row * T + column) of the last token of every sample of packed rows (`sample_ids`
+    [R, T], -1 on padding): [N], in sample order."""
+    ids = sample_ids.reshape(-1)
     real = ids >= 0
     positions = torch.arange(len(ids), device=ids.device)
     ends = torch.zeros(int(ids.max()) + 1, dtype=torch.long, device=ids.device)
-    return ends.scatter_reduce(0, ids[real], positions[real], reduce="amax").unsqueeze(0)
+    return ends.scatter_reduce(0, ids[real], positions[real], reduce="amax")
 
 
 def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The reward of every sequence, read at its last real token: [B] for a padded batch (either
-    side), [N] in sample order for a padding-free one (all sequences in one row, `sample_ids`)."""
+    side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`)."""
     if "sample_ids" in batch:
-        if batch["sample_ids"].shape[0] != 1:
-            raise ValueError("reward models read packed batches of one row (padding-free) only")
-        return scores_at(model, batch, sample_end_index(batch["sample_ids"])).squeeze(0)
+        hidden, head = _hidden_states(model, batch)
+        return head(hidden.flatten(0, 1)[sample_end_index(batch["sample_ids"])]).squeeze(-1)
     return scores_at(model, batch, last_token_index(batch["attention_mask"]).unsqueeze(-1)).squeeze(-1)
