@@ -149,10 +149,13 @@ def test_plackett_luce_dpo_with_two_responses_is_pairwise_dpo_through_the_recipe
         source = tmp_path / f"{name}.jsonl"
         source.write_text("".join(json.dumps(r) + "\n" for r in rows))
         # Adam with a large epsilon: updates proportional to the gradient, so last-bit rounding differences
-        # between the two losses are not amplified into sign flips of tiny gradient components.
+        # between the two losses are not amplified into sign flips of tiny gradient components. Padded, as the
+        # reference pass is: padding-free pairs and rankings pack into different rows, so at step 1 (policy ==
+        # reference) each implicit reward is rounding noise (~1e-7) whose sign, which reward_accuracy counts,
+        # differs between the two layouts.
         runs[name] = main(dpo_config(lm_dir, tmp_path, f"run.name={name}", f"data.source={source}",
-                                     "train.max_steps=3", "train.batch_size=16", "train.micro_batch_size=16",
-                                     "optim.lr=1e-2", "optim.eps=1e-2", "loss.beta=0.5"))
+                                     "data.batch_mode=padded", "train.max_steps=3", "train.batch_size=16",
+                                     "train.micro_batch_size=16", "optim.lr=1e-2", "optim.eps=1e-2", "loss.beta=0.5"))
     assert runs["rankings"].summary["format"] == "ranking"
     pair_metrics, ranking_metrics = (read_metrics(runs[n].run_dir / "metrics.jsonl") for n in ("pairs", "rankings"))
     assert abs(pair_metrics[-1]["loss"] - pair_metrics[0]["loss"]) > 1e-3  # it did train
