@@ -171,9 +171,9 @@ class PackingOptions:
     row_capacity: int = 0
 
 
-def capped_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def capped_rows(lengths: Sequence[int], capacity: int | None) -> list[list[int]]:
     """Sample indices per row: best-fit decreasing into rows of at most `capacity` tokens (a longer sample
-    gets a row of its own), or all in one row when `capacity` is 0."""
+    gets a row of its own), or all in one row when `capacity` is 0 or None."""
     if not capacity:
         return [list(range(len(lengths)))]
     return pack_bfd(lengths, max(capacity, *lengths))

@@ -66,6 +66,7 @@ from posttrain.algos import (
     value_loss,
 )
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.collate import capped_rows
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks.base import Task
@@ -99,7 +100,6 @@ from posttrain.rollout.recompute import (
     completion_logprobs,
     pack_rollout,
     packed_completion_logprobs,
-    packed_rows,
     policy_forward,
 )
 from posttrain.run import RunResult, prepare_run_dir
@@ -362,11 +362,11 @@ def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None, capacity
         def cost(samples: list[int]) -> int:
             return len(samples) * (max(prompts[i] for i in samples) + max(completions[i] for i in samples))
     else:
-        units = packed_rows(lengths, capacity)
+        units = capped_rows(lengths, capacity)
 
         def cost(samples: list[int]) -> int:
             sizes = [lengths[i] for i in samples]
-            packed = packed_rows(sizes, capacity)
+            packed = capped_rows(sizes, capacity)
             return len(packed) * max(sum(sizes[i] for i in row) for row in packed)
     pieces: list[list[int]] = [[]]
     for unit in units:

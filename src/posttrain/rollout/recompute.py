@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
-from posttrain.data.collate import block_causal_mask, pack_bfd
+from posttrain.data.collate import block_causal_mask, capped_rows
 from posttrain.models.heads import floating_dtype, output_head_at
 from posttrain.rollout.base import Rollout
 
@@ -80,14 +80,6 @@ class PackedRollout:
         return values.new_zeros(self.completion_shape).index_put((self.target_rows, self.target_cols), values)
 
 
-def packed_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
-    """How `pack_rollout` groups samples of these lengths (in tokens) into rows: all in one (capacity None),
-    or best-fit decreasing into rows of max(capacity, longest sample) tokens."""
-    if capacity is None:
-        return [list(range(len(lengths)))]
-    return pack_bfd(lengths, max(capacity, max(lengths)))
-
-
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
                  pad_token_id: int = 0) -> PackedRollout:
     """The padding-free layout of `rollout`: every sample in one row (capacity None), or samples packed
@@ -101,7 +93,7 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
     if bool((prompt_lengths == 0).any()):
         raise ValueError("every rollout row needs a real prompt token: it predicts the first completion token")
     lengths = (prompt_lengths + completion_lengths).tolist()
-    rows = packed_rows(lengths, capacity)
+    rows = capped_rows(lengths, capacity)
     width = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
