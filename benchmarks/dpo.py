@@ -45,10 +45,10 @@ def posttrain_worker(directory: Path, variant: str, batch_mode: str, steps: int)
     from posttrain.data.pipeline import prepare_data
     from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.recipes.dpo import DPOConfig, cached_step_source, dpo_loss_fn
-    from posttrain.run import prepare_run_dir
     from posttrain.train.comparisons import comparison_step_source
     from posttrain.train.engine import Trainer
     from posttrain.train.reference import Reference, precompute_sequence_logprobs
+    from posttrain.train.run_dir import prepare_run_dir
 
     with tempfile.TemporaryDirectory() as out:
         overrides = offline_overrides(directory, out, batch_mode, steps, PAIRS, MAX_LENGTH, LR)

@@ -50,10 +50,13 @@ def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
     from posttrain.data.config import STAGE_FORMATS
     from posttrain.data.pipeline import prepare_data
     from posttrain.models import load_causal_lm, load_tokenizer
-    from posttrain.recipes.grpo import GRPOConfig, GRPOStepSource, build_rewards, grpo_loss_fn, resolve_task
+    from posttrain.models.value import ActorCritic
+    from posttrain.recipes.grpo import GRPOConfig
+    from posttrain.recipes.rl import build_rewards, resolve_task
+    from posttrain.recipes.rl_loop import RLStepSource, rl_loss_fn
     from posttrain.rollout import make_engine
-    from posttrain.run import prepare_run_dir
     from posttrain.train.engine import Trainer
+    from posttrain.train.run_dir import prepare_run_dir
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(GRPOConfig, None, [
@@ -61,18 +64,19 @@ def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
             "data.max_length=128", f"train.max_steps={steps}", f"train.batch_size={PROMPTS * GROUP}",
             f"train.micro_batch_size={PROMPTS * GROUP}", "train.save_every=0", f"optim.lr={LR}",
             "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
-            "optim.grad_clip=1.0", f"sampling.group_size={GROUP}", f"sampling.max_new_tokens={NEW_TOKENS}",
-            "sampling.temperature=1.0", "reward.task=arith", "loss.beta=0", "loss.agg=token-mean",
-            "loss.num_iterations=1", "eval_before=false"])
+            "optim.grad_clip=1.0", f"sampling.samples_per_prompt={GROUP}", f"sampling.max_new_tokens={NEW_TOKENS}",
+            "sampling.temperature=1.0", "reward.task=arith", "kl.coef=0", "loss.agg=token-mean",
+            "update.epochs=1", "eval_before=false"])
         tokenizer = load_tokenizer(directory)
         model = load_causal_lm(directory)
         prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["grpo"], rows=verifiable_rows())
         run_dir = prepare_run_dir(cfg.run, cfg, stage="grpo")
-        source = GRPOStepSource(cfg, prepared, make_engine("local", model, tokenizer), tokenizer,
-                                build_rewards(cfg.reward, resolve_task(cfg)))
+        policy = ActorCritic(model, values=False)
+        source = RLStepSource(cfg, prepared, make_engine("local", model, tokenizer), policy,
+                              build_rewards(cfg.reward, resolve_task(cfg)))
         trainer = Trainer(stage="grpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                          model=model)
-        return timed_rl_fit(trainer, source, grpo_loss_fn(cfg.loss, NEW_TOKENS), model)
+                          model=policy)
+        return timed_rl_fit(trainer, source, rl_loss_fn(cfg, NEW_TOKENS), model)
 
 
 def trl_worker(directory: Path, steps: int) -> dict[str, Any]:

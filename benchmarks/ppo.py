@@ -9,7 +9,7 @@ clip 0.2, value clip 0.2, vf_coef 0.1, lr 1e-5 constant, no warm-up, weight deca
 Policy, reference, critic and reward model come from the same checkpoint: the reward model and the
 critic are its trunk with a fresh scalar head (saved once as `<model>-rm`). posttrain runs with the
 separate critic (as TRL) and with a value head on the policy's trunk (`--critics`), with the recipe's
-default `ppo.micro_batch_tokens` (passes of at most 1024 token positions: the same gradient as one pass
+default `update.micro_batch_tokens` (passes of at most 1024 token positions: the same gradient as one pass
 over the 64 completions, a peak RSS about half as large).
 
 TRL 1.12 is the last release with `trl.experimental.ppo`; it is installed next to the newer trl of
@@ -82,11 +82,12 @@ def posttrain_worker(size: str, steps: int, critic: str) -> dict[str, Any]:
     from posttrain.data.pipeline import prepare_data
     from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.models.value import ActorCritic
-    from posttrain.recipes.ppo import PPOConfig, PPOStepSource, build_critic, ppo_loss_fn
+    from posttrain.recipes.ppo import PPOConfig, build_critic
     from posttrain.recipes.rl import build_reference, build_rewards, resolve_task
+    from posttrain.recipes.rl_loop import RLStepSource, rl_loss_fn
     from posttrain.rollout import make_engine
-    from posttrain.run import prepare_run_dir
     from posttrain.train.engine import Trainer
+    from posttrain.train.run_dir import prepare_run_dir
 
     directory, rm = model_dir(size), reward_dir(size)
     with tempfile.TemporaryDirectory() as out:
@@ -95,22 +96,21 @@ def posttrain_worker(size: str, steps: int, critic: str) -> dict[str, Any]:
             "data.max_length=128", f"train.max_steps={steps}", f"train.batch_size={PROMPTS}",
             f"train.micro_batch_size={PROMPTS}", "train.save_every=0", f"optim.lr={LR}", "optim.schedule=constant",
             "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999", "optim.grad_clip=1.0",
-            f"sampling.max_new_tokens={NEW_TOKENS}", "sampling.temperature=1.0", f"ppo.rollout_batch_size={PROMPTS}",
-            "ppo.epochs=1", f"ppo.kl_coef={KL_COEF}", "ppo.kl_kind=k1", "ppo.lam=0.95", "ppo.vf_coef=0.1",
+            f"sampling.max_new_tokens={NEW_TOKENS}", "sampling.temperature=1.0", f"update.rollout_batch_size={PROMPTS}",
+            "update.epochs=1", f"kl.coef={KL_COEF}", "kl.kind=k1", "advantage.lam=0.95", "loss.vf_coef=0.1",
             "reward.functions={reward_model: 1.0}", f"reward.model_path={rm}", "reward.task=arith",
             f"critic.kind={critic}", "critic.init=reward_model", "eval_before=false"])
         tokenizer = load_tokenizer(directory)
         actor = load_causal_lm(directory)
         prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["ppo"], rows=prompt_rows())
         run_dir = prepare_run_dir(cfg.run, cfg, stage="ppo")
-        reference = build_reference(cfg.ppo.kl_coef, cfg.adapter, actor)
+        reference = build_reference(cfg.kl.coef, cfg.adapter, actor)
         model = ActorCritic(actor, build_critic(cfg))
-        source = PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
-                               make_engine("local", actor, tokenizer), model,
-                               build_rewards(cfg.reward, resolve_task(cfg)), reference=reference)
+        source = RLStepSource(cfg, prepared, make_engine("local", actor, tokenizer), model,
+                              build_rewards(cfg.reward, resolve_task(cfg)), reference=reference)
         trainer = Trainer(stage="ppo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        return timed_rl_fit(trainer, source, ppo_loss_fn(cfg.ppo, NEW_TOKENS), actor)
+        return timed_rl_fit(trainer, source, rl_loss_fn(cfg, NEW_TOKENS), actor)
 
 
 def trl_worker(size: str, steps: int) -> dict[str, Any]:

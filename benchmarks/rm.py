@@ -42,9 +42,9 @@ def posttrain_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, 
     from posttrain.models import load_tokenizer
     from posttrain.models.reward import build_reward_model
     from posttrain.recipes.rm import RMConfig, comparison_loss_fn
-    from posttrain.run import prepare_run_dir
     from posttrain.train.comparisons import comparison_step_source
     from posttrain.train.engine import Trainer
+    from posttrain.train.run_dir import prepare_run_dir
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(RMConfig, None, offline_overrides(directory, out, batch_mode, steps, PAIRS, MAX_LENGTH, LR))

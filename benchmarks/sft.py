@@ -40,8 +40,8 @@ def posttrain_worker(directory: Path, mode: str, steps: int) -> dict[str, Any]:
     from posttrain.data.pipeline import prepare_data
     from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.recipes.sft import SFTConfig, sft_loss_fn, step_source
-    from posttrain.run import prepare_run_dir
     from posttrain.train.engine import Trainer
+    from posttrain.train.run_dir import prepare_run_dir
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(SFTConfig, None, offline_overrides(directory, out, mode, steps, BATCH, MAX_LENGTH, LR))

@@ -171,7 +171,7 @@ def report(
     from posttrain.demo import STAGES
     from posttrain.eval.demo_report import write_demo_report
     from posttrain.eval.report import rebuild_training_report
-    from posttrain.run import RunDir
+    from posttrain.train.run_dir import RunDir
 
     path = Path(run_dir)
     if (path / "demo.json").is_file():

@@ -25,10 +25,15 @@ C = TypeVar("C")
 _MISSING = dataclasses.MISSING
 
 
-def param(default: Any, doc: str, *, choices: Sequence[Any] | None = None, ge: float | None = None,
-          gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
-    """Declare a config field with its default, a one-line doc and its allowed values or range."""
-    meta = {"doc": doc, "choices": tuple(choices) if choices is not None else None,
+def param(default: Any, doc: str, *, choices: Sequence[Any] | Mapping[str, Any] | None = None,
+          ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """Declare a config field with its default, a one-line doc and its allowed values or range.
+
+    `choices` may be a mapping such as a registry of `posttrain.algos`: it is read when a value is checked,
+    so a name a user registers after this declaration is accepted too.
+    """
+    frozen = choices if choices is None or isinstance(choices, Mapping) else tuple(choices)
+    meta = {"doc": doc, "choices": frozen,
             "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -115,7 +120,19 @@ def load_config(cls: type[C], recipe: str | Path | Mapping[str, Any] | None = No
     for item in overrides:
         key, value = parse_override(item)
         flat[key] = (value, "override", None)
+    _check_renamed(cls, flat)
     return _build(cls, flat, prefix="", base=None)
+
+
+def _check_renamed(cls: type, flat: dict[str, tuple[Any, str, int | None]]) -> None:
+    """A key a config class has renamed (its `RENAMED` mapping: old dotted key -> new one) is an error that
+    names the new key, rather than an unknown key with a guess."""
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
+    for key, (value, source, line) in flat.items():
+        old = next((o for o in renamed if key == o or key.startswith(o + ".")), None)
+        if old is not None:
+            raise ConfigError(f"was renamed: use {renamed[old]}{key[len(old):]} instead (value {value!r})",
+                              file=source, line=line, field=key)
 
 
 def parse_override(item: str) -> tuple[str, str]:

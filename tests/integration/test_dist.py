@@ -27,8 +27,8 @@ from posttrain.algos import group_advantages
 from posttrain.config import OptimConfig, RunConfig, param, section
 from posttrain.models.io import load_causal_lm, save_pretrained
 from posttrain.recipes.sft import sft_loss_fn
-from posttrain.run import prepare_run_dir
 from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.run_dir import prepare_run_dir
 from posttrain.train.sources import ShuffledStepSource
 
 WORLD = 2

@@ -14,10 +14,10 @@ import torch
 
 from posttrain.config import ModelConfig, OptimConfig, RunConfig
 from posttrain.models import build_model
-from posttrain.run import prepare_run_dir
 from posttrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_module_weights
 from posttrain.train.engine import TrainConfig, Trainer, TrainingError
 from posttrain.train.metrics import read_metrics
+from posttrain.train.run_dir import prepare_run_dir
 from posttrain.train.sources import ShuffledStepSource
 
 SEQ = 12

@@ -1,7 +1,7 @@
 """PPO recipe on the tiny model: the first update sees ratio 1 and KL 0; the score lands on the last real token
 (left or right padding, pad == eos); per-token rewards and GAE through the recipe are those of `algos`; the value
 loss clips exactly when it should; the adaptive controller moves beta the right way; the minibatch loss is
-invariant to micro-batching; a run resumes bitwise from a checkpoint taken between PPO iterations."""
+invariant to micro-batching; a run resumes bitwise from a checkpoint taken between rounds."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from posttrain.algos import gae, kl_penalty, masked_whiten
+from posttrain.algos import gae, kl_penalty, masked_whiten, score_at_last_token
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
@@ -22,16 +22,8 @@ from posttrain.errors import ConfigError
 from posttrain.models import build_model, load_causal_lm, save_pretrained
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
-from posttrain.recipes.ppo import (
-    PPOConfig,
-    PPOStepSource,
-    main,
-    packing,
-    ppo_loss_fn,
-    rollout_forward,
-    score_at_last_token,
-    split_by_tokens,
-)
+from posttrain.recipes.ppo import PPOConfig, main
+from posttrain.recipes.rl_loop import RLStepSource, packing, rl_loss_fn, rollout_forward, split_by_tokens
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.forward import left_pad
@@ -40,7 +32,7 @@ from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
 
 FAST = ["run.progress=false", "train.save_every=0", "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=4",
-        "eval_before=false", "data.size=32", "sampling.max_new_tokens=6", "ppo.rollout_batch_size=16",
+        "eval_before=false", "data.size=32", "sampling.max_new_tokens=6", "update.rollout_batch_size=16",
         "train.batch_size=8", "train.micro_batch_size=8"]
 
 
@@ -76,11 +68,11 @@ def actor_critic(lm_dir: str, dtype=torch.float32) -> ActorCritic:
 
 
 def make_source(model: ActorCritic, tokenizer, *overrides: str, engine=None, reference=None, rewards=TEXT_REWARD,
-                size=16) -> PPOStepSource:
+                size=16) -> RLStepSource:
     cfg = load_config(PPOConfig, None, ["model.path=unused", *FAST, *overrides])
     prepared = prepare_data(DataConfig(source="arith", size=size), tokenizer, accepts=STAGE_FORMATS["ppo"])
-    return PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
-                         engine or make_engine("local", model.actor, tokenizer), model, rewards, reference=reference)
+    return RLStepSource(cfg, prepared, engine or make_engine("local", model.actor, tokenizer), model, rewards,
+                        reference=reference)
 
 
 def moved_reference(model: ActorCritic) -> Reference:
@@ -91,9 +83,9 @@ def moved_reference(model: ActorCritic) -> Reference:
 
 
 def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one_and_kl_zero(lm_dir, tmp_path):
-    result = main(ppo_config(lm_dir, tmp_path, "train.max_steps=5", "ppo.epochs=2", "train.micro_batch_size=4",
-                             "optim.lr=1e-2", "eval_before=true", "ppo.missing_eos_penalty=0.5",
-                             "ppo.entropy_coef=0.01", "reward.functions.correct=1.0", "reward.functions.format=0.5"))
+    result = main(ppo_config(lm_dir, tmp_path, "train.max_steps=5", "update.epochs=2", "train.micro_batch_size=4",
+                             "optim.lr=1e-2", "eval_before=true", "reward.missing_eos_penalty=0.5",
+                             "loss.entropy_coef=0.01", "reward.functions.correct=1.0", "reward.functions.format=0.5"))
     metrics = read_metrics(result.run_dir / "metrics.jsonl")
     first = metrics[0]
     # Before the first update: pi = pi_old = pi_ref, so the ratio is 1, nothing is clipped, the KL is 0.
@@ -101,7 +93,7 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one_and_kl_ze
     assert first["ratio"] == pytest.approx(1.0, abs=1e-12) and first["clip_fraction"] == 0.0
     assert first["approx_kl"] == 0.0 and first["logprob_mismatch"] < 1e-5
     # One iteration is 2 epochs x 2 minibatches: steps 2-4 reuse the rollout, step 5 samples a new one.
-    assert [(m["ppo_epoch"], m["minibatch"]) for m in metrics] == [(1, 1), (1, 2), (2, 1), (2, 2), (1, 1)]
+    assert [(m["epoch"], m["minibatch"]) for m in metrics] == [(1, 1), (1, 2), (2, 1), (2, 2), (1, 1)]
     assert [m["generation_s"] > 0 for m in metrics] == [True, False, False, False, True]
     assert metrics[1]["approx_kl"] > 0 and metrics[4]["kl"] != 0
     for key in ("score", "reward", "reward_correct", "reward_format", "accuracy", "kl", "beta", "clip_fraction",
@@ -114,22 +106,22 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one_and_kl_ze
     rollouts = [r for r in rollouts if "score" in r]
     assert [r["step"] for r in rollouts] == [1] * 16 + [5] * 16
     assert {"completion", "reward", "rewards", "score", "kl", "finish_reason"} <= set(rollouts[0])
-    assert {"accuracy_before", "accuracy", "score", "kl", "steps", "iterations"} <= set(result.summary)
-    assert result.summary["iterations"] == 2
+    assert {"accuracy_before", "accuracy", "score", "kl", "steps", "rounds"} <= set(result.summary)
+    assert result.summary["rounds"] == 2
     for name in ("config.yaml", "report.md", "plots/curves.png", "final/model.safetensors"):
         assert (result.run_dir / name).is_file(), name
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
 
 
-@pytest.mark.parametrize("split", ["train.micro_batch_size=3", "ppo.micro_batch_tokens=90"])
+@pytest.mark.parametrize("split", ["train.micro_batch_size=3", "update.micro_batch_tokens=90"])
 def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenizer, split):
     model = actor_critic(lm_dir)
-    source = make_source(model, tokenizer, split, "ppo.kl_coef=0.1", reference=Reference.frozen_copy(model.actor))
+    source = make_source(model, tokenizer, split, "kl.coef=0.1", reference=Reference.frozen_copy(model.actor))
     step = source.next_step()
     assert torch.equal(source.last.kl, torch.zeros_like(source.last.kl))
     for batch in step.micro_batches:
-        logprobs, _, values = rollout_forward(model, batch["rollout"], padding_free_capacity=packing(source.algo))
-        assert torch.equal(logprobs, batch["old_logprobs"]) and torch.equal(values, batch["values"])
+        logprobs, _, values = rollout_forward(model, batch.rollout, padding_free_capacity=packing(source.cfg.update))
+        assert torch.equal(logprobs, batch.old_logprobs) and torch.equal(values, batch.old_values)
 
 
 def test_the_score_lands_on_the_last_real_token_with_left_and_right_padding():
@@ -175,7 +167,7 @@ class PadIsEosEngine(RolloutEngine):
 def test_with_pad_equal_to_eos_the_score_is_read_at_the_real_eos_not_at_padding(lm_dir, tokenizer):
     model = actor_critic(lm_dir)
     lengths = [1, 3, 6, 2]
-    source = make_source(model, tokenizer, "ppo.kl_coef=0", engine=PadIsEosEngine(tokenizer, lengths))
+    source = make_source(model, tokenizer, "kl.coef=0", engine=PadIsEosEngine(tokenizer, lengths))
     source.next_step()
     batch = source.last
     assert bool((batch.rollout.completion_ids[:, -1] == tokenizer.eos_token_id).all())  # every row ends in "pad"
@@ -187,7 +179,7 @@ def test_with_pad_equal_to_eos_the_score_is_read_at_the_real_eos_not_at_padding(
 
 def test_per_token_rewards_and_gae_through_the_recipe_match_algos(lm_dir, tokenizer):
     model = actor_critic(lm_dir)
-    source = make_source(model, tokenizer, "ppo.kl_coef=0.3", "ppo.kl_kind=k3", "ppo.gamma=0.9", "ppo.lam=0.7",
+    source = make_source(model, tokenizer, "kl.coef=0.3", "kl.kind=k3", "advantage.gamma=0.9", "advantage.lam=0.7",
                          "train.micro_batch_size=3", reference=moved_reference(model))
     step = source.next_step()
     batch, rollout = source.last, source.last.rollout
@@ -198,7 +190,7 @@ def test_per_token_rewards_and_gae_through_the_recipe_match_algos(lm_dir, tokeni
         one = rollout.select([row])
         width = one.completion_ids.shape[1]
         actor_logprobs, _, values = rollout_forward(model, one)
-        assert_close(batch.values[row, :width], values[0].detach(), rtol=1e-5, atol=1e-5)
+        assert_close(batch.old_values[row, :width], values[0].detach(), rtol=1e-5, atol=1e-5)
         expected_kl[row, :width] = kl_penalty(actor_logprobs[0], source.reference.rollout_logprobs(one)[0], "k3")
     expected_kl *= mask
     assert_close(batch.kl, expected_kl, rtol=1e-4, atol=1e-5)
@@ -208,26 +200,27 @@ def test_per_token_rewards_and_gae_through_the_recipe_match_algos(lm_dir, tokeni
     for row, text in enumerate(rollout.texts):
         rewards[row, length[row] - 1] += text_score(text)
     assert_close(batch.rewards, rewards)
-    advantages, returns = gae(batch.rewards, batch.values.double(), mask, gamma=0.9, lam=0.7)
+    advantages, returns = gae(batch.rewards, batch.old_values.double(), mask, gamma=0.9, lam=0.7)
     assert_close(batch.returns, returns.float())
     assert_close(batch.advantages, masked_whiten(advantages, mask).float())
     # Each micro-batch carries its own rows' values.
     for micro in step.micro_batches:
-        rows, width = micro["rollout"].prompt_index, micro["rollout"].completion_ids.shape[1]
-        assert_close(micro["advantages"], batch.advantages[rows, :width])
-        assert_close(micro["returns"], batch.returns[rows, :width])
+        rows, width = micro.rows, micro.rollout.completion_ids.shape[1]
+        assert torch.equal(rows, micro.rollout.prompt_index)  # one completion per prompt: row i completes prompt i
+        assert_close(micro.advantages, batch.advantages[rows, :width])
+        assert_close(micro.returns, batch.returns[rows, :width])
 
 
 @pytest.mark.parametrize("value_clip", [None, 0.05])
 def test_value_clipping_is_active_only_beyond_the_clip_range(lm_dir, tokenizer, value_clip):
     model = actor_critic(lm_dir)
-    source = make_source(model, tokenizer, "ppo.kl_coef=0", "ppo.vf_coef=1", "ppo.whiten_advantages=false",
-                         f"ppo.value_clip={value_clip if value_clip is not None else 'null'}")
+    source = make_source(model, tokenizer, "kl.coef=0", "loss.vf_coef=1", "advantage.whiten=false",
+                         f"loss.value_clip={value_clip if value_clip is not None else 'null'}")
     step = source.next_step()
     micro = step.micro_batches[0]
     perturb(model.critic.score, 0.5, seed=3)  # the critic moved since the rollout: some values beyond the range
-    _, _, values = rollout_forward(model, micro["rollout"])
-    values, old, returns, mask = values.detach(), micro["values"], micro["returns"], micro["mask"]
+    _, _, values = rollout_forward(model, micro.rollout)
+    values, old, returns, mask = values.detach(), micro.old_values, micro.returns, micro.loss_mask
     error = (values - returns).square()
     if value_clip is None:
         per_token, clipped = 0.5 * error, torch.zeros_like(error, dtype=torch.bool)
@@ -236,18 +229,18 @@ def test_value_clipping_is_active_only_beyond_the_clip_range(lm_dir, tokenizer, 
         clipped_error = (clipped_values - returns).square()
         per_token, clipped = 0.5 * torch.maximum(error, clipped_error), clipped_error > error
     expected = (per_token * mask).sum() / step.normaliser
-    _, metrics = ppo_loss_fn(source.algo, 6)(model, micro, step.normaliser)
+    _, metrics = rl_loss_fn(source.cfg, 6)(model, micro, step.normaliser)
     assert metrics["value_loss"] == pytest.approx(expected.item(), rel=1e-5)
     share = (clipped.float() * mask).sum() / mask.sum()
-    assert metrics["value_clip_fraction"] == pytest.approx(share.item() * micro["token_share"], abs=1e-7)
+    assert metrics["value_clip_fraction"] == pytest.approx(share.item() * micro.token_share, abs=1e-7)
     assert (share > 0) == (value_clip is not None)
 
 
 @pytest.mark.parametrize("target, direction", [(1e-6, 1), (1e6, -1)])
 def test_the_adaptive_kl_controller_moves_beta_towards_the_target(lm_dir, tokenizer, target, direction):
     model = actor_critic(lm_dir)
-    source = make_source(model, tokenizer, "ppo.kl_controller=adaptive", "ppo.kl_coef=0.1", "ppo.kl_horizon=100",
-                         f"ppo.kl_target={target}", reference=moved_reference(model))
+    source = make_source(model, tokenizer, "kl.controller=adaptive", "kl.coef=0.1", "kl.horizon=100",
+                         f"kl.target={target}", reference=moved_reference(model))
     first = source.next_step()
     assert first.metrics["beta"] == 0.1 and first.metrics["kl"] > 0  # this batch's rewards used the old beta
     # KL above the target raises beta, below lowers it: the clipped error is +-0.2, times 16 samples / 100.
@@ -259,12 +252,12 @@ def test_the_adaptive_kl_controller_moves_beta_towards_the_target(lm_dir, tokeni
 def minibatch_gradient(model: ActorCritic, tokenizer, reference: Reference, *overrides: str):
     """The gradient of one minibatch's loss summed over its micro-batches (the Trainer's accumulation), a little
     off pi_old so that ratios and value clipping are not trivial; and its step."""
-    source = make_source(model, tokenizer, "ppo.kl_coef=0.2", "ppo.entropy_coef=0.1", "ppo.value_clip=0.01",
+    source = make_source(model, tokenizer, "kl.coef=0.2", "loss.entropy_coef=0.1", "loss.value_clip=0.01",
                          *overrides, reference=reference)
     step = source.next_step()
     model.zero_grad()
     perturb(model, 1e-3, seed=4)
-    loss_fn = ppo_loss_fn(source.algo, 6)
+    loss_fn = rl_loss_fn(source.cfg, 6)
     for micro_batch in step.micro_batches:
         loss, _ = loss_fn(model, micro_batch, step.normaliser)
         loss.backward()
@@ -275,18 +268,18 @@ def minibatch_gradient(model: ActorCritic, tokenizer, reference: Reference, *ove
 # 8 rows in one micro-batch, or in micro-batches of 3, 3 and 2 rows, or of at most 200 token positions each
 # (padding-free, packed rows of up to 128 tokens; or padded).
 @pytest.mark.parametrize("settings, split", [((), "train.micro_batch_size=3"),
-                                             (("ppo.padding_free_capacity=128",), "ppo.micro_batch_tokens=200"),
-                                             (("ppo.padding_free=false",), "ppo.micro_batch_tokens=200")])
+                                             (("update.padding_free_capacity=128",), "update.micro_batch_tokens=200"),
+                                             (("update.padding_free=false",), "update.micro_batch_tokens=200")])
 def test_the_minibatch_loss_is_invariant_to_micro_batching(lm_dir, tokenizer, settings, split):
     model = actor_critic(lm_dir, dtype=torch.float64)
     reference = moved_reference(model)
-    whole, one = minibatch_gradient(model, tokenizer, reference, *settings, "ppo.micro_batch_tokens=null")
+    whole, one = minibatch_gradient(model, tokenizer, reference, *settings, "update.micro_batch_tokens=null")
     cut, several = minibatch_gradient(model, tokenizer, reference, *settings, split)
     assert len(one.micro_batches) == 1 and len(several.micro_batches) >= 3
-    if split.startswith("ppo.micro_batch_tokens"):
+    if split.startswith("update.micro_batch_tokens"):
         for batch in several.micro_batches:  # the positions the forward computes
-            rollout = batch["rollout"]
-            layout = rollout.input_ids if "ppo.padding_free=false" in settings else pack_rollout(rollout, 128).input_ids
+            padded = "update.padding_free=false" in settings
+            layout = batch.rollout.input_ids if padded else pack_rollout(batch.rollout, 128).input_ids
             assert layout.numel() <= 200
     assert whole.abs().sum() > 0
     assert_close(cut, whole, rtol=1e-9, atol=1e-12)
@@ -320,7 +313,7 @@ def test_micro_batches_are_cut_to_the_token_budget():
 @pytest.mark.parametrize("save_every", [3, 6])
 def test_a_checkpoint_interval_inside_an_iteration_is_rejected(lm_dir, tmp_path, save_every):
     # One iteration is 2 epochs x 16 / 8 = 4 optimizer steps.
-    cfg = ppo_config(lm_dir, tmp_path, "ppo.epochs=2", f"train.save_every={save_every}")
+    cfg = ppo_config(lm_dir, tmp_path, "update.epochs=2", f"train.save_every={save_every}")
     with pytest.raises(ConfigError, match=r"2 x 16 / 8 = 4") as err:
         main(cfg)
     assert err.value.field == "train.save_every"
@@ -329,8 +322,8 @@ def test_a_checkpoint_interval_inside_an_iteration_is_rejected(lm_dir, tmp_path,
 @pytest.mark.parametrize("overrides", [(), ("critic.kind=shared", "adapter.method=lora", "adapter.r=4")],
                          ids=["separate-critic", "shared-trunk-lora"])
 def test_a_run_resumes_bitwise_from_a_checkpoint_between_iterations(lm_dir, tmp_path, overrides):
-    settings = ["train.max_steps=4", "ppo.epochs=1", "train.save_every=2", "optim.lr=1e-2", "ppo.kl_coef=0.1",
-                "ppo.kl_controller=adaptive", "ppo.kl_target=0.01", "ppo.kl_horizon=50", *overrides]
+    settings = ["train.max_steps=4", "update.epochs=1", "train.save_every=2", "optim.lr=1e-2", "kl.coef=0.1",
+                "kl.controller=adaptive", "kl.target=0.01", "kl.horizon=50", *overrides]
     full = main(ppo_config(lm_dir, tmp_path, "run.name=full", *settings))
     # The same run stopped after the first iteration (steps 1-2): its directory with the step-2 checkpoint only.
     split = tmp_path / "split"
@@ -355,20 +348,21 @@ def test_padding_free_and_padded_forwards_give_the_same_outputs_and_loss_gradien
              else ActorCritic(load_causal_lm(lm_dir).double()))
     if critic == "shared":
         perturb(model.value_head, 0.5, seed=1)
-    source = make_source(model, tokenizer, "train.micro_batch_size=3", "ppo.entropy_coef=0.01")
+    source = make_source(model, tokenizer, "train.micro_batch_size=3", "loss.entropy_coef=0.01")
     step = source.next_step()
     assert len({int(n) for n in source.last.rollout.prompt_mask.sum(1)}) > 1  # ragged few-shot prompts
     for batch in step.micro_batches:  # rows of 12 (or the longest sample's) tokens vs the padded layout
-        packed = rollout_forward(model, batch["rollout"], entropy_grad=True, padding_free_capacity=12)
-        padded = rollout_forward(model, batch["rollout"], entropy_grad=True)
+        packed = rollout_forward(model, batch.rollout, entropy_grad=True, padding_free_capacity=12)
+        padded = rollout_forward(model, batch.rollout, entropy_grad=True)
         for got, expected in zip(packed, padded, strict=True):
             assert_close(got, expected, rtol=0, atol=1e-10)
     grads = []
     for padding_free in (True, False):
-        cfg = dataclasses.replace(source.algo, padding_free=padding_free, padding_free_capacity=12)
+        update = dataclasses.replace(source.cfg.update, padding_free=padding_free, padding_free_capacity=12)
+        cfg = dataclasses.replace(source.cfg, update=update)
         model.zero_grad()
         for batch in step.micro_batches:
-            loss, _ = ppo_loss_fn(cfg, 6)(model, batch, step.normaliser)
+            loss, _ = rl_loss_fn(cfg, 6)(model, batch, step.normaliser)
             loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0

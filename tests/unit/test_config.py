@@ -10,7 +10,7 @@ from posttrain.config import OptimConfig, describe, load_config, param
 from posttrain.errors import ConfigError, RunDirError
 from posttrain.recipes import build_config, find_recipe, shipped_recipes
 from posttrain.recipes.pretrain import PretrainConfig
-from posttrain.run import prepare_run_dir
+from posttrain.train.run_dir import prepare_run_dir
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,14 @@ from posttrain.algos.registry import (
     register_advantage_estimator,
     register_policy_loss,
 )
+from posttrain.algos.rewards import (
+    explained_variance,
+    last_token_index,
+    missing_eos_penalty,
+    score_at_last_token,
+    token_rewards,
+    zero_advantage_groups,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -85,6 +93,7 @@ __all__ = [
     "dpo_loss",
     "dpo_plackett_luce_loss",
     "entropy_from_logits",
+    "explained_variance",
     "gae",
     "get_advantage_estimator",
     "get_policy_loss",
@@ -92,10 +101,12 @@ __all__ = [
     "grpo_loss",
     "gspo_policy_loss",
     "kl_penalty",
+    "last_token_index",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "missing_eos_penalty",
     "plackett_luce_loss",
     "policy_loss",
     "process_advantages",
@@ -105,7 +116,10 @@ __all__ = [
     "reinforce_baseline",
     "reward_centering_penalty",
     "rloo_advantages",
+    "score_at_last_token",
     "sft_loss",
     "token_logprobs",
+    "token_rewards",
     "value_loss",
+    "zero_advantage_groups",
 ]

@@ -11,9 +11,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from posttrain.run import RunDir  # noqa: E402
 from posttrain.train.dist import is_main_process  # noqa: E402
 from posttrain.train.metrics import read_metrics  # noqa: E402
+from posttrain.train.run_dir import RunDir  # noqa: E402
 
 CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
 

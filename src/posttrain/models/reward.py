@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
+from posttrain.algos import last_token_index
 from posttrain.models.io import check_model_dir, resolve_dtype
 from posttrain.models.onednn import use_onednn_linears
 
@@ -91,12 +92,6 @@ def freeze_backbone(model: nn.Module) -> None:
     trunk, _ = trunk_and_head(model)
     for parameter in trunk.parameters():
         parameter.requires_grad_(False)
-
-
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last attended token of each row, [B], whatever side the padding is on."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (positions * attention_mask.bool()).argmax(-1)
 
 
 def _hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:

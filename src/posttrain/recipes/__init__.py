@@ -15,7 +15,7 @@ from typing import Any
 
 from posttrain.config import load_config, read_yaml_with_lines
 from posttrain.errors import ConfigError
-from posttrain.run import RunResult
+from posttrain.train.run_dir import RunResult
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -36,7 +36,6 @@ from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accu
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
-from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.comparisons import (
     comparison_matrix,
     comparison_step_source,
@@ -47,6 +46,7 @@ from posttrain.train.comparisons import (
 from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.forward import per_sequence_sums, response_logprobs
 from posttrain.train.reference import Reference, precompute_sequence_logprobs
+from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 

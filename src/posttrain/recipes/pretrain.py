@@ -19,8 +19,8 @@ from posttrain.data.corpus import plain_text, synthetic_documents
 from posttrain.eval.report import write_training_report
 from posttrain.models import build_model, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.tokenizer import train_tokenizer
-from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 

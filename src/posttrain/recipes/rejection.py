@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -36,10 +36,10 @@ from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accu
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
-from posttrain.recipes.grpo import SamplingConfig
 from posttrain.recipes.rl import (
     PromptStream,
     RewardConfig,
+    SamplingConfig,
     build_rewards,
     check_reward_functions,
     completions_of,
@@ -48,9 +48,9 @@ from posttrain.recipes.rl import (
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
-from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer
 from posttrain.train.metrics import append_jsonl
+from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
@@ -66,6 +66,8 @@ class SelectConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RejectionConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"sampling.group_size": "sampling.samples_per_prompt"}
+
     run: RunConfig = section(lambda: RunConfig(name="rejection"), "Run directory, seed, logging.")
     model: ModelConfig = section(lambda: ModelConfig(path="runs/sft/final"), "The policy (the SFT model).")
     adapter: AdapterConfig = section(AdapterConfig, "Full fine-tuning, LoRA or prefix-tuning.")
@@ -75,8 +77,8 @@ class RejectionConfig:
     train: TrainConfig = section(lambda: TrainConfig(max_steps=60, batch_size=64, micro_batch_size=64),
                                  "SFT steps over all rounds (max_steps / rounds per round); batch sizes count "
                                  "kept completions.")
-    sampling: SamplingConfig = section(lambda: SamplingConfig(group_size=8), "How completions are sampled "
-                                                                            "(group_size = N per prompt).")
+    sampling: SamplingConfig = section(lambda: SamplingConfig(samples_per_prompt=8),
+                                       "How completions are sampled (samples_per_prompt = N per prompt).")
     reward: RewardConfig = section(RewardConfig, "What a completion is worth (graders: reward.grader).")
     select: SelectConfig = section(SelectConfig, "Which completions are kept.")
     rounds: int = param(2, "Sample -> select -> SFT rounds.", ge=1)
@@ -109,7 +111,7 @@ def main(cfg: RejectionConfig) -> RunResult:
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
     last = result.last
-    summary = {"rounds": source.prompts.rounds, "samples_per_prompt": cfg.sampling.group_size,
+    summary = {"rounds": source.prompts.rounds, "samples_per_prompt": cfg.sampling.samples_per_prompt,
                "select": cfg.select.mode, "trainable_parameters": count_parameters(model, trainable_only=True),
                "steps": result.step, "trained_tokens": result.tokens, "seconds": result.seconds,
                "per_round": source.history,
@@ -117,7 +119,7 @@ def main(cfg: RejectionConfig) -> RunResult:
                "accuracy": last.get("eval_accuracy"),
                "accuracy_ci": [last.get("eval_accuracy_ci_low"), last.get("eval_accuracy_ci_high")],
                "eval_problems": cfg.eval.problems}
-    write_training_report(run_dir, f"Rejection sampling (best-of-{cfg.sampling.group_size} -> SFT) on "
+    write_training_report(run_dir, f"Rejection sampling (best-of-{cfg.sampling.samples_per_prompt} -> SFT) on "
                                    f"{cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
@@ -171,7 +173,7 @@ class RejectionStepSource:
         self.rewards, self.task, self.samples = rewards, task, samples
         self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed)
         self.steps_per_round = cfg.train.max_steps // cfg.rounds
-        self.params = cfg.sampling.params(cfg.sampling.group_size)
+        self.params = cfg.sampling.params()
         self.steps_in_round = 0
         self.inner: ShuffledStepSource | None = None
         self.round_metrics: dict[str, float] = {}
@@ -213,7 +215,7 @@ class RejectionStepSource:
         self.history.append({k: v for k, v in self.round_metrics.items() if k != "generation_s"})
         if not kept:
             raise DataError(f"round {self.prompts.rounds}: no completion scored >= select.threshold "
-                            f"({select.threshold}); lower it or sample more (sampling.group_size)")
+                            f"({select.threshold}); lower it or sample more (sampling.samples_per_prompt)")
         pairs = [{"prompt": completions.prompts[i], "completion": completions.completions[i]} for i in kept]
         data = DataConfig(source="<kept>", max_length=self.cfg.data.max_length, template=self.cfg.data.template,
                           thinking=self.cfg.data.thinking, truncation="drop")

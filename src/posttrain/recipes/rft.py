@@ -4,14 +4,15 @@ The policy is optimised with the PPO clipped surrogate and a critic trained unde
 
     L_V = 0.5 * E[max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)]        (`algos.value_loss`)
 
-on the rollout -> per-token reward -> GAE -> epochs x minibatches core of the PPO recipe
-(`recipes.ppo.train_ppo`); the score at each completion's last token comes from the grader file named by
-`reward.grader` (the `grader` reward function: string_check, text_similarity, python, score_model, multi,
-teacher; see `posttrain.rewards.graders`), optionally mixed with task verifiers or a reward model.
+on the shared RL round (rollout -> per-token reward -> GAE -> epochs x minibatches, `recipes.rl_loop`) as
+the PPO recipe runs it (`recipes.ppo.train_ppo`); the score at each completion's last token comes from the
+grader file named by `reward.grader` (the `grader` reward function: string_check, text_similarity, python,
+score_model, multi, teacher; see `posttrain.rewards.graders`), optionally mixed with task verifiers or a
+reward model.
 
-Options of that core: `ppo.advantage=grpo` (or rloo, dr_grpo, ...) replaces critic and GAE by a group
+Options of that loop: `advantage.estimator=grpo` (or rloo, dr_grpo, ...) replaces critic and GAE by a group
 baseline over the sampling.samples_per_prompt completions of each prompt (no critic is built or trained);
-`ppo.sft_coef=alpha` blends in an SFT term on the reference answers, loss = L_PPO + alpha * L_SFT with
+`loss.sft_coef=alpha` blends in an SFT term on the reference answers, loss = L_PPO + alpha * L_SFT with
 L_SFT the token-mean NLL of each minibatch's prompts' gold answers rendered as the assistant turn.
 
 All roads lead to likelihood. SFT, rejection sampling, offline RFT and DPO all maximise a weighted
@@ -41,19 +42,20 @@ import dataclasses
 from posttrain.config import RunConfig, param, section
 from posttrain.recipes import rft_offline
 from posttrain.recipes.ppo import PPOConfig, train_ppo
-from posttrain.recipes.rl import RewardConfig
-from posttrain.run import RunResult
+from posttrain.recipes.rl_loop import RLRewardConfig
+from posttrain.train.run_dir import RunResult
 
 
 @dataclasses.dataclass(frozen=True)
 class RFTConfig(PPOConfig):
     run: RunConfig = section(lambda: RunConfig(name="rft"), "Run directory, seed, logging.")
-    reward: RewardConfig = section(lambda: RewardConfig(functions={"grader": 1.0}, grader="arith-partial"),
+    reward: RLRewardConfig = section(lambda: RLRewardConfig(functions={"grader": 1.0}, grader="arith-partial"),
                                    "Graders (reward.grader) and any other reward functions, scored at the last "
                                    "token.")
     mode: str = param("online", "online: PPO on fresh samples; offline: reward-weighted likelihood on the data "
                                 "set's own responses, scored once by the graders (see recipes.rft_offline; "
-                                "sampling, critic and ppo are unused).", choices=("online", "offline"))
+                                "sampling, critic, kl, advantage, loss and update are unused).",
+                       choices=("online", "offline"))
 
 
 def main(cfg: RFTConfig) -> RunResult:

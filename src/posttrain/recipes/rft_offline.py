@@ -42,10 +42,10 @@ from posttrain.models.adapters import apply_adapter, save_trained
 from posttrain.recipes.rl import accuracy_summary, build_rewards, check_reward_functions, resolve_task
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
-from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.dist import is_main_process
 from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.metrics import append_jsonl
+from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 

@@ -1,4 +1,4 @@
-"""What the RL recipes (GRPO, PPO, and the ones built on them) share: sampling settings, what a
+"""What the sampling recipes (the RL loop of `rl_loop`, rejection sampling) share: sampling settings, what a
 completion is worth (weighted reward functions and the task that verifies answers), the reference
 policy, the seeded stream of prompts, and the per-rollout statistics and sample records.
 """
@@ -33,8 +33,8 @@ def padding_free_capacity_param() -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class RolloutSampling:
-    """How completions are sampled (a recipe adds how many per prompt)."""
+class SamplingConfig:
+    """How completions are sampled, and how many per prompt."""
 
     engine: str = param("local", "Rollout engine.", choices=ENGINES)
     max_new_tokens: int = param(32, "Most tokens per completion; longer ones are cut and flagged truncated.", ge=1)
@@ -42,10 +42,12 @@ class RolloutSampling:
     top_k: int = param(0, "Sample among the k most likely tokens (0: off).", ge=0)
     top_p: float = param(1.0, "Nucleus sampling mass (1: off).", gt=0, le=1)
     stop: list[str] = param([], "Stop strings that end a completion besides EOS.")
+    samples_per_prompt: int = param(1, "Completions sampled per prompt (G: a group of completions that group "
+                                       "baselines compare); a round or batch size counts completions.", ge=1)
 
-    def params(self, n: int) -> SamplingParams:
+    def params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, stop=tuple(self.stop), n=n)
+                              top_p=self.top_p, stop=tuple(self.stop), n=self.samples_per_prompt)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,6 @@ from posttrain.eval.rewards import (
 from posttrain.models import count_parameters, load_tokenizer
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.reward import REWARD_HEADS, build_reward_model, freeze_backbone, scores_at, sequence_scores
-from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.comparisons import (
     comparison_matrix,
     comparison_step_source,
@@ -55,6 +54,7 @@ from posttrain.train.comparisons import (
     ordered_pair_accuracy,
 )
 from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 

@@ -26,9 +26,9 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.recipes.rl import accuracy_summary
-from posttrain.run import RunResult, prepare_run_dir
 from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.forward import response_logprobs
+from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 

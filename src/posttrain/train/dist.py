@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from posttrain.algos import group_advantages
 from posttrain.errors import ConfigError
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -111,22 +110,31 @@ def all_gather_rows(tensor: Tensor) -> Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
-def outcome_advantages(rewards: Tensor, group_ids: Tensor, scale: str, eps: float) -> Tensor:
-    """GRPO outcome advantages [B] of this rank's completions, with the statistics of the global batch.
+def all_reduce_max(value: float) -> float:
+    """The largest `value` over all ranks."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=context().device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
-    Every rank holds whole groups (a group is never split: the prompts are dealt out, then sampled
-    G times each), so group means and stds are local; the batch-level std of scale="batch" needs
-    every rank's rewards, which are gathered (same count per rank). Ids are made distinct per rank.
-    """
+
+def all_gather_ragged(tensor: Tensor) -> tuple[Tensor, int]:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, each zero-padded along dim 1 to the
+    widest rank's (1- or 2-dim tensors whose sizes may differ between ranks), and the row where this
+    rank's part starts. A single process gets its own tensor back, and 0."""
+    if not dist.is_initialized():
+        return tensor, 0
     ctx = context()
-    if not ctx.distributed:
-        return group_advantages(rewards, group_ids, scale=scale, eps=eps)
-    every_reward = all_gather_rows(rewards)
-    every_group = all_gather_rows(group_ids.long())
-    span = int(every_group.max()) + 1
-    every_group = every_group + torch.arange(ctx.world_size).repeat_interleave(len(group_ids)) * span
-    mine = slice(ctx.rank * len(rewards), (ctx.rank + 1) * len(rewards))
-    return group_advantages(every_reward, every_group, scale=scale, eps=eps)[mine]
+    width = tensor.shape[1] if tensor.dim() > 1 else 0
+    shapes = all_gather_rows(torch.tensor([[tensor.shape[0], width]], dtype=torch.long))
+    counts = shapes[:, 0].tolist()
+    padded = torch.zeros((max(counts), *([int(shapes[:, 1].max())] if tensor.dim() > 1 else [])),
+                         dtype=torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)  # gloo has no bool
+    padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    parts = all_gather_rows(padded.unsqueeze(0))
+    gathered = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+    return gathered.to(tensor.dtype), sum(counts[:ctx.rank])
 
 
 def mean_over_ranks(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -154,8 +162,7 @@ def same_on_all_ranks(value: int, what: str) -> None:
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """`batch` with its tensors on `device`; dicts are updated in place, so state a loss function keeps in
-    its micro-batch (e.g. GRPO's old logprobs) survives. A no-op on CPU."""
+    """`batch` with its tensors on `device` (dicts are updated in place, dataclasses copied). A no-op on CPU."""
     if device.type == "cpu":
         return batch
     if torch.is_tensor(batch):

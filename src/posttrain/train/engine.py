@@ -32,13 +32,13 @@ from rich.console import Console
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.onednn import use_onednn_linears
-from posttrain.run import RunDir, config_text
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from posttrain.train.metrics import MetricsWriter, truncate_metrics
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.progress import TrainProgress, format_metrics
+from posttrain.train.run_dir import RunDir, config_text
 from posttrain.train.signals import StopRequest
 from posttrain.train.trackers import Trackers
 

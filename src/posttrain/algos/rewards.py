@@ -1,0 +1,92 @@
+"""Reward shaping of the RL stages: where a completion's score lands, the KL penalty in the reward, the
+missing-EOS penalty, and the statistics that judge a critic and a group baseline.
+
+The score of a completion is a reward for its last real token; every other token of the completion gets
+only the per-token penalty -beta * KL_t when the KL is placed in the reward (Ziegler et al. 2019, the
+RLHF reward of InstructGPT). The last token is read from the mask, never from token ids, so a pad that
+equals EOS cannot move it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from posttrain.algos.logprobs import masked_var
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last 1 of each row of `mask`, [B], whatever side the padding is on (0 for an empty row).
+
+    Shapes: mask [B, T] (0/1, bool or float) -> [B] long.
+    """
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask.bool()).argmax(-1)
+
+
+def score_at_last_token(scores: Tensor, mask: Tensor) -> Tensor:
+    """Each row's score at its last real token (the last 1 of `mask`), 0 elsewhere.
+
+    out[b, t] = scores[b] if t = last_token_index(mask)[b] and mask[b, t] = 1, else 0
+
+    Shapes: scores [B], mask [B, T] -> [B, T] in the dtype of `scores`.
+    """
+    out = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    out[rows, last_token_index(mask)] = scores
+    return out * mask.to(scores.dtype)
+
+
+def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, beta: float = 0.0) -> Tensor:
+    """Per-token rewards of a completion: its score at the last real token, minus the KL penalty on every token.
+
+    r_t = -beta * KL_t + [t = last real token] * score          (KL None: the score alone)
+
+    The per-sequence sum of r_t is score - beta * sum_t KL_t, the KL-regularised return of RLHF.
+
+    Shapes: scores [B]; mask, kl [B, T] -> [B, T] in the dtype of `scores`, 0 where the mask is 0.
+    Source: Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences", eq. 2;
+    Ouyang et al. (2022), "Training language models to follow instructions", eq. 2.
+    """
+    rewards = score_at_last_token(scores, mask)
+    if kl is None:
+        return rewards
+    return rewards - beta * kl.to(scores.dtype) * mask.to(scores.dtype)
+
+
+def missing_eos_penalty(scores: Tensor, truncated: Tensor, penalty: float | None) -> Tensor:
+    """Scores of completions cut by the length limit lowered by `penalty` (None: unchanged).
+
+    score'_i = score_i - penalty * [completion i has no EOS]
+
+    Shapes: scores [B], truncated [B] bool -> [B].
+    Source: the missing-EOS penalty of TRL's PPO/RLOO trainers (a fixed penalty for unfinished answers).
+    """
+    if penalty is None:
+        return scores
+    return scores - penalty * truncated.to(scores.dtype)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """How much of the returns' variance the critic predicts, over the tokens where `mask` is 1.
+
+    EV = 1 - Var(R - V) / Var(R)       1: V predicts R; 0: no better than a constant; < 0: worse
+
+    Shapes: values, returns, mask [B, T] -> float (NaN when the returns do not vary).
+    """
+    variance = masked_var(returns, mask).item()
+    return 1.0 - masked_var(returns - values, mask).item() / variance if variance > 0 else float("nan")
+
+
+def zero_advantage_groups(advantages: Tensor, group_ids: Tensor) -> Tensor:
+    """True for every completion of a group in which all advantages are exactly 0 (e.g. equal rewards under
+    a group baseline): such a group adds no policy gradient, only tokens to the normaliser.
+
+    Shapes: advantages [B, T], group_ids [B] -> [B] bool.
+    Source: DAPO's dynamic sampling (Yu et al. 2025, §3.2) drops the groups whose accuracy is 0 or 1.
+    """
+    nonzero = (advantages != 0).any(dim=1)
+    _, index = torch.unique(group_ids, return_inverse=True)
+    counts = torch.zeros(int(index.max()) + 1 if len(index) else 0, dtype=torch.long, device=nonzero.device)
+    counts.index_add_(0, index, nonzero.long())
+    return counts[index] == 0

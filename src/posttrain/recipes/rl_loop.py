@@ -1,0 +1,799 @@
+"""The one RL round of every online RL stage: PPO, GRPO (outcome and process), online RFT, critic-free PPO.
+
+A round (`RLStepSource.generate`) runs these phases, in this order, whatever the algorithm:
+
+    1. sample      samples_per_prompt completions of each of the round's prompts (the rollout engine)
+    2. rewards     score_i = sum_k w_k f_k(completion_i) - missing-EOS penalty; process supervision adds a
+                   reward per reasoning step (the recipe's `StepRewards` hook)
+    3. pi_old      logprobs of the policy that sampled (and values V_old with a critic), from one no-grad pass,
+                   wherever the first update's own forward cannot stand in for it: several updates per round
+                   (epochs x minibatches), a critic, the KL in the reward, or an adaptive KL controller.
+                   Otherwise (plain GRPO) the round's single update uses its own detached logprobs: ratio 1,
+                   no extra pass. The step source decides; the loss never writes into its micro-batch.
+    4. reference   logprobs of the reference policy (only when kl.coef > 0)
+    5. KL          in the reward: r_t = -beta KL_t + [t last] score   (RLHF, Ziegler et al. 2019)
+                   in the loss:   L_t += beta KL_t                     (GRPO, Shao et al. 2024)
+    6. advantages  an estimator from the algos registry (gae, grpo, rloo, ... or one a user registered) over
+                   the whole round of every rank, optionally whitened; zero-advantage groups may be dropped
+    7. schedule    epochs x minibatches (train.batch_size completions: one optimizer step each) x micro-batches
+                   (train.micro_batch_size rows, at most update.micro_batch_tokens positions per forward)
+
+GRPO is the case epochs = num_iterations, one minibatch, no critic; PPO adds a critic and several minibatches.
+
+Under torchrun every rank samples its own share of the round's prompts (whole groups); advantages, the
+minibatch shuffle, the normalisers and the KL controller use the statistics of every rank, so N ranks give
+the losses and weights of one process. Ranks may hold different numbers of rows in a minibatch (a global
+shuffle, skipped groups): each then cuts or pads its micro-batches (a zero-weight one) so that all ranks run
+the same number of forward/backward passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.algos import (
+    ADVANTAGE_ESTIMATORS,
+    AGG_MODES,
+    KL_KINDS,
+    POLICY_LOSSES,
+    AdaptiveKLController,
+    AdvantageInputs,
+    FixedKLController,
+    aggregate,
+    explained_variance,
+    get_advantage_estimator,
+    get_policy_loss,
+    grpo_loss,
+    kl_penalty,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    missing_eos_penalty,
+    sft_loss,
+    token_rewards,
+    value_loss,
+    zero_advantage_groups,
+)
+from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.collate import capped_rows
+from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.tasks.base import Task
+from posttrain.errors import ConfigError
+from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
+from posttrain.eval.report import write_training_report
+from posttrain.models import count_parameters, load_tokenizer_and_model
+from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.heads import floating_dtype
+from posttrain.models.value import ActorCritic
+from posttrain.recipes.rl import (
+    GoldAnswers,
+    PromptStream,
+    RewardConfig,
+    SamplingConfig,
+    accuracy_summary,
+    adapter_reference,
+    build_reference,
+    build_rewards,
+    check_reward_functions,
+    completions_of,
+    padding_free_capacity_param,
+    resolve_task,
+    reward_metrics,
+    sample_record,
+)
+from posttrain.rewards.functions import Completions, Scores, WeightedRewards
+from posttrain.rollout import Rollout, RolloutEngine, make_engine
+from posttrain.rollout.recompute import completion_logprobs, pack_rollout, packed_completion_logprobs, policy_forward
+from posttrain.train import dist
+from posttrain.train.engine import StepBatch, TrainConfig, Trainer
+from posttrain.train.forward import response_logprobs
+from posttrain.train.metrics import append_jsonl
+from posttrain.train.reference import Reference
+from posttrain.train.run_dir import RunResult, prepare_run_dir
+from posttrain.train.seed import seed_everything, set_threads
+
+KL_PLACEMENTS = ("reward", "loss")
+KL_CONTROLLERS = ("fixed", "adaptive")
+# The registry's estimators that compare the completions of a prompt with each other, and all those that read
+# no values: no critic is built or trained for them.
+GROUP_BASELINES = ("grpo", "grpo_batch_std", "dr_grpo", "rloo", "grpo_process")
+CRITIC_FREE = (*GROUP_BASELINES, "reinforce_baseline")
+
+
+# ----------------------------------------------------------------------------------------------
+# The settings every RL recipe shares, each under one name.
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRewardConfig(RewardConfig):
+    missing_eos_penalty: float | None = param(None, "Subtracted from the score of completions cut by "
+                                                    "max_new_tokens (None: no penalty).", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLConfig:
+    coef: float = param(0.0, "beta: weight of the KL to the reference policy (0: no reference model is loaded).",
+                        ge=0)
+    kind: str = param("k3", "KL estimator (k1 = logp - ref_logp; k3 = exp(ref - logp) - (ref - logp) - 1).",
+                      choices=KL_KINDS)
+    placement: str = param("loss", "reward: -beta * KL_t of the sampling policy joins every token's reward "
+                                   "(RLHF); loss: beta * KL_t of the trained policy joins every token's loss "
+                                   "(GRPO).", choices=KL_PLACEMENTS)
+    controller: str = param("fixed", "Keep beta fixed, or adapt it towards `target` (Ziegler et al. 2019).",
+                            choices=KL_CONTROLLERS)
+    target: float = param(6.0, "Adaptive controller: target KL per completion (summed over its tokens).", gt=0)
+    horizon: float = param(10_000, "Adaptive controller: horizon in completions (how slowly beta moves).", gt=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    estimator: str = param("grpo", "Advantage estimator of the algos registry: gae (GAE on a critic's values), "
+                                   "grpo, grpo_batch_std, dr_grpo, rloo (baselines over the samples_per_prompt "
+                                   "completions of a prompt), reinforce_baseline (the batch mean), or one "
+                                   "registered with posttrain.algos.register_advantage_estimator.",
+                           choices=ADVANTAGE_ESTIMATORS)
+    gamma: float = param(1.0, "GAE discount.", ge=0, le=1)
+    lam: float = param(0.95, "GAE lambda (0: one-step TD error; 1: Monte-Carlo return minus V).", ge=0, le=1)
+    eps: float = param(1e-6, "Added to a group's reward std before dividing.", ge=0)
+    whiten: bool = param(False, "Normalise the advantages to mean 0 and std 1 over the round's trained tokens "
+                                "(of every rank).")
+    skip_zero_variance: bool = param(False, "Leave out groups whose completions all get zero advantage (equal "
+                                            "rewards under a group baseline): they add no gradient, only tokens "
+                                            "to the normaliser.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLLossConfig:
+    policy_loss: str = param("ppo", "Policy loss from the algos registry (ppo: per-token clipped ratio; gspo: "
+                                    "sequence ratio).", choices=POLICY_LOSSES)
+    agg: str = param("token-mean", "Loss aggregation: token-mean (DAPO), seq-mean-token-mean (GRPO), "
+                                   "seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO).", choices=AGG_MODES)
+    clip_low: float = param(0.2, "Lower clip range: the ratio is clipped at 1 - clip_low.", ge=0)
+    clip_high: float | None = param(None, "Upper clip range (None: clip_low; larger: DAPO's clip-higher).", ge=0)
+    dual_clip: float | None = param(None, "Dual clip c > 1: a negative advantage's loss is at most -c A "
+                                          "(None: off).", gt=1)
+    value_clip: float | None = param(0.2, "Value clip range around V_old (None: unclipped). Critic only.", ge=0)
+    vf_coef: float = param(0.1, "Weight of the value loss. Critic only.", ge=0)
+    entropy_coef: float = param(0.0, "Weight of the entropy bonus (0: off).", ge=0)
+    sft_coef: float = param(0.0, "alpha: loss = L_RL + alpha * L_SFT, L_SFT the token-mean NLL of the gold answers "
+                                 "(the data's `answer`, as the assistant turn) of each minibatch's prompts (0: off).",
+                            ge=0)
+    mask_truncated: bool = param(False, "Leave completions cut by max_new_tokens out of the loss (they still count "
+                                        "in their group's baseline).")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    rollout_batch_size: int | None = param(None, "Completions sampled per round (None: train.batch_size): a "
+                                                 "multiple of train.batch_size, the minibatch of one optimizer "
+                                                 "step.", ge=1)
+    epochs: int = param(1, "Passes over each round (each a fresh shuffle into minibatches; GRPO's "
+                           "num_iterations).", ge=1)
+    padding_free: bool = param(True, "Forwards over the real tokens only (packed rows, block-diagonal mask) "
+                                     "instead of the rollout's padded layout: the same logprobs and values, less "
+                                     "compute. Prefix-tuning adapters always use the padded layout.")
+    padding_free_capacity: int = padding_free_capacity_param()
+    micro_batch_tokens: int | None = param(None, "Each forward/backward (and no-grad) pass computes at most this "
+                                                 "many token positions (packed rows x their width; padded: rows x "
+                                                 "their longest prompt + completion): a micro-batch of "
+                                                 "train.micro_batch_size rows is cut further, with the same "
+                                                 "gradient and a peak of activation memory that no longer grows "
+                                                 "with the minibatch (None: train.micro_batch_size alone).", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The sections of every online RL recipe; a recipe subclasses it with its own defaults and sections."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "sampling.group_size": "sampling.samples_per_prompt", "loss.beta": "kl.coef", "loss.kl_kind": "kl.kind",
+        "loss.num_iterations": "update.epochs", "loss.padding_free": "update.padding_free",
+        "loss.padding_free_capacity": "update.padding_free_capacity",
+        "advantage.scale": "advantage.estimator (scale group, batch, none = estimator grpo, grpo_batch_std, "
+                           "dr_grpo)",
+        "ppo.rollout_batch_size": "update.rollout_batch_size", "ppo.epochs": "update.epochs",
+        "ppo.gamma": "advantage.gamma", "ppo.lam": "advantage.lam", "ppo.advantage": "advantage.estimator",
+        "ppo.whiten_advantages": "advantage.whiten", "ppo.policy_loss": "loss.policy_loss", "ppo.agg": "loss.agg",
+        "ppo.clip": "loss.clip_low", "ppo.value_clip": "loss.value_clip", "ppo.vf_coef": "loss.vf_coef",
+        "ppo.entropy_coef": "loss.entropy_coef", "ppo.kl_coef": "kl.coef", "ppo.kl_kind": "kl.kind",
+        "ppo.kl_controller": "kl.controller", "ppo.kl_target": "kl.target", "ppo.kl_horizon": "kl.horizon",
+        "ppo.sft_coef": "loss.sft_coef", "ppo.missing_eos_penalty": "reward.missing_eos_penalty",
+        "ppo.padding_free": "update.padding_free", "ppo.padding_free_capacity": "update.padding_free_capacity",
+        "ppo.micro_batch_tokens": "update.micro_batch_tokens",
+    }
+
+    run: RunConfig = section(lambda: RunConfig(name="rl"), "Run directory, seed, logging.")
+    model: ModelConfig = section(lambda: ModelConfig(path="runs/sft/final"), "The policy to train (the SFT model).")
+    adapter: AdapterConfig = section(AdapterConfig, "Full fine-tuning, LoRA or prefix-tuning (with an adapter, "
+                                                    "the adapter-disabled policy is the reference).")
+    data: DataConfig = section(lambda: DataConfig(source="arith", size=20_000, max_length=256),
+                               "Prompts with gold answers (verifiable rows).")
+    optim: OptimConfig = section(lambda: OptimConfig(lr=1e-5, schedule="constant"), "Optimizer and schedule.")
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=100, batch_size=64, micro_batch_size=64),
+                                 "max_steps counts optimizer steps (minibatches); batch_size (the minibatch) and "
+                                 "micro_batch_size count completions.")
+    sampling: SamplingConfig = section(SamplingConfig, "How completions are sampled.")
+    reward: RLRewardConfig = section(RLRewardConfig, "What a completion is worth (the score at its last token).")
+    kl: KLConfig = section(KLConfig, "The KL to the reference policy: its weight, estimator and place.")
+    advantage: AdvantageConfig = section(AdvantageConfig, "The advantage estimator.")
+    loss: RLLossConfig = section(RLLossConfig, "The clipped policy loss and its extra terms.")
+    update: UpdateConfig = section(UpdateConfig, "How a round trains: epochs, minibatches, micro-batches.")
+    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
+
+
+def rollout_batch_size(cfg: RLConfig) -> int:
+    return cfg.update.rollout_batch_size or cfg.train.batch_size
+
+
+def steps_per_round(cfg: RLConfig) -> int:
+    """Optimizer steps one round of samples serves: epochs x minibatches."""
+    return cfg.update.epochs * rollout_batch_size(cfg) // cfg.train.batch_size
+
+
+def check_rl_config(cfg: RLConfig, stage: str) -> None:
+    """The checks every RL recipe needs before any model is loaded."""
+    if not cfg.model.path:
+        raise ConfigError(f"{stage} trains an existing model: set model.path (e.g. runs/sft/final)",
+                          field="model.path")
+    rollout = rollout_batch_size(cfg)
+    if rollout % cfg.train.batch_size:
+        raise ConfigError(f"update.rollout_batch_size ({rollout}) must be a multiple of train.batch_size "
+                          f"({cfg.train.batch_size}, the minibatch)", field="update.rollout_batch_size")
+    if rollout % cfg.sampling.samples_per_prompt:
+        raise ConfigError(f"the completions of a round ({rollout}) must be a multiple of "
+                          f"sampling.samples_per_prompt ({cfg.sampling.samples_per_prompt})",
+                          field="sampling.samples_per_prompt")
+    steps = steps_per_round(cfg)
+    if cfg.train.save_every % steps:
+        # A checkpoint holds no rollout: one taken inside a round would resume with a fresh one, a different
+        # run from the one that went on.
+        raise ConfigError(f"train.save_every ({cfg.train.save_every}) must be a multiple of the optimizer steps of "
+                          f"one round, update.epochs x update.rollout_batch_size / train.batch_size = "
+                          f"{cfg.update.epochs} x {rollout} / {cfg.train.batch_size} = {steps} (or 0), so that "
+                          f"checkpoints fall between rounds", field="train.save_every")
+    if cfg.advantage.estimator in GROUP_BASELINES and cfg.sampling.samples_per_prompt < 2:
+        raise ConfigError(f"advantage.estimator={cfg.advantage.estimator} compares the completions of a prompt "
+                          "with each other: set sampling.samples_per_prompt >= 2",
+                          field="sampling.samples_per_prompt")
+    if cfg.kl.controller == "adaptive" and cfg.kl.coef == 0:
+        raise ConfigError("the adaptive KL controller scales kl.coef: set kl.coef > 0", field="kl.coef")
+    check_reward_functions(cfg.reward)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward every pass of the round uses: actor logprobs, entropy and (with a critic) values.
+
+
+def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = False,
+                    padding_free_capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The actor's logprobs, its entropy and the critic's values [B, T] of a rollout's completion tokens
+    (0 outside the response mask; None without a critic): value t is that of the prefix before
+    completion token t. With `padding_free_capacity`, over the rollout's real tokens packed into rows of
+    about that many tokens (`pack_rollout`): the same numbers, without computing padding."""
+    if padding_free_capacity is not None:
+        packed = pack_rollout(rollout, padding_free_capacity, mask_dtype=floating_dtype(model))
+        logits, values = model(packed.input_ids, packed.attention_mask, packed.position_ids, keep=packed.sources)
+        logprobs, entropy = packed_completion_logprobs(logits, rollout, packed, entropy_grad=entropy_grad)
+        return logprobs, entropy, None if values is None else packed.scatter(values)
+    width = rollout.completion_ids.shape[1]
+    logits, values = model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, keep=width + 1)
+    logprobs, entropy = completion_logprobs(logits, rollout, entropy_grad=entropy_grad)
+    return logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask
+
+
+def packing(cfg: UpdateConfig) -> int | None:
+    """`rollout_forward`'s padding_free_capacity: None for the padded layout."""
+    return cfg.padding_free_capacity if cfg.padding_free else None
+
+
+def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None, capacity: int | None) -> list[Tensor]:
+    """`rows` (longest first) cut into micro-batches whose forward computes at most `budget` positions.
+
+    Padding-free (`capacity` as `pack_rollout`'s): the rows' samples are packed as the forward packs them,
+    and a micro-batch takes consecutive packed rows while its forward's own packing (rows x width) fits,
+    so cutting adds next to no row padding. Padded (capacity None): consecutive rows while their count x
+    (longest prompt + longest completion) fits (the layout of `Rollout.select`). A packed row or sample over
+    the budget goes alone; budget None keeps [rows]. Rows keep their order inside a micro-batch.
+    """
+    if budget is None or not len(rows):
+        return [rows]
+    prompts = rollout.prompt_mask[rows].sum(1).tolist()
+    completions = rollout.response_mask[rows].sum(1).tolist()
+    lengths = [p + c for p, c in zip(prompts, completions, strict=True)]
+    if capacity is None:
+        units = [[i] for i in range(len(rows))]
+
+        def cost(samples: list[int]) -> int:
+            return len(samples) * (max(prompts[i] for i in samples) + max(completions[i] for i in samples))
+    else:
+        units = capped_rows(lengths, capacity)
+
+        def cost(samples: list[int]) -> int:
+            sizes = [lengths[i] for i in samples]
+            packed = capped_rows(sizes, capacity)
+            return len(packed) * max(sum(sizes[i] for i in row) for row in packed)
+    pieces: list[list[int]] = [[]]
+    for unit in units:
+        if pieces[-1] and cost(sorted(pieces[-1] + unit)) > budget:
+            pieces.append([])
+        pieces[-1].extend(unit)
+    return [rows[sorted(piece)] for piece in pieces]
+
+
+def balance_micro_batches(pieces: list[Tensor]) -> list[Tensor]:
+    """The same number of micro-batches on every rank (each runs a forward/backward that the others' gradient
+    exchange waits for): a rank with fewer halves its largest micro-batches, and where no micro-batch has
+    two rows left, adds empty ones (trained as zero-weight passes). A single process keeps its pieces."""
+    pieces = [p for p in pieces if len(p)]
+    target = int(dist.all_reduce_max(float(len(pieces))))
+    while len(pieces) < target:
+        largest = max(range(len(pieces)), key=lambda i: len(pieces[i]), default=None)
+        if largest is None or len(pieces[largest]) < 2:
+            pieces.append(pieces[0][:0] if pieces else torch.zeros(0, dtype=torch.long))
+            continue
+        half = (len(pieces[largest]) + 1) // 2
+        pieces[largest:largest + 1] = [pieces[largest][:half], pieces[largest][half:]]
+    return pieces
+
+
+# ----------------------------------------------------------------------------------------------
+# What a round is made of, and the typed micro-batch the loss reads.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRewards:
+    """Process supervision: rewards of reasoning steps and where each ends. step_rewards, step_ends [B, S]
+    (token index of each step's last token), step_mask [B, S] (1 = real step); `scores` per row for
+    samples.jsonl and `metrics` for metrics.jsonl."""
+
+    step_rewards: Tensor
+    step_mask: Tensor
+    step_ends: Tensor
+    scores: list[list[float]]
+    metrics: dict[str, float]
+
+
+class StepRewardsHook(Protocol):
+    def __call__(self, rollout: Rollout, completions: Completions, scores: Tensor) -> StepRewards: ...
+
+
+@dataclasses.dataclass
+class Round:
+    """One round's samples and what was computed from them: [B, T] tensors but `scores` and `keep` [B];
+    `rows` are the round's prompt rows (rollout row i completes rows[prompt_index[i]])."""
+
+    rows: list[dict[str, Any]]
+    rollout: Rollout
+    scores: Tensor
+    old_logprobs: Tensor | None
+    old_values: Tensor | None
+    ref_logprobs: Tensor | None
+    kl: Tensor | None
+    beta: float
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor | None
+    keep: Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class RLMicroBatch:
+    """One forward/backward pass of the RL loss: rows of a round's rollout and their targets, [b, T] (T the
+    rows' longest completion) unless said otherwise.
+
+    old_logprobs None means pi_old is the policy being trained, unchanged since it sampled (the round's
+    single update): the loss takes its own detached logprobs. token_share and sequence_share are the
+    micro-batch's share of its step's trained tokens and completions (x the number of ranks), the weights
+    of its statistics. A zero-weight micro-batch (all-zero loss_mask) only keeps the ranks in step.
+    """
+
+    rollout: Rollout
+    loss_mask: Tensor
+    advantages: Tensor
+    scores: Tensor
+    """[b] the completions' scores."""
+    rows: Tensor
+    """[b] the rows of the round's rollout."""
+    token_share: float
+    sequence_share: float
+    old_logprobs: Tensor | None = None
+    old_values: Tensor | None = None
+    returns: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    kl_coef: float = 0.0
+    """beta of the KL in the loss (0 when it is in the reward, or there is none)."""
+    sft: dict[str, Any] | None = None
+    """The collated gold answers of this micro-batch's prompts (the SFT blend), or None."""
+    sft_normaliser: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The step source: one round at a time, served as epochs x minibatches of optimizer steps.
+
+
+class RLStepSource:
+    """Samples a round, runs its phases (see the module doc) and serves its optimizer steps.
+
+    `model` is the trained module (actor, and a critic or value head when the estimator needs values).
+    `step_rewards` is the process-supervision hook; `gold` the data of the SFT blend. The state is the
+    prompt stream's position, the step count and the KL controller: a resumed run starts a fresh round.
+    """
+
+    samples_from_policy = True  # the Trainer gathers FSDP-sharded weights around `next_step`
+
+    def __init__(self, cfg: RLConfig, prepared: Prepared, engine: RolloutEngine, model: ActorCritic,
+                 rewards: WeightedRewards, *, task: Task | None = None, reference: Reference | None = None,
+                 step_rewards: StepRewardsHook | None = None, gold: GoldAnswers | None = None,
+                 samples: Path | None = None) -> None:
+        self.cfg, self.engine, self.model, self.rewards, self.task = cfg, engine, model, rewards, task
+        self.reference, self.step_rewards, self.gold, self.samples = reference, step_rewards, gold, samples
+        self.capacity = packing(cfg.update)
+        self.minibatches = rollout_batch_size(cfg) // cfg.train.batch_size
+        self.prompts = PromptStream(prepared.dataset, rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt,
+                                    cfg.run.seed)
+        self.params = cfg.sampling.params()
+        self.kl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.controller == "adaptive"
+                   else FixedKLController(cfg.kl.coef))
+        # pi_old needs a pass of its own unless the round's single update computes it (see the module doc).
+        self.old_pass = (self.cfg.update.epochs * self.minibatches > 1 or model.has_values
+                         or (cfg.kl.placement == "reward" and cfg.kl.coef > 0) or cfg.kl.controller == "adaptive")
+        self.steps = 0
+        self.queue: list[StepBatch] = []
+        self.last: Round | None = None
+
+    def next_step(self) -> StepBatch:
+        if not self.queue:
+            self.queue = self.generate()
+        self.steps += 1
+        return self.queue.pop(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.prompts.state_dict(), "steps": self.steps, "kl": self.kl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.load_state_dict(state)
+        self.kl.load_state_dict(state["kl"])
+        self.steps, self.queue = state["steps"], []
+
+    def generate(self) -> list[StepBatch]:
+        """One round, phase by phase."""
+        start = time.perf_counter()
+        rows, rollout = self.prompts.sample(self.engine, self.params)                          # 1. sample
+        generation_s = time.perf_counter() - start
+        completions = completions_of(rollout, rows)
+        if self.gold is not None:
+            self.gold.prepare(rows)
+        scores = self.rewards(completions)                                                     # 2. rewards
+        score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
+        steps = self.step_rewards(rollout, completions, score) if self.step_rewards is not None else None
+        schedule = self._schedule(rollout, torch.ones(len(score), dtype=torch.bool))
+        first_epoch = [piece for minibatch in schedule[0] for piece in minibatch]
+        old_logprobs, old_values = self._old_pass(rollout, first_epoch) if self.old_pass else (None, None)  # 3.
+        ref_logprobs = self._reference_pass(rollout, first_epoch) if self.reference is not None else None  # 4.
+        mask = rollout.response_mask
+        kl = (kl_penalty(old_logprobs, ref_logprobs, self.cfg.kl.kind) * mask
+              if old_logprobs is not None and ref_logprobs is not None else None)                  # 5. KL
+        beta = self.kl.beta
+        in_reward = kl if self.cfg.kl.placement == "reward" else None
+        rewards = token_rewards(score.double(), mask, in_reward, beta)
+        advantages, returns = self._advantages(rewards, old_values, rollout, steps)              # 6. advantages
+        zero_groups = zero_advantage_groups(advantages, rollout.prompt_index)
+        keep = ~zero_groups if self.cfg.advantage.skip_zero_variance else torch.ones_like(zero_groups)
+        if dist.all_reduce_max(float(not bool(keep.all()))) > 0:  # some rank left rows out: its schedule changed
+            schedule = self._schedule(rollout, keep)                                              # 7. schedule
+        self.last = Round(rows, rollout, score, old_logprobs, old_values, ref_logprobs, kl, beta, rewards,
+                          advantages, returns, keep)
+        metrics = self._metrics(completions, scores, steps, zero_groups)
+        if kl is not None:
+            self.kl.update(metrics["kl"], int(dist.all_reduce_sum(float(len(score)))))
+        self._write_samples(completions, scores, steps)
+        metrics.update(generation_s=generation_s, scoring_s=time.perf_counter() - start - generation_s)
+        return self._step_batches(schedule, metrics)
+
+    # -- phase 3 and 4: the no-grad passes -------------------------------------------------------
+
+    @torch.no_grad()
+    def _old_pass(self, rollout: Rollout, pieces: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """pi_old's logprobs and V_old of every row (None without a critic), computed on the micro-batches the
+        first epoch trains on, so that its first update sees exactly ratio 1."""
+        dtype = floating_dtype(self.model)
+        logprobs = torch.zeros(rollout.logprobs.shape, dtype=dtype)
+        values = torch.zeros(rollout.logprobs.shape, dtype=dtype) if self.model.has_values else None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for rows in (p for p in pieces if len(p)):
+                sub = rollout.select(rows)
+                width = sub.completion_ids.shape[1]
+                sub_logprobs, _, sub_values = rollout_forward(self.model, sub, padding_free_capacity=self.capacity)
+                logprobs[rows, :width] = sub_logprobs
+                if values is not None:
+                    values[rows, :width] = sub_values
+        finally:
+            self.model.train(was_training)
+        return logprobs, values
+
+    def _reference_pass(self, rollout: Rollout, pieces: list[Tensor]) -> Tensor:
+        """The reference's logprobs on the same micro-batches and layout as the policy's, so that a reference
+        equal to the policy gives exactly its logprobs (KL exactly 0 at the start)."""
+        forward = policy_forward(self.cfg.update.padding_free, self.cfg.update.padding_free_capacity)
+        out = torch.zeros(rollout.logprobs.shape, dtype=floating_dtype(self.model))
+        for rows in (p for p in pieces if len(p)):
+            sub = rollout.select(rows)
+            out[rows, :sub.completion_ids.shape[1]] = self.reference.rollout_logprobs(sub, forward)
+        return out
+
+    # -- phase 6: advantages over every rank's rows ----------------------------------------------
+
+    def _advantages(self, rewards: Tensor, values: Tensor | None, rollout: Rollout,
+                    steps: StepRewards | None) -> tuple[Tensor, Tensor | None]:
+        """The estimator's advantages (float32) and value targets (None without a critic) of this rank's rows,
+        computed on the whole round of every rank (batch statistics, whitening), in float64."""
+        mask = rollout.response_mask
+        # Prompt ids restart at 0 on every rank: made distinct before the ranks' rows meet.
+        span = int(dist.all_reduce_max(float(rollout.prompt_index.max()) + 1))
+        fields = {"rewards": rewards, "response_mask": mask.double(),
+                  "group_ids": rollout.prompt_index + dist.context().rank * span}
+        if values is not None:
+            fields["values"] = values.double()
+        if steps is not None:
+            fields |= {"step_rewards": steps.step_rewards.double(), "step_mask": steps.step_mask,
+                       "step_ends": steps.step_ends}
+        gathered = {name: dist.all_gather_ragged(tensor)[0] for name, tensor in fields.items()}
+        first = dist.all_gather_ragged(mask)[1]
+        estimator = "grpo_process" if steps is not None else self.cfg.advantage.estimator
+        advantages, returns = get_advantage_estimator(estimator)(
+            AdvantageInputs(**gathered), gamma=self.cfg.advantage.gamma, lam=self.cfg.advantage.lam,
+            eps=self.cfg.advantage.eps)
+        if self.cfg.advantage.whiten:
+            advantages = masked_whiten(advantages, gathered["response_mask"])
+        mine = slice(first, first + len(mask))
+        width = mask.shape[1]
+        advantages = advantages[mine, :width].float()
+        return advantages, returns[mine, :width].float() if values is not None else None
+
+    # -- phase 7: epochs x minibatches x micro-batches -------------------------------------------
+
+    def _schedule(self, rollout: Rollout, keep: Tensor) -> list[list[list[Tensor]]]:
+        """epochs -> minibatches -> micro-batches (this rank's row indices). Every epoch shuffles the round's
+        rows over all ranks with one seeded permutation (none with a single minibatch: a shuffle then changes
+        nothing) and cuts it into minibatches; a rank takes its kept rows of each, longest first (so a
+        micro-batch pads to its own longest row), in micro-batches as many as on every other rank."""
+        count = len(keep)
+        first = dist.all_gather_ragged(keep)[1]
+        total = int(dist.all_reduce_sum(float(count)))
+        lengths = rollout.prompt_mask.sum(1) + rollout.response_mask.sum(1)
+        schedule = []
+        for epoch in range(self.cfg.update.epochs):
+            order = torch.arange(total)
+            if self.minibatches > 1:
+                seed = (self.cfg.run.seed * 1_000_003 + self.prompts.rounds) * 1_009 + epoch
+                order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+            minibatches = []
+            for chunk in order.tensor_split(self.minibatches):
+                rows = chunk[(chunk >= first) & (chunk < first + count)] - first
+                rows = rows[keep[rows]]
+                rows = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
+                pieces = [piece for micro in rows.split(self.cfg.train.micro_batch_size)
+                          for piece in split_by_tokens(micro, rollout, self.cfg.update.micro_batch_tokens,
+                                                       self.capacity)]
+                minibatches.append(balance_micro_batches(pieces))
+            schedule.append(minibatches)
+        return schedule
+
+    def _step_batches(self, schedule: list[list[list[Tensor]]], metrics: dict[str, float]) -> list[StepBatch]:
+        batch = self.last
+        rollout = batch.rollout
+        loss_mask = rollout.response_mask.float()
+        if self.cfg.loss.mask_truncated:
+            loss_mask = loss_mask * (~rollout.truncated).unsqueeze(1).float()
+        world = dist.context().world_size
+        in_loss = self.cfg.kl.placement == "loss"
+        out = []
+        for epoch, minibatches in enumerate(schedule):
+            for index, pieces in enumerate(minibatches):
+                rows = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+                token_total = dist.all_reduce_sum(float(loss_mask[rows].sum()))
+                row_total = dist.all_reduce_sum(float(len(rows)))
+                normaliser = (token_total or 1.0) if self.cfg.loss.agg == "token-mean" else max(row_total, 1.0)
+                micro = []
+                for piece in pieces:
+                    padding = not len(piece)  # a zero-weight pass: any row, nothing trained
+                    sub_rows = piece if not padding else torch.zeros(1, dtype=torch.long)
+                    sub = rollout.select(sub_rows)
+                    width = sub.completion_ids.shape[1]
+                    mask = loss_mask[sub_rows, :width] * (0.0 if padding else 1.0)
+                    micro.append(RLMicroBatch(
+                        rollout=sub, loss_mask=mask, advantages=batch.advantages[sub_rows, :width],
+                        scores=batch.scores[sub_rows], rows=sub_rows,
+                        token_share=float(mask.sum()) * world / token_total if token_total else 0.0,
+                        sequence_share=0.0 if padding else len(piece) * world / max(row_total, 1.0),
+                        old_logprobs=_rows(batch.old_logprobs, sub_rows, width),
+                        old_values=_rows(batch.old_values, sub_rows, width),
+                        returns=_rows(batch.returns, sub_rows, width),
+                        ref_logprobs=_rows(batch.ref_logprobs, sub_rows, width) if in_loss else None,
+                        kl_coef=batch.beta if in_loss else 0.0))
+                if self.gold is not None:
+                    micro = self._with_gold(micro)
+                tokens = int(dist.all_reduce_sum(float(rollout.prompt_mask[rows].sum()
+                                                       + rollout.response_mask[rows].sum())))
+                step_metrics = {**metrics, "epoch": epoch + 1, "minibatch": index + 1}
+                if out:  # the round's cost is reported once, with its first step
+                    step_metrics.update(generation_s=0.0, scoring_s=0.0)
+                out.append(StepBatch(micro_batches=micro, normaliser=normaliser, tokens=tokens, metrics=step_metrics))
+        return out
+
+    def _with_gold(self, micro: list[RLMicroBatch]) -> list[RLMicroBatch]:
+        """Each micro-batch with the gold rows of its prompts that no earlier micro-batch of the minibatch had,
+        and the minibatch's gold-token count (of every rank), the SFT term's normaliser."""
+        seen: set[int] = set()
+        golds, count = [], 0.0
+        for batch in micro:
+            prompts = batch.rollout.prompt_index.tolist() if batch.sequence_share > 0 else []  # not a padding pass
+            fresh = [p for p in dict.fromkeys(prompts) if p not in seen]
+            seen.update(fresh)
+            gold, tokens = self.gold.batch(fresh)
+            golds.append(gold)
+            count += tokens
+        # The Trainer hands losses normaliser / world_size (DDP averages the ranks' gradients); the same here.
+        normaliser = dist.all_reduce_sum(count) / dist.context().world_size
+        return [dataclasses.replace(b, sft=g, sft_normaliser=normaliser) for b, g in zip(micro, golds, strict=True)]
+
+    # -- what the round reports ------------------------------------------------------------------
+
+    def _metrics(self, completions: Completions, scores: Scores, steps: StepRewards | None,
+                 zero_groups: Tensor) -> dict[str, float]:
+        batch, mask = self.last, self.last.rollout.response_mask
+        metrics = {**reward_metrics(batch.rollout, completions, scores, self.task),
+                   "score": batch.scores.mean().item(), "beta": batch.beta,
+                   "zero_variance_groups": zero_groups.float().mean().item()}
+        raw = batch.advantages if batch.returns is None else batch.returns - batch.old_values
+        metrics |= {"advantages": masked_mean(raw, mask).item(), "advantages_std": masked_var(raw, mask).sqrt().item()}
+        if batch.kl is not None:
+            sequence_kl = batch.kl.sum(dim=1)
+            kl = dist.all_reduce_sum(sequence_kl.sum().item()) / dist.all_reduce_sum(float(len(sequence_kl)))
+            metrics |= {"kl": kl, "non_score_reward": -batch.beta * kl}
+        if batch.old_logprobs is not None:
+            metrics["logprob_mismatch"] = masked_mean((batch.rollout.logprobs - batch.old_logprobs).abs(), mask).item()
+        if batch.returns is not None:
+            metrics |= {"returns": masked_mean(batch.returns, mask).item(),
+                        "values": masked_mean(batch.old_values, mask).item(),
+                        "value_explained_variance": explained_variance(batch.old_values, batch.returns, mask)}
+        return metrics | (steps.metrics if steps is not None else {})
+
+    def _write_samples(self, completions: Completions, scores: Scores, steps: StepRewards | None) -> None:
+        if self.samples is None or not dist.context().is_main:
+            return
+        batch = self.last
+        records = []
+        for i in range(len(completions)):
+            record = {**sample_record(self.steps + 1, i, batch.rollout, completions, scores),
+                      "score": batch.scores[i].item(), "advantage": batch.advantages[i, 0].item()}
+            if batch.kl is not None:
+                record["kl"] = batch.kl[i].sum().item()
+            if steps is not None:
+                record["step_scores"] = steps.scores[i]
+            records.append(record)
+        append_jsonl(self.samples, records)
+
+
+def _rows(tensor: Tensor | None, rows: Tensor, width: int) -> Tensor | None:
+    return None if tensor is None else tensor[rows, :width]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss of the family.
+
+
+def rl_loss_fn(cfg: RLConfig, max_new_tokens: int):
+    """The loss of a micro-batch, already divided by its step's normaliser:
+
+        L = aggregate(clipped surrogate [+ beta KL_t in the loss]) + vf_coef * clipped value loss
+            - entropy_coef * aggregate(entropy) + sft_coef * NLL(gold answers)
+
+    Statistics are weighted by the micro-batch's token share (per-token ones) or sequence share, so the
+    Trainer's sum over micro-batches is the step's mean. The micro-batch is only read.
+    """
+    loss_cfg, capacity = cfg.loss, packing(cfg.update)
+    pg_loss_fn = get_policy_loss(loss_cfg.policy_loss)
+
+    def loss_fn(model: ActorCritic, batch: RLMicroBatch, normaliser: float) -> tuple[Tensor, dict[str, float]]:
+        mask, share = batch.loss_mask, batch.token_share
+        logprobs, entropy, values = rollout_forward(model, batch.rollout, entropy_grad=loss_cfg.entropy_coef > 0,
+                                                    padding_free_capacity=capacity)
+        first = batch.old_logprobs is None  # pi_old is this very forward: the round's single update
+        old_logprobs = logprobs.detach() if first else batch.old_logprobs
+        out = grpo_loss(logprobs, old_logprobs, batch.ref_logprobs if batch.kl_coef > 0 else None,
+                        batch.advantages, mask, beta=batch.kl_coef, kl_kind=cfg.kl.kind, clip_low=loss_cfg.clip_low,
+                        clip_high=loss_cfg.clip_high, dual_clip=loss_cfg.dual_clip, agg=loss_cfg.agg,
+                        normaliser=normaliser, max_length=max_new_tokens, pg_loss_fn=pg_loss_fn)
+        loss = out.loss
+        ratio = torch.exp(logprobs.detach() - old_logprobs)
+        metrics = {"pg_loss": out.pg_loss.item(), "clip_fraction": out.clip_fraction.item() * share,
+                   "approx_kl": out.approx_kl.item() * share, "ratio": masked_mean(ratio, mask).item() * share,
+                   "entropy": masked_mean(entropy.detach(), mask).item() * share}
+        if values is not None:
+            vf = value_loss(values, batch.old_values, batch.returns, mask, clip=loss_cfg.value_clip, agg=loss_cfg.agg,
+                            normaliser=normaliser, max_length=max_new_tokens)
+            loss = loss + loss_cfg.vf_coef * vf.loss
+            metrics |= {"value_loss": vf.loss.item(), "value_clip_fraction": vf.clip_fraction.item() * share}
+        if loss_cfg.entropy_coef > 0:
+            loss = loss - loss_cfg.entropy_coef * aggregate(entropy, mask, loss_cfg.agg, normaliser, max_new_tokens)
+        if loss_cfg.sft_coef > 0 and batch.sft is not None:
+            gold_logprobs, gold_mask = response_logprobs(model.actor, batch.sft)
+            sft = sft_loss(gold_logprobs, gold_mask, normaliser=batch.sft_normaliser)
+            loss = loss + loss_cfg.sft_coef * sft
+            metrics["sft_loss"] = sft.item()
+        if first:  # statistics of pi_old that no pass of the step source measured
+            mismatch = (batch.rollout.logprobs - old_logprobs).abs()
+            metrics["logprob_mismatch"] = masked_mean(mismatch, mask).item() * share
+            if batch.ref_logprobs is not None:
+                kl = kl_penalty(old_logprobs, batch.ref_logprobs, cfg.kl.kind)
+                sequence_kl = masked_sum(kl, batch.rollout.response_mask, dim=-1)
+                metrics["kl"] = sequence_kl.mean().item() * batch.sequence_share
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole RL run: what every RL recipe's main does, given its trained module and hooks.
+
+
+def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn.Module], ActorCritic],
+             step_rewards: Callable[[Task | None, PreTrainedTokenizerBase], StepRewardsHook | None] = (
+                 lambda task, tokenizer: None),
+             summary: Callable[[RLStepSource], dict[str, Any]] = lambda source: {},
+             rewards: WeightedRewards | None = None) -> RunResult:
+    """Load, prepare, sample and train: `build_model(actor)` is the trained module (the recipe's critic),
+    `step_rewards(task, tokenizer)` the process-supervision hook, `summary(source)` the recipe's own summary keys;
+    `rewards` replaces the ones built from cfg.reward."""
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    if cfg.adapter.method == "prefix":  # its virtual tokens do not fit a block-diagonal mask
+        cfg = dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, padding_free=False))
+    tokenizer, actor = load_tokenizer_and_model(cfg.model)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS[stage], mask_dtype=actor.dtype)
+    task = resolve_task(cfg)
+    rewards = rewards if rewards is not None else build_rewards(cfg.reward, task)
+    hook = step_rewards(task, tokenizer)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage=stage)
+
+    before = heldout_accuracy(actor, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    reference = build_reference(cfg.kl.coef, cfg.adapter, actor)
+    actor = apply_adapter(actor, cfg.adapter)
+    reference = adapter_reference(reference, cfg.kl.coef, actor)
+    model = build_model(actor)
+    gold = GoldAnswers(tokenizer, cfg.data) if cfg.loss.sft_coef > 0 else None
+    source = RLStepSource(cfg, prepared, make_engine(cfg.sampling.engine, actor, tokenizer), model, rewards,
+                          task=task, reference=reference, step_rewards=hook, gold=gold, samples=run_dir.samples)
+    trainer = Trainer(stage=stage, cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
+                      model=model)
+    result = trainer.fit(source, rl_loss_fn(cfg, cfg.sampling.max_new_tokens),
+                         accuracy_evaluator(actor, tokenizer, cfg.data, cfg.eval, run_dir.samples),
+                         progress_keys=("reward", "kl", "accuracy", "eval_accuracy"))
+    if result.interrupted:
+        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
+
+    final_dir = save_trained(actor, tokenizer, run_dir.final, cfg.adapter)
+    last = result.last
+    keys = ("score", "reward", "accuracy", "kl", "beta", "value_explained_variance", "entropy", "completion_length")
+    summary = {"advantage": cfg.advantage.estimator, "samples_per_prompt": cfg.sampling.samples_per_prompt,
+               **summary(source), "trainable_parameters": count_parameters(model, trainable_only=True),
+               "steps": result.step, "rounds": source.prompts.rounds, "trained_tokens": result.tokens,
+               "seconds": result.seconds, **{k: last[k] for k in keys if k in last},
+               **accuracy_summary(before, last, cfg.eval)}
+    write_training_report(run_dir, title, summary)
+    return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
