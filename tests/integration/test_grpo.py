@@ -5,6 +5,7 @@ the token-mean loss is invariant to micro-batching, and a run writes a complete 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import zlib
@@ -20,8 +21,10 @@ from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.tasks import get_task
 from posttrain.models import build_model, save_pretrained
+from posttrain.models.value import ActorCritic
 from posttrain.recipes import find_recipe
-from posttrain.recipes.grpo import GRPOConfig, GRPOStepSource, grpo_loss_fn, main
+from posttrain.recipes.grpo import GRPOConfig, ProcessRewards, main
+from posttrain.recipes.rl_loop import RLStepSource, rl_loss_fn, rollout_forward
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rewards.steps import verifier_step_scorer
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
@@ -53,12 +56,17 @@ TEXT_REWARD = WeightedRewards({"text": (lambda batch: [text_score(t) for t in ba
 
 
 def make_source(model, tokenizer, *overrides: str, rewards=TEXT_REWARD, engine=None, source="arith", size=16,
-                **kwargs) -> GRPOStepSource:
+                **kwargs) -> RLStepSource:
     cfg = load_config(GRPOConfig, None, ["model.path=unused", "train.batch_size=16", "train.micro_batch_size=16",
-                                         "sampling.group_size=4", "sampling.max_new_tokens=6", *overrides])
+                                         "sampling.samples_per_prompt=4", "sampling.max_new_tokens=6", *overrides])
     prepared = prepare_data(DataConfig(source=source, size=size), tokenizer, accepts=STAGE_FORMATS["grpo"])
-    return GRPOStepSource(cfg, prepared, engine or make_engine("local", model, tokenizer), tokenizer, rewards,
-                          **kwargs)
+    return RLStepSource(cfg, prepared, engine or make_engine("local", model, tokenizer), policy(model), rewards,
+                        **kwargs)
+
+
+def policy(model) -> ActorCritic:
+    """The module GRPO trains: the policy alone, no critic."""
+    return ActorCritic(model, values=False)
 
 
 def eos_bias(model, bias: float):
@@ -75,15 +83,15 @@ def eos_bias(model, bias: float):
 def gradient(model, step, loss_fn) -> torch.Tensor:
     model.zero_grad()
     for micro_batch in step.micro_batches:
-        loss, _ = loss_fn(model, micro_batch, step.normaliser)
+        loss, _ = loss_fn(policy(model), micro_batch, step.normaliser)
         loss.backward()
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
 def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one(lm_dir, tmp_path):
     result = main(grpo_config(lm_dir, tmp_path, "train.max_steps=3", "train.batch_size=16", "train.micro_batch_size=8",
-                              "sampling.group_size=4", "sampling.max_new_tokens=6", "loss.beta=0.1",
-                              "loss.num_iterations=2", "optim.lr=1e-2", "eval_before=true",
+                              "sampling.samples_per_prompt=4", "sampling.max_new_tokens=6", "kl.coef=0.1",
+                              "update.epochs=2", "optim.lr=1e-2", "eval_before=true",
                               "reward.functions.correct=1.0", "reward.functions.format=0.5"))
     metrics = read_metrics(result.run_dir / "metrics.jsonl")
     first, second, third = metrics
@@ -91,8 +99,10 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one(lm_dir, t
     assert first["ratio"] == 1.0 and first["clip_fraction"] == 0.0 and first["approx_kl"] == 0.0
     assert_close(torch.tensor(first["kl"]), torch.tensor(0.0))
     assert first["logprob_mismatch"] < 1e-5
-    # Step 2 reuses the batch after one update: the ratio moved; step 3 samples a new batch.
-    assert second["iteration"] == 2 and second["generation_s"] == 0.0 and "logprob_mismatch" not in second
+    # Step 2 reuses the batch after one update: the ratio moved; step 3 samples a new batch. The round's
+    # statistics (pi_old's KL and its mismatch with the sampler) are measured once and reported with both steps.
+    assert second["epoch"] == 2 and second["generation_s"] == 0.0
+    assert second["logprob_mismatch"] == first["logprob_mismatch"] and second["kl"] == first["kl"]
     assert second["approx_kl"] > 0 and second["ratio"] != 1.0
     assert "logprob_mismatch" in third and third["kl"] > 0
     for key in ("reward", "reward_std", "reward_correct", "reward_format_std", "accuracy", "completion_length",
@@ -114,7 +124,7 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one(lm_dir, t
 def test_sampler_and_trainer_logprobs_agree(tiny_model, tokenizer, temperature):
     source = make_source(tiny_model, tokenizer, f"sampling.temperature={temperature}")
     step = source.next_step()
-    _, metrics = grpo_loss_fn(source.cfg.loss, 6)(tiny_model, step.micro_batches[0], step.normaliser)
+    _, metrics = rl_loss_fn(source.cfg, 6)(policy(tiny_model), step.micro_batches[0], step.normaliser)
     assert metrics["logprob_mismatch"] < 1e-5 and metrics["ratio"] == 1.0
 
 
@@ -126,13 +136,14 @@ def test_a_group_with_equal_rewards_contributes_no_gradient(tiny_model, tokenize
     source = make_source(tiny_model, tokenizer, rewards=WeightedRewards({"r": (reward, 1.0)}))
     step = source.next_step()
     [batch] = step.micro_batches
-    equal = batch["group_ids"] == 0
-    assert_close(batch["advantages"][equal], torch.zeros_like(batch["advantages"][equal]))
+    equal = batch.rollout.prompt_index == 0
+    assert_close(batch.advantages[equal], torch.zeros_like(batch.advantages[equal]))
 
     def only(rows):
-        return dataclasses.replace(step, micro_batches=[{**batch, "loss_mask": batch["loss_mask"] * rows.unsqueeze(1)}])
+        return dataclasses.replace(step, micro_batches=[dataclasses.replace(batch,
+                                                                            loss_mask=batch.loss_mask * rows[:, None])])
 
-    loss_fn = grpo_loss_fn(source.cfg.loss, 6)
+    loss_fn = rl_loss_fn(source.cfg, 6)
     assert torch.count_nonzero(gradient(tiny_model, only(equal), loss_fn)) == 0
     assert_close(gradient(tiny_model, only(~equal), loss_fn), gradient(tiny_model, step, loss_fn))
     assert torch.count_nonzero(gradient(tiny_model, step, loss_fn)) > 0
@@ -147,11 +158,11 @@ def test_equal_reward_groups_have_zero_advantage_and_can_be_skipped(tiny_model, 
     full = make_source(tiny_model, tokenizer, rewards=rewards).next_step()
     skipped = make_source(tiny_model, tokenizer, "advantage.skip_zero_variance=true", rewards=rewards).next_step()
     zero_share = full.metrics["zero_variance_groups"]
-    kept_rows = sum(len(b["rows"]) for b in skipped.micro_batches)
+    kept_rows = sum(len(b.rows) for b in skipped.micro_batches)
     assert kept_rows == round(16 * (1 - zero_share))
     for batch in skipped.micro_batches:
-        assert bool((batch["advantages"] != 0).any(dim=1).all())
-    assert skipped.normaliser == sum(float(b["loss_mask"].sum()) for b in skipped.micro_batches)
+        assert bool((batch.advantages != 0).any(dim=1).all())
+    assert skipped.normaliser == sum(float(b.loss_mask.sum()) for b in skipped.micro_batches)
 
     constant = WeightedRewards({"r": (lambda batch: [0.5] * len(batch), 1.0)})
     nothing = make_source(tiny_model, tokenizer, "advantage.skip_zero_variance=true", rewards=constant).next_step()
@@ -161,18 +172,17 @@ def test_equal_reward_groups_have_zero_advantage_and_can_be_skipped(tiny_model, 
 def test_rewards_and_advantages_stay_with_their_completion_after_reordering(tiny_model, tokenizer):
     source = make_source(tiny_model, tokenizer, "train.micro_batch_size=4", "sampling.max_new_tokens=8")
     step = source.next_step()
-    rows = torch.cat([b["rows"] for b in step.micro_batches])
+    rows = torch.cat([b.rows for b in step.micro_batches])
     assert sorted(rows.tolist()) == list(range(16)) and rows.tolist() != list(range(16))  # reordered
-    texts = [t for b in step.micro_batches for t in b["rollout"].texts]
-    groups = torch.cat([b["group_ids"] for b in step.micro_batches])
+    texts = [t for b in step.micro_batches for t in b.rollout.texts]
+    groups = torch.cat([b.rollout.prompt_index for b in step.micro_batches])
+    assert_close(groups, source.last.rollout.prompt_index[rows])
     rewards = torch.tensor([text_score(t) for t in texts], dtype=torch.float64)
     expected = group_advantages(rewards, groups)  # recomputed from the shuffled order: grouped by id, not position
     for batch, want in zip(step.micro_batches, expected.split(4), strict=True):
-        assert_close(batch["rewards"], torch.tensor([text_score(t) for t in batch["rollout"].texts],
-                                                    dtype=torch.float64))
-        mask = batch["rollout"].response_mask.bool()
-        assert_close(batch["advantages"], (want.unsqueeze(1) * mask).to(torch.float32))
-        assert_close(batch["group_ids"], batch["rollout"].prompt_index)
+        assert_close(batch.scores, torch.tensor([text_score(t) for t in batch.rollout.texts], dtype=torch.float64))
+        mask = batch.rollout.response_mask.bool()
+        assert_close(batch.advantages, (want.unsqueeze(1) * mask).to(torch.float32))
 
 
 def test_truncated_completions_are_flagged_masked_on_request_and_eos_is_trained(tiny_model, tokenizer, tmp_path):
@@ -183,18 +193,18 @@ def test_truncated_completions_are_flagged_masked_on_request_and_eos_is_trained(
             source = make_source(tiny_model, tokenizer, f"loss.mask_truncated={mask_truncated}",
                                  "sampling.max_new_tokens=4", samples=samples)
             batch = source.next_step().micro_batches[0]
-            rollout = batch["rollout"]
+            rollout = batch.rollout
             truncated = rollout.truncated
             assert 0 < int(truncated.sum()) < len(truncated)
             assert [json.loads(line)["truncated"] for line in samples.read_text().splitlines()] == [
-                r == "length" for r in source.last_rollout.finish_reasons]
+                r == "length" for r in source.last.rollout.finish_reasons]
             lengths = rollout.completion_lengths
             for row in range(len(truncated)):
                 if rollout.finish_reasons[row] == "eos":  # EOS is the last trained token
                     last = int(lengths[row]) - 1
                     assert int(rollout.completion_ids[row, last]) == tokenizer.eos_token_id
-                    assert batch["loss_mask"][row, last] == 1 and batch["loss_mask"][row, last + 1:].sum() == 0
-            kept = batch["loss_mask"].sum(dim=1) > 0
+                    assert batch.loss_mask[row, last] == 1 and batch.loss_mask[row, last + 1:].sum() == 0
+            kept = batch.loss_mask.sum(dim=1) > 0
             assert bool((kept == ~truncated).all()) if mask_truncated else bool(kept.all())
     finally:
         handle.remove()
@@ -241,9 +251,9 @@ def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer
     rewards = WeightedRewards.from_config({"correct": 1.0}, task=task)
     source = make_source(tiny_model, tokenizer, "train.batch_size=8", "advantage.supervision=process",
                          engine=TextEngine(tokenizer, completions), rewards=rewards, source="multistep", size=2,
-                         step_scorer=verifier_step_scorer(task))
+                         step_rewards=ProcessRewards(verifier_step_scorer(task), tokenizer))
     step = source.next_step()
-    rollout = source.last_rollout
+    rollout = source.last.rollout
     # Independently: a step ends at its newline token; the outcome reward is one more step at the last token.
     newline = tokenizer.convert_tokens_to_ids("Ċ")
     step_rewards, step_ends = [], []
@@ -264,7 +274,7 @@ def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer
                                   pad(step_ends, 0), rollout.prompt_index, rollout.response_mask)
     assert expected.abs().sum() > 0
     for batch in step.micro_batches:
-        assert_close(batch["advantages"], expected[batch["rows"], :batch["advantages"].shape[1]].float())
+        assert_close(batch.advantages, expected[batch.rows, :batch.advantages.shape[1]].float())
 
 
 def test_the_token_mean_loss_is_invariant_to_micro_batching(tiny_model, tokenizer):
@@ -275,10 +285,10 @@ def test_the_token_mean_loss_is_invariant_to_micro_batching(tiny_model, tokenize
             parameter.add_(torch.randn_like(parameter) * 1e-2)
     grads = []
     for micro in (16, 5):
-        source = make_source(model, tokenizer, f"train.micro_batch_size={micro}", "loss.beta=0.2",
+        source = make_source(model, tokenizer, f"train.micro_batch_size={micro}", "kl.coef=0.2",
                              "loss.agg=token-mean", reference=reference)
         step = source.next_step()
-        grads.append(gradient(model, step, grpo_loss_fn(source.cfg.loss, 6)))
+        grads.append(gradient(model, step, rl_loss_fn(source.cfg, 6)))
     assert_close(grads[1], grads[0])  # 16 rows in one micro-batch, or in micro-batches of 5, 5, 5 and 1
 
 
@@ -289,17 +299,41 @@ def test_padding_free_and_padded_forwards_give_the_same_loss_gradient(tiny_model
     with torch.no_grad():  # off the reference, so the KL term has a gradient too
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 1e-2)
-    source = make_source(model, tokenizer, "train.micro_batch_size=6", "loss.beta=0.2", reference=reference)
+    source = make_source(model, tokenizer, "train.micro_batch_size=6", "kl.coef=0.2", reference=reference)
     handle = eos_bias(model, 4.0)  # some completions end in EOS, the others run into max_new_tokens
     try:
         step = source.next_step()
     finally:
         handle.remove()
-    assert 0 < sum(r == "eos" for r in source.last_rollout.finish_reasons) < 16
+    assert 0 < sum(r == "eos" for r in source.last.rollout.finish_reasons) < 16
     grads = []
     for padding_free in (True, False):
-        cfg = dataclasses.replace(source.cfg.loss, padding_free=padding_free, padding_free_capacity=capacity)
-        fresh = dataclasses.replace(step, micro_batches=[dict(b) for b in step.micro_batches])  # no stored old logprobs
-        grads.append(gradient(model, fresh, grpo_loss_fn(cfg, 6)))
+        update = dataclasses.replace(source.cfg.update, padding_free=padding_free, padding_free_capacity=capacity)
+        grads.append(gradient(model, step, rl_loss_fn(dataclasses.replace(source.cfg, update=update), 6)))
     assert grads[0].abs().sum() > 0
     assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_two_updates_per_round_do_not_depend_on_the_step_batch_object(tiny_model, tokenizer):
+    """update.epochs=2 (GRPO's num_iterations): pi_old comes from the step source, before the first update, so the
+    second step's loss is the same whether its micro-batches are the objects the source made or copies of them, and
+    the loss only reads them."""
+    model = tiny_model.double()
+    source = make_source(model, tokenizer, "update.epochs=2", "train.micro_batch_size=6")
+    first, second = source.next_step(), source.next_step()
+    for batch in second.micro_batches:  # pi_old: the policy that sampled, before any update
+        assert torch.equal(batch.old_logprobs, rollout_forward(policy(model), batch.rollout)[0].detach())
+    untouched = copy.deepcopy(second)
+    loss_fn = rl_loss_fn(source.cfg, 6)
+    update = gradient(model, first, loss_fn).split([p.numel() for p in model.parameters()])
+    with torch.no_grad():  # the first step's update
+        for parameter, grad in zip(model.parameters(), update, strict=True):
+            parameter.sub_(10.0 * grad.view_as(parameter))
+    same, rebuilt = gradient(model, second, loss_fn), gradient(model, copy.deepcopy(second), loss_fn)
+    assert same.abs().sum() > 0
+    assert torch.equal(same, rebuilt)
+    _, metrics = loss_fn(policy(model), second.micro_batches[0], second.normaliser)
+    assert metrics["approx_kl"] > 0  # the update moved the policy away from pi_old
+    for batch, copied in zip(second.micro_batches, untouched.micro_batches, strict=True):
+        for field in ("loss_mask", "advantages", "old_logprobs", "scores", "rows"):
+            assert torch.equal(getattr(batch, field), getattr(copied, field)), field

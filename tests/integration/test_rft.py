@@ -18,15 +18,15 @@ from posttrain.data.pipeline import prepare_data
 from posttrain.models import build_model, count_parameters, load_causal_lm, save_pretrained
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
-from posttrain.recipes.ppo import PPOStepSource, ppo_loss_fn, rollout_forward
 from posttrain.recipes.rft import RFTConfig, main
 from posttrain.recipes.rl import GoldAnswers, build_rewards
+from posttrain.recipes.rl_loop import RLStepSource, rl_loss_fn, rollout_forward
 from posttrain.rollout import make_engine
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
 
 FAST = ["run.progress=false", "train.save_every=0", "eval.problems=4", "eval.max_new_tokens=4", "eval_before=false",
-        "data.size=32", "sampling.max_new_tokens=6", "ppo.rollout_batch_size=16", "train.batch_size=8",
+        "data.size=32", "sampling.max_new_tokens=6", "update.rollout_batch_size=16", "train.batch_size=8",
         "train.micro_batch_size=8"]
 
 
@@ -41,32 +41,31 @@ def rft_config(*overrides: str) -> RFTConfig:
 
 
 def rft_source(cfg: RFTConfig, model: ActorCritic, tokenizer, reference: Reference | None = None,
-               gold: bool = False) -> PPOStepSource:
+               gold: bool = False) -> RLStepSource:
     prepared = prepare_data(DataConfig(source="arith", size=16), tokenizer, accepts=STAGE_FORMATS["ppo"])
-    return PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
-                         make_engine("local", model.actor, tokenizer), model, build_rewards(cfg.reward, None),
-                         reference=reference, gold=GoldAnswers(tokenizer, cfg.data) if gold else None)
+    return RLStepSource(cfg, prepared, make_engine("local", model.actor, tokenizer), model,
+                        build_rewards(cfg.reward, None), reference=reference,
+                        gold=GoldAnswers(tokenizer, cfg.data) if gold else None)
 
 
 def test_rft_scores_with_the_grader_and_its_value_loss_is_algos_value_loss(lm_dir, tokenizer):
-    cfg = rft_config(f"model.path={lm_dir}", "ppo.kl_coef=0", "ppo.vf_coef=1", "ppo.value_clip=0.05")
+    cfg = rft_config(f"model.path={lm_dir}", "kl.coef=0", "loss.vf_coef=1", "loss.value_clip=0.05")
     critic = build_value_model(lm_dir, "policy")
     with torch.no_grad():
         critic.score.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     model = ActorCritic(load_causal_lm(lm_dir), critic)
     prepared = prepare_data(DataConfig(source="arith", size=16), tokenizer, accepts=STAGE_FORMATS["ppo"])
     rewards = build_rewards(cfg.reward, None)
-    source = PPOStepSource(cfg.ppo, cfg.sampling, cfg.train, cfg.run.seed, prepared,
-                           make_engine("local", model.actor, tokenizer), model, rewards)
+    source = RLStepSource(cfg, prepared, make_engine("local", model.actor, tokenizer), model, rewards)
     step = source.next_step()
     assert {"reward_grader.exact", "reward_grader.close", "reward_grader.errors"} <= set(step.metrics)
     micro = step.micro_batches[0]
     with torch.no_grad():
         critic.score.weight.add_(0.3)  # the critic moved since the rollout: the clip matters
-    _, _, values = rollout_forward(model, micro["rollout"])
-    expected = value_loss(values.detach(), micro["values"], micro["returns"], micro["mask"], clip=0.05,
+    _, _, values = rollout_forward(model, micro.rollout)
+    expected = value_loss(values.detach(), micro.old_values, micro.returns, micro.loss_mask, clip=0.05,
                           normaliser=step.normaliser)
-    _, metrics = ppo_loss_fn(cfg.ppo, cfg.sampling.max_new_tokens)(model, micro, step.normaliser)
+    _, metrics = rl_loss_fn(cfg, cfg.sampling.max_new_tokens)(model, micro, step.normaliser)
     assert metrics["value_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
     assert expected.clip_fraction.item() > 0
 
@@ -99,8 +98,8 @@ def test_critic_free_advantages_are_group_baselines_of_score_minus_beta_kl(lm_di
     with torch.no_grad():  # a reference that differs from the policy, so the KL term is not 0
         for parameter in reference.model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
-    cfg = rft_config(f"model.path={lm_dir}", f"ppo.advantage={estimator}", "sampling.samples_per_prompt=4",
-                     "ppo.kl_coef=0.2")
+    cfg = rft_config(f"model.path={lm_dir}", f"advantage.estimator={estimator}", "advantage.whiten=false",
+                     "sampling.samples_per_prompt=4", "kl.coef=0.2")
     source = rft_source(cfg, model, tokenizer, reference=reference)
     step = source.next_step()
     batch, mask = source.last, source.last.rollout.response_mask
@@ -109,7 +108,7 @@ def test_critic_free_advantages_are_group_baselines_of_score_minus_beta_kl(lm_di
     expected = by_hand_baselines(sequence, batch.rollout.prompt_index, estimator)
     assert_close(batch.advantages.double(), expected.unsqueeze(1) * mask, rtol=1e-5, atol=1e-6)
     # The loss is the clipped surrogate alone: no value term.
-    loss, metrics = ppo_loss_fn(cfg.ppo, cfg.sampling.max_new_tokens)(model, step.micro_batches[0], step.normaliser)
+    loss, metrics = rl_loss_fn(cfg, cfg.sampling.max_new_tokens)(model, step.micro_batches[0], step.normaliser)
     assert "value_loss" not in metrics and loss.item() == metrics["pg_loss"]
 
 
@@ -118,8 +117,8 @@ def test_a_critic_free_run_builds_no_critic(lm_dir, tmp_path, monkeypatch):
         raise AssertionError("a critic was built")
 
     monkeypatch.setattr("posttrain.recipes.ppo.build_value_model", no_critic)
-    result = main(rft_config(f"model.path={lm_dir}", f"run.out_dir={tmp_path}", "train.max_steps=1", "ppo.epochs=1",
-                             "ppo.advantage=rloo", "sampling.samples_per_prompt=4"))
+    result = main(rft_config(f"model.path={lm_dir}", f"run.out_dir={tmp_path}", "train.max_steps=1", "update.epochs=1",
+                             "advantage.estimator=rloo", "sampling.samples_per_prompt=4"))
     assert result.summary["critic"] == "none"
     assert result.summary["trainable_parameters"] == count_parameters(load_causal_lm(lm_dir))
     [record] = read_metrics(result.run_dir / "metrics.jsonl")
@@ -128,21 +127,21 @@ def test_a_critic_free_run_builds_no_critic(lm_dir, tmp_path, monkeypatch):
 
 def test_the_sft_blend_adds_alpha_times_the_gold_answers_token_mean_nll(lm_dir, tokenizer):
     model = ActorCritic(load_causal_lm(lm_dir), build_value_model(lm_dir, "policy"))
-    cfg = rft_config(f"model.path={lm_dir}", "ppo.sft_coef=0.5", "sampling.samples_per_prompt=2",
+    cfg = rft_config(f"model.path={lm_dir}", "loss.sft_coef=0.5", "sampling.samples_per_prompt=2",
                      "train.micro_batch_size=3")
     source = rft_source(cfg, model, tokenizer, gold=True)
     step = source.next_step()
-    blended_fn = ppo_loss_fn(cfg.ppo, cfg.sampling.max_new_tokens)
-    plain_fn = ppo_loss_fn(dataclasses.replace(cfg.ppo, sft_coef=0.0), cfg.sampling.max_new_tokens)
+    blended_fn = rl_loss_fn(cfg, cfg.sampling.max_new_tokens)
+    plain_fn = rl_loss_fn(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, sft_coef=0.0)),
+                          cfg.sampling.max_new_tokens)
     difference, prompts = 0.0, set()
     for micro in step.micro_batches:  # 8 completions (2 per prompt) in micro-batches of 3, 3 and 2
         blended, _ = blended_fn(model, micro, step.normaliser)
         plain, _ = plain_fn(model, micro, step.normaliser)
-        without_gold, _ = plain_fn(model, {k: v for k, v in micro.items() if not k.startswith("sft")},
-                                   step.normaliser)
+        without_gold, _ = plain_fn(model, dataclasses.replace(micro, sft=None), step.normaliser)
         assert torch.equal(plain, without_gold)  # alpha = 0: the loss of before
         difference += (blended - plain).item()
-        prompts |= set(micro["rollout"].prompt_index.tolist())
+        prompts |= set(micro.rollout.prompt_index.tolist())
     # Independently: after the exact prompt tokens the policy samples from, the answer's tokens and EOS.
     nll, tokens = 0.0, 0
     for prompt in prompts:
