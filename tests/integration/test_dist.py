@@ -8,12 +8,15 @@ computed here, in the pytest process:
 - FSDP2: the same optimizer steps, with sharded parameters, gradients and optimizer state;
 - a sharded (DCP) checkpoint saved at step 2 and resumed gives bitwise the parameters of an
   uninterrupted 4-step run;
-- GRPO group statistics with each rank holding half the groups equal the single-batch ones.
+- the RL stages (PPO with a critic, RFT with a grader, critic-free baselines and the SFT blend, GRPO with
+  batch statistics and skipped groups) give the losses and weights of one process: every rank samples its
+  share of a round's prompts, and advantages, shuffles and normalisers are those of the whole round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import socket
 from pathlib import Path
@@ -23,10 +26,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from posttrain.algos import group_advantages
 from posttrain.config import OptimConfig, RunConfig, param, section
 from posttrain.models.io import load_causal_lm, save_pretrained
 from posttrain.recipes.sft import sft_loss_fn
+from posttrain.rewards.functions import register_reward_function
+from posttrain.rollout import Rollout, RolloutEngine
+from posttrain.rollout.forward import left_pad
 from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.run_dir import prepare_run_dir
 from posttrain.train.sources import ShuffledStepSource
@@ -100,19 +105,84 @@ def _train(model_dir: Path, out: Path, name: str, *, steps: int, parallel: str =
     return grads, {n: _full(p) for n, p in model.named_parameters()}
 
 
-def _grpo_statistics(rank: int, world: int) -> dict[str, torch.Tensor]:
-    from posttrain.train.dist import outcome_advantages
+class PromptEngine(RolloutEngine):
+    """Completions that depend on the prompt alone (not on the rank, the batch or a random stream), so that
+    2 ranks and 1 process train on the same round: a number per sample, the same for every sample of about
+    half the prompts (equal-reward groups), each ending in EOS."""
 
-    rewards, groups = _grpo_batch()
-    share = len(rewards) // world
-    mine = slice(rank * share, (rank + 1) * share)
-    return {scale: outcome_advantages(rewards[mine], groups[mine], scale, eps=1e-6) for scale in ("group", "batch")}
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def update_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompts, params, generator=None) -> Rollout:
+        tok = self.tokenizer
+        rows = []
+        for i, prompt in enumerate(prompts):
+            base = sum(prompt) * 7
+            for j in range(params.n):
+                text = str((base + (0 if base % 2 else 13 * j)) % 100)
+                rows.append((list(prompt), i, tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                             text))
+        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id)
+        width = max(len(r[2]) for r in rows)
+        completion_ids = torch.full((len(rows), width), tok.pad_token_id)
+        response_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, (_, _, ids, _) in enumerate(rows):
+            completion_ids[row, :len(ids)], response_mask[row, :len(ids)] = torch.tensor(ids), 1
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                       response_mask=response_mask, logprobs=torch.zeros(len(rows), width),
+                       finish_reasons=["eos"] * len(rows), texts=[r[3] for r in rows],
+                       prompt_index=torch.tensor([r[1] for r in rows]), temperature=1.0)
 
 
-def _grpo_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """4 groups of 4 completions; each rank holds 2 whole groups (local group ids restart at 0)."""
-    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 1.0, 0.2, 0.9, 0.9, 0.4, 1.0, 1.0, 1.0, 1.0])
-    return rewards, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1])
+@register_reward_function("dist_residue")
+def _residue(batch) -> list[float]:
+    return [float(int(text) % 3 == 0) for text in batch.completions]
+
+
+# Adam's eps as large as the gradients makes each update proportional to its gradient, so the ranks' other order of
+# summation stays rounding in the weights too; with the default eps a near-zero gradient whose sign rounds the other
+# way moves its weight by a whole step the other way.
+_RL_COMMON = ["run.progress=false", "train.save_every=0", "eval.problems=2", "eval.samples=0", "eval.max_new_tokens=4",
+              "eval_before=false", "data.size=32", "sampling.max_new_tokens=6", "optim.lr=0.1", "optim.eps=1.0"]
+RL_RUNS = {
+    # A separate critic, GAE, whitening, KL in the reward (2 rounds: the second's pi_old is off the reference),
+    # 2 epochs x 2 minibatches (one shuffle over both ranks' rows), micro-batches cut by a token budget.
+    "ppo": ("ppo", ["update.rollout_batch_size=16", "train.batch_size=8", "train.micro_batch_size=4",
+                    "update.epochs=2", "train.max_steps=8", "kl.coef=0.1", "update.micro_batch_tokens=60",
+                    "reward.functions={dist_residue: 1.0}"]),
+    # The arith-partial grader (sandboxed), RLOO over 2 samples per prompt, the SFT blend on the gold answers.
+    "rft": ("rft", ["update.rollout_batch_size=16", "train.batch_size=8", "train.micro_batch_size=4",
+                    "train.max_steps=4", "advantage.estimator=rloo", "sampling.samples_per_prompt=2",
+                    "loss.sft_coef=0.5", "kl.coef=0.05"]),
+    # The batch std over both ranks' rewards, equal-reward groups left out (ranks keep different row counts),
+    # KL in the loss, one update per round (no pi_old pass).
+    "grpo": ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "train.micro_batch_size=4",
+                      "train.max_steps=2", "advantage.estimator=grpo_batch_std", "advantage.skip_zero_variance=true",
+                      "kl.coef=0.1", "reward.functions={dist_residue: 1.0}"]),
+}
+RL_KEYS = ("loss", "pg_loss", "value_loss", "sft_loss", "kl", "reward", "entropy", "ratio", "clip_fraction",
+           "grad_norm")
+
+
+def _rl_run(stage: str, model_dir: Path, out: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """One RL stage's run with `PromptEngine`: its metrics and its final policy weights (rank 0's files)."""
+    from posttrain.config import load_config
+    from posttrain.recipes import STAGES, config_class, rl_loop
+    from posttrain.train.metrics import read_metrics
+
+    recipe, overrides = RL_RUNS[stage]
+    cfg = load_config(config_class(recipe), None, [f"model.path={model_dir}", f"run.out_dir={out}",
+                                                   f"run.name={stage}", *_RL_COMMON, *overrides])
+    make_engine = rl_loop.make_engine
+    rl_loop.make_engine = lambda name, model, tokenizer: PromptEngine(tokenizer)
+    try:
+        result = importlib.import_module(STAGES[recipe][0]).main(cfg)
+    finally:
+        rl_loop.make_engine = make_engine
+    return read_metrics(result.run_dir / "metrics.jsonl"), load_file(str(result.final_dir / "model.safetensors"))
 
 
 def _worker(rank: int, world: int, port: int, work: str) -> None:
@@ -135,7 +205,12 @@ def _worker(rank: int, world: int, port: int, work: str) -> None:
     _, resumed = _train(work_dir / "model", out, "resumed", steps=4, parallel="fsdp", resume=True)
     results.update({f"straight.{k}": v for k, v in straight.items()})
     results.update({f"resumed.{k}": v for k, v in resumed.items()})
-    results.update({f"grpo.{k}": v for k, v in _grpo_statistics(rank, world).items()})
+    for stage in RL_RUNS:
+        metrics, weights = _rl_run(stage, work_dir / "model", out)
+        if rank == 0:
+            results.update({f"{stage}.weight.{k}": v for k, v in weights.items()})
+            results.update({f"{stage}.metric.{key}": torch.tensor([m[key] for m in metrics], dtype=torch.float64)
+                            for key in RL_KEYS if all(key in m for m in metrics)})
     save_file({k: v.contiguous() for k, v in results.items()}, str(work_dir / f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
@@ -198,15 +273,22 @@ def test_sharded_checkpoint_resume_is_bitwise(two_ranks):
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == [1, 2, 3, 4]
 
 
-def test_grpo_group_statistics_across_ranks(two_ranks):
-    """Each rank holds whole groups: group-scaled advantages stay local, the batch std is global."""
-    _, ranks = two_ranks
-    rewards, groups = _grpo_batch()
-    global_groups = groups + torch.arange(len(groups)) // 8 * 2  # rank 1's groups are 2 and 3
-    for scale in ("group", "batch"):
-        expected = group_advantages(rewards, global_groups, scale=scale, eps=1e-6)
-        got = torch.cat([ranks[r][f"grpo.{scale}"] for r in range(WORLD)])
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
-    # By hand, group 0 = [1, 0, 0.5, 1]: mean 0.625, unbiased std 0.478714; batch std over all 16 rewards.
-    assert ranks[0]["grpo.group"][0].item() == pytest.approx(0.375 / (0.4787135538781691 + 1e-6), rel=1e-6)
-    assert ranks[0]["grpo.batch"][0].item() == pytest.approx(0.375 / (rewards.std().item() + 1e-6), rel=1e-6)
+def cfg_steps(stage: str) -> int:
+    return next(int(o.split("=")[1]) for o in RL_RUNS[stage][1] if o.startswith("train.max_steps="))
+
+
+@pytest.mark.parametrize("stage", list(RL_RUNS))
+def test_rl_stages_on_two_ranks_match_one_process(two_ranks, stage, tmp_path):
+    work, ranks = two_ranks
+    metrics, weights = _rl_run(stage, work / "model", tmp_path)
+    two = ranks[0]
+    compared = [key for key in RL_KEYS if f"{stage}.metric.{key}" in two]
+    assert {"loss", "pg_loss", "reward", "grad_norm"} <= set(compared)
+    for key in compared:  # fp32 sums of O(1) per-token terms in another order: rounding of ~1e-7 per term
+        expected = torch.tensor([m[key] for m in metrics], dtype=torch.float64)
+        torch.testing.assert_close(two[f"{stage}.metric.{key}"], expected, rtol=1e-5, atol=1e-6, msg=key)
+    assert len(metrics) == cfg_steps(stage)
+    for name, value in weights.items():
+        torch.testing.assert_close(two[f"{stage}.weight.{name}"], value, rtol=1e-5, atol=1e-6, msg=name)
+    start = load_file(str(work / "model" / "model.safetensors"))
+    assert any(not torch.equal(start[name], value) for name, value in weights.items() if name in start)
