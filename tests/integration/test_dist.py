@@ -30,8 +30,7 @@ from posttrain.config import OptimConfig, RunConfig, param, section
 from posttrain.models.io import load_causal_lm, save_pretrained
 from posttrain.recipes.sft import sft_loss_fn
 from posttrain.rewards.functions import register_reward_function
-from posttrain.rollout import Rollout, RolloutEngine
-from posttrain.rollout.forward import left_pad
+from posttrain.rollout import Rollout, RolloutEngine, text_rollout
 from posttrain.train.engine import TrainConfig, Trainer
 from posttrain.train.run_dir import prepare_run_dir
 from posttrain.train.sources import ShuffledStepSource
@@ -117,24 +116,11 @@ class PromptEngine(RolloutEngine):
         pass
 
     def generate(self, prompts, params, generator=None) -> Rollout:
-        tok = self.tokenizer
-        rows = []
-        for i, prompt in enumerate(prompts):
+        texts = []
+        for prompt in prompts:
             base = sum(prompt) * 7
-            for j in range(params.n):
-                text = str((base + (0 if base % 2 else 13 * j)) % 100)
-                rows.append((list(prompt), i, tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-                             text))
-        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id)
-        width = max(len(r[2]) for r in rows)
-        completion_ids = torch.full((len(rows), width), tok.pad_token_id)
-        response_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for row, (_, _, ids, _) in enumerate(rows):
-            completion_ids[row, :len(ids)], response_mask[row, :len(ids)] = torch.tensor(ids), 1
-        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                       response_mask=response_mask, logprobs=torch.zeros(len(rows), width),
-                       finish_reasons=["eos"] * len(rows), texts=[r[3] for r in rows],
-                       prompt_index=torch.tensor([r[1] for r in rows]), temperature=1.0)
+            texts.append([str((base + (0 if base % 2 else 13 * j)) % 100) for j in range(params.n)])
+        return text_rollout(prompts, texts, self.tokenizer)
 
 
 @register_reward_function("dist_residue")

@@ -27,8 +27,7 @@ from posttrain.recipes.grpo import GRPOConfig, ProcessRewards, main
 from posttrain.recipes.rl_loop import RLStepSource, rl_loss_fn, rollout_forward
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rewards.steps import verifier_step_scorer
-from posttrain.rollout import Rollout, RolloutEngine, make_engine
-from posttrain.rollout.forward import left_pad
+from posttrain.rollout import Rollout, RolloutEngine, make_engine, text_rollout
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
 
@@ -220,19 +219,7 @@ class TextEngine(RolloutEngine):
         pass
 
     def generate(self, prompts, params, generator=None) -> Rollout:
-        tok = self.tokenizer
-        rows = [(list(p), i, tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], text)
-                for i, p in enumerate(prompts) for text in self.completions[tuple(p)]]
-        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id)
-        width = max(len(r[2]) for r in rows)
-        completion_ids = torch.full((len(rows), width), tok.pad_token_id)
-        response_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for row, (_, _, ids, _) in enumerate(rows):
-            completion_ids[row, :len(ids)], response_mask[row, :len(ids)] = torch.tensor(ids), 1
-        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                       response_mask=response_mask, logprobs=torch.zeros(len(rows), width),
-                       finish_reasons=["eos"] * len(rows), texts=[r[3] for r in rows],
-                       prompt_index=torch.tensor([r[1] for r in rows]), temperature=1.0)
+        return text_rollout(prompts, [self.completions[tuple(p)] for p in prompts], self.tokenizer)
 
 
 def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer):

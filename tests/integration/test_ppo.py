@@ -14,7 +14,16 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from posttrain.algos import gae, kl_penalty, masked_whiten, score_at_last_token
+from posttrain.algos import (
+    ADVANTAGE_ESTIMATORS,
+    Advantages,
+    broadcast_to_tokens,
+    gae,
+    kl_penalty,
+    masked_whiten,
+    register_advantage_estimator,
+    score_at_last_token,
+)
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
@@ -367,3 +376,38 @@ def test_padding_free_and_padded_forwards_give_the_same_outputs_and_loss_gradien
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0
     assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def scores_minus_first_value(inputs, *, gamma, lam, eps):
+    """A user's estimator: the sequence reward minus the critic's value at the first token (None without one)."""
+    scores = (inputs.rewards * inputs.response_mask).sum(-1)
+    baseline = inputs.values[:, 0] if inputs.values is not None else scores.mean()
+    advantages = broadcast_to_tokens(scores - baseline, inputs.response_mask)
+    return Advantages(advantages=advantages, returns=advantages + (inputs.values if inputs.values is not None else 0))
+
+
+@pytest.fixture()
+def registered_estimator():
+    """`scores_minus_first_value` registered as a user would, and taken out again afterwards (the registry is
+    global: other tests list its names)."""
+    register_advantage_estimator("score_minus_first_value")(scores_minus_first_value)
+    yield
+    del ADVANTAGE_ESTIMATORS._entries["score_minus_first_value"]
+
+
+@pytest.mark.parametrize("critic", ["separate", "none"])
+def test_a_registered_advantage_estimator_is_accepted_by_ppo(lm_dir, tokenizer, tmp_path, critic,
+                                                             registered_estimator):
+    settings = ["advantage.estimator=score_minus_first_value", f"critic.kind={critic}", "advantage.whiten=false",
+                "kl.coef=0"]
+    model = actor_critic(lm_dir) if critic == "separate" else ActorCritic(load_causal_lm(lm_dir), values=False)
+    source = make_source(model, tokenizer, *settings)
+    source.next_step()
+    batch, mask = source.last, source.last.rollout.response_mask
+    scores = batch.scores.double()
+    baseline = batch.old_values[:, 0].double() if critic == "separate" else scores.mean()
+    assert_close(batch.advantages.double(), (scores - baseline).unsqueeze(1) * mask, rtol=1e-6, atol=1e-6)
+    assert (batch.old_values is not None) == (critic == "separate")
+    result = main(ppo_config(lm_dir, tmp_path, *settings, "train.max_steps=2", "update.epochs=1"))
+    assert result.summary["advantage"] == "score_minus_first_value" and result.summary["steps"] == 2
+    assert result.summary["critic"] == ("separate" if critic == "separate" else "none")

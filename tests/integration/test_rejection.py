@@ -64,7 +64,7 @@ def test_rejection_run_trains_on_exactly_the_kept_best(pretrained_run, tmp_path)
     overrides = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
                  "run.log_every=1",
                  "train.save_every=0", "data.size=32", "prompts_per_round=6", "rounds=2", "train.max_steps=2",
-                 "train.batch_size=4", "train.micro_batch_size=4", "sampling.group_size=4",
+                 "train.batch_size=4", "train.micro_batch_size=4", "sampling.samples_per_prompt=4",
                  "sampling.max_new_tokens=8", "select.threshold=0", "reward.functions={format: 1.0}",
                  "eval.problems=4", "eval.max_new_tokens=4", "eval_before=false"]
     result = main(load_config(RejectionConfig, find_recipe("rejection").path, overrides))

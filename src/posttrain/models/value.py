@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from posttrain.models.heads import output_head_at
 from posttrain.models.reward import build_reward_model, load_reward_model, trunk_and_head
 
-CRITIC_KINDS = ("separate", "shared")
 CRITIC_INITS = ("policy", "reward_model")
 
 

@@ -15,6 +15,7 @@ from posttrain.rollout.base import (
     RolloutEngine,
     SamplingParams,
     position_ids_from_mask,
+    text_rollout,
 )
 from posttrain.rollout.local import LocalRolloutEngine
 from posttrain.rollout.recompute import logprob_mismatch, policy_logprobs, policy_logprobs_and_entropy
@@ -41,4 +42,4 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
 
 __all__ = ["ENGINES", "FinishReason", "LocalRolloutEngine", "Prompts", "Rollout", "RolloutEngine", "SamplingParams",
            "logprob_mismatch", "make_engine", "policy_logprobs", "policy_logprobs_and_entropy",
-           "position_ids_from_mask"]
+           "position_ids_from_mask", "text_rollout"]

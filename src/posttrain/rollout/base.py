@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -148,6 +148,30 @@ class Rollout:
         """[B] bool: completions cut by max_new_tokens (a recipe may mask them out of the loss)."""
         return torch.tensor([r == "length" for r in self.finish_reasons], dtype=torch.bool,
                             device=self.response_mask.device)
+
+
+def text_rollout(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[str]], tokenizer: Any,
+                 temperature: float = 1.0) -> Rollout:
+    """A Rollout of given completion texts: completions[i] are the texts of prompt i (token ids), each encoded
+    without special tokens and ended with EOS, rows prompt-major as an engine returns them. Sampler logprobs
+    are 0 (nothing sampled them): completions written or sampled elsewhere, scored and trained on like a
+    round's samples."""
+    rows = [(list(prompt), i, tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+             text) for i, (prompt, texts) in enumerate(zip(prompts, completions, strict=True)) for text in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_width, width = max(len(r[0]) for r in rows), max(len(r[2]) for r in rows)
+    prompt_ids = torch.full((len(rows), prompt_width), pad)
+    prompt_mask = torch.zeros(len(rows), prompt_width, dtype=torch.long)
+    completion_ids = torch.full((len(rows), width), pad)
+    response_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for row, (prompt, _, ids, _) in enumerate(rows):
+        prompt_ids[row, prompt_width - len(prompt):], prompt_mask[row, prompt_width - len(prompt):] = (
+            torch.tensor(prompt), 1)
+        completion_ids[row, :len(ids)], response_mask[row, :len(ids)] = torch.tensor(ids), 1
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   response_mask=response_mask, logprobs=torch.zeros(len(rows), width, dtype=torch.float32),
+                   finish_reasons=["eos"] * len(rows), texts=[r[3] for r in rows],
+                   prompt_index=torch.tensor([r[1] for r in rows]), temperature=temperature)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
