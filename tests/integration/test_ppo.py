@@ -22,7 +22,6 @@ from posttrain.algos import (
     kl_penalty,
     masked_whiten,
     register_advantage_estimator,
-    score_at_last_token,
 )
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
@@ -131,19 +130,6 @@ def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenize
     for batch in step.micro_batches:
         logprobs, _, values = rollout_forward(model, batch.rollout, padding_free_capacity=packing(source.cfg.update))
         assert torch.equal(logprobs, batch.old_logprobs) and torch.equal(values, batch.old_values)
-
-
-def test_the_score_lands_on_the_last_real_token_with_left_and_right_padding():
-    scores = torch.tensor([1.5, -2.0, 3.0])
-    right = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
-    left = right.flip(-1)
-    expected_right = torch.tensor([[0, 0, 1.5, 0, 0], [-2.0, 0, 0, 0, 0], [0, 0, 0, 0, 3.0]])
-    assert torch.equal(score_at_last_token(scores, right), expected_right)
-    assert torch.equal(score_at_last_token(scores, left), torch.tensor([[0, 0, 0, 0, 1.5], [0, 0, 0, 0, -2.0],
-                                                                       [0, 0, 0, 0, 3.0]]))
-    holes = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 0, 0], [1, 1, 0, 0, 1]])  # masked positions inside a row
-    assert torch.equal(score_at_last_token(scores, holes), torch.tensor([[0, 0, 1.5, 0, 0], [0, 0, -2.0, 0, 0],
-                                                                        [0, 0, 0, 0, 3.0]]))
 
 
 class PadIsEosEngine(RolloutEngine):

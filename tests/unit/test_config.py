@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.config import OptimConfig, describe, load_config, param
 from posttrain.errors import ConfigError, RunDirError
-from posttrain.recipes import build_config, find_recipe, shipped_recipes
+from posttrain.recipes import build_config, config_class, find_recipe, shipped_recipes
 from posttrain.recipes.pretrain import PretrainConfig
 from posttrain.train.run_dir import prepare_run_dir
 
@@ -145,3 +145,42 @@ def test_mapping_fields_take_nested_yaml_and_dotted_overrides(tmp_path):
 def test_a_scalar_field_has_no_sub_keys():
     with pytest.raises(ConfigError, match=r"name\.first: name is not a section"):
         load_config(WithMapping, None, ["name.first=3"])
+
+
+@pytest.mark.parametrize("cls, old, new, value", [
+    ("ppo", "ppo.kl_coef", "kl.coef", 2), ("ppo", "ppo.clip", "loss.clip_low", 2),
+    ("rft", "ppo.advantage", "advantage.estimator", "rloo"), ("grpo", "loss.beta", "kl.coef", 2),
+    ("grpo", "loss.num_iterations", "update.epochs", 2),
+    ("grpo", "sampling.group_size", "sampling.samples_per_prompt", 2),
+    ("rejection", "sampling.group_size", "sampling.samples_per_prompt", 2)])
+def test_a_renamed_key_names_its_new_name(tmp_path, cls, old, new, value):
+    config = config_class(cls)
+    with pytest.raises(ConfigError) as err:
+        load_config(config, None, [f"{old}={value}"])
+    assert err.value.field == old and f"use {new} instead" in str(err.value)
+    section, key = old.split(".")
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"stage: {cls}\ntrain:\n  max_steps: 3\n{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"old\.yaml:5: {old}: was renamed: use {new} instead"):
+        load_config(config, recipe)
+    # The new name is a field of the config, and takes the value.
+    loaded = load_config(config, None, [f"{new}={value}"])
+    for part in new.split("."):
+        loaded = getattr(loaded, part)
+    assert loaded == value
+
+
+def test_registry_choices_are_read_when_a_value_is_checked():
+    from posttrain.algos import ADVANTAGE_ESTIMATORS, Advantages, register_advantage_estimator
+
+    config = config_class("grpo")
+    with pytest.raises(ConfigError, match="not allowed"):
+        load_config(config, None, ["advantage.estimator=late_registered"])
+    register_advantage_estimator("late_registered")(lambda inputs, **_: Advantages(inputs.rewards, inputs.rewards))
+    try:
+        assert load_config(config, None, ["advantage.estimator=late_registered"]).advantage.estimator == (
+            "late_registered")
+        assert "late_registered" in dict((k, d) for k, _, d in describe(load_config(config)))[
+            "advantage.estimator"]
+    finally:
+        del ADVANTAGE_ESTIMATORS._entries["late_registered"]

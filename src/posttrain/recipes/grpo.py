@@ -31,19 +31,13 @@ import dataclasses
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.algos import last_token_index
 from posttrain.config import RunConfig, param, section
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
 from posttrain.models.value import ActorCritic
-from posttrain.recipes.rl import SamplingConfig
-from posttrain.recipes.rl_loop import (
-    AdvantageConfig,
-    RLConfig,
-    StepRewards,
-    StepRewardsHook,
-    check_rl_config,
-    train_rl,
-)
+from posttrain.recipes.rl import AdvantageConfig, RLConfig, SamplingConfig, check_rl_config
+from posttrain.recipes.rl_loop import StepRewards, StepRewardsHook, train_rl
 from posttrain.rewards.functions import Completions
 from posttrain.rewards.steps import StepScorer, locate_steps, prm_step_scorer, verifier_step_scorer
 from posttrain.rollout import Rollout
@@ -124,12 +118,13 @@ class ProcessRewards:
 
     def __call__(self, rollout: Rollout, completions: Completions, scores: torch.Tensor) -> StepRewards:
         steps = self.scorer(completions)
+        last = last_token_index(rollout.response_mask).tolist()  # where the outcome reward lands, as in `rl_loop`
         rows = []
         for i, row in enumerate(steps):
-            length = int(rollout.completion_lengths[i])
-            ends = locate_steps(self.tokenizer, rollout.completion_ids[i, :length].tolist(), [s.char_end for s in row])
+            ids = rollout.completion_ids[i, :int(rollout.completion_lengths[i])].tolist()
+            ends = locate_steps(self.tokenizer, ids, [s.char_end for s in row])
             pairs = [(s.score, end) for s, end in zip(row, ends, strict=True)]
-            rows.append(pairs + [(float(scores[i]), length - 1)] if self.outcome_step else pairs)
+            rows.append(pairs + [(float(scores[i]), last[i])] if self.outcome_step else pairs)
         width = max(1, max(len(r) for r in rows))
         step_rewards = torch.zeros(len(rows), width, dtype=torch.float64)
         step_ends = torch.zeros(len(rows), width, dtype=torch.long)

@@ -43,15 +43,8 @@ import torch
 from posttrain.config import RunConfig, param, section
 from posttrain.errors import ConfigError
 from posttrain.models.value import CRITIC_INITS, ActorCritic, build_value_model
-from posttrain.recipes.rl_loop import (
-    CRITIC_FREE,
-    AdvantageConfig,
-    KLConfig,
-    RLConfig,
-    UpdateConfig,
-    check_rl_config,
-    train_rl,
-)
+from posttrain.recipes.rl import CRITIC_FREE, AdvantageConfig, KLConfig, RLConfig, UpdateConfig, check_rl_config
+from posttrain.recipes.rl_loop import train_rl
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.train.run_dir import RunResult
 

@@ -42,7 +42,7 @@ import dataclasses
 from posttrain.config import RunConfig, param, section
 from posttrain.recipes import rft_offline
 from posttrain.recipes.ppo import PPOConfig, train_ppo
-from posttrain.recipes.rl_loop import RLRewardConfig
+from posttrain.recipes.rl import RLRewardConfig
 from posttrain.train.run_dir import RunResult
 
 

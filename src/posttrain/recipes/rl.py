@@ -6,22 +6,25 @@ policy, the seeded stream of prompts, and the per-rollout statistics and sample 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config import param
+from posttrain.algos import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_KINDS, POLICY_LOSSES
+from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
+from posttrain.eval.accuracy import EvalConfig
 from posttrain.models.adapters import AdapterConfig
 from posttrain.rewards.functions import REWARD_FUNCTIONS, Completions, Scores, WeightedRewards
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
 from posttrain.train import dist
+from posttrain.train.engine import TrainConfig
 from posttrain.train.reference import Reference
 from posttrain.train.sources import ShuffledStepSource
 
@@ -212,3 +215,171 @@ def accuracy_summary(before: Any, last: dict[str, Any], eval_cfg: Any) -> dict[s
     if "eval_step_accuracy" in last:
         out["step_accuracy"] = last["eval_step_accuracy"]
     return out | {"eval_problems": eval_cfg.problems}
+
+
+# ----------------------------------------------------------------------------------------------
+# The settings of the online RL recipes (`rl_loop`), each under one name.
+
+KL_PLACEMENTS = ("reward", "loss")
+KL_CONTROLLERS = ("fixed", "adaptive")
+# The registry's estimators that compare the completions of a prompt with each other, and all those that read
+# no values: no critic is built or trained for them.
+GROUP_BASELINES = ("grpo", "grpo_batch_std", "dr_grpo", "rloo", "grpo_process")
+CRITIC_FREE = (*GROUP_BASELINES, "reinforce_baseline")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRewardConfig(RewardConfig):
+    missing_eos_penalty: float | None = param(None, "Subtracted from the score of completions cut by "
+                                                    "max_new_tokens (None: no penalty).", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLConfig:
+    coef: float = param(0.0, "beta: weight of the KL to the reference policy (0: no reference model is loaded).",
+                        ge=0)
+    kind: str = param("k3", "KL estimator (k1 = logp - ref_logp; k3 = exp(ref - logp) - (ref - logp) - 1).",
+                      choices=KL_KINDS)
+    placement: str = param("loss", "reward: -beta * KL_t of the sampling policy joins every token's reward "
+                                   "(RLHF); loss: beta * KL_t of the trained policy joins every token's loss "
+                                   "(GRPO).", choices=KL_PLACEMENTS)
+    controller: str = param("fixed", "Keep beta fixed, or adapt it towards `target` (Ziegler et al. 2019).",
+                            choices=KL_CONTROLLERS)
+    target: float = param(6.0, "Adaptive controller: target KL per completion (summed over its tokens).", gt=0)
+    horizon: float = param(10_000, "Adaptive controller: horizon in completions (how slowly beta moves).", gt=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    estimator: str = param("grpo", "Advantage estimator of the algos registry: gae (GAE on a critic's values), "
+                                   "grpo, grpo_batch_std, dr_grpo, rloo (baselines over the samples_per_prompt "
+                                   "completions of a prompt), reinforce_baseline (the batch mean), or one "
+                                   "registered with posttrain.algos.register_advantage_estimator.",
+                           choices=ADVANTAGE_ESTIMATORS)
+    gamma: float = param(1.0, "GAE discount.", ge=0, le=1)
+    lam: float = param(0.95, "GAE lambda (0: one-step TD error; 1: Monte-Carlo return minus V).", ge=0, le=1)
+    eps: float = param(1e-6, "Added to a group's reward std before dividing.", ge=0)
+    whiten: bool = param(False, "Normalise the advantages to mean 0 and std 1 over the round's trained tokens "
+                                "(of every rank).")
+    skip_zero_variance: bool = param(False, "Leave out groups whose completions all get zero advantage (equal "
+                                            "rewards under a group baseline): they add no gradient, only tokens "
+                                            "to the normaliser.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLLossConfig:
+    policy_loss: str = param("ppo", "Policy loss from the algos registry (ppo: per-token clipped ratio; gspo: "
+                                    "sequence ratio).", choices=POLICY_LOSSES)
+    agg: str = param("token-mean", "Loss aggregation: token-mean (DAPO), seq-mean-token-mean (GRPO), "
+                                   "seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO).", choices=AGG_MODES)
+    clip_low: float = param(0.2, "Lower clip range: the ratio is clipped at 1 - clip_low.", ge=0)
+    clip_high: float | None = param(None, "Upper clip range (None: clip_low; larger: DAPO's clip-higher).", ge=0)
+    dual_clip: float | None = param(None, "Dual clip c > 1: a negative advantage's loss is at most -c A "
+                                          "(None: off).", gt=1)
+    value_clip: float | None = param(0.2, "Value clip range around V_old (None: unclipped). Critic only.", ge=0)
+    vf_coef: float = param(0.1, "Weight of the value loss. Critic only.", ge=0)
+    entropy_coef: float = param(0.0, "Weight of the entropy bonus (0: off).", ge=0)
+    sft_coef: float = param(0.0, "alpha: loss = L_RL + alpha * L_SFT, L_SFT the token-mean NLL of the gold answers "
+                                 "(the data's `answer`, as the assistant turn) of each minibatch's prompts (0: off).",
+                            ge=0)
+    mask_truncated: bool = param(False, "Leave completions cut by max_new_tokens out of the loss (they still count "
+                                        "in their group's baseline).")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    rollout_batch_size: int | None = param(None, "Completions sampled per round (None: train.batch_size): a "
+                                                 "multiple of train.batch_size, the minibatch of one optimizer "
+                                                 "step.", ge=1)
+    epochs: int = param(1, "Passes over each round (each a fresh shuffle into minibatches; GRPO's "
+                           "num_iterations).", ge=1)
+    padding_free: bool = param(True, "Forwards over the real tokens only (packed rows, block-diagonal mask) "
+                                     "instead of the rollout's padded layout: the same logprobs and values, less "
+                                     "compute. Prefix-tuning adapters always use the padded layout.")
+    padding_free_capacity: int = padding_free_capacity_param()
+    micro_batch_tokens: int | None = param(None, "Each forward/backward (and no-grad) pass computes at most this "
+                                                 "many token positions (packed rows x their width; padded: rows x "
+                                                 "their longest prompt + completion): a micro-batch of "
+                                                 "train.micro_batch_size rows is cut further, with the same "
+                                                 "gradient and a peak of activation memory that no longer grows "
+                                                 "with the minibatch (None: train.micro_batch_size alone).", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The sections of every online RL recipe; a recipe subclasses it with its own defaults and sections."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "sampling.group_size": "sampling.samples_per_prompt", "loss.beta": "kl.coef", "loss.kl_kind": "kl.kind",
+        "loss.num_iterations": "update.epochs", "loss.padding_free": "update.padding_free",
+        "loss.padding_free_capacity": "update.padding_free_capacity",
+        "advantage.scale": "advantage.estimator (scale group, batch, none = estimator grpo, grpo_batch_std, "
+                           "dr_grpo)",
+        "ppo.rollout_batch_size": "update.rollout_batch_size", "ppo.epochs": "update.epochs",
+        "ppo.gamma": "advantage.gamma", "ppo.lam": "advantage.lam", "ppo.advantage": "advantage.estimator",
+        "ppo.whiten_advantages": "advantage.whiten", "ppo.policy_loss": "loss.policy_loss", "ppo.agg": "loss.agg",
+        "ppo.clip": "loss.clip_low", "ppo.value_clip": "loss.value_clip", "ppo.vf_coef": "loss.vf_coef",
+        "ppo.entropy_coef": "loss.entropy_coef", "ppo.kl_coef": "kl.coef", "ppo.kl_kind": "kl.kind",
+        "ppo.kl_controller": "kl.controller", "ppo.kl_target": "kl.target", "ppo.kl_horizon": "kl.horizon",
+        "ppo.sft_coef": "loss.sft_coef", "ppo.missing_eos_penalty": "reward.missing_eos_penalty",
+        "ppo.padding_free": "update.padding_free", "ppo.padding_free_capacity": "update.padding_free_capacity",
+        "ppo.micro_batch_tokens": "update.micro_batch_tokens",
+    }
+
+    run: RunConfig = section(lambda: RunConfig(name="rl"), "Run directory, seed, logging.")
+    model: ModelConfig = section(lambda: ModelConfig(path="runs/sft/final"), "The policy to train (the SFT model).")
+    adapter: AdapterConfig = section(AdapterConfig, "Full fine-tuning, LoRA or prefix-tuning (with an adapter, "
+                                                    "the adapter-disabled policy is the reference).")
+    data: DataConfig = section(lambda: DataConfig(source="arith", size=20_000, max_length=256),
+                               "Prompts with gold answers (verifiable rows).")
+    optim: OptimConfig = section(lambda: OptimConfig(lr=1e-5, schedule="constant"), "Optimizer and schedule.")
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=100, batch_size=64, micro_batch_size=64),
+                                 "max_steps counts optimizer steps (minibatches); batch_size (the minibatch) and "
+                                 "micro_batch_size count completions.")
+    sampling: SamplingConfig = section(SamplingConfig, "How completions are sampled.")
+    reward: RLRewardConfig = section(RLRewardConfig, "What a completion is worth (the score at its last token).")
+    kl: KLConfig = section(KLConfig, "The KL to the reference policy: its weight, estimator and place.")
+    advantage: AdvantageConfig = section(AdvantageConfig, "The advantage estimator.")
+    loss: RLLossConfig = section(RLLossConfig, "The clipped policy loss and its extra terms.")
+    update: UpdateConfig = section(UpdateConfig, "How a round trains: epochs, minibatches, micro-batches.")
+    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
+
+
+def rollout_batch_size(cfg: RLConfig) -> int:
+    return cfg.update.rollout_batch_size or cfg.train.batch_size
+
+
+def steps_per_round(cfg: RLConfig) -> int:
+    """Optimizer steps one round of samples serves: epochs x minibatches."""
+    return cfg.update.epochs * rollout_batch_size(cfg) // cfg.train.batch_size
+
+
+def check_rl_config(cfg: RLConfig, stage: str) -> None:
+    """The checks every RL recipe needs before any model is loaded."""
+    if not cfg.model.path:
+        raise ConfigError(f"{stage} trains an existing model: set model.path (e.g. runs/sft/final)",
+                          field="model.path")
+    rollout = rollout_batch_size(cfg)
+    if rollout % cfg.train.batch_size:
+        raise ConfigError(f"update.rollout_batch_size ({rollout}) must be a multiple of train.batch_size "
+                          f"({cfg.train.batch_size}, the minibatch)", field="update.rollout_batch_size")
+    if rollout % cfg.sampling.samples_per_prompt:
+        raise ConfigError(f"the completions of a round ({rollout}) must be a multiple of "
+                          f"sampling.samples_per_prompt ({cfg.sampling.samples_per_prompt})",
+                          field="sampling.samples_per_prompt")
+    steps = steps_per_round(cfg)
+    if cfg.train.save_every % steps:
+        # A checkpoint holds no rollout: one taken inside a round would resume with a fresh one, a different
+        # run from the one that went on.
+        raise ConfigError(f"train.save_every ({cfg.train.save_every}) must be a multiple of the optimizer steps of "
+                          f"one round, update.epochs x update.rollout_batch_size / train.batch_size = "
+                          f"{cfg.update.epochs} x {rollout} / {cfg.train.batch_size} = {steps} (or 0), so that "
+                          f"checkpoints fall between rounds", field="train.save_every")
+    if cfg.advantage.estimator in GROUP_BASELINES and cfg.sampling.samples_per_prompt < 2:
+        raise ConfigError(f"advantage.estimator={cfg.advantage.estimator} compares the completions of a prompt "
+                          "with each other: set sampling.samples_per_prompt >= 2",
+                          field="sampling.samples_per_prompt")
+    if cfg.kl.controller == "adaptive" and cfg.kl.coef == 0:
+        raise ConfigError("the adaptive KL controller scales kl.coef: set kl.coef > 0", field="kl.coef")
+    check_reward_functions(cfg.reward)
