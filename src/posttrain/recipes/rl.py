@@ -1,6 +1,8 @@
 """What the sampling recipes (the RL loop of `rl_loop`, rejection sampling) share: sampling settings, what a
 completion is worth (weighted reward functions and the task that verifies answers), the reference
-policy, the seeded stream of prompts, and the per-rollout statistics and sample records.
+policy, the seeded stream of prompts, and the per-rollout statistics and sample records; and the settings
+of the online RL recipes (`RLConfig`: one section per concern, one name per setting, the earlier names
+kept as errors that name the new ones) with the checks they all need.
 """
 
 from __future__ import annotations
