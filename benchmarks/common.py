@@ -173,7 +173,8 @@ def environment() -> dict[str, Any]:
 
     info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "cpu": cpu_model()}
     try:
         import trl
 
@@ -181,6 +182,21 @@ def environment() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's name, family/model and the instruction sets that decide fp32 and bf16 GEMM speed (BENCHMARK.md:
+    ratios differ between CPUs, so every row records its CPU)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    name, family, model = (fields.get(key, "?") for key in ("model name", "cpu family", "model"))
+    return f"{name} (family {family} model {model}; {' '.join(wanted)})"
 
 
 def run_worker(module: str, args: list[str]) -> dict[str, Any]:
