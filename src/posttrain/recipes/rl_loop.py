@@ -194,7 +194,7 @@ class StepRewardsHook(Protocol):
 
 @dataclasses.dataclass
 class Round:
-    """One round's samples and what was computed from them: [B, T] tensors but `scores` and `keep` [B];
+    """One round's samples and what was computed from them: [B, T] tensors but `scores` [B];
     `rows` are the round's prompt rows (rollout row i completes rows[prompt_index[i]])."""
 
     rows: list[dict[str, Any]]
@@ -208,7 +208,6 @@ class Round:
     rewards: Tensor
     advantages: Tensor
     returns: Tensor | None
-    keep: Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +300,8 @@ class RLStepSource:
         scores = self.rewards(completions)                                                     # 2. rewards
         score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
         steps = self.step_rewards(rollout, completions, score) if self.step_rewards is not None else None
-        schedule = self._schedule(rollout, torch.ones(len(score), dtype=torch.bool))
+        span = dist.rank_span(len(score))  # this rank's rows among the round's rows of every rank
+        schedule = self._schedule(rollout, torch.ones(len(score), dtype=torch.bool), span)
         first_epoch = [piece for minibatch in schedule[0] for piece in minibatch]
         old_logprobs, old_values = self._old_pass(rollout, first_epoch) if self.old_pass else (None, None)  # 3.
         ref_logprobs = self._reference_pass(rollout, first_epoch) if self.reference is not None else None  # 4.
@@ -311,16 +311,16 @@ class RLStepSource:
         beta = self.kl.beta
         in_reward = kl if self.cfg.kl.placement == "reward" else None
         rewards = token_rewards(score.double(), mask, in_reward, beta)
-        advantages, returns = self._advantages(rewards, old_values, rollout, steps)              # 6. advantages
+        advantages, returns = self._advantages(rewards, old_values, rollout, steps, span[0])     # 6. advantages
         zero_groups = zero_advantage_groups(advantages, rollout.prompt_index)
         keep = ~zero_groups if self.cfg.advantage.skip_zero_variance else torch.ones_like(zero_groups)
         if dist.all_reduce_max(float(not bool(keep.all()))) > 0:  # some rank left rows out: its schedule changed
-            schedule = self._schedule(rollout, keep)                                              # 7. schedule
+            schedule = self._schedule(rollout, keep, span)                                        # 7. schedule
         self.last = Round(rows, rollout, score, old_logprobs, old_values, ref_logprobs, kl, beta, rewards,
-                          advantages, returns, keep)
-        metrics = self._metrics(completions, scores, steps, zero_groups)
+                          advantages, returns)
+        metrics = self._metrics(completions, scores, steps, zero_groups, span[1])
         if kl is not None:
-            self.kl.update(metrics["kl"], int(dist.all_reduce_sum(float(len(score)))))
+            self.kl.update(metrics["kl"], span[1])
         self._write_samples(completions, scores, steps)
         metrics.update(generation_s=generation_s, scoring_s=time.perf_counter() - start - generation_s)
         return self._step_batches(schedule, metrics)
@@ -360,10 +360,11 @@ class RLStepSource:
 
     # -- phase 6: advantages over every rank's rows ----------------------------------------------
 
-    def _advantages(self, rewards: Tensor, values: Tensor | None, rollout: Rollout,
-                    steps: StepRewards | None) -> tuple[Tensor, Tensor | None]:
-        """The estimator's advantages (float32) and value targets (None without a critic) of this rank's rows,
-        computed on the whole round of every rank (batch statistics, whitening), in float64."""
+    def _advantages(self, rewards: Tensor, values: Tensor | None, rollout: Rollout, steps: StepRewards | None,
+                    first: int) -> tuple[Tensor, Tensor | None]:
+        """The estimator's advantages (float32) and value targets (None without a critic) of this rank's rows
+        (the round's rows `first`, `first + 1`, ... of every rank), computed on the whole round of every rank
+        (batch statistics, whitening), in float64."""
         mask = rollout.response_mask
         # Prompt ids restart at 0 on every rank: made distinct before the ranks' rows meet.
         span = int(dist.all_reduce_max(float(rollout.prompt_index.max()) + 1))
@@ -375,7 +376,6 @@ class RLStepSource:
             fields |= {"step_rewards": steps.step_rewards.double(), "step_mask": steps.step_mask,
                        "step_ends": steps.step_ends}
         gathered = {name: dist.all_gather_ragged(tensor)[0] for name, tensor in fields.items()}
-        first = dist.all_gather_ragged(mask)[1]
         estimator = "grpo_process" if steps is not None else self.cfg.advantage.estimator
         advantages, returns = get_advantage_estimator(estimator)(
             AdvantageInputs(**gathered), gamma=self.cfg.advantage.gamma, lam=self.cfg.advantage.lam,
@@ -389,14 +389,13 @@ class RLStepSource:
 
     # -- phase 7: epochs x minibatches x micro-batches -------------------------------------------
 
-    def _schedule(self, rollout: Rollout, keep: Tensor) -> list[list[list[Tensor]]]:
+    def _schedule(self, rollout: Rollout, keep: Tensor, span: tuple[int, int]) -> list[list[list[Tensor]]]:
         """epochs -> minibatches -> micro-batches (this rank's row indices). Every epoch shuffles the round's
         rows over all ranks with one seeded permutation (none with a single minibatch: a shuffle then changes
         nothing) and cuts it into minibatches; a rank takes its kept rows of each, longest first (so a
-        micro-batch pads to its own longest row), in micro-batches as many as on every other rank."""
-        count = len(keep)
-        first = dist.all_gather_ragged(keep)[1]
-        total = int(dist.all_reduce_sum(float(count)))
+        micro-batch pads to its own longest row), in micro-batches as many as on every other rank. `span` is
+        `dist.rank_span` of the round's rows."""
+        count, (first, total) = len(keep), span
         lengths = rollout.prompt_mask.sum(1) + rollout.response_mask.sum(1)
         schedule = []
         for epoch in range(self.cfg.update.epochs):
@@ -476,8 +475,9 @@ class RLStepSource:
 
     # -- what the round reports ------------------------------------------------------------------
 
-    def _metrics(self, completions: Completions, scores: Scores, steps: StepRewards | None,
-                 zero_groups: Tensor) -> dict[str, float]:
+    def _metrics(self, completions: Completions, scores: Scores, steps: StepRewards | None, zero_groups: Tensor,
+                 total: int) -> dict[str, float]:
+        """The round's statistics; `total` counts the round's completions on every rank."""
         batch, mask = self.last, self.last.rollout.response_mask
         metrics = {**reward_metrics(batch.rollout, completions, scores, self.task),
                    "score": batch.scores.mean().item(), "beta": batch.beta,
@@ -486,7 +486,7 @@ class RLStepSource:
         metrics |= {"advantages": masked_mean(raw, mask).item(), "advantages_std": masked_var(raw, mask).sqrt().item()}
         if batch.kl is not None:
             sequence_kl = batch.kl.sum(dim=1)
-            kl = dist.all_reduce_sum(sequence_kl.sum().item()) / dist.all_reduce_sum(float(len(sequence_kl)))
+            kl = dist.all_reduce_sum(sequence_kl.sum().item()) / total
             metrics |= {"kl": kl, "non_score_reward": -batch.beta * kl}
         if batch.old_logprobs is not None:
             metrics["logprob_mismatch"] = masked_mean((batch.rollout.logprobs - batch.old_logprobs).abs(), mask).item()

@@ -119,6 +119,15 @@ def all_reduce_max(value: float) -> float:
     return float(tensor.item())
 
 
+def rank_span(count: int) -> tuple[int, int]:
+    """Where this rank's `count` rows start when every rank's rows are concatenated in rank order, and how
+    many rows that makes in all ((0, count) in a single process)."""
+    if not dist.is_initialized():
+        return 0, count
+    counts = all_gather_rows(torch.tensor([count], dtype=torch.long)).tolist()
+    return sum(counts[:context().rank]), sum(counts)
+
+
 def all_gather_ragged(tensor: Tensor) -> tuple[Tensor, int]:
     """Every rank's `tensor` concatenated along dim 0 in rank order, each zero-padded along dim 1 to the
     widest rank's (1- or 2-dim tensors whose sizes may differ between ranks), and the row where this
