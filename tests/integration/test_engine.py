@@ -92,11 +92,12 @@ def test_two_runs_with_one_seed_log_identical_metrics(tmp_path, tokenizer):
     assert a == b and len(a) == 4
 
 
-def test_sigterm_checkpoint_and_resume_are_bitwise_identical(tmp_path, tokenizer):
-    full, source = _trainer(tmp_path, tokenizer, name="full", steps=6, save_every=0)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigterm_checkpoint_and_resume_are_bitwise_identical(tmp_path, tokenizer, precision):
+    full, source = _trainer(tmp_path, tokenizer, name="full", steps=6, save_every=0, precision=precision)
     full.fit(source, _loss_fn)
 
-    stopped, source = _trainer(tmp_path, tokenizer, name="split", steps=6, save_every=0)
+    stopped, source = _trainer(tmp_path, tokenizer, name="split", steps=6, save_every=0, precision=precision)
     calls = {"n": 0}
 
     def loss_then_sigterm(model, batch, normaliser):
@@ -109,12 +110,34 @@ def test_sigterm_checkpoint_and_resume_are_bitwise_identical(tmp_path, tokenizer
     assert result.interrupted and result.step == 3
     assert [p.name for p in list_checkpoints(tmp_path / "split" / "checkpoints")] == ["step-3"]
 
-    resumed, source = _trainer(tmp_path, tokenizer, name="split", steps=6, resume=True, save_every=0)
+    resumed, source = _trainer(tmp_path, tokenizer, name="split", steps=6, resume=True, save_every=0,
+                               precision=precision)
     result = resumed.fit(source, _loss_fn)
     assert result.step == 6 and not result.interrupted
     assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == \
         _untimed(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     assert torch.equal(_flat_params(resumed.model), _flat_params(full.model))
+
+
+def test_bf16_computes_the_matmuls_in_bf16_and_keeps_fp32_weights_and_optimizer_state(tmp_path, tokenizer):
+    seen = {}
+
+    def loss_fn(model, batch, normaliser):
+        out = model(input_ids=batch, labels=batch)
+        seen["logits"], seen["autocast"] = out.logits.dtype, torch.is_autocast_enabled("cpu")
+        return _loss_fn(model, batch, normaliser)
+
+    trainer, source = _trainer(tmp_path, tokenizer, name="bf16", steps=2, precision="bf16")
+    result = trainer.fit(source, loss_fn)
+    assert result.precision == "bf16" and seen == {"logits": torch.bfloat16, "autocast": True}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    moments = [t for state in trainer.optimizer.state.values() for t in state.values() if t.dim() > 0]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    # The same first step in fp32: the loss differs by bf16 rounding (8 significant bits), not more.
+    reference, source = _trainer(tmp_path, tokenizer, name="fp32", steps=2, precision="fp32")
+    reference.fit(source, _loss_fn)
+    bf16_loss, fp32_loss = (read_metrics(tmp_path / name / "metrics.jsonl")[0]["loss"] for name in ("bf16", "fp32"))
+    assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=2**-8)
 
 
 def test_periodic_checkpoints_keep_the_last_k(tmp_path, tokenizer):

@@ -121,6 +121,18 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one_and_kl_ze
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
 
 
+def test_in_bf16_every_forward_is_bf16_the_first_update_has_ratio_one_and_the_sampler_mismatch_is_small(
+        lm_dir, tmp_path):
+    result = main(ppo_config(lm_dir, tmp_path, "train.precision=bf16", "train.max_steps=2", "update.epochs=2",
+                             "train.micro_batch_size=4", "kl.coef=0.1", "eval_before=true"))
+    first = read_metrics(result.run_dir / "metrics.jsonl")[0]
+    # pi_old, the reference and the update's forward are the same bf16 forward of the same weights.
+    assert first["ratio"] == 1.0 and first["clip_fraction"] == 0.0 and first["kl"] == 0.0
+    # The sampler (bf16 KV-cached decode) and the trainer (bf16 full forward) round differently.
+    assert 0 < first["logprob_mismatch"] < 0.05
+    assert result.summary["precision"] == "bf16"
+
+
 @pytest.mark.parametrize("split", ["train.micro_batch_size=3", "update.micro_batch_tokens=90"])
 def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenizer, split):
     model = actor_critic(lm_dir)
@@ -314,8 +326,9 @@ def test_a_checkpoint_interval_inside_an_iteration_is_rejected(lm_dir, tmp_path,
     assert err.value.field == "train.save_every"
 
 
-@pytest.mark.parametrize("overrides", [(), ("critic.kind=shared", "adapter.method=lora", "adapter.r=4")],
-                         ids=["separate-critic", "shared-trunk-lora"])
+@pytest.mark.parametrize("overrides", [(), ("critic.kind=shared", "adapter.method=lora", "adapter.r=4"),
+                                       ("train.precision=bf16",)],
+                         ids=["separate-critic", "shared-trunk-lora", "separate-critic-bf16"])
 def test_a_run_resumes_bitwise_from_a_checkpoint_between_iterations(lm_dir, tmp_path, overrides):
     settings = ["train.max_steps=4", "update.epochs=1", "train.save_every=2", "optim.lr=1e-2", "kl.coef=0.1",
                 "kl.controller=adaptive", "kl.target=0.01", "kl.horizon=50", *overrides]

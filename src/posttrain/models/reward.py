@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from posttrain.algos import last_token_index
 from posttrain.models.io import check_model_dir, resolve_dtype
 from posttrain.models.onednn import use_onednn_linears
+from posttrain.models.precision import upcast
 
 REWARD_HEADS = ("linear", "mlp")
 
@@ -105,7 +106,7 @@ def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> 
     """Head outputs at `positions` [B, S] (token indices) of each row: [B, S]."""
     hidden, head = _hidden_states(model, batch)
     picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, S, H]
-    return head(picked).squeeze(-1)
+    return upcast(head(picked).squeeze(-1))  # scores feed losses and advantages: fp32 under autocast
 
 
 def sample_end_index(sample_ids: Tensor) -> Tensor:
@@ -123,5 +124,5 @@ def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`)."""
     if "sample_ids" in batch:
         hidden, head = _hidden_states(model, batch)
-        return head(hidden.flatten(0, 1)[sample_end_index(batch["sample_ids"])]).squeeze(-1)
+        return upcast(head(hidden.flatten(0, 1)[sample_end_index(batch["sample_ids"])]).squeeze(-1))
     return scores_at(model, batch, last_token_index(batch["attention_mask"]).unsqueeze(-1)).squeeze(-1)

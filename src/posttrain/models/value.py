@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from posttrain.models.heads import output_head_at
+from posttrain.models.precision import upcast
 from posttrain.models.reward import build_reward_model, load_reward_model, trunk_and_head
 
 CRITIC_INITS = ("policy", "reward_model")
@@ -93,7 +94,7 @@ class ActorCritic(nn.Module):
         else:
             trunk, head = trunk_and_head(self.critic)
             values = head(kept(trunk(**inputs, use_cache=False).last_hidden_state)).squeeze(-1)
-        return out.logits, values
+        return out.logits, upcast(values)  # values feed GAE and the value loss: fp32 under autocast
 
     def _unique_tensors(self) -> tuple[dict[str, Tensor], list[str]]:
         """The state dict with each shared (tied) tensor once, and the names of the copies left out."""

@@ -43,7 +43,7 @@ from posttrain.train.comparisons import (
     join_rows,
     ordered_pair_accuracy,
 )
-from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.forward import per_sequence_sums, response_logprobs
 from posttrain.train.reference import Reference, precompute_sequence_logprobs
 from posttrain.train.run_dir import RunResult, prepare_run_dir
@@ -99,14 +99,16 @@ def main(cfg: DPOConfig) -> RunResult:
                           f"{cfg.loss.kind!r}", field="loss.kind")
     run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo")
 
-    before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    with forward_precision(cfg.train, model):
+        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
     average = cfg.loss.kind == "ipo"  # IPO's h is on per-token average logprobs
     precompute_start = time.perf_counter()
     if cfg.reference.precompute:
         # Before its first update the policy *is* the reference, so no copy is made (a resumed run
         # recomputes the cache here, from the starting model, before its checkpoint is loaded).
         reference = load_reference(cfg) or Reference(model)
-        cached = precompute_sequence_logprobs(reference, prepared, cfg.reference.batch_size, average)
+        with forward_precision(cfg.train, model):
+            cached = precompute_sequence_logprobs(reference, prepared, cfg.reference.batch_size, average)
         model = apply_adapter(model, cfg.adapter)
         source, reference = cached_step_source(prepared, cfg.train, cfg.run.seed, cached), None
     else:
@@ -128,8 +130,8 @@ def main(cfg: DPOConfig) -> RunResult:
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
     last = result.last
     summary = {"format": prepared.format, "loss_kind": cfg.loss.kind, "beta": cfg.loss.beta,
-               "trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
-               "trained_tokens": result.tokens, "seconds": result.seconds, "reference_seconds": precompute_seconds,
+               "trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
+               "reference_seconds": precompute_seconds,
                "final_loss": last.get("loss"),
                **{k: last.get(k) for k in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")},
                **({"accuracy_before": before.accuracy} if before else {}),

@@ -87,7 +87,8 @@ def main(cfg: PretrainConfig) -> RunResult:
     final_dir = save_pretrained(model, tokenizer, run_dir.final)
     summary = {"parameters": count_parameters(model), "steps": result.step, "tokens": result.tokens,
                "initial_eval_loss": initial_eval, "final_eval_loss": result.last.get("eval_loss"),
-               "final_loss": result.last.get("loss"), "seconds": result.seconds}
+               "final_loss": result.last.get("loss"), "seconds": result.seconds,
+               "precision": result.precision}
     write_training_report(run_dir, "Pretraining", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 

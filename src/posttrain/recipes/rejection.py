@@ -48,7 +48,7 @@ from posttrain.recipes.rl import (
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
-from posttrain.train.engine import StepBatch, TrainConfig, Trainer
+from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
@@ -97,7 +97,8 @@ def main(cfg: RejectionConfig) -> RunResult:
     rewards = build_rewards(cfg.reward, task)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection")
 
-    before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    with forward_precision(cfg.train, model):
+        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
     model = apply_adapter(model, cfg.adapter)
     source = RejectionStepSource(cfg, prepared, make_engine(cfg.sampling.engine, model, tokenizer), tokenizer,
                                  rewards, task=task, samples=run_dir.samples)
@@ -113,7 +114,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     last = result.last
     summary = {"rounds": source.prompts.rounds, "samples_per_prompt": cfg.sampling.samples_per_prompt,
                "select": cfg.select.mode, "trainable_parameters": count_parameters(model, trainable_only=True),
-               "steps": result.step, "trained_tokens": result.tokens, "seconds": result.seconds,
+               **result.totals(),
                "per_round": source.history,
                **({"accuracy_before": before.accuracy} if before else {}),
                "accuracy": last.get("eval_accuracy"),

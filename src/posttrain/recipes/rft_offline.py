@@ -43,7 +43,7 @@ from posttrain.recipes.rl import accuracy_summary, build_rewards, check_reward_f
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.train.dist import is_main_process
-from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
@@ -80,7 +80,8 @@ def main(cfg: Any) -> RunResult:
     source, trained = weighted_step_source(candidates, scores.total.tolist(), cfg.data, tokenizer, cfg.train,
                                            cfg.run.seed)
 
-    before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    with forward_precision(cfg.train, model):
+        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
     model = apply_adapter(model, cfg.adapter)
     trainer = Trainer(stage="rft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
@@ -95,8 +96,8 @@ def main(cfg: Any) -> RunResult:
                "mean_weight": scores.total.mean().item(),
                **{f"mean_{name}": values.mean().item() for name, values in scores.by_function.items()},
                "grader_errors": len(scores.errors),
-               "trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
-               "trained_tokens": result.tokens, "seconds": result.seconds, "final_loss": result.last.get("loss"),
+               "trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
+               "final_loss": result.last.get("loss"),
                **accuracy_summary(before, result.last, cfg.eval)}
     write_training_report(run_dir, f"Offline RFT (reward-weighted likelihood) on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)

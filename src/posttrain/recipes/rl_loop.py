@@ -88,7 +88,7 @@ from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.recompute import completion_logprobs, pack_rollout, packed_completion_logprobs, policy_forward
 from posttrain.train import dist
-from posttrain.train.engine import StepBatch, Trainer
+from posttrain.train.engine import StepBatch, Trainer, forward_precision
 from posttrain.train.forward import response_logprobs
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.reference import Reference
@@ -595,7 +595,8 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     hook = step_rewards(task, tokenizer)
     run_dir = prepare_run_dir(cfg.run, cfg, stage=stage)
 
-    before = heldout_accuracy(actor, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    with forward_precision(cfg.train, actor):
+        before = heldout_accuracy(actor, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
     reference = build_reference(cfg.kl.coef, cfg.adapter, actor)
     actor = apply_adapter(actor, cfg.adapter)
     reference = adapter_reference(reference, cfg.kl.coef, actor)
@@ -616,8 +617,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     keys = ("score", "reward", "accuracy", "kl", "beta", "value_explained_variance", "entropy", "completion_length")
     summary = {"advantage": cfg.advantage.estimator, "samples_per_prompt": cfg.sampling.samples_per_prompt,
                **summary(source), "trainable_parameters": count_parameters(model, trainable_only=True),
-               "steps": result.step, "rounds": source.prompts.rounds, "trained_tokens": result.tokens,
-               "seconds": result.seconds, **{k: last[k] for k in keys if k in last},
+               **result.totals(), "rounds": source.prompts.rounds, **{k: last[k] for k in keys if k in last},
                **accuracy_summary(before, last, cfg.eval)}
     write_training_report(run_dir, title, summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)

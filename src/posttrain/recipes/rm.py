@@ -120,8 +120,8 @@ def main(cfg: RMConfig) -> RunResult:
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
     summary = {"kind": cfg.kind, "format": prepared.format, "head": cfg.head,
-               "trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
-               "trained_tokens": result.tokens, "seconds": result.seconds, "final_loss": result.last.get("loss"),
+               "trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
+               "final_loss": result.last.get("loss"),
                **{k: v for k, v in result.last.items() if k.startswith("eval_")},
                "eval_rows": len(heldout.dataset) if heldout else 0, "data": prepared.tokenized.stats.as_dict()}
     if evaluate is not None and evaluate.rows:

@@ -26,7 +26,7 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.recipes.rl import accuracy_summary
-from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.forward import response_logprobs
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
@@ -56,7 +56,8 @@ def main(cfg: SFTConfig) -> RunResult:
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="sft")
 
-    before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+    with forward_precision(cfg.train, model):
+        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
     model = apply_adapter(model, cfg.adapter)
     trainer = Trainer(stage="sft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
@@ -67,8 +68,8 @@ def main(cfg: SFTConfig) -> RunResult:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
-    summary = {"trainable_parameters": count_parameters(model, trainable_only=True), "steps": result.step,
-               "trained_tokens": result.tokens, "seconds": result.seconds, "final_loss": result.last.get("loss"),
+    summary = {"trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
+               "final_loss": result.last.get("loss"),
                **accuracy_summary(before, result.last, cfg.eval), "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"SFT on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)

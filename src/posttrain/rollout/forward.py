@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.errors import ConfigError
+from posttrain.models.precision import autocast_dtype
 from posttrain.rollout.base import position_ids_from_mask
 from posttrain.rollout.gemm import LinearRunner
 
@@ -137,7 +138,10 @@ class LlamaDecoder(Decoder):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         weight = self.trunk.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        # Under bf16 autocast the linear products, attention and the KV cache are bf16 (half the bytes
+        # every decode step reads); the residual stream and the norms stay in the weights' dtype.
+        self.device = weight.device
+        self.dtype = autocast_dtype(self.device) or weight.dtype
 
         by_length = sorted(range(len(prompts)), key=lambda u: len(prompts[u]))
         self.n, self.prompts = n, [prompts[u] for u in by_length]
@@ -159,7 +163,7 @@ class LlamaDecoder(Decoder):
         self.slot = self.width  # the next token's cache slot (the same for every row)
         linears = [m for layer in self.layers for m in (*_projections(layer.self_attn, "qkvo"),
                                                          *_projections(layer.mlp, ("gate", "up", "down")))]
-        self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn)
+        self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn, dtype=self.dtype)
 
     def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
         """down(silu(gate(x)) * up(x)) with the activation and product in place (large at prefill)."""

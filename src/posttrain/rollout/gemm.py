@@ -8,8 +8,10 @@ Reordering a weight into oneDNN's blocked layout costs about one copy of it, so 
 per generation and reused by the prefill and every decode step. Results are fp32 products with
 another summation order: they differ from MKL's by rounding (~1e-6 relative), no more.
 
+Under bf16 autocast (`train.precision=bf16`) the packed weights are bf16 copies and the products
+bf16, as autocast's own linear would compute them, without casting every weight at every step.
 Only plain `nn.Linear` modules on CPU in fp32 without forward hooks take this path; anything else
-(LoRA layers, which compute more than their weight; hooked modules; GPU; bf16) runs as its own module.
+(LoRA layers, which compute more than their weight; hooked modules; GPU) runs as its own module.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from posttrain.models.onednn import OneDNNLinear, onednn_linear_available
+from posttrain.models.onednn import OneDNNLinear, onednn_linear_available, onednn_ops_available
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -29,22 +31,27 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 class LinearRunner:
     """Calls `linear(module, x)`: oneDNN with a packed weight for the modules packed at construction,
-    the module itself for the others. `batch_hint` is the row count the reordered layout is tuned for."""
+    the module itself for the others. `batch_hint` is the row count the reordered layout is tuned for;
+    `dtype` the products' precision (fp32, or bf16 under autocast)."""
 
-    def __init__(self, modules: list[torch.nn.Module], batch_hint: int, onednn: bool = True) -> None:
+    def __init__(self, modules: list[torch.nn.Module], batch_hint: int, onednn: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.packed: dict[torch.nn.Module, tuple[Tensor, Tensor | None]] = {}
-        if not (onednn and onednn_linear_available()):
+        self.dtype = dtype
+        # bf16 products go through oneDNN whatever the fp32 choice is: torch's own bf16 CPU linear is oneDNN too.
+        wanted = onednn_linear_available() if dtype == torch.float32 else onednn_ops_available()
+        if not (onednn and wanted and dtype in (torch.float32, torch.bfloat16)):
             return
         for module in modules:
             weight = getattr(module, "weight", None)
             if (type(module) in (torch.nn.Linear, OneDNNLinear) and weight.device.type == "cpu"
                     and weight.dtype == torch.float32 and not _has_hooks(module)):
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-                bias = None if module.bias is None else module.bias.detach()
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
+                bias = None if module.bias is None else module.bias.detach().to(dtype)
                 self.packed[module] = (packed, bias)
 
     def __call__(self, module: torch.nn.Module, x: Tensor) -> Tensor:
         entry = self.packed.get(module)
         if entry is None:
             return module(x)
-        return torch.ops.mkldnn._linear_pointwise(x, entry[0], entry[1], "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), entry[0], entry[1], "none", [], "")

@@ -32,6 +32,7 @@ from rich.console import Console
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.onednn import use_onednn_linears
+from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
@@ -60,6 +61,10 @@ class TrainConfig:
     parallel: str = param("ddp", "Under torchrun: ddp replicates the model on every rank; fsdp shards parameters, "
                                  "gradients and optimizer state (FSDP2). batch_size stays the global batch, "
                                  "micro_batch_size is per rank.", choices=dist.PARALLEL_MODES)
+    precision: str = param("fp32", "Matmul precision of every forward (training, reference, rollouts, evaluation): "
+                                   "bf16 autocast with fp32 weights, optimizer state, logprobs and losses; auto = "
+                                   "bf16 where the CPU/GPU computes bf16 natively (AVX512_BF16, AMX), else fp32.",
+                           choices=PRECISIONS)
 
 
 @dataclasses.dataclass
@@ -89,6 +94,19 @@ class TrainResult:
     tokens: int
     seconds: float
     skipped_steps: int
+    precision: str
+
+    def totals(self) -> dict[str, Any]:
+        """What every stage's summary reports about its training."""
+        return {"steps": self.step, "trained_tokens": self.tokens, "seconds": self.seconds,
+                "precision": self.precision}
+
+
+def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """`train.precision`'s autocast for the forwards a recipe runs before the Trainer exists (the
+    evaluation before training, a reference pass), so they match the ones inside the loop."""
+    device = next(model.parameters()).device
+    return autocast(resolve_precision(train.precision, device)[0], device)
 
 
 class Trainer:
@@ -106,6 +124,8 @@ class Trainer:
         self.model = model
         self.console = console or Console()
         use_onednn_linears(model)  # a model built or loaded elsewhere trains on the faster GEMMs too
+        self.device = next(model.parameters()).device
+        self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
         # Wrapped (and, under FSDP, sharded) before the optimizer sees the parameters.
         self.parallel = dist.DistributedModel(model, train.parallel)
         self.optimizer = build_optimizer(model, optim)
@@ -132,12 +152,15 @@ class Trainer:
                 TrainProgress(self.stage, self.train_cfg.max_steps, enabled=self.run.progress and main,
                               console=self.console) as progress:
             progress.update(self.step)
+            if main:
+                self.console.print(f"{self.stage}: {self.precision} ({self.precision_reason})")
             if resumed_from is not None and main:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
             while self.step < self.train_cfg.max_steps:
                 step_start = time.perf_counter()
                 # A sampling source reads the policy's weights directly: under FSDP they are gathered for it.
-                with self.parallel.full_weights() if samples_from_policy else contextlib.nullcontext():
+                with self.parallel.full_weights() if samples_from_policy else contextlib.nullcontext(), \
+                        self.autocast():
                     batch = source.next_step()
                 batch.metrics = dist.mean_over_ranks(batch.metrics)
                 record = self._optimizer_step(batch, loss_fn)
@@ -173,12 +196,16 @@ class Trainer:
                                f"{session_tokens / max(seconds, 1e-9):,.0f} tok/s, "
                                f"{self.skipped_steps} skipped steps")
         return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
-                           seconds=seconds, skipped_steps=self.skipped_steps)
+                           seconds=seconds, skipped_steps=self.skipped_steps, precision=self.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's precision for a forward outside the loop (e.g. a reference pass before training)."""
+        return autocast(self.precision, self.device)
 
     def _evaluate(self, evaluate: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
         """Evaluation runs on rank 0 alone (its results are what gets logged); under FSDP every rank takes
         part in gathering the full weights first."""
-        with self.parallel.full_weights():
+        with self.parallel.full_weights(), self.autocast():
             results = evaluate(self.step) if self.dist.is_main else {}
         dist.barrier()
         return results
@@ -196,7 +223,8 @@ class Trainer:
         for i, micro_batch in enumerate(batch.micro_batches):
             # Gradients are exchanged once per step, on the last micro-batch's backward.
             with self.parallel.step_context(sync=i == last):
-                loss, micro_metrics = self.parallel.loss(loss_fn, micro_batch, batch.normaliser, sync=i == last)
+                with self.autocast():  # the backward runs outside: each op in its forward's dtype
+                    loss, micro_metrics = self.parallel.loss(loss_fn, micro_batch, batch.normaliser, sync=i == last)
                 if not torch.isfinite(loss):
                     finite = False
                     if not self.dist.distributed:
