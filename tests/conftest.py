@@ -43,3 +43,22 @@ def pretrained_run(tmp_path_factory):
     cfg = load_config(PretrainConfig, recipe.path, [f"run.out_dir={out}", "run.progress=false"],
                       extra=recipe.quick)
     return main(cfg)
+
+
+def _float64_norms(model: torch.nn.Module) -> None:
+    """transformers' RMSNorm computes in float32 whatever the model's dtype; in float64 instead, so that
+    summing the gradients of a shared prompt (one float64 sum, then the norm's backward) and summing them
+    over separate copies (each through the norm's backward, then summed) agree to float64 rounding."""
+    def forward(norm, hidden):
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon))
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = forward.__get__(module)
+
+
+@pytest.fixture()
+def float64_norms():
+    """`_float64_norms`: for float64 comparisons of layouts that sum a gradient in a different order."""
+    return _float64_norms

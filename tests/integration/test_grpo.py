@@ -279,23 +279,32 @@ def test_the_token_mean_loss_is_invariant_to_micro_batching(tiny_model, tokenize
     assert_close(grads[1], grads[0])  # 16 rows in one micro-batch, or in micro-batches of 5, 5, 5 and 1
 
 
-@pytest.mark.parametrize("capacity", [256, 12])
-def test_padding_free_and_padded_forwards_give_the_same_loss_gradient(tiny_model, tokenizer, capacity):
+@pytest.mark.parametrize("capacity,share", [(256, False), (12, False), (256, True), (12, True)])
+def test_padding_free_and_padded_forwards_give_the_same_loss_gradient(tiny_model, tokenizer, capacity, share,
+                                                                      float64_norms):
+    """Padding-free rows (each prompt once per group with `share`, cut to fit 12-token rows) against the
+    padded per-sample forward: the reference pass's logprobs and the loss gradient agree in float64."""
     model = tiny_model.double()
+    float64_norms(model)
     reference = Reference.frozen_copy(model)
     with torch.no_grad():  # off the reference, so the KL term has a gradient too
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 1e-2)
-    source = make_source(model, tokenizer, "train.micro_batch_size=6", "kl.coef=0.2", reference=reference)
+    source = make_source(model, tokenizer, "train.micro_batch_size=8", "kl.coef=0.2", "kl.placement=loss",
+                         f"update.share_prompts={str(share).lower()}", f"update.padding_free_capacity={capacity}",
+                         reference=reference)
     handle = eos_bias(model, 4.0)  # some completions end in EOS, the others run into max_new_tokens
     try:
         step = source.next_step()
     finally:
         handle.remove()
     assert 0 < sum(r == "eos" for r in source.last.rollout.finish_reasons) < 16
+    rollout = source.last.rollout
+    padded_reference = reference.rollout_logprobs(rollout)
+    assert_close(source.last.ref_logprobs, padded_reference, rtol=0, atol=1e-12)  # the round's shared pass
     grads = []
     for padding_free in (True, False):
-        update = dataclasses.replace(source.cfg.update, padding_free=padding_free, padding_free_capacity=capacity)
+        update = dataclasses.replace(source.cfg.update, padding_free=padding_free)
         grads.append(gradient(model, step, rl_loss_fn(dataclasses.replace(source.cfg, update=update), 6)))
     assert grads[0].abs().sum() > 0
     assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)

@@ -35,7 +35,7 @@ from posttrain.recipes.rl_loop import RLStepSource, packing, rl_loss_fn, rollout
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.forward import left_pad
-from posttrain.rollout.recompute import pack_rollout
+from posttrain.rollout.recompute import PaddingFree, pack_rollout, prompt_keys
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
 
@@ -140,7 +140,7 @@ def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenize
     step = source.next_step()
     assert torch.equal(source.last.kl, torch.zeros_like(source.last.kl))
     for batch in step.micro_batches:
-        logprobs, _, values = rollout_forward(model, batch.rollout, padding_free_capacity=packing(source.cfg.update))
+        logprobs, _, values = rollout_forward(model, batch.rollout, padding_free=packing(source.cfg.update))
         assert torch.equal(logprobs, batch.old_logprobs) and torch.equal(values, batch.old_values)
 
 
@@ -302,7 +302,8 @@ def test_micro_batches_are_cut_to_the_token_budget():
     rows = torch.tensor([1, 3, 4, 0, 2])  # longest first: 7, 5, 4, 4, 2 tokens
 
     def cut(budget, capacity):
-        return [piece.tolist() for piece in split_by_tokens(rows, rollout, budget, capacity)]
+        layout = None if capacity is None else PaddingFree(capacity)
+        return [piece.tolist() for piece in split_by_tokens(rows, rollout, budget, layout)]
 
     assert cut(None, 8) == cut(None, None) == [[1, 3, 4, 0, 2]]
     # Padding-free, rows of 8 tokens: best-fit decreasing packs [1], [3, 2], [4, 0] (widths 7, 7, 8); a
@@ -315,6 +316,10 @@ def test_micro_batches_are_cut_to_the_token_budget():
     assert cut(12, None) == [[1], [3, 4], [0, 2]]
     assert cut(35, None) == [[1, 3, 4, 0, 2]]           # 5 x (4 + 3)
     assert cut(34, None) == [[1, 3, 4, 0], [2]]         # 4 x 7 = 28; 5 x 7 = 35
+    # Shared prompts: rows 3 and 0 have one prompt (3 tokens), laid out once: 3 + 2 + 1 = 6 tokens. Units of
+    # 7 [1], 6 [3, 0], 4 [4], 2 [2] pack into [1], [3, 0, 2], [4] (widths 7, 8, 4): 2 x 8 = 16 fits, 3 x 8 not.
+    shared = [piece.tolist() for piece in split_by_tokens(rows, rollout, 16, PaddingFree(8, share_prompts=True))]
+    assert shared == [[1, 3, 0, 2], [4]]
 
 
 @pytest.mark.parametrize("save_every", [3, 6])
@@ -350,23 +355,37 @@ def test_a_run_resumes_bitwise_from_a_checkpoint_between_iterations(lm_dir, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("critic", ["separate", "shared"])
-def test_padding_free_and_padded_forwards_give_the_same_outputs_and_loss_gradient(lm_dir, tokenizer, critic):
+@pytest.mark.parametrize("critic,layout", [("separate", "packed"), ("shared", "packed"), ("separate", "shared-prompts"),
+                                           ("shared", "shared-prompts"), ("none", "shared-prompts")])
+def test_padding_free_and_padded_forwards_give_the_same_outputs_and_loss_gradient(lm_dir, tokenizer, critic, layout,
+                                                                                   float64_norms):
+    """Packed rows of 12 tokens, or rows of 40 with the 4 samples of a prompt after one copy of it, against
+    the padded per-sample forward: logprobs, entropy, values and the loss gradient agree in float64."""
     model = (actor_critic(lm_dir, torch.float64) if critic == "separate"
-             else ActorCritic(load_causal_lm(lm_dir).double()))
+             else ActorCritic(load_causal_lm(lm_dir).double(), values=critic == "shared"))
     if critic == "shared":
         perturb(model.value_head, 0.5, seed=1)
-    source = make_source(model, tokenizer, "train.micro_batch_size=3", "loss.entropy_coef=0.01")
+    float64_norms(model)
+    padding_free = PaddingFree(12) if layout == "packed" else PaddingFree(40, share_prompts=True)
+    group = "sampling.samples_per_prompt=" + ("1" if layout == "packed" else "4")
+    source = make_source(model, tokenizer, "train.micro_batch_size=8", "update.rollout_batch_size=8",
+                         "loss.entropy_coef=0.01", group,
+                         *(["critic.kind=none", "advantage.estimator=rloo"] if critic == "none" else []))
     step = source.next_step()
     assert len({int(n) for n in source.last.rollout.prompt_mask.sum(1)}) > 1  # ragged few-shot prompts
-    for batch in step.micro_batches:  # rows of 12 (or the longest sample's) tokens vs the padded layout
-        packed = rollout_forward(model, batch.rollout, entropy_grad=True, padding_free_capacity=12)
+    for batch in step.micro_batches:
+        packed = rollout_forward(model, batch.rollout, entropy_grad=True, padding_free=padding_free)
         padded = rollout_forward(model, batch.rollout, entropy_grad=True)
         for got, expected in zip(packed, padded, strict=True):
             assert_close(got, expected, rtol=0, atol=1e-10)
+        if padding_free.share_prompts:  # the layout holds each prompt once
+            keys = prompt_keys(batch.rollout)
+            laid_out = pack_rollout(batch.rollout, 40, share_prompts=True).input_ids.numel()
+            assert len(set(keys)) < len(keys) and laid_out < pack_rollout(batch.rollout, 40).input_ids.numel()
     grads = []
-    for padding_free in (True, False):
-        update = dataclasses.replace(source.cfg.update, padding_free=padding_free, padding_free_capacity=12)
+    layouts = ({"padding_free": True, "padding_free_capacity": padding_free.capacity,
+                "share_prompts": padding_free.share_prompts}, {"padding_free": False})
+    for update in (dataclasses.replace(source.cfg.update, **fields) for fields in layouts):
         cfg = dataclasses.replace(source.cfg, update=update)
         model.zero_grad()
         for batch in step.micro_batches:

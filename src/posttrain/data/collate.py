@@ -152,11 +152,16 @@ def collate_packed(rows: Sequence[Sequence[Sample]], pad_token_id: int, attentio
     return batch
 
 
-def block_causal_mask(segments: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Additive [R, 1, T, T] mask: query t attends to key s iff s <= t and both are in one segment."""
+def block_causal_mask(segments: Tensor, dtype: torch.dtype = torch.float32, parents: Tensor | None = None) -> Tensor:
+    """Additive [R, 1, T, T] mask: query t attends to key s iff s <= t and both are in one segment, or
+    (with `parents` [R, T], the segment each token's segment continues) s is in t's parent segment: a
+    tree of segments, e.g. one prompt whose completions each see it and themselves but not each other."""
     width = segments.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+    allowed = segments[:, :, None] == segments[:, None, :]
+    if parents is not None:
+        allowed |= parents[:, :, None] == segments[:, None, :]
+    allowed &= causal
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 

@@ -299,6 +299,10 @@ class UpdateConfig:
                                      "instead of the rollout's padded layout: the same logprobs and values, less "
                                      "compute. Prefix-tuning adapters always use the padded layout.")
     padding_free_capacity: int = padding_free_capacity_param()
+    share_prompts: bool = param(True, "Padding-free: the samples of one prompt follow a single copy of it in "
+                                      "every pass (each completion attends to it and to itself): the same "
+                                      "logprobs, values and gradients, without recomputing the prompt "
+                                      "samples_per_prompt times.")
     micro_batch_tokens: int | None = param(None, "Each forward/backward (and no-grad) pass computes at most this "
                                                  "many token positions (packed rows x their width; padded: rows x "
                                                  "their longest prompt + completion): a micro-batch of "

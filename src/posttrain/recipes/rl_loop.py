@@ -86,7 +86,16 @@ from posttrain.recipes.rl import (
 )
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
-from posttrain.rollout.recompute import completion_logprobs, pack_rollout, packed_completion_logprobs, policy_forward
+from posttrain.rollout.recompute import (
+    PaddingFree,
+    completion_logprobs,
+    pack_rollout,
+    packed_completion_logprobs,
+    packed_width_cost,
+    packing_units,
+    policy_forward,
+    prompt_keys,
+)
 from posttrain.train import dist
 from posttrain.train.engine import StepBatch, Trainer, forward_precision
 from posttrain.train.forward import response_logprobs
@@ -100,13 +109,15 @@ from posttrain.train.seed import seed_everything, set_threads
 
 
 def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = False,
-                    padding_free_capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                    padding_free: PaddingFree | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The actor's logprobs, its entropy and the critic's values [B, T] of a rollout's completion tokens
     (0 outside the response mask; None without a critic): value t is that of the prefix before
-    completion token t. With `padding_free_capacity`, over the rollout's real tokens packed into rows of
-    about that many tokens (`pack_rollout`): the same numbers, without computing padding."""
-    if padding_free_capacity is not None:
-        packed = pack_rollout(rollout, padding_free_capacity, mask_dtype=floating_dtype(model))
+    completion token t. With `padding_free`, over the rollout's real tokens packed into rows
+    (`pack_rollout`), each prompt once per group if it says so: the same numbers, without computing
+    padding or repeated prompts."""
+    if padding_free is not None:
+        packed = pack_rollout(rollout, padding_free.capacity, mask_dtype=floating_dtype(model),
+                              share_prompts=padding_free.share_prompts)
         logits, values = model(packed.input_ids, packed.attention_mask, packed.position_ids, keep=packed.sources)
         logprobs, entropy = packed_completion_logprobs(logits, rollout, packed, entropy_grad=entropy_grad)
         return logprobs, entropy, None if values is None else packed.scatter(values)
@@ -116,17 +127,19 @@ def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = F
     return logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask
 
 
-def packing(cfg: UpdateConfig) -> int | None:
-    """`rollout_forward`'s padding_free_capacity: None for the padded layout."""
-    return cfg.padding_free_capacity if cfg.padding_free else None
+def packing(cfg: UpdateConfig) -> PaddingFree | None:
+    """`rollout_forward`'s padding_free layout: None for the padded layout."""
+    return PaddingFree(cfg.padding_free_capacity, cfg.share_prompts) if cfg.padding_free else None
 
 
-def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None, capacity: int | None) -> list[Tensor]:
-    """`rows` (longest first) cut into micro-batches whose forward computes at most `budget` positions.
+def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None,
+                    padding_free: PaddingFree | None) -> list[Tensor]:
+    """`rows` (longest first, or group by group) cut into micro-batches whose forward computes at most
+    `budget` positions.
 
-    Padding-free (`capacity` as `pack_rollout`'s): the rows' samples are packed as the forward packs them,
+    Padding-free: the rows' samples are packed as the forward packs them (`packing_units`, `capped_rows`),
     and a micro-batch takes consecutive packed rows while its forward's own packing (rows x width) fits,
-    so cutting adds next to no row padding. Padded (capacity None): consecutive rows while their count x
+    so cutting adds next to no row padding. Padded (None): consecutive rows while their count x
     (longest prompt + longest completion) fits (the layout of `Rollout.select`). A packed row or sample over
     the budget goes alone; budget None keeps [rows]. Rows keep their order inside a micro-batch.
     """
@@ -134,19 +147,21 @@ def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None, capacity
         return [rows]
     prompts = rollout.prompt_mask[rows].sum(1).tolist()
     completions = rollout.response_mask[rows].sum(1).tolist()
-    lengths = [p + c for p, c in zip(prompts, completions, strict=True)]
-    if capacity is None:
+    if padding_free is None:
         units = [[i] for i in range(len(rows))]
 
         def cost(samples: list[int]) -> int:
             return len(samples) * (max(prompts[i] for i in samples) + max(completions[i] for i in samples))
     else:
-        units = capped_rows(lengths, capacity)
+        share, capacity = padding_free.share_prompts, padding_free.capacity
+        keys = prompt_keys(rollout.select(rows)) if share else list(range(len(rows)))
+        groups = packing_units(keys, prompts, completions, share, capacity)
+        sizes = [prompts[g[0]] + sum(completions[i] for i in g) for g in groups]
+        units = [[i for g in row for i in groups[g]] for row in capped_rows(sizes, capacity)]
 
         def cost(samples: list[int]) -> int:
-            sizes = [lengths[i] for i in samples]
-            packed = capped_rows(sizes, capacity)
-            return len(packed) * max(sum(sizes[i] for i in row) for row in packed)
+            return packed_width_cost([keys[i] for i in samples], [prompts[i] for i in samples],
+                                     [completions[i] for i in samples], share, capacity)
     pieces: list[list[int]] = [[]]
     for unit in units:
         if pieces[-1] and cost(sorted(pieces[-1] + unit)) > budget:
@@ -261,7 +276,7 @@ class RLStepSource:
                  samples: Path | None = None) -> None:
         self.cfg, self.engine, self.model, self.rewards, self.task = cfg, engine, model, rewards, task
         self.reference, self.step_rewards, self.gold, self.samples = reference, step_rewards, gold, samples
-        self.capacity = packing(cfg.update)
+        self.padding_free = packing(cfg.update)
         self.minibatches = rollout_batch_size(cfg) // cfg.train.batch_size
         self.prompts = PromptStream(prepared.dataset, rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt,
                                     cfg.run.seed)
@@ -340,7 +355,7 @@ class RLStepSource:
             for rows in (p for p in pieces if len(p)):
                 sub = rollout.select(rows)
                 width = sub.completion_ids.shape[1]
-                sub_logprobs, _, sub_values = rollout_forward(self.model, sub, padding_free_capacity=self.capacity)
+                sub_logprobs, _, sub_values = rollout_forward(self.model, sub, padding_free=self.padding_free)
                 logprobs[rows, :width] = sub_logprobs
                 if values is not None:
                     values[rows, :width] = sub_values
@@ -351,7 +366,8 @@ class RLStepSource:
     def _reference_pass(self, rollout: Rollout, pieces: list[Tensor]) -> Tensor:
         """The reference's logprobs on the same micro-batches and layout as the policy's, so that a reference
         equal to the policy gives exactly its logprobs (KL exactly 0 at the start)."""
-        forward = policy_forward(self.cfg.update.padding_free, self.cfg.update.padding_free_capacity)
+        update = self.cfg.update
+        forward = policy_forward(update.padding_free, update.padding_free_capacity, update.share_prompts)
         out = torch.zeros(rollout.logprobs.shape, dtype=floating_dtype(self.model))
         for rows in (p for p in pieces if len(p)):
             sub = rollout.select(rows)
@@ -406,14 +422,28 @@ class RLStepSource:
             minibatches = []
             for chunk in order.tensor_split(self.minibatches):
                 rows = chunk[(chunk >= first) & (chunk < first + count)] - first
-                rows = rows[keep[rows]]
-                rows = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
+                rows = self._ordered(rows[keep[rows]], rollout, lengths)
                 pieces = [piece for micro in rows.split(self.cfg.train.micro_batch_size)
                           for piece in split_by_tokens(micro, rollout, self.cfg.update.micro_batch_tokens,
-                                                       self.capacity)]
+                                                       self.padding_free)]
                 minibatches.append(balance_micro_batches(pieces))
             schedule.append(minibatches)
         return schedule
+
+    def _ordered(self, rows: Tensor, rollout: Rollout, lengths: Tensor) -> Tensor:
+        """Longest first, so a micro-batch pads to its own longest row; with shared prompts, group by group
+        (longest group first), so that a group lands in one micro-batch and its prompt is computed once."""
+        rows = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
+        if self.padding_free is None or not self.padding_free.share_prompts or not len(rows):
+            return rows
+        keys = prompt_keys(rollout.select(rows))
+        prompt_tokens = rollout.prompt_mask[rows].sum(1)
+        group_tokens: dict[tuple[int, ...], int] = {}
+        for key, total, prompt in zip(keys, lengths[rows].tolist(), prompt_tokens.tolist(), strict=True):
+            group_tokens[key] = group_tokens.get(key, prompt) + total - prompt
+        first_seen = {key: i for i, key in reversed(list(enumerate(keys)))}
+        order = sorted(range(len(rows)), key=lambda i: (-group_tokens[keys[i]], first_seen[keys[i]], i))
+        return rows[order]
 
     def _step_batches(self, schedule: list[list[list[Tensor]]], metrics: dict[str, float]) -> list[StepBatch]:
         batch = self.last
@@ -529,13 +559,13 @@ def rl_loss_fn(cfg: RLConfig, max_new_tokens: int):
     Statistics are weighted by the micro-batch's token share (per-token ones) or sequence share, so the
     Trainer's sum over micro-batches is the step's mean. The micro-batch is only read.
     """
-    loss_cfg, capacity = cfg.loss, packing(cfg.update)
+    loss_cfg, padding_free = cfg.loss, packing(cfg.update)
     pg_loss_fn = get_policy_loss(loss_cfg.policy_loss)
 
     def loss_fn(model: ActorCritic, batch: RLMicroBatch, normaliser: float) -> tuple[Tensor, dict[str, float]]:
         mask, share = batch.loss_mask, batch.token_share
         logprobs, entropy, values = rollout_forward(model, batch.rollout, entropy_grad=loss_cfg.entropy_coef > 0,
-                                                    padding_free_capacity=capacity)
+                                                    padding_free=padding_free)
         first = batch.old_logprobs is None  # pi_old is this very forward: the round's single update
         old_logprobs = logprobs.detach() if first else batch.old_logprobs
         out = grpo_loss(logprobs, old_logprobs, batch.ref_logprobs if batch.kl_coef > 0 else None,

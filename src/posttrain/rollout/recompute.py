@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -55,8 +55,10 @@ class PackedRollout:
 
     input_ids, position_ids [R, W]: positions count from each sample's first real token, as the
     rollout's. attention_mask [R, 1, W, W]: additive and block-causal (a sample sees only its own past;
-    padding at a row's end is a block of its own). The hidden state at (source_rows[k], source_cols[k])
-    predicts completion token (target_rows[k], target_cols[k]) of the rollout's [B, T]; all four [N].
+    padding at a row's end is a block of its own). With shared prompts, the samples of one prompt
+    follow one copy of it and each sees that copy and its own past. The hidden state at
+    (source_rows[k], source_cols[k]) predicts completion token (target_rows[k], target_cols[k]) of the
+    rollout's [B, T]; all four [N].
     """
 
     input_ids: Tensor
@@ -80,59 +82,129 @@ class PackedRollout:
         return values.new_zeros(self.completion_shape).index_put((self.target_rows, self.target_cols), values)
 
 
+@dataclasses.dataclass(frozen=True)
+class PaddingFree:
+    """How a padding-free forward lays a rollout out (`pack_rollout`): rows of about `capacity` tokens
+    (None: one row), and one copy of each prompt per group of its samples (`share_prompts`)."""
+
+    capacity: int | None = None
+    share_prompts: bool = False
+
+
+def prompt_keys(rollout: Rollout) -> list[tuple[int, ...]]:
+    """Each row's real prompt tokens: rows with equal keys sample the same prompt."""
+    real = rollout.prompt_mask.bool()
+    return [tuple(ids[keep].tolist()) for ids, keep in zip(rollout.prompt_ids, real, strict=True)]
+
+
+def packing_units(keys: Sequence[Hashable], prompt_lengths: Sequence[int], completion_lengths: Sequence[int],
+                  share_prompts: bool, capacity: int | None) -> list[list[int]]:
+    """The samples the padding-free layout lays out together: each alone after its own prompt, or (with
+    `share_prompts`) the samples of one prompt (equal `keys`, in order of first appearance) after one copy
+    of it, cut into consecutive units of at most `capacity` tokens where a sample fits (one sample at least).
+
+    Sharing is exact: a completion attends to the same prompt keys and values either way, and the gradient
+    of the shared prompt is the sum of its samples' gradients, as it is over separate copies. It removes
+    (G - 1) x prompt tokens per group of G from every forward, backward and no-grad pass."""
+    if not share_prompts:
+        return [[i] for i in range(len(keys))]
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    units = []
+    for members in groups.values():
+        unit, size = [], prompt_lengths[members[0]]
+        for i in members:
+            if unit and capacity and size + completion_lengths[i] > capacity:
+                units.append(unit)
+                unit, size = [], prompt_lengths[i]
+            unit.append(i)
+            size += completion_lengths[i]
+        units.append(unit)
+    return units
+
+
+def packed_width_cost(keys: Sequence[Hashable], prompt_lengths: Sequence[int], completion_lengths: Sequence[int],
+                      share_prompts: bool, capacity: int | None) -> int:
+    """Token positions (packed rows x their width) the padding-free forward of these samples computes."""
+    units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts, capacity)
+    sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
+    rows = capped_rows(sizes, capacity)
+    return len(rows) * max(sum(sizes[i] for i in row) for row in rows)
+
+
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
-                 pad_token_id: int = 0) -> PackedRollout:
+                 pad_token_id: int = 0, share_prompts: bool = False) -> PackedRollout:
     """The padding-free layout of `rollout`: every sample in one row (capacity None), or samples packed
-    best-fit decreasing into rows of at most max(capacity, longest sample) tokens.
+    best-fit decreasing into rows of at most max(capacity, longest sample) tokens; with `share_prompts`,
+    one copy of a prompt per group of its samples (`packing_units`).
 
     A single row costs attention over all its tokens squared (the mask hides other samples, the kernel
     still computes them), so large batches are better cut into rows of a few hundred tokens.
     """
-    prompt_lengths = rollout.prompt_mask.sum(dim=1)
-    completion_lengths = rollout.response_mask.sum(dim=1)
-    if bool((prompt_lengths == 0).any()):
+    prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
+    completion_lengths = rollout.response_mask.sum(dim=1).tolist()
+    if min(prompt_lengths, default=1) == 0:
         raise ValueError("every rollout row needs a real prompt token: it predicts the first completion token")
-    lengths = (prompt_lengths + completion_lengths).tolist()
-    rows = capped_rows(lengths, capacity)
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    keys = prompt_keys(rollout) if share_prompts else list(range(len(prompt_lengths)))
+    units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts, capacity)
+    sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
+    rows = capped_rows(sizes, capacity)
+    width = max(sum(sizes[u] for u in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     segments = torch.zeros(shape, dtype=torch.long)
+    parents = torch.zeros(shape, dtype=torch.long)
     real = rollout.attention_mask.bool()
     all_ids, all_positions = rollout.input_ids, rollout.position_ids
-    source_rows, source_cols, target_rows = [], [], []
-    for r, samples in enumerate(rows):
-        start = 0
-        for k, i in enumerate(samples):
-            n, prompt, completion = lengths[i], int(prompt_lengths[i]), int(completion_lengths[i])
-            input_ids[r, start:start + n] = all_ids[i][real[i]]
-            position_ids[r, start:start + n] = all_positions[i][real[i]]
-            segments[r, start:start + n] = k
-            # Completion token j sits at start + prompt + j; the hidden state before it predicts it.
-            source_cols.append(torch.arange(start + prompt - 1, start + prompt - 1 + completion))
-            source_rows.append(torch.full((completion,), r))
-            target_rows.append(torch.full((completion,), i))
-            start += n
+    sources: list[tuple[Tensor, Tensor]] = []
+    targets: list[tuple[int, int]] = []
+    for r, row in enumerate(rows):
+        start, segment = 0, 0
+        for u in row:
+            first = units[u][0]
+            prompt = prompt_lengths[first]
+            ids, positions = all_ids[first][real[first]], all_positions[first][real[first]]
+            input_ids[r, start:start + prompt] = ids[:prompt]
+            position_ids[r, start:start + prompt] = positions[:prompt]
+            segments[r, start:start + prompt] = parents[r, start:start + prompt] = prompt_segment = segment
+            last_prompt_col, start = start + prompt - 1, start + prompt
+            for i in units[u]:
+                n = completion_lengths[i]
+                segment += 1  # a segment per completion: it sees its prompt (the parent) and its own past
+                ids, positions = all_ids[i][real[i]], all_positions[i][real[i]]
+                input_ids[r, start:start + n] = ids[prompt:]
+                position_ids[r, start:start + n] = positions[prompt:]
+                segments[r, start:start + n], parents[r, start:start + n] = segment, prompt_segment
+                # Completion token j is predicted by the token before it: the prompt's last for j = 0.
+                cols = torch.cat([torch.tensor([last_prompt_col]), torch.arange(start, start + n - 1)])[:n]
+                sources.append((torch.full((n,), r), cols))
+                targets.append((i, n))
+                start += n
+            segment += 1
         position_ids[r, start:] = torch.arange(width - start)
-        segments[r, start:] = len(samples)
-    # The response mask is 1 on a prefix of each completion row: token j of a completion is at column j.
-    target_cols = torch.cat([torch.arange(int(completion_lengths[i])) for row in rows for i in row])
+        segments[r, start:] = parents[r, start:] = segment
     device = rollout.input_ids.device
-    return PackedRollout(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-                         attention_mask=block_causal_mask(segments, mask_dtype).to(device),
-                         source_rows=torch.cat(source_rows).to(device), source_cols=torch.cat(source_cols).to(device),
-                         target_rows=torch.cat(target_rows).to(device), target_cols=target_cols.to(device),
-                         completion_shape=tuple(rollout.completion_ids.shape))
+    return PackedRollout(
+        input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+        attention_mask=block_causal_mask(segments, mask_dtype, parents).to(device),
+        source_rows=torch.cat([rows_ for rows_, _ in sources]).to(device),
+        source_cols=torch.cat([cols for _, cols in sources]).to(device),
+        target_rows=torch.cat([torch.full((n,), i) for i, n in targets]).to(device),
+        target_cols=torch.cat([torch.arange(n) for _, n in targets]).to(device),
+        completion_shape=tuple(rollout.completion_ids.shape))
 
 
 def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None,
-                                entropy: bool = True, capacity: int | None = None) -> tuple[Tensor, Tensor | None]:
+                                entropy: bool = True, capacity: int | None = None,
+                                share_prompts: bool = False) -> tuple[Tensor, Tensor | None]:
     """`policy_logprobs_and_entropy` without padding: the same [B, T] logprobs (and entropy, a statistic
-    without gradient) from a forward over the rollout's real tokens only (`pack_rollout`; `capacity` as
-    there), with the output projection applied only to the hidden states that predict completion tokens.
+    without gradient) from a forward over the rollout's real tokens only (`pack_rollout`; `capacity` and
+    `share_prompts` as there), with the output projection applied only to the hidden states that predict
+    completion tokens.
     """
-    packed = pack_rollout(rollout, capacity, mask_dtype=floating_dtype(model))
+    packed = pack_rollout(rollout, capacity, mask_dtype=floating_dtype(model), share_prompts=share_prompts)
     with output_head_at(model, *packed.sources):
         logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                        position_ids=packed.position_ids, use_cache=False).logits  # [1, N, V]
@@ -158,12 +230,13 @@ PolicyForward = Callable[..., tuple[Tensor, Tensor | None]]
 """(model, rollout, temperature=None, entropy=True) -> (logprobs, entropy) [B, T]."""
 
 
-def policy_forward(padding_free: bool, capacity: int | None = None) -> PolicyForward:
+def policy_forward(padding_free: bool, capacity: int | None = None, share_prompts: bool = False) -> PolicyForward:
     """The (model, rollout) -> (logprobs, entropy) [B, T] a recipe trains with: padding-free (packed rows of
-    about `capacity` tokens) or on the rollout's padded layout. Both give the same numbers; prefix-tuning
-    adapters need the padded one (their virtual tokens do not fit a block-diagonal mask)."""
+    about `capacity` tokens, optionally one copy of each prompt per group) or on the rollout's padded layout.
+    All give the same numbers; prefix-tuning adapters need the padded one (their virtual tokens do not fit
+    a block-diagonal mask)."""
     if padding_free:
-        return functools.partial(packed_logprobs_and_entropy, capacity=capacity)
+        return functools.partial(packed_logprobs_and_entropy, capacity=capacity, share_prompts=share_prompts)
     return policy_logprobs_and_entropy
 
 
