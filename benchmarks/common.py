@@ -26,8 +26,28 @@ import torch
 ROOT = Path(__file__).parent
 CACHE = ROOT / ".cache"
 RESULTS = ROOT / "results"
-PEAK_FLOPS = 188e9  # measured fp32 matmul peak of 2 Zen3 threads (BENCHMARK.md)
 WARMUP_STEPS = 2
+# A harness's --precision reaches its workers (subprocesses) through the environment, with the physical limit
+# of that precision measured on this machine by the harness (`use_precision`); 188 GFLOP/s was MKL's fp32
+# sgemm peak on the first benchmark machine (BENCHMARK.md), kept only as the fallback of a bare worker.
+PRECISION = os.environ.get("BENCH_PRECISION", "fp32")
+PEAK_FLOPS = float(os.environ.get("BENCH_PEAK_GFLOPS", "188")) * 1e9
+
+
+def add_precision_argument(parser: Any) -> None:
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="both libraries in this precision: posttrain's train.precision, TRL's bf16=True")
+
+
+def use_precision(precision: str) -> float:
+    """Run the workers in `precision` and measure its physical limit here (GFLOP/s of the model-shaped
+    GEMMs, the fastest library for fp32: `benchmarks.peak`), which their MFU is computed against."""
+    from benchmarks.peak import model_shaped_peak
+
+    gflops = model_shaped_peak(precision)
+    os.environ["BENCH_PRECISION"], os.environ["BENCH_PEAK_GFLOPS"] = precision, f"{gflops:.1f}"
+    print(f"precision {precision}: model-shaped GEMM peak {gflops:.0f} GFLOP/s on 2 threads", flush=True)
+    return gflops
 
 
 def model_dir(size: str) -> Path:
@@ -103,6 +123,7 @@ class StepClock:
         tok_per_s = sum(tokens) / sum(durations)
         return {"s_per_step": statistics.mean(durations), "s_per_step_median": statistics.median(durations),
                 "trained_tok_per_s": tok_per_s, "mfu": 6 * non_embedding_params * tok_per_s / PEAK_FLOPS,
+                "precision": PRECISION, "peak_gflops": PEAK_FLOPS / 1e9,
                 "tokens_per_step": statistics.mean(tokens), "measured_steps": len(durations),
                 "peak_rss_mb": peak_rss_mb()}
 
@@ -133,9 +154,10 @@ class TimedSource:
         self.source.load_state_dict(state)
 
 
-# The settings of BENCHMARK.md every TRL workload shares (fp32 on CPU: TRL's default bf16 is ~45x slower here).
+# The settings of BENCHMARK.md every TRL workload shares; bf16=True (autocast) in a --precision bf16 run.
 TRL_ARGS = {"lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-            "bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": False, "logging_steps": 10_000,
+            "bf16": PRECISION == "bf16", "fp16": False, "use_cpu": True, "gradient_checkpointing": False,
+            "logging_steps": 10_000,
             "save_strategy": "no", "eval_strategy": "no", "report_to": "none", "seed": 0,
             "dataloader_num_workers": 0}
 
@@ -244,6 +266,7 @@ def offline_overrides(directory: Path, out: str, batch_mode: str, steps: int, ba
     return [f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "run.log_every=1000",
             "data.template=plain", f"data.max_length={max_length}", f"data.batch_mode={batch_mode}",
             f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
+            f"train.precision={PRECISION}",
             "train.save_every=0", f"optim.lr={lr}", "optim.schedule=constant", "optim.warmup_steps=0",
             "optim.weight_decay=0", "optim.beta2=0.999", "optim.grad_clip=1.0"]
 

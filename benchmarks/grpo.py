@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
+    PRECISION,
     TRL_ARGS,
     WARMUP_STEPS,
+    add_precision_argument,
     arith_rows,
     model_dir,
     non_embedding_parameters,
@@ -36,6 +38,7 @@ from benchmarks.common import (
     run_worker,
     timed_rl_fit,
     trl_clock,
+    use_precision,
 )
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 8, 8, 32, 1e-5
@@ -61,7 +64,8 @@ def posttrain_worker(directory: Path, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(GRPOConfig, None, [
             f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "data.template=plain",
-            "data.max_length=128", f"train.max_steps={steps}", f"train.batch_size={PROMPTS * GROUP}",
+            "data.max_length=128", f"train.max_steps={steps}",
+            f"train.precision={PRECISION}", f"train.batch_size={PROMPTS * GROUP}",
             f"train.micro_batch_size={PROMPTS * GROUP}", "train.save_every=0", f"optim.lr={LR}",
             "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999",
             "optim.grad_clip=1.0", f"sampling.samples_per_prompt={GROUP}", f"sampling.max_new_tokens={NEW_TOKENS}",
@@ -122,6 +126,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--size", default="small")
+    add_precision_argument(parser)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--libraries", default="posttrain,trl")
     args = parser.parse_args()
@@ -130,6 +135,7 @@ def main() -> None:
         worker = posttrain_worker if args.library == "posttrain" else trl_worker
         print(json.dumps(worker(model_dir(args.size), args.steps)))
         return
+    use_precision(args.precision)
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
     for library in args.libraries.split(","):

@@ -52,31 +52,47 @@ def seconds_per_call(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
     return statistics.median(times)
 
 
+def measure(path: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: int,
+            reps: int) -> list[dict[str, object]]:
+    """GFLOP/s of each model shape on `path`, then the model-shaped peak (the last row)."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if path.startswith("bf16") else torch.float32
+    rows, total_flops, total_seconds = [], 0.0, 0.0
+    for name, n_in, n_out, count in SHAPES:
+        x = torch.randn(tokens, n_in, generator=generator).to(dtype)
+        w = torch.randn(n_out, n_in, generator=generator).to(dtype)
+        seconds = seconds_per_call(fn, x, w, reps)
+        flops = 2.0 * tokens * n_in * n_out
+        total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
+        rows.append({"path": path, "shape": f"{name} [{tokens}x{n_in}] @ [{n_in}x{n_out}]",
+                     "gflops": flops / seconds / 1e9})
+    rows.append({"path": path, "shape": "model-shaped peak", "gflops": total_flops / total_seconds / 1e9})
+    return rows
+
+
+def model_shaped_peak(precision: str, tokens: int = 4096, reps: int = 9) -> float:
+    """The physical limit of `precision` here: the fastest available path's model-shaped GFLOP/s."""
+    torch.set_num_threads(2)
+    found = [measure(path, fn, tokens, reps)[-1]["gflops"] for path, fn in paths().items()
+             if fn is not None and path.startswith(precision)]
+    return max(found)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    generator = torch.Generator().manual_seed(0)
     rows = []
     for path, fn in paths().items():
         if fn is None:
             print(f"{path}: not available in this torch build")
             continue
-        dtype = torch.bfloat16 if path.startswith("bf16") else torch.float32
-        total_flops, total_seconds = 0.0, 0.0
-        for name, n_in, n_out, count in SHAPES:
-            x = torch.randn(args.tokens, n_in, generator=generator).to(dtype)
-            w = torch.randn(n_out, n_in, generator=generator).to(dtype)
-            seconds = seconds_per_call(fn, x, w, args.reps)
-            flops = 2.0 * args.tokens * n_in * n_out
-            total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
-            rows.append({"path": path, "shape": f"{name} [{args.tokens}x{n_in}] @ [{n_in}x{n_out}]",
-                         "gflops": flops / seconds / 1e9})
-        rows.append({"path": path, "shape": "model-shaped peak", "gflops": total_flops / total_seconds / 1e9})
+        measured = measure(path, fn, args.tokens, args.reps)
+        rows.extend(measured)
         append_result("peak", {"path": path, "tokens": args.tokens, "threads": 2,
-                               "gflops": {r["shape"]: r["gflops"] for r in rows if r["path"] == path}})
+                               "gflops": {r["shape"]: r["gflops"] for r in measured}})
     print_table(rows, ["path", "shape", "gflops"])
 
 

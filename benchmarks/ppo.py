@@ -34,7 +34,9 @@ import torch
 
 from benchmarks.common import (
     CACHE,
+    PRECISION,
     TRL_ARGS,
+    add_precision_argument,
     arith_rows,
     model_dir,
     non_embedding_parameters,
@@ -43,6 +45,7 @@ from benchmarks.common import (
     run_worker,
     timed_rl_fit,
     trl_clock,
+    use_precision,
 )
 
 PROMPTS, NEW_TOKENS, LR, KL_COEF = 64, 32, 1e-5, 0.05
@@ -93,7 +96,8 @@ def posttrain_worker(size: str, steps: int, critic: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(PPOConfig, None, [
             f"model.path={directory}", f"run.out_dir={out}", "run.progress=false", "data.template=plain",
-            "data.max_length=128", f"train.max_steps={steps}", f"train.batch_size={PROMPTS}",
+            "data.max_length=128", f"train.max_steps={steps}",
+            f"train.precision={PRECISION}", f"train.batch_size={PROMPTS}",
             f"train.micro_batch_size={PROMPTS}", "train.save_every=0", f"optim.lr={LR}", "optim.schedule=constant",
             "optim.warmup_steps=0", "optim.weight_decay=0", "optim.beta2=0.999", "optim.grad_clip=1.0",
             f"sampling.max_new_tokens={NEW_TOKENS}", "sampling.temperature=1.0", f"update.rollout_batch_size={PROMPTS}",
@@ -149,6 +153,7 @@ def main() -> None:
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--critic", default="separate", choices=("separate", "shared"))
     parser.add_argument("--size", default="small")
+    add_precision_argument(parser)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--libraries", default="posttrain,trl")
     parser.add_argument("--critics", default="separate,shared", help="posttrain's critic kinds to measure")
@@ -163,6 +168,7 @@ def main() -> None:
                   else trl_worker(args.size, args.steps))
         print(json.dumps(result))
         return
+    use_precision(args.precision)
     reward_dir(args.size)  # build once, before any worker is timed
     runs = [("posttrain", critic) for critic in args.critics.split(",") if "posttrain" in args.libraries]
     runs += [("trl", "separate")] if "trl" in args.libraries else []

@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.common import (
     TRL_ARGS,
+    add_precision_argument,
     arith_pairs,
     model_dir,
     non_embedding_parameters,
@@ -30,6 +31,7 @@ from benchmarks.common import (
     run_worker,
     timed_fit,
     trl_clock,
+    use_precision,
 )
 
 PAIRS, MAX_LENGTH, LR = 8, 128, 1e-4
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--size", default="small")
+    add_precision_argument(parser)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-mode", default="padded")
     parser.add_argument("--runs", default="posttrain:padding_free,trl:padded,posttrain:padded",
@@ -93,6 +96,7 @@ def main() -> None:
         worker = posttrain_worker if args.library == "posttrain" else trl_worker
         print(json.dumps(worker(model_dir(args.size), args.batch_mode, args.steps)))
         return
+    use_precision(args.precision)
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
     for run in args.runs.split(","):

@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.common import (
     TRL_ARGS,
+    add_precision_argument,
     arith_rows,
     model_dir,
     non_embedding_parameters,
@@ -29,6 +30,7 @@ from benchmarks.common import (
     run_worker,
     timed_fit,
     trl_clock,
+    use_precision,
 )
 
 BATCH, MAX_LENGTH, LR = 16, 128, 1e-4
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--size", default="small")
+    add_precision_argument(parser)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mode", default="padded")
     parser.add_argument("--modes", default="padded,padding_free,packed")
@@ -92,6 +95,7 @@ def main() -> None:
         worker = posttrain_worker if args.library == "posttrain" else trl_worker
         print(json.dumps(worker(model_dir(args.size), args.mode, args.steps)))
         return
+    use_precision(args.precision)
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
     for mode in args.modes.split(","):

@@ -9,9 +9,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from posttrain.models import precision
 from posttrain.models.onednn import (
     OneDNNLinear,
     onednn_linear_available,
+    onednn_linear_preferred,
     onednn_ops_available,
     use_onednn_linears,
     use_torch_linears,
@@ -22,8 +24,21 @@ needs_onednn = pytest.mark.skipif(not onednn_ops_available(), reason="this torch
 
 @pytest.fixture(autouse=True)
 def _onednn_wanted(monkeypatch):
-    """A POSTTRAIN_ONEDNN=0 in the caller's environment must not turn these tests into no-ops."""
-    monkeypatch.delenv("POSTTRAIN_ONEDNN", raising=False)
+    """These tests are about the oneDNN path: on, whatever the CPU (auto would leave an AVX2-only CPU on
+    MKL) and whatever POSTTRAIN_ONEDNN the caller's environment has."""
+    monkeypatch.setenv("POSTTRAIN_ONEDNN", "1")
+
+
+@pytest.mark.parametrize("choice,flags,expected", [
+    ("auto", "avx2 avx512f avx512_bf16", True), ("auto", "avx2 fma", False), ("1", "avx2 fma", True),
+    ("0", "avx2 avx512f", False)])
+def test_the_gemm_library_is_chosen_by_the_cpu_unless_the_environment_says(monkeypatch, choice, flags, expected):
+    monkeypatch.setattr(precision, "cpu_info", lambda: {"flags": flags})
+    monkeypatch.setenv("POSTTRAIN_ONEDNN", choice)
+    assert onednn_linear_preferred() is expected
+    monkeypatch.setenv("POSTTRAIN_ONEDNN", "yes")
+    with pytest.raises(ValueError, match="POSTTRAIN_ONEDNN must be auto, 0 or 1"):
+        onednn_linear_preferred()
 
 
 def _reference_linear(x, weight, bias):
@@ -108,7 +123,7 @@ def test_only_plain_linears_are_swapped_and_lora_wraps_them(tiny_model, monkeypa
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "0")
     assert onednn_ops_available() and not onednn_linear_available()
     assert use_onednn_linears(torch.nn.Linear(4, 4)) == 0
-    monkeypatch.delenv("POSTTRAIN_ONEDNN")
+    monkeypatch.setenv("POSTTRAIN_ONEDNN", "1")
 
     use_onednn_linears(tiny_model)
     lora = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))

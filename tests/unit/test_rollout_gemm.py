@@ -2,7 +2,7 @@
 
 import torch
 
-from posttrain.models.onednn import onednn_linear_available
+from posttrain.models.onednn import onednn_linear_available, onednn_ops_available
 from posttrain.rollout.gemm import LinearRunner
 
 
@@ -22,3 +22,18 @@ def test_packed_linear_matches_the_module_and_hooked_or_other_modules_run_as_the
         odd = torch.randn(5, 48)  # another row count than the layout was tuned for
         torch.testing.assert_close(runner(plain, odd), odd @ plain.weight.T + plain.bias, rtol=1e-5, atol=1e-5)
     assert not LinearRunner([plain], batch_hint=16, onednn=False).packed
+
+
+def test_bf16_packs_bf16_weights_and_computes_what_autocast_computes():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    runner = LinearRunner([layer], batch_hint=8, dtype=torch.bfloat16)
+    assert set(runner.packed) == ({layer} if onednn_ops_available() else set())
+    x = torch.randn(8, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = runner(layer, x), layer(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    # bf16 products of bf16 inputs with fp32 accumulation: equal up to the final rounding to bf16.
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-2)
+    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+    assert (out.double() - exact).abs().max() < 0.1 and (out.double() - exact).abs().max() > 0

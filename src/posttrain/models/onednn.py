@@ -11,7 +11,13 @@ involved anywhere (no bf16/tf32 "fast math").
 `use_onednn_linears(model)` swaps the class of every plain `nn.Linear` in a model for `OneDNNLinear`,
 a subclass whose forward takes the oneDNN path only where it applies (CPU, fp32, plain tensors, no
 autocast) and is `nn.Linear.forward` everywhere else, so state dicts, `save_pretrained`, PEFT's LoRA
-wrapping, DDP and FSDP see an ordinary `nn.Linear`. Set `POSTTRAIN_ONEDNN=0` to keep torch's own GEMM.
+wrapping, DDP and FSDP see an ordinary `nn.Linear`.
+
+Which GEMM, per CPU: the 2x was measured on AVX-512 CPUs (AMD Zen 4/5; on an Intel Xeon with AVX-512 and
+AMX the two libraries tie, 316 vs 318 GFLOP/s, `benchmarks.peak`). On an AVX2-only CPU oneDNN has no such
+edge over MKL and was never measured to have one, so the swap is decided by the instruction set:
+`POSTTRAIN_ONEDNN=auto` (the default) swaps only on a CPU with AVX-512 (`avx512f`), `1` always, `0` never
+(torch's own GEMM).
 The ops used (`torch.ops.mkldnn._linear_pointwise`, the one inductor's CPU backend uses) are private:
 without them, or without oneDNN in the torch build, nothing is swapped.
 
@@ -31,6 +37,8 @@ import os
 import torch
 from torch import Tensor
 
+from posttrain.models.precision import cpu_flags
+
 PRIMITIVE_CACHE_CAPACITY = 64
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
 
@@ -42,9 +50,18 @@ def onednn_ops_available() -> bool:
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
+def onednn_linear_preferred() -> bool:
+    """Whether fp32 linears should run on oneDNN on this CPU: `POSTTRAIN_ONEDNN` 1/0, or (auto) AVX-512."""
+    choice = os.environ.get("POSTTRAIN_ONEDNN", "auto")
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"POSTTRAIN_ONEDNN must be auto, 0 or 1, got {choice!r}")
+    return choice == "1" or (choice == "auto" and "avx512f" in cpu_flags())
+
+
 def onednn_linear_available() -> bool:
-    """Whether the oneDNN linear path can run (`onednn_ops_available`) and is wanted (`POSTTRAIN_ONEDNN` is not 0)."""
-    return os.environ.get("POSTTRAIN_ONEDNN", "1") != "0" and onednn_ops_available()
+    """Whether the oneDNN fp32 linear path can run (`onednn_ops_available`) and is wanted here
+    (`onednn_linear_preferred`)."""
+    return onednn_linear_preferred() and onednn_ops_available()
 
 
 def matmul_transposed(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:

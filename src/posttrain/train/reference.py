@@ -75,13 +75,11 @@ def precompute_sequence_logprobs(reference: Reference, prepared: Prepared, batch
     tensor per row, in the row order of its collated batch (a pair: chosen then rejected; a ranking:
     best first)."""
     dataset, rows = prepared.dataset, []
-    # Padded whatever the training batches are; the values are the same in any layout, up to rounding.
-    # (This predates capped padding-free rows, when a padding-free batch was one row with a tokens x
-    # tokens mask; capped rows would now make the pass cheaper.)
-    collator = dataclasses.replace(prepared.collator, batch_mode="padded")
+    # The training batches' own layout (padding-free rows capped at data.padding_free_capacity by default):
+    # the values are the same in any layout up to rounding, and the padding-free one computes no padding.
     for start in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collator(samples)
+        batch = prepared.collator(samples)
         values = reference.sequence_logprobs(batch, average)
         rows += split_rows(values, batch)
     return rows
