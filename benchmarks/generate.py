@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from benchmarks.common import cpu_model
 from posttrain.config import ModelConfig
 from posttrain.data.arith import few_shot_prompt, sample_problem
 from posttrain.data.corpus import plain_text, synthetic_documents
 from posttrain.models import build_model, train_tokenizer
 from posttrain.models.onednn import use_torch_linears
+from posttrain.models.precision import autocast
 from posttrain.rollout import LocalRolloutEngine, SamplingParams
 from posttrain.rollout.forward import left_pad
 
@@ -57,6 +59,14 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def in_precision(fn: Callable[[], int], precision: str) -> Callable[[], int]:
+    def run() -> int:
+        with autocast(precision):
+            return fn()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
@@ -65,6 +75,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions of each, after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: every contender under bf16 autocast (the engine packs bf16 weights itself)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -93,6 +105,7 @@ def main() -> None:
     mkl_engine = LocalRolloutEngine(model, tokenizer, onednn=False)  # attributes the oneDNN GEMMs' share
     contenders = {"hf_generate": run_hf, "engine": run_engine(engine), "engine_mkl_gemm": run_engine(mkl_engine),
                   "engine_hf_forward": run_engine(hf_engine)}
+    contenders = {name: in_precision(fn, args.precision) for name, fn in contenders.items()}
     for fn in contenders.values():  # warm-up: allocator, thread pools, first-call paths
         fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -118,6 +131,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "precision": args.precision,
         "size": args.size, "batch": args.batch, "new_tokens": args.new_tokens, "reps": args.reps,
         "prompt_tokens": sum(len(p) for p in prompts), "padded_prompt_tokens": input_ids.numel(),
         "new_tok_per_s": {name: round(m, 1) for name, m in medians.items()},
