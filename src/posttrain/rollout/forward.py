@@ -117,16 +117,20 @@ def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]
 
 
 class LlamaDecoder(Decoder):
-    """Llama forward over a preallocated KV cache [B, kv_heads, P + max_new_tokens, head_dim].
+    """Llama forward over preallocated KV caches: one per prompt, shared by its n rows, and one per row
+    for the new tokens.
 
     Internally the prompts are sorted by length, each prompt's n rows next to each other
     (`order` maps internal to caller rows; the interface keeps the caller's order), so that decode
-    attention can run per group of similar lengths. Cache layout: a row's prompt keys sit
-    left-padded in slots [P - len, P), new token s in slot P + s; `bias` [B, S] is 0 on the slots a
-    row attends to and -inf elsewhere. Masked prompt slots hold zeros, never garbage: NaN times a 0 weight is NaN.
+    attention can run per group of prompts of similar lengths. Prompt cache [prompts, kv_heads, P,
+    head_dim]: a prompt's keys sit left-padded in slots [P - len, P), `prompt_bias` [prompts, P] is 0
+    on them and -inf on the padding (which holds zeros, never garbage: NaN times a 0 weight is NaN).
+    New-token cache [B, kv_heads, max_new_tokens, head_dim]: token s in slot s, the same for every row.
+    A group of n samples reads its prompt's keys and values once per step instead of n times.
     """
 
     GROUPS = 4
+    PROMPTS_PER_GROUP = 16  # fewer prompts per group: the per-call cost of the extra products outweighs the width saved
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], n: int, max_new_tokens: int,
                  onednn: bool = True) -> None:
@@ -138,10 +142,11 @@ class LlamaDecoder(Decoder):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         weight = self.trunk.embed_tokens.weight
-        # Under bf16 autocast the linear products, attention and the KV cache are bf16 (half the bytes
-        # every decode step reads); the residual stream and the norms stay in the weights' dtype.
-        self.device = weight.device
-        self.dtype = autocast_dtype(self.device) or weight.dtype
+        # Under bf16 autocast the linear products (and the prefill's attention) are bf16; the residual
+        # stream, the norms, the KV caches and decode attention stay in the weights' dtype: oneDNN's bf16
+        # bmm copies a strided operand (a slot range of a cache) first, which costs more than it saves.
+        self.device, self.dtype = weight.device, weight.dtype
+        self.linear_dtype = autocast_dtype(self.device) or weight.dtype
 
         by_length = sorted(range(len(prompts)), key=lambda u: len(prompts[u]))
         self.n, self.prompts = n, [prompts[u] for u in by_length]
@@ -150,20 +155,25 @@ class LlamaDecoder(Decoder):
         self.order = torch.tensor(order, device=self.device)  # internal row -> caller's row
         self.inverse = torch.argsort(self.order)  # caller's row -> internal row
         self.width = max(len(p) for p in prompts)  # P
-        self.groups = length_groups([len(p) for p in self.prompts for _ in range(n)], self.GROUPS)
+        groups = max(1, min(self.GROUPS, len(prompts) // self.PROMPTS_PER_GROUP))
+        self.groups = length_groups([len(p) for p in self.prompts], groups)  # of prompts
 
-        batch, slots = len(order), self.width + max_new_tokens
-        shape = (batch, self.kv_heads, slots, self.head_dim)
+        batch, kv, dim = len(order), self.kv_heads, self.head_dim
         # Uninitialised on purpose (zeroing costs ~4% of a generation): prefill writes every prompt
-        # slot, padding included, and decoding writes slot P + s before anything reads it.
-        self.keys = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.values = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.bias = torch.full((batch, slots), float("-inf"), device=self.device, dtype=self.dtype)
+        # slot, padding included, and decoding writes new slot s before anything reads it.
+        prompt_shape, new_shape = (len(prompts), kv, self.width, dim), (batch, kv, max_new_tokens, dim)
+        self.prompt_keys = [torch.empty(prompt_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.prompt_values = [torch.empty(prompt_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.new_keys = [torch.empty(new_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.new_values = [torch.empty(new_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.prompt_bias = torch.full((len(prompts), self.width), float("-inf"), device=self.device,
+                                      dtype=self.dtype)
         self.positions = self.prompt_lengths.repeat_interleave(n)  # the next token's position, per row
-        self.slot = self.width  # the next token's cache slot (the same for every row)
+        self.slot = 0  # the next new token's slot (the same for every row)
         linears = [m for layer in self.layers for m in (*_projections(layer.self_attn, "qkvo"),
                                                          *_projections(layer.mlp, ("gate", "up", "down")))]
-        self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn, dtype=self.dtype)
+        self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn,
+                                   dtype=self.linear_dtype)
 
     def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
         """down(silu(gate(x)) * up(x)) with the activation and product in place (large at prefill)."""
@@ -177,86 +187,100 @@ class LlamaDecoder(Decoder):
 
     def prefill(self) -> Tensor:
         """Unpadded: the linear layers see only the real prompt tokens, packed into [N, hidden], and
-        attention runs per prompt (causal, no mask, no padding). Keys and values go straight into
-        the cache row of each prompt's first sample, and are copied to its other n - 1 rows.
+        attention runs per prompt (causal, no mask, no padding). Keys and values go straight into the
+        prompt's cache, which its n rows share.
         """
-        n_prompts, width, n = len(self.prompts), self.width, self.n
+        width = self.width
         lengths = self.prompt_lengths
         tokens = torch.tensor([t for p in self.prompts for t in p], device=self.device)
-        owner = torch.repeat_interleave(torch.arange(n_prompts, device=self.device), lengths)
+        owner = torch.repeat_interleave(torch.arange(len(self.prompts), device=self.device), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(len(tokens), device=self.device) - starts[owner]
         slots = width - lengths[owner] + positions  # left-padded column of each packed token
-        prompt_valid = torch.zeros((n_prompts, width), dtype=torch.bool, device=self.device)
-        prompt_valid[owner, slots] = True
         spans = list(itertools.pairwise([0, *torch.cumsum(lengths, 0).tolist()]))
 
         hidden = self.trunk.embed_tokens(tokens)  # [N, hidden]
         cos, sin = self.trunk.rotary_emb(hidden, positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, head_dim]
-        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+        for layer, keys, values in zip(self.layers, self.prompt_keys, self.prompt_values, strict=True):
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
             linear = self.linear
             q = _rotate(linear(attn.q_proj, normed).view(-1, self.heads, self.head_dim), cos, sin).transpose(0, 1)
             k = _rotate(linear(attn.k_proj, normed).view(-1, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
             v = linear(attn.v_proj, normed).view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv, N, D]
-            out = torch.empty((len(tokens), self.heads, self.head_dim), device=self.device, dtype=self.dtype)
-            for i, (a, b) in enumerate(spans):
-                row, first = i * n, width - (b - a)  # the prompt's first sample row; its first real slot
+            out = torch.empty((len(tokens), self.heads, self.head_dim), device=self.device, dtype=q.dtype)
+            for u, (a, b) in enumerate(spans):
+                first = width - (b - a)  # the prompt's first real slot
                 for cache, new in ((keys, k), (values, v)):
-                    cache[row, :, :first] = 0.0
-                    cache[row, :, first:width] = new[:, a:b]
+                    cache[u, :, :first] = 0.0
+                    cache[u, :, first:] = new[:, a:b]
                 out[a:b] = F.scaled_dot_product_attention(  # [1, heads, len, D], causal, nothing padded
-                    q[None, :, a:b], self._expand_heads(keys[row : row + 1, :, first:width], 1),
-                    self._expand_heads(values[row : row + 1, :, first:width], 1), is_causal=True,
-                    scale=attn.scaling)[0].transpose(0, 1)
+                    q[None, :, a:b], self._expand_heads(k[None, :, a:b], 1), self._expand_heads(v[None, :, a:b], 1),
+                    is_causal=True, scale=attn.scaling)[0].transpose(0, 1)
             hidden = hidden.add_(linear(attn.o_proj, out.view(len(tokens), -1)))
             hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
-            if n > 1:  # the other samples of a prompt start from the same cache
-                for cache in (keys, values):
-                    grouped = cache.view(n_prompts, n, *cache.shape[1:])
-                    grouped[:, 1:, :, :width] = grouped[:, :1, :, :width]
-        self.bias[:, :width].masked_fill_(prompt_valid.repeat_interleave(n, dim=0), 0.0)
+        self.prompt_bias[owner, slots] = 0.0
         last = starts + lengths - 1
         logits = self.linear(self.lm_head, self.trunk.norm(hidden[last]))  # only the positions that predict
-        return logits[self.inverse // n]
+        return logits[self.inverse // self.n]
 
     def step(self, tokens: Tensor) -> Tensor:
         slot, batch, heads, kv_heads, dim = self.slot, len(tokens), self.heads, self.kv_heads, self.head_dim
-        self.bias[:, slot] = 0.0
         hidden = self.trunk.embed_tokens(tokens[self.order])  # [B, hidden], internal row order
         cos, sin = self.trunk.rotary_emb(hidden, self.positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
-        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+        caches = zip(self.layers, self.prompt_keys, self.prompt_values, self.new_keys, self.new_values, strict=True)
+        for layer, prompt_keys, prompt_values, new_keys, new_values in caches:
             attn, linear = layer.self_attn, self.linear
             normed = layer.input_layernorm(hidden)
             q = _rotate(linear(attn.q_proj, normed).view(batch, heads, dim), cos, sin)
-            keys[:, :, slot] = _rotate(linear(attn.k_proj, normed).view(batch, kv_heads, dim), cos, sin)
-            values[:, :, slot] = linear(attn.v_proj, normed).view(batch, kv_heads, dim)
+            new_keys[:, :, slot] = _rotate(linear(attn.k_proj, normed).view(batch, kv_heads, dim), cos, sin)
+            new_values[:, :, slot] = linear(attn.v_proj, normed).view(batch, kv_heads, dim)
             out = torch.empty((batch, heads, dim), device=self.device, dtype=self.dtype)
-            for a, b, longest in self.groups:  # each group reads only its own width of the cache
-                out[a:b] = self._attend(q[a:b], keys[a:b], values[a:b], self.bias[a:b],
-                                        self.width - longest, slot + 1, attn.scaling)
+            with torch.autocast(self.device.type, enabled=False):
+                q = q.to(self.dtype) * attn.scaling
+                for a, b, longest in self.groups:  # each group of prompts reads only its own width
+                    rows = slice(a * self.n, b * self.n)
+                    out[rows] = self._attend(q[rows], prompt_keys[a:b], prompt_values[a:b], self.prompt_bias[a:b],
+                                             new_keys[rows], new_values[rows], self.width - longest, slot + 1)
             hidden = hidden.add_(linear(attn.o_proj, out.view(batch, -1)))
             hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
         self.slot += 1
         self.positions += 1
         return self.linear(self.lm_head, self.trunk.norm(hidden))[self.inverse]
 
-    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, first: int, end: int,
-                scale: float) -> Tensor:
-        """One query per row against cache slots [first, end): softmax(q k^T * scale + bias) v.
+    def _attend(self, q: Tensor, prompt_keys: Tensor, prompt_values: Tensor, prompt_bias: Tensor, new_keys: Tensor,
+                new_values: Tensor, first: int, count: int) -> Tensor:
+        """One (pre-scaled) query per row against its prompt's slots [first, P) and its first `count` new
+        slots: softmax(q k^T + bias) v over both, for the n rows of each of the group's m prompts.
 
-        Plain batched matmuls: for a single query per row they are ~10% faster on CPU than
-        SDPA's flash kernel, whose blocking is made for many queries. q [g, heads, D] -> [g, heads, D].
+        The prompt part runs as one product per prompt and key/value head, whose rows are the n samples'
+        queries (times the heads sharing that key/value head): the prompt's keys are read once for all n.
+        Plain batched matmuls on views of the caches (a row's cache [kv_heads, S, D] is contiguous, so
+        [rows * kv_heads, S, D] is a view, and a slot range a strided one that bmm reads as it is); for a
+        single query per row they are faster on CPU than SDPA's flash kernel, made for many queries.
+        q [m * n, heads, D], prompt caches [m, kv, P, D], new caches [m * n, kv, T, D] -> [m * n, heads, D].
         """
-        rows, width = len(q), end - first
-        k = self._expand_heads(keys[:, :, first:end], 1).reshape(rows * self.heads, width, self.head_dim)
-        v = self._expand_heads(values[:, :, first:end], 1).reshape(rows * self.heads, width, self.head_dim)
-        mask = bias[:, None, first:end].expand(rows, self.heads, width).reshape(rows * self.heads, 1, width)
-        scores = torch.baddbmm(mask, q.reshape(rows * self.heads, 1, self.head_dim), k.transpose(1, 2), alpha=scale)
-        return torch.bmm(scores.softmax(dim=-1), v).view(rows, self.heads, self.head_dim)
+        prompts, n, kv, dim = len(prompt_keys), self.n, self.kv_heads, self.head_dim
+        rows, per_kv, width = len(q), self.heads // kv, self.width - first
+        # Prompt part: [m * kv, n * per_kv, width], the n samples' queries side by side per prompt and head.
+        shared_q = q.view(prompts, n, kv, per_kv, dim).transpose(1, 2).reshape(prompts * kv, n * per_kv, dim)
+        keys = prompt_keys.view(prompts * kv, self.width, dim)[:, first:]
+        prompt_scores = torch.bmm(shared_q, keys.transpose(1, 2)).view(prompts, kv, n * per_kv, width)
+        prompt_scores = prompt_scores.add_(prompt_bias[:, None, None, first:])
+        prompt_scores = prompt_scores.view(prompts, kv, n, per_kv, width).transpose(1, 2)  # [m, n, kv, per_kv, P']
+        # New-token part: [rows * kv, per_kv, count], each row against its own tokens.
+        slots = new_keys.shape[2]
+        new_k = new_keys.view(rows * kv, slots, dim)[:, :count]
+        new_scores = torch.bmm(q.view(rows * kv, per_kv, dim), new_k.transpose(1, 2))
+        probs = torch.cat([prompt_scores.reshape(rows * kv, per_kv, width), new_scores], dim=-1).softmax(dim=-1)
+        prompt_probs = probs[..., :width].reshape(prompts, n, kv, per_kv, width).transpose(1, 2)
+        prompt_out = torch.bmm(prompt_probs.reshape(prompts * kv, n * per_kv, width),
+                               prompt_values.view(prompts * kv, self.width, dim)[:, first:])
+        prompt_out = prompt_out.view(prompts, kv, n, per_kv, dim).transpose(1, 2).reshape(rows, self.heads, dim)
+        new_out = torch.bmm(probs[..., width:], new_values.view(rows * kv, slots, dim)[:, :count])
+        return prompt_out.add_(new_out.view(rows, self.heads, dim))
 
 
 class HFDecoder(Decoder):
