@@ -96,6 +96,25 @@ def test_llama_decoder_handles_grouped_query_attention(tokenizer, prompts):
     rollout = LocalRolloutEngine(model, tokenizer, "llama").generate(
         prompts, SamplingParams(max_new_tokens=8, temperature=0))
     assert torch.equal(rollout.completion_ids, _hf_greedy(model, tokenizer, prompts, 8))
+    # n samples per prompt share the prompt's KV cache: each still samples from its own distribution.
+    sampled = LocalRolloutEngine(model, tokenizer, "llama").generate(
+        prompts, SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=0))
+    recomputed = policy_logprobs(model, sampled)
+    assert logprob_mismatch(sampled.logprobs, recomputed, sampled.response_mask) < 1e-5
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+def test_under_bf16_autocast_the_engine_samples_in_bf16_close_to_the_bf16_trainer(tiny_model, tokenizer, prompts,
+                                                                                   forward):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=0)
+    engine = LocalRolloutEngine(tiny_model, tokenizer, forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rollout = engine.generate(prompts, params)
+        trainer_bf16 = policy_logprobs(tiny_model, rollout)
+    fp32 = policy_logprobs(tiny_model, rollout)
+    bf16_gap = logprob_mismatch(rollout.logprobs, trainer_bf16, rollout.response_mask)
+    # bf16 rounding (8 bits) of both sides, nothing structural; and the sampler did run in bf16.
+    assert bf16_gap < 0.05 and logprob_mismatch(rollout.logprobs, fp32, rollout.response_mask) > 1e-4
 
 
 @pytest.mark.parametrize("forward", FORWARDS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from posttrain.models import precision
+from posttrain.models import onednn, precision
 from posttrain.models.onednn import (
     OneDNNLinear,
     onednn_linear_available,
@@ -29,13 +29,18 @@ def _onednn_wanted(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "1")
 
 
-@pytest.mark.parametrize("choice,flags,expected", [
-    ("auto", "avx2 avx512f avx512_bf16", True), ("auto", "avx2 fma", False), ("1", "avx2 fma", True),
-    ("0", "avx2 avx512f", False)])
-def test_the_gemm_library_is_chosen_by_the_cpu_unless_the_environment_says(monkeypatch, choice, flags, expected):
-    monkeypatch.setattr(precision, "cpu_info", lambda: {"flags": flags})
+@pytest.mark.parametrize("choice,vendor,flags,expected", [
+    ("auto", "AuthenticAMD", "avx2 avx512f avx512_bf16", True),  # Zen 4/5: MKL skips its AVX-512 kernels
+    ("auto", "GenuineIntel", "avx2 avx512f amx_bf16", False),  # MKL's own kernels won on a Xeon with AMX
+    ("auto", "AuthenticAMD", "avx2 fma", False), ("1", "GenuineIntel", "avx2 fma", True),
+    ("0", "AuthenticAMD", "avx2 avx512f", False)])
+def test_the_gemm_library_is_chosen_by_the_cpu_unless_the_environment_says(monkeypatch, choice, vendor, flags,
+                                                                           expected):
+    monkeypatch.setattr(onednn, "cpu_info", lambda: {"vendor_id": vendor, "flags": flags})
+    monkeypatch.setattr(precision, "cpu_info", lambda: {"vendor_id": vendor, "flags": flags})
     monkeypatch.setenv("POSTTRAIN_ONEDNN", choice)
     assert onednn_linear_preferred() is expected
+    assert onednn_linear_preferred(packed_weights=True) is (expected or (choice == "auto" and "avx512f" in flags))
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "yes")
     with pytest.raises(ValueError, match="POSTTRAIN_ONEDNN must be auto, 0 or 1"):
         onednn_linear_preferred()

@@ -13,11 +13,11 @@ a subclass whose forward takes the oneDNN path only where it applies (CPU, fp32,
 autocast) and is `nn.Linear.forward` everywhere else, so state dicts, `save_pretrained`, PEFT's LoRA
 wrapping, DDP and FSDP see an ordinary `nn.Linear`.
 
-Which GEMM, per CPU: the 2x was measured on AVX-512 CPUs (AMD Zen 4/5; on an Intel Xeon with AVX-512 and
-AMX the two libraries tie, 316 vs 318 GFLOP/s, `benchmarks.peak`). On an AVX2-only CPU oneDNN has no such
-edge over MKL and was never measured to have one, so the swap is decided by the instruction set:
-`POSTTRAIN_ONEDNN=auto` (the default) swaps only on a CPU with AVX-512 (`avx512f`), `1` always, `0` never
-(torch's own GEMM).
+Which GEMM, per CPU: the 2x was measured on AMD CPUs with AVX-512 (Zen 4/5). On an Intel Xeon with
+AVX-512 and AMX (Sapphire Rapids class) MKL runs its best kernels and the swap *lost*: SFT steps 10-11%
+slower and ~100 MB more peak RSS (padded 1.15 vs 1.04 s/step, packed 1.52 vs 1.38, `benchmarks.sft`, both
+in one session), and on AVX2-only CPUs it was never measured to win. So `POSTTRAIN_ONEDNN=auto` (the
+default) swaps only on an AMD CPU with AVX-512; `1` always, `0` never (torch's own GEMM).
 The ops used (`torch.ops.mkldnn._linear_pointwise`, the one inductor's CPU backend uses) are private:
 without them, or without oneDNN in the torch build, nothing is swapped.
 
@@ -37,7 +37,7 @@ import os
 import torch
 from torch import Tensor
 
-from posttrain.models.precision import cpu_flags
+from posttrain.models.precision import cpu_flags, cpu_info
 
 PRIMITIVE_CACHE_CAPACITY = 64
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
@@ -50,18 +50,23 @@ def onednn_ops_available() -> bool:
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
-def onednn_linear_preferred() -> bool:
-    """Whether fp32 linears should run on oneDNN on this CPU: `POSTTRAIN_ONEDNN` 1/0, or (auto) AVX-512."""
+def onednn_linear_preferred(packed_weights: bool = False) -> bool:
+    """Whether fp32 linears should run on oneDNN on this CPU: `POSTTRAIN_ONEDNN` 1/0, or (auto) an AMD CPU
+    with AVX-512, where MKL does not pick its AVX-512 kernels. Weights reordered once and reused many times
+    (`packed_weights`: the rollout engine's decode steps) win on any AVX-512 CPU (Intel Xeon with AMX: 8x8
+    GRPO sampling 1.04 vs 1.15 s, 64 prompts 1.93 vs 1.99 s)."""
     choice = os.environ.get("POSTTRAIN_ONEDNN", "auto")
     if choice not in ("auto", "0", "1"):
         raise ValueError(f"POSTTRAIN_ONEDNN must be auto, 0 or 1, got {choice!r}")
-    return choice == "1" or (choice == "auto" and "avx512f" in cpu_flags())
+    avx512 = "avx512f" in cpu_flags()
+    wins = avx512 and (packed_weights or cpu_info().get("vendor_id") == "AuthenticAMD")
+    return choice == "1" or (choice == "auto" and wins)
 
 
-def onednn_linear_available() -> bool:
+def onednn_linear_available(packed_weights: bool = False) -> bool:
     """Whether the oneDNN fp32 linear path can run (`onednn_ops_available`) and is wanted here
     (`onednn_linear_preferred`)."""
-    return onednn_linear_preferred() and onednn_ops_available()
+    return onednn_linear_preferred(packed_weights) and onednn_ops_available()
 
 
 def matmul_transposed(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -2,9 +2,11 @@
 process supervision call, whatever produced the model.
 
 Completions are rendered exactly as the reward model saw its training rows (the same chat template
-and thinking switch, through `posttrain.data.tokenize.Encoder`), padded on the right and scored in
-batches without gradients. Token batches that a policy generated (prompt + completion ids from the
-same tokenizer) can be scored directly with `score_tokens`: no decode and re-encode round trip.
+and thinking switch, through `posttrain.data.tokenize.Encoder`) and scored without gradients in
+micro-batches of `batch_size` sequences, padding-free: each micro-batch's sequences packed into rows of
+at most `capacity` tokens (block-diagonal mask), so no position of a forward is padding. Token batches that a policy
+generated (prompt + completion ids from the same tokenizer) can be scored directly with `score_tokens`:
+no decode and re-encode round trip.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.data.collate import collate_padded, collate_stepwise
+from posttrain.data.collate import capped_rows, collate_packed, collate_stepwise
 from posttrain.data.config import DataConfig
 from posttrain.data.schemas import message
 from posttrain.data.tokenize import Encoder, encode_stepwise
 from posttrain.models import load_tokenizer
+from posttrain.models.heads import floating_dtype
 from posttrain.models.reward import load_reward_model, scores_at, sequence_scores
 
 Prompt = str | Sequence[dict[str, Any]]
@@ -37,11 +40,11 @@ class _Scorer:
     """A reward model, its tokenizer and the rendering settings of its training data."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataConfig | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, capacity: int = 256) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = Encoder.from_config(tokenizer, data or DataConfig(truncation="truncate_left"))
-        self.batch_size = batch_size
+        self.batch_size, self.capacity = batch_size, capacity
         self.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
@@ -64,6 +67,20 @@ class _Scorer:
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _sequence_scores(self, sequences: Sequence[Sequence[int]]) -> Tensor:
+        """The reward [N] of each token sequence, read at its last token: `batch_size` sequences a forward,
+        packed into rows of at most `capacity` tokens (or the longest sequence's)."""
+        out = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = [{"input_ids": list(ids), "response_mask": [0] * len(ids)}
+                     for ids in sequences[start:start + self.batch_size]]
+            rows = capped_rows([len(sample["input_ids"]) for sample in chunk], self.capacity)
+            batch = collate_packed([[chunk[i] for i in row] for row in rows], self.pad_token_id,
+                                   mask_dtype=floating_dtype(self.model), indices=rows)
+            batch.pop("labels")
+            out.append(sequence_scores(self.model, self._to_device(batch)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
 
 class RewardModelScorer(_Scorer):
     """One scalar reward per (prompt, completion), from a model trained by `posttrain rm`.
@@ -77,22 +94,16 @@ class RewardModelScorer(_Scorer):
         """Rewards [N] of the completions (text, with any <think> block inline) of their prompts."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-        rows = [{"input_ids": self._encode(p, c)} for p, c in zip(prompts, completions, strict=True)]
-        out = [sequence_scores(self.model, self._to_device(collate_padded(rows[i:i + self.batch_size],
-                                                                          self.pad_token_id)))
-               for i in range(0, len(rows), self.batch_size)]
-        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+        return self._sequence_scores([self._encode(p, c) for p, c in zip(prompts, completions, strict=True)])
 
     __call__ = score
 
     @torch.no_grad()
-    def score_tokens(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """Rewards [B] of token batches (prompt + completion ids, left or right padded), read at each
-        row's last attended token: what PPO scores its rollouts with."""
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if position_ids is not None:
-            batch["position_ids"] = position_ids
-        return sequence_scores(self.model, self._to_device(batch)).float()
+    def score_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Rewards [B] of token batches (prompt + completion ids, left or right padded, attended tokens
+        contiguous), read at each row's last attended token; padding-free like `score`."""
+        real = attention_mask.bool()
+        return self._sequence_scores([ids[keep].tolist() for ids, keep in zip(input_ids, real, strict=True)])
 
 
 class ProcessRewardScorer(_Scorer):

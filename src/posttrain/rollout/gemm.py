@@ -39,7 +39,7 @@ class LinearRunner:
         self.packed: dict[torch.nn.Module, tuple[Tensor, Tensor | None]] = {}
         self.dtype = dtype
         # bf16 products go through oneDNN whatever the fp32 choice is: torch's own bf16 CPU linear is oneDNN too.
-        wanted = onednn_linear_available() if dtype == torch.float32 else onednn_ops_available()
+        wanted = onednn_linear_available(packed_weights=True) if dtype == torch.float32 else onednn_ops_available()
         if not (onednn and wanted and dtype in (torch.float32, torch.bfloat16)):
             return
         for module in modules:
