@@ -140,6 +140,8 @@ def evaluate(
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Generation budget (default: the run's).")
                               ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the held-out draw and of the samples.")] = 1234,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast) or auto (bf16 where the hardware has it), "
+                                                "as train.precision.")] = "fp32",
 ) -> None:
     """Held-out accuracy (95% CI), pass@k, rewards, KL to the starting model; reward models: pairwise accuracy."""
     _quiet_libraries()
@@ -148,7 +150,7 @@ def evaluate(
 
     options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
                           rewards=tuple(reward or ("correct", "format")), reference=reference,
-                          max_new_tokens=max_new_tokens, seed=seed)
+                          max_new_tokens=max_new_tokens, seed=seed, precision=precision)
     try:
         result = run_eval(path, options)
     except PosttrainError as err:

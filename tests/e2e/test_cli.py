@@ -63,6 +63,13 @@ def test_eval_and_report_of_a_finished_run(pretrained_run):
     assert 0 <= saved["pass@1"] <= saved["pass@2"] <= 1 and saved["samples_per_problem"] == 2
     low, high = saved["accuracy_ci"]
     assert low <= saved["accuracy"] <= high and saved["completion_length"] > 0
+    assert saved["precision"] == "fp32"
+    bf16 = runner.invoke(app, ["eval", str(run), "--problems", "20", "--samples", "0", "--precision", "bf16"],
+                         terminal_width=200)
+    assert bf16.exit_code == 0, bf16.output
+    assert json.loads((run / "eval.json").read_text())["precision"] == "bf16"
+    wrong = runner.invoke(app, ["eval", str(run), "--precision", "fp8"], terminal_width=200)
+    assert wrong.exit_code == 2 and "precision must be one of" in wrong.output
 
     (run / "report.md").unlink()
     rebuilt = runner.invoke(app, ["report", str(run)], terminal_width=200)

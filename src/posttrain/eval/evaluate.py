@@ -44,6 +44,7 @@ from posttrain.eval.rewards import (
     process_metrics,
 )
 from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model
 from posttrain.rewards.functions import Completions, WeightedRewards
 from posttrain.rollout import make_engine
@@ -66,6 +67,8 @@ class EvalOptions:
     max_new_tokens: int | None = None
     batch_size: int = 64
     seed: int = 1234
+    precision: str = "fp32"
+    """auto | fp32 | bf16, as `train.precision`: every forward under bf16 autocast, or not."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +126,16 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
     target = resolve_target(path)
     task = get_task(_task_name(target, options))
     data = _data_config(target, task)
-    if target.is_reward_model:
-        result = evaluate_reward_model(target, data, options)
-    else:
-        result = evaluate_policy(target, task, data, options, greedy)
-    result = {"model": str(target.model_dir), "task": task.name, **result}
+    try:
+        precision, _ = resolve_precision(options.precision)
+    except ValueError as err:
+        raise ConfigError(str(err), field="precision") from None
+    with autocast(precision):
+        if target.is_reward_model:
+            result = evaluate_reward_model(target, data, options)
+        else:
+            result = evaluate_policy(target, task, data, options, greedy)
+    result = {"model": str(target.model_dir), "task": task.name, "precision": precision, **result}
     if write:
         out = (target.run_dir or target.model_dir) / "eval.json"
         out.write_text(json.dumps(result, indent=2), encoding="utf-8")
