@@ -37,3 +37,7 @@ def test_bf16_packs_bf16_weights_and_computes_what_autocast_computes():
     torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-2)
     exact = x.double() @ layer.weight.double().T + layer.bias.double()
     assert (out.double() - exact).abs().max() < 0.1 and (out.double() - exact).abs().max() > 0
+    other = torch.nn.Linear(64, 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # one input, one cast, two products
+        both = LinearRunner([layer, other], batch_hint=8, dtype=torch.bfloat16).each([layer, other], x)
+        assert torch.equal(both[0], out) and torch.equal(both[1], runner(other, x))

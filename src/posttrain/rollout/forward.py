@@ -178,8 +178,8 @@ class LlamaDecoder(Decoder):
     def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
         """down(silu(gate(x)) * up(x)) with the activation and product in place (large at prefill)."""
         mlp, linear = layer.mlp, self.linear
-        gate = linear(mlp.gate_proj, hidden)
-        return linear(mlp.down_proj, F.silu(gate, inplace=True).mul_(linear(mlp.up_proj, hidden)))
+        gate, up = linear.each([mlp.gate_proj, mlp.up_proj], hidden)
+        return linear(mlp.down_proj, F.silu(gate, inplace=True).mul_(up))
 
     def _expand_heads(self, kv: Tensor, dim: int) -> Tensor:
         """Grouped-query attention: each key/value head serves heads // kv_heads query heads."""
@@ -206,9 +206,10 @@ class LlamaDecoder(Decoder):
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
             linear = self.linear
-            q = _rotate(linear(attn.q_proj, normed).view(-1, self.heads, self.head_dim), cos, sin).transpose(0, 1)
-            k = _rotate(linear(attn.k_proj, normed).view(-1, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
-            v = linear(attn.v_proj, normed).view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv, N, D]
+            q, k, v = linear.each(_projections(attn, "qkv"), normed)
+            q = _rotate(q.view(-1, self.heads, self.head_dim), cos, sin).transpose(0, 1)
+            k = _rotate(k.view(-1, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            v = v.view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv, N, D]
             out = torch.empty((len(tokens), self.heads, self.head_dim), device=self.device, dtype=q.dtype)
             for u, (a, b) in enumerate(spans):
                 first = width - (b - a)  # the prompt's first real slot
@@ -234,9 +235,10 @@ class LlamaDecoder(Decoder):
         for layer, prompt_keys, prompt_values, new_keys, new_values in caches:
             attn, linear = layer.self_attn, self.linear
             normed = layer.input_layernorm(hidden)
-            q = _rotate(linear(attn.q_proj, normed).view(batch, heads, dim), cos, sin)
-            new_keys[:, :, slot] = _rotate(linear(attn.k_proj, normed).view(batch, kv_heads, dim), cos, sin)
-            new_values[:, :, slot] = linear(attn.v_proj, normed).view(batch, kv_heads, dim)
+            q, k, v = linear.each(_projections(attn, "qkv"), normed)
+            q = _rotate(q.view(batch, heads, dim), cos, sin)
+            new_keys[:, :, slot] = _rotate(k.view(batch, kv_heads, dim), cos, sin)
+            new_values[:, :, slot] = v.view(batch, kv_heads, dim)
             out = torch.empty((batch, heads, dim), device=self.device, dtype=self.dtype)
             with torch.autocast(self.device.type, enabled=False):
                 q = q.to(self.dtype) * attn.scaling

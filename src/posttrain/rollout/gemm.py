@@ -51,7 +51,14 @@ class LinearRunner:
                 self.packed[module] = (packed, bias)
 
     def __call__(self, module: torch.nn.Module, x: Tensor) -> Tensor:
-        entry = self.packed.get(module)
-        if entry is None:
-            return module(x)
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), entry[0], entry[1], "none", [], "")
+        return self.each([module], x)[0]
+
+    def each(self, modules: list[torch.nn.Module], x: Tensor) -> list[Tensor]:
+        """Every module applied to the same input (q/k/v, gate/up), which is cast to the products' dtype once."""
+        cast = x if x.dtype == self.dtype or not any(m in self.packed for m in modules) else x.to(self.dtype)
+        outputs = []
+        for module in modules:
+            entry = self.packed.get(module)
+            outputs.append(module(x) if entry is None else
+                           torch.ops.mkldnn._linear_pointwise(cast, entry[0], entry[1], "none", [], ""))
+        return outputs
