@@ -209,14 +209,12 @@ def environment() -> dict[str, Any]:
 def cpu_model() -> str:
     """The CPU's name, family/model and the instruction sets that decide fp32 and bf16 GEMM speed (BENCHMARK.md:
     ratios differ between CPUs, so every row records its CPU)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    from posttrain.models.precision import cpu_flags, cpu_info
+
+    fields = cpu_info()
+    if not fields:
         return platform.processor() or "unknown"
-    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     name, family, model = (fields.get(key, "?") for key in ("model name", "cpu family", "model"))
     return f"{name} (family {family} model {model}; {' '.join(wanted)})"
 

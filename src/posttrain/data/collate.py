@@ -184,7 +184,8 @@ def capped_rows(lengths: Sequence[int], capacity: int | None) -> list[list[int]]
     return pack_bfd(lengths, max(capacity, *lengths))
 
 
-def _sequences(flat: Sequence[Sample], pad_token_id: int, packing: PackingOptions | None) -> dict[str, Tensor]:
+def collate_sequences(flat: Sequence[Sample], pad_token_id: int,
+                      packing: PackingOptions | None) -> dict[str, Tensor]:
     """Padded rows, or (padding-free) the sequences packed into capped rows: sequence i is `sample_ids == i`
     whichever row it lands in."""
     if packing is None:
@@ -204,7 +205,7 @@ def collate_pairs(samples: Sequence[Sample], pad_token_id: int,
     chosen = [{"input_ids": s["chosen_input_ids"], "response_mask": s["chosen_response_mask"]} for s in samples]
     rejected = [{"input_ids": s["rejected_input_ids"], "response_mask": s["rejected_response_mask"]}
                 for s in samples]
-    batch = _sequences([*chosen, *rejected], pad_token_id, packing)
+    batch = collate_sequences([*chosen, *rejected], pad_token_id, packing)
     batch["margin"] = torch.tensor([s.get("margin") or 0.0 for s in samples], dtype=torch.float32)
     probabilities = [s.get("preference_prob") for s in samples]
     batch["preference_probs"] = torch.tensor([1.0 if p is None else p for p in probabilities], dtype=torch.float32)
@@ -229,7 +230,7 @@ def collate_rankings(samples: Sequence[Sample], pad_token_id: int,
             ranking_ids.append(b)
             ranks.append(k)
             scores.append(given[k] if given else -float(k))
-    batch = _sequences(flat, pad_token_id, packing)
+    batch = collate_sequences(flat, pad_token_id, packing)
     batch["ranking_ids"] = torch.tensor(ranking_ids, dtype=torch.long)
     batch["ranks"] = torch.tensor(ranks, dtype=torch.long)
     batch["scores"] = torch.tensor(scores, dtype=torch.float32)

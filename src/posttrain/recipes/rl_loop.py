@@ -366,8 +366,7 @@ class RLStepSource:
     def _reference_pass(self, rollout: Rollout, pieces: list[Tensor]) -> Tensor:
         """The reference's logprobs on the same micro-batches and layout as the policy's, so that a reference
         equal to the policy gives exactly its logprobs (KL exactly 0 at the start)."""
-        update = self.cfg.update
-        forward = policy_forward(update.padding_free, update.padding_free_capacity, update.share_prompts)
+        forward = policy_forward(self.padding_free)
         out = torch.zeros(rollout.logprobs.shape, dtype=floating_dtype(self.model))
         for rows in (p for p in pieces if len(p)):
             sub = rollout.select(rows)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.data.collate import capped_rows, collate_packed, collate_stepwise
+from posttrain.data.collate import PackingOptions, collate_sequences, collate_stepwise
 from posttrain.data.config import DataConfig
 from posttrain.data.schemas import message
 from posttrain.data.tokenize import Encoder, encode_stepwise
@@ -70,14 +70,12 @@ class _Scorer:
     def _sequence_scores(self, sequences: Sequence[Sequence[int]]) -> Tensor:
         """The reward [N] of each token sequence, read at its last token: `batch_size` sequences a forward,
         packed into rows of at most `capacity` tokens (or the longest sequence's)."""
+        packing = PackingOptions(mask_dtype=floating_dtype(self.model), row_capacity=self.capacity)
         out = []
         for start in range(0, len(sequences), self.batch_size):
             chunk = [{"input_ids": list(ids), "response_mask": [0] * len(ids)}
                      for ids in sequences[start:start + self.batch_size]]
-            rows = capped_rows([len(sample["input_ids"]) for sample in chunk], self.capacity)
-            batch = collate_packed([[chunk[i] for i in row] for row in rows], self.pad_token_id,
-                                   mask_dtype=floating_dtype(self.model), indices=rows)
-            batch.pop("labels")
+            batch = collate_sequences(chunk, self.pad_token_id, packing)
             out.append(sequence_scores(self.model, self._to_device(batch)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 

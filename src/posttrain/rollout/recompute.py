@@ -230,13 +230,14 @@ PolicyForward = Callable[..., tuple[Tensor, Tensor | None]]
 """(model, rollout, temperature=None, entropy=True) -> (logprobs, entropy) [B, T]."""
 
 
-def policy_forward(padding_free: bool, capacity: int | None = None, share_prompts: bool = False) -> PolicyForward:
-    """The (model, rollout) -> (logprobs, entropy) [B, T] a recipe trains with: padding-free (packed rows of
-    about `capacity` tokens, optionally one copy of each prompt per group) or on the rollout's padded layout.
-    All give the same numbers; prefix-tuning adapters need the padded one (their virtual tokens do not fit
-    a block-diagonal mask)."""
-    if padding_free:
-        return functools.partial(packed_logprobs_and_entropy, capacity=capacity, share_prompts=share_prompts)
+def policy_forward(padding_free: PaddingFree | None) -> PolicyForward:
+    """The (model, rollout) -> (logprobs, entropy) [B, T] a recipe trains with: padding-free in the layout
+    `padding_free` describes (packed rows of about its capacity, optionally one copy of each prompt per
+    group) or, for None, on the rollout's padded layout. All give the same numbers; prefix-tuning adapters
+    need the padded one (their virtual tokens do not fit a block-diagonal mask)."""
+    if padding_free is not None:
+        return functools.partial(packed_logprobs_and_entropy, capacity=padding_free.capacity,
+                                 share_prompts=padding_free.share_prompts)
     return policy_logprobs_and_entropy
 
 
