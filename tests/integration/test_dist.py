@@ -149,6 +149,13 @@ RL_RUNS = {
                       "train.max_steps=2", "advantage.estimator=grpo_batch_std", "advantage.skip_zero_variance=true",
                       "kl.coef=0.1", "reward.functions={dist_residue: 1.0}"]),
 }
+# Dynamic sampling: each rank keeps sampling batches until every rank holds its share of groups whose rewards differ
+# (about half of PromptEngine's prompts give equal completions), then all train on the same number of groups. Not
+# the one-process run (each rank filters its own prompts): it must end, on every rank, after the same batches.
+FILTER_RUN = ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "train.micro_batch_size=4",
+                       "train.max_steps=2", "filter.enabled=true", "filter.max_batches=3",
+                       "reward.functions={dist_residue: 1.0}"])
+FILTER_KEYS = ("prompts_sampled", "sampling_batches", "kept_fraction", "filled_groups", "zero_variance_groups")
 RL_KEYS = ("loss", "pg_loss", "value_loss", "sft_loss", "kl", "reward", "entropy", "ratio", "clip_fraction",
            "grad_norm")
 
@@ -159,7 +166,7 @@ def _rl_run(stage: str, model_dir: Path, out: Path) -> tuple[list[dict], dict[st
     from posttrain.recipes import STAGES, config_class, rl_loop
     from posttrain.train.metrics import read_metrics
 
-    recipe, overrides = RL_RUNS[stage]
+    recipe, overrides = RL_RUNS[stage] if stage in RL_RUNS else FILTER_RUN
     cfg = load_config(config_class(recipe), None, [f"model.path={model_dir}", f"run.out_dir={out}",
                                                    f"run.name={stage}", *_RL_COMMON, *overrides])
     make_engine = rl_loop.make_engine
@@ -197,6 +204,11 @@ def _worker(rank: int, world: int, port: int, work: str) -> None:
             results.update({f"{stage}.weight.{k}": v for k, v in weights.items()})
             results.update({f"{stage}.metric.{key}": torch.tensor([m[key] for m in metrics], dtype=torch.float64)
                             for key in RL_KEYS if all(key in m for m in metrics)})
+    metrics, weights = _rl_run("grpo-filter", work_dir / "model", out)
+    results.update({f"grpo-filter.weight.{k}": v for k, v in weights.items()})
+    if rank == 0:
+        results.update({f"grpo-filter.metric.{key}": torch.tensor([m[key] for m in metrics], dtype=torch.float64)
+                        for key in FILTER_KEYS})
     save_file({k: v.contiguous() for k, v in results.items()}, str(work_dir / f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
@@ -278,3 +290,20 @@ def test_rl_stages_on_two_ranks_match_one_process(two_ranks, stage, tmp_path):
         torch.testing.assert_close(two[f"{stage}.weight.{name}"], value, rtol=1e-5, atol=1e-6, msg=name)
     start = load_file(str(work / "model" / "model.safetensors"))
     assert any(not torch.equal(start[name], value) for name, value in weights.items() if name in start)
+
+
+def test_dynamic_sampling_on_two_ranks_ends_together_and_trains_only_groups_with_spread(two_ranks):
+    work, ranks = two_ranks
+    metric = _section(ranks[0], "grpo-filter.metric.")
+    batches = metric["sampling_batches"]
+    assert len(batches) == 2 and bool((batches >= 1).all())
+    assert torch.equal(metric["prompts_sampled"], batches * 4)  # 2 prompts per rank per batch, on both ranks
+    assert bool((metric["kept_fraction"] > 0).all()) and bool((metric["kept_fraction"] < 1).all())
+    # Where nothing had to be filled in, every trained group has a gradient.
+    assert bool((metric["zero_variance_groups"][metric["filled_groups"] == 0] == 0).all())
+    first, second = (_section(r, "grpo-filter.weight.") for r in ranks)
+    assert first and first.keys() == second.keys()
+    for name, value in first.items():
+        assert torch.equal(second[name], value), name
+    start = load_file(str(work / "model" / "model.safetensors"))
+    assert any(not torch.equal(start[name], value) for name, value in first.items() if name in start)

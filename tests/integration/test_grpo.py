@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -333,3 +334,76 @@ def test_two_updates_per_round_do_not_depend_on_the_step_batch_object(tiny_model
     for batch, copied in zip(second.micro_batches, untouched.micro_batches, strict=True):
         for field in ("loss_mask", "advantages", "old_logprobs", "scores", "rows"):
             assert torch.equal(getattr(batch, field), getattr(copied, field)), field
+
+
+class GroupRecorder:
+    """A 0/1 reward that writes down every group of 4 it scores, in order: the completions of prompts whose text
+    hashes to 0 mod 3 are always right (no spread), the others score by a hash of their text."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[list[str], list[float]]] = []
+        self.prompts: list[Any] = []
+
+    def __call__(self, batch) -> list[float]:
+        values = [1.0 if zlib.crc32(str(p).encode()) % 3 == 0 else float(zlib.crc32(t.encode()) % 2)
+                  for p, t in zip(batch.prompts, batch.completions, strict=True)]
+        self.groups += [(batch.completions[i:i + 4], values[i:i + 4]) for i in range(0, len(values), 4)]
+        self.prompts += batch.prompts[::4]
+        return values
+
+
+def trained_groups(source: RLStepSource) -> list[list[str]]:
+    rollout = source.last.rollout
+    return [[t for t, g in zip(rollout.texts, rollout.prompt_index.tolist(), strict=True) if g == group]
+            for group in range(int(rollout.prompt_index.max()) + 1)]
+
+
+def test_dynamic_sampling_trains_on_the_first_groups_in_the_band_and_says_what_it_sampled(tiny_model, tokenizer):
+    recorder = GroupRecorder()
+    source = make_source(tiny_model, tokenizer, "filter.enabled=true", "filter.max_batches=8",
+                         rewards=WeightedRewards({"r": (recorder, 1.0)}), size=64)
+    step = source.next_step()
+    spread = [max(v) > min(v) for _, v in recorder.groups]
+    assert not all(spread) and sum(spread) >= 4  # some groups were filtered out, and enough were kept
+    assert trained_groups(source) == [texts for (texts, _), s in zip(recorder.groups, spread, strict=True) if s][:4]
+    assert len(recorder.groups) % 4 == 0 and sum(spread[:-4]) < 4  # it stopped at the first batch that had enough
+    assert step.metrics["sampling_batches"] == len(recorder.groups) // 4
+    assert step.metrics["prompts_sampled"] == len(recorder.groups)
+    assert step.metrics["kept_fraction"] == sum(spread) / len(spread) and step.metrics["filled_groups"] == 0
+    assert step.metrics["sampled_score"] == sum(sum(v) for _, v in recorder.groups) / (4 * len(recorder.groups))
+    # The scores and advantages are those of the trained completions: no group trained has zero advantage.
+    expected = torch.tensor([float(zlib.crc32(t.encode()) % 2) for t in source.last.rollout.texts], dtype=torch.float64)
+    assert_close(source.last.scores, expected)
+    assert_close(source.last.advantages[:, 0].double(), group_advantages(expected, source.last.rollout.prompt_index)
+                 .to(torch.float32).double())
+    assert step.metrics["zero_variance_groups"] == 0.0
+
+
+def test_dynamic_sampling_fills_a_short_round_with_spread_groups_nearest_the_band(tiny_model, tokenizer):
+    recorder = GroupRecorder()
+    source = make_source(tiny_model, tokenizer, "filter.enabled=true", "filter.low=2", "filter.high=3",
+                         "filter.max_batches=2", rewards=WeightedRewards({"r": (recorder, 1.0)}), size=64)
+    step = source.next_step()
+    assert len(recorder.groups) == 8  # no group can reach a mean of 2: both batches, then the fill
+    order = sorted(range(8), key=lambda i: (max(recorder.groups[i][1]) == min(recorder.groups[i][1]),
+                                            2 - sum(recorder.groups[i][1]) / 4))
+    assert trained_groups(source) == [recorder.groups[i][0] for i in order[:4]]
+    assert step.metrics["kept_fraction"] == 0.0 and step.metrics["filled_groups"] == 4
+    assert step.metrics["sampling_batches"] == 2
+    # Each trained group keeps its own prompt row (what the SFT blend and the sample records read).
+    assert [row["prompt"] for row in source.last.rows] == [recorder.prompts[i] for i in order[:4]]
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["filter.enabled=true", "sampling.samples_per_prompt=1", "advantage.estimator=reinforce_baseline"],
+     "sampling.samples_per_prompt"),
+    (["filter.low=0.8", "filter.high=0.2"], "filter.low"),
+])
+def test_dynamic_sampling_settings_are_checked(tmp_path, overrides, field):
+    from posttrain.errors import ConfigError
+    from posttrain.recipes.rl import check_rl_config
+
+    cfg = grpo_config("unused", tmp_path, *overrides)
+    with pytest.raises(ConfigError) as err:
+        check_rl_config(cfg, "grpo")
+    assert err.value.field == field

@@ -10,7 +10,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from posttrain.errors import ConfigError
-from posttrain.rollout import LocalRolloutEngine, SamplingParams, logprob_mismatch, make_engine, policy_logprobs
+from posttrain.rollout import (
+    LocalRolloutEngine,
+    SamplingParams,
+    concat_rollouts,
+    logprob_mismatch,
+    make_engine,
+    policy_logprobs,
+)
 from posttrain.rollout.forward import HFDecoder, LlamaDecoder, left_pad, make_decoder
 
 FORWARDS = ["llama", "hf"]
@@ -281,3 +288,21 @@ def test_prefix_tuning_is_refused_rather_than_sampled_wrong(tiny_model, tokenize
     for forward in ("auto", "hf"):
         with pytest.raises(ConfigError, match="does not support prefix or prompt tuning"):
             LocalRolloutEngine(policy, tokenizer, forward).generate(prompts, SamplingParams(max_new_tokens=2))
+
+
+def test_joined_rollouts_hold_row_by_row_what_their_parts_held(tiny_model, tokenizer, prompts):
+    engine = LocalRolloutEngine(tiny_model, tokenizer)
+    short = engine.generate(prompts[2:3], SamplingParams(max_new_tokens=3, n=2, seed=0))  # narrow in both widths
+    long = engine.generate(prompts[:2] + prompts[3:], SamplingParams(max_new_tokens=9, n=2, seed=1))
+    joined = concat_rollouts([short, long])
+    assert joined.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # the second part's prompts follow
+    assert joined.texts == short.texts + long.texts
+    assert joined.finish_reasons == short.finish_reasons + long.finish_reasons
+    for part, rows in ((short, [0, 1]), (long, list(range(2, 8)))):
+        mine = joined.select(rows)  # trimmed back to the part's own widths
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "response_mask", "logprobs"):
+            assert torch.equal(getattr(mine, name), getattr(part.select(range(len(rows))), name)), name
+    # The joined layout is one the trainer recomputes: every row's logprobs are the sampler's.
+    torch.testing.assert_close(policy_logprobs(tiny_model, joined), joined.logprobs, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="temperatures"):
+        concat_rollouts([short, dataclasses.replace(long, temperature=0.5)])

@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 from posttrain.algos import (
     explained_variance,
+    group_success_band,
     last_token_index,
     missing_eos_penalty,
     score_at_last_token,
@@ -81,3 +82,24 @@ def test_zero_advantage_groups_by_id_wherever_the_rows_stand():
     groups = torch.tensor([7, 3, 7, 3, 9, 9])  # group 7 all zero; 3 has one nonzero row; 9 a tiny nonzero
     assert zero_advantage_groups(advantages, groups).tolist() == [True, False, True, False, False, False]
     assert zero_advantage_groups(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)).tolist() == []
+
+
+def test_group_success_band_against_a_plain_loop():
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 9, (60,), generator=generator) * 3  # ids in any order, not contiguous
+    scores = torch.randint(0, 2, (60,), generator=generator).double()
+    scores[groups == 6] = 1.0  # all right: no spread
+    scores[groups == 9] = 0.0  # all wrong
+    for low, high in ((0.0, 1.0), (0.25, 0.75), (0.5, 0.5)):
+        band = group_success_band(scores, groups, low, high)
+        assert band.groups.tolist() == sorted(set(groups.tolist()))
+        for i, g in enumerate(band.groups.tolist()):
+            mine = [s for s, h in zip(scores.tolist(), groups.tolist(), strict=True) if h == g]
+            mean = sum(mine) / len(mine)
+            outside = max(low - mean, 0.0) + max(mean - high, 0.0)
+            assert math.isclose(band.distance[i].item(), outside, abs_tol=1e-12)
+            assert bool(band.spread[i]) == (max(mine) != min(mine))
+            assert bool(band.keep[i]) == (max(mine) != min(mine) and low <= mean <= high)
+    # DAPO's dynamic sampling: with the band [0, 1], exactly the groups with 0 < p < 1.
+    band = group_success_band(torch.tensor([0.0, 0, 1, 1, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 0, 1)
+    assert band.keep.tolist() == [False, False, False, True]

@@ -59,6 +59,7 @@ from posttrain.algos.registry import (
 )
 from posttrain.algos.rewards import (
     explained_variance,
+    group_success_band,
     last_token_index,
     missing_eos_penalty,
     score_at_last_token,
@@ -98,6 +99,7 @@ __all__ = [
     "get_advantage_estimator",
     "get_policy_loss",
     "group_advantages",
+    "group_success_band",
     "grpo_loss",
     "gspo_policy_loss",
     "kl_penalty",

@@ -9,6 +9,8 @@ equals EOS cannot move it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -90,3 +92,34 @@ def zero_advantage_groups(advantages: Tensor, group_ids: Tensor) -> Tensor:
     counts = torch.zeros(int(index.max()) + 1 if len(index) else 0, dtype=torch.long, device=nonzero.device)
     counts.index_add_(0, index, nonzero.long())
     return counts[index] == 0
+
+
+class GroupBand(NamedTuple):
+    """Per distinct group (ascending ids): `keep` = spread and distance 0."""
+
+    groups: Tensor
+    keep: Tensor
+    spread: Tensor
+    """Whether the group's scores are not all equal (a group baseline gives it a gradient)."""
+    distance: Tensor
+    """How far the group's mean score lies outside [low, high] (0 inside)."""
+
+
+def group_success_band(scores: Tensor, group_ids: Tensor, low: float, high: float) -> GroupBand:
+    """Which groups of completions are informative for a group baseline: their scores are not all equal and
+    their mean score lies in [low, high] (for 0/1 rewards, the group's success rate p).
+
+    Shapes: scores [B], group_ids [B] -> [K] per distinct group.
+    Source: the expected policy improvement of a group baseline is bounded below by p(1 - p) (Bae et al. 2025,
+    "Online Difficulty Filtering for Reasoning Oriented RL"); DAPO's dynamic sampling (Yu et al. 2025, §3.2)
+    is the band [0, 1] with spread required, i.e. 0 < p < 1.
+    """
+    groups, index = torch.unique(group_ids, return_inverse=True)
+    scores = scores.double()
+    empty = torch.zeros(len(groups), dtype=torch.float64)
+    mean = empty.index_add(0, index, scores) / empty.index_add(0, index, torch.ones_like(scores))
+    lowest = empty.scatter_reduce(0, index, scores, reduce="amin", include_self=False)
+    highest = empty.scatter_reduce(0, index, scores, reduce="amax", include_self=False)
+    distance = (low - mean).clamp(min=0) + (mean - high).clamp(min=0)
+    spread = highest > lowest
+    return GroupBand(groups=groups, keep=spread & (distance == 0), spread=spread, distance=distance)

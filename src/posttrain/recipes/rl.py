@@ -8,6 +8,7 @@ kept as errors that name the new ones) with the checks they all need.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -269,6 +270,20 @@ class AdvantageConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupFilterConfig:
+    enabled: bool = param(False, "Dynamic sampling (balanced online difficulty filtering): a round trains only on "
+                                 "groups whose completions disagree and whose mean score lies in [low, high] (for "
+                                 "0/1 rewards, the prompt's success rate), and samples more prompts until it has "
+                                 "its number of such groups. Needs samples_per_prompt >= 2.")
+    low: float = param(0.0, "Lowest mean score of a kept group.")
+    high: float = param(1.0, "Highest mean score of a kept group.")
+    oversample: float = param(1.0, "Prompts sampled per batch, as a multiple of the round's prompts.", ge=1)
+    max_batches: int = param(4, "Most sampling batches per round; a round still short of informative groups after "
+                                "them fills up with the others, those with spread and nearest the band first.",
+                             ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class RLLossConfig:
     policy_loss: str = param("ppo", "Policy loss from the algos registry (ppo: per-token clipped ratio; gspo: "
                                     "sequence ratio).", choices=POLICY_LOSSES)
@@ -346,6 +361,8 @@ class RLConfig:
     reward: RLRewardConfig = section(RLRewardConfig, "What a completion is worth (the score at its last token).")
     kl: KLConfig = section(KLConfig, "The KL to the reference policy: its weight, estimator and place.")
     advantage: AdvantageConfig = section(AdvantageConfig, "The advantage estimator.")
+    filter: GroupFilterConfig = section(GroupFilterConfig, "Dynamic sampling: which groups of completions a round "
+                                                            "trains on.")
     loss: RLLossConfig = section(RLLossConfig, "The clipped policy loss and its extra terms.")
     update: UpdateConfig = section(UpdateConfig, "How a round trains: epochs, minibatches, micro-batches.")
     eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
@@ -354,6 +371,16 @@ class RLConfig:
 
 def rollout_batch_size(cfg: RLConfig) -> int:
     return cfg.update.rollout_batch_size or cfg.train.batch_size
+
+
+def sampling_batch_prompts(cfg: RLConfig) -> int:
+    """Prompts of one sampling batch (of every rank): the round's, or with dynamic sampling `filter.oversample`
+    times as many, rounded up to a multiple of the number of ranks."""
+    prompts = rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt
+    if not cfg.filter.enabled:
+        return prompts
+    world = dist.context().world_size
+    return math.ceil(math.ceil(prompts * cfg.filter.oversample) / world) * world
 
 
 def steps_per_round(cfg: RLConfig) -> int:
@@ -386,6 +413,12 @@ def check_rl_config(cfg: RLConfig, stage: str) -> None:
         raise ConfigError(f"advantage.estimator={cfg.advantage.estimator} compares the completions of a prompt "
                           "with each other: set sampling.samples_per_prompt >= 2",
                           field="sampling.samples_per_prompt")
+    if cfg.filter.enabled and cfg.sampling.samples_per_prompt < 2:
+        raise ConfigError("filter.enabled keeps groups whose completions disagree: set sampling.samples_per_prompt "
+                          ">= 2", field="sampling.samples_per_prompt")
+    if cfg.filter.low > cfg.filter.high:
+        raise ConfigError(f"filter.low ({cfg.filter.low}) must not exceed filter.high ({cfg.filter.high})",
+                          field="filter.low")
     if cfg.kl.controller == "adaptive" and cfg.kl.coef == 0:
         raise ConfigError("the adaptive KL controller scales kl.coef: set kl.coef > 0", field="kl.coef")
     check_reward_functions(cfg.reward)

@@ -47,6 +47,7 @@ from posttrain.algos import (
     explained_variance,
     get_advantage_estimator,
     get_policy_loss,
+    group_success_band,
     grpo_loss,
     kl_penalty,
     masked_mean,
@@ -83,9 +84,11 @@ from posttrain.recipes.rl import (
     reward_metrics,
     rollout_batch_size,
     sample_record,
+    sampling_batch_prompts,
+    steps_per_round,
 )
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
-from posttrain.rollout import Rollout, RolloutEngine, make_engine
+from posttrain.rollout import Rollout, RolloutEngine, concat_rollouts, make_engine
 from posttrain.rollout.recompute import (
     PaddingFree,
     completion_logprobs,
@@ -278,8 +281,8 @@ class RLStepSource:
         self.reference, self.step_rewards, self.gold, self.samples = reference, step_rewards, gold, samples
         self.padding_free = packing(cfg.update)
         self.minibatches = rollout_batch_size(cfg) // cfg.train.batch_size
-        self.prompts = PromptStream(prepared.dataset, rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt,
-                                    cfg.run.seed)
+        self.round_prompts = rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt  # of every rank
+        self.prompts = PromptStream(prepared.dataset, sampling_batch_prompts(cfg), cfg.run.seed)
         self.params = cfg.sampling.params()
         self.kl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.controller == "adaptive"
                    else FixedKLController(cfg.kl.coef))
@@ -307,13 +310,10 @@ class RLStepSource:
     def generate(self) -> list[StepBatch]:
         """One round, phase by phase."""
         start = time.perf_counter()
-        rows, rollout = self.prompts.sample(self.engine, self.params)                          # 1. sample
-        generation_s = time.perf_counter() - start
+        rows, rollout, scores, score, generation_s, filtered = self._sample()                # 1. and 2.
         completions = completions_of(rollout, rows)
         if self.gold is not None:
             self.gold.prepare(rows)
-        scores = self.rewards(completions)                                                     # 2. rewards
-        score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
         steps = self.step_rewards(rollout, completions, score) if self.step_rewards is not None else None
         span = dist.rank_span(len(score))  # this rank's rows among the round's rows of every rank
         schedule = self._schedule(rollout, torch.ones(len(score), dtype=torch.bool), span)
@@ -333,12 +333,55 @@ class RLStepSource:
             schedule = self._schedule(rollout, keep, span)                                        # 7. schedule
         self.last = Round(rows, rollout, score, old_logprobs, old_values, ref_logprobs, kl, beta, rewards,
                           advantages, returns)
-        metrics = self._metrics(completions, scores, steps, zero_groups, span[1])
+        metrics = self._metrics(completions, scores, steps, zero_groups, span[1]) | filtered
         if kl is not None:
             self.kl.update(metrics["kl"], span[1])
         self._write_samples(completions, scores, steps)
         metrics.update(generation_s=generation_s, scoring_s=time.perf_counter() - start - generation_s)
         return self._step_batches(schedule, metrics)
+
+    # -- phase 1 and 2: sample and score, until the round has its informative groups ----------------
+
+    def _sample(self) -> tuple[list[dict[str, Any]], Rollout, Scores, Tensor, float, dict[str, float]]:
+        """The round's prompt rows, rollout, scores, score (the reward minus the missing-EOS penalty), seconds spent
+        sampling, and the filter's statistics.
+
+        Without `filter`: one batch of the round's prompts. With it (dynamic sampling), batches of
+        `filter.oversample` x the round's prompts until every rank holds the round's number of groups in the
+        band (`group_success_band`), or `filter.max_batches` were sampled; the round trains on the first groups
+        in the band, filled up if short with the others (spread first, then nearest the band), so that every
+        rank trains on the same number of groups. All batches come from the same policy: still on-policy.
+        """
+        cfg, need = self.cfg.filter, self.round_prompts // dist.context().world_size
+        batches: list[tuple[list[dict[str, Any]], Rollout, Scores, Tensor]] = []
+        generation_s, kept = 0.0, 0
+        while True:
+            start = time.perf_counter()
+            rows, rollout = self.prompts.sample(self.engine, self.params)
+            generation_s += time.perf_counter() - start
+            scores = self.rewards(completions_of(rollout, rows))
+            score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
+            batches.append((rows, rollout, scores, score))
+            if not cfg.enabled:
+                return rows, rollout, scores, score, generation_s, {}
+            kept += int(group_success_band(score, rollout.prompt_index, cfg.low, cfg.high).keep.sum())
+            if dist.all_reduce_min(float(kept)) >= need or len(batches) >= cfg.max_batches:
+                break
+        rows = [row for batch in batches for row in batch[0]]
+        rollout = concat_rollouts([batch[1] for batch in batches])
+        scores, score = Scores.concat([batch[2] for batch in batches]), torch.cat([batch[3] for batch in batches])
+        band = group_success_band(score, rollout.prompt_index, cfg.low, cfg.high)
+        order = torch.argsort(band.distance + 1e9 * (~band.spread).double(), stable=True)  # fill: spread, nearest
+        chosen = torch.cat([band.groups[band.keep], band.groups[order][~band.keep[order]]])[:need]
+        picked = torch.cat([torch.nonzero(rollout.prompt_index == g).flatten() for g in chosen.tolist()])
+        renumbered = torch.repeat_interleave(torch.arange(len(chosen)), torch.bincount(rollout.prompt_index)[chosen])
+        trained = dataclasses.replace(rollout.select(picked), prompt_index=renumbered)
+        metrics = {"kept_fraction": dist.all_reduce_sum(float(band.keep.sum())) / dist.all_reduce_sum(len(band.groups)),
+                   "prompts_sampled": dist.all_reduce_sum(float(len(band.groups))), "sampling_batches": len(batches),
+                   "filled_groups": dist.all_reduce_sum(float(max(0, need - int(band.keep.sum())))),
+                   "sampled_score": dist.all_reduce_sum(float(score.sum())) / dist.all_reduce_sum(float(len(score)))}
+        return ([rows[g] for g in chosen.tolist()], trained, scores.select(picked.tolist()), score[picked],
+                generation_s, metrics)
 
     # -- phase 3 and 4: the no-grad passes -------------------------------------------------------
 
@@ -646,7 +689,8 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     keys = ("score", "reward", "accuracy", "kl", "beta", "value_explained_variance", "entropy", "completion_length")
     summary = {"advantage": cfg.advantage.estimator, "samples_per_prompt": cfg.sampling.samples_per_prompt,
                **summary(source), "trainable_parameters": count_parameters(model, trainable_only=True),
-               **result.totals(), "rounds": source.prompts.rounds, **{k: last[k] for k in keys if k in last},
+               **result.totals(), "rounds": source.steps // steps_per_round(cfg),
+               "sampling_batches": source.prompts.rounds, **{k: last[k] for k in keys if k in last},
                **accuracy_summary(before, last, cfg.eval)}
     write_training_report(run_dir, title, summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)

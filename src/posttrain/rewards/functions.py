@@ -144,6 +144,24 @@ class Scores:
     by_function: dict[str, Tensor]
     errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def concat(cls, parts: Sequence[Scores]) -> Scores:
+        """The scores of several batches, rows in order (error rows counted on)."""
+        offsets = [0]
+        for part in parts:
+            offsets.append(offsets[-1] + len(part.total))
+        return cls(total=torch.cat([p.total for p in parts]),
+                   by_function={name: torch.cat([p.by_function[name] for p in parts]) for name in parts[0].by_function},
+                   errors=[{**e, "row": e["row"] + offset} for p, offset in zip(parts, offsets, strict=False)
+                           for e in p.errors])
+
+    def select(self, rows: Sequence[int]) -> Scores:
+        """The scores of these rows, in this order (error rows renumbered, those of other rows dropped)."""
+        new_row = {old: new for new, old in enumerate(rows)}
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return Scores(total=self.total[index], by_function={k: v[index] for k, v in self.by_function.items()},
+                      errors=[{**e, "row": new_row[e["row"]]} for e in self.errors if e["row"] in new_row])
+
 
 class WeightedRewards:
     """r = sum_k w_k f_k(completion) over named reward functions f_k with weights w_k.

@@ -14,6 +14,7 @@ from posttrain.rollout.base import (
     Rollout,
     RolloutEngine,
     SamplingParams,
+    concat_rollouts,
     position_ids_from_mask,
     text_rollout,
 )
@@ -41,5 +42,5 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
 
 
 __all__ = ["ENGINES", "FinishReason", "LocalRolloutEngine", "Prompts", "Rollout", "RolloutEngine", "SamplingParams",
-           "logprob_mismatch", "make_engine", "policy_logprobs", "policy_logprobs_and_entropy",
+           "concat_rollouts", "logprob_mismatch", "make_engine", "policy_logprobs", "policy_logprobs_and_entropy",
            "position_ids_from_mask", "text_rollout"]

@@ -150,6 +150,35 @@ class Rollout:
                             device=self.response_mask.device)
 
 
+def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
+    """One rollout of several (sampled at the same temperature), rows in order: prompts left-padded and
+    completions right-padded to the widest, prompt indices counted on (the prompts of the second rollout follow
+    those of the first), so row by row it holds exactly what each part held."""
+    if len({r.temperature for r in rollouts}) != 1:
+        raise ValueError("rollouts sampled at different temperatures cannot be joined")
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    width = max(r.completion_ids.shape[1] for r in rollouts)
+
+    def left(tensor: Tensor) -> Tensor:
+        return torch.nn.functional.pad(tensor, (prompt_width - tensor.shape[1], 0))
+
+    def right(tensor: Tensor) -> Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+    offsets, prompt_index = 0, []
+    for r in rollouts:
+        prompt_index.append(r.prompt_index + offsets)
+        offsets += int(r.prompt_index.max()) + 1 if len(r.prompt_index) else 0
+    return Rollout(prompt_ids=torch.cat([left(r.prompt_ids) for r in rollouts]),
+                   prompt_mask=torch.cat([left(r.prompt_mask) for r in rollouts]),
+                   completion_ids=torch.cat([right(r.completion_ids) for r in rollouts]),
+                   response_mask=torch.cat([right(r.response_mask) for r in rollouts]),
+                   logprobs=torch.cat([right(r.logprobs) for r in rollouts]),
+                   finish_reasons=[f for r in rollouts for f in r.finish_reasons],
+                   texts=[t for r in rollouts for t in r.texts], prompt_index=torch.cat(prompt_index),
+                   temperature=rollouts[0].temperature)
+
+
 def text_rollout(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[str]], tokenizer: Any,
                  temperature: float = 1.0) -> Rollout:
     """A Rollout of given completion texts: completions[i] are the texts of prompt i (token ids), each encoded

@@ -119,6 +119,11 @@ def all_reduce_max(value: float) -> float:
     return float(tensor.item())
 
 
+def all_reduce_min(value: float) -> float:
+    """The smallest `value` over all ranks."""
+    return -all_reduce_max(-value)
+
+
 def rank_span(count: int) -> tuple[int, int]:
     """Where this rank's `count` rows start when every rank's rows are concatenated in rank order, and how
     many rows that makes in all ((0, count) in a single process)."""
