@@ -158,9 +158,16 @@ def evaluate(
         raise typer.Exit(2) from None
     table = Table("metric", "value", title=f"eval of {result['model']} on {result['task']}")
     for key, value in result.items():
-        if key not in ("model", "task"):
+        if key not in ("model", "task", "categories"):
             table.add_row(key, _format_value(value))
     console.print(table)
+    categories = result.get("categories")
+    if categories:  # headroom: where sampling already finds answers that greedy decoding misses
+        columns = list(categories["all"])
+        headroom = Table("category", *columns, title="headroom per category (sampled at temperature 1)")
+        for name, entry in categories.items():
+            headroom.add_row(name, *(_format_value(entry.get(c)) for c in columns))
+        console.print(headroom)
 
 
 @app.command()

@@ -88,11 +88,11 @@ def _sampled_eval(stage: DemoStage, run_dir: Path, summary: dict[str, Any], quic
     (the greedy accuracy is the recipe's own): what the report's reward-vs-KL picture needs."""
     if not stage.is_policy:
         return {}
-    samples = 2 if quick else 4
+    samples = 2 if quick else 8
     options = EvalOptions(task=stage.task, problems=summary.get("eval_problems") or 500, samples=samples,
                           pass_k=(1, samples), rewards=("correct",))
-    sampled = evaluate(run_dir, options, greedy=False, write=False)
-    measured = {"sampled_reward": sampled["reward_correct"],
+    sampled = evaluate(run_dir, options, write=False)  # greedy again: per problem, for the categories
+    measured = {"sampled_reward": sampled["reward_correct"], "headroom": sampled["categories"],
                 **{k: v for k, v in sampled.items() if k.startswith("pass@")}}
     if stage.stage != "sft":  # SFT's KL to the pretrained model says nothing about the post-training stages
         measured["kl_to_base"] = sampled.get("kl")

@@ -64,6 +64,13 @@ def test_eval_and_report_of_a_finished_run(pretrained_run):
     low, high = saved["accuracy_ci"]
     assert low <= saved["accuracy"] <= high and saved["completion_length"] > 0
     assert saved["precision"] == "fp32"
+    # Headroom per operator: the categories partition the problems, and "all" is the overall numbers.
+    categories = saved["categories"]
+    assert set(categories) <= {"all", "+", "-", "*"} and len(categories) > 2
+    assert sum(c["problems"] for name, c in categories.items() if name != "all") == 20
+    assert categories["all"]["pass@2"] == saved["pass@2"] and categories["all"]["accuracy"] == saved["accuracy"]
+    assert saved["sampled_accuracy"] == saved["pass@1"] and 0 <= saved["intermediate_share"] <= 1
+    assert "headroom per category" in result.output
     bf16 = runner.invoke(app, ["eval", str(run), "--problems", "20", "--samples", "0", "--precision", "bf16"],
                          terminal_width=200)
     assert bf16.exit_code == 0, bf16.output

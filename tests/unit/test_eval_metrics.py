@@ -13,7 +13,14 @@ from posttrain.data.tasks import get_task
 from posttrain.data.tokenize import Encoder
 from posttrain.errors import RunDirError
 from posttrain.eval.accuracy import heldout_problems
-from posttrain.eval.evaluate import EvalOptions, pass_at_k, resolve_target, sampled_metrics
+from posttrain.eval.evaluate import (
+    EvalOptions,
+    headroom,
+    headroom_captured,
+    pass_at_k,
+    resolve_target,
+    sampled_metrics,
+)
 
 
 @pytest.mark.parametrize("n", range(1, 8))
@@ -71,13 +78,13 @@ def test_sampled_kl_and_rewards_match_a_slow_recomputation(tokenizer, tiny_model
     reference = build_model(ModelConfig(size="tiny"), tokenizer, seed=1).eval()
     model = tiny_model.eval()
     options = EvalOptions(task="arith", problems=6, samples=3, pass_k=(1, 3), rewards=("format",), batch_size=6)
-    result = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, reference)
+    result, counts = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, reference)
 
     # The same samples again (same seeds), scored one sequence at a time.
     encoder = Encoder.from_config(tokenizer, DataConfig())
     examples = heldout_problems(task, 6, options.seed)
     prompts = [encoder.encode_prompt([{"role": "user", "content": e.prompt}]) for e in examples]
-    kls, formats = [], []
+    kls, formats, correct = [], [], [0] * 6
     for start in range(0, 6, 2):
         rollout = make_engine("local", model, tokenizer).generate(
             prompts[start:start + 2], SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=options.seed + start))
@@ -87,9 +94,38 @@ def test_sampled_kl_and_rewards_match_a_slow_recomputation(tokenizer, tiny_model
             kls.append(_slow_sequence_logprob(model, prompt, completion)
                        - _slow_sequence_logprob(reference, prompt, completion))
             formats.append(task.extract_answer(rollout.texts[row]) is not None)
+            problem = start + int(rollout.prompt_index[row])
+            correct[problem] += int(task.verify(rollout.texts[row], examples[problem].answer))
     assert result["kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-4)
     assert result["reward_format"] == pytest.approx(sum(formats) / len(formats), abs=1e-12)
     assert result["samples_per_problem"] == 3 and set(result) >= {"pass@1", "pass@3"}
 
-    same = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, model)
+    assert counts == correct
+    same, _ = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, model)
     assert abs(same["kl"]) < 1e-5
+
+
+def test_headroom_per_category_by_hand():
+    task = get_task("arith")
+    examples = heldout_problems(task, 5, seed=0)
+    categories = ["+", "*", "+", None, "*"]  # None: counted in "all" only
+    counts = [4, 0, 2, 1, 3]  # correct samples out of 4
+    greedy = (True, False, False, True, True)
+    table = headroom(examples, categories, counts, 4, [1, 4], greedy)
+    assert set(table) == {"all", "+", "*"}
+    plus = table["+"]
+    assert plus["problems"] == 2 and plus["accuracy"] == 0.5
+    assert plus["sampled_accuracy"] == (4 + 2) / 8
+    assert plus["pass@1"] == pytest.approx((1 + 0.5) / 2) and plus["pass@4"] == 1.0
+    assert plus["intermediate_share"] == 0.5  # 2 of 4 disagree; 4 of 4 does not
+    times = table["*"]
+    assert times["sampled_accuracy"] == 3 / 8 and times["pass@4"] == 0.5 and times["intermediate_share"] == 0.5
+    everything = table["all"]
+    assert everything["problems"] == 5 and everything["accuracy"] == 0.6
+    assert everything["sampled_accuracy"] == 10 / 20 and everything["pass@4"] == 0.8
+    assert everything["intermediate_share"] == 3 / 5
+    assert "accuracy" not in headroom(examples, categories, counts, 4, [4])["all"]  # greedy not measured
+    # The share of headroom captured: from sampled 0.5 towards pass@4 0.8, to 0.65 is half of it.
+    assert headroom_captured(everything, {"sampled_accuracy": 0.65}, "sampled_accuracy", "pass@4") == pytest.approx(0.5)
+    assert headroom_captured({"sampled_accuracy": 1.0, "pass@4": 1.0}, {"sampled_accuracy": 1.0}, "sampled_accuracy",
+                             "pass@4") is None  # nothing left to capture

@@ -42,6 +42,8 @@ class Accuracy:
     """Tasks solved in steps: the share of all gold steps that the completions get right."""
     completion_length: float = 0.0
     """Mean tokens per greedy completion (EOS included)."""
+    correct: tuple[bool, ...] = ()
+    """Per problem, in the order of `heldout_problems`: whether its greedy completion is right."""
 
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
         steps = {} if self.step_accuracy is None else {f"{prefix}step_accuracy": self.step_accuracy}
@@ -97,7 +99,8 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     samples = [{"prompt": e.prompt, "completion": t, "answer": e.answer, "correct": bool(c)}
                for e, t, c in list(zip(examples, texts, correct, strict=True))[:cfg.samples]]
     return Accuracy(accuracy=hits / len(examples), ci_low=low, ci_high=high, problems=len(examples), samples=samples,
-                    step_accuracy=step_accuracy(task, examples, texts), completion_length=tokens / len(examples))
+                    step_accuracy=step_accuracy(task, examples, texts), completion_length=tokens / len(examples),
+                    correct=tuple(bool(c) for c in correct))
 
 
 def step_accuracy(task: Task, examples: list[Example], texts: list[str]) -> float | None:

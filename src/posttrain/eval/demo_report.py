@@ -1,6 +1,7 @@
 """The demo's report: `<demo>/report.md` with the stage table and PNG plots across stages.
 
     plots/accuracy.png      held-out exact match per stage with its 95% interval, one panel per task
+    plots/headroom.png      per category of problem: sampled and greedy accuracy and pass@k of every stage
     plots/curves.png        each stage's training curves (loss; reward where the stage has one)
     plots/reward_vs_kl.png  RL and preference stages: mean sampled reward against KL to the model they started from
 
@@ -20,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from posttrain.eval.evaluate import headroom_captured  # noqa: E402
 from posttrain.train.metrics import read_metrics  # noqa: E402
 
 Summaries = dict[str, dict[str, Any]]
@@ -133,6 +135,76 @@ def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
     return _save(fig, out)
 
 
+def headroom_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Per policy stage and category of problem: greedy and sampled accuracy, pass@k and the share of problems
+    with 0 < p < 1 (`eval.evaluate.headroom`), with the share of its starting model's headroom the stage captured:
+    (after - before) / (pass@k before - before), of the sampled and of the greedy accuracy."""
+    rows = []
+    for name, summary in summaries.items():
+        table = summary.get("headroom")
+        if not table:
+            continue
+        start = summaries.get(bases.get(name) or "", {}).get("headroom") or {}
+        for category, after in table.items():
+            before = start.get(category, {})
+            ceiling = max((k for k in after if k.startswith("pass@")), key=lambda k: int(k[5:]), default=None)
+            captured = {key: headroom_captured(before, after, key, ceiling) if ceiling and before else None
+                        for key in ("sampled_accuracy", "accuracy")}
+            rows.append({"stage": name, "category": category, "ceiling": ceiling, **after,
+                         "captured_sampled": captured["sampled_accuracy"], "captured_greedy": captured["accuracy"]})
+    return rows
+
+
+def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
+    """One panel per task: per category, each stage's sampled accuracy (bar), greedy accuracy (dash) and pass@k
+    (dot): the gap from the bar to the dot is what RL can still capture."""
+    if not rows:
+        return None
+    panels = sorted({tasks.get(r["stage"], "arith") for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 4.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        mine = [r for r in rows if tasks.get(r["stage"], "arith") == panel]
+        stages = list(dict.fromkeys(r["stage"] for r in mine))
+        categories = list(dict.fromkeys(r["category"] for r in mine))
+        width = 0.8 / len(stages)
+        for j, stage in enumerate(stages):
+            by_category = {r["category"]: r for r in mine if r["stage"] == stage}
+            xs = [i + (j - (len(stages) - 1) / 2) * width for i, c in enumerate(categories) if c in by_category]
+            entries = [by_category[c] for c in categories if c in by_category]
+            color = f"C{j % 10}"
+            ax.bar(xs, [100 * e["sampled_accuracy"] for e in entries], width, color=color, alpha=0.75, label=stage)
+            ax.scatter(xs, [100 * (e.get(e["ceiling"]) or 0) for e in entries], color=color, marker="o", s=14,
+                       edgecolor="black", linewidth=0.5, zorder=3)
+            greedy = [(x, 100 * e["accuracy"]) for x, e in zip(xs, entries, strict=True) if "accuracy" in e]
+            if greedy:
+                ax.scatter(*zip(*greedy, strict=True), color="black", marker="_", s=60, zorder=3)
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(f"task: {panel} (bar: sampled at T=1, dash: greedy, dot: pass@k)", fontsize=9)
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("Headroom per category and stage")
+    return _save(fig, out)
+
+
+def _headroom_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Headroom per category", "",
+             "Held-out problems per category: greedy and sampled (T=1) accuracy, pass@k from the same samples, the "
+             "share of problems whose samples disagree (0 < p < 1: where a group baseline has signal), and the share "
+             "of the starting model's headroom the stage captured, (after − before) / (pass@k before − before).", "",
+             "| stage | category | problems | greedy | sampled | pass@k | 0 < p < 1 | captured (sampled) "
+             "| captured (greedy) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['category']} | {r['problems']} | {_num(r.get('accuracy'), '{:.1%}')} | "
+                     f"{r['sampled_accuracy']:.1%} | {_num(r.get(r['ceiling'] or ''), '{:.1%}')} | "
+                     f"{r['intermediate_share']:.0%} | {_num(r['captured_sampled'], '{:+.0%}')} | "
+                     f"{_num(r['captured_greedy'], '{:+.0%}')} |")
+    return lines
+
+
 def _save(fig: Any, out: Path) -> Path:
     fig.tight_layout(rect=(0, 0, 1, 0.97) if fig._suptitle is not None else None)  # room for the suptitle
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +221,9 @@ def write_demo_report(demo_dir: str | Path, bases: dict[str, str | None], tasks:
     demo_dir = Path(demo_dir)
     summaries: Summaries = json.loads((demo_dir / "demo.json").read_text(encoding="utf-8"))
     rows = stage_rows(summaries, bases)
+    headroom = headroom_rows(summaries, bases)
     plots = [plot_accuracy(rows, tasks, demo_dir / "plots" / "accuracy.png"),
+             plot_headroom(headroom, tasks, demo_dir / "plots" / "headroom.png"),
              plot_reward_vs_kl(rows, demo_dir / "plots" / "reward_vs_kl.png"),
              plot_stage_curves(demo_dir, list(summaries), demo_dir / "plots" / "curves.png")]
     lines = ["# posttrain demo", "",
@@ -168,6 +242,7 @@ def write_demo_report(demo_dir: str | Path, bases: dict[str, str | None], tasks:
     total = sum(r["seconds"] or 0 for r in rows)
     lines += ["", f"Total time: {total / 60:.1f} min.", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
+    lines += _headroom_lines(headroom)
     lines += ["", "Each stage's own report (curves, samples, config) is in its run directory: "
               + ", ".join(f"[{name}]({name}/report.md)" for name in summaries) + "."]
     report = demo_dir / "report.md"

@@ -165,6 +165,7 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
     run_eval = target.section("eval")
     max_new_tokens = options.max_new_tokens or int(run_eval.get("max_new_tokens", EvalConfig.max_new_tokens))
     result: dict[str, Any] = {"kind": "policy"}
+    accuracy = None
     if greedy:
         accuracy = heldout_accuracy(model, tokenizer, data, EvalConfig(
             task=task.name, problems=options.problems, seed=options.seed, max_new_tokens=max_new_tokens,
@@ -175,8 +176,49 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                    **({"step_accuracy": accuracy.step_accuracy} if accuracy.step_accuracy is not None else {})}
     if options.samples:
         reference = _reference(target, options)
-        result |= sampled_metrics(model, tokenizer, task, data, options, max_new_tokens, reference)
+        sampled, counts = sampled_metrics(model, tokenizer, task, data, options, max_new_tokens, reference)
+        examples = heldout_problems(task, options.problems, options.seed)
+        table = headroom(examples, [task.category(e) for e in examples], counts, options.samples, sampled_ks(options),
+                         accuracy.correct if accuracy is not None else None)
+        result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"],
+                             "intermediate_share": table["all"]["intermediate_share"], "categories": table}
     return result
+
+
+def sampled_ks(options: EvalOptions) -> list[int]:
+    return [k for k in options.pass_k if k <= options.samples]
+
+
+def headroom(examples: list[Example], categories: list[str | None], counts: list[int], n: int, ks: list[int],
+             greedy: tuple[bool, ...] | None = None) -> dict[str, dict[str, float]]:
+    """Where a policy can still improve, per category of problem and for "all": greedy accuracy (when measured),
+    sampled accuracy at temperature 1 (the mean of c/n over problems: what RL's expected reward is), pass@k, and
+    the share of problems with 0 < c < n (where a group of samples disagrees: a group baseline's signal). The
+    gap from sampled accuracy to pass@k is what RL can reach by shifting mass onto answers the model already
+    samples. `counts` are the correct samples of each of `examples`, n per problem."""
+    members: dict[str, list[int]] = {"all": list(range(len(examples)))}
+    for category in sorted({c for c in categories if c is not None}):
+        members[category] = [i for i, c in enumerate(categories) if c == category]
+    table = {}
+    for category, rows in members.items():
+        mine = [counts[i] for i in rows]
+        entry = {"problems": len(rows)}
+        if greedy is not None:
+            entry["accuracy"] = sum(greedy[i] for i in rows) / len(rows)
+        entry["sampled_accuracy"] = sum(mine) / (n * len(rows))
+        entry |= {f"pass@{k}": sum(pass_at_k(n, c, k) for c in mine) / len(rows) for k in ks}
+        entry["intermediate_share"] = sum(0 < c < n for c in mine) / len(rows)
+        table[category] = entry
+    return table
+
+
+def headroom_captured(before: dict[str, float], after: dict[str, float], key: str, ceiling: str) -> float | None:
+    """(after - before) / (ceiling_before - before) of one metric (`key`, e.g. sampled_accuracy) against the
+    starting model's `ceiling` (e.g. pass@8): the share of the headroom a stage captured (None: no headroom)."""
+    room = before.get(ceiling, 0.0) - before.get(key, 0.0)
+    if key not in before or key not in after or room <= 0:
+        return None
+    return (after[key] - before[key]) / room
 
 
 def _reference(target: Target, options: EvalOptions) -> torch.nn.Module | None:
@@ -192,9 +234,10 @@ def _reference(target: Target, options: EvalOptions) -> torch.nn.Module | None:
 @torch.no_grad()
 def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, data: DataConfig,
                     options: EvalOptions, max_new_tokens: int,
-                    reference: torch.nn.Module | None) -> dict[str, Any]:
-    """pass@k, mean rewards and KL to `reference` from `options.samples` samples per problem at temperature 1."""
-    ks = [k for k in options.pass_k if k <= options.samples]
+                    reference: torch.nn.Module | None) -> tuple[dict[str, Any], list[int]]:
+    """pass@k, mean rewards and KL to `reference` from `options.samples` samples per problem at temperature 1,
+    and the correct samples of each problem (in the order of `heldout_problems`)."""
+    ks = sampled_ks(options)
     examples = heldout_problems(task, options.problems, options.seed)
     encoder = Encoder.from_config(tokenizer, data)
     rewards = WeightedRewards.from_config({name: 1.0 for name in options.rewards}, task=task)
@@ -224,7 +267,7 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     result |= {f"reward_{name}": total / samples for name, total in reward_sums.items()}
     if reference is not None:
         result["kl"] = kl_total / samples
-    return result
+    return result, correct
 
 
 def _messages(example: Example) -> list[dict[str, Any]]:

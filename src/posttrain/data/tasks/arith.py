@@ -26,6 +26,10 @@ class ArithTask(Task):
                        answer=str(answer), completion=str(answer),
                        wrong=closest_first(_wrong_answers(problem), RANKING_SIZE - 1))
 
+    def category(self, example: Example) -> str:
+        """The operator: addition, subtraction and multiplication are different skills for a small model."""
+        return _parse(example.key).op
+
     def is_heldout(self, example: Example) -> bool:
         return arith.is_heldout(_parse(example.key))
 

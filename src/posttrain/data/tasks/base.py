@@ -75,6 +75,10 @@ class Task:
         """The answer a completion gives (read after any thinking block), or None if it gives none."""
         raise NotImplementedError
 
+    def category(self, example: Example) -> str | None:
+        """The kind of problem an example is (evaluation reports headroom per category), or None: one kind."""
+        return None
+
     def verify(self, completion: str, answer: str) -> float:
         """1.0 when the extracted answer equals the gold answer exactly, else 0.0 (an RL reward)."""
         return 1.0 if self.extract_answer(completion) == answer.strip() else 0.0

@@ -59,6 +59,10 @@ class MultistepTask(Task):
             labels = [i < at for i in range(len(lines))]
         return {"prompt": example.prompt, "completions": lines, "labels": labels}
 
+    def category(self, example: Example) -> str:
+        """The chain's length: each step is one more chance to go wrong."""
+        return f"{len(_parse_key(example.key)[1])} steps"
+
     def extract_answer(self, completion: str) -> str | None:
         """The value after the last `Answer:`, else the last step's value."""
         text = answer_text(completion)

@@ -40,6 +40,9 @@ class SortTask(Task):
                        completion=answer, wrong=closest_first(_wrong_answers(numbers), RANKING_SIZE - 1),
                        separator="\n")
 
+    def category(self, example: Example) -> str:
+        return f"{len(example.key.split())} numbers"
+
     def extract_answer(self, completion: str) -> str | None:
         """The numbers on the first non-empty line after any thinking block, space-separated."""
         text = answer_text(completion)
