@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
+import zlib
 
 import pytest
 import torch
@@ -16,10 +18,12 @@ from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.tasks import get_task
+from posttrain.errors import ConfigError, DataError
 from posttrain.models import build_model, save_pretrained
 from posttrain.models.adapters import AdapterConfig, apply_adapter
 from posttrain.recipes import find_recipe
 from posttrain.recipes.dpo import DPOConfig, DPOLossConfig, cached_step_source, dpo_loss_fn, main
+from posttrain.rewards.functions import register_reward_function
 from posttrain.train.comparisons import comparison_step_source
 from posttrain.train.engine import TrainConfig
 from posttrain.train.metrics import read_metrics
@@ -180,3 +184,103 @@ def test_rankings_take_only_the_sigmoid_loss(lm_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="Plackett"):
         main(dpo_config(lm_dir, tmp_path, "data.size=8", "data.format=ranking", "loss.kind=hinge"))
+
+
+class PairRecorder:
+    """A reward of the completion text alone (a hash: nearly every completion scores differently) that writes down
+    every scored completion with its score, in order."""
+
+    def __init__(self) -> None:
+        self.scored: list[tuple[str, str, float]] = []
+
+    def __call__(self, batch) -> list[float]:
+        values = [float(zlib.crc32(t.encode()) % 97) for t in batch.completions]
+        self.scored += [(str(p), t, v) for p, t, v in zip(batch.prompts, batch.completions, values, strict=True)]
+        return values
+
+
+ON_POLICY = ["pairs.source=on_policy", "data.size=32", "pairs.prompts_per_round=16", "sampling.samples_per_prompt=4",
+             "sampling.max_new_tokens=6", "train.batch_size=8", "train.micro_batch_size=4", "optim.lr=1e-3",
+             "reward.functions={test_pair_hash: 1.0}"]
+
+
+_RECORDERS: list[PairRecorder] = []
+register_reward_function("test_pair_hash")(lambda batch: _RECORDERS[-1](batch))
+
+
+@pytest.fixture()
+def recorder():
+    """The recorder behind the `test_pair_hash` reward of this test."""
+    _RECORDERS.append(PairRecorder())
+    return _RECORDERS[-1]
+
+
+def test_on_policy_pairs_are_each_prompts_best_and_worst_sample_resampled_every_k_steps(lm_dir, tmp_path, recorder,
+                                                                                      monkeypatch):
+    from posttrain.recipes import dpo
+
+    trained: list[list[dict]] = []
+    prepare = dpo.prepare_data
+
+    def recording_prepare(cfg, tokenizer, accepts, rows=None, **kwargs):
+        if rows is not None:
+            trained.append(list(rows))
+        return prepare(cfg, tokenizer, accepts, rows=rows, **kwargs)
+
+    monkeypatch.setattr(dpo, "prepare_data", recording_prepare)
+    result = main(dpo_config(lm_dir, tmp_path, *ON_POLICY, "train.max_steps=4", "pairs.resample_every=2"))
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [m["pair_round"] for m in metrics] == [1, 1, 2, 2] and len(trained) == 2
+    # Step 1: the policy is the reference (a frozen copy, since later rounds sample from the trained policy).
+    assert_close(torch.tensor(metrics[0]["loss"]), torch.tensor(math.log(2)))
+    for round_pairs, start in zip(trained, (0, 64), strict=True):
+        scored = recorder.scored[start:start + 64]
+        expected = []
+        for group in range(16):  # 4 samples per prompt, prompt-major
+            members = [m for m in scored[4 * group:4 * group + 4] if m[1].strip()]  # an empty answer pairs with none
+            if not members:
+                continue
+            best = max(members, key=lambda m: m[2])  # max/min return the first of equals
+            worst = min(members, key=lambda m: m[2])
+            if best[2] > worst[2]:
+                expected.append((best[1], worst[1]))
+        assert [(p["chosen"], p["rejected"]) for p in round_pairs] == expected
+        assert metrics[2 * (start // 64)]["pairs_per_prompt"] == len(expected) / 16
+    assert recorder.scored[0][1] != recorder.scored[64][1]  # the second round sampled afresh
+    assert result.summary["pairs"] == "on_policy" and result.summary["rounds"] == 2
+
+
+def test_on_policy_dpo_resumes_bitwise_from_a_checkpoint_between_rounds(lm_dir, tmp_path, recorder):
+    settings = [*ON_POLICY, "train.max_steps=4", "pairs.resample_every=2", "train.save_every=2"]
+    full = main(dpo_config(lm_dir, tmp_path, "run.name=full", *settings))
+    split = tmp_path / "split"
+    shutil.copytree(full.run_dir, split)
+    shutil.rmtree(split / "checkpoints" / "step-4")
+    shutil.rmtree(split / "final")
+    resumed = main(dpo_config(lm_dir, tmp_path, "run.name=split", "run.resume=true", *settings))
+
+    def untimed(path):
+        return [{k: v for k, v in m.items() if not k.endswith(("_s", "_per_s", "_share"))} for m in read_metrics(path)]
+
+    assert untimed(split / "metrics.jsonl") == untimed(full.run_dir / "metrics.jsonl")
+    a = AutoModelForCausalLM.from_pretrained(full.final_dir, local_files_only=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed.final_dir, local_files_only=True).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["sampling.samples_per_prompt=1"], "sampling.samples_per_prompt"),
+    (["pairs.resample_every=3", "train.save_every=4"], "train.save_every"),
+    (["reference.precompute=false"], "reference.precompute"),
+])
+def test_on_policy_settings_are_checked_before_anything_loads(tmp_path, overrides, field):
+    with pytest.raises(ConfigError) as err:
+        main(dpo_config("does-not-exist", tmp_path, *ON_POLICY, *overrides))
+    assert err.value.field == field
+
+
+def test_on_policy_round_without_a_pair_is_a_clear_error(lm_dir, tmp_path):
+    with pytest.raises(DataError, match="no prompt's completions differ") as err:
+        main(dpo_config(lm_dir, tmp_path, *ON_POLICY[:-1], "reward.functions={format: 1.0}",
+                        "pairs.min_margin=1.0"))
+    assert err.value.field == "pairs.source"

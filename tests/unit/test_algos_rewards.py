@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from posttrain.algos import (
+    best_worst_pairs,
     explained_variance,
     group_success_band,
     last_token_index,
@@ -103,3 +104,20 @@ def test_group_success_band_against_a_plain_loop():
     # DAPO's dynamic sampling: with the band [0, 1], exactly the groups with 0 < p < 1.
     band = group_success_band(torch.tensor([0.0, 0, 1, 1, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 0, 1)
     assert band.keep.tolist() == [False, False, False, True]
+
+
+def test_best_worst_pairs_against_a_plain_loop():
+    generator = torch.Generator().manual_seed(1)
+    groups = torch.randint(0, 7, (40,), generator=generator)
+    scores = torch.randint(0, 4, (40,), generator=generator).double()
+    scores[groups == 3] = 2.0  # a group whose completions all tie: no pair
+    for margin in (0.0, 1.0, 2.5):
+        expected = []
+        for group in dict.fromkeys(groups.tolist()):  # groups in order of first appearance
+            rows = [i for i in range(40) if groups[i] == group]
+            best = max(rows, key=lambda i: (scores[i].item(), -i))  # the first of the best
+            worst = min(rows, key=lambda i: (scores[i].item(), i))  # the first of the worst
+            if scores[best] - scores[worst] > margin:
+                expected.append((best, worst))
+        assert best_worst_pairs(scores, groups, margin) == expected
+    assert all(groups[c] != 3 for c, _ in best_worst_pairs(scores, groups))

@@ -58,6 +58,7 @@ from posttrain.algos.registry import (
     register_policy_loss,
 )
 from posttrain.algos.rewards import (
+    best_worst_pairs,
     explained_variance,
     group_success_band,
     last_token_index,
@@ -89,6 +90,7 @@ __all__ = [
     "UnknownNameError",
     "ValueLossOutput",
     "aggregate",
+    "best_worst_pairs",
     "bradley_terry_loss",
     "broadcast_to_tokens",
     "dpo_loss",

@@ -123,3 +123,25 @@ def group_success_band(scores: Tensor, group_ids: Tensor, low: float, high: floa
     distance = (low - mean).clamp(min=0) + (mean - high).clamp(min=0)
     spread = highest > lowest
     return GroupBand(groups=groups, keep=spread & (distance == 0), spread=spread, distance=distance)
+
+
+def best_worst_pairs(scores: Tensor, group_ids: Tensor, min_margin: float = 0.0) -> list[tuple[int, int]]:
+    """One preference pair per group of completions of a prompt: (row of its best-scored completion, row of its
+    worst), for every group whose best beats its worst by more than `min_margin`; ties go to the first row (the
+    samples of a group are exchangeable, so that is a random pick). Groups in order of first appearance.
+
+    Shapes: scores [B], group_ids [B] -> [(chosen row, rejected row)].
+    Source: on-policy pairs of iterative DPO / RPO (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization": a correct and an incorrect sample of the same prompt; Xiong et al. 2024: best and worst of
+    n under a reward model).
+    """
+    rows: dict[int, list[int]] = {}
+    for row, group in enumerate(group_ids.tolist()):
+        rows.setdefault(group, []).append(row)
+    pairs = []
+    for members in rows.values():
+        values = scores[members].double()
+        best, worst = members[int(torch.argmax(values))], members[int(torch.argmin(values))]
+        if float(scores[best]) - float(scores[worst]) > min_margin:
+            pairs.append((best, worst))
+    return pairs

@@ -26,16 +26,29 @@ import time
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from posttrain.algos import DPO_KINDS, dpo_loss, dpo_plackett_luce_loss
+from posttrain.algos import DPO_KINDS, best_worst_pairs, dpo_loss, dpo_plackett_luce_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.heads import floating_dtype
+from posttrain.recipes.rl import (
+    PromptStream,
+    RewardConfig,
+    SamplingConfig,
+    build_rewards,
+    check_reward_functions,
+    completions_of,
+    resolve_task,
+)
+from posttrain.rewards.functions import WeightedRewards
+from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.train.comparisons import (
     comparison_matrix,
     comparison_step_source,
@@ -43,7 +56,7 @@ from posttrain.train.comparisons import (
     join_rows,
     ordered_pair_accuracy,
 )
-from posttrain.train.engine import TrainConfig, Trainer, forward_precision
+from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
 from posttrain.train.forward import per_sequence_sums, response_logprobs
 from posttrain.train.reference import Reference, precompute_sequence_logprobs
 from posttrain.train.run_dir import RunResult, prepare_run_dir
@@ -71,6 +84,24 @@ class ReferenceConfig:
     batch_size: int = param(32, "Rows per forward when precomputing.", ge=1)
 
 
+PAIR_SOURCES = ("offline", "on_policy")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsConfig:
+    source: str = param("offline", "offline: the data's preference pairs or rankings. on_policy: pairs sampled "
+                                   "from the policy: the data's verifiable rows (prompt + answer) are prompts, "
+                                   "each gets sampling.samples_per_prompt completions, scored by `reward`, and "
+                                   "its best- and worst-scored completions make a pair (with the task verifier: "
+                                   "a correct and an incorrect one).", choices=PAIR_SOURCES)
+    prompts_per_round: int = param(512, "On-policy: prompts sampled per round.", ge=1)
+    resample_every: int = param(0, "On-policy: optimizer steps between rounds; each round samples fresh pairs "
+                                   "from the current policy (iterative DPO). 0: one round, from the starting "
+                                   "model, before training.", ge=0)
+    min_margin: float = param(0.0, "On-policy: a pair needs its chosen score to beat the rejected one by more than "
+                                   "this.", ge=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
     run: RunConfig = section(lambda: RunConfig(name="dpo"), "Run directory, seed, logging.")
@@ -83,6 +114,10 @@ class DPOConfig:
                                  "Loop length, batch size (comparisons per step), checkpoints.")
     loss: DPOLossConfig = section(DPOLossConfig, "The DPO loss.")
     reference: ReferenceConfig = section(ReferenceConfig, "The reference policy.")
+    pairs: PairsConfig = section(PairsConfig, "Where the pairs come from: the data, or samples of the policy.")
+    sampling: SamplingConfig = section(lambda: SamplingConfig(samples_per_prompt=8, max_new_tokens=24),
+                                       "On-policy pairs: how completions are sampled.")
+    reward: RewardConfig = section(RewardConfig, "On-policy pairs: what ranks the completions of a prompt.")
     eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
@@ -92,8 +127,13 @@ def main(cfg: DPOConfig) -> RunResult:
     seed_everything(cfg.run.seed)
     if not cfg.model.path:
         raise ConfigError("DPO trains an existing model: set model.path (e.g. runs/sft/final)", field="model.path")
+    on_policy = cfg.pairs.source == "on_policy"
+    check_dpo_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
-    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["dpo"], mask_dtype=model.dtype)
+    # On-policy: the data holds prompts (never collated); data.batch_mode is the layout of the pairs.
+    data = dataclasses.replace(cfg.data, batch_mode="padded") if on_policy else cfg.data
+    prepared = prepare_data(data, tokenizer, accepts=STAGE_FORMATS["grpo" if on_policy else "dpo"],
+                            mask_dtype=model.dtype)
     if prepared.format == "ranking" and cfg.loss.kind != "sigmoid":
         raise ConfigError(f"rankings are trained with the Plackett–Luce form of the sigmoid loss, not "
                           f"{cfg.loss.kind!r}", field="loss.kind")
@@ -103,7 +143,10 @@ def main(cfg: DPOConfig) -> RunResult:
         before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
     average = cfg.loss.kind == "ipo"  # IPO's h is on per-token average logprobs
     precompute_start = time.perf_counter()
-    if cfg.reference.precompute:
+    if on_policy:
+        source = on_policy_source(cfg, prepared, tokenizer, model)
+        model, reference = source.policy, None
+    elif cfg.reference.precompute:
         # Before its first update the policy *is* the reference, so no copy is made (a resumed run
         # recomputes the cache here, from the starting model, before its checkpoint is loaded).
         reference = load_reference(cfg) or Reference(model)
@@ -129,7 +172,9 @@ def main(cfg: DPOConfig) -> RunResult:
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
     last = result.last
-    summary = {"format": prepared.format, "loss_kind": cfg.loss.kind, "beta": cfg.loss.beta,
+    pairs = {"pairs": cfg.pairs.source, **({"rounds": source.rounds, "pairs_per_prompt": last.get("pairs_per_prompt"),
+                                              "sampled_reward": last.get("sampled_reward")} if on_policy else {})}
+    summary = {"format": prepared.format, **pairs, "loss_kind": cfg.loss.kind, "beta": cfg.loss.beta,
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
                "reference_seconds": precompute_seconds,
                "final_loss": last.get("loss"),
@@ -140,6 +185,113 @@ def main(cfg: DPOConfig) -> RunResult:
                "eval_problems": cfg.eval.problems, "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"DPO on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def check_dpo_config(cfg: DPOConfig) -> None:
+    if cfg.pairs.source != "on_policy":
+        return
+    if cfg.sampling.samples_per_prompt < 2:
+        raise ConfigError("on-policy pairs compare the completions of a prompt: set sampling.samples_per_prompt >= 2",
+                          field="sampling.samples_per_prompt")
+    if not cfg.reference.precompute:
+        raise ConfigError("on-policy pairs precompute the reference logprobs of every round: keep "
+                          "reference.precompute=true", field="reference.precompute")
+    every = cfg.pairs.resample_every
+    if every and cfg.train.save_every % every:
+        # A checkpoint holds no pairs: one taken inside a round would resume with fresh ones.
+        raise ConfigError(f"train.save_every ({cfg.train.save_every}) must be a multiple of pairs.resample_every "
+                          f"({every}) (or 0), so that checkpoints fall between rounds", field="train.save_every")
+    check_reward_functions(cfg.reward)
+
+
+def on_policy_source(cfg: DPOConfig, prepared: Prepared, tokenizer: PreTrainedTokenizerBase,
+                     model: torch.nn.Module) -> OnPolicyPairs:
+    """The pair source of `pairs.source=on_policy`, its first round sampled from the starting model. The reference
+    is `reference.path`, else the starting model: the policy itself while nothing has trained it (one round before
+    training), its adapter-disabled self with an adapter, or a frozen copy when later rounds sample."""
+    reference = load_reference(cfg)
+    if reference is None and cfg.pairs.resample_every and cfg.adapter.method == "none":
+        reference = Reference.frozen_copy(model)
+    policy = apply_adapter(model, cfg.adapter)
+    if reference is None:
+        reference = Reference(policy, adapter_disabled=cfg.adapter.method != "none")
+    rewards = build_rewards(cfg.reward, resolve_task(cfg))
+    engine = make_engine(cfg.sampling.engine, policy, tokenizer)
+    with forward_precision(cfg.train, policy):
+        return OnPolicyPairs(cfg, prepared, tokenizer, policy, engine, reference, rewards)
+
+
+class OnPolicyPairs:
+    """DPO's step source on pairs of the policy's own samples, one round at a time (`pairs.resample_every`).
+
+    A round samples `sampling.samples_per_prompt` completions of `pairs.prompts_per_round` prompts, scores them
+    (`reward`), pairs each prompt's best with its worst (`algos.best_worst_pairs`), tokenises the pairs as
+    preference rows, precomputes their reference logprobs and serves shuffled steps of them until the next round.
+    The state is the prompt stream's position and the step count; a resumed run samples a fresh round (checkpoints
+    fall between rounds, so it is the round the uninterrupted run sampled).
+    """
+
+    samples_from_policy = True  # the Trainer gathers FSDP-sharded weights around `next_step`
+
+    def __init__(self, cfg: DPOConfig, prepared: Prepared, tokenizer: PreTrainedTokenizerBase,
+                 policy: torch.nn.Module, engine: RolloutEngine, reference: Reference,
+                 rewards: WeightedRewards) -> None:
+        self.cfg, self.tokenizer, self.policy, self.engine = cfg, tokenizer, policy, engine
+        self.reference, self.rewards = reference, rewards
+        self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed)
+        self.params = cfg.sampling.params()
+        self.pairs = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop")
+        self.steps, self.rounds = 0, 0
+        self.source, self.metrics = self._round()
+
+    def next_step(self) -> StepBatch:
+        every = self.cfg.pairs.resample_every
+        if self.source is None or (every and self.steps and self.steps % every == 0):
+            self.source, self.metrics = self._round()
+        self.steps += 1
+        step = self.source.next_step()
+        return dataclasses.replace(step, metrics={**step.metrics, **self.metrics})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.prompts.state_dict(), "steps": self.steps, "pair_rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.load_state_dict(state)
+        self.steps, self.rounds = state["steps"], state["pair_rounds"]
+        if self.cfg.pairs.resample_every:  # the first round came from the starting model: keep it otherwise
+            self.source = None
+
+    @torch.no_grad()
+    def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            rows, rollout = self.prompts.sample(self.engine, self.params)
+        finally:
+            self.policy.train(was_training)
+        completions = completions_of(rollout, rows)
+        scores = self.rewards(completions).total
+        # A completion with no text (EOS at once) is no preference row's answer: it takes part in no pair.
+        texts = completions.completions
+        usable = [i for i, text in enumerate(texts) if text.strip()]
+        found = [(usable[c], usable[r]) for c, r in best_worst_pairs(
+            scores[usable], rollout.prompt_index[usable], self.cfg.pairs.min_margin)]
+        pairs = [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
+                 for c, r in found if texts[c] != texts[r]]
+        if not pairs:
+            raise DataError(f"round {self.rounds + 1}: no prompt's completions differ in reward by more than "
+                            f"pairs.min_margin={self.cfg.pairs.min_margin}, so there is no pair to train on "
+                            "(a harder or easier prompt set, more samples_per_prompt, or offline pairs)",
+                            field="pairs.source")
+        prepared = prepare_data(self.pairs, self.tokenizer, accepts=("preference",), rows=pairs,
+                                mask_dtype=floating_dtype(self.policy))
+        average = self.cfg.loss.kind == "ipo"
+        cached = precompute_sequence_logprobs(self.reference, prepared, self.cfg.reference.batch_size, average)
+        self.rounds += 1
+        prompts = len(rows)
+        metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.mean().item(),
+                   "pair_round": float(self.rounds)}
+        return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached), metrics
 
 
 def load_reference(cfg: DPOConfig) -> Reference | None:
