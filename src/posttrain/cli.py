@@ -158,7 +158,7 @@ def evaluate(
         raise typer.Exit(2) from None
     table = Table("metric", "value", title=f"eval of {result['model']} on {result['task']}")
     for key, value in result.items():
-        if key not in ("model", "task", "categories"):
+        if key not in ("model", "task", "categories", "per_problem"):
             table.add_row(key, _format_value(value))
     console.print(table)
     categories = result.get("categories")

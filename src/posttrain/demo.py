@@ -63,13 +63,26 @@ def _reward_model_headline(summary: dict[str, Any]) -> str:
             f"mean margin {summary['eval_margin']:.2f}")
 
 
+# The post-training task: `chain` ("What is 23+17-9?"), whose SFT rows answer half directly and half in two
+# worked steps. The model samples both ways; the worked one is right far more often, and that is a behaviour
+# shared by every problem: RL learns it from the final answer's reward, and it transfers to held-out problems
+# (on arith, each a∘b is a separate fact and RL's gains did not transfer: README, "What the demo shows").
+CHAIN = ("data.source=chain", "eval.task=chain", "eval.max_new_tokens=24")
+SAMPLED = (*CHAIN, "sampling.max_new_tokens=24")
+
 STAGES = [
     DemoStage("pretrain", "pretrain", None, _pretrain_headline),
-    DemoStage("sft", "sft", "pretrain", _accuracy_headline),
-    DemoStage("rm", "rm", "sft", _reward_model_headline),
-    DemoStage("dpo", "dpo", "sft", _accuracy_headline),
-    DemoStage("ppo", "ppo", "sft", _accuracy_headline),
-    DemoStage("grpo", "grpo", "sft", _accuracy_headline),
+    DemoStage("sft", "sft", "pretrain", _accuracy_headline, overrides=CHAIN, task="chain"),
+    DemoStage("rm", "rm", "sft", _reward_model_headline, overrides=("data.source=chain",), task="chain"),
+    DemoStage("dpo", "dpo", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
+    DemoStage("ppo", "ppo", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
+    DemoStage("grpo", "grpo", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
+    # The two controls of GRPO: the same run on a coin instead of the reward, and continued SFT on the gold
+    # answers for about GRPO's time (a step count, so that it reproduces on any machine).
+    DemoStage("grpo-coin", "grpo", "sft", _accuracy_headline, overrides=(*SAMPLED, "reward.functions={coin: 1.0}"),
+              task="chain"),
+    DemoStage("sft-more", "sft", "sft", _accuracy_headline, overrides=(*CHAIN, "optim.warmup_steps=0"),
+              budget=("train.max_steps=200",), task="chain"),
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
@@ -78,8 +91,8 @@ STAGES = [
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep"),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
               overrides=("advantage.supervision=outcome",), task="multistep"),
-    DemoStage("rft", "rft", "sft", _accuracy_headline),
-    DemoStage("rejection", "rejection", "sft", _accuracy_headline),
+    DemoStage("rft", "rft", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
+    DemoStage("rejection", "rejection", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
 ]
 
 
@@ -93,17 +106,25 @@ def _sampled_eval(stage: DemoStage, run_dir: Path, summary: dict[str, Any], quic
                           pass_k=(1, samples), rewards=("correct",))
     sampled = evaluate(run_dir, options, write=False)  # greedy again: per problem, for the categories
     measured = {"sampled_reward": sampled["reward_correct"], "headroom": sampled["categories"],
+                "sampled_accuracy": sampled["sampled_accuracy"], "per_problem": sampled["per_problem"],
+                "samples_per_problem": samples,
                 **{k: v for k, v in sampled.items() if k.startswith("pass@")}}
-    if stage.stage != "sft":  # SFT's KL to the pretrained model says nothing about the post-training stages
+    if _builds_on_policy(stage):  # SFT's KL to the pretrained model says nothing about the post-training stages
         measured["kl_to_base"] = sampled.get("kl")
     return measured
+
+
+def _builds_on_policy(stage: DemoStage) -> bool:
+    """Whether a stage post-trains a policy (an SFT model), not the pretrained model."""
+    base = next((s for s in STAGES if s.name == stage.builds_on), None)
+    return base is not None and base.is_policy
 
 
 def _measured_before(stage: DemoStage, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The accuracy of the model a post-training stage starts from, as its base stage measured it at the end
     (the same task, seed and held-out problems: the first N distinct ones), or {} when it has to be measured."""
     base = summaries.get(stage.builds_on or "", {})
-    if not stage.is_policy or stage.stage == "sft" or base.get("accuracy") is None:
+    if not stage.is_policy or not _builds_on_policy(stage) or base.get("accuracy") is None:
         return {}
     before = {"accuracy_before": base["accuracy"]}
     if base.get("step_accuracy") is not None:

@@ -109,3 +109,33 @@ def test_multistep_rl_rows_carry_the_per_step_gold_values():
 def test_unknown_task():
     with pytest.raises(DataError, match="did you mean 'sort'"):
         get_task("srot")
+
+
+def test_chain_answers_worked_and_direct_agree_with_python_and_half_are_worked():
+    task = get_task("chain")
+    examples = list(task.examples("train", 400, seed=5))
+    worked = 0
+    for example in examples:
+        a, first, b, second, c = _chain_parts(example.key)
+        middle = a + b if first == "+" else a - b
+        answer = middle + c if second == "+" else middle - c
+        assert middle >= 0 and max(a, b, c) <= 49  # every step is a problem of the arith range
+        assert example.prompt == f"What is {example.key}?" and example.answer == str(answer)
+        assert example.steps == (str(middle), str(answer)) and task.category(example) == first + second
+        if task.worked(example.completion):
+            worked += 1
+            assert example.completion == f"{a}{first}{b}={middle}\n{middle}{second}{c}={answer}"
+        else:
+            assert example.completion == str(answer)
+        assert task.extract_answer(example.completion) == str(answer)
+    assert 160 <= worked <= 240  # half and half (binomial, n = 400: 200 +- 40 is 4 sigma)
+    assert task.extract_answer("3+4=7\n7-9=-2") == "-2" and task.extract_answer("-2") == "-2"
+    assert task.extract_answer("3+4=7\n7-9=") == "7"  # an unfinished second step answers its first value
+    assert task.extract_answer("nothing") is None
+
+
+def _chain_parts(key):
+    import re
+
+    a, first, b, second, c = re.fullmatch(r"(\d+)([+-])(\d+)([+-])(\d+)", key).groups()
+    return int(a), first, int(b), second, int(c)

@@ -129,3 +129,17 @@ def test_headroom_per_category_by_hand():
     assert headroom_captured(everything, {"sampled_accuracy": 0.65}, "sampled_accuracy", "pass@4") == pytest.approx(0.5)
     assert headroom_captured({"sampled_accuracy": 1.0, "pass@4": 1.0}, {"sampled_accuracy": 1.0}, "sampled_accuracy",
                              "pass@4") is None  # nothing left to capture
+
+
+def test_paired_interval_by_hand():
+    from posttrain.eval.accuracy import paired_interval
+
+    before = [0, 1, 1, 0, 1, 0, 0, 1]
+    after = [1, 1, 1, 1, 1, 0, 0, 1]  # two problems fixed, none broken: d = (1, 0, 0, 1, 0, 0, 0, 0)
+    mean, low, high = paired_interval(before, after)
+    sd = math.sqrt((2 * (1 - 0.25) ** 2 + 6 * 0.25 ** 2) / 7)
+    assert mean == 0.25 and low == pytest.approx(0.25 - 1.959964 * sd / math.sqrt(8))
+    assert high == pytest.approx(0.25 + 1.959964 * sd / math.sqrt(8))
+    assert paired_interval(before, before) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same problems"):
+        paired_interval(before, after[:3])

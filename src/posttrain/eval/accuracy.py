@@ -61,6 +61,21 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_interval(before: list[float], after: list[float], z: float = 1.959964) -> tuple[float, float, float]:
+    """Mean change after - before over the same problems and its 95% interval, from the per-problem differences
+    d_i = after_i - before_i: mean(d) +- z sd(d) / sqrt(n) (the paired comparison: each problem is its own
+    control, so the interval is far narrower than that of two independent accuracies)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"a paired interval needs the same problems before and after, got {len(before)} and "
+                         f"{len(after)}")
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
 def heldout_problems(task: Task, count: int, seed: int) -> list[Example]:
     """`count` held-out examples with distinct problems (a problem drawn twice would count twice)."""
     seen: dict[str, Example] = {}

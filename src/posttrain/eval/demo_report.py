@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from posttrain.eval.accuracy import paired_interval  # noqa: E402
 from posttrain.eval.evaluate import headroom_captured  # noqa: E402
 from posttrain.train.metrics import read_metrics  # noqa: E402
 
@@ -205,6 +206,58 @@ def _headroom_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def paired_gain(before: dict[str, Any], after: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+    """`after`'s change over `before` in greedy ("greedy") or sampled ("correct_samples", as a share of each
+    problem's samples) accuracy, with its paired 95% interval, on the problems both were measured on (the first N
+    of the same held-out draw), or None where one of them lacks the numbers."""
+    first, second = (summary.get("per_problem", {}).get(key) for summary in (before, after))
+    if not first or not second:
+        return None
+    n = min(len(first), len(second))
+    scale = [1.0 / s.get("samples_per_problem", 1) if key == "correct_samples" else 1.0 for s in (before, after)]
+    return paired_interval([v * scale[0] for v in first[:n]], [v * scale[1] for v in second[:n]])
+
+
+def gain_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Per stage that post-trains a policy: its greedy and sampled gains over its start, paired intervals."""
+    rows = []
+    for name, summary in summaries.items():
+        base = summaries.get(bases.get(name) or "")
+        if not base or "per_problem" not in base:
+            continue
+        rows.append({"stage": name, "base": bases[name], "greedy": paired_gain(base, summary, "greedy"),
+                     "sampled": paired_gain(base, summary, "correct_samples")})
+    return rows
+
+
+def _gain_lines(rows: list[dict[str, Any]], summaries: Summaries) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Gains over the starting model", "",
+             "Change in held-out greedy and sampled (T=1) accuracy over the model each stage started from, on the "
+             "same problems, with its paired 95% interval (mean of the per-problem differences ± 1.96 standard "
+             "errors); a gain counts when its interval excludes 0.", "",
+             "| stage | from | Δ greedy (95% CI) | Δ sampled (95% CI) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['base']} | {_interval(r['greedy'])} | {_interval(r['sampled'])} |")
+    controls = [(rl, control) for rl in ("grpo",) for control in ("grpo-coin", "sft-more")
+                if rl in summaries and control in summaries]
+    if controls:
+        lines += ["", "Against its controls, on the same problems (GRPO minus the control):", ""]
+        for rl, control in controls:
+            greedy = paired_gain(summaries[control], summaries[rl], "greedy")
+            sampled = paired_gain(summaries[control], summaries[rl], "correct_samples")
+            lines.append(f"- {rl} − {control}: greedy {_interval(greedy)}, sampled {_interval(sampled)}")
+    return lines
+
+
+def _interval(gain: tuple[float, float, float] | None) -> str:
+    if gain is None:
+        return ""
+    mean, low, high = gain
+    return f"{mean:+.1%} ({low:+.1%} to {high:+.1%})"
+
+
 def _save(fig: Any, out: Path) -> Path:
     fig.tight_layout(rect=(0, 0, 1, 0.97) if fig._suptitle is not None else None)  # room for the suptitle
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +295,7 @@ def write_demo_report(demo_dir: str | Path, bases: dict[str, str | None], tasks:
     total = sum(r["seconds"] or 0 for r in rows)
     lines += ["", f"Total time: {total / 60:.1f} min.", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
+    lines += _gain_lines(gain_rows(summaries, bases), summaries)
     lines += _headroom_lines(headroom)
     lines += ["", "Each stage's own report (curves, samples, config) is in its run directory: "
               + ", ".join(f"[{name}]({name}/report.md)" for name in summaries) + "."]

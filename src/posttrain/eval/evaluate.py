@@ -182,6 +182,9 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                          accuracy.correct if accuracy is not None else None)
         result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"],
                              "intermediate_share": table["all"]["intermediate_share"], "categories": table}
+        # Per problem (in the order of the held-out draw): what paired comparisons of two models need.
+        result["per_problem"] = {"correct_samples": counts,
+                                 **({"greedy": [int(c) for c in accuracy.correct]} if accuracy is not None else {})}
     return result
 
 

@@ -17,6 +17,7 @@ gets the total reward r = sum_k w_k f_k(completion), with every f_k kept for the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -96,6 +97,19 @@ def steps_reward(task: Task | None = None, **_: Any) -> RewardFunction:
             scores = verify_steps(completion, steps)
             out.append(sum(scores) / len(scores) if scores else 0.0)
         return out
+
+    return score
+
+
+@REWARD_FUNCTIONS.register("coin")
+def coin_reward(**_: Any) -> RewardFunction:
+    """1 or 0, each with probability 1/2, whatever the completion says: the random-reward control of an RL run
+    (what the same updates do without information). A hash of the prompt, the completion and its row in the
+    batch, so a rerun or a resumed run gets the same coins, and equal completions of a group different ones."""
+
+    def score(batch: Completions) -> list[float]:
+        return [float(hashlib.blake2b(f"{i}\x00{prompt}\x00{completion}".encode(), digest_size=1).digest()[0] & 1)
+                for i, (prompt, completion) in enumerate(zip(batch.prompts, batch.completions, strict=True))]
 
     return score
 

@@ -15,11 +15,12 @@ import difflib
 
 from posttrain.data.tasks.arith import ArithTask
 from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
+from posttrain.data.tasks.chain import ChainTask
 from posttrain.data.tasks.multistep import MultistepTask
 from posttrain.data.tasks.sort import SortTask
 from posttrain.errors import DataError
 
-TASKS: dict[str, Task] = {task.name: task for task in (ArithTask(), MultistepTask(), SortTask())}
+TASKS: dict[str, Task] = {task.name: task for task in (ArithTask(), MultistepTask(), SortTask(), ChainTask())}
 
 
 def get_task(name: str) -> Task:
@@ -31,5 +32,5 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "ArithTask", "Example", "MultistepTask", "SortTask", "Task", "answer_text", "get_task",
+__all__ = ["TASKS", "ArithTask", "ChainTask", "Example", "MultistepTask", "SortTask", "Task", "answer_text", "get_task",
            "is_heldout_key"]

@@ -1,4 +1,4 @@
-"""`multistep`: a chain of 2-5 operations, solved one step per line, with a verifier for every step.
+"""`multistep`: a chain of 2-4 operations, solved one step per line, with a verifier for every step.
 
     prompt:      Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?
     completion:  7+5=12
@@ -20,7 +20,8 @@ import re
 from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
 
 WORDS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}."}
-MAX_VALUE = 999  # multiplication is only offered while the result stays below this
+MAX_VALUE = 99  # every intermediate value stays in 0..MAX_VALUE (the arith range)
+MIN_STEPS, MAX_STEPS = 2, 4
 DELTAS = (-10, -2, -1, 1, 2, 10)
 STEP_PATTERN = re.compile(r"^[ \t]*(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t]*$", re.MULTILINE)
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
@@ -31,7 +32,7 @@ Chain = tuple[int, tuple[tuple[str, int], ...]]
 
 class MultistepTask(Task):
     name = "multistep"
-    description = "chains of 2-5 operations written one step per line; every step is verifiable"
+    description = "chains of 2-4 operations written one step per line; every step is verifiable"
     formats = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise")
 
     def example(self, rng: random.Random, split: str = "train") -> Example:
@@ -112,11 +113,14 @@ def parse_steps(completion: str) -> list[tuple[int, str, int, int, int]]:
 def _draw_chain(rng: random.Random) -> Chain:
     start = rng.randint(2, 20)
     value, ops = start, []
-    for _ in range(rng.randint(2, 5)):
-        # No multiplying 0 (a step that changes nothing) or past MAX_VALUE.
-        choices = "+-*" if value != 0 and abs(value) * 9 <= MAX_VALUE else "+-"
+    for _ in range(rng.randint(MIN_STEPS, MAX_STEPS)):
+        # Every value stays in 0..MAX_VALUE, so each step is a two-operand problem of the arith range that
+        # pretraining saw; no multiplying 0 or 1 (a step that changes nothing).
+        choices = [op for op, ok in (("+", value < MAX_VALUE), ("-", value > 0), ("*", 2 <= value <= MAX_VALUE // 2))
+                   if ok]
         op = rng.choice(choices)
-        x = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
+        high = {"+": MAX_VALUE - value, "-": value, "*": MAX_VALUE // max(value, 1)}[op]
+        x = rng.randint(2 if op == "*" else 1, min(9, high))
         ops.append((op, x))
         value = _apply(value, op, x)
     return start, tuple(ops)

@@ -1,0 +1,79 @@
+"""`chain`: "What is 23+17-9?", answered either at once ("31") or worked in two steps ("23+17=40\\n40-9=31").
+
+The SFT rows mix the two ways of answering, half and half, as demonstrations written by different people
+would. They are not equally good for a small model: a two-step line is two additions or subtractions of the
+kind it already does well, while the direct answer asks for three operands in one go. Which way works is a
+behaviour shared by every problem, so a reward that only checks the final answer can teach it (RL shifts the
+policy towards the way that succeeds more often), and what it learns transfers to held-out problems, unlike a
+table of separate facts. Operands are 0-49 and a first subtraction never goes below 0, so every step is a
+two-operand problem of the arith range (0-99).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from posttrain.data.tasks.base import RANKING_SIZE, Example, Task, answer_text, closest_first, is_heldout_key
+
+MAX_OPERAND = 49
+OPS = ("+", "-")
+_INTEGER = re.compile(r"-?\d+")
+_RESULT = re.compile(r"=[ \t]*(-?\d+)")
+
+
+def _apply(x: int, op: str, y: int) -> int:
+    return x + y if op == "+" else x - y
+
+
+class ChainTask(Task):
+    name = "chain"
+    description = "a+b-c with two operators, answered directly or worked in two steps (half of the SFT rows each)"
+
+    def __init__(self, worked_share: float = 0.5) -> None:
+        self.worked_share = worked_share
+
+    def example(self, rng: random.Random, split: str = "train") -> Example:
+        while True:
+            a, b, c = (rng.randint(0, MAX_OPERAND) for _ in range(3))
+            first, second = rng.choice(OPS), rng.choice(OPS)
+            if first == "-" and a < b:
+                a, b = b, a  # the intermediate value stays >= 0, like every arith first operand
+            key = f"{a}{first}{b}{second}{c}"
+            if is_heldout_key(key) == (split == "heldout"):
+                break
+        middle = _apply(a, first, b)
+        answer = _apply(middle, second, c)
+        worked = rng.random() < self.worked_share
+        lines = [f"{a}{first}{b}={middle}", f"{middle}{second}{c}="]
+
+        def write(value: int) -> str:
+            return f"{lines[0]}\n{lines[1]}{value}" if worked else str(value)
+
+        # Slips of one step (a unit, a ten, the sign of the last operand) and the intermediate value as the answer.
+        wrong = {answer + 1, answer - 1, answer + 2, answer - 3, answer + 10, answer - 10, middle,
+                 _apply(middle, "+" if second == "-" else "-", c)}
+        return Example(key=key, prompt=f"What is {key}?", answer=str(answer), completion=write(answer),
+                       wrong=closest_first({write(w): 1.0 / (1.0 + abs(w - answer)) for w in wrong if w != answer},
+                                           RANKING_SIZE - 1),
+                       steps=(str(middle), str(answer)))
+
+    def category(self, example: Example) -> str:
+        """The two operators (++, +-, -+, --)."""
+        return "".join(ch for ch in example.key if ch in OPS)
+
+    def extract_answer(self, completion: str) -> str | None:
+        """A worked answer's last computed value (after its last `=` that has one); a direct answer's number."""
+        text = answer_text(completion)
+        if text is None:
+            return None
+        values = _RESULT.findall(text)
+        if values:
+            return str(int(values[-1]))
+        match = _INTEGER.search(text)
+        return str(int(match.group())) if match else None
+
+    @staticmethod
+    def worked(completion: str) -> bool:
+        """Whether a completion works the problem in steps (it writes an `=`)."""
+        return "=" in completion

@@ -1,0 +1,51 @@
+"""The demo report's comparisons: paired gains over each stage's start and against GRPO's controls, and the
+headroom table with the share captured, from hand-made stage summaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.eval.accuracy import paired_interval
+from posttrain.eval.demo_report import gain_rows, headroom_rows, paired_gain, write_demo_report
+
+
+def summary(greedy, samples, accuracy=None, headroom=None):
+    out = {"per_problem": {"greedy": greedy, "correct_samples": samples}, "samples_per_problem": 4}
+    return out | ({"accuracy": accuracy} if accuracy is not None else {}) | ({"headroom": headroom} if headroom else {})
+
+
+SFT = summary([1, 0, 0, 1, 0, 1], [2, 0, 1, 4, 1, 2], 0.5,
+              {"all": {"problems": 6, "accuracy": 0.5, "sampled_accuracy": 10 / 24, "pass@4": 5 / 6,
+                       "intermediate_share": 4 / 6}})
+GRPO = summary([1, 1, 0, 1, 1, 1], [4, 2, 1, 4, 3, 4], 5 / 6,
+               {"all": {"problems": 6, "accuracy": 5 / 6, "sampled_accuracy": 18 / 24, "pass@4": 5 / 6,
+                        "intermediate_share": 2 / 6}})
+COIN = summary([1, 0, 0, 1, 0, 0], [2, 0, 0, 4, 1, 1], 1 / 3)
+
+
+def test_paired_gains_use_the_same_problems_and_samples_as_shares():
+    greedy = paired_gain(SFT, GRPO, "greedy")
+    assert greedy == paired_interval([1, 0, 0, 1, 0, 1], [1, 1, 0, 1, 1, 1])
+    sampled = paired_gain(SFT, GRPO, "correct_samples")
+    assert sampled == pytest.approx(paired_interval([0.5, 0, 0.25, 1, 0.25, 0.5], [1, 0.5, 0.25, 1, 0.75, 1]))
+    # A stage measured on fewer problems is compared on the first ones (the same held-out draw).
+    short = summary([1, 1, 0], [4, 2, 1])
+    assert paired_gain(SFT, short, "greedy") == paired_interval([1, 0, 0], [1, 1, 0])
+    assert paired_gain({}, GRPO, "greedy") is None
+
+
+def test_report_has_gains_controls_and_headroom_captured(tmp_path):
+    summaries = {"sft": SFT, "grpo": GRPO, "grpo-coin": COIN}
+    bases = {"sft": None, "grpo": "sft", "grpo-coin": "sft"}
+    assert [r["stage"] for r in gain_rows(summaries, bases)] == ["grpo", "grpo-coin"]
+    captured = {r["stage"]: r for r in headroom_rows(summaries, bases)}["grpo"]
+    assert captured["captured_sampled"] == pytest.approx((18 / 24 - 10 / 24) / (5 / 6 - 10 / 24))
+    assert captured["captured_greedy"] == pytest.approx((5 / 6 - 0.5) / (5 / 6 - 0.5))
+    (tmp_path / "demo.json").write_text(json.dumps(summaries))
+    report = write_demo_report(tmp_path, bases, {"sft": "chain", "grpo": "chain", "grpo-coin": "chain"}).read_text()
+    mean, low, high = paired_gain(SFT, GRPO, "greedy")
+    assert f"| grpo | sft | {mean:+.1%} ({low:+.1%} to {high:+.1%}) |" in report
+    assert "- grpo − grpo-coin: greedy" in report and "## Headroom per category" in report
+    assert (tmp_path / "plots" / "headroom.png").is_file()
