@@ -74,15 +74,21 @@ STAGES = [
     DemoStage("pretrain", "pretrain", None, _pretrain_headline),
     DemoStage("sft", "sft", "pretrain", _accuracy_headline, overrides=CHAIN, task="chain"),
     DemoStage("rm", "rm", "sft", _reward_model_headline, overrides=("data.source=chain",), task="chain"),
-    DemoStage("dpo", "dpo", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
+    # DPO on pairs of the SFT model's own samples (a correct and an incorrect answer of one prompt): the offline
+    # pairs of the task (a right and a near-miss answer, in either way of answering) taught the direct answer
+    # and cost 46 points of greedy accuracy on chain.
+    DemoStage("dpo", "dpo", "sft", _accuracy_headline,
+              overrides=(*SAMPLED, "pairs.source=on_policy", "pairs.prompts_per_round=64"),
+              budget=("pairs.prompts_per_round=512", "train.max_steps=100"), task="chain"),
     DemoStage("ppo", "ppo", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
-    DemoStage("grpo", "grpo", "sft", _accuracy_headline, overrides=SAMPLED, task="chain"),
+    # Dynamic sampling: 40 steps with it gain what 80 without do (greedy 69.0% -> 74.4% vs 74.6%) in 34 s, not 47.
+    DemoStage("grpo", "grpo", "sft", _accuracy_headline, overrides=(*SAMPLED, "filter.enabled=true"), task="chain"),
     # The two controls of GRPO: the same run on a coin instead of the reward, and continued SFT on the gold
     # answers for about GRPO's time (a step count, so that it reproduces on any machine).
-    DemoStage("grpo-coin", "grpo", "sft", _accuracy_headline, overrides=(*SAMPLED, "reward.functions={coin: 1.0}"),
-              task="chain"),
+    DemoStage("grpo-coin", "grpo", "sft", _accuracy_headline,
+              overrides=(*SAMPLED, "filter.enabled=true", "reward.functions={coin: 1.0}"), task="chain"),
     DemoStage("sft-more", "sft", "sft", _accuracy_headline, overrides=(*CHAIN, "optim.warmup_steps=0"),
-              budget=("train.max_steps=200",), task="chain"),
+              budget=("train.max_steps=300",), task="chain"),
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,

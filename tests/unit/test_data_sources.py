@@ -105,6 +105,24 @@ def test_the_arrow_cache_is_reused_and_invalidated_when_the_file_changes(tmp_pat
     assert third.cache_files != first.cache_files and third["completion"] == [[message("assistant", "2")]]
 
 
+def test_a_task_whose_rows_changed_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    from posttrain.data.tasks import get_task
+
+    cfg = DataConfig(source="chain", size=8, cache_dir=str(tmp_path / "cache"))
+    first = load_rows(cfg, ("verifiable",)).dataset
+    assert load_rows(cfg, ("verifiable",)).dataset.cache_files == first.cache_files  # reused while unchanged
+    task = get_task("chain")
+    rows = task.rows
+
+    def reworded(fmt, split="train", size=1000, seed=0):  # the same task, a new prompt wording
+        return ({**row, "prompt": "Compute " + row["prompt"]} for row in rows(fmt, split, size, seed))
+
+    monkeypatch.setattr(task, "rows", reworded)
+    again = load_rows(cfg, ("verifiable",)).dataset
+    assert again.cache_files != first.cache_files
+    assert again[0]["prompt"][0]["content"].startswith("Compute What is")
+
+
 def test_limit(tmp_path):
     path = _write(tmp_path, "jsonl")
     cfg = DataConfig(source=str(path), cache_dir=str(tmp_path), limit=1, columns=ColumnsConfig(prompt="question"))

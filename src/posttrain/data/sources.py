@@ -161,7 +161,11 @@ def _renamed(raw: Iterator[tuple[Where, Any]], spec: _Spec) -> Iterator[tuple[Wh
 
 def _fingerprint(spec: _Spec) -> str:
     identity = [_CACHE_VERSION, repr(spec)]
-    if spec.kind != "task":
+    if spec.kind == "task":
+        # What the generator writes, not only its name and seed: a task whose rows changed (a new posttrain
+        # version, a user's own edit) must not be served the old rows from the cache.
+        identity.append(repr(list(tasks.get_task(spec.name).rows(spec.format, spec.split, size=4, seed=spec.seed))))
+    else:
         path = Path(spec.name)
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
         identity += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]

@@ -1,6 +1,6 @@
 """`multistep`: a chain of 2-4 operations, solved one step per line, with a verifier for every step.
 
-    prompt:      Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?
+    prompt:      Start with 7, then +5, *3, -4. What is the result?
     completion:  7+5=12
                  12*3=36
                  36-4=32
@@ -19,7 +19,6 @@ import re
 
 from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
 
-WORDS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}."}
 MAX_VALUE = 99  # every intermediate value stays in 0..MAX_VALUE (the arith range)
 MIN_STEPS, MAX_STEPS = 2, 4
 DELTAS = (-10, -2, -1, 1, 2, 10)
@@ -43,7 +42,8 @@ class MultistepTask(Task):
                 break
         start, ops = chain
         lines, values = _work(start, ops)
-        prompt = f"Start with {start}. " + " ".join(WORDS[op].format(x=x) for op, x in ops) + " What is the result?"
+        # The operations as they are written in the steps (`*3`), so that each step copies its operator and operand.
+        prompt = f"Start with {start}, then " + ", ".join(f"{op}{x}" for op, x in ops) + ". What is the result?"
         return Example(key=key, prompt=prompt, answer=str(values[-1]), completion=_write(lines, values[-1]),
                        wrong=_wrong_completions(chain), separator="\n", steps=tuple(map(str, values)))
 
