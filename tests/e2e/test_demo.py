@@ -32,7 +32,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
         assert f"| {stage.name} |" in report
     # Headroom per category for every policy stage, before (its start) and after, with the share captured.
     assert set(summaries["grpo"]["headroom"]) == {"all", "++", "+-", "-+", "--"}
-    assert set(summaries["sft-multistep"]["headroom"]) - {"all"} <= {f"{n} steps" for n in range(2, 5)}
+    assert set(summaries["sft-multistep"]["headroom"]) - {"all"} <= {f"{n} steps" for n in range(2, 6)}
     assert "## Headroom per category" in report and "| grpo | +- |" in report
     for plot in ("accuracy", "curves", "reward_vs_kl", "headroom"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 10_000, plot

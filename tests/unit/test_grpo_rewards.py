@@ -19,7 +19,7 @@ from posttrain.rewards import (
 )
 from posttrain.rewards.steps import line_ends
 
-PROMPT = [{"role": "user", "content": "Start with 7, then +5, *3. What is the result?"}]
+PROMPT = [{"role": "user", "content": "Start with 7. Add 5. Multiply by 3. What is the result?"}]
 
 
 def batch(*completions: str, answer: str = "36", steps: tuple[str, ...] = ("12", "36")) -> Completions:

@@ -111,7 +111,7 @@ class ProcessRewardScorer(_Scorer):
     regressor's are its raw step values. Steps are rendered one per line, as in training.
 
         scorer = ProcessRewardScorer.from_pretrained("runs/prm/final")
-        scorer.score_steps(["Start with 7, then +5, *3. ..."], [["7+5=12", "12*3=36"]])   # [[p1, p2]]
+        scorer.score_steps(["Start with 7. Add 5. ..."], [["7+5=12", "12*3=36"]])   # [[p1, p2]]
     """
 
     @property

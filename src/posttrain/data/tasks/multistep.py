@@ -1,6 +1,6 @@
-"""`multistep`: a chain of 2-4 operations, solved one step per line, with a verifier for every step.
+"""`multistep`: a chain of 2-5 operations, solved one step per line, with a verifier for every step.
 
-    prompt:      Start with 7, then +5, *3, -4. What is the result?
+    prompt:      Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?
     completion:  7+5=12
                  12*3=36
                  36-4=32
@@ -19,8 +19,8 @@ import re
 
 from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
 
-MAX_VALUE = 99  # every intermediate value stays in 0..MAX_VALUE (the arith range)
-MIN_STEPS, MAX_STEPS = 2, 4
+WORDS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}."}
+MAX_VALUE = 999  # multiplication is only offered while the result stays below this
 DELTAS = (-10, -2, -1, 1, 2, 10)
 STEP_PATTERN = re.compile(r"^[ \t]*(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t]*$", re.MULTILINE)
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
@@ -31,7 +31,7 @@ Chain = tuple[int, tuple[tuple[str, int], ...]]
 
 class MultistepTask(Task):
     name = "multistep"
-    description = "chains of 2-4 operations written one step per line; every step is verifiable"
+    description = "chains of 2-5 operations written one step per line; every step is verifiable"
     formats = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise")
 
     def example(self, rng: random.Random, split: str = "train") -> Example:
@@ -42,8 +42,7 @@ class MultistepTask(Task):
                 break
         start, ops = chain
         lines, values = _work(start, ops)
-        # The operations as they are written in the steps (`*3`), so that each step copies its operator and operand.
-        prompt = f"Start with {start}, then " + ", ".join(f"{op}{x}" for op, x in ops) + ". What is the result?"
+        prompt = f"Start with {start}. " + " ".join(WORDS[op].format(x=x) for op, x in ops) + " What is the result?"
         return Example(key=key, prompt=prompt, answer=str(values[-1]), completion=_write(lines, values[-1]),
                        wrong=_wrong_completions(chain), separator="\n", steps=tuple(map(str, values)))
 
@@ -113,14 +112,11 @@ def parse_steps(completion: str) -> list[tuple[int, str, int, int, int]]:
 def _draw_chain(rng: random.Random) -> Chain:
     start = rng.randint(2, 20)
     value, ops = start, []
-    for _ in range(rng.randint(MIN_STEPS, MAX_STEPS)):
-        # Every value stays in 0..MAX_VALUE, so each step is a two-operand problem of the arith range that
-        # pretraining saw; no multiplying 0 or 1 (a step that changes nothing).
-        choices = [op for op, ok in (("+", value < MAX_VALUE), ("-", value > 0), ("*", 2 <= value <= MAX_VALUE // 2))
-                   if ok]
+    for _ in range(rng.randint(2, 5)):
+        # No multiplying 0 (a step that changes nothing) or past MAX_VALUE.
+        choices = "+-*" if value != 0 and abs(value) * 9 <= MAX_VALUE else "+-"
         op = rng.choice(choices)
-        high = {"+": MAX_VALUE - value, "-": value, "*": MAX_VALUE // max(value, 1)}[op]
-        x = rng.randint(2 if op == "*" else 1, min(9, high))
+        x = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
         ops.append((op, x))
         value = _apply(value, op, x)
     return start, tuple(ops)
