@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 
 # Before torch starts its OpenMP pool: idle threads sleep instead of spinning, so a test run that shares
 # the 2 cores with another process slows down in proportion instead of 100x.
@@ -62,3 +63,33 @@ def _float64_norms(model: torch.nn.Module) -> None:
 def float64_norms():
     """`_float64_norms`: for float64 comparisons of layouts that sum a gradient in a different order."""
     return _float64_norms
+
+
+@pytest.fixture()
+def resumes_bitwise():
+    """`check(full, resume)`: copies the finished run `full` (a RunResult with checkpoints) as if it had been stopped
+    after its first checkpoint (later checkpoints and final/ removed), resumes the copy with `resume("split")` (the
+    same settings with run.name=split, run.resume=true), and asserts that it wrote the same metrics (timings aside)
+    and bitwise the same final weights. Returns the metrics."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.train.metrics import read_metrics
+
+    def untimed(path):
+        return [{k: v for k, v in m.items() if not k.endswith(("_s", "_per_s", "_share"))} for m in read_metrics(path)]
+
+    def check(full, resume):
+        split = full.run_dir.parent / "split"
+        shutil.copytree(full.run_dir, split)
+        checkpoints = sorted((split / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+        for later in checkpoints[1:]:
+            shutil.rmtree(later)
+        shutil.rmtree(split / "final")
+        resumed = resume("split")
+        assert untimed(split / "metrics.jsonl") == untimed(full.run_dir / "metrics.jsonl")
+        a = AutoModelForCausalLM.from_pretrained(full.final_dir, local_files_only=True).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(resumed.final_dir, local_files_only=True).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return untimed(full.run_dir / "metrics.jsonl")
+
+    return check
