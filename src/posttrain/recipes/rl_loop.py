@@ -30,6 +30,7 @@ the same number of forward/backward passes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -689,7 +690,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     keys = ("score", "reward", "accuracy", "kl", "beta", "value_explained_variance", "entropy", "completion_length")
     summary = {"advantage": cfg.advantage.estimator, "samples_per_prompt": cfg.sampling.samples_per_prompt,
                **summary(source), "trainable_parameters": count_parameters(model, trainable_only=True),
-               **result.totals(), "rounds": source.steps // steps_per_round(cfg),
+               **result.totals(), "rounds": math.ceil(source.steps / steps_per_round(cfg)),  # the last may end early
                "sampling_batches": source.prompts.rounds, **{k: last[k] for k in keys if k in last},
                **accuracy_summary(before, last, cfg.eval)}
     write_training_report(run_dir, title, summary)
