@@ -239,7 +239,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("inspect")
 def data_inspect(
     source: Annotated[str, typer.Argument(help="A .jsonl/.json/.parquet/.csv file, a `datasets` directory or a "
-                                               "built-in task (arith, multistep, sort).")],
+                                               "built-in task (arith, chain, multistep, sort).")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="data settings as key=value (max_length=256 truncation=truncate_left columns.prompt=question).",
         show_default=False)] = None,
