@@ -112,14 +112,16 @@ STAGES = [
 
 
 def _sampled_eval(stage: DemoStage, run_dir: Path, summary: dict[str, Any], quick: bool) -> dict[str, Any]:
-    """pass@k and KL to the model the stage started from, on the held-out problems the stage was scored on
-    (the greedy accuracy is the recipe's own): what the report's reward-vs-KL picture needs."""
+    """Sampled accuracy, pass@k, headroom per category, per-problem results and KL to the model the stage started
+    from, on the held-out problems the stage was scored on: what the report's gains, headroom and reward-vs-KL
+    need. Greedy decoding runs again (the recipe's evaluation keeps no per-problem results); the summary's
+    accuracy stays the recipe's own."""
     if not stage.is_policy:
         return {}
     samples = 2 if quick else 8
     options = EvalOptions(task=stage.task, problems=summary.get("eval_problems") or 500, samples=samples,
                           pass_k=(1, samples), rewards=("correct",))
-    sampled = evaluate(run_dir, options, write=False)  # greedy again: per problem, for the categories
+    sampled = evaluate(run_dir, options, write=False)
     measured = {"sampled_reward": sampled["reward_correct"], "headroom": sampled["categories"],
                 "sampled_accuracy": sampled["sampled_accuracy"], "per_problem": sampled["per_problem"],
                 "samples_per_problem": samples,

@@ -178,7 +178,7 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
         reference = _reference(target, options)
         sampled, counts = sampled_metrics(model, tokenizer, task, data, options, max_new_tokens, reference)
         examples = heldout_problems(task, options.problems, options.seed)
-        table = headroom(examples, [task.category(e) for e in examples], counts, options.samples, sampled_ks(options),
+        table = headroom([task.category(e) for e in examples], counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
         result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"],
                              "intermediate_share": table["all"]["intermediate_share"], "categories": table}
@@ -192,14 +192,14 @@ def sampled_ks(options: EvalOptions) -> list[int]:
     return [k for k in options.pass_k if k <= options.samples]
 
 
-def headroom(examples: list[Example], categories: list[str | None], counts: list[int], n: int, ks: list[int],
+def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[int],
              greedy: tuple[bool, ...] | None = None) -> dict[str, dict[str, float]]:
     """Where a policy can still improve, per category of problem and for "all": greedy accuracy (when measured),
     sampled accuracy at temperature 1 (the mean of c/n over problems: what RL's expected reward is), pass@k, and
     the share of problems with 0 < c < n (where a group of samples disagrees: a group baseline's signal). The
     gap from sampled accuracy to pass@k is what RL can reach by shifting mass onto answers the model already
-    samples. `counts` are the correct samples of each of `examples`, n per problem."""
-    members: dict[str, list[int]] = {"all": list(range(len(examples)))}
+    samples. Per problem: its category (None: counted in "all" only) and its correct samples, of n."""
+    members: dict[str, list[int]] = {"all": list(range(len(categories)))}
     for category in sorted({c for c in categories if c is not None}):
         members[category] = [i for i, c in enumerate(categories) if c == category]
     table = {}

@@ -141,7 +141,7 @@ def main(cfg: DPOConfig) -> RunResult:
 
     with forward_precision(cfg.train, model):
         before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
-    average = cfg.loss.kind == "ipo"  # IPO's h is on per-token average logprobs
+    average = token_average(cfg.loss)
     precompute_start = time.perf_counter()
     if on_policy:
         source = on_policy_source(cfg, prepared, tokenizer, model)
@@ -240,7 +240,7 @@ class OnPolicyPairs:
         self.reference, self.rewards = reference, rewards
         self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed)
         self.params = cfg.sampling.params()
-        self.pairs = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop")
+        self.pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop")
         self.steps, self.rounds = 0, 0
         self.source, self.metrics = self._round()
 
@@ -263,12 +263,7 @@ class OnPolicyPairs:
 
     @torch.no_grad()
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            rows, rollout = self.prompts.sample(self.engine, self.params)
-        finally:
-            self.policy.train(was_training)
+        rows, rollout = self.prompts.sample(self.engine, self.params)  # the engine samples in eval mode
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions).total
         # A completion with no text (EOS at once) is no preference row's answer: it takes part in no pair.
@@ -283,15 +278,20 @@ class OnPolicyPairs:
                             f"pairs.min_margin={self.cfg.pairs.min_margin}, so there is no pair to train on "
                             "(a harder or easier prompt set, more samples_per_prompt, or offline pairs)",
                             field="pairs.source")
-        prepared = prepare_data(self.pairs, self.tokenizer, accepts=("preference",), rows=pairs,
+        prepared = prepare_data(self.pair_data, self.tokenizer, accepts=("preference",), rows=pairs,
                                 mask_dtype=floating_dtype(self.policy))
-        average = self.cfg.loss.kind == "ipo"
-        cached = precompute_sequence_logprobs(self.reference, prepared, self.cfg.reference.batch_size, average)
+        cached = precompute_sequence_logprobs(self.reference, prepared, self.cfg.reference.batch_size,
+                                              token_average(self.cfg.loss))
         self.rounds += 1
         prompts = len(rows)
         metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.mean().item(),
                    "pair_round": float(self.rounds)}
         return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached), metrics
+
+
+def token_average(loss: DPOLossConfig) -> bool:
+    """Whether h compares per-token average logprobs (IPO) rather than sequence sums."""
+    return loss.kind == "ipo"
 
 
 def load_reference(cfg: DPOConfig) -> Reference | None:
@@ -317,7 +317,7 @@ def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int,
 
 def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):
     """The DPO loss of a micro-batch of pairs or rankings, scaled to its share of the step's comparisons."""
-    average = cfg.kind == "ipo"
+    average = token_average(cfg)
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:
         logprobs, mask = response_logprobs(model, batch)  # one forward: every response of every comparison

@@ -34,7 +34,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -211,6 +211,20 @@ class StepRewardsHook(Protocol):
     def __call__(self, rollout: Rollout, completions: Completions, scores: Tensor) -> StepRewards: ...
 
 
+class Sampled(NamedTuple):
+    """A round's phases 1 and 2: its prompt rows, their rollout (row i completes rows[prompt_index[i]]), what the
+    reward functions read and gave, the score (the reward minus the missing-EOS penalty) [B], the seconds spent
+    sampling, and the dynamic-sampling statistics."""
+
+    rows: list[dict[str, Any]]
+    rollout: Rollout
+    completions: Completions
+    scores: Scores
+    score: Tensor
+    generation_s: float
+    metrics: dict[str, float]
+
+
 @dataclasses.dataclass
 class Round:
     """One round's samples and what was computed from them: [B, T] tensors but `scores` [B];
@@ -311,8 +325,7 @@ class RLStepSource:
     def generate(self) -> list[StepBatch]:
         """One round, phase by phase."""
         start = time.perf_counter()
-        rows, rollout, scores, score, generation_s, filtered = self._sample()                # 1. and 2.
-        completions = completions_of(rollout, rows)
+        rows, rollout, completions, scores, score, generation_s, filtered = self._sample()   # 1. and 2.
         if self.gold is not None:
             self.gold.prepare(rows)
         steps = self.step_rewards(rollout, completions, score) if self.step_rewards is not None else None
@@ -343,9 +356,9 @@ class RLStepSource:
 
     # -- phase 1 and 2: sample and score, until the round has its informative groups ----------------
 
-    def _sample(self) -> tuple[list[dict[str, Any]], Rollout, Scores, Tensor, float, dict[str, float]]:
-        """The round's prompt rows, rollout, scores, score (the reward minus the missing-EOS penalty), seconds spent
-        sampling, and the filter's statistics.
+    def _sample(self) -> Sampled:
+        """The round's prompt rows and their rollout, scored, with the seconds spent sampling and the filter's
+        statistics.
 
         Without `filter`: one batch of the round's prompts. With it (dynamic sampling), batches of
         `filter.oversample` x the round's prompts until every rank holds the round's number of groups in the
@@ -360,11 +373,12 @@ class RLStepSource:
             start = time.perf_counter()
             rows, rollout = self.prompts.sample(self.engine, self.params)
             generation_s += time.perf_counter() - start
-            scores = self.rewards(completions_of(rollout, rows))
+            completions = completions_of(rollout, rows)
+            scores = self.rewards(completions)
             score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
             batches.append((rows, rollout, scores, score))
             if not cfg.enabled:
-                return rows, rollout, scores, score, generation_s, {}
+                return Sampled(rows, rollout, completions, scores, score, generation_s, {})
             kept += int(group_success_band(score, rollout.prompt_index, cfg.low, cfg.high).keep.sum())
             if dist.all_reduce_min(float(kept)) >= need or len(batches) >= cfg.max_batches:
                 break
@@ -372,8 +386,10 @@ class RLStepSource:
         rollout = concat_rollouts([batch[1] for batch in batches])
         scores, score = Scores.concat([batch[2] for batch in batches]), torch.cat([batch[3] for batch in batches])
         band = group_success_band(score, rollout.prompt_index, cfg.low, cfg.high)
-        order = torch.argsort(band.distance + 1e9 * (~band.spread).double(), stable=True)  # fill: spread, nearest
-        chosen = torch.cat([band.groups[band.keep], band.groups[order][~band.keep[order]]])[:need]
+        # The groups in the band, then the others to fill up: those with spread first, then nearest the band.
+        others = sorted((i for i in range(len(band.groups)) if not band.keep[i]),
+                        key=lambda i: (not band.spread[i], float(band.distance[i])))
+        chosen = torch.cat([band.groups[band.keep], band.groups[others]])[:need]
         picked = torch.cat([torch.nonzero(rollout.prompt_index == g).flatten() for g in chosen.tolist()])
         renumbered = torch.repeat_interleave(torch.arange(len(chosen)), torch.bincount(rollout.prompt_index)[chosen])
         trained = dataclasses.replace(rollout.select(picked), prompt_index=renumbered)
@@ -381,8 +397,9 @@ class RLStepSource:
                    "prompts_sampled": dist.all_reduce_sum(float(len(band.groups))), "sampling_batches": len(batches),
                    "filled_groups": dist.all_reduce_sum(float(max(0, need - int(band.keep.sum())))),
                    "sampled_score": dist.all_reduce_sum(float(score.sum())) / dist.all_reduce_sum(float(len(score)))}
-        return ([rows[g] for g in chosen.tolist()], trained, scores.select(picked.tolist()), score[picked],
-                generation_s, metrics)
+        chosen_rows = [rows[g] for g in chosen.tolist()]
+        return Sampled(chosen_rows, trained, completions_of(trained, chosen_rows), scores.select(picked.tolist()),
+                       score[picked], generation_s, metrics)
 
     # -- phase 3 and 4: the no-grad passes -------------------------------------------------------
 

@@ -166,7 +166,7 @@ class Scores:
             offsets.append(offsets[-1] + len(part.total))
         return cls(total=torch.cat([p.total for p in parts]),
                    by_function={name: torch.cat([p.by_function[name] for p in parts]) for name in parts[0].by_function},
-                   errors=[{**e, "row": e["row"] + offset} for p, offset in zip(parts, offsets, strict=False)
+                   errors=[{**e, "row": e["row"] + offset} for p, offset in zip(parts, offsets[:-1], strict=True)
                            for e in p.errors])
 
     def select(self, rows: Sequence[int]) -> Scores:
