@@ -226,3 +226,67 @@ def test_tokenisation_is_cached_and_num_proc_changes_nothing(tmp_path, tokenizer
         assert first.dataset.cache_files and again.dataset.cache_files == first.dataset.cache_files
         results[num_proc] = first.dataset.to_list()
     assert results[1] == results[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates as real models ship them.
+
+MULTI = [message("user", "What is 2+3?"), message("assistant", "5"), message("user", "And 4*4?"),
+         message("assistant", "16")]
+
+
+def _chatml_hand_built(tok, messages, system="You are a helpful assistant."):
+    """ChatML by hand: every turn `<|im_start|>role\\ncontent<|im_end|>\\n`, the assistant's content, its
+    `<|im_end|>` and the newline after it trained (the template's text up to the next turn)."""
+    ids, mask = [], []
+    for m in [message("system", system), *messages]:
+        head = [tok.convert_tokens_to_ids("<|im_start|>"), *_ids(tok, f"{m['role']}\n")]
+        body = [*_ids(tok, m["content"]), tok.convert_tokens_to_ids("<|im_end|>"), *_ids(tok, "\n")]
+        trained = int(m["role"] == "assistant")
+        ids, mask = ids + head + body, mask + [0] * len(head) + [trained] * len(body)
+    return ids, mask
+
+
+def test_chatml_tokenizer_whose_bos_opens_every_turn(chatml_tokenizer):
+    """A ChatML tokenizer with bos_token=<|im_start|> that adds no BOS itself: no BOS is added, the many
+    turn openers are not "extra BOS tokens", and the mask (prefix rendering: no generation markers) covers
+    exactly the assistant turns."""
+    encoder = Encoder.from_config(chatml_tokenizer, DataConfig())
+    assert chatml_tokenizer.bos_token == "<|im_start|>" and not encoder.adds_bos
+    assert encoder.encode(MULTI) == _chatml_hand_built(chatml_tokenizer, MULTI)
+    prompt = encoder.encode_prompt(MULTI[:1])
+    opener = [chatml_tokenizer.convert_tokens_to_ids("<|im_start|>"), *_ids(chatml_tokenizer, "assistant\n")]
+    assert prompt == _chatml_hand_built(chatml_tokenizer, MULTI[:1])[0] + opener
+    plain_ids, _ = Encoder.from_config(chatml_tokenizer, DataConfig(template="plain")).encode(MULTI[:2], 1)
+    assert chatml_tokenizer.decode(plain_ids) == "What is 2+3?5<|im_end|>"  # no BOS text prepended either
+
+
+def test_tokenizer_without_bos(chatml_tokenizer):
+    """Qwen2's own setting: no bos_token at all."""
+    no_bos = copy.deepcopy(chatml_tokenizer)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None
+    assert Encoder.from_config(no_bos, DataConfig()).encode(MULTI) == _chatml_hand_built(chatml_tokenizer, MULTI)
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|system|>{{ m['role'] }}<|user|>\n\n{{ m['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|system|>assistant<|user|>\n\n{% endif %}")
+
+
+def test_llama3_style_headers_with_a_tokenizer_that_adds_bos(tokenizer):
+    """Llama-3's layout (`<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`, spelled with this
+    tokenizer's special tokens), BOS written by the template and also added by the tokenizer: one BOS."""
+    llama = copy.deepcopy(tokenizer)
+    llama.chat_template = LLAMA3_TEMPLATE
+    encoder = Encoder.from_config(llama, DataConfig())
+    assert encoder.adds_bos
+    ids, mask = [tokenizer.bos_token_id], [0]
+    for m in MULTI:
+        head = _ids(tokenizer, f"<|system|>{m['role']}<|user|>\n\n")
+        body = [*_ids(tokenizer, m["content"]), tokenizer.eos_token_id]
+        ids, mask = ids + head + body, mask + [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+    assert encoder.encode(MULTI) == (ids, mask)
+    without = copy.deepcopy(llama)
+    without.chat_template = LLAMA3_TEMPLATE.replace("{{ bos_token }}", "")
+    assert Encoder.from_config(without, DataConfig()).encode(MULTI) == (ids, mask)  # the tokenizer's BOS added

@@ -6,8 +6,10 @@ back to prefix tokenisation: the conversation up to each trained turn is rendere
 generation prompt, and its tokens must be a prefix of the whole conversation's tokens — a template
 that rewrites earlier turns (or a tokenizer that merges across the boundary) is an error, never a
 silently shifted mask. The end-of-turn EOS is always trained (it is how the model learns to stop),
-whatever the pad token is: the mask is explicit, never `input_ids != pad`. A sequence has exactly
-one BOS.
+whatever the pad token is: the mask is explicit, never `input_ids != pad`. Where the tokenizer adds
+a BOS itself (Llama's, ours), a sequence has exactly one BOS, opening it; where it does not (ChatML
+tokenizers, whose `bos_token` may be `<|im_start|>`, the token that opens every turn), the template's
+text is taken as it renders.
 
 Rows too long for `max_length` are dropped, cut from the left (BOS kept), or an error, by
 `truncation`; a row left with no trained token is dropped. Nothing is dropped silently: every
@@ -17,6 +19,7 @@ row's fate is a column of the mapped dataset and `TokenStats` counts them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -100,8 +103,10 @@ class Encoder:
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token: a model trained on it could never stop",
                               field="model.path")
-        return cls(tokenizer=tokenizer, template=cfg.template, thinking=cfg.thinking, loss_on=cfg.loss_on,
-                   max_length=cfg.max_length, truncation=cfg.truncation)
+        encoder = cls(tokenizer=tokenizer, template=cfg.template, thinking=cfg.thinking, loss_on=cfg.loss_on,
+                      max_length=cfg.max_length, truncation=cfg.truncation)
+        encoder.adds_bos  # noqa: B018 - computed before `datasets.map` hashes the encoder, so its cache key is stable
+        return encoder
 
     # -- public -------------------------------------------------------------------------------
 
@@ -223,10 +228,10 @@ class Encoder:
         return pieces
 
     def _plain_text(self, messages: Sequence[dict[str, Any]]) -> str:
-        return (self.tokenizer.bos_token or "") + "".join(self._plain_pieces(messages))
+        return self._opening_bos_text + "".join(self._plain_pieces(messages))
 
     def _plain(self, messages: Sequence[dict[str, Any]], trained: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
-        bos = self.tokenizer.bos_token or ""
+        bos = self._opening_bos_text
         pieces = self._plain_pieces(messages)
         ids = self._tokens(bos + "".join(pieces))
         spans = [self._span(ids, self._tokens(bos + "".join(pieces[:i])),
@@ -247,10 +252,23 @@ class Encoder:
                            "trained tokens cannot be located", field)
         return len(before), len(through)
 
-    def _one_bos(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer opens a text with BOS itself (`tokenizer(text)`): then BOS means "start of
+        sequence", and a sample must start with exactly one. A tokenizer that does not add one (ChatML ones,
+        even when their `bos_token` is set: it is `<|im_start|>`, the opener of every turn) gets no BOS added
+        and no count: its template decides."""
         bos = self.tokenizer.bos_token_id
-        if bos is None:
+        return bos is not None and list(self.tokenizer("a")["input_ids"][:1]) == [bos]
+
+    @property
+    def _opening_bos_text(self) -> str:
+        return self.tokenizer.bos_token if self.adds_bos else ""
+
+    def _one_bos(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        if not self.adds_bos:
             return ids, mask
+        bos = self.tokenizer.bos_token_id
         count = ids.count(bos)
         if count == 0:
             return [bos, *ids], [0, *mask]
@@ -273,7 +291,7 @@ class Encoder:
 
     def fit(self, ids: list[int], mask: list[int], excess: int) -> tuple[list[int], list[int]]:
         """Cut `excess` tokens from the left, keeping a leading BOS."""
-        keep = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
+        keep = 1 if self.adds_bos and ids and ids[0] == self.tokenizer.bos_token_id else 0
         return ids[:keep] + ids[keep + excess:], mask[:keep] + mask[keep + excess:]
 
 
