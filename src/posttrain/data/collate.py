@@ -294,7 +294,7 @@ class Collator:
     row_capacity: int = 0
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        if self.format in ("completion", "messages"):
+        if self.format in ("completion", "messages", "text"):
             if self.batch_mode == "padding_free":
                 return collate_packed(self._padding_free_rows(samples), self.pad_token_id, self.packed_attention,
                                       self.mask_dtype)

@@ -7,9 +7,9 @@ import dataclasses
 from posttrain.config import param, section
 
 # The row formats (see `schemas.py` for their columns) and which of them each stage takes.
-FORMATS = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise")
+FORMATS = ("completion", "messages", "text", "preference", "ranking", "verifiable", "stepwise")
 STAGE_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("messages", "completion"),
+    "sft": ("messages", "completion", "text"),
     "rejection": ("verifiable",),
     "rm": ("preference", "ranking"),
     "prm": ("stepwise",),

@@ -78,7 +78,8 @@ def _sample_panel(row: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerB
     elif fmt == "verifiable":
         steps = f"\nsteps: {', '.join(row['steps'])}" if row.get("steps") else ""
         body = Group(render_masked(tokenizer, row["prompt_input_ids"], [0] * len(row["prompt_input_ids"])),
-                     Text(f"answer: {row['answer']}{steps}", style="bold"))
+                     Text(f"answer: {row['answer'] if row['answer'] is not None else '(none: prompt only)'}{steps}",
+                          style="bold"))
     elif fmt == "stepwise":
         labels = " ".join("✓" if label >= 0.5 else "✗" for label in row["step_labels"])
         body = Group(render_masked(tokenizer, row["input_ids"], row["response_mask"], row["step_ends"]),

@@ -22,7 +22,7 @@ from posttrain.data.sources import load_rows
 from posttrain.data.tokenize import Tokenized, tokenize_rows
 from posttrain.errors import ConfigError, DataError
 
-SFT_FORMATS = ("completion", "messages")
+SFT_FORMATS = ("completion", "messages", "text")
 COMPARISON_FORMATS = ("preference", "ranking")
 
 

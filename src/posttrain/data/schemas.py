@@ -1,9 +1,12 @@
 """Row formats: which columns each takes, and validation of one row into its canonical form.
 
 Every conversational field (a prompt, a completion, chosen/rejected, each ranked response) is
-normalised to a list of messages `{"role", "content", "reasoning"}`: a plain string prompt becomes
-one user turn, a plain string answer one assistant turn, and a `<think>...</think>` block at the
-start of an assistant turn moves into `reasoning`. Downstream code then has one shape to handle,
+normalised to a list of messages `{"role", "content", "reasoning", "tool_calls", "name", "tool_call_id"}`:
+a plain string prompt becomes one user turn, a plain string answer one assistant turn, and a
+`<think>...</think>` block at the start of an assistant turn moves into `reasoning`. Tool use is
+kept as the model's own template renders it: an assistant turn may carry `tool_calls` (then its
+content may be empty; stored as JSON text, because Arrow needs one schema and arguments differ per
+tool) and `tool` turns hold the results. Downstream code then has one shape to handle,
 and the plain-text template still reproduces the strings exactly (it joins the contents).
 
 Every problem is a `DataError` naming the file, the line (or 1-based row) and the field, raised
@@ -13,6 +16,7 @@ while the rows are read — before any tokenisation or training.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,10 +26,11 @@ from datasets import Features, List, Value
 
 from posttrain.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
-MESSAGE = {"role": Value("string"), "content": Value("string"), "reasoning": Value("string")}
+MESSAGE = {"role": Value("string"), "content": Value("string"), "reasoning": Value("string"),
+           "tool_calls": Value("string"), "name": Value("string"), "tool_call_id": Value("string")}
 MESSAGES = List(MESSAGE)
 
 # Canonical columns of each format (after renames and normalisation), as Arrow features. `line`
@@ -33,13 +38,14 @@ MESSAGES = List(MESSAGE)
 FEATURES: dict[str, Features] = {
     "completion": Features({"prompt": MESSAGES, "completion": MESSAGES, "line": Value("int64")}),
     "messages": Features({"messages": MESSAGES, "line": Value("int64")}),
+    "text": Features({"text": Value("string"), "line": Value("int64")}),
     "preference": Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
                             "margin": Value("float64"), "preference_prob": Value("float64"),
                             "line": Value("int64")}),
     "ranking": Features({"prompt": MESSAGES, "responses": List(MESSAGES), "scores": List(Value("float64")),
                          "line": Value("int64")}),
     "verifiable": Features({"prompt": MESSAGES, "answer": Value("string"), "steps": List(Value("string")),
-                            "line": Value("int64")}),
+                            "row": Value("string"), "line": Value("int64")}),
     "stepwise": Features({"prompt": MESSAGES, "completions": List(Value("string")),
                           "labels": List(Value("float64")), "line": Value("int64")}),
 }
@@ -58,13 +64,17 @@ SPECS: dict[str, FormatSpec] = {
                              doc="prompt (text or messages) -> completion (text or assistant messages)"),
     "messages": FormatSpec("messages", ("messages",),
                            doc="a conversation; every (or the last) assistant turn is trained"),
-    "preference": FormatSpec("preference", ("prompt", "chosen", "rejected"), ("margin", "preference_prob"),
+    "text": FormatSpec("text", ("text",), doc="plain text for language modelling: every token is trained"),
+    "preference": FormatSpec("preference", ("chosen", "rejected"), ("prompt", "margin", "preference_prob"),
                              doc="prompt with a preferred and a dispreferred answer, optional margin and "
-                                 "preference_prob (the probability that chosen is preferred: a soft label)"),
+                                 "preference_prob (the probability that chosen is preferred: a soft label); "
+                                 "without a prompt column, chosen and rejected are whole conversations (or "
+                                 "texts) and their shared beginning is the prompt"),
     "ranking": FormatSpec("ranking", ("prompt", "responses"), ("scores",),
                           doc="prompt with >= 2 responses, best first, or ordered by `scores`"),
-    "verifiable": FormatSpec("verifiable", ("prompt", "answer"), ("steps",),
-                             doc="prompt with a gold answer (and per-step gold values) for RL"),
+    "verifiable": FormatSpec("verifiable", ("prompt",), ("answer", "steps"),
+                             doc="prompt for RL, with an optional gold answer (and per-step gold values); every "
+                                 "other column is kept for reward functions and graders"),
     "stepwise": FormatSpec("stepwise", ("prompt", "completions", "labels"),
                            doc="prompt with a list of steps and one label per step, for process reward models"),
 }
@@ -74,7 +84,7 @@ STRUCTURED_FIELDS = ("messages", "responses", "scores", "steps", "completions", 
                      "preference_prob")
 
 # Ambiguous column sets are resolved in this order (preference rows also have a prompt, etc.).
-_DETECTION_ORDER = ("preference", "ranking", "stepwise", "completion", "messages", "verifiable")
+_DETECTION_ORDER = ("preference", "ranking", "stepwise", "completion", "messages", "text", "verifiable")
 
 
 @dataclass(frozen=True)
@@ -141,10 +151,22 @@ def _messages(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     return {"messages": messages}
 
 
+def _text(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    text = raw["text"]
+    if not isinstance(text, str):
+        raise where.error(f"must be text, got {_kind(text)}", field="text")
+    if not text.strip():
+        raise where.error("empty text: nothing to train on", field="text")
+    return {"text": text}
+
+
 def _preference(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
-    prompt = _prompt(raw["prompt"], where)
-    chosen = _answer(raw["chosen"], "chosen", where)
-    rejected = _answer(raw["rejected"], "rejected", where)
+    if raw.get("prompt") is None:
+        prompt, chosen, rejected = _split_implicit_prompt(raw["chosen"], raw["rejected"], where)
+    else:
+        prompt = _prompt(raw["prompt"], where)
+        chosen = _answer(raw["chosen"], "chosen", where)
+        rejected = _answer(raw["rejected"], "rejected", where)
     if chosen == rejected:
         raise where.error("chosen and rejected are identical: the pair carries no preference", field="rejected")
     margin = raw.get("margin")
@@ -157,6 +179,40 @@ def _preference(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
             raise where.error(f"must be a probability in [0, 1], got {probability}", field="preference_prob")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin,
             "preference_prob": probability}
+
+
+def _split_implicit_prompt(chosen: Any, rejected: Any,
+                           where: Where) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(prompt, chosen, rejected) of a pair given as two whole conversations (or texts) with a shared start
+    (TRL's implicit prompt). Conversations split at the first message in which they differ, which must be an
+    assistant turn; texts at the last whitespace before the first character in which they differ."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        common = 0
+        while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+            common += 1
+        cut = max(chosen.rfind(" ", 0, common + 1), chosen.rfind("\n", 0, common + 1))
+        if cut <= 0 or not chosen[:cut].strip():
+            raise where.error("no prompt column, and chosen and rejected share no beginning to use as the prompt "
+                              "(give a `prompt` column)", field="prompt")
+        return ([message("user", chosen[:cut])], [_assistant_turn(chosen[cut:], None, "chosen", where)],
+                [_assistant_turn(rejected[cut:], None, "rejected", where)])
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        raise where.error("no prompt column: chosen and rejected must both be conversations (or both texts) that "
+                          "share their beginning", field="rejected" if isinstance(chosen, list) else "chosen")
+    chosen_turns = _message_list(chosen, "chosen", where)
+    rejected_turns = _message_list(rejected, "rejected", where)
+    common = 0
+    while (common < min(len(chosen_turns), len(rejected_turns))
+           and chosen_turns[common] == rejected_turns[common]):
+        common += 1
+    if common == 0:
+        raise where.error("no prompt column, and the chosen and rejected conversations differ from their first "
+                          "message: there is no shared prompt (give a `prompt` column)", field="prompt")
+    for name, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
+        if common == len(turns) or turns[common]["role"] != "assistant":
+            raise where.error(f"the conversations part at message {common}, which must be an assistant turn in "
+                              "both (the shared turns before it are the prompt)", field=f"{name}[{common}]")
+    return chosen_turns[:common], chosen_turns[common:], rejected_turns[common:]
 
 
 def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
@@ -183,14 +239,31 @@ def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
 
 def _verifiable(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     prompt = _prompt(raw["prompt"], where)
-    answer = _scalar_text(raw["answer"], "answer", where)
+    answer = None if raw.get("answer") is None else _scalar_text(raw["answer"], "answer", where)
     steps = raw.get("steps")
     if steps is not None:
         if not isinstance(steps, list) or not steps:
             raise where.error(f"must be a non-empty list of per-step gold values, got {_kind(steps)}",
                               field="steps")
         steps = [_scalar_text(s, f"steps[{i}]", where) for i, s in enumerate(steps)]
-    return {"prompt": prompt, "answer": answer, "steps": steps}
+    return {"prompt": prompt, "answer": answer, "steps": steps, "row": _row_json(raw, where)}
+
+
+def _row_json(raw: Mapping[str, Any], where: Where) -> str:
+    """The row as given (every column, under its name after renames) as JSON text: what reward functions and
+    graders read beyond the canonical columns (a `solution`, the `tests` of a coding task)."""
+    try:
+        return json.dumps(dict(raw), ensure_ascii=False, default=_json_default)
+    except (TypeError, ValueError) as err:
+        raise where.error(f"a column cannot be kept for reward functions: {err}") from None
+
+
+def _json_default(value: Any) -> Any:
+    """Parquet and `datasets` cells that JSON has no spelling for: numpy scalars and arrays, dates, bytes."""
+    for convert in ("tolist", "isoformat"):
+        if hasattr(value, convert):
+            return getattr(value, convert)()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def _stepwise(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
@@ -216,7 +289,7 @@ def _stepwise(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     return {"prompt": prompt, "completions": list(steps), "labels": values}
 
 
-_NORMALISERS = {"completion": _completion, "messages": _messages, "preference": _preference,
+_NORMALISERS = {"completion": _completion, "messages": _messages, "text": _text, "preference": _preference,
                 "ranking": _ranking, "verifiable": _verifiable, "stepwise": _stepwise}
 
 
@@ -257,29 +330,55 @@ def _message_list(value: Any, field: str, where: Where) -> list[dict[str, Any]]:
         if not isinstance(item, Mapping):
             raise where.error(f"a message must be an object with role and content, got {_kind(item)}",
                               field=here)
-        for key in ("role", "content"):
-            if key not in item:
-                raise where.error(f"message has no {key!r}{suggest_column(key, list(item))}",
-                                  field=f"{here}.{key}")
-        role, content = item["role"], item["content"]
+        if "role" not in item:
+            raise where.error(f"message has no 'role'{suggest_column('role', list(item))}", field=f"{here}.role")
+        role, tool_calls = item["role"], _tool_calls(item.get("tool_calls"), f"{here}.tool_calls", where)
         if role not in ROLES:
             raise where.error(f"unknown role {role!r}: use one of {', '.join(ROLES)}", field=f"{here}.role")
+        if tool_calls is not None and role != "assistant":
+            raise where.error("only assistant turns make tool calls", field=f"{here}.tool_calls")
+        content = item.get("content")
+        if content is None and tool_calls is None:
+            raise where.error(f"message has no 'content'{suggest_column('content', list(item))}",
+                              field=f"{here}.content")
+        content = "" if content is None else content
         if not isinstance(content, str):
             raise where.error(f"content must be text, got {_kind(content)}", field=f"{here}.content")
         reasoning = item.get("reasoning")
         if reasoning is not None and not isinstance(reasoning, str):
             raise where.error(f"reasoning must be text, got {_kind(reasoning)}", field=f"{here}.reasoning")
+        names = {key: item.get(key) for key in ("name", "tool_call_id")}
+        for key, value in names.items():
+            if value is not None and not isinstance(value, str):
+                raise where.error(f"{key} must be text, got {_kind(value)}", field=f"{here}.{key}")
         if role == "assistant":
-            out.append(_assistant_turn(content, reasoning, f"{here}.content", where))
+            out.append(_assistant_turn(content, reasoning, f"{here}.content", where, tool_calls))
         else:
             if not content.strip():
                 raise where.error(f"empty {role} message", field=f"{here}.content")
-            out.append(message(role, content))
+            out.append(message(role, content, **names))
     return out
 
 
-def _assistant_turn(content: str, reasoning: str | None, field: str, where: Where) -> dict[str, Any]:
-    """An assistant turn with its thinking block (if any) moved into `reasoning`."""
+def _tool_calls(value: Any, field: str, where: Where) -> str | None:
+    """An assistant turn's tool calls, OpenAI style ({"type": "function", "function": {"name", "arguments"}},
+    or {"name", "arguments"}), checked and kept as JSON text for the template to render."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise where.error(f"must be a non-empty list of tool calls, got {_kind(value)}", field=field)
+    for i, call in enumerate(value):
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise where.error("a tool call needs a function name: {\"type\": \"function\", \"function\": "
+                              "{\"name\": ..., \"arguments\": {...}}}", field=f"{field}[{i}]")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _assistant_turn(content: str, reasoning: str | None, field: str, where: Where,
+                    tool_calls: str | None = None) -> dict[str, Any]:
+    """An assistant turn with its thinking block (if any) moved into `reasoning`. A turn that calls tools may
+    have no text."""
     text = content.strip()
     if text.startswith(THINK_OPEN):
         if reasoning is not None:
@@ -293,14 +392,17 @@ def _assistant_turn(content: str, reasoning: str | None, field: str, where: Wher
     if THINK_OPEN in content or THINK_CLOSE in content:
         raise where.error("a <think>...</think> block must open the assistant turn, before the answer",
                           field=field)
-    if not content.strip():
+    if not content.strip() and tool_calls is None:
         what = "empty completion" if reasoning is None else "empty answer after the thinking block"
         raise where.error(f"{what}: nothing to train on", field=field)
-    return message("assistant", content, reasoning)
+    return message("assistant", content, reasoning, tool_calls=tool_calls)
 
 
-def message(role: str, content: str, reasoning: str | None = None) -> dict[str, Any]:
-    return {"role": role, "content": content, "reasoning": reasoning}
+def message(role: str, content: str, reasoning: str | None = None, *, tool_calls: str | None = None,
+            name: str | None = None, tool_call_id: str | None = None) -> dict[str, Any]:
+    """One canonical message (every key present: Arrow stores one schema)."""
+    return {"role": role, "content": content, "reasoning": reasoning, "tool_calls": tool_calls, "name": name,
+            "tool_call_id": tool_call_id}
 
 
 def _number(value: Any, field: str, where: Where) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -134,6 +135,14 @@ class Encoder:
                 mask[end] = 1
         return self._one_bos(ids, mask)
 
+    def encode_text(self, text: str) -> tuple[list[int], list[int]]:
+        """Language modelling on plain text: the text and an EOS, every token trained (but an opening BOS)."""
+        found = next((t for t in self.tokenizer.all_special_tokens if t and t in text), None)
+        if found:
+            raise _Problem(f"contains the special token {found!r} as text", "text")
+        ids = [*self._tokens(text), self.tokenizer.eos_token_id]
+        return self._one_bos(ids, [1] * len(ids))
+
     def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of a prompt ready for generation (the assistant header, thinking switch applied)."""
         self._check_special_text(messages)
@@ -167,6 +176,9 @@ class Encoder:
         out = []
         for m in messages:
             item = {"role": m["role"], "content": m["content"]}
+            if m.get("tool_calls") is not None:
+                item["tool_calls"] = json.loads(m["tool_calls"])
+            item |= {key: m[key] for key in ("name", "tool_call_id") if m.get(key) is not None}
             if m["role"] == "assistant":
                 reasoning = "" if mode == "off" else m.get("reasoning")
                 if reasoning is not None:
@@ -355,6 +367,11 @@ def _sft(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
     return {"input_ids": ids, "response_mask": mask, "length": len(ids)} | status
 
 
+def _text(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+    [(ids, mask)], status = _fit_group(encoder, [encoder.encode_text(row["text"])])
+    return {"input_ids": ids, "response_mask": mask, "length": len(ids)} | status
+
+
 def _preference(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
     pair = [encoder.encode([*row["prompt"], *row[key]], prompt_turns=len(row["prompt"]))
             for key in ("chosen", "rejected")]
@@ -432,11 +449,12 @@ def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: 
     return ends
 
 
-_ENCODERS = {"completion": _sft, "messages": _sft, "preference": _preference, "ranking": _ranking,
+_ENCODERS = {"completion": _sft, "messages": _sft, "text": _text, "preference": _preference, "ranking": _ranking,
              "verifiable": _verifiable, "stepwise": _stepwise}
 _EMPTY = {
     "completion": lambda: {"input_ids": [], "response_mask": [], "length": 0},
     "messages": lambda: {"input_ids": [], "response_mask": [], "length": 0},
+    "text": lambda: {"input_ids": [], "response_mask": [], "length": 0},
     "preference": lambda: {"chosen_input_ids": [], "chosen_response_mask": [], "rejected_input_ids": [],
                            "rejected_response_mask": [], "length": 0},
     "ranking": lambda: {"ranked_input_ids": [], "ranked_response_mask": [], "length": 0},
@@ -444,19 +462,21 @@ _EMPTY = {
     "stepwise": lambda: {"input_ids": [], "response_mask": [], "step_ends": [], "step_labels": [], "length": 0},
 }
 # Canonical columns that stay beside the tokens (RL needs the prompt text and the gold answer).
-_KEEP = {"completion": ("line",), "messages": ("line",), "preference": ("line", "margin", "preference_prob"),
-         "ranking": ("line", "scores"), "verifiable": ("line", "prompt", "answer", "steps"), "stepwise": ("line",)}
+_KEEP = {"completion": ("line",), "messages": ("line",), "text": ("line",),
+         "preference": ("line", "margin", "preference_prob"), "ranking": ("line", "scores"),
+         "verifiable": ("line", "prompt", "answer", "steps", "row"), "stepwise": ("line",)}
 
 
 def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Tokenized:
     """Tokenise validated rows (cached `datasets.map`, `cfg.num_proc` processes) and drop what cannot train.
 
     Columns by format, besides `line` and `length` (tokens, after truncation):
-      completion, messages: input_ids, response_mask
+      completion, messages, text: input_ids, response_mask
       preference:           chosen_input_ids, chosen_response_mask, rejected_input_ids, rejected_response_mask, margin,
                             preference_prob
       ranking:              ranked_input_ids, ranked_response_mask (one list per response, best first), scores
-      verifiable:           prompt_input_ids, prompt (messages), answer, steps
+      verifiable:           prompt_input_ids, prompt (messages), answer (None for prompt-only rows), steps,
+                            row (the row as given, JSON text)
       stepwise:             input_ids, response_mask, step_ends, step_labels
     Raises DataError (file, line, field) for a row the template cannot render or, with
     truncation=error, the first row longer than max_length.

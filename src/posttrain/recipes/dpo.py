@@ -43,6 +43,7 @@ from posttrain.recipes.rl import (
     RewardConfig,
     SamplingConfig,
     build_rewards,
+    check_gold_answers,
     check_reward_functions,
     completions_of,
     resolve_task,
@@ -215,6 +216,7 @@ def on_policy_source(cfg: DPOConfig, prepared: Prepared, tokenizer: PreTrainedTo
     policy = apply_adapter(model, cfg.adapter)
     if reference is None:
         reference = Reference(policy, adapter_disabled=cfg.adapter.method != "none")
+    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
     rewards = build_rewards(cfg.reward, resolve_task(cfg))
     engine = make_engine(cfg.sampling.engine, policy, tokenizer)
     with forward_precision(cfg.train, policy):

@@ -41,6 +41,7 @@ from posttrain.recipes.rl import (
     RewardConfig,
     SamplingConfig,
     build_rewards,
+    check_gold_answers,
     check_reward_functions,
     completions_of,
     resolve_task,
@@ -93,6 +94,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     check_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype)
+    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
     task = resolve_task(cfg)
     rewards = build_rewards(cfg.reward, task)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection")

@@ -8,6 +8,7 @@ kept as errors that name the new ones) with the checks they all need.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, ClassVar
 
@@ -21,10 +22,17 @@ from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import EvalConfig
 from posttrain.models.adapters import AdapterConfig
-from posttrain.rewards.functions import REWARD_FUNCTIONS, Completions, Scores, WeightedRewards
+from posttrain.rewards.functions import (
+    NEEDS_ANSWER,
+    REWARD_FUNCTIONS,
+    Completions,
+    Scores,
+    WeightedRewards,
+    import_reward_function,
+)
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
 from posttrain.train import dist
 from posttrain.train.engine import TrainConfig
@@ -59,8 +67,10 @@ class SamplingConfig:
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     functions: dict[str, float] = param({"correct": 1.0}, "Reward functions and their weights (r = sum w_k f_k): "
-                                        "correct, format, steps, reward_model, grader, or one registered with "
-                                        "posttrain.rewards.register_reward_function.")
+                                        "correct, format, steps, reward_model, grader, one registered with "
+                                        "posttrain.rewards.register_reward_function, or an import path "
+                                        "(my_pkg.rewards:length, or rewards.py:length) of a function "
+                                        "fn(batch) or fn(prompts, completions, **columns).")
     task: str | None = param(None, "Built-in task whose answer extractor and verifiers score completions "
                                    "(None: data.source when it is a built-in task).")
     model_path: str | None = param(None, "Reward model directory (from `posttrain rm`) for the reward_model function.")
@@ -69,10 +79,33 @@ class RewardConfig:
 
 
 def check_reward_functions(cfg: RewardConfig) -> None:
-    unknown = sorted(set(cfg.functions) - set(REWARD_FUNCTIONS))
+    """Every named function exists: registered, or importable from its path (imported now, before any work)."""
+    for name in cfg.functions:
+        if ":" in name and name not in REWARD_FUNCTIONS:
+            try:
+                import_reward_function(name)
+            except ValueError as err:
+                raise ConfigError(str(err), field=f"reward.functions.{name}") from None
+    unknown = sorted(n for n in cfg.functions if n not in REWARD_FUNCTIONS and ":" not in n)
     if unknown:
         raise ConfigError(f"unknown reward function(s) {', '.join(unknown)}; registered: "
-                          f"{', '.join(sorted(REWARD_FUNCTIONS))}", field="reward.functions")
+                          f"{', '.join(sorted(REWARD_FUNCTIONS))}, or give an import path (module:function)",
+                          field="reward.functions")
+
+
+def check_gold_answers(dataset: Any, name: str, cfg: RewardConfig, uses_gold: bool = False) -> None:
+    """Prompt-only rows (no gold answer) train only with rewards that do not compare with one: a clear error
+    naming the first such row, before anything is sampled."""
+    needing = [f for f in cfg.functions if f in NEEDS_ANSWER] + (["loss.sft_coef (gold answers)"] if uses_gold else [])
+    if not needing:
+        return
+    missing = next((line for line, answer in zip(dataset["line"], dataset["answer"], strict=True) if answer is None),
+                   None)
+    if missing is not None:
+        raise DataError(f"the row has no gold answer (prompt-only data), which {', '.join(needing)} needs: give "
+                        "an `answer` column, or use a reward that reads none (reward_model, grader, your own "
+                        "function: reward.functions={my_rewards.py:fn: 1.0})", file=name, line=missing,
+                        field="answer")
 
 
 def resolve_task(cfg: Any) -> Task | None:
@@ -174,9 +207,10 @@ class GoldAnswers:
 def completions_of(rollout: Rollout, rows: list[dict[str, Any]]) -> Completions:
     """What the reward functions read, row by row of the rollout (row i completes prompt prompt_index[i])."""
     index = rollout.prompt_index.tolist()
+    columns = [json.loads(row["row"]) if row.get("row") else {} for row in rows]
     return Completions(prompts=[rows[i]["prompt"] for i in index], completions=list(rollout.texts),
                        answers=[rows[i]["answer"] for i in index],
-                       steps=[list(rows[i].get("steps") or []) for i in index])
+                       steps=[list(rows[i].get("steps") or []) for i in index], columns=[columns[i] for i in index])
 
 
 def _std(values: Tensor) -> float:
@@ -191,7 +225,7 @@ def reward_metrics(rollout: Rollout, completions: Completions, scores: Scores, t
     for name, values in scores.by_function.items():
         metrics[f"reward_{name}"] = values.mean().item()
         metrics[f"reward_{name}_std"] = _std(values)
-    if task is not None:
+    if task is not None and None not in completions.answers:
         metrics["accuracy"] = sum(task.verify(c, a) for c, a in
                                   zip(completions.completions, completions.answers, strict=True)) / len(completions)
     return metrics

@@ -80,6 +80,7 @@ from posttrain.recipes.rl import (
     adapter_reference,
     build_reference,
     build_rewards,
+    check_gold_answers,
     completions_of,
     resolve_task,
     reward_metrics,
@@ -680,6 +681,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
         cfg = dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, padding_free=False))
     tokenizer, actor = load_tokenizer_and_model(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS[stage], mask_dtype=actor.dtype)
+    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward, uses_gold=cfg.loss.sft_coef > 0)
     task = resolve_task(cfg)
     rewards = rewards if rewards is not None else build_rewards(cfg.reward, task)
     hook = step_rewards(task, tokenizer)

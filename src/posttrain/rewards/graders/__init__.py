@@ -8,8 +8,8 @@
     teacher           RLT teacher reward: how much an explanation helps a student predict the answer
 
 Templates reference `{{ sample.output_text }}` and `{{ item.<field> }}` (question, answer, steps,
-messages for built-in tasks), with answer extraction filters: `| last_number`, `| boxed`,
-`| answer_line`, `| regex("...")`. A grader file is one grader mapping:
+messages, and every column of the data row, e.g. `{{ item.solution }}`), with answer extraction
+filters: `| last_number`, `| boxed`, `| answer_line`, `| regex("...")`. A grader file is one grader mapping:
 
     type: multi
     graders:
@@ -69,11 +69,15 @@ def load_grader(path_or_name: str | Path) -> Grader:
 
 
 def completion_records(prompts: Sequence[Sequence[Mapping[str, Any]]], completions: Sequence[str],
-                       answers: Sequence[str], steps: Sequence[Sequence[str]]) -> tuple[list[Sample], list[Item]]:
-    """The `sample` and `item` a grader sees for each completion of a batch."""
+                       answers: Sequence[str | None], steps: Sequence[Sequence[str]],
+                       columns: Sequence[Mapping[str, Any]] = ()) -> tuple[list[Sample], list[Item]]:
+    """The `sample` and `item` a grader sees for each completion of a batch: the item is every column of the
+    completion's row (`{{ item.solution }}`) and question, answer, steps and messages."""
     samples = [{"output_text": text} for text in completions]
-    items = [{"question": prompt[-1]["content"], "answer": answer, "steps": list(chain), "messages": list(prompt)}
-             for prompt, answer, chain in zip(prompts, answers, steps, strict=True)]
+    rows = columns or [{} for _ in completions]
+    items = [{**row, "question": prompt[-1]["content"], "answer": answer, "steps": list(chain),
+              "messages": list(prompt)}
+             for prompt, answer, chain, row in zip(prompts, answers, steps, rows, strict=True)]
     return samples, items
 
 
