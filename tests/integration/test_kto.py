@@ -75,3 +75,25 @@ def test_cached_reference_logprobs_equal_the_live_ones_for_rows_and_their_pairs(
         assert batch["ref_logprobs"].shape == (16,)  # 8 rows, then their 8 mismatched pairs
         assert_close(batch["ref_logprobs"], reference.sequence_logprobs(batch))
         assert_close(batch["ref_logprobs"], sequence_logprobs(tiny_model, batch))
+
+
+def test_data_inspect_shows_the_label_and_the_mismatched_pair(pretrained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["data", "inspect", str(EXAMPLE), "--model", str(pretrained_run.final_dir),
+                                      "-n", "2", "--recipe", "kto"], terminal_width=120)
+    assert result.exit_code == 0, result.output
+    assert "line 1 · " in result.output and "· desirable" in result.output and "· undesirable" in result.output
+    assert result.output.count("mismatched pair") == 2
+
+
+def test_kto_resumes_bitwise_from_a_checkpoint(pretrained_run, tmp_path, resumes_bitwise):
+    settings = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", f"data.source={EXAMPLE}",
+                "train.max_steps=4", "train.save_every=2", "train.batch_size=8", "train.micro_batch_size=4",
+                "optim.lr=1e-3", *FAST[:1], *FAST[2:]]
+
+    def run(*overrides: str):
+        return main(load_config(KTOConfig, find_recipe("kto").path, [*settings, *overrides]))
+
+    full = run("run.name=full")
+    metrics = resumes_bitwise(full, lambda name: run(f"run.name={name}", "run.resume=true"))
+    assert len(metrics) == 4
