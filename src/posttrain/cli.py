@@ -63,6 +63,7 @@ STAGE_HELP = {
     "sft": "Supervised fine-tuning (full, LoRA or prefix-tuning) on assistant tokens.",
     "rm": "Reward model (Bradley-Terry, Plackett-Luce) or, with kind=process, a process reward model.",
     "dpo": "Direct preference optimisation (sigmoid, ipo, hinge, robust; Plackett-Luce for rankings).",
+    "kto": "Kahneman-Tversky optimisation on unpaired completions labelled desirable or undesirable.",
     "grpo": "GRPO: group-relative RL from verifiable rewards, with outcome or process (per-step) supervision.",
     "rejection": "Rejection sampling: best-of-N (or above a threshold) by graders / verifier / RM, SFT on the kept, "
                  "R rounds.",

@@ -58,6 +58,15 @@ class ListwiseDPOOutput(NamedTuple):
     rewards: Tensor
 
 
+class KTOOutput(NamedTuple):
+    """loss: scalar; rewards: the implicit rewards beta * (logp - ref_logp) of every row, [B], detached;
+    kl: the reference point z0 (a detached 0-dim tensor)."""
+
+    loss: Tensor
+    rewards: Tensor
+    kl: Tensor
+
+
 class GRPOLossOutput(NamedTuple):
     """loss = pg_loss + beta * aggregated KL; kl: mean per-token KL to the reference (detached)."""
 
@@ -260,6 +269,42 @@ def dpo_plackett_luce_loss(
     if mask is not None:
         rewards = rewards.masked_fill(~mask.bool(), 0.0)
     return ListwiseDPOOutput(loss=plackett_luce_loss(rewards, mask), rewards=rewards.detach())
+
+
+def kto_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    kl_logprobs: Tensor,
+    ref_kl_logprobs: Tensor,
+    desirable: Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOOutput:
+    """Kahneman–Tversky optimisation: learn from completions labelled desirable or undesirable, one at a time.
+
+    r_b  = logp_b - ref_b                                   (implied reward, sequence logprobs of the answer)
+    z0   = max(0, mean_b (kl_logp_b - ref_kl_b)), detached   (reference point: the batch's KL estimate)
+    loss_b = lambda_D (1 - sigmoid(beta (r_b - z0)))   for a desirable row
+             lambda_U (1 - sigmoid(beta (z0 - r_b)))   for an undesirable row
+    loss = mean_b loss_b
+
+    kl_logp / ref_kl are the policy's and the reference's logprobs of mismatched pairs (a prompt with another
+    row's completion): their mean log-ratio estimates KL(pi || ref), the "status quo" a completion is judged
+    against. It is detached (no gradient flows through the reference point) and clamped at 0 as in the paper's
+    estimate. Implicit rewards are reported as beta * r_b, as DPO's are.
+
+    Shapes: logprobs, ref_logprobs, desirable (bool) [B]; kl_logprobs, ref_kl_logprobs [M] (M = B for one pair
+    per row) -> KTOOutput(loss scalar, rewards [B], kl scalar).
+    Source: Ethayarajh et al. (2024), "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 7-8 and the
+    z0 estimate of §4.1; the per-row weighting and mean as in TRL's KTOTrainer.
+    """
+    ratio = logprobs - ref_logprobs
+    kl = (kl_logprobs - ref_kl_logprobs).mean().detach().clamp(min=0)
+    desirable = desirable.bool()
+    value = torch.where(desirable, torch.sigmoid(beta * (ratio - kl)), torch.sigmoid(beta * (kl - ratio)))
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(value.dtype)
+    return KTOOutput(loss=(weights * (1 - value)).mean(), rewards=(beta * ratio).detach(), kl=kl)
 
 
 def reward_centering_penalty(rewards: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -237,6 +237,21 @@ def collate_rankings(samples: Sequence[Sample], pad_token_id: int,
     return batch
 
 
+def collate_unpaired(samples: Sequence[Sample], pad_token_id: int,
+                     packing: PackingOptions | None = None) -> dict[str, Tensor]:
+    """Unpaired rows as 2B sequences, the B rows first, then their B mismatched pairs (`kl_pairs`): one
+    right-padded row each, or with `packing` packed into rows without padding (sequence i is `sample_ids == i`).
+    The layout of `collate_pairs`, so that a row and its pair travel as a pair does.
+
+    Adds desirable [B] (bool: the row's label).
+    """
+    rows = [{"input_ids": s["input_ids"], "response_mask": s["response_mask"]} for s in samples]
+    pairs = [{"input_ids": s["kl_input_ids"], "response_mask": s["kl_response_mask"]} for s in samples]
+    batch = collate_sequences([*rows, *pairs], pad_token_id, packing)
+    batch["desirable"] = torch.tensor([bool(s["label"]) for s in samples], dtype=torch.bool)
+    return batch
+
+
 def ranking_matrix(values: Tensor, ranking_ids: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
     """Per-response values [N] -> ([B, K] best first, mask [B, K]) for rankings of different sizes."""
     rows, width = int(ranking_ids.max()) + 1, int(ranks.max()) + 1
@@ -275,6 +290,10 @@ def collate_prompts(samples: Sequence[Sample], pad_token_id: int) -> dict[str, A
     return batch
 
 
+# Formats whose rows are several sequences, collated padded or padding-free.
+_SEQUENCE_COLLATORS = {"preference": collate_pairs, "ranking": collate_rankings, "unpaired": collate_unpaired}
+
+
 @dataclasses.dataclass(frozen=True)
 class Collator:
     """The collate function for a format and a batch mode (usable as a DataLoader's `collate_fn`).
@@ -302,14 +321,13 @@ class Collator:
                 return collate_packed([unpack_row(s) for s in samples], self.pad_token_id,
                                       self.packed_attention, self.mask_dtype)
             return collate_padded(samples, self.pad_token_id)
-        if self.format in ("preference", "ranking") and self.batch_mode != "packed":
+        if self.format in _SEQUENCE_COLLATORS and self.batch_mode != "packed":
             packing = (PackingOptions(self.packed_attention, self.mask_dtype, self.row_capacity)
                        if self.batch_mode == "padding_free" else None)
-            collate = collate_pairs if self.format == "preference" else collate_rankings
-            return collate(samples, self.pad_token_id, packing)
+            return _SEQUENCE_COLLATORS[self.format](samples, self.pad_token_id, packing)
         if self.batch_mode != "padded":
-            raise ValueError(f"batch_mode {self.batch_mode!r} is for SFT formats (padding_free also for preference "
-                             f"and ranking rows); {self.format!r} rows are padded")
+            raise ValueError(f"batch_mode {self.batch_mode!r} is for SFT formats (padding_free also for preference, "
+                             f"ranking and unpaired rows); {self.format!r} rows are padded")
         return {"stepwise": collate_stepwise, "verifiable": collate_prompts}[self.format](samples, self.pad_token_id)
 
     def _padding_free_rows(self, samples: Sequence[Sample]) -> list[list[Sample]]:

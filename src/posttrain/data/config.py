@@ -7,13 +7,14 @@ import dataclasses
 from posttrain.config import param, section
 
 # The row formats (see `schemas.py` for their columns) and which of them each stage takes.
-FORMATS = ("completion", "messages", "text", "preference", "ranking", "verifiable", "stepwise")
+FORMATS = ("completion", "messages", "text", "preference", "ranking", "verifiable", "stepwise", "unpaired")
 STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": ("messages", "completion", "text"),
     "rejection": ("verifiable",),
     "rm": ("preference", "ranking"),
     "prm": ("stepwise",),
     "dpo": ("preference", "ranking"),
+    "kto": ("unpaired",),
     "ppo": ("verifiable",),
     "grpo": ("verifiable",),
     "rft": ("verifiable",),
@@ -41,6 +42,7 @@ class ColumnsConfig:
     steps: str | None = param(None, "Source column holding `steps`.")
     completions: str | None = param(None, "Source column holding `completions`.")
     labels: str | None = param(None, "Source column holding `labels`.")
+    label: str | None = param(None, "Source column holding `label`.")
 
     def renames(self) -> dict[str, str]:
         """{source column: canonical column} for every column that is renamed."""

@@ -84,6 +84,11 @@ def _sample_panel(row: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerB
         labels = " ".join("✓" if label >= 0.5 else "✗" for label in row["step_labels"])
         body = Group(render_masked(tokenizer, row["input_ids"], row["response_mask"], row["step_ends"]),
                      Text(f"step labels: {labels}", style="bold"))
+    elif fmt == "unpaired":
+        body = Group(render_masked(tokenizer, row["input_ids"], row["response_mask"]),
+                     Text("mismatched pair (KTO's reference point)", style="bold"),
+                     render_masked(tokenizer, row["kl_input_ids"], row["kl_response_mask"]))
+        title += " · desirable" if row["label"] else " · undesirable"
     else:
         body = render_masked(tokenizer, row["input_ids"], row["response_mask"])
     return Panel(body, title=title, title_align="left")

@@ -24,6 +24,8 @@ from posttrain.errors import ConfigError, DataError
 
 SFT_FORMATS = ("completion", "messages", "text")
 COMPARISON_FORMATS = ("preference", "ranking")
+# Formats whose rows are several sequences: collated padded or padding-free, never packed.
+SEQUENCE_FORMATS = (*COMPARISON_FORMATS, "unpaired")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +54,10 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
         raise DataError(f"no row is left to train on: {stats.dropped_too_long} of {stats.rows} are longer than "
                         f"data.max_length={cfg.max_length} and {stats.dropped_no_completion} have no trained "
                         "token", file=tokenized.name)
-    padding_free = ("padding_free",) if tokenized.format in COMPARISON_FORMATS else ()
+    padding_free = ("padding_free",) if tokenized.format in SEQUENCE_FORMATS else ()
     if cfg.batch_mode not in ("padded", *padding_free) and tokenized.format not in SFT_FORMATS:
-        raise ConfigError(f"batch_mode {cfg.batch_mode!r} is for SFT rows (and padding_free for preference and "
-                          f"ranking rows); {tokenized.format!r} rows are padded", field="data.batch_mode")
+        raise ConfigError(f"batch_mode {cfg.batch_mode!r} is for SFT rows (and padding_free for preference, "
+                          f"ranking and unpaired rows); {tokenized.format!r} rows are padded", field="data.batch_mode")
     dataset = tokenized.dataset
     if cfg.batch_mode == "packed":
         dataset = pack_dataset(dataset, cfg.max_length)

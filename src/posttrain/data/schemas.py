@@ -48,6 +48,7 @@ FEATURES: dict[str, Features] = {
                             "row": Value("string"), "line": Value("int64")}),
     "stepwise": Features({"prompt": MESSAGES, "completions": List(Value("string")),
                           "labels": List(Value("float64")), "line": Value("int64")}),
+    "unpaired": Features({"prompt": MESSAGES, "completion": MESSAGES, "label": Value("bool"), "line": Value("int64")}),
 }
 
 
@@ -77,14 +78,18 @@ SPECS: dict[str, FormatSpec] = {
                                  "other column is kept for reward functions and graders"),
     "stepwise": FormatSpec("stepwise", ("prompt", "completions", "labels"),
                            doc="prompt with a list of steps and one label per step, for process reward models"),
+    "unpaired": FormatSpec("unpaired", ("prompt", "completion", "label"),
+                           doc="prompt -> completion with a label: true (or 1) if the completion is desirable, false "
+                               "(or 0) if not (KTO)"),
 }
 
 # Fields that hold lists or numbers: a CSV cell holds them as JSON text (see sources.py).
 STRUCTURED_FIELDS = ("messages", "responses", "scores", "steps", "completions", "labels", "margin",
-                     "preference_prob")
+                     "preference_prob", "label")
 
-# Ambiguous column sets are resolved in this order (preference rows also have a prompt, etc.).
-_DETECTION_ORDER = ("preference", "ranking", "stepwise", "completion", "messages", "text", "verifiable")
+# Ambiguous column sets are resolved in this order (preference rows also have a prompt, etc.; unpaired rows
+# are completion rows with a label, so they come first).
+_DETECTION_ORDER = ("preference", "ranking", "stepwise", "unpaired", "completion", "messages", "text", "verifiable")
 
 
 @dataclass(frozen=True)
@@ -289,8 +294,17 @@ def _stepwise(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     return {"prompt": prompt, "completions": list(steps), "labels": values}
 
 
+def _unpaired(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    label = raw["label"]
+    # 0/1 as well as booleans: CSV cells and many exported datasets spell the label as a number.
+    if not isinstance(label, bool) and not (isinstance(label, (int, float)) and label in (0, 1)):
+        raise where.error(f"must be true/false (or 1/0): whether the completion is desirable, got {label!r}",
+                          field="label")
+    return _completion(raw, where) | {"label": bool(label)}
+
+
 _NORMALISERS = {"completion": _completion, "messages": _messages, "text": _text, "preference": _preference,
-                "ranking": _ranking, "verifiable": _verifiable, "stepwise": _stepwise}
+                "ranking": _ranking, "verifiable": _verifiable, "stepwise": _stepwise, "unpaired": _unpaired}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -449,8 +449,61 @@ def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: 
     return ends
 
 
+def kl_pairs(dataset: Dataset, max_length: int, bos_token_id: int | None) -> Dataset:
+    """Add to tokenised unpaired rows the mismatched pair KTO estimates its reference point from.
+
+    Row i's pair is its prompt with the completion of the next row whose prompt differs (the next row when
+    every prompt is the same; in dataset order, wrapping around): columns kl_input_ids and kl_response_mask.
+    The pair is spliced from tokens — row i up to its first trained token, then row j from its first trained
+    token — as TRL concatenates a prompt's tokens with another row's completion tokens; too long, its prompt
+    is cut from the left (BOS kept), whatever `truncation` says, since it only feeds an estimate.
+
+    Fixed pairs (TRL pairs within a batch, in dataset order, too) let the reference logprobs of the pairs be
+    computed once before training like those of the rows themselves; the next row *with another prompt*
+    because data unpaired from preference pairs holds a prompt's desirable and undesirable answers side by
+    side, and pairing those would compare a prompt with its own answer.
+    """
+    ids, masks = dataset["input_ids"], dataset["response_mask"]
+    starts = [mask.index(1) for mask in masks]  # every kept row has a trained token
+    prompts = [tuple(row[:start]) for row, start in zip(ids, starts, strict=True)]
+    partners = _next_other(prompts)
+    kl_ids, kl_masks = [], []
+    for i, j in enumerate(partners):
+        row = ids[i][:starts[i]] + ids[j][starts[j]:]
+        mask = [0] * starts[i] + masks[j][starts[j]:]
+        excess = len(row) - max_length
+        if excess > 0:
+            keep = 1 if row[0] == bos_token_id else 0
+            row, mask = row[:keep] + row[keep + excess:], mask[:keep] + mask[keep + excess:]
+        kl_ids.append(row)
+        kl_masks.append(mask)
+    return dataset.add_column("kl_input_ids", kl_ids).add_column("kl_response_mask", kl_masks)
+
+
+def _next_other(keys: list[tuple]) -> list[int]:
+    """For each index, the next index (cyclically) whose key differs from its own; the next index if none does."""
+    n = len(keys)
+    partners = [(i + 1) % n for i in range(n)]
+    if len(set(keys)) == 1:
+        return partners
+    # Walk backwards twice around the cycle, remembering the nearest later index of another key.
+    following: int | None = None
+    for step in range(2 * n - 1, -1, -1):
+        i = step % n
+        if following is not None and keys[following] != keys[i]:
+            partners[i] = following
+        elif following is not None:
+            partners[i] = partners[following]
+        following = i
+    return partners
+
+
+def _unpaired(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+    return _sft(row, encoder)
+
+
 _ENCODERS = {"completion": _sft, "messages": _sft, "text": _text, "preference": _preference, "ranking": _ranking,
-             "verifiable": _verifiable, "stepwise": _stepwise}
+             "verifiable": _verifiable, "stepwise": _stepwise, "unpaired": _unpaired}
 _EMPTY = {
     "completion": lambda: {"input_ids": [], "response_mask": [], "length": 0},
     "messages": lambda: {"input_ids": [], "response_mask": [], "length": 0},
@@ -460,11 +513,13 @@ _EMPTY = {
     "ranking": lambda: {"ranked_input_ids": [], "ranked_response_mask": [], "length": 0},
     "verifiable": lambda: {"prompt_input_ids": [], "length": 0},
     "stepwise": lambda: {"input_ids": [], "response_mask": [], "step_ends": [], "step_labels": [], "length": 0},
+    "unpaired": lambda: {"input_ids": [], "response_mask": [], "length": 0},
 }
 # Canonical columns that stay beside the tokens (RL needs the prompt text and the gold answer).
 _KEEP = {"completion": ("line",), "messages": ("line",), "text": ("line",),
          "preference": ("line", "margin", "preference_prob"), "ranking": ("line", "scores"),
-         "verifiable": ("line", "prompt", "answer", "steps", "row"), "stepwise": ("line",)}
+         "verifiable": ("line", "prompt", "answer", "steps", "row"), "stepwise": ("line",),
+         "unpaired": ("line", "label")}
 
 
 def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Tokenized:
@@ -478,6 +533,8 @@ def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfi
       verifiable:           prompt_input_ids, prompt (messages), answer (None for prompt-only rows), steps,
                             row (the row as given, JSON text)
       stepwise:             input_ids, response_mask, step_ends, step_labels
+      unpaired:             input_ids, response_mask, label, and its mismatched pair (`kl_pairs`): kl_input_ids,
+                            kl_response_mask
     Raises DataError (file, line, field) for a row the template cannot render or, with
     truncation=error, the first row longer than max_length.
     """
@@ -493,8 +550,10 @@ def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfi
         logger.warning("%s: dropped %d rows longer than max_length=%d and %d rows with no trained token "
                        "(%d truncated, %d kept)", rows.name, stats.dropped_too_long, cfg.max_length,
                        stats.dropped_no_completion, stats.truncated, stats.kept)
-    kept = mapped.filter(lambda drop: not drop, input_columns="drop")
-    return Tokenized(dataset=kept.remove_columns(list(_BOOKKEEPING)), format=fmt, stats=stats, name=rows.name)
+    kept = mapped.filter(lambda drop: not drop, input_columns="drop").remove_columns(list(_BOOKKEEPING))
+    if fmt == "unpaired" and len(kept):
+        kept = kl_pairs(kept, cfg.max_length, tokenizer.bos_token_id)
+    return Tokenized(dataset=kept, format=fmt, stats=stats, name=rows.name)
 
 
 def _raise_first_error(mapped: Dataset, name: str) -> None:

@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("posttrain.recipes.sft", "SFTConfig"),
     "rm": ("posttrain.recipes.rm", "RMConfig"),
     "dpo": ("posttrain.recipes.dpo", "DPOConfig"),
+    "kto": ("posttrain.recipes.kto", "KTOConfig"),
     "grpo": ("posttrain.recipes.grpo", "GRPOConfig"),
     "rejection": ("posttrain.recipes.rejection", "RejectionConfig"),
     "ppo": ("posttrain.recipes.ppo", "PPOConfig"),

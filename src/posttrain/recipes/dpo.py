@@ -35,7 +35,7 @@ from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
 from posttrain.eval.report import write_training_report
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer_and_model
+from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.heads import floating_dtype
 from posttrain.recipes.rl import (
@@ -50,16 +50,17 @@ from posttrain.recipes.rl import (
 )
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import RolloutEngine, make_engine
-from posttrain.train.comparisons import (
-    comparison_matrix,
-    comparison_step_source,
-    is_ranking_batch,
-    join_rows,
-    ordered_pair_accuracy,
-)
+from posttrain.train.comparisons import comparison_matrix, is_ranking_batch, ordered_pair_accuracy
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
 from posttrain.train.forward import per_sequence_sums, response_logprobs
-from posttrain.train.reference import Reference, precompute_sequence_logprobs
+from posttrain.train.reference import (
+    Reference,
+    ReferenceConfig,
+    cached_step_source,
+    load_reference,
+    offline_comparisons,
+    precompute_sequence_logprobs,
+)
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
@@ -74,15 +75,6 @@ class DPOLossConfig:
                                         "rDPO for robust).", ge=0, lt=0.5)
     sft_weight: float = param(0.0, "Weight of an added length-normalised NLL of the chosen answer (RPO; 0: off).",
                               ge=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class ReferenceConfig:
-    path: str | None = param(None, "Reference model directory (None: the starting model; with LoRA, the policy "
-                                   "with its adapter disabled).")
-    precompute: bool = param(True, "Compute the reference logprobs of every row once before training and free "
-                                   "the reference (off: one reference forward per micro-batch).")
-    batch_size: int = param(32, "Rows per forward when precomputing.", ge=1)
 
 
 PAIR_SOURCES = ("offline", "on_policy")
@@ -147,21 +139,9 @@ def main(cfg: DPOConfig) -> RunResult:
     if on_policy:
         source = on_policy_source(cfg, prepared, tokenizer, model)
         model, reference = source.policy, None
-    elif cfg.reference.precompute:
-        # Before its first update the policy *is* the reference, so no copy is made (a resumed run
-        # recomputes the cache here, from the starting model, before its checkpoint is loaded).
-        reference = load_reference(cfg) or Reference(model)
-        with forward_precision(cfg.train, model):
-            cached = precompute_sequence_logprobs(reference, prepared, cfg.reference.batch_size, average)
-        model = apply_adapter(model, cfg.adapter)
-        source, reference = cached_step_source(prepared, cfg.train, cfg.run.seed, cached), None
     else:
-        reference = load_reference(cfg)
-        if reference is None and cfg.adapter.method == "none":
-            reference = Reference.frozen_copy(model)
-        model = apply_adapter(model, cfg.adapter)
-        reference = reference or Reference(model, adapter_disabled=True)  # LoRA: the base weights, no copy
-        source = comparison_step_source(prepared, cfg.train, cfg.run.seed)
+        model, source, reference = offline_comparisons(model, prepared, cfg.reference, cfg.model, cfg.adapter,
+                                                       cfg.train, cfg.run.seed, average)
     precompute_seconds = time.perf_counter() - precompute_start
     trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model)
@@ -210,7 +190,7 @@ def on_policy_source(cfg: DPOConfig, prepared: Prepared, tokenizer: PreTrainedTo
     """The pair source of `pairs.source=on_policy`, its first round sampled from the starting model. The reference
     is `reference.path`, else the starting model: the policy itself while nothing has trained it (one round before
     training), its adapter-disabled self with an adapter, or a frozen copy when later rounds sample."""
-    reference = load_reference(cfg)
+    reference = load_reference(cfg.reference, cfg.model)
     if reference is None and cfg.pairs.resample_every and cfg.adapter.method == "none":
         reference = Reference.frozen_copy(model)
     policy = apply_adapter(model, cfg.adapter)
@@ -294,27 +274,6 @@ class OnPolicyPairs:
 def token_average(loss: DPOLossConfig) -> bool:
     """Whether h compares per-token average logprobs (IPO) rather than sequence sums."""
     return loss.kind == "ipo"
-
-
-def load_reference(cfg: DPOConfig) -> Reference | None:
-    """The frozen reference at `reference.path`, or None (the starting policy is the reference)."""
-    if not cfg.reference.path:
-        return None
-    return Reference(load_causal_lm(cfg.reference.path, trust_remote_code=cfg.model.trust_remote_code,
-                                    dtype=cfg.model.dtype).eval().requires_grad_(False))
-
-
-def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int,
-                       cached: list[torch.Tensor]) -> ShuffledStepSource:
-    """Comparison steps whose micro-batches carry the precomputed reference logprobs as `ref_logprobs` [N]."""
-    dataset, ranking = prepared.dataset, prepared.format == "ranking"
-
-    def collate(indices: list[int]) -> dict[str, Any]:
-        batch = prepared.collator([dataset[i] for i in indices])
-        batch["ref_logprobs"] = join_rows([cached[i] for i in indices], ranking)
-        return batch
-
-    return comparison_step_source(prepared, train, seed, collate=collate)
 
 
 def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):

@@ -4,7 +4,8 @@ Both stages score every response of a comparison in one forward and then need th
 comparison order: `comparison_matrix` turns per-row values [N] of a `collate_pairs` batch (the B
 chosen rows, then the B rejected) or a `collate_rankings` batch (every response, best first within
 each ranking) into a [B, K] matrix, best first, with a mask for rankings of different sizes. A pair
-is a ranking of two, so one loss path can serve both.
+is a ranking of two, so one loss path can serve both. KTO's unpaired rows travel as pairs too (`collate_unpaired`:
+the B rows, then their B mismatched pairs), so the same step source and reference cache serve them.
 
 The step normaliser is the number of comparisons in the whole optimizer step: the losses are means
 over comparisons, so a micro-batch's mean times (its comparisons / the step's) adds up to the
@@ -25,7 +26,8 @@ from posttrain.train.engine import TrainConfig
 from posttrain.train.sources import ShuffledStepSource
 
 # Tokenised columns holding each format's sequences (one list per row, or a list of lists).
-_SEQUENCE_COLUMNS = {"preference": ("chosen_input_ids", "rejected_input_ids"), "ranking": ("ranked_input_ids",)}
+_SEQUENCE_COLUMNS = {"preference": ("chosen_input_ids", "rejected_input_ids"), "ranking": ("ranked_input_ids",),
+                     "unpaired": ("input_ids", "kl_input_ids")}
 
 
 def comparison_tokens(prepared: Prepared) -> list[int]:

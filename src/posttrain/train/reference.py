@@ -1,9 +1,9 @@
-"""The reference policy of DPO and of the KL-regularised RL stages: a frozen copy, or the policy itself
+"""The reference policy of DPO, KTO and the KL-regularised RL stages: a frozen copy, or the policy itself
 with its LoRA adapter disabled — the base weights are the reference, so no second copy is kept.
 
 The reference never trains, so the logprobs it gives a fixed dataset are fixed too: computing them
 once before training (`precompute_sequence_logprobs`) removes one forward per step and lets the
-reference model be freed.
+reference model be freed. `offline_comparisons` sets this up for the offline preference stages.
 """
 
 from __future__ import annotations
@@ -15,11 +15,25 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from posttrain.config import ModelConfig, param
 from posttrain.data.pipeline import Prepared
+from posttrain.models import load_causal_lm
+from posttrain.models.adapters import AdapterConfig, apply_adapter
 from posttrain.rollout import Rollout, policy_logprobs_and_entropy
 from posttrain.rollout.recompute import PolicyForward
-from posttrain.train.comparisons import split_rows
+from posttrain.train.comparisons import comparison_step_source, join_rows, split_rows
+from posttrain.train.engine import TrainConfig, forward_precision
 from posttrain.train.forward import per_sequence_sums, response_logprobs
+from posttrain.train.sources import ShuffledStepSource
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    path: str | None = param(None, "Reference model directory (None: the starting model; with LoRA, the policy "
+                                   "with its adapter disabled).")
+    precompute: bool = param(True, "Compute the reference logprobs of every row once before training and free "
+                                   "the reference (off: one reference forward per micro-batch).")
+    batch_size: int = param(32, "Rows per forward when precomputing.", ge=1)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor:
@@ -83,3 +97,46 @@ def precompute_sequence_logprobs(reference: Reference, prepared: Prepared, batch
         values = reference.sequence_logprobs(batch, average)
         rows += split_rows(values, batch)
     return rows
+
+
+def load_reference(reference: ReferenceConfig, model: ModelConfig) -> Reference | None:
+    """The frozen reference at `reference.path`, or None (the starting policy is the reference)."""
+    if not reference.path:
+        return None
+    return Reference(load_causal_lm(reference.path, trust_remote_code=model.trust_remote_code,
+                                    dtype=model.dtype).eval().requires_grad_(False))
+
+
+def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int,
+                       cached: list[torch.Tensor]) -> ShuffledStepSource:
+    """Comparison steps whose micro-batches carry the precomputed reference logprobs as `ref_logprobs` [N]."""
+    dataset, ranking = prepared.dataset, prepared.format == "ranking"
+
+    def collate(indices: list[int]) -> dict:
+        batch = prepared.collator([dataset[i] for i in indices])
+        batch["ref_logprobs"] = join_rows([cached[i] for i in indices], ranking)
+        return batch
+
+    return comparison_step_source(prepared, train, seed, collate=collate)
+
+
+def offline_comparisons(model: torch.nn.Module, prepared: Prepared, reference: ReferenceConfig, model_cfg: ModelConfig,
+                        adapter: AdapterConfig, train: TrainConfig, seed: int,
+                        average: bool = False) -> tuple[torch.nn.Module, ShuffledStepSource, Reference | None]:
+    """The policy (`adapter` applied to the starting `model`), the step source over the prepared rows, and the
+    reference of the loss: None when its logprobs are precomputed and travel in the batches (`ref_logprobs`).
+
+    Precomputed: before its first update the policy *is* the reference, so no copy is made (a resumed run
+    recomputes the cache here, from the starting model, before its checkpoint is loaded). Live: `reference.path`,
+    else a frozen copy of the starting model or — with an adapter — the policy with its adapter disabled.
+    """
+    frozen = load_reference(reference, model_cfg)
+    if reference.precompute:
+        with forward_precision(train, model):
+            cached = precompute_sequence_logprobs(frozen or Reference(model), prepared, reference.batch_size, average)
+        return apply_adapter(model, adapter), cached_step_source(prepared, train, seed, cached), None
+    if frozen is None and adapter.method == "none":
+        frozen = Reference.frozen_copy(model)
+    policy = apply_adapter(model, adapter)
+    frozen = frozen or Reference(policy, adapter_disabled=True)  # an adapter: the base weights, no copy
+    return policy, comparison_step_source(prepared, train, seed), frozen

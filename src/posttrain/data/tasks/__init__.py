@@ -4,7 +4,8 @@
     get_task("multistep").verify_steps(completion, steps)   # per-step scores for process supervision
 
 Each task yields rows in the formats it lists in `formats` (SFT as prompt/completion and as chat,
-preference pairs, rankings, verifiable RL prompts; multistep also stepwise supervision), an
+preference pairs, rankings, labelled completions for KTO, verifiable RL prompts; multistep also stepwise
+supervision), an
 `extract_answer` that reads the answer after any thinking block, and `verify` (exact match of the
 extracted answer) usable as an RL reward.
 """

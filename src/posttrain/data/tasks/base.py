@@ -66,7 +66,7 @@ class Task:
 
     name: str = ""
     description: str = ""
-    formats: tuple[str, ...] = ("completion", "messages", "preference", "ranking", "verifiable")
+    formats: tuple[str, ...] = ("completion", "messages", "preference", "ranking", "verifiable", "unpaired")
 
     def example(self, rng: random.Random, split: str = "train") -> Example:
         raise NotImplementedError
@@ -118,6 +118,10 @@ class Task:
         if fmt == "verifiable":
             row = {"prompt": example.prompt, "answer": example.answer}
             return row | {"steps": list(example.steps)} if example.steps else row
+        if fmt == "unpaired":  # the right answer (desirable) or a near miss (undesirable), even odds
+            if rng.random() < 0.5:
+                return {"prompt": example.prompt, "completion": example.completion, "label": True}
+            return {"prompt": example.prompt, "completion": rng.choice(example.wrong)[0], "label": False}
         raise ValueError(f"task {self.name!r} does not yield {fmt!r} rows")
 
 

@@ -32,7 +32,7 @@ Chain = tuple[int, tuple[tuple[str, int], ...]]
 class MultistepTask(Task):
     name = "multistep"
     description = "chains of 2-5 operations written one step per line; every step is verifiable"
-    formats = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise")
+    formats = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise", "unpaired")
 
     def example(self, rng: random.Random, split: str = "train") -> Example:
         while True:
