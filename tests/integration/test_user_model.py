@@ -40,8 +40,9 @@ def test_chatml_model_through_sft_lora_dpo_and_grpo(tmp_path, chatml_model_dir):
     assert len(sft) == 3 and all(0 < m["loss"] < 20 for m in sft)
     _loads_back(tmp_path / "sft" / "final")
 
-    _run("dpo", tmp_path, "dpo", f"model.path={tmp_path}/sft/final", f"data.source={EXAMPLES}/preference_implicit.jsonl",
-         "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "loss.sft_weight=0")
+    _run("dpo", tmp_path, "dpo", f"model.path={tmp_path}/sft/final",
+         f"data.source={EXAMPLES}/preference_implicit.jsonl", "train.max_steps=2", "train.batch_size=4",
+         "train.micro_batch_size=4", "loss.sft_weight=0")
     dpo = read_metrics(tmp_path / "dpo" / "metrics.jsonl")
     assert abs(dpo[0]["loss"] - 0.6931) < 1e-3 and abs(dpo[0]["reward_margin"]) < 1e-5  # policy == reference
     _loads_back(tmp_path / "dpo" / "final")

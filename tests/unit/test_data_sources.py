@@ -15,7 +15,7 @@ from posttrain.data.schemas import message
 ROWS = [{"question": "What is 2+3?", "completion": "5", "id": 1},
         {"question": "What is 4*4?", "completion": "16", "id": 2}]
 EXPECTED = [{"prompt": [message("user", r["question"])], "completion": [message("assistant", r["completion"])],
-             "line": line} for r, line in zip(ROWS, (1, 2), strict=True)]
+             "tools": None, "line": line} for r, line in zip(ROWS, (1, 2), strict=True)]
 
 
 def _write(tmp_path, kind: str):

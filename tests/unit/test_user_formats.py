@@ -115,3 +115,18 @@ def test_bad_tool_turns_are_errors(tmp_path, turn, field, words):
     with pytest.raises(DataError) as err:
         _rows(tmp_path, path, "sft")
     assert (err.value.line, err.value.field) == (1, field) and words in str(err.value)
+
+
+def test_a_rows_tools_are_rendered_by_the_template(tmp_path, chatml_tokenizer):
+    """TRL's `tools` column: the function schemas go to the template (Qwen2.5's lists them in the system turn)."""
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    chat = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]
+    path = _jsonl(tmp_path, {"messages": chat, "tools": tools}, {"messages": chat})
+    tokenized = tokenize_rows(_rows(tmp_path, path, "sft"), chatml_tokenizer, DataConfig())
+    with_tools, without = (chatml_tokenizer.decode(ids) for ids in tokenized.dataset["input_ids"])
+    assert with_tools == chatml_tokenizer.apply_chat_template(chat, tools=tools, tokenize=False)
+    assert without == chatml_tokenizer.apply_chat_template(chat, tokenize=False) and "<tools>" not in without
+    assert "<tools>" in with_tools and json.dumps(tools[0]) in with_tools
+    bad = _jsonl(tmp_path, {"messages": chat, "tools": {"name": "calculator"}})
+    with pytest.raises(DataError, match="list of function schemas"):
+        _rows(tmp_path, bad, "sft")

@@ -36,8 +36,9 @@ MESSAGES = List(MESSAGE)
 # Canonical columns of each format (after renames and normalisation), as Arrow features. `line`
 # is the row's line in its file (or its 1-based row number) so that later errors can point at it.
 FEATURES: dict[str, Features] = {
-    "completion": Features({"prompt": MESSAGES, "completion": MESSAGES, "line": Value("int64")}),
-    "messages": Features({"messages": MESSAGES, "line": Value("int64")}),
+    "completion": Features({"prompt": MESSAGES, "completion": MESSAGES, "tools": Value("string"),
+                            "line": Value("int64")}),
+    "messages": Features({"messages": MESSAGES, "tools": Value("string"), "line": Value("int64")}),
     "text": Features({"text": Value("string"), "line": Value("int64")}),
     "preference": Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
                             "margin": Value("float64"), "preference_prob": Value("float64"),
@@ -45,10 +46,11 @@ FEATURES: dict[str, Features] = {
     "ranking": Features({"prompt": MESSAGES, "responses": List(MESSAGES), "scores": List(Value("float64")),
                          "line": Value("int64")}),
     "verifiable": Features({"prompt": MESSAGES, "answer": Value("string"), "steps": List(Value("string")),
-                            "row": Value("string"), "line": Value("int64")}),
+                            "tools": Value("string"), "row": Value("string"), "line": Value("int64")}),
     "stepwise": Features({"prompt": MESSAGES, "completions": List(Value("string")),
                           "labels": List(Value("float64")), "line": Value("int64")}),
-    "unpaired": Features({"prompt": MESSAGES, "completion": MESSAGES, "label": Value("bool"), "line": Value("int64")}),
+    "unpaired": Features({"prompt": MESSAGES, "completion": MESSAGES, "tools": Value("string"), "label": Value("bool"),
+                          "line": Value("int64")}),
 }
 
 
@@ -61,10 +63,11 @@ class FormatSpec:
 
 
 SPECS: dict[str, FormatSpec] = {
-    "completion": FormatSpec("completion", ("prompt", "completion"),
+    "completion": FormatSpec("completion", ("prompt", "completion"), ("tools",),
                              doc="prompt (text or messages) -> completion (text or assistant messages)"),
-    "messages": FormatSpec("messages", ("messages",),
-                           doc="a conversation; every (or the last) assistant turn is trained"),
+    "messages": FormatSpec("messages", ("messages",), ("tools",),
+                           doc="a conversation; every (or the last) assistant turn is trained; optional `tools` (the "
+                               "function schemas the template renders)"),
     "text": FormatSpec("text", ("text",), doc="plain text for language modelling: every token is trained"),
     "preference": FormatSpec("preference", ("chosen", "rejected"), ("prompt", "margin", "preference_prob"),
                              doc="prompt with a preferred and a dispreferred answer, optional margin and "
@@ -73,19 +76,19 @@ SPECS: dict[str, FormatSpec] = {
                                  "texts) and their shared beginning is the prompt"),
     "ranking": FormatSpec("ranking", ("prompt", "responses"), ("scores",),
                           doc="prompt with >= 2 responses, best first, or ordered by `scores`"),
-    "verifiable": FormatSpec("verifiable", ("prompt",), ("answer", "steps"),
+    "verifiable": FormatSpec("verifiable", ("prompt",), ("answer", "steps", "tools"),
                              doc="prompt for RL, with an optional gold answer (and per-step gold values); every "
                                  "other column is kept for reward functions and graders"),
     "stepwise": FormatSpec("stepwise", ("prompt", "completions", "labels"),
                            doc="prompt with a list of steps and one label per step, for process reward models"),
-    "unpaired": FormatSpec("unpaired", ("prompt", "completion", "label"),
+    "unpaired": FormatSpec("unpaired", ("prompt", "completion", "label"), ("tools",),
                            doc="prompt -> completion with a label: true (or 1) if the completion is desirable, false "
                                "(or 0) if not (KTO)"),
 }
 
 # Fields that hold lists or numbers: a CSV cell holds them as JSON text (see sources.py).
 STRUCTURED_FIELDS = ("messages", "responses", "scores", "steps", "completions", "labels", "margin",
-                     "preference_prob", "label")
+                     "preference_prob", "label", "tools")
 
 # Ambiguous column sets are resolved in this order (preference rows also have a prompt, etc.; unpaired rows
 # are completion rows with a label, so they come first).
@@ -146,14 +149,14 @@ def normalise_row(raw: Mapping[str, Any], fmt: str, where: Where) -> dict[str, A
 def _completion(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     prompt = _prompt(raw["prompt"], where)
     completion = _answer(raw["completion"], "completion", where)
-    return {"prompt": prompt, "completion": completion}
+    return {"prompt": prompt, "completion": completion, "tools": _tools(raw.get("tools"), where)}
 
 
 def _messages(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     messages = _message_list(raw["messages"], "messages", where)
     if not any(m["role"] == "assistant" for m in messages):
         raise where.error("the conversation has no assistant turn: nothing to train on", field="messages")
-    return {"messages": messages}
+    return {"messages": messages, "tools": _tools(raw.get("tools"), where)}
 
 
 def _text(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
@@ -251,7 +254,8 @@ def _verifiable(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
             raise where.error(f"must be a non-empty list of per-step gold values, got {_kind(steps)}",
                               field="steps")
         steps = [_scalar_text(s, f"steps[{i}]", where) for i, s in enumerate(steps)]
-    return {"prompt": prompt, "answer": answer, "steps": steps, "row": _row_json(raw, where)}
+    return {"prompt": prompt, "answer": answer, "steps": steps, "tools": _tools(raw.get("tools"), where),
+            "row": _row_json(raw, where)}
 
 
 def _row_json(raw: Mapping[str, Any], where: Where) -> str:
@@ -372,6 +376,21 @@ def _message_list(value: Any, field: str, where: Where) -> list[dict[str, Any]]:
                 raise where.error(f"empty {role} message", field=f"{here}.content")
             out.append(message(role, content, **names))
     return out
+
+
+def _tools(value: Any, where: Where) -> str | None:
+    """The function schemas a row offers the model (TRL's `tools` column): a list of objects, or its JSON text;
+    kept as JSON text for the chat template."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise where.error(f"tools given as text must be JSON: {err.msg}", field="tools") from None
+    if not isinstance(value, list) or not all(isinstance(tool, Mapping) for tool in value):
+        raise where.error(f"must be a list of function schemas (objects), got {_kind(value)}", field="tools")
+    return json.dumps(value, ensure_ascii=False) if value else None
 
 
 def _tool_calls(value: Any, field: str, where: Where) -> str | None:

@@ -18,6 +18,7 @@ row's fate is a column of the mapped dataset and `TokenStats` counts them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -95,6 +96,8 @@ class Encoder:
     loss_on: str = "all"
     max_length: int = 512
     truncation: str = "drop"
+    tools: str | None = None
+    """The function schemas (JSON text) of the row being encoded, for templates that render them."""
 
     @classmethod
     def from_config(cls, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Encoder:
@@ -110,6 +113,14 @@ class Encoder:
         return encoder
 
     # -- public -------------------------------------------------------------------------------
+
+    def for_row(self, row: dict[str, Any]) -> Encoder:
+        """This encoder for one row: with the row's `tools`, if it has any."""
+        if not row.get("tools"):
+            return self
+        encoder = copy.copy(self)  # keeps the cached `adds_bos`
+        object.__setattr__(encoder, "tools", row["tools"])
+        return encoder
 
     def encode(self, messages: Sequence[dict[str, Any]], prompt_turns: int = 0) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and its response mask (1 = trained).
@@ -193,16 +204,19 @@ class Encoder:
         try:
             return self.tokenizer.apply_chat_template(
                 self._template_messages(messages, mode), tokenize=False,
-                add_generation_prompt=add_generation_prompt, enable_thinking=mode != "off")
+                add_generation_prompt=add_generation_prompt, enable_thinking=mode != "off", **self._tool_kwargs())
         except Exception as err:  # jinja's TemplateError, or a template's own raise_exception
             raise _Problem(f"the chat template cannot render this conversation: {err}") from None
+
+    def _tool_kwargs(self) -> dict[str, Any]:
+        return {"tools": json.loads(self.tools)} if self.tools else {}
 
     def _marked(self, messages: Sequence[dict[str, Any]], trained: list[int],
                 mode: str) -> tuple[list[int], list[tuple[int, int]]]:
         try:
             out = self.tokenizer.apply_chat_template(
                 self._template_messages(messages, mode), tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True, enable_thinking=mode != "off")
+                return_assistant_tokens_mask=True, enable_thinking=mode != "off", **self._tool_kwargs())
         except Exception as err:
             raise _Problem(f"the chat template cannot render this conversation: {err}") from None
         ids, marks = list(out["input_ids"]), out["assistant_masks"]
@@ -353,7 +367,7 @@ def _problem_status(problem: _Problem) -> dict[str, Any]:
 
 def _encode_row(row: dict[str, Any], encoder: Encoder, fmt: str) -> dict[str, Any]:
     try:
-        return _ENCODERS[fmt](row, encoder)
+        return _ENCODERS[fmt](row, encoder.for_row(row))
     except _Problem as problem:
         return _EMPTY[fmt]() | _problem_status(problem)
 
