@@ -162,17 +162,24 @@ def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if not isinstance(data, dict):
         raise ConfigError("a recipe must be a YAML mapping of keys to values", file=str(path), line=1)
     lines: dict[str, int] = {}
-    _record_lines(node, "", lines)
+    _record_lines(node, "", lines, str(path))
     return data, lines
 
 
-def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int], file: str = "<yaml>") -> None:
+    """Record the line of every dotted key; a key given twice in one mapping is an error (YAML keeps the last
+    silently: `train:` twice would drop the first section's settings)."""
     if not isinstance(node, yaml.MappingNode):
         return
+    seen: dict[str, int] = {}
     for key_node, value_node in node.value:
         key = f"{prefix}{key_node.value}"
-        lines[key] = key_node.start_mark.line + 1
-        _record_lines(value_node, key + ".", lines)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"duplicate key: already set on line {seen[key]} (YAML would silently keep only the "
+                              "last one)", file=file, line=line, field=key)
+        seen[key] = lines[key] = line
+        _record_lines(value_node, key + ".", lines, file)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -97,6 +97,20 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_config(PretrainConfig, recipe)
 
 
+@pytest.mark.parametrize(("text", "line", "field"), [
+    ("train:\n  max_steps: 2\noptim:\n  lr: 1.0e-3\ntrain:\n  batch_size: 4\n", 5, "train"),
+    ("optim:\n  lr: 1.0e-3\n  warmup_steps: 2\n  lr: 1.0e-2\n", 4, "optim.lr"),
+])
+def test_duplicate_yaml_keys_are_errors(tmp_path, text, line, field):
+    """YAML keeps the last of two equal keys; a recipe with `train:` twice would lose the first section."""
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, recipe)
+    assert (err.value.file, err.value.line, err.value.field) == (str(recipe), line, field)
+    assert "duplicate key" in str(err.value)
+
+
 def test_unknown_recipe_name_suggests_a_shipped_one():
     with pytest.raises(ConfigError, match="did you mean 'pretrain'"):
         find_recipe("pretrian")
