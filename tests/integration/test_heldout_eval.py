@@ -255,26 +255,3 @@ def test_reference_evaluation_and_sampling_phases_report_progress(lm_dir, tmp_pa
     phases = recorders[-1].phases
     assert [p for p in phases if p[0].startswith("sampling")] == [("sampling round 1: prompts", 2, 2),
                                                                   ("sampling round 2: prompts", 2, 2)]
-
-
-def test_a_phase_shows_on_the_console_while_it_runs_and_a_top_level_one_leaves_its_line():
-    import io
-
-    from rich.console import Console
-
-    out = io.StringIO()
-    display = RunProgress(console=Console(file=out, force_terminal=False, width=120))
-    with display.phase("reference logprobs", 8) as bar:
-        bar.advance(5)
-        bar.advance(3)
-    with display.phase("training", 2) as training:
-        with display.phase("evaluating arith", 4) as inner:  # inside another bar: a line that goes away
-            inner.advance(4)
-        training.update(completed=2)
-    text = out.getvalue()
-    assert "reference logprobs" in text and "8/8" in text and "training" in text and "2/2" in text
-    assert "evaluating arith" not in text  # not a terminal: only the final lines of top-level phases
-    silent = io.StringIO()
-    with RunProgress(enabled=False, console=Console(file=silent)).phase("reference logprobs", 8) as bar:
-        bar.advance(8)
-    assert silent.getvalue() == ""
