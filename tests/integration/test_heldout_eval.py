@@ -168,6 +168,23 @@ def test_dpo_heldout_loss_is_the_dpo_loss_of_the_heldout_pairs(lm_dir, tokenizer
     assert "eval_accuracy" not in read_metrics(result.run_dir / "metrics.jsonl")[-1]
 
 
+def test_kto_heldout_loss_is_half_while_the_policy_is_the_reference(lm_dir, tmp_path, no_task_evaluation):
+    from pathlib import Path
+
+    from posttrain.recipes.kto import KTOConfig, main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "unpaired.jsonl"
+    cfg = load_config(KTOConfig, find_recipe("kto").path, [f"model.path={lm_dir}", f"run.out_dir={tmp_path}", *FAST,
+                                                           f"data.source={example}", "data.eval_split=0.25",
+                                                           "optim.lr=1e-3"])
+    summary = main(cfg).summary
+    # Every implied reward r is 0 and so is z0: each row's loss is lambda (1 - sigmoid(0)) = 1/2.
+    assert_close(torch.tensor(summary["eval_loss_before"]), torch.tensor(0.5))
+    assert_close(torch.tensor(summary["eval_kl_before"]), torch.tensor(0.0))
+    assert summary["eval_rows"] == 5 and summary["eval_loss"] != summary["eval_loss_before"]
+    assert (summary["rows_desirable"] + summary["rows_undesirable"]) == 15
+
+
 register_reward_function("test_digits")(lambda batch: [float(sum(c.isdigit() for c in text)) for text in
                                                        batch.completions])
 
