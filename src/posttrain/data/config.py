@@ -61,6 +61,9 @@ class DataConfig:
     size: int = param(2000, "Rows generated from a built-in task.", ge=1)
     seed: int = param(0, "Seed of a built-in task's generator.", ge=0)
     limit: int = param(0, "Use only the first N rows of a file (0 = all).", ge=0)
+    eval_split: float = param(0.0, "Share of the rows held out for evaluation, never trained on (0: none): drawn "
+                                   "with data.seed before tokenisation, evaluated with the stage's own loss or "
+                                   "rewards.", ge=0, lt=1)
     max_length: int = param(512, "Longest tokenised sequence (for verifiable rows: the longest prompt).", ge=2)
     truncation: str = param("drop", "Too-long rows: drop them, cut the prompt from the left (keeping BOS), "
                                     "or stop with an error.", choices=("drop", "truncate_left", "error"))

@@ -8,17 +8,19 @@ Every user-caused problem surfaces here, as a DataError or ConfigError, before t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.collate import Collator, pack_dataset
 from posttrain.data.config import FORMATS, DataConfig
-from posttrain.data.sources import load_rows
+from posttrain.data.sources import Rows, load_rows
 from posttrain.data.tokenize import Tokenized, tokenize_rows
 from posttrain.errors import ConfigError, DataError
 
@@ -43,12 +45,22 @@ class Prepared:
 
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: Sequence[str] = FORMATS,
                  rows: Iterable[Mapping[str, Any]] | None = None,
-                 mask_dtype: torch.dtype = torch.float32) -> Prepared:
+                 mask_dtype: torch.dtype = torch.float32, heldout: bool = False,
+                 bars: contextlib.AbstractContextManager | None = None) -> Prepared:
     """Load (`cfg.source` or `rows`), validate, tokenise, pack if asked, and build the collator.
 
-    `mask_dtype` is the dtype of the model's attention (a packed batch's additive mask must match it).
+    With `cfg.eval_split` > 0 these are the rows trained on, or (`heldout`) the ones held out of training
+    (`split_rows`). `mask_dtype` is the dtype of the model's attention (a packed batch's additive mask must
+    match it). Reading and tokenising run inside `bars` (`train.progress.RunProgress.library_bars()`: the
+    `datasets` bars of both).
     """
-    tokenized = tokenize_rows(load_rows(cfg, accepts, rows), tokenizer, cfg)
+    with bars or contextlib.nullcontext():
+        loaded = load_rows(cfg, accepts, rows)
+        if cfg.eval_split > 0:
+            loaded = split_rows(loaded, cfg.eval_split, cfg.seed)[1 if heldout else 0]
+        elif heldout:
+            raise ConfigError("there are no held-out rows without data.eval_split", field="data.eval_split")
+        tokenized = tokenize_rows(loaded, tokenizer, cfg)
     stats = tokenized.stats
     if stats.kept == 0:
         raise DataError(f"no row is left to train on: {stats.dropped_too_long} of {stats.rows} are longer than "
@@ -66,3 +78,19 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
                         packed_attention=cfg.packed_attention, mask_dtype=mask_dtype,
                         row_capacity=cfg.padding_free_capacity)
     return Prepared(tokenized=tokenized, dataset=dataset, collator=collator)
+
+
+def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """(trained, held out): `fraction` of the rows (rounded, at least one, leaving at least one) held out, drawn by
+    a permutation seeded with `seed`, so that every run with the same data and seed holds out the same rows.
+    Both parts keep the source's order. Split before tokenisation: a held-out row is never trained on, whatever
+    tokenisation later drops."""
+    count = len(rows.dataset)
+    if count < 2:
+        raise DataError(f"data.eval_split={fraction} needs at least 2 rows, the data has {count}", file=rows.name,
+                        field="data.eval_split")
+    held = min(count - 1, max(1, round(fraction * count)))
+    order = np.random.default_rng(seed).permutation(count)
+    heldout, trained = sorted(order[:held].tolist()), sorted(order[held:].tolist())
+    return (dataclasses.replace(rows, dataset=rows.dataset.select(trained)),
+            dataclasses.replace(rows, dataset=rows.dataset.select(heldout)))

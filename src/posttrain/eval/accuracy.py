@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,22 +11,35 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.config import param
 from posttrain.data.config import DataConfig
-from posttrain.data.tasks import get_task
+from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
 from posttrain.rollout import make_engine
 from posttrain.rollout.base import SamplingParams
-from posttrain.train.metrics import append_jsonl
+from posttrain.train.progress import SILENT, Phase
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    task: str = param("arith", "Built-in task whose held-out split is evaluated.")
-    problems: int = param(500, "Distinct held-out problems (never seen in training).", ge=1)
+    task: str | None = param(None, "Built-in task whose held-out problems are scored by exact match (None: the "
+                                   "training task when data.source is a built-in task, else none).")
+    problems: int = param(500, "Held-out problems generated greedily, of the task and of held-out prompts "
+                               "scored by the stage's rewards (0: no generation-based evaluation).", ge=0)
+    source: str | None = param(None, "Held-out rows in the training data's format (a file or `datasets` "
+                                     "directory), evaluated with the stage's own loss or rewards; or use "
+                                     "data.eval_split.")
     seed: int = param(1234, "Seed for drawing the held-out problems.", ge=0)
-    max_new_tokens: int = param(24, "Generation budget per answer.", ge=1)
+    max_new_tokens: int = param(24, "Generation budget per answer of the task.", ge=1)
     batch_size: int = param(128, "Prompts generated together.", ge=1)
     samples: int = param(8, "Greedy completions written to samples.jsonl at each evaluation.", ge=0)
+
+
+def eval_task(cfg: EvalConfig, data: DataConfig) -> str | None:
+    """The built-in task scored by exact match: eval.task, else the training task when the data is a built-in
+    task, else None (a user's own data is evaluated on its own held-out rows, never on a task it is not)."""
+    if cfg.problems == 0:
+        return None
+    return cfg.task or (data.source if data.source in TASKS else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +99,14 @@ def heldout_problems(task: Task, count: int, seed: int) -> list[Example]:
 
 @torch.no_grad()
 def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataConfig,
-                     cfg: EvalConfig) -> Accuracy:
+                     cfg: EvalConfig, bar: Phase = SILENT) -> Accuracy:
     """Greedy exact-match accuracy on `cfg.problems` distinct held-out problems of `cfg.task`.
 
-    Prompts are rendered exactly as training renders them (`data`: template, thinking switch).
+    Prompts are rendered exactly as training renders them (`data`: template, thinking switch). `bar` advances
+    by the problems of each generation batch.
     """
+    if cfg.task is None:
+        raise ValueError("heldout_accuracy needs a task (eval_task resolves the default)")
     task = get_task(cfg.task)
     examples = heldout_problems(task, cfg.problems, cfg.seed)
     encoder = Encoder.from_config(tokenizer, data)
@@ -107,6 +121,7 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         rollout = engine.generate(prompts[start:start + cfg.batch_size], params)
         texts += rollout.texts
         tokens += int(rollout.completion_lengths.sum())
+        bar.advance(len(rollout.texts))
     model.train(was_training)
     correct = [task.verify(text, e.answer) for text, e in zip(texts, examples, strict=True)]
     hits = int(sum(correct))
@@ -125,16 +140,3 @@ def step_accuracy(task: Task, examples: list[Example], texts: list[str]) -> floa
         return None
     scores = [s for e, t in zip(examples, texts, strict=True) for s in verify_steps(t, list(e.steps))]
     return sum(scores) / len(scores)
-
-
-def accuracy_evaluator(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: EvalConfig,
-                       samples: Path) -> Callable[[int], dict[str, float]]:
-    """`evaluate(step)` for the Trainer: held-out accuracy, with a few greedy completions appended to
-    `samples` (the run's samples.jsonl)."""
-
-    def evaluate(step: int) -> dict[str, float]:
-        accuracy = heldout_accuracy(model, tokenizer, data, cfg)
-        append_jsonl(samples, [{"step": step, **s} for s in accuracy.samples])
-        return accuracy.metrics()
-
-    return evaluate

@@ -31,7 +31,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from posttrain.config import load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
-from posttrain.data.tasks import get_task
+from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
 from posttrain.errors import ConfigError, RunDirError
@@ -55,7 +55,7 @@ from posttrain.rollout.recompute import policy_logprobs
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
     task: str | None = None
-    """Built-in task (None: the run's `eval.task`, else its data source, else arith)."""
+    """Built-in task (None: the run's `eval.task`, else its data source when that is a built-in task, else arith)."""
     problems: int = 500
     samples: int = 8
     """Completions per problem at temperature 1 for pass@k, rewards and KL (0: greedy accuracy only)."""
@@ -145,7 +145,8 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
 def _task_name(target: Target, options: EvalOptions) -> str:
     if options.task:
         return options.task
-    return target.section("eval").get("task") or target.section("data").get("source") or "arith"
+    source = target.section("data").get("source")
+    return target.section("eval").get("task") or (source if source in TASKS else None) or "arith"
 
 
 def _data_config(target: Target, task: Task) -> DataConfig:

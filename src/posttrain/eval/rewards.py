@@ -21,14 +21,16 @@ from posttrain.config import param  # noqa: E402
 from posttrain.data.config import DataConfig  # noqa: E402
 from posttrain.data.pipeline import Prepared  # noqa: E402
 from posttrain.data.tasks import TASKS  # noqa: E402
+from posttrain.errors import ConfigError  # noqa: E402
 from posttrain.models.reward import scores_at, sequence_scores  # noqa: E402
 from posttrain.train.comparisons import comparison_matrix, ordered_pair_accuracy, ordered_pairs  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardEvalConfig:
-    source: str | None = param(None, "Held-out rows: a file or task (None: the training task's held-out split; "
-                                     "a training file without an eval source is not evaluated).")
+    source: str | None = param(None, "Held-out rows: a file or task (None: the rows data.eval_split holds out, "
+                                     "else the training task's held-out split; a training file without either "
+                                     "is not evaluated).")
     split: str = param("heldout", "Split of the held-out source (a built-in task's `heldout`, or a DatasetDict "
                                   "split).")
     size: int = param(500, "Held-out rows drawn from a built-in task.", ge=1)
@@ -37,11 +39,18 @@ class RewardEvalConfig:
 
 
 def heldout_data_config(data: DataConfig, cfg: RewardEvalConfig) -> DataConfig | None:
-    """The `data:` settings of the held-out rows, or None when there is no held-out source."""
+    """The `data:` settings of the held-out rows, or None when there is no held-out source: the rows
+    data.eval_split holds out of the training data (read with `prepare_data(..., heldout=True)`), else
+    eval.source, else a built-in training task's held-out split."""
+    # Padded: scoring batches are larger than training ones, too large for one padding-free row.
+    if data.eval_split:
+        if cfg.source:
+            raise ConfigError("held-out rows come from eval.source or from data.eval_split, not both",
+                              field="eval.source")
+        return dataclasses.replace(data, batch_mode="padded")
     source = cfg.source or (data.source if data.source in TASKS else None)
     if source is None:
         return None
-    # Padded: scoring batches are larger than training ones, too large for one padding-free row.
     return dataclasses.replace(data, source=source, split=cfg.split, size=cfg.size, seed=cfg.seed, limit=0,
                                batch_mode="padded")
 

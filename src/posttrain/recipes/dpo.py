@@ -33,7 +33,8 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
+from posttrain.eval import heldout
+from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
@@ -53,6 +54,7 @@ from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.train.comparisons import comparison_matrix, is_ranking_batch, ordered_pair_accuracy
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
 from posttrain.train.forward import per_sequence_sums, response_logprobs
+from posttrain.train.progress import RunProgress
 from posttrain.train.reference import (
     Reference,
     ReferenceConfig,
@@ -111,7 +113,9 @@ class DPOConfig:
     sampling: SamplingConfig = section(lambda: SamplingConfig(samples_per_prompt=8, max_new_tokens=24),
                                        "On-policy pairs: how completions are sampled.")
     reward: RewardConfig = section(RewardConfig, "On-policy pairs: what ranks the completions of a prompt.")
-    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation: the DPO loss, reward accuracy and margins on held-out "
+                                           "pairs (eval.source or data.eval_split; on-policy: the rewards of greedy "
+                                           "completions of held-out prompts), exact match on a built-in task.")
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
@@ -123,31 +127,36 @@ def main(cfg: DPOConfig) -> RunResult:
     on_policy = cfg.pairs.source == "on_policy"
     check_dpo_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
+    progress = RunProgress.for_run(cfg.run)
     # On-policy: the data holds prompts (never collated); data.batch_mode is the layout of the pairs.
     data = dataclasses.replace(cfg.data, batch_mode="padded") if on_policy else cfg.data
     prepared = prepare_data(data, tokenizer, accepts=STAGE_FORMATS["grpo" if on_policy else "dpo"],
-                            mask_dtype=model.dtype)
+                            mask_dtype=model.dtype, bars=progress.library_bars())
     if prepared.format == "ranking" and cfg.loss.kind != "sigmoid":
         raise ConfigError(f"rankings are trained with the Plackett–Luce form of the sigmoid loss, not "
                           f"{cfg.loss.kind!r}", field="loss.kind")
+    rows = heldout.prepare_heldout(data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo")
-
+    if on_policy:
+        check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
+    rewards = build_rewards(cfg.reward, resolve_task(cfg)) if on_policy else None
     with forward_precision(cfg.train, model):
-        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+        evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout_parts(
+            cfg, rows, tokenizer, model, rewards, progress), run_dir.samples, progress)
+        before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     average = token_average(cfg.loss)
     precompute_start = time.perf_counter()
     if on_policy:
-        source = on_policy_source(cfg, prepared, tokenizer, model)
+        source = on_policy_source(cfg, prepared, tokenizer, model, rewards, progress)
         model, reference = source.policy, None
     else:
         model, source, reference = offline_comparisons(model, prepared, cfg.reference, cfg.model, cfg.adapter,
-                                                       cfg.train, cfg.run.seed, average)
+                                                       cfg.train, cfg.run.seed, average, progress)
     precompute_seconds = time.perf_counter() - precompute_start
     trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model)
-    result = trainer.fit(source, dpo_loss_fn(cfg.loss, reference),
-                         accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval, run_dir.samples),
-                         progress_keys=("loss", "reward_accuracy", "eval_accuracy"))
+                      model=model, progress=progress)
+    result = trainer.fit(source, dpo_loss_fn(cfg.loss, reference), evaluation.evaluator(model),
+                         progress_keys=("loss", "reward_accuracy", "eval_loss", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
@@ -160,10 +169,7 @@ def main(cfg: DPOConfig) -> RunResult:
                "reference_seconds": precompute_seconds,
                "final_loss": last.get("loss"),
                **{k: last.get(k) for k in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")},
-               **({"accuracy_before": before.accuracy} if before else {}),
-               "accuracy": last.get("eval_accuracy"),
-               "accuracy_ci": [last.get("eval_accuracy_ci_low"), last.get("eval_accuracy_ci_high")],
-               "eval_problems": cfg.eval.problems, "data": prepared.tokenized.stats.as_dict()}
+               **heldout.summary(before, last, cfg.eval, cfg.data, rows), "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"DPO on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
@@ -185,8 +191,26 @@ def check_dpo_config(cfg: DPOConfig) -> None:
     check_reward_functions(cfg.reward)
 
 
+def heldout_parts(cfg: DPOConfig, rows: Prepared | None, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module,
+                  rewards: WeightedRewards | None, progress: RunProgress) -> list[heldout.Part]:
+    """DPO's own held-out evaluation: offline, the DPO loss and its statistics (reward accuracy, margins) on the
+    held-out comparisons, against the reference's logprobs computed now as training's are, by reference.path or
+    the starting `model`; on-policy, the rewards of greedy completions of the held-out prompts."""
+    if rows is None:
+        return []
+    if rewards is not None:
+        return heldout.reward_part(tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)),
+                                   cfg.sampling.max_new_tokens, cfg.eval)
+    reference = load_reference(cfg.reference, cfg.model) or Reference(model)
+    cached = precompute_sequence_logprobs(reference, rows, cfg.reference.batch_size, token_average(cfg.loss),
+                                          progress)
+    return heldout.loss_part(rows, cached_step_source(rows, cfg.train, cfg.run.seed, cached),
+                             dpo_loss_fn(cfg.loss, None), cfg.train.micro_batch_size)
+
+
 def on_policy_source(cfg: DPOConfig, prepared: Prepared, tokenizer: PreTrainedTokenizerBase,
-                     model: torch.nn.Module) -> OnPolicyPairs:
+                     model: torch.nn.Module, rewards: WeightedRewards,
+                     progress: RunProgress | None = None) -> OnPolicyPairs:
     """The pair source of `pairs.source=on_policy`, its first round sampled from the starting model. The reference
     is `reference.path`, else the starting model: the policy itself while nothing has trained it (one round before
     training), its adapter-disabled self with an adapter, or a frozen copy when later rounds sample."""
@@ -196,11 +220,9 @@ def on_policy_source(cfg: DPOConfig, prepared: Prepared, tokenizer: PreTrainedTo
     policy = apply_adapter(model, cfg.adapter)
     if reference is None:
         reference = Reference(policy, adapter_disabled=cfg.adapter.method != "none")
-    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
-    rewards = build_rewards(cfg.reward, resolve_task(cfg))
     engine = make_engine(cfg.sampling.engine, policy, tokenizer)
     with forward_precision(cfg.train, policy):
-        return OnPolicyPairs(cfg, prepared, tokenizer, policy, engine, reference, rewards)
+        return OnPolicyPairs(cfg, prepared, tokenizer, policy, engine, reference, rewards, progress)
 
 
 class OnPolicyPairs:
@@ -217,12 +239,14 @@ class OnPolicyPairs:
 
     def __init__(self, cfg: DPOConfig, prepared: Prepared, tokenizer: PreTrainedTokenizerBase,
                  policy: torch.nn.Module, engine: RolloutEngine, reference: Reference,
-                 rewards: WeightedRewards) -> None:
+                 rewards: WeightedRewards, progress: RunProgress | None = None) -> None:
         self.cfg, self.tokenizer, self.policy, self.engine = cfg, tokenizer, policy, engine
         self.reference, self.rewards = reference, rewards
+        self.progress = progress or RunProgress(enabled=False)
         self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed)
         self.params = cfg.sampling.params()
-        self.pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop")
+        self.pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop",
+                                             eval_split=0.0)
         self.steps, self.rounds = 0, 0
         self.source, self.metrics = self._round()
 
@@ -245,7 +269,9 @@ class OnPolicyPairs:
 
     @torch.no_grad()
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
-        rows, rollout = self.prompts.sample(self.engine, self.params)  # the engine samples in eval mode
+        with self.progress.phase(f"sampling round {self.rounds + 1}: prompts", self.prompts.per_round) as bar:
+            rows, rollout = self.prompts.sample(self.engine, self.params)  # the engine samples in eval mode
+            bar.advance(len(rows))
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions).total
         # A completion with no text (EOS at once) is no preference row's answer: it takes part in no pair.
@@ -263,7 +289,7 @@ class OnPolicyPairs:
         prepared = prepare_data(self.pair_data, self.tokenizer, accepts=("preference",), rows=pairs,
                                 mask_dtype=floating_dtype(self.policy))
         cached = precompute_sequence_logprobs(self.reference, prepared, self.cfg.reference.batch_size,
-                                              token_average(self.cfg.loss))
+                                              token_average(self.cfg.loss), self.progress)
         self.rounds += 1
         prompts = len(rows)
         metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.mean().item(),

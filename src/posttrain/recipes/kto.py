@@ -28,16 +28,25 @@ import torch
 from posttrain.algos import kto_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
-from posttrain.data.pipeline import prepare_data
+from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
-from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
+from posttrain.eval import heldout
+from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, save_trained
-from posttrain.train.comparisons import comparison_matrix
+from posttrain.train.comparisons import comparison_matrix, comparison_step_source
 from posttrain.train.engine import StepBatch, StepSource, TrainConfig, Trainer, forward_precision
 from posttrain.train.forward import per_sequence_sums, response_logprobs
-from posttrain.train.reference import Reference, ReferenceConfig, offline_comparisons
+from posttrain.train.progress import RunProgress
+from posttrain.train.reference import (
+    Reference,
+    ReferenceConfig,
+    cached_step_source,
+    load_reference,
+    offline_comparisons,
+    precompute_sequence_logprobs,
+)
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 
@@ -63,7 +72,8 @@ class KTOConfig:
                                  "checkpoints.")
     loss: KTOLossConfig = section(KTOLossConfig, "The KTO loss.")
     reference: ReferenceConfig = section(ReferenceConfig, "The reference policy.")
-    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation: the KTO loss, z0 and rewards of held-out rows "
+                                           "(eval.source or data.eval_split), exact match on a built-in task.")
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
@@ -76,21 +86,25 @@ def main(cfg: KTOConfig) -> RunResult:
         raise ConfigError("z0 is estimated over the rows of a micro-batch: set train.micro_batch_size >= 2",
                           field="train.micro_batch_size")
     tokenizer, model = load_tokenizer_and_model(cfg.model)
-    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["kto"], mask_dtype=model.dtype)
+    progress = RunProgress.for_run(cfg.run)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["kto"], mask_dtype=model.dtype,
+                            bars=progress.library_bars())
+    rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     labels = prepared.dataset["label"]
     run_dir = prepare_run_dir(cfg.run, cfg, stage="kto")
 
     with forward_precision(cfg.train, model):
-        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+        evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout_part(
+            cfg, rows, model, progress), run_dir.samples, progress)
+        before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     reference_start = time.perf_counter()
     model, source, reference = offline_comparisons(model, prepared, cfg.reference, cfg.model, cfg.adapter,
-                                                   cfg.train, cfg.run.seed)
+                                                   cfg.train, cfg.run.seed, progress=progress)
     reference_seconds = time.perf_counter() - reference_start
     trainer = Trainer(stage="kto", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model)
-    result = trainer.fit(LabelCounts(source), kto_loss_fn(cfg.loss, reference),
-                         accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval, run_dir.samples),
-                         progress_keys=("loss", "kl", "reward_margin", "eval_accuracy"))
+                      model=model, progress=progress)
+    result = trainer.fit(LabelCounts(source), kto_loss_fn(cfg.loss, reference), evaluation.evaluator(model),
+                         progress_keys=("loss", "kl", "reward_margin", "eval_loss", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
@@ -102,12 +116,27 @@ def main(cfg: KTOConfig) -> RunResult:
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
                "reference_seconds": reference_seconds, "final_loss": last.get("loss"),
                **{k: last.get(k) for k in ("kl", "desirable_reward", "undesirable_reward", "reward_margin")},
-               **({"accuracy_before": before.accuracy} if before else {}),
-               "accuracy": last.get("eval_accuracy"),
-               "accuracy_ci": [last.get("eval_accuracy_ci_low"), last.get("eval_accuracy_ci_high")],
-               "eval_problems": cfg.eval.problems, "data": prepared.tokenized.stats.as_dict()}
+               **heldout.summary(before, last, cfg.eval, cfg.data, rows), "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"KTO on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def heldout_part(cfg: KTOConfig, rows: Prepared | None, model: torch.nn.Module,
+                 progress: RunProgress) -> list[heldout.Part]:
+    """KTO's loss, z0 and per-label rewards on the held-out rows (each with its mismatched pair among them), against
+    the reference's logprobs computed now as training's are, by reference.path or the starting `model`; the label
+    counts are the held-out set's, so that the per-label statistics add up to held-out means."""
+    if rows is None:
+        return []
+    reference = load_reference(cfg.reference, cfg.model) or Reference(model)
+    cached = cached_step_source(rows, cfg.train, cfg.run.seed,
+                                precompute_sequence_logprobs(reference, rows, cfg.reference.batch_size,
+                                                             progress=progress))
+    desirable = sum(rows.dataset["label"])
+    counts = (desirable, len(rows.dataset) - desirable)
+    source = comparison_step_source(rows, cfg.train, cfg.run.seed,
+                                    collate=lambda indices: cached.collate(indices) | {"step_labels": counts})
+    return heldout.loss_part(rows, source, kto_loss_fn(cfg.loss, None), cfg.train.micro_batch_size)
 
 
 class LabelCounts:

@@ -32,7 +32,8 @@ from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
+from posttrain.eval import heldout
+from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
@@ -51,6 +52,7 @@ from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
+from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
@@ -84,7 +86,8 @@ class RejectionConfig:
     select: SelectConfig = section(SelectConfig, "Which completions are kept.")
     rounds: int = param(2, "Sample -> select -> SFT rounds.", ge=1)
     prompts_per_round: int = param(256, "Prompts sampled each round (N completions each).", ge=1)
-    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation: the rewards of greedy completions of held-out prompts "
+                                           "(eval.source or data.eval_split), exact match on a built-in task.")
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
@@ -93,22 +96,27 @@ def main(cfg: RejectionConfig) -> RunResult:
     seed_everything(cfg.run.seed)
     check_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
-    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype)
+    progress = RunProgress.for_run(cfg.run)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype,
+                            bars=progress.library_bars())
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
+    rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     task = resolve_task(cfg)
     rewards = build_rewards(cfg.reward, task)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection")
+    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(
+        tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)), cfg.sampling.max_new_tokens,
+        cfg.eval), run_dir.samples, progress)
 
     with forward_precision(cfg.train, model):
-        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+        before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     model = apply_adapter(model, cfg.adapter)
     source = RejectionStepSource(cfg, prepared, make_engine(cfg.sampling.engine, model, tokenizer), tokenizer,
-                                 rewards, task=task, samples=run_dir.samples)
+                                 rewards, task=task, samples=run_dir.samples, progress=progress)
     trainer = Trainer(stage="rejection", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model)
-    result = trainer.fit(source, sft_loss_fn, accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval,
-                                                                 run_dir.samples),
-                         progress_keys=("loss", "kept_fraction", "pass_at_n", "eval_accuracy"))
+                      model=model, progress=progress)
+    result = trainer.fit(source, sft_loss_fn, evaluation.evaluator(model),
+                         progress_keys=("loss", "kept_fraction", "pass_at_n", "eval_reward", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
@@ -118,10 +126,7 @@ def main(cfg: RejectionConfig) -> RunResult:
                "select": cfg.select.mode, "trainable_parameters": count_parameters(model, trainable_only=True),
                **result.totals(),
                "per_round": source.history,
-               **({"accuracy_before": before.accuracy} if before else {}),
-               "accuracy": last.get("eval_accuracy"),
-               "accuracy_ci": [last.get("eval_accuracy_ci_low"), last.get("eval_accuracy_ci_high")],
-               "eval_problems": cfg.eval.problems}
+               **heldout.summary(before, last, cfg.eval, cfg.data, rows)}
     write_training_report(run_dir, f"Rejection sampling (best-of-{cfg.sampling.samples_per_prompt} -> SFT) on "
                                    f"{cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
@@ -171,9 +176,10 @@ class RejectionStepSource:
 
     def __init__(self, cfg: RejectionConfig, prepared: Prepared, engine: RolloutEngine,
                  tokenizer: PreTrainedTokenizerBase, rewards: WeightedRewards, *, task: Task | None = None,
-                 samples: Any = None) -> None:
+                 samples: Any = None, progress: RunProgress | None = None) -> None:
         self.cfg, self.dataset, self.engine, self.tokenizer = cfg, prepared.dataset, engine, tokenizer
         self.rewards, self.task, self.samples = rewards, task, samples
+        self.progress = progress or RunProgress(enabled=False)
         self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed)
         self.steps_per_round = cfg.train.max_steps // cfg.rounds
         self.params = cfg.sampling.params()
@@ -205,8 +211,10 @@ class RejectionStepSource:
     def new_round(self) -> ShuffledStepSource:
         """Sample, score, select; the SFT step source over the kept pairs."""
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.progress.phase(f"sampling round {self.prompts.rounds + 1}: prompts",
+                                                  self.prompts.per_round) as bar:
             rows, rollout = self.prompts.sample(self.engine, self.params)
+            bar.advance(len(rows))
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
         select = self.cfg.select

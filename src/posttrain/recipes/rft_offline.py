@@ -35,16 +35,17 @@ from posttrain.data.pipeline import prepare_data
 from posttrain.data.sources import load_rows
 from posttrain.data.tasks.base import THINK_CLOSE, THINK_OPEN
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.accuracy import accuracy_evaluator, heldout_accuracy
+from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
-from posttrain.recipes.rl import accuracy_summary, build_rewards, check_reward_functions, resolve_task
+from posttrain.recipes.rl import build_rewards, check_reward_functions, resolve_task
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.train.dist import is_main_process
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
+from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
@@ -80,14 +81,14 @@ def main(cfg: Any) -> RunResult:
     source, trained = weighted_step_source(candidates, scores.total.tolist(), cfg.data, tokenizer, cfg.train,
                                            cfg.run.seed)
 
+    progress = RunProgress.for_run(cfg.run)
+    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval), run_dir.samples, progress)
     with forward_precision(cfg.train, model):
-        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+        before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     model = apply_adapter(model, cfg.adapter)
     trainer = Trainer(stage="rft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model)
-    result = trainer.fit(source, sft_loss_fn, accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval,
-                                                                 run_dir.samples),
-                         progress_keys=("loss", "eval_accuracy"))
+                      model=model, progress=progress)
+    result = trainer.fit(source, sft_loss_fn, evaluation.evaluator(model), progress_keys=("loss", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
@@ -98,7 +99,7 @@ def main(cfg: Any) -> RunResult:
                "grader_errors": len(scores.errors),
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
                "final_loss": result.last.get("loss"),
-               **accuracy_summary(before, result.last, cfg.eval)}
+               **heldout.summary(before, result.last, cfg.eval, cfg.data)}
     write_training_report(run_dir, f"Offline RFT (reward-weighted likelihood) on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 
@@ -107,6 +108,10 @@ def check_config(cfg: Any) -> None:
     if not cfg.model.path:
         raise ConfigError("offline RFT trains an existing model: set model.path (e.g. runs/sft/final)",
                           field="model.path")
+    if cfg.data.eval_split or cfg.eval.source:
+        raise ConfigError("offline RFT scores and trains every response of the data: it holds none out (evaluate "
+                          "on a built-in task with eval.task)", field="data.eval_split" if cfg.data.eval_split
+                          else "eval.source")
     if cfg.data.batch_mode != "padded":
         raise ConfigError("offline RFT weights each response's likelihood: it trains padded batches",
                           field="data.batch_mode")

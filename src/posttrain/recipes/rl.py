@@ -165,6 +165,11 @@ class PromptStream:
         self.rounds += 1
         return rows, rollout
 
+    @property
+    def per_round(self) -> int:
+        """Prompts this rank samples per round: its share of the round's."""
+        return len(dist.rank_slice(list(range(self.order.batch_size))))
+
     def sampling_seed(self) -> int:
         """The seed of the coming round's sampling on this rank."""
         return self.seed * 1_000_003 + self.rounds + self.rank * self.RANK_STRIDE
@@ -237,21 +242,6 @@ def sample_record(step: int, i: int, rollout: Rollout, completions: Completions,
             "completion": completions.completions[i], "answer": completions.answers[i],
             "reward": scores.total[i].item(), "rewards": {k: v[i].item() for k, v in scores.by_function.items()},
             "finish_reason": rollout.finish_reasons[i], "truncated": rollout.finish_reasons[i] == "length"}
-
-
-def accuracy_summary(before: Any, last: dict[str, Any], eval_cfg: Any) -> dict[str, Any]:
-    """Held-out accuracy before (an `Accuracy`, or None when not measured) and after training (the last
-    metrics record), with its confidence interval and, for stepwise tasks, step accuracy."""
-    out: dict[str, Any] = {}
-    if before is not None:
-        out["accuracy_before"] = before.accuracy
-        if before.step_accuracy is not None:
-            out["step_accuracy_before"] = before.step_accuracy
-    out |= {"accuracy": last.get("eval_accuracy"),
-            "accuracy_ci": [last.get("eval_accuracy_ci_low"), last.get("eval_accuracy_ci_high")]}
-    if "eval_step_accuracy" in last:
-        out["step_accuracy"] = last["eval_step_accuracy"]
-    return out | {"eval_problems": eval_cfg.problems}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +389,8 @@ class RLConfig:
                                                             "trains on.")
     loss: RLLossConfig = section(RLLossConfig, "The clipped policy loss and its extra terms.")
     update: UpdateConfig = section(UpdateConfig, "How a round trains: epochs, minibatches, micro-batches.")
-    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation: the rewards of greedy completions of held-out prompts "
+                                           "(eval.source or data.eval_split), exact match on a built-in task.")
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 

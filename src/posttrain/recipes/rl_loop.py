@@ -65,7 +65,7 @@ from posttrain.data.collate import capped_rows
 from posttrain.data.config import STAGE_FORMATS
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks.base import Task
-from posttrain.eval.accuracy import accuracy_evaluator, heldout_accuracy
+from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
@@ -76,7 +76,6 @@ from posttrain.recipes.rl import (
     PromptStream,
     RLConfig,
     UpdateConfig,
-    accuracy_summary,
     adapter_reference,
     build_reference,
     build_rewards,
@@ -105,6 +104,7 @@ from posttrain.train import dist
 from posttrain.train.engine import StepBatch, Trainer, forward_precision
 from posttrain.train.forward import response_logprobs
 from posttrain.train.metrics import append_jsonl
+from posttrain.train.progress import RunProgress
 from posttrain.train.reference import Reference
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
@@ -292,9 +292,10 @@ class RLStepSource:
     def __init__(self, cfg: RLConfig, prepared: Prepared, engine: RolloutEngine, model: ActorCritic,
                  rewards: WeightedRewards, *, task: Task | None = None, reference: Reference | None = None,
                  step_rewards: StepRewardsHook | None = None, gold: GoldAnswers | None = None,
-                 samples: Path | None = None) -> None:
+                 samples: Path | None = None, progress: RunProgress | None = None) -> None:
         self.cfg, self.engine, self.model, self.rewards, self.task = cfg, engine, model, rewards, task
         self.reference, self.step_rewards, self.gold, self.samples = reference, step_rewards, gold, samples
+        self.progress = progress or RunProgress(enabled=False)
         self.padding_free = packing(cfg.update)
         self.minibatches = rollout_batch_size(cfg) // cfg.train.batch_size
         self.round_prompts = rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt  # of every rank
@@ -370,19 +371,25 @@ class RLStepSource:
         cfg, need = self.cfg.filter, self.round_prompts // dist.context().world_size
         batches: list[tuple[list[dict[str, Any]], Rollout, Scores, Tensor]] = []
         generation_s, kept = 0.0, 0
-        while True:
-            start = time.perf_counter()
-            rows, rollout = self.prompts.sample(self.engine, self.params)
-            generation_s += time.perf_counter() - start
-            completions = completions_of(rollout, rows)
-            scores = self.rewards(completions)
-            score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
-            batches.append((rows, rollout, scores, score))
-            if not cfg.enabled:
-                return Sampled(rows, rollout, completions, scores, score, generation_s, {})
-            kept += int(group_success_band(score, rollout.prompt_index, cfg.low, cfg.high).keep.sum())
-            if dist.all_reduce_min(float(kept)) >= need or len(batches) >= cfg.max_batches:
-                break
+        per_batch = self.prompts.per_round
+        # The bar counts this rank's prompts; a dynamic-sampling round that needs another batch extends it.
+        with self.progress.phase(f"sampling round {self.steps // steps_per_round(self.cfg) + 1}: prompts",
+                                 per_batch) as bar:
+            while True:
+                start = time.perf_counter()
+                rows, rollout = self.prompts.sample(self.engine, self.params)
+                generation_s += time.perf_counter() - start
+                bar.advance(len(rows))
+                completions = completions_of(rollout, rows)
+                scores = self.rewards(completions)
+                score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
+                batches.append((rows, rollout, scores, score))
+                if not cfg.enabled:
+                    return Sampled(rows, rollout, completions, scores, score, generation_s, {})
+                kept += int(group_success_band(score, rollout.prompt_index, cfg.low, cfg.high).keep.sum())
+                if dist.all_reduce_min(float(kept)) >= need or len(batches) >= cfg.max_batches:
+                    break
+                bar.update(total=per_batch * (len(batches) + 1))
         rows = [row for batch in batches for row in batch[0]]
         rollout = concat_rollouts([batch[1] for batch in batches])
         scores, score = Scores.concat([batch[2] for batch in batches]), torch.cat([batch[3] for batch in batches])
@@ -680,27 +687,34 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     if cfg.adapter.method == "prefix":  # its virtual tokens do not fit a block-diagonal mask
         cfg = dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, padding_free=False))
     tokenizer, actor = load_tokenizer_and_model(cfg.model)
-    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS[stage], mask_dtype=actor.dtype)
+    progress = RunProgress.for_run(cfg.run)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS[stage], mask_dtype=actor.dtype,
+                            bars=progress.library_bars())
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward, uses_gold=cfg.loss.sft_coef > 0)
+    rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, actor.dtype, progress)
     task = resolve_task(cfg)
     rewards = rewards if rewards is not None else build_rewards(cfg.reward, task)
     hook = step_rewards(task, tokenizer)
     run_dir = prepare_run_dir(cfg.run, cfg, stage=stage)
+    # The held-out prompts are scored by the stage's reward functions (no missing-EOS penalty: the reward itself).
+    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(
+        tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)), cfg.sampling.max_new_tokens,
+        cfg.eval), run_dir.samples, progress)
 
     with forward_precision(cfg.train, actor):
-        before = heldout_accuracy(actor, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+        before = evaluation.run(actor, 0) if cfg.eval_before and evaluation else None
     reference = build_reference(cfg.kl.coef, cfg.adapter, actor)
     actor = apply_adapter(actor, cfg.adapter)
     reference = adapter_reference(reference, cfg.kl.coef, actor)
     model = build_model(actor)
     gold = GoldAnswers(tokenizer, cfg.data) if cfg.loss.sft_coef > 0 else None
     source = RLStepSource(cfg, prepared, make_engine(cfg.sampling.engine, actor, tokenizer), model, rewards,
-                          task=task, reference=reference, step_rewards=hook, gold=gold, samples=run_dir.samples)
+                          task=task, reference=reference, step_rewards=hook, gold=gold, samples=run_dir.samples,
+                          progress=progress)
     trainer = Trainer(stage=stage, cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model)
-    result = trainer.fit(source, rl_loss_fn(cfg, cfg.sampling.max_new_tokens),
-                         accuracy_evaluator(actor, tokenizer, cfg.data, cfg.eval, run_dir.samples),
-                         progress_keys=("reward", "kl", "accuracy", "eval_accuracy"))
+                      model=model, progress=progress)
+    result = trainer.fit(source, rl_loss_fn(cfg, cfg.sampling.max_new_tokens), evaluation.evaluator(actor),
+                         progress_keys=("reward", "kl", "accuracy", "eval_reward", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
@@ -711,6 +725,6 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
                **summary(source), "trainable_parameters": count_parameters(model, trainable_only=True),
                **result.totals(), "rounds": math.ceil(source.steps / steps_per_round(cfg)),  # the last may end early
                "sampling_batches": source.prompts.rounds, **{k: last[k] for k in keys if k in last},
-               **accuracy_summary(before, last, cfg.eval)}
+               **heldout.summary(before, last, cfg.eval, cfg.data, rows)}
     write_training_report(run_dir, title, summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)

@@ -34,6 +34,8 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
+from posttrain.eval.heldout import Evaluation
+from posttrain.eval.heldout import loss_part as heldout_loss_part
 from posttrain.eval.report import write_training_report
 from posttrain.eval.rewards import (
     RewardEvalConfig,
@@ -54,6 +56,7 @@ from posttrain.train.comparisons import (
     ordered_pair_accuracy,
 )
 from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
@@ -95,9 +98,12 @@ def main(cfg: RMConfig) -> RunResult:
                                pad_token_id=tokenizer.pad_token_id, dtype=cfg.model.dtype,
                                trust_remote_code=cfg.model.trust_remote_code)
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
-    prepared = prepare_data(cfg.data, tokenizer, accepts=accepts, mask_dtype=model.dtype)
+    progress = RunProgress.for_run(cfg.run)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=accepts, mask_dtype=model.dtype,
+                            bars=progress.library_bars())
     heldout_cfg = heldout_data_config(cfg.data, cfg.eval)
-    heldout = (prepare_data(heldout_cfg, tokenizer, accepts=(prepared.format,), mask_dtype=model.dtype)
+    heldout = (prepare_data(heldout_cfg, tokenizer, accepts=(prepared.format,), mask_dtype=model.dtype,
+                            heldout=heldout_cfg.eval_split > 0, bars=progress.library_bars())
                if heldout_cfg else None)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
 
@@ -107,13 +113,13 @@ def main(cfg: RMConfig) -> RunResult:
         freeze_backbone(model)
     model = apply_adapter(model, cfg.adapter, task_type="SEQ_CLS")
     trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model)
-    if cfg.kind == "process":
-        source, loss_fn = process_step_source(prepared, cfg.train, cfg.run.seed), process_loss_fn(cfg)
-    else:
-        source, loss_fn = comparison_step_source(prepared, cfg.train, cfg.run.seed), comparison_loss_fn(cfg)
-    evaluate = HeldoutEvaluator(model, heldout, cfg) if heldout is not None else None
-    keys = ("loss", "accuracy", "eval_accuracy", "eval_step_accuracy")
+                      model=model, progress=progress)
+    steps = process_step_source if cfg.kind == "process" else comparison_step_source
+    loss_fn = process_loss_fn(cfg) if cfg.kind == "process" else comparison_loss_fn(cfg)
+    source = steps(prepared, cfg.train, cfg.run.seed)
+    evaluate = (HeldoutEvaluator(model, heldout, cfg, steps(heldout, cfg.train, cfg.run.seed), loss_fn, progress)
+                if heldout is not None else None)
+    keys = ("loss", "accuracy", "eval_loss", "eval_accuracy", "eval_step_accuracy")
     result = trainer.fit(source, loss_fn, evaluate, progress_keys=keys)
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
@@ -194,14 +200,20 @@ def process_loss_fn(cfg: RMConfig):
 
 
 class HeldoutEvaluator:
-    """Held-out metrics at evaluation steps; keeps the last rewards for the distribution plot."""
+    """Held-out metrics at evaluation steps — the training loss (`loss_fn`, batched and normalised by `source`, the
+    step source over the held-out rows) and the accuracies — keeping the last rewards for the distribution plot."""
 
-    def __init__(self, model: torch.nn.Module, heldout: Prepared, cfg: RMConfig) -> None:
+    def __init__(self, model: torch.nn.Module, heldout: Prepared, cfg: RMConfig, source: ShuffledStepSource,
+                 loss_fn: Any, progress: RunProgress) -> None:
         self.model, self.heldout, self.cfg = model, heldout, cfg
+        self.parts = heldout_loss_part(heldout, source, loss_fn, cfg.train.micro_batch_size, keys=("loss",))
+        self.progress = progress
         self.rows: list[torch.Tensor] = []
 
     def __call__(self, step: int) -> dict[str, float]:
+        metrics = Evaluation(self.parts, None, self.progress).run(self.model, step)
         if self.cfg.kind == "process":
-            return process_metrics(self.model, self.heldout, self.cfg.eval.batch_size, self.cfg.process_target)
+            return metrics | process_metrics(self.model, self.heldout, self.cfg.eval.batch_size,
+                                             self.cfg.process_target)
         self.rows = comparison_scores(self.model, self.heldout, self.cfg.eval.batch_size)
-        return comparison_metrics(self.rows)
+        return metrics | comparison_metrics(self.rows)

@@ -21,13 +21,14 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
-from posttrain.eval.accuracy import EvalConfig, accuracy_evaluator, heldout_accuracy
+from posttrain.eval import heldout
+from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
-from posttrain.recipes.rl import accuracy_summary
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.forward import response_logprobs
+from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
@@ -42,7 +43,8 @@ class SFTConfig:
     optim: OptimConfig = section(lambda: OptimConfig(lr=1e-3, warmup_steps=20), "Optimizer and schedule.")
     train: TrainConfig = section(lambda: TrainConfig(max_steps=300, batch_size=64, micro_batch_size=64),
                                  "Loop length, batch size, checkpoints.")
-    eval: EvalConfig = section(EvalConfig, "Held-out exact-match evaluation.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation: the loss on held-out rows (eval.source or "
+                                           "data.eval_split), exact match on a built-in task.")
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
@@ -53,24 +55,30 @@ def main(cfg: SFTConfig) -> RunResult:
         raise ConfigError("SFT fine-tunes an existing model: set model.path (e.g. runs/pretrain/final, from "
                           "`posttrain pretrain`)", field="model.path")
     tokenizer, model = load_tokenizer_and_model(cfg.model)
-    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype)
+    progress = RunProgress.for_run(cfg.run)
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype,
+                            bars=progress.library_bars())
+    rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="sft")
+    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.loss_part(
+        rows, step_source(rows, cfg.train, cfg.run.seed) if rows else None, sft_loss_fn, cfg.train.micro_batch_size,
+        nll=True), run_dir.samples, progress)
 
     with forward_precision(cfg.train, model):
-        before = heldout_accuracy(model, tokenizer, cfg.data, cfg.eval) if cfg.eval_before else None
+        before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     model = apply_adapter(model, cfg.adapter)
     trainer = Trainer(stage="sft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model)
-    result = trainer.fit(step_source(prepared, cfg.train, cfg.run.seed), sft_loss_fn,
-                         accuracy_evaluator(model, tokenizer, cfg.data, cfg.eval, run_dir.samples),
-                         progress_keys=("loss", "eval_accuracy"))
+                      model=model, progress=progress)
+    result = trainer.fit(step_source(prepared, cfg.train, cfg.run.seed), sft_loss_fn, evaluation.evaluator(model),
+                         progress_keys=("loss", "eval_loss", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
     summary = {"trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
                "final_loss": result.last.get("loss"),
-               **accuracy_summary(before, result.last, cfg.eval), "data": prepared.tokenized.stats.as_dict()}
+               **heldout.summary(before, result.last, cfg.eval, cfg.data, rows),
+               "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"SFT on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
 

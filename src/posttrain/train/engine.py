@@ -38,7 +38,7 @@ from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from posttrain.train.metrics import MetricsWriter, truncate_metrics
 from posttrain.train.optim import build_optimizer, build_scheduler
-from posttrain.train.progress import TrainProgress, format_metrics
+from posttrain.train.progress import RunProgress, TrainProgress, format_metrics
 from posttrain.train.run_dir import RunDir, config_text
 from posttrain.train.signals import StopRequest
 from posttrain.train.trackers import Trackers
@@ -111,7 +111,8 @@ def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.
 
 class Trainer:
     def __init__(self, *, stage: str, cfg: Any, run: RunConfig, train: TrainConfig, optim: OptimConfig,
-                 run_dir: RunDir, model: torch.nn.Module, console: Console | None = None) -> None:
+                 run_dir: RunDir, model: torch.nn.Module, console: Console | None = None,
+                 progress: RunProgress | None = None) -> None:
         if train.batch_size % train.micro_batch_size:
             raise ConfigError(f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
                               f"{train.micro_batch_size}", field="train.micro_batch_size")
@@ -122,7 +123,9 @@ class Trainer:
         self.stage, self.cfg, self.run, self.train_cfg, self.optim_cfg = stage, cfg, run, train, optim
         self.run_dir = run_dir
         self.model = model
-        self.console = console or Console()
+        self.console = console or (progress.console if progress is not None else Console())
+        # The run's display, shared with the phases a step source or an evaluation runs inside the loop.
+        self.progress = progress or RunProgress(self.run.progress and self.dist.is_main, self.console)
         use_onednn_linears(model)  # a model built or loaded elsewhere trains on the faster GEMMs too
         self.device = next(model.parameters()).device
         self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
@@ -149,8 +152,7 @@ class Trainer:
                             to_dict(self.cfg))
         samples_from_policy = getattr(source, "samples_from_policy", False)
         with StopRequest() as stop, MetricsWriter(self.run_dir.metrics) if main else _NoMetrics() as metrics, \
-                TrainProgress(self.stage, self.train_cfg.max_steps, enabled=self.run.progress and main,
-                              console=self.console) as progress:
+                TrainProgress(self.stage, self.train_cfg.max_steps, display=self.progress) as progress:
             progress.update(self.step)
             if main:
                 self.console.print(f"{self.stage}: {self.precision} ({self.precision_reason})")

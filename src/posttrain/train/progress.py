@@ -1,34 +1,134 @@
-"""A rich progress bar showing step, the key metrics and throughput, with ETA."""
+"""The run's progress display: the training bar (step, key metrics, throughput, ETA) and a bar for every
+phase around it that takes time: data preparation, the reference pass, evaluation, sampling rounds.
+
+All of them are tasks of one `rich.progress.Progress`, because rich allows one live display at a time and
+the phases of a sampling round or an evaluation run inside the training bar's loop. A phase started while
+another bar is on screen is a second line under it, removed when the phase ends; a phase with nothing
+else on screen (the reference pass before training) leaves its final line ("reference logprobs 8000/8000
+0:02:03"), and on a console that is not a terminal (a log file) only those final lines are printed, as rich
+does for the training bar.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
+import datasets
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from posttrain.train.dist import is_main_process
 
 
-class TrainProgress:
-    """Context manager around `rich.progress.Progress` for one training run (silent when disabled)."""
+class Phase:
+    """One phase's bar: `advance(n)` as its work gets done (rows, problems, prompts)."""
 
-    def __init__(self, description: str, total: int, enabled: bool = True, console: Console | None = None) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
+        self._progress, self._task = progress, task
+
+    def advance(self, amount: float = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, amount)
+
+    def update(self, completed: float | None = None, total: float | None = None,
+               metrics: dict[str, Any] | None = None) -> None:
+        if self._progress is None:
+            return
+        fields = {"metrics": format_metrics(metrics)} if metrics else {}
+        self._progress.update(self._task, completed=completed, total=total, **fields)
+
+
+SILENT = Phase(None, None)
+
+
+class RunProgress:
+    """The bars of one run (silent when disabled: `run.progress=false`, or a rank other than 0)."""
+
+    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self._progress = Progress(
+        self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=console, disable=not enabled, transient=False)
-        self._task = self._progress.add_task(description, total=total, metrics="")
+        self._open: list[TaskID] = []
+
+    @classmethod
+    def for_run(cls, run: Any, console: Console | None = None) -> RunProgress:
+        """The display of a run's `run:` section; a recipe makes it before torchrun's process group exists, so
+        the rank comes from the environment too."""
+        main = is_main_process() and os.environ.get("RANK", "0") == "0"
+        return cls(enabled=bool(run.progress) and main, console=console)
+
+    @property
+    def console(self) -> Console:
+        return self.progress.console
+
+    @contextlib.contextmanager
+    def phase(self, description: str, total: float | None) -> Iterator[Phase]:
+        """A bar for the duration of the block (total None: no known end, a bar that pulses)."""
+        if not self.enabled:
+            yield SILENT
+            return
+        task = self.progress.add_task(description, total=total, metrics="")
+        if not self._open:
+            self.progress.start()
+        self._open.append(task)
+        try:
+            yield Phase(self.progress, task)
+        finally:
+            self._open.remove(task)
+            if not self._open:
+                self.progress.stop()  # renders its final state once: the phase's last line stays
+            self.progress.remove_task(task)
+
+    @contextlib.contextmanager
+    def library_bars(self) -> Iterator[None]:
+        """`datasets`' own bars (reading a file, `map` while tokenising) for the block, when this display shows
+        anything on a terminal: they count rows where a bar of ours could not see inside. Off otherwise (the
+        CLI turns them off so that logs stay clean), and put back as they were."""
+        if not (self.enabled and self.console.is_terminal) or self._open:
+            yield
+            return
+        disabled = not datasets.is_progress_bar_enabled()
+        datasets.enable_progress_bars()
+        try:
+            yield
+        finally:
+            if disabled:
+                datasets.disable_progress_bars()
+
+
+class TrainProgress:
+    """The training bar: a phase of `display` (or of a display of its own) for one training run."""
+
+    def __init__(self, description: str, total: int, enabled: bool = True, console: Console | None = None,
+                 display: RunProgress | None = None) -> None:
+        self.display = display if display is not None else RunProgress(enabled, console)
+        self._description, self._total = description, total
+        self._phase: contextlib.AbstractContextManager[Phase] | None = None
+        self._bar = SILENT
 
     def update(self, completed: int, metrics: dict[str, Any] | None = None) -> None:
-        fields = {"metrics": format_metrics(metrics)} if metrics else {}
-        self._progress.update(self._task, completed=completed, **fields)
+        self._bar.update(completed=completed, metrics=metrics)
 
     def __enter__(self) -> TrainProgress:
-        self._progress.start()
+        self._phase = self.display.phase(self._description, self._total)
+        self._bar = self._phase.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        self._phase.__exit__(*exc)
 
 
 SHORT_NAMES = {"tokens_per_s": "tok/s", "eval_loss": "eval"}

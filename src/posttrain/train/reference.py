@@ -24,6 +24,7 @@ from posttrain.rollout.recompute import PolicyForward
 from posttrain.train.comparisons import comparison_step_source, join_rows, split_rows
 from posttrain.train.engine import TrainConfig, forward_precision
 from posttrain.train.forward import per_sequence_sums, response_logprobs
+from posttrain.train.progress import RunProgress
 from posttrain.train.sources import ShuffledStepSource
 
 
@@ -84,18 +85,21 @@ class Reference:
 
 @torch.no_grad()
 def precompute_sequence_logprobs(reference: Reference, prepared: Prepared, batch_size: int,
-                                 average: bool = False) -> list[Tensor]:
+                                 average: bool = False, progress: RunProgress | None = None) -> list[Tensor]:
     """The reference's sequence logprobs of every row of `prepared`, in dataset order: one [N_i]
     tensor per row, in the row order of its collated batch (a pair: chosen then rejected; a ranking:
-    best first)."""
+    best first). `progress` shows the pass as the phase "reference logprobs"."""
     dataset, rows = prepared.dataset, []
+    display = progress or RunProgress(enabled=False)
     # The training batches' own layout (padding-free rows capped at data.padding_free_capacity by default):
     # the values are the same in any layout up to rounding, and the padding-free one computes no padding.
-    for start in range(0, len(dataset), batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = prepared.collator(samples)
-        values = reference.sequence_logprobs(batch, average)
-        rows += split_rows(values, batch)
+    with display.phase("reference logprobs", len(dataset)) as bar:
+        for start in range(0, len(dataset), batch_size):
+            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = prepared.collator(samples)
+            values = reference.sequence_logprobs(batch, average)
+            rows += split_rows(values, batch)
+            bar.advance(len(samples))
     return rows
 
 
@@ -121,8 +125,9 @@ def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int,
 
 
 def offline_comparisons(model: torch.nn.Module, prepared: Prepared, reference: ReferenceConfig, model_cfg: ModelConfig,
-                        adapter: AdapterConfig, train: TrainConfig, seed: int,
-                        average: bool = False) -> tuple[torch.nn.Module, ShuffledStepSource, Reference | None]:
+                        adapter: AdapterConfig, train: TrainConfig, seed: int, average: bool = False,
+                        progress: RunProgress | None = None) -> tuple[torch.nn.Module, ShuffledStepSource,
+                                                                      Reference | None]:
     """The policy (`adapter` applied to the starting `model`), the step source over the prepared rows, and the
     reference of the loss: None when its logprobs are precomputed and travel in the batches (`ref_logprobs`).
 
@@ -133,7 +138,8 @@ def offline_comparisons(model: torch.nn.Module, prepared: Prepared, reference: R
     frozen = load_reference(reference, model_cfg)
     if reference.precompute:
         with forward_precision(train, model):
-            cached = precompute_sequence_logprobs(frozen or Reference(model), prepared, reference.batch_size, average)
+            cached = precompute_sequence_logprobs(frozen or Reference(model), prepared, reference.batch_size, average,
+                                                  progress)
         return apply_adapter(model, adapter), cached_step_source(prepared, train, seed, cached), None
     if frozen is None and adapter.method == "none":
         frozen = Reference.frozen_copy(model)

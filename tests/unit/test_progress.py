@@ -1,0 +1,48 @@
+"""The run's progress display: phases nest under one rich display, show while they run, and a phase with nothing
+else on screen leaves its final line — the only lines a console that is not a terminal gets."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from posttrain.train.progress import RunProgress
+
+
+def run_phases(display: RunProgress, out: io.StringIO) -> str:
+    """A reference pass, then training with an evaluation inside it; the console's text while the evaluation
+    is half done."""
+    with display.phase("reference logprobs", 8) as bar:
+        bar.advance(5)
+        bar.advance(3)
+    with display.phase("training", 2) as training:
+        with display.phase("evaluating arith", 4) as inner:
+            inner.advance(2)
+            display.progress.refresh()
+            during = out.getvalue()
+            inner.advance(2)
+        training.update(completed=2)
+    return during
+
+
+def test_a_terminal_shows_a_nested_phase_while_it_runs():
+    out = io.StringIO()
+    during = run_phases(RunProgress(console=Console(file=out, force_terminal=True, width=120)), out)
+    assert "evaluating arith" in during and "2/4" in during and "training" in during
+    assert "reference logprobs" in out.getvalue() and "8/8" in out.getvalue()
+
+
+def test_a_log_gets_the_final_line_of_each_top_level_phase_only():
+    out = io.StringIO()
+    run_phases(RunProgress(console=Console(file=out, force_terminal=False, width=120)), out)
+    lines = [line for line in out.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 2
+    assert lines[0].startswith("reference logprobs") and "8/8" in lines[0]
+    assert lines[1].startswith("training") and "2/2" in lines[1]
+
+
+def test_a_disabled_display_prints_nothing():
+    out = io.StringIO()
+    run_phases(RunProgress(enabled=False, console=Console(file=out)), out)
+    assert out.getvalue() == ""
