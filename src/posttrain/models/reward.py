@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from posttrain.algos import last_token_index
+from posttrain.models.attention import attention_inputs
 from posttrain.models.io import check_model_dir, resolve_dtype
 from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import upcast
@@ -98,8 +99,7 @@ def freeze_backbone(model: nn.Module) -> None:
 def _hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:
     """The trunk's last hidden states [B, T, H] for `batch`, and the head that scores them."""
     trunk, head = trunk_and_head(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return trunk(**inputs, use_cache=False).last_hidden_state, head
+    return trunk(**attention_inputs(trunk, batch), use_cache=False).last_hidden_state, head
 
 
 def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:

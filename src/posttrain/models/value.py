@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from posttrain.models.attention import attention_inputs
 from posttrain.models.heads import output_head_at
 from posttrain.models.precision import upcast
 from posttrain.models.reward import build_reward_model, load_reward_model, trunk_and_head
@@ -75,7 +76,8 @@ class ActorCritic(nn.Module):
         (a padding-free batch) logits [1, N, V] and values [1, N] of the N positions (rows[k], cols[k]): the
         value at a position is that of the prefix ending there (the state from which the next token is
         drawn). None for the values of a critic-free module."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs = attention_inputs(self.actor, batch)  # a 4-D mask gets the model's sliding window
         if isinstance(keep, tuple):
             def kept(hidden: Tensor) -> Tensor:
                 return hidden[keep][None]
@@ -93,7 +95,7 @@ class ActorCritic(nn.Module):
             values = self.value_head(kept(out.hidden_states[-1])).squeeze(-1)
         else:
             trunk, head = trunk_and_head(self.critic)
-            values = head(kept(trunk(**inputs, use_cache=False).last_hidden_state)).squeeze(-1)
+            values = head(kept(trunk(**attention_inputs(trunk, batch), use_cache=False).last_hidden_state)).squeeze(-1)
         return out.logits, upcast(values)  # values feed GAE and the value loss: fp32 under autocast
 
     def _unique_tensors(self) -> tuple[dict[str, Tensor], list[str]]:
