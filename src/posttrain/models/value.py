@@ -27,14 +27,16 @@ CRITIC_INITS = ("policy", "reward_model")
 
 
 def build_value_model(path: str | Path, init: str, *, trust_remote_code: bool = False,
-                      dtype: str = "auto") -> nn.Module:
+                      dtype: str = "auto", disable_dropout: bool = False) -> nn.Module:
     """A separate critic: the reward model at `path` (init="reward_model"), or the trunk of the causal LM
-    at `path` with a zero-initialised linear head (init="policy")."""
+    at `path` with a zero-initialised linear head (init="policy"); `disable_dropout`: every dropout off, so
+    that the values a round records are those its first update computes."""
     if init == "reward_model":
-        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code).train()
+        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 disable_dropout=disable_dropout).train()
     if init != "policy":
         raise ValueError(f"unknown critic init {init!r}; allowed: {', '.join(CRITIC_INITS)}")
-    model = build_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = build_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code, disable_dropout=disable_dropout)
     _, head = trunk_and_head(model)
     with torch.no_grad():
         for parameter in head.parameters():
