@@ -1,6 +1,11 @@
-"""Dropout through the recipes, on a tiny GPT-2 whose every dropout is 0.1: by default GRPO's first update has a
-ratio of exactly 1 and sampler and trainer agree, and DPO's step-1 implicit rewards are 0 (the policy is its
-reference); with `model.disable_dropout=false` the model's dropout stays, and none of that holds."""
+"""Recipes on models other than Llama.
+
+Dropout, on a tiny GPT-2 whose every dropout is 0.1: by default GRPO's first update has a ratio of exactly 1
+and sampler and trainer agree, and DPO's step-1 implicit rewards are 0 (the policy is its reference); with
+`model.disable_dropout=false` the model's dropout stays, and none of that holds.
+
+Sliding windows, on a tiny Mistral with a window of 4: GRPO's padding-free forward (the default) gives the
+sampler's logprobs, as the padded one does."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import zlib
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 from posttrain.config import load_config
 from posttrain.models import save_pretrained
@@ -69,3 +74,23 @@ def test_dpo_implicit_rewards_start_at_zero(gpt2_dir, tmp_path, disable):
         assert_close(rewards, torch.zeros(2))
     else:
         assert rewards.abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=4, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("mistral") / "mistral"))
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_grpo_on_a_windowed_model_agrees_with_the_sampler(mistral_dir, tmp_path, padding_free):
+    cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
+        f"model.path={mistral_dir}", f"run.out_dir={tmp_path}", *FAST, f"update.padding_free={padding_free}",
+        "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+        "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}"])
+    first = read_metrics(grpo_main(cfg).run_dir / "metrics.jsonl")[0]
+    assert first["logprob_mismatch"] < 1e-5
