@@ -2,9 +2,8 @@
 
 PPO's and GRPO's first update must see a ratio of exactly 1 (the policy in train mode is the policy that
 sampled), DPO's implicit rewards start at exactly 0 (the policy is its reference), and the sampler's and
-the trainer's logprobs must agree: all false while dropout draws a fresh mask in every training forward
-(a GPT-2-style 0.1 moves each token's logprob by a few hundredths). TRL and OpenRLHF turn it off for the
-same reason.
+the trainer's logprobs must agree: all false while dropout draws a fresh mask in every training forward.
+TRL and OpenRLHF turn it off for the same reason.
 
 Dropout lives in three places in transformers models, and all three are set to 0:
 - `nn.Dropout` modules (GPT-2's embd/resid/attn dropout, Phi's resid and embed dropout);
