@@ -76,6 +76,9 @@ class ModelConfig:
     trust_remote_code: bool = param(False, "Allow model code shipped with `path` to run (off: safe default).")
     dtype: str = param("auto", "Parameter dtype; auto = fp32 on CPU, bf16 on GPU.",
                        choices=("auto", "float32", "bfloat16", "float16"))
+    disable_dropout: bool = param(True, "Turn every dropout of the loaded model (and of a reward model or critic "
+                                        "built from it) off, so that logprobs, rewards and values compared "
+                                        "across forwards agree; false: keep the model's own dropout.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,17 +1,30 @@
-"""Parameter-efficient fine-tuning through peft: LoRA and prefix-tuning, merged or not on save."""
+"""Parameter-efficient fine-tuning through peft: LoRA and prefix-tuning, merged or not on save.
+
+LoRA's targets default to peft's `all-linear`: every linear (and GPT-2-style Conv1D) layer but the output
+head, whatever the architecture calls them (Llama's q_proj..down_proj, GPT-2's c_attn/c_proj/c_fc, Phi's
+q/k/v_proj, dense, fc1, fc2). Named targets are checked against the model before peft sees them: a name
+that matches no layer is an error naming the layers there are, not a peft traceback, and not a silently
+smaller adapter (Llama's names on a Phi model would adapt q/k/v alone).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from posttrain.config import param
+from posttrain.errors import ConfigError
 from posttrain.models.io import save_pretrained
 
-LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"  # peft's keyword for every linear/Conv1D layer but the output head
+# The layer kinds peft's LoRA adapts (a name matching only a block, e.g. "mlp", is not a target).
+LORA_LAYERS = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,11 +33,53 @@ class AdapterConfig:
     r: int = param(16, "LoRA rank.", ge=1)
     alpha: float = param(32.0, "LoRA alpha (updates are scaled by alpha / r).", gt=0)
     dropout: float = param(0.0, "LoRA dropout.", ge=0, lt=1)
-    target_modules: list[str] = param(LLAMA_LINEAR_MODULES, "Module names LoRA adapts (all linear layers of a "
-                                                            "Llama block by default).")
+    target_modules: list[str] = param([ALL_LINEAR], "Layers LoRA adapts: all-linear (every linear/Conv1D layer "
+                                                    "but the output head, any architecture), layer names (q_proj, "
+                                                    "c_attn...), or [] for peft's per-architecture default.")
     num_virtual_tokens: int = param(16, "Prefix length for prefix-tuning.", ge=1)
     merge_on_save: bool = param(True, "Save LoRA merged into the base weights (a plain HF model); off: save "
                                       "the adapter alone.")
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """The distinct names (last dotted part) of the model's linear and Conv1D layers, output head excluded."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head]
+    return list(dict.fromkeys(names))
+
+
+def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> str | list[str]:
+    """`LoraConfig.target_modules` for the configured `names`: peft's `all-linear`, peft's default for the
+    model's architecture ([]), or the names, each checked to match a layer LoRA can adapt (peft's rule: the
+    module's dotted name is the target or ends with "." + target)."""
+    field = "adapter.target_modules"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = f"its linear layers: {', '.join(linear_layer_names(model))} (or all-linear for all of them)"
+    names = list(names)
+    if names == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if ALL_LINEAR in names:
+        raise ConfigError(f"{ALL_LINEAR} stands alone (it means every linear layer), got {names}", field=field)
+    keys = [key for key, module in model.named_modules() if isinstance(module, LORA_LAYERS)]
+    if not names:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if default is None:
+            raise ConfigError(f"peft has no default LoRA targets for {model_type} models: name them; {layers}",
+                              field=field)
+        if isinstance(default, str):  # a regular expression over the whole dotted name
+            if not any(re.fullmatch(default, key) for key in keys):
+                raise ConfigError(f"peft's default {default!r} matches no layer of this model; {layers}", field=field)
+            return default
+        names = list(default)
+    missing = [name for name in names if not any(key == name or key.endswith(f".{name}") for key in keys)]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} {'matches' if len(missing) == 1 else 'match'} no layer of this "
+                          f"{model_type} model; {layers}", field=field)
+    return names
 
 
 def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
@@ -39,8 +94,8 @@ def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "
 
     task = TaskType[task_type]
     if cfg.method == "lora":
-        peft_config = LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha,
-                                 lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
+        peft_config = LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                 target_modules=lora_targets(model, cfg.target_modules))
     else:
         peft_config = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     return get_peft_model(model, peft_config)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError
+from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.onednn import use_onednn_linears
 
 if TYPE_CHECKING:
@@ -40,19 +41,24 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
 
 
 def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
-                   device: torch.device | str = "cpu") -> PreTrainedModel:
+                   device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
+    """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`)."""
     directory = check_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
         dtype=resolve_dtype(dtype, device))
     use_onednn_linears(model)
+    if disable_dropout:
+        drop_dropout(model)
     return model.to(device)
 
 
 def load_tokenizer_and_model(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The tokenizer and causal LM a recipe's `model:` section names (its path, trust_remote_code and dtype)."""
+    """The tokenizer and causal LM a recipe's `model:` section names (its path, trust_remote_code, dtype and
+    disable_dropout)."""
     tokenizer = load_tokenizer(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    return tokenizer, load_causal_lm(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    return tokenizer, load_causal_lm(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
+                                     disable_dropout=cfg.disable_dropout)
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:

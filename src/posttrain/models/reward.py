@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from posttrain.algos import last_token_index
+from posttrain.models.attention import attention_inputs
+from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.io import check_model_dir, resolve_dtype
 from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import upcast
@@ -41,11 +43,12 @@ class MLPHead(nn.Sequential):
 
 def build_reward_model(path: str | Path, *, head: str = "linear", head_width: int = 0, pad_token_id: int | None = None,
                        dtype: str = "auto", trust_remote_code: bool = False,
-                       device: torch.device | str = "cpu") -> PreTrainedModel:
+                       device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
     """A new reward model: the trunk of the causal LM at `path`, a freshly initialised scalar head.
 
     `head_width` is the MLP head's hidden width (0: the trunk's hidden size). `pad_token_id` is
-    written to the config so that transformers' own forward can batch too.
+    written to the config so that transformers' own forward can batch too. `disable_dropout`: every
+    dropout off (`models.dropout`), the classifier's included.
     """
     if head not in REWARD_HEADS:
         raise ValueError(f"unknown reward head {head!r}; allowed: {', '.join(REWARD_HEADS)}")
@@ -61,12 +64,15 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         model.score = MLPHead(hidden, width).to(dtype=model.dtype)
         model.config.reward_head, model.config.reward_head_width = "mlp", width
     use_onednn_linears(model)
+    if disable_dropout:
+        drop_dropout(model)
     return model.to(device)
 
 
 def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False,
-                      device: torch.device | str = "cpu") -> PreTrainedModel:
-    """A saved reward model (either head), ready to score."""
+                      device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
+    """A saved reward model (either head), ready to score (in eval mode); `disable_dropout` as
+    `build_reward_model`'s, for one that trains on (a critic)."""
     directory = check_model_dir(path)
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -78,6 +84,8 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
                 for k, v in load_file(str(file)).items() if k.startswith("score.")}
         model.score.load_state_dict(head)
     use_onednn_linears(model)
+    if disable_dropout:
+        drop_dropout(model)
     return model.to(device).eval()
 
 
@@ -98,8 +106,7 @@ def freeze_backbone(model: nn.Module) -> None:
 def _hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:
     """The trunk's last hidden states [B, T, H] for `batch`, and the head that scores them."""
     trunk, head = trunk_and_head(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return trunk(**inputs, use_cache=False).last_hidden_state, head
+    return trunk(**attention_inputs(trunk, batch), use_cache=False).last_hidden_state, head
 
 
 def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from posttrain.models.attention import attention_inputs
 from posttrain.models.heads import output_head_at
 from posttrain.models.precision import upcast
 from posttrain.models.reward import build_reward_model, load_reward_model, trunk_and_head
@@ -26,14 +27,16 @@ CRITIC_INITS = ("policy", "reward_model")
 
 
 def build_value_model(path: str | Path, init: str, *, trust_remote_code: bool = False,
-                      dtype: str = "auto") -> nn.Module:
+                      dtype: str = "auto", disable_dropout: bool = False) -> nn.Module:
     """A separate critic: the reward model at `path` (init="reward_model"), or the trunk of the causal LM
-    at `path` with a zero-initialised linear head (init="policy")."""
+    at `path` with a zero-initialised linear head (init="policy"); `disable_dropout`: every dropout off, so
+    that the values a round records are those its first update computes."""
     if init == "reward_model":
-        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code).train()
+        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 disable_dropout=disable_dropout).train()
     if init != "policy":
         raise ValueError(f"unknown critic init {init!r}; allowed: {', '.join(CRITIC_INITS)}")
-    model = build_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = build_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code, disable_dropout=disable_dropout)
     _, head = trunk_and_head(model)
     with torch.no_grad():
         for parameter in head.parameters():
@@ -75,7 +78,8 @@ class ActorCritic(nn.Module):
         (a padding-free batch) logits [1, N, V] and values [1, N] of the N positions (rows[k], cols[k]): the
         value at a position is that of the prefix ending there (the state from which the next token is
         drawn). None for the values of a critic-free module."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs = attention_inputs(self.actor, batch)  # a 4-D mask gets the model's sliding window
         if isinstance(keep, tuple):
             def kept(hidden: Tensor) -> Tensor:
                 return hidden[keep][None]
@@ -93,7 +97,7 @@ class ActorCritic(nn.Module):
             values = self.value_head(kept(out.hidden_states[-1])).squeeze(-1)
         else:
             trunk, head = trunk_and_head(self.critic)
-            values = head(kept(trunk(**inputs, use_cache=False).last_hidden_state)).squeeze(-1)
+            values = head(kept(trunk(**attention_inputs(trunk, batch), use_cache=False).last_hidden_state)).squeeze(-1)
         return out.logits, upcast(values)  # values feed GAE and the value loss: fp32 under autocast
 
     def _unique_tensors(self) -> tuple[dict[str, Tensor], list[str]]:

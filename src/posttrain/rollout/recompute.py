@@ -24,6 +24,7 @@ from torch import Tensor
 
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
 from posttrain.data.collate import block_causal_mask, capped_rows
+from posttrain.models.attention import layer_attention_mask
 from posttrain.models.heads import floating_dtype, output_head_at
 from posttrain.rollout.base import Rollout
 
@@ -206,7 +207,8 @@ def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
     """
     packed = pack_rollout(rollout, capacity, mask_dtype=floating_dtype(model), share_prompts=share_prompts)
     with output_head_at(model, *packed.sources):
-        logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+        mask = layer_attention_mask(model, packed.attention_mask, packed.position_ids)  # the model's sliding window
+        logits = model(input_ids=packed.input_ids, attention_mask=mask,
                        position_ids=packed.position_ids, use_cache=False).logits  # [1, N, V]
     return packed_completion_logprobs(logits, rollout, packed, temperature, entropy)
 

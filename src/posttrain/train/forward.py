@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import token_logprobs
+from posttrain.models.attention import attention_inputs
 
 IGNORE_INDEX = -100
 
@@ -21,12 +22,11 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], temperature
     memory and a share of the compute in prompt-heavy batches.
 
     Batches are those of `posttrain.data.collate` (padded 2-D or packed 4-D attention masks, with
-    position_ids restarting per sample).
+    position_ids restarting per sample; a 4-D mask gets the model's sliding window, `attention_inputs`).
     """
     targets_mask = batch["response_mask"][:, 1:].bool()
     keep = predicting_positions(batch)
-    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits  # [B, K, V]
+    logits = model(**attention_inputs(model, batch), logits_to_keep=keep, use_cache=False).logits  # [B, K, V]
     targets = batch["input_ids"][:, keep + 1]
     mask = targets_mask[:, keep]
     logprobs = token_logprobs(logits, targets.masked_fill(~mask, IGNORE_INDEX), temperature=temperature)

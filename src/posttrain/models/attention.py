@@ -1,0 +1,90 @@
+"""The attention mask a padding-free or packed forward gives a model, sliding windows included.
+
+A padded forward hands transformers a 2-D mask, and transformers builds each layer's mask from it,
+cutting a sliding window into the layers that have one (Mistral, Qwen2 with use_sliding_window,
+every other layer of Gemma2). A padding-free or packed forward hands it a 4-D block-causal mask
+(`posttrain.data.collate.block_causal_mask`, `posttrain.rollout.recompute.pack_rollout`), and
+transformers uses a 4-D mask as it is, in every layer: the window is silently dropped, and a
+windowed model's logprobs are off wherever a sample is longer than its window.
+
+`layer_attention_mask` cuts the window in itself. transformers' rule is that query q sees key k iff
+q - k < window, counted in the padded row's columns; a sample's tokens are consecutive columns of
+its padded row, so the same rule counted in `position_ids` (which restart at every sample and, with
+shared prompts, continue from the prompt into each completion) hides exactly the same keys. Models
+whose layers differ (`config.layer_types`: Gemma2/3, Qwen2/3 with max_window_layers) take one mask
+per layer type, a dict their forward uses as given; models without layer types that have a window
+(Mistral, Mixtral, Phi-3, Starcoder2) apply it in every layer, and get the windowed mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.errors import ConfigError
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def sliding_window(config: Any) -> int | None:
+    """The window of `config`'s windowed layers, or None when no layer has one."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def windowed(attention_mask: Tensor, position_ids: Tensor, window: int) -> Tensor:
+    """`attention_mask` [R, 1, T, T] (additive, or boolean with True = attend) with every key `window` or
+    more positions before its query hidden as well."""
+    distance = position_ids[:, :, None] - position_ids[:, None, :]  # [R, T (query), T (key)]
+    outside = (distance >= window)[:, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & ~outside
+    return attention_mask.masked_fill(outside, torch.finfo(attention_mask.dtype).min)
+
+
+def layer_attention_mask(model: torch.nn.Module, attention_mask: Tensor | None,
+                         position_ids: Tensor | None) -> Tensor | dict[str, Tensor] | None:
+    """What `model` (a causal LM, a peft wrapper, a reward model's trunk) should get as `attention_mask`.
+
+    A 2-D mask or None is returned as it is (transformers builds the layers' masks). A 4-D mask of a
+    model without a sliding window is returned as it is; with one, the mask with the window cut in
+    (`windowed`), or for models with per-layer types a dict {layer type: mask}. A model with layer types
+    other than full and sliding attention (chunked, linear...) cannot be given an exact 4-D mask: a
+    ConfigError.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return attention_mask
+    config = _text_config(model)
+    layer_types = getattr(config, "layer_types", None)
+    unknown = sorted(set(layer_types or ()) - set(LAYER_TYPES))
+    if unknown:
+        raise ConfigError(f"padding-free and packed batches need full or sliding-window attention in every "
+                          f"layer; this {config.model_type} model has {', '.join(unknown)} layers: use padded "
+                          f"batches (data.batch_mode=padded, update.padding_free=false)")
+    window = sliding_window(config)
+    if window is None:
+        return attention_mask
+    if position_ids is None:
+        raise ValueError("a sliding-window mask for a 4-D attention mask needs the batch's position_ids")
+    cut = windowed(attention_mask, position_ids, window)
+    return cut if layer_types is None else {"full_attention": attention_mask, "sliding_attention": cut}
+
+
+def attention_inputs(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The input_ids, attention_mask and position_ids of `batch` (those it has), as `model` should get
+    them (`layer_attention_mask`)."""
+    inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = layer_attention_mask(model, inputs["attention_mask"], inputs.get("position_ids"))
+    return inputs

@@ -1,0 +1,96 @@
+"""Recipes on models other than Llama.
+
+Dropout, on a tiny GPT-2 whose every dropout is 0.1: by default GRPO's first update has a ratio of exactly 1
+and sampler and trainer agree, and DPO's step-1 implicit rewards are 0 (the policy is its reference); with
+`model.disable_dropout=false` the model's dropout stays, and none of that holds.
+
+Sliding windows, on a tiny Mistral with a window of 4: GRPO's padding-free forward (the default) gives the
+sampler's logprobs, as the padded one does."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+from posttrain.config import load_config
+from posttrain.models import save_pretrained
+from posttrain.recipes import find_recipe
+from posttrain.recipes.dpo import DPOConfig
+from posttrain.recipes.dpo import main as dpo_main
+from posttrain.recipes.grpo import GRPOConfig
+from posttrain.recipes.grpo import main as grpo_main
+from posttrain.rewards.functions import register_reward_function
+from posttrain.train.metrics import read_metrics
+
+FAST = ["run.progress=false", "train.save_every=0", "eval.problems=2", "eval.samples=1", "eval.max_new_tokens=4",
+        "eval_before=false", "train.max_steps=1", "data.size=8"]
+
+# A reward of the completion text alone, different for nearly every completion: no group has equal rewards.
+register_reward_function("test_dropout_text_hash")(
+    lambda batch: [float(zlib.crc32(t.encode()) % 97) for t in batch.completions])
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                       resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id))
+    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("gpt2") / "gpt2"))
+
+
+@pytest.mark.parametrize("disable", [True, False])
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_grpo_starts_at_ratio_one_with_sampler_and_trainer_agreeing(gpt2_dir, tmp_path, disable, epochs):
+    """One epoch: the update's own (train-mode) forward is pi_old, and is compared with the sampler's logprobs.
+    Two: pi_old is an eval-mode pass of its own, and the first update's ratio compares it with the train-mode one."""
+    cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
+        f"model.path={gpt2_dir}", f"run.out_dir={tmp_path}", *FAST, f"model.disable_dropout={disable}",
+        "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+        "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}", f"update.epochs={epochs}"])
+    first = read_metrics(grpo_main(cfg).run_dir / "metrics.jsonl")[0]
+    if disable:
+        assert first["ratio"] == 1.0 and first["approx_kl"] == 0.0 and first["logprob_mismatch"] < 1e-5
+    elif epochs == 1:
+        assert first["logprob_mismatch"] > 1e-3
+    else:
+        assert first["ratio"] != 1.0 and first["approx_kl"] > 0
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dpo_implicit_rewards_start_at_zero(gpt2_dir, tmp_path, disable):
+    cfg = load_config(DPOConfig, find_recipe("dpo").path, [
+        f"model.path={gpt2_dir}", f"run.out_dir={tmp_path}", *FAST, f"model.disable_dropout={disable}",
+        "train.batch_size=4", "train.micro_batch_size=4", "loss.sft_weight=0"])
+    first = read_metrics(dpo_main(cfg).run_dir / "metrics.jsonl")[0]
+    rewards = torch.tensor([first["chosen_reward"], first["rejected_reward"]])
+    if disable:
+        # The cached reference logprobs come from another batch layout: equal up to float rounding.
+        assert_close(rewards, torch.zeros(2))
+    else:
+        assert rewards.abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=4, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("mistral") / "mistral"))
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_grpo_on_a_windowed_model_agrees_with_the_sampler(mistral_dir, tmp_path, padding_free):
+    cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
+        f"model.path={mistral_dir}", f"run.out_dir={tmp_path}", *FAST, f"update.padding_free={padding_free}",
+        "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+        "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}"])
+    first = read_metrics(grpo_main(cfg).run_dir / "metrics.jsonl")[0]
+    assert first["logprob_mismatch"] < 1e-5

@@ -1,0 +1,162 @@
+"""Models other than Llama: dropout is off where models are loaded (modules, attributes read in forward, and
+the config) unless `model.disable_dropout=false`, for policies, reward models and critics; LoRA's default
+targets every linear layer of GPT-2 (Conv1D), Phi and Llama, peft's per-architecture default is one setting
+away, and a target that matches no layer is a ConfigError naming the layers there are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PhiConfig
+
+from posttrain.config import ModelConfig, load_config
+from posttrain.data.collate import collate_padded
+from posttrain.errors import ConfigError
+from posttrain.models import load_tokenizer_and_model, save_pretrained
+from posttrain.models.adapters import AdapterConfig, apply_adapter
+from posttrain.models.dropout import disable_dropout
+from posttrain.models.reward import build_reward_model, sequence_scores
+from posttrain.models.value import build_value_model
+from posttrain.recipes.sft import SFTConfig
+
+VOCAB = 97
+
+
+def tiny_config(kind: str, vocab: int = VOCAB, dropout: float = 0.1):
+    """GPT-2 (nn.Dropout modules, Conv1D layers), Phi (modules and the attention's float attribute) and Llama
+    (the attention's float attribute alone): every dropout at `dropout`."""
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=dropout,
+                          embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=512, attention_dropout=dropout, pad_token_id=0)
+    if kind == "phi":
+        return PhiConfig(resid_pdrop=dropout, embd_pdrop=dropout, **common)
+    return LlamaConfig(**common)
+
+
+def tiny_lm(kind: str, vocab: int = VOCAB, dropout: float = 0.1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(kind, vocab, dropout))
+
+
+IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def train_mode_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.train()(input_ids=IDS).logits
+
+
+def eval_mode_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi", "llama"])
+def test_disable_dropout_makes_a_train_mode_forward_the_eval_mode_one(kind):
+    model = tiny_lm(kind)
+    assert not torch.equal(train_mode_logits(model), train_mode_logits(model))  # dropout is on
+    disable_dropout(model)
+    assert torch.equal(train_mode_logits(model), eval_mode_logits(model))
+    # The config too (some models read it in forward), so a saved model records what it trained with.
+    rates = {k: v for k, v in vars(model.config).items() if "drop" in k and isinstance(v, float)}
+    assert rates and set(rates.values()) == {0.0}
+
+
+@pytest.fixture()
+def gpt2_dir(tokenizer, tmp_path):
+    """A tiny GPT-2 with dropout 0.1, saved with the project's tokenizer."""
+    model = tiny_lm("gpt2", vocab=len(tokenizer))
+    model.config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "pad_token_id": tokenizer.pad_token_id})
+    return str(save_pretrained(model, tokenizer, tmp_path / "gpt2"))
+
+
+def test_the_model_section_turns_dropout_off_unless_told_to_keep_it(gpt2_dir):
+    _, model = load_tokenizer_and_model(ModelConfig(path=gpt2_dir))
+    assert torch.equal(train_mode_logits(model), eval_mode_logits(model))
+    _, kept = load_tokenizer_and_model(ModelConfig(path=gpt2_dir, disable_dropout=False))
+    assert not torch.equal(train_mode_logits(kept), train_mode_logits(kept))
+    assert kept.config.resid_pdrop == 0.1
+
+
+def test_reward_models_and_critics_are_built_without_dropout_unless_told_to_keep_it(gpt2_dir, tokenizer):
+    batch = collate_padded([{"input_ids": ids.tolist(), "response_mask": [1] * len(ids)} for ids in IDS],
+                           tokenizer.pad_token_id)
+
+    def scores(model, train: bool) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_scores(model.train(train), batch)
+
+    reward_model = build_reward_model(gpt2_dir, pad_token_id=tokenizer.pad_token_id, disable_dropout=True)
+    critic = build_value_model(gpt2_dir, "policy", disable_dropout=True)
+    torch.nn.init.normal_(critic.score.weight)  # a zero head scores 0 with or without dropout
+    for model in (reward_model, critic):
+        assert torch.equal(scores(model, train=True), scores(model, train=False))
+    kept = build_reward_model(gpt2_dir, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.equal(scores(kept, train=True), scores(kept, train=True))
+
+
+def adapted(model, targets: list[str]) -> set[str]:
+    """The dotted names (under the peft wrapper) of the layers LoRA adapts with `targets`."""
+    peft_model = apply_adapter(model, AdapterConfig(method="lora", r=2, target_modules=targets))
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix) for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def per_layer(pattern: str, names: list[str]) -> set[str]:
+    return {pattern.format(i=i, name=name) for i in range(2) for name in names}
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("gpt2", per_layer("transformer.h.{i}.{name}", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])),
+    ("phi", per_layer("model.layers.{i}.{name}", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.dense", "mlp.fc1", "mlp.fc2"])),
+    ("llama", per_layer("model.layers.{i}.{name}", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                     "mlp.down_proj"])),
+])
+def test_lora_adapts_every_linear_layer_but_the_output_head_by_default(kind, expected):
+    assert AdapterConfig().target_modules == ["all-linear"]
+    assert adapted(tiny_lm(kind), ["all-linear"]) == expected
+    assert adapted(tiny_lm(kind), AdapterConfig().target_modules) == expected
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("gpt2", per_layer("transformer.h.{i}.{name}", ["attn.c_attn"])),
+    ("phi", per_layer("model.layers.{i}.{name}", ["self_attn.q_proj", "self_attn.v_proj", "mlp.fc1", "mlp.fc2"])),
+    ("llama", per_layer("model.layers.{i}.{name}", ["self_attn.q_proj", "self_attn.v_proj"])),
+])
+def test_an_empty_target_list_takes_peft_s_default_for_the_architecture(kind, expected):
+    assert adapted(tiny_lm(kind), []) == expected
+
+
+def test_named_targets_adapt_those_layers():
+    assert adapted(tiny_lm("gpt2"), ["c_fc"]) == {f"transformer.h.{i}.mlp.c_fc" for i in range(2)}
+
+
+LLAMA_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(("kind", "targets", "message"), [
+    # GPT-2 has none of Llama's names (peft alone fails with a traceback).
+    ("gpt2", LLAMA_NAMES, "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj match no layer of this "
+                          "gpt2 model; its linear layers: c_attn, c_proj, c_fc"),
+    # Phi has three of them: peft alone would silently adapt q/k/v only.
+    ("phi", LLAMA_NAMES, "o_proj, gate_proj, up_proj, down_proj match no layer of this phi model; its linear "
+                         "layers: q_proj, k_proj, v_proj, dense, fc1, fc2"),
+    ("llama", ["q_proj", "qproj"], "qproj matches no layer of this llama model"),
+    ("llama", ["mlp"], "mlp matches no layer"),  # a block, not a layer LoRA can adapt
+    ("llama", ["all-linear", "q_proj"], "all-linear stands alone"),
+])
+def test_targets_that_match_no_layer_are_a_config_error_naming_the_layers_there_are(kind, targets, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        adapted(tiny_lm(kind), targets)
+    assert caught.value.field == "adapter.target_modules"
+
+
+def test_all_linear_is_accepted_as_an_override():
+    cfg = load_config(SFTConfig, None, ["adapter.method=lora", "adapter.target_modules=all-linear"])
+    assert cfg.adapter.target_modules == ["all-linear"]
