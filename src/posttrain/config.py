@@ -76,9 +76,16 @@ class ModelConfig:
     trust_remote_code: bool = param(False, "Allow model code shipped with `path` to run (off: safe default).")
     dtype: str = param("auto", "Parameter dtype; auto = fp32 on CPU, bf16 on GPU.",
                        choices=("auto", "float32", "bfloat16", "float16"))
-    disable_dropout: bool = param(True, "Turn every dropout of the loaded model (and of a reward model or critic "
-                                        "built from it) off, so that logprobs, rewards and values compared "
-                                        "across forwards agree; false: keep the model's own dropout.")
+    disable_dropout: bool | None = param(None, "Turn every dropout of the loaded model (and of a reward model or "
+                                               "critic built from it) off, so that logprobs, rewards and values "
+                                               "compared across forwards agree; None: off in the stages that compare "
+                                               "them (rm, dpo, kto, ppo, grpo, rft, rejection), kept in sft and "
+                                               "pretrain, where it regularises; false: keep the model's own.")
+
+    def drops_dropout(self, compares_logprobs: bool = True) -> bool:
+        """Whether a stage turns the model's dropout off: `disable_dropout`, or by default whether the stage
+        compares logprobs (or rewards, values) across forwards."""
+        return compares_logprobs if self.disable_dropout is None else self.disable_dropout
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,10 @@ def test_the_model_section_turns_dropout_off_unless_told_to_keep_it(gpt2_dir):
     _, kept = load_tokenizer_and_model(ModelConfig(path=gpt2_dir, disable_dropout=False))
     assert not torch.equal(train_mode_logits(kept), train_mode_logits(kept))
     assert kept.config.resid_pdrop == 0.1
+    _, sft = load_tokenizer_and_model(ModelConfig(path=gpt2_dir), compares_logprobs=False)  # SFT: it regularises
+    assert not torch.equal(train_mode_logits(sft), train_mode_logits(sft))
+    _, off = load_tokenizer_and_model(ModelConfig(path=gpt2_dir, disable_dropout=True), compares_logprobs=False)
+    assert torch.equal(train_mode_logits(off), eval_mode_logits(off))
 
 
 def test_reward_models_and_critics_are_built_without_dropout_unless_told_to_keep_it(gpt2_dir, tokenizer):

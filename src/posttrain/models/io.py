@@ -53,12 +53,13 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
     return model.to(device)
 
 
-def load_tokenizer_and_model(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_tokenizer_and_model(cfg: ModelConfig,
+                             compares_logprobs: bool = True) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The tokenizer and causal LM a recipe's `model:` section names (its path, trust_remote_code, dtype and
-    disable_dropout)."""
+    disable_dropout; `compares_logprobs`: whether the stage does, which turns dropout off by default)."""
     tokenizer = load_tokenizer(cfg.path, trust_remote_code=cfg.trust_remote_code)
     return tokenizer, load_causal_lm(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
-                                     disable_dropout=cfg.disable_dropout)
+                                     disable_dropout=cfg.drops_dropout(compares_logprobs))
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:

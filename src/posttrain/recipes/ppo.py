@@ -111,4 +111,4 @@ def build_critic(cfg: Any) -> torch.nn.Module | None:
         return None
     default = cfg.model.path if cfg.critic.init == "policy" else cfg.reward.model_path
     return build_value_model(cfg.critic.path or default, cfg.critic.init, dtype=cfg.model.dtype,
-                             trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.disable_dropout)
+                             trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())

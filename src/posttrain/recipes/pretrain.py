@@ -97,7 +97,7 @@ def _tokenizer_and_model(cfg: PretrainConfig) -> tuple[PreTrainedTokenizerBase, 
     if cfg.model.path:
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
-                               dtype=cfg.model.dtype, disable_dropout=cfg.model.disable_dropout)
+                               dtype=cfg.model.dtype, disable_dropout=cfg.model.drops_dropout(compares_logprobs=False))
         return tokenizer, model
     documents = itertools.islice(synthetic_documents(cfg.run.seed, cfg.corpus.chat_share),
                                  cfg.tokenizer.train_documents)

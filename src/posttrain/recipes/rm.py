@@ -96,7 +96,7 @@ def main(cfg: RMConfig) -> RunResult:
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = build_reward_model(cfg.model.path, head=cfg.head, head_width=cfg.head_width,
                                pad_token_id=tokenizer.pad_token_id, dtype=cfg.model.dtype,
-                               trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.disable_dropout)
+                               trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=accepts, mask_dtype=model.dtype,

@@ -54,7 +54,7 @@ def main(cfg: SFTConfig) -> RunResult:
     if not cfg.model.path:
         raise ConfigError("SFT fine-tunes an existing model: set model.path (e.g. runs/pretrain/final, from "
                           "`posttrain pretrain`)", field="model.path")
-    tokenizer, model = load_tokenizer_and_model(cfg.model)
+    tokenizer, model = load_tokenizer_and_model(cfg.model, compares_logprobs=False)  # dropout regularises SFT
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype,
                             bars=progress.library_bars())
