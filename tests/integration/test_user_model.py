@@ -15,8 +15,7 @@ from posttrain.cli import app
 from posttrain.train.metrics import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-FAST = ["run.progress=false", "train.save_every=0", "optim.warmup_steps=0", "eval.problems=4", "eval.samples=1",
-        "eval_before=false"]
+FAST = ["run.progress=false", "train.save_every=0", "optim.warmup_steps=0", "eval.samples=1"]
 runner = CliRunner()
 
 
@@ -35,9 +34,11 @@ def _loads_back(final: Path) -> None:
 
 def test_chatml_model_through_sft_lora_dpo_and_grpo(tmp_path, chatml_model_dir):
     _run("sft", tmp_path, "sft", f"model.path={chatml_model_dir}", f"data.source={EXAMPLES}/tool_calls.jsonl",
-         "adapter.method=lora", "train.max_steps=3", "train.batch_size=4", "train.micro_batch_size=4")
+         "adapter.method=lora", "train.max_steps=3", "train.batch_size=4", "train.micro_batch_size=4",
+         "data.eval_split=0.1")
     sft = read_metrics(tmp_path / "sft" / "metrics.jsonl")
     assert len(sft) == 3 and all(0 < m["loss"] < 20 for m in sft)
+    assert "eval_loss" in sft[-1] and "| eval loss |" in (tmp_path / "sft" / "report.md").read_text()
     _loads_back(tmp_path / "sft" / "final")
 
     _run("dpo", tmp_path, "dpo", f"model.path={tmp_path}/sft/final",
@@ -50,11 +51,12 @@ def test_chatml_model_through_sft_lora_dpo_and_grpo(tmp_path, chatml_model_dir):
     functions = f"{{{EXAMPLES}/rewards.py:matches_solution: 1.0, {EXAMPLES}/rewards.py:brevity: 0.1}}"
     _run("grpo", tmp_path, "grpo", f"model.path={chatml_model_dir}", f"data.source={EXAMPLES}/prompt_only.jsonl",
          f"reward.functions={functions}", "train.max_steps=2", "train.batch_size=16", "train.micro_batch_size=16",
-         "sampling.samples_per_prompt=4", "sampling.max_new_tokens=8")
+         "sampling.samples_per_prompt=4", "sampling.max_new_tokens=8", "data.eval_split=0.1")
     grpo = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
     brevity = f"reward_{EXAMPLES}/rewards.py:brevity"
     assert len(grpo) == 2 and grpo[0]["ratio"] == 1.0 and grpo[0]["logprob_mismatch"] < 1e-5
     assert grpo[0][brevity] < 0  # the file's own function scored the completions, below 0 as it may
+    assert "| eval reward |" in (tmp_path / "grpo" / "report.md").read_text()  # the held-out 10%, greedy
     samples = [json.loads(line) for line in (tmp_path / "grpo" / "samples.jsonl").read_text().splitlines()]
     rollouts = [s for s in samples if "group" in s]
     assert rollouts and all(s["answer"] is None for s in rollouts)  # prompt-only rows
