@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from posttrain.errors import ConfigError
 from posttrain.models.dropout import disable_dropout as drop_dropout
@@ -23,17 +28,55 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def check_model_dir(path: str | Path, field: str = "model.path") -> Path:
+def check_model_dir(path: str | Path, field: str = "model.path", *, trust_remote_code: bool = False) -> Path:
+    """`path` as a Hugging Face model directory, or a one-line error naming the file at fault: config.json
+    missing, not a JSON object, or naming a model_type this transformers does not know (and no auto_map
+    code it is trusted to run)."""
     directory = Path(path)
-    if not (directory / "config.json").is_file():
+    config_file = directory / "config.json"
+    if not config_file.is_file():
         raise ConfigError(f"{directory} is not a Hugging Face model directory (no config.json)", field=field)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot be read ({err})", file=str(config_file), field=field) from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"not valid JSON ({err.msg}, column {err.colno})", file=str(config_file), line=err.lineno,
+                          field=field) from err
+    if not isinstance(config, dict):
+        raise ConfigError("not a JSON object", file=str(config_file), field=field)
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
+        known = "" if model_type is None else f"unknown model_type {model_type!r}"
+        hint = " (custom code: set model.trust_remote_code=true)" if "auto_map" in config else ""
+        raise ConfigError(f"{known or 'no model_type'}: this transformers cannot build it{hint}",
+                          file=str(config_file), field=field)
     return directory
 
 
+def check_model_weights(directory: Path, field: str = "model.path") -> None:
+    """A one-line error when `directory` holds no weights file transformers would load."""
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")) \
+            and not any(directory.glob("*.safetensors.index.json")):
+        raise ConfigError(f"{directory} has no weights (model.safetensors)", field=field)
+
+
+@contextlib.contextmanager
+def loading_errors(directory: Path, field: str = "model.path") -> Iterator[None]:
+    """Turn what a damaged model directory makes transformers raise (a truncated or corrupt weights file, a
+    config.json that does not fit them) into a one-line error naming the directory."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot load the model: {reason}", file=str(directory), field=field) from err
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    directory = check_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                              trust_remote_code=trust_remote_code)
+    directory = check_model_dir(path, trust_remote_code=trust_remote_code)
+    with loading_errors(directory):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Many base models ship without a pad token; reuse EOS and rely on attention masks.
         tokenizer.pad_token = tokenizer.eos_token
@@ -43,10 +86,12 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
 def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
                    device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
     """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`)."""
-    directory = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
-        dtype=resolve_dtype(dtype, device))
+    directory = check_model_dir(path, trust_remote_code=trust_remote_code)
+    check_model_weights(directory)
+    with loading_errors(directory):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
+            dtype=resolve_dtype(dtype, device))
     use_onednn_linears(model)
     if disable_dropout:
         drop_dropout(model)

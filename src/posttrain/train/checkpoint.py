@@ -6,33 +6,42 @@ Layout of `checkpoints/step-N/` (no pickle anywhere: tensors in safetensors, the
   state.json               step, scheduler states, RNG states (python, numpy), trainer and data state
   rng.safetensors          torch CPU (and CUDA) generator states
   config.yaml              the run's resolved config
-  COMPLETE                 written last; a directory without it is never loaded
+  COMPLETE                 the manifest, written last (atomically): the step, and every other file's
+                           size and sha256; a directory without it is never loaded
 
 A checkpoint is written to `.tmp-step-N/` and renamed into place, and older ones are deleted only
 after the new one is complete, so a crash or SIGKILL mid-save leaves the previous one loadable.
+A checkpoint damaged afterwards (a truncated file, a deleted or edited one) fails its manifest check
+when a run resumes, which then falls back to the newest intact one (`resume_checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from posttrain.errors import RunDirError
 
 COMPLETE = "COMPLETE"
 
 
 def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Module],
                     optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
-                    trainer_state: dict[str, Any], config_text: str, keep_last: int) -> Path:
-    """Write `root/step-<step>/` atomically and prune to the newest `keep_last` checkpoints."""
+                    trainer_state: dict[str, Any], config_text: str, keep_last: int,
+                    keep_before: int | None = None) -> Path:
+    """Write `root/step-<step>/` atomically and prune to the newest `keep_last` checkpoints (and the one
+    `prune_checkpoints` keeps from before step `keep_before`)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -55,15 +64,26 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
     })
     (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
     _fsync_tree(tmp)
-    (tmp / COMPLETE).write_text(str(step), encoding="utf-8")
+    write_manifest(tmp, step)
     _fsync_tree(tmp)
     if final.exists():  # a re-save of the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, keep_last, keep_before)
     return final
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_before: int | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, except the newest one saved before step
+    `keep_before` (the first skipped step: the last weights that had not yet given a non-finite or spiking
+    step, which a diverged run is resumed from with a lower learning rate)."""
+    found = list_checkpoints(root)
+    before = [p for p in found if keep_before is not None and _step_of(p) < keep_before]
+    protected = before[-1] if before else None
+    for old in found[:-keep_last] if keep_last > 0 else []:
+        if old != protected:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -71,7 +91,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -79,9 +99,112 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name[5:])
+
+
+# ----------------------------------------------------------------------------------------------
+# The manifest: what a checkpoint held when it was saved, checked before anything of it is loaded.
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """Record the size and sha256 of every file under `directory` in `directory/COMPLETE`, written last
+    and atomically (a temporary name, then a rename), so a checkpoint is either sealed or ignored."""
+    files = {str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != COMPLETE}
+    tmp = directory / f".{COMPLETE}.tmp"
+    _write_json(tmp, {"step": step, "files": files})
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / COMPLETE)
+
+
+def checkpoint_fault(path: Path) -> str | None:
+    """Why the checkpoint at `path` differs from what was saved (None: it is intact).
+
+    A checkpoint from before manifests (COMPLETE holds only its step) has nothing to check against
+    and counts as intact."""
+    try:
+        text = (path / COMPLETE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{COMPLETE} cannot be read ({err})"
+    if text.strip() == path.name[5:]:
+        return None
+    try:
+        manifest = json.loads(text)
+        step, files = manifest["step"], manifest["files"]
+        if step != _step_of(path) or not isinstance(files, dict):
+            raise ValueError
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"its manifest {COMPLETE} is damaged"
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were saved"
+        if _sha256(file) != digest:
+            return f"{name} differs from what was saved (sha256 mismatch)"
+    return None
+
+
+def resume_checkpoint(root: Path, warn: Callable[[str], None], move_aside: bool = True) -> Path | None:
+    """The newest intact checkpoint under `root` (None: there is none at all).
+
+    Each newer damaged checkpoint is reported through `warn` (which one, and why) and moved aside to
+    `damaged-step-N/` (by one process only: `move_aside`): kept for inspection, but no longer counted by
+    `keep_last`, which would otherwise delete the intact checkpoint the run resumes from in favour of the
+    damaged one. A directory whose checkpoints are all damaged is an error (and nothing is moved)."""
+    found = list_checkpoints(root)
+    faults: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        fault = checkpoint_fault(path)
+        if fault is None:
+            for damaged, why in faults:
+                aside = _unused(root / f"damaged-{damaged.name}")
+                if move_aside:
+                    os.replace(damaged, aside)
+                warn(f"checkpoint {damaged} is damaged: {why}; moved to {aside.name}, resuming from {path.name}")
+            return path
+        faults.append((path, fault))
+    if faults:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in faults)
+        raise RunDirError(f"no intact checkpoint to resume from ({listed})", file=str(root))
+    return None
+
+
+def _unused(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_checkpoint(path: Path, *, modules: Mapping[str, torch.nn.Module],
                     optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any]) -> dict[str, Any]:
-    """Restore modules, optimizers, schedulers and RNGs from `path`; return the trainer state."""
+    """Restore modules, optimizers, schedulers and RNGs from `path`; return the trainer state.
+
+    A checkpoint that passed `checkpoint_fault` and still fails to load does not fit this run (another
+    model or optimizer than the one saved): a one-line error, since older checkpoints would not fit either."""
+    try:
+        return _load_checkpoint(path, modules=modules, optimizers=optimizers, schedulers=schedulers)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"cannot resume from this checkpoint: {reason}", file=str(path)) from err
+
+
+def _load_checkpoint(path: Path, *, modules: Mapping[str, torch.nn.Module],
+                     optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any]) -> dict[str, Any]:
     for name, module in modules.items():
         load_module_weights(module, path / name)
     for name, optimizer in optimizers.items():

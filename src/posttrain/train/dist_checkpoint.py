@@ -5,7 +5,7 @@ Layout of `checkpoints/step-N/` when WORLD_SIZE > 1 (a single process keeps `che
                            shards under FSDP; replicated DDP tensors are written once)
   state.json               step, scheduler state, trainer and data state, the world size
   rng-<rank>.safetensors + rng-<rank>.json   each rank's RNG states (ranks sample differently)
-  config.yaml, COMPLETE    as in a single-process checkpoint; COMPLETE is written last
+  config.yaml, COMPLETE    as in a single-process checkpoint; COMPLETE (the manifest) is written last
 
 Rank 0 creates `.tmp-step-N/`, every rank writes into it, and rank 0 renames it into place after a
 barrier, so a crash mid-save leaves the previous checkpoint loadable. DCP can load into another
@@ -27,14 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from posttrain.train.checkpoint import (
-    COMPLETE,
     _fsync_dir,
     _fsync_tree,
     _jsonable,
     _restore_rng,
     _rng_state,
     _write_json,
-    list_checkpoints,
+    prune_checkpoints,
+    write_manifest,
 )
 from posttrain.train.dist import DistributedModel, barrier, context
 
@@ -46,8 +46,10 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def save_sharded_checkpoint(root: Path, step: int, *, model: DistributedModel, optimizer: torch.optim.Optimizer,
-                            scheduler: Any, trainer_state: dict[str, Any], config_text: str, keep_last: int) -> Path:
-    """Write `root/step-<step>/` from every rank (collective: all ranks call it) and prune old ones."""
+                            scheduler: Any, trainer_state: dict[str, Any], config_text: str, keep_last: int,
+                            keep_before: int | None = None) -> Path:
+    """Write `root/step-<step>/` from every rank (collective: all ranks call it) and prune old ones
+    (`checkpoint.prune_checkpoints`)."""
     ctx = context()
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     if ctx.is_main:
@@ -68,14 +70,13 @@ def save_sharded_checkpoint(root: Path, step: int, *, model: DistributedModel, o
                                          "trainer": trainer_state})
         (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
         _fsync_tree(tmp)
-        (tmp / COMPLETE).write_text(str(step), encoding="utf-8")
+        write_manifest(tmp, step)
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep_last, keep_before)
     barrier()
     return final
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import statistics
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -34,7 +35,7 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
-from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from posttrain.train.metrics import MetricsWriter, truncate_metrics
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -56,8 +57,12 @@ class TrainConfig:
     save_every: int = param(100, "Checkpoint every N steps (0: only when stopped by a signal).", ge=0)
     keep_last: int = param(2, "Checkpoints to keep (older ones are deleted once a new one is complete).", ge=1)
     eval_every: int = param(0, "Evaluate every N steps (0: only at the end).", ge=0)
-    max_nonfinite: int = param(5, "Stop after this many consecutive steps with a non-finite loss or gradient.",
-                               ge=1)
+    max_nonfinite: int = param(5, "Stop after this many consecutive skipped steps (a non-finite loss or gradient, "
+                                  "or a gradient-norm spike).", ge=1)
+    spike_factor: float = param(0.0, "Skip a step whose gradient norm (before clipping) exceeds this many times the "
+                                     "median of the last spike_warmup trained steps' (0: off; e.g. 10).", ge=0)
+    spike_warmup: int = param(20, "Trained steps the spike guard's median is taken over; it acts once it has them.",
+                              ge=1)
     parallel: str = param("ddp", "Under torchrun: ddp replicates the model on every rank; fsdp shards parameters, "
                                  "gradients and optimizer state (FSDP2). batch_size stays the global batch, "
                                  "micro_batch_size is per rank.", choices=dist.PARALLEL_MODES)
@@ -138,6 +143,10 @@ class Trainer:
         self.tokens = 0
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
+        # The spike guard's window (gradient norms of trained steps), and the first skipped step: the newest
+        # checkpoint from before it is never pruned, so a diverged run keeps weights it can be resumed from.
+        self._grad_norms: deque[float] = deque(maxlen=train.spike_warmup)
+        self._first_skipped: int | None = None
 
     # ------------------------------------------------------------------------------------------
 
@@ -242,50 +251,72 @@ class Trainer:
             grad_norm = dist.grad_norm_value(norm)
             finite = math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        if finite:
+        spike = finite and self._is_spike(grad_norm)
+        if finite and not spike:
             self.optimizer.step()
             self._nonfinite_in_a_row = 0
+            self._grad_norms.append(grad_norm)
         else:
             # Parameters and optimizer moments stay exactly as they were; the batch is consumed.
             self.skipped_steps += 1
             self._nonfinite_in_a_row += 1
+            if self._first_skipped is None:
+                self._first_skipped = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         self.tokens += batch.tokens
         if self._nonfinite_in_a_row >= self.train_cfg.max_nonfinite:
             raise TrainingError(
-                f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
-                f"{self.step}); parameters were left untouched. Lower optim.lr or check the data; the last "
-                f"checkpoint is in {self.run_dir.checkpoints}", field="train.max_nonfinite")
+                f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient or a gradient-norm "
+                f"spike (last at step {self.step}, the first skipped step was {self._first_skipped}); parameters "
+                f"were left untouched. Lower optim.lr or check the data; the checkpoints (the newest one from "
+                f"before step {self._first_skipped} is kept) are in {self.run_dir.checkpoints}",
+                field="train.max_nonfinite")
         record = {"step": self.step, **dist.mean_over_ranks(sums), "lr": lr, "grad_norm": grad_norm,
                   "skipped_steps": self.skipped_steps}
         if not finite:
             record["nonfinite"] = True
+        if spike:
+            record["spike"] = True
         return record
+
+    def _is_spike(self, grad_norm: float) -> bool:
+        """Whether a finite gradient norm is `spike_factor` times the median of the recent trained steps'.
+
+        The gradient norm rather than the loss: it is positive in every stage, while RL and preference losses
+        can sit near zero or below it, where a ratio means nothing. The median, unlike the mean, is not dragged
+        up by the first spikes of a divergence; a window of zero norms (nothing to learn) never flags a step."""
+        factor, window = self.train_cfg.spike_factor, self._grad_norms
+        if factor <= 0 or len(window) < (window.maxlen or 0):
+            return False
+        median = statistics.median(window)
+        return median > 0 and grad_norm > factor * median
 
     # ------------------------------------------------------------------------------------------
 
     def _state(self, source: StepSource) -> dict[str, Any]:
         return {"tokens": self.tokens, "skipped_steps": self.skipped_steps,
-                "nonfinite_in_a_row": self._nonfinite_in_a_row, "data": source.state_dict()}
+                "nonfinite_in_a_row": self._nonfinite_in_a_row, "grad_norms": list(self._grad_norms),
+                "first_skipped": self._first_skipped, "data": source.state_dict()}
 
     def save(self, source: StepSource) -> Any:
         if self.dist.distributed:
             return save_sharded_checkpoint(
                 self.run_dir.checkpoints, self.step, model=self.parallel, optimizer=self.optimizer,
                 scheduler=self.scheduler, trainer_state=self._state(source),
-                config_text=config_text(self.stage, self.cfg), keep_last=self.train_cfg.keep_last)
+                config_text=config_text(self.stage, self.cfg), keep_last=self.train_cfg.keep_last,
+                keep_before=self._first_skipped)
         return save_checkpoint(
             self.run_dir.checkpoints, self.step, modules={"model": self.model},
             optimizers={"model": self.optimizer}, schedulers={"model": self.scheduler},
             trainer_state=self._state(source), config_text=config_text(self.stage, self.cfg),
-            keep_last=self.train_cfg.keep_last)
+            keep_last=self.train_cfg.keep_last, keep_before=self._first_skipped)
 
     def _maybe_resume(self, source: StepSource) -> Any:
         if not self.run.resume:
             return None
-        path = latest_checkpoint(self.run_dir.checkpoints)
+        path = resume_checkpoint(self.run_dir.checkpoints, self._warn, move_aside=self.dist.is_main)
         if path is None:
             if self.dist.is_main:
                 self.console.print("run.resume=true but no checkpoint was found: starting from step 0")
@@ -304,10 +335,17 @@ class Trainer:
         self.tokens = state["tokens"]
         self.skipped_steps = state["skipped_steps"]
         self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self._grad_norms.extend(state.get("grad_norms", []))  # checkpoints from before the spike guard lack both
+        self._first_skipped = state.get("first_skipped")
         source.load_state_dict(state["data"])
         if self.dist.is_main:
             truncate_metrics(self.run_dir.metrics, self.step)
         return path
+
+
+    def _warn(self, message: str) -> None:
+        if self.dist.is_main:
+            self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
 class _NoMetrics:

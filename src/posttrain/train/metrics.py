@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import DataError
 from posttrain.train.dist import is_main_process
 
 
@@ -32,17 +34,40 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl. A last line without its newline that is not JSON is a record a crash
+    cut short while it was written: it is dropped. Any other line that is not a JSON object is an error."""
+    path = Path(path)
+    with path.open(encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the text after the last newline
+                continue
+            record = None
+        if not isinstance(record, dict):
+            raise DataError("not a JSON object (a damaged metrics file)", file=str(path), line=number)
+        records.append(record)
+    return records
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop records logged after `last_step` (a resumed run re-logs them from its checkpoint)."""
+    """Drop records logged after `last_step` (a resumed run re-logs them from its checkpoint), and a partial
+    last line. The file is replaced atomically: a crash here leaves the old one, never a half-written one."""
     path = Path(path)
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
