@@ -345,7 +345,7 @@ class Trainer:
 
     def _warn(self, message: str) -> None:
         if self.dist.is_main:
-            self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            self.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 class _NoMetrics:

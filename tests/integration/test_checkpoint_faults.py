@@ -1,0 +1,150 @@
+"""Damaged checkpoints and metrics resume from the newest intact checkpoint; a diverging run keeps a checkpoint
+from before its first skipped step.
+
+A damaged run is the copy of an uninterrupted 6-step run (checkpoints at steps 2, 4, 6) stopped after step 4, with
+one thing broken; resuming it must give that uninterrupted run's metrics and weights bitwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_engine import _flat_params, _loss_fn, _trainer, _untimed
+
+from posttrain.errors import DataError, RunDirError
+from posttrain.train.checkpoint import list_checkpoints
+from posttrain.train.engine import TrainingError
+from posttrain.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tokenizer):
+    """The uninterrupted run: its directory and final weights."""
+    out = tmp_path_factory.mktemp("faults")
+    trainer, source = _trainer(out, tokenizer, name="full", steps=6, save_every=2, keep_last=3)
+    trainer.fit(source, _loss_fn)
+    return out, _flat_params(trainer.model)
+
+
+def _stopped_copy(full_run):
+    """The full run as if killed right after its step-4 checkpoint."""
+    out, _ = full_run
+    split = out / "split"
+    shutil.rmtree(split, ignore_errors=True)
+    shutil.copytree(out / "full", split)
+    shutil.rmtree(split / "checkpoints" / "step-6")
+    records = [r for r in read_metrics(split / "metrics.jsonl") if r["step"] <= 4]
+    (split / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return split
+
+
+def _resume(full_run, tokenizer):
+    out, _ = full_run
+    trainer, source = _trainer(out, tokenizer, name="split", steps=6, resume=True, save_every=2, keep_last=3)
+    return trainer, trainer.fit(source, _loss_fn)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_step(path):  # same size, still valid JSON: only the checksum can tell
+    path.write_text(path.read_text().replace('"step": 4', '"step": 5'))
+
+
+DAMAGE = {
+    "model/model.safetensors": _truncate,
+    "optimizer-model.safetensors": lambda path: path.unlink(),
+    "rng.safetensors": lambda path: path.unlink(),
+    "state.json": _edit_step,
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_damaged_checkpoint_falls_back_to_the_older_intact_one(full_run, tokenizer, capsys, name):
+    split = _stopped_copy(full_run)
+    DAMAGE[name](split / "checkpoints" / "step-4" / name)
+    trainer, result = _resume(full_run, tokenizer)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"step-4 is damaged: {name}" in out and "resuming from step-2" in out and "resumed from" in out
+    assert (split / "checkpoints" / "damaged-step-4" / "state.json").is_file()  # kept aside, not deleted
+    assert result.step == 6
+    assert _untimed(read_metrics(split / "metrics.jsonl")) == _untimed(read_metrics(full_run[0] / "full" /
+                                                                                   "metrics.jsonl"))
+    assert torch.equal(_flat_params(trainer.model), full_run[1])
+
+
+def test_no_intact_checkpoint_is_a_one_line_error(full_run, tokenizer):
+    split = _stopped_copy(full_run)
+    shutil.rmtree(split / "checkpoints" / "step-2")
+    (split / "checkpoints" / "step-4" / "rng.safetensors").unlink()
+    with pytest.raises(RunDirError, match="no intact checkpoint to resume from") as err:
+        _resume(full_run, tokenizer)
+    assert "step-4: rng.safetensors is missing" in str(err.value) and "\n" not in str(err.value)
+    assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step-4"]  # nothing moved
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume(full_run, tokenizer):
+    split = _stopped_copy(full_run)
+    with (split / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 6.2')  # a crash in the middle of writing step 5's record
+    trainer, result = _resume(full_run, tokenizer)
+    assert _untimed(read_metrics(split / "metrics.jsonl")) == _untimed(read_metrics(full_run[0] / "full" /
+                                                                                   "metrics.jsonl"))
+    assert torch.equal(_flat_params(trainer.model), full_run[1])
+
+
+def test_read_metrics_drops_only_a_partial_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(DataError, match="metrics.jsonl:2: not a JSON object"):
+        read_metrics(path)
+
+
+def test_a_spike_is_skipped_and_a_checkpoint_from_before_it_is_kept(tmp_path, tokenizer):
+    """The learning rate jumps to 10 at step 5 (as a far too large lr does once warm-up ends): step 5's update
+    blows the weights up, step 6's gradient norm spikes and is skipped, and so are 7 and 8, which stops the run.
+    keep_last=1 would leave only step-6, whose weights are the diverged ones; step-4 must stay."""
+    trainer, source = _trainer(tmp_path, tokenizer, steps=12, save_every=2, keep_last=1, max_nonfinite=3,
+                               spike_factor=10, spike_warmup=3)
+    snapshots = {}
+
+    def loss_fn(model, batch, normaliser):
+        step = trainer.step + 1
+        snapshots.setdefault(step, _flat_params(model).clone())
+        if step == 5:
+            trainer.scheduler.base_lrs = [10.0] * len(trainer.scheduler.base_lrs)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = 10.0
+        return _loss_fn(model, batch, normaliser)
+
+    with pytest.raises(TrainingError, match="3 consecutive steps .* the first skipped step was 6"):
+        trainer.fit(source, loss_fn)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("spike")] == [6, 7]  # step 8 stops the run before it is logged
+    assert trainer.skipped_steps == 3 and not any(r.get("nonfinite") for r in records)
+    assert snapshots[6].abs().max() > 10 * snapshots[5].abs().max()  # step 5 diverged ...
+    assert torch.equal(_flat_params(trainer.model), snapshots[6])  # ... and 6-8 left the weights untouched
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-4", "step-6"]
+    resumed, source = _trainer(tmp_path, tokenizer, name="probe", steps=1)
+    from posttrain.train.checkpoint import load_module_weights
+
+    load_module_weights(resumed.model, root / "step-4" / "model")
+    assert torch.equal(_flat_params(resumed.model), snapshots[5])  # the weights before the diverging update
+
+
+def test_the_spike_guard_waits_for_its_window_and_ignores_normal_steps(tmp_path, tokenizer):
+    trainer, source = _trainer(tmp_path, tokenizer, steps=6, save_every=0, spike_factor=10, spike_warmup=3)
+    seen = []
+
+    def loss_fn(model, batch, normaliser):
+        seen.append(len(trainer._grad_norms))
+        return _loss_fn(model, batch, normaliser)
+
+    result = trainer.fit(source, loss_fn)
+    assert result.skipped_steps == 0 and seen[-1] == 3  # the window holds the last 3 trained steps
