@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,25 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop records logged after `last_step` (a resumed run re-logs them from its checkpoint)."""
+def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:
+    """Drop records logged after `last_step` (a resumed run re-logs them from its checkpoint), and a line
+    cut short by a kill; return the records kept. The file is replaced atomically: a kill here leaves
+    either the old file or the new one, never a mix."""
     path = Path(path)
     if not path.is_file():
-        return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return kept
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
