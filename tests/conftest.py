@@ -68,9 +68,9 @@ def float64_norms():
 @pytest.fixture()
 def resumes_bitwise():
     """`check(full, resume)`: copies the finished run `full` (a RunResult with checkpoints) as if it had been stopped
-    after its first checkpoint (later checkpoints and final/ removed), resumes the copy with `resume("split")` (the
-    same settings with run.name=split, run.resume=true), and asserts that it wrote the same metrics (timings aside)
-    and bitwise the same final weights. Returns the metrics."""
+    after its first checkpoint (later checkpoints, final/ and summary.json removed), resumes the copy with
+    `resume("split")` (the same settings with run.name=split, run.resume=true), and asserts that it wrote the same
+    metrics (timings aside) and bitwise the same final weights. Returns the metrics."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.train.metrics import read_metrics
@@ -85,6 +85,7 @@ def resumes_bitwise():
         for later in checkpoints[1:]:
             shutil.rmtree(later)
         shutil.rmtree(split / "final")
+        (split / "summary.json").unlink()  # a stopped run has no summary: one that has is finished
         resumed = resume("split")
         assert untimed(split / "metrics.jsonl") == untimed(full.run_dir / "metrics.jsonl")
         a = AutoModelForCausalLM.from_pretrained(full.final_dir, local_files_only=True).state_dict()

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from posttrain import recipes
 from posttrain.errors import PosttrainError
+from posttrain.train.signals import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training for causal language models, offline on a CPU or scaled out on GPUs.")
@@ -45,14 +46,19 @@ def _quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
 
 
-def _run_stage(stage: str, args: list[str] | None, quick: bool) -> None:
+def _run_stage(stage: str, recipe: str | None, overrides: list[str], quick: bool = False) -> None:
+    """Run a stage; a user error, or a stop by SIGINT/SIGTERM at any point, is one message and a nonzero exit."""
     _quiet_libraries()
-    recipe, overrides = _split_recipe(args)
     try:
         result = recipes.run_stage(stage, recipe, overrides, quick=quick)
     except PosttrainError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
+    except Interrupted as stop:
+        console.print(f"[yellow]{stop}[/]")
+        raise typer.Exit(128 + stop.signum) from None
+    if "interrupted_at_step" in result.summary:  # the Trainer has said where it stopped and how to resume
+        raise typer.Exit(130)
     console.print(f"[green]done[/] run directory: {result.run_dir}")
     if result.final_dir is not None:
         console.print(f"     final model: {result.final_dir}")
@@ -75,7 +81,8 @@ STAGE_HELP = {
 
 def _register_stage(stage: str, doc: str) -> None:
     def command(args: RecipeArgs = None, quick: QuickOption = False) -> None:
-        _run_stage(stage, args, quick)
+        recipe, overrides = _split_recipe(args)
+        _run_stage(stage, recipe, overrides, quick)
 
     command.__doc__ = f"{doc}\n\nUsage: posttrain {stage} [RECIPE] [key.sub=value ...]"
     app.command(name=stage)(command)
@@ -91,20 +98,29 @@ def resume(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides (e.g. a longer "
                                                                   "train.max_steps).")] = None,
 ) -> None:
-    """Continue an interrupted run from its last checkpoint, bitwise identically on CPU."""
+    """Continue an interrupted run from its last checkpoint, bitwise identically on CPU; continue a finished
+    run by raising train.max_steps. The run is the one in RUN_DIR, wherever it was copied or moved to."""
     from pathlib import Path
 
-    _quiet_libraries()
-    config_file = Path(run_dir) / "config.yaml"
+    path = Path(run_dir).absolute()
+    config_file = path / "config.yaml"
     try:
         if not config_file.is_file():
             raise PosttrainError("not a run directory (no config.yaml)", file=run_dir)
-        recipe = recipes.find_recipe(str(config_file))
-        result = recipes.run_stage(recipe.stage, str(config_file), ["run.resume=true", *(overrides or [])])
+        for override in overrides or []:
+            if override.split("=", 1)[0] in RESUME_FIXED:
+                raise PosttrainError(f"resume continues the run in {run_dir} as it is; copy the directory to "
+                                     "continue it elsewhere", field=override.split("=", 1)[0])
+        stage = recipes.find_recipe(str(config_file)).stage
     except PosttrainError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
-    console.print(f"[green]done[/] run directory: {result.run_dir}")
+    # The directory, not the out_dir/name saved in its config (relative to wherever it was started), is the run.
+    _run_stage(stage, str(config_file), [*(overrides or []), "run.resume=true", "run.overwrite=false",
+                                         f"run.out_dir={path.parent}", f"run.name={path.name}"])
+
+
+RESUME_FIXED = ("run.resume", "run.overwrite", "run.out_dir", "run.name")
 
 
 @app.command()
@@ -124,6 +140,9 @@ def demo(
     except PosttrainError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
+    except Interrupted as stop:
+        console.print(f"[yellow]{stop}[/]")
+        raise typer.Exit(128 + stop.signum) from None
 
 
 @app.command("eval")

@@ -127,12 +127,18 @@ def test_run_dir_refuses_to_overwrite(tmp_path):
     run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")
     assert run_dir.config.read_text().startswith("stage: pretrain\nrun:")
     (run_dir.path / "metrics.jsonl").write_text("{}\n")
+    run_dir.begin_training()  # it has trained a step (a run that had not is undone by the next start)
     with pytest.raises(RunDirError, match="run.overwrite=true"):
         prepare_run_dir(cfg.run, cfg, stage="pretrain")
     resumed = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.resume=true"])
-    assert prepare_run_dir(resumed.run, resumed, stage="pretrain").metrics.exists()
+    with pytest.raises(RunDirError, match="no complete checkpoint"):  # never retrained from step 0 over its metrics
+        prepare_run_dir(resumed.run, resumed, stage="pretrain")
     replaced = load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.overwrite=true"])
-    assert not prepare_run_dir(replaced.run, replaced, stage="pretrain").metrics.exists()
+    new = prepare_run_dir(replaced.run, replaced, stage="pretrain")
+    aside = tmp_path / ".pretrain.replaced"
+    assert not new.metrics.exists() and (aside / "metrics.jsonl").is_file()  # kept until the new run trains
+    new.begin_training()
+    assert not aside.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
 
 
 def test_resume_without_a_run_is_an_error(tmp_path):

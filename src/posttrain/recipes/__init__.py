@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from posttrain.config import load_config, read_yaml_with_lines
 from posttrain.errors import ConfigError
-from posttrain.train.run_dir import RunResult
+from posttrain.train.run_dir import RunResult, abandon_unstarted, check_run_dir
+from posttrain.train.signals import Interrupted, interrupt_on_signals
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -93,6 +95,14 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
         raise ConfigError(f"recipe is for stage {recipe.stage!r}, not {stage!r}", file=str(recipe.path),
                           field="stage")
     cfg = build_config(recipe, overrides, quick)
-    module = importlib.import_module(STAGES[stage][0])
-    return module.main(cfg)
+    check_run_dir(cfg.run, cfg)  # before minutes of loading and data preparation
+    try:
+        with interrupt_on_signals():
+            return importlib.import_module(STAGES[stage][0]).main(cfg)
+    except KeyboardInterrupt as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, abandon_unstarted(cfg.run)) from None
+    except BaseException:
+        abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
+        raise
 

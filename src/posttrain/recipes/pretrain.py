@@ -58,7 +58,6 @@ class PretrainConfig:
 def main(cfg: PretrainConfig) -> RunResult:
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")
     tokenizer, model = _tokenizer_and_model(cfg)
     train_blocks = pack_documents(tokenizer, cfg.corpus.train_documents, cfg.run.seed, cfg.corpus)
     heldout_blocks = pack_documents(tokenizer, cfg.corpus.heldout_documents,
@@ -79,6 +78,7 @@ def main(cfg: PretrainConfig) -> RunResult:
     def evaluate(step: int) -> dict[str, float]:
         return {"eval_loss": heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)}
 
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")  # the first write, once everything is ready
     trainer = Trainer(stage="pretrain", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim,
                       run_dir=run_dir, model=model)
     result = trainer.fit(source, loss_fn, evaluate, progress_keys=("loss", "eval_loss"))

@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError, PosttrainError, RunDirError
 from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
@@ -54,7 +54,8 @@ class TrainConfig:
     max_steps: int = param(200, "Optimizer steps.", ge=1)
     batch_size: int = param(16, "Samples per optimizer step, across all micro-batches.", ge=1)
     micro_batch_size: int = param(16, "Samples per forward/backward pass (divides batch_size).", ge=1)
-    save_every: int = param(100, "Checkpoint every N steps (0: only when stopped by a signal).", ge=0)
+    save_every: int = param(100, "Checkpoint every N steps and at the last one (0: only at the last step and when "
+                                 "stopped by a signal).", ge=0)
     keep_last: int = param(2, "Checkpoints to keep (older ones are deleted once a new one is complete).", ge=1)
     eval_every: int = param(0, "Evaluate every N steps (0: only at the end).", ge=0)
     max_nonfinite: int = param(5, "Stop after this many consecutive skipped steps (a non-finite loss or gradient, "
@@ -70,6 +71,12 @@ class TrainConfig:
                                    "bf16 autocast with fp32 weights, optimizer state, logprobs and losses; auto = "
                                    "bf16 where the CPU/GPU computes bf16 natively (AVX512_BF16, AMX), else fp32.",
                            choices=PRECISIONS)
+
+    def __post_init__(self) -> None:
+        # Checked when the config is read, not after the model and data are loaded.
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                              f"{self.micro_batch_size}", field="train.micro_batch_size")
 
 
 @dataclasses.dataclass
@@ -118,9 +125,6 @@ class Trainer:
     def __init__(self, *, stage: str, cfg: Any, run: RunConfig, train: TrainConfig, optim: OptimConfig,
                  run_dir: RunDir, model: torch.nn.Module, console: Console | None = None,
                  progress: RunProgress | None = None) -> None:
-        if train.batch_size % train.micro_batch_size:
-            raise ConfigError(f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
-                              f"{train.micro_batch_size}", field="train.micro_batch_size")
         self.dist = dist.init_distributed()
         if train.batch_size % (train.micro_batch_size * self.dist.world_size):
             raise ConfigError(f"batch_size {train.batch_size} (global) is not a multiple of micro_batch_size "
@@ -147,6 +151,7 @@ class Trainer:
         # checkpoint from before it is never pruned, so a diverged run keeps weights it can be resumed from.
         self._grad_norms: deque[float] = deque(maxlen=train.spike_warmup)
         self._first_skipped: int | None = None
+        self._resumed_last: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------
 
@@ -155,7 +160,7 @@ class Trainer:
         resumed_from = self._maybe_resume(source)
         start, interrupted = time.perf_counter(), False
         session_tokens = 0
-        last: dict[str, Any] = {}
+        last = self._resumed_last  # a resume with no step left still reports the last step's metrics
         main = self.dist.is_main  # only rank 0 writes metrics, trackers, progress and messages
         trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard and main, self.run.wandb and main,
                             to_dict(self.cfg))
@@ -185,6 +190,8 @@ class Trainer:
                     record.update(self._evaluate(evaluate))
                 last = record
                 metrics.write(record)
+                if main:  # only now is an overwritten run deleted (see run_dir.py)
+                    self.run_dir.begin_training()
                 trackers.log(record)
                 progress.update(self.step, {k: record[k] for k in (*progress_keys, "lr", "tokens_per_s")
                                             if k in record})
@@ -197,7 +204,8 @@ class Trainer:
                             f"{self.step}[/]; checkpoint: {path}\nresume with: posttrain resume {self.run_dir.path}")
                     interrupted = True
                     break
-                if self._due(self.train_cfg.save_every, final=False):
+                # The last step is always saved, so that a finished run can be continued with more steps.
+                if self._due(self.train_cfg.save_every, final=True):
                     self.save(source)
         trackers.close()
         seconds = time.perf_counter() - start
@@ -317,10 +325,9 @@ class Trainer:
         if not self.run.resume:
             return None
         path = resume_checkpoint(self.run_dir.checkpoints, self._warn, move_aside=self.dist.is_main)
-        if path is None:
-            if self.dist.is_main:
-                self.console.print("run.resume=true but no checkpoint was found: starting from step 0")
-            return None
+        if path is None:  # never retrain a run from step 0 on top of its own metrics and final model
+            raise RunDirError("run.resume=true but there is no complete checkpoint to resume from",
+                              file=str(self.run_dir.checkpoints))
         if is_sharded_checkpoint(path) != self.dist.distributed:
             raise ConfigError(f"{path} was written by a {'multi' if is_sharded_checkpoint(path) else 'single'}-"
                               f"process run; resume it the same way (torchrun with the same --nproc_per_node, "
@@ -339,7 +346,8 @@ class Trainer:
         self._first_skipped = state.get("first_skipped")
         source.load_state_dict(state["data"])
         if self.dist.is_main:
-            truncate_metrics(self.run_dir.metrics, self.step)
+            kept = truncate_metrics(self.run_dir.metrics, self.step)
+            self._resumed_last = kept[-1] if kept and kept[-1].get("step") == self.step else {}
         return path
 
 

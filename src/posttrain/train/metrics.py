@@ -55,12 +55,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> None:
+def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:
     """Drop records logged after `last_step` (a resumed run re-logs them from its checkpoint), and a partial
-    last line. The file is replaced atomically: a crash here leaves the old one, never a half-written one."""
+    last line; return the records kept. The file is replaced atomically: a crash here leaves the old one,
+    never a half-written one."""
     path = Path(path)
     if not path.is_file():
-        return
+        return []
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -68,6 +69,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return kept
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

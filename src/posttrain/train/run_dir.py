@@ -1,7 +1,24 @@
-"""The run directory `runs/<name>/`: resolved config, metrics, samples, checkpoints, final model."""
+"""The run directory `runs/<name>/`: resolved config, metrics, samples, checkpoints, final model.
+
+A run's identity is its directory: `posttrain resume <dir>` continues the run that is in <dir>, wherever
+it was copied or moved to. Nothing of a run is lost to a mistake or a stop on the way:
+
+1. `check_run_dir`, before anything is loaded or written: the directory must be free (or `run.overwrite`),
+   or hold a run that can be continued (`run.resume`: a complete checkpoint, steps left to train).
+2. `prepare_run_dir`, once the model and data are ready: an old run being overwritten is moved aside to
+   `.<name>.replaced`, and the new directory gets an `.unstarted` marker beside its config.
+3. `RunDir.begin_training()`, called by the Trainer after its first step: the marker goes, and only now
+   the replaced run is deleted.
+
+A run that fails or is stopped before 3 is undone by `abandon_unstarted` (its directory deleted, the
+replaced run moved back); a process killed outright leaves the marker, and the next `check_run_dir` of
+that directory undoes it then.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +27,9 @@ from typing import Any
 from posttrain.config import RunConfig, to_yaml
 from posttrain.errors import RunDirError
 from posttrain.train import dist
+from posttrain.train.checkpoint import latest_checkpoint
+
+UNSTARTED = ".unstarted"
 
 
 @dataclass(frozen=True)
@@ -40,36 +60,138 @@ class RunDir:
     def plots(self) -> Path:
         return self.path / "plots"
 
+    def begin_training(self) -> None:
+        """The new run has trained a step: from now on it is the run, and the one it replaces is deleted."""
+        marker = self.path / UNSTARTED
+        if marker.exists():
+            marker.unlink()
+            shutil.rmtree(_sibling(self.path, "replaced"), ignore_errors=True)
+
 
 def config_text(stage: str, cfg: Any) -> str:
     """The resolved config as YAML, headed by its stage so `posttrain resume <run>` can rebuild it."""
     return f"stage: {stage}\n" + to_yaml(cfg)
 
 
+def run_path(run: RunConfig) -> Path:
+    return Path(run.out_dir) / run.name
+
+
+def check_run_dir(run: RunConfig, cfg: Any) -> None:
+    """Refuse, before anything is loaded or written, a run directory that cannot be used as asked.
+
+    The only change on disk is undoing an earlier attempt that was killed before it trained a step.
+    """
+    if not dist.is_main_process():
+        return
+    path = run_path(run)
+    _undo_unstarted(path)
+    if not run.resume:
+        if path.exists() and any(path.iterdir()) and not run.overwrite:
+            raise RunDirError("a run already exists here; pass run.overwrite=true to replace it or "
+                              "run.resume=true to continue it", file=str(path))
+        return
+    if not (path / "config.yaml").is_file():
+        raise RunDirError("run.resume=true but there is no run to resume here (no config.yaml)", file=str(path))
+    checkpoint = latest_checkpoint(path / "checkpoints")
+    if checkpoint is None:
+        raise RunDirError("no complete checkpoint to resume from (checkpoints/ is missing or empty); start the run "
+                          "again with run.overwrite=true", file=str(path))
+    max_steps, step = cfg.train.max_steps, int(checkpoint.name.removeprefix("step-"))
+    if step > max_steps:
+        raise RunDirError(f"the last checkpoint ({checkpoint.name}) is past train.max_steps={max_steps}; resume "
+                          f"with train.max_steps={step} or more", file=str(path), field="train.max_steps")
+    finished = _finished_steps(path)
+    if finished is not None and finished >= max_steps:
+        raise RunDirError(f"this run has finished its {finished} steps; to train it further, resume it with a "
+                          f"larger train.max_steps (it continues from {checkpoint.name})", file=str(path),
+                          field="train.max_steps")
+
+
 def prepare_run_dir(run: RunConfig, cfg: Any, stage: str) -> RunDir:
     """Create (or reopen, when resuming) the run directory and write the resolved config into it.
 
-    An existing run is never silently replaced: it takes `run.overwrite=true` or `run.resume=true`.
-    Under torchrun this joins the process group, and only rank 0 touches the directory.
+    Call it once every check that can fail has passed (model, tokenizer, data): it is the first write. An
+    existing run is never silently replaced: it takes `run.overwrite=true` (and is deleted only once the new
+    run has trained a step) or `run.resume=true`. Under torchrun this joins the process group, and only rank 0
+    touches the directory.
     """
     dist.init_distributed()
-    path = Path(run.out_dir) / run.name
+    path = run_path(run)
     if not dist.is_main_process():
         dist.barrier()  # rank 0 has checked, cleared and created the directory
         return RunDir(path)
-    if run.resume:
-        if not path.is_dir():
-            raise RunDirError("run.resume=true but there is no run to resume here", file=str(path))
-    elif path.exists() and any(path.iterdir()):
-        if not run.overwrite:
-            raise RunDirError("a run already exists here; pass run.overwrite=true to replace it or "
-                              "run.resume=true to continue it", file=str(path))
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run, cfg)
+    if not run.resume:
+        # Each rename is atomic, so a kill at any point leaves either the old run in place or the new one
+        # marked unstarted with the old one aside: both are undone by the next `check_run_dir`.
+        staging = _sibling(path, "new")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        (staging / UNSTARTED).write_text("", encoding="utf-8")
+        if path.exists() and any(path.iterdir()):
+            os.replace(path, _sibling(path, "replaced"))
+        elif path.exists():
+            path.rmdir()
+        os.replace(staging, path)
     run_dir = RunDir(path)
-    run_dir.config.write_text(config_text(stage, cfg), encoding="utf-8")
+    # Atomic: a resume that is killed here must still find the config it needs.
+    tmp = path / ".config.yaml.tmp"
+    tmp.write_text(config_text(stage, cfg), encoding="utf-8")
+    os.replace(tmp, run_dir.config)
     dist.barrier()
     return run_dir
+
+
+def abandon_unstarted(run: RunConfig) -> str:
+    """After a failure or a stop: undo the run if it had not trained a step yet; say what is left."""
+    path = run_path(run)
+    if not dist.is_main_process():
+        return ""
+    undone = _undo_unstarted(path)
+    if undone:
+        return undone
+    if latest_checkpoint(path / "checkpoints") is not None:
+        return f"resume with: posttrain resume {path}"
+    return f"{path} holds no checkpoint to resume from" if path.exists() else "nothing was written"
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """`.<name>.replaced` (an overwritten run until the new one trains), `.new`, `.abandoned` (transient)."""
+    return path.parent / f".{path.name}.{kind}"
+
+
+def _undo_unstarted(path: Path) -> str:
+    """Delete a run directory that never trained a step and put back the run it was replacing.
+
+    Safe to cut short anywhere (each step is one rename, or a deletion of what is no longer needed): a
+    missing directory with a replaced one beside it means the replaced one is to be put back."""
+    abandoned, aside = _sibling(path, "abandoned"), _sibling(path, "replaced")
+    undone = (path / UNSTARTED).is_file()
+    if undone:
+        shutil.rmtree(abandoned, ignore_errors=True)
+        os.replace(path, abandoned)
+    restored = False
+    if aside.exists():
+        if path.exists():  # the new run had trained a step; deleting the old one was cut short
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, path)
+            restored = True
+    shutil.rmtree(abandoned, ignore_errors=True)
+    shutil.rmtree(_sibling(path, "new"), ignore_errors=True)
+    if restored:
+        return f"nothing of the new run was kept; the run it was to replace is back in {path}"
+    return "nothing of the run was kept" if undone else ""
+
+
+def _finished_steps(path: Path) -> int | None:
+    """The steps a finished run trained (from its summary.json), or None if it has not finished."""
+    try:
+        steps = json.loads((path / "summary.json").read_text(encoding="utf-8"))["summary"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 @dataclass(frozen=True)

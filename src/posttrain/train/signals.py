@@ -1,10 +1,44 @@
-"""Graceful stop on SIGINT / SIGTERM: finish the current step, checkpoint, exit cleanly."""
+"""Graceful stop on SIGINT / SIGTERM: inside the training loop, finish the current step, checkpoint and
+return; anywhere else (loading, data preparation, the evaluation before training, saving), raise
+`Interrupted` so the run is undone or left resumable and the command exits with a message."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the training loop. A KeyboardInterrupt, so no `except Exception` in a
+    library swallows it; `detail` says what is left on disk."""
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.detail = detail
+        super().__init__(f"stopped by {self.signal_name}" + (f": {detail}" if detail else ""))
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While active, SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill the process on
+    the spot, with no message and no clean-up). Inert off the main thread, where signals cannot be caught."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StopRequest:

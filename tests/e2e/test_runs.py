@@ -1,0 +1,211 @@
+"""Runs that cannot be lost or corrupted: `resume` works on the directory it is given, refuses what it cannot
+continue without touching a byte, never retrains from step 0; `run.overwrite` keeps the old run until the new
+one trains; SIGTERM before the training loop exits with a message and leaves nothing half-made."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from posttrain.cli import app
+from posttrain.config import RunConfig
+from posttrain.errors import ConfigError, RunDirError
+from posttrain.train.metrics import read_metrics, truncate_metrics
+from posttrain.train.run_dir import check_run_dir, prepare_run_dir
+
+runner = CliRunner()
+
+
+def _sft_args(model: Path, out: Path, name: str = "sft", steps: int = 2) -> list[str]:
+    return ["sft", f"model.path={model}", f"run.out_dir={out}", f"run.name={name}", "run.progress=false",
+            "data.size=16", f"train.max_steps={steps}", "train.batch_size=8", "train.micro_batch_size=8",
+            "train.save_every=1", "eval.problems=4", "eval.samples=0", "eval_before=false"]
+
+
+def _files(path: Path) -> dict[str, str]:
+    """Every file under `path` with its content hash: equal means byte-identical."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _invoke(args: list[str]) -> tuple[int, str]:
+    """The CLI's exit code and its output with line wrapping undone."""
+    result = runner.invoke(app, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def finished_sft(pretrained_run, tmp_path_factory):
+    """A finished 2-step SFT run (checkpoints at steps 1 and 2); tests copy it, never change it."""
+    out = tmp_path_factory.mktemp("finished")
+    code, output = _invoke(_sft_args(pretrained_run.final_dir, out))
+    assert code == 0, output
+    return out / "sft"
+
+
+def test_resume_continues_the_copy_it_is_given_from_any_cwd(finished_sft, tmp_path, monkeypatch):
+    original = _files(finished_sft)
+    copy = tmp_path / "moved" / "copy"
+    shutil.copytree(finished_sft, copy)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the saved out_dir means nothing from here; the directory is the run
+    code, output = _invoke(["resume", os.path.relpath(copy, elsewhere), "train.max_steps=4"])
+    assert code == 0, output
+    assert "resumed from" in output and "step-2" in output
+    assert [m["step"] for m in read_metrics(copy / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (copy / "checkpoints" / "step-4" / "COMPLETE").is_file()
+    assert '"steps": 4' in (copy / "summary.json").read_text()
+    assert _files(finished_sft) == original
+    assert not list(elsewhere.iterdir())
+
+
+def test_resume_names_of_the_run_cannot_be_overridden(finished_sft):
+    code, output = _invoke(["resume", str(finished_sft), "run.name=other"])
+    assert code == 2 and "run.name" in output
+
+
+@pytest.mark.parametrize("broken", ["finished", "no_checkpoints", "max_steps_below_checkpoint"])
+def test_resume_refuses_what_it_cannot_continue_and_changes_nothing(finished_sft, tmp_path, broken):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_sft, copy)
+    overrides = []
+    if broken == "no_checkpoints":
+        shutil.rmtree(copy / "checkpoints")
+        overrides = ["train.max_steps=4"]  # even with steps left, never from step 0 over its own results
+    elif broken == "max_steps_below_checkpoint":
+        (copy / "summary.json").unlink()  # an interrupted run: no summary yet
+        overrides = ["train.max_steps=1"]
+    before = _files(copy)
+    code, output = _invoke(["resume", str(copy), *overrides])
+    assert code == 2, output
+    message = {"finished": "has finished its 2 steps", "no_checkpoints": "no complete checkpoint",
+               "max_steps_below_checkpoint": "past train.max_steps=1"}[broken]
+    assert message in output, output
+    assert _files(copy) == before
+
+
+def test_overwrite_with_a_bad_batch_size_keeps_the_old_run(finished_sft, tmp_path):
+    copy = tmp_path / "sft"
+    shutil.copytree(finished_sft, copy)
+    before = _files(copy)
+    args = _sft_args(Path("unused"), tmp_path) + ["run.overwrite=true", "train.batch_size=10",
+                                                   "train.micro_batch_size=4"]
+    code, output = _invoke(args)
+    assert code == 2 and "batch_size 10 is not a multiple of micro_batch_size 4" in output
+    assert _files(copy) == before
+
+
+def test_overwrite_failing_before_training_restores_the_old_run(finished_sft, pretrained_run, tmp_path,
+                                                                  monkeypatch):
+    copy = tmp_path / "sft"
+    shutil.copytree(finished_sft, copy)
+    before = _files(copy)
+
+    def fail(*args, **kwargs):
+        raise ConfigError("a failure after the run directory was prepared", field="test")
+
+    monkeypatch.setattr("posttrain.recipes.sft.Trainer", fail)
+    code, output = _invoke(_sft_args(pretrained_run.final_dir, tmp_path) + ["run.overwrite=true"])
+    assert code == 2 and "a failure after the run directory" in output
+    assert _files(copy) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # nothing left aside
+
+
+def test_overwrite_deletes_the_old_run_once_the_new_one_trains(finished_sft, pretrained_run, tmp_path):
+    copy = tmp_path / "sft"
+    shutil.copytree(finished_sft, copy)
+    (copy / "old-only.txt").write_text("from the old run")
+    code, output = _invoke(_sft_args(pretrained_run.final_dir, tmp_path, steps=1) + ["run.overwrite=true"])
+    assert code == 0, output
+    assert not (copy / "old-only.txt").exists() and not (copy / ".unstarted").exists()
+    assert [m["step"] for m in read_metrics(copy / "metrics.jsonl")] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunOnly:
+    run: RunConfig
+
+
+@pytest.mark.parametrize("killed_after", ["move_aside", "restore"])
+def test_a_kill_before_the_first_step_is_undone_by_the_next_start(tmp_path, killed_after):
+    """SIGKILL leaves the new directory marked unstarted with the old run aside; the next start puts the old
+    run back, whether it was killed after moving the old run aside or halfway through putting it back."""
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"step": 1}\n')
+    run = RunConfig(name="run", out_dir=str(tmp_path), overwrite=True)
+    cfg = _RunOnly(run)
+    prepare_run_dir(run, cfg, stage="test")  # the process dies here, before a step is trained
+    assert (old / ".unstarted").is_file() and not (old / "metrics.jsonl").exists()
+    if killed_after == "restore":  # the new directory was already renamed away, the old not yet back
+        os.replace(old, tmp_path / ".run.abandoned")
+    with pytest.raises(RunDirError, match="already exists"):  # a retry without overwrite: the old run is back
+        check_run_dir(RunConfig(name="run", out_dir=str(tmp_path)), cfg)
+    assert (old / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_truncating_metrics_drops_later_steps_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    kept = truncate_metrics(path, 2)
+    assert kept == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert read_metrics(path) == kept and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+SLOW_PHASE = """
+import sys, time
+{target}
+real = target.{name}
+def slow(*args, **kwargs):
+    print("IN-PHASE", flush=True)
+    time.sleep(120)
+    return real(*args, **kwargs)
+target.{name} = slow
+from posttrain.cli import app
+app(sys.argv[1:], prog_name="posttrain")
+"""
+
+
+@pytest.mark.parametrize("phase", ["data_preparation", "eval_before_of_an_overwrite"])
+def test_sigterm_before_the_training_loop_exits_cleanly(pretrained_run, finished_sft, tmp_path, phase):
+    if phase == "data_preparation":
+        target, name, extra = "import posttrain.recipes.sft as target", "prepare_data", []
+    else:  # the old run is moved aside by then, and must come back
+        shutil.copytree(finished_sft, tmp_path / "sft")
+        target, name = "from posttrain.eval.heldout import Evaluation as target", "run"
+        extra = ["run.overwrite=true", "eval_before=true"]
+    before, names = _files(tmp_path), sorted(p.name for p in tmp_path.iterdir())
+    script = tmp_path.parent / f"{tmp_path.name}-slow.py"
+    script.write_text(SLOW_PHASE.format(target=target, name=name))
+    proc = subprocess.Popen([sys.executable, str(script), *_sft_args(pretrained_run.final_dir, tmp_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "300"})
+    try:
+        output = []
+        for line in iter(proc.stdout.readline, ""):
+            output.append(line)
+            if line.strip() == "IN-PHASE":
+                proc.send_signal(signal.SIGTERM)
+                break
+        output.append(proc.communicate(timeout=60)[0])
+    finally:
+        proc.kill()
+    text = "".join(output)
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "stopped by SIGTERM" in text and "Traceback" not in text, text
+    # Nothing new was left (no directory that blocks the retry), and an overwritten run is back, byte for byte.
+    assert sorted(p.name for p in tmp_path.iterdir()) == names and _files(tmp_path) == before
