@@ -6,6 +6,7 @@ surrogate alone. The SFT blend adds alpha times the gold answers' NLL, computed 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from posttrain.algos import value_loss
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
+from posttrain.errors import ConfigError
 from posttrain.models import build_model, count_parameters, load_causal_lm, save_pretrained
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
@@ -154,3 +156,26 @@ def test_the_sft_blend_adds_alpha_times_the_gold_answers_token_mean_nll(lm_dir, 
         tokens += len(target)
     assert len(prompts) < 8  # some prompt has both its completions here: its gold answer counts once
     assert difference == pytest.approx(0.5 * nll / tokens, rel=1e-5)
+
+
+def test_raising_grader_stops_the_run_with_its_traceback_and_keeps_every_error(lm_dir, tmp_path, capsys):
+    grader = tmp_path / "broken.yaml"
+    grader.write_text('type: python\nsource: "def grade(sample, item):\\n    return 1 / 0\\n"\n')
+    with pytest.raises(ConfigError, match=r"reward.functions.grader: .* are errors .*ZeroDivisionError"):
+        main(rft_config(f"model.path={lm_dir}", f"run.out_dir={tmp_path}", "train.max_steps=2",
+                        f"reward.grader={grader}"))
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: division by zero" in err and "Traceback" in err and "completion:" in err
+    errors = [json.loads(line) for line in next(tmp_path.rglob("grader_errors.jsonl")).read_text().splitlines()]
+    assert errors and all(e["function"] == "grader" and "ZeroDivisionError" in e["error"] for e in errors)
+    assert all(isinstance(e["completion"], str) for e in errors)
+
+
+def test_template_typo_fails_at_start_up(lm_dir, tmp_path):
+    grader = tmp_path / "typo.yaml"
+    grader.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_txt }}"\n'
+                      'reference: "{{ item.answer }}"\n')
+    with pytest.raises(ConfigError, match=r"typo.yaml:3: input: sample.output_txt does not exist"):
+        main(rft_config(f"model.path={lm_dir}", f"run.out_dir={tmp_path}", "train.max_steps=2",
+                        f"reward.grader={grader}"))
+    assert not list(tmp_path.rglob("metrics.jsonl"))

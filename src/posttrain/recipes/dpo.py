@@ -47,6 +47,7 @@ from posttrain.recipes.rl import (
     check_gold_answers,
     check_reward_functions,
     completions_of,
+    log_reward_errors,
     resolve_task,
 )
 from posttrain.rewards.functions import WeightedRewards
@@ -139,7 +140,10 @@ def main(cfg: DPOConfig) -> RunResult:
     run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo")
     if on_policy:
         check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
-    rewards = build_rewards(cfg.reward, resolve_task(cfg)) if on_policy else None
+    rewards = None
+    if on_policy:
+        rewards = log_reward_errors(build_rewards(cfg.reward, resolve_task(cfg), prepared.dataset), cfg.reward,
+                                    run_dir.path)
     with forward_precision(cfg.train, model):
         evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout_parts(
             cfg, rows, tokenizer, model, rewards, progress), run_dir.samples, progress)

@@ -45,6 +45,7 @@ from posttrain.recipes.rl import (
     check_gold_answers,
     check_reward_functions,
     completions_of,
+    log_reward_errors,
     resolve_task,
 )
 from posttrain.recipes.sft import sft_loss_fn, step_source
@@ -102,8 +103,9 @@ def main(cfg: RejectionConfig) -> RunResult:
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     task = resolve_task(cfg)
-    rewards = build_rewards(cfg.reward, task)
+    rewards = build_rewards(cfg.reward, task, prepared.dataset)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection")
+    log_reward_errors(rewards, cfg.reward, run_dir.path)
     evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(
         tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)), cfg.sampling.max_new_tokens,
         cfg.eval), run_dir.samples, progress)

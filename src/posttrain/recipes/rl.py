@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,7 @@ from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import EvalConfig
 from posttrain.models.adapters import AdapterConfig
+from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import (
     NEEDS_ANSWER,
     REWARD_FUNCTIONS,
@@ -33,6 +35,7 @@ from posttrain.rewards.functions import (
     WeightedRewards,
     import_reward_function,
 )
+from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
 from posttrain.train import dist
 from posttrain.train.engine import TrainConfig
@@ -76,6 +79,9 @@ class RewardConfig:
     model_path: str | None = param(None, "Reward model directory (from `posttrain rm`) for the reward_model function.")
     grader: str | None = param(None, "Grader file (YAML, the public fine-tuning grader schema) or shipped grader "
                                      "name (arith-partial) for the `grader` function (posttrain.rewards.graders).")
+    max_error_fraction: float = param(0.5, "Stop the run when one reward function errs (raises, times out, "
+                                           "returns NaN) on more than this share of a batch; every error is kept "
+                                           "in grader_errors.jsonl (1: never stop).", ge=0, le=1)
 
 
 def check_reward_functions(cfg: RewardConfig) -> None:
@@ -116,12 +122,27 @@ def resolve_task(cfg: Any) -> Task | None:
     return get_task(name) if name else None
 
 
-def build_rewards(cfg: RewardConfig, task: Task | None) -> WeightedRewards:
+def build_rewards(cfg: RewardConfig, task: Task | None, dataset: Any = None) -> WeightedRewards:
+    """The weighted reward functions; with the prepared `dataset`, a grader's templates are checked against its
+    columns now, not at the first rollout."""
     try:
-        return WeightedRewards.from_config(cfg.functions, task=task, reward_model_path=cfg.model_path,
-                                           grader_path=cfg.grader)
+        rewards = WeightedRewards.from_config(cfg.functions, task=task, reward_model_path=cfg.model_path,
+                                              grader_path=cfg.grader)
     except ValueError as err:
         raise ConfigError(str(err), field="reward.functions") from None
+    if dataset is not None and len(dataset) and "row" in dataset.column_names:
+        columns = json.loads(dataset[0]["row"] or "{}")
+        for fn, _ in rewards.functions.values():
+            if getattr(fn, "grader", None) is not None:
+                check_grader_fields(fn.grader, columns)
+    return rewards
+
+
+def log_reward_errors(rewards: WeightedRewards, cfg: RewardConfig, run_dir: Path) -> WeightedRewards:
+    """Every reward error of the run kept in <run_dir>/grader_errors.jsonl, the first of each kind printed, and
+    the run stopped when they pass reward.max_error_fraction of a batch (`posttrain.rewards.error_log`)."""
+    rewards.error_log = RewardErrorLog(run_dir, cfg.max_error_fraction)
+    return rewards
 
 
 def build_reference(beta: float, adapter: AdapterConfig, model: torch.nn.Module) -> Reference | None:

@@ -81,6 +81,7 @@ from posttrain.recipes.rl import (
     build_rewards,
     check_gold_answers,
     completions_of,
+    log_reward_errors,
     resolve_task,
     reward_metrics,
     rollout_batch_size,
@@ -693,9 +694,10 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward, uses_gold=cfg.loss.sft_coef > 0)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, actor.dtype, progress)
     task = resolve_task(cfg)
-    rewards = rewards if rewards is not None else build_rewards(cfg.reward, task)
+    rewards = rewards if rewards is not None else build_rewards(cfg.reward, task, prepared.dataset)
     hook = step_rewards(task, tokenizer)
     run_dir = prepare_run_dir(cfg.run, cfg, stage=stage)
+    log_reward_errors(rewards, cfg.reward, run_dir.path)
     # The held-out prompts are scored by the stage's reward functions (no missing-EOS penalty: the reward itself).
     evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(
         tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)), cfg.sampling.max_new_tokens,

@@ -33,6 +33,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ def grader_reward(grader_path: str | None = None, **_: Any) -> RewardFunction:
                                             batch.columns)
         return grader.grade(samples, items)
 
+    score.grader = grader  # for the start-up check of its templates against the data (check_grader_fields)
     return score
 
 
@@ -288,6 +290,8 @@ class WeightedRewards:
         if not functions:
             raise ValueError("at least one reward function is needed")
         self.functions = dict(functions)
+        # Set by a recipe once its run directory exists: sees every scored batch (`error_log.RewardErrorLog`).
+        self.error_log: Callable[[Scores, Completions], None] | None = None
 
     @classmethod
     def from_config(cls, weights: Mapping[str, float], **context: Any) -> WeightedRewards:
@@ -296,11 +300,19 @@ class WeightedRewards:
         return cls({name: (reward_function(name, **context), float(w)) for name, w in weights.items()})
 
     def __call__(self, batch: Completions) -> Scores:
+        """A function that raises scores 0 on every row, and a NaN scores 0 on its row: both are error records
+        (with the traceback), like a grader's errors."""
         by_function: dict[str, Tensor] = {}
         errors: list[dict[str, Any]] = []
         total = torch.zeros(len(batch), dtype=torch.float64)
         for name, (fn, weight) in self.functions.items():
-            values = fn(batch)
+            try:
+                values = fn(batch)
+            except Exception:  # noqa: BLE001 - the user's function failed: an error record, not a dead run
+                error = traceback.format_exc().rstrip()
+                error = f"{error.splitlines()[-1]}\n{error}"
+                errors.extend({"function": name, "row": i, "error": error} for i in range(len(batch)))
+                values = [0.0] * len(batch)
             if hasattr(values, "components"):  # a grader's result: log its parts and errors, weight its total
                 by_function.update({f"{name}.{part}": torch.tensor(v, dtype=torch.float64)
                                     for part, v in values.components.items()})
@@ -316,6 +328,13 @@ class WeightedRewards:
             if values.numel() != len(batch):
                 raise ValueError(f"reward function {name!r} returned {values.numel()} scores for {len(batch)} "
                                  "completions")
+            bad = ~torch.isfinite(values)
+            errors.extend({"function": name, "row": i, "error": f"returned {values[i].item()!r}, not a finite number"}
+                          for i in bad.nonzero().flatten().tolist())
+            values = torch.where(bad, 0.0, values)
             by_function[name] = values
             total += weight * values
-        return Scores(total=total, by_function=by_function, errors=errors)
+        scores = Scores(total=total, by_function=by_function, errors=errors)
+        if self.error_log is not None:
+            self.error_log(scores, batch)
+        return scores

@@ -26,7 +26,7 @@ ConfigError with the file, line and field. `grader_reward(grader)` makes it a re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from posttrain.rewards.graders.python_grader import PythonGrader
 from posttrain.rewards.graders.score_model import ScoreModelGrader
 from posttrain.rewards.graders.string_check import StringCheckGrader
 from posttrain.rewards.graders.teacher import TeacherGrader
+from posttrain.rewards.graders.template import Template
 from posttrain.rewards.graders.text_similarity import TextSimilarityGrader
 
 GRADERS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "graders"
@@ -68,6 +69,31 @@ def load_grader(path_or_name: str | Path) -> Grader:
     return build_grader(Spec(data, file=str(path), lines=lines))
 
 
+def check_grader_fields(grader: Grader, columns: Collection[str]) -> None:
+    """Every template of the grader (and of the graders inside it) reads only `sample.output_text` and fields the
+    items will have: `columns` (the data row's) and question, answer, steps, messages. A ConfigError at start-up
+    names the grader file, line and key."""
+    available = {"sample": SAMPLE_FIELDS, "item": {*columns, *ITEM_FIELDS}}
+    for template in _templates(grader):
+        template.check_fields(available)
+
+
+def _templates(value: Any) -> list[Template]:
+    if isinstance(value, Template):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _templates(v)]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _templates(v)]
+    if hasattr(value, "grade"):  # a grader: its templates, and those of the graders inside it
+        return [t for v in vars(value).values() for t in _templates(v)]
+    return []
+
+
+SAMPLE_FIELDS = ("output_text",)
+ITEM_FIELDS = ("question", "answer", "steps", "messages")
+
+
 def completion_records(prompts: Sequence[Sequence[Mapping[str, Any]]], completions: Sequence[str],
                        answers: Sequence[str | None], steps: Sequence[Sequence[str]],
                        columns: Sequence[Mapping[str, Any]] = ()) -> tuple[list[Sample], list[Item]]:
@@ -82,4 +108,5 @@ def completion_records(prompts: Sequence[Sequence[Mapping[str, Any]]], completio
 
 
 __all__ = ["GRADER_TYPES", "Formula", "GradeResult", "Grader", "Item", "Sample", "Spec", "answer_line", "boxed",
-           "build_grader", "checked_score", "completion_records", "last_number", "load_grader", "regex"]
+           "build_grader", "check_grader_fields", "checked_score", "completion_records", "last_number", "load_grader",
+           "regex"]

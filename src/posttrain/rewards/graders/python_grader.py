@@ -1,22 +1,29 @@
 """`python`: a user's `def grade(sample, item) -> float` run in a separate, locked-down process.
 
-What is enforced (by `sandbox_runner`, before the user's code is compiled):
-- wall-clock timeout per sample (`timeout_s`): the process group is killed, the sample scores 0 and the
-  next sample gets a fresh process; CPU time is capped too (RLIMIT_CPU);
-- memory limit (`memory_mb`, RLIMIT_AS): an allocation beyond it raises MemoryError or kills the
-  process, either way the sample scores 0;
-- no network: fresh user + network namespaces where the kernel allows them, and every socket
-  constructor replaced by one that raises (the fallback on kernels without namespaces);
-- scrubbed environment: the child's environment holds only PATH and LANG (no tokens, no HOME), and
-  Python runs isolated (-I: no PYTHON* variables, no user site-packages, no current directory on sys.path);
-- no access to the run directory: the child's working directory is a fresh empty temp directory that is
-  deleted afterwards, and the run directory's path is never passed to it. (Reading absolute paths the
-  process user can read is NOT prevented: this is containment of mistakes and runaway code, not a jail
-  for hostile code; run untrusted graders in a container.)
-- writes: at most 1 MiB per file (RLIMIT_FSIZE).
+What is enforced (by `sandbox_runner`, before the user's code is compiled), and where it holds:
+- results: each reply travels on a pipe of its own (not fd 1) and carries the random id of the request it
+  answers, so nothing the grader prints or forges can be taken for another sample's score. Its fd 1 and fd 2
+  are captured: their last lines, with the traceback, are the sample's error record;
+- wall-clock timeout per sample (`timeout_s`), kept whatever the grader writes: the runner's process group is
+  killed, and with the PID namespace (Linux user namespaces) the kernel then kills every process the grader
+  started, also one in a session of its own. Without user namespaces a process that left the session
+  survives the kill (it dies with its parent only if it kept PR_SET_PDEATHSIG). CPU time is capped too;
+- processes: at most `max_processes` (RLIMIT_NPROC). The kernel exempts root from that limit: a grader of a
+  root trainer is bounded by its PID namespace's pid_max instead (301, Linux >= 6.14), and is unbounded on
+  kernels without either;
+- file system: read-only except the grader's fresh temp directory (its cwd and TMPDIR, deleted afterwards),
+  by Landlock (Linux >= 5.13 with Landlock enabled). Without Landlock the grader can write and delete
+  whatever the trainer's user can: it is NOT isolated there. Reading is not restricted;
+- signals: in its PID namespace the grader cannot name the trainer, and Landlock (ABI >= 6) scopes signals
+  to the sandbox; without either it can signal the trainer (same user);
+- memory limit (`memory_mb`, RLIMIT_AS); no network (fresh network namespace where allowed, and every socket
+  constructor replaced by one that raises); scrubbed environment (PATH, LANG, TMPDIR only) and Python
+  isolated (-I); writes at most 1 MiB per file (RLIMIT_FSIZE).
+This contains mistakes and runaway code; it is not a jail for hostile code (run untrusted graders in a
+container).
 
 An exception, a timeout, a crash, or a return value that is not a finite number in [0, 1] gives the
-sample score 0 and an error record (`GradeResult.errors`); the run goes on.
+sample score 0 and an error record (`GradeResult.errors`, with the traceback and the grader's output).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -42,13 +50,14 @@ SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 class PythonGrader:
     def __init__(self, spec: Spec) -> None:
-        spec.only("type", "name", "source", "image_tag", "timeout_s", "memory_mb")
+        spec.only("type", "name", "source", "image_tag", "timeout_s", "memory_mb", "max_processes")
         self.name = spec.get("name", str, "python")
         self.source = spec.get("source", str)
         self.timeout_s = float(spec.get("timeout_s", (int, float), 2.0))
         self.memory_mb = int(spec.get("memory_mb", int, 512))
-        if self.timeout_s <= 0 or self.memory_mb < 64:
-            raise spec.error("timeout_s must be > 0 and memory_mb >= 64")
+        self.max_processes = int(spec.get("max_processes", int, 16))
+        if self.timeout_s <= 0 or self.memory_mb < 64 or self.max_processes < 1:
+            raise spec.error("timeout_s must be > 0, memory_mb >= 64 and max_processes >= 1")
         _check_source(self.source, spec)
 
     def grade(self, samples: Sequence[Sample], items: Sequence[Item]) -> GradeResult:
@@ -62,13 +71,14 @@ class PythonGrader:
                         errors.append(fatal)
                         continue
                     if child is None:
-                        child = self._start(workdir)
+                        child = _Child.start(self, workdir)
                     reply = child.ask({"sample": dict(sample), "item": _jsonable(item)}, self.timeout_s)
-                    fatal = reply.get("fatal")
                     if "value" in reply:
                         score, error = checked_score(reply["value"])
                     else:
                         score, error = 0.0, reply["error"]
+                    if "fatal" in reply:
+                        fatal = error
                     if reply.get("restart"):  # the process is gone or stuck: the next sample gets a new one
                         child.kill()
                         child = None
@@ -79,52 +89,110 @@ class PythonGrader:
                     child.kill()
         return GradeResult(scores, errors=errors)
 
-    def _start(self, workdir: str) -> _Child:
-        process = subprocess.Popen([sys.executable, "-I", str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, cwd=workdir, env=SAFE_ENV, start_new_session=True,
-                                   text=True)
-        child = _Child(process)
-        child.send({"source": self.source, "memory_mb": self.memory_mb, "cpu_s": max(1, int(self.timeout_s * 4) + 1)})
-        return child
-
 
 class _Child:
-    """One sandbox process: a JSON line in, a JSON line out, within a deadline."""
+    """One sandbox process: a JSON request line on its stdin; the reply, tagged with the request's random id, on
+    a pipe of its own (fd 1 and fd 2 are the user's, kept as the error record); within a deadline.
 
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.process = process
+    A reply counts only with the id of the request it answers: a line the user's code forges on the result pipe
+    cannot be taken for another sample's score, as that sample's id does not exist yet."""
+
+    OUTPUT_KEPT = 4096  # the last bytes of the grader's own output kept for an error record
+
+    def __init__(self, process: subprocess.Popen, results: int, load_id: str) -> None:
+        self.process, self.results, self.load_id = process, results, load_id
+        self.pending, self.output = b"", b""
+
+    @classmethod
+    def start(cls, grader: PythonGrader, workdir: str) -> _Child:
+        results, write_end = os.pipe()
+        # A session of its own: the timeout kills its whole process group, never the trainer's.
+        process = subprocess.Popen([sys.executable, "-I", str(RUNNER), str(write_end)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_end,),
+                                   cwd=workdir, env={**SAFE_ENV, "TMPDIR": workdir}, start_new_session=True)
+        os.close(write_end)
+        child = cls(process, results, secrets.token_hex(16))
+        child.send({"id": child.load_id, "source": grader.source, "memory_mb": grader.memory_mb,
+                    "cpu_s": max(1, int(grader.timeout_s * 4) + 1), "processes": grader.max_processes})
+        return child
 
     def send(self, payload: dict[str, Any]) -> None:
-        self.process.stdin.write(json.dumps(payload) + "\n")
+        self.process.stdin.write((json.dumps(payload) + "\n").encode())
         self.process.stdin.flush()
 
     def ask(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """{"value"} or {"error"}; with "restart" when the process must be replaced, "fatal" when the source
+        does not load (the reply to the setup's id)."""
+        request_id = secrets.token_hex(16)
+        self.output = b""
         try:
-            self.send(payload)
+            self.send({"id": request_id, **payload})
         except (BrokenPipeError, OSError):
-            return {"error": "the grader process died (the source failed to load, or a previous call crashed it)",
-                    "restart": True}
+            return self._failed("the grader process died (a previous call crashed it)")
         deadline = time.monotonic() + timeout_s
+        streams = [self.results, self.process.stdout.fileno()]
         while True:
+            for line in self._lines():
+                reply = _parse(line)
+                if reply.get("id") == self.load_id and reply.get("fatal"):
+                    return {**self._failed(f"the grader source failed to load: {reply.get('error')}",
+                                           reply.get("traceback")), "fatal": True}
+                if reply.get("id") == request_id:
+                    self._drain_output()
+                    if "value" in reply:
+                        return {"value": reply["value"]}
+                    return {"error": self._record(str(reply.get("error")), reply.get("traceback"))}
             left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, left))
-            if not ready:
-                return {"error": f"timed out after {timeout_s:g} s", "restart": True}
-            line = self.process.stdout.readline()
-            if not line:
-                code = self.process.wait()
-                why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                return {"error": f"the grader process {why} (memory limit?)", "restart": True}
-            try:
-                reply = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the user's code wrote to the protocol's stdout: not a reply
-            if "fatal" in reply:
-                error = f"the grader source failed to load: {reply['fatal']}"
-                return {"error": error, "fatal": error, "restart": True}
-            return reply
+            if left <= 0:
+                return self._failed(f"timed out after {timeout_s:g} s")
+            ready, _, _ = select.select(streams, [], [], left)
+            if self.process.stdout.fileno() in ready and not self._read_output():
+                streams.remove(self.process.stdout.fileno())
+            if self.results in ready:
+                data = os.read(self.results, 1 << 16)
+                if not data:
+                    code = self._wait(deadline)
+                    why = ("closed its result pipe" if code is None else
+                           f"was killed by signal {-code}" if code < 0 else f"exited with status {code}")
+                    return self._failed(f"the grader process {why} (memory limit?)")
+                self.pending = (self.pending + data)[-(1 << 20):]  # a reply is a short line
+
+    def _lines(self) -> list[bytes]:
+        *lines, self.pending = self.pending.split(b"\n")
+        return lines
+
+    def _read_output(self) -> bool:
+        data = os.read(self.process.stdout.fileno(), 1 << 16)
+        self.output = (self.output + data)[-self.OUTPUT_KEPT:]
+        return bool(data)
+
+    def _drain_output(self) -> None:
+        stdout = self.process.stdout.fileno()
+        while select.select([stdout], [], [], 0)[0] and self._read_output():
+            pass
+
+    def _wait(self, deadline: float) -> int | None:
+        try:
+            return self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _record(self, error: str, trace: str | None = None) -> str:
+        """The error, with the grader's traceback and the tail of what it wrote on fd 1 and fd 2."""
+        parts = [error]
+        if trace:
+            parts.append(trace.rstrip())
+        if self.output:
+            parts.append("grader output (last lines):\n" + self.output.decode(errors="replace").rstrip())
+        return "\n".join(parts)
+
+    def _failed(self, error: str, trace: str | None = None) -> dict[str, Any]:
+        self._drain_output()
+        return {"error": self._record(error, trace), "restart": True}
 
     def kill(self) -> None:
+        """SIGKILL to the runner's process group: with the PID namespace, the kernel then ends every process the
+        grader started, in whatever session."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -136,6 +204,15 @@ class _Child:
                 stream.close()
             except OSError:
                 pass
+        os.close(self.results)
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        reply = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return reply if isinstance(reply, dict) else {}
 
 
 def _check_source(source: str, spec: Spec) -> None:

@@ -1,16 +1,18 @@
 """Grader templates: `{{ sample.output_text }}`, `{{ item.answer }}`, with answer-extraction filters.
 
 Rendered in jinja2's sandboxed environment (no attribute access to Python internals, no imports), with
-undefined names as errors: a template naming `item.anwser` fails when the grader is built (checked on
-an example item) or on the first row that lacks the field, never silently renders "".
+undefined names as errors: a template naming `item.anwser` or `sample.output_txt` fails at start-up
+(`check_fields`, against the data's columns, before anything is sampled) or on the first row that lacks the
+field, never silently renders "".
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from posttrain.rewards.graders.base import Spec
@@ -31,6 +33,25 @@ class Template:
             if spec is None:
                 raise
             raise spec.error(f"template syntax error: {err.message} in {source!r}", key) from None
+
+    def fields(self) -> set[tuple[str, str]]:
+        """The (`sample` or `item`, field) pairs the template reads by name (`item.x` or `item["x"]`)."""
+        found = set()
+        for node in _ENV.parse(self.source).find_all((nodes.Getattr, nodes.Getitem)):
+            field = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+            if isinstance(node.node, nodes.Name) and node.node.name in ("sample", "item") and isinstance(field, str):
+                found.add((node.node.name, field))
+        return found
+
+    def check_fields(self, available: Mapping[str, Collection[str]]) -> None:
+        """ConfigError (the grader file, line and key) for a field the records will not have."""
+        for root, field in sorted(self.fields()):
+            if field not in available[root]:
+                message = (f"{root}.{field} does not exist: {root} has {', '.join(sorted(available[root]))} "
+                           f"(in {self.source!r})")
+                if self.spec is None:
+                    raise ValueError(message)
+                raise self.spec.error(message, self.key)
 
     def render(self, sample: Mapping[str, Any], item: Mapping[str, Any]) -> str:
         try:
