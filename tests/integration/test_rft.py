@@ -130,14 +130,14 @@ def test_a_critic_free_run_builds_no_critic(lm_dir, tmp_path, monkeypatch):
 def test_the_sft_blend_adds_alpha_times_the_gold_answers_token_mean_nll(lm_dir, tokenizer):
     model = ActorCritic(load_causal_lm(lm_dir), build_value_model(lm_dir, "policy"))
     cfg = rft_config(f"model.path={lm_dir}", "loss.sft_coef=0.5", "sampling.samples_per_prompt=2",
-                     "train.micro_batch_size=3")
+                     "train.batch_size=6", "train.micro_batch_size=3")
     source = rft_source(cfg, model, tokenizer, gold=True)
     step = source.next_step()
     blended_fn = rl_loss_fn(cfg, cfg.sampling.max_new_tokens)
     plain_fn = rl_loss_fn(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, sft_coef=0.0)),
                           cfg.sampling.max_new_tokens)
     difference, prompts = 0.0, set()
-    for micro in step.micro_batches:  # 8 completions (2 per prompt) in micro-batches of 3, 3 and 2
+    for micro in step.micro_batches:  # 6 completions (2 per prompt) in micro-batches of 3: a prompt spans both
         blended, _ = blended_fn(model, micro, step.normaliser)
         plain, _ = plain_fn(model, micro, step.normaliser)
         without_gold, _ = plain_fn(model, dataclasses.replace(micro, sft=None), step.normaliser)
