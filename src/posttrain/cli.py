@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from posttrain import recipes
@@ -31,6 +32,12 @@ def _split_recipe(args: list[str] | None) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _print_error(message: object) -> None:
+    """`error: <message>` in red. The message is the user's own text (paths, values, column names): escaped, so
+    that `[/x]` or `:x:` print as typed instead of being read as rich markup (a MarkupError) or an emoji code."""
+    console.print(f"[bold red]error:[/] {escape(str(message))}", emoji=False)
+
+
 def _quiet_libraries() -> None:
     # Offline by default: a local directory never needs the hub, and a typo must not start a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,7 +58,7 @@ def _run_stage(stage: str, args: list[str] | None, quick: bool) -> None:
     try:
         result = recipes.run_stage(stage, recipe, overrides, quick=quick)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     console.print(f"[green]done[/] run directory: {result.run_dir}")
     if result.final_dir is not None:
@@ -102,7 +109,7 @@ def resume(
         recipe = recipes.find_recipe(str(config_file))
         result = recipes.run_stage(recipe.stage, str(config_file), ["run.resume=true", *(overrides or [])])
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     console.print(f"[green]done[/] run directory: {result.run_dir}")
 
@@ -122,7 +129,7 @@ def demo(
         run_demo(out=out, quick=quick, fresh=fresh, console=console,
                  stages=[name.strip() for name in stages.split(",")] if stages else None)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
 
 
@@ -155,7 +162,7 @@ def evaluate(
     try:
         result = run_eval(path, options)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     table = Table("metric", "value", title=f"eval of {result['model']} on {result['task']}")
     for key, value in result.items():
@@ -189,8 +196,7 @@ def report(
     elif (path / "summary.json").is_file():
         written = rebuild_training_report(RunDir(path))
     else:
-        console.print(f"[bold red]error:[/] {run_dir}: neither a demo directory (demo.json) nor a finished run "
-                      "(summary.json)")
+        _print_error(f"{run_dir}: neither a demo directory (demo.json) nor a finished run (summary.json)")
         raise typer.Exit(2)
     console.print(f"[green]written[/] {written}")
 
@@ -225,7 +231,7 @@ def config(
         found = recipes.find_recipe(recipe)
         cfg = recipes.build_config(found, list(overrides or []), quick)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     table = Table("key", "value", "doc", title=f"{found.name} ({found.stage})")
     for key, value, doc in describe(cfg):
@@ -281,7 +287,7 @@ def data_inspect(
             tokenizer = train_tokenizer(plain_text(d) for d in itertools.islice(synthetic_documents(seed=0), 3000))
         inspect_data(cfg, tokenizer, stage=stage, samples=samples, console=console)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
 
 
