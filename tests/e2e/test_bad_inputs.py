@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Case:
     expect: tuple[str, ...]
     files: dict[str, str | bytes] = field(default_factory=dict)
     xfail: str | None = None
+    model_files: tuple[str, ...] = ()  # files of the tiny model directory copied into {tmp}/m
 
 
 # Settings every stage run gets: the module's tiny model, a private out_dir, no live progress bar.
@@ -58,9 +60,12 @@ def sft_data(name: str, *args: str) -> tuple[str, ...]:
 
 
 def case(id: str, args: tuple[str, ...], *expect: str, files: dict[str, str | bytes] | None = None,
-         xfail: str | None = None):
+         xfail: str | None = None, model_files: tuple[str, ...] = ()):
     marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
-    return pytest.param(Case(id, args, expect, files or {}, xfail), id=id, marks=marks)
+    return pytest.param(Case(id, args, expect, files or {}, xfail, model_files), id=id, marks=marks)
+
+
+TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 RECIPE_OK = "stage: sft\ndescription: mine\ntrain:\n  max_steps: 2\noptim:\n  lr: 1.0e-3\n"
@@ -218,10 +223,15 @@ MODEL_CASES = [
          files={"m/config.json": json.dumps({"model_type": "llama", "vocab_size": 64, "hidden_size": 16,
                                              "num_hidden_layers": 1, "num_attention_heads": 2,
                                              "intermediate_size": 32})},
-         xfail="issue 22: broken model directories (part 4)"),
+         model_files=TOKENIZER, xfail="issue 22: broken model directories (part 4)"),
     case("model-unknown-type", ("sft", "model.path={tmp}/m", "run.out_dir={tmp}/runs"), "{tmp}/m", "model_type",
          files={"m/config.json": json.dumps({"model_type": "no-such-architecture"})},
-         xfail="issue 22: broken model directories (part 4)"),
+         model_files=TOKENIZER, xfail="issue 22: broken model directories (part 4)"),
+    case("model-no-tokenizer", ("sft", "model.path={tmp}/m", "run.out_dir={tmp}/runs"), "{tmp}/m", "tokenizer",
+         model_files=("config.json", "model.safetensors"), xfail="issue 22: broken model directories (part 4)"),
+    case("model-weights-truncated", ("sft", "model.path={tmp}/m", "run.out_dir={tmp}/runs"), "{tmp}/m",
+         "model.safetensors", files={"m/model.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}"},
+         model_files=("config.json", *TOKENIZER), xfail="issue 22: broken model directories (part 4)"),
     case("sft-without-model", ("sft", "model.path=none", "run.out_dir={tmp}/runs"), "model.path:",
          "set model.path"),
     case("eval-path-missing", ("eval", "{tmp}/nothing"), "{tmp}/nothing"),
@@ -383,6 +393,9 @@ def test_bad_input_is_one_clear_error(bad: Case, tmp_path, model_dir, monkeypatc
             path.write_bytes(content)
         else:
             path.write_text(content, encoding="utf-8")
+    for name in bad.model_files:
+        (tmp_path / "m").mkdir(exist_ok=True)
+        shutil.copy(model_dir / name, tmp_path / "m" / name)
     existing_run(tmp_path / "runs" / "keep", model_dir)
     monkeypatch.setattr(cli, "console", Console(soft_wrap=True))  # rich would wrap long paths mid-word
     monkeypatch.chdir(tmp_path)  # nothing a case does may land in the repository (runs/, caches)
@@ -408,3 +421,17 @@ def test_bad_input_is_one_clear_error(bad: Case, tmp_path, model_dir, monkeypatc
 def test_catalogue_size():
     ids = [p.id for p in ALL_CASES]
     assert len(ids) == len(set(ids)) >= 60
+
+
+def test_a_real_process_exits_2_without_traceback(tmp_path):
+    """The catalogue runs in-process; the installed entry point turns the same error into exit status 2."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"stage: sft\ndescription: caf\xe9\n")
+    out = subprocess.run([sys.executable, "-m", "posttrain", "config", str(recipe)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "COLUMNS": "1000"})  # no wrapping inside the path
+    assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr
+    assert f"{recipe}:2: not valid UTF-8" in " ".join(out.stdout.split())
