@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from posttrain import recipes
@@ -32,6 +33,12 @@ def _split_recipe(args: list[str] | None) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _print_error(message: object) -> None:
+    """`error: <message>` in red. The message is the user's own text (paths, values, column names): escaped, so
+    that `[/x]` or `:x:` print as typed instead of being read as rich markup (a MarkupError) or an emoji code."""
+    console.print(f"[bold red]error:[/] {escape(str(message))}", emoji=False)
+
+
 def _quiet_libraries() -> None:
     # Offline by default: a local directory never needs the hub, and a typo must not start a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,7 +59,7 @@ def _run_stage(stage: str, recipe: str | None, overrides: list[str], quick: bool
     try:
         result = recipes.run_stage(stage, recipe, overrides, quick=quick)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     except Interrupted as stop:
         console.print(f"[yellow]{stop}[/]")
@@ -113,7 +120,7 @@ def resume(
                                      "continue it elsewhere", field=override.split("=", 1)[0])
         stage = recipes.find_recipe(str(config_file)).stage
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     # The directory, not the out_dir/name saved in its config (relative to wherever it was started), is the run.
     _run_stage(stage, str(config_file), [*(overrides or []), "run.resume=true", "run.overwrite=false",
@@ -138,7 +145,7 @@ def demo(
         run_demo(out=out, quick=quick, fresh=fresh, console=console,
                  stages=[name.strip() for name in stages.split(",")] if stages else None)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     except Interrupted as stop:
         console.print(f"[yellow]{stop}[/]")
@@ -174,7 +181,7 @@ def evaluate(
     try:
         result = run_eval(path, options)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     table = Table("metric", "value", title=f"eval of {result['model']} on {result['task']}")
     for key, value in result.items():
@@ -208,8 +215,7 @@ def report(
     elif (path / "summary.json").is_file():
         written = rebuild_training_report(RunDir(path))
     else:
-        console.print(f"[bold red]error:[/] {run_dir}: neither a demo directory (demo.json) nor a finished run "
-                      "(summary.json)")
+        _print_error(f"{run_dir}: neither a demo directory (demo.json) nor a finished run (summary.json)")
         raise typer.Exit(2)
     console.print(f"[green]written[/] {written}")
 
@@ -244,7 +250,7 @@ def config(
         found = recipes.find_recipe(recipe)
         cfg = recipes.build_config(found, list(overrides or []), quick)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
     table = Table("key", "value", "doc", title=f"{found.name} ({found.stage})")
     for key, value, doc in describe(cfg):
@@ -300,7 +306,7 @@ def data_inspect(
             tokenizer = train_tokenizer(plain_text(d) for d in itertools.islice(synthetic_documents(seed=0), 3000))
         inspect_data(cfg, tokenizer, stage=stage, samples=samples, console=console)
     except PosttrainError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error(err)
         raise typer.Exit(2) from None
 
 

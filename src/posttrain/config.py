@@ -159,7 +159,13 @@ def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Read a YAML mapping and record the 1-based line of every dotted key, for error messages."""
     if not path.is_file():
         raise ConfigError("recipe file not found", file=str(path))
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"not valid UTF-8: byte 0x{raw[err.start]:02x} (save the recipe as UTF-8)", file=str(path),
+                          line=line) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

@@ -244,7 +244,10 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     ks = sampled_ks(options)
     examples = heldout_problems(task, options.problems, options.seed)
     encoder = Encoder.from_config(tokenizer, data)
-    rewards = WeightedRewards.from_config({name: 1.0 for name in options.rewards}, task=task)
+    try:
+        rewards = WeightedRewards.from_config({name: 1.0 for name in options.rewards}, task=task)
+    except ValueError as err:  # an unknown name or an import path that does not import: the user's --reward
+        raise ConfigError(str(err), field="--reward") from None
     engine = make_engine("local", model, tokenizer)
     n = options.samples
     correct: list[int] = []
