@@ -69,6 +69,9 @@ def loading_errors(directory: Path, field: str = "model.path") -> Iterator[None]
         yield
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, SafetensorError):  # it does not say which file: a directory may hold several
+            weights = ", ".join(sorted(p.name for p in directory.glob("*.safetensors")))
+            reason = f"a weights file ({weights}) is damaged: {reason}"
         raise ConfigError(f"cannot load the model: {reason}", file=str(directory), field=field) from err
 
 
