@@ -72,8 +72,10 @@ class TrainConfig:
                                    "bf16 where the CPU/GPU computes bf16 natively (AVX512_BF16, AMX), else fp32.",
                            choices=PRECISIONS)
 
-    def __post_init__(self) -> None:
-        # Checked when the config is read, not after the model and data are loaded.
+    def check_batch_sizes(self) -> None:
+        """Refuse a batch that micro-batches do not divide. Called before a run loads anything
+        (`run_dir.check_run_dir`) and again by the Trainer; not when the config is built, so that tests and
+        library users may split a batch unevenly by hand (the RL losses are invariant to it)."""
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}", field="train.micro_batch_size")
@@ -125,6 +127,7 @@ class Trainer:
     def __init__(self, *, stage: str, cfg: Any, run: RunConfig, train: TrainConfig, optim: OptimConfig,
                  run_dir: RunDir, model: torch.nn.Module, console: Console | None = None,
                  progress: RunProgress | None = None) -> None:
+        train.check_batch_sizes()
         self.dist = dist.init_distributed()
         if train.batch_size % (train.micro_batch_size * self.dist.world_size):
             raise ConfigError(f"batch_size {train.batch_size} (global) is not a multiple of micro_batch_size "
