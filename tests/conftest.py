@@ -70,7 +70,7 @@ def resumes_bitwise():
     """`check(full, resume)`: copies the finished run `full` (a RunResult with checkpoints) as if it had been stopped
     after its first checkpoint (later checkpoints, final/ and summary.json removed), resumes the copy with
     `resume("split")` (the same settings with run.name=split, run.resume=true), and asserts that it wrote the same
-    metrics (timings aside) and bitwise the same final weights. Returns the metrics."""
+    metrics (timings aside), the same samples and bitwise the same final weights. Returns the metrics."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.train.metrics import read_metrics
@@ -88,6 +88,9 @@ def resumes_bitwise():
         (split / "summary.json").unlink()  # a stopped run has no summary: one that has is finished
         resumed = resume("split")
         assert untimed(split / "metrics.jsonl") == untimed(full.run_dir / "metrics.jsonl")
+        samples = full.run_dir / "samples.jsonl"
+        if samples.exists():  # every step's samples once: none re-appended by the resumed process
+            assert read_metrics(split / "samples.jsonl") == read_metrics(samples)
         a = AutoModelForCausalLM.from_pretrained(full.final_dir, local_files_only=True).state_dict()
         b = AutoModelForCausalLM.from_pretrained(resumed.final_dir, local_files_only=True).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from posttrain.cli import app
 from posttrain.config import RunConfig
 from posttrain.errors import ConfigError, RunDirError
-from posttrain.train.metrics import read_metrics, truncate_metrics
+from posttrain.train.metrics import read_metrics, truncate_metrics, truncate_samples
 from posttrain.train.run_dir import check_run_dir, prepare_run_dir
 
 runner = CliRunner()
@@ -164,6 +165,19 @@ def test_truncating_metrics_drops_later_steps_and_a_torn_line(tmp_path):
     kept = truncate_metrics(path, 2)
     assert kept == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     assert read_metrics(path) == kept and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+
+def test_truncating_samples_keeps_each_steps_samples_once(tmp_path):
+    """A resumed process evaluates the starting model again (step 0, appended after the first process's later
+    steps) and samples again from its checkpoint's step: both copies go."""
+    path = tmp_path / "samples.jsonl"
+    first = [{"step": 0, "c": "a"}, {"step": 0, "c": "b"}, {"step": 1, "c": "c"}, {"step": 2, "c": "d"},
+             {"step": 3, "c": "e"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*first, {"step": 0, "c": "a"}, {"step": 0, "c": "b"}]))
+    truncate_samples(path, 2)
+    assert read_metrics(path) == first[:4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]
 
 
 SLOW_PHASE = """

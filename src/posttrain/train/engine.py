@@ -37,7 +37,7 @@ from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
 from posttrain.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
-from posttrain.train.metrics import MetricsWriter, truncate_metrics
+from posttrain.train.metrics import MetricsWriter, truncate_metrics, truncate_samples
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.progress import RunProgress, TrainProgress, format_metrics
 from posttrain.train.run_dir import RunDir, config_text
@@ -350,6 +350,7 @@ class Trainer:
         source.load_state_dict(state["data"])
         if self.dist.is_main:
             kept = truncate_metrics(self.run_dir.metrics, self.step)
+            truncate_samples(self.run_dir.samples, self.step)
             self._resumed_last = kept[-1] if kept and kept[-1].get("step") == self.step else {}
         return path
 

@@ -63,13 +63,35 @@ def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    _replace_jsonl(path, kept)
+    return kept
+
+
+def truncate_samples(path: str | Path, last_step: int) -> None:
+    """samples.jsonl of a resumed run: drop the samples of steps after `last_step` (sampled again from the
+    checkpoint) and the step-0 samples the resumed process appended again after later steps (its evaluation of
+    the starting model, already recorded by the first process), so no step's samples appear twice."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept, later = [], False
+    for record in read_metrics(path):
+        step = record.get("step", 0)
+        if step > last_step or (step == 0 and later):
+            continue
+        later = later or step > 0
+        kept.append(record)
+    _replace_jsonl(path, kept)
+
+
+def _replace_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write `records` over `path` atomically: a crash here leaves the old file, never a half-written one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in kept))
+        f.write("".join(json.dumps(r) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return kept
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
