@@ -280,6 +280,10 @@ REWARD_CASES = [
 ]
 
 BATCH_CASES = [
+    case("lora-target-not-in-model", stage("sft", "adapter.method=lora", "adapter.target_modules=[q_proj,dense]"),
+         "adapter.target_modules:", "dense"),
+    case("grpo-lora-target-not-in-model", stage("grpo", "adapter.method=lora", "adapter.target_modules=[fc1]"),
+         "adapter.target_modules:", "fc1"),
     case("batch-not-multiple-of-micro", sft_data("d.jsonl", "train.batch_size=10", "train.micro_batch_size=4"),
          "train.micro_batch_size:", "batch_size 10 is not a multiple of micro_batch_size 4",
          files={"d.jsonl": jsonl(GOOD)}),
@@ -431,3 +435,19 @@ def test_a_real_process_exits_2_without_traceback(tmp_path):
                          cwd=tmp_path, env={**os.environ, "COLUMNS": "1000"})  # no wrapping inside the path
     assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr
     assert f"{recipe}:2: not valid UTF-8" in " ".join(out.stdout.split())
+
+
+def test_lora_targets_are_checked_before_the_first_evaluation(tmp_path, model_dir, monkeypatch):
+    """A LoRA target the model lacks fails before the run spends minutes evaluating the starting model (the
+    adapter is applied only after that evaluation)."""
+    from posttrain.eval import heldout
+
+    def evaluated(*_, **__):
+        raise AssertionError("the starting model was evaluated before the adapter's targets were checked")
+
+    monkeypatch.setattr(heldout.Evaluation, "run", evaluated)
+    args = [a.format(model=model_dir, tmp=tmp_path) for a in stage("grpo", "adapter.method=lora",
+                                                                    "adapter.target_modules=[fc1]", "eval_before=true")]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2 and "adapter.target_modules" in result.output, result.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -82,6 +82,13 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> str | list[str
     return names
 
 
+def check_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> None:
+    """Refuse LoRA targets the model does not have, before a run writes anything or spends minutes evaluating
+    (`apply_adapter` comes later in a recipe, after the run directory and the first evaluation)."""
+    if cfg.method == "lora":
+        lora_targets(model, cfg.target_modules)
+
+
 def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap `model` with a peft adapter (only its parameters train); unchanged for method=none.
 

@@ -137,7 +137,7 @@ def main(cfg: DPOConfig) -> RunResult:
         raise ConfigError(f"rankings are trained with the Plackett–Luce form of the sigmoid loss, not "
                           f"{cfg.loss.kind!r}", field="loss.kind")
     rows = heldout.prepare_heldout(data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo")
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo", model=model)
     if on_policy:
         check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
     rewards = None

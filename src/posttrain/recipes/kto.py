@@ -91,7 +91,7 @@ def main(cfg: KTOConfig) -> RunResult:
                             bars=progress.library_bars())
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     labels = prepared.dataset["label"]
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="kto")
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="kto", model=model)
 
     with forward_precision(cfg.train, model):
         evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout_part(

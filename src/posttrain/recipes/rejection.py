@@ -104,7 +104,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     task = resolve_task(cfg)
     rewards = build_rewards(cfg.reward, task, prepared.dataset)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection")
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection", model=model)
     log_reward_errors(rewards, cfg.reward, run_dir.path)
     evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(
         tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)), cfg.sampling.max_new_tokens,

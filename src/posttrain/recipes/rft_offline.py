@@ -73,7 +73,7 @@ def main(cfg: Any) -> RunResult:
     rewards = build_rewards(cfg.reward, resolve_task(cfg))
     candidates = load_candidates(cfg.data)
     scores = score_candidates(candidates, rewards)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="rft")
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="rft", model=model)
     scored_file = run_dir.path / "scored.jsonl"
     if is_main_process():
         scored_file.unlink(missing_ok=True)  # a resumed run scores the same set again: keep one copy

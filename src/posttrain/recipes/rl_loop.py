@@ -696,7 +696,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     task = resolve_task(cfg)
     rewards = rewards if rewards is not None else build_rewards(cfg.reward, task, prepared.dataset)
     hook = step_rewards(task, tokenizer)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage=stage)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage=stage, model=actor)
     log_reward_errors(rewards, cfg.reward, run_dir.path)
     # The held-out prompts are scored by the stage's reward functions (no missing-EOS penalty: the reward itself).
     evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(

@@ -105,7 +105,7 @@ def main(cfg: RMConfig) -> RunResult:
     heldout = (prepare_data(heldout_cfg, tokenizer, accepts=(prepared.format,), mask_dtype=model.dtype,
                             heldout=heldout_cfg.eval_split > 0, bars=progress.library_bars())
                if heldout_cfg else None)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="rm", model=model)
 
     if cfg.kind == "process":  # how ProcessRewardScorer turns head outputs into step scores
         model.config.process_target = cfg.process_target

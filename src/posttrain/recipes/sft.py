@@ -59,7 +59,7 @@ def main(cfg: SFTConfig) -> RunResult:
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype,
                             bars=progress.library_bars())
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="sft")
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="sft", model=model)
     evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.loss_part(
         rows, step_source(rows, cfg.train, cfg.run.seed) if rows else None, sft_loss_fn, cfg.train.micro_batch_size,
         nll=True), run_dir.samples, progress)

@@ -26,6 +26,7 @@ from typing import Any
 
 from posttrain.config import RunConfig, to_yaml
 from posttrain.errors import RunDirError
+from posttrain.models.adapters import check_adapter
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint
 
@@ -111,14 +112,18 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
                           field="train.max_steps")
 
 
-def prepare_run_dir(run: RunConfig, cfg: Any, stage: str) -> RunDir:
+def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> RunDir:
     """Create (or reopen, when resuming) the run directory and write the resolved config into it.
 
-    Call it once every check that can fail has passed (model, tokenizer, data): it is the first write. An
+    Call it once every check that can fail has passed (model, tokenizer, data): it is the first write. Given the
+    loaded `model`, the checks that need it run here first (`cfg.adapter`'s LoRA targets). An
     existing run is never silently replaced: it takes `run.overwrite=true` (and is deleted only once the new
     run has trained a step) or `run.resume=true`. Under torchrun this joins the process group, and only rank 0
     touches the directory.
     """
+    adapter = getattr(cfg, "adapter", None)
+    if model is not None and adapter is not None:
+        check_adapter(model, adapter)
     dist.init_distributed()
     path = run_path(run)
     if not dist.is_main_process():
