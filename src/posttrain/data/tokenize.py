@@ -148,9 +148,7 @@ class Encoder:
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
         """Language modelling on plain text: the text and an EOS, every token trained (but an opening BOS)."""
-        found = next((t for t in self.tokenizer.all_special_tokens if t and t in text), None)
-        if found:
-            raise _Problem(f"contains the special token {found!r} as text", "text")
+        self._check_special_in(text, "text")
         ids = [*self._tokens(text), self.tokenizer.eos_token_id]
         return self._one_bos(ids, [1] * len(ids))
 
@@ -305,13 +303,14 @@ class Encoder:
     def _check_special_text(self, messages: Sequence[dict[str, Any]]) -> None:
         """Special-token text inside a message would be tokenised as the control token itself: an EOS
         mid-answer, a fake turn. Reject it rather than train on it."""
-        specials = [t for t in self.tokenizer.all_special_tokens if t]
         for i, m in enumerate(messages):
             for key in ("content", "reasoning"):
-                text = m.get(key) or ""
-                found = next((t for t in specials if t in text), None)
-                if found:
-                    raise _Problem(f"contains the special token {found!r} as text", f"messages[{i}].{key}")
+                self._check_special_in(m.get(key) or "", f"messages[{i}].{key}")
+
+    def _check_special_in(self, text: str, field: str) -> None:
+        found = next((t for t in self.tokenizer.all_special_tokens if t and t in text), None)
+        if found:
+            raise _Problem(f"contains the special token {found!r} as text", field)
 
     # -- whole rows ---------------------------------------------------------------------------
 
@@ -463,14 +462,15 @@ def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: 
     return ends
 
 
-def kl_pairs(dataset: Dataset, max_length: int, bos_token_id: int | None) -> Dataset:
+def kl_pairs(dataset: Dataset, encoder: Encoder) -> Dataset:
     """Add to tokenised unpaired rows the mismatched pair KTO estimates its reference point from.
 
     Row i's pair is its prompt with the completion of the next row whose prompt differs (the next row when
     every prompt is the same; in dataset order, wrapping around): columns kl_input_ids and kl_response_mask.
     The pair is spliced from tokens — row i up to its first trained token, then row j from its first trained
     token — as TRL concatenates a prompt's tokens with another row's completion tokens; too long, its prompt
-    is cut from the left (BOS kept), whatever `truncation` says, since it only feeds an estimate.
+    is cut from the left as `Encoder.fit` cuts (a leading BOS kept), whatever `truncation` says, since it only
+    feeds an estimate.
 
     Fixed pairs (TRL pairs within a batch, in dataset order, too) let the reference logprobs of the pairs be
     computed once before training like those of the rows themselves; the next row *with another prompt*
@@ -485,10 +485,9 @@ def kl_pairs(dataset: Dataset, max_length: int, bos_token_id: int | None) -> Dat
     for i, j in enumerate(partners):
         row = ids[i][:starts[i]] + ids[j][starts[j]:]
         mask = [0] * starts[i] + masks[j][starts[j]:]
-        excess = len(row) - max_length
+        excess = len(row) - encoder.max_length
         if excess > 0:
-            keep = 1 if row[0] == bos_token_id else 0
-            row, mask = row[:keep] + row[keep + excess:], mask[:keep] + mask[keep + excess:]
+            row, mask = encoder.fit(row, mask, excess)
         kl_ids.append(row)
         kl_masks.append(mask)
     return dataset.add_column("kl_input_ids", kl_ids).add_column("kl_response_mask", kl_masks)
@@ -512,12 +511,8 @@ def _next_other(keys: list[tuple]) -> list[int]:
     return partners
 
 
-def _unpaired(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
-    return _sft(row, encoder)
-
-
 _ENCODERS = {"completion": _sft, "messages": _sft, "text": _text, "preference": _preference, "ranking": _ranking,
-             "verifiable": _verifiable, "stepwise": _stepwise, "unpaired": _unpaired}
+             "verifiable": _verifiable, "stepwise": _stepwise, "unpaired": _sft}
 _EMPTY = {
     "completion": lambda: {"input_ids": [], "response_mask": [], "length": 0},
     "messages": lambda: {"input_ids": [], "response_mask": [], "length": 0},
@@ -566,7 +561,7 @@ def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfi
                        stats.dropped_no_completion, stats.truncated, stats.kept)
     kept = mapped.filter(lambda drop: not drop, input_columns="drop").remove_columns(list(_BOOKKEEPING))
     if fmt == "unpaired" and len(kept):
-        kept = kl_pairs(kept, cfg.max_length, tokenizer.bos_token_id)
+        kept = kl_pairs(kept, encoder)
     return Tokenized(dataset=kept, format=fmt, stats=stats, name=rows.name)
 
 
