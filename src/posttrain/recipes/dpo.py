@@ -47,6 +47,7 @@ from posttrain.recipes.rl import (
     check_gold_answers,
     check_reward_functions,
     completions_of,
+    heldout_reward_part,
     log_reward_errors,
     resolve_task,
 )
@@ -203,8 +204,7 @@ def heldout_parts(cfg: DPOConfig, rows: Prepared | None, tokenizer: PreTrainedTo
     if rows is None:
         return []
     if rewards is not None:
-        return heldout.reward_part(tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)),
-                                   cfg.sampling.max_new_tokens, cfg.eval)
+        return heldout_reward_part(cfg, tokenizer, rows, rewards)
     reference = load_reference(cfg.reference, cfg.model) or Reference(model)
     cached = precompute_sequence_logprobs(reference, rows, cfg.reference.batch_size, token_average(cfg.loss),
                                           progress)

@@ -45,6 +45,7 @@ from posttrain.recipes.rl import (
     check_gold_answers,
     check_reward_functions,
     completions_of,
+    heldout_reward_part,
     log_reward_errors,
     resolve_task,
 )
@@ -106,9 +107,8 @@ def main(cfg: RejectionConfig) -> RunResult:
     rewards = build_rewards(cfg.reward, task, prepared.dataset)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection", model=model)
     log_reward_errors(rewards, cfg.reward, run_dir.path)
-    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(
-        tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)), cfg.sampling.max_new_tokens,
-        cfg.eval), run_dir.samples, progress)
+    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval)
+                                    + heldout_reward_part(cfg, tokenizer, rows, rewards), run_dir.samples, progress)
 
     with forward_precision(cfg.train, model):
         before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None

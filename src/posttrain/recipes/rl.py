@@ -24,6 +24,7 @@ from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
+from posttrain.eval import heldout
 from posttrain.eval.accuracy import EvalConfig
 from posttrain.models.adapters import AdapterConfig
 from posttrain.rewards.error_log import RewardErrorLog
@@ -237,6 +238,14 @@ def completions_of(rollout: Rollout, rows: list[dict[str, Any]]) -> Completions:
     return Completions(prompts=[rows[i]["prompt"] for i in index], completions=list(rollout.texts),
                        answers=[rows[i]["answer"] for i in index],
                        steps=[list(rows[i].get("steps") or []) for i in index], columns=[columns[i] for i in index])
+
+
+def heldout_reward_part(cfg: Any, tokenizer: PreTrainedTokenizerBase, rows: Prepared | None,
+                        rewards: WeightedRewards) -> list[heldout.Part]:
+    """The stage's reward functions (no missing-EOS penalty: the rewards themselves) on greedy completions of the
+    held-out prompts `rows`, within the stage's sampling.max_new_tokens, for `heldout.Evaluation`."""
+    return heldout.reward_part(tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)),
+                               cfg.sampling.max_new_tokens, cfg.eval)
 
 
 def _std(values: Tensor) -> float:

@@ -81,6 +81,7 @@ from posttrain.recipes.rl import (
     build_rewards,
     check_gold_answers,
     completions_of,
+    heldout_reward_part,
     log_reward_errors,
     resolve_task,
     reward_metrics,
@@ -698,10 +699,8 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     hook = step_rewards(task, tokenizer)
     run_dir = prepare_run_dir(cfg.run, cfg, stage=stage, model=actor)
     log_reward_errors(rewards, cfg.reward, run_dir.path)
-    # The held-out prompts are scored by the stage's reward functions (no missing-EOS penalty: the reward itself).
-    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.reward_part(
-        tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)), cfg.sampling.max_new_tokens,
-        cfg.eval), run_dir.samples, progress)
+    evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval)
+                                    + heldout_reward_part(cfg, tokenizer, rows, rewards), run_dir.samples, progress)
 
     with forward_precision(cfg.train, actor):
         before = evaluation.run(actor, 0) if cfg.eval_before and evaluation else None

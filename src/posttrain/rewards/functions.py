@@ -100,11 +100,11 @@ def import_reward_function(path: str) -> RewardFunction:
     module_name, _, attribute = path.rpartition(":")
     if not module_name or not attribute:
         raise ValueError(f"{path!r} is not an import path: use package.module:function or file.py:function")
+    file = Path(module_name).expanduser() if module_name.endswith(".py") or "/" in module_name else None
+    if file is not None and not file.is_file():
+        raise ValueError(f"reward function file {module_name} not found")
     try:
-        if module_name.endswith(".py") or "/" in module_name:
-            file = Path(module_name).expanduser()
-            if not file.is_file():
-                raise ValueError(f"reward function file {module_name} not found")
+        if file is not None:
             name = f"posttrain_user_reward_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
             spec = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(spec)
@@ -112,8 +112,6 @@ def import_reward_function(path: str) -> RewardFunction:
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except ValueError:
-        raise
     except Exception as err:  # the user's module failed to import: say which and why, once, at start-up
         raise ValueError(f"cannot import the reward function module {module_name!r}: "
                          f"{type(err).__name__}: {err}") from None
