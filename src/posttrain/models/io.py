@@ -6,7 +6,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -86,15 +86,23 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
-                   device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
-    """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`)."""
+def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
+                   device: torch.device | str = "cpu", **kwargs: Any) -> tuple[PreTrainedModel, Path]:
+    """`auto_class.from_pretrained` on the local model directory `path` (and the directory): every fault of
+    the directory — config, weights, their loading — a one-line error."""
     directory = check_model_dir(path, trust_remote_code=trust_remote_code)
     check_model_weights(directory)
     with loading_errors(directory):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
-            dtype=resolve_dtype(dtype, device))
+        model = auto_class.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
+                                           dtype=resolve_dtype(dtype, device), **kwargs)
+    return model, directory
+
+
+def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
+                   device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
+    """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`)."""
+    model, _ = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype,
+                              device=device)
     use_onednn_linears(model)
     if disable_dropout:
         drop_dropout(model)

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from posttrain.algos import last_token_index
 from posttrain.models.attention import attention_inputs
 from posttrain.models.dropout import disable_dropout as drop_dropout
-from posttrain.models.io import check_model_dir, check_model_weights, loading_errors, resolve_dtype
+from posttrain.models.io import from_model_dir
 from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import upcast
 
@@ -52,12 +52,8 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
     """
     if head not in REWARD_HEADS:
         raise ValueError(f"unknown reward head {head!r}; allowed: {', '.join(REWARD_HEADS)}")
-    directory = check_model_dir(path, trust_remote_code=trust_remote_code)
-    check_model_weights(directory)
-    with loading_errors(directory):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(directory), num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code,
-            dtype=resolve_dtype(dtype, device))
+    model, _ = from_model_dir(AutoModelForSequenceClassification, path, trust_remote_code=trust_remote_code,
+                              dtype=dtype, device=device, num_labels=1)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if head == "mlp":
@@ -75,13 +71,9 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
                       device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
     """A saved reward model (either head), ready to score (in eval mode); `disable_dropout` as
     `build_reward_model`'s, for one that trains on (a critic)."""
-    directory = check_model_dir(path, trust_remote_code=trust_remote_code)
-    check_model_weights(directory)
-    with loading_errors(directory):
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
-            dtype=resolve_dtype(dtype, device))
+    model, directory = from_model_dir(AutoModelForSequenceClassification, path, trust_remote_code=trust_remote_code,
+                                      dtype=dtype, device=device)
+    config = model.config  # it keeps the reward_head keys build_reward_model wrote
     if getattr(config, "reward_head", "linear") == "mlp":
         # transformers built (and could not fill) a linear `score`: put the MLP back and load its weights.
         model.score = MLPHead(config.get_text_config().hidden_size, config.reward_head_width).to(model.dtype)
