@@ -46,7 +46,6 @@ class Case:
     args: tuple[str, ...]
     expect: tuple[str, ...]
     files: dict[str, str | bytes] = field(default_factory=dict)
-    xfail: str | None = None
     model_files: tuple[str, ...] = ()  # files of the tiny model directory copied into {tmp}/m
 
 
@@ -60,9 +59,8 @@ def sft_data(name: str, *args: str) -> tuple[str, ...]:
 
 
 def case(id: str, args: tuple[str, ...], *expect: str, files: dict[str, str | bytes] | None = None,
-         xfail: str | None = None, model_files: tuple[str, ...] = ()):
-    marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
-    return pytest.param(Case(id, args, expect, files or {}, xfail, model_files), id=id, marks=marks)
+         model_files: tuple[str, ...] = ()):
+    return pytest.param(Case(id, args, expect, files or {}, model_files), id=id)
 
 
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
