@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -107,8 +108,6 @@ def resume(
 ) -> None:
     """Continue an interrupted run from its last checkpoint, bitwise identically on CPU; continue a finished
     run by raising train.max_steps. The run is the one in RUN_DIR, wherever it was copied or moved to."""
-    from pathlib import Path
-
     path = Path(run_dir).absolute()
     config_file = path / "config.yaml"
     try:
@@ -119,15 +118,38 @@ def resume(
                 raise PosttrainError(f"resume continues the run in {run_dir} as it is; copy the directory to "
                                      "continue it elsewhere", field=override.split("=", 1)[0])
         stage = recipes.find_recipe(str(config_file)).stage
+        _enter_workdir(config_file)
     except PosttrainError as err:
         _print_error(err)
         raise typer.Exit(2) from None
     # The directory, not the out_dir/name saved in its config (relative to wherever it was started), is the run.
     _run_stage(stage, str(config_file), [*(overrides or []), "run.resume=true", "run.overwrite=false",
-                                         f"run.out_dir={path.parent}", f"run.name={path.name}"])
+                                         f"run.out_dir={path.parent}", f"run.name={path.name}",
+                                         f"run.workdir={Path.cwd()}"])
 
 
-RESUME_FIXED = ("run.resume", "run.overwrite", "run.out_dir", "run.name")
+RESUME_FIXED = ("run.resume", "run.overwrite", "run.out_dir", "run.name", "run.workdir")
+
+
+def _enter_workdir(config_file: Path) -> None:
+    """Change into the directory the run was started in (`run.workdir` of its config.yaml), so that the relative
+    paths of its config (model.path, data and reward files) mean what they meant then; where that directory is
+    gone (the run was copied to another machine), they are taken from the current one, with a warning, and the
+    current one is the run's workdir from then on."""
+    import yaml
+
+    try:
+        workdir = ((yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("run") or {}).get("workdir")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # find_recipe has read it already; a config without the field predates it
+    if not workdir or Path(workdir) == Path.cwd():
+        return
+    if Path(workdir).is_dir():
+        os.chdir(workdir)
+        console.print(f"relative paths of the run's config resolve against {workdir}, where it was started")
+    else:
+        console.print(f"[yellow]warning:[/] the run was started in {workdir}, which does not exist here; its "
+                      f"relative paths resolve against {Path.cwd()}", highlight=False)
 
 
 @app.command()
@@ -139,7 +161,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline end to end on the built-in model and tasks (no network needed)."""
     _quiet_libraries()
-    from posttrain.demo import run_demo
+    from posttrain.demo import DemoStopped, run_demo
 
     try:
         run_demo(out=out, quick=quick, fresh=fresh, console=console,
@@ -147,6 +169,9 @@ def demo(
     except PosttrainError as err:
         _print_error(err)
         raise typer.Exit(2) from None
+    except DemoStopped as stop:
+        console.print(f"[yellow]{stop}[/]", highlight=False)
+        raise typer.Exit(130) from None
     except Interrupted as stop:
         console.print(f"[yellow]{stop}[/]")
         raise typer.Exit(128 + stop.signum) from None
@@ -202,8 +227,6 @@ def report(
     run_dir: Annotated[str, typer.Argument(help="A demo directory (runs/demo) or a finished run directory.")],
 ) -> None:
     """Rebuild report.md and its plots from what a finished run (or the whole demo) left on disk."""
-    from pathlib import Path
-
     from posttrain.demo import STAGES
     from posttrain.eval.demo_report import write_demo_report
     from posttrain.eval.report import rebuild_training_report
@@ -278,8 +301,6 @@ def data_inspect(
 ) -> None:
     """Show rendered samples with the trained tokens highlighted, and token statistics."""
     _quiet_libraries()
-    from pathlib import Path
-
     from posttrain.config import load_config, read_yaml_with_lines
     from posttrain.data.config import STAGE_FORMATS, DataConfig
     from posttrain.data.inspect import inspect_data

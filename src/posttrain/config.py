@@ -61,6 +61,10 @@ class RunConfig:
     progress: bool = param(True, "Show a live progress bar.")
     tensorboard: bool = param(False, "Also log metrics to TensorBoard (needs the `tracking` extra).")
     wandb: bool = param(False, "Also log metrics to Weights & Biases (needs the `tracking` extra).")
+    workdir: str | None = param(None, "The directory relative paths of the config (model.path, data and reward "
+                                      "files, run.out_dir) are resolved against: recorded in the run's "
+                                      "config.yaml when it starts (None: the current directory); `posttrain "
+                                      "resume` runs there, wherever it is started from.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,10 @@ from posttrain.eval.demo_report import write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
 
 
+class DemoStopped(Exception):
+    """A stage was stopped by a signal inside its training loop (it saved a checkpoint and said so)."""
+
+
 @dataclass(frozen=True)
 class DemoStage:
     name: str
@@ -182,7 +186,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
         result = recipes.run_stage(stage.stage, stage.recipe, overrides, quick=quick)
         if result.final_dir is None:  # stopped by a signal: the checkpoint is kept, the demo stops here
             console.print(table)
-            return summaries
+            raise DemoStopped(f"the demo stopped in stage {stage.name} at step "
+                              f"{result.summary.get('interrupted_at_step')} (its checkpoint is in {result.run_dir}); "
+                              f"`posttrain demo` again reuses the finished stages and runs {stage.name} anew")
         summary = {**result.summary, **before, **_sampled_eval(stage, result.run_dir, result.summary, quick)}
         summaries[stage.name] = {**summary, "seconds": time.perf_counter() - start}
         summary_file.parent.mkdir(parents=True, exist_ok=True)

@@ -44,3 +44,19 @@ def test_demo_quick_runs_every_stage(tmp_path):
 def test_demo_rejects_an_unknown_stage(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--stages", "sfx"], terminal_width=200)
     assert result.exit_code == 2 and "unknown demo stage" in result.output
+
+
+def test_a_stage_stopped_in_its_loop_stops_the_demo_with_a_nonzero_exit(tmp_path, monkeypatch):
+    """A stage a signal stopped returns no final model (its recipe saved a checkpoint and said so): the demo must
+    not go on, write a summary for it or exit 0 as if it had finished."""
+    import posttrain.demo
+    from posttrain.train.run_dir import RunResult
+
+    def stopped(stage, recipe, overrides, quick=False):
+        return RunResult(run_dir=tmp_path / "pretrain", final_dir=None, summary={"interrupted_at_step": 3})
+
+    monkeypatch.setattr(posttrain.demo.recipes, "run_stage", stopped)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 130, result.output
+    assert "stopped in stage pretrain at step 3" in " ".join(result.output.split())
+    assert not (tmp_path / "demo.json").exists()

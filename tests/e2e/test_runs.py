@@ -72,6 +72,35 @@ def test_resume_continues_the_copy_it_is_given_from_any_cwd(finished_sft, tmp_pa
     assert not list(elsewhere.iterdir())
 
 
+def test_resume_reads_relative_paths_where_the_run_was_started(pretrained_run, tmp_path, monkeypatch):
+    """model.path and run.out_dir given relative to the directory the run started in still mean the same files
+    when it is resumed from anywhere else; a run copied where that directory does not exist reads them from the
+    current one, and says so."""
+    project = tmp_path / "project"
+    shutil.copytree(pretrained_run.final_dir, project / "base")
+    monkeypatch.chdir(project)
+    code, output = _invoke(_sft_args(Path("base"), Path("runs")))
+    assert code == 0, output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, output = _invoke(["resume", "../project/runs/sft", "train.max_steps=3"])
+    assert code == 0, output
+    assert f"resolve against {project}, where it was started" in output
+    assert [m["step"] for m in read_metrics(project / "runs" / "sft" / "metrics.jsonl")] == [1, 2, 3]
+    assert "workdir: " + str(project) in (project / "runs" / "sft" / "config.yaml").read_text()
+
+    machine = tmp_path / "other-machine"  # the run and its base model copied side by side, the project gone
+    shutil.copytree(project, machine)
+    shutil.rmtree(project)
+    monkeypatch.chdir(machine)
+    code, output = _invoke(["resume", "runs/sft", "train.max_steps=4"])
+    assert code == 0, output
+    assert f"was started in {project}, which does not exist here" in output
+    assert [m["step"] for m in read_metrics(machine / "runs" / "sft" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert "workdir: " + str(machine) in (machine / "runs" / "sft" / "config.yaml").read_text()
+
+
 def test_resume_names_of_the_run_cannot_be_overridden(finished_sft):
     code, output = _invoke(["resume", str(finished_sft), "run.name=other"])
     assert code == 2 and "run.name" in output

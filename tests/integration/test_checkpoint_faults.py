@@ -110,7 +110,7 @@ def test_a_spike_is_skipped_and_a_checkpoint_from_before_it_is_kept(tmp_path, to
     blows the weights up, step 6's gradient norm spikes and is skipped, and so are 7 and 8, which stops the run.
     keep_last=1 would leave only step-6, whose weights are the diverged ones; step-4 must stay."""
     trainer, source = _trainer(tmp_path, tokenizer, steps=12, save_every=2, keep_last=1, max_nonfinite=3,
-                               spike_factor=10, spike_warmup=3)
+                               spike_factor=10, spike_warmup=3, max_weight_growth=0)  # the spike guard alone
     snapshots = {}
 
     def loss_fn(model, batch, normaliser):
@@ -148,3 +148,64 @@ def test_the_spike_guard_waits_for_its_window_and_ignores_normal_steps(tmp_path,
 
     result = trainer.fit(source, loss_fn)
     assert result.skipped_steps == 0 and seen[-1] == 3  # the window holds the last 3 trained steps
+
+
+def _lr_jumps_to(trainer, lr, at_step, snapshots):
+    """A loss function that records the weights each step starts from and sets the learning rate to `lr` from
+    step `at_step` on (a typo'd lr, or one far too large once warm-up ends)."""
+    def loss_fn(model, batch, normaliser):
+        step = trainer.step + 1
+        snapshots.setdefault(step, _flat_params(model).clone())
+        if step == at_step:
+            trainer.scheduler.base_lrs = [lr] * len(trainer.scheduler.base_lrs)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = lr
+        return _loss_fn(model, batch, normaliser)
+    return loss_fn
+
+
+def test_an_update_that_blows_the_weights_up_stops_the_run_before_it_is_saved(tmp_path, tokenizer):
+    """Issue 22, problem 7: a huge learning rate makes a finite step that blows the weights up; with a checkpoint
+    every step and keep_last=1, the run must stop at that step and keep the checkpoint from before it."""
+    trainer, source = _trainer(tmp_path, tokenizer, steps=8, save_every=1, keep_last=1)
+    snapshots = {}
+    with pytest.raises(TrainingError, match=r"step 4 multiplied the norm of the trainable weights by .*"
+                                            r"the newest checkpoint, .*step-3, holds the weights from before it"):
+        trainer.fit(source, _lr_jumps_to(trainer, 1e3, 4, snapshots))
+    assert _flat_params(trainer.model).abs().max() > 100  # the update did blow up (Adam moves each weight ~lr)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-3"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    probe, _ = _trainer(tmp_path, tokenizer, name="probe", steps=1)
+    from posttrain.train.checkpoint import load_module_weights
+
+    load_module_weights(probe.model, root / "step-3" / "model")
+    assert torch.equal(_flat_params(probe.model), snapshots[4])  # the weights before the diverging update
+
+
+def test_a_first_step_that_blows_the_weights_up_leaves_no_checkpoint(tmp_path, tokenizer):
+    """The first step has no spike window and its loss and gradient are finite: only the weights show it."""
+    trainer, source = _trainer(tmp_path, tokenizer, steps=4, save_every=1)
+    with pytest.raises(TrainingError, match="step 1 multiplied .* no checkpoint was written yet: the starting "
+                                            "model is unchanged on disk") as err:
+        trainer.fit(source, _lr_jumps_to(trainer, 1e6, 1, {}))
+    assert "\n" not in str(err.value) and "optim.lr" in str(err.value)
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_healthy_steps_and_a_zero_weight_start_pass_the_weight_growth_guard(tmp_path, tokenizer):
+    """The guard's reference: the trainable weights' global norm, measured by hand. A normal lr moves it by far
+    less than the limit; weights that start at zero (nothing to compare with) are not judged."""
+    trainer, source = _trainer(tmp_path, tokenizer, steps=3, save_every=0)
+    result = trainer.fit(source, _loss_fn)
+    norm = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in trainer.model.parameters()
+                                               if p.requires_grad]).double())
+    assert result.step == 3 and result.last["weight_norm"] == pytest.approx(norm.item(), rel=1e-6)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    growth = [b["weight_norm"] / a["weight_norm"] for a, b in zip(records, records[1:], strict=False)]
+    assert all(0.9 < g < 1.1 for g in growth)
+    zero, source = _trainer(tmp_path, tokenizer, name="zero", steps=2, save_every=0)
+    with torch.no_grad():
+        for p in zero.model.parameters():
+            p.zero_()
+    assert zero.fit(source, _loss_fn).step == 2

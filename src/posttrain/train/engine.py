@@ -35,7 +35,7 @@ from posttrain.errors import ConfigError, PosttrainError, RunDirError
 from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
-from posttrain.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
+from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from posttrain.train.metrics import MetricsWriter, truncate_metrics, truncate_samples
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -64,6 +64,11 @@ class TrainConfig:
                                      "median of the last spike_warmup trained steps' (0: off; e.g. 10).", ge=0)
     spike_warmup: int = param(20, "Trained steps the spike guard's median is taken over; it acts once it has them.",
                               ge=1)
+    max_weight_growth: float = param(10.0, "Stop the run when one optimizer step multiplies the norm of the "
+                                           "trainable weights by more than this (a learning rate far too large: "
+                                           "no healthy step changes it by more than a few percent), before that "
+                                           "step is saved, so the checkpoints keep the weights from before it "
+                                           "(0: off).", ge=0)
     parallel: str = param("ddp", "Under torchrun: ddp replicates the model on every rank; fsdp shards parameters, "
                                  "gradients and optimizer state (FSDP2). batch_size stays the global batch, "
                                  "micro_batch_size is per rank.", choices=dist.PARALLEL_MODES)
@@ -155,6 +160,8 @@ class Trainer:
         self._grad_norms: deque[float] = deque(maxlen=train.spike_warmup)
         self._first_skipped: int | None = None
         self._resumed_last: dict[str, Any] = {}
+        # The trainable weights' norm after the last update (None: not measured since they were last loaded).
+        self._weight_norm: float | None = None
 
     # ------------------------------------------------------------------------------------------
 
@@ -264,9 +271,12 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         spike = finite and self._is_spike(grad_norm)
         if finite and not spike:
+            before = self._weight_norm if self._weight_norm is not None else self._measure_weight_norm()
             self.optimizer.step()
+            self._check_weight_growth(before, self._measure_weight_norm(), lr)
             self._nonfinite_in_a_row = 0
-            self._grad_norms.append(grad_norm)
+            if grad_norm > 0:  # a step with nothing to learn (e.g. every RL group tied) says nothing of the scale
+                self._grad_norms.append(grad_norm)
         else:
             # Parameters and optimizer moments stay exactly as they were; the batch is consumed.
             self.skipped_steps += 1
@@ -285,12 +295,33 @@ class Trainer:
                 f"before step {self._first_skipped} is kept) are in {self.run_dir.checkpoints}",
                 field="train.max_nonfinite")
         record = {"step": self.step, **dist.mean_over_ranks(sums), "lr": lr, "grad_norm": grad_norm,
-                  "skipped_steps": self.skipped_steps}
+                  "weight_norm": self._weight_norm, "skipped_steps": self.skipped_steps}
         if not finite:
             record["nonfinite"] = True
         if spike:
             record["spike"] = True
         return record
+
+    def _measure_weight_norm(self) -> float:
+        """The global norm of the trainable weights (under FSDP, of every rank's shards together)."""
+        self._weight_norm = dist.grad_norm_value(torch.nn.utils.get_total_norm(
+            [p.detach() for p in self._params]))
+        return self._weight_norm
+
+    def _check_weight_growth(self, before: float, after: float, lr: float) -> None:
+        """Stop at an update that blew the weights up. A spike guard cannot see it when it is the run's first
+        step (no window yet) and a finite one: it sees only the next step's gradient, by which time the weights
+        are gone. Raised before the step is logged or saved, so every checkpoint holds weights from before it."""
+        limit = self.train_cfg.max_weight_growth
+        if limit <= 0 or before <= 0 or after <= limit * before and math.isfinite(after):
+            return
+        newest = latest_checkpoint(self.run_dir.checkpoints)
+        kept = (f"the newest checkpoint, {newest}, holds the weights from before it" if newest is not None else
+                "no checkpoint was written yet: the starting model is unchanged on disk")
+        raise TrainingError(
+            f"step {self.step + 1} multiplied the norm of the trainable weights by {after / before:.3g} ({before:.4g} "
+            f"-> {after:.4g}; train.max_weight_growth={limit:g}): the learning rate {lr:g} is far too large. The "
+            f"step was not saved; {kept}. Lower optim.lr and start again", field="optim.lr")
 
     def _is_spike(self, grad_norm: float) -> bool:
         """Whether a finite gradient norm is `spike_factor` times the median of the recent trained steps'.

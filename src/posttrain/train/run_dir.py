@@ -17,6 +17,7 @@ that directory undoes it then.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -70,7 +71,11 @@ class RunDir:
 
 
 def config_text(stage: str, cfg: Any) -> str:
-    """The resolved config as YAML, headed by its stage so `posttrain resume <run>` can rebuild it."""
+    """The resolved config as YAML, headed by its stage so `posttrain resume <run>` can rebuild it, with the
+    directory its relative paths mean what they say in (`run.workdir`)."""
+    run = getattr(cfg, "run", None)
+    if run is not None and run.workdir is None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(run, workdir=os.getcwd()))
     return f"stage: {stage}\n" + to_yaml(cfg)
 
 
