@@ -94,3 +94,26 @@ def test_an_offline_run_scores_every_response_and_trains_on_the_credited(tokeniz
     assert result.summary["trained_responses"] == sum(r["reward"] > 0 for r in scored) == 32
     assert result.summary["mean_weight"] == pytest.approx(sum(r["reward"] for r in scored) / 32)
     assert result.summary["steps"] == 2 and (result.final_dir / "config.json").is_file()
+
+
+def test_offline_reward_errors_are_kept_and_a_mostly_failing_reward_stops_before_the_run_exists(tokenizer, tmp_path,
+                                                                                                 capsys):
+    """Every fourth response's reward is NaN: scored 0, printed once, and each kept in grader_errors.jsonl like an
+    online run's; when every response fails, the run stops before anything on disk is touched."""
+    model_dir = save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer,
+                                tmp_path / "lm")
+    (tmp_path / "flaky.py").write_text(
+        "def some(batch):\n    return [float('nan') if i % 4 == 0 else 1.0 for i in range(len(batch))]\n\n"
+        "def every(batch):\n    return [float('nan')] * len(batch)\n")
+    overrides = [f"model.path={model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "train.save_every=0",
+                 "mode=offline", "data.size=8", "train.max_steps=1", "train.batch_size=4",
+                 "train.micro_batch_size=4", "eval.problems=0", "eval_before=false"]
+    result = main(load_config(RFTConfig, find_recipe("rft").path,
+                              [*overrides, f"reward.functions={{{tmp_path / 'flaky.py'}:some: 1.0}}"]))
+    errors = [json.loads(line) for line in (result.run_dir / "grader_errors.jsonl").read_text().splitlines()]
+    assert [e["row"] for e in errors] == list(range(0, 32, 4)) and all("nan" in e["error"] for e in errors)
+    assert result.summary["grader_errors"] == 8 and capsys.readouterr().err.count("failed on a sample") == 1
+    with pytest.raises(ConfigError, match=r"32 of 32 scores of this batch are errors"):
+        main(load_config(RFTConfig, find_recipe("rft").path,
+                         [*overrides, "run.name=every", f"reward.functions={{{tmp_path / 'flaky.py'}:every: 1.0}}"]))
+    assert not (tmp_path / "every").exists()

@@ -43,3 +43,25 @@ def test_error_log_keeps_prints_first_of_each_kind_and_stops_past_the_fraction(t
     records = [json.loads(line) for line in (tmp_path / "grader_errors.jsonl").read_text().splitlines()]
     assert [(r["call"], r["row"]) for r in records] == [(1, 0), (2, 0), (3, 0), (3, 1)]
     assert all(r["completion"] == "x" and r["prompt"] == "q" for r in records)
+
+
+def test_under_torchrun_each_rank_appends_its_errors_with_its_rank(tmp_path, monkeypatch):
+    nan = WeightedRewards({"nan": (lambda b: [float("nan")] * len(b.completions), 1.0)})
+    for rank in (1, 0):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        nan.error_log = RewardErrorLog(tmp_path, max_error_fraction=1.0, echo=lambda text: None)
+        nan(batch(f"from rank {rank}"))
+    records = [json.loads(line) for line in (tmp_path / "grader_errors.jsonl").read_text().splitlines()]
+    assert [(r["rank"], r["completion"]) for r in records] == [(1, "from rank 1"), (0, "from rank 0")]
+
+
+def test_errors_scored_before_the_run_directory_exists_are_kept_once_it_does(tmp_path):
+    nan = WeightedRewards({"nan": (lambda b: [float("nan"), 1.0], 1.0)})
+    nan.error_log = log = RewardErrorLog(None, echo=lambda text: None)
+    nan(batch("x", "y"))
+    assert not list(tmp_path.iterdir())
+    log.attach(tmp_path)
+    nan(batch("z", "w"))
+    records = [json.loads(line) for line in (tmp_path / "grader_errors.jsonl").read_text().splitlines()]
+    assert [(r["call"], r["completion"]) for r in records] == [(1, "x"), (2, "z")] and "rank" not in records[0]

@@ -41,6 +41,7 @@ from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
 from posttrain.recipes.rl import build_rewards, check_reward_functions, resolve_task
 from posttrain.recipes.sft import sft_loss_fn, step_source
+from posttrain.rewards.error_log import ERRORS_FILE, RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.train.dist import is_main_process
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
@@ -71,9 +72,15 @@ def main(cfg: Any) -> RunResult:
     check_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     rewards = build_rewards(cfg.reward, resolve_task(cfg))
+    # Errors are printed and counted as the set is scored, before anything on disk is touched; kept on disk after.
+    errors = RewardErrorLog(None, cfg.reward.max_error_fraction)
+    rewards.error_log = errors
     candidates = load_candidates(cfg.data)
     scores = score_candidates(candidates, rewards)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rft", model=model)
+    if is_main_process():
+        (run_dir.path / ERRORS_FILE).unlink(missing_ok=True)  # a resumed run scores the same set again
+        errors.attach(run_dir.path)
     scored_file = run_dir.path / "scored.jsonl"
     if is_main_process():
         scored_file.unlink(missing_ok=True)  # a resumed run scores the same set again: keep one copy

@@ -8,6 +8,7 @@ scores its row 0 for that function, so a broken grader would otherwise train to 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,17 +36,37 @@ class RewardErrorLog:
         self.echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))
         self.seen: set[tuple[str, str]] = set()
         self.calls = 0
+        self.pending: list[dict[str, Any]] = []  # errors scored before the run directory exists (see `attach`)
+        # Under torchrun every rank scores its own samples and appends its own errors to the one file.
+        self.rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+    def attach(self, run_dir: str | Path) -> None:
+        """Keep errors in `<run_dir>/grader_errors.jsonl` from now on, with those scored before it existed
+        (offline RFT scores its whole data set before anything on disk is touched)."""
+        self.path = Path(run_dir) / ERRORS_FILE
+        self._append(self.pending)
+        self.pending = []
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        """One write with O_APPEND: the lines of ranks writing at once never interleave."""
+        if records and self.path is not None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+            finally:
+                os.close(fd)
 
     def __call__(self, scores: Scores, batch: Completions) -> None:
         self.calls += 1
         if not scores.errors:
             return
-        records = [{"call": self.calls, "function": e["function"], "row": e["row"],
-                    "prompt": _last_message(batch.prompts[e["row"]]), "completion": batch.completions[e["row"]],
-                    "error": e["error"]} for e in scores.errors]
+        records = [{"call": self.calls, **({"rank": self.rank} if self.rank is not None else {}),
+                    "function": e["function"], "row": e["row"], "prompt": _last_message(batch.prompts[e["row"]]),
+                    "completion": batch.completions[e["row"]], "error": e["error"]} for e in scores.errors]
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            self._append(records)
+        else:
+            self.pending.extend(records)
         for record in records:
             kind = (record["function"], _kind(record["error"]))
             if kind not in self.seen:
