@@ -209,3 +209,20 @@ def test_healthy_steps_and_a_zero_weight_start_pass_the_weight_growth_guard(tmp_
         for p in zero.model.parameters():
             p.zero_()
     assert zero.fit(source, _loss_fn).step == 2
+
+
+def test_steps_with_nothing_to_learn_stay_out_of_the_spike_window(tmp_path, tokenizer):
+    """Steps 4-5 have a zero gradient (as an RL step whose groups all tie); step 6's is 1000 times a normal one.
+    With the zeros in the window its median would be 0 and the guard blind; without them it skips step 6."""
+    trainer, source = _trainer(tmp_path, tokenizer, steps=6, save_every=0, spike_warmup=3)
+    scale = {4: 0.0, 5: 0.0, 6: 1000.0}
+
+    def loss_fn(model, batch, normaliser):
+        loss, metrics = _loss_fn(model, batch, normaliser)
+        return loss * scale.get(trainer.step + 1, 1.0), metrics
+
+    result = trainer.fit(source, loss_fn)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["grad_norm"] == 0 for r in records] == [False, False, False, True, True, False]
+    assert [r["step"] for r in records if r.get("spike")] == [6] and result.skipped_steps == 1
+    assert len(trainer._grad_norms) == 3 and 0 not in trainer._grad_norms

@@ -60,8 +60,9 @@ class TrainConfig:
     eval_every: int = param(0, "Evaluate every N steps (0: only at the end).", ge=0)
     max_nonfinite: int = param(5, "Stop after this many consecutive skipped steps (a non-finite loss or gradient, "
                                   "or a gradient-norm spike).", ge=1)
-    spike_factor: float = param(0.0, "Skip a step whose gradient norm (before clipping) exceeds this many times the "
-                                     "median of the last spike_warmup trained steps' (0: off; e.g. 10).", ge=0)
+    spike_factor: float = param(10.0, "Skip a step whose gradient norm (before clipping) exceeds this many times "
+                                      "the median of the last spike_warmup trained steps' (0: off). Every stage of "
+                                      "the demo stays under 5x.", ge=0)
     spike_warmup: int = param(20, "Trained steps the spike guard's median is taken over; it acts once it has them.",
                               ge=1)
     max_weight_growth: float = param(10.0, "Stop the run when one optimizer step multiplies the norm of the "
@@ -291,7 +292,8 @@ class Trainer:
             raise TrainingError(
                 f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient or a gradient-norm "
                 f"spike (last at step {self.step}, the first skipped step was {self._first_skipped}); parameters "
-                f"were left untouched. Lower optim.lr or check the data; the checkpoints (the newest one from "
+                f"were left untouched. Lower optim.lr or check the data (or, if gradients this large are expected, "
+                f"raise train.spike_factor={self.train_cfg.spike_factor:g}); the checkpoints (the newest one from "
                 f"before step {self._first_skipped} is kept) are in {self.run_dir.checkpoints}",
                 field="train.max_nonfinite")
         record = {"step": self.step, **dist.mean_over_ranks(sums), "lr": lr, "grad_norm": grad_norm,
