@@ -1,10 +1,12 @@
 """Reward-model recipe: trains and saves a loadable scorer, Plackett–Luce at K=2 is Bradley–Terry through
-the whole recipe, head-only training, micro-batching invariance, bad rows stop it with a DataError."""
+the whole recipe, head-only training, micro-batching invariance, bad rows stop it with a DataError; on-policy
+pairs are each prompt's best and worst sample, held-out ones from held-out prompts."""
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -15,12 +17,13 @@ from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.tasks import get_task
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 from posttrain.models import build_model, save_pretrained
 from posttrain.models.reward import build_reward_model, load_reward_model, scores_at, sequence_scores
 from posttrain.recipes import find_recipe
 from posttrain.recipes.rm import RMConfig, comparison_loss_fn, main, process_loss_fn, process_step_source
 from posttrain.rewards import ProcessRewardScorer, RewardModelScorer
+from posttrain.rewards.functions import register_reward_function
 from posttrain.train.comparisons import comparison_step_source
 from posttrain.train.engine import TrainConfig
 from posttrain.train.metrics import read_metrics
@@ -185,3 +188,86 @@ def test_process_reward_model_recipe_with_lora_and_its_scorer(lm_dir, tmp_path):
     want = scores_at(scorer.model, batch, batch["step_ends"]).sigmoid()[0]
     assert_close(torch.tensor(scores), want)
     assert scorer.score([row["prompt"]], ["\n".join(row["completions"])]) == [scores]
+
+
+class _HashScores:
+    """A deterministic reward (a hash of the completion's text) that keeps every (prompt, completion, score) it
+    scored, in order: the pairs can then be recomputed by hand."""
+
+    def __init__(self) -> None:
+        self.scored: list[tuple[str, str, float]] = []
+
+    def __call__(self, batch) -> list[float]:
+        values = [float(zlib.crc32(t.encode()) % 97) for t in batch.completions]
+        prompts = [p[-1]["content"] if isinstance(p, list) else p for p in batch.prompts]  # the user's turn
+        self.scored += [(p, t, v) for p, t, v in zip(prompts, batch.completions, values, strict=True)]
+        return values
+
+
+_SCORERS: list[_HashScores] = []
+register_reward_function("test_rm_pair_hash")(lambda batch: _SCORERS[-1](batch))
+# run.seed=2: the random-init model's samples of seeds 0, 1 and 3 include a misplaced <think> tag, which the
+# preference rows refuse (a data check, as for any user's rows).
+ON_POLICY = ["pairs.source=on_policy", "data.size=12", "eval.size=8", "pairs.prompts_per_batch=8",
+             "sampling.samples_per_prompt=4", "sampling.max_new_tokens=4", "train.batch_size=4",
+             "train.micro_batch_size=4", "reward.functions={test_rm_pair_hash: 1.0}", "run.seed=2"]
+
+
+def _expected_pairs(scored: list[tuple[str, str, float]], prompts: int, samples: int) -> list[tuple[str, str]]:
+    """Each prompt's first best and first worst non-empty sample, when the best scores higher (prompt-major)."""
+    expected = []
+    for group in range(prompts):
+        members = [m for m in scored[samples * group:samples * (group + 1)] if m[1].strip()]
+        if members:
+            best, worst = max(members, key=lambda m: m[2]), min(members, key=lambda m: m[2])
+            if best[2] > worst[2] and best[1] != worst[1]:
+                expected.append((best[1], worst[1]))
+    return expected
+
+
+def test_on_policy_pairs_are_each_prompts_best_and_worst_sample_and_held_out_ones_come_from_held_out_prompts(
+        lm_dir, tmp_path, monkeypatch):
+    from posttrain.recipes import rm
+
+    _SCORERS.append(_HashScores())
+    made: list[list[dict]] = []
+    prepare = rm.prepare_data
+
+    def recording_prepare(cfg, tokenizer, accepts, rows=None, **kwargs):
+        if rows is not None:
+            made.append(list(rows))
+        return prepare(cfg, tokenizer, accepts, rows=rows, **kwargs)
+
+    monkeypatch.setattr(rm, "prepare_data", recording_prepare)
+    result = main(rm_config(lm_dir, tmp_path, *ON_POLICY, "train.max_steps=2"))
+    scored = _SCORERS[-1].scored
+    assert len(scored) == (12 + 8) * 4  # every training prompt, then every held-out one, sampled once
+    # 12 training prompts in batches of 8 and 4 (prompt-major within a batch), then the 8 held-out ones
+    train = _expected_pairs(scored[:32], 8, 4) + _expected_pairs(scored[32:48], 4, 4)
+    heldout = _expected_pairs(scored[48:], 8, 4)
+    assert [[(p["chosen"], p["rejected"]) for p in rows] for rows in made] == [train, heldout]
+    held_out = list(get_task("arith").rows("verifiable", split="heldout", size=8, seed=1234))  # eval.seed's
+    assert [prompt for prompt, _, _ in scored[48::4]] == [row["prompt"] for row in held_out]
+    summary = result.summary
+    assert summary["pairs"] == "on_policy" and summary["eval_rows"] == len(heldout)
+    assert summary["pairs_per_prompt"] == len(train) / 12 and summary["eval_pairs_per_prompt"] == len(heldout) / 8
+    assert summary["sampled_reward"] == pytest.approx(sum(v for _, _, v in scored[:48]) / 48)
+    # the task's own held-out comparisons are scored too, next to the sampled ones
+    assert summary["eval_offline_rows"] == 8 and 0 <= summary["eval_offline_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["sampling.samples_per_prompt=1"], "sampling.samples_per_prompt"),
+    (["kind=process"], "pairs.source"),
+    (["reward.functions={no_such_reward: 1.0}"], "reward.functions"),
+])
+def test_on_policy_settings_are_checked_before_anything_loads(tmp_path, overrides, field):
+    with pytest.raises(ConfigError) as err:
+        main(rm_config("does-not-exist", tmp_path, *ON_POLICY, *overrides))
+    assert err.value.field == field
+
+
+def test_on_policy_prompts_without_a_pair_are_a_clear_error(lm_dir, tmp_path):
+    with pytest.raises(DataError, match="no train prompt's samples differ") as err:
+        main(rm_config(lm_dir, tmp_path, *ON_POLICY[:-1], "reward.functions={format: 1.0}", "pairs.min_margin=1.0"))
+    assert err.value.field == "pairs.source"

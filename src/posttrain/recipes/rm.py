@@ -6,6 +6,13 @@
     + center_rewards * (sum of a comparison's rewards)^2                     (optional: pins the free offset)
     process:   loss = BCE(sigmoid(r_step), label) or (r_step - label)^2, read at each step's separator
 
+The comparisons are the data's (`pairs.source=data`), or pairs of the starting model's own samples
+(`pairs.source=on_policy`): the data's verifiable rows are prompts, the SFT model samples
+`sampling.samples_per_prompt` completions of each, `reward` scores them (the task verifier: correct or not),
+and a prompt's best- and worst-scored completions make a pair — the completions a reward model judges in
+RLHF. Held-out pairs are sampled the same way from held-out prompts; the data source's own held-out
+comparisons are scored too (`eval_offline_*`), so the two accuracies are reported side by side.
+
 The model is the SFT checkpoint's trunk with a scalar head (`posttrain.models.reward`), scored at
 the last real token; every response of a micro-batch goes through one forward. Full training by
 default; `freeze_backbone` trains the head only, LoRA trains adapters plus the head. Losses are
@@ -25,6 +32,7 @@ import torch
 
 from posttrain.algos import (
     PROCESS_TARGETS,
+    best_worst_pairs,
     bradley_terry_loss,
     plackett_luce_loss,
     process_reward_loss,
@@ -33,7 +41,8 @@ from posttrain.algos import (
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
-from posttrain.errors import ConfigError
+from posttrain.data.tasks import TASKS
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval.heldout import Evaluation
 from posttrain.eval.heldout import loss_part as heldout_loss_part
 from posttrain.eval.report import write_training_report
@@ -46,9 +55,19 @@ from posttrain.eval.rewards import (
     plot_reward_distribution,
     process_metrics,
 )
-from posttrain.models import count_parameters, load_tokenizer
+from posttrain.models import count_parameters, load_tokenizer, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.reward import REWARD_HEADS, build_reward_model, freeze_backbone, scores_at, sequence_scores
+from posttrain.recipes.rl import (
+    RewardConfig,
+    SamplingConfig,
+    build_rewards,
+    check_gold_answers,
+    check_reward_functions,
+    completions_of,
+    resolve_task,
+)
+from posttrain.rollout import make_engine
 from posttrain.train.comparisons import (
     comparison_matrix,
     comparison_step_source,
@@ -60,6 +79,22 @@ from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
+
+RM_PAIR_SOURCES = ("data", "on_policy")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMPairsConfig:
+    source: str = param("data", "data: the data's comparisons (preference pairs or rankings). on_policy: pairs of "
+                                "the starting model's own samples: the data's verifiable rows (prompt + answer) "
+                                "are prompts, each gets sampling.samples_per_prompt completions scored by "
+                                "`reward`, and its best- and worst-scored completions make a pair (with the task "
+                                "verifier: a correct and an incorrect one); held-out pairs come the same way from "
+                                "held-out prompts, and the data's held-out comparisons are scored as "
+                                "eval_offline_*.", choices=RM_PAIR_SOURCES)
+    prompts_per_batch: int = param(512, "On-policy: prompts sampled together (memory of one generate call).", ge=1)
+    min_margin: float = param(0.0, "On-policy: a pair needs its chosen score to beat the rejected one by more than "
+                                   "this.", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +119,11 @@ class RMConfig:
     use_margin: bool = param(True, "Subtract the rows' `margin` in the pairwise loss (rows without one: 0).")
     center_rewards: float = param(0.0, "Coefficient of the reward-centering penalty (0: off; ~0.01 keeps rewards "
                                        "near 0).", ge=0)
+    pairs: RMPairsConfig = section(RMPairsConfig, "kind=outcome: the data's comparisons, or pairs of the starting "
+                                                  "model's own samples.")
+    sampling: SamplingConfig = section(lambda: SamplingConfig(samples_per_prompt=8, max_new_tokens=32),
+                                       "On-policy pairs: how the starting model samples completions.")
+    reward: RewardConfig = section(RewardConfig, "On-policy pairs: what ranks the completions of a prompt.")
     process_target: str = param("classification", "kind=process: per-step BCE on correct/wrong labels "
                                                    "(classification) or squared error on step values "
                                                    "(regression).", choices=PROCESS_TARGETS)
@@ -99,12 +139,21 @@ def main(cfg: RMConfig) -> RunResult:
                                trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
     progress = RunProgress.for_run(cfg.run)
-    prepared = prepare_data(cfg.data, tokenizer, accepts=accepts, mask_dtype=model.dtype,
-                            bars=progress.library_bars())
+    on_policy = cfg.pairs.source == "on_policy"
+    sampled: dict[str, Any] = {}
+    if on_policy:
+        prepared, heldout, sampled = sampled_pairs(cfg, tokenizer, model.dtype, progress)
+    else:
+        prepared = prepare_data(cfg.data, tokenizer, accepts=accepts, mask_dtype=model.dtype,
+                                bars=progress.library_bars())
     heldout_cfg = heldout_data_config(cfg.data, cfg.eval)
-    heldout = (prepare_data(heldout_cfg, tokenizer, accepts=(prepared.format,), mask_dtype=model.dtype,
-                            heldout=heldout_cfg.eval_split > 0, bars=progress.library_bars())
+    if on_policy and heldout_cfg is not None:  # a built-in task also yields comparisons of its held-out problems
+        heldout_cfg = dataclasses.replace(heldout_cfg, format="auto") if heldout_cfg.source in TASKS else None
+    offline = (prepare_data(heldout_cfg, tokenizer, accepts=accepts if on_policy else (prepared.format,),
+                            mask_dtype=model.dtype, heldout=heldout_cfg.eval_split > 0, bars=progress.library_bars())
                if heldout_cfg else None)
+    if not on_policy:
+        heldout, offline = offline, None
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rm", model=model)
 
     if cfg.kind == "process":  # how ProcessRewardScorer turns head outputs into step scores
@@ -117,7 +166,8 @@ def main(cfg: RMConfig) -> RunResult:
     steps = process_step_source if cfg.kind == "process" else comparison_step_source
     loss_fn = process_loss_fn(cfg) if cfg.kind == "process" else comparison_loss_fn(cfg)
     source = steps(prepared, cfg.train, cfg.run.seed)
-    evaluate = (HeldoutEvaluator(model, heldout, cfg, steps(heldout, cfg.train, cfg.run.seed), loss_fn, progress)
+    evaluate = (HeldoutEvaluator(model, heldout, cfg, steps(heldout, cfg.train, cfg.run.seed), loss_fn, progress,
+                                 offline)
                 if heldout is not None else None)
     keys = ("loss", "accuracy", "eval_loss", "eval_accuracy", "eval_step_accuracy")
     result = trainer.fit(source, loss_fn, evaluate, progress_keys=keys)
@@ -129,12 +179,74 @@ def main(cfg: RMConfig) -> RunResult:
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
                "final_loss": result.last.get("loss"),
                **{k: v for k, v in result.last.items() if k.startswith("eval_")},
-               "eval_rows": len(heldout.dataset) if heldout else 0, "data": prepared.tokenized.stats.as_dict()}
+               "eval_rows": len(heldout.dataset) if heldout else 0, "data": prepared.tokenized.stats.as_dict(),
+               "pairs": cfg.pairs.source, **sampled,
+               **({"eval_offline_rows": len(offline.dataset)} if offline is not None else {})}
     if evaluate is not None and evaluate.rows:
         plot_reward_distribution(evaluate.rows, run_dir.plots / "rewards.png", f"held-out rewards ({cfg.data.source})")
     write_training_report(run_dir, f"{'Process reward' if cfg.kind == 'process' else 'Reward'} model on "
                                    f"{cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def sampled_pairs(cfg: RMConfig, tokenizer: Any, mask_dtype: torch.dtype,
+                  progress: RunProgress) -> tuple[Prepared, Prepared | None, dict[str, float]]:
+    """`pairs.source=on_policy`: the training pairs sampled by the starting causal LM from the data's prompts, the
+    held-out pairs from the held-out prompts (eval.source / data.eval_split / the task's held-out split; None when
+    there are none), and how the sampling went (pairs per prompt, the mean reward of the samples)."""
+    _, policy = load_tokenizer_and_model(cfg.model)
+    policy.eval()
+    engine = make_engine(cfg.sampling.engine, policy, tokenizer)
+    data = dataclasses.replace(cfg.data, batch_mode="padded")  # prompts: never collated
+    prompts = prepare_data(data, tokenizer, accepts=STAGE_FORMATS["grpo"], mask_dtype=mask_dtype,
+                           bars=progress.library_bars())
+    check_gold_answers(prompts.dataset, prompts.tokenized.name, cfg.reward)
+    rewards = build_rewards(cfg.reward, resolve_task(cfg), prompts.dataset)
+    pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop",
+                                    eval_split=0.0)
+    rows, stats = _sample_pairs(cfg, engine, prompts, rewards, cfg.run.seed, progress, "train")
+    train = prepare_data(pair_data, tokenizer, accepts=("preference",), rows=rows, mask_dtype=mask_dtype)
+    heldout_cfg = heldout_data_config(cfg.data, cfg.eval)
+    if heldout_cfg is None:
+        return train, None, stats
+    heldout_prompts = prepare_data(heldout_cfg, tokenizer, accepts=STAGE_FORMATS["grpo"], mask_dtype=mask_dtype,
+                                   heldout=heldout_cfg.eval_split > 0, bars=progress.library_bars())
+    rows, heldout_stats = _sample_pairs(cfg, engine, heldout_prompts, rewards, cfg.run.seed + 1, progress, "held-out")
+    heldout = prepare_data(dataclasses.replace(pair_data, batch_mode="padded"), tokenizer, accepts=("preference",),
+                           rows=rows, mask_dtype=mask_dtype)
+    return train, heldout, stats | {f"eval_{k}": v for k, v in heldout_stats.items()}
+
+
+@torch.no_grad()
+def _sample_pairs(cfg: RMConfig, engine: Any, prompts: Prepared, rewards: Any, seed: int, progress: RunProgress,
+                  what: str) -> tuple[list[dict[str, str]], dict[str, float]]:
+    """One pair per prompt whose samples differ in reward: its best- and worst-scored completions (distinct, with
+    text). Every prompt is sampled once, in order, `pairs.prompts_per_batch` at a time, each batch with its own
+    seed (`seed` and the batch's first row)."""
+    dataset, step = prompts.dataset, cfg.pairs.prompts_per_batch
+    params = cfg.sampling.params()
+    pairs: list[dict[str, str]] = []
+    reward_sum, samples = 0.0, 0
+    with progress.phase(f"sampling {what} pairs: prompts", len(dataset)) as bar:
+        for start in range(0, len(dataset), step):
+            rows = [dataset[i] for i in range(start, min(start + step, len(dataset)))]
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+            rollout = engine.generate([row["prompt_input_ids"] for row in rows], params, generator=generator)
+            completions = completions_of(rollout, rows)
+            scores = rewards(completions).total
+            reward_sum, samples = reward_sum + scores.sum().item(), samples + len(scores)
+            texts = completions.completions
+            usable = [i for i, text in enumerate(texts) if text.strip()]  # an empty completion is no answer
+            found = [(usable[c], usable[r]) for c, r in best_worst_pairs(
+                scores[usable], rollout.prompt_index[usable], cfg.pairs.min_margin)]
+            pairs += [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
+                      for c, r in found if texts[c] != texts[r]]
+            bar.advance(len(rows))
+    if not pairs:
+        raise DataError(f"no {what} prompt's samples differ in reward by more than pairs.min_margin="
+                        f"{cfg.pairs.min_margin}, so there is no pair (more sampling.samples_per_prompt, other "
+                        "prompts, or pairs.source=data)", field="pairs.source")
+    return pairs, {"pairs_per_prompt": len(pairs) / len(dataset), "sampled_reward": reward_sum / samples}
 
 
 def check_config(cfg: RMConfig) -> None:
@@ -144,6 +256,14 @@ def check_config(cfg: RMConfig) -> None:
     if cfg.adapter.method == "prefix":
         raise ConfigError("prefix-tuning is not supported for reward models: use none or lora",
                           field="adapter.method")
+    if cfg.pairs.source == "on_policy":
+        if cfg.kind == "process":
+            raise ConfigError("on-policy pairs train an outcome reward model: kind=outcome, or pairs.source=data",
+                              field="pairs.source")
+        if cfg.sampling.samples_per_prompt < 2:
+            raise ConfigError("on-policy pairs compare the completions of a prompt: set "
+                              "sampling.samples_per_prompt >= 2", field="sampling.samples_per_prompt")
+        check_reward_functions(cfg.reward)
     if cfg.freeze_backbone and cfg.adapter.method != "none":
         raise ConfigError("freeze_backbone trains the head only; it cannot be combined with an adapter",
                           field="freeze_backbone")
@@ -204,8 +324,8 @@ class HeldoutEvaluator:
     step source over the held-out rows) and the accuracies — keeping the last rewards for the distribution plot."""
 
     def __init__(self, model: torch.nn.Module, heldout: Prepared, cfg: RMConfig, source: ShuffledStepSource,
-                 loss_fn: Any, progress: RunProgress) -> None:
-        self.model, self.heldout, self.cfg = model, heldout, cfg
+                 loss_fn: Any, progress: RunProgress, offline: Prepared | None = None) -> None:
+        self.model, self.heldout, self.cfg, self.offline = model, heldout, cfg, offline
         self.parts = heldout_loss_part(heldout, source, loss_fn, cfg.train.micro_batch_size, keys=("loss",))
         self.progress = progress
         self.rows: list[torch.Tensor] = []
@@ -216,4 +336,8 @@ class HeldoutEvaluator:
             return metrics | process_metrics(self.model, self.heldout, self.cfg.eval.batch_size,
                                              self.cfg.process_target)
         self.rows = comparison_scores(self.model, self.heldout, self.cfg.eval.batch_size)
-        return metrics | comparison_metrics(self.rows)
+        metrics |= comparison_metrics(self.rows)
+        if self.offline is not None:  # the data's own held-out comparisons, next to the sampled ones
+            offline = comparison_scores(self.model, self.offline, self.cfg.eval.batch_size)
+            metrics |= comparison_metrics(offline, prefix="eval_offline_")
+        return metrics
