@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
 from posttrain.errors import ConfigError, RunDirError
 from posttrain.eval.accuracy import EvalConfig, heldout_accuracy, heldout_problems
+from posttrain.eval.headroom import headroom, pass_at_k
 from posttrain.eval.rewards import (
     RewardEvalConfig,
     comparison_metrics,
@@ -103,19 +103,6 @@ def resolve_target(path: str | Path) -> Target:
                           file=str(path))
     run_config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if run_dir else {}
     return Target(model_dir=model_dir, run_dir=run_dir, run_config=run_config or {})
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct.
-
-    1 - C(n-c, k) / C(n, k), as the running product prod_{i=n-c+1}^{n} (1 - k/i): exact in floating point
-    even where the binomials overflow.
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write: bool = True) -> dict[str, Any]:
@@ -191,38 +178,6 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
 
 def sampled_ks(options: EvalOptions) -> list[int]:
     return [k for k in options.pass_k if k <= options.samples]
-
-
-def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[int],
-             greedy: tuple[bool, ...] | None = None) -> dict[str, dict[str, float]]:
-    """Where a policy can still improve, per category of problem and for "all": greedy accuracy (when measured),
-    sampled accuracy at temperature 1 (the mean of c/n over problems: what RL's expected reward is), pass@k, and
-    the share of problems with 0 < c < n (where a group of samples disagrees: a group baseline's signal). The
-    gap from sampled accuracy to pass@k is what RL can reach by shifting mass onto answers the model already
-    samples. Per problem: its category (None: counted in "all" only) and its correct samples, of n."""
-    members: dict[str, list[int]] = {"all": list(range(len(categories)))}
-    for category in sorted({c for c in categories if c is not None}):
-        members[category] = [i for i, c in enumerate(categories) if c == category]
-    table = {}
-    for category, rows in members.items():
-        mine = [counts[i] for i in rows]
-        entry = {"problems": len(rows)}
-        if greedy is not None:
-            entry["accuracy"] = sum(greedy[i] for i in rows) / len(rows)
-        entry["sampled_accuracy"] = sum(mine) / (n * len(rows))
-        entry |= {f"pass@{k}": sum(pass_at_k(n, c, k) for c in mine) / len(rows) for k in ks}
-        entry["intermediate_share"] = sum(0 < c < n for c in mine) / len(rows)
-        table[category] = entry
-    return table
-
-
-def headroom_captured(before: dict[str, float], after: dict[str, float], key: str, ceiling: str) -> float | None:
-    """(after - before) / (ceiling_before - before) of one metric (`key`, e.g. sampled_accuracy) against the
-    starting model's `ceiling` (e.g. pass@8): the share of the headroom a stage captured (None: no headroom)."""
-    room = before.get(ceiling, 0.0) - before.get(key, 0.0)
-    if key not in before or key not in after or room <= 0:
-        return None
-    return (after[key] - before[key]) / room
 
 
 def _reference(target: Target, options: EvalOptions) -> torch.nn.Module | None:
