@@ -35,7 +35,8 @@ def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[i
     sampled accuracy at temperature 1 (the mean of c/n over problems: what RL's expected reward is), pass@k, and
     the share of problems with 0 < c < n (where a group of samples disagrees: a group baseline's signal). The
     gap from sampled accuracy to pass@k is what RL can reach by shifting mass onto answers the model already
-    samples. Per problem: its category (None: counted in "all" only) and its correct samples, of n."""
+    samples. Per problem: its category (None: counted in "all" only) and its correct samples, of n (n = 0: nothing
+    was sampled, the greedy accuracy alone)."""
     members: dict[str, list[int]] = {"all": list(range(len(categories)))}
     for category in sorted({c for c in categories if c is not None}):
         members[category] = [i for i, c in enumerate(categories) if c == category]
@@ -45,9 +46,10 @@ def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[i
         entry = {"problems": len(rows)}
         if greedy is not None:
             entry["accuracy"] = sum(greedy[i] for i in rows) / len(rows)
-        entry["sampled_accuracy"] = sum(mine) / (n * len(rows))
-        entry |= {f"pass@{k}": sum(pass_at_k(n, c, k) for c in mine) / len(rows) for k in ks}
-        entry["intermediate_share"] = sum(0 < c < n for c in mine) / len(rows)
+        if n:
+            entry["sampled_accuracy"] = sum(mine) / (n * len(rows))
+            entry |= {f"pass@{k}": sum(pass_at_k(n, c, k) for c in mine) / len(rows) for k in ks}
+            entry["intermediate_share"] = sum(0 < c < n for c in mine) / len(rows)
         table[category] = entry
     return table
 
