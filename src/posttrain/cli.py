@@ -170,9 +170,11 @@ def evaluate(
     reward: Annotated[list[str] | None, typer.Option(help="Reward functions / graders to average, weight 1 each "
                                                           "(repeat; default: correct and format, with --data the "
                                                           "run's reward.functions, else correct).")] = None,
-    threshold: Annotated[float | None, typer.Option(help="With --data: a completion is correct when its weighted "
-                                                         "total reward reaches this (default: the `correct` reward "
-                                                         "when used, else a total of at least 1).")] = None,
+    correct_by: Annotated[str | None, typer.Option(help="With --data: the reward function whose score decides "
+                                                        "whether a completion is correct (default: `correct` when "
+                                                        "used, else the weighted total).")] = None,
+    threshold: Annotated[float, typer.Option(help="With --data: a completion is correct when that score reaches "
+                                                  "this.")] = 1.0,
     grader: Annotated[str | None, typer.Option(help="With --data: grader file or shipped grader name of the `grader` "
                                                     "reward (default: the run's reward.grader).")] = None,
     reference: Annotated[str | None, typer.Option(help="Model to measure KL against (default: the model "
@@ -193,7 +195,7 @@ def evaluate(
     options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
                           rewards=tuple(reward) if reward else None, reference=reference,
                           max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,
-                          threshold=threshold, grader=grader)
+                          correct_by=correct_by, threshold=threshold, grader=grader)
     try:
         result = run_eval(path, options)
     except PosttrainError as err:

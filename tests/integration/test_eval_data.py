@@ -96,7 +96,7 @@ def test_eval_data_gives_the_headroom_table_by_hand(chatml_model_dir, tmp_path, 
         assert written["categories"][name] == pytest.approx(entry, abs=1e-12), name
     assert written["accuracy"] == expected["all"]["accuracy"] and written["problems"] == len(ROWS)
     assert written["pass@4"] == pytest.approx(expected["all"]["pass@4"])
-    assert written["correct_if"] == "weighted total reward >= 1"
+    assert written["correct_if"] == "weighted total reward >= 1"  # no `correct` among the rewards
     # Per row, in the file's order: what a paired comparison of two models needs.
     assert written["per_problem"] == {"line": [1, 2, 3, 4, 5, 6], "category": [c for c, _, _ in ROWS],
                                       "greedy": [g for _, _, g in ROWS], "correct_samples": [c for _, c, _ in ROWS]}

@@ -52,11 +52,19 @@ def test_row_categories_are_text_integers_or_none_and_anything_else_names_the_li
 
 def test_the_correct_rule():
     scores = Scores(total=torch.tensor([1.1, 0.1, 1.0, 0.5], dtype=torch.float64),
-                    by_function={"correct": torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)})
-    assert heldout.correct_mask(scores).tolist() == [True, False, False, False]  # the `correct` reward decides
-    assert heldout.correct_mask(scores, 0.5).tolist() == [True, False, True, True]  # a threshold: the total
+                    by_function={"correct": torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64),
+                                 "mine": torch.tensor([0.2, 0.9, 0.4, 0.6], dtype=torch.float64)})
+    rule = heldout.CorrectRule()
+    assert rule.mask(scores).tolist() == [True, False, False, False]  # the `correct` reward decides
+    assert rule.describe(scores.by_function) == "reward correct >= 1"
+    mine = heldout.CorrectRule(by="mine", threshold=0.5)
+    assert mine.mask(scores).tolist() == [False, True, False, True] and mine.describe(["mine"]) == "reward mine >= 0.5"
     graded = Scores(total=scores.total, by_function={"grader": scores.total})
-    assert heldout.correct_mask(graded).tolist() == [True, False, True, False]  # no `correct`: total >= 1
+    assert rule.mask(graded).tolist() == [True, False, True, False]  # no `correct`: the weighted total >= 1
+    assert heldout.CorrectRule(threshold=0.5).mask(graded).tolist() == [True, False, True, True]
+    assert rule.describe(["grader"]) == "weighted total reward >= 1"
+    with pytest.raises(ConfigError, match="--correct-by: 'nosuch' is not one of the reward functions"):
+        heldout.CorrectRule(by="nosuch").check(["correct", "format"], "--correct-by")
 
 
 @torch.no_grad()

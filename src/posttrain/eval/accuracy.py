@@ -35,9 +35,9 @@ class EvalConfig:
     headroom_samples: int = param(8, "Held-out rows with a `category` column: completions per prompt sampled at "
                                      "temperature 1 for the headroom per category (greedy and sampled accuracy, "
                                      "pass@n, share with 0 < p < 1), before and after (0: off).", ge=0)
-    correct_threshold: float | None = param(None, "A held-out completion counts as correct when its weighted total "
-                                                  "reward reaches this (None: the `correct` reward when the stage "
-                                                  "has it, else a total of at least 1).")
+    correct_by: str | None = param(None, "The reward function whose score decides whether a held-out completion is "
+                                         "correct (None: `correct` when the stage has it, else the weighted total).")
+    correct_threshold: float = param(1.0, "A held-out completion is correct when that score reaches this.")
 
 
 def eval_task(cfg: EvalConfig, data: DataConfig) -> str | None:

@@ -70,9 +70,11 @@ class EvalOptions:
     """A user's verifiable file (prompt rows; .jsonl/.json/.parquet/.csv or a `datasets` directory) evaluated
     instead of a built-in task, scored by the run's rewards (or `rewards`); its `category` column splits the
     headroom table."""
-    threshold: float | None = None
-    """With `data`: a completion counts as correct when its weighted total reward reaches this (None: the `correct`
-    reward when the rewards include it, else a total of at least 1)."""
+    correct_by: str | None = None
+    """With `data`: the reward function whose score decides whether a completion is correct (None: `correct` when
+    the rewards include it, else the weighted total; `heldout.CorrectRule`)."""
+    threshold: float = 1.0
+    """With `data`: a completion is correct when that score reaches this."""
     grader: str | None = None
     """With `data`: the grader file (or shipped grader name) of the `grader` reward (None: the run's reward.grader)."""
     reference: str | None = None
@@ -290,7 +292,7 @@ def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions
 def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> dict[str, Any]:
     """Greedy and sampled completions of the prompt rows of `options.data`, scored with the rewards a run uses
     (its reward.functions, reward.task, reward.model_path and reward.grader; or --reward/--task/--grader),
-    a completion counting as correct by `heldout.correct_mask`: greedy accuracy (95% Wilson interval), sampled
+    a completion counting as correct by `heldout.CorrectRule`: greedy accuracy (95% Wilson interval), sampled
     accuracy at T=1, pass@k, the share of rows whose samples disagree, per `category` and for "all"
     (`headroom`), the mean of every reward over the samples, and per-row results for paired comparisons."""
     if options.data is None:
@@ -307,6 +309,8 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     rows = prepare_data(_user_data_config(target, options.data), tokenizer, accepts=("verifiable",),
                         mask_dtype=model.dtype)
     functions, rewards = _user_rewards(target, options, rows)
+    rule = heldout.CorrectRule(by=options.correct_by, threshold=options.threshold)
+    rule.check(functions, "--correct-by")
     count = min(options.problems, len(rows.dataset))
     categories = heldout.row_categories(rows)[:count]
     max_new_tokens = options.max_new_tokens or int(target.section("sampling").get("max_new_tokens") or target.section(
@@ -317,15 +321,15 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
 
     with autocast(precision):
         greedy = heldout.greedy_scores(model, tokenizer, rows, score, max_new_tokens, count, options.batch_size, 0)
-        greedy_correct = heldout.correct_mask(greedy.scores, options.threshold).tolist()
+        greedy_correct = rule.mask(greedy.scores).tolist()
         sampled = (heldout.sampled_scores(model, tokenizer, rows, score, options.samples, max_new_tokens, count,
-                                          options.batch_size, options.seed, options.threshold)
+                                          options.batch_size, options.seed, rule)
                    if options.samples else None)
     hits = int(sum(greedy_correct))
     low, high = wilson_interval(hits, count)
     result: dict[str, Any] = {
         "model": str(target.model_dir), "data": options.data, "precision": precision, "kind": "policy",
-        "rewards": functions, "correct_if": _correct_rule(functions, options.threshold), "problems": count,
+        "rewards": functions, "correct_if": rule.describe(functions), "problems": count,
         "rows_dropped": rows.tokenized.stats.dropped_too_long, "accuracy": hits / count, "accuracy_ci": [low, high],
         "greedy_reward": greedy.scores.total.mean().item(), "completion_length": greedy.completion_length,
         "truncated": greedy.truncated}
@@ -384,11 +388,3 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
             check_grader_fields(fn.grader, columns)
     return functions, rewards
 
-
-def _correct_rule(functions: dict[str, float], threshold: float | None) -> str:
-    """`heldout.correct_mask`'s rule for these rewards, in words (eval.json says how a row was counted)."""
-    if threshold is not None:
-        return f"weighted total reward >= {threshold:g}"
-    if "correct" in functions:
-        return "the correct reward (the task's answer check against the answer column) is 1"
-    return "weighted total reward >= 1"

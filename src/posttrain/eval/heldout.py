@@ -149,13 +149,39 @@ def row_categories(heldout: Prepared) -> list[str | None]:
     return categories
 
 
-def correct_mask(scores: Scores, threshold: float | None = None) -> torch.Tensor:
-    """Which completions count as correct, [B] bool: with a `threshold`, a weighted total reward of at least it;
-    without one, the `correct` reward (the task's answer check against the `answer` column) when the rewards
-    include it, else a total of at least 1 (full credit of a grader or of a 0/1 function of weight 1)."""
-    if threshold is None and "correct" in scores.by_function:
-        return scores.by_function["correct"] >= 1.0
-    return scores.total >= (1.0 if threshold is None else threshold)
+@dataclasses.dataclass(frozen=True)
+class CorrectRule:
+    """When a scored completion counts as correct: the score of the reward function `by` reaches `threshold`;
+    without `by`, the `correct` reward (the task's answer check against the `answer` column) when the rewards
+    include it, else the weighted total reward. The default threshold, 1, is a right answer of a 0/1 function or
+    full credit of a grader."""
+
+    by: str | None = None
+    threshold: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> CorrectRule:
+        return cls(by=cfg.correct_by, threshold=cfg.correct_threshold)
+
+    def source(self, functions: Iterable[str]) -> str | None:
+        """The reward function that decides (None: the weighted total)."""
+        return self.by or ("correct" if "correct" in functions else None)
+
+    def check(self, functions: Iterable[str], field: str) -> None:
+        """`by` names one of the rewards: a ConfigError naming `field` (the option or setting) otherwise."""
+        functions = list(functions)
+        if self.by is not None and self.by not in functions:
+            raise ConfigError(f"{self.by!r} is not one of the reward functions ({', '.join(functions)})", field=field)
+
+    def mask(self, scores: Scores) -> torch.Tensor:
+        """Which completions count as correct, [B] bool."""
+        by = self.source(scores.by_function)
+        return (scores.total if by is None else scores.by_function[by]) >= self.threshold
+
+    def describe(self, functions: Iterable[str]) -> str:
+        """The rule in words, for eval.json."""
+        by = self.source(functions)
+        return f"{'weighted total reward' if by is None else f'reward {by}'} >= {self.threshold:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +241,7 @@ def heldout_rewards(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 
 @dataclasses.dataclass(frozen=True)
 class SampledScores:
-    """`n` completions per held-out row at temperature 1: each row's count of correct ones (`correct_mask`),
+    """`n` completions per held-out row at temperature 1: each row's count of correct ones (`CorrectRule`),
     and every reward function's mean over all the samples."""
 
     n: int
@@ -226,7 +252,7 @@ class SampledScores:
 @torch.no_grad()
 def sampled_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: Prepared,
                    score: Callable[[Rollout, list[dict[str, Any]]], Scores], n: int, max_new_tokens: int,
-                   problems: int, batch_size: int, seed: int, threshold: float | None = None,
+                   problems: int, batch_size: int, seed: int, rule: CorrectRule = CorrectRule(),
                    bar: Phase = SILENT) -> SampledScores:
     """`n` samples at temperature 1 of each of the first `problems` held-out prompts, scored by the stage's rewards
     (`score(rollout, rows)`). The seed of each batch depends on `seed` and its first row only, so two models are
@@ -242,7 +268,7 @@ def sampled_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, h
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=seed + start)
         rollout = engine.generate([row["prompt_input_ids"] for row in rows], params)
         scores = score(rollout, rows)
-        hits = correct_mask(scores, threshold)
+        hits = rule.mask(scores)
         per_row = torch.zeros(len(rows), dtype=torch.long).index_add_(0, rollout.prompt_index, hits.long())
         correct += per_row.tolist()
         for name, values in scores.by_function.items():
@@ -300,11 +326,14 @@ def loss_part(heldout: Prepared | None, source: Any, loss_fn: Callable[..., Any]
 
 def reward_part(tokenizer: PreTrainedTokenizerBase, heldout: Prepared | None,
                 score: Callable[[Rollout, list[dict[str, Any]]], Scores], max_new_tokens: int,
-                cfg: EvalConfig) -> list[Part]:
+                cfg: EvalConfig, functions: Iterable[str] = ()) -> list[Part]:
     """The stage's rewards of greedy completions of held-out prompts (none without any, or eval.problems=0); when
     the rows have a `category` column (read and checked now, before training), also the headroom per category
     (`headroom`) from eval.headroom_samples samples per prompt at temperature 1, as eval_headroom.<category>.<metric>
-    (`summary` turns them back into tables)."""
+    (`summary` turns them back into tables). `functions`: the names of the stage's rewards, which eval.correct_by
+    must be one of."""
+    rule = CorrectRule.of(cfg)
+    rule.check(functions, "eval.correct_by")
     if heldout is None or cfg.problems == 0:
         return []
     total = min(cfg.problems, len(heldout.dataset))
@@ -317,8 +346,8 @@ def reward_part(tokenizer: PreTrainedTokenizerBase, heldout: Prepared | None,
         metrics = greedy.metrics()
         if n:
             sampled = sampled_scores(model, tokenizer, heldout, score, n, max_new_tokens, cfg.problems,
-                                     cfg.batch_size, cfg.seed, cfg.correct_threshold, bar)
-            greedy_correct = tuple(correct_mask(greedy.scores, cfg.correct_threshold).tolist())
+                                     cfg.batch_size, cfg.seed, rule, bar)
+            greedy_correct = tuple(rule.mask(greedy.scores).tolist())
             metrics |= flat_headroom(headroom(categories, sampled.correct, n, [n], greedy_correct))
         return metrics, greedy.records
 

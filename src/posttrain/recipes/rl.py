@@ -227,7 +227,7 @@ def heldout_reward_part(cfg: Any, tokenizer: PreTrainedTokenizerBase, rows: Prep
     """The stage's reward functions (no missing-EOS penalty: the rewards themselves) on greedy completions of the
     held-out prompts `rows`, within the stage's sampling.max_new_tokens, for `heldout.Evaluation`."""
     return heldout.reward_part(tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)),
-                               cfg.sampling.max_new_tokens, cfg.eval)
+                               cfg.sampling.max_new_tokens, cfg.eval, rewards.functions)
 
 
 def _std(values: Tensor) -> float:
