@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -143,3 +144,30 @@ def test_a_run_reports_the_headroom_captured_per_category_of_its_heldout_file(to
     assert again["rewards"] == {scripted: 1.0}
     for name, entry in expected.items():
         assert again["categories"][name] == pytest.approx(entry, abs=1e-12), name
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "verifiable_categories.jsonl"
+
+
+def test_the_readme_commands_on_the_example_file(chatml_model_dir, tmp_path, monkeypatch):
+    """README: `posttrain eval $M --data examples/verifiable_categories.jsonl --task arith`, and a GRPO run holding
+    a quarter of the same file out, whose report has the headroom table before and after."""
+    model_dir = shutil.copytree(chatml_model_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--data", str(EXAMPLE), "--task", "arith",
+                                      "--samples", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((model_dir / "eval.json").read_text())
+    sizes = {name: entry["problems"] for name, entry in written["categories"].items()}
+    assert sizes == {"all": 24, "addition": 7, "multiplication": 8, "subtraction": 8}  # one row has no category
+    assert written["correct_if"] == "reward correct >= 1" and written["per_problem"]["category"][-1] is None
+
+    result = CliRunner().invoke(app, ["grpo", "grpo", f"model.path={model_dir}", f"data.source={EXAMPLE}",
+                                      "data.eval_split=0.25", "reward.task=arith", f"run.out_dir={tmp_path}",
+                                      "run.name=g", "run.progress=false", "train.save_every=0", "train.max_steps=1",
+                                      "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+                                      "sampling.max_new_tokens=4", "eval.headroom_samples=2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())["summary"]
+    assert summary["heldout_headroom"]["all"]["problems"] == 6 and "pass@2" in summary["heldout_headroom"]["all"]
+    assert "## Headroom per category" in (tmp_path / "g" / "report.md").read_text()
