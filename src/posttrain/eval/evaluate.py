@@ -277,12 +277,12 @@ def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions
     accepts = STAGE_FORMATS["prm" if process_target else "rm"]
     if process_target:
         heldout_cfg = dataclasses.replace(heldout_cfg, format="stepwise")
-    heldout = prepare_data(heldout_cfg, tokenizer, accepts=accepts, mask_dtype=model.dtype)
+    rows = prepare_data(heldout_cfg, tokenizer, accepts=accepts, mask_dtype=model.dtype)
     if process_target:
-        metrics = process_metrics(model, heldout, options.batch_size, process_target, prefix="")
-        return {"kind": "process_reward_model", "rows": len(heldout.dataset), **metrics}
-    metrics = comparison_metrics(comparison_scores(model, heldout, options.batch_size), prefix="")
-    return {"kind": "reward_model", "rows": len(heldout.dataset), **metrics}
+        metrics = process_metrics(model, rows, options.batch_size, process_target, prefix="")
+        return {"kind": "process_reward_model", "rows": len(rows.dataset), **metrics}
+    metrics = comparison_metrics(comparison_scores(model, rows, options.batch_size), prefix="")
+    return {"kind": "reward_model", "rows": len(rows.dataset), **metrics}
 
 
 # ----------------------------------------------------------------------------------------------
