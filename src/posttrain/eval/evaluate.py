@@ -9,6 +9,10 @@ A policy (causal LM) gets
                    E_y~policy[ sum_t log pi(y_t) - log ref(y_t) ] (k1: unbiased for the sequence KL);
                    the reference defaults to the model the run started from (the SFT model in the demo)
     completion_length  mean tokens of the greedy completions
+    categories     per category of problem and for "all" (`headroom`): greedy and sampled accuracy, pass@k and the
+                   share of problems whose samples disagree (0 < p < 1)
+With `--data FILE` (`evaluate_data`) the problems are the rows of a user's verifiable file, scored with the rewards
+a run uses (`heldout.CorrectRule` says which completions are correct), per value of its `category` column.
 A reward model gets its held-out pairwise accuracy, margin and reward distribution (process reward
 models: step accuracy and first-error detection), as `posttrain rm` measures them.
 

@@ -5,7 +5,8 @@
   token (and its perplexity), DPO's loss with its reward accuracy and margins, a reward model's pairwise
   loss (`heldout_loss`);
 - the stage's rewards of greedy completions of held-out prompts (the RL stages, rejection sampling,
-  on-policy DPO: `heldout_rewards`);
+  on-policy DPO: `greedy_scores`), and, for rows with a `category` column, the headroom per category from
+  samples at temperature 1 (`sampled_scores`, `reward_part`);
 - exact match on a built-in task's held-out problems (`accuracy.heldout_accuracy`), when the training data
   is that task or `eval.task` names one — one evaluator among the others, never forced on a user's data.
 
@@ -227,16 +228,6 @@ def greedy_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, he
         bar.advance(len(rows))
     return GreedyScores(scores=Scores.concat(parts), completion_length=lengths / count, truncated=truncated / count,
                         records=records)
-
-
-def heldout_rewards(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: Prepared,
-                    score: Callable[[Rollout, list[dict[str, Any]]], Scores], max_new_tokens: int, problems: int,
-                    batch_size: int, samples: int, bar: Phase = SILENT) -> Measured:
-    """eval_reward (the weighted total), eval_reward_<function>, eval_completion_length and eval_truncated of
-    greedy completions of the first `problems` held-out prompts (`greedy_scores`), and the first `samples`
-    completions as records."""
-    greedy = greedy_scores(model, tokenizer, heldout, score, max_new_tokens, problems, batch_size, samples, bar)
-    return greedy.metrics(), greedy.records
 
 
 @dataclasses.dataclass(frozen=True)
