@@ -180,13 +180,28 @@ def demo(
 @app.command("eval")
 def evaluate(
     path: Annotated[str, typer.Argument(help="A run directory (runs/demo/grpo), its final/, or a model directory.")],
-    task: Annotated[str | None, typer.Option(help="Built-in task (default: the run's eval task).")] = None,
-    problems: Annotated[int, typer.Option(min=1, help="Distinct held-out problems.")] = 500,
+    data: Annotated[str | None, typer.Option(help="Your own verifiable file (prompt rows, an `answer` column for the "
+                                                  "`correct` check, an optional `category` column): .jsonl, .json, "
+                                                  ".parquet, .csv or a `datasets` directory, instead of a built-in "
+                                                  "task; scored with the run's rewards (or --reward).")] = None,
+    task: Annotated[str | None, typer.Option(help="Built-in task (default: the run's eval task); with --data, the task "
+                                                  "whose answer check `correct` uses (default: the run's reward.task).")
+                    ] = None,
+    problems: Annotated[int, typer.Option(min=1, help="Distinct held-out problems (with --data: the first N rows).")
+                        ] = 500,
     samples: Annotated[int, typer.Option(min=0, help="Samples per problem at temperature 1 for pass@k, "
                                                      "rewards and KL (0: greedy accuracy only).")] = 8,
     k: Annotated[list[int] | None, typer.Option("--k", min=1, help="pass@k values (repeat the option).")] = None,
-    reward: Annotated[list[str] | None, typer.Option(help="Reward functions / graders to average (repeat).")
-                      ] = None,
+    reward: Annotated[list[str] | None, typer.Option(help="Reward functions / graders to average, weight 1 each "
+                                                          "(repeat; default: correct and format, with --data the "
+                                                          "run's reward.functions, else correct).")] = None,
+    correct_by: Annotated[str | None, typer.Option(help="With --data: the reward function whose score decides "
+                                                        "whether a completion is correct (default: `correct` when "
+                                                        "used, else the weighted total).")] = None,
+    threshold: Annotated[float, typer.Option(help="With --data: a completion is correct when that score reaches "
+                                                  "this.")] = 1.0,
+    grader: Annotated[str | None, typer.Option(help="With --data: grader file or shipped grader name of the `grader` "
+                                                    "reward (default: the run's reward.grader).")] = None,
     reference: Annotated[str | None, typer.Option(help="Model to measure KL against (default: the model "
                                                        "the run started from).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Generation budget (default: the run's).")
@@ -195,31 +210,39 @@ def evaluate(
     precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast) or auto (bf16 where the hardware has it), "
                                                 "as train.precision.")] = "fp32",
 ) -> None:
-    """Held-out accuracy (95% CI), pass@k, rewards, KL to the starting model; reward models: pairwise accuracy."""
+    """Held-out accuracy (95% CI), pass@k, rewards, KL to the starting model, and the headroom per category (greedy
+    and sampled accuracy, pass@k, share of problems with 0 < p < 1) of a built-in task or of your own --data file;
+    reward models: pairwise accuracy."""
     _quiet_libraries()
     from posttrain.eval.evaluate import EvalOptions
     from posttrain.eval.evaluate import evaluate as run_eval
 
     options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
-                          rewards=tuple(reward or ("correct", "format")), reference=reference,
-                          max_new_tokens=max_new_tokens, seed=seed, precision=precision)
+                          rewards=tuple(reward) if reward else None, reference=reference,
+                          max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,
+                          correct_by=correct_by, threshold=threshold, grader=grader)
     try:
         result = run_eval(path, options)
     except PosttrainError as err:
         _print_error(err)
         raise typer.Exit(2) from None
-    table = Table("metric", "value", title=f"eval of {result['model']} on {result['task']}")
+    table = Table("metric", "value", title=f"eval of {escape(result['model'])} on "
+                                           f"{escape(str(result.get('data') or result.get('task')))}")
     for key, value in result.items():
-        if key not in ("model", "task", "categories", "per_problem"):
-            table.add_row(key, _format_value(value))
+        if key not in ("model", "task", "data", "categories", "per_problem"):
+            table.add_row(key, escape(_format_value(value)))
     console.print(table)
     categories = result.get("categories")
     if categories:  # headroom: where sampling already finds answers that greedy decoding misses
         columns = list(categories["all"])
-        headroom = Table("category", *columns, title="headroom per category (sampled at temperature 1)")
+        headroom = Table("category", *(HEADROOM_HEADERS.get(c, c) for c in columns),
+                         title="headroom per category (sampled at temperature 1)")
         for name, entry in categories.items():
-            headroom.add_row(name, *(_format_value(entry.get(c)) for c in columns))
+            headroom.add_row(escape(name), *(_format_value(entry.get(c)) for c in columns))
         console.print(headroom)
+
+
+HEADROOM_HEADERS = {"accuracy": "greedy", "sampled_accuracy": "sampled", "intermediate_share": "0<p<1"}
 
 
 @app.command()

@@ -345,7 +345,37 @@ STAGE_CASES = [
          files={"unfinished/config.yaml": "stage: sft\n"}),
 ]
 
-ALL_CASES = STAGE_CASES + CONFIG_CASES + DATA_CASES + MODEL_CASES + REWARD_CASES + BATCH_CASES + RUN_DIR_CASES
+
+def eval_data(name: str, *args: str) -> tuple[str, ...]:
+    return ("eval", "{model}", "--data", f"{{tmp}}/{name}", "--problems", "2", "--samples", "0", *args)
+
+
+CATEGORY = {**VERIFIABLE, "category": "addition"}
+
+EVAL_DATA_CASES = [
+    # `posttrain eval --data`: a user's verifiable file, checked before anything is generated.
+    case("eval-data-empty-file", eval_data("d.jsonl", "--task", "arith"), "{tmp}/d.jsonl: empty file",
+         files={"d.jsonl": ""}),
+    case("eval-data-missing-prompt", eval_data("d.jsonl", "--task", "arith"), "{tmp}/d.jsonl:2: prompt:",
+         "missing column 'prompt'", files={"d.jsonl": jsonl(CATEGORY, {"question": "What is 1+1?", "answer": "2"})}),
+    case("eval-data-missing-answer", eval_data("d.jsonl", "--task", "arith"), "{tmp}/d.jsonl:2: answer:",
+         "no gold answer", files={"d.jsonl": jsonl(CATEGORY, {"prompt": "What is 1+1?", "category": "addition"})}),
+    case("eval-data-category-list", eval_data("d.jsonl", "--task", "arith"), "{tmp}/d.jsonl:2: category:",
+         "must be text (or an integer), got list",
+         files={"d.jsonl": jsonl(CATEGORY, {**VERIFIABLE, "category": ["a"]})}),
+    case("eval-data-category-empty", eval_data("d.csv", "--task", "arith"), "{tmp}/d.csv:3: category:",
+         "empty category", files={"d.csv": 'prompt,answer,category\nWhat is 1+1?,2,add\n"What is 2+2?",4," "\n'}),
+    case("eval-data-correct-needs-task", eval_data("d.jsonl"), "--task:", "answer",
+         files={"d.jsonl": jsonl(CATEGORY)}),
+    case("eval-data-reward-model", ("eval", "{tmp}/rm", "--data", "{tmp}/d.jsonl"), "--data:",
+         "evaluates a policy", files={"d.jsonl": jsonl(CATEGORY), "rm/config.json": json.dumps(
+             {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})}),
+    case("eval-heldout-category-type", stage("grpo", "eval.source={tmp}/held.jsonl"), "{tmp}/held.jsonl:1: category:",
+         "got float", files={"held.jsonl": jsonl({**VERIFIABLE, "category": 0.5})}),
+]
+
+ALL_CASES = (STAGE_CASES + CONFIG_CASES + DATA_CASES + MODEL_CASES + REWARD_CASES + BATCH_CASES + RUN_DIR_CASES
+             + EVAL_DATA_CASES)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,8 @@ from posttrain.data.tasks import get_task
 from posttrain.data.tokenize import Encoder
 from posttrain.errors import RunDirError
 from posttrain.eval.accuracy import heldout_problems
-from posttrain.eval.evaluate import (
-    EvalOptions,
-    headroom,
-    headroom_captured,
-    pass_at_k,
-    resolve_target,
-    sampled_metrics,
-)
+from posttrain.eval.evaluate import EvalOptions, resolve_target, sampled_metrics
+from posttrain.eval.headroom import headroom, headroom_captured, pass_at_k
 
 
 @pytest.mark.parametrize("n", range(1, 8))

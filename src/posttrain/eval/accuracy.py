@@ -32,6 +32,12 @@ class EvalConfig:
     max_new_tokens: int = param(24, "Generation budget per answer of the task.", ge=1)
     batch_size: int = param(128, "Prompts generated together.", ge=1)
     samples: int = param(8, "Greedy completions written to samples.jsonl at each evaluation.", ge=0)
+    headroom_samples: int = param(8, "Held-out rows with a `category` column: completions per prompt sampled at "
+                                     "temperature 1 for the headroom per category (greedy and sampled accuracy, "
+                                     "pass@n, share with 0 < p < 1), before and after (0: off).", ge=0)
+    correct_by: str | None = param(None, "The reward function whose score decides whether a held-out completion is "
+                                         "correct (None: `correct` when the stage has it, else the weighted total).")
+    correct_threshold: float = param(1.0, "A held-out completion is correct when that score reaches this.")
 
 
 def eval_task(cfg: EvalConfig, data: DataConfig) -> str | None:

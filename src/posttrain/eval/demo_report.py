@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from posttrain.eval.accuracy import paired_interval  # noqa: E402
-from posttrain.eval.evaluate import headroom_captured  # noqa: E402
+from posttrain.eval.headroom import headroom_lines, headroom_rows  # noqa: E402
 from posttrain.train.metrics import read_metrics  # noqa: E402
 
 Summaries = dict[str, dict[str, Any]]
@@ -136,26 +136,6 @@ def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
     return _save(fig, out)
 
 
-def headroom_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[str, Any]]:
-    """Per policy stage and category of problem: greedy and sampled accuracy, pass@k and the share of problems
-    with 0 < p < 1 (`eval.evaluate.headroom`), with the share of its starting model's headroom the stage captured:
-    (after - before) / (pass@k before - before), of the sampled and of the greedy accuracy."""
-    rows = []
-    for name, summary in summaries.items():
-        table = summary.get("headroom")
-        if not table:
-            continue
-        start = summaries.get(bases.get(name) or "", {}).get("headroom") or {}
-        for category, after in table.items():
-            before = start.get(category, {})
-            ceiling = max((k for k in after if k.startswith("pass@")), key=lambda k: int(k[5:]), default=None)
-            captured = {key: headroom_captured(before, after, key, ceiling) if ceiling and before else None
-                        for key in ("sampled_accuracy", "accuracy")}
-            rows.append({"stage": name, "category": category, "ceiling": ceiling, **after,
-                         "captured_sampled": captured["sampled_accuracy"], "captured_greedy": captured["accuracy"]})
-    return rows
-
-
 def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
     """One panel per task: per category, each stage's sampled accuracy (bar), greedy accuracy (dash) and pass@k
     (dot): the gap from the bar to the dot is what RL can still capture."""
@@ -187,23 +167,6 @@ def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) 
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle("Headroom per category and stage")
     return _save(fig, out)
-
-
-def _headroom_lines(rows: list[dict[str, Any]]) -> list[str]:
-    if not rows:
-        return []
-    lines = ["", "## Headroom per category", "",
-             "Held-out problems per category: greedy and sampled (T=1) accuracy, pass@k from the same samples, the "
-             "share of problems whose samples disagree (0 < p < 1: where a group baseline has signal), and the share "
-             "of the starting model's headroom the stage captured, (after − before) / (pass@k before − before).", "",
-             "| stage | category | problems | greedy | sampled | pass@k | 0 < p < 1 | captured (sampled) "
-             "| captured (greedy) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['stage']} | {r['category']} | {r['problems']} | {_num(r.get('accuracy'), '{:.1%}')} | "
-                     f"{r['sampled_accuracy']:.1%} | {_num(r.get(r['ceiling'] or ''), '{:.1%}')} | "
-                     f"{r['intermediate_share']:.0%} | {_num(r['captured_sampled'], '{:+.0%}')} | "
-                     f"{_num(r['captured_greedy'], '{:+.0%}')} |")
-    return lines
 
 
 def paired_gain(before: dict[str, Any], after: dict[str, Any], key: str) -> tuple[float, float, float] | None:
@@ -296,7 +259,7 @@ def write_demo_report(demo_dir: str | Path, bases: dict[str, str | None], tasks:
     lines += ["", f"Total time: {total / 60:.1f} min.", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
     lines += _gain_lines(gain_rows(summaries, bases), summaries)
-    lines += _headroom_lines(headroom)
+    lines += headroom_lines(headroom)
     lines += ["", "Each stage's own report (curves, samples, config) is in its run directory: "
               + ", ".join(f"[{name}]({name}/report.md)" for name in summaries) + "."]
     report = demo_dir / "report.md"

@@ -9,6 +9,10 @@ A policy (causal LM) gets
                    E_y~policy[ sum_t log pi(y_t) - log ref(y_t) ] (k1: unbiased for the sequence KL);
                    the reference defaults to the model the run started from (the SFT model in the demo)
     completion_length  mean tokens of the greedy completions
+    categories     per category of problem and for "all" (`headroom`): greedy and sampled accuracy, pass@k and the
+                   share of problems whose samples disagree (0 < p < 1)
+With `--data FILE` (`evaluate_data`) the problems are the rows of a user's verifiable file, scored with the rewards
+a run uses (`heldout.CorrectRule` says which completions are correct), per value of its `category` column.
 A reward model gets its held-out pairwise accuracy, margin and reward distribution (process reward
 models: step accuracy and first-error detection), as `posttrain rm` measures them.
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,14 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from posttrain.config import load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
-from posttrain.data.pipeline import prepare_data
+from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
 from posttrain.errors import ConfigError, RunDirError
-from posttrain.eval.accuracy import EvalConfig, heldout_accuracy, heldout_problems
+from posttrain.eval import heldout
+from posttrain.eval.accuracy import EvalConfig, heldout_accuracy, heldout_problems, wilson_interval
+from posttrain.eval.headroom import headroom, pass_at_k
 from posttrain.eval.rewards import (
     RewardEvalConfig,
     comparison_metrics,
@@ -46,8 +51,9 @@ from posttrain.eval.rewards import (
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model
-from posttrain.rewards.functions import Completions, WeightedRewards
-from posttrain.rollout import make_engine
+from posttrain.rewards.functions import Completions, Scores, WeightedRewards
+from posttrain.rewards.graders import check_grader_fields
+from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import policy_logprobs
 
@@ -60,8 +66,21 @@ class EvalOptions:
     samples: int = 8
     """Completions per problem at temperature 1 for pass@k, rewards and KL (0: greedy accuracy only)."""
     pass_k: tuple[int, ...] = (1, 8)
-    rewards: tuple[str, ...] = ("correct", "format")
-    """Reward functions (names in `posttrain.rewards.functions.REWARD_FUNCTIONS`) averaged over the samples."""
+    rewards: tuple[str, ...] | None = None
+    """Reward functions (names in `posttrain.rewards.functions.REWARD_FUNCTIONS`, or import paths), each of weight 1,
+    averaged over the samples (None: correct and format on a built-in task; the run's reward.functions with
+    `data`, else correct)."""
+    data: str | None = None
+    """A user's verifiable file (prompt rows; .jsonl/.json/.parquet/.csv or a `datasets` directory) evaluated
+    instead of a built-in task, scored by the run's rewards (or `rewards`); its `category` column splits the
+    headroom table."""
+    correct_by: str | None = None
+    """With `data`: the reward function whose score decides whether a completion is correct (None: `correct` when
+    the rewards include it, else the weighted total; `heldout.CorrectRule`)."""
+    threshold: float = 1.0
+    """With `data`: a completion is correct when that score reaches this."""
+    grader: str | None = None
+    """With `data`: the grader file (or shipped grader name) of the `grader` reward (None: the run's reward.grader)."""
     reference: str | None = None
     """Model directory KL is measured against (None: the run's starting model, when there is one)."""
     max_new_tokens: int | None = None
@@ -105,25 +124,14 @@ def resolve_target(path: str | Path) -> Target:
     return Target(model_dir=model_dir, run_dir=run_dir, run_config=run_config or {})
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct.
-
-    1 - C(n-c, k) / C(n, k), as the running product prod_{i=n-c+1}^{n} (1 - k/i): exact in floating point
-    even where the binomials overflow.
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write: bool = True) -> dict[str, Any]:
     """Evaluate the model at `path`, written to `<run>/eval.json` (or `<model>/eval.json`) unless `write` is off.
 
     greedy=False skips the greedy accuracy (a recipe that just measured it): samples only.
     """
     target = resolve_target(path)
+    if options.data is not None:
+        return evaluate_data(target, options, write)
     task = get_task(_task_name(target, options))
     data = _data_config(target, task)
     try:
@@ -137,9 +145,13 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
             result = evaluate_policy(target, task, data, options, greedy)
     result = {"model": str(target.model_dir), "task": task.name, "precision": precision, **result}
     if write:
-        out = (target.run_dir or target.model_dir) / "eval.json"
-        out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        _write(target, result)
     return result
+
+
+def _write(target: Target, result: dict[str, Any]) -> None:
+    out = (target.run_dir or target.model_dir) / "eval.json"
+    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 
 def _task_name(target: Target, options: EvalOptions) -> str:
@@ -193,38 +205,6 @@ def sampled_ks(options: EvalOptions) -> list[int]:
     return [k for k in options.pass_k if k <= options.samples]
 
 
-def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[int],
-             greedy: tuple[bool, ...] | None = None) -> dict[str, dict[str, float]]:
-    """Where a policy can still improve, per category of problem and for "all": greedy accuracy (when measured),
-    sampled accuracy at temperature 1 (the mean of c/n over problems: what RL's expected reward is), pass@k, and
-    the share of problems with 0 < c < n (where a group of samples disagrees: a group baseline's signal). The
-    gap from sampled accuracy to pass@k is what RL can reach by shifting mass onto answers the model already
-    samples. Per problem: its category (None: counted in "all" only) and its correct samples, of n."""
-    members: dict[str, list[int]] = {"all": list(range(len(categories)))}
-    for category in sorted({c for c in categories if c is not None}):
-        members[category] = [i for i, c in enumerate(categories) if c == category]
-    table = {}
-    for category, rows in members.items():
-        mine = [counts[i] for i in rows]
-        entry = {"problems": len(rows)}
-        if greedy is not None:
-            entry["accuracy"] = sum(greedy[i] for i in rows) / len(rows)
-        entry["sampled_accuracy"] = sum(mine) / (n * len(rows))
-        entry |= {f"pass@{k}": sum(pass_at_k(n, c, k) for c in mine) / len(rows) for k in ks}
-        entry["intermediate_share"] = sum(0 < c < n for c in mine) / len(rows)
-        table[category] = entry
-    return table
-
-
-def headroom_captured(before: dict[str, float], after: dict[str, float], key: str, ceiling: str) -> float | None:
-    """(after - before) / (ceiling_before - before) of one metric (`key`, e.g. sampled_accuracy) against the
-    starting model's `ceiling` (e.g. pass@8): the share of the headroom a stage captured (None: no headroom)."""
-    room = before.get(ceiling, 0.0) - before.get(key, 0.0)
-    if key not in before or key not in after or room <= 0:
-        return None
-    return (after[key] - before[key]) / room
-
-
 def _reference(target: Target, options: EvalOptions) -> torch.nn.Module | None:
     path = options.reference or target.section("model").get("path")
     if not path:
@@ -245,13 +225,13 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     examples = heldout_problems(task, options.problems, options.seed)
     encoder = Encoder.from_config(tokenizer, data)
     try:
-        rewards = WeightedRewards.from_config({name: 1.0 for name in options.rewards}, task=task)
+        rewards = WeightedRewards.from_config({name: 1.0 for name in task_rewards(options)}, task=task)
     except ValueError as err:  # an unknown name or an import path that does not import: the user's --reward
         raise ConfigError(str(err), field="--reward") from None
     engine = make_engine("local", model, tokenizer)
     n = options.samples
     correct: list[int] = []
-    reward_sums = dict.fromkeys(options.rewards, 0.0)
+    reward_sums = dict.fromkeys(task_rewards(options), 0.0)
     kl_total = 0.0
     per_call = max(1, options.batch_size // n)
     for start in range(0, len(examples), per_call):
@@ -277,6 +257,11 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     return result, correct
 
 
+def task_rewards(options: EvalOptions) -> tuple[str, ...]:
+    """The reward functions averaged over a built-in task's samples."""
+    return options.rewards or ("correct", "format")
+
+
 def _messages(example: Example) -> list[dict[str, Any]]:
     return [{"role": "user", "content": example.prompt}]
 
@@ -296,9 +281,114 @@ def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions
     accepts = STAGE_FORMATS["prm" if process_target else "rm"]
     if process_target:
         heldout_cfg = dataclasses.replace(heldout_cfg, format="stepwise")
-    heldout = prepare_data(heldout_cfg, tokenizer, accepts=accepts, mask_dtype=model.dtype)
+    rows = prepare_data(heldout_cfg, tokenizer, accepts=accepts, mask_dtype=model.dtype)
     if process_target:
-        metrics = process_metrics(model, heldout, options.batch_size, process_target, prefix="")
-        return {"kind": "process_reward_model", "rows": len(heldout.dataset), **metrics}
-    metrics = comparison_metrics(comparison_scores(model, heldout, options.batch_size), prefix="")
-    return {"kind": "reward_model", "rows": len(heldout.dataset), **metrics}
+        metrics = process_metrics(model, rows, options.batch_size, process_target, prefix="")
+        return {"kind": "process_reward_model", "rows": len(rows.dataset), **metrics}
+    metrics = comparison_metrics(comparison_scores(model, rows, options.batch_size), prefix="")
+    return {"kind": "reward_model", "rows": len(rows.dataset), **metrics}
+
+
+# ----------------------------------------------------------------------------------------------
+# A user's own verifiable file (`posttrain eval <model> --data FILE`).
+
+
+def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> dict[str, Any]:
+    """Greedy and sampled completions of the prompt rows of `options.data`, scored with the rewards a run uses
+    (its reward.functions, reward.task, reward.model_path and reward.grader; or --reward/--task/--grader),
+    a completion counting as correct by `heldout.CorrectRule`: greedy accuracy (95% Wilson interval), sampled
+    accuracy at T=1, pass@k, the share of rows whose samples disagree, per `category` and for "all"
+    (`headroom`), the mean of every reward over the samples, and per-row results for paired comparisons."""
+    if options.data is None:
+        raise ValueError("evaluate_data needs options.data")
+    if target.is_reward_model:
+        raise ConfigError("--data evaluates a policy's completions; a reward model is evaluated on comparisons "
+                          "(posttrain rm with eval.source)", field="--data")
+    try:
+        precision, _ = resolve_precision(options.precision)
+    except ValueError as err:
+        raise ConfigError(str(err), field="precision") from None
+    tokenizer = load_tokenizer(target.model_dir)
+    model = load_causal_lm(target.model_dir).eval()
+    rows = prepare_data(_user_data_config(target, options.data), tokenizer, accepts=("verifiable",),
+                        mask_dtype=model.dtype)
+    functions, rewards = _user_rewards(target, options, rows)
+    rule = heldout.CorrectRule(by=options.correct_by, threshold=options.threshold)
+    rule.check(functions, "--correct-by")
+    count = min(options.problems, len(rows.dataset))
+    categories = heldout.row_categories(rows)[:count]
+    max_new_tokens = options.max_new_tokens or int(target.section("sampling").get("max_new_tokens") or target.section(
+        "eval").get("max_new_tokens") or EvalConfig.max_new_tokens)
+
+    def score(rollout: Rollout, batch: list[dict[str, Any]]) -> Scores:
+        return rewards(heldout.completions_of(rollout, batch))
+
+    with autocast(precision):
+        greedy = heldout.greedy_scores(model, tokenizer, rows, score, max_new_tokens, count, options.batch_size, 0)
+        greedy_correct = rule.mask(greedy.scores).tolist()
+        sampled = (heldout.sampled_scores(model, tokenizer, rows, score, options.samples, max_new_tokens, count,
+                                          options.batch_size, options.seed, rule)
+                   if options.samples else None)
+    hits = int(sum(greedy_correct))
+    low, high = wilson_interval(hits, count)
+    result: dict[str, Any] = {
+        "model": str(target.model_dir), "data": options.data, "precision": precision, "kind": "policy",
+        "rewards": functions, "correct_if": rule.describe(functions), "problems": count,
+        "rows_dropped": rows.tokenized.stats.dropped_too_long, "accuracy": hits / count, "accuracy_ci": [low, high],
+        "greedy_reward": greedy.scores.total.mean().item(), "completion_length": greedy.completion_length,
+        "truncated": greedy.truncated}
+    per_problem: dict[str, Any] = {"line": list(rows.dataset["line"][:count]), "category": categories,
+                                   "greedy": [int(c) for c in greedy_correct]}
+    if sampled is not None:
+        table = headroom(categories, sampled.correct, sampled.n, sampled_ks(options), tuple(greedy_correct))
+        result |= {"samples_per_problem": sampled.n,
+                   **{key: value for key, value in table["all"].items() if key.startswith("pass@")},
+                   **{f"reward_{name}": value for name, value in sampled.rewards.items()},
+                   "sampled_accuracy": table["all"]["sampled_accuracy"],
+                   "intermediate_share": table["all"]["intermediate_share"], "categories": table}
+        per_problem["correct_samples"] = sampled.correct
+    else:
+        result["categories"] = headroom(categories, [0] * count, 0, [], tuple(greedy_correct))
+    result["per_problem"] = per_problem
+    if write:
+        _write(target, result)
+    return result
+
+
+def _user_data_config(target: Target, source: str) -> DataConfig:
+    """The run's `data:` settings (template, thinking switch, column renames, max_length), so that the file's
+    prompts render as in training, reading every row of `source` as verifiable prompt rows."""
+    data = {key: value for key, value in target.section("data").items()
+            if key not in ("source", "format", "eval_split", "limit", "batch_mode")}
+    where = f"{target.run_dir / 'config.yaml'}: data" if target.run_dir else "data"
+    try:
+        return load_config(DataConfig, {**data, "source": source, "format": "verifiable"})
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple[dict[str, float], WeightedRewards]:
+    """The reward functions with their weights, built as the run built them: --reward names (weight 1) or the
+    run's reward.functions (else `correct`), with --task or the run's reward.task (else its data source when that
+    is a built-in task) verifying answers, and --grader or the run's reward.grader; checked against the rows."""
+    run_reward = target.section("reward")
+    functions = ({name: 1.0 for name in options.rewards} if options.rewards
+                 else {str(k): float(v) for k, v in (run_reward.get("functions") or {"correct": 1.0}).items()})
+    source = target.section("data").get("source")
+    task_name = options.task or run_reward.get("task") or (source if source in TASKS else None)
+    task = get_task(task_name) if task_name else None
+    field = "--reward" if options.rewards else ("reward.functions" if run_reward.get("functions") else "--reward")
+    try:
+        rewards = WeightedRewards.from_config(functions, task=task, reward_model_path=run_reward.get("model_path"),
+                                              grader_path=options.grader or run_reward.get("grader"))
+    except ValueError as err:
+        hint = (" (--task names the built-in task whose answer check compares a completion with the `answer` "
+                "column; --reward a grader or your own function instead)") if "needs a task" in str(err) else ""
+        raise ConfigError(f"{err}{hint}", field="--task" if hint else field) from None
+    heldout.check_gold_answers(rows.dataset, rows.tokenized.name, functions)
+    columns = json.loads(rows.dataset[0]["row"] or "{}")
+    for fn, _ in rewards.functions.values():
+        if getattr(fn, "grader", None) is not None:
+            check_grader_fields(fn.grader, columns)
+    return functions, rewards
+

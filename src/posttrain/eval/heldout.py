@@ -5,7 +5,8 @@
   token (and its perplexity), DPO's loss with its reward accuracy and margins, a reward model's pairwise
   loss (`heldout_loss`);
 - the stage's rewards of greedy completions of held-out prompts (the RL stages, rejection sampling,
-  on-policy DPO: `heldout_rewards`);
+  on-policy DPO: `greedy_scores`), and, for rows with a `category` column, the headroom per category from
+  samples at temperature 1 (`sampled_scores`, `reward_part`);
 - exact match on a built-in task's held-out problems (`accuracy.heldout_accuracy`), when the training data
   is that task or `eval.task` names one — one evaluator among the others, never forced on a user's data.
 
@@ -17,9 +18,10 @@ them before and after.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,10 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import EvalConfig, eval_task, heldout_accuracy
-from posttrain.rewards.functions import Scores
+from posttrain.eval.headroom import headroom, headroom_rows
+from posttrain.rewards.functions import NEEDS_ANSWER, Completions, Scores
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.train.metrics import append_jsonl
@@ -56,12 +59,16 @@ def heldout_data(data: DataConfig, cfg: EvalConfig) -> DataConfig | None:
 
 def prepare_heldout(data: DataConfig, cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase, fmt: str,
                     mask_dtype: torch.dtype, progress: RunProgress | None = None) -> Prepared | None:
-    """The held-out rows tokenised like the training rows (format `fmt`), or None without any."""
+    """The held-out rows tokenised like the training rows (format `fmt`; a verifiable row's `category` checked),
+    or None without any."""
     heldout_cfg = heldout_data(data, cfg)
     if heldout_cfg is None:
         return None
-    return prepare_data(heldout_cfg, tokenizer, accepts=(fmt,), mask_dtype=mask_dtype,
-                        heldout=not cfg.source, bars=progress.library_bars() if progress is not None else None)
+    prepared = prepare_data(heldout_cfg, tokenizer, accepts=(fmt,), mask_dtype=mask_dtype,
+                            heldout=not cfg.source, bars=progress.library_bars() if progress is not None else None)
+    if "row" in prepared.dataset.column_names:  # verifiable rows: a bad `category` stops the run before it starts
+        row_categories(prepared)
+    return prepared
 
 
 @torch.no_grad()
@@ -96,14 +103,110 @@ def perplexity(nll_per_token: float) -> float:
     return math.exp(min(nll_per_token, 700.0))  # past exp(709) a float overflows; such a model is a failure anyway
 
 
+def completions_of(rollout: Rollout, rows: list[dict[str, Any]]) -> Completions:
+    """What the reward functions read, row by row of the rollout (row i completes prompt prompt_index[i]) of
+    verifiable `rows` (prepared: prompt messages, answer, steps and the whole row as JSON in `row`)."""
+    index = rollout.prompt_index.tolist()
+    columns = [json.loads(row["row"]) if row.get("row") else {} for row in rows]
+    return Completions(prompts=[rows[i]["prompt"] for i in index], completions=list(rollout.texts),
+                       answers=[rows[i]["answer"] for i in index],
+                       steps=[list(rows[i].get("steps") or []) for i in index], columns=[columns[i] for i in index])
+
+
+def check_gold_answers(dataset: Any, name: str, functions: Iterable[str], uses_gold: bool = False) -> None:
+    """Prompt-only rows (no gold answer) train or evaluate only with rewards that do not compare with one: a clear
+    error naming the first such row, before anything is sampled."""
+    needing = [f for f in functions if f in NEEDS_ANSWER] + (["loss.sft_coef (gold answers)"] if uses_gold else [])
+    if not needing:
+        return
+    missing = next((line for line, answer in zip(dataset["line"], dataset["answer"], strict=True) if answer is None),
+                   None)
+    if missing is not None:
+        raise DataError(f"the row has no gold answer (prompt-only data), which {', '.join(needing)} needs: give "
+                        "an `answer` column, or use a reward that reads none (reward_model, grader, your own "
+                        "function: reward.functions={my_rewards.py:fn: 1.0})", file=name, line=missing,
+                        field="answer")
+
+
+CATEGORY = "category"
+
+
+def row_categories(heldout: Prepared) -> list[str | None]:
+    """The `category` column of each prepared verifiable row (None: the row has none and counts in "all" only):
+    text, or an integer read as text; anything else is a DataError naming the file, line and field."""
+    name = heldout.tokenized.name
+    categories: list[str | None] = []
+    for line, row in zip(heldout.dataset["line"], heldout.dataset["row"], strict=True):
+        value = json.loads(row or "{}").get(CATEGORY)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"a category must be text (or an integer), got {type(value).__name__} {value!r}",
+                            file=name, line=line, field=CATEGORY)
+        if value is not None and not value.strip():
+            raise DataError("empty category: leave it out (or null) for a row that belongs to none", file=name,
+                            line=line, field=CATEGORY)
+        categories.append(value)
+    return categories
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectRule:
+    """When a scored completion counts as correct: the score of the reward function `by` reaches `threshold`;
+    without `by`, the `correct` reward (the task's answer check against the `answer` column) when the rewards
+    include it, else the weighted total reward. The default threshold, 1, is a right answer of a 0/1 function or
+    full credit of a grader."""
+
+    by: str | None = None
+    threshold: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> CorrectRule:
+        return cls(by=cfg.correct_by, threshold=cfg.correct_threshold)
+
+    def source(self, functions: Iterable[str]) -> str | None:
+        """The reward function that decides (None: the weighted total)."""
+        return self.by or ("correct" if "correct" in functions else None)
+
+    def check(self, functions: Iterable[str], field: str) -> None:
+        """`by` names one of the rewards: a ConfigError naming `field` (the option or setting) otherwise."""
+        functions = list(functions)
+        if self.by is not None and self.by not in functions:
+            raise ConfigError(f"{self.by!r} is not one of the reward functions ({', '.join(functions)})", field=field)
+
+    def mask(self, scores: Scores) -> torch.Tensor:
+        """Which completions count as correct, [B] bool."""
+        by = self.source(scores.by_function)
+        return (scores.total if by is None else scores.by_function[by]) >= self.threshold
+
+    def describe(self, functions: Iterable[str]) -> str:
+        """The rule in words, for eval.json."""
+        by = self.source(functions)
+        return f"{'weighted total reward' if by is None else f'reward {by}'} >= {self.threshold:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyScores:
+    """The stage's rewards of greedy completions of held-out rows (one per row, in order), with their mean
+    completion length and truncated share, and the first completions as sample records."""
+
+    scores: Scores
+    completion_length: float
+    truncated: float
+    records: list[dict[str, Any]]
+
+    def metrics(self) -> dict[str, float]:
+        return {"eval_reward": self.scores.total.mean().item(),
+                **{f"eval_reward_{name}": values.mean().item() for name, values in self.scores.by_function.items()},
+                "eval_completion_length": self.completion_length, "eval_truncated": self.truncated}
+
+
 @torch.no_grad()
-def heldout_rewards(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: Prepared,
-                    score: Callable[[Rollout, list[dict[str, Any]]], Scores], max_new_tokens: int, problems: int,
-                    batch_size: int, samples: int, bar: Phase = SILENT) -> Measured:
-    """The stage's rewards of greedy completions of the first `problems` held-out prompts (verifiable rows):
-    eval_reward (the weighted total), eval_reward_<function>, eval_completion_length and eval_truncated; and
-    the first `samples` completions as records. `score(rollout, rows)` is the stage's reward functions on a
-    rollout of `rows` (one completion per row)."""
+def greedy_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: Prepared,
+                  score: Callable[[Rollout, list[dict[str, Any]]], Scores], max_new_tokens: int, problems: int,
+                  batch_size: int, samples: int, bar: Phase = SILENT) -> GreedyScores:
+    """The stage's rewards of greedy completions of the first `problems` held-out prompts (verifiable rows).
+    `score(rollout, rows)` is the stage's reward functions on a rollout of `rows` (one completion per row)."""
     dataset = heldout.dataset
     count = min(problems, len(dataset))
     engine = make_engine("local", model, tokenizer)
@@ -123,11 +226,46 @@ def heldout_rewards(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
                             "reward": scores.total[i].item(),
                             "rewards": {k: v[i].item() for k, v in scores.by_function.items()}})
         bar.advance(len(rows))
-    total = Scores.concat(parts)
-    metrics = {"eval_reward": total.total.mean().item(),
-               **{f"eval_reward_{name}": values.mean().item() for name, values in total.by_function.items()},
-               "eval_completion_length": lengths / count, "eval_truncated": truncated / count}
-    return metrics, records
+    return GreedyScores(scores=Scores.concat(parts), completion_length=lengths / count, truncated=truncated / count,
+                        records=records)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledScores:
+    """`n` completions per held-out row at temperature 1: each row's count of correct ones (`CorrectRule`),
+    and every reward function's mean over all the samples."""
+
+    n: int
+    correct: list[int]
+    rewards: dict[str, float]
+
+
+@torch.no_grad()
+def sampled_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: Prepared,
+                   score: Callable[[Rollout, list[dict[str, Any]]], Scores], n: int, max_new_tokens: int,
+                   problems: int, batch_size: int, seed: int, rule: CorrectRule = CorrectRule(),
+                   bar: Phase = SILENT) -> SampledScores:
+    """`n` samples at temperature 1 of each of the first `problems` held-out prompts, scored by the stage's rewards
+    (`score(rollout, rows)`). The seed of each batch depends on `seed` and its first row only, so two models are
+    sampled with the same random numbers (a paired comparison with less noise)."""
+    dataset = heldout.dataset
+    count = min(problems, len(dataset))
+    engine = make_engine("local", model, tokenizer)
+    per_call = max(1, batch_size // n)
+    correct: list[int] = []
+    sums: dict[str, float] = defaultdict(float)
+    for start in range(0, count, per_call):
+        rows = [dataset[i] for i in range(start, min(start + per_call, count))]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=seed + start)
+        rollout = engine.generate([row["prompt_input_ids"] for row in rows], params)
+        scores = score(rollout, rows)
+        hits = rule.mask(scores)
+        per_row = torch.zeros(len(rows), dtype=torch.long).index_add_(0, rollout.prompt_index, hits.long())
+        correct += per_row.tolist()
+        for name, values in scores.by_function.items():
+            sums[name] += values.sum().item()
+        bar.advance(len(rows) * n)
+    return SampledScores(n=n, correct=correct, rewards={name: total / (count * n) for name, total in sums.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,17 +317,51 @@ def loss_part(heldout: Prepared | None, source: Any, loss_fn: Callable[..., Any]
 
 def reward_part(tokenizer: PreTrainedTokenizerBase, heldout: Prepared | None,
                 score: Callable[[Rollout, list[dict[str, Any]]], Scores], max_new_tokens: int,
-                cfg: EvalConfig) -> list[Part]:
-    """The stage's rewards of greedy completions of held-out prompts (none without any, or eval.problems=0)."""
+                cfg: EvalConfig, functions: Iterable[str] = ()) -> list[Part]:
+    """The stage's rewards of greedy completions of held-out prompts (none without any, or eval.problems=0); when
+    the rows have a `category` column (read and checked now, before training), also the headroom per category
+    (`headroom`) from eval.headroom_samples samples per prompt at temperature 1, as eval_headroom.<category>.<metric>
+    (`summary` turns them back into tables). `functions`: the names of the stage's rewards, which eval.correct_by
+    must be one of."""
+    rule = CorrectRule.of(cfg)
+    rule.check(functions, "eval.correct_by")
     if heldout is None or cfg.problems == 0:
         return []
     total = min(cfg.problems, len(heldout.dataset))
+    categories = row_categories(heldout)[:total]
+    n = cfg.headroom_samples if any(c is not None for c in categories) else 0
 
     def run(model: torch.nn.Module, bar: Phase) -> Measured:
-        return heldout_rewards(model, tokenizer, heldout, score, max_new_tokens, cfg.problems, cfg.batch_size,
+        greedy = greedy_scores(model, tokenizer, heldout, score, max_new_tokens, cfg.problems, cfg.batch_size,
                                cfg.samples, bar)
+        metrics = greedy.metrics()
+        if n:
+            sampled = sampled_scores(model, tokenizer, heldout, score, n, max_new_tokens, cfg.problems,
+                                     cfg.batch_size, cfg.seed, rule, bar)
+            greedy_correct = tuple(rule.mask(greedy.scores).tolist())
+            metrics |= flat_headroom(headroom(categories, sampled.correct, n, [n], greedy_correct))
+        return metrics, greedy.records
 
-    return [Part("held-out rewards", total, run)]
+    return [Part("held-out rewards", total * (1 + n), run)]
+
+
+HEADROOM_PREFIX = "eval_headroom."
+
+
+def flat_headroom(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A `headroom` table as flat metrics, eval_headroom.<category>.<metric> (metrics.jsonl holds numbers)."""
+    return {f"{HEADROOM_PREFIX}{category}.{metric}": value for category, entry in table.items()
+            for metric, value in entry.items()}
+
+
+def unflat_headroom(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The `headroom` table back from flat metrics (a category may hold dots; a metric name has none)."""
+    table: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith(HEADROOM_PREFIX):
+            category, metric = key.removeprefix(HEADROOM_PREFIX).rsplit(".", 1)
+            table.setdefault(category, {})[metric] = value
+    return table
 
 
 class Evaluation:
@@ -225,7 +397,8 @@ def summary(before: dict[str, float] | None, last: dict[str, Any], cfg: EvalConf
             heldout: Prepared | None = None) -> dict[str, Any]:
     """What a run's summary reports of its evaluation: the task's accuracy before and after (accuracy_before,
     accuracy, accuracy_ci, step accuracy, eval_problems), every other held-out metric after and, when measured,
-    before (eval_loss_before, eval_loss, ...), and the held-out rows' count."""
+    before (eval_loss_before, eval_loss, ...), the held-out rows' count and, for rows with categories, the headroom
+    tables before and after (heldout_headroom_before, heldout_headroom) with the share captured."""
     out: dict[str, Any] = {}
     if eval_task(cfg, data) is not None:
         if before is not None:
@@ -238,10 +411,26 @@ def summary(before: dict[str, float] | None, last: dict[str, Any], cfg: EvalConf
             out["step_accuracy"] = last["eval_step_accuracy"]
         out["eval_problems"] = cfg.problems
     for key, value in last.items():
-        if key.startswith("eval_") and key not in ACCURACY_KEYS:
+        if key.startswith("eval_") and key not in ACCURACY_KEYS and not key.startswith(HEADROOM_PREFIX):
             if before is not None and key in before:
                 out[f"{key}_before"] = before[key]
             out[key] = value
+    after = unflat_headroom(last)
+    if after:  # held-out rows with categories: the headroom tables, and the share of it the stage captured
+        start = unflat_headroom(before or {})
+        if start:
+            out["heldout_headroom_before"] = start
+        out["heldout_headroom"] = after
+        if start:
+            out["heldout_headroom_captured"] = {
+                row["category"]: {"sampled_accuracy": row["captured_sampled"], "accuracy": row["captured_greedy"]}
+                for row in headroom_rows(headroom_summaries(out), {"after": "before"}) if row["stage"] == "after"}
     if heldout is not None:
         out["eval_rows"] = len(heldout.dataset)
     return out
+
+
+def headroom_summaries(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run summary's headroom tables as `headroom_rows` reads them: {"before": .., "after": ..}."""
+    tables = {"before": summary.get("heldout_headroom_before"), "after": summary.get("heldout_headroom")}
+    return {name: {"headroom": table} for name, table in tables.items() if table}

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from posttrain.eval.headroom import headroom_lines, headroom_rows  # noqa: E402
+from posttrain.eval.heldout import headroom_summaries  # noqa: E402
 from posttrain.train.dist import is_main_process  # noqa: E402
 from posttrain.train.metrics import read_metrics  # noqa: E402
 from posttrain.train.run_dir import RunDir  # noqa: E402
@@ -50,7 +52,9 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
                                                           default=str), encoding="utf-8")
     plot = plot_curves(read_metrics(run_dir.metrics), run_dir.plots / "curves.png", title)
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
-    lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in summary.items()]
+    lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in summary.items()
+              if not key.startswith("heldout_headroom")]
+    lines += headroom_lines(headroom_rows(headroom_summaries(summary), {"after": "before"}), first="model")
     if plot is not None:
         lines += ["", f"![training curves](plots/{plot.name})"]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -23,13 +23,13 @@ from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError
 from posttrain.eval import heldout
 from posttrain.eval.accuracy import EvalConfig
+from posttrain.eval.heldout import completions_of
 from posttrain.models.adapters import AdapterConfig
 from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import (
-    NEEDS_ANSWER,
     REWARD_FUNCTIONS,
     Completions,
     Scores,
@@ -101,18 +101,9 @@ def check_reward_functions(cfg: RewardConfig) -> None:
 
 
 def check_gold_answers(dataset: Any, name: str, cfg: RewardConfig, uses_gold: bool = False) -> None:
-    """Prompt-only rows (no gold answer) train only with rewards that do not compare with one: a clear error
-    naming the first such row, before anything is sampled."""
-    needing = [f for f in cfg.functions if f in NEEDS_ANSWER] + (["loss.sft_coef (gold answers)"] if uses_gold else [])
-    if not needing:
-        return
-    missing = next((line for line, answer in zip(dataset["line"], dataset["answer"], strict=True) if answer is None),
-                   None)
-    if missing is not None:
-        raise DataError(f"the row has no gold answer (prompt-only data), which {', '.join(needing)} needs: give "
-                        "an `answer` column, or use a reward that reads none (reward_model, grader, your own "
-                        "function: reward.functions={my_rewards.py:fn: 1.0})", file=name, line=missing,
-                        field="answer")
+    """Prompt-only rows (no gold answer) train only with rewards that do not compare with one (`heldout.
+    check_gold_answers`, which `posttrain eval --data` shares)."""
+    heldout.check_gold_answers(dataset, name, cfg.functions, uses_gold)
 
 
 def resolve_task(cfg: Any) -> Task | None:
@@ -231,21 +222,12 @@ class GoldAnswers:
         return self.prepared.collator(samples), float(sum(sum(s["response_mask"]) for s in samples))
 
 
-def completions_of(rollout: Rollout, rows: list[dict[str, Any]]) -> Completions:
-    """What the reward functions read, row by row of the rollout (row i completes prompt prompt_index[i])."""
-    index = rollout.prompt_index.tolist()
-    columns = [json.loads(row["row"]) if row.get("row") else {} for row in rows]
-    return Completions(prompts=[rows[i]["prompt"] for i in index], completions=list(rollout.texts),
-                       answers=[rows[i]["answer"] for i in index],
-                       steps=[list(rows[i].get("steps") or []) for i in index], columns=[columns[i] for i in index])
-
-
 def heldout_reward_part(cfg: Any, tokenizer: PreTrainedTokenizerBase, rows: Prepared | None,
                         rewards: WeightedRewards) -> list[heldout.Part]:
     """The stage's reward functions (no missing-EOS penalty: the rewards themselves) on greedy completions of the
     held-out prompts `rows`, within the stage's sampling.max_new_tokens, for `heldout.Evaluation`."""
     return heldout.reward_part(tokenizer, rows, lambda rollout, batch: rewards(completions_of(rollout, batch)),
-                               cfg.sampling.max_new_tokens, cfg.eval)
+                               cfg.sampling.max_new_tokens, cfg.eval, rewards.functions)
 
 
 def _std(values: Tensor) -> float:

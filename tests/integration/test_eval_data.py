@@ -1,0 +1,173 @@
+"""Headroom per category of a user's own verifiable file, end to end: `posttrain eval <model> --data FILE` gives the
+table a hand computation gives (pass@k against its definition, by enumerating every k-subset of the samples), on
+the console and in eval.json with per-row results; a GRPO run whose eval.source rows have a `category` reports the
+table before and after with the share of headroom captured in summary.json and report.md; and `posttrain eval
+<run> --data FILE` scores with the run's own reward functions."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from posttrain import cli
+from posttrain.cli import app
+from posttrain.config import ModelConfig, load_config
+from posttrain.eval.evaluate import EvalOptions, evaluate
+from posttrain.models import build_model, save_pretrained
+from posttrain.recipes import find_recipe
+
+# A reward whose outcome the test controls: in a batch where a row's prompt appears once (a greedy batch) it
+# scores the row's `greedy` column; where it appears n > 1 times (n samples of it) its first `wins` samples score 1
+# and the others 0. So each row has exactly `wins` correct samples of n whatever the model writes.
+SCRIPTED = '''
+def scripted(batch):
+    counts, seen, out = {}, {}, []
+    for prompt in batch.prompts:
+        counts[prompt[-1]["content"]] = counts.get(prompt[-1]["content"], 0) + 1
+    for prompt, row in zip(batch.prompts, batch.columns):
+        text = prompt[-1]["content"]
+        index = seen.get(text, 0)
+        seen[text] = index + 1
+        if counts[text] == 1:
+            out.append(float(row.get("greedy", 0)))
+        else:
+            out.append(1.0 if index < row.get("wins", 0) else 0.0)
+    return out
+'''
+
+# (category, correct samples of 4, greedy correct)
+ROWS = [("add", 4, 1), ("add", 0, 0), ("mul", 2, 0), (None, 1, 1), ("mul", 3, 1), ("add", 2, 1)]
+N = 4
+
+
+def pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
+    """The share of all k-subsets of n samples (the first c correct) that hold a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+
+
+def expected_table(ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    table = {}
+    for name in ("all", "add", "mul"):
+        mine = [(c, g) for category, c, g in ROWS if name == "all" or category == name]
+        entry = {"problems": len(mine), "accuracy": sum(g for _, g in mine) / len(mine),
+                 "sampled_accuracy": sum(c for c, _ in mine) / (N * len(mine))}
+        entry |= {f"pass@{k}": sum(pass_at_k_by_enumeration(N, c, k) for c, _ in mine) / len(mine) for k in ks}
+        entry["intermediate_share"] = sum(0 < c < N for c, _ in mine) / len(mine)
+        table[name] = entry
+    return table
+
+
+def write_rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def scripted_file(tmp_path) -> str:
+    lines = [{"prompt": f"Question number {i}?", "answer": str(i), "wins": wins, "greedy": greedy,
+              **({"category": category} if category is not None else {})}
+             for i, (category, wins, greedy) in enumerate(ROWS)]
+    return write_rows(tmp_path / "mine.jsonl", lines)
+
+
+@pytest.fixture()
+def scripted(tmp_path) -> str:
+    (tmp_path / "scripted.py").write_text(SCRIPTED, encoding="utf-8")
+    return f"{tmp_path / 'scripted.py'}:scripted"
+
+
+def test_eval_data_gives_the_headroom_table_by_hand(chatml_model_dir, tmp_path, scripted, monkeypatch):
+    model_dir = shutil.copytree(chatml_model_dir, tmp_path / "model")  # eval.json lands beside the model
+    monkeypatch.setattr(cli, "console", Console(width=200))
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--data", scripted_file(tmp_path), "--reward", scripted,
+                                      "--samples", str(N), "--k", "1", "--k", "2", "--k", "4",
+                                      "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((model_dir / "eval.json").read_text())
+
+    expected = expected_table((1, 2, 4))
+    assert set(written["categories"]) == set(expected)
+    for name, entry in expected.items():
+        assert written["categories"][name] == pytest.approx(entry, abs=1e-12), name
+    assert written["accuracy"] == expected["all"]["accuracy"] and written["problems"] == len(ROWS)
+    assert written["pass@4"] == pytest.approx(expected["all"]["pass@4"])
+    assert written["correct_if"] == "weighted total reward >= 1"  # no `correct` among the rewards
+    # Per row, in the file's order: what a paired comparison of two models needs.
+    assert written["per_problem"] == {"line": [1, 2, 3, 4, 5, 6], "category": [c for c, _, _ in ROWS],
+                                      "greedy": [g for _, _, g in ROWS], "correct_samples": [c for _, c, _ in ROWS]}
+    # The console table: one line per category, greedy / sampled / pass@k / 0<p<1.
+    mul = next(line for line in result.output.splitlines() if "│ mul " in line)
+    assert [cell.strip() for cell in mul.split("│")[1:-1]] == ["mul", "2", "0.5", "0.625", "0.625", "0.9167", "1",
+                                                               "1"]
+
+    # A threshold above every score: nothing is correct.
+    strict = evaluate(model_dir, EvalOptions(data=scripted_file(tmp_path), rewards=(scripted,), samples=N,
+                                             max_new_tokens=3, threshold=1.5), write=False)
+    assert strict["accuracy"] == 0.0 and strict["categories"]["add"]["sampled_accuracy"] == 0.0
+
+
+def test_a_run_reports_the_headroom_captured_per_category_of_its_heldout_file(tokenizer, tmp_path, scripted):
+    from posttrain.recipes.grpo import GRPOConfig, main
+
+    model_dir = save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer, tmp_path / "lm")
+    train = write_rows(tmp_path / "train.jsonl", [{"prompt": f"Train {i}?", "answer": str(i)} for i in range(16)])
+    cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
+        f"model.path={model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "train.save_every=0",
+        "train.max_steps=1", "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+        "sampling.max_new_tokens=4", f"data.source={train}", f"eval.source={scripted_file(tmp_path)}",
+        "eval.samples=0", f"eval.headroom_samples={N}", f"reward.functions={{{scripted}: 1.0}}"])
+    result = main(cfg)
+
+    # The scripted reward ignores the model: before and after are the hand table, and nothing was captured.
+    expected = expected_table((N,))
+    summary = result.summary
+    for key in ("heldout_headroom_before", "heldout_headroom"):
+        assert set(summary[key]) == set(expected)
+        for name, entry in expected.items():
+            assert summary[key][name] == pytest.approx(entry, abs=1e-12), (key, name)
+    assert summary["heldout_headroom_captured"]["mul"] == {"sampled_accuracy": 0.0, "accuracy": 0.0}
+    report = (result.run_dir / "report.md").read_text()
+    assert "## Headroom per category" in report
+    assert "| after | mul | 2 | 50.0% | 62.5% | 100.0% | 100% | +0% | +0% |" in report
+    assert json.loads((result.run_dir / "summary.json").read_text())["summary"]["heldout_headroom"] == summary[
+        "heldout_headroom"]
+
+    # posttrain eval <run> --data: the run's own reward functions score the file.
+    again = evaluate(result.run_dir, EvalOptions(data=scripted_file(tmp_path), samples=N, pass_k=(N,),
+                                                 max_new_tokens=4), write=False)
+    assert again["rewards"] == {scripted: 1.0}
+    for name, entry in expected.items():
+        assert again["categories"][name] == pytest.approx(entry, abs=1e-12), name
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "verifiable_categories.jsonl"
+
+
+def test_the_readme_commands_on_the_example_file(chatml_model_dir, tmp_path, monkeypatch):
+    """README: `posttrain eval $M --data examples/verifiable_categories.jsonl --task arith`, and a GRPO run holding
+    a quarter of the same file out, whose report has the headroom table before and after."""
+    model_dir = shutil.copytree(chatml_model_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--data", str(EXAMPLE), "--task", "arith",
+                                      "--samples", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((model_dir / "eval.json").read_text())
+    sizes = {name: entry["problems"] for name, entry in written["categories"].items()}
+    assert sizes == {"all": 24, "addition": 7, "multiplication": 8, "subtraction": 8}  # one row has no category
+    assert written["correct_if"] == "reward correct >= 1" and written["per_problem"]["category"][-1] is None
+
+    result = CliRunner().invoke(app, ["grpo", "grpo", f"model.path={model_dir}", f"data.source={EXAMPLE}",
+                                      "data.eval_split=0.25", "reward.task=arith", f"run.out_dir={tmp_path}",
+                                      "run.name=g", "run.progress=false", "train.save_every=0", "train.max_steps=1",
+                                      "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+                                      "sampling.max_new_tokens=4", "eval.headroom_samples=2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())["summary"]
+    assert summary["heldout_headroom"]["all"]["problems"] == 6 and "pass@2" in summary["heldout_headroom"]["all"]
+    assert "## Headroom per category" in (tmp_path / "g" / "report.md").read_text()

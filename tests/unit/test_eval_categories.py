@@ -1,0 +1,123 @@
+"""Headroom per category of a user's own data file: the `category` column is read and checked, a completion counts
+as correct by one documented rule, the sampled counts are those of an independent sampling loop, and a run's summary
+and report give the share of headroom captured per category (tests/integration/test_eval_categories.py: the whole
+table of `posttrain eval --data` by hand, and a run's)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import ModelConfig
+from posttrain.data.config import DataConfig
+from posttrain.data.pipeline import prepare_data
+from posttrain.errors import ConfigError, DataError
+from posttrain.eval import heldout
+from posttrain.eval.evaluate import EvalOptions, evaluate
+from posttrain.models import build_model, save_pretrained
+from posttrain.rewards.functions import Scores
+from posttrain.rollout import make_engine
+from posttrain.rollout.base import SamplingParams
+
+
+def data_file(tmp_path, categories=("add", "add", "mul", None, "mul", "add")) -> str:
+    rows = [{"prompt": f"Question number {i}?", "answer": str(i), **({"category": c} if c is not None else {})}
+            for i, c in enumerate(categories)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture()
+def model_dir(tokenizer, tmp_path):
+    return save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer, tmp_path / "model")
+
+
+def test_row_categories_are_text_integers_or_none_and_anything_else_names_the_line(tokenizer, tmp_path):
+    def categories(*values):
+        rows = [{"prompt": f"q{i}", "answer": "1", **({} if v is ... else {"category": v})}
+                for i, v in enumerate(values)]
+        path = tmp_path / "c.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return heldout.row_categories(prepare_data(DataConfig(source=str(path)), tokenizer, accepts=("verifiable",)))
+
+    assert categories("add", ..., None, 3) == ["add", None, None, "3"]
+    for bad, words in (([1], "list"), (1.5, "float"), (True, "bool"), (" ", "empty category")):
+        with pytest.raises(DataError, match=words) as err:
+            categories("add", bad)
+        assert str(err.value).startswith(f"{tmp_path / 'c.jsonl'}:2: category:")
+
+
+def test_the_correct_rule():
+    scores = Scores(total=torch.tensor([1.1, 0.1, 1.0, 0.5], dtype=torch.float64),
+                    by_function={"correct": torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64),
+                                 "mine": torch.tensor([0.2, 0.9, 0.4, 0.6], dtype=torch.float64)})
+    rule = heldout.CorrectRule()
+    assert rule.mask(scores).tolist() == [True, False, False, False]  # the `correct` reward decides
+    assert rule.describe(scores.by_function) == "reward correct >= 1"
+    mine = heldout.CorrectRule(by="mine", threshold=0.5)
+    assert mine.mask(scores).tolist() == [False, True, False, True] and mine.describe(["mine"]) == "reward mine >= 0.5"
+    graded = Scores(total=scores.total, by_function={"grader": scores.total})
+    assert rule.mask(graded).tolist() == [True, False, True, False]  # no `correct`: the weighted total >= 1
+    assert heldout.CorrectRule(threshold=0.5).mask(graded).tolist() == [True, False, True, True]
+    assert rule.describe(["grader"]) == "weighted total reward >= 1"
+    with pytest.raises(ConfigError, match="--correct-by: 'nosuch' is not one of the reward functions"):
+        heldout.CorrectRule(by="nosuch").check(["correct", "format"], "--correct-by")
+
+
+@torch.no_grad()
+def test_sampled_counts_are_those_of_an_independent_sampling_loop(tokenizer, tiny_model, tmp_path):
+    """sampled_scores' per-row counts are the correct samples of the same seeded generation, row by row."""
+    path = data_file(tmp_path)
+    rows = prepare_data(DataConfig(source=path), tokenizer, accepts=("verifiable",))
+    model = tiny_model.eval()
+
+    def has_digit(rollout, batch):
+        values = torch.tensor([float(any(ch.isdigit() for ch in t)) for t in rollout.texts], dtype=torch.float64)
+        return Scores(total=values, by_function={"digit": values})
+
+    sampled = heldout.sampled_scores(model, tokenizer, rows, has_digit, 3, 5, problems=5, batch_size=6, seed=7)
+    engine = make_engine("local", model, tokenizer)
+    expected = []
+    for start in range(0, 5, 2):  # batch_size // n = 2 rows per call, seeded by the first row's index
+        prompts = [rows.dataset[i]["prompt_input_ids"] for i in range(start, min(start + 2, 5))]
+        rollout = engine.generate(prompts, SamplingParams(max_new_tokens=5, temperature=1.0, n=3, seed=7 + start))
+        for row in range(len(prompts)):
+            expected.append(sum(any(ch.isdigit() for ch in rollout.texts[i]) for i in range(len(rollout.texts))
+                                if int(rollout.prompt_index[i]) == row))
+    assert sampled.correct == expected and sampled.n == 3
+    assert sampled.rewards["digit"] == pytest.approx(sum(expected) / 15)
+
+
+def test_correct_without_a_task_asks_for_one(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--task") as err:
+        evaluate(model_dir, EvalOptions(data=data_file(tmp_path), samples=0), write=False)
+    assert "answer" in str(err.value)
+    assert not (model_dir / "eval.json").exists()
+
+
+def test_a_run_summary_and_report_give_the_headroom_captured_per_category(tmp_path):
+    from posttrain.eval.accuracy import EvalConfig
+    from posttrain.eval.report import write_training_report
+    from posttrain.train.run_dir import RunDir
+
+    before = {"problems": 4, "accuracy": 0.25, "sampled_accuracy": 0.25, "pass@4": 0.75, "intermediate_share": 0.5}
+    after = {"problems": 4, "accuracy": 0.5, "sampled_accuracy": 0.5, "pass@4": 0.75, "intermediate_share": 0.25}
+    full = {"problems": 2, "accuracy": 1.0, "sampled_accuracy": 1.0, "pass@4": 1.0, "intermediate_share": 0.0}
+    start = {"eval_reward": 0.1, **heldout.flat_headroom({"all": before, "a.b": before, "done": full})}
+    last = {"eval_reward": 0.2, **heldout.flat_headroom({"all": after, "a.b": after, "done": full})}
+    summary = heldout.summary(start, last, EvalConfig(), DataConfig(source="mine.jsonl"))
+
+    assert summary["heldout_headroom_before"]["a.b"] == before and summary["heldout_headroom"]["all"] == after
+    # (after - before) / (pass@4 before - before): greedy (0.5 - 0.25) / (0.75 - 0.25), sampled the same.
+    assert summary["heldout_headroom_captured"]["a.b"] == {"sampled_accuracy": 0.5, "accuracy": 0.5}
+    assert summary["heldout_headroom_captured"]["done"] == {"sampled_accuracy": None, "accuracy": None}  # no room
+    assert summary["eval_reward_before"] == 0.1 and not any(k.startswith("eval_headroom") for k in summary)
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n", encoding="utf-8")
+    report = write_training_report(RunDir(tmp_path), "mine", summary).read_text()
+    assert "## Headroom per category" in report and "heldout headroom" not in report
+    assert "| after | a.b | 4 | 50.0% | 50.0% | 75.0% | 25% | +50% | +50% |" in report
+    assert "| before | a.b | 4 | 25.0% | 25.0% | 75.0% | 50% |  |  |" in report
