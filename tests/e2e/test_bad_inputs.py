@@ -372,6 +372,10 @@ EVAL_DATA_CASES = [
              {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})}),
     case("eval-heldout-category-type", stage("grpo", "eval.source={tmp}/held.jsonl"), "{tmp}/held.jsonl:1: category:",
          "got float", files={"held.jsonl": jsonl({**VERIFIABLE, "category": 0.5})}),
+    # eval.correct_by names a reward the stage does not have: refused with the rewards, before the run directory.
+    *[case(f"eval-correct-by-unknown-{name}", stage(name, *extra, "eval.correct_by=corect"), "eval.correct_by:",
+           "'corect' is not one of the reward functions (")
+      for name, extra in (("grpo", ()), ("rejection", ()), ("dpo", ("pairs.source=on_policy",)))],
 ]
 
 ALL_CASES = (STAGE_CASES + CONFIG_CASES + DATA_CASES + MODEL_CASES + REWARD_CASES + BATCH_CASES + RUN_DIR_CASES

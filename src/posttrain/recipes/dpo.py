@@ -138,13 +138,13 @@ def main(cfg: DPOConfig) -> RunResult:
         raise ConfigError(f"rankings are trained with the Plackett–Luce form of the sigmoid loss, not "
                           f"{cfg.loss.kind!r}", field="loss.kind")
     rows = heldout.prepare_heldout(data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
-    run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo", model=model)
-    if on_policy:
-        check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
     rewards = None
-    if on_policy:
-        rewards = log_reward_errors(build_rewards(cfg.reward, resolve_task(cfg), prepared.dataset), cfg.reward,
-                                    run_dir.path)
+    if on_policy:  # checked before the run directory is written
+        check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
+        rewards = build_rewards(cfg.reward, resolve_task(cfg), prepared.dataset, cfg.eval)
+    run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo", model=model)
+    if rewards is not None:
+        rewards = log_reward_errors(rewards, cfg.reward, run_dir.path)
     with forward_precision(cfg.train, model):
         evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout_parts(
             cfg, rows, tokenizer, model, rewards, progress), run_dir.samples, progress)

@@ -104,7 +104,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     task = resolve_task(cfg)
-    rewards = build_rewards(cfg.reward, task, prepared.dataset)
+    rewards = build_rewards(cfg.reward, task, prepared.dataset, cfg.eval)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rejection", model=model)
     log_reward_errors(rewards, cfg.reward, run_dir.path)
     evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval)

@@ -114,14 +114,18 @@ def resolve_task(cfg: Any) -> Task | None:
     return get_task(name) if name else None
 
 
-def build_rewards(cfg: RewardConfig, task: Task | None, dataset: Any = None) -> WeightedRewards:
+def build_rewards(cfg: RewardConfig, task: Task | None, dataset: Any = None,
+                  eval_cfg: EvalConfig | None = None) -> WeightedRewards:
     """The weighted reward functions; with the prepared `dataset`, a grader's templates are checked against its
-    columns now, not at the first rollout."""
+    columns now, not at the first rollout; with the stage's `eval_cfg`, its eval.correct_by against their names
+    (both before the run directory is written)."""
     try:
         rewards = WeightedRewards.from_config(cfg.functions, task=task, reward_model_path=cfg.model_path,
                                               grader_path=cfg.grader)
     except ValueError as err:
         raise ConfigError(str(err), field="reward.functions") from None
+    if eval_cfg is not None:
+        heldout.CorrectRule.of(eval_cfg).check(rewards.functions, "eval.correct_by")
     if dataset is not None and len(dataset) and "row" in dataset.column_names:
         columns = json.loads(dataset[0]["row"] or "{}")
         for fn, _ in rewards.functions.values():

@@ -695,7 +695,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward, uses_gold=cfg.loss.sft_coef > 0)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, actor.dtype, progress)
     task = resolve_task(cfg)
-    rewards = rewards if rewards is not None else build_rewards(cfg.reward, task, prepared.dataset)
+    rewards = rewards if rewards is not None else build_rewards(cfg.reward, task, prepared.dataset, cfg.eval)
     hook = step_rewards(task, tokenizer)
     run_dir = prepare_run_dir(cfg.run, cfg, stage=stage, model=actor)
     log_reward_errors(rewards, cfg.reward, run_dir.path)
