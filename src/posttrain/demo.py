@@ -99,9 +99,11 @@ STAGES = [
               budget=("train.max_steps=300",), task="chain"),
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
+    # At lr 2e-3 (the SFT recipe's 1e-3: 66% of steps right after 400 steps, in the middle of the transition where
+    # the model learns to look the next operation up), 56% after 200 steps, 85% after 300, 92% after 400.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
-              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=64"),
-              budget=("train.max_steps=400",), task="multistep"),  # 200 steps: 9.7% of steps right, 400: 75%
+              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=96", "optim.lr=2e-3"),
+              budget=("train.max_steps=400",), task="multistep"),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep"),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
               overrides=("advantage.supervision=outcome",), task="multistep"),
