@@ -265,6 +265,26 @@ def test_process_advantages_hand_example() -> None:
     assert_close(got, torch.tensor([[-k, -k, -2 * k, -2 * k], [k, k, k, 0.0]]))
 
 
+def test_process_advantages_discount_later_steps_per_step() -> None:
+    # The example above with gamma: A's first step gets k + gamma * (-2k), its second -2k; B's only step k.
+    # A third step of A ending with the second (token 3) is summed with it, not discounted.
+    step_rewards = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    step_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    step_ends = torch.tensor([[1, 3, 0], [2, 0, 0]])
+    response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    groups = torch.tensor([0, 0])
+    k = 3**-0.5
+    for gamma, first in ((0.0, k), (0.5, 0.0), (1.0, -k)):
+        got = process_advantages(step_rewards, step_mask, step_ends, groups, response_mask, eps=0.0, gamma=gamma)
+        assert_close(got, torch.tensor([[first, first, -2 * k, -2 * k], [k, k, k, 0.0]]))
+    # Pool {1, 0, 0, 1}: mean 1/2, unbiased std sqrt(1/3) -> A: s, -s, -s; B: s with s = sqrt(3)/2.
+    step_mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    step_ends = torch.tensor([[1, 3, 3], [2, 0, 0]])
+    got = process_advantages(step_rewards, step_mask, step_ends, groups, response_mask, eps=0.0, gamma=0.0)
+    s = 3**0.5 / 2
+    assert_close(got, torch.tensor([[s, s, -2 * s, -2 * s], [s, s, s, 0.0]]))
+
+
 def test_process_advantages_constant_rewards_give_exactly_zero() -> None:
     step_rewards = torch.full((2, 3), 0.1)
     step_ends = torch.tensor([[0, 2, 3], [1, 3, 0]])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from posttrain.data import TASKS, DataConfig, get_task, load_rows
@@ -98,6 +100,20 @@ def test_multistep_stepwise_rows_label_the_first_mistake_and_after():
         assert scores == [float(label) for label in row["labels"]]
         first_wrong = row["labels"].index(False) if False in row["labels"] else len(row["labels"])
         assert row["labels"] == [True] * first_wrong + [False] * (len(row["labels"]) - first_wrong)
+
+
+def test_multistep_lists_each_operation_as_its_step_line_writes_it():
+    task = get_task("multistep")
+    example = task.example(random.Random(3))
+    assert example.prompt == "Start with 9. Apply in order:\na) x-8\nb) x*3\nc) x*2\nWhat is the result?"
+    assert example.completion == "a) 9-8=1\nb) 1*3=3\nc) 3*2=6\nAnswer: 6"
+    assert example.steps == ("1", "3", "6")
+    assert task.verify_steps(example.completion, list(example.steps)) == [1.0, 1.0, 1.0]
+    # a label is optional; a wrong label on a right line still computes the step
+    assert task.verify_steps("9-8=1\nz) 1*3=3", ["1", "3", "6"]) == [1.0, 1.0, 0.0]
+    for example in task.examples("train", 300, 0):
+        ops = example.prompt.split("\n")[1:-1]
+        assert len(set(o[4:] for o in ops)) == len(ops), "an operation twice in a chain is ambiguous to look up"
 
 
 def test_multistep_rl_rows_carry_the_per_step_gold_values():

@@ -183,12 +183,21 @@ def process_advantages(
     response_mask: Tensor,
     eps: float = 1e-6,
     unbiased: bool = True,
+    gamma: float = 1.0,
 ) -> Tensor:
     """GRPO process-supervision advantages: normalised step rewards summed over later steps.
 
     r~_{i,j} = (r_{i,j} - mean(R_g)) / (std(R_g) + eps)    R_g = all step rewards of all completions
                                                            in completion i's group g
-    A_{i,t}  = sum_{j : end(i, j) >= t} r~_{i,j}          steps that end at or after token t
+    A_{i,t}  = sum_{j : end(i, j) >= t} gamma^(k(j) - k(t)) r~_{i,j}
+
+    k(j) counts the distinct step ends of completion i before step j's end, k(t) those before token t:
+    a step's tokens get its own reward plus the later ones discounted by gamma per step. gamma = 1 is
+    DeepSeekMath's sum over the steps ending at or after t; gamma = 0 gives every token only the reward
+    of the step it belongs to (steps sharing an end token are summed), which is the credit to use when a
+    step's label already says whether everything up to it is right (labels that stay wrong after the
+    first mistake, as in Math-Shepherd): with gamma = 1 the right steps before a mistake are charged
+    with every wrong step after it, and differ little from the mistake itself.
 
     Tokens after the last step's end get 0, as do tokens outside ``response_mask``. std is the
     unbiased one (``unbiased=False`` for n), as in ``group_advantages``; a group whose step rewards
@@ -212,8 +221,17 @@ def process_advantages(
     normalised = _scale(centred, _group_std(centred, step_index, counts, unbiased)[step_index], eps)
     at_ends = torch.zeros(response_mask.shape, dtype=torch.float64, device=step_rewards.device)
     at_ends.index_put_((rows, ends), normalised, accumulate=True)
-    # A reversed cumulative sum turns "reward placed at each step's end" into "sum over steps
-    # ending at or after t".
-    to_go = at_ends.flip(-1).cumsum(-1).flip(-1)
+    if gamma == 1.0:
+        # A reversed cumulative sum turns "reward placed at each step's end" into "sum over steps
+        # ending at or after t".
+        to_go = at_ends.flip(-1).cumsum(-1).flip(-1)
+    else:
+        is_end = torch.zeros(response_mask.shape, dtype=torch.bool, device=step_rewards.device)
+        is_end[rows, ends] = True
+        to_go = torch.zeros_like(at_ends)
+        running = torch.zeros_like(at_ends[:, 0])
+        for t in range(time - 1, -1, -1):  # discounted once per step end passed, not per token
+            running = torch.where(is_end[:, t], at_ends[:, t] + gamma * running, running)
+            to_go[:, t] = running
     to_go = torch.where(response_mask.bool(), to_go, torch.zeros_like(to_go))
     return to_go.to(_float_dtype(step_rewards))

@@ -168,7 +168,8 @@ _group_estimator("dr_grpo", "none")
 
 @register_advantage_estimator("grpo_process")
 def _grpo_process(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6) -> Advantages:
-    """Process supervision: ``process_advantages`` on the step rewards (rewards, gamma, lam unused)."""
+    """Process supervision: ``process_advantages`` on the step rewards, gamma discounting per step (rewards, lam
+    unused)."""
     _require(inputs, "grpo_process", "group_ids", "step_rewards", "step_mask", "step_ends")
     advantages = process_advantages(
         inputs.step_rewards,
@@ -177,6 +178,7 @@ def _grpo_process(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1
         inputs.group_ids,
         inputs.response_mask,
         eps=eps,
+        gamma=gamma,
     )
     return Advantages(advantages=advantages, returns=advantages)
 

@@ -6,7 +6,8 @@ trains on advantages measured against the other completions of the same prompt (
     outcome:  A_i     = (r_i - mean_g r) / (std_g r + eps)       estimator grpo; grpo_batch_std: the batch std;
                                                                   dr_grpo: no division (Dr. GRPO); rloo, ...
     process:  r~_ij   = (r_ij - mean R_g) / (std R_g + eps)       R_g = every step reward of the group
-              A_{i,t} = sum of r~_ij over the steps j of completion i that end at or after token t
+              A_{i,t} = sum of gamma^(steps between) r~_ij over the steps j of completion i that end at or after
+                        token t (advantage.gamma: 1 sums them all, 0 keeps the token's own step)
     ratio_t = exp(logp_t - old_logp_t)
     L_t     = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - clip_low, 1 + clip_high)) + beta * k3_t
     k3_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (KL to the reference; kl.coef = 0 loads none)
@@ -46,6 +47,9 @@ from posttrain.train.run_dir import RunResult
 
 @dataclasses.dataclass(frozen=True)
 class GRPOAdvantageConfig(AdvantageConfig):
+    gamma: float = param(1.0, "Process supervision: the discount per later step in a token's advantage (1: the sum "
+                              "over the steps ending at or after it, as in DeepSeekMath; 0: its own step's reward "
+                              "only). Unused by outcome supervision.", ge=0, le=1)
     supervision: str = param("outcome", "outcome: one reward per completion; process: a score per reasoning step "
                                         "(advantages of the grpo_process estimator).", choices=("outcome", "process"))
     step_scorer: str = param("verifier", "Process supervision: the task's step verifier, or a process reward "

@@ -1,10 +1,22 @@
 """`multistep`: a chain of 2-5 operations, solved one step per line, with a verifier for every step.
 
-    prompt:      Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?
-    completion:  7+5=12
-                 12*3=36
-                 36-4=32
+    prompt:      Start with 7. Apply in order:
+                 a) x+5
+                 b) x*3
+                 c) x-4
+                 What is the result?
+    completion:  a) 7+5=12
+                 b) 12*3=36
+                 c) 36-4=32
                  Answer: 32
+
+The format makes the next operation easy to find: the step line starts with the label of its operation,
+and the prompt writes each operation as the step line does (`x*3`, `12*3`, with the same tokens), so the
+model copies what follows the label it just wrote (an induction lookup) instead of counting instructions.
+No operation occurs twice in a chain, so the lookup is never ambiguous. Measured with the demo's
+pretrained model (AMD EPYC Zen5, SFT lr 2e-3, batch 64): 56% of steps right after 200 steps, 92% after
+400; the earlier wording ("Add 5. Multiply by 3.", unlabelled lines) had 19% after 400 steps, nine in ten
+first mistakes being the wrong operation, not wrong arithmetic.
 
 The per-step gold values (12, 36, 32) come with every RL row (`steps`), and stepwise-supervision
 rows for process reward models carry deliberately wrong steps: one step is off by a small amount
@@ -19,10 +31,13 @@ import re
 
 from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
 
-WORDS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}."}
+MIN_STEPS, MAX_STEPS = 2, 5  # 3-8 steps: 54% of steps right after 400 SFT steps at 301 s, against 92% at 195 s
+LABELS = "abcde"  # of the steps, in order
 MAX_VALUE = 999  # multiplication is only offered while the result stays below this
 DELTAS = (-10, -2, -1, 1, 2, 10)
-STEP_PATTERN = re.compile(r"^[ \t]*(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t]*$", re.MULTILINE)
+# A step line: an optional label (`b) `), then a∘b=value.
+STEP_PATTERN = re.compile(r"^[ \t]*(?:[a-z]\)[ \t]*)?(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t]*$",
+                          re.MULTILINE)
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 _KEY_OP = re.compile(r"([+\-*])(\d+)")
 
@@ -31,7 +46,7 @@ Chain = tuple[int, tuple[tuple[str, int], ...]]
 
 class MultistepTask(Task):
     name = "multistep"
-    description = "chains of 2-5 operations written one step per line; every step is verifiable"
+    description = "chains of 2-5 operations written one labelled step per line; every step is verifiable"
     formats = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise", "unpaired")
 
     def example(self, rng: random.Random, split: str = "train") -> Example:
@@ -42,7 +57,7 @@ class MultistepTask(Task):
                 break
         start, ops = chain
         lines, values = _work(start, ops)
-        prompt = f"Start with {start}. " + " ".join(WORDS[op].format(x=x) for op, x in ops) + " What is the result?"
+        prompt = _prompt(start, ops)
         return Example(key=key, prompt=prompt, answer=str(values[-1]), completion=_write(lines, values[-1]),
                        wrong=_wrong_completions(chain), separator="\n", steps=tuple(map(str, values)))
 
@@ -109,14 +124,23 @@ def parse_steps(completion: str) -> list[tuple[int, str, int, int, int]]:
     return steps
 
 
+def _prompt(start: int, ops: tuple[tuple[str, int], ...]) -> str:
+    """The operations one per labelled line, each written as its step line writes it (`b) x*3`, `b) 12*3=36`)."""
+    listed = "\n".join(f"{LABELS[j]}) x{op}{x}" for j, (op, x) in enumerate(ops))
+    return f"Start with {start}. Apply in order:\n{listed}\nWhat is the result?"
+
+
 def _draw_chain(rng: random.Random) -> Chain:
     start = rng.randint(2, 20)
-    value, ops = start, []
-    for _ in range(rng.randint(2, 5)):
-        # No multiplying 0 (a step that changes nothing) or past MAX_VALUE.
+    value, ops, length = start, [], rng.randint(MIN_STEPS, MAX_STEPS)
+    while len(ops) < length:
+        # No multiplying 0 (a step that changes nothing) or past MAX_VALUE; no operation twice in a chain
+        # (the next one would be ambiguous to look up).
         choices = "+-*" if value != 0 and abs(value) * 9 <= MAX_VALUE else "+-"
         op = rng.choice(choices)
         x = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
+        if (op, x) in ops:
+            continue
         ops.append((op, x))
         value = _apply(value, op, x)
     return start, tuple(ops)
@@ -131,7 +155,7 @@ def _work(start: int, ops: tuple[tuple[str, int], ...],
         result = _apply(value, op, x)
         if mistake is not None and mistake[0] == j:
             result += mistake[1]
-        lines.append(f"{value}{op}{x}={result}")
+        lines.append(f"{LABELS[j]}) {value}{op}{x}={result}")
         values.append(result)
         value = result
     return lines, values
