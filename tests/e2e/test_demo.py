@@ -33,6 +33,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
     # Headroom per category for every policy stage, before (its start) and after, with the share captured.
     assert set(summaries["grpo"]["headroom"]) == {"all", "++", "+-", "-+", "--"}
     assert set(summaries["sft-multistep"]["headroom"]) - {"all"} <= {f"{n} steps" for n in range(2, 6)}
+    steps = summaries["grpo-process"]["per_problem"]["steps_right"]  # paired process - outcome comparison
+    assert len(steps) == len(summaries["grpo-process"]["per_problem"]["greedy"]) and all(0 <= s <= 1 for s in steps)
+    assert "- grpo-process − grpo-outcome: greedy" in (out / "report.md").read_text()
     assert "## Headroom per category" in report and "| grpo | +- |" in report
     for plot in ("accuracy", "curves", "reward_vs_kl", "headroom"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 10_000, plot

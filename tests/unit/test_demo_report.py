@@ -49,3 +49,21 @@ def test_report_has_gains_controls_and_headroom_captured(tmp_path):
     assert f"| grpo | sft | {mean:+.1%} ({low:+.1%} to {high:+.1%}) |" in report
     assert "- grpo − grpo-coin: greedy" in report and "## Headroom per category" in report
     assert (tmp_path / "plots" / "headroom.png").is_file()
+
+
+def test_process_against_outcome_is_paired_on_each_problems_share_of_steps_right(tmp_path):
+    process = summary([1, 0, 1], [3, 1, 2]) | {"per_problem": {"greedy": [1, 0, 1], "correct_samples": [3, 1, 2],
+                                                               "steps_right": [1.0, 0.5, 1.0]}}
+    outcome = summary([1, 0, 0], [2, 1, 2]) | {"per_problem": {"greedy": [1, 0, 0], "correct_samples": [2, 1, 2],
+                                                               "steps_right": [1.0, 0.0, 0.5]}}
+    assert paired_gain(outcome, process, "steps_right") == paired_interval([1.0, 0.0, 0.5], [1.0, 0.5, 1.0])
+    start = summary([1, 0, 0], [2, 1, 1])
+    (tmp_path / "demo.json").write_text(json.dumps({"sft-multistep": start, "grpo-process": process,
+                                                    "grpo-outcome": outcome}))
+    stages = ("sft-multistep", "grpo-process", "grpo-outcome")
+    report = write_demo_report(tmp_path, {"sft-multistep": None, "grpo-process": "sft-multistep",
+                                          "grpo-outcome": "sft-multistep"}, dict.fromkeys(stages, "multistep"))
+    report = report.read_text()
+    mean, low, high = paired_interval([1.0, 0.0, 0.5], [1.0, 0.5, 1.0])
+    assert "- grpo-process − grpo-outcome: greedy" in report
+    assert f"steps right {mean:+.1%} ({low:+.1%} to {high:+.1%})" in report

@@ -61,6 +61,8 @@ class Accuracy:
     """Mean tokens per greedy completion (EOS included)."""
     correct: tuple[bool, ...] = ()
     """Per problem, in the order of `heldout_problems`: whether its greedy completion is right."""
+    steps_right: tuple[float, ...] = ()
+    """Tasks solved in steps, per problem in the same order: the share of its gold steps computed right."""
 
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
         steps = {} if self.step_accuracy is None else {f"{prefix}step_accuracy": self.step_accuracy}
@@ -136,13 +138,24 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                for e, t, c in list(zip(examples, texts, correct, strict=True))[:cfg.samples]]
     return Accuracy(accuracy=hits / len(examples), ci_low=low, ci_high=high, problems=len(examples), samples=samples,
                     step_accuracy=step_accuracy(task, examples, texts), completion_length=tokens / len(examples),
-                    correct=tuple(bool(c) for c in correct))
+                    correct=tuple(bool(c) for c in correct),
+                    steps_right=steps_right(step_scores(task, examples, texts)))
+
+
+def step_scores(task: Task, examples: list[Example], texts: list[str]) -> list[list[float]]:
+    """Per problem, the score of each of its gold steps (`verify_steps`); [] for a task without steps."""
+    verify_steps = getattr(task, "verify_steps", None)
+    if verify_steps is None or not any(e.steps for e in examples):
+        return []
+    return [verify_steps(t, list(e.steps)) for e, t in zip(examples, texts, strict=True)]
+
+
+def steps_right(scores: list[list[float]]) -> tuple[float, ...]:
+    """Per problem, the share of its steps right; () unless every problem has steps (so it stays aligned)."""
+    return tuple(sum(s) / len(s) for s in scores) if scores and all(scores) else ()
 
 
 def step_accuracy(task: Task, examples: list[Example], texts: list[str]) -> float | None:
     """Share of all gold steps computed right (`verify_steps`), or None for a task without steps."""
-    verify_steps = getattr(task, "verify_steps", None)
-    if verify_steps is None or not any(e.steps for e in examples):
-        return None
-    scores = [s for e, t in zip(examples, texts, strict=True) for s in verify_steps(t, list(e.steps))]
-    return sum(scores) / len(scores)
+    scores = [s for problem in step_scores(task, examples, texts) for s in problem]
+    return sum(scores) / len(scores) if scores else None

@@ -171,7 +171,8 @@ def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) 
 
 def paired_gain(before: dict[str, Any], after: dict[str, Any], key: str) -> tuple[float, float, float] | None:
     """`after`'s change over `before` in greedy ("greedy") or sampled ("correct_samples", as a share of each
-    problem's samples) accuracy, with its paired 95% interval, on the problems both were measured on (the first N
+    problem's samples) accuracy or in the share of each problem's steps right ("steps_right", greedy), with its
+    paired 95% interval, on the problems both were measured on (the first N
     of the same held-out draw), or None where one of them lacks the numbers."""
     first, second = (summary.get("per_problem", {}).get(key) for summary in (before, after))
     if not first or not second:
@@ -203,15 +204,22 @@ def _gain_lines(rows: list[dict[str, Any]], summaries: Summaries) -> list[str]:
              "| stage | from | Δ greedy (95% CI) | Δ sampled (95% CI) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['base']} | {_interval(r['greedy'])} | {_interval(r['sampled'])} |")
-    controls = [(rl, control) for rl in ("grpo",) for control in ("grpo-coin", "sft-more")
-                if rl in summaries and control in summaries]
-    if controls:
-        lines += ["", "Against its controls, on the same problems (GRPO minus the control):", ""]
-        for rl, control in controls:
-            greedy = paired_gain(summaries[control], summaries[rl], "greedy")
-            sampled = paired_gain(summaries[control], summaries[rl], "correct_samples")
-            lines.append(f"- {rl} − {control}: greedy {_interval(greedy)}, sampled {_interval(sampled)}")
+    compared = [(first, second) for first, second in COMPARISONS if first in summaries and second in summaries]
+    if compared:
+        lines += ["", "GRPO against its controls, and process against outcome supervision, on the same problems "
+                      "(the first minus the second):", ""]
+        for first, second in compared:
+            gains = {key: paired_gain(summaries[second], summaries[first], key) for key in ("greedy",
+                                                                                             "correct_samples",
+                                                                                             "steps_right")}
+            steps = f", steps right {_interval(gains['steps_right'])}" if gains["steps_right"] else ""
+            lines.append(f"- {first} − {second}: greedy {_interval(gains['greedy'])}, sampled "
+                         f"{_interval(gains['correct_samples'])}{steps}")
     return lines
+
+
+# Pairs of demo stages trained from the same start with the same budget, that differ in one thing.
+COMPARISONS = (("grpo", "grpo-coin"), ("grpo", "sft-more"), ("grpo-process", "grpo-outcome"))
 
 
 def _interval(gain: tuple[float, float, float] | None) -> str:

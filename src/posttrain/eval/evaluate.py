@@ -197,7 +197,9 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                              "intermediate_share": table["all"]["intermediate_share"], "categories": table}
         # Per problem (in the order of the held-out draw): what paired comparisons of two models need.
         result["per_problem"] = {"correct_samples": counts,
-                                 **({"greedy": [int(c) for c in accuracy.correct]} if accuracy is not None else {})}
+                                 **({"greedy": [int(c) for c in accuracy.correct]} if accuracy is not None else {}),
+                                 **({"steps_right": list(accuracy.steps_right)}
+                                    if accuracy is not None and accuracy.steps_right else {})}
     return result
 
 
