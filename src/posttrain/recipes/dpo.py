@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.algos import DPO_KINDS, best_worst_pairs, dpo_loss, dpo_plackett_luce_loss
+from posttrain.algos import DPO_KINDS, dpo_loss, dpo_plackett_luce_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
@@ -49,6 +49,7 @@ from posttrain.recipes.rl import (
     completions_of,
     heldout_reward_part,
     log_reward_errors,
+    preference_rows,
     resolve_task,
 )
 from posttrain.rewards.functions import WeightedRewards
@@ -278,13 +279,7 @@ class OnPolicyPairs:
             bar.advance(len(rows))
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions).total
-        # A completion with no text (EOS at once) is no preference row's answer: it takes part in no pair.
-        texts = completions.completions
-        usable = [i for i, text in enumerate(texts) if text.strip()]
-        found = [(usable[c], usable[r]) for c, r in best_worst_pairs(
-            scores[usable], rollout.prompt_index[usable], self.cfg.pairs.min_margin)]
-        pairs = [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
-                 for c, r in found if texts[c] != texts[r]]
+        pairs = preference_rows(completions, scores, rollout.prompt_index, self.cfg.pairs.min_margin)
         if not pairs:
             raise DataError(f"round {self.rounds + 1}: no prompt's completions differ in reward by more than "
                             f"pairs.min_margin={self.cfg.pairs.min_margin}, so there is no pair to train on "

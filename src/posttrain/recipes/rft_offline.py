@@ -78,12 +78,11 @@ def main(cfg: Any) -> RunResult:
     candidates = load_candidates(cfg.data)
     scores = score_candidates(candidates, rewards)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rft", model=model)
-    if is_main_process():
-        (run_dir.path / ERRORS_FILE).unlink(missing_ok=True)  # a resumed run scores the same set again
-        errors.attach(run_dir.path)
     scored_file = run_dir.path / "scored.jsonl"
-    if is_main_process():
-        scored_file.unlink(missing_ok=True)  # a resumed run scores the same set again: keep one copy
+    if is_main_process():  # a resumed run scores the same set again: keep one copy of its scores and errors
+        scored_file.unlink(missing_ok=True)
+        (run_dir.path / ERRORS_FILE).unlink(missing_ok=True)
+        errors.attach(run_dir.path)
     append_jsonl(scored_file, scored_records(candidates, scores))
     source, trained = weighted_step_source(candidates, scores.total.tolist(), cfg.data, tokenizer, cfg.train,
                                            cfg.run.seed)

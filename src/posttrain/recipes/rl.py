@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.algos import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_KINDS, POLICY_LOSSES
+from posttrain.algos import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_KINDS, POLICY_LOSSES, best_worst_pairs
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
@@ -224,6 +224,18 @@ class GoldAnswers:
         if not samples:
             return None, 0.0
         return self.prepared.collator(samples), float(sum(sum(s["response_mask"]) for s in samples))
+
+
+def preference_rows(completions: Completions, scores: Tensor, prompt_index: Tensor,
+                    min_margin: float) -> list[dict[str, Any]]:
+    """Preference rows from sampled completions: each prompt's best- and worst-scored completions
+    (`algos.best_worst_pairs`, the chosen beating the rejected by more than `min_margin`) as one row. A completion
+    with no text (EOS at once) is no preference row's answer and takes part in no pair; two equal texts make none."""
+    texts = completions.completions
+    usable = [i for i, text in enumerate(texts) if text.strip()]
+    found = [(usable[c], usable[r]) for c, r in best_worst_pairs(scores[usable], prompt_index[usable], min_margin)]
+    return [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
+            for c, r in found if texts[c] != texts[r]]
 
 
 def heldout_reward_part(cfg: Any, tokenizer: PreTrainedTokenizerBase, rows: Prepared | None,

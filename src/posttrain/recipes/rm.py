@@ -32,7 +32,6 @@ import torch
 
 from posttrain.algos import (
     PROCESS_TARGETS,
-    best_worst_pairs,
     bradley_terry_loss,
     plackett_luce_loss,
     process_reward_loss,
@@ -65,6 +64,7 @@ from posttrain.recipes.rl import (
     check_gold_answers,
     check_reward_functions,
     completions_of,
+    preference_rows,
     resolve_task,
 )
 from posttrain.rollout import make_engine
@@ -235,12 +235,7 @@ def _sample_pairs(cfg: RMConfig, engine: Any, prompts: Prepared, rewards: Any, s
             completions = completions_of(rollout, rows)
             scores = rewards(completions).total
             reward_sum, samples = reward_sum + scores.sum().item(), samples + len(scores)
-            texts = completions.completions
-            usable = [i for i, text in enumerate(texts) if text.strip()]  # an empty completion is no answer
-            found = [(usable[c], usable[r]) for c, r in best_worst_pairs(
-                scores[usable], rollout.prompt_index[usable], cfg.pairs.min_margin)]
-            pairs += [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
-                      for c, r in found if texts[c] != texts[r]]
+            pairs += preference_rows(completions, scores, rollout.prompt_index, cfg.pairs.min_margin)
             bar.advance(len(rows))
     if not pairs:
         raise DataError(f"no {what} prompt's samples differ in reward by more than pairs.min_margin="
