@@ -13,9 +13,9 @@ from posttrain.config import load_config
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.likelihood import response_logprobs
 from posttrain.recipes import find_recipe
 from posttrain.recipes.sft import SFTConfig, main, sft_loss_fn
-from posttrain.train.forward import response_logprobs
 from posttrain.train.metrics import read_metrics
 
 

@@ -18,11 +18,11 @@ from transformers import (
 from posttrain.data.collate import collate_packed, collate_padded
 from posttrain.errors import ConfigError
 from posttrain.models.attention import layer_attention_mask
+from posttrain.models.likelihood import response_logprobs
 from posttrain.models.reward import sequence_scores
 from posttrain.models.value import ActorCritic
 from posttrain.rollout import Rollout
 from posttrain.rollout.recompute import pack_rollout, packed_logprobs_and_entropy, policy_logprobs_and_entropy
-from posttrain.train.forward import response_logprobs
 
 VOCAB, WINDOW = 97, 4
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

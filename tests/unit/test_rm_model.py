@@ -1,14 +1,16 @@
 """The reward model: built from a causal LM's trunk, scored at the last real token on either padding
-side, head-only training, MLP heads and LoRA survive saving and loading."""
+side, head-only training, MLP heads and LoRA survive saving and loading; the likelihood reward model is
+the scaled log-likelihood of the response, trains the LM, saves as one and scores through the scorer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from posttrain.data.collate import collate_packed, collate_padded
+from posttrain.errors import ConfigError
 from posttrain.models import save_pretrained
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.reward import (
@@ -20,6 +22,8 @@ from posttrain.models.reward import (
     scores_at,
     sequence_scores,
 )
+from posttrain.models.value import build_value_model
+from posttrain.rewards import RewardModelScorer
 
 
 @pytest.fixture()
@@ -135,3 +139,76 @@ def test_lora_reward_model_trains_adapters_and_head_and_merges(lm_dir, tokenizer
     saved = save_trained(model, tokenizer, tmp_path / "rm", cfg)
     merged = AutoModelForSequenceClassification.from_pretrained(saved, local_files_only=True).eval()
     assert_close(sequence_scores(merged, batch), sequence_scores(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def _hand_log_likelihoods(model, samples, scale: float) -> torch.Tensor:
+    """scale * sum of log p(token | everything before it) over each sample's masked tokens: one sequence a
+    plain causal-LM forward, every position's full log-softmax, a Python loop over positions."""
+    out = []
+    for sample in samples:
+        ids = torch.tensor([sample["input_ids"]])
+        logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+        total = sum(logp[t - 1, ids[0, t]] for t in range(1, ids.shape[1]) if sample["response_mask"][t])
+        out.append(scale * total)
+    return torch.stack(out).float()
+
+
+@pytest.fixture()
+def answered(samples):
+    """The samples with only their second half trained (the "response"), the rest a prompt."""
+    return [{**s, "response_mask": [int(i >= len(s["input_ids"]) // 2) for i in range(len(s["input_ids"]))]}
+            for s in samples]
+
+
+def test_likelihood_reward_is_the_scaled_log_likelihood_of_the_response_in_every_layout(lm_dir, tokenizer, answered):
+    model = build_reward_model(lm_dir, head="likelihood", reward_scale=0.5, pad_token_id=tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        want = _hand_log_likelihoods(model, answered, 0.5)
+        pad = tokenizer.pad_token_id
+        for batch in (collate_padded(answered, pad, side="right"), collate_padded(answered, pad, side="left"),
+                      collate_packed([answered], pad)):
+            assert_close(sequence_scores(model, batch), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="no head to read"):
+        scores_at(model, collate_padded(answered, pad), torch.zeros(3, 1, dtype=torch.long))
+
+
+def test_likelihood_reward_model_trains_the_causal_lm_saves_as_one_and_scores_through_the_scorer(
+        lm_dir, tokenizer, answered, tmp_path):
+    model = build_reward_model(lm_dir, head="likelihood", reward_scale=0.25, pad_token_id=tokenizer.pad_token_id)
+    batch = collate_padded(answered, tokenizer.pad_token_id)
+    before = model.lm_head.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sequence_scores(model, batch).sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.lm_head.weight, before)  # the reward's gradient reaches the LM itself
+    model.eval()
+    saved = save_pretrained(model, tokenizer, tmp_path / "rm")
+    plain = AutoModelForCausalLM.from_pretrained(saved, local_files_only=True).eval()
+    assert plain.config.reward_head == "likelihood" and plain.config.reward_scale == 0.25
+    loaded = load_reward_model(saved)
+    assert isinstance(loaded, type(plain))
+    with torch.no_grad():
+        want = _hand_log_likelihoods(plain, answered, 0.25)
+        assert_close(sequence_scores(loaded, batch), want, rtol=1e-5, atol=1e-4)
+        scorer = RewardModelScorer(loaded, tokenizer)
+        assert_close(scorer.score_tokens(batch["input_ids"], batch["attention_mask"], batch["response_mask"]), want,
+                     rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="pass response_mask"):
+        scorer.score_tokens(batch["input_ids"], batch["attention_mask"])
+    with pytest.raises(ConfigError, match="critic.init=policy"):
+        build_value_model(saved, "reward_model")
+
+
+def test_likelihood_reward_model_with_lora_merges_into_a_causal_lm(lm_dir, tokenizer, answered, tmp_path):
+    cfg = AdapterConfig(method="lora", r=4)
+    model = apply_adapter(build_reward_model(lm_dir, head="likelihood", pad_token_id=tokenizer.pad_token_id), cfg)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    batch = collate_padded(answered, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sequence_scores(model, batch).sum().backward()
+    optimizer.step()
+    model.eval()
+    merged = load_reward_model(save_trained(model, tokenizer, tmp_path / "rm", cfg))
+    with torch.no_grad():
+        assert_close(sequence_scores(merged, batch), sequence_scores(model, batch), rtol=1e-5, atol=1e-4)

@@ -12,25 +12,35 @@ Scores are read here, not by the transformers forward: that one finds the last t
 an EOS). Here the position comes from the attention mask — the last attended token whatever the
 padding side — and the head runs only on the positions that are read (one per sequence, or one per
 reasoning step for a process reward model), never on every token.
+
+A third kind reads the reward where the answer is instead of re-deriving it at one position: the
+*likelihood* reward model is the causal LM itself, and its reward is the log-likelihood it gives the
+response, scaled: r(x, y) = reward_scale * sum_t log p(y_t | x, y_<t). Starting from the SFT model it
+already ranks answers by how well they agree with what the model knows (a worked step it can check, an
+answer it would give) and Bradley–Terry training sharpens that; a fresh scalar head on the last token has to
+learn the same information from the comparisons alone. It saves as an ordinary causal LM whose config
+carries `reward_head: likelihood` and `reward_scale`, and scores through the same functions and scorers.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from posttrain.algos import last_token_index
 from posttrain.models.attention import attention_inputs
 from posttrain.models.dropout import disable_dropout as drop_dropout
-from posttrain.models.io import from_model_dir
+from posttrain.models.io import check_model_dir, from_model_dir
+from posttrain.models.likelihood import per_sequence_sums, response_logprobs
 from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import upcast
 
-REWARD_HEADS = ("linear", "mlp")
+REWARD_HEADS = ("linear", "mlp", "likelihood")
 
 
 class MLPHead(nn.Sequential):
@@ -42,9 +52,10 @@ class MLPHead(nn.Sequential):
 
 
 def build_reward_model(path: str | Path, *, head: str = "linear", head_width: int = 0, pad_token_id: int | None = None,
-                       dtype: str = "auto", trust_remote_code: bool = False,
-                       device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
-    """A new reward model: the trunk of the causal LM at `path`, a freshly initialised scalar head.
+                       dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | str = "cpu",
+                       disable_dropout: bool = False, reward_scale: float = 1.0) -> PreTrainedModel:
+    """A new reward model: the trunk of the causal LM at `path`, a freshly initialised scalar head; or, with
+    head="likelihood", the causal LM itself, scoring a response by its log-likelihood times `reward_scale`.
 
     `head_width` is the MLP head's hidden width (0: the trunk's hidden size). `pad_token_id` is
     written to the config so that transformers' own forward can batch too. `disable_dropout`: every
@@ -52,8 +63,10 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
     """
     if head not in REWARD_HEADS:
         raise ValueError(f"unknown reward head {head!r}; allowed: {', '.join(REWARD_HEADS)}")
-    model, _ = from_model_dir(AutoModelForSequenceClassification, path, trust_remote_code=trust_remote_code,
-                              dtype=dtype, device=device, num_labels=1)
+    auto_class = AutoModelForCausalLM if head == "likelihood" else AutoModelForSequenceClassification
+    extra = {} if head == "likelihood" else {"num_labels": 1}
+    model, _ = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+                              **extra)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if head == "mlp":
@@ -61,6 +74,8 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         width = head_width or hidden
         model.score = MLPHead(hidden, width).to(dtype=model.dtype)
         model.config.reward_head, model.config.reward_head_width = "mlp", width
+    if head == "likelihood":
+        model.config.reward_head, model.config.reward_scale = "likelihood", float(reward_scale)
     use_onednn_linears(model)
     if disable_dropout:
         drop_dropout(model)
@@ -71,8 +86,10 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
                       device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
     """A saved reward model (either head), ready to score (in eval mode); `disable_dropout` as
     `build_reward_model`'s, for one that trains on (a critic)."""
-    model, directory = from_model_dir(AutoModelForSequenceClassification, path, trust_remote_code=trust_remote_code,
-                                      dtype=dtype, device=device)
+    likelihood = saved_head(path) == "likelihood"
+    auto_class = AutoModelForCausalLM if likelihood else AutoModelForSequenceClassification
+    model, directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                      device=device)
     config = model.config  # it keeps the reward_head keys build_reward_model wrote
     if getattr(config, "reward_head", "linear") == "mlp":
         # transformers built (and could not fill) a linear `score`: put the MLP back and load its weights.
@@ -84,6 +101,17 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
     if disable_dropout:
         drop_dropout(model)
     return model.to(device).eval()
+
+
+def saved_head(path: str | Path) -> str:
+    """The head of the reward model saved at `path` (linear, mlp or likelihood), from its config.json."""
+    config = json.loads((check_model_dir(path) / "config.json").read_text())
+    return config.get("reward_head", "linear")
+
+
+def is_likelihood_model(model: nn.Module) -> bool:
+    """Whether `model` (or the model inside a peft wrapper) is a likelihood reward model."""
+    return getattr(model.config, "reward_head", None) == "likelihood"
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -108,6 +136,8 @@ def _hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
 
 def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:
     """Head outputs at `positions` [B, S] (token indices) of each row: [B, S]."""
+    if is_likelihood_model(model):
+        raise ValueError("a likelihood reward model scores whole responses; it has no head to read at positions")
     hidden, head = _hidden_states(model, batch)
     picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, S, H]
     return upcast(head(picked).squeeze(-1))  # scores feed losses and advantages: fp32 under autocast
@@ -125,7 +155,11 @@ def sample_end_index(sample_ids: Tensor) -> Tensor:
 
 def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The reward of every sequence, read at its last real token: [B] for a padded batch (either
-    side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`)."""
+    side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`).
+    A likelihood reward model sums the logprobs of the tokens `batch["response_mask"]` marks instead."""
+    if is_likelihood_model(model):
+        logprobs, mask = response_logprobs(model, batch)
+        return model.config.reward_scale * per_sequence_sums(upcast(logprobs), mask, batch)
     if "sample_ids" in batch:
         hidden, head = _hidden_states(model, batch)
         return upcast(head(hidden.flatten(0, 1)[sample_end_index(batch["sample_ids"])]).squeeze(-1))

@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from posttrain.errors import ConfigError
 from posttrain.models.attention import attention_inputs
 from posttrain.models.heads import output_head_at
 from posttrain.models.precision import upcast
-from posttrain.models.reward import build_reward_model, load_reward_model, trunk_and_head
+from posttrain.models.reward import build_reward_model, load_reward_model, saved_head, trunk_and_head
 
 CRITIC_INITS = ("policy", "reward_model")
 
@@ -32,6 +33,9 @@ def build_value_model(path: str | Path, init: str, *, trust_remote_code: bool = 
     at `path` with a zero-initialised linear head (init="policy"); `disable_dropout`: every dropout off, so
     that the values a round records are those its first update computes."""
     if init == "reward_model":
+        if saved_head(path) == "likelihood":
+            raise ConfigError(f"{path} is a likelihood reward model, which has no value head to start a critic "
+                              "from: critic.init=policy", field="critic.init")
         return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                  disable_dropout=disable_dropout).train()
     if init != "policy":

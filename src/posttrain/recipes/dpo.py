@@ -39,6 +39,7 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.heads import floating_dtype
+from posttrain.models.likelihood import per_sequence_sums, response_logprobs
 from posttrain.recipes.rl import (
     PromptStream,
     RewardConfig,
@@ -56,7 +57,6 @@ from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.train.comparisons import comparison_matrix, is_ranking_batch, ordered_pair_accuracy
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
-from posttrain.train.forward import per_sequence_sums, response_logprobs
 from posttrain.train.progress import RunProgress
 from posttrain.train.reference import (
     Reference,

@@ -35,9 +35,9 @@ from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, save_trained
+from posttrain.models.likelihood import per_sequence_sums, response_logprobs
 from posttrain.train.comparisons import comparison_matrix, comparison_step_source
 from posttrain.train.engine import StepBatch, StepSource, TrainConfig, Trainer, forward_precision
-from posttrain.train.forward import per_sequence_sums, response_logprobs
 from posttrain.train.progress import RunProgress
 from posttrain.train.reference import (
     Reference,

@@ -70,6 +70,7 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
 from posttrain.models.heads import floating_dtype
+from posttrain.models.likelihood import response_logprobs
 from posttrain.models.value import ActorCritic
 from posttrain.recipes.rl import (
     GoldAnswers,
@@ -104,7 +105,6 @@ from posttrain.rollout.recompute import (
 )
 from posttrain.train import dist
 from posttrain.train.engine import StepBatch, Trainer, forward_precision
-from posttrain.train.forward import response_logprobs
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.progress import RunProgress
 from posttrain.train.reference import Reference

@@ -14,7 +14,8 @@ RLHF. Held-out pairs are sampled the same way from held-out prompts; the data so
 comparisons are scored too (`eval_offline_*`), so the two accuracies are reported side by side.
 
 The model is the SFT checkpoint's trunk with a scalar head (`posttrain.models.reward`), scored at
-the last real token; every response of a micro-batch goes through one forward. Full training by
+the last real token, or (head=likelihood) the SFT model itself, whose reward is its scaled log-likelihood of
+the response; every response of a micro-batch goes through one forward. Full training by
 default; `freeze_backbone` trains the head only, LoRA trains adapters plus the head. Losses are
 means over comparisons (steps for a process model) scaled to the whole step's count, so
 micro-batching does not change the gradient. The held-out evaluation — pairwise accuracy, margin and
@@ -112,8 +113,12 @@ class RMConfig:
     eval: RewardEvalConfig = section(RewardEvalConfig, "Held-out evaluation.")
     kind: str = param("outcome", "outcome: one reward per response, from comparisons; process: one score per "
                                  "reasoning step, from stepwise labels.", choices=("outcome", "process"))
-    head: str = param("linear", "Scalar head: linear (loads with plain transformers) or a small MLP.",
-                      choices=REWARD_HEADS)
+    head: str = param("linear", "linear: a scalar head on the last token (loads with plain transformers); mlp: a "
+                                "small MLP there; likelihood: no head, the reward is the causal LM's log-likelihood "
+                                "of the response times reward_scale (it starts from what the SFT model knows; "
+                                "saved as a causal LM).", choices=REWARD_HEADS)
+    reward_scale: float = param(1.0, "head=likelihood: the reward is this times the response's summed logprob; it "
+                                     "sets how sharp the Bradley–Terry loss is on the logprob differences.", gt=0)
     head_width: int = param(0, "Hidden width of the MLP head (0: the trunk's hidden size).", ge=0)
     freeze_backbone: bool = param(False, "Train the head only; the trunk stays as the SFT model left it.")
     use_margin: bool = param(True, "Subtract the rows' `margin` in the pairwise loss (rows without one: 0).")
@@ -136,7 +141,8 @@ def main(cfg: RMConfig) -> RunResult:
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = build_reward_model(cfg.model.path, head=cfg.head, head_width=cfg.head_width,
                                pad_token_id=tokenizer.pad_token_id, dtype=cfg.model.dtype,
-                               trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())
+                               trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout(),
+                               reward_scale=cfg.reward_scale)
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
     progress = RunProgress.for_run(cfg.run)
     on_policy = cfg.pairs.source == "on_policy"
@@ -160,7 +166,7 @@ def main(cfg: RMConfig) -> RunResult:
         model.config.process_target = cfg.process_target
     if cfg.freeze_backbone:
         freeze_backbone(model)
-    model = apply_adapter(model, cfg.adapter, task_type="SEQ_CLS")
+    model = apply_adapter(model, cfg.adapter, task_type="CAUSAL_LM" if cfg.head == "likelihood" else "SEQ_CLS")
     trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model, progress=progress)
     steps = process_step_source if cfg.kind == "process" else comparison_step_source
@@ -259,6 +265,12 @@ def check_config(cfg: RMConfig) -> None:
             raise ConfigError("on-policy pairs compare the completions of a prompt: set "
                               "sampling.samples_per_prompt >= 2", field="sampling.samples_per_prompt")
         check_reward_functions(cfg.reward)
+    if cfg.head == "likelihood" and cfg.kind == "process":
+        raise ConfigError("a likelihood reward model scores whole responses; a process reward model needs a head "
+                          "read at each step: head=linear or mlp", field="head")
+    if cfg.head == "likelihood" and cfg.freeze_backbone:
+        raise ConfigError("a likelihood reward model has no head to train alone: freeze_backbone=false (or "
+                          "adapter.method=lora to train less)", field="freeze_backbone")
     if cfg.freeze_backbone and cfg.adapter.method != "none":
         raise ConfigError("freeze_backbone trains the head only; it cannot be combined with an adapter",
                           field="freeze_backbone")

@@ -26,8 +26,8 @@ from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.likelihood import response_logprobs
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
-from posttrain.train.forward import response_logprobs
 from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads

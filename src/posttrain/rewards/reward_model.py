@@ -25,7 +25,7 @@ from posttrain.data.schemas import message
 from posttrain.data.tokenize import Encoder, encode_stepwise
 from posttrain.models import load_tokenizer
 from posttrain.models.heads import floating_dtype
-from posttrain.models.reward import load_reward_model, scores_at, sequence_scores
+from posttrain.models.reward import is_likelihood_model, load_reward_model, scores_at, sequence_scores
 
 Prompt = str | Sequence[dict[str, Any]]
 
@@ -57,24 +57,26 @@ class _Scorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _encode(self, prompt: Prompt, completion: str) -> list[int]:
+    def _encode(self, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
+        """The token ids of (prompt, completion) as the training rows were rendered, and the completion's mask."""
         turn = {"role": "assistant", "content": completion, "reasoning": None}
         messages = _messages(prompt)
         ids, mask = self.encoder.encode([*messages, turn], prompt_turns=len(messages))
         excess = len(ids) - self.encoder.max_length
-        return self.encoder.fit(ids, mask, excess)[0] if excess > 0 else ids
+        return self.encoder.fit(ids, mask, excess) if excess > 0 else (ids, mask)
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _sequence_scores(self, sequences: Sequence[Sequence[int]]) -> Tensor:
-        """The reward [N] of each token sequence, read at its last token: `batch_size` sequences a forward,
-        packed into rows of at most `capacity` tokens (or the longest sequence's)."""
+    def _sequence_scores(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Tensor:
+        """The reward [N] of each (token ids, completion mask) sequence, read at its last token (a likelihood
+        model: summed over the masked tokens): `batch_size` sequences a forward, packed into rows of at most
+        `capacity` tokens (or the longest sequence's)."""
         packing = PackingOptions(mask_dtype=floating_dtype(self.model), row_capacity=self.capacity)
         out = []
         for start in range(0, len(sequences), self.batch_size):
-            chunk = [{"input_ids": list(ids), "response_mask": [0] * len(ids)}
-                     for ids in sequences[start:start + self.batch_size]]
+            chunk = [{"input_ids": list(ids), "response_mask": list(mask)}
+                     for ids, mask in sequences[start:start + self.batch_size]]
             batch = collate_sequences(chunk, self.pad_token_id, packing)
             out.append(sequence_scores(self.model, self._to_device(batch)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
@@ -97,11 +99,17 @@ class RewardModelScorer(_Scorer):
     __call__ = score
 
     @torch.no_grad()
-    def score_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def score_tokens(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None) -> Tensor:
         """Rewards [B] of token batches (prompt + completion ids, left or right padded, attended tokens
-        contiguous), read at each row's last attended token; padding-free like `score`."""
+        contiguous), read at each row's last attended token; padding-free like `score`. `response_mask` (1 on
+        the completion's tokens) is needed by a likelihood reward model, which scores the completion alone."""
+        if response_mask is None:
+            if is_likelihood_model(self.model):
+                raise ValueError("a likelihood reward model scores the completion's tokens: pass response_mask")
+            response_mask = torch.zeros_like(attention_mask)
         real = attention_mask.bool()
-        return self._sequence_scores([ids[keep].tolist() for ids, keep in zip(input_ids, real, strict=True)])
+        return self._sequence_scores([(ids[keep].tolist(), marks[keep].tolist())
+                                      for ids, marks, keep in zip(input_ids, response_mask, real, strict=True)])
 
 
 class ProcessRewardScorer(_Scorer):

@@ -19,11 +19,11 @@ from posttrain.config import ModelConfig, param
 from posttrain.data.pipeline import Prepared
 from posttrain.models import load_causal_lm
 from posttrain.models.adapters import AdapterConfig, apply_adapter
+from posttrain.models.likelihood import per_sequence_sums, response_logprobs
 from posttrain.rollout import Rollout, policy_logprobs_and_entropy
 from posttrain.rollout.recompute import PolicyForward
 from posttrain.train.comparisons import comparison_step_source, join_rows, split_rows
 from posttrain.train.engine import TrainConfig, forward_precision
-from posttrain.train.forward import per_sequence_sums, response_logprobs
 from posttrain.train.progress import RunProgress
 from posttrain.train.sources import ShuffledStepSource
 

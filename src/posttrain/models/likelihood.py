@@ -10,7 +10,7 @@ from torch import Tensor
 from posttrain.algos import token_logprobs
 from posttrain.models.attention import attention_inputs
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # torch's cross-entropy default, and the label of untrained tokens in posttrain.data
 
 
 def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0) -> tuple[Tensor, Tensor]:
