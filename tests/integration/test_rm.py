@@ -11,7 +11,7 @@ import zlib
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
@@ -73,6 +73,33 @@ def test_rm_recipe_trains_and_saves_a_loadable_scorer(lm_dir, tmp_path):
     want = sequence_scores(model, batch)
     assert_close(scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows]), want[:4])
     assert_close(scorer.score_tokens(batch["input_ids"], batch["attention_mask"]), want)
+
+
+def test_likelihood_reward_model_recipe_saves_a_causal_lm_the_scorer_reads(lm_dir, tmp_path):
+    cfg = rm_config(lm_dir, tmp_path, "head=likelihood", "reward_scale=0.1", "data.size=32", "train.max_steps=3",
+                    "train.batch_size=8", "train.micro_batch_size=4", "eval.size=8", "optim.lr=1e-3")
+    result = main(cfg)
+    assert result.summary["head"] == "likelihood" and 0 <= result.summary["eval_accuracy"] <= 1
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True).eval()
+    assert model.config.reward_head == "likelihood" and model.config.reward_scale == 0.1
+    scorer = RewardModelScorer.from_pretrained(result.final_dir)
+    prepared = prepare_data(DataConfig(source="arith", size=4, split="heldout"), scorer.tokenizer,
+                            accepts=("preference",))
+    batch = prepared.collator([prepared.dataset[i] for i in range(4)])
+    rows = list(get_task("arith").rows("preference", split="heldout", size=4))
+    with torch.no_grad():
+        want = sequence_scores(model, batch)
+    assert_close(scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows]), want[4:])
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["kind=process"], "head"),
+    (["freeze_backbone=true"], "freeze_backbone"),
+])
+def test_likelihood_reward_model_settings_that_cannot_work_are_refused(tmp_path, overrides, field):
+    with pytest.raises(ConfigError) as err:
+        main(rm_config("does-not-exist", tmp_path, "head=likelihood", *overrides))
+    assert err.value.field == field
 
 
 def test_plackett_luce_with_two_responses_is_bradley_terry_through_the_recipe(lm_dir, tmp_path, monkeypatch):
