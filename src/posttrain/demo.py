@@ -19,7 +19,7 @@ from rich.table import Table
 
 from posttrain import recipes
 from posttrain.errors import ConfigError
-from posttrain.eval.demo_report import write_demo_report
+from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
 
 
@@ -63,8 +63,7 @@ def _steps_headline(summary: dict[str, Any]) -> str:
 
 
 def _reward_model_headline(summary: dict[str, Any]) -> str:
-    return (f"held-out pairwise accuracy {summary['eval_accuracy']:.1%} on {summary['eval_rows']} pairs, "
-            f"mean margin {summary['eval_margin']:.2f}")
+    return f"held-out {reward_model_result(summary)}, mean margin {summary['eval_margin']:.2f}"
 
 
 # The post-training task: `chain` ("What is 23+17-9?"), whose SFT rows answer half directly and half in two

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from posttrain.eval.accuracy import paired_interval
-from posttrain.eval.demo_report import gain_rows, headroom_rows, paired_gain, write_demo_report
+from posttrain.eval.demo_report import gain_rows, headroom_rows, paired_gain, reward_model_result, write_demo_report
 
 
 def summary(greedy, samples, accuracy=None, headroom=None):
@@ -67,3 +67,11 @@ def test_process_against_outcome_is_paired_on_each_problems_share_of_steps_right
     mean, low, high = paired_interval([1.0, 0.0, 0.5], [1.0, 0.5, 1.0])
     assert "- grpo-process − grpo-outcome: greedy" in report
     assert f"steps right {mean:+.1%} ({low:+.1%} to {high:+.1%})" in report
+
+
+def test_reward_model_result_gives_the_pairs_wilson_interval_and_the_tasks_own_pairs():
+    # 360 of 400 pairs right: Wilson 95% (0.9 + z²/800 ± z·sqrt(0.9·0.1/400 + z²/640000)) / (1 + z²/400), z = 1.96
+    summary = {"eval_accuracy": 0.9, "eval_rows": 400, "pairs": "on_policy", "eval_offline_accuracy": 0.71}
+    assert reward_model_result(summary) == ("pairwise 90.0% (86.7%–92.6%) on 400 sampled pairs; "
+                                            "the task's own pairs 71.0%")
+    assert reward_model_result({"eval_accuracy": 0.5, "eval_rows": 0}) == "pairwise 50.0%"

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from posttrain.eval.accuracy import paired_interval  # noqa: E402
+from posttrain.eval.accuracy import paired_interval, wilson_interval  # noqa: E402
 from posttrain.eval.headroom import headroom_lines, headroom_rows  # noqa: E402
 from posttrain.train.metrics import read_metrics  # noqa: E402
 
@@ -49,10 +49,23 @@ def stage_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[
 
 def _other_result(summary: dict[str, Any]) -> str:
     if "eval_accuracy" in summary and "accuracy" not in summary:  # reward models
-        return f"pairwise accuracy {summary['eval_accuracy']:.1%}"
+        return reward_model_result(summary)
     if "final_eval_loss" in summary:
         return f"held-out loss {summary['final_eval_loss']:.3f}"
     return ""
+
+
+def reward_model_result(summary: dict[str, Any]) -> str:
+    """Held-out pairwise accuracy (a Wilson interval over its pairs, each right or wrong) and, for pairs of the
+    model's own samples, the accuracy on the data's own held-out comparisons beside it."""
+    accuracy, rows = summary["eval_accuracy"], summary.get("eval_rows") or 0
+    text = f"pairwise {accuracy:.1%}"
+    if rows:
+        low, high = wilson_interval(round(accuracy * rows), rows)
+        text += f" ({low:.1%}–{high:.1%}) on {rows} {'sampled ' if summary.get('pairs') == 'on_policy' else ''}pairs"
+    if "eval_offline_accuracy" in summary:
+        text += f"; the task's own pairs {summary['eval_offline_accuracy']:.1%}"
+    return text
 
 
 def plot_accuracy(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
