@@ -1,8 +1,10 @@
-"""`posttrain demo --quick`: every stage runs and leaves loadable models and reports."""
+"""`posttrain demo --quick`: every stage runs (pretrain: the session's shared quick run, reused) and leaves
+loadable models and reports."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
@@ -11,10 +13,17 @@ from posttrain.cli import app
 from posttrain.demo import STAGES
 
 
-def test_demo_quick_runs_every_stage(tmp_path):
+def test_demo_quick_runs_every_stage(tmp_path, pretrained_run):
     out = tmp_path / "demo"
+    # The demo's pretrain stage is `pretrain --quick` as shipped, which the session's shared run already is
+    # (conftest.pretrained_run): it goes where the demo reuses a finished stage, and every later stage runs on it.
+    pretrain = next(s for s in STAGES if s.name == "pretrain")
+    assert not pretrain.overrides and not pretrain.budget and pretrain.recipe is None
+    shutil.copytree(pretrained_run.run_dir, out / "pretrain")
+    (out / "demo.json").write_text(json.dumps({"pretrain": {**pretrained_run.summary, "seconds": 0.0}}))
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
     assert result.exit_code == 0, result.output
+    assert "reused" in result.output
     summaries = json.loads((out / "demo.json").read_text())
     assert list(summaries) == [s.name for s in STAGES]
     for stage in STAGES:
