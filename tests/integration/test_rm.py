@@ -18,6 +18,7 @@ from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.tasks import get_task
 from posttrain.errors import ConfigError, DataError
+from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.models import build_model, save_pretrained
 from posttrain.models.reward import build_reward_model, load_reward_model, scores_at, sequence_scores
 from posttrain.recipes import find_recipe
@@ -90,6 +91,9 @@ def test_likelihood_reward_model_recipe_saves_a_causal_lm_the_scorer_reads(lm_di
     with torch.no_grad():
         want = sequence_scores(model, batch)
     assert_close(scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows]), want[4:])
+    # `posttrain eval` evaluates it as a reward model (comparisons), not as a policy (completions)
+    evaluated = evaluate(result.final_dir, EvalOptions(problems=8, batch_size=8), write=False)
+    assert evaluated["kind"] == "reward_model" and evaluated["rows"] == 8 and 0 <= evaluated["accuracy"] <= 1
 
 
 @pytest.mark.parametrize(("overrides", "field"), [

@@ -50,7 +50,7 @@ from posttrain.eval.rewards import (
 )
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.precision import autocast, resolve_precision
-from posttrain.models.reward import load_reward_model
+from posttrain.models.reward import load_reward_model, saved_head
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import Rollout, make_engine
@@ -100,6 +100,9 @@ class Target:
 
     @property
     def is_reward_model(self) -> bool:
+        """A scalar-head reward model (a sequence classifier), or a likelihood one (a causal LM marked so)."""
+        if saved_head(self.model_dir) == "likelihood":
+            return True
         config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
         return any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
 
