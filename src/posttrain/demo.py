@@ -114,7 +114,8 @@ STAGES = [
     # At lr 2e-3 (the SFT recipe's 1e-3: 66% of steps right after 400 steps, in the middle of the transition where
     # the model learns to look the next operation up): 73% of steps right after 250 steps (110 s on AMD EPYC Zen5),
     # 93% after 400 (195 s). From the 400-step model GRPO has nothing left to learn but products (process - outcome
-    # +1.0 steps right, +0.1 to +1.8); from the 250-step one process beats outcome by +3.5 (+1.4 to +5.5).
+    # +1.0 steps right, +0.1 to +1.8); from the 250-step one process beats outcome by +3.5 (+1.4 to +5.5) at lr 3e-5
+    # on AMD EPYC, by +1.0 (n.s.) on the Intel Xeon, where lr 5e-5 (the grpo-process recipe's now) gives +4.8.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=96", "optim.lr=2e-3"),
               budget=("train.max_steps=250",), task="multistep"),
