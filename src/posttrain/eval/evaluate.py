@@ -55,7 +55,7 @@ from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.recompute import policy_logprobs
+from posttrain.rollout.recompute import packed_logprobs_and_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +220,11 @@ def _reference(target: Target, options: EvalOptions) -> torch.nn.Module | None:
     return load_causal_lm(path).eval()
 
 
+REFERENCE_ROW_TOKENS = 512
+"""The KL reference's padding-free rows: samples packed into rows of about this many tokens (attention costs a
+row's length times its tokens)."""
+
+
 @torch.no_grad()
 def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, data: DataConfig,
                     options: EvalOptions, max_new_tokens: int,
@@ -251,7 +256,11 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
         hits = torch.tensor([task.verify(t, e.answer) for t, e in zip(rollout.texts, rows, strict=True)])
         correct += hits.view(len(chunk), n).sum(dim=1).int().tolist()
         if reference is not None:
-            ref = policy_logprobs(reference, rollout, 1.0)
+            # Padding-free, one copy of each prompt per group of its samples: the same logprobs as the padded
+            # forward over [prompt | completion] rows at a fraction of its tokens (the demo's multistep samples:
+            # prompts padded to the longest, completions of 5-96 tokens).
+            ref, _ = packed_logprobs_and_entropy(reference, rollout, 1.0, entropy=False,
+                                                 capacity=REFERENCE_ROW_TOKENS, share_prompts=True)
             kl_total += ((rollout.logprobs - ref) * rollout.response_mask).sum().item()
     samples = len(examples) * n
     result: dict[str, Any] = {"samples_per_problem": n}
