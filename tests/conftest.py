@@ -5,10 +5,13 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import tempfile
 
 # Before torch starts its OpenMP pool: idle threads sleep instead of spinning, so a test run that shares
 # the 2 cores with another process slows down in proportion instead of 100x.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Measured kernel choices (models.cpu_attention) go to a cache of the test run's own, not the user's.
+os.environ.setdefault("POSTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="posttrain-test-cache-"))
 
 import pytest
 import torch

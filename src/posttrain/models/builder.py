@@ -6,7 +6,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from posttrain.config import ModelConfig
-from posttrain.models.onednn import use_onednn_linears
+from posttrain.models.kernels import use_fast_kernels
 
 # (hidden, layers, heads, ffn): tiny ~1.31M and small ~26.75M parameters with a 1024-token vocab.
 SIZES = {
@@ -42,7 +42,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama_config(cfg, tokenizer))
-    use_onednn_linears(model)
+    use_fast_kernels(model)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)

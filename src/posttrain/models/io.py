@@ -15,7 +15,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from posttrain.errors import ConfigError
 from posttrain.models.dropout import disable_dropout as drop_dropout
-from posttrain.models.onednn import use_onednn_linears
+from posttrain.models.kernels import use_fast_kernels
 
 if TYPE_CHECKING:
     from posttrain.config import ModelConfig
@@ -103,7 +103,7 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
     """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`)."""
     model, _ = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype,
                               device=device)
-    use_onednn_linears(model)
+    use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
     return model.to(device)

@@ -36,8 +36,8 @@ from posttrain.algos import last_token_index
 from posttrain.models.attention import attention_inputs
 from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.io import check_model_dir, from_model_dir
+from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.likelihood import per_sequence_sums, response_logprobs
-from posttrain.models.onednn import use_onednn_linears
 from posttrain.models.precision import upcast
 
 REWARD_HEADS = ("linear", "mlp", "likelihood")
@@ -76,7 +76,7 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         model.config.reward_head, model.config.reward_head_width = "mlp", width
     if head == "likelihood":
         model.config.reward_head, model.config.reward_scale = "likelihood", float(reward_scale)
-    use_onednn_linears(model)
+    use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
     return model.to(device)
@@ -97,7 +97,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
         head = {k.removeprefix("score."): v for file in sorted(directory.glob("*.safetensors"))
                 for k, v in load_file(str(file)).items() if k.startswith("score.")}
         model.score.load_state_dict(head)
-    use_onednn_linears(model)
+    use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
     return model.to(device).eval()

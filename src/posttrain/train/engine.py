@@ -32,7 +32,7 @@ from rich.console import Console
 
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.errors import ConfigError, PosttrainError, RunDirError
-from posttrain.models.onednn import use_onednn_linears
+from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
@@ -144,7 +144,7 @@ class Trainer:
         self.console = console or (progress.console if progress is not None else Console())
         # The run's display, shared with the phases a step source or an evaluation runs inside the loop.
         self.progress = progress or RunProgress(self.run.progress and self.dist.is_main, self.console)
-        use_onednn_linears(model)  # a model built or loaded elsewhere trains on the faster GEMMs too
+        use_fast_kernels(model)  # a model built or loaded elsewhere trains on the faster kernels too
         self.device = next(model.parameters()).device
         self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
         # Wrapped (and, under FSDP, sharded) before the optimizer sees the parameters.

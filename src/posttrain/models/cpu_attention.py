@@ -1,0 +1,195 @@
+"""Attention under bf16 autocast on a CPU: in fp32 at the shapes where torch's bf16 kernel is the slower one.
+
+Why: torch's CPU attention (SDPA's flash kernel) runs its forward faster in bf16 than in fp32 at every shape
+measured, but its backward in bf16 has a large cost per (row, head) block that fp32 does not pay. At short
+rows and small heads the bf16 forward + backward is 2-5x *slower* than fp32 (Intel Xeon with AMX, torch 2.13,
+2 threads; one layer's attention, ms):
+
+| rows x heads x tokens x head dim | fp32 | bf16 |
+|---|---:|---:|
+| 32 x 4 x 128 x 32 (the tiny model's pretraining) | 13 | 47 |
+| 32 x 8 x 128 x 64 | 57 | 111 |
+| 16 x 8 x 256 x 64 | 78 | 79 |
+| 4 x 8 x 1024 x 64 | 176 | 89 |
+
+On the tiny model this made a bf16 pretraining step slower than fp32 (0.41 vs 0.38 s) although its GEMMs ran
+2.7x faster; with attention in fp32 the bf16 step is 1.5x faster than fp32 (0.24 vs 0.37 s).
+
+`use_cpu_attention(model)` switches a model whose attention is transformers' "sdpa" to `ATTENTION`, which is
+transformers' SDPA with one difference: under CPU bf16 autocast, at a shape where fp32 forward + backward
+measured faster than bf16, it runs on fp32 copies of query, key and value (autocast off) and hands back the
+output in the query's dtype. Everywhere else (fp32 runs, GPUs, no autocast) it is transformers' SDPA as it is.
+The choice is per shape (rows and tokens rounded up to a power of two, heads, head dim, the mask's kind), the
+same whether gradients are on or not: pi_old's and the reference's no-grad passes then compute exactly what
+the update's forward does on the same micro-batch (a first update's ratio of exactly 1 needs that).
+
+Which is faster is measured, not assumed: the first time a shape's bucket is seen, both precisions run
+forward + backward on random inputs of that bucket (a few ms to a second, once), and the answer is kept in
+memory and in a per-machine file (`cache_file()`, keyed by CPU, torch version and thread count), so a run
+resumed in a new process makes the same choice and stays bitwise. `POSTTRAIN_CPU_ATTENTION=fp32` or `bf16`
+fixes the choice (`bf16`: torch's kernel as it is); `auto` (the default) measures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from posttrain.models.precision import autocast_dtype, cpu_flags, cpu_info
+
+ATTENTION = "posttrain_sdpa"
+CHOICES = ("auto", "fp32", "bf16")
+TIMING_REPEATS = 3
+
+_choices: dict[str, str] = {}
+
+
+def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+             **kwargs) -> tuple[Tensor, None]:
+    """transformers' SDPA; in fp32 under CPU bf16 autocast where that was measured faster (`fp32_is_faster`)."""
+    if (query.device.type != "cpu" or autocast_dtype("cpu") != torch.bfloat16
+            or not fp32_is_faster(query, key, attention_mask)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    # Query and key arrive in fp32 or bf16 (rotary embeddings promote them to the residual stream's dtype);
+    # autocast would run SDPA on bf16 copies and return bf16: here fp32 copies, and the same bf16 output dtype.
+    with torch.autocast("cpu", enabled=False):
+        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                 **kwargs)
+    return output.to(torch.bfloat16), weights
+
+
+AttentionInterface.register(ATTENTION, _forward)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the layers' masks are built exactly as for "sdpa"
+
+
+def use_cpu_attention(model: torch.nn.Module) -> int:
+    """Switch every transformers model inside `model` (a causal LM, a peft wrapper's base, a reward model's
+    trunk) whose attention is "sdpa" to `ATTENTION`; returns how many were switched. Saved configs do not
+    keep the choice (transformers does not write it), so saved models load anywhere as plain "sdpa" ones."""
+    switched = 0
+    for module in model.modules():
+        if (isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa"
+                and module._can_set_attn_implementation()):
+            module.set_attn_implementation(ATTENTION)
+            switched += 1
+    return switched
+
+
+def attention_choice() -> str:
+    choice = os.environ.get("POSTTRAIN_CPU_ATTENTION", "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"POSTTRAIN_CPU_ATTENTION must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return choice
+
+
+def _bucket(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> tuple:
+    """The shape a choice is measured at: rows and tokens rounded up to a power of two (padding-free batches have
+    a different number of rows almost every step), heads, head dim and the mask's kind as they are."""
+    rows, heads, queries, head_dim = query.shape
+    mask = "none" if attention_mask is None else str(attention_mask.dtype).removeprefix("torch.")
+    return _round_up(rows), heads, key.shape[1], _round_up(queries), _round_up(key.shape[2]), head_dim, mask
+
+
+def _round_up(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def fp32_is_faster(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> bool:
+    """Whether this shape's attention runs faster in fp32 than in bf16 (forward + backward) on this CPU."""
+    choice = attention_choice()
+    if choice != "auto":
+        return choice == "fp32"
+    bucket = _bucket(query, key, attention_mask)
+    name = _cache_key(bucket)
+    if name not in _choices:
+        stored = _read_cache()
+        _choices[name] = stored.get(name) or _measure(bucket)
+        if name not in stored:
+            _write_cache({**stored, name: _choices[name]})
+    return _choices[name] == "fp32"
+
+
+def _measure(bucket: tuple) -> str:
+    """"fp32" or "bf16": the faster precision of a causal attention of `bucket`'s shape, forward + backward, each
+    as `_forward` would run it (a float mask: fp32 in the fp32 run, its own dtype in the bf16 run)."""
+    rows, heads, kv_heads, queries, keys, head_dim, mask_kind = bucket
+    seconds = {}
+    # its own tensors with autograd on, whatever mode the forward that asks runs in (no_grad, inference_mode)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for dtype in (torch.float32, torch.bfloat16):
+            generator = torch.Generator().manual_seed(0)
+            q = torch.randn(rows, heads, queries, head_dim, generator=generator, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(rows, kv_heads, keys, head_dim, generator=generator, dtype=dtype, requires_grad=True)
+                    for _ in range(2))
+            mask = None
+            if mask_kind != "none":
+                allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
+                mask_dtype = torch.float32 if dtype == torch.float32 else getattr(torch, mask_kind)
+                mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
+                    ~allowed, torch.finfo(mask_dtype).min)
+            module = _Shape(heads // kv_heads)
+            times = []
+            for _ in range(TIMING_REPEATS + 1):  # the first run warms the kernel up and is not counted
+                start = time.perf_counter()
+                output, _ = sdpa_attention_forward(module, q, k, v, mask)
+                output.sum().backward()
+                times.append(time.perf_counter() - start)
+            seconds[dtype] = min(times[1:])
+    return "fp32" if seconds[torch.float32] < seconds[torch.bfloat16] else "bf16"
+
+
+class _Shape(torch.nn.Module):
+    """What transformers' SDPA reads from an attention module: its GQA group size and causality."""
+
+    def __init__(self, num_key_value_groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = num_key_value_groups, True
+
+
+def _machine() -> str:
+    """This CPU, torch build and thread count: what a measured choice holds for."""
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return f"{cpu_info().get('model name', 'unknown cpu')}|{flags}|torch {torch.__version__}|{torch.get_num_threads()}"
+
+
+def _cache_key(bucket: tuple) -> str:
+    return f"{_machine()}|{'x'.join(map(str, bucket))}"
+
+
+def cache_file() -> Path:
+    """Where measured choices are kept: `$POSTTRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/posttrain`, else
+    `~/.cache/posttrain`."""
+    base = os.environ.get("POSTTRAIN_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain"
+    return Path(base) / "cpu_attention.json"
+
+
+def _read_cache() -> dict[str, str]:
+    try:
+        stored = json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in stored.items() if v in ("fp32", "bf16")} if isinstance(stored, dict) else {}
+
+
+def _write_cache(choices: dict[str, str]) -> None:
+    """Write atomically (a reader never sees half a file); a cache that cannot be written is only kept in memory."""
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(choices, indent=1, sort_keys=True))
+        os.replace(partial, path)
+    except OSError:
+        pass
