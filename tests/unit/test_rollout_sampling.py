@@ -11,7 +11,7 @@ from posttrain.algos import token_logprobs
 from posttrain.errors import ConfigError
 from posttrain.rollout import SamplingParams, make_engine, position_ids_from_mask
 from posttrain.rollout.local import prompt_token_lists
-from posttrain.rollout.sampling import sample_next, truncate_logits
+from posttrain.rollout.sampling import draw, sample_next, truncate_logits
 
 NEG_INF = float("-inf")
 
@@ -108,3 +108,20 @@ def test_length_groups_split_sorted_lengths_into_contiguous_runs():
     assert length_groups([1, 2, 3, 5, 8, 13, 21, 34], 4) == [(0, 2, 2), (2, 4, 5), (4, 6, 13), (6, 8, 34)]
     assert length_groups([4, 9], 4) == [(0, 1, 4), (1, 2, 9)]  # never more groups than rows
     assert length_groups([7], 4) == [(0, 1, 7)]
+
+
+def test_draws_follow_the_distribution_and_never_pick_a_token_of_probability_zero():
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.6, 0.05, 0.0])
+    n = 200_000
+    tokens = draw(probs.expand(n, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=7).double()
+    assert counts[probs == 0].sum() == 0
+    # each count within 5 standard deviations of its binomial mean (n p, sd sqrt(n p (1 - p)))
+    expected = n * probs.double()
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - probs.double())).sqrt()).all()
+
+
+def test_a_uniform_draw_at_the_top_of_the_range_takes_the_last_token_that_has_probability(monkeypatch):
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.2, 0.3, 0.1, 0.4]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape, dtype=kwargs.get("dtype")))
+    assert draw(probs).tolist() == [1, 3]  # u * total == total: past every cumulative sum without the guard

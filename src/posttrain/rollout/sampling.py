@@ -47,6 +47,23 @@ def sample_next(logits: Tensor, params: SamplingParams,
         tokens = scaled.argmax(dim=-1)
     else:
         probs = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = draw(probs, generator)
     picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, picked - torch.logsumexp(scaled, dim=-1)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of `probs` [B, V] (rows summing to 1, up to rounding), by inverse transform sampling:
+    the first token whose cumulative probability exceeds u ~ U[0, total). A token of probability 0 (cut by
+    top-k / top-p) has no interval of its own and is never drawn.
+
+    Why not `torch.multinomial`: on a CPU it took 12.2 ms per call for 256 rows of a 1024-token vocabulary,
+    this 1.4 ms (2 threads, Intel Xeon), and a decode step of the demo's tiny model costs less than either;
+    the draws follow the same distribution, from a different random stream.
+    """
+    cumulative = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    tokens = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).squeeze(-1)
+    # u * total can round up to total itself: take the last token that has probability then.
+    last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(tokens, last_possible)
