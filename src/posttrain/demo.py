@@ -78,11 +78,11 @@ SAMPLED = (*CHAIN, "sampling.max_new_tokens=24")
 MULTISTEP_SAMPLES = 4
 ROUNDS_OF_256 = ("update.rollout_batch_size=256", "train.batch_size=128", "train.micro_batch_size=128")
 
-# bf16 where the CPU has it natively (train.precision=auto; fp32 elsewhere), in the two stages whose steps are
-# GEMM-bound: pretraining (rows of 128 tokens) and the multistep SFT (rows of up to 256). Intel Xeon with AMX:
-# a pretraining step 0.24 s against 0.37 in fp32, multistep SFT 32 s against 37 for 40 steps. The other stages'
-# steps are small or mostly sampling, where bf16 gained nothing (SFT on chain 8.8 vs 8.4 s for 40 steps, GRPO
-# 14.8 vs 13.9 s for 8).
+# Pretraining in bf16 where the CPU has it natively (train.precision=auto; fp32 elsewhere): its steps (32 rows of
+# 128 tokens) are GEMM-bound, 0.24 s against 0.37 in fp32 on the Intel Xeon with AMX. The other stages stay fp32:
+# their steps are small or mostly sampling (bf16: SFT on chain 8.8 vs 8.4 s for 40 steps, GRPO 14.8 vs 13.9 s for
+# 8; the multistep SFT 32 vs 37 s for 40), and each evaluates its held-out accuracy in its own precision, which the
+# paired comparisons between stages should not mix.
 BF16_WHERE_NATIVE = ("train.precision=auto",)
 
 STAGES = [
@@ -129,7 +129,7 @@ STAGES = [
     # on AMD EPYC, by +1.0 (n.s.) on the Intel Xeon, where lr 5e-5 (the grpo-process recipe's now) gives +4.8.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=48", "optim.lr=2e-3",
-                         "train.max_steps=15", "eval_before=false", *BF16_WHERE_NATIVE),
+                         "train.max_steps=15", "eval_before=false"),
               # no evaluation before: the pretrained model does not know the format (0.0% of 500 in the demo of
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
@@ -148,14 +148,14 @@ STAGES = [
 def _sampled_eval(stage: DemoStage, run_dir: Path, summary: dict[str, Any], quick: bool) -> dict[str, Any]:
     """Sampled accuracy, pass@k, headroom per category, per-problem results and KL to the model the stage started
     from, on the held-out problems the stage was scored on: what the report's gains, headroom and reward-vs-KL
-    need. Greedy decoding runs again (the recipe's evaluation keeps no per-problem results); the summary's
-    accuracy stays the recipe's own."""
+    need. The greedy results per problem are the recipe's own final evaluation's (recorded in the run), not
+    decoded again."""
     if not stage.is_policy:
         return {}
     samples = 2 if quick else stage.samples
     # 256 completions per generation call: 64 (the CLI's default) cost 10-20% more here
     options = EvalOptions(task=stage.task, problems=summary.get("eval_problems") or 500, samples=samples,
-                          pass_k=(1, samples), rewards=("correct",), batch_size=256)
+                          pass_k=(1, samples), rewards=("correct",), batch_size=256, reuse_recorded=True)
     sampled = evaluate(run_dir, options, write=False)
     measured = {"sampled_reward": sampled["reward_correct"], "headroom": sampled["categories"],
                 "sampled_accuracy": sampled["sampled_accuracy"], "per_problem": sampled["per_problem"],

@@ -39,7 +39,7 @@ from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
 from posttrain.errors import ConfigError, RunDirError
 from posttrain.eval import heldout
-from posttrain.eval.accuracy import EvalConfig, heldout_accuracy, heldout_problems, wilson_interval
+from posttrain.eval.accuracy import Accuracy, EvalConfig, heldout_accuracy, heldout_problems, wilson_interval
 from posttrain.eval.headroom import headroom, pass_at_k
 from posttrain.eval.rewards import (
     RewardEvalConfig,
@@ -56,6 +56,7 @@ from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import packed_logprobs_and_entropy
+from posttrain.train.run_dir import finished_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,9 @@ class EvalOptions:
     seed: int = 1234
     precision: str = "fp32"
     """auto | fp32 | bf16, as `train.precision`: every forward under bf16 autocast, or not."""
+    reuse_recorded: bool = False
+    """Take the greedy exact match of a run's final model from the run's own last evaluation when it measured the
+    same problems the same way (`heldout.recorded_accuracy`), instead of decoding them again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +187,10 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
     result: dict[str, Any] = {"kind": "policy"}
     accuracy = None
     if greedy:
-        accuracy = heldout_accuracy(model, tokenizer, data, EvalConfig(
-            task=task.name, problems=options.problems, seed=options.seed, max_new_tokens=max_new_tokens,
-            batch_size=options.batch_size, samples=0))
+        config = EvalConfig(task=task.name, problems=options.problems, seed=options.seed,
+                            max_new_tokens=max_new_tokens, batch_size=options.batch_size, samples=0)
+        accuracy = (_recorded_accuracy(target, config) if options.reuse_recorded else None) or heldout_accuracy(
+            model, tokenizer, data, config)
         result |= {"problems": accuracy.problems, "accuracy": accuracy.accuracy,
                    "accuracy_ci": [accuracy.ci_low, accuracy.ci_high],
                    "completion_length": accuracy.completion_length,
@@ -204,6 +209,17 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                                  **({"steps_right": list(accuracy.steps_right)}
                                     if accuracy is not None and accuracy.steps_right else {})}
     return result
+
+
+def _recorded_accuracy(target: Target, config: EvalConfig) -> Accuracy | None:
+    """The run's own evaluation of its final model (its last step) on `config`'s problems, in the precision the
+    forwards run in now, or None."""
+    if target.run_dir is None or target.model_dir.resolve() != (target.run_dir / "final").resolve():
+        return None
+    steps = finished_steps(target.run_dir)
+    if steps is None:
+        return None
+    return heldout.recorded_accuracy(target.run_dir, steps, config.task, config, heldout.current_precision())
 
 
 def sampled_ks(options: EvalOptions) -> list[int]:

@@ -31,12 +31,13 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.accuracy import EvalConfig, eval_task, heldout_accuracy
+from posttrain.eval.accuracy import Accuracy, EvalConfig, eval_task, heldout_accuracy
 from posttrain.eval.headroom import headroom, headroom_rows
+from posttrain.models.precision import autocast_dtype
 from posttrain.rewards.functions import NEEDS_ANSWER, Completions, Scores
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
-from posttrain.train.metrics import append_jsonl
+from posttrain.train.metrics import append_jsonl, write_json
 from posttrain.train.progress import SILENT, Phase, RunProgress
 
 # What one evaluator gives: its metrics (eval_*) and greedy samples for samples.jsonl.
@@ -279,6 +280,8 @@ class Part:
     name: str
     total: int
     run: Evaluator
+    per_problem: Callable[[], dict[str, Any]] | None = None
+    """What its last run measured per problem, for `Evaluation` to record (exact match's), or None."""
 
 
 def accuracy_part(tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: EvalConfig) -> list[Part]:
@@ -287,12 +290,41 @@ def accuracy_part(tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: Eva
     if task is None:
         return []
     resolved = dataclasses.replace(cfg, task=task)
+    last: dict[str, Any] = {}
 
     def run(model: torch.nn.Module, bar: Phase) -> Measured:
         accuracy = heldout_accuracy(model, tokenizer, data, resolved, bar)
+        last.update(task=task, seed=resolved.seed, max_new_tokens=resolved.max_new_tokens,
+                    precision=current_precision(),
+                    accuracy={k: v for k, v in dataclasses.asdict(accuracy).items() if k != "samples"})
         return accuracy.metrics(), accuracy.samples
 
-    return [Part(f"evaluating {task}", cfg.problems, run)]
+    return [Part(f"evaluating {task}", cfg.problems, run, per_problem=lambda: dict(last))]
+
+
+def current_precision() -> str:
+    """The precision the forwards run in right now (the run's autocast), as a recorded evaluation names it."""
+    return "bf16" if autocast_dtype("cpu") == torch.bfloat16 or autocast_dtype("cuda") == torch.bfloat16 else "fp32"
+
+
+# The last evaluation's exact match per problem, beside samples.jsonl: `posttrain eval` reuses it for the final model
+# instead of decoding the same problems greedily again (`recorded_accuracy`).
+PER_PROBLEM_FILE = "heldout_problems.json"
+
+
+def recorded_accuracy(run_dir: Path, step: int, task: str, cfg: EvalConfig, precision: str) -> Accuracy | None:
+    """The exact match a run recorded at `step` on `task`'s first `cfg.problems` held-out problems (same seed and
+    token budget, forwards in `precision`), or None when it recorded no such evaluation."""
+    try:
+        record = json.loads((run_dir / PER_PROBLEM_FILE).read_text(encoding="utf-8"))
+        accuracy = Accuracy(**record["accuracy"], samples=[])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    wanted = {"step": step, "task": task, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
+              "precision": precision}
+    if any(record.get(key) != value for key, value in wanted.items()) or accuracy.problems != cfg.problems:
+        return None
+    return dataclasses.replace(accuracy, correct=tuple(accuracy.correct), steps_right=tuple(accuracy.steps_right))
 
 
 def loss_part(heldout: Prepared | None, source: Any, loss_fn: Callable[..., Any], batch_size: int,
@@ -366,7 +398,8 @@ def unflat_headroom(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 class Evaluation:
     """The held-out evaluations of one run: `run(model, step)` runs each part as a named progress phase,
-    appends its greedy samples (with the step) to `samples`, and returns all their metrics."""
+    appends its greedy samples (with the step) to `samples`, records the exact match per problem beside it
+    (`PER_PROBLEM_FILE`, overwritten: the last evaluation's), and returns all their metrics."""
 
     def __init__(self, parts: list[Part], samples: Path | None, progress: RunProgress | None = None) -> None:
         self.parts, self.samples = parts, samples
@@ -383,6 +416,8 @@ class Evaluation:
             metrics |= values
             if self.samples is not None and records:
                 append_jsonl(self.samples, [{"step": step, **record} for record in records])
+            if self.samples is not None and part.per_problem is not None:
+                write_json(self.samples.with_name(PER_PROBLEM_FILE), {"step": step, **part.per_problem()})
         return metrics
 
     def evaluator(self, model: torch.nn.Module) -> Callable[[int], dict[str, float]] | None:

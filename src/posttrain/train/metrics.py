@@ -86,12 +86,22 @@ def truncate_samples(path: str | Path, last_step: int) -> None:
 
 def _replace_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Write `records` over `path` atomically: a crash here leaves the old file, never a half-written one."""
+    _replace_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _replace_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, record: dict[str, Any]) -> None:
+    """Write one JSON document over `path` atomically; under torchrun only rank 0 writes."""
+    if is_main_process():
+        _replace_text(Path(path), json.dumps(record))
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -110,7 +110,7 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
     if step > max_steps:
         raise RunDirError(f"the last checkpoint ({checkpoint.name}) is past train.max_steps={max_steps}; resume "
                           f"with train.max_steps={step} or more", file=str(path), field="train.max_steps")
-    finished = _finished_steps(path)
+    finished = finished_steps(path)
     if finished is not None and finished >= max_steps:
         raise RunDirError(f"this run has finished its {finished} steps; to train it further, resume it with a "
                           f"larger train.max_steps (it continues from {checkpoint.name})", file=str(path),
@@ -198,7 +198,7 @@ def _undo_unstarted(path: Path) -> str:
     return "nothing of the run was kept" if undone else ""
 
 
-def _finished_steps(path: Path) -> int | None:
+def finished_steps(path: Path) -> int | None:
     """The steps a finished run trained (from its summary.json), or None if it has not finished."""
     try:
         steps = json.loads((path / "summary.json").read_text(encoding="utf-8"))["summary"]["steps"]
