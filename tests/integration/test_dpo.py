@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
+from posttrain.data.schemas import holds_as_answer
 from posttrain.data.tasks import get_task
 from posttrain.errors import ConfigError, DataError
 from posttrain.models import build_model, save_pretrained
@@ -236,7 +237,8 @@ def test_on_policy_pairs_are_each_prompts_best_and_worst_sample_resampled_every_
         scored = recorder.scored[start:start + 64]
         expected = []
         for group in range(16):  # 4 samples per prompt, prompt-major
-            members = [m for m in scored[4 * group:4 * group + 4] if m[1].strip()]  # an empty answer pairs with none
+            # an empty answer, or one with a stray <think> tag, pairs with none
+            members = [m for m in scored[4 * group:4 * group + 4] if holds_as_answer(m[1])]
             if not members:
                 continue
             best = max(members, key=lambda m: m[2])  # max/min return the first of equals

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
+from posttrain.data.schemas import holds_as_answer
 from posttrain.data.tasks import get_task
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.evaluate import EvalOptions, evaluate
@@ -245,10 +246,11 @@ ON_POLICY = ["pairs.source=on_policy", "data.size=12", "eval.size=8", "pairs.pro
 
 
 def _expected_pairs(scored: list[tuple[str, str, float]], prompts: int, samples: int) -> list[tuple[str, str]]:
-    """Each prompt's first best and first worst non-empty sample, when the best scores higher (prompt-major)."""
+    """Each prompt's first best and first worst sample a preference row can hold (`holds_as_answer`: not empty, no
+    stray <think> tag), when the best scores higher (prompt-major)."""
     expected = []
     for group in range(prompts):
-        members = [m for m in scored[samples * group:samples * (group + 1)] if m[1].strip()]
+        members = [m for m in scored[samples * group:samples * (group + 1)] if holds_as_answer(m[1])]
         if members:
             best, worst = max(members, key=lambda m: m[2]), min(members, key=lambda m: m[2])
             if best[2] > worst[2] and best[1] != worst[1]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.recipes.rl import PromptStream
+from posttrain.data.schemas import holds_as_answer
+from posttrain.recipes.rl import PromptStream, preference_rows
+from posttrain.rewards.functions import Completions
 from posttrain.rollout import RolloutEngine
 from posttrain.train import dist
 
@@ -51,3 +53,18 @@ def test_each_rank_samples_its_share_of_the_prompts_with_its_own_seed(monkeypatc
     for r in range(2):  # the two ranks' prompts together are the single process's round
         assert rank0[r][0] + rank1[r][0] == single[r][0]
     assert [d for _, d in rank1] == [first_draw(3_000_009 + 1_000_000_007), first_draw(3_000_010 + 1_000_000_007)]
+
+
+def test_preference_rows_pair_only_completions_a_training_row_can_hold():
+    """A sampled completion that is empty or has a stray <think> tag is no answer of a preference row: the best and
+    worst of each prompt are found among the others (a model can sample anything; the round must not fail)."""
+    prompt = [{"role": "user", "content": "What is 2+2?"}]
+    texts = ["4", "the answer <think> is 5", "5", "",  # prompt 0: best "4"; the stray tag and "" are left out
+             "<think>2+2=4</think>4", "3"]  # prompt 1: a thinking block that opens the turn is an answer
+    completions = Completions(prompts=[prompt] * 6, completions=texts, answers=["4"] * 6, steps=[[]] * 6,
+                              columns=[{}] * 6)
+    scores = torch.tensor([1.0, 9.0, 0.0, -9.0, 1.0, 0.0])
+    prompt_index = torch.tensor([0, 0, 0, 0, 1, 1])
+    rows = preference_rows(completions, scores, prompt_index, min_margin=0.0)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "5"), ("<think>2+2=4</think>4", "3")]
+    assert holds_as_answer("4") and not holds_as_answer("a <think> b") and not holds_as_answer("  ")

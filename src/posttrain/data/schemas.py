@@ -408,6 +408,16 @@ def _tool_calls(value: Any, field: str, where: Where) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
+def holds_as_answer(text: str) -> bool:
+    """Whether `text` (a sampled completion) can be an assistant turn's answer in a training row: not empty, and
+    any <think>...</think> block opening it. A model can sample anything, a stray "<think>" included."""
+    try:
+        _assistant_turn(text, None, "answer", Where("<sample>"))
+    except DataError:
+        return False
+    return True
+
+
 def _assistant_turn(content: str, reasoning: str | None, field: str, where: Where,
                     tool_calls: str | None = None) -> dict[str, Any]:
     """An assistant turn with its thinking block (if any) moved into `reasoning`. A turn that calls tools may

@@ -21,6 +21,7 @@ from posttrain.algos import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_KINDS, POLICY_LO
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.schemas import holds_as_answer
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
@@ -230,9 +231,10 @@ def preference_rows(completions: Completions, scores: Tensor, prompt_index: Tens
                     min_margin: float) -> list[dict[str, Any]]:
     """Preference rows from sampled completions: each prompt's best- and worst-scored completions
     (`algos.best_worst_pairs`, the chosen beating the rejected by more than `min_margin`) as one row. A completion
-    with no text (EOS at once) is no preference row's answer and takes part in no pair; two equal texts make none."""
+    that no preference row can hold as an answer (no text: EOS at once; a stray <think> tag, `holds_as_answer`)
+    takes part in no pair; two equal texts make none."""
     texts = completions.completions
-    usable = [i for i, text in enumerate(texts) if text.strip()]
+    usable = [i for i, text in enumerate(texts) if holds_as_answer(text)]
     found = [(usable[c], usable[r]) for c, r in best_worst_pairs(scores[usable], prompt_index[usable], min_margin)]
     return [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
             for c, r in found if texts[c] != texts[r]]
