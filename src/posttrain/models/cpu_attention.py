@@ -32,6 +32,7 @@ fixes the choice (`bf16`: torch's kernel as it is); `auto` (the default) measure
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -159,8 +160,14 @@ class _Shape(torch.nn.Module):
 
 def _machine() -> str:
     """This CPU, torch build and thread count: what a measured choice holds for."""
+    return f"{_cpu()}|torch {torch.__version__}|{torch.get_num_threads()}"
+
+
+@functools.cache
+def _cpu() -> str:
+    """The CPU's model name and a digest of its flags (computed once: the key is looked up at every attention)."""
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
-    return f"{cpu_info().get('model name', 'unknown cpu')}|{flags}|torch {torch.__version__}|{torch.get_num_threads()}"
+    return f"{cpu_info().get('model name', 'unknown cpu')}|{flags}"
 
 
 def _cache_key(bucket: tuple) -> str:
