@@ -127,3 +127,18 @@ def test_limit(tmp_path):
     path = _write(tmp_path, "jsonl")
     cfg = DataConfig(source=str(path), cache_dir=str(tmp_path), limit=1, columns=ColumnsConfig(prompt="question"))
     assert len(load_rows(cfg, ("completion",)).dataset) == 1
+
+
+def test_a_task_whose_settings_changed_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    """A task setting that only some rows show (chain's share of worked answers) must not reuse the old rows, even
+    when the first rows of the fingerprint come out the same."""
+    from posttrain.data.tasks import get_task
+
+    cfg = DataConfig(source="chain", size=64, cache_dir=str(tmp_path / "cache"))
+    task = get_task("chain")
+    first = load_rows(cfg, ("completion",)).dataset
+    before = list(task.rows("completion", "train", size=4, seed=cfg.seed))
+    monkeypatch.setattr(task, "worked_share", task.worked_share + 0.001)
+    assert list(task.rows("completion", "train", size=4, seed=cfg.seed)) == before  # the same first rows
+    again = load_rows(cfg, ("completion",)).dataset
+    assert again.cache_files != first.cache_files

@@ -163,8 +163,11 @@ def _fingerprint(spec: _Spec) -> str:
     identity = [_CACHE_VERSION, repr(spec)]
     if spec.kind == "task":
         # What the generator writes, not only its name and seed: a task whose rows changed (a new posttrain
-        # version, a user's own edit) must not be served the old rows from the cache.
-        identity.append(repr(list(tasks.get_task(spec.name).rows(spec.format, spec.split, size=4, seed=spec.seed))))
+        # version, a user's own edit) must not be served the old rows from the cache. The first rows alone can
+        # miss a change of the task's settings (a share of worked answers that only some rows show): those too.
+        task = tasks.get_task(spec.name)
+        identity.append(repr(sorted(vars(task).items())))
+        identity.append(repr(list(task.rows(spec.format, spec.split, size=4, seed=spec.seed))))
     else:
         path = Path(spec.name)
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
