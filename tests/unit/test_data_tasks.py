@@ -127,7 +127,7 @@ def test_unknown_task():
         get_task("srot")
 
 
-def test_chain_answers_worked_and_direct_agree_with_python_and_half_are_worked():
+def test_chain_answers_worked_and_direct_agree_with_python_and_two_in_five_are_worked():
     task = get_task("chain")
     examples = list(task.examples("train", 400, seed=5))
     worked = 0
@@ -144,7 +144,7 @@ def test_chain_answers_worked_and_direct_agree_with_python_and_half_are_worked()
         else:
             assert example.completion == str(answer)
         assert task.extract_answer(example.completion) == str(answer)
-    assert 160 <= worked <= 240  # half and half (binomial, n = 400: 200 +- 40 is 4 sigma)
+    assert 121 <= worked <= 199  # 40% (binomial, n = 400: 160 +- 39 is 4 sigma)
     assert task.extract_answer("3+4=7\n7-9=-2") == "-2" and task.extract_answer("-2") == "-2"
     assert task.extract_answer("3+4=7\n7-9=") == "7"  # an unfinished second step answers its first value
     assert task.extract_answer("nothing") is None

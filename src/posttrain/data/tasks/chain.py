@@ -1,11 +1,11 @@
 """`chain`: "What is 23+17-9?", answered either at once ("31") or worked in two steps ("23+17=40\\n40-9=31").
 
-The SFT rows mix the two ways of answering, half and half, as demonstrations written by different people
-would. They are not equally good for a small model: a two-step line is two additions or subtractions of the
-kind it already does well, while the direct answer asks for three operands in one go. Which way works is a
-behaviour shared by every problem, so a reward that only checks the final answer can teach it (RL shifts the
-policy towards the way that succeeds more often), and what it learns transfers to held-out problems, unlike a
-table of separate facts. Operands are 0-49 and a first subtraction never goes below 0, so every step is a
+The SFT rows mix the two ways of answering, two in five worked and the rest direct, as demonstrations
+written by different people would. They are not equally good for a small model: a two-step line is two
+additions or subtractions of the kind it already does well, while the direct answer asks for three operands in
+one go. Which way works is a behaviour shared by every problem, so a reward that only checks the final answer
+can teach it (RL shifts the policy towards the way that succeeds more often), and what it learns transfers to
+held-out problems, unlike a table of separate facts. Operands are 0-49 and a first subtraction never goes below 0, so every step is a
 two-operand problem of the arith range (0-99).
 """
 
@@ -18,6 +18,15 @@ from posttrain.data.tasks.base import RANKING_SIZE, Example, Task, answer_text, 
 
 MAX_OPERAND = 49
 OPS = ("+", "-")
+# The share of SFT rows that work the problem in steps. With half of them, the demo's SFT model already answered
+# in steps 89% of the time when decoding greedily, so RL's gain in greedy accuracy was only what the worked answers'
+# arithmetic could add (+2 to +6 points over draws). With fewer, greedy decoding answers directly part of the time
+# and RL has a behaviour to adopt (Intel Xeon, 2026-12-03, 500 held-out problems, greedy; worked share of greedy
+# answers in brackets): 0.35: SFT 28.6% (45%), GRPO +29.6, PPO +27.2, DPO +26.8, RFT +23.8, rejection +32.0,
+# continued SFT +2.8, GRPO on a coin +4.4; 0.42: SFT 36.0% (58%), GRPO +29.4; 0.25: SFT 14.4% (7%), GRPO +23.2.
+# The reward model pays for it: direct answers the model cannot compute are right by luck, and its likelihood
+# ranks a lucky right one against a wrong one at chance (85% of sampled pairs at 0.35 and 0.42, 90.6% at 0.5).
+WORKED_SHARE = 0.4
 _INTEGER = re.compile(r"-?\d+")
 _RESULT = re.compile(r"=[ \t]*(-?\d+)")
 
@@ -28,9 +37,9 @@ def _apply(x: int, op: str, y: int) -> int:
 
 class ChainTask(Task):
     name = "chain"
-    description = "a+b-c with two operators, answered directly or worked in two steps (half of the SFT rows each)"
+    description = "a+b-c with two operators, answered directly or worked in two steps (two in five SFT rows)"
 
-    def __init__(self, worked_share: float = 0.5) -> None:
+    def __init__(self, worked_share: float = WORKED_SHARE) -> None:
         self.worked_share = worked_share
 
     def example(self, rng: random.Random, split: str = "train") -> Example:
