@@ -5,8 +5,8 @@ written by different people would. They are not equally good for a small model: 
 additions or subtractions of the kind it already does well, while the direct answer asks for three operands in
 one go. Which way works is a behaviour shared by every problem, so a reward that only checks the final answer
 can teach it (RL shifts the policy towards the way that succeeds more often), and what it learns transfers to
-held-out problems, unlike a table of separate facts. Operands are 0-49 and a first subtraction never goes below 0, so every step is a
-two-operand problem of the arith range (0-99).
+held-out problems, unlike a table of separate facts. Operands are 0-49 and a first subtraction never goes below
+0, so every step is a two-operand problem of the arith range (0-99).
 """
 
 from __future__ import annotations
