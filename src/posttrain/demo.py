@@ -124,7 +124,8 @@ STAGES = [
     # the model learns to look the next operation up): 73% of steps right after 250 steps (110 s on AMD EPYC Zen5),
     # 93% after 400 (195 s). From the 400-step model GRPO has nothing left to learn but products (process - outcome
     # +1.0 steps right, +0.1 to +1.8); from the 250-step one process beats outcome by +3.5 (+1.4 to +5.5) at lr 3e-5
-    # on AMD EPYC, by +1.0 (n.s.) on the Intel Xeon, where lr 5e-5 (the grpo-process recipe's now) gives +4.8.
+    # on AMD EPYC, by +1.0 (n.s.) on the Intel Xeon, where 120 steps at 3e-5 (the grpo-process recipe's now) give
+    # +2.8 and +3.1 over two draws, both intervals excluding 0 (60 steps at 5e-5: +1.1 to +4.8 over four, two n.s.).
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=48", "optim.lr=2e-3",
                          "train.max_steps=15", "eval_before=false"),
