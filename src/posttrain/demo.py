@@ -68,8 +68,8 @@ def _reward_model_headline(summary: dict[str, Any]) -> str:
 
 
 # The post-training task: `chain` ("What is 23+17-9?"), whose SFT rows answer three in five directly and two in
-# five in two worked steps. The model samples both ways; the worked one is right far more often, and that is a behaviour
-# shared by every problem: RL learns it from the final answer's reward, and it transfers to held-out problems
+# five in two worked steps. The model samples both ways; the worked one is right far more often, and that is a
+# behaviour shared by every problem: RL learns it from the final answer's reward, and it transfers to held-out problems
 # (on arith, each a∘b is a separate fact and RL's gains did not transfer: README, "What the demo shows").
 CHAIN = ("data.source=chain", "eval.task=chain", "eval.max_new_tokens=24")
 SAMPLED = (*CHAIN, "sampling.max_new_tokens=24")
