@@ -158,17 +158,27 @@ def demo(
     out: Annotated[str, typer.Option(help="Directory for all the demo's runs.")] = "runs/demo",
     fresh: Annotated[bool, typer.Option("--fresh", help="Recompute stages whose output exists.")] = False,
     stages: Annotated[str | None, typer.Option(help="Comma-separated subset of stages, e.g. sft.")] = None,
+    jobs: Annotated[int, typer.Option(
+        help="Stages run at once, each in its own process with its share of the cores (0: one per core, at most "
+             "4; 1: one after the other). A stage's numbers depend on its thread count, so on one machine they "
+             "reproduce with the same --jobs.")] = 0,
+    threads: Annotated[int, typer.Option(hidden=True, help="Every stage's torch threads (0: from --jobs).")] = 0,
+    stage_summary: Annotated[str | None, typer.Option(
+        hidden=True, help="Write the one stage's summary here, not to demo.json (a parallel demo's stage).")] = None,
 ) -> None:
     """Run the whole pipeline end to end on the built-in model and tasks (no network needed)."""
     _quiet_libraries()
-    from posttrain.demo import DemoStopped, run_demo
+    from posttrain.demo import DemoStageFailed, DemoStopped, run_demo
 
     try:
-        run_demo(out=out, quick=quick, fresh=fresh, console=console,
-                 stages=[name.strip() for name in stages.split(",")] if stages else None)
+        run_demo(out=out, quick=quick, fresh=fresh, console=console, jobs=jobs, threads=threads,
+                 stage_summary=stage_summary, stages=[name.strip() for name in stages.split(",")] if stages else None)
     except PosttrainError as err:
         _print_error(err)
         raise typer.Exit(2) from None
+    except DemoStageFailed as err:
+        _print_error(err)
+        raise typer.Exit(1) from None
     except DemoStopped as stop:
         console.print(f"[yellow]{stop}[/]", highlight=False)
         raise typer.Exit(130) from None

@@ -1,5 +1,5 @@
-"""`posttrain demo --quick`: every stage runs (pretrain: the session's shared quick run, reused) and leaves
-loadable models and reports."""
+"""`posttrain demo --quick`: every stage runs (pretrain: the session's shared quick run, reused), two at a time, and
+leaves loadable models and reports."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from posttrain.cli import app
-from posttrain.demo import STAGES
+from posttrain.demo import STAGES, usable_cores
 
 
 def test_demo_quick_runs_every_stage(tmp_path, pretrained_run):
@@ -21,11 +21,16 @@ def test_demo_quick_runs_every_stage(tmp_path, pretrained_run):
     assert not pretrain.overrides and not pretrain.budget and pretrain.recipe is None
     shutil.copytree(pretrained_run.run_dir, out / "pretrain")
     (out / "demo.json").write_text(json.dumps({"pretrain": {**pretrained_run.summary, "seconds": 0.0}}))
-    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    # Two stages at once, each in its own process (the default on 2 cores), each with its own log.
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--jobs", "2"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "reused" in result.output
+    assert "reused" in result.output and "finished grpo-outcome" in result.output
+    post_training = [s for s in STAGES if s.name != "pretrain"]
+    for stage in post_training:
+        assert "posttrain demo" in (out / "logs" / f"{stage.name}.log").read_text(), stage.name
     summaries = json.loads((out / "demo.json").read_text())
     assert list(summaries) == [s.name for s in STAGES]
+    assert all(summaries[s.name]["threads"] == max(1, usable_cores() // 2) for s in post_training)  # cores / jobs
     for stage in STAGES:
         run = out / stage.name
         for name in ("config.yaml", "metrics.jsonl", "report.md", "plots/curves.png"):
@@ -68,7 +73,7 @@ def test_a_stage_stopped_in_its_loop_stops_the_demo_with_a_nonzero_exit(tmp_path
         return RunResult(run_dir=tmp_path / "pretrain", final_dir=None, summary={"interrupted_at_step": 3})
 
     monkeypatch.setattr(posttrain.demo.recipes, "run_stage", stopped)
-    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)], terminal_width=200)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--jobs", "1"], terminal_width=200)
     assert result.exit_code == 130, result.output
     assert "stopped in stage pretrain at step 3" in " ".join(result.output.split())
     assert not (tmp_path / "demo.json").exists()

@@ -1,0 +1,133 @@
+"""The parallel demo's scheduler, failure and stop handling, with small stand-in processes for the stages (each a
+few lines of Python instead of a recipe), so that order, failures and signals are checked in seconds."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from rich.console import Console
+
+import posttrain.demo as demo
+from posttrain.demo import STAGES, DemoStageFailed, DemoStopped, _ready, _run_in_parallel, _Worker, stage_threads
+
+# Every field a stage's headline reads.
+SUMMARY = {"initial_eval_loss": 2.0, "final_eval_loss": 1.0, "accuracy": 0.5, "accuracy_ci": [0.4, 0.6],
+           "step_accuracy": 0.5, "eval_accuracy": 0.9, "eval_margin": 1.0}
+
+# A stand-in stage: records when it ran, then writes its summary, fails, or waits for a signal.
+STAND_IN = """
+import json, signal, sys, time
+name, behaviour, summary_file, record = sys.argv[1:5]
+if behaviour == "wait":
+    signal.signal(signal.SIGINT, lambda *a: sys.exit(130))
+with open(record, "a") as f:
+    f.write(json.dumps({"stage": name, "event": "start", "t": time.time()}) + "\\n")
+if behaviour == "fail":
+    print("loading the model failed: boom", flush=True)
+    sys.exit(1)
+time.sleep(60 if behaviour == "wait" else 0.3)
+with open(record, "a") as f:
+    f.write(json.dumps({"stage": name, "event": "end", "t": time.time()}) + "\\n")
+json.dump({**SUMMARY, "seconds": 0.3}, open(summary_file, "w"))
+""".replace("SUMMARY", repr(SUMMARY))
+
+
+@pytest.fixture
+def stand_ins(tmp_path, monkeypatch):
+    """Replace each stage's child process by STAND_IN; behaviours[name] in {"ok", "fail", "wait"}."""
+    record = tmp_path / "record.jsonl"
+    behaviours: dict[str, str] = {}
+
+    def start(stage, out_dir, quick, threads):
+        log, summary_file = tmp_path / f"{stage.name}.log", tmp_path / f"{stage.name}.json"
+        with log.open("w") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-c", STAND_IN, stage.name, behaviours.get(stage.name, "ok"), str(summary_file),
+                 str(record)], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        return _Worker(stage, process, log, summary_file, time.perf_counter())
+
+    monkeypatch.setattr(demo, "_start_worker", start)
+
+    def events():
+        return [json.loads(line) for line in record.read_text().splitlines()] if record.is_file() else []
+
+    return behaviours, events
+
+
+def run(todo, tmp_path, jobs=2, summaries=None):
+    summaries = {} if summaries is None else summaries
+    _run_in_parallel(todo, tmp_path, False, summaries, jobs, {s.name: 1 for s in todo}, Console(file=None))
+    return summaries
+
+
+def test_stages_start_once_their_base_has_finished_and_the_first_runs_alone(tmp_path, stand_ins):
+    _, events = stand_ins
+    summaries = run(STAGES, tmp_path, jobs=3)
+    assert set(summaries) == {s.name for s in STAGES}
+    assert list(json.loads((tmp_path / "demo.json").read_text())) == [s.name for s in STAGES]  # in stage order
+    times = {(e["stage"], e["event"]): e["t"] for e in events()}
+    for stage in STAGES:
+        if stage.builds_on:
+            assert times[(stage.name, "start")] >= times[(stage.builds_on, "end")], stage.name
+    # pretrain (alone) overlaps nothing; the others do overlap, at most 3 at once
+    others = [s.name for s in STAGES if s.name != "pretrain"]
+    assert all(times[(n, "start")] >= times[("pretrain", "end")] for n in others)
+    moments = sorted(times[(n, "start")] for n in others)
+    running_at = [sum(times[(n, "start")] <= t < times[(n, "end")] for n in others) for t in moments]
+    assert max(running_at) == 3
+
+
+def test_a_failed_stage_fails_the_demo_and_nothing_new_starts(tmp_path, stand_ins):
+    behaviours, events = stand_ins
+    behaviours["sft"] = "fail"
+    todo = [s for s in STAGES if s.name != "pretrain"]
+    summaries = {"pretrain": {**SUMMARY, "seconds": 1.0}}
+    with pytest.raises(DemoStageFailed, match=r"sft \(exit 1: loading the model failed: boom; log: .*sft\.log\)"):
+        run(todo, tmp_path, summaries=summaries)
+    started = {e["stage"] for e in events() if e["event"] == "start"}
+    assert started == {"sft", "sft-multistep"}  # the two built on pretrain; nothing after the failure
+    assert "sft-multistep" in summaries and "sft" not in summaries  # the one running beside it finished
+    assert set(json.loads((tmp_path / "demo.json").read_text())) == {"pretrain", "sft-multistep"}
+
+
+def test_a_signal_is_passed_on_to_every_running_stage_and_stops_the_demo(tmp_path, stand_ins):
+    behaviours, events = stand_ins
+    behaviours.update({"sft": "wait", "sft-multistep": "wait"})
+    todo = [s for s in STAGES if s.name != "pretrain"]
+    summaries = {"pretrain": {**SUMMARY, "seconds": 1.0}}
+
+    def interrupt_once_both_run():
+        deadline = time.time() + 30
+        while len(events()) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        signal.raise_signal(signal.SIGINT)  # delivered to the main thread, where the demo waits
+
+    threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+    start = time.perf_counter()
+    with pytest.raises(DemoStopped, match="sft, sft-multistep stopped"):
+        run(todo, tmp_path, summaries=summaries)
+    assert time.perf_counter() - start < 30  # they stopped on the signal, not after their 60 s
+    assert {e["stage"] for e in events()} == {"sft", "sft-multistep"} and set(summaries) == {"pretrain"}
+
+
+def test_ready_keeps_lanes_bases_and_the_stage_that_runs_alone():
+    by_name = {s.name: s for s in STAGES}
+    assert [s.name for s in _ready(list(STAGES), {}, 4)] == ["pretrain"]  # alone, and everything builds on it
+    waiting = [s for s in STAGES if s.name != "pretrain"]
+    assert [s.name for s in _ready(waiting, {}, 4)] == ["sft", "sft-multistep"]
+    after_sft = [s for s in waiting if s.name not in ("sft", "sft-multistep")]
+    running = {"sft-multistep": _Worker(by_name["sft-multistep"], None, None, None, 0.0)}
+    assert [s.name for s in _ready(after_sft, running, 3)] == ["rm", "dpo"]  # two lanes left, stages' order
+    assert not [s for s in _ready(after_sft, running, 3) if s.builds_on == "sft-multistep"]
+
+
+def test_a_stages_threads_depend_on_jobs_and_cores_only():
+    pretrain, sft = (next(s for s in STAGES if s.name == n) for n in ("pretrain", "sft"))
+    assert stage_threads(pretrain, 2, 2) == 2 and stage_threads(sft, 2, 2) == 1
+    assert stage_threads(sft, 1, 8) == 8 and stage_threads(sft, 4, 8) == 2 and stage_threads(sft, 4, 2) == 1
