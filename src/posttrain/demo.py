@@ -1,8 +1,13 @@
 """`posttrain demo`: the whole pipeline on the built-in model and tasks, offline, on a CPU.
 
-Stages run in order; each is a shipped recipe run into `<out>/<stage name>/`, reading the final
-model of the stage it builds on. A stage whose final model already exists is reused unless `fresh`
-(so an interrupted demo picks up where it stopped). `demo.json` collects every stage's summary.
+Each stage is a shipped recipe run into `<out>/<stage name>/`, reading the final model of the stage it builds
+on. A stage whose final model already exists is reused unless `fresh` (so an interrupted demo picks up where it
+stopped). `demo.json` collects every stage's summary.
+
+Stages that do not build on each other run at the same time (`jobs`, by default one per core up to 4), each in
+its own process with its share of the cores and its log in `<out>/logs/`; the pretraining, which everything
+builds on, runs alone with every core. A small model's steps are many small operations that one thread runs
+nearly as fast as two, so on 2 cores two stages at once finish more work per minute than one at a time.
 """
 
 from __future__ import annotations
@@ -313,14 +318,16 @@ def _run_stage(stage: DemoStage, out_dir: Path, quick: bool, summaries: dict[str
     before = _measured_before(stage, summaries)
     if before:  # the base stage measured itself on the same held-out problems: not again
         overrides.append("eval_before=false")
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     result = recipes.run_stage(stage.stage, stage.recipe, overrides, quick=quick)
     if result.final_dir is None:  # stopped by a signal: the checkpoint is kept, the demo stops here
         raise DemoStopped(f"the demo stopped in stage {stage.name} at step "
                           f"{result.summary.get('interrupted_at_step')} (its checkpoint is in {result.run_dir}); "
                           f"`posttrain demo` again reuses the finished stages and runs {stage.name} anew")
     summary = {**result.summary, **before, **_sampled_eval(stage, result.run_dir, result.summary, quick)}
-    return {**summary, "seconds": time.perf_counter() - start, "threads": threads}
+    # the clock times say how stages that ran side by side overlapped (the report's total)
+    return {**summary, "seconds": time.perf_counter() - start, "threads": threads, "started_at": started_at,
+            "finished_at": time.time()}
 
 
 def _table(wanted: list[str], ran: set[str], summaries: dict[str, dict[str, Any]], out_dir: Path,

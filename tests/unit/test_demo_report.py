@@ -75,3 +75,13 @@ def test_reward_model_result_gives_the_pairs_wilson_interval_and_the_tasks_own_p
     assert reward_model_result(summary) == ("pairwise 90.0% (86.7%–92.6%) on 400 sampled pairs; "
                                             "the task's own pairs 71.0%")
     assert reward_model_result({"eval_accuracy": 0.5, "eval_rows": 0}) == "pairwise 50.0%"
+
+
+def test_busy_seconds_counts_the_time_any_stage_ran_once():
+    from posttrain.eval.demo_report import busy_seconds
+
+    assert busy_seconds([]) == 0.0
+    assert busy_seconds([(0.0, 10.0)]) == 10.0
+    # two side by side (0-10, 5-12: 12 s), one inside another (6-8), then a gap and one alone (20-23)
+    assert busy_seconds([(5.0, 12.0), (20.0, 23.0), (0.0, 10.0), (6.0, 8.0)]) == 15.0
+    assert busy_seconds([(0.0, 4.0), (4.0, 6.0)]) == 6.0  # one after the other
