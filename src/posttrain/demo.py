@@ -45,6 +45,7 @@ class DemoStageFailed(Exception):
 
 
 MAX_JOBS = 4  # stages run at once by default (at most 8 are ready at once, and each holds a model and its data)
+DEMO_PID_VARIABLE = "POSTTRAIN_DEMO_PID"  # tells a parallel demo's stage which process started it
 STATUS_EVERY_S = 30.0  # a parallel demo's line of what runs and how far it is
 
 
@@ -433,7 +434,8 @@ def _start_worker(stage: DemoStage, out_dir: Path, quick: bool, threads: int) ->
         # A session of its own: a Ctrl-C in the terminal reaches the demo only, which passes one SIGINT on (two
         # would make the stage break out of its step instead of finishing it and saving a checkpoint).
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120")})
+                                   env={**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120"),
+                                        DEMO_PID_VARIABLE: str(os.getpid())})
     return _Worker(stage, process, log, summary_file, time.perf_counter())
 
 
@@ -444,7 +446,8 @@ def _exit_with_parent() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the demo died before the call above
+    demo_pid = os.environ.get(DEMO_PID_VARIABLE)
+    if demo_pid and os.getppid() != int(demo_pid):  # the demo died before the call above (we were re-parented)
         os.kill(os.getpid(), signal.SIGTERM)
 
 

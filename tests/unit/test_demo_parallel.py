@@ -131,3 +131,46 @@ def test_a_stages_threads_depend_on_jobs_and_cores_only():
     pretrain, sft = (next(s for s in STAGES if s.name == n) for n in ("pretrain", "sft"))
     assert stage_threads(pretrain, 2, 2) == 2 and stage_threads(sft, 2, 2) == 1
     assert stage_threads(sft, 1, 8) == 8 and stage_threads(sft, 4, 8) == 2 and stage_threads(sft, 4, 2) == 1
+
+
+# A stage's process: asks to be stopped when its demo dies, then waits; SIGTERM makes it say so and exit.
+ORPHAN = """
+import signal, sys, time
+from posttrain.demo import _exit_with_parent
+def stop(*_):
+    open(sys.argv[1], "w").write("terminated")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+_exit_with_parent()
+open(sys.argv[1] + ".ready", "w").write("")
+time.sleep(60)
+"""
+
+# The demo: starts the stage as `_start_worker` does (its own session, its pid in the environment), then waits.
+DEMO = """
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                 env={**os.environ, sys.argv[3]: str(os.getpid())})
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_stage_whose_demo_is_killed_gets_sigterm(tmp_path):
+    marker = tmp_path / "stage"
+    demo_process = subprocess.Popen([sys.executable, "-c", DEMO, ORPHAN, str(marker), demo.DEMO_PID_VARIABLE])
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "stage.ready").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "stage.ready").exists(), "the stage never started"
+        assert not marker.exists()
+        demo_process.kill()  # SIGKILL: the demo can pass nothing on
+        demo_process.wait()
+        deadline = time.time() + 10
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists() and marker.read_text() == "terminated"
+    finally:
+        demo_process.kill()
