@@ -13,7 +13,6 @@ nearly as fast as two, so on 2 cores two stages at once finish more work per min
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ from posttrain import recipes
 from posttrain.errors import ConfigError
 from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
+from posttrain.train.signals import stop_when_parent_dies
 
 
 class DemoStopped(Exception):
@@ -244,8 +244,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
     if jobs < 0 or threads < 0:
         raise ConfigError(f"must be >= 0 (0 = auto), got {jobs if jobs < 0 else threads}",
                           field="--jobs" if jobs < 0 else "--threads")
-    if stage_summary:
-        _exit_with_parent()
+    if stage_summary:  # a stage of a parallel demo: it must not train on, unseen, once the demo has died
+        stop_when_parent_dies(DEMO_PID_VARIABLE)
     summaries = _load_summaries(out_dir)
     todo = [s for s in STAGES if s.name in wanted and (fresh or not _finished(s, out_dir, summaries))]
     _check_bases(todo, out_dir)
@@ -437,18 +437,6 @@ def _start_worker(stage: DemoStage, out_dir: Path, quick: bool, threads: int) ->
                                    env={**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120"),
                                         DEMO_PID_VARIABLE: str(os.getpid())})
     return _Worker(stage, process, log, summary_file, time.perf_counter())
-
-
-def _exit_with_parent() -> None:
-    """A stage of a parallel demo gets SIGTERM (finish the step, save a checkpoint, exit) when the demo that started
-    it dies, even by SIGKILL: otherwise it would go on training unseen and unmerged. Linux only (prctl)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    demo_pid = os.environ.get(DEMO_PID_VARIABLE)
-    if demo_pid and os.getppid() != int(demo_pid):  # the demo died before the call above (we were re-parented)
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _last_line(log: Path) -> str:

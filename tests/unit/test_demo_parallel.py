@@ -136,12 +136,12 @@ def test_a_stages_threads_depend_on_jobs_and_cores_only():
 # A stage's process: asks to be stopped when its demo dies, then waits; SIGTERM makes it say so and exit.
 ORPHAN = """
 import signal, sys, time
-from posttrain.demo import _exit_with_parent
+from posttrain.train.signals import stop_when_parent_dies
 def stop(*_):
     open(sys.argv[1], "w").write("terminated")
     sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
-_exit_with_parent()
+stop_when_parent_dies(sys.argv[2])
 open(sys.argv[1] + ".ready", "w").write("")
 time.sleep(60)
 """
@@ -149,7 +149,7 @@ time.sleep(60)
 # The demo: starts the stage as `_start_worker` does (its own session, its pid in the environment), then waits.
 DEMO = """
 import os, subprocess, sys, time
-subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True,
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                  env={**os.environ, sys.argv[3]: str(os.getpid())})
 time.sleep(60)

@@ -5,7 +5,10 @@ return; anywhere else (loading, data preparation, the evaluation before training
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -70,3 +73,16 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def stop_when_parent_dies(parent_pid_variable: str) -> None:
+    """Have the kernel send this process SIGTERM (finish the step, save a checkpoint, exit) when its parent dies,
+    even by SIGKILL; at once if it already has: the parent's pid, from the environment variable
+    `parent_pid_variable`, is no longer this process's parent. Linux only (prctl); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    parent = os.environ.get(parent_pid_variable)
+    if parent and os.getppid() != int(parent):  # re-parented before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
