@@ -256,7 +256,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
     try:
         if jobs == 1 or len(todo) <= 1:
             for stage in todo:
-                console.rule(f"[bold]{stage.name} ({threads_of[stage.name]} threads)")
+                console.rule(f"[bold]{stage.name} ({threads_of[stage.name]} thread(s))")
                 summaries[stage.name] = _run_stage(stage, out_dir, quick, summaries, threads_of[stage.name])
                 if stage_summary:
                     _write_json(Path(stage_summary), summaries[stage.name])
