@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from posttrain import recipes
 from posttrain.errors import ConfigError
 from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
-from posttrain.train.signals import stop_when_parent_dies
+from posttrain.train.signals import on_stop_signals, stop_when_parent_dies
 
 
 class DemoStopped(Exception):
@@ -365,7 +363,8 @@ def _run_in_parallel(todo: list[DemoStage], out_dir: Path, quick: bool, summarie
     failed: list[str] = []
     stopped: list[str] = []
     status_at = time.perf_counter()
-    with _PassSignalsOn(running) as signals:
+    signals = _PassSignalsOn(running)
+    with on_stop_signals(signals):
         while waiting or running:
             if not (failed or stopped or signals.received):
                 for stage in _ready(waiting, running, jobs):
@@ -386,7 +385,7 @@ def _run_in_parallel(todo: list[DemoStage], out_dir: Path, quick: bool, summarie
                     _write_json(out_dir / "demo.json", _in_stage_order(summaries))
                     console.print(f"[bold green]finished[/] {name} in {summaries[name]['seconds']:.0f}s: "
                                   f"{worker.stage.headline(summaries[name])}", highlight=False)
-                elif code == 130 or code > 128:  # stopped by a signal (it saved a checkpoint if it had trained)
+                elif code > 128:  # stopped by a signal, 128 + its number (a checkpoint is saved if it had trained)
                     stopped.append(name)
                     console.print(f"[yellow]stopped[/] {name}: {_last_line(worker.log)}", highlight=False)
                 else:
@@ -408,15 +407,18 @@ def _run_in_parallel(todo: list[DemoStage], out_dir: Path, quick: bool, summarie
 def _ready(waiting: list[DemoStage], running: dict[str, _Worker], jobs: int) -> list[DemoStage]:
     """The waiting stages to start now, in STAGES order: their base has finished, a lane is free, and a stage
     that runs alone starts when nothing runs, and nothing beside it."""
-    ready = []
+    if any(w.stage.alone for w in running.values()):
+        return []
+    ready: list[DemoStage] = []
     busy = {s.name for s in waiting} | set(running)
     for stage in waiting:
-        if len(running) + len(ready) >= jobs or any(s.alone for s in ready) or any(
-                w.stage.alone for w in running.values()):
+        if len(running) + len(ready) >= jobs:
             break
         if stage.builds_on in busy:
             continue
-        if stage.alone and (running or ready):
+        if stage.alone:
+            if not (running or ready):
+                return [stage]
             continue
         ready.append(stage)
     return ready
@@ -466,24 +468,15 @@ def _progress(worker: _Worker, out_dir: Path) -> str:
 
 
 class _PassSignalsOn:
-    """While active, SIGINT and SIGTERM are passed on to the running stages (each finishes its step, saves a
-    checkpoint and exits) and recorded in `received`; the demo then waits for them and stops."""
+    """A SIGINT or SIGTERM handler (`on_stop_signals`) that passes the signal on to the running stages (each
+    finishes its step, saves a checkpoint and exits) and records it in `received`; the demo then waits for them
+    and stops."""
 
     def __init__(self, running: dict[str, _Worker]) -> None:
         self.running, self.received = running, False
-        self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def __call__(self, signum: int, frame: object) -> None:
         self.received = True
         for worker in self.running.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signum)
-
-    def __enter__(self) -> _PassSignalsOn:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

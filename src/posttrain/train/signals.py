@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 
 class Interrupted(KeyboardInterrupt):
@@ -26,22 +27,30 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def interrupt_on_signals() -> Iterator[None]:
-    """While active, SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill the process on
-    the spot, with no message and no clean-up). Inert off the main thread, where signals cannot be caught."""
+def on_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
+    """While active, SIGINT and SIGTERM call `handler(signum, frame)`; the previous handlers come back after.
+    Inert off the main thread, where signals cannot be caught."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, earlier in previous.items():
+            signal.signal(sig, earlier)
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While active, SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill the process on
+    the spot, with no message and no clean-up). Inert off the main thread, where signals cannot be caught."""
 
     def handle(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(handle):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class StopRequest:
@@ -55,7 +64,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
+        self._handlers = contextlib.ExitStack()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -64,15 +73,11 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._handlers.enter_context(on_stop_signals(self._handle))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._handlers.close()
 
 
 def stop_when_parent_dies(parent_pid_variable: str) -> None:
