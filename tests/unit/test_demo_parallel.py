@@ -135,10 +135,11 @@ def test_a_stages_threads_depend_on_jobs_and_cores_only():
 
 # A stage's process: asks to be stopped when its demo dies, then waits; SIGTERM makes it say so and exit.
 ORPHAN = """
-import signal, sys, time
+import os, signal, sys, time
 from posttrain.train.signals import stop_when_parent_dies
 def stop(*_):
-    open(sys.argv[1], "w").write("terminated")
+    open(sys.argv[1] + ".partial", "w").write("terminated")
+    os.replace(sys.argv[1] + ".partial", sys.argv[1])  # the test never reads a half-written marker
     sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
 stop_when_parent_dies(sys.argv[2])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.config import ModelConfig
-from posttrain.models import build_model, count_parameters, llama_config
+from posttrain.models import build_model, count_parameters, llama_config, load_causal_lm, save_pretrained
 
 
 class _Vocab:
@@ -57,3 +57,16 @@ def test_build_is_deterministic_under_a_seed(tokenizer):
     b = build_model(ModelConfig(), tokenizer, seed=3)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_a_loaded_model_keeps_the_forwards_set_on_its_layers_through_train_and_eval(tokenizer, tiny_model, tmp_path):
+    """No hub kernels (transformers >= 5.25 turns them on by default when `kernels` is installed): nothing is
+    fetched, and train()/eval() does not re-kernelize the layers, which would reset a forward set on one of them
+    (the float64 norms of the layout tests, an adapter's patch)."""
+    model = load_causal_lm(save_pretrained(tiny_model, tokenizer, tmp_path / "lm"))
+    assert not getattr(model, "use_kernels", False)
+    norm = model.model.norm
+    norm.forward = lambda hidden: hidden * 0
+    for mode in (True, False, True):
+        model.train(mode)
+        assert norm(torch.ones(1, 3)).abs().sum() == 0

@@ -92,6 +92,10 @@ def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool
     the directory — config, weights, their loading — a one-line error."""
     directory = check_model_dir(path, trust_remote_code=trust_remote_code)
     check_model_weights(directory)
+    # transformers 5.25 opts every loaded model into hub kernels when the `kernels` package is installed (it is
+    # now a dependency): layers whose code is fetched from the Hub on a GPU, and on any device every train()/eval()
+    # re-kernelizes, resetting forwards set on the layers. Nothing is fetched at run time here: off, unless asked.
+    kwargs.setdefault("use_kernels", False)
     with loading_errors(directory):
         model = auto_class.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
                                            dtype=resolve_dtype(dtype, device), **kwargs)
