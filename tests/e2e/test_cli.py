@@ -20,6 +20,15 @@ def test_entry_point_help():
         assert command in out.stdout
 
 
+def test_help_and_the_recipe_list_do_not_import_torch():
+    """`posttrain --help` in a fraction of a second, not the ~7 s that importing torch and transformers takes."""
+    code = ("import sys; from posttrain.cli import app; from typer.testing import CliRunner; "
+            "assert CliRunner().invoke(app, ['recipes']).exit_code == 0; "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command):
     result = runner.invoke(app, [command, "--help"])

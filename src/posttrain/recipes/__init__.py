@@ -12,11 +12,13 @@ import importlib
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.config import load_config, read_yaml_with_lines
 from posttrain.errors import ConfigError
-from posttrain.train.run_dir import RunResult, abandon_unstarted, check_run_dir
+
+if TYPE_CHECKING:
+    from posttrain.train.run_dir import RunResult
 from posttrain.train.signals import Interrupted, interrupt_on_signals
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -95,6 +97,10 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
         raise ConfigError(f"recipe is for stage {recipe.stage!r}, not {stage!r}", file=str(recipe.path),
                           field="stage")
     cfg = build_config(recipe, overrides, quick)
+    # Here, not at the top: the CLI imports this module for its commands, and `posttrain --help` should not pay
+    # for torch (the run directory's checks import it).
+    from posttrain.train.run_dir import abandon_unstarted, check_run_dir
+
     check_run_dir(cfg.run, cfg)  # before minutes of loading and data preparation
     try:
         with interrupt_on_signals():
