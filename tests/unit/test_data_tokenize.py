@@ -177,6 +177,26 @@ def test_truncation_counts(tmp_path, tokenizer, policy):
     assert stats.response_tokens == 2 * stats.kept
 
 
+@pytest.mark.parametrize("fmt,rows", [
+    ("completion", [{"prompt": "q" + " 1+1" * n, "completion": "a" * (n + 1)} for n in (0, 3, 40)]),
+    ("preference", [{"prompt": "q" + " 1+1" * n, "chosen": "yes" * (n + 1), "rejected": "no"} for n in (1, 40, 2)]),
+    ("ranking", [{"prompt": "q" + " 1+1" * n, "responses": ["a" * (n + 1), "bb", "c c c"], "scores": [3, 2, 1]}
+                 for n in (40, 0, 5)])])
+def test_response_tokens_count_the_trained_tokens_of_the_kept_rows(tmp_path, tokenizer, fmt, rows):
+    """The statistic against a plain loop over the kept rows' masks (one row in each set is too long, dropped)."""
+    cfg = DataConfig(cache_dir=str(tmp_path), max_length=64, truncation="drop")
+    result = tokenize_rows(load_rows(cfg, (fmt,), rows=rows), tokenizer, cfg)
+    masks = {"completion": ["response_mask"], "preference": ["chosen_response_mask", "rejected_response_mask"],
+             "ranking": ["ranked_response_mask"]}[fmt]
+
+    def total(mask):
+        return sum(total(m) for m in mask) if isinstance(mask, list) else mask
+
+    expected = sum(total(row[column]) for row in result.dataset for column in masks)
+    assert result.stats.kept == 2 and result.stats.dropped_too_long == 1
+    assert result.stats.response_tokens == expected > 0
+
+
 def test_row_left_with_no_trained_token_is_dropped_and_counted(tmp_path, tokenizer):
     """A conversation that ends with a long user turn: cut from the left, nothing trained remains."""
     talk = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},

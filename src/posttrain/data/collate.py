@@ -27,6 +27,7 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
+from posttrain.data.columns import column_values
 from posttrain.data.tokenize import IGNORE_INDEX
 
 Sample = Mapping[str, Any]
@@ -58,8 +59,8 @@ def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def pack_dataset(dataset: Dataset, capacity: int) -> Dataset:
     """Rows of concatenated samples (best-fit decreasing), with `seq_lengths` to split them again."""
-    bins = pack_bfd(dataset["length"], capacity)
-    ids, masks = dataset["input_ids"], dataset["response_mask"]
+    bins = pack_bfd(column_values(dataset, "length"), capacity)
+    ids, masks = column_values(dataset, "input_ids"), column_values(dataset, "response_mask")
     return Dataset.from_dict({
         "input_ids": [[t for i in b for t in ids[i]] for b in bins],
         "response_mask": [[m for i in b for m in masks[i]] for b in bins],

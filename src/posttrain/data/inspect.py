@@ -16,6 +16,7 @@ from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.collate import pack_bfd
+from posttrain.data.columns import column_values
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.sources import load_rows
 from posttrain.data.tokenize import Tokenized, tokenize_rows
@@ -108,7 +109,7 @@ def _stats_table(tokenized: Tokenized, cfg: DataConfig) -> Table:
         per_row = s.response_tokens / max(s.kept, 1)
         table.add_row("trained tokens (total, per row)", f"{s.response_tokens} ({per_row:.1f})")
     if cfg.batch_mode == "packed" and tokenized.format in ("completion", "messages") and s.kept:
-        lengths = tokenized.dataset["length"]
+        lengths = column_values(tokenized.dataset, "length")
         bins = pack_bfd(lengths, cfg.max_length)
         table.add_row("packed rows (fill)", f"{len(bins)} ({sum(lengths) / (len(bins) * cfg.max_length):.1%})")
     return table

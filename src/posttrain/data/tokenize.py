@@ -31,6 +31,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.data.columns import arrow_column, column_values, row_sums
 from posttrain.data.config import DataConfig
 from posttrain.data.schemas import THINK_CLOSE, THINK_OPEN
 from posttrain.data.sources import Rows
@@ -477,7 +478,7 @@ def kl_pairs(dataset: Dataset, encoder: Encoder) -> Dataset:
     because data unpaired from preference pairs holds a prompt's desirable and undesirable answers side by
     side, and pairing those would compare a prompt with its own answer.
     """
-    ids, masks = dataset["input_ids"], dataset["response_mask"]
+    ids, masks = column_values(dataset, "input_ids"), column_values(dataset, "response_mask")
     starts = [mask.index(1) for mask in masks]  # every kept row has a trained token
     prompts = [tuple(row[:start]) for row, start in zip(ids, starts, strict=True)]
     partners = _next_other(prompts)
@@ -573,19 +574,15 @@ def _raise_first_error(mapped: Dataset, name: str) -> None:
 
 
 def _stats(mapped: Dataset, fmt: str) -> TokenStats:
-    columns = mapped.select_columns(["length", "truncated", "drop", *_mask_columns(fmt)])
-    drop = np.array(columns["drop"], dtype=object)
+    drop = np.asarray(column_values(mapped, "drop"), dtype=object)
     kept = drop == ""
-    lengths = np.array(columns["length"], dtype=np.int64)[kept]
-    response_tokens = 0
-    for column in _mask_columns(fmt):
-        for keep, mask in zip(kept, columns[column], strict=True):
-            if keep:
-                response_tokens += _nested_sum(mask)
+    lengths = np.asarray(column_values(mapped, "length"), dtype=np.int64)[kept]
+    response_tokens = sum(int(row_sums(arrow_column(mapped, column))[kept].sum()) for column in _mask_columns(fmt))
     if not len(lengths):
         lengths = np.zeros(1, dtype=np.int64)
     return TokenStats(
-        rows=len(mapped), kept=int(kept.sum()), truncated=int(np.sum(np.array(columns["truncated"]) & kept)),
+        rows=len(mapped), kept=int(kept.sum()),
+        truncated=int(np.sum(np.asarray(column_values(mapped, "truncated"), dtype=bool) & kept)),
         dropped_too_long=int(np.sum(drop == "too_long")),
         dropped_no_completion=int(np.sum(drop == "no_completion_tokens")),
         length_min=int(lengths.min()), length_mean=float(lengths.mean()),
@@ -597,6 +594,3 @@ def _mask_columns(fmt: str) -> tuple[str, ...]:
     return {"preference": ("chosen_response_mask", "rejected_response_mask"),
             "ranking": ("ranked_response_mask",), "verifiable": ()}.get(fmt, ("response_mask",))
 
-
-def _nested_sum(values: list) -> int:
-    return sum(_nested_sum(v) if isinstance(v, list) else int(v) for v in values)

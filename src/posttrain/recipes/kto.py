@@ -27,6 +27,7 @@ import torch
 
 from posttrain.algos import kto_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.columns import column_values
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
@@ -90,7 +91,7 @@ def main(cfg: KTOConfig) -> RunResult:
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["kto"], mask_dtype=model.dtype,
                             bars=progress.library_bars())
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
-    labels = prepared.dataset["label"]
+    labels = column_values(prepared.dataset, "label")
     run_dir = prepare_run_dir(cfg.run, cfg, stage="kto", model=model)
 
     with forward_precision(cfg.train, model):
@@ -132,7 +133,7 @@ def heldout_part(cfg: KTOConfig, rows: Prepared | None, model: torch.nn.Module,
     cached = cached_step_source(rows, cfg.train, cfg.run.seed,
                                 precompute_sequence_logprobs(reference, rows, cfg.reference.batch_size,
                                                              progress=progress))
-    desirable = sum(rows.dataset["label"])
+    desirable = sum(column_values(rows.dataset, "label"))
     counts = (desirable, len(rows.dataset) - desirable)
     source = comparison_step_source(rows, cfg.train, cfg.run.seed,
                                     collate=lambda indices: cached.collate(indices) | {"step_labels": counts})

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.data.columns import column_values
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.sources import load_rows
@@ -174,7 +175,7 @@ def weighted_step_source(candidates: Sequence[Candidate], weights: Sequence[floa
                         loss_on=data.loss_on, template=data.template, thinking=data.thinking)
     prepared = prepare_data(scored, tokenizer, accepts=("completion",), rows=pairs)
     # Rows too long for data.max_length may be dropped: `line` says which candidate each kept row is.
-    row_weights = [float(weights[positive[line - 1]]) for line in prepared.dataset["line"]]
+    row_weights = [float(weights[positive[line - 1]]) for line in column_values(prepared.dataset, "line")]
     return step_source(prepared, train, seed, weights=row_weights), len(row_weights)
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.algos import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_KINDS, POLICY_LOSSES, best_worst_pairs
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.columns import column_values
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.schemas import holds_as_answer
@@ -217,7 +218,7 @@ class GoldAnswers:
         """Tokenise the gold answers of a round's prompt rows (row i is prompt index i of the rollout)."""
         pairs = [{"prompt": row["prompt"], "completion": row["answer"]} for row in rows]
         self.prepared = prepare_data(self.data, self.tokenizer, accepts=("completion",), rows=pairs)
-        self.row_of = {line - 1: i for i, line in enumerate(self.prepared.dataset["line"])}
+        self.row_of = {line - 1: i for i, line in enumerate(column_values(self.prepared.dataset, "line"))}
 
     def batch(self, prompts: list[int]) -> tuple[dict[str, Any] | None, float]:
         """The collated gold rows of these prompt indices and their trained-token count (None, 0: none)."""

@@ -39,6 +39,7 @@ from posttrain.algos import (
     reward_centering_penalty,
 )
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.columns import row_lengths
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS
@@ -306,8 +307,7 @@ def comparison_loss_fn(cfg: RMConfig):
 def process_step_source(prepared: Prepared, train: TrainConfig, seed: int) -> ShuffledStepSource:
     """Shuffled steps of stepwise rows; the normaliser is the step's count of labelled reasoning steps."""
     dataset = prepared.dataset
-    steps = [len(ends) for ends in dataset["step_ends"]]
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    steps, lengths = row_lengths(dataset, "step_ends"), row_lengths(dataset, "input_ids")
     return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
                               collate=lambda idx: prepared.collator([dataset[i] for i in idx]),
                               count=lambda idx: (float(sum(steps[i] for i in idx)), sum(lengths[i] for i in idx)))

@@ -18,6 +18,7 @@ import torch
 
 from posttrain.algos import sft_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
+from posttrain.data.columns import arrow_column, row_lengths, row_sums
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
@@ -93,8 +94,8 @@ def step_source(prepared: Prepared, train: TrainConfig, seed: int,
     """
     dataset = prepared.dataset
     # A sample's first token is never a target (the collators zero it), so these are exact counts.
-    trained = [sum(mask) for mask in dataset["response_mask"]]
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    trained = row_sums(arrow_column(dataset, "response_mask")).astype(int).tolist()
+    lengths = row_lengths(dataset, "input_ids")
     row_weights = [1.0] * len(dataset) if weights is None else [float(w) for w in weights]
 
     def count(indices: list[int]) -> tuple[float, int]:

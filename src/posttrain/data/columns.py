@@ -1,0 +1,44 @@
+"""Whole columns of a `datasets.Dataset`, read from its Arrow table at once.
+
+`dataset["name"]` is a lazy column in datasets 5: iterating or indexing it reads the rows one by one in Python,
+about 30 us a row, so a pass over the 30,000 rows of a multistep SFT set cost seconds per column (5.8 s for
+the tokenised set's statistics, 4.9 s for SFT's per-row token counts). These read the table once, in the
+dataset's own row order (a filtered or shuffled dataset's index mapping is applied).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset
+
+
+def arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
+    """Column `name` of `dataset` as an Arrow array, one value per row in the dataset's order."""
+    column = dataset.with_format("arrow")[name]
+    return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
+
+
+def column_values(dataset: Dataset, name: str) -> list[Any]:
+    """Column `name` as a Python list (a list column: one list per row)."""
+    return arrow_column(dataset, name).to_pylist()
+
+
+def row_lengths(dataset: Dataset, name: str) -> list[int]:
+    """The length of each row's list in column `name`."""
+    return pc.list_value_length(arrow_column(dataset, name)).to_pylist()
+
+
+def row_sums(column: pa.ChunkedArray) -> np.ndarray:
+    """Each row's sum of a list (or list of lists) column of numbers [rows], as float64."""
+    sums = []
+    for chunk in column.chunks:
+        values, rows = chunk, np.arange(len(chunk))
+        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+            rows = rows[values.value_parent_indices().to_numpy()]  # the row each value belongs to
+            values = values.flatten()
+        sums.append(np.bincount(rows, weights=values.to_numpy(zero_copy_only=False), minlength=len(chunk)))
+    return np.concatenate(sums) if sums else np.zeros(0)
