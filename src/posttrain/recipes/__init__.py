@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.config import load_config, read_yaml_with_lines
 from posttrain.errors import ConfigError
-
-if TYPE_CHECKING:
-    from posttrain.train.run_dir import RunResult
 from posttrain.train.signals import Interrupted, interrupt_on_signals
+
+if TYPE_CHECKING:  # the run directory's module imports torch: `run_stage` imports it when a stage runs
+    from posttrain.train.run_dir import RunResult
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
