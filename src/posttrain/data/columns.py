@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 
-def arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
+def _arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
     """Column `name` of `dataset` as an Arrow array, one value per row in the dataset's order."""
     column = dataset.with_format("arrow")[name]
     return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
@@ -24,18 +24,18 @@ def arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
 
 def column_values(dataset: Dataset, name: str) -> list[Any]:
     """Column `name` as a Python list (a list column: one list per row)."""
-    return arrow_column(dataset, name).to_pylist()
+    return _arrow_column(dataset, name).to_pylist()
 
 
 def row_lengths(dataset: Dataset, name: str) -> list[int]:
     """The length of each row's list in column `name`."""
-    return pc.list_value_length(arrow_column(dataset, name)).to_pylist()
+    return pc.list_value_length(_arrow_column(dataset, name)).to_pylist()
 
 
-def row_sums(column: pa.ChunkedArray) -> np.ndarray:
-    """Each row's sum of a list (or list of lists) column of numbers [rows], as float64."""
+def row_sums(dataset: Dataset, name: str) -> np.ndarray:
+    """Each row's sum of the list (or list of lists) of numbers in column `name` [rows], as float64."""
     sums = []
-    for chunk in column.chunks:
+    for chunk in _arrow_column(dataset, name).chunks:
         values, rows = chunk, np.arange(len(chunk))
         while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
             rows = rows[values.value_parent_indices().to_numpy()]  # the row each value belongs to

@@ -31,7 +31,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.data.columns import arrow_column, column_values, row_sums
+from posttrain.data.columns import column_values, row_sums
 from posttrain.data.config import DataConfig
 from posttrain.data.schemas import THINK_CLOSE, THINK_OPEN
 from posttrain.data.sources import Rows
@@ -577,7 +577,7 @@ def _stats(mapped: Dataset, fmt: str) -> TokenStats:
     drop = np.asarray(column_values(mapped, "drop"), dtype=object)
     kept = drop == ""
     lengths = np.asarray(column_values(mapped, "length"), dtype=np.int64)[kept]
-    response_tokens = sum(int(row_sums(arrow_column(mapped, column))[kept].sum()) for column in _mask_columns(fmt))
+    response_tokens = sum(int(row_sums(mapped, column)[kept].sum()) for column in _mask_columns(fmt))
     if not len(lengths):
         lengths = np.zeros(1, dtype=np.int64)
     return TokenStats(

@@ -18,7 +18,7 @@ import torch
 
 from posttrain.algos import sft_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
-from posttrain.data.columns import arrow_column, row_lengths, row_sums
+from posttrain.data.columns import row_lengths, row_sums
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError
@@ -94,7 +94,7 @@ def step_source(prepared: Prepared, train: TrainConfig, seed: int,
     """
     dataset = prepared.dataset
     # A sample's first token is never a target (the collators zero it), so these are exact counts.
-    trained = row_sums(arrow_column(dataset, "response_mask")).astype(int).tolist()
+    trained = row_sums(dataset, "response_mask").astype(int).tolist()
     lengths = row_lengths(dataset, "input_ids")
     row_weights = [1.0] * len(dataset) if weights is None else [float(w) for w in weights]
 
