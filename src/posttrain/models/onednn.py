@@ -50,6 +50,12 @@ def onednn_ops_available() -> bool:
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN's bf16 linear ops run on this CPU: they need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT and
+    raise otherwise (an AVX2-only CPU), where torch's own bf16 linear still runs (emulated, slowly)."""
+    return onednn_ops_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def onednn_linear_preferred(packed_weights: bool = False) -> bool:
     """Whether fp32 linears should run on oneDNN on this CPU: `POSTTRAIN_ONEDNN` 1/0, or (auto) an AMD CPU
     with AVX-512, where MKL does not pick its AVX-512 kernels. Weights reordered once and reused many times

@@ -9,7 +9,8 @@ per generation and reused by the prefill and every decode step. Results are fp32
 another summation order: they differ from MKL's by rounding (~1e-6 relative), no more.
 
 Under bf16 autocast (`train.precision=bf16`) the packed weights are bf16 copies and the products
-bf16, as autocast's own linear would compute them, without casting every weight at every step.
+bf16, as autocast's own linear would compute them, without casting every weight at every step (on CPUs where
+oneDNN has bf16 kernels: AVX-512 BW/VL/DQ or AVX-NE-CONVERT; elsewhere autocast's own linear runs).
 Only plain `nn.Linear` modules on CPU in fp32 without forward hooks take this path; anything else
 (LoRA layers, which compute more than their weight; hooked modules; GPU) runs as its own module.
 """
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from posttrain.models.onednn import OneDNNLinear, onednn_linear_available, onednn_ops_available
+from posttrain.models.onednn import OneDNNLinear, onednn_bf16_available, onednn_linear_available
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -38,8 +39,9 @@ class LinearRunner:
                  dtype: torch.dtype = torch.float32) -> None:
         self.packed: dict[torch.nn.Module, tuple[Tensor, Tensor | None]] = {}
         self.dtype = dtype
-        # bf16 products go through oneDNN whatever the fp32 choice is: torch's own bf16 CPU linear is oneDNN too.
-        wanted = onednn_linear_available(packed_weights=True) if dtype == torch.float32 else onednn_ops_available()
+        # bf16 products go through oneDNN whatever the fp32 choice is (torch's own bf16 CPU linear is oneDNN too),
+        # where oneDNN's bf16 kernels exist: an AVX2-only CPU keeps torch's linear under autocast.
+        wanted = onednn_linear_available(packed_weights=True) if dtype == torch.float32 else onednn_bf16_available()
         if not (onednn and wanted and dtype in (torch.float32, torch.bfloat16)):
             return
         for module in modules:
