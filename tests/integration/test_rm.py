@@ -107,19 +107,18 @@ def test_likelihood_reward_model_settings_that_cannot_work_are_refused(tmp_path,
     assert err.value.field == field
 
 
-def test_plackett_luce_with_two_responses_is_bradley_terry_through_the_recipe(lm_dir, tmp_path, monkeypatch):
-    # torch's own GEMM: its rounding is the same whatever the layout, so what is compared is the loss algebra
-    # alone (oneDNN's products round ~1e-7 apart between the two runs and four large steps amplify that).
-    monkeypatch.setenv("POSTTRAIN_ONEDNN", "0")
+def test_plackett_luce_with_two_responses_is_bradley_terry_through_the_recipe(lm_dir, tmp_path):
     pairs = list(get_task("arith").rows("preference", size=32))
     rankings = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]} for r in pairs]
     runs = {}
     for name, rows in (("pairs", pairs), ("rankings", rankings)):
         source = write_rows(tmp_path / f"{name}.jsonl", rows)
-        # The two losses round differently in the last float32 bit. A large Adam epsilon keeps the update
-        # proportional to tiny gradients (not their sign), so that rounding is not amplified step by step.
+        # The two losses round differently in the last bit, and four steps at lr 1e-2 amplify that ~1e6-fold
+        # (float64: 1e-16 -> 1e-10): in float32 the runs drifted 2e-5 apart on an AVX2-only CPU, so float64. A large
+        # Adam epsilon keeps the update proportional to tiny gradients (not their sign).
         cfg = rm_config(lm_dir, tmp_path, f"run.name={name}", f"data.source={source}", "train.max_steps=4",
-                        "train.batch_size=16", "train.micro_batch_size=16", "optim.lr=1e-2", "optim.eps=1e-2")
+                        "train.batch_size=16", "train.micro_batch_size=16", "optim.lr=1e-2", "optim.eps=1e-2",
+                        "model.dtype=float64")
         runs[name] = main(cfg)
     assert runs["pairs"].summary["format"] == "preference" and runs["rankings"].summary["format"] == "ranking"
     pair_metrics, ranking_metrics = (read_metrics(runs[n].run_dir / "metrics.jsonl") for n in ("pairs", "rankings"))

@@ -25,7 +25,10 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     """`auto` means fp32 on CPU (bf16 is ~45x slower on CPUs without bf16 units) and bf16 on GPU."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    dtypes = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
 
 
 def check_model_dir(path: str | Path, field: str = "model.path", *, trust_remote_code: bool = False) -> Path:
