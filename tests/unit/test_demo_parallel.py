@@ -136,31 +136,34 @@ def test_a_stages_threads_depend_on_jobs_and_cores_only():
 # A stage's process: asks to be stopped when its demo dies, then waits; SIGTERM makes it say so and exit.
 ORPHAN = """
 import os, signal, sys, time
-from posttrain.train.signals import stop_when_parent_dies
+from posttrain.demo import DEMO_PID_VARIABLE
+from posttrain.train.signals import stop_when_demo_dies
 def stop(*_):
-    open(sys.argv[1] + ".partial", "w").write("terminated")
-    os.replace(sys.argv[1] + ".partial", sys.argv[1])  # the test never reads a half-written marker
+    open(marker + ".partial", "w").write("terminated")
+    os.replace(marker + ".partial", marker)  # the test never reads a half-written marker
     sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
-stop_when_parent_dies(sys.argv[2])
-open(sys.argv[1] + ".ready", "w").write("")
+stop_when_demo_dies(DEMO_PID_VARIABLE)
+open(marker + ".ready", "w").write("")
 time.sleep(60)
 """
 
-# The demo: starts the stage as `_start_worker` does (its own session, its pid in the environment), then waits.
+# The demo: starts the stage as `_start_worker` does (`StageProcess`: forked by the fork server, in a session of its
+# own), then waits.
 DEMO = """
-import os, subprocess, sys, time
-subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]], start_new_session=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                 env={**os.environ, sys.argv[3]: str(os.getpid())})
+import os, sys, time
+from pathlib import Path
+from posttrain.demo import DEMO_PID_VARIABLE, StageProcess
+StageProcess(exec, (sys.argv[1], {"marker": sys.argv[2]}), Path(sys.argv[2] + ".log"),
+             {DEMO_PID_VARIABLE: str(os.getpid())}, preload=())
 time.sleep(60)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process's pidfd is Linux's")
 def test_a_stage_whose_demo_is_killed_gets_sigterm(tmp_path):
     marker = tmp_path / "stage"
-    demo_process = subprocess.Popen([sys.executable, "-c", DEMO, ORPHAN, str(marker), demo.DEMO_PID_VARIABLE])
+    demo_process = subprocess.Popen([sys.executable, "-c", DEMO, ORPHAN, str(marker)])
     try:
         deadline = time.time() + 60
         while not (tmp_path / "stage.ready").exists() and time.time() < deadline:

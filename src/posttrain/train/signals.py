@@ -5,10 +5,9 @@ return; anywhere else (loading, data preparation, the evaluation before training
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import select
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -80,14 +79,25 @@ class StopRequest:
         self._handlers.close()
 
 
-def stop_when_parent_dies(parent_pid_variable: str) -> None:
-    """Have the kernel send this process SIGTERM (finish the step, save a checkpoint, exit) when its parent dies,
-    even by SIGKILL; at once if it already has: the parent's pid, from the environment variable
-    `parent_pid_variable`, is no longer this process's parent. Linux only (prctl); elsewhere nothing."""
-    if not sys.platform.startswith("linux"):
+def stop_when_demo_dies(pid_variable: str) -> None:
+    """Have this process sent SIGTERM (finish the step, save a checkpoint, exit) when the process whose pid is in the
+    environment variable `pid_variable` (the demo that started it) exits, even by SIGKILL; at once if it already
+    has. Linux (5.3+): a pidfd, which the kernel makes readable when that process exits, watched by a daemon
+    thread (exact, whoever this process's parent is: a stage is forked by the demo's fork server). Elsewhere
+    nothing."""
+    pid = os.environ.get(pid_variable)
+    if not pid or not hasattr(os, "pidfd_open"):
         return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    parent = os.environ.get(parent_pid_variable)
-    if parent and os.getppid() != int(parent):  # re-parented before the call above
+    try:
+        fd = os.pidfd_open(int(pid))
+    except ProcessLookupError:  # gone already
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    except OSError:  # a kernel without pidfds
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="posttrain-demo-watch", daemon=True).start()
