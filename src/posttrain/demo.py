@@ -16,7 +16,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -387,7 +386,8 @@ class StageProcess:
 
 def _in_own_session(log: str, environment: dict[str, str], target: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """In the child: a session of its own, stdout and stderr to `log`, `environment`, then `target(*args)`."""
-    os.setsid()
+    if hasattr(os, "setsid"):  # POSIX; a spawned stage elsewhere shares the demo's console
+        os.setsid()
     os.environ.update(environment)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     for stream in (sys.stdout, sys.stderr):
@@ -396,9 +396,7 @@ def _in_own_session(log: str, environment: dict[str, str], target: Callable[...,
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    # The fork server ignores SIGINT; a stage takes its signals as a process of its own would.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    target(*args)
+    target(*args)  # with Python's default signal handlers: the fork server restores them in every child it forks
 
 
 def _stage_main(argv: list[str]) -> None:
