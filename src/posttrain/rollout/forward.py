@@ -44,6 +44,11 @@ class Decoder(abc.ABC):
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token per row [B]; return the logits [B, V] for the next one."""
 
+    def release(self, done: Tensor) -> None:
+        """`done` [B] marks the rows whose completions have ended: the decoder may stop computing them, and their
+        logits from then on are zeros (a finite placeholder: the sampler still draws for every row, so the draws
+        of the others do not depend on who has finished). By default every row is computed to the end."""
+
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Left-pad token lists into (input_ids [B, P], attention_mask [B, P]), so all prompts end together."""
@@ -131,6 +136,9 @@ class LlamaDecoder(Decoder):
 
     GROUPS = 4
     PROMPTS_PER_GROUP = 16  # fewer prompts per group: the per-call cost of the extra products outweighs the width saved
+    # Drop the finished prompts (all n rows ended) from the batch once at most this share of the computed ones
+    # is left: compacting copies the caches (about one decode step's reads), so it is worth it only in steps.
+    COMPACT_AT = 0.75
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], n: int, max_new_tokens: int,
                  onednn: bool = True) -> None:
@@ -154,9 +162,9 @@ class LlamaDecoder(Decoder):
         order = [by_length[r // n] * n + r % n for r in range(len(prompts) * n)]
         self.order = torch.tensor(order, device=self.device)  # internal row -> caller's row
         self.inverse = torch.argsort(self.order)  # caller's row -> internal row
+        self.rows = len(order)  # B, the caller's rows; `order` shrinks to the computed ones once some are released
         self.width = max(len(p) for p in prompts)  # P
-        groups = max(1, min(self.GROUPS, len(prompts) // self.PROMPTS_PER_GROUP))
-        self.groups = length_groups([len(p) for p in self.prompts], groups)  # of prompts
+        self.groups = self._length_groups(self.prompt_lengths.tolist())
 
         batch, kv, dim = len(order), self.kv_heads, self.head_dim
         # Uninitialised on purpose (zeroing costs ~4% of a generation): prefill writes every prompt
@@ -174,6 +182,36 @@ class LlamaDecoder(Decoder):
                                                          *_projections(layer.mlp, ("gate", "up", "down")))]
         self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn,
                                    dtype=self.linear_dtype)
+
+    def _length_groups(self, lengths: list[int]) -> list[tuple[int, int, int]]:
+        """The decode-attention groups of the computed prompts (ascending `lengths`)."""
+        return length_groups(lengths, max(1, min(self.GROUPS, len(lengths) // self.PROMPTS_PER_GROUP)))
+
+    def release(self, done: Tensor) -> None:
+        """Stop computing the prompts whose n rows have all ended, once few enough are left (`COMPACT_AT`): their
+        caches, positions and rows leave the batch (a prompt's rows stay together, as the shared prompt cache
+        needs)."""
+        prompt_done = done[self.order].view(-1, self.n).all(dim=1)  # per computed prompt, internal order
+        keep = (~prompt_done).nonzero().flatten()
+        if len(keep) > self.COMPACT_AT * len(prompt_done) or len(keep) == 0:
+            return
+        rows = (keep[:, None] * self.n + torch.arange(self.n, device=self.device)).flatten()
+        for caches, index in ((self.prompt_keys, keep), (self.prompt_values, keep), (self.new_keys, rows),
+                              (self.new_values, rows)):
+            caches[:] = [cache[index] for cache in caches]
+        self.prompt_bias, self.prompt_lengths = self.prompt_bias[keep], self.prompt_lengths[keep]
+        self.positions, self.order = self.positions[rows], self.order[rows]
+        self.groups = self._length_groups(self.prompt_lengths.tolist())  # a subset of sorted lengths: still sorted
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """The next-token logits [B, V] in the caller's row order from the computed rows' last hidden states; zeros
+        for the released rows."""
+        logits = self.linear(self.lm_head, self.trunk.norm(hidden))
+        if len(self.order) == self.rows:
+            return logits[self.inverse]
+        every = logits.new_zeros((self.rows, logits.shape[1]))
+        every[self.order] = logits
+        return every
 
     def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
         """down(silu(gate(x)) * up(x)) with the activation and product in place (large at prefill)."""
@@ -227,8 +265,8 @@ class LlamaDecoder(Decoder):
         return logits[self.inverse // self.n]
 
     def step(self, tokens: Tensor) -> Tensor:
-        slot, batch, heads, kv_heads, dim = self.slot, len(tokens), self.heads, self.kv_heads, self.head_dim
-        hidden = self.trunk.embed_tokens(tokens[self.order])  # [B, hidden], internal row order
+        slot, batch, heads, kv_heads, dim = self.slot, len(self.order), self.heads, self.kv_heads, self.head_dim
+        hidden = self.trunk.embed_tokens(tokens[self.order])  # [computed rows, hidden], internal row order
         cos, sin = self.trunk.rotary_emb(hidden, self.positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
         caches = zip(self.layers, self.prompt_keys, self.prompt_values, self.new_keys, self.new_values, strict=True)
@@ -250,7 +288,7 @@ class LlamaDecoder(Decoder):
             hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
         self.slot += 1
         self.positions += 1
-        return self.linear(self.lm_head, self.trunk.norm(hidden))[self.inverse]
+        return self._logits(hidden)
 
     def _attend(self, q: Tensor, prompt_keys: Tensor, prompt_values: Tensor, prompt_bias: Tensor, new_keys: Tensor,
                 new_values: Tensor, first: int, count: int) -> Tensor:

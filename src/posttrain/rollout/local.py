@@ -122,6 +122,7 @@ class LocalRolloutEngine(RolloutEngine):
                 if bool(done.all()):  # early exit: nobody is still generating
                     steps = step + 1
                     break
+                decoder.release(done)
             if step + 1 < limit:
                 logits = decoder.step(tokens[:, step])
         return tokens[:, :steps], logprobs[:, :steps], lengths, reasons
