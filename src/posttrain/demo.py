@@ -155,12 +155,15 @@ STAGES = [
               budget=("train.max_steps=150",), task="chain"),
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
-    # At lr 2e-3 (the SFT recipe's 1e-3: 66% of steps right after 400 steps, in the middle of the transition where
-    # the model learns to look the next operation up): 73% of steps right after 250 steps (110 s on AMD EPYC Zen5),
-    # 93% after 400 (195 s). From the 400-step model GRPO has nothing left to learn but products (process - outcome
-    # +1.0 steps right, +0.1 to +1.8); from the 250-step one process beats outcome by +3.5 (+1.4 to +5.5) at lr 3e-5
-    # on AMD EPYC, by +1.0 (n.s.) on the Intel Xeon, where 120 steps at 3e-5 (the grpo-process recipe's now) give
-    # +2.8 and +3.1 over two draws, both intervals excluding 0 (60 steps at 5e-5: +1.1 to +4.8 over four, two n.s.).
+    # At lr 2e-3 (the SFT recipe's 1e-3: 66% of steps right after 400 steps) the model learns to look the next
+    # operation up in a sudden transition, whose step depends on the CPU (its float sums): 250 steps (cosine) left
+    # 73% of steps right on AMD EPYC Zen5, 66% on the Intel Xeon and 14% on an AVX2-only AMD EPYC, where the cosine
+    # schedule had decayed before the transition came. 400 steps keep the learning rate up through it (above 1.2e-3
+    # until step 250): on the AVX2-only EPYC 6% / 26% / 65% / 74% / 84% / 87% of steps right at steps 150-400 of
+    # the 400-step schedule (300 problems, one thread; constant lr 2e-3 was slower: 70% at 400); 93% at 400 on Zen5.
+    # From the Zen5 400-step model process beat outcome by +1.0 steps right (+0.1 to +1.8), from 250-step ones by
+    # +3.5 (+1.4 to +5.5) on Zen5 and +2.8 / +3.1 over two draws on the Xeon (the grpo-process recipe's 120 steps at
+    # 3e-5): a model mid-transition leaves more to learn, but only where it happens to be mid-transition.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=48", "optim.lr=2e-3",
                          "train.max_steps=15", "eval_before=false"),
@@ -168,7 +171,7 @@ STAGES = [
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
               # grpo-process recipe's quick budget does; 5 labelled steps and the answer take up to ~80
-              budget=("train.max_steps=250", "eval.max_new_tokens=96"), task="multistep", samples=MULTISTEP_SAMPLES),
+              budget=("train.max_steps=400", "eval.max_new_tokens=96"), task="multistep", samples=MULTISTEP_SAMPLES),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep",
               samples=MULTISTEP_SAMPLES),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
