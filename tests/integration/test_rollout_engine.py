@@ -308,29 +308,37 @@ def test_joined_rollouts_hold_row_by_row_what_their_parts_held(tiny_model, token
         concat_rollouts([short, dataclasses.replace(long, temperature=0.5)])
 
 
-def test_finished_prompts_leave_the_batch_and_the_others_sample_as_before(tiny_model, tokenizer, prompts,
-                                                                           monkeypatch):
-    """The Llama decoder stops computing a prompt once its n rows have ended; the HF decoder computes every row
-    to the end. Seeded, both must still draw the same tokens with the same logprobs, while the Llama decoder's
-    batch shrinks (its computed rows recorded at every step)."""
-    computed: list[int] = []
-    step = LlamaDecoder.step
+def test_finished_rows_leave_the_batch_and_the_others_sample_as_before(tiny_model, tokenizer, prompts, monkeypatch):
+    """Both decoders stop computing rows that have ended (the Llama decoder a prompt once its n rows have, the HF
+    decoder any row); seeded, they must draw the same tokens with the same logprobs as a decoder that computes
+    every row to the end, while their batches shrink (the computed rows recorded at every step)."""
+    computed: dict[str, list[int]] = {"llama": [], "hf": []}
+    for name, cls, rows in (("llama", LlamaDecoder, "order"), ("hf", HFDecoder, "rows")):
+        def recording_step(self, tokens, step=cls.step, name=name, rows=rows):
+            computed[name].append(len(getattr(self, rows)))
+            return step(self, tokens)
 
-    def recording_step(self, tokens):
-        computed.append(len(self.order))
-        return step(self, tokens)
-
-    monkeypatch.setattr(LlamaDecoder, "step", recording_step)
+        monkeypatch.setattr(cls, "step", recording_step)
     many = [p for p in prompts for _ in range(5)]  # 20 prompts: their rows end at different steps
     params = SamplingParams(max_new_tokens=30, n=2, seed=3)
     with _eos_bias(tiny_model, 5.0):  # EOS likely, not certain: ragged completion lengths
         llama = LocalRolloutEngine(tiny_model, tokenizer, "llama").generate(many, params)
         hf = LocalRolloutEngine(tiny_model, tokenizer, "hf").generate(many, params)
+        monkeypatch.setattr(HFDecoder, "COMPACT_AT", 0.0)  # never compacts
+        every_row = LocalRolloutEngine(tiny_model, tokenizer, "hf").generate(many, params)
         recomputed = policy_logprobs(tiny_model, llama)  # the trainer's forward, under the same bias
     lengths = llama.completion_lengths
     assert lengths.min() < lengths.max() - 3  # really ragged
-    assert computed[0] == 40 and computed[-1] < 40 and computed == sorted(computed, reverse=True)
-    assert min(computed) >= 2 * len({int(r) // 2 for r in torch.nonzero(lengths == lengths.max()).flatten()})
-    assert torch.equal(llama.completion_ids, hf.completion_ids) and llama.finish_reasons == hf.finish_reasons
-    torch.testing.assert_close(llama.logprobs, hf.logprobs, rtol=1e-4, atol=1e-5)
+    steps = int(lengths.max()) - 1  # decode steps after the prefill's token
+    for t in range(steps):  # step t computes token t + 1: every row still going must be in the batch
+        going = lengths > t + 1
+        assert computed["hf"][t] >= int(going.sum())
+        assert computed["llama"][t] >= 2 * int(going.view(-1, 2).any(dim=1).sum())  # whole prompts
+    for name in ("llama", "hf"):
+        assert computed[name][steps - 1] < 30 and computed[name][:steps] == sorted(computed[name][:steps])[::-1]
+    assert computed["hf"][steps:] == [40] * steps  # the run that never compacts
+    for rollout in (llama, hf):
+        assert torch.equal(rollout.completion_ids, every_row.completion_ids)
+        assert rollout.finish_reasons == every_row.finish_reasons
+        torch.testing.assert_close(rollout.logprobs, every_row.logprobs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(recomputed, llama.logprobs, rtol=1e-4, atol=1e-5)
