@@ -7,7 +7,14 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from posttrain.errors import ConfigError
 from posttrain.rollout import (
@@ -80,18 +87,32 @@ def test_greedy_matches_transformers_generate_on_a_ragged_left_padded_batch(tiny
         assert row[-len(prompt):].tolist() == prompt
 
 
-def test_auto_picks_the_llama_decoder_for_llama_and_hf_for_others(tiny_model, tokenizer, prompts):
+@pytest.mark.parametrize("architecture", ["qwen2", "mistral"])
+def test_auto_picks_the_llama_decoder_for_llama_like_models_and_hf_where_a_window_cuts(tiny_model, tokenizer, prompts,
+                                                                                       architecture):
+    """Qwen2 (q/k/v biases) and Mistral are Llama layer for layer: the Llama decoder samples them exactly, as long
+    as no sliding window is shorter than the sequence; where one is, `auto` falls back to the model's forward."""
     assert isinstance(make_decoder("auto", tiny_model, prompts[:2], 1, 4, 0), LlamaDecoder)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    qwen = Qwen2ForCausalLM(config).eval()
-    assert isinstance(make_decoder("auto", qwen, prompts[:2], 1, 4, 0), HFDecoder)
-    with pytest.raises(ValueError, match="needs a Llama"):
-        make_decoder("llama", qwen, prompts[:2], 1, 4, 0)
-    # The generic path is exact on a non-Llama model too.
-    rollout = LocalRolloutEngine(qwen, tokenizer).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
-    assert torch.equal(rollout.completion_ids, _hf_greedy(qwen, tokenizer, prompts, 8))
+    cls_config, cls_model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig,
+                                                                                   MistralForCausalLM)}[architecture]
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+    window = {"qwen2": dict(use_sliding_window=True, max_window_layers=0)}.get(architecture, {})
+    longest = max(map(len, prompts)) + 8
+    for sliding_window, expected in ((longest, LlamaDecoder), (longest - 1, HFDecoder)):
+        torch.manual_seed(0)
+        model = cls_model(cls_config(**shape, **window, sliding_window=sliding_window)).eval()
+        assert isinstance(make_decoder("auto", model, prompts, 1, 8, 0), expected)
+        rollout = LocalRolloutEngine(model, tokenizer).generate(prompts, SamplingParams(max_new_tokens=8,
+                                                                                        temperature=0))
+        assert torch.equal(rollout.completion_ids, _hf_greedy(model, tokenizer, prompts, 8))
+        if expected is HFDecoder:
+            with pytest.raises(ValueError, match="needs a model of Llama's architecture"):
+                make_decoder("llama", model, prompts, 1, 8, 0)
+        else:
+            sampled = LocalRolloutEngine(model, tokenizer).generate(
+                prompts, SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=0))
+            assert logprob_mismatch(sampled.logprobs, policy_logprobs(model, sampled), sampled.response_mask) < 1e-5
 
 
 def test_llama_decoder_handles_grouped_query_attention(tokenizer, prompts):

@@ -80,13 +80,23 @@ def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def supports_llama_decoder(model: torch.nn.Module) -> bool:
-    """Whether `LlamaDecoder` computes exactly what this model's forward does."""
+# Architectures whose decoder layers are Llama's, module for module (RMSNorm, RoPE from the model's own rotary
+# embedding, q/k/v/o projections with or without biases, a gated MLP), and which differ from it at most by a sliding
+# attention window: Qwen2 has q/k/v biases, Mistral a window.
+LLAMA_LIKE = ("llama", "qwen2", "mistral")
+
+
+def supports_llama_decoder(model: torch.nn.Module, length: int | None = None) -> bool:
+    """Whether `LlamaDecoder` computes exactly what this model's forward does on sequences of up to `length`
+    tokens (prompt and completion): a sliding window is full attention while it covers the whole sequence (a
+    query attends to the keys less than `window` positions back), and `None` means any length."""
     base = base_causal_lm(model)
     config = getattr(base, "config", None)
-    return (getattr(config, "model_type", None) == "llama" and getattr(config, "hidden_act", None) == "silu"
+    window = getattr(config, "sliding_window", None)
+    return (getattr(config, "model_type", None) in LLAMA_LIKE and getattr(config, "hidden_act", None) == "silu"
             and getattr(config, "pretraining_tp", 1) == 1 and hasattr(base, "lm_head")
-            and hasattr(getattr(base, "model", None), "rotary_emb"))
+            and hasattr(getattr(base, "model", None), "rotary_emb")
+            and (window is None or (length is not None and window >= length)))
 
 
 def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]], n: int,
@@ -101,9 +111,11 @@ def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]],
         # position_ids: both decoders would sample from the wrong distribution without a sound.
         raise ConfigError("the rollout engine does not support prefix or prompt tuning adapters; "
                           "use LoRA (or full fine-tuning) for the RL stages")
-    if forward == "llama" and not supports_llama_decoder(model):
-        raise ValueError("forward='llama' needs a Llama-architecture model (silu MLP, RoPE); use 'hf' or 'auto'")
-    if forward == "llama" or (forward == "auto" and supports_llama_decoder(model)):
+    fits = supports_llama_decoder(model, max(map(len, prompts)) + max_new_tokens)
+    if forward == "llama" and not fits:
+        raise ValueError(f"forward='llama' needs a model of Llama's architecture ({', '.join(LLAMA_LIKE)}: silu MLP, "
+                         "RoPE, no sliding window shorter than the sequence); use 'hf' or 'auto'")
+    if forward == "llama" or (forward == "auto" and fits):
         return LlamaDecoder(model, prompts, n, max_new_tokens, onednn)
     return HFDecoder(model, prompts, n, pad_id)
 
