@@ -50,7 +50,7 @@ class Decoder(abc.ABC):
     # 4.3-4.4 s, 0.9 in 4.4-5.0, never compacting 5.4-5.6; 256 prompts x 4 samples 5.7-5.9 s against 7.4-8.8.
     COMPACT_AT = 0.75
 
-    def release(self, done: Tensor) -> None:
+    def release(self, done: Tensor) -> None:  # noqa: B027 (optional: a decoder that cannot drop rows keeps them)
         """`done` [B] marks the rows whose completions have ended: the decoder may stop computing them, and their
         logits from then on are zeros (a finite placeholder: the sampler still draws for every row, so the draws
         of the others do not depend on who has finished). By default every row is computed to the end."""
@@ -381,4 +381,5 @@ class HFDecoder(Decoder):
                 or not hasattr(self.cache, "batch_select_indices")):
             return
         self.cache.batch_select_indices(keep)
-        self.attention_mask, self.positions, self.rows = self.attention_mask[keep], self.positions[keep], self.rows[keep]
+        self.attention_mask, self.positions = self.attention_mask[keep], self.positions[keep]
+        self.rows = self.rows[keep]
