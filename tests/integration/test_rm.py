@@ -97,6 +97,12 @@ def test_likelihood_reward_model_recipe_saves_a_causal_lm_the_scorer_reads(lm_di
     assert evaluated["kind"] == "reward_model" and evaluated["rows"] == 8 and 0 <= evaluated["accuracy"] <= 1
 
 
+def test_a_reduction_of_logprobs_is_refused_for_a_reward_model_that_has_a_head(tmp_path):
+    with pytest.raises(ConfigError, match="head=likelihood") as err:
+        main(rm_config("does-not-exist", tmp_path, "head=linear", "reward_reduction=mean"))
+    assert err.value.field == "reward_reduction"
+
+
 @pytest.mark.parametrize(("overrides", "field"), [
     (["kind=process"], "head"),
     (["freeze_backbone=true"], "freeze_backbone"),

@@ -141,15 +141,15 @@ def test_lora_reward_model_trains_adapters_and_head_and_merges(lm_dir, tokenizer
     assert_close(sequence_scores(merged, batch), sequence_scores(model, batch), rtol=1e-5, atol=1e-5)
 
 
-def _hand_log_likelihoods(model, samples, scale: float) -> torch.Tensor:
-    """scale * sum of log p(token | everything before it) over each sample's masked tokens: one sequence a
-    plain causal-LM forward, every position's full log-softmax, a Python loop over positions."""
+def _hand_log_likelihoods(model, samples, scale: float, reduction: str = "sum") -> torch.Tensor:
+    """scale * sum (or mean) of log p(token | everything before it) over each sample's masked tokens: one
+    sequence a plain causal-LM forward, every position's full log-softmax, a Python loop over positions."""
     out = []
     for sample in samples:
         ids = torch.tensor([sample["input_ids"]])
         logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
-        total = sum(logp[t - 1, ids[0, t]] for t in range(1, ids.shape[1]) if sample["response_mask"][t])
-        out.append(scale * total)
+        picked = [logp[t - 1, ids[0, t]] for t in range(1, ids.shape[1]) if sample["response_mask"][t]]
+        out.append(scale * sum(picked) / (len(picked) if reduction == "mean" else 1))
     return torch.stack(out).float()
 
 
@@ -160,11 +160,14 @@ def answered(samples):
             for s in samples]
 
 
-def test_likelihood_reward_is_the_scaled_log_likelihood_of_the_response_in_every_layout(lm_dir, tokenizer, answered):
-    model = build_reward_model(lm_dir, head="likelihood", reward_scale=0.5, pad_token_id=tokenizer.pad_token_id)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_likelihood_reward_is_the_scaled_log_likelihood_of_the_response_in_every_layout(lm_dir, tokenizer, answered,
+                                                                                        reduction):
+    model = build_reward_model(lm_dir, head="likelihood", reward_scale=0.5, pad_token_id=tokenizer.pad_token_id,
+                               reward_reduction=reduction)
     model.eval()
     with torch.no_grad():
-        want = _hand_log_likelihoods(model, answered, 0.5)
+        want = _hand_log_likelihoods(model, answered, 0.5, reduction)
         pad = tokenizer.pad_token_id
         for batch in (collate_padded(answered, pad, side="right"), collate_padded(answered, pad, side="left"),
                       collate_packed([answered], pad)):
@@ -173,9 +176,11 @@ def test_likelihood_reward_is_the_scaled_log_likelihood_of_the_response_in_every
         scores_at(model, collate_padded(answered, pad), torch.zeros(3, 1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_likelihood_reward_model_trains_the_causal_lm_saves_as_one_and_scores_through_the_scorer(
-        lm_dir, tokenizer, answered, tmp_path):
-    model = build_reward_model(lm_dir, head="likelihood", reward_scale=0.25, pad_token_id=tokenizer.pad_token_id)
+        lm_dir, tokenizer, answered, tmp_path, reduction):
+    model = build_reward_model(lm_dir, head="likelihood", reward_scale=0.25, pad_token_id=tokenizer.pad_token_id,
+                               reward_reduction=reduction)
     batch = collate_padded(answered, tokenizer.pad_token_id)
     before = model.lm_head.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -186,10 +191,11 @@ def test_likelihood_reward_model_trains_the_causal_lm_saves_as_one_and_scores_th
     saved = save_pretrained(model, tokenizer, tmp_path / "rm")
     plain = AutoModelForCausalLM.from_pretrained(saved, local_files_only=True).eval()
     assert plain.config.reward_head == "likelihood" and plain.config.reward_scale == 0.25
+    assert plain.config.reward_reduction == reduction
     loaded = load_reward_model(saved)
     assert isinstance(loaded, type(plain))
     with torch.no_grad():
-        want = _hand_log_likelihoods(plain, answered, 0.25)
+        want = _hand_log_likelihoods(plain, answered, 0.25, reduction)
         assert_close(sequence_scores(loaded, batch), want, rtol=1e-5, atol=1e-4)
         scorer = RewardModelScorer(loaded, tokenizer)
         assert_close(scorer.score_tokens(batch["input_ids"], batch["attention_mask"], batch["response_mask"]), want,

@@ -15,11 +15,13 @@ reasoning step for a process reward model), never on every token.
 
 A third kind reads the reward where the answer is instead of re-deriving it at one position: the
 *likelihood* reward model is the causal LM itself, and its reward is the log-likelihood it gives the
-response, scaled: r(x, y) = reward_scale * sum_t log p(y_t | x, y_<t). Starting from the SFT model it
-already ranks answers by how well they agree with what the model knows (a worked step it can check, an
+response, scaled: r(x, y) = reward_scale * sum_t log p(y_t | x, y_<t), or with reward_reduction="mean" the
+same times 1/|y|, the average log-likelihood per response token (SimPO's length-normalised implicit reward, Meng
+et al. 2024: a long right answer is not charged for its length against a short wrong one). Starting from the SFT
+model it already ranks answers by how well they agree with what the model knows (a worked step it can check, an
 answer it would give) and Bradley–Terry training sharpens that; a fresh scalar head on the last token has to
-learn the same information from the comparisons alone. It saves as an ordinary causal LM whose config
-carries `reward_head: likelihood` and `reward_scale`, and scores through the same functions and scorers.
+learn the same information from the comparisons alone. It saves as an ordinary causal LM whose config carries
+`reward_head: likelihood`, `reward_scale` and `reward_reduction`, and scores through the same functions and scorers.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from posttrain.models.likelihood import per_sequence_sums, response_logprobs
 from posttrain.models.precision import upcast
 
 REWARD_HEADS = ("linear", "mlp", "likelihood")
+LIKELIHOOD_REDUCTIONS = ("sum", "mean")  # of a likelihood reward model's response token logprobs
 
 
 class MLPHead(nn.Sequential):
@@ -53,9 +56,11 @@ class MLPHead(nn.Sequential):
 
 def build_reward_model(path: str | Path, *, head: str = "linear", head_width: int = 0, pad_token_id: int | None = None,
                        dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | str = "cpu",
-                       disable_dropout: bool = False, reward_scale: float = 1.0) -> PreTrainedModel:
+                       disable_dropout: bool = False, reward_scale: float = 1.0,
+                       reward_reduction: str = "sum") -> PreTrainedModel:
     """A new reward model: the trunk of the causal LM at `path`, a freshly initialised scalar head; or, with
-    head="likelihood", the causal LM itself, scoring a response by its log-likelihood times `reward_scale`.
+    head="likelihood", the causal LM itself, scoring a response by its log-likelihood (`reward_reduction`: summed
+    over the response's tokens, or their mean) times `reward_scale`.
 
     `head_width` is the MLP head's hidden width (0: the trunk's hidden size). `pad_token_id` is
     written to the config so that transformers' own forward can batch too. `disable_dropout`: every
@@ -63,6 +68,8 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
     """
     if head not in REWARD_HEADS:
         raise ValueError(f"unknown reward head {head!r}; allowed: {', '.join(REWARD_HEADS)}")
+    if reward_reduction not in LIKELIHOOD_REDUCTIONS:
+        raise ValueError(f"unknown reward reduction {reward_reduction!r}; allowed: {', '.join(LIKELIHOOD_REDUCTIONS)}")
     auto_class = AutoModelForCausalLM if head == "likelihood" else AutoModelForSequenceClassification
     extra = {} if head == "likelihood" else {"num_labels": 1}
     model, _ = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
@@ -76,6 +83,7 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         model.config.reward_head, model.config.reward_head_width = "mlp", width
     if head == "likelihood":
         model.config.reward_head, model.config.reward_scale = "likelihood", float(reward_scale)
+        model.config.reward_reduction = reward_reduction
     use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
@@ -156,10 +164,13 @@ def sample_end_index(sample_ids: Tensor) -> Tensor:
 def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The reward of every sequence, read at its last real token: [B] for a padded batch (either
     side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`).
-    A likelihood reward model sums the logprobs of the tokens `batch["response_mask"]` marks instead."""
+    A likelihood reward model sums (or averages) the logprobs of the tokens `batch["response_mask"]` marks instead."""
     if is_likelihood_model(model):
         logprobs, mask = response_logprobs(model, batch)
-        return model.config.reward_scale * per_sequence_sums(upcast(logprobs), mask, batch)
+        scores = per_sequence_sums(upcast(logprobs), mask, batch)
+        if getattr(model.config, "reward_reduction", "sum") == "mean":  # saved before the option: summed
+            scores = scores / per_sequence_sums(mask.to(scores.dtype), mask, batch).clamp(min=1)
+        return model.config.reward_scale * scores
     if "sample_ids" in batch:
         hidden, head = _hidden_states(model, batch)
         return upcast(head(hidden.flatten(0, 1)[sample_end_index(batch["sample_ids"])]).squeeze(-1))

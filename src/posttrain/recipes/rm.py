@@ -58,7 +58,14 @@ from posttrain.eval.rewards import (
 )
 from posttrain.models import count_parameters, load_tokenizer, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
-from posttrain.models.reward import REWARD_HEADS, build_reward_model, freeze_backbone, scores_at, sequence_scores
+from posttrain.models.reward import (
+    LIKELIHOOD_REDUCTIONS,
+    REWARD_HEADS,
+    build_reward_model,
+    freeze_backbone,
+    scores_at,
+    sequence_scores,
+)
 from posttrain.recipes.rl import (
     RewardConfig,
     SamplingConfig,
@@ -118,8 +125,13 @@ class RMConfig:
                                 "small MLP there; likelihood: no head, the reward is the causal LM's log-likelihood "
                                 "of the response times reward_scale (it starts from what the SFT model knows; "
                                 "saved as a causal LM).", choices=REWARD_HEADS)
-    reward_scale: float = param(1.0, "head=likelihood: the reward is this times the response's summed logprob; it "
-                                     "sets how sharp the Bradley–Terry loss is on the logprob differences.", gt=0)
+    reward_scale: float = param(1.0, "head=likelihood: the reward is this times the response's summed (or mean) "
+                                     "logprob; it sets how sharp the Bradley–Terry loss is on the logprob "
+                                     "differences.", gt=0)
+    reward_reduction: str = param("sum", "head=likelihood: sum: the response's summed logprob; mean: its mean per "
+                                         "token (SimPO's length-normalised reward: a long right answer is not "
+                                         "charged for its length against a short wrong one).",
+                                  choices=LIKELIHOOD_REDUCTIONS)
     head_width: int = param(0, "Hidden width of the MLP head (0: the trunk's hidden size).", ge=0)
     freeze_backbone: bool = param(False, "Train the head only; the trunk stays as the SFT model left it.")
     use_margin: bool = param(True, "Subtract the rows' `margin` in the pairwise loss (rows without one: 0).")
@@ -143,7 +155,7 @@ def main(cfg: RMConfig) -> RunResult:
     model = build_reward_model(cfg.model.path, head=cfg.head, head_width=cfg.head_width,
                                pad_token_id=tokenizer.pad_token_id, dtype=cfg.model.dtype,
                                trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout(),
-                               reward_scale=cfg.reward_scale)
+                               reward_scale=cfg.reward_scale, reward_reduction=cfg.reward_reduction)
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
     progress = RunProgress.for_run(cfg.run)
     on_policy = cfg.pairs.source == "on_policy"
@@ -269,6 +281,10 @@ def check_config(cfg: RMConfig) -> None:
     if cfg.head == "likelihood" and cfg.kind == "process":
         raise ConfigError("a likelihood reward model scores whole responses; a process reward model needs a head "
                           "read at each step: head=linear or mlp", field="head")
+    if cfg.reward_reduction != "sum" and cfg.head != "likelihood":
+        raise ConfigError(f"reward_reduction={cfg.reward_reduction} reduces a likelihood reward model's logprobs; a "
+                          f"{cfg.head} head reads one score per response: head=likelihood, or leave it at sum",
+                          field="reward_reduction")
     if cfg.head == "likelihood" and cfg.freeze_backbone:
         raise ConfigError("a likelihood reward model has no head to train alone: freeze_backbone=false (or "
                           "adapter.method=lora to train less)", field="freeze_backbone")
