@@ -14,6 +14,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from posttrain.errors import ConfigError
@@ -87,21 +89,24 @@ def test_greedy_matches_transformers_generate_on_a_ragged_left_padded_batch(tiny
         assert row[-len(prompt):].tolist() == prompt
 
 
-@pytest.mark.parametrize("architecture", ["qwen2", "mistral"])
+@pytest.mark.parametrize("architecture", ["qwen2", "mistral", "qwen3"])
 def test_auto_picks_the_llama_decoder_for_llama_like_models_and_hf_where_a_window_cuts(tiny_model, tokenizer, prompts,
                                                                                        architecture):
-    """Qwen2 (q/k/v biases) and Mistral are Llama layer for layer: the Llama decoder samples them exactly, as long
-    as no sliding window is shorter than the sequence; where one is, `auto` falls back to the model's forward."""
+    """Qwen2 (q/k/v biases), Mistral and Qwen3 (a norm of each head's query and key) are Llama layer for layer
+    otherwise: the Llama decoder samples them exactly, as long as no sliding window is shorter than the sequence;
+    where one is, `auto` falls back to the model's forward."""
     assert isinstance(make_decoder("auto", tiny_model, prompts[:2], 1, 4, 0), LlamaDecoder)
-    cls_config, cls_model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig,
-                                                                                   MistralForCausalLM)}[architecture]
+    cls_config, cls_model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[architecture]
     shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
-    window = {"qwen2": dict(use_sliding_window=True, max_window_layers=0)}.get(architecture, {})
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=tokenizer.eos_token_id)
+    window = dict(use_sliding_window=True, max_window_layers=0) if architecture != "mistral" else {}
     longest = max(map(len, prompts)) + 8
     for sliding_window, expected in ((longest, LlamaDecoder), (longest - 1, HFDecoder)):
         torch.manual_seed(0)
         model = cls_model(cls_config(**shape, **window, sliding_window=sliding_window)).eval()
+        for norm in (m for name, m in model.named_modules() if name.endswith(("q_norm", "k_norm"))):
+            torch.nn.init.normal_(norm.weight, 1.0, 0.5)  # not the identity an initial RMSNorm weight of 1 is
         assert isinstance(make_decoder("auto", model, prompts, 1, 8, 0), expected)
         rollout = LocalRolloutEngine(model, tokenizer).generate(prompts, SamplingParams(max_new_tokens=8,
                                                                                         temperature=0))

@@ -82,8 +82,9 @@ def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 # Architectures whose decoder layers are Llama's, module for module (RMSNorm, RoPE from the model's own rotary
 # embedding, q/k/v/o projections with or without biases, a gated MLP), and which differ from it at most by a sliding
-# attention window: Qwen2 has q/k/v biases, Mistral a window.
-LLAMA_LIKE = ("llama", "qwen2", "mistral")
+# attention window and a norm of each head's query and key: Qwen2 has q/k/v biases, Mistral a window, Qwen3 an
+# RMSNorm over each head's query and key before RoPE (`q_norm`, `k_norm`, applied by `_head_norm`).
+LLAMA_LIKE = ("llama", "qwen2", "mistral", "qwen3")
 
 
 def supports_llama_decoder(model: torch.nn.Module, length: int | None = None) -> bool:
@@ -127,6 +128,13 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     rotated[..., :half].neg_()
     return rotated.mul_(sin).add_(x * cos)
+
+
+def _head_norm(attn: torch.nn.Module, name: str, x: Tensor) -> Tensor:
+    """`x` [..., heads, head_dim] through the attention's per-head norm `name` (Qwen3's q_norm / k_norm, before
+    RoPE as its forward does), or unchanged where the architecture has none (Llama, Qwen2, Mistral)."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
 
 
 def _projections(module: torch.nn.Module, names) -> list[torch.nn.Module]:
@@ -263,8 +271,8 @@ class LlamaDecoder(Decoder):
             normed = layer.input_layernorm(hidden)
             linear = self.linear
             q, k, v = linear.each(_projections(attn, "qkv"), normed)
-            q = _rotate(q.view(-1, self.heads, self.head_dim), cos, sin).transpose(0, 1)
-            k = _rotate(k.view(-1, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            q = _rotate(_head_norm(attn, "q_norm", q.view(-1, self.heads, self.head_dim)), cos, sin).transpose(0, 1)
+            k = _rotate(_head_norm(attn, "k_norm", k.view(-1, self.kv_heads, self.head_dim)), cos, sin).transpose(0, 1)
             v = v.view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv, N, D]
             out = torch.empty((len(tokens), self.heads, self.head_dim), device=self.device, dtype=q.dtype)
             for u, (a, b) in enumerate(spans):
@@ -292,8 +300,8 @@ class LlamaDecoder(Decoder):
             attn, linear = layer.self_attn, self.linear
             normed = layer.input_layernorm(hidden)
             q, k, v = linear.each(_projections(attn, "qkv"), normed)
-            q = _rotate(q.view(batch, heads, dim), cos, sin)
-            new_keys[:, :, slot] = _rotate(k.view(batch, kv_heads, dim), cos, sin)
+            q = _rotate(_head_norm(attn, "q_norm", q.view(batch, heads, dim)), cos, sin)
+            new_keys[:, :, slot] = _rotate(_head_norm(attn, "k_norm", k.view(batch, kv_heads, dim)), cos, sin)
             new_values[:, :, slot] = v.view(batch, kv_heads, dim)
             out = torch.empty((batch, heads, dim), device=self.device, dtype=self.dtype)
             with torch.autocast(self.device.type, enabled=False):

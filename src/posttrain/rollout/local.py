@@ -34,7 +34,8 @@ class LocalRolloutEngine(RolloutEngine):
     """Samples in-process from the policy module the trainer updates: no weight copy, nothing to sync.
 
     `forward` picks how the model runs (see `posttrain.rollout.forward`): "auto" uses the fast
-    Llama decoder when the model is a Llama, else the model's own forward; "llama" / "hf" force one.
+    Llama decoder when the model has Llama's layers (`forward.LLAMA_LIKE`: Llama, Qwen2, Mistral, Qwen3), else the
+    model's own forward; "llama" / "hf" force one.
     `onednn=False` keeps the Llama decoder's linear layers on torch's own GEMM (see `rollout.gemm`).
     The sampling loop, stop handling and bookkeeping are the same for both.
     """
