@@ -5,7 +5,8 @@ and sampler and trainer agree, and DPO's step-1 implicit rewards are 0 (the poli
 `model.disable_dropout=false` the model's dropout stays, and none of that holds.
 
 Sliding windows, on a tiny Mistral with a window of 4: GRPO's padding-free forward (the default) gives the
-sampler's logprobs, as the padded one does."""
+sampler's logprobs, as the padded one does. A norm of each head's query and key, on a tiny Qwen3: the rollout
+engine samples it through its own Llama decoder, and the trainer's forward gives the same logprobs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import zlib
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from posttrain.config import load_config
 from posttrain.models import save_pretrained
@@ -24,6 +25,7 @@ from posttrain.recipes.dpo import main as dpo_main
 from posttrain.recipes.grpo import GRPOConfig
 from posttrain.recipes.grpo import main as grpo_main
 from posttrain.rewards.functions import register_reward_function
+from posttrain.rollout.forward import supports_llama_decoder
 from posttrain.train.metrics import read_metrics
 
 FAST = ["run.progress=false", "train.save_every=0", "eval.problems=2", "eval.samples=1", "eval.max_new_tokens=4",
@@ -90,6 +92,30 @@ def mistral_dir(tokenizer, tmp_path_factory):
 def test_grpo_on_a_windowed_model_agrees_with_the_sampler(mistral_dir, tmp_path, padding_free):
     cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
         f"model.path={mistral_dir}", f"run.out_dir={tmp_path}", *FAST, f"update.padding_free={padding_free}",
+        "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+        "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}"])
+    first = read_metrics(grpo_main(cfg).run_dir / "metrics.jsonl")[0]
+    assert first["logprob_mismatch"] < 1e-5
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    for name, module in model.named_modules():
+        if name.endswith(("q_norm", "k_norm")):
+            torch.nn.init.normal_(module.weight, 1.0, 0.5)  # an initial RMSNorm weight of 1 would hide a missing norm
+    assert supports_llama_decoder(model, 512)
+    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("qwen3") / "qwen3"))
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_grpo_on_qwen3_agrees_with_the_sampler(qwen3_dir, tmp_path, padding_free):
+    cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
+        f"model.path={qwen3_dir}", f"run.out_dir={tmp_path}", *FAST, f"update.padding_free={padding_free}",
         "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
         "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}"])
     first = read_metrics(grpo_main(cfg).run_dir / "metrics.jsonl")[0]
