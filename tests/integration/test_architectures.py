@@ -78,45 +78,39 @@ def test_dpo_implicit_rewards_start_at_zero(gpt2_dir, tmp_path, disable):
         assert rewards.abs().max() > 1e-3
 
 
+def _save_tiny(tokenizer, directory, model_cls, config_cls, **config):
+    """A seeded tiny two-layer model of `model_cls` with grouped-query attention, saved with the project tokenizer."""
+    torch.manual_seed(0)
+    model = model_cls(config_cls(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config))
+    for name, module in model.named_modules():
+        if name.endswith(("q_norm", "k_norm")):  # Qwen3's: an initial RMSNorm weight of 1 would hide a missing norm
+            torch.nn.init.normal_(module.weight, 1.0, 0.5)
+    return model, str(save_pretrained(model, tokenizer, directory))
+
+
 @pytest.fixture(scope="module")
 def mistral_dir(tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, sliding_window=4, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("mistral") / "mistral"))
-
-
-@pytest.mark.parametrize("padding_free", [True, False])
-def test_grpo_on_a_windowed_model_agrees_with_the_sampler(mistral_dir, tmp_path, padding_free):
-    cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
-        f"model.path={mistral_dir}", f"run.out_dir={tmp_path}", *FAST, f"update.padding_free={padding_free}",
-        "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
-        "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}"])
-    first = read_metrics(grpo_main(cfg).run_dir / "metrics.jsonl")[0]
-    assert first["logprob_mismatch"] < 1e-5
+    return _save_tiny(tokenizer, tmp_path_factory.mktemp("mistral") / "mistral", MistralForCausalLM, MistralConfig,
+                      sliding_window=4)[1]
 
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    for name, module in model.named_modules():
-        if name.endswith(("q_norm", "k_norm")):
-            torch.nn.init.normal_(module.weight, 1.0, 0.5)  # an initial RMSNorm weight of 1 would hide a missing norm
-    assert supports_llama_decoder(model, 512)
-    return str(save_pretrained(model, tokenizer, tmp_path_factory.mktemp("qwen3") / "qwen3"))
+    model, directory = _save_tiny(tokenizer, tmp_path_factory.mktemp("qwen3") / "qwen3", Qwen3ForCausalLM,
+                                  Qwen3Config, head_dim=16)
+    assert supports_llama_decoder(model, 512)  # sampled by the engine's own decoder, trained by the model's forward
+    return directory
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_grpo_on_qwen3_agrees_with_the_sampler(qwen3_dir, tmp_path, padding_free):
+@pytest.mark.parametrize("model_dir", ["mistral_dir", "qwen3_dir"])
+def test_grpo_on_other_llama_like_models_agrees_with_the_sampler(request, model_dir, tmp_path, padding_free):
     cfg = load_config(GRPOConfig, find_recipe("grpo").path, [
-        f"model.path={qwen3_dir}", f"run.out_dir={tmp_path}", *FAST, f"update.padding_free={padding_free}",
-        "train.batch_size=8", "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
-        "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}"])
+        f"model.path={request.getfixturevalue(model_dir)}", f"run.out_dir={tmp_path}", *FAST,
+        f"update.padding_free={padding_free}", "train.batch_size=8", "train.micro_batch_size=8",
+        "sampling.samples_per_prompt=4", "sampling.max_new_tokens=6", "reward.functions={test_dropout_text_hash: 1.0}"])
     first = read_metrics(grpo_main(cfg).run_dir / "metrics.jsonl")[0]
     assert first["logprob_mismatch"] < 1e-5
