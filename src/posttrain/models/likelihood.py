@@ -50,3 +50,10 @@ def per_sequence_sums(values: Tensor, mask: Tensor, batch: dict[str, Any]) -> Te
     picked = mask.bool()
     sums = values.new_zeros(int(batch["sample_ids"].max()) + 1)
     return sums.index_add(0, sample_ids[picked], values[picked])
+
+
+def per_sequence_means(values: Tensor, mask: Tensor, batch: dict[str, Any]) -> Tensor:
+    """Means of `response_logprobs`-shaped [B, K] values over each sequence's trained tokens (0 for a sequence
+    with none), laid out as `per_sequence_sums`: the per-token average of IPO and of a length-normalised reward."""
+    counts = per_sequence_sums(mask.to(values.dtype), mask, batch)
+    return per_sequence_sums(values, mask, batch) / counts.clamp(min=1)

@@ -39,7 +39,7 @@ from posttrain.models.attention import attention_inputs
 from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.io import check_model_dir, from_model_dir
 from posttrain.models.kernels import use_fast_kernels
-from posttrain.models.likelihood import per_sequence_sums, response_logprobs
+from posttrain.models.likelihood import per_sequence_means, per_sequence_sums, response_logprobs
 from posttrain.models.precision import upcast
 
 REWARD_HEADS = ("linear", "mlp", "likelihood")
@@ -167,10 +167,9 @@ def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     A likelihood reward model sums (or averages) the logprobs of the tokens `batch["response_mask"]` marks instead."""
     if is_likelihood_model(model):
         logprobs, mask = response_logprobs(model, batch)
-        scores = per_sequence_sums(upcast(logprobs), mask, batch)
-        if getattr(model.config, "reward_reduction", "sum") == "mean":  # saved before the option: summed
-            scores = scores / per_sequence_sums(mask.to(scores.dtype), mask, batch).clamp(min=1)
-        return model.config.reward_scale * scores
+        mean = getattr(model.config, "reward_reduction", "sum") == "mean"  # saved before the option: summed
+        reduce = per_sequence_means if mean else per_sequence_sums
+        return model.config.reward_scale * reduce(upcast(logprobs), mask, batch)
     if "sample_ids" in batch:
         hidden, head = _hidden_states(model, batch)
         return upcast(head(hidden.flatten(0, 1)[sample_end_index(batch["sample_ids"])]).squeeze(-1))

@@ -19,7 +19,7 @@ from posttrain.config import ModelConfig, param
 from posttrain.data.pipeline import Prepared
 from posttrain.models import load_causal_lm
 from posttrain.models.adapters import AdapterConfig, apply_adapter
-from posttrain.models.likelihood import per_sequence_sums, response_logprobs
+from posttrain.models.likelihood import per_sequence_means, per_sequence_sums, response_logprobs
 from posttrain.rollout import Rollout, policy_logprobs_and_entropy
 from posttrain.rollout.recompute import PolicyForward
 from posttrain.train.comparisons import comparison_step_source, join_rows, split_rows
@@ -40,8 +40,7 @@ class ReferenceConfig:
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor:
     """Sum (or, with `average`, mean) of the answer tokens' logprobs of every row: [N]."""
     logprobs, mask = response_logprobs(model, batch)
-    total = per_sequence_sums(logprobs, mask, batch)
-    return total / per_sequence_sums(mask, mask, batch).clamp(min=1) if average else total
+    return (per_sequence_means if average else per_sequence_sums)(logprobs, mask, batch)
 
 
 @dataclasses.dataclass
