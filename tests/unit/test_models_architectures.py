@@ -1,22 +1,34 @@
 """Models other than Llama: dropout is off where models are loaded (modules, attributes read in forward, and
 the config) unless `model.disable_dropout=false`, for policies, reward models and critics; LoRA's default
 targets every linear layer of GPT-2 (Conv1D), Phi and Llama, peft's per-architecture default is one setting
-away, and a target that matches no layer is a ConfigError naming the layers there are."""
+away, and a target that matches no layer is a ConfigError naming the layers there are. Reward models and critics
+of architectures transformers has no classifier for; padding-free batches refused for a model without
+position_ids."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PhiConfig
+from torch.testing import assert_close
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BloomConfig,
+    GPT2Config,
+    LlamaConfig,
+    PhiConfig,
+)
 
 from posttrain.config import ModelConfig, load_config
-from posttrain.data.collate import collate_padded
+from posttrain.data.collate import collate_packed, collate_padded
 from posttrain.errors import ConfigError
 from posttrain.models import load_tokenizer_and_model, save_pretrained
 from posttrain.models.adapters import AdapterConfig, apply_adapter
 from posttrain.models.dropout import disable_dropout
-from posttrain.models.reward import build_reward_model, sequence_scores
+from posttrain.models.likelihood import response_logprobs
+from posttrain.models.reward import build_reward_model, load_reward_model, sequence_scores
 from posttrain.models.value import build_value_model
 from posttrain.recipes.sft import SFTConfig
 
@@ -164,3 +176,74 @@ def test_targets_that_match_no_layer_are_a_config_error_naming_the_layers_there_
 def test_all_linear_is_accepted_as_an_override():
     cfg = load_config(SFTConfig, None, ["adapter.method=lora", "adapter.target_modules=all-linear"])
     assert cfg.adapter.target_modules == ["all-linear"]
+
+
+def tiny_classifierless_lm(kind: str, tokenizer) -> torch.nn.Module:
+    """A tiny causal LM of an architecture transformers has no sequence-classification class for: Granite (its
+    multipliers away from 1, so a trunk built some other way would score differently) or Cohere (a trunk under
+    the same `model` prefix, a LayerNorm with no bias)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    extra = ({"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3}
+             if kind == "granite" else {"logit_scale": 0.5})
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **common, **extra))
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere"])
+def test_reward_models_and_critics_of_architectures_transformers_has_no_classifier_for(kind, tokenizer, tmp_path):
+    """transformers has no GraniteForSequenceClassification (nor Cohere's): the reward model is built the way it
+    builds Llama's, from the causal LM's own trunk, scores at the last real token, saves and loads back (in a
+    process that has not built one: the registration is the loader's too), and starts a critic with a zero head."""
+    lm = tiny_classifierless_lm(kind, tokenizer)
+    config_class = type(lm.config)
+    assert config_class not in AutoModelForSequenceClassification._model_mapping
+    lm_dir = save_pretrained(lm, tokenizer, tmp_path / "lm")
+    model = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id).eval()
+    trunk = dict(model.model.named_parameters())
+    assert set(trunk) == {name.removeprefix("model.") for name, _ in lm.named_parameters() if name.startswith("model.")}
+    for name, parameter in lm.model.named_parameters():
+        assert torch.equal(trunk[name], parameter), name
+    assert model.score.weight.shape == (1, 32) and model.score.bias is None
+    texts = ["What is 2+3? 5", "Hi there"]
+    batch = collate_padded([{"input_ids": tokenizer(t)["input_ids"], "response_mask": [1]} for t in texts],
+                           tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = sequence_scores(model, batch)
+        # By hand: the causal LM's trunk, its last real token's hidden state, the head's weights.
+        hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        last = batch["attention_mask"].sum(dim=1) - 1
+        expected = hidden[torch.arange(2), last] @ model.score.weight[0]
+    assert_close(scores, expected)
+    saved = save_pretrained(model, tokenizer, tmp_path / "rm")
+    AutoModelForSequenceClassification._model_mapping._extra_content.pop(config_class)  # as in a new process
+    with torch.no_grad():
+        assert_close(sequence_scores(load_reward_model(saved), batch), scores)
+    critic = build_value_model(lm_dir, "policy")
+    assert type(critic).__name__.endswith("ForSequenceClassification") and not critic.score.weight.any()
+
+
+def test_padding_free_batches_on_a_model_that_takes_no_position_ids_are_a_config_error(tokenizer):
+    """Bloom counts its ALiBi positions along the 2-D attention mask and takes no position_ids: a packed row
+    would run its second sample on from the first's positions. A one-line error naming the fix, not transformers'
+    `ValueError: too many values to unpack`; padded batches run."""
+    torch.manual_seed(0)
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2,
+                                                         n_head=4, pad_token_id=tokenizer.pad_token_id))
+    ids = [tokenizer(t)["input_ids"] for t in ["What is 2+3? 5", "Hi there, you"]]
+    samples = [{"input_ids": i, "response_mask": [0, 0] + [1] * (len(i) - 2)} for i in ids]
+    with pytest.raises(ConfigError, match="this bloom model takes none .*data.batch_mode=padded, "
+                                          "update.padding_free=false"):
+        response_logprobs(bloom, collate_packed([samples], tokenizer.pad_token_id))
+    with pytest.raises(ConfigError, match="this bloom model takes none"):
+        sequence_scores(build_bloom_reward_model(bloom), collate_packed([samples], tokenizer.pad_token_id))
+    logprobs, mask = response_logprobs(bloom, collate_padded(samples, tokenizer.pad_token_id))
+    assert logprobs.shape == mask.shape and mask.sum() == sum(len(i) - 2 for i in ids)
+
+
+def build_bloom_reward_model(bloom) -> torch.nn.Module:
+    model = AutoModelForSequenceClassification.from_config(bloom.config)
+    model.transformer.load_state_dict(bloom.transformer.state_dict())
+    return model

@@ -18,11 +18,14 @@ per layer type, a dict their forward uses as given; models without layer types t
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedModel
 
 from posttrain.errors import ConfigError
 
@@ -53,6 +56,19 @@ def windowed(attention_mask: Tensor, position_ids: Tensor, window: int) -> Tenso
     return attention_mask.masked_fill(outside, torch.finfo(attention_mask.dtype).min)
 
 
+@functools.cache
+def _forward_takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
+
+
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the transformers model inside `model` (itself, a peft wrapper's base, a reward model's trunk) takes
+    `position_ids`. Those that do not (Bloom and MPT, whose ALiBi biases count positions along the 2-D mask;
+    Mamba, RWKV) cannot restart positions at every sample of a packed row."""
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return inner is None or _forward_takes_position_ids(type(inner))
+
+
 def layer_attention_mask(model: torch.nn.Module, attention_mask: Tensor | None,
                          position_ids: Tensor | None) -> Tensor | dict[str, Tensor] | None:
     """What `model` (a causal LM, a peft wrapper, a reward model's trunk) should get as `attention_mask`.
@@ -60,18 +76,22 @@ def layer_attention_mask(model: torch.nn.Module, attention_mask: Tensor | None,
     A 2-D mask or None is returned as it is (transformers builds the layers' masks). A 4-D mask of a
     model without a sliding window is returned as it is; with one, the mask with the window cut in
     (`windowed`), or for models with per-layer types a dict {layer type: mask}. A model with layer types
-    other than full and sliding attention (chunked, linear...) cannot be given an exact 4-D mask: a
-    ConfigError.
+    other than full and sliding attention (chunked, linear...), or one whose forward takes no position_ids
+    (`takes_position_ids`), cannot be given an exact 4-D mask: a ConfigError.
     """
     if attention_mask is None or attention_mask.dim() != 4:
         return attention_mask
     config = _text_config(model)
     layer_types = getattr(config, "layer_types", None)
     unknown = sorted(set(layer_types or ()) - set(LAYER_TYPES))
+    use_padded = "use padded batches (data.batch_mode=padded, update.padding_free=false)"
     if unknown:
         raise ConfigError(f"padding-free and packed batches need full or sliding-window attention in every "
-                          f"layer; this {config.model_type} model has {', '.join(unknown)} layers: use padded "
-                          f"batches (data.batch_mode=padded, update.padding_free=false)")
+                          f"layer; this {config.model_type} model has {', '.join(unknown)} layers: {use_padded}")
+    if not takes_position_ids(model):
+        raise ConfigError(f"padding-free and packed batches restart position_ids at every sample; this "
+                          f"{config.model_type} model takes none (its positions come from the 2-D attention "
+                          f"mask): {use_padded}")
     window = sliding_window(config)
     if window is None:
         return attention_mask

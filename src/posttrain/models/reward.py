@@ -7,6 +7,13 @@ default, so the saved model loads with plain `AutoModelForSequenceClassification
 (hidden -> hidden, GELU, -> 1; recorded in the config as `reward_head`, and loaded with
 `load_reward_model`).
 
+Many architectures have no sequence-classification class in transformers (Granite, Cohere, OLMoE, Gemma 4, Llama 4,
+GLM-4 MoE, nanochat...: over half of its causal LMs). For those, `register_sequence_classification` builds one
+the way transformers builds its own for Llama or Qwen (its `GenericForSequenceClassification`: the architecture's
+trunk under the causal LM's prefix, so a causal LM checkpoint's trunk weights load into it, and a linear `score`
+without bias) and registers it with `AutoModelForSequenceClassification`, so that every loader in this process
+builds, saves and reloads such a reward model or critic as it does the others.
+
 Scores are read here, not by the transformers forward: that one finds the last token that is not
 `pad_token_id`, which is wrong whenever the tokenizer pads with its EOS (the last real token *is*
 an EOS). Here the position comes from the attention mask — the last attended token whatever the
@@ -33,6 +40,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.modeling_layers import GenericForSequenceClassification
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from posttrain.algos import last_token_index
 from posttrain.models.attention import attention_inputs
@@ -54,6 +64,31 @@ class MLPHead(nn.Sequential):
         super().__init__(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, 1))
 
 
+def register_sequence_classification(path: str | Path) -> type | None:
+    """The sequence-classification class `AutoModelForSequenceClassification` builds for the model saved at `path`:
+    transformers' own, or for an architecture that has none, one made here and registered (see the module doc).
+    None for a model of custom code (its `auto_map` decides) or a model type with no trunk class to build on."""
+    model_type = json.loads((check_model_dir(path) / "config.json").read_text()).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return None
+    config_class = CONFIG_MAPPING[model_type]  # (a lazy mapping: its .get finds nothing)
+    registered = AutoModelForSequenceClassification._model_mapping
+    if config_class in registered:
+        return registered[config_class]
+    if config_class not in MODEL_MAPPING:
+        return None
+    trunk = MODEL_MAPPING[config_class]
+    base = next(c for c in trunk.__mro__ if issubclass(c, PreTrainedModel) and c.__name__.endswith("PreTrainedModel"))
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING[config_class] if config_class in MODEL_FOR_CAUSAL_LM_MAPPING else None
+    # The trunk's attribute is the causal LM's, so that its checkpoint's "model.*" (or "transformer.*") keys land in it.
+    prefix = getattr(causal, "base_model_prefix", "") or base.base_model_prefix or "model"
+    name = trunk.__name__.removesuffix("Model") + "ForSequenceClassification"
+    made = type(name, (GenericForSequenceClassification, base), {"base_model_prefix": prefix,
+                                                                 "__module__": __name__})
+    AutoModelForSequenceClassification.register(config_class, made, exist_ok=True)
+    return made
+
+
 def build_reward_model(path: str | Path, *, head: str = "linear", head_width: int = 0, pad_token_id: int | None = None,
                        dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | str = "cpu",
                        disable_dropout: bool = False, reward_scale: float = 1.0,
@@ -70,6 +105,8 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         raise ValueError(f"unknown reward head {head!r}; allowed: {', '.join(REWARD_HEADS)}")
     if reward_reduction not in LIKELIHOOD_REDUCTIONS:
         raise ValueError(f"unknown reward reduction {reward_reduction!r}; allowed: {', '.join(LIKELIHOOD_REDUCTIONS)}")
+    if head != "likelihood":
+        register_sequence_classification(path)
     auto_class = AutoModelForCausalLM if head == "likelihood" else AutoModelForSequenceClassification
     extra = {} if head == "likelihood" else {"num_labels": 1}
     model, _ = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
@@ -95,6 +132,8 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
     """A saved reward model (either head), ready to score (in eval mode); `disable_dropout` as
     `build_reward_model`'s, for one that trains on (a critic)."""
     likelihood = saved_head(path) == "likelihood"
+    if not likelihood:
+        register_sequence_classification(path)
     auto_class = AutoModelForCausalLM if likelihood else AutoModelForSequenceClassification
     model, directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype,
                                       device=device)
