@@ -42,6 +42,7 @@ JSONL_CASES = [
     ("missing-column-suggests", [{"promt": "q", "completion": "a"}], SFT, 1, "prompt",
      "did you mean 'promt'? (rename it with data.columns.prompt=promt)"),
     ("missing-column-later-row", [GOOD, {"prompt": "q"}], SFT, 2, "completion", "missing column 'completion'"),
+    ("null-value", [GOOD, {"prompt": "q", "completion": None}], SFT, 2, "completion", "is null: this row has no value"),
     ("prompt-wrong-type", [{"prompt": 42, "completion": "a"}], SFT, 1, "prompt", "got an integer"),
     ("empty-prompt", [{"prompt": "  ", "completion": "a"}], SFT, 1, "prompt", "empty prompt"),
     ("empty-completion", [GOOD, {"prompt": "q", "completion": ""}], SFT, 2, "completion", "empty completion"),

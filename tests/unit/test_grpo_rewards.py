@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from posttrain.data.tasks import get_task
+from posttrain.errors import ConfigError
 from posttrain.rewards import (
     REWARD_FUNCTIONS,
     Completions,
@@ -52,8 +53,12 @@ def test_registered_callables_are_reward_functions_by_name():
 
 def test_a_reward_function_must_score_every_completion():
     rewards = WeightedRewards({"short": (lambda b: [1.0], 1.0)})
-    with pytest.raises(ValueError, match="1 scores for 2 completions"):
+    with pytest.raises(ConfigError, match="1 scores for 2 completions") as caught:
         rewards(batch("a", "b"))
+    assert caught.value.field == "reward.functions.short"
+    with pytest.raises(ConfigError, match="one number per completion") as caught:
+        WeightedRewards({"texts": (lambda b: ["high", "low"], 1.0)})(batch("a", "b"))
+    assert caught.value.field == "reward.functions.texts"
 
 
 def test_task_rewards_need_a_task_and_unknown_names_are_listed():

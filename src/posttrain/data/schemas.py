@@ -137,7 +137,9 @@ def normalise_row(raw: Mapping[str, Any], fmt: str, where: Where) -> dict[str, A
         raise where.error(f"a row must be an object of columns, got {_kind(raw)}")
     spec = SPECS[fmt]
     for column in spec.required:
-        if column not in raw or raw[column] is None:
+        if column in raw and raw[column] is None:  # the column is there, this row's value is not
+            raise where.error("is null: this row has no value for it", field=column)
+        if column not in raw:
             raise where.error(f"missing column {column!r}{suggest_column(column, list(raw))}", field=column)
     return _NORMALISERS[fmt](raw, where) | {"line": where.line}
 

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from posttrain.algos import Registry
 from posttrain.data.tasks.base import Task
+from posttrain.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,10 +323,11 @@ class WeightedRewards:
             try:
                 values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
             except (TypeError, ValueError, RuntimeError) as err:
-                raise ValueError(f"reward function {name!r} must return one number per completion ({err})") from None
-            if values.numel() != len(batch):
-                raise ValueError(f"reward function {name!r} returned {values.numel()} scores for {len(batch)} "
-                                 "completions")
+                raise ConfigError(f"must return one number per completion ({err})",
+                                  field=f"reward.functions.{name}") from None
+            if values.numel() != len(batch):  # a fault of the function, not of a row: stop with a one-line error
+                raise ConfigError(f"returned {values.numel()} scores for {len(batch)} completions",
+                                  field=f"reward.functions.{name}")
             bad = ~torch.isfinite(values)
             errors.extend({"function": name, "row": i, "error": f"returned {values[i].item()!r}, not a finite number"}
                           for i in bad.nonzero().flatten().tolist())
