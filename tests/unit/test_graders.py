@@ -196,6 +196,21 @@ def test_score_model_reward_model_is_clipped_and_scaled(tmp_path, tiny_model, to
     assert scores == pytest.approx(expected, abs=1e-6) and max(scores) == 1.0 and min(scores) == 0.0
 
 
+def test_score_model_takes_a_likelihood_reward_model_for_a_reward_model_not_a_judge(tmp_path, tiny_model, tokenizer):
+    """It is saved as a causal LM (LlamaForCausalLM): its config's reward_head, not the architecture, says it scores."""
+    from posttrain.models import save_pretrained
+    from posttrain.models.reward import build_reward_model
+    from posttrain.rewards import RewardModelScorer
+
+    lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")
+    rm = save_pretrained(build_reward_model(lm, head="likelihood", reward_scale=0.5), tokenizer, tmp_path / "rm")
+    outputs, items = ["5", "seven", "12"], [{"question": "What is 2+3?"}] * 3
+    raw = RewardModelScorer.from_pretrained(rm).score([[{"role": "user", "content": "What is 2+3?"}]] * 3, outputs)
+    low, high = float(raw.min()), float(raw.max())
+    scores = grade({"type": "score_model", "model": str(rm), "range": [low, high]}, outputs, items).scores
+    assert scores == pytest.approx([(float(r) - low) / (high - low) for r in raw], abs=1e-6)
+
+
 def test_score_model_judge_reads_the_last_number_in_range(tmp_path, tiny_model, tokenizer, monkeypatch):
     from posttrain.models import save_pretrained
     from posttrain.rewards.graders.score_model import ScoreModelGrader

@@ -34,8 +34,10 @@ class ScoreModelGrader:
         config = self.path / "config.json"
         if not config.is_file():
             raise spec.error(f"no model directory at {self.path} (config.json missing)", "model")
-        architectures = json.loads(config.read_text()).get("architectures") or [""]
-        self.is_reward_model = architectures[0].endswith("ForSequenceClassification")
+        saved = json.loads(config.read_text())
+        architectures = saved.get("architectures") or [""]
+        # A likelihood reward model is saved as a causal LM: its config's reward_head says it scores, not judges.
+        self.is_reward_model = architectures[0].endswith("ForSequenceClassification") or "reward_head" in saved
         messages = spec.get("input", list, DEFAULT_INPUT)
         self.messages = [_message(spec, i, m) for i, m in enumerate(messages)]
         if self.is_reward_model and (not self.messages or self.messages[-1][0] != "assistant"):
