@@ -16,14 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from posttrain.eval.accuracy import paired_interval, wilson_interval  # noqa: E402
-from posttrain.eval.headroom import headroom_lines, headroom_rows  # noqa: E402
-from posttrain.train.metrics import read_metrics  # noqa: E402
+from posttrain.eval.accuracy import paired_interval, wilson_interval
+from posttrain.eval.headroom import headroom_lines, headroom_rows
+from posttrain.eval.plotting import pyplot
+from posttrain.train.metrics import read_metrics
 
 Summaries = dict[str, dict[str, Any]]
 
@@ -70,6 +66,7 @@ def reward_model_result(summary: dict[str, Any]) -> str:
 
 def plot_accuracy(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
     """Bar chart of held-out exact match per stage with 95% error bars, one panel per task."""
+    plt = pyplot()
     scored = [r for r in rows if r["accuracy"] is not None]
     if not scored:
         return None
@@ -97,6 +94,7 @@ def plot_accuracy(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) 
 
 def plot_stage_curves(demo_dir: Path, stages: list[str], out: Path) -> Path | None:
     """One panel per stage: its training loss against the step, and its mean reward on a second axis."""
+    plt = pyplot()
     curves = {name: read_metrics(demo_dir / name / "metrics.jsonl") for name in stages
               if (demo_dir / name / "metrics.jsonl").is_file()}
     curves = {name: rows for name, rows in curves.items() if rows}
@@ -131,6 +129,7 @@ def _plot_series(ax: Any, rows: list[dict[str, Any]], key: str, color: str) -> N
 def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """Mean reward of samples at temperature 1 against KL(stage || its starting model), per RL / preference
     stage, with the starting models at KL 0: how much reward each stage bought with how much drift."""
+    plt = pyplot()
     measured = [r for r in rows if r["kl"] is not None and r["sampled_reward"] is not None]
     if not measured:
         return None
@@ -152,6 +151,7 @@ def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
 def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
     """One panel per task: per category, each stage's sampled accuracy (bar), greedy accuracy (dash) and pass@k
     (dot): the gap from the bar to the dot is what RL can still capture."""
+    plt = pyplot()
     if not rows:
         return None
     panels = sorted({tasks.get(r["stage"], "arith") for r in rows})
@@ -243,6 +243,7 @@ def _interval(gain: tuple[float, float, float] | None) -> str:
 
 
 def _save(fig: Any, out: Path) -> Path:
+    plt = pyplot()
     fig.tight_layout(rect=(0, 0, 1, 0.97) if fig._suptitle is not None else None)  # room for the suptitle
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

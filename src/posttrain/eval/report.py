@@ -6,22 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from posttrain.eval.headroom import headroom_lines, headroom_rows  # noqa: E402
-from posttrain.eval.heldout import headroom_summaries  # noqa: E402
-from posttrain.train.dist import is_main_process  # noqa: E402
-from posttrain.train.metrics import read_metrics  # noqa: E402
-from posttrain.train.run_dir import RunDir  # noqa: E402
+from posttrain.eval.headroom import headroom_lines, headroom_rows
+from posttrain.eval.heldout import headroom_summaries
+from posttrain.eval.plotting import pyplot
+from posttrain.train.dist import is_main_process
+from posttrain.train.metrics import read_metrics
+from posttrain.train.run_dir import RunDir
 
 CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
 
 
 def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | None:
     """One panel per metric that the run logged, against the optimizer step."""
+    plt = pyplot()
     keys = [k for k in CURVE_KEYS if any(r.get(k) is not None for r in metrics)]
     if not keys:
         return None

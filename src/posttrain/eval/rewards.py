@@ -11,19 +11,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from posttrain.config import param  # noqa: E402
-from posttrain.data.config import DataConfig  # noqa: E402
-from posttrain.data.pipeline import Prepared  # noqa: E402
-from posttrain.data.tasks import TASKS  # noqa: E402
-from posttrain.errors import ConfigError  # noqa: E402
-from posttrain.models.reward import scores_at, sequence_scores  # noqa: E402
-from posttrain.train.comparisons import comparison_matrix, ordered_pair_accuracy, ordered_pairs  # noqa: E402
+from posttrain.config import param
+from posttrain.data.config import DataConfig
+from posttrain.data.pipeline import Prepared
+from posttrain.data.tasks import TASKS
+from posttrain.errors import ConfigError
+from posttrain.eval.plotting import pyplot
+from posttrain.models.reward import scores_at, sequence_scores
+from posttrain.train.comparisons import comparison_matrix, ordered_pair_accuracy, ordered_pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +94,7 @@ def comparison_metrics(rows: list[torch.Tensor], prefix: str = "eval_") -> dict[
 
 def plot_reward_distribution(rows: list[torch.Tensor], out: Path, title: str) -> Path:
     """Histogram of held-out rewards, chosen (best) against rejected (the others)."""
+    plt = pyplot()
     chosen = [row[0].item() for row in rows]
     rejected = [v for row in rows for v in row[1:].tolist()]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
