@@ -3,6 +3,7 @@ weights is SFT on the rows weighted 1, and a run trains on exactly the completio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from posttrain.data.pipeline import prepare_data
 from posttrain.recipes import find_recipe
 from posttrain.recipes.rejection import RejectionConfig, main, pass_at_n, select_kept
 from posttrain.recipes.sft import sft_loss_fn, step_source
+from posttrain.rewards.functions import register_reward_function
 from posttrain.train.engine import TrainConfig
 from posttrain.train.metrics import read_metrics
 
@@ -88,3 +90,40 @@ def test_rejection_run_trains_on_exactly_the_kept_best(pretrained_run, tmp_path)
         assert 0 <= by_round[r]["pass_at_n"] <= 1
     assert result.summary["rounds"] == 2 and len(result.summary["per_round"]) == 2
     assert (result.final_dir / "config.json").is_file()
+
+
+
+def test_completions_no_sft_row_can_hold_are_never_kept(pretrained_run, tmp_path, monkeypatch):
+    """A model may end at once, sample only special tokens (decoded to nothing) or open a <think> it never
+    closes, and a reward may score that highest. Kept, it stopped the round at tokenisation ("<rows>:2:
+    completion: empty completion"); now the best completion an SFT row can hold is kept. The engine's samples
+    are rewritten, per prompt: "", "<think>so", "5", "6", every one finished."""
+    import posttrain.recipes.rejection as rejection
+
+    texts, reasons = ["", "<think>so", "5", "6"], ["stop"] * 4
+
+    class Rewritten:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def generate(self, prompts, params, **kwargs):
+            rollout = self.engine.generate(prompts, params, **kwargs)
+            rows = len(rollout.texts)
+            return dataclasses.replace(rollout, texts=texts * (rows // 4), finish_reasons=reasons * (rows // 4))
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+    make_engine = rejection.make_engine
+    monkeypatch.setattr(rejection, "make_engine", lambda *args: Rewritten(make_engine(*args)))
+    register_reward_function("test_rejection_prefers_no_answer")(
+        lambda batch: [{"": 3.0, "<think>so": 2.0, "5": 1.0}.get(t, 0.5) for t in batch.completions])
+    overrides = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+                 "train.save_every=0", "data.size=32", "prompts_per_round=4", "rounds=1", "train.max_steps=1",
+                 "train.batch_size=2", "train.micro_batch_size=2", "sampling.samples_per_prompt=4",
+                 "sampling.max_new_tokens=4", "select.threshold=0",
+                 "reward.functions={test_rejection_prefers_no_answer: 1.0}", "eval.problems=0", "eval_before=false"]
+    result = main(load_config(RejectionConfig, find_recipe("rejection").path, overrides))
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    kept = [s["completion"] for s in samples if s.get("kept")]
+    assert kept == ["5"] * 4

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.schemas import holds_as_answer
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval import heldout
@@ -144,10 +145,19 @@ def check_config(cfg: RejectionConfig) -> None:
     check_reward_functions(cfg.reward)
 
 
+def trainable(rollout: Rollout) -> Tensor:
+    """The completions an SFT row can hold [B] (bool): finished (not cut at max_new_tokens) and with an answer
+    (`holds_as_answer`: not empty, as when the model ends at once or samples only special tokens; no stray
+    <think>). A reward may score the others highest; selecting one would stop the round at tokenisation."""
+    answers = torch.tensor([holds_as_answer(text) for text in rollout.texts], dtype=torch.bool)
+    return ~rollout.truncated & answers
+
+
 def select_kept(rewards: Tensor, prompt_index: Tensor, texts: Sequence[str], finished: Tensor, mode: str,
                 threshold: float, dedupe: bool = True) -> list[int]:
     """Rows to keep (ascending): per prompt the best finished completion scoring >= threshold (ties: the
-    first sampled), or every finished one scoring >= threshold (identical texts once with dedupe)."""
+    first sampled), or every finished one scoring >= threshold (identical texts once with dedupe). `finished`
+    marks the rows that may be kept (`trainable`)."""
     kept: list[int] = []
     for prompt in torch.unique(prompt_index).tolist():
         rows = [i for i in (prompt_index == prompt).nonzero().flatten().tolist()
@@ -220,15 +230,16 @@ class RejectionStepSource:
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
         select = self.cfg.select
-        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, ~rollout.truncated, select.mode,
+        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout), select.mode,
                            select.threshold, select.dedupe)
         self._write_samples(rollout, completions, scores, set(kept))
         self.round_metrics = self._metrics(rollout, completions, scores, kept)
         self.round_metrics["generation_s"] = time.perf_counter() - start
         self.history.append({k: v for k, v in self.round_metrics.items() if k != "generation_s"})
         if not kept:
-            raise DataError(f"round {self.prompts.rounds}: no completion scored >= select.threshold "
-                            f"({select.threshold}); lower it or sample more (sampling.samples_per_prompt)")
+            raise DataError(f"round {self.prompts.rounds}: no finished completion with an answer scored >= "
+                            f"select.threshold ({select.threshold}); lower it or sample more "
+                            "(sampling.samples_per_prompt)")
         pairs = [{"prompt": completions.prompts[i], "completion": completions.completions[i]} for i in kept]
         data = DataConfig(source="<kept>", max_length=self.cfg.data.max_length, template=self.cfg.data.template,
                           thinking=self.cfg.data.thinking, truncation="drop")
