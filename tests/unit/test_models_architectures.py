@@ -229,9 +229,7 @@ def test_padding_free_batches_on_a_model_that_takes_no_position_ids_are_a_config
     """Bloom counts its ALiBi positions along the 2-D attention mask and takes no position_ids: a packed row
     would run its second sample on from the first's positions. A one-line error naming the fix, not transformers'
     `ValueError: too many values to unpack`; padded batches run."""
-    torch.manual_seed(0)
-    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2,
-                                                         n_head=4, pad_token_id=tokenizer.pad_token_id))
+    bloom = tiny_bloom(tokenizer)
     ids = [tokenizer(t)["input_ids"] for t in ["What is 2+3? 5", "Hi there, you"]]
     samples = [{"input_ids": i, "response_mask": [0, 0] + [1] * (len(i) - 2)} for i in ids]
     with pytest.raises(ConfigError, match="this bloom model takes none .*data.batch_mode=padded, "
@@ -247,3 +245,42 @@ def build_bloom_reward_model(bloom) -> torch.nn.Module:
     model = AutoModelForSequenceClassification.from_config(bloom.config)
     model.transformer.load_state_dict(bloom.transformer.state_dict())
     return model
+
+
+def tiny_bloom(tokenizer) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(BloomConfig(
+        vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+def test_a_stage_on_a_model_that_cannot_pack_runs_on_padded_batches_and_says_so(tokenizer, tiny_model, tmp_path,
+                                                                               caplog):
+    """Padding-free is every stage's default; on Bloom a stage switches to padded batches (the settings it has),
+    warns once, and records it in the run's config. A model that can pack keeps its settings."""
+    from posttrain.recipes import find_recipe
+    from posttrain.recipes.grpo import GRPOConfig
+    from posttrain.recipes.layout import batches_for
+    from posttrain.recipes.sft import main as sft_main
+
+    bloom = tiny_bloom(tokenizer)
+    sft = load_config(SFTConfig, find_recipe("sft").path)
+    grpo = load_config(GRPOConfig, find_recipe("grpo").path)
+    assert sft.data.batch_mode == "padding_free" and grpo.update.padding_free
+    assert batches_for(sft, tiny_model) is sft and batches_for(grpo, tiny_model) is grpo
+    assert batches_for(sft, bloom).data.batch_mode == "padded"
+    switched = batches_for(grpo, bloom)
+    assert not switched.update.padding_free and switched.data == grpo.data  # prompts are padded anyway
+    bloom_dir = save_pretrained(bloom, tokenizer, tmp_path / "bloom")
+    cfg = load_config(SFTConfig, find_recipe("sft").path, [
+        f"model.path={bloom_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "data.source=arith", "data.size=8",
+        "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4", "train.save_every=0", "eval.problems=0",
+        "eval_before=false"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="posttrain"):
+        result = sft_main(cfg)
+    assert [r.getMessage() for r in caplog.records if "padded batches" in r.getMessage()] == [
+        "padding-free and packed batches restart position_ids at every sample; this bloom model takes none (its "
+        "positions come from the 2-D attention mask): this run uses padded batches (data.batch_mode=padded)"]
+    assert "batch_mode: padded" in (result.run_dir / "config.yaml").read_text()
+    assert (result.final_dir / "config.json").is_file()

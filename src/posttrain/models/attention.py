@@ -69,6 +69,20 @@ def takes_position_ids(model: torch.nn.Module) -> bool:
     return inner is None or _forward_takes_position_ids(type(inner))
 
 
+def packing_obstacle(model: torch.nn.Module) -> str | None:
+    """Why `model` cannot take padding-free or packed batches (samples side by side in a row, kept apart by a 4-D
+    block mask and position_ids that restart at each), or None when it can."""
+    config = _text_config(model)
+    unknown = sorted(set(getattr(config, "layer_types", None) or ()) - set(LAYER_TYPES))
+    if unknown:
+        return (f"padding-free and packed batches need full or sliding-window attention in every layer; this "
+                f"{config.model_type} model has {', '.join(unknown)} layers")
+    if not takes_position_ids(model):
+        return (f"padding-free and packed batches restart position_ids at every sample; this {config.model_type} "
+                "model takes none (its positions come from the 2-D attention mask)")
+    return None
+
+
 def layer_attention_mask(model: torch.nn.Module, attention_mask: Tensor | None,
                          position_ids: Tensor | None) -> Tensor | dict[str, Tensor] | None:
     """What `model` (a causal LM, a peft wrapper, a reward model's trunk) should get as `attention_mask`.
@@ -81,17 +95,11 @@ def layer_attention_mask(model: torch.nn.Module, attention_mask: Tensor | None,
     """
     if attention_mask is None or attention_mask.dim() != 4:
         return attention_mask
+    obstacle = packing_obstacle(model)
+    if obstacle is not None:
+        raise ConfigError(f"{obstacle}: use padded batches (data.batch_mode=padded, update.padding_free=false)")
     config = _text_config(model)
     layer_types = getattr(config, "layer_types", None)
-    unknown = sorted(set(layer_types or ()) - set(LAYER_TYPES))
-    use_padded = "use padded batches (data.batch_mode=padded, update.padding_free=false)"
-    if unknown:
-        raise ConfigError(f"padding-free and packed batches need full or sliding-window attention in every "
-                          f"layer; this {config.model_type} model has {', '.join(unknown)} layers: {use_padded}")
-    if not takes_position_ids(model):
-        raise ConfigError(f"padding-free and packed batches restart position_ids at every sample; this "
-                          f"{config.model_type} model takes none (its positions come from the 2-D attention "
-                          f"mask): {use_padded}")
     window = sliding_window(config)
     if window is None:
         return attention_mask

@@ -40,6 +40,7 @@ from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.heads import floating_dtype
 from posttrain.models.likelihood import per_sequence_sums, response_logprobs
+from posttrain.recipes.layout import batches_for
 from posttrain.recipes.rl import (
     PromptStream,
     RewardConfig,
@@ -130,6 +131,7 @@ def main(cfg: DPOConfig) -> RunResult:
     on_policy = cfg.pairs.source == "on_policy"
     check_dpo_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
+    cfg = batches_for(cfg, model)
     progress = RunProgress.for_run(cfg.run)
     # On-policy: the data holds prompts (never collated); data.batch_mode is the layout of the pairs.
     data = dataclasses.replace(cfg.data, batch_mode="padded") if on_policy else cfg.data

@@ -37,6 +37,7 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, save_trained
 from posttrain.models.likelihood import per_sequence_sums, response_logprobs
+from posttrain.recipes.layout import batches_for
 from posttrain.train.comparisons import comparison_matrix, comparison_step_source
 from posttrain.train.engine import StepBatch, StepSource, TrainConfig, Trainer, forward_precision
 from posttrain.train.progress import RunProgress
@@ -87,6 +88,7 @@ def main(cfg: KTOConfig) -> RunResult:
         raise ConfigError("z0 is estimated over the rows of a micro-batch: set train.micro_batch_size >= 2",
                           field="train.micro_batch_size")
     tokenizer, model = load_tokenizer_and_model(cfg.model)
+    cfg = batches_for(cfg, model)
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["kto"], mask_dtype=model.dtype,
                             bars=progress.library_bars())

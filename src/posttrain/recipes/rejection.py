@@ -38,6 +38,7 @@ from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.recipes.layout import batches_for
 from posttrain.recipes.rl import (
     PromptStream,
     RewardConfig,
@@ -99,6 +100,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     seed_everything(cfg.run.seed)
     check_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
+    cfg = batches_for(cfg, model)
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype,
                             bars=progress.library_bars())

@@ -72,6 +72,7 @@ from posttrain.models.adapters import apply_adapter, save_trained
 from posttrain.models.heads import floating_dtype
 from posttrain.models.likelihood import response_logprobs
 from posttrain.models.value import ActorCritic
+from posttrain.recipes.layout import batches_for
 from posttrain.recipes.rl import (
     GoldAnswers,
     PromptStream,
@@ -689,6 +690,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     if cfg.adapter.method == "prefix":  # its virtual tokens do not fit a block-diagonal mask
         cfg = dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, padding_free=False))
     tokenizer, actor = load_tokenizer_and_model(cfg.model)
+    cfg = batches_for(cfg, actor)
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS[stage], mask_dtype=actor.dtype,
                             bars=progress.library_bars())

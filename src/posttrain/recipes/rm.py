@@ -66,6 +66,7 @@ from posttrain.models.reward import (
     scores_at,
     sequence_scores,
 )
+from posttrain.recipes.layout import batches_for
 from posttrain.recipes.rl import (
     RewardConfig,
     SamplingConfig,
@@ -156,6 +157,7 @@ def main(cfg: RMConfig) -> RunResult:
                                pad_token_id=tokenizer.pad_token_id, dtype=cfg.model.dtype,
                                trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout(),
                                reward_scale=cfg.reward_scale, reward_reduction=cfg.reward_reduction)
+    cfg = batches_for(cfg, model)
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
     progress = RunProgress.for_run(cfg.run)
     on_policy = cfg.pairs.source == "on_policy"

@@ -28,6 +28,7 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.likelihood import response_logprobs
+from posttrain.recipes.layout import batches_for
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
@@ -56,6 +57,7 @@ def main(cfg: SFTConfig) -> RunResult:
         raise ConfigError("SFT fine-tunes an existing model: set model.path (e.g. runs/pretrain/final, from "
                           "`posttrain pretrain`)", field="model.path")
     tokenizer, model = load_tokenizer_and_model(cfg.model, compares_logprobs=False)  # dropout regularises SFT
+    cfg = batches_for(cfg, model)
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype,
                             bars=progress.library_bars())

@@ -1,0 +1,39 @@
+"""Padded batches for a model that cannot take padding-free or packed ones.
+
+Padding-free batches are every stage's default (packed ones a choice). A model that cannot keep the samples of one
+row apart (`models.attention.packing_obstacle`: Bloom and MPT, whose positions come from the 2-D mask; hybrids with
+linear-attention, convolution or state-space layers) would stop at its first forward; its stage runs on padded
+batches instead, the same losses with the padding computed, says so once, and its saved config records it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, TypeVar
+
+import torch
+
+from posttrain.models.attention import packing_obstacle
+
+logger = logging.getLogger("posttrain")
+C = TypeVar("C")
+
+
+def batches_for(cfg: C, model: torch.nn.Module) -> C:
+    """`cfg` with data.batch_mode=padded and update.padding_free=false (those it has and sets otherwise) when `model`
+    cannot take padding-free or packed batches; `cfg` itself when it can."""
+    obstacle = packing_obstacle(model)
+    if obstacle is None:
+        return cfg
+    changes: dict[str, Any] = {}
+    data, update = getattr(cfg, "data", None), getattr(cfg, "update", None)
+    if data is not None and data.batch_mode != "padded":
+        changes["data"] = dataclasses.replace(data, batch_mode="padded")
+    if update is not None and update.padding_free:
+        changes["update"] = dataclasses.replace(update, padding_free=False)
+    if changes:
+        names = {"data": "data.batch_mode=padded", "update": "update.padding_free=false"}
+        settings = ", ".join(names[key] for key in changes)
+        logger.warning("%s: this run uses padded batches (%s)", obstacle, settings)
+    return dataclasses.replace(cfg, **changes)
