@@ -180,19 +180,21 @@ def test_all_linear_is_accepted_as_an_override():
 
 def tiny_classifierless_lm(kind: str, tokenizer) -> torch.nn.Module:
     """A tiny causal LM of an architecture transformers has no sequence-classification class for: Granite (its
-    multipliers away from 1, so a trunk built some other way would score differently) or Cohere (a trunk under
-    the same `model` prefix, a LayerNorm with no bias)."""
+    multipliers away from 1, so a trunk built some other way would score differently), Cohere (a LayerNorm with no
+    bias) or Falcon-H1 (Mamba mixers beside attention, and a non-persistent buffer that only initialisation sets)."""
     torch.manual_seed(0)
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id)
-    extra = ({"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3}
-             if kind == "granite" else {"logit_scale": 0.5})
+    extra = {"granite": {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3},
+             "cohere": {"logit_scale": 0.5},
+             "falcon_h1": {"head_dim": 8, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_ssm": 32, "mamba_n_groups": 1,
+                           "mamba_d_state": 8, "mamba_d_conv": 4}}[kind]
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **common, **extra))
 
 
-@pytest.mark.parametrize("kind", ["granite", "cohere"])
+@pytest.mark.parametrize("kind", ["granite", "cohere", "falcon_h1"])
 def test_reward_models_and_critics_of_architectures_transformers_has_no_classifier_for(kind, tokenizer, tmp_path):
     """transformers has no GraniteForSequenceClassification (nor Cohere's): the reward model is built the way it
     builds Llama's, from the causal LM's own trunk, scores at the last real token, saves and loads back (in a

@@ -83,8 +83,10 @@ def register_sequence_classification(path: str | Path) -> type | None:
     # The trunk's attribute is the causal LM's, so that its checkpoint's "model.*" (or "transformer.*") keys land in it.
     prefix = getattr(causal, "base_model_prefix", "") or base.base_model_prefix or "model"
     name = trunk.__name__.removesuffix("Model") + "ForSequenceClassification"
+    # Named as the trunk's module: transformers treats a class from outside its package as custom code and skips
+    # initialising modules whose own weights all loaded, leaving e.g. Falcon-H1's non-persistent mup_vector unset.
     made = type(name, (GenericForSequenceClassification, base), {"base_model_prefix": prefix,
-                                                                 "__module__": __name__})
+                                                                 "__module__": trunk.__module__})
     AutoModelForSequenceClassification.register(config_class, made, exist_ok=True)
     return made
 
