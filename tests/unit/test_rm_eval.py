@@ -73,3 +73,23 @@ def test_first_error_by_hand() -> None:
     assert first_bad(good, mask).tolist() == [1, 3, 0, 2]  # no error: the step count
     assert good_steps(torch.tensor([-0.1, 0.1]), "classification").tolist() == [False, True]
     assert good_steps(torch.tensor([0.4, 0.6]), "regression").tolist() == [False, True]
+
+
+def test_the_reward_histogram_leaves_out_rewards_that_are_not_finite_and_says_how_many(tmp_path):
+    """A diverged reward model scores NaN; the report's histogram of the other rewards is still drawn (binning a
+    NaN raised "autodetected range of [nan, nan] is not finite" and lost the report)."""
+    from posttrain.eval.plotting import pyplot
+    from posttrain.eval.rewards import plot_reward_distribution
+
+    titles = []
+    plt = pyplot()
+    save = plt.Figure.savefig
+    plt.Figure.savefig = lambda fig, *a, **k: titles.append(fig.axes[0].get_title()) or save(fig, *a, **k)
+    try:
+        rows = [torch.tensor([1.0, 0.5, float("nan")]), torch.tensor([float("nan"), 0.2, float("inf")])]
+        out = plot_reward_distribution(rows, tmp_path / "hist.png", "held-out rewards")
+        plot_reward_distribution([torch.tensor([1.0, 0.5])], tmp_path / "ok.png", "held-out rewards")
+    finally:
+        plt.Figure.savefig = save
+    assert out.stat().st_size > 0
+    assert titles == ["held-out rewards (3 not finite, left out)", "held-out rewards"]

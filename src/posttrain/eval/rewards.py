@@ -8,6 +8,7 @@ by default: problems training never saw), tokenised and collated the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,18 @@ def comparison_metrics(rows: list[torch.Tensor], prefix: str = "eval_") -> dict[
 
 
 def plot_reward_distribution(rows: list[torch.Tensor], out: Path, title: str) -> Path:
-    """Histogram of held-out rewards, chosen (best) against rejected (the others)."""
+    """Histogram of held-out rewards, chosen (best) against rejected (the others). Rewards that are not finite (a
+    diverged model) cannot be binned: they are left out, and the title counts them."""
     plt = pyplot()
     chosen = [row[0].item() for row in rows]
     rejected = [v for row in rows for v in row[1:].tolist()]
+    finite = [[v for v in values if math.isfinite(v)] for values in (chosen, rejected)]
+    left_out = len(chosen) + len(rejected) - sum(map(len, finite))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.hist([chosen, rejected], bins=40, label=["chosen (best)", "rejected"], alpha=0.75, histtype="stepfilled")
+    ax.hist(finite, bins=40, label=["chosen (best)", "rejected"], alpha=0.75, histtype="stepfilled")
     ax.set_xlabel("reward")
     ax.set_ylabel("responses")
-    ax.set_title(title)
+    ax.set_title(title + (f" ({left_out} not finite, left out)" if left_out else ""))
     ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
