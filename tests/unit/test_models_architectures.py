@@ -286,3 +286,14 @@ def test_a_stage_on_a_model_that_cannot_pack_runs_on_padded_batches_and_says_so(
         "positions come from the 2-D attention mask): this run uses padded batches (data.batch_mode=padded)"]
     assert "batch_mode: padded" in (result.run_dir / "config.yaml").read_text()
     assert (result.final_dir / "config.json").is_file()
+
+
+def test_lora_all_linear_on_a_mamba_hybrid_leaves_out_the_layers_peft_refuses(tokenizer):
+    """peft refuses LoRA on the out_proj of Falcon-H1's Mamba mixers (a ValueError out of get_peft_model for
+    `all-linear`, every stage's default); all-linear there adapts every other linear layer, the attention's o_proj
+    included, and the output head stays out as always."""
+    model = tiny_classifierless_lm("falcon_h1", tokenizer)
+    expected = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                and not name.endswith("mamba.out_proj") and name != "lm_head"}
+    assert any(name.endswith("self_attn.o_proj") for name in expected)
+    assert adapted(model, ["all-linear"]) == expected

@@ -50,6 +50,23 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def peft_refused_layers(model: torch.nn.Module) -> set[str]:
+    """The linear layers' names peft's LoRA refuses for this architecture (the out_proj of Falcon-H1's, Mamba's
+    and Nemotron-H's mixers), asked of peft's own check; none when this peft has no such check."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:
+        return set()
+    refused = set()
+    for name in linear_layer_names(model):
+        try:
+            check(LoraConfig(target_modules=[name]), model, name)
+        except ValueError:
+            refused.add(name)
+    return refused
+
+
 def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> str | list[str]:
     """`LoraConfig.target_modules` for the configured `names`: peft's `all-linear`, peft's default for the
     model's architecture ([]), or the names, each checked to match a layer LoRA can adapt (peft's rule: the
@@ -59,7 +76,13 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> str | list[str
     layers = f"its linear layers: {', '.join(linear_layer_names(model))} (or all-linear for all of them)"
     names = list(names)
     if names == [ALL_LINEAR]:
-        return ALL_LINEAR
+        refused = peft_refused_layers(model)
+        if not refused:
+            return ALL_LINEAR
+        # peft refuses some of the linear layers of this architecture (Mamba mixers' out_proj): every other one.
+        from peft.utils.constants import SEQ_CLS_HEAD_NAMES  # a reward model's head trains in full, as with all-linear
+
+        return [name for name in linear_layer_names(model) if name not in refused and name not in SEQ_CLS_HEAD_NAMES]
     if ALL_LINEAR in names:
         raise ConfigError(f"{ALL_LINEAR} stands alone (it means every linear layer), got {names}", field=field)
     keys = [key for key, module in model.named_modules() if isinstance(module, LORA_LAYERS)]
