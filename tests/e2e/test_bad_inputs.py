@@ -312,6 +312,8 @@ STAGE_CASES = [
     case("ppo-critic-from-missing-rm", stage("ppo", "critic.init=reward_model"), "critic.path:",
          "critic.init=reward_model needs the reward model's directory"),
     case("ppo-prefix-adapter", stage("ppo", "adapter.method=prefix"), "adapter.method:", "prefix-tuning"),
+    case("grpo-prefix-adapter", stage("grpo", "adapter.method=prefix"), "adapter.method:",
+         "GRPO trains full weights or LoRA"),
     case("ppo-save-inside-round", stage("ppo", "train.save_every=3"), "train.save_every:",
          "checkpoints fall between rounds"),
     case("ppo-rollout-not-multiple", stage("ppo", "update.rollout_batch_size=100", "train.batch_size=64"),

@@ -3,7 +3,8 @@
 Padding-free batches are every stage's default (packed ones a choice). A model that cannot keep the samples of one
 row apart (`models.attention.packing_obstacle`: Bloom and MPT, whose positions come from the 2-D mask; hybrids with
 linear-attention, convolution or state-space layers) would stop at its first forward; its stage runs on padded
-batches instead, the same losses with the padding computed, says so once, and its saved config records it.
+batches instead, the same losses with the padding computed, says so once, and its saved config records it. So does a
+stage with a prefix-tuning adapter.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ C = TypeVar("C")
 
 
 def batches_for(cfg: C, model: torch.nn.Module) -> C:
-    """`cfg` with data.batch_mode=padded and update.padding_free=false (those it has and sets otherwise) when `model`
-    cannot take padding-free or packed batches; `cfg` itself when it can."""
+    """`cfg` with data.batch_mode=padded and update.padding_free=false (those it has and sets otherwise) when `model`,
+    or the adapter `cfg` puts on it, cannot take padding-free or packed batches; `cfg` itself when they can."""
     obstacle = packing_obstacle(model)
+    if obstacle is None and getattr(getattr(cfg, "adapter", None), "method", None) == "prefix":
+        # peft prepends the virtual tokens' keys to every row and widens a 2-D mask to match; a 4-D one it cannot.
+        obstacle = "prefix-tuning's virtual tokens do not fit the block mask of padding-free and packed batches"
     if obstacle is None:
         return cfg
     changes: dict[str, Any] = {}

@@ -91,9 +91,6 @@ def check_config(cfg: Any, stage: str = "PPO") -> None:
     if cfg.advantage.estimator == "gae" and not has_critic(cfg):
         raise ConfigError("advantage.estimator=gae reads a critic's values: set critic.kind to separate or shared",
                           field="critic.kind")
-    if cfg.adapter.method == "prefix":
-        raise ConfigError(f"{stage} trains full weights or LoRA (prefix-tuning cannot sample exactly)",
-                          field="adapter.method")
     if has_critic(cfg) and cfg.critic.kind == "separate" and cfg.critic.init == "reward_model" and not (
             cfg.critic.path or cfg.reward.model_path):
         raise ConfigError("critic.init=reward_model needs the reward model's directory: set reward.model_path "

@@ -687,8 +687,6 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     `rewards` replaces the ones built from cfg.reward."""
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
-    if cfg.adapter.method == "prefix":  # its virtual tokens do not fit a block-diagonal mask
-        cfg = dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, padding_free=False))
     tokenizer, actor = load_tokenizer_and_model(cfg.model)
     cfg = batches_for(cfg, actor)
     progress = RunProgress.for_run(cfg.run)
