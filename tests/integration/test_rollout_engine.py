@@ -3,10 +3,12 @@ stop handling, masks, finish reasons, early exit and seeded sampling, for both d
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from torch.testing import assert_close
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -307,13 +309,31 @@ def test_llama_decoder_applies_lora_adapters(tiny_model, tokenizer, prompts):
     assert logprob_mismatch(sampled.logprobs, recomputed, sampled.response_mask) < 1e-5
 
 
-def test_prefix_tuning_is_refused_rather_than_sampled_wrong(tiny_model, tokenizer, prompts):
-    from peft import PrefixTuningConfig, get_peft_model
+def test_a_prefix_tuned_model_samples_what_its_own_forward_computes(tiny_model, tokenizer, prompts):
+    """Prefix-tuning: the virtual keys and values (random here, so they matter) in front of every prompt, positions
+    offset by their count, as peft's forward computes them. Reference: each row's prompt and completion alone
+    through the peft model, no padding, no cache. Prompt tuning (virtual input embeddings) is still refused."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    policy = get_peft_model(tiny_model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    for forward in ("auto", "hf"):
-        with pytest.raises(ConfigError, match="does not support prefix or prompt tuning"):
-            LocalRolloutEngine(policy, tokenizer, forward).generate(prompts, SamplingParams(max_new_tokens=2))
+    torch.manual_seed(0)
+    policy = get_peft_model(tiny_model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        policy.prompt_encoder["default"].embedding.weight.normal_(std=1.0)
+    params = SamplingParams(max_new_tokens=6, n=2, seed=0)
+    rollout = LocalRolloutEngine(policy, tokenizer).generate(prompts, params)
+    with torch.no_grad():
+        for row in range(len(rollout.texts)):
+            prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+            completion = rollout.completion_ids[row][rollout.response_mask[row].bool()]
+            logits = policy(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1:-1]
+            expected = torch.log_softmax(logits.float(), dim=-1).gather(1, completion[:, None]).squeeze(1)
+            assert_close(rollout.logprobs[row, :len(completion)], expected, rtol=0, atol=2e-5)
+        with policy.disable_adapter():
+            plain = LocalRolloutEngine(policy, tokenizer).generate(prompts, params)
+    assert (plain.logprobs - rollout.logprobs).abs().max() > 0.01  # the prefix changes the distribution
+    tuned = get_peft_model(copy.deepcopy(tiny_model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ConfigError, match="does not support prompt-tuning adapters"):
+        LocalRolloutEngine(tuned, tokenizer).generate(prompts, SamplingParams(max_new_tokens=2))
 
 
 def test_joined_rollouts_hold_row_by_row_what_their_parts_held(tiny_model, tokenizer, prompts):

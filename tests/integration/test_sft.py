@@ -77,27 +77,23 @@ def test_prefix_tuning_changes_only_the_prefix(tiny_model, batch):
     assert changed == list(trainable)
 
 
-def test_a_prefix_tuning_stage_runs_on_padded_batches_and_refuses_an_accuracy_it_cannot_sample(
-        tiny_model, tokenizer, tmp_path):
+def test_a_prefix_tuning_stage_runs_on_padded_batches_and_samples_its_accuracy(tiny_model, tokenizer, tmp_path):
     """The recipe's padding-free batches switch to padded ones (peft widens a 2-D mask for the virtual tokens, not
-    a 4-D block mask: "Tensors must have same number of dimensions"); a held-out accuracy, which the rollout engine
-    cannot sample for a prefix-tuned model, is refused before anything is written instead of after the last step."""
-    from posttrain.errors import ConfigError
+    a 4-D block mask: "Tensors must have same number of dimensions"), and the held-out accuracy is sampled from
+    the prefix-tuned model (the rollout engine refused it, after the last step)."""
     from posttrain.models import save_pretrained
 
     model_dir = save_pretrained(tiny_model, tokenizer, tmp_path / "base")
-    overrides = [f"model.path={model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "data.source=arith",
-                 "data.size=16", "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4",
-                 "train.save_every=0", "eval_before=false", "adapter.method=prefix", "adapter.num_virtual_tokens=4"]
-    recipe = find_recipe("sft").path
-    with pytest.raises(ConfigError, match="adapter.method: the held-out accuracy on arith samples") as caught:
-        main(load_config(SFTConfig, recipe, [*overrides, "eval.problems=4"]))
-    assert "eval.problems=0" in str(caught.value) and not (tmp_path / "sft").exists()
-    result = main(load_config(SFTConfig, recipe, [*overrides, "eval.problems=0"]))
+    result = main(load_config(SFTConfig, find_recipe("sft").path, [
+        f"model.path={model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "data.source=arith",
+        "data.size=16", "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.save_every=0",
+        "eval_before=false", "eval.problems=4", "eval.max_new_tokens=4", "adapter.method=prefix",
+        "adapter.num_virtual_tokens=4"]))
     assert "batch_mode: padded" in (result.run_dir / "config.yaml").read_text()
-    losses = [m["loss"] for m in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in m]
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert (result.final_dir / "adapter_config.json").is_file()
+    assert "eval_accuracy" in metrics[-1] and (result.final_dir / "adapter_config.json").is_file()
 
 
 def test_tied_embeddings_survive_training_and_saving(tokenizer, batch, tmp_path):

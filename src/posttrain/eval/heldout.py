@@ -284,16 +284,6 @@ class Part:
     """What its last run measured per problem, for `Evaluation` to record (exact match's), or None."""
 
 
-def check_accuracy_can_sample(adapter_method: str, cfg: EvalConfig, data: DataConfig) -> None:
-    """Held-out accuracy samples the trained model through the rollout engine, which cannot sample a prefix-tuned
-    one exactly (`rollout.forward.make_decoder`): refused before training, not when the last step is evaluated."""
-    task = eval_task(cfg, data)
-    if adapter_method == "prefix" and task is not None:
-        raise ConfigError(f"the held-out accuracy on {task} samples the trained model, and the rollout engine cannot "
-                          "sample a prefix-tuned one exactly: set eval.problems=0 (the held-out loss still runs) or "
-                          "use adapter.method=lora", field="adapter.method")
-
-
 def accuracy_part(tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: EvalConfig) -> list[Part]:
     """Exact match on the built-in task `eval_task` resolves (none for a user's own data without eval.task)."""
     task = eval_task(cfg, data)

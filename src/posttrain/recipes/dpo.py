@@ -132,7 +132,6 @@ def main(cfg: DPOConfig) -> RunResult:
     check_dpo_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     cfg = batches_for(cfg, model)
-    heldout.check_accuracy_can_sample(cfg.adapter.method, cfg.eval, cfg.data)
     progress = RunProgress.for_run(cfg.run)
     # On-policy: the data holds prompts (never collated); data.batch_mode is the layout of the pairs.
     data = dataclasses.replace(cfg.data, batch_mode="padded") if on_policy else cfg.data

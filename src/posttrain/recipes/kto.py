@@ -89,7 +89,6 @@ def main(cfg: KTOConfig) -> RunResult:
                           field="train.micro_batch_size")
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     cfg = batches_for(cfg, model)
-    heldout.check_accuracy_can_sample(cfg.adapter.method, cfg.eval, cfg.data)
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["kto"], mask_dtype=model.dtype,
                             bars=progress.library_bars())

@@ -405,7 +405,7 @@ class RLConfig:
     run: RunConfig = section(lambda: RunConfig(name="rl"), "Run directory, seed, logging.")
     model: ModelConfig = section(lambda: ModelConfig(path="runs/sft/final"), "The policy to train (the SFT model).")
     adapter: AdapterConfig = section(AdapterConfig, "Full fine-tuning or LoRA (with an adapter, the adapter-"
-                                                    "disabled policy is the reference; prefix-tuning cannot sample).")
+                                                    "disabled policy is the reference).")
     data: DataConfig = section(lambda: DataConfig(source="arith", size=20_000, max_length=256),
                                "Prompts with gold answers (verifiable rows).")
     optim: OptimConfig = section(lambda: OptimConfig(lr=1e-5, schedule="constant"), "Optimizer and schedule.")
@@ -449,8 +449,8 @@ def check_rl_config(cfg: RLConfig, stage: str) -> None:
     if not cfg.model.path:
         raise ConfigError(f"{stage} trains an existing model: set model.path (e.g. runs/sft/final)",
                           field="model.path")
-    if cfg.adapter.method == "prefix":  # every RL stage samples its policy (`rollout.forward.make_decoder`)
-        raise ConfigError(f"{stage} trains full weights or LoRA (prefix-tuning cannot sample exactly)",
+    if cfg.adapter.method == "prefix":
+        raise ConfigError(f"{stage} trains full weights or LoRA (prefix-tuning: sft, dpo, kto, rejection)",
                           field="adapter.method")
     rollout = rollout_batch_size(cfg)
     if rollout % cfg.train.batch_size:

@@ -58,7 +58,6 @@ def main(cfg: SFTConfig) -> RunResult:
                           "`posttrain pretrain`)", field="model.path")
     tokenizer, model = load_tokenizer_and_model(cfg.model, compares_logprobs=False)  # dropout regularises SFT
     cfg = batches_for(cfg, model)
-    heldout.check_accuracy_can_sample(cfg.adapter.method, cfg.eval, cfg.data)
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype,
                             bars=progress.library_bars())

@@ -107,11 +107,14 @@ def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]],
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
     peft_config = getattr(model, "active_peft_config", None)
-    if getattr(peft_config, "is_prompt_learning", False):
-        # Prefix / prompt tuning prepends virtual tokens through the cache and makes PEFT ignore
-        # position_ids: both decoders would sample from the wrong distribution without a sound.
-        raise ConfigError("the rollout engine does not support prefix or prompt tuning adapters; "
-                          "use LoRA (or full fine-tuning) for the RL stages")
+    # Under peft's `disable_adapter()` a prompt-learning model is its base model (`_adapters_disabled`).
+    if getattr(peft_config, "is_prompt_learning", False) and not getattr(model, "_adapters_disabled", False):
+        if str(getattr(peft_config, "peft_type", "")).endswith("PREFIX_TUNING"):
+            return PrefixDecoder(model, prompts, n, max_new_tokens, pad_id)
+        # Prompt tuning and p-tuning prepend virtual token embeddings to each forward's inputs: a decode step's
+        # inputs too, so a cached decode would sample from the wrong distribution without a sound.
+        raise ConfigError("the rollout engine does not support prompt-tuning adapters (prefix-tuning and LoRA it "
+                          "does)")
     fits = supports_llama_decoder(model, max(map(len, prompts)) + max_new_tokens)
     if forward == "llama" and not fits:
         raise ValueError(f"forward='llama' needs a model of Llama's architecture ({', '.join(LLAMA_LIKE)}: silu MLP, "
@@ -391,3 +394,18 @@ class HFDecoder(Decoder):
         self.cache.batch_select_indices(keep)
         self.attention_mask, self.positions = self.attention_mask[keep], self.positions[keep]
         self.rows = self.rows[keep]
+
+
+class PrefixDecoder(HFDecoder):
+    """A prefix-tuned model (peft), sampled as peft's forward computes it: the base model behind the adapter's
+    virtual keys and values, which every position attends to, positions offset by their count. peft's own forward
+    rebuilds that prefix on every call (a decode step's cache would be dropped), so the base model runs here, its
+    cache opened with the prefix once per generation."""
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], n: int, max_new_tokens: int,
+                 pad_id: int) -> None:
+        super().__init__(base_causal_lm(model), prompts, n, pad_id)
+        virtual = model.active_peft_config.num_virtual_tokens
+        self.attention_mask = torch.cat([self.attention_mask.new_ones((self.count, virtual)), self.attention_mask], 1)
+        self.positions = self.positions + virtual  # peft offsets the positions it is given by the prefix's length
+        self.cache = model.get_prompt(self.count, max_cache_len=virtual + self.input_ids.shape[1] + max_new_tokens)
