@@ -96,6 +96,47 @@ def test_a_prefix_tuning_stage_runs_on_padded_batches_and_samples_its_accuracy(t
     assert "eval_accuracy" in metrics[-1] and (result.final_dir / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_an_adapter_directory_loads_over_its_base_model(tiny_model, tokenizer, batch, tmp_path, method):
+    """A stage saved with LoRA and merge_on_save=false, or with prefix-tuning, leaves a peft adapter directory (no
+    config.json). It loads over the base model peft recorded, computing what peft computes: LoRA merged (every
+    weight trainable again, so the next stage trains on it), prefix-tuning as the peft model, which
+    `posttrain eval` takes and a training stage refuses with a one-line error."""
+    from peft import PeftModel
+
+    from posttrain.errors import ConfigError
+    from posttrain.eval.evaluate import resolve_target
+    from posttrain.models import load_causal_lm, load_tokenizer, save_pretrained
+    from posttrain.models.adapters import check_adapter
+
+    base_dir = save_pretrained(tiny_model, tokenizer, tmp_path / "base")
+    adapter = AdapterConfig(method=method, r=4, num_virtual_tokens=4, merge_on_save=False)
+    model = apply_adapter(load_causal_lm(base_dir), adapter)
+    with torch.no_grad():  # a trained adapter: LoRA's B starts at zero, the prefix at random
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(std=0.5)
+    saved = save_trained(model, tokenizer, tmp_path / "adapter", adapter)
+    assert not (saved / "config.json").exists() and (saved / "adapter_config.json").is_file()
+    with torch.no_grad():  # in float64: merging LoRA sums in another order than applying it
+        expected = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype="float64"), str(saved)).eval()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = load_causal_lm(saved, dtype="float64").eval()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+    loaded = load_causal_lm(saved)
+    plain = load_causal_lm(base_dir)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (logits - plain).abs().max() > 1e-3  # the adapter is in it
+    assert load_tokenizer(saved).get_vocab() == tokenizer.get_vocab()
+    assert resolve_target(saved).model_dir == saved
+    if method == "lora":
+        assert not hasattr(loaded, "peft_config") and all(p.requires_grad for p in loaded.parameters())
+        check_adapter(loaded, AdapterConfig(method="lora"))  # trains on, with a new adapter or none
+    else:
+        with pytest.raises(ConfigError, match="model.path: is a prefix-tuning adapter, which cannot merge"):
+            check_adapter(loaded, AdapterConfig())
+
+
 def test_tied_embeddings_survive_training_and_saving(tokenizer, batch, tmp_path):
     from posttrain.config import ModelConfig
     from posttrain.models import build_model

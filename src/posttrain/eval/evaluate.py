@@ -49,6 +49,7 @@ from posttrain.eval.rewards import (
     process_metrics,
 )
 from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models.io import adapter_base
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
@@ -104,7 +105,10 @@ class Target:
 
     @property
     def is_reward_model(self) -> bool:
-        """A scalar-head reward model (a sequence classifier), or a likelihood one (a causal LM marked so)."""
+        """A scalar-head reward model (a sequence classifier), or a likelihood one (a causal LM marked so). A peft
+        adapter directory is a causal LM's (`load_causal_lm` loads it over its base)."""
+        if adapter_base(self.model_dir) is not None:
+            return False
         if saved_head(self.model_dir) == "likelihood":
             return True
         config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
@@ -119,7 +123,7 @@ def resolve_target(path: str | Path) -> Target:
     path = Path(path)
     if (path / "config.yaml").is_file() and (path / "final" / "config.json").is_file():
         run_dir, model_dir = path, path / "final"
-    elif (path / "config.json").is_file():
+    elif (path / "config.json").is_file() or adapter_base(path) is not None:  # a model, or a peft adapter over one
         model_dir = path
         run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
     elif (path / "config.yaml").is_file():

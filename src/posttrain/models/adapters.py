@@ -108,6 +108,10 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> str | list[str
 def check_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> None:
     """Refuse LoRA targets the model does not have, before a run writes anything or spends minutes evaluating
     (`apply_adapter` comes later in a recipe, after the run directory and the first evaluation)."""
+    if hasattr(model, "peft_config"):  # `io.load_causal_lm` merges a LoRA adapter, not a prefix-tuning one
+        raise ConfigError("is a prefix-tuning adapter, which cannot merge into its base model to train on: `posttrain "
+                          "eval` scores it; to train further, start from its base model with adapter.method=prefix",
+                          field="model.path")
     if cfg.method == "lora":
         lora_targets(model, cfg.target_modules)
 

@@ -78,8 +78,32 @@ def loading_errors(directory: Path, field: str = "model.path") -> Iterator[None]
         raise ConfigError(f"cannot load the model: {reason}", file=str(directory), field=field) from err
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str | Path, field: str = "model.path") -> Path | None:
+    """The base model directory of the peft adapter saved at `path` (LoRA with merge_on_save=false, prefix-tuning:
+    an adapter_config.json and no config.json), or None when `path` is not an adapter. The base must be a local
+    model directory (peft records the path the base was loaded from): nothing is downloaded."""
+    directory = Path(path)
+    file = directory / ADAPTER_CONFIG
+    if (directory / "config.json").is_file() or not file.is_file():
+        return None
+    try:
+        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ConfigError(f"cannot be read as a peft adapter's config ({err})", file=str(file), field=field) from err
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"a peft adapter over {base!r}, which is not a local model directory (relative paths count "
+                          "from where you run): copy or link the base model there", file=str(file), field=field)
+    return Path(base)
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    directory = check_model_dir(path, trust_remote_code=trust_remote_code)
+    base = adapter_base(path)
+    if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
+        path = base  # an adapter saved without its tokenizer: the base model's
+    directory = Path(path) if base is not None else check_model_dir(path, trust_remote_code=trust_remote_code)
     with loading_errors(directory):
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
@@ -107,7 +131,22 @@ def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool
 
 def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
                    device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
-    """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`)."""
+    """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`).
+
+    A peft adapter directory (`adapter_base`) loads over its base model: LoRA merged into the base weights (what
+    merge_on_save would have saved; every weight trainable again, as in any loaded model), prefix-tuning as the peft
+    model (it cannot merge: it can be evaluated and sampled, not trained on, `adapters.check_adapter`)."""
+    base = adapter_base(path)
+    if base is not None:
+        from peft import PeftModel
+
+        model = load_causal_lm(base, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+                               disable_dropout=disable_dropout)
+        with loading_errors(Path(path)):
+            adapted = PeftModel.from_pretrained(model, str(path))
+        if adapted.active_peft_config.is_prompt_learning:
+            return adapted
+        return adapted.merge_and_unload().requires_grad_(True)
     model, _ = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype,
                               device=device)
     use_fast_kernels(model)
