@@ -108,6 +108,7 @@ def test_an_adapter_directory_loads_over_its_base_model(tiny_model, tokenizer, b
     from posttrain.eval.evaluate import resolve_target
     from posttrain.models import load_causal_lm, load_tokenizer, save_pretrained
     from posttrain.models.adapters import check_adapter
+    from posttrain.models.reward import build_reward_model
 
     base_dir = save_pretrained(tiny_model, tokenizer, tmp_path / "base")
     adapter = AdapterConfig(method=method, r=4, num_virtual_tokens=4, merge_on_save=False)
@@ -132,9 +133,14 @@ def test_an_adapter_directory_loads_over_its_base_model(tiny_model, tokenizer, b
     if method == "lora":
         assert not hasattr(loaded, "peft_config") and all(p.requires_grad for p in loaded.parameters())
         check_adapter(loaded, AdapterConfig(method="lora"))  # trains on, with a new adapter or none
+        trunk = dict(build_reward_model(saved).model.named_parameters())  # a reward model or critic built on it
+        assert trunk.keys() == dict(loaded.model.named_parameters()).keys()
+        assert all(torch.equal(trunk[name], value) for name, value in loaded.model.named_parameters())
     else:
         with pytest.raises(ConfigError, match="model.path: is a prefix-tuning adapter, which cannot merge"):
             check_adapter(loaded, AdapterConfig())
+        with pytest.raises(ConfigError, match="model.path: is a prefix-tuning adapter, which cannot merge"):
+            build_reward_model(saved)
 
 
 def test_tied_embeddings_survive_training_and_saving(tokenizer, batch, tmp_path):

@@ -34,6 +34,7 @@ learn the same information from the comparisons alone. It saves as an ordinary c
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,9 +46,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from posttrain.algos import last_token_index
+from posttrain.errors import ConfigError
 from posttrain.models.attention import attention_inputs
 from posttrain.models.dropout import disable_dropout as drop_dropout
-from posttrain.models.io import check_model_dir, from_model_dir
+from posttrain.models.io import adapter_base, check_model_dir, from_model_dir, load_causal_lm
 from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.likelihood import per_sequence_means, per_sequence_sums, response_logprobs
 from posttrain.models.precision import upcast
@@ -107,6 +109,20 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         raise ValueError(f"unknown reward head {head!r}; allowed: {', '.join(REWARD_HEADS)}")
     if reward_reduction not in LIKELIHOOD_REDUCTIONS:
         raise ValueError(f"unknown reward reduction {reward_reduction!r}; allowed: {', '.join(LIKELIHOOD_REDUCTIONS)}")
+    options = dict(head=head, head_width=head_width, pad_token_id=pad_token_id, dtype=dtype,
+                   trust_remote_code=trust_remote_code, device=device, disable_dropout=disable_dropout,
+                   reward_scale=reward_scale, reward_reduction=reward_reduction)
+    if adapter_base(path) is not None:
+        # A causal LM saved as a LoRA adapter: merged over its base (`io.load_causal_lm`), written out once, and
+        # built from as from any model directory (a temporary copy of the weights on disk, for the same code path).
+        merged = load_causal_lm(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        if hasattr(merged, "peft_config"):
+            raise ConfigError("is a prefix-tuning adapter, which cannot merge into its base model: build the reward "
+                              "model or critic from a full model", field="model.path")
+        with tempfile.TemporaryDirectory(prefix="posttrain-merged-") as merged_dir:
+            merged.save_pretrained(merged_dir)
+            del merged
+            return build_reward_model(merged_dir, **options)
     if head != "likelihood":
         register_sequence_classification(path)
     auto_class = AutoModelForCausalLM if head == "likelihood" else AutoModelForSequenceClassification
