@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, TypeVar
 
 import torch
@@ -36,7 +37,7 @@ def batches_for(cfg: C, model: torch.nn.Module) -> C:
         changes["data"] = dataclasses.replace(data, batch_mode="padded")
     if update is not None and update.padding_free:
         changes["update"] = dataclasses.replace(update, padding_free=False)
-    if changes:
+    if changes and int(os.environ.get("RANK", "0")) == 0:  # once under torchrun (its group is not joined yet)
         names = {"data": "data.batch_mode=padded", "update": "update.padding_free=false"}
         settings = ", ".join(names[key] for key in changes)
         logger.warning("%s: this run uses padded batches (%s)", obstacle, settings)
