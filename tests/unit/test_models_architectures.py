@@ -7,6 +7,8 @@ position_ids."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
@@ -297,3 +299,18 @@ def test_lora_all_linear_on_a_mamba_hybrid_leaves_out_the_layers_peft_refuses(to
                 and not name.endswith("mamba.out_proj") and name != "lm_head"}
     assert any(name.endswith("self_attn.o_proj") for name in expected)
     assert adapted(model, ["all-linear"]) == expected
+
+
+def test_a_classifier_over_a_trunk_without_position_ids_cannot_pack_either(tokenizer, tmp_path):
+    """RWKV has no sequence classifier in transformers: the one built here takes position_ids (transformers' generic
+    classifier forward) and hands them to a trunk that takes none. The trunk decides."""
+    from posttrain.models.attention import packing_obstacle
+
+    torch.manual_seed(0)
+    rwkv = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "rwkv", vocab_size=len(tokenizer), hidden_size=32, attention_hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, context_length=128, pad_token_id=tokenizer.pad_token_id))
+    reward_model = build_reward_model(save_pretrained(rwkv, tokenizer, tmp_path / "rwkv"))
+    assert "position_ids" in inspect.signature(type(reward_model).forward).parameters
+    assert "this rwkv model takes none" in packing_obstacle(reward_model)
+    assert "this rwkv model takes none" in packing_obstacle(rwkv)

@@ -62,11 +62,12 @@ def _forward_takes_position_ids(model_class: type) -> bool:
 
 
 def takes_position_ids(model: torch.nn.Module) -> bool:
-    """Whether the transformers model inside `model` (itself, a peft wrapper's base, a reward model's trunk) takes
-    `position_ids`. Those that do not (Bloom and MPT, whose ALiBi biases count positions along the 2-D mask;
-    Mamba, RWKV) cannot restart positions at every sample of a packed row."""
+    """Whether the transformers model inside `model` (itself, a peft wrapper's base, a reward model's trunk), and
+    the trunk it runs (`base_model`), take `position_ids`. Those that do not (Bloom and MPT, whose ALiBi biases
+    count positions along the 2-D mask; Mamba, RWKV) cannot restart positions at every sample of a packed row. A
+    head built over a trunk (`models.reward`'s generated classifiers) takes them whatever its trunk does."""
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    return inner is None or _forward_takes_position_ids(type(inner))
+    return inner is None or all(_forward_takes_position_ids(type(m)) for m in (inner, inner.base_model))
 
 
 def packing_obstacle(model: torch.nn.Module) -> str | None:
