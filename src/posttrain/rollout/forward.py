@@ -109,7 +109,7 @@ def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]],
     peft_config = getattr(model, "active_peft_config", None)
     # Under peft's `disable_adapter()` a prompt-learning model is its base model (`_adapters_disabled`).
     if getattr(peft_config, "is_prompt_learning", False) and not getattr(model, "_adapters_disabled", False):
-        if str(getattr(peft_config, "peft_type", "")).endswith("PREFIX_TUNING"):
+        if peft_config.peft_type == "PREFIX_TUNING":  # peft's PeftType is a str enum
             return PrefixDecoder(model, prompts, n, max_new_tokens, pad_id)
         # Prompt tuning and p-tuning prepend virtual token embeddings to each forward's inputs: a decode step's
         # inputs too, so a cached decode would sample from the wrong distribution without a sound.
