@@ -105,13 +105,19 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> str | list[str
     return names
 
 
-def check_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> None:
-    """Refuse LoRA targets the model does not have, before a run writes anything or spends minutes evaluating
-    (`apply_adapter` comes later in a recipe, after the run directory and the first evaluation)."""
-    if hasattr(model, "peft_config"):  # `io.load_causal_lm` merges a LoRA adapter, not a prefix-tuning one
+def refuse_unmerged_adapter(model: torch.nn.Module) -> None:
+    """A model loaded from a prefix-tuning adapter directory (`io.load_causal_lm` merges a LoRA one, not this) is
+    evaluated and sampled, never trained on or built from: a one-line error naming model.path."""
+    if hasattr(model, "peft_config"):
         raise ConfigError("is a prefix-tuning adapter, which cannot merge into its base model to train on: `posttrain "
                           "eval` scores it; to train further, start from its base model with adapter.method=prefix",
                           field="model.path")
+
+
+def check_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> None:
+    """Refuse LoRA targets the model does not have, before a run writes anything or spends minutes evaluating
+    (`apply_adapter` comes later in a recipe, after the run directory and the first evaluation)."""
+    refuse_unmerged_adapter(model)
     if cfg.method == "lora":
         lora_targets(model, cfg.target_modules)
 

@@ -46,7 +46,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from posttrain.algos import last_token_index
-from posttrain.errors import ConfigError
+from posttrain.models.adapters import refuse_unmerged_adapter
 from posttrain.models.attention import attention_inputs
 from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.io import adapter_base, check_model_dir, from_model_dir, load_causal_lm
@@ -116,9 +116,7 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         # A causal LM saved as a LoRA adapter: merged over its base (`io.load_causal_lm`), written out once, and
         # built from as from any model directory (a temporary copy of the weights on disk, for the same code path).
         merged = load_causal_lm(path, trust_remote_code=trust_remote_code, dtype=dtype)
-        if hasattr(merged, "peft_config"):
-            raise ConfigError("is a prefix-tuning adapter, which cannot merge into its base model: build the reward "
-                              "model or critic from a full model", field="model.path")
+        refuse_unmerged_adapter(merged)
         with tempfile.TemporaryDirectory(prefix="posttrain-merged-") as merged_dir:
             merged.save_pretrained(merged_dir)
             del merged
