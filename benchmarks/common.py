@@ -42,11 +42,14 @@ def add_precision_argument(parser: Any) -> None:
 def use_precision(precision: str) -> float:
     """Run the workers in `precision` and measure its physical limit here (GFLOP/s of the model-shaped
     GEMMs, the fastest library for fp32: `benchmarks.peak`), which their MFU is computed against."""
-    from benchmarks.peak import model_shaped_peak
+    from benchmarks.peak import gpu_matmul_peak, model_shaped_peak
 
-    gflops = model_shaped_peak(precision)
+    if torch.cuda.is_available():  # posttrain's models go to the GPU (models.device), TRL's too (accelerate)
+        gflops, where = gpu_matmul_peak(precision), f"8192^3 matmul on {torch.cuda.get_device_name()}"
+    else:
+        gflops, where = model_shaped_peak(precision), "model-shaped GEMM on 2 threads"
     os.environ["BENCH_PRECISION"], os.environ["BENCH_PEAK_GFLOPS"] = precision, f"{gflops:.1f}"
-    print(f"precision {precision}: model-shaped GEMM peak {gflops:.0f} GFLOP/s on 2 threads", flush=True)
+    print(f"precision {precision}: peak {gflops:.0f} GFLOP/s ({where})", flush=True)
     return gflops
 
 
@@ -156,7 +159,8 @@ class TimedSource:
 
 # The settings of BENCHMARK.md every TRL workload shares; bf16=True (autocast) in a --precision bf16 run.
 TRL_ARGS = {"lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-            "bf16": PRECISION == "bf16", "fp16": False, "use_cpu": True, "gradient_checkpointing": False,
+            "bf16": PRECISION == "bf16", "fp16": False, "use_cpu": not torch.cuda.is_available(),
+            "gradient_checkpointing": False,
             "logging_steps": 10_000,
             "save_strategy": "no", "eval_strategy": "no", "report_to": "none", "seed": 0,
             "dataloader_num_workers": 0}
@@ -197,6 +201,8 @@ def environment() -> dict[str, Any]:
             "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "cpu": cpu_model()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
     try:
         import trl
 

@@ -96,7 +96,9 @@ def trl_worker(directory: Path, steps: int) -> dict[str, Any]:
         return [task.verify(c, a) for c, a in zip(completions, answer, strict=True)]
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    # use_kernels=False, as posttrain loads models: on a GPU, transformers would otherwise fetch layers from the Hub.
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa",
+                                                 use_kernels=False)
     clock, callback = trl_clock(model)
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,

@@ -70,6 +70,22 @@ def measure(path: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     return rows
 
 
+def gpu_matmul_peak(precision: str, size: int = 8192, reps: int = 10) -> float:
+    """GFLOP/s of a size^3 matmul on the GPU in `precision` (fp32: TF32 off, as torch's default), mean of `reps`
+    after 3 warm-ups, timed with CUDA events: the limit a GPU row's MFU is against."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * reps / (start.elapsed_time(end) / 1e3) / 1e9
+
+
 def model_shaped_peak(precision: str, tokens: int = 4096, reps: int = 9) -> float:
     """The physical limit of `precision` here: the fastest available path's model-shaped GFLOP/s."""
     torch.set_num_threads(2)

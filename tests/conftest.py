@@ -12,6 +12,9 @@ import tempfile
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Measured kernel choices (models.cpu_attention) go to a cache of the test run's own, not the user's.
 os.environ.setdefault("POSTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="posttrain-test-cache-"))
+# The suite's references are CPU computations (float64 loops, bitwise resume): on a GPU machine it still runs on the
+# CPU unless POSTTRAIN_DEVICE says otherwise (models.device).
+os.environ.setdefault("POSTTRAIN_DEVICE", "cpu")
 
 import pytest
 import torch

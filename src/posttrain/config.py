@@ -78,7 +78,8 @@ class ModelConfig:
     intermediate_size: int = param(512, "FFN width when size=custom.", ge=8)
     max_position_embeddings: int = param(512, "Longest sequence a newly built model supports.", ge=16)
     trust_remote_code: bool = param(False, "Allow model code shipped with `path` to run (off: safe default).")
-    dtype: str = param("auto", "Parameter dtype; auto = fp32 on CPU, bf16 on GPU; float64 for numerical checks.",
+    dtype: str = param("auto", "Parameter dtype; auto = fp32 (the master weights; train.precision=bf16 or auto "
+                               "runs the matmuls in bf16); float64 for numerical checks.",
                        choices=("auto", "float64", "float32", "bfloat16", "float16"))
     disable_dropout: bool | None = param(None, "Turn every dropout of the loaded model (and of a reward model or "
                                                "critic built from it) off, so that logprobs, rewards and values "

@@ -49,6 +49,7 @@ from posttrain.eval.rewards import (
     process_metrics,
 )
 from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models.device import default_device
 from posttrain.models.io import adapter_base
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
@@ -146,10 +147,10 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
     task = get_task(_task_name(target, options))
     data = _data_config(target, task)
     try:
-        precision, _ = resolve_precision(options.precision)
+        precision, _ = resolve_precision(options.precision, default_device())
     except ValueError as err:
         raise ConfigError(str(err), field="precision") from None
-    with autocast(precision):
+    with autocast(precision, default_device()):
         if target.is_reward_model:
             result = evaluate_reward_model(target, data, options)
         else:
@@ -339,7 +340,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         raise ConfigError("--data evaluates a policy's completions; a reward model is evaluated on comparisons "
                           "(posttrain rm with eval.source)", field="--data")
     try:
-        precision, _ = resolve_precision(options.precision)
+        precision, _ = resolve_precision(options.precision, default_device())
     except ValueError as err:
         raise ConfigError(str(err), field="precision") from None
     tokenizer = load_tokenizer(target.model_dir)
@@ -357,7 +358,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     def score(rollout: Rollout, batch: list[dict[str, Any]]) -> Scores:
         return rewards(heldout.completions_of(rollout, batch))
 
-    with autocast(precision):
+    with autocast(precision, default_device()):
         greedy = heldout.greedy_scores(model, tokenizer, rows, score, max_new_tokens, count, options.batch_size, 0)
         greedy_correct = rule.mask(greedy.scores).tolist()
         sampled = (heldout.sampled_scores(model, tokenizer, rows, score, options.samples, max_new_tokens, count,

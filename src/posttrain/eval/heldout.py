@@ -33,6 +33,7 @@ from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import Accuracy, EvalConfig, eval_task, heldout_accuracy
 from posttrain.eval.headroom import headroom, headroom_rows
+from posttrain.models.device import model_device, move_to
 from posttrain.models.precision import autocast_dtype
 from posttrain.rewards.functions import NEEDS_ANSWER, Completions, Scores
 from posttrain.rollout import Rollout, make_engine
@@ -90,7 +91,7 @@ def heldout_loss(model: torch.nn.Module, size: int, collate: Callable[[list[int]
     try:
         for start in range(0, size, batch_size):
             indices = everything[start:start + batch_size]
-            _, metrics = loss_fn(model, collate(indices), normaliser)
+            _, metrics = loss_fn(model, move_to(collate(indices), model_device(model)), normaliser)
             for key, value in metrics.items():
                 sums[key] += value
             bar.advance(len(indices))

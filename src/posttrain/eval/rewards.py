@@ -20,6 +20,7 @@ from posttrain.data.pipeline import Prepared
 from posttrain.data.tasks import TASKS
 from posttrain.errors import ConfigError
 from posttrain.eval.plotting import pyplot
+from posttrain.models.device import model_device, move_to
 from posttrain.models.reward import scores_at, sequence_scores
 from posttrain.train.comparisons import comparison_matrix, ordered_pair_accuracy, ordered_pairs
 
@@ -53,10 +54,12 @@ def heldout_data_config(data: DataConfig, cfg: RewardEvalConfig) -> DataConfig |
                                batch_mode="padded")
 
 
-def _batches(prepared: Prepared, batch_size: int):
-    dataset = prepared.dataset
+def _batches(prepared: Prepared, batch_size: int, model: torch.nn.Module):
+    """The held-out rows in collated batches of `batch_size`, on `model`'s device."""
+    dataset, device = prepared.dataset, model_device(model)
     for start in range(0, len(dataset), batch_size):
-        yield prepared.collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        yield move_to(prepared.collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
+                      device)
 
 
 @torch.no_grad()
@@ -65,9 +68,9 @@ def comparison_scores(model: torch.nn.Module, prepared: Prepared, batch_size: in
     was_training = model.training
     model.eval()
     rows: list[torch.Tensor] = []
-    for batch in _batches(prepared, batch_size):
+    for batch in _batches(prepared, batch_size, model):
         matrix, mask = comparison_matrix(sequence_scores(model, batch).float(), batch)
-        rows += [row[keep] for row, keep in zip(matrix, mask, strict=True)]
+        rows += [row[keep] for row, keep in zip(matrix.cpu(), mask.cpu(), strict=True)]
     model.train(was_training)
     return rows
 
@@ -131,7 +134,7 @@ def process_metrics(model: torch.nn.Module, prepared: Prepared, batch_size: int,
     was_training = model.training
     model.eval()
     right_steps = steps = first_right = solutions_right = chains = 0
-    for batch in _batches(prepared, batch_size):
+    for batch in _batches(prepared, batch_size, model):
         predicted = good_steps(scores_at(model, batch, batch["step_ends"]), target)
         labelled = batch["step_labels"] >= 0.5
         mask = batch["step_mask"].bool()

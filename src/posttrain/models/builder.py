@@ -6,6 +6,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from posttrain.config import ModelConfig
+from posttrain.models.device import default_device
 from posttrain.models.kernels import use_fast_kernels
 
 # (hidden, layers, heads, ffn): tiny ~1.31M and small ~26.75M parameters with a 1024-token vocab.
@@ -38,7 +39,8 @@ def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaC
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised fp32 Llama model sized by `cfg`, its vocab matching `tokenizer`."""
+    """A randomly initialised fp32 Llama model sized by `cfg`, its vocab matching `tokenizer`, on the process's
+    device (initialised on the CPU: the same weights for a seed on any device)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama_config(cfg, tokenizer))
@@ -46,7 +48,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
-    return model
+    return model.to(default_device())
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from posttrain.errors import ConfigError
+from posttrain.models.device import default_device
 from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.kernels import use_fast_kernels
 
@@ -21,10 +22,11 @@ if TYPE_CHECKING:
     from posttrain.config import ModelConfig
 
 
-def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """`auto` means fp32 on CPU (bf16 is ~45x slower on CPUs without bf16 units) and bf16 on GPU."""
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` means fp32 on every device: the master weights of mixed precision; `train.precision` decides
+    what the matmuls compute in (bf16 autocast), so a trained model and its frozen reference see the same."""
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.float32
     dtypes = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise ValueError(f"dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
@@ -114,7 +116,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
 
 
 def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
-                   device: torch.device | str = "cpu", **kwargs: Any) -> tuple[PreTrainedModel, Path]:
+                   **kwargs: Any) -> tuple[PreTrainedModel, Path]:
     """`auto_class.from_pretrained` on the local model directory `path` (and the directory): every fault of
     the directory — config, weights, their loading — a one-line error."""
     directory = check_model_dir(path, trust_remote_code=trust_remote_code)
@@ -125,13 +127,14 @@ def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool
     kwargs.setdefault("use_kernels", False)
     with loading_errors(directory):
         model = auto_class.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
-                                           dtype=resolve_dtype(dtype, device), **kwargs)
+                                           dtype=resolve_dtype(dtype), **kwargs)
     return model, directory
 
 
 def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
-                   device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
-    """The causal LM at `path`; with `disable_dropout`, every dropout of it off (`models.dropout`).
+                   device: torch.device | str | None = None, disable_dropout: bool = False) -> PreTrainedModel:
+    """The causal LM at `path`, on `device` (None: the process's, `models.device.default_device`); with
+    `disable_dropout`, every dropout of it off (`models.dropout`).
 
     A peft adapter directory (`adapter_base`) loads over its base model: LoRA merged into the base weights (what
     merge_on_save would have saved; every weight trainable again, as in any loaded model), prefix-tuning as the peft
@@ -147,12 +150,11 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
         if adapted.active_peft_config.is_prompt_learning:
             return adapted
         return adapted.merge_and_unload().requires_grad_(True)
-    model, _ = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype,
-                              device=device)
+    model, _ = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype)
     use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
-    return model.to(device)
+    return model.to(device or default_device())
 
 
 def load_tokenizer_and_model(cfg: ModelConfig,

@@ -48,6 +48,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from posttrain.algos import last_token_index
 from posttrain.models.adapters import refuse_unmerged_adapter
 from posttrain.models.attention import attention_inputs
+from posttrain.models.device import default_device
 from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.io import adapter_base, check_model_dir, from_model_dir, load_causal_lm
 from posttrain.models.kernels import use_fast_kernels
@@ -94,7 +95,7 @@ def register_sequence_classification(path: str | Path) -> type | None:
 
 
 def build_reward_model(path: str | Path, *, head: str = "linear", head_width: int = 0, pad_token_id: int | None = None,
-                       dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | str = "cpu",
+                       dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | str | None = None,
                        disable_dropout: bool = False, reward_scale: float = 1.0,
                        reward_reduction: str = "sum") -> PreTrainedModel:
     """A new reward model: the trunk of the causal LM at `path`, a freshly initialised scalar head; or, with
@@ -115,7 +116,7 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
     if adapter_base(path) is not None:
         # A causal LM saved as a LoRA adapter: merged over its base (`io.load_causal_lm`), written out once, and
         # built from as from any model directory (a temporary copy of the weights on disk, for the same code path).
-        merged = load_causal_lm(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        merged = load_causal_lm(path, trust_remote_code=trust_remote_code, dtype=dtype, device="cpu")
         refuse_unmerged_adapter(merged)
         with tempfile.TemporaryDirectory(prefix="posttrain-merged-") as merged_dir:
             merged.save_pretrained(merged_dir)
@@ -125,8 +126,7 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
         register_sequence_classification(path)
     auto_class = AutoModelForCausalLM if head == "likelihood" else AutoModelForSequenceClassification
     extra = {} if head == "likelihood" else {"num_labels": 1}
-    model, _ = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
-                              **extra)
+    model, _ = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype, **extra)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if head == "mlp":
@@ -140,19 +140,18 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
     use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
-    return model.to(device)
+    return model.to(device or default_device())
 
 
 def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False,
-                      device: torch.device | str = "cpu", disable_dropout: bool = False) -> PreTrainedModel:
+                      device: torch.device | str | None = None, disable_dropout: bool = False) -> PreTrainedModel:
     """A saved reward model (either head), ready to score (in eval mode); `disable_dropout` as
     `build_reward_model`'s, for one that trains on (a critic)."""
     likelihood = saved_head(path) == "likelihood"
     if not likelihood:
         register_sequence_classification(path)
     auto_class = AutoModelForCausalLM if likelihood else AutoModelForSequenceClassification
-    model, directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype,
-                                      device=device)
+    model, directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype)
     config = model.config  # it keeps the reward_head keys build_reward_model wrote
     if getattr(config, "reward_head", "linear") == "mlp":
         # transformers built (and could not fill) a linear `score`: put the MLP back and load its weights.
@@ -163,7 +162,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
     use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
-    return model.to(device).eval()
+    return model.to(device or default_device()).eval()
 
 
 def saved_head(path: str | Path) -> str:

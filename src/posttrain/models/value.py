@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from posttrain.errors import ConfigError
 from posttrain.models.attention import attention_inputs
+from posttrain.models.device import model_device
 from posttrain.models.heads import output_head_at
 from posttrain.models.precision import upcast
 from posttrain.models.reward import build_reward_model, load_reward_model, saved_head, trunk_and_head
@@ -64,7 +65,7 @@ class ActorCritic(nn.Module):
             hidden = actor.config.get_text_config().hidden_size
             dtype = next(actor.parameters()).dtype
             # Zero-initialised: every value starts at 0, and the head's first gradients do not disturb the trunk.
-            self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+            self.value_head = nn.Linear(hidden, 1, dtype=dtype, device=model_device(actor))
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 

@@ -129,7 +129,7 @@ def heldout_loss(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int) 
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        batch = blocks[i:i + batch_size]
+        batch = blocks[i:i + batch_size].to(model.device)
         total += model(input_ids=batch, labels=batch).loss.item() * batch.numel()
         count += batch.numel()
     return total / count

@@ -69,6 +69,7 @@ from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
+from posttrain.models.device import model_device, move_to
 from posttrain.models.heads import floating_dtype
 from posttrain.models.likelihood import response_logprobs
 from posttrain.models.value import ActorCritic
@@ -122,17 +123,18 @@ def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = F
     (0 outside the response mask; None without a critic): value t is that of the prefix before
     completion token t. With `padding_free`, over the rollout's real tokens packed into rows
     (`pack_rollout`), each prompt once per group if it says so: the same numbers, without computing
-    padding or repeated prompts."""
+    padding or repeated prompts. The forward runs on the model's device; the values come back on the rollout's."""
+    home, rollout = rollout.completion_ids.device, move_to(rollout, model_device(model))
     if padding_free is not None:
         packed = pack_rollout(rollout, padding_free.capacity, mask_dtype=floating_dtype(model),
                               share_prompts=padding_free.share_prompts)
         logits, values = model(packed.input_ids, packed.attention_mask, packed.position_ids, keep=packed.sources)
         logprobs, entropy = packed_completion_logprobs(logits, rollout, packed, entropy_grad=entropy_grad)
-        return logprobs, entropy, None if values is None else packed.scatter(values)
+        return move_to((logprobs, entropy, None if values is None else packed.scatter(values)), home)
     width = rollout.completion_ids.shape[1]
     logits, values = model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, keep=width + 1)
     logprobs, entropy = completion_logprobs(logits, rollout, entropy_grad=entropy_grad)
-    return logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask
+    return move_to((logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask), home)
 
 
 def packing(cfg: UpdateConfig) -> PaddingFree | None:

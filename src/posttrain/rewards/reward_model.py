@@ -49,7 +49,7 @@ class _Scorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, data: DataConfig | None = None, batch_size: int = 32,
-                        device: torch.device | str = "cpu", dtype: str = "auto"):
+                        device: torch.device | str | None = None, dtype: str = "auto"):
         """Load a reward model saved by `posttrain rm` (either head)."""
         return cls(load_reward_model(path, dtype=dtype, device=device), load_tokenizer(path), data, batch_size)
 

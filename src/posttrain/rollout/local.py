@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.models.device import move_to
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
 from posttrain.rollout.forward import FORWARDS, left_pad, make_decoder
 from posttrain.rollout.sampling import sample_next
@@ -68,7 +69,7 @@ class LocalRolloutEngine(RolloutEngine):
         device = next(self.model.parameters()).device
         rows = torch.arange(len(prompt_lists)).repeat_interleave(params.n)
         if generator is None and params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
+            generator = torch.Generator().manual_seed(params.seed)  # a CPU stream: the same draws on any device
         # Sample in eval mode (no dropout), then give every module back the mode it had.
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
@@ -84,10 +85,14 @@ class LocalRolloutEngine(RolloutEngine):
         prompt_ids, prompt_mask = left_pad([prompt_lists[r] for r in rows.tolist()], self.pad_id, device)
         texts = [self._text(row[:n].tolist(), reason, params.stop)
                  for row, n, reason in zip(tokens, lengths.tolist(), reasons, strict=True)]
-        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                       completion_ids=tokens.masked_fill(response_mask == 0, self.pad_id), response_mask=response_mask,
-                       logprobs=logprobs.masked_fill(response_mask == 0, 0.0), finish_reasons=reasons, texts=texts,
-                       prompt_index=rows.to(device), temperature=params.logprob_temperature)
+        rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                          completion_ids=tokens.masked_fill(response_mask == 0, self.pad_id),
+                          response_mask=response_mask, logprobs=logprobs.masked_fill(response_mask == 0, 0.0),
+                          finish_reasons=reasons, texts=texts, prompt_index=rows.to(device),
+                          temperature=params.logprob_temperature)
+        # Rollouts live on the CPU, as the vLLM engine's do: the RL loop's bookkeeping (rewards, advantages,
+        # schedules) runs there, and each forward moves what it takes to its model's device.
+        return move_to(rollout, "cpu")
 
     def _sample(self, prompts: list[list[int]], params: SamplingParams,
                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, list[FinishReason]]:

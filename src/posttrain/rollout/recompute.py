@@ -25,6 +25,7 @@ from torch import Tensor
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
 from posttrain.data.collate import block_causal_mask, capped_rows
 from posttrain.models.attention import layer_attention_mask
+from posttrain.models.device import model_device, move_to
 from posttrain.models.heads import floating_dtype, output_head_at
 from posttrain.rollout.base import Rollout
 
@@ -35,6 +36,7 @@ def policy_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float
     One forward over [prompt | completion] with the rollout's attention mask and positions (counted
     from each row's first real token, as while sampling); only the T + 1 last positions' logits are
     computed. `temperature` defaults to the rollout's. Gradients flow unless the caller disables them.
+    The forward runs on the model's device; the values come back on the rollout's.
     """
     return policy_logprobs_and_entropy(model, rollout, temperature, entropy=False)[0]
 
@@ -43,10 +45,11 @@ def policy_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
                                 entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """`policy_logprobs` and, from the same logits, the policy's entropy [B, T] at every completion
     position (0 outside the response mask; no gradient: it is a statistic to log, not a loss term)."""
+    home, rollout = rollout.completion_ids.device, move_to(rollout, model_device(model))
     width = rollout.completion_ids.shape[1]
     logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                    position_ids=rollout.position_ids, logits_to_keep=width + 1).logits
-    return completion_logprobs(logits, rollout, temperature, entropy)
+    return move_to(completion_logprobs(logits, rollout, temperature, entropy), home)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,14 +138,17 @@ def packed_width_cost(keys: Sequence[Hashable], prompt_lengths: Sequence[int], c
 
 
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
-                 pad_token_id: int = 0, share_prompts: bool = False) -> PackedRollout:
+                 pad_token_id: int = 0, share_prompts: bool = False,
+                 device: torch.device | str | None = None) -> PackedRollout:
     """The padding-free layout of `rollout`: every sample in one row (capacity None), or samples packed
     best-fit decreasing into rows of at most max(capacity, longest sample) tokens; with `share_prompts`,
-    one copy of a prompt per group of its samples (`packing_units`).
+    one copy of a prompt per group of its samples (`packing_units`). On `device` (None: the rollout's).
 
     A single row costs attention over all its tokens squared (the mask hides other samples, the kernel
     still computes them), so large batches are better cut into rows of a few hundred tokens.
     """
+    device = device or rollout.completion_ids.device
+    rollout = move_to(rollout, "cpu")  # packed sample by sample: on a GPU that would be a sync per sample
     prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
     completion_lengths = rollout.response_mask.sum(dim=1).tolist()
     if min(prompt_lengths, default=1) == 0:
@@ -186,7 +192,6 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
             segment += 1
         position_ids[r, start:] = torch.arange(width - start)
         segments[r, start:] = parents[r, start:] = segment
-    device = rollout.input_ids.device
     return PackedRollout(
         input_ids=input_ids.to(device), position_ids=position_ids.to(device),
         attention_mask=block_causal_mask(segments, mask_dtype, parents).to(device),
@@ -205,12 +210,13 @@ def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
     `share_prompts` as there), with the output projection applied only to the hidden states that predict
     completion tokens.
     """
+    home, rollout = rollout.completion_ids.device, move_to(rollout, model_device(model))
     packed = pack_rollout(rollout, capacity, mask_dtype=floating_dtype(model), share_prompts=share_prompts)
     with output_head_at(model, *packed.sources):
         mask = layer_attention_mask(model, packed.attention_mask, packed.position_ids)  # the model's sliding window
         logits = model(input_ids=packed.input_ids, attention_mask=mask,
                        position_ids=packed.position_ids, use_cache=False).logits  # [1, N, V]
-    return packed_completion_logprobs(logits, rollout, packed, temperature, entropy)
+    return move_to(packed_completion_logprobs(logits, rollout, packed, temperature, entropy), home)
 
 
 def packed_completion_logprobs(logits: Tensor, rollout: Rollout, packed: PackedRollout,

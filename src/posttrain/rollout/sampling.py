@@ -62,7 +62,10 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     the draws follow the same distribution, from a different random stream.
     """
     cumulative = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    # u comes from the generator's own device (a seeded CPU generator drives a GPU run's draws too: the same
+    # seed draws the same u on any device) and moves to the probabilities'.
+    where = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=where, dtype=probs.dtype).to(probs.device)
     tokens = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).squeeze(-1)
     # u * total can round up to total itself, which lands past the last token: take the last token that has
     # probability then. Any other draw already has probability (the cumulative sum rises at it), so the search

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from posttrain.errors import ConfigError
+from posttrain.models.device import default_device, move_to
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -53,19 +54,20 @@ class DistContext:
 def init_distributed() -> DistContext:
     """Join the process group torchrun describes in the environment (idempotent); single process without it."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        device = default_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return context()
 
 
 def context() -> DistContext:
-    """Where this process stands: rank, world size and its device (no process group: rank 0 of 1)."""
+    """Where this process stands: rank, world size and its device (no process group: rank 0 of 1, on its
+    `models.device.default_device`)."""
     if not dist.is_initialized():
-        return DistContext()
+        return DistContext(device=default_device())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
@@ -175,24 +177,6 @@ def same_on_all_ranks(value: int, what: str) -> None:
                            "forward/backward passes")
 
 
-def move_to(batch: Any, device: torch.device) -> Any:
-    """`batch` with its tensors on `device` (dicts are updated in place, dataclasses copied). A no-op on CPU."""
-    if device.type == "cpu":
-        return batch
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        for key, value in batch.items():
-            batch[key] = move_to(value, device)
-        return batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device) for v in batch)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        changes = {f.name: move_to(getattr(batch, f.name), device) for f in dataclasses.fields(batch)}
-        return dataclasses.replace(batch, **changes)
-    return batch
-
-
 # ----------------------------------------------------------------------------------------------
 # The model under DDP or FSDP2.
 
@@ -230,8 +214,7 @@ class DistributedModel:
         self.mode = mode if self.ctx.distributed else "none"
         self.root = LossModule(model)
         self._engine: torch.nn.Module = self.root
-        if self.ctx.device.type != "cpu":
-            model.to(self.ctx.device)
+        model.to(self.ctx.device)
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 

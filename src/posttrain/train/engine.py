@@ -145,10 +145,11 @@ class Trainer:
         # The run's display, shared with the phases a step source or an evaluation runs inside the loop.
         self.progress = progress or RunProgress(self.run.progress and self.dist.is_main, self.console)
         use_fast_kernels(model)  # a model built or loaded elsewhere trains on the faster kernels too
-        self.device = next(model.parameters()).device
-        self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
-        # Wrapped (and, under FSDP, sharded) before the optimizer sees the parameters.
+        # Wrapped (and, under FSDP, sharded) before the optimizer sees the parameters; on the process's device
+        # (a model built on the CPU moves to the GPU there) before its precision is decided for that device.
         self.parallel = dist.DistributedModel(model, train.parallel)
+        self.device = self.parallel.ctx.device
+        self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, train.max_steps)
         self._params = [p for p in model.parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ from posttrain.config import ModelConfig, param
 from posttrain.data.pipeline import Prepared
 from posttrain.models import load_causal_lm
 from posttrain.models.adapters import AdapterConfig, apply_adapter
+from posttrain.models.device import model_device, move_to
 from posttrain.models.likelihood import per_sequence_means, per_sequence_sums, response_logprobs
 from posttrain.rollout import Rollout, policy_logprobs_and_entropy
 from posttrain.rollout.recompute import PolicyForward
@@ -70,8 +71,9 @@ class Reference:
 
     @torch.no_grad()
     def sequence_logprobs(self, batch: dict[str, Tensor], average: bool = False) -> Tensor:
+        """`sequence_logprobs` under the reference [N], on its device (where the batch is copied)."""
         with self._active() as model:
-            return sequence_logprobs(model, batch, average)
+            return sequence_logprobs(model, move_to(dict(batch), model_device(model)), average)
 
     @torch.no_grad()
     def rollout_logprobs(self, rollout: Rollout, forward: PolicyForward | None = None) -> Tensor:
@@ -96,7 +98,7 @@ def precompute_sequence_logprobs(reference: Reference, prepared: Prepared, batch
         for start in range(0, len(dataset), batch_size):
             samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = prepared.collator(samples)
-            values = reference.sequence_logprobs(batch, average)
+            values = reference.sequence_logprobs(batch, average).cpu()  # kept for the epoch: in host memory
             rows += split_rows(values, batch)
             bar.advance(len(samples))
     return rows

@@ -57,13 +57,14 @@ class TeacherGrader:
         import torch
 
         from posttrain.algos import token_logprobs
+        from posttrain.models.device import model_device
 
         encoder, model = self._load()
         prompt = encoder.encode_prompt([{"role": "user", "content": question, "reasoning": None}])
         tokenizer = encoder.tokenizer
         explain = tokenizer.encode(explanation + self.separator, add_special_tokens=False)
         target = tokenizer.encode(answer, add_special_tokens=False)
-        ids = torch.tensor([prompt + explain + target])
+        ids = torch.tensor([prompt + explain + target], device=model_device(model))
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         logprobs = token_logprobs(logits, ids[:, 1:])[0]
