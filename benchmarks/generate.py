@@ -86,7 +86,7 @@ def main() -> None:
     # transformers.generate as transformers ships it (torch's GEMM); the engine packs oneDNN weights itself.
     use_torch_linears(model)
     prompts = arith_chat_prompts(tokenizer, args.batch)
-    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
     engine = LocalRolloutEngine(model, tokenizer)
     hf_engine = LocalRolloutEngine(model, tokenizer, forward="hf")
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
