@@ -115,11 +115,12 @@ class TrainResult:
     seconds: float
     skipped_steps: int
     precision: str
+    device: str = "cpu"
 
     def totals(self) -> dict[str, Any]:
         """What every stage's summary reports about its training."""
         return {"steps": self.step, "trained_tokens": self.tokens, "seconds": self.seconds,
-                "precision": self.precision}
+                "precision": self.precision, "device": self.device}
 
 
 def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -181,7 +182,7 @@ class Trainer:
                 TrainProgress(self.stage, self.train_cfg.max_steps, display=self.progress) as progress:
             progress.update(self.step)
             if main:
-                self.console.print(f"{self.stage}: {self.precision} ({self.precision_reason})")
+                self.console.print(f"{self.stage}: {self.precision} on {self.device} ({self.precision_reason})")
             if resumed_from is not None and main:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
             while self.step < self.train_cfg.max_steps:
@@ -227,7 +228,8 @@ class Trainer:
                                f"{session_tokens / max(seconds, 1e-9):,.0f} tok/s, "
                                f"{self.skipped_steps} skipped steps")
         return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
-                           seconds=seconds, skipped_steps=self.skipped_steps, precision=self.precision)
+                           seconds=seconds, skipped_steps=self.skipped_steps, precision=self.precision,
+                           device=str(self.device))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The run's precision for a forward outside the loop (e.g. a reference pass before training)."""
