@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.models.device import move_to
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
 from posttrain.rollout.forward import FORWARDS, left_pad, make_decoder
 from posttrain.rollout.sampling import sample_next
@@ -66,7 +65,6 @@ class LocalRolloutEngine(RolloutEngine):
     def generate(self, prompts: Prompts, params: SamplingParams,
                  generator: torch.Generator | None = None) -> Rollout:
         prompt_lists = prompt_token_lists(prompts)
-        device = next(self.model.parameters()).device
         rows = torch.arange(len(prompt_lists)).repeat_interleave(params.n)
         if generator is None and params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)  # a CPU stream: the same draws on any device
@@ -79,20 +77,18 @@ class LocalRolloutEngine(RolloutEngine):
         finally:
             for module, training in modes:
                 module.training = training
-        # Cloned outside inference mode: inference tensors cannot enter a later autograd forward.
-        tokens, logprobs, lengths = tokens.clone(), logprobs.clone(), lengths.clone()
-        response_mask = (torch.arange(tokens.shape[1], device=device) < lengths.unsqueeze(1)).long()
-        prompt_ids, prompt_mask = left_pad([prompt_lists[r] for r in rows.tolist()], self.pad_id, device)
+        # Rollouts live on the CPU, as the vLLM engine's do: the RL loop's bookkeeping (rewards, advantages,
+        # schedules) runs there, and each forward moves what it takes to its model's device. Copied outside
+        # inference mode: inference tensors cannot enter a later autograd forward.
+        tokens, logprobs, lengths = (t.to("cpu", copy=True) for t in (tokens, logprobs, lengths))
+        response_mask = (torch.arange(tokens.shape[1]) < lengths.unsqueeze(1)).long()
+        prompt_ids, prompt_mask = left_pad([prompt_lists[r] for r in rows.tolist()], self.pad_id)
         texts = [self._text(row[:n].tolist(), reason, params.stop)
                  for row, n, reason in zip(tokens, lengths.tolist(), reasons, strict=True)]
-        rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                          completion_ids=tokens.masked_fill(response_mask == 0, self.pad_id),
-                          response_mask=response_mask, logprobs=logprobs.masked_fill(response_mask == 0, 0.0),
-                          finish_reasons=reasons, texts=texts, prompt_index=rows.to(device),
-                          temperature=params.logprob_temperature)
-        # Rollouts live on the CPU, as the vLLM engine's do: the RL loop's bookkeeping (rewards, advantages,
-        # schedules) runs there, and each forward moves what it takes to its model's device.
-        return move_to(rollout, "cpu")
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                       completion_ids=tokens.masked_fill(response_mask == 0, self.pad_id), response_mask=response_mask,
+                       logprobs=logprobs.masked_fill(response_mask == 0, 0.0), finish_reasons=reasons, texts=texts,
+                       prompt_index=rows, temperature=params.logprob_temperature)
 
     def _sample(self, prompts: list[list[int]], params: SamplingParams,
                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, list[FinishReason]]:

@@ -138,16 +138,15 @@ def packed_width_cost(keys: Sequence[Hashable], prompt_lengths: Sequence[int], c
 
 
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
-                 pad_token_id: int = 0, share_prompts: bool = False,
-                 device: torch.device | str | None = None) -> PackedRollout:
+                 pad_token_id: int = 0, share_prompts: bool = False) -> PackedRollout:
     """The padding-free layout of `rollout`: every sample in one row (capacity None), or samples packed
     best-fit decreasing into rows of at most max(capacity, longest sample) tokens; with `share_prompts`,
-    one copy of a prompt per group of its samples (`packing_units`). On `device` (None: the rollout's).
+    one copy of a prompt per group of its samples (`packing_units`). On the rollout's device.
 
     A single row costs attention over all its tokens squared (the mask hides other samples, the kernel
     still computes them), so large batches are better cut into rows of a few hundred tokens.
     """
-    device = device or rollout.completion_ids.device
+    device = rollout.completion_ids.device
     rollout = move_to(rollout, "cpu")  # packed sample by sample: on a GPU that would be a sync per sample
     prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
     completion_lengths = rollout.response_mask.sum(dim=1).tolist()
