@@ -104,6 +104,10 @@ class OptimConfig:
                           choices=("constant", "linear", "cosine"))
     warmup_steps: int = param(0, "Linear warm-up steps from 0 to lr.", ge=0)
     min_lr_ratio: float = param(0.1, "Final lr as a fraction of lr for linear/cosine.", ge=0, le=1)
+    schedule_steps: int = param(0, "Length of the linear/cosine decay's schedule in optimizer steps (0: "
+                                   "train.max_steps). Longer than max_steps, the run stops part-way along it with "
+                                   "the learning rate of that point: the model from the middle of a longer run, "
+                                   "step for step. Shorter, the lr stays at its final value after it.", ge=0)
     grad_clip: float = param(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
 
 

@@ -172,7 +172,8 @@ STAGES = [
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
               # grpo-process recipe's quick budget does; 5 labelled steps and the answer take up to ~80
-              budget=("train.max_steps=400", "eval.max_new_tokens=96"), task="multistep", samples=MULTISTEP_SAMPLES),
+              budget=("train.max_steps=250", "optim.schedule_steps=400", "eval.max_new_tokens=96"),
+              task="multistep", samples=MULTISTEP_SAMPLES),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep",
               samples=MULTISTEP_SAMPLES),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",

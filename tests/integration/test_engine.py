@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -43,11 +44,12 @@ def _loss_fn(model, batch, normaliser):
     return loss, {"loss": loss.item()}
 
 
-def _trainer(tmp_path, tokenizer, *, name="run", steps=6, batch=8, micro=4, resume=False, seed=0, **train_kw):
+def _trainer(tmp_path, tokenizer, *, name="run", steps=6, batch=8, micro=4, resume=False, seed=0, schedule_steps=0,
+             **train_kw):
     cfg = EngineTestConfig(
         run=RunConfig(name=name, out_dir=str(tmp_path), progress=False, resume=resume, seed=seed),
         train=TrainConfig(max_steps=steps, batch_size=batch, micro_batch_size=micro, **train_kw),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine"),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine", schedule_steps=schedule_steps),
     )
     torch.manual_seed(seed)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="test")
@@ -90,6 +92,22 @@ def test_two_runs_with_one_seed_log_identical_metrics(tmp_path, tokenizer):
     a = _untimed(read_metrics(tmp_path / "a" / "metrics.jsonl"))
     b = _untimed(read_metrics(tmp_path / "b" / "metrics.jsonl"))
     assert a == b and len(a) == 4
+
+
+def test_a_run_stopped_part_way_along_a_longer_schedule_is_the_longer_run_up_to_that_step(tmp_path, tokenizer):
+    full, source = _trainer(tmp_path, tokenizer, name="full", steps=8, save_every=5)
+    full.fit(source, _loss_fn)
+    part, source = _trainer(tmp_path, tokenizer, name="part", steps=5, schedule_steps=8)
+    part.fit(source, _loss_fn)
+    full_records = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    part_records = read_metrics(tmp_path / "part" / "metrics.jsonl")
+    assert _untimed(part_records) == _untimed(full_records[:5])
+    # warm-up over 2 steps, then cosine over 8 - 2 to 0.1: the 3rd to 5th steps at progress 0, 1/6 and 2/6 (a
+    # 5-step schedule would be at 0, 1/3 and 2/3: 1, 0.775, 0.325)
+    by_hand = [1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 6)), 0.1 + 0.45 * 1.5]
+    assert [r["lr"] for r in part_records[2:]] == pytest.approx([3e-3 * f for f in by_hand])
+    load_module_weights(full.model, tmp_path / "full" / "checkpoints" / "step-5" / "model")
+    assert torch.equal(_flat_params(part.model), _flat_params(full.model))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -152,7 +152,7 @@ class Trainer:
         self.device = self.parallel.ctx.device
         self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
         self.optimizer = build_optimizer(model, optim)
-        self.scheduler = build_scheduler(self.optimizer, optim, train.max_steps)
+        self.scheduler = build_scheduler(self.optimizer, optim, optim.schedule_steps or train.max_steps)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
         self.tokens = 0
