@@ -157,14 +157,15 @@ STAGES = [
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
     # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
     # At lr 2e-3 (the SFT recipe's 1e-3: 66% of steps right after 400 steps) the model learns to look the next
-    # operation up in a sudden transition, whose step depends on the CPU (its float sums): 250 steps (cosine) left
-    # 73% of steps right on AMD EPYC Zen5, 66% on the Intel Xeon and 14% on an AVX2-only AMD EPYC, where the cosine
-    # schedule had decayed before the transition came. 400 steps keep the learning rate up through it (above 1.2e-3
-    # until step 250): on the AVX2-only EPYC 6% / 26% / 65% / 74% / 84% / 87% of steps right at steps 150-400 of
-    # the 400-step schedule (300 problems, one thread; constant lr 2e-3 was slower: 70% at 400); 93% at 400 on Zen5.
-    # From the Zen5 400-step model process beat outcome by +1.0 steps right (+0.1 to +1.8), from 250-step ones by
-    # +3.5 (+1.4 to +5.5) on Zen5 and +2.8 / +3.1 over two draws on the Xeon (the grpo-process recipe's 120 steps at
-    # 3e-5): a model mid-transition leaves more to learn, but only where it happens to be mid-transition.
+    # operation up in a sudden transition, whose step depends on the CPU (its float sums): a 250-step cosine
+    # schedule left 73% of steps right on AMD EPYC Zen5, 66% on the Intel Xeon and 14% on an AVX2-only AMD EPYC,
+    # where the lr had decayed before the transition came. A 400-step schedule keeps the lr up through it, and the
+    # stage stops at its step 250 (optim.schedule_steps): steps right at steps 150/200/250/300/350/400 of that
+    # schedule were 32/45/68/82/88/91% on the Intel Xeon and 6/26/65/74/84/87% on the AVX2-only EPYC (93% at 400 on
+    # Zen5), so at 250 both are mid-transition, where GRPO has the most left to teach: from the Xeon's 250-step
+    # model (67.9%) both GRPO modes gained +8.4 and +8.6 points of final answers and +6.5 / +5.5 of steps right,
+    # against +0.0 / +1.2 of final answers and +0.1 / +1.1 of steps right from its 400-step model (91.4%); and
+    # the stage takes 208 s instead of 325.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=48", "optim.lr=2e-3",
                          "train.max_steps=15", "eval_before=false"),
