@@ -69,6 +69,33 @@ def test_process_against_outcome_is_paired_on_each_problems_share_of_steps_right
     assert f"steps right {mean:+.1%} ({low:+.1%} to {high:+.1%})" in report
 
 
+def test_comparisons_are_broken_down_by_the_problems_categories(tmp_path):
+    categories = ["2 steps", "5 steps", "2 steps", "5 steps"]
+    process = {"per_problem": {"greedy": [1, 0, 1, 0], "correct_samples": [4, 1, 3, 1], "category": categories,
+                               "steps_right": [1.0, 0.6, 1.0, 0.6]}, "samples_per_problem": 4}
+    outcome = {"per_problem": {"greedy": [1, 0, 0, 0], "correct_samples": [4, 0, 2, 1], "category": categories,
+                               "steps_right": [1.0, 0.0, 0.5, 0.2]}, "samples_per_problem": 4}
+    start = {"per_problem": {"greedy": [1, 0, 0, 0], "correct_samples": [2, 0, 1, 0], "category": categories},
+             "samples_per_problem": 4}
+    (tmp_path / "demo.json").write_text(json.dumps({"sft-multistep": start, "grpo-process": process,
+                                                    "grpo-outcome": outcome}))
+    stages = ("sft-multistep", "grpo-process", "grpo-outcome")
+    report = write_demo_report(tmp_path, {"sft-multistep": None, "grpo-process": "sft-multistep",
+                                          "grpo-outcome": "sft-multistep"}, dict.fromkeys(stages, "multistep"))
+    # 2 steps: differences 0 and 0.5, mean 0.25, sd 0.5 / sqrt(2), half-width 1.96 sd / sqrt(2) = 0.49;
+    # 5 steps: 0.6 and 0.4, mean 0.5, sd 0.1 sqrt(2), half-width 1.96 * 0.1 = 0.196
+    assert ("  - steps right by category: 2 steps +25.0% (-24.0% to +74.0%), 5 steps +50.0% (+30.4% to +69.6%)"
+            in report.read_text())
+    # one category (or none recorded): no breakdown
+    for summary in (process, outcome, start):
+        summary["per_problem"]["category"] = ["2 steps"] * 4
+    (tmp_path / "demo.json").write_text(json.dumps({"sft-multistep": start, "grpo-process": process,
+                                                    "grpo-outcome": outcome}))
+    report = write_demo_report(tmp_path, {"sft-multistep": None, "grpo-process": "sft-multistep",
+                                          "grpo-outcome": "sft-multistep"}, dict.fromkeys(stages, "multistep"))
+    assert "by category" not in report.read_text()
+
+
 def test_reward_model_result_gives_the_pairs_wilson_interval_and_the_tasks_own_pairs():
     # 360 of 400 pairs right: Wilson 95% (0.9 + z²/800 ± z·sqrt(0.9·0.1/400 + z²/640000)) / (1 + z²/400), z = 1.96
     summary = {"eval_accuracy": 0.9, "eval_rows": 400, "pairs": "on_policy", "eval_offline_accuracy": 0.71}

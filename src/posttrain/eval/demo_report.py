@@ -195,6 +195,24 @@ def paired_gain(before: dict[str, Any], after: dict[str, Any], key: str) -> tupl
     return paired_interval([v * scale[0] for v in first[:n]], [v * scale[1] for v in second[:n]])
 
 
+def paired_gains_by_category(before: dict[str, Any], after: dict[str, Any],
+                             key: str) -> dict[str, tuple[float, float, float]]:
+    """`paired_gain` within each category of the problems (`per_problem["category"]`, the task's kinds of problem:
+    chain lengths, operators), in the categories' sorted order; empty where either summary lacks the numbers or
+    the problems have a single category. Where an overall difference lives: in every kind of problem, or in one."""
+    categories = (before.get("per_problem", {}).get("category") or [])
+    first, second = (summary.get("per_problem", {}).get(key) for summary in (before, after))
+    if not first or not second or len(set(categories) - {None}) < 2:
+        return {}
+    n = min(len(first), len(second), len(categories))
+    gains = {}
+    for category in sorted(set(categories[:n]) - {None}):
+        picked = [i for i in range(n) if categories[i] == category]
+        if len(picked) > 1:
+            gains[category] = paired_interval([first[i] for i in picked], [second[i] for i in picked])
+    return gains
+
+
 def gain_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[str, Any]]:
     """Per stage that post-trains a policy: its greedy and sampled gains over its start, paired intervals."""
     rows = []
@@ -228,6 +246,11 @@ def _gain_lines(rows: list[dict[str, Any]], summaries: Summaries) -> list[str]:
             steps = f", steps right {_interval(gains['steps_right'])}" if gains["steps_right"] else ""
             lines.append(f"- {first} − {second}: greedy {_interval(gains['greedy'])}, sampled "
                          f"{_interval(gains['correct_samples'])}{steps}")
+            key = "steps_right" if gains["steps_right"] else "greedy"
+            by_category = paired_gains_by_category(summaries[second], summaries[first], key)
+            if by_category:
+                lines.append(f"  - {'steps right' if key == 'steps_right' else 'greedy'} by category: "
+                             + ", ".join(f"{category} {_interval(gain)}" for category, gain in by_category.items()))
     return lines
 
 

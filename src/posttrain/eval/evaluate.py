@@ -203,13 +203,13 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
     if options.samples:
         reference = _reference(target, options)
         sampled, counts = sampled_metrics(model, tokenizer, task, data, options, max_new_tokens, reference)
-        examples = heldout_problems(task, options.problems, options.seed)
-        table = headroom([task.category(e) for e in examples], counts, options.samples, sampled_ks(options),
+        categories = [task.category(e) for e in heldout_problems(task, options.problems, options.seed)]
+        table = headroom(categories, counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
         result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"],
                              "intermediate_share": table["all"]["intermediate_share"], "categories": table}
         # Per problem (in the order of the held-out draw): what paired comparisons of two models need.
-        result["per_problem"] = {"correct_samples": counts,
+        result["per_problem"] = {"correct_samples": counts, "category": categories,
                                  **({"greedy": [int(c) for c in accuracy.correct]} if accuracy is not None else {}),
                                  **({"steps_right": list(accuracy.steps_right)}
                                     if accuracy is not None and accuracy.steps_right else {})}
