@@ -103,6 +103,11 @@ SAMPLED = (*CHAIN, "sampling.max_new_tokens=24")
 # The multistep stages' sampled evaluation, 4 completions per problem (2000 in all): their comparison is steps right,
 # from greedy decoding, and 8 samples of up to 96 tokens took about 70 s of each stage on the Intel Xeon.
 MULTISTEP_SAMPLES = 4
+# Chains of 4-5 operations: where process supervision pays. On the 2-5-step chains of `multistep` process - outcome
+# steps right stayed inside the noise in every setting tried (+0.4 to +1.8, 500 problems; README), the gap all in the
+# 5-step chains (+3.4 to +7.2); on 4-5-step chains (one draw, Intel Xeon) +3.0 (+1.4 to +4.7).
+MULTISTEP_TASK = "multistep-long"
+MULTISTEP = (f"data.source={MULTISTEP_TASK}", f"eval.task={MULTISTEP_TASK}")
 ROUNDS_OF_256 = ("update.rollout_batch_size=256", "train.batch_size=128", "train.micro_batch_size=128")
 GRPO_STEPS = ("train.max_steps=20",)  # GRPO and its control on a coin: the same compute
 
@@ -167,18 +172,18 @@ STAGES = [
     # against +0.0 / +1.2 of final answers and +0.1 / +1.1 of steps right from its 400-step model (91.4%); and
     # the stage takes 208 s instead of 325.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
-              overrides=("data.source=multistep", "eval.task=multistep", "eval.max_new_tokens=48", "optim.lr=2e-3",
-                         "train.max_steps=15", "eval_before=false"),
+              overrides=(*MULTISTEP, "eval.max_new_tokens=48", "optim.lr=2e-3", "train.max_steps=15",
+                         "eval_before=false"),
               # no evaluation before: the pretrained model does not know the format (0.0% of 500 in the demo of
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
               # grpo-process recipe's quick budget does; 5 labelled steps and the answer take up to ~80
               budget=("train.max_steps=250", "optim.schedule_steps=400", "eval.max_new_tokens=96"),
-              task="multistep", samples=MULTISTEP_SAMPLES),
-    DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", task="multistep",
-              samples=MULTISTEP_SAMPLES),
+              task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
+    DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", overrides=MULTISTEP,
+              task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
-              overrides=("advantage.supervision=outcome",), task="multistep", samples=MULTISTEP_SAMPLES),
+              overrides=(*MULTISTEP, "advantage.supervision=outcome"), task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
     DemoStage("rft", "rft", "sft", _accuracy_headline, overrides=SAMPLED, budget=ROUNDS_OF_256, task="chain"),
     DemoStage("rejection", "rejection", "sft", _accuracy_headline, overrides=SAMPLED,
               budget=("prompts_per_round=1024",), task="chain"),

@@ -9,6 +9,7 @@ import pytest
 from posttrain.data import TASKS, DataConfig, get_task, load_rows
 from posttrain.data import arith as arith_space
 from posttrain.data.tasks.base import is_heldout_key
+from posttrain.data.tasks.multistep import MultistepTask
 from posttrain.errors import DataError
 
 
@@ -155,3 +156,14 @@ def _chain_parts(key):
 
     a, first, b, second, c = re.fullmatch(r"(\d+)([+-])(\d+)([+-])(\d+)", key).groups()
     return int(a), first, int(b), second, int(c)
+
+
+def test_multistep_long_draws_chains_of_four_and_five_steps_only():
+    long, short = get_task("multistep-long"), get_task("multistep")
+    lengths = [len(example.steps) for example in long.examples("train", 400, seed=0)]
+    assert set(lengths) == {4, 5}
+    assert {len(example.steps) for example in short.examples("train", 400, seed=0)} == {2, 3, 4, 5}
+    heldout = {example.key for example in long.examples("heldout", 200, seed=0)}
+    assert not heldout & {example.key for example in long.examples("train", 2000, seed=0)}
+    with pytest.raises(ValueError, match="1 to 5 steps"):
+        MultistepTask("bad", min_steps=4, max_steps=6)

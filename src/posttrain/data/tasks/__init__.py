@@ -21,7 +21,9 @@ from posttrain.data.tasks.multistep import MultistepTask
 from posttrain.data.tasks.sort import SortTask
 from posttrain.errors import DataError
 
-TASKS: dict[str, Task] = {task.name: task for task in (ArithTask(), MultistepTask(), SortTask(), ChainTask())}
+_TASKS = (ArithTask(), MultistepTask(), MultistepTask("multistep-long", min_steps=4, max_steps=5), SortTask(),
+          ChainTask())
+TASKS: dict[str, Task] = {task.name: task for task in _TASKS}
 
 
 def get_task(name: str) -> Task:

@@ -45,13 +45,22 @@ Chain = tuple[int, tuple[tuple[str, int], ...]]
 
 
 class MultistepTask(Task):
-    name = "multistep"
-    description = "chains of 2-5 operations written one labelled step per line; every step is verifiable"
+    """Chains of `min_steps` to `max_steps` operations (each length equally likely). `multistep` draws 2-5;
+    `multistep-long` 4-5, where a chain's final answer is mostly wrong before RL and a group's outcome rewards
+    carry little signal: the comparison of process and outcome supervision lives there (README)."""
+
     formats = ("completion", "messages", "preference", "ranking", "verifiable", "stepwise", "unpaired")
+
+    def __init__(self, name: str = "multistep", min_steps: int = MIN_STEPS, max_steps: int = MAX_STEPS) -> None:
+        if not 1 <= min_steps <= max_steps <= len(LABELS):
+            raise ValueError(f"a chain has 1 to {len(LABELS)} steps, got {min_steps}-{max_steps}")
+        self.name, self.min_steps, self.max_steps = name, min_steps, max_steps
+        self.description = (f"chains of {min_steps}-{max_steps} operations written one labelled step per line; every "
+                            "step is verifiable")
 
     def example(self, rng: random.Random, split: str = "train") -> Example:
         while True:
-            chain = _draw_chain(rng)
+            chain = _draw_chain(rng, self.min_steps, self.max_steps)
             key = _key(chain)
             if is_heldout_key(key) == (split == "heldout"):
                 break
@@ -130,9 +139,9 @@ def _prompt(start: int, ops: tuple[tuple[str, int], ...]) -> str:
     return f"Start with {start}. Apply in order:\n{listed}\nWhat is the result?"
 
 
-def _draw_chain(rng: random.Random) -> Chain:
+def _draw_chain(rng: random.Random, min_steps: int, max_steps: int) -> Chain:
     start = rng.randint(2, 20)
-    value, ops, length = start, [], rng.randint(MIN_STEPS, MAX_STEPS)
+    value, ops, length = start, [], rng.randint(min_steps, max_steps)
     while len(ops) < length:
         # No multiplying 0 (a step that changes nothing) or past MAX_VALUE; no operation twice in a chain
         # (the next one would be ambiguous to look up).
