@@ -105,7 +105,8 @@ SAMPLED = (*CHAIN, "sampling.max_new_tokens=24")
 MULTISTEP_SAMPLES = 4
 # Chains of 4-5 operations: where process supervision pays. On the 2-5-step chains of `multistep` process - outcome
 # steps right stayed inside the noise in every setting tried (+0.4 to +1.8, 500 problems; README), the gap all in the
-# 5-step chains (+3.4 to +7.2); on 4-5-step chains (one draw, Intel Xeon) +3.0 (+1.4 to +4.7).
+# 5-step chains (+3.4 to +7.2). On 4-5-step chains, two draws on the Intel Xeon (the same pretrained model): +3.0
+# (+1.4 to +4.7) and +1.5 (-0.3 to +3.3), the 5-step chains +4.0 and +3.1, both GRPO modes +7 to +11 final answers.
 MULTISTEP_TASK = "multistep-long"
 MULTISTEP = (f"data.source={MULTISTEP_TASK}", f"eval.task={MULTISTEP_TASK}")
 ROUNDS_OF_256 = ("update.rollout_batch_size=256", "train.batch_size=128", "train.micro_batch_size=128")
