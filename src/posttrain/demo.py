@@ -105,8 +105,9 @@ SAMPLED = (*CHAIN, "sampling.max_new_tokens=24")
 MULTISTEP_SAMPLES = 4
 # Chains of 4-5 operations: where process supervision pays. On the 2-5-step chains of `multistep` process - outcome
 # steps right stayed inside the noise in every setting tried (+0.4 to +1.8, 500 problems; README), the gap all in the
-# 5-step chains (+3.4 to +7.2). On 4-5-step chains, two draws on the Intel Xeon (the same pretrained model): +3.0
-# (+1.4 to +4.7) and +1.5 (-0.3 to +3.3), the 5-step chains +4.0 and +3.1, both GRPO modes +7 to +11 final answers.
+# 5-step chains (+3.4 to +7.2). On 4-5-step chains, three draws on the Intel Xeon (the same pretrained model): +3.0
+# (+1.4 to +4.7), +1.5 (-0.3 to +3.3) and +2.4 (+0.6 to +4.3), the 5-step chains +3.1 to +4.4, both GRPO modes +7
+# to +11 final answers.
 MULTISTEP_TASK = "multistep-long"
 MULTISTEP = (f"data.source={MULTISTEP_TASK}", f"eval.task={MULTISTEP_TASK}")
 ROUNDS_OF_256 = ("update.rollout_batch_size=256", "train.batch_size=128", "train.micro_batch_size=128")
@@ -168,10 +169,10 @@ STAGES = [
     # where the lr had decayed before the transition came. A 400-step schedule keeps the lr up through it, and the
     # stage stops at its step 250 (optim.schedule_steps): steps right at steps 150/200/250/300/350/400 of that
     # schedule were 32/45/68/82/88/91% on the Intel Xeon and 6/26/65/74/84/87% on the AVX2-only EPYC (93% at 400 on
-    # Zen5), so at 250 both are mid-transition, where GRPO has the most left to teach: from the Xeon's 250-step
-    # model (67.9%) both GRPO modes gained +8.4 and +8.6 points of final answers and +6.5 / +5.5 of steps right,
-    # against +0.0 / +1.2 of final answers and +0.1 / +1.1 of steps right from its 400-step model (91.4%); and
-    # the stage takes 208 s instead of 325.
+    # Zen5), so at 250 both are mid-transition, where GRPO has the most left to teach: on those 2-5-step chains,
+    # from the Xeon's 250-step model (67.9%) both GRPO modes gained +8.4 and +8.6 points of final answers and
+    # +6.5 / +5.5 of steps right, against +0.0 / +1.2 of final answers and +0.1 / +1.1 of steps right from its
+    # 400-step model (91.4%); and the stage takes 208 s instead of 325.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=(*MULTISTEP, "eval.max_new_tokens=48", "optim.lr=2e-3", "train.max_steps=15",
                          "eval_before=false"),

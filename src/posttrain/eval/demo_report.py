@@ -182,35 +182,36 @@ def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) 
     return _save(fig, out)
 
 
-def paired_gain(before: dict[str, Any], after: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+def paired_gain(before: dict[str, Any], after: dict[str, Any], key: str,
+                category: str | None = None) -> tuple[float, float, float] | None:
     """`after`'s change over `before` in greedy ("greedy") or sampled ("correct_samples", as a share of each
     problem's samples) accuracy or in the share of each problem's steps right ("steps_right", greedy), with its
     paired 95% interval, on the problems both were measured on (the first N
-    of the same held-out draw), or None where one of them lacks the numbers."""
+    of the same held-out draw), or None where one of them lacks the numbers. With `category`, on those of
+    its problems only (`before`'s `per_problem["category"]`; None where fewer than two)."""
     first, second = (summary.get("per_problem", {}).get(key) for summary in (before, after))
     if not first or not second:
         return None
-    n = min(len(first), len(second))
+    picked = range(min(len(first), len(second)))
+    if category is not None:
+        categories = before.get("per_problem", {}).get("category") or []
+        picked = [i for i in picked if i < len(categories) and categories[i] == category]
+        if len(picked) < 2:
+            return None
     scale = [1.0 / s.get("samples_per_problem", 1) if key == "correct_samples" else 1.0 for s in (before, after)]
-    return paired_interval([v * scale[0] for v in first[:n]], [v * scale[1] for v in second[:n]])
+    return paired_interval([first[i] * scale[0] for i in picked], [second[i] * scale[1] for i in picked])
 
 
 def paired_gains_by_category(before: dict[str, Any], after: dict[str, Any],
                              key: str) -> dict[str, tuple[float, float, float]]:
     """`paired_gain` within each category of the problems (`per_problem["category"]`, the task's kinds of problem:
-    chain lengths, operators), in the categories' sorted order; empty where either summary lacks the numbers or
-    the problems have a single category. Where an overall difference lives: in every kind of problem, or in one."""
-    categories = (before.get("per_problem", {}).get("category") or [])
-    first, second = (summary.get("per_problem", {}).get(key) for summary in (before, after))
-    if not first or not second or len(set(categories) - {None}) < 2:
+    chain lengths, operators), in the categories' sorted order; empty where the problems have fewer than two
+    categories. Where an overall difference lives: in every kind of problem, or in one."""
+    categories = set(before.get("per_problem", {}).get("category") or []) - {None}
+    if len(categories) < 2:
         return {}
-    n = min(len(first), len(second), len(categories))
-    gains = {}
-    for category in sorted(set(categories[:n]) - {None}):
-        picked = [i for i in range(n) if categories[i] == category]
-        if len(picked) > 1:
-            gains[category] = paired_interval([first[i] for i in picked], [second[i] for i in picked])
-    return gains
+    gains = {category: paired_gain(before, after, key, category) for category in sorted(categories)}
+    return {category: gain for category, gain in gains.items() if gain is not None}
 
 
 def gain_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[str, Any]]:
