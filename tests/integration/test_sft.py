@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.algos import token_logprobs
 from posttrain.config import load_config
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import prepare_data
+from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.likelihood import response_logprobs
 from posttrain.recipes import find_recipe
@@ -179,3 +180,8 @@ def test_sft_recipe_runs_and_writes_a_complete_run(pretrained_run, tmp_path, ada
     assert metrics[4]["loss"] + metrics[5]["loss"] < metrics[0]["loss"] + metrics[1]["loss"]
     assert 0.0 <= result.summary["accuracy"] <= 1.0 and "accuracy_before" in result.summary
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
+    # A checkpoint's model directory carries the tokenizer: it loads, and is evaluated, on its own.
+    checkpoint = run / "checkpoints" / "step-6" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(result.final_dir, local_files_only=True).get_vocab()
+    assert evaluate(checkpoint, EvalOptions(problems=4, samples=0), write=False)["problems"] == 4

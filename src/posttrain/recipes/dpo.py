@@ -162,7 +162,7 @@ def main(cfg: DPOConfig) -> RunResult:
                                                        cfg.train, cfg.run.seed, average, progress)
     precompute_seconds = time.perf_counter() - precompute_start
     trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, dpo_loss_fn(cfg.loss, reference), evaluation.evaluator(model),
                          progress_keys=("loss", "reward_accuracy", "eval_loss", "eval_accuracy"))
     if result.interrupted:

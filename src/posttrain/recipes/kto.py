@@ -105,7 +105,7 @@ def main(cfg: KTOConfig) -> RunResult:
                                                    cfg.train, cfg.run.seed, progress=progress)
     reference_seconds = time.perf_counter() - reference_start
     trainer = Trainer(stage="kto", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(LabelCounts(source), kto_loss_fn(cfg.loss, reference), evaluation.evaluator(model),
                          progress_keys=("loss", "kl", "reward_margin", "eval_loss", "eval_accuracy"))
     if result.interrupted:

@@ -80,7 +80,7 @@ def main(cfg: PretrainConfig) -> RunResult:
 
     run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")  # the first write, once everything is ready
     trainer = Trainer(stage="pretrain", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim,
-                      run_dir=run_dir, model=model)
+                      run_dir=run_dir, model=model, tokenizer=tokenizer)
     result = trainer.fit(source, loss_fn, evaluate, progress_keys=("loss", "eval_loss"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})

@@ -119,7 +119,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     source = RejectionStepSource(cfg, prepared, make_engine(cfg.sampling.engine, model, tokenizer), tokenizer,
                                  rewards, task=task, samples=run_dir.samples, progress=progress)
     trainer = Trainer(stage="rejection", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, sft_loss_fn, evaluation.evaluator(model),
                          progress_keys=("loss", "kept_fraction", "pass_at_n", "eval_reward", "eval_accuracy"))
     if result.interrupted:

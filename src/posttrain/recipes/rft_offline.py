@@ -94,7 +94,7 @@ def main(cfg: Any) -> RunResult:
         before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     model = apply_adapter(model, cfg.adapter)
     trainer = Trainer(stage="rft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, sft_loss_fn, evaluation.evaluator(model), progress_keys=("loss", "eval_accuracy"))
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})

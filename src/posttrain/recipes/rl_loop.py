@@ -715,7 +715,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
                           task=task, reference=reference, step_rewards=hook, gold=gold, samples=run_dir.samples,
                           progress=progress)
     trainer = Trainer(stage=stage, cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, rl_loss_fn(cfg, cfg.sampling.max_new_tokens), evaluation.evaluator(actor),
                          progress_keys=("reward", "kl", "accuracy", "eval_reward", "eval_accuracy"))
     if result.interrupted:

@@ -183,7 +183,7 @@ def main(cfg: RMConfig) -> RunResult:
         freeze_backbone(model)
     model = apply_adapter(model, cfg.adapter, task_type="CAUSAL_LM" if cfg.head == "likelihood" else "SEQ_CLS")
     trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress)
     steps = process_step_source if cfg.kind == "process" else comparison_step_source
     loss_fn = process_loss_fn(cfg) if cfg.kind == "process" else comparison_loss_fn(cfg)
     source = steps(prepared, cfg.train, cfg.run.seed)

@@ -71,7 +71,7 @@ def main(cfg: SFTConfig) -> RunResult:
         before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     model = apply_adapter(model, cfg.adapter)
     trainer = Trainer(stage="sft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(step_source(prepared, cfg.train, cfg.run.seed), sft_loss_fn, evaluation.evaluator(model),
                          progress_keys=("loss", "eval_loss", "eval_accuracy"))
     if result.interrupted:

@@ -1,7 +1,8 @@
 """Atomic checkpoints with everything needed to resume bitwise identically on CPU.
 
 Layout of `checkpoints/step-N/` (no pickle anywhere: tensors in safetensors, the rest in JSON):
-  <module>/                HF format (model.safetensors + config.json, or a peft adapter)
+  <module>/                HF format (model.safetensors + config.json, or a peft adapter), with the run's
+                           tokenizer: `from_pretrained` and `posttrain eval` load it as they load `final/`
   optimizer-<name>.safetensors + optimizer-<name>.json   tensors / structure of the optimizer state
   state.json               step, scheduler states, RNG states (python, numpy), trainer and data state
   rng.safetensors          torch CPU (and CUDA) generator states
@@ -39,7 +40,7 @@ COMPLETE = "COMPLETE"
 def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Module],
                     optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
                     trainer_state: dict[str, Any], config_text: str, keep_last: int,
-                    keep_before: int | None = None) -> Path:
+                    keep_before: int | None = None, tokenizer: Any = None) -> Path:
     """Write `root/step-<step>/` atomically and prune to the newest `keep_last` checkpoints (and the one
     `prune_checkpoints` keeps from before step `keep_before`)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,8 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
     tmp.mkdir()
     for name, module in modules.items():
         module.save_pretrained(str(tmp / name), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / name))
     for name, optimizer in optimizers.items():
         tensors, structure = _flatten_optimizer_state(optimizer.state_dict())
         save_file(tensors, str(tmp / f"optimizer-{name}.safetensors"))

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 from rich.console import Console
+from transformers import PreTrainedTokenizerBase
 
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.errors import ConfigError, PosttrainError, RunDirError
@@ -132,8 +133,8 @@ def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.
 
 class Trainer:
     def __init__(self, *, stage: str, cfg: Any, run: RunConfig, train: TrainConfig, optim: OptimConfig,
-                 run_dir: RunDir, model: torch.nn.Module, console: Console | None = None,
-                 progress: RunProgress | None = None) -> None:
+                 run_dir: RunDir, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None,
+                 console: Console | None = None, progress: RunProgress | None = None) -> None:
         train.check_batch_sizes()
         self.dist = dist.init_distributed()
         if train.batch_size % (train.micro_batch_size * self.dist.world_size):
@@ -142,6 +143,7 @@ class Trainer:
         self.stage, self.cfg, self.run, self.train_cfg, self.optim_cfg = stage, cfg, run, train, optim
         self.run_dir = run_dir
         self.model = model
+        self.tokenizer = tokenizer  # saved in every checkpoint's model directory, which then loads on its own
         self.console = console or (progress.console if progress is not None else Console())
         # The run's display, shared with the phases a step source or an evaluation runs inside the loop.
         self.progress = progress or RunProgress(self.run.progress and self.dist.is_main, self.console)
@@ -357,7 +359,7 @@ class Trainer:
         return save_checkpoint(
             self.run_dir.checkpoints, self.step, modules={"model": self.model},
             optimizers={"model": self.optimizer}, schedulers={"model": self.scheduler},
-            trainer_state=self._state(source), config_text=config_text(self.stage, self.cfg),
+            tokenizer=self.tokenizer, trainer_state=self._state(source), config_text=config_text(self.stage, self.cfg),
             keep_last=self.train_cfg.keep_last, keep_before=self._first_skipped)
 
     def _maybe_resume(self, source: StepSource) -> Any:
