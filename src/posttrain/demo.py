@@ -100,9 +100,13 @@ def _reward_model_headline(summary: dict[str, Any]) -> str:
 # (on arith, each a∘b is a separate fact and RL's gains did not transfer: README, "What the demo shows").
 CHAIN = ("data.source=chain", "eval.task=chain", "eval.max_new_tokens=24")
 SAMPLED = (*CHAIN, "sampling.max_new_tokens=24")
-# The multistep stages' sampled evaluation, 4 completions per problem (2000 in all): their comparison is steps right,
-# from greedy decoding, and 8 samples of up to 96 tokens took about 70 s of each stage on the Intel Xeon.
-MULTISTEP_SAMPLES = 4
+# The multistep stages are scored on 1000 held-out problems, not 500: process - outcome steps right is a difference
+# of ~2 points with a paired SD of ~21 per problem (three draws, Intel Xeon), which 500 problems resolve about half
+# the time (844 give 80% power for +2). Their sampled evaluation draws 2 completions per problem (2000 in all, as
+# 4 of 500 did): their comparison is steps right, from greedy decoding, and 8 samples of up to 96 tokens took about
+# 70 s of each stage on the Intel Xeon.
+MULTISTEP_PROBLEMS = ("eval.problems=1000",)
+MULTISTEP_SAMPLES = 2
 # Chains of 4-5 operations: where process supervision pays. On the 2-5-step chains of `multistep` process - outcome
 # steps right stayed inside the noise in every setting tried (+0.4 to +1.8, 500 problems; README), the gap all in the
 # 5-step chains (+3.4 to +7.2). On 4-5-step chains, three draws on the Intel Xeon (the same pretrained model): +3.0
@@ -110,6 +114,11 @@ MULTISTEP_SAMPLES = 4
 # to +11 final answers.
 MULTISTEP_TASK = "multistep-long"
 MULTISTEP = (f"data.source={MULTISTEP_TASK}", f"eval.task={MULTISTEP_TASK}")
+# The multistep GRPO stages at lr 5e-5, not the grpo-process recipe's 3e-5 (chosen from a 400-step SFT model, where
+# 5e-5 cost final answers): from the demo's mid-transition SFT model, on 1000 held-out problems of another draw
+# than the demo's, process - outcome steps right was +2.5 (+1.3 to +3.7) at 3e-5 and +4.3 (+2.9 to +5.8) at 5e-5,
+# with final answers +11.5 (process) and +8.9 (outcome) over the SFT model at 5e-5.
+MULTISTEP_GRPO = (*MULTISTEP_PROBLEMS, "optim.lr=5e-5")
 ROUNDS_OF_256 = ("update.rollout_batch_size=256", "train.batch_size=128", "train.micro_batch_size=128")
 GRPO_STEPS = ("train.max_steps=20",)  # GRPO and its control on a coin: the same compute
 
@@ -180,12 +189,13 @@ STAGES = [
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
               # grpo-process recipe's quick budget does; 5 labelled steps and the answer take up to ~80
-              budget=("train.max_steps=250", "optim.schedule_steps=400", "eval.max_new_tokens=96"),
+              budget=("train.max_steps=250", "optim.schedule_steps=400", "eval.max_new_tokens=96", *MULTISTEP_PROBLEMS),
               task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", overrides=MULTISTEP,
-              task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
+              budget=MULTISTEP_GRPO, task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
-              overrides=(*MULTISTEP, "advantage.supervision=outcome"), task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
+              overrides=(*MULTISTEP, "advantage.supervision=outcome"), budget=MULTISTEP_GRPO, task=MULTISTEP_TASK,
+              samples=MULTISTEP_SAMPLES),
     DemoStage("rft", "rft", "sft", _accuracy_headline, overrides=SAMPLED, budget=ROUNDS_OF_256, task="chain"),
     DemoStage("rejection", "rejection", "sft", _accuracy_headline, overrides=SAMPLED,
               budget=("prompts_per_round=1024",), task="chain"),
