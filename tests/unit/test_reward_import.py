@@ -3,6 +3,7 @@ graders reading any column, and prompt-only data refused by rewards that need a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -40,15 +41,15 @@ def test_trl_style_function_from_a_file_reads_the_rows_columns():
 
 def test_trl_style_gets_text_for_text_rows_and_messages_for_conversations(tmp_path, monkeypatch):
     module = tmp_path / "spy_rewards.py"
-    module.write_text("SEEN = []\n"
+    # The function runs in a child process: what it saw comes back through a file.
+    module.write_text("import json, pathlib\n"
                       "def spy(prompts, completions, difficulty):\n"
-                      "    SEEN.append((prompts, completions, difficulty))\n"
+                      "    seen = pathlib.Path(__file__).with_name('seen.json')\n"
+                      "    seen.write_text(json.dumps([prompts, completions, difficulty]))\n"
                       "    return [len(d) for d in difficulty]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     scores = _rewards("spy_rewards:spy")(_batch(["It is 5", "16"]))
-    import spy_rewards
-
-    prompts, completions, difficulty = spy_rewards.SEEN[-1]
+    prompts, completions, difficulty = json.loads((tmp_path / "seen.json").read_text())
     assert prompts == ["What is 2+3?", [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": "What is 4*4?"}]]
     assert completions == ["It is 5", [{"role": "assistant", "content": "16"}]]

@@ -415,7 +415,9 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
     field = "--reward" if options.rewards else ("reward.functions" if run_reward.get("functions") else "--reward")
     try:
         rewards = WeightedRewards.from_config(functions, task=task, reward_model_path=run_reward.get("model_path"),
-                                              grader_path=options.grader or run_reward.get("grader"))
+                                              grader_path=options.grader or run_reward.get("grader"),
+                                              timeout_s=run_reward.get("timeout_s"),
+                                              in_process=bool(run_reward.get("in_process", False)))
     except ValueError as err:
         hint = (" (--task names the built-in task whose answer check compares a completion with the `answer` "
                 "column; --reward a grader or your own function instead)") if "needs a task" in str(err) else ""

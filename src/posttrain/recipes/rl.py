@@ -31,12 +31,13 @@ from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.heldout import completions_of
 from posttrain.models.adapters import AdapterConfig
 from posttrain.rewards.error_log import RewardErrorLog
+from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S
 from posttrain.rewards.functions import (
     REWARD_FUNCTIONS,
     Completions,
     Scores,
     WeightedRewards,
-    import_reward_function,
+    reward_function,
 )
 from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
@@ -85,14 +86,25 @@ class RewardConfig:
     max_error_fraction: float = param(0.5, "Stop the run when one reward function errs (raises, times out, "
                                            "returns NaN) on more than this share of a batch; every error is kept "
                                            "in grader_errors.jsonl (1: never stop).", ge=0, le=1)
+    timeout_s: float = param(DEFAULT_TIMEOUT_S, "Hard limit in seconds on one batch of a reward function named by "
+                                                "import path, which runs in a child process: past it the process is "
+                                                "killed, the batch scores 0 with an error per row, and the next batch "
+                                                "starts a new process.", gt=0)
+    in_process: bool = param(False, "Run reward functions named by import path in the trainer's own process "
+                                    "instead (no timeout, no isolation), for one that must share its memory.")
+
+    def function_context(self) -> dict[str, Any]:
+        """What `WeightedRewards.from_config` needs to run import-path functions as configured."""
+        return {"timeout_s": self.timeout_s, "in_process": self.in_process}
 
 
 def check_reward_functions(cfg: RewardConfig) -> None:
-    """Every named function exists: registered, or importable from its path (imported now, before any work)."""
+    """Every named function exists: registered, or importable from its path (imported now, before any work, in
+    the child process it will run in unless `in_process`)."""
     for name in cfg.functions:
         if ":" in name and name not in REWARD_FUNCTIONS:
             try:
-                import_reward_function(name)
+                reward_function(name, **cfg.function_context())
             except ValueError as err:
                 raise ConfigError(str(err), field=f"reward.functions.{name}") from None
     unknown = sorted(n for n in cfg.functions if n not in REWARD_FUNCTIONS and ":" not in n)
@@ -123,7 +135,7 @@ def build_rewards(cfg: RewardConfig, task: Task | None, dataset: Any = None,
     (both before the run directory is written)."""
     try:
         rewards = WeightedRewards.from_config(cfg.functions, task=task, reward_model_path=cfg.model_path,
-                                              grader_path=cfg.grader)
+                                              grader_path=cfg.grader, **cfg.function_context())
     except ValueError as err:
         raise ConfigError(str(err), field="reward.functions") from None
     if eval_cfg is not None:

@@ -15,13 +15,14 @@ their weights in its config (`reward.functions: {correct: 1.0, format: 0.1}`) an
 reward r = sum_k w_k f_k(completion), with every f_k kept for the logs. Scores of functions may be
 any finite numbers (graders' are partial credit in [0, 1]).
 
-A function takes either posttrain's one argument, `fn(batch: Completions) -> scores` (the batch's
-`columns` hold every column of each completion's row), or TRL's `reward_funcs` convention,
-`fn(prompts, completions, **kwargs) -> list[float]`: prompts and completions as text for rows whose
-prompt is text, as messages for conversational rows, and every other column of the rows as a keyword
-argument holding one value per completion. Functions named by import path run in the trainer's
-process, as an imported module does: they are the user's own code, named explicitly (graders, which
-arrive as data files, run sandboxed).
+A function takes either posttrain's one argument, `fn(batch: Completions) -> scores`, or TRL's
+`reward_funcs` convention, `fn(prompts, completions, **columns) -> list[float]` (`user_functions`).
+Functions named by import path run in a child process of their own with a hard timeout per batch
+(`reward.timeout_s`; `function_process`): one that raises, hangs or crashes scores its batch 0 with an error
+record per row, and the run goes on or stops by `reward.max_error_fraction`. `reward.in_process=true`
+runs them in the trainer's process instead (no timeout), for a function that must share its memory.
+Functions registered with the decorator are code of the trainer's own process and run in it; graders,
+which arrive as data files, run sandboxed.
 """
 
 from __future__ import annotations
@@ -29,13 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
-import importlib.util
-import inspect
-import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,27 +40,8 @@ from torch import Tensor
 from posttrain.algos import Registry
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class Completions:
-    """What every reward function and step scorer reads, one entry per completion (row order).
-
-    prompts: the prompt of each completion as chat messages; completions: the decoded completion
-    texts; answers: the gold answers (None for prompt-only rows); steps: the gold per-step values
-    (empty for tasks without); columns: each completion's row as the data file gave it, every column
-    (empty when the completions do not come from data rows).
-    """
-
-    prompts: list[list[dict[str, Any]]]
-    completions: list[str]
-    answers: list[str | None]
-    steps: list[list[str]]
-    columns: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.completions)
-
+from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, UserFunctionProcess
+from posttrain.rewards.user_functions import Completions, import_reward_function
 
 RewardFunction = Callable[[Completions], Sequence[float] | Tensor]
 # A factory builds a reward function from the recipe's context (the task, the reward model path).
@@ -94,77 +71,24 @@ def register_reward_function(name: str) -> Callable[[RewardFunction], RewardFunc
 NEEDS_ANSWER = ("correct", "steps")
 
 
-@functools.cache  # a module is imported once per process, however often its function is named
-def import_reward_function(path: str) -> RewardFunction:
-    """The function at `package.module:function` or `path/to/file.py:function`, taking either signature (see
-    the module doc). Raises ValueError naming what is missing."""
-    module_name, _, attribute = path.rpartition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"{path!r} is not an import path: use package.module:function or file.py:function")
-    file = Path(module_name).expanduser() if module_name.endswith(".py") or "/" in module_name else None
-    if file is not None and not file.is_file():
-        raise ValueError(f"reward function file {module_name} not found")
-    try:
-        if file is not None:
-            name = f"posttrain_user_reward_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
-            spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses and pickling look a module up by name
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except Exception as err:  # the user's module failed to import: say which and why, once, at start-up
-        raise ValueError(f"cannot import the reward function module {module_name!r}: "
-                         f"{type(err).__name__}: {err}") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise ValueError(f"{module_name} has no function {attribute!r} (it has: {', '.join(found) or 'none'})")
-    return trl_style(function) if _takes_trl_arguments(function) else function
-
-
-def _takes_trl_arguments(function: Callable[..., Any]) -> bool:
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: posttrain's one-argument form
-        return False
-    return "completions" in parameters or "prompts" in parameters
-
-
-def trl_style(function: Callable[..., Sequence[float]]) -> RewardFunction:
-    """Adapt a reward function of TRL's convention, `fn(prompts, completions, **columns)`, to a batch."""
-    parameters = inspect.signature(function).parameters
-    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-    def score(batch: Completions) -> Sequence[float]:
-        rows = batch.columns or [{} for _ in range(len(batch))]
-        # TRL's two kinds of rows: text prompt -> text in and out; conversational -> messages in and out.
-        texts = [isinstance(row.get("prompt"), str) or not row for row in rows]
-        prompts = [row.get("prompt", p[-1]["content"]) if text else [_plain_message(m) for m in p]
-                   for row, p, text in zip(rows, batch.prompts, texts, strict=True)]
-        completions = [c if text else [{"role": "assistant", "content": c}]
-                       for c, text in zip(batch.completions, texts, strict=True)]
-        names = sorted({k for row in rows for k in row} - {"prompt", "completion"})
-        columns = {name: [row.get(name) for row in rows] for name in names}
-        if not any_keyword:
-            columns = {k: v for k, v in columns.items() if k in parameters}
-        return function(prompts=prompts, completions=completions, **columns)
-
-    score.__name__ = getattr(function, "__name__", "reward")
-    return score
-
-
-def _plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in message.items() if v is not None}
-
-
 def reward_function(name: str, **context: Any) -> RewardFunction:
-    """The function a `reward.functions` key names: a registered name, or an import path (`module:function`)."""
+    """The function a `reward.functions` key names: a registered name, or an import path (`module:function`),
+    run in a child process with `context["timeout_s"]` per batch, or in this one with `context["in_process"]`."""
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name](**context)
     if ":" in name:
-        return import_reward_function(name)
+        if context.get("in_process"):
+            return import_reward_function(name)
+        return user_function_process(name, float(context.get("timeout_s") or DEFAULT_TIMEOUT_S))
     return REWARD_FUNCTIONS[name](**context)  # the registry's own error, with the names it has
+
+
+@functools.cache  # one child per function and timeout in a process: the start-up check's is the run's
+def user_function_process(path: str, timeout_s: float) -> UserFunctionProcess:
+    """The function at `path` in a started child process (ValueError: it does not import within `timeout_s`)."""
+    process = UserFunctionProcess(path, timeout_s)
+    process.start()
+    return process
 
 
 @REWARD_FUNCTIONS.register("correct")
