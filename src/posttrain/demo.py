@@ -116,8 +116,9 @@ MULTISTEP_TASK = "multistep-long"
 MULTISTEP = (f"data.source={MULTISTEP_TASK}", f"eval.task={MULTISTEP_TASK}")
 # The multistep GRPO stages at lr 5e-5, not the grpo-process recipe's 3e-5 (chosen from a 400-step SFT model, where
 # 5e-5 cost final answers): from the demo's mid-transition SFT model, on 1000 held-out problems of another draw
-# than the demo's, process - outcome steps right was +2.5 (+1.3 to +3.7) at 3e-5 and +4.3 (+2.9 to +5.8) at 5e-5,
-# with final answers +11.5 (process) and +8.9 (outcome) over the SFT model at 5e-5.
+# than the demo's, process - outcome steps right was +2.5 (+1.3 to +3.7) at 3e-5 and +4.3 (+2.9 to +5.8) at 5e-5
+# (+5.8, +4.2 to +7.4, with run.seed=1), with final answers +11.5 (process) and +8.9 (outcome) over the SFT model at
+# 5e-5. The demo at 04c69e3, on its own problems: +4.1 (+2.7 to +5.6), 5-step chains +8.4, 4-step -0.2.
 MULTISTEP_GRPO = (*MULTISTEP_PROBLEMS, "optim.lr=5e-5")
 ROUNDS_OF_256 = ("update.rollout_batch_size=256", "train.batch_size=128", "train.micro_batch_size=128")
 GRPO_STEPS = ("train.max_steps=20",)  # GRPO and its control on a coin: the same compute
