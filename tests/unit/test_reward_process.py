@@ -1,11 +1,16 @@
-"""Reward functions named by import path run in a child process with a hard timeout per batch: a function that
-hangs, crashes its interpreter or raises scores its batch 0 with an error per row, the next batch gets a fresh
-process, and what it prints never reads as a score."""
+"""Reward functions named by import path run in a child process with a hard time limit per call: a function that
+hangs, crashes its interpreter or raises scores its call 0 with an error per row, the next call gets a fresh
+process where needed, what it prints never reads as a score, its scores are checked as an in-process function's,
+and the child dies with the trainer."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +18,7 @@ from posttrain.config import load_config
 from posttrain.errors import ConfigError
 from posttrain.recipes.rl import RewardConfig, build_rewards, check_reward_functions
 from posttrain.rewards import Completions, WeightedRewards
+from posttrain.rewards.function_process import MAX_ROWS
 
 MODULE = """
 import os, sys, time
@@ -23,11 +29,26 @@ def pid(batch):
             time.sleep(60)
         if text == "crash":
             os._exit(3)
+        if text == "crash, leaving a process":  # the forked process keeps the reply pipe open
+            if os.fork() == 0:
+                with open(os.path.join(os.path.dirname(__file__), "left.pid"), "w") as out:
+                    out.write(str(os.getpid()))
+                time.sleep(60)
+            os._exit(3)
         if text == "raise":
             1 / 0
     print('{"id": 1, "scores": [9, 9]}')  # printed, not a reply
     sys.stdout.flush()
     return [float(os.getpid())] * len(batch.completions)
+
+def sizes(batch):  # one row per completion, as a classifier's [B, 1] output: the size of the call it came in
+    return [[float(len(batch.completions))] for _ in batch.completions]
+
+def one_short(batch):
+    return [1.0] * (len(batch.completions) - 1)
+
+def words(batch):
+    return ["1"] * len(batch.completions)
 """
 
 
@@ -36,12 +57,20 @@ def _batch(*texts: str) -> Completions:
                        answers=[None] * len(texts), steps=[[]] * len(texts))
 
 
-def _rewards(tmp_path, **settings) -> WeightedRewards:
+def _rewards(tmp_path, function: str = "pid", **settings) -> WeightedRewards:
     module = tmp_path / "pid_reward.py"
     module.write_text(MODULE)
-    cfg = load_config(RewardConfig, {"functions": {f"{module}:pid": 1.0}, **settings})
+    cfg = load_config(RewardConfig, {"functions": {f"{module}:{function}": 1.0}, **settings})
     check_reward_functions(cfg)
     return build_rewards(cfg, task=None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
 
 
 def test_a_function_runs_in_one_child_process_and_its_prints_are_not_scores(tmp_path):
@@ -49,34 +78,91 @@ def test_a_function_runs_in_one_child_process_and_its_prints_are_not_scores(tmp_
     first, second = rewards(_batch("a", "b")), rewards(_batch("c"))
     child = first.total[0].item()
     assert child != os.getpid() and first.total.tolist() == [child, child] and not first.errors
-    assert second.total.tolist() == [child]  # the same child for every batch of the run
+    assert second.total.tolist() == [child]  # the same child for every call of the run
 
 
 def test_in_process_runs_it_in_the_trainers_process(tmp_path):
     assert _rewards(tmp_path, in_process=True)(_batch("a")).total.tolist() == [float(os.getpid())]
 
 
+def test_a_relative_file_path_imports_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "pid_reward.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(RewardConfig, {"functions": {"pid_reward.py:pid": 1.0}})
+    check_reward_functions(cfg)
+    assert build_rewards(cfg, task=None)(_batch("a")).total.item() not in (0.0, float(os.getpid()))
+
+
 @pytest.mark.parametrize(("text", "words"), [
-    ("hang", "did not score a batch of 2 within 1 s (reward.timeout_s): its process was killed"),
+    ("hang", "did not score a batch of 2 within 2 s (reward.timeout_s): its process was killed"),
     ("crash", "exited with code 3"),
     ("raise", "ZeroDivisionError: division by zero"),
 ])
-def test_a_batch_that_hangs_crashes_or_raises_scores_zero_with_errors_and_the_next_batch_runs(tmp_path, text, words):
-    rewards = _rewards(tmp_path, timeout_s=1)
+def test_a_call_that_hangs_crashes_or_raises_scores_zero_with_errors_and_the_next_call_runs(tmp_path, text, words):
+    rewards = _rewards(tmp_path, timeout_s=2)
     before = rewards(_batch("a")).total[0].item()
     started = time.monotonic()
     failed = rewards(_batch("ok", text))
-    assert time.monotonic() - started < 10  # the hang is cut at the timeout, not after its 60 s
+    assert time.monotonic() - started < 15  # the hang is cut at the limit, not after its 60 s
     assert failed.total.tolist() == [0.0, 0.0]
     assert [e["row"] for e in failed.errors] == [0, 1] and all(words in e["error"] for e in failed.errors)
     after = rewards(_batch("a")).total[0].item()
     assert after > 0 and (after != before) == (text != "raise")  # a new child unless the old one lived on
 
 
+def test_a_crash_is_reported_as_such_and_kills_what_the_function_started(tmp_path):
+    rewards = _rewards(tmp_path, timeout_s=30)
+    started = time.monotonic()
+    failed = rewards(_batch("crash, leaving a process"))
+    assert time.monotonic() - started < 10  # not the 30 s limit, though the forked process holds the pipe open
+    assert "exited with code 3" in failed.errors[0]["error"]
+    left = int((tmp_path / "left.pid").read_text())
+    deadline = time.monotonic() + 5
+    while _alive(left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(left)
+
+
+def test_scores_are_checked_as_an_in_process_functions(tmp_path):
+    # [B, 1] rows flatten, as torch.as_tensor(...).flatten() did in the trainer; a large batch (above the pipe's
+    # 64 KiB both ways) is scored in calls of at most MAX_ROWS completions.
+    count = 2 * MAX_ROWS + 100
+    scores = _rewards(tmp_path, "sizes")(_batch(*(f"{i:>200}" for i in range(count))))
+    assert scores.total.tolist() == [float(MAX_ROWS)] * (2 * MAX_ROWS) + [100.0] * 100 and not scores.errors
+    with pytest.raises(ConfigError, match="returned 1 scores for 2 completions"):
+        _rewards(tmp_path, "one_short")(_batch("a", "b"))
+    with pytest.raises(ConfigError, match="must return one number per completion"):
+        _rewards(tmp_path, "words")(_batch("a", "b"))
+
+
 def test_a_module_whose_import_hangs_is_a_config_error_naming_the_timeout(tmp_path):
     slow = tmp_path / "slow_reward.py"
     slow.write_text("import time\ntime.sleep(60)\ndef f(batch):\n    return [1.0]\n")
     started = time.monotonic()
-    with pytest.raises(ConfigError, match=r"did not import within 1 s") as err:
-        check_reward_functions(load_config(RewardConfig, {"functions": {f"{slow}:f": 1.0}, "timeout_s": 1}))
-    assert err.value.field == f"reward.functions.{slow}:f" and time.monotonic() - started < 10
+    with pytest.raises(ConfigError, match=r"did not import it within 2 s") as err:
+        check_reward_functions(load_config(RewardConfig, {"functions": {f"{slow}:f": 1.0}, "timeout_s": 2}))
+    assert err.value.field == f"reward.functions.{slow}:f" and time.monotonic() - started < 15
+    with pytest.raises(ConfigError, match="finite number of seconds"):
+        check_reward_functions(load_config(RewardConfig, {"functions": {f"{slow}:f": 1.0}, "timeout_s": "inf"}))
+
+
+def test_the_child_dies_with_the_trainer_even_mid_call(tmp_path):
+    (tmp_path / "pid_reward.py").write_text(MODULE)
+    trainer = textwrap.dedent(f"""
+        import os, sys, threading, time
+        from posttrain.rewards.function_process import UserFunctionProcess
+        from posttrain.rewards.user_functions import Completions
+        process = UserFunctionProcess({str(tmp_path / 'pid_reward.py:pid')!r}, 60)
+        process.start()
+        print(process._process.pid, flush=True)
+        batch = Completions(prompts=[[]], completions=["hang"], answers=[None], steps=[[]])
+        threading.Thread(target=process, args=(batch,), daemon=True).start()
+        time.sleep(1)
+        os._exit(0)  # no clean-up: as a SIGKILL would end it
+    """)
+    out = subprocess.run([sys.executable, "-c", trainer], capture_output=True, text=True, timeout=60, check=True)
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)

@@ -86,12 +86,14 @@ class RewardConfig:
     max_error_fraction: float = param(0.5, "Stop the run when one reward function errs (raises, times out, "
                                            "returns NaN) on more than this share of a batch; every error is kept "
                                            "in grader_errors.jsonl (1: never stop).", ge=0, le=1)
-    timeout_s: float = param(DEFAULT_TIMEOUT_S, "Hard limit in seconds on one batch of a reward function named by "
-                                                "import path, which runs in a child process: past it the process is "
-                                                "killed, the batch scores 0 with an error per row, and the next batch "
-                                                "starts a new process.", gt=0)
+    timeout_s: float = param(DEFAULT_TIMEOUT_S, "Hard limit in seconds on one call (up to 512 completions) of a "
+                                                "reward function named by import path, which runs in a child "
+                                                "process: past it the process is killed, the call's completions "
+                                                "score 0 with an error each, and the next call starts a new process.",
+                             gt=0)
     in_process: bool = param(False, "Run reward functions named by import path in the trainer's own process "
-                                    "instead (no timeout, no isolation), for one that must share its memory.")
+                                    "instead (no time limit, no isolation), for one that must share its memory "
+                                    "(a model on the trainer's GPU).")
 
     def function_context(self) -> dict[str, Any]:
         """What `WeightedRewards.from_config` needs to run import-path functions as configured."""

@@ -17,10 +17,11 @@ any finite numbers (graders' are partial credit in [0, 1]).
 
 A function takes either posttrain's one argument, `fn(batch: Completions) -> scores`, or TRL's
 `reward_funcs` convention, `fn(prompts, completions, **columns) -> list[float]` (`user_functions`).
-Functions named by import path run in a child process of their own with a hard timeout per batch
-(`reward.timeout_s`; `function_process`): one that raises, hangs or crashes scores its batch 0 with an error
-record per row, and the run goes on or stops by `reward.max_error_fraction`. `reward.in_process=true`
-runs them in the trainer's process instead (no timeout), for a function that must share its memory.
+Functions named by import path run in a child process of their own with a hard time limit per call of up
+to 512 completions (`reward.timeout_s`; `function_process`): a call that raises, hangs or crashes scores its
+rows 0 with an error record each, and the run goes on or stops by `reward.max_error_fraction`.
+`reward.in_process=true` runs them in the trainer's process instead (no limit), for a function that must
+share its memory; `__main__:function` always runs there.
 Functions registered with the decorator are code of the trainer's own process and run in it; graders,
 which arrive as data files, run sandboxed.
 """
@@ -28,7 +29,6 @@ which arrive as data files, run sandboxed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +40,7 @@ from torch import Tensor
 from posttrain.algos import Registry
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
-from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, UserFunctionProcess
+from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, user_function_process
 from posttrain.rewards.user_functions import Completions, import_reward_function
 
 RewardFunction = Callable[[Completions], Sequence[float] | Tensor]
@@ -73,22 +73,16 @@ NEEDS_ANSWER = ("correct", "steps")
 
 def reward_function(name: str, **context: Any) -> RewardFunction:
     """The function a `reward.functions` key names: a registered name, or an import path (`module:function`),
-    run in a child process with `context["timeout_s"]` per batch, or in this one with `context["in_process"]`."""
+    run in a child process with `context["timeout_s"]` per call, or in this one with `context["in_process"]` (and
+    always for `__main__:function`, which exists only in this process)."""
+    timeout_s, in_process = context.pop("timeout_s", None), context.pop("in_process", False)
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name](**context)
     if ":" in name:
-        if context.get("in_process"):
+        if in_process or name.rpartition(":")[0] == "__main__":
             return import_reward_function(name)
-        return user_function_process(name, float(context.get("timeout_s") or DEFAULT_TIMEOUT_S))
+        return user_function_process(name, float(timeout_s or DEFAULT_TIMEOUT_S))
     return REWARD_FUNCTIONS[name](**context)  # the registry's own error, with the names it has
-
-
-@functools.cache  # one child per function and timeout in a process: the start-up check's is the run's
-def user_function_process(path: str, timeout_s: float) -> UserFunctionProcess:
-    """The function at `path` in a started child process (ValueError: it does not import within `timeout_s`)."""
-    process = UserFunctionProcess(path, timeout_s)
-    process.start()
-    return process
 
 
 @REWARD_FUNCTIONS.register("correct")
