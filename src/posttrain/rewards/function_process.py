@@ -6,12 +6,15 @@ interpreter or runs out of memory takes only the child down: the trainer waits a
 then kills the child's process group (the child and whatever it started). Either way the call's rows score 0
 with an error record each, as for any error of a reward function (`WeightedRewards`, `error_log`), and the next
 call starts a fresh child. A batch of more than `MAX_ROWS` completions is sent in parts of that size, each with
-its own limit, so that scoring a whole data set (offline RFT) is not one call.
+its own limit and its own errors, so that scoring a whole data set (offline RFT) is not one call, and one part
+that fails costs only its own rows.
 
 The child runs as the trainer's user, with its environment, working directory and import path: it may read files
 and call services as the function would inside the trainer. It is not locked down: the `python` grader's sandbox
 (`rewards.graders.python_grader`) is the place for code that must not write files or reach the network. It dies
-with the trainer (PR_SET_PDEATHSIG), also when the trainer is SIGKILLed mid-call.
+with the trainer, also when the trainer is SIGKILLed mid-call: a thread of the child watches for it, and a child
+started by the trainer's main thread also gets PR_SET_PDEATHSIG, which holds while the function blocks that thread
+(PR_SET_PDEATHSIG fires when the starting *thread* ends, so it is not set for children started by other threads).
 
 Protocol: one JSON request per line on the child's stdin (`{"id", "batch"}`), one JSON reply per request on a
 pipe of its own (`{"id", "scores"}` or `{"id", "error"}`; the first, id "import", says whether the function
@@ -36,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +59,17 @@ class RewardFunctionError(Exception):
 
 
 class ChildExited(RuntimeError):
-    """The child process died (a crash, out of memory, os._exit) before it replied."""
+    """The child process died (a crash, out of memory, os._exit) or closed its reply pipe before it replied."""
+
+
+@dataclasses.dataclass
+class PartScores:
+    """The scores of a batch sent in parts, with the error of each row whose part failed (None elsewhere); read by
+    `WeightedRewards` as a grader's result is."""
+
+    scores: list[float]
+    errors: list[str | None]
+    components: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 class UserFunctionProcess:
@@ -68,46 +82,69 @@ class UserFunctionProcess:
             raise ValueError(f"reward.timeout_s must be a finite number of seconds > 0, got {timeout_s}")
         self.path, self.timeout_s = path, float(timeout_s)
         self.__name__ = path.rpartition(":")[2]
+        # Where it was named: a restart imports it from the same place, whatever the trainer did since.
+        self._cwd, self._sys_path = os.getcwd(), list(sys.path)
         self._process: subprocess.Popen | None = None
         self._replies = -1  # read end of the reply pipe
-        self._pending = b""
+        self._pending = bytearray()
         self._calls = 0
         self._owner = os.getpid()  # a forked copy of this object must not use (or kill) its creator's child
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        self._adopt_after_fork()
         with self._lock:
             self._start()
 
     def __call__(self, batch: Completions) -> Any:
+        """The function's scores, as it returned them; for a batch of more than `MAX_ROWS`, a `PartScores`."""
+        self._adopt_after_fork()
         with self._lock:
             if len(batch) <= MAX_ROWS:
                 return self._score(batch)
-            scores: list[Any] = []
+            scores: list[float] = []
+            errors: list[str | None] = []
             for begin in range(0, len(batch), MAX_ROWS):
-                part = self._score(_rows(batch, begin, begin + MAX_ROWS))
-                scores.extend(part if isinstance(part, list) else [part])
-            return scores
+                part = _rows(batch, begin, begin + MAX_ROWS)
+                try:
+                    scores += _one_per_row(self._score(part), len(part))
+                    errors += [None] * len(part)
+                except Exception as err:  # noqa: BLE001 - this part's rows score 0 with the error; the others go on
+                    message = str(err) if isinstance(err, RewardFunctionError) else f"{type(err).__name__}: {err}"
+                    scores += [0.0] * len(part)
+                    errors += [f"{message.splitlines()[-1]}\n{message}" if "\n" in message else message] * len(part)
+            return PartScores(scores=scores, errors=errors)
+
+    def _adopt_after_fork(self) -> None:
+        """In a forked copy: forget the creator's child (its process and pipes are the creator's) and any lock a
+        thread of the creator held at the fork."""
+        if self._owner != os.getpid():
+            if self._replies >= 0:
+                os.close(self._replies)  # this process's copy of the descriptor
+            self._process, self._replies, self._pending = None, -1, bytearray()
+            self._owner, self._lock = os.getpid(), threading.Lock()
 
     def _start(self) -> None:
-        if self._owner != os.getpid():  # inherited through fork: the child belongs to the process that started it
-            self._process, self._replies, self._owner = None, -1, os.getpid()
         if self._process is not None and self._process.poll() is None:
             return
         self.close()
         replies, write_end = os.pipe()
-        environment = {**os.environ, SYS_PATH_VARIABLE: json.dumps(sys.path)}
-        command = [sys.executable, str(Path(__file__).resolve()), str(write_end), self.path, str(os.getpid())]
+        environment = {**os.environ, SYS_PATH_VARIABLE: json.dumps(self._sys_path)}
+        watch_thread = threading.current_thread() is threading.main_thread()
+        # -P (Python 3.11+): not this file's directory first on the path while the child imports the standard library
+        command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), str(Path(__file__).resolve()),
+                   str(write_end), self.path, str(os.getpid()), "1" if watch_thread else "0"]
         try:
             # A session of its own: a timeout kills the child's process group, never the trainer's.
             self._process = subprocess.Popen(command, stdin=subprocess.PIPE, bufsize=0, pass_fds=(write_end,),
-                                             env=environment, start_new_session=True)
+                                             env=environment, cwd=self._cwd, start_new_session=True)
         except BaseException:
             os.close(replies)
             raise
         finally:
             os.close(write_end)
-        self._replies, self._pending = replies, b""
+        os.set_blocking(self._process.stdin.fileno(), False)  # `_send` waits with a deadline, not in os.write
+        self._replies, self._pending = replies, bytearray()
         try:
             reply = self._reply(IMPORT_ID, "import it")
         except (TimeoutError, ChildExited) as err:  # a start-up fault: one error naming the function
@@ -134,42 +171,61 @@ class UserFunctionProcess:
         return reply["scores"]
 
     def _send(self, request: dict[str, Any]) -> None:
+        """Write the request within `timeout_s`: the child reads whenever it is not scoring, but a child that dies
+        while processes it started keep its stdin open would otherwise leave the write blocked."""
         data = memoryview((json.dumps(request, default=_jsonable) + "\n").encode())
-        while data:  # the child reads its stdin whenever it is not scoring, so this never waits for long
+        for _ in self._ticks(self._process.stdin.fileno(), select.POLLOUT, "read its batch"):
             try:
                 data = data[os.write(self._process.stdin.fileno(), data):]
+            except BlockingIOError:
+                continue
             except BrokenPipeError:
                 raise self._exited("read its batch") from None
+            if not data:
+                return
 
-    def _reply(self, request_id: int | str, doing: str) -> dict[str, Any]:
-        """The child's reply to `request_id`, waited for at most `timeout_s`."""
+    def _ticks(self, fd: int, event: int, doing: str) -> Iterator[None]:
+        """Yield each time `fd` is ready for `event`, until `timeout_s` has passed (TimeoutError) or the child has
+        died (ChildExited), which is checked every `ALIVE_CHECK_S`: what it started may hold its pipes open."""
         deadline = time.monotonic() + self.timeout_s
         poller = select.poll()  # not select.select: it fails on descriptors >= 1024
-        poller.register(self._replies, select.POLLIN)
+        poller.register(fd, event)
         while True:
-            line, newline, rest = self._pending.partition(b"\n")
-            if newline:
-                self._pending = rest
-                reply = json.loads(line)
-                if reply.get("id") == request_id:
-                    return reply
-                continue  # never: a call given up on closes the child with its pending replies
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"reward function {self.path} did not {doing} within {self.timeout_s:g} s "
                                    f"(reward.timeout_s): its process was killed")
             if poller.poll(1000 * min(left, ALIVE_CHECK_S)):
-                chunk = os.read(self._replies, 1 << 16)
-                if not chunk:
-                    raise self._exited(doing)
-                self._pending += chunk
-            elif self._process.poll() is not None:  # dead, while something it started keeps the pipe open
+                yield
+            elif self._process.poll() is not None:
                 raise self._exited(doing)
 
+    def _reply(self, request_id: int | str, doing: str) -> dict[str, Any]:
+        """The child's reply to `request_id`, waited for at most `timeout_s`."""
+        for _ in self._ticks(self._replies, select.POLLIN, doing):
+            chunk = os.read(self._replies, 1 << 16)
+            if not chunk:
+                raise self._exited(doing)
+            self._pending += chunk
+            while b"\n" in self._pending:
+                end = self._pending.index(b"\n")
+                reply = json.loads(bytes(self._pending[:end]))
+                del self._pending[:end + 1]
+                if reply.get("id") == request_id:
+                    return reply
+                # else never: a call given up on closes the child with its pending replies
+        raise AssertionError("unreachable: _ticks ends only by raising")
+
     def _exited(self, doing: str) -> ChildExited:
-        code = self._process.wait()
-        how = (f"was killed by {signal.Signals(-code).name}{' (out of memory?)' if code == -signal.SIGKILL else ''}"
-               if code < 0 else f"exited with code {code}")
+        try:
+            code = self._process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:  # alive with its reply pipe closed: `close` kills it
+            how = "closed its reply pipe"
+        else:
+            how = f"exited with code {code}"
+            if code < 0:
+                name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+                how = f"was killed by {name}{' (out of memory?)' if code == -signal.SIGKILL else ''}"
         return ChildExited(f"the process of reward function {self.path} {how} when it was to {doing} "
                            f"(its output is in the log)")
 
@@ -177,7 +233,7 @@ class UserFunctionProcess:
         """Kill the child and everything it started (if any), and release its pipes; the next call starts anew."""
         process, self._process = self._process, None
         if process is not None and self._owner == os.getpid():
-            try:  # before the child is reaped: its pid, the group's id, cannot be reused until then
+            try:  # the group's id stays allocated while any process of the group lives, reaped child or not
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
@@ -195,9 +251,9 @@ _processes: dict[tuple[Any, ...], UserFunctionProcess] = {}
 
 
 def user_function_process(path: str, timeout_s: float) -> UserFunctionProcess:
-    """The function at `path` in a started child process, one per function, limit, working directory and import
-    path in this process (the start-up check's is the run's). ValueError: it does not import within `timeout_s`."""
-    key = (path, timeout_s, os.getcwd(), tuple(sys.path), os.getpid())
+    """The function at `path` in a started child process, one per function, limit and working directory in this
+    process (the start-up check's is the run's). ValueError: it does not import within `timeout_s`."""
+    key = (path, timeout_s, os.getcwd(), os.getpid())
     process = _processes.get(key)
     if process is None:
         process = UserFunctionProcess(path, timeout_s)
@@ -208,7 +264,7 @@ def user_function_process(path: str, timeout_s: float) -> UserFunctionProcess:
 
 @atexit.register
 def close_user_function_processes() -> None:
-    """Kill every child this process started (at exit; a recipe may call it when its run ends)."""
+    """Kill every child this process started (at exit)."""
     for process in _processes.values():
         process.close()
     _processes.clear()
@@ -217,6 +273,24 @@ def close_user_function_processes() -> None:
 def _rows(batch: Completions, begin: int, end: int) -> Completions:
     return dataclasses.replace(batch, **{field.name: getattr(batch, field.name)[begin:end]
                                          for field in dataclasses.fields(batch)})
+
+
+def _one_per_row(scores: Any, rows: int) -> list[float]:
+    """A part's scores as one number per row (nested lists flattened, as the trainer flattens a whole batch's)."""
+    flat = list(_flatten(scores))
+    if len(flat) != rows:
+        raise ValueError(f"returned {len(flat)} scores for {rows} completions")
+    if not all(isinstance(value, (int, float)) for value in flat):
+        raise ValueError("must return one number per completion")
+    return [float(value) for value in flat]
+
+
+def _flatten(value: Any) -> Iterator[Any]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value
 
 
 def _jsonable(value: Any) -> Any:
@@ -229,12 +303,13 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _serve(reply_fd: int, path: str, trainer: int) -> None:
+def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
     """The child: import the function, then score every batch that arrives on stdin."""
-    if sys.platform.startswith("linux"):  # die with the trainer, also while the function hangs
+    if main_thread and sys.platform.startswith("linux"):  # dies with the trainer even while the function holds the GIL
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != trainer:  # the trainer died before that was set
         os._exit(1)
+    threading.Thread(target=_exit_with, args=(trainer,), daemon=True).start()
     # The trainer's import path, in place of this file's directory first (and what its .pth files added).
     sys.path[:] = json.loads(os.environ.get(SYS_PATH_VARIABLE, "null")) or sys.path
     os.set_inheritable(reply_fd, False)
@@ -261,11 +336,22 @@ def _serve(reply_fd: int, path: str, trainer: int) -> None:
         request = json.loads(line)
         try:
             scores = function(user_functions.Completions(**request["batch"]))
+            # as returned (an array or tensor as its list): the trainer checks it, as an in-process function's
+            scores = scores.tolist() if hasattr(scores, "tolist") else scores
+            reply = json.dumps({"id": request["id"], "scores": scores}, default=_jsonable)
         except Exception:  # noqa: BLE001 - the user's function failed: the trainer records it per row
-            send({"id": request["id"], "error": traceback.format_exc().rstrip()})
-        else:  # as returned (an array or tensor as its list): the trainer checks it, as an in-process function's
-            send({"id": request["id"], "scores": scores.tolist() if hasattr(scores, "tolist") else scores})
+            reply = json.dumps({"id": request["id"], "error": traceback.format_exc().rstrip()})
+        replies.write(reply + "\n")
+        replies.flush()
+
+
+def _exit_with(trainer: int) -> None:
+    """Exit when the trainer has gone (this process re-parented): the child's own watch, whichever thread of the
+    trainer started it."""
+    while os.getppid() == trainer:
+        time.sleep(ALIVE_CHECK_S)
+    os._exit(1)
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    _serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1")
