@@ -189,7 +189,8 @@ def demo(
 
 @app.command("eval")
 def evaluate(
-    path: Annotated[str, typer.Argument(help="A run directory (runs/demo/grpo), its final/, or a model directory.")],
+    path: Annotated[str, typer.Argument(help="A run directory (runs/demo/grpo), its final/, a checkpoint "
+                                             "(runs/demo/grpo/checkpoints/step-20), or a model directory.")],
     data: Annotated[str | None, typer.Option(help="Your own verifiable file (prompt rows, an `answer` column for the "
                                                   "`correct` check, an optional `category` column): .jsonl, .json, "
                                                   ".parquet, .csv or a `datasets` directory, instead of a built-in "

@@ -185,3 +185,4 @@ def test_sft_recipe_runs_and_writes_a_complete_run(pretrained_run, tmp_path, ada
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(result.final_dir, local_files_only=True).get_vocab()
     assert evaluate(checkpoint, EvalOptions(problems=4, samples=0), write=False)["problems"] == 4
+    assert evaluate(checkpoint.parent, EvalOptions(problems=4, samples=0), write=False)["model"] == str(checkpoint)

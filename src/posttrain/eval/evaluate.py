@@ -58,6 +58,7 @@ from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import packed_logprobs_and_entropy
+from posttrain.train.checkpoint import COMPLETE
 from posttrain.train.run_dir import finished_steps
 
 
@@ -120,10 +121,13 @@ class Target:
 
 
 def resolve_target(path: str | Path) -> Target:
-    """A run directory (its `final/`), a run's `final/`, or any HF model directory."""
+    """A run directory (its `final/`), a run's `final/`, a checkpoint (`checkpoints/step-N`, its `model/`), or any
+    HF model directory."""
     path = Path(path)
     if (path / "config.yaml").is_file() and (path / "final" / "config.json").is_file():
         run_dir, model_dir = path, path / "final"
+    elif (path / COMPLETE).is_file() and (path / "model").is_dir():  # a checkpoint, with the run's config
+        run_dir, model_dir = path, path / "model"
     elif (path / "config.json").is_file() or adapter_base(path) is not None:  # a model, or a peft adapter over one
         model_dir = path
         run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
