@@ -52,6 +52,14 @@ def test_resolve_target_names_the_path_it_cannot_use(tmp_path):
     (tmp_path / "config.yaml").write_text("stage: sft\n")
     with pytest.raises(RunDirError, match="no final model"):
         resolve_target(tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "step-4"  # an RL checkpoint: actor (and critic) tensors, no HF config
+    (checkpoint / "model").mkdir(parents=True)
+    (checkpoint / "model" / "model.safetensors").write_bytes(b"")
+    (checkpoint / "config.yaml").write_text("stage: grpo\n")
+    (checkpoint / "COMPLETE").write_text("4")
+    with pytest.raises(RunDirError, match="an RL checkpoint holds the policy") as err:
+        resolve_target(checkpoint)
+    assert str(checkpoint) in str(err.value)
 
 
 def _slow_sequence_logprob(model, prompt: list[int], completion: list[int]) -> float:

@@ -128,6 +128,9 @@ def resolve_target(path: str | Path) -> Target:
         run_dir, model_dir = path, path / "final"
     elif (path / COMPLETE).is_file() and (path / "model").is_dir():  # a checkpoint, with the run's config
         run_dir, model_dir = path, path / "model"
+        if not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None:
+            raise RunDirError("an RL checkpoint holds the policy (with its critic, if any) in one file, for "
+                              "resuming: evaluate the run's final/ (or resume the run)", file=str(path))
     elif (path / "config.json").is_file() or adapter_base(path) is not None:  # a model, or a peft adapter over one
         model_dir = path
         run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
