@@ -21,6 +21,7 @@ from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.tasks import get_task
+from posttrain.eval.evaluate import load_policy, resolve_target
 from posttrain.models import build_model, save_pretrained
 from posttrain.models.value import ActorCritic
 from posttrain.recipes import find_recipe
@@ -118,6 +119,22 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one(lm_dir, t
     for name in ("config.yaml", "report.md", "plots/curves.png", "final/model.safetensors"):
         assert (result.run_dir / name).is_file(), name
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
+
+
+def test_a_checkpoints_policy_is_rebuilt_for_evaluation(lm_dir, tmp_path):
+    # An RL checkpoint holds the ActorCritic's tensors (for resuming); the policy `posttrain eval` rebuilds from them
+    # on the model the run started from is, at the last step, the final model, tensor for tensor.
+    result = main(grpo_config(lm_dir, tmp_path, "train.max_steps=2", "train.batch_size=16", "train.micro_batch_size=8",
+                              "sampling.samples_per_prompt=4", "sampling.max_new_tokens=6", "update.epochs=2",
+                              "optim.lr=1e-2", "kl.coef=0.1", "reward.functions.correct=1.0",
+                              "reward.functions.format=0.5", "train.save_every=2"))
+    final = AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True).state_dict()
+    checkpoint = resolve_target(result.run_dir / "checkpoints" / "step-2")
+    rebuilt = load_policy(checkpoint).state_dict()
+    assert checkpoint.actor_tensors and rebuilt.keys() == final.keys()
+    assert all(torch.equal(rebuilt[name], final[name]) for name in final)
+    start = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True).state_dict()
+    assert not all(torch.equal(rebuilt[name], start[name]) for name in start)  # trained: not the starting weights
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -13,7 +13,7 @@ from posttrain.data.tasks import get_task
 from posttrain.data.tokenize import Encoder
 from posttrain.errors import RunDirError
 from posttrain.eval.accuracy import heldout_problems
-from posttrain.eval.evaluate import EvalOptions, resolve_target, sampled_metrics
+from posttrain.eval.evaluate import EvalOptions, load_policy, resolve_target, sampled_metrics
 from posttrain.eval.headroom import headroom, headroom_captured, pass_at_k
 
 
@@ -55,11 +55,13 @@ def test_resolve_target_names_the_path_it_cannot_use(tmp_path):
     checkpoint = tmp_path / "checkpoints" / "step-4"  # an RL checkpoint: actor (and critic) tensors, no HF config
     (checkpoint / "model").mkdir(parents=True)
     (checkpoint / "model" / "model.safetensors").write_bytes(b"")
-    (checkpoint / "config.yaml").write_text("stage: grpo\n")
+    (checkpoint / "config.yaml").write_text(f"stage: grpo\nmodel:\n  path: {tmp_path / 'gone'}\n")
     (checkpoint / "COMPLETE").write_text("4")
-    with pytest.raises(RunDirError, match="an RL checkpoint holds the policy") as err:
-        resolve_target(checkpoint)
-    assert str(checkpoint) in str(err.value)
+    target = resolve_target(checkpoint)
+    assert target.actor_tensors and target.model_dir == checkpoint / "model" and not target.is_reward_model
+    with pytest.raises(RunDirError, match="rebuilt on the model the run started from") as err:
+        load_policy(target)
+    assert str(checkpoint) in str(err.value) and str(tmp_path / "gone") in str(err.value)
 
 
 def _slow_sequence_logprob(model, prompt: list[int], completion: list[int]) -> float:

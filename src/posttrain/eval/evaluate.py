@@ -37,7 +37,7 @@ from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
-from posttrain.errors import ConfigError, RunDirError
+from posttrain.errors import ConfigError, PosttrainError, RunDirError
 from posttrain.eval import heldout
 from posttrain.eval.accuracy import Accuracy, EvalConfig, heldout_accuracy, heldout_problems, wilson_interval
 from posttrain.eval.headroom import headroom, pass_at_k
@@ -53,6 +53,7 @@ from posttrain.models.device import default_device
 from posttrain.models.io import adapter_base
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
+from posttrain.models.value import load_actor_tensors
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import Rollout, make_engine
@@ -104,12 +105,15 @@ class Target:
     model_dir: Path
     run_dir: Path | None
     run_config: dict[str, Any]
+    # An RL checkpoint: model_dir holds the policy's tensors (with the critic's) for resuming, not an HF model; the
+    # policy is rebuilt on the model the run started from (`load_policy`).
+    actor_tensors: bool = False
 
     @property
     def is_reward_model(self) -> bool:
         """A scalar-head reward model (a sequence classifier), or a likelihood one (a causal LM marked so). A peft
         adapter directory is a causal LM's (`load_causal_lm` loads it over its base)."""
-        if adapter_base(self.model_dir) is not None:
+        if self.actor_tensors or adapter_base(self.model_dir) is not None:
             return False
         if saved_head(self.model_dir) == "likelihood":
             return True
@@ -127,10 +131,9 @@ def resolve_target(path: str | Path) -> Target:
     if (path / "config.yaml").is_file() and (path / "final" / "config.json").is_file():
         run_dir, model_dir = path, path / "final"
     elif (path / COMPLETE).is_file() and (path / "model").is_dir():  # a checkpoint, with the run's config
-        run_dir, model_dir = path, path / "model"
-        if not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None:
-            raise RunDirError("an RL checkpoint holds the policy (with its critic, if any) in one file, for "
-                              "resuming: evaluate the run's final/ (or resume the run)", file=str(path))
+        run_config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        rl = not (path / "model" / "config.json").is_file() and adapter_base(path / "model") is None
+        return Target(model_dir=path / "model", run_dir=path, run_config=run_config, actor_tensors=rl)
     elif (path / "config.json").is_file() or adapter_base(path) is not None:  # a model, or a peft adapter over one
         model_dir = path
         run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
@@ -193,7 +196,7 @@ def _data_config(target: Target, task: Task) -> DataConfig:
 def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalOptions,
                     greedy: bool = True) -> dict[str, Any]:
     tokenizer = load_tokenizer(target.model_dir)
-    model = load_causal_lm(target.model_dir).eval()
+    model = load_policy(target).eval()
     run_eval = target.section("eval")
     max_new_tokens = options.max_new_tokens or int(run_eval.get("max_new_tokens", EvalConfig.max_new_tokens))
     result: dict[str, Any] = {"kind": "policy"}
@@ -221,6 +224,22 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                                  **({"steps_right": list(accuracy.steps_right)}
                                     if accuracy is not None and accuracy.steps_right else {})}
     return result
+
+
+def load_policy(target: Target) -> torch.nn.Module:
+    """The causal LM to evaluate: the target's model, or an RL checkpoint's policy (its tensors loaded into the
+    model the run started from, `model.path` of the run's config)."""
+    if not target.actor_tensors:
+        return load_causal_lm(target.model_dir)
+    start = target.section("model").get("path")
+    if target.section("adapter").get("method", "none") != "none" or not start:
+        raise RunDirError("this RL checkpoint holds an adapter's policy with its critic, for resuming: evaluate the "
+                          "run's final/ (or resume the run)", file=str(target.run_dir))
+    try:
+        return load_actor_tensors(load_causal_lm(start), target.model_dir)
+    except (ValueError, OSError, PosttrainError) as err:
+        raise RunDirError(f"its policy is rebuilt on the model the run started from, {start}, which failed: {err}",
+                          file=str(target.run_dir)) from None
 
 
 def _recorded_accuracy(target: Target, config: EvalConfig) -> Accuracy | None:
@@ -351,7 +370,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     except ValueError as err:
         raise ConfigError(str(err), field="precision") from None
     tokenizer = load_tokenizer(target.model_dir)
-    model = load_causal_lm(target.model_dir).eval()
+    model = load_policy(target).eval()
     rows = prepare_data(_user_data_config(target, options.data), tokenizer, accepts=("verifiable",),
                         mask_dtype=model.dtype)
     functions, rewards = _user_rewards(target, options, rows)
