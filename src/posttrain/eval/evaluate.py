@@ -53,13 +53,13 @@ from posttrain.models.device import default_device
 from posttrain.models.io import adapter_base
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
-from posttrain.models.value import load_actor_tensors
+from posttrain.models.value import ACTOR_PREFIX
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import packed_logprobs_and_entropy
-from posttrain.train.checkpoint import COMPLETE
+from posttrain.train.checkpoint import COMPLETE, load_module_weights
 from posttrain.train.run_dir import finished_steps
 
 
@@ -128,12 +128,12 @@ def resolve_target(path: str | Path) -> Target:
     """A run directory (its `final/`), a run's `final/`, a checkpoint (`checkpoints/step-N`, its `model/`), or any
     HF model directory."""
     path = Path(path)
+    actor_tensors = False
     if (path / "config.yaml").is_file() and (path / "final" / "config.json").is_file():
         run_dir, model_dir = path, path / "final"
     elif (path / COMPLETE).is_file() and (path / "model").is_dir():  # a checkpoint, with the run's config
-        run_config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-        rl = not (path / "model" / "config.json").is_file() and adapter_base(path / "model") is None
-        return Target(model_dir=path / "model", run_dir=path, run_config=run_config, actor_tensors=rl)
+        run_dir, model_dir = path, path / "model"
+        actor_tensors = not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None
     elif (path / "config.json").is_file() or adapter_base(path) is not None:  # a model, or a peft adapter over one
         model_dir = path
         run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
@@ -143,7 +143,7 @@ def resolve_target(path: str | Path) -> Target:
         raise RunDirError("neither a run directory (config.yaml + final/) nor a model directory (config.json)",
                           file=str(path))
     run_config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if run_dir else {}
-    return Target(model_dir=model_dir, run_dir=run_dir, run_config=run_config or {})
+    return Target(model_dir=model_dir, run_dir=run_dir, run_config=run_config or {}, actor_tensors=actor_tensors)
 
 
 def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write: bool = True) -> dict[str, Any]:
@@ -236,8 +236,10 @@ def load_policy(target: Target) -> torch.nn.Module:
         raise RunDirError("this RL checkpoint holds an adapter's policy with its critic, for resuming: evaluate the "
                           "run's final/ (or resume the run)", file=str(target.run_dir))
     try:
-        return load_actor_tensors(load_causal_lm(start), target.model_dir)
-    except (ValueError, OSError, PosttrainError) as err:
+        policy = load_causal_lm(start)
+        load_module_weights(policy, target.model_dir, prefix=ACTOR_PREFIX)
+        return policy
+    except (RuntimeError, OSError, PosttrainError) as err:
         raise RunDirError(f"its policy is rebuilt on the model the run started from, {start}, which failed: {err}",
                           file=str(target.run_dir)) from None
 

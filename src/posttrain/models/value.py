@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from posttrain.errors import ConfigError
@@ -131,20 +131,3 @@ class ActorCritic(nn.Module):
 
 
 ACTOR_PREFIX = "actor."  # of the policy's tensors in an ActorCritic's `model.safetensors` (its state dict's names)
-
-
-def load_actor_tensors(policy: nn.Module, directory: str | Path) -> nn.Module:
-    """Load the policy's tensors of an `ActorCritic` checkpoint (`directory/model.safetensors`, written by
-    `ActorCritic.save_pretrained`) into `policy`, a causal LM of the same architecture (the model the run started
-    from); ValueError when they do not fit it. Tied weights were saved once: loading one copy restores the others."""
-    tensors = load_file(str(Path(directory) / "model.safetensors"))
-    actor = {name[len(ACTOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(ACTOR_PREFIX)}
-    missing, unexpected = policy.load_state_dict(actor, strict=False)
-    state = policy.state_dict()
-    loaded = {state[name].data_ptr() for name in actor if name in state}
-    untied = [name for name in missing if state[name].data_ptr() not in loaded]
-    if not actor or untied or unexpected:
-        raise ValueError(f"its policy tensors do not fit that model (missing {untied[:3]}, unexpected "
-                         f"{unexpected[:3]}{'' if actor else ', no actor tensors at all'})")
-    return policy
-

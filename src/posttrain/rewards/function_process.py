@@ -316,8 +316,8 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
     replies = os.fdopen(reply_fd, "w", encoding="utf-8")
     os.dup2(2, 1)  # what the function prints goes to the trainer's stderr, never to the reply pipe
 
-    def send(reply: dict[str, Any]) -> None:
-        replies.write(json.dumps(reply, default=_jsonable) + "\n")
+    def send(reply: str) -> None:
+        replies.write(reply + "\n")
         replies.flush()
 
     # posttrain's batch type and import rules, loaded by path: the package would import torch (seconds).
@@ -329,9 +329,9 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
     try:
         function = user_functions.import_reward_function(path)
     except ValueError as err:
-        send({"id": IMPORT_ID, "error": str(err)})
+        send(json.dumps({"id": IMPORT_ID, "error": str(err)}))
         return
-    send({"id": IMPORT_ID, "ok": True})
+    send(json.dumps({"id": IMPORT_ID, "ok": True}))
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -341,8 +341,7 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
             reply = json.dumps({"id": request["id"], "scores": scores}, default=_jsonable)
         except Exception:  # noqa: BLE001 - the user's function failed: the trainer records it per row
             reply = json.dumps({"id": request["id"], "error": traceback.format_exc().rstrip()})
-        replies.write(reply + "\n")
-        replies.flush()
+        send(reply)
 
 
 def _exit_with(trainer: int) -> None:

@@ -221,8 +221,9 @@ def _load_checkpoint(path: Path, *, modules: Mapping[str, torch.nn.Module],
     return {"step": state["step"], **state["trainer"]}
 
 
-def load_module_weights(module: torch.nn.Module, directory: Path) -> None:
-    """Load weights saved by `save_pretrained` (a full model, or only a peft adapter) into `module`."""
+def load_module_weights(module: torch.nn.Module, directory: Path, prefix: str = "") -> None:
+    """Load weights saved by `save_pretrained` (a full model, or only a peft adapter) into `module`; with `prefix`,
+    only the tensors whose names start with it, without it (the policy of an ActorCritic's checkpoint: "actor.")."""
     adapter = directory / "adapter_model.safetensors"
     if adapter.is_file():
         from peft import set_peft_model_state_dict
@@ -230,6 +231,8 @@ def load_module_weights(module: torch.nn.Module, directory: Path) -> None:
         set_peft_model_state_dict(module, load_file(str(adapter)))
         return
     weights = load_file(str(directory / "model.safetensors"))
+    if prefix:
+        weights = {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
     missing, unexpected = module.load_state_dict(weights, strict=False)
     tied = set(getattr(module, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied]:
