@@ -21,7 +21,7 @@ from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.tasks import get_task
-from posttrain.eval.evaluate import load_policy, resolve_target
+from posttrain.eval.evaluate import EvalOptions, evaluate, load_policy, resolve_target
 from posttrain.models import build_model, save_pretrained
 from posttrain.models.value import ActorCritic
 from posttrain.recipes import find_recipe
@@ -130,9 +130,15 @@ def test_a_checkpoints_policy_is_rebuilt_for_evaluation(lm_dir, tmp_path):
                               "reward.functions.format=0.5", "train.save_every=2"))
     final = AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True).state_dict()
     checkpoint = resolve_target(result.run_dir / "checkpoints" / "step-2")
-    rebuilt = load_policy(checkpoint).state_dict()
+    rebuilt = load_policy(checkpoint)[1].state_dict()
     assert checkpoint.actor_tensors and rebuilt.keys() == final.keys()
     assert all(torch.equal(rebuilt[name], final[name]) for name in final)
+    # ... and evaluating the checkpoint directory gives what evaluating final/ gives.
+    options = EvalOptions(problems=8, samples=0)
+    scored = evaluate(result.run_dir / "checkpoints" / "step-2", options, write=False)
+    expected = evaluate(result.final_dir, options, write=False)
+    assert scored["problems"] == 8
+    assert (scored["accuracy"], scored["completion_length"]) == (expected["accuracy"], expected["completion_length"])
     start = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True).state_dict()
     assert not all(torch.equal(rebuilt[name], start[name]) for name in start)  # trained: not the starting weights
 

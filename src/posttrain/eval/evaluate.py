@@ -195,8 +195,8 @@ def _data_config(target: Target, task: Task) -> DataConfig:
 
 def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalOptions,
                     greedy: bool = True) -> dict[str, Any]:
-    tokenizer = load_tokenizer(target.model_dir)
-    model = load_policy(target).eval()
+    tokenizer, model = load_policy(target)
+    model.eval()
     run_eval = target.section("eval")
     max_new_tokens = options.max_new_tokens or int(run_eval.get("max_new_tokens", EvalConfig.max_new_tokens))
     result: dict[str, Any] = {"kind": "policy"}
@@ -226,19 +226,19 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
     return result
 
 
-def load_policy(target: Target) -> torch.nn.Module:
-    """The causal LM to evaluate: the target's model, or an RL checkpoint's policy (its tensors loaded into the
-    model the run started from, `model.path` of the run's config)."""
+def load_policy(target: Target) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """The tokenizer and causal LM to evaluate: the target's, or for an RL checkpoint those of the model the run
+    started from (`model.path` of the run's config), its policy's tensors loaded into the model."""
     if not target.actor_tensors:
-        return load_causal_lm(target.model_dir)
+        return load_tokenizer(target.model_dir), load_causal_lm(target.model_dir)
     start = target.section("model").get("path")
     if target.section("adapter").get("method", "none") != "none" or not start:
         raise RunDirError("this RL checkpoint holds an adapter's policy with its critic, for resuming: evaluate the "
                           "run's final/ (or resume the run)", file=str(target.run_dir))
     try:
-        policy = load_causal_lm(start)
+        tokenizer, policy = load_tokenizer(start), load_causal_lm(start)
         load_module_weights(policy, target.model_dir, prefix=ACTOR_PREFIX)
-        return policy
+        return tokenizer, policy
     except (RuntimeError, OSError, PosttrainError) as err:
         raise RunDirError(f"its policy is rebuilt on the model the run started from, {start}, which failed: {err}",
                           file=str(target.run_dir)) from None
@@ -371,8 +371,8 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         precision, _ = resolve_precision(options.precision, default_device())
     except ValueError as err:
         raise ConfigError(str(err), field="precision") from None
-    tokenizer = load_tokenizer(target.model_dir)
-    model = load_policy(target).eval()
+    tokenizer, model = load_policy(target)
+    model.eval()
     rows = prepare_data(_user_data_config(target, options.data), tokenizer, accepts=("verifiable",),
                         mask_dtype=model.dtype)
     functions, rewards = _user_rewards(target, options, rows)
