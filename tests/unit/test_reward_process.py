@@ -6,6 +6,7 @@ and the child dies with the trainer."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,11 @@ def one_short(batch):
 
 def words(batch):
     return ["1"] * len(batch.completions)
+
+def coin(batch):  # a stochastic reward: Python's and numpy's global generators
+    import random
+    import numpy
+    return [random.random() + float(numpy.random.random()) for _ in batch.completions]
 """
 
 
@@ -82,6 +88,24 @@ def test_a_function_runs_in_one_child_process_and_its_prints_are_not_scores(tmp_
     child = first.total[0].item()
     assert child != os.getpid() and first.total.tolist() == [child, child] and not first.errors
     assert second.total.tolist() == [child]  # the same child for every call of the run
+
+
+def test_a_stochastic_function_is_seeded_from_the_trainers_rng_so_a_rerun_scores_the_same(tmp_path):
+    (tmp_path / "pid_reward.py").write_text(MODULE)
+    batch = _batch("a", "b", "c")
+
+    def scores(trainer_seed: int) -> list[float]:  # a fresh child each time, as a resumed or rerun run has
+        function = UserFunctionProcess(f"{tmp_path / 'pid_reward.py'}:coin", timeout_s=30)
+        random.seed(trainer_seed)
+        try:
+            return function(batch) + function(batch)
+        finally:
+            function.close()
+
+    first = scores(7)
+    assert len(set(first)) == 6  # every row and call its own draw
+    assert scores(7) == first
+    assert scores(8) != first
 
 
 def test_in_process_runs_it_in_the_trainers_process(tmp_path):

@@ -16,11 +16,14 @@ with the trainer, also when the trainer is SIGKILLed mid-call: a thread of the c
 started by the trainer's main thread also gets PR_SET_PDEATHSIG, which holds while the function blocks that thread
 (PR_SET_PDEATHSIG fires when the starting *thread* ends, so it is not set for children started by other threads).
 
-Protocol: one JSON request per line on the child's stdin (`{"id", "batch"}`), one JSON reply per request on a
-pipe of its own (`{"id", "scores"}` or `{"id", "error"}`; the first, id "import", says whether the function
+Protocol: one JSON request per line on the child's stdin (`{"id", "seed", "batch"}`), one JSON reply per request
+on a pipe of its own (`{"id", "scores"}` or `{"id", "error"}`; the first, id "import", says whether the function
 imported). The child's fd 1 is its fd 2 (the trainer's stderr), so nothing the function prints reads as a score.
-Scores come back as the function returned them (a list, nested or not; an array or tensor as its list), for the
-trainer to check as it checks an in-process function's.
+The seed is drawn from the trainer's Python RNG and seeds the child's `random`, numpy's and (where the function
+imported torch) torch's generators before the call: a function that samples (a judge at temperature, a random
+control) scores a rerun or a resumed run the same, as it would inside the trainer, whose RNG states the
+checkpoints save. Scores come back as the function returned them (a list, nested or not; an array or tensor as its
+list), for the trainer to check as it checks an in-process function's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import select
 import signal
 import subprocess
@@ -161,7 +165,7 @@ class UserFunctionProcess:
         self._start()
         self._calls += 1
         try:
-            self._send({"id": self._calls, "batch": dataclasses.asdict(batch)})
+            self._send({"id": self._calls, "seed": random.getrandbits(63), "batch": dataclasses.asdict(batch)})
             reply = self._reply(self._calls, f"score a batch of {len(batch)}")
         except BaseException:  # a timeout, a crash, Ctrl-C: the child's state is unknown; the next call starts anew
             self.close()
@@ -334,6 +338,7 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
     send(json.dumps({"id": IMPORT_ID, "ok": True}))
     for line in sys.stdin:
         request = json.loads(line)
+        _seed_generators(request["seed"])
         try:
             scores = function(user_functions.Completions(**request["batch"]))
             # as returned (an array or tensor as its list): the trainer checks it, as an in-process function's
@@ -342,6 +347,21 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
         except Exception:  # noqa: BLE001 - the user's function failed: the trainer records it per row
             reply = json.dumps({"id": request["id"], "error": traceback.format_exc().rstrip()})
         send(reply)
+
+
+def _seed_generators(seed: int) -> None:
+    """Seed the global generators a function may draw from: `random`, numpy's (imported here if it is installed, a
+    tenth of a second, so that a function importing it lazily is seeded too) and torch's if it imported torch
+    (seconds to import, so not here)."""
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:
+        pass
+    else:
+        numpy.random.seed(seed % 2**32)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
 
 
 def _exit_with(trainer: int) -> None:
