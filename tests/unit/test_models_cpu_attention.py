@@ -10,15 +10,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import ModelConfig
-from posttrain.models import build_model, cpu_attention
-from posttrain.models.cpu_attention import ATTENTION, cache_file, fp32_is_faster, use_cpu_attention
+from posttrain.models import build_model, cpu_attention, machine_choices
+from posttrain.models.cpu_attention import ATTENTION, fp32_is_faster, use_cpu_attention
+from posttrain.models.machine_choices import cache_file
 
 
 @pytest.fixture(autouse=True)
 def _own_cache(monkeypatch, tmp_path):
     """Each test with an empty choice cache of its own, in memory and on disk."""
     monkeypatch.setenv("POSTTRAIN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_attention, "_choices", {})
+    monkeypatch.setattr(machine_choices, "_choices", {})
 
 
 def _reference_attention(q, k, v, mask):
@@ -86,7 +87,7 @@ def test_auto_measures_once_per_bucket_and_a_new_process_reads_the_machines_answ
     assert measured == [(8, 4, 4, 128, 128, 32, "none")]
     stored = json.loads(cache_file().read_text())
     assert list(stored.values()) == ["fp32"] and torch.__version__ in next(iter(stored))
-    monkeypatch.setattr(cpu_attention, "_choices", {})  # a new process: memory empty, the file stays
+    monkeypatch.setattr(machine_choices, "_choices", {})  # a new process: memory empty, the file stays
     assert fp32_is_faster(q, k, None) and len(measured) == 1
     mask = torch.ones(5, 1, 100, 100, dtype=torch.bool)
     monkeypatch.setattr(cpu_attention, "_measure", lambda bucket: measured.append(bucket) or "bf16")

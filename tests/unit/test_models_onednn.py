@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from posttrain.models import onednn, precision
+from posttrain.models import machine_choices, onednn
 from posttrain.models.onednn import (
     OneDNNLinear,
     onednn_linear_available,
@@ -29,21 +29,51 @@ def _onednn_wanted(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "1")
 
 
-@pytest.mark.parametrize("choice,vendor,flags,expected", [
-    ("auto", "AuthenticAMD", "avx2 avx512f avx512_bf16", True),  # Zen 4/5: MKL skips its AVX-512 kernels
-    ("auto", "GenuineIntel", "avx2 avx512f amx_bf16", False),  # MKL's own kernels won on a Xeon with AMX
-    ("auto", "AuthenticAMD", "avx2 fma", False), ("1", "GenuineIntel", "avx2 fma", True),
-    ("0", "AuthenticAMD", "avx2 avx512f", False)])
-def test_the_gemm_library_is_chosen_by_the_cpu_unless_the_environment_says(monkeypatch, choice, vendor, flags,
-                                                                           expected):
-    monkeypatch.setattr(onednn, "cpu_info", lambda: {"vendor_id": vendor, "flags": flags})
-    monkeypatch.setattr(precision, "cpu_info", lambda: {"vendor_id": vendor, "flags": flags})
+@pytest.mark.parametrize("choice,flags,measured,expected", [
+    ("auto", "avx2 avx512f avx512_bf16", "onednn", True),  # e.g. an AMD Zen 5: oneDNN measured ~2x MKL
+    ("auto", "avx2 avx512f amx_bf16", "torch", False),  # e.g. a Zen 4 or a Xeon with AMX: no faster, more memory
+    ("auto", "avx2 fma", None, False),  # AVX2 only: never measured, never swapped
+    ("1", "avx2 fma", None, True), ("0", "avx2 avx512f", None, False)])
+def test_the_gemm_library_is_measured_on_avx512_cpus_unless_the_environment_says(monkeypatch, tmp_path, choice,
+                                                                                 flags, measured, expected):
+    monkeypatch.setenv("POSTTRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(machine_choices, "_choices", {})
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset(flags.split()))
+    monkeypatch.setattr(onednn, "onednn_ops_available", lambda: True)
+    measurements = []
+    monkeypatch.setattr(onednn, "_measure_training_linears", lambda: measurements.append(1) or measured)
     monkeypatch.setenv("POSTTRAIN_ONEDNN", choice)
     assert onednn_linear_preferred() is expected
+    assert onednn_linear_preferred() is expected and len(measurements) == (measured is not None)  # measured once
+    # the rollout engine's once-reordered weights take oneDNN on any AVX-512 CPU, unmeasured
     assert onednn_linear_preferred(packed_weights=True) is (expected or (choice == "auto" and "avx512f" in flags))
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "yes")
     with pytest.raises(ValueError, match="POSTTRAIN_ONEDNN must be auto, 0 or 1"):
         onednn_linear_preferred()
+
+
+@needs_onednn
+def test_measuring_answers_with_the_library_that_was_faster_by_the_margin(monkeypatch):
+    """With one library made artificially slow, `_measure_training_linears` must answer with the other; a tie
+    (both as fast) goes to torch's own GEMM."""
+    import time
+    monkeypatch.setattr(onednn, "MEASURED_SHAPES", ((64, 32, 16),))
+    torch_linear, onednn_product = torch.nn.functional.linear, onednn.matmul_transposed
+
+    def slowed(function, seconds):
+        def run(*args):
+            time.sleep(seconds)
+            return function(*args)
+        return run
+
+    # oneDNN's path runs three products a round (forward, input and weight gradients), torch's is slowed once
+    monkeypatch.setattr(torch.nn.functional, "linear", slowed(torch_linear, 0.06))
+    assert onednn._measure_training_linears() == "onednn"
+    monkeypatch.setattr(torch.nn.functional, "linear", torch_linear)
+    monkeypatch.setattr(onednn, "matmul_transposed", slowed(onednn_product, 0.02))
+    assert onednn._measure_training_linears() == "torch"
+    monkeypatch.setattr(torch.nn.functional, "linear", slowed(torch_linear, 0.06))  # a tie
+    assert onednn._measure_training_linears() == "torch"
 
 
 def _reference_linear(x, weight, bias):

@@ -25,19 +25,15 @@ the update's forward does on the same micro-batch (a first update's ratio of exa
 
 Which is faster is measured, not assumed: the first time a shape's bucket is seen, both precisions run
 forward + backward on random inputs of that bucket (a few ms to a second, once), and the answer is kept in
-memory and in a per-machine file (`cache_file()`, keyed by CPU, torch version and thread count), so a run
-resumed in a new process makes the same choice and stays bitwise. `POSTTRAIN_CPU_ATTENTION=fp32` or `bf16`
+memory and in a per-machine file (`models.machine_choices`, keyed by CPU, torch version and thread count), so a
+run resumed in a new process makes the same choice and stays bitwise. `POSTTRAIN_CPU_ATTENTION=fp32` or `bf16`
 fixes the choice (`bf16`: torch's kernel as it is); `auto` (the default) measures.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -45,13 +41,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from posttrain.models.precision import autocast_dtype, cpu_flags, cpu_info
+from posttrain.models.machine_choices import measured_choice
+from posttrain.models.precision import autocast_dtype
 
 ATTENTION = "posttrain_sdpa"
 CHOICES = ("auto", "fp32", "bf16")
 TIMING_REPEATS = 3
-
-_choices: dict[str, str] = {}
 
 
 def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -112,13 +107,8 @@ def fp32_is_faster(query: Tensor, key: Tensor, attention_mask: Tensor | None) ->
     if choice != "auto":
         return choice == "fp32"
     bucket = _bucket(query, key, attention_mask)
-    name = _cache_key(bucket)
-    if name not in _choices:
-        stored = _read_cache()
-        _choices[name] = stored.get(name) or _measure(bucket)
-        if name not in stored:
-            _write_cache({**stored, name: _choices[name]})
-    return _choices[name] == "fp32"
+    name = f"attention|{'x'.join(map(str, bucket))}"
+    return measured_choice(name, ("fp32", "bf16"), lambda: _measure(bucket)) == "fp32"
 
 
 def _measure(bucket: tuple) -> str:
@@ -156,47 +146,3 @@ class _Shape(torch.nn.Module):
     def __init__(self, num_key_value_groups: int) -> None:
         super().__init__()
         self.num_key_value_groups, self.is_causal = num_key_value_groups, True
-
-
-def _machine() -> str:
-    """This CPU, torch build and thread count: what a measured choice holds for."""
-    return f"{_cpu()}|torch {torch.__version__}|{torch.get_num_threads()}"
-
-
-@functools.cache
-def _cpu() -> str:
-    """The CPU's model name and a digest of its flags (computed once: the key is looked up at every attention)."""
-    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
-    return f"{cpu_info().get('model name', 'unknown cpu')}|{flags}"
-
-
-def _cache_key(bucket: tuple) -> str:
-    return f"{_machine()}|{'x'.join(map(str, bucket))}"
-
-
-def cache_file() -> Path:
-    """Where measured choices are kept: `$POSTTRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/posttrain`, else
-    `~/.cache/posttrain`."""
-    base = os.environ.get("POSTTRAIN_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain"
-    return Path(base) / "cpu_attention.json"
-
-
-def _read_cache() -> dict[str, str]:
-    try:
-        stored = json.loads(cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in stored.items() if v in ("fp32", "bf16")} if isinstance(stored, dict) else {}
-
-
-def _write_cache(choices: dict[str, str]) -> None:
-    """Write atomically (a reader never sees half a file); a cache that cannot be written is only kept in memory."""
-    path = cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(choices, indent=1, sort_keys=True))
-        os.replace(partial, path)
-    except OSError:
-        pass

@@ -1,23 +1,28 @@
 """fp32 linear layers through oneDNN on CPU, forward and backward, for training as well as inference.
 
 Why: on CPU, `F.linear` and its backward call MKL's sgemm. On CPUs where MKL does not pick its widest
-kernels (AMD Zen 4/5 with AVX-512 among them; MKL keys its dispatch on the vendor) oneDNN, which
-dispatches on the instruction set it finds, runs the same fp32 products about twice as fast: on the
-2-core benchmark machine 450-530 GFLOP/s against MKL's 210-230 at the small model's training shapes
-(forward and input gradient), 1-2x for the weight gradient. The results are fp32 products summed in
-another order: they differ from MKL's by rounding (~1e-6 relative), no more. No lower precision is
-involved anywhere (no bf16/tf32 "fast math").
+kernels (MKL keys its dispatch on the vendor) oneDNN, which dispatches on the instruction set it finds, can
+run the same fp32 products about twice as fast: on a 2-core AMD EPYC Zen 5 450-530 GFLOP/s against MKL's
+210-230 at the small model's training shapes (forward and input gradient), 1-2x for the weight gradient.
+The results are fp32 products summed in another order: they differ from MKL's by rounding (~1e-6 relative),
+no more. No lower precision is involved anywhere (no bf16/tf32 "fast math").
 
 `use_onednn_linears(model)` swaps the class of every plain `nn.Linear` in a model for `OneDNNLinear`,
 a subclass whose forward takes the oneDNN path only where it applies (CPU, fp32, plain tensors, no
 autocast) and is `nn.Linear.forward` everywhere else, so state dicts, `save_pretrained`, PEFT's LoRA
 wrapping, DDP and FSDP see an ordinary `nn.Linear`.
 
-Which GEMM, per CPU: the 2x was measured on AMD CPUs with AVX-512 (Zen 4/5). On an Intel Xeon with
-AVX-512 and AMX (Sapphire Rapids class) MKL runs its best kernels and the swap *lost*: SFT steps 10-11%
-slower and ~100 MB more peak RSS (padded 1.15 vs 1.04 s/step, packed 1.52 vs 1.38, `benchmarks.sft`, both
-in one session), and on AVX2-only CPUs it was never measured to win. So `POSTTRAIN_ONEDNN=auto` (the
-default) swaps only on an AMD CPU with AVX-512; `1` always, `0` never (torch's own GEMM).
+Which GEMM, per CPU, is measured: how much oneDNN wins depends on the CPU, not only on its vendor or flags.
+On an AMD EPYC Zen 5 (family 26) it ran the training products ~2x faster than MKL; on a Zen 4 (family 25 model
+17, AVX-512 + AVX512_BF16) forward + backward of the small model's linears ran at 0.84-1.10x MKL's speed, SFT
+steps were as fast either way and the swap cost 90-175 MB of peak RSS; on an Intel Xeon with AVX-512 and AMX
+(Sapphire Rapids class) MKL runs its best kernels and the swap *lost* (SFT steps 10-11% slower, ~100 MB more
+peak RSS). So `POSTTRAIN_ONEDNN=auto` (the default) swaps on a CPU with AVX-512 where a one-off measurement
+(`_measure_training_linears`: forward + backward of three model-shaped linears through each library, about a
+second) found oneDNN at least `MIN_SPEEDUP` times faster, the answer kept per machine (`models.machine_choices`);
+never on an AVX2-only CPU, where it was never measured to win; `1` always, `0` never (torch's own GEMM). The
+rollout engine's weights, reordered once and reused for every decode step, take oneDNN on any AVX-512 CPU
+(`packed_weights`): that won on every CPU measured.
 The ops used (`torch.ops.mkldnn._linear_pointwise`, the one inductor's CPU backend uses) are private:
 without them, or without oneDNN in the torch build, nothing is swapped.
 
@@ -33,13 +38,22 @@ variable when it first runs a primitive, and the cache is process-wide.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from torch import Tensor
 
-from posttrain.models.precision import cpu_flags, cpu_info
+from posttrain.models.machine_choices import measured_choice
+from posttrain.models.precision import cpu_flags
 
 PRIMITIVE_CACHE_CAPACITY = 64
+# The training products measured to choose the library: (rows, in, out) of the small model's attention
+# projection and MLP up and down projections, 21 GFLOP forward + backward in all (~0.1 s a round on 2 cores).
+# Not fewer rows or shapes: at 1024 rows without the up projection (where oneDNN is slowest on a Zen 4) oneDNN
+# measured 1.09-1.14x MKL on that CPU, against 1.00-1.06x for these, and its SFT steps ran no faster.
+MEASURED_SHAPES = ((2048, 512, 512), (2048, 512, 1408), (2048, 1408, 512))
+MIN_SPEEDUP = 1.15  # oneDNN costs memory (above): a near tie goes to torch's own GEMM
+TIMING_REPEATS = 3
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
 
 
@@ -57,16 +71,43 @@ def onednn_bf16_available() -> bool:
 
 
 def onednn_linear_preferred(packed_weights: bool = False) -> bool:
-    """Whether fp32 linears should run on oneDNN on this CPU: `POSTTRAIN_ONEDNN` 1/0, or (auto) an AMD CPU
-    with AVX-512, where MKL does not pick its AVX-512 kernels. Weights reordered once and reused many times
-    (`packed_weights`: the rollout engine's decode steps) win on any AVX-512 CPU (Intel Xeon with AMX: 8x8
-    GRPO sampling 1.04 vs 1.15 s, 64 prompts 1.93 vs 1.99 s)."""
+    """Whether fp32 linears should run on oneDNN on this CPU: `POSTTRAIN_ONEDNN` 1/0, or (auto) a CPU with
+    AVX-512 where oneDNN measured faster for training (`_measure_training_linears`, once per machine). Weights
+    reordered once and reused many times (`packed_weights`: the rollout engine's decode steps) win on any AVX-512
+    CPU (Intel Xeon with AMX: 8x8 GRPO sampling 1.04 vs 1.15 s; Zen 4 EPYC: 894 vs 743 new tokens/s at batch 64)."""
     choice = os.environ.get("POSTTRAIN_ONEDNN", "auto")
     if choice not in ("auto", "0", "1"):
         raise ValueError(f"POSTTRAIN_ONEDNN must be auto, 0 or 1, got {choice!r}")
-    avx512 = "avx512f" in cpu_flags()
-    wins = avx512 and (packed_weights or cpu_info().get("vendor_id") == "AuthenticAMD")
-    return choice == "1" or (choice == "auto" and wins)
+    if choice != "auto":
+        return choice == "1"
+    if "avx512f" not in cpu_flags():
+        return False
+    if packed_weights:
+        return True
+    return onednn_ops_available() and measured_choice(
+        "fp32 training linears", ("onednn", "torch"), _measure_training_linears) == "onednn"
+
+
+def _measure_training_linears() -> str:
+    """"onednn" where forward + backward of the small model's linear shapes ran at least `MIN_SPEEDUP` times
+    faster through oneDNN than through torch's `F.linear`, else "torch" (the library that costs no extra memory:
+    oneDNN keeps reordered copies and primitives of its own)."""
+    seconds = {"torch": 0.0, "onednn": 0.0}
+    linears = {"torch": torch.nn.functional.linear, "onednn": _LinearFunction.apply}
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for rows, inputs, outputs in MEASURED_SHAPES:
+            x = torch.randn(rows, inputs, generator=generator, requires_grad=True)
+            weight = torch.randn(outputs, inputs, generator=generator, requires_grad=True)
+            times: dict[str, list[float]] = {"torch": [], "onednn": []}
+            for _ in range(TIMING_REPEATS + 1):  # alternated, so a slow moment of the machine hits both
+                for library, linear in linears.items():
+                    start = time.perf_counter()
+                    linear(x, weight, None).sum().backward()
+                    times[library].append(time.perf_counter() - start)
+            for library in seconds:
+                seconds[library] += min(times[library][1:])  # the first run warms the kernels up
+    return "onednn" if seconds["torch"] >= MIN_SPEEDUP * seconds["onednn"] else "torch"
 
 
 def onednn_linear_available(packed_weights: bool = False) -> bool:

@@ -1,0 +1,104 @@
+"""Kernel choices measured once per machine: which of two ways of computing the same thing is faster here.
+
+Some choices cannot be read off the CPU's flags: which GEMM library trains faster (`models.onednn`), which
+precision a shape's attention runs faster in (`models.cpu_attention`). The first process that needs one times
+both ways on random inputs (well under a second) and keeps the answer in memory and in a per-machine file
+(`cache_file()`), keyed by the CPU (model name and flags), the torch build and the thread count, which are what
+the answer holds for. Every later process on the machine reads it instead of measuring again: a choice changes
+a run's rounding, so a run resumed in a new process must make the same one to stay bitwise.
+
+Two processes may measure the same choice at once (the demo starts two stages together) and, on a CPU where
+the two ways are close, answer differently. The first answer stored wins: a process re-reads the file under a
+lock before storing its own and takes the stored answer if there is one, so every process, and every resume,
+uses one answer per machine. A file that cannot be written (a read-only home) leaves the choice in memory only,
+and a new process measures again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from posttrain.models.precision import cpu_flags, cpu_info
+
+_choices: dict[str, str] = {}
+
+
+def measured_choice(name: str, options: tuple[str, ...], measure: Callable[[], str]) -> str:
+    """The answer of `measure()` (one of `options`) for `name` on this machine: from memory, else from the cache
+    file, else measured now and stored (the first answer stored for the machine wins)."""
+    key = f"{machine()}|{name}"
+    if key not in _choices:
+        stored = _read_cache().get(key)
+        if stored not in options:
+            measured = measure()
+            with _locked():  # another process may have stored its answer while this one measured
+                cache = _read_cache()
+                stored = cache.get(key)
+                if stored not in options:
+                    stored = measured
+                    _write_cache({**cache, key: measured})
+        _choices[key] = stored
+    return _choices[key]
+
+
+def machine() -> str:
+    """This CPU, torch build and thread count: what a measured choice holds for."""
+    return f"{_cpu()}|torch {torch.__version__}|{torch.get_num_threads()}"
+
+
+@functools.cache
+def _cpu() -> str:
+    """The CPU's model name and a digest of its flags (computed once: the key is looked up at every attention)."""
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return f"{cpu_info().get('model name', 'unknown cpu')}|{flags}"
+
+
+def cache_file() -> Path:
+    """Where measured choices are kept: `$POSTTRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/posttrain`, else
+    `~/.cache/posttrain`."""
+    base = os.environ.get("POSTTRAIN_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain"
+    return Path(base) / "kernel_choices.json"
+
+
+def _read_cache() -> dict[str, str]:
+    try:
+        stored = json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
+
+
+def _write_cache(choices: dict[str, str]) -> None:
+    """Write atomically (a reader never sees half a file); a cache that cannot be written is only kept in memory."""
+    path = cache_file()
+    try:
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(choices, indent=1, sort_keys=True))
+        os.replace(partial, path)
+    except OSError:
+        pass
+
+
+@contextmanager
+def _locked() -> Iterator[None]:
+    """The cache's lock file held (no lock where it cannot be created: then only this process writes it)."""
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 - held across the yield
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
