@@ -58,6 +58,10 @@ def coin(batch):  # a stochastic reward: Python's and numpy's global generators
     import random
     import numpy
     return [random.random() + float(numpy.random.random()) for _ in batch.completions]
+
+def lazy_torch(batch):  # imports torch in its first call
+    import torch
+    return torch.rand(len(batch.completions)).tolist()
 """
 
 
@@ -90,22 +94,41 @@ def test_a_function_runs_in_one_child_process_and_its_prints_are_not_scores(tmp_
     assert second.total.tolist() == [child]  # the same child for every call of the run
 
 
-def test_a_stochastic_function_is_seeded_from_the_trainers_rng_so_a_rerun_scores_the_same(tmp_path):
+@pytest.fixture
+def _trainer_rng():
+    """The tests seed the trainer's Python RNG: put its state back for the tests after them."""
+    state = random.getstate()
+    yield
+    random.setstate(state)
+
+
+def _draws(tmp_path, function: str, trainer_seed: int, calls: int, skipped: int = 0) -> list[list[float]]:
+    """The scores of `calls` calls of a fresh child (as a resumed or rerun run has), the trainer's RNG seeded
+    `trainer_seed` and `skipped` calls' seeds drawn before (as calls scored before a resume did)."""
+    function = UserFunctionProcess(f"{tmp_path / 'pid_reward.py'}:{function}", timeout_s=60)
+    random.seed(trainer_seed)
+    for _ in range(skipped):
+        random.getrandbits(63)
+    try:
+        return [function(_batch("a", "b", "c")) for _ in range(calls)]
+    finally:
+        function.close()
+
+
+def test_a_stochastic_function_is_seeded_from_the_trainers_rng_so_a_rerun_scores_the_same(tmp_path, _trainer_rng):
     (tmp_path / "pid_reward.py").write_text(MODULE)
-    batch = _batch("a", "b", "c")
+    first = _draws(tmp_path, "coin", 7, calls=2)
+    assert len({score for call in first for score in call}) == 6  # every row and call its own draw
+    assert _draws(tmp_path, "coin", 7, calls=2) == first
+    assert _draws(tmp_path, "coin", 8, calls=2) != first
+    assert _draws(tmp_path, "coin", 7, calls=1, skipped=1) == first[1:]  # resumed after the first call
 
-    def scores(trainer_seed: int) -> list[float]:  # a fresh child each time, as a resumed or rerun run has
-        function = UserFunctionProcess(f"{tmp_path / 'pid_reward.py'}:coin", timeout_s=30)
-        random.seed(trainer_seed)
-        try:
-            return function(batch) + function(batch)
-        finally:
-            function.close()
 
-    first = scores(7)
-    assert len(set(first)) == 6  # every row and call its own draw
-    assert scores(7) == first
-    assert scores(8) != first
+def test_a_function_that_imports_torch_in_its_body_is_seeded_in_a_fresh_childs_first_call(tmp_path, _trainer_rng):
+    (tmp_path / "pid_reward.py").write_text(MODULE)
+    uninterrupted = _draws(tmp_path, "lazy_torch", 7, calls=2)  # torch imported in call 1, seeded before call 2
+    assert uninterrupted[0] != uninterrupted[1]
+    assert _draws(tmp_path, "lazy_torch", 7, calls=1, skipped=1) == uninterrupted[1:]  # imported in this call
 
 
 def test_in_process_runs_it_in_the_trainers_process(tmp_path):

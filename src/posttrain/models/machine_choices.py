@@ -7,11 +7,10 @@ both ways on random inputs (well under a second) and keeps the answer in memory 
 the answer holds for. Every later process on the machine reads it instead of measuring again: a choice changes
 a run's rounding, so a run resumed in a new process must make the same one to stay bitwise.
 
-Two processes may measure the same choice at once (the demo starts two stages together) and, on a CPU where
-the two ways are close, answer differently. The first answer stored wins: a process re-reads the file under a
-lock before storing its own and takes the stored answer if there is one, so every process, and every resume,
-uses one answer per machine. A file that cannot be written (a read-only home) leaves the choice in memory only,
-and a new process measures again.
+Two processes may need the same choice at once (the demo starts two stages together). Measuring happens under
+a lock on the cache: the first process measures, alone on the cores, while the second waits and then reads its
+answer, so every process, and every resume, uses one answer per machine. A file that cannot be written (a
+read-only home) leaves the choice in memory only, and a new process measures again.
 """
 
 from __future__ import annotations
@@ -34,18 +33,18 @@ _choices: dict[str, str] = {}
 
 def measured_choice(name: str, options: tuple[str, ...], measure: Callable[[], str]) -> str:
     """The answer of `measure()` (one of `options`) for `name` on this machine: from memory, else from the cache
-    file, else measured now and stored (the first answer stored for the machine wins)."""
+    file, else measured now and stored. Measured under the cache's lock: a second process that needs the same
+    choice meanwhile waits (leaving the cores to the measurement) and then reads the first one's answer."""
     key = f"{machine()}|{name}"
     if key not in _choices:
         stored = _read_cache().get(key)
         if stored not in options:
-            measured = measure()
-            with _locked():  # another process may have stored its answer while this one measured
+            with _locked():
                 cache = _read_cache()
                 stored = cache.get(key)
                 if stored not in options:
-                    stored = measured
-                    _write_cache({**cache, key: measured})
+                    stored = measure()
+                    _write_cache({**cache, key: stored})
         _choices[key] = stored
     return _choices[key]
 
@@ -81,24 +80,30 @@ def _read_cache() -> dict[str, str]:
 def _write_cache(choices: dict[str, str]) -> None:
     """Write atomically (a reader never sees half a file); a cache that cannot be written is only kept in memory."""
     path = cache_file()
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
         partial.write_text(json.dumps(choices, indent=1, sort_keys=True))
         os.replace(partial, path)
     except OSError:
-        pass
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 @contextmanager
 def _locked() -> Iterator[None]:
-    """The cache's lock file held (no lock where it cannot be created: then only this process writes it)."""
+    """The cache's lock file held; no lock where it cannot be opened (then the file cannot be written either).
+    Opened read-only: `flock` needs no write access, so a lock file another user created still serves."""
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 - held across the yield
+        lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError:
         yield
         return
-    with lock:
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(lock)  # releases the lock

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
+import importlib.abc
 import importlib.util
 import json
 import math
@@ -162,10 +163,11 @@ class UserFunctionProcess:
             raise ValueError(reply["error"])
 
     def _score(self, batch: Completions) -> Any:
+        seed = random.getrandbits(63)  # drawn first: a start that fails must not shift the later calls' seeds
         self._start()
         self._calls += 1
         try:
-            self._send({"id": self._calls, "seed": random.getrandbits(63), "batch": dataclasses.asdict(batch)})
+            self._send({"id": self._calls, "seed": seed, "batch": dataclasses.asdict(batch)})
             reply = self._reply(self._calls, f"score a batch of {len(batch)}")
         except BaseException:  # a timeout, a crash, Ctrl-C: the child's state is unknown; the next call starts anew
             self.close()
@@ -336,6 +338,8 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
         send(json.dumps({"id": IMPORT_ID, "error": str(err)}))
         return
     send(json.dumps({"id": IMPORT_ID, "ok": True}))
+    if "torch" not in sys.modules:
+        sys.meta_path.insert(0, _SeedTorchOnImport())
     for line in sys.stdin:
         request = json.loads(line)
         _seed_generators(request["seed"])
@@ -351,8 +355,8 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
 
 def _seed_generators(seed: int) -> None:
     """Seed the global generators a function may draw from: `random`, numpy's (imported here if it is installed, a
-    tenth of a second, so that a function importing it lazily is seeded too) and torch's if it imported torch
-    (seconds to import, so not here)."""
+    tenth of a second, so that a function importing it lazily is seeded too) and torch's: now if the function
+    imported torch, else the moment it does (`_SeedTorchOnImport`; importing torch here would cost seconds)."""
     random.seed(seed)
     try:
         import numpy
@@ -360,8 +364,32 @@ def _seed_generators(seed: int) -> None:
         pass
     else:
         numpy.random.seed(seed % 2**32)
+    _SeedTorchOnImport.seed = seed
     if "torch" in sys.modules:
         sys.modules["torch"].manual_seed(seed)
+
+
+class _SeedTorchOnImport(importlib.abc.MetaPathFinder):
+    """Seeds torch with the current call's seed as soon as a function imports it: a function that imports torch in
+    its body draws the same numbers in its first call in a fresh child (a resume, a restart after a timeout) as
+    in the same call of a child that had imported it earlier."""
+
+    seed = 0
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)  # the real finders from here on
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            execute = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                execute(module)
+                module.manual_seed(_SeedTorchOnImport.seed)
+
+            spec.loader.exec_module = exec_module
+        return spec
 
 
 def _exit_with(trainer: int) -> None:
