@@ -32,8 +32,8 @@ fixes the choice (`bf16`: torch's kernel as it is); `auto` (the default) measure
 
 from __future__ import annotations
 
+import functools
 import os
-import time
 
 import torch
 from torch import Tensor
@@ -41,12 +41,11 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from posttrain.models.machine_choices import measured_choice
+from posttrain.models.machine_choices import best_seconds, measured_choice
 from posttrain.models.precision import autocast_dtype
 
 ATTENTION = "posttrain_sdpa"
 CHOICES = ("auto", "fp32", "bf16")
-TIMING_REPEATS = 3
 
 
 def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -115,7 +114,7 @@ def _measure(bucket: tuple) -> str:
     """"fp32" or "bf16": the faster precision of a causal attention of `bucket`'s shape, forward + backward, each
     as `_forward` would run it (a float mask: fp32 in the fp32 run, its own dtype in the bf16 run)."""
     rows, heads, kv_heads, queries, keys, head_dim, mask_kind = bucket
-    seconds = {}
+    runs = {}
     # its own tensors with autograd on, whatever mode the forward that asks runs in (no_grad, inference_mode)
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
         for dtype in (torch.float32, torch.bfloat16):
@@ -129,15 +128,14 @@ def _measure(bucket: tuple) -> str:
                 mask_dtype = torch.float32 if dtype == torch.float32 else getattr(torch, mask_kind)
                 mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
                     ~allowed, torch.finfo(mask_dtype).min)
-            module = _Shape(heads // kv_heads)
-            times = []
-            for _ in range(TIMING_REPEATS + 1):  # the first run warms the kernel up and is not counted
-                start = time.perf_counter()
-                output, _ = sdpa_attention_forward(module, q, k, v, mask)
-                output.sum().backward()
-                times.append(time.perf_counter() - start)
-            seconds[dtype] = min(times[1:])
+            runs[dtype] = functools.partial(_forward_backward, _Shape(heads // kv_heads), q, k, v, mask)
+        seconds = best_seconds(runs)
     return "fp32" if seconds[torch.float32] < seconds[torch.bfloat16] else "bf16"
+
+
+def _forward_backward(module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    output, _ = sdpa_attention_forward(module, q, k, v, mask)
+    output.sum().backward()
 
 
 class _Shape(torch.nn.Module):

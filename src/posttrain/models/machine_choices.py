@@ -20,14 +20,17 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from posttrain.models.precision import cpu_flags, cpu_info
 
+TIMING_REPEATS = 3
 _choices: dict[str, str] = {}
 
 
@@ -47,6 +50,18 @@ def measured_choice(name: str, options: tuple[str, ...], measure: Callable[[], s
                     _write_cache({**cache, key: stored})
         _choices[key] = stored
     return _choices[key]
+
+
+def best_seconds(runs: Mapping[Any, Callable[[], object]], repeats: int = TIMING_REPEATS) -> dict[Any, float]:
+    """The fastest of `repeats` timed calls of each way of computing a thing, after an untimed first call each
+    (it warms the kernels up). The ways take turns in every round, so a slow moment of the machine hits them all."""
+    times: dict[Any, list[float]] = {way: [] for way in runs}
+    for _ in range(repeats + 1):
+        for way, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[way].append(time.perf_counter() - start)
+    return {way: min(seconds[1:]) for way, seconds in times.items()}
 
 
 def machine() -> str:

@@ -37,13 +37,14 @@ variable when it first runs a primitive, and the cache is process-wide.
 
 from __future__ import annotations
 
+import functools
 import os
-import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from posttrain.models.machine_choices import measured_choice
+from posttrain.models.machine_choices import best_seconds, measured_choice
 from posttrain.models.precision import cpu_flags
 
 PRIMITIVE_CACHE_CAPACITY = 64
@@ -53,7 +54,6 @@ PRIMITIVE_CACHE_CAPACITY = 64
 # measured 1.09-1.14x MKL on that CPU, against 1.00-1.06x for these, and its SFT steps ran no faster.
 MEASURED_SHAPES = ((2048, 512, 512), (2048, 512, 1408), (2048, 1408, 512))
 MIN_SPEEDUP = 1.15  # oneDNN costs memory (above): a near tie goes to torch's own GEMM
-TIMING_REPEATS = 3
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
 
 
@@ -84,8 +84,7 @@ def onednn_linear_preferred(packed_weights: bool = False) -> bool:
         return False
     if packed_weights:
         return True
-    return onednn_ops_available() and measured_choice(
-        "fp32 training linears", ("onednn", "torch"), _measure_training_linears) == "onednn"
+    return measured_choice("fp32 training linears", ("onednn", "torch"), _measure_training_linears) == "onednn"
 
 
 def _measure_training_linears() -> str:
@@ -101,23 +100,24 @@ def _measure_training_linears() -> str:
                 x = torch.randn(rows, inputs, generator=generator, requires_grad=True)
                 weight = torch.randn(outputs, inputs, generator=generator, requires_grad=True)
                 grad = torch.randn(rows, outputs, generator=generator)
-                times: dict[str, list[float]] = {"torch": [], "onednn": []}
-                for _ in range(TIMING_REPEATS + 1):  # alternated, so a slow moment of the machine hits both
-                    for library, linear in linears.items():
-                        start = time.perf_counter()
-                        torch.autograd.grad(linear(x, weight, None), (x, weight), grad)  # the three products only
-                        times[library].append(time.perf_counter() - start)
-                for library in seconds:
-                    seconds[library] += min(times[library][1:])  # the first run warms the kernels up
+                runs = {library: functools.partial(_three_products, linear, x, weight, grad)
+                        for library, linear in linears.items()}
+                for library, best in best_seconds(runs).items():
+                    seconds[library] += best
     except RuntimeError:  # oneDNN's private ops refuse this CPU or build: torch's GEMM it is
         return "torch"
     return "onednn" if seconds["torch"] >= MIN_SPEEDUP * seconds["onednn"] else "torch"
 
 
+def _three_products(linear: Callable[..., Tensor], x: Tensor, weight: Tensor, grad: Tensor) -> None:
+    """A linear's forward and its input and weight gradients (`autograd.grad` with a given gradient: no more)."""
+    torch.autograd.grad(linear(x, weight, None), (x, weight), grad)
+
+
 def onednn_linear_available(packed_weights: bool = False) -> bool:
     """Whether the oneDNN fp32 linear path can run (`onednn_ops_available`) and is wanted here
     (`onednn_linear_preferred`)."""
-    return onednn_linear_preferred(packed_weights) and onednn_ops_available()
+    return onednn_ops_available() and onednn_linear_preferred(packed_weights)  # nothing measured without the ops
 
 
 def matmul_transposed(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
