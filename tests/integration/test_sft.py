@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from posttrain.algos import token_logprobs
 from posttrain.config import load_config
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import prepare_data
+from posttrain.data.tasks import get_task
+from posttrain.eval.accuracy import dev_problems, heldout_accuracy
 from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.likelihood import response_logprobs
@@ -186,3 +190,36 @@ def test_sft_recipe_runs_and_writes_a_complete_run(pretrained_run, tmp_path, ada
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(result.final_dir, local_files_only=True).get_vocab()
     assert evaluate(checkpoint, EvalOptions(problems=4, samples=0), write=False)["problems"] == 4
     assert evaluate(checkpoint.parent, EvalOptions(problems=4, samples=0), write=False)["model"] == str(checkpoint)
+
+
+def test_sft_stops_on_its_dev_draw_and_scores_the_heldout_problems_where_it_stopped(pretrained_run, tmp_path):
+    """eval.dev_problems with train.stop_when: the dev draw is scored at every evaluation, the held-out problems
+    only at the step the rule ended the run (an always-met rule: the first evaluation)."""
+    recipe = find_recipe("sft")
+    overrides = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+                 "data.size=32", "train.max_steps=6", "train.batch_size=16", "train.micro_batch_size=16",
+                 "train.save_every=0", "train.eval_every=2", "eval.problems=6", "eval.dev_problems=5",
+                 "eval.max_new_tokens=8", "eval_before=false"]
+    cfg = load_config(SFTConfig, recipe.path, [*overrides, "run.name=stops", "train.stop_when=dev_accuracy >= 0"])
+    result = main(cfg)
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and result.summary["steps"] == 2
+    assert result.summary["stopped_by"].startswith("dev_accuracy = ")
+    assert {"dev_accuracy", "eval_accuracy"} <= set(metrics[-1])
+    recorded = json.loads((result.run_dir / "heldout_problems.json").read_text())
+    assert recorded["step"] == 2 and recorded["accuracy"]["problems"] == 6
+    # the dev accuracy is that of the stopped model on the dev draw, apart from the 6 held-out problems
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
+    examples = dev_problems(get_task("arith"), 5, 6, cfg.eval.seed)
+    accuracy = heldout_accuracy(model, tokenizer, cfg.data, dataclasses.replace(cfg.eval, task="arith"),
+                                examples=examples)
+    assert result.summary["dev_accuracy"] == metrics[-1]["dev_accuracy"] == accuracy.accuracy
+    assert accuracy.problems == 5
+
+    never = main(load_config(SFTConfig, recipe.path,
+                             [*overrides, "run.name=never", "train.stop_when=dev_accuracy > 1"]))
+    metrics = read_metrics(never.run_dir / "metrics.jsonl")
+    assert never.summary["steps"] == 6 and "stopped_by" not in never.summary
+    assert [("dev_accuracy" in m, "eval_accuracy" in m) for m in metrics if m["step"] % 2 == 0] == \
+        [(True, False), (True, False), (True, True)]

@@ -14,6 +14,7 @@ from posttrain.data.config import DataConfig
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
+from posttrain.errors import ConfigError
 from posttrain.rollout import make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.train.progress import SILENT, Phase
@@ -29,6 +30,11 @@ class EvalConfig:
                                      "directory), evaluated with the stage's own loss or rewards; or use "
                                      "data.eval_split.")
     seed: int = param(1234, "Seed for drawing the held-out problems.", ge=0)
+    dev_problems: int = param(0, "Built-in task: problems of a second held-out draw, none of them among the "
+                                 "held-out problems, scored greedily at every evaluation as dev_accuracy and "
+                                 "dev_step_accuracy (what train.stop_when can read without choosing on the "
+                                 "problems the run is judged on); the held-out problems are then scored only "
+                                 "where the run ends (0: off).", ge=0)
     max_new_tokens: int = param(24, "Generation budget per answer of the task.", ge=1)
     batch_size: int = param(128, "Prompts generated together.", ge=1)
     samples: int = param(8, "Greedy completions written to samples.jsonl at each evaluation.", ge=0)
@@ -105,10 +111,29 @@ def heldout_problems(task: Task, count: int, seed: int) -> list[Example]:
     raise ValueError(f"task {task.name!r} has fewer than {count} distinct held-out problems")
 
 
+# The dev draw's seed is the held-out draw's plus this; its problems are kept apart from those by key.
+DEV_SEED_OFFSET = 1_000_003
+
+
+def dev_problems(task: Task, count: int, heldout: int, seed: int) -> list[Example]:
+    """`count` distinct held-out-split problems, none of them among the first `heldout` of `heldout_problems(task,
+    heldout, seed)`: a dev set to choose on (a stopping step, a setting) without touching the test problems."""
+    test = {e.key for e in heldout_problems(task, heldout, seed)} if heldout else set()
+    seen: dict[str, Example] = {}
+    for example in task.examples("heldout", size=(count + len(test)) * 50, seed=seed + DEV_SEED_OFFSET):
+        if example.key not in test:
+            seen.setdefault(example.key, example)
+        if len(seen) == count:
+            return list(seen.values())
+    raise ConfigError(f"task {task.name!r} has fewer than {count} distinct held-out problems besides the "
+                      f"{heldout} evaluated ones: lower eval.dev_problems", field="eval.dev_problems")
+
+
 @torch.no_grad()
 def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataConfig,
-                     cfg: EvalConfig, bar: Phase = SILENT) -> Accuracy:
-    """Greedy exact-match accuracy on `cfg.problems` distinct held-out problems of `cfg.task`.
+                     cfg: EvalConfig, bar: Phase = SILENT, examples: list[Example] | None = None) -> Accuracy:
+    """Greedy exact-match accuracy on `cfg.problems` distinct held-out problems of `cfg.task` (or on `examples`
+    of it, e.g. `dev_problems`).
 
     Prompts are rendered exactly as training renders them (`data`: template, thinking switch). `bar` advances
     by the problems of each generation batch.
@@ -116,7 +141,8 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     if cfg.task is None:
         raise ValueError("heldout_accuracy needs a task (eval_task resolves the default)")
     task = get_task(cfg.task)
-    examples = heldout_problems(task, cfg.problems, cfg.seed)
+    if examples is None:
+        examples = heldout_problems(task, cfg.problems, cfg.seed)
     encoder = Encoder.from_config(tokenizer, data)
     prompts = [encoder.encode_prompt([{"role": "user", "content": e.prompt}]) for e in examples]
     engine = make_engine("local", model, tokenizer)

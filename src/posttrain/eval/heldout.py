@@ -30,8 +30,9 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.tasks import get_task
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.accuracy import Accuracy, EvalConfig, eval_task, heldout_accuracy
+from posttrain.eval.accuracy import Accuracy, EvalConfig, dev_problems, eval_task, heldout_accuracy
 from posttrain.eval.headroom import headroom, headroom_rows
 from posttrain.models.device import model_device, move_to
 from posttrain.models.precision import autocast_dtype
@@ -283,10 +284,14 @@ class Part:
     run: Evaluator
     per_problem: Callable[[], dict[str, Any]] | None = None
     """What its last run measured per problem, for `Evaluation` to record (exact match's), or None."""
+    final_only: bool = False
+    """Measured only where the run ends (the test problems, when a dev draw is scored at every evaluation)."""
 
 
 def accuracy_part(tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: EvalConfig) -> list[Part]:
-    """Exact match on the built-in task `eval_task` resolves (none for a user's own data without eval.task)."""
+    """Exact match on the built-in task `eval_task` resolves (none for a user's own data without eval.task). With
+    eval.dev_problems, a dev draw disjoint from the held-out problems is scored at every evaluation (dev_accuracy,
+    dev_step_accuracy: what train.stop_when reads) and the held-out problems only where the run ends."""
     task = eval_task(cfg, data)
     if task is None:
         return []
@@ -300,7 +305,17 @@ def accuracy_part(tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: Eva
                     accuracy={k: v for k, v in dataclasses.asdict(accuracy).items() if k != "samples"})
         return accuracy.metrics(), accuracy.samples
 
-    return [Part(f"evaluating {task}", cfg.problems, run, per_problem=lambda: dict(last))]
+    test = Part(f"evaluating {task}", cfg.problems, run, per_problem=lambda: dict(last),
+                final_only=cfg.dev_problems > 0)
+    if cfg.dev_problems == 0:
+        return [test]
+
+    examples = dev_problems(get_task(task), cfg.dev_problems, cfg.problems, cfg.seed)  # refused now if too few
+
+    def run_dev(model: torch.nn.Module, bar: Phase) -> Measured:
+        return heldout_accuracy(model, tokenizer, data, resolved, bar, examples).metrics("dev_"), []
+
+    return [Part(f"scoring {task}'s dev problems", cfg.dev_problems, run_dev), test]
 
 
 def current_precision() -> str:
@@ -405,15 +420,28 @@ class Evaluation:
     def __init__(self, parts: list[Part], samples: Path | None, progress: RunProgress | None = None) -> None:
         self.parts, self.samples = parts, samples
         self.progress = progress or RunProgress(enabled=False)
+        self._step: int | None = None  # the step `_measured` holds each part's metrics of
+        self._measured: dict[int, dict[str, float]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.parts)
 
-    def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, step: int, final: bool = True) -> dict[str, float]:
+        """Every part's metrics (`final`: the run ends here) or, at a periodic evaluation, those not `final_only`.
+        A part already measured at `step` (the periodic evaluation just before a stopping rule ended the run there)
+        is not measured again."""
         metrics: dict[str, float] = {}
-        for part in self.parts:
+        if self._step != step:
+            self._step, self._measured = step, {}
+        for i, part in enumerate(self.parts):
+            if part.final_only and not final:
+                continue
+            if i in self._measured:
+                metrics |= self._measured[i]
+                continue
             with self.progress.phase(part.name, part.total) as bar:
                 values, records = part.run(model, bar)
+            self._measured[i] = values
             metrics |= values
             if self.samples is not None and records:
                 append_jsonl(self.samples, [{"step": step, **record} for record in records])
@@ -421,9 +449,9 @@ class Evaluation:
                 write_json(self.samples.with_name(PER_PROBLEM_FILE), {"step": step, **part.per_problem()})
         return metrics
 
-    def evaluator(self, model: torch.nn.Module) -> Callable[[int], dict[str, float]] | None:
-        """The Trainer's `evaluate(step)` of `model` (None: nothing to evaluate)."""
-        return (lambda step: self.run(model, step)) if self.parts else None
+    def evaluator(self, model: torch.nn.Module) -> Callable[[int, bool], dict[str, float]] | None:
+        """The Trainer's `evaluate(step, final)` of `model` (None: nothing to evaluate)."""
+        return (lambda step, final: self.run(model, step, final)) if self.parts else None
 
 
 ACCURACY_KEYS = ("eval_accuracy", "eval_accuracy_ci_low", "eval_accuracy_ci_high", "eval_step_accuracy")
@@ -447,6 +475,8 @@ def summary(before: dict[str, float] | None, last: dict[str, Any], cfg: EvalConf
             out["step_accuracy"] = last["eval_step_accuracy"]
         out["eval_problems"] = cfg.problems
     for key, value in last.items():
+        if key in ("dev_accuracy", "dev_step_accuracy"):  # where a stopping rule read the run
+            out[key] = value
         if key.startswith("eval_") and key not in ACCURACY_KEYS and not key.startswith(HEADROOM_PREFIX):
             if before is not None and key in before:
                 out[f"{key}_before"] = before[key]

@@ -75,7 +75,7 @@ def main(cfg: PretrainConfig) -> RunResult:
         loss = model(input_ids=blocks, labels=blocks).loss * (len(blocks) * predicted_per_block) / normaliser
         return loss, {"loss": loss.item()}
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(step: int, final: bool) -> dict[str, float]:
         return {"eval_loss": heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)}
 
     run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")  # the first write, once everything is ready

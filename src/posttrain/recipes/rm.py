@@ -355,8 +355,8 @@ class HeldoutEvaluator:
         self.progress = progress
         self.rows: list[torch.Tensor] = []
 
-    def __call__(self, step: int) -> dict[str, float]:
-        metrics = Evaluation(self.parts, None, self.progress).run(self.model, step)
+    def __call__(self, step: int, final: bool = True) -> dict[str, float]:
+        metrics = Evaluation(self.parts, None, self.progress).run(self.model, step, final)
         if self.cfg.kind == "process":
             return metrics | process_metrics(self.model, self.heldout, self.cfg.eval.batch_size,
                                              self.cfg.process_target)

@@ -9,7 +9,8 @@ and schedule, the non-finite guard, metrics, progress, evaluation, checkpoints, 
 - a loss function `loss_fn(model, micro_batch, normaliser) -> (loss, metrics)`: the loss is already
   divided by the global normaliser, so summing micro-batch gradients gives the full-batch gradient
   (1x16, 4x4 and 16x1 agree); `metrics` are weighted the same way, so they are summed too;
-- optionally `evaluate(step) -> metrics`, called every `eval_every` steps and at the end.
+- optionally `evaluate(step, final) -> metrics` (`Evaluate`), called every `eval_every` steps and at the
+  end, where `train.stop_when` may end the run early.
 
 A source that samples (the RL stages) does its generation and scoring inside `next_step()` and
 reports step-level statistics in `StepBatch.metrics`; when they include `generation_s`, the record
@@ -43,6 +44,7 @@ from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.progress import RunProgress, TrainProgress, format_metrics
 from posttrain.train.run_dir import RunDir, config_text
 from posttrain.train.signals import StopRequest
+from posttrain.train.stop_rule import StopRule
 from posttrain.train.trackers import Trackers
 
 
@@ -78,14 +80,21 @@ class TrainConfig:
                                    "bf16 autocast with fp32 weights, optimizer state, logprobs and losses; auto = "
                                    "bf16 where the CPU/GPU computes bf16 natively (AVX512_BF16, AMX), else fp32.",
                            choices=PRECISIONS)
+    stop_when: str | None = param(None, "End the run early at the first step whose logged metrics meet this rule, "
+                                        "METRIC OP NUMBER (e.g. 'dev_step_accuracy >= 0.55', OP one of >= > <= <): "
+                                        "an evaluation metric is read at each evaluation (train.eval_every), a "
+                                        "training one at every step. The run then saves, and runs the evaluation "
+                                        "it would run at its last step; a resumed run that met it stays ended. "
+                                        "Stop on a dev draw (eval.dev_problems), not on the test problems.")
 
-    def check_batch_sizes(self) -> None:
-        """Refuse a batch that micro-batches do not divide. Called before a run loads anything
-        (`run_dir.check_run_dir`) and again by the Trainer; not when the config is built, so that tests and
-        library users may split a batch unevenly by hand (the RL losses are invariant to it)."""
+    def check(self) -> None:
+        """Refuse a batch that micro-batches do not divide, and a stopping rule that is not one. Called before a
+        run loads anything (`run_dir.check_run_dir`) and again by the Trainer; not when the config is built, so
+        that tests and library users may split a batch unevenly by hand (the RL losses are invariant to it)."""
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}", field="train.micro_batch_size")
+        StopRule.parse(self.stop_when)
 
 
 @dataclasses.dataclass
@@ -107,6 +116,14 @@ class StepSource(Protocol):
 LossFn = Callable[[torch.nn.Module, Any, float], tuple[torch.Tensor, dict[str, float]]]
 
 
+class Evaluate(Protocol):
+    def __call__(self, step: int, final: bool) -> dict[str, Any]:
+        """The held-out metrics of the model at `step`. `final`: the run ends at this step (its last step, or a
+        stopping rule met), so also measure what is measured only once, at the end (e.g. the test problems when
+        the periodic evaluations score a dev draw); an evaluation may reuse what it measured at the same step."""
+        ...
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     step: int
@@ -117,11 +134,14 @@ class TrainResult:
     skipped_steps: int
     precision: str
     device: str = "cpu"
+    stopped_by: str | None = None
+    """The train.stop_when rule that ended the run before max_steps, with the value that met it (None: it did not)."""
 
     def totals(self) -> dict[str, Any]:
         """What every stage's summary reports about its training."""
+        stopped = {} if self.stopped_by is None else {"stopped_by": self.stopped_by}
         return {"steps": self.step, "trained_tokens": self.tokens, "seconds": self.seconds,
-                "precision": self.precision, "device": self.device}
+                "precision": self.precision, "device": self.device, **stopped}
 
 
 def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -135,7 +155,7 @@ class Trainer:
     def __init__(self, *, stage: str, cfg: Any, run: RunConfig, train: TrainConfig, optim: OptimConfig,
                  run_dir: RunDir, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None,
                  console: Console | None = None, progress: RunProgress | None = None) -> None:
-        train.check_batch_sizes()
+        train.check()
         self.dist = dist.init_distributed()
         if train.batch_size % (train.micro_batch_size * self.dist.world_size):
             raise ConfigError(f"batch_size {train.batch_size} (global) is not a multiple of micro_batch_size "
@@ -170,12 +190,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def fit(self, source: StepSource, loss_fn: LossFn, evaluate: Callable[[int], dict[str, Any]] | None = None,
+    def fit(self, source: StepSource, loss_fn: LossFn, evaluate: Evaluate | None = None,
             progress_keys: tuple[str, ...] = ("loss",)) -> TrainResult:
         resumed_from = self._maybe_resume(source)
         start, interrupted = time.perf_counter(), False
         session_tokens = 0
         last = self._resumed_last  # a resume with no step left still reports the last step's metrics
+        rule = StopRule.parse(self.train_cfg.stop_when)
+        stopped_by = self._stopped_by(rule, last)  # a run resumed after its rule was met stays ended
         main = self.dist.is_main  # only rank 0 writes metrics, trackers, progress and messages
         trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard and main, self.run.wandb and main,
                             to_dict(self.cfg))
@@ -187,7 +209,7 @@ class Trainer:
                 self.console.print(f"{self.stage}: {self.precision} on {self.device} ({self.precision_reason})")
             if resumed_from is not None and main:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
-            while self.step < self.train_cfg.max_steps:
+            while self.step < self.train_cfg.max_steps and stopped_by is None:
                 step_start = time.perf_counter()
                 # A sampling source reads the policy's weights directly: under FSDP they are gathered for it.
                 with self.parallel.full_weights() if samples_from_policy else contextlib.nullcontext(), \
@@ -201,8 +223,13 @@ class Trainer:
                               tokens=self.tokens, tokens_per_s=session_tokens / max(elapsed, 1e-9))
                 if "generation_s" in record:
                     record["generation_share"] = record["generation_s"] / max(record["step_time_s"], 1e-9)
-                if evaluate is not None and self._due(self.train_cfg.eval_every, final=True):
-                    record.update(self._evaluate(evaluate))
+                at_end = self.step == self.train_cfg.max_steps
+                evaluated = evaluate is not None and self._due(self.train_cfg.eval_every, final=True)
+                if evaluated:
+                    record.update(self._evaluate(evaluate, final=at_end))
+                stopped_by = self._stopped_by(rule, record, check_seen=evaluated or not self._evaluates(evaluate))
+                if stopped_by is not None and not at_end and evaluate is not None:
+                    record.update(self._evaluate(evaluate, final=True))  # what the run's last step would measure
                 last = record
                 metrics.write(record)
                 if main:  # only now is an overwritten run deleted (see run_dir.py)
@@ -220,8 +247,11 @@ class Trainer:
                     interrupted = True
                     break
                 # The last step is always saved, so that a finished run can be continued with more steps.
-                if self._due(self.train_cfg.save_every, final=True):
+                if self._due(self.train_cfg.save_every, final=True) or stopped_by is not None:
                     self.save(source)
+                if stopped_by is not None and main:
+                    self.console.print(f"{self.stage}: stopped at step {self.step} of {self.train_cfg.max_steps} "
+                                       f"by train.stop_when ({stopped_by})")
         trackers.close()
         seconds = time.perf_counter() - start
         if not interrupted and main:
@@ -231,19 +261,37 @@ class Trainer:
                                f"{self.skipped_steps} skipped steps")
         return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
                            seconds=seconds, skipped_steps=self.skipped_steps, precision=self.precision,
-                           device=str(self.device))
+                           device=str(self.device), stopped_by=stopped_by)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The run's precision for a forward outside the loop (e.g. a reference pass before training)."""
         return autocast(self.precision, self.device)
 
-    def _evaluate(self, evaluate: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    def _evaluate(self, evaluate: Evaluate, final: bool) -> dict[str, Any]:
         """Evaluation runs on rank 0 alone (its results are what gets logged); under FSDP every rank takes
         part in gathering the full weights first."""
         with self.parallel.full_weights(), self.autocast():
-            results = evaluate(self.step) if self.dist.is_main else {}
+            results = evaluate(self.step, final) if self.dist.is_main else {}
         dist.barrier()
         return results
+
+    def _evaluates(self, evaluate: Evaluate | None) -> bool:
+        """Whether the run evaluates before its last step."""
+        return evaluate is not None and self.train_cfg.eval_every > 0
+
+    def _stopped_by(self, rule: StopRule | None, record: dict[str, Any], check_seen: bool = False) -> str | None:
+        """The stopping rule with the value that met it when `record` (rank 0's) meets it, on every rank alike;
+        `check_seen`: the record has every metric the run logs, and must have the rule's."""
+        if rule is None:
+            return None
+        if check_seen:
+            missing = self.dist.is_main and rule.metric not in record
+            if dist.all_reduce_sum(float(missing)) > 0:
+                rule.refuse_unlogged(record)
+        met = self.dist.is_main and rule.met(record)
+        if dist.all_reduce_sum(float(met)) == 0:
+            return None
+        return rule.describe(record) if self.dist.is_main else f"{rule} (on rank 0)"
 
     def _due(self, every: int, final: bool) -> bool:
         at_end = final and self.step == self.train_cfg.max_steps

@@ -89,8 +89,8 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
     The only change on disk is undoing an earlier attempt that was killed before it trained a step.
     """
     train = getattr(cfg, "train", None)
-    if train is not None and hasattr(train, "check_batch_sizes"):
-        train.check_batch_sizes()
+    if train is not None and hasattr(train, "check"):
+        train.check()
     if not dist.is_main_process():
         return
     path = run_path(run)
