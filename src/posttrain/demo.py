@@ -65,6 +65,7 @@ class DemoStage:
     task: str = "arith"  # the task its held-out accuracy is measured on
     samples: int = 8  # completions per held-out problem at temperature 1 in its sampled evaluation (--quick: 2)
     alone: bool = False  # runs by itself with every core (every other stage waits for it), never beside another
+    critical: bool = False  # on the demo's longest chain of stages: starts before the other ready ones
 
     @property
     def is_policy(self) -> bool:
@@ -172,31 +173,33 @@ STAGES = [
     DemoStage("sft-more", "sft", "sft", _accuracy_headline, overrides=(*CHAIN, "optim.warmup_steps=0"),
               budget=("train.max_steps=150",), task="chain"),
     # Process against outcome supervision on multistep chains: one SFT on the chain format, then the same
-    # GRPO recipe and budget with per-step rewards and with the final answer's reward only.
-    # At lr 2e-3 (the SFT recipe's 1e-3: 66% of steps right after 400 steps) the model learns to look the next
-    # operation up in a sudden transition, whose step depends on the CPU (its float sums): a 250-step cosine
-    # schedule left 73% of steps right on AMD EPYC Zen5, 66% on the Intel Xeon and 14% on an AVX2-only AMD EPYC,
-    # where the lr had decayed before the transition came. A 400-step schedule keeps the lr up through it, and the
-    # stage stops at its step 250 (optim.schedule_steps): steps right at steps 150/200/250/300/350/400 of that
-    # schedule were 32/45/68/82/88/91% on the Intel Xeon and 6/26/65/74/84/87% on the AVX2-only EPYC (93% at 400 on
-    # Zen5), so at 250 both are mid-transition, where GRPO has the most left to teach: on those 2-5-step chains,
-    # from the Xeon's 250-step model (67.9%) both GRPO modes gained +8.4 and +8.6 points of final answers and
-    # +6.5 / +5.5 of steps right, against +0.0 / +1.2 of final answers and +0.1 / +1.1 of steps right from its
-    # 400-step model (91.4%); and the stage takes 208 s instead of 325.
+    # GRPO recipe and budget with per-step rewards and with the final answer's reward only. The three are the demo's
+    # longest chain of stages (critical: each starts before any other ready stage).
+    # The SFT model learns to look the next operation up in a sudden transition, whose step depends on the CPU and
+    # its GEMM library (their float sums) and on the seed: at lr 2e-3 on a 400-step cosine schedule, steps right at
+    # step 250 were 68% on the Intel Xeon, 65% on an AVX2-only AMD EPYC, 76% on a Zen 4 EPYC with oneDNN's GEMMs
+    # and 36.5% on the same EPYC with MKL's (45/55/62% at steps 300/350/400). GRPO has the most left to teach
+    # mid-transition (on 2-5-step chains, from the Xeon's 250-step model at 67.9%, both GRPO modes gained +8.4 and
+    # +8.6 points of final answers, against +0.0 / +1.2 from its 400-step model at 91.4%), so the stage stops on
+    # the transition, not at a fixed step: at the first check, every 25 steps, where a dev draw of 128 problems
+    # (none of the 1000 it is scored on) has half of its steps right, at step 400 at the latest. At lr 3e-3 the
+    # transition comes sooner: on the Zen 4 EPYC with MKL, dev steps right at steps 200/250/275/300 were
+    # 30/48/53/59% (seed 0) and 29/39/47/57% (seed 1), where 2e-3 had 29/37/-/45%.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
-              overrides=(*MULTISTEP, "eval.max_new_tokens=48", "optim.lr=2e-3", "train.max_steps=15",
-                         "eval_before=false"),
+              overrides=(*MULTISTEP, "eval.max_new_tokens=48", "optim.lr=3e-3", "train.max_steps=15",
+                         "eval_before=false", "eval.dev_problems=128", "train.eval_every=25",
+                         "train.stop_when=dev_step_accuracy >= 0.5"),
               # no evaluation before: the pretrained model does not know the format (0.0% of 500 in the demo of
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
               # grpo-process recipe's quick budget does; 5 labelled steps and the answer take up to ~80
-              budget=("train.max_steps=250", "optim.schedule_steps=400", "eval.max_new_tokens=96", *MULTISTEP_PROBLEMS),
-              task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
+              budget=("train.max_steps=400", "eval.max_new_tokens=96", *MULTISTEP_PROBLEMS),
+              task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES, critical=True),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", overrides=MULTISTEP,
-              budget=MULTISTEP_GRPO, task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES),
+              budget=MULTISTEP_GRPO, task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES, critical=True),
     DemoStage("grpo-outcome", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process",
               overrides=(*MULTISTEP, "advantage.supervision=outcome"), budget=MULTISTEP_GRPO, task=MULTISTEP_TASK,
-              samples=MULTISTEP_SAMPLES),
+              samples=MULTISTEP_SAMPLES, critical=True),
     DemoStage("rft", "rft", "sft", _accuracy_headline, overrides=SAMPLED, budget=ROUNDS_OF_256, task="chain"),
     DemoStage("rejection", "rejection", "sft", _accuracy_headline, overrides=SAMPLED,
               budget=("prompts_per_round=1024",), task="chain"),
@@ -497,13 +500,13 @@ def _run_in_parallel(todo: list[DemoStage], out_dir: Path, quick: bool, summarie
 
 
 def _ready(waiting: list[DemoStage], running: dict[str, _Worker], jobs: int) -> list[DemoStage]:
-    """The waiting stages to start now, in STAGES order: their base has finished, a lane is free, and a stage
-    that runs alone starts when nothing runs, and nothing beside it."""
+    """The waiting stages to start now, critical ones first, then in STAGES order: their base has finished, a
+    lane is free, and a stage that runs alone starts when nothing runs, and nothing beside it."""
     if any(w.stage.alone for w in running.values()):
         return []
     ready: list[DemoStage] = []
     busy = {s.name for s in waiting} | set(running)
-    for stage in waiting:
+    for stage in sorted(waiting, key=lambda s: not s.critical):  # stable: STAGES order within each
         if len(running) + len(ready) >= jobs:
             break
         if stage.builds_on in busy:

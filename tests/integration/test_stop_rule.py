@@ -93,11 +93,13 @@ def test_a_rule_on_a_training_metric_is_read_every_step_and_one_never_met_runs_t
     assert result.step == next(i + 1 for i, lr in enumerate(lrs) if lr >= 3e-3) == 2
     assert evaluation.calls == [(2, True)]
 
-    never, source = _trainer(tmp_path, tokenizer, name="never", steps=4, eval_every=2, stop_when="dev_score > 9")
-    evaluation = RisingEvaluation()
-    result = never.fit(source, _loss_fn, evaluation)
-    assert result.step == 4 and result.stopped_by is None and "stopped_by" not in result.totals()
-    assert evaluation.calls == [(2, False), (4, True)]
+    # never met, or met only at the last step: the run ends there as it would without a rule
+    for name, rule in (("never", "dev_score > 9"), ("at-end", "dev_score >= 0.4")):
+        trainer, source = _trainer(tmp_path, tokenizer, name=name, steps=4, eval_every=2, stop_when=rule)
+        evaluation = RisingEvaluation()
+        result = trainer.fit(source, _loss_fn, evaluation)
+        assert result.step == 4 and result.stopped_by is None and "stopped_by" not in result.totals()
+        assert evaluation.calls == [(2, False), (4, True)]
 
 
 def test_a_metric_the_run_never_logs_is_refused_at_its_first_evaluation(tmp_path, tokenizer):

@@ -120,11 +120,16 @@ def test_ready_keeps_lanes_bases_and_the_stage_that_runs_alone():
     by_name = {s.name: s for s in STAGES}
     assert [s.name for s in _ready(list(STAGES), {}, 4)] == ["pretrain"]  # alone, and everything builds on it
     waiting = [s for s in STAGES if s.name != "pretrain"]
-    assert [s.name for s in _ready(waiting, {}, 4)] == ["sft", "sft-multistep"]
+    assert [s.name for s in _ready(waiting, {}, 4)] == ["sft-multistep", "sft"]  # the critical one first
     after_sft = [s for s in waiting if s.name not in ("sft", "sft-multistep")]
     running = {"sft-multistep": _Worker(by_name["sft-multistep"], None, None, None, 0.0)}
     assert [s.name for s in _ready(after_sft, running, 3)] == ["rm", "dpo"]  # two lanes left, stages' order
     assert not [s for s in _ready(after_sft, running, 3) if s.builds_on == "sft-multistep"]
+    # once the multistep SFT is done, its GRPO stages (the rest of the longest chain) go before the others
+    running = {"dpo": _Worker(by_name["dpo"], None, None, None, 0.0)}
+    later = [s for s in after_sft if s.name not in ("rm", "dpo")]
+    assert [s.name for s in _ready(later, running, 2)] == ["grpo-process"]
+    assert [s.name for s in _ready(later, {}, 3)] == ["grpo-process", "grpo-outcome", "ppo"]
 
 
 def test_a_stages_threads_depend_on_jobs_and_cores_only():

@@ -197,7 +197,8 @@ class Trainer:
         session_tokens = 0
         last = self._resumed_last  # a resume with no step left still reports the last step's metrics
         rule = StopRule.parse(self.train_cfg.stop_when)
-        stopped_by = self._stopped_by(rule, last)  # a run resumed after its rule was met stays ended
+        # a run resumed after its rule was met stays ended
+        stopped_by = self._stopped_by(rule, last, ending=self.step >= self.train_cfg.max_steps)
         main = self.dist.is_main  # only rank 0 writes metrics, trackers, progress and messages
         trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard and main, self.run.wandb and main,
                             to_dict(self.cfg))
@@ -227,8 +228,9 @@ class Trainer:
                 evaluated = evaluate is not None and self._due(self.train_cfg.eval_every, final=True)
                 if evaluated:
                     record.update(self._evaluate(evaluate, final=at_end))
-                stopped_by = self._stopped_by(rule, record, check_seen=evaluated or not self._evaluates(evaluate))
-                if stopped_by is not None and not at_end and evaluate is not None:
+                stopped_by = self._stopped_by(rule, record, check_seen=evaluated or not self._evaluates(evaluate),
+                                              ending=at_end)
+                if stopped_by is not None and evaluate is not None:
                     record.update(self._evaluate(evaluate, final=True))  # what the run's last step would measure
                 last = record
                 metrics.write(record)
@@ -279,15 +281,19 @@ class Trainer:
         """Whether the run evaluates before its last step."""
         return evaluate is not None and self.train_cfg.eval_every > 0
 
-    def _stopped_by(self, rule: StopRule | None, record: dict[str, Any], check_seen: bool = False) -> str | None:
+    def _stopped_by(self, rule: StopRule | None, record: dict[str, Any], check_seen: bool = False,
+                    ending: bool = False) -> str | None:
         """The stopping rule with the value that met it when `record` (rank 0's) meets it, on every rank alike;
-        `check_seen`: the record has every metric the run logs, and must have the rule's."""
+        `check_seen`: the record has every metric the run logs, and must have the rule's; `ending`: the run ends
+        at this step anyway (it is not stopped by the rule)."""
         if rule is None:
             return None
         if check_seen:
             missing = self.dist.is_main and rule.metric not in record
             if dist.all_reduce_sum(float(missing)) > 0:
                 rule.refuse_unlogged(record)
+        if ending:
+            return None
         met = self.dist.is_main and rule.met(record)
         if dist.all_reduce_sum(float(met)) == 0:
             return None
