@@ -181,14 +181,16 @@ STAGES = [
     # and 36.5% on the same EPYC with MKL's (45/55/62% at steps 300/350/400). GRPO has the most left to teach
     # mid-transition (on 2-5-step chains, from the Xeon's 250-step model at 67.9%, both GRPO modes gained +8.4 and
     # +8.6 points of final answers, against +0.0 / +1.2 from its 400-step model at 91.4%), so the stage stops on
-    # the transition, not at a fixed step: at the first check, every 25 steps, where a dev draw of 128 problems
-    # (none of the 1000 it is scored on) has half of its steps right, at step 400 at the latest. At lr 3e-3 the
-    # transition comes sooner: on the Zen 4 EPYC with MKL, dev steps right at steps 200/250/275/300 were
-    # 30/48/53/59% (seed 0) and 29/39/47/57% (seed 1), where 2e-3 had 29/37/-/45%.
+    # the transition, not at a fixed step: at the first check, every 20 steps, where a dev draw of 200 problems
+    # (none of the 1000 it is scored on) has 45% of its steps right, at step 400 at the latest (a check costs
+    # ~1.5 s). At lr 3e-3 the transition comes sooner: on the Zen 4 EPYC with MKL, steps right at steps
+    # 200/250/275/300 were 30/48/53/59% (seed 0) and 29/39/47/57% (seed 1) on 300 problems of another draw, where
+    # 2e-3 had 29/37/-/45%; a threshold of 50% stopped it at step 300 there, and 7.4 minutes of multistep SFT
+    # would have put that CPU's demo past 15 minutes.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=(*MULTISTEP, "eval.max_new_tokens=48", "optim.lr=3e-3", "train.max_steps=15",
-                         "eval_before=false", "eval.dev_problems=128", "train.eval_every=25",
-                         "train.stop_when=dev_step_accuracy >= 0.5"),
+                         "eval_before=false", "eval.dev_problems=200", "train.eval_every=20",
+                         "train.stop_when=dev_step_accuracy >= 0.45"),
               # no evaluation before: the pretrained model does not know the format (0.0% of 500 in the demo of
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
