@@ -9,11 +9,12 @@ import pytest
 import torch
 from test_engine import _flat_params, _loss_fn, _trainer
 
+from posttrain.data.config import DataConfig
 from posttrain.data.tasks import get_task
 from posttrain.data.tasks.base import Example, Task
 from posttrain.errors import ConfigError
 from posttrain.eval.accuracy import EvalConfig, dev_problems, heldout_problems
-from posttrain.eval.heldout import Evaluation, Part
+from posttrain.eval.heldout import Evaluation, Part, accuracy_part
 from posttrain.train.checkpoint import list_checkpoints
 from posttrain.train.engine import TrainConfig
 from posttrain.train.metrics import read_metrics
@@ -78,10 +79,26 @@ def test_the_run_stops_at_the_first_evaluation_that_meets_the_rule_and_measures_
     result = resumed.fit(source, _loss_fn, again)
     assert result.step == 6 and again.calls == [] and result.stopped_by == "dev_score = 0.6 >= 0.5"
     assert torch.equal(_flat_params(resumed.model), _flat_params(trainer.model))
-    # With a rule it has not met yet, the same run goes on from its checkpoint.
+    # More steps do not undo the stop; another rule, which it has not met yet, trains on from the checkpoint.
+    more, source = _trainer(tmp_path, tokenizer, name="stops", steps=20, eval_every=2, save_every=0,
+                            stop_when="dev_score >= 0.5", resume=True)
+    assert more.fit(source, _loss_fn, RisingEvaluation()).step == 6
     longer, source = _trainer(tmp_path, tokenizer, name="stops", steps=12, eval_every=2, save_every=0,
                               stop_when="dev_score >= 0.9", resume=True)
     assert longer.fit(source, _loss_fn, RisingEvaluation()).step == 10
+
+
+def test_a_rule_added_on_resume_is_read_from_the_next_evaluation_on(tmp_path, tokenizer):
+    """A run that ended without a rule is not taken as stopped by one its last record happens to meet: resumed with
+    more steps and the rule, it trains on and stops at its next evaluation that meets it, measured there."""
+    trainer, source = _trainer(tmp_path, tokenizer, name="added", steps=4, eval_every=2, save_every=0)
+    trainer.fit(source, _loss_fn, RisingEvaluation())  # dev_score 0.4 at its last step
+    resumed, source = _trainer(tmp_path, tokenizer, name="added", steps=12, eval_every=2, save_every=0,
+                               stop_when="dev_score >= 0.3", resume=True)
+    evaluation = RisingEvaluation()
+    result = resumed.fit(source, _loss_fn, evaluation)
+    assert result.step == 6 and evaluation.calls == [(6, False), (6, True)]
+    assert result.stopped_by == "dev_score = 0.6 >= 0.3"
 
 
 def test_a_rule_on_a_training_metric_is_read_every_step_and_one_never_met_runs_to_the_end(tmp_path, tokenizer):
@@ -107,11 +124,14 @@ def test_a_metric_the_run_never_logs_is_refused_at_its_first_evaluation(tmp_path
     with pytest.raises(ConfigError, match="dev_scor.*dev_score") as error:
         trainer.fit(source, _loss_fn, RisingEvaluation())
     assert error.value.field == "train.stop_when" and trainer.step == 3
-    # evaluated only at the end: an evaluation's metric cannot end the run early, and is refused at once
-    trainer, source = _trainer(tmp_path, tokenizer, name="late", steps=6, stop_when="dev_score >= 0.1")
-    with pytest.raises(ConfigError, match="eval_every"):
-        trainer.fit(source, _loss_fn, RisingEvaluation())
-    assert trainer.step == 1
+    # evaluated only at the end (eval_every 0, or past max_steps): an evaluation's metric cannot end the run early,
+    # and is refused at once, before the run trains on to its end
+    for name, every in (("late", 0), ("later", 100)):
+        trainer, source = _trainer(tmp_path, tokenizer, name=name, steps=6, eval_every=every,
+                                   stop_when="dev_score >= 0.1")
+        with pytest.raises(ConfigError, match="evaluates only at its last step.*eval_every"):
+            trainer.fit(source, _loss_fn, RisingEvaluation())
+        assert trainer.step == 1
 
 
 def test_an_evaluation_skips_final_only_parts_until_the_end_and_measures_a_part_once_per_step():
@@ -153,3 +173,11 @@ class TwelveProblems(Task):
     def example(self, rng: random.Random, split: str = "train") -> Example:
         n = rng.randrange(12)
         return Example(key=str(n), prompt=f"{n}?", answer=str(n), completion=str(n), wrong=())
+
+
+def test_a_dev_draw_without_a_built_in_task_to_draw_from_is_refused_before_training(tokenizer):
+    with pytest.raises(ConfigError) as error:
+        accuracy_part(tokenizer, DataConfig(source="arith"), EvalConfig(problems=0, dev_problems=5))
+    assert error.value.field == "eval.dev_problems"
+    parts = accuracy_part(tokenizer, DataConfig(source="arith"), EvalConfig(problems=6, dev_problems=5))
+    assert [(p.total, p.final_only) for p in parts] == [(5, False), (6, True)]

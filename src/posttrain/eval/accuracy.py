@@ -34,7 +34,9 @@ class EvalConfig:
                                  "held-out problems, scored greedily at every evaluation as dev_accuracy and "
                                  "dev_step_accuracy (what train.stop_when can read without choosing on the "
                                  "problems the run is judged on); the held-out problems are then scored only "
-                                 "where the run ends (0: off).", ge=0)
+                                 "where the run ends. The draw is kept apart from the first eval.problems "
+                                 "held-out problems only: score the run later on no more of them (0: off).",
+                              ge=0)
     max_new_tokens: int = param(24, "Generation budget per answer of the task.", ge=1)
     batch_size: int = param(128, "Prompts generated together.", ge=1)
     samples: int = param(8, "Greedy completions written to samples.jsonl at each evaluation.", ge=0)

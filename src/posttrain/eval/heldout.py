@@ -294,6 +294,9 @@ def accuracy_part(tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: Eva
     dev_step_accuracy: what train.stop_when reads) and the held-out problems only where the run ends."""
     task = eval_task(cfg, data)
     if task is None:
+        if cfg.dev_problems:
+            raise ConfigError("eval.dev_problems draws problems of a built-in task: set eval.task (and eval.problems "
+                              "> 0)", field="eval.dev_problems")
         return []
     resolved = dataclasses.replace(cfg, task=task)
     last: dict[str, Any] = {}

@@ -75,8 +75,13 @@ def main(cfg: PretrainConfig) -> RunResult:
         loss = model(input_ids=blocks, labels=blocks).loss * (len(blocks) * predicted_per_block) / normaliser
         return loss, {"loss": loss.item()}
 
-    def evaluate(step: int, final: bool) -> dict[str, float]:
-        return {"eval_loss": heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)}
+    measured: dict[int, dict[str, float]] = {}  # once per step (a stopping rule asks again at the step it ends at)
+
+    def evaluate(step: int, final: bool = True) -> dict[str, float]:
+        if step not in measured:
+            measured.clear()
+            measured[step] = {"eval_loss": heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)}
+        return measured[step]
 
     run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")  # the first write, once everything is ready
     trainer = Trainer(stage="pretrain", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim,

@@ -354,9 +354,16 @@ class HeldoutEvaluator:
         self.parts = heldout_loss_part(heldout, source, loss_fn, cfg.train.micro_batch_size, keys=("loss",))
         self.progress = progress
         self.rows: list[torch.Tensor] = []
+        self._last: tuple[int, dict[str, float]] | None = None  # (step, its metrics)
 
     def __call__(self, step: int, final: bool = True) -> dict[str, float]:
-        metrics = Evaluation(self.parts, None, self.progress).run(self.model, step, final)
+        if self._last is not None and self._last[0] == step:  # the step a stopping rule ended the run at
+            return self._last[1]
+        self._last = (step, self._measure(step))
+        return self._last[1]
+
+    def _measure(self, step: int) -> dict[str, float]:
+        metrics = Evaluation(self.parts, None, self.progress).run(self.model, step)
         if self.cfg.kind == "process":
             return metrics | process_metrics(self.model, self.heldout, self.cfg.eval.batch_size,
                                              self.cfg.process_target)

@@ -185,6 +185,9 @@ class Trainer:
         self._grad_norms: deque[float] = deque(maxlen=train.spike_warmup)
         self._first_skipped: int | None = None
         self._resumed_last: dict[str, Any] = {}
+        # (train.stop_when, the value that met it) once the rule stopped the run: a resume with the same rule stays
+        # ended; with another rule, or none, it trains on.
+        self._stopped: tuple[str, str] | None = None
         # The trainable weights' norm after the last update (None: not measured since they were last loaded).
         self._weight_norm: float | None = None
 
@@ -197,8 +200,8 @@ class Trainer:
         session_tokens = 0
         last = self._resumed_last  # a resume with no step left still reports the last step's metrics
         rule = StopRule.parse(self.train_cfg.stop_when)
-        # a run resumed after its rule was met stays ended
-        stopped_by = self._stopped_by(rule, last, ending=self.step >= self.train_cfg.max_steps)
+        # A run that its rule stopped stays ended while the rule is the same (raising max_steps does not undo it).
+        stopped_by = self._stopped[1] if self._stopped is not None and self._stopped[0] == str(rule) else None
         main = self.dist.is_main  # only rank 0 writes metrics, trackers, progress and messages
         trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard and main, self.run.wandb and main,
                             to_dict(self.cfg))
@@ -210,6 +213,9 @@ class Trainer:
                 self.console.print(f"{self.stage}: {self.precision} on {self.device} ({self.precision_reason})")
             if resumed_from is not None and main:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
+            if stopped_by is not None and main:
+                self.console.print(f"{self.stage}: the run was stopped at step {self.step} by train.stop_when "
+                                   f"({stopped_by}); to train on, give it another rule or train.stop_when=null")
             while self.step < self.train_cfg.max_steps and stopped_by is None:
                 step_start = time.perf_counter()
                 # A sampling source reads the policy's weights directly: under FSDP they are gathered for it.
@@ -228,10 +234,12 @@ class Trainer:
                 evaluated = evaluate is not None and self._due(self.train_cfg.eval_every, final=True)
                 if evaluated:
                     record.update(self._evaluate(evaluate, final=at_end))
-                stopped_by = self._stopped_by(rule, record, check_seen=evaluated or not self._evaluates(evaluate),
-                                              ending=at_end)
-                if stopped_by is not None and evaluate is not None:
-                    record.update(self._evaluate(evaluate, final=True))  # what the run's last step would measure
+                stopped_by = None if at_end else self._stopped_by(
+                    rule, record, evaluated, check_seen=evaluated or not self._evaluates_early(evaluate))
+                if stopped_by is not None:
+                    self._stopped = (str(rule), stopped_by)  # saved with the checkpoint below
+                    if evaluate is not None:
+                        record.update(self._evaluate(evaluate, final=True))  # what the run's last step would measure
                 last = record
                 metrics.write(record)
                 if main:  # only now is an overwritten run deleted (see run_dir.py)
@@ -277,23 +285,21 @@ class Trainer:
         dist.barrier()
         return results
 
-    def _evaluates(self, evaluate: Evaluate | None) -> bool:
-        """Whether the run evaluates before its last step."""
-        return evaluate is not None and self.train_cfg.eval_every > 0
+    def _evaluates_early(self, evaluate: Evaluate | None) -> bool:
+        """Whether the run evaluates before its last step (else a rule can read training metrics only)."""
+        return evaluate is not None and 0 < self.train_cfg.eval_every < self.train_cfg.max_steps
 
-    def _stopped_by(self, rule: StopRule | None, record: dict[str, Any], check_seen: bool = False,
-                    ending: bool = False) -> str | None:
-        """The stopping rule with the value that met it when `record` (rank 0's) meets it, on every rank alike;
-        `check_seen`: the record has every metric the run logs, and must have the rule's; `ending`: the run ends
-        at this step anyway (it is not stopped by the rule)."""
+    def _stopped_by(self, rule: StopRule | None, record: dict[str, Any], evaluated: bool,
+                    check_seen: bool) -> str | None:
+        """The stopping rule with the value that met it when `record` (rank 0's; `evaluated`: with an evaluation's
+        metrics) meets it, on every rank alike; `check_seen`: the record has every metric the run logs before its
+        last step, and must have the rule's."""
         if rule is None:
             return None
         if check_seen:
             missing = self.dist.is_main and rule.metric not in record
             if dist.all_reduce_sum(float(missing)) > 0:
-                rule.refuse_unlogged(record)
-        if ending:
-            return None
+                rule.refuse_unlogged(record, evaluated)
         met = self.dist.is_main and rule.met(record)
         if dist.all_reduce_sum(float(met)) == 0:
             return None
@@ -399,9 +405,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _state(self, source: StepSource) -> dict[str, Any]:
+        stopped = {} if self._stopped is None else {"stopped_by_rule": list(self._stopped)}
         return {"tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self._nonfinite_in_a_row, "grad_norms": list(self._grad_norms),
-                "first_skipped": self._first_skipped, "data": source.state_dict()}
+                "first_skipped": self._first_skipped, "data": source.state_dict(), **stopped}
 
     def save(self, source: StepSource) -> Any:
         if self.dist.distributed:
@@ -439,6 +446,8 @@ class Trainer:
         self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self._grad_norms.extend(state.get("grad_norms", []))  # checkpoints from before the spike guard lack both
         self._first_skipped = state.get("first_skipped")
+        stopped = state.get("stopped_by_rule")  # [the rule, with the value that met it]
+        self._stopped = (stopped[0], stopped[1]) if stopped else None
         source.load_state_dict(state["data"])
         if self.dist.is_main:
             kept = truncate_metrics(self.run_dir.metrics, self.step)
