@@ -14,7 +14,7 @@ from posttrain.data.tokenize import Encoder
 from posttrain.errors import RunDirError
 from posttrain.eval.accuracy import heldout_problems
 from posttrain.eval.evaluate import EvalOptions, load_policy, resolve_target, sampled_metrics
-from posttrain.eval.headroom import headroom, headroom_captured, pass_at_k
+from posttrain.eval.headroom import headroom, headroom_captured, headroom_lines, headroom_rows, pass_at_k
 
 
 @pytest.mark.parametrize("n", range(1, 8))
@@ -127,6 +127,13 @@ def test_headroom_per_category_by_hand():
     assert everything["sampled_accuracy"] == 10 / 20 and everything["pass@4"] == 0.8
     assert everything["intermediate_share"] == 3 / 5
     assert "accuracy" not in headroom(categories, counts, 4, [4])["all"]  # greedy not measured
+    # One sample per problem cannot disagree with itself: no share is reported (not a share of 0), and the report's
+    # table leaves its cell empty.
+    single = headroom(categories, [1, 0, 1, 0, 1], 1, [1], greedy)
+    assert single["all"]["sampled_accuracy"] == single["all"]["pass@1"] == 3 / 5
+    assert all("intermediate_share" not in entry for entry in single.values())
+    rows = headroom_rows({"one": {"headroom": single}}, {"one": None})
+    assert [line.split("|")[7].strip() for line in headroom_lines(rows)[7:]] == ["", "", ""]
     # The share of headroom captured: from sampled 0.5 towards pass@4 0.8, to 0.65 is half of it.
     assert headroom_captured(everything, {"sampled_accuracy": 0.65}, "sampled_accuracy", "pass@4") == pytest.approx(0.5)
     assert headroom_captured({"sampled_accuracy": 1.0, "pass@4": 1.0}, {"sampled_accuracy": 1.0}, "sampled_accuracy",

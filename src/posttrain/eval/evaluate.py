@@ -217,7 +217,7 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
         table = headroom(categories, counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
         result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"],
-                             "intermediate_share": table["all"]["intermediate_share"], "categories": table}
+                             "intermediate_share": table["all"].get("intermediate_share"), "categories": table}
         # Per problem (in the order of the held-out draw): what paired comparisons of two models need.
         result["per_problem"] = {"correct_samples": counts, "category": categories,
                                  **({"greedy": [int(c) for c in accuracy.correct]} if accuracy is not None else {}),
@@ -408,7 +408,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
                    **{key: value for key, value in table["all"].items() if key.startswith("pass@")},
                    **{f"reward_{name}": value for name, value in sampled.rewards.items()},
                    "sampled_accuracy": table["all"]["sampled_accuracy"],
-                   "intermediate_share": table["all"]["intermediate_share"], "categories": table}
+                   "intermediate_share": table["all"].get("intermediate_share"), "categories": table}
         per_problem["correct_samples"] = sampled.correct
     else:
         result["categories"] = headroom(categories, [0] * count, 0, [], tuple(greedy_correct))

@@ -36,7 +36,7 @@ def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[i
     the share of problems with 0 < c < n (where a group of samples disagrees: a group baseline's signal). The
     gap from sampled accuracy to pass@k is what RL can reach by shifting mass onto answers the model already
     samples. Per problem: its category (None: counted in "all" only) and its correct samples, of n (n = 0: nothing
-    was sampled, the greedy accuracy alone)."""
+    was sampled, the greedy accuracy alone; n = 1: no share of disagreeing samples)."""
     members: dict[str, list[int]] = {"all": list(range(len(categories)))}
     for category in sorted({c for c in categories if c is not None}):
         members[category] = [i for i, c in enumerate(categories) if c == category]
@@ -49,7 +49,8 @@ def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[i
         if n:
             entry["sampled_accuracy"] = sum(mine) / (n * len(rows))
             entry |= {f"pass@{k}": sum(pass_at_k(n, c, k) for c in mine) / len(rows) for k in ks}
-            entry["intermediate_share"] = sum(0 < c < n for c in mine) / len(rows)
+            if n > 1:  # one sample per problem cannot disagree with itself: the share is undefined, not 0
+                entry["intermediate_share"] = sum(0 < c < n for c in mine) / len(rows)
         table[category] = entry
     return table
 
@@ -96,7 +97,7 @@ def headroom_lines(rows: list[dict[str, Any]], first: str = "stage") -> list[str
     for r in rows:
         lines.append(f"| {r['stage']} | {r['category']} | {r['problems']} | {_num(r.get('accuracy'), '{:.1%}')} | "
                      f"{r['sampled_accuracy']:.1%} | {_num(r.get(r['ceiling'] or ''), '{:.1%}')} | "
-                     f"{r['intermediate_share']:.0%} | {_num(r['captured_sampled'], '{:+.0%}')} | "
+                     f"{_num(r.get('intermediate_share'), '{:.0%}')} | {_num(r['captured_sampled'], '{:+.0%}')} | "
                      f"{_num(r['captured_greedy'], '{:+.0%}')} |")
     return lines
 
