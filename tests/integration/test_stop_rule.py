@@ -119,19 +119,22 @@ def test_a_rule_on_a_training_metric_is_read_every_step_and_one_never_met_runs_t
         assert evaluation.calls == [(2, False), (4, True)]
 
 
-def test_a_metric_the_run_never_logs_is_refused_at_its_first_evaluation(tmp_path, tokenizer):
+def test_a_metric_the_evaluations_lack_is_refused_and_one_only_a_last_evaluation_logs_is_dropped(tmp_path, tokenizer):
     trainer, source = _trainer(tmp_path, tokenizer, name="typo", steps=6, eval_every=3, stop_when="dev_scor >= 1")
     with pytest.raises(ConfigError, match="dev_scor.*dev_score") as error:
         trainer.fit(source, _loss_fn, RisingEvaluation())
     assert error.value.field == "train.stop_when" and trainer.step == 3
-    # evaluated only at the end (eval_every 0, or past max_steps): an evaluation's metric cannot end the run early,
-    # and is refused at once, before the run trains on to its end
+    # evaluated only at the end (eval_every 0, or past max_steps: a short trial of a recipe): an evaluation's metric
+    # cannot end the run early; it says so at its first step and runs to its end, as it would without the rule
     for name, every in (("late", 0), ("later", 100)):
         trainer, source = _trainer(tmp_path, tokenizer, name=name, steps=6, eval_every=every,
                                    stop_when="dev_score >= 0.1")
-        with pytest.raises(ConfigError, match="evaluates only at its last step.*eval_every"):
-            trainer.fit(source, _loss_fn, RisingEvaluation())
-        assert trainer.step == 1
+        warnings: list[str] = []
+        trainer._warn = warnings.append
+        evaluation = RisingEvaluation()
+        result = trainer.fit(source, _loss_fn, evaluation)
+        assert result.step == 6 and result.stopped_by is None and evaluation.calls == [(6, True)]
+        assert len(warnings) == 1 and "cannot end this run early" in warnings[0] and "eval_every" in warnings[0]
 
 
 def test_an_evaluation_skips_final_only_parts_until_the_end_and_measures_a_part_once_per_step():

@@ -84,7 +84,8 @@ class TrainConfig:
                                         "METRIC OP NUMBER (e.g. 'dev_step_accuracy >= 0.55', OP one of >= > <= <): "
                                         "an evaluation metric is read at each evaluation (train.eval_every), a "
                                         "training one at every step. The run then saves, and runs the evaluation "
-                                        "it would run at its last step; a resumed run that met it stays ended. "
+                                        "it would run at its last step; a resumed run that met it stays ended (a run "
+                                        "that evaluates only at its last step can stop on training metrics only). "
                                         "Stop on a dev draw (eval.dev_problems), not on the test problems.")
 
     def check(self) -> None:
@@ -234,8 +235,9 @@ class Trainer:
                 evaluated = evaluate is not None and self._due(self.train_cfg.eval_every, final=True)
                 if evaluated:
                     record.update(self._evaluate(evaluate, final=at_end))
-                stopped_by = None if at_end else self._stopped_by(
-                    rule, record, evaluated, check_seen=evaluated or not self._evaluates_early(evaluate))
+                if rule is not None and not at_end and (evaluated or not self._evaluates_early(evaluate)):
+                    rule = self._readable(rule, record, evaluated)  # the record has every metric the run logs
+                stopped_by = None if at_end else self._stopped_by(rule, record)
                 if stopped_by is not None:
                     self._stopped = (str(rule), stopped_by)  # saved with the checkpoint below
                     if evaluate is not None:
@@ -289,17 +291,25 @@ class Trainer:
         """Whether the run evaluates before its last step (else a rule can read training metrics only)."""
         return evaluate is not None and 0 < self.train_cfg.eval_every < self.train_cfg.max_steps
 
-    def _stopped_by(self, rule: StopRule | None, record: dict[str, Any], evaluated: bool,
-                    check_seen: bool) -> str | None:
-        """The stopping rule with the value that met it when `record` (rank 0's; `evaluated`: with an evaluation's
-        metrics) meets it, on every rank alike; `check_seen`: the record has every metric the run logs before its
-        last step, and must have the rule's."""
+    def _readable(self, rule: StopRule, record: dict[str, Any], evaluated: bool) -> StopRule | None:
+        """`rule` if `record` (rank 0's, of a step with every metric the run logs before its last: an evaluation's
+        step, `evaluated`, or any step of a run that evaluates only at its last) has its metric. A metric that its
+        evaluations lack is refused; one that only an evaluation could log, in a run that evaluates only at its
+        last step (e.g. a short trial of a recipe), cannot end it early: said once, and the rule is dropped."""
+        missing = self.dist.is_main and rule.metric not in record
+        if dist.all_reduce_sum(float(missing)) == 0:
+            return rule
+        if evaluated:
+            rule.refuse_unlogged(record)
+        self._warn(f"train.stop_when ({rule}) cannot end this run early: its steps do not log {rule.metric!r}, and "
+                   f"it evaluates only at its last step (train.eval_every={self.train_cfg.eval_every}, "
+                   f"train.max_steps={self.train_cfg.max_steps})")
+        return None
+
+    def _stopped_by(self, rule: StopRule | None, record: dict[str, Any]) -> str | None:
+        """The stopping rule with the value that met it when `record` (rank 0's) meets it, on every rank alike."""
         if rule is None:
             return None
-        if check_seen:
-            missing = self.dist.is_main and rule.metric not in record
-            if dist.all_reduce_sum(float(missing)) > 0:
-                rule.refuse_unlogged(record, evaluated)
         met = self.dist.is_main and rule.met(record)
         if dist.all_reduce_sum(float(met)) == 0:
             return None

@@ -56,11 +56,7 @@ class StopRule:
         """The rule with the value that met it, for the log and the run's summary."""
         return f"{self.metric} = {record[self.metric]:.4g} {self.comparison} {self.threshold:g}"
 
-    def refuse_unlogged(self, record: Mapping[str, Any], evaluated: bool) -> None:
-        """Refuse the rule of a run whose `record` of a step with every metric it logs before its last step (an
-        evaluation's step, `evaluated`, or any step of a run that evaluates only at its last) lacks the metric."""
-        where = ("its evaluations log" if evaluated else
-                 "it evaluates only at its last step (an evaluation's metric needs 0 < train.eval_every < "
-                 "train.max_steps); its steps log")
-        raise ConfigError(f"the run logs no metric {self.metric!r} to stop on: {where} "
+    def refuse_unlogged(self, record: Mapping[str, Any]) -> None:
+        """Refuse the rule of a run whose evaluation's `record` (with every metric the run logs) lacks its metric."""
+        raise ConfigError(f"the run logs no metric {self.metric!r} to stop on; its evaluations log "
                           f"{', '.join(sorted(record)) or 'nothing'}", field=FIELD)
