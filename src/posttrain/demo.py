@@ -63,7 +63,7 @@ class DemoStage:
     overrides: tuple[str, ...] = ()  # settings of this demo stage on top of the recipe (and its quick budgets)
     budget: tuple[str, ...] = ()  # budget settings of the full demo only (--quick keeps the recipe's quick ones)
     task: str = "arith"  # the task its held-out accuracy is measured on
-    samples: int = 8  # completions per held-out problem at temperature 1 in its sampled evaluation (--quick: 2)
+    samples: int = 8  # completions per held-out problem at temperature 1 in its sampled evaluation (--quick: at most 2)
     alone: bool = False  # runs by itself with every core (every other stage waits for it), never beside another
     critical: bool = False  # on the demo's longest chain of stages: starts before the other ready ones
 
@@ -190,13 +190,13 @@ STAGES = [
     # would have put that CPU's demo past 15 minutes.
     DemoStage("sft-multistep", "sft", "pretrain", _accuracy_headline,
               overrides=(*MULTISTEP, "eval.max_new_tokens=48", "optim.lr=3e-3", "train.max_steps=15",
-                         "eval_before=false", "eval.dev_problems=200"),
+                         "eval_before=false"),
               # no evaluation before: the pretrained model does not know the format (0.0% of 500 in the demo of
               # 2026-12-02), and its answers that run on to the token limit cost 28 s to measure
               # --quick: 15 steps and 48 new tokens (wiring only: a barely trained model runs on to the limit), as the
               # grpo-process recipe's quick budget does; 5 labelled steps and the answer take up to ~80
               budget=("train.max_steps=400", "train.eval_every=20", "train.stop_when=dev_step_accuracy >= 0.45",
-                      "eval.max_new_tokens=96", *MULTISTEP_PROBLEMS),
+                      "eval.dev_problems=200", "eval.max_new_tokens=96", *MULTISTEP_PROBLEMS),
               task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES, critical=True),
     DemoStage("grpo-process", "grpo", "sft-multistep", _steps_headline, recipe="grpo-process", overrides=MULTISTEP,
               budget=MULTISTEP_GRPO, task=MULTISTEP_TASK, samples=MULTISTEP_SAMPLES, critical=True),

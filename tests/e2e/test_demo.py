@@ -47,7 +47,6 @@ def test_demo_quick_runs_every_stage(tmp_path, pretrained_run):
     # Headroom per category for every policy stage, before (its start) and after, with the share captured.
     assert set(summaries["grpo"]["headroom"]) == {"all", "++", "+-", "-+", "--"}
     assert set(summaries["sft-multistep"]["headroom"]) - {"all"} <= {"4 steps", "5 steps"}  # multistep-long
-    assert 0 <= summaries["sft-multistep"]["dev_step_accuracy"] <= 1  # the dev draw its stopping rule reads
     steps = summaries["grpo-process"]["per_problem"]["steps_right"]  # paired process - outcome comparison
     assert len(steps) == len(summaries["grpo-process"]["per_problem"]["greedy"]) and all(0 <= s <= 1 for s in steps)
     assert "- grpo-process − grpo-outcome: greedy" in (out / "report.md").read_text()

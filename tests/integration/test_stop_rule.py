@@ -86,6 +86,16 @@ def test_the_run_stops_at_the_first_evaluation_that_meets_the_rule_and_measures_
     longer, source = _trainer(tmp_path, tokenizer, name="stops", steps=12, eval_every=2, save_every=0,
                               stop_when="dev_score >= 0.9", resume=True)
     assert longer.fit(source, _loss_fn, RisingEvaluation()).step == 10
+    # That second rule stopped it at step 10. Trained on past that stop without a rule, the run no longer counts as
+    # stopped by it: with that rule and more steps it trains on (its dev score is past 0.9 already: it stops at its
+    # first evaluation, step 14).
+    unruled, source = _trainer(tmp_path, tokenizer, name="stops", steps=12, eval_every=2, save_every=0,
+                               stop_when=None, resume=True)
+    assert unruled.fit(source, _loss_fn, RisingEvaluation()).step == 12
+    again, source = _trainer(tmp_path, tokenizer, name="stops", steps=20, eval_every=2, save_every=0,
+                             stop_when="dev_score >= 0.9", resume=True)
+    result = again.fit(source, _loss_fn, RisingEvaluation())
+    assert result.step == 14 and result.stopped_by == "dev_score = 1.4 >= 0.9"
 
 
 def test_a_rule_added_on_resume_is_read_from_the_next_evaluation_on(tmp_path, tokenizer):
@@ -135,6 +145,12 @@ def test_a_metric_the_evaluations_lack_is_refused_and_one_only_a_last_evaluation
         result = trainer.fit(source, _loss_fn, evaluation)
         assert result.step == 6 and result.stopped_by is None and evaluation.calls == [(6, True)]
         assert len(warnings) == 1 and "cannot end this run early" in warnings[0] and "eval_every" in warnings[0]
+        assert "grad_norm, loss, lr" in warnings[0]  # what its steps do log, to spot a misspelled training metric
+    # a run without any evaluation logs training metrics only: a metric they lack is refused at its first step
+    trainer, source = _trainer(tmp_path, tokenizer, name="none", steps=6, stop_when="eval_loss < 1")
+    with pytest.raises(ConfigError, match="no evaluation; its steps log .*loss"):
+        trainer.fit(source, _loss_fn)
+    assert trainer.step == 1
 
 
 def test_an_evaluation_skips_final_only_parts_until_the_end_and_measures_a_part_once_per_step():

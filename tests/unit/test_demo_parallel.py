@@ -14,7 +14,11 @@ import pytest
 from rich.console import Console
 
 import posttrain.demo as demo
+from posttrain.config import load_config
 from posttrain.demo import STAGES, DemoStageFailed, DemoStopped, _ready, _run_in_parallel, _Worker, stage_threads
+from posttrain.recipes import find_recipe
+from posttrain.recipes.sft import SFTConfig
+from posttrain.train.stop_rule import StopRule
 
 # Every field a stage's headline reads.
 SUMMARY = {"initial_eval_loss": 2.0, "final_eval_loss": 1.0, "accuracy": 0.5, "accuracy_ci": [0.4, 0.6],
@@ -183,3 +187,13 @@ def test_a_stage_whose_demo_is_killed_gets_sigterm(tmp_path):
         assert marker.exists() and marker.read_text() == "terminated"
     finally:
         demo_process.kill()
+
+
+def test_the_full_multistep_sft_stops_on_a_dev_draw_and_the_quick_one_runs_its_steps():
+    stage = next(s for s in STAGES if s.name == "sft-multistep")
+    full = load_config(SFTConfig, find_recipe("sft").path, [*stage.overrides, *stage.budget])
+    full.train.check()
+    assert StopRule.parse(full.train.stop_when) == StopRule("dev_step_accuracy", ">=", 0.45)
+    assert 0 < full.train.eval_every < full.train.max_steps and full.eval.dev_problems > 0
+    quick = load_config(SFTConfig, find_recipe("sft").path, list(stage.overrides))
+    assert quick.train.stop_when is None and quick.eval.dev_problems == 0

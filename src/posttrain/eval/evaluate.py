@@ -216,8 +216,8 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
         categories = [task.category(e) for e in heldout_problems(task, options.problems, options.seed)]
         table = headroom(categories, counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
-        result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"],
-                             "intermediate_share": table["all"].get("intermediate_share"), "categories": table}
+        result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"], "categories": table,
+                             **_intermediate_share(table)}
         # Per problem (in the order of the held-out draw): what paired comparisons of two models need.
         result["per_problem"] = {"correct_samples": counts, "category": categories,
                                  **({"greedy": [int(c) for c in accuracy.correct]} if accuracy is not None else {}),
@@ -407,8 +407,8 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         result |= {"samples_per_problem": sampled.n,
                    **{key: value for key, value in table["all"].items() if key.startswith("pass@")},
                    **{f"reward_{name}": value for name, value in sampled.rewards.items()},
-                   "sampled_accuracy": table["all"]["sampled_accuracy"],
-                   "intermediate_share": table["all"].get("intermediate_share"), "categories": table}
+                   "sampled_accuracy": table["all"]["sampled_accuracy"], "categories": table,
+                   **_intermediate_share(table)}
         per_problem["correct_samples"] = sampled.correct
     else:
         result["categories"] = headroom(categories, [0] * count, 0, [], tuple(greedy_correct))
@@ -457,3 +457,8 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
             check_grader_fields(fn.grader, columns)
     return functions, rewards
 
+
+def _intermediate_share(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The overall share of problems whose samples disagree, where there is one (not with one sample per problem)."""
+    share = table["all"].get("intermediate_share")
+    return {} if share is None else {"intermediate_share": share}

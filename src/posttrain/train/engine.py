@@ -203,6 +203,9 @@ class Trainer:
         rule = StopRule.parse(self.train_cfg.stop_when)
         # A run that its rule stopped stays ended while the rule is the same (raising max_steps does not undo it).
         stopped_by = self._stopped[1] if self._stopped is not None and self._stopped[0] == str(rule) else None
+        if stopped_by is None:  # trained on past a stop (another rule, or none): later checkpoints do not record it
+            self._stopped = None
+        rule_checked = False  # whether the rule's metric was looked for (once, where every metric is logged)
         main = self.dist.is_main  # only rank 0 writes metrics, trackers, progress and messages
         trackers = Trackers(self.run_dir.path, self.run.name, self.run.tensorboard and main, self.run.wandb and main,
                             to_dict(self.cfg))
@@ -235,8 +238,10 @@ class Trainer:
                 evaluated = evaluate is not None and self._due(self.train_cfg.eval_every, final=True)
                 if evaluated:
                     record.update(self._evaluate(evaluate, final=at_end))
-                if rule is not None and not at_end and (evaluated or not self._evaluates_early(evaluate)):
-                    rule = self._readable(rule, record, evaluated)  # the record has every metric the run logs
+                if rule is not None and not rule_checked and not at_end and (
+                        evaluated or not self._evaluates_early(evaluate)):
+                    rule_checked = True  # the record has every metric the run logs before its last step
+                    rule = self._readable(rule, record, evaluated, evaluates=evaluate is not None)
                 stopped_by = None if at_end else self._stopped_by(rule, record)
                 if stopped_by is not None:
                     self._stopped = (str(rule), stopped_by)  # saved with the checkpoint below
@@ -291,19 +296,20 @@ class Trainer:
         """Whether the run evaluates before its last step (else a rule can read training metrics only)."""
         return evaluate is not None and 0 < self.train_cfg.eval_every < self.train_cfg.max_steps
 
-    def _readable(self, rule: StopRule, record: dict[str, Any], evaluated: bool) -> StopRule | None:
+    def _readable(self, rule: StopRule, record: dict[str, Any], evaluated: bool, evaluates: bool) -> StopRule | None:
         """`rule` if `record` (rank 0's, of a step with every metric the run logs before its last: an evaluation's
-        step, `evaluated`, or any step of a run that evaluates only at its last) has its metric. A metric that its
-        evaluations lack is refused; one that only an evaluation could log, in a run that evaluates only at its
-        last step (e.g. a short trial of a recipe), cannot end it early: said once, and the rule is dropped."""
+        step, `evaluated`, or the first step of a run that evaluates only at its last one, or never: `evaluates`)
+        has its metric. A metric missing from an evaluation's record, or from a run without any evaluation, is
+        refused; one that only the last step's evaluation could log (e.g. in a short trial of a recipe) cannot end
+        the run early: said once, and the rule is dropped."""
         missing = self.dist.is_main and rule.metric not in record
         if dist.all_reduce_sum(float(missing)) == 0:
             return rule
-        if evaluated:
-            rule.refuse_unlogged(record)
-        self._warn(f"train.stop_when ({rule}) cannot end this run early: its steps do not log {rule.metric!r}, and "
-                   f"it evaluates only at its last step (train.eval_every={self.train_cfg.eval_every}, "
-                   f"train.max_steps={self.train_cfg.max_steps})")
+        if evaluated or not evaluates:
+            rule.refuse_unlogged(record, "its evaluations log" if evaluated else "it has no evaluation; its steps log")
+        self._warn(f"train.stop_when ({rule}) cannot end this run early: it evaluates only at its last step "
+                   f"(train.eval_every={self.train_cfg.eval_every}, train.max_steps={self.train_cfg.max_steps}) and "
+                   f"its steps log {', '.join(sorted(record))}")
         return None
 
     def _stopped_by(self, rule: StopRule | None, record: dict[str, Any]) -> str | None:

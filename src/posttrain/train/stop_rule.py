@@ -56,7 +56,7 @@ class StopRule:
         """The rule with the value that met it, for the log and the run's summary."""
         return f"{self.metric} = {record[self.metric]:.4g} {self.comparison} {self.threshold:g}"
 
-    def refuse_unlogged(self, record: Mapping[str, Any]) -> None:
-        """Refuse the rule of a run whose evaluation's `record` (with every metric the run logs) lacks its metric."""
-        raise ConfigError(f"the run logs no metric {self.metric!r} to stop on; its evaluations log "
+    def refuse_unlogged(self, record: Mapping[str, Any], where: str) -> None:
+        """Refuse the rule of a run whose `record` with every metric it logs (`where` says whose) lacks its metric."""
+        raise ConfigError(f"the run logs no metric {self.metric!r} to stop on; {where} "
                           f"{', '.join(sorted(record)) or 'nothing'}", field=FIELD)
