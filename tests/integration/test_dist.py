@@ -219,6 +219,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_gemm_library():
+    """The ranks (1 thread each) and the single process they are compared with pick their fp32 GEMM library by a
+    timing measured per thread count (`onednn_linear_preferred`); on a CPU where oneDNN and MKL run about as fast,
+    a loaded machine can give the two thread counts different libraries, whose float sums differ enough for AdamW
+    to move near-zero-gradient weights apart (seen once in CI, and reproduced by forcing the two apart). The
+    comparison is of the distributed arithmetic, so both use torch's own linear."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POSTTRAIN_ONEDNN", "0")  # inherited by the ranks mp.spawn starts
+        yield
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tokenizer):
     from posttrain.config import ModelConfig
