@@ -16,7 +16,7 @@ from posttrain.errors import ConfigError
 from posttrain.eval.accuracy import EvalConfig, dev_problems, heldout_problems
 from posttrain.eval.heldout import Evaluation, Part, accuracy_part
 from posttrain.train.checkpoint import list_checkpoints
-from posttrain.train.engine import TrainConfig
+from posttrain.train.engine import TrainConfig, once_per_step
 from posttrain.train.metrics import read_metrics
 from posttrain.train.stop_rule import StopRule
 
@@ -200,3 +200,10 @@ def test_a_dev_draw_without_a_built_in_task_to_draw_from_is_refused_before_train
     assert error.value.field == "eval.dev_problems"
     parts = accuracy_part(tokenizer, DataConfig(source="arith"), EvalConfig(problems=6, dev_problems=5))
     assert [(p.total, p.final_only) for p in parts] == [(5, False), (6, True)]
+
+
+def test_an_evaluation_without_final_only_parts_measures_each_step_once():
+    steps: list[int] = []
+    evaluate = once_per_step(lambda step: steps.append(step) or {"eval_loss": float(step)})
+    assert evaluate(2, False) == evaluate(2, True) == {"eval_loss": 2.0}  # asked again where a rule stops the run
+    assert evaluate(4, True) == {"eval_loss": 4.0} and steps == [2, 4]

@@ -103,11 +103,13 @@ def paired_interval(before: list[float], after: list[float], z: float = 1.959964
     return mean, mean - half, mean + half
 
 
-def heldout_problems(task: Task, count: int, seed: int) -> list[Example]:
-    """`count` held-out examples with distinct problems (a problem drawn twice would count twice)."""
+def heldout_problems(task: Task, count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Example]:
+    """`count` held-out examples with distinct problems (a problem drawn twice would count twice), none of them with
+    a key in `exclude`."""
     seen: dict[str, Example] = {}
-    for example in task.examples("heldout", size=count * 50, seed=seed):
-        seen.setdefault(example.key, example)
+    for example in task.examples("heldout", size=(count + len(exclude)) * 50, seed=seed):
+        if example.key not in exclude:
+            seen.setdefault(example.key, example)
         if len(seen) == count:
             return list(seen.values())
     raise ValueError(f"task {task.name!r} has fewer than {count} distinct held-out problems")
@@ -120,15 +122,12 @@ DEV_SEED_OFFSET = 1_000_003
 def dev_problems(task: Task, count: int, heldout: int, seed: int) -> list[Example]:
     """`count` distinct held-out-split problems, none of them among the first `heldout` of `heldout_problems(task,
     heldout, seed)`: a dev set to choose on (a stopping step, a setting) without touching the test problems."""
-    test = {e.key for e in heldout_problems(task, heldout, seed)} if heldout else set()
-    seen: dict[str, Example] = {}
-    for example in task.examples("heldout", size=(count + len(test)) * 50, seed=seed + DEV_SEED_OFFSET):
-        if example.key not in test:
-            seen.setdefault(example.key, example)
-        if len(seen) == count:
-            return list(seen.values())
-    raise ConfigError(f"task {task.name!r} has fewer than {count} distinct held-out problems besides the "
-                      f"{heldout} evaluated ones: lower eval.dev_problems", field="eval.dev_problems")
+    test = frozenset(e.key for e in heldout_problems(task, heldout, seed)) if heldout else frozenset()
+    try:
+        return heldout_problems(task, count, seed + DEV_SEED_OFFSET, exclude=test)
+    except ValueError:
+        raise ConfigError(f"task {task.name!r} has fewer than {count} distinct held-out problems besides the "
+                          f"{heldout} evaluated ones: lower eval.dev_problems", field="eval.dev_problems") from None
 
 
 @torch.no_grad()

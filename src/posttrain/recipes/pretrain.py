@@ -19,7 +19,7 @@ from posttrain.data.corpus import plain_text, synthetic_documents
 from posttrain.eval.report import write_training_report
 from posttrain.models import build_model, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.tokenizer import train_tokenizer
-from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.engine import TrainConfig, Trainer, once_per_step
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
@@ -75,13 +75,8 @@ def main(cfg: PretrainConfig) -> RunResult:
         loss = model(input_ids=blocks, labels=blocks).loss * (len(blocks) * predicted_per_block) / normaliser
         return loss, {"loss": loss.item()}
 
-    measured: dict[int, dict[str, float]] = {}  # once per step (a stopping rule asks again at the step it ends at)
-
-    def evaluate(step: int, final: bool = True) -> dict[str, float]:
-        if step not in measured:
-            measured.clear()
-            measured[step] = {"eval_loss": heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)}
-        return measured[step]
+    evaluate = once_per_step(lambda step: {"eval_loss": heldout_loss(model, heldout_blocks,
+                                                                     cfg.train.micro_batch_size)})
 
     run_dir = prepare_run_dir(cfg.run, cfg, stage="pretrain")  # the first write, once everything is ready
     trainer = Trainer(stage="pretrain", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim,

@@ -84,7 +84,7 @@ from posttrain.train.comparisons import (
     is_ranking_batch,
     ordered_pair_accuracy,
 )
-from posttrain.train.engine import TrainConfig, Trainer
+from posttrain.train.engine import TrainConfig, Trainer, once_per_step
 from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
@@ -187,10 +187,11 @@ def main(cfg: RMConfig) -> RunResult:
     steps = process_step_source if cfg.kind == "process" else comparison_step_source
     loss_fn = process_loss_fn(cfg) if cfg.kind == "process" else comparison_loss_fn(cfg)
     source = steps(prepared, cfg.train, cfg.run.seed)
-    evaluate = (HeldoutEvaluator(model, heldout, cfg, steps(heldout, cfg.train, cfg.run.seed), loss_fn, progress,
-                                 offline)
-                if heldout is not None else None)
+    evaluator = (HeldoutEvaluator(model, heldout, cfg, steps(heldout, cfg.train, cfg.run.seed), loss_fn, progress,
+                                  offline)
+                 if heldout is not None else None)
     keys = ("loss", "accuracy", "eval_loss", "eval_accuracy", "eval_step_accuracy")
+    evaluate = once_per_step(evaluator) if evaluator is not None else None
     result = trainer.fit(source, loss_fn, evaluate, progress_keys=keys)
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
@@ -203,8 +204,8 @@ def main(cfg: RMConfig) -> RunResult:
                "eval_rows": len(heldout.dataset) if heldout else 0, "data": prepared.tokenized.stats.as_dict(),
                "pairs": cfg.pairs.source, **sampled,
                **({"eval_offline_rows": len(offline.dataset)} if offline is not None else {})}
-    if evaluate is not None and evaluate.rows:
-        plot_reward_distribution(evaluate.rows, run_dir.plots / "rewards.png", f"held-out rewards ({cfg.data.source})")
+    if evaluator is not None and evaluator.rows:
+        plot_reward_distribution(evaluator.rows, run_dir.plots / "rewards.png", f"held-out rewards ({cfg.data.source})")
     write_training_report(run_dir, f"{'Process reward' if cfg.kind == 'process' else 'Reward'} model on "
                                    f"{cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
@@ -354,15 +355,8 @@ class HeldoutEvaluator:
         self.parts = heldout_loss_part(heldout, source, loss_fn, cfg.train.micro_batch_size, keys=("loss",))
         self.progress = progress
         self.rows: list[torch.Tensor] = []
-        self._last: tuple[int, dict[str, float]] | None = None  # (step, its metrics)
 
-    def __call__(self, step: int, final: bool = True) -> dict[str, float]:
-        if self._last is not None and self._last[0] == step:  # the step a stopping rule ended the run at
-            return self._last[1]
-        self._last = (step, self._measure(step))
-        return self._last[1]
-
-    def _measure(self, step: int) -> dict[str, float]:
+    def __call__(self, step: int) -> dict[str, float]:
         metrics = Evaluation(self.parts, None, self.progress).run(self.model, step)
         if self.cfg.kind == "process":
             return metrics | process_metrics(self.model, self.heldout, self.cfg.eval.batch_size,

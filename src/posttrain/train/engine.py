@@ -125,6 +125,20 @@ class Evaluate(Protocol):
         ...
 
 
+def once_per_step(measure: Callable[[int], dict[str, Any]]) -> Evaluate:
+    """The `Evaluate` of an evaluation with nothing measured only at the end: `measure(step)`, run once per step
+    (the Trainer asks again, `final`, at the step a stopping rule ends the run at)."""
+    last: dict[int, dict[str, Any]] = {}
+
+    def evaluate(step: int, final: bool = True) -> dict[str, Any]:
+        if step not in last:
+            last.clear()
+            last[step] = measure(step)
+        return last[step]
+
+    return evaluate
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     step: int

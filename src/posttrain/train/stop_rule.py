@@ -43,7 +43,8 @@ class StopRule:
         return cls(metric, comparison, float(threshold))
 
     def met(self, record: Mapping[str, Any]) -> bool:
-        """Whether `record` has the metric and it satisfies the rule (a non-finite value never does)."""
+        """Whether `record` has the metric and it satisfies the rule (NaN never does; an infinity compares as a
+        number)."""
         value = record.get(self.metric)
         if not isinstance(value, (int, float)) or value != value:
             return False
