@@ -117,7 +117,8 @@ def test_measuring_answers_with_the_faster_precision(monkeypatch):
 def test_models_switch_from_sdpa_only_and_save_as_plain_transformers_models(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "fp32")
     # the plain transformers model's linears are torch's: where the measured GEMM choice picks oneDNN (timing-based,
-    # so it can on a loaded machine), build_model's would not be bit for bit the same, and that is not this test's subject
+    # so it can on a loaded machine), build_model's would not be bit for bit the same, and that is not this test's
+    # subject
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "0")
     model = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
     assert model.config._attn_implementation == ATTENTION and use_cpu_attention(model) == 0  # idempotent
