@@ -18,7 +18,7 @@ from posttrain.data import (
     pack_bfd,
     ranking_matrix,
 )
-from posttrain.data.collate import block_causal_mask, pack_dataset, unpack_row
+from posttrain.data.collate import block_causal_mask, capped_rows, pack_dataset, unpack_row
 
 PAD = 0
 A = {"input_ids": [1, 5, 6, 7, 2], "response_mask": [0, 0, 1, 1, 1]}
@@ -134,6 +134,21 @@ def test_padding_free_rows_are_capped_best_fit_and_a_longer_sample_gets_its_own_
     assert wide["input_ids"].shape == (2, 5)  # A (5 tokens) alone; B in a row of its own
 
 
+def test_padding_free_rows_take_the_width_that_pads_least_up_to_the_capacity():
+    lengths = [100, 90, 60, 50, 40, 30]  # 370 tokens
+    # Filling rows of 256: 100 + 90 + 60 and 50 + 40 + 30, padded to 250: 500 slots; of 100: 100 | 90 | 60 + 40 |
+    # 50 + 30, 400 slots; of 196: 100 + 90 and 60 + 50 + 40 + 30, padded to 190: 380, the fewest any packing has
+    # (two rows need 2 x 190, as no half sums to 185; three 3 x 130; four 4 x 100)
+    assert sorted(map(sorted, pack_bfd(lengths, 256))) == [[0, 1, 2], [3, 4, 5]]
+    rows = capped_rows(lengths, 256)
+    assert sorted(sorted(lengths[i] for i in row) for row in rows) == [[30, 40, 50, 60], [90, 100]]
+    assert capped_rows(lengths, 0) == [[0, 1, 2, 3, 4, 5]]  # 0: one row, as asked
+    assert capped_rows([300, 20], 256) == [[0], [1]]  # a sample over the capacity: its own row
+    assert capped_rows([], 256) == []
+    assert capped_rows([5, 3, 3, 5], 8) == [[0, 1], [3, 2]]  # 2 rows of 8 (16 slots) against 4 of 5 (20)
+    assert capped_rows([4, 4], 8) == [[0], [1]]  # 8 slots either way: the narrower rows
+
+
 def test_padding_free_pairs_and_rankings_are_capped_and_keep_every_sequence_id():
     """Sequence i of a comparison batch (chosen ones first) is `sample_ids == i` in whichever row it lands."""
     pair_ab = {"chosen_input_ids": A["input_ids"], "chosen_response_mask": A["response_mask"],
@@ -152,7 +167,7 @@ def test_padding_free_pairs_and_rankings_are_capped_and_keep_every_sequence_id()
     ranking = {"ranked_input_ids": [A["input_ids"], B["input_ids"], A["input_ids"]],
                "ranked_response_mask": [A["response_mask"], B["response_mask"], A["response_mask"]], "scores": None}
     ranked = Collator("ranking", PAD, batch_mode="padding_free", row_capacity=8)([ranking])
-    assert ranked["input_ids"].shape == (2, 8)
+    assert ranked["input_ids"].shape == (3, 5)  # 5 + 3 and 5 in rows of 8: 16 slots; each alone in rows of 5: 15
     for i, sequence in enumerate((A, B, A)):
         assert ranked["input_ids"][ranked["sample_ids"] == i].tolist() == sequence["input_ids"]
     assert ranked["ranks"].tolist() == [0, 1, 2]
