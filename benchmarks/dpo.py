@@ -9,7 +9,8 @@ policy), no gradient checkpointing, no eval, no saving. posttrain's default prec
 reference logprobs once before training, with the untrained policy itself (the time it takes is
 reported beside the steps, and per step of an epoch, never inside them); `live` runs a frozen
 copy's forward in every step, as TRL does by default. padding_free puts a step's 16 sequences in
-one row (posttrain: block-causal mask; TRL: its padding_free option).
+rows of at most 256 tokens (posttrain, `data.padding_free_capacity`'s default: block-causal mask; TRL: its
+padding_free option, one row).
 """
 
 from __future__ import annotations

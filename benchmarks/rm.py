@@ -6,7 +6,8 @@ Each library runs in its own subprocess, one after the other; the same model fil
 both. Settings (both): fp32, 8 pairs per step, Bradley–Terry loss, a linear scalar head on the
 causal LM's trunk, lr 1e-4 constant, no warm-up, weight decay 0, clip 1.0, max_length 128, full
 training, no gradient checkpointing, no eval, no saving. posttrain also runs padding-free (a step's
-16 sequences in one row, block-causal mask; TRL's RewardTrainer has no such mode).
+16 sequences in rows of at most 256 tokens, `data.padding_free_capacity`'s default, block-causal mask; TRL's
+RewardTrainer has no such mode).
 """
 
 from __future__ import annotations

@@ -81,8 +81,9 @@ class DataConfig:
                             choices=("padded", "padding_free", "packed"))
     padding_free_capacity: int = param(256, "padding_free rows: a micro-batch's samples (and the sequences of "
                                             "pairs and rankings) best-fit into rows of at most this many tokens (a "
-                                            "longer sample gets its own row), so attention stays short; 0: the "
-                                            "whole micro-batch in one row.", ge=0)
+                                            "longer sample gets its own row), so attention stays short; of the "
+                                            "widths up to it, the one that pads least; 0: the whole micro-batch "
+                                            "in one row.", ge=0)
     packed_attention: str = param("mask", "How packed rows keep samples apart: a 4-D block-diagonal mask "
                                           "(any attention kernel), or position_ids alone (flash/sdpa with "
                                           "use_cache=False).", choices=("mask", "position_ids"))

@@ -50,7 +50,7 @@ from posttrain.train.sources import ShuffledStepSource
 def padding_free_capacity_param() -> Any:
     """The `padding_free_capacity` field of an RL recipe's padding-free forward (GRPO's loss, PPO's algorithm)."""
     return param(256, "Padding-free: samples are packed into rows of at most this many tokens (or the longest "
-                      "sample's); attention costs row length x tokens.", ge=1)
+                      "sample's), of the width up to it that pads least; attention costs row length x tokens.", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
