@@ -316,9 +316,11 @@ def test_micro_batches_are_cut_to_the_token_budget():
     assert cut(35, None) == [[1, 3, 4, 0, 2]]           # 5 x (4 + 3)
     assert cut(34, None) == [[1, 3, 4, 0], [2]]         # 4 x 7 = 28; 5 x 7 = 35
     # Shared prompts: rows 3 and 0 have one prompt (3 tokens), laid out once: 3 + 2 + 1 = 6 tokens. Units of
-    # 7 [1], 6 [3, 0], 4 [4], 2 [2] pack into [1], [3, 0, 2], [4] (widths 7, 8, 4): 2 x 8 = 16 fits, 3 x 8 not.
+    # 7 [1], 6 [3, 0], 4 [4], 2 [2]: filling rows of 8 gives [1], [3, 0, 2], [4] (3 x 8 = 24 slots), rows of at
+    # most 7 give [1], [3, 0], [4, 2] (3 x 7 = 21), the fewer. [1] + [3, 0] cost 2 x 7 = 14 and fit; with [4, 2]
+    # 21 does not.
     shared = [piece.tolist() for piece in split_by_tokens(rows, rollout, 16, PaddingFree(8, share_prompts=True))]
-    assert shared == [[1, 3, 0, 2], [4]]
+    assert shared == [[1, 3, 0], [4, 2]]
 
 
 @pytest.mark.parametrize("save_every", [3, 6])
