@@ -200,10 +200,15 @@ def capped_rows(lengths: Sequence[int], capacity: int | None) -> list[list[int]]
     best: tuple[int, list[list[int]]] | None = None
     for bound in [*range(longest, widest, ROW_WIDTH_STEP), widest]:
         rows = pack_bfd(lengths, bound)
-        slots = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        slots = padded_slots(lengths, rows)
         if best is None or slots < best[0]:
             best = (slots, rows)
     return best[1]
+
+
+def padded_slots(lengths: Sequence[int], rows: Sequence[Sequence[int]]) -> int:
+    """Token positions a packed forward computes: its rows (of sample indices) times the widest row's tokens."""
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
 
 
 def collate_sequences(flat: Sequence[Sample], pad_token_id: int,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
-from posttrain.data.collate import block_causal_mask, capped_rows
+from posttrain.data.collate import block_causal_mask, capped_rows, padded_slots
 from posttrain.models.attention import layer_attention_mask
 from posttrain.models.device import model_device, move_to
 from posttrain.models.heads import floating_dtype, output_head_at
@@ -133,8 +133,7 @@ def packed_width_cost(keys: Sequence[Hashable], prompt_lengths: Sequence[int], c
     """Token positions (packed rows x their width) the padding-free forward of these samples computes."""
     units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts, capacity)
     sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
-    rows = capped_rows(sizes, capacity)
-    return len(rows) * max(sum(sizes[i] for i in row) for row in rows)
+    return padded_slots(sizes, capped_rows(sizes, capacity))
 
 
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
