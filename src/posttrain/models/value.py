@@ -131,3 +131,4 @@ class ActorCritic(nn.Module):
 
 
 ACTOR_PREFIX = "actor."  # of the policy's tensors in an ActorCritic's `model.safetensors` (its state dict's names)
+CRITIC_PREFIXES = ("critic.", "value_head.")  # of the critic's: a separate value model's, or a shared trunk's head

@@ -42,7 +42,7 @@ import torch
 
 from posttrain.config import RunConfig, param, section
 from posttrain.errors import ConfigError
-from posttrain.models.value import CRITIC_INITS, ActorCritic, build_value_model
+from posttrain.models.value import CRITIC_INITS, CRITIC_PREFIXES, ActorCritic, build_value_model
 from posttrain.recipes.rl import CRITIC_FREE, AdvantageConfig, KLConfig, RLConfig, UpdateConfig, check_rl_config
 from posttrain.recipes.rl_loop import train_rl
 from posttrain.rewards.functions import WeightedRewards
@@ -60,6 +60,10 @@ class CriticConfig:
                                 "model (trunk and head).", choices=CRITIC_INITS)
     path: str | None = param(None, "Checkpoint to initialise the critic from (None: model.path for init=policy, "
                                    "reward.model_path for init=reward_model).")
+    lr: float | None = param(None, "Peak learning rate of the critic: the separate value model, or the value head "
+                                   "on a shared trunk (None: optim.lr). A critic started from the policy has a "
+                                   "zero head to fit, and at the policy's lr it explains none of the returns' "
+                                   "variance in a short run.", gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +87,8 @@ def train_ppo(cfg: Any, *, stage: str, title: str, rewards: WeightedRewards | No
     check_config(cfg, stage.upper())
     return train_rl(cfg, stage=stage, title=title, rewards=rewards,
                     build_model=lambda actor: ActorCritic(actor, build_critic(cfg), values=has_critic(cfg)),
-                    summary=lambda source: {"critic": cfg.critic.kind if has_critic(cfg) else "none"})
+                    summary=lambda source: {"critic": cfg.critic.kind if has_critic(cfg) else "none"},
+                    lr_by_prefix=critic_lr(cfg))
 
 
 def check_config(cfg: Any, stage: str = "PPO") -> None:
@@ -100,6 +105,13 @@ def check_config(cfg: Any, stage: str = "PPO") -> None:
 def has_critic(cfg: Any) -> bool:
     """Whether the trained module has values: not for the registry's critic-free estimators or critic.kind=none."""
     return cfg.advantage.estimator not in CRITIC_FREE and cfg.critic.kind != "none"
+
+
+def critic_lr(cfg: Any) -> dict[str, float]:
+    """The critic's peak lr by the prefix of its parameters' names in ActorCritic (none: the policy's lr)."""
+    if not has_critic(cfg) or cfg.critic.lr is None:
+        return {}
+    return {prefix: cfg.critic.lr for prefix in CRITIC_PREFIXES}
 
 
 def build_critic(cfg: Any) -> torch.nn.Module | None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -683,10 +683,11 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
              step_rewards: Callable[[Task | None, PreTrainedTokenizerBase], StepRewardsHook | None] = (
                  lambda task, tokenizer: None),
              summary: Callable[[RLStepSource], dict[str, Any]] = lambda source: {},
-             rewards: WeightedRewards | None = None) -> RunResult:
+             rewards: WeightedRewards | None = None, lr_by_prefix: Mapping[str, float] | None = None) -> RunResult:
     """Load, prepare, sample and train: `build_model(actor)` is the trained module (the recipe's critic),
     `step_rewards(task, tokenizer)` the process-supervision hook, `summary(source)` the recipe's own summary keys;
-    `rewards` replaces the ones built from cfg.reward."""
+    `rewards` replaces the ones built from cfg.reward; `lr_by_prefix` gives parameters of the trained module (by
+    name prefix) a peak lr of their own (the critic's)."""
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     tokenizer, actor = load_tokenizer_and_model(cfg.model)
@@ -715,7 +716,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
                           task=task, reference=reference, step_rewards=hook, gold=gold, samples=run_dir.samples,
                           progress=progress)
     trainer = Trainer(stage=stage, cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
-                      model=model, tokenizer=tokenizer, progress=progress)
+                      model=model, tokenizer=tokenizer, progress=progress, lr_by_prefix=lr_by_prefix)
     result = trainer.fit(source, rl_loss_fn(cfg, cfg.sampling.max_new_tokens), evaluation.evaluator(actor),
                          progress_keys=("reward", "kl", "accuracy", "eval_reward", "eval_accuracy"))
     if result.interrupted:

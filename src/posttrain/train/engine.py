@@ -25,7 +25,7 @@ import math
 import statistics
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -169,7 +169,10 @@ def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.
 class Trainer:
     def __init__(self, *, stage: str, cfg: Any, run: RunConfig, train: TrainConfig, optim: OptimConfig,
                  run_dir: RunDir, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None,
-                 console: Console | None = None, progress: RunProgress | None = None) -> None:
+                 console: Console | None = None, progress: RunProgress | None = None,
+                 lr_by_prefix: Mapping[str, float] | None = None) -> None:
+        """`lr_by_prefix`: a peak lr of their own for the parameters whose names start with a prefix (PPO's
+        critic); every other parameter trains at optim.lr."""
         train.check()
         self.dist = dist.init_distributed()
         if train.batch_size % (train.micro_batch_size * self.dist.world_size):
@@ -188,7 +191,7 @@ class Trainer:
         self.parallel = dist.DistributedModel(model, train.parallel)
         self.device = self.parallel.ctx.device
         self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
-        self.optimizer = build_optimizer(model, optim)
+        self.optimizer = build_optimizer(model, optim, lr_by_prefix)
         self.scheduler = build_scheduler(self.optimizer, optim, optim.schedule_steps or train.max_steps)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from posttrain.config import OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    lr_by_prefix: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors).
+
+    `lr_by_prefix` gives the parameters whose names start with a prefix their own peak lr (PPO's critic); the
+    others get cfg.lr. The schedule multiplies every group's peak lr by the same factor."""
+    lr_by_prefix = lr_by_prefix or {}
+    by_lr: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(cfg.lr, True): [], (cfg.lr, False): []}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            lr = next((lr for prefix, lr in lr_by_prefix.items() if name.startswith(prefix)), cfg.lr)
+            by_lr.setdefault((lr, param.ndim >= 2), []).append(param)
+    # The default lr's two groups first (decayed, then not), as before there were others: a checkpoint's
+    # param_groups keep their order.
+    groups = [{"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0}
+              for (lr, decayed), params in by_lr.items()]
     # The fused kernel is one pass over all parameters instead of a loop of small ops; torch has it
     # for CPU and CUDA fp32/bf16 tensors.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
