@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -29,7 +30,7 @@ from posttrain.errors import ConfigError
 from posttrain.models import build_model, load_causal_lm, save_pretrained
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
-from posttrain.recipes.ppo import PPOConfig, main
+from posttrain.recipes.ppo import PPOConfig, main, train_ppo
 from posttrain.recipes.rl_loop import RLStepSource, packing, rl_loss_fn, rollout_forward, split_by_tokens
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
@@ -419,3 +420,25 @@ def test_a_registered_advantage_estimator_is_accepted_by_ppo(lm_dir, tokenizer, 
     result = main(ppo_config(lm_dir, tmp_path, *settings, "train.max_steps=2", "update.epochs=1"))
     assert result.summary["advantage"] == "score_minus_first_value" and result.summary["steps"] == 2
     assert result.summary["critic"] == ("separate" if critic == "separate" else "none")
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_the_critic_trains_at_its_own_learning_rate(lm_dir, tmp_path, critic):
+    # One optimizer step of AdamW from fresh moments moves a parameter by lr * g / (|g| + eps): by lr wherever its
+    # gradient is not tiny, so each group's largest change is its lr.
+    cfg = ppo_config(lm_dir, tmp_path, "train.max_steps=1", "update.epochs=1", "update.rollout_batch_size=8",
+                     "train.save_every=1", "optim.lr=1e-4", "critic.lr=3e-3", f"critic.kind={critic}")
+    result = train_ppo(cfg, stage="ppo", title="PPO", rewards=TEXT_REWARD)  # rewards that differ: gradients
+    after = load_file(result.run_dir / "checkpoints" / "step-1" / "model" / "model.safetensors")
+    before = load_file(f"{lm_dir}/model.safetensors")
+
+    def largest_change(prefix: str, start: dict[str, torch.Tensor]) -> float:
+        return max((after[name] - start[name.removeprefix(prefix)]).abs().max().item()
+                   for name in after if name.startswith(prefix) and name.removeprefix(prefix) in start)
+
+    assert largest_change("actor.", before) == pytest.approx(1e-4, rel=1e-3)
+    head = "critic.score." if critic == "separate" else "value_head."
+    zero_head = {name.removeprefix(head): torch.zeros_like(after[name]) for name in after if name.startswith(head)}
+    assert largest_change(head, zero_head) == pytest.approx(3e-3, rel=1e-3)
+    if critic == "separate":  # the zero head passes no gradient to the critic's trunk at the first step
+        assert largest_change("critic.", before) == 0.0
