@@ -158,7 +158,9 @@ STAGES = [
     # here: too few samples per step for this task), rejection sampling on 1024 prompts per round (512: +3.6).
     # PPO in 8 rounds (32 steps), half the recipe's: its training reward levels off by step 45 of 60, and from the
     # demo's SFT model of 1ae6dc4 (42.2%) 30 steps gained +16.4 greedy (+12.2 to +20.6) and +17.7 sampled against
-    # 60 steps' +20.8 and +26.8, in 98 s instead of 160 (Intel Xeon, one thread).
+    # 60 steps' +20.8 and +26.8, in 98 s instead of 160 (Intel Xeon, one thread). Both train their critic at its own
+    # lr (the recipes' critic.lr, 1e-3): at the policy's 3e-5 it explained none of the returns' variance in these
+    # steps, and PPO's sampled gain was +9.7 (AMD EPYC Zen 4), +15.4 with it (recipes/configs/ppo.yaml).
     DemoStage("ppo", "ppo", "sft", _accuracy_headline, overrides=SAMPLED,
               budget=(*ROUNDS_OF_256, "train.max_steps=32"), task="chain"),
     # Dynamic sampling: 40 steps with it gain what 80 without do (greedy 69.0% -> 74.4% vs 74.6%) in 34 s, not 47.

@@ -246,7 +246,8 @@ class TextEngine(RolloutEngine):
         return text_rollout(prompts, [self.completions[tuple(p)] for p in prompts], self.tokenizer)
 
 
-def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer):
+@pytest.mark.parametrize("baseline", ["group", "position"])
+def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer, baseline):
     prepared = prepare_data(DataConfig(source="multistep", size=2), tokenizer, accepts=STAGE_FORMATS["grpo"])
     task = get_task("multistep")
     rows = {tuple(row["prompt_input_ids"]): row for row in prepared.dataset}
@@ -262,7 +263,8 @@ def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer
     rewards = WeightedRewards.from_config({"correct": 1.0}, task=task)
     source = make_source(tiny_model, tokenizer, "train.batch_size=8", "advantage.supervision=process",
                          engine=TextEngine(tokenizer, completions), rewards=rewards, source="multistep", size=2,
-                         step_rewards=ProcessRewards(verifier_step_scorer(task), tokenizer))
+                         step_rewards=ProcessRewards(verifier_step_scorer(task), tokenizer,
+                                                     by_position=baseline == "position"))
     step = source.next_step()
     rollout = source.last.rollout
     # Independently: a step ends at its newline token; the outcome reward is one more step at the last token.
@@ -281,8 +283,11 @@ def test_process_advantages_through_the_recipe_match_algos(tiny_model, tokenizer
     assert [len(e) for e in step_ends] == [n for row in groups for n in (len(row["steps"]) + 1, 2, 2, 1)]
     width = max(len(r) for r in step_rewards)
     pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows])  # noqa: E731
+    # By position: step j of one completion against step j of the others, the outcome (-1) against the outcomes.
+    positions = pad([[*range(len(r) - 1), -1] for r in step_rewards], 0) if baseline == "position" else None
     expected = process_advantages(pad(step_rewards, 0.0).double(), pad([[1] * len(r) for r in step_rewards], 0),
-                                  pad(step_ends, 0), rollout.prompt_index, rollout.response_mask)
+                                  pad(step_ends, 0), rollout.prompt_index, rollout.response_mask,
+                                  step_positions=positions)
     assert expected.abs().sum() > 0
     for batch in step.micro_batches:
         assert_close(batch.advantages, expected[batch.rows, :batch.advantages.shape[1]].float())

@@ -206,20 +206,25 @@ def test_broadcast_to_tokens() -> None:
 # ---------------------------------------------------------------- process supervision
 
 
-def _process_loop(step_rewards, step_mask, step_ends, group_ids, response_mask, eps):
+def _process_loop(step_rewards, step_mask, step_ends, group_ids, response_mask, eps, step_positions=None):
     batch, time = response_mask.shape
+    position = (lambda b, s: 0) if step_positions is None else (lambda b, s: int(step_positions[b, s]))
     steps = [
-        [(float(step_rewards[b, s]), int(step_ends[b, s])) for s in range(step_rewards.shape[1]) if step_mask[b, s]]
+        [(float(step_rewards[b, s]), int(step_ends[b, s]), position(b, s))
+         for s in range(step_rewards.shape[1]) if step_mask[b, s]]
         for b in range(batch)
     ]
     out = torch.zeros(batch, time, dtype=torch.float64)
     for b in range(batch):
-        pool = [r for c in range(batch) if group_ids[c] == group_ids[b] for r, _ in steps[c]]
-        mean = sum(pool) / len(pool)
-        std = (sum((r - mean) ** 2 for r in pool) / (len(pool) - 1)) ** 0.5 if len(pool) > 1 else 0.0
+        normalised = []
+        for r, end, p in steps[b]:
+            pool = [q for c in range(batch) if group_ids[c] == group_ids[b] for q, _, pc in steps[c] if pc == p]
+            mean = sum(pool) / len(pool)
+            std = (sum((q - mean) ** 2 for q in pool) / (len(pool) - 1)) ** 0.5 if len(pool) > 1 else 0.0
+            normalised.append(((r - mean) / (std + eps) if max(pool) > min(pool) else 0.0, end))
         for t in range(time):
             if response_mask[b, t]:
-                out[b, t] = sum((r - mean) / (std + eps) for r, end in steps[b] if end >= t)
+                out[b, t] = sum(value for value, end in normalised if end >= t)
     return out
 
 
@@ -251,6 +256,38 @@ def test_process_advantages_match_a_loop(seed: int) -> None:
     got = process_advantages(*inputs, eps=1e-6)
     assert_close(got, _process_loop(*inputs, eps=1e-6))
     assert (got[3, 7:] == 0).all() and (got[4] == 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_process_advantages_with_a_baseline_per_step_position_match_a_loop(seed: int) -> None:
+    step_rewards, step_mask, step_ends, group_ids, response_mask = _process_batch(seed)
+    gen = torch.Generator().manual_seed(seed)
+    step_rewards = torch.randint(0, 2, step_rewards.shape, generator=gen).double()  # 0/1: some positions agree
+    positions = torch.arange(step_rewards.shape[1]).expand_as(step_rewards).clone()
+    positions[1, 3] = -1  # an outcome step, alone at its position in its group
+    got = process_advantages(step_rewards, step_mask, step_ends, group_ids, response_mask, eps=1e-6,
+                             step_positions=positions)
+    assert_close(got, _process_loop(step_rewards, step_mask, step_ends, group_ids, response_mask, 1e-6, positions))
+    assert not torch.equal(got, process_advantages(step_rewards, step_mask, step_ends, group_ids, response_mask,
+                                                   eps=1e-6))
+
+
+def test_process_advantages_by_position_hand_example() -> None:
+    # One group of two completions; steps (reward, end, position): A = (1, 1, 0), (0, 3, 1); B = (1, 1, 0),
+    # (1, 2, 1). Position 0: both right, 0 each. Position 1: {0, 1}, mean 1/2, unbiased std sqrt(1/2) -> A -k, B k
+    # with k = 1/sqrt(2). Summed over the steps ending at or after each token (gamma 1).
+    step_rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    step_mask = torch.ones(2, 2)
+    step_ends = torch.tensor([[1, 3], [1, 2]])
+    response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    positions = torch.tensor([[0, 1], [0, 1]])
+    got = process_advantages(step_rewards, step_mask, step_ends, torch.tensor([5, 5]), response_mask, eps=0.0,
+                             step_positions=positions)
+    k = 2**-0.5
+    assert_close(got, torch.tensor([[-k, -k, -k, -k], [k, k, k, 0.0]]))
+    none = process_advantages(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.long),
+                              torch.tensor([5, 5]), response_mask, step_positions=torch.zeros(2, 1))
+    assert (none == 0).all()  # no step at all
 
 
 def test_process_advantages_hand_example() -> None:

@@ -184,11 +184,17 @@ def process_advantages(
     eps: float = 1e-6,
     unbiased: bool = True,
     gamma: float = 1.0,
+    step_positions: Tensor | None = None,
 ) -> Tensor:
     """GRPO process-supervision advantages: normalised step rewards summed over later steps.
 
     r~_{i,j} = (r_{i,j} - mean(R_g)) / (std(R_g) + eps)    R_g = all step rewards of all completions
                                                            in completion i's group g
+    or, given ``step_positions``, R_g is R_{g,p(i,j)}: the rewards of the steps at the same position (step j of
+    a problem whose steps are fixed, the outcome as a position of its own) in the group's completions. A step
+    is then compared only with the same step of the other completions: one that all of them got right (or all
+    wrong) gets 0, and the credit goes to the steps where they differ. Against the whole group's pool, every
+    right early step is pushed up and every late one down, whatever the other completions did.
     A_{i,t}  = sum_{j : end(i, j) >= t} gamma^(k(j) - k(t)) r~_{i,j}
 
     k(j) counts the distinct step ends of completion i before step j's end, k(t) those before token t:
@@ -205,7 +211,8 @@ def process_advantages(
 
     Shapes: step_rewards [B, S] (reward of step j of completion i, padded), step_mask [B, S]
     (1 = real step), step_ends [B, S] (int, token index in [0, T) of each step's last token, i.e.
-    where a process reward model reads its score), group_ids [B], response_mask [B, T] -> [B, T].
+    where a process reward model reads its score), group_ids [B], response_mask [B, T],
+    step_positions [B, S] (int; equal values = the same step) -> [B, T].
     Source: Shao et al. (2024), "DeepSeekMath", §4.1.3.
     """
     real = step_mask.bool()
@@ -215,8 +222,11 @@ def process_advantages(
         raise ValueError(f"step_ends must lie in [0, {time}) on real steps, got [{int(ends.min())}, {int(ends.max())}]")
     rows = torch.arange(step_rewards.shape[0], device=step_rewards.device).unsqueeze(1).expand_as(step_rewards)
     rows = rows[real]
-    index, num_groups = _group_index(group_ids)
-    step_index = index[rows]
+    step_index = group_ids[rows]
+    if step_positions is not None:  # one baseline per (group, position): pairs made into one id
+        step_index = torch.stack([step_index.long(), step_positions[real].long()], dim=-1)
+        step_index = torch.unique(step_index, dim=0, return_inverse=True)[1]
+    step_index, num_groups = _group_index(step_index)
     centred, counts = _centre_by_group(step_rewards[real], step_index, num_groups)
     normalised = _scale(centred, _group_std(centred, step_index, counts, unbiased)[step_index], eps)
     at_ends = torch.zeros(response_mask.shape, dtype=torch.float64, device=step_rewards.device)

@@ -81,7 +81,8 @@ class AdvantageInputs(NamedTuple):
     response_mask: [B, T].
     values:        [B, T] critic values (GAE).
     group_ids:     [B] prompt id of each completion (group-baseline estimators).
-    step_rewards, step_mask, step_ends: [B, S] process rewards (see ``process_advantages``).
+    step_rewards, step_mask, step_ends: [B, S] process rewards (see ``process_advantages``);
+    step_positions: [B, S] which step each is (a baseline per position), or None (one per group).
     """
 
     rewards: Tensor
@@ -91,6 +92,7 @@ class AdvantageInputs(NamedTuple):
     step_rewards: Tensor | None = None
     step_mask: Tensor | None = None
     step_ends: Tensor | None = None
+    step_positions: Tensor | None = None
 
 
 class AdvantageEstimator(Protocol):
@@ -168,8 +170,8 @@ _group_estimator("dr_grpo", "none")
 
 @register_advantage_estimator("grpo_process")
 def _grpo_process(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6) -> Advantages:
-    """Process supervision: ``process_advantages`` on the step rewards, gamma discounting per step (rewards, lam
-    unused)."""
+    """Process supervision: ``process_advantages`` on the step rewards, gamma discounting per step, a baseline per
+    step position where the inputs give positions (rewards, lam unused)."""
     _require(inputs, "grpo_process", "group_ids", "step_rewards", "step_mask", "step_ends")
     advantages = process_advantages(
         inputs.step_rewards,
@@ -179,6 +181,7 @@ def _grpo_process(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1
         inputs.response_mask,
         eps=eps,
         gamma=gamma,
+        step_positions=inputs.step_positions,
     )
     return Advantages(advantages=advantages, returns=advantages)
 

@@ -57,6 +57,12 @@ class GRPOAdvantageConfig(AdvantageConfig):
     prm_path: str | None = param(None, "Process reward model directory (from `posttrain rm kind=process`).")
     outcome_step: bool = param(True, "Process supervision: the outcome reward counts as one more step, ending at "
                                      "the completion's last token.")
+    step_baseline: str = param("group", "Process supervision: what a step's reward is compared with. group: every "
+                                        "step reward of the prompt's completions (DeepSeekMath); position: the "
+                                        "same step (the j-th) of the prompt's other completions, and the outcome "
+                                        "with the outcome, for tasks whose steps correspond across completions "
+                                        "(the built-in multistep: step j computes gold step j).",
+                               choices=("group", "position"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +116,22 @@ def process_rewards(cfg: GRPOAdvantageConfig, task: Task | None,
     """The round's step-rewards hook (`rl_loop.StepRewardsHook`) for process supervision; None for outcome."""
     if cfg.supervision != "process":
         return None
-    return ProcessRewards(build_step_scorer(cfg, task), tokenizer, cfg.outcome_step)
+    return ProcessRewards(build_step_scorer(cfg, task), tokenizer, cfg.outcome_step,
+                          by_position=cfg.step_baseline == "position")
+
+
+OUTCOME_POSITION = -1  # the outcome step's position: compared with the other completions' outcomes only
 
 
 class ProcessRewards:
     """Scores every step of every completion and places each step's reward at the token where the step ends;
-    with `outcome_step`, the completion's score is one more step, ending at its last token."""
+    with `outcome_step`, the completion's score is one more step, ending at its last token; `by_position`: each
+    step's position (j for the j-th, OUTCOME_POSITION for the outcome) for a baseline per position."""
 
-    def __init__(self, scorer: StepScorer, tokenizer: PreTrainedTokenizerBase, outcome_step: bool = True) -> None:
+    def __init__(self, scorer: StepScorer, tokenizer: PreTrainedTokenizerBase, outcome_step: bool = True, *,
+                 by_position: bool = False) -> None:
         self.scorer, self.tokenizer, self.outcome_step = scorer, tokenizer, outcome_step
+        self.by_position = by_position
 
     def __call__(self, rollout: Rollout, completions: Completions, scores: torch.Tensor) -> StepRewards:
         steps = self.scorer(completions)
@@ -133,10 +146,13 @@ class ProcessRewards:
         step_rewards = torch.zeros(len(rows), width, dtype=torch.float64)
         step_ends = torch.zeros(len(rows), width, dtype=torch.long)
         step_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
         for i, pairs in enumerate(rows):
             for j, (score, end) in enumerate(pairs):
                 step_rewards[i, j], step_ends[i, j], step_mask[i, j] = score, end, True
+                positions[i, j] = OUTCOME_POSITION if self.outcome_step and j == len(pairs) - 1 else j
         scored = [s.score for row in steps for s in row]
         metrics = {"step_score": sum(scored) / len(scored) if scored else 0.0, "steps_found": len(scored) / len(steps)}
         return StepRewards(step_rewards=step_rewards, step_mask=step_mask, step_ends=step_ends,
-                           scores=[[s.score for s in row] for row in steps], metrics=metrics)
+                           scores=[[s.score for s in row] for row in steps], metrics=metrics,
+                           step_positions=positions if self.by_position else None)

@@ -204,13 +204,15 @@ def balance_micro_batches(pieces: list[Tensor]) -> list[Tensor]:
 class StepRewards:
     """Process supervision: rewards of reasoning steps and where each ends. step_rewards, step_ends [B, S]
     (token index of each step's last token), step_mask [B, S] (1 = real step); `scores` per row for
-    samples.jsonl and `metrics` for metrics.jsonl."""
+    samples.jsonl and `metrics` for metrics.jsonl; `step_positions` [B, S] which step each is, for a baseline
+    per position (None: one baseline per group)."""
 
     step_rewards: Tensor
     step_mask: Tensor
     step_ends: Tensor
     scores: list[list[float]]
     metrics: dict[str, float]
+    step_positions: Tensor | None = None
 
 
 class StepRewardsHook(Protocol):
@@ -464,6 +466,8 @@ class RLStepSource:
         if steps is not None:
             fields |= {"step_rewards": steps.step_rewards.double(), "step_mask": steps.step_mask,
                        "step_ends": steps.step_ends}
+            if steps.step_positions is not None:
+                fields["step_positions"] = steps.step_positions
         gathered = {name: dist.all_gather_ragged(tensor)[0] for name, tensor in fields.items()}
         estimator = "grpo_process" if steps is not None else self.cfg.advantage.estimator
         advantages, returns = get_advantage_estimator(estimator)(
