@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.config import OptimConfig, describe, load_config, param
 from posttrain.errors import ConfigError, RunDirError
-from posttrain.recipes import build_config, config_class, find_recipe, shipped_recipes
+from posttrain.recipes import CONFIG_DIR, build_config, config_class, find_recipe, shipped_recipes
 from posttrain.recipes.pretrain import PretrainConfig
 from posttrain.train.run_dir import prepare_run_dir
 
@@ -114,6 +114,15 @@ def test_duplicate_yaml_keys_are_errors(tmp_path, text, line, field):
 def test_unknown_recipe_name_suggests_a_shipped_one():
     with pytest.raises(ConfigError, match="did you mean 'pretrain'"):
         find_recipe("pretrian")
+
+
+def test_a_directory_named_like_a_recipe_does_not_hide_the_shipped_recipe(tmp_path, monkeypatch):
+    (tmp_path / "ppo").mkdir()  # e.g. the run directory of an earlier `posttrain ppo`
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("ppo").path == CONFIG_DIR / "ppo.yaml"
+    (tmp_path / "mine.yaml").mkdir()
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        find_recipe("mine.yaml")
 
 
 def test_config_is_frozen():

@@ -67,7 +67,9 @@ def read_recipe(path: Path) -> Recipe:
 def find_recipe(name_or_path: str) -> Recipe:
     """A shipped recipe by name (`pretrain`), or any YAML file by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A directory of that name (a run directory called `ppo` in the working directory) is not a recipe file: the
+    # name still means the shipped recipe.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError("recipe file not found", file=str(path))
         return read_recipe(path)
