@@ -93,8 +93,9 @@ def _scale(centred: Tensor, std: Tensor, eps: float) -> Tensor:
 
 
 def _group_index(group_ids: Tensor) -> tuple[Tensor, int]:
-    """Map arbitrary prompt ids to 0..G-1; completions of one prompt may sit anywhere in the batch."""
-    unique, index = torch.unique(group_ids, return_inverse=True)
+    """Map arbitrary prompt ids [N] (or rows of ids [N, k], a group per distinct row) to 0..G-1; completions of one
+    prompt may sit anywhere in the batch."""
+    unique, index = torch.unique(group_ids, dim=0, return_inverse=True)
     return index, unique.numel()
 
 
@@ -193,8 +194,9 @@ def process_advantages(
     or, given ``step_positions``, R_g is R_{g,p(i,j)}: the rewards of the steps at the same position (step j of
     a problem whose steps are fixed, the outcome as a position of its own) in the group's completions. A step
     is then compared only with the same step of the other completions: one that all of them got right (or all
-    wrong) gets 0, and the credit goes to the steps where they differ. Against the whole group's pool, every
-    right early step is pushed up and every late one down, whatever the other completions did.
+    wrong) gets 0, and the credit goes to the steps where they differ (as does a step no other completion has at
+    its position). Against the whole group's pool, every right early step is pushed up and every late one down,
+    whatever the other completions did.
     A_{i,t}  = sum_{j : end(i, j) >= t} gamma^(k(j) - k(t)) r~_{i,j}
 
     k(j) counts the distinct step ends of completion i before step j's end, k(t) those before token t:
@@ -222,11 +224,10 @@ def process_advantages(
         raise ValueError(f"step_ends must lie in [0, {time}) on real steps, got [{int(ends.min())}, {int(ends.max())}]")
     rows = torch.arange(step_rewards.shape[0], device=step_rewards.device).unsqueeze(1).expand_as(step_rewards)
     rows = rows[real]
-    step_index = group_ids[rows]
+    step_index, num_groups = _group_index(group_ids)
+    step_index = step_index[rows]
     if step_positions is not None:  # one baseline per (group, position): pairs made into one id
-        step_index = torch.stack([step_index.long(), step_positions[real].long()], dim=-1)
-        step_index = torch.unique(step_index, dim=0, return_inverse=True)[1]
-    step_index, num_groups = _group_index(step_index)
+        step_index, num_groups = _group_index(torch.stack([step_index, step_positions[real].long()], dim=-1))
     centred, counts = _centre_by_group(step_rewards[real], step_index, num_groups)
     normalised = _scale(centred, _group_std(centred, step_index, counts, unbiased)[step_index], eps)
     at_ends = torch.zeros(response_mask.shape, dtype=torch.float64, device=step_rewards.device)

@@ -61,7 +61,8 @@ class GRPOAdvantageConfig(AdvantageConfig):
                                         "step reward of the prompt's completions (DeepSeekMath); position: the "
                                         "same step (the j-th) of the prompt's other completions, and the outcome "
                                         "with the outcome, for tasks whose steps correspond across completions "
-                                        "(the built-in multistep: step j computes gold step j).",
+                                        "(the built-in multistep: step j computes gold step j). A step no other "
+                                        "completion has at its position gets 0.",
                                choices=("group", "position"))
 
 

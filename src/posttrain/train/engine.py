@@ -192,6 +192,12 @@ class Trainer:
         self.device = self.parallel.ctx.device
         self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
         self.optimizer = build_optimizer(model, optim, lr_by_prefix)
+        # What an error that blames the learning rate names: optim.lr, and the peak lr of parameters with their own.
+        own: dict[float, list[str]] = {}
+        for prefix, lr in (lr_by_prefix or {}).items():
+            own.setdefault(lr, []).append(f"{prefix}*")
+        self._lr_settings = "optim.lr" + "".join(f" or the lr {lr:g} of {', '.join(names)}"
+                                                 for lr, names in own.items())
         self.scheduler = build_scheduler(self.optimizer, optim, optim.schedule_steps or train.max_steps)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
@@ -390,9 +396,9 @@ class Trainer:
             raise TrainingError(
                 f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient or a gradient-norm "
                 f"spike (last at step {self.step}, the first skipped step was {self._first_skipped}); parameters "
-                f"were left untouched. Lower optim.lr or check the data (or, if gradients this large are expected, "
-                f"raise train.spike_factor={self.train_cfg.spike_factor:g}); the checkpoints (the newest one from "
-                f"before step {self._first_skipped} is kept) are in {self.run_dir.checkpoints}",
+                f"were left untouched. Lower {self._lr_settings} or check the data (or, if gradients this large are "
+                f"expected, raise train.spike_factor={self.train_cfg.spike_factor:g}); the checkpoints (the newest one "
+                f"from before step {self._first_skipped} is kept) are in {self.run_dir.checkpoints}",
                 field="train.max_nonfinite")
         record = {"step": self.step, **dist.mean_over_ranks(sums), "lr": lr, "grad_norm": grad_norm,
                   "weight_norm": self._weight_norm, "skipped_steps": self.skipped_steps}
@@ -421,7 +427,7 @@ class Trainer:
         raise TrainingError(
             f"step {self.step + 1} multiplied the norm of the trainable weights by {after / before:.3g} ({before:.4g} "
             f"-> {after:.4g}; train.max_weight_growth={limit:g}): the learning rate {lr:g} is far too large. The "
-            f"step was not saved; {kept}. Lower optim.lr and start again", field="optim.lr")
+            f"step was not saved; {kept}. Lower {self._lr_settings} and start again", field="optim.lr")
 
     def _is_spike(self, grad_norm: float) -> bool:
         """Whether a finite gradient norm is `spike_factor` times the median of the recent trained steps'.

@@ -18,10 +18,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
     others get cfg.lr. The schedule multiplies every group's peak lr by the same factor."""
     lr_by_prefix = lr_by_prefix or {}
     by_lr: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(cfg.lr, True): [], (cfg.lr, False): []}
+    matched = False
     for name, param in model.named_parameters():
         if param.requires_grad:
-            lr = next((lr for prefix, lr in lr_by_prefix.items() if name.startswith(prefix)), cfg.lr)
-            by_lr.setdefault((lr, param.ndim >= 2), []).append(param)
+            own = [lr for prefix, lr in lr_by_prefix.items() if name.startswith(prefix)]
+            matched |= bool(own)
+            by_lr.setdefault((own[0] if own else cfg.lr, param.ndim >= 2), []).append(param)
+    if lr_by_prefix and not matched:  # a renamed or wrapped module would otherwise train at cfg.lr unnoticed
+        raise ValueError(f"no trainable parameter's name starts with {', '.join(lr_by_prefix)}: their own learning "
+                         "rate would apply to nothing")
     # The default lr's two groups first (decayed, then not), as before there were others: a checkpoint's
     # param_groups keep their order.
     groups = [{"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0}
