@@ -121,7 +121,11 @@ MULTISTEP = (f"data.source={MULTISTEP_TASK}", f"eval.task={MULTISTEP_TASK}")
 # than the demo's, process - outcome steps right was +2.5 (+1.3 to +3.7) at 3e-5 and +4.3 (+2.9 to +5.8) at 5e-5
 # (+5.8, +4.2 to +7.4, with run.seed=1), with final answers +11.5 (process) and +8.9 (outcome) over the SFT model at
 # 5e-5. The demo at 04c69e3, on its own problems: +4.1 (+2.7 to +5.6), 5-step chains +8.4, 4-step -0.2.
-MULTISTEP_GRPO = (*MULTISTEP_PROBLEMS, "optim.lr=5e-5")
+# 100 steps, not the recipe's 120: on the Zen 4 EPYC, from the demo's multistep SFT model (45.0% of steps right),
+# process - outcome steps right was +4.3 (+3.1 to +5.4) and +3.4 (+2.2 to +4.5) at 100 steps (run.seed 0 and 1)
+# against +3.5 (+2.4 to +4.6) and +3.3 (+2.0 to +4.5) at 120, and +1.0 (-0.1 to +2.2) at 80; the 40 steps saved
+# are ~30 s of the demo on that CPU, where it ran at its 15 minutes.
+MULTISTEP_GRPO = (*MULTISTEP_PROBLEMS, "optim.lr=5e-5", "train.max_steps=100")
 ROUNDS_OF_256 = ("update.rollout_batch_size=256", "train.batch_size=128", "train.micro_batch_size=128")
 GRPO_STEPS = ("train.max_steps=20",)  # GRPO and its control on a coin: the same compute
 
