@@ -82,3 +82,37 @@ def test_vllm_engine_matches_the_policy(tmp_path, tiny_model, tokenizer):  # pra
     greedy = engine.generate([[5, 6]], SamplingParams(max_new_tokens=4, temperature=0))
     local = make_engine("local", model, tokenizer).generate([[5, 6]], SamplingParams(max_new_tokens=4, temperature=0))
     assert greedy.completion_ids.tolist() == local.completion_ids.tolist()
+
+
+def test_vllm_engine_loads_the_merged_lora_policy(tiny_model, tokenizer):
+    """`update_weights` must hand vLLM W + B A * alpha / r for every adapted layer, not the base weight W (the
+    adapter is unmerged in place afterwards, and the merged tensors are views of W), and leave the policy as it was."""
+    from posttrain.models.adapters import AdapterConfig, apply_adapter
+    from posttrain.rollout.vllm_engine import VLLMRolloutEngine
+
+    policy = apply_adapter(tiny_model, AdapterConfig(method="lora", r=4, alpha=8.0))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    q_proj = policy.get_base_model().model.layers[0].self_attn.q_proj
+    base = q_proj.base_layer.weight.detach().clone()
+    expected = base + 2.0 * q_proj.lora_B["default"].weight @ q_proj.lora_A["default"].weight  # alpha / r = 2
+    received = {}
+
+    def collective_rpc(load):
+        load(SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
+            load_weights=lambda weights: received.update({n: t.clone() for n, t in weights})))))
+
+    engine = VLLMRolloutEngine.__new__(VLLMRolloutEngine)
+    engine.sleep, engine.asleep = False, False
+    engine.llm = SimpleNamespace(collective_rpc=collective_rpc, reset_prefix_cache=lambda: None)
+    engine.update_weights(policy)
+
+    sent = received["model.layers.0.self_attn.q_proj.weight"]
+    assert (expected - base).abs().max() > 0.1
+    torch.testing.assert_close(sent, expected, rtol=1e-5, atol=1e-5)
+    assert not any("lora_" in name for name in received)
+    torch.testing.assert_close(q_proj.base_layer.weight, base, rtol=0, atol=1e-6)  # unmerged again
+    assert not q_proj.merged

@@ -24,7 +24,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,13 +129,15 @@ class VLLMRolloutEngine(RolloutEngine):
         with: the optimizer updates that module in place, so a round always samples the current policy.
         """
         self.model, self.stale = model, False
-        weights = list(_policy_weights(model))
         self._wake()
+        # Loaded inside the context: a LoRA policy's merged weights are views of its base weights, which
+        # leaving the context unmerges in place (loading after it sent the base model, not the policy).
+        with policy_weights(model) as weights:
 
-        def load(worker: Any) -> None:
-            worker.model_runner.model.load_weights(weights=iter(weights))
+            def load(worker: Any) -> None:
+                worker.model_runner.model.load_weights(weights=iter(weights))
 
-        self.llm.collective_rpc(load)
+            self.llm.collective_rpc(load)
         self.llm.reset_prefix_cache()
         self._rest()
 
@@ -186,22 +189,27 @@ def _save_snapshot(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, d
     return save_pretrained(model, tokenizer, directory)
 
 
-def _policy_weights(model: torch.nn.Module):
-    """(name, full tensor) pairs in the Hugging Face naming vLLM's `load_weights` expects.
+@contextmanager
+def policy_weights(model: torch.nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """(name, full tensor) pairs in the Hugging Face naming vLLM's `load_weights` expects, valid inside the
+    context only.
 
-    A LoRA policy is merged (W + BA * alpha / r) on the fly and the adapter restored; FSDP2 shards
-    are gathered (`full_tensor`, a collective every rank runs in the same order).
+    A LoRA policy is merged (W + BA * alpha / r) for the context and unmerged in place when it ends, so the
+    merged tensors (views of the base weights, not copies: no second copy of the model) must be consumed
+    inside it. FSDP2 shards are gathered (`full_tensor`, a collective every rank runs in the same order).
     """
     merged = hasattr(model, "merge_adapter")
     if merged:
         model.merge_adapter()
     try:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        weights = []
         for name, tensor in inner.state_dict().items():
             if "lora_" in name or "modules_to_save" in name:
                 continue
             full = getattr(tensor, "full_tensor", None)
-            yield name.replace("base_layer.", ""), (full() if full is not None else tensor).detach()
+            weights.append((name.replace("base_layer.", ""), (full() if full is not None else tensor).detach()))
+        yield weights
     finally:
         if merged:
             model.unmerge_adapter()
