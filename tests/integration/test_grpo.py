@@ -121,6 +121,21 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one(lm_dir, t
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
 
 
+def test_a_bf16_model_starts_at_ratio_one_with_a_reference_and_two_updates(lm_dir, tmp_path, capsys):
+    """model.dtype=bfloat16 (weights in bf16, not autocast): pi_old's and the reference's logprobs are kept in
+    float32, as the trainer computes them, so the first update's ratio is exactly 1 and the KL exactly 0 (held in
+    bf16 they would round by up to ~0.03; writing float32 into a bf16 buffer failed outright before)."""
+    result = main(grpo_config(lm_dir, tmp_path, "model.dtype=bfloat16", "train.max_steps=2", "train.batch_size=16",
+                              "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
+                              "sampling.max_new_tokens=6", "kl.coef=0.1", "update.epochs=2", "optim.lr=1e-2",
+                              "reward.functions.correct=1.0", "reward.functions.format=0.5"))
+    first, second = read_metrics(result.run_dir / "metrics.jsonl")
+    assert first["ratio"] == 1.0 and first["clip_fraction"] == 0.0 and first["approx_kl"] == 0.0
+    assert first["kl"] == 0.0
+    assert second["approx_kl"] > 0
+    assert "weights in bfloat16" in capsys.readouterr().out  # the log says what the weights are, not only the autocast
+
+
 def test_a_checkpoints_policy_is_rebuilt_for_evaluation(lm_dir, tmp_path):
     # An RL checkpoint holds the ActorCritic's tensors (for resuming); the policy `posttrain eval` rebuilds from them
     # on the model the run started from is, at the last step, the final model, tensor for tensor.

@@ -29,3 +29,10 @@ def output_head_at(model: torch.nn.Module, rows: Tensor, cols: Tensor) -> Iterat
 def floating_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of the model's activations (and so of an additive attention mask for it)."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def statistics_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of per-token logprobs and values computed from the model: its own, at least float32. A bf16 or
+    fp16 model's are computed in float32 (`algos.token_logprobs`, the value heads), and kept in its dtype they
+    would round by up to ~0.03: the first update's ratio would not be 1, and small KLs would vanish."""
+    return torch.promote_types(floating_dtype(model), torch.float32)

@@ -70,7 +70,7 @@ from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
 from posttrain.models.device import model_device, move_to
-from posttrain.models.heads import floating_dtype
+from posttrain.models.heads import floating_dtype, statistics_dtype
 from posttrain.models.likelihood import response_logprobs
 from posttrain.models.value import ActorCritic
 from posttrain.recipes.layout import batches_for
@@ -422,7 +422,7 @@ class RLStepSource:
     def _old_pass(self, rollout: Rollout, pieces: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """pi_old's logprobs and V_old of every row (None without a critic), computed on the micro-batches the
         first epoch trains on, so that its first update sees exactly ratio 1."""
-        dtype = floating_dtype(self.model)
+        dtype = statistics_dtype(self.model)
         logprobs = torch.zeros(rollout.logprobs.shape, dtype=dtype)
         values = torch.zeros(rollout.logprobs.shape, dtype=dtype) if self.model.has_values else None
         was_training = self.model.training
@@ -443,7 +443,7 @@ class RLStepSource:
         """The reference's logprobs on the same micro-batches and layout as the policy's, so that a reference
         equal to the policy gives exactly its logprobs (KL exactly 0 at the start)."""
         forward = policy_forward(self.padding_free)
-        out = torch.zeros(rollout.logprobs.shape, dtype=floating_dtype(self.model))
+        out = torch.zeros(rollout.logprobs.shape, dtype=statistics_dtype(self.model))
         for rows in (p for p in pieces if len(p)):
             sub = rollout.select(rows)
             out[rows, :sub.completion_ids.shape[1]] = self.reference.rollout_logprobs(sub, forward)

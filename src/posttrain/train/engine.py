@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.errors import ConfigError, PosttrainError, RunDirError
+from posttrain.models.heads import floating_dtype
 from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
@@ -191,6 +192,9 @@ class Trainer:
         self.parallel = dist.DistributedModel(model, train.parallel)
         self.device = self.parallel.ctx.device
         self.precision, self.precision_reason = resolve_precision(train.precision, self.device)
+        weights = floating_dtype(model)
+        if weights.itemsize < 4:  # model.dtype=bfloat16/float16: the weights themselves, whatever the autocast
+            self.precision_reason += f"; weights in {str(weights).removeprefix('torch.')}"
         self.optimizer = build_optimizer(model, optim, lr_by_prefix)
         # What an error that blames the learning rate names: optim.lr, and the peak lr of parameters with their own.
         own: dict[float, list[str]] = {}
