@@ -251,12 +251,15 @@ def test_on_policy_pairs_are_each_prompts_best_and_worst_sample_resampled_every_
     assert result.summary["pairs"] == "on_policy" and result.summary["rounds"] == 2
 
 
-def test_on_policy_dpo_resumes_bitwise_from_a_checkpoint_between_rounds(lm_dir, tmp_path, recorder, resumes_bitwise):
-    settings = [*ON_POLICY, "train.max_steps=4", "pairs.resample_every=2", "train.save_every=2"]
+# Resampled every 2 steps (a checkpoint between rounds), and one round for the run (a checkpoint inside it: the
+# resumed run must go on from where it was in the round's shuffled pairs, not from their start).
+@pytest.mark.parametrize(("every", "rounds"), [(2, [1, 1, 2, 2]), (0, [1, 1, 1, 1])])
+def test_on_policy_dpo_resumes_bitwise_from_a_checkpoint(lm_dir, tmp_path, recorder, resumes_bitwise, every, rounds):
+    settings = [*ON_POLICY, "train.max_steps=4", f"pairs.resample_every={every}", "train.save_every=2"]
     full = main(dpo_config(lm_dir, tmp_path, "run.name=full", *settings))
     metrics = resumes_bitwise(full, lambda name: main(dpo_config(lm_dir, tmp_path, f"run.name={name}",
                                                                  "run.resume=true", *settings)))
-    assert [m["pair_round"] for m in metrics] == [1, 1, 2, 2]
+    assert [m["pair_round"] for m in metrics] == rounds
 
 
 @pytest.mark.parametrize(("overrides", "field"), [

@@ -239,7 +239,9 @@ class OnPolicyPairs:
     (`reward`), pairs each prompt's best with its worst (`algos.best_worst_pairs`), tokenises the pairs as
     preference rows, precomputes their reference logprobs and serves shuffled steps of them until the next round.
     The state is the prompt stream's position and the step count; a resumed run samples a fresh round (checkpoints
-    fall between rounds, so it is the round the uninterrupted run sampled).
+    fall between rounds, so it is the round the uninterrupted run sampled). With one round for the whole run
+    (`pairs.resample_every=0`) checkpoints may fall anywhere: the resumed run rebuilds that round from the starting
+    model, as the first process did, and goes on from the position in it that the state holds.
     """
 
     samples_from_policy = True  # the Trainer gathers FSDP-sharded weights around `next_step`
@@ -266,13 +268,18 @@ class OnPolicyPairs:
         return dataclasses.replace(step, metrics={**step.metrics, **self.metrics})
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.prompts.state_dict(), "steps": self.steps, "pair_rounds": self.rounds}
+        state = {**self.prompts.state_dict(), "steps": self.steps, "pair_rounds": self.rounds}
+        if not self.cfg.pairs.resample_every:
+            state["pair_position"] = self.source.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.load_state_dict(state)
         self.steps, self.rounds = state["steps"], state["pair_rounds"]
-        if self.cfg.pairs.resample_every:  # the first round came from the starting model: keep it otherwise
-            self.source = None
+        if self.cfg.pairs.resample_every:
+            self.source = None  # the next step samples the round the uninterrupted run sampled there
+        elif "pair_position" in state:  # the one round, rebuilt from the starting model: where the run was in it
+            self.source.load_state_dict(state["pair_position"])
 
     @torch.no_grad()
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
