@@ -117,6 +117,29 @@ def test_reward_models_and_critics_are_built_without_dropout_unless_told_to_keep
     assert not torch.equal(scores(kept, train=True), scores(kept, train=True))
 
 
+def test_lora_adds_no_dropout_to_a_model_whose_dropout_is_off_and_keeps_it_otherwise(gpt2_dir):
+    adapter = AdapterConfig(method="lora", r=2, dropout=0.5)
+
+    def trained_lora(model):
+        policy = apply_adapter(model, adapter)
+        with torch.no_grad():  # B != 0: the adapter's path (and its dropout) counts in the output
+            for name, parameter in policy.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(parameter)
+        return policy
+
+    def lora_dropout_rates(policy) -> set[float]:
+        return {getattr(module.lora_dropout["default"], "p", 0.0) for module in policy.modules()
+                if isinstance(module, LoraLayer)}
+
+    _, model = load_tokenizer_and_model(ModelConfig(path=gpt2_dir))  # a stage that compares logprobs
+    policy = trained_lora(model)
+    assert lora_dropout_rates(policy) == {0.0}
+    assert torch.equal(train_mode_logits(policy), eval_mode_logits(policy))
+    _, sft = load_tokenizer_and_model(ModelConfig(path=gpt2_dir), compares_logprobs=False)  # SFT: it regularises
+    assert lora_dropout_rates(trained_lora(sft)) == {0.5}
+
+
 def adapted(model, targets: list[str]) -> set[str]:
     """The dotted names (under the peft wrapper) of the layers LoRA adapts with `targets`."""
     peft_model = apply_adapter(model, AdapterConfig(method="lora", r=2, target_modules=targets))

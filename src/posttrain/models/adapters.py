@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from posttrain.config import param
 from posttrain.errors import ConfigError
+from posttrain.models.dropout import dropout_disabled
 from posttrain.models.io import save_pretrained
 
 ALL_LINEAR = "all-linear"  # peft's keyword for every linear/Conv1D layer but the output head
@@ -32,7 +33,8 @@ class AdapterConfig:
     method: str = param("none", "Full fine-tuning (none), LoRA, or prefix-tuning.", choices=("none", "lora", "prefix"))
     r: int = param(16, "LoRA rank.", ge=1)
     alpha: float = param(32.0, "LoRA alpha (updates are scaled by alpha / r).", gt=0)
-    dropout: float = param(0.0, "LoRA dropout.", ge=0, lt=1)
+    dropout: float = param(0.0, "LoRA dropout; none where the stage turns the model's dropout off "
+                                "(model.disable_dropout: by default every stage but SFT and pretraining).", ge=0, lt=1)
     target_modules: list[str] = param([ALL_LINEAR], "Layers LoRA adapts: all-linear (every linear/Conv1D layer "
                                                     "but the output head, any architecture), layer names (q_proj, "
                                                     "c_attn...), or [] for peft's per-architecture default.")
@@ -134,7 +136,10 @@ def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "
 
     task = TaskType[task_type]
     if cfg.method == "lora":
-        peft_config = LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        # No LoRA dropout on a model whose stage turned dropout off (model.disable_dropout): it compares logprobs
+        # of train-mode forwards with the sampler's or pi_old's, which a dropout mask would make differ.
+        dropout = 0.0 if dropout_disabled(model) else cfg.dropout
+        peft_config = LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=dropout,
                                  target_modules=lora_targets(model, cfg.target_modules))
     else:
         peft_config = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)

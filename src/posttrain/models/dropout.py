@@ -41,8 +41,15 @@ def _zero_config(config: PretrainedConfig, seen: set[int]) -> None:
             _zero_config(value, seen)
 
 
+# Set on a model whose dropout `disable_dropout` turned off: an adapter added later (`models.adapters`) keeps its own
+# dropout off too, or the stage's train-mode forwards would still draw masks in the adapter's layers.
+DISABLED_ATTRIBUTE = "posttrain_dropout_disabled"
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability of `model` to 0 (modules, attributes and config); returns `model`."""
+    """Set every dropout probability of `model` to 0 (modules, attributes and config); returns `model`, marked
+    (`dropout_disabled`) so that an adapter wrapped around it later adds none."""
+    setattr(model, DISABLED_ATTRIBUTE, True)
     seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -54,3 +61,8 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         if isinstance(config, PretrainedConfig):
             _zero_config(config, seen)
     return model
+
+
+def dropout_disabled(model: nn.Module) -> bool:
+    """Whether `disable_dropout` turned `model`'s dropout off."""
+    return bool(getattr(model, DISABLED_ATTRIBUTE, False))
