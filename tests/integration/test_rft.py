@@ -92,23 +92,28 @@ def by_hand_baselines(rewards: torch.Tensor, groups: torch.Tensor, estimator: st
     return out
 
 
+# Whitened under a group baseline: scaled by the round's std over the completion tokens, not re-centred (a tied
+# group keeps advantage 0).
+@pytest.mark.parametrize("whiten", [False, True])
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
-def test_critic_free_advantages_are_group_baselines_of_score_minus_beta_kl(lm_dir, tokenizer, estimator):
+def test_critic_free_advantages_are_group_baselines_of_score_minus_beta_kl(lm_dir, tokenizer, estimator, whiten):
     model = ActorCritic(load_causal_lm(lm_dir), values=False)
     assert not model.has_values and count_parameters(model) == count_parameters(model.actor)
     reference = Reference.frozen_copy(model.actor)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term is not 0
         for parameter in reference.model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
-    cfg = rft_config(f"model.path={lm_dir}", f"advantage.estimator={estimator}", "advantage.whiten=false",
+    cfg = rft_config(f"model.path={lm_dir}", f"advantage.estimator={estimator}", f"advantage.whiten={whiten}",
                      "sampling.samples_per_prompt=4", "kl.coef=0.2")
     source = rft_source(cfg, model, tokenizer, reference=reference)
     step = source.next_step()
     batch, mask = source.last, source.last.rollout.response_mask
     assert batch.kl.abs().sum() > 0 and len(batch.rollout.prompt_index.unique()) == 4
     sequence = batch.scores.double() - 0.2 * batch.kl.double().sum(1)
-    expected = by_hand_baselines(sequence, batch.rollout.prompt_index, estimator)
-    assert_close(batch.advantages.double(), expected.unsqueeze(1) * mask, rtol=1e-5, atol=1e-6)
+    expected = by_hand_baselines(sequence, batch.rollout.prompt_index, estimator).unsqueeze(1) * mask
+    if whiten:
+        expected = expected / torch.sqrt(expected[mask.bool()].var() + 1e-8)
+    assert_close(batch.advantages.double(), expected, rtol=1e-5, atol=1e-6)
     # The loss is the clipped surrogate alone: no value term.
     loss, metrics = rl_loss_fn(cfg, cfg.sampling.max_new_tokens)(model, step.micro_batches[0], step.normaliser)
     assert "value_loss" not in metrics and loss.item() == metrics["pg_loss"]

@@ -7,6 +7,7 @@ from torch.testing import assert_close
 from posttrain.algos import (
     entropy_from_logits,
     masked_mean,
+    masked_rescale,
     masked_sum,
     masked_var,
     masked_whiten,
@@ -120,3 +121,5 @@ def test_masked_whiten() -> None:
     kept_mean = masked_whiten(values, mask, shift_mean=False)
     want[mask] = want[mask] + selected.mean()
     assert_close(kept_mean, want)
+    want[mask] = selected / torch.sqrt(selected.var() + 1e-8)  # the std alone: zeros stay zeros
+    assert_close(masked_rescale(values, mask), want)

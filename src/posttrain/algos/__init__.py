@@ -17,6 +17,7 @@ from posttrain.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController
 from posttrain.algos.logprobs import (
     entropy_from_logits,
     masked_mean,
+    masked_rescale,
     masked_sum,
     masked_var,
     masked_whiten,
@@ -112,6 +113,7 @@ __all__ = [
     "last_token_index",
     "masked_mean",
     "masked_sum",
+    "masked_rescale",
     "masked_var",
     "masked_whiten",
     "missing_eos_penalty",

@@ -176,3 +176,19 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def masked_rescale(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Scale to unit variance over the masked positions, without centring.
+
+    rescaled = x / sqrt(var + eps)
+
+    var (unbiased) over the masked positions only; masked-out positions are set to 0. For advantages already
+    centred per group (a group baseline): the round's scale changes, each group's centring does not, and a group
+    whose advantages are all 0 keeps 0, where subtracting the round's mean would move it.
+
+    Shapes: values, mask [B, T] -> [B, T].
+    Source: the standard-deviation half of ``masked_whiten``.
+    """
+    rescaled = values * torch.rsqrt(masked_var(values, mask) + eps)
+    return torch.where(mask.bool(), rescaled, torch.zeros_like(rescaled))

@@ -331,8 +331,9 @@ class AdvantageConfig:
     gamma: float = param(1.0, "GAE discount.", ge=0, le=1)
     lam: float = param(0.95, "GAE lambda (0: one-step TD error; 1: Monte-Carlo return minus V).", ge=0, le=1)
     eps: float = param(1e-6, "Added to a group's reward std before dividing.", ge=0)
-    whiten: bool = param(False, "Normalise the advantages to mean 0 and std 1 over the round's trained tokens "
-                                "(of every rank).")
+    whiten: bool = param(False, "Normalise the advantages over the round's completion tokens (of every rank): to "
+                                "mean 0 and std 1, or under a group baseline (grpo, rloo, ...) to std 1 alone, so "
+                                "that each group stays centred on its own mean and a tied group at 0.")
     skip_zero_variance: bool = param(False, "Leave out groups whose completions all get zero advantage (equal "
                                             "rewards under a group baseline): they add no gradient, only tokens "
                                             "to the normaliser.")

@@ -52,6 +52,7 @@ from posttrain.algos import (
     grpo_loss,
     kl_penalty,
     masked_mean,
+    masked_rescale,
     masked_sum,
     masked_var,
     masked_whiten,
@@ -75,6 +76,7 @@ from posttrain.models.likelihood import response_logprobs
 from posttrain.models.value import ActorCritic
 from posttrain.recipes.layout import batches_for
 from posttrain.recipes.rl import (
+    GROUP_BASELINES,
     GoldAnswers,
     PromptStream,
     RLConfig,
@@ -474,7 +476,12 @@ class RLStepSource:
             AdvantageInputs(**gathered), gamma=self.cfg.advantage.gamma, lam=self.cfg.advantage.lam,
             eps=self.cfg.advantage.eps)
         if self.cfg.advantage.whiten:
-            advantages = masked_whiten(advantages, gathered["response_mask"])
+            # A group baseline has already centred each completion on its group's: the round's scale alone, so a
+            # group whose completions tie keeps advantage 0 (subtracting the round's token-weighted mean would push
+            # every such group one way, by how length goes with reward elsewhere, and skip_zero_variance would
+            # find no group to skip).
+            whiten = masked_rescale if estimator in GROUP_BASELINES else masked_whiten
+            advantages = whiten(advantages, gathered["response_mask"])
         mine = slice(first, first + len(mask))
         width = mask.shape[1]
         advantages = advantages[mine, :width].float()
