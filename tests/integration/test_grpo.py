@@ -450,3 +450,15 @@ def test_dynamic_sampling_settings_are_checked(tmp_path, overrides, field):
     with pytest.raises(ConfigError) as err:
         check_rl_config(cfg, "grpo")
     assert err.value.field == field
+
+
+def test_process_supervision_refuses_a_kl_in_the_reward_it_would_not_read(tmp_path):
+    from posttrain.errors import ConfigError
+    from posttrain.recipes.grpo import check_config
+
+    process = ["advantage.supervision=process", "kl.coef=0.1"]
+    with pytest.raises(ConfigError) as err:
+        check_config(grpo_config("unused", tmp_path, *process, "kl.placement=reward"))
+    assert err.value.field == "kl.placement"
+    check_config(grpo_config("unused", tmp_path, *process, "kl.placement=loss"))
+    check_config(grpo_config("unused", tmp_path, "kl.coef=0.1", "kl.placement=reward"))  # outcome: in the rewards

@@ -90,6 +90,10 @@ def check_config(cfg: GRPOConfig) -> None:
     if cfg.advantage.supervision == "process" and cfg.advantage.estimator != "grpo":
         raise ConfigError("process supervision normalises step rewards over the group (the grpo_process "
                           "estimator): leave advantage.estimator at grpo", field="advantage.estimator")
+    if cfg.advantage.supervision == "process" and cfg.kl.coef > 0 and cfg.kl.placement == "reward":
+        raise ConfigError("kl.placement=reward puts -beta * KL into the token rewards, which process supervision "
+                          "does not read (its advantages come from the step rewards), so nothing would hold the "
+                          "policy to the reference: use kl.placement=loss", field="kl.placement")
 
 
 # ----------------------------------------------------------------------------------------------
