@@ -229,8 +229,9 @@ def test_truncated_completions_are_flagged_masked_on_request_and_eos_is_trained(
         for mask_truncated in (False, True):
             samples = tmp_path / f"samples-{mask_truncated}.jsonl"
             source = make_source(tiny_model, tokenizer, f"loss.mask_truncated={mask_truncated}",
-                                 "sampling.max_new_tokens=4", samples=samples)
-            batch = source.next_step().micro_batches[0]
+                                 "sampling.max_new_tokens=4", "loss.agg=seq-mean-token-mean", samples=samples)
+            step = source.next_step()
+            batch = step.micro_batches[0]
             rollout = batch.rollout
             truncated = rollout.truncated
             assert 0 < int(truncated.sum()) < len(truncated)
@@ -244,6 +245,8 @@ def test_truncated_completions_are_flagged_masked_on_request_and_eos_is_trained(
                     assert batch.loss_mask[row, last] == 1 and batch.loss_mask[row, last + 1:].sum() == 0
             kept = batch.loss_mask.sum(dim=1) > 0
             assert bool((kept == ~truncated).all()) if mask_truncated else bool(kept.all())
+            # A sequence mean is over the rows in the loss: masked truncated rows are not counted.
+            assert step.normaliser == int(kept.sum()) and batch.sequence_share == 1.0
     finally:
         handle.remove()
 

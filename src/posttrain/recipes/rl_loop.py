@@ -535,6 +535,8 @@ class RLStepSource:
         loss_mask = rollout.response_mask.float()
         if self.cfg.loss.mask_truncated:
             loss_mask = loss_mask * (~rollout.truncated).unsqueeze(1).float()
+        # The rows with a token in the loss: a sequence mean is over them (a masked truncated row is not one).
+        trained = loss_mask.sum(dim=1) > 0
         world = dist.context().world_size
         in_loss = self.cfg.kl.placement == "loss"
         out = []
@@ -542,7 +544,7 @@ class RLStepSource:
             for index, pieces in enumerate(minibatches):
                 rows = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
                 token_total = dist.all_reduce_sum(float(loss_mask[rows].sum()))
-                row_total = dist.all_reduce_sum(float(len(rows)))
+                row_total = dist.all_reduce_sum(float(trained[rows].sum()))
                 normaliser = (token_total or 1.0) if self.cfg.loss.agg == "token-mean" else max(row_total, 1.0)
                 micro = []
                 for piece in pieces:
@@ -555,7 +557,7 @@ class RLStepSource:
                         rollout=sub, loss_mask=mask, advantages=batch.advantages[sub_rows, :width],
                         scores=batch.scores[sub_rows], rows=sub_rows,
                         token_share=float(mask.sum()) * world / token_total if token_total else 0.0,
-                        sequence_share=0.0 if padding else len(piece) * world / max(row_total, 1.0),
+                        sequence_share=0.0 if padding else float(trained[piece].sum()) * world / max(row_total, 1.0),
                         old_logprobs=_rows(batch.old_logprobs, sub_rows, width),
                         old_values=_rows(batch.old_values, sub_rows, width),
                         returns=_rows(batch.returns, sub_rows, width),
