@@ -113,7 +113,34 @@ def test_offline_reward_errors_are_kept_and_a_mostly_failing_reward_stops_before
     errors = [json.loads(line) for line in (result.run_dir / "grader_errors.jsonl").read_text().splitlines()]
     assert [e["row"] for e in errors] == list(range(0, 32, 4)) and all("nan" in e["error"] for e in errors)
     assert result.summary["grader_errors"] == 8 and capsys.readouterr().err.count("failed on a sample") == 1
-    with pytest.raises(ConfigError, match=r"32 of 32 scores of this batch are errors"):
+    with pytest.raises(ConfigError, match=r"32 of 32 scores of this batch are errors.*none kept"):
         main(load_config(RFTConfig, find_recipe("rft").path,
                          [*overrides, "run.name=every", f"reward.functions={{{tmp_path / 'flaky.py'}:every: 1.0}}"]))
     assert not (tmp_path / "every").exists()
+
+
+def test_offline_rewards_and_graders_read_every_column_of_the_row(tmp_path):
+    """A TRL-style function gets the row's other columns as keyword lists, a grader reads them as item.<column>,
+    and a template naming a column the rows lack is refused before anything is scored."""
+    from posttrain.recipes.rl import check_grader_columns
+
+    rows = [{"prompt": "What is 3+4?", "completion": "7", "answer": "7", "solution": "7"},
+            {"prompt": "What is 3+4?", "completion": "8", "answer": "7", "solution": "7"},
+            {"prompt": "What is 2*5?", "completion": "it is 10", "answer": "10", "solution": "10"}]
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    candidates = load_candidates(DataConfig(source=str(path)))
+    assert [c.columns["solution"] for c in candidates] == ["7", "7", "10"]
+    trl_style = build_rewards(RewardConfig(functions={"examples/rewards.py:matches_solution": 1.0}), None)
+    assert score_candidates(candidates, trl_style).total.tolist() == [1.0, 0.0, 1.0]
+    grader = tmp_path / "solution.yaml"
+    grader.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_text }}"\n'
+                      'reference: "{{ item.solution }}"\n')
+    graded = build_rewards(RewardConfig(functions={"grader": 1.0}, grader=str(grader)), None)
+    check_grader_columns(graded, candidates[0].columns)
+    assert score_candidates(candidates, graded).total.tolist() == [1.0, 0.0, 0.0]
+    grader.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_text }}"\n'
+                      'reference: "{{ item.gold }}"\n')
+    with pytest.raises(ConfigError, match="item.gold"):
+        check_grader_columns(build_rewards(RewardConfig(functions={"grader": 1.0}, grader=str(grader)), None),
+                             candidates[0].columns)

@@ -24,6 +24,7 @@ score of each grader).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
-from posttrain.recipes.rl import build_rewards, check_reward_functions, resolve_task
+from posttrain.recipes.rl import build_rewards, check_grader_columns, check_reward_functions, resolve_task
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.error_log import ERRORS_FILE, RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
@@ -65,6 +66,7 @@ class Candidate:
     text: str
     answer: str
     steps: list[str]
+    columns: dict[str, Any] = dataclasses.field(default_factory=dict)  # the data row, every column (graders' item)
 
 
 def main(cfg: Any) -> RunResult:
@@ -72,11 +74,12 @@ def main(cfg: Any) -> RunResult:
     seed_everything(cfg.run.seed)
     check_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
+    candidates = load_candidates(cfg.data)
     rewards = build_rewards(cfg.reward, resolve_task(cfg))
+    check_grader_columns(rewards, candidates[0].columns if candidates else {})
     # Errors are printed and counted as the set is scored, before anything on disk is touched; kept on disk after.
     errors = RewardErrorLog(None, cfg.reward.max_error_fraction)
     rewards.error_log = errors
-    candidates = load_candidates(cfg.data)
     scores = score_candidates(candidates, rewards)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rft", model=model)
     scored_file = run_dir.path / "scored.jsonl"
@@ -138,9 +141,10 @@ def load_candidates(data: DataConfig) -> list[Candidate]:
         if row["prompt"] != item["prompt"]:
             raise DataError("the prompt read with the responses differs from the one read with the answer",
                             file=responses.name, line=row["line"], field="prompt")
+        columns = json.loads(item["row"]) if item.get("row") else {}
         for response in row["responses"] if responses.format == "ranking" else [row["completion"]]:
             out.append(Candidate(prompt=row["prompt"], response=response, text=response_text(response),
-                                 answer=item["answer"], steps=list(item["steps"] or [])))
+                                 answer=item["answer"], steps=list(item["steps"] or []), columns=columns))
     return out
 
 
@@ -154,7 +158,8 @@ def response_text(messages: Sequence[dict[str, Any]]) -> str:
 def score_candidates(candidates: Sequence[Candidate], rewards: WeightedRewards) -> Scores:
     """The reward of every response, checked to be a usable likelihood weight (finite, >= 0)."""
     scores = rewards(Completions(prompts=[c.prompt for c in candidates], completions=[c.text for c in candidates],
-                                 answers=[c.answer for c in candidates], steps=[c.steps for c in candidates]))
+                                 answers=[c.answer for c in candidates], steps=[c.steps for c in candidates],
+                                 columns=[c.columns for c in candidates]))
     total = scores.total
     if not bool(torch.isfinite(total).all()) or bool((total < 0).any()):
         raise ConfigError(f"offline RFT weights each response's likelihood by its reward, which must be finite and "

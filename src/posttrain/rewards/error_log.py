@@ -71,15 +71,18 @@ class RewardErrorLog:
             kind = (record["function"], _kind(record["error"]))
             if kind not in self.seen:
                 self.seen.add(kind)
+                kept = self.path or f"the run directory's {ERRORS_FILE} once it is written"
                 self.echo(f"reward {record['function']!r} failed on a sample (scored 0; every error is kept in "
-                          f"{self.path or ERRORS_FILE}):\n  prompt: {record['prompt']!r}\n  completion: "
+                          f"{kept}):\n  prompt: {record['prompt']!r}\n  completion: "
                           f"{record['completion']!r}\n{record['error']}")
         for function in sorted({r["function"] for r in records}):
             failed = [r for r in records if r["function"] == function]
             if len(failed) > self.max_error_fraction * len(batch):
                 raise ConfigError(f"{len(failed)} of {len(batch)} scores of this batch are errors (more than "
                                   f"reward.max_error_fraction={self.max_error_fraction:g}); the first: "
-                                  f"{failed[0]['error'].splitlines()[0]} (all in {self.path or ERRORS_FILE})",
+                                  f"{failed[0]['error'].splitlines()[0]} ("
+                                  + (f"all in {self.path}" if self.path else "before the run directory was written: "
+                                     "none kept, the first of each kind printed above") + ")",
                                   field=f"reward.functions.{function}")
 
 
