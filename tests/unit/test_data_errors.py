@@ -56,6 +56,8 @@ JSONL_CASES = [
      "scores", "2 scores for 3 responses"),
     ("ranking-nan-score", ['{"prompt": "q", "responses": ["a", "b"], "scores": [1, NaN]}'], RM, 1, "scores[1]",
      "finite"),
+    ("ranking-tied-scores", [{"prompt": "q", "responses": ["a", "b", "c"], "scores": [0.5, 1, 0.5]}], RM, 1,
+     "scores", "responses[0] and responses[2] have the same score (0.5)"),
     ("unknown-role", [{"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}]}], SFT, 1,
      "messages[1].role", "unknown role 'robot'"),
     ("no-assistant-turn", [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}],

@@ -241,8 +241,16 @@ def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
             raise where.error(f"{len(scores)} scores for {len(responses)} responses: need one score per "
                               "response", field="scores")
         scores = [_number(s, f"scores[{i}]", where) for i, s in enumerate(scores)]
-        # Canonical order is best first; a stable sort keeps the given order among ties.
-        order = sorted(range(len(responses)), key=lambda i: -scores[i])
+        # The losses on rankings (Plackett-Luce) order every response: two equal scores would become a preference
+        # the data does not state, so a tie is refused, not broken by the order the responses came in.
+        first_of = {}
+        for i, score in enumerate(scores):
+            if score in first_of:
+                raise where.error(f"responses[{first_of[score]}] and responses[{i}] have the same score ({score:g}): "
+                                  "a ranking orders every response, so its scores must differ (drop or merge tied "
+                                  "responses, or give chosen/rejected pairs of different scores)", field="scores")
+            first_of[score] = i
+        order = sorted(range(len(responses)), key=lambda i: -scores[i])  # canonical order: best first
         responses, scores = [responses[i] for i in order], [scores[i] for i in order]
     return {"prompt": prompt, "responses": responses, "scores": scores}
 
