@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 
@@ -91,6 +92,38 @@ def test_csv_cells_hold_json_lists(tmp_path):
     path.write_text('prompt,completions,labels\nq,"[""1+1=2"", ""2+2=5""]","[true, false]"\n')
     loaded = load_rows(DataConfig(source=str(path), cache_dir=str(tmp_path)), ("stepwise",)).dataset[0]
     assert loaded["completions"] == ["1+1=2", "2+2=5"] and loaded["labels"] == [1.0, 0.0]
+
+
+def test_csv_as_spreadsheets_and_pandas_write_it(tmp_path):
+    """A renamed structured column is read as JSON like one named so; TRUE/True/false labels; a byte-order mark
+    (Excel's "CSV UTF-8"); each row at the line where its record starts, a quoted cell holding line breaks."""
+    path = tmp_path / "sheet.csv"
+    path.write_bytes(codecs.BOM_UTF8 + b'question,answer_steps,ok\nq1,"[""1+1=2""]",TRUE\n'
+                     b'"a question\non three\nlines",2+2=4,False\nq3,3,true\n')
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path), columns=ColumnsConfig(
+        prompt="question", completion="answer_steps", label="ok"))
+    rows = load_rows(cfg, ("unpaired",)).dataset
+    assert rows["label"] == [True, False, True] and rows["line"] == [2, 3, 6]
+    assert rows[1]["prompt"][0]["content"] == "a question\non three\nlines"
+    steps = tmp_path / "steps.csv"
+    steps.write_text('prompt,my_steps,my_labels\nq,"[""1+1=2"", ""2+2=5""]","[true, false]"\n')
+    cfg = DataConfig(source=str(steps), cache_dir=str(tmp_path), columns=ColumnsConfig(completions="my_steps",
+                                                                                       labels="my_labels"))
+    loaded = load_rows(cfg, ("stepwise",)).dataset[0]
+    assert loaded["completions"] == ["1+1=2", "2+2=5"] and loaded["labels"] == [1.0, 0.0]
+
+
+def test_the_text_column_can_be_renamed(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path), columns=ColumnsConfig(text="content"))
+    assert load_rows(cfg, ("text",), rows=[{"content": "Once upon a time."}]).dataset["text"] == ["Once upon a time."]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path, kind):
+    path = _write(tmp_path, kind)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    cfg = load_config(DataConfig, None, [f"source={path}", "columns.prompt=question", f"cache_dir={tmp_path}/c"])
+    assert load_rows(cfg, ("completion",)).dataset["line"] == ([1, 2] if kind == "jsonl" else [2, 3])
 
 
 def test_the_arrow_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path):

@@ -43,6 +43,8 @@ class ColumnsConfig:
     completions: str | None = param(None, "Source column holding `completions`.")
     labels: str | None = param(None, "Source column holding `labels`.")
     label: str | None = param(None, "Source column holding `label`.")
+    text: str | None = param(None, "Source column holding `text`.")
+    tools: str | None = param(None, "Source column holding `tools`.")
 
     def renames(self) -> dict[str, str]:
         """{source column: canonical column} for every column that is renamed."""

@@ -11,6 +11,7 @@ later `map` calls are cached too.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import difflib
@@ -195,15 +196,15 @@ def _load_iterable(rows: Iterable[Mapping[str, Any]], cfg: DataConfig, accepts: 
 
 
 def _read(spec: _Spec) -> Iterator[tuple[Where, Any]]:
-    return {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
-            "disk": lambda name: _read_disk(name, spec.split)}[spec.kind](spec.name)
+    return {"jsonl": _read_jsonl, "json": _read_json, "csv": lambda name: _read_csv(name, dict(spec.renames)),
+            "parquet": _read_parquet, "disk": lambda name: _read_disk(name, spec.split)}[spec.kind](spec.name)
 
 
 def _read_jsonl(name: str) -> Iterator[tuple[Where, Any]]:
     with open(name, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = Where(name, number)
-            text = _decode(raw, where)
+            text = _decode(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw, where)
             if not text.strip():
                 continue
             try:
@@ -245,25 +246,31 @@ def _item_lines(text: str, name: str) -> Iterator[Where]:
         index = end
 
 
-def _read_csv(name: str) -> Iterator[tuple[Where, Any]]:
+def _read_csv(name: str, renames: Mapping[str, str]) -> Iterator[tuple[Where, Any]]:
+    """Rows of a CSV file, each at the line where its record starts (a quoted cell may hold line breaks); the cells
+    of structured columns (`renames` gives the canonical name of a renamed one) read as JSON."""
     text = _decode_all(Path(name).read_bytes(), name)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         for row in reader:
-            where = Where(name, reader.line_num)
+            breaks = sum(v.count("\n") for v in row.values() if isinstance(v, str))
+            where = Where(name, reader.line_num - breaks)
             if None in row:
                 raise where.error(f"{len(row[None])} more cells than the header has columns")
-            yield where, {key: _csv_cell(key, value, where) for key, value in row.items()}
+            yield where, {key: _csv_cell(renames.get(key, key), value, where) for key, value in row.items()}
     except csv.Error as err:
         raise DataError(f"invalid CSV: {err}", file=name, line=reader.line_num) from None
 
 
 def _csv_cell(key: str, value: str | None, where: Where) -> Any:
-    """CSV cells are text; lists and numbers are read from their JSON spelling, empty cells as null."""
+    """CSV cells are text; lists and numbers are read from their JSON spelling (true/false in any case, as
+    pandas and spreadsheets write them), empty cells as null. `key`: the column's canonical name."""
     if value is None or value == "":
         return None
     if key not in STRUCTURED_FIELDS:
         return value
+    if value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     try:
         return json.loads(value)
     except json.JSONDecodeError:
@@ -308,6 +315,7 @@ def _decode(raw: bytes, where: Where) -> str:
 
 
 def _decode_all(data: bytes, name: str) -> str:
+    data = data.removeprefix(codecs.BOM_UTF8)  # spreadsheets' "CSV UTF-8" starts with one
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
