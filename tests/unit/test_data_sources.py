@@ -175,3 +175,12 @@ def test_a_task_whose_settings_changed_is_not_served_from_the_cache(tmp_path, mo
     assert list(task.rows("completion", "train", size=4, seed=cfg.seed)) == before  # the same first rows
     again = load_rows(cfg, ("completion",)).dataset
     assert again.cache_files != first.cache_files
+
+
+def test_numeric_gold_answers_are_stored_as_they_would_be_written(tmp_path):
+    """5.0 (a float column: pandas' integers with a missing value, a JSON writer) is the answer 5, which the
+    task's extraction of "5" from a completion must equal; 2.5 stays 2.5."""
+    rows = [{"prompt": "What is 2+3?", "answer": 5.0}, {"prompt": "What is 5/2?", "answer": 2.5},
+            {"prompt": "What is 2-9?", "answer": -7}, {"prompt": "Say hi", "answer": " hi "}]
+    loaded = load_rows(DataConfig(cache_dir=str(tmp_path)), ("verifiable",), rows=rows).dataset
+    assert loaded["answer"] == ["5", "2.5", "-7", "hi"]

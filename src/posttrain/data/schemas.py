@@ -472,6 +472,9 @@ def _scalar_text(value: Any, field: str, where: Where) -> str:
         raise where.error(f"must be text or a number, got {_kind(value)}", field=field)
     if isinstance(value, float) and not math.isfinite(value):
         raise where.error(f"must be a finite number, got {value}", field=field)
+    if isinstance(value, float) and value.is_integer():
+        # 5.0 is the answer 5: a JSON writer's float, or pandas' integer column with a missing value (float64)
+        value = int(value)
     text = str(value).strip()
     if not text:
         raise where.error("empty", field=field)
