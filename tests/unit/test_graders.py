@@ -110,19 +110,23 @@ SANDBOX_PROBE = textwrap.dedent("""
             return float("nan")
         if kind == "too_big":
             return 1.5
+        if kind == "scalar":  # as numpy's and torch's scalars (np.array([0, 1]).max()): a number through .item()
+            return type("Scalar", (), {"item": lambda self: 0.75})()
         return len(sample["output_text"]) / 10
 """)
 
 
 def test_python_grader_sandbox(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_TEST_SECRET", "hunter2")
-    kinds = ["ok", "loop", "network", "environment", "cwd", "memory", "exception", "text", "nan", "too_big", "ok"]
+    kinds = ["ok", "loop", "network", "environment", "cwd", "memory", "exception", "text", "nan", "too_big", "scalar",
+             "ok"]
     spec = {"type": "python", "source": SANDBOX_PROBE, "timeout_s": 1.0, "memory_mb": 256}
     result = grade(spec, ["abc"] * len(kinds), [{"kind": k} for k in kinds])
     scores, errors = dict(zip(kinds, result.scores, strict=False)), dict(zip(kinds, result.errors, strict=False))
     assert result.scores[0] == result.scores[-1] == pytest.approx(0.3)  # and a fresh process after the timeout
     assert scores["environment"] == 0.5 and errors["environment"] is None
     assert scores["cwd"] == 0.25 and errors["cwd"] is None
+    assert scores["scalar"] == 0.75 and errors["scalar"] is None
     for kind in ("loop", "network", "memory", "exception", "text", "nan", "too_big"):
         assert scores[kind] == 0.0 and errors[kind], kind
     assert "timed out" in errors["loop"]

@@ -56,9 +56,16 @@ def test_a_reward_function_must_score_every_completion():
     with pytest.raises(ConfigError, match="1 scores for 2 completions") as caught:
         rewards(batch("a", "b"))
     assert caught.value.field == "reward.functions.short"
-    with pytest.raises(ConfigError, match="one number per completion") as caught:
+    with pytest.raises(ConfigError, match=r"one number \(or None\) per completion") as caught:
         WeightedRewards({"texts": (lambda b: ["high", "low"], 1.0)})(batch("a", "b"))
     assert caught.value.field == "reward.functions.texts"
+
+
+def test_a_none_score_leaves_the_function_out_of_that_completions_total():
+    """TRL's convention (its total is a nansum over the functions): None is no score, and no error."""
+    rewards = WeightedRewards({"partial": (lambda b: [1.0, None], 2.0), "all": (lambda b: [0.5, 0.25], 1.0)})
+    scores = rewards(batch("a", "b"))
+    assert scores.total.tolist() == [2.5, 0.25] and not scores.errors
 
 
 def test_task_rewards_need_a_task_and_unknown_names_are_listed():

@@ -54,6 +54,9 @@ def one_short(batch):
 def words(batch):
     return ["1"] * len(batch.completions)
 
+def some_none(batch):  # TRL's convention: None where the function does not apply
+    return [None if text.startswith("n/a") else 1.0 for text in batch.completions]
+
 def coin(batch):  # a stochastic reward: Python's and numpy's global generators
     import random
     import numpy
@@ -181,8 +184,10 @@ def test_scores_are_checked_as_an_in_process_functions(tmp_path):
     assert scores.total.tolist() == [float(MAX_ROWS)] * (2 * MAX_ROWS) + [100.0] * 100 and not scores.errors
     with pytest.raises(ConfigError, match="returned 1 scores for 2 completions"):
         _rewards(tmp_path, "one_short")(_batch("a", "b"))
-    with pytest.raises(ConfigError, match="must return one number per completion"):
+    with pytest.raises(ConfigError, match=r"must return one number \(or None\) per completion"):
         _rewards(tmp_path, "words")(_batch("a", "b"))
+    scores = _rewards(tmp_path, "some_none")(_batch("a", "n/a b", "c"))  # no score is no error: it adds nothing
+    assert scores.total.tolist() == [1.0, 0.0, 1.0] and not scores.errors
 
 
 def test_a_part_of_a_large_batch_that_fails_costs_only_its_own_rows(tmp_path):

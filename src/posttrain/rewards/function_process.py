@@ -281,14 +281,15 @@ def _rows(batch: Completions, begin: int, end: int) -> Completions:
                                          for field in dataclasses.fields(batch)})
 
 
-def _one_per_row(scores: Any, rows: int) -> list[float]:
-    """A part's scores as one number per row (nested lists flattened, as the trainer flattens a whole batch's)."""
+def _one_per_row(scores: Any, rows: int) -> list[float | None]:
+    """A part's scores as one number per row (nested lists flattened, as the trainer flattens a whole batch's), or
+    None where the function does not apply (TRL's convention: `WeightedRewards` leaves it out of the total)."""
     flat = list(_flatten(scores))
     if len(flat) != rows:
         raise ValueError(f"returned {len(flat)} scores for {rows} completions")
-    if not all(isinstance(value, (int, float)) for value in flat):
-        raise ValueError("must return one number per completion")
-    return [float(value) for value in flat]
+    if not all(value is None or isinstance(value, (int, float)) for value in flat):
+        raise ValueError("must return one number (or None) per completion")
+    return [None if value is None else float(value) for value in flat]
 
 
 def _flatten(value: Any) -> Iterator[Any]:

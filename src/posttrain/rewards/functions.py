@@ -218,7 +218,8 @@ class WeightedRewards:
 
     def __call__(self, batch: Completions) -> Scores:
         """A function that raises scores 0 on every row, and a NaN scores 0 on its row: both are error records
-        (with the traceback), like a grader's errors."""
+        (with the traceback), like a grader's errors. A None is no score (the function does not apply to the
+        row): it adds 0 to the total, as in TRL, and is no error."""
         by_function: dict[str, Tensor] = {}
         errors: list[dict[str, Any]] = []
         total = torch.zeros(len(batch), dtype=torch.float64)
@@ -238,10 +239,14 @@ class WeightedRewards:
                 errors.extend({"function": name, "row": i, "error": e}
                                    for i, e in enumerate(values.errors) if e is not None)
                 values = values.scores
+            if isinstance(values, (list, tuple)) and any(v is None for v in values):
+                # None: the function does not apply to that completion (TRL's convention, where the total is a
+                # nansum): it adds nothing to the total, and it is not an error
+                values = [0.0 if v is None else v for v in values]
             try:
                 values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
             except (TypeError, ValueError, RuntimeError) as err:
-                raise ConfigError(f"must return one number per completion ({err})",
+                raise ConfigError(f"must return one number (or None) per completion ({err})",
                                   field=f"reward.functions.{name}") from None
             if values.numel() != len(batch):  # a fault of the function, not of a row: stop with a one-line error
                 raise ConfigError(f"returned {values.numel()} scores for {len(batch)} completions",

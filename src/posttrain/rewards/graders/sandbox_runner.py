@@ -146,6 +146,11 @@ def serve(channel, setup: dict, namespaced: bool) -> None:
         except BaseException as err:  # noqa: BLE001 - includes MemoryError, SystemExit, KeyboardInterrupt
             reply({"id": request["id"], **failure(err)})
             continue
+        if not isinstance(value, (int, float)) and callable(getattr(value, "item", None)):
+            try:  # a numpy or torch scalar (np.int64 from .max(), a 0-d tensor): its Python number
+                value = value.item()
+            except (TypeError, ValueError, RuntimeError):
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             reply({"id": request["id"], "error": f"grade returned {type(value).__name__}, not a number"})
         else:
