@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -112,7 +113,8 @@ def test_eval_data_gives_the_headroom_table_by_hand(chatml_model_dir, tmp_path, 
     assert strict["accuracy"] == 0.0 and strict["categories"]["add"]["sampled_accuracy"] == 0.0
 
 
-def test_a_run_reports_the_headroom_captured_per_category_of_its_heldout_file(tokenizer, tmp_path, scripted):
+def test_a_run_reports_the_headroom_captured_per_category_of_its_heldout_file(tokenizer, tmp_path, scripted,
+                                                                            monkeypatch):
     from posttrain.recipes.grpo import GRPOConfig, main
 
     model_dir = save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer, tmp_path / "lm")
@@ -144,6 +146,19 @@ def test_a_run_reports_the_headroom_captured_per_category_of_its_heldout_file(to
     assert again["rewards"] == {scripted: 1.0}
     for name, entry in expected.items():
         assert again["categories"][name] == pytest.approx(entry, abs=1e-12), name
+
+    # A run that named its reward file relative to where it was started, evaluated from another directory.
+    config = result.run_dir / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["reward"]["functions"] = {"scripted.py:scripted": 1.0}
+    raw["run"]["workdir"] = str(tmp_path)
+    config.write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    moved = evaluate(result.run_dir, EvalOptions(data=scripted_file(tmp_path), samples=N, pass_k=(N,),
+                                                 max_new_tokens=4), write=False)
+    assert moved["rewards"] == {"scripted.py:scripted": 1.0} and moved["categories"] == again["categories"]
 
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "verifiable_categories.jsonl"

@@ -441,11 +441,16 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
     task_name = options.task or run_reward.get("task") or (source if source in TASKS else None)
     task = get_task(task_name) if task_name else None
     field = "--reward" if options.rewards else ("reward.functions" if run_reward.get("functions") else "--reward")
+    # The run's own files (`my_rewards.py:fn`, its grader) are named relative to where it was started; --reward
+    # and --grader relative to here.
+    built = functions if options.rewards else {_function_in_workdir(target, name): w for name, w in functions.items()}
     try:
-        rewards = WeightedRewards.from_config(functions, task=task, reward_model_path=run_reward.get("model_path"),
-                                              grader_path=options.grader or run_reward.get("grader"),
+        grader = options.grader or _in_workdir(target, run_reward.get("grader"))
+        rewards = WeightedRewards.from_config(built, task=task, grader_path=grader,
+                                              reward_model_path=_in_workdir(target, run_reward.get("model_path")),
                                               timeout_s=run_reward.get("timeout_s"),
                                               in_process=bool(run_reward.get("in_process", False)))
+        rewards.functions = dict(zip(functions, rewards.functions.values(), strict=True))  # named as the run did
     except ValueError as err:
         hint = (" (--task names the built-in task whose answer check compares a completion with the `answer` "
                 "column; --reward a grader or your own function instead)") if "needs a task" in str(err) else ""
@@ -456,6 +461,23 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
         if getattr(fn, "grader", None) is not None:
             check_grader_fields(fn.grader, columns)
     return functions, rewards
+
+
+def _in_workdir(target: Target, path: str | None) -> str | None:
+    """A relative path of the run's config as the run meant it: under the directory it was started in (run.workdir)
+    where that holds it, else as given (relative to here)."""
+    workdir = target.section("run").get("workdir")
+    if not path or not workdir or Path(path).is_absolute():
+        return path
+    return str(Path(workdir) / path) if (Path(workdir) / path).exists() else path
+
+
+def _function_in_workdir(target: Target, name: str) -> str:
+    """A reward function of the run's config (`path/to/file.py:fn`) with its file found as `_in_workdir` finds it."""
+    module, _, function = name.rpartition(":")
+    if not module.endswith(".py"):
+        return name  # a registered name or an importable module: found the same way from anywhere
+    return f"{_in_workdir(target, module)}:{function}"
 
 
 def _intermediate_share(table: dict[str, dict[str, float]]) -> dict[str, float]:
