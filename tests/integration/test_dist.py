@@ -139,10 +139,13 @@ RL_RUNS = {
     "ppo": ("ppo", ["update.rollout_batch_size=16", "train.batch_size=8", "train.micro_batch_size=4",
                     "update.epochs=2", "train.max_steps=8", "kl.coef=0.1", "update.micro_batch_tokens=60",
                     "reward.functions={dist_residue: 1.0}"]),
-    # The arith-partial grader (sandboxed), RLOO over 2 samples per prompt, the SFT blend on the gold answers.
+    # The arith-partial grader (sandboxed), RLOO over 2 samples per prompt (whitened: rescaled), the SFT blend on the
+    # gold answers, KL in the loss. (In the reward, two identical completions of a prompt get advantage +-(the
+    # rounding of their KLs' difference), ~1e-6, whose sign decides whether their tokens past the clip range count
+    # as clipped: the clip fraction of two ranks and of one process could differ by those tokens.)
     "rft": ("rft", ["update.rollout_batch_size=16", "train.batch_size=8", "train.micro_batch_size=4",
                     "train.max_steps=4", "advantage.estimator=rloo", "sampling.samples_per_prompt=2",
-                    "loss.sft_coef=0.5", "kl.coef=0.05"]),
+                    "loss.sft_coef=0.5", "kl.coef=0.05", "kl.placement=loss"]),
     # The batch std over both ranks' rewards, equal-reward groups left out (ranks keep different row counts),
     # KL in the loss, one update per round (no pi_old pass).
     "grpo": ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "train.micro_batch_size=4",

@@ -282,6 +282,8 @@ class RLMicroBatch:
     sft: dict[str, Any] | None = None
     """The collated gold answers of this micro-batch's prompts (the SFT blend), or None."""
     sft_normaliser: float = 0.0
+    padding: bool = False
+    """A zero-weight pass that only keeps the ranks in step (its rows are a placeholder)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,7 +564,7 @@ class RLStepSource:
                         old_values=_rows(batch.old_values, sub_rows, width),
                         returns=_rows(batch.returns, sub_rows, width),
                         ref_logprobs=_rows(batch.ref_logprobs, sub_rows, width) if in_loss else None,
-                        kl_coef=batch.beta if in_loss else 0.0))
+                        kl_coef=batch.beta if in_loss else 0.0, padding=padding))
                 if self.gold is not None:
                     micro = self._with_gold(micro)
                 tokens = int(dist.all_reduce_sum(float(rollout.prompt_mask[rows].sum()
@@ -579,7 +581,7 @@ class RLStepSource:
         seen: set[int] = set()
         golds, count = [], 0.0
         for batch in micro:
-            prompts = batch.rollout.prompt_index.tolist() if batch.sequence_share > 0 else []  # not a padding pass
+            prompts = [] if batch.padding else batch.rollout.prompt_index.tolist()
             fresh = [p for p in dict.fromkeys(prompts) if p not in seen]
             seen.update(fresh)
             gold, tokens = self.gold.batch(fresh)
