@@ -130,3 +130,17 @@ def test_a_rows_tools_are_rendered_by_the_template(tmp_path, chatml_tokenizer):
     bad = _jsonl(tmp_path, {"messages": chat, "tools": {"name": "calculator"}})
     with pytest.raises(DataError, match="list of function schemas"):
         _rows(tmp_path, bad, "sft")
+
+
+@pytest.mark.parametrize("fmt", ["preference", "ranking"])
+def test_comparison_rows_render_their_tools_as_sft_rows_do(tmp_path, chatml_tokenizer, fmt):
+    """DPO and reward models on tool-calling rows see the prompt SFT saw: the template's tool listing included."""
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    prompt = [{"role": "user", "content": "What is 2+3?"}]
+    answers = {"preference": {"chosen": "5", "rejected": "6"}, "ranking": {"responses": ["5", "6"]}}[fmt]
+    path = _jsonl(tmp_path, {"prompt": prompt, "tools": tools, **answers})
+    tokenized = tokenize_rows(_rows(tmp_path, path, "rm"), chatml_tokenizer, DataConfig())
+    first = tokenized.dataset["chosen_input_ids" if fmt == "preference" else "ranked_input_ids"][0]
+    first = first if fmt == "preference" else first[0]
+    chat = [*prompt, {"role": "assistant", "content": "5"}]
+    assert chatml_tokenizer.decode(first) == chatml_tokenizer.apply_chat_template(chat, tools=tools, tokenize=False)

@@ -42,9 +42,9 @@ FEATURES: dict[str, Features] = {
     "text": Features({"text": Value("string"), "line": Value("int64")}),
     "preference": Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
                             "margin": Value("float64"), "preference_prob": Value("float64"),
-                            "line": Value("int64")}),
+                            "tools": Value("string"), "line": Value("int64")}),
     "ranking": Features({"prompt": MESSAGES, "responses": List(MESSAGES), "scores": List(Value("float64")),
-                         "line": Value("int64")}),
+                         "tools": Value("string"), "line": Value("int64")}),
     "verifiable": Features({"prompt": MESSAGES, "answer": Value("string"), "steps": List(Value("string")),
                             "tools": Value("string"), "row": Value("string"), "line": Value("int64")}),
     "stepwise": Features({"prompt": MESSAGES, "completions": List(Value("string")),
@@ -69,12 +69,12 @@ SPECS: dict[str, FormatSpec] = {
                            doc="a conversation; every (or the last) assistant turn is trained; optional `tools` (the "
                                "function schemas the template renders)"),
     "text": FormatSpec("text", ("text",), doc="plain text for language modelling: every token is trained"),
-    "preference": FormatSpec("preference", ("chosen", "rejected"), ("prompt", "margin", "preference_prob"),
+    "preference": FormatSpec("preference", ("chosen", "rejected"), ("prompt", "margin", "preference_prob", "tools"),
                              doc="prompt with a preferred and a dispreferred answer, optional margin and "
                                  "preference_prob (the probability that chosen is preferred: a soft label); "
                                  "without a prompt column, chosen and rejected are whole conversations (or "
                                  "texts) and their shared beginning is the prompt"),
-    "ranking": FormatSpec("ranking", ("prompt", "responses"), ("scores",),
+    "ranking": FormatSpec("ranking", ("prompt", "responses"), ("scores", "tools"),
                           doc="prompt with >= 2 responses, best first, or ordered by `scores`"),
     "verifiable": FormatSpec("verifiable", ("prompt",), ("answer", "steps", "tools"),
                              doc="prompt for RL, with an optional gold answer (and per-step gold values); every "
@@ -188,7 +188,7 @@ def _preference(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
         if not 0.0 <= probability <= 1.0:
             raise where.error(f"must be a probability in [0, 1], got {probability}", field="preference_prob")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin,
-            "preference_prob": probability}
+            "preference_prob": probability, "tools": _tools(raw.get("tools"), where)}
 
 
 def _split_implicit_prompt(chosen: Any, rejected: Any,
@@ -252,7 +252,7 @@ def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
             first_of[score] = i
         order = sorted(range(len(responses)), key=lambda i: -scores[i])  # canonical order: best first
         responses, scores = [responses[i] for i in order], [scores[i] for i in order]
-    return {"prompt": prompt, "responses": responses, "scores": scores}
+    return {"prompt": prompt, "responses": responses, "scores": scores, "tools": _tools(raw.get("tools"), where)}
 
 
 def _verifiable(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from posttrain.errors import ConfigError, DataError
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
 # Bump when the canonical form changes, so stale Arrow caches are not reused.
-_CACHE_VERSION = "4"
+_CACHE_VERSION = "5"
 
 
 @dataclasses.dataclass(frozen=True)
