@@ -102,6 +102,27 @@ def test_exactly_one_bos(tokenizer):
     no_bos.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "")
     assert no_bos.chat_template != CHAT_TEMPLATE
     assert _encoder(no_bos).encode(CHAT) == (ids, _)  # a template that forgets BOS gets it added
+    doubled = copy.deepcopy(tokenizer)
+    doubled.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}{{ bos_token }}")
+    assert _encoder(doubled).encode(CHAT) == (ids, _)  # a doubled opening BOS is one
+
+
+def test_a_template_may_open_turns_with_bos_and_a_bos_may_be_the_eos(tokenizer):
+    """Llama-2-chat opens every user turn with BOS; OPT's BOS is its EOS too, so each answer ends with one: the
+    sample still opens with exactly one BOS, and the template's others stay where it put them."""
+    per_turn = copy.deepcopy(tokenizer)
+    per_turn.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "").replace(
+        "<|{{ message['role'] }}|>", "{% if message['role'] == 'user' %}{{ bos_token }}{% endif %}"
+                                     "<|{{ message['role'] }}|>")
+    assert per_turn.chat_template.count("bos_token") == 1
+    ids, mask = _encoder(per_turn).encode(CHAT)
+    bos, users = tokenizer.bos_token_id, sum(m["role"] == "user" for m in CHAT)
+    assert ids[0] == bos and ids.count(bos) == 1 + users  # the opening one added, one before each user turn
+    assert not any(m for t, m in zip(ids, mask, strict=True) if t == bos)
+    same = copy.deepcopy(tokenizer)
+    same.eos_token = same.bos_token  # OPT: </s> opens every text and ends every answer
+    ids, mask = _encoder(same, template="plain").encode_text("Once upon a time.")
+    assert ids[0] == bos and ids[-1] == bos and mask[0] == 0 and mask[-1] == 1 and ids.count(bos) == 2
 
 
 def test_plain_template(tokenizer):
@@ -197,15 +218,30 @@ def test_response_tokens_count_the_trained_tokens_of_the_kept_rows(tmp_path, tok
     assert result.stats.response_tokens == expected > 0
 
 
-def test_row_left_with_no_trained_token_is_dropped_and_counted(tmp_path, tokenizer):
-    """A conversation that ends with a long user turn: cut from the left, nothing trained remains."""
+def test_a_cut_that_would_reach_the_trained_tokens_drops_the_row_as_too_long(tmp_path, tokenizer):
+    """A conversation that ends with a long user turn: cutting it from the left would cut into (here: through) the
+    trained assistant turn, so the row is dropped as too long, not trained on a remnant."""
     talk = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                           {"role": "user", "content": "Count: " + " ".join(map(str, range(40)))}]},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
     cfg = DataConfig(cache_dir=str(tmp_path), max_length=32, truncation="truncate_left")
     result = tokenize_rows(load_rows(cfg, ("messages",), rows=talk), tokenizer, cfg)
-    assert (result.stats.kept, result.stats.dropped_no_completion, result.stats.truncated) == (1, 1, 0)
+    assert (result.stats.kept, result.stats.dropped_too_long, result.stats.truncated) == (1, 1, 0)
     assert result.dataset["line"] == [2]
+
+
+def test_left_truncation_never_cuts_into_the_completion(tmp_path, tokenizer):
+    """A long answer after a short prompt: the prompt alone cannot absorb the cut, so the row is dropped (before,
+    the cut went on into the answer, leaving a sample that opens mid-answer); a long prompt is still cut."""
+    rows = [{"prompt": "q", "completion": " ".join(map(str, range(40)))},
+            {"prompt": "Count: " + " ".join(map(str, range(40))), "completion": "done"}]
+    cfg = DataConfig(cache_dir=str(tmp_path), max_length=40, truncation="truncate_left")
+    result = tokenize_rows(load_rows(cfg, ("completion",), rows=rows), tokenizer, cfg)
+    assert (result.stats.kept, result.stats.dropped_too_long, result.stats.truncated) == (1, 1, 1)
+    [row] = result.dataset
+    assert row["line"] == 2 and len(row["input_ids"]) == 40 and row["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode([t for t, m in zip(row["input_ids"], row["response_mask"], strict=True) if m]).startswith(
+        "done")
 
 
 def test_pairs_share_one_prompt_after_truncation(tmp_path, tokenizer):

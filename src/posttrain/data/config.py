@@ -67,8 +67,9 @@ class DataConfig:
                                    "with data.seed before tokenisation, evaluated with the stage's own loss or "
                                    "rewards.", ge=0, lt=1)
     max_length: int = param(512, "Longest tokenised sequence (for verifiable rows: the longest prompt).", ge=2)
-    truncation: str = param("drop", "Too-long rows: drop them, cut the prompt from the left (keeping BOS), "
-                                    "or stop with an error.", choices=("drop", "truncate_left", "error"))
+    truncation: str = param("drop", "Too-long rows: drop them, cut the prompt from the left (keeping BOS; a row "
+                                    "whose cut would reach the completion is dropped), or stop with an error.",
+                            choices=("drop", "truncate_left", "error"))
     loss_on: str = param("all", "Assistant turns trained in a multi-turn chat: all, or only the last.",
                          choices=("all", "last"))
     template: str = param("chat", "chat = the tokenizer's chat template; plain = BOS + prompt + completion "

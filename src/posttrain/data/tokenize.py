@@ -7,13 +7,14 @@ generation prompt, and its tokens must be a prefix of the whole conversation's t
 that rewrites earlier turns (or a tokenizer that merges across the boundary) is an error, never a
 silently shifted mask. The end-of-turn EOS is always trained (it is how the model learns to stop),
 whatever the pad token is: the mask is explicit, never `input_ids != pad`. Where the tokenizer adds
-a BOS itself (Llama's, ours), a sequence has exactly one BOS, opening it; where it does not (ChatML
-tokenizers, whose `bos_token` may be `<|im_start|>`, the token that opens every turn), the template's
-text is taken as it renders.
+a BOS itself (Llama's, ours), a sequence opens with exactly one BOS (later ones are the template's own);
+where it does not (ChatML tokenizers, whose `bos_token` may be `<|im_start|>`, the token that opens every
+turn), the template's text is taken as it renders.
 
-Rows too long for `max_length` are dropped, cut from the left (BOS kept), or an error, by
-`truncation`; a row left with no trained token is dropped. Nothing is dropped silently: every
-row's fate is a column of the mapped dataset and `TokenStats` counts them.
+Rows too long for `max_length` are dropped, cut from the left (BOS kept; a row whose cut would reach a
+trained token is dropped as too long), or an error, by `truncation`; a row left with no trained token is
+dropped. Nothing is dropped silently: every row's fate is a column of the mapped dataset and `TokenStats`
+counts them.
 """
 
 from __future__ import annotations
@@ -273,8 +274,10 @@ class Encoder:
         """The trained span of one turn: tokens of `through` after `before`, both prefixes of `ids`."""
         if ids[:len(before)] != before or ids[:len(through)] != through:
             raise _Problem("the prompt's tokens are not a prefix of the conversation's tokens (the template "
-                           "rewrites earlier turns, or the tokenizer merges across the turn boundary), so the "
-                           "trained tokens cannot be located", field)
+                           "rewrites earlier turns, as Qwen3's drops their reasoning once they are not the last, or "
+                           "the tokenizer merges across the turn boundary), so the trained tokens cannot be located: "
+                           "data.loss_on=last trains the last turn only, or use a template with {% generation %} "
+                           "markers", field)
         return len(before), len(through)
 
     @functools.cached_property
@@ -291,14 +294,16 @@ class Encoder:
         return self.tokenizer.bos_token if self.adds_bos else ""
 
     def _one_bos(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        """Exactly one BOS opening the sample: added where the render has none there, a doubled one (a template's
+        and its text's) made one. Further BOS tokens are the template's own (Llama-2-chat opens every user turn
+        with one; OPT's BOS is also its EOS, ending each answer) and are kept."""
         if not self.adds_bos:
             return ids, mask
         bos = self.tokenizer.bos_token_id
-        count = ids.count(bos)
-        if count == 0:
+        if not ids or ids[0] != bos:
             return [bos, *ids], [0, *mask]
-        if count > 1 or ids[0] != bos:
-            raise _Problem(f"the rendered sample has {count} BOS tokens where one must open it")
+        while len(ids) > 1 and ids[1] == bos and not mask[1]:
+            ids, mask = ids[1:], mask[1:]
         return ids, mask
 
     def _check_special_text(self, messages: Sequence[dict[str, Any]]) -> None:
@@ -317,8 +322,18 @@ class Encoder:
 
     def fit(self, ids: list[int], mask: list[int], excess: int) -> tuple[list[int], list[int]]:
         """Cut `excess` tokens from the left, keeping a leading BOS."""
-        keep = 1 if self.adds_bos and ids and ids[0] == self.tokenizer.bos_token_id else 0
+        keep = self._kept_bos(ids)
         return ids[:keep] + ids[keep + excess:], mask[:keep] + mask[keep + excess:]
+
+    def cuttable(self, ids: list[int], mask: list[int]) -> int:
+        """How many tokens `fit` may cut before it reaches the first trained token, leaving the BOS, or else one
+        prompt token, before it."""
+        first = mask.index(1) if 1 in mask else len(mask)
+        keep = self._kept_bos(ids)
+        return max(0, first - keep - (0 if keep else 1))
+
+    def _kept_bos(self, ids: list[int]) -> int:
+        return 1 if self.adds_bos and ids and ids[0] == self.tokenizer.bos_token_id else 0
 
 
 def _runs(marks: Sequence[int]) -> list[tuple[int, int]]:
@@ -343,8 +358,11 @@ def _fit_group(encoder: Encoder, sequences: list[tuple[list[int], list[int]]]) -
     longest = max(len(ids) for ids, _ in sequences)
     status = {"original_length": longest, "truncated": False, "drop": "", "error": "", "error_field": ""}
     excess = longest - encoder.max_length
+    # Left truncation cuts the prompt, never into a trained token: the kept BOS, or one prompt token, stays before
+    # the first of them (a sample that opens with a trained token has nothing to predict it from).
+    cuttable = min(encoder.cuttable(ids, mask) for ids, mask in sequences)
     if excess > 0:
-        if encoder.truncation == "truncate_left":
+        if encoder.truncation == "truncate_left" and excess <= cuttable:
             sequences = [encoder.fit(ids, mask, excess) for ids, mask in sequences]
             status["truncated"] = True
         else:
