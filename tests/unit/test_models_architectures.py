@@ -337,3 +337,28 @@ def test_a_classifier_over_a_trunk_without_position_ids_cannot_pack_either(token
     assert "position_ids" in inspect.signature(type(reward_model).forward).parameters
     assert "this rwkv model takes none" in packing_obstacle(reward_model)
     assert "this rwkv model takes none" in packing_obstacle(rwkv)
+
+
+def test_a_table_of_learned_positions_bounds_the_lengths_a_run_may_ask_for():
+    """GPT-2's 512 learned positions (OPT's too, past its offset of 2) are a hard limit, checked before a run
+    starts; Llama's and Phi's rotary positions have none."""
+    from transformers import OPTConfig
+
+    from posttrain.models.attention import position_limit
+    from posttrain.recipes.layout import check_position_limit, check_sampled_length
+
+    gpt2 = tiny_lm("gpt2")
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                     ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
+                                                     max_position_embeddings=128))
+    assert (position_limit(gpt2), position_limit(opt)) == (512, 128)
+    assert position_limit(tiny_lm("llama")) is None and position_limit(tiny_lm("phi")) is None
+    with pytest.raises(ConfigError) as err:
+        check_position_limit(load_config(SFTConfig, None, ["model.path=unused", "data.max_length=1024"]), gpt2)
+    assert err.value.field == "data.max_length" and "512 positions" in str(err.value)
+    check_position_limit(load_config(SFTConfig, None, ["model.path=unused", "data.max_length=512"]), gpt2)
+    with pytest.raises(ConfigError) as err:
+        check_sampled_length(opt, 100, 29)
+    assert err.value.field == "sampling.max_new_tokens"
+    check_sampled_length(opt, 100, 28)
+    check_sampled_length(tiny_lm("llama"), 100_000, 100_000)

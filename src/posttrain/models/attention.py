@@ -84,6 +84,20 @@ def packing_obstacle(model: torch.nn.Module) -> str | None:
     return None
 
 
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest sequence a model with a learned table of absolute positions can take (GPT-2's `wpe`, OPT's
+    `embed_positions`), or None for positions without a table (RoPE, ALiBi), which have no hard limit: the config's
+    n_positions / max_position_embeddings where an embedding of the text model (not its input embeddings) has
+    exactly that many rows (OPT's 2 more, its `offset`)."""
+    config = _text_config(model)
+    declared = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(declared, int):
+        return None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = (m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m is not inputs)
+    return declared if any(t.num_embeddings - int(getattr(t, "offset", 0)) == declared for t in tables) else None
+
+
 def layer_attention_mask(model: torch.nn.Module, attention_mask: Tensor | None,
                          position_ids: Tensor | None) -> Tensor | dict[str, Tensor] | None:
     """What `model` (a causal LM, a peft wrapper, a reward model's trunk) should get as `attention_mask`.

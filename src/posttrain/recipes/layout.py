@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from posttrain.models.attention import packing_obstacle
+from posttrain.errors import ConfigError
+from posttrain.models.attention import packing_obstacle, position_limit
 
 logger = logging.getLogger("posttrain")
 C = TypeVar("C")
@@ -24,7 +25,10 @@ C = TypeVar("C")
 
 def batches_for(cfg: C, model: torch.nn.Module) -> C:
     """`cfg` with data.batch_mode=padded and update.padding_free=false (those it has and sets otherwise) when `model`,
-    or the adapter `cfg` puts on it, cannot take padding-free or packed batches; `cfg` itself when they can."""
+    or the adapter `cfg` puts on it, cannot take padding-free or packed batches; `cfg` itself when they can. And a
+    ConfigError now, not an IndexError mid-run, when its sequences are longer than the model's positions
+    (`check_position_limit`)."""
+    check_position_limit(cfg, model)
     obstacle = packing_obstacle(model)
     if obstacle is None and getattr(getattr(cfg, "adapter", None), "method", None) == "prefix":
         # peft prepends the virtual tokens' keys to every row and widens a 2-D mask to match; a 4-D one it cannot.
@@ -42,3 +46,23 @@ def batches_for(cfg: C, model: torch.nn.Module) -> C:
         settings = ", ".join(names[key] for key in changes)
         logger.warning("%s: this run uses padded batches (%s)", obstacle, settings)
     return dataclasses.replace(cfg, **changes)
+
+
+def check_position_limit(cfg: Any, model: torch.nn.Module) -> None:
+    """A model with a learned table of positions (GPT-2, OPT: `models.attention.position_limit`) cannot take a
+    sequence longer than the table: data.max_length must fit."""
+    limit, data = position_limit(model), getattr(cfg, "data", None)
+    if limit is not None and data is not None and data.max_length > limit:
+        raise ConfigError(f"data.max_length={data.max_length} is longer than the {limit} positions this model has "
+                          f"(its table of learned positions): set data.max_length <= {limit}", field="data.max_length")
+
+
+def check_sampled_length(model: torch.nn.Module, longest_prompt: int, max_new_tokens: int) -> None:
+    """For a stage that samples: its longest prompt and sampling.max_new_tokens new tokens fit the model's table of
+    learned positions (where it has one), or a ConfigError before anything is sampled."""
+    limit = position_limit(model)
+    if limit is not None and longest_prompt + max_new_tokens > limit:
+        raise ConfigError(f"the longest prompt ({longest_prompt} tokens) and sampling.max_new_tokens="
+                          f"{max_new_tokens} new ones are longer than the {limit} positions this model has: make "
+                          f"their sum <= {limit} (or shorten the prompts: data.max_length)",
+                          field="sampling.max_new_tokens")

@@ -38,7 +38,7 @@ from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
-from posttrain.recipes.layout import batches_for
+from posttrain.recipes.layout import batches_for, check_sampled_length
 from posttrain.recipes.rl import (
     PromptStream,
     RewardConfig,
@@ -104,6 +104,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype,
                             bars=progress.library_bars())
+    check_sampled_length(model, prepared.tokenized.stats.length_max, cfg.sampling.max_new_tokens)
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     task = resolve_task(cfg)

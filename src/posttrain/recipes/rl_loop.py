@@ -74,7 +74,7 @@ from posttrain.models.device import model_device, move_to
 from posttrain.models.heads import floating_dtype, statistics_dtype
 from posttrain.models.likelihood import response_logprobs
 from posttrain.models.value import ActorCritic
-from posttrain.recipes.layout import batches_for
+from posttrain.recipes.layout import batches_for, check_sampled_length
 from posttrain.recipes.rl import (
     GROUP_BASELINES,
     GoldAnswers,
@@ -710,6 +710,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS[stage], mask_dtype=actor.dtype,
                             bars=progress.library_bars())
+    check_sampled_length(actor, prepared.tokenized.stats.length_max, cfg.sampling.max_new_tokens)
     check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward, uses_gold=cfg.loss.sft_coef > 0)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, actor.dtype, progress)
     task = resolve_task(cfg)
