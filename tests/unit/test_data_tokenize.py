@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
 
 from posttrain.data import DataConfig, Encoder, load_rows, tokenize_rows
 from posttrain.data.schemas import message
+from posttrain.errors import ConfigError
 from posttrain.models.tokenizer import CHAT_TEMPLATE
 
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -346,3 +348,21 @@ def test_llama3_style_headers_with_a_tokenizer_that_adds_bos(tokenizer):
     without = copy.deepcopy(llama)
     without.chat_template = LLAMA3_TEMPLATE.replace("{{ bos_token }}", "")
     assert Encoder.from_config(without, DataConfig()).encode(MULTI) == (ids, mask)  # the tokenizer's BOS added
+
+
+def test_named_chat_templates_render_as_transformers_picks_them(tmp_path, tokenizer):
+    """Hermes-2-Pro and Command-R ship a dict of templates: `default`, and `tool_use` for rows with tools."""
+    named = copy.deepcopy(tokenizer)
+    tool_use = CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}<|system|>tools here<|end|>")
+    named.chat_template = {"default": CHAT_TEMPLATE, "tool_use": tool_use}
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    encoder = Encoder.from_config(named, cfg)
+    assert encoder.encode(CHAT) == _encoder(tokenizer).encode(CHAT)  # the default one, its generation markers read
+    tools = json.dumps([{"type": "function", "function": {"name": "calculator"}}])
+    ids, mask = encoder.for_row({"tools": tools}).encode(CHAT)
+    assert named.decode(ids).startswith(named.bos_token + "<|system|>tools here<|end|>")
+    assert named.decode([t for t, m in zip(ids, mask, strict=True) if m]) == tokenizer.decode(
+        [t for t, m in zip(*_encoder(tokenizer).encode(CHAT), strict=True) if m])
+    named.chat_template = {"tool_use": tool_use}
+    with pytest.raises(ConfigError, match="no `default` one"):
+        Encoder.from_config(named, cfg)

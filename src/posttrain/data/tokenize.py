@@ -103,9 +103,14 @@ class Encoder:
 
     @classmethod
     def from_config(cls, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Encoder:
-        if cfg.template == "chat" and not isinstance(tokenizer.chat_template, str):
+        if cfg.template == "chat" and not tokenizer.chat_template:
             raise ConfigError("the tokenizer has no chat template: use data.template=plain, or a model whose "
                               "tokenizer has one", field="data.template")
+        if cfg.template == "chat" and isinstance(tokenizer.chat_template, dict) and \
+                "default" not in tokenizer.chat_template:
+            raise ConfigError(f"the tokenizer has named chat templates ({', '.join(sorted(tokenizer.chat_template))}) "
+                              "and no `default` one, which transformers renders with: name one `default`, or use "
+                              "data.template=plain", field="data.template")
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token: a model trained on it could never stop",
                               field="model.path")
@@ -178,12 +183,19 @@ class Encoder:
         return "on" if any(m.get("reasoning") is not None for m in messages) else "off"
 
     def _has_markers(self) -> bool:
-        return bool(_GENERATION_MARKER.search(self.tokenizer.chat_template or ""))
+        return bool(_GENERATION_MARKER.search(self._template_text()))
+
+    def _template_text(self) -> str:
+        """The template transformers renders this row with: the tokenizer's, or of its named ones (Hermes-2-Pro,
+        Command-R) `tool_use` for a row with tools and `default` otherwise."""
+        if isinstance(self.tokenizer.chat_template, dict):
+            return self.tokenizer.get_chat_template(tools=json.loads(self.tools) if self.tools else None)
+        return self.tokenizer.chat_template or ""
 
     def _template_messages(self, messages: Sequence[dict[str, Any]], mode: str) -> list[dict[str, str]]:
         """Canonical messages as the template expects them. Thinking off: an empty block on every
         assistant turn. A template that does not read `reasoning` gets the block inline."""
-        knows_reasoning = "reasoning" in (self.tokenizer.chat_template or "")
+        knows_reasoning = "reasoning" in self._template_text()
         out = []
         for m in messages:
             item = {"role": m["role"], "content": m["content"]}
