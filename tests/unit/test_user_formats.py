@@ -3,6 +3,7 @@ extra columns, tool-call turns; each read from the shipped example files and che
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -144,3 +145,26 @@ def test_comparison_rows_render_their_tools_as_sft_rows_do(tmp_path, chatml_toke
     first = first if fmt == "preference" else first[0]
     chat = [*prompt, {"role": "assistant", "content": "5"}]
     assert chatml_tokenizer.decode(first) == chatml_tokenizer.apply_chat_template(chat, tools=tools, tokenize=False)
+
+
+def test_the_token_a_turn_stops_on_is_trained_whatever_the_template(chatml_tokenizer, tokenizer):
+    """Qwen2.5-base's setting (EOS <|endoftext|>, turns closed by <|im_end|> outside the template's generation block)
+    and a template that writes no end-of-turn token at all: either way the model learns where to stop."""
+    from posttrain.data import DataConfig as Data
+    from posttrain.data import Encoder
+    from posttrain.data.schemas import message
+
+    chat = [message("user", "What is 2+3?"), message("assistant", "5")]
+    base = copy.deepcopy(chatml_tokenizer)
+    base.eos_token = "<|endoftext|>"
+    base.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+                          "{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}"
+                          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ids, mask = Encoder.from_config(base, Data()).encode(chat)
+    assert base.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "5<|im_end|>"
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    ids, mask = Encoder.from_config(bare, Data()).encode(chat)
+    assert ids[-1] == bare.eos_token_id and mask[-1] == 1
+    assert bare.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "5\n" + bare.eos_token

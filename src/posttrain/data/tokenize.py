@@ -5,8 +5,10 @@ The mask comes from the chat template's `{% generation %}` markers when it has t
 back to prefix tokenisation: the conversation up to each trained turn is rendered with the
 generation prompt, and its tokens must be a prefix of the whole conversation's tokens — a template
 that rewrites earlier turns (or a tokenizer that merges across the boundary) is an error, never a
-silently shifted mask. The end-of-turn EOS is always trained (it is how the model learns to stop),
-whatever the pad token is: the mask is explicit, never `input_ids != pad`. Where the tokenizer adds
+silently shifted mask. The token that ends an assistant turn is always trained (it is how the model learns
+to stop), whatever the pad token is: the mask is explicit, never `input_ids != pad`; a special token the
+template writes right after the turn's marked block (`<|im_end|>` where EOS is `<|endoftext|>`) is trained
+with it, and a template that ends the answer with no such token gets an EOS appended. Where the tokenizer adds
 a BOS itself (Llama's, ours), a sequence opens with exactly one BOS (later ones are the template's own);
 where it does not (ChatML tokenizers, whose `bos_token` may be `<|im_start|>`, the token that opens every
 turn), the template's text is taken as it renders.
@@ -117,6 +119,7 @@ class Encoder:
         encoder = cls(tokenizer=tokenizer, template=cfg.template, thinking=cfg.thinking, loss_on=cfg.loss_on,
                       max_length=cfg.max_length, truncation=cfg.truncation)
         encoder.adds_bos  # noqa: B018 - computed before `datasets.map` hashes the encoder, so its cache key is stable
+        encoder._closers  # noqa: B018 - the same
         return encoder
 
     # -- public -------------------------------------------------------------------------------
@@ -146,11 +149,19 @@ class Encoder:
         else:
             ids, spans = self._prefixes(messages, trained, mode)
         mask = [0] * len(ids)
+        closers = self._closers
         for start, end in spans:
             mask[start:end] = [1] * (end - start)
-            # Templates that close a turn outside their generation block would leave EOS untrained.
-            if end < len(ids) and ids[end] == self.tokenizer.eos_token_id:
+            if any(t in closers for t in ids[start:end]):
+                continue
+            if end < len(ids) and ids[end] in closers:
+                # A template that closes the turn outside its generation block (`<|im_end|>` after it) would leave
+                # the token the model stops on untrained: the special token right after the turn is trained too.
                 mask[end] = 1
+            elif end == len(ids) and (start, end) == spans[-1]:
+                # A template that ends an answer with no end-of-turn token at all ("assistant: 5\n"): EOS is
+                # appended to the last one, or a model trained on it could never stop.
+                ids, mask = [*ids, self.tokenizer.eos_token_id], [*mask, 1]
         return self._one_bos(ids, mask)
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
@@ -291,6 +302,15 @@ class Encoder:
                            "data.loss_on=last trains the last turn only, or use a template with {% generation %} "
                            "markers", field)
         return len(before), len(through)
+
+    @functools.cached_property
+    def _closers(self) -> frozenset[int]:
+        """Tokens that may end an assistant turn: EOS and the tokenizer's other special tokens but BOS and UNK
+        (`<|im_end|>`, `<|eot_id|>`, `<|end|>`)."""
+        special = {*self.tokenizer.all_special_ids,
+                   *(i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special)}
+        openers = {self.tokenizer.bos_token_id, self.tokenizer.unk_token_id} - {self.tokenizer.eos_token_id}
+        return frozenset(special - openers) | {self.tokenizer.eos_token_id}
 
     @functools.cached_property
     def adds_bos(self) -> bool:
