@@ -226,3 +226,25 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path,
     result = resumed.fit(source, _loss_fn)
     assert result.step == 4 and latest_checkpoint(root) == root / "step-4"
     assert not (root / ".tmp-step-4").exists()
+
+
+def test_a_data_walk_resumed_on_data_of_another_size_is_refused_not_spun_forever():
+    """A checkpoint 16 rows into 32, resumed where the data has 8 rows (a smaller data.size, an edited file): before,
+    the walk found no row past position 16 of 8 and looped forever; now it is a ConfigError."""
+    from posttrain.errors import ConfigError
+
+    def source(size):
+        return ShuffledStepSource(size, 4, 4, 0, collate=list, count=lambda indices: (len(indices), 0))
+
+    walked = source(32)
+    for _ in range(4):
+        walked.next_step()
+    state = walked.state_dict()
+    # a checkpoint that kept its size; one from before (its position past the end); 31 rows: the position fits
+    for size, saved in ((8, state), (8, {"epoch": 0, "position": 16}), (31, state)):
+        with pytest.raises(ConfigError, match="trains on the data it started with") as err:
+            source(size).load_state_dict(saved)
+        assert err.value.field == "data"
+    same = source(32)
+    same.load_state_dict(state)
+    assert same.next_step().micro_batches == walked.next_step().micro_batches

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import ConfigError
 from posttrain.train.dist import rank_slice
 from posttrain.train.engine import StepBatch
 
@@ -42,7 +43,7 @@ class ShuffledStepSource:
     def _take(self, k: int) -> list[int]:
         taken: list[int] = []
         while len(taken) < k:
-            if self.position == self.size:
+            if self.position >= self.size:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             chunk = self._order[self.position:self.position + k - len(taken)]
@@ -58,8 +59,17 @@ class ShuffledStepSource:
         return StepBatch(micro_batches=[self.collate(m) for m in micro], normaliser=normaliser, tokens=tokens)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "size": self.size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The walk where the checkpoint left it. Its permutations are of the data it was walking: a resumed run
+        on data of another size (data.size, an edited file, another filter) would be another run, so it is a
+        ConfigError (a checkpoint from before the size was kept: where its position does not fit)."""
+        saved = state.get("size")
+        if (saved is not None and saved != self.size) or state["position"] > self.size:
+            raise ConfigError(f"the checkpoint walked {saved if saved is not None else 'more'} rows of training "
+                              f"data and this run has {self.size}: a resumed run trains on the data it started with "
+                              "(the same data settings and files), or starts afresh (run.resume=false)",
+                              field="data")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
