@@ -106,7 +106,10 @@ def test_resume_names_of_the_run_cannot_be_overridden(finished_sft):
     assert code == 2 and "run.name" in output
 
 
-@pytest.mark.parametrize("broken", ["finished", "no_checkpoints", "max_steps_below_checkpoint"])
+# The last two: settings the checkpoint does not fit, found as it loads; the run's config.yaml (rewritten with them
+# by then) is put back, so that a plain `posttrain resume` of the directory still works.
+@pytest.mark.parametrize("broken", ["finished", "no_checkpoints", "max_steps_below_checkpoint", "other_data",
+                                    "other_adapter"])
 def test_resume_refuses_what_it_cannot_continue_and_changes_nothing(finished_sft, tmp_path, broken):
     copy = tmp_path / "copy"
     shutil.copytree(finished_sft, copy)
@@ -114,14 +117,16 @@ def test_resume_refuses_what_it_cannot_continue_and_changes_nothing(finished_sft
     if broken == "no_checkpoints":
         shutil.rmtree(copy / "checkpoints")
         overrides = ["train.max_steps=4"]  # even with steps left, never from step 0 over its own results
-    elif broken == "max_steps_below_checkpoint":
+    elif broken != "finished":
         (copy / "summary.json").unlink()  # an interrupted run: no summary yet
-        overrides = ["train.max_steps=1"]
+        overrides = {"max_steps_below_checkpoint": ["train.max_steps=1"], "other_data": ["data.size=8"],
+                     "other_adapter": ["adapter.method=lora"]}[broken]
     before = _files(copy)
     code, output = _invoke(["resume", str(copy), *overrides])
     assert code == 2, output
     message = {"finished": "has finished its 2 steps", "no_checkpoints": "no complete checkpoint",
-               "max_steps_below_checkpoint": "past train.max_steps=1"}[broken]
+               "max_steps_below_checkpoint": "past train.max_steps=1",
+               "other_data": "trains on the data it started with", "other_adapter": "adapter settings"}[broken]
     assert message in output, output
     assert _files(copy) == before
 

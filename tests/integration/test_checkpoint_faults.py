@@ -226,3 +226,23 @@ def test_steps_with_nothing_to_learn_stay_out_of_the_spike_window(tmp_path, toke
     assert [r["grad_norm"] == 0 for r in records] == [False, False, False, True, True, False]
     assert [r["step"] for r in records if r.get("spike")] == [6] and result.skipped_steps == 1
     assert len(trainer._grad_norms) == 3 and 0 not in trainer._grad_norms
+
+
+def test_a_checkpoint_and_a_model_with_and_without_an_adapter_do_not_load_into_each_other(tmp_path, tokenizer):
+    """Resuming a LoRA run as a full fine-tune (or the other way round) is a one-line error naming the setting, not
+    an AttributeError deep in peft."""
+    from posttrain.config import ModelConfig
+    from posttrain.models import build_model, save_pretrained
+    from posttrain.models.adapters import AdapterConfig, apply_adapter
+    from posttrain.train.checkpoint import load_module_weights
+
+    plain = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+    save_pretrained(plain, tokenizer, tmp_path / "full")
+    lora = apply_adapter(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), AdapterConfig(method="lora", r=2))
+    lora.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    for module, directory in ((plain, "adapter"), (lora, "full")):
+        with pytest.raises(ValueError, match=r"adapter settings \(adapter.method\)"):
+            load_module_weights(module, tmp_path / directory)
+    load_module_weights(lora, tmp_path / "adapter")
+    load_module_weights(plain, tmp_path / "full")

@@ -225,6 +225,10 @@ def load_module_weights(module: torch.nn.Module, directory: Path, prefix: str = 
     """Load weights saved by `save_pretrained` (a full model, or only a peft adapter) into `module`; with `prefix`,
     only the tensors whose names start with it, without it (the policy of an ActorCritic's checkpoint: "actor.")."""
     adapter = directory / "adapter_model.safetensors"
+    if adapter.is_file() != hasattr(module, "peft_config"):
+        held, has = ("an adapter", "none") if adapter.is_file() else ("the whole model", "an adapter")
+        raise ValueError(f"the checkpoint holds {held} and this run's model has {has}: resume with the adapter "
+                         "settings (adapter.method) the run was started with")
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 

@@ -477,12 +477,22 @@ class Trainer:
             raise ConfigError(f"{path} was written by a {'multi' if is_sharded_checkpoint(path) else 'single'}-"
                               f"process run; resume it the same way (torchrun with the same --nproc_per_node, "
                               f"or plain posttrain)", field="run.resume")
-        if self.dist.distributed:
-            state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
-                                            scheduler=self.scheduler)
-        else:
-            state = load_checkpoint(path, modules={"model": self.model}, optimizers={"model": self.optimizer},
-                                    schedulers={"model": self.scheduler})
+        try:
+            if self.dist.distributed:
+                state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
+                                                scheduler=self.scheduler)
+            else:
+                state = load_checkpoint(path, modules={"model": self.model}, optimizers={"model": self.optimizer},
+                                        schedulers={"model": self.scheduler})
+            source.load_state_dict(state["data"])
+        except (RunDirError, ConfigError):
+            # The run's config.yaml already holds this attempt's settings, which do not fit the checkpoint: put
+            # back the checkpoint's own, so that a plain `posttrain resume` of the directory still works.
+            if self.dist.is_main and (path / "config.yaml").is_file():
+                tmp = self.run_dir.path / ".config.yaml.restore"
+                tmp.write_text((path / "config.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+                tmp.replace(self.run_dir.config)
+            raise
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.skipped_steps = state["skipped_steps"]
@@ -491,7 +501,6 @@ class Trainer:
         self._first_skipped = state.get("first_skipped")
         stopped = state.get("stopped_by_rule")  # [the rule, with the value that met it]
         self._stopped = (stopped[0], stopped[1]) if stopped else None
-        source.load_state_dict(state["data"])
         if self.dist.is_main:
             kept = truncate_metrics(self.run_dir.metrics, self.step)
             truncate_samples(self.run_dir.samples, self.step)
