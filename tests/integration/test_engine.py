@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,11 +46,11 @@ def _loss_fn(model, batch, normaliser):
 
 
 def _trainer(tmp_path, tokenizer, *, name="run", steps=6, batch=8, micro=4, resume=False, seed=0, schedule_steps=0,
-             **train_kw):
+             lr=3e-3, **train_kw):
     cfg = EngineTestConfig(
         run=RunConfig(name=name, out_dir=str(tmp_path), progress=False, resume=resume, seed=seed),
         train=TrainConfig(max_steps=steps, batch_size=batch, micro_batch_size=micro, **train_kw),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine", schedule_steps=schedule_steps),
+        optim=OptimConfig(lr=lr, warmup_steps=2, schedule="cosine", schedule_steps=schedule_steps),
     )
     torch.manual_seed(seed)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="test")
@@ -248,3 +249,23 @@ def test_a_data_walk_resumed_on_data_of_another_size_is_refused_not_spun_forever
     same = source(32)
     same.load_state_dict(state)
     assert same.next_step().micro_batches == walked.next_step().micro_batches
+
+
+def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(tmp_path, tokenizer, capsys):
+    """The way out of a diverged run: resume with a lower optim.lr. The checkpoint's optimizer and scheduler state
+    carried the old peak lr back; now the config's peak applies from the resumed step, on the same schedule."""
+    full, source = _trainer(tmp_path, tokenizer, name="full", steps=6, save_every=2, keep_last=3)
+    full.fit(source, _loss_fn)
+    shutil.copytree(tmp_path / "full", tmp_path / "split")  # as if stopped after its step-2 checkpoint
+    for later in ("step-4", "step-6"):
+        shutil.rmtree(tmp_path / "split" / "checkpoints" / later, ignore_errors=True)
+    (tmp_path / "split" / "summary.json").unlink(missing_ok=True)
+    resumed, source = _trainer(tmp_path, tokenizer, name="split", steps=6, resume=True, save_every=2, keep_last=3,
+                               lr=3e-4)
+    resumed.fit(source, _loss_fn)
+    before = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    after = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "split" / "metrics.jsonl")}
+    assert [after[step] for step in (1, 2)] == [before[1], before[2]]  # the steps before the checkpoint, kept
+    assert [after[step] for step in (3, 4, 5, 6)] == pytest.approx([before[step] / 10 for step in (3, 4, 5, 6)],
+                                                                   rel=1e-12)
+    assert "initial_lr 0.003 -> 0.0003" in " ".join(capsys.readouterr().out.split())

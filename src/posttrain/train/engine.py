@@ -377,7 +377,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip or math.inf)
             grad_norm = dist.grad_norm_value(norm)
             finite = math.isfinite(grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's (the scheduler's last, or a resume's configured)
         spike = finite and self._is_spike(grad_norm)
         if finite and not spike:
             before = self._weight_norm if self._weight_norm is not None else self._measure_weight_norm()
@@ -477,6 +477,8 @@ class Trainer:
             raise ConfigError(f"{path} was written by a {'multi' if is_sharded_checkpoint(path) else 'single'}-"
                               f"process run; resume it the same way (torchrun with the same --nproc_per_node, "
                               f"or plain posttrain)", field="run.resume")
+        configured = [{key: group[key] for key in RESUMED_SETTINGS if key in group}
+                      for group in self.optimizer.param_groups]
         try:
             if self.dist.distributed:
                 state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
@@ -493,6 +495,7 @@ class Trainer:
                 tmp.write_text((path / "config.yaml").read_text(encoding="utf-8"), encoding="utf-8")
                 tmp.replace(self.run_dir.config)
             raise
+        self._keep_configured_settings(configured)
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.skipped_steps = state["skipped_steps"]
@@ -508,9 +511,31 @@ class Trainer:
         return path
 
 
+    def _keep_configured_settings(self, configured: list[dict[str, Any]]) -> None:
+        """The learning rates (and weight decay, betas) of this run's config, not the checkpoint's: loading the
+        optimizer's and scheduler's state brings back the values they were saved with, while config.yaml records the
+        new ones, and a lower optim.lr is how a diverged run is resumed. The schedule's position is the checkpoint's:
+        lr = the configured peak x the schedule's factor at the resumed step. Unchanged settings are left as loaded
+        (a plain resume stays bitwise)."""
+        changed = []
+        for index, (group, settings) in enumerate(zip(self.optimizer.param_groups, configured, strict=True)):
+            moved = {key: value for key, value in settings.items() if group.get(key) != value}
+            if not moved:
+                continue
+            changed += [f"{key} {group.get(key)} -> {value}" for key, value in moved.items()]
+            group.update(moved)
+            self.scheduler.base_lrs[index] = group["initial_lr"]
+            group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[index](self.scheduler.last_epoch)
+        if changed:
+            self._warn(f"resumed with the config's optimizer settings, not the checkpoint's: {'; '.join(changed)}")
+
     def _warn(self, message: str) -> None:
         if self.dist.is_main:
             self.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+# What a resumed run takes from its config rather than from the checkpoint's optimizer state (`_maybe_resume`).
+RESUMED_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")
 
 
 class _NoMetrics:
