@@ -127,3 +127,42 @@ def test_completions_no_sft_row_can_hold_are_never_kept(pretrained_run, tmp_path
     samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
     kept = [s["completion"] for s in samples if s.get("kept")]
     assert kept == ["5"] * 4
+
+
+def test_a_resume_inside_a_round_samples_that_round_again_and_keeps_the_run_s_rounds(pretrained_run, tmp_path,
+                                                                                    monkeypatch):
+    """Ctrl-C in the middle of round 2 (its checkpoint holds no pairs): the resumed run samples round 2 again, from
+    the checkpoint's model, for its remaining step — 2 rounds and 4 steps in all, not a third round."""
+    import os
+    import signal
+
+    from posttrain.errors import ConfigError
+    from posttrain.recipes import rejection
+
+    overrides = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+                 "run.log_every=1", "train.save_every=0", "data.size=32", "prompts_per_round=6", "rounds=2",
+                 "train.max_steps=4", "train.batch_size=4", "train.micro_batch_size=4",
+                 "sampling.samples_per_prompt=4", "sampling.max_new_tokens=8", "select.threshold=0",
+                 "reward.functions={format: 1.0}", "eval.problems=4", "eval.max_new_tokens=4", "eval_before=false"]
+    calls, loss_fn = {"n": 0}, rejection.sft_loss_fn
+
+    def stopping_at_step_3(model, batch, normaliser):
+        calls["n"] += 1
+        if calls["n"] == 3:  # round 2's first step: it finishes, then the run stops with a checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_fn(model, batch, normaliser)
+
+    monkeypatch.setattr(rejection, "sft_loss_fn", stopping_at_step_3)
+    stopped = main(load_config(RejectionConfig, find_recipe("rejection").path, overrides))
+    assert stopped.summary == {"interrupted_at_step": 3}
+    monkeypatch.undo()
+    resumed = main(load_config(RejectionConfig, find_recipe("rejection").path, [*overrides, "run.resume=true"]))
+    metrics = read_metrics(resumed.run_dir / "metrics.jsonl")
+    assert [(m["step"], m["round"]) for m in metrics] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert resumed.summary["rounds"] == 2 and resumed.summary["steps"] == 4
+    with pytest.raises(ConfigError, match="between rounds") as err:  # a periodic checkpoint inside a round
+        rejection.check_config(load_config(RejectionConfig, find_recipe("rejection").path,
+                                           [*overrides, "train.save_every=3"]))
+    assert err.value.field == "train.save_every"
+    rejection.check_config(load_config(RejectionConfig, find_recipe("rejection").path,
+                                       [*overrides, "train.save_every=2"]))

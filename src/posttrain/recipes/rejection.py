@@ -145,6 +145,14 @@ def check_config(cfg: RejectionConfig) -> None:
     if cfg.train.max_steps < cfg.rounds:
         raise ConfigError(f"train.max_steps ({cfg.train.max_steps}) must give every one of the {cfg.rounds} rounds "
                           "at least one step", field="train.max_steps")
+    # A checkpoint holds no round's pairs: a periodic one inside a round would resume with that round sampled again.
+    every, per_round = cfg.train.save_every, cfg.train.max_steps // cfg.rounds
+    last_round_start = per_round * (cfg.rounds - 1)  # the last round takes the remainder of max_steps / rounds too
+    inside_last = every and (last_round_start // every + 1) * every < cfg.train.max_steps
+    if every and every < cfg.train.max_steps and (every % per_round or inside_last):
+        raise ConfigError(f"train.save_every ({every}) must put checkpoints between rounds: a multiple of the "
+                          f"{per_round} steps of a round, none inside the last round (steps {last_round_start + 1}-"
+                          f"{cfg.train.max_steps}), or 0", field="train.save_every")
     check_reward_functions(cfg.reward)
 
 
@@ -202,13 +210,16 @@ class RejectionStepSource:
         self.inner: ShuffledStepSource | None = None
         self.round_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.round_start = self.prompts.state_dict()  # the prompt stream before the current round sampled
 
     def next_step(self) -> StepBatch:
         first = self.inner is None or (self.steps_in_round == self.steps_per_round
                                        and self.prompts.rounds < self.cfg.rounds)
         if first:
+            resumed_inside = self.inner is None and self.steps_in_round > 0  # its steps so far are done
+            self.round_start = self.prompts.state_dict()
             self.inner = self.new_round()
-            self.steps_in_round = 0
+            self.steps_in_round = self.steps_in_round if resumed_inside else 0
         self.steps_in_round += 1
         batch = self.inner.next_step()
         metrics = {**self.round_metrics, "round": self.prompts.rounds}
@@ -217,11 +228,28 @@ class RejectionStepSource:
         return dataclasses.replace(batch, metrics={**batch.metrics, **metrics})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict(), "history": self.history}
+        return {"prompts": self.prompts.state_dict(), "history": self.history, "round_start": self.round_start,
+                "steps_in_round": self.steps_in_round}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.prompts.load_state_dict(state["prompts"])
+        """Between rounds (check_config puts periodic checkpoints there): the next round as the uninterrupted run
+        samples it. Inside one (a Ctrl-C's checkpoint): that round again, sampled from the model of the checkpoint,
+        for its remaining steps, so the run still has `rounds` rounds and `max_steps` steps."""
         self.history, self.inner = list(state["history"]), None
+        inside = state.get("round_start") is not None and 0 < state.get("steps_in_round", 0) < self._round_steps(
+            state["prompts"]["rounds"])
+        if inside:
+            self.prompts.load_state_dict(state["round_start"])
+            self.history = self.history[:-1]
+            self.steps_in_round = state["steps_in_round"]
+        else:
+            self.prompts.load_state_dict(state["prompts"])
+        self.round_start = self.prompts.state_dict()
+
+    def _round_steps(self, round_number: int) -> int:
+        """The steps of round `round_number` (1-based): max_steps / rounds each, the last one the rest too."""
+        return self.cfg.train.max_steps - self.steps_per_round * (self.cfg.rounds - 1) \
+            if round_number >= self.cfg.rounds else self.steps_per_round
 
     def new_round(self) -> ShuffledStepSource:
         """Sample, score, select; the SFT step source over the kept pairs."""
