@@ -223,3 +223,20 @@ def test_sft_stops_on_its_dev_draw_and_scores_the_heldout_problems_where_it_stop
     assert never.summary["steps"] == 6 and "stopped_by" not in never.summary
     assert [("dev_accuracy" in m, "eval_accuracy" in m) for m in metrics if m["step"] % 2 == 0] == \
         [(True, False), (True, False), (True, True)]
+
+
+def test_a_run_stopped_before_its_first_evaluation_resumes_with_one_copy_of_the_starting_samples(
+        pretrained_run, tmp_path, resumes_bitwise):
+    """The resumed process evaluates the starting model again (for its summary): its samples, recorded by the first
+    process, are not appended a second time (before, samples.jsonl had every step-0 sample twice)."""
+    settings = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+                "data.size=16", "train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=8",
+                "train.save_every=1", "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=4", "eval_before=true"]
+
+    def run(*overrides: str):
+        return main(load_config(SFTConfig, find_recipe("sft").path, [*settings, *overrides]))
+
+    full = run("run.name=full")
+    steps = [r["step"] for r in read_metrics(full.run_dir / "samples.jsonl")]
+    assert steps.count(0) > 0 and set(steps) == {0, 2}  # the starting model's and the final model's only
+    resumes_bitwise(full, lambda name: run(f"run.name={name}", "run.resume=true"))

@@ -46,3 +46,17 @@ def test_a_disabled_display_prints_nothing():
     out = io.StringIO()
     run_phases(RunProgress(enabled=False, console=Console(file=out)), out)
     assert out.getvalue() == ""
+
+
+def test_appending_after_a_line_a_crash_cut_short_drops_that_line_first(tmp_path):
+    """A kill in the middle of appending leaves a last line without its newline; the next append (a resumed run's)
+    must not glue its first record to it, which would leave a damaged line mid-file that no resume gets past."""
+    from posttrain.train.metrics import append_jsonl, read_metrics
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"step": 1, "completion": "a"}\n{"step": 2, "compl')
+    append_jsonl(path, [{"step": 2, "completion": "b"}])
+    assert read_metrics(path) == [{"step": 1, "completion": "a"}, {"step": 2, "completion": "b"}]
+    path.write_text('{"step": 3, "comp')  # nothing whole before the cut
+    append_jsonl(path, [{"step": 3}])
+    assert path.read_text() == '{"step": 3}\n'

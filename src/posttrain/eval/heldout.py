@@ -39,7 +39,7 @@ from posttrain.models.precision import autocast_dtype
 from posttrain.rewards.functions import NEEDS_ANSWER, Completions, Scores
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
-from posttrain.train.metrics import append_jsonl, write_json
+from posttrain.train.metrics import append_jsonl, read_metrics, write_json
 from posttrain.train.progress import SILENT, Phase, RunProgress
 
 # What one evaluator gives: its metrics (eval_*) and greedy samples for samples.jsonl.
@@ -415,6 +415,13 @@ def unflat_headroom(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     return table
 
 
+def _recorded_at_start(samples: Path) -> bool:
+    """Whether the samples of the starting model's evaluation are in `samples` already: a resumed run measures it
+    again (for its summary), and its samples, the same, are not appended twice."""
+    return samples.is_file() and any(record.get("step", 0) == 0 and "completion" in record
+                                     for record in read_metrics(samples))
+
+
 class Evaluation:
     """The held-out evaluations of one run: `run(model, step)` runs each part as a named progress phase,
     appends its greedy samples (with the step) to `samples`, records the exact match per problem beside it
@@ -446,7 +453,7 @@ class Evaluation:
                 values, records = part.run(model, bar)
             self._measured[i] = values
             metrics |= values
-            if self.samples is not None and records:
+            if self.samples is not None and records and not (step == 0 and _recorded_at_start(self.samples)):
                 append_jsonl(self.samples, [{"step": step, **record} for record in records])
             if self.samples is not None and part.per_problem is not None:
                 write_json(self.samples.with_name(PER_PROBLEM_FILE), {"step": step, **part.per_problem()})

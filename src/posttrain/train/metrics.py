@@ -105,9 +105,31 @@ def write_json(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows to a JSONL file; under torchrun only rank 0 writes (its own rows)."""
+    """Append rows to a JSONL file; under torchrun only rank 0 writes (its own rows). A last line a crash cut short
+    (no newline) is dropped first: appended to, it would become a damaged line in the middle of the file."""
     if not is_main_process():
         return
-    with Path(path).open("a", encoding="utf-8") as f:
+    path = Path(path)
+    _drop_torn_tail(path)
+    with path.open("a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut `path` back to its last newline when it does not end with one."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("r+b") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        size, chunk = f.tell(), 1 << 16
+        while True:  # the last newline, reading backwards a chunk at a time
+            start = max(0, size - chunk)
+            f.seek(start)
+            newline = f.read(size - start).rfind(b"\n")
+            if newline >= 0 or start == 0:
+                f.truncate(start + newline + 1 if newline >= 0 else 0)
+                return
+            size = start
