@@ -269,3 +269,24 @@ def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(tmp_path, tokeniz
     assert [after[step] for step in (3, 4, 5, 6)] == pytest.approx([before[step] / 10 for step in (3, 4, 5, 6)],
                                                                    rel=1e-12)
     assert "initial_lr 0.003 -> 0.0003" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error_that_leaves_no_half_checkpoint(tmp_path, tokenizer,
+                                                                                         monkeypatch):
+    import errno
+
+    from posttrain.errors import RunDirError
+    from posttrain.train import checkpoint
+
+    trainer, source = _trainer(tmp_path, tokenizer, name="full", steps=4, save_every=2, keep_last=3)
+    save_file = checkpoint.save_file
+
+    def disk_full_at_step_4(tensors, filename):
+        if "step-4" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return save_file(tensors, filename)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_at_step_4)
+    with pytest.raises(RunDirError, match=r"No space left on device.*step-2, is kept"):
+        trainer.fit(source, _loss_fn)
+    assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step-2"]

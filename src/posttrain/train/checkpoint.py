@@ -46,6 +46,27 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
+    try:
+        _write_checkpoint(tmp, step, modules=modules, optimizers=optimizers, schedulers=schedulers,
+                          trainer_state=trainer_state, config_text=config_text, tokenizer=tokenizer)
+    except OSError as err:  # a full disk, a quota, a directory turned read-only: the half-written one goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = list_checkpoints(root)
+        raise RunDirError(f"cannot write the checkpoint of step {step} ({err.strerror or err}); "
+                          + (f"the last complete one, {last[-1].name}, is kept: free space and resume from it"
+                             if last else "no earlier one exists"), file=str(root)) from err
+    if final.exists():  # a re-save of the same step (e.g. a stop right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    prune_checkpoints(root, keep_last, keep_before)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, *, modules: Mapping[str, torch.nn.Module],
+                      optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
+                      trainer_state: dict[str, Any], config_text: str, tokenizer: Any) -> None:
+    """Every file of a checkpoint into `tmp`, flushed to disk and sealed by its manifest."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -69,12 +90,6 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
     _fsync_tree(tmp)
     write_manifest(tmp, step)
     _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. a stop right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    prune_checkpoints(root, keep_last, keep_before)
-    return final
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep_before: int | None = None) -> None:
