@@ -13,11 +13,15 @@ it was copied or moved to. Nothing of a run is lost to a mistake or a stop on th
 A run that fails or is stopped before 3 is undone by `abandon_unstarted` (its directory deleted, the
 replaced run moved back); a process killed outright leaves the marker, and the next `check_run_dir` of
 that directory undoes it then.
+
+One process at a time per run: `check_run_dir` takes an exclusive lock on `.<name>.lock` beside the directory
+(an empty file, left in place), held until the process ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -94,6 +98,7 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
     if not dist.is_main_process():
         return
     path = run_path(run)
+    _hold_run_lock(path)
     _undo_unstarted(path)
     if not run.resume:
         if path.exists() and any(path.iterdir()) and not run.overwrite:
@@ -154,6 +159,34 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> 
     os.replace(tmp, run_dir.config)
     dist.barrier()
     return run_dir
+
+
+# The run directories this process holds the lock of, with the open lock file (held until the process ends).
+_HELD_LOCKS: dict[Path, Any] = {}
+
+
+def _hold_run_lock(path: Path) -> None:
+    """One process per run directory: an exclusive lock on `.<name>.lock` beside it (beside, so that it stays put
+    while an overwritten run is moved aside), taken before anything of the run is touched. A second process (a
+    `posttrain resume` of a run still running, an overwrite under a live run) would otherwise truncate the
+    metrics the first appends to and both would rename the same checkpoints. Where no lock file can be written (a
+    read-only directory), nothing is locked."""
+    path = path.resolve()  # one key however the directory is spelled (elsewhere/../runs/sft)
+    if path in _HELD_LOCKS:
+        return
+    lock_file = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_file.open("a")
+    except OSError:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunDirError(f"another process is running this run now (it holds {lock_file}): wait for it to end, or "
+                          "stop it, before resuming or overwriting the run", file=str(path)) from None
+    _HELD_LOCKS[path] = handle
 
 
 def abandon_unstarted(run: RunConfig) -> str:
