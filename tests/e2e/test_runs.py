@@ -21,7 +21,7 @@ from posttrain.cli import app
 from posttrain.config import RunConfig
 from posttrain.errors import ConfigError, RunDirError
 from posttrain.train.metrics import read_metrics, truncate_metrics, truncate_samples
-from posttrain.train.run_dir import check_run_dir, prepare_run_dir
+from posttrain.train.run_dir import check_run_dir, prepare_run_dir, run_lock_file
 
 runner = CliRunner()
 
@@ -33,14 +33,9 @@ def _sft_args(model: Path, out: Path, name: str = "sft", steps: int = 2) -> list
 
 
 def _files(path: Path) -> dict[str, str]:
-    """Every file under `path` with its content hash (the runs' empty lock files aside): equal means byte-identical."""
+    """Every file under `path` with its content hash: equal means byte-identical."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
-
-
-def _listed(path: Path) -> list[str]:
-    """The names in `path` but the runs' lock files (`.<run>.lock`, beside each run directory)."""
-    return sorted(p.name for p in path.iterdir() if not p.name.endswith(".lock"))
+            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _invoke(args: list[str]) -> tuple[int, str]:
@@ -160,7 +155,7 @@ def test_overwrite_failing_before_training_restores_the_old_run(finished_sft, pr
     code, output = _invoke(_sft_args(pretrained_run.final_dir, tmp_path) + ["run.overwrite=true"])
     assert code == 2 and "a failure after the run directory" in output
     assert _files(copy) == before
-    assert _listed(tmp_path) == ["sft"]  # nothing left aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # nothing left aside
 
 
 def test_overwrite_deletes_the_old_run_once_the_new_one_trains(finished_sft, pretrained_run, tmp_path):
@@ -171,7 +166,7 @@ def test_overwrite_deletes_the_old_run_once_the_new_one_trains(finished_sft, pre
     assert code == 0, output
     assert not (copy / "old-only.txt").exists() and not (copy / ".unstarted").exists()
     assert [m["step"] for m in read_metrics(copy / "metrics.jsonl")] == [1]
-    assert _listed(tmp_path) == ["sft"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +190,7 @@ def test_a_kill_before_the_first_step_is_undone_by_the_next_start(tmp_path, kill
     with pytest.raises(RunDirError, match="already exists"):  # a retry without overwrite: the old run is back
         check_run_dir(RunConfig(name="run", out_dir=str(tmp_path)), cfg)
     assert (old / "metrics.jsonl").read_text() == '{"step": 1}\n'
-    assert _listed(tmp_path) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_truncating_metrics_drops_later_steps_and_a_torn_line(tmp_path):
@@ -203,7 +198,7 @@ def test_truncating_metrics_drops_later_steps_and_a_torn_line(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     kept = truncate_metrics(path, 2)
     assert kept == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
-    assert read_metrics(path) == kept and _listed(tmp_path) == ["metrics.jsonl"]
+    assert read_metrics(path) == kept and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
 
@@ -216,7 +211,7 @@ def test_truncating_samples_keeps_each_steps_samples_once(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in [*first, {"step": 0, "c": "a"}, {"step": 0, "c": "b"}]))
     truncate_samples(path, 2)
     assert read_metrics(path) == first[:4]
-    assert _listed(tmp_path) == ["samples.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]
 
 
 SLOW_PHASE = """
@@ -241,7 +236,7 @@ def test_sigterm_before_the_training_loop_exits_cleanly(pretrained_run, finished
         shutil.copytree(finished_sft, tmp_path / "sft")
         target, name = "from posttrain.eval.heldout import Evaluation as target", "run"
         extra = ["run.overwrite=true", "eval_before=true"]
-    before, names = _files(tmp_path), _listed(tmp_path)
+    before, names = _files(tmp_path), sorted(p.name for p in tmp_path.iterdir())
     script = tmp_path.parent / f"{tmp_path.name}-slow.py"
     script.write_text(SLOW_PHASE.format(target=target, name=name))
     proc = subprocess.Popen([sys.executable, str(script), *_sft_args(pretrained_run.final_dir, tmp_path), *extra],
@@ -261,7 +256,7 @@ def test_sigterm_before_the_training_loop_exits_cleanly(pretrained_run, finished
     assert proc.returncode == 128 + signal.SIGTERM, text
     assert "stopped by SIGTERM" in text and "Traceback" not in text, text
     # Nothing new was left (no directory that blocks the retry), and an overwritten run is back, byte for byte.
-    assert _listed(tmp_path) == names and _files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == names and _files(tmp_path) == before
 
 
 def test_a_run_another_process_is_running_is_refused(finished_sft, tmp_path):
@@ -273,9 +268,10 @@ def test_a_run_another_process_is_running_is_refused(finished_sft, tmp_path):
     copy = tmp_path / "sft"
     shutil.copytree(finished_sft, copy)
     (copy / "summary.json").unlink()
+    run_lock_file(copy).parent.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True);"
-        " time.sleep(60)"), str(tmp_path / ".sft.lock")], stdout=subprocess.PIPE, text=True)
+        " time.sleep(60)"), str(run_lock_file(copy))], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         before = _files(copy)

@@ -147,8 +147,7 @@ def test_run_dir_refuses_to_overwrite(tmp_path):
     aside = tmp_path / ".pretrain.replaced"
     assert not new.metrics.exists() and (aside / "metrics.jsonl").is_file()  # kept until the new run trains
     new.begin_training()
-    listed = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))  # a run's lock stays beside it
-    assert not aside.exists() and listed == ["pretrain"]
+    assert not aside.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
 
 
 def test_resume_without_a_run_is_an_error(tmp_path):

@@ -14,17 +14,19 @@ A run that fails or is stopped before 3 is undone by `abandon_unstarted` (its di
 replaced run moved back); a process killed outright leaves the marker, and the next `check_run_dir` of
 that directory undoes it then.
 
-One process at a time per run: `check_run_dir` takes an exclusive lock on `.<name>.lock` beside the directory
-(an empty file, left in place), held until the process ends.
+One process at a time per run: `check_run_dir` takes an exclusive lock (`run_lock_file`, in the machine's
+temporary directory), held until the process ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,18 +167,24 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> 
 _HELD_LOCKS: dict[Path, Any] = {}
 
 
+def run_lock_file(path: Path) -> Path:
+    """The lock file of the run directory `path`: in the machine's temporary directory, keyed by the directory's
+    resolved path, so that nothing is left in the user's runs/ (a failed start leaves nothing there)."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    return Path(tempfile.gettempdir()) / "posttrain-run-locks" / f"{digest}.lock"
+
+
 def _hold_run_lock(path: Path) -> None:
-    """One process per run directory: an exclusive lock on `.<name>.lock` beside it (beside, so that it stays put
-    while an overwritten run is moved aside), taken before anything of the run is touched. A second process (a
-    `posttrain resume` of a run still running, an overwrite under a live run) would otherwise truncate the
-    metrics the first appends to and both would rename the same checkpoints. Where no lock file can be written (a
-    read-only directory), nothing is locked."""
+    """One process per run directory: an exclusive lock (`run_lock_file`), taken before anything of the run is
+    touched and held until the process ends. A second process (a `posttrain resume` of a run still running, an
+    overwrite under a live run) would otherwise truncate the metrics the first appends to, and both would rename
+    the same checkpoints. Where no lock file can be written, nothing is locked."""
     path = path.resolve()  # one key however the directory is spelled (elsewhere/../runs/sft)
     if path in _HELD_LOCKS:
         return
-    lock_file = path.parent / f".{path.name}.lock"
+    lock_file = run_lock_file(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
         handle = lock_file.open("a")
     except OSError:
         return
