@@ -122,8 +122,6 @@ def test_offline_reward_errors_are_kept_and_a_mostly_failing_reward_stops_before
 def test_offline_rewards_and_graders_read_every_column_of_the_row(tmp_path):
     """A TRL-style function gets the row's other columns as keyword lists, a grader reads them as item.<column>,
     and a template naming a column the rows lack is refused before anything is scored."""
-    from posttrain.recipes.rl import check_grader_columns
-
     rows = [{"prompt": "What is 3+4?", "completion": "7", "answer": "7", "solution": "7"},
             {"prompt": "What is 3+4?", "completion": "8", "answer": "7", "solution": "7"},
             {"prompt": "What is 2*5?", "completion": "it is 10", "answer": "10", "solution": "10"}]
@@ -137,10 +135,10 @@ def test_offline_rewards_and_graders_read_every_column_of_the_row(tmp_path):
     grader.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_text }}"\n'
                       'reference: "{{ item.solution }}"\n')
     graded = build_rewards(RewardConfig(functions={"grader": 1.0}, grader=str(grader)), None)
-    check_grader_columns(graded, candidates[0].columns)
+    graded.check_grader_columns(candidates[0].columns)
     assert score_candidates(candidates, graded).total.tolist() == [1.0, 0.0, 0.0]
     grader.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_text }}"\n'
                       'reference: "{{ item.gold }}"\n')
     with pytest.raises(ConfigError, match="item.gold"):
-        check_grader_columns(build_rewards(RewardConfig(functions={"grader": 1.0}, grader=str(grader)), None),
-                             candidates[0].columns)
+        build_rewards(RewardConfig(functions={"grader": 1.0}, grader=str(grader)), None).check_grader_columns(
+            candidates[0].columns)

@@ -390,11 +390,11 @@ def _fit_group(encoder: Encoder, sequences: list[tuple[list[int], list[int]]]) -
     longest = max(len(ids) for ids, _ in sequences)
     status = {"original_length": longest, "truncated": False, "drop": "", "error": "", "error_field": ""}
     excess = longest - encoder.max_length
-    # Left truncation cuts the prompt, never into a trained token: the kept BOS, or one prompt token, stays before
-    # the first of them (a sample that opens with a trained token has nothing to predict it from).
-    cuttable = min(encoder.cuttable(ids, mask) for ids, mask in sequences)
     if excess > 0:
-        if encoder.truncation == "truncate_left" and excess <= cuttable:
+        # Left truncation cuts the prompt, never into a trained token: the kept BOS, or one prompt token, stays
+        # before the first of them (a sample that opens with a trained token has nothing to predict it from).
+        if encoder.truncation == "truncate_left" and excess <= min(encoder.cuttable(ids, mask)
+                                                                   for ids, mask in sequences):
             sequences = [encoder.fit(ids, mask, excess) for ids, mask in sequences]
             status["truncated"] = True
         else:

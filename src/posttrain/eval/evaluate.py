@@ -55,7 +55,6 @@ from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
 from posttrain.models.value import ACTOR_PREFIX
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
-from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import packed_logprobs_and_entropy
@@ -456,10 +455,7 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
                 "column; --reward a grader or your own function instead)") if "needs a task" in str(err) else ""
         raise ConfigError(f"{err}{hint}", field="--task" if hint else field) from None
     heldout.check_gold_answers(rows.dataset, rows.tokenized.name, functions)
-    columns = json.loads(rows.dataset[0]["row"] or "{}")
-    for fn, _ in rewards.functions.values():
-        if getattr(fn, "grader", None) is not None:
-            check_grader_fields(fn.grader, columns)
+    rewards.check_grader_columns(json.loads(rows.dataset[0]["row"] or "{}"))
     return functions, rewards
 
 

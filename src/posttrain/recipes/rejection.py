@@ -146,14 +146,20 @@ def check_config(cfg: RejectionConfig) -> None:
         raise ConfigError(f"train.max_steps ({cfg.train.max_steps}) must give every one of the {cfg.rounds} rounds "
                           "at least one step", field="train.max_steps")
     # A checkpoint holds no round's pairs: a periodic one inside a round would resume with that round sampled again.
-    every, per_round = cfg.train.save_every, cfg.train.max_steps // cfg.rounds
-    last_round_start = per_round * (cfg.rounds - 1)  # the last round takes the remainder of max_steps / rounds too
+    every, per_round = cfg.train.save_every, _round_steps(cfg, 1)
+    last_round_start = cfg.train.max_steps - _round_steps(cfg, cfg.rounds)
     inside_last = every and (last_round_start // every + 1) * every < cfg.train.max_steps
     if every and every < cfg.train.max_steps and (every % per_round or inside_last):
         raise ConfigError(f"train.save_every ({every}) must put checkpoints between rounds: a multiple of the "
                           f"{per_round} steps of a round, none inside the last round (steps {last_round_start + 1}-"
                           f"{cfg.train.max_steps}), or 0", field="train.save_every")
     check_reward_functions(cfg.reward)
+
+
+def _round_steps(cfg: RejectionConfig, round_number: int) -> int:
+    """The steps of round `round_number` (1-based): max_steps / rounds each, the last one the remainder too."""
+    per_round = cfg.train.max_steps // cfg.rounds
+    return cfg.train.max_steps - per_round * (cfg.rounds - 1) if round_number >= cfg.rounds else per_round
 
 
 def trainable(rollout: Rollout) -> Tensor:
@@ -204,7 +210,7 @@ class RejectionStepSource:
         self.rewards, self.task, self.samples = rewards, task, samples
         self.progress = progress or RunProgress(enabled=False)
         self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed)
-        self.steps_per_round = cfg.train.max_steps // cfg.rounds
+        self.steps_per_round = _round_steps(cfg, 1)
         self.params = cfg.sampling.params()
         self.steps_in_round = 0
         self.inner: ShuffledStepSource | None = None
@@ -236,8 +242,8 @@ class RejectionStepSource:
         samples it. Inside one (a Ctrl-C's checkpoint): that round again, sampled from the model of the checkpoint,
         for its remaining steps, so the run still has `rounds` rounds and `max_steps` steps."""
         self.history, self.inner = list(state["history"]), None
-        inside = state.get("round_start") is not None and 0 < state.get("steps_in_round", 0) < self._round_steps(
-            state["prompts"]["rounds"])
+        inside = state.get("round_start") is not None and 0 < state.get("steps_in_round", 0) < _round_steps(
+            self.cfg, state["prompts"]["rounds"])
         if inside:
             self.prompts.load_state_dict(state["round_start"])
             self.history = self.history[:-1]
@@ -245,11 +251,6 @@ class RejectionStepSource:
         else:
             self.prompts.load_state_dict(state["prompts"])
         self.round_start = self.prompts.state_dict()
-
-    def _round_steps(self, round_number: int) -> int:
-        """The steps of round `round_number` (1-based): max_steps / rounds each, the last one the rest too."""
-        return self.cfg.train.max_steps - self.steps_per_round * (self.cfg.rounds - 1) \
-            if round_number >= self.cfg.rounds else self.steps_per_round
 
     def new_round(self) -> ShuffledStepSource:
         """Sample, score, select; the SFT step source over the kept pairs."""

@@ -41,7 +41,7 @@ from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
-from posttrain.recipes.rl import build_rewards, check_grader_columns, check_reward_functions, resolve_task
+from posttrain.recipes.rl import build_rewards, check_reward_functions, resolve_task
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.error_log import ERRORS_FILE, RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
@@ -76,7 +76,7 @@ def main(cfg: Any) -> RunResult:
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     candidates = load_candidates(cfg.data)
     rewards = build_rewards(cfg.reward, resolve_task(cfg))
-    check_grader_columns(rewards, candidates[0].columns if candidates else {})
+    rewards.check_grader_columns(candidates[0].columns if candidates else {})
     # Errors are printed and counted as the set is scored, before anything on disk is touched; kept on disk after.
     errors = RewardErrorLog(None, cfg.reward.max_error_fraction)
     rewards.error_log = errors

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,7 +39,6 @@ from posttrain.rewards.functions import (
     WeightedRewards,
     reward_function,
 )
-from posttrain.rewards.graders import check_grader_fields
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
 from posttrain.train import dist
 from posttrain.train.engine import TrainConfig
@@ -144,15 +142,8 @@ def build_rewards(cfg: RewardConfig, task: Task | None, dataset: Any = None,
     if eval_cfg is not None:
         heldout.CorrectRule.of(eval_cfg).check(rewards.functions, "eval.correct_by")
     if dataset is not None and len(dataset) and "row" in dataset.column_names:
-        check_grader_columns(rewards, json.loads(dataset[0]["row"] or "{}"))
+        rewards.check_grader_columns(json.loads(dataset[0]["row"] or "{}"))
     return rewards
-
-
-def check_grader_columns(rewards: WeightedRewards, columns: Collection[str]) -> None:
-    """A ConfigError at start-up when a grader's template reads a field the data's rows (`columns`) do not have."""
-    for fn, _ in rewards.functions.values():
-        if getattr(fn, "grader", None) is not None:
-            check_grader_fields(fn.grader, columns)
 
 
 def log_reward_errors(rewards: WeightedRewards, cfg: RewardConfig, run_dir: Path) -> WeightedRewards:

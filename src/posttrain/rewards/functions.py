@@ -216,6 +216,14 @@ class WeightedRewards:
         reward_model_path) goes to the factories."""
         return cls({name: (reward_function(name, **context), float(w)) for name, w in weights.items()})
 
+    def check_grader_columns(self, columns: Sequence[str] | Mapping[str, Any]) -> None:
+        """A ConfigError at start-up when a grader's template reads a field the data's rows (`columns`) lack."""
+        from posttrain.rewards.graders import check_grader_fields
+
+        for fn, _ in self.functions.values():
+            if getattr(fn, "grader", None) is not None:
+                check_grader_fields(fn.grader, columns)
+
     def __call__(self, batch: Completions) -> Scores:
         """A function that raises scores 0 on every row, and a NaN scores 0 on its row: both are error records
         (with the traceback), like a grader's errors. A None is no score (the function does not apply to the

@@ -491,9 +491,7 @@ class Trainer:
             # The run's config.yaml already holds this attempt's settings, which do not fit the checkpoint: put
             # back the checkpoint's own, so that a plain `posttrain resume` of the directory still works.
             if self.dist.is_main and (path / "config.yaml").is_file():
-                tmp = self.run_dir.path / ".config.yaml.restore"
-                tmp.write_text((path / "config.yaml").read_text(encoding="utf-8"), encoding="utf-8")
-                tmp.replace(self.run_dir.config)
+                self.run_dir.write_config((path / "config.yaml").read_text(encoding="utf-8"))
             raise
         self._keep_configured_settings(configured)
         self.step = state["step"]

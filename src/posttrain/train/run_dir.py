@@ -48,6 +48,12 @@ class RunDir:
     def config(self) -> Path:
         return self.path / "config.yaml"
 
+    def write_config(self, text: str) -> None:
+        """config.yaml, written atomically: a resume killed here must still find the config it needs."""
+        tmp = self.path / ".config.yaml.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.config)
+
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
@@ -155,10 +161,7 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> 
             path.rmdir()
         os.replace(staging, path)
     run_dir = RunDir(path)
-    # Atomic: a resume that is killed here must still find the config it needs.
-    tmp = path / ".config.yaml.tmp"
-    tmp.write_text(config_text(stage, cfg), encoding="utf-8")
-    os.replace(tmp, run_dir.config)
+    run_dir.write_config(config_text(stage, cfg))
     dist.barrier()
     return run_dir
 
