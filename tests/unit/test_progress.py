@@ -60,3 +60,21 @@ def test_appending_after_a_line_a_crash_cut_short_drops_that_line_first(tmp_path
     path.write_text('{"step": 3, "comp')  # nothing whole before the cut
     append_jsonl(path, [{"step": 3}])
     assert path.read_text() == '{"step": 3}\n'
+
+
+def test_every_part_writes_its_starting_samples_once_and_a_resumed_process_none_again(tmp_path):
+    """Two held-out parts (exact match and rewards) both record step-0 samples on a fresh run; a resumed process,
+    which measures the starting model again for its summary, appends none of them a second time."""
+    from posttrain.eval.heldout import Evaluation, Part
+    from posttrain.train.metrics import read_metrics
+
+    samples = tmp_path / "samples.jsonl"
+
+    def part(name):
+        return Part(name, 1, lambda model, bar: ({f"eval_{name}": 1.0}, [{"completion": name}]))
+
+    for _process in range(2):  # the first process, then the resumed one
+        Evaluation([part("accuracy"), part("reward")], samples).run(None, 0)
+    Evaluation([part("accuracy"), part("reward")], samples).run(None, 4)
+    assert [(r["step"], r["completion"]) for r in read_metrics(samples)] == [
+        (0, "accuracy"), (0, "reward"), (4, "accuracy"), (4, "reward")]

@@ -443,6 +443,8 @@ class Evaluation:
         metrics: dict[str, float] = {}
         if self._step != step:
             self._step, self._measured = step, {}
+        # Decided before any part appends: every part's step-0 samples are written once, by the first process.
+        recorded = step == 0 and self.samples is not None and _recorded_at_start(self.samples)
         for i, part in enumerate(self.parts):
             if part.final_only and not final:
                 continue
@@ -453,7 +455,7 @@ class Evaluation:
                 values, records = part.run(model, bar)
             self._measured[i] = values
             metrics |= values
-            if self.samples is not None and records and not (step == 0 and _recorded_at_start(self.samples)):
+            if self.samples is not None and records and not recorded:
                 append_jsonl(self.samples, [{"step": step, **record} for record in records])
             if self.samples is not None and part.per_problem is not None:
                 write_json(self.samples.with_name(PER_PROBLEM_FILE), {"step": step, **part.per_problem()})
