@@ -179,6 +179,19 @@ def test_lora_with_a_live_adapter_disabled_reference_on_rankings(lm_dir, tmp_pat
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)  # merged on save
 
 
+def test_tied_rankings_take_breslows_likelihood_at_the_first_step(lm_dir, tmp_path):
+    """Equal implicit rewards at the first step: each response's term is -log(its candidate pool's size). Ties
+    (scores 3, 3, 1, 1: levels 0, 0, 1, 1) give pools 4, 4, 2, 2; the untied order would give log 4! = log 24."""
+    rows = [{"prompt": f"What is {a}+1?", "responses": [str(a + 1), f"{a + 1}.", str(a), str(a + 2)],
+             "scores": [3, 3, 1, 1]} for a in range(8)]
+    source = tmp_path / "tied.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = main(dpo_config(lm_dir, tmp_path, f"data.source={source}", "train.max_steps=1", "train.batch_size=8",
+                             "train.micro_batch_size=4", "optim.lr=1e-3", "eval.problems=0"))
+    metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    assert_close(torch.tensor(metrics[0]["loss"]), torch.tensor(2 * math.log(4) + 2 * math.log(2)))
+
+
 def test_rankings_take_only_the_sigmoid_loss(lm_dir, tmp_path):
     from posttrain.errors import ConfigError
 

@@ -137,6 +137,45 @@ def test_plackett_luce_with_two_responses_is_bradley_terry_through_the_recipe(lm
         assert_close(other, value, msg=name)
 
 
+def _breslow(values: list[float], levels: list[int]) -> float:
+    """-log prod_k exp(v_k) / sum_{j: level_j >= level_k} exp(v_j), item by item (Breslow's ties)."""
+    return -sum(v - math.log(sum(math.exp(w) for w, level in zip(values, levels, strict=True) if level >= levels[k]))
+                for k, v in enumerate(values))
+
+
+@pytest.mark.parametrize("batch_mode", ["padded", "padding_free"])
+def test_tied_ranking_scores_give_breslows_loss_and_leave_tied_pairs_out_of_the_accuracy(lm_dir, tokenizer, tmp_path,
+                                                                                       batch_mode):
+    rows = [{"prompt": "What is 2+3?", "responses": ["6", "5", "4", "5 it is"], "scores": [2, 9, 2, 9]},
+            {"prompt": "What is 1+1?", "responses": ["2", "3", "11"], "scores": [1, 0, 0]}]
+    # The same responses in the order the tied rows are stored (best first, ties as given), with no ties.
+    untied = [{"prompt": "What is 2+3?", "responses": ["5", "5 it is", "6", "4"]},
+              {"prompt": "What is 1+1?", "responses": ["2", "3", "11"]}]
+    model = build_reward_model(lm_dir, dtype="float32").double()
+    cfg = load_config(RMConfig, None, [])
+    got = {}
+    for name, data in (("tied", rows), ("untied", untied)):
+        prepared = prepare_data(DataConfig(source=write_rows(tmp_path / f"{name}.jsonl", data), batch_mode=batch_mode,
+                                           cache_dir=str(tmp_path / "cache")),
+                                tokenizer, accepts=STAGE_FORMATS["rm"], mask_dtype=torch.float64)
+        batch = prepared.collator([prepared.dataset[i] for i in range(2)])
+        loss, metrics = comparison_loss_fn(cfg)(model, batch, 2.0)
+        with torch.no_grad():
+            scores = sequence_scores(model, batch)
+        got[name] = (loss.item(), metrics, scores)
+    assert_close(got["tied"][2], got["untied"][2])  # the same responses in the same order: the same scores
+    values = got["tied"][2].tolist()
+    want = (_breslow(values[:4], [0, 0, 1, 1]) + _breslow(values[4:], [0, 1, 1])) / 2
+    assert got["tied"][0] == pytest.approx(want, rel=1e-9)
+    assert got["untied"][0] != pytest.approx(want, rel=1e-3)  # the ties changed the loss
+    # accuracy: ranking 0 has 4 ordered pairs (first two vs last two), ranking 1 has 2 (first vs the others)
+    right = [sum(values[i] > values[j] for i in (0, 1) for j in (2, 3)) / 4,
+             sum(values[4] > values[j] for j in (5, 6)) / 2]
+    assert got["tied"][1]["accuracy"] == pytest.approx(sum(right) / 2)
+    best = [(values[0] + values[1]) / 2, values[4]]
+    assert got["tied"][1]["chosen_reward"] == pytest.approx(sum(best) / 2)
+
+
 def test_frozen_backbone_with_an_mlp_head_trains_the_head_only(lm_dir, tmp_path):
     cfg = rm_config(lm_dir, tmp_path, "data.size=32", "train.max_steps=3", "train.batch_size=16",
                     "train.micro_batch_size=16", "eval.size=16", "freeze_backbone=true", "head=mlp",

@@ -140,6 +140,40 @@ def test_plackett_luce_ragged_rankings() -> None:
     assert (scores.grad[mask == 0] == 0).all()
 
 
+def _breslow_by_hand(s: list[float], levels: list[int]) -> float:
+    """-log of prod_k exp(s_k) / sum_{j: level_j >= level_k} exp(s_j), one item at a time."""
+    total = 0.0
+    for k, score in enumerate(s):
+        pool = sum(math.exp(x) for x, level in zip(s, levels, strict=True) if level >= levels[k])
+        total -= score - math.log(pool)
+    return total
+
+
+@pytest.mark.parametrize("levels", [[0, 0, 1], [0, 1, 1], [0, 0, 0, 1], [0, 1, 1, 2]])
+def test_plackett_luce_with_ties_is_breslows_likelihood(levels: list[int]) -> None:
+    s = [0.3, -1.2, 0.8, 2.1][:len(levels)]
+    e = [math.exp(x) for x in s]
+    if levels == [0, 0, 1]:  # a and b tied first: both chosen from {a, b, c}, then c from {c}
+        assert _breslow_by_hand(s, levels) == pytest.approx(-math.log(e[0] / sum(e) * e[1] / sum(e)))
+    got = plackett_luce_loss(torch.tensor([s], dtype=torch.float64), levels=torch.tensor([levels]))
+    assert_close(got, torch.tensor(_breslow_by_hand(s, levels), dtype=torch.float64))
+
+
+def test_plackett_luce_levels_at_positions_is_the_untied_loss_and_ties_ragged_rows_mix() -> None:
+    scores = torch.tensor([[0.3, -1.2, 0.8, 5.0], [1.0, 2.0, 7.0, -3.0], [0.5, 0.1, -0.2, 0.4]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    positions = torch.arange(4).expand(3, 4)
+    assert_close(plackett_luce_loss(scores, mask, positions), plackett_luce_loss(scores, mask))
+    levels = torch.tensor([[0, 0, 1, 0], [0, 1, 0, 0], [0, 1, 1, 2]])  # an absent item's level is never read
+    got = plackett_luce_loss(scores, mask, levels)
+    rows = scores.detach().tolist()
+    want = (_breslow_by_hand(rows[0][:3], [0, 0, 1]) + _breslow_by_hand(rows[1][:2], [0, 1])
+            + _breslow_by_hand(rows[2], [0, 1, 1, 2])) / 3
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    got.backward()
+    assert torch.isfinite(scores.grad).all() and (scores.grad[mask == 0] == 0).all()
+
+
 # ---------------------------------------------------------------- DPO
 
 BETA = 0.1

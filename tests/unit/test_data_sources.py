@@ -87,6 +87,23 @@ def test_ranking_with_scores_is_stored_best_first(tmp_path):
     assert loaded["scores"] == [0.9, 0.5, -1.0]
 
 
+def test_ranking_with_tied_scores_is_stored_best_first_and_collated_with_tie_levels(tmp_path):
+    """UltraFeedback-style ratings tie often: the tied responses share a level (what the losses and the
+    accuracy read), in the order the row gave them."""
+    from posttrain.data.collate import collate_rankings
+
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    row = {"prompt": "q", "responses": ["c1", "a1", "c2", "a2", "d"], "scores": [3, 5, 3, 5, 1]}
+    loaded = load_rows(cfg, ("ranking",), rows=[row]).dataset[0]
+    assert [r[0]["content"] for r in loaded["responses"]] == ["a1", "a2", "c1", "c2", "d"]
+    assert loaded["scores"] == [5.0, 5.0, 3.0, 3.0, 1.0]
+    ids = [[1, 2]] * 5
+    batch = collate_rankings([{"ranked_input_ids": ids, "ranked_response_mask": ids, "scores": loaded["scores"]},
+                              {"ranked_input_ids": ids[:3], "ranked_response_mask": ids[:3], "scores": None}], 0)
+    assert batch["levels"].tolist() == [0, 0, 1, 1, 2, 0, 1, 2]
+    assert batch["ranks"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
 def test_csv_cells_hold_json_lists(tmp_path):
     path = tmp_path / "steps.csv"
     path.write_text('prompt,completions,labels\nq,"[""1+1=2"", ""2+2=5""]","[true, false]"\n')

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from posttrain.data.collate import collate_pairs, collate_rankings
-from posttrain.eval.rewards import comparison_metrics, first_bad, good_steps
+from posttrain.eval.rewards import ScoredComparison, comparison_metrics, first_bad, good_steps
 from posttrain.train.comparisons import (
     comparison_matrix,
     join_rows,
@@ -57,8 +57,35 @@ def test_ordered_pair_accuracy_and_margins_by_hand() -> None:
     assert_close(differences.sum((-1, -2)), torch.tensor([2.0 + 1.0 - 1.0, -1.0, 0.0]))
 
 
+def test_ordered_pairs_leave_out_the_pairs_the_data_ties() -> None:
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    levels = torch.tensor([[0, 1, 1, 2], [0, 0, 1, 0]])
+    # row 0 pairs: 3>1 ok, 3>2 ok, 3>0 ok, 1>0 ok, 2>0 ok (1 vs 2 tied: not a pair); row 1: 0>0 wrong, 1>0 ok
+    assert_close(ordered_pair_accuracy(scores, mask, levels), torch.tensor([1.0, 0.5]))
+    differences, pairs = ordered_pairs(scores, mask, levels)
+    assert pairs.sum((-1, -2)).tolist() == [5, 2]
+    assert_close(differences.sum((-1, -2)), torch.tensor([2.0 + 1.0 + 3.0 + 1.0 + 2.0, 0.0 + 1.0]))
+
+
+def _rows(*scores: list[float], levels: dict[int, list[int]] | None = None) -> list[ScoredComparison]:
+    levels = levels or {}
+    return [ScoredComparison(torch.tensor(s), torch.tensor(levels.get(i, list(range(len(s))))))
+            for i, s in enumerate(scores)]
+
+
+def test_comparison_metrics_with_ties_by_hand() -> None:
+    rows = _rows([2.0, 3.0, 0.0], [1.0, 0.5], levels={0: [0, 0, 1]})
+    metrics = comparison_metrics(rows)
+    # row 0: 2>0 ok, 3>0 ok (2 vs 3 tied first); row 1: 1>0.5 ok; margins 2, 3, 0.5
+    assert metrics["eval_accuracy"] == pytest.approx(1.0)
+    assert metrics["eval_margin"] == pytest.approx(5.5 / 3)
+    assert metrics["eval_chosen_mean"] == pytest.approx((2 + 3 + 1) / 3)  # every response tied for first
+    assert metrics["eval_rejected_mean"] == pytest.approx(0.5 / 2)
+
+
 def test_comparison_metrics_by_hand() -> None:
-    rows = [torch.tensor([2.0, 0.0]), torch.tensor([1.0, 3.0]), torch.tensor([4.0, 1.0, 2.0])]
+    rows = _rows([2.0, 0.0], [1.0, 3.0], [4.0, 1.0, 2.0])
     metrics = comparison_metrics(rows)
     # ordered pairs: 2-0, 1-3, 4-1, 4-2, 1-2 -> accuracy per row 1, 0, 2/3; margins 2, -2, 3, 2, -1
     assert metrics["eval_accuracy"] == pytest.approx((1 + 0 + 2 / 3) / 3)
@@ -86,9 +113,9 @@ def test_the_reward_histogram_leaves_out_rewards_that_are_not_finite_and_says_ho
     save = plt.Figure.savefig
     plt.Figure.savefig = lambda fig, *a, **k: titles.append(fig.axes[0].get_title()) or save(fig, *a, **k)
     try:
-        rows = [torch.tensor([1.0, 0.5, float("nan")]), torch.tensor([float("nan"), 0.2, float("inf")])]
+        rows = _rows([1.0, 0.5, float("nan")], [float("nan"), 0.2, float("inf")])
         out = plot_reward_distribution(rows, tmp_path / "hist.png", "held-out rewards")
-        plot_reward_distribution([torch.tensor([1.0, 0.5])], tmp_path / "ok.png", "held-out rewards")
+        plot_reward_distribution(_rows([1.0, 0.5]), tmp_path / "ok.png", "held-out rewards")
     finally:
         plt.Figure.savefig = save
     assert out.stat().st_size > 0

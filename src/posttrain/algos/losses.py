@@ -169,8 +169,8 @@ def bradley_terry_loss(
     return F.binary_cross_entropy_with_logits(diff, preference_probs.to(diff.dtype))
 
 
-def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Negative log-likelihood of a full ranking under the Plackett–Luce model, mean over rankings.
+def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None, levels: Tensor | None = None) -> Tensor:
+    """Negative log-likelihood of a ranking under the Plackett–Luce model, mean over rankings.
 
     P(ranking) = prod_k exp(s_k) / sum_{j >= k} exp(s_j)   (items listed best first)
     loss = -sum_k [s_k - logsumexp_{j >= k} s_j]
@@ -179,19 +179,29 @@ def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:
     items are left out of every sum, so the remaining items keep their order. K = 2 is the
     Bradley–Terry loss.
 
-    Shapes: scores [B, K] (best first), mask [B, K] or None -> scalar.
+    ``levels`` [B, K] (0 = best, non-decreasing along a row) states ties: items of one level are
+    tied. Ties take Breslow's approximation, as in Cox regression with tied event times: each item
+    of a tied group is chosen from everything at its level or below, its tied partners included,
+    loss = -sum_k [s_k - logsumexp_{j: level_j >= level_k} s_j]. Without ties (levels = positions)
+    it is the formula above; a tied group's terms are largest when its scores are equal.
+
+    Shapes: scores [B, K] (best first), mask [B, K] or None, levels [B, K] or None -> scalar.
     Source: Plackett (1975), Luce (1959); for reward models, Zhu et al. (2023), "Principled RLHF
-    from Pairwise or K-wise Comparisons".
+    from Pairwise or K-wise Comparisons"; ties: Breslow (1974), "Covariance Analysis of Censored
+    Survival Data".
     """
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
     present = mask.bool()
-    # A finite floor instead of -inf: logcumsumexp's backward divides by its output, and an
-    # all-absent tail would give exp(-inf - -inf) = NaN gradients.
+    if levels is None:
+        levels = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    # candidates[b, k, j]: item j is still in the running when item k is chosen.
+    candidates = (levels.unsqueeze(-2) >= levels.unsqueeze(-1)) & present.unsqueeze(-2)
+    # A finite floor instead of -inf: logsumexp's backward is exp(s - lse), NaN for a row that is all
+    # -inf (an absent item after the last present one has no candidates).
     floor = torch.finfo(scores.dtype).min
-    filled = scores.masked_fill(~present, floor)
-    tail_lse = filled.flip(-1).logcumsumexp(-1).flip(-1)
-    terms = torch.where(present, filled - tail_lse, torch.zeros_like(scores))
+    pool_lse = scores.unsqueeze(-2).masked_fill(~candidates, floor).logsumexp(-1)
+    terms = torch.where(present, scores - pool_lse, torch.zeros_like(scores))
     return -terms.sum(-1).mean()
 
 
@@ -250,6 +260,7 @@ def dpo_plackett_luce_loss(
     ref_logprobs: Tensor,
     mask: Tensor | None = None,
     beta: float = 0.1,
+    levels: Tensor | None = None,
 ) -> ListwiseDPOOutput:
     """DPO for rankings of K >= 2 responses: the Plackett–Luce likelihood of the ranking under the
     implicit rewards, mean over rankings.
@@ -259,16 +270,17 @@ def dpo_plackett_luce_loss(
 
     At K = 2 this is -log sigmoid(r_1 - r_2): the pairwise sigmoid DPO loss. ``mask`` [B, K] marks
     the responses present (rankings of different lengths); an absent response is left out of every
-    sum. Sequence logprobs are totals over answer tokens, as for ``dpo_loss``.
+    sum; ``levels`` [B, K] states tied responses, as for ``plackett_luce_loss``. Sequence logprobs are totals
+    over answer tokens, as for ``dpo_loss``.
 
-    Shapes: logprobs, ref_logprobs [B, K] (best first), mask [B, K] or None -> ListwiseDPOOutput.
+    Shapes: logprobs, ref_logprobs [B, K] (best first), mask, levels [B, K] or None -> ListwiseDPOOutput.
     Source: Rafailov et al. (2023), "Direct Preference Optimization", appendix A.3 (the
     Plackett–Luce generalisation of the DPO objective).
     """
     rewards = beta * (logprobs - ref_logprobs)
     if mask is not None:
         rewards = rewards.masked_fill(~mask.bool(), 0.0)
-    return ListwiseDPOOutput(loss=plackett_luce_loss(rewards, mask), rewards=rewards.detach())
+    return ListwiseDPOOutput(loss=plackett_luce_loss(rewards, mask, levels), rewards=rewards.detach())
 
 
 def kto_loss(

@@ -244,22 +244,26 @@ def collate_rankings(samples: Sequence[Sample], pad_token_id: int,
     """Every response of every ranking, best first within each ranking: one right-padded row each, or
     with `packing` packed into rows without padding (response i is `sample_ids == i`).
 
-    Adds ranking_ids [N] (which ranking a row belongs to), ranks [N] (0 = best) and scores [N]
-    (the given scores, or minus the rank when a row has none). `ranking_matrix` turns per-row
-    values back into [B, K] for a Plackett-Luce loss.
+    Adds ranking_ids [N] (which ranking a row belongs to), ranks [N] (its position, 0 = best), levels [N]
+    (0 = best; tied responses share a level: equal scores) and scores [N] (the given scores, or minus the
+    rank when a row has none). `ranking_matrix` turns per-row values back into [B, K] for a Plackett-Luce loss.
     """
-    flat, ranking_ids, ranks, scores = [], [], [], []
+    flat, ranking_ids, ranks, levels, scores = [], [], [], [], []
     for b, sample in enumerate(samples):
         given = sample.get("scores")
+        row_scores = given if given else [-float(k) for k in range(len(sample["ranked_input_ids"]))]
         for k, (ids, mask) in enumerate(zip(sample["ranked_input_ids"], sample["ranked_response_mask"],
                                             strict=True)):
             flat.append({"input_ids": ids, "response_mask": mask})
             ranking_ids.append(b)
             ranks.append(k)
-            scores.append(given[k] if given else -float(k))
+            # Best first, so a new level starts wherever the score drops.
+            levels.append(0 if k == 0 else levels[-1] + (row_scores[k] != row_scores[k - 1]))
+            scores.append(row_scores[k])
     batch = collate_sequences(flat, pad_token_id, packing)
     batch["ranking_ids"] = torch.tensor(ranking_ids, dtype=torch.long)
     batch["ranks"] = torch.tensor(ranks, dtype=torch.long)
+    batch["levels"] = torch.tensor(levels, dtype=torch.long)
     batch["scores"] = torch.tensor(scores, dtype=torch.float32)
     return batch
 

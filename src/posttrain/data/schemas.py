@@ -241,16 +241,12 @@ def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
             raise where.error(f"{len(scores)} scores for {len(responses)} responses: need one score per "
                               "response", field="scores")
         scores = [_number(s, f"scores[{i}]", where) for i, s in enumerate(scores)]
-        # The losses on rankings (Plackett-Luce) order every response: two equal scores would become a preference
-        # the data does not state, so a tie is refused, not broken by the order the responses came in.
-        first_of = {}
-        for i, score in enumerate(scores):
-            if score in first_of:
-                raise where.error(f"responses[{first_of[score]}] and responses[{i}] have the same score ({score:g}): "
-                                  "a ranking orders every response, so its scores must differ (drop or merge tied "
-                                  "responses, or give chosen/rejected pairs of different scores)", field="scores")
-            first_of[score] = i
-        order = sorted(range(len(responses)), key=lambda i: -scores[i])  # canonical order: best first
+        # Equal scores are a tie (the losses and metrics order nothing between tied responses); a ranking whose
+        # scores are all equal states no preference at all.
+        if len(set(scores)) == 1:
+            raise where.error(f"all {len(scores)} responses have the same score ({scores[0]:g}): the ranking prefers "
+                              "none of them (drop the row, or give the responses different scores)", field="scores")
+        order = sorted(range(len(responses)), key=lambda i: -scores[i])  # best first; ties keep their order
         responses, scores = [responses[i] for i in order], [scores[i] for i in order]
     return {"prompt": prompt, "responses": responses, "scores": scores, "tools": _tools(raw.get("tools"), where)}
 

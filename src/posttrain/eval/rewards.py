@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,7 +22,12 @@ from posttrain.errors import ConfigError
 from posttrain.eval.plotting import pyplot
 from posttrain.models.device import model_device, move_to
 from posttrain.models.reward import scores_at, sequence_scores
-from posttrain.train.comparisons import comparison_matrix, ordered_pair_accuracy, ordered_pairs
+from posttrain.train.comparisons import (
+    comparison_levels,
+    comparison_matrix,
+    ordered_pair_accuracy,
+    ordered_pairs,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,31 +67,51 @@ def _batches(prepared: Prepared, batch_size: int, model: torch.nn.Module):
                       device)
 
 
+class ScoredComparison(NamedTuple):
+    """One held-out comparison's rewards [K], best first, and its responses' levels [K] (0 = best; tied
+    responses share a level)."""
+
+    rewards: torch.Tensor
+    levels: torch.Tensor
+
+    @property
+    def best(self) -> torch.Tensor:
+        return self.rewards[self.levels == 0]
+
+    @property
+    def others(self) -> torch.Tensor:
+        return self.rewards[self.levels > 0]
+
+
 @torch.no_grad()
-def comparison_scores(model: torch.nn.Module, prepared: Prepared, batch_size: int) -> list[torch.Tensor]:
-    """The reward of every response of every held-out comparison, one [K] tensor (best first) per row."""
+def comparison_scores(model: torch.nn.Module, prepared: Prepared, batch_size: int) -> list[ScoredComparison]:
+    """The reward of every response of every held-out comparison, one row per comparison."""
     was_training = model.training
     model.eval()
-    rows: list[torch.Tensor] = []
+    rows: list[ScoredComparison] = []
     for batch in _batches(prepared, batch_size, model):
         matrix, mask = comparison_matrix(sequence_scores(model, batch).float(), batch)
-        rows += [row[keep] for row, keep in zip(matrix.cpu(), mask.cpu(), strict=True)]
+        levels = comparison_levels(batch, matrix)
+        rows += [ScoredComparison(row[keep], level[keep])
+                 for row, level, keep in zip(matrix.cpu(), levels.cpu(), mask.cpu(), strict=True)]
     model.train(was_training)
     return rows
 
 
-def comparison_metrics(rows: list[torch.Tensor], prefix: str = "eval_") -> dict[str, float]:
-    """Pairwise accuracy (share of ordered response pairs scored in the right order), mean margin over
-    those pairs, and the distribution of the best (chosen) and the other (rejected) responses' rewards."""
+def comparison_metrics(rows: list[ScoredComparison], prefix: str = "eval_") -> dict[str, float]:
+    """Pairwise accuracy (share of ordered response pairs scored in the right order; tied pairs order nothing),
+    mean margin over those pairs, and the distribution of the best (chosen) and the other (rejected) responses'
+    rewards."""
     accuracy, margin, pairs = 0.0, 0.0, 0
     for row in rows:
-        keep = torch.ones(1, len(row), dtype=torch.bool)
-        accuracy += ordered_pair_accuracy(row.unsqueeze(0), keep).item()
-        differences, mask = ordered_pairs(row.unsqueeze(0), keep)
+        scores, levels = row.rewards.unsqueeze(0), row.levels.unsqueeze(0)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        accuracy += ordered_pair_accuracy(scores, keep, levels).item()
+        differences, mask = ordered_pairs(scores, keep, levels)
         margin += differences.sum().item()
         pairs += int(mask.sum())
-    chosen = torch.stack([row[0] for row in rows])
-    rejected = torch.cat([row[1:] for row in rows])
+    chosen = torch.cat([row.best for row in rows])
+    rejected = torch.cat([row.others for row in rows])
     everything = torch.cat([chosen, rejected])
     quantiles = torch.quantile(everything, torch.tensor([0.05, 0.5, 0.95]))
     return {f"{prefix}accuracy": accuracy / len(rows), f"{prefix}margin": margin / max(pairs, 1),
@@ -96,12 +121,12 @@ def comparison_metrics(rows: list[torch.Tensor], prefix: str = "eval_") -> dict[
             f"{prefix}reward_p95": quantiles[2].item()}
 
 
-def plot_reward_distribution(rows: list[torch.Tensor], out: Path, title: str) -> Path:
+def plot_reward_distribution(rows: list[ScoredComparison], out: Path, title: str) -> Path:
     """Histogram of held-out rewards, chosen (best) against rejected (the others). Rewards that are not finite (a
     diverged model) cannot be binned: they are left out, and the title counts them."""
     plt = pyplot()
-    chosen = [row[0].item() for row in rows]
-    rejected = [v for row in rows for v in row[1:].tolist()]
+    chosen = [v for row in rows for v in row.best.tolist()]
+    rejected = [v for row in rows for v in row.others.tolist()]
     finite = [[v for v in values if math.isfinite(v)] for values in (chosen, rejected)]
     left_out = len(chosen) + len(rejected) - sum(map(len, finite))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -56,7 +56,13 @@ from posttrain.recipes.rl import (
 )
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import RolloutEngine, make_engine
-from posttrain.train.comparisons import comparison_matrix, is_ranking_batch, ordered_pair_accuracy
+from posttrain.train.comparisons import (
+    best_and_others,
+    comparison_levels,
+    comparison_matrix,
+    is_ranking_batch,
+    ordered_pair_accuracy,
+)
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
 from posttrain.train.progress import RunProgress
 from posttrain.train.reference import (
@@ -321,8 +327,9 @@ def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):
         policy, present = comparison_matrix(per_token if average else totals, batch)  # [B, K]
         ref_values = batch["ref_logprobs"] if "ref_logprobs" in batch else reference.sequence_logprobs(batch, average)
         ref, _ = comparison_matrix(ref_values.to(policy.dtype), batch)
+        levels = comparison_levels(batch, policy)  # ties share a level
         if is_ranking_batch(batch):
-            out = dpo_plackett_luce_loss(policy, ref, present, cfg.beta)
+            out = dpo_plackett_luce_loss(policy, ref, present, cfg.beta, levels)
             loss, rewards = out.loss, out.rewards
         else:
             out = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.kind, cfg.label_smoothing)
@@ -330,25 +337,24 @@ def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):
         if cfg.sft_weight:  # RPO: keep the chosen answers likely (plain DPO can lower both likelihoods)
             loss = loss - cfg.sft_weight * comparison_matrix(per_token, batch)[0][:, 0].mean()
         loss = loss * (len(policy) / normaliser)  # means over this micro-batch -> its part of the step's mean
-        return loss, dpo_metrics(loss, rewards, policy.detach(), present, normaliser)
+        return loss, dpo_metrics(loss, rewards, policy.detach(), present, levels, normaliser)
 
     return loss_fn
 
 
 def dpo_metrics(loss: torch.Tensor, rewards: torch.Tensor, logprobs: torch.Tensor, present: torch.Tensor,
-                normaliser: float) -> dict[str, float]:
+                levels: torch.Tensor, normaliser: float) -> dict[str, float]:
     """Sums over this micro-batch's comparisons / the step's count, so micro-batches add up to step means.
-    "rejected" is the mean over a comparison's other responses (the one rejected answer of a pair)."""
-    others = present[:, 1:].to(rewards.dtype)
-    count = others.sum(-1)
+    "chosen" is the mean over a comparison's best responses, "rejected" over the others (the one rejected answer
+    of a pair)."""
 
     def split(values: torch.Tensor) -> tuple[float, float]:
-        return (values[:, 0].sum().item() / normaliser,
-                ((values[:, 1:] * others).sum(-1) / count).sum().item() / normaliser)
+        best, others = best_and_others(values, present, levels)
+        return best.sum().item() / normaliser, others.sum().item() / normaliser
 
     chosen_reward, rejected_reward = split(rewards)
     chosen_logprobs, rejected_logprobs = split(logprobs)
     return {"loss": loss.item(), "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
             "reward_margin": chosen_reward - rejected_reward,
-            "reward_accuracy": ordered_pair_accuracy(rewards, present).sum().item() / normaliser,
+            "reward_accuracy": ordered_pair_accuracy(rewards, present, levels).sum().item() / normaliser,
             "chosen_logprobs": chosen_logprobs, "rejected_logprobs": rejected_logprobs}

@@ -2,7 +2,8 @@
 
     pairs:     loss = -log sigmoid(r_chosen - r_rejected - margin)          (Bradley–Terry)
     soft:      loss = BCE(sigmoid(r_chosen - r_rejected), preference_prob)  (several labelers' verdict)
-    rankings:  loss = -sum_k [r_k - logsumexp_{j >= k} r_j]                 (Plackett–Luce, ragged K)
+    rankings:  loss = -sum_k [r_k - logsumexp_{j >= k} r_j]                 (Plackett–Luce, ragged K;
+               tied responses: Breslow's approximation, see algos.plackett_luce_loss)
     + center_rewards * (sum of a comparison's rewards)^2                     (optional: pins the free offset)
     process:   loss = BCE(sigmoid(r_step), label) or (r_step - label)^2, read at each step's separator
 
@@ -49,6 +50,7 @@ from posttrain.eval.heldout import loss_part as heldout_loss_part
 from posttrain.eval.report import write_training_report
 from posttrain.eval.rewards import (
     RewardEvalConfig,
+    ScoredComparison,
     comparison_metrics,
     comparison_scores,
     good_steps,
@@ -79,6 +81,8 @@ from posttrain.recipes.rl import (
 )
 from posttrain.rollout import make_engine
 from posttrain.train.comparisons import (
+    best_and_others,
+    comparison_levels,
     comparison_matrix,
     comparison_step_source,
     is_ranking_batch,
@@ -301,8 +305,9 @@ def comparison_loss_fn(cfg: RMConfig):
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:
         rewards, present = comparison_matrix(sequence_scores(model, batch), batch)  # [B, K], best first
+        levels = comparison_levels(batch, rewards)  # ties share a level
         if is_ranking_batch(batch):
-            loss = plackett_luce_loss(rewards, present)
+            loss = plackett_luce_loss(rewards, present, levels)
         else:
             loss = bradley_terry_loss(rewards[:, 0], rewards[:, 1], batch["margin"] if cfg.use_margin else None,
                                       batch["preference_probs"])
@@ -312,10 +317,10 @@ def comparison_loss_fn(cfg: RMConfig):
         loss = loss * share
         with torch.no_grad():
             detached = rewards.detach()
-            others = (detached * present)[:, 1:].sum(-1) / present[:, 1:].sum(-1)
+            best, others = best_and_others(detached, present, levels)
             metrics = {"loss": loss.item(),
-                       "accuracy": ordered_pair_accuracy(detached, present).sum().item() / normaliser,
-                       "chosen_reward": detached[:, 0].sum().item() / normaliser,
+                       "accuracy": ordered_pair_accuracy(detached, present, levels).sum().item() / normaliser,
+                       "chosen_reward": best.sum().item() / normaliser,
                        "rejected_reward": others.sum().item() / normaliser}
         metrics["margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
         return loss, metrics
@@ -354,7 +359,7 @@ class HeldoutEvaluator:
         self.model, self.heldout, self.cfg, self.offline = model, heldout, cfg, offline
         self.parts = heldout_loss_part(heldout, source, loss_fn, cfg.train.micro_batch_size, keys=("loss",))
         self.progress = progress
-        self.rows: list[torch.Tensor] = []
+        self.rows: list[ScoredComparison] = []
 
     def __call__(self, step: int) -> dict[str, float]:
         metrics = Evaluation(self.parts, None, self.progress).run(self.model, step)

@@ -69,25 +69,50 @@ def comparison_matrix(values: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Te
     return matrix, torch.ones_like(matrix, dtype=torch.bool)
 
 
-def ordered_pairs(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def comparison_levels(batch: dict[str, Any], matrix: Tensor) -> Tensor:
+    """Each response's level in its comparison, [B, K] like `matrix` (what `comparison_matrix` gave for the
+    batch): 0 = best, equal levels = tied (a ranking's equal scores); a pair is [0, 1]."""
+    if is_ranking_batch(batch):
+        return ranking_matrix(batch["levels"].to(matrix.device), batch["ranking_ids"], batch["ranks"])[0]
+    return torch.arange(2, device=matrix.device).expand(matrix.shape[0], 2)
+
+
+def ordered_pairs(scores: Tensor, mask: Tensor, levels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Score differences s_i - s_j of every ordered response pair (i ranked above j): ([B, K, K], pair mask).
 
-    A preference pair has one ordered pair, chosen above rejected; a ranking of K has K(K-1)/2.
+    A preference pair has one ordered pair, chosen above rejected; a ranking of K has K(K-1)/2, less its
+    tied pairs where `levels` [B, K] (see `comparison_levels`) states ties: a tie orders nothing.
     """
     present = mask.bool()
-    above = torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool, device=scores.device).triu(1)
+    if levels is None:
+        above = torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool, device=scores.device).triu(1)
+    else:
+        above = levels.unsqueeze(-1) < levels.unsqueeze(-2)
     pairs = above & present.unsqueeze(-1) & present.unsqueeze(-2)
     return (scores.unsqueeze(-1) - scores.unsqueeze(-2)) * pairs, pairs
 
 
-def ordered_pair_accuracy(scores: Tensor, mask: Tensor) -> Tensor:
-    """Per comparison, the share of its ordered pairs that the scores order correctly (ties are wrong): [B].
+def ordered_pair_accuracy(scores: Tensor, mask: Tensor, levels: Tensor | None = None) -> Tensor:
+    """Per comparison, the share of its ordered pairs that the scores order correctly (equal scores are wrong;
+    pairs the data ties are not counted): [B].
 
     For a preference pair: 1 when chosen outscores rejected, else 0.
     """
-    differences, pairs = ordered_pairs(scores, mask)
+    differences, pairs = ordered_pairs(scores, mask, levels)
     right = ((differences > 0) & pairs).sum((-1, -2))
     return right.to(scores.dtype) / pairs.sum((-1, -2)).clamp(min=1).to(scores.dtype)
+
+
+def best_and_others(values: Tensor, mask: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per comparison, the mean value of its best responses (level 0: the chosen one of a pair, every response
+    tied for first in a ranking) and of the others (the rejected one of a pair): ([B], [B])."""
+    best = (levels == 0) & mask.bool()
+    others = (levels > 0) & mask.bool()
+
+    def mean(where: Tensor) -> Tensor:
+        return values.masked_fill(~where, 0.0).sum(-1) / where.sum(-1).clamp(min=1)
+
+    return mean(best), mean(others)
 
 
 def split_rows(values: Tensor, batch: dict[str, Any]) -> list[Tensor]:
