@@ -121,3 +121,26 @@ def test_a_run_summary_and_report_give_the_headroom_captured_per_category(tmp_pa
     assert "## Headroom per category" in report and "heldout headroom" not in report
     assert "| after | a.b | 4 | 50.0% | 50.0% | 75.0% | 25% | +50% | +50% |" in report
     assert "| before | a.b | 4 | 25.0% | 25.0% | 75.0% | 50% |  |  |" in report
+
+
+def test_a_summary_that_cannot_be_written_whole_leaves_the_one_before(tmp_path, monkeypatch):
+    """summary.json marks a run finished (`finished_steps`): a full disk while it is rewritten must not leave a torn
+    file that the next resume or `posttrain report` cannot read."""
+    import errno
+    import os
+
+    from posttrain.eval.report import write_training_report
+    from posttrain.train.run_dir import RunDir, finished_steps
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n", encoding="utf-8")
+    write_training_report(RunDir(tmp_path), "mine", {"steps": 3})
+    assert finished_steps(tmp_path) == 3
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_training_report(RunDir(tmp_path), "mine", {"steps": 5, "long": "x" * 100_000})
+    assert finished_steps(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "plots", "report.md", "summary.json"]

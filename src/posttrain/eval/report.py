@@ -10,7 +10,7 @@ from posttrain.eval.headroom import headroom_lines, headroom_rows
 from posttrain.eval.heldout import headroom_summaries
 from posttrain.eval.plotting import pyplot
 from posttrain.train.dist import is_main_process
-from posttrain.train.metrics import read_metrics
+from posttrain.train.metrics import read_metrics, replace_text
 from posttrain.train.run_dir import RunDir
 
 CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
@@ -44,9 +44,10 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
     report = run_dir.path / "report.md"
     if not is_main_process():
         return report
-    # The title and summary are kept so that `posttrain report <run>` can redraw all of it later.
-    (run_dir.path / "summary.json").write_text(json.dumps({"title": title, "summary": summary}, indent=2,
-                                                          default=str), encoding="utf-8")
+    # The title and summary are kept so that `posttrain report <run>` can redraw all of it later; written whole or
+    # not at all, since a summary.json is what marks a run finished.
+    replace_text(run_dir.path / "summary.json", json.dumps({"title": title, "summary": summary}, indent=2,
+                                                           default=str))
     plot = plot_curves(read_metrics(run_dir.metrics), run_dir.plots / "curves.png", title)
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in summary.items()

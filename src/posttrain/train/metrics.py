@@ -86,22 +86,28 @@ def truncate_samples(path: str | Path, last_step: int) -> None:
 
 def _replace_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Write `records` over `path` atomically: a crash here leaves the old file, never a half-written one."""
-    _replace_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    replace_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def _replace_text(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` over `path` atomically and durably: a crash or a full disk leaves the old file (or none), never
+    a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: str | Path, record: dict[str, Any]) -> None:
     """Write one JSON document over `path` atomically; under torchrun only rank 0 writes."""
     if is_main_process():
-        _replace_text(Path(path), json.dumps(record))
+        replace_text(Path(path), json.dumps(record))
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -36,6 +36,7 @@ from posttrain.errors import RunDirError
 from posttrain.models.adapters import check_adapter
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint
+from posttrain.train.metrics import replace_text
 
 UNSTARTED = ".unstarted"
 
@@ -50,9 +51,7 @@ class RunDir:
 
     def write_config(self, text: str) -> None:
         """config.yaml, written atomically: a resume killed here must still find the config it needs."""
-        tmp = self.path / ".config.yaml.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.config)
+        replace_text(self.config, text)
 
     @property
     def metrics(self) -> Path:
