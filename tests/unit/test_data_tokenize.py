@@ -10,6 +10,7 @@ import pytest
 
 from posttrain.data import DataConfig, Encoder, load_rows, tokenize_rows
 from posttrain.data.schemas import message
+from posttrain.data.tokenize import encode_stepwise
 from posttrain.errors import ConfigError
 from posttrain.models.tokenizer import CHAT_TEMPLATE
 
@@ -265,6 +266,27 @@ def test_stepwise_step_ends_sit_on_each_steps_newline(tmp_path, tokenizer):
     assert [tokenizer.decode([ids[e]]) for e in row["step_ends"]] == ["\n", "\n"]
     assert tokenizer.decode(ids[row["step_ends"][0] + 1:row["step_ends"][1]]) == "5*4=20"
     assert row["step_labels"] == [1.0, 0.0] and all(row["response_mask"][e] for e in row["step_ends"])
+
+
+NO_CLOSER = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.mark.parametrize("which", ["project", "chatml"])
+@pytest.mark.parametrize("template", ["own", "no_closer"])
+def test_step_ends_sit_on_each_steps_newline_whatever_the_template_adds(tokenizer, chatml_tokenizer, which, template):
+    """A template that closes no turn gets an EOS appended at the end, and ChatML's BOS opens every turn: neither
+    may move the step ends (an appended EOS once shifted every score read one token late, onto the next step)."""
+    tok = copy.deepcopy(tokenizer if which == "project" else chatml_tokenizer)
+    if template == "no_closer":
+        tok.chat_template = NO_CLOSER
+    encoder = Encoder.from_config(tok, DataConfig())
+    steps = ["7+5=12", "12*3=36", "So the answer is 36."]
+    ids, ends = encode_stepwise(encoder, [message("user", "Start with 7. Add 5. Multiply by 3.")], steps)
+    assert [tok.decode([ids[e]]) for e in ends] == ["\n"] * 3
+    assert [tok.decode(ids[a + 1:b]) for a, b in zip([ends[0], ends[1]], ends[1:], strict=True)] == steps[1:]
+    if template == "no_closer":
+        assert ids[-1] == tok.eos_token_id  # the case: an EOS after the last step's newline
 
 
 def test_verifiable_prompts_end_with_the_generation_prompt(tmp_path, tokenizer):

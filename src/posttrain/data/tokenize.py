@@ -48,7 +48,7 @@ _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _BOOKKEEPING = ("original_length", "truncated", "drop", "error", "error_field")
 
 
-class _Problem(Exception):
+class RowProblem(Exception):
     """A row that cannot be tokenised (turned into a DataError naming its file and line by the caller)."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
@@ -229,7 +229,7 @@ class Encoder:
                 self._template_messages(messages, mode), tokenize=False,
                 add_generation_prompt=add_generation_prompt, enable_thinking=mode != "off", **self._tool_kwargs())
         except Exception as err:  # jinja's TemplateError, or a template's own raise_exception
-            raise _Problem(f"the chat template cannot render this conversation: {err}") from None
+            raise RowProblem(f"the chat template cannot render this conversation: {err}") from None
 
     def _tool_kwargs(self) -> dict[str, Any]:
         return {"tools": json.loads(self.tools)} if self.tools else {}
@@ -241,7 +241,7 @@ class Encoder:
                 self._template_messages(messages, mode), tokenize=True, return_dict=True,
                 return_assistant_tokens_mask=True, enable_thinking=mode != "off", **self._tool_kwargs())
         except Exception as err:
-            raise _Problem(f"the chat template cannot render this conversation: {err}") from None
+            raise RowProblem(f"the chat template cannot render this conversation: {err}") from None
         ids, marks = list(out["input_ids"]), out["assistant_masks"]
         runs = _runs(marks)
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -255,7 +255,7 @@ class Encoder:
         spans = []
         for i in trained:
             if i == 0:
-                raise _Problem("the conversation opens with an assistant turn; this chat template has no "
+                raise RowProblem("the conversation opens with an assistant turn; this chat template has no "
                                "generation markers, so its tokens can only be located after a user turn",
                                "messages[0]")
             before = self._tokens(self._render(messages[:i], mode, add_generation_prompt=True))
@@ -296,7 +296,7 @@ class Encoder:
     def _span(ids: list[int], before: list[int], through: list[int], field: str) -> tuple[int, int]:
         """The trained span of one turn: tokens of `through` after `before`, both prefixes of `ids`."""
         if ids[:len(before)] != before or ids[:len(through)] != through:
-            raise _Problem("the prompt's tokens are not a prefix of the conversation's tokens (the template "
+            raise RowProblem("the prompt's tokens are not a prefix of the conversation's tokens (the template "
                            "rewrites earlier turns, as Qwen3's drops their reasoning once they are not the last, or "
                            "the tokenizer merges across the turn boundary), so the trained tokens cannot be located: "
                            "data.loss_on=last trains the last turn only, or use a template with {% generation %} "
@@ -348,7 +348,7 @@ class Encoder:
     def _check_special_in(self, text: str, field: str) -> None:
         found = next((t for t in self.tokenizer.all_special_tokens if t and t in text), None)
         if found:
-            raise _Problem(f"contains the special token {found!r} as text", field)
+            raise RowProblem(f"contains the special token {found!r} as text", field)
 
     # -- whole rows ---------------------------------------------------------------------------
 
@@ -410,7 +410,7 @@ def _fit_group(encoder: Encoder, sequences: list[tuple[list[int], list[int]]]) -
     return sequences, status
 
 
-def _problem_status(problem: _Problem) -> dict[str, Any]:
+def _problem_status(problem: RowProblem) -> dict[str, Any]:
     return {"original_length": 0, "truncated": False, "drop": "error", "error": str(problem),
             "error_field": problem.field or ""}
 
@@ -418,7 +418,7 @@ def _problem_status(problem: _Problem) -> dict[str, Any]:
 def _encode_row(row: dict[str, Any], encoder: Encoder, fmt: str) -> dict[str, Any]:
     try:
         return _ENCODERS[fmt](row, encoder.for_row(row))
-    except _Problem as problem:
+    except RowProblem as problem:
         return _EMPTY[fmt]() | _problem_status(problem)
 
 
@@ -485,7 +485,7 @@ def encode_stepwise(encoder: Encoder, prompt: list[dict[str, Any]], steps: list[
         raise DataError("no steps to score", field="completions")
     try:
         row = _stepwise({"prompt": prompt, "completions": steps, "labels": [0.0] * len(steps)}, encoder)
-    except _Problem as problem:
+    except RowProblem as problem:
         raise DataError(str(problem), field=problem.field) from None
     if row["drop"]:
         raise DataError(f"the steps cannot be scored: {row['error'] or row['drop']}", field="completions")
@@ -497,20 +497,28 @@ def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: 
     text = encoder.render_text(messages)
     start = text.rfind(content)
     if start < 0:
-        raise _Problem("the template does not render the steps verbatim, so step ends cannot be located",
+        raise RowProblem("the template does not render the steps verbatim, so step ends cannot be located",
                        "completions")
     encoding = encoder.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = encoding["offset_mapping"]
-    shift = len(ids) - len(offsets)  # a BOS prepended by `_one_bos`
+    # `ids` are the text's tokens after `_one_bos` (one BOS opens them: prepended, or a repeated one dropped), and
+    # maybe an EOS appended at the end (a template that closes no turn): only the opening BOS tokens shift them.
+    bos = encoder.tokenizer.bos_token_id
+    shift = _leading(ids, bos) - _leading(encoding["input_ids"], bos) if bos is not None else 0
     ends, position = [], start
     for step in steps:
         position += len(step)  # the index of this step's newline
         token = next((t for t, (a, b) in enumerate(offsets) if a <= position < b), None)
         if token is None:
-            raise _Problem("a step's newline is not covered by any token", "completions")
+            raise RowProblem("a step's newline is not covered by any token", "completions")
         ends.append(token + shift)
         position += 1
     return ends
+
+
+def _leading(ids: Sequence[int], token: int) -> int:
+    """How many times `ids` opens with `token`."""
+    return next((i for i, t in enumerate(ids) if t != token), len(ids))
 
 
 def kl_pairs(dataset: Dataset, encoder: Encoder) -> Dataset:
