@@ -25,7 +25,7 @@ from posttrain.models.reward import build_reward_model, load_reward_model, score
 from posttrain.recipes import find_recipe
 from posttrain.recipes.rm import RMConfig, comparison_loss_fn, main, process_loss_fn, process_step_source
 from posttrain.rewards import ProcessRewardScorer, RewardModelScorer
-from posttrain.rewards.functions import register_reward_function
+from posttrain.rewards.functions import Completions, register_reward_function
 from posttrain.train.comparisons import comparison_step_source
 from posttrain.train.engine import TrainConfig
 from posttrain.train.metrics import read_metrics
@@ -264,6 +264,47 @@ def test_process_reward_model_recipe_with_lora_and_its_scorer(lm_dir, tmp_path):
     want = scores_at(scorer.model, batch, batch["step_ends"]).sigmoid()[0]
     assert_close(torch.tensor(scores), want)
     assert scorer.score([row["prompt"]], ["\n".join(row["completions"])]) == [scores]
+
+
+def test_a_process_reward_model_scores_the_steps_that_fit_and_none_for_those_cut_off(lm_dir, tokenizer):
+    """GRPO's completions can be longer than a reward model's positions allow: the solution is cut from the left
+    and the steps whose separator was cut get no score (a whole batch's DataError stopped the run before)."""
+    from posttrain.data.tokenize import Encoder, encode_stepwise
+    from posttrain.rewards.steps import prm_step_scorer
+
+    model = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id)
+    steps = [f"step {i}: {i}+{i}={2 * i}" for i in range(12)]
+    prompt = [{"role": "user", "content": "Double every number.", "reasoning": None}]
+    whole, ends = encode_stepwise(Encoder.from_config(tokenizer, DataConfig(max_length=4096)), prompt, steps)
+    limit = len(whole) - (ends[4] - 1)  # cuts the prompt and the first 5 steps' separators (BOS kept)
+    scorer = ProcessRewardScorer(model, tokenizer, DataConfig(max_length=limit, truncation="truncate_left"))
+    [scores] = scorer.score_steps([prompt], [steps])
+    assert scores[:5] == [None] * 5 and all(s is not None for s in scores[5:])
+    excess = len(whole) - limit
+    kept = whole[:1] + whole[1 + excess:]  # by hand: the BOS, then the last limit - 1 tokens
+    batch = {"input_ids": torch.tensor([kept]), "attention_mask": torch.ones(1, len(kept), dtype=torch.long)}
+    with torch.no_grad():
+        want = scores_at(model, batch, torch.tensor([[e - excess for e in ends[5:]]])).sigmoid()[0]
+    assert_close(torch.tensor(scores[5:]), want)
+    # through GRPO's step scorer: the cut steps are no steps, the others keep their places
+    completion = "\n".join(steps)
+    batch = Completions(prompts=[prompt], completions=[completion], answers=[None], steps=[[]])
+    [found] = prm_step_scorer(scorer)(batch)
+    assert [s.score for s in found] == scores[5:]
+    assert [completion[s.char_end] for s in found] == ["\n"] * 6 + [completion[-1]]
+
+
+def test_a_reward_model_is_scored_as_its_rows_were_rendered(lm_dir, tmp_path):
+    """The scorers (PPO's reward, graders, GRPO's PRM) render completions with the template and thinking setting
+    the reward model was trained with, saved with it; they always used the chat template before."""
+    result = main(rm_config(lm_dir, tmp_path, "data.size=16", "train.max_steps=1", "train.batch_size=8",
+                            "train.micro_batch_size=8", "eval.size=8", "data.template=plain"))
+    scorer = RewardModelScorer.from_pretrained(result.final_dir)
+    prompts, answers = ["What is 2+3?", "What is 7*6?"], ["5", "42"]
+    plain = RewardModelScorer.from_pretrained(result.final_dir, data=DataConfig(template="plain"))
+    chat = RewardModelScorer.from_pretrained(result.final_dir, data=DataConfig(template="chat"))
+    assert_close(scorer.score(prompts, answers), plain.score(prompts, answers))
+    assert not torch.allclose(scorer.score(prompts, answers), chat.score(prompts, answers))
 
 
 class _HashScores:

@@ -218,3 +218,60 @@ def test_likelihood_reward_model_with_lora_merges_into_a_causal_lm(lm_dir, token
     merged = load_reward_model(save_trained(model, tokenizer, tmp_path / "rm", cfg))
     with torch.no_grad():
         assert_close(sequence_scores(merged, batch), sequence_scores(model, batch), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- scorers on what a policy produces
+
+
+def _random_head(model):
+    with torch.no_grad():  # a fresh head scores ~0 everywhere; a random one tells tokens apart
+        model.score.weight.normal_(generator=torch.Generator().manual_seed(0))
+    return model
+
+
+@pytest.mark.parametrize("which", ["project", "chatml"])
+def test_score_tokens_reads_where_training_rows_end_as_score_does(which, lm_dir, tokenizer, chatml_model_dir,
+                                                                  chatml_tokenizer):
+    """ChatML ends an answer `<|im_end|>\\n` and the head learned at the newline; a policy's ids stop at
+    `<|im_end|>`, or earlier when cut off. score_tokens once read those at their last token (another token than
+    training's), so the same answer scored differently as ids and as text."""
+    from posttrain.data.schemas import message
+
+    directory, tok = (lm_dir, tokenizer) if which == "project" else (chatml_model_dir, chatml_tokenizer)
+    scorer = RewardModelScorer(_random_head(build_reward_model(directory, pad_token_id=tok.pad_token_id)), tok)
+    prompts, answers = ["What is 2+3?", "What is 12*7?"], ["The answer is 5", "84"]
+    rows = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        prompt_ids = scorer.encoder.encode_prompt([message("user", prompt)])
+        whole, mask = scorer.encoder.encode([message("user", prompt), message("assistant", answer)], prompt_turns=1)
+        completion = whole[len(prompt_ids):]  # the answer's tokens as the template tokenises them
+        stop = next(i for i, t in enumerate(completion) if t in scorer.encoder._closers)
+        rows += [prompt_ids + completion[:stop + 1], prompt_ids + completion[:stop]]  # stopped; cut off before it
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])  # left padded, as sampled
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    want = scorer.score([p for p in prompts for _ in range(2)], [a for a in answers for _ in range(2)])
+    assert_close(scorer.score_tokens(ids, attention), want)
+
+
+def test_a_completion_the_reward_model_cannot_render_is_an_error_of_its_row_alone(lm_dir, tokenizer):
+    """A policy can spell a special token (`<|end|>`) out of ordinary tokens: its decoded text cannot be rendered as
+    the training rows were. Only that row errs (it scored the whole batch 0 and stopped the run before)."""
+    from posttrain.errors import DataError
+    from posttrain.rewards.functions import Completions, WeightedRewards, reward_model_reward
+
+    directory = lm_dir.parent / "rm"
+    save_pretrained(_random_head(build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id)), tokenizer,
+                    directory)
+    special = next(t for t in tokenizer.all_special_tokens if t not in (tokenizer.bos_token, tokenizer.eos_token))
+    completions = ["5", f"x {special} y", "7 and more"]
+    batch = Completions(prompts=[[{"role": "user", "content": "What is 2+3?"}]] * 3, completions=completions,
+                        answers=[None] * 3, steps=[[]] * 3)
+    scores = WeightedRewards({"rm": (reward_model_reward(str(directory)), 1.0)})(batch)
+    scorer = RewardModelScorer.from_pretrained(directory)
+    alone = scorer.score(["What is 2+3?"] * 2, [completions[0], completions[2]])
+    assert_close(scores.total[[0, 2]], alone.double())
+    assert scores.total[1] == 0 and [e["row"] for e in scores.errors] == [1]
+    assert special in scores.errors[0]["error"]
+    with pytest.raises(DataError, match="completion 1: the reward model cannot score it"):
+        scorer.score(["What is 2+3?"] * 3, completions)

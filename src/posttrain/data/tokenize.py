@@ -477,19 +477,34 @@ def _stepwise(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
             "step_labels": row["labels"], "length": len(fitted)} | status
 
 
-def encode_stepwise(encoder: Encoder, prompt: list[dict[str, Any]], steps: list[str]) -> tuple[list[int], list[int]]:
+def encode_stepwise(encoder: Encoder, prompt: list[dict[str, Any]], steps: list[str],
+                    cut_steps: bool = False) -> tuple[list[int], list[int | None]]:
     """Token ids of a prompt and its steps rendered exactly as stepwise rows are for training (one step
     per line), and the index of each step's separator token — where a process reward model reads the
-    step's score. Raises DataError when there are no steps, they cannot be located, or do not fit."""
+    step's score. Raises DataError when there are no steps, they cannot be located, or do not fit.
+
+    `cut_steps` (scoring, not training): a solution longer than `encoder.max_length` is cut from the left
+    whatever it reaches (keeping BOS), and the steps whose separators were cut off get None, not an error.
+    """
     if not steps:
         raise DataError("no steps to score", field="completions")
+    whole = encoder
+    if cut_steps:  # render it whole, then cut here
+        whole = copy.copy(encoder)
+        object.__setattr__(whole, "max_length", 1 << 62)
     try:
-        row = _stepwise({"prompt": prompt, "completions": steps, "labels": [0.0] * len(steps)}, encoder)
+        row = _stepwise({"prompt": prompt, "completions": steps, "labels": [0.0] * len(steps)}, whole)
     except RowProblem as problem:
         raise DataError(str(problem), field=problem.field) from None
     if row["drop"]:
         raise DataError(f"the steps cannot be scored: {row['error'] or row['drop']}", field="completions")
-    return row["input_ids"], row["step_ends"]
+    ids, ends = row["input_ids"], row["step_ends"]
+    excess = len(ids) - encoder.max_length
+    if not cut_steps or excess <= 0:
+        return ids, ends
+    bos = encoder._kept_bos(ids)  # 1 when `fit` keeps a leading BOS, before the tokens it keeps
+    kept = encoder.fit(ids, row["response_mask"], excess)[0]
+    return kept, [end - excess if end - excess >= bos + 1 else None for end in ends]
 
 
 def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: str, steps: list[str],

@@ -79,6 +79,7 @@ from posttrain.recipes.rl import (
     preference_rows,
     resolve_task,
 )
+from posttrain.rewards.reward_model import rendering_settings
 from posttrain.rollout import make_engine
 from posttrain.train.comparisons import (
     best_and_others,
@@ -183,6 +184,7 @@ def main(cfg: RMConfig) -> RunResult:
 
     if cfg.kind == "process":  # how ProcessRewardScorer turns head outputs into step scores
         model.config.process_target = cfg.process_target
+    model.config.reward_rendering = rendering_settings(cfg.data)  # the scorers render completions as rows were
     if cfg.freeze_backbone:
         freeze_backbone(model)
     model = apply_adapter(model, cfg.adapter, task_type="CAUSAL_LM" if cfg.head == "likelihood" else "SEQ_CLS")

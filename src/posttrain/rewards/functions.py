@@ -132,13 +132,20 @@ def coin_reward(**_: Any) -> RewardFunction:
 
 @REWARD_FUNCTIONS.register("reward_model")
 def reward_model_reward(reward_model_path: str | None = None, **_: Any) -> RewardFunction:
-    """The scalar score of a reward model (`posttrain rm`) for each (prompt, completion)."""
+    """The scalar score of a reward model (`posttrain rm`) for each (prompt, completion); a completion it cannot
+    score (special-token text) is an error of its row alone."""
     if not reward_model_path:
         raise ValueError("the `reward_model` reward needs the reward model's directory (reward.model_path)")
+    from posttrain.rewards.graders.base import GradeResult
     from posttrain.rewards.reward_model import RewardModelScorer
 
     scorer = RewardModelScorer.from_pretrained(reward_model_path)
-    return lambda batch: scorer.score(batch.prompts, batch.completions)
+
+    def score(batch: Completions) -> GradeResult:
+        values, errors = scorer.score_rows(batch.prompts, batch.completions)  # a row it cannot score: an error
+        return GradeResult(values.nan_to_num(0.0).tolist(), errors=errors)
+
+    return score
 
 
 @REWARD_FUNCTIONS.register("grader")

@@ -1,8 +1,9 @@
 """Scorers backed by trained reward models: the interface PPO, rejection sampling, graders and GRPO
 process supervision call, whatever produced the model.
 
-Completions are rendered exactly as the reward model saw its training rows (the same chat template
-and thinking switch, through `posttrain.data.tokenize.Encoder`) and scored without gradients in
+Completions are rendered exactly as the reward model saw its training rows (the chat template and thinking
+switch its `posttrain rm` run saved with it, through `posttrain.data.tokenize.Encoder`), as long as its positions
+allow (a prompt longer than that cut from the left), and scored without gradients in
 micro-batches of `batch_size` sequences, padding-free: each micro-batch's sequences packed into rows of
 at most `capacity` tokens (block-diagonal mask), so no position of a forward is padding. Token batches that a policy
 generated (prompt + completion ids from the same tokenizer) can be scored directly with `score_tokens`:
@@ -22,12 +23,32 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.data.collate import PackingOptions, collate_sequences, collate_stepwise
 from posttrain.data.config import DataConfig
 from posttrain.data.schemas import message
-from posttrain.data.tokenize import Encoder, encode_stepwise
+from posttrain.data.tokenize import Encoder, RowProblem, encode_stepwise
+from posttrain.errors import DataError
 from posttrain.models import load_tokenizer
+from posttrain.models.attention import position_limit
 from posttrain.models.heads import floating_dtype
 from posttrain.models.reward import is_likelihood_model, load_reward_model, scores_at, sequence_scores
 
 Prompt = str | Sequence[dict[str, Any]]
+
+
+# What a scorer renders up to where the reward model's positions have no table to run out of (rotary ones).
+UNLIMITED_LENGTH = 1 << 30
+
+
+def rendering_settings(data: DataConfig) -> dict[str, str]:
+    """The data settings that decide how a reward model's rows were rendered, saved with it (`reward_rendering` in
+    its config) so that the scorers render completions the same way."""
+    return {"template": data.template, "thinking": data.thinking}
+
+
+def scoring_config(model: torch.nn.Module) -> DataConfig:
+    """How a scorer renders for `model`: its saved `reward_rendering` (the defaults for a model saved without it),
+    as long as its positions allow, a too-long prompt cut from the left."""
+    saved = getattr(model.config, "reward_rendering", None) or {}
+    return DataConfig(truncation="truncate_left", max_length=position_limit(model) or UNLIMITED_LENGTH,
+                      template=saved.get("template", "chat"), thinking=saved.get("thinking", "on"))
 
 
 def _messages(prompt: Prompt) -> list[dict[str, Any]]:
@@ -43,14 +64,15 @@ class _Scorer:
                  batch_size: int = 32, capacity: int = 256) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.encoder = Encoder.from_config(tokenizer, data or DataConfig(truncation="truncate_left"))
+        self.encoder = Encoder.from_config(tokenizer, data or scoring_config(model))
         self.batch_size, self.capacity = batch_size, capacity
         self.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
     def from_pretrained(cls, path: str | Path, data: DataConfig | None = None, batch_size: int = 32,
                         device: torch.device | str | None = None, dtype: str = "auto"):
-        """Load a reward model saved by `posttrain rm` (either head)."""
+        """Load a reward model saved by `posttrain rm` (either head); `data`: render as these settings say instead
+        of as the model was trained."""
         return cls(load_reward_model(path, dtype=dtype, device=device), load_tokenizer(path), data, batch_size)
 
     @property
@@ -91,25 +113,60 @@ class RewardModelScorer(_Scorer):
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> Tensor:
-        """Rewards [N] of the completions (text, with any <think> block inline) of their prompts."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-        return self._sequence_scores([self._encode(p, c) for p, c in zip(prompts, completions, strict=True)])
+        """Rewards [N] of the completions (text, with any <think> block inline) of their prompts; a DataError if
+        one cannot be scored (see `score_rows`)."""
+        values, errors = self.score_rows(prompts, completions)
+        first = next((i for i, e in enumerate(errors) if e is not None), None)
+        if first is not None:
+            raise DataError(f"completion {first}: {errors[first]}", field="completions")
+        return values
 
     __call__ = score
 
     @torch.no_grad()
+    def score_rows(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> tuple[Tensor, list[str | None]]:
+        """Rewards [N], and for each row None or why it has no reward (NaN there): a completion the reward model's
+        rows could not hold, such as special-token text a policy spelled out of ordinary tokens. One such row
+        leaves the others scored."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        encoded, errors = [], []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            try:
+                encoded.append(self._encode(prompt, completion))
+                errors.append(None)
+            except RowProblem as problem:
+                errors.append(f"the reward model cannot score it: {problem}")
+        values = torch.full((len(completions),), float("nan"))
+        values[[i for i, e in enumerate(errors) if e is None]] = self._sequence_scores(encoded)
+        return values, errors
+
+    @torch.no_grad()
     def score_tokens(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None) -> Tensor:
         """Rewards [B] of token batches (prompt + completion ids, left or right padded, attended tokens
-        contiguous), read at each row's last attended token; padding-free like `score`. `response_mask` (1 on
-        the completion's tokens) is needed by a likelihood reward model, which scores the completion alone."""
+        contiguous), padding-free like `score`. Each completion is ended as the training rows' answers were: its
+        end-of-turn token (a completion cut off before it gets it) and whatever the template writes after the
+        turn (ChatML's newline), since that is where a reward head learned to read. `response_mask` (1 on the
+        completion's tokens) is needed by a likelihood reward model, which scores the completion alone."""
         if response_mask is None:
             if is_likelihood_model(self.model):
                 raise ValueError("a likelihood reward model scores the completion's tokens: pass response_mask")
             response_mask = torch.zeros_like(attention_mask)
-        real = attention_mask.bool()
-        return self._sequence_scores([(ids[keep].tolist(), marks[keep].tolist())
-                                      for ids, marks, keep in zip(input_ids, response_mask, real, strict=True)])
+        (closer, closer_mark), tail = self._turn_ending()
+        closers = self.encoder._closers
+        sequences = []
+        for ids, marks, keep in zip(input_ids, response_mask, attention_mask.bool(), strict=True):
+            ids, marks = ids[keep].tolist(), marks[keep].tolist()
+            ending = tail if ids and ids[-1] in closers else [(closer, closer_mark), *tail]
+            sequences.append((ids + [t for t, _ in ending], marks + [m for _, m in ending]))
+        return self._sequence_scores(sequences)
+
+    def _turn_ending(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        """The token that ends an answer in the training rows, and the tokens the template writes after it, each
+        with its response-mask mark there (a likelihood model sums over the marked ones)."""
+        ids, mask = self.encoder.encode([message("user", "q"), message("assistant", "a")], prompt_turns=1)
+        end = max(i for i, t in enumerate(ids) if t in self.encoder._closers)
+        return (ids[end], mask[end]), list(zip(ids[end + 1:], mask[end + 1:], strict=True))
 
 
 class ProcessRewardScorer(_Scorer):
@@ -127,26 +184,37 @@ class ProcessRewardScorer(_Scorer):
         return getattr(self.model.config, "process_target", "classification")
 
     @torch.no_grad()
-    def score_steps(self, prompts: Sequence[Prompt], steps: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Per-step scores of each solution (a list of step texts) of its prompt."""
+    def score_steps(self, prompts: Sequence[Prompt], steps: Sequence[Sequence[str]]) -> list[list[float | None]]:
+        """Per-step scores of each solution (a list of step texts) of its prompt. None for a step that has no
+        score: one whose separator a solution longer than the model's positions allow had to lose (the solution
+        is cut from the left), or every step of a solution that cannot be rendered as the training rows were."""
         if len(prompts) != len(steps):
             raise ValueError(f"{len(prompts)} prompts for {len(steps)} step lists")
-        rows = []
+        rows, ends_of = [], []
         for prompt, chain in zip(prompts, steps, strict=True):
-            ids, ends = encode_stepwise(self.encoder, _messages(prompt), list(chain))
-            rows.append({"input_ids": ids, "response_mask": [0] * len(ids), "step_ends": ends,
-                         "step_labels": [0.0] * len(ends)})
-        scores: list[list[float]] = []
+            try:
+                ids, ends = encode_stepwise(self.encoder, _messages(prompt), list(chain), cut_steps=True)
+            except DataError:
+                ends_of.append([None] * len(chain))
+                continue
+            ends_of.append(ends)
+            kept = [e for e in ends if e is not None]
+            if kept:
+                rows.append({"input_ids": ids, "response_mask": [0] * len(ids), "step_ends": kept,
+                             "step_labels": [0.0] * len(kept)})
+        values: list[float] = []
         for i in range(0, len(rows), self.batch_size):
             chunk = rows[i:i + self.batch_size]
             batch = self._to_device(collate_stepwise(chunk, self.pad_token_id))
-            values = scores_at(self.model, batch, batch["step_ends"]).float()
-            values = values.sigmoid() if self.target == "classification" else values
-            scores += [row[:len(r["step_ends"])] for row, r in zip(values.cpu().tolist(), chunk, strict=True)]
-        return scores
+            scores = scores_at(self.model, batch, batch["step_ends"]).float()
+            scores = scores.sigmoid() if self.target == "classification" else scores
+            values += [v for row, r in zip(scores.cpu().tolist(), chunk, strict=True)
+                       for v in row[:len(r["step_ends"])]]
+        found = iter(values)
+        return [[None if end is None else next(found) for end in ends] for ends in ends_of]
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[list[float]]:
-        """Per-step scores of completions whose steps are their non-empty lines."""
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[list[float | None]]:
+        """Per-step scores of completions whose steps are their non-empty lines (None as in `score_steps`)."""
         return self.score_steps(prompts, [[line for line in c.splitlines() if line.strip()] for c in completions])
 
     __call__ = score

@@ -71,7 +71,8 @@ def line_ends(text: str) -> list[tuple[str, int]]:
 
 def prm_step_scorer(scorer) -> StepScorer:
     """Score each non-empty line with a `ProcessRewardScorer` (the probability that the step is right
-    for a classifier, the step value for a regressor)."""
+    for a classifier, the step value for a regressor). A line the model could not score (see
+    `ProcessRewardScorer.score_steps`) is no step, as a missing step is for the verifier."""
 
     def score(batch: Completions) -> list[list[Step]]:
         lines = [line_ends(c) for c in batch.completions]
@@ -79,7 +80,7 @@ def prm_step_scorer(scorer) -> StepScorer:
         values = scorer.score_steps([batch.prompts[i] for i in rows], [[t for t, _ in lines[i]] for i in rows])
         out: list[list[Step]] = [[] for _ in lines]
         for i, row_scores in zip(rows, values, strict=True):
-            out[i] = [Step(s, end) for s, (_, end) in zip(row_scores, lines[i], strict=True)]
+            out[i] = [Step(s, end) for s, (_, end) in zip(row_scores, lines[i], strict=True) if s is not None]
         return out
 
     return score

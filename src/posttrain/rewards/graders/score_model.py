@@ -55,8 +55,10 @@ class ScoreModelGrader:
         conversations = [[{"role": role, "content": content.render(s, i)} for role, content in self.messages]
                          for s, i in zip(samples, items, strict=True)]
         if self.is_reward_model:
-            raw = self._reward_model().score([c[:-1] for c in conversations], [c[-1]["content"] for c in conversations])
-            return GradeResult([self._scale(min(self.high, max(self.low, float(r)))) for r in raw])
+            raw, errors = self._reward_model().score_rows([c[:-1] for c in conversations],
+                                                          [c[-1]["content"] for c in conversations])
+            return GradeResult([0.0 if e else self._scale(min(self.high, max(self.low, float(r))))
+                                for r, e in zip(raw, errors, strict=True)], errors=errors)
         scores, errors = [], []
         for answer in self._judge(conversations):
             number = last_number(answer)
