@@ -97,6 +97,18 @@ def test_likelihood_reward_model_recipe_saves_a_causal_lm_the_scorer_reads(lm_di
     assert evaluated["kind"] == "reward_model" and evaluated["rows"] == 8 and 0 <= evaluated["accuracy"] <= 1
 
 
+def test_posttrain_eval_of_a_run_with_an_eval_split_scores_its_held_out_rows(lm_dir, tmp_path):
+    """It scored the rows the run trained on (all but the held-out share), reporting training accuracy."""
+    rows = list(get_task("arith").rows("preference", size=40))
+    source = write_rows(tmp_path / "pairs.jsonl", rows)
+    result = main(rm_config(lm_dir, tmp_path, f"data.source={source}", "data.eval_split=0.25", "train.max_steps=2",
+                            "train.batch_size=8", "train.micro_batch_size=8", "optim.lr=1e-3"))
+    evaluated = evaluate(result.run_dir, EvalOptions(batch_size=8), write=False)
+    assert evaluated["rows"] == result.summary["eval_rows"] == 10
+    assert evaluated["accuracy"] == pytest.approx(result.summary["eval_accuracy"])
+    assert evaluated["margin"] == pytest.approx(result.summary["eval_margin"], rel=1e-4)
+
+
 def test_a_reduction_of_logprobs_is_refused_for_a_reward_model_that_has_a_head(tmp_path):
     with pytest.raises(ConfigError, match="head=likelihood") as err:
         main(rm_config("does-not-exist", tmp_path, "head=linear", "reward_reduction=mean"))

@@ -334,21 +334,45 @@ def _completions(examples: list[Example], texts: list[str]) -> Completions:
 
 
 def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions) -> dict[str, Any]:
+    """Pairwise accuracy (or step accuracy) on the held-out comparisons the run itself held out: data.eval_split's
+    rows of its training data, else its eval.source, else the held-out split of `data`'s task (a bare model)."""
     tokenizer = load_tokenizer(target.model_dir)
     model = load_reward_model(target.model_dir)
     process_target = getattr(model.config, "process_target", None)
-    heldout_cfg = heldout_data_config(data, RewardEvalConfig(size=options.problems, seed=options.seed,
-                                                             batch_size=options.batch_size))
+    held = RewardEvalConfig(size=options.problems, seed=options.seed, batch_size=options.batch_size)
+    heldout_cfg = _run_heldout_config(target, held) or heldout_data_config(data, held)
     assert heldout_cfg is not None  # data.source is a built-in task
     accepts = STAGE_FORMATS["prm" if process_target else "rm"]
     if process_target:
         heldout_cfg = dataclasses.replace(heldout_cfg, format="stepwise")
-    rows = prepare_data(heldout_cfg, tokenizer, accepts=accepts, mask_dtype=model.dtype)
+    rows = prepare_data(heldout_cfg, tokenizer, accepts=accepts, mask_dtype=model.dtype,
+                        heldout=heldout_cfg.eval_split > 0)
+    where = {"data": heldout_cfg.source} | ({"eval_split": heldout_cfg.eval_split} if heldout_cfg.eval_split else {})
     if process_target:
         metrics = process_metrics(model, rows, options.batch_size, process_target, prefix="")
-        return {"kind": "process_reward_model", "rows": len(rows.dataset), **metrics}
+        return {"kind": "process_reward_model", **where, "rows": len(rows.dataset), **metrics}
     metrics = comparison_metrics(comparison_scores(model, rows, options.batch_size), prefix="")
-    return {"kind": "reward_model", "rows": len(rows.dataset), **metrics}
+    return {"kind": "reward_model", **where, "rows": len(rows.dataset), **metrics}
+
+
+def _run_heldout_config(target: Target, held: RewardEvalConfig) -> DataConfig | None:
+    """The held-out rows of a run that held some out of its own data (data.eval_split, or eval.source), read as the
+    run read them (relative paths from where it was started); None for a bare model or a run that held none out."""
+    if target.run_dir is None:
+        return None
+    data, run_eval = target.section("data"), target.section("eval")
+    if not data.get("eval_split") and not isinstance(run_eval.get("source"), str):
+        return None
+    source = data.get("source", DataConfig.source)
+    data = {**data, "source": source if source in TASKS else _in_workdir(target, source)}
+    try:
+        run_data = load_config(DataConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{target.run_dir / 'config.yaml'}: data: {err}") from None
+    if run_eval.get("source"):
+        held = dataclasses.replace(held, source=_in_workdir(target, run_eval["source"]),
+                                   split=run_eval.get("split", held.split))
+    return heldout_data_config(run_data, held)
 
 
 # ----------------------------------------------------------------------------------------------
