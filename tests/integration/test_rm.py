@@ -229,6 +229,20 @@ def test_micro_batching_does_not_change_the_gradient(lm_dir, tokenizer, fmt, bat
     assert_close(grads[1], grads[0])
 
 
+def test_step_labels_outside_0_1_are_refused_for_a_classifier_and_trained_by_a_regressor(lm_dir, tmp_path):
+    """PRM800K rates steps -1/0/1: as BCE targets the loss has no lower bound (it fell to -25 at a score of -50)."""
+    rows = [{"prompt": "Start with 2. Add 3.", "completions": ["2+3=5", "5*1=6"], "labels": [1, 0]},
+            {"prompt": "Start with 4. Add 1.", "completions": ["4+1=5", "5-1=3"], "labels": [1, -1]}]
+    source = write_rows(tmp_path / "steps.jsonl", rows)
+    with pytest.raises(DataError, match=r"label -1 is not in \[0, 1\]") as error:
+        main(rm_config(lm_dir, tmp_path, f"data.source={source}", recipe="prm"))
+    assert (error.value.file, error.value.line, error.value.field) == (source, 2, "labels[1]")
+    assert not (tmp_path / "prm").exists()  # nothing was started
+    result = main(rm_config(lm_dir, tmp_path, f"data.source={source}", "process_target=regression",
+                            "train.max_steps=1", "train.batch_size=2", "train.micro_batch_size=2", recipe="prm"))
+    assert result.summary["steps"] == 1
+
+
 @pytest.mark.parametrize(("row", "field"), [
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, "rejected"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "preference_prob": 1.5}, "preference_prob"),

@@ -120,3 +120,21 @@ def test_the_reward_histogram_leaves_out_rewards_that_are_not_finite_and_says_ho
         plt.Figure.savefig = save
     assert out.stat().st_size > 0
     assert titles == ["held-out rewards (3 not finite, left out)", "held-out rewards"]
+
+
+def test_soft_labelled_pairs_count_the_share_of_annotators_who_agree() -> None:
+    """A pair whose annotators mostly preferred the `rejected` response (p = 0.1) is ordered right when rejected
+    outscores chosen: it counted as wrong before, so a model that agreed with the labels scored 0.5."""
+    from posttrain.train.comparisons import comparison_accuracy
+
+    scores = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 1.0], [5.0, 4.0]])
+    probs = torch.tensor([0.9, 0.1, 0.7, 0.5])
+    levels = torch.tensor([[0, 1]] * 4)
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    assert_close(comparison_accuracy(scores, mask, levels, probs), torch.tensor([0.9, 0.9, 0.0, 0.5]))
+    assert_close(comparison_accuracy(scores, mask, levels, torch.ones(4)),
+                 ordered_pair_accuracy(scores, mask, levels))  # hard labels: the plain accuracy
+    rows = [ScoredComparison(s, torch.tensor([0, 1]), p) for s, p in zip(scores, probs.tolist(), strict=True)]
+    assert comparison_metrics(rows)["eval_accuracy"] == pytest.approx((0.9 + 0.9 + 0.0 + 0.5) / 4)
+    one = comparison_metrics(rows[:1])
+    assert one["eval_chosen_std"] == 0 and one["eval_rejected_std"] == 0  # one comparison: not NaN

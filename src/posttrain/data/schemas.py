@@ -246,6 +246,15 @@ def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
         if len(set(scores)) == 1:
             raise where.error(f"all {len(scores)} responses have the same score ({scores[0]:g}): the ranking prefers "
                               "none of them (drop the row, or give the responses different scores)", field="scores")
+    # A response listed twice must be tied with itself: no model can rank a response above itself.
+    for i in range(len(responses)):
+        for j in range(i):
+            if responses[j] == responses[i] and (scores is None or scores[j] != scores[i]):
+                raise where.error(f"responses[{j}] and responses[{i}] are identical"
+                                  + (f" but scored {scores[j]:g} and {scores[i]:g}" if scores else "")
+                                  + ": a ranking cannot put a response above itself (drop one, or give them equal "
+                                  "`scores`: a tie)", field="scores" if scores else "responses")
+    if scores is not None:
         order = sorted(range(len(responses)), key=lambda i: -scores[i])  # best first; ties keep their order
         responses, scores = [responses[i] for i in order], [scores[i] for i in order]
     return {"prompt": prompt, "responses": responses, "scores": scores, "tools": _tools(raw.get("tools"), where)}

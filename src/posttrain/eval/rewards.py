@@ -23,9 +23,9 @@ from posttrain.eval.plotting import pyplot
 from posttrain.models.device import model_device, move_to
 from posttrain.models.reward import scores_at, sequence_scores
 from posttrain.train.comparisons import (
+    comparison_accuracy,
     comparison_levels,
     comparison_matrix,
-    ordered_pair_accuracy,
     ordered_pairs,
 )
 
@@ -69,10 +69,11 @@ def _batches(prepared: Prepared, batch_size: int, model: torch.nn.Module):
 
 class ScoredComparison(NamedTuple):
     """One held-out comparison's rewards [K], best first, and its responses' levels [K] (0 = best; tied
-    responses share a level)."""
+    responses share a level); a preference pair's soft label."""
 
     rewards: torch.Tensor
     levels: torch.Tensor
+    preference_prob: float = 1.0  # a pair's soft label: the share of annotators preferring the first response
 
     @property
     def best(self) -> torch.Tensor:
@@ -92,21 +93,24 @@ def comparison_scores(model: torch.nn.Module, prepared: Prepared, batch_size: in
     for batch in _batches(prepared, batch_size, model):
         matrix, mask = comparison_matrix(sequence_scores(model, batch).float(), batch)
         levels = comparison_levels(batch, matrix)
-        rows += [ScoredComparison(row[keep], level[keep])
-                 for row, level, keep in zip(matrix.cpu(), levels.cpu(), mask.cpu(), strict=True)]
+        probs = batch.get("preference_probs", torch.ones(len(matrix))).tolist()
+        rows += [ScoredComparison(row[keep], level[keep], prob)
+                 for row, level, keep, prob in zip(matrix.cpu(), levels.cpu(), mask.cpu(), probs, strict=True)]
     model.train(was_training)
     return rows
 
 
 def comparison_metrics(rows: list[ScoredComparison], prefix: str = "eval_") -> dict[str, float]:
-    """Pairwise accuracy (share of ordered response pairs scored in the right order; tied pairs order nothing),
-    mean margin over those pairs, and the distribution of the best (chosen) and the other (rejected) responses'
-    rewards."""
+    """Pairwise accuracy (per comparison, the share of its ordered response pairs scored in the right order, tied
+    pairs ordering nothing, soft-labelled pairs as `comparison_accuracy` counts them; mean over comparisons), mean
+    margin over those pairs, and the distribution of the best (chosen) and the other (rejected) responses' rewards
+    (their standard deviations 0 for a single reward)."""
     accuracy, margin, pairs = 0.0, 0.0, 0
     for row in rows:
         scores, levels = row.rewards.unsqueeze(0), row.levels.unsqueeze(0)
         keep = torch.ones_like(scores, dtype=torch.bool)
-        accuracy += ordered_pair_accuracy(scores, keep, levels).item()
+        soft = torch.tensor([row.preference_prob]) if row.preference_prob != 1.0 else None
+        accuracy += comparison_accuracy(scores, keep, levels, soft).item()
         differences, mask = ordered_pairs(scores, keep, levels)
         margin += differences.sum().item()
         pairs += int(mask.sum())
@@ -115,10 +119,15 @@ def comparison_metrics(rows: list[ScoredComparison], prefix: str = "eval_") -> d
     everything = torch.cat([chosen, rejected])
     quantiles = torch.quantile(everything, torch.tensor([0.05, 0.5, 0.95]))
     return {f"{prefix}accuracy": accuracy / len(rows), f"{prefix}margin": margin / max(pairs, 1),
-            f"{prefix}chosen_mean": chosen.mean().item(), f"{prefix}chosen_std": chosen.std().item(),
-            f"{prefix}rejected_mean": rejected.mean().item(), f"{prefix}rejected_std": rejected.std().item(),
+            f"{prefix}chosen_mean": chosen.mean().item(), f"{prefix}chosen_std": _std(chosen),
+            f"{prefix}rejected_mean": rejected.mean().item(), f"{prefix}rejected_std": _std(rejected),
             f"{prefix}reward_p05": quantiles[0].item(), f"{prefix}reward_p50": quantiles[1].item(),
             f"{prefix}reward_p95": quantiles[2].item()}
+
+
+def _std(values: torch.Tensor) -> float:
+    """The sample standard deviation; 0 for one value (one held-out comparison), not NaN."""
+    return values.std().item() if len(values) > 1 else 0.0
 
 
 def plot_reward_distribution(rows: list[ScoredComparison], out: Path, title: str) -> Path:

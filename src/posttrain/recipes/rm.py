@@ -83,11 +83,11 @@ from posttrain.rewards.reward_model import rendering_settings
 from posttrain.rollout import make_engine
 from posttrain.train.comparisons import (
     best_and_others,
+    comparison_accuracy,
     comparison_levels,
     comparison_matrix,
     comparison_step_source,
     is_ranking_batch,
-    ordered_pair_accuracy,
 )
 from posttrain.train.engine import TrainConfig, Trainer, once_per_step
 from posttrain.train.progress import RunProgress
@@ -180,6 +180,9 @@ def main(cfg: RMConfig) -> RunResult:
                if heldout_cfg else None)
     if not on_policy:
         heldout, offline = offline, None
+    if cfg.kind == "process" and cfg.process_target == "classification":
+        for rows in (prepared, heldout):
+            check_step_probabilities(rows)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rm", model=model)
 
     if cfg.kind == "process":  # how ProcessRewardScorer turns head outputs into step scores
@@ -308,6 +311,7 @@ def comparison_loss_fn(cfg: RMConfig):
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:
         rewards, present = comparison_matrix(sequence_scores(model, batch), batch)  # [B, K], best first
         levels = comparison_levels(batch, rewards)  # ties share a level
+        soft = None if is_ranking_batch(batch) else batch["preference_probs"]
         if is_ranking_batch(batch):
             loss = plackett_luce_loss(rewards, present, levels)
         else:
@@ -321,13 +325,28 @@ def comparison_loss_fn(cfg: RMConfig):
             detached = rewards.detach()
             best, others = best_and_others(detached, present, levels)
             metrics = {"loss": loss.item(),
-                       "accuracy": ordered_pair_accuracy(detached, present, levels).sum().item() / normaliser,
+                       "accuracy": comparison_accuracy(detached, present, levels, soft).sum().item() / normaliser,
                        "chosen_reward": best.sum().item() / normaliser,
                        "rejected_reward": others.sum().item() / normaliser}
         metrics["margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
         return loss, metrics
 
     return loss_fn
+
+
+def check_step_probabilities(prepared: Prepared | None) -> None:
+    """process_target=classification reads a step's label as the probability that the step is right: 0/1, or soft
+    in between. A label on another scale (PRM800K's ratings -1/0/1) would leave the loss unbounded below, so it is a
+    DataError naming the row, not a run that diverges."""
+    if prepared is None:
+        return
+    for line, labels in zip(prepared.dataset["line"], prepared.dataset["step_labels"], strict=True):
+        bad = next((i for i, value in enumerate(labels) if not 0.0 <= value <= 1.0), None)
+        if bad is not None:
+            raise DataError(f"label {labels[bad]:g} is not in [0, 1]: process_target=classification reads it as the "
+                            "probability that the step is right (map ratings such as PRM800K's -1/0/1 to 0/0/1 or "
+                            "0/0.5/1, or train step values with process_target=regression)",
+                            file=prepared.tokenized.name, line=line, field=f"labels[{bad}]")
 
 
 def process_step_source(prepared: Prepared, train: TrainConfig, seed: int) -> ShuffledStepSource:

@@ -103,6 +103,19 @@ def ordered_pair_accuracy(scores: Tensor, mask: Tensor, levels: Tensor | None = 
     return right.to(scores.dtype) / pairs.sum((-1, -2)).clamp(min=1).to(scores.dtype)
 
 
+def comparison_accuracy(scores: Tensor, mask: Tensor, levels: Tensor, preference_probs: Tensor | None = None) -> Tensor:
+    """Per comparison, the share of its ordered pairs that the scores order correctly: [B] (`ordered_pair_accuracy`).
+
+    Pairs with soft labels (`preference_probs` [B], the share of annotators preferring chosen) count the share of
+    annotators who agree with the scores' order: p where chosen outscores rejected, 1 - p where rejected outscores
+    chosen, 0 for equal scores. With p = 1 that is the plain accuracy.
+    """
+    if preference_probs is None:
+        return ordered_pair_accuracy(scores, mask, levels)
+    p = preference_probs.to(scores.dtype)
+    return (scores[:, 0] > scores[:, 1]).to(p.dtype) * p + (scores[:, 0] < scores[:, 1]).to(p.dtype) * (1 - p)
+
+
 def best_and_others(values: Tensor, mask: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
     """Per comparison, the mean value of its best responses (level 0: the chosen one of a pair, every response
     tied for first in a ranking) and of the others (the rejected one of a pair): ([B], [B])."""
