@@ -14,12 +14,21 @@ class PosttrainError(Exception):
         self.field = field
         super().__init__(self._format())
 
+    def __reduce__(self):
+        # Pickled whole (file, line and field kept), as torch.distributed passes a refusal from rank 0 to the others.
+        return _rebuild, (type(self), self.message, self.file, self.line, self.field)
+
     def _format(self) -> str:
         where = ""
         if self.file is not None:
             where = f"{self.file}:{self.line}: " if self.line is not None else f"{self.file}: "
         field = f"{self.field}: " if self.field else ""
         return f"{where}{field}{self.message}"
+
+
+def _rebuild(cls: type[PosttrainError], message: str, file: str | None, line: int | None,
+             field: str | None) -> PosttrainError:
+    return cls(message, file=file, line=line, field=field)
 
 
 class ConfigError(PosttrainError):

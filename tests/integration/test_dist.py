@@ -322,3 +322,64 @@ def test_dynamic_sampling_on_two_ranks_ends_together_and_trains_only_groups_with
         assert torch.equal(second[name], value), name
     start = load_file(str(work / "model" / "model.safetensors"))
     assert any(not torch.equal(start[name], value) for name, value in first.items() if name in start)
+
+
+def _cli_worker(rank: int, world: int, port: int, work: str) -> None:
+    """`torchrun ... -m posttrain <stage>` as torchrun starts it: no process group before the stage runs."""
+    import json
+
+    from posttrain.errors import PosttrainError
+    from posttrain.recipes import run_stage
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_WAIT_POLICY="PASSIVE")
+    torch.set_num_threads(1)
+    work_dir = Path(work)
+    common = [f"model.path={work_dir / 'model'}", f"run.out_dir={work_dir / 'runs'}", "run.progress=false"]
+    sft = [*common, "run.name=cli", "data.size=16", "train.max_steps=2", "train.batch_size=4",
+           "train.micro_batch_size=2", "train.save_every=2", "eval.problems=2", "eval_before=false"]
+    outcome: dict[str, str] = {}
+    for name, stage, overrides in (
+        ("trained", "sft", sft),
+        ("exists", "sft", sft),  # the run is there: refused on every rank
+        # 3 prompts a round cannot split over 2 ranks: refused before any model loads
+        ("uneven", "grpo", [*common, "run.name=uneven", "sampling.samples_per_prompt=4", "train.batch_size=12",
+                            "train.micro_batch_size=2", "train.max_steps=1"]),
+    ):
+        try:
+            run_stage(stage, None, overrides)
+            outcome[name] = "ok"
+        except PosttrainError as err:
+            outcome[name] = f"{type(err).__name__}: {err}"
+    (work_dir / f"cli-rank{rank}.json").write_text(json.dumps(outcome))
+    torch.distributed.destroy_process_group()
+
+
+def test_stages_started_as_torchrun_starts_them_train_and_refuse_on_every_rank(tmp_path, tokenizer):
+    """Every rank took the run lock before the process group existed (each thought it was rank 0), so the second
+    always failed: no `torchrun -m posttrain <stage>` could start. A refusal must reach every rank (one rank left
+    waiting in a collective hangs until torchrun kills it)."""
+    import json
+
+    from posttrain.config import ModelConfig
+    from posttrain.errors import RunDirError
+    from posttrain.models import build_model
+    from posttrain.recipes import run_stage
+
+    save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer, tmp_path / "model")
+    mp.spawn(_cli_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    outcomes = [json.loads((tmp_path / f"cli-rank{r}.json").read_text()) for r in range(WORLD)]
+    for outcome in outcomes:
+        assert outcome["trained"] == "ok"
+        assert outcome["exists"].startswith("RunDirError") and "a run already exists here" in outcome["exists"]
+        assert outcome["uneven"].startswith("ConfigError") and "update.rollout_batch_size" in outcome["uneven"]
+        assert "3 prompts of a round" in outcome["uneven"]
+    run = tmp_path / "runs" / "cli"
+    assert (run / "checkpoints" / "step-2" / "dcp").is_dir() and (run / "final").is_dir()
+    assert not (tmp_path / "runs" / "uneven").exists()
+    # A 2-rank checkpoint resumed by one plain process: refused up front, the run's config left as it was.
+    config = (run / "config.yaml").read_text()
+    with pytest.raises(RunDirError, match=r"written by 2 processes .* torchrun --nproc_per_node=2"):
+        run_stage("sft", str(run / "config.yaml"), [f"run.out_dir={tmp_path / 'runs'}", "run.name=cli",
+                                                     "run.resume=true", "run.overwrite=false", "train.max_steps=4"])
+    assert (run / "config.yaml").read_text() == config

@@ -471,6 +471,11 @@ def check_rl_config(cfg: RLConfig, stage: str) -> None:
         raise ConfigError(f"the completions of a round ({rollout}) must be a multiple of "
                           f"sampling.samples_per_prompt ({cfg.sampling.samples_per_prompt})",
                           field="sampling.samples_per_prompt")
+    world, prompts = dist.context().world_size, rollout // cfg.sampling.samples_per_prompt
+    if prompts % world:  # each rank samples and trains its share of the round's prompts (their groups)
+        raise ConfigError(f"the {prompts} prompts of a round (update.rollout_batch_size {rollout} / sampling."
+                          f"samples_per_prompt {cfg.sampling.samples_per_prompt}) do not split evenly over {world} "
+                          f"ranks: make them a multiple of {world}", field="update.rollout_batch_size")
     steps = steps_per_round(cfg)
     if cfg.train.save_every % steps:
         # A checkpoint holds no rollout: one taken inside a round would resume with a fresh one, a different

@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from posttrain.errors import RunDirError
 from posttrain.train.checkpoint import (
     _fsync_dir,
     _fsync_tree,
@@ -43,6 +44,18 @@ DCP_DIR = "dcp"
 
 def is_sharded_checkpoint(path: Path) -> bool:
     return (path / DCP_DIR).is_dir()
+
+
+def check_world_size(path: Path, world_size: int) -> None:
+    """A RunDirError unless the checkpoint at `path` was written by `world_size` processes: its RNG states (and a
+    sharded one's layout) are per rank, so a run resumes as it ran."""
+    written = json.loads((path / "state.json").read_text(encoding="utf-8"))["world_size"] \
+        if is_sharded_checkpoint(path) else 1
+    if written != world_size:
+        how = f"torchrun --nproc_per_node={written}" if written > 1 else "one plain process (no torchrun)"
+        raise RunDirError(f"{path.name} was written by {written} process{'es' if written > 1 else ''} and this run "
+                          f"has {world_size}: resume it as it ran, with {how}", file=str(path.parent.parent),
+                          field="run.resume")
 
 
 def save_sharded_checkpoint(root: Path, step: int, *, model: DistributedModel, optimizer: torch.optim.Optimizer,
@@ -85,10 +98,8 @@ def load_sharded_checkpoint(path: Path, *, model: DistributedModel, optimizer: t
                             scheduler: Any) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNGs from `path`; return the trainer state."""
     ctx = context()
+    check_world_size(path, ctx.world_size)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if state["world_size"] != ctx.world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks; resume it with "
-                           f"--nproc_per_node={state['world_size']} (this run has {ctx.world_size})")
     model_state, optim_state = get_state_dict(model.root, optimizer)
     loaded = {"model": model_state, "optim": optim_state}
     dcp.load(loaded, checkpoint_id=str(path / DCP_DIR))

@@ -39,7 +39,7 @@ from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
-from posttrain.train.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+from posttrain.train.dist_checkpoint import check_world_size, load_sharded_checkpoint, save_sharded_checkpoint
 from posttrain.train.metrics import MetricsWriter, truncate_metrics, truncate_samples
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.progress import RunProgress, TrainProgress, format_metrics
@@ -89,13 +89,17 @@ class TrainConfig:
                                         "that evaluates only at its last step can stop on training metrics only). "
                                         "Stop on a dev draw (eval.dev_problems), not on the test problems.")
 
-    def check(self) -> None:
-        """Refuse a batch that micro-batches do not divide, and a stopping rule that is not one. Called before a
-        run loads anything (`run_dir.check_run_dir`) and again by the Trainer; not when the config is built, so
-        that tests and library users may split a batch unevenly by hand (the RL losses are invariant to it)."""
+    def check(self, world_size: int = 1) -> None:
+        """Refuse a batch that micro-batches (on every one of `world_size` ranks) do not divide, and a stopping rule
+        that is not one. Called before a run loads anything (`run_dir.check_run_dir`) and again by the Trainer; not
+        when the config is built, so that tests and library users may split a batch unevenly by hand (the RL
+        losses are invariant to it)."""
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}", field="train.micro_batch_size")
+        if self.batch_size % (self.micro_batch_size * world_size):
+            raise ConfigError(f"batch_size {self.batch_size} (global) is not a multiple of micro_batch_size "
+                              f"{self.micro_batch_size} x {world_size} ranks", field="train.batch_size")
         StopRule.parse(self.stop_when)
 
 
@@ -174,11 +178,8 @@ class Trainer:
                  lr_by_prefix: Mapping[str, float] | None = None) -> None:
         """`lr_by_prefix`: a peak lr of their own for the parameters whose names start with a prefix (PPO's
         critic); every other parameter trains at optim.lr."""
-        train.check()
         self.dist = dist.init_distributed()
-        if train.batch_size % (train.micro_batch_size * self.dist.world_size):
-            raise ConfigError(f"batch_size {train.batch_size} (global) is not a multiple of micro_batch_size "
-                              f"{train.micro_batch_size} x {self.dist.world_size} ranks", field="train.batch_size")
+        train.check(self.dist.world_size)
         self.stage, self.cfg, self.run, self.train_cfg, self.optim_cfg = stage, cfg, run, train, optim
         self.run_dir = run_dir
         self.model = model
@@ -473,13 +474,10 @@ class Trainer:
         if path is None:  # never retrain a run from step 0 on top of its own metrics and final model
             raise RunDirError("run.resume=true but there is no complete checkpoint to resume from",
                               file=str(self.run_dir.checkpoints))
-        if is_sharded_checkpoint(path) != self.dist.distributed:
-            raise ConfigError(f"{path} was written by a {'multi' if is_sharded_checkpoint(path) else 'single'}-"
-                              f"process run; resume it the same way (torchrun with the same --nproc_per_node, "
-                              f"or plain posttrain)", field="run.resume")
         configured = [{key: group[key] for key in RESUMED_SETTINGS if key in group}
                       for group in self.optimizer.param_groups]
         try:
+            check_world_size(path, self.dist.world_size)
             if self.dist.distributed:
                 state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
                                                 scheduler=self.scheduler)

@@ -36,6 +36,7 @@ from posttrain.errors import RunDirError
 from posttrain.models.adapters import check_adapter
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint
+from posttrain.train.dist_checkpoint import check_world_size
 from posttrain.train.metrics import replace_text
 
 UNSTARTED = ".unstarted"
@@ -97,13 +98,26 @@ def run_path(run: RunConfig) -> Path:
 def check_run_dir(run: RunConfig, cfg: Any) -> None:
     """Refuse, before anything is loaded or written, a run directory that cannot be used as asked.
 
-    The only change on disk is undoing an earlier attempt that was killed before it trained a step.
+    The only change on disk is undoing an earlier attempt that was killed before it trained a step. Under torchrun
+    (every rank calls it, once the process group is joined) rank 0 checks and every rank raises its refusal, so
+    that none goes on to wait in a collective for a rank that stopped.
     """
+    world_size = dist.init_distributed().world_size
     train = getattr(cfg, "train", None)
     if train is not None and hasattr(train, "check"):
-        train.check()
-    if not dist.is_main_process():
-        return
+        train.check(world_size)
+    refusal = None
+    if dist.is_main_process():
+        try:
+            _check_on_main(run, cfg, world_size)
+        except RunDirError as err:
+            refusal = err
+    refusal = dist.from_main(refusal)
+    if refusal is not None:
+        raise refusal
+
+
+def _check_on_main(run: RunConfig, cfg: Any, world_size: int) -> None:
     path = run_path(run)
     _hold_run_lock(path)
     _undo_unstarted(path)
@@ -127,6 +141,7 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
         raise RunDirError(f"this run has finished its {finished} steps; to train it further, resume it with a "
                           f"larger train.max_steps (it continues from {checkpoint.name})", file=str(path),
                           field="train.max_steps")
+    check_world_size(checkpoint, world_size)
 
 
 def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> RunDir:
@@ -141,12 +156,11 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> 
     adapter = getattr(cfg, "adapter", None)
     if model is not None and adapter is not None:
         check_adapter(model, adapter)
-    dist.init_distributed()
     path = run_path(run)
+    check_run_dir(run, cfg)  # every rank: the process group joined, rank 0's verdict shared
     if not dist.is_main_process():
-        dist.barrier()  # rank 0 has checked, cleared and created the directory
+        dist.barrier()  # rank 0 has cleared and created the directory
         return RunDir(path)
-    check_run_dir(run, cfg)
     if not run.resume:
         # Each rename is atomic, so a kill at any point leaves either the old run in place or the new one
         # marked unstarted with the old one aside: both are undone by the next `check_run_dir`.
