@@ -163,3 +163,81 @@ def test_grader_cannot_signal_the_trainer():
     """, ["a"])
     assert result.scores == [0.0] and ("ProcessLookupError" in result.errors[0]
                                        or "PermissionError" in result.errors[0])
+
+
+def test_a_large_item_to_a_grader_stuck_loading_times_out_on_time():
+    """Writing a request larger than the pipe (64 KiB) blocked before the deadline started, forever when the grader
+    never reads (its source hangs at import): code-grading items with test cases are that large."""
+    grader = build_grader({"type": "python", "timeout_s": 1, "source": textwrap.dedent("""
+        import time
+        time.sleep(10 ** 6)
+        def grade(sample, item):
+            return 1.0
+    """)})
+    start = time.monotonic()
+    result = grader.grade([{"output_text": "a"}], [{"tests": "x" * 300_000}])
+    assert result.errors[0].startswith("timed out after 1 s") and time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_the_sandbox_dies_with_a_trainer_killed_mid_grade(tmp_path, signal_name):
+    """The runner and its init were re-parented to PID 1 and lived on (a sleeping grader forever, a spinning one
+    until its CPU limit) when the trainer was killed while it graded."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent("""
+        from posttrain.rewards.graders import build_grader
+        grader = build_grader({"type": "python", "timeout_s": 600, "source":
+                               "import time\\ndef grade(sample, item):\\n    time.sleep(600)\\n"})
+        print("grading", flush=True)
+        grader.grade([{"output_text": "a"}], [{}])
+    """))
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline() == "grading\n"
+        deadline = time.monotonic() + 30
+        while not _sandbox_of(trainer.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _sandbox_of(trainer.pid), "the grader's sandbox never started"
+        trainer.send_signal(getattr(signal, signal_name))
+        trainer.wait(30)
+        deadline = time.monotonic() + 10
+        while _sandbox_of(trainer.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _sandbox_of(trainer.pid) == []
+    finally:
+        trainer.kill()
+
+
+def _sandbox_of(trainer: int) -> list[str]:
+    """The sandbox processes (runner, init, worker: one command line) a trainer of this pid started."""
+    return [pid for pid in os.listdir("/proc") if pid.isdigit()
+            and _cmdline(pid).rstrip("\x00").split("\x00")[-1:] == [str(trainer)]
+            and "sandbox_runner.py" in _cmdline(pid)]
+
+
+def test_a_crashed_grader_says_how_it_ended():
+    """The runner always exited 0, so every crash read "exited with status 0 (memory limit?)"."""
+    result = run("""
+        import ctypes, os
+        def grade(sample, item):
+            if sample["output_text"] == "exit":
+                os._exit(5)
+            ctypes.string_at(0)
+    """, ["exit", "segv"])
+    assert result.errors[0].startswith("the grader process exited with status 5")
+    assert result.errors[1].startswith("the grader process was killed by SIGSEGV")
+
+
+def test_the_grader_works_when_the_trainer_holds_over_1024_descriptors():
+    """select() refuses descriptors >= 1024: every row of such a trainer (many open files, sockets) was an error."""
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        result = run("def grade(sample, item):\n    return 0.5\n", ["a", "b"])
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert result.scores == [0.5, 0.5] and result.errors == [None, None]

@@ -92,7 +92,8 @@ class PythonGrader:
 
 class _Child:
     """One sandbox process: a JSON request line on its stdin; the reply, tagged with the request's random id, on
-    a pipe of its own (fd 1 and fd 2 are the user's, kept as the error record); within a deadline.
+    a pipe of its own (fd 1 and fd 2 are the user's, kept as the error record); within a deadline, which covers
+    writing the request too (a large item fills the pipe while a grader stuck loading does not read it).
 
     A reply counts only with the id of the request it answers: a line the user's code forges on the result pipe
     cannot be taken for another sample's score, as that sample's id does not exist yet."""
@@ -102,35 +103,34 @@ class _Child:
     def __init__(self, process: subprocess.Popen, results: int, load_id: str) -> None:
         self.process, self.results, self.load_id = process, results, load_id
         self.pending, self.output = b"", b""
+        self.unsent = b""  # request bytes the child has not read yet
+        os.set_blocking(process.stdin.fileno(), False)
 
     @classmethod
     def start(cls, grader: PythonGrader, workdir: str) -> _Child:
         results, write_end = os.pipe()
         # A session of its own: the timeout kills its whole process group, never the trainer's.
-        process = subprocess.Popen([sys.executable, "-I", str(RUNNER), str(write_end)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_end,),
-                                   cwd=workdir, env={**SAFE_ENV, "TMPDIR": workdir}, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-I", str(RUNNER), str(write_end), str(os.getpid())],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   pass_fds=(write_end,), cwd=workdir, env={**SAFE_ENV, "TMPDIR": workdir},
+                                   start_new_session=True)
         os.close(write_end)
         child = cls(process, results, secrets.token_hex(16))
-        child.send({"id": child.load_id, "source": grader.source, "memory_mb": grader.memory_mb,
-                    "cpu_s": max(1, int(grader.timeout_s * 4) + 1), "processes": grader.max_processes})
+        child.unsent = _line({"id": child.load_id, "source": grader.source, "memory_mb": grader.memory_mb,
+                              "cpu_s": max(1, int(grader.timeout_s * 4) + 1), "processes": grader.max_processes})
         return child
-
-    def send(self, payload: dict[str, Any]) -> None:
-        self.process.stdin.write((json.dumps(payload) + "\n").encode())
-        self.process.stdin.flush()
 
     def ask(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """{"value"} or {"error"}; with "restart" when the process must be replaced, "fatal" when the source
         does not load (the reply to the setup's id)."""
         request_id = secrets.token_hex(16)
         self.output = b""
-        try:
-            self.send({"id": request_id, **payload})
-        except (BrokenPipeError, OSError):
-            return self._failed("the grader process died (a previous call crashed it)")
+        self.unsent += _line({"id": request_id, **payload})
         deadline = time.monotonic() + timeout_s
-        streams = [self.results, self.process.stdout.fileno()]
+        stdin, stdout = self.process.stdin.fileno(), self.process.stdout.fileno()
+        poller = select.poll()  # not select.select: it fails on descriptors >= 1024
+        for fd, event in ((self.results, select.POLLIN), (stdout, select.POLLIN), (stdin, select.POLLOUT)):
+            poller.register(fd, event)
         while True:
             for line in self._lines():
                 reply = _parse(line)
@@ -145,17 +145,24 @@ class _Child:
             left = deadline - time.monotonic()
             if left <= 0:
                 return self._failed(f"timed out after {timeout_s:g} s")
-            ready, _, _ = select.select(streams, [], [], left)
-            if self.process.stdout.fileno() in ready and not self._read_output():
-                streams.remove(self.process.stdout.fileno())
-            if self.results in ready:
-                data = os.read(self.results, 1 << 16)
-                if not data:
-                    code = self._wait(deadline)
-                    why = ("closed its result pipe" if code is None else
-                           f"was killed by signal {-code}" if code < 0 else f"exited with status {code}")
-                    return self._failed(f"the grader process {why} (memory limit?)")
-                self.pending = (self.pending + data)[-(1 << 20):]  # a reply is a short line
+            for fd, _ in poller.poll(1000 * left):
+                if fd == stdin:
+                    try:
+                        self.unsent = self.unsent[os.write(stdin, self.unsent):]
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        return self._failed("the grader process died (a previous call crashed it)")
+                    if not self.unsent:
+                        poller.unregister(stdin)
+                elif fd == stdout:
+                    if not self._read_output():
+                        poller.unregister(stdout)
+                else:
+                    data = os.read(self.results, 1 << 16)
+                    if not data:
+                        return self._failed(f"the grader process {self._exit_reason(deadline)}")
+                    self.pending = (self.pending + data)[-(1 << 20):]  # a reply is a short line
 
     def _lines(self) -> list[bytes]:
         *lines, self.pending = self.pending.split(b"\n")
@@ -167,15 +174,23 @@ class _Child:
         return bool(data)
 
     def _drain_output(self) -> None:
-        stdout = self.process.stdout.fileno()
-        while select.select([stdout], [], [], 0)[0] and self._read_output():
+        poller = select.poll()
+        poller.register(self.process.stdout.fileno(), select.POLLIN)
+        while poller.poll(0) and self._read_output():
             pass
 
-    def _wait(self, deadline: float) -> int | None:
+    def _exit_reason(self, deadline: float) -> str:
+        """Why the result pipe closed: the runner exits with the worker's status (128 + the signal that killed it)."""
         try:
-            return self.process.wait(max(0.0, deadline - time.monotonic()))
+            code = self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            return None
+            return "closed its result pipe"
+        if code > 128 and code - 128 in signal.valid_signals():
+            name = signal.Signals(code - 128).name
+            return f"was killed by {name}" + (" (memory or CPU time limit?)" if name in ("SIGKILL", "SIGXCPU") else "")
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name if -code in signal.valid_signals() else -code}"
+        return f"exited with status {code}"
 
     def _record(self, error: str, trace: str | None = None) -> str:
         """The error, with the grader's traceback and the tail of what it wrote on fd 1 and fd 2."""
@@ -191,13 +206,13 @@ class _Child:
         return {"error": self._record(error, trace), "restart": True}
 
     def kill(self) -> None:
-        """SIGKILL to the runner's process group: with the PID namespace, the kernel then ends every process the
-        grader started, in whatever session."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL to the runner's process group, also once the runner itself has exited (what the grader started
+        may live on in it): with the PID namespace, the kernel then ends every process the grader started, in
+        whatever session."""
+        try:  # the group's id stays allocated while any process of the group lives, reaped leader or not
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
             try:
@@ -205,6 +220,10 @@ class _Child:
             except OSError:
                 pass
         os.close(self.results)
+
+
+def _line(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload) + "\n").encode()
 
 
 def _parse(line: bytes) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 
 Three processes, so that a kill reaches everything the grader started:
 - the runner (the process the trainer started, in a session of its own) enters fresh user, network and
-  PID namespaces where the kernel allows it, forks the namespace's init and waits for it;
+  PID namespaces where the kernel allows it, forks the namespace's init and waits for it, then exits with the
+  worker's status (128 + its signal where one killed it); the runner and the init die with their parents
+  (PR_SET_PDEATHSIG), so a trainer killed mid-grade leaves no sandbox behind;
 - the init (PID 1 of the new namespace) forks the worker and reaps every orphan until the worker exits; when
   the init dies (the worker exited, or the trainer killed the runner's process group on a timeout) the kernel
   kills every process left in the namespace, including one that moved to a session of its own;
@@ -157,14 +159,29 @@ def serve(channel, setup: dict, namespaced: bool) -> None:
             reply({"id": request["id"], "value": float(value)})
 
 
+def exit_code(status: int) -> int:
+    """A wait status as an exit code: the process's own, or 128 + the signal that killed it (as a shell reports)."""
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL this process when its parent dies (a trainer SIGKILLed mid-grade must not leave the sandbox running),
+    or exit now if `parent` has already gone."""
+    LIBC.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
 def main() -> None:
+    die_with_parent(int(sys.argv[2]))
     channel = os.fdopen(int(sys.argv[1]), "w")
     setup = json.loads(sys.stdin.readline())
     namespaced = enter_namespaces()
     init = os.fork()  # with a new PID namespace this child is its PID 1
     if init:
-        os.waitpid(init, 0)
-        os._exit(0)
+        _, status = os.waitpid(init, 0)
+        os._exit(exit_code(status))  # the worker's, which init passes on: the trainer's error record says it
+    die_with_parent()  # no check: in its new PID namespace the init's parent pid reads 0 (the runner waits for it)
     if namespaced:
         cap_namespace_pids(setup["processes"])
     worker = os.fork()
@@ -175,11 +192,11 @@ def main() -> None:
     channel.close()
     while True:  # reap orphans; when the worker is gone, exit, and the kernel ends the rest of the namespace
         try:
-            pid, _ = os.wait()
+            pid, status = os.wait()
         except ChildProcessError:
             os._exit(0)
         if pid == worker:
-            os._exit(0)
+            os._exit(exit_code(status))
 
 
 if __name__ == "__main__":
