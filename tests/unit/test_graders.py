@@ -215,7 +215,7 @@ def test_score_model_takes_a_likelihood_reward_model_for_a_reward_model_not_a_ju
     assert scores == pytest.approx([(float(r) - low) / (high - low) for r in raw], abs=1e-6)
 
 
-def test_score_model_judge_reads_the_last_number_in_range(tmp_path, tiny_model, tokenizer, monkeypatch):
+def test_score_model_judge_reads_the_score_its_answer_states(tmp_path, tiny_model, tokenizer, monkeypatch):
     from posttrain.models import save_pretrained
     from posttrain.rewards.graders.score_model import ScoreModelGrader
 
@@ -225,15 +225,50 @@ def test_score_model_judge_reads_the_last_number_in_range(tmp_path, tiny_model, 
                       {"role": "user", "content": "Q: {{ item.question }} A: {{ sample.output_text }}"}]}
     grader = build_grader(spec)
     prompts = []
-    monkeypatch.setattr(ScoreModelGrader, "_judge", lambda self, conv: prompts.extend(conv) or
-                        ["Score: 8", "no idea", "42", "I give it 3 then 6"])
-    result = grader.grade([{"output_text": o} for o in "abcd"], [{"question": "q"}] * 4)
-    assert result.scores == pytest.approx([0.7, 0.0, 0.0, 0.5])
-    assert [e is None for e in result.errors] == [True, False, False, True]
+    answers = ["Score: 8", "no idea", "42", "I give it 3 then 6", "Score: 3/11", "I'd rate it 2 out of 11.",
+               "Rating: 4. Question 10 is wrong", "**Score:** 9.5", "7", "5/10", "Score: 12"]
+    monkeypatch.setattr(ScoreModelGrader, "_judge", lambda self, conv: prompts.extend(conv) or answers)
+    result = grader.grade([{"output_text": o} for o in "abcdefghijk"], [{"question": "q"}] * len(answers))
+    # (x - 1) / 10; "3/11" is 3 out of the range's 11 (the last number, 11, gave full marks), "5/10" is out of
+    # another maximum, "3 then 6" two numbers without a label, 12 and 42 out of range: errors, scored 0
+    assert result.scores == pytest.approx([0.7, 0.0, 0.0, 0.0, 0.2, 0.1, 0.3, 0.85, 0.6, 0.0, 0.0])
+    assert [e is None for e in result.errors] == [True, False, False, False, True, True, True, True, True, False,
+                                                  False]
+    assert "out of 10" in result.errors[9] and "2 numbers" in result.errors[3] and "not in [1, 11]" in result.errors[2]
     assert prompts[0][1] == {"role": "user", "content": "Q: q A: a"}
     monkeypatch.undo()
     real = grader.grade([{"output_text": "a"}], [{"question": "q"}])  # the untrained judge really generates
     assert real.scores[0] in (0.0, *[(k - 1) / 10 for k in range(1, 12)])
+
+
+def test_score_model_reward_model_that_scores_nan_is_an_error_not_the_range_floor(tmp_path, tiny_model, tokenizer,
+                                                                                   monkeypatch):
+    from posttrain.models import save_pretrained
+    from posttrain.models.reward import build_reward_model
+    from posttrain.rewards import RewardModelScorer
+
+    lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")
+    rm = save_pretrained(build_reward_model(lm, pad_token_id=tokenizer.pad_token_id), tokenizer, tmp_path / "rm")
+    monkeypatch.setattr(RewardModelScorer, "score_rows", lambda self, prompts, completions: (
+        torch.tensor([float("nan"), 100.0, -100.0, 0.0]), [None] * 4))  # a diverged reward model's first score
+    result = grade({"type": "score_model", "model": str(rm), "range": [-5, 5]}, ["a", "b", "c", "d"],
+                   [{"question": "q"}] * 4)
+    assert result.scores == pytest.approx([0.0, 1.0, 0.0, 0.5])
+    assert "not a finite number" in result.errors[0] and result.errors[1:] == [None, None, None]
+
+
+def test_teacher_grader_whose_student_gives_nan_is_an_error_not_full_credit(tmp_path, tiny_model, tokenizer,
+                                                                          monkeypatch):
+    from posttrain.models import save_pretrained
+    from posttrain.rewards.graders.teacher import TeacherGrader
+
+    student = save_pretrained(tiny_model, tokenizer, tmp_path / "student")
+    values = iter([(float("nan"), -1.0), (-1.0, float("nan")), (float("-inf"), -1.0), (-0.5, -1.0)])
+    monkeypatch.setattr(TeacherGrader, "student_logprobs", lambda self, q, e, a: next(values))
+    result = grade({"type": "teacher", "student": str(student), "question": "{{ item.question }}",
+                    "answer": "{{ item.answer }}", "penalty": 0.5}, ["x"] * 4, [{"question": "q", "answer": "1"}] * 4)
+    assert result.scores == pytest.approx([0.0, 0.0, 0.0, math.exp(-1.0)])
+    assert [e is None for e in result.errors] == [False, False, True, True]
 
 
 # ---------------------------------------------------------------------------------------------- teacher

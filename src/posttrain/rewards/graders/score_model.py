@@ -5,8 +5,10 @@ Two kinds of model, told apart by the saved model itself:
   conversation, the last one the assistant turn being graded; its scalar r gives
   (clip(r, lo, hi) - lo) / (hi - lo);
 - a chat model as judge: the rendered `input` messages are its prompt, it answers greedily
-  (`sampling_params.max_new_tokens`), and the last number of its answer, which must lie in the range,
-  gives (x - lo) / (hi - lo). An answer without a number in the range scores 0 with an error.
+  (`sampling_params.max_new_tokens`), and the score it states (`judge_score`: "7", "Score: 7", "7/10",
+  "7 out of 10"), which must lie in the range, gives (x - lo) / (hi - lo). An answer that states none, states
+  it out of another maximum than hi, or holds several numbers and no labelled score scores 0 with an error.
+A reward model's score that is not a finite number scores 0 with an error too.
 
 Models load on first use, so validating a grader file costs nothing.
 """
@@ -14,12 +16,14 @@ Models load on first use, so validating a grader file costs nothing.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from posttrain.rewards.graders.base import GradeResult, Item, Sample, Spec
-from posttrain.rewards.graders.extract import last_number
+from posttrain.rewards.graders.extract import NUMBER
 from posttrain.rewards.graders.template import Template
 
 DEFAULT_INPUT = [{"role": "user", "content": "{{ item.question }}"},
@@ -57,18 +61,17 @@ class ScoreModelGrader:
         if self.is_reward_model:
             raw, errors = self._reward_model().score_rows([c[:-1] for c in conversations],
                                                           [c[-1]["content"] for c in conversations])
-            return GradeResult([0.0 if e else self._scale(min(self.high, max(self.low, float(r))))
-                                for r, e in zip(raw, errors, strict=True)], errors=errors)
+            errors = [e or (None if math.isfinite(r) else f"the reward model scored {r}, not a finite number")
+                      for r, e in zip(raw.tolist(), errors, strict=True)]
+            return GradeResult([0.0 if e else self._scale(min(self.high, max(self.low, r)))
+                                for r, e in zip(raw.tolist(), errors, strict=True)], errors=errors)
         scores, errors = [], []
         for answer in self._judge(conversations):
-            number = last_number(answer)
-            value = float(number) if number else None
-            if value is None or not self.low <= value <= self.high:
-                scores.append(0.0)
-                errors.append(f"the judge's answer {answer!r} has no score in [{self.low:g}, {self.high:g}]")
-            else:
-                scores.append(self._scale(value))
-                errors.append(None)
+            value, error = judge_score(answer, self.high)
+            if error is None and not self.low <= value <= self.high:
+                error = f"the judge's score {value:g} is not in [{self.low:g}, {self.high:g}]: {answer!r}"
+            scores.append(0.0 if error else self._scale(value))
+            errors.append(error)
         return GradeResult(scores, errors=errors)
 
     def _scale(self, value: float) -> float:
@@ -98,6 +101,40 @@ class ScoreModelGrader:
         with torch.no_grad():
             rollout = engine.generate(prompts, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0))
         return list(rollout.texts)
+
+
+# "7/10", "7 / 10", "7 out of 10": a score and the maximum it is out of.
+_OUT_OF = re.compile(rf"({NUMBER.pattern})\s*(?:/|out\s+of)\s*({NUMBER.pattern})", re.IGNORECASE)
+# "Score: 7", "rating = 7", "Grade - 7", "**Score:** 7": a labelled score.
+_LABELLED = re.compile(rf"\b(?:score|rating|grade)\b\W{{0,4}}({NUMBER.pattern})", re.IGNORECASE)
+
+
+def judge_score(answer: str, high: float) -> tuple[float, str | None]:
+    """The score a judge's answer states, out of `high`, or (0, why not).
+
+    In order: a score out of a maximum ("3/10", "3 out of 10"; the last one), which must be out of `high`; a
+    labelled score ("Score: 3"; the last one); the answer's only number. Several numbers and neither form is
+    ambiguous ("4. Question 10 is wrong"): an error, not a guess (the last number gave "3/10" full marks).
+    """
+    def number(text: str) -> float:
+        return float(text.replace(",", ""))
+
+    fractions = _OUT_OF.findall(answer)
+    if fractions:
+        value, maximum = map(number, fractions[-1])
+        if maximum != high:
+            return 0.0, f"the judge scored out of {maximum:g}, not out of the range's {high:g}: {answer!r}"
+        return value, None
+    labelled = _LABELLED.findall(answer)
+    if labelled:
+        return number(labelled[-1]), None
+    numbers = NUMBER.findall(answer)
+    if len(numbers) == 1:
+        return number(numbers[0]), None
+    if not numbers:
+        return 0.0, f"the judge's answer states no score: {answer!r}"
+    return 0.0, (f"the judge's answer holds {len(numbers)} numbers and no labelled score (\"Score: x\" or "
+                 f"\"x/{high:g}\"): {answer!r}")
 
 
 def _message(spec: Spec, index: int, message: Any) -> tuple[str, Template]:

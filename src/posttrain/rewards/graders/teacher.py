@@ -44,13 +44,19 @@ class TeacherGrader:
         self._student: Any = None
 
     def grade(self, samples: Sequence[Sample], items: Sequence[Item]) -> GradeResult:
-        scores = []
+        scores, errors = [], []
         for sample, item in zip(samples, items, strict=True):
             answer_logp, explain_logp = self.student_logprobs(
                 self.question.render(sample, item), self.explanation.render(sample, item),
                 self.answer.render(sample, item))
-            scores.append(math.exp(min(0.0, answer_logp + self.penalty * explain_logp)))
-        return GradeResult(scores)
+            total = answer_logp + self.penalty * explain_logp
+            if math.isfinite(total) or total == -math.inf:  # -inf: the student gives the answer no chance (0)
+                scores.append(math.exp(min(0.0, total)))
+                errors.append(None)
+            else:  # NaN (a diverged student): exp(min(0, nan)) would be full credit
+                scores.append(0.0)
+                errors.append(f"the student's log-likelihood is {total}, not a number")
+        return GradeResult(scores, errors=errors)
 
     def student_logprobs(self, question: str, explanation: str, answer: str) -> tuple[float, float]:
         """(mean logprob of the answer tokens, mean logprob of the explanation tokens) under the student."""
