@@ -172,6 +172,25 @@ def test_multi_formula_failure_scores_zero_with_error():
     assert result.scores == [1.0, 0.0] and result.errors[0] is None and "ZeroDivisionError" in result.errors[1]
 
 
+def test_multi_row_whose_inner_grader_failed_scores_zero():
+    """An inner grader's error scored its part 0 and the formula the rest (0.7 of `0.7*exact + 0.3*close`)."""
+    spec = {"type": "multi", "calculate_output": "0.7 * exact + 0.3 * close", "graders": {
+        "exact": {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text }}", "reference": "5"},
+        "close": {"type": "python", "source": "def grade(s, i):\n    if s['output_text'] == '5':\n"
+                                              "        raise ValueError('broken')\n    return 1.0\n"}}}
+    result = grade(spec, ["5", "6"], [{}, {}])
+    assert result.scores == pytest.approx([0.0, 0.3])
+    assert result.errors[0].startswith("close: ValueError: broken") and result.errors[1] is None
+
+
+def test_formula_functions_take_their_number_of_arguments():
+    """`max(exact)` loaded, then raised TypeError on every sample."""
+    for bad in ("max(a)", "min(a)", "abs(a, b)", "sqrt()", "log(a, b, c)"):
+        with pytest.raises(ValueError, match="takes"):
+            Formula(bad, ["a", "b", "c"])
+    assert Formula("log(a, b) + max(a, b, c)", ["a", "b", "c"])({"a": 8.0, "b": 2.0, "c": 1.0}) == pytest.approx(11.0)
+
+
 def test_formula_evaluates_arithmetic_only():
     formula = Formula("min(a, b) + 0.5 * -c ** 2 / 2 + abs(-1) - max(a, 1)", ["a", "b", "c"])
     assert formula({"a": 0.25, "b": 0.5, "c": 2.0}) == pytest.approx(0.25 - 1.0 + 1 - 1)

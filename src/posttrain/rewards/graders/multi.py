@@ -3,8 +3,9 @@
 The formula is parsed with `ast` and evaluated by walking a whitelist: numbers, grader names, + - * /
 ** and unary minus, and the functions min, max, abs, sqrt, exp, log, floor, ceil. Anything else (an
 attribute, a subscript, a comprehension, a call of any other name, a lambda) is refused when the grader
-is built; Python's `eval` is never called. A sample whose formula fails (division by zero) or leaves
-[0, 1] scores 0 with an error; each inner grader's score is logged under its name.
+is built, as is a function given too few or too many arguments; Python's `eval` is never called. A sample
+whose formula fails (division by zero) or leaves [0, 1], or one of whose inner graders erred, scores 0 with an
+error; each inner grader's score is logged under its name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ UNARY: dict[type, Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd:
 FUNCTIONS: dict[str, Callable[..., float]] = {"min": min, "max": max, "abs": abs, "sqrt": math.sqrt,
                                               "exp": math.exp, "log": math.log, "floor": math.floor,
                                               "ceil": math.ceil}
+# How many arguments each function takes (fewest, most; None: any number): `max(exact)` fails on every sample.
+ARITY: dict[str, tuple[int, int | None]] = {"min": (2, None), "max": (2, None), "log": (1, 2)}
 
 
 class Formula:
@@ -51,7 +54,13 @@ class Formula:
             self._check(node.operand)
             return
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS
-                and node.func.id not in self.names and not node.keywords and node.args):
+                and node.func.id not in self.names and not node.keywords):
+            fewest, most = ARITY.get(node.func.id, (1, 1))
+            if len(node.args) < fewest or (most is not None and len(node.args) > most):
+                wanted = (f"{fewest} or more" if most is None else f"{fewest}" if fewest == most
+                          else f"{fewest} to {most}")
+                raise ValueError(f"{ast.unparse(node)!r}: {node.func.id} takes {wanted} arguments, "
+                                 f"got {len(node.args)}")
             for arg in node.args:
                 self._check(arg)
             return
@@ -94,10 +103,14 @@ class MultiGrader:
             components.update({f"{name}.{sub}": values for sub, values in result.components.items()})
         for i in range(len(samples)):
             inner_errors = [f"{name}: {r.errors[i]}" for name, r in results.items() if r.errors[i] is not None]
+            if inner_errors:  # an inner grader that failed fails the row: its 0 is no score for the formula
+                scores.append(0.0)
+                errors.append("; ".join(inner_errors))
+                continue
             try:
                 score, error = checked_score(self.formula({name: r.scores[i] for name, r in results.items()}))
             except (ArithmeticError, ValueError) as err:
                 score, error = 0.0, f"calculate_output failed: {type(err).__name__}: {err}"
-            errors.append("; ".join(inner_errors + ([error] if error else [])) or None)
+            errors.append(error)
             scores.append(score)
         return GradeResult(scores, components, errors)
