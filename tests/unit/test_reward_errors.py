@@ -65,3 +65,47 @@ def test_errors_scored_before_the_run_directory_exists_are_kept_once_it_does(tmp
     nan(batch("z", "w"))
     records = [json.loads(line) for line in (tmp_path / "grader_errors.jsonl").read_text().splitlines()]
     assert [(r["call"], r["completion"]) for r in records] == [(1, "x"), (2, "z")] and "rank" not in records[0]
+
+
+def test_a_batch_function_that_raises_on_one_row_is_retried_row_by_row():
+    """One bad completion of a batch scored every row 0 and, past max_error_fraction, stopped the run as if every
+    sample failed: the batch is scored again one row at a time, and only the bad row is an error."""
+    calls = []
+
+    def picky(b):
+        calls.append(len(b))
+        if "bad" in b.completions:
+            raise ValueError("cannot parse 'bad'")
+        return [len(t) for t in b.completions]
+
+    scores = WeightedRewards({"picky": (picky, 1.0)})(batch("ab", "bad", "abcd"))
+    assert scores.total.tolist() == [2.0, 0.0, 4.0] and calls == [3, 1, 1, 1]
+    assert [(e["function"], e["row"]) for e in scores.errors] == [("picky", 1)]
+    assert scores.errors[0]["error"].startswith("ValueError: cannot parse 'bad'")
+
+
+def test_a_timeout_scores_every_row_without_retrying_each():
+    calls = []
+
+    def slow(b):
+        calls.append(len(b))
+        raise TimeoutError("reward function slow.py did not score a batch of 3 within 600 s")
+
+    scores = WeightedRewards({"slow": (slow, 1.0)})(batch("a", "b", "c"))
+    assert calls == [3] and [e["row"] for e in scores.errors] == [0, 1, 2]
+    assert scores.errors[0]["error"].startswith("TimeoutError: reward function slow.py did not score")
+
+
+def test_a_number_too_large_for_a_float_names_the_function():
+    with pytest.raises(ConfigError, match="reward.functions.huge: must return one number"):
+        WeightedRewards({"huge": (lambda b: [10 ** 400] * len(b), 1.0)})(batch("a"))
+
+
+def test_a_function_that_applies_to_no_completion_of_a_batch_is_warned_about_once(caplog):
+    rewards = WeightedRewards({"none": (lambda b: [None] * len(b), 1.0)})
+    with caplog.at_level("WARNING", logger="posttrain.rewards"):
+        rewards(batch("a", "b"))
+        rewards(batch("c"))
+    assert rewards(batch("d")).total.tolist() == [0.0]
+    warned = [r.getMessage() for r in caplog.records if r.name == "posttrain.rewards"]
+    assert len(warned) == 1 and "returned None for every completion" in warned[0]

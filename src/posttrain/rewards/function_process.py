@@ -110,7 +110,7 @@ class UserFunctionProcess:
             scores: list[float] = []
             errors: list[str | None] = []
             for begin in range(0, len(batch), MAX_ROWS):
-                part = _rows(batch, begin, begin + MAX_ROWS)
+                part = batch.rows(begin, begin + MAX_ROWS)
                 try:
                     scores += _one_per_row(self._score(part), len(part))
                     errors += [None] * len(part)
@@ -274,11 +274,6 @@ def close_user_function_processes() -> None:
     for process in _processes.values():
         process.close()
     _processes.clear()
-
-
-def _rows(batch: Completions, begin: int, end: int) -> Completions:
-    return dataclasses.replace(batch, **{field.name: getattr(batch, field.name)[begin:end]
-                                         for field in dataclasses.fields(batch)})
 
 
 def _one_per_row(scores: Any, rows: int) -> list[float | None]:

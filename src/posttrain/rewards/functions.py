@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -40,13 +41,14 @@ from torch import Tensor
 from posttrain.algos import Registry
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
-from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, user_function_process
+from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, ChildExited, user_function_process
 from posttrain.rewards.user_functions import Completions, import_reward_function
 
 RewardFunction = Callable[[Completions], Sequence[float] | Tensor]
 # A factory builds a reward function from the recipe's context (the task, the reward model path).
 RewardFactory = Callable[..., RewardFunction]
 
+logger = logging.getLogger("posttrain.rewards")
 REWARD_FUNCTIONS: Registry[RewardFactory] = Registry("reward function")
 
 
@@ -167,6 +169,39 @@ def grader_reward(grader_path: str | None = None, **_: Any) -> RewardFunction:
     return score
 
 
+def _row_by_row(name: str, fn: RewardFunction, batch: Completions, failure: Exception,
+                errors: list[dict[str, Any]]) -> list[Any]:
+    """The scores of a batch on which `fn` raised, one row at a time, so that the rows it fails on are its errors
+    and the others keep their scores (one bad completion of 64 must not score the whole batch 0, nor stop the run
+    as if every sample failed). A timeout or a crashed process is not retried: each row could cost as much."""
+    def record(row: int, error: str) -> None:
+        errors.append({"function": name, "row": row, "error": f"{error.splitlines()[-1]}\n{error}"})
+
+    if len(batch) == 1 or isinstance(failure, (TimeoutError, ChildExited)):
+        error = "".join(traceback.format_exception(failure)).rstrip()
+        for row in range(len(batch)):
+            record(row, error)
+        return [0.0] * len(batch)
+    values: list[Any] = []
+    for row in range(len(batch)):
+        try:
+            value = _listed(fn(batch.rows(row, row + 1)))
+            if len(value) != 1:
+                raise ValueError(f"returned {len(value)} scores for 1 completion")
+            values.append(value[0])  # a None or NaN is judged as any function's is
+        except Exception:  # noqa: BLE001 - this row's own error
+            record(row, traceback.format_exc().rstrip())
+            values.append(0.0)
+    return values
+
+
+def _listed(value: Any) -> list[Any]:
+    """A function's return as a list: a list or tuple, an array or tensor, a grader's result, a bare value."""
+    value = value.scores if hasattr(value, "components") else value
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _need_task(task: Task | None, name: str) -> Task:
     if task is None:
         raise ValueError(f"the `{name}` reward needs a task to verify answers with (reward.task)")
@@ -214,6 +249,7 @@ class WeightedRewards:
         if not functions:
             raise ValueError("at least one reward function is needed")
         self.functions = dict(functions)
+        self._said_none: set[str] = set()  # the functions whose all-None batch was warned about
         # Set by a recipe once its run directory exists: sees every scored batch (`error_log.RewardErrorLog`).
         self.error_log: Callable[[Scores, Completions], None] | None = None
 
@@ -232,20 +268,18 @@ class WeightedRewards:
                 check_grader_fields(fn.grader, columns)
 
     def __call__(self, batch: Completions) -> Scores:
-        """A function that raises scores 0 on every row, and a NaN scores 0 on its row: both are error records
-        (with the traceback), like a grader's errors. A None is no score (the function does not apply to the
-        row): it adds 0 to the total, as in TRL, and is no error."""
+        """A function that raises on a batch is called again row by row (`_row_by_row`): a row it raises on, and
+        a NaN, score 0 on that row with an error record (with the traceback), like a grader's errors; a timeout or
+        a crashed process scores every row 0 so. A None is no score (the function does not apply to the row): it
+        adds 0 to the total, as in TRL, and is no error (a batch of None only is warned about once)."""
         by_function: dict[str, Tensor] = {}
         errors: list[dict[str, Any]] = []
         total = torch.zeros(len(batch), dtype=torch.float64)
         for name, (fn, weight) in self.functions.items():
             try:
                 values = fn(batch)
-            except Exception:  # noqa: BLE001 - the user's function failed: an error record, not a dead run
-                error = traceback.format_exc().rstrip()
-                error = f"{error.splitlines()[-1]}\n{error}"
-                errors.extend({"function": name, "row": i, "error": error} for i in range(len(batch)))
-                values = [0.0] * len(batch)
+            except Exception as err:  # noqa: BLE001 - the user's function failed: error records, not a dead run
+                values = _row_by_row(name, fn, batch, err, errors)
             if hasattr(values, "components"):  # a grader's result: log its parts and errors, weight its total
                 by_function.update({f"{name}.{part}": torch.tensor(v, dtype=torch.float64)
                                     for part, v in values.components.items()})
@@ -257,10 +291,14 @@ class WeightedRewards:
             if isinstance(values, (list, tuple)) and any(v is None for v in values):
                 # None: the function does not apply to that completion (TRL's convention, where the total is a
                 # nansum): it adds nothing to the total, and it is not an error
+                if all(v is None for v in values) and name not in self._said_none:
+                    self._said_none.add(name)
+                    logger.warning("reward %r returned None for every completion of a batch (it applies to none "
+                                   "of them): it adds 0 to their rewards", name)
                 values = [0.0 if v is None else v for v in values]
             try:
                 values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
-            except (TypeError, ValueError, RuntimeError) as err:
+            except (TypeError, ValueError, RuntimeError, OverflowError) as err:
                 raise ConfigError(f"must return one number (or None) per completion ({err})",
                                   field=f"reward.functions.{name}") from None
             if values.numel() != len(batch):  # a fault of the function, not of a row: stop with a one-line error

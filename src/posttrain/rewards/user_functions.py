@@ -42,6 +42,11 @@ class Completions:
     def __len__(self) -> int:
         return len(self.completions)
 
+    def rows(self, begin: int, end: int) -> Completions:
+        """The completions begin..end-1, every field cut alike."""
+        return dataclasses.replace(self, **{field.name: getattr(self, field.name)[begin:end]
+                                            for field in dataclasses.fields(self)})
+
 
 # What a user's function returns: one score per completion (a list, a tuple, an array or a tensor).
 UserFunction = Callable[[Completions], Any]
