@@ -144,3 +144,17 @@ def test_a_summary_that_cannot_be_written_whole_leaves_the_one_before(tmp_path, 
         write_training_report(RunDir(tmp_path), "mine", {"steps": 5, "long": "x" * 100_000})
     assert finished_steps(tmp_path) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "plots", "report.md", "summary.json"]
+
+
+def test_reward_errors_of_an_evaluation_are_counted_and_a_broken_reward_stops_it(model_dir, tmp_path):
+    """`posttrain eval --data` reported accuracy 0 and exit 0 for a reward whose every call died, and no errors."""
+    rewards = tmp_path / "mine_rewards.py"
+    rewards.write_text("def some(batch):\n"
+                       "    return [float('nan') if '3' in p[-1]['content'] else 1.0 for p in batch.prompts]\n"
+                       "def broken(batch):\n    raise RuntimeError('no judge reachable')\n")
+    result = evaluate(model_dir, EvalOptions(data=data_file(tmp_path), samples=0, max_new_tokens=2,
+                                             rewards=(f"{rewards}:some",)), write=False)
+    assert result["reward_errors"] == 1 and result["problems"] == 6  # "Question number 3?" scores NaN
+    with pytest.raises(ConfigError, match="no judge reachable"):
+        evaluate(model_dir, EvalOptions(data=data_file(tmp_path), samples=0, max_new_tokens=2,
+                                        rewards=(f"{rewards}:broken",)), write=False)

@@ -54,6 +54,7 @@ from posttrain.models.io import adapter_base
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
 from posttrain.models.value import ACTOR_PREFIX
+from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
@@ -399,6 +400,9 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     rows = prepare_data(_user_data_config(target, options.data), tokenizer, accepts=("verifiable",),
                         mask_dtype=model.dtype)
     functions, rewards = _user_rewards(target, options, rows)
+    # Errors as in a run: the first of each kind printed, a batch mostly of errors stops the evaluation (its
+    # accuracy would be of zeros), and their count is in the result.
+    errors = rewards.error_log = RewardErrorLog(None, float(target.section("reward").get("max_error_fraction", 0.5)))
     rule = heldout.CorrectRule(by=options.correct_by, threshold=options.threshold)
     rule.check(functions, "--correct-by")
     count = min(options.problems, len(rows.dataset))
@@ -422,7 +426,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         "rewards": functions, "correct_if": rule.describe(functions), "problems": count,
         "rows_dropped": rows.tokenized.stats.dropped_too_long, "accuracy": hits / count, "accuracy_ci": [low, high],
         "greedy_reward": greedy.scores.total.mean().item(), "completion_length": greedy.completion_length,
-        "truncated": greedy.truncated}
+        "truncated": greedy.truncated, "reward_errors": len(errors.pending)}
     per_problem: dict[str, Any] = {"line": list(rows.dataset["line"][:count]), "category": categories,
                                    "greedy": [int(c) for c in greedy_correct]}
     if sampled is not None:
