@@ -164,6 +164,68 @@ def test_tied_embeddings_survive_training_and_saving(tokenizer, batch, tmp_path)
                                model(input_ids=batch["input_ids"]).logits)
 
 
+def test_lora_merged_into_bfloat16_weights_keeps_the_update(tiny_model, tokenizer, batch, tmp_path):
+    """Rounded back to bfloat16, about half of a LoRA update was lost (live vs saved logits 0.21 apart)."""
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    lora = apply_adapter(model, AdapterConfig(method="lora", r=4))
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02, generator=torch.Generator().manual_seed(0))
+    lora.eval()
+    with torch.no_grad():  # what the live model computes, with its bf16 weights and adapter taken exactly
+        base = lora.get_base_model()
+        expected = copy.deepcopy(lora).float().merge_and_unload()(input_ids=batch["input_ids"]).logits
+        rounded = copy.deepcopy(lora).merge_and_unload()(input_ids=batch["input_ids"]).logits.float()
+    saved = save_trained(lora, tokenizer, tmp_path / "merged", AdapterConfig(method="lora", r=4))
+    merged = AutoModelForCausalLM.from_pretrained(saved, local_files_only=True).eval()
+    assert merged.dtype == torch.float32 and base.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = merged(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)  # other kernels after loading
+    assert (rounded - expected).abs().max() > 20 * (logits - expected).abs().max()  # what a bfloat16 merge saved
+
+
+def test_lora_on_a_tied_head_and_an_unmerged_adapter_over_an_adapter_are_refused(tokenizer, tmp_path):
+    """Merged, a LoRA on a tied lm_head changes the input embeddings too; an adapter trained on a model that is
+    itself an adapter would be saved over the original base, without the first adapter."""
+    from posttrain.config import ModelConfig
+    from posttrain.errors import ConfigError
+    from posttrain.models import build_model, load_causal_lm, save_pretrained
+    from posttrain.models.adapters import check_adapter, check_adapter_start
+
+    tied = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    for targets in (["q_proj", "lm_head"], ["embed_tokens"]):
+        with pytest.raises(ConfigError, match="tied embeddings") as err:
+            check_adapter(tied, AdapterConfig(method="lora", target_modules=targets))
+        assert err.value.field == "adapter.target_modules"
+    check_adapter(tied, AdapterConfig(method="lora", target_modules=["q_proj", "v_proj"]))
+    untied = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+    check_adapter(untied, AdapterConfig(method="lora", target_modules=["q_proj", "lm_head"]))
+
+    base = save_pretrained(untied, tokenizer, tmp_path / "base")
+    first = AdapterConfig(method="lora", r=4, merge_on_save=False)
+    adapter_dir = save_trained(apply_adapter(load_causal_lm(base), first), tokenizer, tmp_path / "first", first)
+    for second in (first, AdapterConfig(method="prefix")):
+        with pytest.raises(ConfigError, match="save merged") as err:
+            check_adapter_start(str(adapter_dir), second)
+        assert err.value.field == "adapter.merge_on_save"
+    check_adapter_start(str(adapter_dir), AdapterConfig(method="lora"))  # merged on save: the chain is whole
+    check_adapter_start(str(base), first)  # over a plain model: an adapter over that model
+
+
+def test_float16_weights_are_refused_before_anything_loads(tmp_path):
+    """AdamW in float16 (eps 1e-8 below its resolution) diverged silently: 8.2 -> 67 in six steps."""
+    from posttrain.errors import ConfigError
+    from posttrain.recipes import run_stage
+
+    with pytest.raises(ConfigError, match="float16 weights do not train without loss scaling") as err:
+        run_stage("sft", None, ["model.path=does-not-exist", "model.dtype=float16", f"run.out_dir={tmp_path}"])
+    assert err.value.field == "model.dtype" and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("adapter", ["none", "lora"])
 def test_sft_recipe_runs_and_writes_a_complete_run(pretrained_run, tmp_path, adapter):
     recipe = find_recipe("sft")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from posttrain.config import ModelConfig
 from posttrain.errors import ConfigError
@@ -37,17 +39,33 @@ def _truncated(path):
     weights.write_bytes(weights.read_bytes()[:1000])
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran-code",))
+
+
+def _pickled_objects(path):
+    """A pytorch_model.bin whose pickle would run code: weights_only refuses it (torch's message then suggests
+    loading it with weights_only=False)."""
+    (path / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _RunsCode()}, path / "pytorch_model.bin")
+
+
 @pytest.mark.parametrize(("damage", "expected"), [
+    (_pickled_objects, r"model.path: cannot load the model: a weights file \(pytorch_model.bin\) holds Python "
+                       r"objects besides tensors, which posttrain does not unpickle"),
     (_not_json, r"config.json:2: model.path: not valid JSON"),
     (_unknown_type, r"config.json: model.path: unknown model_type 'llama9'"),
     (_no_weights, r"model.path: .*model has no weights \(model.safetensors\)"),
     (_truncated, r"model: model.path: cannot load the model: "),
 ])
-def test_a_broken_model_directory_is_a_one_line_error(model_dir, damage, expected):
+def test_a_broken_model_directory_is_a_one_line_error(model_dir, damage, expected, monkeypatch):
+    monkeypatch.chdir(model_dir.parent)
     damage(model_dir)
     with pytest.raises(ConfigError, match=expected) as err:
         load_causal_lm(model_dir)
     assert "\n" not in str(err.value) and str(model_dir) in str(err.value)
+    assert not (model_dir.parent / "ran-code").exists()
 
 
 def test_the_tokenizer_of_a_directory_with_a_broken_config_is_a_one_line_error(model_dir):

@@ -362,3 +362,45 @@ def test_a_table_of_learned_positions_bounds_the_lengths_a_run_may_ask_for():
     assert err.value.field == "sampling.max_new_tokens"
     check_sampled_length(opt, 100, 28)
     check_sampled_length(tiny_lm("llama"), 100_000, 100_000)
+
+
+def _rope_model(kind: str) -> torch.nn.Module:
+    from transformers import Phi3Config
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  pad_token_id=0)
+    if kind == "dynamic":
+        config = LlamaConfig(max_position_embeddings=16, **common,
+                             rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    elif kind == "longrope":
+        config = Phi3Config(max_position_embeddings=64, original_max_position_embeddings=16, **common, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [4.0] * 4,
+            "original_max_position_embeddings": 16})
+    else:
+        config = LlamaConfig(max_position_embeddings=64, **common, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope", "yarn"])
+def test_rotary_scaling_that_follows_the_longest_sequence_bounds_the_sampled_length(kind):
+    """Dynamic NTK and longrope change the frequencies of every sequence of a forward with its longest one: past
+    that length a sampler's and a trainer's batches score the same tokens differently. Yarn's are fixed."""
+    from posttrain.models.attention import rope_switch_length
+    from posttrain.recipes.layout import check_sampled_length
+
+    model = _rope_model(kind)
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the first 12 tokens, alone and in a batch whose longest row is 30 tokens
+        alone = model(input_ids=ids[:, :12]).logits[0]
+        batched = model(input_ids=torch.cat([ids[:, :12], ids[:, 12:24], ids[:, 24:]], dim=1)).logits[0, :12]
+    moves = not torch.allclose(alone, batched, atol=1e-4)
+    assert moves == (kind != "yarn") and rope_switch_length(model) == (16 if kind != "yarn" else None)
+    if kind == "yarn":
+        check_sampled_length(model, 40, 20)
+        return
+    check_sampled_length(model, 8, 8)
+    with pytest.raises(ConfigError, match="rotary scaling changes its frequencies") as err:
+        check_sampled_length(model, 8, 9)
+    assert err.value.field == "sampling.max_new_tokens"

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from posttrain.config import param
 from posttrain.errors import ConfigError
 from posttrain.models.dropout import dropout_disabled
-from posttrain.models.io import save_pretrained
+from posttrain.models.io import adapter_base, save_pretrained
 
 ALL_LINEAR = "all-linear"  # peft's keyword for every linear/Conv1D layer but the output head
 # The layer kinds peft's LoRA adapts (a name matching only a block, e.g. "mlp", is not a target).
@@ -117,11 +117,39 @@ def refuse_unmerged_adapter(model: torch.nn.Module) -> None:
 
 
 def check_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> None:
-    """Refuse LoRA targets the model does not have, before a run writes anything or spends minutes evaluating
-    (`apply_adapter` comes later in a recipe, after the run directory and the first evaluation)."""
+    """Refuse LoRA targets the model does not have, or that a save would merge wrongly, before a run writes
+    anything or spends minutes evaluating (`apply_adapter` comes later in a recipe, after the run directory and the
+    first evaluation)."""
     refuse_unmerged_adapter(model)
     if cfg.method == "lora":
-        lora_targets(model, cfg.target_modules)
+        refuse_tied_targets(model, lora_targets(model, cfg.target_modules))
+
+
+def refuse_tied_targets(model: torch.nn.Module, targets: str | list[str]) -> None:
+    """LoRA on the output head or the input embeddings of a model whose two share one weight (tied embeddings)
+    cannot be merged: the head's update would land in the embeddings too (peft only warns), so the saved model would
+    not be the trained one."""
+    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    inputs, outputs = (get_input() if get_input else None), (get_output() if get_output else None)
+    if inputs is None or outputs is None or inputs.weight is not outputs.weight or not isinstance(targets, list):
+        return
+    for key, module in model.named_modules():
+        if module in (inputs, outputs) and any(key == name or key.endswith(f".{name}") for name in targets):
+            raise ConfigError(f"{key} shares its weight with the {'input' if module is outputs else 'output'} "
+                              "embeddings (tied embeddings): a LoRA on it would change both when merged; leave it "
+                              "out of the targets", field="adapter.target_modules")
+
+
+def check_adapter_start(path: str | None, cfg: AdapterConfig | None) -> None:
+    """A model directory that is itself an adapter (LoRA saved unmerged) is merged over its base to train on; an
+    adapter trained from it must then be saved merged too: saved as an adapter it would record the original base,
+    and the first adapter's training would be lost when it loads."""
+    if path is None or cfg is None or cfg.method == "none" or (cfg.method == "lora" and cfg.merge_on_save):
+        return
+    if adapter_base(path) is not None:
+        raise ConfigError(f"model.path is an adapter over {adapter_base(path)}: an adapter trained on it would load "
+                          "over that base without the first adapter; save merged (adapter.method=lora, "
+                          "adapter.merge_on_save=true)", field="adapter.merge_on_save")
 
 
 def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
@@ -153,11 +181,15 @@ def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dir
     LoRA with merge_on_save folds the adapter into the base weights (W + BA * alpha / r), so the
     result loads with AutoModelForCausalLM and costs nothing extra at inference; otherwise the peft
     adapter is saved (it loads with peft's AutoPeftModelForCausalLM over the base model). Merging
-    works on a copy: the live model keeps its adapter.
+    works on a copy: the live model keeps its adapter. 16-bit weights are merged and saved in float32: a LoRA
+    update is mostly below bfloat16's resolution of the weight it adds to (rounded back to bfloat16 about half of
+    it was lost).
     """
     if cfg.method == "lora" and cfg.merge_on_save:
         import copy
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        return save_pretrained(merged, tokenizer, directory)
+        merged = copy.deepcopy(model)
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in merged.parameters()):
+            merged = merged.float()
+        return save_pretrained(merged.merge_and_unload(), tokenizer, directory)
     return save_pretrained(model, tokenizer, directory)

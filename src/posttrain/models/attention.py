@@ -98,6 +98,24 @@ def position_limit(model: torch.nn.Module) -> int | None:
     return declared if any(t.num_embeddings - int(getattr(t, "offset", 0)) == declared for t in tables) else None
 
 
+def rope_switch_length(model: torch.nn.Module) -> int | None:
+    """The length past which the model's rotary frequencies depend on the longest sequence of a forward, or None
+    where they never do. Dynamic NTK scaling rescales once a forward is longer than max_position_embeddings, and
+    Phi-3's longrope switches to its long factors past original_max_position_embeddings: beyond that length the
+    same sequence gets other logprobs in a batch with longer ones (a sampler's and a trainer's batches differ)."""
+    config = _text_config(model)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return None
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind == "dynamic":
+        return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+    if kind == "longrope":
+        return int(rope.get("original_max_position_embeddings")
+                   or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+    return None
+
+
 def layer_attention_mask(model: torch.nn.Module, attention_mask: Tensor | None,
                          position_ids: Tensor | None) -> Tensor | dict[str, Tensor] | None:
     """What `model` (a causal LM, a peft wrapper, a reward model's trunk) should get as `attention_mask`.

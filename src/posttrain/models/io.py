@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,11 +73,15 @@ def loading_errors(directory: Path, field: str = "model.path") -> Iterator[None]
     config.json that does not fit them) into a one-line error naming the directory."""
     try:
         yield
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, SafetensorError):  # it does not say which file: a directory may hold several
             weights = ", ".join(sorted(p.name for p in directory.glob("*.safetensors")))
             reason = f"a weights file ({weights}) is damaged: {reason}"
+        if isinstance(err, pickle.UnpicklingError):  # torch's own message asks to load it with weights_only=False
+            weights = ", ".join(sorted(p.name for p in directory.glob("*.bin")))
+            reason = (f"a weights file ({weights}) holds Python objects besides tensors, which posttrain does not "
+                      "unpickle (they could run code): convert it to safetensors where you trust it")
         raise ConfigError(f"cannot load the model: {reason}", file=str(directory), field=field) from err
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.models.attention import packing_obstacle, position_limit
+from posttrain.models.attention import packing_obstacle, position_limit, rope_switch_length
 
 logger = logging.getLogger("posttrain")
 C = TypeVar("C")
@@ -59,10 +59,18 @@ def check_position_limit(cfg: Any, model: torch.nn.Module) -> None:
 
 def check_sampled_length(model: torch.nn.Module, longest_prompt: int, max_new_tokens: int) -> None:
     """For a stage that samples: its longest prompt and sampling.max_new_tokens new tokens fit the model's table of
-    learned positions (where it has one), or a ConfigError before anything is sampled."""
+    learned positions (where it has one) and the length its rotary scaling is fixed up to (`rope_switch_length`),
+    or a ConfigError before anything is sampled."""
     limit = position_limit(model)
     if limit is not None and longest_prompt + max_new_tokens > limit:
         raise ConfigError(f"the longest prompt ({longest_prompt} tokens) and sampling.max_new_tokens="
                           f"{max_new_tokens} new ones are longer than the {limit} positions this model has: make "
                           f"their sum <= {limit} (or shorten the prompts: data.max_length)",
                           field="sampling.max_new_tokens")
+    switch = rope_switch_length(model)
+    if switch is not None and longest_prompt + max_new_tokens > switch:
+        raise ConfigError(f"the longest prompt ({longest_prompt} tokens) and sampling.max_new_tokens="
+                          f"{max_new_tokens} new ones are longer than {switch} positions, past which this model's "
+                          f"rotary scaling changes its frequencies with the longest sequence of a forward: the "
+                          f"sampler and the trainer would score the same tokens differently. Make their sum <= "
+                          f"{switch}", field="sampling.max_new_tokens")

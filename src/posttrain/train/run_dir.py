@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import RunConfig, to_yaml
-from posttrain.errors import RunDirError
-from posttrain.models.adapters import check_adapter
+from posttrain.errors import ConfigError, RunDirError
+from posttrain.models.adapters import check_adapter, check_adapter_start
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint
 from posttrain.train.dist_checkpoint import check_world_size
@@ -106,6 +106,12 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
     train = getattr(cfg, "train", None)
     if train is not None and hasattr(train, "check"):
         train.check(world_size)
+    model = getattr(cfg, "model", None)
+    if getattr(model, "dtype", None) == "float16":
+        # AdamW's state and update in float16, with its eps of 1e-8 below float16's resolution: the loss climbs
+        raise ConfigError("float16 weights do not train without loss scaling, which posttrain does not do: use "
+                          "model.dtype=bfloat16, or fp32 weights with train.precision=bf16", field="model.dtype")
+    check_adapter_start(getattr(model, "path", None), getattr(cfg, "adapter", None))
     refusal = None
     if dist.is_main_process():
         try:
