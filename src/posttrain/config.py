@@ -79,7 +79,8 @@ class ModelConfig:
     max_position_embeddings: int = param(512, "Longest sequence a newly built model supports.", ge=16)
     trust_remote_code: bool = param(False, "Allow model code shipped with `path` to run (off: safe default).")
     dtype: str = param("auto", "Parameter dtype; auto = fp32 (the master weights; train.precision=bf16 or auto "
-                               "runs the matmuls in bf16); float64 for numerical checks.",
+                               "runs the matmuls in bf16); float64 for numerical checks; float16 loads and "
+                               "evaluates but does not train (no loss scaling).",
                        choices=("auto", "float64", "float32", "bfloat16", "float16"))
     disable_dropout: bool | None = param(None, "Turn every dropout of the loaded model (and of a reward model or "
                                                "critic built from it) off, so that logprobs, rewards and values "
