@@ -151,6 +151,14 @@ RL_RUNS = {
     "grpo": ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "train.micro_batch_size=4",
                       "train.max_steps=2", "advantage.estimator=grpo_batch_std", "advantage.skip_zero_variance=true",
                       "kl.coef=0.1", "reward.functions={dist_residue: 1.0}"]),
+    # The rows a round keeps (rejection) and the pairs it makes (on-policy DPO) are of every rank's prompts: each rank
+    # trains its slice of steps over all of them (each rank's own rows, sliced again, trained 6 distinct rows of 8).
+    "rejection": ("rejection", ["prompts_per_round=8", "sampling.samples_per_prompt=2", "rounds=1",
+                                "train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=2",
+                                "select.threshold=0.0", "reward.functions={dist_residue: 1.0}"]),
+    "dpo-on-policy": ("dpo", ["pairs.source=on_policy", "pairs.prompts_per_round=8", "sampling.samples_per_prompt=4",
+                              "train.batch_size=2", "train.micro_batch_size=1", "train.max_steps=2",
+                              "reward.functions={dist_residue: 1.0}"]),
 }
 # Dynamic sampling: each rank keeps sampling batches until every rank holds its share of groups whose rewards differ
 # (about half of PromptEngine's prompts give equal completions), then all train on the same number of groups. Not
@@ -159,7 +167,8 @@ FILTER_RUN = ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "
                        "train.max_steps=2", "filter.enabled=true", "filter.max_batches=3",
                        "reward.functions={dist_residue: 1.0}"])
 FILTER_KEYS = ("prompts_sampled", "sampling_batches", "kept_fraction", "filled_groups", "zero_variance_groups")
-RL_KEYS = ("loss", "pg_loss", "value_loss", "sft_loss", "kl", "reward", "entropy", "ratio", "clip_fraction",
+RL_KEYS = ("loss", "pg_loss", "value_loss", "sft_loss", "kl", "reward", "entropy", "ratio", "clip_fraction", "kept",
+           "chosen_reward", "rejected_reward", "tokens",
            "grad_norm")
 
 
@@ -172,12 +181,14 @@ def _rl_run(stage: str, model_dir: Path, out: Path) -> tuple[list[dict], dict[st
     recipe, overrides = RL_RUNS[stage] if stage in RL_RUNS else FILTER_RUN
     cfg = load_config(config_class(recipe), None, [f"model.path={model_dir}", f"run.out_dir={out}",
                                                    f"run.name={stage}", *_RL_COMMON, *overrides])
-    make_engine = rl_loop.make_engine
-    rl_loop.make_engine = lambda name, model, tokenizer: PromptEngine(tokenizer)
+    stage_module = importlib.import_module(STAGES[recipe][0])
+    sampler = rl_loop if hasattr(rl_loop, "make_engine") and recipe in ("ppo", "rft", "grpo") else stage_module
+    make_engine = sampler.make_engine
+    sampler.make_engine = lambda name, model, tokenizer: PromptEngine(tokenizer)
     try:
-        result = importlib.import_module(STAGES[recipe][0]).main(cfg)
+        result = stage_module.main(cfg)
     finally:
-        rl_loop.make_engine = make_engine
+        sampler.make_engine = make_engine
     return read_metrics(result.run_dir / "metrics.jsonl"), load_file(str(result.final_dir / "model.safetensors"))
 
 
@@ -296,7 +307,9 @@ def test_rl_stages_on_two_ranks_match_one_process(two_ranks, stage, tmp_path):
     metrics, weights = _rl_run(stage, work / "model", tmp_path)
     two = ranks[0]
     compared = [key for key in RL_KEYS if f"{stage}.metric.{key}" in two]
-    assert {"loss", "pg_loss", "reward", "grad_norm"} <= set(compared)
+    own = ({"pg_loss", "reward"} if RL_RUNS[stage][0] in ("ppo", "rft", "grpo") else {"kept"} if stage == "rejection"
+           else {"chosen_reward"})
+    assert {"loss", "grad_norm", "tokens"} | own <= set(compared)
     for key in compared:  # fp32 sums of O(1) per-token terms in another order: rounding of ~1e-7 per term
         expected = torch.tensor([m[key] for m in metrics], dtype=torch.float64)
         torch.testing.assert_close(two[f"{stage}.metric.{key}"], expected, rtol=1e-5, atol=1e-6, msg=key)

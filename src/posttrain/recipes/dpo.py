@@ -56,6 +56,7 @@ from posttrain.recipes.rl import (
 )
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import RolloutEngine, make_engine
+from posttrain.train import dist
 from posttrain.train.comparisons import (
     best_and_others,
     comparison_levels,
@@ -294,7 +295,10 @@ class OnPolicyPairs:
             bar.advance(len(rows))
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions).total
-        pairs = preference_rows(completions, scores, rollout.prompt_index, self.cfg.pairs.min_margin)
+        # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the
+        # pairs (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have made them.
+        pairs = dist.all_gather_list(preference_rows(completions, scores, rollout.prompt_index,
+                                                     self.cfg.pairs.min_margin))
         if not pairs:
             raise DataError(f"round {self.rounds + 1}: no prompt's completions differ in reward by more than "
                             f"pairs.min_margin={self.cfg.pairs.min_margin}, so there is no pair to train on "
@@ -305,7 +309,7 @@ class OnPolicyPairs:
         cached = precompute_sequence_logprobs(self.reference, prepared, self.cfg.reference.batch_size,
                                               token_average(self.cfg.loss), self.progress)
         self.rounds += 1
-        prompts = len(rows)
+        prompts = len(rows) * dist.context().world_size
         metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.mean().item(),
                    "pair_round": float(self.rounds)}
         return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached), metrics

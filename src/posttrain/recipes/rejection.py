@@ -54,6 +54,7 @@ from posttrain.recipes.rl import (
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
+from posttrain.train import dist
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.progress import RunProgress
@@ -265,14 +266,17 @@ class RejectionStepSource:
         kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout), select.mode,
                            select.threshold, select.dedupe)
         self._write_samples(rollout, completions, scores, set(kept))
-        self.round_metrics = self._metrics(rollout, completions, scores, kept)
+        # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the kept
+        # rows (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have kept them.
+        pairs = dist.all_gather_list([{"prompt": completions.prompts[i], "completion": completions.completions[i]}
+                                      for i in kept])
+        self.round_metrics = self._metrics(rollout, completions, scores, kept) | {"kept": float(len(pairs))}
         self.round_metrics["generation_s"] = time.perf_counter() - start
         self.history.append({k: v for k, v in self.round_metrics.items() if k != "generation_s"})
-        if not kept:
+        if not pairs:
             raise DataError(f"round {self.prompts.rounds}: no finished completion with an answer scored >= "
                             f"select.threshold ({select.threshold}); lower it or sample more "
                             "(sampling.samples_per_prompt)")
-        pairs = [{"prompt": completions.prompts[i], "completion": completions.completions[i]} for i in kept]
         data = DataConfig(source="<kept>", max_length=self.cfg.data.max_length, template=self.cfg.data.template,
                           thinking=self.cfg.data.thinking, truncation="drop")
         prepared = prepare_data(data, self.tokenizer, accepts=("completion",), rows=pairs)

@@ -162,6 +162,16 @@ def all_gather_ragged(tensor: Tensor) -> tuple[Tensor, int]:
     return gathered.to(tensor.dtype), sum(counts[:ctx.rank])
 
 
+def all_gather_list(items: list[Any]) -> list[Any]:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank (`items` in a single process):
+    the rows a round's ranks each sampled, as one process would have sampled them all."""
+    if not dist.is_initialized():
+        return list(items)
+    gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
 def mean_over_ranks(metrics: Mapping[str, float]) -> dict[str, float]:
     """Average each metric over the ranks that report it (rank 0's keys order the result)."""
     if not dist.is_initialized():
