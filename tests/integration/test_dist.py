@@ -159,6 +159,8 @@ RL_RUNS = {
     "dpo-on-policy": ("dpo", ["pairs.source=on_policy", "pairs.prompts_per_round=8", "sampling.samples_per_prompt=4",
                               "train.batch_size=2", "train.micro_batch_size=1", "train.max_steps=2",
                               "reward.functions={dist_residue: 1.0}"]),
+    # Per-label metrics over the whole step (each rank once divided its sums by its own label counts).
+    "kto": ("kto", ["train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=2"]),
 }
 # Dynamic sampling: each rank keeps sampling batches until every rank holds its share of groups whose rewards differ
 # (about half of PromptEngine's prompts give equal completions), then all train on the same number of groups. Not
@@ -168,7 +170,8 @@ FILTER_RUN = ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "
                        "reward.functions={dist_residue: 1.0}"])
 FILTER_KEYS = ("prompts_sampled", "sampling_batches", "kept_fraction", "filled_groups", "zero_variance_groups")
 RL_KEYS = ("loss", "pg_loss", "value_loss", "sft_loss", "kl", "reward", "entropy", "ratio", "clip_fraction", "kept",
-           "chosen_reward", "rejected_reward", "tokens",
+           "chosen_reward", "rejected_reward", "tokens", "reward_std", "advantages", "advantages_std",
+           "desirable_reward", "desirable_logprobs", "undesirable_logprobs", "reward_margin",
            "grad_norm")
 
 
@@ -179,16 +182,20 @@ def _rl_run(stage: str, model_dir: Path, out: Path) -> tuple[list[dict], dict[st
     from posttrain.train.metrics import read_metrics
 
     recipe, overrides = RL_RUNS[stage] if stage in RL_RUNS else FILTER_RUN
+    common = [o for o in _RL_COMMON if recipe != "kto" or not o.startswith("sampling.")]  # KTO samples nothing
     cfg = load_config(config_class(recipe), None, [f"model.path={model_dir}", f"run.out_dir={out}",
-                                                   f"run.name={stage}", *_RL_COMMON, *overrides])
+                                                   f"run.name={stage}", *common, *overrides])
     stage_module = importlib.import_module(STAGES[recipe][0])
-    sampler = rl_loop if hasattr(rl_loop, "make_engine") and recipe in ("ppo", "rft", "grpo") else stage_module
-    make_engine = sampler.make_engine
+    sampler = rl_loop if recipe in ("ppo", "rft", "grpo") else stage_module  # the module whose sampler it calls
+    make_engine = getattr(sampler, "make_engine", None)  # KTO samples nothing
     sampler.make_engine = lambda name, model, tokenizer: PromptEngine(tokenizer)
     try:
         result = stage_module.main(cfg)
     finally:
-        sampler.make_engine = make_engine
+        if make_engine is None:
+            del sampler.make_engine
+        else:
+            sampler.make_engine = make_engine
     return read_metrics(result.run_dir / "metrics.jsonl"), load_file(str(result.final_dir / "model.safetensors"))
 
 
@@ -307,7 +314,8 @@ def test_rl_stages_on_two_ranks_match_one_process(two_ranks, stage, tmp_path):
     metrics, weights = _rl_run(stage, work / "model", tmp_path)
     two = ranks[0]
     compared = [key for key in RL_KEYS if f"{stage}.metric.{key}" in two]
-    own = ({"pg_loss", "reward"} if RL_RUNS[stage][0] in ("ppo", "rft", "grpo") else {"kept"} if stage == "rejection"
+    own = ({"pg_loss", "reward", "reward_std", "advantages_std"} if RL_RUNS[stage][0] in ("ppo", "rft", "grpo")
+           else {"kept"} if stage == "rejection" else {"reward_margin", "desirable_logprobs"} if stage == "kto"
            else {"chosen_reward"})
     assert {"loss", "grad_norm", "tokens"} | own <= set(compared)
     for key in compared:  # fp32 sums of O(1) per-token terms in another order: rounding of ~1e-7 per term

@@ -38,6 +38,7 @@ from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, save_trained
 from posttrain.models.likelihood import per_sequence_sums, response_logprobs
 from posttrain.recipes.layout import batches_for
+from posttrain.train import dist
 from posttrain.train.comparisons import comparison_matrix, comparison_step_source
 from posttrain.train.engine import StepBatch, StepSource, TrainConfig, Trainer, forward_precision
 from posttrain.train.progress import RunProgress
@@ -151,10 +152,13 @@ class LabelCounts:
 
     def next_step(self) -> StepBatch:
         step = self.source.next_step()
-        desirable = sum(int(batch["desirable"].sum()) for batch in step.micro_batches)
-        rows = sum(len(batch["desirable"]) for batch in step.micro_batches)
+        # The counts of the whole step, over every rank's share of it, per rank: the trainer averages the ranks'
+        # metrics, so each rank's sum / (count / ranks) averages to the step's mean (not the mean of rank means).
+        world = dist.context().world_size
+        desirable = dist.all_reduce_sum(sum(float(batch["desirable"].sum()) for batch in step.micro_batches))
+        rows = dist.all_reduce_sum(float(sum(len(batch["desirable"]) for batch in step.micro_batches)))
         for batch in step.micro_batches:
-            batch["step_labels"] = (desirable, rows - desirable)
+            batch["step_labels"] = (desirable / world, (rows - desirable) / world)
         return step
 
     def state_dict(self) -> dict[str, Any]:

@@ -259,18 +259,15 @@ def heldout_reward_part(cfg: Any, tokenizer: PreTrainedTokenizerBase, rows: Prep
                                cfg.sampling.max_new_tokens, cfg.eval, rewards.functions)
 
 
-def _std(values: Tensor) -> float:
-    return values.std().item() if len(values) > 1 else 0.0
-
-
 def reward_metrics(rollout: Rollout, completions: Completions, scores: Scores, task: Task | None) -> dict[str, float]:
-    """The reward (total and by function), completion length, truncation and, with a task, accuracy."""
-    metrics = {"reward": scores.total.mean().item(), "reward_std": _std(scores.total),
+    """The reward (total and by function), completion length, truncation and, with a task, accuracy. The rewards'
+    means and spreads are of every rank's completions (`dist.mean_and_std_over_ranks`)."""
+    reward, reward_std = dist.mean_and_std_over_ranks(scores.total)
+    metrics = {"reward": reward, "reward_std": reward_std,
                "completion_length": rollout.completion_lengths.float().mean().item(),
                "truncated": rollout.truncated.float().mean().item()}
     for name, values in scores.by_function.items():
-        metrics[f"reward_{name}"] = values.mean().item()
-        metrics[f"reward_{name}_std"] = _std(values)
+        metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = dist.mean_and_std_over_ranks(values)
     if task is not None and None not in completions.answers:
         metrics["accuracy"] = sum(task.verify(c, a) for c, a in
                                   zip(completions.completions, completions.answers, strict=True)) / len(completions)

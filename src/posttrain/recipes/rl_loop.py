@@ -54,7 +54,6 @@ from posttrain.algos import (
     masked_mean,
     masked_rescale,
     masked_sum,
-    masked_var,
     masked_whiten,
     missing_eos_penalty,
     sft_loss,
@@ -601,7 +600,7 @@ class RLStepSource:
                    "score": batch.scores.mean().item(), "beta": batch.beta,
                    "zero_variance_groups": zero_groups.float().mean().item()}
         raw = batch.advantages if batch.returns is None else batch.returns - batch.old_values
-        metrics |= {"advantages": masked_mean(raw, mask).item(), "advantages_std": masked_var(raw, mask).sqrt().item()}
+        metrics["advantages"], metrics["advantages_std"] = dist.mean_and_std_over_ranks(raw, mask)
         if batch.kl is not None:
             sequence_kl = batch.kl.sum(dim=1)
             kl = dist.all_reduce_sum(sequence_kl.sum().item()) / total

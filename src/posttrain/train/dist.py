@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -160,6 +161,18 @@ def all_gather_ragged(tensor: Tensor) -> tuple[Tensor, int]:
     parts = all_gather_rows(padded.unsqueeze(0))
     gathered = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
     return gathered.to(tensor.dtype), sum(counts[:ctx.rank])
+
+
+def mean_and_std_over_ranks(values: Tensor, mask: Tensor | None = None) -> tuple[float, float]:
+    """The mean and the unbiased standard deviation (0 for fewer than two values) of every rank's `values` (their
+    `mask`ed entries), as one process holding all of them computes them: counts, sums and squared deviations from
+    the shared mean added up over the ranks (float64). A mean of the ranks' own standard deviations is not one."""
+    keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+    kept = values.detach().double()[keep]
+    count = all_reduce_sum(float(kept.numel()))
+    mean = all_reduce_sum(kept.sum().item()) / count if count else 0.0
+    squares = all_reduce_sum(((kept - mean) ** 2).sum().item())
+    return mean, math.sqrt(squares / (count - 1)) if count > 1 else 0.0
 
 
 def all_gather_list(items: list[Any]) -> list[Any]:
