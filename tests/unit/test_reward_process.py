@@ -45,6 +45,13 @@ def pid(batch):
     sys.stdout.flush()
     return [float(os.getpid())] * len(batch.completions)
 
+def spawn_and_hang(batch):  # what it started (in its process group) must die with the trainer too
+    import subprocess
+    started = subprocess.Popen(["sleep", "600"])
+    with open(os.path.join(os.path.dirname(__file__), "started.pid"), "w") as out:
+        out.write(str(started.pid))
+    time.sleep(600)
+
 def sizes(batch):  # one row per completion, as a classifier's [B, 1] output: the size of the call it came in
     return [[float(len(batch.completions))] for _ in batch.completions]
 
@@ -235,6 +242,35 @@ def test_the_child_dies_with_the_trainer_even_mid_call(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+@pytest.mark.parametrize("caller", ["main", "thread"])
+def test_what_the_function_started_dies_with_the_trainer(tmp_path, caller):
+    """The child died with a SIGKILLed trainer, but what the function had started lived on (re-parented to init)."""
+    (tmp_path / "pid_reward.py").write_text(MODULE)
+    trainer = textwrap.dedent(f"""
+        import os, sys, threading, time
+        from posttrain.rewards.function_process import UserFunctionProcess
+        from posttrain.rewards.user_functions import Completions
+        process = UserFunctionProcess({str(tmp_path / 'pid_reward.py:spawn_and_hang')!r}, 600)
+        batch = Completions(prompts=[[]], completions=["a"], answers=[None], steps=[[]])
+        if {caller!r} == "main":
+            threading.Thread(target=lambda: (time.sleep(3), os._exit(0)), daemon=True).start()
+            process(batch)  # the main thread started the child (PR_SET_PDEATHSIG) and waits on it
+        else:
+            threading.Thread(target=process, args=(batch,), daemon=True).start()
+            time.sleep(3)
+            os._exit(0)  # no clean-up: as a SIGKILL would end it
+    """)
+    subprocess.run([sys.executable, "-c", trainer], capture_output=True, text=True, timeout=60)
+    started = int((tmp_path / "started.pid").read_text())
+    deadline = time.monotonic() + 5
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _alive(started)
+    if alive:
+        os.kill(started, 9)
+    assert not alive
 
 
 def test_a_child_started_by_a_thread_outlives_that_thread(tmp_path):

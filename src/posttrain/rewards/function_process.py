@@ -12,8 +12,9 @@ that fails costs only its own rows.
 The child runs as the trainer's user, with its environment, working directory and import path: it may read files
 and call services as the function would inside the trainer. It is not locked down: the `python` grader's sandbox
 (`rewards.graders.python_grader`) is the place for code that must not write files or reach the network. It dies
-with the trainer, also when the trainer is SIGKILLed mid-call: a thread of the child watches for it, and a child
-started by the trainer's main thread also gets PR_SET_PDEATHSIG, which holds while the function blocks that thread
+with the trainer, also when the trainer is SIGKILLed mid-call, and takes its process group (what the function started)
+along: a thread of the child watches for it, and a child started by the trainer's main thread also gets
+PR_SET_PDEATHSIG (SIGTERM, handled by killing the group), which holds while the function blocks that thread
 (PR_SET_PDEATHSIG fires when the starting *thread* ends, so it is not set for children started by other threads).
 
 Protocol: one JSON request per line on the child's stdin (`{"id", "seed", "batch"}`), one JSON reply per request
@@ -307,10 +308,14 @@ def _jsonable(value: Any) -> Any:
 
 def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
     """The child: import the function, then score every batch that arrives on stdin."""
-    if main_thread and sys.platform.startswith("linux"):  # dies with the trainer even while the function holds the GIL
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Dying with the trainer takes what the function started along (the child leads its own process group): SIGTERM
+    # from the kernel when the starting thread ends, handled between the function's bytecodes and in its blocking
+    # calls, and the watch thread for the rest.
+    signal.signal(signal.SIGTERM, lambda *_: _end_group())
+    if main_thread and sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != trainer:  # the trainer died before that was set
-        os._exit(1)
+        _end_group()
     threading.Thread(target=_exit_with, args=(trainer,), daemon=True).start()
     # The trainer's import path, in place of this file's directory first (and what its .pth files added).
     sys.path[:] = json.loads(os.environ.get(SYS_PATH_VARIABLE, "null")) or sys.path
@@ -389,11 +394,20 @@ class _SeedTorchOnImport(importlib.abc.MetaPathFinder):
 
 
 def _exit_with(trainer: int) -> None:
-    """Exit when the trainer has gone (this process re-parented): the child's own watch, whichever thread of the
+    """End when the trainer has gone (this process re-parented): the child's own watch, whichever thread of the
     trainer started it."""
     while os.getppid() == trainer:
         time.sleep(ALIVE_CHECK_S)
-    os._exit(1)
+    _end_group()
+
+
+def _end_group() -> None:
+    """SIGKILL this child's process group: the child and whatever the function started in it (a process of a
+    session of its own escapes, as from the trainer's timeout)."""
+    try:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    finally:
+        os._exit(1)
 
 
 if __name__ == "__main__":
