@@ -142,6 +142,27 @@ def test_overwrite_with_a_bad_batch_size_keeps_the_old_run(finished_sft, tmp_pat
     assert _files(copy) == before
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b"])
+def test_a_run_name_that_is_not_one_directory_is_refused(finished_sft, tmp_path, name):
+    """An empty run.name (an unset shell variable) made out_dir itself the run directory: with run.overwrite=true
+    every other run in it was deleted."""
+    out = tmp_path / "runs"
+    shutil.copytree(finished_sft, out / "precious")
+    (out / "notes.txt").write_text("keep me")
+    before = _files(tmp_path)
+    code, output = _invoke(_sft_args(Path("unused"), out, name=name) + ["run.overwrite=true"])
+    assert code == 2 and "run.name" in output and "is not a run name" in output, output
+    assert _files(tmp_path) == before
+
+
+def test_overwrite_replaces_runs_only(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "thesis.tex").write_text("years of work")
+    code, output = _invoke(_sft_args(Path("unused"), tmp_path) + ["run.overwrite=true"])
+    assert code == 2 and "is not a run directory (no config.yaml)" in output, output
+    assert (tmp_path / "sft" / "thesis.tex").read_text() == "years of work"
+
+
 def test_overwrite_failing_before_training_restores_the_old_run(finished_sft, pretrained_run, tmp_path,
                                                                   monkeypatch):
     copy = tmp_path / "sft"
@@ -180,6 +201,7 @@ def test_a_kill_before_the_first_step_is_undone_by_the_next_start(tmp_path, kill
     run back, whether it was killed after moving the old run aside or halfway through putting it back."""
     old = tmp_path / "run"
     old.mkdir()
+    (old / "config.yaml").write_text("stage: test\n")
     (old / "metrics.jsonl").write_text('{"step": 1}\n')
     run = RunConfig(name="run", out_dir=str(tmp_path), overwrite=True)
     cfg = _RunOnly(run)

@@ -95,6 +95,15 @@ def run_path(run: RunConfig) -> Path:
     return Path(run.out_dir) / run.name
 
 
+def check_run_name(run: RunConfig) -> None:
+    """run.name names one directory inside run.out_dir: an empty name (an unset shell variable) or "." would make
+    the run directory out_dir itself, which run.overwrite=true then replaces with every other run in it."""
+    name = run.name
+    if not name or name in (".", "..") or "/" in name or os.sep in name or Path(name).is_absolute():
+        raise ConfigError(f"{name!r} is not a run name: give one directory name (no '/', not '.' or '..'); the run "
+                          f"directory is run.out_dir/run.name", field="run.name")
+
+
 def check_run_dir(run: RunConfig, cfg: Any) -> None:
     """Refuse, before anything is loaded or written, a run directory that cannot be used as asked.
 
@@ -102,6 +111,7 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
     (every rank calls it, once the process group is joined) rank 0 checks and every rank raises its refusal, so
     that none goes on to wait in a collective for a rank that stopped.
     """
+    check_run_name(run)
     world_size = dist.init_distributed().world_size
     train = getattr(cfg, "train", None)
     if train is not None and hasattr(train, "check"):
@@ -131,6 +141,9 @@ def _check_on_main(run: RunConfig, cfg: Any, world_size: int) -> None:
         if path.exists() and any(path.iterdir()) and not run.overwrite:
             raise RunDirError("a run already exists here; pass run.overwrite=true to replace it or "
                               "run.resume=true to continue it", file=str(path))
+        if path.exists() and any(path.iterdir()) and not (path / "config.yaml").is_file():
+            raise RunDirError("is not a run directory (no config.yaml) and is not empty: run.overwrite=true replaces "
+                              "runs only, never other files; choose another run.name or run.out_dir", file=str(path))
         return
     if not (path / "config.yaml").is_file():
         raise RunDirError("run.resume=true but there is no run to resume here (no config.yaml)", file=str(path))
@@ -221,6 +234,10 @@ def _hold_run_lock(path: Path) -> None:
 
 def abandon_unstarted(run: RunConfig) -> str:
     """After a failure or a stop: undo the run if it had not trained a step yet; say what is left."""
+    try:
+        check_run_name(run)
+    except ConfigError:
+        return ""  # refused before anything was touched
     path = run_path(run)
     if not dist.is_main_process():
         return ""
