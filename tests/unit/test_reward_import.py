@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from posttrain.config import load_config
+from posttrain.data.config import DataConfig
 from posttrain.errors import ConfigError, DataError
 from posttrain.recipes.rl import RewardConfig, build_rewards, check_gold_answers, check_reward_functions
 from posttrain.rewards import Completions, WeightedRewards
@@ -95,12 +97,36 @@ def test_graders_read_any_column_of_the_row():
     assert grader.grade(samples, items).scores == [1.0, 0.0]
 
 
+def _stage(functions: dict[str, float], task: str | None = None) -> SimpleNamespace:
+    """The sections of a stage's config that the gold-answer check reads."""
+    return SimpleNamespace(reward=load_config(RewardConfig, {"functions": functions, "task": task}),
+                           data=DataConfig(source="data.jsonl"))
+
+
 def test_prompt_only_rows_are_refused_by_rewards_that_need_an_answer():
     rows = {"line": [1, 2, 3], "answer": ["5", None, "7"]}
     with pytest.raises(DataError) as err:
-        check_gold_answers(rows, "data.jsonl", load_config(RewardConfig, {"functions": {"correct": 1.0}}))
+        check_gold_answers(rows, "data.jsonl", _stage({"correct": 1.0}))
     assert (err.value.file, err.value.line, err.value.field) == ("data.jsonl", 2, "answer")
-    check_gold_answers(rows, "data.jsonl", load_config(RewardConfig, {"functions": {"coin": 1.0}}))  # no answer read
+    check_gold_answers(rows, "data.jsonl", _stage({"coin": 1.0}))  # no answer read
     with pytest.raises(DataError, match="sft_coef"):
-        check_gold_answers(rows, "data.jsonl", load_config(RewardConfig, {"functions": {"coin": 1.0}}), uses_gold=True)
+        check_gold_answers(rows, "data.jsonl", _stage({"coin": 1.0}), uses_gold=True)
+
+
+def test_gold_answers_are_read_as_the_task_reads_answers_and_unreadable_ones_are_refused():
+    """The completion's answer was normalised ("05" -> "5") but the gold only stripped: a file answering "05",
+    "+5", "5.0" or "1,000" scored every right completion 0, with no warning."""
+    from posttrain.data.tasks import get_task
+
+    arith, sort = get_task("arith"), get_task("sort")
+    for gold in ("5", " 5 ", "05", "+5", "5.0", "5.00"):
+        assert arith.verify("The answer is 5.", gold) == 1.0, gold
+    assert arith.verify("1000", "1,000") == 1.0 and arith.verify("-3", "-3") == 1.0
+    assert arith.verify("5", "6") == 0.0 and arith.verify("5", "5.5") == 0.0
+    assert sort.verify("1 2 10", "1, 2, 10") == 1.0 and sort.verify("1 2 10", "01 2 10") == 1.0
+    rows = {"line": [1, 2, 3], "answer": ["5", "05", "12 apples"]}
+    with pytest.raises(DataError, match="'12 apples' is not an answer the arith task's check can match") as err:
+        check_gold_answers(rows, "data.jsonl", _stage({"correct": 1.0}, task="arith"))
+    assert (err.value.line, err.value.field) == (3, "answer")
+    check_gold_answers(rows, "data.jsonl", _stage({"coin": 1.0}, task="arith"))  # the task's check is not used
 

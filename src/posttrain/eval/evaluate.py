@@ -482,7 +482,7 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
         hint = (" (--task names the built-in task whose answer check compares a completion with the `answer` "
                 "column; --reward a grader or your own function instead)") if "needs a task" in str(err) else ""
         raise ConfigError(f"{err}{hint}", field="--task" if hint else field) from None
-    heldout.check_gold_answers(rows.dataset, rows.tokenized.name, functions)
+    heldout.check_gold_answers(rows.dataset, rows.tokenized.name, functions, task=task)
     rewards.check_grader_columns(json.loads(rows.dataset[0]["row"] or "{}"))
     return functions, rewards
 

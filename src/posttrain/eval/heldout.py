@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import get_task
+from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import Accuracy, EvalConfig, dev_problems, eval_task, heldout_accuracy
 from posttrain.eval.headroom import headroom, headroom_rows
@@ -116,9 +117,11 @@ def completions_of(rollout: Rollout, rows: list[dict[str, Any]]) -> Completions:
                        steps=[list(rows[i].get("steps") or []) for i in index], columns=[columns[i] for i in index])
 
 
-def check_gold_answers(dataset: Any, name: str, functions: Iterable[str], uses_gold: bool = False) -> None:
-    """Prompt-only rows (no gold answer) train or evaluate only with rewards that do not compare with one: a clear
-    error naming the first such row, before anything is sampled."""
+def check_gold_answers(dataset: Any, name: str, functions: Iterable[str], uses_gold: bool = False,
+                       task: Task | None = None) -> None:
+    """Prompt-only rows (no gold answer) train or evaluate only with rewards that do not compare with one, and a
+    task verifies only answers it can read (`Task.canonical_answer`: an integer for arith, "05" and "1,000"
+    included): a clear error naming the first such row, before anything is sampled."""
     needing = [f for f in functions if f in NEEDS_ANSWER] + (["loss.sft_coef (gold answers)"] if uses_gold else [])
     if not needing:
         return
@@ -129,6 +132,14 @@ def check_gold_answers(dataset: Any, name: str, functions: Iterable[str], uses_g
                         "an `answer` column, or use a reward that reads none (reward_model, grader, your own "
                         "function: reward.functions={my_rewards.py:fn: 1.0})", file=name, line=missing,
                         field="answer")
+    if task is None or "correct" not in needing:
+        return
+    for line, answer in zip(dataset["line"], dataset["answer"], strict=True):
+        if task.canonical_answer(answer) is None:
+            raise DataError(f"{answer!r} is not an answer the {task.name} task's check can match ({task.description}):"
+                            " every completion would score 0 on it; give its answers in that form, or score them "
+                            "with a grader or your own function (reward.functions={my_rewards.py:fn: 1.0})",
+                            file=name, line=line, field="answer")
 
 
 CATEGORY = "category"

@@ -150,7 +150,7 @@ def main(cfg: DPOConfig) -> RunResult:
     rows = heldout.prepare_heldout(data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     rewards = None
     if on_policy:  # checked before the run directory is written
-        check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
+        check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg)
         rewards = build_rewards(cfg.reward, resolve_task(cfg), prepared.dataset, cfg.eval)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="dpo", model=model)
     if rewards is not None:

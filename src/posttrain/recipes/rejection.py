@@ -106,7 +106,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["rejection"], mask_dtype=model.dtype,
                             bars=progress.library_bars())
     check_sampled_length(model, prepared.tokenized.stats.length_max, cfg.sampling.max_new_tokens)
-    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward)
+    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     task = resolve_task(cfg)
     rewards = build_rewards(cfg.reward, task, prepared.dataset, cfg.eval)

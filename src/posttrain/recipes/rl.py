@@ -115,10 +115,11 @@ def check_reward_functions(cfg: RewardConfig) -> None:
                           field="reward.functions")
 
 
-def check_gold_answers(dataset: Any, name: str, cfg: RewardConfig, uses_gold: bool = False) -> None:
-    """Prompt-only rows (no gold answer) train only with rewards that do not compare with one (`heldout.
-    check_gold_answers`, which `posttrain eval --data` shares)."""
-    heldout.check_gold_answers(dataset, name, cfg.functions, uses_gold)
+def check_gold_answers(dataset: Any, name: str, cfg: Any, uses_gold: bool = False) -> None:
+    """Prompt-only rows (no gold answer) train only with rewards that do not compare with one, and the task's
+    check only with answers it can match (`heldout.check_gold_answers`, which `posttrain eval --data` shares);
+    `cfg` is the stage's config (its reward and data sections)."""
+    heldout.check_gold_answers(dataset, name, cfg.reward.functions, uses_gold, resolve_task(cfg))
 
 
 def resolve_task(cfg: Any) -> Task | None:

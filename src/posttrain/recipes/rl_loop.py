@@ -710,7 +710,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS[stage], mask_dtype=actor.dtype,
                             bars=progress.library_bars())
     check_sampled_length(actor, prepared.tokenized.stats.length_max, cfg.sampling.max_new_tokens)
-    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg.reward, uses_gold=cfg.loss.sft_coef > 0)
+    check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg, uses_gold=cfg.loss.sft_coef > 0)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, actor.dtype, progress)
     task = resolve_task(cfg)
     rewards = rewards if rewards is not None else build_rewards(cfg.reward, task, prepared.dataset, cfg.eval)

@@ -231,7 +231,7 @@ def sampled_pairs(cfg: RMConfig, tokenizer: Any, mask_dtype: torch.dtype,
     data = dataclasses.replace(cfg.data, batch_mode="padded")  # prompts: never collated
     prompts = prepare_data(data, tokenizer, accepts=STAGE_FORMATS["grpo"], mask_dtype=mask_dtype,
                            bars=progress.library_bars())
-    check_gold_answers(prompts.dataset, prompts.tokenized.name, cfg.reward)
+    check_gold_answers(prompts.dataset, prompts.tokenized.name, cfg)
     rewards = build_rewards(cfg.reward, resolve_task(cfg), prompts.dataset)
     pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop",
                                     eval_split=0.0)

@@ -21,6 +21,17 @@ RANKING_SIZE = 4  # responses per ranking row: the correct one and 3 wrong ones
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 INTEGER = re.compile(r"-?\d+")
+# A gold answer written as an integer: a sign, thousands separators, a zero fraction ("+1,000.0" is 1000).
+INTEGER_ANSWER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.0+)?")
+
+
+def canonical_integer(text: str) -> str | None:
+    """An integer gold answer as the extractors write theirs ("05", "+5", "5.0", "1,000" -> "5", "5", "5", "1000"),
+    or None when the text is no integer ("5.5", "12 apples")."""
+    text = text.strip()
+    if not INTEGER_ANSWER.fullmatch(text):
+        return None
+    return str(int(text.split(".")[0].replace(",", "")))
 
 
 @dataclass(frozen=True)
@@ -79,9 +90,15 @@ class Task:
         """The kind of problem an example is (evaluation reports headroom per category), or None: one kind."""
         return None
 
+    def canonical_answer(self, answer: str) -> str | None:
+        """A gold answer as `extract_answer` writes the answers it reads (an integer here), or None when the task
+        cannot verify it (a user's data file checks its answers with this: `eval.heldout.check_gold_answers`)."""
+        return canonical_integer(answer)
+
     def verify(self, completion: str, answer: str) -> float:
-        """1.0 when the extracted answer equals the gold answer exactly, else 0.0 (an RL reward)."""
-        return 1.0 if self.extract_answer(completion) == answer.strip() else 0.0
+        """1.0 when the extracted answer equals the gold answer (in its canonical form), else 0.0 (an RL reward)."""
+        gold = self.canonical_answer(answer)
+        return 1.0 if gold is not None and self.extract_answer(completion) == gold else 0.0
 
     def is_heldout(self, example: Example) -> bool:
         return is_heldout_key(example.key)

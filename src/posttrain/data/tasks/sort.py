@@ -18,6 +18,7 @@ from posttrain.data.tasks.base import (
     Example,
     Task,
     answer_text,
+    canonical_integer,
     closest_first,
     is_heldout_key,
 )
@@ -51,6 +52,12 @@ class SortTask(Task):
         line = next((line for line in text.splitlines() if line.strip()), "")
         numbers = INTEGER.findall(line)
         return " ".join(str(int(n)) for n in numbers) if numbers else None
+
+
+    def canonical_answer(self, answer: str) -> str | None:
+        """The sorted numbers, space-separated, each as an integer; None if any is not one."""
+        numbers = [canonical_integer(n) for n in answer.replace(",", " ").split()]
+        return " ".join(numbers) if numbers and None not in numbers else None
 
 
 def _wrong_answers(numbers: list[int]) -> dict[str, float]:
