@@ -44,7 +44,9 @@ def test_row_categories_are_text_integers_or_none_and_anything_else_names_the_li
         return heldout.row_categories(prepare_data(DataConfig(source=str(path)), tokenizer, accepts=("verifiable",)))
 
     assert categories("add", ..., None, 3) == ["add", None, None, "3"]
-    for bad, words in (([1], "list"), (1.5, "float"), (True, "bool"), (" ", "empty category")):
+    # "all" is the tables' row of every problem: a category of that name replaced it (headline numbers of a subset)
+    for bad, words in (([1], "list"), (1.5, "float"), (True, "bool"), (" ", "empty category"),
+                       ("all", "'all' names the row of every problem")):
         with pytest.raises(DataError, match=words) as err:
             categories("add", bad)
         assert str(err.value).startswith(f"{tmp_path / 'c.jsonl'}:2: category:")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+OVERALL = "all"  # the row of every problem, beside one per category
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k samples drawn without replacement from n (c correct) is correct.
@@ -37,7 +39,7 @@ def headroom(categories: list[str | None], counts: list[int], n: int, ks: list[i
     gap from sampled accuracy to pass@k is what RL can reach by shifting mass onto answers the model already
     samples. Per problem: its category (None: counted in "all" only) and its correct samples, of n (n = 0: nothing
     was sampled, the greedy accuracy alone; n = 1: no share of disagreeing samples)."""
-    members: dict[str, list[int]] = {"all": list(range(len(categories)))}
+    members: dict[str, list[int]] = {OVERALL: list(range(len(categories)))}
     for category in sorted({c for c in categories if c is not None}):
         members[category] = [i for i, c in enumerate(categories) if c == category]
     table = {}

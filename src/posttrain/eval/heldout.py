@@ -34,7 +34,7 @@ from posttrain.data.tasks import get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.accuracy import Accuracy, EvalConfig, dev_problems, eval_task, heldout_accuracy
-from posttrain.eval.headroom import headroom, headroom_rows
+from posttrain.eval.headroom import OVERALL, headroom, headroom_rows
 from posttrain.models.device import model_device, move_to
 from posttrain.models.precision import autocast_dtype
 from posttrain.rewards.functions import NEEDS_ANSWER, Completions, Scores
@@ -160,6 +160,9 @@ def row_categories(heldout: Prepared) -> list[str | None]:
         if value is not None and not value.strip():
             raise DataError("empty category: leave it out (or null) for a row that belongs to none", file=name,
                             line=line, field=CATEGORY)
+        if value == OVERALL:  # the table's own row of every problem: a category of that name would replace it
+            raise DataError(f"{OVERALL!r} names the row of every problem in the headroom tables: give this category "
+                            "another name", file=name, line=line, field=CATEGORY)
         categories.append(value)
     return categories
 
