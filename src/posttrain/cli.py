@@ -267,13 +267,17 @@ def report(
     from posttrain.train.run_dir import RunDir
 
     path = Path(run_dir)
-    if (path / "demo.json").is_file():
-        written = write_demo_report(path, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})
-    elif (path / "summary.json").is_file():
-        written = rebuild_training_report(RunDir(path))
-    else:
-        _print_error(f"{run_dir}: neither a demo directory (demo.json) nor a finished run (summary.json)")
-        raise typer.Exit(2)
+    try:
+        if (path / "demo.json").is_file():
+            written = write_demo_report(path, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})
+        elif (path / "summary.json").is_file():
+            written = rebuild_training_report(RunDir(path))
+        else:
+            _print_error(f"{run_dir}: neither a demo directory (demo.json) nor a finished run (summary.json)")
+            raise typer.Exit(2)
+    except PosttrainError as err:  # a damaged metrics.jsonl or summary.json: the line and file, not a traceback
+        _print_error(err)
+        raise typer.Exit(2) from None
     console.print(f"[green]written[/] {written}")
 
 

@@ -93,6 +93,45 @@ def test_eval_and_report_of_a_finished_run(pretrained_run):
     assert (run / "report.md").is_file() and (run / "plots" / "curves.png").is_file()
 
 
+def test_report_of_damaged_files_and_eval_of_too_many_problems_are_one_line_errors(pretrained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run.run_dir, run, ignore=shutil.ignore_patterns("checkpoints", "final"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:10], *lines[2:]]) + "\n")  # torn mid-file
+    result = runner.invoke(app, ["report", str(run)], terminal_width=200)
+    assert result.exit_code == 2 and "metrics.jsonl:2:" in "".join(result.output.split())
+    assert "Traceback" not in result.output
+    (run / "summary.json").write_text('{"title": "x", "summ')
+    result = runner.invoke(app, ["report", str(run)], terminal_width=200)
+    assert result.exit_code == 2 and "summary.json: is damaged" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["eval", str(pretrained_run.run_dir), "--problems", "100000", "--samples", "0"],
+                           terminal_width=200)
+    assert result.exit_code == 2 and "--problems: task 'arith' has fewer than 100000" in " ".join(result.output.split())
+
+
+def test_eval_of_a_run_finds_its_starting_model_where_the_run_was_started(tmp_path, tiny_model, tokenizer,
+                                                                           monkeypatch):
+    """The KL reference (and an RL checkpoint's model) is the run's model.path, relative to where it was started:
+    from any other directory eval refused it, or could take another directory's runs/pretrain/final."""
+    import yaml
+
+    from posttrain.eval.evaluate import EvalOptions, _reference, resolve_target
+    from posttrain.models import save_pretrained
+
+    work = tmp_path / "work"
+    save_pretrained(tiny_model, tokenizer, work / "runs" / "pretrain" / "final")
+    run = work / "runs" / "sft"
+    save_pretrained(tiny_model, tokenizer, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"stage": "sft", "model": {"path": "runs/pretrain/final"},
+                                                     "run": {"workdir": str(work)}}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert _reference(resolve_target(run), EvalOptions()) is not None
+
+
 def test_eval_and_report_reject_what_is_not_a_run(tmp_path):
     for command in ("eval", "report"):
         result = runner.invoke(app, [command, str(tmp_path)], terminal_width=200)

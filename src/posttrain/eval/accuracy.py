@@ -103,16 +103,24 @@ def paired_interval(before: list[float], after: list[float], z: float = 1.959964
     return mean, mean - half, mean + half
 
 
-def heldout_problems(task: Task, count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Example]:
+STALL_DRAWS = 20_000  # draws without a new problem after which a task counts as out of held-out problems
+
+
+def heldout_problems(task: Task, count: int, seed: int, exclude: frozenset[str] = frozenset(),
+                     field: str = "eval.problems") -> list[Example]:
     """`count` held-out examples with distinct problems (a problem drawn twice would count twice), none of them with
-    a key in `exclude`."""
+    a key in `exclude`; a ConfigError naming `field` where the task has fewer."""
     seen: dict[str, Example] = {}
-    for example in task.examples("heldout", size=(count + len(exclude)) * 50, seed=seed):
-        if example.key not in exclude:
-            seen.setdefault(example.key, example)
+    last_new = 0
+    for drawn, example in enumerate(task.examples("heldout", size=(count + len(exclude)) * 50, seed=seed)):
+        if example.key not in exclude and example.key not in seen:
+            seen[example.key], last_new = example, drawn
         if len(seen) == count:
             return list(seen.values())
-    raise ValueError(f"task {task.name!r} has fewer than {count} distinct held-out problems")
+        if drawn - last_new > max(STALL_DRAWS, 20 * len(seen)):  # the task has run out of new problems
+            break
+    raise ConfigError(f"task {task.name!r} has fewer than {count} distinct held-out problems: ask for fewer",
+                      field=field)
 
 
 # The dev draw's seed is the held-out draw's plus this; its problems are kept apart from those by key.
@@ -125,7 +133,7 @@ def dev_problems(task: Task, count: int, heldout: int, seed: int) -> list[Exampl
     test = frozenset(e.key for e in heldout_problems(task, heldout, seed)) if heldout else frozenset()
     try:
         return heldout_problems(task, count, seed + DEV_SEED_OFFSET, exclude=test)
-    except ValueError:
+    except ConfigError:
         raise ConfigError(f"task {task.name!r} has fewer than {count} distinct held-out problems besides the "
                           f"{heldout} evaluated ones: lower eval.dev_problems", field="eval.dev_problems") from None
 

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import RunDirError
 from posttrain.eval.accuracy import paired_interval, wilson_interval
 from posttrain.eval.headroom import headroom_lines, headroom_rows
 from posttrain.eval.plotting import pyplot
@@ -292,7 +293,11 @@ def write_demo_report(demo_dir: str | Path, bases: dict[str, str | None], tasks:
     bases: the stage each stage started from; tasks: the task each stage is evaluated on.
     """
     demo_dir = Path(demo_dir)
-    summaries: Summaries = json.loads((demo_dir / "demo.json").read_text(encoding="utf-8"))
+    try:
+        summaries: Summaries = json.loads((demo_dir / "demo.json").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise RunDirError(f"is damaged ({err}): the demo's report cannot be redrawn from it",
+                          file=str(demo_dir / "demo.json")) from None
     rows = stage_rows(summaries, bases)
     headroom = headroom_rows(summaries, bases)
     plots = [plot_accuracy(rows, tasks, demo_dir / "plots" / "accuracy.png"),

@@ -195,6 +195,7 @@ def _data_config(target: Target, task: Task) -> DataConfig:
 
 def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalOptions,
                     greedy: bool = True) -> dict[str, Any]:
+    heldout_problems(task, options.problems, options.seed, field="--problems")  # more than it has: before loading
     tokenizer, model = load_policy(target)
     model.eval()
     run_eval = target.section("eval")
@@ -213,7 +214,8 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
     if options.samples:
         reference = _reference(target, options)
         sampled, counts = sampled_metrics(model, tokenizer, task, data, options, max_new_tokens, reference)
-        categories = [task.category(e) for e in heldout_problems(task, options.problems, options.seed)]
+        categories = [task.category(e) for e in heldout_problems(task, options.problems, options.seed,
+                                                                 field="--problems")]
         table = headroom(categories, counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
         result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"], "categories": table,
@@ -231,7 +233,7 @@ def load_policy(target: Target) -> tuple[PreTrainedTokenizerBase, torch.nn.Modul
     started from (`model.path` of the run's config), its policy's tensors loaded into the model."""
     if not target.actor_tensors:
         return load_tokenizer(target.model_dir), load_causal_lm(target.model_dir)
-    start = target.section("model").get("path")
+    start = _in_workdir(target, target.section("model").get("path"))  # relative to where the run was started
     if target.section("adapter").get("method", "none") != "none" or not start:
         raise RunDirError("this RL checkpoint holds an adapter's policy with its critic, for resuming: evaluate the "
                           "run's final/ (or resume the run)", file=str(target.run_dir))
@@ -260,7 +262,7 @@ def sampled_ks(options: EvalOptions) -> list[int]:
 
 
 def _reference(target: Target, options: EvalOptions) -> torch.nn.Module | None:
-    path = options.reference or target.section("model").get("path")
+    path = options.reference or _in_workdir(target, target.section("model").get("path"))
     if not path:
         return None
     if not (Path(path) / "config.json").is_file():
@@ -281,7 +283,7 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     """pass@k, mean rewards and KL to `reference` from `options.samples` samples per problem at temperature 1,
     and the correct samples of each problem (in the order of `heldout_problems`)."""
     ks = sampled_ks(options)
-    examples = heldout_problems(task, options.problems, options.seed)
+    examples = heldout_problems(task, options.problems, options.seed, field="--problems")
     encoder = Encoder.from_config(tokenizer, data)
     try:
         rewards = WeightedRewards.from_config({name: 1.0 for name in task_rewards(options)}, task=task)

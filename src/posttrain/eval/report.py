@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import RunDirError
 from posttrain.eval.headroom import headroom_lines, headroom_rows
 from posttrain.eval.heldout import headroom_summaries
 from posttrain.eval.plotting import pyplot
@@ -69,5 +70,11 @@ def _fmt(value: Any) -> str:
 
 def rebuild_training_report(run_dir: RunDir) -> Path:
     """Redraw a finished run's report from its summary.json and metrics.jsonl (`posttrain report <run>`)."""
-    saved = json.loads((run_dir.path / "summary.json").read_text(encoding="utf-8"))
-    return write_training_report(run_dir, saved["title"], saved["summary"])
+    path = run_dir.path / "summary.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        title, summary = saved["title"], saved["summary"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"is damaged ({type(err).__name__}: {err}): the run's report cannot be redrawn from it",
+                          file=str(path)) from None
+    return write_training_report(run_dir, title, summary)
