@@ -339,18 +339,19 @@ def data_inspect(
 ) -> None:
     """Show rendered samples with the trained tokens highlighted, and token statistics."""
     _quiet_libraries()
-    from posttrain.config import load_config, read_yaml_with_lines
-    from posttrain.data.config import STAGE_FORMATS, DataConfig
+    import dataclasses
+
+    from posttrain.data.config import STAGE_FORMATS
     from posttrain.data.inspect import inspect_data
     from posttrain.models import load_tokenizer
 
     try:
-        stage, defaults = recipe, {}
-        if recipe not in STAGE_FORMATS:
-            found = recipes.find_recipe(recipe)
-            stage, defaults = found.stage, read_yaml_with_lines(found.path)[0].get("data") or {}
-        cfg = load_config(DataConfig, defaults, [o.removeprefix("data.") for o in overrides or []],
-                          extra={"source": source})
+        # The data settings the stage would run with: its config class's defaults, the recipe's, the overrides
+        # (the shipped sft recipe's max_length of 256, not DataConfig's 512).
+        found = recipes.find_recipe(recipe)
+        stage = recipe if recipe in STAGE_FORMATS else found.stage
+        built = recipes.build_config(found, [f"data.{o.removeprefix('data.')}" for o in overrides or []])
+        cfg = dataclasses.replace(built.data, source=source)
         if model is None and (Path("runs/pretrain/final") / "config.json").is_file():
             model = "runs/pretrain/final"
         if model is not None:

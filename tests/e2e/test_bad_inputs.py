@@ -204,7 +204,7 @@ DATA_CASES = [
     case("inspect-invalid-json", ("data", "inspect", "{tmp}/d.jsonl", "--model", "{model}"),
          "{tmp}/d.jsonl:2: invalid JSON", files={"d.jsonl": jsonl(GOOD, "{oops")}),
     case("inspect-bad-setting", ("data", "inspect", "{tmp}/d.jsonl", "max_length=big", "--model", "{model}"),
-         "override: max_length:", files={"d.jsonl": jsonl(GOOD)}),
+         "override: data.max_length:", files={"d.jsonl": jsonl(GOOD)}),
     case("inspect-unknown-recipe", ("data", "inspect", "{tmp}/d.jsonl", "--recipe", "sftt", "--model", "{model}"),
          "no recipe named 'sftt'", files={"d.jsonl": jsonl(GOOD)}),
 ]

@@ -46,3 +46,17 @@ def test_inspect_reports_a_bad_row_without_a_traceback(tmp_path, model_dir, monk
     output = " ".join(result.output.split())  # rich wraps long lines
     assert f"error: {path}:1: rejected: chosen and rejected are identical" in output
     assert "Traceback" not in output
+
+
+def test_inspect_uses_the_data_settings_of_the_stage_recipe(tmp_path, model_dir, monkeypatch):
+    """The shipped sft recipe trains on rows of at most 256 tokens: inspect ignored it (DataConfig's 512) and showed
+    none dropped of the rows `posttrain sft` drops."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "What is 1+1?", "completion": "2"}, {"prompt": "What is 1+1? " * 40, "completion": "2"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for overrides, dropped in (([], 1), (["max_length=512"], 0)):  # an override still beats the recipe
+        result = CliRunner().invoke(app, ["data", "inspect", str(path), *overrides, "--model", model_dir, "-n", "1"],
+                                    terminal_width=120)
+        assert result.exit_code == 0, result.output
+        assert re.search(rf"dropped: longer than max_length\s*│\s*{dropped}\s", result.output), result.output
