@@ -193,18 +193,18 @@ def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int], file: str = "<yaml>") -> None:
-    """Record the line of every dotted key; a key given twice in one mapping is an error (YAML keeps the last
-    silently: `train:` twice would drop the first section's settings)."""
+    """Record the line of every dotted key; a key given twice is an error, in one mapping (YAML keeps the last
+    silently: `train:` twice would drop the first section's settings) or spelt both ways (`train: {max_steps: 20}`
+    and `train.max_steps: 5`: one would silently win)."""
     if not isinstance(node, yaml.MappingNode):
         return
-    seen: dict[str, int] = {}
     for key_node, value_node in node.value:
         key = f"{prefix}{key_node.value}"
         line = key_node.start_mark.line + 1
-        if key in seen:
-            raise ConfigError(f"duplicate key: already set on line {seen[key]} (YAML would silently keep only the "
-                              "last one)", file=file, line=line, field=key)
-        seen[key] = lines[key] = line
+        if key in lines:
+            raise ConfigError(f"duplicate key: already set on line {lines[key]} (YAML would silently keep only one "
+                              "of them)", file=file, line=line, field=key)
+        lines[key] = line
         _record_lines(value_node, key + ".", lines, file)
 
 
@@ -311,6 +311,11 @@ def coerce(value: Any, annotation: Any) -> Any:
     if annotation is str:
         if isinstance(value, (dict, list)) or value is None:
             raise TypeError(f"expected text, got {type(value).__name__}")
+        if isinstance(value, (bool, float)):
+            # YAML read the text as a boolean (no, off, yes, on) or a number (1.10): its own text is gone, and
+            # str() of it ("False", "1.1") would silently be another setting
+            raise TypeError(f"expected text, got the {type(value).__name__} {value!r}, which YAML read from "
+                            "unquoted text: quote it (\"off\", \"1.10\")")
         return str(value)
     raise TypeError(f"unsupported config type {annotation!r}")
 

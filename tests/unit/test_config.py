@@ -100,6 +100,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 @pytest.mark.parametrize(("text", "line", "field"), [
     ("train:\n  max_steps: 2\noptim:\n  lr: 1.0e-3\ntrain:\n  batch_size: 4\n", 5, "train"),
     ("optim:\n  lr: 1.0e-3\n  warmup_steps: 2\n  lr: 1.0e-2\n", 4, "optim.lr"),
+    ("train:\n  max_steps: 20\ntrain.max_steps: 5\n", 3, "train.max_steps"),  # nested and dotted: one won
 ])
 def test_duplicate_yaml_keys_are_errors(tmp_path, text, line, field):
     """YAML keeps the last of two equal keys; a recipe with `train:` twice would lose the first section."""
@@ -213,3 +214,16 @@ def test_registry_choices_are_read_when_a_value_is_checked():
             "advantage.estimator"]
     finally:
         del ADVANTAGE_ESTIMATORS._entries["late_registered"]
+
+
+@pytest.mark.parametrize(("value", "shown"), [("No", "False"), ("off", "False"), ("1.10", "1.1")])
+def test_a_text_setting_that_yaml_read_as_a_boolean_or_number_is_refused(tmp_path, value, shown):
+    """`run.name: 1.10` became "1.1" and a stop string `No` became "False", silently."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stage: pretrain\nrun:\n  name: {value}\n")
+    with pytest.raises(ConfigError, match=f"got the .* {shown}, which YAML read from unquoted text: quote it") as err:
+        load_config(PretrainConfig, recipe)
+    assert (err.value.line, err.value.field) == (3, "run.name")
+    recipe.write_text(f"stage: pretrain\nrun:\n  name: '{value}'\n")
+    assert load_config(PretrainConfig, recipe).run.name == value
+    assert load_config(PretrainConfig, None, [f"run.name={value}"]).run.name == value  # an override is text
