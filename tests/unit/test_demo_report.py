@@ -82,9 +82,10 @@ def test_comparisons_are_broken_down_by_the_problems_categories(tmp_path):
     stages = ("sft-multistep", "grpo-process", "grpo-outcome")
     report = write_demo_report(tmp_path, {"sft-multistep": None, "grpo-process": "sft-multistep",
                                           "grpo-outcome": "sft-multistep"}, dict.fromkeys(stages, "multistep"))
-    # 2 steps: differences 0 and 0.5, mean 0.25, sd 0.5 / sqrt(2), half-width 1.96 sd / sqrt(2) = 0.49;
-    # 5 steps: 0.6 and 0.4, mean 0.5, sd 0.1 sqrt(2), half-width 1.96 * 0.1 = 0.196
-    assert ("  - steps right by category: 2 steps +25.0% (-24.0% to +74.0%), 5 steps +50.0% (+30.4% to +69.6%)"
+    # 2 steps: differences 0 and 0.5 (mean 0.25); with the pseudo-differences +1 and -1: centre 0.5 / 4 = 0.125,
+    # variance (0.25 + 2) / 4 - 0.125^2 = 0.546875, half-width 1.96 sqrt(0.546875 / 4) = 0.725;
+    # 5 steps: 0.6 and 0.4 (mean 0.5): centre 0.25, variance (0.36 + 0.16 + 2) / 4 - 0.0625, half-width 0.738
+    assert ("  - steps right by category: 2 steps +25.0% (-60.0% to +85.0%), 5 steps +50.0% (-48.8% to +98.8%)"
             in report.read_text())
     # one category (or none recorded): no breakdown
     for summary in (process, outcome, start):

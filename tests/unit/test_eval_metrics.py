@@ -141,14 +141,27 @@ def test_headroom_per_category_by_hand():
 
 
 def test_paired_interval_by_hand():
+    """Bonett & Price's adjusted Wald interval for paired proportions, from the discordant counts: n12 problems
+    fixed, n21 broken, of n; p12 = (n12 + 1) / (n + 2), p21 = (n21 + 1) / (n + 2), d = p12 - p21,
+    d +- z sqrt((p12 + p21 - d^2) / (n + 2))."""
     from posttrain.eval.accuracy import paired_interval
+
+    def by_hand(fixed: int, broken: int, n: int) -> tuple[float, float]:
+        p12, p21 = (fixed + 1) / (n + 2), (broken + 1) / (n + 2)
+        d = p12 - p21
+        half = 1.959964 * math.sqrt((p12 + p21 - d * d) / (n + 2))
+        return max(-1.0, d - half), min(1.0, d + half)
 
     before = [0, 1, 1, 0, 1, 0, 0, 1]
     after = [1, 1, 1, 1, 1, 0, 0, 1]  # two problems fixed, none broken: d = (1, 0, 0, 1, 0, 0, 0, 0)
     mean, low, high = paired_interval(before, after)
-    sd = math.sqrt((2 * (1 - 0.25) ** 2 + 6 * 0.25 ** 2) / 7)
-    assert mean == 0.25 and low == pytest.approx(0.25 - 1.959964 * sd / math.sqrt(8))
-    assert high == pytest.approx(0.25 + 1.959964 * sd / math.sqrt(8))
-    assert paired_interval(before, before) == (0.0, 0.0, 0.0)
+    assert mean == 0.25 and (low, high) == pytest.approx(by_hand(2, 0, 8))
+    # Every difference equal: the unadjusted interval had no width ("+100% (+100% to +100%)" from 2 problems)
+    mean, low, high = paired_interval([0, 0], [1, 1])
+    assert mean == 1.0 and (low, high) == pytest.approx(by_hand(2, 0, 2)) and low < 0
+    mean, low, high = paired_interval(before, before)
+    assert mean == 0.0 and (low, high) == pytest.approx(by_hand(0, 0, 8)) and low < 0 < high
+    fixed = [0] * 300 + [1] * 200
+    assert paired_interval(fixed, [0] * 200 + [1] * 300)[1:] == pytest.approx(by_hand(100, 0, 500))
     with pytest.raises(ValueError, match="same problems"):
         paired_interval(before, after[:3])
