@@ -228,6 +228,9 @@ def evaluate(
     from posttrain.eval.evaluate import EvalOptions
     from posttrain.eval.evaluate import evaluate as run_eval
 
+    if k and samples and max(k) > samples:  # pass@k of k samples out of fewer than k is not defined
+        _print_error(f"--k: pass@{max(k)} needs at least {max(k)} samples per problem (--samples {samples})")
+        raise typer.Exit(2)
     options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
                           rewards=tuple(reward) if reward else None, reference=reference,
                           max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,

@@ -135,8 +135,9 @@ def load_config(cls: type[C], recipe: str | Path | Mapping[str, Any] | None = No
         data.pop("description", None)
         data.pop("quick", None)
     flat = {key: (value, source, lines.get(key)) for key, value in _flatten(data).items()}
-    for key, value in (extra or {}).items():
-        flat[key] = (value, "<extra>", None)
+    for key, value in (extra or {}).items():  # a recipe's `quick:` settings: named by their line of the recipe
+        line = lines.get(f"quick.{key}")
+        flat[key] = (value, source if line is not None else "<extra>", line)
     for item in overrides:
         key, value = parse_override(item)
         flat[key] = (value, "override", None)

@@ -107,6 +107,9 @@ def test_report_of_damaged_files_and_eval_of_too_many_problems_are_one_line_erro
     result = runner.invoke(app, ["report", str(run)], terminal_width=200)
     assert result.exit_code == 2 and "summary.json: is damaged" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+    result = runner.invoke(app, ["eval", str(pretrained_run.run_dir), "--samples", "4", "--k", "8"],
+                           terminal_width=200)
+    assert result.exit_code == 2 and "--k: pass@8 needs at least 8 samples" in result.output  # was dropped silently
     result = runner.invoke(app, ["eval", str(pretrained_run.run_dir), "--problems", "100000", "--samples", "0"],
                            terminal_width=200)
     assert result.exit_code == 2 and "--problems: task 'arith' has fewer than 100000" in " ".join(result.output.split())

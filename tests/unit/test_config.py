@@ -227,3 +227,11 @@ def test_a_text_setting_that_yaml_read_as_a_boolean_or_number_is_refused(tmp_pat
     recipe.write_text(f"stage: pretrain\nrun:\n  name: '{value}'\n")
     assert load_config(PretrainConfig, recipe).run.name == value
     assert load_config(PretrainConfig, None, [f"run.name={value}"]).run.name == value  # an override is text
+
+
+def test_a_typo_in_a_recipes_quick_settings_names_the_recipe_and_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: pretrain\nquick:\n  train.max_step: 5\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'") as err:
+        build_config(find_recipe(str(recipe)), [], quick=True)
+    assert (err.value.file, err.value.line, err.value.field) == (str(recipe), 3, "train.max_step")
