@@ -96,3 +96,23 @@ def test_save_and_reload_with_autotokenizer(tokenizer, tmp_path):
     out_b = loaded.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert out_a["input_ids"] == out_b["input_ids"] and out_a["assistant_masks"] == out_b["assistant_masks"]
     assert loaded("12")["input_ids"] == tokenizer("12")["input_ids"]
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos_in_memory_and_is_saved_as_it_came(chatml_tokenizer, tiny_model,
+                                                                                        tmp_path):
+    """posttrain pads with EOS where a tokenizer has no pad token; written into final/, a trainer that masks the pad
+    token's labels (as TRL's collators do) would never train the EOS of the model saved."""
+    import copy
+
+    from posttrain.models import load_tokenizer, save_pretrained
+
+    bare = copy.deepcopy(chatml_tokenizer)
+    bare.pad_token = None
+    bare.save_pretrained(tmp_path / "user")
+    (tmp_path / "user" / "config.json").write_text('{"model_type": "llama"}')
+    loaded = load_tokenizer(tmp_path / "user")
+    assert loaded.pad_token == loaded.eos_token  # for batching here
+    save_pretrained(tiny_model, loaded, tmp_path / "final")
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").pad_token is None
+    assert loaded.pad_token == loaded.eos_token  # the live tokenizer keeps it
+    assert load_tokenizer(tmp_path / "final").pad_token == loaded.eos_token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import pickle
 from collections.abc import Iterator
@@ -115,8 +116,11 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
-        # Many base models ship without a pad token; reuse EOS and rely on attention masks.
+        # Many base models ship without a pad token; reuse EOS and rely on attention masks. Only in memory:
+        # `save_pretrained` writes the tokenizer without it, as it came (a trainer that masks the pad token's labels
+        # would otherwise never train the EOS of a model saved here).
         tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_from_eos = True
     return tokenizer
 
 
@@ -185,6 +189,9 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         out.mkdir(parents=True, exist_ok=True)
         extra = {"state_dict": state_dict} if state_dict is not None else {}
         model.save_pretrained(str(out), safe_serialization=True, **extra)
+        if getattr(tokenizer, "pad_from_eos", False):  # `load_tokenizer`'s pad token, not the tokenizer's own
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.pad_token = None
         tokenizer.save_pretrained(str(out))
     if dist.is_initialized():
         dist.barrier()
