@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from posttrain import recipes
+from posttrain.console import run_console
 from posttrain.errors import PosttrainError
 from posttrain.train.signals import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training for causal language models, offline on a CPU or scaled out on GPUs.")
-console = Console()
+console = run_console()
 
 RecipeArgs = Annotated[list[str] | None, typer.Argument(
     help="Recipe name or path.yaml (default: the stage's own recipe), then key.sub=value overrides.",

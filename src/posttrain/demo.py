@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain import recipes
+from posttrain.console import run_console
 from posttrain.errors import ConfigError
 from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
@@ -287,7 +288,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
     process). threads: every stage's torch threads (0: `stage_threads`). stage_summary: write the one wanted
     stage's summary to this file instead of demo.json and the report (how a parallel demo runs a stage).
     """
-    console = console or Console()
+    console = console or run_console()
     out_dir = Path(out)
     wanted = stages or [s.name for s in STAGES]
     unknown = sorted(set(wanted) - {s.name for s in STAGES})

@@ -78,3 +78,25 @@ def test_every_part_writes_its_starting_samples_once_and_a_resumed_process_none_
     Evaluation([part("accuracy"), part("reward")], samples).run(None, 4)
     assert [(r["step"], r["completion"]) for r in read_metrics(samples)] == [
         (0, "accuracy"), (0, "reward"), (4, "accuracy"), (4, "reward")]
+
+
+def test_a_console_that_is_not_a_terminal_is_wide_enough_for_the_final_bar_lines(monkeypatch):
+    """rich gives a log file 80 columns: the training bar's last line was cut to "0:0… eta 0:00…"."""
+    import io
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from posttrain.console import LOG_WIDTH, run_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = run_console()
+    assert not console.is_terminal and console.width == LOG_WIDTH
+    console.file = io.StringIO()
+    metrics = "loss 6.269  eval_accuracy 0.125  lr 0.0001  tok/s 12,144"
+    with Progress(TextColumn("sft"), BarColumn(bar_width=4), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn(metrics), TimeElapsedColumn(), TextColumn("eta 0:00:00"), console=console) as progress:
+        progress.add_task("sft", total=400, completed=400)
+    line = console.file.getvalue().strip().splitlines()[-1]
+    assert "400/400" in line and metrics in line and line.endswith("eta 0:00:00") and "…" not in line
+    monkeypatch.setenv("COLUMNS", "100")
+    assert run_console().width == 100  # asked for

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.console import run_console
 from posttrain.data.collate import pack_bfd
 from posttrain.data.columns import column_values
 from posttrain.data.config import STAGE_FORMATS, DataConfig
@@ -32,7 +33,7 @@ def inspect_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, stage: str
     """Load and tokenise `cfg.source` as `stage` would, print `samples` rendered rows and the stats."""
     if stage not in STAGE_FORMATS:
         raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(STAGE_FORMATS)}", field="recipe")
-    console = console or Console()
+    console = console or run_console()
     tokenized = tokenize_rows(load_rows(cfg, STAGE_FORMATS[stage]), tokenizer, cfg)
     console.print(f"[bold]{tokenized.name}[/] as [bold]{tokenized.format}[/] rows for {stage}   "
                   f"legend: [{TRAINED}] trained [/] [{CONTEXT}]context (not trained)[/]"

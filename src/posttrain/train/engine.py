@@ -33,6 +33,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.config import OptimConfig, RunConfig, param, to_dict
+from posttrain.console import run_console
 from posttrain.errors import ConfigError, PosttrainError, RunDirError
 from posttrain.models.heads import floating_dtype
 from posttrain.models.kernels import use_fast_kernels
@@ -184,7 +185,7 @@ class Trainer:
         self.run_dir = run_dir
         self.model = model
         self.tokenizer = tokenizer  # saved in every checkpoint's model directory, which then loads on its own
-        self.console = console or (progress.console if progress is not None else Console())
+        self.console = console or (progress.console if progress is not None else run_console())
         # The run's display, shared with the phases a step source or an evaluation runs inside the loop.
         self.progress = progress or RunProgress(self.run.progress and self.dist.is_main, self.console)
         use_fast_kernels(model)  # a model built or loaded elsewhere trains on the faster kernels too
