@@ -32,6 +32,7 @@ from posttrain.console import run_console
 from posttrain.errors import ConfigError
 from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
+from posttrain.train.metrics import finite_json
 from posttrain.train.signals import on_stop_signals, stop_when_demo_dies
 
 
@@ -354,7 +355,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically (a parallel stage reads demo.json while another one's summary is merged in)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2))
+    partial.write_text(finite_json(data, indent=2))
     os.replace(partial, path)
 
 

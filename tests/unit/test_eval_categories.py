@@ -160,3 +160,18 @@ def test_reward_errors_of_an_evaluation_are_counted_and_a_broken_reward_stops_it
     with pytest.raises(ConfigError, match="no judge reachable"):
         evaluate(model_dir, EvalOptions(data=data_file(tmp_path), samples=0, max_new_tokens=2,
                                         rewards=(f"{rewards}:broken",)), write=False)
+
+
+def test_summaries_are_strict_json_whatever_their_numbers(tmp_path):
+    """A diverged run's NaN (a KL, a loss) was written as bare NaN, which is not JSON: strict readers refused the
+    whole summary."""
+    from posttrain.eval.report import write_training_report
+    from posttrain.train.run_dir import RunDir
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the file"))
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n", encoding="utf-8")
+    write_training_report(RunDir(tmp_path), "mine", {"steps": 1, "kl": float("nan"), "by": {"a": [float("inf"), 2]}})
+    saved = strict((tmp_path / "summary.json").read_text())
+    assert saved["summary"] == {"steps": 1, "kl": None, "by": {"a": [None, 2]}}

@@ -60,6 +60,7 @@ from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import packed_logprobs_and_entropy
 from posttrain.train.checkpoint import COMPLETE, load_module_weights
+from posttrain.train.metrics import finite_json
 from posttrain.train.run_dir import finished_steps
 
 
@@ -173,7 +174,7 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
 
 def _write(target: Target, result: dict[str, Any]) -> None:
     out = (target.run_dir or target.model_dir) / "eval.json"
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    out.write_text(finite_json(result, indent=2), encoding="utf-8")
 
 
 def _task_name(target: Target, options: EvalOptions) -> str:

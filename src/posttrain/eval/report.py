@@ -11,7 +11,7 @@ from posttrain.eval.headroom import headroom_lines, headroom_rows
 from posttrain.eval.heldout import headroom_summaries
 from posttrain.eval.plotting import pyplot
 from posttrain.train.dist import is_main_process
-from posttrain.train.metrics import read_metrics, replace_text
+from posttrain.train.metrics import finite_json, read_metrics, replace_text
 from posttrain.train.run_dir import RunDir
 
 CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
@@ -47,7 +47,7 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
         return report
     # The title and summary are kept so that `posttrain report <run>` can redraw all of it later; written whole or
     # not at all, since a summary.json is what marks a run finished.
-    replace_text(run_dir.path / "summary.json", json.dumps({"title": title, "summary": summary}, indent=2,
+    replace_text(run_dir.path / "summary.json", finite_json({"title": title, "summary": summary}, indent=2,
                                                            default=str))
     plot = plot_curves(read_metrics(run_dir.metrics), run_dir.plots / "curves.png", title)
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]

@@ -12,6 +12,22 @@ from posttrain.errors import DataError
 from posttrain.train.dist import is_main_process
 
 
+def finite_json(value: Any, **options: Any) -> str:
+    """`json.dumps` of `value` with every float that is not finite written as null: bare NaN and Infinity, what
+    `json.dumps` writes by default, are not JSON, and strict readers (jq, JavaScript, many languages') refuse the
+    whole file."""
+    def clean(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+
+    return json.dumps(clean(value), allow_nan=False, **options)
+
+
 class MetricsWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -19,8 +35,7 @@ class MetricsWriter:
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
+        self._file.write(finite_json(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
