@@ -302,10 +302,13 @@ def test_a_process_reward_model_scores_the_steps_that_fit_and_none_for_those_cut
     steps = [f"step {i}: {i}+{i}={2 * i}" for i in range(12)]
     prompt = [{"role": "user", "content": "Double every number.", "reasoning": None}]
     whole, ends = encode_stepwise(Encoder.from_config(tokenizer, DataConfig(max_length=4096)), prompt, steps)
-    limit = len(whole) - (ends[4] - 1)  # cuts the prompt and the first 5 steps' separators (BOS kept)
+    limit = len(whole) - ends[4]  # cuts the prompt and the first 5 steps' separators (BOS kept)
     scorer = ProcessRewardScorer(model, tokenizer, DataConfig(max_length=limit, truncation="truncate_left"))
     [scores] = scorer.score_steps([prompt], [steps])
     assert scores[:5] == [None] * 5 and all(s is not None for s in scores[5:])
+    # one token more room: the 5th step's separator is kept, right after the BOS
+    wider = ProcessRewardScorer(model, tokenizer, DataConfig(max_length=limit + 1, truncation="truncate_left"))
+    assert [s is None for s in wider.score_steps([prompt], [steps])[0]] == [True] * 4 + [False] * 8
     excess = len(whole) - limit
     kept = whole[:1] + whole[1 + excess:]  # by hand: the BOS, then the last limit - 1 tokens
     batch = {"input_ids": torch.tensor([kept]), "attention_mask": torch.ones(1, len(kept), dtype=torch.long)}

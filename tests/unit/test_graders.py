@@ -245,14 +245,17 @@ def test_score_model_judge_reads_the_score_its_answer_states(tmp_path, tiny_mode
     grader = build_grader(spec)
     prompts = []
     answers = ["Score: 8", "no idea", "42", "I give it 3 then 6", "Score: 3/11", "I'd rate it 2 out of 11.",
-               "Rating: 4. Question 10 is wrong", "**Score:** 9.5", "7", "5/10", "Score: 12"]
+               "Rating: 4. Question 10 is wrong", "**Score:** 9.5", "7", "5/10", "Score: 12",
+               "The answer 5/10 is wrong in step 2. Score: 2", "It got 1/2 of 8 right. Rating: 9",
+               "12/4 = 3, so 3 of 11 steps hold: 4/11"]
     monkeypatch.setattr(ScoreModelGrader, "_judge", lambda self, conv: prompts.extend(conv) or answers)
-    result = grader.grade([{"output_text": o} for o in "abcdefghijk"], [{"question": "q"}] * len(answers))
+    result = grader.grade([{"output_text": o} for o in "abcdefghijklmn"], [{"question": "q"}] * len(answers))
     # (x - 1) / 10; "3/11" is 3 out of the range's 11 (the last number, 11, gave full marks), "5/10" is out of
-    # another maximum, "3 then 6" two numbers without a label, 12 and 42 out of range: errors, scored 0
-    assert result.scores == pytest.approx([0.7, 0.0, 0.0, 0.0, 0.2, 0.1, 0.3, 0.85, 0.6, 0.0, 0.0])
+    # another maximum, "3 then 6" two numbers without a label, 12 and 42 out of range: errors, scored 0; a labelled
+    # score beats the fractions a judge quotes, and one fraction out of 11 beats the others
+    assert result.scores == pytest.approx([0.7, 0.0, 0.0, 0.0, 0.2, 0.1, 0.3, 0.85, 0.6, 0.0, 0.0, 0.1, 0.8, 0.3])
     assert [e is None for e in result.errors] == [True, False, False, False, True, True, True, True, True, False,
-                                                  False]
+                                                  False, True, True, True]
     assert "out of 10" in result.errors[9] and "2 numbers" in result.errors[3] and "not in [1, 11]" in result.errors[2]
     assert prompts[0][1] == {"role": "user", "content": "Q: q A: a"}
     monkeypatch.undo()

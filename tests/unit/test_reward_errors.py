@@ -109,3 +109,30 @@ def test_a_function_that_applies_to_no_completion_of_a_batch_is_warned_about_onc
     assert rewards(batch("d")).total.tolist() == [0.0]
     warned = [r.getMessage() for r in caplog.records if r.name == "posttrain.rewards"]
     assert len(warned) == 1 and "returned None for every completion" in warned[0]
+
+
+def test_a_function_failing_on_everything_is_not_retried_on_every_row():
+    """A judge service that is down fails each row as it failed the batch: retrying 512 rows, each waiting for its
+    connection to time out, looked like a hang. Two rows that fail word for word as the batch did end the retries."""
+    calls = []
+
+    def down(b):
+        calls.append(len(b))
+        raise ConnectionError("judge unreachable")
+
+    scores = WeightedRewards({"judge": (down, 1.0)})(batch(*"abcdefgh"))
+    assert calls == [8, 1, 1] and [e["row"] for e in scores.errors] == list(range(8))
+    assert all(e["error"].startswith("ConnectionError: judge unreachable") for e in scores.errors)
+
+
+def test_a_graders_own_error_survives_the_retry_row_by_row():
+    from posttrain.rewards.graders.base import GradeResult
+
+    def grader(b):
+        if len(b) > 1:
+            raise MemoryError("the batch did not fit")
+        return GradeResult([0.5], errors=["timed out after 2 s" if b.completions[0] == "slow" else None])
+
+    scores = WeightedRewards({"g": (grader, 1.0)})(batch("fast", "slow"))
+    assert scores.total.tolist() == [0.5, 0.0]
+    assert [(e["row"], e["error"].splitlines()[0]) for e in scores.errors] == [(1, "timed out after 2 s")]

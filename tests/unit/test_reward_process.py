@@ -52,6 +52,20 @@ def spawn_and_hang(batch):  # what it started (in its process group) must die wi
         out.write(str(started.pid))
     time.sleep(600)
 
+def terminates_a_worker(batch):  # the usual timeout of code-running rewards: a forked worker, terminate()d
+    import multiprocessing
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    worker.start()
+    worker.join(0.2)
+    worker.terminate()
+    worker.join()
+    return [1.0] * len(batch.completions)
+
+def bad_one(batch):
+    if "bad" in batch.completions:
+        raise ValueError("cannot parse 'bad'")
+    return [1.0] * len(batch.completions)
+
 def sizes(batch):  # one row per completion, as a classifier's [B, 1] output: the size of the call it came in
     return [[float(len(batch.completions))] for _ in batch.completions]
 
@@ -287,3 +301,23 @@ def test_a_child_started_by_a_thread_outlives_that_thread(tmp_path):
         assert process(_batch("a")) == first and first[0] != float(os.getpid())
     finally:
         process.close()
+
+
+def test_a_worker_the_function_forks_and_terminates_does_not_take_the_function_down(tmp_path):
+    """The function's process kills its group on SIGTERM (to die with the trainer); a worker it forked inherited
+    that handler, so terminate() killed the function itself on every batch."""
+    rewards = _rewards(tmp_path, function="terminates_a_worker", timeout_s=60)
+    scores = rewards(_batch("a", "b"))
+    assert scores.total.tolist() == [1.0, 1.0] and scores.errors == []
+
+
+def test_one_bad_completion_of_a_batch_sent_in_parts_is_the_error_of_its_row_alone(tmp_path):
+    """Over 512 completions a batch goes in parts: a part whose call raised scored all its 512 rows 0."""
+    from posttrain.rewards.function_process import MAX_ROWS
+
+    rewards = _rewards(tmp_path, function="bad_one", timeout_s=60)
+    texts = ["ok"] * (MAX_ROWS + 40)
+    texts[MAX_ROWS + 7] = "bad"
+    scores = rewards(_batch(*texts))
+    assert [e["row"] for e in scores.errors] == [MAX_ROWS + 7] and "cannot parse 'bad'" in scores.errors[0]["error"]
+    assert scores.total.sum().item() == len(texts) - 1

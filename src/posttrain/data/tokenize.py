@@ -504,7 +504,7 @@ def encode_stepwise(encoder: Encoder, prompt: list[dict[str, Any]], steps: list[
         return ids, ends
     bos = encoder._kept_bos(ids)  # 1 when `fit` keeps a leading BOS, before the tokens it keeps
     kept = encoder.fit(ids, row["response_mask"], excess)[0]
-    return kept, [end - excess if end - excess >= bos + 1 else None for end in ends]
+    return kept, [end - excess if end - excess >= bos else None for end in ends]
 
 
 def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: str, steps: list[str],

@@ -108,17 +108,19 @@ class UserFunctionProcess:
         with self._lock:
             if len(batch) <= MAX_ROWS:
                 return self._score(batch)
-            scores: list[float] = []
+            from posttrain.rewards.user_functions import score_alone  # the trainer's side only (imports posttrain)
+
+            scores: list[Any] = []
             errors: list[str | None] = []
             for begin in range(0, len(batch), MAX_ROWS):
                 part = batch.rows(begin, begin + MAX_ROWS)
                 try:
                     scores += _one_per_row(self._score(part), len(part))
                     errors += [None] * len(part)
-                except Exception as err:  # noqa: BLE001 - this part's rows score 0 with the error; the others go on
-                    message = str(err) if isinstance(err, RewardFunctionError) else f"{type(err).__name__}: {err}"
-                    scores += [0.0] * len(part)
-                    errors += [f"{message.splitlines()[-1]}\n{message}" if "\n" in message else message] * len(part)
+                except Exception as err:  # noqa: BLE001 - this part's rows, one at a time; the other parts go on
+                    part_scores, part_errors = score_alone(self._score, part, err, (TimeoutError, ChildExited))
+                    scores += part_scores
+                    errors += [e if e is None else f"{e.splitlines()[-1]}\n{e}" for e in part_errors]
             return PartScores(scores=scores, errors=errors)
 
     def _adopt_after_fork(self) -> None:
@@ -311,7 +313,10 @@ def _serve(reply_fd: int, path: str, trainer: int, main_thread: bool) -> None:
     # Dying with the trainer takes what the function started along (the child leads its own process group): SIGTERM
     # from the kernel when the starting thread ends, handled between the function's bytecodes and in its blocking
     # calls, and the watch thread for the rest.
-    signal.signal(signal.SIGTERM, lambda *_: _end_group())
+    serving = os.getpid()
+    # What the function forks (a multiprocessing worker it may terminate()) must not take the handler along
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    signal.signal(signal.SIGTERM, lambda *_: _end_group() if os.getpid() == serving else os._exit(143))
     if main_thread and sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != trainer:  # the trainer died before that was set

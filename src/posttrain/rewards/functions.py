@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +41,7 @@ from posttrain.algos import Registry
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
 from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, ChildExited, user_function_process
-from posttrain.rewards.user_functions import Completions, import_reward_function
+from posttrain.rewards.user_functions import Completions, import_reward_function, score_alone
 
 RewardFunction = Callable[[Completions], Sequence[float] | Tensor]
 # A factory builds a reward function from the recipe's context (the task, the reward model path).
@@ -171,35 +170,13 @@ def grader_reward(grader_path: str | None = None, **_: Any) -> RewardFunction:
 
 def _row_by_row(name: str, fn: RewardFunction, batch: Completions, failure: Exception,
                 errors: list[dict[str, Any]]) -> list[Any]:
-    """The scores of a batch on which `fn` raised, one row at a time, so that the rows it fails on are its errors
-    and the others keep their scores (one bad completion of 64 must not score the whole batch 0, nor stop the run
-    as if every sample failed). A timeout or a crashed process is not retried: each row could cost as much."""
-    def record(row: int, error: str) -> None:
-        errors.append({"function": name, "row": row, "error": f"{error.splitlines()[-1]}\n{error}"})
-
-    if len(batch) == 1 or isinstance(failure, (TimeoutError, ChildExited)):
-        error = "".join(traceback.format_exception(failure)).rstrip()
-        for row in range(len(batch)):
-            record(row, error)
-        return [0.0] * len(batch)
-    values: list[Any] = []
-    for row in range(len(batch)):
-        try:
-            value = _listed(fn(batch.rows(row, row + 1)))
-            if len(value) != 1:
-                raise ValueError(f"returned {len(value)} scores for 1 completion")
-            values.append(value[0])  # a None or NaN is judged as any function's is
-        except Exception:  # noqa: BLE001 - this row's own error
-            record(row, traceback.format_exc().rstrip())
-            values.append(0.0)
+    """The scores of a batch on which `fn` raised, one row at a time (`user_functions.score_alone`): the rows it
+    fails on are its errors and the others keep their scores (one bad completion of 64 must not score the whole
+    batch 0, nor stop the run as if every sample failed)."""
+    values, row_errors = score_alone(fn, batch, failure, not_retried=(TimeoutError, ChildExited))
+    errors.extend({"function": name, "row": row, "error": f"{error.splitlines()[-1]}\n{error}"}
+                  for row, error in enumerate(row_errors) if error is not None)
     return values
-
-
-def _listed(value: Any) -> list[Any]:
-    """A function's return as a list: a list or tuple, an array or tensor, a grader's result, a bare value."""
-    value = value.scores if hasattr(value, "components") else value
-    value = value.tolist() if hasattr(value, "tolist") else value
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _need_task(task: Task | None, name: str) -> Task:

@@ -158,7 +158,9 @@ class RewardModelScorer(_Scorer):
         for ids, marks, keep in zip(input_ids, response_mask, attention_mask.bool(), strict=True):
             ids, marks = ids[keep].tolist(), marks[keep].tolist()
             ending = tail if ids and ids[-1] in closers else [(closer, closer_mark), *tail]
-            sequences.append((ids + [t for t, _ in ending], marks + [m for _, m in ending]))
+            ids, marks = ids + [t for t, _ in ending], marks + [m for _, m in ending]
+            excess = len(ids) - self.encoder.max_length  # a table of learned positions (GPT-2) holds no more
+            sequences.append(self.encoder.fit(ids, marks, excess) if excess > 0 else (ids, marks))
         return self._sequence_scores(sequences)
 
     def _turn_ending(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,47 @@ class Completions:
 
 # What a user's function returns: one score per completion (a list, a tuple, an array or a tensor).
 UserFunction = Callable[[Completions], Any]
+
+
+def score_alone(fn: Callable[[Completions], Any], batch: Completions, failure: BaseException,
+                not_retried: tuple[type[BaseException], ...] = ()) -> tuple[list[Any], list[str | None]]:
+    """The scores of a batch on which `fn` raised `failure`, one row at a time, with each row's error (None where it
+    scored): one bad completion of 64 is the error of its row alone. Not retried, every row getting the batch's
+    error: a failure of a kind in `not_retried` (a timeout, a crashed process: each row could cost as much), and
+    one the first two rows raise again word for word (the function fails on everything, a service is down: each of
+    512 rows would wait as long). A row's value is as `fn` returned it (None, NaN: judged by the caller); a
+    grader's result gives its score and its own error."""
+    def text(error: BaseException) -> str:
+        return "".join(traceback.format_exception(error)).rstrip()
+
+    def same(error: BaseException) -> bool:
+        return type(error) is type(failure) and str(error) == str(failure)
+
+    if len(batch) == 1 or isinstance(failure, not_retried):
+        return [0.0] * len(batch), [text(failure)] * len(batch)
+    values: list[Any] = []
+    errors: list[str | None] = []
+    repeats = 0  # how many rows from the first on failed exactly as the batch did
+    for row in range(len(batch)):
+        if repeats == 2:  # the first two rows failed as the batch did: so will the others
+            values.append(0.0)
+            errors.append(text(failure))
+            continue
+        try:
+            result = fn(batch.rows(row, row + 1))
+            error = result.errors[0] if hasattr(result, "components") and result.errors else None
+            result = result.scores if hasattr(result, "components") else result
+            result = result.tolist() if hasattr(result, "tolist") else result
+            listed = list(result) if isinstance(result, (list, tuple)) else [result]
+            if len(listed) != 1:
+                raise ValueError(f"returned {len(listed)} scores for 1 completion")
+            values.append(0.0 if error else listed[0])
+            errors.append(error)
+        except Exception as err:  # noqa: BLE001 - this row's own error
+            values.append(0.0)
+            errors.append(text(err))
+            repeats += row == repeats and same(err)
+    return values, errors
 
 
 @functools.cache  # a module is imported once per process, however often its function is named

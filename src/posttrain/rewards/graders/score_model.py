@@ -103,37 +103,44 @@ class ScoreModelGrader:
         return list(rollout.texts)
 
 
+_MAXIMUM = rf"(?:\s*(?:/|out\s+of)\s*({NUMBER.pattern}))"
 # "7/10", "7 / 10", "7 out of 10": a score and the maximum it is out of.
-_OUT_OF = re.compile(rf"({NUMBER.pattern})\s*(?:/|out\s+of)\s*({NUMBER.pattern})", re.IGNORECASE)
-# "Score: 7", "rating = 7", "Grade - 7", "**Score:** 7": a labelled score.
-_LABELLED = re.compile(rf"\b(?:score|rating|grade)\b\W{{0,4}}({NUMBER.pattern})", re.IGNORECASE)
+_OUT_OF = re.compile(rf"({NUMBER.pattern}){_MAXIMUM}", re.IGNORECASE)
+# "Score: 7", "rating = 7", "Grade - 7/10", "**Score:** 7": a labelled score, maybe with its maximum.
+_LABELLED = re.compile(rf"\b(?:score|rating|grade)\b\W{{0,4}}({NUMBER.pattern}){_MAXIMUM}?", re.IGNORECASE)
 
 
 def judge_score(answer: str, high: float) -> tuple[float, str | None]:
     """The score a judge's answer states, out of `high`, or (0, why not).
 
-    In order: a score out of a maximum ("3/10", "3 out of 10"; the last one), which must be out of `high`; a
-    labelled score ("Score: 3"; the last one); the answer's only number. Several numbers and neither form is
-    ambiguous ("4. Question 10 is wrong"): an error, not a guess (the last number gave "3/10" full marks).
+    In order: a labelled score ("Score: 3", "Rating: 3/10"; the last one); else a score out of `high` ("3/10",
+    "3 out of 10"), the only one the answer gives; else the answer's only number. A maximum other than `high`, or
+    several numbers and neither form, is an error, not a guess: the last number gave "3/10" full marks, and a
+    fraction the judge quotes ("5/10 of the steps are wrong. Score: 2") is not its score.
     """
     def number(text: str) -> float:
         return float(text.replace(",", ""))
 
-    fractions = _OUT_OF.findall(answer)
-    if fractions:
-        value, maximum = map(number, fractions[-1])
-        if maximum != high:
-            return 0.0, f"the judge scored out of {maximum:g}, not out of the range's {high:g}: {answer!r}"
-        return value, None
+    def out_of(value: str, maximum: str) -> tuple[float, str | None]:
+        if maximum and number(maximum) != high:
+            return 0.0, f"the judge scored out of {number(maximum):g}, not out of the range's {high:g}: {answer!r}"
+        return number(value), None
+
     labelled = _LABELLED.findall(answer)
     if labelled:
-        return number(labelled[-1]), None
+        return out_of(*labelled[-1])
+    fractions = _OUT_OF.findall(answer)
+    of_high = [(value, maximum) for value, maximum in fractions if number(maximum) == high]
+    if len(of_high) == 1:
+        return out_of(*of_high[0])
     numbers = NUMBER.findall(answer)
     if len(numbers) == 1:
         return number(numbers[0]), None
+    if fractions and not of_high:
+        return out_of(*fractions[-1])
     if not numbers:
         return 0.0, f"the judge's answer states no score: {answer!r}"
-    return 0.0, (f"the judge's answer holds {len(numbers)} numbers and no labelled score (\"Score: x\" or "
+    return 0.0, (f"the judge's answer holds {len(numbers)} numbers and no labelled score (\"Score: x\" or one "
                  f"\"x/{high:g}\"): {answer!r}")
 
 
