@@ -13,6 +13,7 @@ def run_console() -> Console:
     """The terminal's width, or `LOG_WIDTH` where output goes to a file or a pipe (where rich assumes 80 columns
     and cut the training bar's last line to "0:0… eta 0:00…"), unless COLUMNS says otherwise."""
     console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console.width = LOG_WIDTH
+    if not console.is_terminal:
+        columns = os.environ.get("COLUMNS", "")
+        console.width = int(columns) if columns.isdigit() else LOG_WIDTH
     return console
