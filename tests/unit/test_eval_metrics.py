@@ -82,7 +82,8 @@ def test_sampled_kl_and_rewards_match_a_slow_recomputation(tokenizer, tiny_model
     reference = build_model(ModelConfig(size="tiny"), tokenizer, seed=1).eval()
     model = tiny_model.eval()
     options = EvalOptions(task="arith", problems=6, samples=3, pass_k=(1, 3), rewards=("format",), batch_size=6)
-    result, counts = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, reference)
+    draw = heldout_problems(task, options.problems, options.seed)
+    result, counts = sampled_metrics(model, tokenizer, task, draw, DataConfig(), options, 6, reference)
 
     # The same samples again (same seeds), scored one sequence at a time.
     encoder = Encoder.from_config(tokenizer, DataConfig())
@@ -105,7 +106,7 @@ def test_sampled_kl_and_rewards_match_a_slow_recomputation(tokenizer, tiny_model
     assert result["samples_per_problem"] == 3 and set(result) >= {"pass@1", "pass@3"}
 
     assert counts == correct
-    same, _ = sampled_metrics(model, tokenizer, task, DataConfig(), options, 6, model)
+    same, _ = sampled_metrics(model, tokenizer, task, draw, DataConfig(), options, 6, model)
     assert abs(same["kl"]) < 1e-5
 
 

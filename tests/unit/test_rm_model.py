@@ -245,7 +245,7 @@ def test_score_tokens_reads_where_training_rows_end_as_score_does(which, lm_dir,
         prompt_ids = scorer.encoder.encode_prompt([message("user", prompt)])
         whole, mask = scorer.encoder.encode([message("user", prompt), message("assistant", answer)], prompt_turns=1)
         completion = whole[len(prompt_ids):]  # the answer's tokens as the template tokenises them
-        stop = next(i for i, t in enumerate(completion) if t in scorer.encoder._closers)
+        stop = next(i for i, t in enumerate(completion) if t in scorer.encoder.closers)
         rows += [prompt_ids + completion[:stop + 1], prompt_ids + completion[:stop]]  # stopped; cut off before it
     width = max(map(len, rows))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])  # left padded, as sampled

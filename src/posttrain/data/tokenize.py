@@ -119,7 +119,7 @@ class Encoder:
         encoder = cls(tokenizer=tokenizer, template=cfg.template, thinking=cfg.thinking, loss_on=cfg.loss_on,
                       max_length=cfg.max_length, truncation=cfg.truncation)
         encoder.adds_bos  # noqa: B018 - computed before `datasets.map` hashes the encoder, so its cache key is stable
-        encoder._closers  # noqa: B018 - the same
+        encoder.closers  # noqa: B018 - the same
         return encoder
 
     # -- public -------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ class Encoder:
         else:
             ids, spans = self._prefixes(messages, trained, mode)
         mask = [0] * len(ids)
-        closers = self._closers
+        closers = self.closers
         for start, end in spans:
             mask[start:end] = [1] * (end - start)
             if any(t in closers for t in ids[start:end]):
@@ -256,8 +256,8 @@ class Encoder:
         for i in trained:
             if i == 0:
                 raise RowProblem("the conversation opens with an assistant turn; this chat template has no "
-                               "generation markers, so its tokens can only be located after a user turn",
-                               "messages[0]")
+                                 "generation markers, so its tokens can only be located after a user turn",
+                                 "messages[0]")
             before = self._tokens(self._render(messages[:i], mode, add_generation_prompt=True))
             through = self._tokens(self._render(messages[:i + 1], mode, add_generation_prompt=False))
             spans.append(self._span(ids, before, through, f"messages[{i}]"))
@@ -297,14 +297,14 @@ class Encoder:
         """The trained span of one turn: tokens of `through` after `before`, both prefixes of `ids`."""
         if ids[:len(before)] != before or ids[:len(through)] != through:
             raise RowProblem("the prompt's tokens are not a prefix of the conversation's tokens (the template "
-                           "rewrites earlier turns, as Qwen3's drops their reasoning once they are not the last, or "
-                           "the tokenizer merges across the turn boundary), so the trained tokens cannot be located: "
-                           "data.loss_on=last trains the last turn only, or use a template with {% generation %} "
-                           "markers", field)
+                             "rewrites earlier turns, as Qwen3's drops their reasoning once they are not the last, or "
+                             "the tokenizer merges across the turn boundary), so the trained tokens cannot be located: "
+                             "data.loss_on=last trains the last turn only, or use a template with {% generation %} "
+                             "markers", field)
         return len(before), len(through)
 
     @functools.cached_property
-    def _closers(self) -> frozenset[int]:
+    def closers(self) -> frozenset[int]:
         """Tokens that may end an assistant turn: EOS and the tokenizer's other special tokens but BOS and UNK
         (`<|im_end|>`, `<|eot_id|>`, `<|end|>`)."""
         special = {*self.tokenizer.all_special_ids,
@@ -513,7 +513,7 @@ def _step_token_ends(encoder: Encoder, messages: list[dict[str, Any]], content: 
     start = text.rfind(content)
     if start < 0:
         raise RowProblem("the template does not render the steps verbatim, so step ends cannot be located",
-                       "completions")
+                         "completions")
     encoding = encoder.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = encoding["offset_mapping"]
     # `ids` are the text's tokens after `_one_bos` (one BOS opens them: prepended, or a repeated one dropped), and

@@ -196,7 +196,7 @@ def _data_config(target: Target, task: Task) -> DataConfig:
 
 def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalOptions,
                     greedy: bool = True) -> dict[str, Any]:
-    heldout_problems(task, options.problems, options.seed, field="--problems")  # more than it has: before loading
+    examples = heldout_problems(task, options.problems, options.seed, field="--problems")  # drawn before loading
     tokenizer, model = load_policy(target)
     model.eval()
     run_eval = target.section("eval")
@@ -214,9 +214,9 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                    **({"step_accuracy": accuracy.step_accuracy} if accuracy.step_accuracy is not None else {})}
     if options.samples:
         reference = _reference(target, options)
-        sampled, counts = sampled_metrics(model, tokenizer, task, data, options, max_new_tokens, reference)
-        categories = [task.category(e) for e in heldout_problems(task, options.problems, options.seed,
-                                                                 field="--problems")]
+        sampled, counts = sampled_metrics(model, tokenizer, task, examples, data, options, max_new_tokens,
+                                          reference)
+        categories = [task.category(e) for e in examples]
         table = headroom(categories, counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
         result |= sampled | {"sampled_accuracy": table["all"]["sampled_accuracy"], "categories": table,
@@ -278,13 +278,12 @@ row's length times its tokens)."""
 
 
 @torch.no_grad()
-def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, data: DataConfig,
-                    options: EvalOptions, max_new_tokens: int,
+def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
+                    data: DataConfig, options: EvalOptions, max_new_tokens: int,
                     reference: torch.nn.Module | None) -> tuple[dict[str, Any], list[int]]:
-    """pass@k, mean rewards and KL to `reference` from `options.samples` samples per problem at temperature 1,
-    and the correct samples of each problem (in the order of `heldout_problems`)."""
+    """pass@k, mean rewards and KL to `reference` from `options.samples` samples per problem of `examples` (the
+    held-out draw, `heldout_problems`) at temperature 1, and the correct samples of each problem, in that order."""
     ks = sampled_ks(options)
-    examples = heldout_problems(task, options.problems, options.seed, field="--problems")
     encoder = Encoder.from_config(tokenizer, data)
     try:
         rewards = WeightedRewards.from_config({name: 1.0 for name in task_rewards(options)}, task=task)

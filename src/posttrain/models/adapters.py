@@ -146,8 +146,9 @@ def check_adapter_start(path: str | None, cfg: AdapterConfig | None) -> None:
     and the first adapter's training would be lost when it loads."""
     if path is None or cfg is None or cfg.method == "none" or (cfg.method == "lora" and cfg.merge_on_save):
         return
-    if adapter_base(path) is not None:
-        raise ConfigError(f"model.path is an adapter over {adapter_base(path)}: an adapter trained on it would load "
+    base = adapter_base(path)
+    if base is not None:
+        raise ConfigError(f"model.path is an adapter over {base}: an adapter trained on it would load "
                           "over that base without the first adapter; save merged (adapter.method=lora, "
                           "adapter.merge_on_save=true)", field="adapter.merge_on_save")
 

@@ -120,7 +120,7 @@ class UserFunctionProcess:
                 except Exception as err:  # noqa: BLE001 - this part's rows, one at a time; the other parts go on
                     part_scores, part_errors = score_alone(self._score, part, err, (TimeoutError, ChildExited))
                     scores += part_scores
-                    errors += [e if e is None else f"{e.splitlines()[-1]}\n{e}" for e in part_errors]
+                    errors += part_errors
             return PartScores(scores=scores, errors=errors)
 
     def _adopt_after_fork(self) -> None:

@@ -174,7 +174,7 @@ def _row_by_row(name: str, fn: RewardFunction, batch: Completions, failure: Exce
     fails on are its errors and the others keep their scores (one bad completion of 64 must not score the whole
     batch 0, nor stop the run as if every sample failed)."""
     values, row_errors = score_alone(fn, batch, failure, not_retried=(TimeoutError, ChildExited))
-    errors.extend({"function": name, "row": row, "error": f"{error.splitlines()[-1]}\n{error}"}
+    errors.extend({"function": name, "row": row, "error": error}
                   for row, error in enumerate(row_errors) if error is not None)
     return values
 

@@ -12,6 +12,7 @@ no decode and re-encode round trip.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,8 @@ class RewardModelScorer(_Scorer):
             if is_likelihood_model(self.model):
                 raise ValueError("a likelihood reward model scores the completion's tokens: pass response_mask")
             response_mask = torch.zeros_like(attention_mask)
-        (closer, closer_mark), tail = self._turn_ending()
-        closers = self.encoder._closers
+        (closer, closer_mark), tail = self._turn_ending
+        closers = self.encoder.closers
         sequences = []
         for ids, marks, keep in zip(input_ids, response_mask, attention_mask.bool(), strict=True):
             ids, marks = ids[keep].tolist(), marks[keep].tolist()
@@ -163,11 +164,12 @@ class RewardModelScorer(_Scorer):
             sequences.append(self.encoder.fit(ids, marks, excess) if excess > 0 else (ids, marks))
         return self._sequence_scores(sequences)
 
+    @functools.cached_property
     def _turn_ending(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         """The token that ends an answer in the training rows, and the tokens the template writes after it, each
-        with its response-mask mark there (a likelihood model sums over the marked ones)."""
+        with its response-mask mark there (a likelihood model sums over the marked ones): rendered once."""
         ids, mask = self.encoder.encode([message("user", "q"), message("assistant", "a")], prompt_turns=1)
-        end = max(i for i, t in enumerate(ids) if t in self.encoder._closers)
+        end = max(i for i, t in enumerate(ids) if t in self.encoder.closers)
         return (ids[end], mask[end]), list(zip(ids[end + 1:], mask[end + 1:], strict=True))
 
 

@@ -60,9 +60,11 @@ def score_alone(fn: Callable[[Completions], Any], batch: Completions, failure: B
     error: a failure of a kind in `not_retried` (a timeout, a crashed process: each row could cost as much), and
     one the first two rows raise again word for word (the function fails on everything, a service is down: each of
     512 rows would wait as long). A row's value is as `fn` returned it (None, NaN: judged by the caller); a
-    grader's result gives its score and its own error."""
+    grader's result gives its score and its own error. An exception's error is its last line (what went wrong)
+    over its whole traceback."""
     def text(error: BaseException) -> str:
-        return "".join(traceback.format_exception(error)).rstrip()
+        full = "".join(traceback.format_exception(error)).rstrip()
+        return f"{full.splitlines()[-1]}\n{full}"
 
     def same(error: BaseException) -> bool:
         return type(error) is type(failure) and str(error) == str(failure)

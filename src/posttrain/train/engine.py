@@ -507,7 +507,6 @@ class Trainer:
             self._resumed_last = kept[-1] if kept and kept[-1].get("step") == self.step else {}
         return path
 
-
     def _keep_configured_settings(self, configured: list[dict[str, Any]]) -> None:
         """The learning rates (and weight decay, betas) of this run's config, not the checkpoint's: loading the
         optimizer's and scheduler's state brings back the values they were saved with, while config.yaml records the

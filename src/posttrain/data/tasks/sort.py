@@ -53,7 +53,6 @@ class SortTask(Task):
         numbers = INTEGER.findall(line)
         return " ".join(str(int(n)) for n in numbers) if numbers else None
 
-
     def canonical_answer(self, answer: str) -> str | None:
         """The sorted numbers, space-separated, each as an integer; None if any is not one."""
         numbers = [canonical_integer(n) for n in answer.replace(",", " ").split()]

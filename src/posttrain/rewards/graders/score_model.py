@@ -59,12 +59,13 @@ class ScoreModelGrader:
         conversations = [[{"role": role, "content": content.render(s, i)} for role, content in self.messages]
                          for s, i in zip(samples, items, strict=True)]
         if self.is_reward_model:
-            raw, errors = self._reward_model().score_rows([c[:-1] for c in conversations],
-                                                          [c[-1]["content"] for c in conversations])
+            values, errors = self._reward_model().score_rows([c[:-1] for c in conversations],
+                                                             [c[-1]["content"] for c in conversations])
+            raw = values.tolist()
             errors = [e or (None if math.isfinite(r) else f"the reward model scored {r}, not a finite number")
-                      for r, e in zip(raw.tolist(), errors, strict=True)]
+                      for r, e in zip(raw, errors, strict=True)]
             return GradeResult([0.0 if e else self._scale(min(self.high, max(self.low, r)))
-                                for r, e in zip(raw.tolist(), errors, strict=True)], errors=errors)
+                                for r, e in zip(raw, errors, strict=True)], errors=errors)
         scores, errors = [], []
         for answer in self._judge(conversations):
             value, error = judge_score(answer, self.high)
