@@ -179,7 +179,7 @@ def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
                           line=line) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: plain YAML types only
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise ConfigError(f"invalid YAML: {getattr(err, 'problem', err)}", file=str(path),
@@ -191,6 +191,28 @@ def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     lines: dict[str, int] = {}
     _record_lines(node, "", lines, str(path))
     return data, lines
+
+
+class _IntFromText(int):
+    """An integer YAML read from text that is not its decimal spelling (0755 is 493, 1_000, 0x1f): as a text
+    setting its own spelling is gone, and str() would silently be another value."""
+
+    text: str
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """The safe loader, but integers keep the text they were read from when it is not their decimal spelling."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        number = super().construct_yaml_int(node)
+        if node.value.strip() == str(number):
+            return number
+        spelled = _IntFromText(number)
+        spelled.text = node.value
+        return spelled
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
 
 
 def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int], file: str = "<yaml>") -> None:
@@ -286,7 +308,7 @@ def coerce(value: Any, annotation: Any) -> Any:
         raise ValueError("; ".join(errors))
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else []
+            value = yaml.load(value, Loader=_RecipeLoader) if value.strip() else []
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -296,7 +318,7 @@ def coerce(value: Any, annotation: Any) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = yaml.load(value, Loader=_RecipeLoader)
         if not isinstance(value, dict):
             raise TypeError(f"expected a mapping, got {type(value).__name__}")
         key_type, value_type = args if args else (Any, Any)
@@ -317,6 +339,9 @@ def coerce(value: Any, annotation: Any) -> Any:
             # str() of it ("False", "1.1") would silently be another setting
             raise TypeError(f"expected text, got the {type(value).__name__} {value!r}, which YAML read from "
                             "unquoted text: quote it (\"off\", \"1.10\")")
+        if isinstance(value, _IntFromText):
+            raise TypeError(f"expected text, got the integer {int(value)}, which YAML read from the unquoted text "
+                            f"{value.text!r}: quote it (\"{value.text}\")")
         return str(value)
     raise TypeError(f"unsupported config type {annotation!r}")
 
@@ -335,7 +360,7 @@ def _to_int(value: Any) -> int:
     if isinstance(value, bool):
         raise TypeError("expected an integer, got a boolean")
     if isinstance(value, int):
-        return value
+        return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str):

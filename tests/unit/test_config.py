@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
-from posttrain.config import OptimConfig, describe, load_config, param
+from posttrain.config import OptimConfig, describe, load_config, param, to_yaml
 from posttrain.errors import ConfigError, RunDirError
 from posttrain.recipes import CONFIG_DIR, build_config, config_class, find_recipe, shipped_recipes
 from posttrain.recipes.pretrain import PretrainConfig
@@ -227,6 +228,28 @@ def test_a_text_setting_that_yaml_read_as_a_boolean_or_number_is_refused(tmp_pat
     recipe.write_text(f"stage: pretrain\nrun:\n  name: '{value}'\n")
     assert load_config(PretrainConfig, recipe).run.name == value
     assert load_config(PretrainConfig, None, [f"run.name={value}"]).run.name == value  # an override is text
+
+
+@pytest.mark.parametrize("value", ["0755", "1_000", "0x1f", "+7", "007"])
+def test_a_text_setting_that_yaml_read_as_an_integer_of_another_spelling_is_refused(tmp_path, value):
+    """YAML 1.1 reads `0755` as 493 (octal): a stop string `0755` silently became "493"."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stage: grpo\nsampling:\n  stop: [{value}, ok]\n")
+    with pytest.raises(ConfigError, match=re.escape(f"read from the unquoted text '{value}': quote it")) as err:
+        load_config(config_class("grpo"), recipe)
+    assert (err.value.line, err.value.field) == (3, "sampling.stop")
+    with pytest.raises(ConfigError, match=re.escape(f"unquoted text '{value}'")):
+        load_config(config_class("grpo"), None, [f"sampling.stop=[{value}]"])
+    recipe.write_text(f"stage: grpo\nsampling:\n  stop: ['{value}', ok]\n")
+    assert load_config(config_class("grpo"), recipe).sampling.stop == [value, "ok"]
+
+
+def test_integers_spelt_as_yaml_allows_are_still_integers_and_decimal_ones_still_text(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: pretrain\nrun:\n  name: 123\ntrain:\n  max_steps: 1_000\n")
+    cfg = load_config(PretrainConfig, recipe)
+    assert (cfg.run.name, cfg.train.max_steps, type(cfg.train.max_steps)) == ("123", 1000, int)
+    assert "max_steps: 1000" in to_yaml(cfg)  # config.yaml is written with the safe dumper: plain types only
 
 
 def test_a_typo_in_a_recipes_quick_settings_names_the_recipe_and_line(tmp_path):
