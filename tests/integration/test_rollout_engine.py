@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -388,3 +390,56 @@ def test_finished_rows_leave_the_batch_and_the_others_sample_as_before(tiny_mode
         assert rollout.finish_reasons == every_row.finish_reasons
         torch.testing.assert_close(rollout.logprobs, every_row.logprobs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(recomputed, llama.logprobs, rtol=1e-4, atol=1e-5)
+
+
+class _NoLogitsToKeep(GPT2LMHeadModel):
+    """A forward that drops `logits_to_keep` in its **kwargs (as older trust_remote_code models do): every
+    position's logits come back."""
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, use_cache=None,
+                **ignored):
+        return super().forward(input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=use_cache)
+
+
+class _StrictForward(GPT2LMHeadModel):
+    """A forward that takes no `logits_to_keep` at all (a TypeError if given one)."""
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, use_cache=None):
+        return super().forward(input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=use_cache)
+
+
+def _gpt2(cls, tokenizer, positions: int = 128):
+    torch.manual_seed(0)
+    return cls(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=positions,
+                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)).eval()
+
+
+@pytest.mark.parametrize("cls", [_NoLogitsToKeep, _StrictForward])
+def test_a_forward_without_logits_to_keep_samples_and_recomputes_the_same_logprobs(tokenizer, prompts, cls):
+    """The recompute read the first T + 1 positions' logits of a model that ignored logits_to_keep (a shape error,
+    or the wrong positions), and a strict forward raised a TypeError in the sampler and the trainer."""
+    from posttrain.models.likelihood import response_logprobs
+
+    model, reference = _gpt2(cls, tokenizer), _gpt2(GPT2LMHeadModel, tokenizer)
+    params = SamplingParams(max_new_tokens=6, n=2, seed=0, stop_token_ids=tuple(range(3, len(tokenizer), 2)))
+    rollout = LocalRolloutEngine(model, tokenizer).generate(prompts, params)
+    expected = LocalRolloutEngine(reference, tokenizer).generate(prompts, params)
+    assert rollout.completion_ids.tolist() == expected.completion_ids.tolist()
+    assert_close(policy_logprobs(model, rollout), policy_logprobs(reference, expected), rtol=1e-5, atol=1e-6)
+    assert_close(policy_logprobs(model, rollout), rollout.logprobs, rtol=1e-4, atol=1e-5)
+    batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+             "position_ids": rollout.position_ids,
+             "response_mask": torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], 1)}
+    for got, want in zip(response_logprobs(model, batch), response_logprobs(reference, batch), strict=True):
+        assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_learned_position_table_too_short_for_prompt_and_new_tokens_is_a_config_error(tokenizer, prompts):
+    """GPT-2's position table has no row past its end: an IndexError in the middle of generation before."""
+    model = _gpt2(GPT2LMHeadModel, tokenizer, positions=max(map(len, prompts)) + 4)
+    engine = LocalRolloutEngine(model, tokenizer)
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=4, seed=0)).completion_ids.shape[0] == len(prompts)
+    with pytest.raises(ConfigError, match=r"a prompt of \d+ tokens and max_new_tokens=5 new ones are longer than"):
+        engine.generate(prompts, SamplingParams(max_new_tokens=5, seed=0))

@@ -96,6 +96,27 @@ def test_prompts_from_lists_or_a_padded_token_batch():
         prompt_token_lists([])
 
 
+def test_one_encoding_and_ragged_batches_are_prompts_as_their_rows_say(tokenizer):
+    """tokenizer(text) is one prompt (it became one prompt per token); a batch without padding has ragged rows."""
+    one = tokenizer("1 + 1 =")
+    assert prompt_token_lists(one) == [one["input_ids"]]
+    assert prompt_token_lists(tokenizer("1 + 1 =", return_tensors="pt")) == [one["input_ids"]]
+    texts = ["1 + 1 =", "12 + 30 = 42"]
+    ragged = tokenizer(texts)
+    assert prompt_token_lists(ragged) == ragged["input_ids"] == [tokenizer(t)["input_ids"] for t in texts]
+    assert prompt_token_lists({"input_ids": [[5, 6], [7]]}) == [[5, 6], [7]]
+    with pytest.raises(ValueError, match="attention_mask does not match"):
+        prompt_token_lists({"input_ids": [[5, 6], [7]], "attention_mask": [[1, 1], [1, 1]]})
+
+
+def test_a_stop_string_or_token_given_alone_is_one_stop():
+    """A str is a sequence too: stop="</answer>" became nine one-character stops (every completion ended at once)."""
+    params = SamplingParams(stop="</answer>", stop_token_ids=7)
+    assert params.stop == ("</answer>",) and params.stop_token_ids == (7,)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        SamplingParams(stop=(3,))
+
+
 def test_make_engine_refuses_unknown_names():
     # vLLM without the package or a GPU: tests/unit/test_rollout_vllm.py
     with pytest.raises(ConfigError, match="unknown rollout engine 'fast'.*local, vllm"):

@@ -116,3 +116,57 @@ def test_vllm_engine_loads_the_merged_lora_policy(tiny_model, tokenizer):
     assert not any("lora_" in name for name in received)
     torch.testing.assert_close(q_proj.base_layer.weight, base, rtol=0, atol=1e-6)  # unmerged again
     assert not q_proj.merged
+
+
+def _fake_engine(monkeypatch, calls: list) -> object:
+    """A VLLMRolloutEngine over a stand-in `vllm.LLM` that records what `generate` asks of it and answers with one
+    completion "x</a>" per sample (vLLM itself needs a GPU)."""
+    from posttrain.rollout.vllm_engine import VLLMRolloutEngine
+
+    monkeypatch.setitem(__import__("sys").modules, "vllm", SimpleNamespace(SamplingParams=lambda **kw: kw))
+
+    def generate(prompts, sampling, use_tqdm):
+        calls.append((prompts, sampling))
+        logprob = {7: SimpleNamespace(logprob=-0.5)}
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7], logprobs=[logprob], finish_reason="stop",
+                                                         stop_reason="</a>", text="x</a>")] * params["n"])
+                for prompt, params in zip(prompts, sampling, strict=True)]
+
+    engine = VLLMRolloutEngine.__new__(VLLMRolloutEngine)
+    engine.sleep, engine.asleep, engine.stale, engine.pad_id = False, False, False, 0
+    engine.llm = SimpleNamespace(generate=generate)
+    engine.model, engine.update_weights = None, lambda model: None  # rounds after the first sync the policy first
+    return engine
+
+
+def test_vllm_engine_seeds_each_prompt_apart_and_keeps_the_stop_string(monkeypatch):
+    """vLLM seeds sample j of a request `seed + j`: one seed for the whole batch drew the same completions for
+    the same prompt (and correlated ones across prompts). And its default cuts the stop string off the text,
+    where the local engine keeps it (a reward reading "</answer>" would score the engines differently)."""
+    calls = []
+    engine = _fake_engine(monkeypatch, calls)
+    params = SamplingParams(max_new_tokens=4, n=3, stop=("</a>",))
+    rollout = engine.generate([[5, 6], [9], [5, 6]], params, generator=torch.Generator().manual_seed(0))
+    (prompts, sampling), = calls
+    assert prompts == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [9]}, {"prompt_token_ids": [5, 6]}]
+    seeds = [p["seed"] + j for p in sampling for j in range(p["n"])]  # what vLLM gives each sample
+    assert len(set(seeds)) == 9 and all(p["include_stop_str_in_output"] for p in sampling)
+    assert rollout.texts == ["x</a>"] * 9
+    # Reproducible: the same generator state gives the same seeds; params.seed alone gives its own.
+    engine.generate([[5, 6], [9], [5, 6]], params, generator=torch.Generator().manual_seed(0))
+    assert [p["seed"] for p in calls[1][1]] == [p["seed"] for p in sampling]
+    engine.generate([[5], [6]], SamplingParams(n=2, seed=100))
+    assert [p["seed"] for p in calls[2][1]] == [100, 102]
+    engine.generate([[5], [6]], SamplingParams(n=2))
+    assert [p["seed"] for p in calls[3][1]] == [None, None]  # vLLM's own random stream
+
+
+def test_vllm_engine_refuses_a_prefix_tuned_policy(monkeypatch, tiny_model, tokenizer):
+    """vLLM's model has no virtual tokens: it sampled the base model, silently (nothing to merge)."""
+    from posttrain.models.adapters import AdapterConfig, apply_adapter
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    prefixed = apply_adapter(tiny_model, AdapterConfig(method="prefix", num_virtual_tokens=4))
+    with pytest.raises(ConfigError, match="cannot sample a prefix- or prompt-tuned policy"):
+        make_engine("vllm", prefixed, tokenizer)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedModel
 
 
 @contextlib.contextmanager
@@ -36,3 +40,23 @@ def statistics_dtype(model: torch.nn.Module) -> torch.dtype:
     fp16 model's are computed in float32 (`algos.token_logprobs`, the value heads), and kept in its dtype they
     would round by up to ~0.03: the first update's ratio would not be 1, and small KLs would vanish."""
     return torch.promote_types(floating_dtype(model), torch.float32)
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    parameters = inspect.signature(cls.forward).parameters
+    return "logits_to_keep" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def forward_keeping(model: torch.nn.Module, keep: int | Tensor, **inputs: Any) -> Any:
+    """`model(**inputs)` whose `.logits` are those of the positions `keep` only: the last `keep` (an int > 0) or
+    these columns (a 1-D tensor). transformers' causal LMs compute no others (`logits_to_keep`); a forward that
+    takes no such argument (older trust_remote_code models), or drops it in its **kwargs, computes every
+    position's, and they are cut here, so callers never read the logits of the wrong positions."""
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    out = model(**inputs, **({"logits_to_keep": keep} if _forward_takes_logits_to_keep(type(inner)) else {}))
+    logits = out.logits
+    wanted = len(keep) if isinstance(keep, Tensor) else keep
+    if wanted and logits.shape[1] != wanted:
+        out.logits = logits[:, keep] if isinstance(keep, Tensor) else logits[:, -keep:]
+    return out

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from posttrain.errors import ConfigError
 from posttrain.models.attention import attention_inputs
 from posttrain.models.device import model_device
-from posttrain.models.heads import output_head_at
+from posttrain.models.heads import forward_keeping, output_head_at
 from posttrain.models.precision import upcast
 from posttrain.models.reward import build_reward_model, load_reward_model, saved_head, trunk_and_head
 
@@ -95,7 +95,7 @@ class ActorCritic(nn.Module):
             def kept(hidden: Tensor) -> Tensor:
                 return hidden[:, -keep:]
 
-            out = self.actor(**inputs, logits_to_keep=keep, output_hidden_states=self.shared)
+            out = forward_keeping(self.actor, keep, **inputs, output_hidden_states=self.shared)
         if not self.has_values:
             return out.logits, None
         if self.shared:

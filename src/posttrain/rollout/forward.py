@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.errors import ConfigError
+from posttrain.models.heads import forward_keeping
 from posttrain.models.precision import autocast_dtype
 from posttrain.rollout.base import position_ids_from_mask
 from posttrain.rollout.gemm import LinearRunner
@@ -369,8 +370,8 @@ class HFDecoder(Decoder):
 
     def _forward(self, input_ids: Tensor) -> Tensor:
         cache = {self.cache_arg: self.cache} if self.cache is not None else {}
-        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=self.positions,
-                         use_cache=True, logits_to_keep=1, **cache)
+        out = forward_keeping(self.model, 1, input_ids=input_ids, attention_mask=self.attention_mask,
+                              position_ids=self.positions, use_cache=True, **cache)
         self.cache = out[self.cache_arg]
         return out.logits[:, -1]
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.errors import ConfigError
+from posttrain.models.attention import position_limit
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
 from posttrain.rollout.forward import FORWARDS, left_pad, make_decoder
 from posttrain.rollout.sampling import sample_next
@@ -16,10 +19,15 @@ from posttrain.rollout.sampling import sample_next
 def prompt_token_lists(prompts: Prompts) -> list[list[int]]:
     """Token id lists from lists or from a tokenizer batch (its attention_mask picks the real tokens)."""
     if isinstance(prompts, Mapping):
-        ids = torch.as_tensor(prompts["input_ids"])
-        mask = prompts.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
-        lists = [row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)]
+        ids, mask = _lists(prompts["input_ids"]), _lists(prompts.get("attention_mask"))
+        if ids and not isinstance(ids[0], (list, tuple)):
+            ids, mask = [ids], None if mask is None else [mask]  # one prompt's encoding: tokenizer(text)
+        mask = [[1] * len(row) for row in ids] if mask is None else mask
+        if len(mask) != len(ids) or any(len(m) != len(row) for row, m in zip(ids, mask, strict=False)):
+            raise ValueError("the prompts' attention_mask does not match their input_ids row for row")
+        # Rows may be ragged (a tokenizer batch without padding): each row's own mask picks its tokens.
+        lists = [[int(t) for t, k in zip(row, keep, strict=True) if int(k)]
+                 for row, keep in zip(ids, mask, strict=True)]
     else:
         lists = [[int(t) for t in prompt] for prompt in prompts]
     if not lists:
@@ -28,6 +36,11 @@ def prompt_token_lists(prompts: Prompts) -> list[list[int]]:
     if empty:
         raise ValueError(f"prompt {empty[0]} has no tokens: a completion needs something to condition on")
     return lists
+
+
+def _lists(values: Any) -> Any:
+    """Python lists from a tensor or array (a tokenizer's return_tensors), the value itself otherwise."""
+    return values.tolist() if hasattr(values, "tolist") else values
 
 
 class LocalRolloutEngine(RolloutEngine):
@@ -65,6 +78,12 @@ class LocalRolloutEngine(RolloutEngine):
     def generate(self, prompts: Prompts, params: SamplingParams,
                  generator: torch.Generator | None = None) -> Rollout:
         prompt_lists = prompt_token_lists(prompts)
+        limit = position_limit(self.model)
+        if limit is not None and max(map(len, prompt_lists)) + params.max_new_tokens > limit:
+            # A learned position table (GPT-2, OPT) has no row past its end: an IndexError mid-generation otherwise.
+            raise ConfigError(f"a prompt of {max(map(len, prompt_lists))} tokens and max_new_tokens="
+                              f"{params.max_new_tokens} new ones are longer than the {limit} positions this model "
+                              f"has: make their sum <= {limit} (shorter prompts or fewer new tokens)")
         rows = torch.arange(len(prompt_lists)).repeat_interleave(params.n)
         if generator is None and params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)  # a CPU stream: the same draws on any device

@@ -26,7 +26,7 @@ from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
 from posttrain.data.collate import block_causal_mask, capped_rows, padded_slots
 from posttrain.models.attention import layer_attention_mask
 from posttrain.models.device import model_device, move_to
-from posttrain.models.heads import floating_dtype, output_head_at
+from posttrain.models.heads import floating_dtype, forward_keeping, output_head_at
 from posttrain.rollout.base import Rollout
 
 
@@ -47,8 +47,8 @@ def policy_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
     position (0 outside the response mask; no gradient: it is a statistic to log, not a loss term)."""
     home, rollout = rollout.completion_ids.device, move_to(rollout, model_device(model))
     width = rollout.completion_ids.shape[1]
-    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                   position_ids=rollout.position_ids, logits_to_keep=width + 1).logits
+    logits = forward_keeping(model, width + 1, input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                             position_ids=rollout.position_ids).logits
     return move_to(completion_logprobs(logits, rollout, temperature, entropy), home)
 
 

@@ -96,6 +96,18 @@ def sampled_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Any]
     return [float(position[token].logprob) for token, position in zip(token_ids, logprobs, strict=True)]
 
 
+def prompt_seeds(count: int, params: SamplingParams, generator: torch.Generator | None) -> list[int | None]:
+    """One seed per prompt (None: vLLM's own random stream): vLLM seeds sample j of a request `seed + j`, so one
+    seed for every prompt would draw the same completions for equal prompts and correlated ones for the others.
+    Prompt i's n samples get seeds base + i*n ... base + i*n + n - 1, all distinct. The caller's generator draws
+    the base (the round stays reproducible), else it is `params.seed` (the local engine's precedence too); with
+    neither, no seeds."""
+    base = params.seed
+    if generator is not None:
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    return [None if base is None else (base + i * params.n) % 2**63 for i in range(count)]
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """Samples with a colocated vLLM engine; `update_weights` copies the policy's weights into it."""
 
@@ -103,6 +115,11 @@ class VLLMRolloutEngine(RolloutEngine):
                  gpu_memory_utilization: float = 0.3, sleep: bool = True, max_model_len: int | None = None,
                  seed: int = 0) -> None:
         check_vllm_available()
+        peft_config = getattr(model, "active_peft_config", None)
+        if getattr(peft_config, "is_prompt_learning", False):
+            # Its virtual tokens are no weights vLLM's model has: the engine would sample the base model, silently.
+            raise ConfigError("the vLLM rollout engine cannot sample a prefix- or prompt-tuned policy (vLLM's model "
+                              "has no virtual tokens); use the 'local' engine or LoRA", field="engine")
         # The engine's worker then lives in this process, so `load_weights` receives tensors directly.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch.distributed as dist
@@ -148,13 +165,12 @@ class VLLMRolloutEngine(RolloutEngine):
             self.update_weights(self.model)
         self.stale = True  # the trainer may update the policy before the next round
         prompt_lists = prompt_token_lists(prompts)
-        seed = params.seed
-        if seed is None and generator is not None:  # the caller's generator still makes the round reproducible
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        sampling = VLLMSamplingParams(
+        sampling = [VLLMSamplingParams(
             n=params.n, temperature=params.temperature, top_k=params.top_k if params.top_k > 0 else -1,
             top_p=params.top_p, max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+            include_stop_str_in_output=True,  # a completion's text ends with its stop string, as the local engine's
             stop_token_ids=list(params.stop_token_ids) or None, logprobs=0, seed=seed)
+            for seed in prompt_seeds(len(prompt_lists), params, generator)]
         self._wake()
         try:
             outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_lists], sampling, use_tqdm=False)
