@@ -16,6 +16,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ from posttrain.errors import ConfigError
 from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.train.metrics import finite_json
-from posttrain.train.signals import on_stop_signals, stop_when_demo_dies
+from posttrain.train.run_dir import hold_run_lock
+from posttrain.train.signals import Interrupted, interrupt_on_signals, on_stop_signals, stop_when_demo_dies
 
 
 class DemoStopped(Exception):
@@ -249,11 +251,13 @@ def _builds_on_policy(stage: DemoStage) -> bool:
     return base is not None and base.is_policy
 
 
-def _measured_before(stage: DemoStage, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _measured_before(stage: DemoStage, summaries: dict[str, dict[str, Any]], problems: int | None) -> dict[str, Any]:
     """The accuracy of the model a post-training stage starts from, as its base stage measured it at the end
-    (the same task, seed and held-out problems: the first N distinct ones), or {} when it has to be measured."""
+    (the same task, seed and held-out problems: the first N distinct ones), or {} when it has to be measured (also
+    when the base was scored on another number of problems than the stage's `problems`: --quick budgets differ)."""
     base = summaries.get(stage.builds_on or "", {})
-    if not stage.is_policy or not _builds_on_policy(stage) or base.get("accuracy") is None:
+    if (not stage.is_policy or not _builds_on_policy(stage) or base.get("accuracy") is None
+            or base.get("eval_problems") != problems):
         return {}
     before = {"accuracy_before": base["accuracy"]}
     if base.get("step_accuracy") is not None:
@@ -301,8 +305,16 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
                           field="--jobs" if jobs < 0 else "--threads")
     if stage_summary:  # a stage of a parallel demo: it must not train on, unseen, once the demo has died
         stop_when_demo_dies(DEMO_PID_VARIABLE)
+    if not stage_summary:  # two demos in one directory would each rewrite demo.json without the other's stages
+        hold_run_lock(out_dir, "a demo in this directory")
     summaries = _load_summaries(out_dir)
-    todo = [s for s in STAGES if s.name in wanted and (fresh or not _finished(s, out_dir, summaries))]
+    if not stage_summary and summaries != _consistent(summaries):
+        _write_summaries(out_dir, summaries, console)
+    todo: list[DemoStage] = []
+    for stage in STAGES:  # bases first: a stage whose base runs again runs again too
+        if stage.name in wanted and (fresh or stage.builds_on in {t.name for t in todo}
+                                     or not _finished(stage, out_dir, summaries, quick)):
+            todo.append(stage)
     _check_bases(todo, out_dir)
     cores = usable_cores()
     jobs = jobs or default_jobs(cores)
@@ -316,7 +328,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
                 if stage_summary:
                     _write_json(Path(stage_summary), summaries[stage.name])
                 else:
-                    _write_json(out_dir / "demo.json", _in_stage_order(summaries))
+                    _write_summaries(out_dir, summaries, console)
         else:
             _run_in_parallel(todo, out_dir, quick, summaries, jobs, threads_of, console)
     finally:
@@ -338,8 +350,43 @@ def _load_summaries(out_dir: Path) -> dict[str, dict[str, Any]]:
     return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 
 
-def _finished(stage: DemoStage, out_dir: Path, summaries: dict[str, dict[str, Any]]) -> bool:
-    return (out_dir / stage.name / "final").is_dir() and stage.name in summaries
+def _settings(stage: DemoStage, quick: bool) -> dict[str, Any]:
+    """What a stage's results were trained under, beyond its recipe: a quick demo's are not a full demo's."""
+    return {"quick": quick, "overrides": [*stage.overrides, *(() if quick else stage.budget)]}
+
+
+def _finished(stage: DemoStage, out_dir: Path, summaries: dict[str, dict[str, Any]], quick: bool) -> bool:
+    """A stage is done when its final model and summary exist, it ran with the settings this demo would give it, and
+    the stage it builds on is the one it was trained from (`_consistent`)."""
+    summary = summaries.get(stage.name)
+    return ((out_dir / stage.name / "final").is_dir() and summary is not None
+            and summary.get("demo_settings") == _settings(stage, quick))
+
+
+def _consistent(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The summaries of stages trained from the model their base stage holds now: a stage whose base ran again after
+    it (`posttrain demo --stages sft --fresh`, or a stopped rerun) is left out, so the report never compares it with a
+    base it did not start from; the next demo runs it anew."""
+    kept: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:  # bases first
+        summary = summaries.get(stage.name)
+        if summary is None:
+            continue
+        if stage.builds_on is None or (stage.builds_on in kept and summary.get("base_finished_at")
+                                       == kept[stage.builds_on].get("finished_at")):
+            kept[stage.name] = summary
+    return kept
+
+
+def _write_summaries(out_dir: Path, summaries: dict[str, dict[str, Any]], console: Console) -> None:
+    """demo.json from the consistent summaries (`_consistent`); a stage left out is named, and dropped from
+    `summaries` too."""
+    kept = _consistent(summaries)
+    for name in [n for n in summaries if n not in kept]:
+        console.print(f"[yellow]{name}'s results are dropped: the stage it builds on ran again after it; "
+                      f"`posttrain demo` runs it anew[/]", highlight=False)
+        del summaries[name]
+    _write_json(out_dir / "demo.json", _in_stage_order(kept))
 
 
 def _check_bases(todo: list[DemoStage], out_dir: Path) -> None:
@@ -371,7 +418,8 @@ def _run_stage(stage: DemoStage, out_dir: Path, quick: bool, summaries: dict[str
                  f"run.name={stage.name}", "run.overwrite=true", f"run.threads={threads}"]
     if stage.builds_on:
         overrides.append(f"model.path={out_dir / stage.builds_on / 'final'}")
-    before = _measured_before(stage, summaries)
+    configured = recipes.build_config(recipes.find_recipe(stage.recipe or stage.stage), overrides, quick)
+    before = _measured_before(stage, summaries, getattr(getattr(configured, "eval", None), "problems", None))
     if before:  # the base stage measured itself on the same held-out problems: not again
         overrides.append("eval_before=false")
     start, started_at = time.perf_counter(), time.time()
@@ -380,10 +428,17 @@ def _run_stage(stage: DemoStage, out_dir: Path, quick: bool, summaries: dict[str
         raise DemoStopped(f"the demo stopped in stage {stage.name} at step "
                           f"{result.summary.get('interrupted_at_step')} (its checkpoint is in {result.run_dir}); "
                           f"`posttrain demo` again reuses the finished stages and runs {stage.name} anew")
-    summary = {**result.summary, **before, **_sampled_eval(stage, result.run_dir, result.summary, quick)}
+    try:
+        with interrupt_on_signals():  # a SIGTERM here ended the process on the spot: no message, a "failed" stage
+            measured = _sampled_eval(stage, result.run_dir, result.summary, quick)
+    except Interrupted as stop:
+        raise Interrupted(stop.signum, f"stage {stage.name} had trained (its final model is in {result.final_dir}) "
+                                       "but not been evaluated; `posttrain demo` again runs it anew") from None
+    summary = {**result.summary, **before, **measured}
     # the clock times say how stages that ran side by side overlapped (the report's total)
     return {**summary, "seconds": time.perf_counter() - start, "threads": threads, "started_at": started_at,
-            "finished_at": time.time()}
+            "finished_at": time.time(), "demo_settings": _settings(stage, quick),
+            **({"base_finished_at": summaries[stage.builds_on].get("finished_at")} if stage.builds_on else {})}
 
 
 def _table(wanted: list[str], ran: set[str], summaries: dict[str, dict[str, Any]], out_dir: Path,
@@ -493,10 +548,12 @@ def _run_in_parallel(todo: list[DemoStage], out_dir: Path, quick: bool, summarie
                 del running[name]
                 if code == 0:
                     summaries[name] = json.loads(worker.summary_file.read_text())
-                    _write_json(out_dir / "demo.json", _in_stage_order(summaries))
+                    _write_summaries(out_dir, summaries, console)
                     console.print(f"[bold green]finished[/] {name} in {summaries[name]['seconds']:.0f}s: "
                                   f"{worker.stage.headline(summaries[name])}", highlight=False)
-                elif code > 128:  # stopped by a signal, 128 + its number (a checkpoint is saved if it had trained)
+                elif code > 128 or -code in (signal.SIGINT, signal.SIGTERM):
+                    # stopped by a signal: it exits 128 + its number (a checkpoint saved if it had trained), or the
+                    # signal ended it before posttrain's handlers were in place (multiprocessing's -number)
                     stopped.append(name)
                     console.print(f"[yellow]stopped[/] {name}: {_last_line(worker.log)}", highlight=False)
                 else:

@@ -20,7 +20,8 @@ def test_demo_quick_runs_every_stage(tmp_path, pretrained_run):
     pretrain = next(s for s in STAGES if s.name == "pretrain")
     assert not pretrain.overrides and not pretrain.budget and pretrain.recipe is None
     shutil.copytree(pretrained_run.run_dir, out / "pretrain")
-    (out / "demo.json").write_text(json.dumps({"pretrain": {**pretrained_run.summary, "seconds": 0.0}}))
+    (out / "demo.json").write_text(json.dumps({"pretrain": {**pretrained_run.summary, "seconds": 0.0,
+                                                            "demo_settings": {"quick": True, "overrides": []}}}))
     # Two stages at once, each in its own process (the default on 2 cores), each with its own log.
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--jobs", "2"], terminal_width=200)
     assert result.exit_code == 0, result.output

@@ -135,7 +135,7 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
 
 def _check_on_main(run: RunConfig, cfg: Any, world_size: int) -> None:
     path = run_path(run)
-    _hold_run_lock(path)
+    hold_run_lock(path)
     _undo_unstarted(path)
     if not run.resume:
         if path.exists() and any(path.iterdir()) and not run.overwrite:
@@ -209,7 +209,7 @@ def run_lock_file(path: Path) -> Path:
     return Path(tempfile.gettempdir()) / "posttrain-run-locks" / f"{digest}.lock"
 
 
-def _hold_run_lock(path: Path) -> None:
+def hold_run_lock(path: Path, what: str = "this run") -> None:
     """One process per run directory: an exclusive lock (`run_lock_file`), taken before anything of the run is
     touched and held until the process ends. A second process (a `posttrain resume` of a run still running, an
     overwrite under a live run) would otherwise truncate the metrics the first appends to, and both would rename
@@ -227,8 +227,8 @@ def _hold_run_lock(path: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise RunDirError(f"another process is running this run now (it holds {lock_file}): wait for it to end, or "
-                          "stop it, before resuming or overwriting the run", file=str(path)) from None
+        raise RunDirError(f"another process is running {what} now (it holds {lock_file}): wait for it to end, or "
+                          "stop it, before running it again, resuming or overwriting it", file=str(path)) from None
     _HELD_LOCKS[path] = handle
 
 
