@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 from torch.testing import assert_close
+from transformers import AutoTokenizer
 
 from posttrain.config import load_config
-from posttrain.data.config import DataConfig
+from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.recipes import find_recipe
 from posttrain.recipes.rejection import RejectionConfig, main, pass_at_n, select_kept
@@ -160,9 +161,56 @@ def test_a_resume_inside_a_round_samples_that_round_again_and_keeps_the_run_s_ro
     metrics = read_metrics(resumed.run_dir / "metrics.jsonl")
     assert [(m["step"], m["round"]) for m in metrics] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     assert resumed.summary["rounds"] == 2 and resumed.summary["steps"] == 4
+    # Round 2 was drawn twice: samples.jsonl tells the draws apart by the step each trained from (3, then 4).
+    samples = [json.loads(line) for line in (resumed.run_dir / "samples.jsonl").read_text().splitlines()]
+    draws = sorted({(s["round"], s["step"]) for s in samples if "round" in s})
+    assert draws == [(1, 1), (2, 3), (2, 4)]
     with pytest.raises(ConfigError, match="between rounds") as err:  # a periodic checkpoint inside a round
         rejection.check_config(load_config(RejectionConfig, find_recipe("rejection").path,
                                            [*overrides, "train.save_every=3"]))
     assert err.value.field == "train.save_every"
     rejection.check_config(load_config(RejectionConfig, find_recipe("rejection").path,
                                        [*overrides, "train.save_every=2"]))
+
+
+def test_rows_a_reward_failed_on_are_never_kept_and_long_answers_are_not_dropped(pretrained_run, tmp_path,
+                                                                                 monkeypatch):
+    """A failed row scores 0: it beat every real (negative) score and passed any threshold <= 0, and trained. And
+    the kept rows (prompt + completion) were cut at data.max_length, the longest *prompt*: the longest answers
+    were dropped first while `kept` still counted them."""
+    def negative_or_failing(batch):
+        if any(c.startswith("1") for c in batch.completions):
+            raise ValueError("cannot score this one")
+        return [-1.0 - len(c) / 100 for c in batch.completions]
+
+    register_reward_function("test_rejection_negative_or_failing")(negative_or_failing)
+    overrides = [f"model.path={pretrained_run.final_dir}", f"run.out_dir={tmp_path}", "run.progress=false",
+                 "train.save_every=0", "prompts_per_round=8", "rounds=1", "train.max_steps=1",
+                 "train.batch_size=4", "train.micro_batch_size=4", "sampling.samples_per_prompt=4",
+                 "sampling.max_new_tokens=12", "select.mode=threshold", "select.threshold=-100",
+                 "reward.functions={test_rejection_negative_or_failing: 1.0}", "reward.max_error_fraction=1",
+                 "eval.problems=0", "eval_before=false"]
+    import posttrain.recipes.rejection as rejection
+
+    trained, step_source = [], rejection.step_source
+    monkeypatch.setattr(rejection, "step_source", lambda prepared, *args: trained.append(len(prepared.dataset))
+                        or step_source(prepared, *args))
+    # Prompts of one length, and data.max_length exactly that: every prompt + answer row is longer.
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n"
+                            for a in range(11, 19) for b in range(21, 25)))
+    overrides = [*overrides, f"data.source={data}"]
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_run.final_dir)
+    lengths = {len(row["prompt_input_ids"]) for row in prepare_data(
+        load_config(RejectionConfig, find_recipe("rejection").path, overrides).data, tokenizer,
+        accepts=STAGE_FORMATS["rejection"]).dataset}
+    assert len(lengths) == 1
+    result = main(load_config(RejectionConfig, find_recipe("rejection").path,
+                              [*overrides, f"data.max_length={lengths.pop()}"]))
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    rounds = [s for s in samples if "round" in s]
+    failed = [s for s in rounds if "error" in s]
+    assert failed and not any(s["kept"] for s in failed)
+    kept = [s for s in rounds if s["kept"]]
+    assert kept and all(s["finish_reason"] != "length" and s["reward"] < 0 for s in kept)
+    assert result.summary["per_round"][0]["kept"] == len(kept) == trained[0]  # every kept row trains

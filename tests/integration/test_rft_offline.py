@@ -56,8 +56,9 @@ def test_partial_credit_gives_the_weighted_nll_by_hand(tiny_model, tokenizer, tm
     assert trained == 4  # the response scoring 0 is left out
     step = source.next_step()
     loss, _ = sft_loss_fn(tiny_model, step.micro_batches[0], step.normaliser)
-    # By hand: sum_i w_i * NLL(completion_i + EOS | prompt_i) / sum_i w_i * (tokens of completion_i + EOS).
-    weighted_nll, weighted_tokens = 0.0, 0.0
+    # By hand: sum_i w_i * NLL(completion_i + EOS | prompt_i) / sum_{w_i > 0} (tokens of completion_i + EOS): the
+    # normaliser counts tokens, so a step of near misses alone does not train as hard as one of right answers.
+    weighted_nll, tokens = 0.0, 0
     for (prompt, completion, _), weight in zip(rows, weights, strict=True):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -67,9 +68,9 @@ def test_partial_credit_gives_the_weighted_nll_by_hand(tiny_model, tokenizer, tm
             logits = tiny_model(input_ids=torch.tensor([prompt_ids + target])).logits[0].double()
         logprobs = logits[len(prompt_ids) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(target).unsqueeze(1))
         weighted_nll -= weight * logprobs.sum().item()
-        weighted_tokens += weight * len(target)
-    assert step.normaliser == pytest.approx(weighted_tokens)
-    assert loss.item() == pytest.approx(weighted_nll / weighted_tokens, rel=1e-5)
+        tokens += len(target) if weight > 0 else 0
+    assert step.normaliser == tokens
+    assert loss.item() == pytest.approx(weighted_nll / tokens, rel=1e-5)
 
 
 def test_negative_rewards_are_refused_as_weights():
@@ -142,3 +143,17 @@ def test_offline_rewards_and_graders_read_every_column_of_the_row(tmp_path):
     with pytest.raises(ConfigError, match="item.gold"):
         build_rewards(RewardConfig(functions={"grader": 1.0}, grader=str(grader)), None).check_grader_columns(
             candidates[0].columns)
+
+
+def test_a_weight_is_absolute_not_relative_to_its_steps_other_rows(tiny_model, tokenizer):
+    """With the normaliser sum_i w_i n_i, a step of rows all weighted 0.1 trained exactly as hard as one weighted 1:
+    partial credit only counted against the other rows of its step (with batch_size=1, not at all)."""
+
+    rows = [{"prompt": f"What is {a}+{a}?", "completion": str(2 * a)} for a in range(1, 5)]
+    prepared = prepare_data(DataConfig(source="<rows>"), tokenizer, accepts=("completion",), rows=rows)
+    train = TrainConfig(batch_size=4, micro_batch_size=4)
+    losses = {}
+    for weight in (1.0, 0.1):
+        step = step_source(prepared, train, 0, [weight] * 4).next_step()
+        losses[weight] = sft_loss_fn(tiny_model, step.micro_batches[0], step.normaliser)[0]
+    torch.testing.assert_close(losses[0.1], 0.1 * losses[1.0])

@@ -301,6 +301,30 @@ def test_policy_loss_statistics_by_hand() -> None:
     assert_close(out.approx_kl, torch.tensor(approx_kl, dtype=torch.float64))
 
 
+def test_without_clip_settings_gspo_keeps_its_own_clip_ranges() -> None:
+    """The RL recipes passed loss.clip_low's 0.2 to GSPO, whose sequence ratio moves by ~1e-3: never clipped."""
+    from posttrain.recipes.rl import RLLossConfig
+
+    old = torch.full((2, 4), -1.0, dtype=torch.float64)
+    logprobs = old + math.log(1.05)  # every sequence ratio 1.05
+    advantages = torch.tensor([[1.0] * 4, [-1.0] * 4], dtype=torch.float64)
+    mask = torch.ones(2, 4)
+    cfg = RLLossConfig()
+    assert cfg.clip_low is None and cfg.clip_high is None
+
+    def clipped(**clip):
+        return grpo_loss(logprobs, old, None, advantages, mask, beta=0.0, pg_loss_fn=gspo_policy_loss,
+                         **clip).clip_fraction.item()
+
+    # the positive advantage's ratio is clipped at 1 + 4e-4 (the paper's ranges): half the tokens
+    assert clipped(clip_low=cfg.clip_low, clip_high=cfg.clip_high) == 0.5
+    assert clipped(clip_low=0.2) == 0.0  # ranges given: used, symmetric
+    assert clipped(clip_high=0.01) == 0.5 and clipped(clip_high=0.1) == 0.0  # clip_high alone, with GSPO's lower
+    # ppo keeps its 0.2 when nothing is set
+    assert grpo_loss(logprobs, old, None, advantages, mask, beta=0.0).clip_fraction.item() == 0.0
+    assert grpo_loss(logprobs, old, None, advantages, mask, beta=0.0, clip_low=0.01).clip_fraction.item() == 0.5
+
+
 def test_gspo_matches_the_sequence_level_objective() -> None:
     gen = torch.Generator().manual_seed(4)
     old = -torch.rand(3, 5, generator=gen, dtype=torch.float64)

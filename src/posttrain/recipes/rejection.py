@@ -38,6 +38,7 @@ from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.attention import position_limit
 from posttrain.recipes.layout import batches_for, check_sampled_length
 from posttrain.recipes.rl import (
     PromptStream,
@@ -53,6 +54,7 @@ from posttrain.recipes.rl import (
 )
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
+from posttrain.rewards.reward_model import UNLIMITED_LENGTH
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.train import dist
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
@@ -119,7 +121,8 @@ def main(cfg: RejectionConfig) -> RunResult:
         before = evaluation.run(model, 0) if cfg.eval_before and evaluation else None
     model = apply_adapter(model, cfg.adapter)
     source = RejectionStepSource(cfg, prepared, make_engine(cfg.sampling.engine, model, tokenizer), tokenizer,
-                                 rewards, task=task, samples=run_dir.samples, progress=progress)
+                                 rewards, task=task, samples=run_dir.samples, progress=progress,
+                                 longest_row=position_limit(model))
     trainer = Trainer(stage="rejection", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, sft_loss_fn, evaluation.evaluator(model),
@@ -175,7 +178,7 @@ def select_kept(rewards: Tensor, prompt_index: Tensor, texts: Sequence[str], fin
                 threshold: float, dedupe: bool = True) -> list[int]:
     """Rows to keep (ascending): per prompt the best finished completion scoring >= threshold (ties: the
     first sampled), or every finished one scoring >= threshold (identical texts once with dedupe). `finished`
-    marks the rows that may be kept (`trainable`)."""
+    marks the rows that may be kept (`trainable`, and scored without an error)."""
     kept: list[int] = []
     for prompt in torch.unique(prompt_index).tolist():
         rows = [i for i in (prompt_index == prompt).nonzero().flatten().tolist()
@@ -206,8 +209,12 @@ class RejectionStepSource:
 
     def __init__(self, cfg: RejectionConfig, prepared: Prepared, engine: RolloutEngine,
                  tokenizer: PreTrainedTokenizerBase, rewards: WeightedRewards, *, task: Task | None = None,
-                 samples: Any = None, progress: RunProgress | None = None) -> None:
+                 samples: Any = None, progress: RunProgress | None = None, longest_row: int | None = None) -> None:
         self.cfg, self.dataset, self.engine, self.tokenizer = cfg, prepared.dataset, engine, tokenizer
+        # A kept row is a sampled prompt (<= data.max_length, the longest prompt) with its completion (<=
+        # sampling.max_new_tokens) and the template's closing tokens: cut at data.max_length, the longest answers
+        # were dropped first. Only a learned position table (`longest_row`) limits it.
+        self.longest_row = longest_row or UNLIMITED_LENGTH
         self.rewards, self.task, self.samples = rewards, task, samples
         self.progress = progress or RunProgress(enabled=False)
         self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed)
@@ -225,8 +232,9 @@ class RejectionStepSource:
         if first:
             resumed_inside = self.inner is None and self.steps_in_round > 0  # its steps so far are done
             self.round_start = self.prompts.state_dict()
-            self.inner = self.new_round()
             self.steps_in_round = self.steps_in_round if resumed_inside else 0
+            self.inner = self.new_round(first_step=self.prompts.rounds * self.steps_per_round
+                                        + self.steps_in_round + 1)
         self.steps_in_round += 1
         batch = self.inner.next_step()
         metrics = {**self.round_metrics, "round": self.prompts.rounds}
@@ -253,8 +261,9 @@ class RejectionStepSource:
             self.prompts.load_state_dict(state["prompts"])
         self.round_start = self.prompts.state_dict()
 
-    def new_round(self) -> ShuffledStepSource:
-        """Sample, score, select; the SFT step source over the kept pairs."""
+    def new_round(self, first_step: int = 1) -> ShuffledStepSource:
+        """Sample, score, select; the SFT step source over the kept pairs, which trains from step `first_step` (a
+        round resumed inside is drawn again: samples.jsonl tells its draws apart by that step)."""
         start = time.perf_counter()
         with torch.no_grad(), self.progress.phase(f"sampling round {self.prompts.rounds + 1}: prompts",
                                                   self.prompts.per_round) as bar:
@@ -263,9 +272,11 @@ class RejectionStepSource:
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
         select = self.cfg.select
-        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout), select.mode,
-                           select.threshold, select.dedupe)
-        self._write_samples(rollout, completions, scores, set(kept))
+        errored = torch.zeros(len(completions), dtype=torch.bool)
+        errored[[e["row"] for e in scores.errors]] = True  # scored 0 for an error: no score to select by
+        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout) & ~errored,
+                           select.mode, select.threshold, select.dedupe)
+        self._write_samples(rollout, completions, scores, set(kept), first_step)
         # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the kept
         # rows (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have kept them.
         pairs = dist.all_gather_list([{"prompt": completions.prompts[i], "completion": completions.completions[i]}
@@ -277,7 +288,7 @@ class RejectionStepSource:
             raise DataError(f"round {self.prompts.rounds}: no finished completion with an answer scored >= "
                             f"select.threshold ({select.threshold}); lower it or sample more "
                             "(sampling.samples_per_prompt)")
-        data = DataConfig(source="<kept>", max_length=self.cfg.data.max_length, template=self.cfg.data.template,
+        data = DataConfig(source="<kept>", max_length=self.longest_row, template=self.cfg.data.template,
                           thinking=self.cfg.data.thinking, truncation="drop")
         prepared = prepare_data(data, self.tokenizer, accepts=("completion",), rows=pairs)
         return step_source(prepared, self.cfg.train, self.cfg.run.seed + self.prompts.rounds)
@@ -296,12 +307,13 @@ class RejectionStepSource:
             metrics["pass_at_n"] = pass_at_n(correct, rollout.prompt_index)
         return metrics
 
-    def _write_samples(self, rollout: Rollout, completions: Completions, scores: Scores, kept: set[int]) -> None:
+    def _write_samples(self, rollout: Rollout, completions: Completions, scores: Scores, kept: set[int],
+                       first_step: int) -> None:
         if self.samples is None:
             return
         errors = {e["row"]: e["error"] for e in scores.errors}
         append_jsonl(self.samples, [
-            {"round": self.prompts.rounds, "group": int(rollout.prompt_index[i]),
+            {"round": self.prompts.rounds, "step": first_step, "group": int(rollout.prompt_index[i]),
              "prompt": completions.prompts[i][-1]["content"], "completion": text,
              "answer": completions.answers[i], "reward": scores.total[i].item(),
              "rewards": {k: v[i].item() for k, v in scores.by_function.items()}, "kept": i in kept,

@@ -3,12 +3,13 @@
 Every response of the data set is scored once by the configured graders (`reward.functions`,
 `reward.grader`), and the policy maximises the weighted likelihood
 
-    L = - sum_i w_i log p(y_i | x_i) / sum_i w_i |y_i|        w_i = the score of response y_i (>= 0)
+    L = - sum_i w_i log p(y_i | x_i) / sum_{i: w_i > 0} |y_i|        w_i = the score of response y_i (>= 0)
 
 with `recipes.sft.step_source(..., weights=)` and the SFT loss: 0/1 scores make it SFT on the responses
 scored 1, partial credit in [0, 1] weights the near misses in between (`recipes.rft` spells out the
 family: SFT, rejection sampling, offline RFT, DPO). Responses scoring 0 are left out (they add nothing
-to the loss or its normaliser). No sampling, no critic, no reference model.
+to the loss or its normaliser). The normaliser counts tokens, not weights: a near miss scored 0.1 pulls a tenth
+as hard as a right answer whatever else its step holds. No sampling, no critic, no reference model.
 
 The data: prompts with candidate responses and the gold answer the graders read (`item.answer`):
 

@@ -90,9 +90,11 @@ def step_source(prepared: Prepared, train: TrainConfig, seed: int,
                 weights: Sequence[float] | None = None) -> ShuffledStepSource:
     """Shuffled steps over the prepared rows; the normaliser is the step's trained-token count.
 
-    `weights` (one per dataset row, padded batches) make it weighted likelihood: row i's tokens count
-    w_i times in the loss and in the normaliser, sum_i w_i n_i, so all-1 weights are SFT exactly and
-    0/1 weights are SFT on the rows weighted 1 (rejection sampling, offline RFT; see `recipes.rft`).
+    `weights` (one per dataset row, >= 0, padded batches) make it weighted likelihood: row i's tokens count
+    w_i times in the loss, and the normaliser is the trained tokens of the rows weighted > 0, sum_{w_i > 0} n_i,
+    so all-1 weights are SFT exactly, 0/1 weights are SFT on the rows weighted 1 (rejection sampling, offline
+    RFT; see `recipes.rft`), and a weight is absolute: a step of rows weighted 0.1 moves the model a tenth as far
+    as one of rows weighted 1 (a normaliser sum_i w_i n_i would cancel the weights of a step whose rows share one).
     """
     dataset = prepared.dataset
     # A sample's first token is never a target (the collators zero it), so these are exact counts.
@@ -101,7 +103,7 @@ def step_source(prepared: Prepared, train: TrainConfig, seed: int,
     row_weights = [1.0] * len(dataset) if weights is None else [float(w) for w in weights]
 
     def count(indices: list[int]) -> tuple[float, int]:
-        return float(sum(trained[i] * row_weights[i] for i in indices)), sum(lengths[i] for i in indices)
+        return float(sum(trained[i] for i in indices if row_weights[i] > 0)), sum(lengths[i] for i in indices)
 
     def collate(indices: list[int]) -> dict[str, Any]:
         batch = prepared.collator([dataset[i] for i in indices])
