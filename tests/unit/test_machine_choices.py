@@ -35,6 +35,20 @@ def test_a_choice_is_measured_once_and_a_new_process_reads_it_from_the_file(monk
     assert len(json.loads(cache_file().read_text())) == 2
 
 
+def test_a_cache_on_a_file_system_without_locks_still_measures_and_keeps_the_answer(monkeypatch):
+    """flock failing (NFS without a lock daemon: ENOLCK; Lustre: ENOSYS) made every model load raise OSError."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    log: list[str] = []
+    assert measured_choice("gemm", ("a", "b"), _measuring("b", log)) == "b" and log == ["b"]
+    assert json.loads(cache_file().read_text()) == {f"{machine()}|gemm": "b"}
+
+
 def test_an_answer_stored_while_this_process_waited_for_the_lock_is_taken_unmeasured(monkeypatch):
     real_lock = machine_choices._locked
 

@@ -79,6 +79,31 @@ def test_disable_dropout_makes_a_train_mode_forward_the_eval_mode_one(kind):
     assert rates and set(rates.values()) == {0.0}
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "phimoe"])
+def test_disable_dropout_keeps_a_router_that_draws_jitter_in_training_deterministic(kind):
+    """Mixtral's router jitter and PhiMoE's sampled experts (its default) kept a train-mode forward random after
+    disable_dropout: a first update's ratio was not 1. PhiMoE's eval routing (which reads router_jitter_noise as a
+    threshold) must stay what it was."""
+    from transformers import MixtralConfig, PhimoeConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512)
+    config = (MixtralConfig(router_jitter_noise=0.3, **common) if kind == "mixtral"
+              else PhimoeConfig(input_jitter_noise=0.1, **common))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    before = eval_mode_logits(model)
+    assert not torch.equal(train_mode_logits(model), train_mode_logits(model))  # random in training mode
+    disable_dropout(model)
+    assert torch.equal(train_mode_logits(model), eval_mode_logits(model))
+    assert torch.equal(eval_mode_logits(model), before) and model.training is False
+    model.train()
+    assert model.training and model.lm_head.training  # everything else trains as before
+    logits = model(input_ids=IDS).logits
+    logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lm_head" in n or "gate" in n)
+
+
 @pytest.fixture()
 def gpt2_dir(tokenizer, tmp_path):
     """A tiny GPT-2 with dropout 0.1, saved with the project's tokenizer."""

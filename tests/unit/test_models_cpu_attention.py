@@ -71,6 +71,25 @@ def test_the_bf16_choice_and_every_forward_outside_bf16_autocast_are_transformer
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_float64_or_float16_models_attention_under_bf16_autocast_stays_in_its_dtype(monkeypatch, dtype):
+    """A float64 model under train.precision=auto got fp32 attention handed back as bf16 (its float64 output
+    projection then failed), and measuring a float64 mask's bucket failed inside SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(2, 1, 7, 7, dtype=dtype).masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(),
+                                                             torch.finfo(dtype).min)
+    for choice in ("fp32", "auto"):
+        monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", choice)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = cpu_attention._forward(_Attention(), q, k, v, mask)[0]
+            theirs = sdpa_attention_forward(_Attention(), q, k, v, mask)[0]
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    assert machine_choices._choices == {}  # nothing measured for it
+
+
 def test_an_unknown_choice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "fast")
     with pytest.raises(ValueError, match="POSTTRAIN_CPU_ATTENTION must be one of auto, fp32, bf16"):

@@ -51,8 +51,10 @@ CHOICES = ("auto", "fp32", "bf16")
 def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
              **kwargs) -> tuple[Tensor, None]:
     """transformers' SDPA; in fp32 under CPU bf16 autocast where that was measured faster (`fp32_is_faster`)."""
+    # A float64 (or float16) model's attention is left to autocast, which leaves it in its own dtype: fp32 copies
+    # here would hand a bf16 output to its float64 output projection.
     if (query.device.type != "cpu" or autocast_dtype("cpu") != torch.bfloat16
-            or not fp32_is_faster(query, key, attention_mask)):
+            or query.dtype not in (torch.float32, torch.bfloat16) or not fp32_is_faster(query, key, attention_mask)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()

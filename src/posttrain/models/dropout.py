@@ -12,10 +12,16 @@ Dropout lives in three places in transformers models, and all three are set to 0
 - the config itself, which some models read at forward time (Falcon's `config.attention_dropout`,
   `config.hidden_dropout`). The config saved with the trained model therefore records dropout 0:
   the values it was trained with.
+
+Mixture-of-experts routers draw noise of their own in training mode: Mixtral's and DBRX's jitter scales the
+router's input by random factors, and PhiMoE samples its experts (SparseMixer) whenever it trains. Their jitter
+settings cannot simply be zeroed (PhiMoE's `router_jitter_noise` is also the threshold its eval routing uses), so
+a module that holds a jitter setting > 0 is kept in eval mode: it routes as the sampler does, deterministically.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from torch import nn
@@ -46,12 +52,21 @@ def _zero_config(config: PretrainedConfig, seen: set[int]) -> None:
 DISABLED_ATTRIBUTE = "posttrain_dropout_disabled"
 
 
+def _keep_in_eval_mode(module: nn.Module) -> None:
+    """`module.train(True)` leaves it in eval mode from now on (its parents' train() calls included)."""
+    module.training = False
+    module.train = types.MethodType(lambda self, mode=True: self, module)
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability of `model` to 0 (modules, attributes and config); returns `model`, marked
-    (`dropout_disabled`) so that an adapter wrapped around it later adds none."""
+    """Set every dropout probability of `model` to 0 (modules, attributes and config), and keep a router that draws
+    jitter in training mode in eval mode; returns `model`, marked (`dropout_disabled`) so that an adapter wrapped
+    around it later adds none."""
     setattr(model, DISABLED_ATTRIBUTE, True)
     seen: set[int] = set()
     for module in model.modules():
+        if any("jitter" in name and isinstance(value, float) and value > 0 for name, value in vars(module).items()):
+            _keep_in_eval_mode(module)
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for name, value in list(vars(module).items()):
