@@ -388,3 +388,45 @@ def test_named_chat_templates_render_as_transformers_picks_them(tmp_path, tokeni
     named.chat_template = {"tool_use": tool_use}
     with pytest.raises(ConfigError, match="no `default` one"):
         Encoder.from_config(named, cfg)
+
+
+def _qwen_like_tokenizer(chat_template: str):
+    """A byte-level BPE with Qwen2's pre-tokenizer pattern, which makes one pre-token of "\\n" + "\\n\\n" (the
+    template's "assistant\\n" and an answer's opening "\\n\\n") and a token of it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pattern = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+               r"""|\s+(?!\S)|\s+""")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    texts = ["assistant\n\n\nHi there! Say hello.\n\nSure.\n"] * 50
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = chat_template
+    return fast
+
+
+@pytest.mark.parametrize("loss_on", ["all", "last"])
+def test_an_answer_whose_first_characters_merge_with_the_prompts_last_is_trained_from_that_token(
+        chatml_tokenizer, loss_on):
+    """A completion opening with "\\n\\n" (as API outputs often do) stopped the run on a template without generation
+    markers: the prompt's tokens were no prefix of the conversation's, and the suggested loss_on=last failed too."""
+    tok = _qwen_like_tokenizer(chatml_tokenizer.chat_template)
+    conversation = [message("user", "Say hello"), message("assistant", "\n\nHi there!")]
+    assert "\u010a\u010a\u010a" in tok.convert_ids_to_tokens(tok("assistant\n\n\nHi")["input_ids"])  # merged
+    ids, mask = Encoder.from_config(tok, DataConfig(loss_on=loss_on)).encode(conversation)
+    assert ids == tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
+    # Every token holding a character of the answer (the merged newlines among them), then what an answer without
+    # them trains: the answer through the template's end of turn.
+    plain = [message("user", "Say hello"), message("assistant", "Hi there!")]
+    plain_ids, plain_mask = Encoder.from_config(tok, DataConfig(loss_on=loss_on)).encode(plain)
+    assert tok.decode(trained) == "\n\n\n" + tok.decode([t for t, m in zip(plain_ids, plain_mask, strict=True) if m])
+    assert tok.decode(trained) == "\n\n\nHi there!<|im_end|>\n"
+    assert mask == sorted(mask)  # one trained run, to the end

@@ -251,16 +251,17 @@ class Encoder:
 
     def _prefixes(self, messages: Sequence[dict[str, Any]], trained: list[int],
                   mode: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids = self._tokens(self._render(messages, mode, add_generation_prompt=False))
+        text = self._render(messages, mode, add_generation_prompt=False)
+        ids = self._tokens(text)
         spans = []
         for i in trained:
             if i == 0:
                 raise RowProblem("the conversation opens with an assistant turn; this chat template has no "
                                  "generation markers, so its tokens can only be located after a user turn",
                                  "messages[0]")
-            before = self._tokens(self._render(messages[:i], mode, add_generation_prompt=True))
-            through = self._tokens(self._render(messages[:i + 1], mode, add_generation_prompt=False))
-            spans.append(self._span(ids, before, through, f"messages[{i}]"))
+            spans.append(self._span(text, ids, self._render(messages[:i], mode, add_generation_prompt=True),
+                                    self._render(messages[:i + 1], mode, add_generation_prompt=False),
+                                    f"messages[{i}]"))
         return ids, spans
 
     # -- plain text path ----------------------------------------------------------------------
@@ -282,9 +283,10 @@ class Encoder:
     def _plain(self, messages: Sequence[dict[str, Any]], trained: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         bos = self._opening_bos_text
         pieces = self._plain_pieces(messages)
-        ids = self._tokens(bos + "".join(pieces))
-        spans = [self._span(ids, self._tokens(bos + "".join(pieces[:i])),
-                            self._tokens(bos + "".join(pieces[:i + 1])), f"messages[{i}]") for i in trained]
+        text = bos + "".join(pieces)
+        ids = self._tokens(text)
+        spans = [self._span(text, ids, bos + "".join(pieces[:i]), bos + "".join(pieces[:i + 1]), f"messages[{i}]")
+                 for i in trained]
         return ids, spans
 
     # -- shared checks ------------------------------------------------------------------------
@@ -292,16 +294,24 @@ class Encoder:
     def _tokens(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    @staticmethod
-    def _span(ids: list[int], before: list[int], through: list[int], field: str) -> tuple[int, int]:
-        """The trained span of one turn: tokens of `through` after `before`, both prefixes of `ids`."""
-        if ids[:len(before)] != before or ids[:len(through)] != through:
-            raise RowProblem("the prompt's tokens are not a prefix of the conversation's tokens (the template "
-                             "rewrites earlier turns, as Qwen3's drops their reasoning once they are not the last, or "
-                             "the tokenizer merges across the turn boundary), so the trained tokens cannot be located: "
-                             "data.loss_on=last trains the last turn only, or use a template with {% generation %} "
-                             "markers", field)
-        return len(before), len(through)
+    def _span(self, text: str, ids: list[int], before: str, through: str, field: str) -> tuple[int, int]:
+        """The trained span [start, end) of one turn in `ids` (the tokens of `text`): the tokens of `through` (the
+        conversation up to the turn's end) after those of `before` (up to the turn's start), both prefixes of
+        `text`. Where the tokenizer merges characters across the turn's start (a completion opening with "\n\n"
+        after a template's "assistant\n": Qwen's tokenizer makes one token of the three), the turn's tokens are
+        those holding any of its characters, found by their offsets."""
+        before_ids, through_ids = self._tokens(before), self._tokens(through)
+        if ids[:len(before_ids)] == before_ids and ids[:len(through_ids)] == through_ids:
+            return len(before_ids), len(through_ids)
+        if text.startswith(before) and text.startswith(through) and self.tokenizer.is_fast:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            touching = [k for k, (first, end) in enumerate(offsets) if first < len(through) and end > len(before)]
+            if touching:
+                return touching[0], touching[-1] + 1
+        raise RowProblem("the prompt's tokens are not a prefix of the conversation's tokens (the template rewrites "
+                         "earlier turns, as Qwen3's drops their reasoning once they are not the last), so the trained "
+                         "tokens cannot be located: data.loss_on=last trains the last turn only, or use a template "
+                         "with {% generation %} markers", field)
 
     @functools.cached_property
     def closers(self) -> frozenset[int]:
