@@ -155,6 +155,45 @@ def test_the_arrow_cache_is_reused_and_invalidated_when_the_file_changes(tmp_pat
     assert third.cache_files != first.cache_files and third["completion"] == [[message("assistant", "2")]]
 
 
+def test_new_contents_of_the_same_size_and_mtime_and_a_same_named_file_elsewhere_miss_the_cache(tmp_path,
+                                                                                              monkeypatch):
+    """The key was the path as given, the size and the mtime: `cp -p`, `rsync -t` or `tar x` of new rows of the same
+    size were served the old rows, and so was `data.source=data.jsonl` run from another directory."""
+    rows = {"four": {"question": "What is 2+2?", "completion": "four"},
+            "five": {"question": "What is 2+3?", "completion": "five"}}
+    for name, row in rows.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.jsonl").write_text(json.dumps(row) + "\n")
+        os.utime(tmp_path / name / "data.jsonl", ns=(10**18, 10**18))
+    cfg = DataConfig(source="data.jsonl", cache_dir=str(tmp_path / "cache"), columns=ColumnsConfig(prompt="question"))
+    monkeypatch.chdir(tmp_path / "four")
+    assert load_rows(cfg, ("completion",)).dataset["completion"] == [[message("assistant", "four")]]
+    monkeypatch.chdir(tmp_path / "five")  # the same name, size and mtime: another file
+    assert load_rows(cfg, ("completion",)).dataset["completion"] == [[message("assistant", "five")]]
+    path = tmp_path / "five" / "data.jsonl"  # rewritten in place, its mtime set back
+    path.write_text(json.dumps({"question": "What is 2+3?", "completion": "FIVE"}) + "\n")
+    os.utime(path, ns=(10**18, 10**18))
+    assert load_rows(cfg, ("completion",)).dataset["completion"] == [[message("assistant", "FIVE")]]
+
+
+def test_tokenised_rows_are_cached_under_the_tokenising_codes_digest_too(tmp_path, monkeypatch, tokenizer):
+    """datasets keys the map on the encoder's settings, not on posttrain's code: an upgrade that changed the masks
+    was served the old ones."""
+    import posttrain.data.tokenize as tokenize
+    from posttrain.data.sources import code_digest
+
+    module = tmp_path / "module.py"
+    module.write_text("x = 1\n")
+    before = code_digest(str(module))
+    module.write_text("x = 2\n")
+    assert code_digest(str(module)) != before
+    cfg = DataConfig(source="arith", size=8, cache_dir=str(tmp_path / "cache"))
+    first = tokenize.tokenize_rows(load_rows(cfg, ("completion",)), tokenizer, cfg).dataset.cache_files
+    assert tokenize.tokenize_rows(load_rows(cfg, ("completion",)), tokenizer, cfg).dataset.cache_files == first
+    monkeypatch.setattr(tokenize, "_CODE", "another version")
+    assert tokenize.tokenize_rows(load_rows(cfg, ("completion",)), tokenizer, cfg).dataset.cache_files != first
+
+
 def test_a_task_whose_rows_changed_is_not_served_from_the_cache(tmp_path, monkeypatch):
     from posttrain.data.tasks import get_task
 

@@ -27,14 +27,24 @@ import datasets
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
-from posttrain.data import tasks
+from posttrain.data import schemas, tasks
 from posttrain.data.config import FORMATS, DataConfig
 from posttrain.data.schemas import FEATURES, STRUCTURED_FIELDS, Where, detect_format, normalise_row
 from posttrain.errors import ConfigError, DataError
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
-# Bump when the canonical form changes, so stale Arrow caches are not reused.
+# Bump when the canonical form changes, so stale Arrow caches are not reused (`code_digest` covers the code too).
 _CACHE_VERSION = "5"
+
+
+def code_digest(*files: str) -> str:
+    """A digest of these source files (a module's `__file__`): part of a cache's key, so that a posttrain whose
+    reading or tokenising of rows changed never serves the rows an older one cached (an upgrade in place, an edit
+    of a checkout)."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +171,7 @@ def _renamed(raw: Iterator[tuple[Where, Any]], spec: _Spec) -> Iterator[tuple[Wh
 
 
 def _fingerprint(spec: _Spec) -> str:
-    identity = [_CACHE_VERSION, repr(spec)]
+    identity = [_CACHE_VERSION, code_digest(__file__, schemas.__file__), repr(spec)]
     if spec.kind == "task":
         # What the generator writes, not only its name and seed: a task whose rows changed (a new posttrain
         # version, a user's own edit) must not be served the old rows from the cache. The first rows alone can
@@ -170,9 +180,15 @@ def _fingerprint(spec: _Spec) -> str:
         identity.append(repr(sorted(vars(task).items())))
         identity.append(repr(list(task.rows(spec.format, spec.split, size=4, seed=spec.seed))))
     else:
-        path = Path(spec.name)
+        # The file itself, not only its name, size and time: `cp -p`, `rsync -t` or `tar x` write new contents of
+        # the same size and mtime, and a relative name is another file in another directory. A new file or an edit
+        # has a new inode or a new ctime (which no tool sets back).
+        path = Path(spec.name).resolve()
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        identity += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+        for f in files:
+            if f.is_file():
+                stat = f.stat()
+                identity.append(f"{f}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_dev}:{stat.st_ino}")
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
 
 

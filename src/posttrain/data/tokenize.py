@@ -34,10 +34,11 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.data import schemas
 from posttrain.data.columns import column_values, row_sums
 from posttrain.data.config import DataConfig
 from posttrain.data.schemas import THINK_CLOSE, THINK_OPEN
-from posttrain.data.sources import Rows
+from posttrain.data.sources import Rows, code_digest
 from posttrain.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -425,7 +426,11 @@ def _problem_status(problem: RowProblem) -> dict[str, Any]:
             "error_field": problem.field or ""}
 
 
-def _encode_row(row: dict[str, Any], encoder: Encoder, fmt: str) -> dict[str, Any]:
+_CODE = code_digest(__file__, schemas.__file__)
+
+
+def _encode_row(row: dict[str, Any], encoder: Encoder, fmt: str, code: str = "") -> dict[str, Any]:
+    """`code`: only part of the cache key (`tokenize_rows`)."""
     try:
         return _ENCODERS[fmt](row, encoder.for_row(row))
     except RowProblem as problem:
@@ -634,8 +639,10 @@ def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfi
     encoder = Encoder.from_config(tokenizer, cfg)
     fmt = rows.format
     drop_columns = [c for c in rows.dataset.column_names if c not in _KEEP[fmt]]
-    mapped = rows.dataset.map(_encode_row, fn_kwargs={"encoder": encoder, "fmt": fmt}, remove_columns=drop_columns,
-                              num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+    # The cache key `datasets` derives hashes the encoder's settings and tokenizer, not this module's code: the code's
+    # digest goes in too, so a posttrain that tokenises differently never reads an older one's masks.
+    mapped = rows.dataset.map(_encode_row, fn_kwargs={"encoder": encoder, "fmt": fmt, "code": _CODE},
+                              remove_columns=drop_columns, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                               desc=f"tokenising {rows.name}")
     _raise_first_error(mapped, rows.name)
     stats = _stats(mapped, fmt)
