@@ -12,6 +12,7 @@ from datasets import Dataset
 from posttrain.config import load_config
 from posttrain.data import ColumnsConfig, DataConfig, load_rows
 from posttrain.data.schemas import message
+from posttrain.errors import DataError
 
 ROWS = [{"question": "What is 2+3?", "completion": "5", "id": 1},
         {"question": "What is 4*4?", "completion": "16", "id": 2}]
@@ -128,6 +129,30 @@ def test_csv_as_spreadsheets_and_pandas_write_it(tmp_path):
                                                                                        labels="my_labels"))
     loaded = load_rows(cfg, ("stepwise",)).dataset[0]
     assert loaded["completions"] == ["1+1=2", "2+2=5"] and loaded["labels"] == [1.0, 0.0]
+
+
+def test_a_csv_conversation_cell_is_read_as_messages_and_other_text_stays_text(tmp_path):
+    """A `prompt` or `chosen` cell holding JSON messages (as `messages` cells do) was trained as its literal text."""
+    path = tmp_path / "pairs.csv"
+    turns = json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    path.write_text("prompt,chosen,rejected\n" + ",".join('"' + c.replace('"', '""') + '"' for c in (
+        turns, json.dumps([{"role": "assistant", "content": "hello"}]), '[{"a": 1}] is not a conversation')) + "\n")
+    row = load_rows(DataConfig(source=str(path), cache_dir=str(tmp_path / "c")), ("preference",)).dataset[0]
+    assert row["prompt"] == [message("system", "Be brief."), message("user", "hi")]
+    assert row["chosen"] == [message("assistant", "hello")]
+    assert row["rejected"] == [message("assistant", '[{"a": 1}] is not a conversation')]
+
+
+def test_a_later_row_without_a_renamed_column_names_that_column(tmp_path):
+    """Renames were checked on the first row only: row 2 without `question` was reported as lacking `prompt`,
+    with a hint to rename `completion`."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"question": "q", "completion": "a"}) + "\n" + json.dumps({"q": "q", "completion": "a"})
+                    + "\n")
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "c"), columns=ColumnsConfig(prompt="question"))
+    with pytest.raises(DataError, match="column 'question' \\(to use as 'prompt'\\) is not in this row") as err:
+        load_rows(cfg, ("completion",))
+    assert (err.value.line, err.value.field) == (2, "columns.prompt")
 
 
 def test_the_text_column_can_be_renamed(tmp_path):

@@ -12,6 +12,7 @@ later `map` calls are cached too.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -154,19 +155,18 @@ def _renamed(raw: Iterator[tuple[Where, Any]], spec: _Spec) -> Iterator[tuple[Wh
     """Apply column renames (source name -> canonical name) and the row limit."""
     renames = dict(spec.renames)
     limited = itertools.islice(raw, spec.limit) if spec.limit else raw
-    first = True
     for where, row in limited:
         if isinstance(row, Mapping) and renames:
-            if first:
-                for source_name, canonical in renames.items():
-                    if source_name not in row:
-                        close = difflib.get_close_matches(source_name, list(row), n=1)
-                        hint = f" — did you mean {close[0]!r}?" if close else ""
-                        raise where.error(f"column {source_name!r} (to use as {canonical!r}) is not in the "
-                                          f"rows{hint} Columns: {', '.join(row)}", field=f"columns.{canonical}")
+            # Every row: one that lacks a renamed column was reported as lacking its canonical one, with a hint
+            # to rename another column
+            for source_name, canonical in renames.items():
+                if source_name not in row:
+                    close = difflib.get_close_matches(source_name, list(row), n=1)
+                    hint = f" — did you mean {close[0]!r}?" if close else ""
+                    raise where.error(f"column {source_name!r} (to use as {canonical!r}) is not in this row{hint} "
+                                      f"Columns: {', '.join(row)}", field=f"columns.{canonical}")
             row = {k: v for k, v in row.items() if k not in renames.values()} | {
                 renames[k]: v for k, v in row.items() if k in renames}
-        first = False
         yield where, row
 
 
@@ -278,11 +278,22 @@ def _read_csv(name: str, renames: Mapping[str, str]) -> Iterator[tuple[Where, An
         raise DataError(f"invalid CSV: {err}", file=name, line=reader.line_num) from None
 
 
+# Columns that hold text or a conversation (a list of messages).
+MESSAGE_FIELDS = ("prompt", "completion", "chosen", "rejected")
+
+
 def _csv_cell(key: str, value: str | None, where: Where) -> Any:
     """CSV cells are text; lists and numbers are read from their JSON spelling (true/false in any case, as
     pandas and spreadsheets write them), empty cells as null. `key`: the column's canonical name."""
     if value is None or value == "":
         return None
+    if key in MESSAGE_FIELDS and value.lstrip().startswith("[{"):
+        # A conversation written as JSON (as `messages` cells are): a list of {"role", "content"} turns is read as
+        # one, not trained on as the literal text of a single turn
+        with contextlib.suppress(json.JSONDecodeError):
+            turns = json.loads(value)
+            if isinstance(turns, list) and turns and all(isinstance(t, dict) and "role" in t for t in turns):
+                return turns
     if key not in STRUCTURED_FIELDS:
         return value
     if value.strip().lower() in ("true", "false"):
