@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.errors import ConfigError
+from posttrain.models.attention import sliding_window
 from posttrain.models.heads import forward_keeping
 from posttrain.models.precision import autocast_dtype
 from posttrain.rollout.base import position_ids_from_mask
@@ -407,6 +408,15 @@ class PrefixDecoder(HFDecoder):
                  pad_id: int) -> None:
         super().__init__(base_causal_lm(model), prompts, n, pad_id)
         virtual = model.active_peft_config.num_virtual_tokens
+        window = sliding_window(base_causal_lm(model).config.get_text_config())
+        lengths = [len(p) for p in prompts]
+        if window is not None and min(lengths) < max(lengths) and virtual + max(lengths) + max_new_tokens > window:
+            # The window counts cache columns, and the left padding sits between the prefix and a shorter prompt:
+            # its virtual tokens would leave the window early (peft's forward on the row alone keeps them).
+            raise ConfigError(f"prefix-tuning on a model with a sliding window of {window} tokens samples prompts of "
+                              f"different lengths only when the {virtual} virtual tokens, the longest prompt "
+                              f"({max(lengths)}) and max_new_tokens ({max_new_tokens}) fit in it: use LoRA, or shorter "
+                              "prompts or completions")
         self.attention_mask = torch.cat([self.attention_mask.new_ones((self.count, virtual)), self.attention_mask], 1)
         self.positions = self.positions + virtual  # peft offsets the positions it is given by the prefix's length
         self.cache = model.get_prompt(self.count, max_cache_len=virtual + self.input_ids.shape[1] + max_new_tokens)
