@@ -445,3 +445,49 @@ def test_the_critic_trains_at_its_own_learning_rate(lm_dir, tmp_path, critic):
     assert largest_change(head, zero_head) == pytest.approx(3e-3, rel=1e-3)
     if critic == "separate":  # the zero head passes no gradient to the critic's trunk at the first step
         assert largest_change("critic.", before) == 0.0
+
+
+def test_a_run_resumes_with_another_critic_learning_rate(lm_dir, tmp_path):
+    """The optimizer grouped parameters by lr value: setting critic.lr on resume (or giving it optim.lr's value)
+    changed the number of groups, and the checkpoint was refused, though README says a resume takes new rates."""
+    settings = ["update.epochs=1", "train.save_every=2", "update.rollout_batch_size=8", "train.batch_size=8"]
+    first = train_ppo(ppo_config(lm_dir, tmp_path, "train.max_steps=2", *settings), stage="ppo", title="PPO",
+                      rewards=TEXT_REWARD)
+    assert first.summary["steps"] == 2
+    for max_steps, critic_lr in ((3, "1e-3"), (4, "null"), (5, str(load_config(PPOConfig, None, []).optim.lr))):
+        resumed = train_ppo(ppo_config(lm_dir, tmp_path, f"train.max_steps={max_steps}", "run.resume=true",
+                                       f"critic.lr={critic_lr}", *settings), stage="ppo", title="PPO",
+                            rewards=TEXT_REWARD)
+        assert resumed.summary["steps"] == max_steps
+
+
+def test_a_critic_whose_checkpoint_is_not_usable_is_refused_naming_its_setting(lm_dir, tmp_path, chatml_model_dir):
+    """A critic of another tokenizer read the policy's ids as other tokens (an IndexError mid-run, or silently); a
+    bad critic.path was reported as model.path; critic.kind=shared ignored critic.init and critic.path."""
+    from posttrain.recipes.ppo import build_critic, check_config
+
+    with pytest.raises(ConfigError, match="has another tokenizer than the policy") as err:
+        build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={chatml_model_dir}"))
+    assert err.value.field == "critic.path"
+    with pytest.raises(ConfigError, match="not a Hugging Face model directory") as err:
+        build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={tmp_path / 'no-such-critic'}"))
+    assert err.value.field == "critic.path"
+    for setting, field in (("critic.init=reward_model", "critic.init"), (f"critic.path={lm_dir}", "critic.path")):
+        with pytest.raises(ConfigError, match="critic.kind=shared puts a zero-initialised value head") as err:
+            check_config(ppo_config(lm_dir, tmp_path, "critic.kind=shared", setting))
+        assert err.value.field == field
+
+
+def test_a_shared_value_head_reads_the_hidden_states_the_output_embedding_reads(tokenizer):
+    """OPT projects its last hidden states to word_embed_proj_dim: a head of config.hidden_size failed to multiply."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    actor = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=32,
+                                     num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, max_position_embeddings=64,
+                                     pad_token_id=tokenizer.pad_token_id))
+    model = ActorCritic(actor)
+    ids = torch.randint(3, len(tokenizer), (2, 7))
+    logits, values = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           position_ids=torch.arange(7).expand(2, 7), keep=5)
+    assert model.value_head.in_features == 32 and values.shape == (2, 5) and logits.shape[:2] == (2, 5)

@@ -124,6 +124,21 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
+def check_same_vocabulary(policy: str | Path, other: str | Path, field: str, *,
+                          trust_remote_code: bool = False) -> None:
+    """A model that reads the policy's token ids (PPO's critic, started from a reward model or another checkpoint)
+    has the policy's vocabulary, or a ConfigError naming `field`: with another one it reads each id as another
+    token (a larger vocabulary silently, a smaller one with an index error mid-run)."""
+    mine = load_tokenizer(policy, trust_remote_code=trust_remote_code).get_vocab()
+    theirs = load_tokenizer(other, trust_remote_code=trust_remote_code).get_vocab()
+    if mine != theirs:
+        differ = sum(theirs.get(token) != index for token, index in mine.items())
+        raise ConfigError(f"{other} has another tokenizer than the policy ({len(theirs)} tokens against {len(mine)}, "
+                          f"{differ} of the policy's with another id or none): it would read the policy's token ids "
+                          "as other tokens. Start the critic from a model with the policy's tokenizer (critic.init="
+                          "policy)", field=field)
+
+
 def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
                    **kwargs: Any) -> tuple[PreTrainedModel, Path]:
     """`auto_class.from_pretrained` on the local model directory `path` (and the directory): every fault of

@@ -62,7 +62,10 @@ class ActorCritic(nn.Module):
         self.critic = critic
         self.value_head: nn.Module | None = None
         if critic is None and values:
-            hidden = actor.config.get_text_config().hidden_size
+            # The width of the hidden states the output embedding reads: OPT projects them to word_embed_proj_dim
+            # after its last layer, so config.hidden_size is not always it.
+            head = actor.get_output_embeddings() if hasattr(actor, "get_output_embeddings") else None
+            hidden = getattr(head, "in_features", None) or actor.config.get_text_config().hidden_size
             dtype = next(actor.parameters()).dtype
             # Zero-initialised: every value starts at 0, and the head's first gradients do not disturb the trunk.
             self.value_head = nn.Linear(hidden, 1, dtype=dtype, device=model_device(actor))

@@ -42,6 +42,7 @@ import torch
 
 from posttrain.config import RunConfig, param, section
 from posttrain.errors import ConfigError
+from posttrain.models.io import check_model_dir, check_same_vocabulary
 from posttrain.models.value import CRITIC_INITS, CRITIC_PREFIXES, ActorCritic, build_value_model
 from posttrain.recipes.rl import CRITIC_FREE, AdvantageConfig, KLConfig, RLConfig, UpdateConfig, check_rl_config
 from posttrain.recipes.rl_loop import train_rl
@@ -100,6 +101,11 @@ def check_config(cfg: Any, stage: str = "PPO") -> None:
             cfg.critic.path or cfg.reward.model_path):
         raise ConfigError("critic.init=reward_model needs the reward model's directory: set reward.model_path "
                           "or critic.path", field="critic.path")
+    if has_critic(cfg) and cfg.critic.kind == "shared" and (cfg.critic.path or cfg.critic.init != "policy"):
+        # a value head on the actor's own trunk starts at zero: nothing to initialise it from
+        raise ConfigError("critic.kind=shared puts a zero-initialised value head on the policy's trunk: critic.init"
+                          "=reward_model and critic.path are for critic.kind=separate",
+                          field="critic.path" if cfg.critic.path else "critic.init")
 
 
 def has_critic(cfg: Any) -> bool:
@@ -108,10 +114,11 @@ def has_critic(cfg: Any) -> bool:
 
 
 def critic_lr(cfg: Any) -> dict[str, float]:
-    """The critic's peak lr by the prefix of its parameters' names in ActorCritic (none: the policy's lr)."""
-    if not has_critic(cfg) or cfg.critic.lr is None:
+    """The critic's peak lr (critic.lr, else optim.lr) by the prefix of its parameters' names in ActorCritic: in
+    optimizer groups of their own even at the policy's lr, so that a run resumes with another critic.lr."""
+    if not has_critic(cfg):
         return {}
-    return {prefix: cfg.critic.lr for prefix in CRITIC_PREFIXES}
+    return {prefix: cfg.critic.lr or cfg.optim.lr for prefix in CRITIC_PREFIXES}
 
 
 def build_critic(cfg: Any) -> torch.nn.Module | None:
@@ -119,5 +126,10 @@ def build_critic(cfg: Any) -> torch.nn.Module | None:
     if not has_critic(cfg) or cfg.critic.kind != "separate":
         return None
     default = cfg.model.path if cfg.critic.init == "policy" else cfg.reward.model_path
-    return build_value_model(cfg.critic.path or default, cfg.critic.init, dtype=cfg.model.dtype,
+    path = cfg.critic.path or default
+    field = "critic.path" if cfg.critic.path else "model.path" if cfg.critic.init == "policy" else "reward.model_path"
+    check_model_dir(path, field, trust_remote_code=cfg.model.trust_remote_code)  # an error names the right setting
+    if path != cfg.model.path:
+        check_same_vocabulary(cfg.model.path, path, field, trust_remote_code=cfg.model.trust_remote_code)
+    return build_value_model(path, cfg.critic.init, dtype=cfg.model.dtype,
                              trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())

@@ -17,20 +17,23 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
     `lr_by_prefix` gives the parameters whose names start with a prefix their own peak lr (PPO's critic); the
     others get cfg.lr. The schedule multiplies every group's peak lr by the same factor."""
     lr_by_prefix = lr_by_prefix or {}
-    by_lr: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(cfg.lr, True): [], (cfg.lr, False): []}
+    lrs: dict[str | None, float] = {None: cfg.lr, **lr_by_prefix}
+    # Grouped by prefix, not by lr value: the groups' layout must not depend on the rates (a resume with another
+    # critic lr, or one equal to optim.lr, would otherwise meet a checkpoint with another number of groups).
+    by_group: dict[tuple[str | None, bool], list[torch.nn.Parameter]] = {(None, True): [], (None, False): []}
     matched = False
     for name, param in model.named_parameters():
         if param.requires_grad:
-            own = [lr for prefix, lr in lr_by_prefix.items() if name.startswith(prefix)]
-            matched |= bool(own)
-            by_lr.setdefault((own[0] if own else cfg.lr, param.ndim >= 2), []).append(param)
+            prefix = next((p for p in lr_by_prefix if name.startswith(p)), None)
+            matched |= prefix is not None
+            by_group.setdefault((prefix, param.ndim >= 2), []).append(param)
     if lr_by_prefix and not matched:  # a renamed or wrapped module would otherwise train at cfg.lr unnoticed
         raise ValueError(f"no trainable parameter's name starts with {', '.join(lr_by_prefix)}: their own learning "
                          "rate would apply to nothing")
     # The default lr's two groups first (decayed, then not), as before there were others: a checkpoint's
     # param_groups keep their order.
-    groups = [{"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0}
-              for (lr, decayed), params in by_lr.items()]
+    groups = [{"params": params, "lr": lrs[prefix], "weight_decay": cfg.weight_decay if decayed else 0.0}
+              for (prefix, decayed), params in by_group.items()]
     # The fused kernel is one pass over all parameters instead of a loop of small ops; torch has it
     # for CPU and CUDA fp32/bf16 tensors.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
