@@ -27,7 +27,7 @@ from posttrain.config import ModelConfig, load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.errors import ConfigError
-from posttrain.models import build_model, load_causal_lm, save_pretrained
+from posttrain.models import build_model, load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
 from posttrain.recipes.ppo import PPOConfig, main, train_ppo
@@ -472,6 +472,18 @@ def test_a_critic_whose_checkpoint_is_not_usable_is_refused_naming_its_setting(l
     with pytest.raises(ConfigError, match="not a Hugging Face model directory") as err:
         build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={tmp_path / 'no-such-critic'}"))
     assert err.value.field == "critic.path"
+    # A critic of an architecture that cannot pack (Bloom: ALiBi along the mask): refused before any sampling, where
+    # its first forward failed after the first round was sampled.
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tokenizer = load_tokenizer(lm_dir)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4,
+                                         pad_token_id=tokenizer.pad_token_id))
+    bloom_dir = save_pretrained(bloom, tokenizer, tmp_path / "bloom")
+    with pytest.raises(ConfigError, match="cannot take padding-free batches") as err:
+        build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={bloom_dir}"))
+    assert err.value.field == "update.padding_free"
+    assert build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={bloom_dir}", "update.padding_free=false"))
     for setting, field in (("critic.init=reward_model", "critic.init"), (f"critic.path={lm_dir}", "critic.path")):
         with pytest.raises(ConfigError, match="critic.kind=shared puts a zero-initialised value head") as err:
             check_config(ppo_config(lm_dir, tmp_path, "critic.kind=shared", setting))

@@ -293,6 +293,24 @@ def test_padding_free_batches_on_a_model_that_takes_no_position_ids_are_a_config
     assert logprobs.shape == mask.shape and mask.sum() == sum(len(i) - 2 for i in ids)
 
 
+def test_a_reward_model_that_cannot_pack_scores_on_padded_rows(tokenizer):
+    """The scorer always packed: a Bloom reward model failed every score of PPO's batches ("use padded batches",
+    which the run already did)."""
+    from posttrain.rewards.reward_model import RewardModelScorer
+
+    bloom = tiny_bloom(tokenizer)
+    bloom.config.num_labels = 1  # one score, as `posttrain rm` builds them
+    reward_model = build_bloom_reward_model(bloom).eval()
+    scorer = RewardModelScorer(reward_model, tokenizer)
+    prompts, completions = ["What is 2+3?", "Hi there, you"], ["5", "hello to you too"]
+    scores = scorer.score(prompts, completions)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):  # one sequence at a time
+        ids, mask = scorer._encode(prompt, completion)
+        alone = sequence_scores(reward_model, collate_padded([{"input_ids": ids, "response_mask": mask}],
+                                                             tokenizer.pad_token_id))
+        assert_close(scores[i], alone[0].float(), rtol=1e-5, atol=1e-6)
+
+
 def build_bloom_reward_model(bloom) -> torch.nn.Module:
     model = AutoModelForSequenceClassification.from_config(bloom.config)
     model.transformer.load_state_dict(bloom.transformer.state_dict())

@@ -42,6 +42,7 @@ import torch
 
 from posttrain.config import RunConfig, param, section
 from posttrain.errors import ConfigError
+from posttrain.models.attention import packing_obstacle
 from posttrain.models.io import check_model_dir, check_same_vocabulary
 from posttrain.models.value import CRITIC_INITS, CRITIC_PREFIXES, ActorCritic, build_value_model
 from posttrain.recipes.rl import CRITIC_FREE, AdvantageConfig, KLConfig, RLConfig, UpdateConfig, check_rl_config
@@ -131,5 +132,10 @@ def build_critic(cfg: Any) -> torch.nn.Module | None:
     check_model_dir(path, field, trust_remote_code=cfg.model.trust_remote_code)  # an error names the right setting
     if path != cfg.model.path:
         check_same_vocabulary(cfg.model.path, path, field, trust_remote_code=cfg.model.trust_remote_code)
-    return build_value_model(path, cfg.critic.init, dtype=cfg.model.dtype,
-                             trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())
+    critic = build_value_model(path, cfg.critic.init, dtype=cfg.model.dtype,
+                               trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())
+    obstacle = packing_obstacle(critic) if cfg.update.padding_free else None
+    if obstacle:  # before the first round is sampled, not at its first forward
+        raise ConfigError(f"the critic ({path}) cannot take padding-free batches: {obstacle}; set "
+                          "update.padding_free=false", field="update.padding_free")
+    return critic

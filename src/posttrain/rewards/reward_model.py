@@ -27,7 +27,7 @@ from posttrain.data.schemas import message
 from posttrain.data.tokenize import Encoder, RowProblem, encode_stepwise
 from posttrain.errors import DataError
 from posttrain.models import load_tokenizer
-from posttrain.models.attention import position_limit
+from posttrain.models.attention import packing_obstacle, position_limit
 from posttrain.models.heads import floating_dtype
 from posttrain.models.reward import is_likelihood_model, load_reward_model, scores_at, sequence_scores
 
@@ -68,6 +68,7 @@ class _Scorer:
         self.encoder = Encoder.from_config(tokenizer, data or scoring_config(model))
         self.batch_size, self.capacity = batch_size, capacity
         self.pad_token_id = tokenizer.pad_token_id
+        self.packs = packing_obstacle(model) is None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, data: DataConfig | None = None, batch_size: int = 32,
@@ -94,8 +95,10 @@ class _Scorer:
     def _sequence_scores(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Tensor:
         """The reward [N] of each (token ids, completion mask) sequence, read at its last token (a likelihood
         model: summed over the masked tokens): `batch_size` sequences a forward, packed into rows of at most
-        `capacity` tokens (or the longest sequence's)."""
-        packing = PackingOptions(mask_dtype=floating_dtype(self.model), row_capacity=self.capacity)
+        `capacity` tokens (or the longest sequence's); padded rows for a model that cannot take packed ones
+        (ALiBi's Bloom and MPT, which count positions along the mask: `packing_obstacle`)."""
+        packing = PackingOptions(mask_dtype=floating_dtype(self.model), row_capacity=self.capacity) if self.packs \
+            else None
         out = []
         for start in range(0, len(sequences), self.batch_size):
             chunk = [{"input_ids": list(ids), "response_mask": list(mask)}
