@@ -503,3 +503,37 @@ def test_a_shared_value_head_reads_the_hidden_states_the_output_embedding_reads(
     logits, values = model(input_ids=ids, attention_mask=torch.ones_like(ids),
                            position_ids=torch.arange(7).expand(2, 7), keep=5)
     assert model.value_head.in_features == 32 and values.shape == (2, 5) and logits.shape[:2] == (2, 5)
+
+
+def test_a_run_resumed_inside_a_round_keeps_the_later_rounds_in_step(lm_dir, tmp_path, monkeypatch):
+    """A signal's checkpoint inside a round: the resumed run sampled a whole new round there, so every later round
+    (and its save_every checkpoints) sat one step off the uninterrupted run's. Now the fresh round serves the
+    interrupted round's remaining steps only."""
+    import os
+    import signal
+
+    import posttrain.recipes.rl_loop as rl_loop
+
+    settings = ["train.max_steps=6", "update.epochs=2", "update.rollout_batch_size=8", "train.batch_size=8",
+                "train.save_every=2", "run.log_every=1"]
+    calls, make_loss = {"n": 0}, rl_loop.rl_loss_fn
+
+    def stopping_at_step_3(cfg, max_new_tokens):
+        loss_fn = make_loss(cfg, max_new_tokens)
+
+        def loss(model, batch, normaliser):
+            calls["n"] += 1
+            if calls["n"] == 3:  # round 2's first step: it finishes, then the run stops with a checkpoint
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss_fn(model, batch, normaliser)
+        return loss
+
+    monkeypatch.setattr(rl_loop, "rl_loss_fn", stopping_at_step_3)
+    stopped = train_ppo(ppo_config(lm_dir, tmp_path, *settings), stage="ppo", title="PPO", rewards=TEXT_REWARD)
+    assert stopped.summary == {"interrupted_at_step": 3}
+    monkeypatch.undo()
+    resumed = train_ppo(ppo_config(lm_dir, tmp_path, *settings, "run.resume=true"), stage="ppo", title="PPO",
+                        rewards=TEXT_REWARD)
+    epochs = [(m["step"], m["epoch"]) for m in read_metrics(resumed.run_dir / "metrics.jsonl") if "epoch" in m]
+    assert epochs == [(1, 1), (2, 2), (3, 1), (4, 1), (5, 1), (6, 2)]
+    assert sorted(p.name for p in (resumed.run_dir / "checkpoints").iterdir()) == ["step-4", "step-6"]

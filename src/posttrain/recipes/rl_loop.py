@@ -322,7 +322,9 @@ class RLStepSource:
 
     def next_step(self) -> StepBatch:
         if not self.queue:
-            self.queue = self.generate()
+            # A run resumed inside a round (a signal's checkpoint) samples a fresh one for that round's remaining
+            # steps only: later rounds then start where the uninterrupted run's do, and so do their checkpoints.
+            self.queue = self.generate()[:steps_per_round(self.cfg) - self.steps % steps_per_round(self.cfg)]
         self.steps += 1
         return self.queue.pop(0)
 
