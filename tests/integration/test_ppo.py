@@ -484,6 +484,18 @@ def test_a_critic_whose_checkpoint_is_not_usable_is_refused_naming_its_setting(l
         build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={bloom_dir}"))
     assert err.value.field == "update.padding_free"
     assert build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={bloom_dir}", "update.padding_free=false"))
+    # Usable: a critic whose tokenizer adds tokens of its own beyond the policy's (same ids for the policy's), and
+    # a policy saved as a LoRA adapter (no config.json), from which the critic is built merged.
+    from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+
+    extended = load_tokenizer(lm_dir)
+    extended.add_tokens(["<extra_token>"])
+    extended_dir = save_pretrained(load_causal_lm(lm_dir), extended, tmp_path / "extended")
+    assert build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={extended_dir}")) is not None
+    lora = AdapterConfig(method="lora", r=4, merge_on_save=False)
+    adapter_dir = save_trained(apply_adapter(load_causal_lm(lm_dir), lora), tokenizer, tmp_path / "adapter", lora)
+    assert not (adapter_dir / "config.json").exists()
+    assert build_critic(ppo_config(str(adapter_dir), tmp_path)) is not None
     for setting, field in (("critic.init=reward_model", "critic.init"), (f"critic.path={lm_dir}", "critic.path")):
         with pytest.raises(ConfigError, match="critic.kind=shared puts a zero-initialised value head") as err:
             check_config(ppo_config(lm_dir, tmp_path, "critic.kind=shared", setting))

@@ -43,7 +43,7 @@ import torch
 from posttrain.config import RunConfig, param, section
 from posttrain.errors import ConfigError
 from posttrain.models.attention import packing_obstacle
-from posttrain.models.io import check_model_dir, check_same_vocabulary
+from posttrain.models.io import adapter_base, check_model_dir, check_same_vocabulary
 from posttrain.models.value import CRITIC_INITS, CRITIC_PREFIXES, ActorCritic, build_value_model
 from posttrain.recipes.rl import CRITIC_FREE, AdvantageConfig, KLConfig, RLConfig, UpdateConfig, check_rl_config
 from posttrain.recipes.rl_loop import train_rl
@@ -129,7 +129,8 @@ def build_critic(cfg: Any) -> torch.nn.Module | None:
     default = cfg.model.path if cfg.critic.init == "policy" else cfg.reward.model_path
     path = cfg.critic.path or default
     field = "critic.path" if cfg.critic.path else "model.path" if cfg.critic.init == "policy" else "reward.model_path"
-    check_model_dir(path, field, trust_remote_code=cfg.model.trust_remote_code)  # an error names the right setting
+    if adapter_base(path, field) is None:  # a model directory (an adapter's base is checked with it): errors name
+        check_model_dir(path, field, trust_remote_code=cfg.model.trust_remote_code)  # the setting that gave it
     if path != cfg.model.path:
         check_same_vocabulary(cfg.model.path, path, field, trust_remote_code=cfg.model.trust_remote_code)
     critic = build_value_model(path, cfg.critic.init, dtype=cfg.model.dtype,

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import RunDirError
+from posttrain.train.optim import from_lr_keyed_groups
 
 COMPLETE = "COMPLETE"
 
@@ -225,13 +226,21 @@ def _load_checkpoint(path: Path, *, modules: Mapping[str, torch.nn.Module],
                      optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any]) -> dict[str, Any]:
     for name, module in modules.items():
         load_module_weights(module, path / name)
+    regrouped: dict[str, list[int]] = {}
     for name, optimizer in optimizers.items():
         tensors = load_file(str(path / f"optimizer-{name}.safetensors"))
         structure = json.loads((path / f"optimizer-{name}.json").read_text(encoding="utf-8"))
-        optimizer.load_state_dict(_unflatten_optimizer_state(tensors, structure))
+        saved, source = from_lr_keyed_groups(modules[name], optimizer, _unflatten_optimizer_state(tensors, structure))
+        optimizer.load_state_dict(saved)
+        if source is not None:
+            regrouped[name] = source
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     for name, scheduler in schedulers.items():
-        scheduler.load_state_dict(state["schedulers"][name])
+        scheduler_state = state["schedulers"][name]
+        if name in regrouped:  # its per-group lists follow the optimizer's groups
+            scheduler_state = {key: [value[i] for i in regrouped[name]] if key in ("base_lrs", "_last_lr") else value
+                               for key, value in scheduler_state.items()}
+        scheduler.load_state_dict(scheduler_state)
     _restore_rng(load_file(str(path / "rng.safetensors")), state["rng"])
     return {"step": state["step"], **state["trainer"]}
 

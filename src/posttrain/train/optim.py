@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -37,6 +38,29 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
     # The fused kernel is one pass over all parameters instead of a loop of small ops; torch has it
     # for CPU and CUDA fp32/bf16 tensors.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def from_lr_keyed_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         saved: dict[str, Any]) -> tuple[dict[str, Any], list[int] | None]:
+    """Optimizer state `saved` by a posttrain whose groups were keyed by lr value (up to 9066fc3): a critic at
+    optim.lr (critic.lr unset or equal) shared the two default groups — every trainable 2-D parameter in the model's
+    order, then the others — where `optimizer` (`build_optimizer`) gives it groups of its own. Returns the state
+    rearranged into `optimizer`'s groups, each with the hyperparameters of the saved group its parameters were in,
+    and for each of its groups the saved group's index (to rearrange a scheduler's per-group lists alike); any
+    other state as it is, with None."""
+    groups, old_groups = optimizer.param_groups, saved["param_groups"]
+    trained = [p for _, p in model.named_parameters() if p.requires_grad]
+    legacy = [p for p in trained if p.ndim >= 2] + [p for p in trained if p.ndim < 2]  # the saved flat order
+    if (len(old_groups) != 2 or len(groups) <= 2 or [len(g["params"]) for g in old_groups]
+            != [sum(p.ndim >= 2 for p in trained), sum(p.ndim < 2 for p in trained)]
+            or len(legacy) != sum(len(g["params"]) for g in groups)):
+        return saved, None
+    index = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+    state = {index[id(p)]: saved["state"][old] for old, p in enumerate(legacy) if old in saved["state"]}
+    source = [0 if group["params"][0].ndim >= 2 else 1 for group in groups]  # each group's saved group
+    rearranged = [{**old_groups[old], "params": [index[id(p)] for p in group["params"]]}
+                  for group, old in zip(groups, source, strict=True)]
+    return {"state": state, "param_groups": rearranged}, source
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
