@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from posttrain.algos import (
     aggregate,
     bradley_terry_loss,
+    clip_ranges,
     dpo_loss,
     grpo_loss,
     gspo_policy_loss,
@@ -301,28 +302,32 @@ def test_policy_loss_statistics_by_hand() -> None:
     assert_close(out.approx_kl, torch.tensor(approx_kl, dtype=torch.float64))
 
 
-def test_without_clip_settings_gspo_keeps_its_own_clip_ranges() -> None:
-    """The RL recipes passed loss.clip_low's 0.2 to GSPO, whose sequence ratio moves by ~1e-3: never clipped."""
+def test_without_clip_settings_each_policy_loss_keeps_its_own_clip_ranges() -> None:
+    """The RL recipes passed loss.clip_low's 0.2 to GSPO, whose sequence ratio moves by ~1e-3: never clipped. Unset,
+    the ranges are the loss's own; a registered loss that takes them as required arguments still gets PPO's."""
     from posttrain.recipes.rl import RLLossConfig
 
+    cfg = RLLossConfig()
+    assert cfg.clip_low is None and cfg.clip_high is None
+    assert clip_ranges(gspo_policy_loss, cfg.clip_low, cfg.clip_high) == (3e-4, 4e-4)
+    assert clip_ranges(policy_loss, cfg.clip_low, cfg.clip_high) == (0.2, None)
+    assert clip_ranges(gspo_policy_loss, None, 0.01) == (3e-4, 0.01)
+    assert clip_ranges(gspo_policy_loss, 0.2, None) == (0.2, None)  # given: used (symmetric)
+
+    def required(logprobs, old_logprobs, advantages, response_mask, *, clip_low, clip_high, dual_clip, agg,
+                 normaliser, max_length):
+        return policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=clip_low, clip_high=clip_high)
+
+    assert clip_ranges(required, None, None) == (0.2, None)
     old = torch.full((2, 4), -1.0, dtype=torch.float64)
     logprobs = old + math.log(1.05)  # every sequence ratio 1.05
     advantages = torch.tensor([[1.0] * 4, [-1.0] * 4], dtype=torch.float64)
     mask = torch.ones(2, 4)
-    cfg = RLLossConfig()
-    assert cfg.clip_low is None and cfg.clip_high is None
-
-    def clipped(**clip):
-        return grpo_loss(logprobs, old, None, advantages, mask, beta=0.0, pg_loss_fn=gspo_policy_loss,
-                         **clip).clip_fraction.item()
-
-    # the positive advantage's ratio is clipped at 1 + 4e-4 (the paper's ranges): half the tokens
-    assert clipped(clip_low=cfg.clip_low, clip_high=cfg.clip_high) == 0.5
-    assert clipped(clip_low=0.2) == 0.0  # ranges given: used, symmetric
-    assert clipped(clip_high=0.01) == 0.5 and clipped(clip_high=0.1) == 0.0  # clip_high alone, with GSPO's lower
-    # ppo keeps its 0.2 when nothing is set
-    assert grpo_loss(logprobs, old, None, advantages, mask, beta=0.0).clip_fraction.item() == 0.0
-    assert grpo_loss(logprobs, old, None, advantages, mask, beta=0.0, clip_low=0.01).clip_fraction.item() == 0.5
+    clip = dict(zip(("clip_low", "clip_high"), clip_ranges(gspo_policy_loss, None, None), strict=True))
+    out = grpo_loss(logprobs, old, None, advantages, mask, beta=0.0, pg_loss_fn=gspo_policy_loss, **clip)
+    assert out.clip_fraction.item() == 0.5  # the positive advantage's ratio clipped at 1 + 4e-4
+    out = grpo_loss(logprobs, old, None, advantages, mask, beta=0.0, pg_loss_fn=required)  # grpo_loss's own 0.2
+    assert out.clip_fraction.item() == 0.0
 
 
 def test_gspo_matches_the_sequence_level_objective() -> None:

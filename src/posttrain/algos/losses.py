@@ -505,7 +505,7 @@ def grpo_loss(
     *,
     beta: float = 0.04,
     kl_kind: str = "k3",
-    clip_low: float | None = None,
+    clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     agg: str = "token-mean",
@@ -520,9 +520,6 @@ def grpo_loss(
 
     ``pg_loss_fn`` is any policy loss with the ``policy_loss`` signature (e.g. from
     ``get_policy_loss``). With beta = 0 the reference is not needed (``ref_logprobs=None``).
-    ``clip_low`` None: the policy loss's own clip ranges (``policy_loss``: 0.2; GSPO's sequence ratio: the
-    paper's 3e-4 / 4e-4, ranges 0.2 would leave unclipped), with ``clip_high`` if given; a ``clip_low`` with
-    ``clip_high`` None clips symmetrically.
 
     Shapes: logprobs, old_logprobs, ref_logprobs, advantages, response_mask [B, T] -> GRPOLossOutput.
     Source: Shao et al. (2024), "DeepSeekMath", eqs. 3-4.
@@ -532,8 +529,8 @@ def grpo_loss(
         old_logprobs,
         advantages,
         response_mask,
-        **({"clip_low": clip_low, "clip_high": clip_high} if clip_low is not None
-           else {"clip_high": clip_high} if clip_high is not None else {}),
+        clip_low=clip_low,
+        clip_high=clip_high,
         dual_clip=dual_clip,
         agg=agg,
         normaliser=normaliser,

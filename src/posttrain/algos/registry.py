@@ -13,6 +13,7 @@ An unknown name raises ``UnknownNameError`` (a ValueError) listing the registere
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
@@ -130,6 +131,21 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
 def get_policy_loss(name: str) -> PolicyLoss:
     """The policy loss registered as ``name``; UnknownNameError lists the allowed names."""
     return POLICY_LOSSES[name]
+
+
+def clip_ranges(loss: PolicyLoss, clip_low: float | None, clip_high: float | None) -> tuple[float, float | None]:
+    """The (clip_low, clip_high) a policy loss runs with: those given, or, for clip_low None, the loss's own defaults
+    (PPO's 0.2 and clip_high = clip_low; GSPO's 3e-4 and 4e-4, whose sequence ratio a range of 0.2 would never clip),
+    with clip_high if given; a loss without defaults gets PPO's."""
+    if clip_low is not None:
+        return clip_low, clip_high
+    parameters = inspect.signature(loss).parameters
+
+    def default(name: str, fallback: float | None) -> float | None:
+        parameter = parameters.get(name)
+        return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+    return default("clip_low", 0.2), clip_high if clip_high is not None else default("clip_high", None)
 
 
 def _require(inputs: AdvantageInputs, estimator: str, *fields: str) -> None:

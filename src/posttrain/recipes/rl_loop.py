@@ -45,6 +45,7 @@ from posttrain.algos import (
     AdvantageInputs,
     FixedKLController,
     aggregate,
+    clip_ranges,
     explained_variance,
     get_advantage_estimator,
     get_policy_loss,
@@ -650,6 +651,7 @@ def rl_loss_fn(cfg: RLConfig, max_new_tokens: int):
     """
     loss_cfg, padding_free = cfg.loss, packing(cfg.update)
     pg_loss_fn = get_policy_loss(loss_cfg.policy_loss)
+    clip_low, clip_high = clip_ranges(pg_loss_fn, loss_cfg.clip_low, loss_cfg.clip_high)
 
     def loss_fn(model: ActorCritic, batch: RLMicroBatch, normaliser: float) -> tuple[Tensor, dict[str, float]]:
         mask, share = batch.loss_mask, batch.token_share
@@ -658,8 +660,8 @@ def rl_loss_fn(cfg: RLConfig, max_new_tokens: int):
         first = batch.old_logprobs is None  # pi_old is this very forward: the round's single update
         old_logprobs = logprobs.detach() if first else batch.old_logprobs
         out = grpo_loss(logprobs, old_logprobs, batch.ref_logprobs if batch.kl_coef > 0 else None,
-                        batch.advantages, mask, beta=batch.kl_coef, kl_kind=cfg.kl.kind, clip_low=loss_cfg.clip_low,
-                        clip_high=loss_cfg.clip_high, dual_clip=loss_cfg.dual_clip, agg=loss_cfg.agg,
+                        batch.advantages, mask, beta=batch.kl_coef, kl_kind=cfg.kl.kind, clip_low=clip_low,
+                        clip_high=clip_high, dual_clip=loss_cfg.dual_clip, agg=loss_cfg.agg,
                         normaliser=normaliser, max_length=max_new_tokens, pg_loss_fn=pg_loss_fn)
         loss = out.loss
         ratio = torch.exp(logprobs.detach() - old_logprobs)
