@@ -315,7 +315,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
         if stage.name in wanted and (fresh or stage.builds_on in {t.name for t in todo}
                                      or not _finished(stage, out_dir, summaries, quick)):
             todo.append(stage)
-    _check_bases(todo, out_dir)
+    _check_bases(todo, out_dir, summaries)
     cores = usable_cores()
     jobs = jobs or default_jobs(cores)
     threads_of = {s.name: threads or stage_threads(s, jobs, cores) for s in todo}
@@ -389,13 +389,21 @@ def _write_summaries(out_dir: Path, summaries: dict[str, dict[str, Any]], consol
     _write_json(out_dir / "demo.json", _in_stage_order(kept))
 
 
-def _check_bases(todo: list[DemoStage], out_dir: Path) -> None:
-    """Every stage to run builds on a finished stage or on one that runs before it: checked before anything runs."""
+def _check_bases(todo: list[DemoStage], out_dir: Path, summaries: dict[str, dict[str, Any]]) -> None:
+    """Every stage to run builds on a finished stage with its results in demo.json, or on one that runs before it:
+    checked before anything runs."""
     names = {s.name for s in todo}
     for stage in todo:
-        if stage.builds_on and stage.builds_on not in names and not (out_dir / stage.builds_on / "final").is_dir():
-            raise ConfigError(f"stage {stage.name!r} builds on {stage.builds_on!r}, which has not run yet "
-                              f"(no {out_dir / stage.builds_on / 'final'})", field="--stages")
+        base = stage.builds_on
+        if base and base not in names and not (out_dir / base / "final").is_dir():
+            raise ConfigError(f"stage {stage.name!r} builds on {base!r}, which has not run yet "
+                              f"(no {out_dir / base / 'final'})", field="--stages")
+        if base and base not in names and base not in summaries:
+            # its model is there, but not the results it was trained with (dropped: its own base ran again after
+            # it; or demo.json is an older posttrain's): what this stage's report would compare with is unknown
+            raise ConfigError(f"stage {stage.name!r} builds on {base!r}, whose results are not in "
+                              f"{out_dir / 'demo.json'} (the stage it builds on ran again after it, or an older "
+                              f"posttrain ran it): run both, --stages {base},{stage.name}", field="--stages")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -438,7 +446,7 @@ def _run_stage(stage: DemoStage, out_dir: Path, quick: bool, summaries: dict[str
     # the clock times say how stages that ran side by side overlapped (the report's total)
     return {**summary, "seconds": time.perf_counter() - start, "threads": threads, "started_at": started_at,
             "finished_at": time.time(), "demo_settings": _settings(stage, quick),
-            **({"base_finished_at": summaries[stage.builds_on].get("finished_at")} if stage.builds_on else {})}
+            **({"base_finished_at": summaries.get(stage.builds_on, {}).get("finished_at")} if stage.builds_on else {})}
 
 
 def _table(wanted: list[str], ran: set[str], summaries: dict[str, dict[str, Any]], out_dir: Path,

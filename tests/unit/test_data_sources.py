@@ -153,6 +153,12 @@ def test_a_later_row_without_a_renamed_column_names_that_column(tmp_path):
     with pytest.raises(DataError, match="column 'question' \\(to use as 'prompt'\\) is not in this row") as err:
         load_rows(cfg, ("completion",))
     assert (err.value.line, err.value.field) == (2, "columns.prompt")
+    # An optional column may be missing from some rows, renamed or not.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "gap": 2.0}) + "\n"
+                     + json.dumps({"prompt": "q", "chosen": "c", "rejected": "d"}) + "\n")
+    cfg = DataConfig(source=str(pairs), cache_dir=str(tmp_path / "c"), columns=ColumnsConfig(margin="gap"))
+    assert load_rows(cfg, ("preference",)).dataset["margin"] == [2.0, None]
 
 
 def test_the_text_column_can_be_renamed(tmp_path):

@@ -75,6 +75,20 @@ def test_a_stage_whose_base_ran_again_is_not_reused_or_reported(stand_in_recipes
         open("demo/demo.json").read())["pretrain"]["finished_at"]
 
 
+def test_a_stage_whose_base_has_no_results_is_refused_before_it_runs(stand_in_recipes):
+    """sft dropped (pretrain ran again after it), then `--stages dpo`: dpo trained, then failed with a KeyError where
+    its summary records its base's."""
+    from posttrain.errors import ConfigError
+
+    _demo(["pretrain", "sft"])
+    _demo(["pretrain"], fresh=True)
+    with pytest.raises(ConfigError, match="builds on 'sft', whose results are not in .*--stages sft,dpo"):
+        _demo(["dpo"])
+    assert stand_in_recipes == ["pretrain", "sft", "pretrain"]
+    _demo(["sft", "dpo"])
+    assert stand_in_recipes[3:] == ["sft", "dpo"]
+
+
 def test_a_signal_during_a_stages_evaluation_is_a_stop_with_what_is_left(stand_in_recipes, monkeypatch):
     """The demo's own sampled evaluation runs after the recipe, where a SIGTERM ended the process on the spot (no
     message; a parallel demo called the stage failed)."""

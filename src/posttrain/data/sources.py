@@ -30,7 +30,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from posttrain.data import schemas, tasks
 from posttrain.data.config import FORMATS, DataConfig
-from posttrain.data.schemas import FEATURES, STRUCTURED_FIELDS, Where, detect_format, normalise_row
+from posttrain.data.schemas import FEATURES, SPECS, STRUCTURED_FIELDS, Where, detect_format, normalise_row
 from posttrain.errors import ConfigError, DataError
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
@@ -154,19 +154,23 @@ def _generate(spec: _Spec) -> Iterator[dict[str, Any]]:
 def _renamed(raw: Iterator[tuple[Where, Any]], spec: _Spec) -> Iterator[tuple[Where, Any]]:
     """Apply column renames (source name -> canonical name) and the row limit."""
     renames = dict(spec.renames)
+    required = set(SPECS[spec.format].required) if spec.format in SPECS else set()
     limited = itertools.islice(raw, spec.limit) if spec.limit else raw
+    first = True
     for where, row in limited:
         if isinstance(row, Mapping) and renames:
-            # Every row: one that lacks a renamed column was reported as lacking its canonical one, with a hint
-            # to rename another column
+            # The first row must have every renamed column; a later one every renamed column its format requires
+            # (one without it was reported as lacking the canonical name, with a hint to rename another column).
+            # An optional one (margin, answer, steps...) may be missing from some rows, as unrenamed.
             for source_name, canonical in renames.items():
-                if source_name not in row:
+                if source_name not in row and (first or canonical in required):
                     close = difflib.get_close_matches(source_name, list(row), n=1)
                     hint = f" — did you mean {close[0]!r}?" if close else ""
                     raise where.error(f"column {source_name!r} (to use as {canonical!r}) is not in this row{hint} "
                                       f"Columns: {', '.join(row)}", field=f"columns.{canonical}")
             row = {k: v for k, v in row.items() if k not in renames.values()} | {
                 renames[k]: v for k, v in row.items() if k in renames}
+        first = False
         yield where, row
 
 
