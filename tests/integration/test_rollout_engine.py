@@ -465,6 +465,10 @@ def test_a_forward_without_logits_to_keep_samples_and_recomputes_the_same_logpro
              "response_mask": torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], 1)}
     for got, want in zip(response_logprobs(model, batch), response_logprobs(reference, batch), strict=True):
         assert_close(got, want, rtol=1e-5, atol=1e-6)
+    from posttrain.models.heads import forward_keeping
+
+    none = forward_keeping(model, torch.zeros(0, dtype=torch.long), input_ids=rollout.input_ids).logits
+    assert none.shape == (len(rollout.input_ids), 0, len(tokenizer))  # no position kept: none computed or cut
 
 
 def test_a_learned_position_table_too_short_for_prompt_and_new_tokens_is_a_config_error(tokenizer, prompts):
@@ -474,3 +478,8 @@ def test_a_learned_position_table_too_short_for_prompt_and_new_tokens_is_a_confi
     assert engine.generate(prompts, SamplingParams(max_new_tokens=4, seed=0)).completion_ids.shape[0] == len(prompts)
     with pytest.raises(ConfigError, match=r"a prompt of \d+ tokens and max_new_tokens=5 new ones are longer than"):
         engine.generate(prompts, SamplingParams(max_new_tokens=5, seed=0))
+    from peft import PrefixTuningConfig, get_peft_model  # prefix-tuning's virtual tokens take positions too
+
+    prefixed = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(ConfigError, match="new ones \\(after 2 virtual tokens\\) are longer than"):
+        LocalRolloutEngine(prefixed, tokenizer).generate(prompts, SamplingParams(max_new_tokens=4, seed=0))

@@ -56,7 +56,9 @@ def forward_keeping(model: torch.nn.Module, keep: int | Tensor, **inputs: Any) -
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
     out = model(**inputs, **({"logits_to_keep": keep} if _forward_takes_logits_to_keep(type(inner)) else {}))
     logits = out.logits
-    wanted = len(keep) if isinstance(keep, Tensor) else keep
-    if wanted and logits.shape[1] != wanted:
-        out.logits = logits[:, keep] if isinstance(keep, Tensor) else logits[:, -keep:]
+    if isinstance(keep, Tensor):
+        if logits.shape[1] != len(keep):
+            out.logits = logits[:, keep]
+    elif keep and logits.shape[1] != keep:  # keep=0: every position's, as transformers reads it
+        out.logits = logits[:, -keep:]
     return out

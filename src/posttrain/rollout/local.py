@@ -79,11 +79,15 @@ class LocalRolloutEngine(RolloutEngine):
                  generator: torch.Generator | None = None) -> Rollout:
         prompt_lists = prompt_token_lists(prompts)
         limit = position_limit(self.model)
-        if limit is not None and max(map(len, prompt_lists)) + params.max_new_tokens > limit:
+        peft_config = getattr(self.model, "active_peft_config", None)  # prefix-tuning's virtual tokens take positions
+        virtual = peft_config.num_virtual_tokens if getattr(peft_config, "is_prompt_learning", False) else 0
+        if limit is not None and virtual + max(map(len, prompt_lists)) + params.max_new_tokens > limit:
             # A learned position table (GPT-2, OPT) has no row past its end: an IndexError mid-generation otherwise.
             raise ConfigError(f"a prompt of {max(map(len, prompt_lists))} tokens and max_new_tokens="
-                              f"{params.max_new_tokens} new ones are longer than the {limit} positions this model "
-                              f"has: make their sum <= {limit} (shorter prompts or fewer new tokens)")
+                              f"{params.max_new_tokens} new ones" + (f" (after {virtual} virtual tokens)" if virtual
+                                                                     else "")
+                              + f" are longer than the {limit} positions this model has: make their sum <= "
+                              f"{limit - virtual} (shorter prompts or fewer new tokens)")
         rows = torch.arange(len(prompt_lists)).repeat_interleave(params.n)
         if generator is None and params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)  # a CPU stream: the same draws on any device
