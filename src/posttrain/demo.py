@@ -315,6 +315,11 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
         if stage.name in wanted and (fresh or stage.builds_on in {t.name for t in todo}
                                      or not _finished(stage, out_dir, summaries, quick)):
             todo.append(stage)
+            settings = summaries.get(stage.name, {}).get("demo_settings", "none")
+            if not (fresh or stage_summary) and stage.name in summaries and settings != _settings(stage, quick):
+                console.print(f"{stage.name} runs again: its results are from other settings (a "
+                              f"{'full' if quick else '--quick'} demo, other budgets, or an older posttrain)",
+                              highlight=False)
     _check_bases(todo, out_dir, summaries)
     cores = usable_cores()
     jobs = jobs or default_jobs(cores)

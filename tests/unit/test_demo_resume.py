@@ -4,6 +4,7 @@ directory and a summary), so each case takes a second."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -41,16 +42,18 @@ def stand_in_recipes(tmp_path, monkeypatch):
     return ran
 
 
-def _demo(stages, quick=False, fresh=False):
+def _demo(stages, quick=False, fresh=False, console=None):
     return run_demo(out="demo", quick=quick, fresh=fresh, stages=stages, jobs=1,
-                    console=Console(file=open(os.devnull, "w")))
+                    console=console or Console(file=open(os.devnull, "w")))
 
 
 def test_a_full_demo_does_not_reuse_what_a_quick_demo_trained(stand_in_recipes):
     """A quick demo's stages were reused by the full demo and reported as its results (60 pretraining steps)."""
     _demo(["pretrain"], quick=True)
-    _demo(["pretrain"])
+    said = io.StringIO()
+    _demo(["pretrain"], console=Console(file=said, width=200))
     assert stand_in_recipes == ["pretrain", "pretrain"]
+    assert "pretrain runs again: its results are from other settings (a --quick demo" in said.getvalue()
     _demo(["pretrain"])  # the full one's now: reused
     assert stand_in_recipes == ["pretrain", "pretrain"]
     assert json.loads(open("demo/demo.json").read())["pretrain"]["demo_settings"] == {"quick": False,
