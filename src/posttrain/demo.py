@@ -2,7 +2,8 @@
 
 Each stage is a shipped recipe run into `<out>/<stage name>/`, reading the final model of the stage it builds
 on. A stage whose final model already exists is reused unless `fresh` (so an interrupted demo picks up where it
-stopped). `demo.json` collects every stage's summary.
+stopped), if it ran with this demo's settings from the base model there now. `demo.json` collects every stage's
+summary, those of stages whose base ran again after them left out.
 
 Stages that do not build on each other run at the same time (`jobs`, by default one per core up to 4), each in
 its own process with its share of the cores and its log in `<out>/logs/`; the pretraining, which everything
