@@ -311,6 +311,18 @@ def test_llama_decoder_applies_lora_adapters(tiny_model, tokenizer, prompts):
     assert logprob_mismatch(sampled.logprobs, recomputed, sampled.response_mask) < 1e-5
 
 
+@torch.no_grad()
+def _assert_each_row_as_its_forward_alone(model, rollout) -> None:
+    """The sampler's logprobs of each row are those of the model's own forward on that row alone (its prompt and
+    completion, no padding, no cache)."""
+    for row in range(len(rollout.texts)):
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+        completion = rollout.completion_ids[row][rollout.response_mask[row].bool()]
+        logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1:-1]
+        expected = torch.log_softmax(logits.float(), dim=-1).gather(1, completion[:, None]).squeeze(1)
+        assert_close(rollout.logprobs[row, :len(completion)], expected, rtol=0, atol=2e-5)
+
+
 def test_a_prefix_tuned_model_samples_what_its_own_forward_computes(tiny_model, tokenizer, prompts):
     """Prefix-tuning: the virtual keys and values (random here, so they matter) in front of every prompt, positions
     offset by their count, as peft's forward computes them. Reference: each row's prompt and completion alone
@@ -323,15 +335,9 @@ def test_a_prefix_tuned_model_samples_what_its_own_forward_computes(tiny_model, 
         policy.prompt_encoder["default"].embedding.weight.normal_(std=1.0)
     params = SamplingParams(max_new_tokens=6, n=2, seed=0)
     rollout = LocalRolloutEngine(policy, tokenizer).generate(prompts, params)
-    with torch.no_grad():
-        for row in range(len(rollout.texts)):
-            prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
-            completion = rollout.completion_ids[row][rollout.response_mask[row].bool()]
-            logits = policy(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1:-1]
-            expected = torch.log_softmax(logits.float(), dim=-1).gather(1, completion[:, None]).squeeze(1)
-            assert_close(rollout.logprobs[row, :len(completion)], expected, rtol=0, atol=2e-5)
-        with policy.disable_adapter():
-            plain = LocalRolloutEngine(policy, tokenizer).generate(prompts, params)
+    _assert_each_row_as_its_forward_alone(policy, rollout)
+    with torch.no_grad(), policy.disable_adapter():
+        plain = LocalRolloutEngine(policy, tokenizer).generate(prompts, params)
     assert (plain.logprobs - rollout.logprobs).abs().max() > 0.01  # the prefix changes the distribution
     tuned = get_peft_model(copy.deepcopy(tiny_model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ConfigError, match="does not support prompt-tuning adapters"):
@@ -359,14 +365,7 @@ def test_a_prefix_tuned_model_with_a_sliding_window_the_padding_would_cut_is_ref
             with pytest.raises(ConfigError, match="sliding window of .* only when the 4 virtual tokens"):
                 engine.generate(prompts, params)
             continue
-        rollout = engine.generate(prompts, params)
-        with torch.no_grad():
-            for row in range(len(rollout.texts)):
-                prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
-                completion = rollout.completion_ids[row][rollout.response_mask[row].bool()]
-                logits = policy(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1:-1]
-                expected = torch.log_softmax(logits.float(), dim=-1).gather(1, completion[:, None]).squeeze(1)
-                assert_close(rollout.logprobs[row, :len(completion)], expected, rtol=0, atol=2e-5)
+        _assert_each_row_as_its_forward_alone(policy, engine.generate(prompts, params))
 
 
 def test_joined_rollouts_hold_row_by_row_what_their_parts_held(tiny_model, tokenizer, prompts):
