@@ -19,6 +19,7 @@ from posttrain.models import build_model
 from posttrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_module_weights
 from posttrain.train.engine import TrainConfig, Trainer, TrainingError
 from posttrain.train.metrics import read_metrics
+from posttrain.train.optim import lr_factor
 from posttrain.train.run_dir import prepare_run_dir
 from posttrain.train.sources import ShuffledStepSource
 
@@ -290,3 +291,46 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_that_leaves_no_half_ch
     with pytest.raises(RunDirError, match=r"No space left on device.*step-2, is kept"):
         trainer.fit(source, _loss_fn)
     assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step-2"]
+
+
+def test_a_skipped_step_logs_no_partial_loss_trains_no_tokens_and_stops_no_rule(tmp_path, tokenizer, recwarn):
+    """The second micro-batch of step 4 is NaN: the step logged the first one's loss (a quarter of the step's, so
+    `loss < 2` ended the run on it), counted its tokens as trained, and a skipped first step drew torch's warning
+    that the schedule's first value was skipped. Nothing of the sort now; the summary counts skipped steps."""
+    trainer, source = _trainer(tmp_path, tokenizer, name="nan", steps=6, save_every=0, micro=2,
+                               stop_when="loss < 2.0")
+    micro_batches: dict[int, int] = {}
+
+    def poisoned(model, batch, normaliser):
+        step = trainer.step + 1
+        micro_batches[step] = micro_batches.get(step, 0) + 1
+        loss, metrics = _loss_fn(model, batch, normaliser)
+        if (step, micro_batches[step]) in ((1, 1), (4, 2)):  # step 1's first micro-batch, step 4's second
+            loss = loss * float("nan")
+        return loss, metrics
+
+    result = trainer.fit(source, poisoned)
+    records = {r["step"]: r for r in read_metrics(tmp_path / "nan" / "metrics.jsonl")}
+    assert result.step == 6 and result.stopped_by is None  # the rule was neither refused nor met on a skipped step
+    assert records[1]["loss"] is None and records[4]["loss"] is None and records[4]["nonfinite"]
+    assert all(records[s]["loss"] > 2.0 for s in (2, 3, 5, 6))
+    trained = [r["tokens"] for r in records.values()]
+    assert result.tokens == trained[-1] == 4 * 8 * SEQ  # steps 2, 3, 5, 6
+    assert result.totals()["skipped_steps"] == 2
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_a_resume_with_a_longer_schedule_trains_its_first_step_on_it_and_counts_time_across_sessions(tmp_path,
+                                                                                                    tokenizer):
+    """Raising max_steps on resume: the first resumed step trained at the old schedule's last lr, the next ones on
+    the new; and elapsed_s and the summary's seconds started again from 0."""
+    first, source = _trainer(tmp_path, tokenizer, name="longer", steps=4, save_every=2)
+    first_seconds = first.fit(source, _loss_fn).seconds
+    resumed, source = _trainer(tmp_path, tokenizer, name="longer", steps=8, resume=True, save_every=2)
+    result = resumed.fit(source, _loss_fn)
+    records = read_metrics(tmp_path / "longer" / "metrics.jsonl")
+    cfg = OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine")
+    assert [r["lr"] for r in records[4:]] == pytest.approx([3e-3 * lr_factor(s, 8, cfg) for s in range(4, 8)],
+                                                           rel=1e-12)
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and result.seconds > first_seconds

@@ -130,10 +130,14 @@ def test_a_rule_on_a_training_metric_is_read_every_step_and_one_never_met_runs_t
 
 
 def test_a_metric_the_evaluations_lack_is_refused_and_one_only_a_last_evaluation_logs_is_dropped(tmp_path, tokenizer):
-    trainer, source = _trainer(tmp_path, tokenizer, name="typo", steps=6, eval_every=3, stop_when="dev_scor >= 1")
-    with pytest.raises(ConfigError, match="dev_scor.*dev_score") as error:
+    trainer, source = _trainer(tmp_path, tokenizer, name="typo", steps=6, eval_every=3, stop_when="dev_scor >= 1",
+                               save_every=0)
+    with pytest.raises(ConfigError, match="dev_scor.*dev_score.*The run so far is saved") as error:
         trainer.fit(source, _loss_fn, RisingEvaluation())
     assert error.value.field == "train.stop_when" and trainer.step == 3
+    # refused at the first evaluation, perhaps many steps in: those steps are kept, resumable
+    assert (tmp_path / "typo" / "checkpoints" / "step-3").is_dir()
+    assert [r["step"] for r in read_metrics(tmp_path / "typo" / "metrics.jsonl")] == [1, 2, 3]
     # evaluated only at the end (eval_every 0, or past max_steps: a short trial of a recipe): an evaluation's metric
     # cannot end the run early; it says so at its first step and runs to its end, as it would without the rule
     for name, every in (("late", 0), ("later", 100)):

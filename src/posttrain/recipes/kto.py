@@ -20,6 +20,7 @@ and their margin, and the sequence logprobs; held-out exact match is measured be
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -189,14 +190,13 @@ def kto_loss_fn(cfg: KTOLossConfig, reference: Reference | None):
 
 def label_metrics(rewards: torch.Tensor, logprobs: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
     """Per-label sums over this micro-batch / the step's count of that label, so micro-batches add up to step means.
-    A label the step has no row of gets no metric (nor does the margin)."""
+    A label the step has no row of gets NaN (and so does the margin): every step logs the same metrics (a
+    train.stop_when on one is checked against the first step's record), NaN written as null."""
     desirable = batch["desirable"]
     counts = batch.get("step_labels", (int(desirable.sum()), int((~desirable).sum())))
     out = {}
     for name, rows, count in (("desirable", desirable, counts[0]), ("undesirable", ~desirable, counts[1])):
-        if count:
-            out[f"{name}_reward"] = rewards[rows].sum().item() / count
-            out[f"{name}_logprobs"] = logprobs[rows].sum().item() / count
-    if len(out) == 4:
-        out["reward_margin"] = out["desirable_reward"] - out["undesirable_reward"]
+        out[f"{name}_reward"] = rewards[rows].sum().item() / count if count else math.nan
+        out[f"{name}_logprobs"] = logprobs[rows].sum().item() / count if count else math.nan
+    out["reward_margin"] = out["desirable_reward"] - out["undesirable_reward"]
     return out

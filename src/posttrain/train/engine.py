@@ -24,6 +24,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -162,7 +163,7 @@ class TrainResult:
         """What every stage's summary reports about its training."""
         stopped = {} if self.stopped_by is None else {"stopped_by": self.stopped_by}
         return {"steps": self.step, "trained_tokens": self.tokens, "seconds": self.seconds,
-                "precision": self.precision, "device": self.device, **stopped}
+                "skipped_steps": self.skipped_steps, "precision": self.precision, "device": self.device, **stopped}
 
 
 def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -208,6 +209,7 @@ class Trainer:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
         self.tokens = 0
+        self.elapsed_s = 0.0  # wall time of the run's steps over every session (a resume adds to it)
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
         # The spike guard's window (gradient norms of trained steps), and the first skipped step: the newest
@@ -227,6 +229,7 @@ class Trainer:
             progress_keys: tuple[str, ...] = ("loss",)) -> TrainResult:
         resumed_from = self._maybe_resume(source)
         start, interrupted = time.perf_counter(), False
+        earlier_s = self.elapsed_s  # the sessions before a resume: elapsed_s and seconds count the whole run
         session_tokens = 0
         last = self._resumed_last  # a resume with no step left still reports the last step's metrics
         rule = StopRule.parse(self.train_cfg.stop_when)
@@ -259,7 +262,8 @@ class Trainer:
                 record = self._optimizer_step(batch, loss_fn)
                 session_tokens += batch.tokens
                 elapsed = time.perf_counter() - start
-                record.update(batch.metrics, step_time_s=time.perf_counter() - step_start, elapsed_s=elapsed,
+                self.elapsed_s = earlier_s + elapsed
+                record.update(batch.metrics, step_time_s=time.perf_counter() - step_start, elapsed_s=self.elapsed_s,
                               tokens=self.tokens, tokens_per_s=session_tokens / max(elapsed, 1e-9))
                 if "generation_s" in record:
                     record["generation_share"] = record["generation_s"] / max(record["step_time_s"], 1e-9)
@@ -267,10 +271,21 @@ class Trainer:
                 evaluated = evaluate is not None and self._due(self.train_cfg.eval_every, final=True)
                 if evaluated:
                     record.update(self._evaluate(evaluate, final=at_end))
-                if rule is not None and not rule_checked and not at_end and (
+                if rule is not None and not rule_checked and not at_end and not record.get("nonfinite") and (
                         evaluated or not self._evaluates_early(evaluate)):
                     rule_checked = True  # the record has every metric the run logs before its last step
-                    rule = self._readable(rule, record, evaluated, evaluates=evaluate is not None)
+                    try:
+                        rule = self._readable(rule, record, evaluated, evaluates=evaluate is not None)
+                    except ConfigError as refused:
+                        if not evaluated:  # the run's first step: nothing worth keeping yet
+                            raise
+                        # at an evaluation, perhaps many steps in: the run so far is kept before it stops
+                        metrics.write(record)
+                        if main:
+                            self.run_dir.begin_training()
+                        path = self.save(source)
+                        raise ConfigError(f"{refused.message}. The run so far is saved ({path}): resume it with a "
+                                          "train.stop_when on a metric it logs", field=refused.field) from None
                 stopped_by = None if at_end else self._stopped_by(rule, record)
                 if stopped_by is not None:
                     self._stopped = (str(rule), stopped_by)  # saved with the checkpoint below
@@ -306,7 +321,7 @@ class Trainer:
                                f"{session_tokens / max(seconds, 1e-9):,.0f} tok/s, "
                                f"{self.skipped_steps} skipped steps")
         return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
-                           seconds=seconds, skipped_steps=self.skipped_steps, precision=self.precision,
+                           seconds=earlier_s + seconds, skipped_steps=self.skipped_steps, precision=self.precision,
                            device=str(self.device), stopped_by=stopped_by)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -365,6 +380,8 @@ class Trainer:
             with self.parallel.step_context(sync=i == last):
                 with self.autocast():  # the backward runs outside: each op in its forward's dtype
                     loss, micro_metrics = self.parallel.loss(loss_fn, micro_batch, batch.normaliser, sync=i == last)
+                for key, value in micro_metrics.items():
+                    sums[key] += value  # (a non-finite step logs NaN for each of them)
                 if not torch.isfinite(loss):
                     finite = False
                     if not self.dist.distributed:
@@ -372,8 +389,6 @@ class Trainer:
                 # With several ranks every backward still runs (the others wait in its all-reduce); a
                 # non-finite loss then makes the reduced gradient norm non-finite on every rank alike.
                 loss.backward()
-            for key, value in micro_metrics.items():
-                sums[key] += value
         grad_norm = math.nan
         if finite or self.dist.distributed:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip or math.inf)
@@ -395,9 +410,14 @@ class Trainer:
             if self._first_skipped is None:
                 self._first_skipped = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A first step skipped calls the scheduler before the optimizer ever stepped: torch warns that the
+            # schedule's first value is skipped, which LambdaLR does not do.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.step += 1
-        self.tokens += batch.tokens
+        if finite and not spike:
+            self.tokens += batch.tokens  # trained tokens: a skipped step's were consumed, not trained on
         if self._nonfinite_in_a_row >= self.train_cfg.max_nonfinite:
             raise TrainingError(
                 f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient or a gradient-norm "
@@ -406,7 +426,10 @@ class Trainer:
                 f"expected, raise train.spike_factor={self.train_cfg.spike_factor:g}); the checkpoints (the newest one "
                 f"from before step {self._first_skipped} is kept) are in {self.run_dir.checkpoints}",
                 field="train.max_nonfinite")
-        record = {"step": self.step, **dist.mean_over_ranks(sums), "lr": lr, "grad_norm": grad_norm,
+        losses = dist.mean_over_ranks(sums)
+        if not finite:  # what the step measured stops at its first non-finite micro-batch: none of it stands
+            losses = dict.fromkeys(losses, math.nan)
+        record = {"step": self.step, **losses, "lr": lr, "grad_norm": grad_norm,
                   "weight_norm": self._weight_norm, "skipped_steps": self.skipped_steps}
         if not finite:
             record["nonfinite"] = True
@@ -451,7 +474,7 @@ class Trainer:
 
     def _state(self, source: StepSource) -> dict[str, Any]:
         stopped = {} if self._stopped is None else {"stopped_by_rule": list(self._stopped)}
-        return {"tokens": self.tokens, "skipped_steps": self.skipped_steps,
+        return {"tokens": self.tokens, "skipped_steps": self.skipped_steps, "elapsed_s": self.elapsed_s,
                 "nonfinite_in_a_row": self._nonfinite_in_a_row, "grad_norms": list(self._grad_norms),
                 "first_skipped": self._first_skipped, "data": source.state_dict(), **stopped}
 
@@ -495,6 +518,7 @@ class Trainer:
         self._keep_configured_settings(configured)
         self.step = state["step"]
         self.tokens = state["tokens"]
+        self.elapsed_s = state.get("elapsed_s", 0.0)  # checkpoints from before it was kept: this session's only
         self.skipped_steps = state["skipped_steps"]
         self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self._grad_norms.extend(state.get("grad_norms", []))  # checkpoints from before the spike guard lack both
@@ -516,12 +540,17 @@ class Trainer:
         changed = []
         for index, (group, settings) in enumerate(zip(self.optimizer.param_groups, configured, strict=True)):
             moved = {key: value for key, value in settings.items() if group.get(key) != value}
-            if not moved:
-                continue
             changed += [f"{key} {group.get(key)} -> {value}" for key, value in moved.items()]
             group.update(moved)
             self.scheduler.base_lrs[index] = group["initial_lr"]
-            group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[index](self.scheduler.last_epoch)
+            # The configured schedule's lr at the resumed step, also when only the schedule changed (max_steps,
+            # warmup_steps, schedule): the loaded lr was the old schedule's, for the first resumed step alone.
+            scheduled = group["initial_lr"] * self.scheduler.lr_lambdas[index](self.scheduler.last_epoch)
+            if scheduled != group["lr"]:
+                if not moved:
+                    changed.append(f"lr at step {self.scheduler.last_epoch + 1} {group['lr']:g} -> {scheduled:g} "
+                                   "(the schedule's settings)")
+                group["lr"] = scheduled
         if changed:
             self._warn(f"resumed with the config's optimizer settings, not the checkpoint's: {'; '.join(changed)}")
 
