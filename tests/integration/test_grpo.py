@@ -465,3 +465,27 @@ def test_process_supervision_refuses_a_kl_in_the_reward_it_would_not_read(tmp_pa
     assert err.value.field == "kl.placement"
     check_config(grpo_config("unused", tmp_path, *process, "kl.placement=loss"))
     check_config(grpo_config("unused", tmp_path, "kl.coef=0.1", "kl.placement=reward"))  # outcome: in the rewards
+    # Dynamic sampling bands groups by final answers: it would drop the all-wrong groups whose steps differ.
+    with pytest.raises(ConfigError) as err:
+        check_config(grpo_config("unused", tmp_path, "advantage.supervision=process", "filter.enabled=true"))
+    assert err.value.field == "filter.enabled"
+
+
+def test_process_supervision_by_the_verifier_refuses_rows_without_gold_steps(tmp_path, tokenizer):
+    """A user's file without a `steps` column trained silently with every step scored 0 against the outcome."""
+    from posttrain.data.config import STAGE_FORMATS
+    from posttrain.data.pipeline import prepare_data
+    from posttrain.errors import DataError
+    from posttrain.recipes.rl import check_gold_answers
+
+    path = tmp_path / "chains.jsonl"
+    path.write_text(json.dumps({"prompt": "Start with 2. Apply x+3", "answer": "5", "steps": ["5"]}) + "\n"
+                    + json.dumps({"prompt": "Start with 4. Apply x*2", "answer": "8"}) + "\n")
+    cfg = grpo_config("unused", tmp_path, f"data.source={path}", "reward.task=multistep",
+                      "advantage.supervision=process")
+    prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["grpo"])
+    with pytest.raises(DataError, match="no gold steps") as err:
+        check_gold_answers(prepared.dataset, prepared.tokenized.name, cfg)
+    assert (err.value.line, err.value.field) == (2, "steps")
+    check_gold_answers(prepared.dataset, prepared.tokenized.name, grpo_config(  # outcome supervision: fine
+        "unused", tmp_path, f"data.source={path}", "reward.task=multistep"))

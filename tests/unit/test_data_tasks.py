@@ -89,6 +89,12 @@ def test_multistep_verifies_every_step():
     assert [completion[e] for e in ends] == ["\n"] * 3 and completion[:ends[0]] == "2+3=5"
     thought = "<think>x</think>" + completion
     assert task.step_char_ends(thought) == [e + len("<think>x</think>") for e in ends]
+    # CRLF lines are steps too (none was found), each ending at its newline; gold steps are read as answers are
+    windows = completion.replace("\n", "\r\n")
+    assert task.verify_steps(windows, ["5", "20", "19"]) == [1.0, 0.0, 0.0]
+    assert [windows[e] for e in task.step_char_ends(windows)] == ["\n"] * 3
+    assert task.verify_steps("999+9=1008\n1008-8=1000\n", ["+999.0", "1,008"]) == [0.0, 0.0]  # step 1 is 1008
+    assert task.verify_steps("990+9=999\n999+9=1008\n", ["+999", "1,008.0"]) == [1.0, 1.0]
 
 
 def test_multistep_stepwise_rows_label_the_first_mistake_and_after():

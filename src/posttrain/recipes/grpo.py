@@ -54,7 +54,7 @@ class GRPOAdvantageConfig(AdvantageConfig):
                                         "(advantages of the grpo_process estimator).", choices=("outcome", "process"))
     step_scorer: str = param("verifier", "Process supervision: the task's step verifier, or a process reward "
                                          "model (prm_path).", choices=("verifier", "prm"))
-    prm_path: str | None = param(None, "Process reward model directory (from `posttrain rm kind=process`).")
+    prm_path: str | None = param(None, "Process reward model directory (from `posttrain rm prm`).")
     outcome_step: bool = param(True, "Process supervision: the outcome reward counts as one more step, ending at "
                                      "the completion's last token.")
     step_baseline: str = param("group", "Process supervision: what a step's reward is compared with. group: every "
@@ -90,6 +90,11 @@ def check_config(cfg: GRPOConfig) -> None:
     if cfg.advantage.supervision == "process" and cfg.advantage.estimator != "grpo":
         raise ConfigError("process supervision normalises step rewards over the group (the grpo_process "
                           "estimator): leave advantage.estimator at grpo", field="advantage.estimator")
+    if cfg.advantage.supervision == "process" and cfg.filter.enabled:
+        raise ConfigError("dynamic sampling keeps groups by their final answers' success rate, while process "
+                          "supervision also learns from a group whose answers all fail but whose steps differ "
+                          "(those would be dropped): not supported together, set filter.enabled=false",
+                          field="filter.enabled")
     if cfg.advantage.supervision == "process" and cfg.kl.coef > 0 and cfg.kl.placement == "reward":
         raise ConfigError("kl.placement=reward puts -beta * KL into the token rewards, which process supervision "
                           "does not read (its advantages come from the step rewards), so nothing would hold the "

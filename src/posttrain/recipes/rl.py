@@ -25,7 +25,7 @@ from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.schemas import holds_as_answer
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval import heldout
 from posttrain.eval.accuracy import EvalConfig
 from posttrain.eval.heldout import completions_of
@@ -120,6 +120,16 @@ def check_gold_answers(dataset: Any, name: str, cfg: Any, uses_gold: bool = Fals
     check only with answers it can match (`heldout.check_gold_answers`, which `posttrain eval --data` shares);
     `cfg` is the stage's config (its reward and data sections)."""
     heldout.check_gold_answers(dataset, name, cfg.reward.functions, uses_gold, resolve_task(cfg))
+    advantage = getattr(cfg, "advantage", None)
+    verified = getattr(advantage, "step_scorer", "") == "verifier"
+    if getattr(advantage, "supervision", "outcome") == "process" and verified:
+        # the verifier scores each step line against the row's gold steps: without them every step would score 0
+        bare = next((line for line, steps in zip(dataset["line"], dataset["steps"], strict=True) if not steps), None)
+        if bare is not None:
+            raise DataError("the row has no gold steps (a `steps` column: the value each step reaches), which "
+                            "process supervision's step verifier reads: give them, score steps with a process "
+                            "reward model (advantage.step_scorer=prm), or use advantage.supervision=outcome",
+                            file=name, line=bare, field="steps")
 
 
 def resolve_task(cfg: Any) -> Task | None:

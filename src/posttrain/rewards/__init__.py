@@ -1,7 +1,7 @@
 """Rewards: what turns completions into scores for RL, rejection sampling and evaluation.
 
     RewardModelScorer       a trained reward model (`posttrain rm`): one score per (prompt, completion)
-    ProcessRewardScorer     a trained process reward model (`posttrain rm kind=process`): one score per step
+    ProcessRewardScorer     a trained process reward model (`posttrain rm prm`): one score per step
     WeightedRewards         r = sum_k w_k f_k over named reward functions (task verifiers, a reward model,
                             any callable registered with `register_reward_function`)
     verifier_step_scorer,   a score and an end position for every reasoning step (process supervision),

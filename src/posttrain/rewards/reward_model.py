@@ -177,7 +177,7 @@ class RewardModelScorer(_Scorer):
 
 
 class ProcessRewardScorer(_Scorer):
-    """One score per reasoning step, from a model trained by `posttrain rm kind=process`.
+    """One score per reasoning step, from a model trained by `posttrain rm prm`.
 
     A classifier's scores are probabilities that the step is correct (sigmoid of the head); a
     regressor's are its raw step values. Steps are rendered one per line, as in training.

@@ -3,7 +3,7 @@ in the completion the step ends.
 
     verifier  the task's own step checker (the built-in `multistep` task: a step line is right when it
               computes correctly and reaches the gold value of that step)
-    prm       a process reward model trained by `posttrain rm kind=process`, read at each line's end
+    prm       a process reward model trained by `posttrain rm prm`, read at each line's end
 
 A scorer returns, per completion, a list of `Step(score, char_end)`; `locate_steps` turns the
 character positions into token positions of the generated ids, which is what

@@ -29,14 +29,14 @@ from __future__ import annotations
 import random
 import re
 
-from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
+from posttrain.data.tasks.base import Example, Task, answer_text, canonical_integer, is_heldout_key
 
 MIN_STEPS, MAX_STEPS = 2, 5  # 3-8 steps: 54% of steps right after 400 SFT steps at 301 s, against 92% at 195 s
 LABELS = "abcde"  # of the steps, in order
 MAX_VALUE = 999  # multiplication is only offered while the result stays below this
 DELTAS = (-10, -2, -1, 1, 2, 10)
-# A step line: an optional label (`b) `), then a∘b=value.
-STEP_PATTERN = re.compile(r"^[ \t]*(?:[a-z]\)[ \t]*)?(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t]*$",
+# A step line: an optional label (`b) `), then a∘b=value; a CRLF line's \r is trailing space too.
+STEP_PATTERN = re.compile(r"^[ \t]*(?:[a-z]\)[ \t]*)?(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t\r]*$",
                           re.MULTILINE)
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 _KEY_OP = re.compile(r"([+\-*])(\d+)")
@@ -108,7 +108,8 @@ class MultistepTask(Task):
                 scores.append(0.0)
                 continue
             a, op, b, value, _ = parsed[j]
-            scores.append(1.0 if _apply(a, op, b) == value and str(value) == gold.strip() else 0.0)
+            # gold values read as answers are ("+999", "1,008", "12.0"): as integers
+            scores.append(1.0 if _apply(a, op, b) == value and str(value) == canonical_integer(str(gold)) else 0.0)
         return scores
 
     def step_char_ends(self, completion: str) -> list[int]:
