@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -214,7 +215,8 @@ class PairRecorder:
 
 ON_POLICY = ["pairs.source=on_policy", "data.size=32", "pairs.prompts_per_round=16", "sampling.samples_per_prompt=4",
              "sampling.max_new_tokens=6", "train.batch_size=8", "train.micro_batch_size=4", "optim.lr=1e-3",
-             "reward.functions={test_pair_hash: 1.0}"]
+             "reward.functions={test_pair_hash: 1.0}",
+             "pairs.finished_only=false"]  # a random tiny model rarely ends within 6 tokens: pairs of cut ones too
 
 
 _RECORDERS: list[PairRecorder] = []
@@ -291,3 +293,85 @@ def test_on_policy_round_without_a_pair_is_a_clear_error(lm_dir, tmp_path):
         main(dpo_config(lm_dir, tmp_path, *ON_POLICY[:-1], "reward.functions={format: 1.0}",
                         "pairs.min_margin=1.0"))
     assert err.value.field == "pairs.source"
+
+
+def test_on_policy_pairs_leave_out_cut_completions_and_resume_inside_a_round_on_its_prompts(
+        lm_dir, tmp_path, recorder, monkeypatch):
+    """Completions cut at max_new_tokens were paired, their text then ending with an end-of-turn token the policy
+    never sampled. A signal's checkpoint inside a round resumed with a round sampled from the next prompts, one
+    more round than the uninterrupted run had, all later ones shifted. User column renames and row limits applied
+    to the generated pair rows (a crash after sampling, or pairs dropped)."""
+    import os
+    import signal
+
+    from posttrain.recipes import dpo
+    from posttrain.recipes.rl import preference_rows
+    from posttrain.rewards.user_functions import Completions
+
+    seen = []
+
+    def recording(completions, scores, prompt_index, min_margin, finished=None):
+        seen.append(finished)
+        return preference_rows(completions, scores, prompt_index, min_margin)  # pairs enough to go on with
+
+    monkeypatch.setattr(dpo, "preference_rows", recording)
+    settings = [*ON_POLICY[:-1], "train.max_steps=6", "pairs.resample_every=2", "train.save_every=2", "data.limit=8",
+                "pairs.prompts_per_round=8"]
+    calls, make_loss = {"n": 0}, dpo.dpo_loss_fn
+
+    def stopping_in_step_3(cfg, reference):
+        loss_fn = make_loss(cfg, reference)
+
+        def loss(model, batch, normaliser):
+            calls["n"] += 1
+            if calls["n"] == 5:  # step 3's first micro-batch (2 a step): it finishes, then stops with a checkpoint
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss_fn(model, batch, normaliser)
+        return loss
+
+    monkeypatch.setattr(dpo, "dpo_loss_fn", stopping_in_step_3)
+    stopped = main(dpo_config(lm_dir, tmp_path, *settings))
+    assert stopped.summary == {"interrupted_at_step": 3}
+    monkeypatch.setattr(dpo, "dpo_loss_fn", make_loss)
+    resumed = main(dpo_config(lm_dir, tmp_path, *settings, "run.resume=true"))
+    metrics = read_metrics(resumed.run_dir / "metrics.jsonl")
+    assert [m["pair_round"] for m in metrics] == [1, 1, 2, 2, 3, 3]
+    assert all(f is not None and f.dtype == torch.bool for f in seen)  # cut completions are left out
+    assert all(m["pairs_per_prompt"] > 0.5 for m in metrics)  # data.limit=8 limits prompts, not the round's pairs
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
+    kept = preference_rows(Completions(prompts=[rows[0]["prompt"]] * 2, completions=["a", "b"],
+                                           answers=[None, None], steps=[[], []], columns=[{}, {}]),
+                           torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), 0.0, finished=torch.tensor([True, False]))
+    assert kept == []  # the cut one pairs with none
+
+
+def test_soft_labels_train_as_the_share_of_annotators_says(tiny_model, tokenizer, tmp_path):
+    """preference_prob was read and never used: a pair labelled p=0 (the rejected answer preferred) trained as
+    p=1. Now -(q log sigmoid(beta h) + (1 - q) log sigmoid(-beta h)), q = p (1 - e) + (1 - p) e; kinds without a
+    soft form and label smoothing on rankings are refused."""
+    from posttrain.recipes.dpo import check_pair_columns
+
+    path = tmp_path / "soft.jsonl"
+    probs = [1.0, 0.0, 0.7, 0.25]
+    path.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "chosen": str(i + 1), "rejected": str(i),
+                                        "preference_prob": p}) + "\n" for i, p in enumerate(probs)))
+    prepared = prepare_data(DataConfig(source=str(path), batch_mode="padded"), tokenizer,
+                            accepts=STAGE_FORMATS["dpo"])
+    batch = prepared.collator([prepared.dataset[i] for i in range(4)])
+    policy_model = copy.deepcopy(tiny_model)
+    reference = Reference.frozen_copy(tiny_model)
+    with torch.no_grad():
+        for p in policy_model.parameters():  # a policy that differs from its reference: h != 0
+            p.add_(0.01 * torch.randn_like(p))
+    for smoothing in (0.0, 0.1):
+        cfg = DPOLossConfig(beta=0.5, label_smoothing=smoothing, sft_weight=0.0)
+        loss, _ = dpo_loss_fn(cfg, reference)(policy_model, batch, 4.0)
+        policy = sequence_logprobs(policy_model, batch)
+        ref = sequence_logprobs(reference.model, batch)
+        h = (policy[:4] - ref[:4]) - (policy[4:] - ref[4:])
+        q = torch.tensor(probs) * (1 - smoothing) + (1 - torch.tensor(probs)) * smoothing
+        expected = -(q * F.logsigmoid(0.5 * h) + (1 - q) * F.logsigmoid(-0.5 * h)).mean()
+        assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="preference_prob .* sigmoid loss only"):
+        check_pair_columns(prepared, DPOLossConfig(kind="ipo"))
+    check_pair_columns(prepared, DPOLossConfig())

@@ -212,11 +212,12 @@ def dpo_loss(
     ref_rejected_logprobs: Tensor,
     beta: float = 0.1,
     kind: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Tensor = 0.0,
 ) -> DPOOutput:
     """Direct preference optimisation and its variants, mean over pairs.
 
-    h = (logp_c - ref_c) - (logp_r - ref_r),  e = label_smoothing (probability a label is flipped)
+    h = (logp_c - ref_c) - (logp_r - ref_r),  e = label_smoothing (probability a label is flipped; for "sigmoid"
+        one per pair [B] too: a soft label p, the share of annotators who prefer the chosen answer, is e = 1 - p)
         "sigmoid": -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)        (DPO; cDPO for e > 0)
         "robust":  (-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e)   (rDPO)
         "hinge":   max(0, 1 - beta h)                                            (SLiC-HF)

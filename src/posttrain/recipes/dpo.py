@@ -22,6 +22,7 @@ is measured before and after.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -30,7 +31,8 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.algos import DPO_KINDS, dpo_loss, dpo_plackett_luce_loss
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
-from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.columns import column_values
+from posttrain.data.config import STAGE_FORMATS, ColumnsConfig, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval import heldout
@@ -78,6 +80,8 @@ from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
+logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class DPOLossConfig:
@@ -106,6 +110,9 @@ class PairsConfig:
                                    "model, before training.", ge=0)
     min_margin: float = param(0.0, "On-policy: a pair needs its chosen score to beat the rejected one by more than "
                                    "this.", ge=0)
+    finished_only: bool = param(True, "On-policy: completions cut at sampling.max_new_tokens take part in no pair "
+                                      "(as a row each would end with an end-of-turn token the policy never "
+                                      "sampled, and DPO would teach it to stop mid-answer).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +154,10 @@ def main(cfg: DPOConfig) -> RunResult:
     if prepared.format == "ranking" and cfg.loss.kind != "sigmoid":
         raise ConfigError(f"rankings are trained with the Plackett–Luce form of the sigmoid loss, not "
                           f"{cfg.loss.kind!r}", field="loss.kind")
+    if prepared.format == "ranking" and cfg.loss.label_smoothing:
+        raise ConfigError("the Plackett–Luce loss of rankings has no label smoothing: set loss.label_smoothing=0 "
+                          "(or give pairs)", field="loss.label_smoothing")
+    check_pair_columns(prepared, cfg.loss)
     rows = heldout.prepare_heldout(data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     rewards = None
     if on_policy:  # checked before the run directory is written
@@ -187,6 +198,21 @@ def main(cfg: DPOConfig) -> RunResult:
                **heldout.summary(before, last, cfg.eval, cfg.data, rows), "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"DPO on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def check_pair_columns(prepared: Prepared, loss: DPOLossConfig) -> None:
+    """Soft labels (`preference_prob`, the share of annotators who prefer the chosen answer) are trained by the
+    sigmoid loss (a label-smoothing of 1 - p for the row); the other kinds have no soft form: refused. A `margin`
+    column is the reward model's (rm): DPO does not read it, said once."""
+    if prepared.format != "preference":
+        return
+    soft = [p for p in column_values(prepared.dataset, "preference_prob") if p is not None and p != 1]
+    if soft and loss.kind != "sigmoid":
+        raise ConfigError(f"the data's preference_prob (soft labels) is trained by the sigmoid loss only, not "
+                          f"{loss.kind!r}", field="loss.kind")
+    if any(m is not None for m in column_values(prepared.dataset, "margin")):
+        logger.warning("%s: DPO does not read the `margin` column (the reward model's margin loss does: posttrain "
+                       "rm)", prepared.tokenized.name)
 
 
 def check_dpo_config(cfg: DPOConfig) -> None:
@@ -261,21 +287,25 @@ class OnPolicyPairs:
         self.progress = progress or RunProgress(enabled=False)
         self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed)
         self.params = cfg.sampling.params()
+        # the user's file's column renames and row limit are not the generated rows' (they failed or dropped pairs)
         self.pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop",
-                                             eval_split=0.0)
+                                             eval_split=0.0, columns=ColumnsConfig(), limit=0)
         self.steps, self.rounds = 0, 0
+        self.round_start = self.prompts.state_dict()  # the prompt stream before the current round sampled
         self.source, self.metrics = self._round()
 
     def next_step(self) -> StepBatch:
         every = self.cfg.pairs.resample_every
         if self.source is None or (every and self.steps and self.steps % every == 0):
+            self.round_start = self.prompts.state_dict()
             self.source, self.metrics = self._round()
         self.steps += 1
         step = self.source.next_step()
         return dataclasses.replace(step, metrics={**step.metrics, **self.metrics})
 
     def state_dict(self) -> dict[str, Any]:
-        state = {**self.prompts.state_dict(), "steps": self.steps, "pair_rounds": self.rounds}
+        state = {**self.prompts.state_dict(), "steps": self.steps, "pair_rounds": self.rounds,
+                 "round_start": self.round_start}
         if not self.cfg.pairs.resample_every:
             state["pair_position"] = self.source.state_dict()
         return state
@@ -283,7 +313,13 @@ class OnPolicyPairs:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.load_state_dict(state)
         self.steps, self.rounds = state["steps"], state["pair_rounds"]
-        if self.cfg.pairs.resample_every:
+        every = self.cfg.pairs.resample_every
+        if every and self.steps % every and "round_start" in state:
+            # A signal's checkpoint inside a round (it holds no pairs): that round is sampled again, from its own
+            # prompts and the checkpoint's model, for its remaining steps; later rounds fall where they did.
+            self.prompts.load_state_dict(state["round_start"])
+            self.rounds -= 1
+        if every:
             self.source = None  # the next step samples the round the uninterrupted run sampled there
         elif "pair_position" in state:  # the one round, rebuilt from the starting model: where the run was in it
             self.source.load_state_dict(state["pair_position"])
@@ -297,8 +333,12 @@ class OnPolicyPairs:
         scores = self.rewards(completions).total
         # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the
         # pairs (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have made them.
+        # A completion cut at max_new_tokens is no answer the policy gave: as a row its text would end with the
+        # end-of-turn token the policy never sampled (DPO would teach it to stop mid-answer).
         pairs = dist.all_gather_list(preference_rows(completions, scores, rollout.prompt_index,
-                                                     self.cfg.pairs.min_margin))
+                                                     self.cfg.pairs.min_margin,
+                                                     finished=~rollout.truncated if self.cfg.pairs.finished_only
+                                                     else None))
         if not pairs:
             raise DataError(f"round {self.rounds + 1}: no prompt's completions differ in reward by more than "
                             f"pairs.min_margin={self.cfg.pairs.min_margin}, so there is no pair to train on "
@@ -336,7 +376,12 @@ def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):
             out = dpo_plackett_luce_loss(policy, ref, present, cfg.beta, levels)
             loss, rewards = out.loss, out.rewards
         else:
-            out = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.kind, cfg.label_smoothing)
+            # A soft label p (the share of annotators preferring the chosen answer) is a flip probability of 1 - p,
+            # and with loss.label_smoothing e as well: the chosen answer is truly preferred with p (1 - e) + (1 - p) e.
+            p = batch.get("preference_probs") if cfg.kind == "sigmoid" else None  # other kinds: refused (all 1)
+            flip = (cfg.label_smoothing if p is None
+                    else ((1 - p) * (1 - cfg.label_smoothing) + p * cfg.label_smoothing).to(policy))
+            out = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.kind, flip)
             loss, rewards = out.loss, torch.stack([out.chosen_rewards, out.rejected_rewards], dim=1)
         if cfg.sft_weight:  # RPO: keep the chosen answers likely (plain DPO can lower both likelihoods)
             loss = loss - cfg.sft_weight * comparison_matrix(per_token, batch)[0][:, 0].mean()

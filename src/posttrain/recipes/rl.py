@@ -250,13 +250,13 @@ class GoldAnswers:
 
 
 def preference_rows(completions: Completions, scores: Tensor, prompt_index: Tensor,
-                    min_margin: float) -> list[dict[str, Any]]:
+                    min_margin: float, finished: Tensor | None = None) -> list[dict[str, Any]]:
     """Preference rows from sampled completions: each prompt's best- and worst-scored completions
     (`algos.best_worst_pairs`, the chosen beating the rejected by more than `min_margin`) as one row. A completion
-    that no preference row can hold as an answer (no text: EOS at once; a stray <think> tag, `holds_as_answer`)
-    takes part in no pair; two equal texts make none."""
+    that no preference row can hold as an answer (no text: EOS at once; a stray <think> tag, `holds_as_answer`),
+    or one `finished` [B] leaves out, takes part in no pair; two equal texts make none."""
     texts = completions.completions
-    usable = [i for i, text in enumerate(texts) if holds_as_answer(text)]
+    usable = [i for i, text in enumerate(texts) if holds_as_answer(text) and (finished is None or finished[i])]
     found = [(usable[c], usable[r]) for c, r in best_worst_pairs(scores[usable], prompt_index[usable], min_margin)]
     return [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
             for c, r in found if texts[c] != texts[r]]
