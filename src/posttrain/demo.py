@@ -362,8 +362,8 @@ def _settings(stage: DemoStage, quick: bool) -> dict[str, Any]:
 
 
 def _finished(stage: DemoStage, out_dir: Path, summaries: dict[str, dict[str, Any]], quick: bool) -> bool:
-    """A stage is done when its final model and summary exist, it ran with the settings this demo would give it, and
-    the stage it builds on is the one it was trained from (`_consistent`)."""
+    """A stage is done when its final model and summary exist and it ran with the settings this demo would give it
+    (that it started from its base's model now is `_consistent`'s: `run_demo` drops the summaries that did not)."""
     summary = summaries.get(stage.name)
     return ((out_dir / stage.name / "final").is_dir() and summary is not None
             and summary.get("demo_settings") == _settings(stage, quick))
@@ -401,10 +401,12 @@ def _check_bases(todo: list[DemoStage], out_dir: Path, summaries: dict[str, dict
     names = {s.name for s in todo}
     for stage in todo:
         base = stage.builds_on
-        if base and base not in names and not (out_dir / base / "final").is_dir():
+        if not base or base in names:  # a base that runs first is there when the stage starts
+            continue
+        if not (out_dir / base / "final").is_dir():
             raise ConfigError(f"stage {stage.name!r} builds on {base!r}, which has not run yet "
                               f"(no {out_dir / base / 'final'})", field="--stages")
-        if base and base not in names and base not in summaries:
+        if base not in summaries:
             # its model is there, but not the results it was trained with (dropped: its own base ran again after
             # it; or demo.json is an older posttrain's): what this stage's report would compare with is unknown
             raise ConfigError(f"stage {stage.name!r} builds on {base!r}, whose results are not in "

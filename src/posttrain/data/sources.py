@@ -174,8 +174,11 @@ def _renamed(raw: Iterator[tuple[Where, Any]], spec: _Spec) -> Iterator[tuple[Wh
         yield where, row
 
 
+_CODE = code_digest(__file__, schemas.__file__)  # read once, not at every load
+
+
 def _fingerprint(spec: _Spec) -> str:
-    identity = [_CACHE_VERSION, code_digest(__file__, schemas.__file__), repr(spec)]
+    identity = [_CACHE_VERSION, _CODE, repr(spec)]
     if spec.kind == "task":
         # What the generator writes, not only its name and seed: a task whose rows changed (a new posttrain
         # version, a user's own edit) must not be served the old rows from the cache. The first rows alone can

@@ -325,7 +325,8 @@ class RLStepSource:
         if not self.queue:
             # A run resumed inside a round (a signal's checkpoint) samples a fresh one for that round's remaining
             # steps only: later rounds then start where the uninterrupted run's do, and so do their checkpoints.
-            self.queue = self.generate()[:steps_per_round(self.cfg) - self.steps % steps_per_round(self.cfg)]
+            per_round = steps_per_round(self.cfg)
+            self.queue = self.generate()[:per_round - self.steps % per_round]
         self.steps += 1
         return self.queue.pop(0)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import inspect
 import itertools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,15 +103,22 @@ def supports_llama_decoder(model: torch.nn.Module, length: int | None = None) ->
             and (window is None or (length is not None and window >= length)))
 
 
+def prompt_learning(model: torch.nn.Module) -> Any | None:
+    """The peft config of `model`'s active prompt-learning adapter (prefix or prompt tuning: virtual tokens), or
+    None when it has none."""
+    config = getattr(model, "active_peft_config", None)
+    return config if getattr(config, "is_prompt_learning", False) else None
+
+
 def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]], n: int,
                  max_new_tokens: int, pad_id: int, onednn: bool = True) -> Decoder:
     """`forward`: "llama" (own Llama forward + static cache), "hf" (the model's forward), "auto" (llama if it can).
     `onednn`: the Llama decoder's linear layers through oneDNN (`posttrain.rollout.gemm`)."""
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
-    peft_config = getattr(model, "active_peft_config", None)
+    peft_config = prompt_learning(model)
     # Under peft's `disable_adapter()` a prompt-learning model is its base model (`_adapters_disabled`).
-    if getattr(peft_config, "is_prompt_learning", False) and not getattr(model, "_adapters_disabled", False):
+    if peft_config is not None and not getattr(model, "_adapters_disabled", False):
         if peft_config.peft_type == "PREFIX_TUNING":  # peft's PeftType is a str enum
             return PrefixDecoder(model, prompts, n, max_new_tokens, pad_id)
         # Prompt tuning and p-tuning prepend virtual token embeddings to each forward's inputs: a decode step's

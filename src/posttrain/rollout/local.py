@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.errors import ConfigError
 from posttrain.models.attention import position_limit
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
-from posttrain.rollout.forward import FORWARDS, left_pad, make_decoder
+from posttrain.rollout.forward import FORWARDS, left_pad, make_decoder, prompt_learning
 from posttrain.rollout.sampling import sample_next
 
 
@@ -79,8 +79,8 @@ class LocalRolloutEngine(RolloutEngine):
                  generator: torch.Generator | None = None) -> Rollout:
         prompt_lists = prompt_token_lists(prompts)
         limit = position_limit(self.model)
-        peft_config = getattr(self.model, "active_peft_config", None)  # prefix-tuning's virtual tokens take positions
-        virtual = peft_config.num_virtual_tokens if getattr(peft_config, "is_prompt_learning", False) else 0
+        peft_config = prompt_learning(self.model)  # prefix-tuning's virtual tokens take positions
+        virtual = peft_config.num_virtual_tokens if peft_config is not None else 0
         if limit is not None and virtual + max(map(len, prompt_lists)) + params.max_new_tokens > limit:
             # A learned position table (GPT-2, OPT) has no row past its end: an IndexError mid-generation otherwise.
             raise ConfigError(f"a prompt of {max(map(len, prompt_lists))} tokens and max_new_tokens="

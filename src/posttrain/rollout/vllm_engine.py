@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
-from posttrain.rollout.forward import left_pad
+from posttrain.rollout.forward import left_pad, prompt_learning
 from posttrain.rollout.local import prompt_token_lists
 
 
@@ -115,8 +115,7 @@ class VLLMRolloutEngine(RolloutEngine):
                  gpu_memory_utilization: float = 0.3, sleep: bool = True, max_model_len: int | None = None,
                  seed: int = 0) -> None:
         check_vllm_available()
-        peft_config = getattr(model, "active_peft_config", None)
-        if getattr(peft_config, "is_prompt_learning", False):
+        if prompt_learning(model) is not None:
             # Its virtual tokens are no weights vLLM's model has: the engine would sample the base model, silently.
             raise ConfigError("the vLLM rollout engine cannot sample a prefix- or prompt-tuned policy (vLLM's model "
                               "has no virtual tokens); use the 'local' engine or LoRA", field="engine")
