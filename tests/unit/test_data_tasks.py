@@ -78,6 +78,20 @@ def test_answer_extraction_reads_after_the_thinking_block():
     assert get_task("multistep").extract_answer("2+3=5\n5*2=10") == "10"
 
 
+def test_integer_answers_read_thousands_separators_as_their_gold_answers_do():
+    # A gold answer "1,008" is 1008 (canonical_integer); a completion writing it so must read 1008, not 1.
+    for name, completion in [("arith", "1,008"), ("arith", "It is +1,008."), ("chain", "999+9=1,008"),
+                             ("chain", "1,008"), ("multistep", "a) 999+9=1008\nAnswer: 1,008")]:
+        task = get_task(name)
+        assert task.extract_answer(completion) == "1008", (name, completion)
+        assert task.verify(completion, "1,008") == 1.0
+    arith = get_task("arith")
+    assert arith.extract_answer("-12,345,678 or so") == "-12345678"
+    assert arith.extract_answer("1,0089") == "1"  # four digits after a comma: no separator
+    assert arith.extract_answer("3, 4") == "3"
+    assert get_task("sort").extract_answer("1,2,30") == "1 2 30"  # a list's commas stay separators
+
+
 def test_multistep_verifies_every_step():
     task = get_task("multistep")
     completion = "2+3=5\n5*4=21\n21-1=20\nAnswer: 20"

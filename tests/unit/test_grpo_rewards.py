@@ -119,3 +119,20 @@ def test_locate_steps_finds_the_token_holding_each_character(tokenizer):
         through = len(tokenizer.decode(ids[:token + 1], skip_special_tokens=True))
         assert before <= char < through
     assert tokens[-1] == len(ids) - 1  # past the text: the last token (here EOS)
+
+
+def test_locate_steps_places_a_step_after_a_character_split_over_byte_tokens():
+    # A Llama-style byte-fallback tokenizer: "日" is three byte tokens, and a prefix ending after one or
+    # two of them decodes to one replacement character per byte, longer than the text's own prefix.
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {"a": 256, "\n": 257, "b": 258}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    text = "a日\nb"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 6 and tokenizer.decode(ids) == text
+    # the newline (character 2) is token 4; "日" (character 1) ends at its last byte, token 3
+    assert locate_steps(tokenizer, ids, [text.index("\n"), 1, 0]) == [4, 3, 0]

@@ -93,11 +93,16 @@ def locate_steps(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], char_en
     is longer (decoding as the rollout's texts are decoded, special tokens skipped). Found by
     bisection: a few decodes per step instead of one per token. A position past the text maps to
     the last token.
+
+    A prefix that ends inside a character split over several tokens (byte-fallback or byte-level
+    tokens of a non-ASCII character) decodes to replacement characters, one per byte for a
+    byte-fallback decoder: those are not characters of the text yet, so they are not counted (else
+    a step ending just after "日" was placed on the character's second byte).
     """
     ids = list(ids)
 
     def decoded_length(count: int) -> int:
-        return len(tokenizer.decode(ids[:count], skip_special_tokens=True))
+        return len(tokenizer.decode(ids[:count], skip_special_tokens=True).rstrip("\ufffd"))
 
     out = []
     for char in char_ends:

@@ -20,7 +20,10 @@ SPLITS = ("train", "heldout")
 RANKING_SIZE = 4  # responses per ranking row: the correct one and 3 wrong ones
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-INTEGER = re.compile(r"-?\d+")
+INTEGER = re.compile(r"-?\d+")  # one of several numbers in a line (the sort task's lists: "1,2,3" is three)
+# An answer written as one integer, possibly with a sign and thousands separators ("1,008" is 1008, not 1); a
+# group of digits longer than three after a comma is no separator ("1,0089" reads 1).
+ANSWER_INTEGER = r"[+-]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
 # A gold answer written as an integer: a sign, thousands separators, a zero fraction ("+1,000.0" is 1000).
 INTEGER_ANSWER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.0+)?")
 
@@ -67,9 +70,14 @@ def answer_text(completion: str) -> str | None:
     return completion
 
 
+def integer_value(text: str) -> str:
+    """A matched `ANSWER_INTEGER` in the extractors' form ("+1,008" -> "1008", "-05" -> "-5")."""
+    return str(int(text.replace(",", "")))
+
+
 def first_integer(text: str) -> str | None:
-    match = INTEGER.search(text)
-    return str(int(match.group())) if match else None
+    match = re.search(ANSWER_INTEGER, text)
+    return integer_value(match.group()) if match else None
 
 
 class Task:

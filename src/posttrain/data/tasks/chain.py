@@ -14,7 +14,17 @@ from __future__ import annotations
 import random
 import re
 
-from posttrain.data.tasks.base import RANKING_SIZE, Example, Task, answer_text, closest_first, is_heldout_key
+from posttrain.data.tasks.base import (
+    ANSWER_INTEGER,
+    RANKING_SIZE,
+    Example,
+    Task,
+    answer_text,
+    closest_first,
+    first_integer,
+    integer_value,
+    is_heldout_key,
+)
 
 MAX_OPERAND = 49
 OPS = ("+", "-")
@@ -27,8 +37,7 @@ OPS = ("+", "-")
 # The reward model pays for it (the demo's rm stage says how much): more of the right samples are direct answers,
 # right by luck, which its likelihood cannot tell from wrong ones.
 WORKED_SHARE = 0.4
-_INTEGER = re.compile(r"-?\d+")
-_RESULT = re.compile(r"=[ \t]*(-?\d+)")
+_RESULT = re.compile(rf"=[ \t]*({ANSWER_INTEGER})")
 
 
 def _apply(x: int, op: str, y: int) -> int:
@@ -77,10 +86,7 @@ class ChainTask(Task):
         if text is None:
             return None
         values = _RESULT.findall(text)
-        if values:
-            return str(int(values[-1]))
-        match = _INTEGER.search(text)
-        return str(int(match.group())) if match else None
+        return integer_value(values[-1]) if values else first_integer(text)
 
     @staticmethod
     def worked(completion: str) -> bool:
