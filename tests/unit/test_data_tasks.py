@@ -87,9 +87,29 @@ def test_integer_answers_read_thousands_separators_as_their_gold_answers_do():
         assert task.verify(completion, "1,008") == 1.0
     arith = get_task("arith")
     assert arith.extract_answer("-12,345,678 or so") == "-12345678"
-    assert arith.extract_answer("1,0089") == "1"  # four digits after a comma: no separator
     assert arith.extract_answer("3, 4") == "3"
     assert get_task("sort").extract_answer("1,2,30") == "1 2 30"  # a list's commas stay separators
+
+
+def test_an_integer_answer_is_a_whole_number_standing_alone():
+    """A piece of a decimal or of a longer run of digits is no integer answer: "5.7" scored as a right 5. The minus
+    sign U+2212 is a minus ("−5" scored as a right 5 and a wrong -5)."""
+    arith, chain, multistep = get_task("arith"), get_task("chain"), get_task("multistep")
+    for completion in ["5.7", "The answer is 5.9", ".5", "1,0089", "5,6", "−5"]:
+        assert arith.verify(completion, "5") == 0.0, completion
+    assert arith.extract_answer("5.7") is None and arith.extract_answer("5.0.") == "5"
+    assert arith.verify("−5", "-5") == arith.verify("-5", "−5") == arith.verify("It is 5.", "5") == 1.0
+    assert chain.extract_answer("−12") == "-12" and chain.extract_answer("12.5") is None
+    # a worked answer without a value is no direct answer (it read the first operand, "12")
+    assert chain.extract_answer("12+5=17.5") is None and chain.extract_answer("12+5=") is None
+    assert chain.extract_answer("12+5=17\n17-3=") == "17"
+    # the stated answer counts, read or not: the last step's value is read only when there is none
+    steps = "a) 7+5=12\nb) 12*3=36\n"
+    assert multistep.extract_answer(steps + "Answer: **35**") == "35"
+    assert multistep.extract_answer(steps + "Answer: 35.9") is None
+    assert multistep.extract_answer(steps + "Answer:\n−36") == "-36"
+    assert multistep.extract_answer(steps) == "36"
+    assert multistep.verify_steps("a) 999+9=1,008\nb) 1,008-8=1,000", ["1008", "1,000"]) == [1.0, 1.0]
 
 
 def test_multistep_verifies_every_step():

@@ -125,6 +125,24 @@ def test_a_function_failing_on_everything_is_not_retried_on_every_row():
     assert all(e["error"].startswith("ConnectionError: judge unreachable") for e in scores.errors)
 
 
+def test_one_bad_prompt_at_the_head_of_a_grouped_batch_fails_its_own_rows_only():
+    """A group's completions sit side by side and share their prompt's row: a row without the column the function
+    reads fails every completion of its group word for word, which is no sign that the function fails on every
+    prompt. The other groups keep their scores (all 8 rows scored 0 and the error log stopped the run)."""
+    columns = [{"q": "A"}] * 4 + [{"q": "B", "solution": "42"}] * 4
+    grouped = Completions(prompts=[[{"role": "user", "content": c["q"]}] for c in columns],
+                          completions=["x"] * 4 + ["42", "no", "42", "no"], answers=[None] * 8,
+                          steps=[[] for _ in columns], columns=columns)
+
+    def by_solution(b):
+        return [float(text == row["solution"]) for text, row in zip(b.completions, b.columns, strict=True)]
+
+    scores = WeightedRewards({"sol": (by_solution, 1.0)})(grouped)
+    assert scores.total.tolist() == [0.0] * 4 + [1.0, 0.0, 1.0, 0.0]
+    assert [e["row"] for e in scores.errors] == [0, 1, 2, 3]
+    assert all(e["error"].startswith("KeyError: 'solution'") for e in scores.errors)
+
+
 def test_a_graders_own_error_survives_the_retry_row_by_row():
     from posttrain.rewards.graders.base import GradeResult
 
@@ -136,3 +154,52 @@ def test_a_graders_own_error_survives_the_retry_row_by_row():
     scores = WeightedRewards({"g": (grader, 1.0)})(batch("fast", "slow"))
     assert scores.total.tolist() == [0.5, 0.0]
     assert [(e["row"], e["error"].splitlines()[0]) for e in scores.errors] == [(1, "timed out after 2 s")]
+
+
+def test_every_batch_logs_a_graders_parts_whichever_way_it_was_scored(tmp_path):
+    """A grader that raises on a batch (a row without the column its template reads) is graded row by row: its
+    parts and error flags were lost for that batch, and concatenating it with a whole batch raised KeyError (dynamic
+    sampling, held-out evaluation) or dropped the other batch's parts."""
+    import yaml
+
+    from posttrain.rewards.functions import Scores, grader_reward
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"type": "multi", "calculate_output": "0.5 * exact + 0.5 * close", "graders": {
+        "exact": {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text }}",
+                  "reference": "{{ item.solution }}"},
+        "close": {"type": "string_check", "operation": "ilike", "input": "{{ sample.output_text }}",
+                  "reference": "{{ item.solution }}"}}}))
+
+    def rows(columns, texts):
+        return Completions(prompts=[[{"role": "user", "content": f"q{i}"}] for i in range(len(texts))],
+                           completions=texts, answers=[None] * len(texts), steps=[[] for _ in texts], columns=columns)
+
+    rewards = WeightedRewards({"g": (grader_reward(grader_path=str(path)), 1.0)})
+    whole = rewards(rows([{"solution": "42"}] * 2, ["42", "x"]))
+    one_bad = rewards(rows([{"solution": "42"}, {}, {"solution": "Ab"}], ["42", "42", "xaby"]))
+    names = ["g", "g.close", "g.errors", "g.exact"]
+    assert sorted(whole.by_function) == sorted(one_bad.by_function) == names
+    assert one_bad.total.tolist() == [1.0, 0.0, 0.5]
+    assert one_bad.by_function["g.exact"].tolist() == [1.0, 0.0, 0.0]
+    assert one_bad.by_function["g.close"].tolist() == [1.0, 0.0, 1.0]
+    assert one_bad.by_function["g.errors"].tolist() == [0.0, 1.0, 0.0] and [e["row"] for e in one_bad.errors] == [1]
+    # every row failing: the parts seen before score 0, each row is an error
+    all_bad = rewards(rows([{}, {}], ["42", "x"]))
+    assert sorted(all_bad.by_function) == names and all_bad.by_function["g.errors"].tolist() == [1.0, 1.0]
+    both = Scores.concat([whole, one_bad, all_bad])
+    assert both.by_function["g.exact"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert [e["row"] for e in both.errors] == [3, 5, 6]
+    # a grader whose first batch fails on every row still logs its error flags
+    fresh = WeightedRewards({"g": (grader_reward(grader_path=str(path)), 1.0)})(rows([{}, {}], ["42", "x"]))
+    assert fresh.by_function["g.errors"].tolist() == [1.0, 1.0]
+
+
+def test_a_plain_function_logs_the_same_names_whether_it_failed_or_not():
+    def flaky(b):
+        if len(b) > 1 and "bad" in b.completions:
+            raise ValueError("bad row")
+        return [1.0] * len(b)
+
+    rewards = WeightedRewards({"f": (flaky, 1.0)})
+    assert list(rewards(batch("a", "b")).by_function) == list(rewards(batch("a", "bad")).by_function) == ["f"]

@@ -275,3 +275,21 @@ def test_a_completion_the_reward_model_cannot_render_is_an_error_of_its_row_alon
     assert special in scores.errors[0]["error"]
     with pytest.raises(DataError, match="completion 1: the reward model cannot score it"):
         scorer.score(["What is 2+3?"] * 3, completions)
+
+
+def test_a_reward_model_scoring_nan_or_inf_errs_on_those_rows(lm_dir, tokenizer, monkeypatch):
+    """A diverged reward model's NaN trained silently as reward 0 (and an inf as the largest float): each is an
+    error of its row, counted towards reward.max_error_fraction like a grader's."""
+    from posttrain.rewards.functions import Completions, WeightedRewards, reward_model_reward
+
+    directory = lm_dir.parent / "rm-nan"
+    save_pretrained(_random_head(build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id)), tokenizer,
+                    directory)
+    scored = torch.tensor([0.25, float("nan"), float("inf")])
+    monkeypatch.setattr(RewardModelScorer, "score_rows", lambda self, prompts, completions: (scored, [None] * 3))
+    batch = Completions(prompts=[[{"role": "user", "content": "What is 2+3?"}]] * 3, completions=["5", "6", "7"],
+                        answers=[None] * 3, steps=[[]] * 3)
+    scores = WeightedRewards({"rm": (reward_model_reward(str(directory)), 1.0)})(batch)
+    assert scores.total.tolist() == [0.25, 0.0, 0.0]
+    assert [(e["row"], e["error"]) for e in scores.errors] == [(1, "the reward model scored it nan"),
+                                                               (2, "the reward model scored it inf")]

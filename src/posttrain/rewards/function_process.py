@@ -70,12 +70,12 @@ class ChildExited(RuntimeError):
 
 @dataclasses.dataclass
 class PartScores:
-    """The scores of a batch sent in parts, with the error of each row whose part failed (None elsewhere); read by
-    `WeightedRewards` as a grader's result is."""
+    """Scores with the error of each row that has one (None elsewhere): a batch sent in parts, or one scored row by
+    row after it failed whole. Read by `WeightedRewards` as the function's scores and errors (no parts, no error
+    flags: the same names as a batch scored whole)."""
 
     scores: list[float]
     errors: list[str | None]
-    components: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 class UserFunctionProcess:

@@ -40,7 +40,8 @@ from torch import Tensor
 from posttrain.algos import Registry
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
-from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, ChildExited, user_function_process
+from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, ChildExited, PartScores, user_function_process
+from posttrain.rewards.graders.base import GradeResult
 from posttrain.rewards.user_functions import Completions, import_reward_function, score_alone
 
 RewardFunction = Callable[[Completions], Sequence[float] | Tensor]
@@ -134,18 +135,22 @@ def coin_reward(**_: Any) -> RewardFunction:
 @REWARD_FUNCTIONS.register("reward_model")
 def reward_model_reward(reward_model_path: str | None = None, **_: Any) -> RewardFunction:
     """The scalar score of a reward model (`posttrain rm`) for each (prompt, completion); a completion it cannot
-    score (special-token text) is an error of its row alone."""
+    score (special-token text) is an error of its row alone, and so is a score that is not finite (a diverged
+    model's NaN was a silent 0, its inf a huge finite reward)."""
     if not reward_model_path:
         raise ValueError("the `reward_model` reward needs the reward model's directory (reward.model_path)")
-    from posttrain.rewards.graders.base import GradeResult
     from posttrain.rewards.reward_model import RewardModelScorer
 
     scorer = RewardModelScorer.from_pretrained(reward_model_path)
 
     def score(batch: Completions) -> GradeResult:
         values, errors = scorer.score_rows(batch.prompts, batch.completions)  # a row it cannot score: an error
-        return GradeResult(values.nan_to_num(0.0).tolist(), errors=errors)
+        errors = [error if error is not None or value.isfinite() else f"the reward model scored it {value.item()!r}"
+                  for value, error in zip(values, errors, strict=True)]
+        return GradeResult([0.0 if error else value for value, error in zip(values.tolist(), errors, strict=True)],
+                           errors=errors)
 
+    score.grades = True  # its results are a grader's (`_row_by_row`)
     return score
 
 
@@ -168,15 +173,25 @@ def grader_reward(grader_path: str | None = None, **_: Any) -> RewardFunction:
     return score
 
 
-def _row_by_row(name: str, fn: RewardFunction, batch: Completions, failure: Exception,
-                errors: list[dict[str, Any]]) -> list[Any]:
-    """The scores of a batch on which `fn` raised, one row at a time (`user_functions.score_alone`): the rows it
-    fails on are its errors and the others keep their scores (one bad completion of 64 must not score the whole
-    batch 0, nor stop the run as if every sample failed)."""
-    values, row_errors = score_alone(fn, batch, failure, not_retried=(TimeoutError, ChildExited))
-    errors.extend({"function": name, "row": row, "error": error}
-                  for row, error in enumerate(row_errors) if error is not None)
-    return values
+def _row_by_row(fn: RewardFunction, batch: Completions, failure: Exception, graded: bool) -> GradeResult | PartScores:
+    """The scores of a batch on which `fn` raised, one row at a time (`user_functions.score_alone`), with each row's
+    error: the rows it fails on are its errors and the others keep their scores (one bad completion of 64 must not
+    score the whole batch 0, nor stop the run as if every sample failed). A grader's rows (`graded`, or rows
+    that gave a grader's result) are one grader's result with its parts, as for a batch graded whole (a part is 0
+    where its row failed)."""
+    results: dict[int, Any] = {}
+    values, errors = score_alone(fn, batch, failure, not_retried=(TimeoutError, ChildExited), results=results)
+    rows = {row: result for row, result in results.items() if hasattr(result, "components")}
+    if not (graded or rows):
+        return PartScores(values, errors)
+
+    def part_score(row: int, part: str) -> float:
+        result = rows.get(row)
+        return result.components[part][0] if result is not None and part in result.components else 0.0
+
+    parts = dict.fromkeys(part for result in rows.values() for part in result.components)
+    return GradeResult(values, {part: [part_score(row, part) for row in range(len(batch))] for part in parts},
+                       errors)
 
 
 def _need_task(task: Task | None, name: str) -> Task:
@@ -227,6 +242,7 @@ class WeightedRewards:
             raise ValueError("at least one reward function is needed")
         self.functions = dict(functions)
         self._said_none: set[str] = set()  # the functions whose all-None batch was warned about
+        self._parts: dict[str, dict[str, None]] = {}  # each grader's parts seen so far (ordered)
         # Set by a recipe once its run directory exists: sees every scored batch (`error_log.RewardErrorLog`).
         self.error_log: Callable[[Scores, Completions], None] | None = None
 
@@ -256,14 +272,22 @@ class WeightedRewards:
             try:
                 values = fn(batch)
             except Exception as err:  # noqa: BLE001 - the user's function failed: error records, not a dead run
-                values = _row_by_row(name, fn, batch, err, errors)
+                graded = name in self._parts or getattr(fn, "grader", None) is not None or getattr(fn, "grades", False)
+                values = _row_by_row(fn, batch, err, graded)
             if hasattr(values, "components"):  # a grader's result: log its parts and errors, weight its total
                 by_function.update({f"{name}.{part}": torch.tensor(v, dtype=torch.float64)
                                     for part, v in values.components.items()})
                 by_function[f"{name}.errors"] = torch.tensor([e is not None for e in values.errors],
                                                              dtype=torch.float64)
+                # A part a batch lacks (every row of it failed one at a time) scores 0 there, so that each batch
+                # logs the same names (batches are concatenated and averaged by name)
+                known = self._parts.setdefault(name, {})
+                known.update(dict.fromkeys(values.components))
+                by_function.update({f"{name}.{part}": torch.zeros(len(batch), dtype=torch.float64)
+                                    for part in known if part not in values.components})
+            if hasattr(values, "errors"):  # a grader's result, or a user function's batch sent in parts
                 errors.extend({"function": name, "row": i, "error": e}
-                                   for i, e in enumerate(values.errors) if e is not None)
+                              for i, e in enumerate(values.errors) if e is not None)
                 values = values.scores
             if isinstance(values, (list, tuple)) and any(v is None for v in values):
                 # None: the function does not apply to that completion (TRL's convention, where the total is a

@@ -54,14 +54,17 @@ UserFunction = Callable[[Completions], Any]
 
 
 def score_alone(fn: Callable[[Completions], Any], batch: Completions, failure: BaseException,
-                not_retried: tuple[type[BaseException], ...] = ()) -> tuple[list[Any], list[str | None]]:
+                not_retried: tuple[type[BaseException], ...] = (),
+                results: dict[int, Any] | None = None) -> tuple[list[Any], list[str | None]]:
     """The scores of a batch on which `fn` raised `failure`, one row at a time, with each row's error (None where it
     scored): one bad completion of 64 is the error of its row alone. Not retried, every row getting the batch's
     error: a failure of a kind in `not_retried` (a timeout, a crashed process: each row could cost as much), and
-    one the first two rows raise again word for word (the function fails on everything, a service is down: each of
-    512 rows would wait as long). A row's value is as `fn` returned it (None, NaN: judged by the caller); a
-    grader's result gives its score and its own error. An exception's error is its last line (what went wrong)
-    over its whole traceback."""
+    one that rows of two different prompts raise again word for word (the function fails on everything, a service
+    is down: each of 512 rows would wait as long). Rows of one prompt do not tell: a group's completions sit side by
+    side and share the prompt's row, so one bad row (a missing column) fails them all alike. A row's value is as
+    `fn` returned it (None, NaN: judged by the caller); a grader's result gives its score and its own error, and is
+    kept whole in `results` (by row) for its parts. An exception's error is its last line (what went wrong) over
+    its whole traceback."""
     def text(error: BaseException) -> str:
         full = "".join(traceback.format_exception(error)).rstrip()
         return f"{full.splitlines()[-1]}\n{full}"
@@ -69,30 +72,34 @@ def score_alone(fn: Callable[[Completions], Any], batch: Completions, failure: B
     def same(error: BaseException) -> bool:
         return type(error) is type(failure) and str(error) == str(failure)
 
-    if len(batch) == 1 or isinstance(failure, not_retried):
-        return [0.0] * len(batch), [text(failure)] * len(batch)
-    values: list[Any] = []
-    errors: list[str | None] = []
-    repeats = 0  # how many rows from the first on failed exactly as the batch did
-    for row in range(len(batch)):
-        if repeats == 2:  # the first two rows failed as the batch did: so will the others
-            values.append(0.0)
-            errors.append(text(failure))
+    count = len(batch)
+    if count == 1 or isinstance(failure, not_retried):
+        return [0.0] * count, [text(failure)] * count
+    # Tried first: the first row and the first row of another prompt (the next row when all share one prompt).
+    other = next((row for row in range(1, count) if repr(batch.prompts[row]) != repr(batch.prompts[0])), 1)
+    order = [0, other] + [row for row in range(1, count) if row != other]
+    values: list[Any] = [0.0] * count
+    errors: list[str | None] = [None] * count
+    repeats = 0  # how many of the two probe rows failed exactly as the batch did
+    for position, row in enumerate(order):
+        if repeats == 2:  # rows of two prompts failed as the batch did: so will the others
+            errors[row] = text(failure)
             continue
         try:
             result = fn(batch.rows(row, row + 1))
+            if results is not None:
+                results[row] = result
             error = result.errors[0] if hasattr(result, "components") and result.errors else None
             result = result.scores if hasattr(result, "components") else result
             result = result.tolist() if hasattr(result, "tolist") else result
             listed = list(result) if isinstance(result, (list, tuple)) else [result]
             if len(listed) != 1:
                 raise ValueError(f"returned {len(listed)} scores for 1 completion")
-            values.append(0.0 if error else listed[0])
-            errors.append(error)
+            values[row] = 0.0 if error else listed[0]
+            errors[row] = error
         except Exception as err:  # noqa: BLE001 - this row's own error
-            values.append(0.0)
-            errors.append(text(err))
-            repeats += row == repeats and same(err)
+            errors[row] = text(err)
+            repeats += position == repeats and same(err)
     return values, errors
 
 

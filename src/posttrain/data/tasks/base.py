@@ -21,20 +21,26 @@ RANKING_SIZE = 4  # responses per ranking row: the correct one and 3 wrong ones
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 INTEGER = re.compile(r"-?\d+")  # one of several numbers in a line (the sort task's lists: "1,2,3" is three)
-# An answer written as one integer, possibly with a sign and thousands separators ("1,008" is 1008, not 1); a
-# group of digits longer than three after a comma is no separator ("1,0089" reads 1).
-ANSWER_INTEGER = r"[+-]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
-# A gold answer written as an integer: a sign, thousands separators, a zero fraction ("+1,000.0" is 1000).
-INTEGER_ANSWER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.0+)?")
+# An integer as answers are written: a sign (the minus sign U+2212 too), thousands separators ("1,008" is 1008, not 1),
+# a zero fraction ("+1,000.0" is 1000).
+WHOLE_INTEGER = r"[+\-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)"
+INTEGER_TEXT = rf"{WHOLE_INTEGER}(?:\.0+)?"
+# One in a completion stands alone: not a piece of a decimal ("5.7" and ".5" are no 5) nor of a longer run of digits
+# ("1,0089" is no 1,008).
+ANSWER_INTEGER = rf"(?<![\d.,]){INTEGER_TEXT}(?!\d|[.,]\d)"
+INTEGER_ANSWER = re.compile(INTEGER_TEXT)  # a gold answer: the whole text
+
+
+def integer_value(text: str) -> str:
+    """An integer written as `INTEGER_TEXT` in the extractors' form ("+1,008" -> "1008", "−5.0" -> "-5")."""
+    return str(int(text.replace("\u2212", "-").split(".")[0].replace(",", "")))
 
 
 def canonical_integer(text: str) -> str | None:
     """An integer gold answer as the extractors write theirs ("05", "+5", "5.0", "1,000" -> "5", "5", "5", "1000"),
     or None when the text is no integer ("5.5", "12 apples")."""
     text = text.strip()
-    if not INTEGER_ANSWER.fullmatch(text):
-        return None
-    return str(int(text.split(".")[0].replace(",", "")))
+    return integer_value(text) if INTEGER_ANSWER.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
@@ -68,11 +74,6 @@ def answer_text(completion: str) -> str | None:
     if THINK_OPEN in completion:
         return None
     return completion
-
-
-def integer_value(text: str) -> str:
-    """A matched `ANSWER_INTEGER` in the extractors' form ("+1,008" -> "1008", "-05" -> "-5")."""
-    return str(int(text.replace(",", "")))
 
 
 def first_integer(text: str) -> str | None:

@@ -81,12 +81,15 @@ class ChainTask(Task):
         return "".join(ch for ch in example.key if ch in OPS)
 
     def extract_answer(self, completion: str) -> str | None:
-        """A worked answer's last computed value (after its last `=` that has one); a direct answer's number."""
+        """A worked answer's last computed value (None when no `=` has one: a worked answer cut short or written
+        with no integer is no direct answer); a direct answer's number."""
         text = answer_text(completion)
         if text is None:
             return None
-        values = _RESULT.findall(text)
-        return integer_value(values[-1]) if values else first_integer(text)
+        if "=" not in text:
+            return first_integer(text)
+        values = _RESULT.findall(text)  # none: worked to no value ("12+5=17.5", a cut "12+5="), no operand instead
+        return integer_value(values[-1]) if values else None
 
     @staticmethod
     def worked(completion: str) -> bool:

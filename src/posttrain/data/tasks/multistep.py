@@ -30,11 +30,12 @@ import random
 import re
 
 from posttrain.data.tasks.base import (
-    ANSWER_INTEGER,
+    WHOLE_INTEGER,
     Example,
     Task,
     answer_text,
     canonical_integer,
+    first_integer,
     integer_value,
     is_heldout_key,
 )
@@ -44,9 +45,9 @@ LABELS = "abcde"  # of the steps, in order
 MAX_VALUE = 999  # multiplication is only offered while the result stays below this
 DELTAS = (-10, -2, -1, 1, 2, 10)
 # A step line: an optional label (`b) `), then a∘b=value; a CRLF line's \r is trailing space too.
-STEP_PATTERN = re.compile(r"^[ \t]*(?:[a-z]\)[ \t]*)?(-?\d+)[ \t]*([+\-*])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)[ \t\r]*$",
-                          re.MULTILINE)
-_ANSWER = re.compile(rf"Answer:\s*({ANSWER_INTEGER})")
+STEP_PATTERN = re.compile(rf"^[ \t]*(?:[a-z]\)[ \t]*)?({WHOLE_INTEGER})[ \t]*([+\-*])[ \t]*({WHOLE_INTEGER})"
+                          rf"[ \t]*=[ \t]*({WHOLE_INTEGER})[ \t\r]*$", re.MULTILINE)
+_ANSWER = re.compile(r"Answer:")
 _KEY_OP = re.compile(r"([+\-*])(\d+)")
 
 Chain = tuple[int, tuple[tuple[str, int], ...]]
@@ -100,11 +101,11 @@ class MultistepTask(Task):
         text = answer_text(completion)
         if text is None:
             return None
-        answers = _ANSWER.findall(text)
-        if answers:
-            return integer_value(answers[-1])
+        answers = list(_ANSWER.finditer(text))
+        if answers:  # the stated answer is the answer, read or not: "Answer: **35**" is no 36 from the last step
+            return first_integer(text[answers[-1].end():].lstrip().split("\n", 1)[0])
         steps = STEP_PATTERN.findall(text)
-        return str(int(steps[-1][3])) if steps else None
+        return integer_value(steps[-1][3]) if steps else None
 
     def verify_steps(self, completion: str, steps: list[str]) -> list[float]:
         """A score per gold step: 1.0 when the completion's j-th step line computes correctly and its
@@ -138,7 +139,7 @@ def parse_steps(completion: str) -> list[tuple[int, str, int, int, int]]:
         end = match.end()
         end = end if end < len(text) and text[end] == "\n" else end - 1
         a, op, b, value = match.groups()
-        steps.append((int(a), op, int(b), int(value), offset + end))
+        steps.append((int(integer_value(a)), op, int(integer_value(b)), int(integer_value(value)), offset + end))
     return steps
 
 
