@@ -33,6 +33,26 @@ def test_answer_extraction():
     assert regex("abc", r"\d") == ""
 
 
+def test_number_extraction_reads_whole_numbers_only():
+    """A number is never a piece of a longer one: the minus sign U+2212 read "−5" as 5, "1.5e3" read 3, "1/2"
+    read 2, ".5" read 5, "1,0000" read 0."""
+    cases = {"the answer is −5": "-5", "1.5e3": "1.5e3", "1/2": "1/2", "so .5": ".5", "1,0000": "", "12,34": "",
+             "$1,234.56.": "1234.56", "answer 7.": "7", "total +5": "+5", "2024-01-15 gives 7": "7", "−1,024": "-1024"}
+    assert {text: last_number(text) for text in cases} == cases
+    # a group that took no part in the last match is "", not "None"
+    assert regex(r"\boxed{7}", r"Answer: (\d+)|boxed\{(\d+)\}") == ""
+    assert regex(r"\boxed{7}", r"Answer: (\d+)|boxed\{(\d+)\}", 2) == "7"
+
+
+@pytest.mark.parametrize("answer, score", [("Score: -1", -1.0), ("Score (1-10): 7", 7.0),
+                                           ("Rating (out of 10): 6", 6.0), ("Score: \u22122", -2.0),
+                                           ("**Score:** 9.5", 9.5), ("Score: .8", 0.8), ("Grade = 3/10", 3.0)])
+def test_judge_score_keeps_the_sign_and_skips_a_range_after_the_label(answer, score):
+    from posttrain.rewards.graders.score_model import judge_score
+
+    assert judge_score(answer, 10.0) == (score, None)
+
+
 # ---------------------------------------------------------------------------------------------- string_check
 
 
@@ -73,6 +93,16 @@ def test_text_similarity_by_hand():
     # GLEU = min(precision, recall) over 1..4-grams: 3 matches (2 + 1 + 0) of 6 n-grams on each side.
     assert similarity("gleu", "the cat sat", "the cat ran") == pytest.approx(0.5, abs=1e-12)
     assert similarity("fuzzy_match", "same", "same") == 1.0
+
+
+def test_rouge_reads_words_of_every_script():
+    """rouge-score's tokenizer keeps only [a-z0-9]: identical Russian or Japanese texts scored 0."""
+    assert similarity("rouge_1", "Кошка сидит", "кошка сидит") == 1.0
+    assert similarity("rouge_1", "кошка сидит", "кошка спит") == pytest.approx(1 / 2, abs=1e-12)
+    # each Han/kana character is a word: 猫が座った against 猫が寝た share 猫, が, た of 5 and 4 -> F = 2*3/(5+4)
+    assert similarity("rouge_1", "猫が座った", "猫が寝た") == pytest.approx(6 / 9, abs=1e-12)
+    assert similarity("rouge_l", "東京 2024", "東京 2024") == 1.0
+    assert similarity("rouge_1", "the cat_sat", "the cat sat") == 1.0  # "_" separates words, as in rouge-score
 
 
 def test_text_similarity_pass_threshold():
@@ -296,20 +326,26 @@ def test_teacher_grader_whose_student_gives_nan_is_an_error_not_full_credit(tmp_
 # ---------------------------------------------------------------------------------------------- teacher
 
 
-def test_teacher_grader_matches_a_token_by_token_computation(tmp_path, tiny_model, tokenizer):
+@pytest.mark.parametrize("separator, gold", [(" so ", "7"), ("\nAnswer: ", "seven")])
+def test_teacher_grader_matches_a_token_by_token_computation(tmp_path, tiny_model, tokenizer, separator, gold):
+    """The student reads explanation, separator and answer as one text: with "\nAnswer: " and "seven" the answer's
+    first token carries the separator's space ("Ġseven"); tokenised apart they were " " and "seven"."""
     from posttrain.data.config import DataConfig
     from posttrain.data.tokenize import Encoder
     from posttrain.models import save_pretrained
 
     student = save_pretrained(tiny_model, tokenizer, tmp_path / "student")
     spec = {"type": "teacher", "student": str(student), "question": "{{ item.question }}",
-            "answer": "{{ item.answer }}", "penalty": 0.5, "separator": " so "}
-    result = grade(spec, ["3 plus 4 is 7"], [{"question": "What is 3+4?", "answer": "7"}])
+            "answer": "{{ item.answer }}", "penalty": 0.5, "separator": separator}
+    result = grade(spec, ["3 plus 4 is 7"], [{"question": "What is 3+4?", "answer": gold}])
     # Slow and obvious: one forward per predicted token.
     encoder = Encoder.from_config(tokenizer, DataConfig())
     prompt = encoder.encode_prompt([{"role": "user", "content": "What is 3+4?", "reasoning": None}])
-    explain = tokenizer.encode("3 plus 4 is 7 so ", add_special_tokens=False)
-    answer = tokenizer.encode("7", add_special_tokens=False)
+    # the student reads the text whole; the explanation's tokens are those whose text ends before the answer's
+    before = "3 plus 4 is 7" + separator
+    whole = tokenizer.encode(before + gold, add_special_tokens=False)
+    cut = max(k for k in range(len(whole) + 1) if len(tokenizer.decode(whole[:k])) <= len(before))
+    explain, answer = whole[:cut], whole[cut:]
     ids = prompt + explain + answer
 
     def logp(t):
@@ -335,6 +371,16 @@ def test_shipped_grader_as_a_weighted_reward_logs_parts_and_errors():
     assert scores.by_function["grader.exact"].tolist() == [1.0, 0.0, 0.0]
     assert scores.by_function["grader.close"].tolist() == pytest.approx([1.0, 1 / 3, 0.0])
     assert scores.by_function["grader.errors"].tolist() == [0.0, 0.0, 0.0] and scores.errors == []
+
+
+def test_shipped_arith_grader_reads_numbers_as_the_gold_answers_are_written():
+    """Gold answers the data check accepts ("1,035", "+68") and answers written with separators, a zero fraction or
+    the minus sign: "9,801" scored 0.7 (its closeness read 801), a gold "1,035" failed every row."""
+    grader = load_grader("arith-partial")
+    cases = [("9,801", "9801", 1.0), ("So 23*45 = 1,035.", "1,035", 1.0), ("68", "+68", 1.0), ("12.0", "12", 1.0),
+             ("\u22125", "-5", 1.0), ("\u22125", "5", 0.3 / 11), ("12.5", "12", 0.3 / 1.5), ("5.7", "5", 0.3 / 1.7)]
+    result = grader.grade([{"output_text": text} for text, _, _ in cases], [{"answer": gold} for _, gold, _ in cases])
+    assert result.scores == pytest.approx([score for *_, score in cases]) and result.error_count == 0
 
 
 def test_grader_errors_become_records_in_the_scores():

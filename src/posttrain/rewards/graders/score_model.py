@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.rewards.graders.base import GradeResult, Item, Sample, Spec
-from posttrain.rewards.graders.extract import NUMBER
+from posttrain.rewards.graders.extract import NUMBER, number_text
 from posttrain.rewards.graders.template import Template
 
 DEFAULT_INPUT = [{"role": "user", "content": "{{ item.question }}"},
@@ -107,8 +107,10 @@ class ScoreModelGrader:
 _MAXIMUM = rf"(?:\s*(?:/|out\s+of)\s*({NUMBER.pattern}))"
 # "7/10", "7 / 10", "7 out of 10": a score and the maximum it is out of.
 _OUT_OF = re.compile(rf"({NUMBER.pattern}){_MAXIMUM}", re.IGNORECASE)
-# "Score: 7", "rating = 7", "Grade - 7/10", "**Score:** 7": a labelled score, maybe with its maximum.
-_LABELLED = re.compile(rf"\b(?:score|rating|grade)\b\W{{0,4}}({NUMBER.pattern}){_MAXIMUM}?", re.IGNORECASE)
+# "Score: 7", "rating = 7", "Grade: 7/10", "**Score:** 7", "Score (1-10): 7": a labelled score, maybe with its maximum
+# (the label's punctuation keeps no sign: "Score: -1" is -1; a range in brackets after the label is no score).
+_LABELLED = re.compile(rf"\b(?:score|rating|grade)\b(?:\s*\([^()]{{0,30}}\))?[^\w+\-\u2212]{{0,4}}({NUMBER.pattern})"
+                       rf"{_MAXIMUM}?", re.IGNORECASE)
 
 
 def judge_score(answer: str, high: float) -> tuple[float, str | None]:
@@ -120,7 +122,7 @@ def judge_score(answer: str, high: float) -> tuple[float, str | None]:
     fraction the judge quotes ("5/10 of the steps are wrong. Score: 2") is not its score.
     """
     def number(text: str) -> float:
-        return float(text.replace(",", ""))
+        return float(number_text(text))
 
     def out_of(value: str, maximum: str) -> tuple[float, str | None]:
         if maximum and number(maximum) != high:

@@ -67,9 +67,7 @@ class TeacherGrader:
 
         encoder, model = self._load()
         prompt = encoder.encode_prompt([{"role": "user", "content": question, "reasoning": None}])
-        tokenizer = encoder.tokenizer
-        explain = tokenizer.encode(explanation + self.separator, add_special_tokens=False)
-        target = tokenizer.encode(answer, add_special_tokens=False)
+        explain, target = self._split_tokens(encoder.tokenizer, explanation + self.separator, answer)
         ids = torch.tensor([prompt + explain + target], device=model_device(model))
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
@@ -79,6 +77,20 @@ class TeacherGrader:
         answer_part = logprobs[start + len(explain):]
         return (answer_part.mean().item() if len(target) else 0.0,
                 explain_part.mean().item() if len(explain) else 0.0)
+
+    @staticmethod
+    def _split_tokens(tokenizer, before: str, answer: str) -> tuple[list[int], list[int]]:
+        """The tokens of `before + answer` as the student reads the text whole, cut where the answer begins: a token
+        holding a character of the answer is the answer's (the separator's trailing space joins the answer's first
+        word, "Ġseven"; the two tokenised apart, " " and "seven", are a sequence the student never sees). Without
+        character offsets (a slow tokenizer), the two parts tokenised apart."""
+        if not getattr(tokenizer, "is_fast", False):
+            return (tokenizer.encode(before, add_special_tokens=False),
+                    tokenizer.encode(answer, add_special_tokens=False))
+        encoded = tokenizer(before + answer, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        cut = next((i for i, (_, end) in enumerate(offsets) if end > len(before)), len(ids))
+        return ids[:cut], ids[cut:]
 
     def _load(self):
         if self._student is None:

@@ -4,14 +4,15 @@ reference, computed by maintained libraries (not re-implemented here):
     fuzzy_match   rapidfuzz.fuzz.ratio / 100 (normalised Indel similarity)
     bleu          sacrebleu sentence BLEU / 100 (with exponential smoothing, the sacrebleu default)
     gleu          nltk's sentence GLEU (Google-BLEU) on whitespace tokens
-    rouge_1..5    rouge-score ROUGE-N F-measure (Porter stemming off)
-    rouge_l       rouge-score ROUGE-L F-measure
+    rouge_1..5    rouge-score ROUGE-N F-measure (Porter stemming off), on words of any script
+    rouge_l       rouge-score ROUGE-L F-measure, likewise
 
 With `pass_threshold` the score becomes 1 at or above the threshold and 0 below (pass/fail).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from posttrain.rewards.graders.base import GradeResult, Item, Sample, Spec
@@ -36,11 +37,23 @@ def _gleu(text: str, ref: str) -> float:
     return float(sentence_gleu([ref.split()], text.split()))
 
 
+# rouge-score's own tokenizer keeps only [a-z0-9] and scored two identical Japanese or Russian texts 0. Words here are
+# runs of letters and digits of any script (the same words as rouge-score's for ASCII text), and each Han, kana or
+# Hangul character is a word of its own, as those scripts write no spaces between words.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_ROUGE_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+")
+
+
+class _RougeWords:
+    def tokenize(self, text: str) -> list[str]:
+        return _ROUGE_WORD.findall(text.lower())
+
+
 def _rouge(kind: str) -> Callable[[str, str], float]:
     def score(text: str, ref: str) -> float:
         from rouge_score import rouge_scorer
 
-        return rouge_scorer.RougeScorer([kind]).score(ref, text)[kind].fmeasure
+        return rouge_scorer.RougeScorer([kind], tokenizer=_RougeWords()).score(ref, text)[kind].fmeasure
 
     return score
 
