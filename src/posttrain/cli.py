@@ -13,7 +13,7 @@ from rich.table import Table
 
 from posttrain import recipes
 from posttrain.console import run_console
-from posttrain.errors import PosttrainError
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.train.signals import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -354,6 +354,8 @@ def data_inspect(
         found = recipes.find_recipe(recipe)
         stage = recipe if recipe in STAGE_FORMATS else found.stage
         built = recipes.build_config(found, [f"data.{o.removeprefix('data.')}" for o in overrides or []])
+        if not hasattr(built, "data"):
+            raise ConfigError(f"the {recipe} recipe reads no data file (it has no data settings)", field="--recipe")
         cfg = dataclasses.replace(built.data, source=source)
         if model is None and (Path("runs/pretrain/final") / "config.json").is_file():
             model = "runs/pretrain/final"

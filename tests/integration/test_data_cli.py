@@ -60,3 +60,12 @@ def test_inspect_uses_the_data_settings_of_the_stage_recipe(tmp_path, model_dir,
                                     terminal_width=120)
         assert result.exit_code == 0, result.output
         assert re.search(rf"dropped: longer than max_length\s*│\s*{dropped}\s", result.output), result.output
+
+
+def test_inspect_refuses_a_recipe_that_reads_no_data_file(tmp_path, model_dir):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "q", "completion": "a"}\n')
+    result = CliRunner().invoke(app, ["data", "inspect", str(path), "--model", model_dir, "--recipe", "pretrain"],
+                                terminal_width=200)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--recipe: the pretrain recipe reads no data file" in " ".join(result.output.split())

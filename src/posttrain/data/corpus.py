@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 
-from posttrain.data.arith import Problem, few_shot_prompt, sample_problem, solved_line
+from posttrain.data.arith import Problem, few_shot_prompt, is_heldout, sample_problem, solved_line
 
 _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -72,10 +72,12 @@ def _chain(rng: random.Random) -> str:
     value = rng.randint(0, 20)
     lines = [f"Start with {value}."]
     for _ in range(rng.randint(2, 4)):
-        op, operand = rng.choice("+-*"), rng.randint(1, 9)
-        new = Problem(value, op, operand).answer
-        lines.append(f"{value}{op}{operand}={new}")
-        value = new
+        while True:  # each step solves a problem of the training split only, as every other kind of text does
+            step = Problem(value, rng.choice("+-*"), rng.randint(1, 9))
+            if not is_heldout(step):
+                break
+        lines.append(f"{step.expression}={step.answer}")
+        value = step.answer
     lines.append(f"The result is {value}.")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from posttrain.config import ModelConfig
+from posttrain.errors import ConfigError
 from posttrain.models.device import default_device
 from posttrain.models.kernels import use_fast_kernels
 
@@ -20,7 +21,10 @@ def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaC
     hidden, layers, heads, ffn = SIZES.get(cfg.size) or (
         cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size)
     if hidden % heads:
-        raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+        raise ConfigError(f"{hidden} is not divisible by model.num_heads={heads}", field="model.hidden_size")
+    if (hidden // heads) % 2:  # rotary embeddings turn pairs of a head's dimensions
+        raise ConfigError(f"{hidden} / {heads} heads is {hidden // heads} dimensions per head; rotary position "
+                          "embeddings need an even number", field="model.hidden_size")
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.corpus import plain_text, synthetic_documents
+from posttrain.errors import ConfigError
 from posttrain.eval.report import write_training_report
 from posttrain.models import build_model, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.models.attention import position_limit
 from posttrain.models.tokenizer import train_tokenizer
 from posttrain.train.engine import TrainConfig, Trainer, once_per_step
 from posttrain.train.run_dir import RunResult, prepare_run_dir
@@ -26,6 +30,8 @@ from posttrain.train.sources import ShuffledStepSource
 
 # Held-out text is drawn from a generator seeded apart from the training stream.
 HELDOUT_SEED_OFFSET = 1_000_003
+
+logger = logging.getLogger("posttrain.pretrain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +65,16 @@ def main(cfg: PretrainConfig) -> RunResult:
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     tokenizer, model = _tokenizer_and_model(cfg)
-    train_blocks = pack_documents(tokenizer, cfg.corpus.train_documents, cfg.run.seed, cfg.corpus)
-    heldout_blocks = pack_documents(tokenizer, cfg.corpus.heldout_documents,
-                                    cfg.run.seed + HELDOUT_SEED_OFFSET, cfg.corpus)
+    _check_model(tokenizer, model, cfg.corpus)
+    train_texts = document_texts(tokenizer, synthetic_documents(cfg.run.seed, cfg.corpus.chat_share),
+                                 cfg.corpus.train_documents)
+    # Held-out text is no training document (short facts and greetings recur in the stream): its loss is of text
+    # the model has not been trained on.
+    heldout_texts = document_texts(tokenizer, synthetic_documents(cfg.run.seed + HELDOUT_SEED_OFFSET,
+                                                                  cfg.corpus.chat_share),
+                                   cfg.corpus.heldout_documents, leave_out=set(train_texts))
+    train_blocks = pack_texts(tokenizer, train_texts, cfg.corpus.seq_len, "corpus.train_documents")
+    heldout_blocks = pack_texts(tokenizer, heldout_texts, cfg.corpus.seq_len, "corpus.heldout_documents")
     initial_eval = heldout_loss(model, heldout_blocks, cfg.train.micro_batch_size)
 
     predicted_per_block = cfg.corpus.seq_len - 1
@@ -105,22 +118,55 @@ def _tokenizer_and_model(cfg: PretrainConfig) -> tuple[PreTrainedTokenizerBase, 
     return tokenizer, build_model(cfg.model, tokenizer, seed=cfg.run.seed)
 
 
-def pack_documents(tokenizer: PreTrainedTokenizerBase, count: int, seed: int, corpus: CorpusConfig) -> torch.Tensor:
-    """Tokenize `count` synthetic documents, join them into one stream and cut it into blocks.
+def _check_model(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, corpus: CorpusConfig) -> None:
+    """What a model continued from `model.path` must have: an end-of-text token (every document ends with one) and
+    positions for a block (a learned position table, GPT-2's or OPT's, indexed past its end mid-run)."""
+    if tokenizer.eos_token is None:
+        raise ConfigError("the tokenizer has no end-of-text token (eos_token): documents could not be told apart "
+                          "in the packed stream", field="model.path")
+    limit = position_limit(model)
+    if limit is not None and corpus.seq_len > limit:
+        raise ConfigError(f"{corpus.seq_len} tokens per block, but the model has positions for {limit}",
+                          field="corpus.seq_len")
+    if corpus.chat_share > 0 and tokenizer.chat_template is None:
+        logger.warning("the tokenizer has no chat template: the corpus's dialogues (corpus.chat_share=%g) are "
+                       "written as plain text", corpus.chat_share)
 
-    Each document starts with BOS and ends with EOS (a chat already ends with EOS), so the model
-    learns where documents begin and end. Returns int64 [N, seq_len].
-    """
-    documents = list(itertools.islice(synthetic_documents(seed, corpus.chat_share), count))
-    texts = [tokenizer.apply_chat_template(d, tokenize=False) if isinstance(d, list)
-             else tokenizer.bos_token + d + tokenizer.eos_token for d in documents]
-    # Both kinds now carry their own BOS/EOS in the text, so no special tokens are added here.
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+def document_texts(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str | list[dict[str, str]]], count: int,
+                   leave_out: Collection[str] = ()) -> list[str]:
+    """`count` documents as text, each from BOS (where the tokenizer has one) to EOS: a dialogue through the chat
+    template (which ends it with EOS), as plain text where there is none. Documents whose text is in `leave_out`
+    are skipped (at most 100 tries per document: a corpus of few distinct documents cannot give enough)."""
+    texts: list[str] = []
+    for tries, document in enumerate(documents):
+        if len(texts) == count or tries == 100 * count:
+            break
+        if isinstance(document, list) and tokenizer.chat_template is not None:
+            text = tokenizer.apply_chat_template(document, tokenize=False)
+        else:
+            text = (tokenizer.bos_token or "") + plain_text(document) + tokenizer.eos_token
+        if text not in leave_out:
+            texts.append(text)
+    return texts
+
+
+def pack_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int, field: str) -> torch.Tensor:
+    """Join the documents' tokens into one stream and cut it into blocks of `seq_len`: int64 [N, seq_len]. Each text
+    carries its own BOS/EOS, so no special tokens are added; `field` is the setting that sizes `texts`."""
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     stream = torch.tensor(list(itertools.chain.from_iterable(encoded)), dtype=torch.long)
-    blocks = stream.numel() // corpus.seq_len
+    blocks = stream.numel() // seq_len
     if blocks == 0:
-        raise ValueError(f"{count} documents give fewer than {corpus.seq_len} tokens: raise corpus sizes")
-    return stream[: blocks * corpus.seq_len].view(blocks, corpus.seq_len)
+        raise ConfigError(f"{len(texts)} documents give {stream.numel()} tokens, fewer than one block of "
+                          f"corpus.seq_len={seq_len}", field=field)
+    return stream[: blocks * seq_len].view(blocks, seq_len)
+
+
+def pack_documents(tokenizer: PreTrainedTokenizerBase, count: int, seed: int, corpus: CorpusConfig) -> torch.Tensor:
+    """The first `count` synthetic documents of the stream seeded `seed`, packed (`document_texts`, `pack_texts`)."""
+    texts = document_texts(tokenizer, synthetic_documents(seed, corpus.chat_share), count)
+    return pack_texts(tokenizer, texts, corpus.seq_len, "corpus.train_documents")
 
 
 @torch.no_grad()
