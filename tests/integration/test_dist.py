@@ -84,11 +84,14 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _train(model_dir: Path, out: Path, name: str, *, steps: int, parallel: str = "ddp", save_every: int = 0,
-           resume: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """`steps` optimizer steps of the SFT loss; returns (gradients of the first step, final parameters)."""
+           resume: bool = False, evaluate: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`steps` optimizer steps of the SFT loss (`evaluate`: its held-out loss after every step, on rank 0 as every
+    evaluation runs); returns (gradients of the first step, final parameters)."""
+    from posttrain.eval.heldout import heldout_loss
+
     model = load_causal_lm(model_dir)
     train = TrainConfig(max_steps=steps, batch_size=SAMPLES, micro_batch_size=4, save_every=save_every,
-                        parallel=parallel)
+                        parallel=parallel, eval_every=1 if evaluate else 0)
     cfg = _Config(run=RunConfig(name=name, out_dir=str(out), progress=False, overwrite=not resume, resume=resume),
                   train=train, optim=OptimConfig(lr=1e-3, schedule="constant"))
     trainer = Trainer(stage="sft", cfg=cfg, run=cfg.run, train=train, optim=cfg.optim,
@@ -100,7 +103,10 @@ def _train(model_dir: Path, out: Path, name: str, *, steps: int, parallel: str =
             grads.update({n: _full(p.grad) for n, p in model.named_parameters()})
 
     trainer.optimizer.register_step_pre_hook(record_first_gradients)
-    trainer.fit(_source(_samples(model.config.vocab_size), train), sft_loss_fn)
+    source = _source(_samples(model.config.vocab_size), train)
+    held_out = (lambda step, final: heldout_loss(model, SAMPLES, source.collate, lambda rows: source.count(rows)[0],
+                                                 sft_loss_fn, batch_size=4)) if evaluate else None
+    trainer.fit(source, sft_loss_fn, held_out)
     return grads, {n: _full(p) for n, p in model.named_parameters()}
 
 
@@ -213,10 +219,12 @@ def _worker(rank: int, world: int, port: int, work: str) -> None:
         grads, params = _train(work_dir / "model", out, f"two-{parallel}", steps=2, parallel=parallel)
         results.update({f"{parallel}.grad.{k}": v for k, v in grads.items()})
         results.update({f"{parallel}.param.{k}": v for k, v in params.items()})
-    # Checkpoint at step 2 of a 4-step run, then a fresh process state resumes it to step 4.
-    _, straight = _train(work_dir / "model", out, "straight", steps=4, parallel="fsdp")
-    _train(work_dir / "model", out, "resumed", steps=2, parallel="fsdp", save_every=2)
-    _, resumed = _train(work_dir / "model", out, "resumed", steps=4, parallel="fsdp", resume=True)
+    # Checkpoint at step 2 of a 4-step run, then a fresh process state resumes it to step 4. A held-out loss after
+    # every step, computed on rank 0 alone from the gathered weights (it built an autograd graph there, and the
+    # next step's FSDP collectives no longer matched the other rank's: a gloo size mismatch).
+    _, straight = _train(work_dir / "model", out, "straight", steps=4, parallel="fsdp", evaluate=True)
+    _train(work_dir / "model", out, "resumed", steps=2, parallel="fsdp", save_every=2, evaluate=True)
+    _, resumed = _train(work_dir / "model", out, "resumed", steps=4, parallel="fsdp", resume=True, evaluate=True)
     results.update({f"straight.{k}": v for k, v in straight.items()})
     results.update({f"resumed.{k}": v for k, v in resumed.items()})
     for stage in RL_RUNS:

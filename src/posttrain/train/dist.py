@@ -317,6 +317,22 @@ class DistributedModel:
                 module.set_reshard_after_forward(True, recurse=False)
             for module in [self.root, *layers]:
                 module.reshard()
+            _forget_forwards([self.root, *layers])
+
+
+def _forget_forwards(modules: list[torch.nn.Module]) -> None:
+    """FSDP2 records each layer forward that runs outside a backward, for the next backward to prefetch the layer
+    before (`post_forward_order`); a backward's end clears the records. Forwards of sampling and evaluation have no
+    backward: the next training backward prefetched one of their layers, an all-gather that a rank which had not
+    run them (evaluation runs on rank 0 alone) never joined. Their records are dropped here (FSDP2's private
+    state in torch 2.13: `_post_forward_indices` of each parameter group, the shared `post_forward_order`)."""
+    for module in modules:
+        state = module._get_fsdp_state()
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            group._post_forward_indices.clear()
+        comm = getattr(state, "_comm_ctx", None)
+        if comm is not None:
+            comm.post_forward_order.clear()
 
 
 def grad_norm_value(norm: Tensor) -> float:
