@@ -46,6 +46,7 @@ from posttrain.recipes.rl import build_rewards, check_reward_functions, resolve_
 from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.error_log import ERRORS_FILE, RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
+from posttrain.train import dist
 from posttrain.train.dist import is_main_process
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
@@ -87,7 +88,8 @@ def main(cfg: Any) -> RunResult:
     if is_main_process():  # a resumed run scores the same set again: keep one copy of its scores and errors
         scored_file.unlink(missing_ok=True)
         (run_dir.path / ERRORS_FILE).unlink(missing_ok=True)
-        errors.attach(run_dir.path)
+    dist.barrier()
+    errors.attach(run_dir.path)  # every rank's errors, of the rows it scored
     append_jsonl(scored_file, scored_records(candidates, scores))
     source, trained = weighted_step_source(candidates, scores.total.tolist(), cfg.data, tokenizer, cfg.train,
                                            cfg.run.seed)
@@ -157,10 +159,17 @@ def response_text(messages: Sequence[dict[str, Any]]) -> str:
 
 
 def score_candidates(candidates: Sequence[Candidate], rewards: WeightedRewards) -> Scores:
-    """The reward of every response, checked to be a usable likelihood weight (finite, >= 0)."""
-    scores = rewards(Completions(prompts=[c.prompt for c in candidates], completions=[c.text for c in candidates],
-                                 answers=[c.answer for c in candidates], steps=[c.steps for c in candidates],
-                                 columns=[c.columns for c in candidates]))
+    """The reward of every response, checked to be a usable likelihood weight (finite, >= 0). Under torchrun each
+    rank scores its share and every rank gets all the scores: ranks that each scored the whole set trained on
+    different rows when a grader erred on one of them (a row scored 0 there is left out there alone)."""
+    world, rank = dist.context().world_size, dist.context().rank
+    mine = candidates[len(candidates) * rank // world:len(candidates) * (rank + 1) // world]
+    part = rewards(Completions(prompts=[c.prompt for c in mine], completions=[c.text for c in mine],
+                               answers=[c.answer for c in mine], steps=[c.steps for c in mine],
+                               columns=[c.columns for c in mine])) if mine else None
+    gathered = dist.all_gather_list([None if part is None else
+                                     (part.total, part.by_function, part.errors)])
+    scores = Scores.concat([Scores(*fields) for fields in gathered if fields is not None])
     total = scores.total
     if not bool(torch.isfinite(total).all()) or bool((total < 0).any()):
         raise ConfigError(f"offline RFT weights each response's likelihood by its reward, which must be finite and "
