@@ -115,6 +115,8 @@ class PromptEngine(RolloutEngine):
     2 ranks and 1 process train on the same round: a number per sample, the same for every sample of about
     half the prompts (equal-reward groups), each ending in EOS."""
 
+    sampled = 0  # prompts sampled in this process
+
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
@@ -122,6 +124,7 @@ class PromptEngine(RolloutEngine):
         pass
 
     def generate(self, prompts, params, generator=None) -> Rollout:
+        PromptEngine.sampled += len(prompts)
         texts = []
         for prompt in prompts:
             base = sum(prompt) * 7
@@ -183,6 +186,11 @@ RL_RUNS = {
     # left that row out there alone).
     "rft-offline": ("rft", ["mode=offline", "data.size=8", "train.batch_size=4", "train.micro_batch_size=2",
                             "train.max_steps=2", "reward.functions={dist_flaky_on_rank_1: 1.0}"]),
+    # On-policy reward-model pairs: the prompt batches shared out over the ranks (each rank sampled every prompt),
+    # every rank training on all the pairs in the one process's order.
+    "rm-on-policy": ("rm", ["pairs.source=on_policy", "sampling.samples_per_prompt=4", "pairs.prompts_per_batch=8",
+                            "train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=2",
+                            "reward.functions={dist_residue: 1.0}"]),
 }
 # Dynamic sampling: each rank keeps sampling batches until every rank holds its share of groups whose rewards differ
 # (about half of PromptEngine's prompts give equal completions), then all train on the same number of groups. Not
@@ -204,7 +212,8 @@ def _rl_run(stage: str, model_dir: Path, out: Path) -> tuple[list[dict], dict[st
     from posttrain.train.metrics import read_metrics
 
     recipe, overrides = RL_RUNS[stage] if stage in RL_RUNS else FILTER_RUN
-    common = [o for o in _RL_COMMON if recipe != "kto" or not o.startswith("sampling.")]  # KTO samples nothing
+    common = [o for o in _RL_COMMON if (recipe != "kto" or not o.startswith("sampling."))  # KTO samples nothing
+              and (recipe != "rm" or not o.startswith("eval"))]  # a reward model's evaluation is of its pairs
     cfg = load_config(config_class(recipe), None, [f"model.path={model_dir}", f"run.out_dir={out}",
                                                    f"run.name={stage}", *common, *overrides])
     stage_module = importlib.import_module(STAGES[recipe][0])
@@ -244,7 +253,9 @@ def _worker(rank: int, world: int, port: int, work: str) -> None:
     results.update({f"straight.{k}": v for k, v in straight.items()})
     results.update({f"resumed.{k}": v for k, v in resumed.items()})
     for stage in RL_RUNS:
+        PromptEngine.sampled = 0
         metrics, weights = _rl_run(stage, work_dir / "model", out)
+        results[f"{stage}.sampled"] = torch.tensor(PromptEngine.sampled)
         if rank == 0:
             results.update({f"{stage}.weight.{k}": v for k, v in weights.items()})
             results.update({f"{stage}.metric.{key}": torch.tensor([m[key] for m in metrics], dtype=torch.float64)
@@ -335,6 +346,7 @@ def cfg_steps(stage: str) -> int:
 @pytest.mark.parametrize("stage", list(RL_RUNS))
 def test_rl_stages_on_two_ranks_match_one_process(two_ranks, stage, tmp_path):
     work, ranks = two_ranks
+    PromptEngine.sampled = 0
     metrics, weights = _rl_run(stage, work / "model", tmp_path)
     two = ranks[0]
     compared = [key for key in RL_KEYS if f"{stage}.metric.{key}" in two]
@@ -347,6 +359,9 @@ def test_rl_stages_on_two_ranks_match_one_process(two_ranks, stage, tmp_path):
         expected = torch.tensor([m[key] for m in metrics], dtype=torch.float64)
         torch.testing.assert_close(two[f"{stage}.metric.{key}"], expected, rtol=1e-5, atol=1e-6, msg=key)
     assert len(metrics) == cfg_steps(stage)
+    if stage == "rm-on-policy":  # every prompt sampled once, by one of the ranks
+        assert sum(int(r[f"{stage}.sampled"]) for r in ranks) == PromptEngine.sampled > 0
+        assert all(0 < int(r[f"{stage}.sampled"]) < PromptEngine.sampled for r in ranks)
     for name, value in weights.items():
         torch.testing.assert_close(two[f"{stage}.weight.{name}"], value, rtol=1e-5, atol=1e-6, msg=name)
     start = load_file(str(work / "model" / "model.safetensors"))

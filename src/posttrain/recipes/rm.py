@@ -81,6 +81,7 @@ from posttrain.recipes.rl import (
 )
 from posttrain.rewards.reward_model import rendering_settings
 from posttrain.rollout import make_engine
+from posttrain.train import dist
 from posttrain.train.comparisons import (
     best_and_others,
     comparison_accuracy,
@@ -253,21 +254,28 @@ def _sample_pairs(cfg: RMConfig, engine: Any, prompts: Prepared, rewards: Any, s
                   what: str) -> tuple[list[dict[str, str]], dict[str, float]]:
     """One pair per prompt whose samples differ in reward: its best- and worst-scored completions (distinct, with
     text). Every prompt is sampled once, in order, `pairs.prompts_per_batch` at a time, each batch with its own
-    seed (`seed` and the batch's first row)."""
+    seed (`seed` and the batch's first row). Under torchrun the batches are shared out over the ranks (batch b on
+    rank b mod world) and every rank gets every batch's pairs, in order: the pairs of one process (each rank sampled
+    every prompt itself, so a sampler or reward that differs between ranks gave them different pairs)."""
     dataset, step = prompts.dataset, cfg.pairs.prompts_per_batch
     params = cfg.sampling.params()
-    pairs: list[dict[str, str]] = []
+    ctx = dist.context()
+    starts = range(0, len(dataset), step)
+    mine = starts[ctx.rank::ctx.world_size]
+    batches: list[tuple[int, list[dict[str, str]]]] = []
     reward_sum, samples = 0.0, 0
-    with progress.phase(f"sampling {what} pairs: prompts", len(dataset)) as bar:
-        for start in range(0, len(dataset), step):
+    with progress.phase(f"sampling {what} pairs: prompts", sum(min(step, len(dataset) - s) for s in mine)) as bar:
+        for start in mine:
             rows = [dataset[i] for i in range(start, min(start + step, len(dataset)))]
             generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
             rollout = engine.generate([row["prompt_input_ids"] for row in rows], params, generator=generator)
             completions = completions_of(rollout, rows)
             scores = rewards(completions).total
             reward_sum, samples = reward_sum + scores.sum().item(), samples + len(scores)
-            pairs += preference_rows(completions, scores, rollout.prompt_index, cfg.pairs.min_margin)
+            batches.append((start, preference_rows(completions, scores, rollout.prompt_index, cfg.pairs.min_margin)))
             bar.advance(len(rows))
+    pairs = [pair for _, batch in sorted(dist.all_gather_list(batches), key=lambda b: b[0]) for pair in batch]
+    reward_sum, samples = dist.all_reduce_sum(reward_sum), dist.all_reduce_sum(samples)
     if not pairs:
         raise DataError(f"no {what} prompt's samples differ in reward by more than pairs.min_margin="
                         f"{cfg.pairs.min_margin}, so there is no pair (more sampling.samples_per_prompt, other "
