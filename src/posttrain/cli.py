@@ -220,6 +220,11 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the held-out draw and of the samples.")] = 1234,
     precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast) or auto (bf16 where the hardware has it), "
                                                 "as train.precision.")] = "fp32",
+    template: Annotated[str | None, typer.Option(help="How prompts are written, as data.template: chat (the "
+                                                      "tokenizer's template) or plain (a base model without one); "
+                                                      "default: the run's.")] = None,
+    thinking: Annotated[str | None, typer.Option(help="As data.thinking: on, off or fusion (default: the run's).")
+                        ] = None,
 ) -> None:
     """Held-out accuracy (95% CI), pass@k, rewards, KL to the starting model, and the headroom per category (greedy
     and sampled accuracy, pass@k, share of problems with 0 < p < 1) of a built-in task or of your own --data file;
@@ -234,7 +239,9 @@ def evaluate(
     options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
                           rewards=tuple(reward) if reward else None, reference=reference,
                           max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,
-                          correct_by=correct_by, threshold=threshold, grader=grader)
+                          correct_by=correct_by, threshold=threshold, grader=grader,
+                          data_settings={key: value for key, value in (("template", template), ("thinking", thinking))
+                                         if value is not None})
     try:
         result = run_eval(path, options)
     except PosttrainError as err:

@@ -186,3 +186,39 @@ def test_the_readme_commands_on_the_example_file(chatml_model_dir, tmp_path, mon
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())["summary"]
     assert summary["heldout_headroom"]["all"]["problems"] == 6 and "pass@2" in summary["heldout_headroom"]["all"]
     assert "## Headroom per category" in (tmp_path / "g" / "report.md").read_text()
+
+
+def test_eval_of_models_a_user_brings(chatml_model_dir, tokenizer, tmp_path):
+    """A base model without a chat template is evaluated with --template plain (the error's advice could not be
+    followed: eval had no way to set it); a model beside an unrelated config.yaml is a model of its own (its
+    Hydra-style settings were read as a run's and refused); a checkpoint's model/ is the checkpoint; a KL reference
+    of another vocabulary is refused (a number was printed)."""
+    from posttrain.errors import ConfigError
+    from posttrain.eval.evaluate import resolve_target
+
+    bare = tmp_path / "project" / "bare"
+    shutil.copytree(chatml_model_dir, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    (bare.parent / "config.yaml").write_text("defaults:\n  - model: big\n")  # a Hydra project's, beside the model
+    assert resolve_target(bare).run_dir is None
+    options = dict(problems=4, samples=2, pass_k=(1, 2), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="data.template: the tokenizer has no chat template"):
+        evaluate(bare, EvalOptions(**options), write=False)
+    result = evaluate(bare, EvalOptions(**options, data_settings={"template": "plain"}), write=False)
+    assert result["problems"] == 4 and "pass@2" in result
+
+    other = save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer), tokenizer, tmp_path / "other")
+    with pytest.raises(ConfigError, match="--reference: .* has another tokenizer than the policy"):
+        evaluate(chatml_model_dir, EvalOptions(**options, reference=str(other)), write=False)
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-2"
+    shutil.copytree(chatml_model_dir, checkpoint / "model")
+    (checkpoint / "COMPLETE").write_text("")
+    (checkpoint / "config.yaml").write_text("run:\n  name: run\n")  # a checkpoint keeps its run's settings
+    assert resolve_target(checkpoint / "model").model_dir == checkpoint / "model"
+    result = CliRunner().invoke(app, ["eval", str(bare), "--problems", "4", "--samples", "2", "--max-new-tokens", "2",
+                                      "--template", "plain"], terminal_width=200)
+    assert result.exit_code == 0, result.output

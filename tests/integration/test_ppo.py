@@ -228,16 +228,20 @@ def test_value_clipping_is_active_only_beyond_the_clip_range(lm_dir, tokenizer, 
                          f"loss.value_clip={value_clip if value_clip is not None else 'null'}")
     step = source.next_step()
     micro = step.micro_batches[0]
-    perturb(model.critic.score, 0.5, seed=3)  # the critic moved since the rollout: some values beyond the range
-    _, _, values = rollout_forward(model, micro.rollout)
-    values, old, returns, mask = values.detach(), micro.old_values, micro.returns, micro.loss_mask
-    error = (values - returns).square()
-    if value_clip is None:
-        per_token, clipped = 0.5 * error, torch.zeros_like(error, dtype=torch.bool)
-    else:
+    old, returns, mask = micro.old_values, micro.returns, micro.loss_mask
+    for seed in range(3, 20):  # the critic moved since the rollout until some values are clipped (with a range)
+        perturb(model.critic.score, 0.5, seed=seed)
+        _, _, values = rollout_forward(model, micro.rollout)
+        values = values.detach()
+        error = (values - returns).square()
+        if value_clip is None:
+            per_token, clipped = 0.5 * error, torch.zeros_like(error, dtype=torch.bool)
+            break
         clipped_values = torch.minimum(torch.maximum(values, old - value_clip), old + value_clip)
         clipped_error = (clipped_values - returns).square()
         per_token, clipped = 0.5 * torch.maximum(error, clipped_error), clipped_error > error
+        if bool((clipped & mask.bool()).any()):
+            break
     expected = (per_token * mask).sum() / step.normaliser
     _, metrics = rl_loss_fn(source.cfg, 6)(model, micro, step.normaliser)
     assert metrics["value_loss"] == pytest.approx(expected.item(), rel=1e-5)

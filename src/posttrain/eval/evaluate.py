@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from posttrain.eval.rewards import (
 )
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.device import default_device
-from posttrain.models.io import adapter_base
+from posttrain.models.io import adapter_base, check_same_vocabulary
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
 from posttrain.models.value import ACTOR_PREFIX
@@ -94,6 +95,9 @@ class EvalOptions:
     seed: int = 1234
     precision: str = "fp32"
     """auto | fp32 | bf16, as `train.precision`: every forward under bf16 autocast, or not."""
+    data_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """`data:` settings over the run's (template, thinking): a bare model without a chat template needs
+    template=plain."""
     reuse_recorded: bool = False
     """Take the greedy exact match of a run's final model from the run's own last evaluation when it measured the
     same problems the same way (`heldout.recorded_accuracy`), instead of decoding them again."""
@@ -130,6 +134,8 @@ def resolve_target(path: str | Path) -> Target:
     HF model directory."""
     path = Path(path)
     actor_tensors = False
+    if path.name == "model" and (path.parent / COMPLETE).is_file():  # a checkpoint's model/: the checkpoint
+        path = path.parent
     if (path / "config.yaml").is_file() and (path / "final" / "config.json").is_file():
         run_dir, model_dir = path, path / "final"
     elif (path / COMPLETE).is_file() and (path / "model").is_dir():  # a checkpoint, with the run's config
@@ -137,13 +143,17 @@ def resolve_target(path: str | Path) -> Target:
         actor_tensors = not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None
     elif (path / "config.json").is_file() or adapter_base(path) is not None:  # a model, or a peft adapter over one
         model_dir = path
-        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
+        # A run's final/ reads its run's settings; a model that merely sits beside some config.yaml (a Hydra
+        # project's) is a model of its own.
+        run_dir = path.parent if path.name == "final" and (path.parent / "config.yaml").is_file() else None
     elif (path / "config.yaml").is_file():
         raise RunDirError("the run has no final model yet (no final/): finish or resume it first", file=str(path))
     else:
         raise RunDirError("neither a run directory (config.yaml + final/) nor a model directory (config.json)",
                           file=str(path))
     run_config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if run_dir else {}
+    if not isinstance(run_config or {}, dict):
+        raise RunDirError("config.yaml is not a run's settings (a mapping)", file=str(run_dir / "config.yaml"))
     return Target(model_dir=model_dir, run_dir=run_dir, run_config=run_config or {}, actor_tensors=actor_tensors)
 
 
@@ -156,7 +166,7 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
     if options.data is not None:
         return evaluate_data(target, options, write)
     task = get_task(_task_name(target, options))
-    data = _data_config(target, task)
+    data = _data_config(target, task, options)
     try:
         precision, _ = resolve_precision(options.precision, default_device())
     except ValueError as err:
@@ -184,12 +194,13 @@ def _task_name(target: Target, options: EvalOptions) -> str:
     return target.section("eval").get("task") or (source if source in TASKS else None) or "arith"
 
 
-def _data_config(target: Target, task: Task) -> DataConfig:
-    """The run's `data:` settings (chat template, thinking switch), so prompts render as in training."""
+def _data_config(target: Target, task: Task, options: EvalOptions) -> DataConfig:
+    """The run's `data:` settings (chat template, thinking switch), so prompts render as in training, under
+    `options.data_settings`."""
     data = target.section("data")
     source = f"{target.run_dir / 'config.yaml'}: data" if target.run_dir else "data"
     try:
-        return load_config(DataConfig, {**data, "source": task.name})
+        return load_config(DataConfig, {**data, **options.data_settings, "source": task.name})
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -213,7 +224,7 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                    "completion_length": accuracy.completion_length,
                    **({"step_accuracy": accuracy.step_accuracy} if accuracy.step_accuracy is not None else {})}
     if options.samples:
-        reference = _reference(target, options)
+        reference = _reference(target, options, tokenizer)
         sampled, counts = sampled_metrics(model, tokenizer, task, examples, data, options, max_new_tokens,
                                           reference)
         categories = [task.category(e) for e in examples]
@@ -262,13 +273,18 @@ def sampled_ks(options: EvalOptions) -> list[int]:
     return [k for k in options.pass_k if k <= options.samples]
 
 
-def _reference(target: Target, options: EvalOptions) -> torch.nn.Module | None:
+def _reference(target: Target, options: EvalOptions, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
+    """The KL reference: `--reference`, else the model the run started from; it must read the policy's token ids as
+    the policy does (`tokenizer`: a KL between two vocabularies is no number)."""
     path = options.reference or _in_workdir(target, target.section("model").get("path"))
     if not path:
         return None
+    field = "--reference" if options.reference else "model.path"
     if not (Path(path) / "config.json").is_file():
         raise ConfigError("the KL reference is not a model directory (pass --reference)", file=str(path),
-                          field="model.path")
+                          field=field)
+    check_same_vocabulary(tokenizer, path, field, remedy="Compare with a model of the policy's tokenizer (the model "
+                                                         "it was trained from)")
     return load_causal_lm(path).eval()
 
 
@@ -399,7 +415,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         raise ConfigError(str(err), field="precision") from None
     tokenizer, model = load_policy(target)
     model.eval()
-    rows = prepare_data(_user_data_config(target, options.data), tokenizer, accepts=("verifiable",),
+    rows = prepare_data(_user_data_config(target, options.data, options), tokenizer, accepts=("verifiable",),
                         mask_dtype=model.dtype)
     functions, rewards = _user_rewards(target, options, rows)
     # Errors as in a run: the first of each kind printed, a batch mostly of errors stops the evaluation (its
@@ -447,14 +463,15 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     return result
 
 
-def _user_data_config(target: Target, source: str) -> DataConfig:
+def _user_data_config(target: Target, source: str, options: EvalOptions) -> DataConfig:
     """The run's `data:` settings (template, thinking switch, column renames, max_length), so that the file's
-    prompts render as in training, reading every row of `source` as verifiable prompt rows."""
+    prompts render as in training, under `options.data_settings`, reading every row of `source` as verifiable
+    prompt rows."""
     data = {key: value for key, value in target.section("data").items()
             if key not in ("source", "format", "eval_split", "limit", "batch_mode")}
     where = f"{target.run_dir / 'config.yaml'}: data" if target.run_dir else "data"
     try:
-        return load_config(DataConfig, {**data, "source": source, "format": "verifiable"})
+        return load_config(DataConfig, {**data, **options.data_settings, "source": source, "format": "verifiable"})
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 

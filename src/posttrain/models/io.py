@@ -124,20 +124,24 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
-def check_same_vocabulary(policy: str | Path, other: str | Path, field: str, *,
-                          trust_remote_code: bool = False) -> None:
-    """A model that reads the policy's token ids (PPO's critic, started from a reward model or another checkpoint)
-    has every token of the policy's vocabulary at the same id (tokens of its own beyond them are fine), or a
-    ConfigError naming `field`: with another one it reads each id as another token (a larger vocabulary silently, a
-    smaller one with an index error mid-run)."""
-    mine = load_tokenizer(policy, trust_remote_code=trust_remote_code).get_vocab()
+def check_same_vocabulary(policy: str | Path | PreTrainedTokenizerBase, other: str | Path, field: str, *,
+                          trust_remote_code: bool = False,
+                          remedy: str = "Start the critic from a model with the policy's tokenizer (critic.init="
+                                        "policy)") -> None:
+    """A model that reads the policy's token ids (PPO's critic, started from a reward model or another checkpoint;
+    the KL reference of an evaluation) has every token of the policy's vocabulary (its tokenizer, or the model
+    directory of one) at the same id (tokens of its own beyond them are fine), or a ConfigError naming `field`,
+    with `remedy`: with another one it reads each id as another token (a larger vocabulary silently, a smaller one
+    with an index error mid-run)."""
+    tokenizer = (policy if isinstance(policy, PreTrainedTokenizerBase)
+                 else load_tokenizer(policy, trust_remote_code=trust_remote_code))
+    mine = tokenizer.get_vocab()
     theirs = load_tokenizer(other, trust_remote_code=trust_remote_code).get_vocab()
     differ = sum(theirs.get(token) != index for token, index in mine.items())
     if differ:
         raise ConfigError(f"{other} has another tokenizer than the policy ({len(theirs)} tokens against {len(mine)}, "
                           f"{differ} of the policy's with another id or none): it would read the policy's token ids "
-                          "as other tokens. Start the critic from a model with the policy's tokenizer (critic.init="
-                          "policy)", field=field)
+                          f"as other tokens. {remedy}", field=field)
 
 
 def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
