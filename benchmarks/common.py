@@ -118,14 +118,19 @@ class StepClock:
         self.marks.append(time.perf_counter())
         self.tokens.append(trained_tokens)
 
-    def summary(self, non_embedding_params: int) -> dict[str, float]:
+    def summary(self, non_embedding_params: int, mfu: bool = True) -> dict[str, float | None]:
+        """Step times after the warm-up and their tokens; MFU as 6 N FLOPs per trained token, which holds for a
+        training step alone: an RL step (`mfu=False`: None) also generates (2 N per token, from a KV cache) and
+        with shared prompts computes a group's prompt once, so 6 N x its tokens counted the work of neither side
+        (posttrain's GRPO "MFU" was twice its FLOPs)."""
         durations = [b - a for a, b in itertools.pairwise(self.marks)][WARMUP_STEPS:]
         tokens = self.tokens[WARMUP_STEPS:]
         if not durations:
             raise ValueError("not enough steps to measure after warm-up")
         tok_per_s = sum(tokens) / sum(durations)
         return {"s_per_step": statistics.mean(durations), "s_per_step_median": statistics.median(durations),
-                "trained_tok_per_s": tok_per_s, "mfu": 6 * non_embedding_params * tok_per_s / PEAK_FLOPS,
+                "trained_tok_per_s": tok_per_s,
+                "mfu": 6 * non_embedding_params * tok_per_s / PEAK_FLOPS if mfu else None,
                 "precision": PRECISION, "peak_gflops": PEAK_FLOPS / 1e9,
                 "tokens_per_step": statistics.mean(tokens), "measured_steps": len(durations),
                 "peak_rss_mb": peak_rss_mb()}
@@ -257,6 +262,17 @@ def print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
         print("  ".join(_fmt(row.get(k)).ljust(widths[k]) for k in keys))
 
 
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each posttrain row's speed against TRL's row of the same workload (like for like); without one, against
+    TRL's first row, whose workload is named: a ratio between different work says so."""
+    trl = [r for r in rows if r["library"] == "trl"]
+    for row in (r for r in rows if r["library"] == "posttrain" and trl):
+        same = next((r for r in trl if r["workload"] == row["workload"]), None)
+        other = same or trl[0]
+        print(f"{row['workload']}: posttrain is {other['s_per_step'] / row['s_per_step']:.2f}x TRL per step "
+              f"({'the same workload' if same else 'TRL: ' + other['workload']})")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
@@ -275,8 +291,8 @@ def offline_overrides(directory: Path, out: str, batch_mode: str, steps: int, ba
             "optim.weight_decay=0", "optim.beta2=0.999", "optim.grad_clip=1.0"]
 
 
-def timed_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module) -> dict[str, Any]:
-    """Run a posttrain Trainer under a StepClock and return the clock's summary."""
+def timed_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module, mfu: bool = True) -> dict[str, Any]:
+    """Run a posttrain Trainer under a StepClock and return the clock's summary (`StepClock.summary`)."""
     clock = StepClock()
     timed = TimedSource(source, clock)
     save = trainer.save
@@ -293,7 +309,7 @@ def timed_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module) -
     clock.start()
     trainer.fit(timed, loss_fn)
     timed.finish()
-    return clock.summary(non_embedding_parameters(model))
+    return clock.summary(non_embedding_parameters(model), mfu=mfu)
 
 
 def timed_rl_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module) -> dict[str, Any]:
@@ -301,7 +317,7 @@ def timed_rl_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module
     metrics after the warm-up steps."""
     from posttrain.train.metrics import read_metrics
 
-    summary = timed_fit(trainer, source, loss_fn, model)
+    summary = timed_fit(trainer, source, loss_fn, model, mfu=False)
     records = read_metrics(trainer.run_dir.metrics)[WARMUP_STEPS:]
     return {**summary,
             "generation_share": statistics.mean(r["generation_s"] for r in records) / statistics.mean(

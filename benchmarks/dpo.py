@@ -1,6 +1,6 @@
 """DPO workload of BENCHMARK.md: posttrain vs TRL's DPOTrainer.
 
-    python -m benchmarks.dpo [--size small] [--steps 12] [--runs posttrain:precomputed:padding_free,trl:live:padded]
+    python -m benchmarks.dpo [--size small] [--steps 12] [--runs LIBRARY:REFERENCE:BATCH_MODE,...]
 
 Each (library, variant) runs in its own subprocess, one after the other; the same model files and
 pairs feed both. Settings (both): fp32, 8 pairs per step, sigmoid loss, beta 0.1, lr 1e-5 constant,
@@ -31,6 +31,7 @@ from benchmarks.common import (
     model_dir,
     non_embedding_parameters,
     offline_overrides,
+    print_ratios,
     print_table,
     record_run,
     run_worker,
@@ -107,8 +108,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variant", default="precomputed")
     parser.add_argument("--batch-mode", default="padded")
-    parser.add_argument("--runs", default="posttrain:precomputed:padding_free,trl:live:padded,"
-                                          "posttrain:precomputed:padded,posttrain:live:padded",
+    # Like for like first: TRL precomputes its reference logprobs (in DPOTrainer's constructor, outside its clock, as
+    # posttrain's are outside its own) and runs padding-free too; then each library's default.
+    parser.add_argument("--runs", default="posttrain:precomputed:padding_free,trl:precomputed:padding_free,"
+                                          "posttrain:live:padded,trl:live:padded",
                         help="library:reference:batch_mode triples (reference: precomputed or live logprobs; "
                              "batch_mode: padded or padding_free)")
     args = parser.parse_args()
@@ -127,10 +130,7 @@ def main() -> None:
         record_run(rows, "dpo", args.size, {"workload": f"dpo {variant} ref, {batch_mode}", "library": library,
                                             **result})
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
-    trl = [r for r in rows if r["library"] == "trl"]
-    for row in (r for r in rows if r["library"] == "posttrain" and trl):
-        print(f"{row['workload']}: posttrain is {trl[0]['s_per_step'] / row['s_per_step']:.2f}x TRL "
-              f"({trl[0]['workload']}) per step")
+    print_ratios(rows)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def trl_worker(directory: Path, steps: int) -> dict[str, Any]:
 
         trainer._generate = timed_generate
         trainer.train()
-    summary = clock.summary(non_embedding_parameters(model))
+    summary = clock.summary(non_embedding_parameters(model), mfu=False)
     return {**summary, "generation_share": statistics.mean(generation[WARMUP_STEPS:]) / summary["s_per_step"]}
 
 

@@ -144,7 +144,7 @@ def trl_worker(size: str, steps: int) -> dict[str, Any]:
                              reward_model=reward_model, train_dataset=Dataset.from_list(rows),
                              value_model=value_model, callbacks=[callback])
         trainer.train()
-    return clock.summary(non_embedding_parameters(model))
+    return clock.summary(non_embedding_parameters(model), mfu=False)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from benchmarks.common import (
     model_dir,
     non_embedding_parameters,
     offline_overrides,
+    print_ratios,
     print_table,
     record_run,
     run_worker,
@@ -106,10 +107,7 @@ def main() -> None:
                                               "--steps", str(args.steps)])
         record_run(rows, "rm", args.size, {"workload": f"reward model, {batch_mode}", "library": library, **result})
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
-    trl = [r for r in rows if r["library"] == "trl"]
-    for row in (r for r in rows if r["library"] == "posttrain" and trl):
-        print(f"{row['workload']}: posttrain is {trl[0]['s_per_step'] / row['s_per_step']:.2f}x TRL "
-              f"({trl[0]['workload']}) per step")
+    print_ratios(rows)
 
 
 if __name__ == "__main__":

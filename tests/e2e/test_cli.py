@@ -132,7 +132,7 @@ def test_eval_of_a_run_finds_its_starting_model_where_the_run_was_started(tmp_pa
                                                      "run": {"workdir": str(work)}}))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert _reference(resolve_target(run), EvalOptions()) is not None
+    assert _reference(resolve_target(run), EvalOptions(), tokenizer) is not None
 
 
 def test_eval_and_report_reject_what_is_not_a_run(tmp_path):
