@@ -10,7 +10,8 @@ Policy, reference, critic and reward model come from the same checkpoint: the re
 critic are its trunk with a fresh scalar head (saved once as `<model>-rm`). posttrain runs with the
 separate critic (as TRL) and with a value head on the policy's trunk (`--critics`), with the recipe's
 default `update.micro_batch_tokens` (passes of at most 1024 token positions: the same gradient as one pass
-over the 64 completions, a peak RSS about half as large).
+over the 64 completions, a peak RSS about half as large), and with the separate critic in one pass over the
+64 completions, as TRL's settings here run (`separate:whole`): the peak RSS like for like.
 
 TRL 1.12 is the last release with `trl.experimental.ppo`; it is installed next to the newer trl of
 the `bench` extra, into benchmarks/.cache/trl-1.12 with `pip install --no-deps --target ...`
@@ -79,7 +80,7 @@ def prompt_rows() -> list[dict[str, str]]:
     return [{"prompt": r["prompt"], "answer": r["answer"]} for r in arith_rows()]
 
 
-def posttrain_worker(size: str, steps: int, critic: str) -> dict[str, Any]:
+def posttrain_worker(size: str, steps: int, critic: str, whole_batch: bool = False) -> dict[str, Any]:
     from posttrain.config import load_config
     from posttrain.data.config import STAGE_FORMATS
     from posttrain.data.pipeline import prepare_data
@@ -103,7 +104,9 @@ def posttrain_worker(size: str, steps: int, critic: str) -> dict[str, Any]:
             f"sampling.max_new_tokens={NEW_TOKENS}", "sampling.temperature=1.0", f"update.rollout_batch_size={PROMPTS}",
             "update.epochs=1", f"kl.coef={KL_COEF}", "kl.kind=k1", "advantage.lam=0.95", "loss.vf_coef=0.1",
             "reward.functions={reward_model: 1.0}", f"reward.model_path={rm}", "reward.task=arith",
-            f"critic.kind={critic}", "critic.init=reward_model", "eval_before=false"])
+            f"critic.kind={critic}", "critic.init=reward_model", "eval_before=false",
+            # whole_batch: one pass over the 64 completions, as TRL's settings here (the peak-RSS comparison)
+            *(["update.micro_batch_tokens=null"] if whole_batch else [])])
         tokenizer = load_tokenizer(directory)
         actor = load_causal_lm(directory)
         prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["ppo"], rows=prompt_rows())
@@ -152,11 +155,14 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--critic", default="separate", choices=("separate", "shared"))
+    parser.add_argument("--whole-batch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small")
     add_precision_argument(parser)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--libraries", default="posttrain,trl")
-    parser.add_argument("--critics", default="separate,shared", help="posttrain's critic kinds to measure")
+    parser.add_argument("--critics", default="separate,shared,separate:whole",
+                        help="posttrain's critic kinds to measure; `:whole`: in one pass over the step's completions "
+                             "(update.micro_batch_tokens=null), as TRL runs here")
     parser.add_argument("--install-trl", action="store_true", help="install trl 1.12 into benchmarks/.cache")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -164,7 +170,7 @@ def main() -> None:
         install_trl()
         return
     if args.worker:
-        result = (posttrain_worker(args.size, args.steps, args.critic) if args.library == "posttrain"
+        result = (posttrain_worker(args.size, args.steps, args.critic, args.whole_batch) if args.library == "posttrain"
                   else trl_worker(args.size, args.steps))
         print(json.dumps(result))
         return
@@ -174,8 +180,9 @@ def main() -> None:
     runs += [("trl", "separate")] if "trl" in args.libraries else []
     rows = []
     for library, critic in runs:
-        result = run_worker("benchmarks.ppo", ["--library", library, "--critic", critic, "--size", args.size,
-                                               "--steps", str(args.steps)])
+        kind, _, passes = critic.partition(":")
+        result = run_worker("benchmarks.ppo", ["--library", library, "--critic", kind, "--size", args.size,
+                                               "--steps", str(args.steps), *(["--whole-batch"] if passes else [])])
         record_run(rows, "ppo", args.size, {"workload": f"ppo {PROMPTS}x{NEW_TOKENS} tokens", "library": library,
                                             "critic": critic, **result})
     print_table(rows, ["workload", "library", "critic", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain.config import ModelConfig
+from posttrain.errors import ConfigError
 from posttrain.models import build_model, count_parameters, llama_config, load_causal_lm, save_pretrained
 
 
@@ -39,7 +40,7 @@ def test_custom_size_and_bad_head_count():
     cfg = ModelConfig(size="custom", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
     config = llama_config(cfg, _Vocab())
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (64, 2, 128)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ConfigError, match="model.hidden_size: 64 is not divisible"):
         llama_config(ModelConfig(size="custom", hidden_size=64, num_heads=5), _Vocab())
 
 
