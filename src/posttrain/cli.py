@@ -75,7 +75,8 @@ def _run_stage(stage: str, recipe: str | None, overrides: list[str], quick: bool
 STAGE_HELP = {
     "pretrain": "Pretrain the offline tiny model and tokenizer on built-in synthetic text.",
     "sft": "Supervised fine-tuning (full, LoRA or prefix-tuning) on assistant tokens.",
-    "rm": "Reward model (Bradley-Terry, Plackett-Luce) or, with kind=process, a process reward model.",
+    "rm": "Reward model (Bradley-Terry, Plackett-Luce) or, with kind=process on stepwise data (the `prm` recipe: "
+          "posttrain rm prm), a process reward model.",
     "dpo": "Direct preference optimisation (sigmoid, ipo, hinge, robust; Plackett-Luce for rankings).",
     "kto": "Kahneman-Tversky optimisation on unpaired completions labelled desirable or undesirable.",
     "grpo": "GRPO: group-relative RL from verifiable rewards, with outcome or process (per-step) supervision.",
@@ -225,6 +226,8 @@ def evaluate(
                                                       "default: the run's.")] = None,
     thinking: Annotated[str | None, typer.Option(help="As data.thinking: on, off or fusion (default: the run's).")
                         ] = None,
+    out: Annotated[str | None, typer.Option(help="JSON file of the results (default: eval.json in the run's or "
+                                                 "model's directory; eval-<file name>.json with --data).")] = None,
 ) -> None:
     """Held-out accuracy (95% CI), pass@k, rewards, KL to the starting model, and the headroom per category (greedy
     and sampled accuracy, pass@k, share of problems with 0 < p < 1) of a built-in task or of your own --data file;
@@ -239,7 +242,7 @@ def evaluate(
     options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
                           rewards=tuple(reward) if reward else None, reference=reference,
                           max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,
-                          correct_by=correct_by, threshold=threshold, grader=grader,
+                          correct_by=correct_by, threshold=threshold, grader=grader, out=out,
                           data_settings={key: value for key, value in (("template", template), ("thinking", thinking))
                                          if value is not None})
     try:

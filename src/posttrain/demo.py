@@ -342,7 +342,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
     if stage_summary:
         return summaries
     minutes = (time.perf_counter() - started) / 60
-    console.print(f"{len(todo)} stage(s) in {minutes:.1f} min, {jobs} at once on {cores} core(s)")
+    # up to: a stage waits for the one it builds on, so fewer may have run side by side
+    side_by_side = "one at a time" if jobs == 1 or len(todo) <= 1 else f"up to {jobs} at once"
+    console.print(f"{len(todo)} stage(s) in {minutes:.1f} min, {side_by_side} on {cores} core(s)")
     if summaries:
         report = write_demo_report(out_dir, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})
         console.print(f"Report with plots: [bold]{report}[/]")

@@ -334,6 +334,8 @@ STAGE_CASES = [
     case("rejection-unknown-reward", stage("rejection", "reward.functions={corect: 1.0}"), "reward.functions:",
          "unknown reward function(s) corect"),
     case("rm-prefix-adapter", stage("rm", "adapter.method=prefix"), "adapter.method:", "prefix-tuning"),
+    case("rm-process-without-steps", stage("rm", "kind=process"), "data.source:", "task 'arith' has none",
+         "posttrain rm prm"),
     case("rm-sft-rows", stage("rm", "data.source={tmp}/d.jsonl"), "{tmp}/d.jsonl:1:", "chosen",
          files={"d.jsonl": jsonl(GOOD)}),
     case("kto-pair-rows", stage("kto", "data.source={tmp}/p.jsonl"), "{tmp}/p.jsonl:1:", "label",

@@ -305,3 +305,45 @@ def test_a_run_another_process_is_running_is_refused(finished_sft, tmp_path):
         holder.wait()
     code, output = _invoke(["resume", str(copy), "train.max_steps=3"])
     assert code == 0, output
+
+
+def test_a_start_stopped_by_its_rewards_keeps_their_errors(chatml_model_dir, tmp_path):
+    """A reward function broken on every row stops the run in its first round, before a step: the run directory is
+    undone, and the grader_errors.jsonl its error message pointed to went with it. It is kept beside the run, where
+    a second start is not refused for it."""
+    from posttrain.rewards.functions import REWARD_FUNCTIONS, register_reward_function
+
+    if "test_broken_everywhere" not in REWARD_FUNCTIONS:
+        @register_reward_function("test_broken_everywhere")
+        def _broken(batch):
+            raise ValueError("boom")
+
+    example = Path(__file__).parents[2] / "examples" / "prompt_only.jsonl"
+    args = ["grpo", "grpo", f"model.path={chatml_model_dir}", f"data.source={example}", f"run.out_dir={tmp_path}",
+            "run.name=broken", "run.progress=false", "train.max_steps=1", "train.batch_size=8",
+            "train.micro_batch_size=8", "sampling.samples_per_prompt=4", "sampling.max_new_tokens=4",
+            "eval_before=false", "reward.functions={test_broken_everywhere: 1.0}"]
+    for _ in range(2):  # the second start is not refused for the kept file
+        result = CliRunner().invoke(app, args, terminal_width=300)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and "8 of 8 scores of this batch are errors" in output, result.output
+        assert not (tmp_path / "broken").exists()
+        kept = tmp_path / "broken.grader_errors.jsonl"
+        assert f"its reward errors, now in {kept}" in output
+        records = [json.loads(line) for line in kept.read_text().splitlines()]
+        assert len(records) == 8 and all("ValueError: boom" in r["error"] for r in records)
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_that_is_not_installed_is_refused_at_the_start(tmp_path, monkeypatch, tracker):
+    """It was refused when the trackers were built, after the model, the data and a first held-out evaluation (500
+    problems of the full sft recipe)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == tracker
+                        else find_spec(name, *args))
+    run = RunConfig(name="run", out_dir=str(tmp_path), **{tracker: True})
+    with pytest.raises(ConfigError, match=f"run.{tracker}: {tracker} is not installed"):
+        check_run_dir(run, _RunOnly(run))
+    assert list(tmp_path.iterdir()) == []

@@ -84,13 +84,13 @@ def scripted(tmp_path) -> str:
 
 
 def test_eval_data_gives_the_headroom_table_by_hand(chatml_model_dir, tmp_path, scripted, monkeypatch):
-    model_dir = shutil.copytree(chatml_model_dir, tmp_path / "model")  # eval.json lands beside the model
+    model_dir = shutil.copytree(chatml_model_dir, tmp_path / "model")  # eval-mine.json lands beside the model
     monkeypatch.setattr(cli, "console", Console(width=200))
     result = CliRunner().invoke(app, ["eval", str(model_dir), "--data", scripted_file(tmp_path), "--reward", scripted,
                                       "--samples", str(N), "--k", "1", "--k", "2", "--k", "4",
                                       "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
-    written = json.loads((model_dir / "eval.json").read_text())
+    written = json.loads((model_dir / "eval-mine.json").read_text())  # named by the file: no other evaluation's
 
     expected = expected_table((1, 2, 4))
     assert set(written["categories"]) == set(expected)
@@ -172,7 +172,7 @@ def test_the_readme_commands_on_the_example_file(chatml_model_dir, tmp_path, mon
     result = CliRunner().invoke(app, ["eval", str(model_dir), "--data", str(EXAMPLE), "--task", "arith",
                                       "--samples", "2", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
-    written = json.loads((model_dir / "eval.json").read_text())
+    written = json.loads((model_dir / f"eval-{EXAMPLE.stem}.json").read_text())
     sizes = {name: entry["problems"] for name, entry in written["categories"].items()}
     assert sizes == {"all": 24, "addition": 7, "multiplication": 8, "subtraction": 8}  # one row has no category
     assert written["correct_if"] == "reward correct >= 1" and written["per_problem"]["category"][-1] is None

@@ -61,7 +61,7 @@ from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import packed_logprobs_and_entropy
 from posttrain.train.checkpoint import COMPLETE, load_module_weights
-from posttrain.train.metrics import finite_json
+from posttrain.train.metrics import finite_json, replace_text
 from posttrain.train.run_dir import finished_steps
 
 
@@ -95,6 +95,8 @@ class EvalOptions:
     seed: int = 1234
     precision: str = "fp32"
     """auto | fp32 | bf16, as `train.precision`: every forward under bf16 autocast, or not."""
+    out: str | None = None
+    """The JSON file the results are written to (None: `_write`'s name in the run's or the model's directory)."""
     data_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """`data:` settings over the run's (template, thinking): a bare model without a chat template needs
     template=plain."""
@@ -158,7 +160,8 @@ def resolve_target(path: str | Path) -> Target:
 
 
 def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write: bool = True) -> dict[str, Any]:
-    """Evaluate the model at `path`, written to `<run>/eval.json` (or `<model>/eval.json`) unless `write` is off.
+    """Evaluate the model at `path`, written to `<run>/eval.json` (or `<model>/eval.json`; `_write`) unless `write` is
+    off.
 
     greedy=False skips the greedy accuracy (a recipe that just measured it): samples only.
     """
@@ -178,13 +181,20 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
             result = evaluate_policy(target, task, data, options, greedy)
     result = {"model": str(target.model_dir), "task": task.name, "precision": precision, **result}
     if write:
-        _write(target, result)
+        _write(target, result, options)
     return result
 
 
-def _write(target: Target, result: dict[str, Any]) -> None:
-    out = (target.run_dir or target.model_dir) / "eval.json"
-    out.write_text(finite_json(result, indent=2), encoding="utf-8")
+def _write(target: Target, result: dict[str, Any], options: EvalOptions) -> None:
+    """`options.out`, else `eval.json` of the run (or model) for a built-in task and `eval-<file name>.json` for a
+    data file: an evaluation of one file no longer replaces that of the task or of another file. Atomic: an
+    interrupted write leaves the last one whole."""
+    if options.out:
+        out = Path(options.out)
+    else:
+        name = "eval.json" if options.data is None else f"eval-{Path(options.data).stem}.json"
+        out = (target.run_dir or target.model_dir) / name
+    replace_text(out, finite_json(result, indent=2))
 
 
 def _task_name(target: Target, options: EvalOptions) -> str:
@@ -459,7 +469,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         result["categories"] = headroom(categories, [0] * count, 0, [], tuple(greedy_correct))
     result["per_problem"] = per_problem
     if write:
-        _write(target, result)
+        _write(target, result, options)
     return result
 
 

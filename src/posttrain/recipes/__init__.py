@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,8 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         raise Interrupted(signum, abandon_unstarted(cfg.run)) from None
     except BaseException:
-        abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
+        left = abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
+        if "reward errors" in left:  # the error sent the user to a file that is now elsewhere
+            print(f"({left})", file=sys.stderr, flush=True)
         raise
 

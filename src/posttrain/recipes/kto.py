@@ -7,11 +7,11 @@
 Where DPO needs a preferred and a dispreferred answer to the same prompt, KTO takes rows one at a time
 (`{"prompt", "completion", "label"}`): a desirable answer is pushed above the reference point z0, an
 undesirable one below it. z0 — the policy's KL divergence from the reference, estimated on mismatched
-pairs (each row's prompt with another row's completion, fixed before training: `data.tokenize.kl_pairs`)
+pairs (each row's prompt with another row's completion, fixed before training: `posttrain.data.tokenize.kl_pairs`)
 — keeps the policy from gaining reward by drifting everywhere at once.
 
 Every row travels with its mismatched pair, as DPO's chosen with its rejected: one forward (padded or
-padding-free) covers both, and the reference is handled as in DPO (`train.reference.offline_comparisons`):
+padding-free) covers both, and the reference is handled as in DPO (`posttrain.train.reference.offline_comparisons`):
 its logprobs precomputed once by the starting policy, or a live frozen copy / adapter-disabled policy.
 The metrics are z0 (`kl`), the implicit rewards beta * r of the desirable and undesirable rows of the step
 and their margin, and the sequence logprobs; held-out exact match is measured before and after.

@@ -553,8 +553,9 @@ class Trainer:
                     changed.append(f"lr at step {self.scheduler.last_epoch + 1} {group['lr']:g} -> {scheduled:g} "
                                    "(the schedule's settings)")
                 group["lr"] = scheduled
-        if changed:
-            self._warn(f"resumed with the config's optimizer settings, not the checkpoint's: {'; '.join(changed)}")
+        if changed:  # once per change: parameter groups that differ only in weight decay change alike
+            self._warn("resumed with the config's optimizer settings, not the checkpoint's: "
+                       f"{'; '.join(dict.fromkeys(changed))}")
 
     def _warn(self, message: str) -> None:
         if self.dist.is_main:

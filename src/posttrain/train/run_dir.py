@@ -34,10 +34,12 @@ from typing import Any
 from posttrain.config import RunConfig, to_yaml
 from posttrain.errors import ConfigError, RunDirError
 from posttrain.models.adapters import check_adapter, check_adapter_start
+from posttrain.rewards.error_log import ERRORS_FILE
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint
 from posttrain.train.dist_checkpoint import check_world_size
 from posttrain.train.metrics import replace_text
+from posttrain.train.trackers import check_trackers
 
 UNSTARTED = ".unstarted"
 
@@ -122,6 +124,7 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
         raise ConfigError("float16 weights do not train without loss scaling, which posttrain does not do: use "
                           "model.dtype=bfloat16, or fp32 weights with train.precision=bf16", field="model.dtype")
     check_adapter_start(getattr(model, "path", None), getattr(cfg, "adapter", None))
+    check_trackers(run.tensorboard, run.wandb)
     refusal = None
     if dist.is_main_process():
         try:
@@ -261,9 +264,17 @@ def _undo_unstarted(path: Path) -> str:
     missing directory with a replaced one beside it means the replaced one is to be put back."""
     abandoned, aside = _sibling(path, "abandoned"), _sibling(path, "replaced")
     undone = (path / UNSTARTED).is_file()
+    kept = ""
     if undone:
         shutil.rmtree(abandoned, ignore_errors=True)
         os.replace(path, abandoned)
+        # A start stopped by its rewards' errors (a function broken on every row stops in the first round) sent the
+        # user to its grader_errors.jsonl: that file outlives the run, beside it, where no rerun is refused for it.
+        errors = abandoned / ERRORS_FILE
+        if errors.is_file() and errors.stat().st_size:
+            beside = path.parent / f"{path.name}.{ERRORS_FILE}"
+            os.replace(errors, beside)
+            kept = f" but its reward errors, now in {beside}"
     restored = False
     if aside.exists():
         if path.exists():  # the new run had trained a step; deleting the old one was cut short
@@ -274,8 +285,8 @@ def _undo_unstarted(path: Path) -> str:
     shutil.rmtree(abandoned, ignore_errors=True)
     shutil.rmtree(_sibling(path, "new"), ignore_errors=True)
     if restored:
-        return f"nothing of the new run was kept; the run it was to replace is back in {path}"
-    return "nothing of the run was kept" if undone else ""
+        return f"nothing of the new run was kept{kept}; the run it was to replace is back in {path}"
+    return f"nothing of the run was kept{kept}" if undone else ""
 
 
 def finished_steps(path: Path) -> int | None:

@@ -8,6 +8,16 @@ from typing import Any
 from posttrain.errors import ConfigError
 
 
+def check_trackers(tensorboard: bool, wandb: bool) -> None:
+    """A ConfigError naming the extra to install for an enabled tracker whose package is missing: at start-up,
+    before minutes of loading, data preparation and a first evaluation (the `Trackers` were built after them)."""
+    import importlib.util
+
+    for enabled, module, field in ((tensorboard, "tensorboard", "run.tensorboard"), (wandb, "wandb", "run.wandb")):
+        if enabled and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{module} is not installed: pip install 'posttrain[tracking]'", field=field)
+
+
 class Trackers:
     """Forwards every logged record to the trackers that the run enabled.
 
