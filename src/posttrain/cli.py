@@ -233,9 +233,17 @@ def evaluate(
     and sampled accuracy, pass@k, share of problems with 0 < p < 1) of a built-in task or of your own --data file;
     reward models: pairwise accuracy."""
     _quiet_libraries()
+    import dataclasses
+
+    from posttrain.data.config import DataConfig
     from posttrain.eval.evaluate import EvalOptions
     from posttrain.eval.evaluate import evaluate as run_eval
 
+    allowed = {field.name: field.metadata.get("choices") for field in dataclasses.fields(DataConfig)}
+    for name, value in (("template", template), ("thinking", thinking)):
+        if value is not None and value not in allowed[name]:  # named as the option, not as the run's config.yaml
+            _print_error(f"--{name}: {value!r} is not one of {', '.join(allowed[name])}")
+            raise typer.Exit(2)
     if k and samples and max(k) > samples:  # pass@k of k samples out of fewer than k is not defined
         _print_error(f"--k: pass@{max(k)} needs at least {max(k)} samples per problem (--samples {samples})")
         raise typer.Exit(2)

@@ -222,3 +222,5 @@ def test_eval_of_models_a_user_brings(chatml_model_dir, tokenizer, tmp_path):
     result = CliRunner().invoke(app, ["eval", str(bare), "--problems", "4", "--samples", "2", "--max-new-tokens", "2",
                                       "--template", "plain"], terminal_width=200)
     assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["eval", str(bare), "--thinking", "maybe"], terminal_width=200)
+    assert result.exit_code == 2 and "--thinking: 'maybe' is not one of on, off, fusion" in result.output

@@ -157,3 +157,32 @@ def test_a_weight_is_absolute_not_relative_to_its_steps_other_rows(tiny_model, t
         step = step_source(prepared, train, 0, [weight] * 4).next_step()
         losses[weight] = sft_loss_fn(tiny_model, step.micro_batches[0], step.normaliser)[0]
     torch.testing.assert_close(losses[0.1], 0.1 * losses[1.0])
+
+
+@pytest.mark.parametrize("failing, stops", [(4, False), (5, True)])
+def test_sharded_scoring_judges_the_error_share_of_the_whole_set(monkeypatch, failing, stops):
+    """Under torchrun each rank scores its share and every rank gets all the scores; reward.max_error_fraction is of
+    the whole set (a rank whose own share failed past it stopped alone, and the other rank waited for it). Here: rank
+    1 of 2, the other rank's 4 rows scored, this rank's errors `failing` of 8 in all."""
+    import types
+
+    from posttrain.recipes import rft_offline
+    from posttrain.rewards.error_log import RewardErrorLog
+    from posttrain.rewards.functions import Scores
+
+    candidates = load_candidates(DataConfig(source="arith", size=2))[:8]
+    other = Scores(total=torch.ones(4, dtype=torch.float64) * (0.0 if failing == 5 else 1.0),
+                   by_function={"f": torch.ones(4, dtype=torch.float64)},
+                   errors=[{"function": "f", "row": 0, "error": "ValueError: other rank"}] if failing == 5 else [])
+    monkeypatch.setattr(rft_offline.dist, "context", lambda: types.SimpleNamespace(world_size=2, rank=1))
+    monkeypatch.setattr(rft_offline.dist, "all_gather_list",
+                        lambda items: [(other.total, other.by_function, other.errors), *items])
+    rewards = WeightedRewards({"f": (lambda batch: [float("nan")] * len(batch), 1.0)})
+    rewards.error_log = RewardErrorLog(None, max_error_fraction=0.5, echo=lambda text: None)
+    if stops:
+        with pytest.raises(ConfigError, match="reward.functions.f: 5 of 8 scores"):
+            score_candidates(candidates, rewards)
+    else:
+        scores = score_candidates(candidates, rewards)  # 4 of this rank's 4 rows failed: half the set
+        assert scores.total.tolist() == [1.0] * 4 + [0.0] * 4 and [e["row"] for e in scores.errors] == [4, 5, 6, 7]
+    assert not rewards.error_log.deferred

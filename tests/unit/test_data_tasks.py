@@ -103,12 +103,17 @@ def test_an_integer_answer_is_a_whole_number_standing_alone():
     # a worked answer without a value is no direct answer (it read the first operand, "12")
     assert chain.extract_answer("12+5=17.5") is None and chain.extract_answer("12+5=") is None
     assert chain.extract_answer("12+5=17\n17-3=") == "17"
+    assert chain.extract_answer("12+5=17\n17-3=14.5") is None  # not the intermediate 17
     # the stated answer counts, read or not: the last step's value is read only when there is none
     steps = "a) 7+5=12\nb) 12*3=36\n"
     assert multistep.extract_answer(steps + "Answer: **35**") == "35"
     assert multistep.extract_answer(steps + "Answer: 35.9") is None
     assert multistep.extract_answer(steps + "Answer:\n−36") == "-36"
     assert multistep.extract_answer(steps) == "36"
+    assert multistep.extract_answer(steps + "Answer:") == "36"  # cut before its value: the last step's
+    assert multistep.extract_answer(steps + "Answer: 7\nAnswer:") == "7"
+    assert multistep.extract_answer(steps + "Answer: b) 12*3=36") == "36"  # a stated step line: its result
+    assert multistep.extract_answer(steps + "Answer: none") is None
     assert multistep.verify_steps("a) 999+9=1,008\nb) 1,008-8=1,000", ["1008", "1,000"]) == [1.0, 1.0]
 
 

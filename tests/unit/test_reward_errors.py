@@ -190,9 +190,12 @@ def test_every_batch_logs_a_graders_parts_whichever_way_it_was_scored(tmp_path):
     both = Scores.concat([whole, one_bad, all_bad])
     assert both.by_function["g.exact"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     assert [e["row"] for e in both.errors] == [3, 5, 6]
-    # a grader whose first batch fails on every row still logs its error flags
-    fresh = WeightedRewards({"g": (grader_reward(grader_path=str(path)), 1.0)})(rows([{}, {}], ["42", "x"]))
+    # a grader whose first batch fails on every row still logs its error flags, and its parts join in as 0
+    fresh_rewards = WeightedRewards({"g": (grader_reward(grader_path=str(path)), 1.0)})
+    fresh = fresh_rewards(rows([{}, {}], ["42", "x"]))
     assert fresh.by_function["g.errors"].tolist() == [1.0, 1.0]
+    joined = Scores.concat([fresh, fresh_rewards(rows([{"solution": "42"}], ["42"]))])
+    assert sorted(joined.by_function) == names and joined.by_function["g.exact"].tolist() == [0.0, 0.0, 1.0]
 
 
 def test_a_plain_function_logs_the_same_names_whether_it_failed_or_not():

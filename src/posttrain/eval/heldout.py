@@ -76,7 +76,6 @@ def prepare_heldout(data: DataConfig, cfg: EvalConfig, tokenizer: PreTrainedToke
 
 
 @torch.no_grad()
-@torch.no_grad()
 def heldout_loss(model: torch.nn.Module, size: int, collate: Callable[[list[int]], Any],
                  count: Callable[[list[int]], float], loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]],
                  batch_size: int, bar: Phase = SILENT) -> dict[str, float]:

@@ -164,12 +164,21 @@ def score_candidates(candidates: Sequence[Candidate], rewards: WeightedRewards) 
     different rows when a grader erred on one of them (a row scored 0 there is left out there alone)."""
     world, rank = dist.context().world_size, dist.context().rank
     mine = candidates[len(candidates) * rank // world:len(candidates) * (rank + 1) // world]
-    part = rewards(Completions(prompts=[c.prompt for c in mine], completions=[c.text for c in mine],
-                               answers=[c.answer for c in mine], steps=[c.steps for c in mine],
-                               columns=[c.columns for c in mine])) if mine else None
+    log = rewards.error_log
+    if log is not None:  # the share of the errors is the whole set's, judged alike on every rank below
+        log.deferred = True
+    try:
+        part = rewards(Completions(prompts=[c.prompt for c in mine], completions=[c.text for c in mine],
+                                   answers=[c.answer for c in mine], steps=[c.steps for c in mine],
+                                   columns=[c.columns for c in mine])) if mine else None
+    finally:
+        if log is not None:
+            log.deferred = False
     gathered = dist.all_gather_list([None if part is None else
                                      (part.total, part.by_function, part.errors)])
     scores = Scores.concat([Scores(*fields) for fields in gathered if fields is not None])
+    if log is not None:
+        log.check_fraction(scores.errors, len(candidates))
     total = scores.total
     if not bool(torch.isfinite(total).all()) or bool((total < 0).any()):
         raise ConfigError(f"offline RFT weights each response's likelihood by its reward, which must be finite and "

@@ -37,6 +37,7 @@ class RewardErrorLog:
         self.seen: set[tuple[str, str]] = set()
         self.calls = 0
         self.pending: list[dict[str, Any]] = []  # errors scored before the run directory exists (see `attach`)
+        self.deferred = False  # the caller checks the error fraction itself (`check_fraction`)
         # Under torchrun every rank scores its own samples and appends its own errors to the one file.
         self.rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
@@ -75,10 +76,17 @@ class RewardErrorLog:
                 self.echo(f"reward {record['function']!r} failed on a sample (scored 0; every error is kept in "
                           f"{kept}):\n  prompt: {record['prompt']!r}\n  completion: "
                           f"{record['completion']!r}\n{record['error']}")
-        for function in sorted({r["function"] for r in records}):
-            failed = [r for r in records if r["function"] == function]
-            if len(failed) > self.max_error_fraction * len(batch):
-                raise ConfigError(f"{len(failed)} of {len(batch)} scores of this batch are errors (more than "
+        if not self.deferred:
+            self.check_fraction(records, len(batch))
+
+    def check_fraction(self, errors: list[dict[str, Any]], rows: int) -> None:
+        """ConfigError when one function erred on more than `max_error_fraction` of `rows` scored rows (`errors`:
+        records with "function" and "error"). Called on every batch, or with `deferred` set, by the caller on the
+        whole of what it scored in several batches (a set shared out over ranks is judged whole on each)."""
+        for function in sorted({e["function"] for e in errors}):
+            failed = [e for e in errors if e["function"] == function]
+            if len(failed) > self.max_error_fraction * rows:
+                raise ConfigError(f"{len(failed)} of {rows} scores of this batch are errors (more than "
                                   f"reward.max_error_fraction={self.max_error_fraction:g}); the first: "
                                   f"{failed[0]['error'].splitlines()[0]} ("
                                   + (f"all in {self.path}" if self.path else "before the run directory was written: "

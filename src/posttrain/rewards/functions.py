@@ -212,12 +212,15 @@ class Scores:
 
     @classmethod
     def concat(cls, parts: Sequence[Scores]) -> Scores:
-        """The scores of several batches, rows in order (error rows counted on)."""
+        """The scores of several batches, rows in order (error rows counted on). A name some batch lacks (a grader's
+        part, where every row of that batch failed before the grader's parts were seen) is 0 on its rows."""
         offsets = [0]
         for part in parts:
             offsets.append(offsets[-1] + len(part.total))
+        names = dict.fromkeys(name for part in parts for name in part.by_function)
         return cls(total=torch.cat([p.total for p in parts]),
-                   by_function={name: torch.cat([p.by_function[name] for p in parts]) for name in parts[0].by_function},
+                   by_function={name: torch.cat([p.by_function.get(name, torch.zeros_like(p.total)) for p in parts])
+                                for name in names},
                    errors=[{**e, "row": e["row"] + offset} for p, offset in zip(parts, offsets[:-1], strict=True)
                            for e in p.errors])
 

@@ -81,6 +81,17 @@ def first_integer(text: str) -> str | None:
     return integer_value(match.group()) if match else None
 
 
+_RESULT = re.compile(r"=[ \t]*(\S*)")
+
+
+def last_result(text: str) -> str | None:
+    """The value after the last `=` that has one ("12+5=17\n17-3=14" -> "14"; a cut "17-3=" leaves 17), or None
+    when it is no integer ("17-3=14.5" is no 17 nor 14)."""
+    values = [value for value in _RESULT.findall(text) if value]
+    match = re.match(ANSWER_INTEGER, values[-1]) if values else None
+    return integer_value(match.group()) if match else None
+
+
 class Task:
     """A built-in task. Subclasses set `name`, `description`, and implement `example` and `extract_answer`."""
 

@@ -12,18 +12,16 @@ held-out problems, unlike a table of separate facts. Operands are 0-49 and a fir
 from __future__ import annotations
 
 import random
-import re
 
 from posttrain.data.tasks.base import (
-    ANSWER_INTEGER,
     RANKING_SIZE,
     Example,
     Task,
     answer_text,
     closest_first,
     first_integer,
-    integer_value,
     is_heldout_key,
+    last_result,
 )
 
 MAX_OPERAND = 49
@@ -37,7 +35,6 @@ OPS = ("+", "-")
 # The reward model pays for it (the demo's rm stage says how much): more of the right samples are direct answers,
 # right by luck, which its likelihood cannot tell from wrong ones.
 WORKED_SHARE = 0.4
-_RESULT = re.compile(rf"=[ \t]*({ANSWER_INTEGER})")
 
 
 def _apply(x: int, op: str, y: int) -> int:
@@ -86,10 +83,8 @@ class ChainTask(Task):
         text = answer_text(completion)
         if text is None:
             return None
-        if "=" not in text:
-            return first_integer(text)
-        values = _RESULT.findall(text)  # none: worked to no value ("12+5=17.5", a cut "12+5="), no operand instead
-        return integer_value(values[-1]) if values else None
+        # a worked answer without an integer value ("12+5=17.5", a cut "12+5=") is no direct answer (its operand)
+        return first_integer(text) if "=" not in text else last_result(text)
 
     @staticmethod
     def worked(completion: str) -> bool:

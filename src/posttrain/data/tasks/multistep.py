@@ -38,6 +38,7 @@ from posttrain.data.tasks.base import (
     first_integer,
     integer_value,
     is_heldout_key,
+    last_result,
 )
 
 MIN_STEPS, MAX_STEPS = 2, 5  # 3-8 steps: 54% of steps right after 400 SFT steps at 301 s, against 92% at 195 s
@@ -101,9 +102,14 @@ class MultistepTask(Task):
         text = answer_text(completion)
         if text is None:
             return None
-        answers = list(_ANSWER.finditer(text))
-        if answers:  # the stated answer is the answer, read or not: "Answer: **35**" is no 36 from the last step
-            return first_integer(text[answers[-1].end():].lstrip().split("\n", 1)[0])
+        # The last stated answer is the answer, whatever the steps say ("Answer: **35**" is no 36 of the last step;
+        # "Answer: none" is none); a stated step line is its result; an `Answer:` cut before its value states
+        # nothing, and the one before it (else the last step) counts.
+        for stated in reversed(list(_ANSWER.finditer(text))):
+            line = text[stated.end():].lstrip().split("\n", 1)[0]
+            value = last_result(line) if "=" in line else first_integer(line)
+            if value is not None or line.strip():
+                return value
         steps = STEP_PATTERN.findall(text)
         return integer_value(steps[-1][3]) if steps else None
 
