@@ -298,13 +298,13 @@ def check_config(cfg: RMConfig) -> None:
             raise ConfigError("on-policy pairs compare the completions of a prompt: set "
                               "sampling.samples_per_prompt >= 2", field="sampling.samples_per_prompt")
         check_reward_functions(cfg.reward)
+    if cfg.head == "likelihood" and cfg.kind == "process":
+        raise ConfigError("a likelihood reward model scores whole responses; a process reward model needs a head "
+                          "read at each step: head=linear or mlp", field="head")
     if cfg.kind == "process" and cfg.data.source in TASKS and "stepwise" not in TASKS[cfg.data.source].formats:
         raise ConfigError(f"a process reward model learns from steps labelled right or wrong; task "
                           f"{cfg.data.source!r} has none: data.source=multistep (the prm recipe: posttrain rm prm) "
                           "or a file of stepwise rows", field="data.source")
-    if cfg.head == "likelihood" and cfg.kind == "process":
-        raise ConfigError("a likelihood reward model scores whole responses; a process reward model needs a head "
-                          "read at each step: head=linear or mlp", field="head")
     if cfg.reward_reduction != "sum" and cfg.head != "likelihood":
         raise ConfigError(f"reward_reduction={cfg.reward_reduction} reduces a likelihood reward model's logprobs; a "
                           f"{cfg.head} head reads one score per response: head=likelihood, or leave it at sum",
