@@ -239,9 +239,11 @@ def evaluate(
     from posttrain.eval.evaluate import EvalOptions
     from posttrain.eval.evaluate import evaluate as run_eval
 
+    data_settings = {name: value for name, value in (("template", template), ("thinking", thinking))
+                     if value is not None}
     allowed = {field.name: field.metadata.get("choices") for field in dataclasses.fields(DataConfig)}
-    for name, value in (("template", template), ("thinking", thinking)):
-        if value is not None and value not in allowed[name]:  # named as the option, not as the run's config.yaml
+    for name, value in data_settings.items():
+        if value not in allowed[name]:  # named as the option, not as the run's config.yaml
             _print_error(f"--{name}: {value!r} is not one of {', '.join(allowed[name])}")
             raise typer.Exit(2)
     if k and samples and max(k) > samples:  # pass@k of k samples out of fewer than k is not defined
@@ -251,8 +253,7 @@ def evaluate(
                           rewards=tuple(reward) if reward else None, reference=reference,
                           max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,
                           correct_by=correct_by, threshold=threshold, grader=grader, out=out,
-                          data_settings={key: value for key, value in (("template", template), ("thinking", thinking))
-                                         if value is not None})
+                          data_settings=data_settings)
     try:
         result = run_eval(path, options)
     except PosttrainError as err:

@@ -6,8 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.config import ModelConfig
+from posttrain.data.corpus import synthetic_documents
 from posttrain.models import build_model
-from posttrain.recipes.pretrain import CorpusConfig, heldout_loss, pack_documents
+from posttrain.recipes.pretrain import CorpusConfig, document_texts, heldout_loss, pack_texts
 from posttrain.train.metrics import read_metrics
 
 # A seed the training stream never used: this text is new to the model.
@@ -30,7 +31,9 @@ def test_pretrained_loss_is_far_below_untrained(pretrained_run):
     tokenizer = AutoTokenizer.from_pretrained(final, local_files_only=True)
     trained = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
     untrained = build_model(ModelConfig(size="tiny"), tokenizer, seed=1)
-    blocks = pack_documents(tokenizer, 300, UNSEEN_SEED, CorpusConfig())
+    corpus = CorpusConfig()
+    texts = document_texts(tokenizer, synthetic_documents(UNSEEN_SEED, corpus.chat_share), 300)
+    blocks = pack_texts(tokenizer, texts, corpus.seq_len, "corpus.heldout_documents")
     before, after = heldout_loss(untrained, blocks, 32), heldout_loss(trained, blocks, 32)
     # An untrained model sits near ln(vocab) ~ 6.3 nats; a quick pretraining run gets under 40% of that.
     assert before > 5.5

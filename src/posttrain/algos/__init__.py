@@ -45,6 +45,7 @@ from posttrain.algos.losses import (
     process_reward_loss,
     reward_centering_penalty,
     sft_loss,
+    soft_label_flip,
     value_loss,
 )
 from posttrain.algos.registry import (
@@ -130,6 +131,7 @@ __all__ = [
     "rloo_advantages",
     "score_at_last_token",
     "sft_loss",
+    "soft_label_flip",
     "token_logprobs",
     "token_rewards",
     "value_loss",

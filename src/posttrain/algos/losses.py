@@ -205,6 +205,13 @@ def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None, levels: Tenso
     return -terms.sum(-1).mean()
 
 
+def soft_label_flip(preference_prob: Tensor, label_smoothing: float) -> Tensor:
+    """The probability that a pair's label is wrong, for `dpo_loss`'s per-pair label_smoothing: a soft label p (the
+    share of annotators who prefer the chosen answer) flips with 1 - p, and label smoothing e flips what is left, so
+    the chosen answer is truly preferred with p (1 - e) + (1 - p) e. Shapes: [B] -> [B]."""
+    return (1 - preference_prob) * (1 - label_smoothing) + preference_prob * label_smoothing
+
+
 def dpo_loss(
     chosen_logprobs: Tensor,
     rejected_logprobs: Tensor,

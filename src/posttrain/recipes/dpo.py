@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.algos import DPO_KINDS, dpo_loss, dpo_plackett_luce_loss
+from posttrain.algos import DPO_KINDS, dpo_loss, dpo_plackett_luce_loss, soft_label_flip
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.columns import column_values
 from posttrain.data.config import STAGE_FORMATS, ColumnsConfig, DataConfig
@@ -376,11 +376,9 @@ def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):
             out = dpo_plackett_luce_loss(policy, ref, present, cfg.beta, levels)
             loss, rewards = out.loss, out.rewards
         else:
-            # A soft label p (the share of annotators preferring the chosen answer) is a flip probability of 1 - p,
-            # and with loss.label_smoothing e as well: the chosen answer is truly preferred with p (1 - e) + (1 - p) e.
+            # soft labels (`preference_prob`) flip with 1 - p, label smoothing on top: `soft_label_flip`
             p = batch.get("preference_probs") if cfg.kind == "sigmoid" else None  # other kinds: refused (all 1)
-            flip = (cfg.label_smoothing if p is None
-                    else ((1 - p) * (1 - cfg.label_smoothing) + p * cfg.label_smoothing).to(policy))
+            flip = cfg.label_smoothing if p is None else soft_label_flip(p, cfg.label_smoothing).to(policy)
             out = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.kind, flip)
             loss, rewards = out.loss, torch.stack([out.chosen_rewards, out.rejected_rewards], dim=1)
         if cfg.sft_weight:  # RPO: keep the chosen answers likely (plain DPO can lower both likelihoods)

@@ -163,12 +163,6 @@ def pack_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len
     return stream[: blocks * seq_len].view(blocks, seq_len)
 
 
-def pack_documents(tokenizer: PreTrainedTokenizerBase, count: int, seed: int, corpus: CorpusConfig) -> torch.Tensor:
-    """The first `count` synthetic documents of the stream seeded `seed`, packed (`document_texts`, `pack_texts`)."""
-    texts = document_texts(tokenizer, synthetic_documents(seed, corpus.chat_share), count)
-    return pack_texts(tokenizer, texts, corpus.seq_len, "corpus.train_documents")
-
-
 @torch.no_grad()
 def heldout_loss(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int) -> float:
     """Mean next-token loss over all held-out blocks (each block weighted by its token count)."""

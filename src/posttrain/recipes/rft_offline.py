@@ -47,7 +47,6 @@ from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.error_log import ERRORS_FILE, RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.train import dist
-from posttrain.train.dist import is_main_process
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.progress import RunProgress
@@ -85,7 +84,7 @@ def main(cfg: Any) -> RunResult:
     scores = score_candidates(candidates, rewards)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="rft", model=model)
     scored_file = run_dir.path / "scored.jsonl"
-    if is_main_process():  # a resumed run scores the same set again: keep one copy of its scores and errors
+    if dist.is_main_process():  # a resumed run scores the same set again: keep one copy of its scores and errors
         scored_file.unlink(missing_ok=True)
         (run_dir.path / ERRORS_FILE).unlink(missing_ok=True)
     dist.barrier()

@@ -170,6 +170,7 @@ def grader_reward(grader_path: str | None = None, **_: Any) -> RewardFunction:
         return grader.grade(samples, items)
 
     score.grader = grader  # for the start-up check of its templates against the data (check_grader_fields)
+    score.grades = True  # its results are a grader's (`_row_by_row`)
     return score
 
 
@@ -275,8 +276,7 @@ class WeightedRewards:
             try:
                 values = fn(batch)
             except Exception as err:  # noqa: BLE001 - the user's function failed: error records, not a dead run
-                graded = name in self._parts or getattr(fn, "grader", None) is not None or getattr(fn, "grades", False)
-                values = _row_by_row(fn, batch, err, graded)
+                values = _row_by_row(fn, batch, err, graded=name in self._parts or getattr(fn, "grades", False))
             if hasattr(values, "components"):  # a grader's result: log its parts and errors, weight its total
                 by_function.update({f"{name}.{part}": torch.tensor(v, dtype=torch.float64)
                                     for part, v in values.components.items()})

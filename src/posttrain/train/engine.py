@@ -330,9 +330,8 @@ class Trainer:
 
     def _evaluate(self, evaluate: Evaluate, final: bool) -> dict[str, Any]:
         """Evaluation runs on rank 0 alone (its results are what gets logged); under FSDP every rank takes
-        part in gathering the full weights first. Without gradients: a forward through FSDP's modules with
-        gradients on rank 0 alone readied a backward there, and the next step's collectives no longer matched the
-        other ranks' (and an evaluation has no use for the graph)."""
+        part in gathering the full weights first (and forgets the layers' forwards afterwards: `full_weights`).
+        Without gradients: an evaluation has no use for the graph."""
         with self.parallel.full_weights(), self.autocast(), torch.no_grad():
             results = evaluate(self.step, final) if self.dist.is_main else {}
         dist.barrier()

@@ -13,9 +13,13 @@ def check_trackers(tensorboard: bool, wandb: bool) -> None:
     before minutes of loading, data preparation and a first evaluation (the `Trackers` were built after them)."""
     import importlib.util
 
-    for enabled, module, field in ((tensorboard, "tensorboard", "run.tensorboard"), (wandb, "wandb", "run.wandb")):
+    for enabled, module in ((tensorboard, "tensorboard"), (wandb, "wandb")):
         if enabled and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"{module} is not installed: pip install 'posttrain[tracking]'", field=field)
+            raise _not_installed(module)
+
+
+def _not_installed(tracker: str) -> ConfigError:
+    return ConfigError(f"{tracker} is not installed: pip install 'posttrain[tracking]'", field=f"run.{tracker}")
 
 
 class Trackers:
@@ -32,15 +36,13 @@ class Trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("tensorboard is not installed: pip install 'posttrain[tracking]'",
-                                  field="run.tensorboard") from None
+                raise _not_installed("tensorboard") from None
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if wandb:
             try:
                 import wandb as wandb_module
             except ImportError:
-                raise ConfigError("wandb is not installed: pip install 'posttrain[tracking]'",
-                                  field="run.wandb") from None
+                raise _not_installed("wandb") from None
             self._wandb = wandb_module.init(project="posttrain", name=run_name, dir=str(run_dir), config=config)
 
     def log(self, record: dict[str, Any]) -> None:
