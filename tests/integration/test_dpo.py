@@ -306,6 +306,7 @@ def test_on_policy_pairs_leave_out_cut_completions_and_resume_inside_a_round_on_
 
     from posttrain.recipes import dpo
     from posttrain.recipes.rl import preference_rows
+    from posttrain.rewards.functions import Scores
     from posttrain.rewards.user_functions import Completions
 
     seen = []
@@ -341,7 +342,8 @@ def test_on_policy_pairs_leave_out_cut_completions_and_resume_inside_a_round_on_
     rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
     kept = preference_rows(Completions(prompts=[rows[0]["prompt"]] * 2, completions=["a", "b"],
                                            answers=[None, None], steps=[[], []], columns=[{}, {}]),
-                           torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), 0.0, finished=torch.tensor([True, False]))
+                           Scores(torch.tensor([1.0, 0.0]), {}), torch.tensor([0, 0]), 0.0,
+                           finished=torch.tensor([True, False]))
     assert kept == []  # the cut one pairs with none
 
 

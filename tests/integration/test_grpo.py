@@ -207,6 +207,37 @@ def test_equal_reward_groups_have_zero_advantage_and_can_be_skipped(tiny_model, 
     assert nothing.micro_batches == [] and nothing.metrics["zero_variance_groups"] == 1.0
 
 
+def test_completions_whose_reward_failed_are_left_out_of_the_round_and_its_baselines(tiny_model, tokenizer):
+    def failing(text: str) -> bool:
+        return zlib.crc32(text.encode()) % 3 == 0
+
+    def reward(batch):  # NaN (a reward error) on about a third of the completions, the text's score elsewhere
+        return [float("nan") if failing(t) else text_score(t) for t in batch.completions]
+
+    sampled = {}
+    rewards = WeightedRewards({"r": (reward, 1.0)})
+    rewards.error_log = lambda scores, batch: sampled.update(texts=list(batch.completions), prompts=batch.prompts)
+    source = make_source(tiny_model, tokenizer, rewards=rewards)
+    step = source.next_step()
+    failed = [failing(t) for t in sampled["texts"]]
+    assert 0 < sum(failed) <= 8
+    kept = [i for i, f in enumerate(failed) if not f]
+    assert list(source.last.rollout.texts) == [sampled["texts"][i] for i in kept]
+    assert step.metrics["failed_rows"] == sum(failed)
+    # Groups are the kept completions' prompts (one whose every completion failed is gone), numbered 0, 1, ...
+    prompts = [str(sampled["prompts"][i]) for i in kept]
+    groups = {p: g for g, p in enumerate(dict.fromkeys(prompts))}
+    assert source.last.rollout.prompt_index.tolist() == [groups[p] for p in prompts]
+    assert [str(row["prompt"]) for row in source.last.rows] == list(groups)
+    # The baselines are those of the scored completions alone, worked out here from the texts.
+    scores = torch.tensor([text_score(sampled["texts"][i]) for i in kept], dtype=torch.float64)
+    assert_close(source.last.scores, scores)
+    expected = group_advantages(scores, torch.tensor([groups[p] for p in prompts]))
+    mask = source.last.rollout.response_mask.bool()
+    assert_close(source.last.advantages, (expected.unsqueeze(1) * mask).to(torch.float32))
+    assert sum(len(b.rows) for b in step.micro_batches) == len(kept)
+
+
 def test_rewards_and_advantages_stay_with_their_completion_after_reordering(tiny_model, tokenizer):
     source = make_source(tiny_model, tokenizer, "train.micro_batch_size=4", "sampling.max_new_tokens=8")
     step = source.next_step()

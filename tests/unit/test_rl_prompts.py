@@ -7,7 +7,7 @@ import torch
 
 from posttrain.data.schemas import holds_as_answer
 from posttrain.recipes.rl import PromptStream, preference_rows
-from posttrain.rewards.functions import Completions
+from posttrain.rewards.functions import Completions, Scores
 from posttrain.rollout import RolloutEngine
 from posttrain.train import dist
 
@@ -65,6 +65,20 @@ def test_preference_rows_pair_only_completions_a_training_row_can_hold():
                               columns=[{}] * 6)
     scores = torch.tensor([1.0, 9.0, 0.0, -9.0, 1.0, 0.0])
     prompt_index = torch.tensor([0, 0, 0, 0, 1, 1])
-    rows = preference_rows(completions, scores, prompt_index, min_margin=0.0)
+    rows = preference_rows(completions, Scores(scores, {}), prompt_index, min_margin=0.0)
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "5"), ("<think>2+2=4</think>4", "3")]
     assert holds_as_answer("4") and not holds_as_answer("a <think> b") and not holds_as_answer("  ")
+
+
+def test_preference_rows_leave_out_completions_whose_reward_failed():
+    """A completion some reward failed on scored 0 for it: no score, so neither the chosen nor the rejected one (a
+    right answer whose grader timed out would otherwise be the rejected one)."""
+    prompt = [{"role": "user", "content": "What is 2+2?"}]
+    texts = ["4", "5", "four", "3"]
+    completions = Completions(prompts=[prompt] * 4, completions=texts, answers=["4"] * 4, steps=[[]] * 4,
+                              columns=[{}] * 4)
+    scores = Scores(torch.tensor([1.0, 0.5, 0.0, 0.2]), {},
+                    errors=[{"function": "grader", "row": 2, "error": "TimeoutError"}])
+    rows = preference_rows(completions, scores, torch.zeros(4, dtype=torch.long), min_margin=0.0)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "3")]
+    assert scores.failed().tolist() == [False, False, True, False]

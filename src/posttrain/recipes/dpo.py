@@ -330,7 +330,7 @@ class OnPolicyPairs:
             rows, rollout = self.prompts.sample(self.engine, self.params)  # the engine samples in eval mode
             bar.advance(len(rows))
         completions = completions_of(rollout, rows)
-        scores = self.rewards(completions).total
+        scores = self.rewards(completions)
         # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the
         # pairs (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have made them.
         # A completion cut at max_new_tokens is no answer the policy gave: as a row its text would end with the
@@ -350,7 +350,7 @@ class OnPolicyPairs:
                                               token_average(self.cfg.loss), self.progress)
         self.rounds += 1
         prompts = len(rows) * dist.context().world_size
-        metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.mean().item(),
+        metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.total.mean().item(),
                    "pair_round": float(self.rounds)}
         return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached), metrics
 

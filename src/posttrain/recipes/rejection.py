@@ -272,9 +272,7 @@ class RejectionStepSource:
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
         select = self.cfg.select
-        errored = torch.zeros(len(completions), dtype=torch.bool)
-        errored[[e["row"] for e in scores.errors]] = True  # scored 0 for an error: no score to select by
-        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout) & ~errored,
+        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout) & ~scores.failed(),
                            select.mode, select.threshold, select.dedupe)
         self._write_samples(rollout, completions, scores, set(kept), first_step)
         # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the kept

@@ -249,15 +249,18 @@ class GoldAnswers:
         return self.prepared.collator(samples), float(sum(sum(s["response_mask"]) for s in samples))
 
 
-def preference_rows(completions: Completions, scores: Tensor, prompt_index: Tensor,
+def preference_rows(completions: Completions, scores: Scores, prompt_index: Tensor,
                     min_margin: float, finished: Tensor | None = None) -> list[dict[str, Any]]:
     """Preference rows from sampled completions: each prompt's best- and worst-scored completions
     (`algos.best_worst_pairs`, the chosen beating the rejected by more than `min_margin`) as one row. A completion
     that no preference row can hold as an answer (no text: EOS at once; a stray <think> tag, `holds_as_answer`),
+    one whose reward failed (its 0 is no score: a right answer whose grader timed out would be the rejected one),
     or one `finished` [B] leaves out, takes part in no pair; two equal texts make none."""
-    texts = completions.completions
-    usable = [i for i, text in enumerate(texts) if holds_as_answer(text) and (finished is None or finished[i])]
-    found = [(usable[c], usable[r]) for c, r in best_worst_pairs(scores[usable], prompt_index[usable], min_margin)]
+    texts, failed = completions.completions, scores.failed()
+    usable = [i for i, text in enumerate(texts)
+              if holds_as_answer(text) and not failed[i] and (finished is None or finished[i])]
+    found = [(usable[c], usable[r])
+             for c, r in best_worst_pairs(scores.total[usable], prompt_index[usable], min_margin)]
     return [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
             for c, r in found if texts[c] != texts[r]]
 

@@ -384,7 +384,7 @@ class RLStepSource:
         """
         cfg, need = self.cfg.filter, self.round_prompts // dist.context().world_size
         batches: list[tuple[list[dict[str, Any]], Rollout, Scores, Tensor]] = []
-        generation_s, kept = 0.0, 0
+        generation_s, kept, failed_rows = 0.0, 0, 0
         per_batch = self.prompts.per_round
         # The bar counts this rank's prompts; a dynamic-sampling round that needs another batch extends it.
         with self.progress.phase(f"sampling round {self.steps // steps_per_round(self.cfg) + 1}: prompts",
@@ -394,12 +394,14 @@ class RLStepSource:
                 rows, rollout = self.prompts.sample(self.engine, self.params)
                 generation_s += time.perf_counter() - start
                 bar.advance(len(rows))
-                completions = completions_of(rollout, rows)
-                scores = self.rewards(completions)
+                rows, rollout, scores, failed = without_failed_rows(rows, rollout,
+                                                                    self.rewards(completions_of(rollout, rows)))
+                failed_rows += failed
                 score = missing_eos_penalty(scores.total, rollout.truncated, self.cfg.reward.missing_eos_penalty)
                 batches.append((rows, rollout, scores, score))
                 if not cfg.enabled:
-                    return Sampled(rows, rollout, completions, scores, score, generation_s, {})
+                    return Sampled(rows, rollout, completions_of(rollout, rows), scores, score, generation_s,
+                                   {"failed_rows": dist.all_reduce_sum(float(failed))})
                 kept += int(group_success_band(score, rollout.prompt_index, cfg.low, cfg.high).keep.sum())
                 if dist.all_reduce_min(float(kept)) >= need or len(batches) >= cfg.max_batches:
                     break
@@ -418,7 +420,8 @@ class RLStepSource:
         metrics = {"kept_fraction": dist.all_reduce_sum(float(band.keep.sum())) / dist.all_reduce_sum(len(band.groups)),
                    "prompts_sampled": dist.all_reduce_sum(float(len(band.groups))), "sampling_batches": len(batches),
                    "filled_groups": dist.all_reduce_sum(float(max(0, need - int(band.keep.sum())))),
-                   "sampled_score": dist.all_reduce_sum(float(score.sum())) / dist.all_reduce_sum(float(len(score)))}
+                   "sampled_score": dist.all_reduce_sum(float(score.sum())) / dist.all_reduce_sum(float(len(score))),
+                   "failed_rows": dist.all_reduce_sum(float(failed_rows))}
         chosen_rows = [rows[g] for g in chosen.tolist()]
         return Sampled(chosen_rows, trained, completions_of(trained, chosen_rows), scores.select(picked.tolist()),
                        score[picked], generation_s, metrics)
@@ -631,6 +634,23 @@ class RLStepSource:
                 record["step_scores"] = steps.scores[i]
             records.append(record)
         append_jsonl(self.samples, records)
+
+
+def without_failed_rows(rows: list[dict[str, Any]], rollout: Rollout,
+                        scores: Scores) -> tuple[list[dict[str, Any]], Rollout, Scores, int]:
+    """The sampled prompts `rows`, their rollout and scores without the completions some reward function failed to
+    score (raised, timed out, returned NaN), and how many those were. Such a completion's 0 is no evidence about it:
+    trained on, it would pull its group's baseline down and push the policy away from it (a grader that times out
+    on long answers would teach short ones), so it is left out of the round, its baseline and every loss; a prompt
+    whose every completion failed leaves with its group. Under torchrun a rank that would be left with no completion
+    keeps every rank's (scored 0 as before, the failures counted all the same): a rank cannot sit out a round."""
+    failed = scores.failed()
+    picked = torch.nonzero(~failed).flatten()
+    if dist.all_reduce_min(float(len(picked))) == 0 or len(picked) == len(failed):
+        return rows, rollout, scores, int(failed.sum())
+    groups, renumbered = torch.unique(rollout.prompt_index[picked], return_inverse=True)
+    kept = dataclasses.replace(rollout.select(picked), prompt_index=renumbered)
+    return [rows[g] for g in groups.tolist()], kept, scores.select(picked.tolist()), int(failed.sum())
 
 
 def _rows(tensor: Tensor | None, rows: Tensor, width: int) -> Tensor | None:

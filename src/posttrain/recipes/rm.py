@@ -270,8 +270,8 @@ def _sample_pairs(cfg: RMConfig, engine: Any, prompts: Prepared, rewards: Any, s
             generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
             rollout = engine.generate([row["prompt_input_ids"] for row in rows], params, generator=generator)
             completions = completions_of(rollout, rows)
-            scores = rewards(completions).total
-            reward_sum, samples = reward_sum + scores.sum().item(), samples + len(scores)
+            scores = rewards(completions)
+            reward_sum, samples = reward_sum + scores.total.sum().item(), samples + len(scores.total)
             batches.append((start, preference_rows(completions, scores, rollout.prompt_index, cfg.pairs.min_margin)))
             bar.advance(len(rows))
     pairs = [pair for _, batch in sorted(dist.all_gather_list(batches), key=lambda b: b[0]) for pair in batch]

@@ -225,6 +225,13 @@ class Scores:
                    errors=[{**e, "row": e["row"] + offset} for p, offset in zip(parts, offsets[:-1], strict=True)
                            for e in p.errors])
 
+    def failed(self) -> Tensor:
+        """[B] bool: the rows some function failed to score (their 0 for it is no score: nothing to compare or
+        select by)."""
+        mask = torch.zeros(len(self.total), dtype=torch.bool)
+        mask[[e["row"] for e in self.errors]] = True
+        return mask
+
     def select(self, rows: Sequence[int]) -> Scores:
         """The scores of these rows, in this order (error rows renumbered, those of other rows dropped)."""
         new_row = {old: new for new, old in enumerate(rows)}
