@@ -80,6 +80,16 @@ def test_negative_rewards_are_refused_as_weights():
         score_candidates(candidates, negative)
 
 
+def test_a_response_some_reward_failed_on_weighs_zero_not_the_other_functions_share():
+    candidates = load_candidates(DataConfig(source="arith", size=2))[:6]
+    rewards = WeightedRewards({"flat": (lambda batch: [0.25] * len(batch), 1.0),
+                               "flaky": (lambda batch: [float("nan") if i % 3 == 0 else 0.5
+                                                        for i in range(len(batch))], 1.0)})
+    scores = score_candidates(candidates, rewards)
+    assert scores.total.tolist() == [0.0, 0.75, 0.75, 0.0, 0.75, 0.75]  # not 0.25 where "flaky" failed
+    assert [e["row"] for e in scores.errors] == [0, 3]
+
+
 def test_an_offline_run_scores_every_response_and_trains_on_the_credited(tokenizer, tmp_path):
     model_dir = save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer,
                                 tmp_path / "lm")

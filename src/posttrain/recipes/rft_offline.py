@@ -178,7 +178,10 @@ def score_candidates(candidates: Sequence[Candidate], rewards: WeightedRewards) 
     scores = Scores.concat([Scores(*fields) for fields in gathered if fields is not None])
     if log is not None:
         log.check_fraction(scores.errors, len(candidates))
-    total = scores.total
+    # A response some function failed on has no reward to weigh it by (its total would be the other functions'
+    # alone): it weighs 0, as in every other stage, where such a completion trains on nothing.
+    total = torch.where(scores.failed(), 0.0, scores.total)
+    scores = dataclasses.replace(scores, total=total)
     if not bool(torch.isfinite(total).all()) or bool((total < 0).any()):
         raise ConfigError(f"offline RFT weights each response's likelihood by its reward, which must be finite and "
                           f">= 0 (got {total.min().item():g} .. {total.max().item():g}): use graders or "
