@@ -138,7 +138,17 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_chatml_tokenizer():
+# Phi-3's: a turn ends `<|end|>` and a newline, and the whole conversation `<|endoftext|>` (its EOS).
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def build_chatml_tokenizer(eos_token: str = "<|im_end|>", chat_template: str = CHATML_TEMPLATE,
+                           special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                           bos_token: str | None = "<|im_start|>"):
+    """The ChatML tokenizer above; with other settings, the tokenizer of another family (a base Qwen's EOS
+    `<|endoftext|>`, Phi-3's template and role tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -151,12 +161,24 @@ def build_chatml_tokenizer():
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=800, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=800, special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token,
                                    pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = chat_template
     return fast
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer():
+    return build_chatml_tokenizer("<|endoftext|>", PHI3_TEMPLATE,
+                                  ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), None)
+
+
+@pytest.fixture(scope="session")
+def base_chatml_tokenizer():
+    """A base Qwen's: the ChatML template, whose turns end `<|im_end|>`, and EOS `<|endoftext|>`."""
+    return build_chatml_tokenizer("<|endoftext|>")
 
 
 @pytest.fixture(scope="session")
@@ -167,14 +189,28 @@ def chatml_tokenizer():
 @pytest.fixture(scope="session")
 def chatml_model_dir(tmp_path_factory, chatml_tokenizer):
     """A tiny random-init Qwen2 model with the ChatML tokenizer, saved as a user's model directory is."""
+    return save_qwen2_for(chatml_tokenizer, tmp_path_factory.mktemp("qwen2-chatml"))
+
+
+@pytest.fixture(scope="session")
+def base_chatml_model_dir(tmp_path_factory, base_chatml_tokenizer):
+    return save_qwen2_for(base_chatml_tokenizer, tmp_path_factory.mktemp("qwen2-base-chatml"))
+
+
+@pytest.fixture(scope="session")
+def phi3_model_dir(tmp_path_factory, phi3_tokenizer):
+    return save_qwen2_for(phi3_tokenizer, tmp_path_factory.mktemp("qwen2-phi3"))
+
+
+def save_qwen2_for(tokenizer, path):
+    """A tiny random-init Qwen2 model for `tokenizer`, saved with it in `path` as a user's model directory is."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(chatml_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=chatml_tokenizer.eos_token_id,
-                         pad_token_id=chatml_tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("qwen2-chatml")
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     Qwen2ForCausalLM(config).save_pretrained(path)
-    chatml_tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path

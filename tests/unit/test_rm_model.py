@@ -229,15 +229,16 @@ def _random_head(model):
     return model
 
 
-@pytest.mark.parametrize("which", ["project", "chatml"])
-def test_score_tokens_reads_where_training_rows_end_as_score_does(which, lm_dir, tokenizer, chatml_model_dir,
-                                                                  chatml_tokenizer):
+@pytest.mark.parametrize("which", ["project", "chatml", "phi3"])
+def test_score_tokens_reads_where_training_rows_end_as_score_does(which, lm_dir, tokenizer, request):
     """ChatML ends an answer `<|im_end|>\\n` and the head learned at the newline; a policy's ids stop at
     `<|im_end|>`, or earlier when cut off. score_tokens once read those at their last token (another token than
-    training's), so the same answer scored differently as ids and as text."""
+    training's), so the same answer scored differently as ids and as text. Phi-3 ends it `<|end|>\\n<|endoftext|>`
+    and a policy stops at `<|end|>`: the ending once taken was the last of those, so nothing was added."""
     from posttrain.data.schemas import message
 
-    directory, tok = (lm_dir, tokenizer) if which == "project" else (chatml_model_dir, chatml_tokenizer)
+    directory, tok = ((lm_dir, tokenizer) if which == "project" else
+                      (request.getfixturevalue(f"{which}_model_dir"), request.getfixturevalue(f"{which}_tokenizer")))
     scorer = RewardModelScorer(_random_head(build_reward_model(directory, pad_token_id=tok.pad_token_id)), tok)
     prompts, answers = ["What is 2+3?", "What is 12*7?"], ["The answer is 5", "84"]
     rows = []

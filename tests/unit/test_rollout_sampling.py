@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from posttrain.algos import token_logprobs
 from posttrain.errors import ConfigError
 from posttrain.rollout import SamplingParams, make_engine, position_ids_from_mask
-from posttrain.rollout.local import prompt_token_lists
+from posttrain.rollout.local import LocalRolloutEngine, prompt_token_lists
 from posttrain.rollout.sampling import draw, sample_next, truncate_logits
 
 NEG_INF = float("-inf")
@@ -146,3 +147,46 @@ def test_a_uniform_draw_at_the_top_of_the_range_takes_the_last_token_that_has_pr
     probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.2, 0.3, 0.1, 0.4]])
     monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape, dtype=kwargs.get("dtype")))
     assert draw(probs).tolist() == [1, 3]  # u * total == total: past every cumulative sum without the guard
+
+
+def test_turn_end_ids_are_eos_and_the_templates_end_of_turn(tokenizer, chatml_tokenizer, base_chatml_tokenizer,
+                                                            phi3_tokenizer):
+    """What ends an answer in the training rows: EOS alone where the template ends a turn with it (the project's,
+    ChatML's instruct tokenizer), also `<|im_end|>` for a base Qwen tokenizer (EOS `<|endoftext|>`) and `<|end|>` for
+    Phi-3 (which writes `<|endoftext|>` after the last turn); EOS alone without a template."""
+    from posttrain.data.tokenize import turn_end_ids
+
+    def ids(tok, *tokens):
+        return frozenset(tok.convert_tokens_to_ids(list(tokens)))
+
+    assert turn_end_ids(tokenizer) == ids(tokenizer, "<|end|>")
+    assert turn_end_ids(chatml_tokenizer) == ids(chatml_tokenizer, "<|im_end|>")
+    assert turn_end_ids(base_chatml_tokenizer) == ids(base_chatml_tokenizer, "<|im_end|>", "<|endoftext|>")
+    assert turn_end_ids(phi3_tokenizer) == ids(phi3_tokenizer, "<|end|>", "<|endoftext|>")
+    plain = copy.deepcopy(base_chatml_tokenizer)
+    plain.chat_template = None
+    assert turn_end_ids(plain) == ids(plain, "<|endoftext|>")
+
+
+def test_sampling_stops_at_the_templates_end_of_turn_when_it_is_not_eos(base_chatml_tokenizer, base_chatml_model_dir):
+    """A base Qwen tokenizer: SFT trains `<|im_end|>` at the end of each answer, so a model that learned it writes
+    `<|im_end|>`; sampling once stopped at EOS (`<|endoftext|>`) alone and went on into made-up turns."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.data.config import DataConfig
+    from posttrain.data.schemas import message
+    from posttrain.data.tokenize import Encoder
+
+    tok = base_chatml_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(base_chatml_model_dir)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    encoder = Encoder.from_config(tok, DataConfig())
+    assert im_end in [t for t, m in zip(*encoder.encode([message("user", "hi"), message("assistant", "5")]),
+                                        strict=True) if m]  # what SFT trains the model to write
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output.index_fill_(-1, torch.tensor([im_end]),
+                                                                                           50.0))
+    prompt = encoder.encode_prompt([message("user", "hi")])
+    for forward in ("auto", "hf"):
+        rollout = LocalRolloutEngine(model, tok, forward).generate([prompt], SamplingParams(max_new_tokens=6, n=2))
+        assert rollout.completion_ids[:, 0].tolist() == [im_end, im_end]
+        assert rollout.completion_lengths.tolist() == [1, 1] and rollout.finish_reasons == ["eos", "eos"]

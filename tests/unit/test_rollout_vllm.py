@@ -47,6 +47,9 @@ def test_rollout_from_vllm_outputs():
     # EOS (no stop reason), cut at max_tokens, a stop token id, a stop string.
     assert rollout.finish_reasons == ["eos", "length", "stop", "stop"]
     assert rollout.texts == ["a", "bcd", "e", "f"] and rollout.temperature == 0.7
+    # A chat template's end-of-turn token, a stop token for vLLM, ends the answer as EOS does (as the local engine's).
+    ended = rollout_from_outputs(prompts, completions, pad_id=0, temperature=0.7, turn_ends=frozenset({99}))
+    assert ended.finish_reasons == ["eos", "length", "eos", "stop"]
 
 
 def test_sampled_logprobs_pick_the_sampled_token():
@@ -134,6 +137,7 @@ def _fake_engine(monkeypatch, calls: list) -> object:
 
     engine = VLLMRolloutEngine.__new__(VLLMRolloutEngine)
     engine.sleep, engine.asleep, engine.stale, engine.pad_id = False, False, False, 0
+    engine.turn_ends = frozenset({3})  # a chat template's end of turn that is not EOS (`turn_end_ids`)
     engine.llm = SimpleNamespace(generate=generate)
     engine.model, engine.update_weights = None, lambda model: None  # rounds after the first sync the policy first
     return engine
@@ -151,6 +155,7 @@ def test_vllm_engine_seeds_each_prompt_apart_and_keeps_the_stop_string(monkeypat
     assert prompts == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [9]}, {"prompt_token_ids": [5, 6]}]
     seeds = [p["seed"] + j for p in sampling for j in range(p["n"])]  # what vLLM gives each sample
     assert len(set(seeds)) == 9 and all(p["include_stop_str_in_output"] for p in sampling)
+    assert all(p["stop_token_ids"] == [3] for p in sampling)  # vLLM stops at EOS alone otherwise
     assert rollout.texts == ["x</a>"] * 9
     # Reproducible: the same generator state gives the same seeds; params.seed alone gives its own.
     engine.generate([[5, 6], [9], [5, 6]], params, generator=torch.Generator().manual_seed(0))

@@ -30,6 +30,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import jinja2
 import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -322,6 +323,20 @@ class Encoder:
                    *(i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special)}
         openers = {self.tokenizer.bos_token_id, self.tokenizer.unk_token_id} - {self.tokenizer.eos_token_id}
         return frozenset(special - openers) | {self.tokenizer.eos_token_id}
+
+    @functools.cached_property
+    def answer_ending(self) -> list[tuple[int, int]]:
+        """How a training row's answer ends, each token with its response-mask mark: its end-of-turn token (the first
+        special token trained after the answer: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, Phi-3's `<|end|>`, or
+        EOS) and what the template writes after it (ChatML's newline; Phi-3's newline and `<|endoftext|>`).
+        Rendered once, from a probe conversation."""
+        ids, mask = self.encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                prompt_turns=1)
+        closing = [i for i, t in enumerate(ids) if t in self.closers]
+        # A template whose end-of-turn token no row trains (written a newline after a generation block) ends it
+        # with its last special token all the same.
+        end = next((i for i in closing if mask[i]), closing[-1])
+        return list(zip(ids[end:], mask[end:], strict=True))
 
     @functools.cached_property
     def adds_bos(self) -> bool:
@@ -684,3 +699,20 @@ def _mask_columns(fmt: str) -> tuple[str, ...]:
     return {"preference": ("chosen_response_mask", "rejected_response_mask"),
             "ranking": ("ranked_response_mask",), "verifiable": ()}.get(fmt, ("response_mask",))
 
+
+
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The special tokens a model trained on `tokenizer`'s chat template ends its answers with: EOS, and the
+    template's end-of-turn token where it is another (`<|im_end|>` of a base Qwen tokenizer whose EOS is
+    `<|endoftext|>`, Llama-3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`). Sampling stops at any of
+    them: at EOS alone, a model that learned the template would write its end of turn and go on into made-up turns
+    that its reward then reads. EOS alone without a chat template, or with one that cannot render a plain exchange."""
+    eos = frozenset({tokenizer.eos_token_id} - {None})
+    if not tokenizer.chat_template or tokenizer.eos_token_id is None:
+        return eos
+    encoder = Encoder(tokenizer=tokenizer)
+    try:
+        ending = encoder.answer_ending
+    except (RowProblem, ValueError, TypeError, jinja2.TemplateError):
+        return eos  # the data's own rows then say what is wrong with the template, where they are encoded
+    return eos | {t for t, trained in ending if trained and t in encoder.closers}

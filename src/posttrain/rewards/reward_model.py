@@ -170,10 +170,11 @@ class RewardModelScorer(_Scorer):
     @functools.cached_property
     def _turn_ending(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         """The token that ends an answer in the training rows, and the tokens the template writes after it, each
-        with its response-mask mark there (a likelihood model sums over the marked ones): rendered once."""
-        ids, mask = self.encoder.encode([message("user", "q"), message("assistant", "a")], prompt_turns=1)
-        end = max(i for i, t in enumerate(ids) if t in self.encoder.closers)
-        return (ids[end], mask[end]), list(zip(ids[end + 1:], mask[end + 1:], strict=True))
+        with its response-mask mark there (a likelihood model sums over the marked ones): `Encoder.answer_ending`.
+        Phi-3's turn ends `<|end|>`, newline, `<|endoftext|>`: a completion that stopped at `<|end|>` gets the other
+        two, as its training rows had them."""
+        closer, *tail = self.encoder.answer_ending
+        return closer, tail
 
 
 class ProcessRewardScorer(_Scorer):

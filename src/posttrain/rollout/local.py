@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError
 from posttrain.models.attention import position_limit
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
@@ -58,6 +59,7 @@ class LocalRolloutEngine(RolloutEngine):
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
         self.model, self.tokenizer, self.forward, self.onednn = model, tokenizer, forward, onednn
+        self.turn_ends = turn_end_ids(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
@@ -68,8 +70,9 @@ class LocalRolloutEngine(RolloutEngine):
         self.model = model
 
     def eos_token_ids(self) -> set[int]:
-        """EOS ids of the tokenizer and of the model's generation config (which may list several)."""
-        ids = {self.tokenizer.eos_token_id}
+        """EOS ids of the tokenizer and of the model's generation config (which may list several), and the chat
+        template's end-of-turn token (`data.tokenize.turn_end_ids`): what ends an answer in the training rows."""
+        ids = {self.tokenizer.eos_token_id, *self.turn_ends}
         generation_config = getattr(self.model, "generation_config", None)
         configured = getattr(generation_config, "eos_token_id", None)
         ids.update(configured if isinstance(configured, (list, tuple)) else [configured])

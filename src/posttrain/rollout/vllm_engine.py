@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
 from posttrain.rollout.forward import left_pad, prompt_learning
@@ -62,14 +63,16 @@ class Completion:
     text: str
 
 
-def finish_reason(completion: Completion) -> FinishReason:
+def finish_reason(completion: Completion, turn_ends: frozenset[int] = frozenset()) -> FinishReason:
+    """The local engine's reason: a chat template's end-of-turn token (passed to vLLM as a stop token) ends the
+    answer as EOS does."""
     if completion.finish_reason == "length":
         return "length"
-    return "eos" if completion.stop_reason is None else "stop"
+    return "eos" if completion.stop_reason is None or completion.stop_reason in turn_ends else "stop"
 
 
 def rollout_from_outputs(prompts: list[list[int]], completions: list[list[Completion]], pad_id: int,
-                         temperature: float) -> Rollout:
+                         temperature: float, turn_ends: frozenset[int] = frozenset()) -> Rollout:
     """A prompt-major `Rollout` from each prompt's completions (the layout the local engine produces)."""
     rows = [(p, c) for p, group in enumerate(completions) for c in group]
     width = max(1, max(len(c.token_ids) for _, c in rows))
@@ -85,7 +88,7 @@ def rollout_from_outputs(prompts: list[list[int]], completions: list[list[Comple
     prompt_ids, prompt_mask = left_pad([prompts[p] for p, _ in rows], pad_id)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    response_mask=response_mask, logprobs=logprobs,
-                   finish_reasons=[finish_reason(c) for _, c in rows], texts=[c.text for _, c in rows],
+                   finish_reasons=[finish_reason(c, turn_ends) for _, c in rows], texts=[c.text for _, c in rows],
                    prompt_index=prompt_index, temperature=temperature)
 
 
@@ -125,6 +128,7 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import LLM
 
         self.tokenizer, self.sleep = tokenizer, sleep
+        self.turn_ends = turn_end_ids(tokenizer)  # vLLM stops at EOS alone (see `LocalRolloutEngine.eos_token_ids`)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         rank = dist.get_rank() if distributed else 0
@@ -168,7 +172,7 @@ class VLLMRolloutEngine(RolloutEngine):
             n=params.n, temperature=params.temperature, top_k=params.top_k if params.top_k > 0 else -1,
             top_p=params.top_p, max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
             include_stop_str_in_output=True,  # a completion's text ends with its stop string, as the local engine's
-            stop_token_ids=list(params.stop_token_ids) or None, logprobs=0, seed=seed)
+            stop_token_ids=sorted({*params.stop_token_ids, *self.turn_ends}) or None, logprobs=0, seed=seed)
             for seed in prompt_seeds(len(prompt_lists), params, generator)]
         self._wake()
         try:
@@ -178,7 +182,8 @@ class VLLMRolloutEngine(RolloutEngine):
         completions = [[Completion(token_ids=list(c.token_ids), logprobs=sampled_logprobs(c.token_ids, c.logprobs),
                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason, text=c.text)
                         for c in output.outputs] for output in outputs]
-        return rollout_from_outputs(prompt_lists, completions, self.pad_id, params.logprob_temperature)
+        return rollout_from_outputs(prompt_lists, completions, self.pad_id, params.logprob_temperature,
+                                    self.turn_ends)
 
     def _wake(self) -> None:
         if self.asleep:
