@@ -12,7 +12,7 @@ from datasets import Dataset
 from posttrain.config import load_config
 from posttrain.data import ColumnsConfig, DataConfig, load_rows
 from posttrain.data.schemas import message
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 
 ROWS = [{"question": "What is 2+3?", "completion": "5", "id": 1},
         {"question": "What is 4*4?", "completion": "16", "id": 2}]
@@ -45,6 +45,11 @@ def test_file_sources_with_a_column_rename(tmp_path, kind):
     # Text files give lines (after the CSV header, after the JSON list's `[`), the others 1-based rows.
     expected = [r | {"line": r["line"] + 1} for r in EXPECTED] if kind in ("csv", "json") else EXPECTED
     assert rows.dataset[:] == {k: [r[k] for r in expected] for k in expected[0]}
+
+
+def test_a_built_in_tasks_split_is_train_or_heldout():
+    with pytest.raises(ConfigError, match="data.split: a built-in task's split is one of train, heldout, not 'test'"):
+        load_rows(DataConfig(source="sort", split="test", size=5))  # a traceback from inside the task once
 
 
 def test_python_rows(tmp_path):

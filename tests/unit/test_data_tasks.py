@@ -117,6 +117,65 @@ def test_an_integer_answer_is_a_whole_number_standing_alone():
     assert multistep.verify_steps("a) 999+9=1,008\nb) 1,008-8=1,000", ["1008", "1,000"]) == [1.0, 1.0]
 
 
+def test_a_stated_answer_is_read_however_it_is_cued_and_a_worked_answer_by_its_result():
+    """arith read a worked answer's first integer (the question's operand: "3*1=4" was a right 3 and "3+5=8" a wrong
+    8); chain let the steps' last value beat a stated answer; multistep read only "Answer:", so "Final answer: 33"
+    after steps ending in 32 was a right 32 and a right stated answer after a wrong last step was wrong."""
+    arith, chain, multistep = get_task("arith"), get_task("chain"), get_task("multistep")
+    assert [arith.verify(t, "8") for t in ["3+5=8", "3 + 5 = 8", "Answer: 8", "8", "The result is 8."]] == [1.0] * 5
+    assert arith.verify("3*1=4", "3") == arith.verify("12+0=13", "12") == 0.0
+    assert arith.verify("3 - 5 = -2", "-2") == 1.0
+    assert chain.extract_answer("23+17=40\n40-9=31\nAnswer: 30") == "30"
+    assert chain.extract_answer("23+17=40\n40-9=31") == "31"
+    steps = "a) 7+5=12\nb) 12*3=36\nc) 36-4=32\n"
+    for stated in ["Final answer: 33", "The answer is 33.", "answer: 33", "ANSWER: 33", "**Answer:** 33",
+                   "**Answer**: 33"]:
+        assert multistep.verify(steps + stated, "32") == 0.0 and multistep.extract_answer(steps + stated) == "33"
+    assert multistep.verify("a) 7+5=12\nb) 12*3=36\nc) 36-4=31\nFinal answer: 32", "32") == 1.0
+    assert multistep.extract_answer(steps + "I will answer in steps.") == "32"  # no cue: "answer" with no value
+
+
+def test_multistep_steps_are_matched_by_label_and_read_as_people_write_them():
+    """Steps were matched by position only: a repeated line, or one with × for *, put every later step on the wrong
+    gold step; a full stop after a step, or labels "A)", "1.", "Step 1:", "- ", made none of them a step."""
+    task = get_task("multistep")
+    gold = ["12", "36", "32"]
+    for completion in ["a) 7+5=12\na) 7+5=12\nb) 12*3=36\nc) 36-4=32", "a) 7+5=12\nb) 12×3=36\nc) 36−4=32",
+                       "a) 7+5=12\nb) 12x3=36\nc) 36-4=32", "a) 7+5=12.\nb) 12*3=36.\nc) 36-4=32.",
+                       "A) 7+5=12\nB) 12*3=36\nC) 36-4=32", "1. 7+5=12\n2. 12*3=36\n3. 36-4=32",
+                       "Step 1: 7+5=12\nStep 2: 12*3=36\nStep 3: 36-4=32", "- 7+5=12\n- 12*3=36\n- 36-4=32",
+                       "7+5=12\n12 * 3 = 36\n36-4=32", "b) 12*3=36\na) 7+5=12\nc) 36-4=32"]:
+        assert task.verify_steps(completion, gold) == [1.0, 1.0, 1.0], completion
+    # a repeated step earns no second process reward; a wrong step stays wrong whatever its label
+    repeated = task.step_line_scores("a) 7+5=12\na) 7+5=12\nb) 12*3=36", gold)
+    assert [score for score, _ in repeated] == [1.0, 0.0, 1.0]
+    assert [end for _, end in repeated] == task.step_char_ends("a) 7+5=12\na) 7+5=12\nb) 12*3=36") == [9, 19, 29]
+    assert task.verify_steps("a) 7+5=12\nb) 12*3=35\nc) 35-4=31", gold) == [1.0, 0.0, 0.0]
+    assert task.verify_steps("-3*2=-6", ["-6"]) == [1.0]  # a leading minus is the operand's, not a bullet
+
+
+def test_sort_reads_the_list_a_completion_gives_however_it_is_laid_out():
+    """Sort read every integer of the first non-empty line: "Here is the sorted list:\n7 19 42" gave none, "The 3
+    numbers sorted: 7 19 42" gave 3 7 19 42, a column of numbers its first; "−5" was 5 and a gold "1,000" was 1 0."""
+    task = get_task("sort")
+    for completion in ["7 19 42", "Here is the sorted list:\n7 19 42", "The 3 numbers sorted: 7 19 42", "7\n19\n42",
+                       "1. 7\n2. 19\n3. 42", "7.0 19.0 42.0", "[7, 19, 42]", "7,19,42", "Answer: 7, 19, 42",
+                       "Sort from smallest to largest: 42 7 19\nSorted: 7 19 42"]:
+        assert task.verify(completion, "7 19 42") == 1.0, completion
+    assert task.verify("42 7 19", "7 19 42") == task.verify("7 19", "7 19 42") == 0.0
+    assert task.verify("−5 −3 2", "−5 −3 2") == task.verify("-5 -3 2", "−5 −3 2") == 1.0
+    assert task.verify("999 1000 2500", "999 1,000 2,500") == 1.0
+    assert task.canonical_answer("1,2,3") == "1 2 3" and task.canonical_answer("7 19 forty") is None
+
+
+def test_multistep_chains_of_one_step_draw_rows_in_every_format():
+    from posttrain.data.tasks.multistep import MultistepTask
+
+    task = MultistepTask("one", 1, 2)  # it raised IndexError: the wrong answer "stopped a step early" had no step
+    for fmt in task.formats:
+        assert len(list(task.rows(fmt, size=20, seed=0))) == 20
+
+
 def test_multistep_verifies_every_step():
     task = get_task("multistep")
     completion = "2+3=5\n5*4=21\n21-1=20\nAnswer: 20"

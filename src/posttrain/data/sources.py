@@ -84,6 +84,9 @@ def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
     if rows is not None:
         return _load_iterable(rows, cfg, accepts)
     kind, name = _resolve(cfg.source)
+    if kind == "task" and cfg.split not in tasks.SPLITS:
+        raise ConfigError(f"a built-in task's split is one of {', '.join(tasks.SPLITS)}, not {cfg.split!r}",
+                          field="data.split")
     spec = _Spec(kind=kind, name=name, format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
                  limit=cfg.limit, split=cfg.split, size=cfg.size, seed=cfg.seed)
     fmt = _choose_format(spec, accepts)

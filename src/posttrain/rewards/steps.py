@@ -36,23 +36,19 @@ StepScorer = Callable[[Completions], list[list[Step]]]
 def verifier_step_scorer(task: Task) -> StepScorer:
     """Score every step line the task finds in a completion with the task's step verifier.
 
-    Line j scores 1 when it computes correctly and its value is gold step j, else 0; lines past the
-    last gold step are wrong (0). Missing steps have no position, so they get no reward here: the
-    outcome reward (counted as a final step by the recipe) is what penalises stopping early.
+    A line scores 1 when it computes correctly and its value is the gold value of its step (its label's, else
+    its place), else 0; lines past the last gold step, and lines repeating a step, score 0. Missing steps have no
+    position, so they get no reward here: the outcome reward (counted as a final step by the recipe) is what
+    penalises stopping early.
     """
-    verify_steps = getattr(task, "verify_steps", None)
-    step_char_ends = getattr(task, "step_char_ends", None)
-    if verify_steps is None or step_char_ends is None:
-        raise ValueError(f"task {task.name!r} has no step verifier (verify_steps, step_char_ends); "
+    line_scores = getattr(task, "step_line_scores", None)
+    if line_scores is None:
+        raise ValueError(f"task {task.name!r} has no step verifier (step_line_scores); "
                          "score steps with a process reward model instead")
 
     def score(batch: Completions) -> list[list[Step]]:
-        out = []
-        for completion, gold in zip(batch.completions, batch.steps, strict=True):
-            scores = verify_steps(completion, gold)
-            ends = step_char_ends(completion)
-            out.append([Step(scores[j] if j < len(scores) else 0.0, end) for j, end in enumerate(ends)])
-        return out
+        return [[Step(value, end) for value, end in line_scores(completion, gold)]
+                for completion, gold in zip(batch.completions, batch.steps, strict=True)]
 
     return score
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 
 from posttrain.data.tasks.arith import ArithTask
-from posttrain.data.tasks.base import Example, Task, answer_text, is_heldout_key
+from posttrain.data.tasks.base import SPLITS, Example, Task, answer_text, is_heldout_key
 from posttrain.data.tasks.chain import ChainTask
 from posttrain.data.tasks.multistep import MultistepTask
 from posttrain.data.tasks.sort import SortTask
@@ -35,5 +35,5 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "ArithTask", "ChainTask", "Example", "MultistepTask", "SortTask", "Task", "answer_text", "get_task",
-           "is_heldout_key"]
+__all__ = ["SPLITS", "TASKS", "ArithTask", "ChainTask", "Example", "MultistepTask", "SortTask", "Task", "answer_text",
+           "get_task", "is_heldout_key"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from posttrain.data import arith
-from posttrain.data.tasks.base import RANKING_SIZE, Example, Task, answer_text, closest_first, first_integer
+from posttrain.data.tasks.base import RANKING_SIZE, Example, Task, answer_text, closest_first, computed_answer
 
 
 class ArithTask(Task):
@@ -34,9 +34,11 @@ class ArithTask(Task):
         return arith.is_heldout(_parse(example.key))
 
     def extract_answer(self, completion: str) -> str | None:
-        """The first integer after any thinking block (what a model answering `What is 2+3?` writes)."""
+        """After any thinking block: the integer a model answering `What is 2+3?` writes, or the one it states
+        ("Answer: 5"), or the result of the line it works ("2+3=5": its first integer is the question's 2, which
+        would pay a model for repeating the question)."""
         text = answer_text(completion)
-        return None if text is None else first_integer(text)
+        return None if text is None else computed_answer(text)
 
 
 def _wrong_answers(problem: arith.Problem) -> dict[str, float]:

@@ -20,7 +20,6 @@ SPLITS = ("train", "heldout")
 RANKING_SIZE = 4  # responses per ranking row: the correct one and 3 wrong ones
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-INTEGER = re.compile(r"-?\d+")  # one of several numbers in a line (the sort task's lists: "1,2,3" is three)
 # An integer as answers are written: a sign (the minus sign U+2212 too), thousands separators ("1,008" is 1008, not 1),
 # a zero fraction ("+1,000.0" is 1000).
 WHOLE_INTEGER = r"[+\-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)"
@@ -90,6 +89,33 @@ def last_result(text: str) -> str | None:
     values = [value for value in _RESULT.findall(text) if value]
     match = re.match(ANSWER_INTEGER, values[-1]) if values else None
     return integer_value(match.group()) if match else None
+
+
+# A stated answer: "Answer: 35", "answer is 35", "Final answer: 35", "The result is 35", "**Answer:** 35", any case.
+ANSWER_CUE = re.compile(r"\b(?:answer|result)\b[*_ \t]*(?:is\b|:|=)", re.IGNORECASE)
+NOT_STATED = "not stated"  # what `stated_answer` returns when a completion states no answer
+
+
+def stated_answer(text: str) -> str | None:
+    """The integer of the last answer a completion states (`ANSWER_CUE`, then the rest of its line: a worked line's
+    result, else its first integer), None when that line has no integer ("Answer: none"), or NOT_STATED when no
+    cue has a line after it: a cue cut before its value states nothing, and the one before it counts."""
+    for cue in reversed(list(ANSWER_CUE.finditer(text))):
+        line = text[cue.end():].lstrip().split("\n", 1)[0]
+        value = last_result(line) if "=" in line else first_integer(line)
+        if value is not None or line.strip(" \t*_."):
+            return value
+    return NOT_STATED
+
+
+def computed_answer(text: str) -> str | None:
+    """What an answer to one problem says it is: the stated answer (`stated_answer`), else a worked answer's last
+    result ("3+5=8" is 8, where its first integer is the question's 3), else the first integer."""
+    stated = stated_answer(text)
+    if stated is not NOT_STATED:
+        return stated
+    # a worked answer without an integer value ("12+5=17.5", a cut "12+5=") is no direct answer (its operand)
+    return last_result(text) if "=" in text else first_integer(text)
 
 
 class Task:

@@ -19,9 +19,8 @@ from posttrain.data.tasks.base import (
     Task,
     answer_text,
     closest_first,
-    first_integer,
+    computed_answer,
     is_heldout_key,
-    last_result,
 )
 
 MAX_OPERAND = 49
@@ -78,13 +77,11 @@ class ChainTask(Task):
         return "".join(ch for ch in example.key if ch in OPS)
 
     def extract_answer(self, completion: str) -> str | None:
-        """A worked answer's last computed value (None when no `=` has one: a worked answer cut short or written
-        with no integer is no direct answer); a direct answer's number."""
+        """A stated answer ("Answer: 31" after the steps, whatever they computed), else a worked answer's last
+        computed value (None when no `=` has one: a worked answer cut short or written with no integer is no direct
+        answer), else a direct answer's number."""
         text = answer_text(completion)
-        if text is None:
-            return None
-        # a worked answer without an integer value ("12+5=17.5", a cut "12+5=") is no direct answer (its operand)
-        return first_integer(text) if "=" not in text else last_result(text)
+        return None if text is None else computed_answer(text)
 
     @staticmethod
     def worked(completion: str) -> bool:

@@ -28,27 +28,32 @@ from __future__ import annotations
 
 import random
 import re
+from typing import NamedTuple
 
 from posttrain.data.tasks.base import (
+    NOT_STATED,
     WHOLE_INTEGER,
     Example,
     Task,
     answer_text,
     canonical_integer,
-    first_integer,
     integer_value,
     is_heldout_key,
-    last_result,
+    stated_answer,
 )
 
 MIN_STEPS, MAX_STEPS = 2, 5  # 3-8 steps: 54% of steps right after 400 SFT steps at 301 s, against 92% at 195 s
 LABELS = "abcde"  # of the steps, in order
 MAX_VALUE = 999  # multiplication is only offered while the result stays below this
 DELTAS = (-10, -2, -1, 1, 2, 10)
-# A step line: an optional label (`b) `), then a∘b=value; a CRLF line's \r is trailing space too.
-STEP_PATTERN = re.compile(rf"^[ \t]*(?:[a-z]\)[ \t]*)?({WHOLE_INTEGER})[ \t]*([+\-*])[ \t]*({WHOLE_INTEGER})"
-                          rf"[ \t]*=[ \t]*({WHOLE_INTEGER})[ \t\r]*$", re.MULTILINE)
-_ANSWER = re.compile(r"Answer:")
+# A step line: an optional label ("b)" as the task writes it; "B)", "2)", "2.", "Step 2:"; a bullet), then a∘b=value
+# with ∘ written as people write it (× · x for *, U+2212 for -), then an optional full stop; a CRLF line's \r is
+# trailing space too. A bullet is followed by a space: "-3*2=-6" starts with -3.
+STEP_PATTERN = re.compile(
+    r"^[ \t]*(?:(?:(?P<label>[a-z]|\d{1,2})[).:]|step[ \t]*(?P<number>\d{1,2})[ \t]*[:.)]?|[-*\u2022](?=[ \t]))[ \t]*)?"
+    rf"(?P<a>{WHOLE_INTEGER})[ \t]*(?P<op>[-+*\u00d7\u00b7x\u2212])[ \t]*(?P<b>{WHOLE_INTEGER})"
+    rf"[ \t]*=[ \t]*(?P<value>{WHOLE_INTEGER})[ \t]*\.?[ \t\r]*$", re.MULTILINE | re.IGNORECASE)
+_OPERATORS = {"\u00d7": "*", "\u00b7": "*", "x": "*", "\u2212": "-"}
 _KEY_OP = re.compile(r"([+\-*])(\d+)")
 
 Chain = tuple[int, tuple[tuple[str, int], ...]]
@@ -98,55 +103,87 @@ class MultistepTask(Task):
         return f"{len(_parse_key(example.key)[1])} steps"
 
     def extract_answer(self, completion: str) -> str | None:
-        """The value after the last `Answer:`, else the last step's value."""
+        """The last stated answer ("Answer: 35", "The final answer is 35", `base.stated_answer`), else the last
+        step's value."""
         text = answer_text(completion)
         if text is None:
             return None
         # The last stated answer is the answer, whatever the steps say ("Answer: **35**" is no 36 of the last step;
-        # "Answer: none" is none); a stated step line is its result; an `Answer:` cut before its value states
-        # nothing, and the one before it (else the last step) counts.
-        for stated in reversed(list(_ANSWER.finditer(text))):
-            line = text[stated.end():].lstrip().split("\n", 1)[0]
-            value = last_result(line) if "=" in line else first_integer(line)
-            if value is not None or line.strip():
-                return value
-        steps = STEP_PATTERN.findall(text)
-        return integer_value(steps[-1][3]) if steps else None
+        # "Answer: none" is none).
+        stated = stated_answer(text)
+        if stated is not NOT_STATED:
+            return stated
+        steps = parse_steps(text)
+        return str(steps[-1][3]) if steps else None
 
     def verify_steps(self, completion: str, steps: list[str]) -> list[float]:
-        """A score per gold step: 1.0 when the completion's j-th step line computes correctly and its
-        value is the gold value of step j, else 0.0 (missing steps score 0)."""
-        parsed = parse_steps(completion)
-        scores = []
-        for j, gold in enumerate(steps):
-            if j >= len(parsed):
-                scores.append(0.0)
-                continue
-            a, op, b, value, _ = parsed[j]
-            # gold values read as answers are ("+999", "1,008", "12.0"): as integers
-            scores.append(1.0 if _apply(a, op, b) == value and str(value) == canonical_integer(str(gold)) else 0.0)
+        """A score per gold step: 1.0 when the completion's line for step j (the first labelled j, or j-th of the
+        lines, `parse_steps`) computes correctly and its value is the gold value of step j, else 0.0 (missing
+        steps score 0)."""
+        scores, lines = [0.0] * len(steps), parse_steps(completion)
+        for line, score in zip(lines, _line_scores(lines, steps), strict=True):
+            if line.step < len(steps) and score:
+                scores[line.step] = 1.0
         return scores
+
+    def step_line_scores(self, completion: str, steps: list[str]) -> list[tuple[float, int]]:
+        """(score, end) of every step line of the completion, in order: 1.0 when it is the first line for its
+        step (`verify_steps`) and right, else 0.0 (a line past the last gold step, or one repeating a step: a
+        process reward must not pay for writing a right step twice); `end` as `step_char_ends`."""
+        lines = parse_steps(completion)
+        return [(score, line.end) for line, score in zip(lines, _line_scores(lines, steps), strict=True)]
 
     def step_char_ends(self, completion: str) -> list[int]:
         """The index of the last character of each step line (its newline when it has one): where a
         process reward model reads the score of that step."""
-        return [end for *_, end in parse_steps(completion)]
+        return [line.end for line in parse_steps(completion)]
 
 
-def parse_steps(completion: str) -> list[tuple[int, str, int, int, int]]:
-    """(a, op, b, value, end) of every `a∘b=value` line after the thinking block; `end` indexes the
-    completion (the line's newline, or its last character at the end of the text)."""
+class StepLine(NamedTuple):
+    a: int
+    op: str
+    b: int
+    value: int
+    end: int
+    """The index in the completion of the line's newline, or of its last character at the end of the text."""
+    step: int
+    """Which step the line is: its label's ("b)" and "2." are step 1) where it is one of LABELS' (or 1-5), else its
+    place among the step lines."""
+
+
+def parse_steps(completion: str) -> list[StepLine]:
+    """Every `a∘b=value` line after the thinking block (`STEP_PATTERN`), in order."""
     text = answer_text(completion)
     if text is None:
         return []
     offset = len(completion) - len(text)
     steps = []
-    for match in STEP_PATTERN.finditer(text):
+    for place, match in enumerate(STEP_PATTERN.finditer(text)):
         end = match.end()
         end = end if end < len(text) and text[end] == "\n" else end - 1
-        a, op, b, value = match.groups()
-        steps.append((int(integer_value(a)), op, int(integer_value(b)), int(integer_value(value)), offset + end))
+        label, number = match["label"], match["number"]
+        labelled = (int(number) - 1 if number else int(label) - 1 if label and label.isdigit()
+                    else ord(label.lower()) - ord("a") if label else -1)
+        step = labelled if 0 <= labelled < len(LABELS) else place  # "z) 1*3=3" is no step's label: its place
+        op = _OPERATORS.get(match["op"].lower(), match["op"])
+        steps.append(StepLine(int(integer_value(match["a"])), op, int(integer_value(match["b"])),
+                              int(integer_value(match["value"])), offset + end, step))
     return steps
+
+
+def _line_scores(lines: list[StepLine], steps: list[str]) -> list[float]:
+    """1.0 or 0.0 for each of the `lines` of a completion: right when it is the first line for its step, that step
+    is one of the gold `steps`, it computes correctly and its value is the step's gold value."""
+    # gold values read as answers are ("+999", "1,008", "12.0"): as integers
+    gold = [canonical_integer(str(value)) for value in steps]
+    seen: set[int] = set()
+    scores = []
+    for line in lines:
+        first = line.step not in seen
+        seen.add(line.step)
+        scores.append(1.0 if first and 0 <= line.step < len(gold) and _apply(line.a, line.op, line.b) == line.value
+                      and str(line.value) == gold[line.step] else 0.0)
+    return scores
 
 
 def _prompt(start: int, ops: tuple[tuple[str, int], ...]) -> str:
@@ -196,8 +233,9 @@ def _wrong_completions(chain: Chain) -> tuple[tuple[str, float], ...]:
         delta = DELTAS[(start + j) % len(DELTAS)]
         lines, values = _work(start, ops, mistake=(j, delta))
         candidates.append((_write(lines, values[-1]), j / n))
-    lines, values = _work(start, ops)
-    candidates.append((_write(lines[:-1], values[-2]), (n - 1.5) / n))
+    if n > 1:  # a chain of one step has no step before its last to stop at
+        lines, values = _work(start, ops)
+        candidates.append((_write(lines[:-1], values[-2]), (n - 1.5) / n))
     return tuple(sorted(candidates, key=lambda c: -c[1]))
 
 

@@ -11,15 +11,16 @@ that hold the right number.
 from __future__ import annotations
 
 import random
+import re
 
 from posttrain.data.tasks.base import (
-    INTEGER,
+    ANSWER_CUE,
     RANKING_SIZE,
     Example,
     Task,
     answer_text,
-    canonical_integer,
     closest_first,
+    integer_value,
     is_heldout_key,
 )
 
@@ -45,18 +46,51 @@ class SortTask(Task):
         return f"{len(example.key.split())} numbers"
 
     def extract_answer(self, completion: str) -> str | None:
-        """The numbers on the first non-empty line after any thinking block, space-separated."""
+        """The list a completion gives, after any thinking block, as integers space-separated: the rest of the line
+        of its last stated answer ("Answer: 7, 19, 42"), else its last list: a line of numbers alone, after any
+        label ("Sorted: 7 19 42") or list marker, or a column of lines of one number each ("7\n19\n42",
+        "1. 7\n2. 19\n3. 42"); else the numbers of its first line."""
         text = answer_text(completion)
         if text is None:
             return None
-        line = next((line for line in text.splitlines() if line.strip()), "")
-        numbers = INTEGER.findall(line)
-        return " ".join(str(int(n)) for n in numbers) if numbers else None
+        cue = list(ANSWER_CUE.finditer(text))
+        stated = text[cue[-1].end():].split("\n", 1)[0] if cue else ""
+        numbers = _numbers(stated) if stated.strip() else _last_list(text)
+        return " ".join(numbers) if numbers else None
 
     def canonical_answer(self, answer: str) -> str | None:
         """The sorted numbers, space-separated, each as an integer; None if any is not one."""
-        numbers = [canonical_integer(n) for n in answer.replace(",", " ").split()]
-        return " ".join(numbers) if numbers and None not in numbers else None
+        numbers = _numbers(answer)
+        return " ".join(numbers) if numbers and _LIST_ONLY.fullmatch(answer) else None
+
+
+# A number of a list: "1,2,3" is three, "1,000" one (thousands), "−5" (U+2212) and "7.0" integers.
+_LIST_NUMBER = re.compile(r"(?<![\d.])[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.0+)?(?!\d|\.\d)")
+_LIST_ONLY = re.compile(rf"[\s,;\[\]()]*(?:{_LIST_NUMBER.pattern}[\s,;\[\]()]*)+")  # numbers and separators only
+_MARKER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+")  # "1. ", "2) ", "- " opening a line of a list
+
+
+def _numbers(text: str) -> list[str]:
+    return [integer_value(n.replace(",", "")) for n in _LIST_NUMBER.findall(text)]
+
+
+def _last_list(text: str) -> list[str]:
+    """The numbers of the last list in `text` (see `SortTask.extract_answer`)."""
+    lists: list[list[str]] = []
+    column = False  # whether the previous line was one number alone, which a column of them continues
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    for line in text.splitlines():
+        body = _MARKER.sub("", line).rsplit(":", 1)[-1]
+        if not _LIST_ONLY.fullmatch(body):
+            column = False
+            continue
+        numbers = _numbers(body)
+        if column and len(numbers) == 1:
+            lists[-1].extend(numbers)
+        else:
+            lists.append(numbers)
+        column = len(numbers) == 1
+    return lists[-1] if lists else _numbers(first)
 
 
 def _wrong_answers(numbers: list[int]) -> dict[str, float]:
