@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ from posttrain.rollout import Rollout, RolloutEngine, make_engine, text_rollout
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FAST = ["run.progress=false", "train.save_every=0", "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=4",
         "eval_before=false", "data.size=32"]
 
@@ -93,7 +95,8 @@ def test_a_run_writes_a_complete_run_directory_and_starts_at_ratio_one(lm_dir, t
     result = main(grpo_config(lm_dir, tmp_path, "train.max_steps=3", "train.batch_size=16", "train.micro_batch_size=8",
                               "sampling.samples_per_prompt=4", "sampling.max_new_tokens=6", "kl.coef=0.1",
                               "update.epochs=2", "optim.lr=1e-2", "eval_before=true",
-                              "reward.functions.correct=1.0", "reward.functions.format=0.5"))
+                              # brevity: rewards that differ within a group whatever this random model writes
+                              f"reward.functions={{correct: 1.0, format: 0.5, {EXAMPLES}/rewards.py:brevity: 0.1}}"))
     metrics = read_metrics(result.run_dir / "metrics.jsonl")
     first, second, third = metrics
     # First pass over a fresh batch: pi = pi_old = pi_ref, so the ratio is 1, nothing is clipped, no KL.
@@ -128,7 +131,7 @@ def test_a_bf16_model_starts_at_ratio_one_with_a_reference_and_two_updates(lm_di
     result = main(grpo_config(lm_dir, tmp_path, "model.dtype=bfloat16", "train.max_steps=2", "train.batch_size=16",
                               "train.micro_batch_size=8", "sampling.samples_per_prompt=4",
                               "sampling.max_new_tokens=6", "kl.coef=0.1", "update.epochs=2", "optim.lr=1e-2",
-                              "reward.functions.correct=1.0", "reward.functions.format=0.5"))
+                              f"reward.functions={{correct: 1.0, {EXAMPLES}/rewards.py:brevity: 0.1}}"))
     first, second = read_metrics(result.run_dir / "metrics.jsonl")
     assert first["ratio"] == 1.0 and first["clip_fraction"] == 0.0 and first["approx_kl"] == 0.0
     assert first["kl"] == 0.0
@@ -141,8 +144,8 @@ def test_a_checkpoints_policy_is_rebuilt_for_evaluation(lm_dir, tmp_path):
     # on the model the run started from is, at the last step, the final model, tensor for tensor.
     result = main(grpo_config(lm_dir, tmp_path, "train.max_steps=2", "train.batch_size=16", "train.micro_batch_size=8",
                               "sampling.samples_per_prompt=4", "sampling.max_new_tokens=6", "update.epochs=2",
-                              "optim.lr=1e-2", "kl.coef=0.1", "reward.functions.correct=1.0",
-                              "reward.functions.format=0.5", "train.save_every=2"))
+                              "optim.lr=1e-2", "kl.coef=0.1", "train.save_every=2",
+                              f"reward.functions={{correct: 1.0, {EXAMPLES}/rewards.py:brevity: 0.1}}"))
     final = AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True).state_dict()
     checkpoint = resolve_target(result.run_dir / "checkpoints" / "step-2")
     rebuilt = load_policy(checkpoint)[1].state_dict()
@@ -395,8 +398,12 @@ def test_two_updates_per_round_do_not_depend_on_the_step_batch_object(tiny_model
     model = tiny_model.double()
     source = make_source(model, tokenizer, "update.epochs=2", "train.micro_batch_size=6")
     first, second = source.next_step(), source.next_step()
-    for batch in second.micro_batches:  # pi_old: the policy that sampled, before any update
-        assert torch.equal(batch.old_logprobs, rollout_forward(policy(model), batch.rollout)[0].detach())
+    model.eval()  # as the source's pass runs it: in eval mode, no graph (a graph's kernels may round otherwise)
+    with torch.no_grad():
+        for batch in second.micro_batches:  # pi_old: the policy that sampled, before any update
+            assert torch.equal(batch.old_logprobs, rollout_forward(policy(model), batch.rollout,
+                                                                   padding_free=source.padding_free)[0])
+    model.train()
     untouched = copy.deepcopy(second)
     loss_fn = rl_loss_fn(source.cfg, 6)
     update = gradient(model, first, loss_fn).split([p.numel() for p in model.parameters()])

@@ -2,7 +2,8 @@
 
 The point is not to solve tasks but to start later stages from a model that already reads digits,
 the words around numbers and the chat template. Arithmetic statements only use training-split
-problems (`arith.is_heldout`), so held-out evaluation stays clean.
+problems (`arith.is_heldout`), and worked chains none of the multistep task's held-out chains, so held-out evaluation
+stays clean.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 from collections.abc import Callable, Iterator
 
 from posttrain.data.arith import Problem, few_shot_prompt, is_heldout, sample_problem, solved_line
+from posttrain.data.tasks.base import is_heldout_key
 
 _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -38,11 +40,14 @@ def _number_fact(rng: random.Random) -> str:
     n = rng.randint(0, 99)
     facts = [
         f"{n} is written {number_word(n)}.",
-        f"The number after {n} is {n + 1}. The number before {n + 1} is {n}.",
         f"{n} is {'even' if n % 2 == 0 else 'odd'}.",
         f"{n} has {n // 10} tens and {n % 10} ones.",
-        f"{n} doubled is {2 * n}.",
     ]
+    # Facts that solve an arith problem (n+1, n+1-1; n+n, 2*n, n*2) are stated only where no such problem is held out.
+    if not any(map(is_heldout, [Problem(n, "+", 1), Problem(n + 1, "-", 1)])):
+        facts.append(f"The number after {n} is {n + 1}. The number before {n + 1} is {n}.")
+    if not any(map(is_heldout, [Problem(n, "+", n), Problem(2, "*", n), Problem(n, "*", 2)])):
+        facts.append(f"{n} doubled is {2 * n}.")
     m = rng.randint(0, 99)
     facts.append(f"{min(n, m)} is less than or equal to {max(n, m)}.")
     start = rng.randint(0, 90)
@@ -70,14 +75,17 @@ def _few_shot_block(rng: random.Random) -> str:
 
 def _chain(rng: random.Random) -> str:
     value = rng.randint(0, 20)
-    lines = [f"Start with {value}."]
+    lines, key = [f"Start with {value}."], str(value)
     for _ in range(rng.randint(2, 4)):
-        while True:  # each step solves a problem of the training split only, as every other kind of text does
+        for _ in range(100):  # each step solves a problem of the training split only, as every other kind of text does
             step = Problem(value, rng.choice("+-*"), rng.randint(1, 9))
-            if not is_heldout(step):
+            # and the chain so far is none of the multistep task's held-out chains (keyed as the task keys them)
+            if not is_heldout(step) and not (len(lines) > 1 and is_heldout_key(f"{key}{step.op}{step.b}")):
                 break
+        else:
+            break  # no step continues it cleanly: the chain ends here
         lines.append(f"{step.expression}={step.answer}")
-        value = step.answer
+        key, value = f"{key}{step.op}{step.b}", step.answer
     lines.append(f"The result is {value}.")
     return "\n".join(lines)
 
