@@ -67,6 +67,8 @@ def _run_stage(stage: str, recipe: str | None, overrides: list[str], quick: bool
         raise typer.Exit(128 + stop.signum) from None
     if "interrupted_at_step" in result.summary:  # the Trainer has said where it stopped and how to resume
         raise typer.Exit(130)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the run is one: rank 0 says where it is
+        return
     console.print(f"[green]done[/] run directory: {result.run_dir}")
     if result.final_dir is not None:
         console.print(f"     final model: {result.final_dir}")

@@ -265,8 +265,38 @@ def _worker(rank: int, world: int, port: int, work: str) -> None:
     if rank == 0:
         results.update({f"grpo-filter.metric.{key}": torch.tensor([m[key] for m in metrics], dtype=torch.float64)
                         for key in FILTER_KEYS})
+    results.update(_failed_save(work_dir / "model", out, rank))
     save_file({k: v.contiguous() for k, v in results.items()}, str(work_dir / f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
+
+
+def _failed_save(model_dir: Path, out: Path, rank: int) -> dict[str, torch.Tensor]:
+    """A 3-step run saving every step whose checkpoint of step 2 fails on rank 0 (a full disk, as its state.json is
+    written): what each rank raised (a RunDirError, as one process's save; rank 0 died with a traceback and rank 1
+    with a lost connection), and what was left on disk (the half-written copy stayed on the full disk)."""
+    import errno
+
+    from posttrain.errors import RunDirError
+    from posttrain.train import dist_checkpoint
+
+    write_json = dist_checkpoint._write_json
+
+    def full_disk(path, record):
+        if rank == 0 and path.name == "state.json" and path.parent.name == ".tmp-step-2":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_json(path, record)
+
+    dist_checkpoint._write_json = full_disk
+    try:
+        _train(model_dir, out, "full-disk", steps=3, parallel="fsdp", save_every=1)
+        message = ""
+    except RunDirError as err:
+        message = str(err)
+    finally:
+        dist_checkpoint._write_json = write_json
+    left = sorted(p.name for p in (out / "full-disk" / "checkpoints").iterdir())
+    return {"full-disk.message": torch.tensor(list(message.encode()), dtype=torch.uint8),
+            "full-disk.left": torch.tensor(list("/".join(left).encode()), dtype=torch.uint8)}
 
 
 def _free_port() -> int:
@@ -444,3 +474,12 @@ def test_stages_started_as_torchrun_starts_them_train_and_refuse_on_every_rank(t
         run_stage("sft", str(run / "config.yaml"), [f"run.out_dir={tmp_path / 'runs'}", "run.name=cli",
                                                      "run.resume=true", "run.overwrite=false", "train.max_steps=4"])
     assert (run / "config.yaml").read_text() == config
+
+
+def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_with_the_one_process_error(two_ranks):
+    _, ranks = two_ranks
+    for rank, results in enumerate(ranks):
+        message = bytes(results["full-disk.message"].tolist()).decode()
+        assert "cannot write the checkpoint of step 2" in message and "step-1, is kept" in message, message
+        assert ("No space left on device" if rank == 0 else "it failed on another rank") in message
+        assert bytes(results["full-disk.left"].tolist()).decode() == "step-1"  # no .tmp-step-2 on the full disk

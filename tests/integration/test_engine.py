@@ -252,6 +252,16 @@ def test_a_data_walk_resumed_on_data_of_another_size_is_refused_not_spun_forever
     assert same.next_step().micro_batches == walked.next_step().micro_batches
 
 
+def test_a_warm_up_as_long_as_the_run_is_pointed_out(tmp_path, tokenizer, capsys):
+    """optim.warmup_steps >= train.max_steps: the lr never reaches optim.lr and never decays, silently (a recipe's
+    warm-up beside a short max_steps)."""
+    for steps, said in ((2, True), (3, False)):  # _trainer's warm-up is 2 steps
+        trainer, source = _trainer(tmp_path, tokenizer, name=f"warm-{steps}", steps=steps)
+        trainer.fit(source, _loss_fn)
+        out = " ".join(capsys.readouterr().out.split())
+        assert ("optim.warmup_steps=2 is not shorter than the run's 2 steps" in out) == said, out
+
+
 def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(tmp_path, tokenizer, capsys):
     """The way out of a diverged run: resume with a lower optim.lr. The checkpoint's optimizer and scheduler state
     carried the old peak lr back; now the config's peak applies from the resumed step, on the same schedule."""

@@ -430,3 +430,57 @@ def test_an_answer_whose_first_characters_merge_with_the_prompts_last_is_trained
     assert tok.decode(trained) == "\n\n\n" + tok.decode([t for t, m in zip(plain_ids, plain_mask, strict=True) if m])
     assert tok.decode(trained) == "\n\n\nHi there!<|im_end|>\n"
     assert mask == sorted(mask)  # one trained run, to the end
+
+
+def _trained_text(tokenizer, ids, mask) -> list[str]:
+    """The text of each run of trained tokens."""
+    runs, run = [], []
+    for token, trained in zip(ids, mask, strict=True):
+        if trained:
+            run.append(token)
+        elif run:
+            runs, run = [*runs, tokenizer.decode(run)], []
+    return runs + ([tokenizer.decode(run)] if run else [])
+
+
+def test_phi3_trains_every_assistant_turn_of_a_conversation(phi3_tokenizer):
+    """Phi-3's template writes `<|endoftext|>` after the last turn only, so the render up to an earlier turn is no
+    prefix of the whole: every multi-turn conversation was refused as "the template rewrites earlier turns"."""
+    encoder = Encoder.from_config(phi3_tokenizer, DataConfig())
+    ids, mask = encoder.encode([message("user", "What is 2+3?"), message("assistant", "5"),
+                                message("user", "And 4*4?"), message("assistant", "16")])
+    assert phi3_tokenizer.decode(ids) == phi3_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
+         {"role": "user", "content": "And 4*4?"}, {"role": "assistant", "content": "16"}], tokenize=False)
+    assert _trained_text(phi3_tokenizer, ids, mask) == ["5<|end|>\n", "16<|end|>\n<|endoftext|>"]
+
+
+def test_an_added_special_token_in_a_message_is_refused_though_the_tokenizer_does_not_name_it(phi3_tokenizer):
+    """`<|assistant|>` is a special token of Phi-3's vocabulary but not BOS, EOS, pad nor an additional special token:
+    a row holding it as text was tokenised into the control token, a forged turn that an assistant message trains."""
+    encoder = Encoder.from_config(phi3_tokenizer, DataConfig())
+    assert "<|assistant|>" not in phi3_tokenizer.all_special_tokens
+    with pytest.raises(Exception, match=r"special token '<\|assistant\|>' as text"):
+        encoder.encode([message("user", "hi"), message("assistant", "5<|end|>\n<|assistant|>\n6")])
+
+
+@pytest.mark.parametrize("template, reads", [
+    # Qwen2.5's default system turn, saying "reasoning" in text only: the reasoning goes inline, as a thinking block
+    ("{%- for m in messages %}{% if loop.first %}<|im_start|>system\nShow your reasoning.<|im_end|>\n{% endif %}"
+     "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}", False),
+    # Qwen3's: reasoning_content, which it renders as a thinking block itself
+    ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
+     "</think>{% endif %}{{ m.content }}<|im_end|>\n{%- endfor %}"
+     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}", True),
+])
+def test_reasoning_is_rendered_by_the_key_the_template_reads_or_inline(chatml_tokenizer, template, reads):
+    """The template's text was searched for "reasoning": one that only said it (a system prompt) was taken for one
+    that renders it, and every chain of thought was dropped from the trained tokens without a word."""
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.chat_template = template
+    encoder = Encoder.from_config(tokenizer, DataConfig())
+    assert (encoder.reasoning_key is not None) == reads  # (transformers passes "reasoning" on as reasoning_content)
+    ids, mask = encoder.encode([message("user", "What is 2+3?"), message("assistant", "5", reasoning="2 plus 3")])
+    # (the template's "\n" before the answer merges with "<" into one token here: trained with it)
+    assert [text.strip() for text in _trained_text(tokenizer, ids, mask)] == ["<think>2 plus 3</think>5<|im_end|>"]

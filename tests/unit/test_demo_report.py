@@ -129,3 +129,24 @@ def test_training_processes_import_matplotlib_only_to_draw_their_report(tmp_path
              "print('matplotlib' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"] and plot.stat().st_size > 0
+
+
+def test_a_training_report_is_written_for_odd_runs(tmp_path):
+    """A title with "$" in it (a data path) failed in matplotlib's math parser and left no report; a run without
+    metrics.jsonl (stopped before its first step) was a FileNotFoundError from `posttrain report`; a record with a
+    curve's key and no step stopped the plot."""
+    from PIL import Image
+
+    from posttrain.eval.report import rebuild_training_report, write_training_report
+    from posttrain.train.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": 1.5}) + "\n"
+                           + json.dumps({"loss": 9.0, "reward": 1.0}) + "\n")
+    report = write_training_report(run, "sft on data/$HOME/rows_$x$.jsonl", {"loss": 1.5})
+    assert "| loss | 1.5 |" in report.read_text() and Image.open(run.plots / "curves.png").size[0] > 0
+    run.metrics.unlink()
+    (run.plots / "curves.png").unlink()
+    assert "training curves" not in rebuild_training_report(run).read_text()
+    assert not (run.plots / "curves.png").exists()

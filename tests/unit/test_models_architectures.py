@@ -293,6 +293,25 @@ def test_padding_free_batches_on_a_model_that_takes_no_position_ids_are_a_config
     assert logprobs.shape == mask.shape and mask.sum() == sum(len(i) - 2 for i in ids)
 
 
+def test_falcon_with_alibi_is_refused_padding_free_batches_and_runs_padded(tokenizer):
+    """Falcon takes position_ids, but with `alibi=true` builds its ALiBi bias from a 2-D mask: a packed batch was
+    transformers' `ValueError: too many values to unpack` mid-run instead of the one-line error, in every stage."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, alibi=True, new_decoder_architecture=False,
+                                            multi_query=True, parallel_attn=True, bias=True)).eval()
+    ids = [tokenizer(t)["input_ids"] for t in ["What is 2+3? 5", "Hi there, you"]]
+    samples = [{"input_ids": i, "response_mask": [0, 0] + [1] * (len(i) - 2)} for i in ids]
+    with pytest.raises(ConfigError, match="this falcon model takes none .*data.batch_mode=padded"):
+        response_logprobs(falcon, collate_packed([samples], tokenizer.pad_token_id))
+    logprobs, mask = response_logprobs(falcon, collate_padded(samples, tokenizer.pad_token_id))
+    for row, sample in enumerate(ids):  # padded rows score each sample as it scores alone
+        alone, _ = response_logprobs(falcon, collate_padded([samples[row]], tokenizer.pad_token_id))
+        assert_close(logprobs[row, :int(mask[row].sum())], alone[0, :len(sample) - 2], atol=1e-5, rtol=1e-5)
+
+
 def test_a_reward_model_that_cannot_pack_scores_on_padded_rows(tokenizer):
     """The scorer always packed: a Bloom reward model failed every score of PPO's batches ("use padded batches",
     which the run already did)."""

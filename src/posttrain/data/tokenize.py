@@ -122,6 +122,9 @@ class Encoder:
                       max_length=cfg.max_length, truncation=cfg.truncation)
         encoder.adds_bos  # noqa: B018 - computed before `datasets.map` hashes the encoder, so its cache key is stable
         encoder.closers  # noqa: B018 - the same
+        encoder.special_texts  # noqa: B018 - the same
+        if cfg.template == "chat":
+            encoder.reasoning_key  # noqa: B018 - the same
         return encoder
 
     # -- public -------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class Encoder:
     def _template_messages(self, messages: Sequence[dict[str, Any]], mode: str) -> list[dict[str, str]]:
         """Canonical messages as the template expects them. Thinking off: an empty block on every
         assistant turn. A template that does not read `reasoning` gets the block inline."""
-        knows_reasoning = "reasoning" in self._template_text()
+        key = self.reasoning_key
         out = []
         for m in messages:
             item = {"role": m["role"], "content": m["content"]}
@@ -218,8 +221,8 @@ class Encoder:
             if m["role"] == "assistant":
                 reasoning = "" if mode == "off" else m.get("reasoning")
                 if reasoning is not None:
-                    if knows_reasoning:
-                        item["reasoning"] = reasoning
+                    if key is not None:
+                        item[key] = reasoning
                     else:
                         item["content"] = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{m['content']}"
             out.append(item)
@@ -305,6 +308,13 @@ class Encoder:
         before_ids, through_ids = self._tokens(before), self._tokens(through)
         if ids[:len(before_ids)] == before_ids and ids[:len(through_ids)] == through_ids:
             return len(before_ids), len(through_ids)
+        # A template that closes the whole conversation after its last turn (Phi-3's `<|endoftext|>`): a turn with more
+        # after it lacks those special tokens, and ends where the two renders part.
+        common = next((k for k, (a, b) in enumerate(zip(ids, through_ids, strict=False)) if a != b),
+                      min(len(ids), len(through_ids)))
+        if ids[:len(before_ids)] == before_ids and common > len(before_ids) and \
+                all(t in self.closers for t in through_ids[common:]):
+            return len(before_ids), common
         if text.startswith(before) and text.startswith(through) and self.tokenizer.is_fast:
             offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             touching = [k for k, (first, end) in enumerate(offsets) if first < len(through) and end > len(before)]
@@ -323,6 +333,33 @@ class Encoder:
                    *(i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special)}
         openers = {self.tokenizer.bos_token_id, self.tokenizer.unk_token_id} - {self.tokenizer.eos_token_id}
         return frozenset(special - openers) | {self.tokenizer.eos_token_id}
+
+    @functools.cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """The text of every special token, the tokenizer's named ones and every added token marked special (Llama-3's
+        `<|start_header_id|>` is neither BOS, EOS nor an `additional_special_tokens` entry): text holding one would
+        be tokenised as the control token itself, a forged turn."""
+        special = {*self.tokenizer.all_special_tokens,
+                   *(token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special)}
+        return tuple(sorted(t for t in special if t))
+
+    @functools.cached_property
+    def reasoning_key(self) -> str | None:
+        """The message key the chat template renders an assistant's reasoning from ("reasoning", Qwen3's
+        "reasoning_content", "thinking"), found by rendering a probe; None when it renders none of them (the
+        reasoning then goes inline as a thinking block). Reading the template's text instead took a template that
+        merely says "reasoning" (in a default system prompt) for one that renders it, and dropped the reasoning."""
+        probe = "posttrain-reasoning-probe"
+        for key in ("reasoning", "reasoning_content", "thinking"):
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", key: probe}],
+                    tokenize=False)
+            except Exception:  # noqa: BLE001 - a template that cannot render the probe renders no reasoning from it
+                continue
+            if probe in text:
+                return key
+        return None
 
     @functools.cached_property
     def answer_ending(self) -> list[tuple[int, int]]:
@@ -372,7 +409,7 @@ class Encoder:
                 self._check_special_in(m.get(key) or "", f"messages[{i}].{key}")
 
     def _check_special_in(self, text: str, field: str) -> None:
-        found = next((t for t in self.tokenizer.all_special_tokens if t and t in text), None)
+        found = next((t for t in self.special_texts if t in text), None)
         if found:
             raise RowProblem(f"contains the special token {found!r} as text", field)
 

@@ -20,7 +20,7 @@ CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
 def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | None:
     """One panel per metric that the run logged, against the optimizer step."""
     plt = pyplot()
-    keys = [k for k in CURVE_KEYS if any(r.get(k) is not None for r in metrics)]
+    keys = [k for k in CURVE_KEYS if any(r.get(k) is not None and "step" in r for r in metrics)]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
@@ -32,7 +32,7 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | 
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(key.replace("_", " "))
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title.replace("$", r"\$"))  # a data path's "$x$" is no math for matplotlib to typeset (or fail on)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -49,7 +49,8 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
     # not at all, since a summary.json is what marks a run finished.
     replace_text(run_dir.path / "summary.json", finite_json({"title": title, "summary": summary}, indent=2,
                                                            default=str))
-    plot = plot_curves(read_metrics(run_dir.metrics), run_dir.plots / "curves.png", title)
+    metrics = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []  # a run stopped before its first step
+    plot = plot_curves(metrics, run_dir.plots / "curves.png", title)
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in summary.items()
               if not key.startswith("heldout_headroom")]

@@ -78,7 +78,8 @@ def packing_obstacle(model: torch.nn.Module) -> str | None:
     if unknown:
         return (f"padding-free and packed batches need full or sliding-window attention in every layer; this "
                 f"{config.model_type} model has {', '.join(unknown)} layers")
-    if not takes_position_ids(model):
+    if not takes_position_ids(model) or getattr(config, "alibi", False):
+        # Falcon with ALiBi takes position_ids but builds its ALiBi bias from a 2-D mask (a 4-D one is a crash).
         return (f"padding-free and packed batches restart position_ids at every sample; this {config.model_type} "
                 "model takes none (its positions come from the 2-D attention mask)")
     return None

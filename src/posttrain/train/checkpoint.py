@@ -52,16 +52,21 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
                           trainer_state=trainer_state, config_text=config_text, tokenizer=tokenizer)
     except OSError as err:  # a full disk, a quota, a directory turned read-only: the half-written one goes
         shutil.rmtree(tmp, ignore_errors=True)
-        last = list_checkpoints(root)
-        raise RunDirError(f"cannot write the checkpoint of step {step} ({err.strerror or err}); "
-                          + (f"the last complete one, {last[-1].name}, is kept: free space and resume from it"
-                             if last else "no earlier one exists"), file=str(root)) from err
+        raise RunDirError(unwritten_message(root, step, err.strerror or str(err)), file=str(root)) from err
     if final.exists():  # a re-save of the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     prune_checkpoints(root, keep_last, keep_before)
     return final
+
+
+def unwritten_message(root: Path, step: int, reason: str) -> str:
+    """What a save that failed says: why, and the checkpoint the run can resume from."""
+    last = list_checkpoints(root)
+    return (f"cannot write the checkpoint of step {step} ({reason}); "
+            + (f"the last complete one, {last[-1].name}, is kept: free space and resume from it" if last
+               else "no earlier one exists"))
 
 
 def _write_checkpoint(tmp: Path, step: int, *, modules: Mapping[str, torch.nn.Module],

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from posttrain.errors import RunDirError
@@ -35,9 +36,10 @@ from posttrain.train.checkpoint import (
     _rng_state,
     _write_json,
     prune_checkpoints,
+    unwritten_message,
     write_manifest,
 )
-from posttrain.train.dist import DistributedModel, barrier, context
+from posttrain.train.dist import DistributedModel, all_reduce_max, barrier, context
 
 DCP_DIR = "dcp"
 
@@ -65,33 +67,57 @@ def save_sharded_checkpoint(root: Path, step: int, *, model: DistributedModel, o
     (`checkpoint.prune_checkpoints`)."""
     ctx = context()
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    failure: Exception | None = None
     if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as err:
+            failure = err
+    _all_written(failure, step, root, tmp)  # also the barrier before anyone writes into tmp
     model_state, optim_state = get_state_dict(model.root, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
-    rng_tensors, rng_json = _rng_state()
-    save_file(rng_tensors, str(tmp / f"rng-{ctx.rank}.safetensors"))
-    _write_json(tmp / f"rng-{ctx.rank}.json", rng_json)
-    barrier()
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
+        rng_tensors, rng_json = _rng_state()
+        save_file(rng_tensors, str(tmp / f"rng-{ctx.rank}.safetensors"))
+        _write_json(tmp / f"rng-{ctx.rank}.json", rng_json)
+    except (OSError, CheckpointException) as err:  # DCP raises its exception on every rank alike
+        failure = err
+    _all_written(failure, step, root, tmp)
     if ctx.is_main:
-        _write_json(tmp / "state.json", {"step": step, "world_size": ctx.world_size,
-                                         "schedulers": {"model": _jsonable(scheduler.state_dict())},
-                                         "trainer": trainer_state})
-        (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
-        _fsync_tree(tmp)
-        write_manifest(tmp, step)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        prune_checkpoints(root, keep_last, keep_before)
-    barrier()
+        try:
+            _write_json(tmp / "state.json", {"step": step, "world_size": ctx.world_size,
+                                             "schedulers": {"model": _jsonable(scheduler.state_dict())},
+                                             "trainer": trainer_state})
+            (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
+            _fsync_tree(tmp)
+            write_manifest(tmp, step)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            prune_checkpoints(root, keep_last, keep_before)
+        except OSError as err:
+            failure = err
+    _all_written(failure, step, root, tmp)
     return final
+
+
+def _all_written(failure: Exception | None, step: int, root: Path, tmp: Path) -> None:
+    """A barrier that also agrees on whether every rank wrote its part: where one failed (a full disk, a quota, a
+    directory turned read-only), every rank raises the single-process save's RunDirError, and the half-written
+    copy is removed (the rank that failed alone would have died with a traceback, its peers with a lost connection,
+    and the copy would have stayed on the full disk)."""
+    if all_reduce_max(float(failure is not None)) == 0:
+        return
+    if context().is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    reason = (getattr(failure, "strerror", None) or str(failure).strip().splitlines()[0]) if failure is not None \
+        else "it failed on another rank"
+    raise RunDirError(unwritten_message(root, step, reason), file=str(root))
 
 
 def load_sharded_checkpoint(path: Path, *, model: DistributedModel, optimizer: torch.optim.Optimizer,

@@ -247,6 +247,9 @@ class Trainer:
             progress.update(self.step)
             if main:
                 self.console.print(f"{self.stage}: {self.precision} on {self.device} ({self.precision_reason})")
+                note = self._warmup_note()
+                if note:
+                    self.console.print(f"{self.stage}: note: {note}")
             if resumed_from is not None and main:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
             if stopped_by is not None and main:
@@ -365,6 +368,16 @@ class Trainer:
         if dist.all_reduce_sum(float(met)) == 0:
             return None
         return rule.describe(record) if self.dist.is_main else f"{rule} (on rank 0)"
+
+    def _warmup_note(self) -> str:
+        """What a warm-up as long as the run does (optim.warmup_steps >= its steps): the lr never reaches optim.lr
+        and no decay starts, which a user who set a short max_steps beside a recipe's warm-up does not expect."""
+        warmup, steps = self.optim_cfg.warmup_steps, self.train_cfg.max_steps
+        if warmup <= 0 or warmup < steps or self.optim_cfg.schedule_steps:  # a schedule set for a longer horizon
+            return ""
+        return (f"optim.warmup_steps={warmup} is not shorter than the run's {steps} steps: the learning rate rises to "
+                f"{steps / warmup:.3g} x optim.lr at the last step and never decays (a shorter warm-up, or more "
+                "train.max_steps)")
 
     def _due(self, every: int, final: bool) -> bool:
         at_end = final and self.step == self.train_cfg.max_steps
