@@ -115,6 +115,7 @@ def _all_written(failure: Exception | None, step: int, root: Path, tmp: Path) ->
         return
     if context().is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+    barrier()  # the copy is gone when any rank reports it
     reason = (getattr(failure, "strerror", None) or str(failure).strip().splitlines()[0]) if failure is not None \
         else "it failed on another rank"
     raise RunDirError(unwritten_message(root, step, reason), file=str(root))
