@@ -156,6 +156,24 @@ def test_a_graders_own_error_survives_the_retry_row_by_row():
     assert [(e["row"], e["error"].splitlines()[0]) for e in scores.errors] == [(1, "timed out after 2 s")]
 
 
+def test_a_row_whose_retry_returns_the_wrong_number_of_scores_logs_no_parts_of_that_result():
+    """A grader's result was kept for its parts before its length was checked: a row that returned two scores for
+    one completion was an error, but logged the first of them as its parts."""
+    from posttrain.rewards.graders.base import GradeResult
+
+    def grader(b):
+        if len(b) > 1:
+            raise MemoryError("the batch did not fit")
+        if b.completions[0] == "odd":
+            return GradeResult([0.9, 0.9], components={"part": [0.9, 0.9]})
+        return GradeResult([0.5], components={"part": [0.5]})
+
+    grader.grades = True
+    scores = WeightedRewards({"g": (grader, 1.0)})(batch("fast", "odd"))
+    assert scores.total.tolist() == [0.5, 0.0] and [e["row"] for e in scores.errors] == [1]
+    assert scores.by_function["g.part"].tolist() == [0.5, 0.0]
+
+
 def test_every_batch_logs_a_graders_parts_whichever_way_it_was_scored(tmp_path):
     """A grader that raises on a batch (a row without the column its template reads) is graded row by row: its
     parts and error flags were lost for that batch, and concatenating it with a whole batch raised KeyError (dynamic

@@ -86,15 +86,15 @@ def score_alone(fn: Callable[[Completions], Any], batch: Completions, failure: B
             errors[row] = text(failure)
             continue
         try:
-            result = fn(batch.rows(row, row + 1))
-            if results is not None:
-                results[row] = result
-            error = result.errors[0] if hasattr(result, "components") and result.errors else None
-            result = result.scores if hasattr(result, "components") else result
+            returned = fn(batch.rows(row, row + 1))
+            error = returned.errors[0] if hasattr(returned, "components") and returned.errors else None
+            result = returned.scores if hasattr(returned, "components") else returned
             result = result.tolist() if hasattr(result, "tolist") else result
             listed = list(result) if isinstance(result, (list, tuple)) else [result]
             if len(listed) != 1:
                 raise ValueError(f"returned {len(listed)} scores for 1 completion")
+            if results is not None:  # kept only once it is one row's result: its parts are that row's
+                results[row] = returned
             values[row] = 0.0 if error else listed[0]
             errors[row] = error
         except Exception as err:  # noqa: BLE001 - this row's own error
