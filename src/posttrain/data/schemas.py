@@ -393,6 +393,12 @@ def _message_list(value: Any, field: str, where: Where) -> list[dict[str, Any]]:
     return out
 
 
+def tools_json(value: Any) -> str | None:
+    """A row's `tools` as given (a list of function schemas, or its JSON text) as the JSON text rows keep; a
+    DataError for anything else."""
+    return _tools(value, Where("<row>"))
+
+
 def _tools(value: Any, where: Where) -> str | None:
     """The function schemas a row offers the model (TRL's `tools` column): a list of objects, or its JSON text;
     kept as JSON text for the chat template."""
@@ -413,6 +419,12 @@ def _tool_calls(value: Any, field: str, where: Where) -> str | None:
     or {"name", "arguments"}), checked and kept as JSON text for the template to render."""
     if value is None:
         return None
+    if isinstance(value, str):  # as rows keep them (a prompt sampled from and written back into a row): JSON text
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise where.error("must be a non-empty list of tool calls, got text that is no JSON", field=field) \
+                from None
     if not isinstance(value, list) or not value:
         raise where.error(f"must be a non-empty list of tool calls, got {_kind(value)}", field=field)
     for i, call in enumerate(value):

@@ -405,8 +405,9 @@ class Encoder:
         """Special-token text inside a message would be tokenised as the control token itself: an EOS
         mid-answer, a fake turn. Reject it rather than train on it."""
         for i, m in enumerate(messages):
-            for key in ("content", "reasoning"):
+            for key in ("content", "reasoning", "tool_calls", "name", "tool_call_id"):  # tool calls: JSON text
                 self._check_special_in(m.get(key) or "", f"messages[{i}].{key}")
+        self._check_special_in(self.tools or "", "tools")  # the row's function schemas, rendered in its prompt
 
     def _check_special_in(self, text: str, field: str) -> None:
         found = next((t for t in self.special_texts if t in text), None)

@@ -277,8 +277,8 @@ class RejectionStepSource:
         self._write_samples(rollout, completions, scores, set(kept), first_step)
         # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the kept
         # rows (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have kept them.
-        pairs = dist.all_gather_list([{"prompt": completions.prompts[i], "completion": completions.completions[i]}
-                                      for i in kept])
+        pairs = dist.all_gather_list([{"prompt": completions.prompts[i], "completion": completions.completions[i],
+                                       "tools": completions.columns[i].get("tools")} for i in kept])
         self.round_metrics = self._metrics(rollout, completions, scores, kept) | {"kept": float(len(pairs))}
         self.round_metrics["generation_s"] = time.perf_counter() - start
         self.history.append({k: v for k, v in self.round_metrics.items() if k != "generation_s"})

@@ -237,7 +237,9 @@ class GoldAnswers:
 
     def prepare(self, rows: list[dict[str, Any]]) -> None:
         """Tokenise the gold answers of a round's prompt rows (row i is prompt index i of the rollout)."""
-        pairs = [{"prompt": row["prompt"], "completion": row["answer"]} for row in rows]
+        # with the row's tools: the gold answer is trained in the context its prompt is sampled in
+        pairs = [{"prompt": row["prompt"], "completion": row["answer"],
+                  "tools": json.loads(row.get("row") or "{}").get("tools")} for row in rows]
         self.prepared = prepare_data(self.data, self.tokenizer, accepts=("completion",), rows=pairs)
         self.row_of = {line - 1: i for i, line in enumerate(column_values(self.prepared.dataset, "line"))}
 
@@ -261,8 +263,8 @@ def preference_rows(completions: Completions, scores: Scores, prompt_index: Tens
               if holds_as_answer(text) and not failed[i] and (finished is None or finished[i])]
     found = [(usable[c], usable[r])
              for c, r in best_worst_pairs(scores.total[usable], prompt_index[usable], min_margin)]
-    return [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r]}
-            for c, r in found if texts[c] != texts[r]]
+    return [{"prompt": completions.prompts[c], "chosen": texts[c], "rejected": texts[r],
+             "tools": completions.columns[c].get("tools")} for c, r in found if texts[c] != texts[r]]
 
 
 def heldout_reward_part(cfg: Any, tokenizer: PreTrainedTokenizerBase, rows: Prepared | None,

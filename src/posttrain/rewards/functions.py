@@ -144,7 +144,8 @@ def reward_model_reward(reward_model_path: str | None = None, **_: Any) -> Rewar
     scorer = RewardModelScorer.from_pretrained(reward_model_path)
 
     def score(batch: Completions) -> GradeResult:
-        values, errors = scorer.score_rows(batch.prompts, batch.completions)  # a row it cannot score: an error
+        # a row it cannot score: an error; each prompt rendered with its row's tools, as the rows trained on
+        values, errors = scorer.score_rows(batch.prompts, batch.completions, [c.get("tools") for c in batch.columns])
         errors = [error if error is not None or value.isfinite() else f"the reward model scored it {value.item()!r}"
                   for value, error in zip(values, errors, strict=True)]
         return GradeResult([0.0 if error else value for value, error in zip(values.tolist(), errors, strict=True)],

@@ -13,6 +13,7 @@ no decode and re-encode round trip.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.collate import PackingOptions, collate_sequences, collate_stepwise
 from posttrain.data.config import DataConfig
-from posttrain.data.schemas import message
+from posttrain.data.schemas import message, tools_json
 from posttrain.data.tokenize import Encoder, RowProblem, encode_stepwise
 from posttrain.errors import DataError
 from posttrain.models import load_tokenizer
@@ -53,9 +54,16 @@ def scoring_config(model: torch.nn.Module) -> DataConfig:
 
 
 def _messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """Canonical messages of a prompt as text or as messages, tool calls and tool results included (as JSON text,
+    the form rows keep them in)."""
     if isinstance(prompt, str):
         return [message("user", prompt)]
-    return [message(m["role"], m["content"], m.get("reasoning")) for m in prompt]
+    return [message(m["role"], m["content"], m.get("reasoning"), tool_calls=_json_text(m.get("tool_calls")),
+                    name=m.get("name"), tool_call_id=m.get("tool_call_id")) for m in prompt]
+
+
+def _json_text(value: Any) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 class _Scorer:
@@ -81,13 +89,15 @@ class _Scorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _encode(self, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
-        """The token ids of (prompt, completion) as the training rows were rendered, and the completion's mask."""
+    def _encode(self, prompt: Prompt, completion: str, tools: Any = None) -> tuple[list[int], list[int]]:
+        """The token ids of (prompt, completion) as the training rows were rendered (with the row's `tools`, as
+        given or as JSON text), and the completion's mask."""
         turn = {"role": "assistant", "content": completion, "reasoning": None}
         messages = _messages(prompt)
-        ids, mask = self.encoder.encode([*messages, turn], prompt_turns=len(messages))
-        excess = len(ids) - self.encoder.max_length
-        return self.encoder.fit(ids, mask, excess) if excess > 0 else (ids, mask)
+        encoder = self.encoder.for_row({"tools": tools_json(tools)})
+        ids, mask = encoder.encode([*messages, turn], prompt_turns=len(messages))
+        excess = len(ids) - encoder.max_length
+        return encoder.fit(ids, mask, excess) if excess > 0 else (ids, mask)
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -128,16 +138,17 @@ class RewardModelScorer(_Scorer):
     __call__ = score
 
     @torch.no_grad()
-    def score_rows(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> tuple[Tensor, list[str | None]]:
+    def score_rows(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                   tools: Sequence[Any] | None = None) -> tuple[Tensor, list[str | None]]:
         """Rewards [N], and for each row None or why it has no reward (NaN there): a completion the reward model's
         rows could not hold, such as special-token text a policy spelled out of ordinary tokens. One such row
-        leaves the others scored."""
+        leaves the others scored. `tools`: each row's function schemas (its prompt was rendered with them)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
         encoded, errors = [], []
-        for prompt, completion in zip(prompts, completions, strict=True):
+        for prompt, completion, row_tools in zip(prompts, completions, tools or [None] * len(prompts), strict=True):
             try:
-                encoded.append(self._encode(prompt, completion))
+                encoded.append(self._encode(prompt, completion, row_tools))
                 errors.append(None)
             except RowProblem as problem:
                 errors.append(f"the reward model cannot score it: {problem}")

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -164,4 +165,9 @@ def trl_style(function: Callable[..., Sequence[float]]) -> UserFunction:
 
 
 def _plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in message.items() if v is not None}
+    """A message as the user's data gave it (TRL passes them so): its tool calls a list again, not the JSON text
+    rows keep them as."""
+    plain = {k: v for k, v in message.items() if v is not None}
+    if isinstance(plain.get("tool_calls"), str):
+        plain["tool_calls"] = json.loads(plain["tool_calls"])
+    return plain
