@@ -113,7 +113,7 @@ def test_an_integer_answer_is_a_whole_number_standing_alone():
     assert multistep.extract_answer(steps + "Answer:") == "36"  # cut before its value: the last step's
     assert multistep.extract_answer(steps + "Answer: 7\nAnswer:") == "7"
     assert multistep.extract_answer(steps + "Answer: b) 12*3=36") == "36"  # a stated step line: its result
-    assert multistep.extract_answer(steps + "Answer: none") is None
+    assert multistep.extract_answer(steps + "Answer: none") == "36"  # states no number: the last step's value
     assert multistep.verify_steps("a) 999+9=1,008\nb) 1,008-8=1,000", ["1008", "1,000"]) == [1.0, 1.0]
 
 
@@ -133,6 +133,25 @@ def test_a_stated_answer_is_read_however_it_is_cued_and_a_worked_answer_by_its_r
         assert multistep.verify(steps + stated, "32") == 0.0 and multistep.extract_answer(steps + stated) == "33"
     assert multistep.verify("a) 7+5=12\nb) 12*3=36\nc) 36-4=31\nFinal answer: 32", "32") == 1.0
     assert multistep.extract_answer(steps + "I will answer in steps.") == "32"  # no cue: "answer" with no value
+
+
+def test_a_remark_after_the_answer_or_a_check_of_it_changes_nothing():
+    """A cue with no number after it ("the result is correct") once stated no answer and wiped out a right one; a
+    check after a direct answer ("8\nCheck: 8-3=5") or an equation read backwards ("8 = 3 + 5") was read by its last
+    "="; a list echoed after the sorted one was read instead of it."""
+    arith, chain, multistep, sort = (get_task(n) for n in ("arith", "chain", "multistep", "sort"))
+    for text in ["The answer is 8. This result is correct.", "3+5=8, so the answer is 8. The answer is correct.",
+                 "8 = 3 + 5", "8 (= 3+5)", "8\nCheck: 8-3=5", "Answer: 8 (check: 8 - 5 = 3)", "8\nWhat is 2+2=4"]:
+        assert arith.verify(text, "8") == 1.0, text
+    assert arith.verify("-35. Since 87 is bigger than 52, the result is negative.", "-35") == 1.0
+    assert chain.verify("5-3-4 = 2-4 = -2\nResult: verified", "-2") == 1.0
+    assert chain.verify("31\nCheck: 31+9=40", "31") == chain.verify("31 = 23+17-9", "31") == 1.0
+    steps = "a) 7+5=12\nb) 12*3=36\nc) 36-4=32\n"
+    assert multistep.verify(steps + "The result is correct.", "32") == 1.0
+    assert multistep.verify(steps + "I hope the answer is helpful.", "32") == 1.0
+    assert sort.verify("Answer: 14 60 70 85\nThe result is correct.", "14 60 70 85") == 1.0
+    assert sort.verify("14 60 70 85\n(sorted from: 85 60 70 14)", "14 60 70 85") == 1.0
+    assert sort.verify("85 60 70 14\n14 60 70 85", "14 60 70 85") == 0.0  # a second try is no answer
 
 
 def test_multistep_steps_are_matched_by_label_and_read_as_people_write_them():

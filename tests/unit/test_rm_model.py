@@ -287,7 +287,8 @@ def test_a_reward_model_scoring_nan_or_inf_errs_on_those_rows(lm_dir, tokenizer,
     save_pretrained(_random_head(build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id)), tokenizer,
                     directory)
     scored = torch.tensor([0.25, float("nan"), float("inf")])
-    monkeypatch.setattr(RewardModelScorer, "score_rows", lambda self, prompts, completions: (scored, [None] * 3))
+    monkeypatch.setattr(RewardModelScorer, "score_rows", lambda self, prompts, completions, tools=None: (scored,
+                                                                                                       [None] * 3))
     batch = Completions(prompts=[[{"role": "user", "content": "What is 2+3?"}]] * 3, completions=["5", "6", "7"],
                         answers=[None] * 3, steps=[[]] * 3)
     scores = WeightedRewards({"rm": (reward_model_reward(str(directory)), 1.0)})(batch)

@@ -154,6 +154,8 @@ def test_turn_end_ids_are_eos_and_the_templates_end_of_turn(tokenizer, chatml_to
     """What ends an answer in the training rows: EOS alone where the template ends a turn with it (the project's,
     ChatML's instruct tokenizer), also `<|im_end|>` for a base Qwen tokenizer (EOS `<|endoftext|>`) and `<|end|>` for
     Phi-3 (which writes `<|endoftext|>` after the last turn); EOS alone without a template."""
+    from conftest import build_chatml_tokenizer
+
     from posttrain.data.tokenize import turn_end_ids
 
     def ids(tok, *tokens):
@@ -163,6 +165,14 @@ def test_turn_end_ids_are_eos_and_the_templates_end_of_turn(tokenizer, chatml_to
     assert turn_end_ids(chatml_tokenizer) == ids(chatml_tokenizer, "<|im_end|>")
     assert turn_end_ids(base_chatml_tokenizer) == ids(base_chatml_tokenizer, "<|im_end|>", "<|endoftext|>")
     assert turn_end_ids(phi3_tokenizer) == ids(phi3_tokenizer, "<|end|>", "<|endoftext|>")
+    # a tokenizer whose <think> is a special token, with a template that opens every answer with a thinking block:
+    # the turn ends at <|im_end|>, not at the <think> the template writes before the answer
+    thinking = build_chatml_tokenizer("<|endoftext|>", special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                      "<think>", "</think>"))
+    thinking.chat_template = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+                              "<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{%- endfor %}"
+                              "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+    assert turn_end_ids(thinking) == ids(thinking, "<|im_end|>", "<|endoftext|>")
     plain = copy.deepcopy(base_chatml_tokenizer)
     plain.chat_template = None
     assert turn_end_ids(plain) == ids(plain, "<|endoftext|>")

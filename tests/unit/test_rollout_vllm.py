@@ -175,3 +175,17 @@ def test_vllm_engine_refuses_a_prefix_tuned_policy(monkeypatch, tiny_model, toke
     prefixed = apply_adapter(tiny_model, AdapterConfig(method="prefix", num_virtual_tokens=4))
     with pytest.raises(ConfigError, match="cannot sample a prefix- or prompt-tuned policy"):
         make_engine("vllm", prefixed, tokenizer)
+
+
+def test_an_rl_run_asking_for_vllm_where_it_cannot_run_is_refused_before_the_model_loads(monkeypatch):
+    """It was refused by make_engine, after the starting model's whole held-out evaluation, naming `engine`."""
+    from posttrain.config import load_config
+    from posttrain.recipes import find_recipe
+    from posttrain.recipes.grpo import GRPOConfig
+    from posttrain.recipes.rl import check_rl_config
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    cfg = load_config(GRPOConfig, find_recipe("grpo").path, ["model.path=unused", "sampling.engine=vllm"])
+    with pytest.raises(ConfigError, match="needs vLLM") as err:
+        check_rl_config(cfg, "grpo")
+    assert err.value.field == "sampling.engine"

@@ -364,15 +364,22 @@ class Encoder:
     @functools.cached_property
     def answer_ending(self) -> list[tuple[int, int]]:
         """How a training row's answer ends, each token with its response-mask mark: its end-of-turn token (the first
-        special token trained after the answer: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, Phi-3's `<|end|>`, or
-        EOS) and what the template writes after it (ChatML's newline; Phi-3's newline and `<|endoftext|>`).
-        Rendered once, from a probe conversation."""
-        ids, mask = self.encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                                prompt_turns=1)
-        closing = [i for i, t in enumerate(ids) if t in self.closers]
+        special token trained after the answer's own tokens: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, Phi-3's
+        `<|end|>`, or EOS) and what the template writes after it (ChatML's newline; Phi-3's newline and
+        `<|endoftext|>`). Rendered once, from probe conversations."""
+        def probe(answer: str) -> tuple[list[int], list[int]]:
+            return self.encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+                               prompt_turns=1)
+
+        ids, mask = probe("a")
+        # The answer's own tokens start where a render of another answer parts from this one: special tokens the
+        # template writes before it (a thinking block's <think>, where it is a special token) end nothing.
+        other = probe("b")[0]
+        answer = next((i for i, (x, y) in enumerate(zip(ids, other, strict=False)) if x != y), 0)
+        closing = [i for i, t in enumerate(ids) if t in self.closers and i > answer]
         # A template whose end-of-turn token no row trains (written a newline after a generation block) ends it
-        # with its last special token all the same.
-        end = next((i for i in closing if mask[i]), closing[-1])
+        # with its first special token after the answer all the same.
+        end = next((i for i in closing if mask[i]), closing[0] if closing else len(ids) - 1)
         return list(zip(ids[end:], mask[end:], strict=True))
 
     @functools.cached_property

@@ -40,6 +40,7 @@ from posttrain.rewards.functions import (
     reward_function,
 )
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
+from posttrain.rollout.vllm_engine import check_vllm_available
 from posttrain.train import dist
 from posttrain.train.engine import TrainConfig
 from posttrain.train.reference import Reference
@@ -479,6 +480,8 @@ def check_rl_config(cfg: RLConfig, stage: str) -> None:
     if cfg.adapter.method == "prefix":
         raise ConfigError(f"{stage} trains full weights or LoRA (prefix-tuning: sft, dpo, kto, rejection)",
                           field="adapter.method")
+    if cfg.sampling.engine == "vllm":  # before the model loads and the starting model is evaluated, not after
+        check_vllm_available(field="sampling.engine")
     rollout = rollout_batch_size(cfg)
     if rollout % cfg.train.batch_size:
         raise ConfigError(f"update.rollout_batch_size ({rollout}) must be a multiple of train.batch_size "

@@ -116,8 +116,8 @@ def _all_written(failure: Exception | None, step: int, root: Path, tmp: Path) ->
     if context().is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()  # the copy is gone when any rank reports it
-    reason = (getattr(failure, "strerror", None) or str(failure).strip().splitlines()[0]) if failure is not None \
-        else "it failed on another rank"
+    reason = (getattr(failure, "strerror", None) or (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+              if failure is not None else "it failed on another rank")
     raise RunDirError(unwritten_message(root, step, reason), file=str(root))
 
 

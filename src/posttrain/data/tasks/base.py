@@ -91,31 +91,45 @@ def last_result(text: str) -> str | None:
     return integer_value(match.group()) if match else None
 
 
-# A stated answer: "Answer: 35", "answer is 35", "Final answer: 35", "The result is 35", "**Answer:** 35", any case.
-ANSWER_CUE = re.compile(r"\b(?:answer|result)\b[*_ \t]*(?:is\b|:|=)", re.IGNORECASE)
-NOT_STATED = "not stated"  # what `stated_answer` returns when a completion states no answer
+# A stated answer: a cue ("Answer:", "answer is", "Final answer:", "The result is", "**Answer:**"; any case) right
+# before a number, on its line or the next: "the answer is correct" and "Result: verified" state none.
+ANSWER_CUE = re.compile(r"\b(?:answer|result)\b[*_ \t]*(?:is\b|:|=)[*_\s]*(?=[+\-\u2212]?\d)", re.IGNORECASE)
+# A worked line: an expression of two or more integers, then "=" ("3+5=8", "5-3-4 = 2-4 = -2"); "8 = 3+5" is none.
+_WORKED = re.compile(rf"[ \t]*{WHOLE_INTEGER}(?:[ \t]*[-+*/x\u00d7\u00b7\u2212][ \t]*{WHOLE_INTEGER})+[ \t]*=")
+NOT_STATED = "not stated"  # what `stated_answer` and `worked_answer` return for a completion that has none
 
 
 def stated_answer(text: str) -> str | None:
     """The integer of the last answer a completion states (`ANSWER_CUE`, then the rest of its line: a worked line's
-    result, else its first integer), None when that line has no integer ("Answer: none"), or NOT_STATED when no
-    cue has a line after it: a cue cut before its value states nothing, and the one before it counts."""
-    for cue in reversed(list(ANSWER_CUE.finditer(text))):
-        line = text[cue.end():].lstrip().split("\n", 1)[0]
-        value = last_result(line) if "=" in line else first_integer(line)
-        if value is not None or line.strip(" \t*_."):
-            return value
-    return NOT_STATED
+    result, else its first integer), None when that is no integer ("Answer: 35.9"), NOT_STATED without a cue."""
+    cues = list(ANSWER_CUE.finditer(text))
+    if not cues:
+        return NOT_STATED
+    line = text[cues[-1].end():].split("\n", 1)[0]
+    return last_result(line) if _WORKED.match(line) else first_integer(line)
 
 
-def computed_answer(text: str) -> str | None:
-    """What an answer to one problem says it is: the stated answer (`stated_answer`), else a worked answer's last
-    result ("3+5=8" is 8, where its first integer is the question's 3), else the first integer."""
-    stated = stated_answer(text)
-    if stated is not NOT_STATED:
-        return stated
-    # a worked answer without an integer value ("12+5=17.5", a cut "12+5=") is no direct answer (its operand)
-    return last_result(text) if "=" in text else first_integer(text)
+def worked_answer(text: str, steps: bool) -> str | None:
+    """The result of an answer worked out in lines that open the text ("3+5=8"; with `steps`, the run of them:
+    "23+17=40\n40-9=31" is 31, a cut "12+5=17\n17-3=" 17), None when it is no integer ("12+5=17.5"), NOT_STATED
+    when the text opens with no worked line ("8\nCheck: 8-3=5" is a direct 8, "8 = 3+5" too)."""
+    run = []
+    for line in text.lstrip().split("\n"):
+        if not _WORKED.match(line):
+            break
+        run.append(line)
+    if not run:
+        return NOT_STATED
+    return last_result("\n".join(run) if steps else run[0])
+
+
+def computed_answer(text: str, steps: bool = False) -> str | None:
+    """What an answer to one problem says it is: the stated answer (`stated_answer`), else the result it works out
+    (`worked_answer`: "3+5=8" is 8, where its first integer is the question's 3), else its first integer."""
+    for answer in (stated_answer(text), worked_answer(text, steps)):
+        if answer is not NOT_STATED:
+            return answer
+    return first_integer(text)
 
 
 class Task:

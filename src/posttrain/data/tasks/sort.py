@@ -47,15 +47,16 @@ class SortTask(Task):
 
     def extract_answer(self, completion: str) -> str | None:
         """The list a completion gives, after any thinking block, as integers space-separated: the rest of the line
-        of its last stated answer ("Answer: 7, 19, 42"), else its last list: a line of numbers alone, after any
-        label ("Sorted: 7 19 42") or list marker, or a column of lines of one number each ("7\n19\n42",
-        "1. 7\n2. 19\n3. 42"); else the numbers of its first line."""
+        of its last stated answer ("Answer: 7, 19, 42"), else its list labelled sorted ("Sorted: 7 19 42" after
+        the question restated), else its first list (an echo of the question after it is no answer, nor is a
+        second try): a line of numbers alone, after any label ("The 3 numbers sorted: 7 19 42") or list marker, or
+        a column of lines of one number each ("7\n19\n42", "1. 7\n2. 19\n3. 42"); else the numbers of its first
+        line."""
         text = answer_text(completion)
         if text is None:
             return None
         cue = list(ANSWER_CUE.finditer(text))
-        stated = text[cue[-1].end():].split("\n", 1)[0] if cue else ""
-        numbers = _numbers(stated) if stated.strip() else _last_list(text)
+        numbers = _numbers(text[cue[-1].end():].split("\n", 1)[0]) if cue else _given_list(text)
         return " ".join(numbers) if numbers else None
 
     def canonical_answer(self, answer: str) -> str | None:
@@ -68,15 +69,16 @@ class SortTask(Task):
 _LIST_NUMBER = re.compile(r"(?<![\d.])[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.0+)?(?!\d|\.\d)")
 _LIST_ONLY = re.compile(rf"[\s,;\[\]()]*(?:{_LIST_NUMBER.pattern}[\s,;\[\]()]*)+")  # numbers and separators only
 _MARKER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+")  # "1. ", "2) ", "- " opening a line of a list
+_SORTED_LABEL = re.compile(r"\s*(?:the\s+)?sorted(?:\s+(?:list|numbers|order))?\s*(?:is\b|:)", re.IGNORECASE)
 
 
 def _numbers(text: str) -> list[str]:
     return [integer_value(n.replace(",", "")) for n in _LIST_NUMBER.findall(text)]
 
 
-def _last_list(text: str) -> list[str]:
-    """The numbers of the last list in `text` (see `SortTask.extract_answer`)."""
-    lists: list[list[str]] = []
+def _given_list(text: str) -> list[str]:
+    """The numbers of the list `text` gives (see `SortTask.extract_answer`)."""
+    lists: list[tuple[bool, list[str]]] = []  # (labelled sorted, numbers)
     column = False  # whether the previous line was one number alone, which a column of them continues
     first = next((line for line in text.splitlines() if line.strip()), "")
     for line in text.splitlines():
@@ -86,11 +88,12 @@ def _last_list(text: str) -> list[str]:
             continue
         numbers = _numbers(body)
         if column and len(numbers) == 1:
-            lists[-1].extend(numbers)
+            lists[-1][1].extend(numbers)
         else:
-            lists.append(numbers)
+            lists.append((bool(_SORTED_LABEL.match(line)), numbers))
         column = len(numbers) == 1
-    return lists[-1] if lists else _numbers(first)
+    labelled = [numbers for sorted_label, numbers in lists if sorted_label]
+    return (labelled or [numbers for _, numbers in lists] or [_numbers(first)])[0]
 
 
 def _wrong_answers(numbers: list[int]) -> dict[str, float]:
