@@ -113,7 +113,7 @@ def test_an_integer_answer_is_a_whole_number_standing_alone():
     assert multistep.extract_answer(steps + "Answer:") == "36"  # cut before its value: the last step's
     assert multistep.extract_answer(steps + "Answer: 7\nAnswer:") == "7"
     assert multistep.extract_answer(steps + "Answer: b) 12*3=36") == "36"  # a stated step line: its result
-    assert multistep.extract_answer(steps + "Answer: none") == "36"  # states no number: the last step's value
+    assert multistep.extract_answer(steps + "Answer: none") is None
     assert multistep.verify_steps("a) 999+9=1,008\nb) 1,008-8=1,000", ["1008", "1,000"]) == [1.0, 1.0]
 
 
@@ -151,7 +151,22 @@ def test_a_remark_after_the_answer_or_a_check_of_it_changes_nothing():
     assert multistep.verify(steps + "I hope the answer is helpful.", "32") == 1.0
     assert sort.verify("Answer: 14 60 70 85\nThe result is correct.", "14 60 70 85") == 1.0
     assert sort.verify("14 60 70 85\n(sorted from: 85 60 70 14)", "14 60 70 85") == 1.0
-    assert sort.verify("85 60 70 14\n14 60 70 85", "14 60 70 85") == 0.0  # a second try is no answer
+    assert sort.verify("Input: 85 60 70 14\nOutput: 14 60 70 85", "14 60 70 85") == 1.0
+    assert sort.verify("14 60 70 85\nInput: 85 60 70 14", "14 60 70 85") == 1.0
+    # as people write them: a worked line after words, a list marker or markup; an answer in LaTeX or code
+    for text in ["We add 3 and 5: 3+5=8", "First, 3+5=8.", "Step 1: 3+5=8", "**3+5=8**", "$3+5=8$", "- 3+5=8",
+                 "(3+5)=8", "3+5=\n8", "3+5 is 8", "What is 3+5? 8", "The answer is $8$.", "Answer: \\boxed{8}",
+                 "Answer: `8`", "3+5\nAnswer: (8)", "3+5 = 8, which I verified."]:
+        assert arith.verify(text, "8") == 1.0, text
+    assert arith.verify("What is 3*1? 4", "3") == 0.0  # the question restated is no answer
+    for text in ["Step 1: 23+17=40\nStep 2: 40-9=31", "1. 23+17=40\n2. 40-9=31", "First 23+17=40, then 40-9=31.",
+                 "23+17=40\n\n40-9=31", "23+17-9 = 40-9 = 31", "The result is:\n23+17=40\n40-9=31"]:
+        assert chain.verify(text, "31") == 1.0, text
+    assert chain.verify("First 23+17=40, then 40-17=22.", "23") == 0.0
+    for text in ["Sort from smallest to largest: 42 7 19\n7 19 42", "42 7 19 -> 7 19 42",
+                 "42 7 19\nSorted list:\n7 19 42", "The answer is: [7, 19, 42]", "**Sorted:** 7, 19, 42",
+                 "Unsorted: 42 7 19\nSorted: 7 19 42"]:
+        assert sort.verify(text, "7 19 42") == 1.0, text
 
 
 def test_multistep_steps_are_matched_by_label_and_read_as_people_write_them():

@@ -91,45 +91,63 @@ def last_result(text: str) -> str | None:
     return integer_value(match.group()) if match else None
 
 
-# A stated answer: a cue ("Answer:", "answer is", "Final answer:", "The result is", "**Answer:**"; any case) right
-# before a number, on its line or the next: "the answer is correct" and "Result: verified" state none.
-ANSWER_CUE = re.compile(r"\b(?:answer|result)\b[*_ \t]*(?:is\b|:|=)[*_\s]*(?=[+\-\u2212]?\d)", re.IGNORECASE)
-# A worked line: an expression of two or more integers, then "=" ("3+5=8", "5-3-4 = 2-4 = -2"); "8 = 3+5" is none.
-_WORKED = re.compile(rf"[ \t]*{WHOLE_INTEGER}(?:[ \t]*[-+*/x\u00d7\u00b7\u2212][ \t]*{WHOLE_INTEGER})+[ \t]*=")
-NOT_STATED = "not stated"  # what `stated_answer` and `worked_answer` return for a completion that has none
+# Markup that may wrap an answer: **8**, $8$, `8`, (8), [8], \(8\), \boxed{8}.
+MARKUP = r"(?:[\s*_$`(\[{]|\\\(|\\(?:boxed|text|mathbf)\{)*"
+_NUMBER = r"[+\-\u2212]?\d+(?:,\d+)*(?:\.\d+)?"  # a number as written, integer or not ("35.9" is one, and no integer)
+_OPERATOR = r"[-+*/x\u00d7\u00b7\u2212]"
+# A stated answer: a cue ("Answer:", "answer is", "Final answer:", "The result is"; any case) right before a number,
+# through markup, on its line or the next: "the answer is correct" and "Result: verified" state none.
+ANSWER_CUE = re.compile(rf"\b(?:answer|result)\b[*_ \t]*(?:is\b|:|=){MARKUP}(?=[+\-\u2212]?\d)", re.IGNORECASE)
+_NO_ANSWER = re.compile(r"\banswer\b[*_ \t]*:[*_ \t]*(?:none|n/?a|unknown|no answer)\b", re.IGNORECASE)
+_EXPRESSION = re.compile(rf"{MARKUP}{WHOLE_INTEGER}(?:[ \t]*{_OPERATOR}[ \t]*{WHOLE_INTEGER})+")  # "3+5", "23+17-9"
+_LEADING = re.compile(rf"{MARKUP}({_NUMBER})")
+_RESULT_VALUE = re.compile(rf"=[ \t]*{MARKUP}({_NUMBER})(?![ \t]*{_OPERATOR}[ \t]*\d)")  # "=8", not "= 40-9"
+_LIST_MARKER = re.compile(rf"^[ \t]*(?:\d{{1,2}}[.)]|[-*\u2022]|step[ \t]*\d+[ \t]*[:.)])[ \t]+(?={MARKUP}\d)",
+                          re.IGNORECASE | re.MULTILINE)  # "1. ", "- ", "Step 1: " before a number
+_QUESTION = re.compile(r"^[ \t]*[^\n?]*\?")  # a restated question ("What is 3+5?") before the answer
+NOT_STATED = "not stated"  # what `stated_answer` returns for a completion that states no answer
 
 
 def stated_answer(text: str) -> str | None:
-    """The integer of the last answer a completion states (`ANSWER_CUE`, then the rest of its line: a worked line's
-    result, else its first integer), None when that is no integer ("Answer: 35.9"), NOT_STATED without a cue."""
+    """The integer of the last answer a completion states (`ANSWER_CUE`, read from there on as `computed_answer`
+    reads a whole answer), None when it is no integer ("Answer: 35.9") or states none ("Answer: none"), NOT_STATED
+    without a cue."""
     cues = list(ANSWER_CUE.finditer(text))
-    if not cues:
-        return NOT_STATED
-    line = text[cues[-1].end():].split("\n", 1)[0]
-    return last_result(line) if _WORKED.match(line) else first_integer(line)
+    refusals = list(_NO_ANSWER.finditer(text))
+    if refusals and (not cues or refusals[-1].start() > cues[-1].start()):
+        return None
+    return _read(text[cues[-1].end():]) if cues else NOT_STATED
 
 
-def worked_answer(text: str, steps: bool) -> str | None:
-    """The result of an answer worked out in lines that open the text ("3+5=8"; with `steps`, the run of them:
-    "23+17=40\n40-9=31" is 31, a cut "12+5=17\n17-3=" 17), None when it is no integer ("12+5=17.5"), NOT_STATED
-    when the text opens with no worked line ("8\nCheck: 8-3=5" is a direct 8, "8 = 3+5" too)."""
-    run = []
-    for line in text.lstrip().split("\n"):
-        if not _WORKED.match(line):
-            break
-        run.append(line)
-    if not run:
-        return NOT_STATED
-    return last_result("\n".join(run) if steps else run[0])
+def computed_answer(text: str) -> str | None:
+    """The integer an answer to one problem gives: the stated answer (`stated_answer`), else what the text says
+    after any restated question: a direct answer it opens with ("8", "8 = 3+5", "8\nCheck: 8-3=5", "-35. Since
+    ..."), else the last result of what it works out ("3+5=8", "We add: 3+5=8", "23+17=40\n40-9=31", "5-3-4 = 2-4 =
+    -2"; a worked line cut before its value or with no integer one gives None), else the first number after an
+    expression it opens with ("3+5 is 8"), else its first integer."""
+    stated = stated_answer(text)
+    return stated if stated is not NOT_STATED else _read(_QUESTION.sub("", text, count=1))
 
 
-def computed_answer(text: str, steps: bool = False) -> str | None:
-    """What an answer to one problem says it is: the stated answer (`stated_answer`), else the result it works out
-    (`worked_answer`: "3+5=8" is 8, where its first integer is the question's 3), else its first integer."""
-    for answer in (stated_answer(text), worked_answer(text, steps)):
-        if answer is not NOT_STATED:
-            return answer
+def _read(text: str) -> str | None:
+    text = _LIST_MARKER.sub("", text.lstrip())
+    expression = _EXPRESSION.match(text)
+    if expression is None and (lead := _LEADING.match(text)):
+        return _integer(lead.group(1))
+    results = _RESULT_VALUE.findall(text)
+    if results:
+        return _integer(results[-1])
+    if expression is not None:
+        rest = text[expression.end():]
+        if rest.lstrip(" \t*_$`)").startswith("="):
+            return None  # a worked line cut before its value ("12+5="), or with none that is a number
+        return first_integer(rest)
     return first_integer(text)
+
+
+def _integer(number: str) -> str | None:
+    """A number as written, as an integer answer, or None when it is none ("35.9", "1,0089")."""
+    return integer_value(number) if re.fullmatch(ANSWER_INTEGER, number) else None
 
 
 class Task:

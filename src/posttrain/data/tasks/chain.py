@@ -81,7 +81,7 @@ class ChainTask(Task):
         computed value (None when no `=` has one: a worked answer cut short or written with no integer is no direct
         answer), else a direct answer's number."""
         text = answer_text(completion)
-        return None if text is None else computed_answer(text, steps=True)
+        return None if text is None else computed_answer(text)
 
     @staticmethod
     def worked(completion: str) -> bool:

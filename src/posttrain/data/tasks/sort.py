@@ -47,11 +47,12 @@ class SortTask(Task):
 
     def extract_answer(self, completion: str) -> str | None:
         """The list a completion gives, after any thinking block, as integers space-separated: the rest of the line
-        of its last stated answer ("Answer: 7, 19, 42"), else its list labelled sorted ("Sorted: 7 19 42" after
-        the question restated), else its first list (an echo of the question after it is no answer, nor is a
-        second try): a line of numbers alone, after any label ("The 3 numbers sorted: 7 19 42") or list marker, or
-        a column of lines of one number each ("7\n19\n42", "1. 7\n2. 19\n3. 42"); else the numbers of its first
-        line."""
+        of its last stated answer ("Answer: 7, 19, 42", "The answer is: [7, 19, 42]"), else its last list labelled
+        as the answer ("Sorted:", "Output:", "Ascending:", "In order:"; a label alone on its line labels the next
+        list), else its last list not labelled as the question ("Input:", "Given:", "Original:", "Unsorted:", "Sort
+        from ...:"; "42 7 19 -> 7 19 42" is its right-hand side); a list is a line of numbers alone, after any label
+        or list marker, or a column of lines of one number each ("7\n19\n42", "1. 7\n2. 19\n3. 42"); else the
+        numbers of its first line."""
         text = answer_text(completion)
         if text is None:
             return None
@@ -67,9 +68,12 @@ class SortTask(Task):
 
 # A number of a list: "1,2,3" is three, "1,000" one (thousands), "−5" (U+2212) and "7.0" integers.
 _LIST_NUMBER = re.compile(r"(?<![\d.])[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.0+)?(?!\d|\.\d)")
-_LIST_ONLY = re.compile(rf"[\s,;\[\]()]*(?:{_LIST_NUMBER.pattern}[\s,;\[\]()]*)+")  # numbers and separators only
+_SEPARATORS = r"[\s,;\[\]()*$`]*"
+_LIST_ONLY = re.compile(rf"{_SEPARATORS}(?:{_LIST_NUMBER.pattern}{_SEPARATORS})+")  # numbers and separators only
 _MARKER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+")  # "1. ", "2) ", "- " opening a line of a list
-_SORTED_LABEL = re.compile(r"\s*(?:the\s+)?sorted(?:\s+(?:list|numbers|order))?\s*(?:is\b|:)", re.IGNORECASE)
+_ARROW = re.compile(r"->|\u2192|=>")
+_QUESTION_LABEL = re.compile(r"\b(?:input|given|original|unsorted|from|question)\b", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"\b(?:sorted|ascending|order|output|answer|result)\b", re.IGNORECASE)
 
 
 def _numbers(text: str) -> list[str]:
@@ -78,22 +82,27 @@ def _numbers(text: str) -> list[str]:
 
 def _given_list(text: str) -> list[str]:
     """The numbers of the list `text` gives (see `SortTask.extract_answer`)."""
-    lists: list[tuple[bool, list[str]]] = []  # (labelled sorted, numbers)
+    lists: list[tuple[str, list[str]]] = []  # (what its label says: "answer", "question" or "", numbers)
     column = False  # whether the previous line was one number alone, which a column of them continues
+    pending = ""  # a label alone on its line, for the list on the next
     first = next((line for line in text.splitlines() if line.strip()), "")
     for line in text.splitlines():
-        body = _MARKER.sub("", line).rsplit(":", 1)[-1]
+        line = _ARROW.split(_MARKER.sub("", line))[-1]
+        label, _, body = line.rpartition(":")
+        kind = ("question" if _QUESTION_LABEL.search(label) else "answer" if _ANSWER_LABEL.search(label)
+                else "") if label else ""
         if not _LIST_ONLY.fullmatch(body):
-            column = False
+            pending, column = (kind if label and not body.strip(" *_") else ""), False
             continue
         numbers = _numbers(body)
-        if column and len(numbers) == 1:
+        if column and len(numbers) == 1 and not label:
             lists[-1][1].extend(numbers)
         else:
-            lists.append((bool(_SORTED_LABEL.match(line)), numbers))
-        column = len(numbers) == 1
-    labelled = [numbers for sorted_label, numbers in lists if sorted_label]
-    return (labelled or [numbers for _, numbers in lists] or [_numbers(first)])[0]
+            lists.append((kind or pending, numbers))
+        pending, column = "", len(numbers) == 1
+    chosen = ([numbers for kind, numbers in lists if kind == "answer"]
+              or [numbers for kind, numbers in lists if kind != "question"])
+    return chosen[-1] if chosen else _numbers(first)
 
 
 def _wrong_answers(numbers: list[int]) -> dict[str, float]:
