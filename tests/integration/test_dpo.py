@@ -332,7 +332,7 @@ def test_on_policy_pairs_leave_out_cut_completions_and_resume_inside_a_round_on_
 
     monkeypatch.setattr(dpo, "dpo_loss_fn", stopping_in_step_3)
     stopped = main(dpo_config(lm_dir, tmp_path, *settings))
-    assert stopped.summary == {"interrupted_at_step": 3}
+    assert stopped.summary == {"interrupted_at_step": 4}  # the stop waited for the round's last step
     monkeypatch.setattr(dpo, "dpo_loss_fn", make_loss)
     resumed = main(dpo_config(lm_dir, tmp_path, *settings, "run.resume=true"))
     metrics = read_metrics(resumed.run_dir / "metrics.jsonl")

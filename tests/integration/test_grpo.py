@@ -527,3 +527,30 @@ def test_process_supervision_by_the_verifier_refuses_rows_without_gold_steps(tmp
     assert (err.value.line, err.value.field) == (2, "steps")
     check_gold_answers(prepared.dataset, prepared.tokenized.name, grpo_config(  # outcome supervision: fine
         "unused", tmp_path, f"data.source={path}", "reward.task=multistep"))
+
+
+def test_a_run_resumed_from_an_older_checkpoint_keeps_each_steps_reward_errors_once(lm_dir, tmp_path):
+    """metrics.jsonl and samples.jsonl were cut back to the checkpoint's step on resume, grader_errors.jsonl was not:
+    the errors of the steps trained again were written twice (after a SIGKILL or a crash between checkpoints), and
+    nothing in a record said which step it was of."""
+    import shutil
+
+    (tmp_path / "flaky.py").write_text("import zlib\n\ndef score(batch):\n    return [float('nan') if "
+                                       "zlib.crc32(t.encode()) % 3 == 0 else 1.0 for t in batch.completions]\n")
+    settings = ["train.max_steps=4", "train.save_every=1", "train.keep_last=4", "train.batch_size=8",
+                "train.micro_batch_size=8", "sampling.samples_per_prompt=4", "reward.max_error_fraction=1",
+                f"reward.functions={{{tmp_path / 'flaky.py'}:score: 1.0}}", "eval.problems=0"]
+    full = main(grpo_config(lm_dir, tmp_path, *settings))
+    shutil.copytree(full.run_dir, tmp_path / "again")
+    for later in ("step-3", "step-4"):  # as if killed after step 4, its last checkpoints lost with it
+        shutil.rmtree(tmp_path / "again" / "checkpoints" / later)
+    shutil.rmtree(tmp_path / "again" / "final")
+    (tmp_path / "again" / "summary.json").unlink()
+    resumed = main(grpo_config(lm_dir, tmp_path, *settings, "run.name=again", "run.resume=true"))
+
+    def errors(run):
+        return [(e["step"], e["row"], e["completion"])
+                for e in map(json.loads, (run.run_dir / "grader_errors.jsonl").read_text().splitlines())]
+
+    assert {step for step, _, _ in errors(full)} == {1, 2, 3, 4}
+    assert errors(resumed) == errors(full)

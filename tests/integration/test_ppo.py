@@ -521,10 +521,11 @@ def test_a_shared_value_head_reads_the_hidden_states_the_output_embedding_reads(
     assert model.value_head.in_features == 32 and values.shape == (2, 5) and logits.shape[:2] == (2, 5)
 
 
-def test_a_run_resumed_inside_a_round_keeps_the_later_rounds_in_step(lm_dir, tmp_path, monkeypatch):
-    """A signal's checkpoint inside a round: the resumed run sampled a whole new round there, so every later round
-    (and its save_every checkpoints) sat one step off the uninterrupted run's. Now the fresh round serves the
-    interrupted round's remaining steps only."""
+def test_a_stop_inside_a_round_waits_for_its_end_and_the_resumed_run_is_the_uninterrupted_one(
+        lm_dir, tmp_path, monkeypatch):
+    """A signal inside a round saved a checkpoint there, and the resumed run sampled another round from the updated
+    policy: every weight after it differed from the uninterrupted run's (once also every later round sat a step
+    off). The stop now waits for the round's last step, and the resumed run is the uninterrupted one, bitwise."""
     import os
     import signal
 
@@ -544,12 +545,16 @@ def test_a_run_resumed_inside_a_round_keeps_the_later_rounds_in_step(lm_dir, tmp
             return loss_fn(model, batch, normaliser)
         return loss
 
+    straight = train_ppo(ppo_config(lm_dir, tmp_path / "straight", *settings), stage="ppo", title="PPO",
+                         rewards=TEXT_REWARD)
     monkeypatch.setattr(rl_loop, "rl_loss_fn", stopping_at_step_3)
     stopped = train_ppo(ppo_config(lm_dir, tmp_path, *settings), stage="ppo", title="PPO", rewards=TEXT_REWARD)
-    assert stopped.summary == {"interrupted_at_step": 3}
+    assert stopped.summary == {"interrupted_at_step": 4}  # round 2's second step trained first
     monkeypatch.undo()
     resumed = train_ppo(ppo_config(lm_dir, tmp_path, *settings, "run.resume=true"), stage="ppo", title="PPO",
                         rewards=TEXT_REWARD)
     epochs = [(m["step"], m["epoch"]) for m in read_metrics(resumed.run_dir / "metrics.jsonl") if "epoch" in m]
-    assert epochs == [(1, 1), (2, 2), (3, 1), (4, 1), (5, 1), (6, 2)]
+    assert epochs == [(1, 1), (2, 2), (3, 1), (4, 2), (5, 1), (6, 2)]
     assert sorted(p.name for p in (resumed.run_dir / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    final, expected = (load_file(str(r.final_dir / "model.safetensors")) for r in (resumed, straight))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)

@@ -155,16 +155,16 @@ def test_a_resume_inside_a_round_samples_that_round_again_and_keeps_the_run_s_ro
 
     monkeypatch.setattr(rejection, "sft_loss_fn", stopping_at_step_3)
     stopped = main(load_config(RejectionConfig, find_recipe("rejection").path, overrides))
-    assert stopped.summary == {"interrupted_at_step": 3}
+    assert stopped.summary == {"interrupted_at_step": 4}  # the stop waited for the round's last step
     monkeypatch.undo()
     resumed = main(load_config(RejectionConfig, find_recipe("rejection").path, [*overrides, "run.resume=true"]))
     metrics = read_metrics(resumed.run_dir / "metrics.jsonl")
     assert [(m["step"], m["round"]) for m in metrics] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     assert resumed.summary["rounds"] == 2 and resumed.summary["steps"] == 4
-    # Round 2 was drawn twice: samples.jsonl tells the draws apart by the step each trained from (3, then 4).
+    # Each round drawn once (a stop inside round 2 once drew it again for its last step).
     samples = [json.loads(line) for line in (resumed.run_dir / "samples.jsonl").read_text().splitlines()]
     draws = sorted({(s["round"], s["step"]) for s in samples if "round" in s})
-    assert draws == [(1, 1), (2, 3), (2, 4)]
+    assert draws == [(1, 1), (2, 3)]
     with pytest.raises(ConfigError, match="between rounds") as err:  # a periodic checkpoint inside a round
         rejection.check_config(load_config(RejectionConfig, find_recipe("rejection").path,
                                            [*overrides, "train.save_every=3"]))

@@ -56,6 +56,7 @@ from posttrain.recipes.rl import (
     preference_rows,
     resolve_task,
 )
+from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.train import dist
@@ -294,6 +295,12 @@ class OnPolicyPairs:
         self.round_start = self.prompts.state_dict()  # the prompt stream before the current round sampled
         self.source, self.metrics = self._round()
 
+    def steps_left_in_round(self) -> int:
+        """The steps still to train on this round's pairs (a stop waits for them: see
+        `RLStepSource.steps_left_in_round`)."""
+        every = self.cfg.pairs.resample_every
+        return (every - self.steps % every) % every if every and self.source is not None else 0
+
     def next_step(self) -> StepBatch:
         every = self.cfg.pairs.resample_every
         if self.source is None or (every and self.steps and self.steps % every == 0):
@@ -326,6 +333,8 @@ class OnPolicyPairs:
 
     @torch.no_grad()
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
+        if isinstance(self.rewards.error_log, RewardErrorLog):  # its records name the round's first step
+            self.rewards.error_log.step = self.steps + 1
         with self.progress.phase(f"sampling round {self.rounds + 1}: prompts", self.prompts.per_round) as bar:
             rows, rollout = self.prompts.sample(self.engine, self.params)  # the engine samples in eval mode
             bar.advance(len(rows))

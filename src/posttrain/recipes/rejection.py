@@ -53,6 +53,7 @@ from posttrain.recipes.rl import (
     resolve_task,
 )
 from posttrain.recipes.sft import sft_loss_fn, step_source
+from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.reward_model import UNLIMITED_LENGTH
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
@@ -226,6 +227,10 @@ class RejectionStepSource:
         self.history: list[dict[str, float]] = []
         self.round_start = self.prompts.state_dict()  # the prompt stream before the current round sampled
 
+    def steps_left_in_round(self) -> int:
+        """The round's steps still to train (a stop waits for them: see `RLStepSource.steps_left_in_round`)."""
+        return max(0, self.steps_per_round - self.steps_in_round) if self.inner is not None else 0
+
     def next_step(self) -> StepBatch:
         first = self.inner is None or (self.steps_in_round == self.steps_per_round
                                        and self.prompts.rounds < self.cfg.rounds)
@@ -264,6 +269,8 @@ class RejectionStepSource:
     def new_round(self, first_step: int = 1) -> ShuffledStepSource:
         """Sample, score, select; the SFT step source over the kept pairs, which trains from step `first_step` (a
         round resumed inside is drawn again: samples.jsonl tells its draws apart by that step)."""
+        if isinstance(self.rewards.error_log, RewardErrorLog):  # its records name the round's first step
+            self.rewards.error_log.step = first_step
         start = time.perf_counter()
         with torch.no_grad(), self.progress.phase(f"sampling round {self.prompts.rounds + 1}: prompts",
                                                   self.prompts.per_round) as bar:

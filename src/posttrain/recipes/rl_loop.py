@@ -95,6 +95,7 @@ from posttrain.recipes.rl import (
     sampling_batch_prompts,
     steps_per_round,
 )
+from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, concat_rollouts, make_engine
 from posttrain.rollout.recompute import (
@@ -330,6 +331,11 @@ class RLStepSource:
         self.steps += 1
         return self.queue.pop(0)
 
+    def steps_left_in_round(self) -> int:
+        """The round's steps still to train: a stop waits for them (`Trainer.fit`), since a run resumed inside a
+        round samples another one from the updated policy and goes on differently."""
+        return len(self.queue)
+
     def state_dict(self) -> dict[str, Any]:
         return {**self.prompts.state_dict(), "steps": self.steps, "kl": self.kl.state_dict()}
 
@@ -341,6 +347,8 @@ class RLStepSource:
     def generate(self) -> list[StepBatch]:
         """One round, phase by phase."""
         start = time.perf_counter()
+        if isinstance(self.rewards.error_log, RewardErrorLog):  # its records name the round's first step
+            self.rewards.error_log.step = self.steps + 1
         rows, rollout, completions, scores, score, generation_s, filtered = self._sample()   # 1. and 2.
         if self.gold is not None:
             self.gold.prepare(rows)

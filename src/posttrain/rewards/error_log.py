@@ -36,6 +36,7 @@ class RewardErrorLog:
         self.echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))
         self.seen: set[tuple[str, str]] = set()
         self.calls = 0
+        self.step: int | None = None  # the optimizer step the scored samples train (set by the stage's sampler)
         self.pending: list[dict[str, Any]] = []  # errors scored before the run directory exists (see `attach`)
         self.deferred = False  # the caller checks the error fraction itself (`check_fraction`)
         # Under torchrun every rank scores its own samples and appends its own errors to the one file.
@@ -61,7 +62,8 @@ class RewardErrorLog:
         self.calls += 1
         if not scores.errors:
             return
-        records = [{"call": self.calls, **({"rank": self.rank} if self.rank is not None else {}),
+        records = [{"call": self.calls, **({"step": self.step} if self.step is not None else {}),
+                    **({"rank": self.rank} if self.rank is not None else {}),
                     "function": e["function"], "row": e["row"], "prompt": _last_message(batch.prompts[e["row"]]),
                     "completion": batch.completions[e["row"]], "error": e["error"]} for e in scores.errors]
         if self.path is not None:

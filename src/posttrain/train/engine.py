@@ -39,6 +39,7 @@ from posttrain.errors import ConfigError, PosttrainError, RunDirError
 from posttrain.models.heads import floating_dtype
 from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
+from posttrain.rewards.error_log import ERRORS_FILE
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from posttrain.train.dist_checkpoint import check_world_size, load_sharded_checkpoint, save_sharded_checkpoint
@@ -301,8 +302,9 @@ class Trainer:
                 trackers.log(record)
                 progress.update(self.step, {k: record[k] for k in (*progress_keys, "lr", "tokens_per_s")
                                             if k in record})
-                # A signal may reach one rank only; every rank must stop (and save) at the same step.
-                if dist.all_reduce_sum(float(stop.requested)) > 0:
+                # A signal may reach one rank only; every rank must stop (and save) at the same step: the end of a
+                # round of sampled data, whose remaining steps a resume could not train as they would have been.
+                if dist.all_reduce_sum(float(stop.requested)) > 0 and self._round_finished(source, stop):
                     path = self.save(source)
                     if main:
                         self.console.print(
@@ -368,6 +370,19 @@ class Trainer:
         if dist.all_reduce_sum(float(met)) == 0:
             return None
         return rule.describe(record) if self.dist.is_main else f"{rule} (on rank 0)"
+
+    def _round_finished(self, source: StepSource, stop: StopRequest) -> bool:
+        """Whether a requested stop can happen now: at once, unless `source` is inside a round of sampled data
+        (`steps_left_in_round`), whose steps are trained first (saying so once; a second Ctrl-C stops at once)."""
+        left = getattr(source, "steps_left_in_round", lambda: 0)()
+        if left == 0 or self.step >= self.train_cfg.max_steps:
+            return True
+        if self.dist.is_main and not stop.told:
+            self.console.print(f"[yellow]stopping: first the {left} step(s) left of this round of samples[/] (so "
+                               "that a resume trains on as the run would have); Ctrl-C again stops at once, without "
+                               "a checkpoint of this round")
+            stop.told = True
+        return False
 
     def _warmup_note(self) -> str:
         """What a warm-up as long as the run does (optim.warmup_steps >= its steps): the lr never reaches optim.lr
@@ -542,6 +557,7 @@ class Trainer:
         if self.dist.is_main:
             kept = truncate_metrics(self.run_dir.metrics, self.step)
             truncate_samples(self.run_dir.samples, self.step)
+            truncate_metrics(self.run_dir.path / ERRORS_FILE, self.step)  # the reward errors of steps trained again
             self._resumed_last = kept[-1] if kept and kept[-1].get("step") == self.step else {}
         return path
 

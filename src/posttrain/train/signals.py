@@ -63,6 +63,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        self.told = False  # whether the trainer said what the stop waits for
         self._handlers = contextlib.ExitStack()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
