@@ -745,7 +745,6 @@ def _mask_columns(fmt: str) -> tuple[str, ...]:
             "ranking": ("ranked_response_mask",), "verifiable": ()}.get(fmt, ("response_mask",))
 
 
-
 def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """The special tokens a model trained on `tokenizer`'s chat template ends its answers with: EOS, and the
     template's end-of-turn token where it is another (`<|im_end|>` of a base Qwen tokenizer whose EOS is

@@ -55,8 +55,8 @@ from posttrain.recipes.rl import (
     log_reward_errors,
     preference_rows,
     resolve_task,
+    reward_errors_of_step,
 )
-from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.train import dist
@@ -333,8 +333,7 @@ class OnPolicyPairs:
 
     @torch.no_grad()
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
-        if isinstance(self.rewards.error_log, RewardErrorLog):  # its records name the round's first step
-            self.rewards.error_log.step = self.steps + 1
+        reward_errors_of_step(self.rewards, self.steps + 1)
         with self.progress.phase(f"sampling round {self.rounds + 1}: prompts", self.prompts.per_round) as bar:
             rows, rollout = self.prompts.sample(self.engine, self.params)  # the engine samples in eval mode
             bar.advance(len(rows))

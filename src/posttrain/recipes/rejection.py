@@ -51,9 +51,9 @@ from posttrain.recipes.rl import (
     heldout_reward_part,
     log_reward_errors,
     resolve_task,
+    reward_errors_of_step,
 )
 from posttrain.recipes.sft import sft_loss_fn, step_source
-from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rewards.reward_model import UNLIMITED_LENGTH
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
@@ -269,8 +269,7 @@ class RejectionStepSource:
     def new_round(self, first_step: int = 1) -> ShuffledStepSource:
         """Sample, score, select; the SFT step source over the kept pairs, which trains from step `first_step` (a
         round resumed inside is drawn again: samples.jsonl tells its draws apart by that step)."""
-        if isinstance(self.rewards.error_log, RewardErrorLog):  # its records name the round's first step
-            self.rewards.error_log.step = first_step
+        reward_errors_of_step(self.rewards, first_step)
         start = time.perf_counter()
         with torch.no_grad(), self.progress.phase(f"sampling round {self.prompts.rounds + 1}: prompts",
                                                   self.prompts.per_round) as bar:

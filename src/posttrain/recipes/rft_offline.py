@@ -44,7 +44,7 @@ from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
 from posttrain.recipes.rl import build_rewards, check_reward_functions, resolve_task
 from posttrain.recipes.sft import sft_loss_fn, step_source
-from posttrain.rewards.error_log import ERRORS_FILE, RewardErrorLog
+from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.train import dist
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
@@ -86,7 +86,7 @@ def main(cfg: Any) -> RunResult:
     scored_file = run_dir.path / "scored.jsonl"
     if dist.is_main_process():  # a resumed run scores the same set again: keep one copy of its scores and errors
         scored_file.unlink(missing_ok=True)
-        (run_dir.path / ERRORS_FILE).unlink(missing_ok=True)
+        run_dir.reward_errors.unlink(missing_ok=True)
     dist.barrier()
     errors.attach(run_dir.path)  # every rank's errors, of the rows it scored
     append_jsonl(scored_file, scored_records(candidates, scores))

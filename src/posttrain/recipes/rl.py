@@ -165,6 +165,13 @@ def log_reward_errors(rewards: WeightedRewards, cfg: RewardConfig, run_dir: Path
     return rewards
 
 
+def reward_errors_of_step(rewards: WeightedRewards, step: int) -> None:
+    """Have the reward errors scored from now on (a round's samples) name `step`, the first step they train: a
+    resume from an earlier checkpoint cuts grader_errors.jsonl back by it, as metrics.jsonl."""
+    if isinstance(rewards.error_log, RewardErrorLog):
+        rewards.error_log.step = step
+
+
 def build_reference(beta: float, adapter: AdapterConfig, model: torch.nn.Module) -> Reference | None:
     """A frozen copy of the starting policy when beta > 0 (with an adapter: None, the adapter-disabled
     policy is the reference, see `adapter_reference`)."""

@@ -89,13 +89,13 @@ from posttrain.recipes.rl import (
     heldout_reward_part,
     log_reward_errors,
     resolve_task,
+    reward_errors_of_step,
     reward_metrics,
     rollout_batch_size,
     sample_record,
     sampling_batch_prompts,
     steps_per_round,
 )
-from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, concat_rollouts, make_engine
 from posttrain.rollout.recompute import (
@@ -347,8 +347,7 @@ class RLStepSource:
     def generate(self) -> list[StepBatch]:
         """One round, phase by phase."""
         start = time.perf_counter()
-        if isinstance(self.rewards.error_log, RewardErrorLog):  # its records name the round's first step
-            self.rewards.error_log.step = self.steps + 1
+        reward_errors_of_step(self.rewards, self.steps + 1)
         rows, rollout, completions, scores, score, generation_s, filtered = self._sample()   # 1. and 2.
         if self.gold is not None:
             self.gold.prepare(rows)

@@ -72,7 +72,7 @@ class LocalRolloutEngine(RolloutEngine):
     def eos_token_ids(self) -> set[int]:
         """EOS ids of the tokenizer and of the model's generation config (which may list several), and the chat
         template's end-of-turn token (`data.tokenize.turn_end_ids`): what ends an answer in the training rows."""
-        ids = {self.tokenizer.eos_token_id, *self.turn_ends}
+        ids: set[int | None] = set(self.turn_ends)  # the tokenizer's EOS among them
         generation_config = getattr(self.model, "generation_config", None)
         configured = getattr(generation_config, "eos_token_id", None)
         ids.update(configured if isinstance(configured, (list, tuple)) else [configured])

@@ -39,7 +39,6 @@ from posttrain.errors import ConfigError, PosttrainError, RunDirError
 from posttrain.models.heads import floating_dtype
 from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
-from posttrain.rewards.error_log import ERRORS_FILE
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from posttrain.train.dist_checkpoint import check_world_size, load_sharded_checkpoint, save_sharded_checkpoint
@@ -557,7 +556,7 @@ class Trainer:
         if self.dist.is_main:
             kept = truncate_metrics(self.run_dir.metrics, self.step)
             truncate_samples(self.run_dir.samples, self.step)
-            truncate_metrics(self.run_dir.path / ERRORS_FILE, self.step)  # the reward errors of steps trained again
+            truncate_metrics(self.run_dir.reward_errors, self.step)  # the reward errors of steps trained again
             self._resumed_last = kept[-1] if kept and kept[-1].get("step") == self.step else {}
         return path
 

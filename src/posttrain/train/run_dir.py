@@ -65,6 +65,10 @@ class RunDir:
         return self.path / "samples.jsonl"
 
     @property
+    def reward_errors(self) -> Path:
+        return self.path / ERRORS_FILE
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

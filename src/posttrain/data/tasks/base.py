@@ -80,29 +80,18 @@ def first_integer(text: str) -> str | None:
     return integer_value(match.group()) if match else None
 
 
-_RESULT = re.compile(r"=[ \t]*(\S*)")
-
-
-def last_result(text: str) -> str | None:
-    """The value after the last `=` that has one ("12+5=17\n17-3=14" -> "14"; a cut "17-3=" leaves 17), or None
-    when it is no integer ("17-3=14.5" is no 17 nor 14)."""
-    values = [value for value in _RESULT.findall(text) if value]
-    match = re.match(ANSWER_INTEGER, values[-1]) if values else None
-    return integer_value(match.group()) if match else None
-
-
 # Markup that may wrap an answer: **8**, $8$, `8`, (8), [8], \(8\), \boxed{8}.
-MARKUP = r"(?:[\s*_$`(\[{]|\\\(|\\(?:boxed|text|mathbf)\{)*"
+_MARKUP = r"(?:[\s*_$`(\[{]|\\\(|\\(?:boxed|text|mathbf)\{)*"
 _NUMBER = r"[+\-\u2212]?\d+(?:,\d+)*(?:\.\d+)?"  # a number as written, integer or not ("35.9" is one, and no integer)
 _OPERATOR = r"[-+*/x\u00d7\u00b7\u2212]"
 # A stated answer: a cue ("Answer:", "answer is", "Final answer:", "The result is"; any case) right before a number,
 # through markup, on its line or the next: "the answer is correct" and "Result: verified" state none.
-ANSWER_CUE = re.compile(rf"\b(?:answer|result)\b[*_ \t]*(?:is\b|:|=){MARKUP}(?=[+\-\u2212]?\d)", re.IGNORECASE)
+ANSWER_CUE = re.compile(rf"\b(?:answer|result)\b[*_ \t]*(?:is\b|:|=){_MARKUP}(?=[+\-\u2212]?\d)", re.IGNORECASE)
 _NO_ANSWER = re.compile(r"\banswer\b[*_ \t]*:[*_ \t]*(?:none|n/?a|unknown|no answer)\b", re.IGNORECASE)
-_EXPRESSION = re.compile(rf"{MARKUP}{WHOLE_INTEGER}(?:[ \t]*{_OPERATOR}[ \t]*{WHOLE_INTEGER})+")  # "3+5", "23+17-9"
-_LEADING = re.compile(rf"{MARKUP}({_NUMBER})")
-_RESULT_VALUE = re.compile(rf"=[ \t]*{MARKUP}({_NUMBER})(?![ \t]*{_OPERATOR}[ \t]*\d)")  # "=8", not "= 40-9"
-_LIST_MARKER = re.compile(rf"^[ \t]*(?:\d{{1,2}}[.)]|[-*\u2022]|step[ \t]*\d+[ \t]*[:.)])[ \t]+(?={MARKUP}\d)",
+_EXPRESSION = re.compile(rf"{_MARKUP}{WHOLE_INTEGER}(?:[ \t]*{_OPERATOR}[ \t]*{WHOLE_INTEGER})+")  # "3+5", "23+17-9"
+_LEADING = re.compile(rf"{_MARKUP}({_NUMBER})")
+_RESULT_VALUE = re.compile(rf"=[ \t]*{_MARKUP}({_NUMBER})(?![ \t]*{_OPERATOR}[ \t]*\d)")  # "=8", not "= 40-9"
+_LIST_MARKER = re.compile(rf"^[ \t]*(?:\d{{1,2}}[.)]|[-*\u2022]|step[ \t]*\d+[ \t]*[:.)])[ \t]+(?={_MARKUP}\d)",
                           re.IGNORECASE | re.MULTILINE)  # "1. ", "- ", "Step 1: " before a number
 _QUESTION = re.compile(r"^[ \t]*[^\n?]*\?")  # a restated question ("What is 3+5?") before the answer
 NOT_STATED = "not stated"  # what `stated_answer` returns for a completion that states no answer

@@ -114,7 +114,7 @@ class MultistepTask(Task):
         if stated is not NOT_STATED:
             return stated
         steps = parse_steps(text)
-        return str(steps[-1][3]) if steps else None
+        return str(steps[-1].value) if steps else None
 
     def verify_steps(self, completion: str, steps: list[str]) -> list[float]:
         """A score per gold step: 1.0 when the completion's line for step j (the first labelled j, or j-th of the
@@ -122,7 +122,7 @@ class MultistepTask(Task):
         steps score 0)."""
         scores, lines = [0.0] * len(steps), parse_steps(completion)
         for line, score in zip(lines, _line_scores(lines, steps), strict=True):
-            if line.step < len(steps) and score:
+            if score:  # a right line is one of a gold step
                 scores[line.step] = 1.0
         return scores
 
