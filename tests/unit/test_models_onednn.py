@@ -4,6 +4,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -29,43 +30,47 @@ def _onednn_wanted(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "1")
 
 
-@pytest.mark.parametrize("choice,flags,measured,expected", [
-    ("auto", "avx2 avx512f avx512_bf16", "onednn", True),  # e.g. an AMD Zen 5: oneDNN measured ~2x MKL
-    ("auto", "avx2 avx512f amx_bf16", "torch", False),  # e.g. a Zen 4 or a Xeon with AMX: no faster, more memory
-    ("auto", "avx2 fma", None, False),  # AVX2 only: never measured, never swapped
-    ("1", "avx2 fma", None, True), ("0", "avx2 avx512f", None, False)])
-def test_the_gemm_library_is_measured_on_avx512_cpus_unless_the_environment_says(monkeypatch, tmp_path, choice,
-                                                                                 flags, measured, expected):
+@pytest.mark.parametrize("choice,flags,measured,packed_measured,expected,packed_expected", [
+    ("auto", "avx2 avx512f avx512_bf16", "onednn", None, True, True),  # e.g. an AMD Zen 5: oneDNN measured ~2x MKL
+    ("auto", "avx2 avx512f amx_bf16", "torch", None, False, True),  # a Zen 4 or a Xeon with AMX: no faster, more memory
+    ("auto", "avx2 fma", None, "onednn", False, True),  # AVX2 only (a Zen 2): training never swapped, decode measured
+    ("auto", "avx2 fma", None, "torch", False, False),
+    ("1", "avx2 fma", None, None, True, True), ("0", "avx2 avx512f", None, None, False, False)])
+def test_the_gemm_library_is_measured_on_avx512_cpus_unless_the_environment_says(
+        monkeypatch, tmp_path, choice, flags, measured, packed_measured, expected, packed_expected):
     monkeypatch.setenv("POSTTRAIN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(machine_choices, "_choices", {})
     monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset(flags.split()))
     monkeypatch.setattr(onednn, "onednn_ops_available", lambda: True)
-    measurements = []
+    measurements, packed_measurements = [], []
     monkeypatch.setattr(onednn, "_measure_training_linears", lambda: measurements.append(1) or measured)
+    monkeypatch.setattr(onednn, "_measure_packed_linears", lambda: packed_measurements.append(1) or packed_measured)
     monkeypatch.setenv("POSTTRAIN_ONEDNN", choice)
     assert onednn_linear_preferred() is expected
     assert onednn_linear_preferred() is expected and len(measurements) == (measured is not None)  # measured once
-    # the rollout engine's once-reordered weights take oneDNN on any AVX-512 CPU, unmeasured
-    assert onednn_linear_preferred(packed_weights=True) is (expected or (choice == "auto" and "avx512f" in flags))
+    # the rollout engine's once-reordered weights take oneDNN on any AVX-512 CPU, unmeasured; elsewhere measured once
+    for _ in range(2):
+        assert onednn_linear_preferred(packed_weights=True) is packed_expected
+    assert len(packed_measurements) == (packed_measured is not None)
     monkeypatch.setenv("POSTTRAIN_ONEDNN", "yes")
     with pytest.raises(ValueError, match="POSTTRAIN_ONEDNN must be auto, 0 or 1"):
         onednn_linear_preferred()
+
+
+def _slowed(function, seconds):
+    def run(*args):
+        time.sleep(seconds)
+        return function(*args)
+    return run
 
 
 @needs_onednn
 def test_measuring_answers_with_the_library_that_was_faster_by_the_margin(monkeypatch):
     """With one library made artificially slow, `_measure_training_linears` must answer with the other; a tie
     (both as fast) goes to torch's own GEMM, and so does a oneDNN that fails."""
-    import time
     monkeypatch.setattr(onednn, "MEASURED_SHAPES", ((64, 32, 16),))
     torch_linear, onednn_product = torch.nn.functional.linear, onednn.matmul_transposed
-
-    def slowed(function, seconds):
-        def run(*args):
-            time.sleep(seconds)
-            return function(*args)
-        return run
-
+    slowed = _slowed
     # oneDNN's path runs three products a round (forward, input and weight gradients), torch's is slowed once
     monkeypatch.setattr(torch.nn.functional, "linear", slowed(torch_linear, 0.15))
     assert onednn._measure_training_linears() == "onednn"
@@ -80,6 +85,38 @@ def test_measuring_answers_with_the_library_that_was_faster_by_the_margin(monkey
 
     monkeypatch.setattr(onednn, "matmul_transposed", failing)
     assert onednn._measure_training_linears() == "torch"
+
+
+@needs_onednn
+def test_the_decode_products_are_measured_with_once_reordered_weights_and_a_tie_keeps_torch(monkeypatch):
+    """`_measure_packed_linears` answers with the library that ran the decode-shaped products faster by the margin;
+    a tie and a oneDNN that fails go to torch's own GEMM."""
+    monkeypatch.setattr(onednn, "MEASURED_SHAPES", ((64, 32, 16),))
+    monkeypatch.setattr(onednn, "DECODE_ROWS", 4)
+    torch_linear, packed = torch.nn.functional.linear, onednn.packed_linear
+    monkeypatch.setattr(torch.nn.functional, "linear", _slowed(torch_linear, 0.01))
+    assert onednn._measure_packed_linears() == "onednn"
+    monkeypatch.setattr(torch.nn.functional, "linear", torch_linear)
+    monkeypatch.setattr(onednn, "packed_linear", _slowed(packed, 0.01))
+    assert onednn._measure_packed_linears() == "torch"
+    monkeypatch.setattr(torch.nn.functional, "linear", _slowed(torch_linear, 0.01))  # a tie
+    assert onednn._measure_packed_linears() == "torch"
+
+    def failing(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(onednn, "packed_linear", failing)
+    assert onednn._measure_packed_linears() == "torch"
+
+
+@needs_onednn
+def test_a_packed_product_is_the_linear_in_float64():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(64, 48), torch.randn(40, 48), torch.randn(40)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+    for b in (bias, None):
+        torch.testing.assert_close(onednn.packed_linear(x, packed, b).double(), _reference_linear(x, weight, b),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def _reference_linear(x, weight, bias):

@@ -20,9 +20,12 @@ steps were as fast either way and the swap cost 90-175 MB of peak RSS; on an Int
 peak RSS). So `POSTTRAIN_ONEDNN=auto` (the default) swaps on a CPU with AVX-512 where a one-off measurement
 (`_measure_training_linears`: forward + backward of three model-shaped linears through each library, about a
 second) found oneDNN at least `MIN_SPEEDUP` times faster, the answer kept per machine (`models.machine_choices`);
-never on an AVX2-only CPU, where it was never measured to win; `1` always, `0` never (torch's own GEMM). The
-rollout engine's weights, reordered once and reused for every decode step, take oneDNN on any AVX-512 CPU
-(`packed_weights`): that won on every CPU measured.
+never on an AVX2-only CPU, where it was never measured to win (0.90-0.92x MKL on a Zen 2 EPYC); `1` always, `0`
+never (torch's own GEMM). The rollout engine's weights, reordered once and reused for every decode step
+(`packed_weights`), take oneDNN on any AVX-512 CPU, where that won on every CPU measured, and on other CPUs where
+a one-off measurement of the decode products (`_measure_packed_linears`) finds it `MIN_SPEEDUP` times faster: on
+an AVX2-only Zen 2 EPYC (family 23 model 49) the 64-row products ran at 116-135 GFLOP/s against MKL's 82-111, and a
+GRPO 8x8 round of the small model sampled in 1.73-1.77 s against 2.11-2.13.
 The ops used (`torch.ops.mkldnn._linear_pointwise`, the one inductor's CPU backend uses) are private:
 without them, or without oneDNN in the torch build, nothing is swapped.
 
@@ -54,6 +57,9 @@ PRIMITIVE_CACHE_CAPACITY = 64
 # measured 1.09-1.14x MKL on that CPU, against 1.00-1.06x for these, and its SFT steps ran no faster.
 MEASURED_SHAPES = ((2048, 512, 512), (2048, 512, 1408), (2048, 1408, 512))
 MIN_SPEEDUP = 1.15  # oneDNN costs memory (above): a near tie goes to torch's own GEMM
+# The decode products measured for the engine's packed weights: a step's rows (a batch of 64 completions) through
+# the same three shapes, each weight reordered once for the row count as `rollout.gemm` does.
+DECODE_ROWS = 64
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
 
 
@@ -74,16 +80,18 @@ def onednn_linear_preferred(packed_weights: bool = False) -> bool:
     """Whether fp32 linears should run on oneDNN on this CPU: `POSTTRAIN_ONEDNN` 1/0, or (auto) a CPU with
     AVX-512 where oneDNN measured faster for training (`_measure_training_linears`, once per machine). Weights
     reordered once and reused many times (`packed_weights`: the rollout engine's decode steps) win on any AVX-512
-    CPU (Intel Xeon with AMX: 8x8 GRPO sampling 1.04 vs 1.15 s; Zen 4 EPYC: 894 vs 743 new tokens/s at batch 64)."""
+    CPU (Intel Xeon with AMX: 8x8 GRPO sampling 1.04 vs 1.15 s; Zen 4 EPYC: 894 vs 743 new tokens/s at batch 64)
+    and elsewhere where `_measure_packed_linears` found them faster (once per machine)."""
     choice = os.environ.get("POSTTRAIN_ONEDNN", "auto")
     if choice not in ("auto", "0", "1"):
         raise ValueError(f"POSTTRAIN_ONEDNN must be auto, 0 or 1, got {choice!r}")
     if choice != "auto":
         return choice == "1"
+    if packed_weights:
+        return "avx512f" in cpu_flags() or measured_choice(
+            "fp32 packed decode linears", ("onednn", "torch"), _measure_packed_linears) == "onednn"
     if "avx512f" not in cpu_flags():
         return False
-    if packed_weights:
-        return True
     return measured_choice("fp32 training linears", ("onednn", "torch"), _measure_training_linears) == "onednn"
 
 
@@ -107,6 +115,39 @@ def _measure_training_linears() -> str:
     except RuntimeError:  # oneDNN's private ops refuse this CPU or build: torch's GEMM it is
         return "torch"
     return "onednn" if seconds["torch"] >= MIN_SPEEDUP * seconds["onednn"] else "torch"
+
+
+def _measure_packed_linears() -> str:
+    """"onednn" where `DECODE_ROWS` rows through the small model's three linear shapes ran at least `MIN_SPEEDUP`
+    times faster through oneDNN with each weight reordered once (the rollout engine's decode products) than
+    through torch's `F.linear`, else "torch", also where oneDNN's ops fail here."""
+    seconds = {"torch": 0.0, "onednn": 0.0}
+    generator = torch.Generator().manual_seed(0)
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+            for _, inputs, outputs in MEASURED_SHAPES:
+                x = torch.randn(DECODE_ROWS, inputs, generator=generator)
+                weight = torch.randn(outputs, inputs, generator=generator)
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_ROWS)
+                runs = {"torch": functools.partial(_repeated, torch.nn.functional.linear, x, weight),
+                        "onednn": functools.partial(_repeated, packed_linear, x, packed)}
+                for library, best in best_seconds(runs).items():
+                    seconds[library] += best
+    except RuntimeError:  # oneDNN's private ops refuse this CPU or build: torch's GEMM it is
+        return "torch"
+    return "onednn" if seconds["torch"] >= MIN_SPEEDUP * seconds["onednn"] else "torch"
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`x @ weight.T (+ bias)` through oneDNN, `packed` the weight as `torch.ops.mkldnn._reorder_linear_weight`
+    laid it out (once, for many products)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _repeated(linear: Callable[[Tensor, Tensor], Tensor], x: Tensor, weight: Tensor, times: int = 16) -> None:
+    """A decode product `times` over: one 64-row product takes tens of microseconds, too short to time alone."""
+    for _ in range(times):
+        linear(x, weight)
 
 
 def _three_products(linear: Callable[..., Tensor], x: Tensor, weight: Tensor, grad: Tensor) -> None:

@@ -5,7 +5,9 @@ On CPU, `F.linear` in fp32 calls MKL's sgemm. On CPUs where MKL does not pick it
 runs the same fp32 products 2-2.5x faster: on the 2-core benchmark machine 390-480 GFLOP/s at
 the decode shape (M=64) against MKL's 160-180 (benchmarks/generate.py, `engine_mkl_gemm`).
 Reordering a weight into oneDNN's blocked layout costs about one copy of it, so it is done once
-per generation and reused by the prefill and every decode step. Results are fp32 products with
+per generation and reused by the prefill and every decode step. Where this runs is decided per CPU
+(`models.onednn.onednn_linear_preferred(packed_weights=True)`): every AVX-512 CPU, and others where a
+one-off measurement found it faster (an AVX2-only Zen 2 EPYC: 1.2-1.4x MKL at 64 rows). Results are fp32 products with
 another summation order: they differ from MKL's by rounding (~1e-6 relative), no more.
 
 Under bf16 autocast (`train.precision=bf16`) the packed weights are bf16 copies and the products
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from posttrain.models.onednn import OneDNNLinear, onednn_bf16_available, onednn_linear_available
+from posttrain.models.onednn import OneDNNLinear, onednn_bf16_available, onednn_linear_available, packed_linear
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -61,6 +63,5 @@ class LinearRunner:
         outputs = []
         for module in modules:
             entry = self.packed.get(module)
-            outputs.append(module(x) if entry is None else
-                           torch.ops.mkldnn._linear_pointwise(cast, entry[0], entry[1], "none", [], ""))
+            outputs.append(module(x) if entry is None else packed_linear(cast, *entry))
         return outputs
