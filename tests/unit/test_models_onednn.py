@@ -65,48 +65,31 @@ def _slowed(function, seconds):
 
 
 @needs_onednn
-def test_measuring_answers_with_the_library_that_was_faster_by_the_margin(monkeypatch):
-    """With one library made artificially slow, `_measure_training_linears` must answer with the other; a tie
-    (both as fast) goes to torch's own GEMM, and so does a oneDNN that fails."""
-    monkeypatch.setattr(onednn, "MEASURED_SHAPES", ((64, 32, 16),))
-    torch_linear, onednn_product = torch.nn.functional.linear, onednn.matmul_transposed
-    slowed = _slowed
-    # oneDNN's path runs three products a round (forward, input and weight gradients), torch's is slowed once
-    monkeypatch.setattr(torch.nn.functional, "linear", slowed(torch_linear, 0.15))
-    assert onednn._measure_training_linears() == "onednn"
-    monkeypatch.setattr(torch.nn.functional, "linear", torch_linear)
-    monkeypatch.setattr(onednn, "matmul_transposed", slowed(onednn_product, 0.05))
-    assert onednn._measure_training_linears() == "torch"
-    monkeypatch.setattr(torch.nn.functional, "linear", slowed(torch_linear, 0.15))  # a tie
-    assert onednn._measure_training_linears() == "torch"
-
-    def failing(*args):
-        raise RuntimeError("could not create a primitive")
-
-    monkeypatch.setattr(onednn, "matmul_transposed", failing)
-    assert onednn._measure_training_linears() == "torch"
-
-
-@needs_onednn
-def test_the_decode_products_are_measured_with_once_reordered_weights_and_a_tie_keeps_torch(monkeypatch):
-    """`_measure_packed_linears` answers with the library that ran the decode-shaped products faster by the margin;
-    a tie and a oneDNN that fails go to torch's own GEMM."""
+@pytest.mark.parametrize("measure,onednn_op,torch_slow,onednn_slow", [
+    # oneDNN's training path runs three products a round (forward, input and weight gradients), torch's is slowed once
+    ("_measure_training_linears", "matmul_transposed", 0.15, 0.05),
+    ("_measure_packed_linears", "packed_linear", 0.01, 0.01)])  # the decode products, each weight reordered once
+def test_measuring_answers_with_the_library_that_was_faster_by_the_margin(monkeypatch, measure, onednn_op, torch_slow,
+                                                                         onednn_slow):
+    """With one library made artificially slow, the measurement must answer with the other; a tie (both as fast)
+    goes to torch's own GEMM, and so does a oneDNN that fails."""
     monkeypatch.setattr(onednn, "MEASURED_SHAPES", ((64, 32, 16),))
     monkeypatch.setattr(onednn, "DECODE_ROWS", 4)
-    torch_linear, packed = torch.nn.functional.linear, onednn.packed_linear
-    monkeypatch.setattr(torch.nn.functional, "linear", _slowed(torch_linear, 0.01))
-    assert onednn._measure_packed_linears() == "onednn"
+    measured = getattr(onednn, measure)
+    torch_linear, onednn_product = torch.nn.functional.linear, getattr(onednn, onednn_op)
+    monkeypatch.setattr(torch.nn.functional, "linear", _slowed(torch_linear, torch_slow))
+    assert measured() == "onednn"
     monkeypatch.setattr(torch.nn.functional, "linear", torch_linear)
-    monkeypatch.setattr(onednn, "packed_linear", _slowed(packed, 0.01))
-    assert onednn._measure_packed_linears() == "torch"
-    monkeypatch.setattr(torch.nn.functional, "linear", _slowed(torch_linear, 0.01))  # a tie
-    assert onednn._measure_packed_linears() == "torch"
+    monkeypatch.setattr(onednn, onednn_op, _slowed(onednn_product, onednn_slow))
+    assert measured() == "torch"
+    monkeypatch.setattr(torch.nn.functional, "linear", _slowed(torch_linear, torch_slow))  # a tie
+    assert measured() == "torch"
 
     def failing(*args):
         raise RuntimeError("could not create a primitive")
 
-    monkeypatch.setattr(onednn, "packed_linear", failing)
-    assert onednn._measure_packed_linears() == "torch"
+    monkeypatch.setattr(onednn, onednn_op, failing)
+    assert measured() == "torch"
 
 
 @needs_onednn

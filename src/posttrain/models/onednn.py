@@ -99,40 +99,42 @@ def _measure_training_linears() -> str:
     """"onednn" where forward + backward of the small model's linear shapes ran at least `MIN_SPEEDUP` times
     faster through oneDNN than through torch's `F.linear`, else "torch" (the library that costs no extra memory:
     oneDNN keeps reordered copies and primitives of its own), also where oneDNN's ops fail here."""
-    seconds = {"torch": 0.0, "onednn": 0.0}
-    linears = {"torch": torch.nn.functional.linear, "onednn": _LinearFunction.apply}
-    generator = torch.Generator().manual_seed(0)
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-            for rows, inputs, outputs in MEASURED_SHAPES:
-                x = torch.randn(rows, inputs, generator=generator, requires_grad=True)
-                weight = torch.randn(outputs, inputs, generator=generator, requires_grad=True)
-                grad = torch.randn(rows, outputs, generator=generator)
-                runs = {library: functools.partial(_three_products, linear, x, weight, grad)
-                        for library, linear in linears.items()}
-                for library, best in best_seconds(runs).items():
-                    seconds[library] += best
-    except RuntimeError:  # oneDNN's private ops refuse this CPU or build: torch's GEMM it is
-        return "torch"
-    return "onednn" if seconds["torch"] >= MIN_SPEEDUP * seconds["onednn"] else "torch"
+    def runs(rows: int, inputs: int, outputs: int, generator: torch.Generator) -> dict[str, Callable[[], None]]:
+        x = torch.randn(rows, inputs, generator=generator, requires_grad=True)
+        weight = torch.randn(outputs, inputs, generator=generator, requires_grad=True)
+        grad = torch.randn(rows, outputs, generator=generator)
+        linears = {"torch": torch.nn.functional.linear, "onednn": _LinearFunction.apply}
+        return {library: functools.partial(_three_products, linear, x, weight, grad)
+                for library, linear in linears.items()}
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        return _faster_by_the_margin(runs)
 
 
 def _measure_packed_linears() -> str:
     """"onednn" where `DECODE_ROWS` rows through the small model's three linear shapes ran at least `MIN_SPEEDUP`
     times faster through oneDNN with each weight reordered once (the rollout engine's decode products) than
     through torch's `F.linear`, else "torch", also where oneDNN's ops fail here."""
+    def runs(_: int, inputs: int, outputs: int, generator: torch.Generator) -> dict[str, Callable[[], None]]:
+        x = torch.randn(DECODE_ROWS, inputs, generator=generator)
+        weight = torch.randn(outputs, inputs, generator=generator)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_ROWS)
+        return {"torch": functools.partial(_repeated, torch.nn.functional.linear, x, weight),
+                "onednn": functools.partial(_repeated, packed_linear, x, packed)}
+
+    with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+        return _faster_by_the_margin(runs)
+
+
+def _faster_by_the_margin(runs: Callable[[int, int, int, torch.Generator], dict[str, Callable[[], None]]]) -> str:
+    """"onednn" where the `runs` ("torch" and "onednn" ways) of every `MEASURED_SHAPES` shape took `MIN_SPEEDUP`
+    times longer in all through torch, else "torch", also where oneDNN's ops fail here."""
     seconds = {"torch": 0.0, "onednn": 0.0}
     generator = torch.Generator().manual_seed(0)
     try:
-        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
-            for _, inputs, outputs in MEASURED_SHAPES:
-                x = torch.randn(DECODE_ROWS, inputs, generator=generator)
-                weight = torch.randn(outputs, inputs, generator=generator)
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_ROWS)
-                runs = {"torch": functools.partial(_repeated, torch.nn.functional.linear, x, weight),
-                        "onednn": functools.partial(_repeated, packed_linear, x, packed)}
-                for library, best in best_seconds(runs).items():
-                    seconds[library] += best
+        for shape in MEASURED_SHAPES:
+            for library, best in best_seconds(runs(*shape, generator)).items():
+                seconds[library] += best
     except RuntimeError:  # oneDNN's private ops refuse this CPU or build: torch's GEMM it is
         return "torch"
     return "onednn" if seconds["torch"] >= MIN_SPEEDUP * seconds["onednn"] else "torch"
