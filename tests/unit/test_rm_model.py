@@ -295,3 +295,53 @@ def test_a_reward_model_scoring_nan_or_inf_errs_on_those_rows(lm_dir, tokenizer,
     assert scores.total.tolist() == [0.25, 0.0, 0.0]
     assert [(e["row"], e["error"]) for e in scores.errors] == [(1, "the reward model scored it nan"),
                                                                (2, "the reward model scored it inf")]
+
+
+def test_what_is_no_scalar_reward_model_is_refused_when_it_loads_naming_the_setting(lm_dir, tokenizer, tmp_path):
+    """A classifier of two labels (transformers' default) and a causal LM (whose score head transformers would start
+    at random) used as reward models failed mid-run with a traceback; a missing directory named model.path."""
+    two = AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=2, local_files_only=True)
+    two.config.pad_token_id = tokenizer.pad_token_id
+    two_dir = save_pretrained(two, tokenizer, tmp_path / "two-labels")
+    for path, says in ((two_dir, "2 outputs"), (lm_dir, "no trained reward head"),
+                       (tmp_path / "nowhere", "no config.json")):
+        with pytest.raises(ConfigError, match=says) as caught:
+            RewardModelScorer.from_pretrained(path)
+        assert caught.value.field == "reward.model_path"
+    with pytest.raises(ConfigError, match="2 outputs") as caught:
+        load_reward_model(two_dir, field="critic.path")
+    assert caught.value.field == "critic.path"
+    one = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id)  # a reward model still loads
+    assert load_reward_model(save_pretrained(one, tokenizer, tmp_path / "rm")).config.num_labels == 1
+
+
+def test_a_scorers_model_with_custom_code_says_posttrain_does_not_run_it(lm_dir, tmp_path):
+    import json
+    import shutil
+
+    custom = tmp_path / "custom"
+    shutil.copytree(lm_dir, custom)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "model_type": "mything",
+                                                    "auto_map": {"AutoConfig": "code.MyConfig"}}))
+    with pytest.raises(ConfigError, match="posttrain does not run for this model") as caught:
+        RewardModelScorer.from_pretrained(custom)
+    assert caught.value.field == "reward.model_path"
+
+
+def test_an_outcome_reward_model_is_refused_as_a_process_reward_model(lm_dir, tokenizer, tmp_path):
+    """Read at each step's end, an outcome model's one score per response is no step's probability; a process
+    reward model (`process_target` saved) and a classifier saved elsewhere (no posttrain settings) still load."""
+    from posttrain.rewards import ProcessRewardScorer
+
+    model = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id)
+    model.config.reward_rendering = {"template": "chat", "thinking": "on"}  # as `posttrain rm` saves it
+    outcome = save_pretrained(model, tokenizer, tmp_path / "outcome")
+    with pytest.raises(ConfigError, match="outcome reward model") as caught:
+        ProcessRewardScorer.from_pretrained(outcome)
+    assert caught.value.field == "advantage.prm_path"
+    model.config.process_target = "classification"
+    assert ProcessRewardScorer.from_pretrained(save_pretrained(model, tokenizer, tmp_path / "process")).target == (
+        "classification")
+    del model.config.reward_rendering, model.config.process_target
+    ProcessRewardScorer.from_pretrained(save_pretrained(model, tokenizer, tmp_path / "elsewhere"))

@@ -35,10 +35,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def check_model_dir(path: str | Path, field: str = "model.path", *, trust_remote_code: bool = False) -> Path:
+def check_model_dir(path: str | Path, field: str = "model.path", *, trust_remote_code: bool = False,
+                    trust_hint: bool = True) -> Path:
     """`path` as a Hugging Face model directory, or a one-line error naming the file at fault: config.json
     missing, not a JSON object, or naming a model_type this transformers does not know (and no auto_map
-    code it is trusted to run)."""
+    code it is trusted to run; `trust_hint`: whether model.trust_remote_code would let it run)."""
     directory = Path(path)
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -55,7 +56,8 @@ def check_model_dir(path: str | Path, field: str = "model.path", *, trust_remote
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
         known = "" if model_type is None else f"unknown model_type {model_type!r}"
-        hint = " (custom code: set model.trust_remote_code=true)" if "auto_map" in config else ""
+        trusts = "set model.trust_remote_code=true" if trust_hint else "which posttrain does not run for this model"
+        hint = f" (custom code: {trusts})" if "auto_map" in config else ""
         raise ConfigError(f"{known or 'no model_type'}: this transformers cannot build it{hint}",
                           file=str(config_file), field=field)
     return directory
@@ -145,16 +147,16 @@ def check_same_vocabulary(policy: str | Path | PreTrainedTokenizerBase, other: s
 
 
 def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
-                   **kwargs: Any) -> tuple[PreTrainedModel, Path]:
+                   field: str = "model.path", **kwargs: Any) -> tuple[PreTrainedModel, Path]:
     """`auto_class.from_pretrained` on the local model directory `path` (and the directory): every fault of
-    the directory — config, weights, their loading — a one-line error."""
-    directory = check_model_dir(path, trust_remote_code=trust_remote_code)
-    check_model_weights(directory)
+    the directory — config, weights, their loading — a one-line error naming `field`."""
+    directory = check_model_dir(path, field, trust_remote_code=trust_remote_code)
+    check_model_weights(directory, field)
     # transformers 5.25 opts every loaded model into hub kernels when the `kernels` package is installed (it is
     # now a dependency): layers whose code is fetched from the Hub on a GPU, and on any device every train()/eval()
     # re-kernelizes, resetting forwards set on the layers. Nothing is fetched at run time here: off, unless asked.
     kwargs.setdefault("use_kernels", False)
-    with loading_errors(directory):
+    with loading_errors(directory, field):
         model = auto_class.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code,
                                            dtype=resolve_dtype(dtype), **kwargs)
     return model, directory

@@ -46,6 +46,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from posttrain.algos import last_token_index
+from posttrain.errors import ConfigError
 from posttrain.models.adapters import refuse_unmerged_adapter
 from posttrain.models.attention import attention_inputs
 from posttrain.models.device import default_device
@@ -144,15 +145,22 @@ def build_reward_model(path: str | Path, *, head: str = "linear", head_width: in
 
 
 def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False,
-                      device: torch.device | str | None = None, disable_dropout: bool = False) -> PreTrainedModel:
+                      device: torch.device | str | None = None, disable_dropout: bool = False,
+                      field: str = "model.path") -> PreTrainedModel:
     """A saved reward model (either head), ready to score (in eval mode); `disable_dropout` as
-    `build_reward_model`'s, for one that trains on (a critic)."""
-    likelihood = saved_head(path) == "likelihood"
+    `build_reward_model`'s, for one that trains on (a critic). A model that is no scalar scorer (a head of several
+    outputs, or none saved: a causal LM or a base model, whose head transformers would start at random) is a
+    one-line error naming `field`."""
+    likelihood = saved_head(path, field) == "likelihood"
     if not likelihood:
         register_sequence_classification(path)
     auto_class = AutoModelForCausalLM if likelihood else AutoModelForSequenceClassification
-    model, directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype)
+    model, directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                      field=field, output_loading_info=True)
+    model, loading = model
     config = model.config  # it keeps the reward_head keys build_reward_model wrote
+    if not likelihood:
+        _check_scalar_head(model, loading["missing_keys"], directory, field)
     if getattr(config, "reward_head", "linear") == "mlp":
         # transformers built (and could not fill) a linear `score`: put the MLP back and load its weights.
         model.score = MLPHead(config.get_text_config().hidden_size, config.reward_head_width).to(model.dtype)
@@ -165,9 +173,20 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
     return model.to(device or default_device()).eval()
 
 
-def saved_head(path: str | Path) -> str:
+def _check_scalar_head(model: PreTrainedModel, missing: list[str], directory: Path, field: str) -> None:
+    """A reward model's head has one output, and its weights were saved (for an MLP head, loaded apart later)."""
+    if getattr(model.config, "reward_head", "linear") != "mlp" and any(k.startswith("score.") for k in missing):
+        raise ConfigError(f"{directory} has no trained reward head ({', '.join(sorted(missing))} not saved): a causal "
+                          "LM or a base model, not a reward model (train one with `posttrain rm`)", field=field)
+    outputs = model.config.num_labels
+    if outputs != 1:
+        raise ConfigError(f"{directory} is a classifier with {outputs} outputs (num_labels), not a reward model "
+                          "with one score", field=field)
+
+
+def saved_head(path: str | Path, field: str = "model.path") -> str:
     """The head of the reward model saved at `path` (linear, mlp or likelihood), from its config.json."""
-    config = json.loads((check_model_dir(path) / "config.json").read_text())
+    config = json.loads((check_model_dir(path, field) / "config.json").read_text())
     return config.get("reward_head", "linear")
 
 

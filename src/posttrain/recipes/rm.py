@@ -290,6 +290,11 @@ def check_config(cfg: RMConfig) -> None:
     if cfg.adapter.method == "prefix":
         raise ConfigError("prefix-tuning is not supported for reward models: use none or lora",
                           field="adapter.method")
+    if cfg.adapter.method == "lora" and not cfg.adapter.merge_on_save:
+        # An adapter directory has no config.json of its own: the head, rendering and target settings saved with a
+        # reward model would be lost, and no scorer (the RL stages, `posttrain eval`, a critic's start) reads it.
+        raise ConfigError("a LoRA reward model is saved merged into its base (what every scorer loads): leave "
+                          "adapter.merge_on_save=true", field="adapter.merge_on_save")
     if cfg.pairs.source == "on_policy":
         if cfg.kind == "process":
             raise ConfigError("on-policy pairs train an outcome reward model: kind=outcome, or pairs.source=data",

@@ -26,10 +26,11 @@ from posttrain.data.collate import PackingOptions, collate_sequences, collate_st
 from posttrain.data.config import DataConfig
 from posttrain.data.schemas import message, tools_json
 from posttrain.data.tokenize import Encoder, RowProblem, encode_stepwise
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 from posttrain.models import load_tokenizer
 from posttrain.models.attention import packing_obstacle, position_limit
 from posttrain.models.heads import floating_dtype
+from posttrain.models.io import check_model_dir
 from posttrain.models.reward import is_likelihood_model, load_reward_model, scores_at, sequence_scores
 
 Prompt = str | Sequence[dict[str, Any]]
@@ -80,10 +81,14 @@ class _Scorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, data: DataConfig | None = None, batch_size: int = 32,
-                        device: torch.device | str | None = None, dtype: str = "auto"):
+                        device: torch.device | str | None = None, dtype: str = "auto",
+                        field: str = "reward.model_path"):
         """Load a reward model saved by `posttrain rm` (either head); `data`: render as these settings say instead
-        of as the model was trained."""
-        return cls(load_reward_model(path, dtype=dtype, device=device), load_tokenizer(path), data, batch_size)
+        of as the model was trained; `field` the setting that named `path` (in the one-line errors). A scorer's
+        model never runs code of its own (model.trust_remote_code is the policy's)."""
+        check_model_dir(path, field, trust_hint=False)
+        return cls(load_reward_model(path, dtype=dtype, device=device, field=field), load_tokenizer(path), data,
+                   batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -197,6 +202,19 @@ class ProcessRewardScorer(_Scorer):
         scorer = ProcessRewardScorer.from_pretrained("runs/prm/final")
         scorer.score_steps(["Start with 7. Add 5. ..."], [["7+5=12", "12*3=36"]])   # [[p1, p2]]
     """
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, data: DataConfig | None = None, batch_size: int = 32,
+                        device: torch.device | str | None = None, dtype: str = "auto",
+                        field: str = "advantage.prm_path"):
+        """As `_Scorer.from_pretrained`; an outcome reward model saved by `posttrain rm` (its rendering recorded, no
+        `process_target`) is refused: its one score per response read at each step's end is no step's probability."""
+        scorer = super().from_pretrained(path, data, batch_size, device, dtype, field)
+        config = scorer.model.config
+        if getattr(config, "reward_rendering", None) is not None and getattr(config, "process_target", None) is None:
+            raise ConfigError(f"{path} is an outcome reward model (one score per response), not a process reward "
+                              "model: train one with `posttrain rm prm` (kind=process)", field=field)
+        return scorer
 
     @property
     def target(self) -> str:

@@ -35,6 +35,7 @@ class ScoreModelGrader:
         spec.only("type", "name", "model", "input", "range", "sampling_params")
         self.name = spec.get("name", str, "score_model")
         self.path = Path(spec.get("model", str))
+        self.field = spec.prefix + "model"  # what a load error names (the model loads at the first grade)
         config = self.path / "config.json"
         if not config.is_file():
             raise spec.error(f"no model directory at {self.path} (config.json missing)", "model")
@@ -82,7 +83,7 @@ class ScoreModelGrader:
         if self._scorer is None:
             from posttrain.rewards.reward_model import RewardModelScorer
 
-            self._scorer = RewardModelScorer.from_pretrained(self.path)
+            self._scorer = RewardModelScorer.from_pretrained(self.path, field=self.field)
         return self._scorer
 
     def _judge(self, conversations: list[list[dict[str, str]]]) -> list[str]:
