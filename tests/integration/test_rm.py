@@ -109,6 +109,40 @@ def test_posttrain_eval_of_a_run_with_an_eval_split_scores_its_held_out_rows(lm_
     assert evaluated["margin"] == pytest.approx(result.summary["eval_margin"], rel=1e-4)
 
 
+def test_posttrain_eval_of_a_run_on_its_own_rows_without_held_out_ones_is_refused_unless_a_task_is_named(lm_dir,
+                                                                                                        tmp_path):
+    """It reported the accuracy on the built-in arith pairs as the model's, with nothing saying they were not the
+    run's rows; --task names them."""
+    rows = list(get_task("arith").rows("preference", size=16))
+    source = write_rows(tmp_path / "pairs.jsonl", rows)
+    result = main(rm_config(lm_dir, tmp_path, f"data.source={source}", "train.max_steps=1", "train.batch_size=8",
+                            "train.micro_batch_size=8"))
+    with pytest.raises(ConfigError, match="held none of them out") as err:
+        evaluate(result.run_dir, EvalOptions(batch_size=8, problems=8), write=False)
+    assert err.value.field == "--task"
+    evaluated = evaluate(result.run_dir, EvalOptions(batch_size=8, problems=8, task="arith"), write=False)
+    assert evaluated["kind"] == "reward_model" and evaluated["data"] == "arith"
+
+
+def test_posttrain_eval_of_a_policy_run_scores_its_samples_with_the_runs_reward_model(lm_dir, tokenizer, tmp_path):
+    """`--reward reward_model` on a built-in task failed: the run's reward.model_path was not passed on (and a reward
+    that reports its rows' errors, as the reward model and graders do, ended the evaluation with a KeyError)."""
+    import shutil
+
+    import yaml
+
+    rm_dir = save_pretrained(build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id), tokenizer,
+                             tmp_path / "rm")
+    run = tmp_path / "run"
+    shutil.copytree(lm_dir, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"reward": {"model_path": str(rm_dir)},
+                                                     "data": {"source": "arith"}}))
+    options = EvalOptions(batch_size=8, problems=4, samples=2, pass_k=(1,), rewards=("reward_model",), max_new_tokens=4,
+                          reference=str(lm_dir))
+    evaluated = evaluate(run, options, write=False)
+    assert math.isfinite(evaluated["reward_reward_model"]) and 0 <= evaluated["reward_reward_model.errors"] <= 1
+
+
 def test_a_reduction_of_logprobs_is_refused_for_a_reward_model_that_has_a_head(tmp_path):
     with pytest.raises(ConfigError, match="head=likelihood") as err:
         main(rm_config("does-not-exist", tmp_path, "head=linear", "reward_reduction=mean"))

@@ -235,8 +235,9 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                    **({"step_accuracy": accuracy.step_accuracy} if accuracy.step_accuracy is not None else {})}
     if options.samples:
         reference = _reference(target, options, tokenizer)
+        reward_model = _in_workdir(target, target.section("reward").get("model_path"))  # for --reward reward_model
         sampled, counts = sampled_metrics(model, tokenizer, task, examples, data, options, max_new_tokens,
-                                          reference)
+                                          reference, reward_model)
         categories = [task.category(e) for e in examples]
         table = headroom(categories, counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
@@ -306,13 +307,16 @@ row's length times its tokens)."""
 @torch.no_grad()
 def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
                     data: DataConfig, options: EvalOptions, max_new_tokens: int,
-                    reference: torch.nn.Module | None) -> tuple[dict[str, Any], list[int]]:
+                    reference: torch.nn.Module | None,
+                    reward_model_path: str | None = None) -> tuple[dict[str, Any], list[int]]:
     """pass@k, mean rewards and KL to `reference` from `options.samples` samples per problem of `examples` (the
-    held-out draw, `heldout_problems`) at temperature 1, and the correct samples of each problem, in that order."""
+    held-out draw, `heldout_problems`) at temperature 1, and the correct samples of each problem, in that order;
+    `reward_model_path` the run's reward model, for a `reward_model` among the rewards."""
     ks = sampled_ks(options)
     encoder = Encoder.from_config(tokenizer, data)
     try:
-        rewards = WeightedRewards.from_config({name: 1.0 for name in task_rewards(options)}, task=task)
+        rewards = WeightedRewards.from_config({name: 1.0 for name in task_rewards(options)}, task=task,
+                                              reward_model_path=reward_model_path)
     except ValueError as err:  # an unknown name or an import path that does not import: the user's --reward
         raise ConfigError(str(err), field="--reward") from None
     engine = make_engine("local", model, tokenizer)
@@ -328,8 +332,8 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
                                                           seed=options.seed + start))
         rows = [chunk[i] for i in rollout.prompt_index.tolist()]
         scores = rewards(_completions(rows, rollout.texts))
-        for name, values in scores.by_function.items():
-            reward_sums[name] += values.sum().item()
+        for name, values in scores.by_function.items():  # a grader's (the reward model's) parts and errors too
+            reward_sums[name] = reward_sums.get(name, 0.0) + values.sum().item()
         hits = torch.tensor([task.verify(t, e.answer) for t, e in zip(rollout.texts, rows, strict=True)])
         correct += hits.view(len(chunk), n).sum(dim=1).int().tolist()
         if reference is not None:
@@ -369,7 +373,14 @@ def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions
     model = load_reward_model(target.model_dir)
     process_target = getattr(model.config, "process_target", None)
     held = RewardEvalConfig(size=options.problems, seed=options.seed, batch_size=options.batch_size)
-    heldout_cfg = _run_heldout_config(target, held) or heldout_data_config(data, held)
+    heldout_cfg = _run_heldout_config(target, held)
+    source = target.section("data").get("source")
+    if heldout_cfg is None and source is not None and source not in TASKS and not (
+            options.task or target.section("eval").get("task")):
+        # A built-in task's pairs would be scored and reported as if they said something of the run's own rows.
+        raise ConfigError(f"the run trained on its own rows ({source}) and held none of them out (data.eval_split, "
+                          "eval.source): --task scores it on a built-in task's held-out pairs instead", field="--task")
+    heldout_cfg = heldout_cfg or heldout_data_config(data, held)
     assert heldout_cfg is not None  # data.source is a built-in task
     accepts = STAGE_FORMATS["prm" if process_target else "rm"]
     if process_target:
