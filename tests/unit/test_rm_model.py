@@ -345,3 +345,30 @@ def test_an_outcome_reward_model_is_refused_as_a_process_reward_model(lm_dir, to
         "classification")
     del model.config.reward_rendering, model.config.process_target
     ProcessRewardScorer.from_pretrained(save_pretrained(model, tokenizer, tmp_path / "elsewhere"))
+
+
+def test_a_reward_model_from_elsewhere_whose_tokenizer_has_no_chat_template_scores_plain_text(lm_dir, tokenizer,
+                                                                                              tmp_path):
+    """It could not be used at all: the scorer asked for the chat template, and the advice (data.template=plain)
+    reaches only the policy. Without a saved rendering and a chat template, it renders as plain text, what the
+    explicit plain setting gives; a model saved by `posttrain rm` still renders as it was trained."""
+    import copy
+
+    from posttrain.data.config import DataConfig
+    from posttrain.rewards.reward_model import scoring_config
+
+    plain_tokenizer = copy.deepcopy(tokenizer)
+    plain_tokenizer.chat_template = None
+    model = build_reward_model(lm_dir, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.score.weight.normal_()  # a head that tells texts apart
+    path = save_pretrained(model, plain_tokenizer, tmp_path / "rm")
+    prompts, completions = ["What is 2+3?", "What is 12*7?"], [" 5", " 84"]
+    scorer = RewardModelScorer.from_pretrained(path)
+    explicit = DataConfig(template="plain", truncation="truncate_left", max_length=scoring_config(model).max_length)
+    reference = RewardModelScorer.from_pretrained(path, data=explicit)
+    assert_close(scorer.score(prompts, completions), reference.score(prompts, completions))
+    assert scoring_config(model, plain_tokenizer).template == "plain" and scoring_config(model, tokenizer).template == (
+        "chat")
+    model.config.reward_rendering = {"template": "chat", "thinking": "on"}
+    assert scoring_config(model, plain_tokenizer).template == "chat"

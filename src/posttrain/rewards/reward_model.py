@@ -46,12 +46,14 @@ def rendering_settings(data: DataConfig) -> dict[str, str]:
     return {"template": data.template, "thinking": data.thinking}
 
 
-def scoring_config(model: torch.nn.Module) -> DataConfig:
-    """How a scorer renders for `model`: its saved `reward_rendering` (the defaults for a model saved without it),
-    as long as its positions allow, a too-long prompt cut from the left."""
+def scoring_config(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> DataConfig:
+    """How a scorer renders for `model`: its saved `reward_rendering` (for a model saved without it, the chat
+    template, or plain text where its `tokenizer` has none: a reward model trained elsewhere on plain text), as long
+    as its positions allow, a too-long prompt cut from the left."""
     saved = getattr(model.config, "reward_rendering", None) or {}
+    template = saved.get("template") or ("plain" if tokenizer is not None and not tokenizer.chat_template else "chat")
     return DataConfig(truncation="truncate_left", max_length=position_limit(model) or UNLIMITED_LENGTH,
-                      template=saved.get("template", "chat"), thinking=saved.get("thinking", "on"))
+                      template=template, thinking=saved.get("thinking", "on"))
 
 
 def _messages(prompt: Prompt) -> list[dict[str, Any]]:
@@ -74,7 +76,7 @@ class _Scorer:
                  batch_size: int = 32, capacity: int = 256) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.encoder = Encoder.from_config(tokenizer, data or scoring_config(model))
+        self.encoder = Encoder.from_config(tokenizer, data or scoring_config(model, tokenizer))
         self.batch_size, self.capacity = batch_size, capacity
         self.pad_token_id = tokenizer.pad_token_id
         self.packs = packing_obstacle(model) is None
