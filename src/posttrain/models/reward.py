@@ -155,9 +155,8 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
     if not likelihood:
         register_sequence_classification(path)
     auto_class = AutoModelForCausalLM if likelihood else AutoModelForSequenceClassification
-    model, directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype,
-                                      field=field, output_loading_info=True)
-    model, loading = model
+    (model, loading), directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                                 field=field, output_loading_info=True)
     config = model.config  # it keeps the reward_head keys build_reward_model wrote
     if not likelihood:
         _check_scalar_head(model, loading["missing_keys"], directory, field)

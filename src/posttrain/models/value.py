@@ -29,16 +29,16 @@ CRITIC_INITS = ("policy", "reward_model")
 
 
 def build_value_model(path: str | Path, init: str, *, trust_remote_code: bool = False,
-                      dtype: str = "auto", disable_dropout: bool = False) -> nn.Module:
+                      dtype: str = "auto", disable_dropout: bool = False, field: str = "critic.path") -> nn.Module:
     """A separate critic: the reward model at `path` (init="reward_model"), or the trunk of the causal LM
     at `path` with a zero-initialised linear head (init="policy"); `disable_dropout`: every dropout off, so
-    that the values a round records are those its first update computes."""
+    that the values a round records are those its first update computes; `field` the setting that gave `path`."""
     if init == "reward_model":
         if saved_head(path) == "likelihood":
             raise ConfigError(f"{path} is a likelihood reward model, which has no value head to start a critic "
                               "from: critic.init=policy", field="critic.init")
         return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 disable_dropout=disable_dropout).train()
+                                 disable_dropout=disable_dropout, field=field).train()
     if init != "policy":
         raise ValueError(f"unknown critic init {init!r}; allowed: {', '.join(CRITIC_INITS)}")
     model = build_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code, disable_dropout=disable_dropout)

@@ -133,7 +133,7 @@ def build_critic(cfg: Any) -> torch.nn.Module | None:
         check_model_dir(path, field, trust_remote_code=cfg.model.trust_remote_code)  # the setting that gave it
     if path != cfg.model.path:
         check_same_vocabulary(cfg.model.path, path, field, trust_remote_code=cfg.model.trust_remote_code)
-    critic = build_value_model(path, cfg.critic.init, dtype=cfg.model.dtype,
+    critic = build_value_model(path, cfg.critic.init, dtype=cfg.model.dtype, field=field,
                                trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout())
     obstacle = packing_obstacle(critic) if cfg.update.padding_free else None
     if obstacle:  # before the first round is sampled, not at its first forward
