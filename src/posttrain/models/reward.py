@@ -158,9 +158,10 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
     (model, loading), directory = from_model_dir(auto_class, path, trust_remote_code=trust_remote_code, dtype=dtype,
                                                  field=field, output_loading_info=True)
     config = model.config  # it keeps the reward_head keys build_reward_model wrote
-    if not likelihood:
-        _check_scalar_head(model, loading["missing_keys"], directory, field)
-    if getattr(config, "reward_head", "linear") == "mlp":
+    mlp = getattr(config, "reward_head", "linear") == "mlp"
+    if not likelihood:  # an MLP head's weights are saved under other names than the linear `score` built here
+        _check_scalar_head(model, [] if mlp else loading["missing_keys"], directory, field)
+    if mlp:
         # transformers built (and could not fill) a linear `score`: put the MLP back and load its weights.
         model.score = MLPHead(config.get_text_config().hidden_size, config.reward_head_width).to(model.dtype)
         head = {k.removeprefix("score."): v for file in sorted(directory.glob("*.safetensors"))
@@ -173,8 +174,8 @@ def load_reward_model(path: str | Path, *, dtype: str = "auto", trust_remote_cod
 
 
 def _check_scalar_head(model: PreTrainedModel, missing: list[str], directory: Path, field: str) -> None:
-    """A reward model's head has one output, and its weights were saved (for an MLP head, loaded apart later)."""
-    if getattr(model.config, "reward_head", "linear") != "mlp" and any(k.startswith("score.") for k in missing):
+    """A reward model's head has one output, and its weights were saved (none of `missing`)."""
+    if any(k.startswith("score.") for k in missing):
         raise ConfigError(f"{directory} has no trained reward head ({', '.join(sorted(missing))} not saved): a causal "
                           "LM or a base model, not a reward model (train one with `posttrain rm`)", field=field)
     outputs = model.config.num_labels

@@ -34,7 +34,7 @@ def build_value_model(path: str | Path, init: str, *, trust_remote_code: bool = 
     at `path` with a zero-initialised linear head (init="policy"); `disable_dropout`: every dropout off, so
     that the values a round records are those its first update computes; `field` the setting that gave `path`."""
     if init == "reward_model":
-        if saved_head(path) == "likelihood":
+        if saved_head(path, field) == "likelihood":
             raise ConfigError(f"{path} is a likelihood reward model, which has no value head to start a critic "
                               "from: critic.init=policy", field="critic.init")
         return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
