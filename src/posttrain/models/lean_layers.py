@@ -1,0 +1,163 @@
+"""Llama-style MLP and RMSNorm layers that keep less for the backward pass, with bit-identical results.
+
+Why: a training step's peak memory is mostly what autograd keeps between forward and backward. transformers'
+`LlamaMLP` computes `down(silu(gate(x)) * up(x))`: autograd keeps `gate(x)` (for silu's gradient) *and*
+`silu(gate(x))` (for the product's), although the second is one elementwise op away from the first. Its
+`LlamaRMSNorm` computes `weight * (x * rsqrt(mean(x²) + eps))`: autograd keeps `x`, the one-per-row rsqrt *and*
+the normalised `x * rsqrt(...)` (for the weight's gradient), again one elementwise op away. On the small model at
+16 x 128 tokens those two tensors are 156 of the 693 MB autograd keeps (the MLP's 1408-wide activation in each of
+8 layers, the 512-wide normalised input of 17 norms).
+
+`use_lean_layers(model)` gives every such module of a model (in place, by class, like `models.onednn`) a forward
+through an autograd function that keeps only `gate(x)` and `up(x)` (the MLP) or `x` and the rsqrt (the norm),
+and recomputes the rest in the backward. The forward runs transformers' ops in transformers' order, and the
+backward runs the ops torch's autograd runs for the original graph, in the same order and with gradients
+handed back in the order autograd would have summed them: losses and gradients are bitwise those of the
+module as transformers ships it (tested in fp32 and under bf16 autocast, and for bf16 weights), at the cost
+of one elementwise op per layer in the backward.
+
+Which modules: a module's class must have exactly the forward of transformers' `LlamaMLP` (with a SiLU
+activation) or of `LlamaRMSNorm` -- compared as compiled code against copies kept here -- which the
+"Copied from Llama" classes of Mistral, Qwen2, Qwen3 and others have too. A class whose forward differs (another
+transformers version, a hub kernel, a model with other arithmetic) keeps its own forward: it is never replaced
+by something that computes differently. `POSTTRAIN_LEAN_LAYERS=0` turns this off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+# The forwards of transformers' LlamaMLP and LlamaRMSNorm (5.x), verbatim: a class qualifies when its forward
+# compiles to the same code (names, constants and instructions).
+def _transformers_mlp_forward(self, x):
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _transformers_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _same_code(function: object, reference: types.FunctionType) -> bool:
+    code, expected = getattr(function, "__code__", None), reference.__code__
+    return code is not None and all(getattr(code, field) == getattr(expected, field) for field in (
+        "co_code", "co_names", "co_consts", "co_varnames", "co_argcount", "co_kwonlyargcount"))
+
+
+class SiluTimes(torch.autograd.Function):
+    """`silu(gate) * up`, keeping `gate` and `up` for the backward (not also `silu(gate)`)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        gate, up = ctx.saved_tensors
+        # Autograd's graph: MulBackward0 (grad * other for each side), then SiluBackward0 (aten.silu_backward).
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+class RMSNormWeighted(torch.autograd.Function):
+    """`weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)` with x32 = x in fp32, keeping `x` and the rsqrt.
+
+    The input arrives twice (`x` and `x_again`, the same tensor) so that, for an fp32 input, the two gradients
+    autograd would have added into x's buffer one after the other (the normalising product's first, then the
+    square's) are still handed back as two and summed by autograd in that order, after whatever else x's
+    buffer already holds (the residual stream's gradient): the same additions in the same order."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_again: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = x.to(torch.float32)
+        rsqrt = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rsqrt, weight)
+        return weight * (x32 * rsqrt).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, rsqrt, weight = ctx.saved_tensors
+        x32 = x.to(torch.float32)
+        normalised = (x32 * rsqrt).to(x.dtype)
+        # Autograd casts each gradient to its input's dtype (a no-op where all are alike), then sums it to the
+        # input's shape where the forward broadcast.
+        grad_weight = ((grad * normalised).to(weight.dtype).sum_to_size(weight.shape) if ctx.needs_input_grad[2]
+                       else None)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, grad_weight, None
+        grad_normalised = (grad * weight).to(normalised.dtype).to(torch.float32)
+        grad_by_product = grad_normalised * rsqrt
+        grad_rsqrt = (grad_normalised * x32).sum_to_size(rsqrt.shape)
+        grad_mean = -0.5 * grad_rsqrt * rsqrt.pow(3)
+        grad_by_square = (grad_mean.expand(x32.shape) / x32.shape[-1]) * (2.0 * x32.pow(1.0))
+        if x.dtype == torch.float32:
+            return grad_by_product, grad_by_square, grad_weight, None
+        # x.to(fp32) is one node in autograd's graph: it sums both in fp32 and casts once.
+        return (grad_by_product + grad_by_square).to(x.dtype), None, grad_weight, None
+
+
+def _lean_mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return self.down_proj(SiluTimes.apply(gate, up))
+    return self.down_proj(F.silu(gate) * up)
+
+
+def _lean_rms_norm_forward(self, hidden_states):
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad):
+        return RMSNormWeighted.apply(hidden_states, hidden_states, self.weight, self.variance_epsilon)
+    return _transformers_rms_norm_forward(self, hidden_states)
+
+
+@functools.cache
+def _lean_class(cls: type, forward: types.FunctionType) -> type:
+    """`cls` with `forward` replaced; same name, so a printed model reads as before."""
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "lean_layer": True})
+
+
+def _transformers_silu_forward(self, input: Tensor) -> Tensor:
+    return nn.functional.silu(input)
+
+
+def _silu_activation(module: nn.Module) -> bool:
+    """Whether the module's `act_fn` is torch's SiLU or transformers' `SiLUActivation` (as compiled code)."""
+    act = getattr(module, "act_fn", None)
+    return type(act) is nn.SiLU or (isinstance(act, nn.Module) and _same_code(type(act).forward,
+                                                                           _transformers_silu_forward))
+
+
+def lean_layers_enabled() -> bool:
+    return os.environ.get("POSTTRAIN_LEAN_LAYERS", "1") != "0"
+
+
+def use_lean_layers(model: nn.Module) -> int:
+    """Give every Llama-style MLP (SiLU) and RMSNorm of `model` the lean forward (in place); returns how many.
+    Idempotent; does nothing with `POSTTRAIN_LEAN_LAYERS=0`."""
+    if not lean_layers_enabled():
+        return 0
+    swapped = 0
+    for module in model.modules():
+        cls = type(module)
+        if getattr(cls, "lean_layer", False):
+            continue
+        if _same_code(cls.forward, _transformers_mlp_forward) and _silu_activation(module):
+            module.__class__ = _lean_class(cls, _lean_mlp_forward)
+        elif _same_code(cls.forward, _transformers_rms_norm_forward):
+            module.__class__ = _lean_class(cls, _lean_rms_norm_forward)
+        else:
+            continue
+        swapped += 1
+    return swapped
