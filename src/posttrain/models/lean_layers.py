@@ -122,10 +122,26 @@ def _lean_rms_norm_forward(self, hidden_states):
     return _transformers_rms_norm_forward(self, hidden_states)
 
 
+_LEAN_FORWARDS = {"mlp": _lean_mlp_forward, "rms_norm": _lean_rms_norm_forward}
+
+
+def _reduce_lean(self, protocol):
+    # Pickled (torch.save of a whole model, copy.deepcopy) as "a new lean module of this base class", since the
+    # class made here cannot be found by name; the rest is the base class's own state.
+    reduced = object.__reduce_ex__(self, protocol)
+    return (_new_lean_module, (type(self).lean_base, type(self).lean_kind), *reduced[2:])
+
+
 @functools.cache
-def _lean_class(cls: type, forward: types.FunctionType) -> type:
-    """`cls` with `forward` replaced; same name, so a printed model reads as before."""
-    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "lean_layer": True})
+def _lean_class(cls: type, kind: str) -> type:
+    """`cls` with the lean forward of `kind`; same name, so a printed model reads as before."""
+    return type(cls.__name__, (cls,), {"forward": _LEAN_FORWARDS[kind], "__module__": cls.__module__,
+                                       "__reduce_ex__": _reduce_lean, "lean_base": cls, "lean_kind": kind})
+
+
+def _new_lean_module(cls: type, kind: str) -> nn.Module:
+    lean = _lean_class(cls, kind)
+    return lean.__new__(lean)
 
 
 def _transformers_silu_forward(self, input: Tensor) -> Tensor:
@@ -151,12 +167,12 @@ def use_lean_layers(model: nn.Module) -> int:
     swapped = 0
     for module in model.modules():
         cls = type(module)
-        if getattr(cls, "lean_layer", False):
+        if "lean_kind" in cls.__dict__:
             continue
         if _same_code(cls.forward, _transformers_mlp_forward) and _silu_activation(module):
-            module.__class__ = _lean_class(cls, _lean_mlp_forward)
+            module.__class__ = _lean_class(cls, "mlp")
         elif _same_code(cls.forward, _transformers_rms_norm_forward):
-            module.__class__ = _lean_class(cls, _lean_rms_norm_forward)
+            module.__class__ = _lean_class(cls, "rms_norm")
         else:
             continue
         swapped += 1

@@ -1,0 +1,128 @@
+"""Lean MLPs and RMSNorms: bitwise the losses and gradients of transformers' modules, with less kept for backward."""
+
+import copy
+import io
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from posttrain.models.lean_layers import use_lean_layers
+
+VOCAB, HIDDEN, FFN, LAYERS = 97, 64, 96, 2
+
+
+def _model(model_type: str, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=FFN,
+                                  max_position_embeddings=64, attn_implementation="sdpa", **overrides)
+    return AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def _loss_and_grads(model, ids, autocast=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_bitwise(model, lean, ids, autocast=False):
+    loss, grads = _loss_and_grads(model, ids, autocast)
+    lean_loss, lean_grads = _loss_and_grads(lean, ids, autocast)
+    assert torch.equal(loss, lean_loss)
+    assert grads.keys() == lean_grads.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], lean_grads[name]), name
+
+
+@pytest.mark.parametrize("model_type,norms_per_layer", [("llama", 2), ("qwen2", 2), ("mistral", 2), ("qwen3", 4)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16 autocast", "bf16 weights"])
+def test_losses_and_gradients_are_bitwise_those_of_transformers_modules(model_type, norms_per_layer, precision):
+    model = _model(model_type, torch.bfloat16 if precision == "bf16 weights" else torch.float32)
+    lean = copy.deepcopy(model)
+    # every layer's MLP and norms (Qwen3 also normalises queries and keys), and the final norm
+    assert use_lean_layers(lean) == LAYERS * (1 + norms_per_layer) + 1
+    ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    _assert_bitwise(model, lean, ids, autocast=precision == "bf16 autocast")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, lean(input_ids=ids).logits)
+    assert use_lean_layers(lean) == 0  # idempotent
+    assert lean.state_dict().keys() == model.state_dict().keys()
+
+
+def test_lora_and_gradient_checkpointing_keep_the_gradients_bitwise():
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "up_proj"],
+                                                       lora_dropout=0.1))
+    model.base_model.model.activation_checkpointing_enable()
+    lean = copy.deepcopy(model)
+    assert use_lean_layers(lean) == LAYERS * 3 + 1
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    model.train(), lean.train()
+    torch.manual_seed(3)  # LoRA dropout draws in the same order: gate's, then up's
+    loss, grads = _loss_and_grads(model, ids)
+    torch.manual_seed(3)
+    lean_loss, lean_grads = _loss_and_grads(lean, ids)
+    assert torch.equal(loss, lean_loss) and grads.keys() == lean_grads.keys()
+    assert all(torch.equal(grads[name], lean_grads[name]) for name in grads)
+
+
+def _bytes_kept_for_backward(model, ids) -> int:
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    return sum(kept.values())
+
+
+def test_each_mlp_no_longer_keeps_its_activation_and_each_norm_its_normalised_input():
+    model = _model("llama")
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    rows, tokens = 3, 20
+    ids = torch.randint(0, VOCAB, (rows, tokens), generator=torch.Generator().manual_seed(4))
+    # silu(gate(x)) of each layer (FFN wide) and x * rsqrt(...) of each of the 2 * LAYERS + 1 norms, in fp32
+    expected_saving = (LAYERS * FFN + (2 * LAYERS + 1) * HIDDEN) * rows * tokens * 4
+    assert _bytes_kept_for_backward(model, ids) - _bytes_kept_for_backward(lean, ids) == expected_saving
+
+
+class _ScaledMLP(LlamaMLP):
+    def forward(self, x):
+        return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_modules_that_compute_anything_else_keep_their_own_forward(monkeypatch):
+    gelu = _model("llama", hidden_act="gelu")  # the MLP's forward, another activation: only the norms
+    assert use_lean_layers(gelu) == 2 * LAYERS + 1
+    assert all(type(layer.mlp) is LlamaMLP for layer in gelu.model.layers)
+    scaled = _model("llama")
+    for layer in scaled.model.layers:
+        layer.mlp.__class__ = _ScaledMLP
+    assert use_lean_layers(scaled) == 2 * LAYERS + 1
+    assert all(type(layer.mlp) is _ScaledMLP for layer in scaled.model.layers)
+    assert use_lean_layers(_model("gpt2", n_embd=HIDDEN, n_layer=LAYERS, n_head=4)) == 0
+    monkeypatch.setenv("POSTTRAIN_LEAN_LAYERS", "0")
+    assert use_lean_layers(_model("llama")) == 0
+
+
+def test_a_pickled_or_copied_model_keeps_its_lean_layers():
+    model = _model("llama")
+    use_lean_layers(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a whole module: pickled (the class made for it cannot be found by name)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert [type(m) for m in other.modules()] == [type(m) for m in model.modules()]
+        assert use_lean_layers(other) == 0
+        ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+        _assert_bitwise(model, other, ids)
+        model.zero_grad(set_to_none=True)
