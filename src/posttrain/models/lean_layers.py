@@ -93,7 +93,8 @@ class RMSNormWeighted(torch.autograd.Function):
         x32 = x.to(torch.float32)
         normalised = (x32 * rsqrt).to(x.dtype)
         # Autograd casts each gradient to its input's dtype (a no-op where all are alike), then sums it to the
-        # input's shape where the forward broadcast.
+        # input's shape where the forward broadcast. Every product keeps autograd's operand order: the layout of
+        # a result follows its first operand, and a sum over a tensor of another layout adds in another order.
         grad_weight = ((grad * normalised).to(weight.dtype).sum_to_size(weight.shape) if ctx.needs_input_grad[2]
                        else None)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
@@ -102,7 +103,8 @@ class RMSNormWeighted(torch.autograd.Function):
         grad_by_product = grad_normalised * rsqrt
         grad_rsqrt = (grad_normalised * x32).sum_to_size(rsqrt.shape)
         grad_mean = -0.5 * grad_rsqrt * rsqrt.pow(3)
-        grad_by_square = (grad_mean.expand(x32.shape) / x32.shape[-1]) * (2.0 * x32.pow(1.0))
+        # pow's backward: grad * (2 * x.pow(1)), and x.pow(1) is x
+        grad_by_square = (grad_mean.expand(x32.shape) / x32.shape[-1]) * (2.0 * x32)
         if x.dtype == torch.float32:
             return grad_by_product, grad_by_square, grad_weight, None
         # x.to(fp32) is one node in autograd's graph: it sums both in fp32 and casts once.
