@@ -6,6 +6,7 @@ import itertools
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 # Before torch starts its OpenMP pool: idle threads sleep instead of spinning, so a test run that shares
 # the 2 cores with another process slows down in proportion instead of 100x.
@@ -15,6 +16,9 @@ os.environ.setdefault("POSTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="posttrain-
 # The suite's references are CPU computations (float64 loops, bitwise resume): on a GPU machine it still runs on the
 # CPU unless POSTTRAIN_DEVICE says otherwise (models.device).
 os.environ.setdefault("POSTTRAIN_DEVICE", "cpu")
+# pytest-xdist's workers (README's `-n 2`) set COLUMNS=80, which posttrain's console obeys: without it the suite sees
+# the console a log file gets (console.LOG_WIDTH) whether it runs in one process or in two.
+os.environ.pop("COLUMNS", None)
 
 import pytest
 import torch
@@ -41,14 +45,34 @@ def tiny_model(tokenizer):
 
 @pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory):
-    """One `pretrain --quick` run shared by every test that needs a pretrained model."""
+    """One `pretrain --quick` run shared by every test that needs a pretrained model. Under pytest-xdist (README's
+    `-n 2`) the first worker to ask makes it where the workers' directories are, and each worker gets a copy of its
+    own: made once, and read or written by one process at a time, as in a run without workers."""
+    import json
+
+    from filelock import FileLock
+
+    from posttrain.train.run_dir import RunResult
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _quick_pretraining(tmp_path_factory.mktemp("runs"))
+    shared = tmp_path_factory.getbasetemp().parent  # every worker's basetemp is a directory in it
+    with FileLock(shared / "pretrained_run.lock"):
+        if not (shared / "pretrained_run.json").exists():
+            made = _quick_pretraining(shared / "pretrained_run")
+            (shared / "pretrained_run.json").write_text(json.dumps({"run_dir": str(made.run_dir)}))
+    made = Path(json.loads((shared / "pretrained_run.json").read_text())["run_dir"])
+    copy = shutil.copytree(made, tmp_path_factory.mktemp("runs") / made.name)
+    summary = json.loads((copy / "summary.json").read_text())["summary"]
+    return RunResult(run_dir=copy, final_dir=copy / "final", summary=summary)
+
+
+def _quick_pretraining(out: Path):
     from posttrain.recipes import find_recipe
     from posttrain.recipes.pretrain import PretrainConfig, main
 
-    out = tmp_path_factory.mktemp("runs")
     recipe = find_recipe("pretrain")
-    cfg = load_config(PretrainConfig, recipe.path, [f"run.out_dir={out}", "run.progress=false"],
-                      extra=recipe.quick)
+    cfg = load_config(PretrainConfig, recipe.path, [f"run.out_dir={out}", "run.progress=false"], extra=recipe.quick)
     return main(cfg)
 
 
