@@ -39,6 +39,29 @@ def add_precision_argument(parser: Any) -> None:
                         help="both libraries in this precision: posttrain's train.precision, TRL's bf16=True")
 
 
+def add_allocator_arguments(parser: Any) -> None:
+    parser.add_argument("--preload", default=None, metavar="LIB",
+                        help="a malloc LD_PRELOADed into the workers of --preload-for, e.g. "
+                             "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (README's documented option for a "
+                             "lower peak RSS); every row records its allocator")
+    parser.add_argument("--preload-for", default="posttrain,trl", help="the libraries whose workers get --preload")
+
+
+def use_allocator(preload: str | None, libraries: str) -> None:
+    """The workers of `libraries` (comma-separated) run with `preload` as LD_PRELOAD (`run_worker`)."""
+    if preload is None:
+        return
+    if not Path(preload).is_file():
+        raise SystemExit(f"--preload {preload}: no such file (Debian: apt install libtcmalloc-minimal4)")
+    os.environ["BENCH_PRELOAD"], os.environ["BENCH_PRELOAD_FOR"] = preload, libraries
+    print(f"allocator: {preload} for {libraries}", flush=True)
+
+
+def allocator() -> str:
+    """The malloc this process runs on: a preloaded library's file name, or glibc's."""
+    return Path(os.environ["LD_PRELOAD"]).name if os.environ.get("LD_PRELOAD") else "glibc"
+
+
 def use_precision(precision: str) -> float:
     """Run the workers in `precision` and measure its physical limit here (GFLOP/s of the model-shaped
     GEMMs, the fastest library for fp32: `benchmarks.peak`), which their MFU is computed against."""
@@ -133,7 +156,7 @@ class StepClock:
                 "mfu": 6 * non_embedding_params * tok_per_s / PEAK_FLOPS if mfu else None,
                 "precision": PRECISION, "peak_gflops": PEAK_FLOPS / 1e9,
                 "tokens_per_step": statistics.mean(tokens), "measured_steps": len(durations),
-                "peak_rss_mb": peak_rss_mb()}
+                "peak_rss_mb": peak_rss_mb(), "allocator": allocator()}
 
 
 class TimedSource:
@@ -233,6 +256,9 @@ def cpu_model() -> str:
 def run_worker(module: str, args: list[str]) -> dict[str, Any]:
     """Run `python -m <module> --worker <args>` and return the JSON object it prints last."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    library = args[args.index("--library") + 1] if "--library" in args else None
+    if "BENCH_PRELOAD" in env and library in env["BENCH_PRELOAD_FOR"].split(","):
+        env["LD_PRELOAD"] = env["BENCH_PRELOAD"]
     proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT.parent)
     if proc.returncode != 0:

@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import (
     TRL_ARGS,
+    add_allocator_arguments,
     add_precision_argument,
     arith_pairs,
     model_dir,
@@ -37,6 +38,7 @@ from benchmarks.common import (
     run_worker,
     timed_fit,
     trl_clock,
+    use_allocator,
     use_precision,
 )
 
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--size", default="small")
     add_precision_argument(parser)
+    add_allocator_arguments(parser)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variant", default="precomputed")
     parser.add_argument("--batch-mode", default="padded")
@@ -121,6 +124,7 @@ def main() -> None:
         print(json.dumps(worker(model_dir(args.size), args.variant, args.batch_mode, args.steps)))
         return
     use_precision(args.precision)
+    use_allocator(args.preload, args.preload_for)
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
     for run in args.runs.split(","):

@@ -29,6 +29,7 @@ from benchmarks.common import (
     PRECISION,
     TRL_ARGS,
     WARMUP_STEPS,
+    add_allocator_arguments,
     add_precision_argument,
     arith_rows,
     model_dir,
@@ -38,6 +39,7 @@ from benchmarks.common import (
     run_worker,
     timed_rl_fit,
     trl_clock,
+    use_allocator,
     use_precision,
 )
 
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--size", default="small")
     add_precision_argument(parser)
+    add_allocator_arguments(parser)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--libraries", default="posttrain,trl")
     args = parser.parse_args()
@@ -138,6 +141,7 @@ def main() -> None:
         print(json.dumps(worker(model_dir(args.size), args.steps)))
         return
     use_precision(args.precision)
+    use_allocator(args.preload, args.preload_for)
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
     for library in args.libraries.split(","):

@@ -37,6 +37,7 @@ from benchmarks.common import (
     CACHE,
     PRECISION,
     TRL_ARGS,
+    add_allocator_arguments,
     add_precision_argument,
     arith_rows,
     model_dir,
@@ -46,6 +47,7 @@ from benchmarks.common import (
     run_worker,
     timed_rl_fit,
     trl_clock,
+    use_allocator,
     use_precision,
 )
 
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--whole-batch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small")
     add_precision_argument(parser)
+    add_allocator_arguments(parser)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--libraries", default="posttrain,trl")
     parser.add_argument("--critics", default="separate,shared,separate:whole",
@@ -175,6 +178,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     use_precision(args.precision)
+    use_allocator(args.preload, args.preload_for)
     reward_dir(args.size)  # build once, before any worker is timed
     runs = [("posttrain", critic) for critic in args.critics.split(",") if "posttrain" in args.libraries]
     runs += [("trl", "separate")] if "trl" in args.libraries else []

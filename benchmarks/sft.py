@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.common import (
     TRL_ARGS,
+    add_allocator_arguments,
     add_precision_argument,
     arith_rows,
     model_dir,
@@ -30,6 +31,7 @@ from benchmarks.common import (
     run_worker,
     timed_fit,
     trl_clock,
+    use_allocator,
     use_precision,
 )
 
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--library", choices=("posttrain", "trl"))
     parser.add_argument("--size", default="small")
     add_precision_argument(parser)
+    add_allocator_arguments(parser)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mode", default="padded")
     parser.add_argument("--modes", default="padded,padding_free,packed")
@@ -96,6 +99,7 @@ def main() -> None:
         print(json.dumps(worker(model_dir(args.size), args.mode, args.steps)))
         return
     use_precision(args.precision)
+    use_allocator(args.preload, args.preload_for)
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
     for mode in args.modes.split(","):
