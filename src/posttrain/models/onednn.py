@@ -29,13 +29,18 @@ GRPO 8x8 round of the small model sampled in 1.73-1.77 s against 2.11-2.13.
 The ops used (`torch.ops.mkldnn._linear_pointwise`, the one inductor's CPU backend uses) are private:
 without them, or without oneDNN in the torch build, nothing is swapped.
 
-Memory: oneDNN caches one primitive per distinct product shape, and each holds memory of its own.
-Training shapes change with every batch (padding-free rows, padded lengths, reference passes over a
-data set), so oneDNN's default cache of 1024 primitives grew peak RSS by ~230 MB over 40 DPO steps
-on the small model (1969 -> 1741 MB with the cap). Importing this module caps the cache at
-`PRIMITIVE_CACHE_CAPACITY` (64: every shape of about four training steps, so a step's repeated
-products still hit it) unless `ONEDNN_PRIMITIVE_CACHE_CAPACITY` is already set; oneDNN reads that
-variable when it first runs a primitive, and the cache is process-wide.
+Memory: two caches keep one primitive per distinct product shape (its rows included), each holding memory of
+its own (JIT-compiled kernels, ~0.2-0.6 MB a shape): oneDNN's own (process-wide, `ONEDNN_PRIMITIVE_CACHE_CAPACITY`)
+and the one torch keeps in front of it for these ops (per thread, `LRU_CACHE_CAPACITY`), both 1024 shapes by
+default. Shapes change with every batch: training's (padding-free rows, padded lengths, reference passes over a
+data set) and the rollout engine's prefill, whose rows are the round's prompt tokens. Uncapped, oneDNN's cache
+grew peak RSS by ~230 MB over 40 DPO steps on the small model (1969 -> 1741 MB with the cap), and torch's grew a
+GRPO run of the tiny model by ~0.6 MB a step, every step (670 -> 890 MB over 350 steps: a leak to the eye, up to
+~600 MB before its cap); 1,800 distinct shapes through the engine's products cost 624 MB with torch's cache
+uncapped, 29 MB with it capped. Importing this module caps both at `PRIMITIVE_CACHE_CAPACITY` (64: every shape of
+about four training steps, so a step's repeated products still hit it; creating a primitive costs little next to
+a product of a few hundred rows) unless the variable is already set; each cache reads its variable when it is
+first used, so from import on.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ MIN_SPEEDUP = 1.15  # oneDNN costs memory (above): a near tie goes to torch's ow
 # The decode products measured for the engine's packed weights: a step's rows (a batch of 64 completions) through
 # the same three shapes, each weight reordered once for the row count as `rollout.gemm` does.
 DECODE_ROWS = 64
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
+CACHE_CAPACITY_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, torch's
+for _variable in CACHE_CAPACITY_VARIABLES:
+    os.environ.setdefault(_variable, str(PRIMITIVE_CACHE_CAPACITY))
 
 
 def onednn_ops_available() -> bool:
