@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from posttrain.config import ModelConfig, OptimConfig, RunConfig
+from posttrain.errors import ConfigError
 from posttrain.models import build_model
 from posttrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_module_weights
 from posttrain.train.engine import TrainConfig, Trainer, TrainingError
@@ -280,6 +281,29 @@ def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(tmp_path, tokeniz
     assert [after[step] for step in (3, 4, 5, 6)] == pytest.approx([before[step] / 10 for step in (3, 4, 5, 6)],
                                                                    rel=1e-12)
     assert "initial_lr 0.003 -> 0.0003" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_resume_with_another_seed_is_refused_and_the_run_stays_resumable_with_its_own(tmp_path, tokenizer):
+    """The seed drew the data order (a resumed position in another permutation trains some rows twice and skips
+    others), the rollouts' sampling and, in pretraining, the tokenizer the checkpoint was trained on: a resume with
+    another run.seed is a clear error before anything is loaded or trained, and the run's own seed still resumes it
+    to exactly the uninterrupted run."""
+    full, source = _trainer(tmp_path, tokenizer, name="full", steps=4, save_every=2, keep_last=3)
+    full.fit(source, _loss_fn)
+    shutil.copytree(tmp_path / "full", tmp_path / "split")  # as if stopped after its step-2 checkpoint
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step-4")
+    (tmp_path / "split" / "summary.json").unlink(missing_ok=True)
+    metrics_before = (tmp_path / "split" / "metrics.jsonl").read_text()
+    other, source = _trainer(tmp_path, tokenizer, name="split", steps=4, resume=True, save_every=2, keep_last=3, seed=1)
+    with pytest.raises(ConfigError, match=r"run\.seed: the checkpoint step-2 was trained with run\.seed=0 and this "
+                                          r"run has run\.seed=1"):
+        other.fit(source, _loss_fn)
+    assert (tmp_path / "split" / "metrics.jsonl").read_text() == metrics_before
+    assert "seed: 0" in (tmp_path / "split" / "config.yaml").read_text()  # the checkpoint's own config, put back
+    resumed, source = _trainer(tmp_path, tokenizer, name="split", steps=4, resume=True, save_every=2, keep_last=3)
+    resumed.fit(source, _loss_fn)
+    assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == _untimed(
+        read_metrics(tmp_path / "full" / "metrics.jsonl"))
 
 
 def test_a_full_disk_while_checkpointing_is_a_clear_error_that_leaves_no_half_checkpoint(tmp_path, tokenizer,

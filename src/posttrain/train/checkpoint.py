@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from posttrain.errors import RunDirError
+from posttrain.errors import ConfigError, RunDirError
 from posttrain.train.optim import from_lr_keyed_groups
 
 COMPLETE = "COMPLETE"
@@ -196,6 +197,22 @@ def resume_checkpoint(root: Path, warn: Callable[[str], None], move_aside: bool 
         listed = "; ".join(f"{p.name}: {why}" for p, why in faults)
         raise RunDirError(f"no intact checkpoint to resume from ({listed})", file=str(root))
     return None
+
+
+def check_same_seed(path: Path, seed: int) -> None:
+    """A ConfigError unless the checkpoint at `path` was written by a run with `seed` (its config.yaml's run.seed;
+    nothing to check in one without it). The seed drew what the rest of the run depends on, not only its next
+    steps: the data order of every epoch (a resumed position in another permutation trains some rows twice and
+    skips others), the rollouts' sampling seeds, and in pretraining the corpus and the tokenizer itself, whose
+    token ids the checkpoint's embeddings were trained on."""
+    config = path / "config.yaml"
+    if not config.is_file():
+        return
+    saved = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("run", {}).get("seed")
+    if saved is not None and saved != seed:
+        raise ConfigError(f"the checkpoint {path.name} was trained with run.seed={saved} and this run has "
+                          f"run.seed={seed}: a resumed run keeps its seed (drop the override), or starts afresh "
+                          "(run.resume=false)", field="run.seed")
 
 
 def _unused(path: Path) -> Path:

@@ -40,7 +40,13 @@ from posttrain.models.heads import floating_dtype
 from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
-from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from posttrain.train.checkpoint import (
+    check_same_seed,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from posttrain.train.dist_checkpoint import check_world_size, load_sharded_checkpoint, save_sharded_checkpoint
 from posttrain.train.metrics import MetricsWriter, truncate_metrics, truncate_samples
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -530,6 +536,7 @@ class Trainer:
                       for group in self.optimizer.param_groups]
         try:
             check_world_size(path, self.dist.world_size)
+            check_same_seed(path, self.run.seed)
             if self.dist.distributed:
                 state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
                                                 scheduler=self.scheduler)
