@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import zlib
 from pathlib import Path
 from typing import Any
@@ -281,8 +282,31 @@ def test_truncated_completions_are_flagged_masked_on_request_and_eos_is_trained(
             assert bool((kept == ~truncated).all()) if mask_truncated else bool(kept.all())
             # A sequence mean is over the rows in the loss: masked truncated rows are not counted.
             assert step.normaliser == int(kept.sum()) and batch.sequence_share == 1.0
+            assert step.metrics["trained_fraction"] == float(kept.float().mean())
     finally:
         handle.remove()
+
+
+def test_a_round_with_no_completion_in_the_loss_is_said_once_with_its_causes(tiny_model, tokenizer, caplog):
+    """Every group tied under skip_zero_variance, or every completion cut at max_new_tokens under mask_truncated:
+    the round's steps train nothing. The metric says so each round; a warning once, naming the settings."""
+    constant = WeightedRewards({"r": (lambda batch: [0.5] * len(batch), 1.0)})
+    tied = make_source(tiny_model, tokenizer, "advantage.skip_zero_variance=true", rewards=constant)
+    with caplog.at_level(logging.WARNING, logger="posttrain.recipes.rl_loop"):
+        assert [tied.next_step().metrics["trained_fraction"] for _ in range(2)] == [0.0, 0.0]
+    said = [r.getMessage() for r in caplog.records if "train nothing" in r.getMessage()]
+    assert said == ["round 1: none of its 16 completions is in the loss, so its steps train nothing: 16 in groups "
+                    "whose completions tied (advantage.skip_zero_variance=true leaves them out). Said once; the "
+                    "trained_fraction metric counts every round"]
+    caplog.clear()
+    handle = eos_bias(tiny_model, -1e4)  # no completion ends: all of them run into max_new_tokens
+    try:
+        cut = make_source(tiny_model, tokenizer, "loss.mask_truncated=true")
+        with caplog.at_level(logging.WARNING, logger="posttrain.recipes.rl_loop"):
+            assert cut.next_step().metrics["trained_fraction"] == 0.0
+    finally:
+        handle.remove()
+    assert "16 cut at sampling.max_new_tokens=6 (loss.mask_truncated=true leaves them out)" in caplog.text
 
 
 class TextEngine(RolloutEngine):

@@ -30,6 +30,7 @@ the same number of forward/backward passes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -115,6 +116,8 @@ from posttrain.train.progress import RunProgress
 from posttrain.train.reference import Reference
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # The forward every pass of the round uses: actor logprobs, entropy and (with a critic) values.
@@ -321,6 +324,7 @@ class RLStepSource:
         self.steps = 0
         self.queue: list[StepBatch] = []
         self.last: Round | None = None
+        self.told_untrained = False
 
     def next_step(self) -> StepBatch:
         if not self.queue:
@@ -371,11 +375,34 @@ class RLStepSource:
         self.last = Round(rows, rollout, score, old_logprobs, old_values, ref_logprobs, kl, beta, rewards,
                           advantages, returns)
         metrics = self._metrics(completions, scores, steps, zero_groups, span[1]) | filtered
+        metrics["trained_fraction"] = self._trained_fraction(rollout, keep, span[1])
         if kl is not None:
             self.kl.update(metrics["kl"], span[1])
         self._write_samples(completions, scores, steps)
         metrics.update(generation_s=generation_s, scoring_s=time.perf_counter() - start - generation_s)
         return self._step_batches(schedule, metrics)
+
+    def _trained_fraction(self, rollout: Rollout, keep: Tensor, total: int) -> float:
+        """The share of the round's completions (of every rank: `total`) with a token in the loss. A round with none
+        trains nothing (its steps' gradients are zero), which no other metric says outright: said once per run,
+        with what left its completions out (groups that tied under advantage.skip_zero_variance, completions cut at
+        max_new_tokens under loss.mask_truncated)."""
+        cut = rollout.truncated if self.cfg.loss.mask_truncated else torch.zeros_like(keep)
+        counts = (dist.all_reduce_sum(float(rows.sum())) for rows in (keep & ~cut, ~keep, keep & cut))
+        in_loss, tied, truncated = counts
+        if in_loss == 0 and not self.told_untrained:
+            reasons = []
+            if tied:
+                reasons.append(f"{tied:.0f} in groups whose completions tied (advantage.skip_zero_variance=true "
+                               "leaves them out)")
+            if truncated:
+                reasons.append(f"{truncated:.0f} cut at sampling.max_new_tokens={self.cfg.sampling.max_new_tokens} "
+                               "(loss.mask_truncated=true leaves them out)")
+            logger.warning("round %d: none of its %d completions is in the loss, so its steps train nothing: %s. Said "
+                           "once; the trained_fraction metric counts every round", self.prompts.rounds, total,
+                           "; ".join(reasons))
+            self.told_untrained = True
+        return in_loss / total
 
     # -- phase 1 and 2: sample and score, until the round has its informative groups ----------------
 
