@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from posttrain.rollout import Rollout
 from posttrain.rollout.recompute import pack_rollout, packed_logprobs_and_entropy, policy_logprobs_and_entropy
@@ -97,3 +98,33 @@ def test_a_rollout_row_without_a_prompt_token_is_refused(tiny_model, tokenizer):
     rollout.prompt_mask[0] = 0
     with pytest.raises(ValueError, match="real prompt token"):
         packed_logprobs_and_entropy(tiny_model, rollout)
+
+
+def test_a_row_wider_than_a_learned_position_table_packs_samples_that_fit_it(tokenizer):
+    """GPT-2 has a table of n_positions positions. Every sample here fits 16 (at most 10 tokens), but a prompt shared
+    by its 4 samples makes a unit of 3 + 4 x 7 = 31 tokens, so the other row (a 3-token sample) is padded to 31.
+    Padding positions counted on from 0 indexed past the table (IndexError); the packed logprobs are each sample's
+    alone."""
+    torch.manual_seed(0)
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=16, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=eos)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(0, vocab, (1, 3), generator=generator).repeat(5, 1)
+    prompt_ids[4] = torch.randint(0, vocab, (3,), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[4, 0] = 0  # a 2-token prompt
+    completion_ids = torch.randint(0, vocab, (5, 7), generator=generator)
+    completion_ids[completion_ids == eos] = eos - 1
+    response_mask = torch.ones_like(completion_ids)
+    response_mask[4, 1:] = 0
+    rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                      response_mask=response_mask, logprobs=torch.zeros(completion_ids.shape),
+                      finish_reasons=["length"] * 4 + ["stop"], texts=[""] * 5,
+                      prompt_index=torch.tensor([0, 0, 0, 0, 1]), temperature=1.0)
+    packed = pack_rollout(rollout, capacity=31, share_prompts=True)
+    assert packed.input_ids.shape == (2, 31)  # the second row: 3 tokens, then 28 of padding
+    expected, _ = one_sample_at_a_time(model, rollout)
+    logprobs, _ = packed_logprobs_and_entropy(model, rollout, capacity=31, share_prompts=True)
+    assert_close(logprobs.double(), expected, rtol=0, atol=1e-5)

@@ -141,8 +141,8 @@ def collate_packed(rows: Sequence[Sequence[Sample]], pad_token_id: int, attentio
             segments[r, cols] = k
             start += n
             index += 1
-        # Padding is a block of its own (positions restart too), so it attends only to itself.
-        position_ids[r, start:] = torch.arange(width - start)
+        # Padding is a block of its own, so it attends only to itself. Its positions stay 0 (zeros above): counting on
+        # from 0 they could pass a learned position table (GPT-2's, OPT's) in a row wider than the model's context.
         segments[r, start:] = len(row)
     response_mask[position_ids == 0] = 0  # no target across a sample boundary
     labels = input_ids.masked_fill(response_mask == 0, IGNORE_INDEX)

@@ -188,7 +188,8 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
                 targets.append((i, n))
                 start += n
             segment += 1
-        position_ids[r, start:] = torch.arange(width - start)
+        # Padding stays at position 0 (zeros above): a position past the last real token's could pass a learned
+        # position table (GPT-2's, OPT's) when a row is wider than the model's context.
         segments[r, start:] = parents[r, start:] = segment
     return PackedRollout(
         input_ids=input_ids.to(device), position_ids=position_ids.to(device),
