@@ -7,10 +7,12 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from posttrain.config import ModelConfig
 from posttrain.errors import ConfigError
 from posttrain.models import build_model, load_causal_lm, load_tokenizer
+from posttrain.models.reward import build_reward_model
 
 
 @pytest.fixture()
@@ -44,6 +46,20 @@ class _RunsCode:
         return (os.system, ("touch ran-code",))
 
 
+def _a_lost_tensor(path):
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.3.mlp.down_proj.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _a_reward_model(path):
+    """The directory of a scalar reward model (`posttrain rm`): the trunk and a `score` head, no output layer."""
+    reward_model = build_reward_model(str(path), pad_token_id=0)
+    for file in path.glob("*.safetensors"):
+        file.unlink()
+    reward_model.save_pretrained(path)
+
+
 def _pickled_objects(path):
     """A pytorch_model.bin whose pickle would run code: weights_only refuses it (torch's message then suggests
     loading it with weights_only=False)."""
@@ -58,6 +74,11 @@ def _pickled_objects(path):
     (_unknown_type, r"config.json: model.path: unknown model_type 'llama9'"),
     (_no_weights, r"model.path: .*model has no weights \(model.safetensors\)"),
     (_truncated, r"model: model.path: cannot load the model: "),
+    # transformers would start what is missing at random, and training went on on it without a word.
+    (_a_lost_tensor, r"model.path: .*model has no saved model.layers.3.mlp.down_proj.weight, which would start at "
+                     r"random: its weight files lack them"),
+    (_a_reward_model, r"model.path: .*model has no saved lm_head.weight, which would start at random: it is a "
+                      r"LlamaForSequenceClassification \(a reward or value model\), not a causal LM"),
 ])
 def test_a_broken_model_directory_is_a_one_line_error(model_dir, damage, expected, monkeypatch):
     monkeypatch.chdir(model_dir.parent)

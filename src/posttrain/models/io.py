@@ -6,7 +6,7 @@ import contextlib
 import copy
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,9 +163,11 @@ def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool
 
 
 def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
-                   device: torch.device | str | None = None, disable_dropout: bool = False) -> PreTrainedModel:
+                   device: torch.device | str | None = None, disable_dropout: bool = False,
+                   field: str = "model.path") -> PreTrainedModel:
     """The causal LM at `path`, on `device` (None: the process's, `models.device.default_device`); with
-    `disable_dropout`, every dropout of it off (`models.dropout`).
+    `disable_dropout`, every dropout of it off (`models.dropout`). A directory without all of its weights is a
+    ConfigError naming `field` (`check_every_weight_loaded`).
 
     A peft adapter directory (`adapter_base`) loads over its base model: LoRA merged into the base weights (what
     merge_on_save would have saved; every weight trainable again, as in any loaded model), prefix-tuning as the peft
@@ -175,17 +177,36 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
         from peft import PeftModel
 
         model = load_causal_lm(base, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
-                               disable_dropout=disable_dropout)
+                               disable_dropout=disable_dropout, field=field)
         with loading_errors(Path(path)):
             adapted = PeftModel.from_pretrained(model, str(path))
         if adapted.active_peft_config.is_prompt_learning:
             return adapted
         return adapted.merge_and_unload().requires_grad_(True)
-    model, _ = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype)
+    (model, loading), directory = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code,
+                                                 dtype=dtype, field=field, output_loading_info=True)
+    check_every_weight_loaded(directory, loading["missing_keys"], field)
     use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
     return model.to(device or default_device())
+
+
+def check_every_weight_loaded(directory: Path, missing: Sequence[str], field: str) -> None:
+    """A causal LM whose directory lacks some of its weights (`missing`, as transformers reports them; tied ones are
+    not) would start those at random and train on without a word (transformers' own report is silenced here): a
+    reward model's directory given for the policy (a `score` head, no output layer), or a checkpoint that lost a
+    tensor. A ConfigError naming `field`."""
+    if not missing:
+        return
+    names = sorted(missing)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    scorer = [a for a in architectures if not a.endswith("ForCausalLM") and not a.endswith("LMHeadModel")]
+    why = (f"it is a {', '.join(scorer)} (a reward or value model), not a causal LM: give a language model's "
+           "directory (e.g. runs/sft/final)" if scorer else "its weight files lack them (an incomplete or another "
+           "model's checkpoint)")
+    raise ConfigError(f"{directory} has no saved {shown}, which would start at random: {why}", field=field)
 
 
 def load_tokenizer_and_model(cfg: ModelConfig,

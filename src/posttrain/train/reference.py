@@ -109,7 +109,7 @@ def load_reference(reference: ReferenceConfig, model: ModelConfig) -> Reference 
     if not reference.path:
         return None
     return Reference(load_causal_lm(reference.path, trust_remote_code=model.trust_remote_code,
-                                    dtype=model.dtype).eval().requires_grad_(False))
+                                    dtype=model.dtype, field="reference.path").eval().requires_grad_(False))
 
 
 def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int,
