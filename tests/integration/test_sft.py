@@ -122,8 +122,10 @@ def test_an_adapter_directory_loads_over_its_base_model(tiny_model, tokenizer, b
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.normal_(std=0.5)
-    saved = save_trained(model, tokenizer, tmp_path / "adapter", adapter)
+    saved = save_trained(model, tokenizer, tmp_path / "run" / "final", adapter)
     assert not (saved / "config.json").exists() and (saved / "adapter_config.json").is_file()
+    (tmp_path / "run" / "config.yaml").write_text("run: {seed: 0}\n")  # a finished run whose final/ is the adapter
+    assert resolve_target(tmp_path / "run").model_dir == saved
     with torch.no_grad():  # in float64: merging LoRA sums in another order than applying it
         expected = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype="float64"), str(saved)).eval()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

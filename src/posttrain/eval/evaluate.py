@@ -138,8 +138,9 @@ def resolve_target(path: str | Path) -> Target:
     actor_tensors = False
     if path.name == "model" and (path.parent / COMPLETE).is_file():  # a checkpoint's model/: the checkpoint
         path = path.parent
-    if (path / "config.yaml").is_file() and (path / "final" / "config.json").is_file():
-        run_dir, model_dir = path, path / "final"
+    final = path / "final"
+    if (path / "config.yaml").is_file() and ((final / "config.json").is_file() or adapter_base(final) is not None):
+        run_dir, model_dir = path, final  # a model, or an adapter (adapter.merge_on_save=false)
     elif (path / COMPLETE).is_file() and (path / "model").is_dir():  # a checkpoint, with the run's config
         run_dir, model_dir = path, path / "model"
         actor_tensors = not (model_dir / "config.json").is_file() and adapter_base(model_dir) is None
