@@ -330,6 +330,7 @@ def test_a_start_stopped_by_its_rewards_keeps_their_errors(chatml_model_dir, tmp
         assert not (tmp_path / "broken").exists()
         kept = tmp_path / "broken.grader_errors.jsonl"
         assert f"its reward errors, now in {kept}" in output
+        assert output.endswith(f"(all in {kept})")  # the error's own line: where the file is, not where it was
         records = [json.loads(line) for line in kept.read_text().splitlines()]
         assert len(records) == 8 and all("ValueError: boom" in r["error"] for r in records)
 

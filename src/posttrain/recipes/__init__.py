@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import load_config, read_yaml_with_lines
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.train.signals import Interrupted, interrupt_on_signals
 
 if TYPE_CHECKING:  # the run directory's module imports torch: `run_stage` imports it when a stage runs
@@ -102,7 +102,8 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
     cfg = build_config(recipe, overrides, quick)
     # Here, not at the top: the CLI imports this module for its commands, and `posttrain --help` should not pay
     # for torch (the run directory's checks import it).
-    from posttrain.train.run_dir import abandon_unstarted, check_run_dir
+    from posttrain.rewards.error_log import ERRORS_FILE
+    from posttrain.train.run_dir import abandon_unstarted, check_run_dir, kept_reward_errors, run_path
 
     check_run_dir(cfg.run, cfg)  # before minutes of loading and data preparation
     try:
@@ -111,9 +112,14 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
     except KeyboardInterrupt as stop:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         raise Interrupted(signum, abandon_unstarted(cfg.run)) from None
-    except BaseException:
+    except BaseException as err:
         left = abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
-        if "reward errors" in left:  # the error sent the user to a file that is now elsewhere
+        if "reward errors" in left:  # the error sent the user to a file that is now elsewhere: to where it is
             print(f"({left})", file=sys.stderr, flush=True)
+            path = run_path(cfg.run)
+            moved, now = str(path / ERRORS_FILE), str(kept_reward_errors(path))
+            if isinstance(err, PosttrainError) and moved in err.message:
+                raise type(err)(err.message.replace(moved, now), file=err.file, line=err.line,
+                                field=err.field) from None
         raise
 

@@ -276,7 +276,7 @@ def _undo_unstarted(path: Path) -> str:
         # user to its grader_errors.jsonl: that file outlives the run, beside it, where no rerun is refused for it.
         errors = abandoned / ERRORS_FILE
         if errors.is_file() and errors.stat().st_size:
-            beside = path.parent / f"{path.name}.{ERRORS_FILE}"
+            beside = kept_reward_errors(path)
             os.replace(errors, beside)
             kept = f" but its reward errors, now in {beside}"
     restored = False
@@ -291,6 +291,11 @@ def _undo_unstarted(path: Path) -> str:
     if restored:
         return f"nothing of the new run was kept{kept}; the run it was to replace is back in {path}"
     return f"nothing of the run was kept{kept}" if undone else ""
+
+
+def kept_reward_errors(path: Path) -> Path:
+    """Where the reward errors of the run at `path` go when the run is undone before its first step: beside it."""
+    return path.parent / f"{path.name}.{ERRORS_FILE}"
 
 
 def finished_steps(path: Path) -> int | None:
