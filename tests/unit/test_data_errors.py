@@ -45,6 +45,12 @@ JSONL_CASES = [
     ("null-value", [GOOD, {"prompt": "q", "completion": None}], SFT, 2, "completion", "is null: this row has no value"),
     ("prompt-wrong-type", [{"prompt": 42, "completion": "a"}], SFT, 1, "prompt", "got an integer"),
     ("empty-prompt", [{"prompt": "  ", "completion": "a"}], SFT, 1, "prompt", "empty prompt"),
+    # JSON reads an unpaired "\ud800" escape into a string that has no UTF-8 form: Arrow failed in `datasets`.
+    ("lone-surrogate", [GOOD, '{"prompt": "What is 1+2? \\ud800x", "completion": "3"}'], SFT, 2, "prompt",
+     "not valid Unicode text: surrogates not allowed ('\\ud800' at character 13"),
+    ("lone-surrogate-in-messages", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                      "content": "\udc00"}]}],
+     SFT, 1, "messages", "not valid Unicode text"),
     ("empty-completion", [GOOD, {"prompt": "q", "completion": ""}], SFT, 2, "completion", "empty completion"),
     ("whitespace-completion", [{"prompt": "q", "completion": " \n "}], SFT, 1, "completion", "empty completion"),
     ("chosen-equals-rejected", [PAIR, PAIR | {"rejected": "5"}], RM, 2, "rejected", "identical"),

@@ -151,7 +151,33 @@ def _generate(spec: _Spec) -> Iterator[dict[str, Any]]:
             yield normalise_row(row, spec.format, Where(f"task:{spec.name}", i))
         return
     for where, row in _renamed(_read(spec), spec):
-        yield normalise_row(row, spec.format, where)
+        yield _storable(normalise_row(row, spec.format, where), where)
+
+
+def _storable(row: dict[str, Any], where: Where) -> dict[str, Any]:
+    """`row`, whose text Arrow can store as UTF-8: a lone surrogate (JSON's "\\ud800" escape, unpaired) cannot be,
+    and failed deep inside `datasets` with a traceback that named no row."""
+    for field, value in row.items():
+        for text in _texts(value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise where.error(f"not valid Unicode text: {err.reason} ({err.object[err.start:err.end]!r} at "
+                                  f"character {err.start}, e.g. an unpaired \\ud800-\\udfff escape in JSON)",
+                                  field=field) from None
+    return row
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every string in `value` (a column's value: text, or messages, steps, tools nested in lists and mappings)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _texts(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item)
 
 
 def _renamed(raw: Iterator[tuple[Where, Any]], spec: _Spec) -> Iterator[tuple[Where, Any]]:
