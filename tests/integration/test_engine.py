@@ -253,6 +253,36 @@ def test_a_data_walk_resumed_on_data_of_another_size_is_refused_not_spun_forever
     assert same.next_step().micro_batches == walked.next_step().micro_batches
 
 
+def test_a_data_walk_resumed_on_other_rows_of_the_same_count_is_refused():
+    """The size alone let a resume go on over an edited file, or another file of as many rows, silently. The state
+    keeps a digest of the rows' contents, the same however they are stored (Arrow chunks of a cached or freshly
+    tokenised dataset) or held (a tensor of pretraining blocks)."""
+    from datasets import Dataset, concatenate_datasets
+
+    from posttrain.errors import ConfigError
+
+    def source(rows):
+        return ShuffledStepSource(len(rows), 4, 4, 0, collate=list, count=lambda indices: (len(indices), 0), rows=rows)
+
+    rows = [{"input_ids": [1, 2, i], "response_mask": [0, 1, 1]} for i in range(8)]
+    walked = source(Dataset.from_list(rows))
+    walked.next_step()
+    state = walked.state_dict()
+    rechunked = concatenate_datasets([Dataset.from_list(rows[:3]), Dataset.from_list(rows[3:])])
+    source(rechunked).load_state_dict(state)  # the same rows in two chunks: resumed
+    edited = [dict(r) for r in rows]
+    edited[5] = {"input_ids": [1, 2, 99], "response_mask": [0, 1, 1]}
+    for other in (Dataset.from_list(edited), Dataset.from_list(rows[::-1])):
+        with pytest.raises(ConfigError, match="other rows of training data than this run has") as err:
+            source(other).load_state_dict(state)
+        assert err.value.field == "data"
+    blocks = torch.arange(32).view(8, 4)
+    tensor_state = source(blocks).state_dict()
+    source(blocks.clone()).load_state_dict(tensor_state)
+    with pytest.raises(ConfigError, match="other rows"):
+        source(blocks + 1).load_state_dict(tensor_state)
+
+
 def test_a_warm_up_as_long_as_the_run_is_pointed_out(tmp_path, tokenizer, capsys):
     """optim.warmup_steps >= train.max_steps: the lr never reaches optim.lr and never decays, silently (a recipe's
     warm-up beside a short max_steps)."""

@@ -329,7 +329,8 @@ class OnPolicyPairs:
         if every:
             self.source = None  # the next step samples the round the uninterrupted run sampled there
         elif "pair_position" in state:  # the one round, rebuilt from the starting model: where the run was in it
-            self.source.load_state_dict(state["pair_position"])
+            # Its rows are what sampling rebuilt, not a file the user could have changed: no digest to compare.
+            self.source.load_state_dict({k: v for k, v in state["pair_position"].items() if k != "digest"})
 
     @torch.no_grad()
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:

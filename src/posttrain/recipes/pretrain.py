@@ -81,7 +81,7 @@ def main(cfg: PretrainConfig) -> RunResult:
     source = ShuffledStepSource(
         len(train_blocks), cfg.train.batch_size, cfg.train.micro_batch_size, cfg.run.seed,
         collate=lambda idx: train_blocks[idx],
-        count=lambda idx: (len(idx) * predicted_per_block, len(idx) * cfg.corpus.seq_len))
+        count=lambda idx: (len(idx) * predicted_per_block, len(idx) * cfg.corpus.seq_len), rows=train_blocks)
 
     def loss_fn(model: PreTrainedModel, blocks: torch.Tensor, normaliser: float) -> tuple[torch.Tensor, dict]:
         # HF's loss is the mean over this micro-batch's predicted tokens: rescale to the step's global count.

@@ -203,7 +203,7 @@ class PromptStream:
     def __init__(self, dataset: Any, per_round: int, seed: int) -> None:
         self.dataset, self.seed, self.rank = dataset, seed, dist.context().rank
         self.order = ShuffledStepSource(len(dataset), per_round, per_round, seed, collate=list,
-                                        count=lambda indices: (0.0, 0))
+                                        count=lambda indices: (0.0, 0), rows=dataset)
         self.rounds = 0
 
     def sample(self, engine: RolloutEngine, params: SamplingParams) -> tuple[list[dict[str, Any]], Rollout]:

@@ -372,7 +372,8 @@ def process_step_source(prepared: Prepared, train: TrainConfig, seed: int) -> Sh
     steps, lengths = row_lengths(dataset, "step_ends"), row_lengths(dataset, "input_ids")
     return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
                               collate=lambda idx: prepared.collator([dataset[i] for i in idx]),
-                              count=lambda idx: (float(sum(steps[i] for i in idx)), sum(lengths[i] for i in idx)))
+                              count=lambda idx: (float(sum(steps[i] for i in idx)), sum(lengths[i] for i in idx)),
+                              rows=dataset)
 
 
 def process_loss_fn(cfg: RMConfig):

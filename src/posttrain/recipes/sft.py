@@ -112,7 +112,7 @@ def step_source(prepared: Prepared, train: TrainConfig, seed: int,
         return batch
 
     return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed, collate=collate,
-                              count=count)
+                              count=count, rows=dataset)
 
 
 def sft_loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:

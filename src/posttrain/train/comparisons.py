@@ -53,7 +53,7 @@ def comparison_step_source(prepared: Prepared, train: TrainConfig, seed: int,
 
     return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
                               collate=collate or (lambda idx: prepared.collator([dataset[i] for i in idx])),
-                              count=count)
+                              count=count, rows=dataset)
 
 
 def is_ranking_batch(batch: dict[str, Any]) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from posttrain.errors import ConfigError
@@ -28,11 +30,14 @@ class ShuffledStepSource:
     """
 
     def __init__(self, size: int, batch_size: int, micro_batch_size: int, seed: int,
-                 collate: Callable[[list[int]], Any], count: Callable[[list[int]], tuple[float, int]]) -> None:
+                 collate: Callable[[list[int]], Any], count: Callable[[list[int]], tuple[float, int]],
+                 rows: Any = None) -> None:
         if size == 0:
             raise ValueError("the training set is empty")
         self.size, self.batch_size, self.micro_batch_size, self.seed = size, batch_size, micro_batch_size, seed
         self.collate, self.count = collate, count
+        self.rows = rows  # what is walked (a datasets.Dataset or a tensor): its digest is in the state
+        self._digest: str | None = None
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -59,7 +64,16 @@ class ShuffledStepSource:
         return StepBatch(micro_batches=[self.collate(m) for m in micro], normaliser=normaliser, tokens=tokens)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "size": self.size}
+        state = {"epoch": self.epoch, "position": self.position, "size": self.size}
+        if self.rows is not None:
+            state["digest"] = self.digest()
+        return state
+
+    def digest(self) -> str:
+        """A digest of the rows' contents (`content_digest`), taken once, when first asked for (a checkpoint)."""
+        if self._digest is None:
+            self._digest = content_digest(self.rows)
+        return self._digest
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The walk where the checkpoint left it. Its permutations are of the data it was walking: a resumed run
@@ -71,5 +85,29 @@ class ShuffledStepSource:
                               f"data and this run has {self.size}: a resumed run trains on the data it started with "
                               "(the same data settings and files), or starts afresh (run.resume=false)",
                               field="data")
+        if self.rows is not None and state.get("digest") not in (None, self.digest()):
+            raise ConfigError(f"the checkpoint walked other rows of training data than this run has ({self.size} "
+                              "either way, with other contents: an edited or other file, or other data or template "
+                              "settings): a resumed run trains on the data it started with, or starts afresh "
+                              "(run.resume=false)", field="data")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
+
+
+def content_digest(rows: Any) -> str:
+    """A digest of what `rows` hold (a tensor's values, or a `datasets.Dataset`'s columns and rows in order), the
+    same however they were stored or computed (the Arrow chunks of a cached or a freshly tokenised dataset): the
+    dataset is read a thousand rows at a time, each slice combined into one chunk and written in Arrow's IPC form."""
+    digest = hashlib.sha256()
+    if isinstance(rows, torch.Tensor):
+        digest.update(str((rows.dtype, tuple(rows.shape))).encode())
+        digest.update(rows.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:32]
+    arrow = rows.with_format("arrow")
+    for start in range(0, len(rows), 1000):
+        table = arrow[start:start + 1000].combine_chunks()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()[:32]
