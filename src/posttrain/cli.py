@@ -354,7 +354,7 @@ def data_inspect(
     overrides: Annotated[list[str] | None, typer.Argument(
         help="data settings as key=value (max_length=256 truncation=truncate_left columns.prompt=question).",
         show_default=False)] = None,
-    recipe: Annotated[str, typer.Option("--recipe", help="The stage (sft, rm, prm, dpo, ppo, grpo, rft, "
+    recipe: Annotated[str, typer.Option("--recipe", help="The stage (sft, rm, prm, dpo, kto, ppo, grpo, rft, "
                                                          "rejection) or recipe whose data settings to use.")] = "sft",
     model: Annotated[str | None, typer.Option(help="Model directory whose tokenizer and chat template to use "
                                                    "(default: runs/pretrain/final, else the built-in tokenizer).")
