@@ -45,9 +45,6 @@ JSONL_CASES = [
     ("null-value", [GOOD, {"prompt": "q", "completion": None}], SFT, 2, "completion", "is null: this row has no value"),
     ("prompt-wrong-type", [{"prompt": 42, "completion": "a"}], SFT, 1, "prompt", "got an integer"),
     ("empty-prompt", [{"prompt": "  ", "completion": "a"}], SFT, 1, "prompt", "empty prompt"),
-    # KTO's unpaired rows read as prompt-completion rows: SFT trained towards the completions labelled false.
-    ("unpaired-row-for-sft", [GOOD | {"label": True}, GOOD | {"label": False}], SFT, 2, "label",
-     "label is false: an unpaired row whose completion is to be avoided"),
     # JSON reads an unpaired "\ud800" escape into a string that has no UTF-8 form: Arrow failed in `datasets`.
     ("lone-surrogate", [GOOD, '{"prompt": "What is 1+2? \\ud800x", "completion": "3"}'], SFT, 2, "prompt",
      "not valid Unicode text: surrogates not allowed ('\\ud800' at character 13"),

@@ -322,18 +322,7 @@ def _unpaired(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     return _completion(raw, where) | {"label": bool(label)}
 
 
-def _completion_to_train(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
-    """A prompt-completion row to train towards (SFT): not an unpaired (KTO) row labelled false, whose completion is
-    one to move away from (it read as any other row, and SFT trained towards it)."""
-    label = raw.get("label")
-    if label is False or (isinstance(label, str) and label.strip().lower() == "false"):
-        raise where.error("label is false: an unpaired row whose completion is to be avoided, and SFT trains on every "
-                          "completion it is given; train such rows with `posttrain kto`, or leave the label=false "
-                          "rows out", field="label")
-    return _completion(raw, where)
-
-
-_NORMALISERS = {"completion": _completion_to_train, "messages": _messages, "text": _text, "preference": _preference,
+_NORMALISERS = {"completion": _completion, "messages": _messages, "text": _text, "preference": _preference,
                 "ranking": _ranking, "verifiable": _verifiable, "stepwise": _stepwise, "unpaired": _unpaired}
 
 
