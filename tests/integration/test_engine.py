@@ -283,6 +283,41 @@ def test_a_data_walk_resumed_on_other_rows_of_the_same_count_is_refused():
         source(blocks + 1).load_state_dict(tensor_state)
 
 
+def test_the_data_compared_on_resume_is_the_rows_as_read_not_as_templated(tmp_path, tokenizer):
+    """A chat template may print the day's date (Llama 3's does), so the token ids of the same rows change from day
+    to day: a resume compares the rows as read (`Prepared.source`). Another rendering of the same file resumes;
+    an edited file does not; rows sampled in the run (`sampled`) are not compared at all."""
+    import json
+
+    from posttrain.data import DataConfig, prepare_data
+    from posttrain.data.config import STAGE_FORMATS
+    from posttrain.errors import ConfigError
+    from posttrain.recipes.sft import step_source
+
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"What is {i}+1?", "completion": str(i + 1)} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = TrainConfig(batch_size=4, micro_batch_size=4)
+
+    def walk(template, sampled=False):
+        prepared = prepare_data(DataConfig(source=str(path), template=template, cache_dir=str(tmp_path / "cache")),
+                                tokenizer, accepts=STAGE_FORMATS["sft"])
+        return prepared, step_source(prepared, train, seed=0, sampled=sampled)
+
+    chat, walked = walk("chat")
+    walked.next_step()
+    state = walked.state_dict()
+    plain, resumed = walk("plain")
+    assert plain.dataset["input_ids"] != chat.dataset["input_ids"]  # other token ids, the same rows
+    resumed.load_state_dict(state)
+    rows[5]["completion"] = "7"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="other rows of training data"):
+        walk("chat")[1].load_state_dict(state)
+    walk("chat", sampled=True)[1].load_state_dict({k: v for k, v in state.items() if k != "digest"})
+    assert "digest" not in walk("chat", sampled=True)[1].state_dict()
+
+
 def test_a_warm_up_as_long_as_the_run_is_pointed_out(tmp_path, tokenizer, capsys):
     """optim.warmup_steps >= train.max_steps: the lr never reaches optim.lr and never decays, silently (a recipe's
     warm-up beside a short max_steps)."""

@@ -286,7 +286,7 @@ class OnPolicyPairs:
         self.cfg, self.tokenizer, self.policy, self.engine = cfg, tokenizer, policy, engine
         self.reference, self.rewards = reference, rewards
         self.progress = progress or RunProgress(enabled=False)
-        self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed)
+        self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed, prepared.source)
         self.params = cfg.sampling.params()
         # the user's file's column renames and row limit are not the generated rows' (they failed or dropped pairs)
         self.pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop",
@@ -329,8 +329,7 @@ class OnPolicyPairs:
         if every:
             self.source = None  # the next step samples the round the uninterrupted run sampled there
         elif "pair_position" in state:  # the one round, rebuilt from the starting model: where the run was in it
-            # Its rows are what sampling rebuilt, not a file the user could have changed: no digest to compare.
-            self.source.load_state_dict({k: v for k, v in state["pair_position"].items() if k != "digest"})
+            self.source.load_state_dict(state["pair_position"])
 
     @torch.no_grad()
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
@@ -361,7 +360,8 @@ class OnPolicyPairs:
         prompts = len(rows) * dist.context().world_size
         metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.total.mean().item(),
                    "pair_round": float(self.rounds)}
-        return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached), metrics
+        return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached,
+                                  sampled=True), metrics
 
 
 def token_average(loss: DPOLossConfig) -> bool:

@@ -218,7 +218,7 @@ class RejectionStepSource:
         self.longest_row = longest_row or UNLIMITED_LENGTH
         self.rewards, self.task, self.samples = rewards, task, samples
         self.progress = progress or RunProgress(enabled=False)
-        self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed)
+        self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed, prepared.source)
         self.steps_per_round = _round_steps(cfg, 1)
         self.params = cfg.sampling.params()
         self.steps_in_round = 0
@@ -295,7 +295,7 @@ class RejectionStepSource:
         data = DataConfig(source="<kept>", max_length=self.longest_row, template=self.cfg.data.template,
                           thinking=self.cfg.data.thinking, truncation="drop")
         prepared = prepare_data(data, self.tokenizer, accepts=("completion",), rows=pairs)
-        return step_source(prepared, self.cfg.train, self.cfg.run.seed + self.prompts.rounds)
+        return step_source(prepared, self.cfg.train, self.cfg.run.seed + self.prompts.rounds, sampled=True)
 
     def _metrics(self, rollout: Rollout, completions: Completions, scores: Scores, kept: list[int]) -> dict:
         prompts = len(torch.unique(rollout.prompt_index))

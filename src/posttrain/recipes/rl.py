@@ -200,10 +200,11 @@ class PromptStream:
 
     RANK_STRIDE = 1_000_000_007  # far apart from every (seed, round) seed of another rank
 
-    def __init__(self, dataset: Any, per_round: int, seed: int) -> None:
+    def __init__(self, dataset: Any, per_round: int, seed: int, source: Any = None) -> None:
+        """`source`: the rows as read (`Prepared.source`), whose digest a resume compares."""
         self.dataset, self.seed, self.rank = dataset, seed, dist.context().rank
         self.order = ShuffledStepSource(len(dataset), per_round, per_round, seed, collate=list,
-                                        count=lambda indices: (0.0, 0), rows=dataset)
+                                        count=lambda indices: (0.0, 0), rows=source)
         self.rounds = 0
 
     def sample(self, engine: RolloutEngine, params: SamplingParams) -> tuple[list[dict[str, Any]], Rollout]:

@@ -314,7 +314,7 @@ class RLStepSource:
         self.padding_free = packing(cfg.update)
         self.minibatches = rollout_batch_size(cfg) // cfg.train.batch_size
         self.round_prompts = rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt  # of every rank
-        self.prompts = PromptStream(prepared.dataset, sampling_batch_prompts(cfg), cfg.run.seed)
+        self.prompts = PromptStream(prepared.dataset, sampling_batch_prompts(cfg), cfg.run.seed, prepared.source)
         self.params = cfg.sampling.params()
         self.kl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.controller == "adaptive"
                    else FixedKLController(cfg.kl.coef))
@@ -398,9 +398,10 @@ class RLStepSource:
             if truncated:
                 reasons.append(f"{truncated:.0f} cut at sampling.max_new_tokens={self.cfg.sampling.max_new_tokens} "
                                "(loss.mask_truncated=true leaves them out)")
-            logger.warning("round %d: none of its %d completions is in the loss, so its steps train nothing: %s. Said "
-                           "once; the trained_fraction metric counts every round", self.prompts.rounds, total,
-                           "; ".join(reasons))
+            if dist.context().is_main:  # the counts are every rank's: said once, not once per rank
+                logger.warning("round %d: none of its %d completions is in the loss, so its steps train nothing: %s. "
+                               "Said once; the trained_fraction metric counts every round", self.prompts.rounds, total,
+                               "; ".join(reasons))
             self.told_untrained = True
         return in_loss / total
 

@@ -196,7 +196,9 @@ def main(cfg: RMConfig) -> RunResult:
                       model=model, tokenizer=tokenizer, progress=progress)
     steps = process_step_source if cfg.kind == "process" else comparison_step_source
     loss_fn = process_loss_fn(cfg) if cfg.kind == "process" else comparison_loss_fn(cfg)
-    source = steps(prepared, cfg.train, cfg.run.seed)
+    # On-policy pairs are sampled again at a resume, perhaps not bit for bit: their digest is not compared.
+    source = comparison_step_source(prepared, cfg.train, cfg.run.seed, sampled=True) if on_policy else steps(
+        prepared, cfg.train, cfg.run.seed)
     evaluator = (HeldoutEvaluator(model, heldout, cfg, steps(heldout, cfg.train, cfg.run.seed), loss_fn, progress,
                                   offline)
                  if heldout is not None else None)
@@ -373,7 +375,7 @@ def process_step_source(prepared: Prepared, train: TrainConfig, seed: int) -> Sh
     return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
                               collate=lambda idx: prepared.collator([dataset[i] for i in idx]),
                               count=lambda idx: (float(sum(steps[i] for i in idx)), sum(lengths[i] for i in idx)),
-                              rows=dataset)
+                              rows=prepared.source)
 
 
 def process_loss_fn(cfg: RMConfig):
