@@ -286,7 +286,7 @@ def test_a_data_walk_resumed_on_other_rows_of_the_same_count_is_refused():
 def test_the_data_compared_on_resume_is_the_rows_as_read_not_as_templated(tmp_path, tokenizer):
     """A chat template may print the day's date (Llama 3's does), so the token ids of the same rows change from day
     to day: a resume compares the rows as read (`Prepared.source`). Another rendering of the same file resumes;
-    an edited file does not; rows sampled in the run (`sampled`) are not compared at all."""
+    an edited file does not; rows handed in memory (those a run samples or scores itself) are not compared at all."""
     import json
 
     from posttrain.data import DataConfig, prepare_data
@@ -299,10 +299,10 @@ def test_the_data_compared_on_resume_is_the_rows_as_read_not_as_templated(tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train = TrainConfig(batch_size=4, micro_batch_size=4)
 
-    def walk(template, sampled=False):
+    def walk(template, in_memory=False):
         prepared = prepare_data(DataConfig(source=str(path), template=template, cache_dir=str(tmp_path / "cache")),
-                                tokenizer, accepts=STAGE_FORMATS["sft"])
-        return prepared, step_source(prepared, train, seed=0, sampled=sampled)
+                                tokenizer, accepts=STAGE_FORMATS["sft"], rows=rows if in_memory else None)
+        return prepared, step_source(prepared, train, seed=0)
 
     chat, walked = walk("chat")
     walked.next_step()
@@ -314,8 +314,8 @@ def test_the_data_compared_on_resume_is_the_rows_as_read_not_as_templated(tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ConfigError, match="other rows of training data"):
         walk("chat")[1].load_state_dict(state)
-    walk("chat", sampled=True)[1].load_state_dict({k: v for k, v in state.items() if k != "digest"})
-    assert "digest" not in walk("chat", sampled=True)[1].state_dict()
+    walk("chat", in_memory=True)[1].load_state_dict({k: v for k, v in state.items() if k != "digest"})
+    assert "digest" not in walk("chat", in_memory=True)[1].state_dict()
 
 
 def test_a_warm_up_as_long_as_the_run_is_pointed_out(tmp_path, tokenizer, capsys):

@@ -193,8 +193,8 @@ def test_rows_a_reward_failed_on_are_never_kept_and_long_answers_are_not_dropped
     import posttrain.recipes.rejection as rejection
 
     trained, step_source = [], rejection.step_source
-    monkeypatch.setattr(rejection, "step_source", lambda prepared, *args, **kwargs: trained.append(
-        len(prepared.dataset)) or step_source(prepared, *args, **kwargs))
+    monkeypatch.setattr(rejection, "step_source", lambda prepared, *args: trained.append(len(prepared.dataset))
+                        or step_source(prepared, *args))
     # Prompts of one length, and data.max_length exactly that: every prompt + answer row is longer.
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n"

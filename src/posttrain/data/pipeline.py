@@ -34,7 +34,8 @@ SEQUENCE_FORMATS = (*COMPARISON_FORMATS, "unpaired")
 class Prepared:
     """Tokenised samples and stats, the dataset to iterate (packed rows in packed mode) and its collator; `source`
     the rows as read and validated, before any chat template (whose text can change with the day: Llama 3's prints
-    today's date): what a resumed run compares with the data it started with (`train.sources`)."""
+    today's date): what a resumed run compares with the data it started with (`train.sources`). None for rows handed
+    in memory: those a run samples or scores itself, which a resume makes again, perhaps not bit for bit."""
 
     tokenized: Tokenized
     dataset: Dataset
@@ -80,7 +81,8 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
     collator = Collator(format=tokenized.format, pad_token_id=pad, batch_mode=cfg.batch_mode,
                         packed_attention=cfg.packed_attention, mask_dtype=mask_dtype,
                         row_capacity=cfg.padding_free_capacity)
-    return Prepared(tokenized=tokenized, dataset=dataset, collator=collator, source=loaded.dataset)
+    return Prepared(tokenized=tokenized, dataset=dataset, collator=collator,
+                    source=loaded.dataset if rows is None else None)
 
 
 def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:

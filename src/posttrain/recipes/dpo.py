@@ -360,8 +360,7 @@ class OnPolicyPairs:
         prompts = len(rows) * dist.context().world_size
         metrics = {"pairs_per_prompt": len(prepared.dataset) / prompts, "sampled_reward": scores.total.mean().item(),
                    "pair_round": float(self.rounds)}
-        return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached,
-                                  sampled=True), metrics
+        return cached_step_source(prepared, self.cfg.train, self.cfg.run.seed + self.rounds, cached), metrics
 
 
 def token_average(loss: DPOLossConfig) -> bool:

@@ -295,7 +295,7 @@ class RejectionStepSource:
         data = DataConfig(source="<kept>", max_length=self.longest_row, template=self.cfg.data.template,
                           thinking=self.cfg.data.thinking, truncation="drop")
         prepared = prepare_data(data, self.tokenizer, accepts=("completion",), rows=pairs)
-        return step_source(prepared, self.cfg.train, self.cfg.run.seed + self.prompts.rounds, sampled=True)
+        return step_source(prepared, self.cfg.train, self.cfg.run.seed + self.prompts.rounds)
 
     def _metrics(self, rollout: Rollout, completions: Completions, scores: Scores, kept: list[int]) -> dict:
         prompts = len(torch.unique(rollout.prompt_index))

@@ -202,7 +202,7 @@ def weighted_step_source(candidates: Sequence[Candidate], weights: Sequence[floa
     prepared = prepare_data(scored, tokenizer, accepts=("completion",), rows=pairs)
     # Rows too long for data.max_length may be dropped: `line` says which candidate each kept row is.
     row_weights = [float(weights[positive[line - 1]]) for line in column_values(prepared.dataset, "line")]
-    return step_source(prepared, train, seed, weights=row_weights, sampled=True), len(row_weights)
+    return step_source(prepared, train, seed, weights=row_weights), len(row_weights)
 
 
 def scored_records(candidates: Sequence[Candidate], scores: Scores) -> list[dict[str, Any]]:

@@ -196,9 +196,7 @@ def main(cfg: RMConfig) -> RunResult:
                       model=model, tokenizer=tokenizer, progress=progress)
     steps = process_step_source if cfg.kind == "process" else comparison_step_source
     loss_fn = process_loss_fn(cfg) if cfg.kind == "process" else comparison_loss_fn(cfg)
-    # On-policy pairs are sampled again at a resume, perhaps not bit for bit: their digest is not compared.
-    source = comparison_step_source(prepared, cfg.train, cfg.run.seed, sampled=True) if on_policy else steps(
-        prepared, cfg.train, cfg.run.seed)
+    source = steps(prepared, cfg.train, cfg.run.seed)
     evaluator = (HeldoutEvaluator(model, heldout, cfg, steps(heldout, cfg.train, cfg.run.seed), loss_fn, progress,
                                   offline)
                  if heldout is not None else None)

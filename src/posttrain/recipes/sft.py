@@ -87,15 +87,12 @@ def main(cfg: SFTConfig) -> RunResult:
 
 
 def step_source(prepared: Prepared, train: TrainConfig, seed: int,
-                weights: Sequence[float] | None = None, sampled: bool = False) -> ShuffledStepSource:
+                weights: Sequence[float] | None = None) -> ShuffledStepSource:
     """Shuffled steps over the prepared rows; the normaliser is the step's trained-token count.
 
     `weights` (one per dataset row, >= 0, padded batches) make it weighted likelihood: row i's tokens count
     w_i times in the loss, and the normaliser is the trained tokens of the rows weighted > 0, sum_{w_i > 0} n_i,
-    `sampled`: rows made in the run (sampled, scored), which a resume makes again, perhaps not bit for bit: no
-    digest of them is compared on resume (`ShuffledStepSource`).
-
-    So all-1 weights are SFT exactly, 0/1 weights are SFT on the rows weighted 1 (rejection sampling, offline
+    so all-1 weights are SFT exactly, 0/1 weights are SFT on the rows weighted 1 (rejection sampling, offline
     RFT; see `recipes.rft`), and a weight is absolute: a step of rows weighted 0.1 moves the model a tenth as far
     as one of rows weighted 1 (a normaliser sum_i w_i n_i would cancel the weights of a step whose rows share one).
     """
@@ -115,7 +112,7 @@ def step_source(prepared: Prepared, train: TrainConfig, seed: int,
         return batch
 
     return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed, collate=collate,
-                              count=count, rows=None if sampled else prepared.source)
+                              count=count, rows=prepared.source)
 
 
 def sft_loss_fn(model: torch.nn.Module, batch: dict[str, Any], normaliser: float) -> tuple[torch.Tensor, dict]:

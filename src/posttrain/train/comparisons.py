@@ -39,13 +39,11 @@ def comparison_tokens(prepared: Prepared) -> list[int]:
 
 
 def comparison_step_source(prepared: Prepared, train: TrainConfig, seed: int,
-                           collate: Callable[[list[int]], Any] | None = None,
-                           sampled: bool = False) -> ShuffledStepSource:
+                           collate: Callable[[list[int]], Any] | None = None) -> ShuffledStepSource:
     """Shuffled steps of preference pairs or rankings; the normaliser is the step's comparison count.
 
     `collate(indices)` builds a micro-batch (default: the prepared collator over those rows); DPO
-    passes one that also attaches the cached reference logprobs of the rows. `sampled`: pairs made in the run
-    (on-policy), whose digest a resume does not compare (see `recipes.sft.step_source`).
+    passes one that also attaches the cached reference logprobs of the rows.
     """
     dataset = prepared.dataset
     tokens = comparison_tokens(prepared)
@@ -55,7 +53,7 @@ def comparison_step_source(prepared: Prepared, train: TrainConfig, seed: int,
 
     return ShuffledStepSource(len(dataset), train.batch_size, train.micro_batch_size, seed,
                               collate=collate or (lambda idx: prepared.collator([dataset[i] for i in idx])),
-                              count=count, rows=None if sampled else prepared.source)
+                              count=count, rows=prepared.source)
 
 
 def is_ranking_batch(batch: dict[str, Any]) -> bool:

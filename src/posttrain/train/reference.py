@@ -112,10 +112,9 @@ def load_reference(reference: ReferenceConfig, model: ModelConfig) -> Reference 
                                     dtype=model.dtype, field="reference.path").eval().requires_grad_(False))
 
 
-def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int, cached: list[torch.Tensor],
-                       sampled: bool = False) -> ShuffledStepSource:
-    """Comparison steps whose micro-batches carry the precomputed reference logprobs as `ref_logprobs` [N];
-    `sampled` as `comparison_step_source`'s."""
+def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int,
+                       cached: list[torch.Tensor]) -> ShuffledStepSource:
+    """Comparison steps whose micro-batches carry the precomputed reference logprobs as `ref_logprobs` [N]."""
     dataset, ranking = prepared.dataset, prepared.format == "ranking"
 
     def collate(indices: list[int]) -> dict:
@@ -123,7 +122,7 @@ def cached_step_source(prepared: Prepared, train: TrainConfig, seed: int, cached
         batch["ref_logprobs"] = join_rows([cached[i] for i in indices], ranking)
         return batch
 
-    return comparison_step_source(prepared, train, seed, collate=collate, sampled=sampled)
+    return comparison_step_source(prepared, train, seed, collate=collate)
 
 
 def offline_comparisons(model: torch.nn.Module, prepared: Prepared, reference: ReferenceConfig, model_cfg: ModelConfig,
