@@ -185,23 +185,23 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: 
         return adapted.merge_and_unload().requires_grad_(True)
     (model, loading), directory = from_model_dir(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code,
                                                  dtype=dtype, field=field, output_loading_info=True)
-    check_every_weight_loaded(directory, loading["missing_keys"], field)
+    check_every_weight_loaded(directory, model.config, loading["missing_keys"], field)
     use_fast_kernels(model)
     if disable_dropout:
         drop_dropout(model)
     return model.to(device or default_device())
 
 
-def check_every_weight_loaded(directory: Path, missing: Sequence[str], field: str) -> None:
+def check_every_weight_loaded(directory: Path, config: Any, missing: Sequence[str], field: str) -> None:
     """A causal LM whose directory lacks some of its weights (`missing`, as transformers reports them; tied ones are
     not) would start those at random and train on without a word (transformers' own report is silenced here): a
     reward model's directory given for the policy (a `score` head, no output layer), or a checkpoint that lost a
-    tensor. A ConfigError naming `field`."""
+    tensor. A ConfigError naming `field`; `config` is the loaded one (its `architectures` as saved)."""
     if not missing:
         return
     names = sorted(missing)
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    architectures = getattr(config, "architectures", None) or []
     scorer = [a for a in architectures if not a.endswith("ForCausalLM") and not a.endswith("LMHeadModel")]
     why = (f"it is a {', '.join(scorer)} (a reward or value model), not a causal LM: give a language model's "
            "directory (e.g. runs/sft/final)" if scorer else "its weight files lack them (an incomplete or another "
