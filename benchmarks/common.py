@@ -6,6 +6,7 @@ the other from the same harness invocation, on the same model files and data.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import json
@@ -156,7 +157,34 @@ class StepClock:
                 "mfu": 6 * non_embedding_params * tok_per_s / PEAK_FLOPS if mfu else None,
                 "precision": PRECISION, "peak_gflops": PEAK_FLOPS / 1e9,
                 "tokens_per_step": statistics.mean(tokens), "measured_steps": len(durations),
-                "peak_rss_mb": peak_rss_mb(), "allocator": allocator()}
+                "peak_rss_mb": peak_rss_mb(), "allocator": allocator(), **gpu_attention()}
+
+
+def gpu_attention() -> dict[str, bool]:
+    """On a GPU, whether this process's attention could use cuDNN's backend (posttrain turns it off:
+    `models.device.settle_gpu_attention`); nothing on the CPU."""
+    return {"cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()} if torch.cuda.is_available() else {}
+
+
+@contextlib.contextmanager
+def profiled(name: str):
+    """Under `BENCH_PROFILE=<folder>`, torch's profiler over the block, its tables of the most costly operations
+    (host time, then device time) written to <folder>/<name>.txt; else nothing."""
+    folder = os.environ.get("BENCH_PROFILE")
+    if not folder:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+    table = prof.key_averages()
+    text = table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    if torch.cuda.is_available():
+        text += "\n" + table.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{name}.txt").write_text(text)
 
 
 class TimedSource:
@@ -333,7 +361,8 @@ def timed_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module, m
 
     trainer.save = save_after_the_clock
     clock.start()
-    trainer.fit(timed, loss_fn)
+    with profiled(f"{trainer.stage}-posttrain-{PRECISION}"):
+        trainer.fit(timed, loss_fn)
     timed.finish()
     return clock.summary(non_embedding_parameters(model), mfu=mfu)
 

@@ -35,6 +35,7 @@ from benchmarks.common import (
     model_dir,
     non_embedding_parameters,
     print_table,
+    profiled,
     record_run,
     run_worker,
     timed_rl_fit,
@@ -120,7 +121,8 @@ def trl_worker(directory: Path, steps: int) -> dict[str, Any]:
                 generation.append(time.perf_counter() - start)
 
         trainer._generate = timed_generate
-        trainer.train()
+        with profiled(f"grpo-trl-{PRECISION}"):
+            trainer.train()
     summary = clock.summary(non_embedding_parameters(model), mfu=False)
     return {**summary, "generation_share": statistics.mean(generation[WARMUP_STEPS:]) / summary["s_per_step"]}
 

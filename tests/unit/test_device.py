@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.models.device import default_device, model_device, move_to
+from posttrain.models.device import default_device, model_device, move_to, settle_gpu_attention
 from posttrain.models.io import resolve_dtype
 from posttrain.rollout.sampling import draw
 
@@ -31,7 +31,36 @@ def test_default_device_refuses_a_bad_or_missing_device(monkeypatch):
             default_device()
 
 
-def test_cuda_without_an_index_is_the_local_rank(monkeypatch):
+@pytest.fixture
+def attention_settings():
+    """torch's cuDNN attention switch and `settle_gpu_attention`'s once-per-process memo, as they were after the
+    test (a test that pretends to have a GPU settles the process's attention)."""
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    settle_gpu_attention.cache_clear()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    settle_gpu_attention.cache_clear()
+
+
+def test_a_gpu_process_runs_attention_without_cudnn_unless_asked(monkeypatch, attention_settings):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("POSTTRAIN_CUDNN_ATTENTION", raising=False)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    monkeypatch.setenv("POSTTRAIN_DEVICE", "cpu")
+    assert default_device() == torch.device("cpu")
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # a process on the CPU leaves torch's attention as it is
+    monkeypatch.delenv("POSTTRAIN_DEVICE")
+    assert default_device().type == "cuda"
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    settle_gpu_attention.cache_clear()  # a fresh process
+    monkeypatch.setenv("POSTTRAIN_CUDNN_ATTENTION", "1")
+    assert default_device().type == "cuda"
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_cuda_without_an_index_is_the_local_rank(monkeypatch, attention_settings):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("POSTTRAIN_DEVICE", "cuda")

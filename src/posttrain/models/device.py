@@ -5,11 +5,14 @@ GPU torchrun assigns it; `cuda:0` without torchrun), else the CPU. `POSTTRAIN_DE
 overrides the choice, e.g. to run on the CPU of a GPU machine. Every model a run loads (policy, reference,
 reward model, critic, graders' models, evaluation) goes there, so their inputs are moved once, where they
 meet a model.
+
+On a GPU, torch's attention (`scaled_dot_product_attention`) runs without cuDNN's backend (`settle_gpu_attention`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -20,6 +23,13 @@ from posttrain.errors import ConfigError
 
 def default_device() -> torch.device:
     """This process's device: `POSTTRAIN_DEVICE` if set, else its GPU where CUDA is available, else the CPU."""
+    device = _chosen_device()
+    if device.type == "cuda":
+        settle_gpu_attention()
+    return device
+
+
+def _chosen_device() -> torch.device:
     asked = os.environ.get("POSTTRAIN_DEVICE", "").strip()
     if asked:
         try:
@@ -34,6 +44,24 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+@functools.cache
+def settle_gpu_attention() -> None:
+    """Turn off cuDNN's backend of torch's `scaled_dot_product_attention` in this process, unless
+    `POSTTRAIN_CUDNN_ATTENTION=1` asks for torch's own choice.
+
+    Where torch picks it (bf16/fp16 on recent GPUs), cuDNN builds an execution plan for every new shape of
+    query, key and value, forward and backward apart, before it runs. Post-training changes shapes every step:
+    RL rounds' completions, padding-free and packed rows, the rollout engine's prefill of each prompt length.
+    Flash attention (no mask) and memory-efficient attention (4-D masks) have no per-shape setup, and take over.
+    On an H100 (torch 2.11, cuDNN 9.19; `benchmarks/gpu_attention.py`), a bf16 forward + backward at the small
+    model's 8 x 64 heads took 99-132 ms at a shape seen for the first time (1.6-1.8 s for the first with a 4-D
+    mask) and 0.5-1.0 ms once seen; flash and memory-efficient attention 0.65-0.82 ms at new shapes. GRPO 8x8 in
+    bf16 there: 1.08 s/step with cuDNN's attention, 0.53 without (benchmarks/README, 2026-12-06).
+    """
+    if os.environ.get("POSTTRAIN_CUDNN_ATTENTION", "").strip() != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
