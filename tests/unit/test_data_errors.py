@@ -250,3 +250,23 @@ def test_nothing_left_to_train_on(tmp_path, tokenizer):
     with pytest.raises(DataError) as info:
         prepare_data(_cfg(tmp_path, path, max_length=16), tokenizer, SFT)
     assert "no row is left to train on: 1 of 1" in info.value.message
+
+
+def test_a_stage_that_imitates_refuses_completions_labelled_undesirable(tmp_path):
+    # KTO's unpaired rows read as prompt-completion rows too: SFT would train towards the completion to avoid.
+    good, bad = GOOD | {"label": True}, {"prompt": "What is 2+2?", "completion": "5", "label": False}
+    path = _jsonl(tmp_path, good, bad)
+    error = _raises(_cfg(tmp_path, path), imitates=True)
+    assert (error.file, error.line, error.field) == (str(path), 2, "label")
+    assert "is False: an unpaired row" in str(error) and "posttrain kto" in str(error)
+    numeric = _jsonl(tmp_path, good, GOOD | {"label": 1}, GOOD | {"label": 0}, name="numeric.jsonl")
+    assert _raises(_cfg(tmp_path, numeric), imitates=True).line == 3
+    with pytest.raises(DataError, match="is False") as info:  # rows handed in memory: the same rule
+        load_rows(_cfg(tmp_path, ""), SFT, rows=[good, bad], imitates=True)
+    assert (info.value.file, info.value.line) == ("<rows>", 2)
+    # Rows all labelled desirable train; a stage that does not imitate (offline RFT grades completions) reads them.
+    assert len(load_rows(_cfg(tmp_path, _jsonl(tmp_path, good, good, name="good.jsonl")), SFT, imitates=True)
+               .dataset) == 2
+    assert load_rows(_cfg(tmp_path, path), ("completion",)).format == "completion"
+    # The same file read first without the check leaves no cached rows that skip it.
+    assert _raises(_cfg(tmp_path, path), imitates=True).line == 2

@@ -19,6 +19,8 @@ STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "grpo": ("verifiable",),
     "rft": ("verifiable",),
 }
+# Stages that train towards every completion they read: an unpaired row labelled false is refused there.
+IMITATING_STAGES = ("sft",)
 
 
 @dataclasses.dataclass(frozen=True)

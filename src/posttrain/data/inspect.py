@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.console import run_console
 from posttrain.data.collate import pack_bfd
 from posttrain.data.columns import column_values
-from posttrain.data.config import STAGE_FORMATS, DataConfig
+from posttrain.data.config import IMITATING_STAGES, STAGE_FORMATS, DataConfig
 from posttrain.data.sources import load_rows
 from posttrain.data.tokenize import Tokenized, tokenize_rows
 from posttrain.errors import ConfigError
@@ -34,7 +34,8 @@ def inspect_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, stage: str
     if stage not in STAGE_FORMATS:
         raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(STAGE_FORMATS)}", field="recipe")
     console = console or run_console()
-    tokenized = tokenize_rows(load_rows(cfg, STAGE_FORMATS[stage]), tokenizer, cfg)
+    tokenized = tokenize_rows(load_rows(cfg, STAGE_FORMATS[stage], imitates=stage in IMITATING_STAGES), tokenizer,
+                              cfg)
     console.print(f"[bold]{tokenized.name}[/] as [bold]{tokenized.format}[/] rows for {stage}   "
                   f"legend: [{TRAINED}] trained [/] [{CONTEXT}]context (not trained)[/]"
                   + (f" [{STEP_END}] step end [/]" if tokenized.format == "stepwise" else ""))

@@ -50,16 +50,17 @@ class Prepared:
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: Sequence[str] = FORMATS,
                  rows: Iterable[Mapping[str, Any]] | None = None,
                  mask_dtype: torch.dtype = torch.float32, heldout: bool = False,
-                 bars: contextlib.AbstractContextManager | None = None) -> Prepared:
+                 bars: contextlib.AbstractContextManager | None = None, imitates: bool = False) -> Prepared:
     """Load (`cfg.source` or `rows`), validate, tokenise, pack if asked, and build the collator.
 
     With `cfg.eval_split` > 0 these are the rows trained on, or (`heldout`) the ones held out of training
     (`split_rows`). `mask_dtype` is the dtype of the model's attention (a packed batch's additive mask must
-    match it). Reading and tokenising run inside `bars` (`train.progress.RunProgress.library_bars()`: the
-    `datasets` bars of both).
+    match it). `imitates`: the stage trains towards every completion (SFT), so a row labelled undesirable is
+    refused. Reading and tokenising run inside `bars` (`train.progress.RunProgress.library_bars()`: the `datasets`
+    bars of both).
     """
     with bars or contextlib.nullcontext():
-        loaded = load_rows(cfg, accepts, rows)
+        loaded = load_rows(cfg, accepts, rows, imitates)
         if cfg.eval_split > 0:
             loaded = split_rows(loaded, cfg.eval_split, cfg.seed)[1 if heldout else 0]
         elif heldout:

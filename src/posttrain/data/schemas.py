@@ -131,8 +131,9 @@ def suggest_column(missing: str, columns: Sequence[str]) -> str:
     return f" — did you mean {close[0]!r}? (rename it with data.columns.{missing}={close[0]})."
 
 
-def normalise_row(raw: Mapping[str, Any], fmt: str, where: Where) -> dict[str, Any]:
-    """Validate one (renamed) row of format `fmt` and return its canonical form (see FEATURES)."""
+def normalise_row(raw: Mapping[str, Any], fmt: str, where: Where, imitates: bool = False) -> dict[str, Any]:
+    """Validate one (renamed) row of format `fmt` and return its canonical form (see FEATURES). `imitates`: the
+    stage trains towards every completion it reads (SFT), so a completion row labelled undesirable is refused."""
     if not isinstance(raw, Mapping):
         raise where.error(f"a row must be an object of columns, got {_kind(raw)}")
     spec = SPECS[fmt]
@@ -141,7 +142,20 @@ def normalise_row(raw: Mapping[str, Any], fmt: str, where: Where) -> dict[str, A
             raise where.error("is null: this row has no value for it", field=column)
         if column not in raw:
             raise where.error(f"missing column {column!r}{suggest_column(column, list(raw))}", field=column)
+    if imitates and fmt == "completion":
+        _refuse_undesirable(raw, where)
     return _NORMALISERS[fmt](raw, where) | {"line": where.line}
+
+
+def _refuse_undesirable(raw: Mapping[str, Any], where: Where) -> None:
+    """An unpaired (KTO) row labelled false (or 0) reads as a prompt-completion row too, and a stage that imitates
+    its completions would train towards the one it is labelled to avoid. Other stages reading completion rows
+    (offline RFT's graders, say) may read a `label` column as they like."""
+    label = raw.get("label")
+    if label is False or (isinstance(label, (int, float)) and not isinstance(label, bool) and label == 0):
+        raise where.error(f"is {label!r}: an unpaired row whose completion is one to avoid, and this stage "
+                          "trains towards every completion it is given; train such rows with `posttrain kto`, or "
+                          "leave the rows labelled false out", field="label")
 
 
 # ----------------------------------------------------------------------------------------------

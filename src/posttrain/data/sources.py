@@ -69,11 +69,13 @@ class _Spec:
     split: str
     size: int
     seed: int
+    imitates: bool = False  # the stage trains towards every completion (`schemas.normalise_row`)
 
 
 def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
-              rows: Iterable[Mapping[str, Any]] | None = None) -> Rows:
-    """Read `cfg.source` (or the in-memory `rows`) as one of the `accepts` formats.
+              rows: Iterable[Mapping[str, Any]] | None = None, imitates: bool = False) -> Rows:
+    """Read `cfg.source` (or the in-memory `rows`) as one of the `accepts` formats. `imitates`: the stage trains
+    towards every completion it is given (SFT: `config.IMITATING_STAGES`), which refuses rows labelled undesirable.
 
     Raises DataError (naming file, line and field) for a missing or unreadable source, a row that
     does not fit the format, or a source with no rows at all.
@@ -82,13 +84,13 @@ def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
         raise ConfigError(f"{cfg.format!r} is not a format this stage takes: use one of {', '.join(accepts)}",
                           field="data.format")
     if rows is not None:
-        return _load_iterable(rows, cfg, accepts)
+        return _load_iterable(rows, cfg, accepts, imitates)
     kind, name = _resolve(cfg.source)
     if kind == "task" and cfg.split not in tasks.SPLITS:
         raise ConfigError(f"a built-in task's split is one of {', '.join(tasks.SPLITS)}, not {cfg.split!r}",
                           field="data.split")
     spec = _Spec(kind=kind, name=name, format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
-                 limit=cfg.limit, split=cfg.split, size=cfg.size, seed=cfg.seed)
+                 limit=cfg.limit, split=cfg.split, size=cfg.size, seed=cfg.seed, imitates=imitates)
     fmt = _choose_format(spec, accepts)
     spec = dataclasses.replace(spec, format=fmt)
     try:
@@ -151,7 +153,7 @@ def _generate(spec: _Spec) -> Iterator[dict[str, Any]]:
             yield normalise_row(row, spec.format, Where(f"task:{spec.name}", i))
         return
     for where, row in _renamed(_read(spec), spec):
-        yield _storable(normalise_row(row, spec.format, where), where)
+        yield _storable(normalise_row(row, spec.format, where, spec.imitates), where)
 
 
 def _storable(row: dict[str, Any], where: Where) -> dict[str, Any]:
@@ -228,7 +230,8 @@ def _fingerprint(spec: _Spec) -> str:
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
 
 
-def _load_iterable(rows: Iterable[Mapping[str, Any]], cfg: DataConfig, accepts: Sequence[str]) -> Rows:
+def _load_iterable(rows: Iterable[Mapping[str, Any]], cfg: DataConfig, accepts: Sequence[str],
+                   imitates: bool) -> Rows:
     spec = _Spec(kind="rows", name="<rows>", format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
                  limit=cfg.limit, split=cfg.split, size=cfg.size, seed=cfg.seed)
     located = _renamed(((Where("<rows>", i), row) for i, row in enumerate(rows, start=1)), spec)
@@ -239,7 +242,7 @@ def _load_iterable(rows: Iterable[Mapping[str, Any]], cfg: DataConfig, accepts: 
     if not isinstance(row, Mapping):
         raise where.error(f"a row must be a dict of columns, got {type(row).__name__}")
     fmt = cfg.format if cfg.format != "auto" else detect_format(list(row), accepts, where)
-    canonical = [normalise_row(r, fmt, w) for w, r in itertools.chain([first], located)]
+    canonical = [normalise_row(r, fmt, w, imitates) for w, r in itertools.chain([first], located)]
     return Rows(dataset=Dataset.from_list(canonical, features=FEATURES[fmt]), format=fmt, name="<rows>")
 
 

@@ -60,7 +60,7 @@ def main(cfg: SFTConfig) -> RunResult:
     cfg = batches_for(cfg, model)
     progress = RunProgress.for_run(cfg.run)
     prepared = prepare_data(cfg.data, tokenizer, accepts=STAGE_FORMATS["sft"], mask_dtype=model.dtype,
-                            bars=progress.library_bars())
+                            bars=progress.library_bars(), imitates=True)
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="sft", model=model)
     evaluation = heldout.Evaluation(heldout.accuracy_part(tokenizer, cfg.data, cfg.eval) + heldout.loss_part(
