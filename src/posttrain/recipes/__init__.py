@@ -102,8 +102,7 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
     cfg = build_config(recipe, overrides, quick)
     # Here, not at the top: the CLI imports this module for its commands, and `posttrain --help` should not pay
     # for torch (the run directory's checks import it).
-    from posttrain.rewards.error_log import ERRORS_FILE
-    from posttrain.train.run_dir import abandon_unstarted, check_run_dir, kept_reward_errors, run_path
+    from posttrain.train.run_dir import abandon_unstarted, check_run_dir
 
     check_run_dir(cfg.run, cfg)  # before minutes of loading and data preparation
     try:
@@ -111,15 +110,14 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
             return importlib.import_module(STAGES[stage][0]).main(cfg)
     except KeyboardInterrupt as stop:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        raise Interrupted(signum, abandon_unstarted(cfg.run)) from None
+        raise Interrupted(signum, abandon_unstarted(cfg.run).left) from None
     except BaseException as err:
-        left = abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
-        if "reward errors" in left:  # the error sent the user to a file that is now elsewhere: to where it is
-            print(f"({left})", file=sys.stderr, flush=True)
-            path = run_path(cfg.run)
-            moved, now = str(path / ERRORS_FILE), str(kept_reward_errors(path))
-            if isinstance(err, PosttrainError) and moved in err.message:
-                raise type(err)(err.message.replace(moved, now), file=err.file, line=err.line,
+        abandoned = abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
+        if abandoned.moved_errors is not None:  # the error may send the user to a file that is now elsewhere
+            print(f"({abandoned.left})", file=sys.stderr, flush=True)
+            was, now = map(str, abandoned.moved_errors)
+            if isinstance(err, PosttrainError) and was in err.message:
+                raise type(err)(err.message.replace(was, now), file=err.file, line=err.line,
                                 field=err.field) from None
         raise
 

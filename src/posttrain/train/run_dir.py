@@ -239,21 +239,30 @@ def hold_run_lock(path: Path, what: str = "this run") -> None:
     _HELD_LOCKS[path] = handle
 
 
-def abandon_unstarted(run: RunConfig) -> str:
+@dataclass(frozen=True)
+class Abandoned:
+    """What `abandon_unstarted` left: a sentence for the user, and where the reward errors of a run undone before
+    its first step went (`moved_errors`: from, to), for an error message that named them where they were."""
+
+    left: str
+    moved_errors: tuple[Path, Path] | None = None
+
+
+def abandon_unstarted(run: RunConfig) -> Abandoned:
     """After a failure or a stop: undo the run if it had not trained a step yet; say what is left."""
     try:
         check_run_name(run)
     except ConfigError:
-        return ""  # refused before anything was touched
+        return Abandoned("")  # refused before anything was touched
     path = run_path(run)
     if not dist.is_main_process():
-        return ""
+        return Abandoned("")
     undone = _undo_unstarted(path)
-    if undone:
+    if undone.left:
         return undone
     if latest_checkpoint(path / "checkpoints") is not None:
-        return f"resume with: posttrain resume {path}"
-    return f"{path} holds no checkpoint to resume from" if path.exists() else "nothing was written"
+        return Abandoned(f"resume with: posttrain resume {path}")
+    return Abandoned(f"{path} holds no checkpoint to resume from" if path.exists() else "nothing was written")
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -261,14 +270,14 @@ def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}"
 
 
-def _undo_unstarted(path: Path) -> str:
+def _undo_unstarted(path: Path) -> Abandoned:
     """Delete a run directory that never trained a step and put back the run it was replacing.
 
     Safe to cut short anywhere (each step is one rename, or a deletion of what is no longer needed): a
     missing directory with a replaced one beside it means the replaced one is to be put back."""
     abandoned, aside = _sibling(path, "abandoned"), _sibling(path, "replaced")
     undone = (path / UNSTARTED).is_file()
-    kept = ""
+    kept, moved = "", None
     if undone:
         shutil.rmtree(abandoned, ignore_errors=True)
         os.replace(path, abandoned)
@@ -276,9 +285,9 @@ def _undo_unstarted(path: Path) -> str:
         # user to its grader_errors.jsonl: that file outlives the run, beside it, where no rerun is refused for it.
         errors = abandoned / ERRORS_FILE
         if errors.is_file() and errors.stat().st_size:
-            beside = kept_reward_errors(path)
+            beside = path.parent / f"{path.name}.{ERRORS_FILE}"
             os.replace(errors, beside)
-            kept = f" but its reward errors, now in {beside}"
+            kept, moved = f" but its reward errors, now in {beside}", (path / ERRORS_FILE, beside)
     restored = False
     if aside.exists():
         if path.exists():  # the new run had trained a step; deleting the old one was cut short
@@ -289,13 +298,8 @@ def _undo_unstarted(path: Path) -> str:
     shutil.rmtree(abandoned, ignore_errors=True)
     shutil.rmtree(_sibling(path, "new"), ignore_errors=True)
     if restored:
-        return f"nothing of the new run was kept{kept}; the run it was to replace is back in {path}"
-    return f"nothing of the run was kept{kept}" if undone else ""
-
-
-def kept_reward_errors(path: Path) -> Path:
-    """Where the reward errors of the run at `path` go when the run is undone before its first step: beside it."""
-    return path.parent / f"{path.name}.{ERRORS_FILE}"
+        return Abandoned(f"nothing of the new run was kept{kept}; the run it was to replace is back in {path}", moved)
+    return Abandoned(f"nothing of the run was kept{kept}" if undone else "", moved)
 
 
 def finished_steps(path: Path) -> int | None:
