@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from posttrain.config import ModelConfig, OptimConfig, RunConfig
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.models import build_model
 from posttrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_module_weights
 from posttrain.train.engine import TrainConfig, Trainer, TrainingError
@@ -138,6 +138,50 @@ def test_sigterm_checkpoint_and_resume_are_bitwise_identical(tmp_path, tokenizer
     assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == \
         _untimed(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     assert torch.equal(_flat_params(resumed.model), _flat_params(full.model))
+
+
+class _FailsAtStep:
+    """A step source whose `step`-th step fails after its data walk has moved on (as a round whose prompts were
+    drawn and whose rewards then all failed)."""
+
+    def __init__(self, source, step: int) -> None:
+        self.source, self.step, self.calls = source, step, 0
+
+    def next_step(self):
+        self.calls += 1
+        batch = self.source.next_step()
+        if self.calls == self.step:
+            raise DataError("this round's rewards all failed", file="rewards.py")
+        return batch
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+def test_a_step_whose_data_fails_keeps_the_steps_before_it_and_the_resume_trains_it_again(tmp_path, tokenizer,
+                                                                                           capsys):
+    full, source = _trainer(tmp_path, tokenizer, name="full", steps=6, save_every=0)
+    full.fit(source, _loss_fn)
+
+    failed, source = _trainer(tmp_path, tokenizer, name="split", steps=6, save_every=0)
+    with pytest.raises(DataError, match="rewards all failed"):
+        failed.fit(_FailsAtStep(source, 5), _loss_fn)
+    assert [p.name for p in list_checkpoints(tmp_path / "split" / "checkpoints")] == ["step-4"]
+    assert "step 5 failed; the 4 steps before it are saved" in capsys.readouterr().out
+
+    resumed, source = _trainer(tmp_path, tokenizer, name="split", steps=6, resume=True, save_every=0)
+    assert resumed.fit(source, _loss_fn).step == 6
+    assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == \
+        _untimed(read_metrics(tmp_path / "full" / "metrics.jsonl"))  # step 5 on the batch it was to train
+    assert torch.equal(_flat_params(resumed.model), _flat_params(full.model))
+
+    first, source = _trainer(tmp_path, tokenizer, name="first", steps=6, save_every=0)
+    with pytest.raises(DataError):  # nothing trained yet: nothing to keep (the stage undoes the run)
+        first.fit(_FailsAtStep(source, 1), _loss_fn)
+    assert list_checkpoints(tmp_path / "first" / "checkpoints") == []
 
 
 def test_bf16_computes_the_matmuls_in_bf16_and_keeps_fp32_weights_and_optimizer_state(tmp_path, tokenizer):

@@ -20,6 +20,7 @@ also gets `generation_share`, the share of the step's wall time spent producing 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import statistics
@@ -125,6 +126,16 @@ class StepSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """A step source's state taken earlier, saved in its place (`Trainer._keep_the_steps_before_a_failed_one`)."""
+
+    state: dict[str, Any]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
 
 
 LossFn = Callable[[torch.nn.Module, Any, float], tuple[torch.Tensor, dict[str, float]]]
@@ -264,9 +275,14 @@ class Trainer:
             while self.step < self.train_cfg.max_steps and stopped_by is None:
                 step_start = time.perf_counter()
                 # A sampling source reads the policy's weights directly: under FSDP they are gathered for it.
+                before = None if self.dist.distributed else copy.deepcopy(source.state_dict())
                 with self.parallel.full_weights() if samples_from_policy else contextlib.nullcontext(), \
                         self.autocast():
-                    batch = source.next_step()
+                    try:
+                        batch = source.next_step()
+                    except Exception:
+                        self._keep_the_steps_before_a_failed_one(before)
+                        raise
                 batch.metrics = dist.mean_over_ranks(batch.metrics)
                 record = self._optimizer_step(batch, loss_fn)
                 session_tokens += batch.tokens
@@ -524,6 +540,28 @@ class Trainer:
             optimizers={"model": self.optimizer}, schedulers={"model": self.scheduler},
             tokenizer=self.tokenizer, trainer_state=self._state(source), config_text=config_text(self.stage, self.cfg),
             keep_last=self.train_cfg.keep_last, keep_before=self._first_skipped)
+
+    def _keep_the_steps_before_a_failed_one(self, source_state: dict[str, Any] | None) -> None:
+        """A step's data failed to come (a reward function that breaks from some round on, a grader's service gone,
+        a rejection round that kept nothing): save the steps trained so far, with the data walk as it was before the
+        failed step, so that a resume (once the cause is fixed) trains that step again instead of every step since
+        the last periodic checkpoint. The model and optimizer are those of the last finished step: the failure came
+        before this step's update. Not before the first step (the run is undone), not when that step's checkpoint
+        exists, and not across processes (a failure on one rank would leave the others in a collective save)."""
+        if source_state is None or self.step == 0:
+            return
+        latest = latest_checkpoint(self.run_dir.checkpoints)
+        if latest is not None and latest.name == f"step-{self.step}":
+            return
+        try:
+            path = self.save(_Snapshot(source_state))
+        except Exception as error:  # the failure the user is about to see is the one that matters
+            self._warn(f"the {self.step} steps trained before the failure could not be saved: {error}")
+            return
+        if self.dist.is_main:
+            self.console.print(f"{self.stage}: step {self.step + 1} failed; the {self.step} steps before it are saved "
+                               f"({path}): once its cause is mended, `posttrain resume {self.run_dir.path}` trains on "
+                               "from there")
 
     def _maybe_resume(self, source: StepSource) -> Any:
         if not self.run.resume:
