@@ -141,6 +141,27 @@ def test_llama_decoder_handles_grouped_query_attention(tokenizer, prompts):
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
+def test_prompt_seeds_sample_each_prompt_the_same_whichever_prompts_share_the_call(tiny_model, tokenizer, prompts,
+                                                                                  forward):
+    engine = LocalRolloutEngine(tiny_model, tokenizer, forward)
+
+    def sampled(indices, seeds):
+        rollout = engine.generate([prompts[i] for i in indices], SamplingParams(
+            max_new_tokens=10, temperature=1.0, n=3, prompt_seeds=seeds))
+        rows = rollout.completion_ids.view(len(indices), 3, -1)
+        return {i: [row[mask.bool()].tolist() for row, mask in zip(rows[k], rollout.response_mask.view(
+            len(indices), 3, -1)[k], strict=True)] for k, i in enumerate(indices)}
+
+    together = sampled([0, 1, 2, 3], (7, 8, 9, 10))
+    assert sampled([2], (9,))[2] == together[2]
+    assert sampled([3, 0], (10, 7)) == {i: together[i] for i in (3, 0)}
+    assert len({tuple(map(tuple, samples)) for samples in together.values()}) == 4  # not one stream for all
+    assert together[1] != sampled([1], (11,))[1]  # the seed, not the prompt alone, draws them
+    with pytest.raises(ValueError, match="prompt_seeds has 1 seeds for 2 prompts"):
+        engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, prompt_seeds=(1,)))
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
 def test_under_bf16_autocast_the_engine_samples_in_bf16_close_to_the_bf16_trainer(tiny_model, tokenizer, prompts,
                                                                                    forward):
     params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=0)

@@ -83,14 +83,14 @@ def test_sampled_counts_are_those_of_an_independent_sampling_loop(tokenizer, tin
     sampled = heldout.sampled_scores(model, tokenizer, rows, has_digit, 3, 5, problems=5, batch_size=6, seed=7)
     engine = make_engine("local", model, tokenizer)
     expected = []
-    for start in range(0, 5, 2):  # batch_size // n = 2 rows per call, seeded by the first row's index
-        prompts = [rows.dataset[i]["prompt_input_ids"] for i in range(start, min(start + 2, 5))]
-        rollout = engine.generate(prompts, SamplingParams(max_new_tokens=5, temperature=1.0, n=3, seed=7 + start))
-        for row in range(len(prompts)):
-            expected.append(sum(any(ch.isdigit() for ch in rollout.texts[i]) for i in range(len(rollout.texts))
-                                if int(rollout.prompt_index[i]) == row))
+    for row in range(5):  # each row alone, its samples seeded by the seed plus its index (the scores: 2 per call)
+        rollout = engine.generate([rows.dataset[row]["prompt_input_ids"]], SamplingParams(
+            max_new_tokens=5, temperature=1.0, n=3, prompt_seeds=(7 + row,)))
+        expected.append(sum(any(ch.isdigit() for ch in text) for text in rollout.texts))
     assert sampled.correct == expected and sampled.n == 3
     assert sampled.rewards["digit"] == pytest.approx(sum(expected) / 15)
+    # Any batch size samples the same.
+    assert heldout.sampled_scores(model, tokenizer, rows, has_digit, 3, 5, problems=5, batch_size=15, seed=7) == sampled
 
 
 def test_correct_without_a_task_asks_for_one(model_dir, tmp_path):

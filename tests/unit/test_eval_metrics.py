@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -85,27 +86,32 @@ def test_sampled_kl_and_rewards_match_a_slow_recomputation(tokenizer, tiny_model
     draw = heldout_problems(task, options.problems, options.seed)
     result, counts = sampled_metrics(model, tokenizer, task, draw, DataConfig(), options, 6, reference)
 
-    # The same samples again (same seeds), scored one sequence at a time.
+    # The same samples again (each problem's seed is the draw's seed plus its index), each problem sampled alone
+    # (the evaluation sampled two at a time), scored one sequence at a time.
     encoder = Encoder.from_config(tokenizer, DataConfig())
     examples = heldout_problems(task, 6, options.seed)
     prompts = [encoder.encode_prompt([{"role": "user", "content": e.prompt}]) for e in examples]
     kls, formats, correct = [], [], [0] * 6
-    for start in range(0, 6, 2):
+    for problem, prompt in enumerate(prompts):
         rollout = make_engine("local", model, tokenizer).generate(
-            prompts[start:start + 2], SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=options.seed + start))
+            [prompt], SamplingParams(max_new_tokens=6, temperature=1.0, n=3, prompt_seeds=(options.seed + problem,)))
         for row in range(len(rollout.texts)):
-            prompt = prompts[start + int(rollout.prompt_index[row])]
             completion = rollout.completion_ids[row][rollout.response_mask[row].bool()].tolist()
             kls.append(_slow_sequence_logprob(model, prompt, completion)
                        - _slow_sequence_logprob(reference, prompt, completion))
             formats.append(task.extract_answer(rollout.texts[row]) is not None)
-            problem = start + int(rollout.prompt_index[row])
             correct[problem] += int(task.verify(rollout.texts[row], examples[problem].answer))
     assert result["kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-4)
     assert result["reward_format"] == pytest.approx(sum(formats) / len(formats), abs=1e-12)
     assert result["samples_per_problem"] == 3 and set(result) >= {"pass@1", "pass@3"}
 
     assert counts == correct
+    # Another batch size (all six problems in one call) samples the same: the same metrics (the KL's float sums in
+    # another order).
+    wide, wide_counts = sampled_metrics(model, tokenizer, task, draw, DataConfig(),
+                                        dataclasses.replace(options, batch_size=18), 6, reference)
+    assert wide_counts == counts and wide["reward_format"] == result["reward_format"]
+    assert wide["kl"] == pytest.approx(result["kl"], rel=1e-5)
     same, _ = sampled_metrics(model, tokenizer, task, draw, DataConfig(), options, 6, model)
     assert abs(same["kl"]) < 1e-5
 

@@ -189,3 +189,15 @@ def test_an_rl_run_asking_for_vllm_where_it_cannot_run_is_refused_before_the_mod
     with pytest.raises(ConfigError, match="needs vLLM") as err:
         check_rl_config(cfg, "grpo")
     assert err.value.field == "sampling.engine"
+
+
+def test_vllm_request_seeds_keep_each_prompt_s_samples_apart_and_follow_its_own_seed():
+    from posttrain.rollout.vllm_engine import prompt_seeds
+
+    # vLLM draws sample j of a request from seed + j: prompt i's n samples take seeds [base + i n, base + i n + n).
+    assert prompt_seeds(3, SamplingParams(n=4, seed=100), None) == [100, 104, 108]
+    assert prompt_seeds(2, SamplingParams(n=4), None) == [None, None]
+    # Seeds of the prompts' own: a prompt's requests are seeded by its seed alone, whichever prompts share the call.
+    assert prompt_seeds(2, SamplingParams(n=3, seed=100, prompt_seeds=(5, 9)), None) == [15, 27]
+    with pytest.raises(ValueError, match="prompt_seeds has 2 seeds for 3 prompts"):
+        prompt_seeds(3, SamplingParams(n=3, prompt_seeds=(5, 9)), None)

@@ -329,8 +329,9 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     for start in range(0, len(examples), per_call):
         chunk = examples[start:start + per_call]
         prompts = [encoder.encode_prompt(_messages(e)) for e in chunk]
-        rollout = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n,
-                                                          seed=options.seed + start))
+        rollout = engine.generate(prompts, SamplingParams(  # each problem's samples the same at any batch size
+            max_new_tokens=max_new_tokens, temperature=1.0, n=n,
+            prompt_seeds=tuple(range(options.seed + start, options.seed + start + len(chunk)))))
         rows = [chunk[i] for i in rollout.prompt_index.tolist()]
         scores = rewards(_completions(rows, rollout.texts))
         for name, values in scores.by_function.items():  # a grader's (the reward model's) parts and errors too

@@ -263,8 +263,9 @@ def sampled_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, h
                    problems: int, batch_size: int, seed: int, rule: CorrectRule = CorrectRule(),
                    bar: Phase = SILENT) -> SampledScores:
     """`n` samples at temperature 1 of each of the first `problems` held-out prompts, scored by the stage's rewards
-    (`score(rollout, rows)`). The seed of each batch depends on `seed` and its first row only, so two models are
-    sampled with the same random numbers (a paired comparison with less noise)."""
+    (`score(rollout, rows)`). Each prompt's samples draw from streams seeded by `seed` and the prompt's index only,
+    so two models are sampled with the same random numbers (a paired comparison with less noise), and a prompt's
+    samples are the same at any `batch_size`."""
     dataset = heldout.dataset
     count = min(problems, len(dataset))
     engine = make_engine("local", model, tokenizer)
@@ -273,7 +274,8 @@ def sampled_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, h
     sums: dict[str, float] = defaultdict(float)
     for start in range(0, count, per_call):
         rows = [dataset[i] for i in range(start, min(start + per_call, count))]
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=seed + start)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n,
+                                prompt_seeds=tuple(range(seed + start, seed + start + len(rows))))
         rollout = engine.generate([row["prompt_input_ids"] for row in rows], params)
         scores = score(rollout, rows)
         hits = rule.mask(scores)

@@ -388,8 +388,7 @@ class RLStepSource:
         with what left its completions out (groups that tied under advantage.skip_zero_variance, completions cut at
         max_new_tokens under loss.mask_truncated)."""
         cut = rollout.truncated if self.cfg.loss.mask_truncated else torch.zeros_like(keep)
-        counts = (dist.all_reduce_sum(float(rows.sum())) for rows in (keep & ~cut, ~keep, keep & cut))
-        in_loss, tied, truncated = counts
+        in_loss, tied, truncated = [dist.all_reduce_sum(float(rows.sum())) for rows in (keep & ~cut, ~keep, keep & cut)]
         if in_loss == 0 and not self.told_untrained:
             reasons = []
             if tied:

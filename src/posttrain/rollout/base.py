@@ -49,6 +49,10 @@ class SamplingParams:
     """Completions per prompt (a GRPO group); rows are prompt-major: prompt 0's n samples first."""
     seed: int | None = None
     """Seed of a fresh torch.Generator for this call: same seed, same prompts, same model -> same samples."""
+    prompt_seeds: tuple[int, ...] | None = None
+    """One seed per prompt, each drawing its prompt's n samples from streams of their own (before `seed` and a
+    caller's generator): a prompt's samples are then the same whichever prompts share the call, so an evaluation
+    scores the same samples at any batch size."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -71,6 +75,13 @@ class SamplingParams:
         # Lists from YAML become tuples, so the params stay hashable and immutable.
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
+        if self.prompt_seeds is not None:
+            object.__setattr__(self, "prompt_seeds", tuple(int(s) for s in self.prompt_seeds))
+
+    def check_prompt_seeds(self, prompts: int) -> None:
+        """`prompt_seeds`, if given, has one seed for each of the call's `prompts`."""
+        if self.prompt_seeds is not None and len(self.prompt_seeds) != prompts:
+            raise ValueError(f"prompt_seeds has {len(self.prompt_seeds)} seeds for {prompts} prompts")
 
     @property
     def greedy(self) -> bool:

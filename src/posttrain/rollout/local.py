@@ -14,7 +14,7 @@ from posttrain.errors import ConfigError
 from posttrain.models.attention import position_limit
 from posttrain.rollout.base import FinishReason, Prompts, Rollout, RolloutEngine, SamplingParams
 from posttrain.rollout.forward import FORWARDS, left_pad, make_decoder, prompt_learning
-from posttrain.rollout.sampling import sample_next
+from posttrain.rollout.sampling import row_generators, sample_next
 
 
 def prompt_token_lists(prompts: Prompts) -> list[list[int]]:
@@ -92,7 +92,10 @@ class LocalRolloutEngine(RolloutEngine):
                               + f" are longer than the {limit} positions this model has: make their sum <= "
                               f"{limit - virtual} (shorter prompts or fewer new tokens)")
         rows = torch.arange(len(prompt_lists)).repeat_interleave(params.n)
-        if generator is None and params.seed is not None:
+        params.check_prompt_seeds(len(prompt_lists))
+        if params.prompt_seeds is not None:
+            generator = row_generators(params.prompt_seeds, params.n)
+        elif generator is None and params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)  # a CPU stream: the same draws on any device
         # Sample in eval mode (no dropout), then give every module back the mode it had.
         modes = [(module, module.training) for module in self.model.modules()]
@@ -117,7 +120,8 @@ class LocalRolloutEngine(RolloutEngine):
                        prompt_index=rows, temperature=params.logprob_temperature)
 
     def _sample(self, prompts: list[list[int]], params: SamplingParams,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, list[FinishReason]]:
+                generator: torch.Generator | list[torch.Generator] | None
+                ) -> tuple[Tensor, Tensor, Tensor, list[FinishReason]]:
         """The decoding loop. Returns tokens, logprobs [B, T], lengths [B] (through the stop token), reasons."""
         decoder = make_decoder(self.forward, self.model, prompts, params.n, params.max_new_tokens, self.pad_id,
                                self.onednn)

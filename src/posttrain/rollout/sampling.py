@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,8 +32,9 @@ def truncate_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tenso
 
 
 def sample_next(logits: Tensor, params: SamplingParams,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Draw one token per row and return (tokens [B], logprobs [B]).
+                generator: torch.Generator | list[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:
+    """Draw one token per row and return (tokens [B], logprobs [B]); `generator` one stream for every row, or one
+    per row (`row_generators`).
 
     logprob = z[token] - logsumexp(z),  z = logits / temperature, over the full vocabulary:
     the same expression `algos.token_logprobs` evaluates when the trainer recomputes it, so the
@@ -52,7 +54,15 @@ def sample_next(logits: Tensor, params: SamplingParams,
     return tokens, picked - torch.logsumexp(scaled, dim=-1)
 
 
-def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def row_generators(prompt_seeds: tuple[int, ...], n: int) -> list[torch.Generator]:
+    """A CPU stream of its own for each of the n samples of each prompt (prompt-major rows), seeded from the
+    prompt's seed and the sample's index by numpy's SeedSequence, which mixes them: nearby prompt seeds do not give
+    related streams."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**63, j]).generate_state(1)[0]))
+            for seed in prompt_seeds for j in range(n)]
+
+
+def draw(probs: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
     """One token per row of `probs` [B, V] (rows summing to 1, up to rounding), by inverse transform sampling:
     the first token whose cumulative probability exceeds u ~ U[0, total). A token of probability 0 (cut by
     top-k / top-p) has no interval of its own and is never drawn.
@@ -64,8 +74,12 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     cumulative = probs.cumsum(dim=-1)
     # u comes from the generator's own device (a seeded CPU generator drives a GPU run's draws too: the same
     # seed draws the same u on any device) and moves to the probabilities'.
-    where = generator.device if generator is not None else probs.device
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=where, dtype=probs.dtype).to(probs.device)
+    if isinstance(generator, list):  # one stream per row: row b's u from its own generator
+        u = torch.cat([torch.rand(1, generator=g, dtype=probs.dtype) for g in generator]).unsqueeze(1)
+    else:
+        where = generator.device if generator is not None else probs.device
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=where, dtype=probs.dtype)
+    u = u.to(probs.device)
     tokens = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).squeeze(-1)
     # u * total can round up to total itself, which lands past the last token: take the last token that has
     # probability then. Any other draw already has probability (the cumulative sum rises at it), so the search

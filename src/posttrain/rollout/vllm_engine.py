@@ -104,7 +104,11 @@ def prompt_seeds(count: int, params: SamplingParams, generator: torch.Generator 
     seed for every prompt would draw the same completions for equal prompts and correlated ones for the others.
     Prompt i's n samples get seeds base + i*n ... base + i*n + n - 1, all distinct. The caller's generator draws
     the base (the round stays reproducible), else it is `params.seed` (the local engine's precedence too); with
-    neither, no seeds."""
+    neither, no seeds. `params.prompt_seeds` come first: prompt i's seed s gives its samples s*n ... s*n + n - 1,
+    whichever prompts share the call."""
+    params.check_prompt_seeds(count)
+    if params.prompt_seeds is not None:
+        return [(seed * params.n) % 2**63 for seed in params.prompt_seeds]
     base = params.seed
     if generator is not None:
         base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
