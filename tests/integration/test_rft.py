@@ -176,6 +176,20 @@ def test_raising_grader_stops_the_run_with_its_traceback_and_keeps_every_error(l
     assert all(isinstance(e["completion"], str) for e in errors)
 
 
+def test_a_grader_reading_the_answer_of_prompt_only_rows_fails_at_start_up(lm_dir, tmp_path):
+    """It compared every completion with the text "None" (reward 0, no error, no warning)."""
+    grader = tmp_path / "eq.yaml"
+    grader.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_text }}"\n'
+                      'reference: "{{ item.answer }}"\n')
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "solution": str(i + 1)}) + "\n"
+                            for i in range(8)))
+    with pytest.raises(ConfigError, match=r"eq.yaml:4: reference: item.answer has no value in any row of the data"):
+        main(rft_config(f"model.path={lm_dir}", f"run.out_dir={tmp_path}", "train.max_steps=2",
+                        f"reward.grader={grader}", f"data.source={data}"))
+    assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
 def test_template_typo_fails_at_start_up(lm_dir, tmp_path):
     grader = tmp_path / "typo.yaml"
     grader.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_txt }}"\n'

@@ -71,6 +71,58 @@ def test_string_check_with_extraction_filter():
     assert grade(spec, [r"so \boxed{12}", "12"], [{"answer": "12"}] * 2).scores == [1.0, 0.0]
 
 
+def test_a_row_without_a_value_for_a_field_the_template_reads_is_an_error_of_its_own():
+    """Printed, a prompt-only row's answer (None) was the text "None", and every such row failed the comparison
+    without a word; through a filter it was a TypeError from inside the filter."""
+    for reference in ("{{ item.answer }}", "{{ item.answer | last_number }}"):
+        spec = {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text }}", "reference": reference}
+        with pytest.raises(ValueError, match=r"has no value in this row \(None\)"):
+            grade(spec, ["None"], [{"answer": None}])
+        # As a run's reward: that row's error (scored 0, kept with the others), the other rows scored.
+        rewards = WeightedRewards({"g": (lambda batch, spec=spec: grade(spec, batch.completions, [
+            {"answer": a} for a in batch.answers]), 1.0)})
+        scores = rewards(Completions(prompts=[[]] * 2, completions=["None", "12"], answers=[None, "12"],
+                                     steps=[[], []]))
+        assert scores.total.tolist() == [0.0, 1.0] and [e["row"] for e in scores.errors] == [0]
+        assert "has no value in this row (None)" in scores.errors[0]["error"]
+    defensive = {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text }}",
+                 "reference": "{{ item.answer or item.solution }}"}  # a template that handles the missing answer
+    assert grade(defensive, ["7"], [{"answer": None, "solution": "7"}]).scores == [1.0]
+
+
+def test_regex_filter_arguments_are_checked_when_the_grader_loads(tmp_path):
+    for written, words in (('regex("(")', "not a regular expression"),
+                           ('regex("(a)", 2)', "the pattern has groups 0 to 1"),
+                           ('regex(pattern="(a)(b)", group=3)', "the pattern has groups 0 to 2")):
+        path = tmp_path / "grader.yaml"
+        path.write_text(f"type: string_check\noperation: eq\ninput: '{{{{ sample.output_text | {written} }}}}'\n"
+                        "reference: x\n")
+        with pytest.raises(ConfigError, match=r"grader.yaml:3: input: \| regex") as info:
+            load_grader(path)
+        assert words in str(info.value)
+    assert regex("ab", "ab", 3) == "ab"  # a pattern without groups: the whole match, whatever the group
+    with pytest.raises(ValueError, match="groups 0 to 1"):  # a pattern only known when rendered
+        regex("xa", "(a)", 2)
+
+
+def test_a_grader_reading_the_answer_of_rows_that_have_none_is_refused_at_start_up(tmp_path):
+    from posttrain.rewards.graders import absent_item_fields, check_grader_fields
+
+    assert absent_item_fields([None, None], [[], []]) == ("answer", "steps")
+    assert absent_item_fields([None, "3"], [[], ["a"]]) == ()
+    assert absent_item_fields() == ()  # values not given: nothing known to be absent
+    path = tmp_path / "grader.yaml"
+    path.write_text('type: string_check\noperation: eq\ninput: "{{ sample.output_text }}"\n'
+                    'reference: "{{ item.answer }}"\n')
+    grader = load_grader(path)
+    with pytest.raises(ConfigError, match=r"grader.yaml:4: reference: item.answer has no value in any row of the "
+                                          r"data: .*data.columns.answer="):
+        check_grader_fields(grader, ["prompt", "solution"], absent=("answer",))
+    with pytest.raises(ConfigError, match="item.answer has no value in any row"):  # a column of nulls alike
+        check_grader_fields(grader, ["prompt", "answer"], absent=("answer",))
+    check_grader_fields(grader, ["prompt", "solution"])
+
+
 # ---------------------------------------------------------------------------------------------- text_similarity
 
 

@@ -77,7 +77,8 @@ def main(cfg: Any) -> RunResult:
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     candidates = load_candidates(cfg.data)
     rewards = build_rewards(cfg.reward, resolve_task(cfg))
-    rewards.check_grader_columns(candidates[0].columns if candidates else {})
+    rewards.check_grader_columns(candidates[0].columns if candidates else {}, [c.answer for c in candidates],
+                                 [c.steps for c in candidates])
     # Errors are printed and counted as the set is scored, before anything on disk is touched; kept on disk after.
     errors = RewardErrorLog(None, cfg.reward.max_error_fraction)
     rewards.error_log = errors

@@ -154,7 +154,8 @@ def build_rewards(cfg: RewardConfig, task: Task | None, dataset: Any = None,
     if eval_cfg is not None:
         heldout.CorrectRule.of(eval_cfg).check(rewards.functions, "eval.correct_by")
     if dataset is not None and len(dataset) and "row" in dataset.column_names:
-        rewards.check_grader_columns(json.loads(dataset[0]["row"] or "{}"))
+        rewards.check_grader_columns(json.loads(dataset[0]["row"] or "{}"), column_values(dataset, "answer"),
+                                     column_values(dataset, "steps"))
     return rewards
 
 

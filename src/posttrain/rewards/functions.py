@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -264,13 +264,17 @@ class WeightedRewards:
         reward_model_path) goes to the factories."""
         return cls({name: (reward_function(name, **context), float(w)) for name, w in weights.items()})
 
-    def check_grader_columns(self, columns: Sequence[str] | Mapping[str, Any]) -> None:
-        """A ConfigError at start-up when a grader's template reads a field the data's rows (`columns`) lack."""
-        from posttrain.rewards.graders import check_grader_fields
+    def check_grader_columns(self, columns: Sequence[str] | Mapping[str, Any],
+                             answers: Iterable[str | None] | None = None,
+                             steps: Iterable[Sequence[str] | None] | None = None) -> None:
+        """A ConfigError at start-up when a grader's template reads a field the data's rows (`columns`) lack, or
+        the rows' gold `answers` or `steps` (where given) when no row has one."""
+        from posttrain.rewards.graders import absent_item_fields, check_grader_fields
 
-        for fn, _ in self.functions.values():
-            if getattr(fn, "grader", None) is not None:
-                check_grader_fields(fn.grader, columns)
+        graders = [fn.grader for fn, _ in self.functions.values() if getattr(fn, "grader", None) is not None]
+        absent = absent_item_fields(answers, steps) if graders else ()
+        for grader in graders:
+            check_grader_fields(grader, columns, absent)
 
     def __call__(self, batch: Completions) -> Scores:
         """A function that raises on a batch is called again row by row (`_row_by_row`): a row it raises on, and

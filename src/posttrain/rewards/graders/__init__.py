@@ -26,7 +26,7 @@ ConfigError with the file, line and field. `grader_reward(grader)` makes it a re
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,30 @@ def load_grader(path_or_name: str | Path) -> Grader:
     return build_grader(Spec(data, file=str(path), lines=lines))
 
 
-def check_grader_fields(grader: Grader, columns: Collection[str]) -> None:
+def check_grader_fields(grader: Grader, columns: Collection[str], absent: Collection[str] = ()) -> None:
     """Every template of the grader (and of the graders inside it) reads only `sample.output_text` and fields the
-    items will have: `columns` (the data row's) and question, answer, steps, messages. A ConfigError at start-up
-    names the grader file, line and key."""
-    available = {"sample": SAMPLE_FIELDS, "item": {*columns, *ITEM_FIELDS}}
+    items will have: `columns` (the data row's) and question, answer, steps, messages, but for the `absent` ones
+    (`absent_item_fields`: no row has a value for them). A ConfigError at start-up names the grader file, line and
+    key."""
+    available = {"sample": SAMPLE_FIELDS, "item": {*columns, *ITEM_FIELDS} - set(absent)}
+    why = {field: f"has no value in any row of the data: {ABSENT_HINTS[field]}" for field in absent}
     for template in _templates(grader):
-        template.check_fields(available)
+        template.check_fields(available, why)
+
+
+def absent_item_fields(answers: Iterable[str | None] | None = None,
+                       steps: Iterable[Sequence[str] | None] | None = None) -> tuple[str, ...]:
+    """The item fields no row gives a value, of those whose values are given: answer (every row prompt-only),
+    steps (no row has any)."""
+    return tuple(field for field, values in (("answer", answers), ("steps", steps)) if values is not None
+                 and not any(value is not None and (field == "answer" or len(value)) for value in values))
+
+
+ABSENT_HINTS = {
+    "answer": "the rows hold no gold answer in an `answer` column (a gold column of another name is item.<its "
+              "name>, or data.columns.answer=<its name> makes it the answer)",
+    "steps": "the rows hold no `steps` column (a list of reference steps)",
+}
 
 
 def _templates(value: Any) -> list[Template]:
@@ -107,6 +124,6 @@ def completion_records(prompts: Sequence[Sequence[Mapping[str, Any]]], completio
     return samples, items
 
 
-__all__ = ["GRADER_TYPES", "Formula", "GradeResult", "Grader", "Item", "Sample", "Spec", "answer_line", "boxed",
-           "build_grader", "check_grader_fields", "checked_score", "completion_records", "last_number", "load_grader",
-           "regex"]
+__all__ = ["GRADER_TYPES", "Formula", "GradeResult", "Grader", "Item", "Sample", "Spec", "absent_item_fields",
+           "answer_line", "boxed", "build_grader", "check_grader_fields", "checked_score", "completion_records",
+           "last_number", "load_grader", "regex"]

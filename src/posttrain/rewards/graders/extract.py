@@ -60,6 +60,8 @@ def regex(text: str, pattern: str, group: int = 1) -> str:
     if not matches:
         return ""
     last = matches[-1]
+    if last.re.groups and not 0 <= group <= last.re.groups:
+        raise ValueError(f"regex({pattern!r}, {group!r}): the pattern has groups 0 to {last.re.groups}")
     return last.group(group if last.re.groups else 0) or ""  # a group that took no part in the match: ""
 
 

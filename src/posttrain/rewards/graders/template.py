@@ -3,11 +3,14 @@
 Rendered in jinja2's sandboxed environment (no attribute access to Python internals, no imports), with
 undefined names as errors: a template naming `item.anwser` or `sample.output_txt` fails at start-up
 (`check_fields`, against the data's columns, before anything is sampled) or on the first row that lacks the
-field, never silently renders "".
+field, never silently renders "". A field the row has but whose value is None (a prompt-only row's `item.answer`)
+is that row's error when printed or filtered, never the text "None"; `regex` arguments written in the template are
+checked when it compiles.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -18,8 +21,31 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from posttrain.rewards.graders.base import Spec
 from posttrain.rewards.graders.extract import EXTRACTORS
 
-_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-_ENV.filters.update(EXTRACTORS)
+
+def _no_none(value: Any) -> Any:
+    """What a `{{ ... }}` prints, unless it is None: a row without a value for the field (a prompt-only row's
+    `item.answer`) would print "None", and a comparison with it fail silently on every such row."""
+    if value is None:
+        raise ValueError("a field this template prints has no value in this row (None), e.g. item.answer of a row "
+                         "without an answer")
+    return value
+
+
+def _text_only(name: str, extract: Any) -> Any:
+    """The filter `extract`, refusing None (a field the row has no value for) with a message that says so."""
+
+    def checked(text: Any, *args: Any) -> str:
+        if text is None:
+            raise ValueError(f"| {name} has no text to read: the field before it has no value in this row (None), "
+                             "e.g. item.answer of a row without an answer")
+        return extract(text, *args)
+
+    return checked
+
+
+_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
+                                     finalize=_no_none)
+_ENV.filters.update({name: _text_only(name, extract) for name, extract in EXTRACTORS.items()})
 
 
 class Template:
@@ -33,6 +59,10 @@ class Template:
             if spec is None:
                 raise
             raise spec.error(f"template syntax error: {err.message} in {source!r}", key) from None
+        for problem in _regex_problems(_ENV.parse(source)):
+            if spec is None:
+                raise ValueError(f"{problem} in {source!r}")
+            raise spec.error(f"{problem} in {source!r}", key)
 
     def fields(self) -> set[tuple[str, str]]:
         """The (`sample` or `item`, field) pairs the template reads by name (`item.x` or `item["x"]`)."""
@@ -43,12 +73,15 @@ class Template:
                 found.add((node.node.name, field))
         return found
 
-    def check_fields(self, available: Mapping[str, Collection[str]]) -> None:
-        """ConfigError (the grader file, line and key) for a field the records will not have."""
+    def check_fields(self, available: Mapping[str, Collection[str]], why: Mapping[str, str] | None = None) -> None:
+        """ConfigError (the grader file, line and key) for a field the records will not have; `why` says, for an
+        item field, why it is missing (it has no value in any row)."""
         for root, field in sorted(self.fields()):
             if field not in available[root]:
                 message = (f"{root}.{field} does not exist: {root} has {', '.join(sorted(available[root]))} "
                            f"(in {self.source!r})")
+                if root == "item" and why and field in why:
+                    message = f"item.{field} {why[field]} (in {self.source!r})"
                 if self.spec is None:
                     raise ValueError(message)
                 raise self.spec.error(message, self.key)
@@ -62,6 +95,30 @@ class Template:
             if self.spec is None:
                 raise ValueError(message) from None
             raise self.spec.error(message, self.key) from None
+
+
+def _regex_problems(tree: nodes.Template) -> list[str]:
+    """What is wrong with the written-out arguments of the template's `| regex(pattern, group)` filters: a pattern
+    that does not compile, a group it does not have. Found when the grader loads, not on the first row that
+    matches, minutes into a run."""
+    problems = []
+    for node in tree.find_all(nodes.Filter):
+        if node.name != "regex":
+            continue
+        given = dict(enumerate(node.args)) | {{"pattern": 0, "group": 1}[k.key]: k.value for k in node.kwargs
+                                               if k.key in ("pattern", "group")}
+        pattern, group = given.get(0), given.get(1)
+        if not isinstance(pattern, nodes.Const) or not isinstance(pattern.value, str):
+            continue
+        try:
+            groups = re.compile(pattern.value).groups
+        except re.error as err:
+            problems.append(f"| regex({pattern.value!r}): not a regular expression ({err})")
+            continue
+        if isinstance(group, nodes.Const) and groups and not (isinstance(group.value, int) and 0 <= group.value
+                                                               <= groups):
+            problems.append(f"| regex({pattern.value!r}, {group.value!r}): the pattern has groups 0 to {groups}")
+    return problems
 
 
 def template_field(spec: Spec, key: str) -> Template:
