@@ -187,6 +187,18 @@ def test_with_pad_equal_to_eos_the_score_is_read_at_the_real_eos_not_at_padding(
     assert_close(batch.rewards, expected.to(batch.rewards.dtype))
 
 
+def test_a_round_whose_every_reward_failed_trains_nothing_and_says_so(lm_dir, tokenizer, caplog):
+    """Every completion's reward failed (a grader gone, reward.max_error_fraction=1): the round kept them, scored 0,
+    and with a critic's nonzero values GAE's advantages trained the policy on them (trained_fraction 1, silently)."""
+    model = actor_critic(lm_dir)
+    failing = WeightedRewards({"r": (lambda batch: [float("nan")] * len(batch), 1.0)})
+    with caplog.at_level("WARNING"):
+        step = make_source(model, tokenizer, rewards=failing).next_step()
+    assert step.metrics["failed_rows"] == 16 and step.metrics["trained_fraction"] == 0.0
+    assert sum(float(batch.loss_mask.sum()) for batch in step.micro_batches) == 0
+    assert "16 whose rewards failed" in caplog.text
+
+
 def test_per_token_rewards_and_gae_through_the_recipe_match_algos(lm_dir, tokenizer):
     model = actor_critic(lm_dir)
     source = make_source(model, tokenizer, "kl.coef=0.3", "kl.kind=k3", "advantage.gamma=0.9", "advantage.lam=0.7",

@@ -370,27 +370,32 @@ class RLStepSource:
         advantages, returns = self._advantages(rewards, old_values, rollout, steps, span[0])     # 6. advantages
         zero_groups = zero_advantage_groups(advantages, rollout.prompt_index)
         keep = ~zero_groups if self.cfg.advantage.skip_zero_variance else torch.ones_like(zero_groups)
+        failed = scores.failed()  # rows left in only where none was scored (`without_failed_rows`): no loss on them
+        keep &= ~failed
         if dist.all_reduce_max(float(not bool(keep.all()))) > 0:  # some rank left rows out: its schedule changed
             schedule = self._schedule(rollout, keep, span)                                        # 7. schedule
         self.last = Round(rows, rollout, score, old_logprobs, old_values, ref_logprobs, kl, beta, rewards,
                           advantages, returns)
         metrics = self._metrics(completions, scores, steps, zero_groups, span[1]) | filtered
-        metrics["trained_fraction"] = self._trained_fraction(rollout, keep, span[1])
+        metrics["trained_fraction"] = self._trained_fraction(rollout, keep, failed, span[1])
         if kl is not None:
             self.kl.update(metrics["kl"], span[1])
         self._write_samples(completions, scores, steps)
         metrics.update(generation_s=generation_s, scoring_s=time.perf_counter() - start - generation_s)
         return self._step_batches(schedule, metrics)
 
-    def _trained_fraction(self, rollout: Rollout, keep: Tensor, total: int) -> float:
+    def _trained_fraction(self, rollout: Rollout, keep: Tensor, failed: Tensor, total: int) -> float:
         """The share of the round's completions (of every rank: `total`) with a token in the loss. A round with none
         trains nothing (its steps' gradients are zero), which no other metric says outright: said once per run,
-        with what left its completions out (groups that tied under advantage.skip_zero_variance, completions cut at
-        max_new_tokens under loss.mask_truncated)."""
+        with what left its completions out (rewards that failed on every one, groups that tied under
+        advantage.skip_zero_variance, completions cut at max_new_tokens under loss.mask_truncated)."""
         cut = rollout.truncated if self.cfg.loss.mask_truncated else torch.zeros_like(keep)
-        in_loss, tied, truncated = [dist.all_reduce_sum(float(rows.sum())) for rows in (keep & ~cut, ~keep, keep & cut)]
+        in_loss, errors, tied, truncated = [dist.all_reduce_sum(float(rows.sum())) for rows in (
+            keep & ~cut, failed, ~keep & ~failed, keep & cut)]
         if in_loss == 0 and not self.told_untrained:
             reasons = []
+            if errors:
+                reasons.append(f"{errors:.0f} whose rewards failed (grader_errors.jsonl)")
             if tied:
                 reasons.append(f"{tied:.0f} in groups whose completions tied (advantage.skip_zero_variance=true "
                                "leaves them out)")
@@ -676,8 +681,9 @@ def without_failed_rows(rows: list[dict[str, Any]], rollout: Rollout,
     score (raised, timed out, returned NaN), and how many those were. Such a completion's 0 is no evidence about it:
     trained on, it would pull its group's baseline down and push the policy away from it (a grader that times out
     on long answers would teach short ones), so it is left out of the round, its baseline and every loss; a prompt
-    whose every completion failed leaves with its group. Under torchrun a rank that would be left with no completion
-    keeps every rank's (scored 0 as before, the failures counted all the same): a rank cannot sit out a round."""
+    whose every completion failed leaves with its group. A round (or, under torchrun, any rank: a rank cannot sit
+    out a round) that would be left with no completion keeps them all, scored 0 and counted as failures, and the
+    round's loss leaves the failed ones out (`RLStepSource.generate`): that round trains nothing, and says so."""
     failed = scores.failed()
     picked = torch.nonzero(~failed).flatten()
     if dist.all_reduce_min(float(len(picked))) == 0 or len(picked) == len(failed):
