@@ -107,6 +107,28 @@ def test_an_offline_run_scores_every_response_and_trains_on_the_credited(tokeniz
     assert result.summary["steps"] == 2 and (result.final_dir / "config.json").is_file()
 
 
+def test_an_offline_run_resumed_on_an_edited_candidates_file_is_refused(tokenizer, tmp_path):
+    """Its rows reach the trainer in memory (scored pairs), which carry no digest: an edited file of as many rows
+    trained on, silently. The candidates as read are digested now; the same file resumes."""
+    model_dir = save_pretrained(build_model(ModelConfig(size="tiny"), tokenizer, seed=0), tokenizer,
+                                tmp_path / "lm")
+    rows = [{"prompt": f"What is {i}+{i}?", "completion": str(2 * i + i % 2), "answer": str(2 * i)} for i in range(8)]
+    path = tmp_path / "candidates.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = [f"model.path={model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "train.save_every=0",
+                 "mode=offline", f"data.source={path}", "reward.functions={correct: 1.0}", "reward.task=arith",
+                 "train.batch_size=2", "train.micro_batch_size=2", "eval.problems=0", "eval_before=false"]
+    main(load_config(RFTConfig, find_recipe("rft").path, [*overrides, "train.max_steps=2"]))
+    resumed = [*overrides, "train.max_steps=3", "run.resume=true"]
+    edited = [{"prompt": "What is 9+9?", "completion": "18", "answer": "18"}, *rows[1:]]  # as many rows, as many right
+    path.write_text("".join(json.dumps(row) + "\n" for row in edited))
+    with pytest.raises(ConfigError, match="other rows of training data") as info:
+        main(load_config(RFTConfig, find_recipe("rft").path, resumed))
+    assert info.value.field == "data"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(load_config(RFTConfig, find_recipe("rft").path, resumed)).summary["steps"] == 3
+
+
 def test_offline_reward_errors_are_kept_and_a_mostly_failing_reward_stops_before_the_run_exists(tokenizer, tmp_path,
                                                                                                  capsys):
     """Every fourth response's reward is NaN: scored 0, printed once, and each kept in grader_errors.jsonl like an

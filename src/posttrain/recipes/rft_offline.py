@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.columns import column_values
@@ -200,10 +201,21 @@ def weighted_step_source(candidates: Sequence[Candidate], weights: Sequence[floa
     pairs = [{"prompt": candidates[i].prompt, "completion": candidates[i].response} for i in positive]
     scored = DataConfig(source="<scored>", max_length=data.max_length, truncation=data.truncation,
                         loss_on=data.loss_on, template=data.template, thinking=data.thinking)
-    prepared = prepare_data(scored, tokenizer, accepts=("completion",), rows=pairs)
+    # The rows handed in memory carry no digest of the data (`Prepared.source`): the candidates as read from the
+    # user's file are what a resumed run must find again (an edited file of as many rows was trained on silently).
+    prepared = dataclasses.replace(prepare_data(scored, tokenizer, accepts=("completion",), rows=pairs),
+                                   source=candidates_as_read(candidates))
     # Rows too long for data.max_length may be dropped: `line` says which candidate each kept row is.
     row_weights = [float(weights[positive[line - 1]]) for line in column_values(prepared.dataset, "line")]
     return step_source(prepared, train, seed, weights=row_weights), len(row_weights)
+
+
+def candidates_as_read(candidates: Sequence[Candidate]) -> Dataset:
+    """The candidates (prompt, response, gold answer and steps, the row's columns) as a table, one row each: what a
+    checkpoint's digest of the data is taken over."""
+    return Dataset.from_list([{"prompt": json.dumps(c.prompt, sort_keys=True), "response": json.dumps(
+        c.response, sort_keys=True), "answer": c.answer, "steps": json.dumps(c.steps), "columns": json.dumps(
+        c.columns, sort_keys=True, default=str)} for c in candidates])
 
 
 def scored_records(candidates: Sequence[Candidate], scores: Scores) -> list[dict[str, Any]]:
