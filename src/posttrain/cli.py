@@ -214,7 +214,7 @@ def evaluate(
                                                         "used, else the weighted total).")] = None,
     threshold: Annotated[float, typer.Option(help="With --data: a completion is correct when that score reaches "
                                                   "this.")] = 1.0,
-    grader: Annotated[str | None, typer.Option(help="With --data: grader file or shipped grader name of the `grader` "
+    grader: Annotated[str | None, typer.Option(help="Grader file or shipped grader name of the `grader` "
                                                     "reward (default: the run's reward.grader).")] = None,
     reference: Annotated[str | None, typer.Option(help="Model to measure KL against (default: the model "
                                                        "the run started from).")] = None,

@@ -5,6 +5,7 @@ table of `posttrain eval --data` by hand, and a run's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -175,3 +176,23 @@ def test_summaries_are_strict_json_whatever_their_numbers(tmp_path):
     write_training_report(RunDir(tmp_path), "mine", {"steps": 1, "kl": float("nan"), "by": {"a": [float("inf"), 2]}})
     saved = strict((tmp_path / "summary.json").read_text())
     assert saved["summary"] == {"steps": 1, "kl": None, "by": {"a": [None, 2]}}
+
+
+def test_a_grader_reward_on_a_built_in_task_is_the_one_given_or_the_run_s(model_dir):
+    """`--reward grader` on a built-in task was refused whatever --grader or the run's reward.grader said."""
+    from posttrain.data.tasks import get_task
+    from posttrain.eval.accuracy import heldout_problems
+    from posttrain.eval.evaluate import sampled_metrics
+    from posttrain.models import load_causal_lm, load_tokenizer
+
+    options = EvalOptions(task="arith", problems=4, samples=2, pass_k=(1,), rewards=("grader",), max_new_tokens=4)
+    task = get_task("arith")
+    draw = heldout_problems(task, 4, options.seed)
+    model = load_causal_lm(model_dir).eval()
+    with pytest.raises(ConfigError, match="needs a grader file"):
+        sampled_metrics(model, load_tokenizer(model_dir), task, draw, DataConfig(), options, 4, None)
+    result, _ = sampled_metrics(model, load_tokenizer(model_dir), task, draw, DataConfig(), options, 4, None,
+                                grader_path="arith-partial")
+    assert 0.0 <= result["reward_grader"] <= 1.0 and "reward_grader.exact" in result
+    run = evaluate(model_dir, dataclasses.replace(options, grader="arith-partial"), greedy=False, write=False)
+    assert run["reward_grader"] == result["reward_grader"]  # `posttrain eval --grader` is that grader

@@ -88,7 +88,7 @@ class EvalOptions:
     threshold: float = 1.0
     """With `data`: a completion is correct when that score reaches this."""
     grader: str | None = None
-    """With `data`: the grader file (or shipped grader name) of the `grader` reward (None: the run's reward.grader)."""
+    """The grader file (or shipped grader name) of the `grader` reward (None: the run's reward.grader)."""
     reference: str | None = None
     """Model directory KL is measured against (None: the run's starting model, when there is one)."""
     max_new_tokens: int | None = None
@@ -237,9 +237,11 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
                    **({"step_accuracy": accuracy.step_accuracy} if accuracy.step_accuracy is not None else {})}
     if options.samples:
         reference = _reference(target, options, tokenizer)
-        reward_model = _in_workdir(target, target.section("reward").get("model_path"))  # for --reward reward_model
+        run_reward = target.section("reward")  # for --reward reward_model and --reward grader: the run's own
+        reward_model = _in_workdir(target, run_reward.get("model_path"))
+        grader = options.grader or _in_workdir(target, run_reward.get("grader"))
         sampled, counts = sampled_metrics(model, tokenizer, task, examples, data, options, max_new_tokens,
-                                          reference, reward_model)
+                                          reference, reward_model, grader)
         categories = [task.category(e) for e in examples]
         table = headroom(categories, counts, options.samples, sampled_ks(options),
                          accuracy.correct if accuracy is not None else None)
@@ -309,16 +311,17 @@ row's length times its tokens)."""
 @torch.no_grad()
 def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
                     data: DataConfig, options: EvalOptions, max_new_tokens: int,
-                    reference: torch.nn.Module | None,
-                    reward_model_path: str | None = None) -> tuple[dict[str, Any], list[int]]:
+                    reference: torch.nn.Module | None, reward_model_path: str | None = None,
+                    grader_path: str | None = None) -> tuple[dict[str, Any], list[int]]:
     """pass@k, mean rewards and KL to `reference` from `options.samples` samples per problem of `examples` (the
     held-out draw, `heldout_problems`) at temperature 1, and the correct samples of each problem, in that order;
-    `reward_model_path` the run's reward model, for a `reward_model` among the rewards."""
+    `reward_model_path` the run's reward model, for a `reward_model` among the rewards, `grader_path` (--grader or
+    the run's) for a `grader`."""
     ks = sampled_ks(options)
     encoder = Encoder.from_config(tokenizer, data)
     try:
         rewards = WeightedRewards.from_config({name: 1.0 for name in task_rewards(options)}, task=task,
-                                              reward_model_path=reward_model_path)
+                                              reward_model_path=reward_model_path, grader_path=grader_path)
     except ValueError as err:  # an unknown name or an import path that does not import: the user's --reward
         raise ConfigError(str(err), field="--reward") from None
     engine = make_engine("local", model, tokenizer)
