@@ -283,6 +283,17 @@ def test_formula_evaluates_arithmetic_only():
             Formula(bad, ["a", "b", "c"])
 
 
+def test_formula_powers_of_integers_overflow_with_an_error_instead_of_running_on():
+    """`a * 0 ** 9 ** 9 ** 9` passed the whitelist and computed an integer of 9^(9^9) digits in the trainer."""
+    for text in ("a * 0 ** 9 ** 9 ** 9", "a * floor(9) ** floor(9) ** floor(9) ** floor(9)"):
+        with pytest.raises(OverflowError):
+            Formula(text, ["a"])({"a": 1.0})
+    spec = {"type": "multi", "calculate_output": "0 * 9 ** 9 ** 9 + exact", "graders": {
+        "exact": {"type": "string_check", "operation": "eq", "input": "{{ sample.output_text }}", "reference": "5"}}}
+    result = grade(spec, ["5"], [{}])  # that sample's error, scored 0
+    assert result.scores == [0.0] and "OverflowError" in result.errors[0]
+
+
 # ---------------------------------------------------------------------------------------------- score_model
 
 

@@ -71,15 +71,17 @@ class Formula:
         return self._eval(self.tree, values)
 
     def _eval(self, node: ast.AST, values: Mapping[str, float]) -> float:
+        # Floats throughout: Python's integers have no bound, and `0 * 9 ** 9 ** 9` (or floor(9) ** ...) computed
+        # a number of millions of digits in the trainer's process, with no timeout; a float overflows with an error.
         if isinstance(node, ast.Constant):
-            return node.value
+            return float(node.value)
         if isinstance(node, ast.Name):
-            return values[node.id]
+            return float(values[node.id])
         if isinstance(node, ast.BinOp):
             return BINARY[type(node.op)](self._eval(node.left, values), self._eval(node.right, values))
         if isinstance(node, ast.UnaryOp):
             return UNARY[type(node.op)](self._eval(node.operand, values))
-        return FUNCTIONS[node.func.id](*(self._eval(arg, values) for arg in node.args))
+        return float(FUNCTIONS[node.func.id](*(self._eval(arg, values) for arg in node.args)))
 
 
 class MultiGrader:
