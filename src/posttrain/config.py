@@ -166,16 +166,17 @@ def parse_override(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a YAML mapping and record the 1-based line of every dotted key, for error messages."""
+def read_yaml_with_lines(path: Path, what: str = "recipe") -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping (a `what`: recipe, grader) and record the 1-based line of every dotted key, for error
+    messages."""
     if not path.is_file():
-        raise ConfigError("recipe file not found", file=str(path))
+        raise ConfigError(f"{what} file not found", file=str(path))
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"not valid UTF-8: byte 0x{raw[err.start]:02x} (save the recipe as UTF-8)", file=str(path),
+        raise ConfigError(f"not valid UTF-8: byte 0x{raw[err.start]:02x} (save the {what} as UTF-8)", file=str(path),
                           line=line) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -187,7 +188,7 @@ def read_yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError("a recipe must be a YAML mapping of keys to values", file=str(path), line=1)
+        raise ConfigError(f"a {what} must be a YAML mapping of keys to values", file=str(path), line=1)
     lines: dict[str, int] = {}
     _record_lines(node, "", lines, str(path))
     return data, lines
@@ -308,7 +309,10 @@ def coerce(value: Any, annotation: Any) -> Any:
         raise ValueError("; ".join(errors))
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.load(value, Loader=_RecipeLoader) if value.strip() else []
+            text = value
+            value = yaml.load(text, Loader=_RecipeLoader) if text.strip() else []
+            if value is None and text.strip().lower() not in ("null", "~", "none"):
+                value = text  # text YAML reads as a comment ("###", a stop string): the text itself
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -322,7 +326,7 @@ def coerce(value: Any, annotation: Any) -> Any:
         if not isinstance(value, dict):
             raise TypeError(f"expected a mapping, got {type(value).__name__}")
         key_type, value_type = args if args else (Any, Any)
-        return {coerce(k, key_type): coerce(v, value_type) for k, v in value.items()}
+        return {coerce(k, key_type): _coerce_entry(k, v, value_type) for k, v in value.items()}
     if annotation is Any:
         return value
     if annotation is bool:
@@ -344,6 +348,17 @@ def coerce(value: Any, annotation: Any) -> Any:
                             f"{value.text!r}: quote it (\"{value.text}\")")
         return str(value)
     raise TypeError(f"unsupported config type {annotation!r}")
+
+
+def _coerce_entry(key: Any, value: Any, annotation: Any) -> Any:
+    """A mapping's value, an error naming its key; `{a:1}` (no space after the colon) is YAML's key "a:1" with no
+    value, which the error says."""
+    try:
+        return coerce(value, annotation)
+    except (TypeError, ValueError) as err:
+        hint = (" (YAML reads `a:1` as one key with no value: write `a: 1`, with a space after the colon)"
+                if value is None and ":" in str(key) else "")
+        raise type(err)(f"{key!r}: {err}{hint}") from None
 
 
 def _to_bool(value: Any) -> bool:

@@ -173,6 +173,22 @@ def test_mapping_fields_take_nested_yaml_and_dotted_overrides(tmp_path):
         load_config(WithMapping, None, ["weights.d=x"])
 
 
+def test_a_mapping_written_without_a_space_after_the_colon_names_the_key_and_says_why():
+    with pytest.raises(ConfigError, match=r"weights: .*'b:2': expected a number, got NoneType \(YAML reads `a:1` as "
+                                          r"one key with no value: write `a: 1`"):
+        load_config(WithMapping, None, ["weights={b:2}"])
+    assert load_config(WithMapping, None, ["weights={b: 2}"]).weights == {"b": 2.0}
+
+
+def test_a_list_item_yaml_would_read_as_a_comment_is_the_text_itself(tmp_path):
+    """`sampling.stop=###` was "expected a list, got NoneType": YAML reads a leading # as a comment."""
+    assert load_config(Outer, None, ["inner.names=###"]).inner.names == ["###"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('inner:\n  names: "###"\n')
+    assert load_config(Outer, recipe).inner.names == ["###"]
+    assert load_config(Outer, None, ["inner.names=[]"]).inner.names == []
+
+
 def test_a_scalar_field_has_no_sub_keys():
     with pytest.raises(ConfigError, match=r"name\.first: name is not a section"):
         load_config(WithMapping, None, ["name.first=3"])

@@ -65,7 +65,7 @@ def load_grader(path_or_name: str | Path) -> Grader:
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in GRADERS_DIR.glob("*.yaml")))
         raise ConfigError(f"grader file not found (shipped graders: {shipped})", file=str(path))
-    data, lines = read_yaml_with_lines(path)
+    data, lines = read_yaml_with_lines(path, "grader")
     return build_grader(Spec(data, file=str(path), lines=lines))
 
 
