@@ -518,6 +518,23 @@ def test_a_critic_whose_checkpoint_is_not_usable_is_refused_naming_its_setting(l
         assert err.value.field == field
 
 
+def test_a_checkpoint_of_another_critic_kind_is_refused_naming_the_critic_settings(lm_dir, tmp_path):
+    """A resume with another critic.kind (or a critic-free estimator) listed some forty tensor names."""
+    from safetensors.torch import save_file
+
+    from posttrain.train.checkpoint import load_module_weights
+
+    separate = actor_critic(lm_dir)
+    save_file({k: v.contiguous() for k, v in separate.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    for model, holds in ((ActorCritic(load_causal_lm(lm_dir)), "a value head on the policy's trunk"),
+                         (ActorCritic(load_causal_lm(lm_dir), values=False), "no critic")):
+        with pytest.raises(ValueError, match=rf"the checkpoint holds a separate critic and this run's model has "
+                                             rf"{holds}.*: resume with the critic settings the run was started with "
+                                             r"\(critic.kind, advantage.estimator\)"):
+            load_module_weights(model, tmp_path)
+    load_module_weights(actor_critic(lm_dir), tmp_path)  # the same kind loads
+
+
 def test_a_shared_value_head_reads_the_hidden_states_the_output_embedding_reads(tokenizer):
     """OPT projects its last hidden states to word_embed_proj_dim: a head of config.hidden_size failed to multiply."""
     from transformers import OPTConfig, OPTForCausalLM

@@ -286,10 +286,23 @@ def load_module_weights(module: torch.nn.Module, directory: Path, prefix: str = 
     missing, unexpected = module.load_state_dict(weights, strict=False)
     tied = set(getattr(module, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied]:
+        saved, wanted = _value_model(weights), _value_model(module.state_dict())
+        if saved != wanted:  # PPO's critic: the settings that decide it, not forty tensor names
+            raise ValueError(f"the checkpoint holds {saved} and this run's model has {wanted}: resume with the "
+                             "critic settings the run was started with (critic.kind, advantage.estimator)")
         raise RuntimeError(f"checkpoint {directory} does not match the model: missing {missing}, "
                            f"unexpected {unexpected}")
     if missing and hasattr(module, "tie_weights"):
         module.tie_weights()
+
+
+def _value_model(tensors: Mapping[str, Any]) -> str:
+    """Which value model an ActorCritic's tensors (`models.value`) hold, by their names."""
+    if any(name.startswith("critic.") for name in tensors):
+        return "a separate critic"
+    if any(name.startswith("value_head.") for name in tensors):
+        return "a value head on the policy's trunk (critic.kind=shared)"
+    return "no critic"
 
 
 # ----------------------------------------------------------------------------------------------
