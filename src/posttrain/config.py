@@ -400,6 +400,8 @@ def _to_float(value: Any) -> float:
         raise TypeError(f"expected a number, got {type(value).__name__}")
     if math.isnan(number):
         raise ValueError("NaN is not a usable setting")
+    if math.isinf(number):  # optim.lr=inf passed `gt=0` and blew the weights up at the first step
+        raise ValueError("an infinite number is not a usable setting")
     return number
 
 

@@ -61,6 +61,8 @@ def test_unknown_key_suggests_the_closest():
     ("inner.ratio=abc", r"inner\.ratio: 'abc' is not a valid float"),
     ("inner.limit=2.5", r"inner\.limit: '2\.5' is not a valid"),
     ("inner.ratio=nan", r"inner\.ratio: 'nan' is not a valid float"),
+    ("inner.ratio=inf", r"inner\.ratio: 'inf' is not a valid float \(an infinite number is not a usable setting\)"),
+    ("inner.ratio=.inf", r"inner\.ratio: '\.inf' is not a valid float"),
 ])
 def test_bad_type_names_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -195,7 +197,7 @@ def test_a_scalar_field_has_no_sub_keys():
 
 
 @pytest.mark.parametrize("cls, old, new, value", [
-    ("ppo", "ppo.kl_coef", "kl.coef", 2), ("ppo", "ppo.clip", "loss.clip_low", 2),
+    ("ppo", "ppo.kl_coef", "kl.coef", 2), ("ppo", "ppo.clip", "loss.clip_low", 0.3),
     ("rft", "ppo.advantage", "advantage.estimator", "rloo"), ("grpo", "loss.beta", "kl.coef", 2),
     ("grpo", "loss.num_iterations", "update.epochs", 2),
     ("grpo", "sampling.group_size", "sampling.samples_per_prompt", 2),

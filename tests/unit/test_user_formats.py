@@ -102,6 +102,26 @@ def test_tool_call_turns_are_rendered_by_the_models_template(tmp_path, chatml_to
     assert trained == call.removeprefix("<|im_start|>assistant\n") + f"{raw[3]['content']}<|im_end|>\n"
 
 
+def test_tool_call_arguments_given_as_json_text_render_as_the_object_they_hold(tmp_path, chatml_tokenizer):
+    """OpenAI's API writes a call's arguments as JSON text: Qwen2.5's template (`arguments | tojson`) encoded that
+    text a second time ("{\\"city\\": ..."). They render as the object; the row keeps them as given."""
+    def row(arguments):
+        return {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                             {"role": "assistant", "content": "", "tool_calls": [
+                                 {"id": "c1", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": arguments}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+                             {"role": "assistant", "content": "It is 20C."}]}
+
+    texts = []
+    for arguments in ({"city": "Paris"}, '{"city": "Paris"}'):
+        rows = _rows(tmp_path, _jsonl(tmp_path, row(arguments)), "sft")
+        assert json.loads(rows.dataset[0]["messages"][1]["tool_calls"])[0]["function"]["arguments"] == arguments
+        ids = tokenize_rows(rows, chatml_tokenizer, DataConfig()).dataset[0]["input_ids"]
+        texts.append(chatml_tokenizer.decode(ids))
+    assert texts[0] == texts[1] and '"arguments": {"city": "Paris"}' in texts[1]
+
+
 @pytest.mark.parametrize(("turn", "field", "words"), [
     ({"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}, "messages[1].tool_calls",
      "only assistant turns"),

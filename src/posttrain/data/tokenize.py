@@ -216,7 +216,7 @@ class Encoder:
         for m in messages:
             item = {"role": m["role"], "content": m["content"]}
             if m.get("tool_calls") is not None:
-                item["tool_calls"] = json.loads(m["tool_calls"])
+                item["tool_calls"] = [_arguments_as_object(call) for call in json.loads(m["tool_calls"])]
             item |= {key: m[key] for key in ("name", "tool_call_id") if m.get(key) is not None}
             if m["role"] == "assistant":
                 reasoning = "" if mode == "off" else m.get("reasoning")
@@ -487,6 +487,24 @@ def _problem_status(problem: RowProblem) -> dict[str, Any]:
 
 
 _CODE = code_digest(__file__, schemas.__file__)
+
+
+def _arguments_as_object(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call with arguments given as JSON text of an object (as OpenAI's API writes them) turned into that
+    object, as chat templates take them (transformers' convention): Qwen2.5's and others print them with `tojson`,
+    which encoded the text a second time. Other arguments, and the row as stored, stay as given."""
+    function = call.get("function", call)
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return call
+    if not isinstance(parsed, dict):
+        return call
+    function = {**function, "arguments": parsed}
+    return {**call, "function": function} if "function" in call else function
 
 
 def _encode_row(row: dict[str, Any], encoder: Encoder, fmt: str, code: str = "") -> dict[str, Any]:

@@ -380,7 +380,7 @@ class RLLossConfig:
                                    "seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO).", choices=AGG_MODES)
     clip_low: float | None = param(None, "Lower clip range: the ratio is clipped at 1 - clip_low (None: the policy "
                                          "loss's own, ppo 0.2, gspo the paper's 3e-4 with clip_high 4e-4: its "
-                                         "sequence ratio barely moves).", ge=0)
+                                         "sequence ratio barely moves).", ge=0, lt=1)
     clip_high: float | None = param(None, "Upper clip range (None: clip_low, or the policy loss's own when clip_low is "
                                           "None; larger: DAPO's clip-higher).", ge=0)
     dual_clip: float | None = param(None, "Dual clip c > 1: a negative advantage's loss is at most -c A "
