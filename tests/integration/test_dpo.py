@@ -69,6 +69,17 @@ def test_the_first_step_loss_is_ln2_when_the_policy_is_the_reference(pretrained_
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
 
 
+def test_a_reference_of_another_tokenizer_is_refused_naming_reference_path(lm_dir, chatml_model_dir, tmp_path):
+    """It scored the policy's token ids as its own: logprobs that meant nothing (silently), or an index error."""
+    from posttrain.train.reference import ReferenceConfig, load_reference
+
+    with pytest.raises(ConfigError, match="has another tokenizer than the policy") as err:
+        main(dpo_config(lm_dir, tmp_path, f"reference.path={chatml_model_dir}", "train.max_steps=1"))
+    assert err.value.field == "reference.path" and not list(tmp_path.rglob("metrics.jsonl"))
+    cfg = dpo_config(lm_dir, tmp_path)
+    assert load_reference(ReferenceConfig(path=lm_dir), cfg.model) is not None  # the policy's own tokenizer
+
+
 @pytest.mark.parametrize(("fmt", "kind", "batch_mode"), [
     ("preference", "sigmoid", "padded"), ("ranking", "sigmoid", "padded"), ("preference", "ipo", "padded"),
     ("preference", "ipo", "padding_free"), ("ranking", "sigmoid", "padding_free")])

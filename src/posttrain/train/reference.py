@@ -20,6 +20,7 @@ from posttrain.data.pipeline import Prepared
 from posttrain.models import load_causal_lm
 from posttrain.models.adapters import AdapterConfig, apply_adapter
 from posttrain.models.device import model_device, move_to
+from posttrain.models.io import check_same_vocabulary
 from posttrain.models.likelihood import per_sequence_means, per_sequence_sums, response_logprobs
 from posttrain.rollout import Rollout, policy_logprobs_and_entropy
 from posttrain.rollout.recompute import PolicyForward
@@ -108,6 +109,11 @@ def load_reference(reference: ReferenceConfig, model: ModelConfig) -> Reference 
     """The frozen reference at `reference.path`, or None (the starting policy is the reference)."""
     if not reference.path:
         return None
+    # It scores the policy's token ids: with another tokenizer it read them as other tokens (logprobs that meant
+    # nothing, silently, or an index error mid-run).
+    check_same_vocabulary(model.path, reference.path, "reference.path", trust_remote_code=model.trust_remote_code,
+                          remedy="Use a reference with the policy's tokenizer (the model the policy was trained "
+                                 "from), or none (reference.path=null: the starting policy)")
     return Reference(load_causal_lm(reference.path, trust_remote_code=model.trust_remote_code,
                                     dtype=model.dtype, field="reference.path").eval().requires_grad_(False))
 
