@@ -419,6 +419,12 @@ def test_a_table_of_learned_positions_bounds_the_lengths_a_run_may_ask_for():
         check_position_limit(load_config(SFTConfig, None, ["model.path=unused", "data.max_length=1024"]), gpt2)
     assert err.value.field == "data.max_length" and "512 positions" in str(err.value)
     check_position_limit(load_config(SFTConfig, None, ["model.path=unused", "data.max_length=512"]), gpt2)
+    # Prefix-tuning's virtual tokens take the first positions of every row: a 500-token row and 16 of them do not
+    # fit 512 (an IndexError mid-run before).
+    prefix = ["model.path=unused", "adapter.method=prefix", "adapter.num_virtual_tokens=16"]
+    with pytest.raises(ConfigError, match="the 496 positions this model has after the adapter's 16 virtual tokens"):
+        check_position_limit(load_config(SFTConfig, None, [*prefix, "data.max_length=500"]), gpt2)
+    check_position_limit(load_config(SFTConfig, None, [*prefix, "data.max_length=496"]), gpt2)
     with pytest.raises(ConfigError) as err:
         check_sampled_length(opt, 100, 29)
     assert err.value.field == "sampling.max_new_tokens"

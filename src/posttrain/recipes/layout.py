@@ -50,11 +50,16 @@ def batches_for(cfg: C, model: torch.nn.Module) -> C:
 
 def check_position_limit(cfg: Any, model: torch.nn.Module) -> None:
     """A model with a learned table of positions (GPT-2, OPT: `models.attention.position_limit`) cannot take a
-    sequence longer than the table: data.max_length must fit."""
+    sequence longer than the table: data.max_length must fit, after prefix-tuning's virtual tokens (they take the
+    first positions of every row)."""
     limit, data = position_limit(model), getattr(cfg, "data", None)
-    if limit is not None and data is not None and data.max_length > limit:
-        raise ConfigError(f"data.max_length={data.max_length} is longer than the {limit} positions this model has "
-                          f"(its table of learned positions): set data.max_length <= {limit}", field="data.max_length")
+    adapter = getattr(cfg, "adapter", None)
+    virtual = adapter.num_virtual_tokens if getattr(adapter, "method", None) == "prefix" else 0
+    if limit is not None and data is not None and data.max_length + virtual > limit:
+        after = f" after the adapter's {virtual} virtual tokens" if virtual else ""
+        raise ConfigError(f"data.max_length={data.max_length} is longer than the {limit - virtual} positions this "
+                          f"model has{after} (its table of learned positions): set data.max_length <= "
+                          f"{limit - virtual}", field="data.max_length")
 
 
 def check_sampled_length(model: torch.nn.Module, longest_prompt: int, max_new_tokens: int) -> None:
