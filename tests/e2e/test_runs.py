@@ -126,7 +126,8 @@ def test_resume_refuses_what_it_cannot_continue_and_changes_nothing(finished_sft
     assert code == 2, output
     message = {"finished": "has finished its 2 steps", "no_checkpoints": "no complete checkpoint",
                "max_steps_below_checkpoint": "past train.max_steps=1",
-               "other_data": "trains on the data it started with", "other_adapter": "adapter settings"}[broken]
+               "other_data": "trains on the data it started with",
+               "other_adapter": "was trained with adapter.method=none and this run has adapter.method=lora"}[broken]
     assert message in output, output
     assert _files(copy) == before
 

@@ -415,6 +415,39 @@ def test_a_resume_with_another_seed_is_refused_and_the_run_stays_resumable_with_
         read_metrics(tmp_path / "full" / "metrics.jsonl"))
 
 
+def test_a_resume_that_changes_what_the_checkpoint_s_tensors_are_is_refused_naming_the_setting(tmp_path):
+    """A changed adapter rank, model, tokenizer or critic kind failed in torch's loading with a message cut at
+    its first line ("Error(s) in loading state_dict for LlamaForCausalLM:"), as if the checkpoint were damaged."""
+    from posttrain.train.checkpoint import check_kept_settings
+
+    checkpoint = tmp_path / "step-4"
+    checkpoint.mkdir()
+    (checkpoint / "config.yaml").write_text("run:\n  seed: 0\nmodel:\n  path: runs/sft/final\nadapter:\n"
+                                            "  method: lora\n  r: 16\n  target_modules: [all-linear]\n")
+    same = {"run.seed": 0, "model.path": "runs/sft/final", "adapter.method": "lora", "adapter.r": 16,
+            "adapter.target_modules": ("all-linear",), "critic.kind": "separate"}  # not in that config: unchecked
+    check_kept_settings(checkpoint, same)
+    for key, value in (("adapter.r", 8), ("model.path", "runs/other/final"), ("adapter.target_modules", ["q_proj"])):
+        with pytest.raises(ConfigError, match=rf"the checkpoint step-4 was trained with {key}=.* and this run has "
+                                              rf"{key}=.*: a resumed run keeps it") as err:
+            check_kept_settings(checkpoint, same | {key: value})
+        assert err.value.field == key
+
+
+def test_a_checkpoint_that_does_not_load_says_what_did_not_fit(tmp_path, monkeypatch):
+    from posttrain.errors import RunDirError
+    from posttrain.train import checkpoint
+
+    def torch_refuses(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for LlamaForCausalLM:\n\tsize mismatch for "
+                           "model.embed_tokens.weight: copying a param with shape torch.Size([475, 128])")
+
+    monkeypatch.setattr(checkpoint, "_load_checkpoint", torch_refuses)
+    with pytest.raises(RunDirError, match=r"cannot resume from this checkpoint: Error\(s\) in loading state_dict for "
+                                          r"LlamaForCausalLM: size mismatch for model.embed_tokens.weight"):
+        checkpoint.load_checkpoint(tmp_path, modules={}, optimizers={}, schedulers={})
+
+
 def test_a_full_disk_while_checkpointing_is_a_clear_error_that_leaves_no_half_checkpoint(tmp_path, tokenizer,
                                                                                          monkeypatch):
     import errno

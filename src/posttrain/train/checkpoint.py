@@ -199,20 +199,46 @@ def resume_checkpoint(root: Path, warn: Callable[[str], None], move_aside: bool 
     return None
 
 
-def check_same_seed(path: Path, seed: int) -> None:
-    """A ConfigError unless the checkpoint at `path` was written by a run with `seed` (its config.yaml's run.seed;
-    nothing to check in one without it). The seed drew what the rest of the run depends on, not only its next
-    steps: the data order of every epoch (a resumed position in another permutation trains some rows twice and
-    skips others), the rollouts' sampling seeds, and in pretraining the corpus and the tokenizer itself, whose
-    token ids the checkpoint's embeddings were trained on."""
+# Settings a resumed run keeps, and why: the seed drew what the rest of the run depends on, not only its next steps
+# (the data order of every epoch: a resumed position in another permutation trains some rows twice and skips
+# others; the rollouts' sampling seeds; in pretraining the corpus and the tokenizer, whose ids the checkpoint's
+# embeddings were trained on); the others decide what the checkpoint's tensors are (a changed one failed in
+# torch's loading with a message cut at its first line).
+KEPT_ON_RESUME = {
+    "run.seed": "it drew the data order, the sampling and a pretraining's tokenizer",
+    "model.path": "the checkpoint's weights are that model's",
+    "model.size": "it sets the model's shapes", "model.hidden_size": "it sets the model's shapes",
+    "model.num_layers": "it sets the model's shapes", "model.num_heads": "it sets the model's shapes",
+    "model.intermediate_size": "it sets the model's shapes",
+    "tokenizer.vocab_size": "the tokenizer is trained again from it", "tokenizer.train_documents":
+    "the tokenizer is trained again from it",
+    "adapter.method": "it sets which tensors are trained", "adapter.r": "it sets the adapter's shapes",
+    "adapter.target_modules": "it sets which layers the adapter has",
+    "adapter.num_virtual_tokens": "it sets the adapter's shapes",
+    "critic.kind": "it sets which value model the checkpoint holds",
+}
+
+
+def check_kept_settings(path: Path, settings: Mapping[str, Any]) -> None:
+    """A ConfigError naming the first of `settings` (dotted key -> this run's value; those of `KEPT_ON_RESUME`) that
+    differs from the checkpoint's config.yaml at `path` (nothing to check in one without it, or without the key)."""
     config = path / "config.yaml"
     if not config.is_file():
         return
-    saved = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("run", {}).get("seed")
-    if saved is not None and saved != seed:
-        raise ConfigError(f"the checkpoint {path.name} was trained with run.seed={saved} and this run has "
-                          f"run.seed={seed}: a resumed run keeps its seed (drop the override), or starts afresh "
-                          "(run.resume=false)", field="run.seed")
+    saved_config = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    for key, value in settings.items():
+        saved: Any = saved_config
+        for part in key.split("."):
+            saved = saved.get(part) if isinstance(saved, Mapping) else None
+        if saved is not None and value is not None and _comparable(saved) != _comparable(value):
+            raise ConfigError(f"the checkpoint {path.name} was trained with {key}={saved} and this run has "
+                              f"{key}={value} ({KEPT_ON_RESUME[key]}): a resumed run keeps it (drop the override), "
+                              "or starts afresh (run.resume=false)", field=key)
+
+
+def _comparable(value: Any) -> Any:
+    """Lists and tuples alike (YAML gives lists; a config may hold tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _unused(path: Path) -> Path:
@@ -240,7 +266,9 @@ def load_checkpoint(path: Path, *, modules: Mapping[str, torch.nn.Module],
     try:
         return _load_checkpoint(path, modules=modules, optimizers=optimizers, schedulers=schedulers)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        # torch's loading errors put what failed on their second line ("...for LlamaForCausalLM:\n size mismatch").
+        reason = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1]) or type(err).__name__
         raise RunDirError(f"cannot resume from this checkpoint: {reason}", file=str(path)) from err
 
 

@@ -42,7 +42,8 @@ from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
 from posttrain.train.checkpoint import (
-    check_same_seed,
+    KEPT_ON_RESUME,
+    check_kept_settings,
     latest_checkpoint,
     load_checkpoint,
     resume_checkpoint,
@@ -563,6 +564,16 @@ class Trainer:
                                f"({path}): once its cause is mended, `posttrain resume {self.run_dir.path}` trains on "
                                "from there")
 
+    def _kept_settings(self) -> dict[str, Any]:
+        """This run's values of the settings a resume must keep (`checkpoint.KEPT_ON_RESUME`) that its config has."""
+        flat = {"run.seed": self.run.seed}
+        config = to_dict(self.cfg) if dataclasses.is_dataclass(self.cfg) else {}
+        for key in KEPT_ON_RESUME:
+            section, _, name = key.partition(".")
+            if isinstance(config.get(section), Mapping) and name in config[section]:
+                flat[key] = config[section][name]
+        return flat
+
     def _maybe_resume(self, source: StepSource) -> Any:
         if not self.run.resume:
             return None
@@ -574,7 +585,7 @@ class Trainer:
                       for group in self.optimizer.param_groups]
         try:
             check_world_size(path, self.dist.world_size)
-            check_same_seed(path, self.run.seed)
+            check_kept_settings(path, self._kept_settings())
             if self.dist.distributed:
                 state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
                                                 scheduler=self.scheduler)
