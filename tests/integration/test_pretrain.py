@@ -49,3 +49,19 @@ def test_run_directory_is_complete(pretrained_run):
     assert metrics[-1]["step"] == pretrained_run.summary["steps"]
     assert all(m["tokens_per_s"] > 0 for m in metrics if "tokens_per_s" in m)
     torch.testing.assert_close(metrics[-1]["eval_loss"], pretrained_run.summary["final_eval_loss"])
+
+
+def test_blocks_longer_than_the_built_model_s_positions_are_refused_before_the_tokenizer_is_trained(tmp_path):
+    """Its config.json claimed 512 positions for a model trained on blocks of 1024."""
+    import pytest
+
+    from posttrain.config import load_config
+    from posttrain.errors import ConfigError
+    from posttrain.recipes import find_recipe
+    from posttrain.recipes.pretrain import PretrainConfig, main
+
+    cfg = load_config(PretrainConfig, find_recipe("pretrain").path, [f"run.out_dir={tmp_path}", "corpus.seq_len=1024"])
+    with pytest.raises(ConfigError, match=r"corpus.seq_len=1024 is longer than model.max_position_embeddings=512") \
+            as err:
+        main(cfg)
+    assert err.value.field == "corpus.seq_len" and not list(tmp_path.iterdir())

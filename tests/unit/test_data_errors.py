@@ -148,6 +148,10 @@ def test_json_file_not_a_list(tmp_path):
     path.write_text(json.dumps({"data": [GOOD]}))
     err = _raises(_cfg(tmp_path, path))
     assert err.line == 1 and "list of rows" in err.message
+    # One row alone on one line: the message said "(or one row per line), got dict" of a file that was that.
+    path.write_text(json.dumps(GOOD))
+    message = _raises(_cfg(tmp_path, path)).message
+    assert "this one is a single object: put its rows in a list, or name it .jsonl" in message
 
 
 def test_invalid_json_file_names_the_line(tmp_path):
@@ -221,6 +225,14 @@ def test_prompt_longer_than_max_length_under_error_policy(tmp_path, tokenizer):
     with pytest.raises(DataError) as info:
         prepare_data(cfg, tokenizer, SFT)
     assert (info.value.line, info.value.field) == (2, "prompt") and "data.max_length=64" in info.value.message
+    # A row held in one column names that column (it named a `completion` the row does not have).
+    for row, field in (({"text": long_prompt}, "text"),
+                       ({"messages": [{"role": "user", "content": long_prompt},
+                                      {"role": "assistant", "content": "2"}]}, "messages")):
+        path = _jsonl(tmp_path, row, name=f"{field}.jsonl")
+        with pytest.raises(DataError) as info:
+            prepare_data(_cfg(tmp_path, path, max_length=64, truncation="error"), tokenizer, SFT)
+        assert (info.value.line, info.value.field) == (1, field)
 
 
 def test_special_token_text_inside_a_message(tmp_path, tokenizer):
@@ -249,7 +261,7 @@ def test_nothing_left_to_train_on(tmp_path, tokenizer):
     path = _jsonl(tmp_path, {"prompt": "What is 1+1? " * 30, "completion": "2"})
     with pytest.raises(DataError) as info:
         prepare_data(_cfg(tmp_path, path, max_length=16), tokenizer, SFT)
-    assert "no row is left to train on: 1 of 1" in info.value.message
+    assert "no row is left to use: 1 of 1" in info.value.message
 
 
 def test_a_stage_that_imitates_refuses_completions_labelled_undesirable(tmp_path):

@@ -68,9 +68,9 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
         tokenized = tokenize_rows(loaded, tokenizer, cfg)
     stats = tokenized.stats
     if stats.kept == 0:
-        raise DataError(f"no row is left to train on: {stats.dropped_too_long} of {stats.rows} are longer than "
+        raise DataError(f"no row is left to use: {stats.dropped_too_long} of {stats.rows} are longer than "
                         f"data.max_length={cfg.max_length} and {stats.dropped_no_completion} have no trained "
-                        "token", file=tokenized.name)
+                        "token", file=tokenized.name)  # rows to train on, or (posttrain eval) to evaluate
     padding_free = ("padding_free",) if tokenized.format in SEQUENCE_FORMATS else ()
     if cfg.batch_mode not in ("padded", *padding_free) and tokenized.format not in SFT_FORMATS:
         raise ConfigError(f"batch_mode {cfg.batch_mode!r} is for SFT rows (and padding_free for preference, "

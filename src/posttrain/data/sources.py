@@ -278,6 +278,9 @@ def _read_json(name: str) -> Iterator[tuple[Where, Any]]:
             yield from _read_jsonl(name)
             return
         raise DataError(f"invalid JSON: {err.msg} (column {err.colno})", file=name, line=err.lineno) from None
+    if isinstance(parsed, dict):  # one row, or a mapping of splits: which, the file does not say
+        raise DataError("a .json file holds a list of rows ([{...}, ...]) or JSON Lines (one row per line); this "
+                        "one is a single object: put its rows in a list, or name it .jsonl", file=name, line=1)
     if not isinstance(parsed, list):
         raise DataError(f"a .json file must hold a list of rows (or one row per line), got "
                         f"{type(parsed).__name__}", file=name, line=1)

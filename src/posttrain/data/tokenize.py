@@ -455,9 +455,11 @@ def _runs(marks: Sequence[int]) -> list[tuple[int, int]]:
 # Rows of each format -> tokenised columns.
 
 
-def _fit_group(encoder: Encoder, sequences: list[tuple[list[int], list[int]]]) -> tuple[list, dict]:
+def _fit_group(encoder: Encoder, sequences: list[tuple[list[int], list[int]]],
+               field: str | None = None) -> tuple[list, dict]:
     """Apply the truncation policy to sequences that share one prompt (one sequence, a pair, a
-    ranking): the same number of prompt tokens is cut from each, so they keep one prompt."""
+    ranking): the same number of prompt tokens is cut from each, so they keep one prompt. `field`: the column an
+    error names, for a row held in one column (text, messages) rather than prompt and completion."""
     longest = max(len(ids) for ids, _ in sequences)
     status = {"original_length": longest, "truncated": False, "drop": "", "error": "", "error_field": ""}
     excess = longest - encoder.max_length
@@ -474,7 +476,7 @@ def _fit_group(encoder: Encoder, sequences: list[tuple[list[int], list[int]]]) -
                 prompt = min(mask.index(1) if 1 in mask else len(mask) for _, mask in sequences)
                 status["error"] = (f"the sample is {longest} tokens ({prompt} of them prompt), longer than "
                                    f"data.max_length={encoder.max_length} (data.truncation=error)")
-                status["error_field"] = "prompt" if prompt >= encoder.max_length else "completion"
+                status["error_field"] = field or ("prompt" if prompt >= encoder.max_length else "completion")
             return sequences, status
     if any(sum(mask) == 0 for _, mask in sequences):
         status["drop"] = "no_completion_tokens"
@@ -520,12 +522,12 @@ def _sft(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
         ids, mask = encoder.encode(row["messages"])
     else:
         ids, mask = encoder.encode([*row["prompt"], *row["completion"]], prompt_turns=len(row["prompt"]))
-    [(ids, mask)], status = _fit_group(encoder, [(ids, mask)])
+    [(ids, mask)], status = _fit_group(encoder, [(ids, mask)], "messages" if "messages" in row else None)
     return {"input_ids": ids, "response_mask": mask, "length": len(ids)} | status
 
 
 def _text(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
-    [(ids, mask)], status = _fit_group(encoder, [encoder.encode_text(row["text"])])
+    [(ids, mask)], status = _fit_group(encoder, [encoder.encode_text(row["text"])], "text")
     return {"input_ids": ids, "response_mask": mask, "length": len(ids)} | status
 
 

@@ -64,6 +64,12 @@ class PretrainConfig:
 def main(cfg: PretrainConfig) -> RunResult:
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
+    if not cfg.model.path and cfg.corpus.seq_len > cfg.model.max_position_embeddings:
+        # The built model's config.json would claim fewer positions than it was trained on (RoPE does not care; every
+        # tool that reads the config as the model's limit would).
+        raise ConfigError(f"corpus.seq_len={cfg.corpus.seq_len} is longer than model.max_position_embeddings="
+                          f"{cfg.model.max_position_embeddings} of the model this run builds: raise "
+                          "model.max_position_embeddings to at least the block length", field="corpus.seq_len")
     tokenizer, model = _tokenizer_and_model(cfg)
     _check_model(tokenizer, model, cfg.corpus)
     train_texts = document_texts(tokenizer, synthetic_documents(cfg.run.seed, cfg.corpus.chat_share),
