@@ -152,7 +152,7 @@ def _refuse_undesirable(raw: Mapping[str, Any], where: Where) -> None:
     its completions would train towards the one it is labelled to avoid. Other stages reading completion rows
     (offline RFT's graders, say) may read a `label` column as they like."""
     label = raw.get("label")
-    if label is False or (isinstance(label, (int, float)) and not isinstance(label, bool) and label == 0):
+    if isinstance(label, (int, float)) and label == 0:  # False too (a bool is an int), as `_unpaired` reads it
         raise where.error(f"is {label!r}: an unpaired row whose completion is one to avoid, and this stage "
                           "trains towards every completion it is given; train such rows with `posttrain kto`, or "
                           "leave the rows labelled false out", field="label")

@@ -23,7 +23,6 @@ problems cannot appear in any training set drawn from the task, whatever its siz
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ import yaml
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from posttrain.config import load_config
-from posttrain.data.columns import column_values
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks import TASKS, get_task
@@ -529,8 +527,7 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
                 "column; --reward a grader or your own function instead)") if "needs a task" in str(err) else ""
         raise ConfigError(f"{err}{hint}", field="--task" if hint else field) from None
     heldout.check_gold_answers(rows.dataset, rows.tokenized.name, functions, task=task)
-    rewards.check_grader_columns(json.loads(rows.dataset[0]["row"] or "{}"), column_values(rows.dataset, "answer"),
-                                 column_values(rows.dataset, "steps"))
+    rewards.check_grader_rows(rows.dataset)
     return functions, rewards
 
 

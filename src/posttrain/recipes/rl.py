@@ -153,9 +153,8 @@ def build_rewards(cfg: RewardConfig, task: Task | None, dataset: Any = None,
         raise ConfigError(str(err), field="reward.functions") from None
     if eval_cfg is not None:
         heldout.CorrectRule.of(eval_cfg).check(rewards.functions, "eval.correct_by")
-    if dataset is not None and len(dataset) and "row" in dataset.column_names:
-        rewards.check_grader_columns(json.loads(dataset[0]["row"] or "{}"), column_values(dataset, "answer"),
-                                     column_values(dataset, "steps"))
+    if dataset is not None:
+        rewards.check_grader_rows(dataset)
     return rewards
 
 

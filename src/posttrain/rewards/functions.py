@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import Registry
+from posttrain.data.columns import column_values
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError
 from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, ChildExited, PartScores, user_function_process
@@ -271,10 +273,20 @@ class WeightedRewards:
         the rows' gold `answers` or `steps` (where given) when no row has one."""
         from posttrain.rewards.graders import absent_item_fields, check_grader_fields
 
-        graders = [fn.grader for fn, _ in self.functions.values() if getattr(fn, "grader", None) is not None]
+        graders = self._graders()
         absent = absent_item_fields(answers, steps) if graders else ()
         for grader in graders:
             check_grader_fields(grader, columns, absent)
+
+    def check_grader_rows(self, dataset: Any) -> None:
+        """`check_grader_columns` against prepared verifiable rows (a `datasets.Dataset` with `row`, `answer` and
+        `steps`): the first row's columns as given, and every row's answer and steps, read only for a grader."""
+        if len(dataset) and "row" in dataset.column_names and self._graders():
+            self.check_grader_columns(json.loads(dataset[0]["row"] or "{}"), column_values(dataset, "answer"),
+                                      column_values(dataset, "steps"))
+
+    def _graders(self) -> list[Any]:
+        return [fn.grader for fn, _ in self.functions.values() if getattr(fn, "grader", None) is not None]
 
     def __call__(self, batch: Completions) -> Scores:
         """A function that raises on a batch is called again row by row (`_row_by_row`): a row it raises on, and

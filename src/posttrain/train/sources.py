@@ -70,7 +70,8 @@ class ShuffledStepSource:
         return state
 
     def digest(self) -> str:
-        """A digest of the rows' contents (`content_digest`), taken once, when first asked for (a checkpoint)."""
+        """A digest of the rows' contents (`content_digest`), taken once, when first asked for (the state the
+        Trainer keeps before the first step, or a checkpoint)."""
         if self._digest is None:
             self._digest = content_digest(self.rows)
         return self._digest

@@ -59,7 +59,8 @@ class Template:
             if spec is None:
                 raise
             raise spec.error(f"template syntax error: {err.message} in {source!r}", key) from None
-        for problem in _regex_problems(_ENV.parse(source)):
+        self._tree = _ENV.parse(source)  # read by `fields` and `_regex_problems`
+        for problem in _regex_problems(self._tree):
             if spec is None:
                 raise ValueError(f"{problem} in {source!r}")
             raise spec.error(f"{problem} in {source!r}", key)
@@ -67,7 +68,7 @@ class Template:
     def fields(self) -> set[tuple[str, str]]:
         """The (`sample` or `item`, field) pairs the template reads by name (`item.x` or `item["x"]`)."""
         found = set()
-        for node in _ENV.parse(self.source).find_all((nodes.Getattr, nodes.Getitem)):
+        for node in self._tree.find_all((nodes.Getattr, nodes.Getitem)):
             field = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
             if isinstance(node.node, nodes.Name) and node.node.name in ("sample", "item") and isinstance(field, str):
                 found.add((node.node.name, field))
