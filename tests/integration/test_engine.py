@@ -469,6 +469,37 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_that_leaves_no_half_ch
     assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step-2"]
 
 
+def test_safetensors_failing_to_write_a_checkpoint_is_the_same_clear_error(tmp_path, tokenizer, monkeypatch):
+    """safetensors' writer raises its own SafetensorError, not an OSError, when the disk fails it: the optimizer
+    state or the RNGs of a checkpoint on a full disk ended the run with its traceback and left the half-written
+    copy. A real failure: the process's file-size limit lowered while step 4's optimizer state is written."""
+    import resource
+    import signal
+
+    from posttrain.errors import RunDirError
+    from posttrain.train import checkpoint
+
+    trainer, source = _trainer(tmp_path, tokenizer, name="big", steps=4, save_every=2, keep_last=3)
+    save_file = checkpoint.save_file
+
+    def file_size_limit_at_step_4(tensors, filename):
+        if "step-4" not in filename:
+            return save_file(tensors, filename)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        try:
+            return save_file(tensors, filename)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    monkeypatch.setattr(checkpoint, "save_file", file_size_limit_at_step_4)
+    with pytest.raises(RunDirError, match=r"checkpoint of step 4 \(File too large\); the last complete one, step-2"):
+        trainer.fit(source, _loss_fn)
+    assert [p.name for p in (tmp_path / "big" / "checkpoints").iterdir()] == ["step-2"]
+
+
 def test_a_skipped_step_logs_no_partial_loss_trains_no_tokens_and_stops_no_rule(tmp_path, tokenizer, recwarn):
     """The second micro-batch of step 4 is NaN: the step logged the first one's loss (a quarter of the step's, so
     `loss < 2` ended the run on it), counted its tokens as trained, and a skipped first step drew torch's warning

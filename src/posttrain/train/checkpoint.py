@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,15 +52,26 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
     try:
         _write_checkpoint(tmp, step, modules=modules, optimizers=optimizers, schedulers=schedulers,
                           trainer_state=trainer_state, config_text=config_text, tokenizer=tokenizer)
-    except OSError as err:  # a full disk, a quota, a directory turned read-only: the half-written one goes
+    except (OSError, SafetensorError) as err:  # a full disk, a quota, a read-only directory: the half-written one goes
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunDirError(unwritten_message(root, step, err.strerror or str(err)), file=str(root)) from err
+        raise RunDirError(unwritten_message(root, step, write_failure(err)), file=str(root)) from err
     if final.exists():  # a re-save of the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     prune_checkpoints(root, keep_last, keep_before)
     return final
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in a few words: an OSError's reason ("No space left on device"), or the I/O error inside
+    safetensors' own (its writer raises SafetensorError, not OSError: "Error while serializing: I/O error: No space
+    left on device (os error 28)")."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return re.sub(r"\s*\(os error \d+\)$", "", text.rpartition("I/O error: ")[2])
 
 
 def unwritten_message(root: Path, step: int, reason: str) -> str:

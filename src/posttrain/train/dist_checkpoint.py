@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -37,6 +38,7 @@ from posttrain.train.checkpoint import (
     _write_json,
     prune_checkpoints,
     unwritten_message,
+    write_failure,
     write_manifest,
 )
 from posttrain.train.dist import DistributedModel, all_reduce_max, barrier, context
@@ -83,7 +85,7 @@ def save_sharded_checkpoint(root: Path, step: int, *, model: DistributedModel, o
         rng_tensors, rng_json = _rng_state()
         save_file(rng_tensors, str(tmp / f"rng-{ctx.rank}.safetensors"))
         _write_json(tmp / f"rng-{ctx.rank}.json", rng_json)
-    except (OSError, CheckpointException) as err:  # DCP raises its exception on every rank alike
+    except (OSError, SafetensorError, CheckpointException) as err:  # DCP raises its exception on every rank alike
         failure = err
     _all_written(failure, step, root, tmp)
     if ctx.is_main:
@@ -116,8 +118,7 @@ def _all_written(failure: Exception | None, step: int, root: Path, tmp: Path) ->
     if context().is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()  # the copy is gone when any rank reports it
-    reason = (getattr(failure, "strerror", None) or (str(failure).strip().splitlines() or [type(failure).__name__])[0]
-              if failure is not None else "it failed on another rank")
+    reason = write_failure(failure) if failure is not None else "it failed on another rank"
     raise RunDirError(unwritten_message(root, step, reason), file=str(root))
 
 
