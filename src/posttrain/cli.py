@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +15,7 @@ from rich.table import Table
 
 from posttrain import recipes
 from posttrain.console import run_console
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError, PosttrainError, storage_fault
 from posttrain.train.signals import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,6 +42,23 @@ def _print_error(message: object) -> None:
     console.print(f"[bold red]error:[/] {escape(str(message))}", emoji=False)
 
 
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A user error, or a file the storage refused (a full disk, a read-only or unwritable directory: `storage_fault`),
+    is one `error:` line and exit status 2, not a traceback."""
+    try:
+        yield
+    except PosttrainError as err:
+        _print_error(err)
+        raise typer.Exit(2) from None
+    except Exception as err:
+        fault = storage_fault(err)
+        if fault is None:
+            raise
+        _print_error(fault)
+        raise typer.Exit(2) from None
+
+
 def _quiet_libraries() -> None:
     # Offline by default: a local directory never needs the hub, and a typo must not start a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,10 +77,8 @@ def _run_stage(stage: str, recipe: str | None, overrides: list[str], quick: bool
     """Run a stage; a user error, or a stop by SIGINT/SIGTERM at any point, is one message and a nonzero exit."""
     _quiet_libraries()
     try:
-        result = recipes.run_stage(stage, recipe, overrides, quick=quick)
-    except PosttrainError as err:
-        _print_error(err)
-        raise typer.Exit(2) from None
+        with _one_line_errors():
+            result = recipes.run_stage(stage, recipe, overrides, quick=quick)
     except Interrupted as stop:
         console.print(f"[yellow]{stop}[/]")
         raise typer.Exit(128 + stop.signum) from None
@@ -174,11 +191,10 @@ def demo(
     from posttrain.demo import DemoStageFailed, DemoStopped, run_demo
 
     try:
-        run_demo(out=out, quick=quick, fresh=fresh, console=console, jobs=jobs, threads=threads,
-                 stage_summary=stage_summary, stages=[name.strip() for name in stages.split(",")] if stages else None)
-    except PosttrainError as err:
-        _print_error(err)
-        raise typer.Exit(2) from None
+        with _one_line_errors():
+            run_demo(out=out, quick=quick, fresh=fresh, console=console, jobs=jobs, threads=threads,
+                     stage_summary=stage_summary,
+                     stages=[name.strip() for name in stages.split(",")] if stages else None)
     except DemoStageFailed as err:
         _print_error(err)
         raise typer.Exit(1) from None
@@ -256,11 +272,8 @@ def evaluate(
                           max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,
                           correct_by=correct_by, threshold=threshold, grader=grader, out=out,
                           data_settings=data_settings)
-    try:
+    with _one_line_errors():
         result = run_eval(path, options)
-    except PosttrainError as err:
-        _print_error(err)
-        raise typer.Exit(2) from None
     table = Table("metric", "value", title=f"eval of {escape(result['model'])} on "
                                            f"{escape(str(result.get('data') or result.get('task')))}")
     for key, value in result.items():
@@ -291,7 +304,7 @@ def report(
     from posttrain.train.run_dir import RunDir
 
     path = Path(run_dir)
-    try:
+    with _one_line_errors():  # a damaged metrics.jsonl or summary.json: the line and file, not a traceback
         if (path / "demo.json").is_file():
             written = write_demo_report(path, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})
         elif (path / "summary.json").is_file():
@@ -299,9 +312,6 @@ def report(
         else:
             _print_error(f"{run_dir}: neither a demo directory (demo.json) nor a finished run (summary.json)")
             raise typer.Exit(2)
-    except PosttrainError as err:  # a damaged metrics.jsonl or summary.json: the line and file, not a traceback
-        _print_error(err)
-        raise typer.Exit(2) from None
     console.print(f"[green]written[/] {written}")
 
 
@@ -369,7 +379,7 @@ def data_inspect(
     from posttrain.data.inspect import inspect_data
     from posttrain.models import load_tokenizer
 
-    try:
+    with _one_line_errors():
         # The data settings the stage would run with: its config class's defaults, the recipe's, the overrides
         # (the shipped sft recipe's max_length of 256, not DataConfig's 512).
         found = recipes.find_recipe(recipe)
@@ -391,9 +401,6 @@ def data_inspect(
             console.print("[dim]no --model and no runs/pretrain/final: using the built-in tokenizer[/]")
             tokenizer = train_tokenizer(plain_text(d) for d in itertools.islice(synthetic_documents(seed=0), 3000))
         inspect_data(cfg, tokenizer, stage=stage, samples=samples, console=console)
-    except PosttrainError as err:
-        _print_error(err)
-        raise typer.Exit(2) from None
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from posttrain import recipes
 from posttrain.console import run_console
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, RunDirError
 from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.train.metrics import finite_json
@@ -308,7 +308,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
         stop_when_demo_dies(DEMO_PID_VARIABLE)
     if not stage_summary:  # two demos in one directory would each rewrite demo.json without the other's stages
         hold_run_lock(out_dir, "a demo in this directory")
-    summaries = _load_summaries(out_dir)
+    summaries = _load_summaries(out_dir, fresh)
     if not stage_summary and summaries != _consistent(summaries):
         _write_summaries(out_dir, summaries, console)
     todo: list[DemoStage] = []
@@ -353,9 +353,22 @@ def run_demo(out: str = "runs/demo", quick: bool = False, fresh: bool = False, s
     return summaries
 
 
-def _load_summaries(out_dir: Path) -> dict[str, dict[str, Any]]:
+def _load_summaries(out_dir: Path, fresh: bool) -> dict[str, dict[str, Any]]:
+    """demo.json's summaries of the stages done. A damaged one cannot say which are: refused, unless the demo runs
+    every stage again anyway (--fresh), which writes it anew."""
     summary_file = out_dir / "demo.json"
-    return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if not summary_file.is_file():
+        return {}
+    try:
+        summaries = json.loads(summary_file.read_text(encoding="utf-8"))
+        if not isinstance(summaries, dict) or not all(isinstance(v, dict) for v in summaries.values()):
+            raise ValueError(f"not an object of each stage's summary: {type(summaries).__name__}")
+    except ValueError as err:
+        if fresh:
+            return {}
+        raise RunDirError(f"is damaged ({err}): which stages are done is unknown; run the demo with --fresh to run "
+                          "them again", file=str(summary_file), line=getattr(err, "lineno", None)) from None
+    return summaries
 
 
 def _settings(stage: DemoStage, quick: bool) -> dict[str, Any]:
@@ -367,8 +380,10 @@ def _finished(stage: DemoStage, out_dir: Path, summaries: dict[str, dict[str, An
     """A stage is done when its final model and summary exist and it ran with the settings this demo would give it
     (that it started from its base's model now is `_consistent`'s: `run_demo` drops the summaries that did not)."""
     summary = summaries.get(stage.name)
-    return ((out_dir / stage.name / "final").is_dir() and summary is not None
-            and summary.get("demo_settings") == _settings(stage, quick))
+    # Its run's summary.json too, written last: a rerun stopped in its final export leaves demo.json's entry of the
+    # run before it beside a final/ half-written.
+    return ((out_dir / stage.name / "final").is_dir() and (out_dir / stage.name / "summary.json").is_file()
+            and summary is not None and summary.get("demo_settings") == _settings(stage, quick))
 
 
 def _consistent(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

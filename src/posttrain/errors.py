@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class PosttrainError(Exception):
     """Base class for every error caused by user input (config, data, paths)."""
@@ -41,3 +44,31 @@ class DataError(PosttrainError):
 
 class RunDirError(PosttrainError):
     """The run directory cannot be used as asked (exists without overwrite/resume, or is missing)."""
+
+
+# What the storage answers when it refuses a write: a full disk, a quota, a read-only file system, the process's
+# file-size limit, a failing device, no permission.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES,
+                            errno.EPERM})
+
+
+def refused_write(err: BaseException) -> tuple[str, str | None] | None:
+    """(the reason, the file or None) when `err` is the storage refusing a file (`STORAGE_ERRNOS`; also safetensors'
+    own error, which carries the I/O error in its text and no file name); None for any other error."""
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        return err.strerror or str(err), None if err.filename is None else str(err.filename)
+    if type(err).__name__ == "SafetensorError" and "I/O error: " in str(err):
+        first = str(err).strip().splitlines()[0]
+        return re.sub(r"\s*\(os error \d+\)$", "", first.rpartition("I/O error: ")[2]), None
+    return None
+
+
+def storage_fault(err: BaseException, then: str = "") -> RunDirError | None:
+    """`err` as one line when the storage refused a file (`refused_write`): the file, the reason and `then` (what the
+    user can do next). None for any other error, which stays what it is."""
+    refused = refused_write(err)
+    if refused is None:
+        return None
+    reason, file = refused
+    message = reason if file is not None else f"a file could not be written ({reason})"
+    return RunDirError(message + (f"; {then}" if then else ""), file=file)

@@ -349,3 +349,43 @@ def test_a_tracker_that_is_not_installed_is_refused_at_the_start(tmp_path, monke
     with pytest.raises(ConfigError, match=f"run.{tracker}: {tracker} is not installed"):
         check_run_dir(run, _RunOnly(run))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_refuses_the_report_is_one_line_and_resume_writes_it(pretrained_run, finished_sft, tmp_path,
+                                                                          monkeypatch):
+    """A full disk once training is done (the report's plot here): the run ended with the storage's traceback, and
+    its summary.json, written first, marked it finished without a report. Now one line with what to do, and the
+    summary is written last: the run resumes from its last step's checkpoint and writes what is missing."""
+    import errno
+
+    from posttrain.eval import report
+
+    def full_disk(metrics, path, title):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "plot_curves", full_disk)
+    code, output = _invoke(_sft_args(pretrained_run.final_dir, tmp_path))
+    run = tmp_path / "sft"
+    assert code == 2, output
+    assert f"error: {run / 'plots' / 'curves.png'}: No space left on device; resume with: posttrain resume {run}" \
+        in output, output
+    assert not (run / "summary.json").exists()
+    monkeypatch.undo()
+    code, output = _invoke(["resume", str(run)])
+    assert code == 0, output
+    assert (run / "report.md").is_file() and (run / "plots" / "curves.png").is_file()
+    assert '"steps": 2' in (run / "summary.json").read_text()
+    assert _files(run / "final") == _files(finished_sft / "final")
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_before_loading(pretrained_run, tmp_path):
+    """Refused by writing a file there, before the model and data are loaded (the first write came after them);
+    a path under a regular file stands in for a read-only disk, which root's tests cannot make."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, output = _invoke(_sft_args(pretrained_run.final_dir, blocker / "runs"))
+    assert code == 2 and f"error: {blocker}: cannot write here (Not a directory): choose a writable run.out_dir" \
+        in output, output
+    code, output = _invoke(["eval", str(pretrained_run.final_dir), "--problems", "2", "--samples", "0",
+                            "--out", str(blocker / "eval.json")])
+    assert code == 2 and "cannot write here (Not a directory): name a writable file with --out" in output, output

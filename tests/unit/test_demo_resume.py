@@ -23,13 +23,15 @@ from posttrain.train.signals import Interrupted
 
 @pytest.fixture
 def stand_in_recipes(tmp_path, monkeypatch):
-    """Every stage's recipe writes its final/ and a summary; returns the list of stages run, in order."""
+    """Every stage's recipe writes its final/ and a summary (summary.json last, as a run does); returns the list of
+    stages run, in order."""
     ran: list[str] = []
 
     def run_stage(stage, recipe, overrides, quick=False):
         name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.name="))
         out = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.out_dir="))
         (tmp_path / out / name / "final").mkdir(parents=True, exist_ok=True)
+        (tmp_path / out / name / "summary.json").write_text("{}")
         ran.append(name)
         return RunResult(run_dir=tmp_path / out / name, final_dir=tmp_path / out / name / "final",
                          summary={"accuracy": 0.5, "eval_problems": 100, "final_eval_loss": 1.0,
@@ -76,6 +78,33 @@ def test_a_stage_whose_base_ran_again_is_not_reused_or_reported(stand_in_recipes
     assert stand_in_recipes[4:] == ["pretrain", "sft"]
     assert json.loads(open("demo/demo.json").read())["sft"]["base_finished_at"] == json.loads(
         open("demo/demo.json").read())["pretrain"]["finished_at"]
+
+
+def test_a_stage_whose_run_did_not_finish_runs_again(stand_in_recipes):
+    """A rerun (--fresh, or of a stage from other settings) stopped in its final export leaves a final/ half-written
+    beside demo.json's entry of the run before it: that stage was reused. Its run's summary.json, written last, is
+    missing; so the stage runs again."""
+    _demo(["pretrain"])
+    os.remove("demo/pretrain/summary.json")
+    _demo(["pretrain"])
+    assert stand_in_recipes == ["pretrain", "pretrain"]
+    _demo(["pretrain"])
+    assert stand_in_recipes == ["pretrain", "pretrain"]
+
+
+def test_a_damaged_demo_json_is_one_line_unless_every_stage_runs_again(stand_in_recipes):
+    """It ended the demo with JSONDecodeError's traceback; an object that is not one of stages' summaries, later."""
+    from posttrain.errors import RunDirError
+
+    _demo(["pretrain"])
+    for damaged in ('{"pretrain": {"seconds": 3', "[]", '{"pretrain": 1}'):
+        open("demo/demo.json", "w").write(damaged)
+        with pytest.raises(RunDirError, match=r"demo.json(:1)?: is damaged .*run the demo with --fresh"):
+            _demo(["pretrain"])
+    assert stand_in_recipes == ["pretrain"]
+    _demo(["pretrain"], fresh=True)
+    assert stand_in_recipes == ["pretrain", "pretrain"]
+    assert list(json.loads(open("demo/demo.json").read())) == ["pretrain"]
 
 
 def test_a_stage_whose_base_has_no_results_is_refused_before_it_runs(stand_in_recipes):

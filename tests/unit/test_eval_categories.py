@@ -196,3 +196,22 @@ def test_a_grader_reward_on_a_built_in_task_is_the_one_given_or_the_run_s(model_
     assert 0.0 <= result["reward_grader"] <= 1.0 and "reward_grader.exact" in result
     run = evaluate(model_dir, dataclasses.replace(options, grader="arith-partial"), greedy=False, write=False)
     assert run["reward_grader"] == result["reward_grader"]  # `posttrain eval --grader` is that grader
+
+
+def test_a_write_refused_by_a_read_only_disk_names_the_file_not_its_temporary(tmp_path, monkeypatch):
+    """On a read-only file system the clean-up of the temporary file fails too: its error replaced the one that
+    said what happened, and both named `.summary.json.tmp`, a file the user never sees."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from posttrain.train.metrics import replace_text
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as raised:
+        replace_text(tmp_path / "summary.json", "{}")
+    assert raised.value.errno == errno.EROFS and raised.value.filename == str(tmp_path / "summary.json")

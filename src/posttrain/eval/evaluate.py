@@ -61,7 +61,7 @@ from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.recompute import packed_logprobs_and_entropy
 from posttrain.train.checkpoint import COMPLETE, load_module_weights
 from posttrain.train.metrics import finite_json, replace_text
-from posttrain.train.run_dir import finished_steps
+from posttrain.train.run_dir import check_writable, finished_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +166,8 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
     greedy=False skips the greedy accuracy (a recipe that just measured it): samples only.
     """
     target = resolve_target(path)
+    if write:
+        check_writable(_out_path(target, options).parent, "name a writable file with --out")
     if options.data is not None:
         return evaluate_data(target, options, write)
     task = get_task(_task_name(target, options))
@@ -189,12 +191,14 @@ def _write(target: Target, result: dict[str, Any], options: EvalOptions) -> None
     """`options.out`, else `eval.json` of the run (or model) for a built-in task and `eval-<file name>.json` for a
     data file: an evaluation of one file no longer replaces that of the task or of another file. Atomic: an
     interrupted write leaves the last one whole."""
+    replace_text(_out_path(target, options), finite_json(result, indent=2))
+
+
+def _out_path(target: Target, options: EvalOptions) -> Path:
     if options.out:
-        out = Path(options.out)
-    else:
-        name = "eval.json" if options.data is None else f"eval-{Path(options.data).stem}.json"
-        out = (target.run_dir or target.model_dir) / name
-    replace_text(out, finite_json(result, indent=2))
+        return Path(options.out)
+    name = "eval.json" if options.data is None else f"eval-{Path(options.data).stem}.json"
+    return (target.run_dir or target.model_dir) / name
 
 
 def _task_name(target: Target, options: EvalOptions) -> str:

@@ -45,10 +45,6 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
     report = run_dir.path / "report.md"
     if not is_main_process():
         return report
-    # The title and summary are kept so that `posttrain report <run>` can redraw all of it later; written whole or
-    # not at all, since a summary.json is what marks a run finished.
-    replace_text(run_dir.path / "summary.json", finite_json({"title": title, "summary": summary}, indent=2,
-                                                           default=str))
     metrics = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []  # a run stopped before its first step
     plot = plot_curves(metrics, run_dir.plots / "curves.png", title)
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
@@ -58,6 +54,11 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
     if plot is not None:
         lines += ["", f"![training curves](plots/{plot.name})"]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # The title and summary are kept so that `posttrain report <run>` can redraw all of it later; written whole or
+    # not at all, and last, since a summary.json is what marks a run finished: a report that could not be written (a
+    # full disk) leaves the run unfinished, and `posttrain resume` writes it from the last step's checkpoint.
+    replace_text(run_dir.path / "summary.json", finite_json({"title": title, "summary": summary}, indent=2,
+                                                           default=str))
     return report
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import load_config, read_yaml_with_lines
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError, PosttrainError, storage_fault
 from posttrain.train.signals import Interrupted, interrupt_on_signals
 
 if TYPE_CHECKING:  # the run directory's module imports torch: `run_stage` imports it when a stage runs
@@ -102,7 +102,7 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
     cfg = build_config(recipe, overrides, quick)
     # Here, not at the top: the CLI imports this module for its commands, and `posttrain --help` should not pay
     # for torch (the run directory's checks import it).
-    from posttrain.train.run_dir import abandon_unstarted, check_run_dir
+    from posttrain.train.run_dir import Abandoned, abandon_unstarted, check_run_dir
 
     check_run_dir(cfg.run, cfg)  # before minutes of loading and data preparation
     try:
@@ -112,12 +112,19 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         raise Interrupted(signum, abandon_unstarted(cfg.run).left) from None
     except BaseException as err:
-        abandoned = abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
+        try:
+            abandoned = abandon_unstarted(cfg.run)  # a run that never trained a step must not block its retry
+        except OSError:  # the directory cannot be changed either (read-only): what stopped the run is the news
+            abandoned = Abandoned("")
         if abandoned.moved_errors is not None:  # the error may send the user to a file that is now elsewhere
             print(f"({abandoned.left})", file=sys.stderr, flush=True)
             was, now = map(str, abandoned.moved_errors)
             if isinstance(err, PosttrainError) and was in err.message:
                 raise type(err)(err.message.replace(was, now), file=err.file, line=err.line,
                                 field=err.field) from None
+        # A disk that refused a file (full, read-only, ...) after training began: one line, and what is left.
+        fault = storage_fault(err, abandoned.left)
+        if fault is not None:
+            raise fault from err
         raise
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from posttrain.errors import ConfigError, RunDirError
+from posttrain.errors import ConfigError, RunDirError, refused_write
 from posttrain.train.optim import from_lr_keyed_groups
 
 COMPLETE = "COMPLETE"
@@ -64,14 +63,15 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
 
 
 def write_failure(err: BaseException) -> str:
-    """Why a write failed, in a few words: an OSError's reason ("No space left on device"), or the I/O error inside
-    safetensors' own (its writer raises SafetensorError, not OSError: "Error while serializing: I/O error: No space
-    left on device (os error 28)")."""
+    """Why a write failed, in a few words: "No space left on device", also from inside safetensors' own error (its
+    writer raises SafetensorError, not OSError)."""
+    refused = refused_write(err)
+    if refused is not None:
+        return refused[0]
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     lines = str(err).strip().splitlines()
-    text = lines[0] if lines else type(err).__name__
-    return re.sub(r"\s*\(os error \d+\)$", "", text.rpartition("I/O error: ")[2])
+    return lines[0] if lines else type(err).__name__
 
 
 def unwritten_message(root: Path, step: int, reason: str) -> str:

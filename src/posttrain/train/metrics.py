@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -114,8 +115,11 @@ def replace_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # on a read-only directory this fails too, and would hide the cause
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename == str(tmp):  # named as the file the user knows
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

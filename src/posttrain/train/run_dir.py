@@ -140,9 +140,26 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
         raise refusal
 
 
+def check_writable(path: Path, then: str) -> None:
+    """A RunDirError now where files cannot be written at `path` (or, where it does not exist yet, in its nearest
+    existing parent): a read-only file system, no permission. Checked by writing one, since a read-only mount or a
+    full quota is not in the mode bits; said before minutes of loading and work, not by the first write after
+    them. `then`: what the user can do instead."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RunDirError(f"cannot write here ({err.strerror or err}): {then}", file=str(existing)) from None
+
+
 def _check_on_main(run: RunConfig, cfg: Any, world_size: int) -> None:
     path = run_path(run)
     hold_run_lock(path)
+    check_writable(path, "resume a copy of the run on a writable disk" if run.resume
+                   else "choose a writable run.out_dir")
     _undo_unstarted(path)
     if not run.resume:
         if path.exists() and any(path.iterdir()) and not run.overwrite:
