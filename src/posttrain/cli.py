@@ -132,13 +132,17 @@ def resume(
     config_file = path / "config.yaml"
     try:
         if not config_file.is_file():
-            raise PosttrainError("not a run directory (no config.yaml)", file=run_dir)
+            from posttrain.train.run_dir import config_from_checkpoint
+
+            raise PosttrainError("not a run directory (no config.yaml)" + config_from_checkpoint(path), file=run_dir)
         for override in overrides or []:
             if override.split("=", 1)[0] in RESUME_FIXED:
                 raise PosttrainError(f"resume continues the run in {run_dir} as it is; copy the directory to "
                                      "continue it elsewhere", field=override.split("=", 1)[0])
         stage = recipes.find_recipe(str(config_file)).stage
-        _enter_workdir(config_file)
+        saved = _saved_config(config_file)
+        _enter_workdir(saved.get("run") or {})
+        _check_model_is_there(saved.get("model") or {}, overrides or [])
     except PosttrainError as err:
         _print_error(err)
         raise typer.Exit(2) from None
@@ -151,17 +155,23 @@ def resume(
 RESUME_FIXED = ("run.resume", "run.overwrite", "run.out_dir", "run.name", "run.workdir")
 
 
-def _enter_workdir(config_file: Path) -> None:
+def _saved_config(config_file: Path) -> dict:
+    """The run's config.yaml as read (find_recipe has checked it; a section it lacks predates that section)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in saved.items() if isinstance(v, dict)} if isinstance(saved, dict) else {}
+
+
+def _enter_workdir(run: dict) -> None:
     """Change into the directory the run was started in (`run.workdir` of its config.yaml), so that the relative
     paths of its config (model.path, data and reward files) mean what they meant then; where that directory is
     gone (the run was copied to another machine), they are taken from the current one, with a warning, and the
     current one is the run's workdir from then on."""
-    import yaml
-
-    try:
-        workdir = ((yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("run") or {}).get("workdir")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return  # find_recipe has read it already; a config without the field predates it
+    workdir = run.get("workdir")
     if not workdir or Path(workdir) == Path.cwd():
         return
     if Path(workdir).is_dir():
@@ -170,6 +180,15 @@ def _enter_workdir(config_file: Path) -> None:
     else:
         console.print(f"[yellow]warning:[/] the run was started in {workdir}, which does not exist here; its "
                       f"relative paths resolve against {Path.cwd()}", highlight=False)
+
+
+def _check_model_is_there(model: dict, overrides: list[str]) -> None:
+    """The model the run started from is read again on resuming (its reference, an adapter's base weights): one that
+    moved is named with model.path=<its new place> (the checkpoint checks that it is the same model)."""
+    path = model.get("path")
+    if path and not any(o.startswith("model.path=") for o in overrides) and not Path(path).exists():
+        raise ConfigError(f"{path}, the model the run started from, is not there (moved or deleted?): resume with "
+                          "model.path=<where it is now>", field="model.path")
 
 
 @app.command()

@@ -389,3 +389,51 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_loading(pretra
     code, output = _invoke(["eval", str(pretrained_run.final_dir), "--problems", "2", "--samples", "0",
                             "--out", str(blocker / "eval.json")])
     assert code == 2 and "cannot write here (Not a directory): name a writable file with --out" in output, output
+
+
+def test_a_run_whose_model_moved_resumes_from_its_new_place_and_not_from_another_model(pretrained_run,
+                                                                                      finished_sft, tmp_path):
+    """model.path was compared as text: a run whose starting model had moved (or was named by another path) could not
+    be resumed at all, with or without model.path=<its new place>. Now the checkpoint keeps the model's files'
+    fingerprint: the same files anywhere resume, other files under any path are refused."""
+    shutil.copytree(pretrained_run.final_dir, tmp_path / "base")
+    code, output = _invoke(_sft_args(tmp_path / "base", tmp_path / "runs"))
+    assert code == 0, output
+    run = tmp_path / "runs" / "sft"
+    shutil.move(tmp_path / "base", tmp_path / "moved")
+    code, output = _invoke(["resume", str(run), "train.max_steps=3"])
+    assert code == 2 and (f"model.path: {tmp_path / 'base'}, the model the run started from, is not there (moved or "
+                          "deleted?): resume with model.path=<where it is now>") in output, output
+    code, output = _invoke(["resume", str(run), "train.max_steps=3", f"model.path={tmp_path / 'moved'}"])
+    assert code == 0, output
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    # Another model where it is now (the SFT model's weights, same shapes): refused, naming the file that differs.
+    shutil.copy(finished_sft / "final" / "model.safetensors", tmp_path / "moved" / "model.safetensors")
+    code, output = _invoke(["resume", str(run), "train.max_steps=4"])
+    assert code == 2 and (f"{tmp_path / 'moved'} is not the model the checkpoint step-3 started from (at "
+                          f"{tmp_path / 'moved'} then): model.safetensors differ") in output, output
+
+
+def test_resuming_a_run_stopped_before_its_first_step_says_so(tmp_path):
+    """The resume undid the unstarted run, then said there was no run here (no config.yaml): it had been there a
+    moment before."""
+    run = RunConfig(name="run", out_dir=str(tmp_path))
+    prepare_run_dir(run, _RunOnly(run), stage="test")  # the process dies here, before a step is trained
+    resumed = RunConfig(name="run", out_dir=str(tmp_path), resume=True)
+    with pytest.raises(RunDirError, match="had been stopped before its first step, so there is nothing to resume: "
+                                          "nothing of the run was kept; start it again"):
+        check_run_dir(resumed, _RunOnly(resumed))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_without_its_config_yaml_is_told_where_a_copy_is(finished_sft, tmp_path):
+    copy = tmp_path / "sft"
+    shutil.copytree(finished_sft, copy)
+    (copy / "config.yaml").unlink()
+    code, output = _invoke(["resume", str(copy), "train.max_steps=3"])
+    assert code == 2 and (f"not a run directory (no config.yaml); its last checkpoint keeps the config it was "
+                          f"trained with: copy {copy / 'checkpoints' / 'step-2' / 'config.yaml'} to "
+                          f"{copy / 'config.yaml'} to resume") in output, output
+    shutil.copy(copy / "checkpoints" / "step-2" / "config.yaml", copy / "config.yaml")
+    code, output = _invoke(["resume", str(copy), "train.max_steps=3"])
+    assert code == 0, output

@@ -485,7 +485,7 @@ def test_a_critic_whose_checkpoint_is_not_usable_is_refused_naming_its_setting(l
     with pytest.raises(ConfigError, match="has another tokenizer than the policy") as err:
         build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={chatml_model_dir}"))
     assert err.value.field == "critic.path"
-    with pytest.raises(ConfigError, match="not a Hugging Face model directory") as err:
+    with pytest.raises(ConfigError, match="no-such-critic does not exist") as err:
         build_critic(ppo_config(lm_dir, tmp_path, f"critic.path={tmp_path / 'no-such-critic'}"))
     assert err.value.field == "critic.path"
     # A critic of an architecture that cannot pack (Bloom: ALiBi along the mask): refused before any sampling, where

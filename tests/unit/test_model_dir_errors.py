@@ -93,3 +93,37 @@ def test_the_tokenizer_of_a_directory_with_a_broken_config_is_a_one_line_error(m
     _not_json(model_dir)
     with pytest.raises(ConfigError, match="config.json:2: model.path: not valid JSON"):
         load_tokenizer(model_dir)
+
+
+def test_a_models_fingerprint_is_its_files_wherever_they_are(tmp_path):
+    """What a resume tells the model it started from by (`check_starting_model`): a copy has the same, an edit to a
+    weight file inside a sampled block or to the tokenizer does not; files that are not the model (an evaluation's
+    results) change nothing."""
+    import random
+    import shutil
+
+    from posttrain.models.io import model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    size = 5 * (1 << 20) + 12345
+    weights = bytearray(random.Random(0).randbytes(size))
+    (model / "model.safetensors").write_bytes(weights)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "tokenizer.json").write_text('{"vocab": 1}')
+    first = model_fingerprint(model)
+    assert sorted(first) == ["config.json", "model.safetensors", "tokenizer.json"]
+    shutil.copytree(model, tmp_path / "copy")
+    (tmp_path / "copy" / "eval.json").write_text("{}")
+    assert model_fingerprint(tmp_path / "copy") == first
+    # The 10th of the 64 middle blocks (the slow obvious spelling of where they start) and the last MiB.
+    edge, block = 1 << 20, 1 << 16
+    for offset in (edge + 10 * (size - 2 * edge - block) // 63 + 5, size - 3):
+        edited = bytearray(weights)
+        edited[offset] ^= 0xFF
+        (tmp_path / "copy" / "model.safetensors").write_bytes(edited)
+        assert model_fingerprint(tmp_path / "copy")["model.safetensors"] != first["model.safetensors"]
+    (tmp_path / "copy" / "model.safetensors").write_bytes(weights)
+    (tmp_path / "copy" / "tokenizer.json").write_text('{"vocab": 2}')
+    assert model_fingerprint(tmp_path / "copy") == {**first, "tokenizer.json": model_fingerprint(tmp_path / "copy")[
+        "tokenizer.json"]} != first

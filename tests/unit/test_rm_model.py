@@ -304,7 +304,7 @@ def test_what_is_no_scalar_reward_model_is_refused_when_it_loads_naming_the_sett
     two.config.pad_token_id = tokenizer.pad_token_id
     two_dir = save_pretrained(two, tokenizer, tmp_path / "two-labels")
     for path, says in ((two_dir, "2 outputs"), (lm_dir, "no trained reward head"),
-                       (tmp_path / "nowhere", "no config.json")):
+                       (tmp_path / "nowhere", "nowhere does not exist")):
         with pytest.raises(ConfigError, match=says) as caught:
             RewardModelScorer.from_pretrained(path)
         assert caught.value.field == "reward.model_path"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import pickle
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,39 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+# The files that are the model (weights, config, tokenizer) among those of its directory, which may also hold an
+# evaluation's results or notes that change nothing.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".tiktoken", ".jinja")
+MODEL_FILE_NAMES = ("merges.txt", "vocab.txt")
+MODEL_JSON_WORDS = ("config", "token", "vocab", "index", "template")
+
+
+def model_fingerprint(path: str | Path) -> dict[str, str]:
+    """Each file of the model directory `path` that is the model (weights, config, tokenizer; not subdirectories)
+    with its size and a digest of blocks sampled through it: the first and last MiB and 64 blocks of 64 KiB evenly
+    between. A copy or a move of the model has the same; another model, or the same one trained further or edited,
+    does not (a change to its weights shows in the sampled blocks; no proof against one made to slip through them).
+    A few MiB read, whatever the model's size."""
+    fingerprint = {}
+    for file in sorted(Path(path).iterdir()):
+        name = file.name
+        if not file.is_file() or not (name.endswith(MODEL_FILE_SUFFIXES) or name in MODEL_FILE_NAMES or (
+                name.endswith(".json") and any(word in name for word in MODEL_JSON_WORDS))):
+            continue
+        size = file.stat().st_size
+        digest = hashlib.sha256()
+        block, edge = 1 << 16, 1 << 20
+        with file.open("rb") as f:
+            if size <= 2 * edge + 64 * block:
+                digest.update(f.read())
+            else:
+                for offset in (0, *(edge + i * (size - 2 * edge - block) // 63 for i in range(64)), size - edge):
+                    f.seek(offset)
+                    digest.update(f.read(edge if offset in (0, size - edge) else block))
+        fingerprint[name] = f"{size}:{digest.hexdigest()[:32]}"
+    return fingerprint
+
+
 def check_model_dir(path: str | Path, field: str = "model.path", *, trust_remote_code: bool = False,
                     trust_hint: bool = True) -> Path:
     """`path` as a Hugging Face model directory, or a one-line error naming the file at fault: config.json
@@ -42,6 +76,8 @@ def check_model_dir(path: str | Path, field: str = "model.path", *, trust_remote
     code it is trusted to run; `trust_hint`: whether model.trust_remote_code would let it run)."""
     directory = Path(path)
     config_file = directory / "config.json"
+    if not directory.exists():
+        raise ConfigError(f"{directory} does not exist", field=field)
     if not config_file.is_file():
         raise ConfigError(f"{directory} is not a Hugging Face model directory (no config.json)", field=field)
     try:

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import ConfigError, RunDirError, refused_write
+from posttrain.models.io import model_fingerprint
 from posttrain.train.optim import from_lr_keyed_groups
 
 COMPLETE = "COMPLETE"
@@ -231,9 +232,10 @@ KEPT_ON_RESUME = {
 }
 
 
-def check_kept_settings(path: Path, settings: Mapping[str, Any]) -> None:
+def check_kept_settings(path: Path, settings: Mapping[str, Any], warn: Callable[[str], None] = print) -> None:
     """A ConfigError naming the first of `settings` (dotted key -> this run's value; those of `KEPT_ON_RESUME`) that
-    differs from the checkpoint's config.yaml at `path` (nothing to check in one without it, or without the key)."""
+    differs from the checkpoint's config.yaml at `path` (nothing to check in one without it, or without the key).
+    model.path is the model's files, not their path (`check_starting_model`)."""
     config = path / "config.yaml"
     if not config.is_file():
         return
@@ -242,10 +244,45 @@ def check_kept_settings(path: Path, settings: Mapping[str, Any]) -> None:
         saved: Any = saved_config
         for part in key.split("."):
             saved = saved.get(part) if isinstance(saved, Mapping) else None
-        if saved is not None and value is not None and _comparable(saved) != _comparable(value):
+        if key == "model.path":
+            check_starting_model(path, saved, value, warn)
+        elif saved is not None and value is not None and _comparable(saved) != _comparable(value):
             raise ConfigError(f"the checkpoint {path.name} was trained with {key}={saved} and this run has "
                               f"{key}={value} ({KEPT_ON_RESUME[key]}): a resumed run keeps it (drop the override), "
                               "or starts afresh (run.resume=false)", field=key)
+
+
+def check_starting_model(path: Path, saved: str | None, value: str | None, warn: Callable[[str], None]) -> None:
+    """The model at model.path (`value`) must be the one the checkpoint at `path` started from (at `saved`, then):
+    the same files (`model_fingerprint`, which the checkpoint keeps), wherever they are now. A model moved or copied
+    elsewhere resumes with model.path=<its new place>; the run reads it again for its reference and, with an
+    adapter, its base weights. Another model under the old path is refused too. A checkpoint from before the
+    fingerprint was kept is compared with the old path's files where they still are."""
+    if saved is None or value is None or not Path(value).is_dir():
+        return
+    recorded = _trainer_state(path).get("starting_model")
+    if recorded is None:
+        if str(saved) == str(value):
+            return
+        if not Path(saved).is_dir():
+            warn(f"the checkpoint {path.name} keeps no fingerprint of the model it started from ({saved}, which is "
+                 f"gone): model.path={value} is taken for it unchecked")
+            return
+        recorded = model_fingerprint(saved)
+    now = model_fingerprint(value)
+    if now == recorded:
+        return
+    differ = sorted(name for name in recorded.keys() | now.keys() if recorded.get(name) != now.get(name))
+    raise ConfigError(f"{value} is not the model the checkpoint {path.name} started from (at {saved} then): "
+                      f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''} differ; resume with "
+                      "model.path=<where that model is now>, or start afresh (run.resume=false)", field="model.path")
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8")).get("trainer") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # what is wrong with it, loading says
 
 
 def _comparable(value: Any) -> Any:

@@ -28,6 +28,7 @@ import time
 import warnings
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +39,7 @@ from posttrain.config import OptimConfig, RunConfig, param, to_dict
 from posttrain.console import run_console
 from posttrain.errors import ConfigError, PosttrainError, RunDirError
 from posttrain.models.heads import floating_dtype
+from posttrain.models.io import model_fingerprint
 from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
@@ -240,6 +242,10 @@ class Trainer:
         self._stopped: tuple[str, str] | None = None
         # The trainable weights' norm after the last update (None: not measured since they were last loaded).
         self._weight_norm: float | None = None
+        # The files of the model the run started from, kept in its checkpoints: a resume finds that model by them
+        # wherever it was moved (`checkpoint.check_starting_model`), and refuses another under its old path.
+        start = getattr(getattr(cfg, "model", None), "path", None)
+        self._starting_model = model_fingerprint(start) if start and Path(start).is_dir() else None
 
     # ------------------------------------------------------------------------------------------
 
@@ -527,7 +533,8 @@ class Trainer:
         stopped = {} if self._stopped is None else {"stopped_by_rule": list(self._stopped)}
         return {"tokens": self.tokens, "skipped_steps": self.skipped_steps, "elapsed_s": self.elapsed_s,
                 "nonfinite_in_a_row": self._nonfinite_in_a_row, "grad_norms": list(self._grad_norms),
-                "first_skipped": self._first_skipped, "data": source.state_dict(), **stopped}
+                "first_skipped": self._first_skipped, "data": source.state_dict(), **stopped,
+                **({"starting_model": self._starting_model} if self._starting_model is not None else {})}
 
     def save(self, source: StepSource) -> Any:
         if self.dist.distributed:
@@ -585,7 +592,7 @@ class Trainer:
                       for group in self.optimizer.param_groups]
         try:
             check_world_size(path, self.dist.world_size)
-            check_kept_settings(path, self._kept_settings())
+            check_kept_settings(path, self._kept_settings(), self._warn)
             if self.dist.distributed:
                 state = load_sharded_checkpoint(path, model=self.parallel, optimizer=self.optimizer,
                                                 scheduler=self.scheduler)
@@ -607,6 +614,7 @@ class Trainer:
         self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self._grad_norms.extend(state.get("grad_norms", []))  # checkpoints from before the spike guard lack both
         self._first_skipped = state.get("first_skipped")
+        self._starting_model = state.get("starting_model", self._starting_model)  # the same files: kept as first read
         stopped = state.get("stopped_by_rule")  # [the rule, with the value that met it]
         self._stopped = (stopped[0], stopped[1]) if stopped else None
         if self.dist.is_main:
@@ -614,6 +622,13 @@ class Trainer:
             truncate_samples(self.run_dir.samples, self.step)
             truncate_metrics(self.run_dir.reward_errors, self.step)  # the reward errors of steps trained again
             self._resumed_last = kept[-1] if kept and kept[-1].get("step") == self.step else {}
+            # Every step logs a record; a file deleted, or a tail a power cut took (metrics are flushed, not synced
+            # to disk, while checkpoints are), left a hole in the curves nothing mentioned.
+            logged = {record.get("step") for record in kept}
+            missing = [step for step in range(1, self.step + 1) if step not in logged]
+            if missing:
+                self._warn(f"{self.run_dir.metrics.name} has no record of {len(missing)} of the {self.step} steps "
+                           f"trained before this resume ({_spans(missing)}): their curves have a hole there")
         return path
 
     def _keep_configured_settings(self, configured: list[dict[str, Any]]) -> None:
@@ -643,6 +658,17 @@ class Trainer:
     def _warn(self, message: str) -> None:
         if self.dist.is_main:
             self.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _spans(steps: list[int]) -> str:
+    """[1, 2, 3, 7] -> 'steps 1-3, 7'."""
+    spans: list[list[int]] = []
+    for step in steps:
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    return "steps " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 # What a resumed run takes from its config rather than from the checkpoint's optimizer state (`_maybe_resume`).

@@ -160,7 +160,10 @@ def _check_on_main(run: RunConfig, cfg: Any, world_size: int) -> None:
     hold_run_lock(path)
     check_writable(path, "resume a copy of the run on a writable disk" if run.resume
                    else "choose a writable run.out_dir")
-    _undo_unstarted(path)
+    undone = _undo_unstarted(path)
+    if run.resume and undone.left and not (path / "config.yaml").is_file():
+        raise RunDirError(f"the run had been stopped before its first step, so there is nothing to resume: "
+                          f"{undone.left}; start it again (without resuming)", file=str(path))
     if not run.resume:
         if path.exists() and any(path.iterdir()) and not run.overwrite:
             raise RunDirError("a run already exists here; pass run.overwrite=true to replace it or "
@@ -170,7 +173,8 @@ def _check_on_main(run: RunConfig, cfg: Any, world_size: int) -> None:
                               "runs only, never other files; choose another run.name or run.out_dir", file=str(path))
         return
     if not (path / "config.yaml").is_file():
-        raise RunDirError("run.resume=true but there is no run to resume here (no config.yaml)", file=str(path))
+        raise RunDirError("run.resume=true but there is no run to resume here (no config.yaml)"
+                          + config_from_checkpoint(path), file=str(path))
     checkpoint = latest_checkpoint(path / "checkpoints")
     if checkpoint is None:
         raise RunDirError("no complete checkpoint to resume from (checkpoints/ is missing or empty); start the run "
@@ -185,6 +189,15 @@ def _check_on_main(run: RunConfig, cfg: Any, world_size: int) -> None:
                           f"larger train.max_steps (it continues from {checkpoint.name})", file=str(path),
                           field="train.max_steps")
     check_world_size(checkpoint, world_size)
+
+
+def config_from_checkpoint(path: Path) -> str:
+    """For a run directory whose config.yaml is gone: where its last checkpoint keeps a copy (or nothing)."""
+    checkpoint = latest_checkpoint(Path(path) / "checkpoints")
+    if checkpoint is None or not (checkpoint / "config.yaml").is_file():
+        return ""
+    return (f"; its last checkpoint keeps the config it was trained with: copy {checkpoint / 'config.yaml'} to "
+            f"{Path(path) / 'config.yaml'} to resume")
 
 
 def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> RunDir:
