@@ -542,3 +542,24 @@ def test_a_resume_with_a_longer_schedule_trains_its_first_step_on_it_and_counts_
                                                            rel=1e-12)
     elapsed = [r["elapsed_s"] for r in records]
     assert elapsed == sorted(elapsed) and result.seconds > first_seconds
+
+
+def test_metrics_reach_the_disk_before_each_checkpoint(tmp_path, tokenizer, monkeypatch):
+    """Checkpoints are synced to disk and metrics.jsonl was only flushed to the kernel: after a power cut a
+    checkpoint could outlive the records of its steps. Each save now syncs the records first."""
+    import os
+
+    trainer, source = _trainer(tmp_path, tokenizer, name="synced", steps=4, save_every=2, keep_last=3)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    trainer.fit(source, _loss_fn)
+    metrics = str(tmp_path / "synced" / "metrics.jsonl")
+    for step in (2, 4):  # the first file of each checkpoint synced comes after the metrics
+        first = next(i for i, path in enumerate(synced) if f".tmp-step-{step}" in path)
+        assert metrics in synced[:first] and synced[:first].count(metrics) == step // 2

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import statistics
 import time
 import warnings
@@ -537,6 +538,11 @@ class Trainer:
                 **({"starting_model": self._starting_model} if self._starting_model is not None else {})}
 
     def save(self, source: StepSource) -> Any:
+        if self.dist.is_main and self.run_dir.metrics.is_file():
+            # Its records reach the disk before the checkpoint does (checkpoints are synced; metrics only flushed to
+            # the kernel): a power cut then cannot keep a checkpoint whose steps' records were lost.
+            with self.run_dir.metrics.open("rb") as metrics:
+                os.fsync(metrics.fileno())
         if self.dist.distributed:
             return save_sharded_checkpoint(
                 self.run_dir.checkpoints, self.step, model=self.parallel, optimizer=self.optimizer,
