@@ -484,3 +484,72 @@ def test_reasoning_is_rendered_by_the_key_the_template_reads_or_inline(chatml_to
     ids, mask = encoder.encode([message("user", "What is 2+3?"), message("assistant", "5", reasoning="2 plus 3")])
     # (the template's "\n" before the answer merges with "<" into one token here: trained with it)
     assert [text.strip() for text in _trained_text(tokenizer, ids, mask)] == ["<think>2 plus 3</think>5<|im_end|>"]
+
+
+TURNS = [message("user", "What is 2+3?"), message("assistant", "5"), message("user", "And 4*4?"),
+         message("assistant", "16")]
+
+
+def _trained_runs(tokenizer, ids, mask) -> list[str]:
+    """The text of every run of trained tokens."""
+    runs, current = [], []
+    for token, mark in zip([*ids, None], [*mask, 0], strict=True):
+        if mark:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs
+
+
+def _templated(tokenizer, template: str):
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
+# The turn's rendering after its trained tokens; <|end|> is the test tokenizer's EOS.
+NEWLINE_AFTER_BLOCK = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Assistant: ' }}"
+                       "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '\\n' }}{% else %}"
+                       "{{ 'User: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+
+
+@pytest.mark.parametrize(("template", "runs"), [
+    # No end-of-turn token anywhere: none was trained and none appended (text followed the block), so a model
+    # trained on it never stopped. An EOS now ends each turn's rendering, trained with the newline before it.
+    (NEWLINE_AFTER_BLOCK, ["5\n<|end|>", "16\n<|end|>"]),
+    # The end-of-turn token after a newline that follows the block: it was left untrained.
+    (NEWLINE_AFTER_BLOCK.replace("{{ '\\n' }}{% else %}", "{{ '\\n' }}<|end|>{% else %}"),
+     ["5\n<|end|>", "16\n<|end|>"]),
+    # A special token opening the block (a tool call's tag, a special <think>) was taken for the turn's end, and the
+    # real one after the block went untrained.
+    (CHAT_TEMPLATE.replace("<|assistant|>{% generation %}", "<|assistant|>{% generation %}<|system|>").replace(
+        "<|end|>{% endgeneration %}", "{% endgeneration %}<|end|>"), ["<|system|>5<|end|>", "<|system|>16<|end|>"]),
+    # Role tokens and no end-of-turn token (prefix tokenisation): the next turn's <|user|> was trained as the end
+    # of a turn, which sampling does not stop on. EOS now ends every turn.
+    ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+     "{% if add_generation_prompt %}<|assistant|>{% endif %}", ["5<|end|>", "16<|end|>"]),
+])
+def test_every_trained_turn_ends_with_a_trained_stop_token(tokenizer, template, runs):
+    templated = _templated(tokenizer, template)
+    ids, mask = _encoder(templated).encode(TURNS)
+    assert _trained_runs(tokenizer, ids, mask) == runs
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    if "{% generation %}" in template:  # the same tokens without the markers (prefix tokenisation)
+        unmarked = _templated(tokenizer, re.sub(r"\{% (end)?generation %\}", "", template))
+        assert _encoder(unmarked).encode(TURNS) == (ids, mask)
+
+
+def test_plain_messages_cannot_forge_a_special_token_across_their_join(tokenizer):
+    """Each message was checked alone; data.template=plain joins them with nothing between, so two halves made
+    the control token itself (an EOS inside the trained answer, a forged user turn)."""
+    from posttrain.data.tokenize import RowProblem
+
+    encoder = _encoder(tokenizer, template="plain")
+    with pytest.raises(RowProblem, match=r"hold the special token '<\|end\|>' across two of them"):
+        encoder.encode([message("user", "hello <|en"), message("assistant", "d|> 5")])
+    with pytest.raises(RowProblem, match=r"hold the special token '<\|user\|>' across two of them"):
+        encoder.encode_prompt([message("system", "Be <|us"), message("user", "er|>hi")])
+    ids, mask = encoder.encode([message("user", "hello <|"), message("assistant", "5")])  # no token made: kept
+    assert tokenizer.decode(ids) == "<|bos|>hello <|5<|end|>" and ids.count(tokenizer.eos_token_id) == 1

@@ -155,19 +155,36 @@ class Encoder:
             ids, spans = self._prefixes(messages, trained, mode)
         mask = [0] * len(ids)
         closers = self.closers
-        for start, end in spans:
+        added = 0  # EOS tokens inserted so far: later spans move by as many
+        for start, end, turn_end in spans:
+            start, end, turn_end = start + added, end + added, turn_end + added
             mask[start:end] = [1] * (end - start)
-            if any(t in closers for t in ids[start:end]):
+            if self._ends_with_closer(ids[start:end]):
                 continue
-            if end < len(ids) and ids[end] in closers:
-                # A template that closes the turn outside its generation block (`<|im_end|>` after it) would leave
-                # the token the model stops on untrained: the special token right after the turn is trained too.
-                mask[end] = 1
-            elif end == len(ids) and (start, end) == spans[-1]:
-                # A template that ends an answer with no end-of-turn token at all ("assistant: 5\n"): EOS is
-                # appended to the last one, or a model trained on it could never stop.
-                ids, mask = [*ids, self.tokenizer.eos_token_id], [*mask, 1]
+            # The turn's rendering goes on after its trained tokens: a template that closes the turn outside its
+            # generation block (`<|im_end|>` after it, or a newline then `<|end|>`). Trained through its first
+            # end-of-turn token, or the model would never learn to stop.
+            closer = next((k for k in range(end, turn_end) if ids[k] in closers), None)
+            if closer is not None:
+                mask[end:closer + 1] = [1] * (closer + 1 - end)
+            else:
+                # A turn rendered with no end-of-turn token at all ("Assistant: 5\n"; "<|assistant|>5" followed by
+                # the next turn's "<|user|>", which sampling does not stop on): an EOS is put where the turn's
+                # rendering ends, and trained with what the template wrote after the trained tokens.
+                mask[end:turn_end] = [1] * (turn_end - end)
+                ids.insert(turn_end, self.tokenizer.eos_token_id)
+                mask.insert(turn_end, 1)
+                added += 1
         return self._one_bos(ids, mask)
+
+    def _ends_with_closer(self, ids: Sequence[int]) -> bool:
+        """Whether a turn's trained tokens end with an end-of-turn token, but for whitespace the template writes after
+        it (ChatML's newline after `<|im_end|>`). Its last one, not any: a special token opening the answer (a tool
+        call's tag, a special `<think>`) ends nothing."""
+        tail = list(ids)
+        while tail and tail[-1] not in self.closers and not self.tokenizer.decode([tail[-1]]).strip():
+            tail.pop()
+        return bool(tail) and tail[-1] in self.closers
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
         """Language modelling on plain text: the text and an EOS, every token trained (but an opening BOS)."""
@@ -240,7 +257,7 @@ class Encoder:
         return {"tools": json.loads(self.tools)} if self.tools else {}
 
     def _marked(self, messages: Sequence[dict[str, Any]], trained: list[int],
-                mode: str) -> tuple[list[int], list[tuple[int, int]]]:
+                mode: str) -> tuple[list[int], list[tuple[int, int, int]]]:
         try:
             out = self.tokenizer.apply_chat_template(
                 self._template_messages(messages, mode), tokenize=True, return_dict=True,
@@ -252,10 +269,22 @@ class Encoder:
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if len(runs) != len(assistant):  # adjacent assistant turns merge into one run: split them by prefixes
             return self._prefixes(messages, trained, mode)
-        return ids, [run for run, i in zip(runs, assistant, strict=True) if i in trained]
+        return ids, [(start, end, self._turn_end(ids, messages[:i + 1], mode, end))
+                     for (start, end), i in zip(runs, assistant, strict=True) if i in trained]
+
+    def _turn_end(self, ids: list[int], through: Sequence[dict[str, Any]], mode: str, end: int) -> int:
+        """Where the rendering of the conversation `through` a marked turn ends in `ids`: what the template writes
+        after the turn's generation block belongs to the turn up to there. Where that render is not a prefix of the
+        whole (a template that rewrites earlier turns), the end-of-turn token right after the block, if one is."""
+        if end < len(ids):
+            through_ids = self._tokens(self._render(through, mode, add_generation_prompt=False))
+            if len(through_ids) >= end and ids[:len(through_ids)] == through_ids:
+                return len(through_ids)
+            return end + 1 if ids[end] in self.closers else end
+        return end
 
     def _prefixes(self, messages: Sequence[dict[str, Any]], trained: list[int],
-                  mode: str) -> tuple[list[int], list[tuple[int, int]]]:
+                  mode: str) -> tuple[list[int], list[tuple[int, int, int]]]:
         text = self._render(messages, mode, add_generation_prompt=False)
         ids = self._tokens(text)
         spans = []
@@ -264,9 +293,10 @@ class Encoder:
                 raise RowProblem("the conversation opens with an assistant turn; this chat template has no "
                                  "generation markers, so its tokens can only be located after a user turn",
                                  "messages[0]")
-            spans.append(self._span(text, ids, self._render(messages[:i], mode, add_generation_prompt=True),
+            start, end = self._span(text, ids, self._render(messages[:i], mode, add_generation_prompt=True),
                                     self._render(messages[:i + 1], mode, add_generation_prompt=False),
-                                    f"messages[{i}]"))
+                                    f"messages[{i}]")
+            spans.append((start, end, end))  # the turn's rendering ends with its span
         return ids, spans
 
     # -- plain text path ----------------------------------------------------------------------
@@ -283,16 +313,28 @@ class Encoder:
         return pieces
 
     def _plain_text(self, messages: Sequence[dict[str, Any]]) -> str:
-        return self._opening_bos_text + "".join(self._plain_pieces(messages))
+        text = self._opening_bos_text + "".join(self._plain_pieces(messages))
+        # The pieces join with nothing between them: two that are each clean may still hold a special token across
+        # the join ("hello <|en" + "d|> 5"), one the text would be tokenised as. Every special text of the joined
+        # text is one posttrain wrote (BOS, each answer's EOS, thinking tags) or it is refused.
+        blank = [{**m, "content": "", **({"reasoning": ""} if m.get("reasoning") is not None else {})}
+                 for m in messages]
+        skeleton = self._opening_bos_text + "".join(self._plain_pieces(blank))
+        forged = next((t for t in self.special_texts if text.count(t) > skeleton.count(t)), None)
+        if forged is not None:
+            raise RowProblem(f"its messages, joined as data.template=plain joins them (with nothing between), hold the "
+                             f"special token {forged!r} across two of them", "messages")
+        return text
 
-    def _plain(self, messages: Sequence[dict[str, Any]], trained: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    def _plain(self, messages: Sequence[dict[str, Any]],
+               trained: list[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
         bos = self._opening_bos_text
         pieces = self._plain_pieces(messages)
-        text = bos + "".join(pieces)
+        text = self._plain_text(messages)
         ids = self._tokens(text)
         spans = [self._span(text, ids, bos + "".join(pieces[:i]), bos + "".join(pieces[:i + 1]), f"messages[{i}]")
                  for i in trained]
-        return ids, spans
+        return ids, [(start, end, end) for start, end in spans]  # each answer's piece ends with its EOS
 
     # -- shared checks ------------------------------------------------------------------------
 
