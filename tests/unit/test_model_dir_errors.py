@@ -127,3 +127,21 @@ def test_a_models_fingerprint_is_its_files_wherever_they_are(tmp_path):
     (tmp_path / "copy" / "tokenizer.json").write_text('{"vocab": 2}')
     assert model_fingerprint(tmp_path / "copy") == {**first, "tokenizer.json": model_fingerprint(tmp_path / "copy")[
         "tokenizer.json"]} != first
+
+
+def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused_as_it_loads(tmp_path, tokenizer):
+    """Its ids past the embedding failed mid-run (IndexError in the embedding) at the first row that used one, or
+    never; an embedding larger than the tokenizer (a vocabulary padded to a round size) is fine."""
+    from posttrain.models import load_tokenizer_and_model
+
+    for rows, name in ((len(tokenizer) - 10, "small"), (len(tokenizer) + 16, "padded")):
+        model = build_model(ModelConfig(size="tiny"), tokenizer, seed=0)
+        model.resize_token_embeddings(rows)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    past = sorted(index for index in tokenizer.get_vocab().values() if index >= len(tokenizer) - 10)
+    with pytest.raises(ConfigError, match=rf"model.path: the tokenizer has 10 token\(s\) with ids past the model's "
+                                          rf"{len(tokenizer) - 10} embedding rows \(.* ids {past[0]}-{past[-1]}\)"):
+        load_tokenizer_and_model(ModelConfig(path=str(tmp_path / "small")))
+    _, model = load_tokenizer_and_model(ModelConfig(path=str(tmp_path / "padded")))
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 16

@@ -75,6 +75,15 @@ def one_short(batch):
 def words(batch):
     return ["1"] * len(batch.completions)
 
+def edits(batch):  # normalises the batch in place
+    for i in range(len(batch.completions)):
+        batch.completions[i] = "edited"
+        batch.prompts[i].append({"role": "user", "content": "injected"})
+    return [0.0] * len(batch.completions)
+
+def is_a(batch):
+    return [float(text == "a") for text in batch.completions]
+
 def some_none(batch):  # TRL's convention: None where the function does not apply
     return [None if text.startswith("n/a") else 1.0 for text in batch.completions]
 
@@ -321,3 +330,17 @@ def test_one_bad_completion_of_a_batch_sent_in_parts_is_the_error_of_its_row_alo
     scores = rewards(_batch(*texts))
     assert [e["row"] for e in scores.errors] == [MAX_ROWS + 7] and "cannot parse 'bad'" in scores.errors[0]["error"]
     assert scores.total.sum().item() == len(texts) - 1
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_function_that_edits_its_batch_changes_nothing_the_others_see(tmp_path, in_process):
+    """In the trainer's process one batch went to every function: one that edited it (stripped its completions in
+    place) changed what the next one scored and what samples.jsonl kept; in a child process it was harmless."""
+    module = tmp_path / "edits.py"
+    module.write_text(MODULE)
+    cfg = load_config(RewardConfig, {"functions": {f"{module}:edits": 1.0, f"{module}:is_a": 1.0},
+                                     "in_process": in_process})
+    check_reward_functions(cfg)
+    batch = _batch("a", "b")
+    assert build_rewards(cfg, task=None)(batch).total.tolist() == [1.0, 0.0]
+    assert batch == _batch("a", "b")

@@ -50,7 +50,7 @@ from posttrain.eval.rewards import (
 )
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.device import default_device
-from posttrain.models.io import adapter_base, check_same_vocabulary
+from posttrain.models.io import adapter_base, check_same_vocabulary, check_tokenizer_fits
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import load_reward_model, saved_head
 from posttrain.models.value import ACTOR_PREFIX
@@ -261,13 +261,16 @@ def load_policy(target: Target) -> tuple[PreTrainedTokenizerBase, torch.nn.Modul
     """The tokenizer and causal LM to evaluate: the target's, or for an RL checkpoint those of the model the run
     started from (`model.path` of the run's config), its policy's tensors loaded into the model."""
     if not target.actor_tensors:
-        return load_tokenizer(target.model_dir), load_causal_lm(target.model_dir)
+        tokenizer, policy = load_tokenizer(target.model_dir), load_causal_lm(target.model_dir)
+        check_tokenizer_fits(tokenizer, policy, "path")
+        return tokenizer, policy
     start = _in_workdir(target, target.section("model").get("path"))  # relative to where the run was started
     if target.section("adapter").get("method", "none") != "none" or not start:
         raise RunDirError("this RL checkpoint holds an adapter's policy with its critic, for resuming: evaluate the "
                           "run's final/ (or resume the run)", file=str(target.run_dir))
     try:
         tokenizer, policy = load_tokenizer(start), load_causal_lm(start)
+        check_tokenizer_fits(tokenizer, policy)
         load_module_weights(policy, target.model_dir, prefix=ACTOR_PREFIX)
         return tokenizer, policy
     except (RuntimeError, OSError, PosttrainError) as err:
@@ -379,6 +382,7 @@ def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions
     rows of its training data, else its eval.source, else the held-out split of `data`'s task (a bare model)."""
     tokenizer = load_tokenizer(target.model_dir)
     model = load_reward_model(target.model_dir)
+    check_tokenizer_fits(tokenizer, model, "path")
     process_target = getattr(model.config, "process_target", None)
     held = RewardEvalConfig(size=options.problems, seed=options.seed, batch_size=options.batch_size)
     heldout_cfg = _run_heldout_config(target, held)

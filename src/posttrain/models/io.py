@@ -182,6 +182,25 @@ def check_same_vocabulary(policy: str | Path | PreTrainedTokenizerBase, other: s
                           f"as other tokens. {remedy}", field=field)
 
 
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, field: str = "model.path") -> None:
+    """Every id the tokenizer gives has a row in the model's input embedding (a larger embedding, as Qwen pads its
+    vocabulary to a round size, is fine), or a ConfigError naming `field`: an id past it failed mid-run (an index
+    error in the embedding, on a GPU a device-side assert) at the first row or prompt that used one, or never, while
+    the data happened to avoid them."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        return
+    vocabulary = tokenizer.get_vocab()
+    beyond = sorted((index, token) for token, index in vocabulary.items() if index >= rows)
+    if beyond:
+        shown = ", ".join(repr(token) for _, token in beyond[:3]) + (" ..." if len(beyond) > 3 else "")
+        raise ConfigError(f"the tokenizer has {len(beyond)} token(s) with ids past the model's {rows} embedding rows "
+                          f"({shown}: ids {beyond[0][0]}-{beyond[-1][0]}): the model cannot read them. Use the "
+                          "tokenizer the model was trained with, or resize the model's embeddings to the tokenizer "
+                          "(model.resize_token_embeddings(len(tokenizer))) and save it", field=field)
+
+
 def from_model_dir(auto_class: Any, path: str | Path, *, trust_remote_code: bool = False, dtype: str = "auto",
                    field: str = "model.path", **kwargs: Any) -> tuple[PreTrainedModel, Path]:
     """`auto_class.from_pretrained` on the local model directory `path` (and the directory): every fault of
@@ -250,8 +269,10 @@ def load_tokenizer_and_model(cfg: ModelConfig,
     """The tokenizer and causal LM a recipe's `model:` section names (its path, trust_remote_code, dtype and
     disable_dropout; `compares_logprobs`: whether the stage does, which turns dropout off by default)."""
     tokenizer = load_tokenizer(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    return tokenizer, load_causal_lm(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
-                                     disable_dropout=cfg.drops_dropout(compares_logprobs))
+    model = load_causal_lm(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
+                           disable_dropout=cfg.drops_dropout(compares_logprobs))
+    check_tokenizer_fits(tokenizer, model)
+    return tokenizer, model
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:

@@ -20,7 +20,7 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.corpus import plain_text, synthetic_documents
 from posttrain.errors import ConfigError
 from posttrain.eval.report import write_training_report
-from posttrain.models import build_model, count_parameters, load_causal_lm, load_tokenizer, save_pretrained
+from posttrain.models import build_model, count_parameters, load_tokenizer_and_model, save_pretrained
 from posttrain.models.attention import position_limit
 from posttrain.models.tokenizer import train_tokenizer
 from posttrain.train.engine import TrainConfig, Trainer, once_per_step
@@ -114,10 +114,7 @@ def main(cfg: PretrainConfig) -> RunResult:
 
 def _tokenizer_and_model(cfg: PretrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     if cfg.model.path:
-        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
-                               dtype=cfg.model.dtype, disable_dropout=cfg.model.drops_dropout(compares_logprobs=False))
-        return tokenizer, model
+        return load_tokenizer_and_model(cfg.model, compares_logprobs=False)
     documents = itertools.islice(synthetic_documents(cfg.run.seed, cfg.corpus.chat_share),
                                  cfg.tokenizer.train_documents)
     tokenizer = train_tokenizer((plain_text(d) for d in documents), vocab_size=cfg.tokenizer.vocab_size)

@@ -60,6 +60,7 @@ from posttrain.eval.rewards import (
 )
 from posttrain.models import count_parameters, load_tokenizer, load_tokenizer_and_model
 from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
+from posttrain.models.io import check_tokenizer_fits
 from posttrain.models.reward import (
     LIKELIHOOD_REDUCTIONS,
     REWARD_HEADS,
@@ -163,6 +164,7 @@ def main(cfg: RMConfig) -> RunResult:
                                pad_token_id=tokenizer.pad_token_id, dtype=cfg.model.dtype,
                                trust_remote_code=cfg.model.trust_remote_code, disable_dropout=cfg.model.drops_dropout(),
                                reward_scale=cfg.reward_scale, reward_reduction=cfg.reward_reduction)
+    check_tokenizer_fits(tokenizer, model)
     cfg = batches_for(cfg, model)
     accepts = STAGE_FORMATS["prm" if cfg.kind == "process" else "rm"]
     progress = RunProgress.for_run(cfg.run)

@@ -28,7 +28,9 @@ which arrive as data files, run sandboxed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -84,7 +86,10 @@ def reward_function(name: str, **context: Any) -> RewardFunction:
         return REWARD_FUNCTIONS[name](**context)
     if ":" in name:
         if in_process or name.rpartition(":")[0] == "__main__":
-            return import_reward_function(name)
+            fn = import_reward_function(name)
+            # A batch of its own, as a child process's function gets one: a function that edits its arguments (strips
+            # the completions in place) changed what the next function scored and what samples.jsonl kept.
+            return functools.wraps(fn)(lambda batch: fn(copy.deepcopy(batch)))
         return user_function_process(name, float(timeout_s or DEFAULT_TIMEOUT_S))
     return REWARD_FUNCTIONS[name](**context)  # the registry's own error, with the names it has
 

@@ -30,7 +30,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.models import load_tokenizer
 from posttrain.models.attention import packing_obstacle, position_limit
 from posttrain.models.heads import floating_dtype
-from posttrain.models.io import check_model_dir
+from posttrain.models.io import check_model_dir, check_tokenizer_fits
 from posttrain.models.reward import is_likelihood_model, load_reward_model, scores_at, sequence_scores
 
 Prompt = str | Sequence[dict[str, Any]]
@@ -89,8 +89,9 @@ class _Scorer:
         of as the model was trained; `field` the setting that named `path` (in the one-line errors). A scorer's
         model never runs code of its own (model.trust_remote_code is the policy's)."""
         check_model_dir(path, field, trust_hint=False)
-        return cls(load_reward_model(path, dtype=dtype, device=device, field=field), load_tokenizer(path), data,
-                   batch_size)
+        model, tokenizer = load_reward_model(path, dtype=dtype, device=device, field=field), load_tokenizer(path)
+        check_tokenizer_fits(tokenizer, model, field)
+        return cls(model, tokenizer, data, batch_size)
 
     @property
     def device(self) -> torch.device:
