@@ -18,6 +18,11 @@ from datasets import Dataset
 
 def _arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
     """Column `name` of `dataset` as an Arrow array, one value per row in the dataset's order."""
+    indices = getattr(dataset, "_indices", None)  # a filtered, selected or shuffled dataset's row order
+    if indices is not None and name in dataset.data.column_names:
+        # Taken in one Arrow call: read through the mapping (`with_format`) Arrow gives one chunk per row, which took
+        # 0.6 s per 250,000 rows to read and a Python loop over every chunk in `row_sums` (26 s for 1M rows).
+        return dataset.data.column(name).take(indices.column(0))
     column = dataset.with_format("arrow")[name]
     return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
 
