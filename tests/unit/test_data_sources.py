@@ -191,6 +191,28 @@ def test_the_arrow_cache_is_reused_and_invalidated_when_the_file_changes(tmp_pat
     assert third.cache_files != first.cache_files and third["completion"] == [[message("assistant", "2")]]
 
 
+def test_settings_of_built_in_tasks_do_not_key_a_files_cache(tmp_path, tokenizer):
+    """data.size and data.seed (a task's rows) were in a file's cache key: the same file was read and tokenised
+    again by each recipe of another data.size (sft 20000, rm 32000, dpo 6400) and for each data.seed (7.5 minutes
+    for 1M rows)."""
+    import dataclasses
+
+    from posttrain.data.tokenize import tokenize_rows
+
+    cfg = DataConfig(source=str(_write(tmp_path, "jsonl")), cache_dir=str(tmp_path / "cache"),
+                     columns=ColumnsConfig(prompt="question"))
+    first = load_rows(cfg, ("completion",))
+    tokenised = tokenize_rows(first, tokenizer, cfg).dataset.cache_files
+    for other in (dataclasses.replace(cfg, size=32000), dataclasses.replace(cfg, seed=5),
+                  dataclasses.replace(cfg, split="heldout")):
+        again = load_rows(other, ("completion",))
+        assert again.dataset.cache_files == first.dataset.cache_files
+        assert tokenize_rows(again, tokenizer, other).dataset.cache_files == tokenised
+    task = DataConfig(source="arith", size=8, cache_dir=str(tmp_path / "cache"))  # a task's rows they choose
+    assert load_rows(task, ("completion",)).dataset.cache_files != load_rows(
+        dataclasses.replace(task, seed=5), ("completion",)).dataset.cache_files
+
+
 def test_new_contents_of_the_same_size_and_mtime_and_a_same_named_file_elsewhere_miss_the_cache(tmp_path,
                                                                                               monkeypatch):
     """The key was the path as given, the size and the mtime: `cp -p`, `rsync -t` or `tar x` of new rows of the same

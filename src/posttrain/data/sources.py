@@ -89,8 +89,13 @@ def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
     if kind == "task" and cfg.split not in tasks.SPLITS:
         raise ConfigError(f"a built-in task's split is one of {', '.join(tasks.SPLITS)}, not {cfg.split!r}",
                           field="data.split")
+    # data.size and data.seed choose a built-in task's rows and data.split a task's or a `datasets` directory's:
+    # left out of a file's spec, whose cache key they changed (the same file read and tokenised again by each
+    # recipe of another data.size, or for another data.seed's held-out draw, which is taken later).
+    task = kind == "task"
     spec = _Spec(kind=kind, name=name, format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
-                 limit=cfg.limit, split=cfg.split, size=cfg.size, seed=cfg.seed, imitates=imitates)
+                 limit=cfg.limit, split=cfg.split if task or kind == "disk" else "", size=cfg.size if task else 0,
+                 seed=cfg.seed if task else 0, imitates=imitates)
     fmt = _choose_format(spec, accepts)
     spec = dataclasses.replace(spec, format=fmt)
     try:
