@@ -298,3 +298,15 @@ def test_numeric_gold_answers_are_stored_as_they_would_be_written(tmp_path):
             {"prompt": "What is 2-9?", "answer": -7}, {"prompt": "Say hi", "answer": " hi "}]
     loaded = load_rows(DataConfig(cache_dir=str(tmp_path)), ("verifiable",), rows=rows).dataset
     assert loaded["answer"] == ["5", "2.5", "-7", "hi"]
+
+
+def test_a_cache_directory_that_cannot_be_used_is_one_line_naming_the_setting(tmp_path):
+    """A file, or a directory under one (where root's tests cannot make one read-only): datasets' traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = _write(tmp_path, "jsonl")
+    for cache in (blocker, blocker / "cache"):
+        cfg = DataConfig(source=str(path), cache_dir=str(cache), columns=ColumnsConfig(prompt="question"))
+        with pytest.raises(ConfigError, match=rf"data.cache_dir: the data cache {cache} cannot be used \(.*\): set "
+                                              "data.cache_dir to a writable directory"):
+            load_rows(cfg, ("completion",))

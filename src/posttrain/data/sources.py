@@ -105,6 +105,12 @@ def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
         if isinstance(err.__cause__, DataError):
             raise err.__cause__ from None
         raise
+    except OSError as err:  # the cache directory: a file, not writable, on a read-only disk (the rows' own are above)
+        import datasets
+
+        where = cfg.cache_dir or f"{datasets.config.HF_DATASETS_CACHE} (HF_DATASETS_CACHE)"
+        raise ConfigError(f"the data cache {where} cannot be used ({err.strerror or err}): set data.cache_dir to a "
+                          "writable directory", field="data.cache_dir") from None
     return Rows(dataset=dataset, format=fmt, name=f"task:{name}" if kind == "task" else name)
 
 
