@@ -310,3 +310,10 @@ def test_a_cache_directory_that_cannot_be_used_is_one_line_naming_the_setting(tm
         with pytest.raises(ConfigError, match=rf"data.cache_dir: the data cache {cache} cannot be used \(.*\): set "
                                               "data.cache_dir to a writable directory"):
             load_rows(cfg, ("completion",))
+
+
+def test_one_column_renamed_to_two_names_is_refused():
+    """One of the two was silently lost: `columns.prompt=q columns.answer=q` read no prompt."""
+    with pytest.raises(ConfigError, match="data.columns.answer: the column 'q' is renamed to both prompt and answer"):
+        load_config(DataConfig, None, ["columns.prompt=q", "columns.answer=q"])
+    assert ColumnsConfig(prompt="q", answer="a").renames() == {"q": "prompt", "a": "answer"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from posttrain.config import param, section
+from posttrain.errors import ConfigError
 
 # The row formats (see `schemas.py` for their columns) and which of them each stage takes.
 FORMATS = ("completion", "messages", "text", "preference", "ranking", "verifiable", "stepwise", "unpaired")
@@ -48,16 +49,28 @@ class ColumnsConfig:
     text: str | None = param(None, "Source column holding `text`.")
     tools: str | None = param(None, "Source column holding `tools`.")
 
+    def __post_init__(self) -> None:
+        self.renames()  # refused as the config is read, not once a model is loaded
+
     def renames(self) -> dict[str, str]:
-        """{source column: canonical column} for every column that is renamed."""
-        return {getattr(self, f.name): f.name for f in dataclasses.fields(self)
-                if getattr(self, f.name) not in (None, "", f.name)}
+        """{source column: canonical column} for every column that is renamed. One column renamed to two names
+        (columns.prompt=q columns.answer=q) is refused: one of the two was silently lost."""
+        renames: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            source = getattr(self, f.name)
+            if source in (None, "", f.name):
+                continue
+            if source in renames:
+                raise ConfigError(f"the column {source!r} is renamed to both {renames[source]} and {f.name}: a column "
+                                  "becomes one of them (copy it in the data for both)", field=f"data.columns.{f.name}")
+            renames[source] = f.name
+        return renames
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = param("arith", "A .jsonl/.json/.parquet/.csv file, a `datasets` directory "
-                                 "(save_to_disk) or a built-in task: arith, multistep, sort.")
+                                 "(save_to_disk) or a built-in task: arith, chain, multistep, multistep-long, sort.")
     format: str = param("auto", "Row format; auto = the first format the stage takes whose columns "
                                 "the rows have.", choices=("auto", *FORMATS))
     columns: ColumnsConfig = section(ColumnsConfig, "Column renames (columns.prompt=question).")
