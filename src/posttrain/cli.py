@@ -388,7 +388,7 @@ def data_inspect(
     model: Annotated[str | None, typer.Option(help="Model directory whose tokenizer and chat template to use "
                                                    "(default: runs/pretrain/final, else the built-in tokenizer).")
                      ] = None,
-    samples: Annotated[int, typer.Option("--samples", "-n", help="Rendered samples to show.")] = 3,
+    samples: Annotated[int, typer.Option("--samples", "-n", min=0, help="Rendered samples to show.")] = 3,
 ) -> None:
     """Show rendered samples with the trained tokens highlighted, and token statistics."""
     _quiet_libraries()

@@ -150,3 +150,18 @@ def test_a_training_report_is_written_for_odd_runs(tmp_path):
     (run.plots / "curves.png").unlink()
     assert "training curves" not in rebuild_training_report(run).read_text()
     assert not (run.plots / "curves.png").exists()
+
+
+def test_a_redrawn_report_says_what_the_runs_own_said_of_a_number_json_cannot_hold(tmp_path):
+    """summary.json keeps NaN as null: the run's report said "nan" (a KTO step without a desirable row, PPO's
+    explained variance) and `posttrain report` redrew it as "None"."""
+    from posttrain.eval.report import rebuild_training_report, write_training_report
+    from posttrain.train.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    summary = {"reward_margin": float("nan"), "kl": float("inf"), "loss": 2.0}
+    written = write_training_report(run, "kto", summary).read_text()
+    assert "| reward margin | n/a |" in written and "| kl | n/a |" in written and "| loss | 2 |" in written
+    assert rebuild_training_report(run).read_text() == written

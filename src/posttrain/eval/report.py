@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,10 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
 
 
 def _fmt(value: Any) -> str:
+    # summary.json keeps a NaN or infinite number as null (JSON has none): a report redrawn from it says the same as
+    # the one the run wrote ("nan" there and "None" redrawn, before).
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, int):
