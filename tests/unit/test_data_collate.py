@@ -172,3 +172,27 @@ def test_padding_free_pairs_and_rankings_are_capped_and_keep_every_sequence_id()
     for i, sequence in enumerate((A, B, A)):
         assert ranked["input_ids"][ranked["sample_ids"] == i].tolist() == sequence["input_ids"]
     assert ranked["ranks"].tolist() == [0, 1, 2]
+
+
+def test_packed_rows_are_built_in_arrow_as_the_obvious_loop_builds_them():
+    """Built in Arrow now (the lists of Python ints took ~130 bytes a token): against the loop it replaced, on a
+    shuffled and filtered set (an index mapping) of rows of random lengths."""
+    import random
+
+    from datasets import Dataset
+
+    from posttrain.data.collate import pack_bfd
+
+    rng = random.Random(0)
+    rows = []
+    for line in range(300):
+        n = rng.randint(1, 40)
+        rows.append({"input_ids": [rng.randint(0, 500) for _ in range(n)],
+                     "response_mask": [rng.randint(0, 1) for _ in range(n)], "length": n, "line": line})
+    dataset = Dataset.from_list(rows).shuffle(seed=3).filter(lambda line: line % 5 != 0, input_columns="line")
+    packed = pack_dataset(dataset, capacity=64)
+    kept = [dataset[i] for i in range(len(dataset))]
+    bins = pack_bfd([r["length"] for r in kept], 64)
+    assert packed.to_dict() == {"input_ids": [[t for i in b for t in kept[i]["input_ids"]] for b in bins],
+                                "response_mask": [[m for i in b for m in kept[i]["response_mask"]] for b in bins],
+                                "seq_lengths": [[len(kept[i]["input_ids"]) for i in b] for b in bins]}

@@ -23,11 +23,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
 import torch
 from datasets import Dataset
 from torch import Tensor
 
-from posttrain.data.columns import column_values
+from posttrain.data.columns import column_values, concatenated_rows, row_lengths
 from posttrain.data.tokenize import IGNORE_INDEX
 
 Sample = Mapping[str, Any]
@@ -60,12 +61,13 @@ def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def pack_dataset(dataset: Dataset, capacity: int) -> Dataset:
     """Rows of concatenated samples (best-fit decreasing), with `seq_lengths` to split them again."""
     bins = pack_bfd(column_values(dataset, "length"), capacity)
-    ids, masks = column_values(dataset, "input_ids"), column_values(dataset, "response_mask")
-    return Dataset.from_dict({
-        "input_ids": [[t for i in b for t in ids[i]] for b in bins],
-        "response_mask": [[m for i in b for m in masks[i]] for b in bins],
-        "seq_lengths": [[len(ids[i]) for i in b] for b in bins],
-    })
+    lengths = row_lengths(dataset, "input_ids")
+    # Concatenated in Arrow: every token as a Python int cost ~130 bytes (3 GB at peak for 16M tokens).
+    return Dataset(pa.table({
+        "input_ids": concatenated_rows(dataset, "input_ids", bins),
+        "response_mask": concatenated_rows(dataset, "response_mask", bins),
+        "seq_lengths": pa.array([[lengths[i] for i in b] for b in bins], type=pa.list_(pa.int64())),
+    }))
 
 
 def unpack_row(row: Sample) -> list[dict[str, list[int]]]:
