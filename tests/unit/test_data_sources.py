@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import os
 
@@ -317,3 +318,17 @@ def test_one_column_renamed_to_two_names_is_refused():
     with pytest.raises(ConfigError, match="data.columns.answer: the column 'q' is renamed to both prompt and answer"):
         load_config(DataConfig, None, ["columns.prompt=q", "columns.answer=q"])
     assert ColumnsConfig(prompt="q", answer="a").renames() == {"q": "prompt", "a": "answer"}
+
+
+def test_a_datasets_directory_without_the_split_names_how_to_read_the_one_it_has(tmp_path):
+    """`posttrain eval --data` has no split option: the error named a setting it cannot take. Each split is a
+    directory of its own, which reads as a source."""
+    from datasets import DatasetDict
+
+    path = tmp_path / "dd"
+    DatasetDict({"test": Dataset.from_list(ROWS)}).save_to_disk(str(path))
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "c"), columns=ColumnsConfig(prompt="question"))
+    with pytest.raises(DataError, match=rf"data.split: no split 'train'; the directory has test: choose one with "
+                                        rf"data.split, or name its own directory \({path / 'test'}\)"):
+        load_rows(cfg, ("completion",))
+    assert len(load_rows(dataclasses.replace(cfg, source=str(path / "test")), ("completion",)).dataset) == 2

@@ -380,8 +380,9 @@ def _read_disk(name: str, split: str) -> Iterator[tuple[Where, Any]]:
         raise DataError(f"not a `datasets` directory (save_to_disk): {err}", file=name) from None
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
-            raise DataError(f"no split {split!r}; the directory has {', '.join(loaded)}", file=name,
-                            field="split")
+            first = next(iter(loaded))  # save_to_disk writes each split as a directory of its own, a source too
+            raise DataError(f"no split {split!r}; the directory has {', '.join(loaded)}: choose one with data.split, "
+                            f"or name its own directory ({Path(name) / first})", file=name, field="data.split")
         loaded = loaded[split]
     for number, row in enumerate(loaded, start=1):
         yield Where(name, number), row
