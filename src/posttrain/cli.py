@@ -232,7 +232,9 @@ def evaluate(
     data: Annotated[str | None, typer.Option(help="Your own verifiable file (prompt rows, an `answer` column for the "
                                                   "`correct` check, an optional `category` column): .jsonl, .json, "
                                                   ".parquet, .csv or a `datasets` directory, instead of a built-in "
-                                                  "task; scored with the run's rewards (or --reward).")] = None,
+                                                  "task; scored with the run's rewards (or --reward). For a reward "
+                                                  "model: your comparisons (preference or ranking rows; stepwise "
+                                                  "rows for a process reward model).")] = None,
     task: Annotated[str | None, typer.Option(help="Built-in task (default: the run's eval task); with --data, the task "
                                                   "whose answer check `correct` uses (default: the run's reward.task).")
                     ] = None,

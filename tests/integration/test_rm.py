@@ -20,7 +20,7 @@ from posttrain.data.schemas import holds_as_answer
 from posttrain.data.tasks import get_task
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.evaluate import EvalOptions, evaluate
-from posttrain.models import build_model, save_pretrained
+from posttrain.models import build_model, load_tokenizer, save_pretrained
 from posttrain.models.reward import build_reward_model, load_reward_model, scores_at, sequence_scores
 from posttrain.recipes import find_recipe
 from posttrain.recipes.rm import RMConfig, comparison_loss_fn, main, process_loss_fn, process_step_source
@@ -121,7 +121,33 @@ def test_posttrain_eval_of_a_run_on_its_own_rows_without_held_out_ones_is_refuse
         evaluate(result.run_dir, EvalOptions(batch_size=8, problems=8), write=False)
     assert err.value.field == "--task"
     evaluated = evaluate(result.run_dir, EvalOptions(batch_size=8, problems=8, task="arith"), write=False)
-    assert evaluated["kind"] == "reward_model" and evaluated["data"] == "arith"
+    assert evaluated["kind"] == "reward_model" and evaluated["data"] == "arith" and evaluated["task"] == "arith"
+
+
+def test_posttrain_eval_scores_a_reward_model_on_a_file_of_comparisons_and_on_a_named_task(lm_dir, tmp_path):
+    """A reward model could be scored on built-in tasks or the rows its run held out only: --data was refused
+    (pointing to `posttrain rm`, which trains first), and --task was ignored for a run that held out rows of its
+    own, the result stamped with that task all the same."""
+    from posttrain.eval.rewards import comparison_metrics, comparison_scores
+
+    rows = list(get_task("arith").rows("preference", size=40))
+    source = write_rows(tmp_path / "pairs.jsonl", rows)
+    result = main(rm_config(lm_dir, tmp_path, f"data.source={source}", "data.eval_split=0.25", "train.max_steps=2",
+                            "train.batch_size=8", "train.micro_batch_size=8", "optim.lr=1e-3"))
+    mine = write_rows(tmp_path / "mine.jsonl", list(get_task("arith").rows("preference", split="heldout", size=12)))
+    evaluated = evaluate(result.run_dir, EvalOptions(batch_size=4, problems=10, data=str(mine)), write=False)
+    assert evaluated["kind"] == "reward_model" and evaluated["data"] == str(mine) and "task" not in evaluated
+    # The same first 10 rows scored by hand, as the run's own evaluation scores its rows.
+    model = load_reward_model(result.final_dir)
+    prepared = prepare_data(DataConfig(source=str(mine), limit=10, batch_mode="padded"),
+                            load_tokenizer(result.final_dir), accepts=("preference",))
+    want = comparison_metrics(comparison_scores(model, prepared, 4), prefix="")
+    assert evaluated["rows"] == 10 and evaluated["accuracy"] == want["accuracy"]
+    assert evaluated["margin"] == pytest.approx(want["margin"], rel=1e-6)
+    on_task = evaluate(result.run_dir, EvalOptions(batch_size=8, problems=8, task="arith"), write=False)
+    assert on_task["data"] == "arith" and on_task["task"] == "arith" and on_task["rows"] == 8
+    own = evaluate(result.run_dir, EvalOptions(batch_size=8), write=False)
+    assert own["rows"] == 10 and "task" not in own  # the run's held-out rows: no task
 
 
 def test_posttrain_eval_of_a_policy_run_scores_its_samples_with_the_runs_reward_model(lm_dir, tokenizer, tmp_path):

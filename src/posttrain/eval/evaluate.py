@@ -168,7 +168,7 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
     target = resolve_target(path)
     if write:
         check_writable(_out_path(target, options).parent, "name a writable file with --out")
-    if options.data is not None:
+    if options.data is not None and not target.is_reward_model:
         return evaluate_data(target, options, write)
     task = get_task(_task_name(target, options))
     data = _data_config(target, task, options)
@@ -181,7 +181,9 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
             result = evaluate_reward_model(target, data, options)
         else:
             result = evaluate_policy(target, task, data, options, greedy)
-    result = {"model": str(target.model_dir), "task": task.name, "precision": precision, **result}
+    # A reward model scored on rows of its own or of a file: no task to name.
+    named = {"task": task.name} if not target.is_reward_model or result.get("data") in TASKS else {}
+    result = {"model": str(target.model_dir), **named, "precision": precision, **result}
     if write:
         _write(target, result, options)
     return result
@@ -378,21 +380,31 @@ def _completions(examples: list[Example], texts: list[str]) -> Completions:
 
 
 def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions) -> dict[str, Any]:
-    """Pairwise accuracy (or step accuracy) on the held-out comparisons the run itself held out: data.eval_split's
-    rows of its training data, else its eval.source, else the held-out split of `data`'s task (a bare model)."""
+    """Pairwise accuracy (or step accuracy) on the user's own comparisons (--data: preference or ranking rows,
+    stepwise ones for a process reward model; the first --problems of them), or a named --task's held-out pairs, or
+    else the held-out comparisons the run itself held out: data.eval_split's rows of its training data, else its
+    eval.source, else the held-out split of `data`'s task (a bare model)."""
     tokenizer = load_tokenizer(target.model_dir)
     model = load_reward_model(target.model_dir)
     check_tokenizer_fits(tokenizer, model, "path")
     process_target = getattr(model.config, "process_target", None)
     held = RewardEvalConfig(size=options.problems, seed=options.seed, batch_size=options.batch_size)
-    heldout_cfg = _run_heldout_config(target, held)
-    source = target.section("data").get("source")
-    if heldout_cfg is None and source is not None and source not in TASKS and not (
-            options.task or target.section("eval").get("task")):
-        # A built-in task's pairs would be scored and reported as if they said something of the run's own rows.
-        raise ConfigError(f"the run trained on its own rows ({source}) and held none of them out (data.eval_split, "
-                          "eval.source): --task scores it on a built-in task's held-out pairs instead", field="--task")
-    heldout_cfg = heldout_cfg or heldout_data_config(data, held)
+    if options.data is not None:
+        own = dataclasses.replace(data, source=options.data, eval_split=0.0)
+        heldout_cfg = heldout_data_config(own, dataclasses.replace(held, source=options.data, split=own.split))
+        heldout_cfg = dataclasses.replace(heldout_cfg, limit=options.problems)
+    elif options.task:  # named: its held-out pairs, even for a run that held out rows of its own (it was ignored)
+        heldout_cfg = heldout_data_config(dataclasses.replace(data, eval_split=0.0), held)
+    else:
+        heldout_cfg = _run_heldout_config(target, held)
+        source = target.section("data").get("source")
+        if heldout_cfg is None and source is not None and source not in TASKS and not target.section("eval").get(
+                "task"):
+            # A built-in task's pairs would be scored and reported as if they said something of the run's own rows.
+            raise ConfigError(f"the run trained on its own rows ({source}) and held none of them out "
+                              "(data.eval_split, eval.source): --data scores it on a file of comparisons, --task on a "
+                              "built-in task's held-out pairs", field="--task")
+        heldout_cfg = heldout_cfg or heldout_data_config(data, held)
     assert heldout_cfg is not None  # data.source is a built-in task
     accepts = STAGE_FORMATS["prm" if process_target else "rm"]
     if process_target:
