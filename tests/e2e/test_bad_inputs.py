@@ -379,9 +379,6 @@ EVAL_DATA_CASES = [
          "empty category", files={"d.csv": 'prompt,answer,category\nWhat is 1+1?,2,add\n"What is 2+2?",4," "\n'}),
     case("eval-data-correct-needs-task", eval_data("d.jsonl"), "--task:", "answer",
          files={"d.jsonl": jsonl(CATEGORY)}),
-    case("eval-data-reward-model", ("eval", "{tmp}/rm", "--data", "{tmp}/d.jsonl"), "--data:",
-         "evaluates a policy", files={"d.jsonl": jsonl(CATEGORY), "rm/config.json": json.dumps(
-             {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})}),
     case("eval-heldout-category-type", stage("grpo", "eval.source={tmp}/held.jsonl"), "{tmp}/held.jsonl:1: category:",
          "got float", files={"held.jsonl": jsonl({**VERIFIABLE, "category": 0.5})}),
     # eval.correct_by names a reward the stage does not have: refused with the rewards, before the run directory.

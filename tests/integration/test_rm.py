@@ -148,6 +148,10 @@ def test_posttrain_eval_scores_a_reward_model_on_a_file_of_comparisons_and_on_a_
     assert on_task["data"] == "arith" and on_task["task"] == "arith" and on_task["rows"] == 8
     own = evaluate(result.run_dir, EvalOptions(batch_size=8), write=False)
     assert own["rows"] == 10 and "task" not in own  # the run's held-out rows: no task
+    prompts = write_rows(tmp_path / "prompts.jsonl", list(get_task("arith").rows("verifiable", size=4)))
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: responses: missing column 'responses'. This stage takes "
+                                        r"preference \(chosen, rejected\) or ranking"):  # a policy's prompts
+        evaluate(result.run_dir, EvalOptions(batch_size=8, data=str(prompts)), write=False)
 
 
 def test_posttrain_eval_of_a_policy_run_scores_its_samples_with_the_runs_reward_model(lm_dir, tokenizer, tmp_path):

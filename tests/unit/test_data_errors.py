@@ -193,7 +193,7 @@ def test_datasets_directory_without_the_split(tmp_path):
 
     DatasetDict({"test": Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dd"))
     err = _raises(_cfg(tmp_path, tmp_path / "dd"))
-    assert err.field == "split" and "has test" in err.message
+    assert err.field == "data.split" and "has test" in err.message
 
 
 def test_rename_of_a_column_that_is_not_there(tmp_path):
