@@ -156,11 +156,14 @@ class Encoder:
         mask = [0] * len(ids)
         closers = self.closers
         added = 0  # EOS tokens inserted so far: later spans move by as many
+        rendered = list(ids)  # `_turn_end` compares with the render, before any EOS is inserted
         for start, end, turn_end in spans:
-            start, end, turn_end = start + added, end + added, turn_end + added
+            start, end = start + added, end + added
             mask[start:end] = [1] * (end - start)
             if self._ends_with_closer(ids[start:end]):
                 continue
+            # Where a marked turn's rendering ends: found (by rendering it again) only where it is needed.
+            turn_end = (turn_end(rendered) if callable(turn_end) else turn_end) + added
             # The turn's rendering goes on after its trained tokens: a template that closes the turn outside its
             # generation block (`<|im_end|>` after it, or a newline then `<|end|>`). Trained through its first
             # end-of-turn token, or the model would never learn to stop.
@@ -257,7 +260,7 @@ class Encoder:
         return {"tools": json.loads(self.tools)} if self.tools else {}
 
     def _marked(self, messages: Sequence[dict[str, Any]], trained: list[int],
-                mode: str) -> tuple[list[int], list[tuple[int, int, int]]]:
+                mode: str) -> tuple[list[int], list[tuple[int, int, Any]]]:
         try:
             out = self.tokenizer.apply_chat_template(
                 self._template_messages(messages, mode), tokenize=True, return_dict=True,
@@ -269,7 +272,7 @@ class Encoder:
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if len(runs) != len(assistant):  # adjacent assistant turns merge into one run: split them by prefixes
             return self._prefixes(messages, trained, mode)
-        return ids, [(start, end, self._turn_end(ids, messages[:i + 1], mode, end))
+        return ids, [(start, end, functools.partial(self._turn_end, through=messages[:i + 1], mode=mode, end=end))
                      for (start, end), i in zip(runs, assistant, strict=True) if i in trained]
 
     def _turn_end(self, ids: list[int], through: Sequence[dict[str, Any]], mode: str, end: int) -> int:
@@ -284,7 +287,7 @@ class Encoder:
         return end
 
     def _prefixes(self, messages: Sequence[dict[str, Any]], trained: list[int],
-                  mode: str) -> tuple[list[int], list[tuple[int, int, int]]]:
+                  mode: str) -> tuple[list[int], list[tuple[int, int, Any]]]:
         text = self._render(messages, mode, add_generation_prompt=False)
         ids = self._tokens(text)
         spans = []
@@ -327,7 +330,7 @@ class Encoder:
         return text
 
     def _plain(self, messages: Sequence[dict[str, Any]],
-               trained: list[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
+               trained: list[int]) -> tuple[list[int], list[tuple[int, int, Any]]]:
         bos = self._opening_bos_text
         pieces = self._plain_pieces(messages)
         text = self._plain_text(messages)
