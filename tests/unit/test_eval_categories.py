@@ -158,7 +158,10 @@ def test_reward_errors_of_an_evaluation_are_counted_and_a_broken_reward_stops_it
     result = evaluate(model_dir, EvalOptions(data=data_file(tmp_path), samples=0, max_new_tokens=2,
                                              rewards=(f"{rewards}:some",)), write=False)
     assert result["reward_errors"] == 1 and result["problems"] == 6  # "Question number 3?" scores NaN
-    with pytest.raises(ConfigError, match="no judge reachable"):
+    # Worded for an evaluation: the --reward that named it, and no run directory to keep a file in.
+    with pytest.raises(ConfigError, match=r"--reward.*:broken: 6 of 6 scores of this batch are errors .*no judge "
+                                          r"reachable \(posttrain eval keeps no error file, the first of each kind "
+                                          r"printed above\)"):
         evaluate(model_dir, EvalOptions(data=data_file(tmp_path), samples=0, max_new_tokens=2,
                                         rewards=(f"{rewards}:broken",)), write=False)
 

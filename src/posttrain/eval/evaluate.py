@@ -465,7 +465,9 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     functions, rewards = _user_rewards(target, options, rows)
     # Errors as in a run: the first of each kind printed, a batch mostly of errors stops the evaluation (its
     # accuracy would be of zeros), and their count is in the result.
-    errors = rewards.error_log = RewardErrorLog(None, float(target.section("reward").get("max_error_fraction", 0.5)))
+    errors = rewards.error_log = RewardErrorLog(
+        None, float(target.section("reward").get("max_error_fraction", 0.5)),
+        setting="--reward" if options.rewards else "reward.functions", unkept="posttrain eval keeps no error file")
     rule = heldout.CorrectRule(by=options.correct_by, threshold=options.threshold)
     rule.check(functions, "--correct-by")
     count = min(options.problems, len(rows.dataset))

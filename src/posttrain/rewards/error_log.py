@@ -30,9 +30,13 @@ class RewardErrorLog:
     batch's rows."""
 
     def __init__(self, run_dir: str | Path | None, max_error_fraction: float = 0.5,
-                 echo: Callable[[str], None] | None = None) -> None:
+                 echo: Callable[[str], None] | None = None, *, setting: str = "reward.functions",
+                 unkept: str | None = None) -> None:
+        """`setting`: what named the functions (a run's reward.functions, eval's --reward); `unkept`: why errors are
+        not kept in a file, where there is none to keep them (None: a run's, whose directory is not written yet)."""
         self.path = Path(run_dir) / ERRORS_FILE if run_dir is not None else None
         self.max_error_fraction = max_error_fraction
+        self.setting, self.unkept = setting, unkept
         self.echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))
         self.seen: set[tuple[str, str]] = set()
         self.calls = 0
@@ -74,7 +78,7 @@ class RewardErrorLog:
             kind = (record["function"], _kind(record["error"]))
             if kind not in self.seen:
                 self.seen.add(kind)
-                kept = self.path or f"the run directory's {ERRORS_FILE} once it is written"
+                kept = self.path or self.unkept or f"the run directory's {ERRORS_FILE} once it is written"
                 self.echo(f"reward {record['function']!r} failed on a sample (scored 0; every error is kept in "
                           f"{kept}):\n  prompt: {record['prompt']!r}\n  completion: "
                           f"{record['completion']!r}\n{record['error']}")
@@ -91,9 +95,10 @@ class RewardErrorLog:
                 raise ConfigError(f"{len(failed)} of {rows} scores of this batch are errors (more than "
                                   f"reward.max_error_fraction={self.max_error_fraction:g}); the first: "
                                   f"{failed[0]['error'].splitlines()[0]} ("
-                                  + (f"all in {self.path}" if self.path else "before the run directory was written: "
-                                     "none kept, the first of each kind printed above") + ")",
-                                  field=f"reward.functions.{function}")
+                                  + (f"all in {self.path}" if self.path else (self.unkept or "before the run "
+                                     "directory was written: none kept") + ", the first of each kind printed above")
+                                  + ")",
+                                  field=f"{self.setting}.{function}")
 
 
 def _kind(error: str) -> str:
