@@ -553,3 +553,17 @@ def test_plain_messages_cannot_forge_a_special_token_across_their_join(tokenizer
         encoder.encode_prompt([message("system", "Be <|us"), message("user", "er|>hi")])
     ids, mask = encoder.encode([message("user", "hello <|"), message("assistant", "5")])  # no token made: kept
     assert tokenizer.decode(ids) == "<|bos|>hello <|5<|end|>" and ids.count(tokenizer.eos_token_id) == 1
+
+
+def test_a_pad_token_of_ordinary_text_is_named_as_the_cause(tokenizer):
+    """A pad token set to "!" (GPT-2 users' id 0) makes it special: every row holding one is refused, which read
+    as if the data were at fault."""
+    from posttrain.data.tokenize import RowProblem
+
+    bang = copy.deepcopy(tokenizer)
+    bang.pad_token = "!"
+    with pytest.raises(RowProblem, match=r"contains the special token '!' as text \(the tokenizer's pad token: text "
+                                         r"made special; save the tokenizer with another pad token"):
+        _encoder(bang).encode([message("user", "Say hi!"), message("assistant", "hi")])
+    with pytest.raises(RowProblem, match=r"contains the special token '<\|end\|>' as text$"):
+        _encoder(tokenizer).encode([message("user", "Say <|end|>"), message("assistant", "hi")])

@@ -464,7 +464,12 @@ class Encoder:
     def _check_special_in(self, text: str, field: str) -> None:
         found = next((t for t in self.special_texts if t in text), None)
         if found:
-            raise RowProblem(f"contains the special token {found!r} as text", field)
+            # A pad token set to a character of ordinary text ("!", GPT-2's id 0) is special to the tokenizer too:
+            # every row holding it would be refused, and decoding would drop it from completions.
+            hint = (" (the tokenizer's pad token: text made special; save the tokenizer with another pad token, "
+                    "e.g. its EOS)" if found == self.tokenizer.pad_token and found.isprintable()
+                    and not found.startswith("<") else "")
+            raise RowProblem(f"contains the special token {found!r} as text{hint}", field)
 
     # -- whole rows ---------------------------------------------------------------------------
 
