@@ -515,29 +515,42 @@ NEWLINE_AFTER_BLOCK = ("{{ bos_token }}{% for m in messages %}{% if m['role'] ==
                        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
 
 
-@pytest.mark.parametrize(("template", "runs"), [
+PHI3_MARKED = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}{% if m['role'] == 'assistant' %}"
+               "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+               "{{ '\\n<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}"
+               "{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.parametrize(("phi3", "template", "runs"), [
     # No end-of-turn token anywhere: none was trained and none appended (text followed the block), so a model
-    # trained on it never stopped. An EOS now ends each turn's rendering, trained with the newline before it.
-    (NEWLINE_AFTER_BLOCK, ["5\n<|end|>", "16\n<|end|>"]),
+    # trained on it never stopped. The last turn gets an EOS after its rendering, trained with the newline before it.
+    (False, NEWLINE_AFTER_BLOCK, ["5\n", "16\n<|end|>"]),
     # The end-of-turn token after a newline that follows the block: it was left untrained.
-    (NEWLINE_AFTER_BLOCK.replace("{{ '\\n' }}{% else %}", "{{ '\\n' }}<|end|>{% else %}"),
+    (False, NEWLINE_AFTER_BLOCK.replace("{{ '\\n' }}{% else %}", "{{ '\\n' }}<|end|>{% else %}"),
      ["5\n<|end|>", "16\n<|end|>"]),
     # A special token opening the block (a tool call's tag, a special <think>) was taken for the turn's end, and the
-    # real one after the block went untrained.
-    (CHAT_TEMPLATE.replace("<|assistant|>{% generation %}", "<|assistant|>{% generation %}<|system|>").replace(
+    # real one after the block went untrained; so was one closing the block (a special </tool_call>).
+    (False, CHAT_TEMPLATE.replace("<|assistant|>{% generation %}", "<|assistant|>{% generation %}<|system|>").replace(
         "<|end|>{% endgeneration %}", "{% endgeneration %}<|end|>"), ["<|system|>5<|end|>", "<|system|>16<|end|>"]),
+    (False, CHAT_TEMPLATE.replace("<|end|>{% endgeneration %}", "<|system|>{% endgeneration %}<|end|>"),
+     ["5<|system|><|end|>", "16<|system|><|end|>"]),
     # Role tokens and no end-of-turn token (prefix tokenisation): the next turn's <|user|> was trained as the end
-    # of a turn, which sampling does not stop on. EOS now ends every turn.
-    ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-     "{% if add_generation_prompt %}<|assistant|>{% endif %}", ["5<|end|>", "16<|end|>"]),
+    # of a turn, which sampling does not stop on. Now only the last turn ends, with an EOS.
+    (False, "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}", ["5", "16<|end|>"]),
+    # Phi-3's shape, marked: a newline and <|end|> after the block, <|endoftext|> (its EOS) closing the conversation.
+    # A turn before the last rendered through itself ends with <|endoftext|>, which the row has not there.
+    (True, PHI3_MARKED, ["5\n<|end|>", "16\n<|end|>"]),
 ])
-def test_every_trained_turn_ends_with_a_trained_stop_token(tokenizer, template, runs):
-    templated = _templated(tokenizer, template)
+def test_every_trained_turn_ends_with_a_trained_stop_token(tokenizer, phi3_tokenizer, phi3, template, runs):
+    base = phi3_tokenizer if phi3 else tokenizer
+    templated = _templated(base, template)
     ids, mask = _encoder(templated).encode(TURNS)
-    assert _trained_runs(tokenizer, ids, mask) == runs
-    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
-    if "{% generation %}" in template:  # the same tokens without the markers (prefix tokenisation)
-        unmarked = _templated(tokenizer, re.sub(r"\{% (end)?generation %\}", "", template))
+    assert _trained_runs(base, ids, mask) == runs
+    if base.bos_token_id is not None:
+        assert ids[0] == base.bos_token_id and ids.count(base.bos_token_id) == 1
+    if "{% generation %}" in template and not phi3:  # the same tokens without the markers (prefix tokenisation)
+        unmarked = _templated(base, re.sub(r"\{% (end)?generation %\}", "", template))
         assert _encoder(unmarked).encode(TURNS) == (ids, mask)
 
 

@@ -154,40 +154,36 @@ class Encoder:
         else:
             ids, spans = self._prefixes(messages, trained, mode)
         mask = [0] * len(ids)
-        closers = self.closers
-        added = 0  # EOS tokens inserted so far: later spans move by as many
-        rendered = list(ids)  # `_turn_end` compares with the render, before any EOS is inserted
+        closers, eos = self.closers, self.tokenizer.eos_token_id
         for start, end, turn_end in spans:
-            start, end = start + added, end + added
             mask[start:end] = [1] * (end - start)
-            if self._ends_with_closer(ids[start:end]):
+            if self._last_token(ids[start:end]) == eos:
                 continue
-            # Where a marked turn's rendering ends: found (by rendering it again) only where it is needed.
-            turn_end = (turn_end(rendered) if callable(turn_end) else turn_end) + added
-            # The turn's rendering goes on after its trained tokens: a template that closes the turn outside its
-            # generation block (`<|im_end|>` after it, or a newline then `<|end|>`). Trained through its first
-            # end-of-turn token, or the model would never learn to stop.
+            # What the template writes after the trained tokens, up to where the turn's rendering ends (found by
+            # rendering it again, for a marked turn: only here, where it is needed): its first end-of-turn token is
+            # trained with what comes before it (`<|im_end|>` after the block; a newline then `<|end|>`; the
+            # `<|im_end|>` after a tool call whose closing tag is itself a special token).
+            turn_end = turn_end(ids) if callable(turn_end) else turn_end
             closer = next((k for k in range(end, turn_end) if ids[k] in closers), None)
             if closer is not None:
                 mask[end:closer + 1] = [1] * (closer + 1 - end)
-            else:
-                # A turn rendered with no end-of-turn token at all ("Assistant: 5\n"; "<|assistant|>5" followed by
-                # the next turn's "<|user|>", which sampling does not stop on): an EOS is put where the turn's
-                # rendering ends, and trained with what the template wrote after the trained tokens.
+            elif self._last_token(ids[start:end]) not in closers:
+                # A turn rendered with no end-of-turn token ("Assistant: 5\n"; "<|assistant|>5" whose next turn
+                # opens with "<|user|>", which sampling does not stop on): trained through its rendering, as a turn
+                # located by its prefixes is, and the row's last one gets an EOS appended, or the model could never
+                # stop. Earlier turns are left as the template renders them (a prompt's history has no EOS either).
                 mask[end:turn_end] = [1] * (turn_end - end)
-                ids.insert(turn_end, self.tokenizer.eos_token_id)
-                mask.insert(turn_end, 1)
-                added += 1
+                if turn_end == len(ids):
+                    ids, mask = [*ids, eos], [*mask, 1]
         return self._one_bos(ids, mask)
 
-    def _ends_with_closer(self, ids: Sequence[int]) -> bool:
-        """Whether a turn's trained tokens end with an end-of-turn token, but for whitespace the template writes after
-        it (ChatML's newline after `<|im_end|>`). Its last one, not any: a special token opening the answer (a tool
-        call's tag, a special `<think>`) ends nothing."""
+    def _last_token(self, ids: Sequence[int]) -> int | None:
+        """The last of a turn's trained tokens but whitespace the template writes after an end-of-turn token
+        (ChatML's newline after `<|im_end|>`)."""
         tail = list(ids)
         while tail and tail[-1] not in self.closers and not self.tokenizer.decode([tail[-1]]).strip():
             tail.pop()
-        return bool(tail) and tail[-1] in self.closers
+        return tail[-1] if tail else None
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
         """Language modelling on plain text: the text and an EOS, every token trained (but an opening BOS)."""
@@ -277,14 +273,20 @@ class Encoder:
 
     def _turn_end(self, ids: list[int], through: Sequence[dict[str, Any]], mode: str, end: int) -> int:
         """Where the rendering of the conversation `through` a marked turn ends in `ids`: what the template writes
-        after the turn's generation block belongs to the turn up to there. Where that render is not a prefix of the
-        whole (a template that rewrites earlier turns), the end-of-turn token right after the block, if one is."""
-        if end < len(ids):
-            through_ids = self._tokens(self._render(through, mode, add_generation_prompt=False))
-            if len(through_ids) >= end and ids[:len(through_ids)] == through_ids:
-                return len(through_ids)
-            return end + 1 if ids[end] in self.closers else end
-        return end
+        after the turn's generation block belongs to the turn up to there. A template that closes the whole
+        conversation after its last turn (Phi-3's `<|endoftext|>`) renders `through` with those tokens at its end:
+        the turn ends where the two part (as in `_span`). Otherwise, where the render is not a prefix of the whole
+        (a template that rewrites earlier turns), the end-of-turn token right after the block, if one is."""
+        if end >= len(ids):
+            return end
+        through_ids = self._tokens(self._render(through, mode, add_generation_prompt=False))
+        if len(through_ids) >= end and ids[:len(through_ids)] == through_ids:
+            return len(through_ids)
+        common = next((k for k, (a, b) in enumerate(zip(ids, through_ids, strict=False)) if a != b),
+                      min(len(ids), len(through_ids)))
+        if common >= end and all(t in self.closers for t in through_ids[common:]):
+            return common
+        return end + 1 if ids[end] in self.closers else end
 
     def _prefixes(self, messages: Sequence[dict[str, Any]], trained: list[int],
                   mode: str) -> tuple[list[int], list[tuple[int, int, Any]]]:
