@@ -55,7 +55,9 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG
 def refused_write(err: BaseException) -> tuple[str, str | None] | None:
     """(the reason, the file or None) when `err` is the storage refusing a file (`STORAGE_ERRNOS`; also safetensors'
     own error, which carries the I/O error in its text and no file name); None for any other error."""
-    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+    # No permission is the storage's only for a file (os.kill's EPERM is not); a full disk's write names none.
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS and (
+            err.filename is not None or err.errno not in (errno.EACCES, errno.EPERM)):
         return err.strerror or str(err), None if err.filename is None else str(err.filename)
     if type(err).__name__ == "SafetensorError" and "I/O error: " in str(err):
         first = str(err).strip().splitlines()[0]

@@ -389,6 +389,9 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_loading(pretra
     code, output = _invoke(["eval", str(pretrained_run.final_dir), "--problems", "2", "--samples", "0",
                             "--out", str(blocker / "eval.json")])
     assert code == 2 and "cannot write here (Not a directory): name a writable file with --out" in output, output
+    code, output = _invoke(["eval", str(pretrained_run.final_dir), "--problems", "2", "--samples", "0",
+                            "--out", str(tmp_path / "new" / "eval.json")])  # a directory not there yet is made
+    assert code == 0 and (tmp_path / "new" / "eval.json").is_file(), output
 
 
 def test_a_run_whose_model_moved_resumes_from_its_new_place_and_not_from_another_model(pretrained_run,

@@ -218,3 +218,24 @@ def test_a_write_refused_by_a_read_only_disk_names_the_file_not_its_temporary(tm
     with pytest.raises(OSError) as raised:
         replace_text(tmp_path / "summary.json", "{}")
     assert raised.value.errno == errno.EROFS and raised.value.filename == str(tmp_path / "summary.json")
+    monkeypatch.undo()
+
+    def full_disk(fd):  # a write, flush or fsync that fails names no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as raised:
+        replace_text(tmp_path / "summary.json", "{}")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "summary.json")
+
+
+def test_only_a_file_the_storage_refused_is_a_storage_fault():
+    import errno
+
+    from posttrain.errors import storage_fault
+
+    assert storage_fault(OSError(errno.EPERM, "Operation not permitted")) is None  # os.kill's, not a file's
+    assert storage_fault(OSError(errno.EACCES, "Permission denied", "/x/y")).message == "Permission denied"
+    fault = storage_fault(OSError(errno.ENOSPC, "No space left on device"), "resume with: posttrain resume r")
+    assert str(fault) == "a file could not be written (No space left on device); resume with: posttrain resume r"
+    assert storage_fault(ValueError("no")) is None

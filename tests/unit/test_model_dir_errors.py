@@ -115,6 +115,7 @@ def test_a_models_fingerprint_is_its_files_wherever_they_are(tmp_path):
     assert sorted(first) == ["config.json", "model.safetensors", "tokenizer.json"]
     shutil.copytree(model, tmp_path / "copy")
     (tmp_path / "copy" / "eval.json").write_text("{}")
+    (tmp_path / "copy" / "eval-token_tests.json").write_text("{}")  # what eval --data token_tests.jsonl writes
     assert model_fingerprint(tmp_path / "copy") == first
     # The 10th of the 64 middle blocks (the slow obvious spelling of where they start) and the last MiB.
     edge, block = 1 << 20, 1 << 16
@@ -145,3 +146,14 @@ def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused_as_it_loads(t
         load_tokenizer_and_model(ModelConfig(path=str(tmp_path / "small")))
     _, model = load_tokenizer_and_model(ModelConfig(path=str(tmp_path / "padded")))
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 16
+
+
+def test_a_model_that_does_not_say_its_embedding_is_not_checked_against_the_tokenizer(tokenizer):
+    """A model of its own code whose get_input_embeddings is not implemented loaded before the check existed."""
+    from posttrain.models.io import check_tokenizer_fits
+
+    class Opaque(torch.nn.Module):
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    check_tokenizer_fits(tokenizer, Opaque())

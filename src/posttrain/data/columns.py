@@ -53,7 +53,10 @@ def concatenated_rows(dataset: Dataset, name: str, groups: list[list[int]]) -> p
     """For each group of row indices, the lists of column `name` of those rows, concatenated in that order: one list
     per group, built in Arrow (the packed rows of a large set held as Python lists took ~130 bytes a token)."""
     order = pa.array([i for group in groups for i in group], type=pa.int64())
-    values = _arrow_column(dataset, name).take(order).combine_chunks()
+    values = _arrow_column(dataset, name).take(order)
+    if pa.types.is_list(values.type):  # 64-bit offsets: more than 2**31 values fit in one array
+        values = values.cast(pa.large_list(values.type.value_type))
+    values = values.combine_chunks()
     lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
     per_group = np.add.reduceat(lengths, np.cumsum([0, *map(len, groups[:-1])])) if groups else np.zeros(0, int)
     offsets = pa.array(np.concatenate([[0], np.cumsum(per_group)]).astype(np.int64))

@@ -380,7 +380,9 @@ def _read_disk(name: str, split: str) -> Iterator[tuple[Where, Any]]:
         raise DataError(f"not a `datasets` directory (save_to_disk): {err}", file=name) from None
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
-            first = next(iter(loaded))  # save_to_disk writes each split as a directory of its own, a source too
+            first = next(iter(loaded), None)  # save_to_disk writes each split as a directory of its own, a source too
+            if first is None:
+                raise DataError("a DatasetDict with no split", file=name)
             raise DataError(f"no split {split!r}; the directory has {', '.join(loaded)}: choose one with data.split, "
                             f"or name its own directory ({Path(name) / first})", file=name, field="data.split")
         loaded = loaded[split]

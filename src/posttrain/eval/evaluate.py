@@ -193,7 +193,9 @@ def _write(target: Target, result: dict[str, Any], options: EvalOptions) -> None
     """`options.out`, else `eval.json` of the run (or model) for a built-in task and `eval-<file name>.json` for a
     data file: an evaluation of one file no longer replaces that of the task or of another file. Atomic: an
     interrupted write leaves the last one whole."""
-    replace_text(_out_path(target, options), finite_json(result, indent=2))
+    out = _out_path(target, options)
+    out.parent.mkdir(parents=True, exist_ok=True)  # --out results/mine.json: its directory is made
+    replace_text(out, finite_json(result, indent=2))
 
 
 def _out_path(target: Target, options: EvalOptions) -> Path:
@@ -390,7 +392,7 @@ def evaluate_reward_model(target: Target, data: DataConfig, options: EvalOptions
     process_target = getattr(model.config, "process_target", None)
     held = RewardEvalConfig(size=options.problems, seed=options.seed, batch_size=options.batch_size)
     if options.data is not None:
-        own = dataclasses.replace(data, source=options.data, eval_split=0.0)
+        own = dataclasses.replace(data, source=options.data, eval_split=0.0, format="auto")
         heldout_cfg = heldout_data_config(own, dataclasses.replace(held, source=options.data, split=own.split))
         heldout_cfg = dataclasses.replace(heldout_cfg, limit=options.problems)
     elif options.task:  # named: its held-out pairs, even for a run that held out rows of its own (it was ignored)

@@ -36,8 +36,11 @@ class MetricsWriter:
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(finite_json(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(finite_json(record) + "\n")
+            self._file.flush()
+        except OSError as err:  # a full disk: named, as what the user would free space for
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
 
     def close(self) -> None:
         self._file.close()
@@ -118,8 +121,8 @@ def replace_text(path: Path, text: str) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):  # on a read-only directory this fails too, and would hide the cause
             tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename == str(tmp):  # named as the file the user knows
-            raise OSError(err.errno, err.strerror, str(path)) from err
+        if isinstance(err, OSError) and err.filename in (None, str(tmp)):  # named as the file the user knows (a
+            raise OSError(err.errno, err.strerror, str(path)) from err      # write, flush or fsync names none)
         raise
 
 

@@ -142,9 +142,9 @@ def check_run_dir(run: RunConfig, cfg: Any) -> None:
 
 def check_writable(path: Path, then: str) -> None:
     """A RunDirError now where files cannot be written at `path` (or, where it does not exist yet, in its nearest
-    existing parent): a read-only file system, no permission. Checked by writing one, since a read-only mount or a
-    full quota is not in the mode bits; said before minutes of loading and work, not by the first write after
-    them. `then`: what the user can do instead."""
+    existing parent): a read-only file system, no permission. Checked by creating one, since a read-only mount is
+    not in the mode bits; said before minutes of loading and work, not by the first write after them (a disk that
+    fills later is `storage_fault`'s). `then`: what the user can do instead."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
