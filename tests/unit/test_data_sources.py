@@ -332,3 +332,12 @@ def test_a_datasets_directory_without_the_split_names_how_to_read_the_one_it_has
                                         rf"data.split, or name its own directory \({path / 'test'}\)"):
         load_rows(cfg, ("completion",))
     assert len(load_rows(dataclasses.replace(cfg, source=str(path / "test")), ("completion",)).dataset) == 2
+
+
+def test_a_jsonl_file_whose_lines_end_with_cr_alone_says_so(tmp_path):
+    """It said "invalid JSON: Extra data" and nothing of why."""
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\r{"prompt": "c", "completion": "d"}\r')
+    with pytest.raises(DataError, match=r"cr.jsonl:1: invalid JSON: Extra data \(column 36\): its lines end with CR "
+                                        r"alone; convert them to LF"):
+        list(load_rows(DataConfig(source=str(path), cache_dir=str(tmp_path / "c")), ("completion",)).dataset)

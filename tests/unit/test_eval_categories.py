@@ -239,3 +239,9 @@ def test_only_a_file_the_storage_refused_is_a_storage_fault():
     fault = storage_fault(OSError(errno.ENOSPC, "No space left on device"), "resume with: posttrain resume r")
     assert str(fault) == "a file could not be written (No space left on device); resume with: posttrain resume r"
     assert storage_fault(ValueError("no")) is None
+
+
+def test_data_naming_a_built_in_task_is_refused_for_task(tmp_path):
+    """`--data arith` read the task's training rows as if they were a file's and reported them as held-out."""
+    with pytest.raises(ConfigError, match="--data: 'arith' is a built-in task, not a file: --task arith scores"):
+        evaluate(tmp_path, EvalOptions(data="arith", samples=0), write=False)

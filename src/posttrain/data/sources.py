@@ -276,7 +276,10 @@ def _read_jsonl(name: str) -> Iterator[tuple[Where, Any]]:
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as err:
-                raise where.error(f"invalid JSON: {err.msg} (column {err.colno})") from None
+                # Lines ended by CR alone (classic Mac OS, some exports) read as one line of several rows.
+                lone_cr = err.msg == "Extra data" and "\r" in text.rstrip("\r\n")
+                hint = ": its lines end with CR alone; convert them to LF (or CRLF)" if lone_cr else ""
+                raise where.error(f"invalid JSON: {err.msg} (column {err.colno}){hint}") from None
 
 
 def _read_json(name: str) -> Iterator[tuple[Where, Any]]:

@@ -165,6 +165,9 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
 
     greedy=False skips the greedy accuracy (a recipe that just measured it): samples only.
     """
+    if options.data in TASKS and not Path(options.data).exists():  # it read the task's training rows as a file's
+        raise ConfigError(f"{options.data!r} is a built-in task, not a file: --task {options.data} scores the model on "
+                          "its held-out problems", field="--data")
     target = resolve_target(path)
     if write:
         check_writable(_out_path(target, options).parent, "name a writable file with --out")
