@@ -57,7 +57,7 @@ def concatenated_rows(dataset: Dataset, name: str, groups: list[list[int]]) -> p
     if pa.types.is_list(values.type):  # 64-bit offsets: more than 2**31 values fit in one array
         values = values.cast(pa.large_list(values.type.value_type))
     values = values.combine_chunks()
-    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-    per_group = np.add.reduceat(lengths, np.cumsum([0, *map(len, groups[:-1])])) if groups else np.zeros(0, int)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(per_group)]).astype(np.int64))
-    return pa.LargeListArray.from_arrays(offsets, values.flatten())
+    # The taken rows' own offsets, read at each group's first row (and the end): where each group's values start.
+    row_offsets = values.offsets.to_numpy()
+    starts = row_offsets[np.cumsum([0, *map(len, groups)])]
+    return pa.LargeListArray.from_arrays(pa.array(starts - starts[0], type=pa.int64()), values.flatten())

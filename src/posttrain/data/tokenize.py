@@ -157,7 +157,8 @@ class Encoder:
         closers, eos = self.closers, self.tokenizer.eos_token_id
         for start, end, turn_end in spans:
             mask[start:end] = [1] * (end - start)
-            if self._last_token(ids[start:end]) == eos:
+            last = self._last_token(ids[start:end])
+            if last == eos:
                 continue
             # What the template writes after the trained tokens, up to where the turn's rendering ends (found by
             # rendering it again, for a marked turn: only here, where it is needed): its first end-of-turn token is
@@ -167,7 +168,7 @@ class Encoder:
             closer = next((k for k in range(end, turn_end) if ids[k] in closers), None)
             if closer is not None:
                 mask[end:closer + 1] = [1] * (closer + 1 - end)
-            elif self._last_token(ids[start:end]) not in closers:
+            elif last not in closers:
                 # A turn rendered with no end-of-turn token ("Assistant: 5\n"; "<|assistant|>5" whose next turn
                 # opens with "<|user|>", which sampling does not stop on): trained through its rendering, as a turn
                 # located by its prefixes is, and the row's last one gets an EOS appended, or the model could never
@@ -279,14 +280,18 @@ class Encoder:
         (a template that rewrites earlier turns), the end-of-turn token right after the block, if one is."""
         if end >= len(ids):
             return end
-        through_ids = self._tokens(self._render(through, mode, add_generation_prompt=False))
-        if len(through_ids) >= end and ids[:len(through_ids)] == through_ids:
-            return len(through_ids)
+        parted = self._renders_part(ids, self._tokens(self._render(through, mode, add_generation_prompt=False)))
+        if parted is not None and parted >= end:
+            return parted
+        return end + 1 if ids[end] in self.closers else end
+
+    def _renders_part(self, ids: list[int], through_ids: list[int]) -> int | None:
+        """Where `ids` and `through_ids` (the render of the conversation through a turn) part, when all the render
+        has beyond that are end-of-turn tokens (none, for a prefix; a template that closes the whole conversation
+        after its last turn, Phi-3's `<|endoftext|>`, gives a turn with more after it those tokens); else None."""
         common = next((k for k, (a, b) in enumerate(zip(ids, through_ids, strict=False)) if a != b),
                       min(len(ids), len(through_ids)))
-        if common >= end and all(t in self.closers for t in through_ids[common:]):
-            return common
-        return end + 1 if ids[end] in self.closers else end
+        return common if all(t in self.closers for t in through_ids[common:]) else None
 
     def _prefixes(self, messages: Sequence[dict[str, Any]], trained: list[int],
                   mode: str) -> tuple[list[int], list[tuple[int, int, Any]]]:
@@ -357,11 +362,9 @@ class Encoder:
             return len(before_ids), len(through_ids)
         # A template that closes the whole conversation after its last turn (Phi-3's `<|endoftext|>`): a turn with more
         # after it lacks those special tokens, and ends where the two renders part.
-        common = next((k for k, (a, b) in enumerate(zip(ids, through_ids, strict=False)) if a != b),
-                      min(len(ids), len(through_ids)))
-        if ids[:len(before_ids)] == before_ids and common > len(before_ids) and \
-                all(t in self.closers for t in through_ids[common:]):
-            return len(before_ids), common
+        parted = self._renders_part(ids, through_ids)
+        if ids[:len(before_ids)] == before_ids and parted is not None and parted > len(before_ids):
+            return len(before_ids), parted
         if text.startswith(before) and text.startswith(through) and self.tokenizer.is_fast:
             offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             touching = [k for k, (first, end) in enumerate(offsets) if first < len(through) and end > len(before)]

@@ -456,9 +456,6 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     (`headroom`), the mean of every reward over the samples, and per-row results for paired comparisons."""
     if options.data is None:
         raise ValueError("evaluate_data needs options.data")
-    if target.is_reward_model:
-        raise ConfigError("--data evaluates a policy's completions; a reward model is evaluated on comparisons "
-                          "(posttrain rm with eval.source)", field="--data")
     try:
         precision, _ = resolve_precision(options.precision, default_device())
     except ValueError as err:
