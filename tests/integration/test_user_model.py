@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from typer.testing import CliRunner
 
 from posttrain.cli import app
@@ -68,3 +68,17 @@ def test_text_rows_train_sft_from_the_example_file(tmp_path, chatml_model_dir):
          "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4")
     metrics = read_metrics(tmp_path / "lm" / "metrics.jsonl")
     assert len(metrics) == 2 and metrics[0]["loss"] > 0
+
+
+def test_exported_model_stops_where_the_run_sampled_to_a_base_models_end_of_turn(tmp_path, base_chatml_model_dir):
+    """A base Qwen's generation_config names EOS (<|endoftext|>) alone: the export adds the template's <|im_end|>
+    that the run trained answers to end with (and sampled up to), so transformers' generate stops there too;
+    through LoRA's merged save, with the configured EOS kept first."""
+    tokenizer = AutoTokenizer.from_pretrained(base_chatml_model_dir)
+    eos, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert GenerationConfig.from_pretrained(base_chatml_model_dir).eos_token_id == eos
+    _run("sft", tmp_path, "sft", f"model.path={base_chatml_model_dir}", f"data.source={EXAMPLES}/tool_calls.jsonl",
+         "adapter.method=lora", "train.max_steps=1", "train.batch_size=2", "train.micro_batch_size=2")
+    assert GenerationConfig.from_pretrained(tmp_path / "sft" / "final").eos_token_id == [eos, im_end]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
+    assert model.generation_config.eos_token_id == [eos, im_end]

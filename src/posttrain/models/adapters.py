@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -176,7 +176,7 @@ def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "
 
 
 def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path,
-                 cfg: AdapterConfig) -> Path:
+                 cfg: AdapterConfig, answer_ends: Collection[int] = ()) -> Path:
     """Save the trained model as a Hugging Face directory.
 
     LoRA with merge_on_save folds the adapter into the base weights (W + BA * alpha / r), so the
@@ -192,5 +192,5 @@ def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dir
         merged = copy.deepcopy(model)
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in merged.parameters()):
             merged = merged.float()
-        return save_pretrained(merged.merge_and_unload(), tokenizer, directory)
-    return save_pretrained(model, tokenizer, directory)
+        return save_pretrained(merged.merge_and_unload(), tokenizer, directory, answer_ends)
+    return save_pretrained(model, tokenizer, directory, answer_ends)

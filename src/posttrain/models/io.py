@@ -7,7 +7,7 @@ import copy
 import hashlib
 import json
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,8 +278,11 @@ def load_tokenizer_and_model(cfg: ModelConfig,
     return tokenizer, model
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
+                    answer_ends: Collection[int] = ()) -> Path:
     """Write model (safetensors) and tokenizer side by side: a directory `from_pretrained` can load.
+    `answer_ends`: the tokens the model was trained to end its answers with (`data.tokenize.turn_end_ids`), which
+    its generation_config.json is to stop at (`_stop_at_answer_ends`).
 
     Under torchrun every rank calls this: an FSDP-sharded model is gathered into one full state dict
     (a collective), and rank 0 alone writes it, so `final/` is an ordinary Hugging Face directory.
@@ -292,6 +295,7 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         out.mkdir(parents=True, exist_ok=True)
         extra = {"state_dict": state_dict} if state_dict is not None else {}
         model.save_pretrained(str(out), safe_serialization=True, **extra)
+        _stop_at_answer_ends(model, out, answer_ends)
         if getattr(tokenizer, "pad_from_eos", False):  # `load_tokenizer`'s pad token, not the tokenizer's own
             tokenizer = copy.deepcopy(tokenizer)
             tokenizer.pad_token = None
@@ -299,6 +303,25 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _stop_at_answer_ends(model: torch.nn.Module, out: Path, answer_ends: Collection[int]) -> None:
+    """Add to the saved generation_config.json's eos_token_id the answer ends it lacks. transformers' `generate`,
+    vLLM and TGI stop where that file says, and a base model's file names EOS alone (Qwen2.5's `<|endoftext|>`), not
+    the chat template's end of turn (`<|im_end|>`) that the run trained the model to end its answers with and
+    sampled up to: the exported model would write it and go on into made-up turns. The configured ids stay first
+    (tools that take one stop token take the first), as in the instruct models' own files. A peft adapter's
+    directory has no file of the kind to write (peft and vLLM read the base model's)."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not answer_ends or hasattr(model, "peft_config"):
+        return
+    configured = config.eos_token_id
+    listed = list(configured) if isinstance(configured, (list, tuple)) else [configured] * (configured is not None)
+    missing = sorted(set(answer_ends) - set(listed))
+    if missing:
+        config = copy.deepcopy(config)
+        config.eos_token_id = listed + missing
+        config.save_pretrained(str(out))
 
 
 def _consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

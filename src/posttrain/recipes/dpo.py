@@ -34,6 +34,7 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.columns import column_values
 from posttrain.data.config import STAGE_FORMATS, ColumnsConfig, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval import heldout
 from posttrain.eval.accuracy import EvalConfig
@@ -187,7 +188,7 @@ def main(cfg: DPOConfig) -> RunResult:
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
-    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last
     pairs = {"pairs": cfg.pairs.source, **({"rounds": source.rounds, "pairs_per_prompt": last.get("pairs_per_prompt"),
                                               "sampled_reward": last.get("sampled_reward")} if on_policy else {})}

@@ -31,6 +31,7 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.columns import column_values
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError
 from posttrain.eval import heldout
 from posttrain.eval.accuracy import EvalConfig
@@ -113,7 +114,7 @@ def main(cfg: KTOConfig) -> RunResult:
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
-    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last
     summary = {"format": prepared.format, "rows_desirable": sum(labels), "rows_undesirable": len(labels) - sum(labels),
                "beta": cfg.loss.beta, "desirable_weight": cfg.loss.desirable_weight,

@@ -32,6 +32,7 @@ from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.schemas import holds_as_answer
 from posttrain.data.tasks.base import Task
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval import heldout
 from posttrain.eval.accuracy import EvalConfig
@@ -131,7 +132,7 @@ def main(cfg: RejectionConfig) -> RunResult:
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
-    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last
     summary = {"rounds": source.prompts.rounds, "samples_per_prompt": cfg.sampling.samples_per_prompt,
                "select": cfg.select.mode, "trainable_parameters": count_parameters(model, trainable_only=True),

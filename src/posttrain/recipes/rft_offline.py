@@ -38,6 +38,7 @@ from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import prepare_data
 from posttrain.data.sources import load_rows
 from posttrain.data.tasks.base import THINK_CLOSE, THINK_OPEN
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
@@ -106,7 +107,7 @@ def main(cfg: Any) -> RunResult:
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
-    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     summary = {"mode": "offline", "responses": len(candidates), "trained_responses": trained,
                "mean_weight": scores.total.mean().item(),
                **{f"mean_{name}": values.mean().item() for name, values in scores.by_function.items()},

@@ -67,6 +67,7 @@ from posttrain.data.collate import capped_rows
 from posttrain.data.config import STAGE_FORMATS
 from posttrain.data.pipeline import Prepared, prepare_data
 from posttrain.data.tasks.base import Task
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
@@ -802,7 +803,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
-    final_dir = save_trained(actor, tokenizer, run_dir.final, cfg.adapter)
+    final_dir = save_trained(actor, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last
     keys = ("score", "reward", "accuracy", "kl", "beta", "value_explained_variance", "entropy", "completion_length")
     summary = {"advantage": cfg.advantage.estimator, "samples_per_prompt": cfg.sampling.samples_per_prompt,

@@ -21,6 +21,7 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.columns import row_lengths, row_sums
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError
 from posttrain.eval import heldout
 from posttrain.eval.accuracy import EvalConfig
@@ -77,7 +78,7 @@ def main(cfg: SFTConfig) -> RunResult:
     if result.interrupted:
         return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
-    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
+    final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     summary = {"trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),
                "final_loss": result.last.get("loss"),
                **heldout.summary(before, result.last, cfg.eval, cfg.data, rows),
