@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from posttrain.data.schemas import message
 from posttrain.errors import ConfigError
 from posttrain.rewards import Completions, WeightedRewards
 from posttrain.rewards.functions import grader_reward
@@ -304,12 +305,42 @@ def test_score_model_reward_model_is_clipped_and_scaled(tmp_path, tiny_model, to
 
     lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")
     rm = save_pretrained(build_reward_model(lm, pad_token_id=tokenizer.pad_token_id), tokenizer, tmp_path / "rm")
-    outputs, items = ["5", "seven", "12"], [{"question": "What is 2+3?"}] * 3
+    outputs = ["5", "seven", "12"]
+    items = [{"question": "What is 2+3?", "messages": [message("user", "What is 2+3?")]}] * 3
     raw = RewardModelScorer.from_pretrained(rm).score([[{"role": "user", "content": "What is 2+3?"}]] * 3, outputs)
     low, high = float(raw.min()), float(raw.max()) - 1e-3  # the largest score is clipped to high
     scores = grade({"type": "score_model", "model": str(rm), "range": [low, high]}, outputs, items).scores
     expected = [(min(high, max(low, float(r))) - low) / (high - low) for r in raw]
     assert scores == pytest.approx(expected, abs=1e-6) and max(scores) == 1.0 and min(scores) == 0.0
+
+
+def test_score_model_reward_model_reads_the_rows_whole_conversation_without_input(tmp_path, tiny_model, tokenizer):
+    """Its default input was the last message alone (`item.question`): a system prompt and earlier turns were lost,
+    and the same reward model scored otherwise than through reward.model_path. A given `input` is still what it
+    reads."""
+    from posttrain.models import save_pretrained
+    from posttrain.models.reward import build_reward_model
+    from posttrain.rewards import RewardModelScorer
+    from posttrain.rewards.graders import completion_records
+
+    lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")
+    rm = save_pretrained(build_reward_model(lm, pad_token_id=tokenizer.pad_token_id), tokenizer, tmp_path / "rm")
+    prompt = [message("system", "Answer in words."), message("user", "What is 2+3?"), message("assistant", "five"),
+              message("user", "And 2+4?")]
+    outputs = ["six", "6", "seven"]
+    samples, items = completion_records([prompt] * 3, outputs, ["6"] * 3, [[]] * 3)
+    scorer = RewardModelScorer.from_pretrained(rm)
+    whole = scorer.score_rows([prompt] * 3, outputs)[0]
+    last = scorer.score([[{"role": "user", "content": "And 2+4?"}]] * 3, outputs)
+    assert not torch.allclose(whole, last)  # the two inputs differ for this model
+    low, high = float(min(whole.min(), last.min())) - 1, float(max(whole.max(), last.max())) + 1
+    spec = {"type": "score_model", "model": str(rm), "range": [low, high]}
+    scores = build_grader(spec).grade(samples, items).scores
+    assert scores == pytest.approx([(float(r) - low) / (high - low) for r in whole], abs=1e-6)
+    explicit = build_grader({**spec, "input": [{"role": "user", "content": "{{ item.question }}"},
+                                               {"role": "assistant", "content": "{{ sample.output_text }}"}]})
+    assert explicit.grade(samples, items).scores == pytest.approx([(float(r) - low) / (high - low) for r in last],
+                                                                 abs=1e-6)
 
 
 def test_score_model_takes_a_likelihood_reward_model_for_a_reward_model_not_a_judge(tmp_path, tiny_model, tokenizer):
@@ -320,7 +351,8 @@ def test_score_model_takes_a_likelihood_reward_model_for_a_reward_model_not_a_ju
 
     lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")
     rm = save_pretrained(build_reward_model(lm, head="likelihood", reward_scale=0.5), tokenizer, tmp_path / "rm")
-    outputs, items = ["5", "seven", "12"], [{"question": "What is 2+3?"}] * 3
+    outputs = ["5", "seven", "12"]
+    items = [{"question": "What is 2+3?", "messages": [message("user", "What is 2+3?")]}] * 3
     raw = RewardModelScorer.from_pretrained(rm).score([[{"role": "user", "content": "What is 2+3?"}]] * 3, outputs)
     low, high = float(raw.min()), float(raw.max())
     scores = grade({"type": "score_model", "model": str(rm), "range": [low, high]}, outputs, items).scores
@@ -364,10 +396,10 @@ def test_score_model_reward_model_that_scores_nan_is_an_error_not_the_range_floo
 
     lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")
     rm = save_pretrained(build_reward_model(lm, pad_token_id=tokenizer.pad_token_id), tokenizer, tmp_path / "rm")
-    monkeypatch.setattr(RewardModelScorer, "score_rows", lambda self, prompts, completions: (
+    monkeypatch.setattr(RewardModelScorer, "score_rows", lambda self, prompts, completions, tools: (
         torch.tensor([float("nan"), 100.0, -100.0, 0.0]), [None] * 4))  # a diverged reward model's first score
     result = grade({"type": "score_model", "model": str(rm), "range": [-5, 5]}, ["a", "b", "c", "d"],
-                   [{"question": "q"}] * 4)
+                   [{"question": "q", "messages": [message("user", "q")]}] * 4)
     assert result.scores == pytest.approx([0.0, 1.0, 0.0, 0.5])
     assert "not a finite number" in result.errors[0] and result.errors[1:] == [None, None, None]
 

@@ -2,8 +2,8 @@
 
 Two kinds of model, told apart by the saved model itself:
 - a reward model (`posttrain rm`, a sequence-classification head): the rendered `input` messages are the
-  conversation, the last one the assistant turn being graded; its scalar r gives
-  (clip(r, lo, hi) - lo) / (hi - lo);
+  conversation, the last one the assistant turn being graded (without `input`: the row's own prompt messages,
+  rendered with its tools, and the sample); its scalar r gives (clip(r, lo, hi) - lo) / (hi - lo);
 - a chat model as judge: the rendered `input` messages are its prompt, it answers greedily
   (`sampling_params.max_new_tokens`), and the score it states (`judge_score`: "7", "Score: 7", "7/10",
   "7 out of 10"), which must lie in the range, gives (x - lo) / (hi - lo). An answer that states none, states
@@ -43,9 +43,14 @@ class ScoreModelGrader:
         architectures = saved.get("architectures") or [""]
         # A likelihood reward model is saved as a causal LM: its config's reward_head says it scores, not judges.
         self.is_reward_model = architectures[0].endswith("ForSequenceClassification") or "reward_head" in saved
-        messages = spec.get("input", list, DEFAULT_INPUT)
-        self.messages = [_message(spec, i, m) for i, m in enumerate(messages)]
-        if self.is_reward_model and (not self.messages or self.messages[-1][0] != "assistant"):
+        messages = spec.get("input", list, None)
+        # Without `input` a reward model reads the row's whole conversation (system prompt, earlier turns, tool
+        # results; rendered with the row's tools) and the sample after it, as `reward.model_path` does: the same
+        # model then gives the same score by either route (a template of its messages cannot spell a list of turns)
+        self.messages = (None if messages is None and self.is_reward_model
+                         else [_message(spec, i, m) for i, m in enumerate(messages or DEFAULT_INPUT)])
+        if self.messages is not None and self.is_reward_model and (not self.messages
+                                                                    or self.messages[-1][0] != "assistant"):
             raise spec.error("a reward model grades the last message: it must be the assistant's", "input")
         bounds = spec.get("range", list, [0, 1])
         if (len(bounds) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)
@@ -57,24 +62,35 @@ class ScoreModelGrader:
         self._scorer: Any = None
 
     def grade(self, samples: Sequence[Sample], items: Sequence[Item]) -> GradeResult:
-        conversations = [[{"role": role, "content": content.render(s, i)} for role, content in self.messages]
-                         for s, i in zip(samples, items, strict=True)]
         if self.is_reward_model:
-            values, errors = self._reward_model().score_rows([c[:-1] for c in conversations],
-                                                             [c[-1]["content"] for c in conversations])
-            raw = values.tolist()
-            errors = [e or (None if math.isfinite(r) else f"the reward model scored {r}, not a finite number")
-                      for r, e in zip(raw, errors, strict=True)]
-            return GradeResult([0.0 if e else self._scale(min(self.high, max(self.low, r)))
-                                for r, e in zip(raw, errors, strict=True)], errors=errors)
+            return self._reward_model_grades(samples, items)
         scores, errors = [], []
-        for answer in self._judge(conversations):
+        for answer in self._judge(self._conversations(samples, items)):
             value, error = judge_score(answer, self.high)
             if error is None and not self.low <= value <= self.high:
                 error = f"the judge's score {value:g} is not in [{self.low:g}, {self.high:g}]: {answer!r}"
             scores.append(0.0 if error else self._scale(value))
             errors.append(error)
         return GradeResult(scores, errors=errors)
+
+    def _conversations(self, samples: Sequence[Sample], items: Sequence[Item]) -> list[list[dict[str, str]]]:
+        return [[{"role": role, "content": content.render(s, i)} for role, content in self.messages]
+                for s, i in zip(samples, items, strict=True)]
+
+    def _reward_model_grades(self, samples: Sequence[Sample], items: Sequence[Item]) -> GradeResult:
+        if self.messages is None:  # the row's own conversation, with its tools
+            prompts, tools = [i["messages"] for i in items], [i.get("tools") for i in items]
+            completions = [s["output_text"] for s in samples]
+        else:
+            conversations = self._conversations(samples, items)
+            prompts, tools, completions = [c[:-1] for c in conversations], None, [c[-1]["content"]
+                                                                                  for c in conversations]
+        values, errors = self._reward_model().score_rows(prompts, completions, tools)
+        raw = values.tolist()
+        errors = [e or (None if math.isfinite(r) else f"the reward model scored {r}, not a finite number")
+                  for r, e in zip(raw, errors, strict=True)]
+        return GradeResult([0.0 if e else self._scale(min(self.high, max(self.low, r)))
+                            for r, e in zip(raw, errors, strict=True)], errors=errors)
 
     def _scale(self, value: float) -> float:
         return (value - self.low) / (self.high - self.low)
