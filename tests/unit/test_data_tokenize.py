@@ -297,6 +297,54 @@ def test_verifiable_prompts_end_with_the_generation_prompt(tmp_path, tokenizer):
     assert row["answer"] == "5"
 
 
+@pytest.mark.parametrize("which", ["project", "chatml", "phi3"])
+def test_left_truncation_cuts_an_rl_prompt_from_the_left_up_to_its_answer_header(tmp_path, tokenizer,
+                                                                                  chatml_tokenizer, phi3_tokenizer,
+                                                                                  which):
+    """A too-long RL prompt was always dropped with truncate_left (the whole prompt counted as 'completion', which
+    no cut may reach): its oldest tokens are cut now, keeping BOS and the whole header that opens the answer; one
+    whose header alone is too long is dropped; truncation=error names the prompt's length."""
+    tok = {"project": tokenizer, "chatml": chatml_tokenizer, "phi3": phi3_tokenizer}[which]
+    history = [message("system", "Be brief. " * 30), message("user", "What is 2+3?")]
+    rows = [{"prompt": history, "answer": "5"}, {"prompt": "What is 1+1?", "answer": "2"}]
+    full = Encoder.from_config(tok, DataConfig(max_length=4096, thinking="off")).encode_prompt(history)
+    turn = [{"role": "user", "content": "x"}]
+    opened = list(tok.apply_chat_template(turn, add_generation_prompt=True, enable_thinking=False,
+                                          return_dict=True)["input_ids"])
+    bare = list(tok.apply_chat_template(turn, enable_thinking=False, return_dict=True)["input_ids"])
+    if opened[:len(bare)] != bare:  # Phi-3's template closes a conversation that opens no answer with its EOS
+        assert bare[-1] == tok.eos_token_id and opened[:len(bare) - 1] == bare[:-1]
+        bare = bare[:-1]
+    header_ids = opened[len(bare):]
+    assert header_ids and len(full) > 40
+    cfg = DataConfig(cache_dir=str(tmp_path / "a"), max_length=40, truncation="truncate_left", thinking="off")
+    result = tokenize_rows(load_rows(cfg, ("verifiable",), rows=rows), tok, cfg)
+    assert (result.stats.kept, result.stats.truncated, result.stats.dropped_too_long) == (2, 1, 0)
+    cut = result.dataset[0]["prompt_input_ids"]
+    bos = [tok.bos_token_id] if full[0] == tok.bos_token_id and Encoder.from_config(tok, cfg).adds_bos else []
+    assert cut == bos + full[len(full) - 40 + len(bos):] and cut[-len(header_ids):] == header_ids
+    least = max(len(bos), 1) + len(header_ids)  # BOS, or else one prompt token, before the header: the shortest cut
+    tight = DataConfig(cache_dir=str(tmp_path / "b"), max_length=least, truncation="truncate_left", thinking="off")
+    assert tokenize_rows(load_rows(tight, ("verifiable",), rows=rows[:1]), tok, tight).dataset[0][
+        "prompt_input_ids"] == bos + full[len(full) - least + len(bos):]
+    tighter = DataConfig(cache_dir=str(tmp_path / "d"), max_length=least - 1, truncation="truncate_left",
+                         thinking="off")
+    assert tokenize_rows(load_rows(tighter, ("verifiable",), rows=rows), tok, tighter).stats.dropped_too_long >= 1
+    error = DataConfig(cache_dir=str(tmp_path / "c"), max_length=40, truncation="error", thinking="off")
+    with pytest.raises(Exception, match=rf"prompt: the prompt is {len(full)} tokens, longer than data.max_length=40"):
+        tokenize_rows(load_rows(error, ("verifiable",), rows=rows), tok, error)
+
+
+def test_an_rl_prompt_that_ends_with_an_assistant_message_is_refused(tmp_path):
+    """A prefilled answer start was closed as a finished turn and a new one opened after it, without a word."""
+    rows = [{"prompt": "What is 1+1?", "answer": "2"},
+            {"prompt": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is"}],
+             "answer": "5"}]
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    with pytest.raises(Exception, match=r":2: prompt\[1\]\.role: ends with an assistant message"):
+        load_rows(cfg, ("verifiable",), rows=rows)
+
+
 def test_tokenisation_is_cached_and_num_proc_changes_nothing(tmp_path, tokenizer):
     results = {}
     for num_proc in (1, 2):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from posttrain.errors import ConfigError
 from posttrain.rewards import Completions, WeightedRewards
@@ -43,6 +44,34 @@ def test_error_log_keeps_prints_first_of_each_kind_and_stops_past_the_fraction(t
     records = [json.loads(line) for line in (tmp_path / "grader_errors.jsonl").read_text().splitlines()]
     assert [(r["call"], r["row"]) for r in records] == [(1, 0), (2, 0), (3, 0), (3, 1)]
     assert all(r["completion"] == "x" and r["prompt"] == "q" for r in records)
+
+
+def test_an_error_record_keeps_a_multi_turn_prompt_whole_and_a_samples_line_too():
+    """They kept the prompt's last message alone: a tool's result ("17"), with the system prompt and the question
+    lost. A prompt of one user message stays its text."""
+    from posttrain.data.schemas import message
+    from posttrain.recipes.rl import sample_record
+    from posttrain.rollout import Rollout
+
+    calls = json.dumps([{"type": "function", "function": {"name": "add", "arguments": {"a": 9, "b": 8}}}])
+    prompt = [message("system", "Be brief."), message("user", "What is 9+8?"),
+              message("assistant", "", tool_calls=calls), message("tool", "17", tool_call_id="1")]
+    shown = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 9+8?"},
+             {"role": "assistant", "content": "", "tool_calls": json.loads(calls)},
+             {"role": "tool", "content": "17", "tool_call_id": "1"}]
+    printed = []
+    rewards = WeightedRewards({"nan": (lambda b: [float("nan")] * len(b.completions), 1.0)})
+    rewards.error_log = RewardErrorLog(None, max_error_fraction=1.0, echo=printed.append)
+    completions = Completions(prompts=[prompt, [message("user", "q")]], completions=["It is 17.", "5"],
+                              answers=["17", None], steps=[[], []])
+    scores = rewards(completions)
+    assert [r["prompt"] for r in rewards.error_log.pending] == [shown, "q"]
+    assert "What is 9+8?" in printed[0]
+    one = torch.ones(2, 1)
+    rollout = Rollout(prompt_ids=one.long(), prompt_mask=one.long(), completion_ids=one.long(),
+                      response_mask=one.long(), logprobs=one, finish_reasons=["eos"] * 2, texts=completions.completions,
+                      prompt_index=torch.arange(2), temperature=1.0)
+    assert [sample_record(1, i, rollout, completions, scores)["prompt"] for i in range(2)] == [shown, "q"]
 
 
 def test_under_torchrun_each_rank_appends_its_errors_with_its_rank(tmp_path, monkeypatch):

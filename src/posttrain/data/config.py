@@ -83,7 +83,8 @@ class DataConfig:
                                    "rewards.", ge=0, lt=1)
     max_length: int = param(512, "Longest tokenised sequence (for verifiable rows: the longest prompt).", ge=2)
     truncation: str = param("drop", "Too-long rows: drop them, cut the prompt from the left (keeping BOS; a row "
-                                    "whose cut would reach the completion is dropped), or stop with an error.",
+                                    "whose cut would reach the completion is dropped; an RL prompt keeps the "
+                                    "header that opens the answer), or stop with an error.",
                             choices=("drop", "truncate_left", "error"))
     loss_on: str = param("all", "Assistant turns trained in a multi-turn chat: all, or only the last.",
                          choices=("all", "last"))

@@ -276,6 +276,12 @@ def _ranking(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
 
 def _verifiable(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
     prompt = _prompt(raw["prompt"], where)
+    if prompt[-1]["role"] == "assistant":
+        # The sampler opens a new assistant turn after the prompt; a prefilled start of the answer would be closed
+        # as a finished turn (and the reward model, graders and kept samples would read it as one): refused.
+        raise where.error("ends with an assistant message: a completion is sampled as a new assistant turn after "
+                          "the prompt, and a prefilled answer start is not continued; end the prompt with the "
+                          "user's (or a tool's) message", field=f"prompt[{len(prompt) - 1}].role")
     answer = None if raw.get("answer") is None else _scalar_text(raw["answer"], "answer", where)
     steps = raw.get("steps")
     if steps is not None:
@@ -487,6 +493,26 @@ def message(role: str, content: str, reasoning: str | None = None, *, tool_calls
     """One canonical message (every key present: Arrow stores one schema)."""
     return {"role": role, "content": content, "reasoning": reasoning, "tool_calls": tool_calls, "name": name,
             "tool_call_id": tool_call_id}
+
+
+def plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A canonical message as the user's data gave it: the keys it had (none of those Arrow's one schema adds as
+    None), its tool calls a list again, not the JSON text rows keep them as."""
+    plain = {k: v for k, v in message.items() if v is not None}
+    if isinstance(plain.get("tool_calls"), str):
+        plain["tool_calls"] = json.loads(plain["tool_calls"])
+    return plain
+
+
+def prompt_as_given(prompt: Any) -> Any:
+    """A prompt for a person to read (samples.jsonl, error records): the text of a prompt that is one user message,
+    as the data gave it, else its messages (a system prompt, earlier turns, a tool's result: the last message alone
+    showed a multi-turn prompt as a tool's "17")."""
+    if not isinstance(prompt, list) or not all(isinstance(m, Mapping) for m in prompt):
+        return prompt
+    if len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0].get("content")
+    return [plain_message(m) for m in prompt]
 
 
 def _number(value: Any, field: str, where: Where) -> float:

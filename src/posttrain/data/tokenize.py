@@ -202,6 +202,21 @@ class Encoder:
             ids = self._tokens(self._render(messages, mode, add_generation_prompt=True))
         return self._one_bos(ids, [0] * len(ids))[0]
 
+    def generation_prompt_length(self, messages: Sequence[dict[str, Any]]) -> int:
+        """How many of the last tokens of `encode_prompt(messages)` the template writes to open the answer
+        (ChatML's `<|im_start|>assistant` and newline): what a left cut of a too-long prompt must keep, so that the
+        model still answers after a whole header. At least one (the plain template writes none)."""
+        if self.template == "plain":
+            return 1
+        mode = self._mode(messages)
+        opened = self._tokens(self._render(messages, mode, add_generation_prompt=True))
+        bare = self._tokens(self._render(messages, mode, add_generation_prompt=False))
+        # Where the two part, not their lengths' difference: a template may close the bare conversation with a
+        # token that the opened one lacks (Phi-3's <|endoftext|>)
+        common = next((k for k, (a, b) in enumerate(zip(opened, bare, strict=False)) if a != b),
+                      min(len(opened), len(bare)))
+        return max(1, len(opened) - common)
+
     def render_text(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The text a conversation renders to (what `inspect` shows)."""
         if self.template == "plain":
@@ -604,9 +619,13 @@ def _ranking(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
 
 def _verifiable(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
     ids = encoder.encode_prompt(row["prompt"])
-    # The prompt is all there is to fit; it counts as "completion" for the empty check (never empty).
-    [(ids, _)], status = _fit_group(encoder, [(ids, [1] * len(ids))])
+    # The prompt is all there is to fit: a left cut (truncate_left) takes its oldest tokens, never the header that
+    # opens the answer, which counts as its "completion" (so it is never empty)
+    kept = encoder.generation_prompt_length(row["prompt"]) if len(ids) > encoder.max_length else 1
+    [(ids, _)], status = _fit_group(encoder, [(ids, [0] * (len(ids) - kept) + [1] * kept)])
     if status["error"]:
+        status["error"] = (f"the prompt is {status['original_length']} tokens, longer than "
+                           f"data.max_length={encoder.max_length} (data.truncation=error)")
         status["error_field"] = "prompt"
     return {"prompt_input_ids": ids, "length": len(ids)} | status
 

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.schemas import prompt_as_given
 from posttrain.data.tasks import get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
@@ -238,7 +239,7 @@ def greedy_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, he
         lengths += rollout.completion_lengths.float().sum().item()
         truncated += rollout.truncated.float().sum().item()
         for i in range(min(len(rows), samples - len(records))):
-            records.append({"eval": "heldout", "prompt": rows[i]["prompt"][-1]["content"],
+            records.append({"eval": "heldout", "prompt": prompt_as_given(rows[i]["prompt"]),
                             "completion": rollout.texts[i], "answer": rows[i]["answer"],
                             "reward": scores.total[i].item(),
                             "rewards": {k: v[i].item() for k, v in scores.by_function.items()}})

@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.data.columns import column_values
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import prepare_data
+from posttrain.data.schemas import prompt_as_given
 from posttrain.data.sources import load_rows
 from posttrain.data.tasks.base import THINK_CLOSE, THINK_OPEN
 from posttrain.data.tokenize import turn_end_ids
@@ -221,6 +222,6 @@ def candidates_as_read(candidates: Sequence[Candidate]) -> Dataset:
 
 def scored_records(candidates: Sequence[Candidate], scores: Scores) -> list[dict[str, Any]]:
     errors = {e["row"]: e["error"] for e in scores.errors}
-    return [{"prompt": c.prompt[-1]["content"], "completion": c.text, "answer": c.answer,
+    return [{"prompt": prompt_as_given(c.prompt), "completion": c.text, "answer": c.answer,
              "reward": scores.total[i].item(), "rewards": {k: v[i].item() for k, v in scores.by_function.items()},
              **({"error": errors[i]} if i in errors else {})} for i, c in enumerate(candidates)]

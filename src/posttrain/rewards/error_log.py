@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain.data.schemas import prompt_as_given
 from posttrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class RewardErrorLog:
             return
         records = [{"call": self.calls, **({"step": self.step} if self.step is not None else {}),
                     **({"rank": self.rank} if self.rank is not None else {}),
-                    "function": e["function"], "row": e["row"], "prompt": _last_message(batch.prompts[e["row"]]),
+                    "function": e["function"], "row": e["row"], "prompt": prompt_as_given(batch.prompts[e["row"]]),
                     "completion": batch.completions[e["row"]], "error": e["error"]} for e in scores.errors]
         if self.path is not None:
             self._append(records)
@@ -105,8 +106,3 @@ def _kind(error: str) -> str:
     """The exception type (or the first words of the message) of an error record."""
     first = error.splitlines()[0] if error else ""
     return first.split(":", 1)[0] if ":" in first else first[:40]
-
-
-def _last_message(prompt: Any) -> Any:
-    return prompt[-1].get("content") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) \
-        else prompt

@@ -17,12 +17,13 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import json
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from posttrain.data.schemas import plain_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ def trl_style(function: Callable[..., Sequence[float]]) -> UserFunction:
         rows = batch.columns or [{} for _ in range(len(batch))]
         # TRL's two kinds of rows: text prompt -> text in and out; conversational -> messages in and out.
         texts = [isinstance(row.get("prompt"), str) or not row for row in rows]
-        prompts = [row.get("prompt", p[-1]["content"]) if text else [_plain_message(m) for m in p]
+        prompts = [row.get("prompt", p[-1]["content"]) if text else [plain_message(m) for m in p]
                    for row, p, text in zip(rows, batch.prompts, texts, strict=True)]
         completions = [c if text else [{"role": "assistant", "content": c}]
                        for c, text in zip(batch.completions, texts, strict=True)]
@@ -162,12 +163,3 @@ def trl_style(function: Callable[..., Sequence[float]]) -> UserFunction:
 
     score.__name__ = getattr(function, "__name__", "reward")
     return score
-
-
-def _plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A message as the user's data gave it (TRL passes them so): its tool calls a list again, not the JSON text
-    rows keep them as."""
-    plain = {k: v for k, v in message.items() if v is not None}
-    if isinstance(plain.get("tool_calls"), str):
-        plain["tool_calls"] = json.loads(plain["tool_calls"])
-    return plain
