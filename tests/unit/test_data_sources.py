@@ -341,3 +341,29 @@ def test_a_jsonl_file_whose_lines_end_with_cr_alone_says_so(tmp_path):
     with pytest.raises(DataError, match=r"cr.jsonl:1: invalid JSON: Extra data \(column 36\): its lines end with CR "
                                         r"alone; convert them to LF"):
         list(load_rows(DataConfig(source=str(path), cache_dir=str(tmp_path / "c")), ("completion",)).dataset)
+
+
+@pytest.mark.parametrize(("fmt", "make"), [
+    ("ranking", lambda i: {"prompt": f"q{i % 4}", "responses": [f"r{i % 3}", "x"], "scores": [1, 0]}),
+    ("messages", lambda i: {"messages": [{"role": "user", "content": f"q{i % 5}"},
+                                         {"role": "assistant", "content": f"a{i % 2}"}]}),
+    ("verifiable", lambda i: {"prompt": f"What is {i % 6}?", "answer": str(i % 6),
+                              **({"steps": ["1"]} if i % 2 else {})}),
+    ("preference", lambda i: {"prompt": "p", "chosen": f"c{i}", "rejected": "r"}),  # no repeats at all
+])
+def test_held_out_rows_repeated_among_the_trained_ones_are_counted_and_warned_of(fmt, make, caplog):
+    """A file with repeated rows split at random held out copies of trained rows, without a word (every held-out
+    ranking of one user's file had a trained copy: eval_accuracy 1.0). Counted against a plain loop over the rows."""
+    from posttrain.data.pipeline import split_rows, warn_of_repeats
+
+    rows = load_rows(DataConfig(), (fmt,), rows=[make(i) for i in range(30)])
+    trained, held_out = split_rows(rows, 0.3, seed=1)
+
+    def contents(part):
+        return [{k: v for k, v in row.items() if k != "line"} for row in part.dataset]
+
+    expected = sum(row in contents(trained) for row in contents(held_out))
+    assert (expected > 0) == (fmt != "preference")
+    assert warn_of_repeats(trained, held_out) == expected
+    assert (f"{expected} of the 9 held-out rows (data.eval_split) are also among the trained rows" in caplog.text) \
+        == (expected > 0)

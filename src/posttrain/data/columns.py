@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 
-def _arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
+def arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
     """Column `name` of `dataset` as an Arrow array, one value per row in the dataset's order."""
     indices = getattr(dataset, "_indices", None)  # a filtered, selected or shuffled dataset's row order
     if indices is not None and name in dataset.data.column_names:
@@ -29,18 +29,18 @@ def _arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
 
 def column_values(dataset: Dataset, name: str) -> list[Any]:
     """Column `name` as a Python list (a list column: one list per row)."""
-    return _arrow_column(dataset, name).to_pylist()
+    return arrow_column(dataset, name).to_pylist()
 
 
 def row_lengths(dataset: Dataset, name: str) -> list[int]:
     """The length of each row's list in column `name`."""
-    return pc.list_value_length(_arrow_column(dataset, name)).to_pylist()
+    return pc.list_value_length(arrow_column(dataset, name)).to_pylist()
 
 
 def row_sums(dataset: Dataset, name: str) -> np.ndarray:
     """Each row's sum of the list (or list of lists) of numbers in column `name` [rows], as float64."""
     sums = []
-    for chunk in _arrow_column(dataset, name).chunks:
+    for chunk in arrow_column(dataset, name).chunks:
         values, rows = chunk, np.arange(len(chunk))
         while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
             rows = rows[values.value_parent_indices().to_numpy()]  # the row each value belongs to
@@ -53,7 +53,7 @@ def concatenated_rows(dataset: Dataset, name: str, groups: list[list[int]]) -> p
     """For each group of row indices, the lists of column `name` of those rows, concatenated in that order: one list
     per group, built in Arrow (the packed rows of a large set held as Python lists took ~130 bytes a token)."""
     order = pa.array([i for group in groups for i in group], type=pa.int64())
-    values = _arrow_column(dataset, name).take(order)
+    values = arrow_column(dataset, name).take(order)
     if pa.types.is_list(values.type):  # 64-bit offsets: more than 2**31 values fit in one array
         values = values.cast(pa.large_list(values.type.value_type))
     values = values.combine_chunks()

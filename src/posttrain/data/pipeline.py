@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.collate import Collator, pack_dataset
+from posttrain.data.columns import arrow_column
 from posttrain.data.config import FORMATS, DataConfig
 from posttrain.data.sources import Rows, load_rows
 from posttrain.data.tokenize import Tokenized, tokenize_rows
 from posttrain.errors import ConfigError, DataError
+
+logger = logging.getLogger("posttrain.data")
 
 SFT_FORMATS = ("completion", "messages", "text")
 COMPARISON_FORMATS = ("preference", "ranking")
@@ -62,7 +68,10 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
     with bars or contextlib.nullcontext():
         loaded = load_rows(cfg, accepts, rows, imitates)
         if cfg.eval_split > 0:
-            loaded = split_rows(loaded, cfg.eval_split, cfg.seed)[1 if heldout else 0]
+            trained, held_out = split_rows(loaded, cfg.eval_split, cfg.seed)
+            if heldout:
+                warn_of_repeats(trained, held_out)
+            loaded = held_out if heldout else trained
         elif heldout:
             raise ConfigError("there are no held-out rows without data.eval_split", field="data.eval_split")
         tokenized = tokenize_rows(loaded, tokenizer, cfg)
@@ -84,6 +93,39 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
                         row_capacity=cfg.padding_free_capacity)
     return Prepared(tokenized=tokenized, dataset=dataset, collator=collator,
                     source=loaded.dataset if rows is None else None)
+
+
+def warn_of_repeats(trained: Rows, held_out: Rows) -> int:
+    """Warn when held-out rows are also among the trained ones, the same content on another line (a file with
+    repeated rows, split at random): their held-out metrics then measure rows the model was trained on. Returns how
+    many. Compared in Arrow (`_row_texts`): a million rows in seconds, where Python objects took half a minute."""
+    repeats = pc.sum(pc.is_in(_row_texts(held_out), value_set=_row_texts(trained))).as_py() or 0
+    if repeats:
+        logger.warning("%s: %d of the %d held-out rows (data.eval_split) are also among the trained rows, the same "
+                       "content on other lines: their held-out metrics measure rows the model was trained on "
+                       "(remove the file's repeated rows)", held_out.name, repeats, len(held_out.dataset))
+    return repeats
+
+
+def _row_texts(rows: Rows) -> pa.Array:
+    """One text per row that two rows share exactly when their contents (every column but the line) are equal."""
+    columns = [_as_text(arrow_column(rows.dataset, name).combine_chunks())
+               for name in rows.dataset.column_names if name != "line"]
+    return pc.binary_join_element_wise(*columns, "\x1d")
+
+
+def _as_text(array: pa.Array) -> pa.Array:
+    """Each value of an Arrow array of strings, numbers, structs and lists of them as text (lists and structs
+    joined with separators no text holds; a missing value as a NUL)."""
+    if pa.types.is_struct(array.type):
+        fields = [_as_text(array.field(k)) for k in range(array.type.num_fields)]
+        joined = pc.binary_join_element_wise(*fields, "\x1f") if fields else pa.array([""] * len(array))
+        return pc.if_else(array.is_null(), "\x00", joined)
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        offsets = pc.subtract(array.offsets, array.offsets[0])
+        items = pa.ListArray.from_arrays(offsets, _as_text(array.flatten()))
+        return pc.fill_null(pc.binary_join(items, "\x1e"), "\x00")
+    return pc.fill_null(array.cast(pa.string()), "\x00")
 
 
 def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
