@@ -413,8 +413,37 @@ def test_a_run_whose_model_moved_resumes_from_its_new_place_and_not_from_another
     # Another model where it is now (the SFT model's weights, same shapes): refused, naming the file that differs.
     shutil.copy(finished_sft / "final" / "model.safetensors", tmp_path / "moved" / "model.safetensors")
     code, output = _invoke(["resume", str(run), "train.max_steps=4"])
-    assert code == 2 and (f"{tmp_path / 'moved'} is not the model the checkpoint step-3 started from (at "
-                          f"{tmp_path / 'moved'} then): model.safetensors differ") in output, output
+    assert code == 2 and (f"{tmp_path / 'moved'} is not the model the checkpoint step-3 was trained with at "
+                          f"model.path ({tmp_path / 'moved'} then): model.safetensors differ") in output, output
+
+
+def test_a_dpo_run_resumes_against_its_own_reference_model_and_no_other(pretrained_run, finished_sft, tmp_path):
+    """reference.path was not checked on resume: another model under it (retrained in place), or named by an
+    override, became the reference of the remaining steps without a word (the precomputed logprobs were computed
+    again from it). It is compared by its files now, as model.path is; a moved reference resumes from its new place."""
+    shutil.copytree(pretrained_run.final_dir, tmp_path / "ref")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "chosen": str(i + 1), "rejected": str(i)}) + "\n"
+                             for i in range(8)))
+    args = ["dpo", f"model.path={finished_sft / 'final'}", f"reference.path={tmp_path / 'ref'}",
+            f"data.source={pairs}", f"run.out_dir={tmp_path / 'runs'}", "run.name=dpo", "run.progress=false",
+            "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.save_every=1",
+            "eval.problems=0", "eval_before=false"]
+    code, output = _invoke(args)
+    assert code == 0, output
+    run = tmp_path / "runs" / "dpo"
+    shutil.copy(finished_sft / "final" / "model.safetensors", tmp_path / "ref" / "model.safetensors")
+    code, output = _invoke(["resume", str(run), "train.max_steps=3"])
+    assert code == 2 and (f"reference.path: {tmp_path / 'ref'} is not the model the checkpoint step-2 was trained "
+                          f"with at reference.path ({tmp_path / 'ref'} then): model.safetensors differ") \
+        in output, output
+    code, output = _invoke(["resume", str(run), "train.max_steps=3", "reference.path=null"])
+    assert code == 2 and (f"the checkpoint step-2 was trained with reference.path={tmp_path / 'ref'} and this run "
+                          "has reference.path=None") in output, output
+    shutil.copytree(pretrained_run.final_dir, tmp_path / "ref-moved")
+    code, output = _invoke(["resume", str(run), "train.max_steps=3", f"reference.path={tmp_path / 'ref-moved'}"])
+    assert code == 0, output
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_resuming_a_run_stopped_before_its_first_step_says_so(tmp_path):

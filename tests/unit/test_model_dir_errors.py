@@ -96,7 +96,7 @@ def test_the_tokenizer_of_a_directory_with_a_broken_config_is_a_one_line_error(m
 
 
 def test_a_models_fingerprint_is_its_files_wherever_they_are(tmp_path):
-    """What a resume tells the model it started from by (`check_starting_model`): a copy has the same, an edit to a
+    """What a resume tells the model it started from by (`check_model_files`): a copy has the same, an edit to a
     weight file inside a sampled block or to the tokenizer does not; files that are not the model (an evaluation's
     results) change nothing."""
     import random

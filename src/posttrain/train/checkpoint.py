@@ -220,6 +220,8 @@ def resume_checkpoint(root: Path, warn: Callable[[str], None], move_aside: bool 
 KEPT_ON_RESUME = {
     "run.seed": "it drew the data order, the sampling and a pretraining's tokenizer",
     "model.path": "the checkpoint's weights are that model's",
+    "reference.path": "the run's objective is measured against that model",
+    "reward.model_path": "the run's rewards are that model's scores",
     "model.size": "it sets the model's shapes", "model.hidden_size": "it sets the model's shapes",
     "model.num_layers": "it sets the model's shapes", "model.num_heads": "it sets the model's shapes",
     "model.intermediate_size": "it sets the model's shapes",
@@ -232,10 +234,18 @@ KEPT_ON_RESUME = {
 }
 
 
+# The settings of KEPT_ON_RESUME that name a model whose weights the checkpoint does not hold (a resume reads it
+# again), and the name its files' fingerprint (`models.io.model_fingerprint`) is kept under in the checkpoint's
+# trainer state: a resume compares files, not paths, so a moved model resumes and other files under the old path
+# (a reference or reward model retrained in place) are refused.
+MODEL_PATHS = {"model.path": "starting_model", "reference.path": "reference_model",
+               "reward.model_path": "reward_model"}
+
+
 def check_kept_settings(path: Path, settings: Mapping[str, Any], warn: Callable[[str], None] = print) -> None:
     """A ConfigError naming the first of `settings` (dotted key -> this run's value; those of `KEPT_ON_RESUME`) that
     differs from the checkpoint's config.yaml at `path` (nothing to check in one without it, or without the key).
-    model.path is the model's files, not their path (`check_starting_model`)."""
+    A model's path (`MODEL_PATHS`) is the model's files, not their path (`check_model_files`)."""
     config = path / "config.yaml"
     if not config.is_file():
         return
@@ -244,38 +254,45 @@ def check_kept_settings(path: Path, settings: Mapping[str, Any], warn: Callable[
         saved: Any = saved_config
         for part in key.split("."):
             saved = saved.get(part) if isinstance(saved, Mapping) else None
-        if key == "model.path":
-            check_starting_model(path, saved, value, warn)
+        if key in MODEL_PATHS:
+            check_model_files(path, key, saved, value, warn)
         elif saved is not None and value is not None and _comparable(saved) != _comparable(value):
             raise ConfigError(f"the checkpoint {path.name} was trained with {key}={saved} and this run has "
                               f"{key}={value} ({KEPT_ON_RESUME[key]}): a resumed run keeps it (drop the override), "
                               "or starts afresh (run.resume=false)", field=key)
 
 
-def check_starting_model(path: Path, saved: str | None, value: str | None, warn: Callable[[str], None]) -> None:
-    """The model at model.path (`value`) must be the one the checkpoint at `path` started from (at `saved`, then):
-    the same files (`model_fingerprint`, which the checkpoint keeps), wherever they are now. A model moved or copied
-    elsewhere resumes with model.path=<its new place>; the run reads it again for its reference and, with an
-    adapter, its base weights. Another model under the old path is refused too. A checkpoint from before the
-    fingerprint was kept is compared with the old path's files where they still are."""
-    if saved is None or value is None or not Path(value).is_dir():
+def check_model_files(path: Path, key: str, saved: str | None, value: str | None,
+                      warn: Callable[[str], None]) -> None:
+    """The model at `key` (model.path, reference.path, reward.model_path: `value`) must be the one the checkpoint at
+    `path` was trained with (at `saved`, then): the same files (`model_fingerprint`, which the checkpoint keeps),
+    wherever they are now. A model moved or copied elsewhere resumes with `key`=<its new place>; another model under
+    the old path is refused, and so is a model named where the run had none (or none where it had one). A
+    checkpoint from before the fingerprint was kept is compared with the old path's files where they still are."""
+    if saved is None and value is None:
         return
-    recorded = _trainer_state(path).get("starting_model")
+    if saved is None or value is None:
+        raise ConfigError(f"the checkpoint {path.name} was trained with {key}={saved} and this run has {key}={value} "
+                          f"({KEPT_ON_RESUME[key]}): a resumed run keeps it (drop the override), or starts afresh "
+                          "(run.resume=false)", field=key)
+    if not Path(value).is_dir():
+        return  # loading it says what is wrong
+    recorded = _trainer_state(path).get(MODEL_PATHS[key])
     if recorded is None:
         if str(saved) == str(value):
             return
         if not Path(saved).is_dir():
-            warn(f"the checkpoint {path.name} keeps no fingerprint of the model it started from ({saved}, which is "
-                 f"gone): model.path={value} is taken for it unchecked")
+            warn(f"the checkpoint {path.name} keeps no fingerprint of the model at {key} ({saved}, which is gone): "
+                 f"{key}={value} is taken for it unchecked")
             return
         recorded = model_fingerprint(saved)
     now = model_fingerprint(value)
     if now == recorded:
         return
     differ = sorted(name for name in recorded.keys() | now.keys() if recorded.get(name) != now.get(name))
-    raise ConfigError(f"{value} is not the model the checkpoint {path.name} started from (at {saved} then): "
+    raise ConfigError(f"{value} is not the model the checkpoint {path.name} was trained with at {key} ({saved} then): "
                       f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''} differ; resume with "
-                      "model.path=<where that model is now>, or start afresh (run.resume=false)", field="model.path")
+                      f"{key}=<where that model is now>, or start afresh (run.resume=false)", field=key)
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:

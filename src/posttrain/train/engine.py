@@ -46,6 +46,7 @@ from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
 from posttrain.train.checkpoint import (
     KEPT_ON_RESUME,
+    MODEL_PATHS,
     check_kept_settings,
     latest_checkpoint,
     load_checkpoint,
@@ -243,10 +244,15 @@ class Trainer:
         self._stopped: tuple[str, str] | None = None
         # The trainable weights' norm after the last update (None: not measured since they were last loaded).
         self._weight_norm: float | None = None
-        # The files of the model the run started from, kept in its checkpoints: a resume finds that model by them
-        # wherever it was moved (`checkpoint.check_starting_model`), and refuses another under its old path.
-        start = getattr(getattr(cfg, "model", None), "path", None)
-        self._starting_model = model_fingerprint(start) if start and Path(start).is_dir() else None
+        # The files of the models the run reads (the one it started from, its reference and reward models), kept in
+        # its checkpoints: a resume finds each by them wherever it was moved (`checkpoint.check_model_files`), and
+        # refuses other files under its old path.
+        self._model_files: dict[str, Any] = {}
+        for key, name in MODEL_PATHS.items():
+            section, _, setting = key.partition(".")
+            where = getattr(getattr(cfg, section, None), setting, None)
+            if isinstance(where, str) and Path(where).is_dir():
+                self._model_files[name] = model_fingerprint(where)
 
     # ------------------------------------------------------------------------------------------
 
@@ -535,7 +541,7 @@ class Trainer:
         return {"tokens": self.tokens, "skipped_steps": self.skipped_steps, "elapsed_s": self.elapsed_s,
                 "nonfinite_in_a_row": self._nonfinite_in_a_row, "grad_norms": list(self._grad_norms),
                 "first_skipped": self._first_skipped, "data": source.state_dict(), **stopped,
-                **({"starting_model": self._starting_model} if self._starting_model is not None else {})}
+                **self._model_files}
 
     def save(self, source: StepSource) -> Any:
         if self.dist.is_main and self.run_dir.metrics.is_file():
@@ -620,7 +626,8 @@ class Trainer:
         self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self._grad_norms.extend(state.get("grad_norms", []))  # checkpoints from before the spike guard lack both
         self._first_skipped = state.get("first_skipped")
-        self._starting_model = state.get("starting_model", self._starting_model)  # the same files: kept as first read
+        # The same files (checked): kept as first read
+        self._model_files.update({name: state[name] for name in MODEL_PATHS.values() if name in state})
         stopped = state.get("stopped_by_rule")  # [the rule, with the value that met it]
         self._stopped = (stopped[0], stopped[1]) if stopped else None
         if self.dist.is_main:
