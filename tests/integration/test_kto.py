@@ -97,3 +97,20 @@ def test_kto_resumes_bitwise_from_a_checkpoint(pretrained_run, tmp_path, resumes
     full = run("run.name=full")
     metrics = resumes_bitwise(full, lambda name: run(f"run.name={name}", "run.resume=true"))
     assert len(metrics) == 4
+
+
+@pytest.mark.parametrize(("desirable", "undesirable", "weights", "said"), [
+    (10, 2, (1.0, 1.0), "lambda_D n_D / (lambda_U n_U) = 5.00, outside the KTO paper's [1, 4/3]: "
+                        "loss.undesirable_weight=3.75 brings it to 4/3"),  # 1 * 10 / (2 * 4/3)
+    (2, 10, (1.0, 1.0), "= 0.20, outside the KTO paper's [1, 4/3]: loss.undesirable_weight=0.2 brings it to 1"),
+    (10, 8, (1.0, 1.0), None),  # 1.25: inside
+    (4, 0, (1.0, 1.0), "every row is desirable: KTO then has no contrast between good and bad answers"),
+])
+def test_unbalanced_or_one_label_rows_are_warned_of_with_the_weight_that_fits(desirable, undesirable, weights, said,
+                                                                            caplog):
+    """Trained without a word: the setting's own doc quotes the paper's rule, and TRL warns."""
+    from posttrain.recipes.kto import KTOLossConfig, check_label_balance
+
+    check_label_balance(desirable, undesirable, KTOLossConfig(desirable_weight=weights[0],
+                                                              undesirable_weight=weights[1]), "rows.jsonl")
+    assert (said in caplog.text) if said else not caplog.text

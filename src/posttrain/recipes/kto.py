@@ -20,6 +20,7 @@ and their margin, and the sequence logprobs; held-out exact match is measured be
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import Any
@@ -54,6 +55,8 @@ from posttrain.train.reference import (
 )
 from posttrain.train.run_dir import RunResult, prepare_run_dir
 from posttrain.train.seed import seed_everything, set_threads
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,7 @@ def main(cfg: KTOConfig) -> RunResult:
                             bars=progress.library_bars())
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     labels = column_values(prepared.dataset, "label")
+    check_label_balance(sum(labels), len(labels) - sum(labels), cfg.loss, prepared.tokenized.name)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="kto", model=model)
 
     with forward_precision(cfg.train, model):
@@ -125,6 +129,25 @@ def main(cfg: KTOConfig) -> RunResult:
                **heldout.summary(before, last, cfg.eval, cfg.data, rows), "data": prepared.tokenized.stats.as_dict()}
     write_training_report(run_dir, f"KTO on {cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
+
+
+def check_label_balance(desirable: int, undesirable: int, loss: KTOLossConfig, name: str) -> None:
+    """Warn of rows of one label only (KTO then only pushes each row's reward past the batch's KL estimate z0, with
+    no contrast between good and bad answers) and of weights that leave lambda_D n_D / (lambda_U n_U) outside the
+    paper's [1, 4/3], with the weight that brings it inside."""
+    if not desirable or not undesirable:
+        logger.warning("%s: every row is %s: KTO then has no contrast between good and bad answers (it pushes each "
+                       "row's reward %s the reference's KL estimate); give rows of both labels", name,
+                       "desirable" if desirable else "undesirable", "above" if desirable else "below")
+        return
+    ratio = loss.desirable_weight * desirable / (loss.undesirable_weight * undesirable)
+    if not 1 <= ratio <= 4 / 3:
+        logger.warning("%s: %d desirable and %d undesirable rows with loss.desirable_weight=%g and "
+                       "loss.undesirable_weight=%g give lambda_D n_D / (lambda_U n_U) = %.2f, outside the KTO paper's "
+                       "[1, 4/3]: loss.undesirable_weight=%.3g brings it to %s", name, desirable, undesirable,
+                       loss.desirable_weight, loss.undesirable_weight, ratio,
+                       loss.desirable_weight * desirable / (undesirable * (1.0 if ratio < 1 else 4 / 3)),
+                       "1" if ratio < 1 else "4/3")
 
 
 def heldout_part(cfg: KTOConfig, rows: Prepared | None, model: torch.nn.Module,
