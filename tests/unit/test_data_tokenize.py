@@ -11,7 +11,7 @@ import pytest
 from posttrain.data import DataConfig, Encoder, load_rows, tokenize_rows
 from posttrain.data.schemas import message
 from posttrain.data.tokenize import encode_stepwise
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.models.tokenizer import CHAT_TEMPLATE
 
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -266,6 +266,23 @@ def test_stepwise_step_ends_sit_on_each_steps_newline(tmp_path, tokenizer):
     assert [tokenizer.decode([ids[e]]) for e in row["step_ends"]] == ["\n", "\n"]
     assert tokenizer.decode(ids[row["step_ends"][0] + 1:row["step_ends"][1]]) == "5*4=20"
     assert row["step_labels"] == [1.0, 0.0] and all(row["response_mask"][e] for e in row["step_ends"])
+
+
+def test_stepwise_steps_written_with_their_line_ending_are_the_same_rows_and_a_two_line_step_is_refused(tmp_path,
+                                                                                                      tokenizer):
+    """A step ending with its newline ("2+3=5\\n") rendered an empty line after it, and its score was read at that
+    second newline; a step holding a line break was scored as one line in training and as two when the process
+    reward model scores RL completions line by line."""
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    prompt = "Start with 2. Add 3. Multiply by 4."
+    plain, ended = [tokenize_rows(load_rows(cfg, ("stepwise",), rows=[
+        {"prompt": prompt, "completions": steps, "labels": [True, False]}]), tokenizer, cfg).dataset[0]
+        for steps in (["2+3=5", "5*4=20"], ["2+3=5\n", "5*4=20\r\n"])]
+    assert {k: ended[k] for k in ("input_ids", "response_mask", "step_ends")} == \
+        {k: plain[k] for k in ("input_ids", "response_mask", "step_ends")}
+    with pytest.raises(DataError, match=r":1: completions\[0\]: a step holds a line break"):
+        load_rows(cfg, ("stepwise",), rows=[{"prompt": prompt, "completions": ["2+3\n=5", "5*4=20"],
+                                              "labels": [True, False]}])
 
 
 NO_CLOSER = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -320,6 +320,14 @@ def _stepwise(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
             raise where.error(f"a step must be text, got {_kind(step)}", field=f"completions[{i}]")
         if not step.strip():
             raise where.error("empty step", field=f"completions[{i}]")
+        if "\n" in step.rstrip("\r\n"):
+            # Steps render one per line and a process reward model is read at each line's end, in training and
+            # when it scores RL completions line by line: a step of two lines would be scored as two there.
+            raise where.error("a step holds a line break: steps are one line each (a process reward model is read "
+                              "at the end of each line); split the step in two, or join its lines",
+                              field=f"completions[{i}]")
+    # A step's own line ending (steps written one per line) is the line break that renders it: not a second one
+    steps = [step.rstrip("\r\n") for step in steps]
     if not isinstance(labels, list):
         raise where.error(f"must be a list of labels (bool or score), got {_kind(labels)}", field="labels")
     if len(labels) != len(steps):
