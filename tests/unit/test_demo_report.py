@@ -165,3 +165,23 @@ def test_a_redrawn_report_says_what_the_runs_own_said_of_a_number_json_cannot_ho
     written = write_training_report(run, "kto", summary).read_text()
     assert "| reward margin | n/a |" in written and "| kl | n/a |" in written and "| loss | 2 |" in written
     assert rebuild_training_report(run).read_text() == written
+
+
+def test_curves_plot_the_preference_stages_metrics_beside_their_held_out_values(tmp_path):
+    """DPO's reward accuracy and margin, a reward model's accuracy, the held-out values of each were logged and
+    never drawn (loss, eval loss, reward, KL and lr only, one panel each)."""
+    from PIL import Image
+
+    from posttrain.eval.report import curve_panels, plot_curves
+
+    metrics = [{"step": s, "loss": 0.7 - s / 10, "reward_accuracy": s / 4, "reward_margin": s / 10, "lr": 1e-5,
+                **({"eval_loss": 0.6, "eval_reward_accuracy": 0.5, "eval_reward": 1.0} if s % 2 == 0 else {})}
+               for s in range(1, 5)] + [{"eval_loss": 0.1}]  # a record without a step: not drawn
+    panels = curve_panels(metrics)
+    assert [[key for key, _ in panel] for panel in panels] == [
+        ["loss", "eval_loss"], ["eval_reward"], ["reward_accuracy", "eval_reward_accuracy"], ["reward_margin"], ["lr"]]
+    assert panels[0][1][1] == [(2, 0.6), (4, 0.6)] and panels[3][0][1] == [(s, s / 10) for s in range(1, 5)]
+    plot = plot_curves(metrics, tmp_path / "curves.png", "dpo")
+    width, height = Image.open(plot).size
+    assert width > height * 2  # 4 panels to a row, 2 rows: wider than it is tall, about 4.2 x 4 by 3.4 x 2 inches
+    assert height > 3.4 * 110 * 1.5  # two rows

@@ -15,24 +15,46 @@ from posttrain.train.dist import is_main_process
 from posttrain.train.metrics import finite_json, read_metrics, replace_text
 from posttrain.train.run_dir import RunDir
 
-CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "lr")
+# The panels of a report's curves, each a training metric and its held-out (eval_) counterpart, of those the run
+# logged: losses, rewards, accuracies (a task's; a reward model's and DPO's pairwise), margins (the preference
+# stages' chosen-minus-rejected), KL, learning rate.
+CURVE_KEYS = ("loss", "reward", "accuracy", "reward_accuracy", "margin", "reward_margin", "kl", "lr")
+COLUMNS = 4
+
+
+def curve_panels(metrics: list[dict[str, Any]]) -> list[list[tuple[str, list[tuple[int, float]]]]]:
+    """The panels `plot_curves` draws: for each key of `CURVE_KEYS` the run logged (or its eval_ value), the
+    (step, value) points of the key and of eval_<key>, those it has."""
+    def points(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in metrics if r.get(key) is not None and "step" in r]
+
+    panels = [[(k, points(k)) for k in (key, f"eval_{key}") if points(k)] for key in CURVE_KEYS]
+    return [panel for panel in panels if panel]
 
 
 def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | None:
-    """One panel per metric that the run logged, against the optimizer step."""
-    plt = pyplot()
-    keys = [k for k in CURVE_KEYS if any(r.get(k) is not None and "step" in r for r in metrics)]
-    if not keys:
+    """One panel per metric of `CURVE_KEYS` that the run logged, with its held-out value beside it (eval_<key>),
+    against the optimizer step, `COLUMNS` panels to a row."""
+    panels = curve_panels(metrics)
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        points = [(r["step"], r[key]) for r in metrics if r.get(key) is not None and "step" in r]
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3)
+    plt = pyplot()
+    columns, rows = min(COLUMNS, len(panels)), math.ceil(len(panels) / COLUMNS)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for key, series in panel:
+            steps, values = zip(*series, strict=True)
+            ax.plot(steps, values, marker="o" if len(series) < 20 else None, markersize=3,
+                    label="held out" if key.startswith("eval_") else "training")
+        name = panel[0][0].removeprefix("eval_").replace("_", " ")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.set_title(key.replace("_", " "))
+        ax.set_ylabel(name)
+        ax.set_title(name)
         ax.grid(alpha=0.3)
+        if len(panel) > 1 or panel[0][0].startswith("eval_"):
+            ax.legend(fontsize=8)
     fig.suptitle(title.replace("$", r"\$"))  # a data path's "$x$" is no math for matplotlib to typeset (or fail on)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

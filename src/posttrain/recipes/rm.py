@@ -217,7 +217,9 @@ def main(cfg: RMConfig) -> RunResult:
                "pairs": cfg.pairs.source, **sampled,
                **({"eval_offline_rows": len(offline.dataset)} if offline is not None else {})}
     if evaluator is not None and evaluator.rows:
-        plot_reward_distribution(evaluator.rows, run_dir.plots / "rewards.png", f"held-out rewards ({cfg.data.source})")
+        held_out_of = cfg.eval.source or (f"{cfg.data.source}, data.eval_split" if cfg.data.eval_split
+                                          else cfg.data.source)  # a task's held-out split, else
+        plot_reward_distribution(evaluator.rows, run_dir.plots / "rewards.png", f"held-out rewards ({held_out_of})")
     write_training_report(run_dir, f"{'Process reward' if cfg.kind == 'process' else 'Reward'} model on "
                                    f"{cfg.data.source}", summary)
     return RunResult(run_dir=run_dir.path, final_dir=final_dir, summary=summary)
