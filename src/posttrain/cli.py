@@ -316,12 +316,13 @@ HEADROOM_HEADERS = {"accuracy": "greedy", "sampled_accuracy": "sampled", "interm
 
 @app.command()
 def report(
-    run_dir: Annotated[str, typer.Argument(help="A demo directory (runs/demo) or a finished run directory.")],
+    run_dir: Annotated[str, typer.Argument(help="A demo directory (runs/demo) or a run directory.")],
 ) -> None:
-    """Rebuild report.md and its plots from what a finished run (or the whole demo) left on disk."""
+    """Rebuild report.md and its plots from what a run (finished, or stopped before its end: what it logged so far)
+    or the whole demo left on disk."""
     from posttrain.demo import STAGES
     from posttrain.eval.demo_report import write_demo_report
-    from posttrain.eval.report import rebuild_training_report
+    from posttrain.eval.report import rebuild_training_report, write_unfinished_report
     from posttrain.train.run_dir import RunDir
 
     path = Path(run_dir)
@@ -330,8 +331,10 @@ def report(
             written = write_demo_report(path, {s.name: s.builds_on for s in STAGES}, {s.name: s.task for s in STAGES})
         elif (path / "summary.json").is_file():
             written = rebuild_training_report(RunDir(path))
+        elif (path / "metrics.jsonl").is_file():  # a run stopped before its end: what it logged, marked so
+            written = write_unfinished_report(RunDir(path))
         else:
-            _print_error(f"{run_dir}: neither a demo directory (demo.json) nor a finished run (summary.json)")
+            _print_error(f"{run_dir}: neither a demo directory (demo.json) nor a run (summary.json, metrics.jsonl)")
             raise typer.Exit(2)
     console.print(f"[green]written[/] {written}")
 

@@ -237,7 +237,7 @@ MODEL_CASES = [
          "arithh"),
     case("eval-unknown-reward", ("eval", "{model}", "--task", "arith", "--problems", "2", "--reward", "nosuch"),
          "--reward: unknown reward function 'nosuch'"),
-    case("report-not-a-run", ("report", "{tmp}"), "{tmp}: neither a demo directory"),
+    case("report-not-a-run", ("report", "{tmp}"), "{tmp}: neither a demo directory (demo.json) nor a run"),
 ]
 
 REWARD_PY = "X = 3\n\ndef length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"

@@ -469,3 +469,23 @@ def test_a_run_without_its_config_yaml_is_told_where_a_copy_is(finished_sft, tmp
     shutil.copy(copy / "checkpoints" / "step-2" / "config.yaml", copy / "config.yaml")
     code, output = _invoke(["resume", str(copy), "train.max_steps=3"])
     assert code == 0, output
+
+
+def test_report_of_a_run_stopped_before_its_end_draws_what_it_logged_and_leaves_it_resumable(finished_sft, tmp_path):
+    """`posttrain report` refused a run without summary.json (one stopped by non-finite losses, interrupted or
+    killed): "not a finished run". It draws the logged steps now, says the run is unfinished, and writes no
+    summary.json (which would mark the run finished: the resume below would refuse to train on)."""
+    run = tmp_path / "sft"
+    shutil.copytree(finished_sft, run)
+    (run / "summary.json").unlink()
+    (run / "report.md").unlink()
+    (run / "plots" / "curves.png").unlink()
+    code, output = _invoke(["report", str(run)])
+    assert code == 0, output
+    report = (run / "report.md").read_text()
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert report.startswith("# sft sft: unfinished, last logged step 2\n")
+    assert f"| loss | {last['loss']:.4g} |" in report and (run / "plots" / "curves.png").is_file()
+    assert not (run / "summary.json").exists()
+    code, output = _invoke(["resume", str(run), "train.max_steps=3"])
+    assert code == 0 and (run / "summary.json").is_file(), output

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from posttrain.errors import RunDirError
 from posttrain.eval.headroom import headroom_lines, headroom_rows
 from posttrain.eval.heldout import headroom_summaries
@@ -64,10 +66,23 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | 
 
 
 def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) -> Path:
-    """Write `<run>/report.md` and `<run>/plots/curves.png` from the run's metrics.jsonl (rank 0 only)."""
+    """Write `<run>/report.md` and `<run>/plots/curves.png` from the run's metrics.jsonl, and summary.json (rank 0
+    only)."""
     report = run_dir.path / "report.md"
     if not is_main_process():
         return report
+    _write_report(run_dir, title, summary)
+    # The title and summary are kept so that `posttrain report <run>` can redraw all of it later; written whole or
+    # not at all, and last, since a summary.json is what marks a run finished: a report that could not be written (a
+    # full disk) leaves the run unfinished, and `posttrain resume` writes it from the last step's checkpoint.
+    replace_text(run_dir.path / "summary.json", finite_json({"title": title, "summary": summary}, indent=2,
+                                                           default=str))
+    return report
+
+
+def _write_report(run_dir: RunDir, title: str, summary: dict[str, Any]) -> Path:
+    """report.md (a table of `summary`, the headroom table, the curves) and plots/curves.png."""
+    report = run_dir.path / "report.md"
     metrics = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []  # a run stopped before its first step
     plot = plot_curves(metrics, run_dir.plots / "curves.png", title)
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
@@ -77,12 +92,26 @@ def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) 
     if plot is not None:
         lines += ["", f"![training curves](plots/{plot.name})"]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    # The title and summary are kept so that `posttrain report <run>` can redraw all of it later; written whole or
-    # not at all, and last, since a summary.json is what marks a run finished: a report that could not be written (a
-    # full disk) leaves the run unfinished, and `posttrain resume` writes it from the last step's checkpoint.
-    replace_text(run_dir.path / "summary.json", finite_json({"title": title, "summary": summary}, indent=2,
-                                                           default=str))
     return report
+
+
+def write_unfinished_report(run_dir: RunDir) -> Path:
+    """report.md and curves of a run that has not finished (stopped by non-finite losses, interrupted, killed, still
+    running) from what its metrics.jsonl holds: its last logged step's values, under a title that says so. No
+    summary.json, which marks a run finished (a resume writes the finished report)."""
+    metrics = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []
+    stepped = [record for record in metrics if "step" in record]
+    if not stepped:
+        raise RunDirError("is neither a finished run (no summary.json) nor one that logged a step (no step in "
+                          "metrics.jsonl): no report to draw", file=str(run_dir.path))
+    config = run_dir.path / "config.yaml"
+    stage = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("stage", "run") if config.is_file() \
+        else "run"
+    last = stepped[-1]
+    title = f"{stage} {run_dir.path.name}: unfinished, last logged step {last['step']}"
+    summary = {"status": f"unfinished (resume with: posttrain resume {run_dir.path})",
+               **{key: value for key, value in last.items() if isinstance(value, (int, float, str))}}
+    return _write_report(run_dir, title, summary)
 
 
 def _fmt(value: Any) -> str:
