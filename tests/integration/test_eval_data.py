@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -224,3 +225,21 @@ def test_eval_of_models_a_user_brings(chatml_model_dir, tokenizer, tmp_path):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["eval", str(bare), "--thinking", "maybe"], terminal_width=200)
     assert result.exit_code == 2 and "--thinking: 'maybe' is not one of on, off, fusion" in result.output
+
+
+@pytest.mark.parametrize(("rows", "found"), [
+    ({"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}, "preference rows (chosen, rejected)"),
+    ({"prompt": "What is 1+1?", "completion": "2", "label": True}, "unpaired rows (prompt, completion, label)"),
+    ({"prompt": "What is 1+1?", "completions": ["1+1=2"], "labels": [True]},
+     "stepwise rows (prompt, completions, labels)"),
+])
+def test_eval_of_a_policy_on_a_file_of_comparisons_says_what_measures_them(chatml_model_dir, tmp_path, rows, found):
+    """Its prompt column let such a file pass for prompt rows: with --reward the policy's own completions were scored
+    (the chosen and rejected answers extra columns); without, the `correct` reward asked for a task."""
+    from posttrain.errors import ConfigError
+
+    data = tmp_path / "held.jsonl"
+    data.write_text(json.dumps(rows) + "\n")
+    with pytest.raises(ConfigError, match=rf"--data: {data} holds {re.escape(found)}: --data scores a policy's own "
+                                          "completions of prompt rows"):
+        evaluate(chatml_model_dir, EvalOptions(data=str(data), problems=1, samples=0), write=False)

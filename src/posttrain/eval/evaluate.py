@@ -23,6 +23,7 @@ problems cannot appear in any training set drawn from the task, whatever its siz
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from posttrain.config import load_config
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
+from posttrain.data.schemas import SPECS
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Example, Task
 from posttrain.data.tokenize import Encoder
@@ -464,6 +466,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     model.eval()
     rows = prepare_data(_user_data_config(target, options.data, options), tokenizer, accepts=("verifiable",),
                         mask_dtype=model.dtype)
+    _refuse_comparisons(rows, options.data)
     functions, rewards = _user_rewards(target, options, rows)
     # Errors as in a run: the first of each kind printed, a batch mostly of errors stops the evaluation (its
     # accuracy would be of zeros), and their count is in the result.
@@ -510,6 +513,21 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     if write:
         _write(target, result, options)
     return result
+
+
+def _refuse_comparisons(rows: Prepared, source: str) -> None:
+    """A file of comparisons or labelled answers, which a prompt column lets pass for prompt rows: its chosen and
+    rejected answers would be extra columns and the policy's own completions scored (with a `correct` reward that
+    has no gold answer to check). Refused, naming what the rows are and what measures a model on them."""
+    columns = list(json.loads(rows.dataset[0]["row"])) if len(rows.dataset) else []
+    found = next((fmt for fmt in ("preference", "ranking", "unpaired", "stepwise")
+                  if all(c in columns for c in SPECS[fmt].required)), None)
+    if found is not None:
+        raise ConfigError(f"{source} holds {found} rows ({', '.join(SPECS[found].required)}): --data scores a "
+                          "policy's own completions of prompt rows (prompt, optional answer). A reward model is "
+                          "scored on such rows by posttrain eval <reward model> --data; a DPO or KTO model's loss and "
+                          f"reward accuracy on them are measured during its run, with eval.source={source}",
+                          field="--data")
 
 
 def _user_data_config(target: Target, source: str, options: EvalOptions) -> DataConfig:
