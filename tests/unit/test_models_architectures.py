@@ -429,7 +429,21 @@ def test_a_table_of_learned_positions_bounds_the_lengths_a_run_may_ask_for():
         check_sampled_length(opt, 100, 29)
     assert err.value.field == "sampling.max_new_tokens"
     check_sampled_length(opt, 100, 28)
-    check_sampled_length(tiny_lm("llama"), 100_000, 100_000)
+    check_sampled_length(tiny_lm("llama"), 100_000, 100_000)  # no error: a warning (below)
+
+
+def test_a_rotary_model_sampled_past_its_declared_positions_is_warned_of_not_stopped(caplog):
+    """A 1515-token prompt on a model made for 512 positions sampled and trained without a word: RoPE has no table
+    to run out of, so it is a warning, where a learned table's limit is an error."""
+    from posttrain.recipes.layout import check_sampled_length
+
+    llama = tiny_lm("llama")
+    declared = llama.config.max_position_embeddings
+    check_sampled_length(llama, declared - 8, 8)
+    assert not caplog.text
+    check_sampled_length(llama, declared - 8, 9)
+    assert (f"the longest prompt ({declared - 8} tokens) and sampling.max_new_tokens=9 new ones are longer than the "
+            f"{declared} positions this model was made for") in caplog.text
 
 
 def _rope_model(kind: str) -> torch.nn.Module:
