@@ -234,7 +234,9 @@ def evaluate(
                                                   ".parquet, .csv or a `datasets` directory, instead of a built-in "
                                                   "task; scored with the run's rewards (or --reward). For a reward "
                                                   "model: your comparisons (preference or ranking rows; stepwise "
-                                                  "rows for a process reward model).")] = None,
+                                                  "rows for a process reward model). For a DPO or KTO run: rows of "
+                                                  "its kind (preference or ranking; unpaired), scored with the "
+                                                  "stage's loss against the run's reference.")] = None,
     task: Annotated[str | None, typer.Option(help="Built-in task (default: the run's eval task); with --data, the task "
                                                   "whose answer check `correct` uses (default: the run's reward.task).")
                     ] = None,
@@ -258,6 +260,8 @@ def evaluate(
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Generation budget (default: the run's).")
                               ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the held-out draw and of the samples.")] = 1234,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts (or rows a reward model scores) per forward; the "
+                                                        "results do not depend on it.")] = 64,
     precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast) or auto (bf16 where the hardware has it), "
                                                 "as train.precision.")] = "fp32",
     template: Annotated[str | None, typer.Option(help="How prompts are written, as data.template: chat (the "
@@ -275,8 +279,9 @@ def evaluate(
     import dataclasses
 
     from posttrain.data.config import DataConfig
-    from posttrain.eval.evaluate import EvalOptions
+    from posttrain.eval.evaluate import EvalOptions, resolve_target
     from posttrain.eval.evaluate import evaluate as run_eval
+    from posttrain.recipes.comparison_eval import comparison_stage, evaluate_comparisons
 
     data_settings = {name: value for name, value in (("template", template), ("thinking", thinking))
                      if value is not None}
@@ -290,11 +295,15 @@ def evaluate(
         raise typer.Exit(2)
     options = EvalOptions(task=task, problems=problems, samples=samples, pass_k=tuple(k or (1, samples or 1)),
                           rewards=tuple(reward) if reward else None, reference=reference,
-                          max_new_tokens=max_new_tokens, seed=seed, precision=precision, data=data,
+                          max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, precision=precision,
+                          data=data,
                           correct_by=correct_by, threshold=threshold, grader=grader, out=out,
                           data_settings=data_settings)
     with _one_line_errors():
-        result = run_eval(path, options)
+        # A DPO or KTO run on a file of its own kind of rows: the stage's held-out loss against its reference
+        target = resolve_target(path) if data is not None else None
+        stage = comparison_stage(target, data) if target is not None and not target.is_reward_model else None
+        result = evaluate_comparisons(target, options, stage) if stage else run_eval(path, options)
     table = Table("metric", "value", title=f"eval of {escape(result['model'])} on "
                                            f"{escape(str(result.get('data') or result.get('task')))}")
     for key, value in result.items():

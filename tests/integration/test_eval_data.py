@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from posttrain.config import ModelConfig, load_config
 from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.models import build_model, save_pretrained
 from posttrain.recipes import find_recipe
+from posttrain.train.metrics import read_metrics
 
 # A reward whose outcome the test controls: in a batch where a row's prompt appears once (a greedy batch) it
 # scores the row's `greedy` column; where it appears n > 1 times (n samples of it) its first `wins` samples score 1
@@ -243,3 +245,30 @@ def test_eval_of_a_policy_on_a_file_of_comparisons_says_what_measures_them(chatm
     with pytest.raises(ConfigError, match=rf"--data: {data} holds {re.escape(found)}: --data scores a policy's own "
                                           "completions of prompt rows"):
         evaluate(chatml_model_dir, EvalOptions(data=str(data), problems=1, samples=0), write=False)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_eval_of_a_dpo_or_kto_run_on_a_file_equals_the_runs_own_held_out_evaluation(chatml_model_dir, tmp_path,
+                                                                                   stage):
+    """`posttrain eval <run> --data FILE` after the run measures what the run measured at its end with
+    eval.source=FILE: the same loss and statistics, against the same reference (the model it started from)."""
+    held = tmp_path / "held.jsonl"
+    rows = ([{"prompt": f"What is {i}+{i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(6)]
+            if stage == "dpo" else
+            [{"prompt": f"What is {i}+{i}?", "completion": str(2 * i + i % 2), "label": i % 2 == 0} for i in range(6)])
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = EXAMPLE.parent / ("preference_implicit.jsonl" if stage == "dpo" else "unpaired.jsonl")
+    result = CliRunner().invoke(app, [stage, stage, f"model.path={chatml_model_dir}", f"data.source={data}",
+                                      f"eval.source={held}", f"run.out_dir={tmp_path}", "run.name=r",
+                                      "run.progress=false", "train.save_every=0", "train.max_steps=2",
+                                      "train.batch_size=4", "train.micro_batch_size=4", "optim.lr=1e-3",
+                                      "optim.warmup_steps=0"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    logged = [m for m in read_metrics(tmp_path / "r" / "metrics.jsonl") if "eval_loss" in m][-1]
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "r"), "--data", str(held)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "r" / "eval-held.json").read_text())
+    assert measured["kind"] == stage and measured["rows"] == 6 and measured["reference"] == str(chatml_model_dir)
+    keys = [k for k in logged if k.startswith("eval_")]
+    assert len(keys) >= 4 and {k: measured[k] for k in keys} == pytest.approx({k: logged[k] for k in keys}, abs=1e-5)
+    assert logged["eval_loss"] != pytest.approx(math.log(2), abs=1e-3)  # trained away from the reference

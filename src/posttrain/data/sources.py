@@ -85,17 +85,7 @@ def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
                           field="data.format")
     if rows is not None:
         return _load_iterable(rows, cfg, accepts, imitates)
-    kind, name = _resolve(cfg.source)
-    if kind == "task" and cfg.split not in tasks.SPLITS:
-        raise ConfigError(f"a built-in task's split is one of {', '.join(tasks.SPLITS)}, not {cfg.split!r}",
-                          field="data.split")
-    # data.size and data.seed choose a built-in task's rows and data.split a task's or a `datasets` directory's:
-    # left out of a file's spec, whose cache key they changed (the same file read and tokenised again by each
-    # recipe of another data.size, or for another data.seed's held-out draw, which is taken later).
-    task = kind == "task"
-    spec = _Spec(kind=kind, name=name, format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
-                 limit=cfg.limit, split=cfg.split if task or kind == "disk" else "", size=cfg.size if task else 0,
-                 seed=cfg.seed if task else 0, imitates=imitates)
+    spec = _spec(cfg, imitates)
     fmt = _choose_format(spec, accepts)
     spec = dataclasses.replace(spec, format=fmt)
     try:
@@ -111,7 +101,27 @@ def load_rows(cfg: DataConfig, accepts: Sequence[str] = FORMATS,
         where = cfg.cache_dir or f"{datasets.config.HF_DATASETS_CACHE} (HF_DATASETS_CACHE)"
         raise ConfigError(f"the data cache {where} cannot be used ({err.strerror or err}): set data.cache_dir to a "
                           "writable directory", field="data.cache_dir") from None
-    return Rows(dataset=dataset, format=fmt, name=f"task:{name}" if kind == "task" else name)
+    return Rows(dataset=dataset, format=fmt, name=f"task:{spec.name}" if spec.kind == "task" else spec.name)
+
+
+def source_format(cfg: DataConfig, accepts: Sequence[str] = FORMATS) -> str:
+    """The format `load_rows(cfg, accepts)` reads `cfg.source` as, from its first row's columns (a DataError as
+    load_rows raises it where none fits), without reading the rest."""
+    return _choose_format(_spec(cfg), accepts)
+
+
+def _spec(cfg: DataConfig, imitates: bool = False) -> _Spec:
+    kind, name = _resolve(cfg.source)
+    if kind == "task" and cfg.split not in tasks.SPLITS:
+        raise ConfigError(f"a built-in task's split is one of {', '.join(tasks.SPLITS)}, not {cfg.split!r}",
+                          field="data.split")
+    # data.size and data.seed choose a built-in task's rows and data.split a task's or a `datasets` directory's:
+    # left out of a file's spec, whose cache key they changed (the same file read and tokenised again by each
+    # recipe of another data.size, or for another data.seed's held-out draw, which is taken later).
+    task = kind == "task"
+    return _Spec(kind=kind, name=name, format=cfg.format, renames=tuple(sorted(cfg.columns.renames().items())),
+                 limit=cfg.limit, split=cfg.split if task or kind == "disk" else "", size=cfg.size if task else 0,
+                 seed=cfg.seed if task else 0, imitates=imitates)
 
 
 def _resolve(source: str) -> tuple[str, str]:

@@ -97,7 +97,7 @@ class EvalOptions:
     precision: str = "fp32"
     """auto | fp32 | bf16, as `train.precision`: every forward under bf16 autocast, or not."""
     out: str | None = None
-    """The JSON file the results are written to (None: `_write`'s name in the run's or the model's directory)."""
+    """The JSON file the results are written to (None: `write_result`'s name in the run's or the model's directory)."""
     data_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """`data:` settings over the run's (template, thinking): a bare model without a chat template needs
     template=plain."""
@@ -162,8 +162,8 @@ def resolve_target(path: str | Path) -> Target:
 
 
 def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write: bool = True) -> dict[str, Any]:
-    """Evaluate the model at `path`, written to `<run>/eval.json` (or `<model>/eval.json`; `_write`) unless `write` is
-    off.
+    """Evaluate the model at `path`, written to `<run>/eval.json` (or `<model>/eval.json`; `write_result`) unless
+    `write` is off.
 
     greedy=False skips the greedy accuracy (a recipe that just measured it): samples only.
     """
@@ -172,15 +172,12 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
                           "its held-out problems", field="--data")
     target = resolve_target(path)
     if write:
-        check_writable(_out_path(target, options).parent, "name a writable file with --out")
+        check_writable(out_path(target, options).parent, "name a writable file with --out")
     if options.data is not None and not target.is_reward_model:
         return evaluate_data(target, options, write)
     task = get_task(_task_name(target, options))
     data = _data_config(target, task, options)
-    try:
-        precision, _ = resolve_precision(options.precision, default_device())
-    except ValueError as err:
-        raise ConfigError(str(err), field="precision") from None
+    precision = eval_precision(options)
     with autocast(precision, default_device()):
         if target.is_reward_model:
             result = evaluate_reward_model(target, data, options)
@@ -190,20 +187,28 @@ def evaluate(path: str | Path, options: EvalOptions, greedy: bool = True, write:
     named = {"task": task.name} if not target.is_reward_model or result.get("data") in TASKS else {}
     result = {"model": str(target.model_dir), **named, "precision": precision, **result}
     if write:
-        _write(target, result, options)
+        write_result(target, result, options)
     return result
 
 
-def _write(target: Target, result: dict[str, Any], options: EvalOptions) -> None:
+def eval_precision(options: EvalOptions) -> str:
+    """The precision the forwards run in: `options.precision` resolved for this device (auto: bf16 where native)."""
+    try:
+        return resolve_precision(options.precision, default_device())[0]
+    except ValueError as err:
+        raise ConfigError(str(err), field="precision") from None
+
+
+def write_result(target: Target, result: dict[str, Any], options: EvalOptions) -> None:
     """`options.out`, else `eval.json` of the run (or model) for a built-in task and `eval-<file name>.json` for a
     data file: an evaluation of one file no longer replaces that of the task or of another file. Atomic: an
     interrupted write leaves the last one whole."""
-    out = _out_path(target, options)
+    out = out_path(target, options)
     out.parent.mkdir(parents=True, exist_ok=True)  # --out results/mine.json: its directory is made
     replace_text(out, finite_json(result, indent=2))
 
 
-def _out_path(target: Target, options: EvalOptions) -> Path:
+def out_path(target: Target, options: EvalOptions) -> Path:
     if options.out:
         return Path(options.out)
     name = "eval.json" if options.data is None else f"eval-{Path(options.data).stem}.json"
@@ -249,8 +254,8 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
     if options.samples:
         reference = _reference(target, options, tokenizer)
         run_reward = target.section("reward")  # for --reward reward_model and --reward grader: the run's own
-        reward_model = _in_workdir(target, run_reward.get("model_path"))
-        grader = options.grader or _in_workdir(target, run_reward.get("grader"))
+        reward_model = in_workdir(target, run_reward.get("model_path"))
+        grader = options.grader or in_workdir(target, run_reward.get("grader"))
         sampled, counts = sampled_metrics(model, tokenizer, task, examples, data, options, max_new_tokens,
                                           reference, reward_model, grader)
         categories = [task.category(e) for e in examples]
@@ -273,7 +278,7 @@ def load_policy(target: Target) -> tuple[PreTrainedTokenizerBase, torch.nn.Modul
         tokenizer, policy = load_tokenizer(target.model_dir), load_causal_lm(target.model_dir)
         check_tokenizer_fits(tokenizer, policy, "path")
         return tokenizer, policy
-    start = _in_workdir(target, target.section("model").get("path"))  # relative to where the run was started
+    start = in_workdir(target, target.section("model").get("path"))  # relative to where the run was started
     if target.section("adapter").get("method", "none") != "none" or not start:
         raise RunDirError("this RL checkpoint holds an adapter's policy with its critic, for resuming: evaluate the "
                           "run's final/ (or resume the run)", file=str(target.run_dir))
@@ -305,7 +310,7 @@ def sampled_ks(options: EvalOptions) -> list[int]:
 def _reference(target: Target, options: EvalOptions, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module | None:
     """The KL reference: `--reference`, else the model the run started from; it must read the policy's token ids as
     the policy does (`tokenizer`: a KL between two vocabularies is no number)."""
-    path = options.reference or _in_workdir(target, target.section("model").get("path"))
+    path = options.reference or in_workdir(target, target.section("model").get("path"))
     if not path:
         return None
     field = "--reference" if options.reference else "model.path"
@@ -435,13 +440,13 @@ def _run_heldout_config(target: Target, held: RewardEvalConfig) -> DataConfig | 
     if not data.get("eval_split") and not isinstance(run_eval.get("source"), str):
         return None
     source = data.get("source", DataConfig.source)
-    data = {**data, "source": source if source in TASKS else _in_workdir(target, source)}
+    data = {**data, "source": source if source in TASKS else in_workdir(target, source)}
     try:
         run_data = load_config(DataConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{target.run_dir / 'config.yaml'}: data: {err}") from None
     if run_eval.get("source"):
-        held = dataclasses.replace(held, source=_in_workdir(target, run_eval["source"]),
+        held = dataclasses.replace(held, source=in_workdir(target, run_eval["source"]),
                                    split=run_eval.get("split", held.split))
     return heldout_data_config(run_data, held)
 
@@ -458,10 +463,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
     (`headroom`), the mean of every reward over the samples, and per-row results for paired comparisons."""
     if options.data is None:
         raise ValueError("evaluate_data needs options.data")
-    try:
-        precision, _ = resolve_precision(options.precision, default_device())
-    except ValueError as err:
-        raise ConfigError(str(err), field="precision") from None
+    precision = eval_precision(options)
     tokenizer, model = load_policy(target)
     model.eval()
     rows = prepare_data(_user_data_config(target, options.data, options), tokenizer, accepts=("verifiable",),
@@ -511,7 +513,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         result["categories"] = headroom(categories, [0] * count, 0, [], tuple(greedy_correct))
     result["per_problem"] = per_problem
     if write:
-        _write(target, result, options)
+        write_result(target, result, options)
     return result
 
 
@@ -525,8 +527,8 @@ def _refuse_comparisons(rows: Prepared, source: str) -> None:
     if found is not None:
         raise ConfigError(f"{source} holds {found} rows ({', '.join(SPECS[found].required)}): --data scores a "
                           "policy's own completions of prompt rows (prompt, optional answer). A reward model is "
-                          "scored on such rows by posttrain eval <reward model> --data; a DPO or KTO model's loss and "
-                          f"reward accuracy on them are measured during its run, with eval.source={source}",
+                          "scored on such rows by posttrain eval <reward model> --data, and a DPO or KTO run's model "
+                          "(its loss and reward accuracy against its reference) by posttrain eval <that run> --data",
                           field="--data")
 
 
@@ -558,9 +560,9 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
     # and --grader relative to here.
     built = functions if options.rewards else {_function_in_workdir(target, name): w for name, w in functions.items()}
     try:
-        grader = options.grader or _in_workdir(target, run_reward.get("grader"))
+        grader = options.grader or in_workdir(target, run_reward.get("grader"))
         rewards = WeightedRewards.from_config(built, task=task, grader_path=grader,
-                                              reward_model_path=_in_workdir(target, run_reward.get("model_path")),
+                                              reward_model_path=in_workdir(target, run_reward.get("model_path")),
                                               timeout_s=run_reward.get("timeout_s"),
                                               in_process=bool(run_reward.get("in_process", False)))
         rewards.functions = dict(zip(functions, rewards.functions.values(), strict=True))  # named as the run did
@@ -573,7 +575,7 @@ def _user_rewards(target: Target, options: EvalOptions, rows: Prepared) -> tuple
     return functions, rewards
 
 
-def _in_workdir(target: Target, path: str | None) -> str | None:
+def in_workdir(target: Target, path: str | None) -> str | None:
     """A relative path of the run's config as the run meant it: under the directory it was started in (run.workdir)
     where that holds it, else as given (relative to here)."""
     workdir = target.section("run").get("workdir")
@@ -587,7 +589,7 @@ def _function_in_workdir(target: Target, name: str) -> str:
     module, _, function = name.rpartition(":")
     if not module.endswith(".py"):
         return name  # a registered name or an importable module: found the same way from anywhere
-    return f"{_in_workdir(target, module)}:{function}"
+    return f"{in_workdir(target, module)}:{function}"
 
 
 def _intermediate_share(table: dict[str, dict[str, float]]) -> dict[str, float]:
