@@ -563,3 +563,20 @@ def test_metrics_reach_the_disk_before_each_checkpoint(tmp_path, tokenizer, monk
     for step in (2, 4):  # the first file of each checkpoint synced comes after the metrics
         first = next(i for i, path in enumerate(synced) if f".tmp-step-{step}" in path)
         assert metrics in synced[:first] and synced[:first].count(metrics) == step // 2
+
+
+def test_a_library_warning_raised_in_every_step_is_shown_once(tmp_path, tokenizer):
+    """The scheduler's step was wrapped in a warnings filter set and undone at every step, which resets Python's
+    once-per-place record: a warning a library raises in each step (a deprecation in a model's forward) was printed
+    at every step (12 times in 12 steps)."""
+    import warnings
+
+    def warning_loss(model, batch, normaliser):
+        warnings.warn("a deprecated argument", FutureWarning, stacklevel=1)  # one place, every micro-batch
+        return _loss_fn(model, batch, normaliser)
+
+    trainer, source = _trainer(tmp_path, tokenizer, steps=4, save_every=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per place
+        trainer.fit(source, warning_loss)
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == ["a deprecated argument"]

@@ -474,11 +474,16 @@ class Trainer:
             if self._first_skipped is None:
                 self._first_skipped = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            # A first step skipped calls the scheduler before the optimizer ever stepped: torch warns that the
-            # schedule's first value is skipped, which LambdaLR does not do.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        if finite and not spike:
             self.scheduler.step()
+        else:
+            # Not around every step: a filter set and undone resets Python's once-per-place record of warnings, and
+            # every library warning raised in a step came back at each step.
+            with warnings.catch_warnings():
+                # A first step skipped calls the scheduler before the optimizer ever stepped: torch warns that the
+                # schedule's first value is skipped, which LambdaLR does not do.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                self.scheduler.step()
         self.step += 1
         if finite and not spike:
             self.tokens += batch.tokens  # trained tokens: a skipped step's were consumed, not trained on
