@@ -489,3 +489,18 @@ def test_report_of_a_run_stopped_before_its_end_draws_what_it_logged_and_leaves_
     assert not (run / "summary.json").exists()
     code, output = _invoke(["resume", str(run), "train.max_steps=3"])
     assert code == 0 and (run / "summary.json").is_file(), output
+
+
+def test_saved_weights_are_as_readable_as_the_runs_other_files(finished_sft):
+    """safetensors writes its files 0600: final/model.safetensors and a checkpoint's optimizer and RNG states were
+    readable by their owner alone, beside 0644 files (a model saved for a team that others could not load)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    weights = sorted(finished_sft.rglob("*.safetensors"))
+    assert any(p.parent.name == "final" for p in weights) and any(p.name == "rng.safetensors" for p in weights)
+    assert {str(p.relative_to(finished_sft)): oct(p.stat().st_mode & 0o777) for p in weights} == {
+        str(p.relative_to(finished_sft)): oct(expected) for p in weights}
+    assert (finished_sft / "final" / "config.json").stat().st_mode & 0o777 == expected  # as the other files are

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import pickle
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -296,6 +297,7 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         extra = {"state_dict": state_dict} if state_dict is not None else {}
         model.save_pretrained(str(out), safe_serialization=True, **extra)
         _stop_at_answer_ends(model, out, answer_ends)
+        follow_umask(out)
         if getattr(tokenizer, "pad_from_eos", False):  # `load_tokenizer`'s pad token, not the tokenizer's own
             tokenizer = copy.deepcopy(tokenizer)
             tokenizer.pad_token = None
@@ -303,6 +305,28 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def follow_umask(directory: str | Path) -> None:
+    """Give the safetensors files under `directory` the mode any new file gets (0666 less the umask): safetensors
+    0.8 writes its files 0600, readable by their owner alone, where the rest of a model directory is 0644 and a
+    model saved for a team is read by others."""
+    mode = 0o666 & ~_umask()
+    for path in Path(directory).rglob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    try:  # Linux tells it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _stop_at_answer_ends(model: torch.nn.Module, out: Path, answer_ends: Collection[int]) -> None:

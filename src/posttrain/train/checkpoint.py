@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import ConfigError, RunDirError, refused_write
-from posttrain.models.io import model_fingerprint
+from posttrain.models.io import follow_umask, model_fingerprint
 from posttrain.train.optim import from_lr_keyed_groups
 
 COMPLETE = "COMPLETE"
@@ -107,6 +107,7 @@ def _write_checkpoint(tmp: Path, step: int, *, modules: Mapping[str, torch.nn.Mo
         "trainer": trainer_state,
     })
     (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
+    follow_umask(tmp)
     _fsync_tree(tmp)
     write_manifest(tmp, step)
     _fsync_tree(tmp)

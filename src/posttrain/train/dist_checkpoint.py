@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from posttrain.errors import RunDirError
+from posttrain.models.io import follow_umask
 from posttrain.train.checkpoint import (
     _fsync_dir,
     _fsync_tree,
@@ -94,6 +95,7 @@ def save_sharded_checkpoint(root: Path, step: int, *, model: DistributedModel, o
                                              "schedulers": {"model": _jsonable(scheduler.state_dict())},
                                              "trainer": trainer_state})
             (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
+            follow_umask(tmp)  # every rank's files are written by now (the barrier above)
             _fsync_tree(tmp)
             write_manifest(tmp, step)
             _fsync_tree(tmp)
