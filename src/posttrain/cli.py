@@ -112,7 +112,9 @@ def _register_stage(stage: str, doc: str) -> None:
         recipe, overrides = _split_recipe(args)
         _run_stage(stage, recipe, overrides, quick)
 
-    command.__doc__ = f"{doc}\n\nUsage: posttrain {stage} [RECIPE] [key.sub=value ...]"
+    # Escaped: the help is rich markup, where "[key.sub=value ...]" was taken for a tag and dropped
+    command.__doc__ = (f"{doc}\n\n" + escape(f"Usage: posttrain {stage} [RECIPE] [key.sub=value ...]")
+                       + f"\n\nEvery setting, with its default and doc: posttrain config {stage}")
     app.command(name=stage)(command)
 
 
@@ -393,7 +395,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("inspect")
 def data_inspect(
     source: Annotated[str, typer.Argument(help="A .jsonl/.json/.parquet/.csv file, a `datasets` directory or a "
-                                               "built-in task (arith, chain, multistep, sort).")],
+                                               "built-in task (arith, chain, multistep, multistep-long, sort).")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="data settings as key=value (max_length=256 truncation=truncate_left columns.prompt=question).",
         show_default=False)] = None,

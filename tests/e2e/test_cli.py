@@ -139,3 +139,24 @@ def test_eval_and_report_reject_what_is_not_a_run(tmp_path):
     for command in ("eval", "report"):
         result = runner.invoke(app, [command, str(tmp_path)], terminal_width=200)
         assert result.exit_code == 2 and str(tmp_path) in result.output
+
+
+def test_eval_of_a_path_that_is_not_there_says_so_and_names_the_runs_checkpoints(tmp_path):
+    """It said "neither a run directory nor a model directory" of a checkpoint a quick demo never saved."""
+    kept = tmp_path / "run" / "checkpoints"
+    for step in (4, 12):
+        (kept / f"step-{step}").mkdir(parents=True)
+        (kept / f"step-{step}" / "COMPLETE").write_text(str(step))
+    result = runner.invoke(app, ["eval", str(kept / "step-20")], terminal_width=300)
+    assert result.exit_code == 2
+    assert f"{kept / 'step-20'}: no such directory (the run's checkpoints: step-4, step-12)" in result.output
+
+
+def test_a_stages_help_shows_its_overrides_and_where_the_settings_are():
+    """The usage line lost "[key.sub=value ...]" (taken for rich markup) and named no place listing the settings."""
+    result = runner.invoke(app, ["sft", "--help"], terminal_width=200)
+    assert "Usage: posttrain sft [RECIPE] [key.sub=value ...]" in result.output
+    assert "Every setting, with its default and doc: posttrain config sft" in result.output
+    result = runner.invoke(app, ["data", "inspect", "--help"], terminal_width=300)
+    from posttrain.data.tasks import TASKS
+    assert all(name in " ".join(result.output.split()) for name in TASKS)

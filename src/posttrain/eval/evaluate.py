@@ -137,6 +137,11 @@ def resolve_target(path: str | Path) -> Target:
     HF model directory."""
     path = Path(path)
     actor_tensors = False
+    if not path.exists():
+        kept = sorted((p.name for p in path.parent.glob("step-*") if (p / COMPLETE).is_file()),
+                      key=lambda name: int(name[5:]) if name[5:].isdigit() else -1)
+        raise RunDirError("no such directory" + (f" (the run's checkpoints: {', '.join(kept)})" if kept else ""),
+                          file=str(path))
     if path.name == "model" and (path.parent / COMPLETE).is_file():  # a checkpoint's model/: the checkpoint
         path = path.parent
     final = path / "final"
