@@ -26,7 +26,7 @@ Summaries = dict[str, dict[str, Any]]
 
 
 def stage_rows(summaries: Summaries, bases: dict[str, str | None]) -> list[dict[str, Any]]:
-    """One row per stage: time, trained tokens, accuracy with its interval, and the change over the model
+    """One row per stage: time, tokens read, accuracy with its interval, and the change over the model
     the stage started from when that is a supervised model (SFT), so every RL stage is compared with its
     own starting point."""
     rows = []
@@ -308,7 +308,7 @@ def write_demo_report(demo_dir: str | Path, bases: dict[str, str | None], tasks:
              "Every stage from the same pretrained tiny model; each RL and preference stage starts from the SFT "
              "model of its task, and Δ is measured against the model the stage started from. Accuracy: greedy "
              "exact match on held-out problems no training set contains, with its 95% Wilson interval.", "",
-             "| stage | from | time | trained tokens | held-out accuracy (95% CI) | Δ vs start | steps right "
+             "| stage | from | time | tokens | held-out accuracy (95% CI) | Δ vs start | steps right "
              "| KL to start | other |",
              "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:

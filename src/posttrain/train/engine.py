@@ -184,7 +184,7 @@ class TrainResult:
     def totals(self) -> dict[str, Any]:
         """What every stage's summary reports about its training."""
         stopped = {} if self.stopped_by is None else {"stopped_by": self.stopped_by}
-        return {"steps": self.step, "trained_tokens": self.tokens, "seconds": self.seconds,
+        return {"steps": self.step, "tokens": self.tokens, "seconds": self.seconds,
                 "skipped_steps": self.skipped_steps, "precision": self.precision, "device": self.device, **stopped}
 
 
@@ -486,7 +486,7 @@ class Trainer:
                 self.scheduler.step()
         self.step += 1
         if finite and not spike:
-            self.tokens += batch.tokens  # trained tokens: a skipped step's were consumed, not trained on
+            self.tokens += batch.tokens  # the rows' tokens, prompts included (a skipped step's were read too)
         if self._nonfinite_in_a_row >= self.train_cfg.max_nonfinite:
             raise TrainingError(
                 f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient or a gradient-norm "

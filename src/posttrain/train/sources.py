@@ -20,8 +20,8 @@ class ShuffledStepSource:
     The permutation of epoch e depends only on (seed, e), so the data state is just two integers
     and a resumed run sees exactly the samples an uninterrupted run would have seen.
 
-    `collate(indices)` builds one micro-batch; `count(indices)` returns (normaliser, trained tokens)
-    for the whole step — the global normaliser every micro-batch's loss is divided by.
+    `collate(indices)` builds one micro-batch; `count(indices)` returns (normaliser, tokens) for the whole step:
+    the global normaliser every micro-batch's loss is divided by, and every token of its rows, prompts included.
 
     Under torchrun every rank walks the same permutation, counts the whole global batch (so the
     normaliser needs no communication) and collates only its own contiguous slice of it
