@@ -33,9 +33,9 @@ def test_columns_read_at_once_equal_the_rows_read_one_by_one():
 def test_a_column_through_an_index_mapping_is_not_one_chunk_per_row():
     """Read through a filtered dataset's mapping, Arrow gave one chunk per row: 26 s of `row_sums` over SFT's 1M
     rows (a Python loop per chunk), against 0.1 s once flat."""
-    from posttrain.data.columns import _arrow_column
+    from posttrain.data.columns import arrow_column
 
     dataset = Dataset.from_dict({"mask": [[1, 0, 1]] * 5000, "line": list(range(5000))})
     filtered = dataset.filter(lambda line: line % 7 != 0, input_columns="line").shuffle(seed=0)
-    assert _arrow_column(filtered, "mask").num_chunks < len(filtered) // 100  # the mapping's chunks, a few
+    assert arrow_column(filtered, "mask").num_chunks < len(filtered) // 100  # the mapping's chunks, a few
     assert row_sums(filtered, "mask").tolist() == [2.0] * len(filtered)
