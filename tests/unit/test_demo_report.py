@@ -185,3 +185,14 @@ def test_curves_plot_the_preference_stages_metrics_beside_their_held_out_values(
     width, height = Image.open(plot).size
     assert width > height * 2  # 4 panels to a row, 2 rows: wider than it is tall, about 4.2 x 4 by 3.4 x 2 inches
     assert height > 3.4 * 110 * 1.5  # two rows
+
+
+def test_a_report_table_writes_the_datas_statistics_as_words_not_a_python_dict(tmp_path):
+    from posttrain.eval.report import write_training_report
+    from posttrain.train.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    report = write_training_report(run, "sft", {"data": {"rows": 1200, "kept": 1198, "length_mean": 41.25},
+                                                "truncated": False}).read_text()
+    assert "| data | rows 1,200, kept 1,198, length mean 41.25 |" in report and "| truncated | False |" in report

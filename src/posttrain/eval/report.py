@@ -121,8 +121,12 @@ def _fmt(value: Any) -> str:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, dict):  # the data's statistics: "rows 1,000, kept 998, ...", not a Python dict's repr
+        return ", ".join(f"{key.replace('_', ' ')} {_fmt(item)}" for key, item in value.items())
     return str(value)
 
 

@@ -3,7 +3,7 @@
 `train.precision` is `fp32`, `bf16` or `auto`. `auto` picks bf16 only where the hardware computes it
 natively: a CPU with AVX512_BF16 or AMX (x86) or BF16 (Arm), a GPU that reports bf16 support. Without
 those instructions oneDNN emulates bf16 and a model-shaped GEMM runs ~45x *slower* than fp32 (measured
-on an AVX2-only AMD Zen 3), so `auto` never picks it there; `bf16` asked for explicitly still runs.
+on an AVX2-only AMD Zen 3), so `auto` never picks it there; `bf16` set explicitly still runs.
 
 What bf16 means here is what `torch.autocast` does: the parameters, their gradients and the optimizer
 state stay fp32; linear layers, matmuls and attention run on bf16 copies of their inputs; the logits
@@ -61,7 +61,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tup
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
-        return precision, "asked for"
+        return precision, "as set (auto: bf16 where the hardware has it)"
     native, why = native_bf16(device)
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
