@@ -149,6 +149,14 @@ def _flaky_on_rank_1(batch) -> list[float]:
     return scores
 
 
+@register_reward_function("dist_down_on_rank_1")
+def _down_on_rank_1(batch) -> list[float]:
+    """A service the reward calls that is down on one node: every completion rank 1 scores is an error."""
+    if os.environ.get("RANK") == "1":
+        raise ConnectionError("the grading service is down on this node")
+    return [1.0] * len(batch.completions)
+
+
 # Adam's eps as large as the gradients makes each update proportional to its gradient, so the ranks' other order of
 # summation stays rounding in the weights too; with the default eps a near-zero gradient whose sign rounds the other
 # way moves its weight by a whole step the other way.
@@ -205,13 +213,15 @@ RL_KEYS = ("loss", "pg_loss", "value_loss", "sft_loss", "kl", "reward", "entropy
            "grad_norm")
 
 
-def _rl_run(stage: str, model_dir: Path, out: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """One RL stage's run with `PromptEngine`: its metrics and its final policy weights (rank 0's files)."""
+def _rl_run(stage: str, model_dir: Path, out: Path,
+            run: tuple[str, list[str]] | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """One RL stage's run with `PromptEngine` (`RL_RUNS`' or `run`): its metrics and its final policy weights (rank
+    0's files)."""
     from posttrain.config import load_config
     from posttrain.recipes import STAGES, config_class, rl_loop
     from posttrain.train.metrics import read_metrics
 
-    recipe, overrides = RL_RUNS[stage] if stage in RL_RUNS else FILTER_RUN
+    recipe, overrides = run or (RL_RUNS[stage] if stage in RL_RUNS else FILTER_RUN)
     common = [o for o in _RL_COMMON if (recipe != "kto" or not o.startswith("sampling."))  # KTO samples nothing
               and (recipe != "rm" or not o.startswith("eval"))]  # a reward model's evaluation is of its pairs
     cfg = load_config(config_class(recipe), None, [f"model.path={model_dir}", f"run.out_dir={out}",
@@ -266,6 +276,7 @@ def _worker(rank: int, world: int, port: int, work: str) -> None:
         results.update({f"grpo-filter.metric.{key}": torch.tensor([m[key] for m in metrics], dtype=torch.float64)
                         for key in FILTER_KEYS})
     results.update(_failed_save(work_dir / "model", out, rank))
+    results.update(_reward_down_on_one_rank(work_dir / "model", out))
     save_file({k: v.contiguous() for k, v in results.items()}, str(work_dir / f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
@@ -297,6 +308,22 @@ def _failed_save(model_dir: Path, out: Path, rank: int) -> dict[str, torch.Tenso
     left = sorted(p.name for p in (out / "full-disk" / "checkpoints").iterdir())
     return {"full-disk.message": torch.tensor(list(message.encode()), dtype=torch.uint8),
             "full-disk.left": torch.tensor(list("/".join(left).encode()), dtype=torch.uint8)}
+
+
+def _reward_down_on_one_rank(model_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    """GRPO whose reward raises on rank 1 alone, half of each round's completions: what each rank raised (rank 1
+    stopped alone on its own batch, and rank 0 died in its next collective with gloo's traceback)."""
+    from posttrain.errors import ConfigError
+
+    run = ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "train.micro_batch_size=4",
+                    "train.max_steps=2", "reward.functions={dist_down_on_rank_1: 1.0}",
+                    "reward.max_error_fraction=0.4"])
+    try:
+        _rl_run("grpo-reward-down", model_dir, out, run)
+        message = ""
+    except ConfigError as err:
+        message = str(err)
+    return {"reward-down.message": torch.tensor(list(message.encode()), dtype=torch.uint8)}
 
 
 def _free_port() -> int:
@@ -483,3 +510,15 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_with_the_one_proce
         assert "cannot write the checkpoint of step 2" in message and "step-1, is kept" in message, message
         assert ("No space left on device" if rank == 0 else "it failed on another rank") in message
         assert bytes(results["full-disk.left"].tolist()).decode() == "step-1"  # no .tmp-step-2 on the full disk
+
+
+def test_reward_errors_on_one_rank_stop_every_rank_with_the_rounds_one_line_error(two_ranks):
+    """reward.max_error_fraction was judged on each rank's own batch: the rank whose function failed stopped alone,
+    and the other died in its next collective with gloo's traceback. Judged on the round's rows of every rank now,
+    alike on each: 8 of the round's 16 (> 0.4)."""
+    _, ranks = two_ranks
+    for results in ranks:
+        message = bytes(results["reward-down.message"].tolist()).decode()
+        assert message.startswith("reward.functions.dist_down_on_rank_1: 8 of 16 scores of this round (every "
+                                  "rank's) are errors (more than reward.max_error_fraction=0.4); the first: "
+                                  "ConnectionError: the grading service is down on this node"), message

@@ -50,6 +50,7 @@ from posttrain.recipes.rl import (
     SamplingConfig,
     build_rewards,
     check_gold_answers,
+    check_reward_errors,
     check_reward_functions,
     completions_of,
     heldout_reward_part,
@@ -340,6 +341,7 @@ class OnPolicyPairs:
             bar.advance(len(rows))
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
+        check_reward_errors(self.rewards)
         # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the
         # pairs (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have made them.
         # A completion cut at max_new_tokens is no answer the policy gave: as a row its text would end with the

@@ -47,6 +47,7 @@ from posttrain.recipes.rl import (
     SamplingConfig,
     build_rewards,
     check_gold_answers,
+    check_reward_errors,
     check_reward_functions,
     completions_of,
     heldout_reward_part,
@@ -278,6 +279,7 @@ class RejectionStepSource:
             bar.advance(len(rows))
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
+        check_reward_errors(self.rewards)
         select = self.cfg.select
         kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout) & ~scores.failed(),
                            select.mode, select.threshold, select.dedupe)

@@ -172,6 +172,18 @@ def reward_errors_of_step(rewards: WeightedRewards, step: int) -> None:
         rewards.error_log.step = step
 
 
+def check_reward_errors(rewards: WeightedRewards) -> None:
+    """Under torchrun, once every rank has scored its share of a round: reward.max_error_fraction judged on the
+    round's rows of every rank, alike on each, so that all stop together with the one-line error (one rank stopped
+    alone on its own batch, and the others died in their next collective with gloo's traceback)."""
+    log = rewards.error_log
+    if not isinstance(log, RewardErrorLog) or log.rank is None:
+        return
+    errors, rows = log.take_unchecked()
+    log.check_fraction(dist.all_gather_list(errors), int(dist.all_reduce_sum(float(rows))),
+                       scope="this round (every rank's)")
+
+
 def build_reference(beta: float, adapter: AdapterConfig, model: torch.nn.Module) -> Reference | None:
     """A frozen copy of the starting policy when beta > 0 (with an adapter: None, the adapter-disabled
     policy is the reference, see `adapter_reference`)."""

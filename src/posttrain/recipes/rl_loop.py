@@ -87,6 +87,7 @@ from posttrain.recipes.rl import (
     build_reference,
     build_rewards,
     check_gold_answers,
+    check_reward_errors,
     completions_of,
     heldout_reward_part,
     log_reward_errors,
@@ -354,6 +355,7 @@ class RLStepSource:
         start = time.perf_counter()
         reward_errors_of_step(self.rewards, self.steps + 1)
         rows, rollout, completions, scores, score, generation_s, filtered = self._sample()   # 1. and 2.
+        check_reward_errors(self.rewards)
         if self.gold is not None:
             self.gold.prepare(rows)
         steps = self.step_rewards(rollout, completions, score) if self.step_rewards is not None else None

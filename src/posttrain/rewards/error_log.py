@@ -44,6 +44,8 @@ class RewardErrorLog:
         self.step: int | None = None  # the optimizer step the scored samples train (set by the stage's sampler)
         self.pending: list[dict[str, Any]] = []  # errors scored before the run directory exists (see `attach`)
         self.deferred = False  # the caller checks the error fraction itself (`check_fraction`)
+        self.unchecked: list[dict[str, Any]] = []  # under torchrun (`take_unchecked`)
+        self.unchecked_rows = 0
         # Under torchrun every rank scores its own samples and appends its own errors to the one file.
         self.rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
@@ -65,6 +67,9 @@ class RewardErrorLog:
 
     def __call__(self, scores: Scores, batch: Completions) -> None:
         self.calls += 1
+        judged_later = self.rank is not None and not self.deferred  # with every rank's (`take_unchecked`)
+        if judged_later:
+            self.unchecked_rows += len(batch)
         if not scores.errors:
             return
         records = [{"call": self.calls, **({"step": self.step} if self.step is not None else {}),
@@ -83,17 +88,28 @@ class RewardErrorLog:
                 self.echo(f"reward {record['function']!r} failed on a sample (scored 0; every error is kept in "
                           f"{kept}):\n  prompt: {record['prompt']!r}\n  completion: "
                           f"{record['completion']!r}\n{record['error']}")
-        if not self.deferred:
+        if judged_later:
+            self.unchecked.extend({"function": r["function"], "error": r["error"]} for r in records)
+        elif not self.deferred:
             self.check_fraction(records, len(batch))
 
-    def check_fraction(self, errors: list[dict[str, Any]], rows: int) -> None:
+    def take_unchecked(self) -> tuple[list[dict[str, Any]], int]:
+        """Under torchrun: the errors (function and error) and the count of the rows scored since the last call,
+        for the stage to judge with every rank's once a round is scored (`recipes.rl.check_reward_errors`): a rank
+        that stopped alone on its own batch left the others waiting in a collective, to die with gloo's traceback."""
+        taken = self.unchecked, self.unchecked_rows
+        self.unchecked, self.unchecked_rows = [], 0
+        return taken
+
+    def check_fraction(self, errors: list[dict[str, Any]], rows: int, scope: str = "this batch") -> None:
         """ConfigError when one function erred on more than `max_error_fraction` of `rows` scored rows (`errors`:
         records with "function" and "error"). Called on every batch, or with `deferred` set, by the caller on the
-        whole of what it scored in several batches (a set shared out over ranks is judged whole on each)."""
+        whole of what it scored in several batches (a set shared out over ranks is judged whole on each), or under
+        torchrun on a round's rows of every rank (`scope` says which)."""
         for function in sorted({e["function"] for e in errors}):
             failed = [e for e in errors if e["function"] == function]
             if len(failed) > self.max_error_fraction * rows:
-                raise ConfigError(f"{len(failed)} of {rows} scores of this batch are errors (more than "
+                raise ConfigError(f"{len(failed)} of {rows} scores of {scope} are errors (more than "
                                   f"reward.max_error_fraction={self.max_error_fraction:g}); the first: "
                                   f"{failed[0]['error'].splitlines()[0]} ("
                                   + (f"all in {self.path}" if self.path else (self.unkept or "before the run "
