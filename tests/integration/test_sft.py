@@ -304,3 +304,23 @@ def test_a_run_stopped_before_its_first_evaluation_resumes_with_one_copy_of_the_
     steps = [r["step"] for r in read_metrics(full.run_dir / "samples.jsonl")]
     assert steps.count(0) > 0 and set(steps) == {0, 2}  # the starting model's and the final model's only
     resumes_bitwise(full, lambda name: run(f"run.name={name}", "run.resume=true"))
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_an_adapter_directory_names_its_base_by_a_path_that_holds_from_anywhere(tiny_model, tokenizer, tmp_path,
+                                                                                method, monkeypatch):
+    """A base named relative to where the run started (`model.path=runs/base`) was recorded as typed: read from
+    another directory the adapter found no base, and peft took the name for a Hub model to download."""
+    import json
+
+    from posttrain.models import load_causal_lm, save_pretrained
+    from posttrain.models.io import adapter_base
+
+    save_pretrained(tiny_model, tokenizer, tmp_path / "runs" / "base")
+    monkeypatch.chdir(tmp_path)
+    adapter = AdapterConfig(method=method, r=4, num_virtual_tokens=4, merge_on_save=False)
+    saved = save_trained(apply_adapter(load_causal_lm("runs/base"), adapter), tokenizer, tmp_path / "final", adapter)
+    recorded = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((tmp_path / "runs" / "base").resolve())
+    monkeypatch.chdir(tmp_path / "runs")
+    assert adapter_base(saved) == tmp_path / "runs" / "base"

@@ -172,7 +172,15 @@ def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, task_type: str = "
                                  target_modules=lora_targets(model, cfg.target_modules))
     else:
         peft_config = PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
-    return get_peft_model(model, peft_config)
+    adapted = get_peft_model(model, peft_config)
+    for config in adapted.peft_config.values():
+        # The base as a path from anywhere: peft records it as the model was named (`runs/sft/final`, relative to
+        # where the run started), and an adapter directory read from elsewhere then found no base (peft took the
+        # name for a Hub model to download).
+        base = config.base_model_name_or_path
+        if base and not Path(base).is_absolute() and Path(base).is_dir():
+            config.base_model_name_or_path = str(Path(base).resolve())
+    return adapted
 
 
 def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path,
