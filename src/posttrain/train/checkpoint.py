@@ -65,7 +65,12 @@ def save_checkpoint(root: Path, step: int, *, modules: Mapping[str, torch.nn.Mod
 
 def write_failure(err: BaseException) -> str:
     """Why a write failed, in a few words: "No space left on device", also from inside safetensors' own error (its
-    writer raises SafetensorError, not OSError)."""
+    writer raises SafetensorError, not OSError) and a sharded save's (CheckpointException, "ranks: dict_keys([0, 1])"
+    where each rank's own error says why)."""
+    failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's: each failed rank's own exception
+    if isinstance(failures, dict) and failures:
+        rank, (cause, _) = min(failures.items())
+        return f"{write_failure(cause)}, on rank {rank}"
     refused = refused_write(err)
     if refused is not None:
         return refused[0]

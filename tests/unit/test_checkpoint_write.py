@@ -1,0 +1,19 @@
+"""What a failed checkpoint write says of its cause."""
+
+from __future__ import annotations
+
+import errno
+import traceback
+
+from torch.distributed.checkpoint.api import CheckpointException
+
+from posttrain.train.checkpoint import write_failure
+
+
+def test_a_sharded_save_that_failed_says_why_from_the_failed_ranks_own_error():
+    """torch.distributed.checkpoint raises one CheckpointException whose text starts "CheckpointException
+    ranks:dict_keys([0, 1])": a run under torchrun said that where one process said "File too large"."""
+    too_large = OSError(errno.EFBIG, "File too large")
+    failures = {1: (too_large, traceback.StackSummary()), 0: (too_large, traceback.StackSummary())}
+    assert write_failure(CheckpointException("save failed", failures)) == "File too large, on rank 0"
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
