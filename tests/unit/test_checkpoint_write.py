@@ -17,3 +17,13 @@ def test_a_sharded_save_that_failed_says_why_from_the_failed_ranks_own_error():
     failures = {1: (too_large, traceback.StackSummary()), 0: (too_large, traceback.StackSummary())}
     assert write_failure(CheckpointException("save failed", failures)) == "File too large, on rank 0"
     assert write_failure(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+
+
+def test_the_resume_hint_under_torchrun_names_torchrun_with_as_many_processes(monkeypatch):
+    """A run stopped under torchrun said `posttrain resume <dir>`, which is refused there (written by 2 processes)."""
+    from posttrain.train.dist import resume_command
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resume_command("runs/sft") == "torchrun --nproc_per_node=2 -m posttrain resume runs/sft"
+    monkeypatch.delenv("WORLD_SIZE")
+    assert resume_command("runs/sft") == "posttrain resume runs/sft"

@@ -103,6 +103,14 @@ def rank_slice(items: list[Any], field: str = "train.batch_size") -> list[Any]:
     return items[ctx.rank * share:(ctx.rank + 1) * share]
 
 
+def resume_command(path: Any) -> str:
+    """The command that resumes the run in `path` as this one runs: under torchrun with as many processes (a
+    resume with another count is refused), else one plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, also once the process group is gone
+    return (f"torchrun --nproc_per_node={world} -m posttrain resume {path}" if world > 1
+            else f"posttrain resume {path}")
+
+
 def all_reduce_sum(value: float) -> float:
     """The sum of `value` over all ranks (float64, so counts stay exact)."""
     if not dist.is_initialized():

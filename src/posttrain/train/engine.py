@@ -344,7 +344,8 @@ class Trainer:
                     if main:
                         self.console.print(
                             f"[yellow]stopped by {stop.signal_name or 'a signal on another rank'} at step "
-                            f"{self.step}[/]; checkpoint: {path}\nresume with: posttrain resume {self.run_dir.path}")
+                            f"{self.step}[/]; checkpoint: {path}\n"
+                            f"resume with: {dist.resume_command(self.run_dir.path)}")
                     interrupted = True
                     break
                 # The last step is always saved, so that a finished run can be continued with more steps.
@@ -585,8 +586,8 @@ class Trainer:
             return
         if self.dist.is_main:
             self.console.print(f"{self.stage}: step {self.step + 1} failed; the {self.step} steps before it are saved "
-                               f"({path}): once its cause is mended, `posttrain resume {self.run_dir.path}` trains on "
-                               "from there")
+                               f"({path}): once its cause is mended, `{dist.resume_command(self.run_dir.path)}` "
+                               "trains on from there")
 
     def _kept_settings(self) -> dict[str, Any]:
         """This run's values of the settings a resume must keep (`checkpoint.KEPT_ON_RESUME`) that its config has."""

@@ -291,7 +291,7 @@ def abandon_unstarted(run: RunConfig) -> Abandoned:
     if undone.left:
         return undone
     if latest_checkpoint(path / "checkpoints") is not None:
-        return Abandoned(f"resume with: posttrain resume {path}")
+        return Abandoned(f"resume with: {dist.resume_command(path)}")
     return Abandoned(f"{path} holds no checkpoint to resume from" if path.exists() else "nothing was written")
 
 
