@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -522,3 +523,11 @@ def test_reward_errors_on_one_rank_stop_every_rank_with_the_rounds_one_line_erro
         assert message.startswith("reward.functions.dist_down_on_rank_1: 8 of 16 scores of this round (every "
                                   "rank's) are errors (more than reward.max_error_fraction=0.4); the first: "
                                   "ConnectionError: the grading service is down on this node"), message
+
+
+def test_a_runs_summary_names_the_processes_a_resume_must_have_again(two_ranks):
+    """summary.json and report.md did not say that the run ran on 2 ranks, which its resume must have again."""
+    work, _ = two_ranks
+    summary = json.loads((work / "runs" / "grpo" / "summary.json").read_text())["summary"]
+    assert (summary["processes"], summary["parallel"]) == (2, "ddp")
+    assert "| processes | 2 |" in (work / "runs" / "grpo" / "report.md").read_text()

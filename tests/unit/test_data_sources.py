@@ -367,3 +367,13 @@ def test_held_out_rows_repeated_among_the_trained_ones_are_counted_and_warned_of
     assert warn_of_repeats(trained, held_out) == expected
     assert (f"{expected} of the 9 held-out rows (data.eval_split) are also among the trained rows" in caplog.text) \
         == (expected > 0)
+
+
+def test_a_message_whose_content_is_null_is_told_so_not_to_rename_content_to_content():
+    """It said "message has no 'content' — did you mean 'content'?"."""
+    rows = [{"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "hi"}]}]
+    with pytest.raises(DataError, match=r":1: messages\[0\]\.content: content is null \(only an assistant turn that "
+                                        r"makes tool calls may have none\)$"):
+        load_rows(DataConfig(), ("messages",), rows=rows)
+    with pytest.raises(DataError, match=r"message has no 'content' — did you mean 'contents'\?"):
+        load_rows(DataConfig(), ("messages",), rows=[{"messages": [{"role": "user", "contents": "hi"}]}])

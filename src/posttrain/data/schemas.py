@@ -400,7 +400,10 @@ def _message_list(value: Any, field: str, where: Where) -> list[dict[str, Any]]:
             raise where.error("only assistant turns make tool calls", field=f"{here}.tool_calls")
         content = item.get("content")
         if content is None and tool_calls is None:
-            raise where.error(f"message has no 'content'{suggest_column('content', list(item))}",
+            # A null content is there, only empty: the advice to rename a column to 'content' named itself
+            raise where.error("content is null (only an assistant turn that makes tool calls may have none)"
+                              if "content" in item else
+                              f"message has no 'content'{suggest_column('content', list(item))}",
                               field=f"{here}.content")
         content = "" if content is None else content
         if not isinstance(content, str):

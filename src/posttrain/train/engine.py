@@ -180,12 +180,17 @@ class TrainResult:
     device: str = "cpu"
     stopped_by: str | None = None
     """The train.stop_when rule that ended the run before max_steps, with the value that met it (None: it did not)."""
+    processes: int = 1
+    """The ranks it ran on (torchrun), which a resume must have again; `parallel` their layout (ddp or fsdp)."""
+    parallel: str | None = None
 
     def totals(self) -> dict[str, Any]:
         """What every stage's summary reports about its training."""
         stopped = {} if self.stopped_by is None else {"stopped_by": self.stopped_by}
+        ranks = {"processes": self.processes, "parallel": self.parallel} if self.processes > 1 else {}
         return {"steps": self.step, "tokens": self.tokens, "seconds": self.seconds,
-                "skipped_steps": self.skipped_steps, "precision": self.precision, "device": self.device, **stopped}
+                "skipped_steps": self.skipped_steps, "precision": self.precision, "device": self.device, **ranks,
+                **stopped}
 
 
 def forward_precision(train: TrainConfig, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -363,7 +368,8 @@ class Trainer:
                                f"{self.skipped_steps} skipped steps")
         return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
                            seconds=earlier_s + seconds, skipped_steps=self.skipped_steps, precision=self.precision,
-                           device=str(self.device), stopped_by=stopped_by)
+                           device=str(self.device), stopped_by=stopped_by, processes=self.dist.world_size,
+                           parallel=self.train_cfg.parallel)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The run's precision for a forward outside the loop (e.g. a reference pass before training)."""
