@@ -69,6 +69,17 @@ def test_the_first_step_loss_is_ln2_when_the_policy_is_the_reference(pretrained_
     AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
 
 
+def test_the_rpo_loss_logs_its_two_parts_which_add_up_to_it(lm_dir, tmp_path):
+    """loss.sft_weight > 0 adds the chosen answers' NLL to the DPO loss: only the sum was logged, so a loss above
+    ln 2 at step 1 read as a broken DPO. Both parts are logged now: the DPO part is ln 2 at step 1."""
+    cfg = dpo_config(lm_dir, tmp_path, "data.size=16", "train.max_steps=1", "train.batch_size=8",
+                     "train.micro_batch_size=4", "loss.sft_weight=0.5", "eval.problems=0")
+    [first] = read_metrics(main(cfg).run_dir / "metrics.jsonl")
+    assert_close(torch.tensor(first["dpo_loss"]), torch.tensor(math.log(2)))
+    assert first["sft_loss"] > 0
+    assert_close(torch.tensor(first["loss"]), torch.tensor(first["dpo_loss"] + 0.5 * first["sft_loss"]))
+
+
 def test_a_reference_of_another_tokenizer_is_refused_naming_reference_path(lm_dir, chatml_model_dir, tmp_path):
     """It scored the policy's token ids as its own: logprobs that meant nothing (silently), or an index error."""
     from posttrain.train.reference import ReferenceConfig, load_reference

@@ -392,10 +392,14 @@ def dpo_loss_fn(cfg: DPOLossConfig, reference: Reference | None):
             flip = cfg.label_smoothing if p is None else soft_label_flip(p, cfg.label_smoothing).to(policy)
             out = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.kind, flip)
             loss, rewards = out.loss, torch.stack([out.chosen_rewards, out.rejected_rewards], dim=1)
+        share = len(policy) / normaliser  # means over this micro-batch -> its part of the step's mean
+        parts = {"dpo_loss": loss.item() * share}
         if cfg.sft_weight:  # RPO: keep the chosen answers likely (plain DPO can lower both likelihoods)
-            loss = loss - cfg.sft_weight * comparison_matrix(per_token, batch)[0][:, 0].mean()
-        loss = loss * (len(policy) / normaliser)  # means over this micro-batch -> its part of the step's mean
-        return loss, dpo_metrics(loss, rewards, policy.detach(), present, levels, normaliser)
+            nll = -comparison_matrix(per_token, batch)[0][:, 0].mean()
+            loss = loss + cfg.sft_weight * nll
+            parts["sft_loss"] = nll.item() * share  # the chosen answers' per-token NLL, unweighted
+        loss = loss * share
+        return loss, dpo_metrics(loss, rewards, policy.detach(), present, levels, normaliser) | parts
 
     return loss_fn
 
