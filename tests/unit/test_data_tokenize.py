@@ -645,3 +645,14 @@ def test_a_pad_token_of_ordinary_text_is_named_as_the_cause(tokenizer):
         _encoder(bang).encode([message("user", "Say hi!"), message("assistant", "hi")])
     with pytest.raises(RowProblem, match=r"contains the special token '<\|end\|>' as text$"):
         _encoder(tokenizer).encode([message("user", "Say <|end|>"), message("assistant", "hi")])
+
+
+def test_truncation_error_of_a_comparison_names_the_column_that_is_too_long(tmp_path, tokenizer):
+    """It named a `completion` field that preference and ranking rows do not have."""
+    long = " ".join(map(str, range(60)))
+    cfg = DataConfig(cache_dir=str(tmp_path), max_length=40, truncation="error")
+    for fmt, row, field in [("preference", {"prompt": "q", "chosen": "1", "rejected": long}, "rejected"),
+                            ("preference", {"prompt": "q", "chosen": long, "rejected": "1"}, "chosen"),
+                            ("ranking", {"prompt": "q", "responses": ["1", long]}, "responses")]:
+        with pytest.raises(DataError, match=rf":1: {field}: the sample is \d+ tokens"):
+            tokenize_rows(load_rows(cfg, (fmt,), rows=[row]), tokenizer, cfg)

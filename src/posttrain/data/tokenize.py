@@ -605,6 +605,8 @@ def _preference(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
     pair = [encoder.encode([*row["prompt"], *row[key]], prompt_turns=len(row["prompt"]))
             for key in ("chosen", "rejected")]
     [(chosen, chosen_mask), (rejected, rejected_mask)], status = _fit_group(encoder, pair)
+    if status["error_field"] == "completion":  # the answer too long: the longer of the two, as the row names it
+        status["error_field"] = "chosen" if len(chosen) >= len(rejected) else "rejected"
     return {"chosen_input_ids": chosen, "chosen_response_mask": chosen_mask, "rejected_input_ids": rejected,
             "rejected_response_mask": rejected_mask, "length": max(len(chosen), len(rejected))} | status
 
@@ -613,6 +615,8 @@ def _ranking(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
     encoded = [encoder.encode([*row["prompt"], *response], prompt_turns=len(row["prompt"]))
                for response in row["responses"]]
     encoded, status = _fit_group(encoder, encoded)
+    if status["error_field"] == "completion":  # the row's column of answers
+        status["error_field"] = "responses"
     return {"ranked_input_ids": [ids for ids, _ in encoded], "ranked_response_mask": [m for _, m in encoded],
             "length": max(len(ids) for ids, _ in encoded)} | status
 
