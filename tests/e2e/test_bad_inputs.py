@@ -283,7 +283,7 @@ BATCH_CASES = [
     case("grpo-lora-target-not-in-model", stage("grpo", "adapter.method=lora", "adapter.target_modules=[fc1]"),
          "adapter.target_modules:", "fc1"),
     case("batch-not-multiple-of-micro", sft_data("d.jsonl", "train.batch_size=10", "train.micro_batch_size=4"),
-         "train.micro_batch_size:", "batch_size 10 is not a multiple of micro_batch_size 4",
+         "train.micro_batch_size:", "batch_size 10 is not a multiple of micro_batch_size 4: set train.micro_batch_size=2",
          files={"d.jsonl": jsonl(GOOD)}),
     case("grpo-batch-not-multiple-of-group", stage("grpo", "train.batch_size=10", "train.micro_batch_size=10"),
          "sampling.samples_per_prompt: the completions of a round (10) must be a multiple"),

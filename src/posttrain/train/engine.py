@@ -109,8 +109,10 @@ class TrainConfig:
         when the config is built, so that tests and library users may split a batch unevenly by hand (the RL
         losses are invariant to it)."""
         if self.batch_size % self.micro_batch_size:
+            fits = max(d for d in range(1, min(self.batch_size, self.micro_batch_size) + 1) if self.batch_size % d == 0)
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
-                              f"{self.micro_batch_size}", field="train.micro_batch_size")
+                              f"{self.micro_batch_size}: set train.micro_batch_size={fits} (rows per forward; the "
+                              "batch is the same)", field="train.micro_batch_size")
         if self.batch_size % (self.micro_batch_size * world_size):
             raise ConfigError(f"batch_size {self.batch_size} (global) is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size} x {world_size} ranks", field="train.batch_size")
