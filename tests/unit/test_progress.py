@@ -100,3 +100,20 @@ def test_a_console_that_is_not_a_terminal_is_wide_enough_for_the_final_bar_lines
     assert "400/400" in line and metrics in line and line.endswith("eta 0:00:00") and "…" not in line
     monkeypatch.setenv("COLUMNS", "100")
     assert run_console().width == 100  # asked for
+
+
+def test_a_run_without_progress_shows_no_library_bars_while_it_reads_its_data():
+    """A library user's run.progress=false still printed `datasets`' bars (reading, tokenising, filtering): the CLI
+    had turned them off globally, the Python API had not. Put back as they were after the block."""
+    import datasets
+
+    before = datasets.is_progress_bar_enabled()
+    datasets.enable_progress_bars()
+    with RunProgress(enabled=False).library_bars():
+        assert not datasets.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    with RunProgress(enabled=False).library_bars():
+        assert not datasets.is_progress_bar_enabled()
+    assert not datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()

@@ -95,18 +95,19 @@ class RunProgress:
     @contextlib.contextmanager
     def library_bars(self) -> Iterator[None]:
         """`datasets`' own bars (reading a file, `map` while tokenising) for the block, when this display shows
-        anything on a terminal: they count rows where a bar of ours could not see inside. Off otherwise (the
-        CLI turns them off so that logs stay clean), and put back as they were."""
-        if not (self.enabled and self.console.is_terminal) or self._open:
+        anything on a terminal: they count rows where a bar of ours could not see inside. Off otherwise (the CLI
+        turns them off so that logs stay clean; a library user's run.progress=false too), and put back as they
+        were."""
+        if self._open:
             yield
             return
-        disabled = not datasets.is_progress_bar_enabled()
-        datasets.enable_progress_bars()
+        shown = self.enabled and self.console.is_terminal
+        was_enabled = datasets.is_progress_bar_enabled()
+        (datasets.enable_progress_bars if shown else datasets.disable_progress_bars)()
         try:
             yield
         finally:
-            if disabled:
-                datasets.disable_progress_bars()
+            (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
 class TrainProgress:
