@@ -24,8 +24,8 @@ def test_auto_picks_bf16_only_with_native_bf16_instructions(monkeypatch, flags, 
 
 def test_an_explicit_precision_is_kept_whatever_the_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_info", lambda: {"flags": "avx2"})
-    assert resolve_precision("bf16", "cpu") == ("bf16", "as set (auto: bf16 where the hardware has it)")
-    assert resolve_precision("fp32", "cpu") == ("fp32", "as set (auto: bf16 where the hardware has it)")
+    assert resolve_precision("bf16", "cpu") == ("bf16", "as set")
+    assert resolve_precision("fp32", "cpu") == ("fp32", "as set")
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("fp16", "cpu")
 

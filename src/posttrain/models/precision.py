@@ -61,7 +61,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tup
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
-        return precision, "as set (auto: bf16 where the hardware has it)"
+        return precision, "as set"
     native, why = native_bf16(device)
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
