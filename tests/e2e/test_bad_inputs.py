@@ -282,6 +282,8 @@ BATCH_CASES = [
          "adapter.target_modules:", "dense"),
     case("grpo-lora-target-not-in-model", stage("grpo", "adapter.method=lora", "adapter.target_modules=[fc1]"),
          "adapter.target_modules:", "fc1"),
+    case("lora-rank-above-every-layer", stage("sft", "adapter.method=lora", "adapter.r=100000"),
+         "adapter.r:", "adapter.r=100000 is above the rank of every layer of this model"),
     case("batch-not-multiple-of-micro", sft_data("d.jsonl", "train.batch_size=10", "train.micro_batch_size=4"),
          "train.micro_batch_size:",
          "batch_size 10 is not a multiple of micro_batch_size 4: set train.micro_batch_size=2",
