@@ -41,6 +41,18 @@ def test_trl_style_function_from_a_file_reads_the_rows_columns():
     assert scores.total.tolist() == [1.0, 0.0]
 
 
+def test_a_column_named_as_trls_completions_argument_is_a_one_line_error_of_the_rows():
+    """It was "TypeError: got multiple values for keyword argument 'completions'" from deep in the adapter."""
+    batch = _batch(["It is 5", "16"])
+    batch = Completions(prompts=batch.prompts, completions=batch.completions, answers=batch.answers,
+                        steps=batch.steps, columns=[{**row, "completions": 3} for row in ROWS])
+    scores = _rewards(f"{EXAMPLES}/rewards.py:matches_solution")(batch)
+    assert scores.total.tolist() == [0.0, 0.0] and len(scores.errors) == 2
+    assert scores.errors[0]["error"].splitlines()[0] == (
+        "ValueError: the rows have a column 'completions', the name TRL's convention passes the completions in: "
+        "rename that column in the data")
+
+
 def test_trl_style_gets_text_for_text_rows_and_messages_for_conversations(tmp_path, monkeypatch):
     module = tmp_path / "spy_rewards.py"
     # The function runs in a child process: what it saw comes back through a file.

@@ -156,6 +156,10 @@ def trl_style(function: Callable[..., Sequence[float]]) -> UserFunction:
         completions = [c if text else [{"role": "assistant", "content": c}]
                        for c, text in zip(batch.completions, texts, strict=True)]
         names = sorted({k for row in rows for k in row} - {"prompt", "completion"})
+        clash = sorted({"prompts", "completions"} & set(names))
+        if clash:  # TypeError "got multiple values for keyword argument" otherwise, as in TRL
+            raise ValueError(f"the rows have a column {clash[0]!r}, the name TRL's convention passes the "
+                             f"{clash[0]} in: rename that column in the data")
         columns = {name: [row.get(name) for row in rows] for name in names}
         if not any_keyword:
             columns = {k: v for k, v in columns.items() if k in parameters}
