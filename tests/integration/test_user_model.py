@@ -80,5 +80,8 @@ def test_exported_model_stops_where_the_run_sampled_to_a_base_models_end_of_turn
     _run("sft", tmp_path, "sft", f"model.path={base_chatml_model_dir}", f"data.source={EXAMPLES}/tool_calls.jsonl",
          "adapter.method=lora", "train.max_steps=1", "train.batch_size=2", "train.micro_batch_size=2")
     assert GenerationConfig.from_pretrained(tmp_path / "sft" / "final").eos_token_id == [eos, im_end]
+    # not marked as made from config.json, which older transformers' generate would make it from again
+    assert not json.loads((tmp_path / "sft" / "final" / "generation_config.json").read_text()).get(
+        "_from_model_config")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
     assert model.generation_config.eos_token_id == [eos, im_end]

@@ -25,5 +25,22 @@ def test_the_resume_hint_under_torchrun_names_torchrun_with_as_many_processes(mo
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resume_command("runs/sft") == "torchrun --nproc_per_node=2 -m posttrain resume runs/sft"
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # two machines of 8
+    assert resume_command("runs/sft") == "torchrun --nnodes=2 --nproc_per_node=8 -m posttrain resume runs/sft"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.delenv("WORLD_SIZE")
     assert resume_command("runs/sft") == "posttrain resume runs/sft"
+
+
+def test_the_micro_batch_size_a_refusal_names_fits_every_rank():
+    """batch_size=12 and micro_batch_size=5 on 2 ranks named 4, which the next check refused (12 is no multiple of
+    4 x 2)."""
+    import pytest
+
+    from posttrain.errors import ConfigError
+    from posttrain.train.engine import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"set train.micro_batch_size=3 "):
+        TrainConfig(batch_size=12, micro_batch_size=5).check(world_size=2)
+    TrainConfig(batch_size=12, micro_batch_size=3).check(world_size=2)

@@ -377,3 +377,20 @@ def test_a_message_whose_content_is_null_is_told_so_not_to_rename_content_to_con
         load_rows(DataConfig(), ("messages",), rows=rows)
     with pytest.raises(DataError, match=r"message has no 'content' — did you mean 'contents'\?"):
         load_rows(DataConfig(), ("messages",), rows=[{"messages": [{"role": "user", "contents": "hi"}]}])
+
+
+def test_rows_that_differ_only_in_how_nested_lists_split_or_a_missing_list_are_not_repeats():
+    """The row texts the repeat warning compares joined nested lists with one separator ([[1], [2, 3]] read as
+    [[1, 2], [3]]) and a missing list as an empty one."""
+    from datasets import Dataset
+
+    from posttrain.data.pipeline import _row_texts
+    from posttrain.data.sources import Rows
+
+    rows = Rows(dataset=Dataset.from_list([{"x": [["1"], ["2", "3"]], "y": ["a"]},
+                                           {"x": [["1", "2"], ["3"]], "y": ["a"]},
+                                           {"x": [["1"], ["2", "3"]], "y": None},
+                                           {"x": [["1"], ["2", "3"]], "y": []},
+                                           {"x": [["1"], ["2", "3"]], "y": ["a"]}]), format="x", name="rows")
+    texts = _row_texts(rows).to_pylist()
+    assert len(set(texts[:4])) == 4 and texts[4] == texts[0]

@@ -280,9 +280,10 @@ def test_stepwise_steps_written_with_their_line_ending_are_the_same_rows_and_a_t
         for steps in (["2+3=5", "5*4=20"], ["2+3=5\n", "5*4=20\r\n"])]
     assert {k: ended[k] for k in ("input_ids", "response_mask", "step_ends")} == \
         {k: plain[k] for k in ("input_ids", "response_mask", "step_ends")}
-    with pytest.raises(DataError, match=r":1: completions\[0\]: a step holds a line break"):
-        load_rows(cfg, ("stepwise",), rows=[{"prompt": prompt, "completions": ["2+3\n=5", "5*4=20"],
-                                              "labels": [True, False]}])
+    for broken in ("2+3\n=5", "2+3\r=5", "2+3\u2028=5"):  # every break the PRM's line split takes
+        with pytest.raises(DataError, match=r":1: completions\[0\]: a step holds a line break"):
+            load_rows(cfg, ("stepwise",), rows=[{"prompt": prompt, "completions": [broken, "5*4=20"],
+                                                  "labels": [True, False]}])
 
 
 NO_CLOSER = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

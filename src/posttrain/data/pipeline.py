@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -100,7 +101,7 @@ def warn_of_repeats(trained: Rows, held_out: Rows) -> int:
     repeated rows, split at random): their held-out metrics then measure rows the model was trained on. Returns how
     many. Compared in Arrow (`_row_texts`): a million rows in seconds, where Python objects took half a minute."""
     repeats = pc.sum(pc.is_in(_row_texts(held_out), value_set=_row_texts(trained))).as_py() or 0
-    if repeats:
+    if repeats and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun rank
         logger.warning("%s: %d of the %d held-out rows (data.eval_split) are also among the trained rows, the same "
                        "content on other lines: their held-out metrics measure rows the model was trained on "
                        "(remove the file's repeated rows)", held_out.name, repeats, len(held_out.dataset))
@@ -123,8 +124,10 @@ def _as_text(array: pa.Array) -> pa.Array:
         return pc.if_else(array.is_null(), "\x00", joined)
     if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
         offsets = pc.subtract(array.offsets, array.offsets[0])
-        items = pa.ListArray.from_arrays(offsets, _as_text(array.flatten()))
-        return pc.fill_null(pc.binary_join(items, "\x1e"), "\x00")
+        items = pc.binary_join(pa.ListArray.from_arrays(offsets, _as_text(array.flatten())), "\x1e")
+        # Its length first, so that nested lists split otherwise ([[1], [2, 3]], [[1, 2], [3]]) read otherwise
+        counted = pc.binary_join_element_wise(pc.list_value_length(array).cast(pa.string()), items, "\x1f")
+        return pc.if_else(array.is_null(), "\x00", counted)  # a missing list is not an empty one
     return pc.fill_null(array.cast(pa.string()), "\x00")
 
 

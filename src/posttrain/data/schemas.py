@@ -320,7 +320,7 @@ def _stepwise(raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
             raise where.error(f"a step must be text, got {_kind(step)}", field=f"completions[{i}]")
         if not step.strip():
             raise where.error("empty step", field=f"completions[{i}]")
-        if "\n" in step.rstrip("\r\n"):
+        if len(step.rstrip("\r\n").splitlines()) > 1:  # every break `splitlines` takes, as the PRM's scoring does
             # Steps render one per line and a process reward model is read at each line's end, in training and
             # when it scores RL completions line by line: a step of two lines would be scored as two there.
             raise where.error("a step holds a line break: steps are one line each (a process reward model is read "

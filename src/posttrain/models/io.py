@@ -336,8 +336,10 @@ def _stop_at_answer_ends(model: torch.nn.Module, out: Path, answer_ends: Collect
     sampled up to: the exported model would write it and go on into made-up turns. The configured ids stay first
     (tools that take one stop token take the first), as in the instruct models' own files. A peft adapter's
     directory has no file of the kind to write (peft and vLLM read the base model's)."""
+    from peft import PeftModel
+
     config = getattr(model, "generation_config", None)
-    if config is None or not answer_ends or hasattr(model, "peft_config"):
+    if config is None or not answer_ends or isinstance(model, PeftModel):
         return
     configured = config.eos_token_id
     listed = list(configured) if isinstance(configured, (list, tuple)) else [configured] * (configured is not None)
@@ -345,6 +347,9 @@ def _stop_at_answer_ends(model: torch.nn.Module, out: Path, answer_ends: Collect
     if missing:
         config = copy.deepcopy(config)
         config.eos_token_id = listed + missing
+        # A config marked as made from the model's config is made again from config.json by older transformers'
+        # `generate`, which would drop the added ids
+        config._from_model_config = False
         config.save_pretrained(str(out))
 
 

@@ -100,7 +100,8 @@ def main(cfg: KTOConfig) -> RunResult:
                             bars=progress.library_bars())
     rows = heldout.prepare_heldout(cfg.data, cfg.eval, tokenizer, prepared.format, model.dtype, progress)
     labels = column_values(prepared.dataset, "label")
-    check_label_balance(sum(labels), len(labels) - sum(labels), cfg.loss, prepared.tokenized.name)
+    if dist.is_main_process():
+        check_label_balance(sum(labels), len(labels) - sum(labels), cfg.loss, prepared.tokenized.name)
     run_dir = prepare_run_dir(cfg.run, cfg, stage="kto", model=model)
 
     with forward_precision(cfg.train, model):

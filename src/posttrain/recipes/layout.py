@@ -80,7 +80,8 @@ def check_sampled_length(model: torch.nn.Module, longest_prompt: int, max_new_to
                           f"sampler and the trainer would score the same tokens differently. Make their sum <= "
                           f"{switch}", field="sampling.max_new_tokens")
     declared = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is None and isinstance(declared, int) and longest_prompt + max_new_tokens > declared:
+    if limit is None and isinstance(declared, int) and longest_prompt + max_new_tokens > declared \
+            and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun rank
         # RoPE and ALiBi have no table to run out of, so nothing fails: the model is only past what it was trained on
         logger.warning("the longest prompt (%d tokens) and sampling.max_new_tokens=%d new ones are longer than the "
                        "%d positions this model was made for (max_position_embeddings): it samples and trains there "

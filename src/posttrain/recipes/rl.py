@@ -170,6 +170,9 @@ def reward_errors_of_step(rewards: WeightedRewards, step: int) -> None:
     resume from an earlier checkpoint cuts grader_errors.jsonl back by it, as metrics.jsonl."""
     if isinstance(rewards.error_log, RewardErrorLog):
         rewards.error_log.step = step
+        # A round's errors are judged on its own rows (`check_reward_errors`): under torchrun, those an evaluation
+        # scored since the last round (kept in grader_errors.jsonl) are not counted with them.
+        rewards.error_log.take_unchecked()
 
 
 def check_reward_errors(rewards: WeightedRewards) -> None:

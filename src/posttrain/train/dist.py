@@ -107,7 +107,9 @@ def resume_command(path: Any) -> str:
     """The command that resumes the run in `path` as this one runs: under torchrun with as many processes (a
     resume with another count is refused), else one plain process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, also once the process group is gone
-    return (f"torchrun --nproc_per_node={world} -m posttrain resume {path}" if world > 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = f"--nnodes={world // local} " if world > local else ""
+    return (f"torchrun {nodes}--nproc_per_node={local} -m posttrain resume {path}" if world > 1
             else f"posttrain resume {path}")
 
 

@@ -109,7 +109,8 @@ class TrainConfig:
         when the config is built, so that tests and library users may split a batch unevenly by hand (the RL
         losses are invariant to it)."""
         if self.batch_size % self.micro_batch_size:
-            fits = max(d for d in range(1, min(self.batch_size, self.micro_batch_size) + 1) if self.batch_size % d == 0)
+            fits = max([d for d in range(1, min(self.batch_size, self.micro_batch_size) + 1)
+                        if self.batch_size % (d * world_size) == 0] or [1])
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}: set train.micro_batch_size={fits} (rows per forward; the "
                               "batch is the same)", field="train.micro_batch_size")
@@ -495,7 +496,7 @@ class Trainer:
                 self.scheduler.step()
         self.step += 1
         if finite and not spike:
-            self.tokens += batch.tokens  # the rows' tokens, prompts included (a skipped step's were read too)
+            self.tokens += batch.tokens  # the trained steps' rows' tokens, prompts included (a skipped step's not)
         if self._nonfinite_in_a_row >= self.train_cfg.max_nonfinite:
             raise TrainingError(
                 f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient or a gradient-norm "

@@ -48,7 +48,8 @@ class ScoreModelGrader:
         # results; rendered with the row's tools) and the sample after it, as `reward.model_path` does: the same
         # model then gives the same score by either route (a template of its messages cannot spell a list of turns)
         self.messages = (None if messages is None and self.is_reward_model
-                         else [_message(spec, i, m) for i, m in enumerate(messages or DEFAULT_INPUT)])
+                         else [_message(spec, i, m) for i, m in enumerate(DEFAULT_INPUT if messages is None
+                                                                           else messages)])
         if self.messages is not None and self.is_reward_model and (not self.messages
                                                                     or self.messages[-1][0] != "assistant"):
             raise spec.error("a reward model grades the last message: it must be the assistant's", "input")
