@@ -104,3 +104,24 @@ def test_a_trl_style_reward_function_gets_tool_calls_as_the_data_gave_them(chatm
     prompt = verifiable.dataset[0]["prompt"]
     assert isinstance(prompt[1]["tool_calls"], str)  # rows keep them as JSON text
     assert plain_message(prompt[1])["tool_calls"] == agentic_rows(1)[0]["prompt"][1]["tool_calls"]
+
+
+def test_a_reward_model_that_cannot_render_a_kind_of_row_is_warned_of_before_anything_is_sampled(
+        chatml_tokenizer, tiny_model, tokenizer, tmp_path, caplog):
+    """A reward model whose template has no `tool` role failed those rows in every round, found only as errors after
+    each round was sampled; one row of each kind of conversation is rendered at start-up now."""
+    from posttrain.models import save_pretrained
+    from posttrain.models.reward import build_reward_model
+    from posttrain.rewards import WeightedRewards
+
+    lm = save_pretrained(tiny_model, tokenizer, tmp_path / "lm")  # the project's template: no tool role
+    rm = save_pretrained(build_reward_model(lm, pad_token_id=tokenizer.pad_token_id), tokenizer, tmp_path / "rm")
+    rows = [{"prompt": "What is 1+1?", "answer": "2"}, *agentic_rows(3), {"prompt": "What is 2+2?", "answer": "4"}]
+    dataset = prepare_data(DataConfig(format="verifiable"), chatml_tokenizer, accepts=("verifiable",),
+                           rows=rows).dataset
+    rewards = WeightedRewards.from_config({"reward_model": 1.0}, reward_model_path=str(rm))
+    rewards.check_grader_rows(dataset)
+    warned = [r.getMessage() for r in caplog.records if "cannot render" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(
+        "the reward model cannot render rows whose prompt has the turns user,assistant,tool (line 2, and every row "
+        "like it)")

@@ -324,7 +324,7 @@ def test_a_reward_model_that_cannot_pack_scores_on_padded_rows(tokenizer):
     prompts, completions = ["What is 2+3?", "Hi there, you"], ["5", "hello to you too"]
     scores = scorer.score(prompts, completions)
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):  # one sequence at a time
-        ids, mask = scorer._encode(prompt, completion)
+        ids, mask = scorer.encode(prompt, completion)
         alone = sequence_scores(reward_model, collate_padded([{"input_ids": ids, "response_mask": mask}],
                                                              tokenizer.pad_token_id))
         assert_close(scores[i], alone[0].float(), rtol=1e-5, atol=1e-6)

@@ -159,7 +159,42 @@ def reward_model_reward(reward_model_path: str | None = None, **_: Any) -> Rewar
                            errors=errors)
 
     score.grades = True  # its results are a grader's (`_row_by_row`)
+    score.check_rows = functools.partial(warn_of_unrenderable_rows, scorer)  # at start-up (`check_grader_rows`)
     return score
+
+
+def warn_of_unrenderable_rows(scorer: Any, dataset: Any) -> None:
+    """Warn, before anything is sampled, of the prompt rows the reward model's chat template cannot render (a
+    `tool` turn for a template without that role): every completion of those rows is an error in every round, and
+    the rows are left out of training. One row of each kind of conversation (its roles, with or without tools) is
+    rendered, found in Arrow, so a large data set costs a few renders."""
+    from posttrain.data.columns import arrow_column
+    from posttrain.data.tokenize import RowProblem
+
+    if not len(dataset) or "prompt" not in dataset.column_names:
+        return
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prompts = arrow_column(dataset, "prompt").combine_chunks()
+    roles = pa.ListArray.from_arrays(pc.subtract(prompts.offsets, prompts.offsets[0]),
+                                     prompts.flatten().field("role"))
+    tools = arrow_column(dataset, "tools").combine_chunks() if "tools" in dataset.column_names else None
+    kinds = pc.binary_join(roles, ",")
+    if tools is not None:
+        kinds = pc.binary_join_element_wise(kinds, pc.if_else(tools.is_null(), "", "tools"), "|")
+    failed = []
+    for kind in pc.unique(kinds).to_pylist():
+        first = pc.index(kinds, kind).as_py()
+        row = dataset[first]
+        try:
+            scorer.encode(row["prompt"], "x", row.get("tools"))
+        except RowProblem as problem:
+            failed.append((kind.split("|")[0], row.get("line", first + 1), str(problem)))
+    for roles_of, line, problem in failed:
+        logger.warning("the reward model cannot render rows whose prompt has the turns %s (line %s, and every row "
+                       "like it): %s; their completions will be errors in every round, left out of training",
+                       roles_of, line, problem)
 
 
 @REWARD_FUNCTIONS.register("grader")
@@ -289,6 +324,9 @@ class WeightedRewards:
         if len(dataset) and "row" in dataset.column_names and self._graders():
             self.check_grader_columns(json.loads(dataset[0]["row"] or "{}"), column_values(dataset, "answer"),
                                       column_values(dataset, "steps"))
+        for fn, _ in self.functions.values():  # a reward model's chat template against the rows' turns
+            if getattr(fn, "check_rows", None) is not None:
+                fn.check_rows(dataset)
 
     def _graders(self) -> list[Any]:
         return [fn.grader for fn, _ in self.functions.values() if getattr(fn, "grader", None) is not None]

@@ -97,9 +97,9 @@ class _Scorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _encode(self, prompt: Prompt, completion: str, tools: Any = None) -> tuple[list[int], list[int]]:
+    def encode(self, prompt: Prompt, completion: str, tools: Any = None) -> tuple[list[int], list[int]]:
         """The token ids of (prompt, completion) as the training rows were rendered (with the row's `tools`, as
-        given or as JSON text), and the completion's mask."""
+        given or as JSON text), and the completion's mask; RowProblem where the template cannot render them."""
         turn = {"role": "assistant", "content": completion, "reasoning": None}
         messages = _messages(prompt)
         encoder = self.encoder.for_row({"tools": tools_json(tools)})
@@ -156,7 +156,7 @@ class RewardModelScorer(_Scorer):
         encoded, errors = [], []
         for prompt, completion, row_tools in zip(prompts, completions, tools or [None] * len(prompts), strict=True):
             try:
-                encoded.append(self._encode(prompt, completion, row_tools))
+                encoded.append(self.encode(prompt, completion, row_tools))
                 errors.append(None)
             except RowProblem as problem:
                 errors.append(f"the reward model cannot score it: {problem}")
