@@ -179,6 +179,12 @@ def test_the_readme_commands_on_the_example_file(chatml_model_dir, tmp_path, mon
     sizes = {name: entry["problems"] for name, entry in written["categories"].items()}
     assert sizes == {"all": 24, "addition": 7, "multiplication": 8, "subtraction": 8}  # one row has no category
     assert written["correct_if"] == "reward correct >= 1" and written["per_problem"]["category"][-1] is None
+    # README: a row's samples are the same at any --batch-size (the option it named did not exist)
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--data", str(EXAMPLE), "--task", "arith",
+                                      "--samples", "2", "--max-new-tokens", "4", "--batch-size", "5",
+                                      "--out", str(tmp_path / "by-5.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "by-5.json").read_text())["per_problem"] == written["per_problem"]
 
     result = CliRunner().invoke(app, ["grpo", "grpo", f"model.path={model_dir}", f"data.source={EXAMPLE}",
                                       "data.eval_split=0.25", "reward.task=arith", f"run.out_dir={tmp_path}",

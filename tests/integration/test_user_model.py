@@ -38,6 +38,9 @@ def test_chatml_model_through_sft_lora_dpo_and_grpo(tmp_path, chatml_model_dir):
          "data.eval_split=0.1")
     sft = read_metrics(tmp_path / "sft" / "metrics.jsonl")
     assert len(sft) == 3 and all(0 < m["loss"] < 20 for m in sft)
+    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())["summary"]
+    # every token the steps read, prompts included: not called trained tokens, which it is not
+    assert "trained_tokens" not in summary and summary["tokens"] > summary["data"]["response_tokens"]
     assert "eval_loss" in sft[-1] and "| eval loss |" in (tmp_path / "sft" / "report.md").read_text()
     _loads_back(tmp_path / "sft" / "final")
 
