@@ -211,7 +211,7 @@ def _split_implicit_prompt(chosen: Any, rejected: Any,
     (TRL's implicit prompt). Conversations split at the first message in which they differ, which must be an
     assistant turn; texts at the last whitespace before the first character in which they differ."""
     if isinstance(chosen, str) and isinstance(rejected, str):
-        common = _shared_start(chosen, rejected)
+        common = shared_start(chosen, rejected)
         cut = max(chosen.rfind(" ", 0, common + 1), chosen.rfind("\n", 0, common + 1))
         if cut <= 0 or not chosen[:cut].strip():
             raise where.error("no prompt column, and chosen and rejected share no beginning to use as the prompt "
@@ -223,7 +223,7 @@ def _split_implicit_prompt(chosen: Any, rejected: Any,
                           "share their beginning", field="rejected" if isinstance(chosen, list) else "chosen")
     chosen_turns = _message_list(chosen, "chosen", where)
     rejected_turns = _message_list(rejected, "rejected", where)
-    common = _shared_start(chosen_turns, rejected_turns)
+    common = shared_start(chosen_turns, rejected_turns)
     if common == 0:
         raise where.error("no prompt column, and the chosen and rejected conversations differ from their first "
                           "message: there is no shared prompt (give a `prompt` column)", field="prompt")
@@ -234,7 +234,7 @@ def _split_implicit_prompt(chosen: Any, rejected: Any,
     return chosen_turns[:common], chosen_turns[common:], rejected_turns[common:]
 
 
-def _shared_start(a: Sequence[Any], b: Sequence[Any]) -> int:
+def shared_start(a: Sequence[Any], b: Sequence[Any]) -> int:
     """How many leading items (characters, messages) `a` and `b` share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.data import schemas
 from posttrain.data.columns import column_values, row_sums
 from posttrain.data.config import DataConfig
-from posttrain.data.schemas import THINK_CLOSE, THINK_OPEN
+from posttrain.data.schemas import THINK_CLOSE, THINK_OPEN, shared_start
 from posttrain.data.sources import Rows, code_digest
 from posttrain.errors import ConfigError, DataError
 
@@ -213,9 +213,7 @@ class Encoder:
         bare = self._tokens(self._render(messages, mode, add_generation_prompt=False))
         # Where the two part, not their lengths' difference: a template may close the bare conversation with a
         # token that the opened one lacks (Phi-3's <|endoftext|>)
-        common = next((k for k, (a, b) in enumerate(zip(opened, bare, strict=False)) if a != b),
-                      min(len(opened), len(bare)))
-        return max(1, len(opened) - common)
+        return max(1, len(opened) - shared_start(opened, bare))
 
     def render_text(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The text a conversation renders to (what `inspect` shows)."""
@@ -304,8 +302,7 @@ class Encoder:
         """Where `ids` and `through_ids` (the render of the conversation through a turn) part, when all the render
         has beyond that are end-of-turn tokens (none, for a prefix; a template that closes the whole conversation
         after its last turn, Phi-3's `<|endoftext|>`, gives a turn with more after it those tokens); else None."""
-        common = next((k for k, (a, b) in enumerate(zip(ids, through_ids, strict=False)) if a != b),
-                      min(len(ids), len(through_ids)))
+        common = shared_start(ids, through_ids)
         return common if all(t in self.closers for t in through_ids[common:]) else None
 
     def _prefixes(self, messages: Sequence[dict[str, Any]], trained: list[int],
