@@ -27,6 +27,12 @@ def arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
     return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
 
 
+def with_items(lists: pa.Array, items: pa.Array) -> pa.ListArray:
+    """`lists` (a list array) holding `items` instead of its flattened values, one for one: its values turned item by
+    item, with the offsets of a sliced array counted from 0."""
+    return pa.ListArray.from_arrays(pc.subtract(lists.offsets, lists.offsets[0]), items)
+
+
 def column_values(dataset: Dataset, name: str) -> list[Any]:
     """Column `name` as a Python list (a list column: one list per row)."""
     return arrow_column(dataset, name).to_pylist()

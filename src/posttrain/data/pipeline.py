@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.collate import Collator, pack_dataset
-from posttrain.data.columns import arrow_column
+from posttrain.data.columns import arrow_column, with_items
 from posttrain.data.config import FORMATS, DataConfig
 from posttrain.data.sources import Rows, load_rows
 from posttrain.data.tokenize import Tokenized, tokenize_rows
@@ -123,8 +123,7 @@ def _as_text(array: pa.Array) -> pa.Array:
         joined = pc.binary_join_element_wise(*fields, "\x1f") if fields else pa.array([""] * len(array))
         return pc.if_else(array.is_null(), "\x00", joined)
     if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
-        offsets = pc.subtract(array.offsets, array.offsets[0])
-        items = pc.binary_join(pa.ListArray.from_arrays(offsets, _as_text(array.flatten())), "\x1e")
+        items = pc.binary_join(with_items(array, _as_text(array.flatten())), "\x1e")
         # Its length first, so that nested lists split otherwise ([[1], [2, 3]], [[1, 2], [3]]) read otherwise
         counted = pc.binary_join_element_wise(pc.list_value_length(array).cast(pa.string()), items, "\x1f")
         return pc.if_else(array.is_null(), "\x00", counted)  # a missing list is not an empty one

@@ -37,12 +37,14 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
 from posttrain.algos import Registry
-from posttrain.data.columns import column_values
+from posttrain.data.columns import arrow_column, column_values, with_items
 from posttrain.data.tasks.base import Task
+from posttrain.data.tokenize import RowProblem
 from posttrain.errors import ConfigError
 from posttrain.rewards.function_process import DEFAULT_TIMEOUT_S, ChildExited, PartScores, user_function_process
 from posttrain.rewards.graders.base import GradeResult
@@ -168,17 +170,10 @@ def warn_of_unrenderable_rows(scorer: Any, dataset: Any) -> None:
     `tool` turn for a template without that role): every completion of those rows is an error in every round, and
     the rows are left out of training. One row of each kind of conversation (its roles, with or without tools) is
     rendered, found in Arrow, so a large data set costs a few renders."""
-    from posttrain.data.columns import arrow_column
-    from posttrain.data.tokenize import RowProblem
-
     if not len(dataset) or "prompt" not in dataset.column_names:
         return
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     prompts = arrow_column(dataset, "prompt").combine_chunks()
-    roles = pa.ListArray.from_arrays(pc.subtract(prompts.offsets, prompts.offsets[0]),
-                                     prompts.flatten().field("role"))
+    roles = with_items(prompts, prompts.flatten().field("role"))
     tools = arrow_column(dataset, "tools").combine_chunks() if "tools" in dataset.column_names else None
     kinds = pc.binary_join(roles, ",")
     if tools is not None:
