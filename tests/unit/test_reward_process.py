@@ -48,8 +48,10 @@ def pid(batch):
 def spawn_and_hang(batch):  # what it started (in its process group) must die with the trainer too
     import subprocess
     started = subprocess.Popen(["sleep", "600"])
-    with open(os.path.join(os.path.dirname(__file__), "started.pid"), "w") as out:
+    path = os.path.join(os.path.dirname(__file__), "started.pid")
+    with open(path + ".part", "w") as out:
         out.write(str(started.pid))
+    os.replace(path + ".part", path)  # whole when it appears: the trainer ends as soon as it sees it
     time.sleep(600)
 
 def terminates_a_worker(batch):  # the usual timeout of code-running rewards: a forked worker, terminate()d
@@ -277,13 +279,19 @@ def test_what_the_function_started_dies_with_the_trainer(tmp_path, caller):
         from posttrain.rewards.user_functions import Completions
         process = UserFunctionProcess({str(tmp_path / 'pid_reward.py:spawn_and_hang')!r}, 600)
         batch = Completions(prompts=[[]], completions=["a"], answers=[None], steps=[[]])
+
+        def die_once_started():  # not after a fixed time: a busy test machine can take seconds to start the child
+            deadline = time.monotonic() + 50
+            while not os.path.exists({str(tmp_path / 'started.pid')!r}) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os._exit(0)  # no clean-up: as a SIGKILL would end it
+
         if {caller!r} == "main":
-            threading.Thread(target=lambda: (time.sleep(3), os._exit(0)), daemon=True).start()
+            threading.Thread(target=die_once_started, daemon=True).start()
             process(batch)  # the main thread started the child (PR_SET_PDEATHSIG) and waits on it
         else:
             threading.Thread(target=process, args=(batch,), daemon=True).start()
-            time.sleep(3)
-            os._exit(0)  # no clean-up: as a SIGKILL would end it
+            die_once_started()
     """)
     subprocess.run([sys.executable, "-c", trainer], capture_output=True, text=True, timeout=60)
     started = int((tmp_path / "started.pid").read_text())
