@@ -16,7 +16,7 @@ from rich.table import Table
 from posttrain import recipes
 from posttrain.console import run_console
 from posttrain.errors import ConfigError, PosttrainError, storage_fault
-from posttrain.train.signals import Interrupted
+from posttrain.train.signals import Interrupted, StoppedInTraining
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training for causal language models, offline on a CPU or scaled out on GPUs.")
@@ -63,14 +63,9 @@ def _quiet_libraries() -> None:
     # Offline by default: a local directory never needs the hub, and a typo must not start a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    from posttrain.train.entry import quiet_libraries
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    quiet_libraries()  # for the whole command
 
 
 def _run_stage(stage: str, recipe: str | None, overrides: list[str], quick: bool = False) -> None:
@@ -80,10 +75,9 @@ def _run_stage(stage: str, recipe: str | None, overrides: list[str], quick: bool
         with _one_line_errors():
             result = recipes.run_stage(stage, recipe, overrides, quick=quick)
     except Interrupted as stop:
-        console.print(f"[yellow]{stop}[/]")
+        if not isinstance(stop, StoppedInTraining):  # (the trainer has said where it stopped and how to resume)
+            console.print(f"[yellow]{stop}[/]")
         raise typer.Exit(128 + stop.signum) from None
-    if "interrupted_at_step" in result.summary:  # the Trainer has said where it stopped and how to resume
-        raise typer.Exit(130)
     if os.environ.get("RANK", "0") != "0":  # under torchrun the run is one: rank 0 says where it is
         return
     console.print(f"[green]done[/] run directory: {result.run_dir}")

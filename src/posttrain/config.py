@@ -123,6 +123,9 @@ def load_config(cls: type[C], recipe: str | Path | Mapping[str, Any] | None = No
     Every value is type-checked against the dataclass annotation and validated against its
     declared choices or range; later sources win.
     """
+    if isinstance(overrides, (str, Mapping)):  # a str would be taken for a list of one-letter overrides
+        raise ConfigError(f"overrides must be a list of 'key.sub=value' strings, not a {type(overrides).__name__} "
+                          "(a mapping of settings goes in the recipe argument, or as `extra`)")
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = "<defaults>"
@@ -131,9 +134,8 @@ def load_config(cls: type[C], recipe: str | Path | Mapping[str, Any] | None = No
     elif recipe is not None:
         source = str(recipe)
         data, lines = read_yaml_with_lines(Path(recipe))
-        data.pop("stage", None)
-        data.pop("description", None)
-        data.pop("quick", None)
+    for recipe_only in ("stage", "description", "quick"):  # what a recipe file says of itself, not settings
+        data.pop(recipe_only, None)
     flat = {key: (value, source, lines.get(key)) for key, value in _flatten(data).items()}
     for key, value in (extra or {}).items():  # a recipe's `quick:` settings: named by their line of the recipe
         line = lines.get(f"quick.{key}")
@@ -143,6 +145,14 @@ def load_config(cls: type[C], recipe: str | Path | Mapping[str, Any] | None = No
         flat[key] = (value, "override", None)
     _check_renamed(cls, flat)
     return _build(cls, flat, prefix="", base=None)
+
+
+def check_config_object(cfg: C) -> C:
+    """`cfg` checked as `load_config` checks what it reads (a config built directly, or changed with
+    `dataclasses.replace`, skipped those checks): the same settings, each coerced to its field's type; a
+    ConfigError names a bad one."""
+    flat = {key: (value, "<config object>", None) for key, value in _flatten(to_dict(cfg)).items()}
+    return _build(type(cfg), flat, prefix="", base=None)
 
 
 def _check_renamed(cls: type, flat: dict[str, tuple[Any, str, int | None]]) -> None:
@@ -235,6 +245,10 @@ def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int], file: str
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
+        if callable(key):  # a function given as a reward function's name would become its repr
+            raise ConfigError(f"got the function {getattr(key, '__qualname__', key)!r} as a key: name it ("
+                              "'file.py:function', 'module:function', or a name it was registered under)",
+                              field=prefix.rstrip(".") or None)
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             flat.update(_flatten(value, dotted + "."))

@@ -36,7 +36,13 @@ from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.train.metrics import finite_json
 from posttrain.train.run_dir import hold_run_lock
-from posttrain.train.signals import Interrupted, interrupt_on_signals, on_stop_signals, stop_when_demo_dies
+from posttrain.train.signals import (
+    Interrupted,
+    StoppedInTraining,
+    interrupt_on_signals,
+    on_stop_signals,
+    stop_when_demo_dies,
+)
 
 
 class DemoStopped(Exception):
@@ -456,11 +462,12 @@ def _run_stage(stage: DemoStage, out_dir: Path, quick: bool, summaries: dict[str
     if before:  # the base stage measured itself on the same held-out problems: not again
         overrides.append("eval_before=false")
     start, started_at = time.perf_counter(), time.time()
-    result = recipes.run_stage(stage.stage, stage.recipe, overrides, quick=quick)
-    if result.final_dir is None:  # stopped by a signal: the checkpoint is kept, the demo stops here
-        raise DemoStopped(f"the demo stopped in stage {stage.name} at step "
-                          f"{result.summary.get('interrupted_at_step')} (its checkpoint is in {result.run_dir}); "
-                          f"`posttrain demo` again reuses the finished stages and runs {stage.name} anew")
+    try:
+        result = recipes.run_stage(stage.stage, stage.recipe, overrides, quick=quick)
+    except StoppedInTraining as stop:  # the checkpoint is kept, the demo stops here
+        raise DemoStopped(f"the demo stopped in stage {stage.name} at step {stop.step} (its checkpoint is in "
+                          f"{out_dir / stage.name}); `posttrain demo` again reuses the finished stages and runs "
+                          f"{stage.name} anew") from None
     try:
         with interrupt_on_signals():  # a SIGTERM here ended the process on the spot: no message, a "failed" stage
             measured = _sampled_eval(stage, result.run_dir, result.summary, quick)

@@ -71,11 +71,13 @@ def test_demo_rejects_an_unknown_stage(tmp_path):
 def test_a_stage_stopped_in_its_loop_stops_the_demo_with_a_nonzero_exit(tmp_path, monkeypatch):
     """A stage a signal stopped returns no final model (its recipe saved a checkpoint and said so): the demo must
     not go on, write a summary for it or exit 0 as if it had finished."""
+    import signal
+
     import posttrain.demo
-    from posttrain.train.run_dir import RunResult
+    from posttrain.train.signals import StoppedInTraining
 
     def stopped(stage, recipe, overrides, quick=False):
-        return RunResult(run_dir=tmp_path / "pretrain", final_dir=None, summary={"interrupted_at_step": 3})
+        raise StoppedInTraining(signal.SIGINT, 3, str(tmp_path / "pretrain" / "checkpoints" / "step-3"), "...")
 
     monkeypatch.setattr(posttrain.demo.recipes, "run_stage", stopped)
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--jobs", "1"], terminal_width=200)

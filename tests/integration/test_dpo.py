@@ -29,6 +29,7 @@ from posttrain.train.comparisons import comparison_step_source
 from posttrain.train.engine import TrainConfig
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference, precompute_sequence_logprobs, sequence_logprobs
+from posttrain.train.signals import StoppedInTraining
 
 # Plain DPO (the shipped recipe adds the RPO NLL term): the tests check DPO's own numbers.
 FAST = ["run.progress=false", "train.save_every=0", "optim.warmup_steps=0", "eval.problems=4", "eval.samples=2",
@@ -353,8 +354,9 @@ def test_on_policy_pairs_leave_out_cut_completions_and_resume_inside_a_round_on_
         return loss
 
     monkeypatch.setattr(dpo, "dpo_loss_fn", stopping_in_step_3)
-    stopped = main(dpo_config(lm_dir, tmp_path, *settings))
-    assert stopped.summary == {"interrupted_at_step": 4}  # the stop waited for the round's last step
+    with pytest.raises(StoppedInTraining) as stopped:
+        main(dpo_config(lm_dir, tmp_path, *settings))
+    assert stopped.value.step == 4  # the stop waited for the round's last step
     monkeypatch.setattr(dpo, "dpo_loss_fn", make_loss)
     resumed = main(dpo_config(lm_dir, tmp_path, *settings, "run.resume=true"))
     metrics = read_metrics(resumed.run_dir / "metrics.jsonl")

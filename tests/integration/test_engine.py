@@ -22,6 +22,7 @@ from posttrain.train.engine import TrainConfig, Trainer, TrainingError
 from posttrain.train.metrics import read_metrics
 from posttrain.train.optim import lr_factor
 from posttrain.train.run_dir import prepare_run_dir
+from posttrain.train.signals import StoppedInTraining
 from posttrain.train.sources import ShuffledStepSource
 
 SEQ = 12
@@ -127,14 +128,15 @@ def test_sigterm_checkpoint_and_resume_are_bitwise_identical(tmp_path, tokenizer
             os.kill(os.getpid(), signal.SIGTERM)
         return _loss_fn(model, batch, normaliser)
 
-    result = stopped.fit(source, loss_then_sigterm)
-    assert result.interrupted and result.step == 3
+    with pytest.raises(StoppedInTraining) as stop:  # to the caller, once the step is saved
+        stopped.fit(source, loss_then_sigterm)
+    assert stop.value.step == 3 and stop.value.signum == signal.SIGTERM
     assert [p.name for p in list_checkpoints(tmp_path / "split" / "checkpoints")] == ["step-3"]
 
     resumed, source = _trainer(tmp_path, tokenizer, name="split", steps=6, resume=True, save_every=0,
                                precision=precision)
     result = resumed.fit(source, _loss_fn)
-    assert result.step == 6 and not result.interrupted
+    assert result.step == 6
     assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == \
         _untimed(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     assert torch.equal(_flat_params(resumed.model), _flat_params(full.model))

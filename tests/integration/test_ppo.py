@@ -38,6 +38,7 @@ from posttrain.rollout.forward import left_pad
 from posttrain.rollout.recompute import PaddingFree, pack_rollout, prompt_keys
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
+from posttrain.train.signals import StoppedInTraining
 
 FAST = ["run.progress=false", "train.save_every=0", "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=4",
         "eval_before=false", "data.size=32", "sampling.max_new_tokens=6", "update.rollout_batch_size=16",
@@ -577,8 +578,9 @@ def test_a_stop_inside_a_round_waits_for_its_end_and_the_resumed_run_is_the_unin
     straight = train_ppo(ppo_config(lm_dir, tmp_path / "straight", *settings), stage="ppo", title="PPO",
                          rewards=TEXT_REWARD)
     monkeypatch.setattr(rl_loop, "rl_loss_fn", stopping_at_step_3)
-    stopped = train_ppo(ppo_config(lm_dir, tmp_path, *settings), stage="ppo", title="PPO", rewards=TEXT_REWARD)
-    assert stopped.summary == {"interrupted_at_step": 4}  # round 2's second step trained first
+    with pytest.raises(StoppedInTraining) as stopped:
+        train_ppo(ppo_config(lm_dir, tmp_path, *settings), stage="ppo", title="PPO", rewards=TEXT_REWARD)
+    assert stopped.value.step == 4  # round 2's second step trained first
     monkeypatch.undo()
     resumed = train_ppo(ppo_config(lm_dir, tmp_path, *settings, "run.resume=true"), stage="ppo", title="PPO",
                         rewards=TEXT_REWARD)

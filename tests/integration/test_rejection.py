@@ -20,6 +20,7 @@ from posttrain.recipes.sft import sft_loss_fn, step_source
 from posttrain.rewards.functions import register_reward_function
 from posttrain.train.engine import TrainConfig
 from posttrain.train.metrics import read_metrics
+from posttrain.train.signals import StoppedInTraining
 
 
 def test_select_best_keeps_the_top_finished_sample_of_each_prompt():
@@ -154,8 +155,9 @@ def test_a_resume_inside_a_round_samples_that_round_again_and_keeps_the_run_s_ro
         return loss_fn(model, batch, normaliser)
 
     monkeypatch.setattr(rejection, "sft_loss_fn", stopping_at_step_3)
-    stopped = main(load_config(RejectionConfig, find_recipe("rejection").path, overrides))
-    assert stopped.summary == {"interrupted_at_step": 4}  # the stop waited for the round's last step
+    with pytest.raises(StoppedInTraining) as stopped:
+        main(load_config(RejectionConfig, find_recipe("rejection").path, overrides))
+    assert stopped.value.step == 4  # the stop waited for the round's last step
     monkeypatch.undo()
     resumed = main(load_config(RejectionConfig, find_recipe("rejection").path, [*overrides, "run.resume=true"]))
     metrics = read_metrics(resumed.run_dir / "metrics.jsonl")

@@ -276,3 +276,25 @@ def test_a_typo_in_a_recipes_quick_settings_names_the_recipe_and_line(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'train.max_steps'") as err:
         build_config(find_recipe(str(recipe)), [], quick=True)
     assert (err.value.file, err.value.line, err.value.field) == (str(recipe), 3, "train.max_step")
+
+
+def test_overrides_given_as_one_string_or_a_mapping_are_refused_as_such():
+    for overrides in ("train.max_steps=3", {"train.max_steps": 3}):
+        with pytest.raises(ConfigError, match="overrides must be a list of 'key.sub=value' strings"):
+            load_config(PretrainConfig, None, overrides)
+
+
+def test_a_recipe_loaded_as_a_mapping_reads_as_the_same_file_by_path():
+    import yaml
+
+    path = find_recipe("sft").path
+    assert load_config(config_class("sft"), yaml.safe_load(path.read_text())) == load_config(config_class("sft"), path)
+
+
+def test_a_function_given_where_its_name_is_expected_is_refused():
+    def my_reward(batch):
+        return [1.0]
+
+    with pytest.raises(ConfigError, match="got the function .*my_reward.* as a key: name it") as err:
+        load_config(config_class("grpo"), {"reward": {"functions": {my_reward: 1.0}}})
+    assert err.value.field == "reward.functions"

@@ -47,8 +47,19 @@ def test_registered_callables_are_reward_functions_by_name():
     assert "test_length_reward" in REWARD_FUNCTIONS
     scores = WeightedRewards.from_config({"test_length_reward": 2.0})(batch("ab", "abcd"))
     assert scores.total.tolist() == [4.0, 8.0]
-    with pytest.raises(ValueError, match="already registered"):
-        register_reward_function("test_length_reward")(length)
+
+    # A notebook cell run again defines the function again (same module and name): it replaces the first.
+    @register_reward_function("test_length_reward")
+    def length(completions: Completions) -> list[float]:  # noqa: F811
+        return [-1.0] * len(completions.completions)
+
+    assert WeightedRewards.from_config({"test_length_reward": 1.0})(batch("ab")).total.tolist() == [-1.0]
+
+    def other(completions: Completions) -> list[float]:
+        return [0.0] * len(completions.completions)
+
+    with pytest.raises(ValueError, match=r"'test_length_reward' is already registered \(by .*\.length\)"):
+        register_reward_function("test_length_reward")(other)
 
 
 def test_a_reward_function_must_score_every_completion():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from torch import Tensor
 
@@ -51,11 +51,13 @@ class Registry(Mapping[str, Fn], Generic[Fn]):
         self._entries: dict[str, Fn] = {}
 
     def register(self, name: str) -> Callable[[Fn], Fn]:
-        """Decorator that registers ``fn`` under ``name``; re-using a name is an error."""
+        """Decorator that registers ``fn`` under ``name``; re-using a name is an error, but for the same function
+        defined again (a notebook cell run again, a module reloaded: same module and name), which replaces it."""
 
         def decorate(fn: Fn) -> Fn:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+            if name in self._entries and _origin(self._entries[name]) != _origin(fn):
+                raise ValueError(f"{self.kind} {name!r} is already registered (by "
+                                 f"{'.'.join(_origin(self._entries[name]))})")
             self._entries[name] = fn
             return fn
 
@@ -217,3 +219,7 @@ def _reinforce(inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0,
 
 register_policy_loss("ppo")(policy_loss)
 register_policy_loss("gspo")(gspo_policy_loss)
+
+
+def _origin(fn: Any) -> tuple[str, str]:
+    return getattr(fn, "__module__", "?") or "?", getattr(fn, "__qualname__", repr(fn))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.config import load_config, read_yaml_with_lines
 from posttrain.errors import ConfigError, PosttrainError, storage_fault
-from posttrain.train.signals import Interrupted, interrupt_on_signals
+from posttrain.train.signals import Interrupted, StoppedInTraining, interrupt_on_signals
 
 if TYPE_CHECKING:  # the run directory's module imports torch: `run_stage` imports it when a stage runs
     from posttrain.train.run_dir import RunResult
@@ -108,6 +108,8 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
     try:
         with interrupt_on_signals():
             return importlib.import_module(STAGES[stage][0]).main(cfg)
+    except StoppedInTraining:  # the run trained and saved its checkpoint: nothing to undo
+        raise
     except KeyboardInterrupt as stop:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         raise Interrupted(signum, abandon_unstarted(cfg.run).left) from None

@@ -70,6 +70,7 @@ from posttrain.train.comparisons import (
     ordered_pair_accuracy,
 )
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
+from posttrain.train.entry import stage_main
 from posttrain.train.progress import RunProgress
 from posttrain.train.reference import (
     Reference,
@@ -80,7 +81,6 @@ from posttrain.train.reference import (
     precompute_sequence_logprobs,
 )
 from posttrain.train.run_dir import RunResult, prepare_run_dir
-from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
 logger = logging.getLogger(__name__)
@@ -140,9 +140,8 @@ class DPOConfig:
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
+@stage_main(DPOConfig)
 def main(cfg: DPOConfig) -> RunResult:
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
     if not cfg.model.path:
         raise ConfigError("DPO trains an existing model: set model.path (e.g. runs/sft/final)", field="model.path")
     on_policy = cfg.pairs.source == "on_policy"
@@ -186,8 +185,6 @@ def main(cfg: DPOConfig) -> RunResult:
                       model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, dpo_loss_fn(cfg.loss, reference), evaluation.evaluator(model),
                          progress_keys=("loss", "reward_accuracy", "eval_loss", "eval_accuracy"))
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last

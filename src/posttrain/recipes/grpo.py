@@ -42,6 +42,7 @@ from posttrain.recipes.rl_loop import StepRewards, StepRewardsHook, train_rl
 from posttrain.rewards.functions import Completions
 from posttrain.rewards.steps import StepScorer, locate_steps, prm_step_scorer, verifier_step_scorer
 from posttrain.rollout import Rollout
+from posttrain.train.entry import stage_main
 from posttrain.train.run_dir import RunResult
 
 
@@ -74,6 +75,7 @@ class GRPOConfig(RLConfig):
     advantage: GRPOAdvantageConfig = section(GRPOAdvantageConfig, "Outcome or process advantages.")
 
 
+@stage_main(GRPOConfig)
 def main(cfg: GRPOConfig) -> RunResult:
     check_config(cfg)
     title = f"GRPO ({cfg.advantage.supervision} supervision) on {cfg.data.source}"

@@ -44,6 +44,7 @@ from posttrain.recipes.layout import batches_for
 from posttrain.train import dist
 from posttrain.train.comparisons import comparison_matrix, comparison_step_source
 from posttrain.train.engine import StepBatch, StepSource, TrainConfig, Trainer, forward_precision
+from posttrain.train.entry import stage_main
 from posttrain.train.progress import RunProgress
 from posttrain.train.reference import (
     Reference,
@@ -54,7 +55,6 @@ from posttrain.train.reference import (
     precompute_sequence_logprobs,
 )
 from posttrain.train.run_dir import RunResult, prepare_run_dir
-from posttrain.train.seed import seed_everything, set_threads
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,8 @@ class KTOConfig:
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
+@stage_main(KTOConfig)
 def main(cfg: KTOConfig) -> RunResult:
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
     if not cfg.model.path:
         raise ConfigError("KTO trains an existing model: set model.path (e.g. runs/sft/final)", field="model.path")
     if cfg.train.micro_batch_size < 2:
@@ -116,8 +115,6 @@ def main(cfg: KTOConfig) -> RunResult:
                       model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(LabelCounts(source), kto_loss_fn(cfg.loss, reference), evaluation.evaluator(model),
                          progress_keys=("loss", "kl", "reward_margin", "eval_loss", "eval_accuracy"))
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last

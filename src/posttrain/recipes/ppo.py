@@ -48,6 +48,7 @@ from posttrain.models.value import CRITIC_INITS, CRITIC_PREFIXES, ActorCritic, b
 from posttrain.recipes.rl import CRITIC_FREE, AdvantageConfig, KLConfig, RLConfig, UpdateConfig, check_rl_config
 from posttrain.recipes.rl_loop import train_rl
 from posttrain.rewards.functions import WeightedRewards
+from posttrain.train.entry import stage_main
 from posttrain.train.run_dir import RunResult
 
 CRITIC_KINDS = ("separate", "shared", "none")
@@ -80,6 +81,7 @@ class PPOConfig(RLConfig):
     critic: CriticConfig = section(CriticConfig, "The value model.")
 
 
+@stage_main(PPOConfig)
 def main(cfg: PPOConfig) -> RunResult:
     return train_ppo(cfg, stage="ppo", title=f"PPO on {cfg.data.source}")
 

@@ -24,8 +24,8 @@ from posttrain.models import build_model, count_parameters, load_tokenizer_and_m
 from posttrain.models.attention import position_limit
 from posttrain.models.tokenizer import train_tokenizer
 from posttrain.train.engine import TrainConfig, Trainer, once_per_step
+from posttrain.train.entry import stage_main
 from posttrain.train.run_dir import RunResult, prepare_run_dir
-from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
 # Held-out text is drawn from a generator seeded apart from the training stream.
@@ -61,9 +61,8 @@ class PretrainConfig:
                                  "Loop length, batch size, checkpoints and evaluation.")
 
 
+@stage_main(PretrainConfig)
 def main(cfg: PretrainConfig) -> RunResult:
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
     if not cfg.model.path and cfg.corpus.seq_len > cfg.model.max_position_embeddings:
         # The built model's config.json would claim fewer positions than it was trained on (RoPE does not care; every
         # tool that reads the config as the model's limit would).
@@ -101,8 +100,6 @@ def main(cfg: PretrainConfig) -> RunResult:
     trainer = Trainer(stage="pretrain", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim,
                       run_dir=run_dir, model=model, tokenizer=tokenizer)
     result = trainer.fit(source, loss_fn, evaluate, progress_keys=("loss", "eval_loss"))
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
     final_dir = save_pretrained(model, tokenizer, run_dir.final)
     summary = {"parameters": count_parameters(model), "steps": result.step, "tokens": result.tokens,
                "initial_eval_loss": initial_eval, "final_eval_loss": result.last.get("eval_loss"),

@@ -61,10 +61,10 @@ from posttrain.rewards.reward_model import UNLIMITED_LENGTH
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.train import dist
 from posttrain.train.engine import StepBatch, TrainConfig, Trainer, forward_precision
+from posttrain.train.entry import stage_main
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
-from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
 
@@ -101,9 +101,8 @@ class RejectionConfig:
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
+@stage_main(RejectionConfig)
 def main(cfg: RejectionConfig) -> RunResult:
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
     check_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     cfg = batches_for(cfg, model)
@@ -130,8 +129,6 @@ def main(cfg: RejectionConfig) -> RunResult:
                       model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, sft_loss_fn, evaluation.evaluator(model),
                          progress_keys=("loss", "kept_fraction", "pass_at_n", "eval_reward", "eval_accuracy"))
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last

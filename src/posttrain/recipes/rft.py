@@ -43,6 +43,7 @@ from posttrain.config import RunConfig, param, section
 from posttrain.recipes import rft_offline
 from posttrain.recipes.ppo import PPOConfig, train_ppo
 from posttrain.recipes.rl import RLRewardConfig
+from posttrain.train.entry import stage_main
 from posttrain.train.run_dir import RunResult
 
 
@@ -58,8 +59,9 @@ class RFTConfig(PPOConfig):
                        choices=("online", "offline"))
 
 
+@stage_main(RFTConfig)
 def main(cfg: RFTConfig) -> RunResult:
     if cfg.mode == "offline":
-        return rft_offline.main(cfg)
+        return rft_offline.train_offline(cfg)
     graders = f" (grader {cfg.reward.grader})" if cfg.reward.grader else ""
     return train_ppo(cfg, stage="rft", title=f"RFT: PPO with graders{graders} on {cfg.data.source}")

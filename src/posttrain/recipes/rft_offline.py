@@ -54,7 +54,6 @@ from posttrain.train.engine import TrainConfig, Trainer, forward_precision
 from posttrain.train.metrics import append_jsonl
 from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
-from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
 RESPONSE_FORMATS = ("ranking", "completion")
@@ -73,9 +72,8 @@ class Candidate:
     columns: dict[str, Any] = dataclasses.field(default_factory=dict)  # the data row, every column (graders' item)
 
 
-def main(cfg: Any) -> RunResult:
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
+def train_offline(cfg: Any) -> RunResult:
+    """RFT's offline mode (an RFTConfig with mode=offline): what `rft.main` runs for it."""
     check_config(cfg)
     tokenizer, model = load_tokenizer_and_model(cfg.model)
     candidates = load_candidates(cfg.data)
@@ -105,8 +103,6 @@ def main(cfg: Any) -> RunResult:
     trainer = Trainer(stage="rft", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                       model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(source, sft_loss_fn, evaluation.evaluator(model), progress_keys=("loss", "eval_accuracy"))
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     summary = {"mode": "offline", "responses": len(candidates), "trained_responses": trained,

@@ -770,7 +770,7 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
     `step_rewards(task, tokenizer)` the process-supervision hook, `summary(source)` the recipe's own summary keys;
     `rewards` replaces the ones built from cfg.reward; `lr_by_prefix` gives parameters of the trained module (by
     name prefix) a peak lr of their own (the critic's)."""
-    set_threads(cfg.run.threads)
+    set_threads(cfg.run.threads)  # as `stage_main` did: set here too for callers of train_rl (or train_ppo) itself
     seed_everything(cfg.run.seed)
     tokenizer, actor = load_tokenizer_and_model(cfg.model)
     cfg = batches_for(cfg, actor)
@@ -802,8 +802,6 @@ def train_rl(cfg: RLConfig, *, stage: str, title: str, build_model: Callable[[nn
                       model=model, tokenizer=tokenizer, progress=progress, lr_by_prefix=lr_by_prefix)
     result = trainer.fit(source, rl_loss_fn(cfg, cfg.sampling.max_new_tokens), evaluation.evaluator(actor),
                          progress_keys=("reward", "kl", "accuracy", "eval_reward", "eval_accuracy"))
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(actor, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     last = result.last

@@ -92,9 +92,9 @@ from posttrain.train.comparisons import (
     is_ranking_batch,
 )
 from posttrain.train.engine import TrainConfig, Trainer, once_per_step
+from posttrain.train.entry import stage_main
 from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
-from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
 RM_PAIR_SOURCES = ("data", "on_policy")
@@ -155,9 +155,8 @@ class RMConfig:
                                                    "(regression).", choices=PROCESS_TARGETS)
 
 
+@stage_main(RMConfig)
 def main(cfg: RMConfig) -> RunResult:
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
     check_config(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = build_reward_model(cfg.model.path, head=cfg.head, head_width=cfg.head_width,
@@ -205,8 +204,6 @@ def main(cfg: RMConfig) -> RunResult:
     keys = ("loss", "accuracy", "eval_loss", "eval_accuracy", "eval_step_accuracy")
     evaluate = once_per_step(evaluator) if evaluator is not None else None
     result = trainer.fit(source, loss_fn, evaluate, progress_keys=keys)
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter)
     summary = {"kind": cfg.kind, "format": prepared.format, "head": cfg.head,

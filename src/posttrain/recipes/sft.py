@@ -31,9 +31,9 @@ from posttrain.models.adapters import AdapterConfig, apply_adapter, save_trained
 from posttrain.models.likelihood import response_logprobs
 from posttrain.recipes.layout import batches_for
 from posttrain.train.engine import TrainConfig, Trainer, forward_precision
+from posttrain.train.entry import stage_main
 from posttrain.train.progress import RunProgress
 from posttrain.train.run_dir import RunResult, prepare_run_dir
-from posttrain.train.seed import seed_everything, set_threads
 from posttrain.train.sources import ShuffledStepSource
 
 
@@ -51,9 +51,8 @@ class SFTConfig:
     eval_before: bool = param(True, "Also evaluate the starting model, to report the gain.")
 
 
+@stage_main(SFTConfig)
 def main(cfg: SFTConfig) -> RunResult:
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
     if not cfg.model.path:
         raise ConfigError("SFT fine-tunes an existing model: set model.path (e.g. runs/pretrain/final, from "
                           "`posttrain pretrain`)", field="model.path")
@@ -75,8 +74,6 @@ def main(cfg: SFTConfig) -> RunResult:
                       model=model, tokenizer=tokenizer, progress=progress)
     result = trainer.fit(step_source(prepared, cfg.train, cfg.run.seed), sft_loss_fn, evaluation.evaluator(model),
                          progress_keys=("loss", "eval_loss", "eval_accuracy"))
-    if result.interrupted:
-        return RunResult(run_dir=run_dir.path, final_dir=None, summary={"interrupted_at_step": result.step})
 
     final_dir = save_trained(model, tokenizer, run_dir.final, cfg.adapter, turn_end_ids(tokenizer))
     summary = {"trainable_parameters": count_parameters(model, trainable_only=True), **result.totals(),

@@ -271,12 +271,22 @@ def user_function_process(path: str, timeout_s: float) -> UserFunctionProcess:
     return process
 
 
+def user_function_processes() -> set[tuple[Any, ...]]:
+    """The children started so far (their keys), for `close_user_function_processes_since`."""
+    return set(_processes)
+
+
+def close_user_function_processes_since(before: set[tuple[Any, ...]]) -> None:
+    """Kill the children started since `before`: at the end of the run that started them, so that none outlives
+    it in a long-lived process (a notebook) and the next run imports the function's file as it is then."""
+    for key in [key for key in _processes if key not in before]:
+        _processes.pop(key).close()
+
+
 @atexit.register
 def close_user_function_processes() -> None:
     """Kill every child this process started (at exit)."""
-    for process in _processes.values():
-        process.close()
-    _processes.clear()
+    close_user_function_processes_since(set())
 
 
 def _one_per_row(scores: Any, rows: int) -> list[float | None]:

@@ -69,7 +69,9 @@ def register_reward_function(name: str) -> Callable[[RewardFunction], RewardFunc
     """
 
     def decorate(fn: RewardFunction) -> RewardFunction:
-        REWARD_FUNCTIONS.register(name)(lambda **_: fn)
+        # The factory carries fn's module and name: the registry tells the same function defined again (a
+        # notebook cell run again), which replaces it, from another one under a name already taken.
+        REWARD_FUNCTIONS.register(name)(functools.update_wrapper(lambda **_: fn, fn))
         return fn
 
     return decorate

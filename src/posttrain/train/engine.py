@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import math
 import os
+import signal
 import statistics
 import time
 import warnings
@@ -58,7 +59,7 @@ from posttrain.train.metrics import MetricsWriter, truncate_metrics, truncate_sa
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.progress import RunProgress, TrainProgress, format_metrics
 from posttrain.train.run_dir import RunDir, config_text
-from posttrain.train.signals import StopRequest
+from posttrain.train.signals import StoppedInTraining, StopRequest
 from posttrain.train.stop_rule import StopRule
 from posttrain.train.trackers import Trackers
 
@@ -174,7 +175,6 @@ def once_per_step(measure: Callable[[int], dict[str, Any]]) -> Evaluate:
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     step: int
-    interrupted: bool
     last: dict[str, Any]
     tokens: int
     seconds: float
@@ -267,7 +267,7 @@ class Trainer:
     def fit(self, source: StepSource, loss_fn: LossFn, evaluate: Evaluate | None = None,
             progress_keys: tuple[str, ...] = ("loss",)) -> TrainResult:
         resumed_from = self._maybe_resume(source)
-        start, interrupted = time.perf_counter(), False
+        start, stopped_by_signal = time.perf_counter(), None
         earlier_s = self.elapsed_s  # the sessions before a resume: elapsed_s and seconds count the whole run
         session_tokens = 0
         last = self._resumed_last  # a resume with no step left still reports the last step's metrics
@@ -354,7 +354,9 @@ class Trainer:
                             f"[yellow]stopped by {stop.signal_name or 'a signal on another rank'} at step "
                             f"{self.step}[/]; checkpoint: {path}\n"
                             f"resume with: {dist.resume_command(self.run_dir.path)}")
-                    interrupted = True
+                    # (a rank whose process got no signal stops as a scheduler's SIGTERM would have stopped it)
+                    stopped_by_signal = StoppedInTraining(stop.signum or signal.SIGTERM, self.step, str(path),
+                                                          dist.resume_command(self.run_dir.path))
                     break
                 # The last step is always saved, so that a finished run can be continued with more steps.
                 if self._due(self.train_cfg.save_every, final=True) or stopped_by is not None:
@@ -364,12 +366,14 @@ class Trainer:
                                        f"by train.stop_when ({stopped_by})")
         trackers.close()
         seconds = time.perf_counter() - start
-        if not interrupted and main:
+        if stopped_by_signal is not None:
+            raise stopped_by_signal
+        if main:
             shown = {k: last[k] for k in progress_keys if k in last}
             self.console.print(f"{self.stage}: {self.step} steps in {seconds:.0f}s, {format_metrics(shown)}, "
                                f"{session_tokens / max(seconds, 1e-9):,.0f} tok/s, "
                                f"{self.skipped_steps} skipped steps")
-        return TrainResult(step=self.step, interrupted=interrupted, last=last, tokens=self.tokens,
+        return TrainResult(step=self.step, last=last, tokens=self.tokens,
                            seconds=earlier_s + seconds, skipped_steps=self.skipped_steps, precision=self.precision,
                            device=str(self.device), stopped_by=stopped_by, processes=self.dist.world_size,
                            parallel=self.train_cfg.parallel)

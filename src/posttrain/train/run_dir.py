@@ -235,8 +235,20 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> 
     return run_dir
 
 
-# The run directories this process holds the lock of, with the open lock file (held until the process ends).
+# The run directories this process holds the lock of, with the open lock file (held until the process ends, or
+# until the stage's `main` returns: `release_run_locks`).
 _HELD_LOCKS: dict[Path, Any] = {}
+
+
+def held_run_locks() -> set[Path]:
+    return set(_HELD_LOCKS)
+
+
+def release_run_locks(keep: set[Path]) -> None:
+    """Release the run locks this process holds but those of `keep` (a stage called from Python has ended: its run
+    may be resumed or overwritten by another process now)."""
+    for path in [path for path in _HELD_LOCKS if path not in keep]:
+        _HELD_LOCKS.pop(path).close()  # closing the file releases its flock
 
 
 def run_lock_file(path: Path) -> Path:
@@ -248,9 +260,10 @@ def run_lock_file(path: Path) -> Path:
 
 def hold_run_lock(path: Path, what: str = "this run") -> None:
     """One process per run directory: an exclusive lock (`run_lock_file`), taken before anything of the run is
-    touched and held until the process ends. A second process (a `posttrain resume` of a run still running, an
-    overwrite under a live run) would otherwise truncate the metrics the first appends to, and both would rename
-    the same checkpoints. Where no lock file can be written, nothing is locked."""
+    touched and held until the process ends (or its stage returns, `release_run_locks`). A second process (a
+    `posttrain resume` of a run still running, an overwrite under a live run) would otherwise truncate the metrics
+    the first appends to, and both would rename the same checkpoints. Where no lock file can be written, nothing
+    is locked."""
     path = path.resolve()  # one key however the directory is spelled (elsewhere/../runs/sft)
     if path in _HELD_LOCKS:
         return

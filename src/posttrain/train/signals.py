@@ -25,6 +25,17 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"stopped by {self.signal_name}" + (f": {detail}" if detail else ""))
 
 
+class StoppedInTraining(Interrupted):
+    """SIGINT or SIGTERM inside the training loop: the step finished and a checkpoint was saved (the trainer
+    said where, and how to resume). Raised to whoever called the stage, as any interrupted Python call raises
+    a KeyboardInterrupt: a script or a notebook does not go on as if the run had finished."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str, resume_command: str) -> None:
+        super().__init__(signum, f"at step {step}; checkpoint: {checkpoint}; resume with: {resume_command}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 @contextlib.contextmanager
 def on_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
     """While active, SIGINT and SIGTERM call `handler(signum, frame)`; the previous handlers come back after.
@@ -63,6 +74,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        self.signum: int | None = None
         self.told = False  # whether the trainer said what the stop waits for
         self._handlers = contextlib.ExitStack()
 
@@ -70,6 +82,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
