@@ -175,7 +175,7 @@ RL_RUNS = {
     # as clipped: the clip fraction of two ranks and of one process could differ by those tokens.)
     "rft": ("rft", ["update.rollout_batch_size=16", "train.batch_size=8", "train.micro_batch_size=4",
                     "train.max_steps=4", "advantage.estimator=rloo", "sampling.samples_per_prompt=2",
-                    "loss.sft_coef=0.5", "kl.coef=0.05", "kl.placement=loss"]),
+                    "loss.sft_coef=0.5", "kl.coef=0.05", "kl.placement=loss", "kl.kind=k3"]),
     # The batch std over both ranks' rewards, equal-reward groups left out (ranks keep different row counts),
     # KL in the loss, one update per round (no pi_old pass).
     "grpo": ("grpo", ["sampling.samples_per_prompt=4", "train.batch_size=16", "train.micro_batch_size=4",

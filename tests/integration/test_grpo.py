@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -382,6 +383,54 @@ def test_the_token_mean_loss_is_invariant_to_micro_batching(tiny_model, tokenize
         step = source.next_step()
         grads.append(gradient(model, step, rl_loss_fn(source.cfg, 6)))
     assert_close(grads[1], grads[0])  # 16 rows in one micro-batch, or in micro-batches of 5, 5, 5 and 1
+
+
+def test_the_logged_kl_is_the_mean_over_the_steps_completions_however_it_is_micro_batched(tiny_model, tokenizer):
+    """With loss.mask_truncated the first pass's KL was weighted by each micro-batch's trained rows only: the
+    logged KL changed with train.micro_batch_size (3.38 against 3.56). It is the mean of each completion's summed
+    KL over every completion of the step, as the round's KL in the reward is."""
+    model = tiny_model.double()
+    reference = Reference.frozen_copy(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-2)
+    handle = eos_bias(model, 4.0)  # some completions end in EOS, the others are cut (and masked)
+    try:
+        logged = []
+        for micro in (16, 4, 3):
+            source = make_source(model, tokenizer, f"train.micro_batch_size={micro}", "kl.coef=0.2",
+                                 "loss.mask_truncated=true", "sampling.max_new_tokens=4", reference=reference)
+            step = source.next_step()
+            loss_fn = rl_loss_fn(source.cfg, 4)
+            with torch.no_grad():
+                logged.append(sum(loss_fn(policy(model), m, step.normaliser)[1]["kl"] for m in step.micro_batches))
+            rollout = source.last.rollout
+            assert 0 < int(rollout.truncated.sum()) < len(rollout.truncated)
+        # By hand: each completion's k3 KL summed over its tokens, averaged over the 16 completions.
+        with torch.no_grad():
+            logprobs = rollout_forward(policy(model), rollout)[0]
+            ref = rollout_forward(policy(reference.model), rollout)[0]
+        by_hand = 0.0
+        for row in range(len(rollout.truncated)):
+            for t in range(int(rollout.completion_lengths[row])):
+                d = float(ref[row, t] - logprobs[row, t])
+                by_hand += math.exp(d) - d - 1
+        by_hand /= len(rollout.truncated)
+    finally:
+        handle.remove()
+    assert logged[1] == pytest.approx(logged[0], rel=1e-12) and logged[2] == pytest.approx(logged[0], rel=1e-12)
+    assert logged[0] == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_k1_as_a_kl_loss_term_is_refused_it_has_no_expected_gradient(tmp_path):
+    from posttrain.errors import ConfigError
+    from posttrain.recipes.rl import check_rl_config
+
+    with pytest.raises(ConfigError, match="regularises nothing") as err:
+        check_rl_config(grpo_config("unused", tmp_path, "kl.coef=0.1", "kl.kind=k1"), "grpo")
+    assert err.value.field == "kl.kind"
+    for fine in (["kl.coef=0.1", "kl.kind=k1", "kl.placement=reward"], ["kl.coef=0.1", "kl.kind=k2"], ["kl.kind=k1"]):
+        check_rl_config(grpo_config("unused", tmp_path, *fine), "grpo")
 
 
 @pytest.mark.parametrize("capacity,share", [(256, False), (12, False), (256, True), (12, True)])

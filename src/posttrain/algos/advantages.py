@@ -37,7 +37,9 @@ def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, la
 
     Only positions with ``response_mask`` = 1 take part: masked positions (prompt, padding, tool
     output between turns) are skipped, "t+1" is the next unmasked position, and the value after the
-    last unmasked position is 0 (the episode ends at EOS; nothing is bootstrapped from padding).
+    last unmasked position is 0 (the episode ends at EOS; nothing is bootstrapped from padding). A completion cut
+    at the length limit, with no EOS, is ended there too: its last value is not bootstrapped either (as in TRL's
+    PPO; the reward at its last token is the whole return).
 
     Shapes: rewards, values, response_mask [B, T] -> Advantages of [B, T] tensors, 0 where masked.
     """

@@ -323,7 +323,7 @@ def kto_loss(
     kl = (kl_logprobs - ref_kl_logprobs).mean().detach().clamp(min=0)
     desirable = desirable.bool()
     value = torch.where(desirable, torch.sigmoid(beta * (ratio - kl)), torch.sigmoid(beta * (kl - ratio)))
-    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(value.dtype)
+    weights = torch.where(desirable, value.new_tensor(desirable_weight), value.new_tensor(undesirable_weight))
     return KTOOutput(loss=(weights * (1 - value)).mean(), rewards=(beta * ratio).detach(), kl=kl)
 
 

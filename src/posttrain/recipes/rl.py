@@ -538,4 +538,10 @@ def check_rl_config(cfg: RLConfig, stage: str) -> None:
                           field="filter.low")
     if cfg.kl.controller == "adaptive" and cfg.kl.coef == 0:
         raise ConfigError("the adaptive KL controller scales kl.coef: set kl.coef > 0", field="kl.coef")
+    if cfg.kl.coef > 0 and cfg.kl.placement == "loss" and cfg.kl.kind == "k1":
+        # k1's value is an unbiased estimate of the KL, but as a loss term on the policy's own samples its gradient,
+        # E[grad log pi], is zero: the run would train with no KL regularisation at all.
+        raise ConfigError("kl.kind=k1 in the loss regularises nothing: on the policy's own samples its expected "
+                          "gradient is zero; use kl.kind=k3 (GRPO's) or k2 in the loss, or kl.placement=reward "
+                          "(RLHF's k1 penalty in the rewards)", field="kl.kind")
     check_reward_functions(cfg.reward)

@@ -267,7 +267,9 @@ class RLMicroBatch:
     old_logprobs None means pi_old is the policy being trained, unchanged since it sampled (the round's
     single update): the loss takes its own detached logprobs. token_share and sequence_share are the
     micro-batch's share of its step's trained tokens and completions (x the number of ranks), the weights
-    of its statistics. A zero-weight micro-batch (all-zero loss_mask) only keeps the ranks in step.
+    of its statistics; row_share its share of all the step's completions (a masked truncated one too), the weight
+    of statistics of what was sampled (the KL to the reference). A zero-weight micro-batch (all-zero loss_mask)
+    only keeps the ranks in step.
     """
 
     rollout: Rollout
@@ -279,6 +281,7 @@ class RLMicroBatch:
     """[b] the rows of the round's rollout."""
     token_share: float
     sequence_share: float
+    row_share: float = 0.0
     old_logprobs: Tensor | None = None
     old_values: Tensor | None = None
     returns: Tensor | None = None
@@ -505,9 +508,9 @@ class RLStepSource:
 
     def _advantages(self, rewards: Tensor, values: Tensor | None, rollout: Rollout, steps: StepRewards | None,
                     first: int) -> tuple[Tensor, Tensor | None]:
-        """The estimator's advantages (float32) and value targets (None without a critic) of this rank's rows
-        (the round's rows `first`, `first + 1`, ... of every rank), computed on the whole round of every rank
-        (batch statistics, whitening), in float64."""
+        """The estimator's advantages (in `statistics_dtype`) and value targets (None without a critic) of this
+        rank's rows (the round's rows `first`, `first + 1`, ... of every rank), computed on the whole round of
+        every rank (batch statistics, whitening), in float64."""
         mask = rollout.response_mask
         # Prompt ids restart at 0 on every rank: made distinct before the ranks' rows meet.
         span = int(dist.all_reduce_max(float(rollout.prompt_index.max()) + 1))
@@ -534,8 +537,9 @@ class RLStepSource:
             advantages = whiten(advantages, gathered["response_mask"])
         mine = slice(first, first + len(mask))
         width = mask.shape[1]
-        advantages = advantages[mine, :width].float()
-        return advantages, returns[mine, :width].float() if values is not None else None
+        dtype = statistics_dtype(self.model)  # float32, or a float64 model's float64 (checks against references)
+        advantages = advantages[mine, :width].to(dtype)
+        return advantages, returns[mine, :width].to(dtype) if values is not None else None
 
     # -- phase 7: epochs x minibatches x micro-batches -------------------------------------------
 
@@ -595,6 +599,7 @@ class RLStepSource:
                 rows = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
                 token_total = dist.all_reduce_sum(float(loss_mask[rows].sum()))
                 row_total = dist.all_reduce_sum(float(trained[rows].sum()))
+                sampled_total = dist.all_reduce_sum(float(len(rows)))
                 normaliser = (token_total or 1.0) if self.cfg.loss.agg == "token-mean" else max(row_total, 1.0)
                 micro = []
                 for piece in pieces:
@@ -608,6 +613,7 @@ class RLStepSource:
                         scores=batch.scores[sub_rows], rows=sub_rows,
                         token_share=float(mask.sum()) * world / token_total if token_total else 0.0,
                         sequence_share=0.0 if padding else float(trained[piece].sum()) * world / max(row_total, 1.0),
+                        row_share=0.0 if padding else len(piece) * world / max(sampled_total, 1.0),
                         old_logprobs=_rows(batch.old_logprobs, sub_rows, width),
                         old_values=_rows(batch.old_values, sub_rows, width),
                         returns=_rows(batch.returns, sub_rows, width),
@@ -750,7 +756,9 @@ def rl_loss_fn(cfg: RLConfig, max_new_tokens: int):
             if batch.ref_logprobs is not None:
                 kl = kl_penalty(old_logprobs, batch.ref_logprobs, cfg.kl.kind)
                 sequence_kl = masked_sum(kl, batch.rollout.response_mask, dim=-1)
-                metrics["kl"] = sequence_kl.mean().item() * batch.sequence_share
+                # over every completion of the step, as the round's KL is (`_metrics`): with loss.mask_truncated a
+                # weight of the trained ones only made it depend on how the step was cut into micro-batches
+                metrics["kl"] = sequence_kl.mean().item() * batch.row_share
         metrics["loss"] = loss.item()
         return loss, metrics
 
