@@ -57,7 +57,9 @@ class RunConfig:
     resume: bool = param(False, "Continue the run in an existing run directory from its last checkpoint.")
     seed: int = param(0, "Seed for python, numpy and torch RNGs.", ge=0)
     threads: int = param(2, "torch CPU threads (0 = leave torch's default).", ge=0)
-    log_every: int = param(10, "Write metrics.jsonl and refresh the progress line every N steps.", ge=1)
+    log_every: int = param(10, "On a console that is not a terminal (a log file), print a progress line every N "
+                                "steps (a terminal's live bar shows every step; metrics.jsonl records every step).",
+                           ge=1)
     progress: bool = param(True, "Show a live progress bar.")
     tensorboard: bool = param(False, "Also log metrics to TensorBoard (needs the `tracking` extra).")
     wandb: bool = param(False, "Also log metrics to Weights & Biases (needs the `tracking` extra).")
@@ -103,8 +105,10 @@ class OptimConfig:
     eps: float = param(1e-8, "AdamW epsilon.", gt=0)
     schedule: str = param("cosine", "Learning-rate schedule after warm-up.",
                           choices=("constant", "linear", "cosine"))
-    warmup_steps: int = param(0, "Linear warm-up steps from 0 to lr.", ge=0)
-    min_lr_ratio: float = param(0.1, "Final lr as a fraction of lr for linear/cosine.", ge=0, le=1)
+    warmup_steps: int = param(0, "Linear warm-up: step k of the first N trains at k/N x lr.", ge=0)
+    min_lr_ratio: float = param(0.1, "The lr linear/cosine decay to, as a fraction of lr, at the schedule's end (the "
+                                     "step after the last: the last step trains one decay step above it, as in "
+                                     "transformers' schedules).", ge=0, le=1)
     schedule_steps: int = param(0, "Length of the linear/cosine decay's schedule in optimizer steps (0: "
                                    "train.max_steps). Longer than max_steps, the run stops part-way along it with "
                                    "the learning rate of that point: the model from the middle of a longer run, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_read_metrics_drops_only_a_partial_last_line(tmp_path):
         read_metrics(path)
 
 
-def test_a_spike_is_skipped_and_a_checkpoint_from_before_it_is_kept(tmp_path, tokenizer):
+def test_a_spike_is_skipped_and_a_checkpoint_from_before_it_is_kept(tmp_path, tokenizer, capsys):
     """The learning rate jumps to 10 at step 5 (as a far too large lr does once warm-up ends): step 5's update
     blows the weights up, step 6's gradient norm spikes and is skipped, and so are 7 and 8, which stops the run.
     keep_last=1 would leave only step-6, whose weights are the diverged ones; step-4 must stay."""
@@ -126,6 +127,10 @@ def test_a_spike_is_skipped_and_a_checkpoint_from_before_it_is_kept(tmp_path, to
         trainer.fit(source, loss_fn)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("spike")] == [6, 7]  # step 8 stops the run before it is logged
+    said = " ".join(capsys.readouterr().out.split())  # each skip said as it happens, with its numbers
+    norm, median = records[5]["grad_norm"], statistics.median(r["grad_norm"] for r in records[2:5])
+    assert (f"test: step 6 skipped: its gradient norm {norm:.3g} is {norm / median:.1f} x the median of the last 3 "
+            "trained steps' (train.spike_factor=10); its batch is left untrained") in said
     assert trainer.skipped_steps == 3 and not any(r.get("nonfinite") for r in records)
     assert snapshots[6].abs().max() > 10 * snapshots[5].abs().max()  # step 5 diverged ...
     assert torch.equal(_flat_params(trainer.model), snapshots[6])  # ... and 6-8 left the weights untouched

@@ -582,3 +582,63 @@ def test_a_library_warning_raised_in_every_step_is_shown_once(tmp_path, tokenize
         warnings.simplefilter("default")  # Python's own: once per place
         trainer.fit(source, warning_loss)
     assert [str(w.message) for w in caught if w.category is FutureWarning] == ["a deprecated argument"]
+
+
+@pytest.mark.parametrize(("size", "batch"), [(10, 4), (10, 3), (7, 7), (9, 8), (64, 24)])
+def test_no_step_holds_a_row_twice_and_every_epoch_sees_each_row_once(size, batch):
+    """A batch straddling two epochs was filled from the next epoch's shuffle without regard to its own rows: 10
+    rows in batches of 4 trained row 6 twice in one step ([2, 5, 6, 6]). The walk, and a resume at every step, by
+    a slow obvious check."""
+
+    def source():
+        return ShuffledStepSource(size, batch, batch, 3, collate=list, count=lambda indices: (len(indices), 0))
+
+    walked, steps = source(), []
+    for _ in range(40):
+        state = walked.state_dict()
+        steps.append(walked.next_step().micro_batches[0])
+        resumed = source()
+        resumed.load_state_dict(state)
+        assert resumed.next_step().micro_batches[0] == steps[-1]  # the same rows after a resume here
+    for rows in steps:
+        assert len(rows) == batch and len(set(rows)) == batch, rows
+    walk = [row for rows in steps for row in rows]
+    for epoch in range(len(walk) // size):
+        assert sorted(walk[epoch * size:(epoch + 1) * size]) == list(range(size)), epoch
+    assert any(walk[:size] != walk[e * size:(e + 1) * size] for e in range(1, len(walk) // size))  # reshuffled
+
+
+def test_a_log_file_gets_a_progress_line_every_log_every_steps(tmp_path, tokenizer):
+    """On a console that is not a terminal rich draws no live bar: a run of hours printed nothing from its start
+    lines to its end, and run.log_every was read nowhere."""
+    import io
+
+    from rich.console import Console
+
+    from posttrain.train.progress import RunProgress
+
+    out = io.StringIO()
+    trainer, source = _trainer(tmp_path, tokenizer, steps=6)
+    trainer.progress = RunProgress(True, Console(file=out, force_terminal=False, width=80))
+    trainer.run = dataclasses.replace(trainer.run, log_every=2)
+    trainer.fit(source, _loss_fn, progress_keys=("loss",))
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("test step ")]
+    assert [line.split()[2] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all(" loss " in line and " elapsed 0:00:" in line and " eta " in line for line in lines)
+    assert max(map(len, lines)) > 80  # one line each, not wrapped at the log console's 80 columns
+
+
+def test_a_skipped_step_and_data_shorter_than_a_batch_are_said_at_once(tmp_path, tokenizer, capsys):
+    trainer, _ = _trainer(tmp_path, tokenizer, steps=2, batch=8, micro=8, max_nonfinite=5)
+    data = _data(tokenizer, n=5)
+    source = ShuffledStepSource(len(data), 8, 8, 0, collate=lambda idx: data[idx],
+                                count=lambda idx: (len(idx) * (SEQ - 1), len(idx) * SEQ))
+
+    def nan_at_step_2(model, batch, normaliser):
+        loss, metrics = _loss_fn(model, batch, normaliser)
+        return (loss * math.nan if trainer.step == 1 else loss), metrics
+
+    trainer.fit(source, nan_at_step_2)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the training data has 5 rows (packed rows, packed mode), fewer than train.batch_size=8" in said
+    assert "test: step 2 skipped: a non-finite loss or gradient; its batch is left untrained" in said

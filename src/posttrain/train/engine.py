@@ -71,7 +71,8 @@ class TrainingError(PosttrainError):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = param(200, "Optimizer steps.", ge=1)
-    batch_size: int = param(16, "Samples per optimizer step, across all micro-batches.", ge=1)
+    batch_size: int = param(16, "Samples per optimizer step, across all micro-batches (packed rows with "
+                                "data.batch_mode=packed, as in TRL's packing).", ge=1)
     micro_batch_size: int = param(16, "Samples per forward/backward pass (divides batch_size).", ge=1)
     save_every: int = param(100, "Checkpoint every N steps and at the last one (0: only at the last step and when "
                                  "stopped by a signal).", ge=0)
@@ -267,7 +268,7 @@ class Trainer:
     def fit(self, source: StepSource, loss_fn: LossFn, evaluate: Evaluate | None = None,
             progress_keys: tuple[str, ...] = ("loss",)) -> TrainResult:
         resumed_from = self._maybe_resume(source)
-        start, stopped_by_signal = time.perf_counter(), None
+        start, stopped_by_signal, session_start = time.perf_counter(), None, self.step
         earlier_s = self.elapsed_s  # the sessions before a resume: elapsed_s and seconds count the whole run
         session_tokens = 0
         last = self._resumed_last  # a resume with no step left still reports the last step's metrics
@@ -282,7 +283,8 @@ class Trainer:
                             to_dict(self.cfg))
         samples_from_policy = getattr(source, "samples_from_policy", False)
         with StopRequest() as stop, MetricsWriter(self.run_dir.metrics) if main else _NoMetrics() as metrics, \
-                TrainProgress(self.stage, self.train_cfg.max_steps, display=self.progress) as progress:
+                TrainProgress(self.stage, self.train_cfg.max_steps, display=self.progress,
+                              log_every=self.run.log_every) as progress:
             progress.update(self.step)
             if main:
                 self.console.print(f"{self.stage}: {self.precision} on {self.device} ({self.precision_reason})")
@@ -291,6 +293,12 @@ class Trainer:
                     self.console.print(f"{self.stage}: note: {note}")
             if resumed_from is not None and main:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
+            rows = getattr(source, "size", None)  # a walk over fixed data (a round's own rows may well be fewer)
+            if main and rows is not None and rows < self.train_cfg.batch_size:
+                self.console.print(f"[yellow]{self.stage}: the training data has {rows} rows (packed rows, packed "
+                                   f"mode), fewer than train.batch_size={self.train_cfg.batch_size}[/]: every step "
+                                   "holds some of them more than once, weighted as often in its loss; "
+                                   f"train.batch_size={rows} or less trains each once a step")
             if stopped_by is not None and main:
                 self.console.print(f"{self.stage}: the run was stopped at step {self.step} by train.stop_when "
                                    f"({stopped_by}); to train on, give it another rule or train.stop_when=null")
@@ -370,7 +378,8 @@ class Trainer:
             raise stopped_by_signal
         if main:
             shown = {k: last[k] for k in progress_keys if k in last}
-            self.console.print(f"{self.stage}: {self.step} steps in {seconds:.0f}s, {format_metrics(shown)}, "
+            resumed = f" ({self.step - session_start} in this session)" if session_start else ""
+            self.console.print(f"{self.stage}: {self.step} steps{resumed} in {seconds:.0f}s, {format_metrics(shown)}, "
                                f"{session_tokens / max(seconds, 1e-9):,.0f} tok/s, "
                                f"{self.skipped_steps} skipped steps")
         return TrainResult(step=self.step, last=last, tokens=self.tokens,
@@ -482,7 +491,14 @@ class Trainer:
             if grad_norm > 0:  # a step with nothing to learn (e.g. every RL group tied) says nothing of the scale
                 self._grad_norms.append(grad_norm)
         else:
-            # Parameters and optimizer moments stay exactly as they were; the batch is consumed.
+            # Parameters and optimizer moments stay exactly as they were; the batch is consumed. Said at once: a
+            # skipped step's rows go untrained (their epoch), and a run whose steps are skipped should be seen.
+            if self.dist.is_main:
+                why = (f"its gradient norm {grad_norm:.3g} is {grad_norm / statistics.median(self._grad_norms):.1f} "
+                       f"x the median of the last {len(self._grad_norms)} trained steps' (train.spike_factor="
+                       f"{self.train_cfg.spike_factor:g})" if spike else "a non-finite loss or gradient")
+                self.console.print(f"[yellow]{self.stage}: step {self.step + 1} skipped[/]: {why}; its batch "
+                                   "is left untrained and the weights are unchanged")
             self.skipped_steps += 1
             self._nonfinite_in_a_row += 1
             if self._first_skipped is None:

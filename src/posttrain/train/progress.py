@@ -12,7 +12,9 @@ does for the training bar.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,17 +113,30 @@ class RunProgress:
 
 
 class TrainProgress:
-    """The training bar: a phase of `display` (or of a display of its own) for one training run."""
+    """The training bar: a phase of `display` (or of a display of its own) for one training run. On a console
+    that is not a terminal (a log file: nohup, a batch job), where rich draws no live bar, a plain line every
+    `log_every` steps instead (step, metrics, elapsed time and ETA), so that a run of hours is not silent."""
 
     def __init__(self, description: str, total: int, enabled: bool = True, console: Console | None = None,
-                 display: RunProgress | None = None) -> None:
+                 display: RunProgress | None = None, log_every: int = 0) -> None:
         self.display = display if display is not None else RunProgress(enabled, console)
-        self._description, self._total = description, total
+        self._description, self._total, self._log_every = description, total, log_every
         self._phase: contextlib.AbstractContextManager[Phase] | None = None
         self._bar = SILENT
+        self._start: tuple[float, int] | None = None  # when and at which step this session's first update was
 
     def update(self, completed: int, metrics: dict[str, Any] | None = None) -> None:
         self._bar.update(completed=completed, metrics=metrics)
+        if self._start is None:
+            self._start = (time.monotonic(), completed)
+            return
+        if (self._log_every and self.display.enabled and not self.display.console.is_terminal
+                and completed % self._log_every == 0):
+            elapsed, done = time.monotonic() - self._start[0], completed - self._start[1]
+            eta = elapsed / done * (self._total - completed) if done > 0 else math.nan
+            self.display.console.print(
+                f"{self._description} step {completed}/{self._total}  {format_metrics(metrics or {})}  "
+                f"elapsed {_clock(elapsed)}  eta {_clock(eta)}", soft_wrap=True, highlight=False, markup=False)
 
     def __enter__(self) -> TrainProgress:
         self._phase = self.display.phase(self._description, self._total)
@@ -130,6 +145,13 @@ class TrainProgress:
 
     def __exit__(self, *exc: object) -> None:
         self._phase.__exit__(*exc)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-:--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 SHORT_NAMES = {"tokens_per_s": "tok/s", "eval_loss": "eval"}

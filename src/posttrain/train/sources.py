@@ -15,10 +15,14 @@ from posttrain.train.engine import StepBatch
 
 
 class ShuffledStepSource:
-    """Walks a dataset of `size` samples in a fresh seeded permutation each epoch.
+    """Walks a dataset of `size` samples in a fresh seeded permutation each epoch, `batch_size` a step.
 
-    The permutation of epoch e depends only on (seed, e), so the data state is just two integers
-    and a resumed run sees exactly the samples an uninterrupted run would have seen.
+    A step whose batch straddles two epochs (a batch size that does not divide the data) holds no row twice: the
+    next epoch's permutation puts the rows its first batch would repeat after that batch (each row is still seen
+    once an epoch). Only a batch larger than the data holds a row twice (the Trainer warns of it).
+
+    The permutation of epoch e depends only on (seed, e, size, batch_size), so the data state is just two
+    integers and a resumed run sees exactly the samples an uninterrupted run would have seen.
 
     `collate(indices)` builds one micro-batch; `count(indices)` returns (normaliser, tokens) for the whole step:
     the global normaliser every micro-batch's loss is divided by, and every token of its rows, prompts included.
@@ -39,18 +43,36 @@ class ShuffledStepSource:
         self.rows = rows  # what is walked (a datasets.Dataset or a tensor): its digest is in the state
         self._digest: str | None = None
         self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
+        self._order = self._shuffled(0)
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _shuffled(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.size, generator=generator).tolist()
+
+    def _next_order(self, epoch: int, previous: list[int]) -> list[int]:
+        """Epoch `epoch`'s permutation, given the previous epoch's (`previous`): its first batch shares a step with
+        the previous epoch's last rows, so the rows among those are put after that batch."""
+        order = self._shuffled(epoch)
+        held = (epoch * self.size) % self.batch_size  # the previous epoch's rows in the straddling step
+        if held == 0 or self.size < self.batch_size:  # no straddling step, or repeats no order avoids
+            return order
+        tail = set(previous[self.size - held:])
+        first = [i for i in order if i not in tail][:self.batch_size - held]
+        chosen = set(first)
+        return first + [i for i in order if i not in chosen]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = self._shuffled(0)
+        for e in range(1, epoch + 1):
+            order = self._next_order(e, order)
+        return order
 
     def _take(self, k: int) -> list[int]:
         taken: list[int] = []
         while len(taken) < k:
             if self.position >= self.size:
                 self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
+                self._order = self._next_order(self.epoch, self._order)
             chunk = self._order[self.position:self.position + k - len(taken)]
             taken += chunk
             self.position += len(chunk)
