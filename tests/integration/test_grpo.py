@@ -141,12 +141,14 @@ def test_a_bf16_model_starts_at_ratio_one_with_a_reference_and_two_updates(lm_di
     assert "weights in bfloat16" in capsys.readouterr().out  # the log says what the weights are, not only the autocast
 
 
-def test_a_checkpoints_policy_is_rebuilt_for_evaluation(lm_dir, tmp_path):
+@pytest.mark.parametrize("adapter", [[], ["adapter.method=lora"]])
+def test_a_checkpoints_policy_is_rebuilt_for_evaluation(lm_dir, tmp_path, adapter):
     # An RL checkpoint holds the ActorCritic's tensors (for resuming); the policy `posttrain eval` rebuilds from them
-    # on the model the run started from is, at the last step, the final model, tensor for tensor.
+    # on the model the run started from (with the run's LoRA on it, merged: such a checkpoint was refused) is, at
+    # the last step, the final model, tensor for tensor.
     result = main(grpo_config(lm_dir, tmp_path, "train.max_steps=2", "train.batch_size=16", "train.micro_batch_size=8",
                               "sampling.samples_per_prompt=4", "sampling.max_new_tokens=6", "update.epochs=2",
-                              "optim.lr=1e-2", "kl.coef=0.1", "train.save_every=2",
+                              "optim.lr=1e-2", "kl.coef=0.1", "train.save_every=2", *adapter,
                               f"reward.functions={{correct: 1.0, {EXAMPLES}/rewards.py:brevity: 0.1}}"))
     final = AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True).state_dict()
     checkpoint = resolve_target(result.run_dir / "checkpoints" / "step-2")

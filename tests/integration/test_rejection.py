@@ -216,3 +216,39 @@ def test_rows_a_reward_failed_on_are_never_kept_and_long_answers_are_not_dropped
     kept = [s for s in rounds if s["kept"]]
     assert kept and all(s["finish_reason"] != "length" and s["reward"] < 0 for s in kept)
     assert result.summary["per_round"][0]["kept"] == len(kept) == trained[0]  # every kept row trains
+
+
+def test_kept_samples_keep_their_rows_tools_and_are_sft_rows_again(chatml_model_dir, chatml_tokenizer, tmp_path,
+                                                                   monkeypatch):
+    """samples.jsonl kept a tool row's prompt without its `tools`: fed back to `posttrain sft`, a kept completion
+    rendered without the tool schemas its prompt was sampled (and the round trained) with."""
+    from posttrain.recipes import rejection
+    from posttrain.rollout import RolloutEngine, text_rollout
+
+    class Answering(RolloutEngine):  # finished answers from the random model (it would rarely end one)
+        def update_weights(self, model) -> None:
+            pass
+
+        def generate(self, prompts, params, generator=None):
+            return text_rollout(prompts, [["Answer: 7"] * params.n for _ in prompts], chatml_tokenizer)
+
+    monkeypatch.setattr(rejection, "make_engine", lambda name, model, tokenizer: Answering())
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    path = tmp_path / "tool_prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {a}+3?"}],
+                                        "answer": str(a + 3), "tools": tools}) + "\n" for a in range(4)))
+    result = main(load_config(RejectionConfig, find_recipe("rejection").path, [
+        f"model.path={chatml_model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", f"data.source={path}",
+        "train.save_every=0", "prompts_per_round=4", "rounds=1", "train.max_steps=1", "train.batch_size=2",
+        "train.micro_batch_size=2", "sampling.samples_per_prompt=2", "sampling.max_new_tokens=4",
+        "select.threshold=0", "select.mode=threshold", "reward.functions={format: 1.0}", "reward.task=arith",
+        "eval.problems=0",
+        "eval_before=false"]))
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    kept = [s for s in samples if s.get("kept")]
+    assert kept and all(s["tools"] == tools for s in samples)
+    again = tmp_path / "kept.jsonl"
+    again.write_text("".join(json.dumps({k: s[k] for k in ("prompt", "completion", "tools")}) + "\n" for s in kept))
+    rendered = prepare_data(DataConfig(source=str(again)), chatml_tokenizer, accepts=STAGE_FORMATS["sft"])
+    assert "<tools>" in chatml_tokenizer.decode(rendered.dataset[0]["input_ids"])

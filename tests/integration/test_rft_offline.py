@@ -218,3 +218,28 @@ def test_sharded_scoring_judges_the_error_share_of_the_whole_set(monkeypatch, fa
         scores = score_candidates(candidates, rewards)  # 4 of this rank's 4 rows failed: half the set
         assert scores.total.tolist() == [1.0] * 4 + [0.0] * 4 and [e["row"] for e in scores.errors] == [4, 5, 6, 7]
     assert not rewards.error_log.deferred
+
+
+def test_tool_rows_train_with_their_tools_as_sft_renders_them_and_scored_records_keep_them(chatml_tokenizer,
+                                                                                           tmp_path):
+    """Offline RFT built its rows from prompt and completion alone: a tool row trained without the tool schemas
+    the chat template writes (and `posttrain sft` renders the same file with)."""
+    from posttrain.recipes.rft_offline import scored_records
+
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "completion": str(a + b),
+             "answer": str(a + b), "tools": tools} for a, b in ((2, 3), (4, 4))]
+    path = tmp_path / "tool_rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = DataConfig(source=str(path))
+    candidates = load_candidates(data)
+    source, trained = weighted_step_source(candidates, [1.0, 1.0], data, chatml_tokenizer,
+                                           TrainConfig(batch_size=2, micro_batch_size=2), seed=0)
+    sft = prepare_data(data, chatml_tokenizer, accepts=STAGE_FORMATS["sft"])
+    assert trained == 2
+    ours = sorted(tuple(source.collate([i])["input_ids"][0].tolist()) for i in range(2))
+    theirs = sorted(tuple(sft.collator([sft.dataset[i]])["input_ids"][0].tolist()) for i in range(2))
+    assert ours == theirs and "<tools>" in chatml_tokenizer.decode(list(ours[0]))
+    scores = score_candidates(candidates, build_rewards(RewardConfig(functions={"correct": 1.0}), get_task("arith")))
+    assert [r["tools"] for r in scored_records(candidates, scores)] == [tools, tools]

@@ -526,6 +526,14 @@ def prompt_as_given(prompt: Any) -> Any:
     return [plain_message(m) for m in prompt]
 
 
+def tools_as_given(columns: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"tools": ...}` of a row (its columns as the data gave them) that has tool schemas, else `{}`: what a record
+    of its completion (samples.jsonl, scored.jsonl) keeps beside the prompt, so that a kept completion is an SFT row
+    again with the tools its prompt was rendered with."""
+    tools = columns.get("tools")
+    return {"tools": tools} if tools else {}
+
+
 def _number(value: Any, field: str, where: Where) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise where.error(f"must be a number, got {_kind(value)}", field=field)

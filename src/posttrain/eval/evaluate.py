@@ -51,6 +51,7 @@ from posttrain.eval.rewards import (
     process_metrics,
 )
 from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models.adapters import AdapterConfig, apply_adapter
 from posttrain.models.device import default_device
 from posttrain.models.io import adapter_base, check_same_vocabulary, check_tokenizer_fits
 from posttrain.models.precision import autocast, resolve_precision
@@ -278,20 +279,24 @@ def evaluate_policy(target: Target, task: Task, data: DataConfig, options: EvalO
 
 def load_policy(target: Target) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
     """The tokenizer and causal LM to evaluate: the target's, or for an RL checkpoint those of the model the run
-    started from (`model.path` of the run's config), its policy's tensors loaded into the model."""
+    started from (`model.path` of the run's config), its policy's tensors loaded into the model (with the run's
+    adapter on it, merged, where the run trained one)."""
     if not target.actor_tensors:
         tokenizer, policy = load_tokenizer(target.model_dir), load_causal_lm(target.model_dir)
         check_tokenizer_fits(tokenizer, policy, "path")
         return tokenizer, policy
     start = in_workdir(target, target.section("model").get("path"))  # relative to where the run was started
-    if target.section("adapter").get("method", "none") != "none" or not start:
-        raise RunDirError("this RL checkpoint holds an adapter's policy with its critic, for resuming: evaluate the "
-                          "run's final/ (or resume the run)", file=str(target.run_dir))
+    if not start:
+        raise RunDirError("this RL checkpoint holds the policy as a change of the model the run started from, and "
+                          "the run's config names none (model.path): evaluate the run's final/ (or resume the run)",
+                          file=str(target.run_dir))
     try:
         tokenizer, policy = load_tokenizer(start), load_causal_lm(start)
         check_tokenizer_fits(tokenizer, policy)
+        adapter = load_config(AdapterConfig, target.section("adapter"))
+        policy = apply_adapter(policy, adapter)  # (method none: the model itself)
         load_module_weights(policy, target.model_dir, prefix=ACTOR_PREFIX)
-        return tokenizer, policy
+        return tokenizer, policy.merge_and_unload() if adapter.method == "lora" else policy
     except (RuntimeError, OSError, PosttrainError) as err:
         raise RunDirError(f"its policy is rebuilt on the model the run started from, {start}, which failed: {err}",
                           file=str(target.run_dir)) from None

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.config import STAGE_FORMATS, DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
-from posttrain.data.schemas import holds_as_answer, prompt_as_given
+from posttrain.data.schemas import holds_as_answer, prompt_as_given, tools_as_given
 from posttrain.data.tasks.base import Task
 from posttrain.data.tokenize import turn_end_ids
 from posttrain.errors import ConfigError, DataError
@@ -318,7 +318,8 @@ class RejectionStepSource:
         errors = {e["row"]: e["error"] for e in scores.errors}
         append_jsonl(self.samples, [
             {"round": self.prompts.rounds, "step": first_step, "group": int(rollout.prompt_index[i]),
-             "prompt": prompt_as_given(completions.prompts[i]), "completion": text,
+             "prompt": prompt_as_given(completions.prompts[i]),
+             **tools_as_given(completions.columns[i] if completions.columns else {}), "completion": text,
              "answer": completions.answers[i], "reward": scores.total[i].item(),
              "rewards": {k: v[i].item() for k, v in scores.by_function.items()}, "kept": i in kept,
              "finish_reason": rollout.finish_reasons[i], **({"error": errors[i]} if i in errors else {})}

@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.data.columns import column_values
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import prepare_data
-from posttrain.data.schemas import prompt_as_given
+from posttrain.data.schemas import prompt_as_given, tools_as_given
 from posttrain.data.sources import load_rows
 from posttrain.data.tasks.base import THINK_CLOSE, THINK_OPEN
 from posttrain.data.tokenize import turn_end_ids
@@ -196,7 +196,10 @@ def weighted_step_source(candidates: Sequence[Candidate], weights: Sequence[floa
                          seed: int) -> tuple[ShuffledStepSource, int]:
     """The SFT step source over the responses weighted > 0, each with its weight; and how many those are."""
     positive = [i for i, w in enumerate(weights) if w > 0]
-    pairs = [{"prompt": candidates[i].prompt, "completion": candidates[i].response} for i in positive]
+    # The row's tool schemas go with it: trained without them, a tool conversation renders without the block
+    # the chat template writes for them (as `posttrain sft` renders the same file with).
+    pairs = [{"prompt": candidates[i].prompt, "completion": candidates[i].response,
+              "tools": candidates[i].columns.get("tools")} for i in positive]
     scored = DataConfig(source="<scored>", max_length=data.max_length, truncation=data.truncation,
                         loss_on=data.loss_on, template=data.template, thinking=data.thinking)
     # The rows handed in memory carry no digest of the data (`Prepared.source`): the candidates as read from the
@@ -218,6 +221,6 @@ def candidates_as_read(candidates: Sequence[Candidate]) -> Dataset:
 
 def scored_records(candidates: Sequence[Candidate], scores: Scores) -> list[dict[str, Any]]:
     errors = {e["row"]: e["error"] for e in scores.errors}
-    return [{"prompt": prompt_as_given(c.prompt), "completion": c.text, "answer": c.answer,
+    return [{"prompt": prompt_as_given(c.prompt), **tools_as_given(c.columns), "completion": c.text, "answer": c.answer,
              "reward": scores.total[i].item(), "rewards": {k: v[i].item() for k, v in scores.by_function.items()},
              **({"error": errors[i]} if i in errors else {})} for i, c in enumerate(candidates)]

@@ -22,7 +22,7 @@ from posttrain.config import ModelConfig, OptimConfig, RunConfig, param, section
 from posttrain.data.columns import column_values
 from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared, prepare_data
-from posttrain.data.schemas import holds_as_answer, prompt_as_given
+from posttrain.data.schemas import holds_as_answer, prompt_as_given, tools_as_given
 from posttrain.data.tasks import TASKS, get_task
 from posttrain.data.tasks.base import Task
 from posttrain.errors import ConfigError, DataError
@@ -316,8 +316,9 @@ def reward_metrics(rollout: Rollout, completions: Completions, scores: Scores, t
 
 def sample_record(step: int, i: int, rollout: Rollout, completions: Completions, scores: Scores) -> dict[str, Any]:
     """One line of samples.jsonl: a completion with its prompt, gold answer, rewards and finish reason."""
+    columns = completions.columns[i] if completions.columns else {}
     return {"step": step, "group": int(rollout.prompt_index[i]), "prompt": prompt_as_given(completions.prompts[i]),
-            "completion": completions.completions[i], "answer": completions.answers[i],
+            **tools_as_given(columns), "completion": completions.completions[i], "answer": completions.answers[i],
             "reward": scores.total[i].item(), "rewards": {k: v[i].item() for k, v in scores.by_function.items()},
             "finish_reason": rollout.finish_reasons[i], "truncated": rollout.finish_reasons[i] == "length"}
 

@@ -371,7 +371,8 @@ def load_module_weights(module: torch.nn.Module, directory: Path, prefix: str = 
     """Load weights saved by `save_pretrained` (a full model, or only a peft adapter) into `module`; with `prefix`,
     only the tensors whose names start with it, without it (the policy of an ActorCritic's checkpoint: "actor.")."""
     adapter = directory / "adapter_model.safetensors"
-    if adapter.is_file() != hasattr(module, "peft_config"):
+    # (a prefixed part of a whole module's tensors, an RL checkpoint's policy, holds its adapter's tensors inline)
+    if adapter.is_file() != hasattr(module, "peft_config") and not (prefix and not adapter.is_file()):
         held, has = ("an adapter", "none") if adapter.is_file() else ("the whole model", "an adapter")
         raise ValueError(f"the checkpoint holds {held} and this run's model has {has}: resume with the adapter "
                          "settings (adapter.method) the run was started with")
