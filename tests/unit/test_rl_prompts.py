@@ -82,3 +82,42 @@ def test_preference_rows_leave_out_completions_whose_reward_failed():
     rows = preference_rows(completions, scores, torch.zeros(4, dtype=torch.long), min_margin=0.0)
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "3")]
     assert scores.failed().tolist() == [False, False, True, False]
+
+
+def test_a_round_is_sampled_in_parts_of_at_most_max_sequences_from_its_one_stream():
+    """The whole round went to the engine in one call: 512 prompts x 8 samples of a real model's KV cache at once,
+    with no setting to bound it and a progress bar that moved once, at the end."""
+    from types import SimpleNamespace
+
+    from posttrain.rollout import text_rollout
+
+    class Tokens:  # text_rollout's tokenizer: one id per character, EOS 0
+        eos_token_id, pad_token_id = 0, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    class Parts(RolloutEngine):
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def update_weights(self, model) -> None:
+            pass
+
+        def generate(self, prompts, params, generator=None):
+            self.sizes.append(len(prompts) * params.n)
+            draws = torch.randint(10, (len(prompts), params.n), generator=generator).tolist()
+            texts = [[f"{p[0]}:{d}" for d in row] for p, row in zip(prompts, draws, strict=True)]
+            return text_rollout(prompts, texts, Tokens())
+
+    dataset = [{"prompt_input_ids": [i + 1, 99]} for i in range(8)]
+    params = SimpleNamespace(n=2)
+    advanced: list[int] = []
+    whole, parts = Parts(), Parts()
+    one = PromptStream(dataset, per_round=5, seed=4).sample(whole, params)
+    rows, rollout = PromptStream(dataset, per_round=5, seed=4, max_sequences=4).sample(parts, params,
+                                                                                      advanced.append)
+    assert whole.sizes == [10] and parts.sizes == [4, 4, 2] and advanced == [2, 2, 1]
+    assert rows == one[0] and rollout.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    # one random stream, in order: the parts draw what the whole round drew, row by row
+    assert rollout.texts == one[1].texts

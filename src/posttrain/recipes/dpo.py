@@ -285,7 +285,8 @@ class OnPolicyPairs:
         self.cfg, self.tokenizer, self.policy, self.engine = cfg, tokenizer, policy, engine
         self.reference, self.rewards = reference, rewards
         self.progress = progress or RunProgress(enabled=False)
-        self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed, prepared.source)
+        self.prompts = PromptStream(prepared.dataset, cfg.pairs.prompts_per_round, cfg.run.seed, prepared.source,
+                                    cfg.sampling.max_sequences)
         self.params = cfg.sampling.params()
         # the user's file's column renames and row limit are not the generated rows' (they failed or dropped pairs)
         self.pair_data = dataclasses.replace(cfg.data, source="<on-policy pairs>", format="auto", truncation="drop",
@@ -334,8 +335,7 @@ class OnPolicyPairs:
     def _round(self) -> tuple[ShuffledStepSource, dict[str, float]]:
         reward_errors_of_step(self.rewards, self.steps + 1)
         with self.progress.phase(f"sampling round {self.rounds + 1}: prompts", self.prompts.per_round) as bar:
-            rows, rollout = self.prompts.sample(self.engine, self.params)  # the engine samples in eval mode
-            bar.advance(len(rows))
+            rows, rollout = self.prompts.sample(self.engine, self.params, bar.advance)  # (in eval mode)
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
         check_reward_errors(self.rewards)

@@ -217,7 +217,8 @@ class RejectionStepSource:
         self.longest_row = longest_row or UNLIMITED_LENGTH
         self.rewards, self.task, self.samples = rewards, task, samples
         self.progress = progress or RunProgress(enabled=False)
-        self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed, prepared.source)
+        self.prompts = PromptStream(self.dataset, cfg.prompts_per_round, cfg.run.seed, prepared.source,
+                                    cfg.sampling.max_sequences)
         self.steps_per_round = _round_steps(cfg, 1)
         self.params = cfg.sampling.params()
         self.steps_in_round = 0
@@ -272,8 +273,7 @@ class RejectionStepSource:
         start = time.perf_counter()
         with torch.no_grad(), self.progress.phase(f"sampling round {self.prompts.rounds + 1}: prompts",
                                                   self.prompts.per_round) as bar:
-            rows, rollout = self.prompts.sample(self.engine, self.params)
-            bar.advance(len(rows))
+            rows, rollout = self.prompts.sample(self.engine, self.params, bar.advance)
         completions = completions_of(rollout, rows)
         scores = self.rewards(completions)
         check_reward_errors(self.rewards)

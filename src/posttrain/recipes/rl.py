@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ from posttrain.rewards.functions import (
     reward_function,
 )
 from posttrain.rollout import ENGINES, Rollout, RolloutEngine, SamplingParams
+from posttrain.rollout.base import concat_rollouts
 from posttrain.rollout.vllm_engine import check_vllm_available
 from posttrain.train import dist
 from posttrain.train.engine import TrainConfig
@@ -65,6 +67,10 @@ class SamplingConfig:
     stop: list[str] = param([], "Stop strings that end a completion besides EOS.")
     samples_per_prompt: int = param(1, "Completions sampled per prompt (G: a group of completions that group "
                                        "baselines compare); a round or batch size counts completions.", ge=1)
+    max_sequences: int = param(0, "Most completions sampled at once: a round is sampled in parts of that many "
+                                  "(whole groups), in order, from the round's one random stream (0: the round at "
+                                  "once). Bounds the local engine's KV cache, which holds every sequence of a part "
+                                  "(2 x layers x hidden size x 4 bytes a token, fp32).", ge=0)
 
     def params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -215,19 +221,28 @@ class PromptStream:
 
     RANK_STRIDE = 1_000_000_007  # far apart from every (seed, round) seed of another rank
 
-    def __init__(self, dataset: Any, per_round: int, seed: int, source: Any = None) -> None:
-        """`source`: the rows as read (`Prepared.source`), whose digest a resume compares."""
+    def __init__(self, dataset: Any, per_round: int, seed: int, source: Any = None, max_sequences: int = 0) -> None:
+        """`source`: the rows as read (`Prepared.source`), whose digest a resume compares; `max_sequences`:
+        `sampling.max_sequences`."""
         self.dataset, self.seed, self.rank = dataset, seed, dist.context().rank
+        self.max_sequences = max_sequences
         self.order = ShuffledStepSource(len(dataset), per_round, per_round, seed, collate=list,
                                         count=lambda indices: (0.0, 0), rows=source)
         self.rounds = 0
 
-    def sample(self, engine: RolloutEngine, params: SamplingParams) -> tuple[list[dict[str, Any]], Rollout]:
+    def sample(self, engine: RolloutEngine, params: SamplingParams,
+               advance: Callable[[int], None] = lambda prompts: None) -> tuple[list[dict[str, Any]], Rollout]:
+        """The next round's rows and their completions; `advance(prompts)` as each part is sampled."""
         rows = [self.dataset[i] for i in self.order.next_step().micro_batches[0]]
         generator = torch.Generator().manual_seed(self.sampling_seed())
-        rollout = engine.generate([row["prompt_input_ids"] for row in rows], params, generator=generator)
+        step = max(1, self.max_sequences // params.n) if self.max_sequences else len(rows)
+        parts = []
+        for start in range(0, len(rows), step):
+            prompts = [row["prompt_input_ids"] for row in rows[start:start + step]]
+            parts.append(engine.generate(prompts, params, generator=generator))
+            advance(len(prompts))
         self.rounds += 1
-        return rows, rollout
+        return rows, parts[0] if len(parts) == 1 else concat_rollouts(parts)
 
     @property
     def per_round(self) -> int:

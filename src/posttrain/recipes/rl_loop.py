@@ -319,7 +319,8 @@ class RLStepSource:
         self.padding_free = packing(cfg.update)
         self.minibatches = rollout_batch_size(cfg) // cfg.train.batch_size
         self.round_prompts = rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt  # of every rank
-        self.prompts = PromptStream(prepared.dataset, sampling_batch_prompts(cfg), cfg.run.seed, prepared.source)
+        self.prompts = PromptStream(prepared.dataset, sampling_batch_prompts(cfg), cfg.run.seed, prepared.source,
+                                    cfg.sampling.max_sequences)
         self.params = cfg.sampling.params()
         self.kl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.controller == "adaptive"
                    else FixedKLController(cfg.kl.coef))
@@ -436,9 +437,8 @@ class RLStepSource:
                                  per_batch) as bar:
             while True:
                 start = time.perf_counter()
-                rows, rollout = self.prompts.sample(self.engine, self.params)
+                rows, rollout = self.prompts.sample(self.engine, self.params, bar.advance)
                 generation_s += time.perf_counter() - start
-                bar.advance(len(rows))
                 rows, rollout, scores, failed = without_failed_rows(rows, rollout,
                                                                     self.rewards(completions_of(rollout, rows)))
                 failed_rows += failed
