@@ -629,3 +629,21 @@ def test_a_run_resumed_from_an_older_checkpoint_keeps_each_steps_reward_errors_o
 
     assert {step for step, _, _ in errors(full)} == {1, 2, 3, 4}
     assert errors(resumed) == errors(full)
+
+
+def test_step_positions_follow_each_lines_label_not_its_place(tokenizer):
+    """step_baseline=position compared the j-th line with the j-th lines of the other completions: one repeated line
+    put every later step on the next step's baseline, though the task reads which step each line is."""
+    from posttrain.recipes.grpo import OUTCOME_POSITION
+    from posttrain.rewards.functions import Completions
+
+    task = get_task("multistep")
+    texts = ["a) 7+5=12\na) 7+5=12\nb) 12*3=36\nAnswer: 36", "b) 12*3=36\na) 7+5=12\nAnswer: 36", "12*3=36\nAnswer: 36"]
+    rollout = text_rollout([[5, 6]], [texts], tokenizer)
+    completions = Completions(prompts=[[{"role": "user", "content": "q"}]] * 3, completions=texts,
+                              answers=["36"] * 3, steps=[["12", "36"]] * 3)
+    out = ProcessRewards(verifier_step_scorer(task), tokenizer, by_position=True)(
+        rollout, completions, torch.tensor([1.0, 1.0, 1.0]))
+    positions = [row[mask].tolist() for row, mask in zip(out.step_positions, out.step_mask, strict=True)]
+    # labelled lines by their labels (a repeat stays step 0); an unlabelled line by its place
+    assert positions == [[0, 0, 1, OUTCOME_POSITION], [1, 0, OUTCOME_POSITION], [0, OUTCOME_POSITION]]

@@ -182,8 +182,9 @@ def test_multistep_steps_are_matched_by_label_and_read_as_people_write_them():
         assert task.verify_steps(completion, gold) == [1.0, 1.0, 1.0], completion
     # a repeated step earns no second process reward; a wrong step stays wrong whatever its label
     repeated = task.step_line_scores("a) 7+5=12\na) 7+5=12\nb) 12*3=36", gold)
-    assert [score for score, _ in repeated] == [1.0, 0.0, 1.0]
-    assert [end for _, end in repeated] == task.step_char_ends("a) 7+5=12\na) 7+5=12\nb) 12*3=36") == [9, 19, 29]
+    assert [score for score, _, _ in repeated] == [1.0, 0.0, 1.0]
+    assert [end for _, end, _ in repeated] == task.step_char_ends("a) 7+5=12\na) 7+5=12\nb) 12*3=36") == [9, 19, 29]
+    assert [step for _, _, step in repeated] == [0, 0, 1]  # which step each line is, by its label
     assert task.verify_steps("a) 7+5=12\nb) 12*3=35\nc) 35-4=31", gold) == [1.0, 0.0, 0.0]
     assert task.verify_steps("-3*2=-6", ["-6"]) == [1.0]  # a leading minus is the operand's, not a bullet
 

@@ -60,7 +60,8 @@ class GRPOAdvantageConfig(AdvantageConfig):
                                      "the completion's last token.")
     step_baseline: str = param("group", "Process supervision: what a step's reward is compared with. group: every "
                                         "step reward of the prompt's completions (DeepSeekMath); position: the "
-                                        "same step (the j-th) of the prompt's other completions, and the outcome "
+                                        "same step of the prompt's other completions (by its label where the task "
+                                        "reads one, \"b)\", else the j-th line), and the outcome "
                                         "with the outcome, for tasks whose steps correspond across completions "
                                         "(the built-in multistep: step j computes gold step j). A step no other "
                                         "completion has at its position gets 0.",
@@ -162,7 +163,11 @@ class ProcessRewards:
         for i, pairs in enumerate(rows):
             for j, (score, end) in enumerate(pairs):
                 step_rewards[i, j], step_ends[i, j], step_mask[i, j] = score, end, True
-                positions[i, j] = OUTCOME_POSITION if self.outcome_step and j == len(pairs) - 1 else j
+                # which step it is where the scorer read it (a labelled line: a repeated line must not shift every
+                # later step onto another step's baseline), else its place
+                known = steps[i][j].position if j < len(steps[i]) else None
+                positions[i, j] = (OUTCOME_POSITION if self.outcome_step and j == len(pairs) - 1
+                                   else known if known is not None else j)
         scored = [s.score for row in steps for s in row]
         metrics = {"step_score": sum(scored) / len(scored) if scored else 0.0, "steps_found": len(scored) / len(steps)}
         return StepRewards(step_rewards=step_rewards, step_mask=step_mask, step_ends=step_ends,

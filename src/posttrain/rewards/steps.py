@@ -24,10 +24,12 @@ from posttrain.rewards.functions import Completions
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One scored step: its reward and the index of its last character in the completion text."""
+    """One scored step: its reward, the index of its last character in the completion text and, where the scorer
+    reads it (a labelled line, "b)" or "Step 2:"), which step of the solution it is (from 0; None: its place)."""
 
     score: float
     char_end: int
+    position: int | None = None
 
 
 StepScorer = Callable[[Completions], list[list[Step]]]
@@ -46,8 +48,8 @@ def verifier_step_scorer(task: Task) -> StepScorer:
         raise ValueError(f"task {task.name!r} has no step verifier (step_line_scores); "
                          "score steps with a process reward model instead")
 
-    def score(batch: Completions) -> list[list[Step]]:
-        return [[Step(value, end) for value, end in line_scores(completion, gold)]
+    def score(batch: Completions) -> list[list[Step]]:  # (score, end) or (score, end, which step) of each line
+        return [[Step(*line) for line in line_scores(completion, gold)]
                 for completion, gold in zip(batch.completions, batch.steps, strict=True)]
 
     return score

@@ -126,12 +126,13 @@ class MultistepTask(Task):
                 scores[line.step] = 1.0
         return scores
 
-    def step_line_scores(self, completion: str, steps: list[str]) -> list[tuple[float, int]]:
-        """(score, end) of every step line of the completion, in order: 1.0 when it is the first line for its
-        step (`verify_steps`) and right, else 0.0 (a line past the last gold step, or one repeating a step: a
-        process reward must not pay for writing a right step twice); `end` as `step_char_ends`."""
+    def step_line_scores(self, completion: str, steps: list[str]) -> list[tuple[float, int, int]]:
+        """(score, end, step) of every step line of the completion, in order: 1.0 when it is the first line for
+        its step (`verify_steps`) and right, else 0.0 (a line past the last gold step, or one repeating a step: a
+        process reward must not pay for writing a right step twice); `end` as `step_char_ends`; `step` which step
+        the line is (`StepLine.step`: its label's, else its place), what step_baseline=position compares."""
         lines = parse_steps(completion)
-        return [(score, line.end) for line, score in zip(lines, _line_scores(lines, steps), strict=True)]
+        return [(score, line.end, line.step) for line, score in zip(lines, _line_scores(lines, steps), strict=True)]
 
     def step_char_ends(self, completion: str) -> list[int]:
         """The index of the last character of each step line (its newline when it has one): where a
