@@ -26,7 +26,7 @@ from posttrain.train.signals import StoppedInTraining
 from posttrain.train.sources import ShuffledStepSource
 
 SEQ = 12
-TIMING_KEYS = {"step_time_s", "elapsed_s", "tokens_per_s"}
+TIMING_KEYS = {"step_time_s", "elapsed_s", "tokens_per_s", "eval_s"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -642,3 +642,21 @@ def test_a_skipped_step_and_data_shorter_than_a_batch_are_said_at_once(tmp_path,
     said = " ".join(capsys.readouterr().out.split())
     assert "the training data has 5 rows (packed rows, packed mode), fewer than train.batch_size=8" in said
     assert "test: step 2 skipped: a non-finite loss or gradient; its batch is left untrained" in said
+
+
+def test_the_logged_throughput_leaves_out_evaluations_and_checkpoint_saves(tmp_path, tokenizer):
+    """tokens_per_s was the session's tokens over its wall time, evaluations and saves included (574 -> 256 tok/s
+    in a run saving every step): not the training throughput the progress bar says it is."""
+    import time as clock
+
+    def slow_evaluation(step, final):
+        clock.sleep(1.0)
+        return {"dev_score": 1.0}
+
+    trainer, source = _trainer(tmp_path, tokenizer, steps=4, eval_every=1, save_every=1)
+    trainer.fit(source, _loss_fn, slow_evaluation)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["eval_s"] >= 1.0 for r in records)
+    # by step 4, 3 s of evaluations were behind it: the wall-time throughput (old) is far lower
+    last = records[-1]
+    assert last["tokens_per_s"] > 1.5 * last["tokens"] / last["elapsed_s"]

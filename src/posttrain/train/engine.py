@@ -271,6 +271,7 @@ class Trainer:
         start, stopped_by_signal, session_start = time.perf_counter(), None, self.step
         earlier_s = self.elapsed_s  # the sessions before a resume: elapsed_s and seconds count the whole run
         session_tokens = 0
+        aside_s = 0.0  # this session's evaluations and checkpoint saves: not part of the training throughput
         last = self._resumed_last  # a resume with no step left still reports the last step's metrics
         rule = StopRule.parse(self.train_cfg.stop_when)
         # A run that its rule stopped stays ended while the rule is the same (raising max_steps does not undo it).
@@ -319,13 +320,16 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 self.elapsed_s = earlier_s + elapsed
                 record.update(batch.metrics, step_time_s=time.perf_counter() - step_start, elapsed_s=self.elapsed_s,
-                              tokens=self.tokens, tokens_per_s=session_tokens / max(elapsed, 1e-9))
+                              tokens=self.tokens, tokens_per_s=session_tokens / max(elapsed - aside_s, 1e-9))
                 if "generation_s" in record:
                     record["generation_share"] = record["generation_s"] / max(record["step_time_s"], 1e-9)
                 at_end = self.step == self.train_cfg.max_steps
                 evaluated = evaluate is not None and self._due(self.train_cfg.eval_every, final=True)
                 if evaluated:
+                    eval_start = time.perf_counter()
                     record.update(self._evaluate(evaluate, final=at_end))
+                    record["eval_s"] = time.perf_counter() - eval_start
+                    aside_s += record["eval_s"]
                 if rule is not None and not rule_checked and not at_end and not record.get("nonfinite") and (
                         evaluated or not self._evaluates_early(evaluate)):
                     rule_checked = True  # the record has every metric the run logs before its last step
@@ -368,7 +372,9 @@ class Trainer:
                     break
                 # The last step is always saved, so that a finished run can be continued with more steps.
                 if self._due(self.train_cfg.save_every, final=True) or stopped_by is not None:
+                    save_start = time.perf_counter()
                     self.save(source)
+                    aside_s += time.perf_counter() - save_start
                 if stopped_by is not None and main:
                     self.console.print(f"{self.stage}: stopped at step {self.step} of {self.train_cfg.max_steps} "
                                        f"by train.stop_when ({stopped_by})")
