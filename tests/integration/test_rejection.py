@@ -252,3 +252,18 @@ def test_kept_samples_keep_their_rows_tools_and_are_sft_rows_again(chatml_model_
     again.write_text("".join(json.dumps({k: s[k] for k in ("prompt", "completion", "tools")}) + "\n" for s in kept))
     rendered = prepare_data(DataConfig(source=str(again)), chatml_tokenizer, accepts=STAGE_FORMATS["sft"])
     assert "<tools>" in chatml_tokenizer.decode(rendered.dataset[0]["input_ids"])
+
+
+def test_a_prompt_sampled_in_two_groups_of_a_round_keeps_an_identical_completion_once(tokenizer):
+    """A round of more prompts than the data samples a row in two groups: select.dedupe kept the same (prompt,
+    completion) once per group, twice in the round, and `best` one per group."""
+    from posttrain.recipes.rejection import distinct_prompts
+    from posttrain.rollout import text_rollout
+
+    rollout = text_rollout([[5, 6], [7], [5, 6]], [["12", "12"], ["3", "4"], ["12", "13"]], tokenizer)
+    assert distinct_prompts(rollout).tolist() == [0, 0, 1, 1, 0, 0]
+    rewards = torch.tensor([1.0, 1.0, 0.5, 0.9, 1.0, 0.8], dtype=torch.float64)
+    finished = torch.ones(6, dtype=torch.bool)
+    kept = select_kept(rewards, distinct_prompts(rollout), rollout.texts, finished, "threshold", threshold=0.7)
+    assert kept == [0, 3, 5]  # "12" once for the prompt [5, 6], though three of its samples wrote it
+    assert select_kept(rewards, distinct_prompts(rollout), rollout.texts, finished, "best", threshold=0.0) == [0, 3]

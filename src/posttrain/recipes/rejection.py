@@ -174,6 +174,14 @@ def trainable(rollout: Rollout) -> Tensor:
     return ~rollout.truncated & answers
 
 
+def distinct_prompts(rollout: Rollout) -> Tensor:
+    """[B] one index per distinct prompt: a round of more prompts than the data has samples a row in two groups,
+    whose samples are one prompt's (the best of them once; an identical completion kept once, not twice)."""
+    index: dict[tuple[int, ...], int] = {}
+    return torch.tensor([index.setdefault(tuple(ids[mask.bool()].tolist()), len(index))
+                         for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask, strict=True)])
+
+
 def select_kept(rewards: Tensor, prompt_index: Tensor, texts: Sequence[str], finished: Tensor, mode: str,
                 threshold: float, dedupe: bool = True) -> list[int]:
     """Rows to keep (ascending): per prompt the best finished completion scoring >= threshold (ties: the
@@ -278,8 +286,8 @@ class RejectionStepSource:
         scores = self.rewards(completions)
         check_reward_errors(self.rewards)
         select = self.cfg.select
-        kept = select_kept(scores.total, rollout.prompt_index, rollout.texts, trainable(rollout) & ~scores.failed(),
-                           select.mode, select.threshold, select.dedupe)
+        kept = select_kept(scores.total, distinct_prompts(rollout), rollout.texts,
+                           trainable(rollout) & ~scores.failed(), select.mode, select.threshold, select.dedupe)
         self._write_samples(rollout, completions, scores, set(kept), first_step)
         # Every rank sampled its share of the round's prompts; each trains its slice of the steps over all the kept
         # rows (`ShuffledStepSource`), so every rank holds all of them, in the order one process would have kept them.
