@@ -68,11 +68,25 @@ def test_a_stage_called_from_python_leaves_the_process_as_it_found_it(lm_dir, tm
     finally:
         torch.set_num_threads(threads)
     # The run's lock is released: another process (a shell's `posttrain resume`) may take it now.
-    with open(run_lock_file(result.run_dir), "a") as lock:
+    _lock_is_free(result.run_dir)
+    # ... also when the stage ran as the CLI runs it (its run directory checked, and locked, before `main`)
+    from posttrain.recipes import run_stage
+
+    again = run_stage("sft", None, [f"model.path={lm_dir}", f"run.out_dir={tmp_path}", "run.name=cli-like",
+                                    "run.progress=false", "train.max_steps=1", "train.batch_size=8",
+                                    "train.micro_batch_size=8", "data.size=16", "eval_before=false",
+                                    "eval.problems=4", "eval.max_new_tokens=4"])
+    _lock_is_free(again.run_dir)
+
+
+def _lock_is_free(run_dir):
+    with open(run_lock_file(run_dir), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while this process still held it
 
 
-def test_an_edited_reward_file_is_read_by_the_next_run_and_no_child_outlives_a_run(lm_dir, tmp_path):
+@pytest.mark.parametrize("in_process", [False, True])
+def test_an_edited_reward_file_is_read_by_the_next_run_and_no_child_outlives_a_run(lm_dir, tmp_path, in_process):
+    """A child process (or, in process, the imported function) kept the file's code as the first run read it."""
     reward = tmp_path / "my_reward.py"
     before = _reward_children()
 
@@ -82,7 +96,8 @@ def test_an_edited_reward_file_is_read_by_the_next_run_and_no_child_outlives_a_r
             f"model.path={lm_dir}", f"run.out_dir={tmp_path}", f"run.name={name}", "run.progress=false",
             "train.save_every=0", "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=4", "eval_before=false",
             "data.size=16", "train.max_steps=1", "train.batch_size=8", "train.micro_batch_size=8",
-            "sampling.samples_per_prompt=4", "sampling.max_new_tokens=4", f"reward.functions={{{reward}:r: 1.0}}"])
+            "sampling.samples_per_prompt=4", "sampling.max_new_tokens=4", f"reward.functions={{{reward}:r: 1.0}}",
+            f"reward.in_process={in_process}"])
         result = grpo.main(cfg)
         assert _reward_children() == before  # the run's child was stopped with it
         return read_metrics(result.run_dir / "metrics.jsonl")[0]["reward"]

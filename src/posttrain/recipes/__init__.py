@@ -102,6 +102,16 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
     cfg = build_config(recipe, overrides, quick)
     # Here, not at the top: the CLI imports this module for its commands, and `posttrain --help` should not pay
     # for torch (the run directory's checks import it).
+    from posttrain.train.run_dir import held_run_locks, release_run_locks
+
+    locks = held_run_locks()  # the run's own, taken by check_run_dir, is released when the stage is over
+    try:
+        return _run_checked(stage, cfg)
+    finally:
+        release_run_locks(keep=locks)
+
+
+def _run_checked(stage: str, cfg: Any) -> RunResult:
     from posttrain.train.run_dir import Abandoned, abandon_unstarted, check_run_dir
 
     check_run_dir(cfg.run, cfg)  # before minutes of loading and data preparation

@@ -32,6 +32,7 @@ import torch
 from posttrain.config import check_config_object
 from posttrain.errors import ConfigError
 from posttrain.rewards.function_process import close_user_function_processes_since, user_function_processes
+from posttrain.rewards.user_functions import import_reward_function
 from posttrain.train.run_dir import held_run_locks, release_run_locks
 from posttrain.train.seed import seed_everything, set_threads
 
@@ -80,12 +81,14 @@ def _process_state_kept() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _run_resources_released() -> Iterator[None]:
-    """Release what the run took that outlives it in the process: run locks and reward-function children."""
+    """Release what the run took that outlives it in the process: run locks, reward-function children, and the
+    reward functions imported into this process."""
     locks, children = held_run_locks(), user_function_processes()
     try:
         yield
     finally:
         close_user_function_processes_since(children)
+        import_reward_function.cache_clear()  # an in-process function (`__main__:fn`, in_process) is read anew
         release_run_locks(keep=locks)
 
 
