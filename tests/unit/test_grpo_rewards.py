@@ -92,8 +92,8 @@ def test_the_verifier_scores_every_step_line_at_its_newline():
     text = "7+5=12\n12*3=35\n35+1=36\nAnswer: 36"
     [steps] = verifier_step_scorer(get_task("multistep"))(batch(text))
     newlines = [i for i, ch in enumerate(text) if ch == "\n"]
-    # right; wrong arithmetic; past the last gold step (wrong, whatever it computes)
-    assert steps == [Step(1.0, newlines[0]), Step(0.0, newlines[1]), Step(0.0, newlines[2])]
+    # right; wrong arithmetic; past the last gold step (wrong, whatever it computes); unlabelled: steps by place
+    assert steps == [Step(1.0, newlines[0], 0), Step(0.0, newlines[1], 1), Step(0.0, newlines[2], 2)]
     assert verifier_step_scorer(get_task("multistep"))(batch("I give up")) == [[]]
     with pytest.raises(ValueError, match="no step verifier"):
         verifier_step_scorer(get_task("arith"))

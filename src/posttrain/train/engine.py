@@ -328,8 +328,8 @@ class Trainer:
                 if evaluated:
                     eval_start = time.perf_counter()
                     record.update(self._evaluate(evaluate, final=at_end))
-                    record["eval_s"] = time.perf_counter() - eval_start
-                    aside_s += record["eval_s"]
+                    record["evaluation_s"] = time.perf_counter() - eval_start
+                    aside_s += record["evaluation_s"]
                 if rule is not None and not rule_checked and not at_end and not record.get("nonfinite") and (
                         evaluated or not self._evaluates_early(evaluate)):
                     rule_checked = True  # the record has every metric the run logs before its last step
