@@ -660,3 +660,30 @@ def test_the_logged_throughput_leaves_out_evaluations_and_checkpoint_saves(tmp_p
     # by step 4, 3 s of evaluations were behind it: the wall-time throughput (old) is far lower
     last = records[-1]
     assert last["tokens_per_s"] > 1.5 * last["tokens"] / last["elapsed_s"]
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 20971520000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_a_micro_batch_out_of_memory_is_one_line_naming_the_micro_batch_size(tmp_path, tokenizer, failure):
+    """A user's model with the recipe's default micro-batch (64 rows of 1,000 tokens: 19 GB) died with a traceback
+    from inside the model's forward."""
+    from posttrain.train.engine import TrainingError
+
+    trainer, source = _trainer(tmp_path, tokenizer, steps=3, batch=8, micro=4)
+
+    def loss_fn(model, batch, normaliser):
+        if trainer.step == 1:
+            raise failure
+        return _loss_fn(model, batch, normaliser)
+
+    with pytest.raises(TrainingError, match=r"out of memory in micro-batch 1 of 2 of step 2 .*lower "
+                                            r"train.micro_batch_size \(now 4; the optimizer step stays "
+                                            r"train.batch_size=8") as err:
+        trainer.fit(source, loss_fn)
+    assert err.value.field == "train.micro_batch_size" and "\n" not in err.value.message
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is the error it was
+        trainer, source = _trainer(tmp_path, tokenizer, name="other", steps=1)
+        trainer.fit(source, lambda model, batch, normaliser: (_ for _ in ()).throw(RuntimeError("shape mismatch")))

@@ -29,7 +29,7 @@ import statistics
 import time
 import warnings
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -462,6 +462,26 @@ class Trainer:
         at_end = final and self.step == self.train_cfg.max_steps
         return at_end or (every > 0 and self.step % every == 0)
 
+    @contextlib.contextmanager
+    def _out_of_memory_said(self, index: int, count: int) -> Iterator[None]:
+        """A micro-batch's forward or backward that ran out of memory (a CUDA OOM; on a CPU, an allocation the
+        system refused) is a one-line TrainingError naming the setting that bounds it, not a traceback from inside
+        the model. (A process the kernel's OOM killer ends gets no word in: it dies with SIGKILL.)"""
+        try:
+            yield
+        except (MemoryError, RuntimeError) as err:
+            text = str(err)
+            if not (isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+                    or "out of memory" in text.lower()):
+                raise
+            train = self.train_cfg
+            raise TrainingError(
+                f"out of memory in micro-batch {index + 1} of {count} of step {self.step + 1} ({type(err).__name__}: "
+                f"{text.splitlines()[0][:200] if text else 'no detail'}): lower train.micro_batch_size (now "
+                f"{train.micro_batch_size}; the optimizer step stays train.batch_size={train.batch_size}, in more "
+                "micro-batches), or the RL stages' update.micro_batch_tokens, or the rows' length (data.max_length); "
+                f"the run's checkpoints are in {self.run_dir.checkpoints}", field="train.micro_batch_size") from None
+
     def _optimizer_step(self, batch: StepBatch, loss_fn: LossFn) -> dict[str, Any]:
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
@@ -470,7 +490,7 @@ class Trainer:
         dist.same_on_all_ranks(len(batch.micro_batches), "the number of micro-batches in a step")
         for i, micro_batch in enumerate(batch.micro_batches):
             # Gradients are exchanged once per step, on the last micro-batch's backward.
-            with self.parallel.step_context(sync=i == last):
+            with self.parallel.step_context(sync=i == last), self._out_of_memory_said(i, last + 1):
                 with self.autocast():  # the backward runs outside: each op in its forward's dtype
                     loss, micro_metrics = self.parallel.loss(loss_fn, micro_batch, batch.normaliser, sync=i == last)
                 for key, value in micro_metrics.items():
