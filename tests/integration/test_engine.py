@@ -687,3 +687,22 @@ def test_a_micro_batch_out_of_memory_is_one_line_naming_the_micro_batch_size(tmp
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is the error it was
         trainer, source = _trainer(tmp_path, tokenizer, name="other", steps=1)
         trainer.fit(source, lambda model, batch, normaliser: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+
+
+def test_a_resume_with_another_batch_size_or_from_an_older_checkpoint_walks_each_row_once_an_epoch():
+    """The deferral of a straddling step's rows was computed from the batch size: a resume with another
+    train.batch_size, or from a checkpoint of the plain shuffle, trained some rows of the epoch twice, others never."""
+
+    def source(batch):
+        return ShuffledStepSource(10, batch, batch, 3, collate=list, count=lambda indices: (len(indices), 0))
+
+    first = source(4)
+    walk = [row for _ in range(3) for row in first.next_step().micro_batches[0]]  # 12 rows: into epoch 1
+    resumed = source(3)
+    resumed.load_state_dict(first.state_dict())
+    walk += [row for _ in range(6) for row in resumed.next_step().micro_batches[0]]  # 18 more: to the end of epoch 2
+    assert sorted(walk[:10]) == sorted(walk[10:20]) == sorted(walk[20:30]) == list(range(10))
+    # A checkpoint from before the straddling rows were kept walked the plain shuffle: it goes on in it.
+    old = source(4)
+    old.load_state_dict({"epoch": 1, "position": 2, "size": 10})
+    assert old._order == old._shuffled(1)

@@ -21,8 +21,10 @@ class ShuffledStepSource:
     next epoch's permutation puts the rows its first batch would repeat after that batch (each row is still seen
     once an epoch). Only a batch larger than the data holds a row twice (the Trainer warns of it).
 
-    The permutation of epoch e depends only on (seed, e, size, batch_size), so the data state is just two
-    integers and a resumed run sees exactly the samples an uninterrupted run would have seen.
+    The permutation of epoch e is the seeded shuffle of (seed, e), with the rows of the step that straddled into
+    it (`_held`, at most a batch) put after the rest of that step: the data state is two integers and those rows,
+    and a resumed run sees exactly the samples an uninterrupted run would have seen (with another batch size too;
+    a checkpoint from before the rows were kept resumes the plain shuffle it walked).
 
     `collate(indices)` builds one micro-batch; `count(indices)` returns (normaliser, tokens) for the whole step:
     the global normaliser every micro-batch's loss is divided by, and every token of its rows, prompts included.
@@ -44,35 +46,32 @@ class ShuffledStepSource:
         self._digest: str | None = None
         self.epoch, self.position = 0, 0
         self._order = self._shuffled(0)
+        self._held: list[int] = []  # the previous epoch's rows in the step that started this one, and its size
+        self._held_batch = 0
 
     def _shuffled(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
-    def _next_order(self, epoch: int, previous: list[int]) -> list[int]:
-        """Epoch `epoch`'s permutation, given the previous epoch's (`previous`): its first batch shares a step with
-        the previous epoch's last rows, so the rows among those are put after that batch."""
+    def _order_after(self, epoch: int, held: list[int], batch: int) -> list[int]:
+        """Epoch `epoch`'s permutation when the step that starts it (of `batch` rows) holds `held`, the previous
+        epoch's last rows: those among its first rows are put after that step's."""
         order = self._shuffled(epoch)
-        held = (epoch * self.size) % self.batch_size  # the previous epoch's rows in the straddling step
-        if held == 0 or self.size < self.batch_size:  # no straddling step, or repeats no order avoids
+        if not held:
             return order
-        tail = set(previous[self.size - held:])
-        first = [i for i in order if i not in tail][:self.batch_size - held]
+        kept = set(held)
+        first = [i for i in order if i not in kept][:batch - len(held)]
         chosen = set(first)
         return first + [i for i in order if i not in chosen]
-
-    def _permutation(self, epoch: int) -> list[int]:
-        order = self._shuffled(0)
-        for e in range(1, epoch + 1):
-            order = self._next_order(e, order)
-        return order
 
     def _take(self, k: int) -> list[int]:
         taken: list[int] = []
         while len(taken) < k:
             if self.position >= self.size:
                 self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._next_order(self.epoch, self._order)
+                # (a batch larger than the data repeats rows whatever the order: the plain shuffle)
+                self._held, self._held_batch = (list(taken), k) if 0 < len(taken) and self.size >= k else ([], 0)
+                self._order = self._order_after(self.epoch, self._held, self._held_batch)
             chunk = self._order[self.position:self.position + k - len(taken)]
             taken += chunk
             self.position += len(chunk)
@@ -86,7 +85,8 @@ class ShuffledStepSource:
         return StepBatch(micro_batches=[self.collate(m) for m in micro], normaliser=normaliser, tokens=tokens)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"epoch": self.epoch, "position": self.position, "size": self.size}
+        state = {"epoch": self.epoch, "position": self.position, "size": self.size, "held": list(self._held),
+                 "held_batch": self._held_batch}
         if self.rows is not None:
             state["digest"] = self.digest()
         return state
@@ -114,7 +114,8 @@ class ShuffledStepSource:
                               "settings): a resumed run trains on the data it started with, or starts afresh "
                               "(run.resume=false)", field="data")
         self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)
+        self._held, self._held_batch = list(state.get("held", [])), int(state.get("held_batch", 0))
+        self._order = self._order_after(self.epoch, self._held, self._held_batch)
 
 
 def content_digest(rows: Any) -> str:
