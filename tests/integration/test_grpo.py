@@ -424,6 +424,18 @@ def test_the_logged_kl_is_the_mean_over_the_steps_completions_however_it_is_micr
     assert logged[0] == pytest.approx(by_hand, rel=1e-9)
 
 
+def test_parts_of_a_round_are_the_local_engines_setting(tmp_path):
+    """With vLLM each part of a round would load the policy's weights into the engine again (and vLLM bounds its
+    own memory): sampling.max_sequences is refused there."""
+    from posttrain.errors import ConfigError
+    from posttrain.recipes.rl import check_rl_config
+
+    with pytest.raises(ConfigError, match="bounds the local engine's KV cache") as err:
+        check_rl_config(grpo_config("unused", tmp_path, "sampling.engine=vllm", "sampling.max_sequences=64"), "grpo")
+    assert err.value.field == "sampling.max_sequences"
+    check_rl_config(grpo_config("unused", tmp_path, "sampling.max_sequences=64"), "grpo")
+
+
 def test_k1_as_a_kl_loss_term_is_refused_it_has_no_expected_gradient(tmp_path):
     from posttrain.errors import ConfigError
     from posttrain.recipes.rl import check_rl_config

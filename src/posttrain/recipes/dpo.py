@@ -52,6 +52,7 @@ from posttrain.recipes.rl import (
     check_gold_answers,
     check_reward_errors,
     check_reward_functions,
+    check_sampling,
     completions_of,
     heldout_reward_part,
     log_reward_errors,
@@ -218,6 +219,7 @@ def check_pair_columns(prepared: Prepared, loss: DPOLossConfig) -> None:
 def check_dpo_config(cfg: DPOConfig) -> None:
     if cfg.pairs.source != "on_policy":
         return
+    check_sampling(cfg.sampling)
     if cfg.sampling.samples_per_prompt < 2:
         raise ConfigError("on-policy pairs compare the completions of a prompt: set sampling.samples_per_prompt >= 2",
                           field="sampling.samples_per_prompt")

@@ -49,6 +49,7 @@ from posttrain.recipes.rl import (
     check_gold_answers,
     check_reward_errors,
     check_reward_functions,
+    check_sampling,
     completions_of,
     heldout_reward_part,
     log_reward_errors,
@@ -143,6 +144,7 @@ def main(cfg: RejectionConfig) -> RunResult:
 
 
 def check_config(cfg: RejectionConfig) -> None:
+    check_sampling(cfg.sampling)
     if not cfg.model.path:
         raise ConfigError("rejection sampling trains an existing model: set model.path (e.g. runs/sft/final)",
                           field="model.path")

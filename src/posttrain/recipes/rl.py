@@ -511,6 +511,15 @@ def steps_per_round(cfg: RLConfig) -> int:
     return cfg.update.epochs * rollout_batch_size(cfg) // cfg.train.batch_size
 
 
+def check_sampling(sampling: SamplingConfig) -> None:
+    """Settings of `sampling` that go together: parts of a round (max_sequences) are the local engine's; vLLM
+    schedules its own memory, and each part would sync the policy's weights into it again."""
+    if sampling.max_sequences and sampling.engine != "local":
+        raise ConfigError(f"sampling.max_sequences bounds the local engine's KV cache; sampling.engine="
+                          f"{sampling.engine} schedules its own memory (vLLM: gpu_memory_utilization), and would "
+                          "load the policy's weights again for each part: leave it 0", field="sampling.max_sequences")
+
+
 def check_rl_config(cfg: RLConfig, stage: str) -> None:
     """The checks every RL recipe needs before any model is loaded."""
     if not cfg.model.path:
@@ -519,6 +528,7 @@ def check_rl_config(cfg: RLConfig, stage: str) -> None:
     if cfg.adapter.method == "prefix":
         raise ConfigError(f"{stage} trains full weights or LoRA (prefix-tuning: sft, dpo, kto, rejection)",
                           field="adapter.method")
+    check_sampling(cfg.sampling)
     if cfg.sampling.engine == "vllm":  # before the model loads and the starting model is evaluated, not after
         check_vllm_available(field="sampling.engine")
     rollout = rollout_batch_size(cfg)
