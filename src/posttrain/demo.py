@@ -36,6 +36,7 @@ from posttrain.eval.demo_report import reward_model_result, write_demo_report
 from posttrain.eval.evaluate import EvalOptions, evaluate
 from posttrain.train.metrics import finite_json
 from posttrain.train.run_dir import hold_run_lock
+from posttrain.train.seed import threads_for
 from posttrain.train.signals import (
     Interrupted,
     StoppedInTraining,
@@ -469,7 +470,8 @@ def _run_stage(stage: DemoStage, out_dir: Path, quick: bool, summaries: dict[str
                           f"{out_dir / stage.name}); `posttrain demo` again reuses the finished stages and runs "
                           f"{stage.name} anew") from None
     try:
-        with interrupt_on_signals():  # a SIGTERM here ended the process on the spot: no message, a "failed" stage
+        # on the stage's share of the cores, as it trained (its main gave the process's thread count back)
+        with interrupt_on_signals(), threads_for(threads):  # (a SIGTERM here ended the process on the spot)
             measured = _sampled_eval(stage, result.run_dir, result.summary, quick)
     except Interrupted as stop:
         raise Interrupted(stop.signum, f"stage {stage.name} had trained (its final model is in {result.final_dir}) "

@@ -84,3 +84,23 @@ def test_a_stage_stopped_in_its_loop_stops_the_demo_with_a_nonzero_exit(tmp_path
     assert result.exit_code == 130, result.output
     assert "stopped in stage pretrain at step 3" in " ".join(result.output.split())
     assert not (tmp_path / "demo.json").exists()
+
+
+def test_a_stages_own_evaluation_runs_on_the_stages_share_of_the_cores(tmp_path, monkeypatch):
+    """A stage's main gives the process's thread count back when it returns: the demo's evaluation of the stage
+    after it then ran on every core in each of the stages run side by side."""
+    import torch
+
+    import posttrain.demo
+    from posttrain.train.run_dir import RunResult
+
+    seen = []
+    monkeypatch.setattr(posttrain.demo.recipes, "run_stage", lambda *args, **kwargs: RunResult(
+        run_dir=tmp_path / "sft", final_dir=tmp_path / "sft" / "final", summary={}))
+    monkeypatch.setattr(posttrain.demo, "_sampled_eval",
+                        lambda stage, run_dir, summary, quick: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    sft = next(stage for stage in posttrain.demo.STAGES if stage.name == "sft")
+    posttrain.demo._run_stage(sft, tmp_path, True, {}, threads=wanted)
+    assert seen == [wanted] and torch.get_num_threads() == before

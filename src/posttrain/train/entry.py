@@ -34,7 +34,7 @@ from posttrain.errors import ConfigError
 from posttrain.rewards.function_process import close_user_function_processes_since, user_function_processes
 from posttrain.rewards.user_functions import import_reward_function
 from posttrain.train.run_dir import held_run_locks, release_run_locks
-from posttrain.train.seed import seed_everything, set_threads
+from posttrain.train.seed import seed_everything, threads_for
 
 Main = TypeVar("Main", bound=Callable[..., Any])
 
@@ -51,8 +51,7 @@ def stage_main(config_class: type) -> Callable[[Main], Main]:
             cfg = check_config_object(cfg)
             restore_libraries = quiet_libraries()
             try:
-                with _process_state_kept(), _run_resources_released():
-                    set_threads(cfg.run.threads)
+                with _process_state_kept(cfg.run.threads), _run_resources_released():
                     seed_everything(cfg.run.seed)
                     return main(cfg)
             finally:
@@ -64,14 +63,14 @@ def stage_main(config_class: type) -> Callable[[Main], Main]:
 
 
 @contextlib.contextmanager
-def _process_state_kept() -> Iterator[None]:
-    threads = torch.get_num_threads()
+def _process_state_kept(threads: int) -> Iterator[None]:
+    """torch on `threads` threads for the block; the thread count and the global RNGs as they were after."""
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
-        yield
+        with threads_for(threads):
+            yield
     finally:
-        torch.set_num_threads(threads)
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
