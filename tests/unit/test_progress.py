@@ -117,3 +117,32 @@ def test_a_run_without_progress_shows_no_library_bars_while_it_reads_its_data():
         assert not datasets.is_progress_bar_enabled()
     assert not datasets.is_progress_bar_enabled()
     (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
+
+
+def test_a_long_phase_on_a_log_file_says_how_far_it_is_at_least_every_minute(monkeypatch):
+    """A reference pass over the data printed its first line to a log file when it ended (188 s for 64 pairs of a
+    real model, hours for a real data set); a training step of minutes waited run.log_every steps for a line."""
+    import io
+
+    from rich.console import Console
+
+    import posttrain.train.progress as progress_module
+    from posttrain.train.progress import RunProgress, TrainProgress
+
+    clock = iter(range(0, 10_000, 70))  # 70 s between every two reads of the clock
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: float(next(clock)))
+    out = io.StringIO()
+    display = RunProgress(True, Console(file=out, force_terminal=False, width=80))
+    with display.phase("reference logprobs", 64) as bar:
+        for _ in range(3):
+            bar.advance(8)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("reference logprobs ")]
+    assert lines[:3] == ["reference logprobs 8/64  elapsed 0:01:10", "reference logprobs 16/64  elapsed 0:02:20",
+                         "reference logprobs 24/64  elapsed 0:03:30"]
+    out.seek(0)
+    out.truncate(0)
+    with TrainProgress("sft", 100, display=display, log_every=50) as training:
+        for step in range(4):
+            training.update(step, {"loss": 1.0})
+    assert [line.split()[2] for line in out.getvalue().splitlines() if line.startswith("sft step ")] == [
+        "1/100", "2/100", "3/100"]  # steps of 70 s: a line each, though log_every is 50

@@ -32,16 +32,23 @@ from rich.progress import (
 
 from posttrain.train.dist import is_main_process
 
+PLAIN_LINE_EVERY_S = 60.0  # on a console that is not a terminal: a phase's line at least this often
+
 
 class Phase:
-    """One phase's bar: `advance(n)` as its work gets done (rows, problems, prompts)."""
+    """One phase's bar: `advance(n)` as its work gets done (rows, problems, prompts). On a console that is not a
+    terminal (a log file), where rich draws no live bar, a plain line every PLAIN_LINE_EVERY_S seconds instead:
+    a reference pass or an evaluation of an hour is not an hour of silence."""
 
     def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
         self._progress, self._task = progress, task
+        self._plain = progress is not None and not progress.console.is_terminal
+        self._start = self._said = time.monotonic()
 
     def advance(self, amount: float = 1) -> None:
         if self._progress is not None:
             self._progress.advance(self._task, amount)
+            self._say()
 
     def update(self, completed: float | None = None, total: float | None = None,
                metrics: dict[str, Any] | None = None) -> None:
@@ -49,6 +56,16 @@ class Phase:
             return
         fields = {"metrics": format_metrics(metrics)} if metrics else {}
         self._progress.update(self._task, completed=completed, total=total, **fields)
+
+    def _say(self) -> None:
+        now = time.monotonic()
+        if not self._plain or now - self._said < PLAIN_LINE_EVERY_S:
+            return
+        self._said = now
+        task = next(t for t in self._progress.tasks if t.id == self._task)
+        total = f"/{task.total:g}" if task.total is not None else ""
+        self._progress.console.print(f"{task.description} {task.completed:g}{total}  elapsed "
+                                     f"{_clock(now - self._start)}", soft_wrap=True, highlight=False, markup=False)
 
 
 SILENT = Phase(None, None)
@@ -124,15 +141,19 @@ class TrainProgress:
         self._phase: contextlib.AbstractContextManager[Phase] | None = None
         self._bar = SILENT
         self._start: tuple[float, int] | None = None  # when and at which step this session's first update was
+        self._said = time.monotonic()  # when the last plain line was printed
 
     def update(self, completed: int, metrics: dict[str, Any] | None = None) -> None:
         self._bar.update(completed=completed, metrics=metrics)
         if self._start is None:
             self._start = (time.monotonic(), completed)
             return
-        if (self._log_every and self.display.enabled and not self.display.console.is_terminal
-                and completed % self._log_every == 0):
-            elapsed, done = time.monotonic() - self._start[0], completed - self._start[1]
+        plain = self.display.enabled and not self.display.console.is_terminal
+        now = time.monotonic()
+        if plain and self._log_every and (completed % self._log_every == 0
+                                          or now - self._said >= PLAIN_LINE_EVERY_S):  # slow steps: by time too
+            self._said = now
+            elapsed, done = now - self._start[0], completed - self._start[1]
             eta = elapsed / done * (self._total - completed) if done > 0 else math.nan
             self.display.console.print(
                 f"{self._description} step {completed}/{self._total}  {format_metrics(metrics or {})}  "
