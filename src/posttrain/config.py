@@ -58,7 +58,8 @@ class RunConfig:
     seed: int = param(0, "Seed for python, numpy and torch RNGs.", ge=0)
     threads: int = param(2, "torch CPU threads (0 = leave torch's default).", ge=0)
     log_every: int = param(10, "On a console that is not a terminal (a log file), print a progress line every N "
-                                "steps (a terminal's live bar shows every step; metrics.jsonl records every step).",
+                                "steps, and at least once a minute (with run.progress=true; a terminal's live bar "
+                                "shows every step; metrics.jsonl records every step).",
                            ge=1)
     progress: bool = param(True, "Show a live progress bar.")
     tensorboard: bool = param(False, "Also log metrics to TensorBoard (needs the `tracking` extra).")

@@ -640,7 +640,7 @@ def test_a_skipped_step_and_data_shorter_than_a_batch_are_said_at_once(tmp_path,
 
     trainer.fit(source, nan_at_step_2)
     said = " ".join(capsys.readouterr().out.split())
-    assert "the training data has 5 rows (packed rows, packed mode), fewer than train.batch_size=8" in said
+    assert "the training data has 5 rows (or packed rows), fewer than train.batch_size=8" in said
     assert "test: step 2 skipped: a non-finite loss or gradient; its batch is left untrained" in said
 
 

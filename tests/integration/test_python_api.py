@@ -114,6 +114,11 @@ def test_a_config_built_or_changed_directly_is_checked_as_a_loaded_one(lm_dir, t
     assert err.value.field == "optim.lr"
     with pytest.raises(ConfigError, match="takes its stage's config, GRPOConfig, not SFTConfig"):
         grpo.main(cfg)
+    from posttrain.recipes import ppo, rft
+
+    assert issubclass(rft.RFTConfig, ppo.PPOConfig)  # and yet another stage's (mode=offline is no PPO run)
+    with pytest.raises(ConfigError, match="takes its stage's config, PPOConfig, not RFTConfig"):
+        ppo.main(load_config(rft.RFTConfig, None, ["mode=offline", f"model.path={lm_dir}"]))
     assert not (tmp_path / "checked").exists()  # refused before anything was written
     # A setting of the right value but another type is coerced, as a loaded one is.
     changed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1))

@@ -68,9 +68,12 @@ class SamplingConfig:
     samples_per_prompt: int = param(1, "Completions sampled per prompt (G: a group of completions that group "
                                        "baselines compare); a round or batch size counts completions.", ge=1)
     max_sequences: int = param(0, "Most completions sampled at once: a round is sampled in parts of that many "
-                                  "(whole groups), in order, from the round's one random stream (0: the round at "
-                                  "once). Bounds the local engine's KV cache, which holds every sequence of a part "
-                                  "(2 x layers x hidden size x 4 bytes a token, fp32).", ge=0)
+                                  "(whole groups: one group at least), in order, from the round's one random stream "
+                                  "(0: the round at once; other parts draw other samples, as another seed would). "
+                                  "Bounds the local engine's KV cache, which holds every sequence of a part (2 x "
+                                  "layers x hidden size x 4 bytes a token, fp32). RL stages, rejection, on-policy "
+                                  "DPO (an on-policy reward model samples pairs.prompts_per_batch at a time).",
+                               ge=0)
 
     def params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,

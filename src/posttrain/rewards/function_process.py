@@ -279,8 +279,14 @@ def user_function_processes() -> set[tuple[Any, ...]]:
 def close_user_function_processes_since(before: set[tuple[Any, ...]]) -> None:
     """Kill the children started since `before`: at the end of the run that started them, so that none outlives
     it in a long-lived process (a notebook) and the next run imports the function's file as it is then."""
+    failures = []
     for key in [key for key in _processes if key not in before]:
-        _processes.pop(key).close()
+        try:
+            _processes.pop(key).close()
+        except OSError as err:  # the others are stopped all the same
+            failures.append(err)
+    if failures:
+        raise failures[0]
 
 
 @atexit.register

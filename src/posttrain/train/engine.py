@@ -296,8 +296,8 @@ class Trainer:
                 self.console.print(f"resumed from {resumed_from} (step {self.step})")
             rows = getattr(source, "size", None)  # a walk over fixed data (a round's own rows may well be fewer)
             if main and rows is not None and rows < self.train_cfg.batch_size:
-                self.console.print(f"[yellow]{self.stage}: the training data has {rows} rows (packed rows, packed "
-                                   f"mode), fewer than train.batch_size={self.train_cfg.batch_size}[/]: every step "
+                self.console.print(f"[yellow]{self.stage}: the training data has {rows} rows (or packed rows), fewer "
+                                   f"than train.batch_size={self.train_cfg.batch_size}[/]: every step "
                                    "holds some of them more than once, weighted as often in its loss; "
                                    f"train.batch_size={rows} or less trains each once a step")
             if stopped_by is not None and main:

@@ -45,7 +45,7 @@ def stage_main(config_class: type) -> Callable[[Main], Main]:
     def decorate(main: Main) -> Main:
         @functools.wraps(main)
         def run(cfg: Any) -> Any:
-            if not isinstance(cfg, config_class):
+            if type(cfg) is not config_class:  # (a subclass is another stage's: RFTConfig is a PPOConfig)
                 raise ConfigError(f"{main.__module__}.main takes its stage's config, {config_class.__name__}, not "
                                   f"{type(cfg).__name__} (build it with load_config({config_class.__name__}, ...))")
             cfg = check_config_object(cfg)
@@ -86,9 +86,11 @@ def _run_resources_released() -> Iterator[None]:
     try:
         yield
     finally:
-        close_user_function_processes_since(children)
-        import_reward_function.cache_clear()  # an in-process function (`__main__:fn`, in_process) is read anew
-        release_run_locks(keep=locks)
+        try:
+            import_reward_function.cache_clear()  # an in-process function (`__main__:fn`, in_process) is read anew
+            close_user_function_processes_since(children)
+        finally:  # the run's lock goes whatever stopping a child raised
+            release_run_locks(keep=locks)
 
 
 def quiet_libraries() -> Callable[[], None]:
