@@ -278,3 +278,22 @@ def test_eval_of_a_dpo_or_kto_run_on_a_file_equals_the_runs_own_held_out_evaluat
     keys = [k for k in logged if k.startswith("eval_")]
     assert len(keys) >= 4 and {k: measured[k] for k in keys} == pytest.approx({k: logged[k] for k in keys}, abs=1e-5)
     assert logged["eval_loss"] != pytest.approx(math.log(2), abs=1e-3)  # trained away from the reference
+
+
+def test_eval_of_a_data_file_measures_the_samples_kl_to_a_reference(chatml_model_dir, tmp_path, scripted):
+    """--samples promised "pass@k, rewards and KL", and --reference was read, for a built-in task only: with --data
+    no KL was measured. Against the model itself it is 0 (the same logprobs), against another model positive."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = shutil.copytree(chatml_model_dir, tmp_path / "other")  # its tokenizer, other weights
+    model = AutoModelForCausalLM.from_pretrained(chatml_model_dir, local_files_only=True)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(other)
+    options = dict(data=scripted_file(tmp_path), rewards=(scripted,), samples=2, max_new_tokens=4)
+    itself = evaluate(chatml_model_dir, EvalOptions(**options, reference=str(chatml_model_dir)), write=False)
+    assert abs(itself["kl"]) < 1e-5
+    assert evaluate(chatml_model_dir, EvalOptions(**options, reference=str(other)), write=False)["kl"] > 0.01
+    assert "kl" not in evaluate(chatml_model_dir, EvalOptions(**options), write=False)  # a bare model: no reference

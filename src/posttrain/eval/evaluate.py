@@ -61,7 +61,6 @@ from posttrain.rewards.error_log import RewardErrorLog
 from posttrain.rewards.functions import Completions, Scores, WeightedRewards
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.recompute import packed_logprobs_and_entropy
 from posttrain.train.checkpoint import COMPLETE, load_module_weights
 from posttrain.train.metrics import finite_json, replace_text
 from posttrain.train.run_dir import check_writable, finished_steps
@@ -332,7 +331,6 @@ def _reference(target: Target, options: EvalOptions, tokenizer: PreTrainedTokeni
     return load_causal_lm(path).eval()
 
 
-REFERENCE_ROW_TOKENS = 512
 """The KL reference's padding-free rows: samples packed into rows of about this many tokens (attention costs a
 row's length times its tokens)."""
 
@@ -372,12 +370,7 @@ def sampled_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
         hits = torch.tensor([task.verify(t, e.answer) for t, e in zip(rollout.texts, rows, strict=True)])
         correct += hits.view(len(chunk), n).sum(dim=1).int().tolist()
         if reference is not None:
-            # Padding-free, one copy of each prompt per group of its samples: the same logprobs as the padded
-            # forward over [prompt | completion] rows at a fraction of its tokens (the demo's multistep samples:
-            # prompts padded to the longest, completions of 5-96 tokens).
-            ref, _ = packed_logprobs_and_entropy(reference, rollout, 1.0, entropy=False,
-                                                 capacity=REFERENCE_ROW_TOKENS, share_prompts=True)
-            kl_total += ((rollout.logprobs - ref) * rollout.response_mask).sum().item()
+            kl_total += heldout.sampled_kl_sum(reference, rollout)
     samples = len(examples) * n
     result: dict[str, Any] = {"samples_per_problem": n}
     result |= {f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks}
@@ -499,7 +492,8 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
         greedy = heldout.greedy_scores(model, tokenizer, rows, score, max_new_tokens, count, options.batch_size, 0)
         greedy_correct = rule.mask(greedy.scores).tolist()
         sampled = (heldout.sampled_scores(model, tokenizer, rows, score, options.samples, max_new_tokens, count,
-                                          options.batch_size, options.seed, rule)
+                                          options.batch_size, options.seed, rule,
+                                          reference=_reference(target, options, tokenizer))
                    if options.samples else None)
     hits = int(sum(greedy_correct))
     low, high = wilson_interval(hits, count)
@@ -517,7 +511,7 @@ def evaluate_data(target: Target, options: EvalOptions, write: bool = True) -> d
                    **{key: value for key, value in table["all"].items() if key.startswith("pass@")},
                    **{f"reward_{name}": value for name, value in sampled.rewards.items()},
                    "sampled_accuracy": table["all"]["sampled_accuracy"], "categories": table,
-                   **_intermediate_share(table)}
+                   **_intermediate_share(table), **({"kl": sampled.kl} if sampled.kl is not None else {})}
         per_problem["correct_samples"] = sampled.correct
     else:
         result["categories"] = headroom(categories, [0] * count, 0, [], tuple(greedy_correct))

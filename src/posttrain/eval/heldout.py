@@ -41,6 +41,7 @@ from posttrain.models.precision import autocast_dtype
 from posttrain.rewards.functions import NEEDS_ANSWER, Completions, Scores
 from posttrain.rollout import Rollout, make_engine
 from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.recompute import packed_logprobs_and_entropy
 from posttrain.train.metrics import append_jsonl, read_metrics, write_json
 from posttrain.train.progress import SILENT, Phase, RunProgress
 
@@ -251,28 +252,42 @@ def greedy_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, he
 @dataclasses.dataclass(frozen=True)
 class SampledScores:
     """`n` completions per held-out row at temperature 1: each row's count of correct ones (`CorrectRule`),
-    and every reward function's mean over all the samples."""
+    every reward function's mean over all the samples, and their mean KL to a reference (None without one)."""
 
     n: int
     correct: list[int]
     rewards: dict[str, float]
+    kl: float | None = None
+
+
+REFERENCE_ROW_TOKENS = 512  # the packed rows of a reference's pass over sampled completions
+
+
+def sampled_kl_sum(reference: torch.nn.Module, rollout: Rollout) -> float:
+    """The sum over `rollout`'s completions of their KL to `reference` (each completion's summed log-ratio, sampled
+    at temperature 1). Padding-free, one copy of each prompt per group of its samples: the same logprobs as the
+    padded forward over [prompt | completion] rows at a fraction of its tokens."""
+    ref, _ = packed_logprobs_and_entropy(reference, rollout, 1.0, entropy=False, capacity=REFERENCE_ROW_TOKENS,
+                                         share_prompts=True)
+    return ((rollout.logprobs - ref) * rollout.response_mask).sum().item()
 
 
 @torch.no_grad()
 def sampled_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: Prepared,
                    score: Callable[[Rollout, list[dict[str, Any]]], Scores], n: int, max_new_tokens: int,
                    problems: int, batch_size: int, seed: int, rule: CorrectRule = CorrectRule(),
-                   bar: Phase = SILENT) -> SampledScores:
+                   bar: Phase = SILENT, reference: torch.nn.Module | None = None) -> SampledScores:
     """`n` samples at temperature 1 of each of the first `problems` held-out prompts, scored by the stage's rewards
-    (`score(rollout, rows)`). Each prompt's samples draw from streams seeded by `seed` and the prompt's index only,
-    so two models are sampled with the same random numbers (a paired comparison with less noise), and a prompt's
-    samples are the same at any `batch_size`."""
+    (`score(rollout, rows)`), and their KL to `reference` where one is given. Each prompt's samples draw from
+    streams seeded by `seed` and the prompt's index only, so two models are sampled with the same random numbers
+    (a paired comparison with less noise), and a prompt's samples are the same at any `batch_size`."""
     dataset = heldout.dataset
     count = min(problems, len(dataset))
     engine = make_engine("local", model, tokenizer)
     per_call = max(1, batch_size // n)
     correct: list[int] = []
     sums: dict[str, float] = defaultdict(float)
+    kl_total = 0.0
     for start in range(0, count, per_call):
         rows = [dataset[i] for i in range(start, min(start + per_call, count))]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n,
@@ -284,8 +299,11 @@ def sampled_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, h
         correct += per_row.tolist()
         for name, values in scores.by_function.items():
             sums[name] += values.sum().item()
+        if reference is not None:
+            kl_total += sampled_kl_sum(reference, rollout)
         bar.advance(len(rows) * n)
-    return SampledScores(n=n, correct=correct, rewards={name: total / (count * n) for name, total in sums.items()})
+    return SampledScores(n=n, correct=correct, rewards={name: total / (count * n) for name, total in sums.items()},
+                         kl=kl_total / (count * n) if reference is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
