@@ -188,6 +188,10 @@ def test_truncation_counts(tmp_path, tokenizer, policy):
     result = tokenize_rows(load_rows(cfg, ("completion",), rows=rows), tokenizer, cfg)
     stats = result.stats
     assert stats.rows == 4
+    # how long the rows were before max_length cut or dropped them (data inspect had only the kept ones' lengths)
+    ordered = sorted(lengths)
+    assert stats.original_max == ordered[3]
+    assert stats.original_p95 == pytest.approx(ordered[2] + 0.85 * (ordered[3] - ordered[2]))  # position 0.95 x 3
     if policy == "drop":
         assert (stats.kept, stats.dropped_too_long, stats.truncated) == (2, 2, 0)
         assert sorted(result.dataset["length"]) == sorted(lengths)[:2]

@@ -107,6 +107,8 @@ def _stats_table(tokenized: Tokenized, cfg: DataConfig) -> Table:
     table.add_row("dropped: no trained token left", _flag(s.dropped_no_completion))
     table.add_row("length min / mean / p50 / p95 / max",
                   f"{s.length_min} / {s.length_mean:.1f} / {s.length_p50:g} / {s.length_p95:g} / {s.length_max}")
+    if s.truncated or s.dropped_too_long:  # the kept rows' lengths say nothing of how long the others were
+        table.add_row("length before max_length: p95 / max", f"{s.original_p95:g} / {s.original_max}")
     if tokenized.format != "verifiable":
         per_row = s.response_tokens / max(s.kept, 1)
         table.add_row("trained tokens (total, per row)", f"{s.response_tokens} ({per_row:.1f})")

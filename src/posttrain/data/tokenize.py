@@ -73,6 +73,9 @@ class TokenStats:
     length_p95: float
     length_max: int
     response_tokens: int
+    original_p95: float = 0.0
+    """The rows' lengths before data.max_length cut or dropped any (what to choose max_length by)."""
+    original_max: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -803,8 +806,9 @@ def tokenize_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfi
     stats = _stats(mapped, fmt)
     if stats.dropped_too_long or stats.dropped_no_completion:
         logger.warning("%s: dropped %d rows longer than max_length=%d and %d rows with no trained token "
-                       "(%d truncated, %d kept)", rows.name, stats.dropped_too_long, cfg.max_length,
-                       stats.dropped_no_completion, stats.truncated, stats.kept)
+                       "(%d truncated, %d kept; the rows are up to %d tokens, p95 %g)", rows.name,
+                       stats.dropped_too_long, cfg.max_length, stats.dropped_no_completion, stats.truncated,
+                       stats.kept, stats.original_max, stats.original_p95)
     kept = mapped.filter(lambda drop: not drop, input_columns="drop").remove_columns(list(_BOOKKEEPING))
     if fmt == "unpaired" and len(kept):
         kept = kl_pairs(kept, encoder)
@@ -825,6 +829,9 @@ def _stats(mapped: Dataset, fmt: str) -> TokenStats:
     response_tokens = sum(int(row_sums(mapped, column)[kept].sum()) for column in _mask_columns(fmt))
     if not len(lengths):
         lengths = np.zeros(1, dtype=np.int64)
+    original = np.asarray(column_values(mapped, "original_length"), dtype=np.int64)[drop != "error"]
+    if not len(original):
+        original = np.zeros(1, dtype=np.int64)
     return TokenStats(
         rows=len(mapped), kept=int(kept.sum()),
         truncated=int(np.sum(np.asarray(column_values(mapped, "truncated"), dtype=bool) & kept)),
@@ -832,7 +839,8 @@ def _stats(mapped: Dataset, fmt: str) -> TokenStats:
         dropped_no_completion=int(np.sum(drop == "no_completion_tokens")),
         length_min=int(lengths.min()), length_mean=float(lengths.mean()),
         length_p50=float(np.percentile(lengths, 50)), length_p95=float(np.percentile(lengths, 95)),
-        length_max=int(lengths.max()), response_tokens=response_tokens)
+        length_max=int(lengths.max()), response_tokens=response_tokens,
+        original_p95=float(np.percentile(original, 95)), original_max=int(original.max()))
 
 
 def _mask_columns(fmt: str) -> tuple[str, ...]:
