@@ -102,13 +102,10 @@ def run_stage(stage: str, recipe_name: str | None, overrides: list[str], quick: 
     cfg = build_config(recipe, overrides, quick)
     # Here, not at the top: the CLI imports this module for its commands, and `posttrain --help` should not pay
     # for torch (the run directory's checks import it).
-    from posttrain.train.run_dir import held_run_locks, release_run_locks
+    from posttrain.train.run_dir import run_locks_released
 
-    locks = held_run_locks()  # the run's own, taken by check_run_dir, is released when the stage is over
-    try:
+    with run_locks_released():  # the run's own, taken by check_run_dir before `main`, when the stage is over
         return _run_checked(stage, cfg)
-    finally:
-        release_run_locks(keep=locks)
 
 
 def _run_checked(stage: str, cfg: Any) -> RunResult:

@@ -30,6 +30,7 @@ list), for the trainer to check as it checks an in-process function's.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import dataclasses
 import importlib.abc
@@ -271,14 +272,18 @@ def user_function_process(path: str, timeout_s: float) -> UserFunctionProcess:
     return process
 
 
-def user_function_processes() -> set[tuple[Any, ...]]:
-    """The children started so far (their keys), for `close_user_function_processes_since`."""
-    return set(_processes)
+@contextlib.contextmanager
+def user_function_processes_closed() -> Iterator[None]:
+    """Kill the children started within the block after it: at the end of the run that started them, so that none
+    outlives it in a long-lived process (a notebook) and the next run imports the function's file as it is then."""
+    before = set(_processes)
+    try:
+        yield
+    finally:
+        _close_processes_since(before)
 
 
-def close_user_function_processes_since(before: set[tuple[Any, ...]]) -> None:
-    """Kill the children started since `before`: at the end of the run that started them, so that none outlives
-    it in a long-lived process (a notebook) and the next run imports the function's file as it is then."""
+def _close_processes_since(before: set[tuple[Any, ...]]) -> None:
     failures = []
     for key in [key for key in _processes if key not in before]:
         try:
@@ -292,7 +297,7 @@ def close_user_function_processes_since(before: set[tuple[Any, ...]]) -> None:
 @atexit.register
 def close_user_function_processes() -> None:
     """Kill every child this process started (at exit)."""
-    close_user_function_processes_since(set())
+    _close_processes_since(set())
 
 
 def _one_per_row(scores: Any, rows: int) -> list[float | None]:

@@ -360,15 +360,13 @@ class Trainer:
                 # A signal may reach one rank only; every rank must stop (and save) at the same step: the end of a
                 # round of sampled data, whose remaining steps a resume could not train as they would have been.
                 if dist.all_reduce_sum(float(stop.requested)) > 0 and self._round_finished(source, stop):
-                    path = self.save(source)
+                    path, resume = self.save(source), dist.resume_command(self.run_dir.path)
                     if main:
                         self.console.print(
                             f"[yellow]stopped by {stop.signal_name or 'a signal on another rank'} at step "
-                            f"{self.step}[/]; checkpoint: {path}\n"
-                            f"resume with: {dist.resume_command(self.run_dir.path)}")
+                            f"{self.step}[/]; checkpoint: {path}\nresume with: {resume}")
                     # (a rank whose process got no signal stops as a scheduler's SIGTERM would have stopped it)
-                    stopped_by_signal = StoppedInTraining(stop.signum or signal.SIGTERM, self.step, str(path),
-                                                          dist.resume_command(self.run_dir.path))
+                    stopped_by_signal = StoppedInTraining(stop.signum or signal.SIGTERM, self.step, str(path), resume)
                     break
                 # The last step is always saved, so that a finished run can be continued with more steps.
                 if self._due(self.train_cfg.save_every, final=True) or stopped_by is not None:

@@ -31,9 +31,9 @@ import torch
 
 from posttrain.config import check_config_object
 from posttrain.errors import ConfigError
-from posttrain.rewards.function_process import close_user_function_processes_since, user_function_processes
+from posttrain.rewards.function_process import user_function_processes_closed
 from posttrain.rewards.user_functions import import_reward_function
-from posttrain.train.run_dir import held_run_locks, release_run_locks
+from posttrain.train.run_dir import run_locks_released
 from posttrain.train.seed import seed_everything, threads_for
 
 Main = TypeVar("Main", bound=Callable[..., Any])
@@ -82,15 +82,11 @@ def _process_state_kept(threads: int) -> Iterator[None]:
 def _run_resources_released() -> Iterator[None]:
     """Release what the run took that outlives it in the process: run locks, reward-function children, and the
     reward functions imported into this process."""
-    locks, children = held_run_locks(), user_function_processes()
-    try:
-        yield
-    finally:
+    with run_locks_released(), user_function_processes_closed():  # the lock goes whatever stopping a child raised
         try:
+            yield
+        finally:
             import_reward_function.cache_clear()  # an in-process function (`__main__:fn`, in_process) is read anew
-            close_user_function_processes_since(children)
-        finally:  # the run's lock goes whatever stopping a child raised
-            release_run_locks(keep=locks)
 
 
 def quiet_libraries() -> Callable[[], None]:

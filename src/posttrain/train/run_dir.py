@@ -20,6 +20,7 @@ temporary directory), held until the process ends.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -27,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,19 +238,20 @@ def prepare_run_dir(run: RunConfig, cfg: Any, stage: str, model: Any = None) -> 
 
 
 # The run directories this process holds the lock of, with the open lock file (held until the process ends, or
-# until the stage's `main` returns: `release_run_locks`).
+# until the stage that took it returns: `run_locks_released`).
 _HELD_LOCKS: dict[Path, Any] = {}
 
 
-def held_run_locks() -> set[Path]:
-    return set(_HELD_LOCKS)
-
-
-def release_run_locks(keep: set[Path]) -> None:
-    """Release the run locks this process holds but those of `keep` (a stage called from Python has ended: its run
-    may be resumed or overwritten by another process now)."""
-    for path in [path for path in _HELD_LOCKS if path not in keep]:
-        _HELD_LOCKS.pop(path).close()  # closing the file releases its flock
+@contextlib.contextmanager
+def run_locks_released() -> Iterator[None]:
+    """Release the run locks taken within the block after it (a stage called from Python has ended: its run may be
+    resumed or overwritten by another process now)."""
+    before = set(_HELD_LOCKS)
+    try:
+        yield
+    finally:
+        for path in [path for path in _HELD_LOCKS if path not in before]:
+            _HELD_LOCKS.pop(path).close()  # closing the file releases its flock
 
 
 def run_lock_file(path: Path) -> Path:
@@ -260,7 +263,7 @@ def run_lock_file(path: Path) -> Path:
 
 def hold_run_lock(path: Path, what: str = "this run") -> None:
     """One process per run directory: an exclusive lock (`run_lock_file`), taken before anything of the run is
-    touched and held until the process ends (or its stage returns, `release_run_locks`). A second process (a
+    touched and held until the process ends (or its stage returns, `run_locks_released`). A second process (a
     `posttrain resume` of a run still running, an overwrite under a live run) would otherwise truncate the metrics
     the first appends to, and both would rename the same checkpoints. Where no lock file can be written, nothing
     is locked."""
