@@ -288,11 +288,12 @@ def test_eval_of_a_data_file_measures_the_samples_kl_to_a_reference(chatml_model
 
     other = shutil.copytree(chatml_model_dir, tmp_path / "other")  # its tokenizer, other weights
     model = AutoModelForCausalLM.from_pretrained(chatml_model_dir, local_files_only=True)
+    generator = torch.Generator().manual_seed(0)  # a fixed other model: the sampled estimate is a fixed number
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     model.save_pretrained(other)
-    options = dict(data=scripted_file(tmp_path), rewards=(scripted,), samples=2, max_new_tokens=4)
+    options = dict(data=scripted_file(tmp_path), rewards=(scripted,), samples=4, max_new_tokens=8)
     itself = evaluate(chatml_model_dir, EvalOptions(**options, reference=str(chatml_model_dir)), write=False)
     assert abs(itself["kl"]) < 1e-5
     assert evaluate(chatml_model_dir, EvalOptions(**options, reference=str(other)), write=False)["kl"] > 0.01
