@@ -33,6 +33,7 @@ from posttrain.recipes.rl_loop import RLStepSource, rl_loss_fn, rollout_forward
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rewards.steps import verifier_step_scorer
 from posttrain.rollout import Rollout, RolloutEngine, make_engine, text_rollout
+from posttrain.rollout.recompute import PaddingFree
 from posttrain.train.metrics import read_metrics
 from posttrain.train.reference import Reference
 
@@ -470,12 +471,16 @@ def test_padding_free_and_padded_forwards_give_the_same_loss_gradient(tiny_model
     rollout = source.last.rollout
     padded_reference = reference.rollout_logprobs(rollout)
     assert_close(source.last.ref_logprobs, padded_reference, rtol=0, atol=1e-12)  # the round's shared pass
+    assert source.padding_free == PaddingFree(capacity, share, whole_groups=share)  # the tiny Llama takes the tree
     grads = []
-    for padding_free in (True, False):
-        update = dataclasses.replace(source.cfg.update, padding_free=padding_free)
-        grads.append(gradient(model, step, rl_loss_fn(dataclasses.replace(source.cfg, update=update), 6)))
+    # groups cut to the capacity (each piece with its copy of the prompt) or whole, and the padded layout
+    for layout in (PaddingFree(capacity, share), PaddingFree(capacity, share, whole_groups=True), None):
+        laid_out = dataclasses.replace(step, micro_batches=[dataclasses.replace(batch, layout=layout)
+                                                            for batch in step.micro_batches])
+        grads.append(gradient(model, laid_out, rl_loss_fn(source.cfg, 6)))
     assert grads[0].abs().sum() > 0
-    assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    assert_close(grads[0], grads[2], rtol=1e-9, atol=1e-12)
+    assert_close(grads[1], grads[2], rtol=1e-9, atol=1e-12)
 
 
 def test_two_updates_per_round_do_not_depend_on_the_step_batch_object(tiny_model, tokenizer):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from posttrain.models import prefix_attention
+from posttrain.models.attention import sliding_window
 from posttrain.models.machine_choices import best_seconds, measured_choice
 from posttrain.models.precision import autocast_dtype
 
@@ -50,7 +53,11 @@ CHOICES = ("auto", "fp32", "bf16")
 
 def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
              **kwargs) -> tuple[Tensor, None]:
-    """transformers' SDPA; in fp32 under CPU bf16 autocast where that was measured faster (`fp32_is_faster`)."""
+    """transformers' SDPA; in fp32 under CPU bf16 autocast where that was measured faster (`fp32_is_faster`); over
+    a padding-free RL batch's prompts and completions only where the forward passes their `PrefixTree`."""
+    tree = kwargs.pop(prefix_attention.KEYWORD, None)
+    if prefix_attention.applies(tree, query, kwargs):
+        return prefix_attention.prefix_tree_attention(_forward, module, query, key, value, tree, **kwargs)
     # A float64 (or float16) model's attention is left to autocast, which leaves it in its own dtype: fp32 copies
     # here would hand a bf16 output to its float64 output projection.
     if (query.device.type != "cpu" or autocast_dtype("cpu") != torch.bfloat16
@@ -81,6 +88,23 @@ def use_cpu_attention(model: torch.nn.Module) -> int:
             module.set_attn_implementation(ATTENTION)
             switched += 1
     return switched
+
+
+def takes_prefix_tree(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention computes a padding-free RL forward from its `PrefixTree`: every transformers
+    model inside it (a causal LM, a peft wrapper's base, a critic) runs `ATTENTION` on the CPU without a sliding
+    window. Its padding-free passes then keep a prompt's group whole in one row (`rollout.recompute.packing_units`):
+    through the tree a row's width costs attention nothing."""
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return bool(models) and all(m.config._attn_implementation == ATTENTION and m.device.type == "cpu"
+                                and sliding_window(m.config.get_text_config()) is None for m in models)
+
+
+def tree_keywords(model: torch.nn.Module, tree: prefix_attention.PrefixTree) -> dict[str, Any]:
+    """The keywords that hand a padding-free RL forward's `PrefixTree` to `model`'s attention: {} unless it takes
+    one (`takes_prefix_tree`). The keyword reaches the attention function through forwards that pass extra
+    keywords on, as transformers' do; a forward that drops it leaves the attention on the dense mask it also gets."""
+    return {prefix_attention.KEYWORD: tree} if takes_prefix_tree(model) else {}
 
 
 def attention_choice() -> str:

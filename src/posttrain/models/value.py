@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from posttrain.errors import ConfigError
 from posttrain.models.attention import attention_inputs
+from posttrain.models.cpu_attention import tree_keywords
 from posttrain.models.device import model_device
 from posttrain.models.heads import forward_keeping, output_head_at
 from posttrain.models.precision import upcast
+from posttrain.models.prefix_attention import PrefixTree
 from posttrain.models.reward import build_reward_model, load_reward_model, saved_head, trunk_and_head
 
 CRITIC_INITS = ("policy", "reward_model")
@@ -81,11 +83,12 @@ class ActorCritic(nn.Module):
         return self.critic is not None or self.value_head is not None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                keep: int | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+                keep: int | tuple[Tensor, Tensor], tree: PrefixTree | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits [B, keep, V] and values [B, keep] of the last `keep` positions, or with `keep` = (rows, cols)
         (a padding-free batch) logits [1, N, V] and values [1, N] of the N positions (rows[k], cols[k]): the
         value at a position is that of the prefix ending there (the state from which the next token is
-        drawn). None for the values of a critic-free module."""
+        drawn). None for the values of a critic-free module. `tree`: a padding-free batch's prompts and
+        completions, for the attention of models that take it (`cpu_attention.tree_keywords`)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = attention_inputs(self.actor, batch)  # a 4-D mask gets the model's sliding window
         if isinstance(keep, tuple):
@@ -93,7 +96,8 @@ class ActorCritic(nn.Module):
                 return hidden[keep][None]
 
             with output_head_at(self.actor, *keep):
-                out = self.actor(**inputs, output_hidden_states=self.shared, use_cache=False)
+                out = self.actor(**inputs, output_hidden_states=self.shared, use_cache=False,
+                                 **(tree_keywords(self.actor, tree) if tree is not None else {}))
         else:
             def kept(hidden: Tensor) -> Tensor:
                 return hidden[:, -keep:]
@@ -105,7 +109,9 @@ class ActorCritic(nn.Module):
             values = self.value_head(kept(out.hidden_states[-1])).squeeze(-1)
         else:
             trunk, head = trunk_and_head(self.critic)
-            values = head(kept(trunk(**attention_inputs(trunk, batch), use_cache=False).last_hidden_state)).squeeze(-1)
+            extra = tree_keywords(trunk, tree) if tree is not None and isinstance(keep, tuple) else {}
+            values = head(kept(trunk(**attention_inputs(trunk, batch), use_cache=False, **extra).last_hidden_state)
+                          ).squeeze(-1)
         return out.logits, upcast(values)  # values feed GAE and the value loss: fp32 under autocast
 
     def _unique_tensors(self) -> tuple[dict[str, Tensor], list[str]]:

@@ -30,6 +30,7 @@ the same number of forward/backward passes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -72,6 +73,7 @@ from posttrain.eval import heldout
 from posttrain.eval.report import write_training_report
 from posttrain.models import count_parameters, load_tokenizer_and_model
 from posttrain.models.adapters import apply_adapter, save_trained
+from posttrain.models.cpu_attention import takes_prefix_tree
 from posttrain.models.device import model_device, move_to
 from posttrain.models.heads import floating_dtype, statistics_dtype
 from posttrain.models.likelihood import response_logprobs
@@ -135,8 +137,9 @@ def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = F
     home, rollout = rollout.completion_ids.device, move_to(rollout, model_device(model))
     if padding_free is not None:
         packed = pack_rollout(rollout, padding_free.capacity, mask_dtype=floating_dtype(model),
-                              share_prompts=padding_free.share_prompts)
-        logits, values = model(packed.input_ids, packed.attention_mask, packed.position_ids, keep=packed.sources)
+                              share_prompts=padding_free.share_prompts, whole_groups=padding_free.whole_groups)
+        logits, values = model(packed.input_ids, packed.attention_mask, packed.position_ids, keep=packed.sources,
+                               tree=packed.prefix_tree)
         logprobs, entropy = packed_completion_logprobs(logits, rollout, packed, entropy_grad=entropy_grad)
         return move_to((logprobs, entropy, None if values is None else packed.scatter(values)), home)
     width = rollout.completion_ids.shape[1]
@@ -145,9 +148,13 @@ def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = F
     return move_to((logprobs, entropy, None if values is None else values[:, :-1] * rollout.response_mask), home)
 
 
-def packing(cfg: UpdateConfig) -> PaddingFree | None:
-    """`rollout_forward`'s padding_free layout: None for the padded layout."""
-    return PaddingFree(cfg.padding_free_capacity, cfg.share_prompts) if cfg.padding_free else None
+def packing(cfg: UpdateConfig, *models: nn.Module | None) -> PaddingFree | None:
+    """`rollout_forward`'s padding_free layout for passes of `models` (the trained module, the reference): None for
+    the padded layout; groups kept whole where every one of them takes the batch's prefix tree."""
+    if not cfg.padding_free:
+        return None
+    whole = cfg.share_prompts and all(takes_prefix_tree(model) for model in models if model is not None)
+    return PaddingFree(cfg.padding_free_capacity, cfg.share_prompts, whole_groups=whole)
 
 
 def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None,
@@ -171,15 +178,15 @@ def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None,
         def cost(samples: list[int]) -> int:
             return len(samples) * (max(prompts[i] for i in samples) + max(completions[i] for i in samples))
     else:
-        share, capacity = padding_free.share_prompts, padding_free.capacity
+        share = padding_free.share_prompts
         keys = prompt_keys(rollout.select(rows)) if share else list(range(len(rows)))
-        groups = packing_units(keys, prompts, completions, share, capacity)
+        groups = packing_units(keys, prompts, completions, share, padding_free.unit_capacity)
         sizes = [prompts[g[0]] + sum(completions[i] for i in g) for g in groups]
-        units = [[i for g in row for i in groups[g]] for row in capped_rows(sizes, capacity)]
+        units = [[i for g in row for i in groups[g]] for row in capped_rows(sizes, padding_free.capacity)]
 
         def cost(samples: list[int]) -> int:
             return packed_width_cost([keys[i] for i in samples], [prompts[i] for i in samples],
-                                     [completions[i] for i in samples], share, capacity)
+                                     [completions[i] for i in samples], padding_free)
     pieces: list[list[int]] = [[]]
     for unit in units:
         if pieces[-1] and cost(sorted(pieces[-1] + unit)) > budget:
@@ -291,6 +298,9 @@ class RLMicroBatch:
     sft: dict[str, Any] | None = None
     """The collated gold answers of this micro-batch's prompts (the SFT blend), or None."""
     sft_normaliser: float = 0.0
+    layout: PaddingFree | None = None
+    """The padding-free layout of the round's passes (`RLStepSource.padding_free`; None: padded), which the
+    update's forward uses too, so that its first update sees exactly pi_old's logprobs."""
     padding: bool = False
     """A zero-weight pass that only keeps the ranks in step (its rows are a placeholder)."""
 
@@ -316,7 +326,6 @@ class RLStepSource:
         self.cfg, self.engine, self.model, self.rewards, self.task = cfg, engine, model, rewards, task
         self.reference, self.step_rewards, self.gold, self.samples = reference, step_rewards, gold, samples
         self.progress = progress or RunProgress(enabled=False)
-        self.padding_free = packing(cfg.update)
         self.minibatches = rollout_batch_size(cfg) // cfg.train.batch_size
         self.round_prompts = rollout_batch_size(cfg) // cfg.sampling.samples_per_prompt  # of every rank
         self.prompts = PromptStream(prepared.dataset, sampling_batch_prompts(cfg), cfg.run.seed, prepared.source,
@@ -331,6 +340,12 @@ class RLStepSource:
         self.queue: list[StepBatch] = []
         self.last: Round | None = None
         self.told_untrained = False
+
+    @functools.cached_property
+    def padding_free(self) -> PaddingFree | None:
+        """The layout of the round's padding-free passes, decided at the first round: the Trainer has moved the
+        model to its device by then."""
+        return packing(self.cfg.update, self.model, self.reference.model if self.reference is not None else None)
 
     def next_step(self) -> StepBatch:
         if not self.queue:
@@ -618,7 +633,7 @@ class RLStepSource:
                         old_values=_rows(batch.old_values, sub_rows, width),
                         returns=_rows(batch.returns, sub_rows, width),
                         ref_logprobs=_rows(batch.ref_logprobs, sub_rows, width) if in_loss else None,
-                        kl_coef=batch.beta if in_loss else 0.0, padding=padding))
+                        kl_coef=batch.beta if in_loss else 0.0, padding=padding, layout=self.padding_free))
                 if self.gold is not None:
                     micro = self._with_gold(micro)
                 tokens = int(dist.all_reduce_sum(float(rollout.prompt_mask[rows].sum()
@@ -719,14 +734,14 @@ def rl_loss_fn(cfg: RLConfig, max_new_tokens: int):
     Statistics are weighted by the micro-batch's token share (per-token ones) or sequence share, so the
     Trainer's sum over micro-batches is the step's mean. The micro-batch is only read.
     """
-    loss_cfg, padding_free = cfg.loss, packing(cfg.update)
+    loss_cfg = cfg.loss
     pg_loss_fn = get_policy_loss(loss_cfg.policy_loss)
     clip_low, clip_high = clip_ranges(pg_loss_fn, loss_cfg.clip_low, loss_cfg.clip_high)
 
     def loss_fn(model: ActorCritic, batch: RLMicroBatch, normaliser: float) -> tuple[Tensor, dict[str, float]]:
         mask, share = batch.loss_mask, batch.token_share
         logprobs, entropy, values = rollout_forward(model, batch.rollout, entropy_grad=loss_cfg.entropy_coef > 0,
-                                                    padding_free=padding_free)
+                                                    padding_free=batch.layout)
         first = batch.old_logprobs is None  # pi_old is this very forward: the round's single update
         old_logprobs = logprobs.detach() if first else batch.old_logprobs
         out = grpo_loss(logprobs, old_logprobs, batch.ref_logprobs if batch.kl_coef > 0 else None,

@@ -25,8 +25,10 @@ from torch import Tensor
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
 from posttrain.data.collate import block_causal_mask, capped_rows, padded_slots
 from posttrain.models.attention import layer_attention_mask
+from posttrain.models.cpu_attention import tree_keywords
 from posttrain.models.device import model_device, move_to
 from posttrain.models.heads import floating_dtype, forward_keeping, output_head_at
+from posttrain.models.prefix_attention import PrefixTree
 from posttrain.rollout.base import Rollout
 
 
@@ -74,6 +76,9 @@ class PackedRollout:
     target_cols: Tensor
     completion_shape: tuple[int, int]
     """[B, T] of the rollout's completions."""
+    prefix_tree: PrefixTree
+    """The same layout as prompt copies and completions: attention computes only what the mask lets through
+    (`models.prefix_attention`) where the model's attention takes it (`cpu_attention.tree_keywords`)."""
 
     @property
     def sources(self) -> tuple[Tensor, Tensor]:
@@ -89,10 +94,18 @@ class PackedRollout:
 @dataclasses.dataclass(frozen=True)
 class PaddingFree:
     """How a padding-free forward lays a rollout out (`pack_rollout`): rows of about `capacity` tokens
-    (None: one row), and one copy of each prompt per group of its samples (`share_prompts`)."""
+    (None: one row), and one copy of each prompt per group of its samples (`share_prompts`), the group cut
+    into pieces of at most `capacity` tokens (each with its copy of the prompt) unless `whole_groups`: where the
+    model's attention takes the batch's `PrefixTree`, a wide row costs it nothing and a cut only repeats the prompt."""
 
     capacity: int | None = None
     share_prompts: bool = False
+    whole_groups: bool = False
+
+    @property
+    def unit_capacity(self) -> int | None:
+        """The most tokens of a group `packing_units` lays out after one copy of its prompt (None: all)."""
+        return None if self.whole_groups else self.capacity
 
 
 def prompt_keys(rollout: Rollout) -> list[tuple[int, ...]]:
@@ -129,18 +142,20 @@ def packing_units(keys: Sequence[Hashable], prompt_lengths: Sequence[int], compl
 
 
 def packed_width_cost(keys: Sequence[Hashable], prompt_lengths: Sequence[int], completion_lengths: Sequence[int],
-                      share_prompts: bool, capacity: int | None) -> int:
+                      layout: PaddingFree) -> int:
     """Token positions (packed rows x their width) the padding-free forward of these samples computes."""
-    units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts, capacity)
+    capacity = layout.capacity
+    units = packing_units(keys, prompt_lengths, completion_lengths, layout.share_prompts, layout.unit_capacity)
     sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
     return padded_slots(sizes, capped_rows(sizes, capacity))
 
 
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
-                 pad_token_id: int = 0, share_prompts: bool = False) -> PackedRollout:
+                 pad_token_id: int = 0, share_prompts: bool = False, whole_groups: bool = False) -> PackedRollout:
     """The padding-free layout of `rollout`: every sample in one row (capacity None), or samples packed
     best-fit decreasing into rows of at most max(capacity, longest sample) tokens; with `share_prompts`,
-    one copy of a prompt per group of its samples (`packing_units`). On the rollout's device.
+    one copy of a prompt per group of its samples (`packing_units`; `whole_groups` as `PaddingFree`'s). On the
+    rollout's device.
 
     A single row costs attention over all its tokens squared (the mask hides other samples, the kernel
     still computes them), so large batches are better cut into rows of a few hundred tokens.
@@ -152,7 +167,8 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
     if min(prompt_lengths, default=1) == 0:
         raise ValueError("every rollout row needs a real prompt token: it predicts the first completion token")
     keys = prompt_keys(rollout) if share_prompts else list(range(len(prompt_lengths)))
-    units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts, capacity)
+    units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts,
+                          None if whole_groups else capacity)
     sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
     rows = capped_rows(sizes, capacity)
     width = max(sum(sizes[u] for u in row) for row in rows)
@@ -165,11 +181,14 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
     all_ids, all_positions = rollout.input_ids, rollout.position_ids
     sources: list[tuple[Tensor, Tensor]] = []
     targets: list[tuple[int, int]] = []
+    tree_rows: list[list[tuple[int, int, list[tuple[int, int]]]]] = []
     for r, row in enumerate(rows):
         start, segment = 0, 0
+        tree_rows.append([])
         for u in row:
             first = units[u][0]
             prompt = prompt_lengths[first]
+            tree_rows[-1].append((start, prompt, []))
             ids, positions = all_ids[first][real[first]], all_positions[first][real[first]]
             input_ids[r, start:start + prompt] = ids[:prompt]
             position_ids[r, start:start + prompt] = positions[:prompt]
@@ -186,6 +205,7 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
                 cols = torch.cat([torch.tensor([last_prompt_col]), torch.arange(start, start + n - 1)])[:n]
                 sources.append((torch.full((n,), r), cols))
                 targets.append((i, n))
+                tree_rows[-1][-1][2].append((start, n))
                 start += n
             segment += 1
         # Padding stays at position 0 (zeros above): a position past the last real token's could pass a learned
@@ -198,23 +218,26 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
         source_cols=torch.cat([cols for _, cols in sources]).to(device),
         target_rows=torch.cat([torch.full((n,), i) for i, n in targets]).to(device),
         target_cols=torch.cat([torch.arange(n) for _, n in targets]).to(device),
-        completion_shape=tuple(rollout.completion_ids.shape))
+        completion_shape=tuple(rollout.completion_ids.shape),
+        prefix_tree=PrefixTree.of_rows(width, tree_rows).to(device))
 
 
 def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None,
                                 entropy: bool = True, capacity: int | None = None,
-                                share_prompts: bool = False) -> tuple[Tensor, Tensor | None]:
+                                share_prompts: bool = False, whole_groups: bool = False
+                                ) -> tuple[Tensor, Tensor | None]:
     """`policy_logprobs_and_entropy` without padding: the same [B, T] logprobs (and entropy, a statistic
     without gradient) from a forward over the rollout's real tokens only (`pack_rollout`; `capacity` and
-    `share_prompts` as there), with the output projection applied only to the hidden states that predict
+    `share_prompts`, `whole_groups` as there), with the output projection applied only to the hidden states that predict
     completion tokens.
     """
     home, rollout = rollout.completion_ids.device, move_to(rollout, model_device(model))
-    packed = pack_rollout(rollout, capacity, mask_dtype=floating_dtype(model), share_prompts=share_prompts)
+    packed = pack_rollout(rollout, capacity, mask_dtype=floating_dtype(model), share_prompts=share_prompts,
+                          whole_groups=whole_groups)
     with output_head_at(model, *packed.sources):
         mask = layer_attention_mask(model, packed.attention_mask, packed.position_ids)  # the model's sliding window
-        logits = model(input_ids=packed.input_ids, attention_mask=mask,
-                       position_ids=packed.position_ids, use_cache=False).logits  # [1, N, V]
+        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                       use_cache=False, **tree_keywords(model, packed.prefix_tree)).logits  # [1, N, V]
     return move_to(packed_completion_logprobs(logits, rollout, packed, temperature, entropy), home)
 
 
@@ -244,7 +267,7 @@ def policy_forward(padding_free: PaddingFree | None) -> PolicyForward:
     need the padded one (their virtual tokens do not fit a block-diagonal mask)."""
     if padding_free is not None:
         return functools.partial(packed_logprobs_and_entropy, capacity=padding_free.capacity,
-                                 share_prompts=padding_free.share_prompts)
+                                 share_prompts=padding_free.share_prompts, whole_groups=padding_free.whole_groups)
     return policy_logprobs_and_entropy
 
 

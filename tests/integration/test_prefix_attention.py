@@ -1,0 +1,154 @@
+"""Attention over a padding-free RL batch's prompt copies and completions only (`models.prefix_attention`): the
+same logprobs, values and gradients as the dense block mask, in float64, wherever the tree is taken; the
+dense mask wherever it is not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+from posttrain.models import prefix_attention
+from posttrain.models.cpu_attention import ATTENTION, use_cpu_attention
+from posttrain.models.prefix_attention import PrefixTree
+from posttrain.models.value import ActorCritic
+from posttrain.recipes.rl_loop import rollout_forward
+from posttrain.rollout import Rollout
+from posttrain.rollout.recompute import PaddingFree, pack_rollout, packed_logprobs_and_entropy
+
+# Three prompts of 5, 2 and 7 tokens with 3, 1 and 4 completions of ragged lengths (one of a single token).
+GROUPS = [(5, [4, 1, 6]), (2, [3]), (7, [2, 5, 5, 3])]
+
+
+def grouped_rollout(vocab: int, eos: int) -> Rollout:
+    generator = torch.Generator().manual_seed(0)
+    rows = [(prompt, completion) for prompt, completions in GROUPS for completion in completions]
+    longest_prompt, longest_completion = max(p for p, _ in rows), max(c for _, c in rows)
+    prompts = [torch.randint(0, vocab, (p,), generator=generator) for p, _ in GROUPS]
+    prompt_ids = torch.randint(0, vocab, (len(rows), longest_prompt), generator=generator)  # garbage in the padding
+    completion_ids = torch.randint(0, vocab, (len(rows), longest_completion), generator=generator)
+    completion_ids[completion_ids == eos] = eos - 1
+    prompt_mask, response_mask = torch.zeros_like(prompt_ids), torch.zeros_like(completion_ids)
+    index = [g for g, (_, completions) in enumerate(GROUPS) for _ in completions]
+    for i, ((prompt, completion), group) in enumerate(zip(rows, index, strict=True)):
+        prompt_ids[i, longest_prompt - prompt:] = prompts[group]
+        prompt_mask[i, longest_prompt - prompt:] = 1
+        response_mask[i, :completion] = 1
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   response_mask=response_mask, logprobs=torch.zeros(completion_ids.shape),
+                   finish_reasons=["length"] * len(rows), texts=[""] * len(rows),
+                   prompt_index=torch.tensor(index), temperature=0.9)
+
+
+def float64_model(vocab: int, kind=AutoModelForCausalLM, **config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    settings = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64) | config
+    model = kind.from_config(LlamaConfig(**settings), attn_implementation="sdpa").double()
+    assert use_cpu_attention(model) == 1 and model.config._attn_implementation == ATTENTION
+    return model
+
+
+@pytest.fixture
+def tree_calls(monkeypatch):
+    """How many attention calls went through the tree."""
+    calls = []
+    original = prefix_attention.prefix_tree_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prefix_attention, "prefix_tree_attention", counted)
+    return calls
+
+
+def without_tree(monkeypatch):
+    monkeypatch.setattr(prefix_attention, "applies", lambda *_: False)
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "a-prompt-per-sample"])
+@pytest.mark.parametrize("capacity", [None, 12, 1000], ids=["one-row", "rows-of-12", "rows-of-1000"])
+def test_logprobs_and_gradients_through_the_tree_equal_the_dense_masks(tokenizer, monkeypatch, tree_calls, share,
+                                                                       capacity):
+    model = float64_model(len(tokenizer))
+    rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
+    results = []
+    for use_tree in (True, False):
+        if not use_tree:
+            without_tree(monkeypatch)
+        model.zero_grad()
+        logprobs, _ = packed_logprobs_and_entropy(model, rollout, capacity=capacity, share_prompts=share)
+        (logprobs * torch.linspace(0.5, 1.5, logprobs.numel(), dtype=torch.float64).view_as(logprobs)).sum().backward()
+        results.append((logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        if use_tree:
+            assert len(tree_calls) == model.config.num_hidden_layers  # every layer took the tree
+    (tree_logprobs, tree_grads), (dense_logprobs, dense_grads) = results
+    assert_close(tree_logprobs, dense_logprobs, rtol=0, atol=1e-12)
+    assert (tree_logprobs[rollout.response_mask == 0] == 0).all()
+    for name, grad in dense_grads.items():
+        assert grad.abs().max() > 0, name
+        assert_close(tree_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_actor_critic_forward_passes_the_tree_to_actor_and_critic(tokenizer, monkeypatch, tree_calls):
+    """PPO's separate critic is a model of its own: its trunk takes the tree too, and its values are the dense ones."""
+    vocab = len(tokenizer)
+    critic = float64_model(vocab, AutoModelForSequenceClassification, num_hidden_layers=3, num_labels=1)
+    policy = ActorCritic(float64_model(vocab), critic, values=True)
+    rollout = grouped_rollout(vocab, tokenizer.eos_token_id)
+    layout = PaddingFree(capacity=16, share_prompts=True)
+    logprobs, _, values = rollout_forward(policy, rollout, padding_free=layout)
+    assert len(tree_calls) == 2 + 3
+    without_tree(monkeypatch)
+    dense_logprobs, _, dense_values = rollout_forward(policy, rollout, padding_free=layout)
+    assert_close(logprobs, dense_logprobs, rtol=0, atol=1e-12)
+    assert_close(values, dense_values, rtol=0, atol=1e-12)
+
+
+def test_a_sliding_window_layer_uses_the_dense_mask(tokenizer, tree_calls):
+    """Mistral's layers pass their window to the attention function: the tree knows nothing of windows, so the
+    dense mask (which has the window cut in) computes it."""
+    from transformers import MistralConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4), attn_implementation="sdpa").double()
+    use_cpu_attention(model)
+    rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
+    packed_logprobs_and_entropy(model, rollout, share_prompts=True)
+    assert tree_calls == []
+
+
+def test_the_tree_of_packed_rows_indexes_each_prompt_copy_and_completion():
+    """Two rows of 8: row 0 holds a prompt of 2 with completions of 3 and 1; row 1 a prompt of 3 with one of 2."""
+    tree = PrefixTree.of_rows(8, [[(0, 2, [(2, 3), (5, 1)])], [(0, 3, [(3, 2)])]])
+    assert tree.prompt_index.tolist() == [[0, 1, 0], [8, 9, 10]]  # padding points at the copy's first token
+    assert tree.completion_index.tolist() == [[2, 3, 4], [5, 0, 0], [11, 12, 8]]
+    assert tree.key_index.tolist() == [[0, 1, 0, 2, 3, 4], [0, 1, 0, 5, 0, 0], [8, 9, 10, 11, 12, 8]]
+    mask = tree.completion_mask[:, 0].int().tolist()
+    assert mask[0] == [[1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 0, 1, 1, 1]]
+    assert mask[2] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    # Every real token goes back exactly once, padding slots (6, 7, 13, 14, 15) get nothing.
+    assert sorted(tree.targets.tolist()) == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+    computed = torch.arange(2 * 3 + 3 * 3)  # prompt outputs [2 x 3], then completion outputs [3 x 3]
+    assert dict(zip(tree.targets.tolist(), computed[tree.sources].tolist(), strict=True)) == {
+        0: 0, 1: 1, 8: 3, 9: 4, 10: 5, 2: 6, 3: 7, 4: 8, 5: 9, 11: 12, 12: 13}
+
+
+def test_pack_rollout_builds_the_tree_of_its_rows(tokenizer):
+    rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
+    packed = pack_rollout(rollout, capacity=None, share_prompts=True)
+    tree = packed.prefix_tree
+    assert (tree.rows, tree.width) == tuple(packed.input_ids.shape)
+    flat = packed.input_ids.flatten()
+    # Each prompt copy's tokens are its prompt's real tokens; each completion's its completion's.
+    first = 0  # the group's first rollout row
+    for copy, (prompt, completions) in zip(tree.prompt_index, GROUPS, strict=True):
+        assert flat[copy[:prompt]].tolist() == rollout.prompt_ids[first][rollout.prompt_mask[first].bool()].tolist()
+        first += len(completions)
+    lengths = [c for _, completions in GROUPS for c in completions]
+    for i, (index, n) in enumerate(zip(tree.completion_index, lengths, strict=True)):
+        assert flat[index[:n]].tolist() == rollout.completion_ids[i, :n].tolist()
