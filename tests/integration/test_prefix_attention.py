@@ -152,3 +152,22 @@ def test_pack_rollout_builds_the_tree_of_its_rows(tokenizer):
     lengths = [c for _, completions in GROUPS for c in completions]
     for i, (index, n) in enumerate(zip(tree.completion_index, lengths, strict=True)):
         assert flat[index[:n]].tolist() == rollout.completion_ids[i, :n].tolist()
+
+
+def test_whole_groups_get_no_dense_mask_and_a_layer_that_cannot_take_the_tree_refuses(tokenizer, monkeypatch):
+    """Groups kept whole (rows as wide as a prompt and all its completions) get no R x W^2 mask; their logprobs are
+    those of groups cut to the capacity under the dense mask; a layer that could not compute from the tree would
+    be left with no mask at all, and stops instead."""
+    model = float64_model(len(tokenizer))
+    rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
+    packed = pack_rollout(rollout, capacity=4, share_prompts=True, whole_groups=True)
+    mask = packed.attention_mask
+    assert mask.untyped_storage().nbytes() == mask.element_size() and mask.shape[2:] == packed.input_ids.shape[1:] * 2
+    assert len(packed.prefix_tree.prompt_index) == len(GROUPS)  # one copy of each prompt: nothing cut at 4 tokens
+    whole, _ = packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True, whole_groups=True)
+    cut, _ = packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True)
+    assert len(pack_rollout(rollout, capacity=4, share_prompts=True).prefix_tree.prompt_index) == 8  # a copy each
+    assert_close(whole, cut, rtol=0, atol=1e-12)
+    without_tree(monkeypatch)
+    with pytest.raises(RuntimeError, match="update.share_prompts=false"):
+        packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True, whole_groups=True)

@@ -58,6 +58,9 @@ def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
     tree = kwargs.pop(prefix_attention.KEYWORD, None)
     if prefix_attention.applies(tree, query, kwargs):
         return prefix_attention.prefix_tree_attention(_forward, module, query, key, value, tree, **kwargs)
+    if prefix_attention.is_unmaterialised(attention_mask):
+        raise RuntimeError(f"{type(module).__name__} cannot compute this padding-free forward from its prefix tree "
+                           f"and it has no dense mask (the layer got {sorted(kwargs)}): set update.share_prompts=false")
     # A float64 (or float16) model's attention is left to autocast, which leaves it in its own dtype: fp32 copies
     # here would hand a bf16 output to its float64 output projection.
     if (query.device.type != "cpu" or autocast_dtype("cpu") != torch.bfloat16

@@ -23,6 +23,9 @@ cut into pieces, each with its own copy of the prompt; with it, the width costs 
 The dense mask stays the fallback and the reference: models whose layers run another attention (a sliding
 window, soft-capping, position biases, a non-SDPA implementation), devices other than the CPU (not measured
 there) and forwards that receive no tree use it, with the same numbers up to rounding (tested in float64).
+A forward that keeps groups whole (`rollout.recompute.PaddingFree.whole_groups`, only for models whose every layer
+takes the tree) gets no dense mask at all (`unmaterialised_mask`): its rows are as wide as a prompt and all its
+completions, and a dense mask of them would cost R * W^2.
 """
 
 from __future__ import annotations
@@ -96,6 +99,20 @@ class PrefixTree:
     def to(self, device: torch.device | str) -> PrefixTree:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), Tensor)})
+
+
+def unmaterialised_mask(rows: int, width: int, dtype: torch.dtype) -> Tensor:
+    """The [R, 1, W, W] attention mask of a forward whose every layer takes its `PrefixTree`, without R * W^2 of
+    memory (a group of G completions of C tokens after a P-token prompt is one row of W = P + G * C, a dense mask
+    of 4 W^2 bytes: 1 GB at W = 16,000): one NaN seen through a view. transformers hands a 4-D mask to the
+    attention function as it is; a layer that computed with it instead of the tree would give NaN, so
+    `cpu_attention` refuses that (`is_unmaterialised`) rather than compute."""
+    return torch.full((1, 1, 1, 1), float("nan"), dtype=dtype).expand(rows, 1, width, width)
+
+
+def is_unmaterialised(mask: Tensor | None) -> bool:
+    return (isinstance(mask, Tensor) and mask.dim() == 4 and mask.is_floating_point()
+            and mask.untyped_storage().nbytes() == mask.element_size() and bool(mask[0, 0, 0, 0].isnan()))
 
 
 Attend = Callable[..., tuple[Tensor, Tensor | None]]

@@ -28,7 +28,7 @@ from posttrain.models.attention import layer_attention_mask
 from posttrain.models.cpu_attention import tree_keywords
 from posttrain.models.device import model_device, move_to
 from posttrain.models.heads import floating_dtype, forward_keeping, output_head_at
-from posttrain.models.prefix_attention import PrefixTree
+from posttrain.models.prefix_attention import PrefixTree, unmaterialised_mask
 from posttrain.rollout.base import Rollout
 
 
@@ -213,7 +213,9 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
         segments[r, start:] = parents[r, start:] = segment
     return PackedRollout(
         input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-        attention_mask=block_causal_mask(segments, mask_dtype, parents).to(device),
+        # whole groups go only to models whose every layer computes from the tree: no dense mask of R x W^2
+        attention_mask=(unmaterialised_mask(len(rows), width, mask_dtype) if whole_groups
+                        else block_causal_mask(segments, mask_dtype, parents)).to(device),
         source_rows=torch.cat([rows_ for rows_, _ in sources]).to(device),
         source_cols=torch.cat([cols for _, cols in sources]).to(device),
         target_rows=torch.cat([torch.full((n,), i) for i, n in targets]).to(device),
