@@ -31,7 +31,7 @@ from posttrain.models import build_model, load_causal_lm, load_tokenizer, save_p
 from posttrain.models.value import ActorCritic, build_value_model
 from posttrain.recipes import find_recipe
 from posttrain.recipes.ppo import PPOConfig, main, train_ppo
-from posttrain.recipes.rl_loop import RLStepSource, packing, rl_loss_fn, rollout_forward, split_by_tokens
+from posttrain.recipes.rl_loop import RLStepSource, rl_loss_fn, rollout_forward, split_by_tokens
 from posttrain.rewards.functions import WeightedRewards
 from posttrain.rollout import Rollout, RolloutEngine, make_engine
 from posttrain.rollout.forward import left_pad
@@ -144,7 +144,7 @@ def test_the_first_update_of_an_iteration_has_ratio_exactly_one(lm_dir, tokenize
     step = source.next_step()
     assert torch.equal(source.last.kl, torch.zeros_like(source.last.kl))
     for batch in step.micro_batches:
-        logprobs, _, values = rollout_forward(model, batch.rollout, padding_free=packing(source.cfg.update))
+        logprobs, _, values = rollout_forward(model, batch.rollout, padding_free=batch.layout)
         assert torch.equal(logprobs, batch.old_logprobs) and torch.equal(values, batch.old_values)
 
 
@@ -306,7 +306,9 @@ def test_the_minibatch_loss_is_invariant_to_micro_batching(lm_dir, tokenizer, se
     if split.startswith("update.micro_batch_tokens"):
         for batch in several.micro_batches:  # the positions the forward computes
             padded = "update.padding_free=false" in settings
-            layout = batch.rollout.input_ids if padded else pack_rollout(batch.rollout, 128).input_ids
+            layout = batch.rollout.input_ids if padded else pack_rollout(
+                batch.rollout, 128, share_prompts=batch.layout.share_prompts,
+                whole_groups=batch.layout.whole_groups).input_ids
             assert layout.numel() <= 200
     assert whole.abs().sum() > 0
     assert_close(cut, whole, rtol=1e-9, atol=1e-12)
@@ -394,17 +396,17 @@ def test_padding_free_and_padded_forwards_give_the_same_outputs_and_loss_gradien
             laid_out = pack_rollout(batch.rollout, 40, share_prompts=True).input_ids.numel()
             assert len(set(keys)) < len(keys) and laid_out < pack_rollout(batch.rollout, 40).input_ids.numel()
     grads = []
-    layouts = ({"padding_free": True, "padding_free_capacity": padding_free.capacity,
-                "share_prompts": padding_free.share_prompts}, {"padding_free": False})
-    for update in (dataclasses.replace(source.cfg.update, **fields) for fields in layouts):
-        cfg = dataclasses.replace(source.cfg, update=update)
+    # the loss's forward in the micro-batch's layout: this one, with groups kept whole (the models take the prefix
+    # tree), and padded
+    for layout in (padding_free, dataclasses.replace(padding_free, whole_groups=padding_free.share_prompts), None):
         model.zero_grad()
         for batch in step.micro_batches:
-            loss, _ = rl_loss_fn(cfg, 6)(model, batch, step.normaliser)
+            loss, _ = rl_loss_fn(source.cfg, 6)(model, dataclasses.replace(batch, layout=layout), step.normaliser)
             loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0
-    assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    assert_close(grads[0], grads[2], rtol=1e-9, atol=1e-12)
+    assert_close(grads[1], grads[2], rtol=1e-9, atol=1e-12)
 
 
 def scores_minus_first_value(inputs, *, gamma, lam, eps):

@@ -13,7 +13,7 @@ from posttrain.models import prefix_attention
 from posttrain.models.cpu_attention import ATTENTION, use_cpu_attention
 from posttrain.models.prefix_attention import PrefixTree
 from posttrain.models.value import ActorCritic
-from posttrain.recipes.rl_loop import rollout_forward
+from posttrain.recipes.rl_loop import rollout_forward, split_by_tokens
 from posttrain.rollout import Rollout
 from posttrain.rollout.recompute import PaddingFree, pack_rollout, packed_logprobs_and_entropy
 
@@ -128,7 +128,7 @@ def test_the_tree_of_packed_rows_indexes_each_prompt_copy_and_completion():
     assert tree.prompt_index.tolist() == [[0, 1, 0], [8, 9, 10]]  # padding points at the copy's first token
     assert tree.completion_index.tolist() == [[2, 3, 4], [5, 0, 0], [11, 12, 8]]
     assert tree.key_index.tolist() == [[0, 1, 0, 2, 3, 4], [0, 1, 0, 5, 0, 0], [8, 9, 10, 11, 12, 8]]
-    mask = tree.completion_mask[:, 0].int().tolist()
+    mask = (tree.completion_mask[:, 0] == 0).int().tolist()  # additive: 0 where seen
     assert mask[0] == [[1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 0, 1, 1, 1]]
     assert mask[2] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     # Every real token goes back exactly once, padding slots (6, 7, 13, 14, 15) get nothing.
@@ -164,6 +164,8 @@ def test_whole_groups_get_no_dense_mask_and_a_layer_that_cannot_take_the_tree_re
     mask = packed.attention_mask
     assert mask.untyped_storage().nbytes() == mask.element_size() and mask.shape[2:] == packed.input_ids.shape[1:] * 2
     assert len(packed.prefix_tree.prompt_index) == len(GROUPS)  # one copy of each prompt: nothing cut at 4 tokens
+    tokens = sum(prompt + sum(completions) for prompt, completions in GROUPS)
+    assert packed.input_ids.shape == (1, tokens)  # side by side in one row: no padding
     whole, _ = packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True, whole_groups=True)
     cut, _ = packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True)
     assert len(pack_rollout(rollout, capacity=4, share_prompts=True).prefix_tree.prompt_index) == 8  # a copy each
@@ -171,3 +173,34 @@ def test_whole_groups_get_no_dense_mask_and_a_layer_that_cannot_take_the_tree_re
     without_tree(monkeypatch)
     with pytest.raises(RuntimeError, match="update.share_prompts=false"):
         packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True, whole_groups=True)
+
+
+def test_a_token_budget_cuts_whole_groups_into_micro_batches_within_it(tokenizer):
+    """update.micro_batch_tokens bounds what a micro-batch's forward computes: a group kept whole in its forward is
+    still cut between micro-batches where it is larger than the budget (each piece then has its prompt copy)."""
+    rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
+    layout = PaddingFree(capacity=8, share_prompts=True, whole_groups=True)
+    pieces = split_by_tokens(torch.arange(len(rollout.finish_reasons)), rollout, 12, layout)
+    assert len(pieces) > len(GROUPS) and sorted(torch.cat(pieces).tolist()) == list(range(8))
+    for piece in pieces:
+        packed = pack_rollout(rollout.select(piece), 8, share_prompts=True, whole_groups=True)
+        assert packed.input_ids.numel() <= 12
+
+
+def test_latent_attention_whose_values_are_narrower_than_its_keys_takes_the_tree(tokenizer, monkeypatch, tree_calls):
+    """DeepSeek-V3's multi-head latent attention: queries and keys of 12 dims per head, values of 6."""
+    from transformers import DeepseekV3Config
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                              n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
+    use_cpu_attention(model)
+    rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
+    logprobs, _ = packed_logprobs_and_entropy(model, rollout, share_prompts=True)
+    assert len(tree_calls) == 2
+    without_tree(monkeypatch)
+    dense, _ = packed_logprobs_and_entropy(model, rollout, share_prompts=True)
+    assert_close(logprobs, dense, rtol=0, atol=1e-12)

@@ -10,7 +10,7 @@ it hides, so a row costs W^2 whatever it holds: a prompt of P tokens shared by G
 `prefix_tree_attention` computes the same attention as the dense mask from it, in two calls of the model's own
 attention function: every prompt copy causally over itself ([U, Pmax] rows, no mask: the kernel's causal
 path), and every completion's tokens over its prompt then its own past ([S, Cmax] queries against
-[S, Pmax + Cmax] keys gathered from the flat axis; a boolean mask hides the padding). The outputs go back to
+[S, Pmax + Cmax] keys gathered from the flat axis; an additive mask hides the padding). The outputs go back to
 the packed rows; padding slots of the rows get zeros (nothing reads them: no real token attends to a padding
 slot and no loss sits on one). Gradients are exact: the gather's backward sums what every completion sent to
 its shared prompt's keys and values, as the dense mask's does.
@@ -59,16 +59,19 @@ class PrefixTree:
     completion_index: Tensor
     """[S, Cmax] flat index of each completion's tokens."""
     completion_mask: Tensor
-    """[S, 1, Cmax, Pmax + Cmax] bool: completion token i sees prompt token p < P of its copy and its own j <= i."""
+    """[S, 1, Cmax, Pmax + Cmax] additive, in the forward's floating dtype: completion token i sees prompt token
+    p < P of its copy and its own j <= i. Additive, not boolean: SDPA turns a boolean mask into a float one in every
+    layer and keeps each for the backward; one float mask is shared by all layers."""
     sources: Tensor
     """[N] positions in cat(prompt outputs [U * Pmax], completion outputs [S * Cmax]) of the real tokens..."""
     targets: Tensor
     """[N] ...and the flat index each goes back to."""
 
     @staticmethod
-    def of_rows(width: int, rows: Sequence[Sequence[tuple[int, int, Sequence[tuple[int, int]]]]]) -> PrefixTree:
+    def of_rows(width: int, rows: Sequence[Sequence[tuple[int, int, Sequence[tuple[int, int]]]]],
+                mask_dtype: torch.dtype = torch.float32) -> PrefixTree:
         """The tree of packed rows of `width` tokens, given per row its units as (prompt start column, prompt
-        length, [(completion start column, completion length), ...])."""
+        length, [(completion start column, completion length), ...]); the mask in `mask_dtype` (the model's)."""
         units = [(r * width + start, length, [(r * width + s, n) for s, n in completions])
                  for r, row in enumerate(rows) for start, length, completions in row]
         longest_prompt = max((length for _, length, _ in units), default=0)
@@ -86,8 +89,10 @@ class PrefixTree:
         completion_lengths = torch.tensor([n for _, _, n in completions], dtype=torch.long)
         sees_prompt = torch.arange(longest_prompt)[None, None, :] < prompt_lengths[unit_of][:, None, None]
         own = torch.ones(longest_completion, longest_completion, dtype=torch.bool).tril()
-        completion_mask = torch.cat([sees_prompt.expand(-1, longest_completion, -1),
-                                     own[None].expand(len(completions), -1, -1)], dim=2)[:, None]
+        allowed = torch.cat([sees_prompt.expand(-1, longest_completion, -1),
+                             own[None].expand(len(completions), -1, -1)], dim=2)[:, None]
+        completion_mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed,
+                                                                                   torch.finfo(mask_dtype).min)
         prompt_real = torch.arange(longest_prompt)[None] < prompt_lengths[:, None]
         completion_real = torch.arange(longest_completion)[None] < completion_lengths[:, None]
         sources = torch.cat([torch.nonzero(prompt_real.flatten()).flatten(),
@@ -131,12 +136,15 @@ def applies(tree: PrefixTree | None, query: Tensor, kwargs: dict) -> bool:
 
 def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           tree: PrefixTree, **kwargs) -> tuple[Tensor, None]:
-    """The attention output [R, W, H, D] of query [R, H, W, D] and key, value [R, Hkv, W, D] under the tree's
-    block mask, computed by `attend` (the model's SDPA function) over the prompt copies and the completions."""
-    rows, heads, width, head_dim = query.shape
+    """The attention output [R, W, H, Dv] of query [R, H, W, D], key [R, Hkv, W, D] and value [R, Hkv, W, Dv] under
+    the tree's block mask, computed by `attend` (the model's SDPA function) over the prompt copies and the
+    completions. (Dv differs from D in multi-head latent attention: DeepSeek-V2/V3, MiniCPM3.)"""
+    rows, heads, width, _ = query.shape
+    value_dim = value.shape[-1]
+    kwargs.pop("is_causal", None)  # set here for each of the two calls
 
     def flat(states: Tensor) -> Tensor:  # [R, H, W, D] -> [R * W, H, D]
-        return states.transpose(1, 2).reshape(rows * width, states.shape[1], head_dim)
+        return states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[-1])
 
     def gathered(states: Tensor, index: Tensor) -> Tensor:  # [R * W, H, D] -> [len(index), H, L, D]
         # index_select, not states[index]: its backward is index_add, several times faster on the CPU than the
@@ -148,12 +156,12 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
     if tree.prompt_index.numel():
         prompt_out, _ = attend(module, gathered(query, tree.prompt_index), gathered(key, tree.prompt_index),
                                gathered(value, tree.prompt_index), None, is_causal=True, **kwargs)
-        outputs.append(prompt_out.reshape(-1, heads, head_dim))
+        outputs.append(prompt_out.reshape(-1, heads, value_dim))
     if tree.completion_index.numel():
         completion_out, _ = attend(module, gathered(query, tree.completion_index), gathered(key, tree.key_index),
                                    gathered(value, tree.key_index), tree.completion_mask, is_causal=False, **kwargs)
-        outputs.append(completion_out.reshape(-1, heads, head_dim))
+        outputs.append(completion_out.reshape(-1, heads, value_dim))
     computed = torch.cat(outputs)
-    out = computed.new_zeros(rows * width, heads, head_dim).index_copy(0, tree.targets,
-                                                                      computed.index_select(0, tree.sources))
-    return out.view(rows, width, heads, head_dim), None
+    out = computed.new_zeros(rows * width, heads, value_dim).index_copy(0, tree.targets,
+                                                                       computed.index_select(0, tree.sources))
+    return out.view(rows, width, heads, value_dim), None

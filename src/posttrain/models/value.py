@@ -12,6 +12,7 @@ models and both sets of AdamW moments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,12 +84,13 @@ class ActorCritic(nn.Module):
         return self.critic is not None or self.value_head is not None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                keep: int | tuple[Tensor, Tensor], tree: PrefixTree | None = None) -> tuple[Tensor, Tensor | None]:
+                keep: int | tuple[Tensor, Tensor],
+                tree: Callable[[], PrefixTree] | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits [B, keep, V] and values [B, keep] of the last `keep` positions, or with `keep` = (rows, cols)
         (a padding-free batch) logits [1, N, V] and values [1, N] of the N positions (rows[k], cols[k]): the
         value at a position is that of the prefix ending there (the state from which the next token is
         drawn). None for the values of a critic-free module. `tree`: a padding-free batch's prompts and
-        completions, for the attention of models that take it (`cpu_attention.tree_keywords`)."""
+        completions (built when called), for the attention of models that take it (`cpu_attention.tree_keywords`)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = attention_inputs(self.actor, batch)  # a 4-D mask gets the model's sliding window
         if isinstance(keep, tuple):

@@ -139,7 +139,7 @@ def rollout_forward(model: ActorCritic, rollout: Rollout, entropy_grad: bool = F
         packed = pack_rollout(rollout, padding_free.capacity, mask_dtype=floating_dtype(model),
                               share_prompts=padding_free.share_prompts, whole_groups=padding_free.whole_groups)
         logits, values = model(packed.input_ids, packed.attention_mask, packed.position_ids, keep=packed.sources,
-                               tree=packed.prefix_tree)
+                               tree=packed.tree)
         logprobs, entropy = packed_completion_logprobs(logits, rollout, packed, entropy_grad=entropy_grad)
         return move_to((logprobs, entropy, None if values is None else packed.scatter(values)), home)
     width = rollout.completion_ids.shape[1]
@@ -153,7 +153,8 @@ def packing(cfg: UpdateConfig, *models: nn.Module | None) -> PaddingFree | None:
     the padded layout; groups kept whole where every one of them takes the batch's prefix tree."""
     if not cfg.padding_free:
         return None
-    whole = cfg.share_prompts and all(takes_prefix_tree(model) for model in models if model is not None)
+    present = [model for model in models if model is not None]
+    whole = cfg.share_prompts and bool(present) and all(takes_prefix_tree(model) for model in present)
     return PaddingFree(cfg.padding_free_capacity, cfg.share_prompts, whole_groups=whole)
 
 
@@ -180,7 +181,10 @@ def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None,
     else:
         share = padding_free.share_prompts
         keys = prompt_keys(rollout.select(rows)) if share else list(range(len(rows)))
-        groups = packing_units(keys, prompts, completions, share, padding_free.unit_capacity)
+        # Whole groups are cut at the budget here (a micro-batch's piece of a group is whole in its own forward):
+        # a group larger than the budget would otherwise be one micro-batch, past the peak the budget bounds.
+        cut = budget if padding_free.whole_groups else padding_free.unit_capacity
+        groups = packing_units(keys, prompts, completions, share, cut)
         sizes = [prompts[g[0]] + sum(completions[i] for i in g) for g in groups]
         units = [[i for g in row for i in groups[g]] for row in capped_rows(sizes, padding_free.capacity)]
 

@@ -76,9 +76,14 @@ class PackedRollout:
     target_cols: Tensor
     completion_shape: tuple[int, int]
     """[B, T] of the rollout's completions."""
-    prefix_tree: PrefixTree
-    """The same layout as prompt copies and completions: attention computes only what the mask lets through
-    (`models.prefix_attention`) where the model's attention takes it (`cpu_attention.tree_keywords`)."""
+    tree: Callable[[], PrefixTree]
+    """The same layout as prompt copies and completions, built when first asked for: attention computes only what
+    the mask lets through (`models.prefix_attention`) where the model's attention takes it
+    (`cpu_attention.tree_keywords`); elsewhere (GPUs, other attention) it is never built."""
+
+    @property
+    def prefix_tree(self) -> PrefixTree:
+        return self.tree()
 
     @property
     def sources(self) -> tuple[Tensor, Tensor]:
@@ -96,7 +101,8 @@ class PaddingFree:
     """How a padding-free forward lays a rollout out (`pack_rollout`): rows of about `capacity` tokens
     (None: one row), and one copy of each prompt per group of its samples (`share_prompts`), the group cut
     into pieces of at most `capacity` tokens (each with its copy of the prompt) unless `whole_groups`: where the
-    model's attention takes the batch's `PrefixTree`, a wide row costs it nothing and a cut only repeats the prompt."""
+    model's attention takes the batch's `PrefixTree`, a wide row costs it nothing and a cut only repeats the prompt,
+    so whole groups go side by side in one row (no padding) with no dense mask (`unmaterialised_mask`)."""
 
     capacity: int | None = None
     share_prompts: bool = False
@@ -104,7 +110,8 @@ class PaddingFree:
 
     @property
     def unit_capacity(self) -> int | None:
-        """The most tokens of a group `packing_units` lays out after one copy of its prompt (None: all)."""
+        """The most tokens of a group `packing_units` lays out after one copy of its prompt, and of a row (None:
+        all)."""
         return None if self.whole_groups else self.capacity
 
 
@@ -144,10 +151,9 @@ def packing_units(keys: Sequence[Hashable], prompt_lengths: Sequence[int], compl
 def packed_width_cost(keys: Sequence[Hashable], prompt_lengths: Sequence[int], completion_lengths: Sequence[int],
                       layout: PaddingFree) -> int:
     """Token positions (packed rows x their width) the padding-free forward of these samples computes."""
-    capacity = layout.capacity
     units = packing_units(keys, prompt_lengths, completion_lengths, layout.share_prompts, layout.unit_capacity)
     sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
-    return padded_slots(sizes, capped_rows(sizes, capacity))
+    return padded_slots(sizes, capped_rows(sizes, layout.unit_capacity))
 
 
 def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torch.dtype = torch.float32,
@@ -170,7 +176,7 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
     units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts,
                           None if whole_groups else capacity)
     sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
-    rows = capped_rows(sizes, capacity)
+    rows = capped_rows(sizes, None if whole_groups else capacity)  # whole groups: one row, no padding at all
     width = max(sum(sizes[u] for u in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -221,7 +227,7 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
         target_rows=torch.cat([torch.full((n,), i) for i, n in targets]).to(device),
         target_cols=torch.cat([torch.arange(n) for _, n in targets]).to(device),
         completion_shape=tuple(rollout.completion_ids.shape),
-        prefix_tree=PrefixTree.of_rows(width, tree_rows).to(device))
+        tree=functools.cache(lambda: PrefixTree.of_rows(width, tree_rows, mask_dtype).to(device)))
 
 
 def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None,
@@ -239,7 +245,7 @@ def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temper
     with output_head_at(model, *packed.sources):
         mask = layer_attention_mask(model, packed.attention_mask, packed.position_ids)  # the model's sliding window
         logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                       use_cache=False, **tree_keywords(model, packed.prefix_tree)).logits  # [1, N, V]
+                       use_cache=False, **tree_keywords(model, packed.tree)).logits  # [1, N, V]
     return move_to(packed_completion_logprobs(logits, rollout, packed, temperature, entropy), home)
 
 
