@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from posttrain.models import prefix_attention
 from posttrain.models.cpu_attention import ATTENTION, use_cpu_attention
-from posttrain.models.prefix_attention import PrefixTree
+from posttrain.models.prefix_attention import PrefixTree, length_buckets
 from posttrain.models.value import ActorCritic
 from posttrain.recipes.rl_loop import rollout_forward, split_by_tokens
 from posttrain.rollout import Rollout
@@ -62,6 +62,10 @@ def tree_calls(monkeypatch):
 
     monkeypatch.setattr(prefix_attention, "prefix_tree_attention", counted)
     return calls
+
+
+def prompt_copies(packed) -> int:
+    return sum(len(call.queries) for call in packed.prefix_tree.calls if call.keys is None)
 
 
 def without_tree(monkeypatch):
@@ -123,19 +127,29 @@ def test_a_sliding_window_layer_uses_the_dense_mask(tokenizer, tree_calls):
 
 
 def test_the_tree_of_packed_rows_indexes_each_prompt_copy_and_completion():
-    """Two rows of 8: row 0 holds a prompt of 2 with completions of 3 and 1; row 1 a prompt of 3 with one of 2."""
+    """Two rows of 8: row 0 holds a prompt of 2 with completions of 3 and 1; row 1 a prompt of 3 with one of 2. The
+    completion of 1 token is less than half the longest (3): a call of its own, not padded to 3."""
     tree = PrefixTree.of_rows(8, [[(0, 2, [(2, 3), (5, 1)])], [(0, 3, [(3, 2)])]])
-    assert tree.prompt_index.tolist() == [[0, 1, 0], [8, 9, 10]]  # padding points at the copy's first token
-    assert tree.completion_index.tolist() == [[2, 3, 4], [5, 0, 0], [11, 12, 8]]
-    assert tree.key_index.tolist() == [[0, 1, 0, 2, 3, 4], [0, 1, 0, 5, 0, 0], [8, 9, 10, 11, 12, 8]]
-    mask = (tree.completion_mask[:, 0] == 0).int().tolist()  # additive: 0 where seen
-    assert mask[0] == [[1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 0, 1, 1, 1]]
-    assert mask[2] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    # Every real token goes back exactly once, padding slots (6, 7, 13, 14, 15) get nothing.
-    assert sorted(tree.targets.tolist()) == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
-    computed = torch.arange(2 * 3 + 3 * 3)  # prompt outputs [2 x 3], then completion outputs [3 x 3]
+    prompts, long_completions, short_completion = tree.calls
+    assert prompts.queries.tolist() == [[8, 9, 10], [0, 1, 0]] and prompts.keys is None  # causal over themselves
+    assert long_completions.queries.tolist() == [[11, 12, 8], [2, 3, 4]]  # padding points at the prompt's start
+    assert long_completions.keys.tolist() == [[8, 9, 10, 11, 12, 8], [0, 1, 0, 2, 3, 4]]
+    seen = (long_completions.mask[:, 0] == 0).int().tolist()  # additive: 0 where seen
+    assert seen[0] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert seen[1] == [[1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 0, 1, 1, 1]]
+    assert short_completion.queries.tolist() == [[5]] and short_completion.keys.tolist() == [[0, 1, 5]]
+    assert (short_completion.mask == 0).all()
+    # Every real token goes back exactly once from its place in the calls' outputs; padding slots get nothing.
+    computed = torch.arange(sum(call.queries.numel() for call in tree.calls))
     assert dict(zip(tree.targets.tolist(), computed[tree.sources].tolist(), strict=True)) == {
-        0: 0, 1: 1, 8: 3, 9: 4, 10: 5, 2: 6, 3: 7, 4: 8, 5: 9, 11: 12, 12: 13}
+        8: 0, 9: 1, 10: 2, 0: 3, 1: 4, 11: 6, 12: 7, 2: 9, 3: 10, 4: 11, 5: 12}
+
+
+def test_length_buckets_keep_each_bucket_within_twice_its_shortest():
+    assert length_buckets([3, 40, 1, 17, 33, 0, 2]) == [[1, 4], [3], [0, 6], [2], [5]]  # 40 33 | 17 | 3 2 | 1 | 0
+    # 60 completions of 50 tokens and 4 of 1024: padding all 64 to 1024 would attend 13x the pairs needed
+    lengths = [50] * 60 + [1024] * 4
+    assert sorted(len(b) for b in length_buckets(lengths)) == [4, 60]
 
 
 def test_pack_rollout_builds_the_tree_of_its_rows(tokenizer):
@@ -143,15 +157,15 @@ def test_pack_rollout_builds_the_tree_of_its_rows(tokenizer):
     packed = pack_rollout(rollout, capacity=None, share_prompts=True)
     tree = packed.prefix_tree
     assert (tree.rows, tree.width) == tuple(packed.input_ids.shape)
+    # Every real token of the row goes back once, and the prompt copies are the calls without keys, one per group.
+    assert sorted(tree.targets.tolist()) == list(range(packed.input_ids.numel()))
     flat = packed.input_ids.flatten()
-    # Each prompt copy's tokens are its prompt's real tokens; each completion's its completion's.
-    first = 0  # the group's first rollout row
-    for copy, (prompt, completions) in zip(tree.prompt_index, GROUPS, strict=True):
-        assert flat[copy[:prompt]].tolist() == rollout.prompt_ids[first][rollout.prompt_mask[first].bool()].tolist()
-        first += len(completions)
-    lengths = [c for _, completions in GROUPS for c in completions]
-    for i, (index, n) in enumerate(zip(tree.completion_index, lengths, strict=True)):
-        assert flat[index[:n]].tolist() == rollout.completion_ids[i, :n].tolist()
+    copies = [row for call in tree.calls if call.keys is None for row in call.queries]
+    expected = {tuple(ids[keep].tolist()) for ids, keep in zip(rollout.prompt_ids, rollout.prompt_mask.bool(),
+                                                                 strict=True)}
+    assert len(copies) == len(GROUPS)
+    assert {tuple(flat[row[:prompt]].tolist()) for row, prompt in zip(
+        copies, sorted((p for p, _ in GROUPS), reverse=True), strict=True)} == expected
 
 
 def test_whole_groups_get_no_dense_mask_and_a_layer_that_cannot_take_the_tree_refuses(tokenizer, monkeypatch):
@@ -163,12 +177,12 @@ def test_whole_groups_get_no_dense_mask_and_a_layer_that_cannot_take_the_tree_re
     packed = pack_rollout(rollout, capacity=4, share_prompts=True, whole_groups=True)
     mask = packed.attention_mask
     assert mask.untyped_storage().nbytes() == mask.element_size() and mask.shape[2:] == packed.input_ids.shape[1:] * 2
-    assert len(packed.prefix_tree.prompt_index) == len(GROUPS)  # one copy of each prompt: nothing cut at 4 tokens
+    assert prompt_copies(packed) == len(GROUPS)  # one copy of each prompt: nothing cut at 4 tokens
     tokens = sum(prompt + sum(completions) for prompt, completions in GROUPS)
     assert packed.input_ids.shape == (1, tokens)  # side by side in one row: no padding
     whole, _ = packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True, whole_groups=True)
     cut, _ = packed_logprobs_and_entropy(model, rollout, capacity=4, share_prompts=True)
-    assert len(pack_rollout(rollout, capacity=4, share_prompts=True).prefix_tree.prompt_index) == 8  # a copy each
+    assert prompt_copies(pack_rollout(rollout, capacity=4, share_prompts=True)) == 8  # a copy each
     assert_close(whole, cut, rtol=0, atol=1e-12)
     without_tree(monkeypatch)
     with pytest.raises(RuntimeError, match="update.share_prompts=false"):
@@ -179,11 +193,11 @@ def test_a_token_budget_cuts_whole_groups_into_micro_batches_within_it(tokenizer
     """update.micro_batch_tokens bounds what a micro-batch's forward computes: a group kept whole in its forward is
     still cut between micro-batches where it is larger than the budget (each piece then has its prompt copy)."""
     rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
-    layout = PaddingFree(capacity=8, share_prompts=True, whole_groups=True)
+    layout = PaddingFree(capacity=256, share_prompts=True, whole_groups=True)  # rows wider than the budget
     pieces = split_by_tokens(torch.arange(len(rollout.finish_reasons)), rollout, 12, layout)
     assert len(pieces) > len(GROUPS) and sorted(torch.cat(pieces).tolist()) == list(range(8))
     for piece in pieces:
-        packed = pack_rollout(rollout.select(piece), 8, share_prompts=True, whole_groups=True)
+        packed = pack_rollout(rollout.select(piece), 256, share_prompts=True, whole_groups=True)
         assert packed.input_ids.numel() <= 12
 
 

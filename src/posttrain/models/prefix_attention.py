@@ -7,12 +7,14 @@ it hides, so a row costs W^2 whatever it holds: a prompt of P tokens shared by G
 (P + G*C)^2 where only P^2 / 2 + G*C*(P + C) pairs are ever attended to.
 
 `PrefixTree` is where each prompt copy and each completion lies in the flat [R * W] token axis, and
-`prefix_tree_attention` computes the same attention as the dense mask from it, in two calls of the model's own
+`prefix_tree_attention` computes the same attention as the dense mask from it, in calls of the model's own
 attention function: every prompt copy causally over itself ([U, Pmax] rows, no mask: the kernel's causal
 path), and every completion's tokens over its prompt then its own past ([S, Cmax] queries against
-[S, Pmax + Cmax] keys gathered from the flat axis; an additive mask hides the padding). The outputs go back to
-the packed rows; padding slots of the rows get zeros (nothing reads them: no real token attends to a padding
-slot and no loss sits on one). Gradients are exact: the gather's backward sums what every completion sent to
+[S, Pmax + Cmax] keys gathered from the flat axis; an additive mask hides the padding), each kind in buckets of
+similar lengths (a bucket's shortest more than half its longest), so that the few completions that run to
+max_new_tokens do not pad every short one to their length. The outputs go back to the packed rows; padding
+slots of the rows get zeros (nothing reads them: no real token attends to a padding slot and no loss sits on
+one). Gradients are exact: the gather's backward sums what every completion sent to
 its shared prompt's keys and values, as the dense mask's does.
 
 Measured on an AMD EPYC Zen 5, 2 threads, fp32, one layer's forward + backward, 8 prompts x 8 completions:
@@ -42,68 +44,101 @@ KEYWORD = "prefix_tree"
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefixTree:
-    """Where the prompts and completions of a packed [R, W] forward lie, as indices into its flat R * W tokens.
+class AttentionCall:
+    """One call of the attention function over gathered tokens: queries at the flat indices `queries` [n, L], each
+    row causally over itself (`keys` None), or against the keys and values at `keys` [n, K] under the additive
+    `mask` [n, 1, L, K] (in the forward's floating dtype: SDPA would turn a boolean mask into a float copy in every
+    layer and keep each for the backward). Padding entries point at a real token, so gathers stay in range."""
 
-    U prompt copies of at most Pmax tokens and S completions of at most Cmax tokens; each completion follows
-    one prompt copy (its `unit`). Padding entries of the index tables point at a real token (its unit's first
-    prompt token) so that gathers stay in range; masks and `sources` leave them out.
-    """
+    queries: Tensor
+    keys: Tensor | None = None
+    mask: Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTree:
+    """Where the prompts and completions of a packed [R, W] forward lie, as the attention calls that compute it:
+    the prompt copies causally over themselves, then each completion over its prompt copy and its own past, each
+    kind in buckets of similar lengths (`length_buckets`), so that a few long completions do not pad every short one
+    to their length. `sources` [N] are the real tokens' positions in the calls' outputs laid end to end, `targets`
+    [N] the flat index of the packed rows each goes back to."""
 
     rows: int
     width: int
-    prompt_index: Tensor
-    """[U, Pmax] flat index of each prompt copy's tokens."""
-    key_index: Tensor
-    """[S, Pmax + Cmax] flat index of the keys each completion sees: its prompt copy's tokens, then its own."""
-    completion_index: Tensor
-    """[S, Cmax] flat index of each completion's tokens."""
-    completion_mask: Tensor
-    """[S, 1, Cmax, Pmax + Cmax] additive, in the forward's floating dtype: completion token i sees prompt token
-    p < P of its copy and its own j <= i. Additive, not boolean: SDPA turns a boolean mask into a float one in every
-    layer and keeps each for the backward; one float mask is shared by all layers."""
+    calls: tuple[AttentionCall, ...]
     sources: Tensor
-    """[N] positions in cat(prompt outputs [U * Pmax], completion outputs [S * Cmax]) of the real tokens..."""
     targets: Tensor
-    """[N] ...and the flat index each goes back to."""
 
     @staticmethod
     def of_rows(width: int, rows: Sequence[Sequence[tuple[int, int, Sequence[tuple[int, int]]]]],
                 mask_dtype: torch.dtype = torch.float32) -> PrefixTree:
         """The tree of packed rows of `width` tokens, given per row its units as (prompt start column, prompt
-        length, [(completion start column, completion length), ...]); the mask in `mask_dtype` (the model's)."""
+        length, [(completion start column, completion length), ...]); masks in `mask_dtype` (the model's)."""
         units = [(r * width + start, length, [(r * width + s, n) for s, n in completions])
                  for r, row in enumerate(rows) for start, length, completions in row]
-        longest_prompt = max((length for _, length, _ in units), default=0)
         completions = [(u, first, n) for u, (_, _, members) in enumerate(units) for first, n in members]
-        longest_completion = max((n for _, _, n in completions), default=0)
-        prompt_index = torch.tensor([[start + p if p < length else start
-                                      for p in range(longest_prompt)] for start, length, _ in units],
-                                    dtype=torch.long).reshape(len(units), longest_prompt)
-        completion_index = torch.tensor([[first + j if j < n else units[u][0] for j in range(longest_completion)]
-                                         for u, first, n in completions],
-                                        dtype=torch.long).reshape(len(completions), longest_completion)
-        unit_of = torch.tensor([u for u, _, _ in completions], dtype=torch.long)
-        key_index = torch.cat([prompt_index[unit_of], completion_index], dim=1)
-        prompt_lengths = torch.tensor([length for _, length, _ in units], dtype=torch.long)
-        completion_lengths = torch.tensor([n for _, _, n in completions], dtype=torch.long)
-        sees_prompt = torch.arange(longest_prompt)[None, None, :] < prompt_lengths[unit_of][:, None, None]
-        own = torch.ones(longest_completion, longest_completion, dtype=torch.bool).tril()
-        allowed = torch.cat([sees_prompt.expand(-1, longest_completion, -1),
-                             own[None].expand(len(completions), -1, -1)], dim=2)[:, None]
-        completion_mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed,
-                                                                                   torch.finfo(mask_dtype).min)
-        prompt_real = torch.arange(longest_prompt)[None] < prompt_lengths[:, None]
-        completion_real = torch.arange(longest_completion)[None] < completion_lengths[:, None]
-        sources = torch.cat([torch.nonzero(prompt_real.flatten()).flatten(),
-                             prompt_real.numel() + torch.nonzero(completion_real.flatten()).flatten()])
-        targets = torch.cat([prompt_index[prompt_real], completion_index[completion_real]])
-        return PrefixTree(len(rows), width, prompt_index, key_index, completion_index, completion_mask, sources,
-                          targets)
+        calls, sources, targets, done = [], [], [], 0
+
+        def add(call: AttentionCall, real: Tensor) -> None:
+            nonlocal done
+            calls.append(call)
+            sources.append(done + torch.nonzero(real.flatten()).flatten())
+            targets.append(call.queries[real])
+            done += call.queries.numel()
+
+        for bucket in length_buckets([length for _, length, _ in units]):
+            index, real = _spans([units[u][:2] for u in bucket], [units[u][0] for u in bucket])
+            add(AttentionCall(index), real)
+        lengths = [(n, units[u][1]) for u, _, n in completions]
+        for bucket in (b for outer in length_buckets([n for n, _ in lengths]) if lengths[outer[0]][0]
+                       for b in _sub_buckets(outer, [p for _, p in lengths])):
+            members = [completions[i] for i in bucket]
+            pads = [units[u][0] for u, _, _ in members]
+            prompt_index, prompt_real = _spans([units[u][:2] for u, _, _ in members], pads)
+            own_index, own_real = _spans([(first, n) for _, first, n in members], pads)
+            longest = own_index.shape[1]
+            own = torch.ones(longest, longest, dtype=torch.bool).tril()
+            allowed = torch.cat([prompt_real[:, None, :].expand(-1, longest, -1),
+                                 own[None].expand(len(members), -1, -1)], dim=2)[:, None]
+            mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+            add(AttentionCall(own_index, torch.cat([prompt_index, own_index], dim=1), mask), own_real)
+        empty = torch.zeros(0, dtype=torch.long)
+        return PrefixTree(len(rows), width, tuple(calls), torch.cat(sources) if sources else empty,
+                          torch.cat(targets) if targets else empty)
 
     def to(self, device: torch.device | str) -> PrefixTree:
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), Tensor)})
+        def moved(call: AttentionCall) -> AttentionCall:
+            return AttentionCall(*(None if t is None else t.to(device) for t in (call.queries, call.keys, call.mask)))
+
+        return dataclasses.replace(self, calls=tuple(moved(c) for c in self.calls), sources=self.sources.to(device),
+                                   targets=self.targets.to(device))
+
+
+def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of `lengths`, longest first, in buckets whose shortest is more than half their longest: a bucket
+    padded to its longest computes at most twice (per dimension) what its members need."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not buckets or 2 * lengths[i] <= lengths[buckets[-1][0]]:
+            buckets.append([])
+        buckets[-1].append(i)
+    return buckets
+
+
+def _sub_buckets(members: list[int], prompt_lengths: Sequence[int]) -> list[list[int]]:
+    """A bucket of completions cut again by their prompts' lengths (the keys are prompt + completion)."""
+    return [[members[i] for i in sub] for sub in length_buckets([prompt_lengths[m] for m in members])]
+
+
+def _spans(spans: Sequence[tuple[int, int]], pads: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Flat indices [n, longest] of the spans (start, length), padded with `pads` (one real index per span), and
+    which entries are real."""
+    longest = max((length for _, length in spans), default=0)
+    index = torch.tensor([[start + j if j < length else pad for j in range(longest)]
+                          for (start, length), pad in zip(spans, pads, strict=True)],
+                         dtype=torch.long).reshape(len(spans), longest)
+    real = torch.arange(longest)[None] < torch.tensor([length for _, length in spans], dtype=torch.long)[:, None]
+    return index, real
 
 
 def unmaterialised_mask(rows: int, width: int, dtype: torch.dtype) -> Tensor:
@@ -153,14 +188,11 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
 
     query, key, value = flat(query), flat(key), flat(value)
     outputs = []
-    if tree.prompt_index.numel():
-        prompt_out, _ = attend(module, gathered(query, tree.prompt_index), gathered(key, tree.prompt_index),
-                               gathered(value, tree.prompt_index), None, is_causal=True, **kwargs)
-        outputs.append(prompt_out.reshape(-1, heads, value_dim))
-    if tree.completion_index.numel():
-        completion_out, _ = attend(module, gathered(query, tree.completion_index), gathered(key, tree.key_index),
-                                   gathered(value, tree.key_index), tree.completion_mask, is_causal=False, **kwargs)
-        outputs.append(completion_out.reshape(-1, heads, value_dim))
+    for call in tree.calls:
+        keys = call.queries if call.keys is None else call.keys
+        output, _ = attend(module, gathered(query, call.queries), gathered(key, keys), gathered(value, keys), call.mask,
+                           is_causal=call.keys is None, **kwargs)
+        outputs.append(output.reshape(-1, heads, value_dim))
     computed = torch.cat(outputs)
     out = computed.new_zeros(rows * width, heads, value_dim).index_copy(0, tree.targets,
                                                                        computed.index_select(0, tree.sources))

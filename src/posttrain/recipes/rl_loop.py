@@ -186,7 +186,9 @@ def split_by_tokens(rows: Tensor, rollout: Rollout, budget: int | None,
         cut = budget if padding_free.whole_groups else padding_free.unit_capacity
         groups = packing_units(keys, prompts, completions, share, cut)
         sizes = [prompts[g[0]] + sum(completions[i] for i in g) for g in groups]
-        units = [[i for g in row for i in groups[g]] for row in capped_rows(sizes, padding_free.capacity)]
+        # each piece a unit of its own when whole: there are no rows of the capacity to join them into
+        units = groups if padding_free.whole_groups else [
+            [i for g in row for i in groups[g]] for row in capped_rows(sizes, padding_free.capacity)]
 
         def cost(samples: list[int]) -> int:
             return packed_width_cost([keys[i] for i in samples], [prompts[i] for i in samples],
