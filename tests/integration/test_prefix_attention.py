@@ -127,22 +127,24 @@ def test_a_sliding_window_layer_uses_the_dense_mask(tokenizer, tree_calls):
 
 
 def test_the_tree_of_packed_rows_indexes_each_prompt_copy_and_completion():
-    """Two rows of 8: row 0 holds a prompt of 2 with completions of 3 and 1; row 1 a prompt of 3 with one of 2. The
-    completion of 1 token is less than half the longest (3): a call of its own, not padded to 3."""
+    """Two rows of 8: row 0 holds a prompt of 2 with completions of 3 and 1; row 1 a prompt of 3 with one of 2, a
+    single causal sequence of 5. The completion of 1 token is less than half the longest (3): a call of its own,
+    not padded to 3."""
     tree = PrefixTree.of_rows(8, [[(0, 2, [(2, 3), (5, 1)])], [(0, 3, [(3, 2)])]])
-    prompts, long_completions, short_completion = tree.calls
-    assert prompts.queries.tolist() == [[8, 9, 10], [0, 1, 0]] and prompts.keys is None  # causal over themselves
-    assert long_completions.queries.tolist() == [[11, 12, 8], [2, 3, 4]]  # padding points at the prompt's start
-    assert long_completions.keys.tolist() == [[8, 9, 10, 11, 12, 8], [0, 1, 0, 2, 3, 4]]
-    seen = (long_completions.mask[:, 0] == 0).int().tolist()  # additive: 0 where seen
-    assert seen[0] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    assert seen[1] == [[1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 0, 1, 1, 1]]
+    alone, prompts, long_completion, short_completion = tree.calls
+    assert alone.queries.tolist() == [[8, 9, 10, 11, 12]] and alone.keys is None  # causal over itself
+    assert prompts.queries.tolist() == [[0, 1]] and prompts.keys is None
+    assert long_completion.queries.tolist() == [[2, 3, 4]] and long_completion.keys.tolist() == [[0, 1, 2, 3, 4]]
+    seen = (long_completion.mask[0, 0] == 0).int().tolist()  # additive: 0 where seen
+    assert seen == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert short_completion.queries.tolist() == [[5]] and short_completion.keys.tolist() == [[0, 1, 5]]
     assert (short_completion.mask == 0).all()
     # Every real token goes back exactly once from its place in the calls' outputs; padding slots get nothing.
     computed = torch.arange(sum(call.queries.numel() for call in tree.calls))
     assert dict(zip(tree.targets.tolist(), computed[tree.sources].tolist(), strict=True)) == {
-        8: 0, 9: 1, 10: 2, 0: 3, 1: 4, 11: 6, 12: 7, 2: 9, 3: 10, 4: 11, 5: 12}
+        8: 0, 9: 1, 10: 2, 11: 3, 12: 4, 0: 5, 1: 6, 2: 7, 3: 8, 4: 9, 5: 10}
+    padded = PrefixTree.of_rows(8, [[(0, 2, [(2, 3)]), (5, 1, [(6, 1)])]])  # two sequences of 5 and 2 tokens
+    assert [call.queries.tolist() for call in padded.calls] == [[[0, 1, 2, 3, 4]], [[5, 6]]]
 
 
 def test_length_buckets_keep_each_bucket_within_twice_its_shortest():
@@ -160,12 +162,12 @@ def test_pack_rollout_builds_the_tree_of_its_rows(tokenizer):
     # Every real token of the row goes back once, and the prompt copies are the calls without keys, one per group.
     assert sorted(tree.targets.tolist()) == list(range(packed.input_ids.numel()))
     flat = packed.input_ids.flatten()
-    copies = [row for call in tree.calls if call.keys is None for row in call.queries]
-    expected = {tuple(ids[keep].tolist()) for ids, keep in zip(rollout.prompt_ids, rollout.prompt_mask.bool(),
-                                                                 strict=True)}
-    assert len(copies) == len(GROUPS)
-    assert {tuple(flat[row[:prompt]].tolist()) for row, prompt in zip(
-        copies, sorted((p for p, _ in GROUPS), reverse=True), strict=True)} == expected
+    # Each prompt laid out once: as a copy its completions attend to, or (one completion) at the head of a sequence.
+    heads = [row for call in tree.calls if call.keys is None for row in call.queries]
+    prompts = [tuple(ids[keep].tolist()) for ids, keep in zip(rollout.prompt_ids, rollout.prompt_mask.bool(),
+                                                                strict=True)]
+    assert len(heads) == len(GROUPS)
+    assert {next(p for p in prompts if tuple(flat[row[:len(p)]].tolist()) == p) for row in heads} == set(prompts)
 
 
 def test_whole_groups_get_no_dense_mask_and_a_layer_that_cannot_take_the_tree_refuses(tokenizer, monkeypatch):

@@ -86,9 +86,19 @@ class PrefixTree:
             targets.append(call.queries[real])
             done += call.queries.numel()
 
-        for bucket in length_buckets([length for _, length, _ in units]):
-            index, real = _spans([units[u][:2] for u in bucket], [units[u][0] for u in bucket])
+        # A prompt with a single completion right after it is one causal sequence: one call over both, no copy
+        # of the prompt's keys (PPO's layout: one sample per prompt).
+        alone = {u for u, (start, length, members) in enumerate(units)
+                 if len(members) == 1 and members[0][0] == start + length}
+        sequences = [(units[u][0], units[u][1] + units[u][2][0][1]) for u in sorted(alone)]
+        for bucket in length_buckets([length for _, length in sequences]):
+            index, real = _spans([sequences[i] for i in bucket], [sequences[i][0] for i in bucket])
             add(AttentionCall(index), real)
+        shared = [u for u in range(len(units)) if u not in alone]
+        for bucket in length_buckets([units[u][1] for u in shared]):
+            index, real = _spans([units[shared[i]][:2] for i in bucket], [units[shared[i]][0] for i in bucket])
+            add(AttentionCall(index), real)
+        completions = [c for c in completions if c[0] not in alone]
         lengths = [(n, units[u][1]) for u, _, n in completions]
         for bucket in (b for outer in length_buckets([n for n, _ in lengths]) if lengths[outer[0]][0]
                        for b in _sub_buckets(outer, [p for _, p in lengths])):
