@@ -104,12 +104,13 @@ def takes_prefix_tree(model: torch.nn.Module) -> bool:
                                 and sliding_window(m.config.get_text_config()) is None for m in models)
 
 
-def tree_keywords(model: torch.nn.Module, tree: Callable[[], prefix_attention.PrefixTree]) -> dict[str, Any]:
+def tree_keywords(model: torch.nn.Module,
+                  tree: Callable[[], prefix_attention.PrefixTree] | None) -> dict[str, Any]:
     """The keywords that hand a padding-free RL forward's `PrefixTree` (built by `tree()` only here) to `model`'s
-    attention: {} unless it takes one (`takes_prefix_tree`). The keyword reaches the attention function through
-    forwards that pass extra keywords on, as transformers' do; a forward that drops it leaves the attention on the
-    dense mask it also gets."""
-    return {prefix_attention.KEYWORD: tree()} if takes_prefix_tree(model) else {}
+    attention: {} without one, or unless the model takes it (`takes_prefix_tree`). The keyword reaches the attention
+    function through forwards that pass extra keywords on, as transformers' do; a forward that drops it leaves the
+    attention on the dense mask it also gets."""
+    return {prefix_attention.KEYWORD: tree()} if tree is not None and takes_prefix_tree(model) else {}
 
 
 def attention_choice() -> str:

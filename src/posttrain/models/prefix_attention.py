@@ -8,8 +8,9 @@ it hides, so a row costs W^2 whatever it holds: a prompt of P tokens shared by G
 
 `PrefixTree` is where each prompt copy and each completion lies in the flat [R * W] token axis, and
 `prefix_tree_attention` computes the same attention as the dense mask from it, in calls of the model's own
-attention function: every prompt copy causally over itself ([U, Pmax] rows, no mask: the kernel's causal
-path), and every completion's tokens over its prompt then its own past ([S, Cmax] queries against
+attention function: a prompt with a single completion right after it as one causal sequence, every other prompt
+copy causally over itself ([U, Pmax] rows, no mask: the kernel's causal path), and every completion of those
+over its prompt then its own past ([S, Cmax] queries against
 [S, Pmax + Cmax] keys gathered from the flat axis; an additive mask hides the padding), each kind in buckets of
 similar lengths (a bucket's shortest more than half its longest), so that the few completions that run to
 max_new_tokens do not pad every short one to their length. The outputs go back to the packed rows; padding
@@ -57,8 +58,9 @@ class AttentionCall:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTree:
-    """Where the prompts and completions of a packed [R, W] forward lie, as the attention calls that compute it:
-    the prompt copies causally over themselves, then each completion over its prompt copy and its own past, each
+    """Where the prompts and completions of a packed [R, W] forward lie, as the attention calls that compute it: a
+    prompt followed by its only completion causally over itself, the other prompt copies causally over themselves,
+    then each of their completions over its prompt copy and its own past, each
     kind in buckets of similar lengths (`length_buckets`), so that a few long completions do not pad every short one
     to their length. `sources` [N] are the real tokens' positions in the calls' outputs laid end to end, `targets`
     [N] the flat index of the packed rows each goes back to."""
@@ -99,9 +101,7 @@ class PrefixTree:
             index, real = _spans([units[shared[i]][:2] for i in bucket], [units[shared[i]][0] for i in bucket])
             add(AttentionCall(index), real)
         completions = [c for c in completions if c[0] not in alone]
-        lengths = [(n, units[u][1]) for u, _, n in completions]
-        for bucket in (b for outer in length_buckets([n for n, _ in lengths]) if lengths[outer[0]][0]
-                       for b in _sub_buckets(outer, [p for _, p in lengths])):
+        for bucket in _completion_buckets([n for _, _, n in completions], [units[u][1] for u, _, _ in completions]):
             members = [completions[i] for i in bucket]
             pads = [units[u][0] for u, _, _ in members]
             prompt_index, prompt_real = _spans([units[u][:2] for u, _, _ in members], pads)
@@ -116,13 +116,6 @@ class PrefixTree:
         return PrefixTree(len(rows), width, tuple(calls), torch.cat(sources) if sources else empty,
                           torch.cat(targets) if targets else empty)
 
-    def to(self, device: torch.device | str) -> PrefixTree:
-        def moved(call: AttentionCall) -> AttentionCall:
-            return AttentionCall(*(None if t is None else t.to(device) for t in (call.queries, call.keys, call.mask)))
-
-        return dataclasses.replace(self, calls=tuple(moved(c) for c in self.calls), sources=self.sources.to(device),
-                                   targets=self.targets.to(device))
-
 
 def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     """Indices of `lengths`, longest first, in buckets whose shortest is more than half their longest: a bucket
@@ -135,9 +128,14 @@ def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return buckets
 
 
-def _sub_buckets(members: list[int], prompt_lengths: Sequence[int]) -> list[list[int]]:
-    """A bucket of completions cut again by their prompts' lengths (the keys are prompt + completion)."""
-    return [[members[i] for i in sub] for sub in length_buckets([prompt_lengths[m] for m in members])]
+def _completion_buckets(lengths: Sequence[int], prompt_lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of completions in `length_buckets` of their lengths, each cut again by their prompts' lengths (the
+    keys are prompt + completion); completions without a token in none."""
+    buckets = []
+    for outer in length_buckets(lengths):
+        if lengths[outer[0]]:
+            buckets += [[outer[i] for i in sub] for sub in length_buckets([prompt_lengths[m] for m in outer])]
+    return buckets
 
 
 def _spans(spans: Sequence[tuple[int, int]], pads: Sequence[int]) -> tuple[Tensor, Tensor]:

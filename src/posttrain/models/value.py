@@ -99,7 +99,7 @@ class ActorCritic(nn.Module):
 
             with output_head_at(self.actor, *keep):
                 out = self.actor(**inputs, output_hidden_states=self.shared, use_cache=False,
-                                 **(tree_keywords(self.actor, tree) if tree is not None else {}))
+                                 **tree_keywords(self.actor, tree))
         else:
             def kept(hidden: Tensor) -> Tensor:
                 return hidden[:, -keep:]
@@ -111,9 +111,8 @@ class ActorCritic(nn.Module):
             values = self.value_head(kept(out.hidden_states[-1])).squeeze(-1)
         else:
             trunk, head = trunk_and_head(self.critic)
-            extra = tree_keywords(trunk, tree) if tree is not None and isinstance(keep, tuple) else {}
-            values = head(kept(trunk(**attention_inputs(trunk, batch), use_cache=False, **extra).last_hidden_state)
-                          ).squeeze(-1)
+            hidden = trunk(**attention_inputs(trunk, batch), use_cache=False, **tree_keywords(trunk, tree))
+            values = head(kept(hidden.last_hidden_state)).squeeze(-1)
         return out.logits, upcast(values)  # values feed GAE and the value loss: fp32 under autocast
 
     def _unique_tensors(self) -> tuple[dict[str, Tensor], list[str]]:

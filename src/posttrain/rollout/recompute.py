@@ -173,10 +173,10 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
     if min(prompt_lengths, default=1) == 0:
         raise ValueError("every rollout row needs a real prompt token: it predicts the first completion token")
     keys = prompt_keys(rollout) if share_prompts else list(range(len(prompt_lengths)))
-    units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts,
-                          None if whole_groups else capacity)
+    cut = PaddingFree(capacity, share_prompts, whole_groups).unit_capacity  # whole groups: one row, no padding
+    units = packing_units(keys, prompt_lengths, completion_lengths, share_prompts, cut)
     sizes = [prompt_lengths[u[0]] + sum(completion_lengths[i] for i in u) for u in units]
-    rows = capped_rows(sizes, None if whole_groups else capacity)  # whole groups: one row, no padding at all
+    rows = capped_rows(sizes, cut)
     width = max(sum(sizes[u] for u in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -227,7 +227,7 @@ def pack_rollout(rollout: Rollout, capacity: int | None = None, mask_dtype: torc
         target_rows=torch.cat([torch.full((n,), i) for i, n in targets]).to(device),
         target_cols=torch.cat([torch.arange(n) for _, n in targets]).to(device),
         completion_shape=tuple(rollout.completion_ids.shape),
-        tree=functools.cache(lambda: PrefixTree.of_rows(width, tree_rows, mask_dtype).to(device)))
+        tree=functools.cache(lambda: move_to(PrefixTree.of_rows(width, tree_rows, mask_dtype), device)))
 
 
 def packed_logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float | None = None,
