@@ -1,4 +1,4 @@
-"""Attention under bf16 autocast on a CPU: in fp32 at the shapes where torch's bf16 kernel is the slower one.
+"""Attention under bf16 autocast on a CPU: per shape, the fastest of torch's kernel in bf16, in fp32, or two GEMMs.
 
 Why: torch's CPU attention (SDPA's flash kernel) runs its forward faster in bf16 than in fp32 at every shape
 measured, but its backward in bf16 has a large cost per (row, head) block that fp32 does not pay. At short
@@ -13,21 +13,25 @@ rows and small heads the bf16 forward + backward is 2-5x *slower* than fp32 (Int
 | 4 x 8 x 1024 x 64 | 176 | 89 |
 
 On the tiny model this made a bf16 pretraining step slower than fp32 (0.41 vs 0.38 s) although its GEMMs ran
-2.7x faster; with attention in fp32 the bf16 step is 1.5x faster than fp32 (0.24 vs 0.37 s).
+2.7x faster; with attention in fp32 the bf16 step is 1.5x faster than fp32 (0.24 vs 0.37 s). At these short
+rows two batched GEMMs with the softmax between them (`models.matmul_attention`: fp32 scores, bf16
+probabilities times values, the bf16 kernel's precision) are faster still: 1.5-2x the better flash precision
+on a Zen 5 EPYC at fine-tuning and RL shapes; the flash kernel wins again at long rows (512 tokens and up).
 
 `use_cpu_attention(model)` switches a model whose attention is transformers' "sdpa" to `ATTENTION`, which is
-transformers' SDPA with one difference: under CPU bf16 autocast, at a shape where fp32 forward + backward
-measured faster than bf16, it runs on fp32 copies of query, key and value (autocast off) and hands back the
-output in the query's dtype. Everywhere else (fp32 runs, GPUs, no autocast) it is transformers' SDPA as it is.
-The choice is per shape (rows and tokens rounded up to a power of two, heads, head dim, the mask's kind), the
-same whether gradients are on or not: pi_old's and the reference's no-grad passes then compute exactly what
-the update's forward does on the same micro-batch (a first update's ratio of exactly 1 needs that).
+transformers' SDPA with one difference: under CPU bf16 autocast it runs the kernel measured fastest at the
+shape (`kernel`): "bf16", transformers' SDPA as autocast runs it; "fp32", the same on fp32 copies of query, key
+and value (autocast off), the output handed back in bf16; "matmul", `models.matmul_attention` (bf16 output too).
+Everywhere else (fp32 runs, GPUs, no autocast) it is transformers' SDPA as it is. The choice is per shape (rows
+and tokens rounded up to a power of two, heads, head dim, the mask's kind), the same whether gradients are on or
+not: pi_old's and the reference's no-grad passes then compute exactly what the update's forward does on the same
+micro-batch (a first update's ratio of exactly 1 needs that).
 
-Which is faster is measured, not assumed: the first time a shape's bucket is seen, both precisions run
-forward + backward on random inputs of that bucket (a few ms to a second, once), and the answer is kept in
-memory and in a per-machine file (`models.machine_choices`, keyed by CPU, torch version and thread count), so a
-run resumed in a new process makes the same choice and stays bitwise. `POSTTRAIN_CPU_ATTENTION=fp32` or `bf16`
-fixes the choice (`bf16`: torch's kernel as it is); `auto` (the default) measures.
+Which is faster is measured, not assumed: the first time a shape's bucket is seen, each kernel runs forward +
+backward on random inputs of that bucket (a few ms to a second, once), and the answer is kept in memory and in
+a per-machine file (`models.machine_choices`, keyed by CPU, torch version and thread count), so a run resumed in
+a new process makes the same choice and stays bitwise. `POSTTRAIN_CPU_ATTENTION=fp32`, `bf16` or `matmul` fixes
+the choice (`bf16`: torch's kernel as it is); `auto` (the default) measures.
 """
 
 from __future__ import annotations
@@ -43,19 +47,20 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from posttrain.models import prefix_attention
+from posttrain.models import matmul_attention, prefix_attention
 from posttrain.models.attention import sliding_window
 from posttrain.models.machine_choices import best_seconds, measured_choice
 from posttrain.models.precision import autocast_dtype
 
 ATTENTION = "posttrain_sdpa"
-CHOICES = ("auto", "fp32", "bf16")
+KERNELS = ("fp32", "bf16", "matmul")
+CHOICES = ("auto", *KERNELS)
 
 
 def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
              **kwargs) -> tuple[Tensor, None]:
-    """transformers' SDPA; in fp32 under CPU bf16 autocast where that was measured faster (`fp32_is_faster`); over
-    a padding-free RL batch's prompts and completions only where the forward passes their `PrefixTree`."""
+    """transformers' SDPA; under CPU bf16 autocast, the kernel measured fastest at this shape (`kernel`); over a
+    padding-free RL batch's prompts and completions only where the forward passes their `PrefixTree`."""
     tree = kwargs.pop(prefix_attention.KEYWORD, None)
     if prefix_attention.applies(tree, query, kwargs):
         return prefix_attention.prefix_tree_attention(_forward, module, query, key, value, tree, **kwargs)
@@ -64,8 +69,20 @@ def _forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                            f"and it has no dense mask (the layer got {sorted(kwargs)}): set update.share_prompts=false")
     # A float64 (or float16) model's attention is left to autocast, which leaves it in its own dtype: fp32 copies
     # here would hand a bf16 output to its float64 output projection.
-    if (query.device.type != "cpu" or autocast_dtype("cpu") != torch.bfloat16
-            or query.dtype not in (torch.float32, torch.bfloat16) or not fp32_is_faster(query, key, attention_mask)):
+    chosen = "bf16"  # transformers' SDPA as it is, under autocast or not
+    if (query.device.type == "cpu" and autocast_dtype("cpu") == torch.bfloat16
+            and query.dtype in (torch.float32, torch.bfloat16)):
+        chosen = kernel(query, key, attention_mask)
+    return _run(chosen, module, query, key, value, attention_mask, **kwargs)
+
+
+def _run(chosen: str, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+         attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
+    """The attention by the `chosen` kernel (one of `KERNELS`)."""
+    if chosen == "matmul" and matmul_attention.handles(attention_mask, **kwargs):
+        # bf16 values: the probabilities-times-values product in bf16, as autocast's SDPA would compute it
+        return matmul_attention.attention(module, query, key, value.to(torch.bfloat16), attention_mask, **kwargs)
+    if chosen != "fp32":  # bf16, or a call the matmul path does not compute (dropout, a position bias)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
@@ -132,42 +149,50 @@ def _round_up(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def fp32_is_faster(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> bool:
-    """Whether this shape's attention runs faster in fp32 than in bf16 (forward + backward) on this CPU."""
+def kernel(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str:
+    """The fastest way to run this shape's attention under bf16 autocast on this CPU (forward + backward): "fp32"
+    (the flash kernel on fp32 copies), "bf16" (the flash kernel as autocast runs it) or "matmul"
+    (`models.matmul_attention`, offered where its scores are small)."""
     choice = attention_choice()
     if choice != "auto":
-        return choice == "fp32"
+        return choice
     bucket = _bucket(query, key, attention_mask)
-    name = f"attention|{'x'.join(map(str, bucket))}"
-    return measured_choice(name, ("fp32", "bf16"), lambda: _measure(bucket)) == "fp32"
+    rows, heads, _, queries, keys, _, _ = bucket
+    kernels = KERNELS if rows * heads * queries * keys <= matmul_attention.MAX_SCORES else KERNELS[:2]
+    # the kernels in the key: a choice measured before a kernel was added is measured again, not read back
+    name = f"attention|{'/'.join(kernels)}|{'x'.join(map(str, bucket))}"
+    return measured_choice(name, kernels, lambda: _measure(bucket, kernels))
 
 
-def _measure(bucket: tuple) -> str:
-    """"fp32" or "bf16": the faster precision of a causal attention of `bucket`'s shape, forward + backward, each
-    as `_forward` would run it (a float mask: fp32 in the fp32 run, its own dtype in the bf16 run)."""
+def _measure(bucket: tuple, kernels: tuple[str, ...] = KERNELS) -> str:
+    """The fastest of `kernels` for a causal attention of `bucket`'s shape, forward + backward, each run as `_forward`
+    runs it under bf16 autocast, on the inputs a Llama-like layer hands it there: query and key in fp32 (the rotary
+    embedding promotes them), value in bf16, a float mask in its kind's dtype."""
     rows, heads, kv_heads, queries, keys, head_dim, mask_kind = bucket
-    runs = {}
+    generator = torch.Generator().manual_seed(0)
     # its own tensors with autograd on, whatever mode the forward that asks runs in (no_grad, inference_mode)
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        for dtype in (torch.float32, torch.bfloat16):
-            generator = torch.Generator().manual_seed(0)
-            q = torch.randn(rows, heads, queries, head_dim, generator=generator, dtype=dtype, requires_grad=True)
-            k, v = (torch.randn(rows, kv_heads, keys, head_dim, generator=generator, dtype=dtype, requires_grad=True)
-                    for _ in range(2))
-            mask = None
-            if mask_kind != "none":
-                allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
-                mask_dtype = torch.float32 if dtype == torch.float32 else getattr(torch, mask_kind)
-                mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
-                    ~allowed, torch.finfo(mask_dtype).min)
-            runs[dtype] = functools.partial(_forward_backward, _Shape(heads // kv_heads), q, k, v, mask)
-        seconds = best_seconds(runs)
-    return "fp32" if seconds[torch.float32] < seconds[torch.bfloat16] else "bf16"
+    with torch.inference_mode(False), torch.enable_grad():
+        q = torch.randn(rows, heads, queries, head_dim, generator=generator, requires_grad=True)
+        k = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, requires_grad=True)
+        v = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, dtype=torch.bfloat16, requires_grad=True)
+    mask = None
+    if mask_kind != "none":
+        allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
+        mask_dtype = getattr(torch, mask_kind)
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
+            ~allowed, torch.finfo(mask_dtype).min)
+    grad = torch.randn(rows, queries, heads, head_dim, generator=generator, dtype=torch.bfloat16)  # a dense one
+    runs = {way: functools.partial(_forward_backward, way, _Shape(heads // kv_heads), q, k, v, mask, grad)
+            for way in kernels}
+    return min(kernels, key=best_seconds(runs).get)
 
 
-def _forward_backward(module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
-    output, _ = sdpa_attention_forward(module, q, k, v, mask)
-    output.sum().backward()
+def _forward_backward(way: str, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                      grad: Tensor) -> None:
+    with torch.inference_mode(False), torch.enable_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, _ = _run(way, module, q, k, v, mask)
+        output.backward(grad)
 
 
 class _Shape(torch.nn.Module):
