@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.config import ModelConfig
 from posttrain.models import build_model, cpu_attention, machine_choices
-from posttrain.models.cpu_attention import ATTENTION, fp32_is_faster, use_cpu_attention
+from posttrain.models.cpu_attention import ATTENTION, kernel, use_cpu_attention
 from posttrain.models.machine_choices import cache_file
 
 
@@ -92,45 +92,45 @@ def test_a_float64_or_float16_models_attention_under_bf16_autocast_stays_in_its_
 
 def test_an_unknown_choice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="POSTTRAIN_CPU_ATTENTION must be one of auto, fp32, bf16"):
-        fp32_is_faster(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), None)
+    with pytest.raises(ValueError, match="POSTTRAIN_CPU_ATTENTION must be one of auto, fp32, bf16, matmul"):
+        kernel(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), None)
 
 
 def test_auto_measures_once_per_bucket_and_a_new_process_reads_the_machines_answer(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "auto")
     measured = []
-    monkeypatch.setattr(cpu_attention, "_measure", lambda bucket: measured.append(bucket) or "fp32")
+    monkeypatch.setattr(cpu_attention, "_measure", lambda bucket, kernels: measured.append(bucket) or "fp32")
     q, k = torch.zeros(5, 4, 100, 32), torch.zeros(5, 4, 100, 32)
-    assert fp32_is_faster(q, k, None)
-    assert fp32_is_faster(torch.zeros(8, 4, 128, 32), torch.zeros(8, 4, 128, 32), None)  # same bucket: 8 rows, 128
+    assert kernel(q, k, None) == "fp32"
+    assert kernel(torch.zeros(8, 4, 128, 32), torch.zeros(8, 4, 128, 32), None) == "fp32"  # same bucket: 8 rows, 128
     assert measured == [(8, 4, 4, 128, 128, 32, "none")]
     stored = json.loads(cache_file().read_text())
     assert list(stored.values()) == ["fp32"] and torch.__version__ in next(iter(stored))
     monkeypatch.setattr(machine_choices, "_choices", {})  # a new process: memory empty, the file stays
-    assert fp32_is_faster(q, k, None) and len(measured) == 1
+    assert kernel(q, k, None) == "fp32" and len(measured) == 1
     mask = torch.ones(5, 1, 100, 100, dtype=torch.bool)
-    monkeypatch.setattr(cpu_attention, "_measure", lambda bucket: measured.append(bucket) or "bf16")
-    assert not fp32_is_faster(q, k, mask)  # another mask kind is another bucket
+    monkeypatch.setattr(cpu_attention, "_measure", lambda bucket, kernels: measured.append(bucket) or "matmul")
+    assert kernel(q, k, mask) == "matmul"  # another mask kind is another bucket
     assert len(json.loads(cache_file().read_text())) == 2
 
 
-def test_measuring_answers_with_the_faster_precision(monkeypatch):
-    """`_measure` times both precisions: with bf16 made artificially slow it must answer fp32, and vice versa."""
+@pytest.mark.parametrize("fastest", cpu_attention.KERNELS)
+def test_measuring_answers_with_the_fastest_kernel(monkeypatch, fastest):
+    """`_measure` times every kernel as `_forward` runs it: with the two others made artificially slow it must
+    answer the third."""
     import time
-    real = cpu_attention.sdpa_attention_forward
+    real = cpu_attention._run
+    ran = set()
 
-    def slowed(dtype):
-        def forward(module, q, *args, **kwargs):
-            if q.dtype == dtype:
-                time.sleep(0.02)
-            return real(module, q, *args, **kwargs)
-        return forward
+    def slowed(way, *args, **kwargs):
+        ran.add(way)
+        if way != fastest:
+            time.sleep(0.02)
+        return real(way, *args, **kwargs)
 
-    bucket = (2, 2, 2, 16, 16, 8, "float32")
-    monkeypatch.setattr(cpu_attention, "sdpa_attention_forward", slowed(torch.bfloat16))
-    assert cpu_attention._measure(bucket) == "fp32"
-    monkeypatch.setattr(cpu_attention, "sdpa_attention_forward", slowed(torch.float32))
-    assert cpu_attention._measure(bucket) == "bf16"
+    monkeypatch.setattr(cpu_attention, "_run", slowed)
+    assert cpu_attention._measure((2, 2, 2, 16, 16, 8, "float32")) == fastest
+    assert ran == set(cpu_attention.KERNELS)
 
 
 def test_models_switch_from_sdpa_only_and_save_as_plain_transformers_models(tokenizer, tmp_path, monkeypatch):

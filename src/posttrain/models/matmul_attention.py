@@ -3,27 +3,30 @@ probabilities times the values in bf16.
 
 Why: torch's CPU attention kernel (SDPA's flash kernel) pays a fixed cost per block of (row, head) that dominates
 at the short sequences of fine-tuning and RL, most of all in its bf16 backward. Two batched GEMMs per direction
-do the same work in a fraction of the time there. Forward + backward of one layer, AMD EPYC Zen 5, 2 threads, ms
-(rows x heads x queries x keys, head dim 64; the flash kernel's best precision):
+do the same work in less time there. Forward + backward of one layer as `cpu_attention` measures it (query and key
+fp32, value bf16, as a Llama layer hands them over under autocast), AMD EPYC Zen 5, 2 threads, ms:
 
-| shape | flash | matmul |
-|---|---:|---:|
-| 46 x 8 x 32 x 123 (a GRPO completion bucket against its prompt) | 22.6 (fp32) | 11.2 |
-| 16 x 8 x 128 x 128 (a padded SFT batch) | 15.5 (fp32) | 10.4 |
-| 8 x 8 x 46 x 46 (a prompt, causal) | 1.9 (fp32) | 1.0 |
-| 4 x 8 x 512 x 512 | 39.4 (bf16) | 47.7 |
+| rows x heads x queries x keys, head dim | flash fp32 | flash bf16 | matmul |
+|---|---:|---:|---:|
+| 64 x 8 x 32 x 128, 64, a float mask (GRPO completions against their prompt) | 27.7 | 28.5 | 19.4 |
+| 16 x 8 x 128 x 128, 64, a boolean mask (a padded SFT batch) | 16.7 | 25.7 | 11.4 |
+| 32 x 4 x 128 x 128, 32, causal (the tiny model's pretraining) | 11.8 | 22.4 | 7.1 |
+| 4 x 8 x 256 x 256, 64, causal | 12.6 | 12.4 | 9.9 |
+| 4 x 8 x 512 x 512, 64, causal | 46.0 | 39.4 | 66.1 |
 
-At long sequences the flash kernel wins: `cpu_attention` measures which to run per shape on each machine.
+At long sequences the flash kernel wins: `cpu_attention` measures which to run per shape on each machine. In a
+whole bf16 step of the small model (16 padded rows of 128 tokens, forward + backward) attention through this was
+3-7% faster than through the better flash precision.
 
-Precision: the bf16 flash kernel takes bf16 query, key and value and accumulates in fp32. Here q·kᵀ is an fp32
-product of the query and key as they arrive (bf16 from autocast's projections: the same values), the softmax is
-fp32, and P·V multiplies the bf16-rounded probabilities with bf16 values, as the flash kernel's bf16 path does.
-The relative error against float64 measured the same as the bf16 flash kernel's (output 4.6e-3 vs 4.4e-3, query
-gradient 5.2e-3 vs 5.4e-3). In float64 (the tests) every product is float64.
+Precision: the bf16 flash kernel takes bf16 copies of query, key and value and accumulates in fp32. Here q·kᵀ is an
+fp32 product of the query and key as they arrive (fp32 from a Llama layer's rotary embedding under autocast), the
+softmax is fp32, and P·V multiplies the bf16-rounded probabilities with the bf16 values, as the flash kernel's bf16
+path does. Against float64 its relative errors measured below the bf16 flash kernel's (output 2.9e-3 vs 4.1e-3,
+query gradient 4.0e-3 vs 5.3e-3; tested). In float64 (the tests' references) every product is float64.
 
-Memory: like the flash kernel it keeps only query, key, value and each query's log-sum-exp for the backward, which
-recomputes the probabilities; the [rows, heads, queries, keys] scores live within one call (`cpu_attention`
-offers this path only where they are small: `MAX_SCORES`).
+Memory: for the backward it keeps query, key, value, the output and the probabilities in bf16 (2 bytes a score,
+which the values' gradient needs in bf16 anyway; recomputing them instead was 1.2-1.4x slower); fp32 scores live
+within one call. `cpu_attention` offers this path only where the scores are small (`MAX_SCORES`).
 """
 
 from __future__ import annotations
