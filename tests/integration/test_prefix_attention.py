@@ -220,3 +220,62 @@ def test_latent_attention_whose_values_are_narrower_than_its_keys_takes_the_tree
     without_tree(monkeypatch)
     dense, _ = packed_logprobs_and_entropy(model, rollout, share_prompts=True)
     assert_close(logprobs, dense, rtol=0, atol=1e-12)
+
+
+# Packed rows of whole samples (data.collate.collate_packed), lengths per row: ragged, a one-token sample, two
+# neighbours given one id (collate_packed gives each its own; a sample still starts at position 0), a row of one.
+SAMPLE_ROWS = [[9, 3, 1, 14], [1, 7, 7], [20]]
+
+
+def packed_samples(vocab: int) -> dict:
+    from posttrain.data.collate import collate_packed
+
+    generator = torch.Generator().manual_seed(1)
+    rows = [[{"input_ids": torch.randint(1, vocab, (n,), generator=generator).tolist(),
+              "response_mask": [0] * (n // 2) + [1] * (n - n // 2)} for n in row] for row in SAMPLE_ROWS]
+    indices = [[0, 1, 2, 3], [4, 5, 5], [6]]
+    return collate_packed(rows, pad_token_id=0, mask_dtype=torch.float64, indices=indices)
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "reward-model"])
+def test_packed_samples_through_the_tree_equal_the_block_causal_mask(tokenizer, monkeypatch, tree_calls, kind):
+    """SFT/DPO/RM padding-free and packed batches: each sample causally over itself through the tree gives the
+    block-causal mask's logprobs (or rewards) and gradients."""
+    from posttrain.models.likelihood import response_logprobs
+    from posttrain.models.reward import sequence_scores
+
+    vocab = len(tokenizer)
+    batch = packed_samples(vocab)
+
+    def run():
+        if kind == "causal-lm":
+            model = float64_model(vocab)
+            logprobs, mask = response_logprobs(model, batch)
+            out = logprobs * mask
+        else:
+            model = float64_model(vocab, AutoModelForSequenceClassification, num_labels=1, pad_token_id=0)
+            out = sequence_scores(model, batch)
+        (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    through_tree, tree_grads = run()
+    assert len(tree_calls) == 2  # both layers
+    without_tree(monkeypatch)
+    dense, dense_grads = run()
+    assert len(tree_calls) == 2
+    assert_close(through_tree, dense, rtol=1e-12, atol=1e-12)
+    assert tree_grads.keys() == dense_grads.keys() and len(tree_grads) > 10
+    for name, grad in tree_grads.items():
+        assert_close(grad, dense_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_tree_of_packed_samples_has_a_causal_call_per_sample():
+    batch = packed_samples(50)
+    tree = PrefixTree.of_samples(batch["sample_ids"], batch["position_ids"])
+    width = batch["input_ids"].shape[1]
+    assert (tree.rows, tree.width) == (3, width)
+    starts = sorted(int(queries[0]) for call in tree.calls for queries in call.queries)
+    assert all(call.keys is None and call.mask is None for call in tree.calls)
+    assert starts == [0, 9, 12, 13, width, width + 1, width + 8, 2 * width]  # a query row per sample, none of padding
+    assert sorted(tree.targets.tolist()) == [r * width + c for r, row in enumerate(SAMPLE_ROWS)
+                                             for c in range(sum(row))]

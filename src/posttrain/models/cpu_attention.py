@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -128,6 +128,18 @@ def tree_keywords(model: torch.nn.Module,
     function through forwards that pass extra keywords on, as transformers' do; a forward that drops it leaves the
     attention on the dense mask it also gets."""
     return {prefix_attention.KEYWORD: tree()} if tree is not None and takes_prefix_tree(model) else {}
+
+
+def sample_tree_keywords(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Any]:
+    """`tree_keywords` for a packed or padding-free batch of `data.collate.collate_packed` (whole samples side by side
+    in rows, `sample_ids`, a block-causal 4-D mask): each sample's attention causally over itself
+    (`PrefixTree.of_samples`), so that it costs the samples' lengths squared rather than the rows' width squared.
+    {} for other batches."""
+    mask = batch.get("attention_mask")
+    if "sample_ids" not in batch or "position_ids" not in batch or mask is None or mask.dim() != 4:
+        return {}
+    return tree_keywords(model, lambda: prefix_attention.PrefixTree.of_samples(batch["sample_ids"],
+                                                                              batch["position_ids"]))
 
 
 def attention_choice() -> str:

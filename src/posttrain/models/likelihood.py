@@ -9,6 +9,7 @@ from torch import Tensor
 
 from posttrain.algos import token_logprobs
 from posttrain.models.attention import attention_inputs
+from posttrain.models.cpu_attention import sample_tree_keywords
 from posttrain.models.heads import forward_keeping
 
 IGNORE_INDEX = -100  # torch's cross-entropy default, and the label of untrained tokens in posttrain.data
@@ -27,7 +28,8 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], temperature
     """
     targets_mask = batch["response_mask"][:, 1:].bool()
     keep = predicting_positions(batch)
-    logits = forward_keeping(model, keep, **attention_inputs(model, batch), use_cache=False).logits  # [B, K, V]
+    logits = forward_keeping(model, keep, **attention_inputs(model, batch), **sample_tree_keywords(model, batch),
+                             use_cache=False).logits  # [B, K, V]
     targets = batch["input_ids"][:, keep + 1]
     mask = targets_mask[:, keep]
     logprobs = token_logprobs(logits, targets.masked_fill(~mask, IGNORE_INDEX), temperature=temperature)

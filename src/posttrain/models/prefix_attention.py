@@ -23,6 +23,11 @@ prompt 46 / completions 31 tokens 35 -> 22 ms; 200 / 128 560 -> 215 ms; 500 / 30
 mask's cost also grows with the rows' width, so without this a group longer than `padding_free_capacity` is
 cut into pieces, each with its own copy of the prompt; with it, the width costs attention nothing.
 
+Packed and padding-free batches of whole samples (SFT, DPO, reward models: `data.collate.collate_packed`) get a
+tree too (`PrefixTree.of_samples`, through `cpu_attention.sample_tree_keywords`): each sample is a prompt without
+completions, causally over itself, so a row of samples costs the sum of their squared lengths in attention instead
+of its width squared.
+
 The dense mask stays the fallback and the reference: models whose layers run another attention (a sliding
 window, soft-capping, position biases, a non-SDPA implementation), devices other than the CPU (not measured
 there) and forwards that receive no tree use it, with the same numbers up to rounding (tested in float64).
@@ -115,6 +120,26 @@ class PrefixTree:
         empty = torch.zeros(0, dtype=torch.long)
         return PrefixTree(len(rows), width, tuple(calls), torch.cat(sources) if sources else empty,
                           torch.cat(targets) if targets else empty)
+
+    @staticmethod
+    def of_samples(sample_ids: Tensor, position_ids: Tensor) -> PrefixTree:
+        """The tree of packed rows of whole samples side by side, each causally over itself: what the block-causal
+        mask of `data.collate.collate_packed` computes. `sample_ids` [R, W] is each token's sample (-1 on padding),
+        `position_ids` [R, W] restart at 0 on each sample's first token; a sample is a run of one id that starts
+        there (so two neighbours with one id stay two samples)."""
+        ids, positions = sample_ids.cpu(), position_ids.cpu()
+        starts = positions == 0
+        starts[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+        starts[:, 0] = True
+        width = ids.shape[1]
+        rows: list[list[tuple[int, int, list]]] = [[] for _ in range(len(ids))]
+        row_of, column = starts.nonzero(as_tuple=True)
+        ends = torch.cat([column[1:], column.new_tensor([width])])
+        ends[:-1][row_of[1:] != row_of[:-1]] = width  # a row's last run ends at its width
+        for r, start, end in zip(row_of.tolist(), column.tolist(), ends.tolist(), strict=True):
+            if ids[r, start] >= 0:
+                rows[r].append((start, end - start, []))
+        return PrefixTree.of_rows(width, rows)
 
 
 def length_buckets(lengths: Sequence[int]) -> list[list[int]]:

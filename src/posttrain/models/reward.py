@@ -49,6 +49,7 @@ from posttrain.algos import last_token_index
 from posttrain.errors import ConfigError
 from posttrain.models.adapters import refuse_unmerged_adapter
 from posttrain.models.attention import attention_inputs
+from posttrain.models.cpu_attention import sample_tree_keywords
 from posttrain.models.device import default_device
 from posttrain.models.dropout import disable_dropout as drop_dropout
 from posttrain.models.io import adapter_base, check_model_dir, from_model_dir, load_causal_lm
@@ -212,7 +213,8 @@ def freeze_backbone(model: nn.Module) -> None:
 def _hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:
     """The trunk's last hidden states [B, T, H] for `batch`, and the head that scores them."""
     trunk, head = trunk_and_head(model)
-    return trunk(**attention_inputs(trunk, batch), use_cache=False).last_hidden_state, head
+    return trunk(**attention_inputs(trunk, batch), **sample_tree_keywords(trunk, batch),
+                 use_cache=False).last_hidden_state, head
 
 
 def scores_at(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:
