@@ -279,3 +279,46 @@ def test_the_tree_of_packed_samples_has_a_causal_call_per_sample():
     assert starts == [0, 9, 12, 13, width, width + 1, width + 8, 2 * width]  # a query row per sample, none of padding
     assert sorted(tree.targets.tolist()) == [r * width + c for r, row in enumerate(SAMPLE_ROWS)
                                              for c in range(sum(row))]
+
+
+def test_only_packed_batches_with_a_block_causal_mask_get_the_sample_tree(tokenizer):
+    from posttrain.data.collate import collate_packed, collate_padded
+    from posttrain.models.cpu_attention import sample_tree_keywords
+
+    model = float64_model(len(tokenizer))
+    batch = packed_samples(len(tokenizer))
+    assert set(sample_tree_keywords(model, batch)) == {prefix_attention.KEYWORD}
+    samples = [{"input_ids": [5, 6, 7], "response_mask": [0, 1, 1]}, {"input_ids": [8, 9], "response_mask": [0, 1]}]
+    assert sample_tree_keywords(model, collate_padded(samples, 0)) == {}  # one sample per row: its 2-D mask
+    # mask-free packed rows (for kernels that read position_ids): the caller asked for no mask, gets no tree
+    assert sample_tree_keywords(model, collate_packed([samples], 0, attention="position_ids")) == {}
+
+
+def test_packed_samples_through_the_tree_under_bf16_autocast_with_the_matmul_kernel(tokenizer, monkeypatch,
+                                                                                   tree_calls):
+    """The kernels the tree's calls take under CPU bf16 autocast (here the GEMM one, fixed): the block-causal mask's
+    logprobs up to bf16 rounding."""
+    from posttrain.models import matmul_attention
+    from posttrain.models.likelihood import response_logprobs
+    from posttrain.models.precision import autocast
+
+    monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "matmul")
+    gemm_calls = []
+    real = matmul_attention.attention
+    monkeypatch.setattr(matmul_attention, "attention", lambda *args, **kwargs: gemm_calls.append(1) or real(
+        *args, **kwargs))
+    vocab = len(tokenizer)
+    batch = {k: v.float() if k == "attention_mask" else v for k, v in packed_samples(vocab).items()}
+    model = float64_model(vocab).float()
+
+    def logprobs():
+        with torch.no_grad(), autocast("bf16"):
+            values, mask = response_logprobs(model, batch)
+        return values[mask.bool()]
+
+    through_tree = logprobs()
+    assert len(tree_calls) == 2 and len(gemm_calls) >= 2  # each layer: a call per bucket of samples
+    without_tree(monkeypatch)
+    dense = logprobs()
+    assert len(tree_calls) == 2 and len(gemm_calls) >= 4  # each layer: one call over the rows
+    assert_close(through_tree, dense, rtol=0, atol=0.05)  # natural-log units; a bf16 rounding is 2^-8 relative

@@ -19,14 +19,16 @@ class _Attention(torch.nn.Module):
 
 def _loop_attention(q, k, v, allowed, scale):
     """softmax(q kᵀ · scale) v in float64 over the allowed keys, one (row, head, query) at a time; a query that sees
-    no key gets zeros. q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], allowed [B, 1, L, S] -> [B, L, H, Dv]."""
+    no key gets zeros. q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], allowed [B or 1, H or 1, L, S] ->
+    [B, L, H, Dv]."""
     rows, heads, queries, _ = q.shape
     groups = heads // k.shape[1]
+    allowed = allowed.expand(rows, heads, queries, k.shape[2])  # a mask of one row or one head broadcasts
     out = []
     for r in range(rows):
         for h in range(heads):
             for i in range(queries):
-                seen = allowed[r, 0, i].nonzero().flatten()
+                seen = allowed[r, h, i].nonzero().flatten()
                 if len(seen) == 0:
                     out.append(torch.zeros(v.shape[-1], dtype=torch.float64))
                     continue
@@ -89,6 +91,60 @@ def test_defaults_are_sdpas_the_modules_causality_and_one_over_root_dim():
                                                     8 ** -0.5), rtol=1e-12, atol=1e-12)
 
 
+def test_a_nan_of_a_diverged_model_stays_nan_where_only_hidden_rows_become_zeros():
+    q, k, v = _inputs()
+    mask, _ = _mask_cases()["bool"]
+    q = q.detach().clone()
+    q[1, 0, 2, 0] = float("nan")
+    out, _ = matmul_attention.attention(_Attention(groups=2), q, k, v, mask)
+    assert out[1, 2, 0].isnan().all() and not out[1, 2, 1:].isnan().any()  # that query's head only
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))  # the query that sees no key
+
+
+def test_causal_with_more_keys_than_queries_is_aligned_top_left_as_sdpas():
+    q, k, v = _inputs(queries=3, keys=5)
+    out, _ = matmul_attention.attention(_Attention(groups=2), q, k, v, None)
+    allowed = torch.ones(3, 5, dtype=torch.bool).tril()  # query i sees keys 0..i
+    torch.testing.assert_close(out, _loop_attention(q, k, v, allowed[None, None], 8 ** -0.5), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", ["one row for all", "one per head"])
+def test_masks_broadcast_over_rows_or_differ_per_head(shape):
+    q, k, v = _inputs()
+    generator = torch.Generator().manual_seed(5)
+    allowed = torch.rand((1, 1, 5, 7) if shape == "one row for all" else (2, 4, 5, 7), generator=generator) < 0.6
+    allowed[..., 0] = True
+    out, _ = matmul_attention.attention(_Attention(groups=2), q, k, v, allowed)
+    torch.testing.assert_close(out, _loop_attention(q, k, v, allowed, 8 ** -0.5), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float64, torch.bfloat16])
+def test_a_finite_minimum_hides_as_sdpa_hides_it(mask_dtype):
+    """collate_packed's and the prefix tree's masks hide with the dtype's minimum, not -inf: a query whose every key
+    is hidden so attends to all of them evenly (SDPA's answer, float64 here), not to none."""
+    q, k, v = _inputs()
+    allowed, _ = _mask_cases()["bool"]
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(~allowed, torch.finfo(mask_dtype).min)
+    out, _ = matmul_attention.attention(_Attention(groups=2), q, k, v, mask)
+    from transformers.integrations.sdpa_attention import repeat_kv
+    expected = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask.double())
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+
+
+def test_strided_inputs_as_transformers_hands_them_over_and_a_gradient_for_the_values_alone():
+    q, k, v = _inputs()
+    strided = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    assert not any(t.is_contiguous() for t in strided)
+    mask, _ = _mask_cases()["bool"]
+    out, _ = matmul_attention.attention(_Attention(groups=2), q, k, v, mask)
+    torch.testing.assert_close(matmul_attention.attention(_Attention(groups=2), *strided, mask)[0], out,
+                               rtol=1e-14, atol=1e-14)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    (only_values,) = torch.autograd.grad(out, (v,), grad, retain_graph=True)
+    torch.testing.assert_close(only_values, torch.autograd.grad(out, (q, k, v), grad)[2], rtol=0, atol=0)
+
+
 def _relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -149,6 +205,13 @@ def test_the_attention_function_runs_it_under_bf16_autocast_when_chosen(monkeypa
     assert out.dtype == torch.float32
 
 
+def test_measuring_from_an_inference_mode_forward_times_on_tensors_of_its_own(own_choices):
+    """The rollout engine samples under inference_mode: a bucket first met there is timed forward + backward all the
+    same (an inference-mode mask could not be saved for the flash kernel's backward)."""
+    with torch.inference_mode():
+        assert cpu_attention._measure((2, 2, 2, 16, 16, 8, "float32")) in cpu_attention.KERNELS
+
+
 def test_a_bucket_too_large_for_its_scores_is_not_offered_it(monkeypatch, own_choices):
     monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "auto")
     offered = []
@@ -159,3 +222,5 @@ def test_a_bucket_too_large_for_its_scores_is_not_offered_it(monkeypatch, own_ch
     large = torch.zeros(1, 4, side, 8)
     assert cpu_attention.kernel(large, large, None) == "bf16"
     assert offered == [("fp32", "bf16", "matmul"), ("fp32", "bf16")]
+    monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "matmul")  # a fixed choice keeps the cap too
+    assert cpu_attention.kernel(small, small, None) == "matmul" and cpu_attention.kernel(large, large, None) == "bf16"

@@ -15,7 +15,7 @@ rows and small heads the bf16 forward + backward is 2-5x *slower* than fp32 (Int
 On the tiny model this made a bf16 pretraining step slower than fp32 (0.41 vs 0.38 s) although its GEMMs ran
 2.7x faster; with attention in fp32 the bf16 step is 1.5x faster than fp32 (0.24 vs 0.37 s). At these short
 rows two batched GEMMs with the softmax between them (`models.matmul_attention`: fp32 scores, bf16
-probabilities times values, the bf16 kernel's precision) are faster still: 1.5-2x the better flash precision
+probabilities times values, the bf16 kernel's precision) are faster still: 1.2-1.6x the better flash precision
 on a Zen 5 EPYC at fine-tuning and RL shapes; the flash kernel wins again at long rows (512 tokens and up).
 
 `use_cpu_attention(model)` switches a model whose attention is transformers' "sdpa" to `ATTENTION`, which is
@@ -31,7 +31,8 @@ Which is faster is measured, not assumed: the first time a shape's bucket is see
 backward on random inputs of that bucket (a few ms to a second, once), and the answer is kept in memory and in
 a per-machine file (`models.machine_choices`, keyed by CPU, torch version and thread count), so a run resumed in
 a new process makes the same choice and stays bitwise. `POSTTRAIN_CPU_ATTENTION=fp32`, `bf16` or `matmul` fixes
-the choice (`bf16`: torch's kernel as it is); `auto` (the default) measures.
+the choice (`bf16`: torch's kernel as it is; `matmul` within `MAX_SCORES`, bf16 beyond); `auto` (the default)
+measures.
 """
 
 from __future__ import annotations
@@ -164,13 +165,14 @@ def _round_up(n: int) -> int:
 def kernel(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str:
     """The fastest way to run this shape's attention under bf16 autocast on this CPU (forward + backward): "fp32"
     (the flash kernel on fp32 copies), "bf16" (the flash kernel as autocast runs it) or "matmul"
-    (`models.matmul_attention`, offered where its scores are small)."""
+    (`models.matmul_attention`, only where its scores are small: `MAX_SCORES`)."""
     choice = attention_choice()
-    if choice != "auto":
-        return choice
     bucket = _bucket(query, key, attention_mask)
     rows, heads, _, queries, keys, _, _ = bucket
-    kernels = KERNELS if rows * heads * queries * keys <= matmul_attention.MAX_SCORES else KERNELS[:2]
+    small = rows * heads * queries * keys <= matmul_attention.MAX_SCORES
+    if choice != "auto":
+        return choice if choice != "matmul" or small else "bf16"  # the cap holds for a fixed choice too
+    kernels = KERNELS if small else KERNELS[:2]
     # the kernels in the key: a choice measured before a kernel was added is measured again, not read back
     name = f"attention|{'/'.join(kernels)}|{'x'.join(map(str, bucket))}"
     return measured_choice(name, kernels, lambda: _measure(bucket, kernels))
@@ -182,18 +184,19 @@ def _measure(bucket: tuple, kernels: tuple[str, ...] = KERNELS) -> str:
     embedding promotes them), value in bf16, a float mask in its kind's dtype."""
     rows, heads, kv_heads, queries, keys, head_dim, mask_kind = bucket
     generator = torch.Generator().manual_seed(0)
-    # its own tensors with autograd on, whatever mode the forward that asks runs in (no_grad, inference_mode)
+    # its own tensors with autograd on, whatever mode the forward that asks runs in (no_grad, inference_mode: an
+    # inference tensor, the mask included, cannot be saved for a backward)
     with torch.inference_mode(False), torch.enable_grad():
         q = torch.randn(rows, heads, queries, head_dim, generator=generator, requires_grad=True)
         k = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, requires_grad=True)
         v = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, dtype=torch.bfloat16, requires_grad=True)
-    mask = None
-    if mask_kind != "none":
-        allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
-        mask_dtype = getattr(torch, mask_kind)
-        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
-            ~allowed, torch.finfo(mask_dtype).min)
-    grad = torch.randn(rows, queries, heads, head_dim, generator=generator, dtype=torch.bfloat16)  # a dense one
+        mask = None
+        if mask_kind != "none":
+            allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
+            mask_dtype = getattr(torch, mask_kind)
+            mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
+                ~allowed, torch.finfo(mask_dtype).min)
+        grad = torch.randn(rows, queries, heads, head_dim, generator=generator, dtype=torch.bfloat16)  # a dense one
     runs = {way: functools.partial(_forward_backward, way, _Shape(heads // kv_heads), q, k, v, mask, grad)
             for way in kernels}
     return min(kernels, key=best_seconds(runs).get)

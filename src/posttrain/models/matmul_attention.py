@@ -8,11 +8,11 @@ fp32, value bf16, as a Llama layer hands them over under autocast), AMD EPYC Zen
 
 | rows x heads x queries x keys, head dim | flash fp32 | flash bf16 | matmul |
 |---|---:|---:|---:|
-| 64 x 8 x 32 x 128, 64, a float mask (GRPO completions against their prompt) | 27.7 | 28.5 | 19.4 |
-| 16 x 8 x 128 x 128, 64, a boolean mask (a padded SFT batch) | 16.7 | 25.7 | 11.4 |
-| 32 x 4 x 128 x 128, 32, causal (the tiny model's pretraining) | 11.8 | 22.4 | 7.1 |
-| 4 x 8 x 256 x 256, 64, causal | 12.6 | 12.4 | 9.9 |
-| 4 x 8 x 512 x 512, 64, causal | 46.0 | 39.4 | 66.1 |
+| 64 x 8 x 32 x 128, 64, a float mask (GRPO completions against their prompt) | 32.5 | 31.5 | 26.2 |
+| 16 x 8 x 128 x 128, 64, a boolean mask (a padded SFT batch) | 18.6 | 27.5 | 12.6 |
+| 32 x 4 x 128 x 128, 32, causal (the tiny model's pretraining) | 12.3 | 22.1 | 7.5 |
+| 4 x 8 x 256 x 256, 64, causal | 13.9 | 13.7 | 11.0 |
+| 4 x 8 x 512 x 512, 64, causal | 52.4 | 44.0 | 76.5 |
 
 At long sequences the flash kernel wins: `cpu_attention` measures which to run per shape on each machine. In a
 whole bf16 step of the small model (16 padded rows of 128 tokens, forward + backward) attention through this was
@@ -24,9 +24,11 @@ softmax is fp32, and P·V multiplies the bf16-rounded probabilities with the bf1
 path does. Against float64 its relative errors measured below the bf16 flash kernel's (output 2.9e-3 vs 4.1e-3,
 query gradient 4.0e-3 vs 5.3e-3; tested). In float64 (the tests' references) every product is float64.
 
-Memory: for the backward it keeps query, key, value, the output and the probabilities in bf16 (2 bytes a score,
-which the values' gradient needs in bf16 anyway; recomputing them instead was 1.2-1.4x slower); fp32 scores live
-within one call. `cpu_attention` offers this path only where the scores are small (`MAX_SCORES`).
+Memory: for the backward it keeps query and key as they arrive (fp32 from a Llama layer), key and value after
+grouped-query heads are repeated (as transformers' SDPA path repeats them), the output, and the probabilities in
+bf16 (2 bytes a score, which the values' gradient needs in bf16 anyway; recomputing them instead was 1.2-1.4x
+slower); fp32 scores live within one call. `cpu_attention` offers this path only where the scores are small
+(`MAX_SCORES`).
 """
 
 from __future__ import annotations
@@ -79,13 +81,14 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _probabilities(query: Tensor, key: Tensor, bias: Tensor | None, scale: float) -> Tensor:
     """softmax(q kᵀ · scale + bias) [B, H, L, S] in fp32 (or the inputs' wider dtype); a query whose every key is
-    hidden (-inf) gets probabilities 0, so its output is zeros, as SDPA's."""
+    hidden (-inf) gets probabilities 0, so its output is zeros, as SDPA's (a NaN from anything else stays NaN)."""
     dtype = torch.promote_types(query.dtype, torch.float32)
     scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        scores = scores.add_(bias)
-    probabilities = scores.softmax(-1)
-    return probabilities.nan_to_num_(0.0) if bias is not None else probabilities  # NaN: exp(-inf - -inf)
+    if bias is None:
+        return scores.softmax(-1)
+    probabilities = scores.add_(bias).softmax(-1)
+    sees_nothing = (bias == float("-inf")).all(-1, keepdim=True)  # [.., L, 1], on the bias: heads broadcast
+    return probabilities.masked_fill_(sees_nothing, 0.0) if sees_nothing.any() else probabilities
 
 
 class _MatmulAttention(torch.autograd.Function):
@@ -103,18 +106,26 @@ class _MatmulAttention(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         query, key, value, probabilities, output = ctx.saved_tensors
+        needs_query, needs_key, needs_value = ctx.needs_input_grad[:3]
         dtype = torch.promote_types(query.dtype, torch.float32)  # the scores' dtype
+        grad_query = grad_key = grad_value = None
         with torch.autocast(query.device.type, enabled=False):
-            grad_output = grad_output.to(value.dtype)
-            grad_value = torch.matmul(probabilities.transpose(-1, -2), grad_output)
-            # softmax's backward, dS = P * (dP - sum_j P_j dP_j), with sum_j P_j dP_j = dO · O (per query: [.., L, 1]
-            # from [L, Dv] tensors instead of [L, S] ones, as flash kernels compute it), then the scores' scale
-            row_dot = (grad_output.to(dtype) * output.to(dtype)).sum(-1, keepdim=True)
-            grad_scores = torch.matmul(grad_output, value.transpose(-1, -2)).to(dtype)
-            grad_scores = grad_scores.sub_(row_dot).mul_(probabilities).mul_(ctx.scale)
-            grad_query = torch.matmul(grad_scores, key.to(dtype)).to(query.dtype)
-            # (qᵀ dS)ᵀ rather than dSᵀ q: a transposed first operand is the slower fp32 product (1.9 vs 3.0 ms)
-            grad_key = torch.matmul(query.to(dtype).transpose(-1, -2), grad_scores).transpose(-1, -2).to(key.dtype)
+            if needs_value:
+                grad_value = torch.matmul(probabilities.transpose(-1, -2), grad_output.to(value.dtype))
+            if needs_query or needs_key:
+                # softmax's backward, dS = P * (dP - sum_j P_j dP_j), with sum_j P_j dP_j = dO · O (per query:
+                # [.., L, 1] from [L, Dv] tensors instead of [L, S] ones, as flash kernels compute it), then the
+                # scores' scale. dP in the scores' dtype: in bf16 the subtraction would cancel its leading digits.
+                grad_output = grad_output.to(dtype)
+                row_dot = (grad_output * output.to(dtype)).sum(-1, keepdim=True)
+                grad_scores = torch.matmul(grad_output, value.to(dtype).transpose(-1, -2))
+                grad_scores = grad_scores.sub_(row_dot).mul_(probabilities).mul_(ctx.scale)
+                if needs_query:
+                    grad_query = torch.matmul(grad_scores, key.to(dtype)).to(query.dtype)
+                if needs_key:
+                    # (qᵀ dS)ᵀ rather than dSᵀ q: a transposed first operand is the slower fp32 product (1.9 vs 3 ms)
+                    grad_key = torch.matmul(query.to(dtype).transpose(-1, -2), grad_scores).transpose(-1, -2)
+                    grad_key = grad_key.to(key.dtype)
         return grad_query, grad_key, grad_value, None, None

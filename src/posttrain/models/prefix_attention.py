@@ -128,7 +128,7 @@ class PrefixTree:
         `position_ids` [R, W] restart at 0 on each sample's first token; a sample is a run of one id that starts
         there (so two neighbours with one id stay two samples)."""
         ids, positions = sample_ids.cpu(), position_ids.cpu()
-        starts = positions == 0
+        starts = (positions == 0) & (ids >= 0)  # padding's positions are 0 too: a padding run starts once, below
         starts[:, 1:] |= ids[:, 1:] != ids[:, :-1]
         starts[:, 0] = True
         width = ids.shape[1]
