@@ -16,13 +16,16 @@ fp32, value bf16, as a Llama layer hands them over under autocast), AMD EPYC Zen
 
 At long sequences the flash kernel wins: `cpu_attention` measures which to run per shape on each machine. In a
 whole bf16 step of the small model (16 padded rows of 128 tokens, forward + backward) attention through this was
-3-7% faster than through the better flash precision.
+1-6% faster than through the better flash precision (alternated in one process: median 658 vs 698 ms, best 628 vs
+636).
 
 Precision: the bf16 flash kernel takes bf16 copies of query, key and value and accumulates in fp32. Here q·kᵀ is an
 fp32 product of the query and key as they arrive (fp32 from a Llama layer's rotary embedding under autocast), the
 softmax is fp32, and P·V multiplies the bf16-rounded probabilities with the bf16 values, as the flash kernel's bf16
 path does. Against float64 its relative errors measured below the bf16 flash kernel's (output 2.9e-3 vs 4.1e-3,
-query gradient 4.0e-3 vs 5.3e-3; tested). In float64 (the tests' references) every product is float64.
+query gradient 3.2e-3 vs 5.3e-3), and within 1.15x of them where the softmax backward cancels (nearly equal value
+rows); the tests hold it within 1.25x of the flash kernel's. In float64 (the tests' references) every product is
+float64.
 
 Memory: for the backward it keeps query and key as they arrive (fp32 from a Llama layer), key and value after
 grouped-query heads are repeated (as transformers' SDPA path repeats them), the output, and the probabilities in
