@@ -65,7 +65,7 @@ def tree_calls(monkeypatch):
 
 
 def prompt_copies(packed) -> int:
-    return sum(len(call.queries) for call in packed.prefix_tree.calls if call.keys is None)
+    return sum(len(call.queries) for call in packed.tree().calls if call.keys is None)
 
 
 def without_tree(monkeypatch):
@@ -157,7 +157,7 @@ def test_length_buckets_keep_each_bucket_within_twice_its_shortest():
 def test_pack_rollout_builds_the_tree_of_its_rows(tokenizer):
     rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
     packed = pack_rollout(rollout, capacity=None, share_prompts=True)
-    tree = packed.prefix_tree
+    tree = packed.tree()
     assert (tree.rows, tree.width) == tuple(packed.input_ids.shape)
     # Every real token of the row goes back once, and the prompt copies are the calls without keys, one per group.
     assert sorted(tree.targets.tolist()) == list(range(packed.input_ids.numel()))

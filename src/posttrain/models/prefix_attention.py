@@ -209,7 +209,7 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
     completions. (Dv differs from D in multi-head latent attention: DeepSeek-V2/V3, MiniCPM3.)"""
     rows, heads, width, _ = query.shape
     value_dim = value.shape[-1]
-    kwargs.pop("is_causal", None)  # set here for each of the two calls
+    kwargs.pop("is_causal", None)  # set here for each call: causal over itself, or against its gathered keys
 
     def flat(states: Tensor) -> Tensor:  # [R, H, W, D] -> [R * W, H, D]
         return states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[-1])

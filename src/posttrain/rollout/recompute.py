@@ -82,10 +82,6 @@ class PackedRollout:
     (`cpu_attention.tree_keywords`); elsewhere (GPUs, other attention) it is never built."""
 
     @property
-    def prefix_tree(self) -> PrefixTree:
-        return self.tree()
-
-    @property
     def sources(self) -> tuple[Tensor, Tensor]:
         """(rows, cols) of the hidden states that predict the completion tokens, in `scatter`'s order."""
         return self.source_rows, self.source_cols
