@@ -171,12 +171,14 @@ def block_causal_mask(segments: Tensor, dtype: torch.dtype = torch.float32, pare
 
 @dataclasses.dataclass(frozen=True)
 class PackingOptions:
-    """How a padding-free comparison batch keeps its sequences apart (as `collate_packed`), and the most
-    tokens a row holds (`row_capacity`, 0: all sequences in one row)."""
+    """How a padding-free comparison batch keeps its sequences apart (as `collate_packed`), the most tokens a row
+    holds (`row_capacity`, 0: all sequences in one row), and whether sequences that open with the same prompt take
+    it once (`share_prompts`, `collate_shared_prompts`; only with the 4-D mask, which can say so)."""
 
     attention: str = "mask"
     mask_dtype: torch.dtype = torch.float32
     row_capacity: int = 0
+    share_prompts: bool = False
 
 
 # The row widths `capped_rows` tries, from the longest sample up to the capacity, in steps of this many tokens.
@@ -219,9 +221,109 @@ def collate_sequences(flat: Sequence[Sample], pad_token_id: int,
     whichever row it lands in."""
     if packing is None:
         return collate_padded(flat, pad_token_id)
+    if packing.share_prompts and packing.attention == "mask":
+        return collate_shared_prompts(flat, pad_token_id, packing.row_capacity, packing.mask_dtype)
     rows = capped_rows([len(s["input_ids"]) for s in flat], packing.row_capacity)
     return collate_packed([[flat[i] for i in row] for row in rows], pad_token_id, packing.attention,
                           packing.mask_dtype, indices=rows)
+
+
+def prompt_groups(flat: Sequence[Sample]) -> list[list[int]]:
+    """Indices of the sequences that open with the same prompt (equal tokens before their first trained one), in
+    order of first appearance: a pair's chosen and rejected answer, a ranking's responses, KTO's row and its
+    mismatched pair, the sampled completions of one prompt."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, sample in enumerate(flat):
+        mask = sample["response_mask"]
+        first = next((j for j, trained in enumerate(mask) if trained), len(mask))
+        groups.setdefault(tuple(sample["input_ids"][:first]), []).append(i)
+    return list(groups.values())
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """The tokens two or more sequences share at their start and lay out once: their longest common prefix, less
+    what would leave one of them without a token of its own (its last token is where a reward is read)."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    for j in range(shortest - 1):
+        if any(s[j] != first[j] for s in sequences[1:]):
+            return j
+    return shortest - 1
+
+
+def collate_shared_prompts(flat: Sequence[Sample], pad_token_id: int, row_capacity: int = 0,
+                           mask_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Padding-free sequences where those that open with the same prompt (`prompt_groups`) lay their common
+    prefix (`shared_prefix_length`) out once, each followed by the rest of every one of them: a pair's chosen and
+    rejected answer attend to one copy of their prompt. Exact (a causal model's states of a prefix do not depend
+    on what follows it, and the prefix's gradient is the sum of what its sequences send it, as over copies); the
+    forward computes the prompt once instead of once per sequence (most of the tokens of preference data whose
+    answers are short). Units (a group, or a sequence alone) go best-fit into rows of at most `row_capacity` tokens
+    (`capped_rows`).
+
+    Returns input_ids and position_ids [R, W] (a sequence's positions count on through its shared prefix),
+    segment_ids and parent_ids [R, W] (-1 on padding; a prefix and a lone sequence are their own parent, the rest
+    of a grouped sequence has its prefix's segment as parent), the additive [R, 1, W, W] `block_causal_mask` of that
+    tree in `mask_dtype`, and, in place of the [R, W] response mask (no longer one target per position: the
+    prefix's last token predicts every member's first own token), the trained tokens as flat gathers: `targets` [N]
+    (their ids), `predictors` [N] (the flat index row * W + column of the state that predicts each), and
+    `target_sequences` [N] (the sequence each belongs to, its index in `flat`); `sequence_ends` [S] is the flat index
+    of every sequence's last token, in `flat`'s order.
+    """
+    units = []  # (shared prefix length, or None for a sequence laid out alone; member indices)
+    for members in prompt_groups(flat):
+        shared = shared_prefix_length([flat[i]["input_ids"] for i in members]) if len(members) > 1 else 0
+        units += [(shared, members)] if shared else [(None, [i]) for i in members]
+    sizes = [sum(len(flat[i]["input_ids"]) for i in members) - (len(members) - 1) * (shared or 0)
+             for shared, members in units]
+    rows = capped_rows(sizes, row_capacity)
+    width = max(sum(sizes[u] for u in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    parent_ids = torch.full(shape, -1, dtype=torch.long)
+    predictors, targets, target_sequences = [], [], []
+    ends = [0] * len(flat)
+    cursor = {"column": 0, "segment": 0}  # in the row being laid out
+
+    def lay(r: int, tokens: Sequence[int], first_position: int, parent: int) -> int:
+        """Writes `tokens` at row r's next columns as a new segment (its own parent for -1); returns their first
+        column."""
+        start, segment = cursor["column"], cursor["segment"]
+        cols = slice(start, start + len(tokens))
+        input_ids[r, cols] = torch.tensor(tokens, dtype=torch.long)
+        position_ids[r, cols] = torch.arange(first_position, first_position + len(tokens))
+        segment_ids[r, cols], parent_ids[r, cols] = segment, segment if parent < 0 else parent
+        cursor.update(column=start + len(tokens), segment=segment + 1)
+        return start
+
+    for r, row in enumerate(rows):
+        cursor.update(column=0, segment=0)
+        for u in row:
+            shared, members = units[u]
+            prefix_segment, prefix_start, own = -1, 0, shared or 0  # own: where a member's own tokens begin
+            if shared:
+                prefix_segment = cursor["segment"]
+                prefix_start = lay(r, flat[members[0]]["input_ids"][:shared], 0, -1)
+            for i in members:
+                ids, mask = flat[i]["input_ids"], torch.tensor(flat[i]["response_mask"], dtype=torch.bool)
+                mask[0] = False  # a first token has no context to be predicted from
+                start = lay(r, ids[own:], own, prefix_segment)
+                trained = mask.nonzero().flatten()  # token j is predicted by token j - 1, in the prefix or its own
+                before = trained - 1
+                columns = torch.where(before < own, prefix_start + before, start + before - own)
+                predictors.append(r * width + columns)
+                targets.append(torch.tensor(ids, dtype=torch.long)[trained])
+                target_sequences.append(torch.full((len(trained),), i, dtype=torch.long))
+                ends[i] = r * width + start + len(ids) - own - 1
+    empty = torch.zeros(0, dtype=torch.long)
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+            "parent_ids": parent_ids, "attention_mask": block_causal_mask(segment_ids, mask_dtype, parent_ids),
+            "predictors": torch.cat(predictors) if predictors else empty,
+            "targets": torch.cat(targets) if targets else empty,
+            "target_sequences": torch.cat(target_sequences) if target_sequences else empty,
+            "sequence_ends": torch.tensor(ends, dtype=torch.long)}
 
 
 def collate_pairs(samples: Sequence[Sample], pad_token_id: int,
@@ -344,6 +446,7 @@ class Collator:
     packed_attention: str = "mask"
     mask_dtype: torch.dtype = torch.float32
     row_capacity: int = 0
+    share_prompts: bool = False
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         if self.format in ("completion", "messages", "text"):
@@ -355,7 +458,7 @@ class Collator:
                                       self.packed_attention, self.mask_dtype)
             return collate_padded(samples, self.pad_token_id)
         if self.format in _SEQUENCE_COLLATORS and self.batch_mode != "packed":
-            packing = (PackingOptions(self.packed_attention, self.mask_dtype, self.row_capacity)
+            packing = (PackingOptions(self.packed_attention, self.mask_dtype, self.row_capacity, self.share_prompts)
                        if self.batch_mode == "padding_free" else None)
             return _SEQUENCE_COLLATORS[self.format](samples, self.pad_token_id, packing)
         if self.batch_mode != "padded":

@@ -103,6 +103,11 @@ class DataConfig:
                                             "longer sample gets its own row), so attention stays short; of the "
                                             "widths up to it, the one that pads least; 0: the whole micro-batch "
                                             "in one row.", ge=0)
+    share_prompts: bool = param(True, "padding_free comparisons (preference pairs, rankings, KTO's rows and their "
+                                      "pairs): sequences that open with the same prompt lay it out once, each "
+                                      "answer attending to that copy (exact: the same logprobs, rewards and "
+                                      "gradients; the prompt is computed once instead of once per answer). "
+                                      "Needs packed_attention=mask.")
     packed_attention: str = param("mask", "How packed rows keep samples apart: a 4-D block-diagonal mask "
                                           "(any attention kernel), or position_ids alone (flash/sdpa with "
                                           "use_cache=False).", choices=("mask", "position_ids"))

@@ -91,7 +91,7 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, accepts: S
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = Collator(format=tokenized.format, pad_token_id=pad, batch_mode=cfg.batch_mode,
                         packed_attention=cfg.packed_attention, mask_dtype=mask_dtype,
-                        row_capacity=cfg.padding_free_capacity)
+                        row_capacity=cfg.padding_free_capacity, share_prompts=cfg.share_prompts)
     return Prepared(tokenized=tokenized, dataset=dataset, collator=collator,
                     source=loaded.dataset if rows is None else None)
 

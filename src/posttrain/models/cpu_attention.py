@@ -134,10 +134,16 @@ def tree_keywords(model: torch.nn.Module,
 def sample_tree_keywords(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Any]:
     """`tree_keywords` for a packed or padding-free batch of `data.collate.collate_packed` (whole samples side by side
     in rows, `sample_ids`, a block-causal 4-D mask): each sample's attention causally over itself
-    (`PrefixTree.of_samples`), so that it costs the samples' lengths squared rather than the rows' width squared.
-    {} for other batches."""
+    (`PrefixTree.of_samples`), so that it costs the samples' lengths squared rather than the rows' width squared; or
+    of `collate_shared_prompts` (`segment_ids`, `parent_ids`): each shared prompt once, its sequences' own tokens over
+    it (`PrefixTree.of_segments`). {} for other batches."""
     mask = batch.get("attention_mask")
-    if "sample_ids" not in batch or "position_ids" not in batch or mask is None or mask.dim() != 4:
+    if mask is None or mask.dim() != 4:
+        return {}
+    if "parent_ids" in batch:
+        return tree_keywords(model, lambda: prefix_attention.PrefixTree.of_segments(
+            batch["segment_ids"], batch["parent_ids"], mask.dtype))
+    if "sample_ids" not in batch or "position_ids" not in batch:
         return {}
     return tree_keywords(model, lambda: prefix_attention.PrefixTree.of_samples(batch["sample_ids"],
                                                                               batch["position_ids"]))

@@ -141,6 +141,33 @@ class PrefixTree:
                 rows[r].append((start, end - start, []))
         return PrefixTree.of_rows(width, rows)
 
+    @staticmethod
+    def of_segments(segment_ids: Tensor, parent_ids: Tensor, mask_dtype: torch.dtype = torch.float32) -> PrefixTree:
+        """The tree of packed rows of segments (`data.collate.collate_shared_prompts`): `segment_ids` [R, W] is each
+        token's segment within its row (-1 on padding), `parent_ids` [R, W] the segment it continues (its own for a
+        shared prompt or a sequence alone); a segment is one run of columns. What `block_causal_mask(segment_ids,
+        parents=parent_ids)` computes: a prompt causally over itself, each continuation over its prompt and its own
+        past."""
+        segments, parents = segment_ids.cpu(), parent_ids.cpu()
+        width = segments.shape[1]
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        row_of, column = starts.nonzero(as_tuple=True)
+        ends = torch.cat([column[1:], column.new_tensor([width])])
+        ends[:-1][row_of[1:] != row_of[:-1]] = width  # a row's last run ends at its width
+        rows: list[list[tuple[int, int, list]]] = [[] for _ in range(len(segments))]
+        unit_of: dict[tuple[int, int], tuple[int, int, list]] = {}
+        for r, start, end in zip(row_of.tolist(), column.tolist(), ends.tolist(), strict=True):
+            segment, parent = int(segments[r, start]), int(parents[r, start])
+            if segment < 0:
+                continue
+            if parent == segment:
+                unit_of[r, segment] = (start, end - start, [])
+                rows[r].append(unit_of[r, segment])
+            else:
+                unit_of[r, parent][2].append((start, end - start))
+        return PrefixTree.of_rows(width, rows, mask_dtype)
+
 
 def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     """Indices of `lengths`, longest first, in buckets whose shortest is more than half their longest: a bucket

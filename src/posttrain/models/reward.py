@@ -238,14 +238,16 @@ def sample_end_index(sample_ids: Tensor) -> Tensor:
 
 def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The reward of every sequence, read at its last real token: [B] for a padded batch (either
-    side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`).
+    side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`; or with shared
+    prompts, at `sequence_ends`).
     A likelihood reward model sums (or averages) the logprobs of the tokens `batch["response_mask"]` marks instead."""
     if is_likelihood_model(model):
         logprobs, mask = response_logprobs(model, batch)
         mean = getattr(model.config, "reward_reduction", "sum") == "mean"  # saved before the option: summed
         reduce = per_sequence_means if mean else per_sequence_sums
         return model.config.reward_scale * reduce(upcast(logprobs), mask, batch)
-    if "sample_ids" in batch:
+    if "sample_ids" in batch or "sequence_ends" in batch:
         hidden, head = _hidden_states(model, batch)
-        return upcast(head(hidden.flatten(0, 1)[sample_end_index(batch["sample_ids"])]).squeeze(-1))
+        ends = batch["sequence_ends"] if "sequence_ends" in batch else sample_end_index(batch["sample_ids"])
+        return upcast(head(hidden.flatten(0, 1)[ends]).squeeze(-1))
     return scores_at(model, batch, last_token_index(batch["attention_mask"]).unsqueeze(-1)).squeeze(-1)

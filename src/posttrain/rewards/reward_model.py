@@ -115,8 +115,9 @@ class _Scorer:
         model: summed over the masked tokens): `batch_size` sequences a forward, packed into rows of at most
         `capacity` tokens (or the longest sequence's); padded rows for a model that cannot take packed ones
         (ALiBi's Bloom and MPT, which count positions along the mask: `packing_obstacle`)."""
-        packing = PackingOptions(mask_dtype=floating_dtype(self.model), row_capacity=self.capacity) if self.packs \
-            else None
+        # The completions of one prompt share its tokens once (`collate_shared_prompts`): GRPO's groups, PPO's samples.
+        packing = PackingOptions(mask_dtype=floating_dtype(self.model), row_capacity=self.capacity,
+                                 share_prompts=True) if self.packs else None
         out = []
         for start in range(0, len(sequences), self.batch_size):
             chunk = [{"input_ids": list(ids), "response_mask": list(mask)}
