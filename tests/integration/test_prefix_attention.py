@@ -328,3 +328,82 @@ def test_packed_samples_through_the_tree_under_bf16_autocast_with_the_matmul_ker
     leaking = dict(batch, attention_mask=torch.zeros_like(batch["attention_mask"]).masked_fill(
         ~torch.ones(batch["attention_mask"].shape[-2:], dtype=torch.bool).tril(), torch.finfo(torch.float32).min))
     assert (logprobs(leaking) - dense).abs().max() > 10 * max(difference, 0.01)
+
+
+def comparisons(vocab: int) -> list[dict]:
+    """Preference pairs of random tokens: prompts of 6, 2 and 9 tokens (two pairs share the first), answers of 1-5
+    tokens, one pair whose answers open with the same token."""
+    generator = torch.Generator().manual_seed(2)
+
+    def tokens(n):
+        return torch.randint(1, vocab, (n,), generator=generator).tolist()
+
+    prompts = {6: tokens(6), 2: tokens(2), 9: tokens(9)}
+    rows = []
+    for prompt, chosen, rejected in [(6, 3, 2), (2, 3, 4), (9, 5, 2), (6, 2, 2)]:
+        answers = tokens(chosen), tokens(rejected)
+        rows.append({f"{side}_{key}": value for side, answer in zip(("chosen", "rejected"), answers, strict=True)
+                     for key, value in (("input_ids", prompts[prompt] + answer),
+                                        ("response_mask", [0] * prompt + [1] * len(answer)))})
+    rows[1]["rejected_input_ids"][2] = rows[1]["chosen_input_ids"][2]  # shared with the prompt, predicted by it
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "reward-model"])
+@pytest.mark.parametrize("capacity", [0, 12])
+def test_shared_prompts_give_the_padded_sequences_logprobs_rewards_and_gradients(tokenizer, monkeypatch, tree_calls,
+                                                                                 float64_norms, kind, capacity):
+    """DPO's and the reward model's padding-free pairs with each prompt once (`collate_shared_prompts`), through the
+    tree and through the dense mask: every sequence's summed logprobs (or reward), its trained-token count and every
+    gradient are those of the padded batch, one sequence per row, in float64."""
+    from posttrain.data.collate import PackingOptions, collate_pairs
+    from posttrain.models.likelihood import per_sequence_sums, response_logprobs
+    from posttrain.models.reward import sequence_scores
+
+    vocab = len(tokenizer)
+    rows = comparisons(vocab)
+    padded = collate_pairs(rows, 0)
+    shared = collate_pairs(rows, 0, PackingOptions(mask_dtype=torch.float64, row_capacity=capacity,
+                                                    share_prompts=True))
+    assert shared["input_ids"].numel() < padded["attention_mask"].sum()  # the prompts are laid out once
+
+    def run(batch):
+        if kind == "causal-lm":
+            model = float64_model(vocab)
+            float64_norms(model)
+            logprobs, mask = response_logprobs(model, batch)
+            out = torch.cat([per_sequence_sums(logprobs, mask, batch), per_sequence_sums(mask, mask, batch)])
+        else:
+            model = float64_model(vocab, AutoModelForSequenceClassification, num_labels=1, pad_token_id=0)
+            float64_norms(model)
+            out = sequence_scores(model, batch)
+        (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype)).sum().backward()
+        return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, expected_grads = run(padded)
+    assert not tree_calls  # one sequence per row: the 2-D mask
+    through_tree, tree_grads = run(shared)
+    assert len(tree_calls) == 2  # both layers
+    without_tree(monkeypatch)
+    dense, dense_grads = run(shared)
+    assert len(tree_calls) == 2
+    for got, grads in ((through_tree, tree_grads), (dense, dense_grads)):
+        assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert grads.keys() == expected_grads.keys() and len(grads) > 10
+        for name, grad in grads.items():
+            assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_tree_of_shared_prompts_has_a_causal_call_per_prompt_and_one_for_the_answers_over_them():
+    from posttrain.data.collate import PackingOptions, collate_pairs
+
+    rows = comparisons(50)
+    batch = collate_pairs(rows, 0, PackingOptions(share_prompts=True))
+    tree = PrefixTree.of_segments(batch["segment_ids"], batch["parent_ids"])
+    prompts = [call for call in tree.calls if call.keys is None]
+    answers = [call for call in tree.calls if call.keys is not None]
+    # (padding entries repeat a prompt's first index) the prompts of 6 and 9 tokens, and of 2 with an answer token
+    assert sorted(len(set(q.tolist())) for call in prompts for q in call.queries) == [3, 6, 9]
+    assert sum(len(call.queries) for call in answers) == 8  # every answer once, over its prompt's one copy
+    real = (batch["segment_ids"] >= 0).flatten().nonzero().flatten()
+    assert sorted(tree.targets.tolist()) == real.tolist()  # every real token computed once, no padding

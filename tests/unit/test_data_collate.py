@@ -196,3 +196,84 @@ def test_packed_rows_are_built_in_arrow_as_the_obvious_loop_builds_them():
     assert packed.to_dict() == {"input_ids": [[t for i in b for t in kept[i]["input_ids"]] for b in bins],
                                 "response_mask": [[m for i in b for m in kept[i]["response_mask"]] for b in bins],
                                 "seq_lengths": [[len(kept[i]["input_ids"]) for i in b] for b in bins]}
+
+
+def seen_by(batch: dict, flat_index: int) -> list[tuple[int, int]]:
+    """(token, position) of every key the query at `flat_index` (row * W + column) attends to under the batch's
+    4-D mask, in column order: the context the model computes that token's state from."""
+    width = batch["input_ids"].shape[1]
+    row, column = divmod(flat_index, width)
+    allowed = batch["attention_mask"][row, 0, column] == 0
+    return list(zip(batch["input_ids"][row][allowed].tolist(), batch["position_ids"][row][allowed].tolist(),
+                    strict=True))
+
+
+def check_shared_layout(batch: dict, flat: list[dict]) -> None:
+    """Every sequence is whole as its last token sees it, and every trained token j > 0 of it is listed once, as
+    token j, predicted by a state that sees exactly its tokens 0..j-1 at positions 0..j-1."""
+    for i, sample in enumerate(flat):
+        ids = sample["input_ids"]
+        assert seen_by(batch, int(batch["sequence_ends"][i])) == list(zip(ids, range(len(ids)), strict=True))
+        listed = (batch["target_sequences"] == i).nonzero().flatten().tolist()
+        trained = [j for j, t in enumerate(sample["response_mask"]) if t and j > 0]
+        assert len(listed) == len(trained)
+        for k, j in zip(listed, trained, strict=True):  # laid out in the sequence's order
+            assert int(batch["targets"][k]) == ids[j]
+            assert seen_by(batch, int(batch["predictors"][k])) == list(zip(ids[:j], range(j), strict=True))
+
+
+def sequence(prompt: list[int], answer: list[int]) -> dict:
+    return {"input_ids": prompt + answer, "response_mask": [0] * len(prompt) + [1] * len(answer)}
+
+
+def test_shared_prompts_lay_a_prompt_out_once_per_group_of_the_sequences_that_open_with_it():
+    from posttrain.data.collate import collate_shared_prompts, prompt_groups
+
+    flat = [sequence([1, 5, 6], [7, 2]),  # pair 0 chosen
+            sequence([1, 9], [4, 4, 2]),  # pair 1 chosen
+            sequence([1, 5, 6], [8, 3, 2]),  # pair 0 rejected
+            sequence([1, 9], [4, 2]),  # pair 1 rejected: its answer's first token is the chosen one's too
+            sequence([1, 5, 6], [7, 2])]  # a third answer to pair 0's prompt, equal to its chosen one
+    assert prompt_groups(flat) == [[0, 2, 4], [1, 3]]
+    batch = collate_shared_prompts(flat, PAD)
+    check_shared_layout(batch, flat)
+    # prompt [1, 5, 6] once, then [7, 2], [8, 3, 2], [7, 2]; prefix [1, 9, 4] once (the shared answer token too),
+    # then [4, 2] and [2]: 3 + 7 + 3 + 3 = 16 tokens in one row, no padding
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 8, 3, 2, 7, 2, 1, 9, 4, 4, 2, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 3, 4, 0, 1, 2, 3, 4, 3]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6]]
+    assert batch["parent_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4]]
+    # the prompt's last token predicts the first answer token of each of its three sequences
+    assert (batch["predictors"] == 2).sum() == 3 and (batch["predictors"] == 11).sum() == 2
+    assert batch["sequence_ends"].tolist() == [4, 14, 7, 15, 9]
+
+
+def test_shared_prompts_keep_a_token_of_each_sequence_and_lay_out_alone_what_shares_nothing():
+    from posttrain.data.collate import collate_shared_prompts
+
+    flat = [sequence([1, 5], [6]), sequence([1, 5], [6]),  # equal sequences: the prefix stops one short
+            {"input_ids": [3], "response_mask": [0]},  # a single token, alone
+            {"input_ids": [4, 8, 9], "response_mask": [0, 0, 0]}, {"input_ids": [4, 8, 9], "response_mask": [0, 0, 0]},
+            sequence([], [2, 7]), sequence([], [3, 7])]  # all answer, first tokens differ: nothing to share
+    batch = collate_shared_prompts(flat, PAD, row_capacity=4)
+    check_shared_layout(batch, flat)
+    real = batch["segment_ids"] >= 0
+    assert int(real.sum()) == 3 + 1 + 1 + 3 + 1 + 2 + 2  # [1, 5] + [6] + [6]; [3]; [4, 8] + [9] + [9]; 2; 2
+    assert batch["input_ids"].shape[1] == 4  # units of 4, 1, 4, 2, 2 tokens best-fit into rows of 4
+    padding = ~real
+    assert (batch["input_ids"][padding] == PAD).all() and (batch["parent_ids"][padding] == -1).all()
+
+
+def test_the_collator_shares_prompts_of_padding_free_comparisons_only_with_a_mask():
+    pair = {"chosen_input_ids": [1, 5, 6, 7, 2], "chosen_response_mask": [0, 0, 0, 1, 1],
+            "rejected_input_ids": [1, 5, 6, 8, 2], "rejected_response_mask": [0, 0, 0, 1, 1]}
+    shared = Collator("preference", PAD, batch_mode="padding_free", share_prompts=True)([pair, pair])
+    assert shared["input_ids"].shape == (1, 3 + 2 * 4)  # both pairs open with one prompt: a group of four
+    check_shared_layout(shared, [sequence([1, 5, 6], [7, 2])] * 2 + [sequence([1, 5, 6], [8, 2])] * 2)
+    assert shared["margin"].shape == (2,)
+    apart = Collator("preference", PAD, batch_mode="padding_free")([pair, pair])
+    assert apart["input_ids"].shape == (1, 20) and "predictors" not in apart
+    # without a mask (kernels that read position_ids) a tree cannot be said: each sequence whole, as before
+    unmasked = Collator("preference", PAD, batch_mode="padding_free", packed_attention="position_ids",
+                        share_prompts=True)([pair])
+    assert unmasked["input_ids"].shape == (1, 10) and "attention_mask" not in unmasked

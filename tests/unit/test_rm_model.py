@@ -372,3 +372,28 @@ def test_a_reward_model_from_elsewhere_whose_tokenizer_has_no_chat_template_scor
         "chat")
     model.config.reward_rendering = {"template": "chat", "thinking": "on"}
     assert scoring_config(model, plain_tokenizer).template == "chat"
+
+
+@pytest.mark.parametrize("head", ["linear", "likelihood"])
+def test_a_scorer_lays_the_prompt_of_its_completions_out_once_and_scores_as_one_sequence_a_row(
+        head, lm_dir, tokenizer, monkeypatch, float64_norms):
+    """GRPO's groups: the completions of one prompt go through the reward model's forward with the prompt once
+    (`collate_shared_prompts`), and score what one sequence per padded row scores, in float64."""
+    from posttrain.rewards import reward_model
+
+    model = build_reward_model(lm_dir, head=head, pad_token_id=tokenizer.pad_token_id)
+    model = (_random_head(model) if head == "linear" else model).double()
+    float64_norms(model)
+    batches = []
+    real = reward_model.collate_sequences
+    monkeypatch.setattr(reward_model, "collate_sequences", lambda *args: batches.append(real(*args)) or batches[-1])
+    prompts = ["What is 2+3?"] * 3 + ["What is 12*7?"] * 2
+    completions = ["5", "6", "The answer is 5", "84", "It is 84"]
+    scorer = RewardModelScorer(model, tokenizer)
+    shared = scorer.score(prompts, completions)
+    (batch,) = batches
+    lengths = [len(scorer.encode(p, c)[0]) for p, c in zip(prompts, completions, strict=True)]
+    assert (batch["segment_ids"] >= 0).sum() < sum(lengths) - 3 * 5  # two prompts once each, not five times
+    scorer.packs = False  # one sequence per padded row
+    assert_close(shared, scorer.score(prompts, completions), rtol=1e-12, atol=1e-12)
+    assert "attention_mask" in batches[-1] and batches[-1]["attention_mask"].dim() == 2

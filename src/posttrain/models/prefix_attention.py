@@ -26,7 +26,9 @@ cut into pieces, each with its own copy of the prompt; with it, the width costs 
 Packed and padding-free batches of whole samples (SFT, DPO, reward models: `data.collate.collate_packed`) get a
 tree too (`PrefixTree.of_samples`, through `cpu_attention.sample_tree_keywords`): each sample is a prompt without
 completions, causally over itself, so a row of samples costs the sum of their squared lengths in attention instead
-of its width squared.
+of its width squared. Padding-free comparisons whose sequences share their prompt (`collate_shared_prompts`: a pair's
+chosen and rejected answer, a reward model scorer's completions of one prompt) get the RL layout's tree
+(`PrefixTree.of_segments`): the prompt once, each answer over it.
 
 The dense mask stays the fallback and the reference: models whose layers run another attention (a sliding
 window, soft-capping, position biases, a non-SDPA implementation), devices other than the CPU (not measured
