@@ -345,6 +345,12 @@ def offline_overrides(directory: Path, out: str, batch_mode: str, steps: int, ba
             "optim.weight_decay=0", "optim.beta2=0.999", "optim.grad_clip=1.0"]
 
 
+def shares_prompts(cfg: Any) -> bool:
+    """Whether a comparison workload's padding-free batches lay each prompt out once (`data.share_prompts`): its MFU
+    as 6 N x the sequences' tokens would count every shared prompt once per answer (`StepClock.summary`)."""
+    return cfg.data.batch_mode == "padding_free" and cfg.data.share_prompts
+
+
 def timed_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module, mfu: bool = True) -> dict[str, Any]:
     """Run a posttrain Trainer under a StepClock and return the clock's summary (`StepClock.summary`)."""
     clock = StepClock()

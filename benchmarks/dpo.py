@@ -9,8 +9,9 @@ policy), no gradient checkpointing, no eval, no saving. posttrain's default prec
 reference logprobs once before training, with the untrained policy itself (the time it takes is
 reported beside the steps, and per step of an epoch, never inside them); `live` runs a frozen
 copy's forward in every step, as TRL does by default. padding_free puts a step's 16 sequences in
-rows of at most 256 tokens (posttrain, `data.padding_free_capacity`'s default: block-causal mask; TRL: its
-padding_free option, one row).
+rows of at most 256 tokens (posttrain, `data.padding_free_capacity`'s default, each pair's prompt once for its
+two answers, `data.share_prompts`'s default: no MFU is reported for it, 6 N x the sequences' tokens would count
+each prompt twice; TRL: its padding_free option, one row, every sequence whole).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from benchmarks.common import (
     print_table,
     record_run,
     run_worker,
+    shares_prompts,
     timed_fit,
     trl_clock,
     use_allocator,
@@ -73,10 +75,10 @@ def posttrain_worker(directory: Path, variant: str, batch_mode: str, steps: int)
             source, reference = comparison_step_source(prepared, cfg.train, cfg.run.seed), Reference.frozen_copy(model)
         trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        summary = timed_fit(trainer, source, dpo_loss_fn(cfg.loss, reference), model)
+        summary = timed_fit(trainer, source, dpo_loss_fn(cfg.loss, reference), model, mfu=not shares_prompts(cfg))
         # The reference pass replaces one reference forward per step for a whole epoch: its share per step.
         amortised = precompute_s * PAIRS / len(prepared.dataset)
-        return {**summary, "precompute_s": precompute_s,
+        return {**summary, "share_prompts": shares_prompts(cfg), "precompute_s": precompute_s,
                 "precompute_s_per_step": amortised}
 
 

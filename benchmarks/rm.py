@@ -6,8 +6,9 @@ Each library runs in its own subprocess, one after the other; the same model fil
 both. Settings (both): fp32, 8 pairs per step, Bradley–Terry loss, a linear scalar head on the
 causal LM's trunk, lr 1e-4 constant, no warm-up, weight decay 0, clip 1.0, max_length 128, full
 training, no gradient checkpointing, no eval, no saving. posttrain also runs padding-free (a step's
-16 sequences in rows of at most 256 tokens, `data.padding_free_capacity`'s default, block-causal mask; TRL's
-RewardTrainer has no such mode).
+16 sequences in rows of at most 256 tokens, `data.padding_free_capacity`'s default, each pair's prompt once for its
+two answers, `data.share_prompts`'s default: no MFU is reported for it, 6 N x the sequences' tokens would count each
+prompt twice; TRL's RewardTrainer has no such mode).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from benchmarks.common import (
     print_table,
     record_run,
     run_worker,
+    shares_prompts,
     timed_fit,
     trl_clock,
     use_allocator,
@@ -61,8 +63,9 @@ def posttrain_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, 
         run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
         trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        return timed_fit(trainer, comparison_step_source(prepared, cfg.train, cfg.run.seed), comparison_loss_fn(cfg),
-                         model)
+        summary = timed_fit(trainer, comparison_step_source(prepared, cfg.train, cfg.run.seed),
+                            comparison_loss_fn(cfg), model, mfu=not shares_prompts(cfg))
+        return {**summary, "share_prompts": shares_prompts(cfg)}
 
 
 def trl_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, Any]:

@@ -156,18 +156,19 @@ def test_padding_free_pairs_and_rankings_are_capped_and_keep_every_sequence_id()
                "rejected_input_ids": B["input_ids"], "rejected_response_mask": B["response_mask"]}
     pair_ba = {"chosen_input_ids": B["input_ids"], "chosen_response_mask": B["response_mask"],
                "rejected_input_ids": A["input_ids"], "rejected_response_mask": A["response_mask"]}
-    batch = Collator("preference", PAD, batch_mode="padding_free", row_capacity=8)([pair_ab, pair_ba])
+    batch = Collator("preference", PAD, batch_mode="padding_free", row_capacity=8, share_prompts=False)(
+        [pair_ab, pair_ba])
     assert batch["input_ids"].shape == (2, 8)  # sequences A, B, B, A (5, 3, 3, 5 tokens): 5 + 3 per row
     expected = [A, B, B, A]  # chosen of pair 0 and 1, then rejected of pair 0 and 1
     for i, sequence in enumerate(expected):
         assert batch["input_ids"][batch["sample_ids"] == i].tolist() == sequence["input_ids"]
         assert batch["position_ids"][batch["sample_ids"] == i].tolist() == list(range(len(sequence["input_ids"])))
-    one_row = Collator("preference", PAD, batch_mode="padding_free")([pair_ab, pair_ba])
+    one_row = Collator("preference", PAD, batch_mode="padding_free", share_prompts=False)([pair_ab, pair_ba])
     assert one_row["input_ids"].shape == (1, 16)
 
     ranking = {"ranked_input_ids": [A["input_ids"], B["input_ids"], A["input_ids"]],
                "ranked_response_mask": [A["response_mask"], B["response_mask"], A["response_mask"]], "scores": None}
-    ranked = Collator("ranking", PAD, batch_mode="padding_free", row_capacity=8)([ranking])
+    ranked = Collator("ranking", PAD, batch_mode="padding_free", row_capacity=8, share_prompts=False)([ranking])
     assert ranked["input_ids"].shape == (3, 5)  # 5 + 3 and 5 in rows of 8: 16 slots; each alone in rows of 5: 15
     for i, sequence in enumerate((A, B, A)):
         assert ranked["input_ids"][ranked["sample_ids"] == i].tolist() == sequence["input_ids"]
@@ -264,16 +265,63 @@ def test_shared_prompts_keep_a_token_of_each_sequence_and_lay_out_alone_what_sha
     assert (batch["input_ids"][padding] == PAD).all() and (batch["parent_ids"][padding] == -1).all()
 
 
-def test_the_collator_shares_prompts_of_padding_free_comparisons_only_with_a_mask():
+def test_the_collator_shares_prompts_of_padding_free_comparisons_by_default_and_only_with_a_mask():
     pair = {"chosen_input_ids": [1, 5, 6, 7, 2], "chosen_response_mask": [0, 0, 0, 1, 1],
             "rejected_input_ids": [1, 5, 6, 8, 2], "rejected_response_mask": [0, 0, 0, 1, 1]}
-    shared = Collator("preference", PAD, batch_mode="padding_free", share_prompts=True)([pair, pair])
+    shared = Collator("preference", PAD, batch_mode="padding_free")([pair, pair])  # the default
     assert shared["input_ids"].shape == (1, 3 + 2 * 4)  # both pairs open with one prompt: a group of four
     check_shared_layout(shared, [sequence([1, 5, 6], [7, 2])] * 2 + [sequence([1, 5, 6], [8, 2])] * 2)
     assert shared["margin"].shape == (2,)
-    apart = Collator("preference", PAD, batch_mode="padding_free")([pair, pair])
+    apart = Collator("preference", PAD, batch_mode="padding_free", share_prompts=False)([pair, pair])
     assert apart["input_ids"].shape == (1, 20) and "predictors" not in apart
     # without a mask (kernels that read position_ids) a tree cannot be said: each sequence whole, as before
-    unmasked = Collator("preference", PAD, batch_mode="padding_free", packed_attention="position_ids",
-                        share_prompts=True)([pair])
+    unmasked = Collator("preference", PAD, batch_mode="padding_free", packed_attention="position_ids")([pair])
     assert unmasked["input_ids"].shape == (1, 10) and "attention_mask" not in unmasked
+
+
+def test_a_group_longer_than_a_row_is_cut_into_pieces_each_with_its_copy_of_the_prompt():
+    from posttrain.data.collate import collate_shared_prompts, cut_group
+
+    assert cut_group([3, 4, 5, 6], 5, [2, 3, 4, 1], 10) == [[3, 4], [5, 6]]  # 5 + 2 + 3; 5 + 4 + 1
+    assert cut_group([3, 4], 5, [9, 9], 10) == [[3], [4]]  # a piece holds one member at least
+    assert cut_group([3, 4], 5, [9, 9], 0) == [[3, 4]]
+    prompt = [1, 5, 6, 7]
+    flat = [sequence(prompt, [10 + k, 2]) for k in range(5)]
+    batch = collate_shared_prompts(flat, PAD, row_capacity=9)
+    check_shared_layout(batch, flat)
+    assert batch["input_ids"].shape == (3, 8)  # pieces of 4 + 2 + 2 tokens (a third answer would make 10)
+    assert (batch["input_ids"][:, :4] == torch.tensor(prompt)).all()  # each piece's copy of the prompt
+    assert batch["position_ids"][2].tolist() == [0, 1, 2, 3, 4, 5, 0, 0]  # the last piece's one answer, padding
+
+
+def test_a_one_token_sequence_is_laid_out_alone_and_the_rest_of_its_group_still_shares():
+    from posttrain.data.collate import collate_shared_prompts
+
+    flat = [{"input_ids": [1], "response_mask": [0]}, {"input_ids": [1, 5, 6, 7], "response_mask": [0, 0, 0, 0]},
+            {"input_ids": [1, 5, 6, 9], "response_mask": [0, 0, 0, 0]}]
+    flat = [dict(s, response_mask=[1] * len(s["input_ids"])) for s in flat]  # all trained: one group, key ()
+    batch = collate_shared_prompts(flat, PAD)
+    check_shared_layout(batch, flat)
+    assert int((batch["segment_ids"] >= 0).sum()) == 1 + 3 + 1 + 1  # [1]; [1, 5, 6] once, then [7] and [9]
+
+
+def test_kto_rows_and_their_mismatched_pairs_share_the_row_prompt():
+    unpaired = [{"input_ids": [1, 5, 6, 7, 2], "response_mask": [0, 0, 0, 1, 1], "kl_input_ids": [1, 5, 6, 8, 2],
+                 "kl_response_mask": [0, 0, 0, 1, 1], "label": True}]
+    batch = Collator("unpaired", PAD, batch_mode="padding_free")(unpaired)
+    assert batch["input_ids"].shape == (1, 3 + 2 + 2)
+    check_shared_layout(batch, [sequence([1, 5, 6], [7, 2]), sequence([1, 5, 6], [8, 2])])
+    assert batch["desirable"].tolist() == [True]
+
+
+def test_prepared_padding_free_pairs_share_their_prompt_unless_the_config_says_not(tokenizer):
+    from posttrain.data.config import DataConfig
+    from posttrain.data.pipeline import prepare_data
+
+    rows = [{"prompt": "What is 2+3?", "chosen": " 5", "rejected": " 6"},
+            {"prompt": "What is 12*7?", "chosen": " 84", "rejected": " 74"}]
+    for share in (True, False):
+        cfg = DataConfig(source="<rows>", batch_mode="padding_free", template="plain", share_prompts=share)
+        prepared = prepare_data(cfg, tokenizer, accepts=("preference",), rows=rows)
+        batch = prepared.collator([prepared.dataset[i] for i in range(2)])
+        assert ("predictors" in batch) is share and ("sample_ids" in batch) is not share

@@ -148,3 +148,25 @@ def test_layer_types_a_4d_mask_cannot_express_are_refused():
     # A padded batch's 2-D mask is left to transformers.
     padded = collate_padded(samples(), 0)
     assert layer_attention_mask(model, padded["attention_mask"], padded["position_ids"]) is padded["attention_mask"]
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_shared_prompt_logprobs_and_rewards_of_a_windowed_model_equal_the_padded(kind):
+    """Pairs whose answers share a 9-token prompt, laid out once (`collate_shared_prompts`): the window counts the
+    positions through the shared prefix, as each sequence alone does."""
+    from posttrain.data.collate import collate_shared_prompts
+
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(1, VOCAB, (9,), generator=generator).tolist()
+    rows = [{"input_ids": prompt + torch.randint(1, VOCAB, (n,), generator=generator).tolist(),
+             "response_mask": [0] * 9 + [1] * n} for n in (6, 3, 8)]
+    model = tiny_lm(kind)
+    expected = torch.cat([alone(model, s) for s in rows])
+    shared = collate_shared_prompts(rows, 0)
+    assert shared["input_ids"].shape == (1, 9 + 6 + 3 + 8)
+    with torch.no_grad():
+        assert_close(trained(*response_logprobs(model, shared)), expected)
+    torch.manual_seed(4)
+    scorer = AutoModelForSequenceClassification.from_config(tiny_config(kind, WINDOW, num_labels=1)).eval()
+    with torch.no_grad():
+        assert_close(sequence_scores(scorer, shared), sequence_scores(scorer, collate_padded(rows, 0)))

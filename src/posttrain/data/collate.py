@@ -2,7 +2,10 @@
 
 Every training batch carries `labels` (input ids, -100 where not trained, the HF convention: the
 model shifts them) and the same information as `response_mask` (1 where `labels` is a trained
-token), aligned with `input_ids`; `position_ids` restart at 0 for every sample.
+token), aligned with `input_ids`; `position_ids` restart at 0 for every sample. The exception is a
+padding-free comparison batch whose sequences share their prompt (`collate_shared_prompts`): one
+state predicts the first own token of each sequence of a prompt, so it lists its trained tokens
+and their predicting states instead.
 
 Padding-free puts a batch's samples in rows of at most `row_capacity` tokens (or all in one row);
 packing fills rows of `capacity` tokens best-fit decreasing across batches. Neither may let a sample
@@ -218,7 +221,8 @@ def padded_slots(lengths: Sequence[int], rows: Sequence[Sequence[int]]) -> int:
 def collate_sequences(flat: Sequence[Sample], pad_token_id: int,
                       packing: PackingOptions | None) -> dict[str, Tensor]:
     """Padded rows, or (padding-free) the sequences packed into capped rows: sequence i is `sample_ids == i`
-    whichever row it lands in."""
+    whichever row it lands in, or with `packing.share_prompts` (and a mask) each prompt once for the sequences that
+    open with it (`collate_shared_prompts`: sequence i is `target_sequences == i` and ends at `sequence_ends[i]`)."""
     if packing is None:
         return collate_padded(flat, pad_token_id)
     if packing.share_prompts and packing.attention == "mask":
@@ -251,6 +255,23 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return shortest - 1
 
 
+def cut_group(members: Sequence[int], prompt_length: int, own_lengths: Sequence[int],
+              capacity: int | None) -> list[list[int]]:
+    """The members of one prompt's group in consecutive pieces of at most `capacity` tokens each, counting one copy
+    of the prompt per piece and each member's `own_lengths` after it (a piece holds one member at least; 0 or None:
+    one piece). A whole group of long answers would be one row as wide as all of them: a dense mask of its width
+    squared, and attention over it where the model does not take the tree."""
+    pieces: list[list[int]] = []
+    piece, size = [], prompt_length
+    for i, own in zip(members, own_lengths, strict=True):
+        if piece and capacity and size + own > capacity:
+            pieces.append(piece)
+            piece, size = [], prompt_length
+        piece.append(i)
+        size += own
+    return [*pieces, piece] if piece else pieces
+
+
 def collate_shared_prompts(flat: Sequence[Sample], pad_token_id: int, row_capacity: int = 0,
                            mask_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Padding-free sequences where those that open with the same prompt (`prompt_groups`) lay their common
@@ -258,8 +279,10 @@ def collate_shared_prompts(flat: Sequence[Sample], pad_token_id: int, row_capaci
     rejected answer attend to one copy of their prompt. Exact (a causal model's states of a prefix do not depend
     on what follows it, and the prefix's gradient is the sum of what its sequences send it, as over copies); the
     forward computes the prompt once instead of once per sequence (most of the tokens of preference data whose
-    answers are short). Units (a group, or a sequence alone) go best-fit into rows of at most `row_capacity` tokens
-    (`capped_rows`).
+    answers are short). A group longer than `row_capacity` is cut into pieces that fit it, each with its copy of the
+    prefix (`cut_group`); units (a piece, or a sequence alone) go best-fit into rows of at most `row_capacity` tokens
+    (`capped_rows`). With dropout on, the sequences of a prompt share its one dropout draw there (no longer
+    independent draws per sequence; posttrain turns dropout off by default, `model.disable_dropout`).
 
     Returns input_ids and position_ids [R, W] (a sequence's positions count on through its shared prefix),
     segment_ids and parent_ids [R, W] (-1 on padding; a prefix and a lone sequence are their own parent, the rest
@@ -270,12 +293,15 @@ def collate_shared_prompts(flat: Sequence[Sample], pad_token_id: int, row_capaci
     `target_sequences` [N] (the sequence each belongs to, its index in `flat`); `sequence_ends` [S] is the flat index
     of every sequence's last token, in `flat`'s order.
     """
+    lengths = [len(sample["input_ids"]) for sample in flat]
     units = []  # (shared prefix length, or None for a sequence laid out alone; member indices)
-    for members in prompt_groups(flat):
+    for group in prompt_groups(flat):
+        members = [i for i in group if lengths[i] > 1]  # a single token has nothing to share a prefix with
         shared = shared_prefix_length([flat[i]["input_ids"] for i in members]) if len(members) > 1 else 0
-        units += [(shared, members)] if shared else [(None, [i]) for i in members]
-    sizes = [sum(len(flat[i]["input_ids"]) for i in members) - (len(members) - 1) * (shared or 0)
-             for shared, members in units]
+        pieces = cut_group(members, shared, [lengths[i] - shared for i in members], row_capacity) if shared else []
+        units += [(shared, piece) for piece in pieces]
+        units += [(None, [i]) for i in group if not shared or lengths[i] == 1]
+    sizes = [sum(lengths[i] for i in members) - (len(members) - 1) * (shared or 0) for shared, members in units]
     rows = capped_rows(sizes, row_capacity)
     width = max(sum(sizes[u] for u in row) for row in rows)
     shape = (len(rows), width)
@@ -329,7 +355,7 @@ def collate_shared_prompts(flat: Sequence[Sample], pad_token_id: int, row_capaci
 def collate_pairs(samples: Sequence[Sample], pad_token_id: int,
                   packing: PackingOptions | None = None) -> dict[str, Tensor]:
     """Preference pairs as 2B sequences, the B chosen first, then the B rejected: one right-padded row
-    each, or with `packing` packed into rows without padding (sequence i is `sample_ids == i`).
+    each, or with `packing` packed into rows without padding (`collate_sequences`: sequence i of the 2B).
 
     Adds `margin` [B] (0 where a row has none) and `preference_probs` [B] (1 where a row has none).
     """
@@ -346,7 +372,7 @@ def collate_pairs(samples: Sequence[Sample], pad_token_id: int,
 def collate_rankings(samples: Sequence[Sample], pad_token_id: int,
                      packing: PackingOptions | None = None) -> dict[str, Tensor]:
     """Every response of every ranking, best first within each ranking: one right-padded row each, or
-    with `packing` packed into rows without padding (response i is `sample_ids == i`).
+    with `packing` packed into rows without padding (`collate_sequences`: response i of the N).
 
     Adds ranking_ids [N] (which ranking a row belongs to), ranks [N] (its position, 0 = best), levels [N]
     (0 = best; tied responses share a level: equal scores) and scores [N] (the given scores, or minus the
@@ -375,7 +401,8 @@ def collate_rankings(samples: Sequence[Sample], pad_token_id: int,
 def collate_unpaired(samples: Sequence[Sample], pad_token_id: int,
                      packing: PackingOptions | None = None) -> dict[str, Tensor]:
     """Unpaired rows as 2B sequences, the B rows first, then their B mismatched pairs (`kl_pairs`): one
-    right-padded row each, or with `packing` packed into rows without padding (sequence i is `sample_ids == i`).
+    right-padded row each, or with `packing` packed into rows without padding (`collate_sequences`: sequence i of
+    the 2B).
     The layout of `collate_pairs`, so that a row and its pair travel as a pair does.
 
     Adds desirable [B] (bool: the row's label).
@@ -436,8 +463,11 @@ class Collator:
     In packed mode the dataset rows are packed rows (`pack_dataset`); in padding-free mode they are
     samples, and each batch (SFT samples, or the sequences of pairs and rankings) is packed best-fit
     decreasing into rows of at most `row_capacity` tokens (0: one row). Why cap: the block-causal mask
-    hides other samples but attention still runs over the whole row, so one row of a 64-sample batch
-    (~3,600 tokens) costs more than the model's layers.
+    hides other samples but attention still runs over the whole row (where the model does not take the
+    prefix tree), so one row of a 64-sample batch (~3,600 tokens) costs more than the model's layers, and
+    the dense mask grows with the row's width squared. Comparison sequences that open with one prompt take it
+    once (`share_prompts`, `collate_shared_prompts`; a group longer than a row is cut into pieces, each
+    with its copy of the prompt), as `data.share_prompts` says by default.
     """
 
     format: str
@@ -446,7 +476,7 @@ class Collator:
     packed_attention: str = "mask"
     mask_dtype: torch.dtype = torch.float32
     row_capacity: int = 0
-    share_prompts: bool = False
+    share_prompts: bool = True
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         if self.format in ("completion", "messages", "text"):

@@ -100,14 +100,16 @@ class DataConfig:
                             choices=("padded", "padding_free", "packed"))
     padding_free_capacity: int = param(256, "padding_free rows: a micro-batch's samples (and the sequences of "
                                             "pairs and rankings) best-fit into rows of at most this many tokens (a "
-                                            "longer sample gets its own row), so attention stays short; of the "
-                                            "widths up to it, the one that pads least; 0: the whole micro-batch "
-                                            "in one row.", ge=0)
+                                            "longer sample, or a prompt with an answer, gets its own row), so "
+                                            "attention stays short; of the widths up to it, the one that pads "
+                                            "least; 0: the whole micro-batch in one row.", ge=0)
     share_prompts: bool = param(True, "padding_free comparisons (preference pairs, rankings, KTO's rows and their "
                                       "pairs): sequences that open with the same prompt lay it out once, each "
-                                      "answer attending to that copy (exact: the same logprobs, rewards and "
-                                      "gradients; the prompt is computed once instead of once per answer). "
-                                      "Needs packed_attention=mask.")
+                                      "answer attending to that copy (the same logprobs, rewards and gradients "
+                                      "up to float rounding; the prompt is computed once instead of once per "
+                                      "answer; with dropout on, one dropout draw over the shared prompt). A "
+                                      "group longer than padding_free_capacity is cut into pieces, each with its "
+                                      "copy. Needs packed_attention=mask.")
     packed_attention: str = param("mask", "How packed rows keep samples apart: a 4-D block-diagonal mask "
                                           "(any attention kernel), or position_ids alone (flash/sdpa with "
                                           "use_cache=False).", choices=("mask", "position_ids"))

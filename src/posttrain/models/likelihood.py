@@ -16,7 +16,8 @@ IGNORE_INDEX = -100  # torch's cross-entropy default, and the label of untrained
 
 
 def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Logprobs of the tokens marked in `batch["response_mask"]`, and that mask, both [B, K].
+    """Logprobs of the tokens marked in `batch["response_mask"]`, and that mask, both [B, K] (a batch of shared
+    prompts: [1, N], below).
 
     The logits at position t predict token t + 1, so targets are the inputs shifted left. Only the
     K positions that predict a trained token in some row are projected to the vocabulary
@@ -59,7 +60,8 @@ def predicting_positions(batch: dict[str, Any]) -> Tensor:
 
 
 def per_sequence_sums(values: Tensor, mask: Tensor, batch: dict[str, Any]) -> Tensor:
-    """Sums of `response_logprobs`-shaped [B, K] values over each sequence's trained tokens.
+    """Sums of `response_logprobs`-shaped values ([B, K], or [1, N] for shared prompts) over each sequence's trained
+    tokens.
 
     Padded batches: one sequence per row, [B]. Packed or padding-free batches: one sum per sample of
     `sample_ids` (a row holds several), [N] in sample order; shared prompts: one per sequence of
@@ -77,7 +79,7 @@ def per_sequence_sums(values: Tensor, mask: Tensor, batch: dict[str, Any]) -> Te
 
 
 def per_sequence_means(values: Tensor, mask: Tensor, batch: dict[str, Any]) -> Tensor:
-    """Means of `response_logprobs`-shaped [B, K] values over each sequence's trained tokens (0 for a sequence
+    """Means of `response_logprobs`-shaped values over each sequence's trained tokens (0 for a sequence
     with none), laid out as `per_sequence_sums`: the per-token average of IPO and of a length-normalised reward."""
     counts = per_sequence_sums(mask.to(values.dtype), mask, batch)
     return per_sequence_sums(values, mask, batch) / counts.clamp(min=1)

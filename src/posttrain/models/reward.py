@@ -240,7 +240,8 @@ def sequence_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The reward of every sequence, read at its last real token: [B] for a padded batch (either
     side), [N] in sample order for a padding-free one (sequences packed into rows, `sample_ids`; or with shared
     prompts, at `sequence_ends`).
-    A likelihood reward model sums (or averages) the logprobs of the tokens `batch["response_mask"]` marks instead."""
+    A likelihood reward model sums (or averages) the logprobs of the batch's trained tokens instead (those
+    `batch["response_mask"]` marks, or a shared-prompt batch's `targets`)."""
     if is_likelihood_model(model):
         logprobs, mask = response_logprobs(model, batch)
         mean = getattr(model.config, "reward_reduction", "sum") == "mean"  # saved before the option: summed

@@ -5,7 +5,8 @@ Completions are rendered exactly as the reward model saw its training rows (the 
 switch its `posttrain rm` run saved with it, through `posttrain.data.tokenize.Encoder`), as long as its positions
 allow (a prompt longer than that cut from the left), and scored without gradients in
 micro-batches of `batch_size` sequences, padding-free: each micro-batch's sequences packed into rows of
-at most `capacity` tokens (block-diagonal mask), so no position of a forward is padding. Token batches that a policy
+at most `capacity` tokens (block mask), so no position of a forward is padding, and the completions of one prompt
+after one copy of it (`data.collate.collate_shared_prompts`). Token batches that a policy
 generated (prompt + completion ids from the same tokenizer) can be scored directly with `score_tokens`:
 no decode and re-encode round trip.
 """
@@ -113,9 +114,9 @@ class _Scorer:
     def _sequence_scores(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Tensor:
         """The reward [N] of each (token ids, completion mask) sequence, read at its last token (a likelihood
         model: summed over the masked tokens): `batch_size` sequences a forward, packed into rows of at most
-        `capacity` tokens (or the longest sequence's); padded rows for a model that cannot take packed ones
+        `capacity` tokens (or the longest sequence's), each prompt once for the sequences that open with it (its
+        tokens before the first masked one); padded rows for a model that cannot take packed ones
         (ALiBi's Bloom and MPT, which count positions along the mask: `packing_obstacle`)."""
-        # The completions of one prompt share its tokens once (`collate_shared_prompts`): GRPO's groups, PPO's samples.
         packing = PackingOptions(mask_dtype=floating_dtype(self.model), row_capacity=self.capacity,
                                  share_prompts=True) if self.packs else None
         out = []

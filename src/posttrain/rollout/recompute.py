@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
-from posttrain.data.collate import block_causal_mask, capped_rows, padded_slots
+from posttrain.data.collate import block_causal_mask, capped_rows, cut_group, padded_slots
 from posttrain.models.attention import layer_attention_mask
 from posttrain.models.cpu_attention import tree_keywords
 from posttrain.models.device import model_device, move_to
@@ -131,17 +131,9 @@ def packing_units(keys: Sequence[Hashable], prompt_lengths: Sequence[int], compl
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    units = []
-    for members in groups.values():
-        unit, size = [], prompt_lengths[members[0]]
-        for i in members:
-            if unit and capacity and size + completion_lengths[i] > capacity:
-                units.append(unit)
-                unit, size = [], prompt_lengths[i]
-            unit.append(i)
-            size += completion_lengths[i]
-        units.append(unit)
-    return units
+    return [piece for members in groups.values()
+            for piece in cut_group(members, prompt_lengths[members[0]], [completion_lengths[i] for i in members],
+                                   capacity)]
 
 
 def packed_width_cost(keys: Sequence[Hashable], prompt_lengths: Sequence[int], completion_lengths: Sequence[int],
