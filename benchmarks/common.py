@@ -348,7 +348,7 @@ def offline_overrides(directory: Path, out: str, batch_mode: str, steps: int, ba
 def shares_prompts(cfg: Any) -> bool:
     """Whether a comparison workload's padding-free batches lay each prompt out once (`data.share_prompts`): its MFU
     as 6 N x the sequences' tokens would count every shared prompt once per answer (`StepClock.summary`)."""
-    return cfg.data.batch_mode == "padding_free" and cfg.data.share_prompts
+    return cfg.data.batch_mode == "padding_free" and cfg.data.share_prompts and cfg.data.packed_attention == "mask"
 
 
 def timed_fit(trainer: Any, source: Any, loss_fn: Any, model: torch.nn.Module, mfu: bool = True) -> dict[str, Any]:

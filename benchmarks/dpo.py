@@ -75,10 +75,11 @@ def posttrain_worker(directory: Path, variant: str, batch_mode: str, steps: int)
             source, reference = comparison_step_source(prepared, cfg.train, cfg.run.seed), Reference.frozen_copy(model)
         trainer = Trainer(stage="dpo", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
-        summary = timed_fit(trainer, source, dpo_loss_fn(cfg.loss, reference), model, mfu=not shares_prompts(cfg))
+        shared = shares_prompts(cfg)
+        summary = timed_fit(trainer, source, dpo_loss_fn(cfg.loss, reference), model, mfu=not shared)
         # The reference pass replaces one reference forward per step for a whole epoch: its share per step.
         amortised = precompute_s * PAIRS / len(prepared.dataset)
-        return {**summary, "share_prompts": shares_prompts(cfg), "precompute_s": precompute_s,
+        return {**summary, "share_prompts": shared, "precompute_s": precompute_s,
                 "precompute_s_per_step": amortised}
 
 

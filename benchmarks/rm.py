@@ -63,9 +63,10 @@ def posttrain_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, 
         run_dir = prepare_run_dir(cfg.run, cfg, stage="rm")
         trainer = Trainer(stage="rm", cfg=cfg, run=cfg.run, train=cfg.train, optim=cfg.optim, run_dir=run_dir,
                           model=model)
+        shared = shares_prompts(cfg)
         summary = timed_fit(trainer, comparison_step_source(prepared, cfg.train, cfg.run.seed),
-                            comparison_loss_fn(cfg), model, mfu=not shares_prompts(cfg))
-        return {**summary, "share_prompts": shares_prompts(cfg)}
+                            comparison_loss_fn(cfg), model, mfu=not shared)
+        return {**summary, "share_prompts": shared}
 
 
 def trl_worker(directory: Path, batch_mode: str, steps: int) -> dict[str, Any]:

@@ -110,16 +110,20 @@ def test_cached_reference_logprobs_equal_the_live_ones(tiny_model, tokenizer, fm
 def test_padding_free_rows_capped_or_not_give_the_padded_sequence_logprobs(tiny_model, tokenizer, fmt):
     model = tiny_model.double().eval()
     layouts = {}
-    for name, batch_mode, capacity in (("padded", "padded", 0), ("one_row", "padding_free", 0),
-                                       ("capped", "padding_free", 96)):
+    for name, batch_mode, capacity, share in (("padded", "padded", 0, False), ("one_row", "padding_free", 0, True),
+                                              ("capped", "padding_free", 96, True),
+                                              ("one_row_whole", "padding_free", 0, False),
+                                              ("capped_whole", "padding_free", 96, False)):
         prepared = prepare_data(DataConfig(source="arith", size=8, format=fmt, batch_mode=batch_mode,
-                                           padding_free_capacity=capacity), tokenizer, accepts=STAGE_FORMATS["dpo"],
-                                mask_dtype=torch.float64)
+                                           padding_free_capacity=capacity, share_prompts=share), tokenizer,
+                                accepts=STAGE_FORMATS["dpo"], mask_dtype=torch.float64)
         batch = prepared.collator([prepared.dataset[i] for i in range(8)])
+        assert ("predictors" in batch) is share  # shared prompts, or every sequence whole (`sample_ids`)
         layouts[name] = (batch["input_ids"].shape[0], sequence_logprobs(model, batch))
-    assert layouts["one_row"][0] == 1 and layouts["capped"][0] > 1
-    assert_close(layouts["one_row"][1], layouts["padded"][1])
-    assert_close(layouts["capped"][1], layouts["padded"][1])
+    assert layouts["one_row"][0] == layouts["one_row_whole"][0] == 1
+    assert layouts["capped"][0] > 1 and layouts["capped_whole"][0] > 1
+    for name in ("one_row", "capped", "one_row_whole", "capped_whole"):
+        assert_close(layouts[name][1], layouts["padded"][1], msg=name)
 
 
 def test_the_lora_disabled_reference_is_the_base_model(tiny_model, tokenizer):

@@ -65,8 +65,8 @@ def test_a_bad_label_is_a_data_error_naming_file_line_and_field(pretrained_run, 
 
 
 def test_cached_reference_logprobs_equal_the_live_ones_for_rows_and_their_pairs(tiny_model, tokenizer):
-    for batch_mode in ("padded", "padding_free"):
-        prepared = prepare_data(DataConfig(source=str(EXAMPLE), batch_mode=batch_mode), tokenizer,
+    for batch_mode, share in (("padded", False), ("padding_free", True), ("padding_free", False)):
+        prepared = prepare_data(DataConfig(source=str(EXAMPLE), batch_mode=batch_mode, share_prompts=share), tokenizer,
                                 accepts=STAGE_FORMATS["kto"])
         reference = Reference.frozen_copy(tiny_model)
         cached = precompute_sequence_logprobs(reference, prepared, batch_size=3)

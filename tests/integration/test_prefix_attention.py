@@ -365,8 +365,12 @@ def test_shared_prompts_give_the_padded_sequences_logprobs_rewards_and_gradients
     padded = collate_pairs(rows, 0)
     shared = collate_pairs(rows, 0, PackingOptions(mask_dtype=torch.float64, row_capacity=capacity,
                                                     share_prompts=True))
-    # each prompt once (in rows of 12 tokens: once per piece of its group that fits a row)
-    assert (shared["segment_ids"] >= 0).sum() < padded["attention_mask"].sum()
+    # each prompt once per piece of its group that fits a row: in one row, the 69 tokens of the eight sequences less
+    # three copies of the 6-token prompt (a group of four), one of the 9-token one and one of the 2-token one with its
+    # shared answer token; in rows of 12 the group of the 6-token prompt is cut in two pieces (11 and 10 tokens) and
+    # the 9-token prompt's answers (14 and 11 tokens with it) each get a row with their own copy
+    assert int(padded["attention_mask"].sum()) == 69
+    assert int((shared["segment_ids"] >= 0).sum()) == (69 - 3 * 6 - 9 - 3 if capacity == 0 else 69 - 2 * 6 - 3)
 
     def run(batch):
         if kind == "causal-lm":

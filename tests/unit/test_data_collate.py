@@ -259,7 +259,7 @@ def test_shared_prompts_keep_a_token_of_each_sequence_and_lay_out_alone_what_sha
     batch = collate_shared_prompts(flat, PAD, row_capacity=4)
     check_shared_layout(batch, flat)
     real = batch["segment_ids"] >= 0
-    assert int(real.sum()) == 3 + 1 + 1 + 3 + 1 + 2 + 2  # [1, 5] + [6] + [6]; [3]; [4, 8] + [9] + [9]; 2; 2
+    assert int(real.sum()) == (2 + 1 + 1) + 1 + (2 + 1 + 1) + 2 + 2  # [1, 5] + [6] + [6]; [3]; [4, 8] + [9] + [9]; 2; 2
     assert batch["input_ids"].shape[1] == 4  # units of 4, 1, 4, 2, 2 tokens best-fit into rows of 4
     padding = ~real
     assert (batch["input_ids"][padding] == PAD).all() and (batch["parent_ids"][padding] == -1).all()
@@ -297,9 +297,9 @@ def test_a_group_longer_than_a_row_is_cut_into_pieces_each_with_its_copy_of_the_
 def test_a_one_token_sequence_is_laid_out_alone_and_the_rest_of_its_group_still_shares():
     from posttrain.data.collate import collate_shared_prompts
 
-    flat = [{"input_ids": [1], "response_mask": [0]}, {"input_ids": [1, 5, 6, 7], "response_mask": [0, 0, 0, 0]},
-            {"input_ids": [1, 5, 6, 9], "response_mask": [0, 0, 0, 0]}]
-    flat = [dict(s, response_mask=[1] * len(s["input_ids"])) for s in flat]  # all trained: one group, key ()
+    # all trained: one group (no token before the first trained one)
+    flat = [{"input_ids": [1], "response_mask": [1]}, {"input_ids": [1, 5, 6, 7], "response_mask": [1, 1, 1, 1]},
+            {"input_ids": [1, 5, 6, 9], "response_mask": [1, 1, 1, 1]}]
     batch = collate_shared_prompts(flat, PAD)
     check_shared_layout(batch, flat)
     assert int((batch["segment_ids"] >= 0).sum()) == 1 + 3 + 1 + 1  # [1]; [1, 5, 6] once, then [7] and [9]

@@ -379,6 +379,7 @@ def test_a_scorer_lays_the_prompt_of_its_completions_out_once_and_scores_as_one_
         head, lm_dir, tokenizer, monkeypatch, float64_norms):
     """GRPO's groups: the completions of one prompt go through the reward model's forward with the prompt once
     (`collate_shared_prompts`), and score what one sequence per padded row scores, in float64."""
+    from posttrain.data.collate import shared_prefix_length
     from posttrain.rewards import reward_model
 
     model = build_reward_model(lm_dir, head=head, pad_token_id=tokenizer.pad_token_id)
@@ -390,10 +391,12 @@ def test_a_scorer_lays_the_prompt_of_its_completions_out_once_and_scores_as_one_
     prompts = ["What is 2+3?"] * 3 + ["What is 12*7?"] * 2
     completions = ["5", "6", "The answer is 5", "84", "It is 84"]
     scorer = RewardModelScorer(model, tokenizer)
-    shared = scorer.score(prompts, completions)
+    scores = scorer.score(prompts, completions)
     (batch,) = batches
-    lengths = [len(scorer.encode(p, c)[0]) for p, c in zip(prompts, completions, strict=True)]
-    assert (batch["segment_ids"] >= 0).sum() < sum(lengths) - 3 * 5  # two prompts once each, not five times
+    encoded = [scorer.encode(p, c)[0] for p, c in zip(prompts, completions, strict=True)]
+    shared = [shared_prefix_length(encoded[:3]), shared_prefix_length(encoded[3:])]  # each prompt (and more) once
+    assert min(shared) > 5
+    assert int((batch["segment_ids"] >= 0).sum()) == sum(map(len, encoded)) - 2 * shared[0] - shared[1]
     scorer.packs = False  # one sequence per padded row
-    assert_close(shared, scorer.score(prompts, completions), rtol=1e-12, atol=1e-12)
+    assert_close(scores, scorer.score(prompts, completions), rtol=1e-12, atol=1e-12)
     assert "attention_mask" in batches[-1] and batches[-1]["attention_mask"].dim() == 2

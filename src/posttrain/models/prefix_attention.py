@@ -135,10 +135,7 @@ class PrefixTree:
         starts[:, 0] = True
         width = ids.shape[1]
         rows: list[list[tuple[int, int, list]]] = [[] for _ in range(len(ids))]
-        row_of, column = starts.nonzero(as_tuple=True)
-        ends = torch.cat([column[1:], column.new_tensor([width])])
-        ends[:-1][row_of[1:] != row_of[:-1]] = width  # a row's last run ends at its width
-        for r, start, end in zip(row_of.tolist(), column.tolist(), ends.tolist(), strict=True):
+        for r, start, end in _runs(starts):
             if ids[r, start] >= 0:
                 rows[r].append((start, end - start, []))
         return PrefixTree.of_rows(width, rows)
@@ -154,12 +151,9 @@ class PrefixTree:
         width = segments.shape[1]
         starts = torch.ones_like(segments, dtype=torch.bool)
         starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-        row_of, column = starts.nonzero(as_tuple=True)
-        ends = torch.cat([column[1:], column.new_tensor([width])])
-        ends[:-1][row_of[1:] != row_of[:-1]] = width  # a row's last run ends at its width
         rows: list[list[tuple[int, int, list]]] = [[] for _ in range(len(segments))]
         unit_of: dict[tuple[int, int], tuple[int, int, list]] = {}
-        for r, start, end in zip(row_of.tolist(), column.tolist(), ends.tolist(), strict=True):
+        for r, start, end in _runs(starts):
             segment, parent = int(segments[r, start]), int(parents[r, start])
             if segment < 0:
                 continue
@@ -169,6 +163,15 @@ class PrefixTree:
             else:
                 unit_of[r, parent][2].append((start, end - start))
         return PrefixTree.of_rows(width, rows, mask_dtype)
+
+
+def _runs(starts: Tensor) -> list[tuple[int, int, int]]:
+    """(row, first column, end column) of every run of packed rows [R, W] whose first columns `starts` marks (every
+    row's column 0 among them), in row-major order; a row's last run ends at its width."""
+    row_of, column = starts.nonzero(as_tuple=True)
+    ends = torch.cat([column[1:], column.new_tensor([starts.shape[1]])])
+    ends[:-1][row_of[1:] != row_of[:-1]] = starts.shape[1]
+    return list(zip(row_of.tolist(), column.tolist(), ends.tolist(), strict=True))
 
 
 def length_buckets(lengths: Sequence[int]) -> list[list[int]]:

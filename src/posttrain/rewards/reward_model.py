@@ -6,7 +6,8 @@ switch its `posttrain rm` run saved with it, through `posttrain.data.tokenize.En
 allow (a prompt longer than that cut from the left), and scored without gradients in
 micro-batches of `batch_size` sequences, padding-free: each micro-batch's sequences packed into rows of
 at most `capacity` tokens (block mask), so no position of a forward is padding, and the completions of one prompt
-after one copy of it (`data.collate.collate_shared_prompts`). Token batches that a policy
+after one copy of it (`data.collate.collate_shared_prompts`; `score_tokens` without a response mask does not know
+where a prompt ends and lays each sequence out whole). Token batches that a policy
 generated (prompt + completion ids from the same tokenizer) can be scored directly with `score_tokens`:
 no decode and re-encode round trip.
 """
