@@ -68,6 +68,20 @@ def prompt_copies(packed) -> int:
     return sum(len(call.queries) for call in packed.tree().calls if call.keys is None)
 
 
+def outputs_and_gradients(out: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, dict]:
+    """`out` and every parameter's gradient of a weighted sum of it (weights 0.5 to 1.5: each output counts)."""
+    (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_outputs_and_gradients(got, grads, expected, expected_grads) -> None:
+    """Equal in float64 up to rounding: the outputs, and the gradients of the same (more than ten) parameters."""
+    assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def without_tree(monkeypatch):
     monkeypatch.setattr(prefix_attention, "applies", lambda *_: False)
 
@@ -255,18 +269,14 @@ def test_packed_samples_through_the_tree_equal_the_block_causal_mask(tokenizer, 
         else:
             model = float64_model(vocab, AutoModelForSequenceClassification, num_labels=1, pad_token_id=0)
             out = sequence_scores(model, batch)
-        (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
-        return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return outputs_and_gradients(out, model)
 
     through_tree, tree_grads = run()
     assert len(tree_calls) == 2  # both layers
     without_tree(monkeypatch)
     dense, dense_grads = run()
     assert len(tree_calls) == 2
-    assert_close(through_tree, dense, rtol=1e-12, atol=1e-12)
-    assert tree_grads.keys() == dense_grads.keys() and len(tree_grads) > 10
-    for name, grad in tree_grads.items():
-        assert_close(grad, dense_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert_same_outputs_and_gradients(through_tree, tree_grads, dense, dense_grads)
 
 
 def test_the_tree_of_packed_samples_has_a_causal_call_per_sample():
@@ -382,8 +392,7 @@ def test_shared_prompts_give_the_padded_sequences_logprobs_rewards_and_gradients
             model = float64_model(vocab, AutoModelForSequenceClassification, num_labels=1, pad_token_id=0)
             float64_norms(model)
             out = sequence_scores(model, batch)
-        (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype)).sum().backward()
-        return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return outputs_and_gradients(out, model)
 
     expected, expected_grads = run(padded)
     assert not tree_calls  # one sequence per row: the 2-D mask
@@ -393,10 +402,7 @@ def test_shared_prompts_give_the_padded_sequences_logprobs_rewards_and_gradients
     dense, dense_grads = run(shared)
     assert len(tree_calls) == 2
     for got, grads in ((through_tree, tree_grads), (dense, dense_grads)):
-        assert_close(got, expected, rtol=1e-12, atol=1e-12)
-        assert grads.keys() == expected_grads.keys() and len(grads) > 10
-        for name, grad in grads.items():
-            assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+        assert_same_outputs_and_gradients(got, grads, expected, expected_grads)
 
 
 def test_the_tree_of_shared_prompts_has_a_causal_call_per_prompt_and_one_for_the_answers_over_them():
