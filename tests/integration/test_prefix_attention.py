@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-from posttrain.models import prefix_attention
+from posttrain.models import cpu_attention, prefix_attention
 from posttrain.models.cpu_attention import ATTENTION, use_cpu_attention
 from posttrain.models.prefix_attention import PrefixTree, length_buckets
 from posttrain.models.value import ActorCritic
@@ -62,6 +62,13 @@ def tree_calls(monkeypatch):
 
     monkeypatch.setattr(prefix_attention, "prefix_tree_attention", counted)
     return calls
+
+
+@pytest.fixture
+def narrow_rows_take_the_tree(monkeypatch):
+    """Rows of samples or shared prompts take the tree at any width (the tests' rows are a few tokens wide; by default
+    rows up to `SAMPLE_TREE_MIN_WIDTH` keep the dense mask)."""
+    monkeypatch.setattr(cpu_attention, "SAMPLE_TREE_MIN_WIDTH", 0)
 
 
 def prompt_copies(packed) -> int:
@@ -252,7 +259,8 @@ def packed_samples(vocab: int) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["causal-lm", "reward-model"])
-def test_packed_samples_through_the_tree_equal_the_block_causal_mask(tokenizer, monkeypatch, tree_calls, kind):
+def test_packed_samples_through_the_tree_equal_the_block_causal_mask(tokenizer, monkeypatch, tree_calls, kind,
+                                                                      narrow_rows_take_the_tree):
     """SFT/DPO/RM padding-free and packed batches: each sample causally over itself through the tree gives the
     block-causal mask's logprobs (or rewards) and gradients."""
     from posttrain.models.likelihood import response_logprobs
@@ -291,7 +299,7 @@ def test_the_tree_of_packed_samples_has_a_causal_call_per_sample():
                                              for c in range(sum(row))]
 
 
-def test_only_packed_batches_with_a_block_causal_mask_get_the_sample_tree(tokenizer):
+def test_only_packed_batches_with_a_block_causal_mask_get_the_sample_tree(tokenizer, narrow_rows_take_the_tree):
     from posttrain.data.collate import collate_packed, collate_padded
     from posttrain.models.cpu_attention import sample_tree_keywords
 
@@ -305,7 +313,8 @@ def test_only_packed_batches_with_a_block_causal_mask_get_the_sample_tree(tokeni
 
 
 def test_packed_samples_through_the_tree_under_bf16_autocast_with_the_matmul_kernel(tokenizer, monkeypatch,
-                                                                                   tree_calls):
+                                                                                   tree_calls,
+                                                                                   narrow_rows_take_the_tree):
     """The kernels the tree's calls take under CPU bf16 autocast (here the GEMM one, fixed): the block-causal mask's
     logprobs up to bf16 rounding."""
     from posttrain.models import matmul_attention
@@ -362,7 +371,8 @@ def comparisons(vocab: int) -> list[dict]:
 @pytest.mark.parametrize("kind", ["causal-lm", "reward-model"])
 @pytest.mark.parametrize("capacity", [0, 12])
 def test_shared_prompts_give_the_padded_sequences_logprobs_rewards_and_gradients(tokenizer, monkeypatch, tree_calls,
-                                                                                 float64_norms, kind, capacity):
+                                                                                 float64_norms, kind, capacity,
+                                                                                 narrow_rows_take_the_tree):
     """DPO's and the reward model's padding-free pairs with each prompt once (`collate_shared_prompts`), through the
     tree and through the dense mask: every sequence's summed logprobs (or reward), its trained-token count and every
     gradient are those of the padded batch, one sequence per row, in float64."""
@@ -418,3 +428,22 @@ def test_the_tree_of_shared_prompts_has_a_causal_call_per_prompt_and_one_for_the
     assert sum(len(call.queries) for call in answers) == 8  # every answer once, over its prompt's one copy
     real = (batch["segment_ids"] >= 0).flatten().nonzero().flatten()
     assert sorted(tree.targets.tolist()) == real.tolist()  # every real token computed once, no padding
+
+
+def test_rows_of_samples_up_to_the_minimum_width_keep_the_dense_mask(tokenizer):
+    """At a few hundred tokens a row's one dense attention call costs less than the tree's calls (measured): packed
+    samples and shared prompts take the tree only in rows wider than `SAMPLE_TREE_MIN_WIDTH`."""
+    from posttrain.data.collate import collate_packed, collate_shared_prompts
+    from posttrain.models.cpu_attention import SAMPLE_TREE_MIN_WIDTH, sample_tree_keywords
+
+    model = float64_model(len(tokenizer))
+
+    def sample(n, first):
+        return {"input_ids": [1 + (first + i) % 40 for i in range(n)], "response_mask": [0] * 2 + [1] * (n - 2)}
+
+    for width in (SAMPLE_TREE_MIN_WIDTH, SAMPLE_TREE_MIN_WIDTH + 1):
+        halves = [sample(width // 2, 0), sample(width - width // 2, 7)]  # other prompts: laid out whole
+        for batch in (collate_packed([halves], 0), collate_shared_prompts(halves, 0)):
+            assert batch["input_ids"].shape[1] == width
+            assert set(sample_tree_keywords(model, batch)) == (set() if width == SAMPLE_TREE_MIN_WIDTH
+                                                               else {prefix_attention.KEYWORD})
