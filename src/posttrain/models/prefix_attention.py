@@ -29,7 +29,8 @@ completions, causally over itself, so a row of samples costs the sum of their sq
 of its width squared. Padding-free comparisons whose sequences share their prompt (`collate_shared_prompts`: a pair's
 chosen and rejected answer, a reward model scorer's completions of one prompt) get the RL layout's tree
 (`PrefixTree.of_segments`): the prompt once, each answer over it. Both only in rows wider than
-`cpu_attention.SAMPLE_TREE_MIN_WIDTH` (320 tokens): in narrower ones the dense mask's one call per layer was faster.
+`cpu_attention.SAMPLE_TREE_MIN_WIDTH` (320 tokens): in narrower ones the dense mask's one call per layer was faster
+(with `data.padding_free_capacity`'s default of 256, packed rows and batches widened by one long sample take it).
 
 The dense mask stays the fallback and the reference: models whose layers run another attention (a sliding
 window, soft-capping, position biases, a non-SDPA implementation), devices other than the CPU (not measured
