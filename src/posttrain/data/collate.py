@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -232,16 +232,24 @@ def collate_sequences(flat: Sequence[Sample], pad_token_id: int,
                           packing.mask_dtype, indices=rows)
 
 
+def indices_by_key(keys: Sequence[Hashable]) -> list[list[int]]:
+    """The indices of equal keys together, groups in order of first appearance."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def prompt_groups(flat: Sequence[Sample]) -> list[list[int]]:
     """Indices of the sequences that open with the same prompt (equal tokens before their first trained one), in
     order of first appearance: a pair's chosen and rejected answer, a ranking's responses, KTO's row and its
     mismatched pair, the sampled completions of one prompt."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, sample in enumerate(flat):
+    keys = []
+    for sample in flat:
         mask = sample["response_mask"]
         first = next((j for j, trained in enumerate(mask) if trained), len(mask))
-        groups.setdefault(tuple(sample["input_ids"][:first]), []).append(i)
-    return list(groups.values())
+        keys.append(tuple(sample["input_ids"][:first]))
+    return indices_by_key(keys)
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

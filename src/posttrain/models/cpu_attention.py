@@ -57,11 +57,11 @@ ATTENTION = "posttrain_sdpa"
 KERNELS = ("fp32", "bf16", "matmul")
 CHOICES = ("auto", *KERNELS)
 # Rows of whole samples (or of shared prompts) at most this wide keep the dense mask: one attention call per layer
-# (a fixed estimate from one CPU and the small model, not measured per machine as the kernels are)
 # over W^2 pairs costs less there than the tree's calls per length bucket with their gathers. The small model's
 # forward + backward of shared-prompt DPO micro-batches on a Zen 5 EPYC, tree against dense mask: rows of 241 tokens
 # bf16 233-243 vs 202 ms, fp32 310-319 vs 297-315; of 314 level; of 453 bf16 730-735 vs 817-829, fp32 1,052-1,094
-# vs 1,223-1,256; rows of whole samples, 230 tokens level, 691 tokens bf16 1,152-1,173 vs 1,567-1,940.
+# vs 1,223-1,256; rows of whole samples, 230 tokens level, 691 tokens bf16 1,152-1,173 vs 1,567-1,940. A fixed
+# estimate from one CPU and the small model, not measured per machine as the kernels are.
 SAMPLE_TREE_MIN_WIDTH = 320
 
 

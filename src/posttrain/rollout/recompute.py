@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import entropy_from_logits, masked_mean, token_logprobs
-from posttrain.data.collate import block_causal_mask, capped_rows, cut_group, padded_slots
+from posttrain.data.collate import block_causal_mask, capped_rows, cut_group, indices_by_key, padded_slots
 from posttrain.models.attention import layer_attention_mask
 from posttrain.models.cpu_attention import tree_keywords
 from posttrain.models.device import model_device, move_to
@@ -128,10 +128,7 @@ def packing_units(keys: Sequence[Hashable], prompt_lengths: Sequence[int], compl
     (G - 1) x prompt tokens per group of G from every forward, backward and no-grad pass."""
     if not share_prompts:
         return [[i] for i in range(len(keys))]
-    groups: dict[Hashable, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    return [piece for members in groups.values()
+    return [piece for members in indices_by_key(keys)
             for piece in cut_group(members, prompt_lengths[members[0]], [completion_lengths[i] for i in members],
                                    capacity)]
 
