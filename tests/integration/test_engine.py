@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -87,6 +88,32 @@ def test_accumulation_gives_the_full_batch_gradient(tmp_path, tokenizer, micro):
         trainer.optimizer.register_step_pre_hook(capture)
         trainer.fit(source, _loss_fn)
     torch.testing.assert_close(grads[micro], grads[16])
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6, 0.0])
+def test_gradients_are_clipped_as_torch_clips_them_only_over_the_limit(tmp_path, tokenizer, clip):
+    trainer, source = _trainer(tmp_path, tokenizer, steps=1, batch=8, micro=8)
+    trainer.optim_cfg = dataclasses.replace(trainer.optim_cfg, grad_clip=clip)
+    reference = copy.deepcopy(trainer.model)
+    seen = {}
+
+    def loss_fn(model, batch, normaliser):
+        seen["batch"], seen["normaliser"] = batch, normaliser
+        return _loss_fn(model, batch, normaliser)
+
+    def capture(optimizer, args, kwargs):
+        seen["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
+
+    trainer.optimizer.register_step_pre_hook(capture)
+    result = trainer.fit(source, loss_fn)
+    # the reference: the same micro-batch's backward, then torch's clip_grad_norm_ as it is (0: no limit)
+    reference.train()
+    _loss_fn(reference, seen["batch"], seen["normaliser"])[0].backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), clip or math.inf)
+    for got, expected in zip(seen["grads"], (p.grad for p in reference.parameters()), strict=True):
+        assert torch.equal(got, expected)
+    assert result.last["grad_norm"] == norm.item()
+    assert (norm.item() > clip > 0) == (clip == 1e-3)  # the small limit clips, the others do not
 
 
 def test_two_runs_with_one_seed_log_identical_metrics(tmp_path, tokenizer):

@@ -502,9 +502,15 @@ class Trainer:
                 loss.backward()
         grad_norm = math.nan
         if finite or self.dist.distributed:
-            norm = torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip or math.inf)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
             grad_norm = dist.grad_norm_value(norm)
             finite = math.isfinite(grad_norm)
+            limit = self.optim_cfg.grad_clip or math.inf
+            # torch's clip_grad_norm_ scales every gradient by min(limit / (norm + 1e-6), 1): a pass over all of
+            # them that multiplies by exactly 1 unless the norm is over the limit (on a CPU, ~1% of a small model's
+            # bf16 step). It runs only then, with torch's coefficient: the same gradients, bitwise.
+            if finite and dist.grad_norm_value(limit / (norm + 1e-6)) < 1.0:
+                torch.nn.utils.clip_grads_with_norm_(self._params, limit, norm)
         lr = self.optimizer.param_groups[0]["lr"]  # this step's (the scheduler's last, or a resume's configured)
         spike = finite and self._is_spike(grad_norm)
         if finite and not spike:
