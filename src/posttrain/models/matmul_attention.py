@@ -22,10 +22,14 @@ whole bf16 step of the small model (16 padded rows of 128 tokens, forward + back
 Precision: the bf16 flash kernel takes bf16 copies of query, key and value and accumulates in fp32. Here q·kᵀ is an
 fp32 product of the query and key as they arrive (fp32 from a Llama layer's rotary embedding under autocast), the
 softmax is fp32, and P·V multiplies the bf16-rounded probabilities with the bf16 values, as the flash kernel's bf16
-path does. Against float64 its relative errors measured below the bf16 flash kernel's (output 2.9e-3 vs 4.1e-3,
-query gradient 3.2e-3 vs 5.3e-3), and within 1.15x of them where the softmax backward cancels (nearly equal value
-rows); the tests hold it within 1.25x of the flash kernel's. In float64 (the tests' references) every product is
-float64.
+path does. In the backward dP = dO·vᵀ is fp32 too (dP - sum_j P_j dP_j cancels its leading digits), and the query's
+and key's gradients, dS·k and dSᵀ·q, are bf16 products of bf16-rounded operands, as in the flash kernel's backward
+(in fp32 they cost 3-4x as much: 0.65 against 0.15-0.19 ms each at 2 x 8 x 241^2 scores; the small model's bf16
+forward + backward of the DPO benchmark's micro-batches, alternated in one process: median 179 against 190 ms).
+Against float64 its relative errors measured below the bf16 flash kernel's (output 2.9e-3 vs 4.1e-3, query gradient
+4.3e-3 vs 5.3e-3, 3.2e-3 with fp32 products), and within 1.15x of them where the softmax backward cancels (nearly
+equal value rows); the tests hold it within 1.25x of the flash kernel's. In float64 (the tests' references) every
+product is float64.
 
 Memory: for the backward it keeps query and key as they arrive (fp32 from a Llama layer), key and value after
 grouped-query heads are repeated (as transformers' SDPA path repeats them), the output, and the probabilities in
@@ -126,8 +130,8 @@ class _MatmulAttention(torch.autograd.Function):
                 grad_scores = torch.matmul(grad_output, value.to(dtype).transpose(-1, -2))
                 grad_scores = grad_scores.sub_(row_dot).mul_(probabilities).mul_(ctx.scale)
                 # dQ = dS k and dK = dSᵀ q as products in the values' dtype (bf16 under autocast: dS, q and k rounded
-                # to it, fp32 accumulation, a bf16 result), as the flash kernel's bf16 backward computes them: the
-                # fp32 products took 3-4x as long (0.65 against 0.15-0.19 ms each at 2 x 8 x 241^2 scores).
+                # to it, fp32 accumulation, a bf16 result), as the flash kernel's bf16 backward computes them (see
+                # the module's docstring: precision and cost).
                 grad_scores = grad_scores.to(value.dtype)
                 if needs_query:
                     grad_query = torch.matmul(grad_scores, key.to(value.dtype)).to(query.dtype)
