@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import ModelConfig
-from posttrain.models import build_model, cpu_attention, machine_choices
+from posttrain.models import build_model, cpu_attention, machine_choices, matmul_attention
 from posttrain.models.cpu_attention import ATTENTION, kernel, use_cpu_attention
 from posttrain.models.machine_choices import cache_file
 
@@ -112,6 +112,10 @@ def test_auto_measures_once_per_bucket_and_a_new_process_reads_the_machines_answ
     monkeypatch.setattr(cpu_attention, "_measure", lambda bucket, kernels: measured.append(bucket) or "matmul")
     assert kernel(q, k, mask) == "matmul"  # another mask kind is another bucket
     assert len(json.loads(cache_file().read_text())) == 2
+    # a new revision of the GEMM kernel (its cost changed): the machine's answers are measured again, in a new process
+    monkeypatch.setattr(matmul_attention, "REVISION", matmul_attention.REVISION + 1)
+    monkeypatch.setattr(machine_choices, "_choices", {})
+    assert kernel(q, k, None) == "matmul" and len(measured) == 3
 
 
 @pytest.mark.parametrize("fastest", cpu_attention.KERNELS)

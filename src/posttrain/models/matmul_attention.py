@@ -47,6 +47,9 @@ from transformers.integrations.sdpa_attention import repeat_kv
 # Score elements (rows x heads x queries x keys) of the largest call this path is offered for: 32 MiB of fp32
 # scores live at once in a forward, a few times that in a backward.
 MAX_SCORES = 1 << 23
+# Raised whenever what this kernel costs changes (2: dQ and dK as bf16 products): `cpu_attention`'s per-machine
+# choices name it, so that a choice measured against an older revision is measured again rather than read back.
+REVISION = 2
 
 
 def handles(attention_mask: Tensor | None, dropout: float = 0.0, **kwargs) -> bool:
