@@ -186,9 +186,10 @@ def kernel(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str:
     if choice != "auto":
         return choice if choice != "matmul" or small else "bf16"  # the cap holds for a fixed choice too
     kernels = KERNELS if small else KERNELS[:2]
-    # the kernels (and the GEMM kernel's revision) in the key: a choice measured before a kernel was added or changed
-    # is measured again, not read back
-    name = f"attention|{'/'.join(kernels)}|matmul r{matmul_attention.REVISION}|{'x'.join(map(str, bucket))}"
+    # the kernels (and the GEMM kernel's revision, where it is offered) in the key: a choice measured before a kernel
+    # was added or changed is measured again, not read back
+    revision = f"|matmul r{matmul_attention.REVISION}" if "matmul" in kernels else ""
+    name = f"attention|{'/'.join(kernels)}{revision}|{'x'.join(map(str, bucket))}"
     return measured_choice(name, kernels, lambda: _measure(bucket, kernels))
 
 

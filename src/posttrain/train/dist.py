@@ -346,6 +346,7 @@ def _forget_forwards(modules: list[torch.nn.Module]) -> None:
 
 
 def grad_norm_value(norm: Tensor) -> float:
-    """The total norm `clip_grad_norm_` returned, as a float (a DTensor under FSDP2 is made whole first)."""
+    """A scalar tensor (a norm, or a coefficient computed from one) as a float; a DTensor under FSDP2 is made whole
+    first."""
     full = getattr(norm, "full_tensor", None)
     return float((full() if full is not None else norm).item())
