@@ -151,13 +151,18 @@ def test_strided_inputs_as_transformers_hands_them_over():
                                rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("precision", ["float64", "bf16"])
 @pytest.mark.parametrize("needed", ["query", "key", "value", "query+value"])
-def test_only_the_gradients_asked_for_are_computed_and_they_are_the_full_backwards(needed):
+def test_only_the_gradients_asked_for_are_computed_and_they_are_the_full_backwards(needed, precision):
     """LoRA on some projections only: the inputs that need no gradient get none (the backward skips their
-    products), the others get what the full backward gives them."""
+    products), the others get what the full backward gives them, in their own dtype. bf16: the inputs a Llama layer
+    hands over under autocast (query and key fp32, value bf16), whose query and key gradients are bf16 products."""
     q, k, v = _inputs()
+    if precision == "bf16":
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t, dtype in zip(
+            (q, k, v), (torch.float32, torch.float32, torch.bfloat16), strict=True))
     mask, _ = _mask_cases()["bool"]
-    grad = torch.randn(2, 5, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    grad = torch.randn(2, 5, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(v.dtype)
     full = torch.autograd.grad(matmul_attention.attention(_Attention(groups=2), q, k, v, mask)[0], (q, k, v), grad)
     inputs = [t.detach().clone().requires_grad_(name in needed) for t, name in zip((q, k, v), ("query", "key", "value"),
                                                                                    strict=True)]
@@ -165,7 +170,8 @@ def test_only_the_gradients_asked_for_are_computed_and_they_are_the_full_backwar
     out.backward(grad)
     for t, expected, name in zip(inputs, full, ("query", "key", "value"), strict=True):
         if name in needed:
-            torch.testing.assert_close(t.grad, expected, rtol=1e-14, atol=1e-14)
+            assert t.grad.dtype == t.dtype and t.grad.shape == t.shape
+            torch.testing.assert_close(t.grad, expected, rtol=0, atol=0)
         else:
             assert t.grad is None
 
