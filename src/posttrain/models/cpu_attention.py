@@ -202,9 +202,11 @@ def _measure(bucket: tuple, kernels: tuple[str, ...] = KERNELS) -> str:
     # its own tensors with autograd on, whatever mode the forward that asks runs in (no_grad, inference_mode: an
     # inference tensor, the mask included, cannot be saved for a backward)
     with torch.inference_mode(False), torch.enable_grad():
-        q = torch.randn(rows, heads, queries, head_dim, generator=generator, requires_grad=True)
-        k = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, requires_grad=True)
-        v = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, dtype=torch.bfloat16, requires_grad=True)
+        # as a Llama layer's are laid out too: transposed views of [rows, tokens, heads, head dim] projections
+        q = torch.randn(rows, queries, heads, head_dim, generator=generator, requires_grad=True).transpose(1, 2)
+        k = torch.randn(rows, keys, kv_heads, head_dim, generator=generator, requires_grad=True).transpose(1, 2)
+        v = torch.randn(rows, keys, kv_heads, head_dim, generator=generator, dtype=torch.bfloat16,
+                        requires_grad=True).transpose(1, 2)
         mask = None
         if mask_kind != "none":
             allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]

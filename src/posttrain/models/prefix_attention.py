@@ -245,22 +245,48 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
     value_dim = value.shape[-1]
     kwargs.pop("is_causal", None)  # set here for each call: causal over itself, or against its gathered keys
 
-    def flat(states: Tensor) -> Tensor:  # [R, H, W, D] -> [R * W, H, D]
+    def flat(states: Tensor) -> Tensor:  # [R, H, W, D] -> [R * W, H, D] (a view of a Llama layer's projections)
         return states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[-1])
 
-    def gathered(states: Tensor, index: Tensor) -> Tensor:  # [R * W, H, D] -> [len(index), H, L, D]
-        # index_select, not states[index]: its backward is index_add, several times faster on the CPU than the
-        # accumulating index_put that advanced indexing's backward runs (2.8 ms a call at the benchmark's shapes)
-        return states.index_select(0, index.flatten()).view(*index.shape, *states.shape[1:]).transpose(1, 2)
+    def unflat(states: Tensor, index: Tensor) -> Tensor:  # [n * L, H, D] -> [n, H, L, D]
+        return states.view(*index.shape, *states.shape[1:]).transpose(1, 2)
 
-    query, key, value = flat(query), flat(key), flat(value)
+    key_indices = [call.queries if call.keys is None else call.keys for call in tree.calls]
+    queries = _GatherRows.apply(flat(query), *(call.queries.flatten() for call in tree.calls))
+    keys = _GatherRows.apply(flat(key), *(index.flatten() for index in key_indices))
+    values = _GatherRows.apply(flat(value), *(index.flatten() for index in key_indices))
     outputs = []
-    for call in tree.calls:
-        keys = call.queries if call.keys is None else call.keys
-        output, _ = attend(module, gathered(query, call.queries), gathered(key, keys), gathered(value, keys), call.mask,
+    for call, index, q, k, v in zip(tree.calls, key_indices, queries, keys, values, strict=True):
+        output, _ = attend(module, unflat(q, call.queries), unflat(k, index), unflat(v, index), call.mask,
                            is_causal=call.keys is None, **kwargs)
         outputs.append(output.reshape(-1, heads, value_dim))
     computed = torch.cat(outputs)
-    out = computed.new_zeros(rows * width, heads, value_dim).index_copy(0, tree.targets,
-                                                                       computed.index_select(0, tree.sources))
+    # in place into fresh zeros (the padding slots' value): the out-of-place index_copy would copy them first
+    out = computed.new_zeros(rows * width, heads, value_dim).index_copy_(0, tree.targets,
+                                                                        computed.index_select(0, tree.sources))
     return out.view(rows, width, heads, value_dim), None
+
+
+class _GatherRows(torch.autograd.Function):
+    """The rows of `states` [N, ...] at each of the flat `indices`, one tensor per index, as `index_select` takes them
+    (not `states[index]`: its backward, an accumulating index_put, is several times slower on the CPU). The backward
+    sums every gather's gradient into one zeroed [N, ...] buffer (`index_add_`), where one `index_select` per gather
+    would zero a buffer for each and then add them up: a tree's calls gather each layer's query, key and value once
+    per call."""
+
+    @staticmethod
+    def forward(ctx, states: Tensor, *indices: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # a gather whose output gets no gradient adds nothing
+        ctx.save_for_backward(*indices)
+        ctx.rows = states.shape[0]
+        return tuple(states.index_select(0, index) for index in indices)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        indices = ctx.saved_tensors
+        total = None
+        for index, grad in zip(indices, grads, strict=True):
+            if grad is not None:
+                total = grad.new_zeros((ctx.rows, *grad.shape[1:])) if total is None else total
+                total.index_add_(0, index, grad)
+        return (total, *[None] * len(indices))
