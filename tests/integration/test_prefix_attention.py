@@ -168,6 +168,37 @@ def test_the_tree_of_packed_rows_indexes_each_prompt_copy_and_completion():
     assert [call.queries.tolist() for call in padded.calls] == [[[0, 1, 2, 3, 4]], [[5, 6]]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_gathers_gradient_sums_every_calls_as_separate_index_selects_do(dtype):
+    """A layer's gathers for all of a tree's calls in one function: the gathered rows of each call, and one gradient
+    that sums what every call sent back (rows gathered by several calls, or twice by one) as autograd sums separate
+    index_selects'. A call whose gathers get no gradient adds nothing."""
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(7, 2, 3, generator=generator, dtype=torch.float64).to(dtype)
+    indices = [torch.tensor([0, 1, 2, 2]), torch.tensor([2, 3, 6]), torch.tensor([5, 0]), torch.tensor([4])]
+    grads = [torch.randn(len(index), 2, 3, generator=generator, dtype=torch.float64).to(dtype).transpose(1, 2)
+             .contiguous().transpose(1, 2) for index in indices]  # strided, as an attention's gradients come back
+    used = [0, 1, 2]  # the last call's rows get no gradient
+    together = states.clone().requires_grad_()
+    gathered = prefix_attention._GatherRows.apply(together, *indices)
+    separate = states.clone().requires_grad_()
+    for g, index in zip(gathered, indices, strict=True):
+        assert torch.equal(g, separate.detach().index_select(0, index))
+    torch.autograd.backward([gathered[i] for i in used], [grads[i] for i in used])
+    # the reference, by hand in float64: each used call's gradient rows added to the rows they came from
+    expected = torch.zeros(7, 2, 3, dtype=torch.float64)
+    for i in used:
+        for row, grad in zip(indices[i].tolist(), grads[i].double(), strict=True):
+            expected[row] += grad
+    assert together.grad.dtype == dtype
+    # float64: exact up to the order of the additions; bf16: each of a row's at most three additions rounds once
+    atol = 1e-14 if dtype == torch.float64 else 3 * torch.finfo(dtype).eps * expected.abs().max().item()
+    assert_close(together.grad.double(), expected, rtol=0, atol=atol)
+    with torch.no_grad():  # the no-grad passes (pi_old, reference): the same rows, nothing recorded
+        assert all(torch.equal(a, b) for a, b in zip(prefix_attention._GatherRows.apply(states, *indices), gathered,
+                                                       strict=True))
+
+
 def test_length_buckets_keep_each_bucket_within_twice_its_shortest():
     assert length_buckets([3, 40, 1, 17, 33, 0, 2]) == [[1, 4], [3], [0, 6], [2], [5]]  # 40 33 | 17 | 3 2 | 1 | 0
     # 60 completions of 50 tokens and 4 of 1024: padding all 64 to 1024 would attend 13x the pairs needed

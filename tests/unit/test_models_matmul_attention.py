@@ -147,8 +147,12 @@ def test_strided_inputs_as_transformers_hands_them_over():
     assert not any(t.is_contiguous() for t in strided)
     mask, _ = _mask_cases()["bool"]
     out, _ = matmul_attention.attention(_Attention(groups=2), q, k, v, mask)
-    torch.testing.assert_close(matmul_attention.attention(_Attention(groups=2), *strided, mask)[0], out,
-                               rtol=1e-14, atol=1e-14)
+    strided_out, _ = matmul_attention.attention(_Attention(groups=2), *strided, mask)
+    torch.testing.assert_close(strided_out, out, rtol=1e-14, atol=1e-14)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
+    for strided_grad, expected in zip(torch.autograd.grad(strided_out, strided, grad),
+                                      torch.autograd.grad(out, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(strided_grad, expected, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("precision", ["float64", "bf16"])

@@ -89,7 +89,8 @@ def _run(chosen: str, module: torch.nn.Module, query: Tensor, key: Tensor, value
     """The attention by the `chosen` kernel (one of `KERNELS`)."""
     if chosen == "matmul" and matmul_attention.handles(attention_mask, **kwargs):
         # bf16 values: the probabilities-times-values product in bf16, as autocast's SDPA would compute it
-        return matmul_attention.attention(module, query, key, value.to(torch.bfloat16), attention_mask, **kwargs)
+        value = value.to(torch.bfloat16, memory_format=torch.contiguous_format)  # one copy of an fp32 value, not two
+        return matmul_attention.attention(module, query, key, value, attention_mask, **kwargs)
     if chosen != "fp32":  # bf16, or a call the matmul path does not compute (dropout, a position bias)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
@@ -189,7 +190,8 @@ def kernel(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str:
     # the kernels (and the GEMM kernel's revision, where it is offered) in the key: a choice measured before a kernel
     # was added or changed is measured again, not read back
     revision = f"|matmul r{matmul_attention.REVISION}" if "matmul" in kernels else ""
-    name = f"attention|{'/'.join(kernels)}{revision}|{'x'.join(map(str, bucket))}"
+    # "views": measured on the layout a Llama layer hands over (`_measure`), not on contiguous inputs as before
+    name = f"attention|{'/'.join(kernels)}{revision}|views|{'x'.join(map(str, bucket))}"
     return measured_choice(name, kernels, lambda: _measure(bucket, kernels))
 
 

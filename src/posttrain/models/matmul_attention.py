@@ -32,10 +32,10 @@ Against float64 its relative errors measured below the bf16 flash kernel's (outp
 equal value rows); the tests hold it within 1.25x of the flash kernel's. In float64 (the tests' references) every
 product is float64.
 
-Memory: for the backward it keeps query and key as they arrive (fp32 from a Llama layer), key and value after
-grouped-query heads are repeated (as transformers' SDPA path repeats them), the output, and the probabilities in
-bf16 (2 bytes a score, which the values' gradient needs in bf16 anyway; recomputing them instead was 1.2-1.4x
-slower); fp32 scores live within one call. `cpu_attention` offers this path only where the scores are small
+Memory: for the backward it keeps query and key in their dtype (fp32 from a Llama layer), key and value after
+grouped-query heads are repeated (as transformers' SDPA path repeats them), each copied contiguous, the output, and
+the probabilities in bf16 (2 bytes a score, which the values' gradient needs in bf16 anyway; recomputing them instead
+was 1.2-1.4x slower); fp32 scores live within one call. `cpu_attention` offers this path only where the scores are small
 (`MAX_SCORES`).
 """
 
@@ -69,11 +69,10 @@ def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor
     [B, L, H, Dv] in the value's dtype, and no weights. The caller checks `handles` first."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    # A Llama layer hands query, key and value over as transposed views of its projections' [B, L, H, D] outputs
-    # (a prefix tree's gathers too). Copied once into [B, H, L, D] order here, every product below reads them as they
-    # are; otherwise torch.matmul copies them at each use, and the key's transpose is a strided write. One layer's
-    # forward + backward, bf16, alternated in one process: 40 against 51 ms over a GRPO batch's prefix tree, 3.8
-    # against 4.3 ms at 2 x 8 x 240^2 dense scores.
+    # A Llama layer hands query, key and value over as transposed views of [B, L, H, D] tensors (a prefix tree's
+    # gathers too). Copied once into [B, H, L, D] order here, every product below reads them as they are; otherwise
+    # torch.matmul copies each 4-D view into a 3-D batch at every use, forward and backward (a layer's forward +
+    # backward over a GRPO batch's prefix tree, bf16, alternated in one process: 40 against 51 ms).
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     queries, keys = query.shape[2], key.shape[2]

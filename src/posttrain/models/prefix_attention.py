@@ -43,7 +43,7 @@ completions, and a dense mask of them would cost R * W^2.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -245,16 +245,16 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
     value_dim = value.shape[-1]
     kwargs.pop("is_causal", None)  # set here for each call: causal over itself, or against its gathered keys
 
-    def flat(states: Tensor) -> Tensor:  # [R, H, W, D] -> [R * W, H, D] (a view of a Llama layer's projections)
-        return states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[-1])
+    def flat(states: Tensor) -> Tensor:  # [R, H, W, D] -> [R * W, H, D]: no copy where states are transposed
+        return states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[-1])  # [R, W, H, D] ones
 
     def unflat(states: Tensor, index: Tensor) -> Tensor:  # [n * L, H, D] -> [n, H, L, D]
         return states.view(*index.shape, *states.shape[1:]).transpose(1, 2)
 
     key_indices = [call.queries if call.keys is None else call.keys for call in tree.calls]
-    queries = _GatherRows.apply(flat(query), *(call.queries.flatten() for call in tree.calls))
-    keys = _GatherRows.apply(flat(key), *(index.flatten() for index in key_indices))
-    values = _GatherRows.apply(flat(value), *(index.flatten() for index in key_indices))
+    queries = _gathers(flat(query), [call.queries.flatten() for call in tree.calls])
+    keys = _gathers(flat(key), [index.flatten() for index in key_indices])
+    values = _gathers(flat(value), [index.flatten() for index in key_indices])
     outputs = []
     for call, index, q, k, v in zip(tree.calls, key_indices, queries, keys, values, strict=True):
         output, _ = attend(module, unflat(q, call.queries), unflat(k, index), unflat(v, index), call.mask,
@@ -267,14 +267,21 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
     return out.view(rows, width, heads, value_dim), None
 
 
+def _gathers(states: Tensor, indices: list[Tensor]) -> Iterator[Tensor]:
+    """The rows of `states` at each of `indices`, in turn: through one `_GatherRows` where autograd records them, one
+    `index_select` at a time otherwise (the no-grad passes: a call's rows live only while its attention runs)."""
+    if torch.is_grad_enabled() and states.requires_grad:
+        yield from _GatherRows.apply(states, *indices)
+    else:
+        yield from (states.index_select(0, index) for index in indices)
+
+
 class _GatherRows(torch.autograd.Function):
-    """The rows of `states` [N, ...] at each of the flat `indices`, one tensor per index, as `index_select` takes them
-    (not `states[index]`: its backward, an accumulating index_put, is several times slower on the CPU). The backward
-    sums every gather's gradient into one zeroed [N, ...] buffer (`index_add_`), where one `index_select` per gather
-    would zero a buffer for each and then add them up: a tree's calls gather each layer's query, key and value once
-    per call. One layer's forward + backward over a GRPO batch's tree (8 prompts x 8 completions, 2,450 tokens, 4
-    calls), bf16, alternated in one process on a Zen 5 EPYC: 38.8 against 44.4 ms with the GEMM attention, 35.8
-    against 41.8 with the fp32 flash kernel (the in-place output scatter included)."""
+    """The rows of `states` [N, ...] at each of the flat `indices`, one tensor per index. The backward sums every
+    gather's gradient into one zeroed [N, ...] buffer (`index_add_`), where autograd would zero a buffer per gather
+    and then add them up: a tree's calls gather each layer's query, key and value once per call. One layer's forward
+    + backward over a GRPO batch's tree (2,450 tokens, 4 calls), bf16, alternated in one process on a Zen 5 EPYC:
+    38.8 against 44.4 ms (35.8 against 41.8 with the fp32 flash kernel), the in-place output scatter included."""
 
     @staticmethod
     def forward(ctx, states: Tensor, *indices: Tensor) -> tuple[Tensor, ...]:
