@@ -190,8 +190,7 @@ def kernel(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str:
     # the kernels (and the GEMM kernel's revision, where it is offered) in the key: a choice measured before a kernel
     # was added or changed is measured again, not read back
     revision = f"|matmul r{matmul_attention.REVISION}" if "matmul" in kernels else ""
-    # "views": measured on the layout a Llama layer hands over (`_measure`), not on contiguous inputs as before
-    name = f"attention|{'/'.join(kernels)}{revision}|views|{'x'.join(map(str, bucket))}"
+    name = f"attention|{'/'.join(kernels)}{revision}|{'x'.join(map(str, bucket))}"
     return measured_choice(name, kernels, lambda: _measure(bucket, kernels))
 
 
@@ -204,11 +203,13 @@ def _measure(bucket: tuple, kernels: tuple[str, ...] = KERNELS) -> str:
     # its own tensors with autograd on, whatever mode the forward that asks runs in (no_grad, inference_mode: an
     # inference tensor, the mask included, cannot be saved for a backward)
     with torch.inference_mode(False), torch.enable_grad():
-        # as a Llama layer's are laid out too: transposed views of [rows, tokens, heads, head dim] projections
-        q = torch.randn(rows, queries, heads, head_dim, generator=generator, requires_grad=True).transpose(1, 2)
-        k = torch.randn(rows, keys, kv_heads, head_dim, generator=generator, requires_grad=True).transpose(1, 2)
-        v = torch.randn(rows, keys, kv_heads, head_dim, generator=generator, dtype=torch.bfloat16,
-                        requires_grad=True).transpose(1, 2)
+        # Contiguous, although a Llama layer hands over transposed views: timed on views, the GEMM kernel's copies
+        # add temporaries whose pages glibc maps afresh between calls, and its best of three swung 5.8-8.7 ms at 2 x 8
+        # x 256^2 (the flash kernels 6.0-6.5) where the DPO benchmark's micro-batches ran 7% faster with it than
+        # with the fp32 flash kernel (benchmarks/README, thirteenth session).
+        q = torch.randn(rows, heads, queries, head_dim, generator=generator, requires_grad=True)
+        k = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, requires_grad=True)
+        v = torch.randn(rows, kv_heads, keys, head_dim, generator=generator, dtype=torch.bfloat16, requires_grad=True)
         mask = None
         if mask_kind != "none":
             allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
