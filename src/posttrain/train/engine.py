@@ -45,6 +45,7 @@ from posttrain.models.io import model_fingerprint
 from posttrain.models.kernels import use_fast_kernels
 from posttrain.models.precision import PRECISIONS, autocast, resolve_precision
 from posttrain.train import dist
+from posttrain.train.allocator import keep_freed_memory
 from posttrain.train.checkpoint import (
     KEPT_ON_RESUME,
     MODEL_PATHS,
@@ -211,6 +212,7 @@ class Trainer:
                  lr_by_prefix: Mapping[str, float] | None = None) -> None:
         """`lr_by_prefix`: a peak lr of their own for the parameters whose names start with a prefix (PPO's
         critic); every other parameter trains at optim.lr."""
+        keep_freed_memory()  # glibc keeps a step's large temporaries for the next one (`train.allocator`)
         self.dist = dist.init_distributed()
         train.check(self.dist.world_size)
         self.stage, self.cfg, self.run, self.train_cfg, self.optim_cfg = stage, cfg, run, train, optim

@@ -1,0 +1,65 @@
+"""glibc's malloc thresholds set once per process when training starts (`train.allocator`), and left alone wherever
+the user or another allocator decides them."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import pytest
+
+from posttrain.train import allocator
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+class _FakeLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+        def mallopt(parameter: int, value: int) -> int:
+            self.calls.append((parameter, value))
+            return 1
+
+        self.mallopt = mallopt
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    libc = _FakeLibc()
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    for name in (*allocator.USER_SETTINGS, "POSTTRAIN_MALLOC_TUNING"):
+        monkeypatch.delenv(name, raising=False)
+    allocator.keep_freed_memory.cache_clear()
+    yield libc
+    allocator.keep_freed_memory.cache_clear()
+
+
+def test_the_mmap_threshold_is_fixed_at_32_mib_and_the_heap_top_kept_up_to_1_gib_once_per_process(fake_libc):
+    assert allocator.keep_freed_memory() is True
+    assert allocator.keep_freed_memory() is True
+    assert fake_libc.calls == [(-3, 32 * 1024 * 1024), (-1, 1024 * 1024 * 1024)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
+@pytest.mark.parametrize("setting", [("POSTTRAIN_MALLOC_TUNING", "0"), ("LD_PRELOAD", "libtcmalloc_minimal.so.4"),
+                                     ("MALLOC_TRIM_THRESHOLD_", "131072"), ("MALLOC_MMAP_THRESHOLD_", "65536"),
+                                     ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")])
+def test_the_users_own_malloc_settings_or_another_allocator_are_left_as_they_are(fake_libc, monkeypatch, setting):
+    monkeypatch.setenv(*setting)
+    assert allocator.keep_freed_memory() is False
+    assert fake_libc.calls == []
+
+
+def test_another_c_library_is_left_as_it_is(fake_libc, monkeypatch):
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))  # musl, macOS
+    assert allocator.keep_freed_memory() is False
+    assert fake_libc.calls == []
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt: this C library is not glibc")
+def test_glibc_accepts_both_thresholds():
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    assert mallopt(allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD) == 1
+    assert mallopt(allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD) == 1
