@@ -16,10 +16,11 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 class _FakeLibc:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.answers = [1, 1]
 
         def mallopt(parameter: int, value: int) -> int:
             self.calls.append((parameter, value))
-            return 1
+            return self.answers[len(self.calls) - 1]
 
         self.mallopt = mallopt
 
@@ -29,7 +30,7 @@ def fake_libc(monkeypatch):
     libc = _FakeLibc()
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("glibc", "2.36"))
-    for name in (*allocator.USER_SETTINGS, "POSTTRAIN_MALLOC_TUNING"):
+    for name in (*allocator.USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD", "POSTTRAIN_MALLOC_TUNING"):
         monkeypatch.delenv(name, raising=False)
     allocator.keep_freed_memory.cache_clear()
     yield libc
@@ -49,6 +50,26 @@ def test_the_users_own_malloc_settings_or_another_allocator_are_left_as_they_are
     monkeypatch.setenv(*setting)
     assert allocator.keep_freed_memory() is False
     assert fake_libc.calls == []
+
+
+def test_unrelated_preloads_and_tunables_do_not_stop_it(fake_libc, monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/opt/intel/lib/libiomp5.so")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+    assert allocator.keep_freed_memory() is True
+
+
+def test_a_refused_value_is_said_and_the_other_still_set(fake_libc):
+    fake_libc.answers = [0, 1]
+    assert allocator.keep_freed_memory() is False
+    assert [parameter for parameter, _ in fake_libc.calls] == [-3, -1]
+
+
+def test_a_c_library_that_cannot_be_opened_is_left_as_it_is(fake_libc, monkeypatch):
+    def no_library(name):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", no_library)
+    assert allocator.keep_freed_memory() is False
 
 
 def test_another_c_library_is_left_as_it_is(fake_libc, monkeypatch):

@@ -14,6 +14,8 @@ user's own code) is not changed by it:
   the next run, as a fresh process would; no idle child outlives the run);
 - transformers' and datasets' progress bars and logs are quiet during the run, as on the command line, and as
   they were after.
+One setting stays: with glibc, the Trainer's malloc thresholds that keep freed memory for reuse (`train.allocator`;
+`POSTTRAIN_MALLOC_TUNING=0` leaves malloc alone). They change no result, and glibc cannot report the old ones.
 A stop by Ctrl-C or SIGTERM inside the training loop saves a checkpoint and raises `StoppedInTraining` (a
 KeyboardInterrupt) to the caller, as any interrupted Python call does.
 """
