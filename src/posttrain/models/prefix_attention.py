@@ -252,9 +252,9 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
         return states.view(*index.shape, *states.shape[1:]).transpose(1, 2)
 
     key_indices = [call.queries if call.keys is None else call.keys for call in tree.calls]
+    key_rows = [index.flatten() for index in key_indices]  # the keys' and the values' rows alike
     queries = _gathers(flat(query), [call.queries.flatten() for call in tree.calls])
-    keys = _gathers(flat(key), [index.flatten() for index in key_indices])
-    values = _gathers(flat(value), [index.flatten() for index in key_indices])
+    keys, values = _gathers(flat(key), key_rows), _gathers(flat(value), key_rows)
     outputs = []
     for call, index, q, k, v in zip(tree.calls, key_indices, queries, keys, values, strict=True):
         output, _ = attend(module, unflat(q, call.queries), unflat(k, index), unflat(v, index), call.mask,
@@ -295,7 +295,9 @@ class _GatherRows(torch.autograd.Function):
         indices = ctx.saved_tensors
         total = None
         for index, grad in zip(indices, grads, strict=True):
-            if grad is not None:
-                total = grad.new_zeros((ctx.rows, *grad.shape[1:])) if total is None else total
-                total.index_add_(0, index, grad)
+            if grad is None:
+                continue
+            if total is None:
+                total = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+            total.index_add_(0, index, grad)
         return (total, *[None] * len(indices))
