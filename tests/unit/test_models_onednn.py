@@ -195,7 +195,7 @@ def test_only_plain_linears_are_swapped_and_lora_wraps_them(tiny_model, monkeypa
 
 
 @pytest.mark.parametrize("variable", ["ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"])
-@pytest.mark.parametrize(("preset", "expected"), [(None, "64"), ("8", "8")])
+@pytest.mark.parametrize(("preset", "expected"), [(None, "24"), ("8", "8")])
 def test_import_caps_the_primitive_caches_unless_the_user_set_them(variable, preset, expected):
     """oneDNN's cache and torch's in front of it read their variables at first use: they must be in the environment
     from import on, and a user's own setting wins. (A fresh interpreter: this one has imported the module already.)"""

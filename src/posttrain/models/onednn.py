@@ -37,10 +37,17 @@ data set) and the rollout engine's prefill, whose rows are the round's prompt to
 grew peak RSS by ~230 MB over 40 DPO steps on the small model (1969 -> 1741 MB with the cap), and torch's grew a
 GRPO run of the tiny model by ~0.6 MB a step, every step (670 -> 890 MB over 350 steps: a leak to the eye, up to
 ~600 MB before its cap); 1,800 distinct shapes through the engine's products cost 624 MB with torch's cache
-uncapped, 29 MB with it capped. Importing this module caps both at `PRIMITIVE_CACHE_CAPACITY` (64: every shape of
-about four training steps, so a step's repeated products still hit it; creating a primitive costs little next to
-a product of a few hundred rows) unless the variable is already set; each cache reads its variable when it is
-first used, so from import on.
+uncapped, 29 MB with it capped. Importing this module caps both at `PRIMITIVE_CACHE_CAPACITY` unless the variable is
+already set; each cache reads its variable when it is first used, so from import on.
+
+Why 24: the cap sets how much memory stale shapes keep (a step's training products are new shapes, and a
+primitive's memory is freed only once both caches have let it go), and a training product's primitive keeps far
+more than a decode product's: ~3.5 MB a shape in fp32 SFT. Padded and padding-free SFT in fp32 (AMD EPYC Zen 5,
+oneDNN linears) peaked at 1711-1739 / 1463-1469 MB with 64, 1645-1658 / 1413-1424 with 32, 1587-1629 / 1374-1380
+with 24 and 1563 / 1368 with 16 (TRL's 1597 / 1376), at the same speed within the host's spread. Below 24 a bf16
+GRPO step slowed: 1.27-1.30 s with 16 against 1.23 with 24 and 1.19-1.27 with 64 (attention over the prefix tree
+runs many product shapes a layer; with 16 they presumably evict each other before reuse). Creating a primitive
+costs little next to a product of a few hundred rows.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from torch import Tensor
 from posttrain.models.machine_choices import best_seconds, measured_choice
 from posttrain.models.precision import cpu_flags
 
-PRIMITIVE_CACHE_CAPACITY = 64
+PRIMITIVE_CACHE_CAPACITY = 24
 # The training products measured to choose the library: (rows, in, out) of the small model's attention
 # projection and MLP up and down projections, 21 GFLOP forward + backward in all (~0.1 s a round on 2 cores).
 # Not fewer rows or shapes: at 1024 rows without the up projection (where oneDNN is slowest on a Zen 4) oneDNN
