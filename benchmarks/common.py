@@ -317,12 +317,17 @@ def print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
 
 
 def print_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each posttrain row's speed against TRL's row of the same workload (like for like); without one, against
-    TRL's first row, whose workload is named: a ratio between different work says so."""
-    trl = [r for r in rows if r["library"] == "trl"]
-    for row in (r for r in rows if r["library"] == "posttrain" and trl):
-        same = next((r for r in trl if r["workload"] == row["workload"]), None)
-        other = same or trl[0]
+    """Each posttrain row's speed against a TRL row of the same workload (like for like), else against one of another
+    workload, which is named: a ratio between different work says so. Of those, the first run after it, else the last
+    before it, so that `--runs posttrain:...,trl:...,posttrain:...,trl:...` prints consecutive pairs."""
+    trl = [(i, r) for i, r in enumerate(rows) if r["library"] == "trl"]
+    for index, row in enumerate(rows):
+        if row["library"] != "posttrain" or not trl:
+            continue
+        same = [(i, r) for i, r in trl if r["workload"] == row["workload"]]
+        candidates = same or trl
+        after = [r for i, r in candidates if i > index]
+        other = after[0] if after else candidates[-1][1]
         print(f"{row['workload']}: posttrain is {other['s_per_step'] / row['s_per_step']:.2f}x TRL per step "
               f"({'the same workload' if same else 'TRL: ' + other['workload']})")
 
