@@ -29,25 +29,25 @@ GRPO 8x8 round of the small model sampled in 1.73-1.77 s against 2.11-2.13.
 The ops used (`torch.ops.mkldnn._linear_pointwise`, the one inductor's CPU backend uses) are private:
 without them, or without oneDNN in the torch build, nothing is swapped.
 
-Memory: two caches keep one primitive per distinct product shape (its rows included), each holding memory of
-its own (JIT-compiled kernels, ~0.2-0.6 MB a shape): oneDNN's own (process-wide, `ONEDNN_PRIMITIVE_CACHE_CAPACITY`)
-and the one torch keeps in front of it for these ops (per thread, `LRU_CACHE_CAPACITY`), both 1024 shapes by
-default. Shapes change with every batch: training's (padding-free rows, padded lengths, reference passes over a
-data set) and the rollout engine's prefill, whose rows are the round's prompt tokens. Uncapped, oneDNN's cache
-grew peak RSS by ~230 MB over 40 DPO steps on the small model (1969 -> 1741 MB with the cap), and torch's grew a
-GRPO run of the tiny model by ~0.6 MB a step, every step (670 -> 890 MB over 350 steps: a leak to the eye, up to
-~600 MB before its cap); 1,800 distinct shapes through the engine's products cost 624 MB with torch's cache
-uncapped, 29 MB with it capped. Importing this module caps both at `PRIMITIVE_CACHE_CAPACITY` unless the variable is
-already set; each cache reads its variable when it is first used, so from import on.
+Memory: two caches keep one primitive per distinct product shape (its rows included), each holding memory of its own
+(JIT-compiled kernels, ~0.2-0.6 MB a decode product's shape; more for training's, below): oneDNN's own (process-wide,
+`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and the one torch keeps in front of it for these ops (per thread,
+`LRU_CACHE_CAPACITY`), both 1024 shapes by default. Shapes change with every batch: training's (padding-free rows,
+padded lengths, reference passes over a data set) and the rollout engine's prefill, whose rows are the round's prompt
+tokens. Uncapped, oneDNN's cache grew peak RSS by ~230 MB over 40 DPO steps on the small model (1969 -> 1741 MB with the
+cap, 64 then), and torch's grew a GRPO run of the tiny model by ~0.6 MB a step, every step (670 -> 890 MB over 350
+steps: a leak to the eye, up to ~600 MB before its cap); 1,800 distinct shapes through the engine's products cost 624 MB
+with torch's cache uncapped, 29 MB with it capped (at 64). Importing this module caps both at `PRIMITIVE_CACHE_CAPACITY`
+unless the variable is already set; each cache reads its variable when it is first used, so from import on.
 
-Why 24: the cap sets how much memory stale shapes keep (a step's training products are new shapes, and a
-primitive's memory is freed only once both caches have let it go), and a training product's primitive keeps far
-more than a decode product's: ~3.5 MB a shape in fp32 SFT. Padded and padding-free SFT in fp32 (AMD EPYC Zen 5,
-oneDNN linears) peaked at 1711-1739 / 1463-1469 MB with 64, 1645-1658 / 1413-1424 with 32, 1587-1629 / 1374-1380
-with 24 and 1563 / 1368 with 16 (TRL's 1597 / 1376), at the same speed within the host's spread. Below 24 a bf16
-GRPO step slowed: 1.27-1.30 s with 16 against 1.23 with 24 and 1.19-1.27 with 64 (attention over the prefix tree
-runs many product shapes a layer; with 16 they presumably evict each other before reuse). Creating a primitive
-costs little next to a product of a few hundred rows.
+Why 24: the cap sets how much memory stale shapes keep (a step's training products are new shapes, and a primitive's
+memory is freed only once both caches have let it go), and a training product's primitive keeps far more than a decode
+product's: ~2-3.5 MB a shape in fp32 SFT. Padded and padding-free SFT in fp32 (AMD EPYC Zen 5, oneDNN linears) peaked at
+1711-1739 / 1463-1469 MB with 64, 1645-1658 / 1413-1424 with 32, 1587-1629 / 1374-1380 with 24 and 1563 / 1368 with 16
+(TRL's 1597 / 1376), at the same speed within the host's spread. Not 16: a bf16 GRPO step (attention over the prefix
+tree runs many product shapes a layer) took 1.27-1.30 s with 16, 7-9% more than with 64 in both rounds that ran them
+side by side and 3-4% more than with 24 in a third; 24 was never behind 64 when alternated. Creating a primitive costs
+little next to a product of a few hundred rows.
 """
 
 from __future__ import annotations
