@@ -321,8 +321,10 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
     workload, which is named: a ratio between different work says so. Of those, the first run after it, else the last
     before it, so that `--runs posttrain:...,trl:...,posttrain:...,trl:...` prints consecutive pairs."""
     trl = [(i, r) for i, r in enumerate(rows) if r["library"] == "trl"]
+    if not trl:
+        return
     for index, row in enumerate(rows):
-        if row["library"] != "posttrain" or not trl:
+        if row["library"] != "posttrain":
             continue
         same = [(i, r) for i, r in trl if r["workload"] == row["workload"]]
         candidates = same or trl

@@ -245,8 +245,9 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
     value_dim = value.shape[-1]
     kwargs.pop("is_causal", None)  # set here for each call: causal over itself, or against its gathered keys
 
-    def flat(states: Tensor) -> Tensor:  # [R, H, W, D] -> [R * W, H, D]: no copy where states are transposed
-        return states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[-1])  # [R, W, H, D] ones
+    # [R, H, W, D] -> [R * W, H, D]; no copy where `states` is a transposed view of a [R, W, H, D] tensor
+    def flat(states: Tensor) -> Tensor:
+        return states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[-1])
 
     def unflat(states: Tensor, index: Tensor) -> Tensor:  # [n * L, H, D] -> [n, H, L, D]
         return states.view(*index.shape, *states.shape[1:]).transpose(1, 2)
