@@ -407,14 +407,21 @@ def test_joined_rollouts_hold_row_by_row_what_their_parts_held(tiny_model, token
         concat_rollouts([short, dataclasses.replace(long, temperature=0.5)])
 
 
-def test_finished_rows_leave_the_batch_and_the_others_sample_as_before(tiny_model, tokenizer, prompts, monkeypatch):
+@pytest.mark.parametrize("per_group", [16, 3], ids=["one-group", "groups"])
+def test_finished_rows_leave_the_batch_and_the_others_sample_as_before(tiny_model, tokenizer, prompts, monkeypatch,
+                                                                       per_group):
     """Both decoders stop computing rows that have ended (the Llama decoder a prompt once its n rows have, the HF
     decoder any row); seeded, they must draw the same tokens with the same logprobs as a decoder that computes
-    every row to the end, while their batches shrink (the computed rows recorded at every step)."""
+    every row to the end, while their batches shrink (the computed rows recorded at every step). With 3 prompts a
+    group the Llama decoder attends in several length groups, regrouped as prompts leave."""
+    monkeypatch.setattr(LlamaDecoder, "PROMPTS_PER_GROUP", per_group)
     computed: dict[str, list[int]] = {"llama": [], "hf": []}
+    groupings: list[list[tuple[int, int, int]]] = []
     for name, cls, rows in (("llama", LlamaDecoder, "order"), ("hf", HFDecoder, "rows")):
         def recording_step(self, tokens, step=cls.step, name=name, rows=rows):
             computed[name].append(len(getattr(self, rows)))
+            if name == "llama":
+                groupings.append(self.groups)
             return step(self, tokens)
 
         monkeypatch.setattr(cls, "step", recording_step)
@@ -436,6 +443,8 @@ def test_finished_rows_leave_the_batch_and_the_others_sample_as_before(tiny_mode
     for name in ("llama", "hf"):
         assert computed[name][steps - 1] < 30 and computed[name][:steps] == sorted(computed[name][:steps])[::-1]
     assert computed["hf"][steps:] == [40] * steps  # the run that never compacts
+    if per_group == 3:
+        assert len(groupings[0]) == 4 and len({tuple(g) for g in groupings}) > 2  # regrouped more than once
     for rollout in (llama, hf):
         assert torch.equal(rollout.completion_ids, every_row.completion_ids)
         assert rollout.finish_reasons == every_row.finish_reasons

@@ -132,6 +132,58 @@ def test_length_groups_split_sorted_lengths_into_contiguous_runs():
     assert length_groups([7], 4) == [(0, 1, 7)]
 
 
+def test_regroup_moves_each_kept_prompts_real_slots_into_its_new_groups_width():
+    """The decoder's per-group caches after finished prompts leave: each kept prompt's real slots right-aligned in
+    its new group's width and padding (zeros in a cache, -inf in a bias) in front, whether its new group is wider
+    than its old one, narrower, or the same; against building every group from scratch, prompt by prompt."""
+    from posttrain.rollout.forward import length_groups, regroup
+
+    lengths = [2, 3, 3, 4, 6, 8, 9, 11]
+    real = [torch.randn(2, length, 4) for length in lengths]  # [kv, len, D] of each prompt
+
+    def build(groups, prompts, pad, dim):
+        """Left-padded group caches of `prompts`: keys [m, kv, P, D] (dim -2) or a bias [m, P] (dim -1)."""
+        caches = []
+        for a, b, longest in groups:
+            cache = torch.full((b - a, 2, longest, 4) if dim == -2 else (b - a, longest), pad)
+            for row, u in enumerate(prompts[a:b]):
+                if dim == -2:
+                    cache[row, :, longest - lengths[u]:] = real[u]
+                else:
+                    cache[row, longest - lengths[u]:] = 0.0
+            caches.append(cache)
+        return caches
+
+    groups = length_groups(lengths, 3)
+    assert groups == [(0, 3, 3), (3, 5, 6), (5, 8, 11)]
+    keep = torch.tensor([1, 3, 6, 7])  # 1: width 3 -> 4 (wider); 3: 6 -> 4 (narrower); 6, 7: 11 -> 11
+    new_groups = length_groups([lengths[u] for u in keep.tolist()], 2)
+    assert new_groups == [(0, 2, 4), (2, 4, 11)]  # the first takes prompts of two old groups
+    for dim, pad in ((-2, 0.0), (-1, float("-inf"))):
+        moved = regroup(build(groups, list(range(8)), pad, dim), groups, keep, new_groups, dim=dim, fill=pad)
+        for got, expected in zip(moved, build(new_groups, keep.tolist(), pad, dim), strict=True):
+            assert got.is_contiguous() and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_transformers_own_in_the_promoted_dtype(dtype):
+    """The decoder's RoPE against transformers' `apply_rotary_pos_emb`, bitwise: under bf16 autocast the queries
+    are bf16 and cos/sin fp32, and transformers' products give fp32 (the trainer's queries and keys)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from posttrain.rollout.forward import _rotate
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 4, 16).to(dtype)  # [tokens, heads, head_dim]
+    angles = torch.rand(7, 1, 16) * 6
+    cos, sin = angles.cos(), angles.sin()
+    expected, _ = apply_rotary_pos_emb(x.transpose(0, 1)[None], x.transpose(0, 1)[None], cos[None, :, 0],
+                                       sin[None, :, 0])
+    ours = _rotate(x, cos, sin)
+    assert ours.dtype == expected.dtype == torch.float32
+    assert torch.equal(ours, expected[0].transpose(0, 1))
+
+
 def test_draws_follow_the_distribution_and_never_pick_a_token_of_probability_zero():
     probs = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.6, 0.05, 0.0])
     n = 200_000
