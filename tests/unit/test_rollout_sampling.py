@@ -132,11 +132,16 @@ def test_length_groups_split_sorted_lengths_into_contiguous_runs():
     assert length_groups([7], 4) == [(0, 1, 7)]
 
 
-def test_regroup_moves_each_kept_prompts_real_slots_into_its_new_groups_width():
+@pytest.mark.parametrize(("kept", "new_count", "new_groups"), [
+    ([1, 3, 6, 7], 2, [(0, 2, 4), (2, 4, 11)]),  # 1: width 3 -> 4 (wider); 3: 6 -> 4 (narrower); 6, 7: 11 -> 11
+    ([0, 4, 7], 1, [(0, 3, 11)]),  # one new group from three old ones
+    ([5, 7], 2, [(0, 1, 8), (1, 2, 11)]),  # the first two old groups left entirely
+], ids=["wider-narrower-same", "three-into-one", "groups-left"])
+def test_regroup_moves_each_kept_prompts_real_slots_into_its_new_groups_width(kept, new_count, new_groups):
     """The decoder's per-group caches after finished prompts leave: each kept prompt's real slots right-aligned in
     its new group's width and padding (zeros in a cache, -inf in a bias) in front, whether its new group is wider
     than its old one, narrower, or the same; against building every group from scratch, prompt by prompt."""
-    from posttrain.rollout.forward import length_groups, regroup
+    from posttrain.rollout.forward import length_groups, regroup, regroup_plan
 
     lengths = [2, 3, 3, 4, 6, 8, 9, 11]
     real = [torch.randn(2, length, 4) for length in lengths]  # [kv, len, D] of each prompt
@@ -156,12 +161,11 @@ def test_regroup_moves_each_kept_prompts_real_slots_into_its_new_groups_width():
 
     groups = length_groups(lengths, 3)
     assert groups == [(0, 3, 3), (3, 5, 6), (5, 8, 11)]
-    keep = torch.tensor([1, 3, 6, 7])  # 1: width 3 -> 4 (wider); 3: 6 -> 4 (narrower); 6, 7: 11 -> 11
-    new_groups = length_groups([lengths[u] for u in keep.tolist()], 2)
-    assert new_groups == [(0, 2, 4), (2, 4, 11)]  # the first takes prompts of two old groups
+    assert length_groups([lengths[u] for u in kept], new_count) == new_groups
+    plan = regroup_plan(groups, torch.tensor(kept), new_groups)
     for dim, pad in ((-2, 0.0), (-1, float("-inf"))):
-        moved = regroup(build(groups, list(range(8)), pad, dim), groups, keep, new_groups, dim=dim, fill=pad)
-        for got, expected in zip(moved, build(new_groups, keep.tolist(), pad, dim), strict=True):
+        moved = regroup(build(groups, list(range(8)), pad, dim), plan, dim=dim, fill=pad)
+        for got, expected in zip(moved, build(new_groups, kept, pad, dim), strict=True):
             assert got.is_contiguous() and torch.equal(got, expected)
 
 

@@ -48,7 +48,7 @@ class Decoder(abc.ABC):
         """Append one token per row [B]; return the logits [B, V] for the next one."""
 
     # Drop finished rows from the batch once at most this share of the computed ones is left: compacting copies
-    # the caches (about one decode step's reads), so it is worth it only in steps. Multistep chains (96 new tokens,
+    # the caches (a few decode steps' reads at most), so it is worth it only in steps. Multistep chains (96 new tokens,
     # completions of 48 on average), one thread of the AVX2-only EPYC: 0.75 and 0.5 sampled 500 greedy completions in
     # 4.3-4.4 s, 0.9 in 4.4-5.0, never compacting 5.4-5.6; 256 prompts x 4 samples 5.7-5.9 s against 7.4-8.8.
     COMPACT_AT = 0.75
@@ -136,7 +136,8 @@ def make_decoder(forward: str, model: torch.nn.Module, prompts: list[list[int]],
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE, x * cos + rotate_half(x) * sin, as transformers' Llama computes it (same rounding, same dtype), with
-    two temporaries instead of four: at prefill each is a [tokens, heads, head_dim] tensor.
+    two temporaries instead of four (and the cast below where x is narrower than cos): at prefill each is a
+    [tokens, heads, head_dim] tensor.
 
     In the wider of the two dtypes, as transformers' products promote: under bf16 autocast the projections are
     bf16 and cos/sin fp32 (the residual stream's), so the result is fp32, as the trainer's forward has it. Casting
@@ -177,26 +178,37 @@ def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]
 def right_aligned(piece: Tensor, width: int, dim: int, fill: float) -> Tensor:
     """`piece` with its last `width` slots along `dim` (a negative dim), left-padded with `fill` where it has fewer:
     a left-padded cache moved to another width, real slots last."""
+    if dim >= 0:
+        raise ValueError(f"dim counts from the end here (negative), got {dim}")
     have = piece.shape[dim]
     if have >= width:
         return piece.narrow(dim, have - width, width)
     return F.pad(piece, [0, 0] * (-dim - 1) + [width - have, 0], value=fill)
 
 
-def regroup(caches: list[Tensor], groups: list[tuple[int, int, int]], keep: Tensor,
-            new_groups: list[tuple[int, int, int]], dim: int, fill: float) -> list[Tensor]:
-    """Per-group caches (group g holds prompts [a, b) of `groups` in `caches[g]`, slots along `dim` right-aligned
-    in its width) cut to the prompts `keep` (ascending) and laid out in `new_groups` (over the kept prompts, each
-    group's width its `longest`): one contiguous tensor per new group, as decode attention reads them fastest."""
+# For each new group: its width and, in the prompts' order, (old group, the rows of that group's caches it takes).
+RegroupPlan = list[tuple[int, list[tuple[int, Tensor]]]]
+
+
+def regroup_plan(groups: list[tuple[int, int, int]], keep: Tensor,
+                 new_groups: list[tuple[int, int, int]]) -> RegroupPlan:
+    """Where each of `new_groups` (over the kept prompts) takes its prompts from: `groups` held prompts [a, b) in
+    group g's caches, `keep` are the kept prompts (ascending)."""
     starts = torch.tensor([a for a, _, _ in groups], device=keep.device)
     owner = torch.bucketize(keep, starts, right=True) - 1  # each kept prompt's old group
-    out = []
+    plan = []
     for a, b, longest in new_groups:
         members, owners = keep[a:b], owner[a:b]
-        pieces = [right_aligned(caches[g][members[owners == g] - groups[g][0]], longest, dim, fill)
-                  for g in owners.unique().tolist()]  # ascending: the prompts' order
-        out.append(torch.cat(pieces))
-    return out
+        plan.append((longest, [(g, members[owners == g] - groups[g][0])
+                               for g in owners.unique().tolist()]))  # ascending: the prompts' order
+    return plan
+
+
+def regroup(caches: list[Tensor], plan: RegroupPlan, dim: int, fill: float) -> list[Tensor]:
+    """Per-group caches (slots along `dim`, right-aligned in each group's width) laid out as `plan` says: one
+    contiguous tensor per new group, as decode attention reads them fastest."""
+    return [torch.cat([right_aligned(caches[g], width, dim, fill)[rows] for g, rows in sources])
+            for width, sources in plan]
 
 
 class LlamaDecoder(Decoder):
@@ -205,7 +217,7 @@ class LlamaDecoder(Decoder):
 
     Internally the prompts are sorted by length, each prompt's n rows next to each other
     (`order` maps internal to caller rows; the interface keeps the caller's order), so that decode
-    attention can run per group of prompts of similar lengths (`groups`: (first, end, longest) over the
+    attention can run per group of prompts of similar lengths (`groups`: (start, end, longest) over the
     internal prompts). Each group has its own prompt caches [prompts, kv_heads, P, head_dim] with P its
     longest prompt: a prompt's keys sit left-padded in slots [P - len, P), the group's `prompt_bias`
     [prompts, P] is 0 on them and -inf on the padding (which holds zeros, never garbage: NaN times a 0 weight
@@ -230,9 +242,9 @@ class LlamaDecoder(Decoder):
         weight = self.trunk.embed_tokens.weight
         # Under bf16 autocast the linear products (and the prefill's attention) are bf16; the residual
         # stream, the norms, the KV caches and decode attention stay in the weights' dtype: bf16 products over
-        # the contiguous prompt caches were slower, half the bytes notwithstanding (5.3 against 4.7 ms a decode
-        # step, 8 layers x 4 groups of 16 prompts), and oneDNN's bf16 bmm copies a strided operand (the new
-        # tokens' slot range) first, which costs more than it saves.
+        # the contiguous prompt caches were slower, half the bytes notwithstanding (at best 5.2-5.4 against 4.7
+        # ms a decode step, 8 layers x 4 groups of 16 prompts), and oneDNN's bf16 bmm copies a strided operand
+        # (the new tokens' slot range) first, which costs more than it saves.
         self.device, self.dtype = weight.device, weight.dtype
         self.linear_dtype = autocast_dtype(self.device) or weight.dtype
 
@@ -257,10 +269,10 @@ class LlamaDecoder(Decoder):
         new_shape = (batch, kv, max_new_tokens, dim)
         self.new_keys = [torch.empty(new_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.new_values = [torch.empty(new_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        slots = [torch.arange(longest, device=self.device) for _, _, longest in self.groups]
-        self.prompt_bias = [torch.zeros((b - a, longest), device=self.device, dtype=self.dtype).masked_fill_(
-            slot < longest - self.prompt_lengths[a:b, None], float("-inf"))
-            for (a, b, longest), slot in zip(self.groups, slots, strict=True)]  # [group]: -inf on the padding
+        self.prompt_bias = [  # [group]: 0 on a prompt's slots, -inf on its left padding
+            torch.zeros((b - a, longest), device=self.device, dtype=self.dtype).masked_fill_(
+                torch.arange(longest, device=self.device) < longest - self.prompt_lengths[a:b, None], float("-inf"))
+            for a, b, longest in self.groups]
         self.positions = self.prompt_lengths.repeat_interleave(n)  # the next token's position, per row
         self.slot = 0  # the next new token's slot (the same for every row)
         linears = [m for layer in self.layers for m in (*_projections(layer.self_attn, "qkvo"),
@@ -286,9 +298,10 @@ class LlamaDecoder(Decoder):
         self.positions, self.order = self.positions[rows], self.order[rows]
         self.prompt_lengths = self.prompt_lengths[keep]
         groups = self._length_groups(self.prompt_lengths.tolist())  # a subset of sorted lengths: still sorted
+        plan = regroup_plan(self.groups, keep, groups)
         for caches in (*self.prompt_keys, *self.prompt_values):
-            caches[:] = regroup(caches, self.groups, keep, groups, dim=-2, fill=0.0)
-        self.prompt_bias = regroup(self.prompt_bias, self.groups, keep, groups, dim=-1, fill=float("-inf"))
+            caches[:] = regroup(caches, plan, dim=-2, fill=0.0)
+        self.prompt_bias = regroup(self.prompt_bias, plan, dim=-1, fill=float("-inf"))
         self.groups = groups
 
     def _logits(self, hidden: Tensor) -> Tensor:
@@ -317,7 +330,8 @@ class LlamaDecoder(Decoder):
         owner = torch.repeat_interleave(torch.arange(len(self.prompts), device=self.device), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(len(tokens), device=self.device) - starts[owner]
-        spans = list(itertools.pairwise([0, *torch.cumsum(lengths, 0).tolist()]))
+        spans = list(itertools.pairwise([0, *torch.cumsum(lengths, 0).tolist()]))  # each prompt's packed tokens
+        # per prompt: its group, its row in the group's caches, the group's width
         homes = [(g, u - a, longest) for g, (a, b, longest) in enumerate(self.groups) for u in range(a, b)]
 
         hidden = self.trunk.embed_tokens(tokens)  # [N, hidden]
@@ -335,14 +349,15 @@ class LlamaDecoder(Decoder):
             # under autocast, as autocast would cast them for it; the same in fp32).
             q, k_product = q.to(v.dtype), k.to(v.dtype)
             out = torch.empty((len(tokens), self.heads, self.head_dim), device=self.device, dtype=v.dtype)
-            for (a, b), (g, row, width) in zip(spans, homes, strict=True):
-                first = width - (b - a)  # the prompt's first real slot in its group's cache
+            for (begin, end), (g, row, width) in zip(spans, homes, strict=True):
+                first = width - (end - begin)  # the prompt's first real slot in its group's cache
                 for cache, new in ((keys[g], k), (values[g], v)):
                     cache[row, :, :first] = 0.0
-                    cache[row, :, first:] = new[:, a:b]
-                out[a:b] = F.scaled_dot_product_attention(  # [1, heads, len, D], causal, nothing padded
-                    q[None, :, a:b], self._expand_heads(k_product[None, :, a:b], 1),
-                    self._expand_heads(v[None, :, a:b], 1), is_causal=True, scale=attn.scaling)[0].transpose(0, 1)
+                    cache[row, :, first:] = new[:, begin:end]
+                out[begin:end] = F.scaled_dot_product_attention(  # [1, heads, len, D], causal, nothing padded
+                    q[None, :, begin:end], self._expand_heads(k_product[None, :, begin:end], 1),
+                    self._expand_heads(v[None, :, begin:end], 1), is_causal=True,
+                    scale=attn.scaling)[0].transpose(0, 1)
             hidden = hidden.add_(linear(attn.o_proj, out.view(len(tokens), -1)))
             hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
         last = starts + lengths - 1
@@ -395,7 +410,7 @@ class LlamaDecoder(Decoder):
         keys = prompt_keys.view(prompts * kv, width, dim)
         prompt_scores = torch.bmm(shared_q, keys.transpose(1, 2)).view(prompts, kv, n * per_kv, width)
         prompt_scores = prompt_scores.add_(prompt_bias[:, None, None])
-        prompt_scores = prompt_scores.view(prompts, kv, n, per_kv, width).transpose(1, 2)  # [m, n, kv, per_kv, P']
+        prompt_scores = prompt_scores.view(prompts, kv, n, per_kv, width).transpose(1, 2)  # [m, n, kv, per_kv, P]
         # New-token part: [rows * kv, per_kv, count], each row against its own tokens.
         slots = new_keys.shape[2]
         new_k = new_keys.view(rows * kv, slots, dim)[:, :count]
