@@ -175,15 +175,16 @@ def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]
     return [(a, b, lengths[b - 1]) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def right_aligned(piece: Tensor, width: int, dim: int, fill: float) -> Tensor:
-    """`piece` with its last `width` slots along `dim` (a negative dim), left-padded with `fill` where it has fewer:
-    a left-padded cache moved to another width, real slots last."""
+def right_aligned(cache: Tensor, rows: Tensor, width: int, dim: int, fill: float) -> Tensor:
+    """The `rows` of a left-padded `cache` with their last `width` slots along `dim` (a negative dim), left-padded
+    with `fill` where it has fewer: moved to another width, real slots last (cut or padded after taking the rows,
+    so that only theirs are copied)."""
     if dim >= 0:
         raise ValueError(f"dim counts from the end here (negative), got {dim}")
-    have = piece.shape[dim]
+    have = cache.shape[dim]
     if have >= width:
-        return piece.narrow(dim, have - width, width)
-    return F.pad(piece, [0, 0] * (-dim - 1) + [width - have, 0], value=fill)
+        return cache.narrow(dim, have - width, width)[rows]
+    return F.pad(cache[rows], [0, 0] * (-dim - 1) + [width - have, 0], value=fill)
 
 
 # For each new group: its width and, in the prompts' order, (old group, the rows of that group's caches it takes).
@@ -207,7 +208,7 @@ def regroup_plan(groups: list[tuple[int, int, int]], keep: Tensor,
 def regroup(caches: list[Tensor], plan: RegroupPlan, dim: int, fill: float) -> list[Tensor]:
     """Per-group caches (slots along `dim`, right-aligned in each group's width) laid out as `plan` says: one
     contiguous tensor per new group, as decode attention reads them fastest."""
-    return [torch.cat([right_aligned(caches[g], width, dim, fill)[rows] for g, rows in sources])
+    return [torch.cat([right_aligned(caches[g], rows, width, dim, fill) for g, rows in sources])
             for width, sources in plan]
 
 
