@@ -139,9 +139,10 @@ def test_length_groups_split_sorted_lengths_into_contiguous_runs():
 ], ids=["wider-narrower-same", "three-into-one", "groups-left"])
 def test_regroup_moves_each_kept_prompts_real_slots_into_its_new_groups_width(kept, new_count, new_groups):
     """The decoder's per-group caches after finished prompts leave: each kept prompt's real slots right-aligned in
-    its new group's width and padding (zeros in a cache, -inf in a bias) in front, whether its new group is wider
-    than its old one, narrower, or the same; against building every group from scratch, prompt by prompt."""
-    from posttrain.rollout.forward import length_groups, regroup, regroup_plan
+    its new group's width and padding (zeros in a cache, -inf in its bias, made afresh for the new groups) in front,
+    whether its new group is wider than its old one, narrower, or the same; against building every group from
+    scratch, prompt by prompt."""
+    from posttrain.rollout.forward import left_padding_bias, length_groups, regroup, regroup_plan
 
     lengths = [2, 3, 3, 4, 6, 8, 9, 11]
     real = [torch.randn(2, length, 4) for length in lengths]  # [kv, len, D] of each prompt
@@ -162,11 +163,13 @@ def test_regroup_moves_each_kept_prompts_real_slots_into_its_new_groups_width(ke
     groups = length_groups(lengths, 3)
     assert groups == [(0, 3, 3), (3, 5, 6), (5, 8, 11)]
     assert length_groups([lengths[u] for u in kept], new_count) == new_groups
-    plan = regroup_plan(groups, torch.tensor(kept), new_groups)
-    for dim, pad in ((-2, 0.0), (-1, float("-inf"))):
-        moved = regroup(build(groups, list(range(8)), pad, dim), plan, dim=dim, fill=pad)
-        for got, expected in zip(moved, build(new_groups, kept, pad, dim), strict=True):
-            assert got.is_contiguous() and torch.equal(got, expected)
+    moved = regroup(build(groups, list(range(8)), 0.0, -2), regroup_plan(groups, torch.tensor(kept), new_groups))
+    for got, expected in zip(moved, build(new_groups, kept, 0.0, -2), strict=True):
+        assert got.is_contiguous() and torch.equal(got, expected)
+    kept_lengths = torch.tensor([lengths[u] for u in kept])
+    biases = [left_padding_bias(kept_lengths[a:b], longest, torch.float32) for a, b, longest in new_groups]
+    for got, expected in zip(biases, build(new_groups, kept, float("-inf"), -1), strict=True):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -175,16 +175,21 @@ def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]
     return [(a, b, lengths[b - 1]) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def right_aligned(cache: Tensor, rows: Tensor, width: int, dim: int, fill: float) -> Tensor:
-    """The `rows` of a left-padded `cache` with their last `width` slots along `dim` (a negative dim), left-padded
-    with `fill` where it has fewer: moved to another width, real slots last (cut or padded after taking the rows,
-    so that only theirs are copied)."""
-    if dim >= 0:
-        raise ValueError(f"dim counts from the end here (negative), got {dim}")
-    have = cache.shape[dim]
+def left_padding_bias(lengths: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """[prompts, width]: 0 on each prompt's slots, the last `lengths` of the width, -inf on its left padding."""
+    slots = torch.arange(width, device=lengths.device)
+    return torch.zeros((len(lengths), width), device=lengths.device, dtype=dtype).masked_fill_(
+        slots < width - lengths[:, None], float("-inf"))
+
+
+def right_aligned(cache: Tensor, rows: Tensor, width: int) -> Tensor:
+    """The `rows` of a left-padded prompt cache [prompts, kv, P, D] with their last `width` slots, left-padded with
+    zeros where it has fewer: moved to another width, real slots last (cut or padded after taking the rows, so that
+    only theirs are copied)."""
+    have = cache.shape[2]
     if have >= width:
-        return cache.narrow(dim, have - width, width)[rows]
-    return F.pad(cache[rows], [0, 0] * (-dim - 1) + [width - have, 0], value=fill)
+        return cache[:, :, have - width:][rows]
+    return F.pad(cache[rows], (0, 0, width - have, 0))
 
 
 # For each new group: its width and, in the prompts' order, (old group, the rows of that group's caches it takes).
@@ -205,11 +210,10 @@ def regroup_plan(groups: list[tuple[int, int, int]], keep: Tensor,
     return plan
 
 
-def regroup(caches: list[Tensor], plan: RegroupPlan, dim: int, fill: float) -> list[Tensor]:
-    """Per-group caches (slots along `dim`, right-aligned in each group's width) laid out as `plan` says: one
-    contiguous tensor per new group, as decode attention reads them fastest."""
-    return [torch.cat([right_aligned(caches[g], rows, width, dim, fill) for g, rows in sources])
-            for width, sources in plan]
+def regroup(caches: list[Tensor], plan: RegroupPlan) -> list[Tensor]:
+    """Per-group prompt caches (right-aligned in each group's width) laid out as `plan` says: one contiguous tensor
+    per new group, as decode attention reads them fastest."""
+    return [torch.cat([right_aligned(caches[g], rows, width) for g, rows in sources]) for width, sources in plan]
 
 
 class LlamaDecoder(Decoder):
@@ -270,16 +274,17 @@ class LlamaDecoder(Decoder):
         new_shape = (batch, kv, max_new_tokens, dim)
         self.new_keys = [torch.empty(new_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.new_values = [torch.empty(new_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.prompt_bias = [  # [group]: 0 on a prompt's slots, -inf on its left padding
-            torch.zeros((b - a, longest), device=self.device, dtype=self.dtype).masked_fill_(
-                torch.arange(longest, device=self.device) < longest - self.prompt_lengths[a:b, None], float("-inf"))
-            for a, b, longest in self.groups]
+        self.prompt_bias = self._prompt_bias()
         self.positions = self.prompt_lengths.repeat_interleave(n)  # the next token's position, per row
         self.slot = 0  # the next new token's slot (the same for every row)
         linears = [m for layer in self.layers for m in (*_projections(layer.self_attn, "qkvo"),
                                                          *_projections(layer.mlp, ("gate", "up", "down")))]
         self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn,
                                    dtype=self.linear_dtype)
+
+    def _prompt_bias(self) -> list[Tensor]:
+        """Per length group, the additive mask of its prompt caches (`left_padding_bias`)."""
+        return [left_padding_bias(self.prompt_lengths[a:b], longest, self.dtype) for a, b, longest in self.groups]
 
     def _length_groups(self, lengths: list[int]) -> list[tuple[int, int, int]]:
         """The decode-attention groups of the computed prompts (ascending `lengths`)."""
@@ -301,9 +306,9 @@ class LlamaDecoder(Decoder):
         groups = self._length_groups(self.prompt_lengths.tolist())  # a subset of sorted lengths: still sorted
         plan = regroup_plan(self.groups, keep, groups)
         for caches in (*self.prompt_keys, *self.prompt_values):
-            caches[:] = regroup(caches, plan, dim=-2, fill=0.0)
-        self.prompt_bias = regroup(self.prompt_bias, plan, dim=-1, fill=float("-inf"))
+            caches[:] = regroup(caches, plan)
         self.groups = groups
+        self.prompt_bias = self._prompt_bias()
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """The next-token logits [B, V] in the caller's row order from the computed rows' last hidden states; zeros
