@@ -139,7 +139,73 @@ def test_forward_and_all_gradients_match_float64(bias, input_grad):
 
 
 @needs_onednn
-def test_a_whole_llama_trains_to_the_same_loss_and_gradients(tiny_model):
+@pytest.mark.parametrize("inputs,features,outputs,expected", [
+    ((2000,), 512, (1408, 1408), True),  # an MLP's gate and up: one Xᵀ [512, 2000] for both, two small transposes
+    ((2000,), 512, (512, 512, 512), True),  # q, k and v
+    ((2000,), 512, (512,), False),  # o: Xᵀ and dYᵀ as large, plus a transpose
+    ((2000,), 1408, (512,), False),  # down: dYᵀ is the smaller copy
+    ((300,), 512, (1408, 1408), False),  # few tokens: the [in, out] transposes cost more than dYᵀ
+    ((2000,), 512, (1408,), True)])  # one linear, wider out than in
+def test_the_weight_gradient_copies_the_smaller_transpose(inputs, features, outputs, expected):
+    """The way chosen copies fewer elements: hand-counted tokens x in + outs x in against outs x tokens."""
+    group = onednn._SharedInput()
+    for out in outputs:
+        group.join(out)
+    assert group.swapped(torch.empty(*inputs, features)) is expected
+
+
+@needs_onednn
+@pytest.mark.parametrize("outputs", [(96, 96, 24), (96,), (8, 8)])
+def test_linears_sharing_an_input_match_float64_and_copy_its_transpose_once(monkeypatch, outputs):
+    """q/k/v- and gate/up-like linears fed one tensor: every gradient as in float64, whichever way each weight gradient
+    is computed; where the group's way is the transposed one, Xᵀ is copied once for all of them. Twice over the same
+    graph (retain_graph): the gradients add up, the copy is made again."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(32, out, bias=out == 8) for out in outputs]
+    references = [copy.deepcopy(linear).double() for linear in linears]
+    for linear in linears:
+        use_onednn_linears(linear)
+    copies = []
+    original = onednn._SharedInput.input_transposed
+    monkeypatch.setattr(onednn._SharedInput, "input_transposed",
+                        lambda self, x: copies.append(self.transposed is None) or original(self, x))
+    x = torch.randn(4, 125, 32, requires_grad=True)
+    upstream = [torch.randn(4, 125, linear.out_features) for linear in linears]
+    loss = sum((linear(x) * grad).sum() for linear, grad in zip(linears, upstream, strict=True))
+    x64 = x.detach().double().requires_grad_(True)
+    loss64 = sum((linear(x64) * grad.double()).sum() for linear, grad in zip(references, upstream, strict=True))
+    transposed = outputs != (8, 8)  # 500 x 32 + outs x 32 against outs x 500 elements copied, by hand
+    for repeat in (1, 2):
+        loss.backward(retain_graph=True)
+        loss64.backward(retain_graph=True)
+        for linear, reference in zip(linears, references, strict=True):
+            torch.testing.assert_close(linear.weight.grad.double(), reference.weight.grad, rtol=1e-5, atol=1e-4)
+            assert linear.weight.grad.is_contiguous()
+            if linear.bias is not None:
+                torch.testing.assert_close(linear.bias.grad.double(), reference.bias.grad, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+        # one copy per backward pass where transposed, read by every linear of the group
+        assert copies == ([True] + [False] * (len(outputs) - 1)) * repeat if transposed else copies == []
+
+
+@needs_onednn
+def test_an_input_modified_in_place_starts_a_new_group():
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(16, 64), torch.nn.Linear(16, 64)
+    for linear in (first, second):
+        use_onednn_linears(linear)
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        assert onednn._input_group(x, 64) is onednn._input_group(x, 64)  # the same tensor, unmodified
+        group = onednn._input_group(x, 64)
+        x.add_(1.0)
+        assert onednn._input_group(x, 64) is not group
+        assert onednn._input_group(x.clone(), 64) is not onednn._input_group(x, 64)  # equal values, another tensor
+
+
+@needs_onednn
+@pytest.mark.parametrize("tokens", [24, 200])  # 4 x 200: the q/k/v and gate/up weight gradients take the transposed way
+def test_a_whole_llama_trains_to_the_same_loss_and_gradients(tiny_model, tokens):
     torch.manual_seed(0)
     # build_model swapped them: q, k, v, o, gate, up, down per layer + lm_head
     assert sum(type(m) is OneDNNLinear for m in tiny_model.modules()) == 4 * 7 + 1
@@ -148,7 +214,7 @@ def test_a_whole_llama_trains_to_the_same_loss_and_gradients(tiny_model):
     assert use_torch_linears(reference) == 4 * 7 + 1  # the reference runs torch's own GEMM
     assert not any(type(m) is OneDNNLinear for m in reference.modules())
     assert tiny_model.state_dict().keys() == reference.state_dict().keys()
-    ids = torch.randint(0, tiny_model.config.vocab_size, (4, 24))
+    ids = torch.randint(0, tiny_model.config.vocab_size, (4, tokens))
     losses = []
     for model in (tiny_model, reference):
         loss = model(input_ids=ids, labels=ids).loss
