@@ -279,8 +279,12 @@ class LlamaDecoder(Decoder):
         self.slot = 0  # the next new token's slot (the same for every row)
         linears = [m for layer in self.layers for m in (*_projections(layer.self_attn, "qkvo"),
                                                          *_projections(layer.mlp, ("gate", "up", "down")))]
+        # q/k/v and gate/up as one product each: at a decode step's 64 rows 236 against 273 us and 414 against 433 in
+        # fp32, 126 against 157 and 214 against 232 in bf16 (the small model's shapes, 2 threads, Zen 5)
+        together = [group for layer in self.layers
+                    for group in (_projections(layer.self_attn, "qkv"), _projections(layer.mlp, ("gate", "up")))]
         self.linear = LinearRunner([*linears, self.lm_head], batch_hint=batch, onednn=onednn,
-                                   dtype=self.linear_dtype)
+                                   dtype=self.linear_dtype, fused=together)
 
     def _prompt_bias(self) -> list[Tensor]:
         """Per length group, the additive mask of its prompt caches (`left_padding_bias`)."""
@@ -317,10 +321,12 @@ class LlamaDecoder(Decoder):
         return logits[self.inverse] if len(self.order) == self.rows else _every_row(logits, self.order, self.rows)
 
     def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
-        """down(silu(gate(x)) * up(x)) with the activation and product in place (large at prefill)."""
+        """down(silu(gate(x)) * up(x)), the activation in place (large at prefill)."""
         mlp, linear = layer.mlp, self.linear
         gate, up = linear.each([mlp.gate_proj, mlp.up_proj], hidden)
-        return linear(mlp.down_proj, F.silu(gate, inplace=True).mul_(up))
+        # out of place: gate and up may be column views of one product, and the down projection's input is better
+        # contiguous (oneDNN would copy a strided one)
+        return linear(mlp.down_proj, torch.mul(F.silu(gate, inplace=True), up))
 
     def _expand_heads(self, kv: Tensor, dim: int) -> Tensor:
         """Grouped-query attention: each key/value head serves heads // kv_heads query heads."""

@@ -19,6 +19,8 @@ Only plain `nn.Linear` modules on CPU in fp32 without forward hooks take this pa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
@@ -38,8 +40,10 @@ class LinearRunner:
     `dtype` the products' precision (fp32, or bf16 under autocast)."""
 
     def __init__(self, modules: list[torch.nn.Module], batch_hint: int, onednn: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, fused: Sequence[Sequence[torch.nn.Module]] = ()) -> None:
         self.packed: dict[torch.nn.Module, tuple[Tensor, Tensor | None]] = {}
+        # modules always called together on one input (`each`) -> their weights stacked into one product
+        self.fused: dict[tuple[torch.nn.Module, ...], tuple[Tensor, Tensor | None, list[int]]] = {}
         self.dtype = dtype
         # bf16 products go through oneDNN whatever the fp32 choice is (torch's own bf16 CPU linear is oneDNN too),
         # where oneDNN's bf16 kernels exist: an AVX2-only CPU keeps torch's linear under autocast.
@@ -53,12 +57,32 @@ class LinearRunner:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
                 bias = None if module.bias is None else module.bias.detach().to(dtype)
                 self.packed[module] = (packed, bias)
+        for group in map(tuple, fused):
+            if len(group) > 1 and all(m in self.packed for m in group) and len({m.in_features for m in group}) == 1:
+                self.fused[group] = self._stacked(group, batch_hint)
+                for module in group:  # one packed copy of each weight, not two
+                    del self.packed[module]
+
+    def _stacked(self, group: tuple[torch.nn.Module, ...], batch_hint: int) -> tuple[Tensor, Tensor | None, list[int]]:
+        """The group's weights stacked [sum of outs, in] and packed, their biases stacked (zeros for a module without
+        one where another has one), and each module's output width."""
+        weight = torch.cat([m.weight.detach() for m in group]).to(self.dtype)
+        biases = [m.bias for m in group]
+        stacked_bias = [m.weight.new_zeros(m.out_features) if b is None else b.detach()
+                        for m, b in zip(group, biases, strict=True)]
+        bias = None if all(b is None for b in biases) else torch.cat(stacked_bias).to(self.dtype)
+        return torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), bias, [m.out_features for m in group]
 
     def __call__(self, module: torch.nn.Module, x: Tensor) -> Tensor:
         return self.each([module], x)[0]
 
     def each(self, modules: list[torch.nn.Module], x: Tensor) -> list[Tensor]:
-        """Every module applied to the same input (q/k/v, gate/up), which is cast to the products' dtype once."""
+        """Every module applied to the same input (q/k/v, gate/up), which is cast to the products' dtype once; one
+        product where the modules were `fused`, its outputs views of one [rows, sum of outs] tensor (strided rows)."""
+        stacked = self.fused.get(tuple(modules))
+        if stacked is not None:
+            packed, bias, widths = stacked
+            return list(packed_linear(x.to(self.dtype), packed, bias).split(widths, dim=-1))
         cast = x if x.dtype == self.dtype or not any(m in self.packed for m in modules) else x.to(self.dtype)
         outputs = []
         for module in modules:
