@@ -138,7 +138,6 @@ def test_forward_and_all_gradients_match_float64(bias, input_grad):
         assert x.grad is None
 
 
-@needs_onednn
 @pytest.mark.parametrize("inputs,features,outputs,expected", [
     ((2000,), 512, (1408, 1408), True),  # an MLP's gate and up: one Xᵀ [512, 2000] for both, two small transposes
     ((2000,), 512, (512, 512, 512), True),  # q, k and v
@@ -165,10 +164,14 @@ def test_linears_sharing_an_input_match_float64_and_copy_its_transpose_once(monk
     references = [copy.deepcopy(linear).double() for linear in linears]
     for linear in linears:
         use_onednn_linears(linear)
-    copies = []
+    copies, groups = [], []
     original = onednn._SharedInput.input_transposed
-    monkeypatch.setattr(onednn._SharedInput, "input_transposed",
-                        lambda self, x: copies.append(self.transposed is None) or original(self, x))
+    def spied(self, x):
+        copies.append(self.transposed is None)
+        groups.append(self)
+        return original(self, x)
+
+    monkeypatch.setattr(onednn._SharedInput, "input_transposed", spied)
     x = torch.randn(4, 125, 32, requires_grad=True)
     upstream = [torch.randn(4, 125, linear.out_features) for linear in linears]
     loss = sum((linear(x) * grad).sum() for linear, grad in zip(linears, upstream, strict=True))
@@ -184,23 +187,26 @@ def test_linears_sharing_an_input_match_float64_and_copy_its_transpose_once(monk
             if linear.bias is not None:
                 torch.testing.assert_close(linear.bias.grad.double(), reference.bias.grad, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-        # one copy per backward pass where transposed, read by every linear of the group
+        # one copy per backward pass where transposed, read by every linear of the group, dropped when the pass ends
         assert copies == ([True] + [False] * (len(outputs) - 1)) * repeat if transposed else copies == []
+        assert all(group.transposed is None for group in groups)
+    if transposed:  # a backward pass that reaches one member only: the copy is dropped all the same
+        copies.clear()
+        torch.autograd.grad(loss, [linears[0].weight], retain_graph=True)
+        assert copies == [True] and groups[-1].transposed is None
 
 
-@needs_onednn
-def test_an_input_modified_in_place_starts_a_new_group():
+def test_a_group_is_one_tensor_unmodified_since():
+    """Linears join the previous one's group only when fed that very tensor at the same version: not after an in-place
+    change, not for another live tensor of equal values and version."""
     torch.manual_seed(0)
-    first, second = torch.nn.Linear(16, 64), torch.nn.Linear(16, 64)
-    for linear in (first, second):
-        use_onednn_linears(linear)
-    x = torch.randn(50, 16)
-    with torch.no_grad():
-        assert onednn._input_group(x, 64) is onednn._input_group(x, 64)  # the same tensor, unmodified
-        group = onednn._input_group(x, 64)
-        x.add_(1.0)
-        assert onednn._input_group(x, 64) is not group
-        assert onednn._input_group(x.clone(), 64) is not onednn._input_group(x, 64)  # equal values, another tensor
+    x, y = torch.randn(50, 16), torch.randn(50, 16)
+    group = onednn._input_group(x, 64)  # held, as a linear's autograd context holds it
+    assert onednn._input_group(x, 32) is group and group.outputs == 64 + 32
+    x.add_(1.0)
+    assert onednn._input_group(x, 64) is not group
+    y.copy_(x)  # equal values, and y's version now equals x's (one in-place change each)
+    assert y._version == x._version and onednn._input_group(y, 64) is not onednn._input_group(x, 64)
 
 
 @needs_onednn

@@ -44,6 +44,11 @@ def test_bf16_packs_bf16_weights_and_computes_what_autocast_computes():
         assert torch.equal(both[0], out) and torch.equal(both[1], runner(other, x))
 
 
+def _affine(x, module):
+    """`module`'s affine map in float64: the reference."""
+    return x.double() @ module.weight.double().T + (0 if module.bias is None else module.bias.double())
+
+
 def test_fused_modules_run_as_one_product_with_each_modules_output():
     """q/k/v-like linears stacked into one product: each output as the module computes it (a module without a bias
     next to ones with a bias adds zeros), column views of one tensor; a module of the group called alone still runs;
@@ -51,25 +56,24 @@ def test_fused_modules_run_as_one_product_with_each_modules_output():
     torch.manual_seed(0)
     q, k, v = torch.nn.Linear(48, 40), torch.nn.Linear(48, 16, bias=False), torch.nn.Linear(48, 16)
     wide, narrow = torch.nn.Linear(48, 8), torch.nn.Linear(24, 8)
+    x = torch.randn(16, 48)
+    bf16 = LinearRunner([q, k, v], batch_hint=8, dtype=torch.bfloat16, fused=[(q, k, v)])
+    assert set(bf16.fused) == ({(q, k, v)} if onednn_bf16_available() else set()) and not bf16.packed
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for module, out in zip((q, k, v), bf16.each([q, k, v], x), strict=True):
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), module(x).float(), rtol=2**-7, atol=1e-2)
     runner = LinearRunner([q, k, v, wide, narrow], batch_hint=16, fused=[(q, k, v), (wide, narrow)])
     if not onednn_linear_available(packed_weights=True):
         assert not runner.fused and not runner.packed
         return
     assert set(runner.fused) == {(q, k, v)} and set(runner.packed) == {wide, narrow}  # one packed copy of each weight
-    x = torch.randn(16, 48)
     with torch.inference_mode():
         outputs = runner.each([q, k, v], x)
         for module, out in zip((q, k, v), outputs, strict=True):
-            torch.testing.assert_close(out.double(), x.double() @ module.weight.double().T
-                                       + (0 if module.bias is None else module.bias.double()), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.double(), _affine(x, module), rtol=1e-5, atol=1e-5)
         assert [o.shape for o in outputs] == [(16, 40), (16, 16), (16, 16)]
         assert len({o.untyped_storage().data_ptr() for o in outputs}) == 1  # one product
-        torch.testing.assert_close(runner(k, x), k(x), rtol=0, atol=0)  # alone: the module itself
+        torch.testing.assert_close(runner(k, x).double(), _affine(x, k), rtol=1e-5, atol=1e-5)  # alone: as a module
         odd = torch.randn(5, 48)  # another row count than the layout was tuned for
-        torch.testing.assert_close(runner.each([q, k, v], odd)[2], v(odd), rtol=1e-5, atol=1e-5)
-    bf16 = LinearRunner([q, k, v], batch_hint=8, dtype=torch.bfloat16, fused=[(q, k, v)])
-    if onednn_bf16_available():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for module, out in zip((q, k, v), bf16.each([q, k, v], x), strict=True):
-                assert out.dtype == torch.bfloat16
-                torch.testing.assert_close(out.float(), module(x).float(), rtol=2**-7, atol=1e-2)
+        torch.testing.assert_close(runner.each([q, k, v], odd)[2].double(), _affine(odd, v), rtol=1e-5, atol=1e-5)

@@ -108,7 +108,8 @@ def onednn_linear_preferred(packed_weights: bool = False) -> bool:
             "fp32 packed decode linears", ("onednn", "torch"), _measure_packed_linears) == "onednn"
     if "avx512f" not in cpu_flags():
         return False
-    return measured_choice("fp32 training linears", ("onednn", "torch"), _measure_training_linears) == "onednn"
+    # "r2": the weight gradient's way changed (`_SharedInput`); a choice measured before it is measured again
+    return measured_choice("fp32 training linears r2", ("onednn", "torch"), _measure_training_linears) == "onednn"
 
 
 def _measure_training_linears() -> str:
@@ -193,19 +194,16 @@ class _SharedInput:
     [out, tokens] for every linear. The copy of a transposed [tokens, out] gradient is slow (cache-cold strided reads:
     4 ms for [1408, 2470] inside a GRPO step, where the product itself takes 8.5). Its transpose, Xᵀ dY, copies Xᵀ
     instead, which linears sharing an input copy once for all of them, and only the small [in, out] result is then
-    transposed into the weight's layout. Which way costs fewer copied elements is decided per group (`transposed`)."""
+    transposed into the weight's layout. Which way costs fewer copied elements is decided per group (`swapped`)."""
 
-    __slots__ = ("outputs", "users", "pending", "transposed", "__weakref__")
+    __slots__ = ("outputs", "transposed", "__weakref__")
 
     def __init__(self) -> None:
         self.outputs = 0  # the members' output features, summed
-        self.users = 0
-        self.pending = 0  # members whose backward has yet to read `transposed` (this backward pass)
-        self.transposed: Tensor | None = None
+        self.transposed: Tensor | None = None  # Xᵀ during a backward pass that reads it
 
     def join(self, out_features: int) -> _SharedInput:
         self.outputs += out_features
-        self.users += 1
         return self
 
     def swapped(self, x: Tensor) -> bool:
@@ -215,14 +213,15 @@ class _SharedInput:
         return features * tokens + self.outputs * features < self.outputs * tokens
 
     def input_transposed(self, x: Tensor) -> Tensor:
-        """Xᵀ contiguous [in, tokens], copied by the group's first backward and dropped after its last."""
+        """Xᵀ contiguous [in, tokens]: copied by the first member's backward, dropped when the backward pass ends (also
+        one that reaches only some members: `autograd.grad` of one weight, a member whose output the loss ignores)."""
         if self.transposed is None:
-            self.transposed, self.pending = x.t().contiguous(), self.users
-        transposed = self.transposed
-        self.pending -= 1
-        if self.pending <= 0:
-            self.transposed = None
-        return transposed
+            self.transposed = x.t().contiguous()
+            torch.autograd.Variable._execution_engine.queue_callback(self._drop)
+        return self.transposed
+
+    def _drop(self) -> None:
+        self.transposed = None
 
 
 class _RecentInput(threading.local):
@@ -252,7 +251,7 @@ class _LinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, group: _SharedInput | None = None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.group = group if group is not None else _SharedInput().join(weight.shape[0])
+        ctx.group = group  # None where no weight gradient was recorded for (a no-grad forward, a frozen weight)
         return matmul_transposed(x, weight, bias)
 
     @staticmethod
@@ -262,7 +261,7 @@ class _LinearFunction(torch.autograd.Function):
         grad_x = matmul_transposed(grad, weight.t()) if ctx.needs_input_grad[0] else None   # dY W
         grad_w = None
         if ctx.needs_input_grad[1]:
-            group = ctx.group
+            group = ctx.group or _SharedInput().join(weight.shape[0])  # alone (`_LinearFunction.apply` called as is)
             if group.swapped(x):  # (Xᵀ dY)ᵀ, Xᵀ copied once for the group
                 grad_w = matmul_transposed(group.input_transposed(x), grad.t()).t().contiguous()
             else:

@@ -321,12 +321,15 @@ class LlamaDecoder(Decoder):
         return logits[self.inverse] if len(self.order) == self.rows else _every_row(logits, self.order, self.rows)
 
     def _mlp(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
-        """down(silu(gate(x)) * up(x)), the activation in place (large at prefill)."""
+        """down(silu(gate(x)) * up(x)) with the activation (and, where its input is contiguous, the product) in place
+        (large at prefill)."""
         mlp, linear = layer.mlp, self.linear
         gate, up = linear.each([mlp.gate_proj, mlp.up_proj], hidden)
-        # out of place: gate and up may be column views of one product, and the down projection's input is better
-        # contiguous (oneDNN would copy a strided one)
-        return linear(mlp.down_proj, torch.mul(F.silu(gate, inplace=True), up))
+        activation = F.silu(gate, inplace=True)
+        # Gate and up as column views of one product (`LinearRunner`'s fused groups): the product out of place, for the
+        # down projection's input is better contiguous (oneDNN's op would copy a strided one).
+        product = activation.mul_(up) if activation.is_contiguous() else torch.mul(activation, up)
+        return linear(mlp.down_proj, product)
 
     def _expand_heads(self, kv: Tensor, dim: int) -> Tensor:
         """Grouped-query attention: each key/value head serves heads // kv_heads query heads."""

@@ -37,12 +37,13 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 class LinearRunner:
     """Calls `linear(module, x)`: oneDNN with a packed weight for the modules packed at construction,
     the module itself for the others. `batch_hint` is the row count the reordered layout is tuned for;
-    `dtype` the products' precision (fp32, or bf16 under autocast)."""
+    `dtype` the products' precision (fp32, or bf16 under autocast). Each `fused` group of packable modules with one
+    input width (q/k/v, gate/up) gets one packed weight, their rows stacked, for `each` to call them by as one product;
+    its members are not packed alone (one packed copy of each weight), so called alone they run as their modules."""
 
     def __init__(self, modules: list[torch.nn.Module], batch_hint: int, onednn: bool = True,
                  dtype: torch.dtype = torch.float32, fused: Sequence[Sequence[torch.nn.Module]] = ()) -> None:
         self.packed: dict[torch.nn.Module, tuple[Tensor, Tensor | None]] = {}
-        # modules always called together on one input (`each`) -> their weights stacked into one product
         self.fused: dict[tuple[torch.nn.Module, ...], tuple[Tensor, Tensor | None, list[int]]] = {}
         self.dtype = dtype
         # bf16 products go through oneDNN whatever the fp32 choice is (torch's own bf16 CPU linear is oneDNN too),
@@ -50,28 +51,23 @@ class LinearRunner:
         wanted = onednn_linear_available(packed_weights=True) if dtype == torch.float32 else onednn_bf16_available()
         if not (onednn and wanted and dtype in (torch.float32, torch.bfloat16)):
             return
-        for module in modules:
-            weight = getattr(module, "weight", None)
-            if (type(module) in (torch.nn.Linear, OneDNNLinear) and weight.device.type == "cpu"
-                    and weight.dtype == torch.float32 and not _has_hooks(module)):
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
-                bias = None if module.bias is None else module.bias.detach().to(dtype)
-                self.packed[module] = (packed, bias)
+        packable = [m for m in modules if type(m) in (torch.nn.Linear, OneDNNLinear) and m.weight.device.type == "cpu"
+                    and m.weight.dtype == torch.float32 and not _has_hooks(m)]
         for group in map(tuple, fused):
-            if len(group) > 1 and all(m in self.packed for m in group) and len({m.in_features for m in group}) == 1:
-                self.fused[group] = self._stacked(group, batch_hint)
-                for module in group:  # one packed copy of each weight, not two
-                    del self.packed[module]
+            if len(group) > 1 and all(m in packable for m in group) and len({m.in_features for m in group}) == 1:
+                self.fused[group] = self._packed(group, batch_hint)[:2] + ([m.out_features for m in group],)
+        stacked = {m for group in self.fused for m in group}
+        self.packed = {m: self._packed((m,), batch_hint) for m in packable if m not in stacked}
 
-    def _stacked(self, group: tuple[torch.nn.Module, ...], batch_hint: int) -> tuple[Tensor, Tensor | None, list[int]]:
-        """The group's weights stacked [sum of outs, in] and packed, their biases stacked (zeros for a module without
-        one where another has one), and each module's output width."""
+    def _packed(self, group: tuple[torch.nn.Module, ...], batch_hint: int) -> tuple[Tensor, Tensor | None]:
+        """The modules' weights, their rows stacked [sum of outs, in], packed; their biases stacked alike (zeros for a
+        module without one where another has one), None where none has one."""
         weight = torch.cat([m.weight.detach() for m in group]).to(self.dtype)
-        biases = [m.bias for m in group]
-        stacked_bias = [m.weight.new_zeros(m.out_features) if b is None else b.detach()
-                        for m, b in zip(group, biases, strict=True)]
-        bias = None if all(b is None for b in biases) else torch.cat(stacked_bias).to(self.dtype)
-        return torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), bias, [m.out_features for m in group]
+        bias = None
+        if any(m.bias is not None for m in group):
+            bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.detach()
+                              for m in group]).to(self.dtype)
+        return torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), bias
 
     def __call__(self, module: torch.nn.Module, x: Tensor) -> Tensor:
         return self.each([module], x)[0]
