@@ -55,7 +55,7 @@ class LinearRunner:
                     and m.weight.dtype == torch.float32 and not _has_hooks(m)]
         for group in map(tuple, fused):
             if len(group) > 1 and all(m in packable for m in group) and len({m.in_features for m in group}) == 1:
-                self.fused[group] = self._packed(group, batch_hint)[:2] + ([m.out_features for m in group],)
+                self.fused[group] = (*self._packed(group, batch_hint), [m.out_features for m in group])
         stacked = {m for group in self.fused for m in group}
         self.packed = {m: self._packed((m,), batch_hint) for m in packable if m not in stacked}
 
