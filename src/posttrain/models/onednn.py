@@ -196,11 +196,16 @@ class _SharedInput:
     instead, which linears sharing an input copy once for all of them, and only the small [in, out] result is then
     transposed into the weight's layout. Which way costs fewer copied elements is decided per group (`swapped`)."""
 
-    __slots__ = ("outputs", "transposed", "__weakref__")
+    __slots__ = ("source", "version", "outputs", "transposed", "__weakref__")
 
-    def __init__(self) -> None:
+    def __init__(self, x: Tensor) -> None:
+        self.source, self.version = weakref.ref(x), x._version  # weakly: the input lives as long as its graphs use it
         self.outputs = 0  # the members' output features, summed
         self.transposed: Tensor | None = None  # Xᵀ during a backward pass that reads it
+
+    def holds(self, x: Tensor) -> bool:
+        """Whether `x` is this group's input tensor itself, unmodified since the group began."""
+        return self.source() is x and self.version == x._version
 
     def join(self, out_features: int) -> _SharedInput:
         self.outputs += out_features
@@ -224,23 +229,16 @@ class _SharedInput:
         self.transposed = None
 
 
-class _RecentInput(threading.local):
-    """The last input a `OneDNNLinear` recorded for a backward and its group, both weakly (they live as long as the
-    graphs that use them)."""
-    tensor: Callable[[], Tensor | None] = staticmethod(lambda: None)
-    version = -1
-    group: Callable[[], _SharedInput | None] = staticmethod(lambda: None)
-
-
-_recent = _RecentInput()
+_recent = threading.local()  # `group`: a weak reference to the last group a `OneDNNLinear` joined in this thread
 
 
 def _input_group(x: Tensor, out_features: int) -> _SharedInput:
     """The group of `x`: the previous linear's if it was fed this very tensor, unmodified since, else a new one."""
-    group = _recent.group()
-    if group is None or _recent.tensor() is not x or _recent.version != x._version:
-        group = _SharedInput()
-        _recent.tensor, _recent.version, _recent.group = weakref.ref(x), x._version, weakref.ref(group)
+    reference = getattr(_recent, "group", None)
+    group = reference() if reference is not None else None
+    if group is None or not group.holds(x):
+        group = _SharedInput(x)
+        _recent.group = weakref.ref(group)
     return group.join(out_features)
 
 
@@ -261,7 +259,7 @@ class _LinearFunction(torch.autograd.Function):
         grad_x = matmul_transposed(grad, weight.t()) if ctx.needs_input_grad[0] else None   # dY W
         grad_w = None
         if ctx.needs_input_grad[1]:
-            group = ctx.group or _SharedInput().join(weight.shape[0])  # alone (`_LinearFunction.apply` called as is)
+            group = ctx.group or _SharedInput(x).join(weight.shape[0])  # alone (`_LinearFunction.apply` called as is)
             if group.swapped(x):  # (Xᵀ dY)ᵀ, Xᵀ copied once for the group
                 grad_w = matmul_transposed(group.input_transposed(x), grad.t()).t().contiguous()
             else:
