@@ -330,7 +330,9 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
         candidates = same or trl
         after = [r for i, r in candidates if i > index]
         other = after[0] if after else candidates[-1][1]
-        print(f"{row['workload']}: posttrain is {other['s_per_step'] / row['s_per_step']:.2f}x TRL per step "
+        memory = (f", peak RSS {row['peak_rss_mb'] / other['peak_rss_mb']:.2f}x TRL's"
+                  if row.get("peak_rss_mb") and other.get("peak_rss_mb") else "")
+        print(f"{row['workload']}: posttrain is {other['s_per_step'] / row['s_per_step']:.2f}x TRL per step{memory} "
               f"({'the same workload' if same else 'TRL: ' + other['workload']})")
 
 

@@ -34,6 +34,7 @@ from benchmarks.common import (
     arith_rows,
     model_dir,
     non_embedding_parameters,
+    print_ratios,
     print_table,
     profiled,
     record_run,
@@ -151,11 +152,7 @@ def main() -> None:
         record_run(rows, "grpo", args.size, {"workload": "grpo 8x8, 32 tokens", "library": library, **result})
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb",
                        "generation_share"])
-    ours = [r for r in rows if r["library"] == "posttrain"]
-    theirs = [r for r in rows if r["library"] == "trl"]
-    if ours and theirs:
-        print(f"grpo: posttrain is {theirs[0]['s_per_step'] / ours[0]['s_per_step']:.2f}x TRL per step, "
-              f"peak RSS {ours[0]['peak_rss_mb'] / theirs[0]['peak_rss_mb']:.2f}x TRL's")
+    print_ratios(rows)  # consecutive pairs: `--libraries posttrain,trl,posttrain,trl` gives two
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from benchmarks.common import (
     model_dir,
     non_embedding_parameters,
     offline_overrides,
+    print_ratios,
     print_table,
     record_run,
     run_worker,
@@ -108,11 +109,7 @@ def main() -> None:
                                                    "--steps", str(args.steps)])
             record_run(rows, "sft", args.size, {"workload": f"sft {mode}", "library": library, **result})
     print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb"])
-    for mode in args.modes.split(","):
-        ours = [r for r in rows if r["workload"] == f"sft {mode}" and r["library"] == "posttrain"]
-        theirs = [r for r in rows if r["workload"] == f"sft {mode}" and r["library"] == "trl"]
-        if ours and theirs:
-            print(f"sft {mode}: posttrain is {theirs[0]['s_per_step'] / ours[0]['s_per_step']:.2f}x TRL per step")
+    print_ratios(rows)  # each mode's consecutive pairs: `--libraries posttrain,trl,posttrain,trl` gives two
 
 
 if __name__ == "__main__":

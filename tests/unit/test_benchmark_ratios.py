@@ -38,3 +38,13 @@ def test_other_work_is_paired_the_same_way_and_named(capsys):
 def test_nothing_is_printed_without_a_trl_run(capsys):
     print_ratios([_row("posttrain", "dpo", 0.2)])
     assert _printed(capsys) == []
+
+
+def test_the_peak_rss_of_the_same_pair_follows_where_both_runs_have_one(capsys):
+    rows = [dict(_row("posttrain", "grpo", 0.2), peak_rss_mb=900.0), dict(_row("trl", "grpo", 1.0), peak_rss_mb=1800.0),
+            dict(_row("posttrain", "grpo", 0.25), peak_rss_mb=1000.0),
+            dict(_row("trl", "grpo", 0.5), peak_rss_mb=800.0)]
+    print_ratios(rows)
+    assert _printed(capsys) == [
+        "grpo: posttrain is 5.00x TRL per step, peak RSS 0.50x TRL's (the same workload)",   # 1.0 / 0.2, 900 / 1800
+        "grpo: posttrain is 2.00x TRL per step, peak RSS 1.25x TRL's (the same workload)"]   # 0.5 / 0.25, 1000 / 800
