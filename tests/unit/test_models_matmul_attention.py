@@ -264,3 +264,110 @@ def test_a_bucket_too_large_for_its_scores_is_not_offered_it(monkeypatch, own_ch
     assert offered == [("fp32", "bf16", "matmul"), ("fp32", "bf16")]
     monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "matmul")  # a fixed choice keeps the cap too
     assert cpu_attention.kernel(small, small, None) == "matmul" and cpu_attention.kernel(large, large, None) == "bf16"
+
+
+# Two prompts of 5 and 3 tokens (the second padded to 5), each with 3 completion slots of up to 4 tokens: lengths
+# 4, 2, 1 and 3, 4, 0 (an empty slot, all padding, as a prompt with fewer completions than the call's most gets).
+SHARED_PROMPTS, SLOT_LENGTHS, SPAN = [5, 3], [[4, 2, 1], [3, 4, 0]], 4
+
+
+def _shared_inputs(dtype=torch.float64, heads=4, kv_heads=2, dim=8, value_dim=6, seed=0):
+    """query [U, H, G * C, D], prompt key/value [U, Hkv, P, D / Dv], own key/value [U, Hkv, G * C, D / Dv] and the
+    allowed pairs [U, 1, G, C, P + C] (each slot's queries over its prompt's real keys, then causally over its own)."""
+    generator = torch.Generator().manual_seed(seed)
+    units, slots, prompt = len(SHARED_PROMPTS), len(SLOT_LENGTHS[0]), max(SHARED_PROMPTS)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+
+    tensors = (leaf(units, heads, slots * SPAN, dim), leaf(units, kv_heads, prompt, dim),
+               leaf(units, kv_heads, prompt, value_dim), leaf(units, kv_heads, slots * SPAN, dim),
+               leaf(units, kv_heads, slots * SPAN, value_dim))
+    allowed = torch.zeros(units, 1, slots, SPAN, prompt + SPAN, dtype=torch.bool)
+    for u, (length, lengths) in enumerate(zip(SHARED_PROMPTS, SLOT_LENGTHS, strict=True)):
+        allowed[u, 0, :, :, :length] = True
+        for g, n in enumerate(lengths):
+            allowed[u, 0, g, :, prompt:prompt + n] = torch.ones(SPAN, n, dtype=torch.bool).tril()
+    return tensors, allowed
+
+
+def _gathered(query, prompt_key, prompt_value, key, value, allowed):
+    """The same attention laid out as the tree's per-completion calls: each slot's queries [U * G, H, C, D] against
+    [its prompt's keys, its own] [U * G, Hkv, P + C, D], the mask [U * G, 1, C, P + C]."""
+    units, _, slots, span, _ = allowed.shape
+
+    def per_slot(states):  # [U, h, G * C, d] -> [U * G, h, C, d]
+        return states.unflatten(2, (slots, span)).transpose(1, 2).flatten(0, 1)
+
+    def with_prompt(prompt_states, own):
+        return torch.cat([prompt_states.repeat_interleave(slots, 0), per_slot(own)], dim=2)
+
+    return (per_slot(query), with_prompt(prompt_key, key), with_prompt(prompt_value, value),
+            allowed.flatten(0, 2)[:, None])
+
+
+def test_shared_prompt_attention_equals_a_float64_loop_over_each_completions_gathered_keys():
+    """Grouped heads (4 on 2), values narrower than keys, a padded prompt, ragged completions and an empty slot: the
+    output and the gradients of the query, both keys and both values against a slow float64 loop over every (slot,
+    head, query); the prompt's key and value gradients summed over its completions."""
+    (query, prompt_key, prompt_value, key, value), allowed = _shared_inputs()
+    additive = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    out = matmul_attention.shared_prompt_attention(_Attention(groups=2), query, prompt_key, prompt_value, key, value,
+                                                   additive, scaling=0.3)
+    q, k, v, seen = _gathered(query, prompt_key, prompt_value, key, value, allowed)
+    expected = _loop_attention(q, k, v, seen, 0.3)  # [U * G, C, H, Dv]
+    assert out.shape == (2, 12, 4, 6)
+    torch.testing.assert_close(out.reshape(expected.shape), expected, rtol=1e-12, atol=1e-12)
+    weights = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).view(out.shape)
+    leaves = (query, prompt_key, prompt_value, key, value)
+    got = torch.autograd.grad((out * weights).sum(), leaves)
+    wanted = torch.autograd.grad((expected * weights.reshape(expected.shape)).sum(), leaves)
+    for name, a, b in zip(("query", "prompt key", "prompt value", "key", "value"), got, wanted, strict=True):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_in_bf16_shared_prompt_attention_is_as_precise_as_the_gathered_gemm_path():
+    """Under bf16 autocast, inputs as a Llama layer hands them over (query and keys fp32, values bf16): the output's
+    and every gradient's error against float64 within 1.25x of the same attention through `attention` on the
+    per-completion layout (which the tree runs without shared prompt keys), and of torch's bf16 flash kernel there.
+    (With the two parts' products rounded to bf16 before their sum, the own keys' gradient measured 1.33x.)"""
+    (query, prompt_key, prompt_value, key, value), allowed = _shared_inputs(torch.float32, heads=4, kv_heads=4,
+                                                                            dim=64, value_dim=64, seed=5)
+    query.data.mul_(2.0)  # scores of a few units, where their rounding matters
+    grad = torch.randn(2, 12, 4, 64, generator=torch.Generator().manual_seed(8))
+
+    def errors(run):
+        leaves = [t.detach().clone().requires_grad_() for t in (query, prompt_key, prompt_value, key, value)]
+        out = run(*leaves)
+        out.backward(grad.reshape(out.shape).to(out.dtype))
+        exact = [t.detach().double().requires_grad_() for t in leaves]
+        q, k, v, seen = _gathered(*exact, allowed)
+        reference = _loop_attention(q, k, v, seen, 0.125)
+        reference.backward(grad.double().reshape(reference.shape))
+        return [_relative_error(out.reshape(reference.shape), reference)] + [
+            _relative_error(a.grad, b.grad) for a, b in zip(leaves, exact, strict=True)]
+
+    finite_min = torch.finfo(torch.float32).min
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, finite_min)
+
+    def shared(query, prompt_key, prompt_value, key, value):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return matmul_attention.shared_prompt_attention(_Attention(), query, prompt_key, prompt_value.bfloat16(),
+                                                            key, value.bfloat16(), additive, scaling=0.125)
+
+    def gathered(query, prompt_key, prompt_value, key, value):
+        q, k, v, seen = _gathered(query, prompt_key, prompt_value, key, value, allowed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = matmul_attention.attention(_Attention(), q, k, v.bfloat16(), seen, scaling=0.125)
+        return out
+
+    def flash(query, prompt_key, prompt_value, key, value):
+        q, k, v, seen = _gathered(query, prompt_key, prompt_value, key, value, allowed)
+        return F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=seen,
+                                              scale=0.125).transpose(1, 2)
+
+    ours, theirs, kernel = errors(shared), errors(gathered), errors(flash)
+    assert all(0 < a <= 1.25 * b for a, b in zip(ours, theirs, strict=True)), (ours, theirs)
+    assert all(a <= 1.25 * b for a, b in zip(ours, kernel, strict=True)), (ours, kernel)
+    assert max(kernel) < 2e-2  # bf16's few 2^-8

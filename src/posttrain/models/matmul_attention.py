@@ -148,3 +148,90 @@ class _MatmulAttention(torch.autograd.Function):
                 if needs_key:  # in bf16 dSᵀ q (transposed first operand) measured faster than (qᵀ dS)ᵀ: 0.19 vs 0.21 ms
                     grad_key = torch.matmul(grad_scores.transpose(-1, -2), query.to(value.dtype)).to(key.dtype)
         return grad_query, grad_key, grad_value, None, None
+
+
+def shared_prompt_attention(module: torch.nn.Module, query: Tensor, prompt_key: Tensor, prompt_value: Tensor,
+                            key: Tensor, value: Tensor, mask: Tensor, scaling: float | None = None) -> Tensor:
+    """The attention of completions that share a prompt, each prompt's keys and values read once for all of its
+    completions. What `attention` computes over each completion's keys gathered as [its prompt's, its own], with the
+    same products, softmax and precision, but the prompt's part as one product per prompt and head whose rows are all
+    of its completions' queries (the gathered form copies a prompt's keys and values once per completion, and
+    multiplies a completion's few rows at a time).
+
+    query [U, H, G * C, D]: each of U prompts' G completion slots of C tokens side by side; prompt_key and
+    prompt_value [U, Hkv, P, D / Dv]; key and value [U, Hkv, G * C, D / Dv], the completions' own; mask
+    [U, 1, G, C, P + C] additive, each slot's queries against its prompt's keys then its own (a finite minimum or -inf
+    hides; every query must see a key). -> [U, G * C, H, Dv] in the value's dtype (bf16 under CPU bf16 autocast)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if torch.is_autocast_enabled(query.device.type) and value.dtype == torch.float32:  # as autocast would run them
+        low = torch.get_autocast_dtype(query.device.type)
+        prompt_value, value = prompt_value.to(low), value.to(low)
+    prompt_key, prompt_value, key, value = (repeat_kv(x, groups).contiguous()
+                                            for x in (prompt_key, prompt_value, key, value))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output = _SharedPromptAttention.apply(query.contiguous(), prompt_key, prompt_value, key, value, mask, scale)
+    return output.transpose(1, 2)
+
+
+class _SharedPromptAttention(torch.autograd.Function):
+    """`shared_prompt_attention` with the gradients of the query, both keys and both values (the mask is a constant).
+    Each slot's scores against its prompt's keys and its own side by side in one [U, H, G, C, P + C] tensor, so that
+    the softmax and its backward run once over both, as in `_MatmulAttention`, whose precision this keeps; the
+    products read the two parts in place."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, prompt_key: Tensor, prompt_value: Tensor, key: Tensor, value: Tensor, mask: Tensor,
+                scale: float) -> Tensor:
+        units, heads, length, dim = query.shape
+        slots = (units, heads, *mask.shape[2:4])  # [U, H, G, C]: the completions' axis as G slots of C tokens
+        prompt = prompt_key.shape[2]
+        with torch.autocast(query.device.type, enabled=False):
+            dtype = torch.promote_types(query.dtype, torch.float32)
+            scores_query = query.to(dtype)
+            prompt_scores = torch.matmul(scores_query, prompt_key.to(dtype).transpose(-1, -2))
+            own_scores = torch.matmul(scores_query.view(*slots, dim), key.to(dtype).view(*slots, dim).transpose(-1, -2))
+            scores = torch.cat([prompt_scores.view(*slots, prompt), own_scores], dim=-1).mul_(scale).add_(mask)
+            probabilities = scores.softmax(-1).to(value.dtype)
+            # both parts' products summed in the scores' dtype, rounded to the values' once
+            output = torch.matmul(probabilities[..., :prompt].flatten(2, 3), prompt_value).to(dtype)
+            output = output.add_(torch.matmul(probabilities[..., prompt:], value.view(*slots, -1)).flatten(2, 3))
+        ctx.save_for_backward(query, prompt_key, prompt_value, key, value, probabilities, output)
+        ctx.scale = scale
+        return output.to(value.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        query, prompt_key, prompt_value, key, value, probabilities, output = ctx.saved_tensors
+        slots, prompt = probabilities.shape[:4], prompt_key.shape[2]
+        prompt_probabilities, own_probabilities = probabilities[..., :prompt].flatten(2, 3), probabilities[..., prompt:]
+        needs = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 7
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        grad_output = grad_output.contiguous()
+        with torch.autocast(query.device.type, enabled=False):
+            low = grad_output.to(value.dtype)
+            if needs[2]:
+                grads[2] = torch.matmul(prompt_probabilities.transpose(-1, -2), low)
+            if needs[4]:
+                grads[4] = torch.matmul(own_probabilities.transpose(-1, -2), low.view(*slots, -1)).view(value.shape)
+            if needs[0] or needs[1] or needs[3]:
+                # softmax's backward over both parts at once, dS = P * (dP - dO · O) (`_MatmulAttention`)
+                grad_output = grad_output.to(dtype)
+                row_dot = (grad_output * output.to(dtype)).sum(-1, keepdim=True).view(*slots, 1)
+                grad_prompt = torch.matmul(grad_output, prompt_value.to(dtype).transpose(-1, -2)).view(*slots, prompt)
+                own_values = value.to(dtype).view(*slots, -1)
+                grad_own = torch.matmul(grad_output.view(*slots, -1), own_values.transpose(-1, -2))
+                grad_scores = torch.cat([grad_prompt, grad_own], dim=-1).sub_(row_dot).mul_(probabilities)
+                grad_scores = grad_scores.mul_(ctx.scale).to(value.dtype)
+                grad_prompt, grad_own = grad_scores[..., :prompt].flatten(2, 3), grad_scores[..., prompt:]
+                dim = query.shape[-1]
+                if needs[0]:
+                    own_part = torch.matmul(grad_own, key.to(value.dtype).view(*slots, dim)).flatten(2, 3)
+                    grads[0] = torch.matmul(grad_prompt, prompt_key.to(value.dtype)).add_(own_part).to(query.dtype)
+                low_query = query.to(value.dtype)
+                if needs[1]:  # summed over every completion of the prompt: the product's G * C rows
+                    grads[1] = torch.matmul(grad_prompt.transpose(-1, -2), low_query).to(prompt_key.dtype)
+                if needs[3]:
+                    grads[3] = torch.matmul(grad_own.transpose(-1, -2), low_query.view(*slots, dim)).view(key.shape)
+                    grads[3] = grads[3].to(key.dtype)
+        return tuple(grads)
