@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-from posttrain.models import cpu_attention, matmul_attention, prefix_attention
+from posttrain.models import cpu_attention, prefix_attention
 from posttrain.models.cpu_attention import ATTENTION, use_cpu_attention
 from posttrain.models.prefix_attention import PrefixTree, length_buckets
 from posttrain.models.value import ActorCritic
@@ -21,16 +21,16 @@ from posttrain.rollout.recompute import PaddingFree, pack_rollout, packed_logpro
 GROUPS = [(5, [4, 1, 6]), (2, [3]), (7, [2, 5, 5, 3])]
 
 
-def grouped_rollout(vocab: int, eos: int, groups=GROUPS) -> Rollout:
+def grouped_rollout(vocab: int, eos: int) -> Rollout:
     generator = torch.Generator().manual_seed(0)
-    rows = [(prompt, completion) for prompt, completions in groups for completion in completions]
+    rows = [(prompt, completion) for prompt, completions in GROUPS for completion in completions]
     longest_prompt, longest_completion = max(p for p, _ in rows), max(c for _, c in rows)
-    prompts = [torch.randint(0, vocab, (p,), generator=generator) for p, _ in groups]
+    prompts = [torch.randint(0, vocab, (p,), generator=generator) for p, _ in GROUPS]
     prompt_ids = torch.randint(0, vocab, (len(rows), longest_prompt), generator=generator)  # garbage in the padding
     completion_ids = torch.randint(0, vocab, (len(rows), longest_completion), generator=generator)
     completion_ids[completion_ids == eos] = eos - 1
     prompt_mask, response_mask = torch.zeros_like(prompt_ids), torch.zeros_like(completion_ids)
-    index = [g for g, (_, completions) in enumerate(groups) for _ in completions]
+    index = [g for g, (_, completions) in enumerate(GROUPS) for _ in completions]
     for i, ((prompt, completion), group) in enumerate(zip(rows, index, strict=True)):
         prompt_ids[i, longest_prompt - prompt:] = prompts[group]
         prompt_mask[i, longest_prompt - prompt:] = 1
@@ -93,32 +93,10 @@ def without_tree(monkeypatch):
     monkeypatch.setattr(prefix_attention, "applies", lambda *_: False)
 
 
-@pytest.fixture
-def shared_calls(monkeypatch):
-    """How many calls of `matmul_attention.shared_prompt_attention` ran."""
-    calls = []
-    real = matmul_attention.shared_prompt_attention
-    monkeypatch.setattr(matmul_attention, "shared_prompt_attention", lambda *args, **kwargs: calls.append(1) or real(
-        *args, **kwargs))
-    return calls
-
-
-def read_prompt_keys_once(monkeypatch, min_completions: int = 2) -> None:
-    """Completions over a shared prompt read its keys once (`SharedPromptCall`) in float64 too, from
-    `min_completions` a prompt in a length bucket (by default only under CPU bf16 autocast, from 4)."""
-    monkeypatch.setattr(prefix_attention, "shares_prompt_keys", lambda: True)
-    monkeypatch.setattr(prefix_attention, "SHARED_PROMPT_MIN_COMPLETIONS", min_completions)
-
-
-@pytest.mark.parametrize("keys", ["gathered", "read-once"])
 @pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "a-prompt-per-sample"])
 @pytest.mark.parametrize("capacity", [None, 12, 1000], ids=["one-row", "rows-of-12", "rows-of-1000"])
-def test_logprobs_and_gradients_through_the_tree_equal_the_dense_masks(tokenizer, monkeypatch, tree_calls,
-                                                                       shared_calls, share, capacity, keys):
-    """`keys`: each completion's call gathers its prompt's keys, or a prompt's completions of a length bucket read
-    them once (`SharedPromptCall`: here from two completions, in float64)."""
-    if keys == "read-once":
-        read_prompt_keys_once(monkeypatch)
+def test_logprobs_and_gradients_through_the_tree_equal_the_dense_masks(tokenizer, monkeypatch, tree_calls, share,
+                                                                       capacity):
     model = float64_model(len(tokenizer))
     rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id)
     results = []
@@ -131,9 +109,6 @@ def test_logprobs_and_gradients_through_the_tree_equal_the_dense_masks(tokenizer
         results.append((logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         if use_tree:
             assert len(tree_calls) == model.config.num_hidden_layers  # every layer took the tree
-            # the first and third prompts' completions of similar lengths together (one prompt a sample: none)
-            assert len(shared_calls) == (2 * model.config.num_hidden_layers if keys == "read-once" and share and
-                                         capacity != 12 else 0)
     (tree_logprobs, tree_grads), (dense_logprobs, dense_grads) = results
     assert_close(tree_logprobs, dense_logprobs, rtol=0, atol=1e-12)
     assert (tree_logprobs[rollout.response_mask == 0] == 0).all()
@@ -502,104 +477,3 @@ def test_rows_of_samples_up_to_the_minimum_width_keep_the_dense_mask(tokenizer):
             assert batch["input_ids"].shape[1] == width
             assert set(sample_tree_keywords(model, batch)) == (set() if width == SAMPLE_TREE_MIN_WIDTH
                                                                else {prefix_attention.KEYWORD})
-
-
-def test_a_prompts_many_completions_of_a_length_bucket_make_one_call_that_reads_its_keys_once(monkeypatch):
-    """A row of 16: a prompt of 3 tokens with completions of 3, 2, 3 and 2 tokens (one length bucket: 2 is more than
-    half of 3). From `SHARED_PROMPT_MIN_COMPLETIONS` (4) they are one `SharedPromptCall`: four slots of 3 tokens over
-    the prompt's keys (longest first), the 2-token slots padded with the prompt's first index; below it, a call per
-    completion."""
-    row = [[(0, 3, [(3, 3), (6, 2), (8, 3), (11, 2)])]]
-    tree = PrefixTree.of_rows(16, row)
-    prompt, call = tree.calls
-    assert prompt.queries.tolist() == [[0, 1, 2]] and prompt.keys is None
-    assert isinstance(call, prefix_attention.SharedPromptCall)
-    assert call.queries.tolist() == [[3, 4, 5, 8, 9, 10, 6, 7, 0, 11, 12, 0]]
-    assert call.prompt_keys.tolist() == [[0, 1, 2]] and call.mask.shape == (1, 1, 4, 3, 6)
-    seen = (call.mask[0, 0] == 0).int().tolist()  # each slot's queries over [prompt, own]
-    assert seen[0] == seen[1] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    assert seen[2] == seen[3] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]  # the padding query too
-    gathered = call.per_completion()  # what the model's attention function computes instead, in the same order
-    assert gathered.queries.tolist() == [[3, 4, 5], [8, 9, 10], [6, 7, 0], [11, 12, 0]]
-    assert gathered.keys.tolist() == [[0, 1, 2, *q] for q in gathered.queries.tolist()]
-    assert torch.equal(gathered.mask, call.mask.reshape(4, 1, 3, 6))
-    # every real token goes back once from its place in the calls' outputs (the prompt's 3, then the 12 slots')
-    computed = torch.arange(3 + 12)
-    assert dict(zip(tree.targets.tolist(), computed[tree.sources].tolist(), strict=True)) == {
-        0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 8: 6, 9: 7, 10: 8, 6: 9, 7: 10, 11: 12, 12: 13}
-    monkeypatch.setattr(prefix_attention, "SHARED_PROMPT_MIN_COMPLETIONS", 5)
-    _, per_completion = PrefixTree.of_rows(16, row).calls
-    assert isinstance(per_completion, prefix_attention.AttentionCall)
-    assert per_completion.queries.tolist() == gathered.queries.tolist()
-
-
-# Two prompts of 5 and 7 tokens with three completions each, all in one length bucket: one `SharedPromptCall` of two
-# prompts, 3 slots of 5 tokens each.
-TWO_PROMPTS = [(5, [4, 4, 3]), (7, [5, 4, 4])]
-
-
-@pytest.mark.parametrize("cap", ["a piece per prompt", "over the cap"])
-def test_a_shared_prompt_call_over_the_score_cap_runs_in_pieces_or_per_completion(tokenizer, monkeypatch,
-                                                                                 shared_calls, cap):
-    """`matmul_attention.MAX_SCORES` bounds a call's scores: the call of two prompts runs as two pieces of one prompt
-    each where one prompt's scores fit, and per completion through the model's attention function where they do
-    not; the logprobs are those of the one call."""
-    read_prompt_keys_once(monkeypatch)
-    model = float64_model(len(tokenizer))
-    rollout = grouped_rollout(len(tokenizer), tokenizer.eos_token_id, TWO_PROMPTS)
-    layers = model.config.num_hidden_layers
-    whole, _ = packed_logprobs_and_entropy(model, rollout, share_prompts=True)
-    assert len(shared_calls) == layers
-    per_prompt = 4 * 3 * 5 * (7 + 5)  # heads x slots x span x (prompt + span), the longer prompt padding the other
-    monkeypatch.setattr(matmul_attention, "MAX_SCORES", per_prompt if cap == "a piece per prompt" else per_prompt - 1)
-    shared_calls.clear()
-    pieces, _ = packed_logprobs_and_entropy(model, rollout, share_prompts=True)
-    assert len(shared_calls) == (2 * layers if cap == "a piece per prompt" else 0)
-    assert_close(pieces, whole, rtol=0, atol=1e-12)
-
-
-def test_a_shared_prompt_call_runs_per_completion_outside_bf16_autocast_and_where_the_gemm_path_declines():
-    call = PrefixTree.of_rows(16, [[(0, 3, [(3, 3), (6, 2), (8, 3), (11, 2)])]]).calls[1]
-    assert isinstance(call, prefix_attention.SharedPromptCall)
-
-    def kinds(**kwargs):
-        return [type(piece).__name__ for piece in prefix_attention._runnable(call, 4, kwargs)]
-
-    assert kinds(dropout=0.0) == ["AttentionCall"]  # fp32 (no autocast): the gathered form, the flash kernel's
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kinds(dropout=0.0) == ["SharedPromptCall"]
-        assert kinds(dropout=0.1) == ["AttentionCall"]  # training with attention dropout: transformers' SDPA
-        assert kinds(dropout=0.0, softcap=30.0) == ["AttentionCall"]
-
-
-def test_under_bf16_autocast_a_prompts_completions_read_its_keys_once_as_precisely_as_the_dense_mask(tokenizer,
-                                                                                                  monkeypatch,
-                                                                                                  shared_calls):
-    """GRPO's layout under CPU bf16 autocast: a prompt's four completions of a length bucket read its keys once
-    (`SharedPromptCall`, no setting forced). Against the fp32 forward, their logprobs are within 1.25x of the error of
-    the dense block mask's in bf16, and far closer than those of the same completions after other prompts."""
-    import dataclasses
-
-    from posttrain.models.precision import autocast
-
-    vocab = len(tokenizer)
-    model = float64_model(vocab, initializer_range=0.5).float()  # attention moves the logprobs well beyond rounding
-    rollout = grouped_rollout(vocab, tokenizer.eos_token_id, [(6, [5, 5, 4, 4]), (3, [2])])
-    real = rollout.response_mask.bool()
-
-    def logprobs(precision, batch=rollout):
-        with torch.no_grad(), autocast(precision):
-            values, _ = packed_logprobs_and_entropy(model, batch, share_prompts=True)
-        return values[real]
-
-    exact = logprobs("fp32")
-    shared_calls.clear()
-    shared = logprobs("bf16")
-    assert len(shared_calls) == model.config.num_hidden_layers
-    other_prompts = dataclasses.replace(rollout, prompt_ids=(rollout.prompt_ids + 1) % vocab)
-    control = logprobs("fp32", other_prompts)
-    without_tree(monkeypatch)
-    dense = logprobs("bf16")
-    error = (shared - exact).abs().max()
-    assert 0 < error <= 1.25 * (dense - exact).abs().max()
-    assert (control - exact).abs().max() > 10 * error

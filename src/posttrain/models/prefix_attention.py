@@ -18,13 +18,6 @@ slots of the rows get zeros (nothing reads them: no real token attends to a padd
 one). Gradients are exact: the gather's backward sums what every completion sent to
 its shared prompt's keys and values, as the dense mask's does.
 
-Under CPU bf16 autocast, a prompt with `SHARED_PROMPT_MIN_COMPLETIONS` or more completions in a length bucket reads
-its keys and values once for all of them (`SharedPromptCall`, `matmul_attention.shared_prompt_attention`): the
-gathered form copies a prompt's keys and values once per completion, and multiplies each completion's few query rows
-by them alone. The small model's GRPO-shaped batch (8 prompts of 52-92 tokens x 8 completions of 32), bf16, the two
-forms alternated 30 times in one process: forward + backward 3.6% faster (interquartile 1.4-5.9%), the no-grad
-forward 6.8% (4.0-9.9%).
-
 Measured on an AMD EPYC Zen 5, 2 threads, fp32, one layer's forward + backward, 8 prompts x 8 completions:
 prompt 46 / completions 31 tokens 35 -> 22 ms; 200 / 128 560 -> 215 ms; 500 / 300 3050 -> 1080 ms. The dense
 mask's cost also grows with the rows' width, so without this a group longer than `padding_free_capacity` is
@@ -55,12 +48,6 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from posttrain.models import matmul_attention
-
-# Completions of a prompt in a length bucket from which they make a `SharedPromptCall` (its keys read once for all of
-# them under CPU bf16 autocast) rather than one gathered call each: with fewer, ragged RL batches (completions of 1-32
-# tokens, a few a prompt per bucket) ran level to 1-2% slower, against 3.6% faster at 8 of 32 tokens a prompt.
-SHARED_PROMPT_MIN_COMPLETIONS = 4
 # The keyword the tree travels under, from the model's forward down to its attention function (transformers
 # passes a forward's extra keywords through its layers to the attention interface).
 KEYWORD = "prefix_tree"
@@ -79,46 +66,17 @@ class AttentionCall:
 
 
 @dataclasses.dataclass(frozen=True)
-class SharedPromptCall:
-    """The completions of U prompts over their prompt's tokens read once (`matmul_attention.shared_prompt_attention`):
-    `queries` [U, G * C] the flat indices of each prompt's G completion slots of C tokens side by side (a slot a
-    completion, padded; slots past a prompt's completions all padding), `prompt_keys` [U, P] its prompt's, `mask`
-    [U, 1, G, C, P + C] additive (in the forward's floating dtype): each slot's queries against its prompt's keys (the
-    shorter prompts' padding hidden) and then causally over its own tokens. Padding entries point at a real token."""
-
-    queries: Tensor
-    prompt_keys: Tensor
-    mask: Tensor
-
-    def scores_per_prompt(self, heads: int) -> int:
-        """Score elements a prompt's completions compute with `heads` query heads."""
-        return heads * self.mask[0].numel()
-
-    def prompts(self, which: slice) -> SharedPromptCall:
-        """The call of some of its prompts (their outputs in the same order)."""
-        return SharedPromptCall(self.queries[which], self.prompt_keys[which], self.mask[which])
-
-    def per_completion(self) -> AttentionCall:
-        """The same attention as an `AttentionCall` for the model's attention function: each completion slot's queries
-        against its prompt's keys and then its own, the outputs in the same order."""
-        prompts, _, slots, span, width = self.mask.shape
-        queries = self.queries.reshape(prompts * slots, span)
-        return AttentionCall(queries, torch.cat([self.prompt_keys.repeat_interleave(slots, 0), queries], dim=1),
-                             self.mask.reshape(prompts * slots, 1, span, width))
-
-
-@dataclasses.dataclass(frozen=True)
 class PrefixTree:
     """Where the prompts and completions of a packed [R, W] forward lie, as the attention calls that compute it: a
     prompt followed by its only completion causally over itself, the other prompt copies causally over themselves,
-    then each of their completions over its prompt copy and its own past (a prompt's many completions of a bucket
-    together: `SharedPromptCall`), each kind in buckets of similar lengths (`length_buckets`), so that a few long
-    completions do not pad every short one to their length. `sources` [N] are the real tokens' positions in the
-    calls' outputs laid end to end, `targets` [N] the flat index of the packed rows each goes back to."""
+    then each of their completions over its prompt copy and its own past, each
+    kind in buckets of similar lengths (`length_buckets`), so that a few long completions do not pad every short one
+    to their length. `sources` [N] are the real tokens' positions in the calls' outputs laid end to end, `targets`
+    [N] the flat index of the packed rows each goes back to."""
 
     rows: int
     width: int
-    calls: tuple[AttentionCall | SharedPromptCall, ...]
+    calls: tuple[AttentionCall, ...]
     sources: Tensor
     targets: Tensor
 
@@ -152,29 +110,17 @@ class PrefixTree:
             index, real = _spans([units[shared[i]][:2] for i in bucket], [units[shared[i]][0] for i in bucket])
             add(AttentionCall(index), real)
         completions = [c for c in completions if c[0] not in alone]
-        for bucket in length_buckets([n for _, _, n in completions]):
-            if not completions[bucket[0]][2]:
-                continue  # completions without a token: nothing to compute
-            of_prompt: dict[int, list[tuple[int, int]]] = {}  # each prompt's completions in the bucket
-            for i in bucket:
-                u, first, n = completions[i]
-                of_prompt.setdefault(u, []).append((first, n))
-            prompts = list(of_prompt)
-            for similar in length_buckets([units[u][1] for u in prompts]):
-                # prompts with as many completions in the bucket side by side (no slot left empty); those with few
-                # completions together in a call of one completion a slot, its prompt's keys gathered for each
-                by_count: dict[int, list[int]] = {}
-                for u in (prompts[i] for i in similar):
-                    count = len(of_prompt[u])
-                    by_count.setdefault(count if count >= SHARED_PROMPT_MIN_COMPLETIONS else 1, []).append(u)
-                for count, members in by_count.items():
-                    if count > 1:
-                        add(*_shared_prompt_call([units[u][:2] for u in members], [of_prompt[u] for u in members],
-                                                 mask_dtype))
-                    else:
-                        alone_calls = [(units[u][:2], [c]) for u in members for c in of_prompt[u]]
-                        call, real = _shared_prompt_call(*zip(*alone_calls, strict=True), mask_dtype)
-                        add(call.per_completion(), real)
+        for bucket in _completion_buckets([n for _, _, n in completions], [units[u][1] for u, _, _ in completions]):
+            members = [completions[i] for i in bucket]
+            pads = [units[u][0] for u, _, _ in members]
+            prompt_index, prompt_real = _spans([units[u][:2] for u, _, _ in members], pads)
+            own_index, own_real = _spans([(first, n) for _, first, n in members], pads)
+            longest = own_index.shape[1]
+            own = torch.ones(longest, longest, dtype=torch.bool).tril()
+            allowed = torch.cat([prompt_real[:, None, :].expand(-1, longest, -1),
+                                 own[None].expand(len(members), -1, -1)], dim=2)[:, None]
+            mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+            add(AttentionCall(own_index, torch.cat([prompt_index, own_index], dim=1), mask), own_real)
         empty = torch.zeros(0, dtype=torch.long)
         return PrefixTree(len(rows), width, tuple(calls), torch.cat(sources) if sources else empty,
                           torch.cat(targets) if targets else empty)
@@ -241,25 +187,14 @@ def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return buckets
 
 
-def _shared_prompt_call(prompts: Sequence[tuple[int, int]], completions: Sequence[Sequence[tuple[int, int]]],
-                        mask_dtype: torch.dtype) -> tuple[SharedPromptCall, Tensor]:
-    """The call of `prompts` (flat start, length) and each one's `completions` (flat start, length), and which of its
-    query entries are real: every prompt gets as many completion slots as the one with the most, each as long as the
-    longest completion; padding points at the prompt's first token."""
-    slots = max(len(members) for members in completions)
-    starts = [start for start, _ in prompts for _ in range(slots)]
-    spans = [(members[k] if k < len(members) else (start, 0)) for (start, _), members in zip(prompts, completions,
-                                                                                           strict=True)
-             for k in range(slots)]
-    own_index, own_real = _spans(spans, starts)  # [U * G, C]
-    prompt_index, prompt_real = _spans(prompts, [start for start, _ in prompts])  # [U, P]
-    span = own_index.shape[1]
-    own = torch.ones(span, span, dtype=torch.bool).tril() & own_real[:, None, :]  # causal, over real keys
-    allowed = torch.cat([prompt_real.repeat_interleave(slots, 0)[:, None, :].expand(-1, span, -1), own], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
-    call = SharedPromptCall(own_index.view(len(prompts), slots * span), prompt_index,
-                            mask.view(len(prompts), 1, slots, span, -1))
-    return call, own_real.view(len(prompts), slots * span)
+def _completion_buckets(lengths: Sequence[int], prompt_lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of completions in `length_buckets` of their lengths, each cut again by their prompts' lengths (the
+    keys are prompt + completion); completions without a token in none."""
+    buckets = []
+    for outer in length_buckets(lengths):
+        if lengths[outer[0]]:
+            buckets += [[outer[i] for i in sub] for sub in length_buckets([prompt_lengths[m] for m in outer])]
+    return buckets
 
 
 def _spans(spans: Sequence[tuple[int, int]], pads: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -317,59 +252,20 @@ def prefix_tree_attention(attend: Attend, module: torch.nn.Module, query: Tensor
     def unflat(states: Tensor, index: Tensor) -> Tensor:  # [n * L, H, D] -> [n, H, L, D]
         return states.view(*index.shape, *states.shape[1:]).transpose(1, 2)
 
-    calls = [piece for call in tree.calls for piece in _runnable(call, heads, kwargs)]
-    key_indices = [_key_indices(call) for call in calls]
-    key_rows = [index.flatten() for indices in key_indices for index in indices]  # the keys' and the values' alike
-    queries = _gathers(flat(query), [call.queries.flatten() for call in calls])
+    key_indices = [call.queries if call.keys is None else call.keys for call in tree.calls]
+    key_rows = [index.flatten() for index in key_indices]  # the keys' and the values' rows alike
+    queries = _gathers(flat(query), [call.queries.flatten() for call in tree.calls])
     keys, values = _gathers(flat(key), key_rows), _gathers(flat(value), key_rows)
     outputs = []
-    for call, indices, q in zip(calls, key_indices, queries, strict=True):
-        k, v = [unflat(next(keys), index) for index in indices], [unflat(next(values), index) for index in indices]
-        if isinstance(call, SharedPromptCall):
-            output = matmul_attention.shared_prompt_attention(module, unflat(q, call.queries), k[0], v[0], k[1], v[1],
-                                                              call.mask, kwargs.get("scaling"))
-        else:
-            output, _ = attend(module, unflat(q, call.queries), k[0], v[0], call.mask, is_causal=call.keys is None,
-                               **kwargs)
+    for call, index, q, k, v in zip(tree.calls, key_indices, queries, keys, values, strict=True):
+        output, _ = attend(module, unflat(q, call.queries), unflat(k, index), unflat(v, index), call.mask,
+                           is_causal=call.keys is None, **kwargs)
         outputs.append(output.reshape(-1, heads, value_dim))
     computed = torch.cat(outputs)
     # in place into fresh zeros (the padding slots' value): the out-of-place index_copy would copy them first
     out = computed.new_zeros(rows * width, heads, value_dim).index_copy_(0, tree.targets,
                                                                         computed.index_select(0, tree.sources))
     return out.view(rows, width, heads, value_dim), None
-
-
-Call = AttentionCall | SharedPromptCall
-
-
-def _runnable(call: Call, heads: int, kwargs: dict) -> list[Call]:
-    """`call` as the calls that compute it here, their outputs in its order: a `SharedPromptCall` in pieces of whole
-    prompts whose scores stay within `matmul_attention.MAX_SCORES`; as an `AttentionCall` of the model's attention
-    function where the GEMM path does not compute the layer's attention (dropout, a soft-cap) or one prompt's scores
-    alone are over the cap (long completions: the function's kernel may be a flash kernel, which keeps no scores)."""
-    if not isinstance(call, SharedPromptCall):
-        return [call]
-    fits = matmul_attention.MAX_SCORES // call.scores_per_prompt(heads)
-    if not fits or not shares_prompt_keys() or not matmul_attention.handles(None, **kwargs):
-        return [call.per_completion()]
-    return [call.prompts(slice(start, start + fits)) for start in range(0, len(call.queries), fits)]
-
-
-def shares_prompt_keys() -> bool:
-    """Whether a `SharedPromptCall` reads its prompts' keys once (`matmul_attention.shared_prompt_attention`): under CPU
-    bf16 autocast. In fp32 the flash kernel on the gathered form was as fast or faster (the small model's GRPO-shaped
-    batch, alternated in one process: forward + backward 1.02x, the no-grad forward 0.97x), and a choice cannot
-    depend on whether gradients are recorded (pi_old's and the reference's passes must compute what the update's
-    forward does)."""
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
-def _key_indices(call: Call) -> list[Tensor]:
-    """The flat indices a call's keys and values are gathered at: its prompts' and then its completions' own for a
-    `SharedPromptCall`, its keys (or, causal over itself, its queries) for an `AttentionCall`."""
-    if isinstance(call, SharedPromptCall):
-        return [call.prompt_keys, call.queries]
-    return [call.queries if call.keys is None else call.keys]
 
 
 def _gathers(states: Tensor, indices: list[Tensor]) -> Iterator[Tensor]:
