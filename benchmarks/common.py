@@ -319,7 +319,9 @@ def print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
 def print_ratios(rows: list[dict[str, Any]]) -> None:
     """Each posttrain row's speed against a TRL row of the same workload (like for like), else against one of another
     workload, which is named: a ratio between different work says so. Of those, the first run after it, else the last
-    before it, so that `--runs posttrain:...,trl:...,posttrain:...,trl:...` prints consecutive pairs."""
+    before it, so that repeated runs (dpo's and rm's `--runs posttrain:...,trl:...,posttrain:...,trl:...`, sft's and
+    grpo's `--libraries posttrain,trl,posttrain,trl`) print consecutive pairs. Where both rows have one, posttrain's
+    peak RSS follows as a multiple of TRL's (lower is better, unlike the speed ratio)."""
     trl = [(i, r) for i, r in enumerate(rows) if r["library"] == "trl"]
     if not trl:
         return

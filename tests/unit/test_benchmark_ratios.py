@@ -3,8 +3,8 @@
 from benchmarks.common import print_ratios
 
 
-def _row(library: str, workload: str, seconds: float) -> dict:
-    return {"library": library, "workload": workload, "s_per_step": seconds}
+def _row(library: str, workload: str, seconds: float, peak_rss_mb: float | None = None) -> dict:
+    return {"library": library, "workload": workload, "s_per_step": seconds, "peak_rss_mb": peak_rss_mb}
 
 
 def _printed(capsys) -> list[str]:
@@ -41,10 +41,10 @@ def test_nothing_is_printed_without_a_trl_run(capsys):
 
 
 def test_the_peak_rss_of_the_same_pair_follows_where_both_runs_have_one(capsys):
-    rows = [dict(_row("posttrain", "grpo", 0.2), peak_rss_mb=900.0), dict(_row("trl", "grpo", 1.0), peak_rss_mb=1800.0),
-            dict(_row("posttrain", "grpo", 0.25), peak_rss_mb=1000.0),
-            dict(_row("trl", "grpo", 0.5), peak_rss_mb=800.0)]
-    print_ratios(rows)
+    print_ratios([_row("posttrain", "grpo", 0.2, 900.0), _row("trl", "grpo", 1.0, 1800.0),
+                  _row("posttrain", "grpo", 0.25, 1000.0), _row("trl", "grpo", 0.5, 800.0),
+                  _row("posttrain", "sft", 0.3, 700.0), _row("trl", "sft", 0.6, 0.0)])  # TRL's peak not measured
     assert _printed(capsys) == [
         "grpo: posttrain is 5.00x TRL per step, peak RSS 0.50x TRL's (the same workload)",   # 1.0 / 0.2, 900 / 1800
-        "grpo: posttrain is 2.00x TRL per step, peak RSS 1.25x TRL's (the same workload)"]   # 0.5 / 0.25, 1000 / 800
+        "grpo: posttrain is 2.00x TRL per step, peak RSS 1.25x TRL's (the same workload)",   # 0.5 / 0.25, 1000 / 800
+        "sft: posttrain is 2.00x TRL per step (the same workload)"]                          # 0.6 / 0.3, no RSS ratio
