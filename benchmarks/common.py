@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -33,10 +35,12 @@ WARMUP_STEPS = 2
 # sgemm peak on the first benchmark machine (BENCHMARK.md), kept only as the fallback of a bare worker.
 PRECISION = os.environ.get("BENCH_PRECISION", "fp32")
 PEAK_FLOPS = float(os.environ.get("BENCH_PEAK_GFLOPS", "188")) * 1e9
+PRECISIONS = ("fp32", "bf16")
+LIBRARIES = ("posttrain", "trl")
 
 
 def add_precision_argument(parser: Any) -> None:
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="both libraries in this precision: posttrain's train.precision, TRL's bf16=True")
 
 
@@ -65,16 +69,36 @@ def allocator() -> str:
 
 def use_precision(precision: str) -> float:
     """Run the workers in `precision` and measure its physical limit here (GFLOP/s of the model-shaped
-    GEMMs, the fastest library for fp32: `benchmarks.peak`), which their MFU is computed against."""
+    GEMMs, the fastest library for fp32: `benchmarks.peak`), which their MFU is computed against. Measured once per
+    precision and invocation: a harness that runs workers in two precisions (`worker_specs`) switches between them."""
+    gflops = _peak_gflops(precision)
+    os.environ["BENCH_PRECISION"], os.environ["BENCH_PEAK_GFLOPS"] = precision, f"{gflops:.1f}"
+    return gflops
+
+
+@functools.cache
+def _peak_gflops(precision: str) -> float:
     from benchmarks.peak import gpu_matmul_peak, model_shaped_peak
 
     if torch.cuda.is_available():  # posttrain's models go to the GPU (models.device), TRL's too (accelerate)
         gflops, where = gpu_matmul_peak(precision), f"8192^3 matmul on {torch.cuda.get_device_name()}"
     else:
         gflops, where = model_shaped_peak(precision), "model-shaped GEMM on 2 threads"
-    os.environ["BENCH_PRECISION"], os.environ["BENCH_PEAK_GFLOPS"] = precision, f"{gflops:.1f}"
     print(f"precision {precision}: peak {gflops:.0f} GFLOP/s ({where})", flush=True)
     return gflops
+
+
+def worker_specs(libraries: str, precision: str) -> list[tuple[str, str]]:
+    """`--libraries` as (library, precision) runs: `posttrain,trl` runs both in the harness's --precision,
+    `posttrain:bf16,trl:fp32` names each run's own (GRPO's bf16 target is against TRL in fp32)."""
+    specs = []
+    for spec in libraries.split(","):
+        library, named, own = spec.partition(":")
+        if library not in LIBRARIES or (named and own not in PRECISIONS):
+            raise SystemExit(f"--libraries: {spec!r} is not LIBRARY[:PRECISION] with LIBRARY one of "
+                             f"{', '.join(LIBRARIES)} and PRECISION one of {', '.join(PRECISIONS)}")
+        specs.append((library, own or precision))
+    return specs
 
 
 def model_dir(size: str) -> Path:
@@ -321,10 +345,14 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
     workload, which is named: a ratio between different work says so. Of those, the first run after it, else the last
     before it, so that repeated runs (dpo's and rm's `--runs posttrain:...,trl:...,posttrain:...,trl:...`, sft's and
     grpo's `--libraries posttrain,trl,posttrain,trl`) print consecutive pairs. Where both rows have one, posttrain's
-    peak RSS follows as a multiple of TRL's (lower is better, unlike the speed ratio)."""
+    peak RSS follows as a multiple of TRL's (lower is better, unlike the speed ratio); where the two ran in different
+    precisions (grpo's `--libraries posttrain:bf16,trl:fp32`), the line names them. Where a workload has two or more
+    pairs of one kind, a last line gives the median of their ratios and, from six pairs on, a 95% interval for it
+    (`median_interval`): the host's speed drifts by more than a single pair can tell apart from a target's margin."""
     trl = [(i, r) for i, r in enumerate(rows) if r["library"] == "trl"]
     if not trl:
         return
+    ratios: dict[tuple[str, str], list[float]] = {}
     for index, row in enumerate(rows):
         if row["library"] != "posttrain":
             continue
@@ -334,8 +362,34 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
         other = after[0] if after else candidates[-1][1]
         memory = (f", peak RSS {row['peak_rss_mb'] / other['peak_rss_mb']:.2f}x TRL's"
                   if row.get("peak_rss_mb") and other.get("peak_rss_mb") else "")
-        print(f"{row['workload']}: posttrain is {other['s_per_step'] / row['s_per_step']:.2f}x TRL per step{memory} "
-              f"({'the same workload' if same else 'TRL: ' + other['workload']})")
+        work = "the same workload" if same else "TRL: " + other["workload"]
+        if row.get("precision") != other.get("precision"):
+            work += f"; posttrain {row.get('precision')}, TRL {other.get('precision')}"
+        ratio = other["s_per_step"] / row["s_per_step"]
+        ratios.setdefault((row["workload"], work), []).append(ratio)
+        print(f"{row['workload']}: posttrain is {ratio:.2f}x TRL per step{memory} ({work})")
+    for (workload, work), values in ratios.items():
+        if len(values) < 2:
+            continue
+        median, interval = median_interval(values)
+        spread = (f", {interval[2]:.1%} interval {interval[0]:.2f}-{interval[1]:.2f}x" if interval else
+                  f" (range {min(values):.2f}-{max(values):.2f}x; a 95% interval needs 6 pairs)")
+        print(f"{workload}: median of {len(values)} pairs {median:.2f}x TRL per step{spread} ({work})")
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, tuple[float, float, float] | None]:
+    """The median of `values` and a distribution-free interval for the median they are drawn from: (low, high,
+    coverage), the k-th smallest and the k-th largest value with the largest k whose coverage, 1 - 2 P(Binomial(n,
+    1/2) < k), reaches `confidence` (each value independently as likely above that median as below it). None where
+    even the range (k = 1) falls short: fewer than 6 values for 95%."""
+    ordered, n = sorted(values), len(values)
+    interval = None
+    for k in range(1, n // 2 + 1):
+        coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+        if coverage < confidence:
+            break
+        interval = (ordered[k - 1], ordered[n - k], coverage)
+    return statistics.median(ordered), interval
 
 
 def _fmt(value: Any) -> str:

@@ -1,6 +1,7 @@
 """GRPO workload of BENCHMARK.md: posttrain vs TRL's GRPOTrainer.
 
     python -m benchmarks.grpo [--size small] [--steps 8] [--libraries posttrain,trl]
+    python -m benchmarks.grpo --libraries posttrain:bf16,trl:fp32,posttrain:bf16,trl:fp32   # bf16 against TRL fp32
 
 Each library runs in its own subprocess, one after the other, on the same model files and prompts.
 Settings (both): fp32, 8 prompts x 8 completions per step, one optimizer step per generation round,
@@ -43,6 +44,7 @@ from benchmarks.common import (
     trl_clock,
     use_allocator,
     use_precision,
+    worker_specs,
 )
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 8, 8, 32, 1e-5
@@ -136,21 +138,23 @@ def main() -> None:
     add_precision_argument(parser)
     add_allocator_arguments(parser)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--libraries", default="posttrain,trl")
+    parser.add_argument("--libraries", default="posttrain,trl",
+                        help="LIBRARY[:PRECISION],...: runs in this order (the precision: --precision's by default)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.worker:
         worker = posttrain_worker if args.library == "posttrain" else trl_worker
         print(json.dumps(worker(model_dir(args.size), args.steps)))
         return
-    use_precision(args.precision)
+    runs = worker_specs(args.libraries, args.precision)
     use_allocator(args.preload, args.preload_for)
     model_dir(args.size)  # build once, before any worker is timed
     rows = []
-    for library in args.libraries.split(","):
+    for library, precision in runs:
+        use_precision(precision)
         result = run_worker("benchmarks.grpo", ["--library", library, "--size", args.size, "--steps", str(args.steps)])
         record_run(rows, "grpo", args.size, {"workload": "grpo 8x8, 32 tokens", "library": library, **result})
-    print_table(rows, ["workload", "library", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb",
+    print_table(rows, ["workload", "library", "precision", "s_per_step", "trained_tok_per_s", "mfu", "peak_rss_mb",
                        "generation_share"])
     print_ratios(rows)  # consecutive pairs: `--libraries posttrain,trl,posttrain,trl` gives two
 
