@@ -124,8 +124,11 @@ def test_auto_picks_the_llama_decoder_for_llama_like_models_and_hf_where_a_windo
             assert logprob_mismatch(sampled.logprobs, policy_logprobs(model, sampled), sampled.response_mask) < 1e-5
 
 
+@pytest.mark.parametrize("kernel", ["0", "1"], ids=["torch-products", "cpp-kernel"])
 @pytest.mark.parametrize("per_group", [16, 1], ids=["one-group", "a-group-each"])
-def test_llama_decoder_handles_grouped_query_attention(tokenizer, prompts, monkeypatch, per_group):
+def test_llama_decoder_handles_grouped_query_attention(tokenizer, prompts, monkeypatch, per_group, kernel):
+    """Both decode attentions (`rollout.decode_attention`), whichever this machine would pick."""
+    monkeypatch.setenv("POSTTRAIN_DECODE_KERNEL", kernel)
     monkeypatch.setattr(LlamaDecoder, "PROMPTS_PER_GROUP", per_group)  # 1: each prompt its own length group
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,

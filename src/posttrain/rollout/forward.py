@@ -7,8 +7,9 @@ Two implementations behind one small interface, picked by `make_decoder`:
   is *unpadded*: the linear layers see only the real prompt tokens, packed into one [N, hidden]
   matrix, and each distinct prompt is prefilled once even when sampled n times. Only the last
   position's logits are computed. Its linear layers run through oneDNN with each weight packed
-  once per generation (`posttrain.rollout.gemm`); decode attention is plain batched matmuls. On
-  the small benchmark model it is ~3x `transformers.generate` (benchmarks/generate.py).
+  once per generation (`posttrain.rollout.gemm`); decode attention is plain batched matmuls or, where it builds and
+  measured faster, a C++ kernel (`posttrain.rollout.decode_attention`). On the small benchmark model it is ~3x
+  `transformers.generate` (benchmarks/generate.py).
 - `HFDecoder` calls `model(...)` with the model's own cache: any causal LM, left-padded prefill.
 
 Both feed the same positions (counted from each row's first real token) and masks, so they
@@ -31,6 +32,7 @@ from posttrain.models.attention import sliding_window
 from posttrain.models.heads import forward_keeping
 from posttrain.models.precision import autocast_dtype
 from posttrain.rollout.base import position_ids_from_mask
+from posttrain.rollout.decode_attention import decode_attention
 from posttrain.rollout.gemm import LinearRunner
 
 FORWARDS = ("auto", "llama", "hf")
@@ -252,6 +254,7 @@ class LlamaDecoder(Decoder):
         # (the new tokens' slot range) first, which costs more than it saves.
         self.device, self.dtype = weight.device, weight.dtype
         self.linear_dtype = autocast_dtype(self.device) or weight.dtype
+        self.attend = decode_attention(self.device, self.dtype, self.head_dim)  # torch's products or the C++ kernel
 
         by_length = sorted(range(len(prompts)), key=lambda u: len(prompts[u]))
         self.n, self.prompts = n, [prompts[u] for u in by_length]
@@ -398,45 +401,13 @@ class LlamaDecoder(Decoder):
                 groups = zip(self.groups, prompt_keys, prompt_values, self.prompt_bias, strict=True)
                 for (a, b, _), group_keys, group_values, bias in groups:  # each group reads only its own width
                     rows = slice(a * self.n, b * self.n)
-                    out[rows] = self._attend(q[rows], group_keys, group_values, bias, new_keys[rows], new_values[rows],
-                                             slot + 1)
+                    out[rows] = self.attend(q[rows], group_keys, group_values, bias, self.prompt_lengths[a:b],
+                                            new_keys[rows], new_values[rows], slot + 1, self.n)
             hidden = hidden.add_(linear(attn.o_proj, out.view(batch, -1)))
             hidden = hidden.add_(self._mlp(layer, layer.post_attention_layernorm(hidden)))
         self.slot += 1
         self.positions += 1
         return self._logits(hidden)
-
-    def _attend(self, q: Tensor, prompt_keys: Tensor, prompt_values: Tensor, prompt_bias: Tensor, new_keys: Tensor,
-                new_values: Tensor, count: int) -> Tensor:
-        """One (pre-scaled) query per row against its prompt's slots of its group's cache and its first `count` new
-        slots: softmax(q k^T + bias) v over both, for the n rows of each of the group's m prompts.
-
-        The prompt part runs as one product per prompt and key/value head, whose rows are the n samples'
-        queries (times the heads sharing that key/value head): the prompt's keys are read once for all n.
-        Plain batched matmuls on views of the caches (a row's cache [kv_heads, S, D] is contiguous, so
-        [rows * kv_heads, S, D] is a view, and a slot range of the new tokens' cache a strided one that bmm reads
-        as it is); for a single query per row they are faster on CPU than SDPA's flash kernel, made for many
-        queries. q [m * n, heads, D], prompt caches [m, kv, P, D], new caches [m * n, kv, T, D] -> [m * n, heads, D].
-        """
-        prompts, n, kv, dim = len(prompt_keys), self.n, self.kv_heads, self.head_dim
-        rows, per_kv, width = len(q), self.heads // kv, prompt_keys.shape[2]
-        # Prompt part: [m * kv, n * per_kv, width], the n samples' queries side by side per prompt and head.
-        shared_q = q.view(prompts, n, kv, per_kv, dim).transpose(1, 2).reshape(prompts * kv, n * per_kv, dim)
-        keys = prompt_keys.view(prompts * kv, width, dim)
-        prompt_scores = torch.bmm(shared_q, keys.transpose(1, 2)).view(prompts, kv, n * per_kv, width)
-        prompt_scores = prompt_scores.add_(prompt_bias[:, None, None])
-        prompt_scores = prompt_scores.view(prompts, kv, n, per_kv, width).transpose(1, 2)  # [m, n, kv, per_kv, P]
-        # New-token part: [rows * kv, per_kv, count], each row against its own tokens.
-        slots = new_keys.shape[2]
-        new_k = new_keys.view(rows * kv, slots, dim)[:, :count]
-        new_scores = torch.bmm(q.view(rows * kv, per_kv, dim), new_k.transpose(1, 2))
-        probs = torch.cat([prompt_scores.reshape(rows * kv, per_kv, width), new_scores], dim=-1).softmax(dim=-1)
-        prompt_probs = probs[..., :width].reshape(prompts, n, kv, per_kv, width).transpose(1, 2)
-        prompt_out = torch.bmm(prompt_probs.reshape(prompts * kv, n * per_kv, width),
-                               prompt_values.view(prompts * kv, width, dim))
-        prompt_out = prompt_out.view(prompts, kv, n, per_kv, dim).transpose(1, 2).reshape(rows, self.heads, dim)
-        new_out = torch.bmm(probs[..., width:], new_values.view(rows * kv, slots, dim)[:, :count])
-        return prompt_out.add_(new_out.view(rows, self.heads, dim))
 
 
 class HFDecoder(Decoder):
