@@ -4,11 +4,11 @@
     python -m benchmarks.grpo --libraries posttrain:bf16,trl:fp32,posttrain:bf16,trl:fp32   # bf16 against TRL fp32
 
 Each library runs in its own subprocess, one after the other, on the same model files and prompts.
-Settings (both): fp32, 8 prompts x 8 completions per step, one optimizer step per generation round,
-at most 32 new tokens, temperature 1, lr 1e-5 constant, no warm-up, weight decay 0, clip 1.0,
-beta 0 (no reference model), token-level ("dapo") loss aggregation, reward = exact match of the
-first integer of the completion, no gradient checkpointing, no eval, no saving. A random-init model
-rarely emits EOS, so nearly every completion is 32 tokens long.
+Settings (both): fp32 (bf16 with --precision, or each run's own in --libraries), 8 prompts x 8 completions per
+step, one optimizer step per generation round, at most 32 new tokens, temperature 1, lr 1e-5 constant, no
+warm-up, weight decay 0, clip 1.0, beta 0 (no reference model), token-level ("dapo") loss aggregation, reward =
+exact match of the first integer of the completion, no gradient checkpointing, no eval, no saving. A random-init
+model rarely emits EOS, so nearly every completion is 32 tokens long.
 
 s/step is the wall time between optimizer steps (generation, scoring, forward, backward, optimizer)
 after 2 warm-up steps; generation_share is the share of it spent generating.

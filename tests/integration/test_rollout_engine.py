@@ -127,7 +127,7 @@ def test_auto_picks_the_llama_decoder_for_llama_like_models_and_hf_where_a_windo
 @pytest.mark.parametrize("kernel", ["0", "1"], ids=["torch-products", "cpp-kernel"])
 @pytest.mark.parametrize("per_group", [16, 1], ids=["one-group", "a-group-each"])
 def test_llama_decoder_handles_grouped_query_attention(tokenizer, prompts, monkeypatch, per_group, kernel):
-    """Both decode attentions (`rollout.decode_attention`), whichever this machine would pick."""
+    """Both decode attentions (`rollout.decode_attention`), each forced through POSTTRAIN_DECODE_KERNEL."""
     monkeypatch.setenv("POSTTRAIN_DECODE_KERNEL", kernel)
     monkeypatch.setattr(LlamaDecoder, "PROMPTS_PER_GROUP", per_group)  # 1: each prompt its own length group
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -412,13 +412,16 @@ def test_joined_rollouts_hold_row_by_row_what_their_parts_held(tiny_model, token
         concat_rollouts([short, dataclasses.replace(long, temperature=0.5)])
 
 
+@pytest.mark.parametrize("kernel", ["0", "1"], ids=["torch-products", "cpp-kernel"])
 @pytest.mark.parametrize("per_group", [16, 3], ids=["one-group", "groups"])
 def test_finished_rows_leave_the_batch_and_the_others_sample_as_before(tiny_model, tokenizer, prompts, monkeypatch,
-                                                                       per_group):
+                                                                       per_group, kernel):
     """Both decoders stop computing rows that have ended (the Llama decoder a prompt once its n rows have, the HF
     decoder any row); seeded, they must draw the same tokens with the same logprobs as a decoder that computes
     every row to the end, while their batches shrink (the computed rows recorded at every step). With 3 prompts a
-    group the Llama decoder attends in several length groups, regrouped as prompts leave."""
+    group the Llama decoder attends in several length groups, regrouped as prompts leave; both of its decode
+    attentions (`rollout.decode_attention`)."""
+    monkeypatch.setenv("POSTTRAIN_DECODE_KERNEL", kernel)
     monkeypatch.setattr(LlamaDecoder, "PROMPTS_PER_GROUP", per_group)
     computed: dict[str, list[int]] = {"llama": [], "hf": []}
     groupings: list[list[tuple[int, int, int]]] = []

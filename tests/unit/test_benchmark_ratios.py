@@ -93,7 +93,7 @@ def test_pairs_in_different_precisions_are_named_and_summarised_apart(capsys):
                   row("trl", 10.0, "fp32"), row("posttrain", 1.0, "bf16"), row("trl", 7.0, "fp32")])
     assert _printed(capsys) == [
         "grpo: posttrain is 8.00x TRL per step (the same workload; posttrain bf16, TRL fp32)",
-        "grpo: posttrain is 5.00x TRL per step (the same workload)",
+        "grpo: posttrain is 5.00x TRL per step (the same workload; both fp32)",
         "grpo: posttrain is 7.00x TRL per step (the same workload; posttrain bf16, TRL fp32)",
         "grpo: median of 2 pairs 7.50x TRL per step (range 7.00-8.00x; a 95% interval needs 6 pairs) "
         "(the same workload; posttrain bf16, TRL fp32)"]

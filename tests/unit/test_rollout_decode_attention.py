@@ -58,8 +58,14 @@ def _float64_loop(q, prompt_keys, prompt_values, bias, lengths, new_keys, new_va
 def test_both_ways_compute_the_float64_attention_up_to_fp32_rounding(shape):
     problem = _problem(*shape)
     expected = _float64_loop(*problem)
-    for attention in (torch_attention, kernel_attention):
-        out = attention(*problem)
+    # The kernel never reads a prompt's left padding: NaN there would show. torch's products multiply it by a -inf
+    # bias, so they get the zeros the decoder's caches hold there.
+    q, prompt_keys, prompt_values, bias, *rest = problem
+    padding = bias.isinf()[:, None, :, None]
+    unread = (q, prompt_keys.masked_fill(padding, float("nan")), prompt_values.masked_fill(padding, float("nan")),
+              bias, *rest)
+    for attention, arguments in ((torch_attention, problem), (kernel_attention, unread)):
+        out = attention(*arguments)
         assert out.shape == expected.shape and out.dtype == torch.float32
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(1.0, expected.abs().max().item()))
 
@@ -67,22 +73,29 @@ def test_both_ways_compute_the_float64_attention_up_to_fp32_rounding(shape):
 def test_the_kernel_refuses_what_it_would_read_out_of_bounds():
     q, pk, pv, bias, lengths, nk, nv, count, n = _problem(3, 2, 2, 4, 7, 16, 5, 3)
     ops = kernel_ops()
-    bad = {
+    bad = {  # each refused with the message of the check it fails
         "prompt lengths": (q, pk, lengths + 7, nk, count, n),           # longer than the cache's width
+        "prompt lengths ": (q, pk, lengths - 8, nk, count, n),          # negative
         "count": (q, pk, lengths, nk, 6, n),                             # more new slots than the cache has
         "rows": (q, pk, lengths, nk, count, 3),                          # 3 prompts x 3 rows is not 6 rows
         "heads": (q[:, :3].contiguous(), pk, lengths, nk, count, n),     # 3 heads over 2 kv heads
-        "contiguous": (q.transpose(0, 1).contiguous().transpose(0, 1), pk, lengths, nk, count, n),
-        "fp32": (q.double(), pk, lengths, nk, count, n),
-        "int64": (q, pk, lengths.int(), nk, count, n),
+        "heads ": (q, pk, lengths, nk[:, :1].contiguous(), count, n),    # the new tokens' cache has 1 kv head
+        "contiguous fp32": (q.transpose(0, 1).contiguous().transpose(0, 1), pk, lengths, nk, count, n),
+        "contiguous fp32 ": (q.double(), pk, lengths, nk, count, n),
+        "int64 prompt lengths": (q, pk, lengths.int(), nk, count, n),
         "head_dim": (q[..., :8].contiguous(), pk[..., :8].contiguous(), lengths, nk[..., :8].contiguous(), count, n),
+        "head_dim ": (torch.cat([q, q], -1), pk, lengths, nk, count, n),  # queries of 32 against keys of 16
     }
-    for arguments in bad.values():
-        with pytest.raises(RuntimeError, match="decode attention"):
+    for message, arguments in bad.items():
+        with pytest.raises(RuntimeError, match=f"decode attention: {message.strip()}"):
             ops.decode_scores(*arguments)
     scores = ops.decode_scores(q, pk, lengths, nk, count, n)
-    with pytest.raises(RuntimeError, match="width"):
+    with pytest.raises(RuntimeError, match="decode attention: probabilities' width"):
         ops.decode_mix(scores[..., :-1].contiguous(), pv, lengths, nv, count, n)
+    with pytest.raises(RuntimeError, match="decode attention: contiguous fp32"):
+        ops.decode_mix(scores, pv.transpose(2, 3), lengths, nv, count, n)
+    with pytest.raises(RuntimeError, match="decode attention: prompt lengths"):
+        ops.decode_mix(scores.softmax(-1), pv, lengths + 7, nv, count, n)
 
 
 def test_the_engine_picks_torch_where_the_kernel_does_not_apply_or_is_turned_off(monkeypatch):
@@ -129,14 +142,15 @@ def test_a_kernel_that_cannot_be_built_leaves_torch_under_auto_and_is_an_error_u
         from posttrain.rollout.decode_attention import decode_attention, torch_attention
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            chosen = decode_attention(torch.device("cpu"), torch.float32, 64)
-        assert chosen is torch_attention, chosen
+            chosen = [decode_attention(torch.device("cpu"), torch.float32, 64) for _ in range(2)]
+        assert chosen == [torch_attention, torch_attention], chosen
         ours = [w for w in caught if "could not be built" in str(w.message)]
         assert len(ours) == 1, [str(w.message) for w in caught]
         os.environ["POSTTRAIN_DECODE_KERNEL"] = "1"
         try:
             decode_attention(torch.device("cpu"), torch.float32, 64)
         except RuntimeError as error:
+            assert "POSTTRAIN_DECODE_KERNEL=1" in str(error), error
             print("refused:", str(error).splitlines()[0])
         else:
             sys.exit("POSTTRAIN_DECODE_KERNEL=1 did not fail")
@@ -146,3 +160,25 @@ def test_a_kernel_that_cannot_be_built_leaves_torch_under_auto_and_is_an_error_u
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "refused:" in result.stdout
+
+
+def test_a_lock_left_by_a_builder_that_died_does_not_hang_the_next_build(tmp_path):
+    """torch's builder waits without a timeout on a lock file a killed builder leaves; the kernel's own lock, which
+    the system releases with its holder, lets the next process remove it and build."""
+    script = textwrap.dedent("""
+        import os, torch
+        from pathlib import Path
+        from posttrain.rollout import decode_attention as decode
+        directory = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / f"posttrain_decode_{decode._digest()}"
+        directory.mkdir(parents=True)
+        (directory / "lock").touch()  # what a builder killed mid-build leaves
+        ops = decode.kernel_ops()
+        q = torch.ones(1, 1, 16)
+        keys = torch.ones(1, 1, 2, 16)
+        scores = ops.decode_scores(q, keys, torch.tensor([2]), torch.ones(1, 1, 1, 16), 1, 1)
+        print("scores", scores.flatten().tolist())
+    """)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "scores [16.0, 16.0, 16.0]" in result.stdout  # two prompt slots and one new one, each 16 ones . 16 ones

@@ -4,26 +4,30 @@ One decode step's attention (`LlamaDecoder.step`) is one query per row against i
 shared by the prompt's n rows, and against its own new tokens' ones. It reads every cache once a step, so it is bound
 by memory. torch's batched one-row products read them at ~20 GB/s on a 2-core Zen 5 EPYC (each batch entry has a cost
 of its own, and the one-row scores then go through a concatenation and transposed copies); `decode_attention.cpp`
-reads each key and value row once into vector registers and sums its products there, at ~45 GB/s. One step's
+sums each query's products with the key and value rows in vector registers, one thread task per prompt and key/value
+head (its cache read from memory once for the prompt's n rows and the heads that share it), at ~45 GB/s. One step's
 attention, 8 layers, alone (benchmarks/README, eighteenth session): generation-shaped (64 prompts, one row each,
 four length groups) 3.9 ms against 8.9; GRPO-shaped (8 prompts x 8 rows) 1.8 against 4.0. Both compute softmax(q k^T
 + bias) v in fp32; they differ by the order of their sums (~1e-6 relative).
 
 The kernel is built with torch's extension builder (`torch.utils.cpp_extension.load`: a C++ compiler and ninja) the
 first time a process needs it, into torch's extension cache (`TORCH_EXTENSIONS_DIR`, else
-~/.cache/torch_extensions), and loaded from there by every later process: a few seconds once per machine. It is
+~/.cache/torch_extensions), and loaded from there by every later process: ~10 s once per machine. It is
 compiled for this CPU's instructions (`-march=native`), so its name carries a digest of the CPU's flags (with the
 source's and torch's version): another CPU builds its own. `POSTTRAIN_DECODE_KERNEL` chooses: `auto` (the default)
 uses it where it builds and measured faster than torch's products on this machine (`models.machine_choices`, once
-per machine: a different CPU may differ), `1` always (an error where it cannot be built), `0` never. Where `auto`
-cannot build it (no compiler, no OpenMP, another platform), the engine keeps torch's products and warns once.
+per machine: a different CPU may differ), `1` wherever it applies (an error where it cannot be built), `0` never.
+Where `auto` cannot build it (no compiler, no OpenMP, another platform), the engine keeps torch's products and warns
+once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
+import shutil
 import subprocess
 import warnings
 from collections.abc import Callable
@@ -34,12 +38,13 @@ import torch
 from torch import Tensor
 
 from posttrain.models.machine_choices import best_seconds, measured_choice
-from posttrain.models.precision import cpu_flags
+from posttrain.models.precision import cpu_flags, cpu_info
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp")
 LINK_FLAGS = ("-fopenmp",)  # torch's own OpenMP runtime (libgomp.so.1, loaded with torch) serves the kernel's loops
 CHOICES = ("auto", "0", "1")
+HEAD_DIM_STEP, MAX_HEAD_DIM = 16, 256  # the head sizes the kernel takes (decode_attention.cpp's `check`)
 # What a failed build or load raises: no compiler or ninja, a compile or link error, a library that will not load.
 BUILD_ERRORS = (OSError, RuntimeError, ImportError, subprocess.CalledProcessError)
 
@@ -95,11 +100,13 @@ def kernel_attention(q: Tensor, prompt_keys: Tensor, prompt_values: Tensor, prom
 
 def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> DecodeAttention:
     """The decode attention for caches of `dtype` on `device`: the kernel where it applies (fp32 CPU caches, a head
-    size the kernel takes) and `POSTTRAIN_DECODE_KERNEL` chooses it, else torch's products."""
+    size the kernel takes: `HEAD_DIM_STEP` multiples up to `MAX_HEAD_DIM`) and `POSTTRAIN_DECODE_KERNEL` chooses
+    it, else torch's products."""
     choice = os.environ.get("POSTTRAIN_DECODE_KERNEL", "auto")
     if choice not in CHOICES:
         raise ValueError(f"POSTTRAIN_DECODE_KERNEL must be auto, 0 or 1, got {choice!r}")
-    applies = device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0 and 16 <= head_dim <= 256
+    applies = (device.type == "cpu" and dtype == torch.float32 and head_dim % HEAD_DIM_STEP == 0
+               and 0 < head_dim <= MAX_HEAD_DIM)
     if choice == "0" or not applies:
         return torch_attention
     if choice == "1":
@@ -107,23 +114,45 @@ def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int) ->
             kernel_ops()  # built now: an error here, not inside a generation
         except BUILD_ERRORS as error:
             raise RuntimeError(f"POSTTRAIN_DECODE_KERNEL=1, but the decode-attention kernel cannot be built here: "
-                               f"{_first_line(error)}") from error
+                               f"{_build_error(error)}") from error
         return kernel_attention
-    if _buildable() and measured_choice("fp32 decode attention", ("kernel", "torch"), _measure) == "kernel":
+    # The source's digest in the choice's name: a changed kernel is measured again.
+    if _buildable() and measured_choice(f"fp32 decode attention {_digest()[:8]}", ("kernel", "torch"),
+                                        _measure) == "kernel":
         return kernel_attention
     return torch_attention
 
 
 @functools.cache
 def kernel_ops() -> Any:
-    """The kernels' op namespace (`torch.ops.posttrain_decode`), built or loaded once per process."""
-    from torch.utils.cpp_extension import load
+    """The kernels' op namespace (`torch.ops.posttrain_decode`), built or loaded once per process.
 
-    digest = hashlib.sha256("|".join([SOURCE.read_text(), *COMPILE_FLAGS, torch.__version__,
-                                      *sorted(cpu_flags())]).encode()).hexdigest()[:16]
-    load(name=f"posttrain_decode_{digest}", sources=[str(SOURCE)], extra_cflags=list(COMPILE_FLAGS),
-         extra_ldflags=list(LINK_FLAGS), is_python_module=False, verbose=False)
+    Built under a lock of our own, which the system releases when its holder dies: torch's builder waits on a lock
+    file of its own without a timeout, and one left by a builder killed mid-build (SIGKILL, out of memory) would hang
+    every later process. Holding ours, any such file is stale and goes. torch finds ninja on PATH: where it is not
+    there (a virtualenv used without activating it), the `ninja` package's own binary is added at PATH's end."""
+    from torch.utils.cpp_extension import get_default_build_root, load
+
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
+    name = f"posttrain_decode_{_digest()}"
+    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "posttrain.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)  # torch's, left by a builder that died
+        load(name=name, sources=[str(SOURCE)], extra_cflags=list(COMPILE_FLAGS), extra_ldflags=list(LINK_FLAGS),
+             build_directory=str(directory), is_python_module=False, verbose=False)
     return torch.ops.posttrain_decode
+
+
+@functools.cache
+def _digest() -> str:
+    """What the built library holds for: the source, the flags, torch's version and this CPU (-march=native)."""
+    return hashlib.sha256("|".join([SOURCE.read_text(), *COMPILE_FLAGS, torch.__version__,
+                                    cpu_info().get("model name", ""), *sorted(cpu_flags())]).encode()).hexdigest()[:16]
 
 
 @functools.cache
@@ -133,15 +162,21 @@ def _buildable() -> bool:
         kernel_ops()
     except BUILD_ERRORS as error:
         warnings.warn(f"posttrain: the rollout engine's decode-attention kernel could not be built here "
-                      f"({_first_line(error)}); torch's batched products run instead (POSTTRAIN_DECODE_KERNEL=0 skips "
+                      f"({_build_error(error)}); torch's batched products run instead (POSTTRAIN_DECODE_KERNEL=0 skips "
                       "the attempt)", stacklevel=3)
         return False
     return True
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _build_error(error: BaseException) -> str:
+    """The line that says why: torch's build error carries ninja's output, whose first lines are compile commands, so
+    the compiler's first `error` line, else ninja's `FAILED` one, else the first."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for marker in ("error:", "FAILED"):
+        found = [line for line in lines if marker in line]
+        if found:
+            return found[0][:300]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def _measure() -> str:
@@ -160,7 +195,8 @@ def _measure() -> str:
                  torch.randn(prompts * n, kv, slots, dim, generator=generator),
                  torch.randn(prompts * n, kv, slots, dim, generator=generator), count, n) for _ in range(layers)]
 
-    calls = step(16, 1, 80) * 4 + step(8, 8, 92)  # the generation's four length groups, then a GRPO-shaped step
+    # the generation's four length groups, then a GRPO-shaped step
+    calls = [call for width in (50, 65, 80, 100) for call in step(16, 1, width)] + step(8, 8, 92)
     seconds = best_seconds({way: functools.partial(_run, attention, calls)
                             for way, attention in (("kernel", kernel_attention), ("torch", torch_attention))})
     return "kernel" if seconds["kernel"] < seconds["torch"] else "torch"
