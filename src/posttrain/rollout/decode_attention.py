@@ -8,7 +8,7 @@ sums each query's products with the key and value rows in vector registers, one 
 head (its cache read from memory once for the prompt's n rows and the heads that share it), at ~45 GB/s. One step's
 attention, 8 layers, alone (benchmarks/README, eighteenth session): generation-shaped (64 prompts, one row each,
 four length groups) 3.9 ms against 8.9; GRPO-shaped (8 prompts x 8 rows) 1.8 against 4.0. Both compute softmax(q k^T
-+ bias) v in fp32; they differ by the order of their sums (~1e-6 relative).
++ bias) v in fp32; they differ by the order of their sums (a few 1e-6).
 
 The kernel is built with torch's extension builder (`torch.utils.cpp_extension.load`: a C++ compiler and ninja) the
 first time a process needs it, into torch's extension cache (`TORCH_EXTENSIONS_DIR`, else
