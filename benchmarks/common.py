@@ -353,6 +353,7 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
     if not trl:
         return
     ratios: dict[tuple[str, str], list[float]] = {}
+    precisions = {r.get("precision") for r in rows}
     for index, row in enumerate(rows):
         if row["library"] != "posttrain":
             continue
@@ -365,7 +366,7 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
         work = "the same workload" if same else "TRL: " + other["workload"]
         if row.get("precision") != other.get("precision"):
             work += f"; posttrain {row.get('precision')}, TRL {other.get('precision')}"
-        elif len({r.get("precision") for r in rows}) > 1:  # pairs of both precisions: each named, summarised apart
+        elif len(precisions) > 1:  # pairs of both precisions: each named, summarised apart
             work += f"; both {row.get('precision')}"
         ratio = other["s_per_step"] / row["s_per_step"]
         ratios.setdefault((row["workload"], work), []).append(ratio)

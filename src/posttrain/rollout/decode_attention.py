@@ -52,6 +52,13 @@ BUILD_ERRORS = (OSError, RuntimeError, ImportError, subprocess.CalledProcessErro
 DecodeAttention = Callable[..., Tensor]
 
 
+def left_padding_bias(lengths: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """[prompts, width]: 0 on each prompt's slots, the last `lengths` of the width, -inf on its left padding."""
+    slots = torch.arange(width, device=lengths.device)
+    return torch.zeros((len(lengths), width), device=lengths.device, dtype=dtype).masked_fill_(
+        slots < width - lengths[:, None], float("-inf"))
+
+
 def torch_attention(q: Tensor, prompt_keys: Tensor, prompt_values: Tensor, prompt_bias: Tensor,
                     prompt_lengths: Tensor, new_keys: Tensor, new_values: Tensor, count: int, n: int) -> Tensor:
     """One (pre-scaled) query per row against its prompt's slots of its group's cache and its first `count` new
@@ -188,7 +195,7 @@ def _measure() -> str:
     def step(prompts: int, n: int, width: int, layers: int = 8, kv: int = 8, dim: int = 64, slots: int = 32,
              count: int = 16) -> list[tuple]:
         lengths = torch.randint(width // 2, width + 1, (prompts,), generator=generator)
-        bias = torch.zeros(prompts, width).masked_fill_(torch.arange(width) < width - lengths[:, None], float("-inf"))
+        bias = left_padding_bias(lengths, width, torch.float32)
         return [(torch.randn(prompts * n, kv, dim, generator=generator),
                  torch.randn(prompts, kv, width, dim, generator=generator),
                  torch.randn(prompts, kv, width, dim, generator=generator), bias, lengths,

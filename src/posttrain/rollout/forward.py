@@ -32,7 +32,7 @@ from posttrain.models.attention import sliding_window
 from posttrain.models.heads import forward_keeping
 from posttrain.models.precision import autocast_dtype
 from posttrain.rollout.base import position_ids_from_mask
-from posttrain.rollout.decode_attention import decode_attention
+from posttrain.rollout.decode_attention import decode_attention, left_padding_bias
 from posttrain.rollout.gemm import LinearRunner
 
 FORWARDS = ("auto", "llama", "hf")
@@ -175,13 +175,6 @@ def length_groups(lengths: list[int], groups: int) -> list[tuple[int, int, int]]
     count = len(lengths)
     bounds = sorted({round(i * count / groups) for i in range(groups + 1)})
     return [(a, b, lengths[b - 1]) for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def left_padding_bias(lengths: Tensor, width: int, dtype: torch.dtype) -> Tensor:
-    """[prompts, width]: 0 on each prompt's slots, the last `lengths` of the width, -inf on its left padding."""
-    slots = torch.arange(width, device=lengths.device)
-    return torch.zeros((len(lengths), width), device=lengths.device, dtype=dtype).masked_fill_(
-        slots < width - lengths[:, None], float("-inf"))
 
 
 def right_aligned(cache: Tensor, rows: Tensor, width: int) -> Tensor:
