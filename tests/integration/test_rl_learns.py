@@ -1,6 +1,6 @@
 """RL can optimise, and only through its reward: on a fixed set of 64 training prompts, GRPO, PPO with a critic
 and critic-free RLOO each raise the sampled reward on those prompts by at least 15 points within a few seconds of
-training the tiny model; the same GRPO run on a random reward leaves that behaviour where it was.
+training the tiny model; the same GRPO run on a random reward moves that behaviour by less than half as much.
 
 The reward is a behaviour the randomly initialised model shows by chance (about a quarter of its completions
 start with a space), so every group has signal from the first step: a loop that cannot learn (a sign error in the
@@ -10,7 +10,6 @@ advantages, a loss that does not reach the weights, the sampler out of step with
 from __future__ import annotations
 
 import importlib
-import math
 import random
 
 import pytest
@@ -23,7 +22,10 @@ from posttrain.recipes import STAGES, config_class, find_recipe
 from posttrain.rewards.functions import register_reward_function
 from posttrain.rollout import SamplingParams, make_engine
 
-PROMPTS, SAMPLES, MAX_NEW_TOKENS = 64, 8, 8
+# 32 samples per prompt: the share's standard error is ~0.01, so `before` (shared by every test) is not a draw
+# 1.6 of its errors low, as 8 samples gave on a Zen 3 EPYC (0.219 against 0.249 at 32)
+PROMPTS, SAMPLES, MAX_NEW_TOKENS = 64, 32, 8
+GAIN = 0.15  # what the reward must add to the sampled share
 COMMON = ["run.progress=false", "run.overwrite=true", "train.save_every=0", "eval_before=false", "eval.problems=4",
           "eval.samples=0", "eval.max_new_tokens=2", f"data.size={PROMPTS}",
           f"sampling.max_new_tokens={MAX_NEW_TOKENS}", "optim.lr=3e-3"]
@@ -89,14 +91,20 @@ def test_rl_raises_the_sampled_reward_on_its_training_prompts(start, tokenizer, 
     recipe, overrides = RUNS[run]
     result = train(recipe, overrides, model_dir, tmp_path, "test_starts_with_space")
     after = sampled_share(result.final_dir, tokenizer, prompts)
-    assert after - before >= 0.15, f"{run}: sampled reward {before:.3f} -> {after:.3f}"
+    assert after - before >= GAIN, f"{run}: sampled reward {before:.3f} -> {after:.3f}"
 
 
-def test_a_random_reward_leaves_the_behaviour_within_noise(start, tokenizer, tmp_path):
+def test_a_random_reward_moves_the_behaviour_less_than_half_the_gain_the_reward_must_make(start, tokenizer, tmp_path):
+    """The gains above come from the reward each run names, not from the loop: on a coin the same GRPO run moves the
+    share by less than half of GAIN.
+
+    Not "within the sampling noise of a difference": updates on random advantages are a random walk of the logits,
+    which moves the share by itself (and, the share being below 0.5, upwards on average). Six coin and run seeds on a
+    Zen 3 EPYC moved it by -0.038 to +0.012 at 32 samples per prompt, -0.008 to +0.055 at 8, where a 95% band of
+    sampling noise alone is +-0.053 and +-0.027: a test of that band failed on one CPU and passed on another.
+    """
     model_dir, prompts, before = start
     recipe, overrides = RUNS["grpo"]  # the same run as GRPO's above, on a coin instead of the reward
     result = train(recipe, overrides, model_dir, tmp_path, "test_coin")
     after = sampled_share(result.final_dir, tokenizer, prompts)
-    n = PROMPTS * SAMPLES
-    noise = 1.96 * math.sqrt(before * (1 - before) / n + after * (1 - after) / n)  # 95% of a difference of shares
-    assert abs(after - before) <= noise, f"random reward moved the behaviour {before:.3f} -> {after:.3f}"
+    assert abs(after - before) < GAIN / 2, f"random reward moved the behaviour {before:.3f} -> {after:.3f}"
