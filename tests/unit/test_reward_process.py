@@ -97,6 +97,9 @@ def coin(batch):  # a stochastic reward: Python's and numpy's global generators
 def lazy_torch(batch):  # imports torch in its first call
     import torch
     return torch.rand(len(batch.completions)).tolist()
+
+def imported(batch):  # whether the child had imported each named module before the function ran
+    return [float(name in sys.modules) for name in batch.completions]
 """
 
 
@@ -164,6 +167,13 @@ def test_a_function_that_imports_torch_in_its_body_is_seeded_in_a_fresh_childs_f
     uninterrupted = _draws(tmp_path, "lazy_torch", 7, calls=2)  # torch imported in call 1, seeded before call 2
     assert uninterrupted[0] != uninterrupted[1]
     assert _draws(tmp_path, "lazy_torch", 7, calls=1, skipped=1) == uninterrupted[1:]  # imported in this call
+
+
+def test_the_child_starts_without_torch_datasets_or_posttrains_data_package(tmp_path):
+    # Each costs seconds at every start (4 s for posttrain.data on a Zen 3 EPYC), inside reward.timeout_s; the child
+    # itself imports json (the control: a module it does import reads as imported).
+    assert _rewards(tmp_path, "imported")(_batch("torch", "datasets", "posttrain.data", "json")).total.tolist() == [
+        0.0, 0.0, 0.0, 1.0]
 
 
 def test_in_process_runs_it_in_the_trainers_process(tmp_path):

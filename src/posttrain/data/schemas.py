@@ -25,6 +25,7 @@ from typing import Any
 from datasets import Features, List, Value
 
 from posttrain.errors import DataError
+from posttrain.messages import plain_message
 
 ROLES = ("system", "user", "assistant", "tool")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -504,15 +505,6 @@ def message(role: str, content: str, reasoning: str | None = None, *, tool_calls
     """One canonical message (every key present: Arrow stores one schema)."""
     return {"role": role, "content": content, "reasoning": reasoning, "tool_calls": tool_calls, "name": name,
             "tool_call_id": tool_call_id}
-
-
-def plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A canonical message as the user's data gave it: the keys it had (none of those Arrow's one schema adds as
-    None), its tool calls a list again, not the JSON text rows keep them as."""
-    plain = {k: v for k, v in message.items() if v is not None}
-    if isinstance(plain.get("tool_calls"), str):
-        plain["tool_calls"] = json.loads(plain["tool_calls"])
-    return plain
 
 
 def prompt_as_given(prompt: Any) -> Any:

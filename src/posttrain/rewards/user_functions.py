@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.schemas import plain_message
+from posttrain.messages import plain_message  # not posttrain.data: the reward child imports this file
 
 
 @dataclasses.dataclass(frozen=True)
