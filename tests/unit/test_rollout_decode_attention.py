@@ -4,6 +4,7 @@ input checks, and which of the two the engine picks (with a build that fails).""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -162,23 +163,37 @@ def test_a_kernel_that_cannot_be_built_leaves_torch_under_auto_and_is_an_error_u
     assert "refused:" in result.stdout
 
 
-def test_a_lock_left_by_a_builder_that_died_does_not_hang_the_next_build(tmp_path):
+def test_a_lock_left_by_a_builder_that_died_does_not_hang_the_next_build_and_another_install_does_not_rebuild(
+        tmp_path):
     """torch's builder waits without a timeout on a lock file a killed builder leaves; the kernel's own lock, which
-    the system releases with its holder, lets the next process remove it and build."""
+    the system releases with its holder, lets the next process remove it and build. A second install of the same
+    source (another checkout: the source at another path) loads that build instead of compiling its own."""
     script = textwrap.dedent("""
-        import os, torch
+        import os, sys, torch
         from pathlib import Path
         from posttrain.rollout import decode_attention as decode
         directory = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / f"posttrain_decode_{decode._digest()}"
-        directory.mkdir(parents=True)
-        (directory / "lock").touch()  # what a builder killed mid-build leaves
+        if sys.argv[1] == "stale-lock":
+            directory.mkdir(parents=True)
+            (directory / "lock").touch()  # what a builder killed mid-build leaves
+        else:
+            decode.SOURCE = Path(sys.argv[1])  # the same text, installed elsewhere
         ops = decode.kernel_ops()
         q = torch.ones(1, 1, 16)
         keys = torch.ones(1, 1, 2, 16)
         scores = ops.decode_scores(q, keys, torch.tensor([2]), torch.ones(1, 1, 1, 16), 1, 1)
         print("scores", scores.flatten().tolist())
+        print("built", [(p.name, p.stat().st_mtime_ns) for p in sorted(directory.glob("*.so"))])
     """)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "scores [16.0, 16.0, 16.0]" in result.stdout  # two prompt slots and one new one, each 16 ones . 16 ones
+    elsewhere = tmp_path / "elsewhere" / decode.SOURCE.name
+    elsewhere.parent.mkdir()
+    shutil.copy(decode.SOURCE, elsewhere)
+    outputs = []
+    for argument in ("stale-lock", str(elsewhere)):
+        result = subprocess.run([sys.executable, "-c", script, argument], env=env, capture_output=True, text=True,
+                                timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "scores [16.0, 16.0, 16.0]" in result.stdout  # two prompt slots and one new one, each 16 ones . 16 ones
+        outputs.append(result.stdout.split("built")[1])
+    assert outputs[0] == outputs[1] and ".so" in outputs[0]  # the same library, not written again

@@ -137,7 +137,12 @@ def kernel_ops() -> Any:
     Built under a lock of our own, which the system releases when its holder dies: torch's builder waits on a lock
     file of its own without a timeout, and one left by a builder killed mid-build (SIGKILL, out of memory) would hang
     every later process. Holding ours, any such file is stale and goes. torch finds ninja on PATH: where it is not
-    there (a virtualenv used without activating it), the `ninja` package's own binary is added at PATH's end."""
+    there (a virtualenv used without activating it), the `ninja` package's own binary is added at PATH's end.
+
+    It compiles a copy of the source kept in the build directory, not the installed file: the compile command names
+    its source's path, and ninja rebuilds when a command changes, so two installs of one version (a checkout and a
+    worktree, two virtualenvs) rebuilt the library in turn, ~20 s each on a Zen 3 EPYC. The directory's name holds the
+    source's digest, so its copy is that source."""
     from torch.utils.cpp_extension import get_default_build_root, load
 
     if shutil.which("ninja") is None:
@@ -150,7 +155,11 @@ def kernel_ops() -> Any:
     with open(directory / "posttrain.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)  # torch's, left by a builder that died
-        load(name=name, sources=[str(SOURCE)], extra_cflags=list(COMPILE_FLAGS), extra_ldflags=list(LINK_FLAGS),
+        source = directory / SOURCE.name
+        if not source.is_file():  # written once: a newer modification time would make ninja compile again
+            shutil.copyfile(SOURCE, directory / f"{SOURCE.name}.part")
+            (directory / f"{SOURCE.name}.part").replace(source)
+        load(name=name, sources=[str(source)], extra_cflags=list(COMPILE_FLAGS), extra_ldflags=list(LINK_FLAGS),
              build_directory=str(directory), is_python_module=False, verbose=False)
     return torch.ops.posttrain_decode
 
