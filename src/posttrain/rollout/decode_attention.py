@@ -143,14 +143,14 @@ def kernel_ops() -> Any:
     its source's path, and ninja rebuilds when a command changes, so two installs of one version (a checkout and a
     worktree, two virtualenvs) rebuilt the library in turn, ~20 s each on a Zen 3 EPYC. The directory's name holds the
     source's digest, so its copy is that source."""
-    from torch.utils.cpp_extension import get_default_build_root, load
+    from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:
         import ninja
 
         os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
-    name = f"posttrain_decode_{_digest()}"
-    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+    directory = build_directory()
+    name = directory.name
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "posttrain.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -162,6 +162,13 @@ def kernel_ops() -> Any:
         load(name=name, sources=[str(source)], extra_cflags=list(COMPILE_FLAGS), extra_ldflags=list(LINK_FLAGS),
              build_directory=str(directory), is_python_module=False, verbose=False)
     return torch.ops.posttrain_decode
+
+
+def build_directory() -> Path:
+    """Where the kernel is built for this source, these flags, this torch and this CPU: in torch's extension cache."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"posttrain_decode_{_digest()}"
 
 
 @functools.cache
