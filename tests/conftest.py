@@ -31,23 +31,26 @@ from posttrain.models import build_model, train_tokenizer
 torch.set_num_threads(2)
 
 # The files that take one worker two to three minutes (a Zen 3 EPYC, README's `-n 2 --dist loadfile`). pytest-xdist
-# hands out files with the most tests first, which made these two (four tests, one) the last: one worker ran the second
-# alone for ~1.5 minutes at the end of a 9:51 suite. Started first, the other worker's many short files fill in.
+# hands out the files with the most tests first, which made these two (four tests each) among the last: one worker ran
+# the second alone for ~1.5 minutes at the end of a 9:51 suite. Started first, the other worker's short files fill in.
 LONGEST_FILES = ("tests/integration/test_rl_learns.py", "tests/e2e/test_demo.py")
 
 
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's: its controller takes the order made below
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's controller: it takes the order made below
         config.option.loadscopereorder = False
 
 
-def pytest_collection_modifyitems(config, items):
-    """LONGEST_FILES first, then the files with the most tests, as pytest-xdist orders them (a stable sort: each file's
-    tests keep their order)."""
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On pytest-xdist's workers: LONGEST_FILES first, then the files with the most tests, as pytest-xdist orders them
+    (a stable sort: each file's tests keep their order). A run in one process keeps pytest's order."""
+    if not hasattr(config, "workerinput"):
+        return
     tests_in = collections.Counter(item.nodeid.split("::")[0] for item in items)
     first = {path: rank for rank, path in enumerate(LONGEST_FILES)}
 
-    def order(item):
+    def order(item: pytest.Item) -> tuple[int, int]:
         path = item.nodeid.split("::")[0]
         return first.get(path, len(first)), -tests_in[path]
 

@@ -2,8 +2,8 @@
 
 Its own module, outside `posttrain.data`, because the reward functions' child process imports it
 (`rewards.user_functions`, which that child loads by path): importing anything under `posttrain.data` runs the
-package's `__init__`, which imports torch and datasets, and that made every child's start take 4 s on a Zen 3 EPYC,
-counted against `reward.timeout_s`.
+package's `__init__`, which imports torch and datasets, seconds of every child's start, counted against
+`reward.timeout_s` (tests/unit/test_reward_process.py checks what the child imports).
 """
 
 from __future__ import annotations

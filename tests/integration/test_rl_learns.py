@@ -101,9 +101,9 @@ def test_a_random_reward_moves_the_behaviour_less_than_half_the_gain_the_reward_
     share by less than half of GAIN.
 
     Not "within the sampling noise of a difference": updates on random advantages are a random walk of the logits,
-    which moves the share by itself (and, the share being below 0.5, upwards on average). Six coin and run seeds on a
-    Zen 3 EPYC moved it by -0.038 to +0.012 at 32 samples per prompt, -0.008 to +0.055 at 8, where a 95% band of
-    sampling noise alone is +-0.053 and +-0.027: a test of that band failed on one CPU and passed on another.
+    which moves the share by itself. Six coin and run seeds on a Zen 3 EPYC moved it by -0.038 to +0.012 at 32
+    samples per prompt (a 95% band of sampling noise alone: +-0.027) and by -0.008 to +0.055 at 8 (+-0.053): a test
+    of that band failed on one CPU and passed on another.
     """
     model_dir, prompts, before = start
     recipe, overrides = RUNS["grpo"]  # the same run as GRPO's above, on a coin instead of the reward

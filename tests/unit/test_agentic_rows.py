@@ -99,7 +99,7 @@ def test_special_token_text_in_a_tool_call_its_name_or_the_tools_is_refused(chat
 
 
 def test_a_trl_style_reward_function_gets_tool_calls_as_the_data_gave_them(chatml_tokenizer, verifiable):
-    from posttrain.data.schemas import plain_message
+    from posttrain.messages import plain_message
 
     prompt = verifiable.dataset[0]["prompt"]
     assert isinstance(prompt[1]["tool_calls"], str)  # rows keep them as JSON text

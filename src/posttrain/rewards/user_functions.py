@@ -1,7 +1,8 @@
 """A user's reward function named by its import path, and the batch every reward function reads.
 
-Standard library only: the child process that runs such a function (`function_process`) loads this file by its
-path, without the posttrain package (torch, transformers), so that it starts in milliseconds.
+The standard library and `posttrain.messages` only: the child process that runs such a function (`function_process`)
+loads this file by its path, without posttrain's heavy packages (torch, transformers, datasets), so that it starts in
+milliseconds.
 
 A function takes either posttrain's one argument, `fn(batch: Completions) -> scores` (the batch's `columns` hold
 every column of each completion's row), or TRL's `reward_funcs` convention, `fn(prompts, completions, **kwargs)

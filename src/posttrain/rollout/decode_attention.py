@@ -141,7 +141,7 @@ def kernel_ops() -> Any:
 
     It compiles a copy of the source kept in the build directory, not the installed file: the compile command names
     its source's path, and ninja rebuilds when a command changes, so two installs of one version (a checkout and a
-    worktree, two virtualenvs) rebuilt the library in turn, ~20 s each on a Zen 3 EPYC. The directory's name holds the
+    worktree, two virtualenvs) rebuilt the library in turn, a full compile each time. The directory's name holds the
     source's digest, so its copy is that source."""
     from torch.utils.cpp_extension import load
 
