@@ -32,7 +32,7 @@ torch.set_num_threads(2)
 
 # The files that take one worker two to three minutes (a Zen 3 EPYC, README's `-n 2 --dist loadfile`). pytest-xdist
 # hands out the files with the most tests first, which made these two (four tests each) among the last: one worker ran
-# the second alone for ~1.5 minutes at the end of a 9:51 suite. Started first, the other worker's short files fill in.
+# the second alone for about a minute at the end of a 9:51 suite. Started first, the other worker's short files fill in.
 LONGEST_FILES = ("tests/integration/test_rl_learns.py", "tests/e2e/test_demo.py")
 
 

@@ -34,8 +34,8 @@ RUNS = {
     # A separate critic, GAE, KL in the reward: 2 epochs per round of 256 completions, 10 rounds. 8 rounds gave
     # +0.26 on an AVX2-only EPYC (10 rounds +0.32, 7 +0.23, 6 +0.21, 5 +0.18), but +0.139 on a Zen 4 EPYC once the
     # corpus (and so the tokenizer and the random model) changed at 4935d72: 10 rounds pass there. 8 completions of
-    # each of 32 prompts a round rather than 256 prompts once: the prompt's forward is shared, so the run took 52 s
-    # instead of 126 on a Zen 3 EPYC (alone), and gained +0.35 instead of +0.22 (32 samples per prompt).
+    # each of 32 prompts a round rather than 256 prompts once: the prompt's forward is shared, so the run took 56-67 s
+    # instead of 100-115 in the suite on a Zen 3 EPYC, and gained +0.35 instead of +0.22 (32 samples per prompt).
     "ppo-critic": ("ppo", ["train.max_steps=20", "update.rollout_batch_size=256", "train.batch_size=256",
                            "train.micro_batch_size=256", "sampling.samples_per_prompt=8"]),
     "rloo": ("ppo", ["train.max_steps=16", "update.rollout_batch_size=256", "train.batch_size=256",
