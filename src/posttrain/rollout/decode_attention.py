@@ -155,10 +155,10 @@ def kernel_ops() -> Any:
     with open(directory / "posttrain.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)  # torch's, left by a builder that died
-        source = directory / SOURCE.name
+        source, part = directory / SOURCE.name, directory / f"{SOURCE.name}.part"
         if not source.is_file():  # written once: a newer modification time would make ninja compile again
-            shutil.copyfile(SOURCE, directory / f"{SOURCE.name}.part")
-            (directory / f"{SOURCE.name}.part").replace(source)
+            shutil.copyfile(SOURCE, part)  # whole or absent: a copy cut short by a kill would be compiled from then on
+            part.replace(source)
         load(name=name, sources=[str(source)], extra_cflags=list(COMPILE_FLAGS), extra_ldflags=list(LINK_FLAGS),
              build_directory=str(directory), is_python_module=False, verbose=False)
     return torch.ops.posttrain_decode
