@@ -1,7 +1,9 @@
 """Lean MLPs and RMSNorms: bitwise the losses and gradients of transformers' modules, with less kept for backward."""
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -93,6 +95,101 @@ def test_each_mlp_no_longer_keeps_its_activation_and_each_norm_its_normalised_in
     # silu(gate(x)) of each layer (FFN wide) and x * rsqrt(...) of each of the 2 * LAYERS + 1 norms, in fp32
     expected_saving = (LAYERS * FFN + (2 * LAYERS + 1) * HIDDEN) * rows * tokens * 4
     assert _bytes_kept_for_backward(model, ids) - _bytes_kept_for_backward(lean, ids) == expected_saving
+
+
+def _kept_after_forward(model, ids, module_name: str, outputs: bool = False) -> list[bool]:
+    """For each module named `module_name` (the last part of its name): whether the tensor it got (its output, with
+    `outputs`) is still alive after the forward, i.e. kept for the backward, the loss being the only thing held."""
+    refs, handles = [], []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == module_name:
+            if outputs:
+                handles.append(module.register_forward_hook(lambda m, args, out: refs.append(weakref.ref(out))))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0]))))
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    kept = [ref() is not None for ref in refs]
+    for handle in handles:
+        handle.remove()
+    loss.backward()
+    return kept
+
+
+def test_down_proj_keeps_a_recipe_for_its_input_not_the_input():
+    """down_proj's input silu(gate) * up is computed again in the backward from the gate and up the MLP keeps anyway:
+    it dies with the forward (stock modules keep it), and the gradients stay bitwise those of transformers'."""
+    model = _model("llama")
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(6))
+    assert _kept_after_forward(model, ids, "down_proj") == [True] * LAYERS
+    assert _kept_after_forward(lean, ids, "down_proj") == [False] * LAYERS
+    model.zero_grad(set_to_none=True), lean.zero_grad(set_to_none=True)
+    _assert_bitwise(model, lean, ids)
+
+
+def test_a_lora_down_proj_without_dropout_gets_the_recipe_too():
+    # without dropout both the base layer and lora_A save the product itself: two recipes, one computation each
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, target_modules=["down_proj", "up_proj"], lora_dropout=0.0,
+                                                       init_lora_weights=False))
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(7))
+    assert _kept_after_forward(lean, ids, "down_proj") == [False] * LAYERS
+    lean.zero_grad(set_to_none=True)
+    _assert_bitwise(model, lean, ids)
+
+
+class _DoublingLinear(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x.mul_(2))  # changes its input in place before the linear saves it
+
+
+def test_a_product_changed_in_place_before_it_is_saved_is_kept_as_it_is():
+    model = _model("llama")
+    for layer in model.model.layers:
+        layer.mlp.down_proj.__class__ = _DoublingLinear
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
+    _assert_bitwise(model, lean, ids)  # a recipe would give the product before the doubling: other gradients
+
+
+def test_under_checkpointing_or_offloading_the_mlp_leaves_its_tensors_to_those_hooks():
+    """Non-reentrant checkpointing keeps none of a layer's tensors: a recipe would keep gate and up alive.
+    Offloading (torch's save_on_cpu, or any saved-tensor hooks already active) gets the product as a tensor. Where
+    hooks are switched off, the MLP adds none."""
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(9))
+    model = _model("llama")
+    model.activation_checkpointing_enable()  # non-reentrant by default
+    model.train()
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    assert _kept_after_forward(lean, ids, "gate_proj", outputs=True) == [False] * LAYERS
+    assert _kept_after_forward(lean, ids, "up_proj", outputs=True) == [False] * LAYERS
+    model.zero_grad(set_to_none=True), lean.zero_grad(set_to_none=True)
+    _assert_bitwise(model, lean, ids)
+
+    stock, lean = _model("llama"), _model("llama")
+    use_lean_layers(lean)
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    for each in (stock, lean):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            each(input_ids=ids, labels=ids)
+        products = [n for n in saved.values() if n == 2 * 10 * FFN * 4]  # [2, 10, FFN] fp32: gate, up, silu, product
+        assert len(products) == (4 if each is stock else 3) * LAYERS  # the lean MLP keeps no silu(gate)
+
+    # hooks switched off (as functorch's transforms do): adding some would raise; the MLP adds none
+    stock.zero_grad(set_to_none=True), lean.zero_grad(set_to_none=True)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        _assert_bitwise(stock, lean, ids)
 
 
 class _ScaledMLP(LlamaMLP):
