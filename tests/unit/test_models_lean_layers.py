@@ -130,7 +130,7 @@ def test_down_proj_keeps_a_recipe_for_its_input_not_the_input():
 
 
 def test_a_lora_down_proj_without_dropout_gets_the_recipe_too():
-    # without dropout both the base layer and lora_A save the product itself: two recipes, one computation each
+    # peft freezes the base layer (nothing kept for its weight); lora_A, without dropout, keeps the product itself
     model = get_peft_model(_model("llama"), LoraConfig(r=4, target_modules=["down_proj", "up_proj"], lora_dropout=0.0,
                                                        init_lora_weights=False))
     lean = copy.deepcopy(model)
@@ -139,6 +139,100 @@ def test_a_lora_down_proj_without_dropout_gets_the_recipe_too():
     assert _kept_after_forward(lean, ids, "down_proj") == [False] * LAYERS
     lean.zero_grad(set_to_none=True)
     _assert_bitwise(model, lean, ids)
+
+
+class _OffsetViewLinear(torch.nn.Linear):
+    """Also keeps a strided view of its input at an offset (a product with a parameter of its own)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = torch.nn.Parameter(torch.tensor([0.5]))
+
+    def forward(self, x):
+        return super().forward(x) + x[..., 1:2] * self.scale
+
+
+def test_a_strided_view_of_the_product_at_an_offset_comes_back_as_that_view():
+    model = _model("llama")
+    for layer in model.model.layers:
+        layer.mlp.down_proj.__class__ = _OffsetViewLinear
+        layer.mlp.down_proj.scale = torch.nn.Parameter(torch.tensor([0.5]))
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(10))
+    assert _kept_after_forward(lean, ids, "down_proj") == [False] * LAYERS
+    lean.zero_grad(set_to_none=True)
+    _assert_bitwise(model, lean, ids)  # the scales' gradients come from the view x[..., 1:2]
+
+
+def test_two_backwards_of_one_graph_are_bitwise_those_of_transformers_modules():
+    model = _model("llama")
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(11))
+    grads = []
+    for each in (model, lean):
+        loss = each(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()  # the product computed again for the second backward
+        grads.append({name: p.grad for name, p in each.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
+
+
+def test_tensors_changed_in_place_before_the_backward_raise_as_autograd_does():
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(12))
+    for change in ("down_proj weight", "gate"):
+        for lean in (False, True):
+            model = _model("llama")
+            if lean:
+                use_lean_layers(model)
+            mlp = model.model.layers[0].mlp
+            gates: list[torch.Tensor] = []
+            mlp.gate_proj.register_forward_hook(lambda module, args, out, gates=gates: gates.append(out))
+            loss = model(input_ids=ids, labels=ids).loss
+            with torch.no_grad():
+                (mlp.down_proj.weight if change == "down_proj weight" else gates[0]).add_(0)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+
+
+def test_without_torchs_word_on_other_hooks_the_product_is_kept(monkeypatch):
+    model = _model("llama")
+    lean = copy.deepcopy(model)
+    use_lean_layers(lean)
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(13))
+    assert _kept_after_forward(lean, ids, "down_proj") == [True] * LAYERS
+    lean.zero_grad(set_to_none=True)
+    _assert_bitwise(model, lean, ids)
+
+
+class _TanhLinear(torch.nn.Linear):
+    def forward(self, x):
+        return torch.tanh(super().forward(x))  # tanh keeps its own output for its backward
+
+
+def test_an_output_kept_by_its_own_op_inside_down_proj_is_freed_with_the_graph():
+    """Kept as it is, the output would hold the node that holds it: a graph dropped without a backward (an evaluation
+    forward with gradients on, a step skipped) would stay until the garbage collector found the cycle."""
+    model = _model("llama")
+    for layer in model.model.layers:
+        layer.mlp.down_proj.__class__ = _TanhLinear
+    use_lean_layers(model)
+    outputs = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out)))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(14))
+    gc.collect()
+    gc.disable()
+    try:
+        loss = model(input_ids=ids, labels=ids).loss
+        assert loss.requires_grad and len(outputs) == LAYERS
+        del loss
+        assert all(ref() is None for ref in outputs)
+    finally:
+        gc.enable()
 
 
 class _DoublingLinear(torch.nn.Linear):

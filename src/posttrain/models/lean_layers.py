@@ -119,50 +119,77 @@ def _lean_mlp_forward(self, x):
     if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
         return self.down_proj(F.silu(gate) * up)
     product = SiluTimes.apply(gate, up)
-    if _saved_tensor_hooks_active() or product.numel() == 0:
+    if not _recipe_applies(product):
         return self.down_proj(product)
     # down_proj keeps its input for its weight's gradient; SiluTimes keeps gate and up, from which that input is one
     # elementwise op away: down_proj keeps a recipe instead, and the backward computes it again.
-    recompute = _RecomputedProduct(product, gate, up)
-    with torch.autograd.graph.saved_tensors_hooks(recompute.pack, recompute.unpack):
+    recipe = _ProductRecipe(product, gate, up)
+    with torch.autograd.graph.saved_tensors_hooks(recipe.pack, _ProductRecipe.unpack):
         return self.down_proj(product)
 
 
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved tensors already go through hooks of someone else's: non-reentrant gradient checkpointing (which
-    keeps none of the layer's tensors, where a recipe would keep gate and up alive) or offloading (which moves them
-    off the device the recipe would hold them on); or whether hooks are switched off (functorch's transforms), where
-    adding some raises. Then the MLP leaves its tensors to them. Where torch cannot say (private functions, checked
-    for), it assumes so."""
+def _recipe_applies(product: Tensor) -> bool:
+    """Whether down_proj may keep a recipe for `product`. Not for a tensor without an address of its own to know its
+    views by (a tensor subclass such as DTensor or FakeTensor, a meta tensor, an empty one), not under torch.compile
+    (no saved-tensor hooks there; it recomputes cheap elementwise ops itself), and not where saved tensors already go
+    through someone else's hooks: non-reentrant gradient checkpointing (which keeps none of the layer's tensors, where
+    a recipe would keep gate and up alive), offloading (which moves them off the device the recipe would hold them
+    on), or hooks switched off (functorch's transforms), where adding some raises. Where torch cannot say (private
+    functions, checked for), no recipe."""
+    if (type(product) is not Tensor or product.device.type == "meta" or product.numel() == 0
+            or torch.compiler.is_compiling()):
+        return False
     autograd = torch._C._autograd
     top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
     disabled = getattr(autograd, "_saved_tensors_hooks_get_disabled_error_message", None)
-    return top is None or disabled is None or disabled() is not None or top(False) is not None
+    if top is None or disabled is None:
+        return False
+    try:
+        return disabled() is None and top(False) is None
+    except TypeError:  # another signature in another torch
+        return False
 
 
-class _RecomputedProduct:
-    """Saved-tensor hooks that keep, instead of the MLP's product `silu(gate) * up` (or a view of it) that down_proj
-    saves for its backward, how to compute it again: the same op on the same `gate` and `up`, which SiluTimes keeps
-    anyway, so it is bitwise the tensor the forward made. Anything else down_proj saves (its weight, a LoRA layer's
-    tensors) is kept as it is."""
+class _ProductRecipe:
+    """Saved-tensor hooks for down_proj's call. The MLP's product `silu(gate) * up` (or a view of it), which down_proj
+    saves for its backward, is kept as how to compute it again: the same op on the same `gate` and `up`, which
+    SiluTimes keeps anyway, so bitwise the tensor the forward made (the same elementwise kernels on as many threads).
+    Anything else down_proj saves is kept as autograd keeps it: detached unless a leaf (an op's own output, kept with
+    the node that saves it, would be a reference cycle; autograd gives it its node back on unpacking), and checked for
+    in-place changes on unpacking, which autograd does not do for tensors that hooks pack."""
 
     def __init__(self, product: Tensor, gate: Tensor, up: Tensor) -> None:
-        self.storage, self.version = product.untyped_storage().data_ptr(), product._version
-        self.offset = product.storage_offset()
-        self.gate, self.up = gate, up
+        self.address, self.offset = product.untyped_storage().data_ptr(), product.storage_offset()
+        self.version, self.dtype, self.device = product._version, product.dtype, product.device
+        self.inputs = ((gate, gate._version), (up, up._version))
 
-    def pack(self, tensor: Tensor) -> object:
+    def pack(self, tensor: Tensor) -> tuple:
         # The product as it was made: a tensor changed in place since (its version moved) is kept as it is.
-        if tensor.untyped_storage().data_ptr() != self.storage or tensor._version != self.version:
-            return tensor
-        return (self, tensor.size(), tensor.stride(), tensor.storage_offset() - self.offset)
+        if (type(tensor) is Tensor and tensor.dtype == self.dtype and tensor.device == self.device
+                and tensor.untyped_storage().data_ptr() == self.address and tensor._version == self.version):
+            return self, tensor.size(), tensor.stride(), tensor.storage_offset() - self.offset
+        return tensor if tensor.is_leaf else tensor.detach(), tensor._version
 
     @staticmethod
-    def unpack(packed: object) -> Tensor:
-        if isinstance(packed, Tensor):
-            return packed
+    def unpack(packed: tuple) -> Tensor:
+        if not isinstance(packed[0], _ProductRecipe):
+            tensor, version = packed
+            _check_unchanged(tensor, version)
+            return tensor
         recipe, size, stride, offset = packed
-        return (F.silu(recipe.gate) * recipe.up).as_strided(size, stride, offset)
+        for tensor, version in recipe.inputs:
+            _check_unchanged(tensor, version)
+        (gate, _), (up, _) = recipe.inputs
+        with torch.no_grad():
+            return (F.silu(gate) * up).as_strided(size, stride, offset)
+
+
+def _check_unchanged(tensor: Tensor, version: int) -> None:
+    """autograd's own check, in its words: a tensor kept for the backward must not have changed since."""
+    if tensor._version != version:
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                           f"operation: a tensor of shape {list(tensor.shape)} is at version {tensor._version}; "
+                           f"expected version {version} instead")
 
 
 def _lean_rms_norm_forward(self, hidden_states):
