@@ -5,7 +5,8 @@ Three processes, so that a kill reaches everything the grader started:
 - the runner (the process the trainer started, in a session of its own) enters fresh user, network and
   PID namespaces where the kernel allows it, forks the namespace's init and waits for it, then exits with the
   worker's status (128 + its signal where one killed it); the runner and the init die with their parents
-  (PR_SET_PDEATHSIG), so a trainer killed mid-grade leaves no sandbox behind;
+  (PR_SET_PDEATHSIG, and each exits at once where its parent died before that was set), so a trainer killed
+  mid-grade leaves no sandbox behind;
 - the init (PID 1 of the new namespace) forks the worker and reaps every orphan until the worker exits; when
   the init dies (the worker exited, or the trainer killed the runner's process group on a timeout) the kernel
   kills every process left in the namespace, including one that moved to a session of its own;
@@ -177,11 +178,25 @@ def main() -> None:
     channel = os.fdopen(int(sys.argv[1]), "w")
     setup = json.loads(sys.stdin.readline())
     namespaced = enter_namespaces()
+    # The runner holds the pipe's write end while it lives: once it has died, the init's read end reads EOF.
+    runner_gone, runner_alive = os.pipe()
     init = os.fork()  # with a new PID namespace this child is its PID 1
     if init:
+        os.close(runner_gone)
         _, status = os.waitpid(init, 0)
         os._exit(exit_code(status))  # the worker's, which init passes on: the trainer's error record says it
-    die_with_parent()  # no check: in its new PID namespace the init's parent pid reads 0 (the runner waits for it)
+    os.close(runner_alive)
+    # In its new PID namespace the init's parent pid reads 0, so whether the runner died before the prctl took hold
+    # (a trainer SIGKILLed just then: the init and its worker lived on, grading, once on a loaded CI machine) is
+    # asked of the pipe instead.
+    die_with_parent()
+    os.set_blocking(runner_gone, False)
+    try:
+        if os.read(runner_gone, 1) == b"":
+            os._exit(1)
+    except BlockingIOError:  # nothing to read and the write end still open: the runner lives, and the prctl holds
+        pass
+    os.close(runner_gone)
     if namespaced:
         cap_namespace_pids(setup["processes"])
     worker = os.fork()
