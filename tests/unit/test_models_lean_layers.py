@@ -71,7 +71,9 @@ def test_lora_and_gradient_checkpointing_keep_the_gradients_bitwise():
     assert all(torch.equal(grads[name], lean_grads[name]) for name in grads)
 
 
-def _bytes_kept_for_backward(model, ids) -> int:
+def _storages_kept_for_backward(model, ids) -> dict[int, int]:
+    """The bytes of each storage (by address) a forward keeps for the backward, parameters aside, as seen by hooks of
+    the test's own: the lean MLP leaves its product to them."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
@@ -83,7 +85,11 @@ def _bytes_kept_for_backward(model, ids) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, labels=ids)
-    return sum(kept.values())
+    return kept
+
+
+def _bytes_kept_for_backward(model, ids) -> int:
+    return sum(_storages_kept_for_backward(model, ids).values())
 
 
 def test_each_mlp_no_longer_keeps_its_activation_and_each_norm_its_normalised_input():
@@ -267,17 +273,9 @@ def test_under_checkpointing_or_offloading_the_mlp_leaves_its_tensors_to_those_h
 
     stock, lean = _model("llama"), _model("llama")
     use_lean_layers(lean)
-    saved = {}
-
-    def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     for each in (stock, lean):
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            each(input_ids=ids, labels=ids)
-        products = [n for n in saved.values() if n == 2 * 10 * FFN * 4]  # [2, 10, FFN] fp32: gate, up, silu, product
+        kept = _storages_kept_for_backward(each, ids).values()
+        products = [n for n in kept if n == 2 * 10 * FFN * 4]  # [2, 10, FFN] fp32: gate, up, silu, product
         assert len(products) == (4 if each is stock else 3) * LAYERS  # the lean MLP keeps no silu(gate)
 
     # hooks switched off (as functorch's transforms do): adding some would raise; the MLP adds none
