@@ -165,12 +165,23 @@ def exit_code(status: int) -> int:
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def die_with_parent(parent: int | None = None) -> None:
+def die_with_parent(parent: int | None = None, parent_pipe: int | None = None) -> None:
     """SIGKILL this process when its parent dies (a trainer SIGKILLed mid-grade must not leave the sandbox running),
-    or exit now if `parent` has already gone."""
+    or exit now if the parent has already gone, before the prctl took hold: told by its pid `parent`, or where the
+    parent's pid cannot be read (an init's reads 0 in its new PID namespace) by `parent_pipe`, the read end (closed
+    here) of a pipe whose write end the parent alone holds, which reads EOF once the parent has died."""
     LIBC.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
     if parent is not None and os.getppid() != parent:
         os._exit(1)
+    if parent_pipe is not None:
+        os.set_blocking(parent_pipe, False)
+        try:
+            gone = os.read(parent_pipe, 1) == b""
+        except BlockingIOError:  # nothing to read and the write end still open: the parent lives
+            gone = False
+        os.close(parent_pipe)
+        if gone:
+            os._exit(1)
 
 
 def main() -> None:
@@ -178,7 +189,8 @@ def main() -> None:
     channel = os.fdopen(int(sys.argv[1]), "w")
     setup = json.loads(sys.stdin.readline())
     namespaced = enter_namespaces()
-    # The runner holds the pipe's write end while it lives: once it has died, the init's read end reads EOF.
+    # The runner holds the pipe's write end while it lives: whether it died before the init's prctl took hold (a
+    # trainer SIGKILLed just then: the init and its worker lived on, grading, once on a loaded CI machine).
     runner_gone, runner_alive = os.pipe()
     init = os.fork()  # with a new PID namespace this child is its PID 1
     if init:
@@ -186,17 +198,7 @@ def main() -> None:
         _, status = os.waitpid(init, 0)
         os._exit(exit_code(status))  # the worker's, which init passes on: the trainer's error record says it
     os.close(runner_alive)
-    # In its new PID namespace the init's parent pid reads 0, so whether the runner died before the prctl took hold
-    # (a trainer SIGKILLed just then: the init and its worker lived on, grading, once on a loaded CI machine) is
-    # asked of the pipe instead.
-    die_with_parent()
-    os.set_blocking(runner_gone, False)
-    try:
-        if os.read(runner_gone, 1) == b"":
-            os._exit(1)
-    except BlockingIOError:  # nothing to read and the write end still open: the runner lives, and the prctl holds
-        pass
-    os.close(runner_gone)
+    die_with_parent(parent_pipe=runner_gone)
     if namespaced:
         cap_namespace_pids(setup["processes"])
     worker = os.fork()
