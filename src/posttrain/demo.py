@@ -59,7 +59,7 @@ DEMO_PID_VARIABLE = "POSTTRAIN_DEMO_PID"  # tells a parallel demo's stage which 
 # What every stage's process imports (torch, transformers, datasets, matplotlib: 7-9 s a process on these CPUs),
 # imported once by the fork server that forks the stages.
 STAGE_IMPORTS = ("posttrain.cli", "posttrain.demo", "posttrain.eval.evaluate", "posttrain.eval.report",
-                 "matplotlib.pyplot",  # which a stage imports for its report only (`eval.plotting`)
+                 "matplotlib.figure", "matplotlib.backends.backend_agg",  # a stage's report only (`eval.plotting`)
                  *(f"posttrain.recipes.{name}" for name in ("rl_loop", "pretrain", "sft", "rm", "dpo", "grpo", "ppo",
                                                              "rft", "rejection")))
 STATUS_EVERY_S = 30.0  # a parallel demo's line of what runs and how far it is

@@ -187,6 +187,68 @@ def test_curves_plot_the_preference_stages_metrics_beside_their_held_out_values(
     assert height > 3.4 * 110 * 1.5  # two rows
 
 
+def _drawn_curves(metrics, out, title, monkeypatch):
+    """`plot_curves`' figure, drawn on an Agg canvas at the saved resolution, for its texts' places in pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from posttrain.eval import plotting, report
+
+    figures = []
+    save = plotting.save_png
+    monkeypatch.setattr(report, "save_png", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    assert report.plot_curves(metrics, out, title) is not None
+    (fig,) = figures
+    fig.set_dpi(plotting.DPI)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return fig, canvas.get_renderer()
+
+
+def _panel_texts(ax, renderer):
+    """The bounding boxes of what a panel writes: title, axis labels, tick labels (those drawn: of ticks inside the
+    axis' limits), offset texts, legend."""
+    texts = [ax.title, ax.xaxis.label, ax.yaxis.label, ax.xaxis.get_offset_text(), ax.yaxis.get_offset_text()]
+    for axis in (ax.xaxis, ax.yaxis):
+        low, high = sorted(axis.get_view_interval())
+        texts += [label for tick, label in zip(axis.get_ticklocs(), axis.get_ticklabels(), strict=True)
+                  if low <= tick <= high]
+    boxes = [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+    if ax.get_legend() is not None:
+        boxes.append(ax.get_legend().get_window_extent(renderer))
+    return boxes
+
+
+@pytest.mark.parametrize("font_size", [10, 14])
+def test_the_curves_fixed_layout_keeps_every_label_inside_the_figure_and_off_the_other_panels(tmp_path, monkeypatch,
+                                                                                                font_size):
+    """The panels are placed by fixed margins, not measured (`tight_layout`): with wide tick labels ("-0.00025",
+    "800000", a last step of "150000", an exponent above the axis), all eight panels with held-out values beside
+    them and a larger font, no text may leave the figure, reach into another panel or touch another panel's texts.
+    Each margin is needed: made 40% smaller (the right one down to 0.15 inch), one of them fails here."""
+    import matplotlib
+    from matplotlib.transforms import Bbox
+
+    from posttrain.eval.report import CURVE_KEYS
+
+    monkeypatch.setitem(matplotlib.rcParams, "font.size", font_size)
+    scale = {"loss": 150000.0, "reward": -0.00025, "accuracy": 1.0, "reward_accuracy": 1e-9, "margin": -37.5,
+             "reward_margin": 0.5, "kl": 0.0003, "lr": 3e-5}
+    metrics = [{"step": 5000 * s, **{key: scale[key] * (1 + s / 7) for key in CURVE_KEYS},
+                **({f"eval_{key}": scale[key] for key in CURVE_KEYS} if s % 5 == 0 else {})} for s in range(1, 31)]
+    fig, renderer = _drawn_curves(metrics, tmp_path / "curves.png", "grpo on data/rows.jsonl", monkeypatch)
+    assert len(fig.axes) == len(CURVE_KEYS)
+    whole = Bbox.from_bounds(0, 0, *fig.canvas.get_width_height())
+    panels = [(ax.get_window_extent(renderer), _panel_texts(ax, renderer)) for ax in fig.axes]
+    assert all(len(texts) >= 8 for _, texts in panels)
+    for box in [fig._suptitle.get_window_extent(renderer)] + [b for _, texts in panels for b in texts]:
+        assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1, box
+    for i, (_, texts) in enumerate(panels):
+        others = [area for j, (area, other) in enumerate(panels) if j != i for area in [area, *other]]
+        others.append(fig._suptitle.get_window_extent(renderer))
+        for box in texts:
+            assert not any(box.overlaps(other) for other in others), (fig.axes[i].get_title(), box)
+
+
 def test_a_report_table_writes_the_datas_statistics_as_words_not_a_python_dict(tmp_path):
     from posttrain.eval.report import write_training_report
     from posttrain.train.run_dir import RunDir

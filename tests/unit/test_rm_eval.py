@@ -105,19 +105,19 @@ def test_first_error_by_hand() -> None:
 def test_the_reward_histogram_leaves_out_rewards_that_are_not_finite_and_says_how_many(tmp_path):
     """A diverged reward model scores NaN; the report's histogram of the other rewards is still drawn (binning a
     NaN raised "autodetected range of [nan, nan] is not finite" and lost the report)."""
-    from posttrain.eval.plotting import pyplot
+    from matplotlib.figure import Figure
+
     from posttrain.eval.rewards import plot_reward_distribution
 
     titles = []
-    plt = pyplot()
-    save = plt.Figure.savefig
-    plt.Figure.savefig = lambda fig, *a, **k: titles.append(fig.axes[0].get_title()) or save(fig, *a, **k)
+    save = Figure.savefig
+    Figure.savefig = lambda fig, *a, **k: titles.append(fig.axes[0].get_title()) or save(fig, *a, **k)
     try:
         rows = _rows([1.0, 0.5, float("nan")], [float("nan"), 0.2, float("inf")])
         out = plot_reward_distribution(rows, tmp_path / "hist.png", "held-out rewards")
         plot_reward_distribution(_rows([1.0, 0.5]), tmp_path / "ok.png", "held-out rewards")
     finally:
-        plt.Figure.savefig = save
+        Figure.savefig = save
     assert out.stat().st_size > 0
     assert titles == ["held-out rewards (3 not finite, left out)", "held-out rewards"]
 

@@ -19,7 +19,7 @@ from typing import Any
 from posttrain.errors import RunDirError
 from posttrain.eval.accuracy import paired_interval, wilson_interval
 from posttrain.eval.headroom import headroom_lines, headroom_rows
-from posttrain.eval.plotting import pyplot
+from posttrain.eval.plotting import new_figure, save_png
 from posttrain.train.metrics import read_metrics
 
 Summaries = dict[str, dict[str, Any]]
@@ -67,14 +67,13 @@ def reward_model_result(summary: dict[str, Any]) -> str:
 
 def plot_accuracy(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
     """Bar chart of held-out exact match per stage with 95% error bars, one panel per task."""
-    plt = pyplot()
     scored = [r for r in rows if r["accuracy"] is not None]
     if not scored:
         return None
     panels = sorted({tasks.get(r["stage"], "arith") for r in scored})
     widths = [len([r for r in scored if tasks.get(r["stage"], "arith") == p]) for p in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * sum(widths) + 2.5, 4.2), squeeze=False,
-                             gridspec_kw={"width_ratios": widths})
+    fig = new_figure(1.3 * sum(widths) + 2.5, 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": widths})
     for ax, panel in zip(axes[0], panels, strict=True):
         mine = [r for r in scored if tasks.get(r["stage"], "arith") == panel]
         values = [100 * r["accuracy"] for r in mine]
@@ -90,12 +89,11 @@ def plot_accuracy(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) 
         ax.set_ylim(0, min(100, max(v + h for v, h in zip(values, high, strict=True)) * 1.15 + 5))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Held-out accuracy by stage (greedy, 95% Wilson interval)")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def plot_stage_curves(demo_dir: Path, stages: list[str], out: Path) -> Path | None:
     """One panel per stage: its training loss against the step, and its mean reward on a second axis."""
-    plt = pyplot()
     curves = {name: read_metrics(demo_dir / name / "metrics.jsonl") for name in stages
               if (demo_dir / name / "metrics.jsonl").is_file()}
     curves = {name: rows for name, rows in curves.items() if rows}
@@ -103,7 +101,8 @@ def plot_stage_curves(demo_dir: Path, stages: list[str], out: Path) -> Path | No
         return None
     columns = min(3, len(curves))
     lines = math.ceil(len(curves) / columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, 3.4 * lines), squeeze=False)
+    fig = new_figure(5.2 * columns, 3.4 * lines)
+    axes = fig.subplots(lines, columns, squeeze=False)
     for ax, (name, rows) in zip(axes.flat, curves.items(), strict=False):
         _plot_series(ax, rows, "loss", "tab:blue")
         ax.set_xlabel("optimizer step")
@@ -117,7 +116,7 @@ def plot_stage_curves(demo_dir: Path, stages: list[str], out: Path) -> Path | No
     for ax in list(axes.flat)[len(curves):]:
         ax.set_visible(False)
     fig.suptitle("Training curves per stage")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def _plot_series(ax: Any, rows: list[dict[str, Any]], key: str, color: str) -> None:
@@ -130,12 +129,12 @@ def _plot_series(ax: Any, rows: list[dict[str, Any]], key: str, color: str) -> N
 def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """Mean reward of samples at temperature 1 against KL(stage || its starting model), per RL / preference
     stage, with the starting models at KL 0: how much reward each stage bought with how much drift."""
-    plt = pyplot()
     measured = [r for r in rows if r["kl"] is not None and r["sampled_reward"] is not None]
     if not measured:
         return None
     by_stage = {r["stage"]: r for r in rows}
-    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    fig = new_figure(6.8, 4.6)
+    ax = fig.subplots()
     for r in measured:
         start = by_stage.get(r["base"] or "", {}).get("sampled_reward")
         points = ([(0.0, start)] if start is not None else []) + [(r["kl"], r["sampled_reward"])]
@@ -146,17 +145,17 @@ def plot_reward_vs_kl(rows: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_title("Reward gained against distance travelled")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) -> Path | None:
     """One panel per task: per category, each stage's sampled accuracy (bar), greedy accuracy (dash) and pass@k
     (dot): the gap from the bar to the dot is what RL can still capture."""
-    plt = pyplot()
     if not rows:
         return None
     panels = sorted({tasks.get(r["stage"], "arith") for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 4.4), squeeze=False)
+    fig = new_figure(7.0 * len(panels), 4.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         mine = [r for r in rows if tasks.get(r["stage"], "arith") == panel]
         stages = list(dict.fromkeys(r["stage"] for r in mine))
@@ -180,7 +179,7 @@ def plot_headroom(rows: list[dict[str, Any]], tasks: dict[str, str], out: Path) 
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle("Headroom per category and stage")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def paired_gain(before: dict[str, Any], after: dict[str, Any], key: str,
@@ -265,15 +264,6 @@ def _interval(gain: tuple[float, float, float] | None) -> str:
         return ""
     mean, low, high = gain
     return f"{mean:+.1%} ({low:+.1%} to {high:+.1%})"
-
-
-def _save(fig: Any, out: Path) -> Path:
-    plt = pyplot()
-    fig.tight_layout(rect=(0, 0, 1, 0.97) if fig._suptitle is not None else None)  # room for the suptitle
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:

@@ -1,21 +1,36 @@
-"""matplotlib, imported when the first plot is drawn.
+"""matplotlib, imported when the first plot is drawn, and how every plot is saved.
 
 A training process needs no plotting library until it writes its report, after the run's peak memory: imported at
-start-up, matplotlib and pyplot cost every stage ~27 MB of resident memory (its peak RSS included) and ~0.4 s.
+start-up, matplotlib costs every stage ~27 MB of resident memory (its peak RSS included) and ~0.4 s.
+
+Figures are `matplotlib.figure.Figure`s made directly, not through pyplot: nothing is registered in pyplot's global
+figure manager (no figure to close, none kept alive by an error between drawing and saving), and saving picks the
+Agg canvas by the file's format, so no display backend is ever involved (servers, CI).
 """
 
 from __future__ import annotations
 
-import functools
+from pathlib import Path
 from typing import Any
 
+DPI = 110
+# zlib level 1 rather than Pillow's default 6: a report's PNG is ~20% larger (~200 KB for 8 panels) and written
+# ~70 ms sooner, paid at the end of every run.
+PNG_COMPRESSION = 1
 
-@functools.cache
-def pyplot() -> Any:
-    """`matplotlib.pyplot`, on the Agg backend (no display on servers and CI)."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def new_figure(width: float, height: float) -> Any:
+    """An empty figure of `width` x `height` inches."""
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(figsize=(width, height))
+
+
+def save_png(fig: Any, out: Path, *, fit: bool = True) -> Path:
+    """Write `fig` to `out` (its directory made). `fit`: first move the axes so that every label fits
+    (`Figure.tight_layout`, which draws the figure once more to measure them), with room kept for a suptitle."""
+    if fit:
+        fig.tight_layout(rect=(0, 0, 1, 0.97) if fig._suptitle is not None else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
+    return out

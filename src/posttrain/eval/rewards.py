@@ -19,7 +19,7 @@ from posttrain.data.config import DataConfig
 from posttrain.data.pipeline import Prepared
 from posttrain.data.tasks import TASKS
 from posttrain.errors import ConfigError
-from posttrain.eval.plotting import pyplot
+from posttrain.eval.plotting import new_figure, save_png
 from posttrain.models.device import model_device, move_to
 from posttrain.models.reward import scores_at, sequence_scores
 from posttrain.train.comparisons import (
@@ -133,22 +133,18 @@ def _std(values: torch.Tensor) -> float:
 def plot_reward_distribution(rows: list[ScoredComparison], out: Path, title: str) -> Path:
     """Histogram of held-out rewards, chosen (best) against rejected (the others). Rewards that are not finite (a
     diverged model) cannot be binned: they are left out, and the title counts them."""
-    plt = pyplot()
     chosen = [v for row in rows for v in row.best.tolist()]
     rejected = [v for row in rows for v in row.others.tolist()]
     finite = [[v for v in values if math.isfinite(v)] for values in (chosen, rejected)]
     left_out = len(chosen) + len(rejected) - sum(map(len, finite))
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig = new_figure(5.5, 3.6)
+    ax = fig.subplots()
     ax.hist(finite, bins=40, label=["chosen (best)", "rejected"], alpha=0.75, histtype="stepfilled")
     ax.set_xlabel("reward")
     ax.set_ylabel("responses")
     ax.set_title(title + (f" ({left_out} not finite, left out)" if left_out else ""))
     ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def good_steps(scores: torch.Tensor, target: str) -> torch.Tensor:
