@@ -188,20 +188,26 @@ def test_curves_plot_the_preference_stages_metrics_beside_their_held_out_values(
 
 
 def _drawn_curves(metrics, out, title, monkeypatch):
-    """`plot_curves`' figure, drawn on an Agg canvas at the saved resolution, for its texts' places in pixels."""
+    """`plot_curves`' figure, drawn on an Agg canvas at the saved resolution as it is saved, for its texts' places in
+    pixels. (Drawn before the save: matplotlib's savefig leaves a figure made without a layout engine with the one
+    the matplotlibrc names.)"""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from posttrain.eval import plotting, report
 
-    figures = []
-    save = plotting.save_png
-    monkeypatch.setattr(report, "save_png", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    drawn = []
+
+    def draw_and_save(fig, *args, **kwargs):
+        fig.set_dpi(plotting.DPI)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        drawn.append((fig, canvas.get_renderer()))
+        return plotting.save_png(fig, *args, **kwargs)
+
+    monkeypatch.setattr(report, "save_png", draw_and_save)
     assert report.plot_curves(metrics, out, title) is not None
-    (fig,) = figures
-    fig.set_dpi(plotting.DPI)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return fig, canvas.get_renderer()
+    (figure_and_renderer,) = drawn
+    return figure_and_renderer
 
 
 def _panel_texts(ax, renderer):
@@ -247,6 +253,23 @@ def test_the_curves_fixed_layout_keeps_every_label_inside_the_figure_and_off_the
         others.append(fig._suptitle.get_window_extent(renderer))
         for box in texts:
             assert not any(box.overlaps(other) for other in others), (fig.axes[i].get_title(), box)
+
+
+@pytest.mark.parametrize("setting", ["figure.constrained_layout.use", "figure.autolayout"])
+def test_a_users_matplotlibrc_layout_engine_does_not_move_the_curves_panels(tmp_path, monkeypatch, setting):
+    """A matplotlibrc that turns on a layout engine for every figure made the fixed margins a warning ("not calling
+    subplots_adjust") and left the panels where the engine put them: the figures are made without one."""
+    import warnings
+
+    import matplotlib
+
+    metrics = [{"step": s, "loss": 1 / s, "lr": 1e-5} for s in range(1, 5)]
+    default, _ = _drawn_curves(metrics, tmp_path / "default.png", "sft", monkeypatch)
+    monkeypatch.setitem(matplotlib.rcParams, setting, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configured, _ = _drawn_curves(metrics, tmp_path / "configured.png", "sft", monkeypatch)
+    assert [ax.get_position().bounds for ax in configured.axes] == [ax.get_position().bounds for ax in default.axes]
 
 
 def test_a_report_table_writes_the_datas_statistics_as_words_not_a_python_dict(tmp_path):

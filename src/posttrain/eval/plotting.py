@@ -20,10 +20,11 @@ PNG_COMPRESSION = 1
 
 
 def new_figure(width: float, height: float) -> Any:
-    """An empty figure of `width` x `height` inches."""
+    """An empty figure of `width` x `height` inches, without a layout engine whatever the user's matplotlibrc says
+    (`figure.autolayout`, `figure.constrained_layout.use`): its axes stay where the caller or `save_png` puts them."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height))
+    return Figure(figsize=(width, height), layout="none")
 
 
 def save_png(fig: Any, out: Path, *, fit: bool = True) -> Path:
