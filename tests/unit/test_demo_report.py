@@ -224,33 +224,46 @@ def _panel_texts(ax, renderer):
     return boxes
 
 
-@pytest.mark.parametrize("font_size", [10, 14])
-def test_the_curves_fixed_layout_keeps_every_label_inside_the_figure_and_off_the_other_panels(tmp_path, monkeypatch,
-                                                                                                font_size):
-    """The panels are placed by fixed margins, not measured (`tight_layout`): with wide tick labels ("-0.00025",
-    "800000", a last step of "150000", an exponent above the axis), all eight panels with held-out values beside
-    them and a larger font, no text may leave the figure, reach into another panel or touch another panel's texts.
-    Each margin is needed: made 40% smaller (the right one down to 0.15 inch), one of them fails here."""
+# The metrics' scales, two ways round: the widest tick labels ("-0.00025", "800000", "-0.0012", an exponent above the
+# axis) in the middle columns, and in the first column of both rows (loss, margin), where the left margin holds them.
+SCALES = {"middle": {"loss": 150000.0, "reward": -0.00025, "accuracy": 1.0, "reward_accuracy": 1e-9,
+                     "margin": -37.5, "reward_margin": 0.5, "kl": 0.0003, "lr": 3e-5},
+          "first column": {"loss": -0.00025, "reward": 150000.0, "accuracy": 1e-9, "reward_accuracy": 1.0,
+                           "margin": 0.0003, "reward_margin": -37.5, "kl": 0.5, "lr": 1e-4}}
+
+
+@pytest.mark.parametrize("font_size", [10, 14, 28])
+@pytest.mark.parametrize(("scales", "edge_to_edge"), [("middle", False), ("first column", True)])
+def test_the_curves_fixed_layout_keeps_every_label_inside_the_figure_and_off_the_other_panels(
+        tmp_path, monkeypatch, font_size, scales, edge_to_edge):
+    """The panels are placed by fixed margins, not measured (`tight_layout`): with wide tick labels (`SCALES`, a last
+    step of "150000"), all eight panels with held-out values beside them, larger fonts (28 points: margins that grew
+    with the font and a figure that did not left no room for the panels, an error that lost the report) and axes
+    whose data reach their edges (`axes.xmargin` 0: the last step's label half outside its panel), no text may leave
+    the figure, reach into another panel or touch another panel's texts. Each margin is needed: made 40% smaller,
+    one of them fails here."""
     import matplotlib
     from matplotlib.transforms import Bbox
 
     from posttrain.eval.report import CURVE_KEYS
 
     monkeypatch.setitem(matplotlib.rcParams, "font.size", font_size)
-    scale = {"loss": 150000.0, "reward": -0.00025, "accuracy": 1.0, "reward_accuracy": 1e-9, "margin": -37.5,
-             "reward_margin": 0.5, "kl": 0.0003, "lr": 3e-5}
+    if edge_to_edge:
+        monkeypatch.setitem(matplotlib.rcParams, "axes.xmargin", 0.0)
+        monkeypatch.setitem(matplotlib.rcParams, "axes.ymargin", 0.0)
+    scale = SCALES[scales]
     metrics = [{"step": 5000 * s, **{key: scale[key] * (1 + s / 7) for key in CURVE_KEYS},
                 **({f"eval_{key}": scale[key] for key in CURVE_KEYS} if s % 5 == 0 else {})} for s in range(1, 31)]
-    fig, renderer = _drawn_curves(metrics, tmp_path / "curves.png", "grpo on data/rows.jsonl", monkeypatch)
+    fig, renderer = _drawn_curves(metrics, tmp_path / "curves.png", "grpo on data/$a_$b.jsonl", monkeypatch)
     assert len(fig.axes) == len(CURVE_KEYS)
     whole = Bbox.from_bounds(0, 0, *fig.canvas.get_width_height())
     panels = [(ax.get_window_extent(renderer), _panel_texts(ax, renderer)) for ax in fig.axes]
     assert all(len(texts) >= 8 for _, texts in panels)
-    for box in [fig._suptitle.get_window_extent(renderer)] + [b for _, texts in panels for b in texts]:
+    suptitle = fig._suptitle.get_window_extent(renderer)
+    for box in [suptitle] + [b for _, texts in panels for b in texts]:
         assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1, box
     for i, (_, texts) in enumerate(panels):
-        others = [area for j, (area, other) in enumerate(panels) if j != i for area in [area, *other]]
-        others.append(fig._suptitle.get_window_extent(renderer))
+        others = [box for j, (area, boxes) in enumerate(panels) if j != i for box in [area, *boxes]] + [suptitle]
         for box in texts:
             assert not any(box.overlaps(other) for other in others), (fig.axes[i].get_title(), box)
 

@@ -102,24 +102,23 @@ def test_first_error_by_hand() -> None:
     assert good_steps(torch.tensor([0.4, 0.6]), "regression").tolist() == [False, True]
 
 
-def test_the_reward_histogram_leaves_out_rewards_that_are_not_finite_and_says_how_many(tmp_path):
+def test_the_reward_histogram_leaves_out_rewards_that_are_not_finite_and_says_how_many(tmp_path, monkeypatch):
     """A diverged reward model scores NaN; the report's histogram of the other rewards is still drawn (binning a
-    NaN raised "autodetected range of [nan, nan] is not finite" and lost the report)."""
+    NaN raised "autodetected range of [nan, nan] is not finite" and lost the report). A title with a data path's
+    "$" in it is text, not math for matplotlib to parse (and fail on: "$a_$b.jsonl")."""
     from matplotlib.figure import Figure
 
     from posttrain.eval.rewards import plot_reward_distribution
 
     titles = []
     save = Figure.savefig
-    Figure.savefig = lambda fig, *a, **k: titles.append(fig.axes[0].get_title()) or save(fig, *a, **k)
-    try:
-        rows = _rows([1.0, 0.5, float("nan")], [float("nan"), 0.2, float("inf")])
-        out = plot_reward_distribution(rows, tmp_path / "hist.png", "held-out rewards")
-        plot_reward_distribution(_rows([1.0, 0.5]), tmp_path / "ok.png", "held-out rewards")
-    finally:
-        Figure.savefig = save
-    assert out.stat().st_size > 0
-    assert titles == ["held-out rewards (3 not finite, left out)", "held-out rewards"]
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *a, **k: titles.append(fig.axes[0].get_title()) or save(fig, *a, **k))
+    rows = _rows([1.0, 0.5, float("nan")], [float("nan"), 0.2, float("inf")])
+    out = plot_reward_distribution(rows, tmp_path / "hist.png", "held-out rewards")
+    plot_reward_distribution(_rows([1.0, 0.5]), tmp_path / "ok.png", "held-out rewards of data/$a_$b.jsonl")
+    assert out.stat().st_size > 0 and (tmp_path / "ok.png").stat().st_size > 0
+    assert titles == ["held-out rewards (3 not finite, left out)", "held-out rewards of data/$a_$b.jsonl"]
 
 
 def test_soft_labelled_pairs_count_the_share_of_annotators_who_agree() -> None:

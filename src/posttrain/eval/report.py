@@ -22,11 +22,11 @@ from posttrain.train.run_dir import RunDir
 # stages' chosen-minus-rejected), KL, learning rate.
 CURVE_KEYS = ("loss", "reward", "accuracy", "reward_accuracy", "margin", "reward_margin", "kl", "lr")
 COLUMNS = 4
-PANEL_INCHES = (4.2, 3.4)  # the figure's share per panel, margins included
+PANEL_INCHES = (4.2, 3.4)  # the figure's share per panel, margins included, at matplotlib's default 10-point text
 # Around the panels (left: the tick labels and the y label; top: the suptitle and a panel's title) and between them
 # (across: the next panel's tick labels and y label; down: an x label and the next row's title), in inches at
-# matplotlib's default 10-point text: "-0.00025" and a y label fit, and half of a last step "150000" on the right.
-PANEL_MARGINS = (0.85, 0.35, 0.75, 0.55, 0.95, 0.9)
+# 10-point text: "-0.00025" and a y label fit on the left of any panel, half of a last step "150000" on the right.
+PANEL_MARGINS = (0.95, 0.35, 0.75, 0.55, 0.95, 0.9)
 
 
 def curve_panels(metrics: list[dict[str, Any]]) -> list[list[tuple[str, list[tuple[int, float]]]]]:
@@ -46,8 +46,7 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | 
     if not panels:
         return None
     columns, rows = min(COLUMNS, len(panels)), math.ceil(len(panels) / COLUMNS)
-    fig = new_figure(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows)
-    _place_panels(fig, rows, columns)
+    fig = _figure_of_panels(rows, columns)
     for index, panel in enumerate(panels):
         ax = fig.add_subplot(rows, columns, index + 1)
         for key, series in panel:
@@ -61,24 +60,26 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | 
         ax.grid(alpha=0.3)
         if len(panel) > 1 or panel[0][0].startswith("eval_"):
             ax.legend(fontsize=8)
-    fig.suptitle(title.replace("$", r"\$"))  # a data path's "$x$" is no math for matplotlib to typeset (or fail on)
+    fig.suptitle(title, parse_math=False)  # a data path's "$x$" is no math for matplotlib to typeset (or fail on)
     return save_png(fig, out, fit=False)
 
 
-def _place_panels(fig: Any, rows: int, columns: int) -> None:
-    """Margins of fixed widths around and between the panels (`PANEL_MARGINS`, for the configured font size). Every
-    panel has the same labels, and matplotlib keeps a tick label to a few characters (an offset or an exponent
-    above the axis beyond that), so measuring them (`tight_layout`, which draws the whole figure once more) was
-    ~40% of the time of every run's report."""
+def _figure_of_panels(rows: int, columns: int) -> Any:
+    """A figure of `rows` x `columns` panels placed by margins of fixed widths around and between them
+    (`PANEL_MARGINS`), all scaled with the configured font size. Every panel has the same labels, and matplotlib keeps
+    a tick label to a few characters (an offset or an exponent above the axis beyond that), so measuring them
+    (`tight_layout`, which draws the whole figure once more) was ~40% of the time of every run's report."""
     from matplotlib import rcParams
 
     scale = rcParams["font.size"] / 10
+    fig = new_figure(PANEL_INCHES[0] * scale * columns, PANEL_INCHES[1] * scale * rows)
     left, right, top, bottom, across, down = (inches * scale for inches in PANEL_MARGINS)
     width, height = fig.get_size_inches()
     panel_width = (width - left - right - across * (columns - 1)) / columns
     panel_height = (height - top - bottom - down * (rows - 1)) / rows
     fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
                         wspace=across / panel_width, hspace=down / panel_height)
+    return fig
 
 
 def write_training_report(run_dir: RunDir, title: str, summary: dict[str, Any]) -> Path:

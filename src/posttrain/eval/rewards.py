@@ -142,7 +142,7 @@ def plot_reward_distribution(rows: list[ScoredComparison], out: Path, title: str
     ax.hist(finite, bins=40, label=["chosen (best)", "rejected"], alpha=0.75, histtype="stepfilled")
     ax.set_xlabel("reward")
     ax.set_ylabel("responses")
-    ax.set_title(title + (f" ({left_out} not finite, left out)" if left_out else ""))
+    ax.set_title(title + (f" ({left_out} not finite, left out)" if left_out else ""), parse_math=False)  # a path's "$"
     ax.legend()
     return save_png(fig, out)
 
