@@ -72,9 +72,9 @@ def _figure_of_panels(rows: int, columns: int) -> Any:
     from matplotlib import rcParams
 
     scale = rcParams["font.size"] / 10
-    fig = new_figure(PANEL_INCHES[0] * scale * columns, PANEL_INCHES[1] * scale * rows)
+    width, height = PANEL_INCHES[0] * scale * columns, PANEL_INCHES[1] * scale * rows
+    fig = new_figure(width, height)
     left, right, top, bottom, across, down = (inches * scale for inches in PANEL_MARGINS)
-    width, height = fig.get_size_inches()
     panel_width = (width - left - right - across * (columns - 1)) / columns
     panel_height = (height - top - bottom - down * (rows - 1)) / rows
     fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
